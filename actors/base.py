@@ -1,0 +1,351 @@
+"""The actor runtime: an :class:`Actor` on pykka whose messages travel as msgpack bytes.
+
+Let it crash: an exception raised while handling any message (tell or ask) stops
+the actor with that reason, notifies its monitors, and reaches the asker. A message
+that cannot be decoded, or whose ``kind`` the actor does not handle, is logged,
+counted and dropped; it never kills the actor.
+
+Kill. A Python thread cannot be killed. ``ActorRef.kill()`` therefore means: the
+actor is marked dead at once, removed from pykka's registry and from our name
+registries, its monitors receive ``down`` with reason ``"killed"``, it is never
+given another message (anything still queued or arriving later is discarded
+unread), and its thread is abandoned. Actor threads are daemon threads, so an
+abandoned thread never keeps the process alive. If the abandoned handler ever
+returns, the thread exits without running ``terminate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import pykka
+
+from actors.log import get_logger
+from actors.messages import DecodeError, decode, decode_message, encode
+
+logging.getLogger("pykka").addHandler(logging.NullHandler())
+
+log = get_logger("actors")
+
+ActorDeadError = pykka.ActorDeadError
+
+NORMAL = "normal"
+SHUTDOWN = "shutdown"
+KILLED = "killed"
+NOPROC = "noproc"
+
+
+def is_abnormal(reason: str) -> bool:
+    """OTP's rule: anything but ``normal`` and ``shutdown`` is an abnormal exit."""
+    return reason not in (NORMAL, SHUTDOWN) and not reason.startswith("shutdown:")
+
+
+class UnknownMessage(Exception):  # noqa: N818 - a signal, not an error of the caller
+    """Raised by ``on_message`` for a ``kind`` the actor does not handle: dropped, not a crash."""
+
+
+class _Life:
+    """Shared, thread-safe life state of one actor, visible to every ref to it."""
+
+    __slots__ = ("lock", "dead", "reason", "watchers", "stopped", "pending_reason", "on_death")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.dead = False
+        self.reason: str | None = None
+        self.watchers: list[ActorRef] = []
+        self.stopped = threading.Event()
+        self.pending_reason: str | None = None
+        self.on_death: list[Callable[[str], None]] = []
+
+
+class ActorRef:
+    """A handle to an actor; encodes messages on send, the actor decodes on receipt."""
+
+    __slots__ = ("_pref", "_life", "urn", "actor_class")
+
+    def __init__(self, pref: pykka.ActorRef[Any], life: _Life, actor_class: type) -> None:
+        self._pref = pref
+        self._life = life
+        self.urn: str = pref.actor_urn
+        self.actor_class = actor_class
+
+    def __repr__(self) -> str:
+        state = "alive" if self.is_alive() else f"dead:{self._life.reason}"
+        return f"<ActorRef {self.actor_class.__name__} {self.urn[-12:]} {state}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorRef) and other.urn == self.urn
+
+    def __hash__(self) -> int:
+        return hash(self.urn)
+
+    def is_alive(self) -> bool:
+        return not self._life.dead
+
+    @property
+    def exit_reason(self) -> str | None:
+        """Why the actor died (``normal``, ``shutdown``, ``killed`` or the crash), or None."""
+        return self._life.reason
+
+    def tell(self, msg: dict[str, Any]) -> None:
+        """Send without waiting; silently dropped if the actor is dead (as in Erlang)."""
+        self.tell_bytes(encode(msg))
+
+    def tell_bytes(self, data: bytes) -> None:
+        """Send an already-encoded message (topics encode once and fan out the bytes)."""
+        if self._life.dead:
+            return
+        try:
+            self._pref.tell(data)
+        except pykka.ActorDeadError:
+            pass
+
+    def ask(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
+        """Send and wait for the reply; the handler's exception is raised here."""
+        data = encode(msg)
+        if self._life.dead:
+            raise ActorDeadError(f"{self!r} is dead")
+        try:
+            reply = self._pref.ask(data, timeout=timeout)
+        except pykka.Timeout as exc:
+            raise TimeoutError(f"{self!r} did not answer {msg.get('kind')!r} in {timeout}s") from exc
+        return None if reply is None else decode(reply)
+
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Block until the actor is dead; return its exit reason (None on timeout)."""
+        self._life.stopped.wait(timeout)
+        return self._life.reason
+
+    def stop(self, timeout: float | None = None, reason: str = NORMAL) -> bool:
+        """Stop after the messages already queued; True if it stopped within ``timeout``."""
+        with self._life.lock:
+            if self._life.dead:
+                return True
+            self._life.pending_reason = reason
+        try:
+            self._pref.stop(block=True, timeout=timeout)
+        except pykka.Timeout:
+            return False
+        except pykka.ActorDeadError:
+            pass
+        self._life.stopped.wait(timeout)
+        return self._life.dead
+
+    def kill(self, reason: str = KILLED) -> None:
+        """Mark the actor dead now, whatever its thread is doing (see module docs)."""
+        if _finalize(self._life, reason, self):
+            try:
+                self._pref.tell(pykka.messages._ActorStop())  # noqa: SLF001 - exits if it ever returns
+            except pykka.ActorDeadError:
+                pass
+
+
+def _finalize(life: _Life, reason: str, ref: ActorRef) -> bool:
+    """Record death once: unregister, notify monitors. Returns False if already dead."""
+    with life.lock:
+        if life.dead:
+            return False
+        life.dead = True
+        life.reason = reason
+        watchers, life.watchers = life.watchers, []
+        hooks, life.on_death = life.on_death, []
+    pykka.ActorRegistry.unregister(ref._pref)
+    for hook in hooks:
+        try:
+            hook(reason)
+        except Exception:  # noqa: BLE001 - a broken hook must not stop the others
+            log.exception("death hook failed", urn=ref.urn)
+    down = encode({"kind": "down", "urn": ref.urn, "reason": reason})
+    for w in watchers:
+        w.tell_bytes(down)
+    life.stopped.set()
+    return True
+
+
+def monitor(watcher: ActorRef, target: ActorRef) -> None:
+    """``watcher`` receives ``{"kind": "down", "urn", "reason"}`` when ``target`` dies.
+
+    Monitoring an actor that is already dead delivers ``down`` with reason ``noproc``.
+    """
+    life = target._life
+    with life.lock:
+        if not life.dead:
+            life.watchers.append(watcher)
+            return
+    watcher.tell({"kind": "down", "urn": target.urn, "reason": NOPROC})
+
+
+def demonitor(watcher: ActorRef, target: ActorRef) -> None:
+    """Stop watching ``target`` (no ``down`` will be sent to ``watcher``)."""
+    life = target._life
+    with life.lock:
+        life.watchers = [w for w in life.watchers if w != watcher]
+
+
+def on_death(target: ActorRef, hook: Callable[[str], None]) -> None:
+    """Run ``hook(reason)`` once when ``target`` dies (at once if it is dead already)."""
+    life = target._life
+    with life.lock:
+        if not life.dead:
+            life.on_death.append(hook)
+            return
+        reason = life.reason or NOPROC
+    hook(reason)
+
+
+_handler_cache: dict[tuple[type, str], Callable[..., Any] | None] = {}
+
+
+class Actor(pykka.ThreadingActor):
+    """Base class of every actor: override ``on_message(msg)`` or define ``handle_<kind>``.
+
+    ``on_message`` receives the decoded dict. The default implementation dispatches
+    to a method named ``handle_<kind>`` and raises :class:`UnknownMessage` if there
+    is none. Whatever a handler returns is the reply to an ``ask`` (encoded too).
+    """
+
+    use_daemon_thread: ClassVar[bool] = True
+    ref_class: ClassVar[type[ActorRef]] = ActorRef
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._life = _Life()
+        self.ref = self.ref_class(self.actor_ref, self._life, type(self))
+        self.dropped_undecodable = 0
+        self.dropped_unknown = 0
+        self.started_at = time.monotonic()
+
+    @classmethod
+    def start(cls, *args: Any, **kwargs: Any) -> ActorRef:  # type: ignore[override]
+        """Create the actor, start its thread, return our :class:`ActorRef`."""
+        obj = cls(*args, **kwargs)
+        pykka.ActorRegistry.register(obj.actor_ref)
+        obj._start_actor_loop()
+        return obj.ref
+
+    # --- hooks for subclasses -------------------------------------------------
+
+    def on_message(self, msg: dict[str, Any]) -> Any:
+        handler = _handler_cache.get((type(self), msg["kind"]), _missing)
+        if handler is _missing:
+            handler = getattr(type(self), "handle_" + msg["kind"], None)
+            _handler_cache[(type(self), msg["kind"])] = handler
+        if handler is None:
+            raise UnknownMessage(msg["kind"])
+        return handler(self, msg)
+
+    def terminate(self, reason: str) -> None:  # noqa: B027 - optional hook
+        """Clean-up on a normal stop, a shutdown or a crash (not after a kill)."""
+
+    # --- pykka plumbing ---------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        if self._life.dead:
+            return None  # killed: never handle another message
+        if isinstance(message, LocalCall):
+            return self._handle_local(message)
+        try:
+            msg = decode_message(message) if isinstance(message, (bytes, bytearray)) else None
+            if msg is None:
+                raise DecodeError(f"message is {type(message).__name__}, not bytes")
+        except DecodeError as exc:
+            self.dropped_undecodable += 1
+            log.warning("message dropped", actor=type(self).__name__, urn=self.actor_urn, error=str(exc))
+            return None
+        try:
+            reply = self.on_message(msg)
+        except UnknownMessage:
+            self.dropped_unknown += 1
+            log.warning("unknown message kind dropped", actor=type(self).__name__, kind=msg["kind"])
+            return None
+        except Exception as exc:
+            self._crash(exc)
+            raise
+        return None if reply is None else encode(reply)
+
+    def _handle_local(self, call: LocalCall) -> Any:
+        try:
+            return call.fn(self, *call.args)
+        except Exception as exc:
+            self._crash(exc)
+            raise
+
+    def exit(self, reason: str = NORMAL) -> None:
+        """Stop this actor from inside, after the current message, with ``reason``."""
+        with self._life.lock:
+            self._life.pending_reason = reason
+        self.stop()
+
+    def _crash(self, exc: BaseException) -> None:
+        reason = getattr(exc, "exit_reason", None) or f"exception: {type(exc).__name__}: {exc}"
+        log.error("actor crashed", actor=type(self).__name__, urn=self.actor_urn, reason=reason)
+        log.debug("crash traceback", urn=self.actor_urn, exc_info=exc)
+        self.actor_stopped.set()  # ends pykka's loop after this message, tell or ask alike
+        try:
+            self.terminate(reason)
+        except Exception:  # noqa: BLE001
+            log.exception("terminate failed after crash", actor=type(self).__name__)
+        _finalize(self._life, reason, self.ref)
+
+    def on_stop(self) -> None:
+        if self._life.dead:
+            return  # killed, or crashed and already finalized
+        reason = self._life.pending_reason or NORMAL
+        try:
+            self.terminate(reason)
+        finally:
+            _finalize(self._life, reason, self.ref)
+
+    def on_failure(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
+        # Reached only if something outside on_message raised; keep death recorded.
+        _finalize(self._life, f"exception: {exc_type.__name__}: {exc_value}", self.ref)
+
+
+class LocalCall:
+    """An in-process call run inside an actor's thread (framework use: supervisor management).
+
+    Supervisor management carries Python objects (actor classes, constructor
+    arguments) that have no wire form, so it bypasses the codec; everything an
+    actor says to another actor goes through :func:`encode`.
+    """
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn = fn
+        self.args = args
+
+
+class Refusal:
+    """Returned by a local call to raise ``exc`` in the caller without crashing the actor."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+def call_local(ref: ActorRef, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    """Run ``fn(actor, *args)`` in the actor's thread and return its result.
+
+    ``fn`` returns a :class:`Refusal` for an error that belongs to the caller (an
+    unknown id, say): it is raised here and the actor keeps running. Any other
+    exception is a crash of the actor, as for a message.
+    """
+    if ref._life.dead:
+        raise ActorDeadError(f"{ref!r} is dead")
+    try:
+        result = ref._pref.ask(LocalCall(fn, *args), timeout=timeout)
+    except pykka.Timeout as exc:
+        raise TimeoutError(f"{ref!r} did not answer in {timeout}s") from exc
+    if isinstance(result, Refusal):
+        raise result.exc
+    return result
+
+
+_missing: Any = object()

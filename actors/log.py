@@ -1,0 +1,47 @@
+"""structlog set-up: human-readable on a terminal, JSON lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(level: str | int = "INFO", *, json: bool | None = None) -> None:
+    """Configure structlog once for the process (idempotent unless called with new args).
+
+    ``json=None`` picks JSON lines when stderr is not a terminal.
+    """
+    global _configured
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info if json else structlog.processors.StackInfoRenderer(),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # pykka logs through the standard library; keep its per-crash tracebacks quiet,
+    # we log crashes ourselves with structlog.
+    logging.getLogger("pykka").setLevel(logging.CRITICAL)
+    _configured = True
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger bound to a component name."""
+    return structlog.get_logger(name)

@@ -1,0 +1,132 @@
+"""Name registry: ``register(name, ref)`` / ``whereis(name)``; a name is freed when its actor dies.
+
+A :class:`Registry` is an object so that two Labs in one process never share names;
+the module-level functions use a default instance.
+
+Stash during restarts: a supervisor that restarts a named child marks the name as
+*restarting*. Messages sent with :meth:`Registry.send` while the name is restarting
+are stashed (up to ``stash_limit``, then counted as dropped and logged) and delivered
+in order to the replacement as soon as it registers. ``whereis`` returns None while a
+name is restarting; ``tell`` on an old ref to the dead actor is dropped, as in Erlang.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from actors.base import ActorRef, on_death
+from actors.log import get_logger
+from actors.messages import encode
+
+log = get_logger("actors.registry")
+
+
+class NameTaken(ValueError):
+    """The name is already registered to a live actor."""
+
+
+class Registry:
+    """A namespace of actor names."""
+
+    def __init__(self, stash_limit: int = 100_000) -> None:
+        self._lock = threading.Lock()
+        self._names: dict[str, ActorRef] = {}
+        self._stash: dict[str, list[bytes]] = {}
+        self.stash_limit = stash_limit
+        self.stash_dropped = 0
+
+    def register(
+        self, name: str, ref: ActorRef, restarting_if: Callable[[str], bool] | None = None
+    ) -> None:
+        """Bind ``name`` to ``ref``; deliver anything stashed for the name; free it on death.
+
+        ``restarting_if(reason)``, when given, decides at the moment of death (atomically
+        with freeing the name) whether the name starts stashing for a replacement.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"actor name must be a non-empty string, got {name!r}")
+        with self._lock:
+            cur = self._names.get(name)
+            if cur is not None and cur.is_alive() and cur != ref:
+                raise NameTaken(f"name {name!r} is already registered to {cur!r}")
+            self._names[name] = ref
+            stashed = self._stash.pop(name, [])
+        for data in stashed:
+            ref.tell_bytes(data)
+        on_death(ref, lambda reason, n=name, r=ref: self._release(n, r, reason, restarting_if))
+
+    def _release(
+        self, name: str, ref: ActorRef, reason: str, restarting_if: Callable[[str], bool] | None
+    ) -> None:
+        with self._lock:
+            if self._names.get(name) == ref:
+                del self._names[name]
+                if restarting_if is not None and restarting_if(reason):
+                    self._stash.setdefault(name, [])
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._names.pop(name, None)
+            self._stash.pop(name, None)
+
+    def whereis(self, name: str) -> ActorRef | None:
+        with self._lock:
+            ref = self._names.get(name)
+        return ref if ref is not None and ref.is_alive() else None
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, r in self._names.items() if r.is_alive())
+
+    def mark_restarting(self, name: str) -> None:
+        """Start stashing messages for ``name`` until an actor registers it again."""
+        with self._lock:
+            self._stash.setdefault(name, [])
+
+    def cancel_restarting(self, name: str) -> int:
+        """The name will not come back: drop its stash; return how many were dropped."""
+        with self._lock:
+            lost = len(self._stash.pop(name, []))
+        if lost:
+            self.stash_dropped += lost
+            log.warning("stashed messages dropped: name not restarted", name=name, count=lost)
+        return lost
+
+    def send(self, name: str, msg: dict[str, Any]) -> bool:
+        """Send to a name: delivered, stashed while restarting, else False (no such name)."""
+        data = encode(msg)
+        with self._lock:
+            ref = self._names.get(name)
+            if ref is None or not ref.is_alive():
+                stash = self._stash.get(name)
+                if stash is None:
+                    return False
+                if len(stash) >= self.stash_limit:
+                    self.stash_dropped += 1
+                    log.warning("stash full, message dropped", name=name, limit=self.stash_limit)
+                    return False
+                stash.append(data)
+                return True
+        ref.tell_bytes(data)
+        return True
+
+
+default_registry = Registry()
+
+
+def register(name: str, ref: ActorRef) -> None:
+    default_registry.register(name, ref)
+
+
+def unregister(name: str) -> None:
+    default_registry.unregister(name)
+
+
+def whereis(name: str) -> ActorRef | None:
+    return default_registry.whereis(name)
+
+
+def send(name: str, msg: dict[str, Any]) -> bool:
+    return default_registry.send(name, msg)

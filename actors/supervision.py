@@ -1,0 +1,507 @@
+"""OTP supervision: :class:`Supervisor`, :class:`DynamicSupervisor` and :class:`ChildSpec`.
+
+Semantics follow OTP's ``supervisor``:
+
+* children start in list order and stop in reverse order;
+* ``permanent`` children are always restarted, ``transient`` ones only after an
+  abnormal exit (anything but ``normal``/``shutdown``), ``temporary`` ones never (and
+  their spec is removed when they exit, also when a sibling's death terminates them);
+* strategies ``one_for_one``, ``one_for_all`` and ``rest_for_one``;
+* more than ``max_restarts`` restarts within ``max_seconds`` makes the supervisor stop
+  all its children (reverse order) and exit abnormally with reason
+  ``reached_max_restart_intensity``, so that its own parent applies its strategy
+  (OTP uses the reason ``shutdown`` here; we use a distinct abnormal reason so that a
+  ``transient`` supervisor child is restarted too, which is what escalation means);
+* a child that does not stop within its ``shutdown`` time is killed (see
+  :mod:`actors.base` for what killing a thread-backed actor means); ``brutal_kill``
+  kills at once, ``infinity`` waits as long as it takes;
+* ``auto_shutdown`` with ``significant`` children, as in OTP 24.
+
+``backoff=(min_s, max_s, jitter)`` delays each restart by ``min(max_s, min_s * 2**n)``
+scaled by a random factor in ``[1, 1 + jitter]``, where ``n`` counts the child's
+restarts since it last ran for longer than ``max_s`` (Akka's restartWithBackoff).
+Messages sent with ``Registry.send`` to a child's registered ``name`` while it
+restarts are stashed and delivered to the replacement (see :mod:`actors.registry`).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from actors.base import (
+    KILLED,
+    SHUTDOWN,
+    Actor,
+    ActorRef,
+    Refusal,
+    call_local,
+    is_abnormal,
+    monitor,
+    on_death,
+)
+from actors.log import get_logger
+from actors.registry import Registry, default_registry
+
+log = get_logger("actors.supervision")
+
+RESTART_TYPES = ("permanent", "transient", "temporary")
+STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
+AUTO_SHUTDOWN = ("never", "any_significant", "all_significant")
+MAX_INTENSITY = "reached_max_restart_intensity"
+
+
+class ChildNotFound(KeyError):
+    """No child with that id under this supervisor."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "child not found"
+
+
+class ChildRunning(RuntimeError):
+    """The operation needs a child that is not running (restart_child, delete_child)."""
+
+
+class TooManyChildren(RuntimeError):
+    """A DynamicSupervisor already has ``max_children`` children."""
+
+
+class MaxRestartIntensity(RuntimeError):
+    """Raised inside a supervisor to exit abnormally when restarts exceed the intensity."""
+
+    exit_reason = MAX_INTENSITY
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """How to start, restart and stop one child.
+
+    ``name`` (optional) registers the child under that name in the supervisor's
+    registry on every (re)start.
+    """
+
+    id: str
+    actor: type
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    restart: str = "permanent"
+    shutdown: float | str = 5.0
+    significant: bool = False
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"ChildSpec id must be a non-empty string, got {self.id!r}")
+        if not (isinstance(self.actor, type) and issubclass(self.actor, Actor)):
+            raise ValueError(f"ChildSpec {self.id!r}: actor must be an Actor subclass, got {self.actor!r}")
+        if self.restart not in RESTART_TYPES:
+            raise ValueError(
+                f"ChildSpec {self.id!r}: unknown restart type {self.restart!r}; "
+                f"expected one of {', '.join(RESTART_TYPES)}"
+            )
+        sd = self.shutdown
+        if isinstance(sd, str):
+            if sd not in ("brutal_kill", "infinity"):
+                raise ValueError(
+                    f"ChildSpec {self.id!r}: shutdown must be seconds, 'brutal_kill' or 'infinity', got {sd!r}"
+                )
+        elif isinstance(sd, bool) or not isinstance(sd, (int, float)) or sd < 0:
+            raise ValueError(f"ChildSpec {self.id!r}: shutdown must be >= 0 seconds, got {sd!r}")
+        if self.significant and self.restart == "permanent":
+            raise ValueError(f"ChildSpec {self.id!r}: a significant child must be transient or temporary")
+        object.__setattr__(self, "args", tuple(self.args))
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
+
+    @property
+    def is_supervisor(self) -> bool:
+        return issubclass(self.actor, Supervisor)
+
+
+class _Child:
+    __slots__ = ("spec", "ref", "started_at", "backoff_n", "pending_gen")
+
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.ref: ActorRef | None = None
+        self.started_at = 0.0
+        self.backoff_n = 0
+        self.pending_gen = 0  # >0 while a delayed restart is scheduled
+
+    @property
+    def running(self) -> bool:
+        return self.ref is not None and self.ref.is_alive()
+
+
+class SupervisorRef(ActorRef):
+    """A ref to a supervisor, with the management API (calls run in its thread)."""
+
+    __slots__ = ()
+
+    def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        return call_local(self, fn, *args, timeout=timeout)
+
+    def which_children(self) -> list[dict[str, Any]]:
+        """One dict per child in start order: id, urn, restart, alive, type, restarting."""
+        return self._call(Supervisor._which_children)
+
+    def child_ref(self, child_id: str) -> ActorRef | None:
+        """The child's current ref (a :class:`SupervisorRef` for a nested supervisor), or None."""
+        return self._call(Supervisor._child_ref, child_id)
+
+    def count_children(self) -> dict[str, int]:
+        return self._call(Supervisor._count_children)
+
+    def start_child(self, spec: ChildSpec) -> ActorRef:
+        return self._call(Supervisor._start_child_call, spec)
+
+    def terminate_child(self, child_id: str) -> None:
+        self._call(Supervisor._terminate_child_call, child_id)
+
+    def restart_child(self, child_id: str) -> ActorRef:
+        return self._call(Supervisor._restart_child_call, child_id)
+
+    def delete_child(self, child_id: str) -> None:
+        self._call(Supervisor._delete_child_call, child_id)
+
+    def restart_times(self) -> list[float]:
+        """Clock readings of the restarts inside the current intensity window."""
+        return self._call(lambda sup: list(sup._restarts))
+
+
+class Supervisor(Actor):
+    """A supervisor actor; start it with :meth:`Supervisor.start` (returns a SupervisorRef)."""
+
+    ref_class: ClassVar[type[ActorRef]] = SupervisorRef
+
+    def __init__(
+        self,
+        children: Iterable[ChildSpec] = (),
+        strategy: str = "one_for_one",
+        max_restarts: int = 3,
+        max_seconds: float = 5.0,
+        name: str | None = None,
+        backoff: tuple[float, float, float] | None = None,
+        auto_shutdown: str = "never",
+        registry: Registry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        specs = list(children)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        if auto_shutdown not in AUTO_SHUTDOWN:
+            raise ValueError(f"unknown auto_shutdown {auto_shutdown!r}; expected one of {', '.join(AUTO_SHUTDOWN)}")
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        if not max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds!r}")
+        if backoff is not None:
+            lo, hi, jit = backoff
+            if not (0 <= lo <= hi) or jit < 0:
+                raise ValueError(f"backoff must be (min_s, max_s, jitter) with 0 <= min_s <= max_s, jitter >= 0; got {backoff!r}")
+        seen: set[str] = set()
+        for s in specs:
+            if not isinstance(s, ChildSpec):
+                raise ValueError(f"children must be ChildSpec objects, got {s!r}")
+            if s.id in seen:
+                raise ValueError(f"duplicate child id {s.id!r}")
+            seen.add(s.id)
+        self.strategy = strategy
+        self.max_restarts = max_restarts
+        self.max_seconds = float(max_seconds)
+        self.name = name
+        self.backoff = backoff
+        self.auto_shutdown = auto_shutdown
+        self.registry = registry if registry is not None else default_registry
+        self.clock = clock
+        self._children: list[_Child] = []
+        self._by_urn: dict[str, _Child] = {}
+        self._restarts: deque[float] = deque()
+        self._timers: list[threading.Timer] = []
+        self._rng = random.Random()
+        on_death(self.ref, self._on_own_death)
+        try:
+            for s in specs:
+                c = _Child(s)
+                self._children.append(c)
+                self._start(c)
+        except BaseException:
+            self._stop_children(reverse_of=self._children)
+            raise
+
+    @classmethod
+    def start(cls, *args: Any, **kwargs: Any) -> SupervisorRef:  # type: ignore[override]
+        ref = super().start(*args, **kwargs)
+        name = kwargs.get("name")
+        if name:
+            (kwargs.get("registry") or default_registry).register(name, ref)
+        return ref  # type: ignore[return-value]
+
+    # --- starting and stopping children ----------------------------------------
+
+    def _start(self, c: _Child) -> ActorRef:
+        spec = c.spec
+        ref = spec.actor.start(*spec.args, **spec.kwargs)
+        c.ref = ref
+        c.started_at = self.clock()
+        c.pending_gen = 0
+        self._by_urn[ref.urn] = c
+        monitor(self.ref, ref)
+        if spec.name:
+            self.registry.register(spec.name, ref, restarting_if=lambda reason, s=spec: self._would_restart(s, reason))
+        return ref
+
+    @staticmethod
+    def _would_restart(spec: ChildSpec, reason: str) -> bool:
+        if reason == SHUTDOWN:
+            return False  # terminated by its supervisor on purpose
+        return spec.restart == "permanent" or (spec.restart == "transient" and is_abnormal(reason))
+
+    def _terminate(self, c: _Child) -> None:
+        """Stop one child under its shutdown rule; its ``down`` is then ignored."""
+        c.pending_gen = 0
+        ref, c.ref = c.ref, None
+        if ref is None:
+            return
+        self._by_urn.pop(ref.urn, None)
+        sd = c.spec.shutdown
+        if sd == "brutal_kill":
+            ref.kill()
+        elif sd == "infinity":
+            ref.stop(timeout=None, reason=SHUTDOWN)
+        elif not ref.stop(timeout=float(sd), reason=SHUTDOWN):
+            log.warning("child did not stop in time; killed", child=c.spec.id, shutdown_s=sd)
+            ref.kill()
+
+    def _stop_children(self, reverse_of: Sequence[_Child]) -> None:
+        for c in reversed(list(reverse_of)):
+            try:
+                self._terminate(c)
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                log.exception("error while stopping child", child=c.spec.id)
+
+    def terminate(self, reason: str) -> None:
+        for t in self._timers:
+            t.cancel()
+        self._stop_children(self._children)
+
+    def _on_own_death(self, reason: str) -> None:
+        # A killed supervisor takes its children with it, as a linked process would.
+        if reason == KILLED:
+            for c in list(self._children):
+                if c.ref is not None:
+                    c.ref.kill()
+
+    # --- reacting to exits -------------------------------------------------------
+
+    def handle_down(self, msg: dict[str, Any]) -> None:
+        c = self._by_urn.pop(msg["urn"], None)
+        if c is None or c.ref is None or c.ref.urn != msg["urn"]:
+            return  # a child we terminated ourselves, or a stale notification
+        c.ref = None
+        reason = msg["reason"]
+        if not self._would_restart(c.spec, reason):
+            log.info("child exited", child=c.spec.id, reason=reason, restarted=False)
+            if c.spec.restart == "temporary":
+                self._children.remove(c)
+            self._maybe_auto_shutdown(c)
+            return
+        log.warning("child exited; restarting", child=c.spec.id, reason=reason, strategy=self.strategy)
+        self._count_restart()
+        lived = self.clock() - c.started_at
+        c.backoff_n = 0 if self.backoff and lived > self.backoff[1] else c.backoff_n + 1
+        idx = self._children.index(c)
+        if self.strategy == "one_for_one":
+            group = [c]
+        elif self.strategy == "one_for_all":
+            group = list(self._children)
+        else:
+            group = self._children[idx:]
+        for other in reversed(group):
+            if other is not c and other.ref is not None:
+                if other.spec.name:
+                    self.registry.mark_restarting(other.spec.name)
+                self._terminate(other)
+        for other in group:
+            if other is not c and other.spec.restart == "temporary":
+                self._children.remove(other)
+        self._schedule_restart([o for o in group if o in self._children], c)
+
+    def _count_restart(self) -> None:
+        now = self.clock()
+        self._restarts.append(now)
+        while self._restarts and self._restarts[0] < now - self.max_seconds:
+            self._restarts.popleft()
+        if len(self._restarts) > self.max_restarts:
+            log.error("restart intensity reached; supervisor exits", name=self.name,
+                      max_restarts=self.max_restarts, max_seconds=self.max_seconds)
+            for ch in self._children:
+                if ch.spec.name and ch.ref is None:
+                    self.registry.cancel_restarting(ch.spec.name)
+            raise MaxRestartIntensity(
+                f"more than {self.max_restarts} restarts in {self.max_seconds}s"
+            )
+
+    def _schedule_restart(self, group: list[_Child], failed: _Child) -> None:
+        if not self.backoff:
+            self._restart_group(group)
+            return
+        lo, hi, jit = self.backoff
+        delay = min(hi, lo * 2 ** max(failed.backoff_n - 1, 0)) * (1 + jit * self._rng.random())
+        delay = min(delay, hi * (1 + jit))
+        gen = int(self.clock() * 1e6) or 1
+        for g in group:
+            g.pending_gen = gen
+        ids = [g.spec.id for g in group]
+        log.info("restart delayed (backoff)", children=ids, delay_s=round(delay, 4))
+        t = threading.Timer(delay, self.ref.tell, args=({"kind": "delayed_restart", "ids": ids, "gen": gen},))
+        t.daemon = True
+        self._timers = [x for x in self._timers if x.is_alive()] + [t]
+        t.start()
+
+    def handle_delayed_restart(self, msg: dict[str, Any]) -> None:
+        group = [c for c in self._children if c.spec.id in msg["ids"] and c.pending_gen == msg["gen"]]
+        self._restart_group(group)
+
+    def _restart_group(self, group: list[_Child]) -> None:
+        for i, g in enumerate(group):
+            if g.running:
+                continue
+            try:
+                self._start(g)
+            except Exception as exc:  # noqa: BLE001 - a failed restart is retried, counted
+                log.error("child restart failed; retrying", child=g.spec.id, error=repr(exc))
+                self.ref.tell({"kind": "retry_restart", "ids": [x.spec.id for x in group[i:]]})
+                return
+
+    def handle_retry_restart(self, msg: dict[str, Any]) -> None:
+        self._count_restart()
+        self._restart_group([c for c in self._children if c.spec.id in msg["ids"]])
+
+    def _maybe_auto_shutdown(self, c: _Child) -> None:
+        if not c.spec.significant or self.auto_shutdown == "never":
+            return
+        if self.auto_shutdown == "all_significant" and any(
+            ch.running for ch in self._children if ch.spec.significant
+        ):
+            return
+        log.info("auto_shutdown: significant child exited", child=c.spec.id, mode=self.auto_shutdown)
+        self.exit(SHUTDOWN)
+
+    # --- management calls (run in this thread through call_local) ---------------
+
+    def _find(self, child_id: str) -> _Child:
+        for c in self._children:
+            if c.spec.id == child_id:
+                return c
+        known = ", ".join(c.spec.id for c in self._children) or "none"
+        raise ChildNotFound(f"no child {child_id!r} under supervisor {self.name or self.actor_urn}; children: {known}")
+
+    def _which_children(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": c.spec.id,
+                "urn": c.ref.urn if c.ref is not None else None,
+                "restart": c.spec.restart,
+                "alive": c.running,
+                "type": "supervisor" if c.spec.is_supervisor else "worker",
+                "restarting": c.pending_gen > 0,
+            }
+            for c in self._children
+        ]
+
+    def _child_ref(self, child_id: str) -> Any:
+        try:
+            c = self._find(child_id)
+        except ChildNotFound as exc:
+            return Refusal(exc)
+        return c.ref if c.running else None
+
+    def _count_children(self) -> dict[str, int]:
+        return {
+            "specs": len(self._children),
+            "active": sum(c.running for c in self._children),
+            "supervisors": sum(c.spec.is_supervisor for c in self._children),
+            "workers": sum(not c.spec.is_supervisor for c in self._children),
+        }
+
+    def _start_child_call(self, spec: ChildSpec) -> Any:
+        if not isinstance(spec, ChildSpec):
+            return Refusal(ValueError(f"start_child needs a ChildSpec, got {spec!r}"))
+        if any(c.spec.id == spec.id for c in self._children):
+            return Refusal(ValueError(f"duplicate child id {spec.id!r}"))
+        c = _Child(spec)
+        try:
+            ref = self._start(c)
+        except Exception as exc:  # noqa: BLE001 - the caller's child failed to start
+            return Refusal(exc)
+        self._children.append(c)
+        return ref
+
+    def _terminate_child_call(self, child_id: str) -> Any:
+        try:
+            c = self._find(child_id)
+        except ChildNotFound as exc:
+            return Refusal(exc)
+        self._terminate(c)
+        if c.spec.name:
+            self.registry.cancel_restarting(c.spec.name)
+        if c.spec.restart == "temporary":
+            self._children.remove(c)
+        return None
+
+    def _restart_child_call(self, child_id: str) -> Any:
+        try:
+            c = self._find(child_id)
+        except ChildNotFound as exc:
+            return Refusal(exc)
+        if c.running:
+            return Refusal(ChildRunning(f"child {child_id!r} is running; terminate it first"))
+        try:
+            return self._start(c)
+        except Exception as exc:  # noqa: BLE001
+            return Refusal(exc)
+
+    def _delete_child_call(self, child_id: str) -> Any:
+        try:
+            c = self._find(child_id)
+        except ChildNotFound as exc:
+            return Refusal(exc)
+        if c.running or c.pending_gen:
+            return Refusal(ChildRunning(f"child {child_id!r} is running; terminate it first"))
+        self._children.remove(c)
+        return None
+
+
+class DynamicSupervisor(Supervisor):
+    """one_for_one over children added at run time, at most ``max_children`` of them."""
+
+    def __init__(
+        self,
+        max_children: int | None = None,
+        max_restarts: int = 3,
+        max_seconds: float = 5.0,
+        name: str | None = None,
+        backoff: tuple[float, float, float] | None = None,
+        registry: Registry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_children is not None and (not isinstance(max_children, int) or max_children < 0):
+            raise ValueError(f"max_children must be an int >= 0 or None, got {max_children!r}")
+        self.max_children = max_children
+        super().__init__(
+            (), "one_for_one", max_restarts, max_seconds, name, backoff, "never", registry, clock
+        )
+
+    def _start_child_call(self, spec: ChildSpec) -> Any:
+        if self.max_children is not None and len(self._children) >= self.max_children:
+            return Refusal(TooManyChildren(
+                f"dynamic supervisor {self.name or self.actor_urn} already has "
+                f"max_children={self.max_children} children; cannot start {getattr(spec, 'id', spec)!r}"
+            ))
+        return super()._start_child_call(spec)

@@ -1,0 +1,67 @@
+"""Topics (pub/sub): ``publish`` encodes a message once and fans the same bytes out.
+
+A :class:`Topics` object is one namespace (each experiment gets its own, so two
+experiments never see each other's events); the module-level functions use a
+default instance. Dead subscribers are pruned when they die.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from actors.base import ActorRef, on_death
+from actors.messages import encode
+
+
+class Topics:
+    """A set of named topics and their subscribers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: dict[str, tuple[ActorRef, ...]] = {}
+        self.published = 0
+
+    def subscribe(self, topic: str, ref: ActorRef) -> None:
+        """Add ``ref`` to ``topic`` (idempotent); it is removed automatically when it dies."""
+        with self._lock:
+            cur = self._subs.get(topic, ())
+            if ref in cur:
+                return
+            self._subs[topic] = (*cur, ref)
+        on_death(ref, lambda _reason, t=topic, r=ref: self.unsubscribe(t, r))
+
+    def unsubscribe(self, topic: str, ref: ActorRef) -> None:
+        with self._lock:
+            cur = self._subs.get(topic, ())
+            self._subs[topic] = tuple(r for r in cur if r != ref)
+
+    def subscribers(self, topic: str) -> tuple[ActorRef, ...]:
+        with self._lock:
+            return self._subs.get(topic, ())
+
+    def publish(self, topic: str, msg: dict[str, Any]) -> int:
+        """Encode once, send to every subscriber; return how many received it."""
+        return self.publish_bytes(topic, encode(msg))
+
+    def publish_bytes(self, topic: str, data: bytes) -> int:
+        subs = self._subs.get(topic, ())  # tuple swap under lock: a consistent snapshot
+        for ref in subs:
+            ref.tell_bytes(data)
+        self.published += 1
+        return len(subs)
+
+
+default_topics = Topics()
+
+
+def subscribe(topic: str, ref: ActorRef) -> None:
+    default_topics.subscribe(topic, ref)
+
+
+def unsubscribe(topic: str, ref: ActorRef) -> None:
+    default_topics.unsubscribe(topic, ref)
+
+
+def publish(topic: str, msg: dict[str, Any]) -> int:
+    return default_topics.publish(topic, msg)

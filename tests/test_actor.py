@@ -1,0 +1,259 @@
+import threading
+
+import numpy as np
+import pytest
+
+from actors import (
+    KILLED,
+    NOPROC,
+    NORMAL,
+    ActorDeadError,
+    Registry,
+    Topics,
+    demonitor,
+    encode,
+    monitor,
+)
+from actors.registry import NameTaken
+from tests.actors_fixtures import Collector, Worker
+
+
+@pytest.fixture
+def spawned():
+    refs = []
+    gates = []
+
+    def spawn(cls, *a, **kw):
+        ref = cls.start(*a, **kw)
+        refs.append(ref)
+        return ref
+
+    spawn.gates = gates
+    yield spawn
+    for g in gates:
+        g.set()
+    for r in refs:
+        r.stop(timeout=2)
+
+
+def test_tell_and_ask_roundtrip(spawned):
+    w = spawned(Worker, tag="a")
+    w.tell({"kind": "note", "v": 1})
+    w.tell({"kind": "note", "v": np.arange(3)})
+    notes = w.ask({"kind": "notes"})
+    assert notes[0] == 1
+    np.testing.assert_array_equal(notes[1], [0, 1, 2])
+    reply = w.ask({"kind": "ping"})
+    assert (reply["tag"], reply["urn"], reply["count"]) == ("a", w.urn, 1)
+    assert w.is_alive()
+
+
+def test_crash_on_ask_reaches_asker_and_stops_actor(spawned):
+    w = spawned(Worker, tag="a")
+    with pytest.raises(RuntimeError, match="boom a"):
+        w.ask({"kind": "crash"})
+    assert w.wait(timeout=5).startswith("exception: RuntimeError: boom a")
+    assert not w.is_alive()
+    with pytest.raises(ActorDeadError):
+        w.ask({"kind": "ping"})
+
+
+def test_crash_on_tell_stops_actor(spawned):
+    w = spawned(Worker)
+    w.tell({"kind": "crash"})
+    assert "RuntimeError" in w.wait(timeout=5)
+    assert not w.is_alive()
+    w.tell({"kind": "ping"})  # telling the dead is a silent no-op, as in Erlang
+
+
+def test_undecodable_and_unknown_messages_are_counted_and_dropped(spawned):
+    w = spawned(Worker)
+    w.tell_bytes(b"\xc1\xc1")
+    w.tell_bytes(encode([1, 2, 3]))
+    w.tell({"kind": "no_such_kind"})
+    assert w.ask({"kind": "no_such_kind"}) is None
+    assert w.ask({"kind": "ping"})["count"] == 1
+    counts = w.ask({"kind": "ping"})  # still alive
+    assert counts["count"] == 2
+
+
+def test_dropped_counters_are_exact():
+    class Probe(Worker):
+        def handle_counters(self, msg):
+            return [self.dropped_undecodable, self.dropped_unknown]
+
+    w = Probe.start()
+    try:
+        for _ in range(3):
+            w.tell_bytes(b"\xc1")
+        for _ in range(4):
+            w.tell({"kind": "nope"})
+        assert w.ask({"kind": "counters"}) == [3, 4]
+    finally:
+        w.stop()
+
+
+def test_unencodable_message_raises_at_send_time(spawned):
+    w = spawned(Worker)
+    with pytest.raises(TypeError, match="payload.fn"):
+        w.tell({"kind": "note", "payload": {"fn": print}})
+    assert w.ask({"kind": "ping"})["count"] == 1
+
+
+def test_ask_timeout_raises_timeouterror(spawned):
+    gate = threading.Event()
+    spawned.gates.append(gate)
+    w = spawned(Worker, gate=gate)
+    w.tell({"kind": "block"})
+    with pytest.raises(TimeoutError):
+        w.ask({"kind": "ping"}, timeout=0.05)
+    gate.set()
+    assert w.ask({"kind": "ping"}, timeout=5)["count"] >= 1
+
+
+# --- registry -------------------------------------------------------------------
+
+def test_registry_whereis_and_freed_on_death():
+    reg = Registry()
+    w = Worker.start()
+    reg.register("w", w)
+    assert reg.whereis("w") == w
+    other = Worker.start()
+    with pytest.raises(NameTaken):
+        reg.register("w", other)
+    other.stop()
+    w.tell({"kind": "crash"})
+    w.wait(timeout=5)
+    assert reg.whereis("w") is None
+    assert "w" not in reg.names()
+    w2 = Worker.start()
+    reg.register("w", w2)  # the name is free again
+    assert reg.send("w", {"kind": "note", "v": 5})
+    assert w2.ask({"kind": "notes"}) == [5]
+    assert not reg.send("nobody", {"kind": "note"})
+    w2.stop()
+    assert reg.whereis("w") is None
+
+
+def test_two_registries_do_not_share_names():
+    a, b = Registry(), Registry()
+    w1, w2 = Worker.start(tag="1"), Worker.start(tag="2")
+    a.register("x", w1)
+    b.register("x", w2)
+    assert a.whereis("x").ask({"kind": "ping"})["tag"] == "1"
+    assert b.whereis("x").ask({"kind": "ping"})["tag"] == "2"
+    w1.stop()
+    w2.stop()
+
+
+# --- monitors -------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["crash", "stop", "kill", "exit"])
+def test_monitor_receives_down_with_reason(spawned, how):
+    watcher = spawned(Collector)
+    w = spawned(Worker)
+    monitor(watcher, w)
+    if how == "crash":
+        w.tell({"kind": "crash"})
+        w.wait(5)
+    elif how == "stop":
+        assert w.stop(timeout=5)
+    elif how == "exit":
+        w.tell({"kind": "exit", "reason": "done:custom"})
+        w.wait(5)
+    else:
+        w.kill()
+    downs = [m for m in watcher.ask({"kind": "get"}) if m["kind"] == "down"]
+    assert len(downs) == 1
+    assert downs[0]["urn"] == w.urn
+    expected = {"crash": None, "stop": NORMAL, "kill": KILLED, "exit": "done:custom"}[how]
+    if expected:
+        assert downs[0]["reason"] == expected
+    else:
+        assert downs[0]["reason"].startswith("exception: RuntimeError")
+
+
+def test_monitor_dead_actor_gets_noproc_and_demonitor(spawned):
+    watcher = spawned(Collector)
+    w = spawned(Worker)
+    w.stop()
+    monitor(watcher, w)
+    w2 = spawned(Worker)
+    monitor(watcher, w2)
+    demonitor(watcher, w2)
+    w2.stop()
+    downs = [m for m in watcher.ask({"kind": "get"}) if m["kind"] == "down"]
+    assert downs == [{"kind": "down", "urn": w.urn, "reason": NOPROC}]
+
+
+# --- kill -------------------------------------------------------------------------
+
+def test_kill_marks_dead_unregisters_and_never_delivers_again(spawned):
+    gate = threading.Event()
+    spawned.gates.append(gate)
+    reg = Registry()
+    sink = []
+    w = Worker.start(gate=gate, sink=sink)
+    reg.register("stuck", w)
+    thread_name = w.ask({"kind": "ping"})["thread"]
+    w.tell({"kind": "block"})
+    w.tell({"kind": "note", "v": "queued before kill"})
+    w.kill()
+    assert not w.is_alive()
+    assert w.exit_reason == KILLED
+    assert reg.whereis("stuck") is None
+    with pytest.raises(ActorDeadError):
+        w.ask({"kind": "ping"})
+    thread = next(t for t in threading.enumerate() if t.name == thread_name)
+    assert thread.daemon  # abandoned threads never keep the process alive
+    gate.set()  # the handler returns; the thread must exit without handling the queued note
+    thread.join(5)
+    assert not thread.is_alive()
+    assert sink == []
+
+
+# --- topics -----------------------------------------------------------------------
+
+def test_topic_fans_out_same_bytes(spawned):
+    topics = Topics()
+    a, b, c = spawned(Collector), spawned(Collector), spawned(Collector)
+    topics.subscribe("events", a)
+    topics.subscribe("events", b)
+    topics.subscribe("events", b)  # idempotent
+    topics.subscribe("other", c)
+    assert topics.publish("events", {"kind": "ev", "x": np.arange(4)}) == 2
+    topics.unsubscribe("events", b)
+    assert topics.publish("events", {"kind": "ev", "x": np.arange(2)}) == 1
+    got_a = a.ask({"kind": "get"})
+    assert [len(m["x"]) for m in got_a] == [4, 2]
+    assert len(b.ask({"kind": "get"})) == 1
+    assert c.ask({"kind": "get"}) == []
+
+
+def test_topic_publish_encodes_once():
+    topics = Topics()
+    calls = []
+
+    class Spy(Collector):
+        def on_receive(self, message):
+            calls.append(message)
+            return super().on_receive(message)
+
+    refs = [Spy.start() for _ in range(3)]
+    for r in refs:
+        topics.subscribe("t", r)
+    topics.publish("t", {"kind": "ev"})
+    for r in refs:
+        r.stop()
+    assert len(calls) == 3
+    assert all(c is calls[0] for c in calls)
+
+
+def test_dead_subscribers_are_pruned(spawned):
+    topics = Topics()
+    a = spawned(Collector)
+    w = Worker.start()
+    topics.subscribe("t", a)
+    topics.subscribe("t", w)
+    w.stop()
+    assert topics.subscribers("t") == (a,)
