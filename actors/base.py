@@ -44,14 +44,14 @@ def is_abnormal(reason: str) -> bool:
     return reason not in (NORMAL, SHUTDOWN) and not reason.startswith("shutdown:")
 
 
-class UnknownMessage(Exception):  # noqa: N818 - a signal, not an error of the caller
+class UnknownMessage(Exception):
     """Raised by ``on_message`` for a ``kind`` the actor does not handle: dropped, not a crash."""
 
 
 class _Life:
     """Shared, thread-safe life state of one actor, visible to every ref to it."""
 
-    __slots__ = ("lock", "dead", "reason", "watchers", "stopped", "pending_reason", "on_death")
+    __slots__ = ("dead", "lock", "on_death", "pending_reason", "reason", "stopped", "watchers")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -66,7 +66,7 @@ class _Life:
 class ActorRef:
     """A handle to an actor; encodes messages on send, the actor decodes on receipt."""
 
-    __slots__ = ("_pref", "_life", "urn", "actor_class")
+    __slots__ = ("_life", "_pref", "actor_class", "urn")
 
     def __init__(self, pref: pykka.ActorRef[Any], life: _Life, actor_class: type) -> None:
         self._pref = pref
@@ -140,7 +140,7 @@ class ActorRef:
         """Mark the actor dead now, whatever its thread is doing (see module docs)."""
         if _finalize(self._life, reason, self):
             try:
-                self._pref.tell(pykka.messages._ActorStop())  # noqa: SLF001 - exits if it ever returns
+                self._pref.tell(pykka.messages._ActorStop())
             except pykka.ActorDeadError:
                 pass
 
@@ -158,7 +158,7 @@ def _finalize(life: _Life, reason: str, ref: ActorRef) -> bool:
     for hook in hooks:
         try:
             hook(reason)
-        except Exception:  # noqa: BLE001 - a broken hook must not stop the others
+        except Exception:
             log.exception("death hook failed", urn=ref.urn)
     down = encode({"kind": "down", "urn": ref.urn, "reason": reason})
     for w in watchers:
@@ -239,7 +239,7 @@ class Actor(pykka.ThreadingActor):
             raise UnknownMessage(msg["kind"])
         return handler(self, msg)
 
-    def terminate(self, reason: str) -> None:  # noqa: B027 - optional hook
+    def terminate(self, reason: str) -> None:
         """Clean-up on a normal stop, a shutdown or a crash (not after a kill)."""
 
     # --- pykka plumbing ---------------------------------------------------------
@@ -288,7 +288,7 @@ class Actor(pykka.ThreadingActor):
         self.actor_stopped.set()  # ends pykka's loop after this message, tell or ask alike
         try:
             self.terminate(reason)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("terminate failed after crash", actor=type(self).__name__)
         _finalize(self._life, reason, self.ref)
 
@@ -314,7 +314,7 @@ class LocalCall:
     actor says to another actor goes through :func:`encode`.
     """
 
-    __slots__ = ("fn", "args")
+    __slots__ = ("args", "fn")
 
     def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
         self.fn = fn

@@ -96,7 +96,7 @@ def decode(data: bytes) -> Any:
     """Decode bytes produced by :func:`encode`; raise :class:`DecodeError` on garbage."""
     try:
         return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise DecodeError(f"undecodable message ({len(data)} bytes): {exc}") from None
 
 

@@ -32,6 +32,7 @@ class Registry:
 
     def __init__(self, stash_limit: int = 100_000) -> None:
         self._lock = threading.Lock()
+        self._registered = threading.Condition(self._lock)
         self._names: dict[str, ActorRef] = {}
         self._stash: dict[str, list[bytes]] = {}
         self.stash_limit = stash_limit
@@ -52,9 +53,9 @@ class Registry:
             if cur is not None and cur.is_alive() and cur != ref:
                 raise NameTaken(f"name {name!r} is already registered to {cur!r}")
             self._names[name] = ref
-            stashed = self._stash.pop(name, [])
-        for data in stashed:
-            ref.tell_bytes(data)
+            for data in self._stash.pop(name, []):  # under the lock: stash before new sends
+                ref.tell_bytes(data)
+            self._registered.notify_all()
         on_death(ref, lambda reason, n=name, r=ref: self._release(n, r, reason, restarting_if))
 
     def _release(
@@ -75,6 +76,17 @@ class Registry:
         with self._lock:
             ref = self._names.get(name)
         return ref if ref is not None and ref.is_alive() else None
+
+    def await_name(self, name: str, timeout: float | None = None, *, not_urn: str | None = None) -> ActorRef | None:
+        """Wait until ``name`` is bound to a live actor (other than ``not_urn``); None on timeout."""
+
+        def ready() -> ActorRef | None:
+            ref = self._names.get(name)
+            return ref if ref is not None and ref.is_alive() and ref.urn != not_urn else None
+
+        with self._registered:
+            self._registered.wait_for(ready, timeout)
+            return ready()
 
     def names(self) -> list[str]:
         with self._lock:

@@ -122,8 +122,14 @@ class ChildSpec:
         return issubclass(self.actor, Supervisor)
 
 
+def backoff_delay(n: int, min_s: float, max_s: float, jitter: float, rnd: float) -> float:
+    """Delay before the ``n``-th consecutive restart (n >= 1): doubling from ``min_s``, capped
+    at ``max_s``, scaled by ``1 + jitter * rnd`` with ``rnd`` in [0, 1)."""
+    return min(max_s, min_s * 2 ** max(n - 1, 0)) * (1 + jitter * rnd)
+
+
 class _Child:
-    __slots__ = ("spec", "ref", "started_at", "backoff_n", "pending_gen")
+    __slots__ = ("backoff_n", "pending_gen", "ref", "spec", "started_at", "terminating")
 
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
@@ -131,6 +137,7 @@ class _Child:
         self.started_at = 0.0
         self.backoff_n = 0
         self.pending_gen = 0  # >0 while a delayed restart is scheduled
+        self.terminating = False  # stopped on purpose by its supervisor: no stash for its name
 
     @property
     def running(self) -> bool:
@@ -142,35 +149,35 @@ class SupervisorRef(ActorRef):
 
     __slots__ = ()
 
-    def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
-        return call_local(self, fn, *args, timeout=timeout)
+    def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        return call_local(self, lambda sup, *a: getattr(sup, method)(*a), *args, timeout=timeout)
 
     def which_children(self) -> list[dict[str, Any]]:
         """One dict per child in start order: id, urn, restart, alive, type, restarting."""
-        return self._call(Supervisor._which_children)
+        return self._call("_which_children")
 
     def child_ref(self, child_id: str) -> ActorRef | None:
         """The child's current ref (a :class:`SupervisorRef` for a nested supervisor), or None."""
-        return self._call(Supervisor._child_ref, child_id)
+        return self._call("_child_ref", child_id)
 
     def count_children(self) -> dict[str, int]:
-        return self._call(Supervisor._count_children)
+        return self._call("_count_children")
 
     def start_child(self, spec: ChildSpec) -> ActorRef:
-        return self._call(Supervisor._start_child_call, spec)
+        return self._call("_start_child_call", spec)
 
     def terminate_child(self, child_id: str) -> None:
-        self._call(Supervisor._terminate_child_call, child_id)
+        self._call("_terminate_child_call", child_id)
 
     def restart_child(self, child_id: str) -> ActorRef:
-        return self._call(Supervisor._restart_child_call, child_id)
+        return self._call("_restart_child_call", child_id)
 
     def delete_child(self, child_id: str) -> None:
-        self._call(Supervisor._delete_child_call, child_id)
+        self._call("_delete_child_call", child_id)
 
     def restart_times(self) -> list[float]:
         """Clock readings of the restarts inside the current intensity window."""
-        return self._call(lambda sup: list(sup._restarts))
+        return self._call("_restart_times")
 
 
 class Supervisor(Actor):
@@ -203,7 +210,9 @@ class Supervisor(Actor):
         if backoff is not None:
             lo, hi, jit = backoff
             if not (0 <= lo <= hi) or jit < 0:
-                raise ValueError(f"backoff must be (min_s, max_s, jitter) with 0 <= min_s <= max_s, jitter >= 0; got {backoff!r}")
+                raise ValueError(
+                    f"backoff must be (min_s, max_s, jitter) with 0 <= min_s <= max_s, jitter >= 0; got {backoff!r}"
+                )
         seen: set[str] = set()
         for s in specs:
             if not isinstance(s, ChildSpec):
@@ -250,16 +259,18 @@ class Supervisor(Actor):
         c.ref = ref
         c.started_at = self.clock()
         c.pending_gen = 0
+        c.terminating = False
         self._by_urn[ref.urn] = c
         monitor(self.ref, ref)
         if spec.name:
-            self.registry.register(spec.name, ref, restarting_if=lambda reason, s=spec: self._would_restart(s, reason))
+            self.registry.register(
+                spec.name, ref,
+                restarting_if=lambda reason, c=c: not c.terminating and self._would_restart(c.spec, reason),
+            )
         return ref
 
     @staticmethod
     def _would_restart(spec: ChildSpec, reason: str) -> bool:
-        if reason == SHUTDOWN:
-            return False  # terminated by its supervisor on purpose
         return spec.restart == "permanent" or (spec.restart == "transient" and is_abnormal(reason))
 
     def _terminate(self, c: _Child) -> None:
@@ -268,6 +279,7 @@ class Supervisor(Actor):
         ref, c.ref = c.ref, None
         if ref is None:
             return
+        c.terminating = True
         self._by_urn.pop(ref.urn, None)
         sd = c.spec.shutdown
         if sd == "brutal_kill":
@@ -282,7 +294,7 @@ class Supervisor(Actor):
         for c in reversed(list(reverse_of)):
             try:
                 self._terminate(c)
-            except Exception:  # noqa: BLE001 - keep stopping the others
+            except Exception:
                 log.exception("error while stopping child", child=c.spec.id)
 
     def terminate(self, reason: str) -> None:
@@ -351,9 +363,7 @@ class Supervisor(Actor):
         if not self.backoff:
             self._restart_group(group)
             return
-        lo, hi, jit = self.backoff
-        delay = min(hi, lo * 2 ** max(failed.backoff_n - 1, 0)) * (1 + jit * self._rng.random())
-        delay = min(delay, hi * (1 + jit))
+        delay = backoff_delay(failed.backoff_n, *self.backoff, rnd=self._rng.random())
         gen = int(self.clock() * 1e6) or 1
         for g in group:
             g.pending_gen = gen
@@ -421,6 +431,9 @@ class Supervisor(Actor):
         except ChildNotFound as exc:
             return Refusal(exc)
         return c.ref if c.running else None
+
+    def _restart_times(self) -> list[float]:
+        return list(self._restarts)
 
     def _count_children(self) -> dict[str, int]:
         return {
@@ -499,6 +512,8 @@ class DynamicSupervisor(Supervisor):
         )
 
     def _start_child_call(self, spec: ChildSpec) -> Any:
+        if isinstance(spec, ChildSpec) and any(c.spec.id == spec.id for c in self._children):
+            return Refusal(ValueError(f"duplicate child id {spec.id!r}"))
         if self.max_children is not None and len(self._children) >= self.max_children:
             return Refusal(TooManyChildren(
                 f"dynamic supervisor {self.name or self.actor_urn} already has "

@@ -12,7 +12,7 @@ class Worker(Actor):
     """Answers pings, crashes or stops on request, can block on a gate."""
 
     def __init__(self, tag: str = "", gate: threading.Event | None = None,
-                 started: list[str] | None = None, sink: list[Any] | None = None,
+                 journal: list[tuple[str, ...]] | None = None, sink: list[Any] | None = None,
                  fail_start: threading.Event | None = None) -> None:
         super().__init__()
         if fail_start is not None and fail_start.is_set():
@@ -20,9 +20,14 @@ class Worker(Actor):
         self.tag = tag
         self.gate = gate
         self.count = 0
-        if started is not None:
-            started.append(tag)
+        self.journal = journal
+        if journal is not None:
+            journal.append(("start", tag))
         self.received: list[Any] = [] if sink is None else sink
+
+    def terminate(self, reason: str) -> None:
+        if self.journal is not None:
+            self.journal.append(("stop", self.tag, reason))
 
     def handle_ping(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.count += 1

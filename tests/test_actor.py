@@ -95,7 +95,7 @@ def test_dropped_counters_are_exact():
 
 def test_unencodable_message_raises_at_send_time(spawned):
     w = spawned(Worker)
-    with pytest.raises(TypeError, match="payload.fn"):
+    with pytest.raises(TypeError, match=r"payload\.fn"):
         w.tell({"kind": "note", "payload": {"fn": print}})
     assert w.ask({"kind": "ping"})["count"] == 1
 
