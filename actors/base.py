@@ -17,6 +17,7 @@ returns, the thread exits without running ``terminate``.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -51,7 +52,7 @@ class UnknownMessage(Exception):
 class _Life:
     """Shared, thread-safe life state of one actor, visible to every ref to it."""
 
-    __slots__ = ("dead", "lock", "on_death", "pending_reason", "reason", "stopped", "watchers")
+    __slots__ = ("dead", "inbox", "lock", "on_death", "pending_reason", "reason", "stopped", "watchers")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -61,6 +62,26 @@ class _Life:
         self.stopped = threading.Event()
         self.pending_reason: str | None = None
         self.on_death: list[Callable[[str], None]] = []
+        self.inbox: Any = None  # the pykka inbox (a queue.Queue), for drain_leftovers
+
+    def drain_leftovers(self) -> list[bytes]:
+        """Take the messages still queued for a dead actor (asks are answered ActorDeadError).
+
+        Used by a Registry to carry a crashed named actor's queued messages over to
+        its replacement. The message being handled when it crashed is not among them.
+        """
+        out: list[bytes] = []
+        if self.inbox is None:
+            return out
+        while True:
+            try:
+                env = self.inbox.get_nowait()
+            except queue.Empty:
+                return out
+            if env.reply_to is not None:
+                env.reply_to.set_exception(exc_info=(ActorDeadError, ActorDeadError("actor died"), None))
+            elif isinstance(env.message, (bytes, bytearray)):
+                out.append(bytes(env.message))
 
 
 class ActorRef:
@@ -86,6 +107,10 @@ class ActorRef:
 
     def is_alive(self) -> bool:
         return not self._life.dead
+
+    def queue_size(self) -> int:
+        """Messages waiting in the actor's mailbox (for backpressure decisions)."""
+        return self._pref.actor_inbox.qsize()
 
     @property
     def exit_reason(self) -> str | None:
@@ -215,6 +240,7 @@ class Actor(pykka.ThreadingActor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._life = _Life()
+        self._life.inbox = self.actor_inbox
         self.ref = self.ref_class(self.actor_ref, self._life, type(self))
         self.dropped_undecodable = 0
         self.dropped_unknown = 0

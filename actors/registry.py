@@ -65,7 +65,8 @@ class Registry:
             if self._names.get(name) == ref:
                 del self._names[name]
                 if restarting_if is not None and restarting_if(reason):
-                    self._stash.setdefault(name, [])
+                    # under the lock: nothing sent to the name can slip between these
+                    self._stash[name] = ref._life.drain_leftovers() + self._stash.get(name, [])
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -97,6 +98,13 @@ class Registry:
         with self._lock:
             self._stash.setdefault(name, [])
 
+    def queue_size(self, name: str) -> int:
+        """Mailbox size of the actor behind ``name`` plus anything stashed for it."""
+        with self._lock:
+            ref = self._names.get(name)
+            stashed = len(self._stash.get(name, ()))
+        return stashed + (ref.queue_size() if ref is not None and ref.is_alive() else 0)
+
     def cancel_restarting(self, name: str) -> int:
         """The name will not come back: drop its stash; return how many were dropped."""
         with self._lock:
@@ -108,7 +116,10 @@ class Registry:
 
     def send(self, name: str, msg: dict[str, Any]) -> bool:
         """Send to a name: delivered, stashed while restarting, else False (no such name)."""
-        data = encode(msg)
+        return self.send_bytes(name, encode(msg))
+
+    def send_bytes(self, name: str, data: bytes) -> bool:
+        """Send encoded bytes to a name (see :meth:`send`)."""
         with self._lock:
             ref = self._names.get(name)
             if ref is None or not ref.is_alive():

@@ -12,6 +12,32 @@ from typing import Any
 
 from actors.base import ActorRef, on_death
 from actors.messages import encode
+from actors.registry import Registry
+
+
+class NamedTarget:
+    """A subscriber addressed by registered name: survives restarts (messages stash meanwhile)."""
+
+    __slots__ = ("name", "registry")
+
+    def __init__(self, name: str, registry: Registry) -> None:
+        self.name = name
+        self.registry = registry
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NamedTarget) and other.name == self.name and other.registry is self.registry
+
+    def __hash__(self) -> int:
+        return hash((self.name, id(self.registry)))
+
+    def __repr__(self) -> str:
+        return f"<NamedTarget {self.name}>"
+
+    def tell_bytes(self, data: bytes) -> None:
+        self.registry.send_bytes(self.name, data)
+
+    def queue_size(self) -> int:
+        return self.registry.queue_size(self.name)
 
 
 class Topics:
@@ -19,7 +45,7 @@ class Topics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._subs: dict[str, tuple[ActorRef, ...]] = {}
+        self._subs: dict[str, tuple[ActorRef | NamedTarget, ...]] = {}
         self.published = 0
 
     def subscribe(self, topic: str, ref: ActorRef) -> None:
@@ -31,12 +57,27 @@ class Topics:
             self._subs[topic] = (*cur, ref)
         on_death(ref, lambda _reason, t=topic, r=ref: self.unsubscribe(t, r))
 
-    def unsubscribe(self, topic: str, ref: ActorRef) -> None:
+    def subscribe_name(self, topic: str, name: str, registry: Registry) -> None:
+        """Subscribe whoever holds ``name`` in ``registry``, across its restarts."""
+        target = NamedTarget(name, registry)
+        with self._lock:
+            cur = self._subs.get(topic, ())
+            if target not in cur:
+                self._subs[topic] = (*cur, target)
+
+    def unsubscribe_name(self, topic: str, name: str, registry: Registry) -> None:
+        self.unsubscribe(topic, NamedTarget(name, registry))
+
+    def backlog(self, topic: str) -> int:
+        """The largest mailbox among the topic's subscribers: how far behind the slowest is."""
+        return max((s.queue_size() for s in self._subs.get(topic, ())), default=0)
+
+    def unsubscribe(self, topic: str, ref: ActorRef | NamedTarget) -> None:
         with self._lock:
             cur = self._subs.get(topic, ())
             self._subs[topic] = tuple(r for r in cur if r != ref)
 
-    def subscribers(self, topic: str) -> tuple[ActorRef, ...]:
+    def subscribers(self, topic: str) -> tuple[ActorRef | NamedTarget, ...]:
         with self._lock:
             return self._subs.get(topic, ())
 

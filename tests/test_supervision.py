@@ -361,3 +361,35 @@ def test_failed_start_stops_the_already_started_children():
         Supervisor.start([ChildSpec("a", Worker, kwargs={"journal": journal, "tag": "a"}),
                           ChildSpec("b", Worker, kwargs={"fail_start": refuse})])
     assert journal == [("start", "a"), ("stop", "a", SHUTDOWN)]
+
+
+def test_messages_queued_for_a_crashed_named_child_reach_its_replacement():
+    reg = Registry()
+    gate = threading.Event()
+    sup = Supervisor.start([ChildSpec("w", Worker, kwargs={"gate": gate}, name="w")], registry=reg)
+    old = reg.whereis("w")
+    reg.send("w", {"kind": "block"})
+    reg.send("w", {"kind": "crash"})
+    for v in range(3):
+        reg.send("w", {"kind": "note", "v": v})  # queued behind the crash
+    gate.set()
+    new = reg.await_name("w", timeout=5, not_urn=old.urn)
+    reg.send("w", {"kind": "note", "v": 3})
+    assert new.ask({"kind": "notes"}) == [0, 1, 2, 3]
+    sup.stop()
+
+
+def test_topic_subscription_by_name_survives_restart():
+    from actors import Topics
+
+    reg, topics = Registry(), Topics()
+    sup = Supervisor.start([ChildSpec("w", Worker, name="w")], registry=reg, backoff=(0.05, 0.1, 0.0))
+    topics.subscribe_name("events", "w", reg)
+    old = reg.whereis("w")
+    with pytest.raises(RuntimeError):
+        old.ask({"kind": "crash"})
+    topics.publish("events", {"kind": "note", "v": "during restart"})
+    new = reg.await_name("w", timeout=5, not_urn=old.urn)
+    topics.publish("events", {"kind": "note", "v": "after"})
+    assert new.ask({"kind": "notes"}) == ["during restart", "after"]
+    sup.stop()
