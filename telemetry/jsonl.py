@@ -1,0 +1,144 @@
+"""A run's JSONL files: an appending writer with size-based rotation, and tolerant readers.
+
+Layout of a run directory: rotated segments ``events.000001.jsonl``, ``events.000002.jsonl``
+... and the active file ``events.jsonl``. Reopening a run (a restarted Recorder) first cuts
+a torn last line (a write interrupted by a crash: never acknowledged), then finds the last
+``seq`` written so that nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from actors.log import get_logger
+from telemetry.schema import SchemaError, parse_line
+
+log = get_logger("telemetry.jsonl")
+
+ACTIVE = "events.jsonl"
+
+
+def run_segments(run_dir: str | Path) -> list[Path]:
+    """A run's JSONL files in write order: rotated segments, then the active file."""
+    run_dir = Path(run_dir)
+    segs = sorted(p for p in run_dir.glob("events.*.jsonl") if p.name != ACTIVE)
+    active = run_dir / ACTIVE
+    return segs + ([active] if active.exists() else [])
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Events of one JSONL file; a corrupt or truncated line is skipped with a warning."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield parse_line(line)
+            except SchemaError as exc:
+                log.warning("skipping bad JSONL line", file=str(path), line=lineno, error=str(exc),
+                            truncated=not line.endswith(b"\n"))
+
+
+def iter_run(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Every event of a run directory, in order, across rotated files."""
+    for seg in run_segments(run_dir):
+        yield from iter_jsonl(seg)
+
+
+def _last_line(path: Path, max_back: int = 1 << 20) -> bytes | None:
+    size = path.stat().st_size
+    if size == 0:
+        return None
+    with path.open("rb") as fh:
+        back = min(size, 4096)
+        while True:
+            fh.seek(size - back)
+            chunk = fh.read(back)
+            body = chunk.rstrip(b"\n")
+            nl = body.rfind(b"\n")
+            if nl >= 0 or back >= size or back >= max_back:
+                return body[nl + 1:] if nl >= 0 else body
+            back = min(size, back * 4)
+
+
+class JsonlWriter:
+    """Appends encoded lines to the active file; rotates it past ``rotate_bytes``."""
+
+    def __init__(self, run_dir: Path, rotate_bytes: int = 256 << 20) -> None:
+        self.run_dir = run_dir
+        self.rotate_bytes = rotate_bytes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ACTIVE
+        self.torn_bytes = self._cut_torn_line()
+        self.last_seq = self._find_last_seq()
+        self._fh = self.path.open("ab")
+        self.size = self._fh.tell()
+        self._dirty = False
+
+    def _cut_torn_line(self) -> int:
+        if not self.path.exists():
+            return 0
+        with self.path.open("r+b") as fh:
+            data_end = fh.seek(0, os.SEEK_END)
+            if data_end == 0:
+                return 0
+            back = min(data_end, 1 << 20)
+            fh.seek(data_end - back)
+            tail = fh.read(back)
+            if tail.endswith(b"\n"):
+                return 0
+            cut = tail.rfind(b"\n") + 1
+            keep = data_end - back + cut
+            fh.truncate(keep)
+        log.warning("cut a torn last line left by a crash", file=str(self.path), bytes=data_end - keep)
+        return data_end - keep
+
+    def _find_last_seq(self) -> int:
+        for seg in reversed(run_segments(self.run_dir)):
+            line = _last_line(seg)
+            if line:
+                try:
+                    return int(parse_line(line)["seq"])
+                except (SchemaError, ValueError):
+                    log.warning("last line unreadable; scanning file", file=str(seg))
+                    last = -1
+                    for ev in iter_jsonl(seg):
+                        last = ev["seq"]
+                    if last >= 0:
+                        return last
+        return -1
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+        self.size += len(data)
+        self._dirty = True
+        if self.size >= self.rotate_bytes:
+            self.rotate()
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def fsync(self) -> None:
+        self._fh.flush()
+        if self._dirty:
+            os.fsync(self._fh.fileno())
+            self._dirty = False
+
+    def rotate(self) -> Path:
+        self.fsync()
+        self._fh.close()
+        n = len([p for p in self.run_dir.glob("events.*.jsonl") if p.name != ACTIVE]) + 1
+        target = self.run_dir / f"events.{n:06d}.jsonl"
+        os.replace(self.path, target)
+        self._fh = self.path.open("ab")
+        self.size = 0
+        return target
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.fsync()
+            self._fh.close()

@@ -1,0 +1,192 @@
+"""The event record (schema version 1), its columnar batch form, and its JSONL form.
+
+One record type serves both workloads. On the wire, events travel in columnar
+batches (``kind: "events"``); on disk, one JSON object per line. See docs/schema.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import orjson
+
+from actors.log import get_logger
+
+log = get_logger("telemetry.schema")
+
+SCHEMA_VERSION = 1
+GPU_MODES = ("gpu", "cpu_fallback", "cpu_disabled")
+FIELDS = (
+    "v", "seq", "ts", "experiment_id", "run_id", "pass", "phase", "step", "name", "values",
+    "success", "gpu_mode", "gpu_reason", "parameters", "notes", "anomaly",
+)
+SPARSE_FIELDS = ("parameters", "notes", "gpu_reason", "anomaly")
+
+
+class SchemaError(ValueError):
+    """An event or batch does not follow the schema; the message names the field."""
+
+
+def check_event_fields(name: Any, values: Any, phase: Any, step: Any, success: Any, gpu_mode: Any,
+                       parameters: Any, notes: Any, extra: dict[str, Any]) -> None:
+    """Validate one ``emit()`` call; raise :class:`SchemaError` naming the bad field."""
+    if extra:
+        raise SchemaError(f"unknown event field(s) {', '.join(sorted(extra))}; known: {', '.join(FIELDS)}")
+    if not isinstance(name, str) or not name:
+        raise SchemaError(f"event field 'name' must be a non-empty string, got {name!r}")
+    if values is not None:
+        if not isinstance(values, dict):
+            raise SchemaError(f"event field 'values' must be a dict of numbers, got {type(values).__name__}")
+        for k, v in values.items():
+            if not isinstance(k, str):
+                raise SchemaError(f"event field 'values' has a non-string key {k!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise SchemaError(f"event field 'values.{k}' must be a number, got {v!r}")
+    if phase is not None and not isinstance(phase, str):
+        raise SchemaError(f"event field 'phase' must be a string, got {phase!r}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+        raise SchemaError(f"event field 'step' must be an integer, got {step!r}")
+    if success is not None and not isinstance(success, (bool, np.bool_)):
+        raise SchemaError(f"event field 'success' must be a bool or None, got {success!r}")
+    if gpu_mode is not None and gpu_mode not in GPU_MODES:
+        raise SchemaError(f"event field 'gpu_mode' must be one of {', '.join(GPU_MODES)}, got {gpu_mode!r}")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise SchemaError(f"event field 'parameters' must be a dict, got {type(parameters).__name__}")
+    if notes is not None and not isinstance(notes, str):
+        raise SchemaError(f"event field 'notes' must be a string, got {type(notes).__name__}")
+
+
+OPTIONAL_FIELDS = ("phase", "step", "success", "gpu_mode", "gpu_reason", "parameters", "notes", "anomaly")
+
+
+def batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Expand a columnar ``events`` batch into compact event dicts.
+
+    Compact: optional fields that are null are left out, as in the JSONL files;
+    :func:`full_event` restores them. Rows that share name/phase/pass/success/gpu
+    are copied from one template dict (the hot path of the Recorder).
+    """
+    n = int(batch["n"])
+    if n == 0:
+        return []
+    names, phases = batch["names"], batch["phases"]
+    exp, run = batch["experiment_id"], batch["run_id"]
+    vcols = [(k, a.tolist()) for k, a in batch["values"].items()]
+    templates: dict[tuple[int, int, int, int, int], dict[str, Any]] = {}
+    rows = []
+    append = rows.append
+    for i, (sq, t, st, ps, nc, pc, su, gc) in enumerate(zip(
+            batch["seq"].tolist(), batch["ts"].tolist(), batch["step"].tolist(), batch["pass"].tolist(),
+            batch["name"].tolist(), batch["phase"].tolist(), batch["success"].tolist(), batch["gpu"].tolist(),
+            strict=True)):
+        key = (nc, pc, ps, su, gc)
+        tmpl = templates.get(key)
+        if tmpl is None:
+            tmpl = {"v": SCHEMA_VERSION, "seq": 0, "ts": 0, "experiment_id": exp, "run_id": run, "pass": ps,
+                    "name": names[nc]}
+            if pc >= 0:
+                tmpl["phase"] = phases[pc]
+            if su >= 0:
+                tmpl["success"] = su == 1
+            if gc >= 0:
+                tmpl["gpu_mode"] = GPU_MODES[gc]
+            templates[key] = tmpl
+        r = tmpl.copy()
+        r["seq"] = sq
+        r["ts"] = t
+        if st >= 0:
+            r["step"] = st
+        vals = {}
+        for k, col in vcols:
+            x = col[i]
+            if x == x:  # not NaN
+                vals[k] = x
+        r["values"] = vals
+        append(r)
+    for f, entries in batch.get("sparse", {}).items():
+        if f in SPARSE_FIELDS:
+            for i, x in entries:
+                rows[i][f] = x
+    return rows
+
+
+def full_event(row: dict[str, Any]) -> dict[str, Any]:
+    """The event with every optional field present (None where absent)."""
+    out = dict(row)
+    for f in OPTIONAL_FIELDS:
+        out.setdefault(f, None)
+    out.setdefault("values", {})
+    return out
+
+
+def rows_to_batch(rows: list[dict[str, Any]], experiment_id: str, run_id: str) -> dict[str, Any]:
+    """The inverse of :func:`batch_rows` for rows with contiguous ``seq`` (tests, replays)."""
+    names: dict[str, int] = {}
+    phases: dict[str, int] = {}
+    keys = sorted({k for r in rows for k in r.get("values", {})})
+    n = len(rows)
+    vals = {k: np.full(n, np.nan) for k in keys}
+    sparse: dict[str, list[list[Any]]] = {f: [] for f in SPARSE_FIELDS}
+    for i, r in enumerate(rows):
+        for k, x in r.get("values", {}).items():
+            vals[k][i] = x
+        for f in SPARSE_FIELDS:
+            if r.get(f) is not None:
+                sparse[f].append([i, r[f]])
+    return {
+        "kind": "events", "experiment_id": experiment_id, "run_id": run_id, "n": n,
+        "seq": np.array([r["seq"] for r in rows], dtype=np.int64),
+        "ts": np.array([r["ts"] for r in rows], dtype=np.int64),
+        "step": np.array([-1 if r.get("step") is None else r["step"] for r in rows], dtype=np.int64),
+        "pass": np.array([r.get("pass", 0) for r in rows], dtype=np.int32),
+        "name": np.array([names.setdefault(r["name"], len(names)) for r in rows], dtype=np.int32),
+        "phase": np.array([-1 if r.get("phase") is None else phases.setdefault(r["phase"], len(phases))
+                           for r in rows], dtype=np.int32),
+        "success": np.array([-1 if r.get("success") is None else int(r["success"]) for r in rows], dtype=np.int8),
+        "gpu": np.array([-1 if r.get("gpu_mode") is None else GPU_MODES.index(r["gpu_mode"]) for r in rows],
+                        dtype=np.int8),
+        "names": list(names), "phases": list(phases), "values": vals, "sparse": sparse,
+        "counters": {},
+    }
+
+
+def dumps_line(row: dict[str, Any]) -> bytes:
+    """One JSONL line (with the trailing newline)."""
+    return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def parse_line(line: bytes | str) -> dict[str, Any]:
+    """Parse and check one JSONL line; :class:`SchemaError` if it is not an event."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise SchemaError(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise SchemaError("line is not a JSON object")
+    for f in ("seq", "ts", "name"):
+        if f not in obj:
+            raise SchemaError(f"event has no {f!r}")
+    if obj.get("v", SCHEMA_VERSION) > SCHEMA_VERSION:
+        raise SchemaError(f"schema version {obj['v']} is newer than this reader ({SCHEMA_VERSION})")
+    return full_event(obj)
+
+
+def finite_values(values: Iterable[tuple[str, Any]]) -> dict[str, float]:
+    """Keep the finite numbers of a values mapping (NaN/inf are not representable)."""
+    return {k: float(v) for k, v in values if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_id(kind: str, value: Any) -> str:
+    """Validate an id that becomes a path component: no separators, no traversal, bounded."""
+    if not isinstance(value, str) or not value or len(value) > 128:
+        raise ValueError(f"{kind} must be a string of 1..128 characters, got {value!r}")
+    if value[0] in "._-" or not set(value) <= _ID_CHARS:
+        raise ValueError(f"{kind} {value!r} may only use letters, digits, '.', '_', '-' and must start with "
+                         "a letter or digit")
+    return value

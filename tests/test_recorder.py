@@ -1,0 +1,267 @@
+import os
+import threading
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from actors import Registry, Topics
+from actors.recorder import ArtifactsError, Recorder
+from supervisor import ChildSpec, Supervisor
+from telemetry.emitter import Emitter
+from telemetry.export import export_experiment, export_run
+from telemetry.jsonl import iter_run, run_segments
+from telemetry.schema import SchemaError
+from tests.telemetry_helpers import BatchProbe
+
+
+def seqs_on_disk(run_dir):
+    return [ev["seq"] for ev in iter_run(run_dir)]
+
+
+def emit_n(em, n, start=0, phase="tabu"):
+    for i in range(start, start + n):
+        em.emit("step", {"conflicts": float(n - i), "colors": 20.0 - i % 3}, phase=phase, step=i,
+                success=True, parameters={"tenure": 7} if i % 100 == 0 else None)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run1")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run1", batch_size=64)
+    yield topics, rec, em, tmp_path / "exp" / "run1"
+    em.close()
+    if rec.is_alive():
+        rec.stop()
+
+
+def test_events_reach_jsonl_sqlite_ring_and_summary(tree):
+    _topics, rec, em, run_dir = tree
+    emit_n(em, 500)
+    em.emit("eval", {"colors": 17.0}, phase="memetic", gpu_mode="cpu_fallback", gpu_reason="cupy missing")
+    em.close()
+    assert rec.ask({"kind": "flush"}) == {"persisted": 501, "last_seq": 500}
+    assert seqs_on_disk(run_dir) == list(range(501))
+    last = rec.ask({"kind": "recent", "n": 1})[0]
+    assert (last["gpu_mode"], last["gpu_reason"], last["phase"]) == ("cpu_fallback", "cupy missing", "memetic")
+    hist = rec.ask({"kind": "query_window", "spec": ["last_n", 501], "source": "history"})
+    assert [e["seq"] for e in hist] == list(range(501))
+    s = rec.ask({"kind": "summary"})
+    assert s["events_emitted"] == s["events_persisted"] == 501 and s["events_dropped"] == 0
+    assert s["phases"]["tabu"]["best"]["conflicts"] == 1.0
+    assert s["phases"]["tabu"]["best"]["colors"] == 18.0
+    assert s["phases"]["memetic"]["events"] == 1
+    rec.stop()
+    on_disk = orjson.loads((run_dir / "summary.json").read_bytes())
+    assert on_disk["events_persisted"] == 501
+
+
+def test_time_trigger_flushes_a_partial_batch(tmp_path):
+    topics, got = Topics(), threading.Event()
+    probe = BatchProbe.start(got=got)
+    topics.subscribe("events", probe)
+    em = Emitter(topics, "exp", "r", batch_size=1024, flush_interval=0.05)
+    em.emit("one", {"x": 1.0})
+    assert got.wait(5), "a lone event must go out on the time trigger"
+    assert probe.ask({"kind": "count"}) == [1, 1]
+    em.close()
+    probe.stop()
+
+
+def test_drop_policy_accounts_for_every_event(tmp_path):
+    topics, gate = Topics(), threading.Event()
+    slow = BatchProbe.start(gate=gate)  # a stuck subscriber makes the backlog grow
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    topics.subscribe("events", slow)
+    em = Emitter(topics, "exp", "run", batch_size=10, overflow="drop", max_backlog=3)
+    emit_n(em, 200)
+    gate.set()
+    counters = em.close()
+    rec.ask({"kind": "flush"})
+    s = rec.ask({"kind": "summary"})
+    persisted = len(seqs_on_disk(tmp_path / "exp" / "run"))
+    assert counters["dropped"] > 0
+    assert s["events_persisted"] == persisted
+    assert s["events_emitted"] == counters["emitted"] == persisted + counters["dropped"]
+    assert s["events_dropped"] == counters["dropped"]
+    reports = rec.ask({"kind": "query_window", "spec": ["last_n", 1000], "filters": {"name": "telemetry_dropped"}})
+    assert reports and all(r["values"]["dropped"] > 0 for r in reports)
+    rec.stop()
+    slow.stop()
+
+
+def test_block_policy_waits_then_loses_nothing(tmp_path):
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=16, overflow="block", max_backlog=2, block_timeout=30)
+    emit_n(em, 2000)
+    counters = em.close()
+    assert rec.ask({"kind": "flush"})["persisted"] == 2000
+    assert counters["dropped"] == 0
+    rec.stop()
+
+
+class CrashableRecorder(Recorder):
+    def handle_crash(self, msg):
+        raise RuntimeError("recorder crash for the test")
+
+
+def test_recorder_crash_under_supervisor_loses_no_acknowledged_event(tmp_path):
+    reg, topics = Registry(), Topics()
+    sup = Supervisor.start([ChildSpec("recorder", CrashableRecorder, args=(tmp_path, "exp", "run"), name="rec")],
+                           registry=reg)
+    topics.subscribe_name("events", "rec", reg)
+    em = Emitter(topics, "exp", "run", batch_size=50)
+    emit_n(em, 1000)
+    em.flush()
+    old = reg.whereis("rec")
+    acked = old.ask({"kind": "flush"})
+    reg.send("rec", {"kind": "crash"})
+    emit_n(em, 1000, start=1000)  # sent while it crashes and restarts: stashed, then delivered
+    new = reg.await_name("rec", timeout=10, not_urn=old.urn)
+    assert new is not None
+    counters = em.close()
+    after = new.ask({"kind": "flush"})
+    seqs = seqs_on_disk(tmp_path / "exp" / "run")
+    assert set(range(acked["last_seq"] + 1)) <= set(seqs)  # every acknowledged event survived
+    assert len(seqs) == len(set(seqs))  # and nothing was written twice
+    s = new.ask({"kind": "summary"})
+    assert s["recorder_incarnation"] == 2
+    assert s["events_emitted"] == counters["emitted"] == s["events_persisted"] + s["events_dropped"]
+    assert after["persisted"] == len(seqs) == 2000
+    sup.stop()
+
+
+def test_restart_cuts_torn_line_and_continues_without_duplicates(tmp_path):
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=10)
+    emit_n(em, 100)
+    em.close()
+    rec.stop()
+    path = tmp_path / "exp" / "run" / "events.jsonl"
+    with path.open("ab") as fh:
+        fh.write(b'{"v":1,"seq":100,"ts":17')  # as left by kill -9 mid-write
+    assert seqs_on_disk(path.parent) == list(range(100))  # the reader skips it, with a warning
+    rec2 = Recorder.start(tmp_path, "exp", "run")
+    assert path.read_bytes().endswith(b"\n")
+    topics2 = Topics()
+    topics2.subscribe("events", rec2)
+    em2 = Emitter(topics2, "exp", "run", batch_size=10, seq_start=90)  # replays 90..99, then new events
+    emit_n(em2, 30, start=90)
+    em2.close()
+    rec2.ask({"kind": "flush"})
+    assert seqs_on_disk(path.parent) == list(range(120))
+    hist = rec2.ask({"kind": "query_window", "spec": ["last_n", 10_000], "source": "history"})
+    assert [e["seq"] for e in hist] == list(range(120))
+    rec2.stop()
+
+
+def test_rotation_keeps_order_across_files(tmp_path):
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run", rotate_bytes=4096)
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=20)
+    emit_n(em, 400)
+    em.close()
+    rec.stop()
+    run_dir = tmp_path / "exp" / "run"
+    assert len(run_segments(run_dir)) > 3
+    assert seqs_on_disk(run_dir) == list(range(400))
+    rec2 = Recorder.start(tmp_path, "exp", "run", rotate_bytes=4096)
+    assert rec2.ask({"kind": "flush"})["persisted"] == 400
+    rec2.stop()
+
+
+def test_sqlite_is_backfilled_from_jsonl_after_a_crash(tmp_path):
+    import sqlite3
+
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=10)
+    emit_n(em, 50)
+    em.close()
+    rec.stop()
+    # as if the process died after the JSONL write and before the SQLite commit of the last batches
+    db = sqlite3.connect(tmp_path / "history.sqlite3")
+    with db:
+        db.execute("DELETE FROM batches WHERE seq_lo >= 30")
+    db.close()
+    rec2 = Recorder.start(tmp_path, "exp", "run")
+    hist = rec2.ask({"kind": "query_window", "spec": ["last_n", 1000], "source": "history"})
+    assert [e["seq"] for e in hist] == list(range(50))
+    rec2.stop()
+
+
+def test_bad_input_is_rejected_clearly(tmp_path):
+    topics = Topics()
+    strict = Emitter(topics, "exp", "run", debug=True)
+    with pytest.raises(SchemaError, match="unknown event field"):
+        strict.emit("x", colour=3)
+    with pytest.raises(SchemaError, match=r"values\.c"):
+        strict.emit("x", {"c": "high"})
+    with pytest.raises(SchemaError, match="gpu_mode"):
+        strict.emit("x", gpu_mode="tpu")
+    strict.close()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    lax = Emitter(topics, "exp", "run", batch_size=4)
+    lax.emit("ok", {"a": 1.0})
+    lax.emit("bad", colour=3)  # unknown field: counted rejection
+    lax.emit("bad", {"a": "not a number"})  # malformed value: counted when the batch is built
+    lax.emit("ok", {"a": 2.0})
+    counters = lax.close()
+    assert counters["rejected"] == 2 and counters["emitted"] == 2
+    assert rec.ask({"kind": "flush"})["persisted"] == 2
+    rec.tell_bytes(b"\x93garbage")
+    rec.tell({"kind": "events", "n": 3})  # malformed batch: counted, dropped
+    assert rec.ask({"kind": "summary"})["bad_batches"] == 1
+    rec.stop()
+
+
+def test_unwritable_artifacts_fail_at_start(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ArtifactsError, match="not writable"):
+        Recorder.start(f, "exp", "run")
+    with pytest.raises(ValueError, match="run id"):
+        Recorder.start(tmp_path, "exp", "../escape")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that ignores permissions")
+        with pytest.raises(ArtifactsError, match="not writable"):
+            Recorder.start(ro, "exp", "run")
+    finally:
+        os.chmod(ro, 0o700)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_export_run_and_experiment(tmp_path, fmt):
+    topics = Topics()
+    rec = Recorder.start(tmp_path / "art", "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=32)
+    emit_n(em, 300)
+    em.close()
+    rec.stop()
+    out = tmp_path / f"out.{fmt}"
+    assert export_run(tmp_path / "art" / "exp" / "run", fmt, out, chunk=50) == 300
+    assert export_experiment(tmp_path / "art", "exp", fmt, tmp_path / f"all.{fmt}", chunk=50) == 300
+    if fmt == "parquet":
+        t = pq.read_table(out)
+        assert t.num_rows == 300
+        assert t.column("values.conflicts").to_pylist()[:2] == [300.0, 299.0]
+    elif fmt == "csv":
+        lines = out.read_text().splitlines()
+        assert len(lines) == 301 and "values.conflicts" in lines[0]
+    else:
+        assert [orjson.loads(x)["seq"] for x in out.read_bytes().splitlines()] == list(range(300))

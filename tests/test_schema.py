@@ -1,0 +1,68 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actors.messages import decode, encode
+from telemetry.schema import (
+    GPU_MODES,
+    batch_rows,
+    check_id,
+    dumps_line,
+    full_event,
+    parse_line,
+    rows_to_batch,
+)
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+
+event = st.fixed_dictionaries(
+    {
+        "ts": st.integers(0, 2**53),
+        "pass": st.integers(0, 1000),
+        "name": names,
+        "values": st.dictionaries(st.sampled_from(["conflicts", "chromatic_number", "latency_ms", "x y"]), finite),
+    },
+    optional={
+        "phase": names,
+        "step": st.integers(0, 2**40),
+        "success": st.booleans(),
+        "gpu_mode": st.sampled_from(GPU_MODES),
+        "gpu_reason": st.text(max_size=20),
+        "parameters": st.dictionaries(
+            st.text(max_size=5), st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5), max_size=3
+        ),
+        "notes": st.text(max_size=30),
+        "anomaly": st.fixed_dictionaries({"flag": st.booleans(), "score": finite}),
+    },
+)
+
+
+def _with_ids(evs):
+    return [full_event({"v": 1, "seq": i, "experiment_id": "exp", "run_id": "run", **e}) for i, e in enumerate(evs)]
+
+
+@given(st.lists(event, min_size=1, max_size=20))
+def test_msgpack_batch_roundtrip(evs):
+    rows = _with_ids(evs)
+    batch = rows_to_batch(rows, "exp", "run")
+    back = [full_event(r) for r in batch_rows(decode(encode(batch)))]
+    assert back == rows
+
+
+@given(st.lists(event, min_size=1, max_size=20))
+def test_jsonl_roundtrip(evs):
+    rows = _with_ids(evs)
+    for r in rows:
+        compact = {k: v for k, v in r.items() if v is not None}
+        assert parse_line(dumps_line(compact)) == r
+
+
+def test_check_id_rejects_paths():
+    for bad in ["../x", "a/b", "", ".hidden", "a\\b", "x" * 200, None, "a b"]:
+        try:
+            check_id("run id", bad)
+        except ValueError as exc:
+            assert "run id" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} accepted")
+    assert check_id("run id", "run-2026.11_22") == "run-2026.11_22"
