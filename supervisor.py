@@ -70,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``crucible`` console script."""
     from actors.log import configure_logging
+    from actors.runtime import freeze_startup_heap
 
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level, json=True if args.log_json else None)
+    freeze_startup_heap()
     return int(args.func(args) or 0)
 
 

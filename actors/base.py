@@ -121,14 +121,18 @@ class ActorRef:
         """Send without waiting; silently dropped if the actor is dead (as in Erlang)."""
         self.tell_bytes(encode(msg))
 
-    def tell_bytes(self, data: bytes) -> None:
-        """Send an already-encoded message (topics encode once and fan out the bytes)."""
+    def tell_bytes(self, data: bytes) -> bool:
+        """Send an already-encoded message (topics encode once and fan out the bytes).
+
+        Returns False if the actor is dead or dying (the message was not queued).
+        """
         if self._life.dead:
-            return
+            return False
         try:
             self._pref.tell(data)
         except pykka.ActorDeadError:
-            pass
+            return False
+        return True
 
     def ask(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
         """Send and wait for the reply; the handler's exception is raised here."""
@@ -223,7 +227,18 @@ def on_death(target: ActorRef, hook: Callable[[str], None]) -> None:
     hook(reason)
 
 
-_handler_cache: dict[tuple[type, str], Callable[..., Any] | None] = {}
+_handler_tables: dict[type, dict[str, Callable[..., Any]]] = {}
+
+
+def _handlers_for(cls: type) -> dict[str, Callable[..., Any]]:
+    """``kind -> handle_<kind>`` for an actor class, built once per class."""
+    table = _handler_tables.get(cls)
+    if table is None:
+        table = _handler_tables[cls] = {
+            name[7:]: getattr(cls, name) for name in dir(cls)
+            if name.startswith("handle_") and callable(getattr(cls, name))
+        }
+    return table
 
 
 class Actor(pykka.ThreadingActor):
@@ -242,6 +257,7 @@ class Actor(pykka.ThreadingActor):
         self._life = _Life()
         self._life.inbox = self.actor_inbox
         self.ref = self.ref_class(self.actor_ref, self._life, type(self))
+        self._handlers = _handlers_for(type(self))
         self.dropped_undecodable = 0
         self.dropped_unknown = 0
         self.started_at = time.monotonic()
@@ -257,10 +273,7 @@ class Actor(pykka.ThreadingActor):
     # --- hooks for subclasses -------------------------------------------------
 
     def on_message(self, msg: dict[str, Any]) -> Any:
-        handler = _handler_cache.get((type(self), msg["kind"]), _missing)
-        if handler is _missing:
-            handler = getattr(type(self), "handle_" + msg["kind"], None)
-            _handler_cache[(type(self), msg["kind"])] = handler
+        handler = self._handlers.get(msg["kind"])
         if handler is None:
             raise UnknownMessage(msg["kind"])
         return handler(self, msg)
@@ -373,5 +386,3 @@ def call_local(ref: ActorRef, fn: Callable[..., Any], *args: Any, timeout: float
         raise result.exc
     return result
 
-
-_missing: Any = object()

@@ -29,9 +29,10 @@ import orjson
 from actors.base import Actor
 from actors.log import get_logger
 from actors.messages import encode
+from kernels.jsonl import format_batch
 from telemetry.index import LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
-from telemetry.schema import SCHEMA_VERSION, batch_rows, check_id, dumps_line, rows_to_batch
+from telemetry.schema import SCHEMA_VERSION, batch_rows, check_id, full_event, rows_to_batch
 from telemetry.store import DB_NAME, HistoryStore
 
 log = get_logger("actors.recorder")
@@ -95,7 +96,9 @@ class Recorder(Actor):
         self.maximize = set(maximize)
         self.jsonl = JsonlWriter(self.run_dir, rotate_bytes)
         self.store = HistoryStore(self.artifacts / DB_NAME)
-        self.ring: deque[dict[str, Any]] = deque(maxlen=ring_size)
+        self.ring_size = ring_size
+        self._ring: deque[dict[str, Any]] = deque()  # recent batches, expanded to rows on demand
+        self._ring_n = 0
         self.index = LiveIndex(experiment_id, limit=index_limit)
         self.phases: dict[str | None, _PhaseStats] = {}
         self.counters: dict[str, int] = {}
@@ -147,8 +150,8 @@ class Recorder(Actor):
             part = missing[i:i + 1024]
             self._store_batch(rows_to_batch(part, self.experiment_id, self.run_id))
         self.persisted += len(rows)
-        self.ring.extend(rows[-self.ring.maxlen:] if self.ring.maxlen else [])
         by_run = rows_to_batch(rows, self.experiment_id, self.run_id)
+        self._ring_push(by_run)
         self.index.append_batch(by_run)
         self._update_stats(by_run)
         if self.started_ts is None:
@@ -180,23 +183,36 @@ class Recorder(Actor):
             keep = seq > self.last_seq  # a replay after a restart: skip what is on disk
             if not keep.any():
                 return
-        rows = batch_rows(msg)
-        if keep is not None:
-            rows = [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
-        if not rows:
-            return
-        self.jsonl.write(b"".join([dumps_line(r) for r in rows]))
+        b = msg if keep is None else _select(msg, keep)
+        self.jsonl.write(format_batch(b))
         self.jsonl.flush()
-        self._store_batch(msg if keep is None else _select(msg, keep))
-        self.last_seq = rows[-1]["seq"]
-        self.persisted += len(rows)
-        self.received += len(rows)
-        self.ring.extend(rows[-self.ring.maxlen:] if self.ring.maxlen else ())
-        self.index.append_batch(msg, keep)
-        self._update_stats(msg, keep)
+        self._store_batch(b)
+        m = int(b["n"])
+        self.last_seq = int(b["seq"][-1])
+        self.persisted += m
+        self.received += m
+        self._ring_push(b)
+        self.index.append_batch(b)
+        self._update_stats(b)
         if self.started_ts is None:
-            self.started_ts = rows[0]["ts"]
+            self.started_ts = int(b["ts"][0])
         self._schedule_fsync()
+
+    def _ring_push(self, b: dict[str, Any]) -> None:
+        self._ring.append(b)
+        self._ring_n += int(b["n"])
+        while self._ring and self._ring_n - int(self._ring[0]["n"]) >= self.ring_size:
+            self._ring_n -= int(self._ring.popleft()["n"])
+
+    def recent(self, n: int) -> list[dict[str, Any]]:
+        """The last ``n`` persisted events (at most ``ring_size``), oldest first."""
+        n = min(n, self.ring_size)
+        out: list[dict[str, Any]] = []
+        for b in reversed(self._ring):
+            if len(out) >= n:
+                break
+            out = batch_rows(b) + out
+        return [full_event(r) for r in out[-n:]] if n > 0 else []
 
     def _store_batch(self, b: dict[str, Any]) -> None:
         seq, ts = b["seq"], b["ts"]
@@ -308,8 +324,7 @@ class Recorder(Actor):
         return self.summary()
 
     def handle_recent(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
-        n = int(msg.get("n", len(self.ring)))
-        return list(self.ring)[-n:] if n > 0 else []
+        return self.recent(int(msg.get("n", self.ring_size)))
 
     def handle_query_window(self, msg: dict[str, Any]) -> list[Any]:
         spec, filters = msg["spec"], msg.get("filters")
@@ -339,7 +354,7 @@ class Recorder(Actor):
 
 
 _WIRE = ("kind", "experiment_id", "run_id", "n", "seq", "ts", "step", "pass", "name", "phase", "success", "gpu",
-         "names", "phases", "values", "sparse")
+         "reason", "params", "names", "phases", "reasons", "param_texts", "values", "sparse")
 
 
 def _wire_fields(b: dict[str, Any]) -> dict[str, Any]:
@@ -349,8 +364,9 @@ def _wire_fields(b: dict[str, Any]) -> dict[str, Any]:
 def _select(b: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
     """The rows of a batch where ``keep`` is True (sparse entries renumbered)."""
     out = dict(b)
-    for k in ("seq", "ts", "step", "pass", "name", "phase", "success", "gpu"):
-        out[k] = b[k][keep]
+    for k in ("seq", "ts", "step", "pass", "name", "phase", "success", "gpu", "reason", "params"):
+        if k in b:
+            out[k] = b[k][keep]
     out["values"] = {k: v[keep] for k, v in b["values"].items()}
     new_index = np.cumsum(keep) - 1
     out["sparse"] = {f: [[int(new_index[i]), x] for i, x in entries if keep[i]]

@@ -64,9 +64,13 @@ class Registry:
         with self._lock:
             if self._names.get(name) == ref:
                 del self._names[name]
+                held = self._stash.pop(name, [])  # sent while it was dying
                 if restarting_if is not None and restarting_if(reason):
                     # under the lock: nothing sent to the name can slip between these
-                    self._stash[name] = ref._life.drain_leftovers() + self._stash.get(name, [])
+                    self._stash[name] = ref._life.drain_leftovers() + held
+                elif held:
+                    self.stash_dropped += len(held)
+                    log.warning("messages to a dead name dropped", name=name, count=len(held), reason=reason)
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -119,22 +123,28 @@ class Registry:
         return self.send_bytes(name, encode(msg))
 
     def send_bytes(self, name: str, data: bytes) -> bool:
-        """Send encoded bytes to a name (see :meth:`send`)."""
+        """Send encoded bytes to a name (see :meth:`send`).
+
+        The tell happens under the registry lock, so a message is either queued before
+        a dying actor's mailbox is drained (and carried over) or stashed: never lost
+        in between.
+        """
         with self._lock:
             ref = self._names.get(name)
-            if ref is None or not ref.is_alive():
+            if ref is not None:
+                if ref.tell_bytes(data):
+                    return True
+                stash = self._stash.setdefault(name, [])  # dying: held until its fate is known
+            else:
                 stash = self._stash.get(name)
                 if stash is None:
                     return False
-                if len(stash) >= self.stash_limit:
-                    self.stash_dropped += 1
-                    log.warning("stash full, message dropped", name=name, limit=self.stash_limit)
-                    return False
-                stash.append(data)
-                return True
-        ref.tell_bytes(data)
-        return True
-
+            if len(stash) >= self.stash_limit:
+                self.stash_dropped += 1
+                log.warning("stash full, message dropped", name=name, limit=self.stash_limit)
+                return False
+            stash.append(data)
+            return True
 
 default_registry = Registry()
 

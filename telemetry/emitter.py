@@ -1,9 +1,17 @@
 """The phase's telemetry handle: ``emit()`` appends to a batch; batches go out columnar.
 
-``emit()`` runs on the caller's thread and only appends a tuple to a list under a lock.
-A flush (size trigger ``batch_size``, or time trigger ``flush_interval`` from a small
-flusher thread) turns the rows into numpy columns and string codes, encodes one msgpack
-message and publishes it on the experiment's ``events`` topic.
+``emit()`` runs on the caller's thread and only appends a tuple to a list (``list.append``
+is atomic, so emitting takes no lock). A flush (size trigger ``batch_size`` on the emitting
+thread, or time trigger ``flush_interval`` from a small flusher thread) takes the first
+``n`` rows and deletes them from the list (two atomic steps: rows appended meanwhile stay
+for the next batch), turns them into numpy columns and string codes, encodes one msgpack
+message and publishes it on the experiment's ``events`` topic. Flushers exclude each
+other with a lock that ``emit()`` never touches.
+
+``emit()`` takes ownership of the ``values`` dict: do not mutate it afterwards (a
+``parameters`` dict is serialised at once, so it may be reused). Context defaults
+(``phase``, ``pass_``, ``gpu_mode``) are set with :meth:`Emitter.set_context`, which
+flushes first so that every buffered event keeps the context it was emitted in.
 
 Overflow: before publishing, the emitter looks at the slowest subscriber's backlog
 (mailbox size, in batches). At ``max_backlog`` or more, policy ``drop`` drops the batch;
@@ -18,18 +26,21 @@ from __future__ import annotations
 
 import threading
 import time
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
+import orjson
 
 from actors.log import get_logger
 from actors.messages import encode
 from actors.topics import Topics
-from telemetry.schema import GPU_MODES, SPARSE_FIELDS, SchemaError, check_event_fields
+from telemetry.schema import GPU_MODES, SchemaError, check_event_fields
 
 log = get_logger("telemetry.emitter")
 
 OVERFLOW_POLICIES = ("block", "drop")
+_time_ns = time.time_ns
 _NAN = float("nan")
 _GPU_CODE = {m: i for i, m in enumerate(GPU_MODES)}
 
@@ -71,16 +82,27 @@ class Emitter:
         self._seq = max(seq_start, self.published)
         self._unreported_drops = 0
         self._last_ts = 0
-        # context applied to events that do not say otherwise
         self.phase: str | None = None
         self.pass_: int = 0
         self.gpu_mode: str | None = None
-        self._rows: list[tuple[Any, ...]] = []
-        self._first_at = 0.0
-        self._lock = threading.Lock()
+        self._rows: list[tuple[Any, ...]] = []  # only ever appended to, and cut from the front
+        self._flush_lock = threading.RLock()
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name=f"emitter-{run_id}", daemon=True)
         self._flusher.start()
+
+    def set_context(self, *, phase: Any = ..., pass_: Any = ..., gpu_mode: Any = ...) -> None:
+        """Defaults for later events (flushes first: buffered events keep their context)."""
+        with self._flush_lock:
+            self._flush_locked()
+            if phase is not ...:
+                self.phase = phase
+            if pass_ is not ...:
+                self.pass_ = int(pass_)
+            if gpu_mode is not ...:
+                if gpu_mode is not None and gpu_mode not in GPU_MODES:
+                    raise ValueError(f"gpu_mode must be one of {', '.join(GPU_MODES)} or None, got {gpu_mode!r}")
+                self.gpu_mode = gpu_mode
 
     # --- hot path ------------------------------------------------------------------
 
@@ -99,73 +121,87 @@ class Emitter:
         anomaly: dict[str, Any] | None = None,
         **extra: Any,
     ) -> None:
-        """Record one event (cheap: an append under a lock; see the module docs)."""
+        """Record one event (an append, no lock; see the module docs)."""
         if extra or self.debug:
             if self.debug:
                 check_event_fields(name, values, phase, step, success, gpu_mode, parameters, notes, extra)
             else:
                 self._reject(1, f"unknown field(s) {', '.join(sorted(extra))}")
                 return
-        row = (time.time_ns() // 1000, name, values, phase or self.phase, step, success,
-               parameters, notes, gpu_mode or self.gpu_mode, gpu_reason, anomaly, self.pass_)
-        with self._lock:
-            if not self._rows:
-                self._first_at = time.monotonic()
-            self._rows.append(row)
-            self.emitted += 1
-            if len(self._rows) >= self.batch_size:
-                self._flush_locked()
+        if parameters is not None:  # snapshot now: the caller may mutate its dict later
+            try:
+                parameters = orjson.dumps(parameters)
+            except TypeError as exc:
+                if self.debug:
+                    raise SchemaError(f"event field 'parameters' cannot be encoded as JSON: {exc}") from None
+                self._reject(1, f"parameters not JSON-encodable: {exc}")
+                return
+        rows = self._rows
+        rows.append((_time_ns(), name, values, phase, step, success, parameters, notes, gpu_mode,
+                     gpu_reason, anomaly))
+        if len(rows) >= self.batch_size:
+            self.flush()
 
     # --- flushing ----------------------------------------------------------------------
 
     def flush(self) -> None:
         """Send what is buffered now."""
-        with self._lock:
+        with self._flush_lock:
             self._flush_locked()
 
     def close(self) -> dict[str, int]:
         """Flush, stop the flusher, publish the final counters; return them."""
         self._closed.set()
-        with self._lock:
+        with self._flush_lock:
             self._flush_locked()  # the last flush waits (bounded) for consumers under either policy
             counters = self.counters()
             self.topics.publish(self.topic, {"kind": "counters", "run_id": self.run_id, "counters": counters})
         return counters
 
     def counters(self) -> dict[str, int]:
+        """Cumulative counts: ``emitted`` (taken into batches), ``published``, ``dropped``, ``rejected``."""
         return {"emitted": self.emitted, "published": self.published, "dropped": self.dropped,
                 "rejected": self.rejected}
 
+    def pending(self) -> int:
+        """Events emitted but not yet taken into a batch."""
+        return len(self._rows)
+
     def _reject(self, n: int, why: str) -> None:
-        with self._lock:
+        with self._flush_lock:
             self.rejected += n
         log.warning("event rejected", run_id=self.run_id, count=n, reason=why)
 
     def _flush_loop(self) -> None:
+        interval_ns = int(self.flush_interval * 1e9)
         while not self._closed.wait(self.flush_interval / 2):
-            if self._rows and time.monotonic() - self._first_at >= self.flush_interval:
-                with self._lock:
-                    self._flush_locked()
+            try:
+                oldest = self._rows[0][0]
+            except IndexError:
+                continue
+            if time.time_ns() - oldest >= interval_ns:
+                self.flush()
 
     def _flush_locked(self) -> None:
-        rows = self._rows
+        n = len(self._rows)
+        rows = self._rows[:n]  # slicing, then deleting the same prefix: appends in between survive
+        del self._rows[:n]
+        self.emitted += n
         if not rows and not self._unreported_drops:
             return
-        self._rows = []
         if self._unreported_drops:
             k, self._unreported_drops = self._unreported_drops, 0
-            rows.insert(0, (time.time_ns() // 1000, "telemetry_dropped", {"dropped": k, "dropped_total": self.dropped},
-                            self.phase, None, None, None, f"{k} events dropped by overflow policy "
-                            f"{self.overflow!r}", None, None, None, self.pass_))
+            rows.insert(0, (time.time_ns(), "telemetry_dropped", {"dropped": k, "dropped_total": self.dropped},
+                            None, None, None, None, f"{k} events dropped by overflow policy {self.overflow!r}",
+                            None, None, None))
             self.emitted += 1
         try:
             batch = self._columns(rows)
-        except (TypeError, ValueError, KeyError, OverflowError):
-            good = self._valid_rows(rows)
-            if not good:
+        except (TypeError, ValueError, KeyError, OverflowError, AttributeError):
+            rows = self._valid_rows(rows)
+            if not rows:
                 return
-            batch = self._columns(good)
-            rows = good
+            batch = self._columns(rows)
         n = len(rows)
         if not self._make_room():
             self.dropped += n
@@ -196,7 +232,9 @@ class Emitter:
         good = []
         for r in rows:
             try:
-                check_event_fields(r[1], r[2], r[3], r[4], r[5], r[8], r[6], r[7], {})
+                check_event_fields(r[1], r[2], r[3], r[4], r[5], r[8], None, r[7], {})
+                if r[9] is not None and not isinstance(r[9], str):
+                    raise SchemaError(f"event field 'gpu_reason' must be a string, got {r[9]!r}")
                 good.append(r)
             except SchemaError as exc:
                 self.rejected += 1
@@ -205,43 +243,76 @@ class Emitter:
         return good
 
     def _columns(self, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
-        cols = list(zip(*rows, strict=True))
+        """Rows -> numpy columns and code tables, with C-speed fast paths for uniform columns."""
         n = len(rows)
-        ts = np.array(cols[0], dtype=np.int64)
+        (ts_ns, name_col, val_col, phase_col, step_col, succ_col, param_col, notes_col, gpu_col, reason_col,
+         anom_col) = zip(*rows, strict=True)
+        ts = np.array(ts_ns, dtype=np.int64) // 1000
         ts[0] = max(ts[0], self._last_ts)
         np.maximum.accumulate(ts, out=ts)  # time never runs backwards within a run
-        names: dict[str, int] = {}
-        name_c = np.array([names.setdefault(x, len(names)) for x in cols[1]], dtype=np.int32)
+        names, name_c = _codes(name_col, n, None)
         if not all(type(x) is str for x in names):
             raise TypeError("event name must be a string")
-        phases: dict[str, int] = {}
-        phase_c = np.array([-1 if x is None else phases.setdefault(x, len(phases)) for x in cols[3]], dtype=np.int32)
+        phases, phase_c = _codes(phase_col, n, self.phase)
         if not all(type(x) is str for x in phases):
             raise TypeError("phase must be a string")
-        step = np.array([-1 if x is None else x for x in cols[4]], dtype=np.int64)
-        succ = np.array([-1 if x is None else (1 if x else 0) for x in cols[5]], dtype=np.int8)
-        gpu = np.array([-1 if x is None else _GPU_CODE[x] for x in cols[8]], dtype=np.int8)
-        keys: dict[str, None] = {}
-        for v in cols[2]:
-            if v:
-                keys.update(dict.fromkeys(v))
-        values = {}
-        for k in keys:
-            col = np.array([v.get(k, _NAN) if v else _NAN for v in cols[2]], dtype=np.float64)
-            bad = ~np.isfinite(col) & ~np.isnan(col)
-            if bad.any():
-                col[bad] = _NAN  # inf is not representable: treated as absent
-            values[k] = col
+        reasons, reason_c = _codes(reason_col, n, None)
+        if not all(type(x) is str for x in reasons):
+            raise TypeError("gpu_reason must be a string")
+        ptexts, param_c = _codes(param_col, n, None)
+        gmodes, gpu_local = _codes(gpu_col, n, self.gpu_mode)
+        gpu = np.array([_GPU_CODE[m] for m in gmodes] + [-1], dtype=np.int8)[gpu_local]
+        nones = step_col.count(None)
+        step = (np.array(step_col, dtype=np.int64) if nones == 0 else np.full(n, -1, dtype=np.int64) if nones == n
+                else np.array([-1 if x is None else x for x in step_col], dtype=np.int64))
+        nones = succ_col.count(None)
+        succ = (np.full(n, -1, dtype=np.int8) if nones == n
+                else np.array([-1 if x is None else (1 if x else 0) for x in succ_col], dtype=np.int8))
+        values = _value_columns(val_col, n)
         sparse: dict[str, list[list[Any]]] = {}
-        for f, idx in zip(SPARSE_FIELDS, (6, 7, 9, 10), strict=True):
-            entries = [[i, x] for i, x in enumerate(cols[idx]) if x is not None]
-            if entries:
-                sparse[f] = entries
+        for f, col in (("notes", notes_col), ("anomaly", anom_col)):
+            if col.count(None) != n:
+                sparse[f] = [[i, x] for i, x in enumerate(col) if x is not None]
         self._last_ts = int(ts[-1])
         return {
             "kind": "events", "experiment_id": self.experiment_id, "run_id": self.run_id, "n": n,
-            "ts": ts, "step": step, "pass": np.array(cols[11], dtype=np.int32), "name": name_c,
-            "phase": phase_c, "success": succ, "gpu": gpu, "names": list(names), "phases": list(phases),
+            "ts": ts, "step": step, "pass": np.full(n, self.pass_, dtype=np.int32), "name": name_c,
+            "phase": phase_c, "success": succ, "gpu": gpu, "reason": reason_c, "params": param_c,
+            "names": names, "phases": phases, "reasons": reasons, "param_texts": ptexts,
             "values": values, "sparse": sparse,
         }
 
+
+def _codes(col: tuple[Any, ...], n: int, default: Any) -> tuple[list[Any], np.ndarray]:
+    """A string column as (table, int32 codes); None takes ``default``; -1 where still None."""
+    first = col[0]
+    if col.count(first) == n:  # uniform column: the common case, C speed
+        x = default if first is None else first
+        return ([], np.full(n, -1, dtype=np.int32)) if x is None else ([x], np.zeros(n, dtype=np.int32))
+    table: dict[Any, int] = {}
+    codes = [-1 if (x := (default if v is None else v)) is None else table.setdefault(x, len(table)) for v in col]
+    return list(table), np.array(codes, dtype=np.int32)
+
+
+def _value_columns(vals: tuple[Any, ...], n: int) -> dict[str, np.ndarray]:
+    """``values`` dicts -> one float64 column per key (NaN where absent; inf treated as absent)."""
+    first = vals[0]
+    out: dict[str, np.ndarray] = {}
+    if first and sum(map(len, vals)) == n * len(first):
+        try:  # every dict has the first one's keys (and, by the count, no others)
+            for k in first:
+                out[k] = np.fromiter(map(itemgetter(k), vals), dtype=np.float64, count=n)
+        except (KeyError, TypeError):
+            out = {}
+    if not out:
+        keys: dict[str, None] = {}
+        for v in vals:
+            if v:
+                keys.update(dict.fromkeys(v))
+        for k in keys:
+            out[k] = np.array([v.get(k, _NAN) if v else _NAN for v in vals], dtype=np.float64)
+    for col in out.values():
+        bad = np.isinf(col)
+        if bad.any():
+            col[bad] = _NAN
+    return out

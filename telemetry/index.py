@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import orjson
 
 from telemetry.query import Window, check_filters, row_matches, windowed_metrics_arrays
-from telemetry.schema import GPU_MODES, SCHEMA_VERSION, SPARSE_FIELDS
+from telemetry.schema import CODED_COLUMNS, GPU_MODES, SCHEMA_VERSION, SPARSE_FIELDS
 
 _INT_COLS = {"ts": np.int64, "seq": np.int64, "step": np.int64, "pass": np.int32, "name": np.int32,
-             "phase": np.int32, "success": np.int8, "gpu": np.int8}
+             "phase": np.int32, "success": np.int8, "gpu": np.int8, "reason": np.int32, "params": np.int32}
 
 
 class LiveIndex:
@@ -32,10 +33,10 @@ class LiveIndex:
         self.run_ids: list[str] = []
         self.run_c = np.zeros(self.cap, dtype=np.int16)
         self.base = 0  # absolute row number of row 0 (rows dropped so far)
-        self.names: list[str] = []
-        self.phases: list[str] = []
-        self._name_code: dict[str, int] = {}
-        self._phase_code: dict[str, int] = {}
+        # global string tables for the coded columns (name, phase, reason, params)
+        self.tables: dict[str, list[Any]] = {c: [] for c in CODED_COLUMNS}
+        self.codes: dict[str, dict[Any, int]] = {c: {} for c in CODED_COLUMNS}
+        self._parsed_params: dict[int, Any] = {}
 
     # --- appending ---------------------------------------------------------------------
 
@@ -82,8 +83,11 @@ class LiveIndex:
         c["pass"][a:z] = b["pass"][sel]
         c["success"][a:z] = b["success"][sel]
         c["gpu"][a:z] = b["gpu"][sel]
-        c["name"][a:z] = self._recode(b["names"], self.names, self._name_code, b["name"][sel])
-        c["phase"][a:z] = self._recode(b["phases"], self.phases, self._phase_code, b["phase"][sel])
+        for col, table in CODED_COLUMNS.items():
+            if col in b:
+                c[col][a:z] = self._recode(b[table], self.tables[col], self.codes[col], b[col][sel])
+            else:
+                c[col][a:z] = -1
         if b["run_id"] not in self.run_ids:
             self.run_ids.append(b["run_id"])
         self.run_c[a:z] = self.run_ids.index(b["run_id"])
@@ -134,37 +138,60 @@ class LiveIndex:
     def ts(self) -> np.ndarray:
         return self.cols["ts"][: self.n]
 
+    def _params(self, code: int) -> Any:
+        if code < 0:
+            return None
+        p = self._parsed_params.get(code)
+        if p is None:
+            p = self._parsed_params[code] = orjson.loads(self.tables["params"][code])
+        return p
+
     def rows(self, idx: np.ndarray) -> list[dict[str, Any]]:
+        """Full event dicts (every optional field present) for the given row positions."""
         c = self.cols
-        out = []
         vals = [(k, v[idx].tolist()) for k, v in self.values.items()]
-        cols = {k: c[k][idx].tolist() for k in c}
-        runs = self.run_c[idx].tolist()
-        for j, i in enumerate(idx.tolist()):
-            sp = self.sparse.get(self.base + i, {})
-            ph, su, gp, stp = cols["phase"][j], cols["success"][j], cols["gpu"][j], cols["step"][j]
-            out.append({
-                "v": SCHEMA_VERSION, "seq": cols["seq"][j], "ts": cols["ts"][j],
-                "experiment_id": self.experiment_id, "run_id": self.run_ids[runs[j]], "pass": cols["pass"][j],
-                "phase": self.phases[ph] if ph >= 0 else None, "step": stp if stp >= 0 else None,
-                "name": self.names[cols["name"][j]],
-                "values": {k: col[j] for k, col in vals if col[j] == col[j]},
-                "success": None if su < 0 else bool(su), "gpu_mode": GPU_MODES[gp] if gp >= 0 else None,
-                "gpu_reason": sp.get("gpu_reason"), "parameters": sp.get("parameters"),
-                "notes": sp.get("notes"), "anomaly": sp.get("anomaly"),
-            })
+        names, phases, reasons = self.tables["name"], self.tables["phase"], self.tables["reason"]
+        templates: dict[tuple[int, ...], dict[str, Any]] = {}
+        out = []
+        sparse, base = self.sparse, self.base
+        for j, (i, sq, t, ps, nc, pc, su, gp, rc, stp, prc, rn) in enumerate(zip(
+                idx.tolist(), *(c[k][idx].tolist() for k in ("seq", "ts", "pass", "name", "phase", "success", "gpu",
+                                                             "reason", "step", "params")),
+                self.run_c[idx].tolist(), strict=True)):
+            key = (ps, nc, pc, su, gp, rc, prc, rn)
+            tmpl = templates.get(key)
+            if tmpl is None:
+                tmpl = templates[key] = {
+                    "v": SCHEMA_VERSION, "seq": 0, "ts": 0, "experiment_id": self.experiment_id,
+                    "run_id": self.run_ids[rn], "pass": ps, "name": names[nc],
+                    "phase": phases[pc] if pc >= 0 else None, "success": None if su < 0 else bool(su),
+                    "gpu_mode": GPU_MODES[gp] if gp >= 0 else None, "gpu_reason": reasons[rc] if rc >= 0 else None,
+                    "step": None, "parameters": self._params(prc), "values": None, "notes": None, "anomaly": None,
+                }
+            r = tmpl.copy()
+            r["seq"] = sq
+            r["ts"] = t
+            if stp >= 0:
+                r["step"] = stp
+            v = {}
+            for k, col in vals:
+                x = col[j]
+                if x == x:  # NaN = absent
+                    v[k] = x
+            r["values"] = v
+            sp = sparse.get(base + i)
+            if sp:
+                r.update(sp)
+            out.append(r)
         return out
 
     def _mask(self, a: int, b: int, filters: dict[str, Any]) -> np.ndarray:
         mask = np.ones(b - a, dtype=bool)
         c = self.cols
         for k, want in filters.items():
-            if k == "name":
-                code = self._name_code.get(want, -2)
-                mask &= c["name"][a:b] == code
-            elif k == "phase":
-                code = -1 if want is None else self._phase_code.get(want, -2)
-                mask &= c["phase"][a:b] == code
+            if k in ("name", "phase"):
+                code = -1 if want is None else self.codes[k].get(want, -2)
+                mask &= c[k][a:b] == code
             elif k == "success":
                 mask &= c["success"][a:b] == (-1 if want is None else int(bool(want)))
             elif k == "run_id":

@@ -23,7 +23,8 @@ FIELDS = (
     "v", "seq", "ts", "experiment_id", "run_id", "pass", "phase", "step", "name", "values",
     "success", "gpu_mode", "gpu_reason", "parameters", "notes", "anomaly",
 )
-SPARSE_FIELDS = ("parameters", "notes", "gpu_reason", "anomaly")
+SPARSE_FIELDS = ("notes", "anomaly")
+"""Fields carried as ``[[row, value], ...]`` lists in a batch: rare per event."""
 
 
 class SchemaError(ValueError):
@@ -59,30 +60,37 @@ def check_event_fields(name: Any, values: Any, phase: Any, step: Any, success: A
         raise SchemaError(f"event field 'notes' must be a string, got {type(notes).__name__}")
 
 
-OPTIONAL_FIELDS = ("phase", "step", "success", "gpu_mode", "gpu_reason", "parameters", "notes", "anomaly")
+OPTIONAL_FIELDS = ("phase", "success", "gpu_mode", "gpu_reason", "step", "parameters", "notes", "anomaly")
+CODED_COLUMNS = {"name": "names", "phase": "phases", "reason": "reasons", "params": "param_texts"}
+"""Batch columns of int32 codes into a per-batch string table (-1 = absent)."""
 
 
 def batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """Expand a columnar ``events`` batch into compact event dicts.
+    """Expand a columnar ``events`` batch into compact event dicts (keys in JSONL order).
 
     Compact: optional fields that are null are left out, as in the JSONL files;
     :func:`full_event` restores them. Rows that share name/phase/pass/success/gpu
-    are copied from one template dict (the hot path of the Recorder).
+    are copied from one template dict. ``parameters`` dicts are parsed once per
+    distinct snapshot in the batch and shared between rows: treat them as read-only.
     """
     n = int(batch["n"])
     if n == 0:
         return []
-    names, phases = batch["names"], batch["phases"]
+    names, phases, reasons = batch["names"], batch["phases"], batch.get("reasons", [])
+    params = [orjson.loads(t) for t in batch.get("param_texts", [])]
     exp, run = batch["experiment_id"], batch["run_id"]
     vcols = [(k, a.tolist()) for k, a in batch["values"].items()]
-    templates: dict[tuple[int, int, int, int, int], dict[str, Any]] = {}
+    minus = [-1] * n
+    reason_c = batch["reason"].tolist() if "reason" in batch else minus
+    param_c = batch["params"].tolist() if "params" in batch else minus
+    templates: dict[tuple[int, ...], dict[str, Any]] = {}
     rows = []
     append = rows.append
-    for i, (sq, t, st, ps, nc, pc, su, gc) in enumerate(zip(
+    for i, (sq, t, st, ps, nc, pc, su, gc, rc, prc) in enumerate(zip(
             batch["seq"].tolist(), batch["ts"].tolist(), batch["step"].tolist(), batch["pass"].tolist(),
             batch["name"].tolist(), batch["phase"].tolist(), batch["success"].tolist(), batch["gpu"].tolist(),
-            strict=True)):
-        key = (nc, pc, ps, su, gc)
+            reason_c, param_c, strict=True)):
+        key = (nc, pc, ps, su, gc, rc)
         tmpl = templates.get(key)
         if tmpl is None:
             tmpl = {"v": SCHEMA_VERSION, "seq": 0, "ts": 0, "experiment_id": exp, "run_id": run, "pass": ps,
@@ -93,12 +101,16 @@ def batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
                 tmpl["success"] = su == 1
             if gc >= 0:
                 tmpl["gpu_mode"] = GPU_MODES[gc]
+            if rc >= 0:
+                tmpl["gpu_reason"] = reasons[rc]
             templates[key] = tmpl
         r = tmpl.copy()
         r["seq"] = sq
         r["ts"] = t
         if st >= 0:
             r["step"] = st
+        if prc >= 0:
+            r["parameters"] = params[prc]
         vals = {}
         for k, col in vcols:
             x = col[i]
@@ -123,9 +135,15 @@ def full_event(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def rows_to_batch(rows: list[dict[str, Any]], experiment_id: str, run_id: str) -> dict[str, Any]:
-    """The inverse of :func:`batch_rows` for rows with contiguous ``seq`` (tests, replays)."""
-    names: dict[str, int] = {}
-    phases: dict[str, int] = {}
+    """The inverse of :func:`batch_rows` (tests, recovery back-fills)."""
+    tables: dict[str, dict[Any, int]] = {"names": {}, "phases": {}, "reasons": {}, "param_texts": {}}
+
+    def code(table: str, x: Any) -> int:
+        if x is None:
+            return -1
+        t = tables[table]
+        return t.setdefault(x, len(t))
+
     keys = sorted({k for r in rows for k in r.get("values", {})})
     n = len(rows)
     vals = {k: np.full(n, np.nan) for k in keys}
@@ -136,20 +154,24 @@ def rows_to_batch(rows: list[dict[str, Any]], experiment_id: str, run_id: str) -
         for f in SPARSE_FIELDS:
             if r.get(f) is not None:
                 sparse[f].append([i, r[f]])
+
+    def ints(f: str, dtype: Any, default: int = -1) -> np.ndarray:
+        return np.array([default if r.get(f) is None else r[f] for r in rows], dtype=dtype)
+
+    ptexts = [None if r.get("parameters") is None else orjson.dumps(r["parameters"]).decode() for r in rows]
     return {
         "kind": "events", "experiment_id": experiment_id, "run_id": run_id, "n": n,
-        "seq": np.array([r["seq"] for r in rows], dtype=np.int64),
-        "ts": np.array([r["ts"] for r in rows], dtype=np.int64),
-        "step": np.array([-1 if r.get("step") is None else r["step"] for r in rows], dtype=np.int64),
-        "pass": np.array([r.get("pass", 0) for r in rows], dtype=np.int32),
-        "name": np.array([names.setdefault(r["name"], len(names)) for r in rows], dtype=np.int32),
-        "phase": np.array([-1 if r.get("phase") is None else phases.setdefault(r["phase"], len(phases))
-                           for r in rows], dtype=np.int32),
+        "seq": ints("seq", np.int64), "ts": ints("ts", np.int64), "step": ints("step", np.int64),
+        "pass": ints("pass", np.int32, 0),
+        "name": np.array([code("names", r["name"]) for r in rows], dtype=np.int32),
+        "phase": np.array([code("phases", r.get("phase")) for r in rows], dtype=np.int32),
         "success": np.array([-1 if r.get("success") is None else int(r["success"]) for r in rows], dtype=np.int8),
         "gpu": np.array([-1 if r.get("gpu_mode") is None else GPU_MODES.index(r["gpu_mode"]) for r in rows],
                         dtype=np.int8),
-        "names": list(names), "phases": list(phases), "values": vals, "sparse": sparse,
-        "counters": {},
+        "reason": np.array([code("reasons", r.get("gpu_reason")) for r in rows], dtype=np.int32),
+        "params": np.array([code("param_texts", t) for t in ptexts], dtype=np.int32),
+        **{t: list(tables[t]) for t in tables},
+        "values": vals, "sparse": sparse, "counters": {},
     }
 
 

@@ -1,0 +1,1 @@
+"""Experiment specs, the experiment tree and its lifecycle, workloads."""

@@ -1,0 +1,1 @@
+"""Telemetry: event schema, emitter, stores and queries, export, statistics."""
