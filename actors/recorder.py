@@ -237,10 +237,8 @@ class Recorder(Actor):
         self.restarts[child] = self.restarts.get(child, 0) + 1
         self._write_state()
 
-    def _update_stats(self, b: dict[str, Any], keep: np.ndarray | None = None) -> None:
-        phase_c = b["phase"] if keep is None else b["phase"][keep]
-        ts = b["ts"] if keep is None else b["ts"][keep]
-        vals = {k: (v if keep is None else v[keep]) for k, v in b["values"].items()}
+    def _update_stats(self, b: dict[str, Any]) -> None:
+        phase_c, ts, vals = b["phase"], b["ts"], b["values"]
         for code in np.unique(phase_c).tolist():
             name = b["phases"][code] if code >= 0 else None
             st = self.phases.get(name)

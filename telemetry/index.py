@@ -66,10 +66,9 @@ class LiveIndex:
         mapping[-1] = -1
         return mapping[col]
 
-    def append_batch(self, b: dict[str, Any], keep: np.ndarray | None = None) -> None:
-        """Add a decoded ``events`` batch (optionally only the rows where ``keep`` is True)."""
-        sel = slice(None) if keep is None else keep
-        m = int(b["n"]) if keep is None else int(keep.sum())
+    def append_batch(self, b: dict[str, Any]) -> None:
+        """Add a decoded ``events`` batch (rows sorted by ``ts`` within the batch)."""
+        m = int(b["n"])
         if m == 0:
             return
         if self.n + m > self.limit:
@@ -77,15 +76,11 @@ class LiveIndex:
         self._grow(self.n + m)
         a, z = self.n, self.n + m
         c = self.cols
-        c["ts"][a:z] = b["ts"][sel]
-        c["seq"][a:z] = b["seq"][sel]
-        c["step"][a:z] = b["step"][sel]
-        c["pass"][a:z] = b["pass"][sel]
-        c["success"][a:z] = b["success"][sel]
-        c["gpu"][a:z] = b["gpu"][sel]
+        for k in ("ts", "seq", "step", "pass", "success", "gpu"):
+            c[k][a:z] = b[k]
         for col, table in CODED_COLUMNS.items():
             if col in b:
-                c[col][a:z] = self._recode(b[table], self.tables[col], self.codes[col], b[col][sel])
+                c[col][a:z] = self._recode(b[table], self.tables[col], self.codes[col], b[col])
             else:
                 c[col][a:z] = -1
         if b["run_id"] not in self.run_ids:
@@ -94,17 +89,13 @@ class LiveIndex:
         for k, col in b["values"].items():
             if k not in self.values:
                 self.values[k] = np.full(self.cap, np.nan)
-            self.values[k][a:z] = col[sel]
+            self.values[k][a:z] = col
         for k in self.values:
             if k not in b["values"]:
                 self.values[k][a:z] = np.nan
-        local_rows = np.arange(int(b["n"]))[sel]
-        where = {int(i): a + j for j, i in enumerate(local_rows.tolist())} if keep is not None else None
         for f in SPARSE_FIELDS:
-            for i, x in b["sparse"].get(f, ()):
-                row = (a + i) if where is None else where.get(i)
-                if row is not None:
-                    self.sparse.setdefault(self.base + row, {})[f] = x
+            for i, x in b.get("sparse", {}).get(f, ()):
+                self.sparse.setdefault(self.base + a + i, {})[f] = x
         if a > 0 and c["ts"][a] < c["ts"][a - 1]:
             self._resort(z)
         self.n = z

@@ -66,3 +66,15 @@ def test_check_id_rejects_paths():
         else:
             raise AssertionError(f"{bad!r} accepted")
     assert check_id("run id", "run-2026.11_22") == "run-2026.11_22"
+
+
+@given(st.lists(event, min_size=1, max_size=30))
+def test_numba_jsonl_lines_parse_to_the_batch_rows(evs):
+    from kernels.jsonl import format_batch
+
+    rows = _with_ids(evs)
+    batch = decode(encode(rows_to_batch(rows, "exp", "run")))
+    data = format_batch(batch)
+    assert data.endswith(b"\n") and data.count(b"\n") == len(rows)
+    assert [parse_line(line) for line in data.splitlines()] == rows
+    assert data == b"".join(dumps_line(r) for r in batch_rows(batch))  # byte for byte what orjson writes
