@@ -1,0 +1,414 @@
+"""The merging t-digest (Dunning & Ertl, 2019) in numba, with an exact discrete mode.
+
+* Values are buffered and merged in sorted order into centroids whose sizes are bounded
+  by a scale function: ``k1`` (arcsine, the default) or ``k2`` (logistic). ``compression``
+  (delta) bounds the number of centroids (at most about ``2 * delta``).
+* A large batch is sorted by numpy and merged in one pass; small batches fill the buffer.
+* Discrete data: while a digest has seen at most ``max_discrete`` distinct values it keeps
+  exact counts (value -> count) and answers quantiles exactly (inverse CDF: the smallest
+  value whose cumulative count reaches ``q * n``, numpy's ``inverted_cdf``). A die-roll
+  stream therefore gives a die value as its median, never 3.5. Beyond ``max_discrete``
+  distinct values it turns into an ordinary t-digest. In centroid mode identical values
+  always merge (their mean stays exact) and single-point centroids are steps, not
+  interpolation anchors (section 2.9 of the paper).
+* NaN and infinite values are counted in ``rejected`` and never enter the digest.
+
+``to_dict`` / ``update_from_dict`` speak the ``tdigest`` package's format
+(``{"n", "delta", "K", "centroids": [{"m", "c"}, ...]}``); ``to_msg`` / ``from_msg``
+give a msgpack-ready dict with numpy arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+SCALES = ("k1", "k2")
+
+
+@njit(cache=True, nogil=True)
+def _k(q, delta, scale, total):  # pragma: no cover - compiled
+    if scale == 1:
+        return delta / (2.0 * math.pi) * math.asin(2.0 * q - 1.0)
+    q = min(max(q, 1e-15), 1.0 - 1e-15)
+    z = 4.0 * math.log(max(total / delta, 1.0)) + 24.0
+    return delta / z * math.log(q / (1.0 - q))
+
+
+@njit(cache=True, nogil=True)
+def _kinv(k, delta, scale, total):  # pragma: no cover - compiled
+    if scale == 1:
+        x = k * 2.0 * math.pi / delta
+        if x >= math.pi / 2:
+            return 1.0
+        return (math.sin(x) + 1.0) / 2.0
+    z = 4.0 * math.log(max(total / delta, 1.0)) + 24.0
+    return 1.0 / (1.0 + math.exp(-k * z / delta))
+
+
+@njit(cache=True, nogil=True)
+def _compress(m, w, n, total, delta, scale, out_m, out_w):  # pragma: no cover - compiled
+    """Merge n (mean, weight) pairs sorted by mean into bounded centroids; return the count."""
+    if n == 0:
+        return 0
+    k = 0
+    cur_m = m[0]
+    cur_w = w[0]
+    so_far = 0.0
+    limit = total * _kinv(_k(0.0, delta, scale, total) + 1.0, delta, scale, total)
+    for i in range(1, n):
+        if so_far + cur_w + w[i] <= limit or m[i] == cur_m:
+            cur_w += w[i]
+            cur_m += (m[i] - cur_m) * w[i] / cur_w
+        else:
+            out_m[k] = cur_m
+            out_w[k] = cur_w
+            k += 1
+            so_far += cur_w
+            limit = total * _kinv(_k(so_far / total, delta, scale, total) + 1.0, delta, scale, total)
+            cur_m = m[i]
+            cur_w = w[i]
+    out_m[k] = cur_m
+    out_w[k] = cur_w
+    return k + 1
+
+
+@njit(cache=True, nogil=True)
+def _merge_sorted(am, aw, an, bm, bw, bn, om, ow):  # pragma: no cover - compiled
+    """Merge two mean-sorted (mean, weight) lists into om/ow; return the length."""
+    i = 0
+    j = 0
+    k = 0
+    while i < an and j < bn:
+        if am[i] <= bm[j]:
+            om[k] = am[i]
+            ow[k] = aw[i]
+            i += 1
+        else:
+            om[k] = bm[j]
+            ow[k] = bw[j]
+            j += 1
+        k += 1
+    while i < an:
+        om[k] = am[i]
+        ow[k] = aw[i]
+        i += 1
+        k += 1
+    while j < bn:
+        om[k] = bm[j]
+        ow[k] = bw[j]
+        j += 1
+        k += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _merge_unique(av, ac, an, bv, bc, bn, ov, oc):  # pragma: no cover - compiled
+    """Merge two sorted distinct-value tables, adding the counts of equal values."""
+    i = 0
+    j = 0
+    k = 0
+    while i < an and j < bn:
+        if av[i] < bv[j]:
+            ov[k] = av[i]
+            oc[k] = ac[i]
+            i += 1
+        elif bv[j] < av[i]:
+            ov[k] = bv[j]
+            oc[k] = bc[j]
+            j += 1
+        else:
+            ov[k] = av[i]
+            oc[k] = ac[i] + bc[j]
+            i += 1
+            j += 1
+        k += 1
+    while i < an:
+        ov[k] = av[i]
+        oc[k] = ac[i]
+        i += 1
+        k += 1
+    while j < bn:
+        ov[k] = bv[j]
+        oc[k] = bc[j]
+        j += 1
+        k += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _quantile(m, w, n, total, vmin, vmax, q):  # pragma: no cover - compiled
+    if n == 0:
+        return np.nan
+    if n == 1 or q <= 0.0:
+        return vmin if q <= 0.0 else m[0]
+    if q >= 1.0:
+        return vmax
+    index = q * total
+    if index < 1.0:
+        return vmin
+    if w[0] > 1.0 and index < w[0] / 2.0:
+        return vmin + (index - 1.0) / (w[0] / 2.0 - 1.0) * (m[0] - vmin)
+    if index > total - 1.0:
+        return vmax
+    if w[n - 1] > 1.0 and total - index <= w[n - 1] / 2.0:
+        return vmax - (total - index - 1.0) / (w[n - 1] / 2.0 - 1.0) * (vmax - m[n - 1])
+    so_far = w[0] / 2.0
+    for i in range(n - 1):
+        dw = (w[i] + w[i + 1]) / 2.0
+        if so_far + dw > index:
+            if m[i] == m[i + 1]:
+                return m[i]
+            left = 0.0
+            if w[i] == 1.0:
+                if index - so_far < 0.5:
+                    return m[i]
+                left = 0.5
+            right = 0.0
+            if w[i + 1] == 1.0:
+                if so_far + dw - index <= 0.5:
+                    return m[i + 1]
+                right = 0.5
+            z1 = index - so_far - left
+            z2 = so_far + dw - index - right
+            return (m[i] * z2 + m[i + 1] * z1) / (z1 + z2)
+        so_far += dw
+    return m[n - 1]
+
+
+@njit(cache=True, nogil=True)
+def _cdf(m, w, n, total, vmin, vmax, x):  # pragma: no cover - compiled
+    """Piecewise-linear cumulative weight through (min, 0), (mean_i, W_<i + w_i / 2), (max, total)."""
+    if n == 0:
+        return np.nan
+    if x < vmin:
+        return 0.0
+    if x >= vmax:
+        return 1.0
+    prev_x = vmin
+    prev_c = 0.0
+    so_far = 0.0
+    for i in range(n):
+        c = so_far + w[i] / 2.0
+        if x < m[i]:
+            if m[i] > prev_x:
+                return (prev_c + (x - prev_x) / (m[i] - prev_x) * (c - prev_c)) / total
+            return prev_c / total
+        prev_x = m[i]
+        prev_c = c
+        so_far += w[i]
+    return (prev_c + (x - prev_x) / (vmax - prev_x) * (total - prev_c)) / total if vmax > prev_x else 1.0
+
+
+class TDigest:
+    """A mergeable quantile sketch; see the module docs."""
+
+    def __init__(self, compression: float = 1000.0, scale: str = "k1", max_discrete: int = 100,
+                 buffer_size: int | None = None) -> None:
+        if not (isinstance(compression, (int, float)) and compression >= 10):
+            raise ValueError(f"compression must be a number >= 10, got {compression!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        if not isinstance(max_discrete, int) or max_discrete < 0:
+            raise ValueError(f"max_discrete must be an int >= 0, got {max_discrete!r}")
+        self.compression = float(compression)
+        self.scale = scale
+        self._scale_code = 1 if scale == "k1" else 2
+        self.max_discrete = max_discrete
+        self.cap = int(2 * compression) + 16
+        self.means = np.zeros(self.cap)
+        self.weights = np.zeros(self.cap)
+        self.n = 0  # centroids (or distinct values in discrete mode)
+        self.discrete = max_discrete > 0
+        self.buf_cap = buffer_size or max(1024, int(5 * compression))
+        self.buf = np.zeros(self.buf_cap)
+        self.buf_n = 0
+        self.total = 0.0  # weight merged into the centroids / discrete table
+        self.min = math.inf
+        self.max = -math.inf
+        self.rejected = 0  # NaN / inf values refused
+
+    # --- adding ------------------------------------------------------------------------
+
+    @property
+    def count(self) -> float:
+        """Total weight (number of values) added, including the buffer."""
+        return self.total + self.buf_n
+
+    def add(self, x: float, w: float = 1.0) -> None:
+        if not math.isfinite(x):
+            self.rejected += 1
+            return
+        if w != 1.0:
+            self._absorb_weighted(np.array([x]), np.array([float(w)]))
+            return
+        if self.buf_n == self.buf_cap:
+            self._flush()
+        self.buf[self.buf_n] = x
+        self.buf_n += 1
+
+    def add_batch(self, values: Any) -> None:
+        """Add many values (any array-like of numbers); non-finite values are rejected."""
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size == 0:
+            return
+        ok = np.isfinite(v)
+        if not ok.all():
+            self.rejected += int(v.size - ok.sum())
+            v = v[ok]
+        if v.size >= self.buf_cap // 2:
+            self._flush()
+            self._absorb_sorted(np.sort(v), None)
+            return
+        if self.buf_n + v.size > self.buf_cap:
+            self._flush()
+        self.buf[self.buf_n:self.buf_n + v.size] = v
+        self.buf_n += v.size
+
+    def _flush(self) -> None:
+        if self.buf_n:
+            v = np.sort(self.buf[: self.buf_n])
+            self.buf_n = 0
+            self._absorb_sorted(v, None)
+
+    def _absorb_sorted(self, v: np.ndarray, w: np.ndarray | None) -> None:
+        """Merge mean-sorted values (weights 1 when ``w`` is None) into the digest."""
+        if v.size == 0:
+            return
+        self.min = min(self.min, float(v[0]))
+        self.max = max(self.max, float(v[-1]))
+        if w is None:
+            if self.discrete:
+                vals, counts = np.unique(v, return_counts=True)
+                self._absorb_discrete(vals, counts.astype(np.float64))
+                return
+            w = np.ones(v.size)
+        elif self.discrete:
+            vals, inv = np.unique(v, return_inverse=True)
+            self._absorb_discrete(vals, np.bincount(inv, weights=w))
+            return
+        self._absorb_centroids(v, w)
+
+    def _absorb_discrete(self, vals: np.ndarray, counts: np.ndarray) -> None:
+        size = self.n + vals.size
+        ov, oc = np.empty(size), np.empty(size)
+        k = _merge_unique(self.means, self.weights, self.n, vals, counts, vals.size, ov, oc)
+        self.total += float(counts.sum())
+        if k <= self.max_discrete:
+            if k > self.cap:
+                self._grow(k)
+            self.means[:k], self.weights[:k], self.n = ov[:k], oc[:k], k
+            return
+        self.discrete = False  # too many distinct values: an ordinary t-digest from now on
+        self.n = 0
+        self.total = 0.0  # all the weight is in (ov, oc): re-absorb it as centroids
+        self._absorb_centroids(ov[:k], oc[:k])
+
+    def _grow(self, k: int) -> None:
+        self.cap = max(k, self.cap * 2)
+        self.means = np.resize(self.means, self.cap)
+        self.weights = np.resize(self.weights, self.cap)
+
+    def _absorb_centroids(self, m: np.ndarray, w: np.ndarray) -> None:
+        size = self.n + m.size
+        om, ow = np.empty(size), np.empty(size)
+        k = _merge_sorted(self.means, self.weights, self.n, m, w, m.size, om, ow)
+        self.total += float(w.sum())
+        if self.cap < int(2 * self.compression) + 16:
+            self._grow(int(2 * self.compression) + 16)
+        self.n = _compress(om, ow, k, self.total, self.compression, self._scale_code, self.means, self.weights)
+
+    def _absorb_weighted(self, m: np.ndarray, w: np.ndarray) -> None:
+        order = np.argsort(m, kind="stable")
+        self._flush()
+        self._absorb_sorted(m[order], w[order])
+
+    def merge(self, other: TDigest) -> TDigest:
+        """Fold ``other`` into this digest (``other`` is left unchanged); return self."""
+        other._flush()
+        self._flush()
+        self.rejected += other.rejected
+        if other.n:
+            self._absorb_weighted(other.means[: other.n].copy(), other.weights[: other.n].copy())
+            self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        return self
+
+    # --- answering ----------------------------------------------------------------------------
+
+    def quantile(self, q: float) -> float:
+        """The value at quantile ``q`` in [0, 1] (NaN when empty)."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {q!r}")
+        self._flush()
+        if self.n == 0:
+            return math.nan
+        if self.discrete:
+            cum = np.cumsum(self.weights[: self.n])
+            i = int(np.searchsorted(cum, q * self.total, "left"))
+            return float(self.means[min(i, self.n - 1)]) if q > 0 else self.min
+        return float(_quantile(self.means, self.weights, self.n, self.total, self.min, self.max, q))
+
+    def quantiles(self, qs: Any) -> list[float]:
+        return [self.quantile(float(q)) for q in qs]
+
+    def cdf(self, x: float) -> float:
+        """Estimated fraction of values <= ``x``."""
+        self._flush()
+        if self.n == 0:
+            return math.nan
+        if self.discrete:
+            i = int(np.searchsorted(self.means[: self.n], x, "right"))
+            return float(self.weights[:i].sum() / self.total)
+        return float(_cdf(self.means, self.weights, self.n, self.total, self.min, self.max, float(x)))
+
+    def centroids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(means, weights) after merging the buffer."""
+        self._flush()
+        return self.means[: self.n].copy(), self.weights[: self.n].copy()
+
+    def __len__(self) -> int:
+        self._flush()
+        return self.n
+
+    # --- exchange --------------------------------------------------------------------------------
+
+    def to_msg(self) -> dict[str, Any]:
+        m, w = self.centroids()
+        return {"compression": self.compression, "scale": self.scale, "max_discrete": self.max_discrete,
+                "discrete": self.discrete, "means": m, "weights": w, "min": self.min, "max": self.max,
+                "rejected": self.rejected}
+
+    @classmethod
+    def from_msg(cls, d: dict[str, Any]) -> TDigest:
+        t = cls(d["compression"], d["scale"], d["max_discrete"])
+        m, w = np.asarray(d["means"], dtype=np.float64), np.asarray(d["weights"], dtype=np.float64)
+        t.discrete = bool(d["discrete"])
+        if m.size > t.cap:
+            t._grow(m.size)
+        t.means[: m.size], t.weights[: m.size], t.n = m, w, m.size
+        t.total = float(w.sum())
+        t.min, t.max, t.rejected = float(d["min"]), float(d["max"]), int(d.get("rejected", 0))
+        return t
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``tdigest`` package's dict format."""
+        m, w = self.centroids()
+        return {"n": int(round(self.total)), "delta": 1.0 / self.compression, "K": 25,
+                "centroids": [{"m": float(a), "c": float(b)} for a, b in zip(m, w, strict=True)]}
+
+    def update_from_dict(self, d: dict[str, Any]) -> TDigest:
+        """Merge a digest in the ``tdigest`` package's dict format into this one; return self."""
+        cents = d.get("centroids")
+        if not isinstance(cents, list):
+            raise ValueError("tdigest dict needs a 'centroids' list of {'m', 'c'}")
+        if not cents:
+            return self
+        m = np.array([float(c["m"]) for c in cents])
+        w = np.array([float(c["c"]) for c in cents])
+        if not (np.isfinite(m).all() and (w > 0).all()):
+            raise ValueError("tdigest dict has non-finite means or non-positive counts")
+        self._absorb_weighted(m, w)
+        return self
