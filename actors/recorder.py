@@ -32,7 +32,7 @@ from actors.messages import encode
 from kernels.jsonl import format_batch
 from telemetry.index import LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
-from telemetry.schema import SCHEMA_VERSION, batch_rows, check_id, full_event, rows_to_batch
+from telemetry.schema import SCHEMA_VERSION, batch_rows, check_id, full_event, rows_to_batch, select_rows
 from telemetry.store import DB_NAME, HistoryStore
 
 log = get_logger("actors.recorder")
@@ -106,6 +106,7 @@ class Recorder(Actor):
         self.persisted = 0
         self.received = 0
         self.sampled_out = 0
+        self.held = 0
         self.bad_batches = 0
         self.started_ts: int | None = None
         self._fsync_timer: threading.Timer | None = None
@@ -177,13 +178,14 @@ class Recorder(Actor):
             log.warning("malformed events batch dropped", run_id=self.run_id, error=str(exc))
             return
         self._take_counters(msg)
-        self.sampled_out += int(msg.get("sampled_out", 0))
+        if "sampling" in msg:
+            self.handle_sampling(msg["sampling"])
         keep = None
         if n and int(seq[0]) <= self.last_seq:
             keep = seq > self.last_seq  # a replay after a restart: skip what is on disk
             if not keep.any():
                 return
-        b = msg if keep is None else _select(msg, keep)
+        b = msg if keep is None else select_rows(msg, keep)
         self.jsonl.write(format_batch(b))
         self.jsonl.flush()
         self._store_batch(b)
@@ -231,6 +233,11 @@ class Recorder(Actor):
     def handle_counters(self, msg: dict[str, Any]) -> None:
         self._take_counters(msg)
         self._write_state()
+
+    def handle_sampling(self, msg: dict[str, Any]) -> None:
+        """Cumulative figures from the Sampler: events it dropped, events it still holds."""
+        self.sampled_out = max(self.sampled_out, int(msg.get("sampled_out", 0)))
+        self.held = int(msg.get("held", 0))
 
     def handle_note_restart(self, msg: dict[str, Any]) -> None:
         child = str(msg.get("child", "?"))
@@ -297,7 +304,7 @@ class Recorder(Actor):
             }
         c = self.counters
         published = c.get("published", self.received)
-        lost = max(0, published - self.received - self.sampled_out)
+        lost = max(0, published - self.received - self.sampled_out - self.held)
         emitted = c.get("emitted", self.persisted)
         return {
             "schema": SCHEMA_VERSION, "experiment_id": self.experiment_id, "run_id": self.run_id,
@@ -307,7 +314,8 @@ class Recorder(Actor):
             "events_emitted": emitted, "events_published": published, "events_persisted": self.persisted,
             "events_dropped": c.get("dropped", 0) + lost + self.sampled_out,
             "events_dropped_overflow": c.get("dropped", 0), "events_lost_in_transit": lost,
-            "events_sampled_out": self.sampled_out, "events_rejected": c.get("rejected", 0),
+            "events_sampled_out": self.sampled_out, "events_held_by_sampler": self.held,
+            "events_rejected": c.get("rejected", 0),
             "bad_batches": self.bad_batches, "restarts": self.restarts,
             "recorder_incarnation": self._incarnation,
         }
@@ -357,20 +365,6 @@ _WIRE = ("kind", "experiment_id", "run_id", "n", "seq", "ts", "step", "pass", "n
 
 def _wire_fields(b: dict[str, Any]) -> dict[str, Any]:
     return {k: b[k] for k in _WIRE if k in b}
-
-
-def _select(b: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
-    """The rows of a batch where ``keep`` is True (sparse entries renumbered)."""
-    out = dict(b)
-    for k in ("seq", "ts", "step", "pass", "name", "phase", "success", "gpu", "reason", "params"):
-        if k in b:
-            out[k] = b[k][keep]
-    out["values"] = {k: v[keep] for k, v in b["values"].items()}
-    new_index = np.cumsum(keep) - 1
-    out["sparse"] = {f: [[int(new_index[i]), x] for i, x in entries if keep[i]]
-                     for f, entries in b.get("sparse", {}).items()}
-    out["n"] = int(keep.sum())
-    return out
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -396,7 +396,7 @@ class TDigest:
     def to_dict(self) -> dict[str, Any]:
         """The ``tdigest`` package's dict format."""
         m, w = self.centroids()
-        return {"n": int(round(self.total)), "delta": 1.0 / self.compression, "K": 25,
+        return {"n": round(self.total), "delta": 1.0 / self.compression, "K": 25,
                 "centroids": [{"m": float(a), "c": float(b)} for a, b in zip(m, w, strict=True)]}
 
     def update_from_dict(self, d: dict[str, Any]) -> TDigest:

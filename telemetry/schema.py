@@ -175,6 +175,20 @@ def rows_to_batch(rows: list[dict[str, Any]], experiment_id: str, run_id: str) -
     }
 
 
+def select_rows(b: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
+    """The rows of a batch where ``keep`` is True (sparse entries renumbered)."""
+    out = dict(b)
+    for k in ("seq", "ts", "step", "pass", "name", "phase", "success", "gpu", "reason", "params"):
+        if k in b:
+            out[k] = b[k][keep]
+    out["values"] = {k: v[keep] for k, v in b["values"].items()}
+    new_index = np.cumsum(keep) - 1
+    out["sparse"] = {f: [[int(new_index[i]), x] for i, x in entries if keep[i]]
+                     for f, entries in b.get("sparse", {}).items()}
+    out["n"] = int(keep.sum())
+    return out
+
+
 def dumps_line(row: dict[str, Any]) -> bytes:
     """One JSONL line (with the trailing newline)."""
     return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)

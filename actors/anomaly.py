@@ -1,0 +1,331 @@
+"""The AnomalyDetection actor: flags unusual events as they stream past.
+
+Methods (``methods``), each per numeric field in ``metrics`` (all fields by default):
+
+* ``z_score``: ``|x - mean| / std > threshold`` (3) against the running moments;
+* ``modified_z``: ``|0.6745 (x - median) / MAD| > threshold`` (3.5) over the last ``window`` values;
+* ``iqr``: outside ``[Q1 - k IQR, Q3 + k IQR]`` with ``k = threshold`` (1.5) over the last ``window`` values;
+* ``ewma``: ``|x - ewma| / ewm_std > threshold`` (3) with weight ``ewma_lambda``;
+* ``isolation_forest``: multivariate over the ``metrics`` fields, scikit-learn's IsolationForest
+  refitted every ``refit_every`` complete rows on the last ``window`` of them; flags what it
+  predicts as outliers (``threshold`` is its contamination, ``auto`` by default).
+
+Each method judges a batch against the state *before* the batch, then learns from it. No
+field is judged before ``warmup`` values. Flagged events get ``anomaly = {"flag", "score",
+"methods", "fields", "action"}`` in the batch, which then goes on (``downstream``, the
+Sampler); ``action`` is ``flag``, ``alert`` (also logged as a warning) or ``sample_more``
+(the Sampler keeps those events whatever its rate). Anomalies close together in time
+(``period_gap_s``) form anomaly periods (start, end, count, severity). On the ``anomalies``
+topic it publishes each batch's anomalies and ``anomaly_period`` start/end messages.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from actors.base import Actor
+from actors.log import get_logger
+from actors.messages import encode
+from actors.topics import Topics
+from kernels.moments import Ewma, Moments
+
+log = get_logger("actors.anomaly")
+
+METHODS = ("z_score", "modified_z", "iqr", "ewma", "isolation_forest")
+DEFAULT_THRESHOLDS = {"z_score": 3.0, "modified_z": 3.5, "iqr": 1.5, "ewma": 3.0, "isolation_forest": "auto"}
+ACTIONS = ("flag", "alert", "sample_more")
+
+
+def check_anomaly_config(methods: Any, metrics: Any, threshold: Any, action: Any, window: Any,
+                         warmup: Any, ewma_lambda: Any) -> None:
+    """Validate the detector's settings with errors that name the setting."""
+    if not isinstance(methods, (list, tuple)) or not methods:
+        raise ValueError(f"anomaly methods must be a non-empty list, got {methods!r}")
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown anomaly method {m!r}; expected some of {', '.join(METHODS)}")
+    if metrics is not None and (not isinstance(metrics, (list, tuple)) or not all(isinstance(x, str) for x in metrics)):
+        raise ValueError(f"anomaly metrics must be a list of field names, got {metrics!r}")
+    if action not in ACTIONS:
+        raise ValueError(f"unknown anomaly action {action!r}; expected one of {', '.join(ACTIONS)}")
+    if threshold is not None and not isinstance(threshold, dict) and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0):
+        raise ValueError(f"anomaly threshold must be a positive number or a table per method, got {threshold!r}")
+    for name, v, lo in (("window", window, 10), ("warmup", warmup, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"anomaly {name} must be an int >= {lo}, got {v!r}")
+    if isinstance(ewma_lambda, bool) or not isinstance(ewma_lambda, (int, float)) or not 0 < ewma_lambda <= 1:
+        raise ValueError(f"anomaly ewma_lambda must be in (0, 1], got {ewma_lambda!r}")
+
+
+class _FieldState:
+    __slots__ = ("ewma", "moments", "pos", "ring", "seen")
+
+    def __init__(self, window: int, ewma_lambda: float) -> None:
+        self.moments = Moments()
+        self.ewma = Ewma(ewma_lambda)
+        self.ring = np.full(window, np.nan)
+        self.pos = 0
+        self.seen = 0
+
+    def recent(self) -> np.ndarray:
+        return self.ring[: self.seen] if self.seen < self.ring.size else self.ring
+
+    def push(self, x: np.ndarray) -> None:
+        w = self.ring.size
+        if x.size >= w:
+            self.ring[:] = x[-w:]
+            self.pos = 0
+        else:
+            end = self.pos + x.size
+            if end <= w:
+                self.ring[self.pos:end] = x
+            else:
+                cut = w - self.pos
+                self.ring[self.pos:] = x[:cut]
+                self.ring[: x.size - cut] = x[cut:]
+            self.pos = end % w
+        self.seen = min(w, self.seen + x.size)
+
+
+class AnomalyDetection(Actor):
+    """Scores every event batch; see the module docs."""
+
+    def __init__(
+        self,
+        experiment_id: str,
+        downstream: Any = None,
+        topics: Topics | None = None,
+        *,
+        methods: tuple[str, ...] | list[str] = ("z_score", "ewma"),
+        metrics: list[str] | None = None,
+        threshold: float | dict[str, Any] | None = None,
+        action: str = "flag",
+        window: int = 1000,
+        warmup: int = 30,
+        ewma_lambda: float = 0.1,
+        refit_every: int = 2000,
+        period_gap_s: float = 5.0,
+        max_kept: int = 10_000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_anomaly_config(methods, metrics, threshold, action, window, warmup, ewma_lambda)
+        self.experiment_id = experiment_id
+        self.downstream = downstream
+        self.topics = topics
+        self.methods = tuple(methods)
+        self.metrics = list(metrics) if metrics is not None else None
+        self.thresholds = dict(DEFAULT_THRESHOLDS)
+        if isinstance(threshold, dict):
+            for k, v in threshold.items():
+                if k not in METHODS:
+                    raise ValueError(f"anomaly threshold given for unknown method {k!r}")
+                self.thresholds[k] = v
+        elif threshold is not None:
+            for m in self.methods:
+                self.thresholds[m] = threshold
+        self.action = action
+        self.window, self.warmup, self.ewma_lambda = window, warmup, ewma_lambda
+        self.refit_every, self.period_gap_us, self.seed = refit_every, int(period_gap_s * 1e6), seed
+        self.fields: dict[str, _FieldState] = {}
+        self.kept: deque[dict[str, Any]] = deque(maxlen=max_kept)
+        self.total = 0
+        self.events = 0
+        self.by_method: dict[str, int] = {}
+        self.by_field: dict[str, int] = {}
+        self.periods: list[dict[str, Any]] = []
+        self._open: dict[str, Any] | None = None
+        self._forest: Any = None
+        self._rows: deque[np.ndarray] = deque(maxlen=window)
+        self._since_fit = 0
+
+    # --- scoring ------------------------------------------------------------------------------------
+
+    def _score_field(self, st: _FieldState, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-method scores (ratio to threshold: > 1 is anomalous) for finite values ``x``."""
+        out: dict[str, np.ndarray] = {}
+        ready = st.moments.count >= self.warmup
+        for m in self.methods:
+            if m == "isolation_forest":
+                continue
+            thr = float(self.thresholds[m])
+            s = np.zeros(x.size)
+            if m == "ewma":
+                z = st.ewma.update(x)  # learns as it scores, value by value
+                if ready:
+                    s = np.nan_to_num(np.abs(z)) / thr
+            elif ready:
+                if m == "z_score":
+                    sd = st.moments.std
+                    if sd > 0:
+                        s = np.abs(x - st.moments.mean) / sd / thr
+                elif m == "modified_z":
+                    r = st.recent()
+                    med = np.median(r)
+                    mad = np.median(np.abs(r - med))
+                    if mad > 0:
+                        s = np.abs(0.6745 * (x - med) / mad) / thr
+                elif m == "iqr":
+                    q1, q3 = np.percentile(st.recent(), [25, 75])
+                    iqr = q3 - q1
+                    if iqr > 0:
+                        lo, hi = q1 - thr * iqr, q3 + thr * iqr
+                        s = np.where(x < lo, 1 + (lo - x) / iqr, np.where(x > hi, 1 + (x - hi) / iqr, 0.0))
+            out[m] = s
+        if "ewma" not in self.methods:
+            st.ewma.update(x)
+        st.moments.add_batch(x)
+        st.push(x)
+        return out
+
+    def _forest_scores(self, b: dict[str, Any], fields: list[str]) -> np.ndarray | None:
+        cols = [b["values"][f] for f in fields if f in b["values"]]
+        if len(cols) != len(fields) or not cols:
+            return None
+        X = np.column_stack(cols)
+        complete = ~np.isnan(X).any(axis=1)
+        scores = np.zeros(X.shape[0])
+        Xc = X[complete]
+        if self._forest is not None and Xc.shape[0]:
+            pred = self._forest.predict(Xc)
+            raw = -self._forest.decision_function(Xc)  # > 0 for outliers
+            scores[complete] = np.where(pred == -1, 1.0 + np.maximum(raw, 0.0), 0.0)
+        for row in Xc:
+            self._rows.append(row)
+        self._since_fit += Xc.shape[0]
+        if len(self._rows) >= max(self.warmup, 32) and (self._forest is None or self._since_fit >= self.refit_every):
+            from sklearn.ensemble import IsolationForest
+
+            self._forest = IsolationForest(n_estimators=100, contamination=self.thresholds["isolation_forest"],
+                                           random_state=self.seed).fit(np.array(self._rows))
+            self._since_fit = 0
+        return scores
+
+    def handle_events(self, msg: dict[str, Any]) -> None:
+        n = int(msg["n"])
+        if n == 0:
+            return
+        self.events += n
+        fields = self.metrics if self.metrics is not None else list(msg["values"])
+        score = np.zeros(n)
+        hits: dict[int, tuple[set[str], set[str]]] = {}
+        for f in fields:
+            col = msg["values"].get(f)
+            if col is None:
+                continue
+            ok = np.isfinite(col)
+            if not ok.any():
+                continue
+            st = self.fields.get(f)
+            if st is None:
+                st = self.fields[f] = _FieldState(self.window, self.ewma_lambda)
+            idx = np.flatnonzero(ok)
+            for m, s in self._score_field(st, col[ok]).items():
+                bad = s > 1.0
+                for i, sc in zip(idx[bad].tolist(), s[bad].tolist(), strict=True):
+                    h = hits.setdefault(i, (set(), set()))
+                    h[0].add(m)
+                    h[1].add(f)
+                    score[i] = max(score[i], sc)
+        if "isolation_forest" in self.methods:
+            forest_fields = self.metrics if self.metrics is not None else sorted(msg["values"])
+            fs = self._forest_scores(msg, forest_fields)
+            if fs is not None:
+                for i in np.flatnonzero(fs > 1.0).tolist():
+                    h = hits.setdefault(i, (set(), set()))
+                    h[0].add("isolation_forest")
+                    h[1].update(forest_fields)
+                    score[i] = max(score[i], float(fs[i]))
+        if hits:
+            self._record(msg, hits, score)
+        if self.downstream is not None:
+            self.downstream.tell_bytes(encode(msg))
+
+    def _record(self, b: dict[str, Any], hits: dict[int, tuple[set[str], set[str]]], score: np.ndarray) -> None:
+        items = []
+        anno = b.setdefault("sparse", {}).setdefault("anomaly", [])
+        names, phases = b["names"], b["phases"]
+        for i in sorted(hits):
+            methods, fields = sorted(hits[i][0]), sorted(hits[i][1])
+            sc = float(score[i])
+            severity = "high" if sc >= 3 else "medium" if sc >= 1.5 else "low"
+            flag = {"flag": True, "score": round(sc, 4), "methods": methods, "fields": fields,
+                    "severity": severity, "action": self.action}
+            anno.append([i, flag])
+            pc = int(b["phase"][i])
+            item = {"seq": int(b["seq"][i]) if "seq" in b else None, "ts": int(b["ts"][i]),
+                    "run_id": b.get("run_id"), "name": names[int(b["name"][i])],
+                    "phase": phases[pc] if pc >= 0 else None,
+                    "values": {f: float(b["values"][f][i]) for f in fields if f in b["values"]}, **flag}
+            items.append(item)
+            self.kept.append(item)
+            self.total += 1
+            for m in methods:
+                self.by_method[m] = self.by_method.get(m, 0) + 1
+            for f in fields:
+                self.by_field[f] = self.by_field.get(f, 0) + 1
+            self._period(item)
+        if self.action == "alert":
+            log.warning("anomalies detected", experiment=self.experiment_id, count=len(items),
+                        first=items[0]["values"], methods=items[0]["methods"])
+        if self.topics is not None:
+            self.topics.publish("anomalies", {"kind": "anomalies", "experiment_id": self.experiment_id,
+                                              "items": items})
+
+    def _period(self, item: dict[str, Any]) -> None:
+        rank = {"low": 0, "medium": 1, "high": 2}
+        p = self._open
+        if p is not None and item["ts"] - p["end"] <= self.period_gap_us:
+            p["end"] = item["ts"]
+            p["count"] += 1
+            if rank[item["severity"]] > rank[p["severity"]]:
+                p["severity"] = item["severity"]
+            p["max_score"] = max(p["max_score"], item["score"])
+            return
+        if p is not None:
+            self._close_period()
+        self._open = {"start": item["ts"], "end": item["ts"], "count": 1, "severity": item["severity"],
+                      "max_score": item["score"]}
+        self.periods.append(self._open)
+        if self.topics is not None:
+            self.topics.publish("anomalies", {"kind": "anomaly_period", "state": "start",
+                                              "experiment_id": self.experiment_id, **self._open})
+
+    def _close_period(self) -> None:
+        if self._open is not None and self.topics is not None:
+            self.topics.publish("anomalies", {"kind": "anomaly_period", "state": "end",
+                                              "experiment_id": self.experiment_id, **self._open})
+        self._open = None
+
+    # --- answering ------------------------------------------------------------------------------
+
+    def handle_get_anomalies(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        n = int(msg.get("n", len(self.kept)))
+        return list(self.kept)[-n:] if n > 0 else []
+
+    def handle_anomaly_metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"total": self.total, "events": self.events, "rate": self.total / self.events if self.events else 0.0,
+                "by_type": dict(self.by_method), "by_field": dict(self.by_field),
+                "periods": [dict(p) for p in self.periods]}
+
+    def handle_counters(self, msg: dict[str, Any]) -> None:
+        if self.downstream is not None:
+            self.downstream.tell_bytes(encode(msg))
+
+    def terminate(self, reason: str) -> None:
+        self._close_period()
+
+
+def get_anomalies(anomaly_ref: Any, n: int | None = None, timeout: float | None = 5.0) -> list[dict[str, Any]]:
+    msg: dict[str, Any] = {"kind": "get_anomalies"}
+    if n is not None:
+        msg["n"] = n
+    return anomaly_ref.ask(msg, timeout=timeout)
+
+
+def anomaly_metrics(anomaly_ref: Any, timeout: float | None = 5.0) -> dict[str, Any]:
+    return anomaly_ref.ask({"kind": "anomaly_metrics"}, timeout=timeout)

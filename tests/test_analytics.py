@@ -1,0 +1,325 @@
+import threading
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from actors import Actor, Topics
+from actors.anomaly import AnomalyDetection, anomaly_metrics, get_anomalies
+from actors.messages import decode, encode
+from actors.sampler import Sampler, check_sampling
+from actors.streaming_metrics import StreamingMetrics, get_streaming_metrics
+from telemetry import stats
+from telemetry.schema import rows_to_batch
+
+S = 1_000_000
+T0 = 1_800_000_000 * S
+
+
+class Sink(Actor):
+    """Collects forwarded batches (and sampling figures)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches, self.sampling, self.got = [], [], threading.Event()
+
+    def handle_events(self, msg):
+        self.batches.append(msg)
+        self.got.set()
+
+    def handle_sampling(self, msg):
+        self.sampling.append(msg)
+
+    def handle_counters(self, msg):
+        pass
+
+    def handle_rows(self, msg):
+        out = []
+        for b in self.batches:
+            out += [int(s) for s in b["seq"]]
+        return out
+
+    def handle_anomalous(self, msg):
+        return [i for b in self.batches for i, a in b.get("sparse", {}).get("anomaly", []) if a["flag"]]
+
+
+def batch(values, start_seq=0, ts0=T0, dt=1000, names=None, success=None, phase="tabu"):
+    n = len(next(iter(values.values())))
+    rows = []
+    for i in range(n):
+        r = {"seq": start_seq + i, "ts": ts0 + i * dt, "name": names[i] if names else "step", "phase": phase,
+             "values": {k: float(v[i]) for k, v in values.items() if not np.isnan(v[i])}}
+        if success is not None:
+            r["success"] = bool(success[i])
+        rows.append(r)
+    return decode(encode(rows_to_batch(rows, "exp", "run")))
+
+
+# --- StreamingMetrics -------------------------------------------------------------------------
+
+def test_streaming_metrics_whole_run_and_windows():
+    now = [T0 / S + 3600]
+    sm = StreamingMetrics.start("exp", publish_interval=0, clock=lambda: now[0])
+    rng = np.random.default_rng(1)
+    old = rng.normal(100, 5, 5000)
+    new = rng.normal(10, 1, 5000)
+    # the old values are 30 minutes old, the new ones within the last minute
+    sm.tell_bytes(encode(batch({"latency_ms": old}, ts0=T0 + 1800 * S, dt=10)))
+    sm.tell_bytes(encode(batch({"latency_ms": new, "cost_usd": np.full(5000, 0.01)}, start_seq=5000,
+                               ts0=T0 + 3570 * S, dt=10, success=np.arange(5000) % 100 != 0)))
+    snap = get_streaming_metrics(sm)
+    both = np.r_[old, new]
+    f = snap["fields"]["latency_ms"]
+    assert f["count"] == 10000
+    assert f["mean"] == pytest.approx(both.mean())
+    assert f["std"] == pytest.approx(both.std(ddof=1))
+    assert abs(np.mean(both <= f["p50"]) - 0.5) < 1e-3  # rank error (the median falls in the gap)
+    assert abs(np.mean(both <= f["p99"]) - 0.99) < 1e-3
+    one_min = snap["windows"]["60s"]["latency_ms"]
+    assert one_min["count"] == 5000 and one_min["mean"] == pytest.approx(new.mean())
+    assert snap["windows"]["3600s"]["latency_ms"]["count"] == 10000
+    assert snap["success_rate"] == pytest.approx(0.99)
+    assert snap["sla"] == {"99": True, "99.9": False, "99.99": False}
+    assert snap["totals"]["cost_usd"] == pytest.approx(50.0)
+    assert snap["by_name"] == {"step": 10000}
+    sm.stop()
+
+
+def test_streaming_metrics_publishes_on_the_metrics_topic():
+    topics = Topics()
+    sink_got = threading.Event()
+
+    class Snap(Actor):
+        def handle_metrics(self, msg):
+            if msg["events"] == 3:
+                sink_got.set()
+
+    s = Snap.start()
+    topics.subscribe("metrics", s)
+    sm = StreamingMetrics.start("exp", topics, publish_interval=0.05)
+    sm.tell_bytes(encode(batch({"x": np.array([1.0, np.nan, np.inf])})))
+    assert sink_got.wait(5)
+    snap = sm.ask({"kind": "get"})
+    assert snap["fields"]["x"]["count"] == 1 and snap["rejected_values"] == 1
+    sm.stop()
+    s.stop()
+
+
+def test_streaming_metrics_rejects_bad_settings():
+    with pytest.raises(ValueError, match="windows"):
+        StreamingMetrics("exp", windows=(0,))
+
+
+# --- Sampler ------------------------------------------------------------------------------------
+
+def run_sampler(strategy, config, batches, seed=7):
+    sink = Sink.start()
+    s = Sampler.start("exp", sink, strategy, config, seed=seed)
+    for b in batches:
+        s.tell_bytes(encode(b))
+    counts = s.ask({"kind": "flush"})
+    rows = sink.ask({"kind": "rows"})
+    s.stop()
+    sink.stop()
+    return counts, rows
+
+
+def test_default_keeps_everything():
+    counts, rows = run_sampler("all", {}, [batch({"x": np.arange(100.0)})])
+    assert rows == list(range(100)) and counts["sampled_out"] == 0
+
+
+def test_uniform_rate():
+    bs = [batch({"x": np.arange(1000.0)}, start_seq=k * 1000) for k in range(20)]
+    counts, rows = run_sampler("uniform", {"rate": 0.1}, bs)
+    assert 1700 < len(rows) < 2300
+    assert counts["sampled_out"] + len(rows) == 20_000
+
+
+def test_reservoir_exact_size_and_uniform():
+    bs = [batch({"x": np.arange(1000.0)}, start_seq=k * 1000) for k in range(10)]
+    hits = np.zeros(10)
+    for seed in range(30):
+        counts, rows = run_sampler("reservoir", {"k": 200}, bs, seed=seed)
+        assert len(rows) == 200 and len(set(rows)) == 200
+        assert counts["sampled_out"] == 10_000 - 200
+        hits += np.bincount(np.array(rows) // 1000, minlength=10)
+    # every tenth of the stream is equally likely to be in the reservoir
+    assert st.chisquare(hits).pvalue > 0.001
+
+
+def test_stratified_rates_per_stratum():
+    n = 20_000
+    success = np.arange(n) % 10 != 0  # 10 % errors
+    b = batch({"x": np.arange(float(n))}, success=success)
+    counts, rows = run_sampler("stratified", {"by": "success", "rates": {"false": 1.0, "true": 0.1}}, [b])
+    kept = np.array(rows)
+    errors_kept = np.sum(kept % 10 == 0)
+    assert errors_kept == 2000  # all errors
+    assert 1500 < len(kept) - errors_kept < 2100  # ~10 % of 18,000 successes
+    assert counts["kept"]["false"] == 2000
+
+
+def test_min_samples_guarantee():
+    _counts, rows = run_sampler("uniform", {"rate": 0.0, "min_samples": 25}, [batch({"x": np.arange(100.0)})])
+    assert rows == list(range(25))
+
+
+def test_importance_keeps_the_tail():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, 50_000)
+    x[40_000] = 50.0
+    bs = [batch({"lat": x[i:i + 1000]}, start_seq=i) for i in range(0, 50_000, 1000)]
+    _counts, rows = run_sampler("importance", {"field": "lat", "quantile": 0.99, "base_rate": 0.0}, bs)
+    assert 40_000 in rows
+    assert len(rows) < 2500
+
+
+def test_adaptive_rate_follows_anomaly_flags():
+    b = batch({"x": np.arange(2000.0)}, dt=1000)
+    b["sparse"]["anomaly"] = [[1000, {"flag": True, "score": 5.0}]]
+    _counts, rows = run_sampler("adaptive", {"base_rate": 0.0, "anomaly_rate": 1.0, "cooldown_s": 0.1}, [b])
+    assert rows == list(range(1000, 1101))  # the flagged event and the cooldown after it
+
+
+@pytest.mark.parametrize(("strategy", "cfg", "match"), [
+    ("sometimes", {}, "unknown sampling_strategy"), ("uniform", {"rate": 1.5}, r"rate must be a rate in \[0, 1\]"),
+    ("reservoir", {"k": 0}, "k must be an int > 0"), ("uniform", {"rate": 0.5, "colour": 1}, "unknown sampling_config"),
+    ("stratified", {"rates": {}}, "rates"),
+])
+def test_bad_sampling_config(strategy, cfg, match):
+    with pytest.raises(ValueError, match=match):
+        check_sampling(strategy, cfg)
+
+
+# --- AnomalyDetection ---------------------------------------------------------------------------------
+
+def injected(n=20_000, every=997, seed=5):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(50, 2, n)
+    idx = np.arange(500, n, every)
+    x[idx] += rng.choice([-1, 1], idx.size) * rng.uniform(15, 30, idx.size)
+    return x, set(idx.tolist())
+
+
+@pytest.mark.parametrize("method", ["z_score", "modified_z", "iqr", "ewma"])
+def test_detection_recall_and_false_positive_rate(method):
+    x, truth = injected()
+    sink = Sink.start()
+    ad = AnomalyDetection.start("exp", sink, methods=[method], metrics=["lat"])
+    for i in range(0, x.size, 1000):
+        ad.tell_bytes(encode(batch({"lat": x[i:i + 1000]}, start_seq=i, ts0=T0 + i * 1000)))
+    flagged = set(i for i in (a["seq"] for a in get_anomalies(ad)))
+    recall = len(flagged & truth) / len(truth)
+    fpr = len(flagged - truth) / (x.size - len(truth))
+    assert recall >= 0.9, recall
+    assert fpr <= 0.01, fpr
+    m = anomaly_metrics(ad)
+    assert m["total"] == len(flagged) and m["by_type"][method] == len(flagged)
+    assert m["periods"] and all(p["count"] >= 1 for p in m["periods"])
+    assert len(sink.ask({"kind": "anomalous"})) == len(flagged)  # flags travel downstream with the events
+    ad.stop()
+    sink.stop()
+
+
+def test_isolation_forest_multivariate():
+    rng = np.random.default_rng(9)
+    X = rng.normal(0, 1, (6000, 3))
+    X[3000] = [3.2, 3.2, 3.2]
+    X[4500] = [-3.2, 3.2, -3.2]  # jointly far out: rare in every direction at once
+    ad = AnomalyDetection.start("exp", methods=["isolation_forest"], metrics=["a", "b", "c"],
+                                threshold={"isolation_forest": 0.005}, refit_every=1000)
+    for i in range(0, 6000, 500):
+        cols = {k: X[i:i + 500, j] for j, k in enumerate("abc")}
+        ad.tell_bytes(encode(batch(cols, start_seq=i)))
+    flagged = {x["seq"] for x in get_anomalies(ad)}
+    assert {3000, 4500} <= flagged
+    assert len(flagged) < 100
+    assert anomaly_metrics(ad)["by_type"] == {"isolation_forest": len(flagged)}
+    ad.stop()
+
+
+def test_anomaly_topic_and_sample_more_action():
+    topics = Topics()
+    got = threading.Event()
+
+    class Watch(Actor):
+        def handle_anomalies(self, msg):
+            got.set()
+
+        def handle_anomaly_period(self, msg):
+            pass
+
+    w = Watch.start()
+    topics.subscribe("anomalies", w)
+    sink = Sink.start()
+    samp = Sampler.start("exp", sink, "uniform", {"rate": 0.0})
+    ad = AnomalyDetection.start("exp", samp, topics, methods=["z_score"], action="sample_more")
+    x, truth = injected(5000)
+    for i in range(0, 5000, 500):
+        ad.tell_bytes(encode(batch({"lat": x[i:i + 500]}, start_seq=i)))
+    assert got.wait(5)
+    flagged = {a["seq"] for a in get_anomalies(ad)}  # the detector has forwarded every batch
+    samp.ask({"kind": "counts"})  # and the sampler has passed on what it kept
+    kept = set(sink.ask({"kind": "rows"}))
+    assert kept == flagged  # a zero rate keeps exactly what the detector flagged
+    assert truth <= flagged
+    for r in (ad, samp, sink, w):
+        r.stop()
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"methods": ["magic"]}, "unknown anomaly method"),
+                                           ({"action": "panic"}, "unknown anomaly action"),
+                                           ({"threshold": -1}, "threshold"), ({"window": 2}, "window")])
+def test_bad_anomaly_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        AnomalyDetection("exp", **kw)
+
+
+def test_nan_values_never_crash_the_detector():
+    ad = AnomalyDetection.start("exp", methods=list(("z_score", "modified_z", "iqr", "ewma")))
+    ad.tell_bytes(encode(batch({"x": np.array([np.nan] * 10 + [1.0] * 40 + [np.inf])})))
+    assert anomaly_metrics(ad)["total"] == 0
+    ad.stop()
+
+
+# --- statistics -------------------------------------------------------------------------------------------
+
+A = [19.5, 21.2, 20.1, 22.3, 18.9, 20.7, 21.8, 19.9, 20.4, 21.1]
+B = [22.1, 23.4, 21.9, 24.0, 22.8, 23.1, 21.7, 22.5, 23.9, 22.2]
+
+
+def test_stats_match_scipy():
+    assert stats.welch_t(A, B)["p_value"] == pytest.approx(st.ttest_ind(A, B, equal_var=False).pvalue)
+    assert stats.paired_t(A, B)["p_value"] == pytest.approx(st.ttest_rel(A, B).pvalue)
+    assert stats.mann_whitney(A, B)["p_value"] == pytest.approx(st.mannwhitneyu(A, B).pvalue)
+    lo, hi = stats.t_interval(A)
+    assert (lo, hi) == pytest.approx(st.t.interval(0.95, 9, loc=np.mean(A), scale=st.sem(A)))
+    blo, bhi = stats.bootstrap_interval(A, n_resamples=2000)
+    assert blo < np.mean(A) < bhi
+
+
+def test_effect_sizes_worked_example():
+    # pooled sd of A and B by hand
+    a, b = np.array(A), np.array(B)
+    sp = np.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / (a.size + b.size - 2))
+    d = (b.mean() - a.mean()) / sp
+    assert stats.cohens_d(A, B) == pytest.approx(d)
+    assert stats.hedges_g(A, B) == pytest.approx(d * (1 - 3 / (4 * 20 - 9)))
+
+
+def test_power_and_sample_size_published_values():
+    # Cohen (1988): d = 0.5, alpha = 0.05 two-sided, power 0.80 -> 64 per group
+    assert stats.sample_size_two_sample(0.5, 0.8) == 64
+    assert stats.power_two_sample(0.5, 64) == pytest.approx(0.80, abs=0.01)
+    assert stats.sample_size_two_sample(0.8, 0.8) == 26
+
+
+def test_compare_runs_on_a_metric():
+    ctl = [{"values": {"colors": v}} for v in A]
+    trt = [{"values": {"colors": v}} for v in B]
+    r = stats.compare(ctl, trt, metric="colors")
+    assert r["p_value"] < 0.001 and r["effect_size"] > 1.5
+    assert r["ci"][0] < np.mean(B) - np.mean(A) < r["ci"][1]
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.compare([1.0], [2.0, 3.0])
