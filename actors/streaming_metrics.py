@@ -142,7 +142,12 @@ class StreamingMetrics(Actor):
         self.failure += int((succ == 0).sum())
         ts = msg["ts"]
         self.last_ts = int(ts[-1])
-        secs = ts / 1e6
+        # bucket numbers per window, computed once per batch (usually one bucket for all rows)
+        spans: list[tuple[int, int] | np.ndarray] = []
+        for w in self.windows:
+            width = w / self.nb
+            first, last = int(ts[0] / 1e6 // width), int(ts[-1] / 1e6 // width)
+            spans.append((first, last) if first == last else (ts / 1e6 // width).astype(np.int64))
         for field, col in msg["values"].items():
             m = self.moments.get(field)
             if m is None:
@@ -152,14 +157,13 @@ class StreamingMetrics(Actor):
             present = ~np.isnan(col)  # NaN = the event does not carry this field
             m.add_batch(col[present])  # infinities are refused (and counted) by the folds
             self.digests[field].add_batch(col[present])
-            for w in self.win[field]:
-                b = (secs // w.width).astype(np.int64)
-                if b[0] == b[-1]:
-                    w.add(int(b[0]), col[present])
+            vals = col[present]
+            for w, span in zip(self.win[field], spans, strict=True):
+                if isinstance(span, tuple):
+                    w.add(span[0], vals)
                 else:
-                    for k in np.unique(b).tolist():
-                        sel = (b == k) & present
-                        w.add(k, col[sel])
+                    for k in np.unique(span).tolist():
+                        w.add(k, col[(span == k) & present])
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
         """Emitter counters travel on the same topic; nothing to fold."""

@@ -15,6 +15,32 @@ import numpy as np
 from numba import njit
 
 
+@njit(cache=True, nogil=True)
+def batch_moments(v):  # pragma: no cover - compiled
+    """One pass over a batch: (n, mean, M2, min, max, sum, non-finite count), Welford's update."""
+    n = 0
+    mean = 0.0
+    m2 = 0.0
+    lo = np.inf
+    hi = -np.inf
+    total = 0.0
+    bad = 0
+    for x in v:
+        if not np.isfinite(x):
+            bad += 1
+            continue
+        n += 1
+        d = x - mean
+        mean += d / n
+        m2 += d * (x - mean)
+        total += x
+        if x < lo:
+            lo = x
+        if x > hi:
+            hi = x
+    return n, mean, m2, lo, hi, total, bad
+
+
 class Moments:
     """count, mean, variance (population and sample), min, max; mergeable."""
 
@@ -30,16 +56,12 @@ class Moments:
         self.rejected = 0
 
     def add_batch(self, values: Any) -> None:
-        v = np.asarray(values, dtype=np.float64).ravel()
-        ok = np.isfinite(v)
-        if not ok.all():
-            self.rejected += int(v.size - ok.sum())
-            v = v[ok]
+        v = np.ascontiguousarray(values, dtype=np.float64).ravel()
         if v.size == 0:
             return
-        mean = float(v.mean())
-        m2 = float(((v - mean) ** 2).sum())
-        self._merge(v.size, mean, m2, float(v.min()), float(v.max()), float(v.sum()))
+        n, mean, m2, lo, hi, total, bad = batch_moments(v)
+        self.rejected += bad
+        self._merge(n, mean, m2, lo, hi, total)
 
     def add(self, x: float) -> None:
         self.add_batch(np.array([x]))

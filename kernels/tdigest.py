@@ -50,59 +50,60 @@ def _kinv(k, delta, scale, total):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _compress(m, w, n, total, delta, scale, out_m, out_w):  # pragma: no cover - compiled
-    """Merge n (mean, weight) pairs sorted by mean into bounded centroids; return the count."""
-    if n == 0:
-        return 0
+def _merge_compress(am, aw, an, bm, bw, bn, unit, total, delta, scale, out_m, out_w):  # pragma: no cover
+    """Stream two mean-sorted lists (``b`` of unit weights when ``unit``) through the
+    compression pass without materialising their merge; return the centroid count."""
+    i = 0
+    j = 0
     k = 0
-    cur_m = m[0]
-    cur_w = w[0]
+    started = False
+    cur_m = 0.0
+    cur_w = 0.0
     so_far = 0.0
     limit = total * _kinv(_k(0.0, delta, scale, total) + 1.0, delta, scale, total)
-    for i in range(1, n):
-        if so_far + cur_w + w[i] <= limit or m[i] == cur_m:
-            cur_w += w[i]
-            cur_m += (m[i] - cur_m) * w[i] / cur_w
+    while i < an or j < bn:
+        if j >= bn or (i < an and am[i] <= bm[j]):
+            m = am[i]
+            w = aw[i]
+            i += 1
+        else:
+            m = bm[j]
+            w = 1.0 if unit else bw[j]
+            j += 1
+        if not started:
+            cur_m = m
+            cur_w = w
+            started = True
+        elif so_far + cur_w + w <= limit or m == cur_m or k >= out_m.shape[0] - 1:
+            cur_w += w  # (the last clause is a guard: never write past the output arrays)
+            cur_m += (m - cur_m) * w / cur_w
         else:
             out_m[k] = cur_m
             out_w[k] = cur_w
             k += 1
             so_far += cur_w
             limit = total * _kinv(_k(so_far / total, delta, scale, total) + 1.0, delta, scale, total)
-            cur_m = m[i]
-            cur_w = w[i]
-    out_m[k] = cur_m
-    out_w[k] = cur_w
-    return k + 1
+            cur_m = m
+            cur_w = w
+    if started:
+        out_m[k] = cur_m
+        out_w[k] = cur_w
+        k += 1
+    return k
 
 
 @njit(cache=True, nogil=True)
-def _merge_sorted(am, aw, an, bm, bw, bn, om, ow):  # pragma: no cover - compiled
-    """Merge two mean-sorted (mean, weight) lists into om/ow; return the length."""
-    i = 0
-    j = 0
-    k = 0
-    while i < an and j < bn:
-        if am[i] <= bm[j]:
-            om[k] = am[i]
-            ow[k] = aw[i]
-            i += 1
-        else:
-            om[k] = bm[j]
-            ow[k] = bw[j]
-            j += 1
-        k += 1
-    while i < an:
-        om[k] = am[i]
-        ow[k] = aw[i]
-        i += 1
-        k += 1
-    while j < bn:
-        om[k] = bm[j]
-        ow[k] = bw[j]
-        j += 1
-        k += 1
-    return k
+def _runs_up_to(v, limit):  # pragma: no cover - compiled
+    """Number of runs of equal values in sorted ``v``, counting no further than ``limit + 1``."""
+    if v.shape[0] == 0:
+        return 0
+    runs = 1
+    for i in range(1, v.shape[0]):
+        if v[i] != v[i - 1]:
+            runs += 1
+            if runs > limit:
+                return runs
+    return runs
 
 
 @njit(cache=True, nogil=True)
@@ -282,11 +283,14 @@ class TDigest:
         self.max = max(self.max, float(v[-1]))
         if w is None:
             if self.discrete:
-                vals, counts = np.unique(v, return_counts=True)
-                self._absorb_discrete(vals, counts.astype(np.float64))
-                return
-            w = np.ones(v.size)
-        elif self.discrete:
+                if _runs_up_to(v, self.max_discrete) <= self.max_discrete:  # v is sorted: few distinct values?
+                    starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+                    self._absorb_discrete(v[starts], np.diff(np.r_[starts, v.size]).astype(np.float64))
+                    return
+                self._to_centroids()
+            self._absorb_centroids(v, None)
+            return
+        if self.discrete:
             vals, inv = np.unique(v, return_inverse=True)
             self._absorb_discrete(vals, np.bincount(inv, weights=w))
             return
@@ -302,24 +306,35 @@ class TDigest:
                 self._grow(k)
             self.means[:k], self.weights[:k], self.n = ov[:k], oc[:k], k
             return
+        self.means[: min(k, self.cap)], self.weights[: min(k, self.cap)] = 0.0, 0.0
         self.discrete = False  # too many distinct values: an ordinary t-digest from now on
         self.n = 0
         self.total = 0.0  # all the weight is in (ov, oc): re-absorb it as centroids
         self._absorb_centroids(ov[:k], oc[:k])
+
+    def _to_centroids(self) -> None:
+        """Leave discrete mode: the exact table becomes the first centroids."""
+        m, w = self.means[: self.n].copy(), self.weights[: self.n].copy()
+        self.discrete = False
+        self.n = 0
+        self.total = 0.0
+        if m.size:
+            self._absorb_centroids(m, w)
 
     def _grow(self, k: int) -> None:
         self.cap = max(k, self.cap * 2)
         self.means = np.resize(self.means, self.cap)
         self.weights = np.resize(self.weights, self.cap)
 
-    def _absorb_centroids(self, m: np.ndarray, w: np.ndarray) -> None:
-        size = self.n + m.size
-        om, ow = np.empty(size), np.empty(size)
-        k = _merge_sorted(self.means, self.weights, self.n, m, w, m.size, om, ow)
-        self.total += float(w.sum())
+    def _absorb_centroids(self, m: np.ndarray, w: np.ndarray | None) -> None:
+        """Merge mean-sorted centroids (unit weights when ``w`` is None) and compress."""
+        self.total += float(m.size if w is None else w.sum())
         if self.cap < int(2 * self.compression) + 16:
             self._grow(int(2 * self.compression) + 16)
-        self.n = _compress(om, ow, k, self.total, self.compression, self._scale_code, self.means, self.weights)
+        om, ow = np.empty(self.cap), np.empty(self.cap)
+        self.n = _merge_compress(self.means, self.weights, self.n, m, m if w is None else w, m.size, w is None,
+                                 self.total, self.compression, self._scale_code, om, ow)
+        self.means, self.weights = om, ow
 
     def _absorb_weighted(self, m: np.ndarray, w: np.ndarray) -> None:
         order = np.argsort(m, kind="stable")
