@@ -111,8 +111,10 @@ class AnomalyDetection(Actor):
         period_gap_s: float = 5.0,
         max_kept: int = 10_000,
         seed: int = 0,
+        enabled: bool = True,
     ) -> None:
         super().__init__()
+        self.enabled = enabled  # disabled: batches pass straight through to downstream
         check_anomaly_config(methods, metrics, threshold, action, window, warmup, ewma_lambda)
         self.experiment_id = experiment_id
         self.downstream = downstream
@@ -208,6 +210,10 @@ class AnomalyDetection(Actor):
     def handle_events(self, msg: dict[str, Any]) -> None:
         n = int(msg["n"])
         if n == 0:
+            return
+        if not self.enabled:
+            if self.downstream is not None:
+                self.downstream.tell_bytes(encode(msg))
             return
         self.events += n
         fields = self.metrics if self.metrics is not None else list(msg["values"])

@@ -196,8 +196,10 @@ class Supervisor(Actor):
         auto_shutdown: str = "never",
         registry: Registry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_restart: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__()
+        self.on_restart = on_restart  # called (child id, exit reason) before each restart
         specs = list(children)
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
@@ -325,6 +327,11 @@ class Supervisor(Actor):
             return
         log.warning("child exited; restarting", child=c.spec.id, reason=reason, strategy=self.strategy)
         self._count_restart()
+        if self.on_restart is not None:
+            try:
+                self.on_restart(c.spec.id, reason)
+            except Exception:
+                log.exception("on_restart hook failed", child=c.spec.id)
         lived = self.clock() - c.started_at
         c.backoff_n = 0 if self.backoff and lived > self.backoff[1] else c.backoff_n + 1
         idx = self._children.index(c)

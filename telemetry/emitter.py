@@ -63,6 +63,8 @@ class Emitter:
         debug: bool = False,
         seq_start: int = 0,
         counters: dict[str, int] | None = None,
+        on_publish: Any = None,
+        watch: Any = (),
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow policy must be one of {', '.join(OVERFLOW_POLICIES)}, got {overflow!r}")
@@ -73,6 +75,8 @@ class Emitter:
         self.batch_size, self.flush_interval = batch_size, flush_interval
         self.overflow, self.max_backlog, self.block_timeout = overflow, max_backlog, block_timeout
         self.debug = debug
+        self.on_publish = on_publish  # called with the counters after each published batch
+        self.watch = tuple(watch)  # more targets whose backlog counts (downstream of the topic)
         c = counters or {}
         self.emitted = c.get("emitted", 0)  # accepted by emit()
         self.published = c.get("published", 0)  # sent downstream (seq numbers used)
@@ -215,16 +219,25 @@ class Emitter:
         self.batches += 1
         batch["counters"] = self.counters()
         self.topics.publish_bytes(self.topic, encode(batch))
+        if self.on_publish is not None:
+            self.on_publish(batch["counters"])
+
+    def backlog(self) -> int:
+        """Batches waiting at the slowest consumer (topic subscribers and watched targets)."""
+        b = self.topics.backlog(self.topic)
+        for t in self.watch:
+            b = max(b, t.queue_size())
+        return b
 
     def _make_room(self) -> bool:
-        if self.topics.backlog(self.topic) < self.max_backlog:
+        if self.backlog() < self.max_backlog:
             return True
         if self.overflow == "drop" and not self._closed.is_set():
             return False
         deadline = time.monotonic() + self.block_timeout
         while time.monotonic() < deadline:
             time.sleep(0.0005)  # bounded wait for a consumer to catch up (policy "block")
-            if self.topics.backlog(self.topic) < self.max_backlog:
+            if self.backlog() < self.max_backlog:
                 return True
         return False
 

@@ -1,0 +1,234 @@
+"""The PhaseActor: runs a workload in bounded steps, applying control at safe points.
+
+It never runs a long loop inside one message: it sends itself ``step``; each step runs one
+chunk of the workload and then sends the next ``step``. Control messages (``pause``,
+``resume``, ``stop``, ``set_param``) queue between steps and apply at those safe points;
+pausing simply does not send the next step.
+
+State survives a crash: after every step (and every published batch) the phase writes a
+checkpoint into its :class:`CheckpointStore`, an object its supervisor keeps across
+restarts (and mirrors to ``checkpoint.json`` in the run directory). A restarted phase
+restores the workload from it and continues the run's event numbering where the crashed
+incarnation stopped, so the Recorder neither duplicates nor misses events.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from actors.base import Actor
+from actors.log import get_logger
+from actors.topics import Topics
+from telemetry.emitter import Emitter
+
+log = get_logger("actors.phase")
+
+
+class CheckpointStore:
+    """The phase's checkpoint, kept outside the actor (thread-safe), mirrored to a file."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.state: dict[str, Any] = {}
+        self.finished = threading.Event()
+        self.finish_reason: str | None = None
+        if path is not None and path.exists():
+            try:
+                self.state = orjson.loads(path.read_bytes())
+            except orjson.JSONDecodeError:
+                log.warning("checkpoint unreadable; starting fresh", file=str(path))
+
+    def update(self, **parts: Any) -> None:
+        with self._lock:
+            self.state.update(parts)
+
+    def get(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.state)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            data = orjson.dumps(self.state, option=orjson.OPT_SERIALIZE_NUMPY)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path)
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.update(finished=reason)
+        self.save()
+        self.finished.set()
+
+
+class PhaseActor(Actor):
+    """Drives one workload for one run; see the module docs."""
+
+    def __init__(
+        self,
+        experiment_id: str,
+        run_id: str,
+        workload_cls: type,
+        params: dict[str, Any],
+        topics: Topics,
+        checkpoints: CheckpointStore,
+        *,
+        seed: int = 0,
+        budget_s: float = 60.0,
+        emitter_opts: dict[str, Any] | None = None,
+        watch: Any = (),
+        clock: Callable[[], float] = time.monotonic,
+        save_every_s: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.experiment_id, self.run_id = experiment_id, run_id
+        self.topics = topics
+        self.checkpoints = checkpoints
+        self.budget_s = budget_s
+        self.clock = clock
+        self.save_every_s = save_every_s
+        self.workload = workload_cls(params, seed)
+        self.emitter_opts = dict(emitter_opts or {})
+        self.watch = watch
+        self.paused = False
+        self.finished = False
+        self.steps = 0
+        self.emitter: Emitter | None = None
+        self._last_save = 0.0
+        self._active_s = 0.0  # active (unpaused) time used from the budget, across restarts
+
+    def on_start(self) -> None:
+        cp = self.checkpoints.get()
+        counters = cp.get("counters") or {}
+        self.emitter = Emitter(self.topics, self.experiment_id, self.run_id, counters=counters,
+                               on_publish=self._published, watch=self.watch, **self.emitter_opts)
+        if cp.get("finished"):
+            self.finished = True
+            return
+        if "workload" in cp:
+            self.workload.restore(cp["workload"])
+            self.steps = int(cp.get("steps", 0))
+            self._active_s = float(cp.get("active_s", 0.0))
+            self.paused = bool(cp.get("paused", False))
+            self.emitter.emit("phase_restart", {"steps": float(self.steps)}, parameters=self.workload.params(),
+                              notes=f"restored from checkpoint after {self.steps} steps")
+        self.workload.start(self.emitter)
+        self._mark = self.clock()
+        if not self.paused:
+            self.ref.tell({"kind": "step"})
+
+    def _published(self, counters: dict[str, int]) -> None:
+        self.checkpoints.update(counters=counters)
+
+    def _checkpoint(self, force: bool = False) -> None:
+        self.checkpoints.update(workload=self.workload.checkpoint(), steps=self.steps, paused=self.paused,
+                                active_s=self._active_s)
+        now = time.monotonic()
+        if force or now - self._last_save >= self.save_every_s:
+            self._last_save = now
+            self.checkpoints.save()
+
+    def _tick(self) -> None:
+        now = self.clock()
+        if not self.paused:
+            self._active_s += now - self._mark
+        self._mark = now
+
+    # --- the step loop -----------------------------------------------------------------------------
+
+    def handle_step(self, msg: dict[str, Any]) -> None:
+        if self.paused or self.finished:
+            return  # parked: the next step is sent by resume
+        self._tick()
+        if self._active_s >= self.budget_s:
+            self._finish("budget")
+            return
+        done = self.workload.step(self.emitter)
+        self.steps += 1
+        self._checkpoint()
+        if done:
+            self._finish("completed")
+        else:
+            self.ref.tell({"kind": "step"})
+
+    def _finish(self, reason: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._tick()
+        self._checkpoint(force=True)
+        assert self.emitter is not None
+        self.emitter.emit("phase_end", {"steps": float(self.steps), "active_s": self._active_s}, notes=reason)
+        counters = self.emitter.close()
+        self.checkpoints.update(counters=counters)
+        self.checkpoints.finish(reason)
+        log.info("phase finished", experiment=self.experiment_id, run_id=self.run_id, reason=reason,
+                 steps=self.steps)
+
+    # --- control at safe points ------------------------------------------------------------------------
+
+    def handle_pause(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if not self.paused and not self.finished:
+            self._tick()
+            self.paused = True
+            assert self.emitter is not None
+            self.emitter.flush()
+            self._checkpoint(force=True)
+        return self.status()
+
+    def handle_resume(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.paused and not self.finished:
+            self._tick()
+            self.paused = False
+            self._checkpoint(force=True)
+            self.ref.tell({"kind": "step"})
+        return self.status()
+
+    def handle_stop(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self._finish(str(msg.get("reason", "stopped")))
+        return self.status()
+
+    def handle_set_param(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Apply a parameter change at this safe point; refused values come back as an error."""
+        key, value = msg.get("key"), msg.get("value")
+        assert self.emitter is not None
+        try:
+            before, after = self.workload.set_param(key, value)
+        except ValueError as exc:
+            log.warning("control action refused", key=key, value=value, error=str(exc))
+            self.emitter.emit("control_refused", notes=f"{key}={value!r} refused: {exc}",
+                              parameters=self.workload.params())
+            return {"ok": False, "error": str(exc)}
+        why = msg.get("why", "requested")
+        self.emitter.emit("control", parameters=self.workload.params(),
+                          notes=f"{key}: {before!r} -> {after!r} ({why})")
+        self._checkpoint(force=True)
+        return {"ok": True, "key": key, "before": before, "after": after}
+
+    def status(self) -> dict[str, Any]:
+        return {"paused": self.paused, "finished": self.finished, "steps": self.steps,
+                "active_s": self._active_s, "params": self.workload.params(),
+                "counters": self.emitter.counters() if self.emitter else {}}
+
+    def handle_status(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    def handle_crash(self, msg: dict[str, Any]) -> None:
+        """Fault injection for tests and drills: crash this phase now."""
+        raise RuntimeError(str(msg.get("why", "injected phase crash")))
+
+    def terminate(self, reason: str) -> None:
+        if self.emitter is not None and not self.finished:
+            self._tick()
+            self._checkpoint(force=True)
+            self.checkpoints.update(counters=self.emitter.close())
+            self.checkpoints.save()

@@ -1,0 +1,258 @@
+"""Experiment specs: TOML files validated up front, with ``--set key=value`` overrides.
+
+A spec names the experiment, its hypothesis and condition, tags and metadata, a seed, a
+time budget, the workload and its parameters, and the telemetry / sampling / anomaly /
+metrics / hypertune sections. Every key is checked against :data:`SCHEMA`: an unknown key,
+a wrong type or an out-of-range value is a :class:`SpecError` naming the key and the file.
+Workload parameters are checked by the workload itself (see ``experiments.workloads``).
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from actors.anomaly import check_anomaly_config
+from actors.sampler import check_sampling
+from telemetry.emitter import OVERFLOW_POLICIES
+from telemetry.schema import check_id
+
+
+class SpecError(ValueError):
+    """A spec problem, with the file and the key it is about."""
+
+
+def _num(lo: float | None = None, hi: float | None = None, integer: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+            return f"must be {'an integer' if integer else 'a number'}, got {v!r}"
+        if lo is not None and v < lo:
+            return f"must be >= {lo}, got {v!r}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}, got {v!r}"
+        return None
+    return check
+
+
+def _type(*types: type) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) and bool not in types:
+            return f"must be {' or '.join(t.__name__ for t in types)}, got {v!r}"
+        return None if isinstance(v, types) else f"must be {' or '.join(t.__name__ for t in types)}, got {v!r}"
+    return check
+
+
+def _choice(*options: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in options else f"must be one of {', '.join(options)}, got {v!r}"
+    return check
+
+
+def _str_list(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        return f"must be a list of strings, got {v!r}"
+    return None
+
+
+def _id(v: Any) -> str | None:
+    try:
+        check_id("name", v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+ANY_TABLE = "table"  # free-form table: metadata, workload params, sampling config
+
+SCHEMA: dict[str, Any] = {
+    "name": _id,
+    "hypothesis": _type(str),
+    "condition": _type(str),
+    "tags": _str_list,
+    "metadata": ANY_TABLE,
+    "seed": _num(0, integer=True),
+    "time_budget_s": _num(0.001),
+    "workload": {
+        "name": _type(str),
+        "params": ANY_TABLE,
+    },
+    "telemetry": {
+        "batch_size": _num(1, 1_000_000, integer=True),
+        "flush_interval_s": _num(0.001, 60),
+        "overflow": _choice(*OVERFLOW_POLICIES),
+        "max_backlog": _num(1, 1_000_000, integer=True),
+        "block_timeout_s": _num(0, 3600),
+        "rotate_mb": _num(1, 1_000_000),
+        "fsync_interval_s": _num(0.01, 60),
+        "ring_size": _num(0, 10_000_000, integer=True),
+        "index_limit": _num(16, 1_000_000_000, integer=True),
+        "debug": _type(bool),
+        "maximize": _str_list,
+    },
+    "metrics": {
+        "windows_s": lambda v: None if isinstance(v, list) and v and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v)
+        else f"must be a non-empty list of positive seconds, got {v!r}",
+        "publish_interval_s": _num(0, 3600),
+        "compression": _num(10, 100_000),
+    },
+    "sampling": {
+        "strategy": _type(str),
+        "config": ANY_TABLE,
+    },
+    "anomaly": {
+        "enabled": _type(bool),
+        "methods": _str_list,
+        "metrics": _str_list,
+        "threshold": lambda v: None if isinstance(v, (int, float, dict)) and not isinstance(v, bool)
+        else f"must be a number or a table per method, got {v!r}",
+        "action": _type(str),
+        "window": _num(10, integer=True),
+        "warmup": _num(0, integer=True),
+        "ewma_lambda": _num(0.0001, 1),
+        "period_gap_s": _num(0),
+    },
+    "hypertune": {
+        "enabled": _type(bool),
+        "window_s": _num(0.1),
+        "policy": _type(str),
+        "state_file": _type(str),
+    },
+    "supervision": {
+        "max_restarts": _num(0, integer=True),
+        "max_seconds": _num(0.001),
+    },
+}
+
+DEFAULTS: dict[str, Any] = {
+    "name": "experiment",
+    "hypothesis": "",
+    "condition": "",
+    "tags": [],
+    "metadata": {},
+    "seed": 0,
+    "time_budget_s": 60.0,
+    "workload": {"name": "latency", "params": {}},
+    "telemetry": {"batch_size": 1024, "flush_interval_s": 0.05, "overflow": "block", "max_backlog": 64,
+                  "block_timeout_s": 1.0, "rotate_mb": 256, "fsync_interval_s": 1.0, "ring_size": 1000,
+                  "index_limit": 1_000_000, "debug": False, "maximize": []},
+    "metrics": {"windows_s": [60, 300, 3600], "publish_interval_s": 1.0, "compression": 1000},
+    "sampling": {"strategy": "all", "config": {}},
+    "anomaly": {"enabled": True, "methods": ["z_score", "ewma"], "action": "flag", "window": 1000, "warmup": 30,
+                "ewma_lambda": 0.1, "period_gap_s": 5.0},
+    "hypertune": {"enabled": False, "window_s": 5.0, "policy": "ucb", "state_file": ""},
+    "supervision": {"max_restarts": 3, "max_seconds": 5.0},
+}
+
+
+def _where(source: str | None, key: str) -> str:
+    return f"{source}: {key}" if source else key
+
+
+def _check(data: dict[str, Any], schema: dict[str, Any], source: str | None, prefix: str = "") -> None:
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        rule = schema.get(k)
+        if rule is None:
+            known = ", ".join(sorted(prefix + s for s in schema))
+            raise SpecError(f"{_where(source, key)}: unknown key (known here: {known})")
+        if rule == ANY_TABLE:
+            if not isinstance(v, dict):
+                raise SpecError(f"{_where(source, key)}: must be a table, got {v!r}")
+        elif isinstance(rule, dict):
+            if not isinstance(v, dict):
+                raise SpecError(f"{_where(source, key)}: must be a table, got {v!r}")
+            _check(v, rule, source, key + ".")
+        else:
+            problem = rule(v)
+            if problem:
+                raise SpecError(f"{_where(source, key)}: {problem}")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("metadata",):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is read as TOML, else as a string."""
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise SpecError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    if not overrides:
+        return out
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for path, value in items:
+        parts = path.split(".") if isinstance(path, str) else path
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise SpecError(f"--set {'.'.join(parts)}: {p!r} is not a table")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None,
+              workloads: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read (a path) or take (a dict) a spec, apply overrides, validate, fill defaults."""
+    source: str | None = None
+    if isinstance(spec, dict):
+        raw = copy.deepcopy(spec)
+    else:
+        path = Path(spec)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise SpecError(f"{source}: cannot read the spec ({exc.strerror or exc})") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError(f"{source}: not valid TOML: {exc}") from None
+    _check(raw, SCHEMA, source)
+    raw = apply_overrides(raw, overrides)
+    _check(raw, SCHEMA, source and f"{source} (with --set)")
+    full = _merge(DEFAULTS, raw)
+    try:
+        check_sampling(full["sampling"]["strategy"], full["sampling"]["config"])
+    except ValueError as exc:
+        raise SpecError(f"{_where(source, 'sampling')}: {exc}") from None
+    a = full["anomaly"]
+    try:
+        check_anomaly_config(a["methods"], a.get("metrics"), a.get("threshold"), a["action"], a["window"],
+                             a["warmup"], a["ewma_lambda"])
+    except ValueError as exc:
+        raise SpecError(f"{_where(source, 'anomaly')}: {exc}") from None
+    if workloads is not None:
+        name = full["workload"]["name"]
+        if name not in workloads:
+            raise SpecError(f"{_where(source, 'workload.name')}: unknown workload {name!r}; "
+                            f"available: {', '.join(sorted(workloads))}")
+        try:
+            full["workload"]["params"] = workloads[name].check_params(full["workload"]["params"])
+        except ValueError as exc:
+            raise SpecError(f"{_where(source, 'workload.params')}: {exc}") from None
+    full["source"] = source
+    return full

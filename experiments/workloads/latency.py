@@ -1,0 +1,159 @@
+"""The ``latency`` workload: times real calls, Crucible-style.
+
+``target`` is either a Python callable given by import path (``"package.module:function"``)
+or an ``http://`` / ``https://`` URL fetched with GET. Each call is timed with
+``time.perf_counter``; the event carries ``latency_ms`` and ``success`` (an exception, an
+HTTP status >= 400 or a timeout is a failure, with the error in ``notes``), and
+``cost_usd`` / ``tokens_prompt`` / ``tokens_completion`` when the callable returns a dict
+with them. Nothing is simulated: the numbers are the calls' own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from telemetry.emitter import Emitter
+
+PASSED_THROUGH = ("cost_usd", "tokens_prompt", "tokens_completion")
+DEFAULTS: dict[str, Any] = {"target": "experiments.workloads.latency:checksum_work", "calls": 0,
+                            "calls_per_step": 20, "timeout_s": 10.0, "args": [], "kwargs": {}}
+
+
+def checksum_work(size: int = 262_144) -> dict[str, Any]:
+    """A real, deterministic CPU task for the default experiment: hash and compress a buffer."""
+    import hashlib
+    import zlib
+
+    data = hashlib.sha256(str(size).encode()).digest() * (size // 32)
+    packed = zlib.compress(data, 6)
+    return {"bytes": size, "compressed": len(packed)}
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """Import ``module:function``; ValueError naming what is missing."""
+    if ":" not in target:
+        raise ValueError(f"target {target!r} must be 'module:function' or an http(s) URL")
+    mod_name, fn_name = target.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"target {target!r}: cannot import {mod_name!r} ({exc})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"target {target!r}: {mod_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+class LatencyWorkload:
+    """Times calls to a callable or a URL; see the module docs."""
+
+    name: ClassVar[str] = "latency"
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(params) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown latency parameter(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(DEFAULTS)}")
+        p = {**DEFAULTS, **params}
+        if not isinstance(p["target"], str):
+            raise ValueError(f"target must be a string, got {p['target']!r}")
+        if not p["target"].startswith(("http://", "https://")):
+            resolve(p["target"])
+        for k in ("calls", "calls_per_step"):
+            if isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < (1 if k == "calls_per_step" else 0):
+                raise ValueError(f"{k} must be an integer >= {1 if k == 'calls_per_step' else 0}, got {p[k]!r}")
+        if isinstance(p["timeout_s"], bool) or not isinstance(p["timeout_s"], (int, float)) or p["timeout_s"] <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {p['timeout_s']!r}")
+        if not isinstance(p["args"], list) or not isinstance(p["kwargs"], dict):
+            raise ValueError("args must be a list and kwargs a table")
+        return p
+
+    def __init__(self, params: dict[str, Any], seed: int = 0) -> None:
+        self.p = dict(params)
+        self.seed = seed
+        self.done = 0
+        self.failures = 0
+        self.best_ms: float | None = None
+        self._fn: Callable[[], Any] | None = None
+
+    def _caller(self) -> Callable[[], Any]:
+        target = self.p["target"]
+        if target.startswith(("http://", "https://")):
+            timeout = float(self.p["timeout_s"])
+
+            def get() -> dict[str, Any]:
+                with urllib.request.urlopen(target, timeout=timeout) as resp:
+                    body = resp.read()
+                    return {"status": resp.status, "bytes": len(body)}
+            return get
+        fn = resolve(target)
+        args, kwargs = list(self.p["args"]), dict(self.p["kwargs"])
+        return lambda: fn(*args, **kwargs)
+
+    def start(self, emitter: Emitter) -> None:
+        self._fn = self._caller()
+        emitter.set_context(phase="calls")
+        emitter.emit("start", {"calls_done": float(self.done)}, parameters=self.params(),
+                     notes=f"latency workload on {self.p['target']}")
+
+    def step(self, emitter: Emitter) -> bool:
+        fn = self._fn
+        assert fn is not None
+        limit = self.p["calls"]
+        for _ in range(self.p["calls_per_step"]):
+            if limit and self.done >= limit:
+                return True
+            t0 = time.perf_counter()
+            notes = None
+            try:
+                result = fn()
+                ok = True
+            except urllib.error.HTTPError as exc:
+                result, ok, notes = {"status": exc.code}, False, f"HTTP {exc.code}"
+            except Exception as exc:  # noqa: BLE001 - a failed call is a measurement, not a crash
+                result, ok, notes = None, False, f"{type(exc).__name__}: {exc}"
+            ms = (time.perf_counter() - t0) * 1000.0
+            values = {"latency_ms": ms}
+            if isinstance(result, dict):
+                for k in PASSED_THROUGH:
+                    v = result.get(k)
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        values[k] = float(v)
+            self.done += 1
+            if not ok:
+                self.failures += 1
+            elif self.best_ms is None or ms < self.best_ms:
+                self.best_ms = ms
+            emitter.emit("call", values, step=self.done, success=ok, notes=notes)
+        return bool(limit and self.done >= limit)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"done": self.done, "failures": self.failures, "best_ms": self.best_ms, "params": self.params()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.done = int(state.get("done", 0))
+        self.failures = int(state.get("failures", 0))
+        self.best_ms = state.get("best_ms")
+        for k, v in (state.get("params") or {}).items():
+            if k in self.p:
+                self.p[k] = v
+
+    def params(self) -> dict[str, Any]:
+        return {"target": self.p["target"], "calls_per_step": self.p["calls_per_step"],
+                "timeout_s": self.p["timeout_s"]}
+
+    def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
+        if key not in ("calls_per_step", "timeout_s"):
+            raise ValueError(f"latency workload has no tunable parameter {key!r} (calls_per_step, timeout_s)")
+        check = self.check_params({**{k: v for k, v in self.p.items() if k in DEFAULTS}, key: value})
+        before = self.p[key]
+        self.p[key] = check[key]
+        if key == "timeout_s":
+            self._fn = self._caller()
+        return before, self.p[key]
