@@ -1,4 +1,4 @@
-"""Root of the tree: supervision API re-exports and the ``crucible`` command line.
+"""Root of the tree: the supervision API, the Lab, and the ``crucible`` command line.
 
 ``crucible ...`` and ``python supervisor.py ...`` are the same program.
 """
@@ -19,13 +19,20 @@ from actors.supervision import (
     SupervisorRef,
     TooManyChildren,
 )
+from experiments.lab import AlreadyPaused, Experiment, Lab, NotFound, NotPaused, NotRunning
 
 __all__ = [
+    "AlreadyPaused",
     "ChildNotFound",
     "ChildRunning",
     "ChildSpec",
     "DynamicSupervisor",
+    "Experiment",
+    "Lab",
     "MaxRestartIntensity",
+    "NotFound",
+    "NotPaused",
+    "NotRunning",
     "Supervisor",
     "SupervisorRef",
     "TooManyChildren",
@@ -64,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run a small supervised tree that shows restarts")
     d.add_argument("--seconds", type=float, default=3.0, help="how long to run (default 3)")
     d.set_defaults(func=_cmd_demo)
+    from experiments.cli import add_commands
+
+    add_commands(sub)
     return p
 
 
@@ -76,7 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level, json=True if args.log_json else None)
     freeze_startup_heap()
-    return int(args.func(args) or 0)
+    from experiments.cli import UsageError
+
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        parser.exit(2, f"crucible {args.command}: error: {exc}\n")
+    return 2
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class PhaseActor(Actor):
             self.steps = int(cp.get("steps", 0))
             self._active_s = float(cp.get("active_s", 0.0))
             self.paused = bool(cp.get("paused", False))
+            self.emitter.hold(self.paused)
             self.emitter.emit("phase_restart", {"steps": float(self.steps)}, parameters=self.workload.params(),
                               notes=f"restored from checkpoint after {self.steps} steps")
         self.workload.start(self.emitter)
@@ -182,6 +183,7 @@ class PhaseActor(Actor):
             self.paused = True
             assert self.emitter is not None
             self.emitter.flush()
+            self.emitter.hold(True)
             self._checkpoint(force=True)
         return self.status()
 
@@ -189,6 +191,8 @@ class PhaseActor(Actor):
         if self.paused and not self.finished:
             self._tick()
             self.paused = False
+            assert self.emitter is not None
+            self.emitter.hold(False)
             self._checkpoint(force=True)
             self.ref.tell({"kind": "step"})
         return self.status()

@@ -151,11 +151,11 @@ def _quantile(m, w, n, total, vmin, vmax, q):  # pragma: no cover - compiled
     index = q * total
     if index < 1.0:
         return vmin
-    if w[0] > 1.0 and index < w[0] / 2.0:
+    if w[0] > 2.0 and index < w[0] / 2.0:
         return vmin + (index - 1.0) / (w[0] / 2.0 - 1.0) * (m[0] - vmin)
     if index > total - 1.0:
         return vmax
-    if w[n - 1] > 1.0 and total - index <= w[n - 1] / 2.0:
+    if w[n - 1] > 2.0 and total - index <= w[n - 1] / 2.0:
         return vmax - (total - index - 1.0) / (w[n - 1] / 2.0 - 1.0) * (vmax - m[n - 1])
     so_far = w[0] / 2.0
     for i in range(n - 1):

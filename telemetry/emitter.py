@@ -92,6 +92,8 @@ class Emitter:
         self._rows: list[tuple[Any, ...]] = []  # only ever appended to, and cut from the front
         self._flush_lock = threading.RLock()
         self._closed = threading.Event()
+        self.held = False  # while held, batches wait in _held_batches (events emitted during a pause)
+        self._held_batches: list[dict[str, Any]] = []
         self._flusher = threading.Thread(target=self._flush_loop, name=f"emitter-{run_id}", daemon=True)
         self._flusher.start()
 
@@ -176,6 +178,11 @@ class Emitter:
             self.rejected += n
         log.warning("event rejected", run_id=self.run_id, count=n, reason=why)
 
+    def hold(self, on: bool) -> None:
+        """Hold batches back (or let them go): a paused phase's notices wait for its resume,
+        when the subscribers are attached again. ``close()`` sends held batches regardless."""
+        self.held = on
+
     def _flush_loop(self) -> None:
         interval_ns = int(self.flush_interval * 1e9)
         while not self._closed.wait(self.flush_interval / 2):
@@ -187,6 +194,11 @@ class Emitter:
                 self.flush()
 
     def _flush_locked(self) -> None:
+        held_back = self.held and not self._closed.is_set()
+        if not held_back and self._held_batches:
+            pending, self._held_batches = self._held_batches, []
+            for b in pending:
+                self._publish(b)
         n = len(self._rows)
         rows = self._rows[:n]  # slicing, then deleting the same prefix: appends in between survive
         del self._rows[:n]
@@ -206,7 +218,13 @@ class Emitter:
             if not rows:
                 return
             batch = self._columns(rows)
-        n = len(rows)
+        if held_back:
+            self._held_batches.append(batch)  # built with the context in force, sent after the hold
+            return
+        self._publish(batch)
+
+    def _publish(self, batch: dict[str, Any]) -> None:
+        n = int(batch["n"])
         if not self._make_room():
             self.dropped += n
             self._unreported_drops += n

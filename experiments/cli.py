@@ -1,0 +1,212 @@
+"""The experiment commands of ``crucible``: run, list, export, compare."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from experiments.lab import Experiment, Lab
+from experiments.spec import SpecError
+from telemetry.export import FORMATS, export_run
+from telemetry.jsonl import iter_run
+from telemetry.schema import check_id
+
+
+class UsageError(Exception):
+    """A command-line problem; printed without a traceback, exit code 2."""
+
+
+def _progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
+    m = exp.metrics()
+    ph = exp.phase_status()
+    events = m.get("events", 0)
+    now = time.monotonic()
+    rate = (events - last.get("events", 0)) / max(now - last.get("t", t0), 1e-9)
+    last.update(events=events, t=now)
+    budget = exp.spec["time_budget_s"]
+    table = Table(title=f"{exp.id}  run {exp.run_id}", show_header=False, expand=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("status", f"{exp.status()}  (workload {exp.spec['workload']['name']})")
+    table.add_row("elapsed / budget", f"{ph.get('active_s', 0.0):.1f} s active / {budget:g} s   "
+                                      f"wall {now - t0:.1f} s")
+    table.add_row("steps", str(ph.get("steps", 0)))
+    table.add_row("events", f"{events:,}  ({rate:,.0f}/s)")
+    for field in ("chromatic_number", "conflicts", "latency_ms"):
+        f = (m.get("fields") or {}).get(field)
+        if f and f.get("count"):
+            table.add_row(field, f"best {f['min']:.4g}   last-window p50 {f.get('p50') or 0:.4g}   "
+                                 f"p99 {f.get('p99') or 0:.4g}")
+    if m.get("success_rate") is not None:
+        table.add_row("success rate", f"{m['success_rate']:.4%}")
+    return table
+
+
+def summary_table(s: dict[str, Any]) -> Table:
+    t = Table(title=f"run summary: {s.get('experiment_id')} / {s.get('run_id')}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k in ("status", "reason", "wall_clock_duration", "active_duration", "paused_duration", "pause_count",
+              "resume_count", "events_emitted", "events_persisted", "events_dropped", "events_rejected"):
+        v = s.get(k)
+        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    for phase, p in (s.get("phases") or {}).items():
+        best = ", ".join(f"{k}={v:.4g}" for k, v in sorted(p.get("best", {}).items())[:4])
+        t.add_row(f"phase {phase}", f"{p.get('events')} events, {p.get('duration_s', 0):.2f} s; best {best}")
+    if s.get("restarts"):
+        t.add_row("restarts", ", ".join(f"{k}: {v}" for k, v in s["restarts"].items()))
+    t.add_row("run dir", str(s.get("run_dir", "")))
+    return t
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    console = Console()
+    stop_now = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop_now.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    lab = Lab(args.artifacts)
+    try:
+        try:
+            exp = lab.start_experiment(args.spec, overrides=args.set or None)
+        except SpecError as exc:
+            raise UsageError(str(exc)) from None
+        t0 = time.monotonic()
+        last: dict[str, Any] = {}
+        if args.no_live or not console.is_terminal:
+            while not exp.wait(0.5) and not stop_now.is_set():
+                pass
+        else:
+            with Live(_progress(exp, t0, last), console=console, refresh_per_second=4) as live:
+                while not exp.wait(0.5) and not stop_now.is_set():
+                    live.update(_progress(exp, t0, last))
+        if stop_now.is_set() and exp.status() in ("running", "paused"):
+            console.print("[yellow]signal received: stopping the experiment and flushing everything[/]")
+            exp.stop()
+        s = exp.summary()
+        console.print(summary_table(s))
+        if args.json_summary:
+            Path(args.json_summary).write_bytes(orjson.dumps(s, option=orjson.OPT_INDENT_2))
+        return 1 if str(s.get("reason", "")).startswith("failed") else 0
+    finally:
+        lab.shutdown()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def find_runs(artifacts: Path) -> list[Path]:
+    """Run directories under an artifacts folder, newest first."""
+    runs = [p.parent for p in artifacts.glob("*/*/events.jsonl")]
+    runs += [p.parent for p in artifacts.glob("*/*/summary.json") if p.parent not in runs]
+    return sorted(set(runs), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def resolve_run(arg: str, artifacts: Path) -> Path:
+    """A run directory from a path or a run id (validated: ids never escape the artifacts folder)."""
+    p = Path(arg)
+    if p.is_dir() and ((p / "events.jsonl").exists() or list(p.glob("events.*.jsonl"))):
+        return p
+    try:
+        check_id("run id", arg)
+    except ValueError as exc:
+        raise UsageError(f"{arg!r} is neither a run directory nor a valid run id: {exc}") from None
+    hits = [r for r in find_runs(artifacts) if r.name == arg]
+    if not hits:
+        recent = ", ".join(r.name for r in find_runs(artifacts)[:5]) or "none"
+        raise UsageError(f"no run {arg!r} under {artifacts}; recent runs: {recent}")
+    return hits[0]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    console = Console()
+    art = Path(args.artifacts)
+    t = Table(title=f"runs in {art}")
+    for col in ("experiment", "run", "status", "events", "duration s", "path"):
+        t.add_column(col)
+    for run in find_runs(art):
+        s, lc = run / "summary.json", run / "lifecycle.json"
+        summ = orjson.loads(s.read_bytes()) if s.exists() else {}
+        life = orjson.loads(lc.read_bytes()) if lc.exists() else {}
+        t.add_row(run.parent.name, run.name, str(life.get("status", "?")), str(summ.get("events_persisted", "?")),
+                  f"{life.get('wall_clock_duration', summ.get('total_duration_s', 0.0)):.1f}", str(run))
+    console.print(t)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    run = resolve_run(args.run, Path(args.artifacts))
+    out = Path(args.out) if args.out else Path(f"{run.name}.{args.format}")
+    n = export_run(run, args.format, out)
+    Console().print(f"exported {n:,} events of {run} to {out}")
+    return 0
+
+
+def _values(run: Path, metric: str) -> list[float]:
+    out = []
+    for ev in iter_run(run):
+        v = (ev.get("values") or {}).get(metric)
+        if isinstance(v, (int, float)):
+            out.append(float(v))
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from telemetry.stats import compare
+
+    art = Path(args.artifacts)
+    a, b = resolve_run(args.run_a, art), resolve_run(args.run_b, art)
+    va, vb = _values(a, args.metric), _values(b, args.metric)
+    if len(va) < 2 or len(vb) < 2:
+        raise UsageError(f"metric {args.metric!r} has {len(va)} values in {a.name} and {len(vb)} in {b.name}; "
+                         "need at least 2 in each")
+    r = compare(va, vb, metric=args.metric)
+    if args.json:
+        print(orjson.dumps(r).decode())
+        return 0
+    t = Table(title=f"{args.metric}: {a.name} (control) vs {b.name} (treatment)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k in ("n_control", "n_treatment", "mean_control", "mean_treatment", "test", "p_value", "mann_whitney_p",
+              "effect_size", "cohens_d"):
+        v = r[k]
+        t.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    t.add_row(f"{r['confidence']:.0%} CI of the difference", f"[{r['ci'][0]:.6g}, {r['ci'][1]:.6g}]")
+    Console().print(t)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    r = sub.add_parser("run", help="run an experiment spec in the foreground")
+    r.add_argument("spec", help="experiment spec (TOML)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
+    r.add_argument("--artifacts", default="artifacts", help="artifacts folder (default ./artifacts)")
+    r.add_argument("--no-live", action="store_true", help="no live progress display")
+    r.add_argument("--json-summary", metavar="PATH", help="also write the final summary as JSON")
+    r.set_defaults(func=cmd_run)
+    ls = sub.add_parser("list", help="list the runs in an artifacts folder")
+    ls.add_argument("--artifacts", default="artifacts")
+    ls.set_defaults(func=cmd_list)
+    ex = sub.add_parser("export", help="export a run to CSV, JSONL or Parquet")
+    ex.add_argument("run", help="run directory or run id")
+    ex.add_argument("--format", choices=FORMATS, default="jsonl")
+    ex.add_argument("--out", help="output file (default RUN.FORMAT)")
+    ex.add_argument("--artifacts", default="artifacts")
+    ex.set_defaults(func=cmd_export)
+    cp = sub.add_parser("compare", help="statistical comparison of two runs on one metric")
+    cp.add_argument("run_a")
+    cp.add_argument("run_b")
+    cp.add_argument("--metric", required=True)
+    cp.add_argument("--json", action="store_true")
+    cp.add_argument("--artifacts", default="artifacts")
+    cp.set_defaults(func=cmd_compare)

@@ -1,0 +1,283 @@
+import http.server
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from actors.messages import encode
+from experiments.spec import SpecError
+from supervisor import AlreadyPaused, Lab, NotFound, NotPaused, NotRunning
+from telemetry.jsonl import iter_run
+from telemetry.schema import rows_to_batch
+
+FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 5}
+
+
+def spec(name="t", budget=600.0, calls=0, **extra):
+    return {"name": name, "time_budget_s": budget,
+            "workload": {"name": "latency", "params": {**FAST, "calls": calls}},
+            "metrics": {"publish_interval_s": 0}, **extra}
+
+
+def files_account(exp):
+    """emitted = persisted + dropped, counted from the files."""
+    s = orjson.loads((exp.run_dir / "summary.json").read_bytes())
+    on_disk = sum(1 for _ in iter_run(exp.run_dir))
+    assert on_disk == s["events_persisted"]
+    assert s["events_emitted"] == s["events_persisted"] + s["events_dropped"]
+    return s
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab(tmp_path / "art")
+    yield lab
+    lab.shutdown()
+
+
+def test_durations_are_exact_with_an_injected_clock(tmp_path):
+    now = [100.0]
+    lab = Lab(tmp_path / "art", clock=lambda: now[0])
+    exp = lab.start_experiment(spec())
+    for _ in range(3):
+        now[0] += 2.0
+        exp.pause()
+        now[0] += 5.0
+        exp.resume()
+    now[0] += 1.0
+    exp.stop()
+    now[0] += 50.0  # time after the stop does not count
+    s = exp.summary()
+    assert s["wall_clock_duration"] == 22.0
+    assert s["paused_duration"] == 15.0
+    assert s["active_duration"] == 7.0
+    assert (s["pause_count"], s["resume_count"]) == (3, 3)
+    lab.shutdown()
+
+
+def test_no_events_are_collected_while_paused(lab):
+    exp = lab.start_experiment(spec())
+    exp.pause()
+    before = exp.metrics()["events"]
+    # an event batch published while paused reaches nobody: the subscribers are detached
+    stray = rows_to_batch([{"seq": 10**9, "ts": 1, "name": "stray", "values": {"x": 1.0}}], exp.id, exp.run_id)
+    assert exp.topics.publish_bytes("events", encode(stray)) == 0
+    assert exp.phase_status()["paused"]
+    assert exp.metrics()["events"] == before
+    exp.resume()
+    exp.stop()
+    s = files_account(exp)
+    assert "stray" not in {e["name"] for e in iter_run(exp.run_dir)}
+    assert s["events_persisted"] > 0
+
+
+def test_two_experiments_do_not_see_each_other(lab):
+    a = lab.start_experiment(spec("a"))
+    b = lab.start_experiment(spec("b", workload={"name": "latency", "params": {**FAST, "target": "math:floor"}}))
+    a.stop()
+    b.stop()
+    ea, eb = list(iter_run(a.run_dir)), list(iter_run(b.run_dir))
+    assert ea and eb
+    assert {e["experiment_id"] for e in ea} == {"a"} and {e["experiment_id"] for e in eb} == {"b"}
+    assert all(e["run_id"] == a.run_id for e in a.query_window(("last_n", 10_000)))
+    assert a.metrics()["events"] == len(ea) and b.metrics()["events"] == len(eb)
+
+
+def test_phase_crash_restarts_from_checkpoint_and_completes(lab):
+    slow = {"target": "time:sleep", "args": [0.0005], "calls_per_step": 5, "calls": 1000}
+    exp = lab.start_experiment(spec(workload={"name": "latency", "params": slow}))
+    exp.pause()  # parked mid-run at a safe point: the crash below surely hits a running workload
+    assert not exp.phase_status()["finished"]
+    phase = exp.registry.whereis("phase")
+    exp.registry.send("phase", {"kind": "crash", "why": "drill"})
+    assert exp.registry.await_name("phase", timeout=10, not_urn=phase.urn) is not None
+    assert exp.phase_status()["paused"]  # the restored phase keeps the checkpointed pause
+    exp.resume()
+    assert exp.wait(60)
+    assert exp.reason == "completed"
+    s = files_account(exp)
+    assert s["restarts"].get("phase") == 1
+    calls = [e for e in iter_run(exp.run_dir) if e["name"] == "call"]
+    assert len(calls) == 1000  # the restored phase went on counting, it did not start over
+    assert sorted(e["step"] for e in calls) == list(range(1, 1001))
+    assert [e["name"] for e in iter_run(exp.run_dir)].count("phase_restart") == 1
+
+
+def test_budget_ends_the_run(lab):
+    exp = lab.start_experiment(spec(budget=0.3))
+    assert exp.wait(30)
+    assert exp.reason == "budget" and exp.status() == "stopped"
+    files_account(exp)
+
+
+def test_lab_shutdown_flushes_everything(tmp_path):
+    lab = Lab(tmp_path / "art")
+    exps = [lab.start_experiment(spec(f"e{i}")) for i in range(2)]
+    lab.shutdown()
+    for e in exps:
+        assert e.status() == "stopped"
+        files_account(e)
+
+
+def test_errors_are_typed_and_leave_nothing_behind(lab):
+    threads = threading.active_count()
+    with pytest.raises(SpecError, match=r"available: .*latency"):
+        lab.start_experiment({"name": "x", "workload": {"name": "nope"}})
+    with pytest.raises(NotFound, match="no experiment 'ghost'"):
+        lab.get("ghost")
+    assert lab.list() == []
+    assert threading.active_count() == threads
+    exp = lab.start_experiment(spec())
+    assert lab.get(exp.id) is exp
+    exp.stop()
+    with pytest.raises(NotRunning):
+        exp.pause()
+    with pytest.raises(NotRunning):
+        exp.stop()
+    exp.archive()
+    assert exp.status() == "archived"
+
+
+def test_unwritable_artifacts_fail_at_start(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(Exception, match="not writable"):
+        Lab(f)
+
+
+class Lifecycle(RuleBasedStateMachine):
+    """Random pause / resume / stop / archive sequences against the lifecycle rules."""
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+
+        self.lab = Lab(tempfile.mkdtemp(prefix="crucible-sm-"))
+        self.exp = self.lab.start_experiment(spec())
+        self.model = "running"
+
+    @rule()
+    def pause(self):
+        expected = {"running": None, "paused": AlreadyPaused, "stopped": NotRunning, "archived": NotRunning}
+        self._do(self.exp.pause, expected[self.model], "paused")
+
+    @rule()
+    def resume(self):
+        expected = {"running": NotPaused, "paused": None, "stopped": NotRunning, "archived": NotRunning}
+        self._do(self.exp.resume, expected[self.model], "running")
+
+    @rule()
+    def stop(self):
+        expected = {"running": None, "paused": None, "stopped": NotRunning, "archived": NotRunning}
+        self._do(self.exp.stop, expected[self.model], "stopped")
+
+    @rule()
+    def archive(self):
+        self.exp.archive()
+        self.model = "archived"
+
+    def _do(self, fn, error, then):
+        if error is None:
+            fn()
+            self.model = then
+        else:
+            with pytest.raises(error):
+                fn()
+
+    @invariant()
+    def status_matches(self):
+        assert self.exp.status() == self.model
+        if self.model == "paused":
+            assert self.exp.phase_status()["paused"]
+
+    def teardown(self):
+        self.lab.shutdown()
+        if self.model in ("stopped", "archived"):
+            files_account(self.exp)
+
+
+TestLifecycle = Lifecycle.TestCase
+TestLifecycle.settings = settings(max_examples=12, stateful_step_count=8, deadline=None,
+                                  suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture
+def http_server():
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            code = 200 if self.path == "/ok" else 404
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_latency_workload_times_http_calls(lab, http_server):
+    ok = lab.start_experiment(spec("ok", workload={"name": "latency", "params": {
+        "target": f"{http_server}/ok", "calls": 20, "calls_per_step": 5}}))
+    bad = lab.start_experiment(spec("bad", workload={"name": "latency", "params": {
+        "target": f"{http_server}/missing", "calls": 10, "calls_per_step": 5}}))
+    assert ok.wait(30) and bad.wait(30)
+    calls = [e for e in iter_run(ok.run_dir) if e["name"] == "call"]
+    assert len(calls) == 20 and all(e["success"] for e in calls)
+    assert all(e["values"]["latency_ms"] > 0 for e in calls)
+    failed = [e for e in iter_run(bad.run_dir) if e["name"] == "call"]
+    assert len(failed) == 10 and not any(e["success"] for e in failed)
+    assert failed[0]["notes"] == "HTTP 404"
+
+
+def test_callable_costs_and_tokens_are_recorded(lab):
+    exp = lab.start_experiment(spec("cost", workload={"name": "latency", "params": {
+        "target": "tests.test_lab:fake_llm_call", "calls": 30, "calls_per_step": 10}}))
+    assert exp.wait(30)
+    m = exp.metrics()
+    assert m["totals"]["cost_usd"] == pytest.approx(30 * 0.002)
+    assert m["totals"]["tokens_prompt"] == 30 * 120
+
+
+def fake_llm_call():
+    """Stands for an API call that reports its own cost (real work: it hashes its prompt)."""
+    import hashlib
+
+    hashlib.sha256(b"prompt" * 1000).hexdigest()
+    return {"cost_usd": 0.002, "tokens_prompt": 120, "tokens_completion": 30}
+
+
+def test_sigterm_to_crucible_run_flushes_everything(tmp_path):
+    art = tmp_path / "art"
+    specfile = tmp_path / "long.toml"
+    specfile.write_text('name = "long"\ntime_budget_s = 600\n[workload.params]\ntarget = "math:sqrt"\n'
+                        'args = [2.0]\ncalls_per_step = 5\n')
+    proc = subprocess.Popen([sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art),
+                             "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    events = None
+    while time.monotonic() < deadline and proc.poll() is None:  # wait until events are on disk
+        found = list(art.glob("long/*/events.jsonl"))
+        if found and found[0].stat().st_size > 10_000:
+            events = found[0]
+            break
+        time.sleep(0.05)
+    assert events is not None, proc.stderr.read() if proc.poll() is not None else "no events written"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "run summary" in out
+    s = orjson.loads((events.parent / "summary.json").read_bytes())
+    assert sum(1 for _ in iter_run(events.parent)) == s["events_persisted"] > 0
+    assert s["events_emitted"] == s["events_persisted"] + s["events_dropped"]
+    assert orjson.loads((events.parent / "lifecycle.json").read_bytes())["status"] == "stopped"
