@@ -128,19 +128,30 @@ def resolve_run(arg: str, artifacts: Path) -> Path:
     return hits[0]
 
 
+def run_info(run: Path) -> dict[str, Any]:
+    s, lc = run / "summary.json", run / "lifecycle.json"
+    summ = orjson.loads(s.read_bytes()) if s.exists() else {}
+    life = orjson.loads(lc.read_bytes()) if lc.exists() else {}
+    return {"experiment": run.parent.name, "run_id": run.name, "status": life.get("status", "?"),
+            "reason": life.get("reason"), "events": summ.get("events_persisted"),
+            "duration_s": life.get("wall_clock_duration", summ.get("total_duration_s")), "path": str(run)}
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    console = Console()
     art = Path(args.artifacts)
+    infos = [run_info(r) for r in find_runs(art)]
+    if args.json:
+        for i in infos:
+            print(orjson.dumps(i).decode())
+        return 0
     t = Table(title=f"runs in {art}")
     for col in ("experiment", "run", "status", "events", "duration s", "path"):
         t.add_column(col)
-    for run in find_runs(art):
-        s, lc = run / "summary.json", run / "lifecycle.json"
-        summ = orjson.loads(s.read_bytes()) if s.exists() else {}
-        life = orjson.loads(lc.read_bytes()) if lc.exists() else {}
-        t.add_row(run.parent.name, run.name, str(life.get("status", "?")), str(summ.get("events_persisted", "?")),
-                  f"{life.get('wall_clock_duration', summ.get('total_duration_s', 0.0)):.1f}", str(run))
-    console.print(t)
+    for i in infos:
+        d = i["duration_s"]
+        t.add_row(i["experiment"], i["run_id"], str(i["status"]), str(i["events"]),
+                  f"{d:.1f}" if isinstance(d, (int, float)) else "?", i["path"])
+    Console().print(t)
     return 0
 
 
@@ -196,6 +207,7 @@ def add_commands(sub: Any) -> None:
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="list the runs in an artifacts folder")
     ls.add_argument("--artifacts", default="artifacts")
+    ls.add_argument("--json", action="store_true", help="one JSON object per run")
     ls.set_defaults(func=cmd_list)
     ex = sub.add_parser("export", help="export a run to CSV, JSONL or Parquet")
     ex.add_argument("run", help="run directory or run id")
