@@ -11,6 +11,23 @@ import structlog
 _configured = False
 
 
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the time (a host may swap it), and never
+    lets a failed log write (a closed stream, a full disk) reach the actor that logged."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stderr.write(text)
+        except (ValueError, OSError):
+            return 0
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except (ValueError, OSError):
+            pass
+
+
 def configure_logging(level: str | int = "INFO", *, json: bool | None = None) -> None:
     """Configure structlog once for the process (idempotent unless called with new args).
 
@@ -33,7 +50,7 @@ def configure_logging(level: str | int = "INFO", *, json: bool | None = None) ->
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     # pykka logs through the standard library; keep its per-crash tracebacks quiet,

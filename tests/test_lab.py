@@ -281,3 +281,18 @@ def test_sigterm_to_crucible_run_flushes_everything(tmp_path):
     assert sum(1 for _ in iter_run(events.parent)) == s["events_persisted"] > 0
     assert s["events_emitted"] == s["events_persisted"] + s["events_dropped"]
     assert orjson.loads((events.parent / "lifecycle.json").read_bytes())["status"] == "stopped"
+
+
+def test_a_failing_experiment_never_disturbs_another(lab):
+    steady = lab.start_experiment(spec("steady"))
+    doomed = lab.start_experiment(spec("doomed", supervision={"max_restarts": 0, "max_seconds": 60}))
+    doomed.pause()  # a sure mid-run target
+    doomed.registry.send("phase", {"kind": "crash", "why": "unrecoverable"})
+    assert doomed.wait(30)
+    assert doomed.status() == "stopped" and doomed.reason.startswith("failed: reached_max_restart_intensity")
+    assert steady.status() == "running" and steady.metrics()["events"] > 0
+    assert lab.sup.is_alive()
+    again = lab.start_experiment(spec("after"))  # the Lab keeps taking experiments
+    again.stop()
+    steady.stop()
+    files_account(steady)
