@@ -88,6 +88,7 @@ class PhaseActor(Actor):
         watch: Any = (),
         clock: Callable[[], float] = time.monotonic,
         save_every_s: float = 1.0,
+        run_dir: Path | None = None,
     ) -> None:
         super().__init__()
         self.experiment_id, self.run_id = experiment_id, run_id
@@ -97,6 +98,8 @@ class PhaseActor(Actor):
         self.clock = clock
         self.save_every_s = save_every_s
         self.workload = workload_cls(params, seed)
+        if run_dir is not None and hasattr(self.workload, "run_dir"):
+            self.workload.run_dir = run_dir  # where the workload may keep its own results
         self.emitter_opts = dict(emitter_opts or {})
         self.watch = watch
         self.paused = False

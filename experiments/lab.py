@@ -128,7 +128,7 @@ class Experiment:
             ChildSpec("hypertune", Hypertune, args=(self.id, s["hypertune"]["enabled"]), name="hypertune"),
             ChildSpec("phase", PhaseActor, name="phase",
                       args=(self.id, self.run_id, wl_cls, s["workload"]["params"], topics, self.checkpoints),
-                      kwargs={"seed": s["seed"], "budget_s": s["time_budget_s"],
+                      kwargs={"seed": s["seed"], "budget_s": s["time_budget_s"], "run_dir": self.run_dir,
                               "watch": (NamedTarget("sampler", reg), NamedTarget("recorder", reg)),
                               "emitter_opts": {"batch_size": t["batch_size"], "flush_interval": t["flush_interval_s"],
                                                "overflow": t["overflow"], "max_backlog": t["max_backlog"],

@@ -1,0 +1,1 @@
+"""The graph-colouring workload: DIMACS I/O, generators, initial colourings, phases."""

@@ -1,0 +1,479 @@
+"""The multi-phase colouring pipeline as a step-wise workload (the PRISM plan).
+
+Phases, each a sequence of bounded steps with safe points between them:
+
+* ``init``: the initial colouring (``init.strategy``: greedy, dsatur, spectral, community,
+  multistart); records the strategy and its colours and conflicts.
+* ``thermo``: replica exchange at fixed k = best - 1: ``replicas`` Metropolis chains on the
+  conflict count at temperatures spread geometrically over ``t_min..t_max``, adjacent
+  temperatures swapped every ``exchange_interval`` steps. On a CUDA device the replicas run
+  as array code on cupy (``kernels/replicas_xp.py``); otherwise each chain is a numba kernel.
+* ``tabu``: k-reduction: take the best colouring, remove a colour, repair with TabuCol
+  (reactive tenure); on success, remove another colour.
+* ``memetic``: HEA-style: a population at k = best - 1, GPX crossover, TabuCol local search,
+  mutation, elitism; on success, k goes down again.
+
+Every step emits the plan's fields: ``phase``, ``step``, ``chromatic_number`` (best proper k
+so far), ``k`` (the k being attempted), ``conflicts``, ``gpu_mode``, ``duration_ms``,
+``parameters``, ``notes``, ``pass``. Control hooks (``set_param``): ``adjust_temperature``
+(scale the ladder), ``set_batch`` (work per step), ``set_tenure`` (tenure alpha),
+``boost_mutation`` (mutation rate), ``skip_phase``.
+
+Iterative restarts: with ``iterative.enabled`` the pipeline starts again from its best
+solution with adjusted parameters until ``iterative.max_passes``, a pass without
+improvement, or the time budget. Each pass's best is saved as ``best_solution.pass<N>.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import orjson
+
+from experiments.coloring.graph import Graph, GraphError, load_graph
+from experiments.coloring.init import STRATEGIES, initial_coloring
+from kernels.backend import select_backend, to_numpy
+from kernels.coloring import anneal, build_gamma, count_conflicts, gpx, seed_rng, tabucol
+from telemetry.emitter import Emitter
+
+PHASES = ("thermo", "tabu", "memetic")
+DEFAULTS: dict[str, Any] = {
+    "graph": {"generator": "gnp", "n": 125, "p": 0.5, "seed": 1},
+    "init": {"strategy": "dsatur", "tries": 64},
+    "phases": ["tabu", "memetic"],
+    "target": 0,
+    "gpu": "auto",
+    "thermo": {"replicas": 8, "t_min": 0.05, "t_max": 1.5, "exchange_interval": 1, "sweeps_per_step": 2,
+               "max_steps": 100},
+    "tabu": {"tenure_a": 10, "tenure_alpha": 0.6, "iters_per_step": 20_000, "max_iters_per_k": 2_000_000},
+    "memetic": {"population": 10, "local_iters": 20_000, "mutation_rate": 0.0, "elitism": 1,
+                "max_generations": 2_000},
+    "iterative": {"enabled": False, "max_passes": 3},
+}
+LIMITS = {  # (section, key): (min, max, integer)
+    ("thermo", "replicas"): (2, 256, True), ("thermo", "t_min"): (1e-4, 100.0, False),
+    ("thermo", "t_max"): (1e-4, 1000.0, False), ("thermo", "exchange_interval"): (1, 10_000, True),
+    ("thermo", "sweeps_per_step"): (1, 10_000, True), ("thermo", "max_steps"): (1, 10**9, True),
+    ("tabu", "tenure_a"): (1, 10_000, True), ("tabu", "tenure_alpha"): (0.0, 10.0, False),
+    ("tabu", "iters_per_step"): (1, 10**9, True), ("tabu", "max_iters_per_k"): (1, 10**12, True),
+    ("memetic", "population"): (2, 1000, True), ("memetic", "local_iters"): (1, 10**9, True),
+    ("memetic", "mutation_rate"): (0.0, 1.0, False), ("memetic", "elitism"): (0, 1000, True),
+    ("memetic", "max_generations"): (1, 10**9, True), ("iterative", "max_passes"): (1, 1000, True),
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if k not in base:
+            raise ValueError(f"unknown colouring parameter {where}{k!r}; known: {', '.join(sorted(base))}")
+        if isinstance(base[k], dict) and k != "graph":
+            if not isinstance(v, dict):
+                raise ValueError(f"{where}{k} must be a table")
+            out[k] = _merge(base[k], v, f"{where}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def check_number(section: str, key: str, v: Any) -> Any:
+    lo, hi, integer = LIMITS[(section, key)]
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise ValueError(f"{section}.{key} must be {'an integer' if integer else 'a number'}, got {v!r}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{section}.{key} must be in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+class ColoringWorkload:
+    """The colouring pipeline; see the module docs."""
+
+    name: ClassVar[str] = "coloring"
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        p = _merge(DEFAULTS, params)
+        g = p["graph"]
+        if not isinstance(g, dict) or (not g.get("file") and g.get("generator", "gnp") not in ("gnp", "planted")):
+            raise ValueError(f"graph must name a file or a generator (gnp, planted), got {g!r}")
+        if g.get("file") and not Path(g["file"]).exists():
+            raise ValueError(f"graph.file {g['file']!r} does not exist")
+        if p["init"]["strategy"] not in STRATEGIES:
+            raise ValueError(f"init.strategy must be one of {', '.join(STRATEGIES)}, got {p['init']['strategy']!r}")
+        if not isinstance(p["phases"], list) or not p["phases"] or any(x not in PHASES for x in p["phases"]):
+            raise ValueError(f"phases must be a non-empty list of {', '.join(PHASES)}, got {p['phases']!r}")
+        if p["gpu"] not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"gpu must be auto, gpu or cpu, got {p['gpu']!r}")
+        if isinstance(p["target"], bool) or not isinstance(p["target"], int) or p["target"] < 0:
+            raise ValueError(f"target must be an integer >= 0, got {p['target']!r}")
+        for (section, key) in LIMITS:
+            check_number(section, key, p[section][key])
+        if p["thermo"]["t_min"] > p["thermo"]["t_max"]:
+            raise ValueError("thermo.t_min must be <= thermo.t_max")
+        if not isinstance(p["iterative"]["enabled"], bool):
+            raise ValueError("iterative.enabled must be true or false")
+        return p
+
+    def __init__(self, params: dict[str, Any], seed: int = 0) -> None:
+        self.p = {k: (dict(v) if isinstance(v, dict) else v) for k, v in params.items()}
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.run_dir: Path | None = None  # set by the phase actor: where per-pass solutions go
+        try:
+            self.g: Graph = load_graph(self.p["graph"])
+        except GraphError as exc:
+            raise ValueError(str(exc)) from None
+        self.xp, self.gpu_mode, self.gpu_reason = select_backend(self.p["gpu"])
+        self.pass_ = 0
+        self.phase_idx = -1  # -1 = init
+        self.best: np.ndarray | None = None
+        self.best_k = 0
+        self.k = 0
+        self.steps_in_phase = 0
+        self.iters_at_k = 0
+        self.pass_best: list[int] = []
+        self.pass_start_best = 0
+        self.t_start = time.monotonic()
+        self.seconds_to_best = 0.0
+        self._state: dict[str, Any] = {}
+
+    # --- protocol ---------------------------------------------------------------------------------
+
+    def start(self, emitter: Emitter) -> None:
+        seed_rng(self.seed + 7919 * self.pass_)
+        emitter.set_context(gpu_mode=self.gpu_mode, pass_=self.pass_)
+        if self.best is not None:
+            self._enter_phase(max(self.phase_idx, 0), emitter, "resumed from checkpoint")
+
+    @property
+    def phase(self) -> str:
+        return "init" if self.phase_idx < 0 else self.p["phases"][self.phase_idx]
+
+    def step(self, emitter: Emitter) -> bool:
+        t0 = time.perf_counter()
+        if self.phase_idx < 0:
+            return self._init(emitter, t0)
+        phase = self.phase
+        done_phase = {"thermo": self._thermo_step, "tabu": self._tabu_step, "memetic": self._memetic_step}[phase]()
+        self.steps_in_phase += 1
+        emitter.emit("step", {"chromatic_number": float(self.best_k), "k": float(self.k),
+                              "conflicts": float(self._state.get("f", 0)),
+                              "duration_ms": (time.perf_counter() - t0) * 1e3},
+                     phase=phase, step=self.steps_in_phase, parameters=self.params(),
+                     gpu_reason=self.gpu_reason)
+        if self._state.pop("improved", False):
+            self._new_best(emitter, phase)
+        if self.p["target"] and self.best_k <= self.p["target"]:
+            emitter.emit("target_reached", {"chromatic_number": float(self.best_k)}, phase=phase,
+                         notes=f"target {self.p['target']} reached")
+            return self._end_pass(emitter, final=True)
+        if done_phase or self.best_k <= 1:
+            return self._next_phase(emitter)
+        return False
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"pass": self.pass_, "phase_idx": self.phase_idx, "best_k": self.best_k,
+                "best": self.best.tolist() if self.best is not None else None, "pass_best": self.pass_best,
+                "seconds_to_best": self.seconds_to_best, "params": {s: self.p[s] for s in PHASES}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get("best") is None:
+            return
+        self.pass_ = int(state["pass"])
+        self.phase_idx = int(state["phase_idx"])
+        self.best = np.asarray(state["best"], dtype=np.int32)
+        self.best_k = int(state["best_k"])
+        self.pass_best = list(state.get("pass_best", []))
+        self.seconds_to_best = float(state.get("seconds_to_best", 0.0))
+        for s in PHASES:
+            self.p[s].update(state.get("params", {}).get(s, {}))
+
+    def params(self) -> dict[str, Any]:
+        ph = self.phase
+        return {"phase": ph, **(self.p[ph] if ph in PHASES else {"strategy": self.p["init"]["strategy"]})}
+
+    def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
+        """The control hooks, applied at the next safe point (between steps)."""
+        if key == "adjust_temperature":
+            f = float(value)
+            if not 0.1 <= f <= 10.0:
+                raise ValueError(f"adjust_temperature factor must be in [0.1, 10], got {value!r}")
+            before = (self.p["thermo"]["t_min"], self.p["thermo"]["t_max"])
+            self.p["thermo"]["t_min"] = check_number("thermo", "t_min", before[0] * f)
+            self.p["thermo"]["t_max"] = check_number("thermo", "t_max", before[1] * f)
+            self._betas()
+            return before, (self.p["thermo"]["t_min"], self.p["thermo"]["t_max"])
+        if key == "set_batch":
+            section, field = {"thermo": ("thermo", "sweeps_per_step"), "memetic": ("memetic", "local_iters")}.get(
+                self.phase, ("tabu", "iters_per_step"))
+            before = self.p[section][field]
+            self.p[section][field] = check_number(section, field, value)
+            return before, value
+        if key == "set_tenure":
+            before = self.p["tabu"]["tenure_alpha"]
+            self.p["tabu"]["tenure_alpha"] = check_number("tabu", "tenure_alpha", value)
+            return before, value
+        if key == "boost_mutation":
+            before = self.p["memetic"]["mutation_rate"]
+            self.p["memetic"]["mutation_rate"] = check_number("memetic", "mutation_rate", value)
+            return before, value
+        if key == "skip_phase":
+            before = self.phase
+            self._state["skip"] = True
+            return before, "next phase"
+        raise ValueError(f"unknown control {key!r}; expected adjust_temperature, set_batch, set_tenure, "
+                         "boost_mutation or skip_phase")
+
+    # --- phases --------------------------------------------------------------------------------------
+
+    def _init(self, emitter: Emitter, t0: float) -> bool:
+        strat = self.p["init"]["strategy"]
+        kw = {"tries": self.p["init"]["tries"]} if strat == "multistart" else {}
+        c = initial_coloring(self.g, strat, self.seed, **kw)
+        conflicts = int(count_conflicts(self.g.indptr, self.g.indices, c))
+        self.best, self.best_k = c, int(c.max()) + 1 if c.size else 0
+        self.seconds_to_best = time.monotonic() - self.t_start
+        emitter.emit("init", {"chromatic_number": float(self.best_k), "conflicts": float(conflicts),
+                              "duration_ms": (time.perf_counter() - t0) * 1e3, "vertices": float(self.g.n),
+                              "edges": float(self.g.m)},
+                     phase="init", step=0, parameters={"strategy": strat}, gpu_reason=self.gpu_reason,
+                     notes=f"initial colouring by {strat}: {self.best_k} colours, {conflicts} conflicts")
+        self.pass_start_best = self.best_k
+        return self._next_phase(emitter)
+
+    def _enter_phase(self, idx: int, emitter: Emitter, why: str) -> None:
+        self.phase_idx = idx
+        self.steps_in_phase = 0
+        self._state = {}
+        self.k = self.best_k - 1
+        if self.k >= 1:
+            {"thermo": self._thermo_setup, "tabu": self._tabu_setup, "memetic": self._memetic_setup}[self.phase]()
+        emitter.emit("phase_start", {"chromatic_number": float(self.best_k), "k": float(self.k)}, phase=self.phase,
+                     parameters=self.params(), notes=why)
+
+    def _next_phase(self, emitter: Emitter) -> bool:
+        nxt = self.phase_idx + 1
+        if nxt >= len(self.p["phases"]) or self.best_k <= 1:
+            return self._end_pass(emitter)
+        self._enter_phase(nxt, emitter, f"after {self.phase}")
+        return False
+
+    def _end_pass(self, emitter: Emitter, final: bool = False) -> bool:
+        self.pass_best.append(self.best_k)
+        self._save_pass()
+        emitter.emit("pass_end", {"chromatic_number": float(self.best_k)}, phase=self.phase,
+                     notes=f"pass {self.pass_} ended at {self.best_k} colours")
+        it = self.p["iterative"]
+        improved = self.best_k < self.pass_start_best or self.pass_ == 0
+        if final or not it["enabled"] or self.pass_ + 1 >= it["max_passes"] or not improved:
+            return True
+        self.pass_ += 1
+        self.pass_start_best = self.best_k
+        # next pass: longer searches, a little more diversity
+        self.p["tabu"]["max_iters_per_k"] = int(min(10**12, self.p["tabu"]["max_iters_per_k"] * 2))
+        self.p["memetic"]["max_generations"] = int(min(10**9, self.p["memetic"]["max_generations"] * 2))
+        self.p["tabu"]["tenure_alpha"] = min(10.0, self.p["tabu"]["tenure_alpha"] * 1.1)
+        emitter.set_context(pass_=self.pass_)
+        seed_rng(self.seed + 7919 * self.pass_)
+        self._enter_phase(0, emitter, f"pass {self.pass_}: restart from the best solution ({self.best_k} colours)")
+        return False
+
+    def _save_pass(self) -> None:
+        if self.run_dir is None or self.best is None:
+            return
+        data = {"instance": self.g.name, "pass": self.pass_, "k": self.best_k, "coloring": self.best.tolist()}
+        (self.run_dir / f"best_solution.pass{self.pass_}.json").write_bytes(orjson.dumps(data))
+
+    def _new_best(self, emitter: Emitter, phase: str) -> None:
+        self.seconds_to_best = time.monotonic() - self.t_start
+        emitter.emit("new_best", {"chromatic_number": float(self.best_k)}, phase=phase,
+                     notes=f"proper colouring with {self.best_k} colours")
+
+    def _accept(self, colors: np.ndarray, k: int) -> None:
+        """A proper colouring with k colours was found: record it, aim at k - 1."""
+        self.best = colors.astype(np.int32).copy()
+        self.best_k = k
+        self._state["improved"] = True
+        self.k = k - 1
+
+    def _reduced(self, base: np.ndarray, k: int) -> np.ndarray:
+        """``base`` with its colours >= k moved to the least-conflicting colour below k."""
+        c = base.astype(np.int32).copy()
+        if k < 1:
+            return c
+        gamma = build_gamma(self.g.indptr, self.g.indices, np.minimum(c, k - 1), k)
+        for v in np.flatnonzero(c >= k):
+            c[v] = int(np.argmin(gamma[v]))
+        return c
+
+    # thermo ---------------------------------------------------------------------------------------
+
+    def _betas(self) -> None:
+        t = self.p["thermo"]
+        r = t["replicas"]
+        temps = np.geomspace(t["t_min"], t["t_max"], r) if r > 1 else np.array([t["t_min"]])
+        self._state["betas"] = 1.0 / temps
+
+    def _thermo_setup(self) -> None:
+        k = self.k
+        r = self.p["thermo"]["replicas"]
+        start = self._reduced(self.best, k)
+        reps = np.stack([start] + [self._perturb(start, k, 0.05) for _ in range(r - 1)])
+        self._state["colors"] = reps
+        self._betas()
+        if self.gpu_mode == "gpu":
+            from kernels.replicas_xp import build_gamma_xp, dense_adjacency
+
+            xp = self.xp
+            self._state["adj"] = dense_adjacency(xp, self.g.n, self.g.indptr, self.g.indices)
+            self._state["xc"] = xp.asarray(reps)
+            self._state["xg"] = build_gamma_xp(xp, self._state["adj"], self._state["xc"], k)
+        else:
+            self._state["gammas"] = [build_gamma(self.g.indptr, self.g.indices, c, k) for c in reps]
+        self._state["f"] = min(int(count_conflicts(self.g.indptr, self.g.indices, c)) for c in reps)
+
+    def _perturb(self, c: np.ndarray, k: int, rate: float) -> np.ndarray:
+        out = c.copy()
+        mask = self.rng.random(c.size) < rate
+        out[mask] = self.rng.integers(0, k, int(mask.sum()))
+        return out
+
+    def _thermo_step(self) -> bool:
+        if self._state.pop("skip", False) or self.k < 1:
+            return True
+        t = self.p["thermo"]
+        st = self._state
+        moves = t["sweeps_per_step"] * self.g.n
+        betas = st["betas"]
+        if self.gpu_mode == "gpu":
+            from kernels.replicas_xp import conflicts_xp, sweep_xp
+
+            xp = self.xp
+            r = st["xc"].shape[0]
+            verts = xp.asarray(self.rng.integers(0, self.g.n, (r, moves)))
+            shifts = xp.asarray(self.rng.integers(1, self.k, (r, moves))) if self.k > 1 else xp.ones((r, moves), int)
+            unif = xp.asarray(self.rng.random((r, moves)))
+            sweep_xp(xp, st["adj"], st["xc"], st["xg"], xp.asarray(betas), verts, shifts, unif, self.k)
+            energies = to_numpy(xp, conflicts_xp(xp, st["adj"], st["xc"]))
+            colors = to_numpy(xp, st["xc"])
+        else:
+            colors = st["colors"]
+            for i in range(colors.shape[0]):
+                anneal(self.g.indptr, self.g.indices, self.k, colors[i], st["gammas"][i], float(betas[i]), moves)
+            energies = np.array([count_conflicts(self.g.indptr, self.g.indices, c) for c in colors])
+        st["f"] = int(energies.min())
+        if st["f"] == 0:
+            self._accept(colors[int(np.argmin(energies))], self.k)
+            if self.k < 1:
+                return True
+            self._thermo_setup()
+            return False
+        if self.steps_in_phase % t["exchange_interval"] == 0:
+            self._exchange(energies, betas)
+        return self.steps_in_phase + 1 >= t["max_steps"]
+
+    def _exchange(self, energies: np.ndarray, betas: np.ndarray) -> None:
+        """Swap adjacent temperatures' configurations with the replica-exchange probability."""
+        st = self._state
+        for i in range(len(betas) - 1):
+            a = (betas[i] - betas[i + 1]) * (energies[i] - energies[i + 1])
+            if a >= 0 or self.rng.random() < math.exp(a):
+                if self.gpu_mode == "gpu":
+                    xp = self.xp
+                    st["xc"][[i, i + 1]] = st["xc"][[i + 1, i]]
+                    st["xg"][[i, i + 1]] = st["xg"][[i + 1, i]]
+                else:
+                    st["colors"][[i, i + 1]] = st["colors"][[i + 1, i]]
+                    st["gammas"][i], st["gammas"][i + 1] = st["gammas"][i + 1], st["gammas"][i]
+                energies[i], energies[i + 1] = energies[i + 1], energies[i]
+
+    # tabu -------------------------------------------------------------------------------------------
+
+    def _tabu_setup(self) -> None:
+        k = self.k
+        c = self._reduced(self.best, k)
+        st = self._state
+        st["colors"] = c
+        st["gamma"] = build_gamma(self.g.indptr, self.g.indices, c, k)
+        st["tabu"] = np.zeros((self.g.n, k), dtype=np.int64)
+        st["it"] = 0
+        st["best_c"] = c.copy()
+        st["best_f"] = 1 << 30
+        st["f"] = int(count_conflicts(self.g.indptr, self.g.indices, c))
+
+    def _tabu_step(self) -> bool:
+        st, t = self._state, self.p["tabu"]
+        if st.pop("skip", False) or self.k < 1:
+            return True
+        done, f, st["best_f"] = tabucol(self.g.indptr, self.g.indices, self.k, st["colors"], st["gamma"], st["tabu"],
+                                        st["it"], t["iters_per_step"], t["tenure_a"], t["tenure_alpha"],
+                                        st["best_c"], st["best_f"])
+        st["it"] += done
+        st["f"] = int(f)
+        if f == 0:
+            self._accept(st["colors"], self.k)
+            if self.k < 1:
+                return True
+            self._tabu_setup()
+            return False
+        return st["it"] >= t["max_iters_per_k"]
+
+    # memetic --------------------------------------------------------------------------------------------
+
+    def _local(self, c: np.ndarray, k: int, iters: int) -> tuple[np.ndarray, int]:
+        t = self.p["tabu"]
+        gamma = build_gamma(self.g.indptr, self.g.indices, c, k)
+        tabu = np.zeros((self.g.n, k), dtype=np.int64)
+        best = c.copy()
+        _, _, bf = tabucol(self.g.indptr, self.g.indices, k, c, gamma, tabu, 0, iters, t["tenure_a"],
+                           t["tenure_alpha"], best, 1 << 30)
+        return best, int(bf)
+
+    def _memetic_setup(self) -> None:
+        k, m = self.k, self.p["memetic"]
+        base = self._reduced(self.best, k)
+        pop, fit = [], []
+        for i in range(m["population"]):
+            c = base.copy() if i == 0 else self.rng.integers(0, k, self.g.n).astype(np.int32)
+            c, f = self._local(c, k, m["local_iters"])
+            pop.append(c)
+            fit.append(f)
+        self._state.update(pop=pop, fit=fit, f=min(fit), gen=0)
+        if min(fit) == 0:
+            self._accept(pop[int(np.argmin(fit))], k)
+
+    def _memetic_step(self) -> bool:
+        st, m = self._state, self.p["memetic"]
+        if st.pop("skip", False) or self.k < 1:
+            return True
+        pop, fit = st["pop"], st["fit"]
+        i, j = self.rng.choice(len(pop), 2, replace=False)
+        child = gpx(pop[i], pop[j], self.k)
+        if m["mutation_rate"] > 0:
+            child = self._perturb(child, self.k, m["mutation_rate"])
+        child, f = self._local(child, self.k, m["local_iters"])
+        order = np.argsort(fit)
+        protected = set(order[: m["elitism"]].tolist())
+        worst = next((int(w) for w in order[::-1] if int(w) not in protected), int(order[-1]))
+        if f <= fit[worst]:
+            pop[worst], fit[worst] = child, f
+        st["gen"] += 1
+        st["f"] = min(fit)
+        if f == 0:
+            self._accept(child, self.k)
+            if self.k < 1:
+                return True
+            self._memetic_setup()  # a new population at the next k, from the new best
+            return False
+        return st["gen"] >= m["max_generations"]
+
+    # --- results ----------------------------------------------------------------------------------------
+
+    def result(self) -> dict[str, Any]:
+        return {"instance": self.g.name, "k": self.best_k, "colors_per_pass": list(self.pass_best),
+                "seconds_to_best": self.seconds_to_best,
+                "coloring": self.best.tolist() if self.best is not None else None}

@@ -1,0 +1,45 @@
+"""Array backend choice: cupy on a CUDA device, numpy otherwise, and why (``gpu_mode``).
+
+``gpu_mode`` is recorded with every event: ``gpu``, ``cpu_fallback`` (with the reason:
+``cupy missing``, ``no device``, ``out of memory``, or the driver's error) or
+``cpu_disabled`` (the spec asked for the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from actors.log import get_logger
+
+log = get_logger("kernels.backend")
+
+
+def select_backend(mode: str = "auto") -> tuple[Any, str, str | None]:
+    """(xp, gpu_mode, reason). ``mode``: ``auto`` (GPU when possible), ``cpu`` (never)."""
+    if mode not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"gpu mode must be auto, gpu or cpu, got {mode!r}")
+    if mode == "cpu":
+        return np, "cpu_disabled", "disabled in the spec"
+    try:
+        import cupy  # type: ignore[import-not-found]
+    except ImportError:
+        return _fallback("cupy missing")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return _fallback("no device")
+        cupy.zeros(1)  # touches the device: fails here rather than mid-phase
+    except Exception as exc:  # noqa: BLE001 - any driver error means "use the CPU"
+        reason = "out of memory" if "memory" in str(exc).lower() else f"device error: {exc}"
+        return _fallback(reason)
+    return cupy, "gpu", None
+
+
+def _fallback(reason: str) -> tuple[Any, str, str]:
+    log.info("GPU unavailable; using the CPU", reason=reason)
+    return np, "cpu_fallback", reason
+
+
+def to_numpy(xp: Any, a: Any) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)

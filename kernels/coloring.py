@@ -1,0 +1,267 @@
+"""Graph-colouring kernels in numba (CPU, ``nogil``, ``cache=True``).
+
+Every kernel works on the CSR adjacency (``indptr``, ``indices``) and runs a bounded chunk
+per call, releasing the GIL, so telemetry actors run alongside on the other core.
+
+* :func:`count_conflicts`, :func:`build_gamma` (the vertex x colour conflict table),
+* :func:`greedy_color` (in a given order) and :func:`dsatur`,
+* :func:`tabucol` (Hertz & de Werra's TabuCol with Galinier & Hao's reactive tenure and an
+  incrementally maintained gamma table and conflicting-vertex list),
+* :func:`anneal` (Metropolis sweeps on conflicts at fixed k, for replica exchange),
+* :func:`gpx` (the greedy partition crossover of Galinier & Hao's HEA).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def seed_rng(seed):  # pragma: no cover - compiled
+    """Seed numba's own generator (used by the kernels below) in this thread."""
+    np.random.seed(seed)
+
+
+@njit(cache=True, nogil=True)
+def count_conflicts(indptr, indices, colors):  # pragma: no cover - compiled
+    """Edges whose ends share a colour (each edge counted once)."""
+    c = 0
+    for v in range(indptr.shape[0] - 1):
+        cv = colors[v]
+        for j in range(indptr[v], indptr[v + 1]):
+            u = indices[j]
+            if u > v and colors[u] == cv:
+                c += 1
+    return c
+
+
+@njit(cache=True, nogil=True)
+def build_gamma(indptr, indices, colors, k):  # pragma: no cover - compiled
+    """gamma[v, c] = number of neighbours of v coloured c."""
+    n = indptr.shape[0] - 1
+    gamma = np.zeros((n, k), dtype=np.int32)
+    for v in range(n):
+        for j in range(indptr[v], indptr[v + 1]):
+            gamma[v, colors[indices[j]]] += 1
+    return gamma
+
+
+@njit(cache=True, nogil=True)
+def greedy_color(indptr, indices, order):  # pragma: no cover - compiled
+    """Each vertex, in ``order``, takes the smallest colour none of its coloured neighbours has."""
+    n = indptr.shape[0] - 1
+    colors = np.full(n, -1, dtype=np.int32)
+    mark = np.full(n + 1, -1, dtype=np.int64)
+    for i in range(order.shape[0]):
+        v = order[i]
+        for j in range(indptr[v], indptr[v + 1]):
+            cu = colors[indices[j]]
+            if cu >= 0:
+                mark[cu] = v
+        c = 0
+        while mark[c] == v:
+            c += 1
+        colors[v] = c
+    return colors
+
+
+@njit(cache=True, nogil=True)
+def dsatur(indptr, indices):  # pragma: no cover - compiled
+    """Brelaz's DSATUR: next the vertex with most distinct neighbour colours (ties: degree)."""
+    n = indptr.shape[0] - 1
+    maxdeg = 0
+    for v in range(n):
+        maxdeg = max(maxdeg, indptr[v + 1] - indptr[v])
+    cap = maxdeg + 2
+    colors = np.full(n, -1, dtype=np.int32)
+    seen = np.zeros((n, cap), dtype=np.int32)  # neighbour colour counts
+    sat = np.zeros(n, dtype=np.int32)
+    deg = np.empty(n, dtype=np.int32)
+    for v in range(n):
+        deg[v] = indptr[v + 1] - indptr[v]
+    for _ in range(n):
+        best = -1
+        for v in range(n):
+            if colors[v] < 0 and (best < 0 or sat[v] > sat[best] or (sat[v] == sat[best] and deg[v] > deg[best])):
+                best = v
+        c = 0
+        while seen[best, c] > 0:
+            c += 1
+        colors[best] = c
+        for j in range(indptr[best], indptr[best + 1]):
+            u = indices[j]
+            if colors[u] < 0:
+                if seen[u, c] == 0:
+                    sat[u] += 1
+                seen[u, c] += 1
+    return colors
+
+
+@njit(cache=True, nogil=True)
+def _move(indptr, indices, colors, gamma, conf_list, conf_pos, n_conf, v, new):  # pragma: no cover
+    """Recolour v and keep gamma and the conflicting-vertex list exact; return the new list size."""
+    old = colors[v]
+    colors[v] = new
+    for j in range(indptr[v], indptr[v + 1]):
+        u = indices[j]
+        gamma[u, old] -= 1
+        gamma[u, new] += 1
+        cu = colors[u]
+        if cu == old and gamma[u, old] == 0 and conf_pos[u] >= 0:
+            last = conf_list[n_conf - 1]
+            conf_list[conf_pos[u]] = last
+            conf_pos[last] = conf_pos[u]
+            conf_pos[u] = -1
+            n_conf -= 1
+        elif cu == new and gamma[u, new] == 1 and conf_pos[u] < 0:
+            conf_list[n_conf] = u
+            conf_pos[u] = n_conf
+            n_conf += 1
+    conflicted = gamma[v, new] > 0
+    if conflicted and conf_pos[v] < 0:
+        conf_list[n_conf] = v
+        conf_pos[v] = n_conf
+        n_conf += 1
+    elif not conflicted and conf_pos[v] >= 0:
+        last = conf_list[n_conf - 1]
+        conf_list[conf_pos[v]] = last
+        conf_pos[last] = conf_pos[v]
+        conf_pos[v] = -1
+        n_conf -= 1
+    return n_conf
+
+
+@njit(cache=True, nogil=True)
+def conflict_list(colors, gamma):  # pragma: no cover - compiled
+    n = colors.shape[0]
+    conf_list = np.empty(n, dtype=np.int32)
+    conf_pos = np.full(n, -1, dtype=np.int32)
+    m = 0
+    for v in range(n):
+        if gamma[v, colors[v]] > 0:
+            conf_list[m] = v
+            conf_pos[v] = m
+            m += 1
+    return conf_list, conf_pos, m
+
+
+@njit(cache=True, nogil=True)
+def tabucol(indptr, indices, k, colors, gamma, tabu, it0, max_iters, tenure_a, tenure_alpha,
+            best_colors, best_f):  # pragma: no cover - compiled
+    """Run up to ``max_iters`` TabuCol iterations at k colours (stops early at 0 conflicts).
+
+    ``colors``, ``gamma`` and ``tabu`` (n x k, iteration until which a move is forbidden)
+    are updated in place; ``best_colors`` receives the best colouring seen when it improves
+    on ``best_f``. Returns (iterations done, conflicts now, best conflicts).
+    """
+    n = indptr.shape[0] - 1
+    conf_list, conf_pos, n_conf = conflict_list(colors, gamma)
+    f = 0
+    for i in range(n_conf):
+        v = conf_list[i]
+        f += gamma[v, colors[v]]
+    f //= 2
+    if f < best_f:
+        best_f = f
+        best_colors[:] = colors
+    it = it0
+    end = it0 + max_iters
+    tie_v = np.empty(n * k, dtype=np.int32)
+    tie_c = np.empty(n * k, dtype=np.int32)
+    while it < end and f > 0:
+        bv = -1
+        bc = -1
+        bd = 1 << 30
+        ties = 0
+        for idx in range(n_conf):
+            v = conf_list[idx]
+            cv = colors[v]
+            gv = gamma[v, cv]
+            for c in range(k):
+                d = gamma[v, c] - gv
+                if d > bd or c == cv:
+                    continue
+                if tabu[v, c] > it and f + d >= best_f:
+                    continue  # tabu, and no aspiration
+                if d < bd:
+                    bd = d
+                    ties = 0
+                tie_v[ties] = v
+                tie_c[ties] = c
+                ties += 1
+        if ties:
+            pick = np.random.randint(ties)  # one draw: a uniform choice among the best moves
+            bv = tie_v[pick]
+            bc = tie_c[pick]
+        else:  # every move is tabu: a random one
+            bv = conf_list[np.random.randint(n_conf)]
+            bc = np.random.randint(k - 1)
+            if bc >= colors[bv]:
+                bc += 1
+            bd = gamma[bv, bc] - gamma[bv, colors[bv]]
+        old = colors[bv]
+        n_conf = _move(indptr, indices, colors, gamma, conf_list, conf_pos, n_conf, bv, bc)
+        f += bd
+        tabu[bv, old] = it + np.random.randint(tenure_a) + int(tenure_alpha * n_conf)
+        it += 1
+        if f < best_f:
+            best_f = f
+            best_colors[:] = colors
+    _ = n
+    return it - it0, f, best_f
+
+
+@njit(cache=True, nogil=True)
+def anneal(indptr, indices, k, colors, gamma, beta, moves):  # pragma: no cover - compiled
+    """``moves`` Metropolis proposals (random vertex, random other colour) on the conflict
+    count at inverse temperature ``beta``; gamma kept exact. Returns the conflict change."""
+    n = indptr.shape[0] - 1
+    total = 0
+    for _ in range(moves):
+        v = np.random.randint(n)
+        cv = colors[v]
+        c = np.random.randint(k - 1)
+        if c >= cv:
+            c += 1
+        d = gamma[v, c] - gamma[v, cv]
+        if d <= 0 or np.random.random() < np.exp(-beta * d):
+            colors[v] = c
+            for j in range(indptr[v], indptr[v + 1]):
+                u = indices[j]
+                gamma[u, cv] -= 1
+                gamma[u, c] += 1
+            total += d
+    return total
+
+
+@njit(cache=True, nogil=True)
+def gpx(p1, p2, k):  # pragma: no cover - compiled
+    """Greedy partition crossover: alternately take the largest remaining colour class of each
+    parent; vertices left over get random colours."""
+    n = p1.shape[0]
+    a = p1.copy()
+    b = p2.copy()
+    child = np.full(n, -1, dtype=np.int32)
+    size = np.zeros(k, dtype=np.int64)
+    for step in range(k):
+        src = a if step % 2 == 0 else b
+        size[:] = 0
+        for v in range(n):
+            if src[v] >= 0:
+                size[src[v]] += 1
+        best = 0
+        for c in range(1, k):
+            if size[c] > size[best]:
+                best = c
+        if size[best] == 0:
+            break
+        for v in range(n):
+            if src[v] == best:
+                child[v] = step
+                a[v] = -1
+                b[v] = -1
+    for v in range(n):
+        if child[v] < 0:
+            child[v] = np.random.randint(k)
+    return child
