@@ -55,3 +55,22 @@ def test_usage_errors_exit_2_with_a_clear_message(tmp_path, capsys):
         main(["export", "../../etc", "--artifacts", str(tmp_path / "art")])
     assert e.value.code == 2
     assert "neither a run directory nor a valid run id" in capsys.readouterr().err
+
+
+def test_color_command_reports_a_checked_colouring(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    col = Path(__file__).resolve().parents[2] / "shared" / "dimacs" / "DSJC125.5.col"
+    art = str(tmp_path / "art")
+    assert main(["color", str(col), "--time-limit", "30", "--target", "18", "--json", "--artifacts", art]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"instance", "k", "proper", "seconds", "seconds_to_best", "colors_per_pass", "coloring_path"} <= set(r)
+    assert r["proper"] and r["k"] <= 18 and r["instance"] == "DSJC125.5"
+    saved = json.loads(Path(r["coloring_path"]).read_text())
+    assert len(saved["coloring"]) == 125 and min(saved["coloring"]) == 1  # 1-based, like DIMACS ids
+    with pytest.raises(SystemExit) as e:
+        main(["color", str(col), "--target", "0", "--artifacts", art])
+    assert e.value.code == 2 and "--target must be between 1 and" in capsys.readouterr().err

@@ -177,6 +177,7 @@ class ColoringWorkload:
 
     def checkpoint(self) -> dict[str, Any]:
         return {"pass": self.pass_, "phase_idx": self.phase_idx, "best_k": self.best_k,
+                "colors_per_pass": self.colors_per_pass(),
                 "best": self.best.tolist() if self.best is not None else None, "pass_best": self.pass_best,
                 "seconds_to_best": self.seconds_to_best, "params": {s: self.p[s] for s in PHASES}}
 
@@ -383,7 +384,6 @@ class ColoringWorkload:
             a = (betas[i] - betas[i + 1]) * (energies[i] - energies[i + 1])
             if a >= 0 or self.rng.random() < math.exp(a):
                 if self.gpu_mode == "gpu":
-                    xp = self.xp
                     st["xc"][[i, i + 1]] = st["xc"][[i + 1, i]]
                     st["xg"][[i, i + 1]] = st["xg"][[i + 1, i]]
                 else:
@@ -473,7 +473,11 @@ class ColoringWorkload:
 
     # --- results ----------------------------------------------------------------------------------------
 
+    def colors_per_pass(self) -> list[int]:
+        """Best colours of each pass, the pass under way included (non-increasing)."""
+        return list(self.pass_best) + ([self.best_k] if len(self.pass_best) <= self.pass_ and self.best_k else [])
+
     def result(self) -> dict[str, Any]:
-        return {"instance": self.g.name, "k": self.best_k, "colors_per_pass": list(self.pass_best),
+        return {"instance": self.g.name, "k": self.best_k, "colors_per_pass": self.colors_per_pass(),
                 "seconds_to_best": self.seconds_to_best,
                 "coloring": self.best.tolist() if self.best is not None else None}

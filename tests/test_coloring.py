@@ -1,0 +1,304 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from experiments.coloring.graph import GraphError, from_edges, gnp, planted, read_dimacs
+from experiments.coloring.init import STRATEGIES, initial_coloring
+from experiments.coloring.verify import check_coloring
+from experiments.coloring.workload import ColoringWorkload
+from kernels.backend import select_backend
+from kernels.coloring import (
+    anneal,
+    build_gamma,
+    count_conflicts,
+    dsatur,
+    gpx,
+    greedy_color,
+    seed_rng,
+    tabucol,
+)
+from kernels.replicas_xp import build_gamma_xp, conflicts_xp, dense_adjacency, sweep_xp
+
+DIMACS = Path(__file__).resolve().parents[2] / "shared" / "dimacs"
+
+
+# --- graphs ----------------------------------------------------------------------------------------
+
+def test_reads_the_shared_instances():
+    q = read_dimacs(DIMACS / "queen8_8.col")
+    assert (q.n, q.m, q.meta["edge_lines"]) == (64, 728, 1456)  # every edge listed twice, de-duplicated
+    g = read_dimacs(DIMACS / "DSJC125.5.col")
+    assert (g.n, g.m) == (125, 3891)
+    assert all((np.diff(g.neighbors(v)) > 0).all() for v in range(g.n))  # sorted, unique
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("p edge 3 1\ne 1 1\n", r"bad\.col:2: self-loop"),
+    ("p edge 3 1\ne 1 4\n", r"bad\.col:2: vertex id out of range 1\.\.3"),
+    ("c hi\ne 1 2\np edge 3 1\n", r"bad\.col:2: edge before"),
+    ("p edge x 1\n", r"bad\.col:1: N and M must be integers"),
+    ("p edge 3\n", r"bad\.col:1: expected 'p edge N M'"),
+    ("p edge 3 1\ne 1 two\n", r"bad\.col:2: vertex ids must be integers"),
+    ("c only comments\n", r"no 'p edge N M' line"),
+    ("p edge 3 1\nq 1 2\n", r"bad\.col:2: unknown line type 'q'"),
+])
+def test_bad_files_name_file_and_line(tmp_path, text, match):
+    p = tmp_path / "bad.col"
+    p.write_text(text)
+    with pytest.raises(GraphError, match=match):
+        read_dimacs(p)
+
+
+def test_isolated_vertices_and_disconnected_graphs(tmp_path):
+    p = tmp_path / "g.col"
+    p.write_text("c two triangles and two isolated vertices\np edge 8 6\ne 1 2\ne 2 3\ne 1 3\ne 4 5\ne 5 6\ne 4 6\n")
+    g = read_dimacs(p)
+    c = initial_coloring(g, "dsatur")
+    v = check_coloring(g, c)
+    assert v["proper"] and v["k"] == 3
+
+
+def test_generators_are_seeded_and_planted_is_colourable():
+    a, b = gnp(60, 0.3, seed=4), gnp(60, 0.3, seed=4)
+    assert np.array_equal(a.indices, b.indices) and not np.array_equal(a.indices, gnp(60, 0.3, seed=5).indices)
+    assert abs(a.density() - 0.3) < 0.08
+    g = planted(90, 6, 0.6, seed=2)
+    assert check_coloring(g, g.meta["planted"])["proper"]
+    with pytest.raises(GraphError):
+        planted(5, 9, 0.5)
+
+
+# --- kernels against slow references ------------------------------------------------------------------
+
+graphs = st.builds(lambda n, p, s: gnp(n, p, seed=s), st.integers(2, 30), st.floats(0.05, 0.9), st.integers(0, 10**6))
+
+
+def ref_gamma(g, colors, k):
+    gam = np.zeros((g.n, k), dtype=np.int64)
+    for u, v in g.edges().tolist():
+        gam[u, colors[v]] += 1
+        gam[v, colors[u]] += 1
+    return gam
+
+
+def ref_greedy(g, order):
+    colors = [-1] * g.n
+    for v in order:
+        used = {colors[u] for u in g.neighbors(v) if colors[u] >= 0}
+        colors[v] = next(c for c in range(g.n + 1) if c not in used)
+    return colors
+
+
+def ref_dsatur(g):
+    colors = [-1] * g.n
+    deg = g.degrees()
+    for _ in range(g.n):
+        def key(v):
+            return (len({colors[u] for u in g.neighbors(v) if colors[u] >= 0}), deg[v], -v)
+        v = max((v for v in range(g.n) if colors[v] < 0), key=key)
+        used = {colors[u] for u in g.neighbors(v) if colors[u] >= 0}
+        colors[v] = next(c for c in range(g.n + 1) if c not in used)
+    return colors
+
+
+@settings(max_examples=40)
+@given(graphs, st.integers(1, 6), st.integers(0, 1000))
+def test_conflicts_and_gamma_match_reference(g, k, seed):
+    c = np.random.default_rng(seed).integers(0, k, g.n).astype(np.int32)
+    ref = sum(1 for u, v in g.edges().tolist() if c[u] == c[v])
+    assert count_conflicts(g.indptr, g.indices, c) == ref
+    assert np.array_equal(build_gamma(g.indptr, g.indices, c, k), ref_gamma(g, c, k))
+
+
+@settings(max_examples=40)
+@given(graphs, st.integers(0, 1000))
+def test_greedy_and_dsatur_match_reference(g, seed):
+    order = np.random.default_rng(seed).permutation(g.n).astype(np.int32)
+    assert greedy_color(g.indptr, g.indices, order).tolist() == ref_greedy(g, order.tolist())
+    d = dsatur(g.indptr, g.indices)
+    assert d.tolist() == ref_dsatur(g)
+    assert check_coloring(g, d)["proper"]
+
+
+@settings(max_examples=30)
+@given(graphs, st.integers(2, 5), st.integers(0, 1000))
+def test_tabucol_keeps_gamma_consistent(g, k, seed):
+    seed_rng(seed)
+    c = np.random.default_rng(seed).integers(0, k, g.n).astype(np.int32)
+    gamma = build_gamma(g.indptr, g.indices, c, k)
+    tabu = np.zeros((g.n, k), dtype=np.int64)
+    best = c.copy()
+    done, f, bf = tabucol(g.indptr, g.indices, k, c, gamma, tabu, 0, 200, 10, 0.6, best, 1 << 30)
+    assert np.array_equal(gamma, ref_gamma(g, c, k))  # incremental table == recomputation
+    assert f == count_conflicts(g.indptr, g.indices, c)
+    assert bf == count_conflicts(g.indptr, g.indices, best) <= f
+    assert done <= 200 and (f == 0 or done == 200)
+
+
+@settings(max_examples=30)
+@given(graphs, st.integers(2, 5), st.floats(0.1, 5.0), st.integers(0, 1000))
+def test_anneal_keeps_gamma_consistent(g, k, beta, seed):
+    seed_rng(seed)
+    c = np.random.default_rng(seed).integers(0, k, g.n).astype(np.int32)
+    gamma = build_gamma(g.indptr, g.indices, c, k)
+    before = count_conflicts(g.indptr, g.indices, c)
+    d = anneal(g.indptr, g.indices, k, c, gamma, beta, 300)
+    assert np.array_equal(gamma, ref_gamma(g, c, k))
+    assert count_conflicts(g.indptr, g.indices, c) == before + d
+
+
+@settings(max_examples=30)
+@given(graphs, st.integers(2, 6), st.integers(0, 1000))
+def test_gpx_child_uses_parent_classes(g, k, seed):
+    rng = np.random.default_rng(seed)
+    p1, p2 = (rng.integers(0, k, g.n).astype(np.int32) for _ in range(2))
+    seed_rng(seed)
+    child = gpx(p1, p2, k)
+    assert child.shape == (g.n,) and child.min() >= 0 and child.max() < k
+    largest = np.bincount(p1, minlength=k).max()  # the first class taken is p1's largest, whole
+    assert np.bincount(child, minlength=k)[0] >= largest
+
+
+def sequential_reference(adj, colors, betas, verts, shifts, unif, k):
+    """One replica at a time, one move at a time: the semantics the array code must match."""
+    colors = colors.copy()
+    for r in range(colors.shape[0]):
+        for s in range(verts.shape[1]):
+            v, old = verts[r, s], colors[r, verts[r, s]]
+            new = (old + shifts[r, s]) % k
+            gam_new = sum(adj[v, u] for u in range(adj.shape[0]) if colors[r, u] == new)
+            gam_old = sum(adj[v, u] for u in range(adj.shape[0]) if colors[r, u] == old)
+            d = gam_new - gam_old
+            if d <= 0 or unif[r, s] < np.exp(-betas[r] * d):
+                colors[r, v] = new
+    return colors
+
+
+@settings(max_examples=25)
+@given(graphs, st.integers(2, 5), st.integers(1, 4), st.integers(0, 1000))
+def test_array_api_replicas_match_the_sequential_semantics(g, k, reps, seed):
+    xp, mode, reason = select_backend("auto")
+    assert xp is np and mode == "cpu_fallback" and reason  # no GPU on this machine
+    rng = np.random.default_rng(seed)
+    colors = rng.integers(0, k, (reps, g.n))
+    betas = rng.uniform(0.2, 3.0, reps)
+    steps = 20
+    verts, shifts = rng.integers(0, g.n, (reps, steps)), rng.integers(1, k, (reps, steps))
+    unif = rng.random((reps, steps))
+    adj = dense_adjacency(xp, g.n, g.indptr, g.indices)
+    xc = colors.copy()
+    xg = build_gamma_xp(xp, adj, xc, k)
+    before = conflicts_xp(xp, adj, xc)
+    delta = sweep_xp(xp, adj, xc, xg, betas, verts, shifts, unif, k)
+    assert np.array_equal(xc, sequential_reference(adj, colors, betas, verts, shifts, unif, k))
+    assert np.array_equal(xg, build_gamma_xp(xp, adj, xc, k))
+    assert np.array_equal(conflicts_xp(xp, adj, xc), before + delta)
+    for r in range(reps):  # and the same conflict counts as the numba kernel's
+        assert conflicts_xp(xp, adj, xc)[r] == count_conflicts(g.indptr, g.indices, xc[r].astype(np.int32))
+
+
+def test_cpu_can_be_requested():
+    assert select_backend("cpu")[1:] == ("cpu_disabled", "disabled in the spec")
+    with pytest.raises(ValueError):
+        select_backend("tpu")
+
+
+# --- strategies and the workload ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_initial_strategy_is_proper(strategy):
+    g = read_dimacs(DIMACS / "DSJC125.5.col")
+    c = initial_coloring(g, strategy, seed=3)
+    assert check_coloring(g, c)["proper"]
+    assert c.max() + 1 <= 30
+
+
+class Recorded:
+    """An emitter stand-in that keeps what the workload emits (the Lab tests cover the real one)."""
+
+    def __init__(self):
+        self.events = []
+        self.ctx = {}
+
+    def emit(self, name, values=None, **kw):
+        self.events.append({"name": name, "values": values or {}, **self.ctx, **kw})
+
+    def set_context(self, **kw):
+        self.ctx.update({k.rstrip("_"): v for k, v in kw.items()})
+
+
+def run_workload(params, steps=10_000, seed=1):
+    p = ColoringWorkload.check_params(params)
+    w = ColoringWorkload(p, seed)
+    em = Recorded()
+    w.start(em)
+    for _ in range(steps):
+        if w.step(em):
+            break
+    return w, em
+
+
+def test_pipeline_reaches_a_proper_k_and_records_the_plan_fields():
+    w, em = run_workload({"graph": {"file": str(DIMACS / "DSJC125.5.col")}, "target": 18,
+                          "phases": ["thermo", "tabu", "memetic"], "thermo": {"max_steps": 5}})
+    assert w.best_k <= 18
+    assert check_coloring(w.g, w.best)["proper"] and check_coloring(w.g, w.best)["k"] == w.best_k
+    init = next(e for e in em.events if e["name"] == "init")
+    assert init["parameters"] == {"strategy": "dsatur"} and init["values"]["conflicts"] == 0
+    steps = [e for e in em.events if e["name"] == "step"]
+    assert {"thermo", "tabu"} <= {e["phase"] for e in steps}
+    for e in steps:
+        assert {"chromatic_number", "k", "conflicts", "duration_ms"} <= set(e["values"])
+        assert e["gpu_mode"] == "cpu_fallback" and e["gpu_reason"] == "cupy missing"
+
+
+def test_iterative_passes_are_non_increasing_and_saved(tmp_path):
+    p = ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 60, "p": 0.5, "seed": 3},
+                                       "phases": ["tabu"], "tabu": {"max_iters_per_k": 3000},
+                                       "iterative": {"enabled": True, "max_passes": 3}})
+    w = ColoringWorkload(p, 2)
+    w.run_dir = tmp_path
+    em = Recorded()
+    w.start(em)
+    while not w.step(em):
+        pass
+    per_pass = w.colors_per_pass()
+    assert per_pass == sorted(per_pass, reverse=True) and 1 <= len(per_pass) <= 3
+    saved = sorted(tmp_path.glob("best_solution.pass*.json"))
+    assert len(saved) == len(per_pass)
+    for f in saved:
+        sol = json.loads(f.read_text())
+        assert check_coloring(w.g, sol["coloring"])["proper"]
+
+
+def test_control_hooks_apply_or_refuse():
+    w, em = run_workload({"graph": {"generator": "gnp", "n": 40, "p": 0.5}, "phases": ["tabu"]}, steps=2)
+    assert w.set_param("set_tenure", 1.2) == (0.6, 1.2) and w.p["tabu"]["tenure_alpha"] == 1.2
+    assert w.set_param("boost_mutation", 0.2)[1] == 0.2
+    t = (w.p["thermo"]["t_min"], w.p["thermo"]["t_max"])
+    assert w.set_param("adjust_temperature", 2.0) == (t, (t[0] * 2, t[1] * 2))
+    for key, value in (("set_tenure", 50), ("boost_mutation", 3), ("adjust_temperature", 0), ("warp", 1)):
+        with pytest.raises(ValueError):
+            w.set_param(key, value)
+
+
+@pytest.mark.parametrize(("params", "match"), [
+    ({"graph": {"generator": "lattice"}}, "generator"), ({"init": {"strategy": "magic"}}, "init.strategy"),
+    ({"phases": ["thermo", "nap"]}, "phases"), ({"tabu": {"tenure_alpha": -1}}, r"tabu\.tenure_alpha"),
+    ({"target": -2}, "target"), ({"colour": 1}, "unknown colouring parameter"),
+    ({"graph": {"file": "/no/such.col"}}, "does not exist"),
+])
+def test_bad_parameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        ColoringWorkload.check_params(params)
+
+
+def test_tiny_graphs():
+    g = from_edges(1, np.zeros((0, 2)))
+    assert check_coloring(g, initial_coloring(g, "dsatur"))["k"] == 1
+    w, _ = run_workload({"graph": {"generator": "gnp", "n": 3, "p": 0.0}, "phases": ["tabu", "memetic"]})
+    assert w.best_k == 1 and check_coloring(w.g, w.best)["proper"]
