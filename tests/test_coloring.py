@@ -276,7 +276,7 @@ def test_iterative_passes_are_non_increasing_and_saved(tmp_path):
 
 
 def test_control_hooks_apply_or_refuse():
-    w, em = run_workload({"graph": {"generator": "gnp", "n": 40, "p": 0.5}, "phases": ["tabu"]}, steps=2)
+    w, _em = run_workload({"graph": {"generator": "gnp", "n": 40, "p": 0.5}, "phases": ["tabu"]}, steps=2)
     assert w.set_param("set_tenure", 1.2) == (0.6, 1.2) and w.p["tabu"]["tenure_alpha"] == 1.2
     assert w.set_param("boost_mutation", 0.2)[1] == 0.2
     t = (w.p["thermo"]["t_min"], w.p["thermo"]["t_max"])
