@@ -9,7 +9,9 @@ Phases, each a sequence of bounded steps with safe points between them:
   temperatures swapped every ``exchange_interval`` steps. On a CUDA device the replicas run
   as array code on cupy (``kernels/replicas_xp.py``); otherwise each chain is a numba kernel.
 * ``tabu``: k-reduction: take the best colouring, remove a colour, repair with TabuCol
-  (reactive tenure); on success, remove another colour.
+  (reactive tenure ``tenure_a`` + ``tenure_alpha`` x conflicting vertices); on success,
+  remove another colour. After ``stall_iters`` iterations without a better best, alpha and
+  ``alternate_alpha`` swap (dense graphs like short tenures, sparse ones like long).
 * ``memetic``: HEA-style: a population at k = best - 1, GPX crossover, TabuCol local search,
   mutation, elitism; on success, k goes down again.
 
@@ -49,7 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "gpu": "auto",
     "thermo": {"replicas": 8, "t_min": 0.05, "t_max": 1.5, "exchange_interval": 1, "sweeps_per_step": 2,
                "max_steps": 100},
-    "tabu": {"tenure_a": 10, "tenure_alpha": 0.6, "iters_per_step": 20_000, "max_iters_per_k": 2_000_000},
+    "tabu": {"tenure_a": 10, "tenure_alpha": 0.6, "iters_per_step": 20_000, "max_iters_per_k": 20_000_000,
+             "stall_iters": 1_000_000, "alternate_alpha": 2.0},
     "memetic": {"population": 10, "local_iters": 20_000, "mutation_rate": 0.0, "elitism": 1,
                 "max_generations": 2_000},
     "iterative": {"enabled": False, "max_passes": 3},
@@ -60,6 +63,7 @@ LIMITS = {  # (section, key): (min, max, integer)
     ("thermo", "sweeps_per_step"): (1, 10_000, True), ("thermo", "max_steps"): (1, 10**9, True),
     ("tabu", "tenure_a"): (1, 10_000, True), ("tabu", "tenure_alpha"): (0.0, 10.0, False),
     ("tabu", "iters_per_step"): (1, 10**9, True), ("tabu", "max_iters_per_k"): (1, 10**12, True),
+    ("tabu", "stall_iters"): (1, 10**12, True), ("tabu", "alternate_alpha"): (0.0, 10.0, False),
     ("memetic", "population"): (2, 1000, True), ("memetic", "local_iters"): (1, 10**9, True),
     ("memetic", "mutation_rate"): (0.0, 1.0, False), ("memetic", "elitism"): (0, 1000, True),
     ("memetic", "max_generations"): (1, 10**9, True), ("iterative", "max_passes"): (1, 1000, True),
@@ -420,6 +424,12 @@ class ColoringWorkload:
                 return True
             self._tabu_setup()
             return False
+        if st["best_f"] < st.get("stall_best", 1 << 30):
+            st["stall_best"], st["stall_it"] = st["best_f"], st["it"]
+        elif st["it"] - st.get("stall_it", 0) >= t["stall_iters"]:
+            # stagnation: swap the reactive tenure's alpha (sparse graphs want long tenures)
+            t["tenure_alpha"], t["alternate_alpha"] = t["alternate_alpha"], t["tenure_alpha"]
+            st["stall_it"] = st["it"]
         return st["it"] >= t["max_iters_per_k"]
 
     # memetic --------------------------------------------------------------------------------------------
