@@ -296,3 +296,24 @@ def test_a_failing_experiment_never_disturbs_another(lab):
     again.stop()
     steady.stop()
     files_account(steady)
+
+
+def test_coloring_experiment_takes_control_at_safe_points(lab):
+    exp = lab.start_experiment({"name": "col", "time_budget_s": 1.0, "workload": {"name": "coloring", "params": {
+        "graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 2}, "phases": ["tabu"],
+        "tabu": {"iters_per_step": 2000, "max_iters_per_k": 10**9, "stall_iters": 10**12}}}})
+    exp.pause()
+    phase = exp.registry.whereis("phase")
+    ok = phase.ask({"kind": "set_param", "key": "set_tenure", "value": 1.5, "why": "test"})
+    assert ok == {"ok": True, "key": "set_tenure", "before": 0.6, "after": 1.5}
+    bad = phase.ask({"kind": "set_param", "key": "set_tenure", "value": 99})
+    assert bad["ok"] is False and "tenure_alpha" in bad["error"]
+    exp.resume()
+    assert exp.wait(60) and exp.reason == "budget"  # a second of active steps after the control
+    events = list(iter_run(exp.run_dir))
+    control = [e for e in events if e["name"] == "control"]
+    assert control and control[0]["notes"] == "set_tenure: 0.6 -> 1.5 (test)"
+    assert any(e["name"] == "control_refused" for e in events)
+    later = [e for e in events if e["name"] == "step" and e["ts"] > control[0]["ts"]]
+    assert later and all(e["parameters"]["tenure_alpha"] == 1.5 for e in later)
+    assert {e["gpu_mode"] for e in events if e["name"] == "step"} == {"cpu_fallback"}

@@ -11,9 +11,9 @@ def write(tmp_path, text, name="x.toml"):
 
 
 def test_example_specs_validate():
-    for path in ("experiments/default.toml", "experiments/latency_sampled.toml"):
+    for path in ("experiments/default.toml", "experiments/latency.toml", "experiments/latency_sampled.toml"):
         spec = load_spec(path, workloads=registry())
-        assert spec["workload"]["name"] == "latency"
+        assert spec["workload"]["name"] in ("latency", "coloring")
         assert spec["telemetry"]["batch_size"] >= 1  # defaults filled in
 
 
