@@ -302,3 +302,29 @@ def test_tiny_graphs():
     assert check_coloring(g, initial_coloring(g, "dsatur"))["k"] == 1
     w, _ = run_workload({"graph": {"generator": "gnp", "n": 3, "p": 0.0}, "phases": ["tabu", "memetic"]})
     assert w.best_k == 1 and check_coloring(w.g, w.best)["proper"]
+
+
+def test_a_device_failure_falls_back_to_the_cpu_and_says_why():
+    class BrokenDevice:
+        """Stands for cupy on a device that has run out of memory."""
+
+        int32 = np.int32
+
+        def asarray(self, *a, **k):
+            raise RuntimeError("cudaErrorMemoryAllocation: out of memory")
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+    p = ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 50, "p": 0.5}, "phases": ["thermo"],
+                                       "thermo": {"max_steps": 3}})
+    w = ColoringWorkload(p, 0)
+    w.xp, w.gpu_mode, w.gpu_reason = BrokenDevice(), "gpu", None
+    em = Recorded()
+    w.start(em)
+    while not w.step(em):
+        pass
+    assert (w.gpu_mode, w.gpu_reason) == ("cpu_fallback", "out of memory")
+    thermo = [e for e in em.events if e["name"] == "step" and e["phase"] == "thermo"]
+    assert thermo and (thermo[-1]["gpu_mode"], thermo[-1]["gpu_reason"]) == ("cpu_fallback", "out of memory")
+    assert check_coloring(w.g, w.best)["proper"]

@@ -168,7 +168,7 @@ class ColoringWorkload:
                               "conflicts": float(self._state.get("f", 0)),
                               "duration_ms": (time.perf_counter() - t0) * 1e3},
                      phase=phase, step=self.steps_in_phase, parameters=self.params(),
-                     gpu_reason=self.gpu_reason)
+                     gpu_mode=self.gpu_mode, gpu_reason=self.gpu_reason)
         if self._state.pop("improved", False):
             self._new_best(emitter, phase)
         if self.p["target"] and self.best_k <= self.p["target"]:
@@ -334,9 +334,13 @@ class ColoringWorkload:
             from kernels.replicas_xp import build_gamma_xp, dense_adjacency
 
             xp = self.xp
-            self._state["adj"] = dense_adjacency(xp, self.g.n, self.g.indptr, self.g.indices)
-            self._state["xc"] = xp.asarray(reps)
-            self._state["xg"] = build_gamma_xp(xp, self._state["adj"], self._state["xc"], k)
+            try:
+                self._state["adj"] = dense_adjacency(xp, self.g.n, self.g.indptr, self.g.indices)
+                self._state["xc"] = xp.asarray(reps)
+                self._state["xg"] = build_gamma_xp(xp, self._state["adj"], self._state["xc"], k)
+            except Exception as exc:  # noqa: BLE001 - cupy raises its own error types
+                self._gpu_failed(exc)
+                return
         else:
             self._state["gammas"] = [build_gamma(self.g.indptr, self.g.indices, c, k) for c in reps]
         self._state["f"] = min(int(count_conflicts(self.g.indptr, self.g.indices, c)) for c in reps)
@@ -347,9 +351,24 @@ class ColoringWorkload:
         out[mask] = self.rng.integers(0, k, int(mask.sum()))
         return out
 
+    def _gpu_failed(self, exc: Exception) -> None:
+        """A device error mid-phase (out of memory, a lost device): continue on the CPU."""
+        self.xp = np
+        self.gpu_mode = "cpu_fallback"
+        self.gpu_reason = "out of memory" if "memory" in str(exc).lower() else f"device error: {exc}"
+        self._thermo_setup()
+
     def _thermo_step(self) -> bool:
         if self._state.pop("skip", False) or self.k < 1:
             return True
+        if self.gpu_mode == "gpu":
+            try:
+                return self._thermo_work()
+            except Exception as exc:  # noqa: BLE001 - cupy raises its own error types
+                self._gpu_failed(exc)
+        return self._thermo_work()
+
+    def _thermo_work(self) -> bool:
         t = self.p["thermo"]
         st = self._state
         moves = t["sweeps_per_step"] * self.g.n
