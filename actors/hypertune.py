@@ -1,34 +1,243 @@
-"""The Hypertune actor's place in the tree.
+"""The Hypertune actor: telemetry-driven adaptive control with a learning policy.
 
-For now a pass-through: it listens to the ``metrics`` and ``anomalies`` topics and records
-what it sees (how many snapshots and anomalies, the latest snapshot) without acting on the
-phase. Telemetry-driven control, the learning policy and cross-run tuning replace this
-body; its position in the tree and its subscriptions stay.
+It watches the experiment's ``events`` (the phase's ``step`` events), ``metrics`` and
+``anomalies`` topics and keeps, per phase, a rolling view of the best value
+(``chromatic_number``) and of the conflicts at the k being attempted. A *stall* is
+``window_s`` seconds of event time without a new best and without a new lowest conflict
+count. On a stall it picks an action with its policy (UCB1 by default, or epsilon-greedy)
+and sends it to the phase as ``set_param``; the phase applies it at its next safe point and
+records it as a ``hypertune_action`` event whose notes say what changed, why, and the
+values before and after. The outcome is measured over the next window (reward =
+improvement of the progress score per second, the score being ``1000 * best + conflicts``)
+and recorded as a ``hypertune_outcome`` event; the policy learns from it.
+
+The policy's statistics persist between runs in a JSON file per workload and instance
+family (``state_file``), loaded at start; a corrupt file is ignored with a warning. With
+``enabled = false`` the actor only observes (the A/B's control arm).
+
+It is the last child of the experiment tree, so that under ``rest_for_one`` its own crash
+restarts only itself and never the phase.
 """
 
 from __future__ import annotations
 
+import math
+import random
+import re
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
+
 from actors.base import Actor
+from actors.log import get_logger
+
+log = get_logger("actors.hypertune")
+
+POLICIES = ("ucb", "epsilon_greedy")
+SCORE_K = 1000.0
+
+
+def instance_family(name: str) -> str:
+    """``DSJC250.5`` -> ``DSJC``; ``le450_15c`` -> ``le``; generated graphs -> their generator."""
+    m = re.match(r"[A-Za-z]+", name or "")
+    return m.group(0) if m else "graph"
+
+
+# phase -> arm -> (control key, how to compute the new value from the current parameters)
+ARMS: dict[str, dict[str, tuple[str, Any]]] = {
+    "tabu": {
+        "tenure_up": ("set_tenure", lambda p: min(10.0, p.get("tenure_alpha", 0.6) * 1.6 + 0.1)),
+        "tenure_down": ("set_tenure", lambda p: max(0.05, p.get("tenure_alpha", 0.6) / 1.6)),
+        "batch_up": ("set_batch", lambda p: int(min(10**7, p.get("iters_per_step", 20_000) * 2))),
+        "skip_phase": ("skip_phase", lambda p: True),
+    },
+    "memetic": {
+        "mutation_up": ("boost_mutation", lambda p: min(1.0, p.get("mutation_rate", 0.0) + 0.05)),
+        "tenure_up": ("set_tenure", lambda p: min(10.0, p.get("tenure_alpha", 0.6) * 1.6 + 0.1)),
+        "tenure_down": ("set_tenure", lambda p: max(0.05, p.get("tenure_alpha", 0.6) / 1.6)),
+        "skip_phase": ("skip_phase", lambda p: True),
+    },
+    "thermo": {
+        "heat": ("adjust_temperature", lambda p: 1.5),
+        "cool": ("adjust_temperature", lambda p: 1 / 1.5),
+        "skip_phase": ("skip_phase", lambda p: True),
+    },
+}
+
+
+class Policy:
+    """A bandit over the arms of each phase (UCB1, or epsilon-greedy), with JSON state."""
+
+    def __init__(self, kind: str = "ucb", c: float = 1.0, epsilon: float = 0.1, seed: int = 0) -> None:
+        if kind not in POLICIES:
+            raise ValueError(f"hypertune policy must be one of {', '.join(POLICIES)}, got {kind!r}")
+        self.kind, self.c, self.epsilon = kind, c, epsilon
+        self.rng = random.Random(seed)
+        self.stats: dict[str, dict[str, float]] = {}  # "phase/arm" -> {"n", "mean"}
+
+    def choose(self, phase: str, arms: list[str]) -> str:
+        keys = [f"{phase}/{a}" for a in arms]
+        for a, k in zip(arms, keys, strict=True):
+            if self.stats.get(k, {}).get("n", 0) == 0:
+                return a  # try every arm once
+        if self.kind == "epsilon_greedy":
+            if self.rng.random() < self.epsilon:
+                return self.rng.choice(arms)
+            return max(arms, key=lambda a: self.stats[f"{phase}/{a}"]["mean"])
+        total = sum(self.stats[k]["n"] for k in keys)
+        return max(arms, key=lambda a: self.stats[f"{phase}/{a}"]["mean"]
+                   + self.c * math.sqrt(2 * math.log(total) / self.stats[f"{phase}/{a}"]["n"]))
+
+    def update(self, phase: str, arm: str, reward: float) -> None:
+        s = self.stats.setdefault(f"{phase}/{arm}", {"n": 0, "mean": 0.0})
+        s["n"] += 1
+        s["mean"] += (reward - s["mean"]) / s["n"]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"kind": self.kind, "stats": self.stats}, option=orjson.OPT_INDENT_2)
+
+    def load(self, path: Path) -> bool:
+        """Load saved statistics; a missing or corrupt file leaves the policy fresh."""
+        if not path.exists():
+            return False
+        try:
+            data = orjson.loads(path.read_bytes())
+            stats = data["stats"]
+            numbers = (int, float)
+            if not isinstance(stats, dict) or not all(
+                    isinstance(v, dict) and isinstance(v.get("n"), numbers) and isinstance(v.get("mean"), numbers)
+                    for v in stats.values()):
+                raise ValueError("bad stats table")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("hypertune policy state unreadable; starting fresh", file=str(path), error=str(exc))
+            return False
+        self.stats = {k: {"n": float(v["n"]), "mean": float(v["mean"])} for k, v in stats.items()}
+        return True
 
 
 class Hypertune(Actor):
-    """Records metric snapshots and anomalies; takes no control action yet."""
+    """Watches the run and steers the phase; see the module docs."""
 
-    def __init__(self, experiment_id: str, enabled: bool = False, **config: Any) -> None:
+    def __init__(self, experiment_id: str, enabled: bool = False, registry: Any = None, *,
+                 window_s: float = 5.0, policy: str = "ucb", state_file: str | Path | None = None,
+                 workload: str = "workload", family: str = "default", seed: int = 0) -> None:
         super().__init__()
+        if window_s <= 0:
+            raise ValueError(f"hypertune window_s must be > 0, got {window_s!r}")
         self.experiment_id = experiment_id
         self.enabled = enabled
-        self.config = config
+        self.registry = registry
+        self.window_us = int(window_s * 1e6)
+        self.policy = Policy(policy, seed=seed)
+        self.state_path = Path(state_file) if state_file else None
+        self.loaded = self.policy.load(self.state_path) if self.state_path else False
+        self.workload, self.family = workload, family
         self.snapshots = 0
         self.anomalies = 0
         self.periods = 0
-        self.last: dict[str, Any] | None = None
+        self.phase: str | None = None
+        self.params: dict[str, Any] = {}
+        self.best: float = math.inf
+        self.k: float | None = None
+        self.min_conf: float = math.inf
+        self.last_improve_ts: int | None = None
+        self.last_ts = 0
+        self.pending: dict[str, Any] | None = None
+        self.actions: list[dict[str, Any]] = []
+
+    # --- observing -------------------------------------------------------------------------------
+
+    def score(self) -> float:
+        conf = 0.0 if math.isinf(self.min_conf) else self.min_conf
+        return SCORE_K * (self.best if math.isfinite(self.best) else 0.0) + conf
+
+    def handle_events(self, msg: dict[str, Any]) -> None:
+        names = msg["names"]
+        if "step" not in names:
+            return
+        step_code = names.index("step")
+        rows = np.flatnonzero(msg["name"] == step_code)
+        if rows.size == 0:
+            return
+        vals = msg["values"]
+        chrom, k_col, conf = vals.get("chromatic_number"), vals.get("k"), vals.get("conflicts")
+        phases, ts = msg["phases"], msg["ts"]
+        texts = msg.get("param_texts", [])
+        for i in rows.tolist():
+            t = int(ts[i])
+            if self.last_ts and t - self.last_ts > self.window_us:
+                self.last_improve_ts = t  # a gap in the events (a pause), not a stall
+                if self.pending is not None:
+                    self.pending["ts"] += t - self.last_ts
+            self.last_ts = t
+            pc = int(msg["phase"][i])
+            phase = phases[pc] if pc >= 0 else None
+            if phase != self.phase:
+                self.phase, self.pending, self.last_improve_ts = phase, None, t
+                self.min_conf = math.inf
+            improved = False
+            if chrom is not None and not np.isnan(chrom[i]) and chrom[i] < self.best:
+                self.best, improved = float(chrom[i]), True
+            if k_col is not None and not np.isnan(k_col[i]) and k_col[i] != self.k:
+                self.k, self.min_conf, improved = float(k_col[i]), math.inf, True
+            if conf is not None and not np.isnan(conf[i]) and conf[i] < self.min_conf:
+                self.min_conf, improved = float(conf[i]), True
+            if improved or self.last_improve_ts is None:
+                self.last_improve_ts = t
+        last = int(rows[-1])
+        if "params" in msg and int(msg["params"][last]) >= 0:
+            self.params = orjson.loads(texts[int(msg["params"][last])])
+        self._maybe_act()
+
+    def _maybe_act(self) -> None:
+        if self.pending is not None and self.last_ts - self.pending["ts"] >= self.window_us:
+            self._outcome()
+        if not self.enabled or self.pending is not None or self.phase not in ARMS or self.last_improve_ts is None:
+            return
+        stalled_us = self.last_ts - self.last_improve_ts
+        if stalled_us < self.window_us:
+            return
+        arms = list(ARMS[self.phase])
+        arm = self.policy.choose(self.phase, arms)
+        key, value_of = ARMS[self.phase][arm]
+        value = value_of(self.params)
+        why = (f"hypertune: no progress for {stalled_us / 1e6:.1f}s in {self.phase} "
+               f"(best {self.best:g}, lowest conflicts {self.min_conf:g} at k={self.k}); arm {arm} "
+               f"by {self.policy.kind}")
+        self.pending = {"phase": self.phase, "arm": arm, "key": key, "value": value, "ts": self.last_ts,
+                        "score": self.score()}
+        self.actions.append({k: v for k, v in self.pending.items()})
+        self._send({"kind": "set_param", "key": key, "value": value, "why": why, "event": "hypertune_action"})
+        log.info("hypertune action", experiment=self.experiment_id, phase=self.phase, arm=arm, key=key, value=value)
+
+    def _outcome(self) -> None:
+        p, self.pending = self.pending, None
+        assert p is not None
+        elapsed = max(1e-6, (self.last_ts - p["ts"]) / 1e6)
+        reward = (p["score"] - self.score()) / elapsed
+        self.policy.update(p["phase"], p["arm"], reward)
+        self.last_improve_ts = self.last_ts  # the next window starts now
+        self._save()
+        self._send({"kind": "note", "name": "hypertune_outcome", "values": {"reward": reward, "window_s": elapsed},
+                    "notes": f"outcome of {p['arm']} ({p['key']}={p['value']!r}) in {p['phase']}: "
+                             f"score {p['score']:g} -> {self.score():g} over {elapsed:.1f}s, reward {reward:.4g}"})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self.registry is not None:
+            self.registry.send("phase", msg)
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_bytes(self.policy.to_json())
+        tmp.replace(self.state_path)
 
     def handle_metrics(self, msg: dict[str, Any]) -> None:
         self.snapshots += 1
-        self.last = msg
 
     def handle_anomalies(self, msg: dict[str, Any]) -> None:
         self.anomalies += len(msg.get("items", ()))
@@ -37,6 +246,18 @@ class Hypertune(Actor):
         if msg.get("state") == "start":
             self.periods += 1
 
+    def handle_counters(self, msg: dict[str, Any]) -> None:
+        """Emitter counters travel on the events topic; nothing to do."""
+
     def handle_get(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"enabled": self.enabled, "acting": False, "snapshots_seen": self.snapshots,
-                "anomalies_seen": self.anomalies, "anomaly_periods_seen": self.periods, "actions": []}
+        return {"enabled": self.enabled, "acting": self.enabled, "policy": self.policy.kind,
+                "state_loaded": self.loaded, "snapshots_seen": self.snapshots, "anomalies_seen": self.anomalies,
+                "anomaly_periods_seen": self.periods, "actions": list(self.actions),
+                "stats": dict(self.policy.stats), "phase": self.phase, "best": self.best}
+
+    def handle_crash(self, msg: dict[str, Any]) -> None:
+        """Fault injection for tests and drills."""
+        raise RuntimeError("injected hypertune crash")
+
+    def terminate(self, reason: str) -> None:
+        self._save()

@@ -216,10 +216,19 @@ class PhaseActor(Actor):
                               parameters=self.workload.params())
             return {"ok": False, "error": str(exc)}
         why = msg.get("why", "requested")
-        self.emitter.emit("control", parameters=self.workload.params(),
+        params = self.workload.params()
+        self.emitter.emit(str(msg.get("event", "control")), parameters=params, phase=params.get("phase"),
                           notes=f"{key}: {before!r} -> {after!r} ({why})")
         self._checkpoint(force=True)
         return {"ok": True, "key": key, "before": before, "after": after}
+
+    def handle_note(self, msg: dict[str, Any]) -> None:
+        """Record an observer's note (e.g. hypertune's outcome of an action) in the run's events."""
+        assert self.emitter is not None
+        values = {k: float(v) for k, v in (msg.get("values") or {}).items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.emitter.emit(str(msg.get("name", "note")), values, notes=str(msg.get("notes", "")),
+                          phase=self.workload.params().get("phase"))
 
     def status(self) -> dict[str, Any]:
         return {"paused": self.paused, "finished": self.finished, "steps": self.steps,

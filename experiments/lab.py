@@ -27,7 +27,7 @@ import orjson
 
 from actors.anomaly import AnomalyDetection
 from actors.base import ActorDeadError, ActorRef, on_death
-from actors.hypertune import Hypertune
+from actors.hypertune import Hypertune, instance_family
 from actors.log import get_logger
 from actors.phase import CheckpointStore, PhaseActor
 from actors.recorder import Recorder, check_artifacts_dir
@@ -44,7 +44,7 @@ from telemetry.store import DB_NAME, HistoryStore
 log = get_logger("experiments.lab")
 
 STATUSES = ("running", "paused", "stopped", "archived")
-METRIC_SUBSCRIBERS = ("metrics", "anomaly")  # detached from the events topic while paused
+METRIC_SUBSCRIBERS = ("metrics", "anomaly", "hypertune")  # detached from the events topic while paused
 
 
 class LifecycleError(RuntimeError):
@@ -106,7 +106,7 @@ class Experiment:
     # --- the tree ------------------------------------------------------------------------------------
 
     def child_spec(self) -> ChildSpec:
-        s, t, a = self.spec, self.spec["telemetry"], self.spec["anomaly"]
+        s, t, a, h = self.spec, self.spec["telemetry"], self.spec["anomaly"], self.spec["hypertune"]
         reg, topics = self.registry, self.topics
         wl_cls = workload_registry()[s["workload"]["name"]]
         children = [
@@ -125,7 +125,6 @@ class Experiment:
                               "period_gap_s": a["period_gap_s"], "seed": s["seed"]}),
             ChildSpec("sampler", Sampler, args=(self.id, NamedTarget("recorder", reg), s["sampling"]["strategy"],
                                                 s["sampling"]["config"], s["seed"]), name="sampler"),
-            ChildSpec("hypertune", Hypertune, args=(self.id, s["hypertune"]["enabled"]), name="hypertune"),
             ChildSpec("phase", PhaseActor, name="phase",
                       args=(self.id, self.run_id, wl_cls, s["workload"]["params"], topics, self.checkpoints),
                       kwargs={"seed": s["seed"], "budget_s": s["time_budget_s"], "run_dir": self.run_dir,
@@ -133,6 +132,10 @@ class Experiment:
                               "emitter_opts": {"batch_size": t["batch_size"], "flush_interval": t["flush_interval_s"],
                                                "overflow": t["overflow"], "max_backlog": t["max_backlog"],
                                                "block_timeout": t["block_timeout_s"], "debug": t["debug"]}}),
+            # last: under rest_for_one a hypertune crash then restarts only hypertune, never the phase
+            ChildSpec("hypertune", Hypertune, args=(self.id, h["enabled"], reg), name="hypertune",
+                      kwargs={"window_s": h["window_s"], "policy": h["policy"], "state_file": self._policy_file(),
+                              "workload": s["workload"]["name"], "family": self._family(), "seed": s["seed"]}),
         ]
         for name in METRIC_SUBSCRIBERS:
             topics.subscribe_name("events", name, reg)
@@ -143,6 +146,19 @@ class Experiment:
         return ChildSpec(self.id, Supervisor, restart="temporary", shutdown="infinity", kwargs={
             "children": children, "strategy": "rest_for_one", "max_restarts": sv["max_restarts"],
             "max_seconds": sv["max_seconds"], "registry": reg, "on_restart": self._note_restart})
+
+    def _family(self) -> str:
+        graph = (self.spec["workload"]["params"] or {}).get("graph") or {}
+        if graph.get("file"):
+            return instance_family(Path(graph["file"]).stem)
+        return str(graph.get("generator", self.spec["workload"]["name"]))
+
+    def _policy_file(self) -> str:
+        """Per workload and instance family, shared by the runs of this artifacts folder."""
+        explicit = self.spec["hypertune"].get("state_file")
+        if explicit:
+            return explicit
+        return str(self.lab.artifacts / "hypertune" / f"{self.spec['workload']['name']}-{self._family()}.json")
 
     def _note_restart(self, child: str, reason: str) -> None:
         self.registry.send("recorder", {"kind": "note_restart", "child": child, "reason": reason})

@@ -117,8 +117,8 @@ SCHEMA: dict[str, Any] = {
     },
     "hypertune": {
         "enabled": _type(bool),
-        "window_s": _num(0.1),
-        "policy": _type(str),
+        "window_s": _num(0.05, 3600),
+        "policy": _choice("ucb", "epsilon_greedy"),
         "state_file": _type(str),
     },
     "supervision": {

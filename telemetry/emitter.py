@@ -191,7 +191,10 @@ class Emitter:
             except IndexError:
                 continue
             if time.time_ns() - oldest >= interval_ns:
-                self.flush()
+                try:
+                    self.flush()
+                except Exception:
+                    log.exception("emitter flush failed", run_id=self.run_id)
 
     def _flush_locked(self) -> None:
         held_back = self.held and not self._closed.is_set()
@@ -217,7 +220,15 @@ class Emitter:
             rows = self._valid_rows(rows)
             if not rows:
                 return
-            batch = self._columns(rows)
+            try:
+                batch = self._columns(rows)
+            except (TypeError, ValueError, KeyError, OverflowError, AttributeError) as exc:
+                # rows that pass the field checks but still cannot be columned: refuse, counted
+                self.rejected += len(rows)
+                self.emitted -= len(rows)
+                log.error("events rejected: batch could not be built", run_id=self.run_id, count=len(rows),
+                          error=repr(exc))
+                return
         if held_back:
             self._held_batches.append(batch)  # built with the context in force, sent after the hold
             return
@@ -329,7 +340,7 @@ def _value_columns(vals: tuple[Any, ...], n: int) -> dict[str, np.ndarray]:
     """``values`` dicts -> one float64 column per key (NaN where absent; inf treated as absent)."""
     first = vals[0]
     out: dict[str, np.ndarray] = {}
-    if first and sum(map(len, vals)) == n * len(first):
+    if first and vals.count(None) == 0 and sum(map(len, vals)) == n * len(first):
         try:  # every dict has the first one's keys (and, by the count, no others)
             for k in first:
                 out[k] = np.fromiter(map(itemgetter(k), vals), dtype=np.float64, count=n)

@@ -265,3 +265,18 @@ def test_export_run_and_experiment(tmp_path, fmt):
         assert len(lines) == 301 and "values.conflicts" in lines[0]
     else:
         assert [orjson.loads(x)["seq"] for x in out.read_bytes().splitlines()] == list(range(300))
+
+
+def test_events_with_and_without_values_mix_in_one_batch(tmp_path):
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=8)
+    for i in range(20):
+        em.emit("a", {"x": float(i)}) if i % 3 else em.emit("b")  # values=None in between
+    counters = em.close()
+    assert counters == {"emitted": 20, "published": 20, "dropped": 0, "rejected": 0}
+    assert rec.ask({"kind": "flush"})["persisted"] == 20
+    rows = list(iter_run(tmp_path / "exp" / "run"))
+    assert [r["values"].get("x") for r in rows] == [None if i % 3 == 0 else float(i) for i in range(20)]
+    rec.stop()
