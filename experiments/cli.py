@@ -249,7 +249,81 @@ def cmd_color(args: argparse.Namespace) -> int:
     return 0 if verdict["proper"] else 1
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from experiments.tuning import tune
+
+    console = Console()
+    try:
+        res = tune(args.spec, args.trials, args.artifacts, seed_from=args.seed_from or [], budget=args.budget,
+                   objective=args.objective, seed=args.seed, overrides=args.set or None,
+                   on_trial=None if args.json else lambda r: console.print(
+                       f"trial {r['trial']}: {args.objective}={r[args.objective]:g} "
+                       f"(best after {r['seconds_to_best']:.2f} s) with {r['params']}"))
+    except (SpecError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(orjson.dumps(res).decode())
+    else:
+        console.print(f"learned from {res['seeded_from_prior_runs']} prior run(s) and {len(res['trials'])} trial(s); "
+                      f"best {args.objective} = {res['best_value']}")
+        console.print("proposed next configuration (--set):")
+        for k, v in (res["proposal"] or {}).items():
+            console.print(f"  workload.params.{k}={v}")
+    return 0
+
+
+def cmd_ab(args: argparse.Namespace) -> int:
+    from experiments.tuning import ab
+
+    console = Console()
+    try:
+        rep = ab(args.spec, args.runs, args.artifacts, budget=args.budget, target=args.target,
+                 overrides=args.set or None,
+                 on_run=None if args.json else lambda r: console.print(
+                     f"  hypertune {r['arm']:>3}  seed {r['seed']}: final {r['final']:g}"))
+    except (SpecError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(orjson.dumps({k: v for k, v in rep.items() if k != "runs"}).decode())
+        return 0
+    t = Table(title=f"hypertune A/B: {args.runs} runs per arm, {rep['budget_s']:g} s each, target {rep['target']:g}")
+    for col in ("", "hypertune on", "hypertune off"):
+        t.add_column(col)
+    on, off = rep["arms"]["on"], rep["arms"]["off"]
+    t.add_row("final colours", str(on["final"]), str(off["final"]))
+    t.add_row("mean / median", f"{on['final_mean']:.2f} / {on['final_median']:g}",
+              f"{off['final_mean']:.2f} / {off['final_median']:g}")
+    t.add_row("reached target", f"{on['reached_target']}/{on['runs']}", f"{off['reached_target']}/{off['runs']}")
+    t.add_row("time to target s (median)", f"{on['ttt_median']:.2f}", f"{off['ttt_median']:.2f}")
+    console.print(t)
+    for key in ("final_colors", "time_to_target"):
+        c = rep[key]
+        console.print(f"{key}: Mann-Whitney p = {c['p_value']:.4g}, effect size (Hedges g, on - off) = "
+                      f"{c['effect_size']:.3f}, CI of the difference = {c.get('ci')}")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
+    tu = sub.add_parser("tune", help="propose starting parameters from prior runs and new trials (Optuna TPE)")
+    tu.add_argument("spec")
+    tu.add_argument("--trials", type=int, default=8)
+    tu.add_argument("--seed-from", action="append", metavar="RUN_DIR", help="learn from a prior run (repeatable)")
+    tu.add_argument("--budget", type=float, help="seconds per trial (default: the spec's)")
+    tu.add_argument("--objective", default="chromatic_number", help="field to minimise (default chromatic_number)")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--set", action="append", metavar="KEY=VALUE")
+    tu.add_argument("--json", action="store_true")
+    tu.add_argument("--artifacts", default="artifacts")
+    tu.set_defaults(func=cmd_tune)
+    abp = sub.add_parser("ab", help="A/B: hypertune on vs off over N seeds, with statistics")
+    abp.add_argument("spec")
+    abp.add_argument("--runs", type=int, default=5, help="runs per arm")
+    abp.add_argument("--budget", type=float, help="seconds per run (default: the spec's)")
+    abp.add_argument("--target", type=float, help="time-to-target threshold (default: best reached)")
+    abp.add_argument("--set", action="append", metavar="KEY=VALUE")
+    abp.add_argument("--json", action="store_true")
+    abp.add_argument("--artifacts", default="artifacts")
+    abp.set_defaults(func=cmd_ab)
     co = sub.add_parser("color", help="colour a DIMACS .col graph (the full pipeline, checked)")
     co.add_argument("file", help="DIMACS .col file")
     co.add_argument("--time-limit", type=float, default=60.0, help="seconds (default 60)")
