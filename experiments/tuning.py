@@ -171,7 +171,8 @@ def ab(spec: str | Path | dict[str, Any], runs: int, artifacts: str | Path, *, b
     try:
         for seed in range(runs):
             for arm, enabled in (("on", True), ("off", False)):
-                sets = [*list(overrides or []), f"seed={seed}", f"hypertune.enabled={str(enabled).lower()}", f"time_budget_s={budget}"]
+                sets = [*(overrides or []), f"seed={seed}", f"hypertune.enabled={str(enabled).lower()}",
+                        f"time_budget_s={budget}"]
                 exp = lab.start_experiment(spec, overrides=sets, experiment_id=f"ab-{arm}-{seed}")
                 exp.wait()
                 final, trace = run_trace(exp.run_dir)
