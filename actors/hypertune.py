@@ -165,6 +165,7 @@ class Hypertune(Actor):
         chrom, k_col, conf = vals.get("chromatic_number"), vals.get("k"), vals.get("conflicts")
         phases, ts = msg["phases"], msg["ts"]
         texts = msg.get("param_texts", [])
+        parsed_text = None
         for i in rows.tolist():
             t = int(ts[i])
             if self.last_ts and t - self.last_ts > self.window_us:
@@ -186,10 +187,11 @@ class Hypertune(Actor):
                 self.min_conf, improved = float(conf[i]), True
             if improved or self.last_improve_ts is None:
                 self.last_improve_ts = t
-        last = int(rows[-1])
-        if "params" in msg and int(msg["params"][last]) >= 0:
-            self.params = orjson.loads(texts[int(msg["params"][last])])
-        self._maybe_act()
+            code = int(msg["params"][i]) if "params" in msg else -1
+            if code >= 0 and texts[code] is not parsed_text:
+                parsed_text = texts[code]
+                self.params = orjson.loads(parsed_text)
+            self._maybe_act()  # at the first event past the window, not at the end of the batch
 
     def _maybe_act(self) -> None:
         if self.pending is not None and self.last_ts - self.pending["ts"] >= self.window_us:

@@ -1,0 +1,195 @@
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from actors import Actor, Registry
+from actors.hypertune import Hypertune, Policy, instance_family
+from actors.messages import decode, encode
+from experiments.tuning import SEARCH_SPACES, ab_report, tune
+from supervisor import Lab
+from telemetry.jsonl import iter_run
+from telemetry.schema import rows_to_batch
+
+S = 1_000_000
+
+
+class FakePhase(Actor):
+    """Stands for the phase: records the control messages hypertune sends."""
+
+    def __init__(self):
+        super().__init__()
+        self.got = []
+
+    def handle_set_param(self, msg):
+        self.got.append(msg)
+
+    def handle_note(self, msg):
+        self.got.append(msg)
+
+    def handle_got(self, msg):
+        return self.got
+
+
+def steps(t0_s, n, dt_s, conflicts, k=27, best=28, phase="tabu", params=None):
+    rows = [{"seq": i, "ts": int((t0_s + i * dt_s) * S), "name": "step", "phase": phase,
+             "parameters": params or {"phase": phase, "tenure_alpha": 0.6, "iters_per_step": 20000},
+             "values": {"chromatic_number": float(best), "k": float(k), "conflicts": float(c)}}
+            for i, c in enumerate(conflicts(n))]
+    return decode(encode(rows_to_batch(rows, "exp", "run")))
+
+
+def test_a_stall_produces_an_action_within_the_window():
+    reg = Registry()
+    phase = FakePhase.start()
+    reg.register("phase", phase)
+    ht = Hypertune.start("exp", True, reg, window_s=1.0)
+    # 0.9 s of event time without progress: no action yet
+    ht.tell_bytes(encode(steps(0, 10, 0.1, lambda n: [5] * n)))
+    ht.ask({"kind": "get"})
+    assert phase.ask({"kind": "got"}) == []
+    # the window is now exceeded: one action, on the tabu phase's arms
+    ht.tell_bytes(encode(steps(1.0, 3, 0.1, lambda n: [5] * n)))
+    ht.ask({"kind": "get"})
+    got = phase.ask({"kind": "got"})
+    assert len(got) == 1 and got[0]["kind"] == "set_param" and got[0]["event"] == "hypertune_action"
+    assert got[0]["key"] in ("set_tenure", "set_batch", "skip_phase")
+    assert "no progress for 1.0s in tabu" in got[0]["why"]
+    # the outcome is measured over the next window and recorded
+    ht.tell_bytes(encode(steps(2.3, 12, 0.1, lambda n: [3] * n)))
+    state = ht.ask({"kind": "get"})
+    notes = [m for m in phase.ask({"kind": "got"}) if m["kind"] == "note"]
+    assert notes and notes[0]["name"] == "hypertune_outcome" and notes[0]["values"]["reward"] > 0
+    assert sum(v["n"] for v in state["stats"].values()) == 1
+    for r in (ht, phase):
+        r.stop()
+
+
+def test_progress_means_no_action_and_disabled_only_observes():
+    reg = Registry()
+    phase = FakePhase.start()
+    reg.register("phase", phase)
+    busy = Hypertune.start("exp", True, reg, window_s=0.5)
+    busy.tell_bytes(encode(steps(0, 30, 0.1, lambda n: list(range(100, 100 - n, -1)))))  # steady progress
+    idle = Hypertune.start("exp", False, reg, window_s=0.5)
+    idle.tell_bytes(encode(steps(0, 30, 0.1, lambda n: [7] * n)))  # stalled, but disabled
+    assert busy.ask({"kind": "get"})["actions"] == [] and idle.ask({"kind": "get"})["actions"] == []
+    assert phase.ask({"kind": "got"}) == []
+    for r in (busy, idle, phase):
+        r.stop()
+
+
+@pytest.mark.parametrize("kind", ["ucb", "epsilon_greedy"])
+def test_policy_learns_the_better_arm(kind):
+    rng = np.random.default_rng(0)
+    means = {"a": 0.2, "b": 0.5, "c": 0.8}
+    pol = Policy(kind, seed=1)
+    pulls = {a: 0 for a in means}
+    for _ in range(3000):
+        arm = pol.choose("tabu", list(means))
+        pulls[arm] += 1
+        pol.update("tabu", arm, float(rng.random() < means[arm]))
+    assert max(pulls, key=pulls.get) == "c"
+    assert pulls["c"] > 0.7 * sum(pulls.values())
+    assert abs(pol.stats["tabu/c"]["mean"] - 0.8) < 0.05
+
+
+def test_policy_state_round_trips_and_a_corrupt_file_is_ignored(tmp_path):
+    pol = Policy("ucb")
+    pol.update("tabu", "tenure_up", 2.0)
+    path = tmp_path / "p.json"
+    path.write_bytes(pol.to_json())
+    again = Policy("ucb")
+    assert again.load(path) and again.stats == {"tabu/tenure_up": {"n": 1.0, "mean": 2.0}}
+    path.write_text("{not json")
+    assert not Policy("ucb").load(path)
+    path.write_text('{"stats": {"x": {"n": "many"}}}')
+    assert not Policy("ucb").load(path)
+    with pytest.raises(ValueError, match="policy"):
+        Policy("thompson")
+    assert instance_family("DSJC250.5") == "DSJC" and instance_family("le450_15c") == "le"
+
+
+SPEC = {"name": "ht", "seed": 3, "time_budget_s": 3.0,
+        "hypertune": {"enabled": True, "window_s": 0.3},
+        "workload": {"name": "coloring", "params": {"graph": {"generator": "gnp", "n": 100, "p": 0.5, "seed": 5},
+                                                     "phases": ["tabu"],
+                                                     "tabu": {"iters_per_step": 3000, "max_iters_per_k": 10**9,
+                                                              "stall_iters": 10**12}}}}
+
+
+def test_actions_apply_at_safe_points_and_show_in_telemetry(tmp_path):
+    state_file = tmp_path / "policy.json"
+    lab = Lab(tmp_path / "art")
+    exp = lab.start_experiment({**SPEC, "hypertune": {**SPEC["hypertune"], "state_file": str(state_file)}})
+    assert exp.wait(60)
+    lab.shutdown()
+    events = list(iter_run(exp.run_dir))
+    actions = [e for e in events if e["name"] == "hypertune_action"]
+    assert actions, "the colouring stalls below its chromatic number: hypertune must act"
+    first = actions[0]
+    assert "hypertune: no progress for" in first["notes"] and " -> " in first["notes"]
+    key = first["notes"].split(":")[0]
+    if key == "set_tenure":  # the new value shows in the next steps' parameters
+        after = float(first["notes"].split(" -> ")[1].split(" ")[0])
+        nxt = next(e for e in events if e["name"] == "step" and e["ts"] > first["ts"])
+        assert nxt["parameters"]["tenure_alpha"] == pytest.approx(after)
+    assert any(e["name"] == "hypertune_outcome" for e in events)
+    assert state_file.exists() and Policy("ucb").load(state_file)
+
+
+def test_a_hypertune_crash_restarts_it_without_stopping_the_phase(tmp_path):
+    lab = Lab(tmp_path / "art")
+    exp = lab.start_experiment({**SPEC, "time_budget_s": 600})
+    exp.pause()  # everything parked: a deterministic moment
+    phase = exp.registry.whereis("phase")
+    ht = exp.registry.whereis("hypertune")
+    exp.registry.send("hypertune", {"kind": "crash"})
+    assert exp.registry.await_name("hypertune", timeout=10, not_urn=ht.urn) is not None
+    assert exp.registry.whereis("phase") == phase and phase.is_alive()
+    exp.resume()
+    exp.stop()
+    lab.shutdown()
+    assert exp.summary()["restarts"] == {"hypertune": 1}
+
+
+def test_corrupt_policy_state_never_blocks_a_run(tmp_path):
+    bad = tmp_path / "policy.json"
+    bad.write_text("garbage")
+    lab = Lab(tmp_path / "art")
+    exp = lab.start_experiment({**SPEC, "time_budget_s": 0.5,
+                                "hypertune": {"enabled": True, "window_s": 0.3, "state_file": str(bad)}})
+    assert exp.wait(30) and exp.reason == "budget"
+    lab.shutdown()
+
+
+def test_surrogate_proposes_only_values_within_bounds(tmp_path):
+    spec = {"name": "tune", "time_budget_s": 0.2,
+            "workload": {"name": "latency", "params": {"target": "math:sqrt", "args": [2.0]}}}
+    first = tune(spec, 2, tmp_path / "art", objective="latency_ms", seed=1)
+    prior = [r["run_dir"] for r in first["trials"]]
+    res = tune(spec, 3, tmp_path / "art", objective="latency_ms", seed=2, seed_from=prior)
+    lo, hi, _ = SEARCH_SPACES["latency"]["calls_per_step"]
+    assert res["seeded_from_prior_runs"] == 2 and len(res["trials"]) == 3
+    for row in first["trials"] + res["trials"]:
+        assert lo <= row["params"]["calls_per_step"] <= hi
+    assert lo <= res["proposal"]["calls_per_step"] <= hi
+
+
+def test_ab_report_statistics_match_scipy():
+    on = [28, 28, 29, 28, 28, 28]
+    off = [29, 29, 29, 28, 30, 29]
+    rows = [{"arm": "on", "final": f, "trace": [(0.0, 40.0), (1.0 + i, float(f))]} for i, f in enumerate(on)]
+    rows += [{"arm": "off", "final": f, "trace": [(0.0, 40.0), (2.0 + i, float(f))]} for i, f in enumerate(off)]
+    rep = ab_report(rows, budget=20.0)
+    assert rep["target"] == 28
+    assert rep["final_colors"]["p_value"] == pytest.approx(st.mannwhitneyu(off, on, alternative="two-sided").pvalue)
+    on_ttt = rep["arms"]["on"]["time_to_target"]
+    off_ttt = rep["arms"]["off"]["time_to_target"]
+    assert on_ttt == [1.0, 2.0, 20.0, 4.0, 5.0, 6.0]  # seed 2 never reached 28: censored at the budget
+    assert off_ttt == [20.0, 20.0, 20.0, 5.0, 20.0, 20.0]
+    assert rep["time_to_target"]["p_value"] == pytest.approx(st.mannwhitneyu(off_ttt, on_ttt).pvalue)
+    a, b = np.array(off_ttt), np.array(on_ttt)
+    sp = np.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / (a.size + b.size - 2))
+    assert rep["time_to_target"]["effect_size"] == pytest.approx((b.mean() - a.mean()) / sp * (1 - 3 / (4 * 12 - 9)))
+    lo, hi = rep["final_colors"]["ci"]
+    assert lo < np.mean(on) - np.mean(off) < hi
