@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from experiments.lab import Experiment, Lab
@@ -303,7 +304,173 @@ def cmd_ab(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from experiments.monitor import Alert, AlertError, Tailer, format_event, known_fields, run_stopped, run_summary
+    from experiments.monitor import sparkline as spark
+
+    art = Path(args.artifacts)
+    if args.latest:
+        runs = find_runs(art)
+        if not runs:
+            raise UsageError(f"no runs under {art}")
+        run = runs[0]
+    elif args.run:
+        run = resolve_run(args.run, art)
+    else:
+        raise UsageError("give a run (directory or id) or --latest")
+    try:
+        alerts = [Alert(a) for a in args.alert or []]
+    except AlertError as exc:
+        raise UsageError(str(exc)) from None
+    if alerts:
+        fields = known_fields(run)
+        for a in alerts:
+            if fields and a.field not in fields:
+                raise UsageError(f"alert {a.expr!r}: this run has no field {a.field!r}; "
+                                 f"its fields: {', '.join(sorted(fields))}")
+    console = Console()
+    if args.summary:
+        s = run_summary(run)
+        t = Table(title=f"{run.parent.name} / {run.name} ({s['status']})")
+        t.add_column("phase")
+        t.add_column("events", justify="right")
+        t.add_column("duration s", justify="right")
+        t.add_column("best")
+        for ph, p in s["phases"].items():
+            t.add_row(ph, str(p["events"]), f"{p['duration_s']:.2f}",
+                      ", ".join(f"{SHORT_NAMES.get(k, k)}={v:.6g}" for k, v in p["best"].items()))
+        console.print(t)
+        console.print(f"GPU vs CPU (events): {s['gpu_usage'] or 'not recorded'}; run {s['duration_s']:.1f} s; "
+                      f"persisted {s['events_persisted']}, dropped {s['events_dropped']}; "
+                      f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}")
+        for a in s["hypertune_actions"][-10:]:
+            console.print(f"  action: {a}")
+        return 0
+    tail = Tailer(run, from_start=not args.from_end)
+    t0: int | None = None
+    colors: list[float] = []
+    conflicts: list[float] = []
+    last_lines: list[str] = []
+
+    def consume() -> int:
+        nonlocal t0
+        n = 0
+        for ev in tail.poll():
+            t0 = ev["ts"] if t0 is None else t0
+            if (args.phase and ev.get("phase") != args.phase) or (args.name and ev["name"] != args.name):
+                continue
+            n += 1
+            vals = ev.get("values") or {}
+            if "chromatic_number" in vals:
+                colors.append(vals["chromatic_number"])
+            if "conflicts" in vals:
+                conflicts.append(vals["conflicts"])
+            line = format_event(ev, t0)
+            fired = [a.expr for a in alerts if a.fires(ev)]
+            if args.follow:
+                last_lines.append(("!! " if fired else "   ") + line)
+                del last_lines[:-15]
+            else:
+                if fired:
+                    console.file.write("\a")
+                    console.print(f"[bold red]!! ALERT {escape(', '.join(fired))}:[/] {escape(line)}", highlight=False)
+                else:
+                    console.print(line, markup=False, highlight=False)
+        return n
+
+    def view() -> Table:
+        t = Table(title=f"crucible monitor: {run.parent.name} / {run.name}", show_header=False, expand=True)
+        t.add_column("", no_wrap=True)
+        t.add_row(f"colours   {spark(colors)}  {colors[-1] if colors else '-'}")
+        t.add_row(f"conflicts {spark(conflicts)}  {conflicts[-1] if conflicts else '-'}")
+        for line in last_lines:
+            t.add_row(line)
+        return t
+
+    waiter = threading.Event()
+    try:
+        if args.follow:
+            with Live(view(), console=console, screen=console.is_terminal, refresh_per_second=4) as live:
+                while True:
+                    got = consume()
+                    live.update(view())
+                    if (args.no_wait or run_stopped(run)) and not got:
+                        break
+                    waiter.wait(0.25)
+        else:
+            while True:
+                got = consume()
+                if (args.no_wait or run_stopped(run)) and not got:
+                    break
+                waiter.wait(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tail.close()
+    return 0
+
+
+SHORT_NAMES = {"chromatic_number": "colors"}
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    from experiments.specedit import set_values
+
+    try:
+        set_values(args.spec, args.assignments)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
+    Console().print(f"{args.spec}: set {', '.join(args.assignments)}")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from experiments.specedit import get_value
+
+    try:
+        v = get_value(args.spec, args.key)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
+    print(orjson.dumps(v).decode() if not isinstance(v, str) else v)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from experiments.specedit import show
+
+    try:
+        print(show(args.spec), end="")
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
 def add_commands(sub: Any) -> None:
+    mo = sub.add_parser("monitor", help="follow a run from its files: --tail, --summary, --follow")
+    mo.add_argument("run", nargs="?", help="run directory or run id")
+    mo.add_argument("--latest", action="store_true", help="the newest run in the artifacts folder")
+    mode = mo.add_mutually_exclusive_group()
+    mode.add_argument("--tail", action="store_true", help="stream events as they are written (the default)")
+    mode.add_argument("--summary", action="store_true", help="best per phase, GPU/CPU, drops, anomalies, actions")
+    mode.add_argument("--follow", action="store_true", help="full-screen live view with sparklines")
+    mo.add_argument("--phase", help="only this phase")
+    mo.add_argument("--name", help="only this event name")
+    mo.add_argument("--alert", action="append", metavar="EXPR", help="e.g. 'conflicts>1000' (repeatable)")
+    mo.add_argument("--from-end", action="store_true", help="start at the end of the file, not its beginning")
+    mo.add_argument("--no-wait", action="store_true", help="print what is there and exit")
+    mo.add_argument("--artifacts", default="artifacts")
+    mo.set_defaults(func=cmd_monitor)
+    se = sub.add_parser("set", help="set spec values (validated; comments and layout kept)")
+    se.add_argument("spec")
+    se.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    se.set_defaults(func=cmd_set)
+    ge = sub.add_parser("get", help="print a spec value (defaults filled in)")
+    ge.add_argument("spec")
+    ge.add_argument("key")
+    ge.set_defaults(func=cmd_get)
+    sh = sub.add_parser("show", help="print the whole effective spec")
+    sh.add_argument("spec")
+    sh.set_defaults(func=cmd_show)
     tu = sub.add_parser("tune", help="propose starting parameters from prior runs and new trials (Optuna TPE)")
     tu.add_argument("spec")
     tu.add_argument("--trials", type=int, default=8)

@@ -1,0 +1,183 @@
+"""``crucible monitor``: follow a run from its files, as they are written.
+
+* :class:`Tailer` reads a run's active ``events.jsonl`` as it grows: it keeps a torn last
+  line until its newline arrives, and when the file is rotated it finishes the old file
+  (the same open handle, now renamed) before it opens the new one.
+* :func:`format_event` prints one line per event in the seed's style,
+  ``[thermo][cpu] t=12.3s colors=118 conflicts=5600 params={"t_max":10}``.
+* :class:`Alert` parses ``FIELD OP NUMBER`` (``>``, ``>=``, ``<``, ``<=``, ``==``, ``!=``).
+* :func:`run_summary` gathers the figures ``--summary`` prints.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from telemetry.jsonl import ACTIVE, iter_run
+from telemetry.schema import SchemaError, parse_line
+
+OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
+_ALERT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*$")
+SHORT = {"chromatic_number": "colors"}
+
+
+class AlertError(ValueError):
+    """A malformed alert expression, or a field the run does not have."""
+
+
+class Alert:
+    def __init__(self, expr: str) -> None:
+        m = _ALERT.match(expr)
+        if not m:
+            raise AlertError(f"bad alert {expr!r}: expected FIELD OP NUMBER, e.g. 'conflicts>1000' "
+                             f"(operators: {', '.join(OPS)})")
+        self.expr = expr.strip()
+        self.field, self.op_text = m.group(1), m.group(2)
+        self.op = OPS[self.op_text]
+        self.value = float(m.group(3))
+
+    def fires(self, ev: dict[str, Any]) -> bool:
+        v = (ev.get("values") or {}).get(self.field)
+        return isinstance(v, (int, float)) and self.op(v, self.value)
+
+
+def known_fields(run_dir: Path, sample: int = 5000) -> set[str]:
+    """Numeric fields the run has carried so far (its summary, else its first events)."""
+    out: set[str] = set()
+    s = run_dir / "summary.json"
+    if s.exists():
+        for ph in (orjson.loads(s.read_bytes()).get("phases") or {}).values():
+            out.update(ph.get("min", {}))
+    for i, ev in enumerate(iter_run(run_dir)):
+        out.update(ev.get("values") or {})
+        if i >= sample:
+            break
+    return out
+
+
+def format_event(ev: dict[str, Any], t0_us: int) -> str:
+    gpu = {"gpu": "gpu", "cpu_fallback": "cpu", "cpu_disabled": "cpu"}.get(ev.get("gpu_mode") or "", "-")
+    head = f"[{ev.get('phase') or '-'}][{gpu}] t={(ev['ts'] - t0_us) / 1e6:.1f}s {ev['name']}"
+    vals = " ".join(f"{SHORT.get(k, k)}={v:.6g}" for k, v in (ev.get("values") or {}).items())
+    out = f"{head} {vals}".rstrip()
+    if ev.get("success") is not None:
+        out += f" success={str(ev['success']).lower()}"
+    if ev.get("parameters"):
+        out += " params=" + orjson.dumps(ev["parameters"]).decode()
+    if ev.get("notes"):
+        out += f"  # {ev['notes']}"
+    if (ev.get("anomaly") or {}).get("flag"):
+        out += f"  [anomaly {ev['anomaly'].get('score')}]"
+    return out
+
+
+class Tailer:
+    """Yields the events appended to a run's files, surviving rotation and torn lines."""
+
+    def __init__(self, run_dir: Path, from_start: bool = True) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / ACTIVE
+        self._fh: Any = None
+        self._ino: int | None = None
+        self._buf = b""
+        self.from_start = from_start
+        self.skipped = 0
+
+    def _open(self) -> bool:
+        try:
+            fh = self.path.open("rb")
+        except FileNotFoundError:
+            return False
+        self._fh, self._ino, self._buf = fh, os.fstat(fh.fileno()).st_ino, b""
+        if not self.from_start:
+            fh.seek(0, os.SEEK_END)
+            self.from_start = True  # only the first file starts at its end
+        return True
+
+    def poll(self) -> Iterator[dict[str, Any]]:
+        """Everything complete that has been written since the last poll."""
+        if self._fh is None and not self._open():
+            return
+        while True:
+            chunk = self._fh.read(1 << 20)
+            if chunk:
+                self._buf += chunk
+                *lines, self._buf = self._buf.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    try:
+                        yield parse_line(line)
+                    except SchemaError:
+                        self.skipped += 1
+                continue
+            try:
+                rotated = os.stat(self.path).st_ino != self._ino
+            except FileNotFoundError:
+                rotated = True
+            if not rotated:
+                return  # caught up; a torn last line stays in the buffer until its newline
+            self._fh.close()  # the old file is finished (we read it to its end): move on
+            if not self._open():
+                self._fh = None
+                return
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def run_stopped(run_dir: Path) -> bool:
+    lc = run_dir / "lifecycle.json"
+    return lc.exists() and orjson.loads(lc.read_bytes()).get("status") in ("stopped", "archived")
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """Best value per phase, GPU vs CPU usage, durations, drops, anomalies, hypertune actions."""
+    phases: dict[str, dict[str, Any]] = {}
+    gpu: dict[str, int] = {}
+    anomalies = 0
+    actions: list[str] = []
+    first = last = None
+    for ev in iter_run(run_dir):
+        first = ev["ts"] if first is None else first
+        last = ev["ts"]
+        ph = ev.get("phase") or "-"
+        p = phases.setdefault(ph, {"events": 0, "first_ts": ev["ts"], "last_ts": ev["ts"], "best": {}})
+        p["events"] += 1
+        p["last_ts"] = ev["ts"]
+        for k, v in (ev.get("values") or {}).items():
+            if k in ("chromatic_number", "conflicts", "latency_ms") and (k not in p["best"] or v < p["best"][k]):
+                p["best"][k] = v
+        if ev.get("gpu_mode"):
+            gpu[ev["gpu_mode"]] = gpu.get(ev["gpu_mode"], 0) + 1
+        if (ev.get("anomaly") or {}).get("flag"):
+            anomalies += 1
+        if ev["name"] == "hypertune_action":
+            actions.append(ev.get("notes") or "")
+    s = run_dir / "summary.json"
+    summ = orjson.loads(s.read_bytes()) if s.exists() else {}
+    for p in phases.values():
+        p["duration_s"] = (p.pop("last_ts") - p.pop("first_ts")) / 1e6
+    return {"run_dir": str(run_dir), "phases": phases, "gpu_usage": gpu, "anomalies": anomalies,
+            "hypertune_actions": actions, "duration_s": (last - first) / 1e6 if first is not None else 0.0,
+            "events_persisted": summ.get("events_persisted"), "events_dropped": summ.get("events_dropped"),
+            "status": (orjson.loads((run_dir / "lifecycle.json").read_bytes()).get("status")
+                       if (run_dir / "lifecycle.json").exists() else "running")}
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    bars = "▁▂▃▄▅▆▇█"
+    vals = values[-width:]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    span = (hi - lo) or 1.0
+    return "".join(bars[min(7, int((v - lo) / span * 7.999))] for v in vals)
