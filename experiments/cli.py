@@ -77,7 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         stop_now.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    lab = Lab(args.artifacts)
+    lab = Lab(args.artifacts, dashboard=args.dashboard, dash_port=args.dash_port)
+    if lab.dashboard is not None:
+        console.print(f"dashboard: {lab.dashboard.url}?token={lab.dashboard.token}  "
+                      f"(control token in {lab.dashboard.token_file})")
     try:
         try:
             exp = lab.start_experiment(args.spec, overrides=args.set or None)
@@ -509,6 +512,8 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--artifacts", default="artifacts", help="artifacts folder (default ./artifacts)")
     r.add_argument("--no-live", action="store_true", help="no live progress display")
     r.add_argument("--json-summary", metavar="PATH", help="also write the final summary as JSON")
+    r.add_argument("--dashboard", action="store_true", help="serve the live web dashboard (127.0.0.1)")
+    r.add_argument("--dash-port", type=int, help="dashboard port (default CRUCIBLE_DASH_PORT or 7878; 0 = any)")
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="list the runs in an artifacts folder")
     ls.add_argument("--artifacts", default="artifacts")

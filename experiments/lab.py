@@ -278,6 +278,17 @@ class Experiment:
             self._write_lifecycle()
         log.info("experiment stopped", experiment=self.id, run_id=self.run_id, reason=self._reason)
 
+    def restart_pass(self) -> dict[str, Any]:
+        """Ask the workload to start a new pass from its best solution (if it has passes)."""
+        with self._lock:
+            if self._status not in ("running", "paused"):
+                raise NotRunning(f"experiment {self.id!r} is {self._status}; cannot restart a pass")
+        reply = self._ref("phase").ask({"kind": "set_param", "key": "restart_pass", "value": True,
+                                        "why": "restart requested", "event": "control"}, timeout=30)
+        if not reply.get("ok"):
+            raise LifecycleError(f"experiment {self.id!r} cannot restart a pass: {reply.get('error')}")
+        return reply
+
     def archive(self) -> None:
         """Mark a finished experiment archived (stopping it first if it still runs)."""
         if self._status in ("running", "paused"):
@@ -363,15 +374,19 @@ class Lab:
     """Runs experiments side by side for a long-lived host (a lab daemon, a notebook, the CLI)."""
 
     def __init__(self, artifacts_dir: str | Path = "artifacts", dashboard: bool = False,
-                 max_experiments: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        if dashboard:
-            raise ValueError("the web dashboard is not part of this build yet; use dashboard=False")
+                 max_experiments: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 dash_host: str = "127.0.0.1", dash_port: int | None = None) -> None:
         self.artifacts = check_artifacts_dir(artifacts_dir)
         self.clock = clock
         self._lock = threading.RLock()
         self.experiments: dict[str, Experiment] = {}
         self.sup = DynamicSupervisor.start(max_children=max_experiments, registry=Registry())
         self._closed = False
+        self.dashboard = None
+        if dashboard:
+            from dashboard.server import Dashboard
+
+            self.dashboard = Dashboard(self, dash_host, dash_port)  # port: CRUCIBLE_DASH_PORT or 7878
 
     def start_experiment(self, spec: str | Path | dict[str, Any], overrides: Any = None,
                          experiment_id: str | None = None) -> Experiment:
@@ -423,6 +438,8 @@ class Lab:
                 except NotRunning:
                     pass
         self.sup.stop(timeout=timeout)
+        if self.dashboard is not None:
+            self.dashboard.stop()
 
     def __enter__(self) -> Lab:
         return self

@@ -19,7 +19,8 @@ Every step emits the plan's fields: ``phase``, ``step``, ``chromatic_number`` (b
 so far), ``k`` (the k being attempted), ``conflicts``, ``gpu_mode``, ``duration_ms``,
 ``parameters``, ``notes``, ``pass``. Control hooks (``set_param``): ``adjust_temperature``
 (scale the ladder), ``set_batch`` (work per step), ``set_tenure`` (tenure alpha),
-``boost_mutation`` (mutation rate), ``skip_phase``.
+``boost_mutation`` (mutation rate), ``skip_phase``, ``restart_pass`` (a new pass from the
+best solution now).
 
 Iterative restarts: with ``iterative.enabled`` the pipeline starts again from its best
 solution with adjusted parameters until ``iterative.max_passes``, a pass without
@@ -161,6 +162,11 @@ class ColoringWorkload:
         t0 = time.perf_counter()
         if self.phase_idx < 0:
             return self._init(emitter, t0)
+        if self._state.pop("restart_pass", False):
+            self.pass_best.append(self.best_k)
+            self._save_pass()
+            self._start_pass(emitter, "restart requested")
+            return False
         phase = self.phase
         done_phase = {"thermo": self._thermo_step, "tabu": self._tabu_step, "memetic": self._memetic_step}[phase]()
         self.steps_in_phase += 1
@@ -226,6 +232,9 @@ class ColoringWorkload:
             before = self.p["memetic"]["mutation_rate"]
             self.p["memetic"]["mutation_rate"] = check_number("memetic", "mutation_rate", value)
             return before, value
+        if key == "restart_pass":
+            self._state["restart_pass"] = True
+            return self.pass_, self.pass_ + 1
         if key == "skip_phase":
             before = self.phase
             self._state["skip"] = True
@@ -276,6 +285,10 @@ class ColoringWorkload:
         improved = self.best_k < self.pass_start_best or self.pass_ == 0
         if final or not it["enabled"] or self.pass_ + 1 >= it["max_passes"] or not improved:
             return True
+        self._start_pass(emitter, "iterative restart")
+        return False
+
+    def _start_pass(self, emitter: Emitter, why: str) -> None:
         self.pass_ += 1
         self.pass_start_best = self.best_k
         # next pass: longer searches, a little more diversity
@@ -284,8 +297,7 @@ class ColoringWorkload:
         self.p["tabu"]["tenure_alpha"] = min(10.0, self.p["tabu"]["tenure_alpha"] * 1.1)
         emitter.set_context(pass_=self.pass_)
         seed_rng(self.seed + 7919 * self.pass_)
-        self._enter_phase(0, emitter, f"pass {self.pass_}: restart from the best solution ({self.best_k} colours)")
-        return False
+        self._enter_phase(0, emitter, f"pass {self.pass_} ({why}): from the best solution ({self.best_k} colours)")
 
     def _save_pass(self) -> None:
         if self.run_dir is None or self.best is None:

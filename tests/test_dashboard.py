@@ -1,0 +1,126 @@
+import os
+import shutil
+import stat
+import time
+
+import httpx
+import orjson
+import pytest
+
+from supervisor import Lab
+
+SPEC = {"name": "dash", "time_budget_s": 600, "hypertune": {"enabled": True, "window_s": 0.5},
+        "workload": {"name": "coloring", "params": {"graph": {"generator": "gnp", "n": 120, "p": 0.5, "seed": 3},
+                                                     "tabu": {"iters_per_step": 2000}}}}
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab(tmp_path / "art", dashboard=True, dash_port=0)
+    yield lab
+    lab.shutdown()
+
+
+def test_dashboard_binds_localhost_and_writes_a_private_token(lab):
+    d = lab.dashboard
+    assert d.host == "127.0.0.1" and d.url == f"http://127.0.0.1:{d.port}/"
+    assert stat.S_IMODE(os.stat(d.token_file).st_mode) == 0o600
+    assert d.token_file.read_text().strip() == d.token
+
+
+def test_api_status_codes_auth_and_validation(lab):
+    exp = lab.start_experiment(SPEC)
+    c = httpx.Client(base_url=lab.dashboard.url, timeout=30)
+    assert c.get("/api/experiments").json()["experiments"][0]["id"] == "dash"
+    assert c.get("/api/experiments/dash").status_code == 200
+    assert c.get("/api/metrics/live", params={"experiment": "dash"}).status_code == 200
+    assert c.get("/api/metrics/live", params={"experiment": "../etc"}).status_code == 400
+    assert c.get("/api/metrics/live", params={"experiment": "ghost"}).status_code == 404
+    assert c.get("/api/metrics/history", params={"run_id": exp.run_id}).status_code == 200
+    assert c.get("/api/metrics/history", params={"run_id": "../../etc/passwd"}).status_code == 400
+    assert c.get("/api/metrics/history", params={"run_id": "20990101T000000Z-000000"}).status_code == 404
+    body = {"experiment": "dash"}
+    assert c.post("/api/control/pause", json=body).status_code == 401
+    assert c.post("/api/control/pause", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": f"Bearer {lab.dashboard.token}"}
+    assert c.post("/api/control/explode", json=body, headers=auth).status_code == 404
+    assert c.post("/api/control/pause", content=b"{nope", headers=auth).status_code == 400
+    r = c.post("/api/control/pause", json=body, headers=auth)
+    assert r.status_code == 200 and r.json()["status"] == "paused" and exp.status() == "paused"
+    again = c.post("/api/control/pause", json=body, headers=auth)
+    assert again.status_code == 409 and "already paused" in again.json()["error"]
+    assert c.post("/api/control/resume", json=body, headers=auth).json()["status"] == "running"
+    assert c.post("/api/control/restart", json=body, headers=auth).json()["result"]["ok"]
+    assert c.post("/api/control/stop", json=body, headers=auth).json()["status"] == "stopped"
+    finished = c.post("/api/control/pause", json=body, headers=auth)
+    assert finished.status_code == 409 and "stopped" in finished.json()["error"]
+    metrics = c.get("/metrics").text
+    assert 'crucible_events_persisted{experiment="dash"}' in metrics
+    assert "crucible_best_chromatic_number" in metrics and "crucible_restarts" in metrics
+    js = c.get("/static/plotly.min.js")
+    assert js.status_code == 200 and len(js.content) > 1_000_000  # served from the plotly package
+
+
+def test_websocket_pushes_events_of_a_live_experiment(lab):
+    from websockets.sync.client import connect
+
+    lab.start_experiment(SPEC)
+    url = lab.dashboard.url.replace("http://", "ws://") + "ws"
+    seen = 0
+    with connect(url) as ws:
+        while seen < 50:
+            msg = orjson.loads(ws.recv(timeout=30))
+            assert msg["experiments"][0]["id"] == "dash"
+            seen += len(msg["events"].get("dash", []))
+        pushes, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < 1.5:
+            ws.recv(timeout=30)
+            pushes += 1
+    assert 2 <= pushes <= 17  # batched pushes, at most 10 a second
+
+
+def test_a_client_that_stops_reading_does_not_slow_the_lab(lab):
+    import socket
+
+    lab.start_experiment(SPEC)
+    host, port = lab.dashboard.host, lab.dashboard.port
+    s = socket.create_connection((host, port))
+    s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    try:  # connected and never reads: the API and the experiment carry on regardless
+        c = httpx.Client(base_url=lab.dashboard.url, timeout=10)
+        for _ in range(5):
+            assert c.get("/api/experiments").status_code == 200
+        exp = lab.get("dash")
+        exp.stop()
+        assert exp.status() == "stopped"
+    finally:
+        s.close()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_end_to_end_in_headless_chromium(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    lab.start_experiment(SPEC)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(f"{lab.dashboard.url}?token={lab.dashboard.token}")
+        page.wait_for_function("window.__points > 5", timeout=60_000)
+        before = page.evaluate("window.__points")
+        page.wait_for_function(f"window.__points > {before}", timeout=60_000)  # the chart gains points
+        page.click("#btn-pause")
+        page.wait_for_function("document.getElementById('status').textContent === 'paused'", timeout=30_000)
+        assert lab.get("dash").status() == "paused"
+        page.click("#btn-resume")
+        page.wait_for_function("document.getElementById('status').textContent === 'running'", timeout=30_000)
+        shot = tmp_path / "dashboard.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 10_000
