@@ -4,7 +4,8 @@ It watches the experiment's ``events`` (the phase's ``step`` events), ``metrics`
 ``anomalies`` topics and keeps, per phase, a rolling view of the best value
 (``chromatic_number``) and of the conflicts at the k being attempted. A *stall* is
 ``window_s`` seconds of event time without a new best and without a new lowest conflict
-count. On a stall it picks an action with its policy (UCB1 by default, or epsilon-greedy)
+count, and at least three times the median time this run has needed between improvements.
+On a stall it picks an action with its policy (UCB1 by default, or epsilon-greedy)
 and sends it to the phase as ``set_param``; the phase applies it at its next safe point and
 records it as a ``hypertune_action`` event whose notes say what changed, why, and the
 values before and after. The outcome is measured over the next window (reward =
@@ -51,7 +52,6 @@ ARMS: dict[str, dict[str, tuple[str, Any]]] = {
         "tenure_up": ("set_tenure", lambda p: min(10.0, p.get("tenure_alpha", 0.6) * 1.6 + 0.1)),
         "tenure_down": ("set_tenure", lambda p: max(0.05, p.get("tenure_alpha", 0.6) / 1.6)),
         "batch_up": ("set_batch", lambda p: int(min(10**7, p.get("iters_per_step", 20_000) * 2))),
-        "skip_phase": ("skip_phase", lambda p: True),
     },
     "memetic": {
         "mutation_up": ("boost_mutation", lambda p: min(1.0, p.get("mutation_rate", 0.0) + 0.05)),
@@ -146,6 +146,7 @@ class Hypertune(Actor):
         self.last_ts = 0
         self.pending: dict[str, Any] | None = None
         self.actions: list[dict[str, Any]] = []
+        self.gaps: list[int] = []  # event time between recent improvements
 
     # --- observing -------------------------------------------------------------------------------
 
@@ -186,6 +187,9 @@ class Hypertune(Actor):
             if conf is not None and not np.isnan(conf[i]) and conf[i] < self.min_conf:
                 self.min_conf, improved = float(conf[i]), True
             if improved or self.last_improve_ts is None:
+                if improved and self.last_improve_ts is not None:
+                    self.gaps.append(t - self.last_improve_ts)
+                    del self.gaps[:-20]
                 self.last_improve_ts = t
             code = int(msg["params"][i]) if "params" in msg else -1
             if code >= 0 and texts[code] is not parsed_text:
@@ -199,7 +203,7 @@ class Hypertune(Actor):
         if not self.enabled or self.pending is not None or self.phase not in ARMS or self.last_improve_ts is None:
             return
         stalled_us = self.last_ts - self.last_improve_ts
-        if stalled_us < self.window_us:
+        if stalled_us < self.stall_threshold_us():
             return
         arms = list(ARMS[self.phase])
         arm = self.policy.choose(self.phase, arms)
@@ -213,6 +217,14 @@ class Hypertune(Actor):
         self.actions.append({k: v for k, v in self.pending.items()})
         self._send({"kind": "set_param", "key": key, "value": value, "why": why, "event": "hypertune_action"})
         log.info("hypertune action", experiment=self.experiment_id, phase=self.phase, arm=arm, key=key, value=value)
+
+    def stall_threshold_us(self) -> int:
+        """A stall is ``window_s`` without progress, and at least 3x the median time this run
+        has needed between improvements: a search that steadily needs 4 s per step forward is
+        not disturbed after 2 s."""
+        if len(self.gaps) < 3:
+            return self.window_us
+        return max(self.window_us, int(3 * float(np.median(self.gaps))))
 
     def _outcome(self) -> None:
         p, self.pending = self.pending, None
