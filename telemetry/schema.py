@@ -6,8 +6,6 @@ batches (``kind: "events"``); on disk, one JSON object per line. See docs/schema
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -208,11 +206,6 @@ def parse_line(line: bytes | str) -> dict[str, Any]:
     if obj.get("v", SCHEMA_VERSION) > SCHEMA_VERSION:
         raise SchemaError(f"schema version {obj['v']} is newer than this reader ({SCHEMA_VERSION})")
     return full_event(obj)
-
-
-def finite_values(values: Iterable[tuple[str, Any]]) -> dict[str, float]:
-    """Keep the finite numbers of a values mapping (NaN/inf are not representable)."""
-    return {k: float(v) for k, v in values if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
-def _lines(data: bytes) -> list[dict[str, Any]]:
+def _batch_events(data: bytes) -> list[dict[str, Any]]:
     return [full_event(r) for r in batch_rows(decode(data))]
 
 
@@ -130,7 +130,7 @@ class HistoryStore:
             cur = self.db.execute(f"SELECT data FROM batches WHERE {' AND '.join(sql)} ORDER BY ts_lo", args)
             blobs = [b for (b,) in cur]
         for b in blobs:
-            rows.extend(r for r in _lines(b) if (lo is None or r["ts"] >= lo) and (hi is None or r["ts"] < hi))
+            rows.extend(r for r in _batch_events(b) if (lo is None or r["ts"] >= lo) and (hi is None or r["ts"] < hi))
         rows.sort(key=lambda r: (r["ts"], r["run_id"], r["seq"]))
         return rows
 
@@ -165,7 +165,7 @@ class HistoryStore:
                     got.sort(key=lambda r: (r["ts"], r["run_id"], r["seq"]))
                     if ts_lo + span < got[-n]["ts"]:
                         break  # no older batch can reach into the newest n
-                got.extend(r for r in _lines(data) if row_matches(r, filters))
+                got.extend(r for r in _batch_events(data) if row_matches(r, filters))
         got.sort(key=lambda r: (r["ts"], r["run_id"], r["seq"]))
         return got[-n:]
 
@@ -188,7 +188,7 @@ class HistoryStore:
             if not rows:
                 return
             for r in rows:
-                yield from _lines(r[-1])
+                yield from _batch_events(r[-1])
             last = tuple(rows[-1][:-1])
 
     def windowed_metrics(self, experiment_id: str, window_s: float, step_s: float,
