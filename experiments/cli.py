@@ -387,7 +387,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         t.add_row(f"colours   {spark(colors)}  {colors[-1] if colors else '-'}")
         t.add_row(f"conflicts {spark(conflicts)}  {conflicts[-1] if conflicts else '-'}")
         for line in last_lines:
-            t.add_row(line)
+            t.add_row(escape(line))
         return t
 
     waiter = threading.Event()
