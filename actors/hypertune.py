@@ -147,6 +147,7 @@ class Hypertune(Actor):
         self.pending: dict[str, Any] | None = None
         self.actions: list[dict[str, Any]] = []
         self.gaps: list[int] = []  # event time between recent improvements
+        self.took_over = False
 
     # --- observing -------------------------------------------------------------------------------
 
@@ -200,7 +201,14 @@ class Hypertune(Actor):
     def _maybe_act(self) -> None:
         if self.pending is not None and self.last_ts - self.pending["ts"] >= self.window_us:
             self._outcome()
-        if not self.enabled or self.pending is not None or self.phase not in ARMS or self.last_improve_ts is None:
+        if not self.enabled or self.phase not in ARMS or self.last_improve_ts is None:
+            return
+        if not self.took_over:
+            # one controller at a time: the workload's own tenure swap stands down
+            self._send({"kind": "set_param", "key": "external_tenure", "value": True, "event": "control",
+                        "why": "hypertune steers the tenure"})
+            self.took_over = True
+        if self.pending is not None:
             return
         stalled_us = self.last_ts - self.last_improve_ts
         if stalled_us < self.stall_threshold_us():

@@ -328,3 +328,18 @@ def test_a_device_failure_falls_back_to_the_cpu_and_says_why():
     thermo = [e for e in em.events if e["name"] == "step" and e["phase"] == "thermo"]
     assert thermo and (thermo[-1]["gpu_mode"], thermo[-1]["gpu_reason"]) == ("cpu_fallback", "out of memory")
     assert check_coloring(w.g, w.best)["proper"]
+
+
+def test_external_tenure_stops_the_built_in_swap():
+    base = {"graph": {"generator": "gnp", "n": 70, "p": 0.5, "seed": 1}, "phases": ["tabu"],
+            "tabu": {"stall_iters": 1, "iters_per_step": 500, "max_iters_per_k": 10**9}}
+    free, _ = run_workload(base, steps=30)
+    assert free.p["tabu"]["tenure_alpha"] in (0.6, 2.0)  # swapped back and forth on every stall
+    held = ColoringWorkload(ColoringWorkload.check_params(base), 1)
+    assert held.set_param("external_tenure", True) == (False, True)
+    held.set_param("set_tenure", 1.3)
+    em = Recorded()
+    held.start(em)
+    for _ in range(30):
+        held.step(em)
+    assert held.p["tabu"]["tenure_alpha"] == 1.3  # the outside controller's value stands

@@ -27,6 +27,9 @@ class FakePhase(Actor):
         self.got.append(msg)
 
     def handle_got(self, msg):
+        return [m for m in self.got if m.get("key") != "external_tenure"]
+
+    def handle_all(self, msg):
         return self.got
 
 
@@ -74,6 +77,8 @@ def test_progress_means_no_action_and_disabled_only_observes():
     idle.tell_bytes(encode(steps(0, 30, 0.1, lambda n: [7] * n)))  # stalled, but disabled
     assert busy.ask({"kind": "get"})["actions"] == [] and idle.ask({"kind": "get"})["actions"] == []
     assert phase.ask({"kind": "got"}) == []
+    sent = phase.ask({"kind": "all"})  # only the enabled one announced that it steers the tenure
+    assert [m["key"] for m in sent] == ["external_tenure"]
     for r in (busy, idle, phase):
         r.stop()
 

@@ -20,7 +20,8 @@ so far), ``k`` (the k being attempted), ``conflicts``, ``gpu_mode``, ``duration_
 ``parameters``, ``notes``, ``pass``. Control hooks (``set_param``): ``adjust_temperature``
 (scale the ladder), ``set_batch`` (work per step), ``set_tenure`` (tenure alpha),
 ``boost_mutation`` (mutation rate), ``skip_phase``, ``restart_pass`` (a new pass from the
-best solution now).
+best solution now), ``external_tenure`` (an outside controller owns the tenure: the tabu
+phase's own stagnation swap stands down, so two controllers never fight).
 
 Iterative restarts: with ``iterative.enabled`` the pipeline starts again from its best
 solution with adjusted parameters until ``iterative.max_passes``, a pass without
@@ -145,6 +146,7 @@ class ColoringWorkload:
         self.t_start = time.monotonic()
         self.seconds_to_best = 0.0
         self._state: dict[str, Any] = {}
+        self._external_tenure = False  # True while hypertune owns the tenure (no built-in swap)
 
     # --- protocol ---------------------------------------------------------------------------------
 
@@ -232,6 +234,11 @@ class ColoringWorkload:
             before = self.p["memetic"]["mutation_rate"]
             self.p["memetic"]["mutation_rate"] = check_number("memetic", "mutation_rate", value)
             return before, value
+        if key == "external_tenure":
+            # an outside controller (hypertune) steers the tenure: the built-in swap stands down
+            before = self._external_tenure
+            self._external_tenure = bool(value)
+            return before, self._external_tenure
         if key == "restart_pass":
             self._state["restart_pass"] = True
             return self.pass_, self.pass_ + 1
@@ -457,7 +464,7 @@ class ColoringWorkload:
             return False
         if st["best_f"] < st.get("stall_best", 1 << 30):
             st["stall_best"], st["stall_it"] = st["best_f"], st["it"]
-        elif st["it"] - st.get("stall_it", 0) >= t["stall_iters"]:
+        elif not self._external_tenure and st["it"] - st.get("stall_it", 0) >= t["stall_iters"]:
             # stagnation: swap the reactive tenure's alpha (sparse graphs want long tenures)
             t["tenure_alpha"], t["alternate_alpha"] = t["alternate_alpha"], t["tenure_alpha"]
             st["stall_it"] = st["it"]
