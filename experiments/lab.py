@@ -386,7 +386,12 @@ class Lab:
         if dashboard:
             from dashboard.server import Dashboard
 
-            self.dashboard = Dashboard(self, dash_host, dash_port)  # port: CRUCIBLE_DASH_PORT or 7878
+            try:
+                self.dashboard = Dashboard(self, dash_host, dash_port)  # port: CRUCIBLE_DASH_PORT or 7878
+            except OSError as exc:
+                self.sup.stop(timeout=10)
+                raise OSError(f"dashboard cannot listen on {dash_host}:{dash_port or 'CRUCIBLE_DASH_PORT/7878'}: "
+                              f"{exc.strerror or exc}") from None
 
     def start_experiment(self, spec: str | Path | dict[str, Any], overrides: Any = None,
                          experiment_id: str | None = None) -> Experiment:

@@ -124,3 +124,19 @@ def test_end_to_end_in_headless_chromium(lab, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_a_busy_port_is_a_clear_error_and_leaves_nothing_running(tmp_path):
+    import socket
+    import threading
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    before = threading.active_count()
+    try:
+        with pytest.raises(OSError, match="dashboard cannot listen on 127.0.0.1"):
+            Lab(tmp_path / "art", dashboard=True, dash_port=s.getsockname()[1])
+    finally:
+        s.close()
+    assert threading.active_count() == before
