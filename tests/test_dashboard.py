@@ -135,7 +135,7 @@ def test_a_busy_port_is_a_clear_error_and_leaves_nothing_running(tmp_path):
     s.listen()
     before = threading.active_count()
     try:
-        with pytest.raises(OSError, match="dashboard cannot listen on 127.0.0.1"):
+        with pytest.raises(OSError, match=r"dashboard cannot listen on 127\.0\.0\.1"):
             Lab(tmp_path / "art", dashboard=True, dash_port=s.getsockname()[1])
     finally:
         s.close()
