@@ -171,7 +171,8 @@ class PhaseActor(Actor):
         self._tick()
         self._checkpoint(force=True)
         assert self.emitter is not None
-        self.emitter.emit("phase_end", {"steps": float(self.steps), "active_s": self._active_s}, notes=reason)
+        self.emitter.emit("phase_end", {"steps": float(self.steps), "active_s": self._active_s}, notes=reason,
+                          phase=self.workload.params().get("phase"))
         counters = self.emitter.close()
         self.checkpoints.update(counters=counters)
         self.checkpoints.finish(reason)
