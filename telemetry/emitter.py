@@ -169,10 +169,6 @@ class Emitter:
         return {"emitted": self.emitted, "published": self.published, "dropped": self.dropped,
                 "rejected": self.rejected}
 
-    def pending(self) -> int:
-        """Events emitted but not yet taken into a batch."""
-        return len(self._rows)
-
     def _reject(self, n: int, why: str) -> None:
         with self._flush_lock:
             self.rejected += n
