@@ -367,6 +367,13 @@ def _wire_fields(b: dict[str, Any]) -> dict[str, Any]:
     return {k: b[k] for k in _WIRE if k in b}
 
 
+def summary_best(summary: dict[str, Any], field: str) -> float | None:
+    """The best (lowest) value of ``field`` over a RunSummary's phases."""
+    bests = [ph.get("best", {}).get(field) for ph in (summary.get("phases") or {}).values()]
+    bests = [b for b in bests if isinstance(b, (int, float))]
+    return min(bests) if bests else None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("wb") as fh:

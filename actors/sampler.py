@@ -239,13 +239,11 @@ class Sampler(Actor):
                 else:
                     self.reservoir.append(rows[row])
         self.seen += n
-        self._send_sampling()
-
-    def _send_sampling(self) -> None:
-        held = len(self.reservoir) if not self._reservoir_flushed else 0
-        self.sampled_out = self.seen - len(self.reservoir) if self.strategy == "reservoir" else self.sampled_out
+        # nothing is forwarded until the run ends: keep the Recorder's accounting current
+        self.sampled_out = self.seen - len(self.reservoir)
         if self.downstream is not None:
-            self.downstream.tell_bytes(encode({"kind": "sampling", "sampled_out": self.sampled_out, "held": held}))
+            self.downstream.tell_bytes(encode({"kind": "sampling", "sampled_out": self.sampled_out,
+                                               "held": len(self.reservoir)}))
 
     def handle_flush(self, msg: dict[str, Any]) -> dict[str, Any]:
         """End of run: send the reservoir (if any) downstream; answer the counts."""

@@ -34,6 +34,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.log import get_logger
+from actors.recorder import summary_best
 from telemetry.jsonl import iter_run
 from telemetry.schema import check_id
 
@@ -87,10 +88,9 @@ class _LabCollector:
             fams["emitted"].add_metric(lbl, float(s.get("events_emitted") or 0))
             fams["drops"].add_metric(lbl, float(s.get("events_dropped") or 0))
             fams["restarts"].add_metric(lbl, float(sum((s.get("restarts") or {}).values())))
-            bests = [p.get("best", {}).get("chromatic_number") for p in (s.get("phases") or {}).values()]
-            bests = [b for b in bests if isinstance(b, (int, float))]
-            if bests:
-                fams["best"].add_metric(lbl, float(min(bests)))
+            best = summary_best(s, "chromatic_number")
+            if best is not None:
+                fams["best"].add_metric(lbl, float(best))
             lasts = [p.get("last", {}).get("conflicts") for p in (s.get("phases") or {}).values()]
             lasts = [x for x in lasts if isinstance(x, (int, float))]
             if lasts:

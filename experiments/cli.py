@@ -308,7 +308,16 @@ def cmd_ab(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from experiments.monitor import Alert, AlertError, Tailer, format_event, known_fields, run_stopped, run_summary
+    from experiments.monitor import (
+        SHORT,
+        Alert,
+        AlertError,
+        Tailer,
+        format_event,
+        known_fields,
+        run_stopped,
+        run_summary,
+    )
     from experiments.monitor import sparkline as spark
 
     art = Path(args.artifacts)
@@ -341,7 +350,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         t.add_column("best")
         for ph, p in s["phases"].items():
             t.add_row(ph, str(p["events"]), f"{p['duration_s']:.2f}",
-                      ", ".join(f"{SHORT_NAMES.get(k, k)}={v:.6g}" for k, v in p["best"].items()))
+                      ", ".join(f"{SHORT.get(k, k)}={v:.6g}" for k, v in p["best"].items()))
         console.print(t)
         console.print(f"GPU vs CPU (events): {s['gpu_usage'] or 'not recorded'}; run {s['duration_s']:.1f} s; "
                       f"persisted {s['events_persisted']}, dropped {s['events_dropped']}; "
@@ -411,9 +420,6 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     finally:
         tail.close()
     return 0
-
-
-SHORT_NAMES = {"chromatic_number": "colors"}
 
 
 def cmd_set(args: argparse.Namespace) -> int:

@@ -137,8 +137,7 @@ class Experiment:
                       kwargs={"window_s": h["window_s"], "policy": h["policy"], "state_file": self._policy_file(),
                               "workload": s["workload"]["name"], "family": self._family(), "seed": s["seed"]}),
         ]
-        for name in METRIC_SUBSCRIBERS:
-            topics.subscribe_name("events", name, reg)
+        self._attach_event_subscribers(True)
         topics.subscribe_name("metrics", "hypertune", reg)
         topics.subscribe_name("anomalies", "hypertune", reg)
         topics.subscribe_name("anomalies", "sampler", reg)
@@ -212,8 +211,7 @@ class Experiment:
             if self._status != "running":
                 raise NotRunning(f"experiment {self.id!r} is {self._status}; cannot pause")
             self._ref("phase").ask({"kind": "pause"}, timeout=30)
-            for name in METRIC_SUBSCRIBERS:
-                self.topics.unsubscribe_name("events", name, self.registry)
+            self._attach_event_subscribers(False)
             self._paused_at = self.clock()
             self.pause_count += 1
             self._status = "paused"
@@ -225,12 +223,19 @@ class Experiment:
                 raise NotPaused(f"experiment {self.id!r} is running, not paused")
             if self._status != "paused":
                 raise NotRunning(f"experiment {self.id!r} is {self._status}; cannot resume")
-            for name in METRIC_SUBSCRIBERS:
-                self.topics.subscribe_name("events", name, self.registry)
+            self._attach_event_subscribers(True)
             self._close_pause()
             self.resume_count += 1
             self._status = "running"
             self._ref("phase").ask({"kind": "resume"}, timeout=30)
+
+    def _attach_event_subscribers(self, on: bool) -> None:
+        """Subscribe (or detach, for a pause) the actors that consume the events topic."""
+        for name in METRIC_SUBSCRIBERS:
+            if on:
+                self.topics.subscribe_name("events", name, self.registry)
+            else:
+                self.topics.unsubscribe_name("events", name, self.registry)
 
     def _close_pause(self) -> None:
         if self._paused_at is not None:
@@ -249,8 +254,7 @@ class Experiment:
             if self._stopped.is_set():
                 return
             if self._status == "paused":  # reattach so the final events and counters are recorded
-                for name in METRIC_SUBSCRIBERS:
-                    self.topics.subscribe_name("events", name, self.registry)
+                self._attach_event_subscribers(True)
                 self._close_pause()
             try:
                 phase = self.registry.whereis("phase")

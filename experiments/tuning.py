@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 
 from actors.log import get_logger
+from actors.recorder import summary_best
 from experiments.lab import Lab
 from experiments.spec import load_spec
 from experiments.workloads import registry as workload_registry
@@ -65,10 +66,7 @@ def run_objective(run_dir: Path, field: str) -> float | None:
     p = run_dir / "summary.json"
     if not p.exists():
         return None
-    s = orjson.loads(p.read_bytes())
-    bests = [ph.get("best", {}).get(field) for ph in (s.get("phases") or {}).values()]
-    bests = [b for b in bests if isinstance(b, (int, float))]
-    return min(bests) if bests else None
+    return summary_best(orjson.loads(p.read_bytes()), field)
 
 
 def seconds_to_best(run_dir: Path) -> float | None:

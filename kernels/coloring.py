@@ -208,7 +208,6 @@ def tabucol(indptr, indices, k, colors, gamma, tabu, it0, max_iters, tenure_a, t
         if f < best_f:
             best_f = f
             best_colors[:] = colors
-    _ = n
     return it - it0, f, best_f
 
 

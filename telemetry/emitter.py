@@ -82,7 +82,6 @@ class Emitter:
         self.published = c.get("published", 0)  # sent downstream (seq numbers used)
         self.dropped = c.get("dropped", 0)  # overflow drops
         self.rejected = c.get("rejected", 0)  # malformed events
-        self.batches = 0
         self._seq = max(seq_start, self.published)
         self._unreported_drops = 0
         self._last_ts = 0
@@ -241,7 +240,6 @@ class Emitter:
         batch["seq"] = np.arange(self._seq, self._seq + n, dtype=np.int64)
         self._seq += n
         self.published += n
-        self.batches += 1
         batch["counters"] = self.counters()
         self.topics.publish_bytes(self.topic, encode(batch))
         if self.on_publish is not None:

@@ -16,16 +16,12 @@ from typing import Any
 import orjson
 
 from telemetry.jsonl import iter_run
-from telemetry.schema import OPTIONAL_FIELDS, dumps_line
+from telemetry.schema import compact_event, dumps_line
 from telemetry.store import DB_NAME, HistoryStore
 
 FORMATS = ("csv", "jsonl", "parquet")
 BASE_COLUMNS = ("seq", "ts", "experiment_id", "run_id", "pass", "phase", "step", "name", "success",
                 "gpu_mode", "gpu_reason", "notes", "parameters", "anomaly")
-
-
-def _compact(ev: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in ev.items() if v is not None or k not in OPTIONAL_FIELDS}
 
 
 def _flat(ev: dict[str, Any], keys: list[str]) -> list[Any]:
@@ -60,7 +56,7 @@ def export_events(source: Callable[[], Iterator[dict[str, Any]]], fmt: str, out:
         with out.open("wb") as fh:
             buf: list[bytes] = []
             for ev in source():
-                buf.append(dumps_line(_compact(ev)))
+                buf.append(dumps_line(compact_event(ev)))
                 n += 1
                 if len(buf) >= chunk:
                     fh.write(b"".join(buf))

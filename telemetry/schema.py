@@ -123,6 +123,11 @@ def batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def compact_event(row: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`full_event`: null optional fields left out, as written to JSONL."""
+    return {k: v for k, v in row.items() if v is not None or k not in OPTIONAL_FIELDS}
+
+
 def full_event(row: dict[str, Any]) -> dict[str, Any]:
     """The event with every optional field present (None where absent)."""
     out = dict(row)

@@ -86,10 +86,6 @@ class HistoryStore:
         v = self.db.execute("SELECT MAX(seq_hi) FROM batches WHERE run_id = ?", (run_id,)).fetchone()[0]
         return -1 if v is None else int(v)
 
-    def count(self, run_id: str) -> int:
-        v = self.db.execute("SELECT SUM(n) FROM batches WHERE run_id = ?", (run_id,)).fetchone()[0]
-        return int(v or 0)
-
     def record_run(self, run_id: str, experiment_id: str, run_dir: str, started_ts: int | None,
                    ended_ts: int | None, summary: dict[str, Any]) -> None:
         with self._lock, self.db:

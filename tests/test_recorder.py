@@ -280,3 +280,21 @@ def test_events_with_and_without_values_mix_in_one_batch(tmp_path):
     rows = list(iter_run(tmp_path / "exp" / "run"))
     assert [r["values"].get("x") for r in rows] == [None if i % 3 == 0 else float(i) for i in range(20)]
     rec.stop()
+
+
+def test_the_history_keeps_each_runs_summary(tmp_path):
+    from telemetry.store import DB_NAME, HistoryStore
+
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=10)
+    emit_n(em, 25)
+    em.close()
+    rec.ask({"kind": "flush"})
+    rec.stop()
+    store = HistoryStore(tmp_path / DB_NAME, readonly=True)
+    runs = store.runs("exp")
+    store.close()
+    assert [r["run_id"] for r in runs] == ["run"]
+    assert runs[0]["summary"]["events_persisted"] == 25 and runs[0]["ended_ts"] >= runs[0]["started_ts"]
