@@ -212,6 +212,31 @@ def tabucol(indptr, indices, k, colors, gamma, tabu, it0, max_iters, tenure_a, t
 
 
 @njit(cache=True, nogil=True)
+def reduce_colors(indptr, indices, rows, k):  # pragma: no cover - compiled
+    """Each row (a colouring) with its colours >= k moved, vertex by vertex, to the colour
+    below k that the fewest of its neighbours (as coloured so far) have. Returns a copy."""
+    out = rows.copy()
+    n = indptr.shape[0] - 1
+    count = np.zeros(max(k, 1), dtype=np.int64)
+    for r in range(out.shape[0]):
+        c = out[r]
+        for v in range(n):
+            if c[v] < k:
+                continue
+            count[:] = 0
+            for j in range(indptr[v], indptr[v + 1]):
+                cu = c[indices[j]]
+                if cu < k:
+                    count[cu] += 1
+            best = 0
+            for x in range(1, k):
+                if count[x] < count[best]:
+                    best = x
+            c[v] = best
+    return out
+
+
+@njit(cache=True, nogil=True)
 def anneal(indptr, indices, k, colors, gamma, beta, moves):  # pragma: no cover - compiled
     """``moves`` Metropolis proposals (random vertex, random other colour) on the conflict
     count at inverse temperature ``beta``; gamma kept exact. Returns the conflict change."""

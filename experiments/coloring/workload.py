@@ -14,6 +14,16 @@ Phases, each a sequence of bounded steps with safe points between them:
   ``alternate_alpha`` swap (dense graphs like short tenures, sparse ones like long).
 * ``memetic``: HEA-style: a population at k = best - 1, GPX crossover, TabuCol local search,
   mutation, elitism; on success, k goes down again.
+* ``population``: many TabuCol chains at k = best - 1 advancing together, on a CUDA device
+  (one thread block per chain) or on all CPU cores (``prange``), with GPX crossover between
+  generations; on success every chain goes on at k - 1 (``experiments/coloring/population.py``).
+
+Where each phase runs (``gpu_mode`` with ``gpu_reason`` in every event): ``population`` on
+the GPU when one answers (``gpu``), else on the CPU cores (``cpu_fallback`` and why);
+``thermo`` uses its GPU array path only when the spec says ``gpu = "gpu"`` (under ``auto``
+its numba kernels are faster, so it runs on the CPU: ``cpu``); ``init``, ``tabu`` and
+``memetic`` are CPU phases (``cpu``). ``gpu = "cpu"`` keeps everything on the CPU
+(``cpu_disabled``).
 
 Every step emits the plan's fields: ``phase``, ``step``, ``chromatic_number`` (best proper k
 so far), ``k`` (the k being attempted), ``conflicts``, ``gpu_mode``, ``duration_ms``,
@@ -23,14 +33,18 @@ so far), ``k`` (the k being attempted), ``conflicts``, ``gpu_mode``, ``duration_
 best solution now), ``external_tenure`` (an outside controller owns the tenure: the tabu
 phase's own stagnation swap stands down, so two controllers never fight).
 
-Iterative restarts: with ``iterative.enabled`` the pipeline starts again from its best
-solution with adjusted parameters until ``iterative.max_passes``, a pass without
-improvement, or the time budget. Each pass's best is saved as ``best_solution.pass<N>.json``.
+Iterative restarts: with ``iterative.enabled`` a pass ends when its phases end or when it has
+gone ``iterative.stall_s`` seconds without a better colouring; the next pass starts from the
+best solution with ``iterative.perturb`` of its vertices recoloured, a new random stream and
+longer searches, until ``iterative.max_passes`` or the time budget. Every pass's best is
+saved as ``best_solution.pass<N>.json``, also when the budget or a stop cuts a pass short
+(:meth:`ColoringWorkload.finish`); ``pass_end`` carries the pass's duration and colours.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,13 +52,14 @@ from typing import Any, ClassVar
 import numpy as np
 import orjson
 
+from experiments.coloring import population as pop_phase
 from experiments.coloring.graph import Graph, GraphError, load_graph
 from experiments.coloring.init import STRATEGIES, initial_coloring
 from kernels.backend import select_backend, to_numpy
 from kernels.coloring import anneal, build_gamma, count_conflicts, gpx, seed_rng, tabucol
 from telemetry.emitter import Emitter
 
-PHASES = ("thermo", "tabu", "memetic")
+PHASES = ("thermo", "tabu", "memetic", "population")
 DEFAULTS: dict[str, Any] = {
     "graph": {"generator": "gnp", "n": 125, "p": 0.5, "seed": 1},
     "init": {"strategy": "dsatur", "tries": 64},
@@ -57,7 +72,8 @@ DEFAULTS: dict[str, Any] = {
              "stall_iters": 1_000_000, "alternate_alpha": 2.0},
     "memetic": {"population": 10, "local_iters": 20_000, "mutation_rate": 0.0, "elitism": 1,
                 "max_generations": 2_000},
-    "iterative": {"enabled": False, "max_passes": 3},
+    "population": dict(pop_phase.DEFAULTS),
+    "iterative": {"enabled": False, "max_passes": 3, "stall_s": 0.0, "perturb": 0.05},
 }
 LIMITS = {  # (section, key): (min, max, integer)
     ("thermo", "replicas"): (2, 256, True), ("thermo", "t_min"): (1e-4, 100.0, False),
@@ -69,6 +85,8 @@ LIMITS = {  # (section, key): (min, max, integer)
     ("memetic", "population"): (2, 1000, True), ("memetic", "local_iters"): (1, 10**9, True),
     ("memetic", "mutation_rate"): (0.0, 1.0, False), ("memetic", "elitism"): (0, 1000, True),
     ("memetic", "max_generations"): (1, 10**9, True), ("iterative", "max_passes"): (1, 1000, True),
+    ("iterative", "stall_s"): (0.0, 1e7, False), ("iterative", "perturb"): (0.0, 0.5, False),
+    **{("population", key): lim for key, lim in pop_phase.LIMITS.items()},
 }
 
 
@@ -133,7 +151,9 @@ class ColoringWorkload:
             self.g: Graph = load_graph(self.p["graph"])
         except GraphError as exc:
             raise ValueError(str(exc)) from None
-        self.xp, self.gpu_mode, self.gpu_reason = select_backend(self.p["gpu"])
+        self.xp: Any = np
+        self.gpu_mode, self.gpu_reason = self._phase_device("init")
+        self._search: pop_phase.PopulationSearch | None = None  # made at the first population phase
         self.pass_ = 0
         self.phase_idx = -1  # -1 = init
         self.best: np.ndarray | None = None
@@ -144,9 +164,12 @@ class ColoringWorkload:
         self.pass_best: list[int] = []
         self.pass_start_best = 0
         self.t_start = time.monotonic()
+        self.pass_t0 = self.t_start
+        self.last_best_t = self.t_start
         self.seconds_to_best = 0.0
         self._state: dict[str, Any] = {}
         self._external_tenure = False  # True while hypertune owns the tenure (no built-in swap)
+        self._pass_base: np.ndarray | None = None
 
     # --- protocol ---------------------------------------------------------------------------------
 
@@ -165,16 +188,16 @@ class ColoringWorkload:
         if self.phase_idx < 0:
             return self._init(emitter, t0)
         if self._state.pop("restart_pass", False):
-            self.pass_best.append(self.best_k)
-            self._save_pass()
+            self._close_pass(emitter, "restart requested")
             self._start_pass(emitter, "restart requested")
             return False
         phase = self.phase
-        done_phase = {"thermo": self._thermo_step, "tabu": self._tabu_step, "memetic": self._memetic_step}[phase]()
+        done_phase = {"thermo": self._thermo_step, "tabu": self._tabu_step, "memetic": self._memetic_step,
+                      "population": self._population_step}[phase]()
         self.steps_in_phase += 1
         emitter.emit("step", {"chromatic_number": float(self.best_k), "k": float(self.k),
                               "conflicts": float(self._state.get("f", 0)),
-                              "duration_ms": (time.perf_counter() - t0) * 1e3},
+                              "duration_ms": (time.perf_counter() - t0) * 1e3, **self._state.pop("extra", {})},
                      phase=phase, step=self.steps_in_phase, parameters=self.params(),
                      gpu_mode=self.gpu_mode, gpu_reason=self.gpu_reason)
         if self._state.pop("improved", False):
@@ -185,7 +208,17 @@ class ColoringWorkload:
             return self._end_pass(emitter, final=True)
         if done_phase or self.best_k <= 1:
             return self._next_phase(emitter)
+        it = self.p["iterative"]
+        if it["enabled"] and it["stall_s"] > 0 and time.monotonic() - self.last_best_t >= it["stall_s"]:
+            return self._end_pass(emitter, why=f"no better colouring for {it['stall_s']:g} s")
         return False
+
+    def finish(self, emitter: Emitter, reason: str) -> None:
+        """The run is ending (budget, stop): the pass under way is saved and reported like any
+        other, so a pass cut short still leaves its ``best_solution.pass<N>.json``."""
+        if self.best is None or len(self.pass_best) > self.pass_:
+            return
+        self._close_pass(emitter, reason)
 
     def checkpoint(self) -> dict[str, Any]:
         return {"pass": self.pass_, "phase_idx": self.phase_idx, "best_k": self.best_k,
@@ -210,44 +243,85 @@ class ColoringWorkload:
         return {"phase": ph, **(self.p[ph] if ph in PHASES else {"strategy": self.p["init"]["strategy"]})}
 
     def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
-        """The control hooks, applied at the next safe point (between steps)."""
-        if key == "adjust_temperature":
-            f = float(value)
-            if not 0.1 <= f <= 10.0:
-                raise ValueError(f"adjust_temperature factor must be in [0.1, 10], got {value!r}")
-            before = (self.p["thermo"]["t_min"], self.p["thermo"]["t_max"])
-            self.p["thermo"]["t_min"] = check_number("thermo", "t_min", before[0] * f)
-            self.p["thermo"]["t_max"] = check_number("thermo", "t_max", before[1] * f)
-            self._betas()
-            return before, (self.p["thermo"]["t_min"], self.p["thermo"]["t_max"])
-        if key == "set_batch":
-            section, field = {"thermo": ("thermo", "sweeps_per_step"), "memetic": ("memetic", "local_iters")}.get(
-                self.phase, ("tabu", "iters_per_step"))
-            before = self.p[section][field]
-            self.p[section][field] = check_number(section, field, value)
+        """The control hooks, applied at the next safe point (between steps); see the module docs."""
+        hook = self._HOOKS.get(key)
+        if hook is None:
+            raise ValueError(f"unknown control {key!r}; expected one of {', '.join(sorted(self._HOOKS))}")
+        return hook(self, value)
+
+    def _adjust_temperature(self, value: Any) -> tuple[Any, Any]:
+        f = float(value)
+        if not 0.1 <= f <= 10.0:
+            raise ValueError(f"adjust_temperature factor must be in [0.1, 10], got {value!r}")
+        before = (self.p["thermo"]["t_min"], self.p["thermo"]["t_max"])
+        self.p["thermo"]["t_min"] = check_number("thermo", "t_min", before[0] * f)
+        self.p["thermo"]["t_max"] = check_number("thermo", "t_max", before[1] * f)
+        self._betas()
+        return before, (self.p["thermo"]["t_min"], self.p["thermo"]["t_max"])
+
+    def _set_batch(self, value: Any) -> tuple[Any, Any]:
+        if self.phase == "population" and self._search is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or not (
+                    pop_phase.MIN_ITERS <= value <= pop_phase.MAX_ITERS):
+                raise ValueError(f"set_batch for the population phase: iterations per chain must be an integer in "
+                                 f"[{pop_phase.MIN_ITERS}, {pop_phase.MAX_ITERS}], got {value!r}")
+            before, self._search.iters = self._search.iters, value
             return before, value
-        if key == "set_tenure":
-            before = self.p["tabu"]["tenure_alpha"]
-            self.p["tabu"]["tenure_alpha"] = check_number("tabu", "tenure_alpha", value)
-            return before, value
-        if key == "boost_mutation":
-            before = self.p["memetic"]["mutation_rate"]
-            self.p["memetic"]["mutation_rate"] = check_number("memetic", "mutation_rate", value)
-            return before, value
-        if key == "external_tenure":
-            # an outside controller (hypertune) steers the tenure: the built-in swap stands down
-            before = self._external_tenure
-            self._external_tenure = bool(value)
-            return before, self._external_tenure
-        if key == "restart_pass":
-            self._state["restart_pass"] = True
-            return self.pass_, self.pass_ + 1
-        if key == "skip_phase":
-            before = self.phase
-            self._state["skip"] = True
-            return before, "next phase"
-        raise ValueError(f"unknown control {key!r}; expected adjust_temperature, set_batch, set_tenure, "
-                         "boost_mutation or skip_phase")
+        section, field = {"thermo": ("thermo", "sweeps_per_step"), "memetic": ("memetic", "local_iters")}.get(
+            self.phase, ("tabu", "iters_per_step"))
+        before = self.p[section][field]
+        self.p[section][field] = check_number(section, field, value)
+        return before, value
+
+    def _set_tenure(self, value: Any) -> tuple[Any, Any]:
+        section = "population" if self.phase == "population" else "tabu"
+        before = self.p[section]["tenure_alpha"]
+        for sec in ("tabu", "population"):
+            self.p[sec]["tenure_alpha"] = check_number(sec, "tenure_alpha", value)
+        if self._search is not None:
+            self._search.set_tenure(self.p["population"]["tenure_a"], value)
+        return before, value
+
+    def _boost_mutation(self, value: Any) -> tuple[Any, Any]:
+        before = self.p["memetic"]["mutation_rate"]
+        self.p["memetic"]["mutation_rate"] = check_number("memetic", "mutation_rate", value)
+        return before, value
+
+    def _set_population(self, value: Any) -> tuple[Any, Any]:
+        check_number("population", "population", value)
+        if value < 3:
+            raise ValueError(f"population must be at least 3 chains, got {value!r}")
+        before = self._search.size if self._search is not None else self.p["population"]["population"]
+        self.p["population"]["population"] = value
+        if self._search is not None and self.phase == "population" and self.k >= 1:
+            self._search.resize(value)
+        return before, value
+
+    def _set_crossover_rate(self, value: Any) -> tuple[Any, Any]:
+        before = self.p["population"]["crossover_rate"]
+        self.p["population"]["crossover_rate"] = check_number("population", "crossover_rate", value)
+        return before, value
+
+    def _set_external_tenure(self, value: Any) -> tuple[Any, Any]:
+        # an outside controller (hypertune) steers the tenure: the built-in swap stands down
+        before = self._external_tenure
+        self._external_tenure = bool(value)
+        return before, self._external_tenure
+
+    def _restart_pass(self, value: Any) -> tuple[Any, Any]:
+        self._state["restart_pass"] = True
+        return self.pass_, self.pass_ + 1
+
+    def _skip_phase(self, value: Any) -> tuple[Any, Any]:
+        self._state["skip"] = True
+        return self.phase, "next phase"
+
+    _HOOKS: ClassVar[dict[str, Any]] = {
+        "adjust_temperature": _adjust_temperature, "set_batch": _set_batch, "set_tenure": _set_tenure,
+        "boost_mutation": _boost_mutation, "set_population": _set_population,
+        "set_crossover_rate": _set_crossover_rate, "external_tenure": _set_external_tenure,
+        "restart_pass": _restart_pass, "skip_phase": _skip_phase,
+    }
 
     # --- phases --------------------------------------------------------------------------------------
 
@@ -266,13 +340,31 @@ class ColoringWorkload:
         self.pass_start_best = self.best_k
         return self._next_phase(emitter)
 
+    def _phase_device(self, phase: str) -> tuple[str, str | None]:
+        """(gpu_mode, reason) for a phase; see the module docs. The population phase's engine
+        decides its own when it is made."""
+        if self.p["gpu"] == "cpu":
+            return "cpu_disabled", "disabled in the spec"
+        if phase == "thermo":
+            if self.p["gpu"] == "gpu":
+                self.xp, mode, why = select_backend("gpu")
+                return mode, why
+            return "cpu", "thermo: its numba kernels are faster than its GPU array path"
+        if phase == "population" and self._search is not None:
+            return self._search.gpu_mode, self._search.gpu_reason
+        return "cpu", f"{phase}: a CPU phase"
+
     def _enter_phase(self, idx: int, emitter: Emitter, why: str) -> None:
         self.phase_idx = idx
         self.steps_in_phase = 0
         self._state = {}
         self.k = self.best_k - 1
+        self.xp = np
+        self.gpu_mode, self.gpu_reason = self._phase_device(self.phase)
         if self.k >= 1:
-            {"thermo": self._thermo_setup, "tabu": self._tabu_setup, "memetic": self._memetic_setup}[self.phase]()
+            {"thermo": self._thermo_setup, "tabu": self._tabu_setup, "memetic": self._memetic_setup,
+             "population": self._population_setup}[self.phase]()
+        emitter.set_context(gpu_mode=self.gpu_mode)
         emitter.emit("phase_start", {"chromatic_number": float(self.best_k), "k": float(self.k)}, phase=self.phase,
                      parameters=self.params(), notes=why)
 
@@ -283,14 +375,20 @@ class ColoringWorkload:
         self._enter_phase(nxt, emitter, f"after {self.phase}")
         return False
 
-    def _end_pass(self, emitter: Emitter, final: bool = False) -> bool:
+    def _close_pass(self, emitter: Emitter, why: str) -> None:
+        """Record the pass under way: its best, saved to disk, and a ``pass_end`` event."""
         self.pass_best.append(self.best_k)
         self._save_pass()
-        emitter.emit("pass_end", {"chromatic_number": float(self.best_k)}, phase=self.phase,
-                     notes=f"pass {self.pass_} ended at {self.best_k} colours")
+        now = time.monotonic()
+        emitter.emit("pass_end", {"chromatic_number": float(self.best_k), "duration_s": now - self.pass_t0,
+                                  "start_colors": float(self.pass_start_best),
+                                  "improvement": float(self.pass_start_best - self.best_k)},
+                     phase=self.phase, notes=f"pass {self.pass_} ended at {self.best_k} colours ({why})")
+
+    def _end_pass(self, emitter: Emitter, final: bool = False, why: str = "its phases ended") -> bool:
+        self._close_pass(emitter, "target reached" if final else why)
         it = self.p["iterative"]
-        improved = self.best_k < self.pass_start_best or self.pass_ == 0
-        if final or not it["enabled"] or self.pass_ + 1 >= it["max_passes"] or not improved:
+        if final or not it["enabled"] or self.pass_ + 1 >= it["max_passes"]:
             return True
         self._start_pass(emitter, "iterative restart")
         return False
@@ -298,22 +396,35 @@ class ColoringWorkload:
     def _start_pass(self, emitter: Emitter, why: str) -> None:
         self.pass_ += 1
         self.pass_start_best = self.best_k
+        self.pass_t0 = self.last_best_t = time.monotonic()
         # next pass: longer searches, a little more diversity
         self.p["tabu"]["max_iters_per_k"] = int(min(10**12, self.p["tabu"]["max_iters_per_k"] * 2))
         self.p["memetic"]["max_generations"] = int(min(10**9, self.p["memetic"]["max_generations"] * 2))
         self.p["tabu"]["tenure_alpha"] = min(10.0, self.p["tabu"]["tenure_alpha"] * 1.1)
         emitter.set_context(pass_=self.pass_)
         seed_rng(self.seed + 7919 * self.pass_)
-        self._enter_phase(0, emitter, f"pass {self.pass_} ({why}): from the best solution ({self.best_k} colours)")
+        rate = float(self.p["iterative"]["perturb"])
+        self._pass_base = self._perturb(self.best, self.best_k, rate) if rate > 0 else None
+        self._enter_phase(0, emitter, f"pass {self.pass_} ({why}): from the best solution ({self.best_k} colours)"
+                                      + (f", {rate:.0%} of its vertices recoloured" if rate > 0 else ""))
+
+    def _base(self) -> np.ndarray:
+        """Where a phase starts: the best colouring, or its perturbed copy at the start of a pass."""
+        assert self.best is not None
+        return self._pass_base if self._pass_base is not None else self.best
 
     def _save_pass(self) -> None:
         if self.run_dir is None or self.best is None:
             return
         data = {"instance": self.g.name, "pass": self.pass_, "k": self.best_k, "coloring": self.best.tolist()}
-        (self.run_dir / f"best_solution.pass{self.pass_}.json").write_bytes(orjson.dumps(data))
+        path = self.run_dir / f"best_solution.pass{self.pass_}.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(orjson.dumps(data))
+        os.replace(tmp, path)  # a reader never sees half a file
 
     def _new_best(self, emitter: Emitter, phase: str) -> None:
-        self.seconds_to_best = time.monotonic() - self.t_start
+        self.last_best_t = time.monotonic()
+        self.seconds_to_best = self.last_best_t - self.t_start
         emitter.emit("new_best", {"chromatic_number": float(self.best_k)}, phase=phase,
                      notes=f"proper colouring with {self.best_k} colours")
 
@@ -321,6 +432,7 @@ class ColoringWorkload:
         """A proper colouring with k colours was found: record it, aim at k - 1."""
         self.best = colors.astype(np.int32).copy()
         self.best_k = k
+        self._pass_base = None
         self._state["improved"] = True
         self.k = k - 1
 
@@ -345,7 +457,7 @@ class ColoringWorkload:
     def _thermo_setup(self) -> None:
         k = self.k
         r = self.p["thermo"]["replicas"]
-        start = self._reduced(self.best, k)
+        start = self._reduced(self._base(), k)
         reps = np.stack([start] + [self._perturb(start, k, 0.05) for _ in range(r - 1)])
         self._state["colors"] = reps
         self._betas()
@@ -437,7 +549,7 @@ class ColoringWorkload:
 
     def _tabu_setup(self) -> None:
         k = self.k
-        c = self._reduced(self.best, k)
+        c = self._reduced(self._base(), k)
         st = self._state
         st["colors"] = c
         st["gamma"] = build_gamma(self.g.indptr, self.g.indices, c, k)
@@ -483,7 +595,7 @@ class ColoringWorkload:
 
     def _memetic_setup(self) -> None:
         k, m = self.k, self.p["memetic"]
-        base = self._reduced(self.best, k)
+        base = self._reduced(self._base(), k)
         pop, fit = [], []
         for i in range(m["population"]):
             c = base.copy() if i == 0 else self.rng.integers(0, k, self.g.n).astype(np.int32)
@@ -518,6 +630,33 @@ class ColoringWorkload:
             self._memetic_setup()  # a new population at the next k, from the new best
             return False
         return st["gen"] >= m["max_generations"]
+
+    # population ---------------------------------------------------------------------------------------
+
+    def _population_setup(self) -> None:
+        if self._search is None:
+            self._search = pop_phase.PopulationSearch(self.g, self.p["population"], self.seed + 7919 * self.pass_,
+                                                      self.p["gpu"], self.k)
+        self.gpu_mode, self.gpu_reason = self._search.gpu_mode, self._search.gpu_reason
+        self._search.seed_from(self._base(), self.k)
+        self._state.update(f=int(self._search.best_f.min()) if self._search.size else 0, gen=0)
+
+    def _population_step(self) -> bool:
+        st, search = self._state, self._search
+        if st.pop("skip", False) or self.k < 1 or search is None:
+            return True
+        solution = search.step()
+        st["gen"] = st.get("gen", 0) + 1
+        st["f"] = int(search.best_f.min())
+        st["extra"] = search.telemetry()
+        if solution is not None:
+            self._accept(solution, self.k)
+            if self.k < 1:
+                return True
+            search.next_k(solution, self.k + 1)
+            st["gen"] = 0
+            return False
+        return st["gen"] >= self.p["population"]["max_generations"]
 
     # --- results ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,111 @@
+"""GPU population search against the CPU of the same machine (one run; anchors in the same run).
+
+Run: ``python -m bench.gpu rates [--instances DSJC250.5:27,DSJC500.5:46] [--seconds 10]`` and
+``python -m bench.gpu search [--instances DSJC500.5:48:600,...]``.
+
+``rates``: TabuCol iterations per second at a fixed k below the best known (the search never
+stops early), summed over the chains: one CPU core running the numba kernel (the anchor),
+all CPU cores with ``prange`` (one chain per core), and the CUDA population (one block per
+chain), printed as ratios to the anchor.
+
+``search``: the colouring pipeline's population phase on the device (``gpu = "auto"``), from
+DSATUR down; colours reached, seconds to reach them, checked by the independent checker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numba
+import numpy as np
+
+from experiments.coloring.graph import Graph, load_graph
+from kernels.coloring import build_gamma, seed_rng, tabucol
+from kernels.population import CpuPopulation, CudaPopulation, auto_size, cuda_status, load_cuda
+
+
+def _start(g: Graph, k: int, count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, k, (count, g.n)).astype(np.int32)
+
+
+def one_core(g: Graph, k: int, seconds: float) -> float:
+    """The anchor: numba TabuCol on one core, iterations/s."""
+    seed_rng(1)
+    colors = _start(g, k, 1, 0)[0]
+    gamma = build_gamma(g.indptr, g.indices, colors, k)
+    tabu = np.zeros((g.n, k), dtype=np.int64)
+    best = colors.copy()
+    tabucol(g.indptr, g.indices, k, colors, gamma, tabu, 0, 1000, 10, 0.6, best, 1 << 30)  # compiled, warm
+    it, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        done, _, _ = tabucol(g.indptr, g.indices, k, colors, gamma, tabu, it, 100_000, 10, 0.6, best, 1 << 30)
+        it += done
+    return it / (time.perf_counter() - t0)
+
+
+def population_rate(pop, g: Graph, k: int, seconds: float, iters: int) -> float:
+    pop.seed(_start(g, k, pop.size, 1), k)
+    pop.run(min(iters, 1000))  # compile and warm
+    it0, t0 = pop.iterations, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pop.run(iters)
+    return (pop.iterations - it0) / (time.perf_counter() - t0)
+
+
+def rates(args: argparse.Namespace) -> None:
+    ok, why = cuda_status()
+    cores = numba.config.NUMBA_NUM_THREADS
+    print(f"cores: {cores}; CUDA: {'yes' if ok else 'no (' + str(why) + ')'}")
+    if ok:
+        cuda = load_cuda()
+        dev = cuda.get_current_device()
+        print(f"device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}, "
+              f"{dev.MULTIPROCESSOR_COUNT} SMs")
+    for item in args.instances.split(","):
+        name, k = item.split(":")[:2]
+        k = int(k)
+        g = load_graph({"file": name})
+        anchor = one_core(g, k, args.seconds)
+        print(f"\n{name} (n={g.n}, m={g.m}) at k={k}")
+        print(f"  1 CPU core (anchor)           {anchor:>14,.0f} it/s   1.0x")
+        cpu = CpuPopulation(g.indptr, g.indices, cores, seed=1)
+        r = population_rate(cpu, g, k, args.seconds, 20_000)
+        print(f"  {cores} CPU cores (prange, P={cores}) {r:>14,.0f} it/s   {r / anchor:.1f}x")
+        if not ok:
+            continue
+        cuda = load_cuda()
+        dev = cuda.get_current_device()
+        free, _ = cuda.current_context().get_memory_info()
+        for tpb in [int(x) for x in args.threads.split(",")]:
+            for shared in (True, False):
+                p = args.population or auto_size(g.n, k, free, dev.MULTIPROCESSOR_COUNT, args.per_sm)
+                pop = CudaPopulation(g.indptr, g.indices, p, seed=1, threads=tpb, gamma_in_shared=shared)
+                pop.k = k
+                if shared and not pop.gamma_in_shared():
+                    continue
+                r = population_rate(pop, g, k, args.seconds, args.iters)
+                print(f"  GPU P={p} threads={tpb} gamma={'shared' if shared else 'global'}"
+                      f" {r:>14,.0f} it/s   {r / anchor:.1f}x")
+                pop.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("rates")
+    r.add_argument("--instances", default="DSJC250.5:27,DSJC500.5:46")
+    r.add_argument("--seconds", type=float, default=5.0)
+    r.add_argument("--threads", default="32,64,128")
+    r.add_argument("--population", type=int, default=0, help="chains on the GPU (0: chosen from the device)")
+    r.add_argument("--per-sm", type=int, default=16)
+    r.add_argument("--iters", type=int, default=2000, help="iterations per chain per launch")
+    r.set_defaults(func=rates)
+    args = ap.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

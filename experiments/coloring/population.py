@@ -1,0 +1,231 @@
+"""The ``population`` phase: many TabuCol chains at one k, with GPX crossover between generations.
+
+The phase runs a population of P chains (``kernels/population.py``) on a CUDA device when
+one answers (``gpu = "auto"`` or ``"gpu"``) and on all CPU cores otherwise. One step is one
+generation:
+
+1. every chain runs ``iters`` TabuCol iterations (one launch or one parallel loop; the host
+   waits once per generation);
+2. a chain that reaches 0 conflicts hands its colouring to the pipeline, which checks it and
+   aims at k - 1; every chain then continues from its own best colouring with its largest
+   colour class removed (the population keeps its diversity across k);
+3. otherwise the ``crossover_rate`` x P worst chains (among those at least ``min_age``
+   generations old, so a child is judged after its own local search) are replaced by GPX
+   children of parents drawn by binary tournament from the better half.
+
+``iters`` adapts so that a generation lasts about ``generation_s`` (control stays
+responsive at any graph size). Each generation reports the population's best and mean
+conflicts and its diversity: the mean partition distance (the fewest vertices to move to
+turn one colouring into the other, up to a renaming of colours, solved with scipy's
+assignment solver) over a sample of pairs, divided by n.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from kernels.coloring import count_conflicts, reduce_colors
+from kernels.population import CpuPopulation, CudaPopulation, auto_size, cuda_status, load_cuda
+
+DEFAULTS: dict[str, Any] = {"population": 0, "crossover_rate": 0.1, "min_age": 3, "generation_s": 0.5,
+                            "tenure_a": 10, "tenure_alpha": 0.6, "threads_per_chain": 64, "max_generations": 10**9}
+LIMITS = {  # key: (min, max, integer)
+    "population": (0, 1 << 20, True), "crossover_rate": (0.0, 0.9, False), "min_age": (0, 1000, True),
+    "generation_s": (0.01, 60.0, False), "tenure_a": (1, 10_000, True), "tenure_alpha": (0.0, 10.0, False),
+    "threads_per_chain": (1, 128, True), "max_generations": (1, 10**12, True),
+}
+MIN_ITERS, MAX_ITERS = 50, 10_000_000
+
+
+def partition_distance(a: np.ndarray, b: np.ndarray, k: int) -> int:
+    """Vertices to move to turn colouring ``a`` into ``b`` under the best renaming of colours."""
+    overlap = np.zeros((k, k), dtype=np.int64)
+    np.add.at(overlap, (a, b), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    return int(a.size - overlap[rows, cols].sum())
+
+
+def choose_engine(g: Any, mode: str, size: int, seed: int, threads_per_chain: int,
+                  k: int) -> tuple[Any, str, str | None]:
+    """(engine, gpu_mode, reason): the CUDA population unless the spec or the machine says no."""
+    if mode == "cpu":
+        return CpuPopulation(g.indptr, g.indices, size or _cpu_size(), seed), "cpu_disabled", "disabled in the spec"
+    ok, why = cuda_status()
+    if ok and g.n > 32767:
+        ok, why = False, f"{g.n} vertices: the CUDA population handles up to 32767"
+    if ok:
+        tpb = 1 << (max(1, threads_per_chain).bit_length() - 1)
+        if not size:
+            cuda = load_cuda()
+            try:
+                dev = cuda.get_current_device()
+                free, _ = cuda.current_context().get_memory_info()
+                size = auto_size(g.n, max(k, 2), int(free), int(dev.MULTIPROCESSOR_COUNT))
+            except AttributeError:  # the simulator: no device properties
+                size = 4
+        try:
+            return CudaPopulation(g.indptr, g.indices, size, seed, threads=tpb), "gpu", None
+        except Exception as exc:  # noqa: BLE001 - cuda raises its own error types
+            ok, why = False, ("out of memory" if "memory" in str(exc).lower() else f"device error: {exc}")
+    return CpuPopulation(g.indptr, g.indices, size or _cpu_size(), seed), "cpu_fallback", why
+
+
+def _cpu_size() -> int:
+    import numba
+
+    return max(4, 2 * numba.config.NUMBA_NUM_THREADS)
+
+
+class PopulationSearch:
+    """The phase's state: the engine, the generation counter, the chains' ages and the RNG."""
+
+    def __init__(self, g: Any, params: dict[str, Any], seed: int, mode: str, k: int) -> None:
+        self.g = g
+        self.p = params
+        self.rng = np.random.default_rng(seed)
+        self.engine, self.gpu_mode, self.gpu_reason = choose_engine(g, mode, int(params["population"]), seed,
+                                                                    int(params["threads_per_chain"]), k)
+        self.engine.tenure_a = int(params["tenure_a"])
+        self.engine.tenure_alpha = float(params["tenure_alpha"])
+        self.iters = 1000 if self.engine.device == "gpu" else 20_000
+        self.generation = 0
+        self.k = 0
+        self.f = np.zeros(self.size, dtype=np.int64)
+        self.best_f = np.zeros(self.size, dtype=np.int64)
+        self.age = np.zeros(self.size, dtype=np.int64)
+        self.last: dict[str, float] = {}
+
+    @property
+    def size(self) -> int:
+        return self.engine.size
+
+    def seed(self, rows: np.ndarray, k: int) -> None:
+        """Start every chain at k from the given colourings (one per chain; colours >= k are
+        moved to their least conflicting colour below k)."""
+        self.k = int(k)
+        rows = reduce_colors(self.g.indptr, self.g.indices, np.ascontiguousarray(rows, dtype=np.int32), self.k)
+        self.engine.seed(rows, self.k)
+        self.age[:] = 0
+        self.f[:] = 1 << 30
+        self.best_f[:] = 1 << 30
+
+    def seed_from(self, best: np.ndarray, k: int, spread: float = 0.05) -> None:
+        """A fresh population at k from one colouring: chain 0 takes it as it is, the others
+        with up to ``spread`` of the vertices recoloured at random."""
+        rows = np.repeat(best[None, :].astype(np.int32), self.size, axis=0)
+        for i in range(1, self.size):
+            mask = self.rng.random(self.g.n) < spread * i / self.size
+            rows[i, mask] = self.rng.integers(0, k, int(mask.sum()))
+        self.seed(rows, k)
+
+    def step(self) -> np.ndarray | None:
+        """One generation; returns a colouring with 0 conflicts at k when a chain found one."""
+        t0 = time.perf_counter()
+        it0 = self.engine.iterations
+        self.f, self.best_f = self.engine.run(self.iters)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        done = self.engine.iterations - it0
+        self.generation += 1
+        self.age += 1
+        self.last = {"iterations": float(done), "iters_per_s": done / dt, "iters_per_chain": float(self.iters)}
+        # the work per generation follows the chains' measured pace, so that a generation lasts
+        # about generation_s (at most twice the last amount: a quick generation says little)
+        pace = done / self.size / dt
+        want = float(self.p["generation_s"]) * pace
+        self.iters = int(min(MAX_ITERS, max(MIN_ITERS, min(want, 2 * self.iters))))
+        if int(self.best_f.min()) == 0:
+            winner = int(np.argmin(self.best_f))
+            c = self.engine.best_rows([winner])[0].astype(np.int32)
+            if int(count_conflicts(self.g.indptr, self.g.indices, c)) == 0:
+                return c
+        self._crossover()
+        return None
+
+    def _crossover(self) -> None:
+        p = self.size
+        m = round(float(self.p["crossover_rate"]) * p)
+        if m < 1 or p < 3:
+            return
+        eligible = np.flatnonzero(self.age >= int(self.p["min_age"]))
+        if eligible.size == 0:
+            return
+        order = eligible[np.argsort(-self.best_f[eligible], kind="stable")]
+        victims = order[: min(m, eligible.size, p - 2)]
+        keep = np.setdiff1d(np.arange(p), victims)
+        ranked = keep[np.argsort(self.best_f[keep], kind="stable")]
+        pool = ranked[: max(2, ranked.size // 2)]
+        pa = self._tournament(pool, victims.size)
+        pb = self._tournament(pool, victims.size)
+        same = pa == pb
+        pb[same] = self._other(pool, pa[same])
+        self.engine.crossover(victims.astype(np.int32), pa.astype(np.int32), pb.astype(np.int32))
+        self.age[victims] = 0
+        self.best_f[victims] = 1 << 30
+
+    def _tournament(self, pool: np.ndarray, count: int) -> np.ndarray:
+        a = pool[self.rng.integers(0, pool.size, count)]
+        b = pool[self.rng.integers(0, pool.size, count)]
+        return np.where(self.best_f[a] <= self.best_f[b], a, b)
+
+    def _other(self, pool: np.ndarray, taken: np.ndarray) -> np.ndarray:
+        """A parent from ``pool`` different from each of ``taken``."""
+        out = pool[self.rng.integers(0, pool.size, taken.size)]
+        clash = out == taken
+        while clash.any():
+            out[clash] = pool[self.rng.integers(0, pool.size, int(clash.sum()))]
+            clash = out == taken
+        return out
+
+    def diversity(self, pairs: int = 8) -> float:
+        """Mean partition distance / n over a sample of pairs of the chains' best colourings."""
+        if self.size < 2:
+            return 0.0
+        idx = self.rng.choice(self.size, size=min(self.size, 2 * pairs), replace=False)
+        rows = self.engine.best_rows(idx)
+        d = [partition_distance(rows[2 * i], rows[2 * i + 1], self.k) for i in range(len(idx) // 2)]
+        return float(np.mean(d)) / self.g.n if d else 0.0
+
+    def next_k(self, solution: np.ndarray, k: int) -> None:
+        """A proper k-colouring was found: every chain goes on at k - 1 from its own best (the
+        winner's solution in chain 0)."""
+        rows = self.engine.best_rows(np.arange(self.size))
+        rows[0] = solution
+        self.seed(rows, k - 1)
+
+    def resize(self, size: int) -> None:
+        """A new population size (a control hook): the best chains are kept, new ones are
+        GPX children of them; takes effect at once."""
+        size = int(size)
+        rows = self.engine.best_rows(np.arange(self.size))
+        order = np.argsort(self.best_f, kind="stable")
+        if size <= self.size:
+            keep = rows[order[:size]]
+        else:
+            from kernels.coloring import gpx
+
+            extra = [gpx(rows[order[self.rng.integers(0, max(1, self.size // 2))]],
+                         rows[order[self.rng.integers(0, self.size)]], self.k) for _ in range(size - self.size)]
+            keep = np.concatenate([rows, np.stack(extra)]) if extra else rows
+        self.engine.close()
+        self.engine = type(self.engine)(self.g.indptr, self.g.indices, size, int(self.rng.integers(1 << 30)),
+                                        **({"threads": self.engine.tpb} if self.engine.device == "gpu" else {}))
+        self.engine.tenure_a = int(self.p["tenure_a"])
+        self.engine.tenure_alpha = float(self.p["tenure_alpha"])
+        self.age = np.zeros(size, dtype=np.int64)
+        self.seed(keep, self.k)
+
+    def set_tenure(self, a: int, alpha: float) -> None:
+        self.engine.tenure_a, self.engine.tenure_alpha = int(a), float(alpha)
+
+    def telemetry(self) -> dict[str, float]:
+        """The generation's figures for the ``step`` event."""
+        return {"pop_best": float(self.best_f.min()), "pop_mean": float(self.f.mean()),
+                "diversity": self.diversity(), "population": float(self.size), "generation": float(self.generation),
+                **self.last}
+
+    def close(self) -> None:
+        self.engine.close()
