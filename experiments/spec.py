@@ -17,6 +17,7 @@ from typing import Any
 
 from actors.anomaly import check_anomaly_config
 from actors.sampler import check_sampling
+from experiments.validate import SECONDS, SEED, YEAR_S, Num, read_text, tree_problem
 from telemetry.emitter import OVERFLOW_POLICIES
 from telemetry.schema import check_id
 
@@ -25,16 +26,9 @@ class SpecError(ValueError):
     """A spec problem, with the file and the key it is about."""
 
 
-def _num(lo: float | None = None, hi: float | None = None, integer: bool = False) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-            return f"must be {'an integer' if integer else 'a number'}, got {v!r}"
-        if lo is not None and v < lo:
-            return f"must be >= {lo}, got {v!r}"
-        if hi is not None and v > hi:
-            return f"must be <= {hi}, got {v!r}"
-        return None
-    return check
+def _num(lo: float | None = None, hi: float | None = None, integer: bool = False,
+         lo_open: bool = False) -> Callable[[Any], str | None]:
+    return Num(lo, hi, integer, lo_open).problem
 
 
 def _type(*types: type) -> Callable[[Any], str | None]:
@@ -65,6 +59,22 @@ def _id(v: Any) -> str | None:
     return None
 
 
+def _windows(v: Any) -> str | None:
+    each = Num(0.001, YEAR_S)
+    if not isinstance(v, list) or not 1 <= len(v) <= 32 or any(each.problem(x) for x in v):
+        return f"must be a list of 1 to 32 window lengths, each {each.describe()} seconds, got {v!r}"
+    return None
+
+
+def _threshold(v: Any) -> str | None:
+    each = Num(0, 1_000_000, lo_open=True)
+    if isinstance(v, dict):
+        bad = {k: x for k, x in v.items() if x != "auto" and each.problem(x)}
+        return f"must map methods to {each.describe()} (or \"auto\"), got {bad!r}" if bad else None
+    problem = each.problem(v)
+    return f"must be {each.describe()} or a table per method, got {v!r}" if problem else None
+
+
 ANY_TABLE = "table"  # free-form table: metadata, workload params, sampling config
 
 SCHEMA: dict[str, Any] = {
@@ -73,8 +83,8 @@ SCHEMA: dict[str, Any] = {
     "condition": _type(str),
     "tags": _str_list,
     "metadata": ANY_TABLE,
-    "seed": _num(0, integer=True),
-    "time_budget_s": _num(0.001),
+    "seed": SEED.problem,
+    "time_budget_s": SECONDS.problem,
     "workload": {
         "name": _type(str),
         "params": ANY_TABLE,
@@ -93,9 +103,7 @@ SCHEMA: dict[str, Any] = {
         "maximize": _str_list,
     },
     "metrics": {
-        "windows_s": lambda v: None if isinstance(v, list) and v and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v)
-        else f"must be a non-empty list of positive seconds, got {v!r}",
+        "windows_s": _windows,
         "publish_interval_s": _num(0, 3600),
         "compression": _num(10, 100_000),
     },
@@ -107,13 +115,12 @@ SCHEMA: dict[str, Any] = {
         "enabled": _type(bool),
         "methods": _str_list,
         "metrics": _str_list,
-        "threshold": lambda v: None if isinstance(v, (int, float, dict)) and not isinstance(v, bool)
-        else f"must be a number or a table per method, got {v!r}",
+        "threshold": _threshold,
         "action": _type(str),
-        "window": _num(10, integer=True),
-        "warmup": _num(0, integer=True),
+        "window": _num(10, 1_000_000, integer=True),
+        "warmup": _num(0, 1_000_000, integer=True),
         "ewma_lambda": _num(0.0001, 1),
-        "period_gap_s": _num(0),
+        "period_gap_s": _num(0, 86_400),
     },
     "hypertune": {
         "enabled": _type(bool),
@@ -122,8 +129,8 @@ SCHEMA: dict[str, Any] = {
         "state_file": _type(str),
     },
     "supervision": {
-        "max_restarts": _num(0, integer=True),
-        "max_seconds": _num(0.001),
+        "max_restarts": _num(0, 1_000_000, integer=True),
+        "max_seconds": _num(0.001, 86_400),
     },
 }
 
@@ -214,36 +221,54 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
     return out
 
 
+def _check_numbers(raw: dict[str, Any], source: str | None) -> None:
+    bad = tree_problem(raw)
+    if bad:
+        raise SpecError(f"{_where(source, bad[0])}: {bad[1]}")
+
+
+def read_spec_text(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """The text of a spec file and its parsed TOML; :class:`SpecError` naming the file."""
+    try:
+        text = read_text(path, "spec")
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None,
-              workloads: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read (a path) or take (a dict) a spec, apply overrides, validate, fill defaults."""
-    source: str | None = None
+              workloads: dict[str, Any] | None = None, *, source: str | None = None) -> dict[str, Any]:
+    """Read (a path) or take (a dict) a spec, apply overrides, validate, fill defaults.
+
+    ``source`` names a dict spec in error messages (a path names itself).
+
+    Raises:
+        SpecError: naming the file and the key, for anything the spec reference does not allow.
+    """
     if isinstance(spec, dict):
         raw = copy.deepcopy(spec)
     else:
-        path = Path(spec)
-        source = str(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise SpecError(f"{source}: cannot read the spec ({exc.strerror or exc})") from None
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise SpecError(f"{source}: not valid TOML: {exc}") from None
+        source = str(spec)
+        raw = read_spec_text(spec)[1]
+    _check_numbers(raw, source)
     _check(raw, SCHEMA, source)
     raw = apply_overrides(raw, overrides)
-    _check(raw, SCHEMA, source and f"{source} (with --set)")
+    where = source and f"{source} (with --set)" if overrides else source
+    _check_numbers(raw, where)
+    _check(raw, SCHEMA, where)
     full = _merge(DEFAULTS, raw)
     try:
         check_sampling(full["sampling"]["strategy"], full["sampling"]["config"])
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise SpecError(f"{_where(source, 'sampling')}: {exc}") from None
     a = full["anomaly"]
     try:
         check_anomaly_config(a["methods"], a.get("metrics"), a.get("threshold"), a["action"], a["window"],
                              a["warmup"], a["ewma_lambda"])
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise SpecError(f"{_where(source, 'anomaly')}: {exc}") from None
     if workloads is not None:
         name = full["workload"]["name"]
@@ -252,7 +277,7 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
                             f"available: {', '.join(sorted(workloads))}")
         try:
             full["workload"]["params"] = workloads[name].check_params(full["workload"]["params"])
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise SpecError(f"{_where(source, 'workload.params')}: {exc}") from None
     full["source"] = source
     return full

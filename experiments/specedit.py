@@ -1,25 +1,29 @@
 """``crucible set / get / show``: edit and read experiment specs with the same validation as ``run``.
 
 Edits go through tomlkit, so comments and layout of the file survive; a change that would
-make the spec invalid is refused and the file is left untouched.
+make the spec invalid is refused and the file is left untouched. The new text is validated
+in memory (no scratch file beside the spec), then replaces the file atomically, so a reader
+or a crash never sees half a spec.
 """
 
 from __future__ import annotations
 
+import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomlkit
 
-from experiments.spec import SpecError, load_spec, parse_override
+from actors.files import atomic_write
+from experiments.spec import SpecError, load_spec, parse_override, read_spec_text
 from experiments.workloads import registry as workload_registry
 
 
 def _load_doc(path: Path) -> tomlkit.TOMLDocument:
+    text = read_spec_text(path)[0]  # the same reading and TOML errors as `run`
     try:
-        return tomlkit.parse(path.read_text())
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the spec ({exc.strerror or exc})") from None
+        return tomlkit.parse(text)
     except tomlkit.exceptions.ParseError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
 
@@ -31,23 +35,31 @@ def set_values(path: str | Path, assignments: list[str]) -> dict[str, Any]:
     for item in assignments:
         keys, value = parse_override(item)
         node: Any = doc
-        for k in keys[:-1]:
-            if k not in node:
-                node[k] = tomlkit.table()
-            node = node[k]
-            if not isinstance(node, dict):
-                raise SpecError(f"{path}: {'.'.join(keys)}: {k!r} is not a table")
-        node[keys[-1]] = value
+        try:
+            for k in keys[:-1]:
+                if k not in node:
+                    node[k] = tomlkit.table()
+                node = node[k]
+                if not isinstance(node, dict):
+                    raise SpecError(f"{path}: {'.'.join(keys)}: {k!r} is not a table")
+            node[keys[-1]] = value
+        except (tomlkit.exceptions.TOMLKitError, ValueError, TypeError) as exc:
+            if isinstance(exc, SpecError):
+                raise
+            raise SpecError(f"{path}: {'.'.join(keys)}: cannot set {value!r} here ({exc})") from None
     text = tomlkit.dumps(doc)
-    tmp = path.with_suffix(path.suffix + ".check")
     try:
-        tmp.write_text(text)
-        spec = load_spec(tmp, workloads=workload_registry())  # the same validation as `run`
-    except SpecError as exc:
-        raise SpecError(str(exc).replace(str(tmp), str(path))) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    path.write_text(text)
+        edited = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: the edit would not be valid TOML ({exc}); nothing changed") from None
+    spec = load_spec(edited, workloads=workload_registry(), source=str(path))  # the same validation as `run`
+    if not os.access(path, os.W_OK):
+        raise SpecError(f"{path}: the spec is read-only; nothing changed")
+    try:
+        atomic_write(path, text.encode())
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot write the spec ({exc.strerror or exc}); nothing changed") from None
+    spec["source"] = str(path)
     return spec
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from telemetry.jsonl import iter_run
+from telemetry.jsonl import ReadCounts, iter_run
 from telemetry.schema import compact_event, dumps_line
 from telemetry.store import DB_NAME, HistoryStore
 
@@ -100,12 +100,27 @@ def _write_parquet(events: Iterator[dict[str, Any]], keys: list[str], header: li
     return n
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path, chunk: int = 100_000) -> int:
-    """Export one run directory (its JSONL files; corrupt lines are skipped with a warning)."""
+def export_run(run_dir: str | Path, fmt: str, out: str | Path, chunk: int = 100_000,
+               counts: ReadCounts | None = None) -> int:
+    """Export one run directory (its JSONL files); return the number of events written.
+
+    Corrupt, torn or mistyped lines are skipped with a warning and counted in
+    ``counts.skipped`` (the last pass's count when the format reads the files twice).
+
+    Raises:
+        FileNotFoundError: the folder holds no events file.
+        OSError: ``out`` cannot be written.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "events.jsonl").exists() and not list(run_dir.glob("events.*.jsonl")):
         raise FileNotFoundError(f"no events in {run_dir} (expected events.jsonl)")
-    return export_events(lambda: iter_run(run_dir), fmt, out, chunk)
+
+    def source() -> Iterator[dict[str, Any]]:
+        if counts is not None:
+            counts.events = counts.skipped = 0  # each pass counts afresh
+        return iter_run(run_dir, counts)
+
+    return export_events(source, fmt, out, chunk)
 
 
 def export_experiment(artifacts_dir: str | Path, experiment_id: str, fmt: str, out: str | Path,

@@ -4,12 +4,17 @@ Layout of a run directory: rotated segments ``events.000001.jsonl``, ``events.00
 ... and the active file ``events.jsonl``. Reopening a run (a restarted Recorder) first cuts
 a torn last line (a write interrupted by a crash: never acknowledged), then finds the last
 ``seq`` written so that nothing is written twice.
+
+The readers never stop at a bad line: a line that is not JSON, is torn, or is JSON whose
+fields do not have the schema's types (``"ts": "x"``) is skipped with a warning naming the
+file and line, and counted in the :class:`ReadCounts` the caller passes.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +34,39 @@ def run_segments(run_dir: str | Path) -> list[Path]:
     return segs + ([active] if active.exists() else [])
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Events of one JSONL file; a corrupt or truncated line is skipped with a warning."""
+@dataclass
+class ReadCounts:
+    """What a read met: events yielded and bad lines skipped."""
+
+    events: int = 0
+    skipped: int = 0
+
+
+def iter_jsonl(path: str | Path, counts: ReadCounts | None = None) -> Iterator[dict[str, Any]]:
+    """Events of one JSONL file; a corrupt, truncated or mistyped line is skipped with a
+    warning and counted in ``counts``."""
     path = Path(path)
+    counts = counts if counts is not None else ReadCounts()
     with path.open("rb") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                yield parse_line(line)
+                ev = parse_line(line)
             except SchemaError as exc:
+                counts.skipped += 1
                 log.warning("skipping bad JSONL line", file=str(path), line=lineno, error=str(exc),
                             truncated=not line.endswith(b"\n"))
+                continue
+            counts.events += 1
+            yield ev
 
 
-def iter_run(run_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Every event of a run directory, in order, across rotated files."""
+def iter_run(run_dir: str | Path, counts: ReadCounts | None = None) -> Iterator[dict[str, Any]]:
+    """Every event of a run directory, in order, across rotated files (bad lines skipped and
+    counted in ``counts``)."""
     for seg in run_segments(run_dir):
-        yield from iter_jsonl(seg)
+        yield from iter_jsonl(seg, counts)
 
 
 def _last_line(path: Path, max_back: int = 1 << 20) -> bytes | None:

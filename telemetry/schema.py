@@ -16,7 +16,7 @@ from actors.log import get_logger
 log = get_logger("telemetry.schema")
 
 SCHEMA_VERSION = 1
-GPU_MODES = ("gpu", "cpu_fallback", "cpu_disabled", "cpu")  # cpu: the phase runs on the CPU by design
+GPU_MODES = ("gpu", "cpu_fallback", "cpu_disabled")
 FIELDS = (
     "v", "seq", "ts", "experiment_id", "run_id", "pass", "phase", "step", "name", "values",
     "success", "gpu_mode", "gpu_reason", "parameters", "notes", "anomaly",
@@ -197,8 +197,20 @@ def dumps_line(row: dict[str, Any]) -> bytes:
     return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)
 
 
+_LINE_TYPES: dict[str, tuple[type, ...]] = {
+    "v": (int,), "seq": (int,), "ts": (int,), "pass": (int,), "step": (int,), "name": (str,),
+    "experiment_id": (str,), "run_id": (str,), "phase": (str,), "success": (bool,), "gpu_mode": (str,),
+    "gpu_reason": (str,), "notes": (str,), "parameters": (dict,), "anomaly": (dict,), "values": (dict,),
+}
+
+
 def parse_line(line: bytes | str) -> dict[str, Any]:
-    """Parse and check one JSONL line; :class:`SchemaError` if it is not an event."""
+    """Parse and check one JSONL line; :class:`SchemaError` if it is not an event.
+
+    Valid JSON is not enough: every field must have its schema type (``"ts": "x"`` is
+    refused), so readers never meet a record they cannot use. A ``null`` in ``values`` (how
+    JSON writes a non-finite number) is left out, as NaN is in a batch.
+    """
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -208,8 +220,24 @@ def parse_line(line: bytes | str) -> dict[str, Any]:
     for f in ("seq", "ts", "name"):
         if f not in obj:
             raise SchemaError(f"event has no {f!r}")
+    for f, v in obj.items():
+        types = _LINE_TYPES.get(f)
+        if types and v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            raise SchemaError(f"event field {f!r} must be {' or '.join(t.__name__ for t in types)}, got {v!r:.60}")
+        if types == (int,) and v is not None and not -(2**31 if f == "pass" else 2**63) <= v < (
+                2**31 if f == "pass" else 2**63):
+            raise SchemaError(f"event field {f!r} is out of range, got {v!r}")
     if obj.get("v", SCHEMA_VERSION) > SCHEMA_VERSION:
         raise SchemaError(f"schema version {obj['v']} is newer than this reader ({SCHEMA_VERSION})")
+    if obj["seq"] is None or obj["ts"] is None or not obj["name"]:
+        raise SchemaError("event 'seq', 'ts' and 'name' must be set")
+    vals = obj.get("values")
+    if vals:
+        for k, x in list(vals.items()):
+            if x is None:
+                del vals[k]
+            elif isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise SchemaError(f"event field 'values.{k}' must be a number, got {x!r:.60}")
     return full_event(obj)
 
 

@@ -1,16 +1,45 @@
-"""Graphs for colouring: a DIMACS ``.col`` reader, seeded generators, CSR adjacency.
+"""Graphs for colouring: a DIMACS reader, seeded generators, CSR adjacency.
 
 A :class:`Graph` holds ``n`` and the adjacency in CSR form (``indptr``, ``indices``, int32,
 sorted, no duplicates, no self-loops), which is what the numba kernels take.
+
+Where a graph comes from (the spec's ``graph`` table, ``crucible color GRAPH``):
+
+* ``file``: a DIMACS ``.col`` or gzip-compressed ``.col.gz`` file, or the name of an
+  instance shipped with the package (``"DSJC250.5"``; see :mod:`.catalog`). An existing
+  path wins over an instance of the same name.
+* ``generator``: ``gnp`` (``n``, ``p``, ``seed``) or ``planted`` (``n``, ``k``, ``p``, ``seed``).
+
+Sizes are bounded before anything is allocated, so a hostile or mistyped header
+(``p edge 2147483648 1``) is a clear error, not an 8 GiB allocation: at most
+:data:`MAX_VERTICES` vertices and :data:`MAX_EDGES` edges (edge lines in a file), and
+``n x (max degree + 2)`` at most :data:`MAX_TABLE_CELLS` (the size of the colouring
+kernels' per-vertex tables). Generators take at most :data:`GENERATOR_MAX_N` vertices.
 """
 
 from __future__ import annotations
 
+import gzip
+import zlib
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from experiments.coloring.catalog import instance_names, instance_path, strip_suffix
+from experiments.validate import SEED, Num
+
+MAX_VERTICES = 100_000
+MAX_EDGES = 5_000_000
+MAX_TABLE_CELLS = 1 << 27
+GENERATOR_MAX_N = 20_000
+MAX_FILE_BYTES = 256 << 20
+"""A graph file's size once decompressed (a gzip bomb stops here)."""
+_PAIRS_PER_CHUNK = 1 << 22
+GRAPH_KEYS = ("file", "generator", "n", "p", "k", "seed")
 
 
 class GraphError(ValueError):
@@ -45,107 +74,238 @@ class Graph:
         return 2.0 * self.m / (self.n * (self.n - 1)) if self.n > 1 else 0.0
 
 
+def _check(what: str, rule: Num, v: Any) -> Any:
+    try:
+        return rule.check(what, v)
+    except ValueError as exc:
+        raise GraphError(str(exc)) from None
+
+
 def from_edges(n: int, edges: np.ndarray, name: str = "graph", **meta: Any) -> Graph:
-    """Build the CSR graph from an (m, 2) array of 0-based edges (duplicates merged)."""
+    """Build the CSR graph from an (m, 2) array of 0-based edges (duplicates merged).
+
+    Raises:
+        GraphError: an endpoint outside ``0..n-1``, a self-loop, or a graph over the size bounds.
+    """
+    _check(f"{name}: the number of vertices", Num(1, MAX_VERTICES, integer=True), n)
     e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    if e.shape[0] > MAX_EDGES:
+        raise GraphError(f"{name}: {e.shape[0]:,} edges; at most {MAX_EDGES:,} are allowed")
     if e.size and (e.min() < 0 or e.max() >= n):
         raise GraphError(f"{name}: edge endpoint outside 0..{n - 1}")
     if e.size and (e[:, 0] == e[:, 1]).any():
         raise GraphError(f"{name}: self-loop")
     both = np.concatenate([e, e[:, ::-1]]) if e.size else e
-    key = np.unique(both[:, 0] * n + both[:, 1]) if both.size else np.empty(0, dtype=np.int64)
+    key = np.sort(both[:, 0] * n + both[:, 1]) if both.size else np.empty(0, dtype=np.int64)
+    key = key[np.concatenate(([True], key[1:] != key[:-1]))] if key.size else key  # np.unique, without its cost
     src, dst = key // n, key % n
     indptr = np.zeros(n + 1, dtype=np.int32)
-    np.add.at(indptr, src + 1, 1)
-    np.cumsum(indptr, out=indptr)
-    return Graph(n, indptr, dst.astype(np.int32), name, dict(meta))
+    np.cumsum(np.bincount(src, minlength=n), out=indptr[1:])
+    g = Graph(n, indptr, dst.astype(np.int32), name, dict(meta))
+    cells = n * (int(g.degrees().max(initial=0)) + 2)
+    if cells > MAX_TABLE_CELLS:
+        raise GraphError(f"{name}: n x (max degree + 2) = {cells:,} exceeds {MAX_TABLE_CELLS:,} (the colouring "
+                         "tables would not fit in memory)")
+    return g
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of a plain or gzip-compressed file (by its magic bytes), at most
+    :data:`MAX_FILE_BYTES` of them in all."""
+    with path.open("rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        fh = gzip.GzipFile(fileobj=raw) if gz else raw
+        total = 0
+        for line in fh:
+            total += len(line)
+            if total > MAX_FILE_BYTES:
+                raise GraphError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes{' once decompressed' if gz else ''}")
+            yield line
+
+
+def _show(line: bytes) -> str:
+    text = line.decode("utf-8", "backslashreplace").strip()
+    return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
 def read_dimacs(path: str | Path) -> Graph:
-    """Read a DIMACS ``.col`` file; errors name the file and the line."""
+    """Read a DIMACS ``.col`` or ``.col.gz`` file; errors name the file and the line.
+
+    Comment lines may hold any bytes; every other line must be ASCII DIMACS.
+
+    Raises:
+        GraphError: an unreadable or malformed file, or a graph over the size bounds.
+    """
     path = Path(path)
-    n = None
+    n: int | None = None
     declared = 0
-    edges: list[tuple[int, int]] = []
+    edges = array("i")
+    n_rule, m_rule = Num(1, MAX_VERTICES, integer=True), Num(0, MAX_EDGES, integer=True)
+    lineno = 0
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise GraphError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if not parts or parts[0] == "c":
-            continue
-        tag = parts[0]
-        where = f"{path}:{lineno}"
-        if tag == "p":
-            if n is not None:
-                raise GraphError(f"{where}: a second 'p' line")
-            if len(parts) != 4 or parts[1] not in ("edge", "col"):
-                raise GraphError(f"{where}: expected 'p edge N M', got {line.strip()!r}")
-            try:
-                n, declared = int(parts[2]), int(parts[3])
-            except ValueError:
-                raise GraphError(f"{where}: N and M must be integers, got {line.strip()!r}") from None
-            if n < 1 or declared < 0:
-                raise GraphError(f"{where}: N must be >= 1 and M >= 0")
-        elif tag == "e":
-            if n is None:
-                raise GraphError(f"{where}: edge before the 'p edge N M' line")
-            if len(parts) != 3:
-                raise GraphError(f"{where}: expected 'e U V', got {line.strip()!r}")
-            try:
-                u, v = int(parts[1]), int(parts[2])
-            except ValueError:
-                raise GraphError(f"{where}: vertex ids must be integers, got {line.strip()!r}") from None
-            if not (1 <= u <= n and 1 <= v <= n):
-                raise GraphError(f"{where}: vertex id out of range 1..{n}: {line.strip()!r}")
-            if u == v:
-                raise GraphError(f"{where}: self-loop on vertex {u}")
-            edges.append((u - 1, v - 1))
-        elif tag in ("n", "x", "d", "v"):
-            continue  # optional DIMACS lines (node weights, ...): not used for colouring
-        else:
-            raise GraphError(f"{where}: unknown line type {tag!r}")
+        for lineno, line in enumerate(_lines(path), 1):
+            parts = line.split()
+            if not parts or parts[0] == b"c":
+                continue
+            tag = parts[0]
+            where = f"{path}:{lineno}"
+            if tag == b"e":
+                if n is None:
+                    raise GraphError(f"{where}: edge before the 'p edge N M' line")
+                if len(parts) != 3:
+                    raise GraphError(f"{where}: expected 'e U V', got {_show(line)}")
+                try:
+                    u, v = int(parts[1]), int(parts[2])
+                except ValueError:
+                    raise GraphError(f"{where}: vertex ids must be integers, got {_show(line)}") from None
+                if not (1 <= u <= n and 1 <= v <= n):
+                    raise GraphError(f"{where}: vertex id out of range 1..{n}: {_show(line)}")
+                if u == v:
+                    raise GraphError(f"{where}: self-loop on vertex {u}")
+                if len(edges) >= 2 * MAX_EDGES:
+                    raise GraphError(f"{where}: more than {MAX_EDGES:,} edge lines")
+                edges.append(u - 1)
+                edges.append(v - 1)
+            elif tag == b"p":
+                if n is not None:
+                    raise GraphError(f"{where}: a second 'p' line")
+                if len(parts) != 4 or parts[1] not in (b"edge", b"edges", b"col"):
+                    raise GraphError(f"{where}: expected 'p edge N M', got {_show(line)}")
+                try:
+                    n_, m_ = int(parts[2]), int(parts[3])
+                except ValueError:
+                    raise GraphError(f"{where}: N and M must be integers, got {_show(line)}") from None
+                for what, rule, x in (("N (vertices)", n_rule, n_), ("M (edges)", m_rule, m_)):
+                    problem = rule.problem(x)
+                    if problem:
+                        raise GraphError(f"{where}: {what} {problem}")
+                n, declared = n_, m_
+            elif tag in (b"n", b"x", b"d", b"v"):
+                continue  # optional DIMACS lines (node weights, ...): not used for colouring
+            else:
+                raise GraphError(f"{where}: unknown line type {_show(tag)}")
+    except (OSError, EOFError, zlib.error) as exc:
+        what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        at = f" at line {lineno + 1}" if lineno else ""
+        raise GraphError(f"{path}: cannot read{at} ({what})") from None
     if n is None:
         raise GraphError(f"{path}: no 'p edge N M' line")
-    g = from_edges(n, np.array(edges, dtype=np.int64).reshape(-1, 2), name=path.stem, source=str(path),
-                   declared_edges=declared, edge_lines=len(edges))
-    return g
+    name = strip_suffix(path.name)
+    return from_edges(n, np.frombuffer(edges, dtype=np.int32).reshape(-1, 2), name=name, source=str(path),
+                      declared_edges=declared, edge_lines=len(edges) // 2)
+
+
+def resolve_graph_file(ref: str | Path) -> Path:
+    """A graph file from a path or a shipped instance's name (an existing path wins).
+
+    Raises:
+        GraphError: naming the shipped instances when ``ref`` is neither.
+    """
+    p = Path(ref)
+    if p.is_file():
+        return p
+    shipped = instance_path(str(ref))
+    if shipped is not None:
+        return shipped
+    if p.exists():
+        raise GraphError(f"graph file {str(ref)!r} is not a regular file")
+    raise GraphError(f"graph file {str(ref)!r} does not exist and is not a shipped instance; shipped: "
+                     f"{', '.join(instance_names())}")
+
+
+def _pairs(n: int, p: float, rng: np.random.Generator, cls: np.ndarray | None = None) -> np.ndarray:
+    """The pairs i < j kept with probability ``p`` (and, with ``cls``, in different classes),
+    in row-major order. Chunked by rows so memory stays O(edges), drawing ``rng.random`` in
+    the same order as one draw over all n(n-1)/2 pairs would (the same graph for a seed)."""
+    out = []
+    rows = max(1, _PAIRS_PER_CHUNK // max(n, 1))
+    for r0 in range(0, n - 1, rows):
+        r = np.arange(r0, min(n - 1, r0 + rows))
+        counts = n - 1 - r
+        iu = np.repeat(r, counts)
+        first = np.cumsum(counts) - counts
+        ju = np.arange(iu.size) - np.repeat(first, counts) + iu + 1
+        keep = rng.random(iu.size) < p
+        if cls is not None:
+            keep &= cls[iu] != cls[ju]
+        out.append(np.column_stack([iu[keep], ju[keep]]))
+    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
+
+
+def _check_generator(gen: str, n: Any, p: Any, seed: Any) -> None:
+    _check(f"{gen}: n", Num(1, GENERATOR_MAX_N, integer=True), n)
+    _check(f"{gen}: p", Num(0.0, 1.0), p)
+    _check(f"{gen}: seed", SEED, seed)
+    expected = p * n * (n - 1) / 2
+    if expected > MAX_EDGES:
+        raise GraphError(f"{gen}: n={n}, p={p:g} gives about {expected:,.0f} edges; at most {MAX_EDGES:,} are "
+                         "allowed")
 
 
 def gnp(n: int, p: float, seed: int = 0) -> Graph:
     """G(n, p): each pair is an edge with probability p (the DSJC family)."""
-    if n < 1 or not 0.0 <= p <= 1.0:
-        raise GraphError(f"gnp needs n >= 1 and 0 <= p <= 1, got n={n}, p={p}")
+    _check_generator("gnp", n, p, seed)
     rng = np.random.default_rng(seed)
-    iu, ju = np.triu_indices(n, 1)
-    keep = rng.random(iu.size) < p
-    return from_edges(n, np.column_stack([iu[keep], ju[keep]]), name=f"gnp_{n}_{p:g}_s{seed}", seed=seed)
+    return from_edges(n, _pairs(n, p, rng), name=f"gnp_{n}_{p:g}_s{seed}", seed=seed)
 
 
 def planted(n: int, k: int, p: float, seed: int = 0) -> Graph:
     """A graph with a planted k-colouring (the ``flat`` family's idea): vertices split into k
     near-equal classes, each pair from different classes an edge with probability p."""
-    if not 1 <= k <= n or not 0.0 <= p <= 1.0:
-        raise GraphError(f"planted needs 1 <= k <= n and 0 <= p <= 1, got n={n}, k={k}, p={p}")
+    _check_generator("planted", n, p, seed)
+    _check("planted: k", Num(1, n, integer=True), k)
     rng = np.random.default_rng(seed)
     cls = rng.permutation(np.arange(n) % k)
-    iu, ju = np.triu_indices(n, 1)
-    keep = (cls[iu] != cls[ju]) & (rng.random(iu.size) < p)
-    g = from_edges(n, np.column_stack([iu[keep], ju[keep]]), name=f"planted_{n}_{k}_{p:g}_s{seed}", seed=seed)
+    g = from_edges(n, _pairs(n, p, rng, cls), name=f"planted_{n}_{k}_{p:g}_s{seed}", seed=seed)
     g.meta["planted_k"] = k
     g.meta["planted"] = cls.astype(np.int32)
     return g
 
 
-def load_graph(spec: dict[str, Any]) -> Graph:
-    """A graph from a workload spec: ``{"file": path}`` or ``{"generator": "gnp"|"planted", ...}``."""
-    if spec.get("file"):
-        return read_dimacs(spec["file"])
+def check_graph(spec: Any) -> dict[str, Any]:
+    """Validate a ``graph`` table without building the graph: a file that exists (or a
+    shipped instance's name), or a generator with parameters in range. Returns the table.
+
+    Raises:
+        GraphError: naming the key and the allowed values.
+    """
+    if not isinstance(spec, dict):
+        raise GraphError(f"graph must be a table, got {spec!r}")
+    unknown = sorted(set(spec) - set(GRAPH_KEYS))
+    if unknown:
+        raise GraphError(f"unknown graph key(s) {', '.join(map(repr, unknown))}; known: {', '.join(GRAPH_KEYS)}")
+    if "file" in spec:
+        extra = sorted(set(spec) - {"file"})
+        if extra:
+            raise GraphError(f"graph names a file and generator settings ({', '.join(extra)}): give one or the other")
+        if not isinstance(spec["file"], str) or not spec["file"]:
+            raise GraphError(f"graph.file must be a path or an instance name, got {spec['file']!r}")
+        resolve_graph_file(spec["file"])
+        return spec
     gen = spec.get("generator", "gnp")
-    n, seed = int(spec.get("n", 125)), int(spec.get("seed", 0))
-    if gen == "gnp":
-        return gnp(n, float(spec.get("p", 0.5)), seed)
+    if gen not in ("gnp", "planted"):
+        raise GraphError(f"unknown graph generator {gen!r}; expected gnp or planted")
+    n, p, seed = spec.get("n", 125), spec.get("p", 0.5), spec.get("seed", 0)
+    _check_generator(gen, n, p, seed)
     if gen == "planted":
-        return planted(n, int(spec.get("k", 10)), float(spec.get("p", 0.5)), seed)
-    raise GraphError(f"unknown graph generator {gen!r}; expected gnp or planted")
+        _check("planted: k", Num(1, n, integer=True), spec.get("k", 10))
+    elif "k" in spec:
+        raise GraphError("graph.k is a setting of the planted generator, not of gnp")
+    return spec
+
+
+def load_graph(spec: dict[str, Any]) -> Graph:
+    """A graph from a workload spec: ``{"file": path or instance}`` or ``{"generator": "gnp"|"planted", ...}``.
+
+    Raises:
+        GraphError: see :func:`check_graph` and :func:`read_dimacs`.
+    """
+    check_graph(spec)
+    if "file" in spec:
+        return read_dimacs(resolve_graph_file(spec["file"]))
+    gen = spec.get("generator", "gnp")
+    n, p, seed = spec.get("n", 125), spec.get("p", 0.5), spec.get("seed", 0)
+    if gen == "gnp":
+        return gnp(n, p, seed)
+    return planted(n, spec.get("k", 10), p, seed)
