@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from actors.supervision import (
     ChildNotFound,
@@ -63,13 +64,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``crucible color: error: argument --seed: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crucible", description="Supervised actor trees for long experiments.")
-    p.add_argument("--log-level", default="WARNING", help="structlog level (default WARNING)")
+    from experiments.validate import Num
+
+    p = _Parser(prog="crucible", description="Supervised actor trees for long experiments.")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                   help="structlog level (default WARNING)")
     p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run a small supervised tree that shows restarts")
-    d.add_argument("--seconds", type=float, default=3.0, help="how long to run (default 3)")
+    d.add_argument("--seconds", type=Num(0.1, 3600).arg(), default=3.0, help="how long to run, 0.1 to 3600 (default 3)")
     d.set_defaults(func=_cmd_demo)
     from experiments.cli import add_commands
 
@@ -86,12 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level, json=True if args.log_json else None)
     freeze_startup_heap()
-    from experiments.cli import UsageError
+    from experiments.cli import USER_ERRORS
 
     try:
         return int(args.func(args) or 0)
-    except UsageError as exc:
-        parser.exit(2, f"crucible {args.command}: error: {exc}\n")
+    except USER_ERRORS as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the error text holds
+        parser.exit(2, f"crucible {args.command}: error: {message}\n")
     return 2
 
 

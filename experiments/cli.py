@@ -1,8 +1,15 @@
-"""The experiment commands of ``crucible``: run, list, export, compare."""
+"""The experiment commands of ``crucible``: run, list, export, compare, color, instances, ...
+
+User errors (a bad spec, flag, file or port) are one line on stderr and exit code 2: a
+command raises :class:`UsageError` or one of :data:`USER_ERRORS`, and ``supervisor.main``
+prints it. Numeric flags are parsed by the validation kit (``experiments.validate``), so
+they are finite and in the range their help states.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 import time
@@ -15,15 +22,22 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from actors.recorder import ArtifactsError
+from experiments.coloring.graph import MAX_VERTICES, GraphError
 from experiments.lab import Experiment, Lab
 from experiments.spec import SpecError
+from experiments.validate import PORT, SECONDS, SEED, Num
 from telemetry.export import FORMATS, export_run
-from telemetry.jsonl import iter_run
+from telemetry.jsonl import ReadCounts, iter_run
 from telemetry.schema import check_id
 
 
 class UsageError(Exception):
     """A command-line problem; printed without a traceback, exit code 2."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (UsageError, SpecError, GraphError, ArtifactsError)
+"""Errors that are the user's to fix: ``crucible`` prints them as one line and exits 2."""
 
 
 def _progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
@@ -69,22 +83,47 @@ def summary_table(s: dict[str, Any]) -> Table:
     return t
 
 
+def _dash_port(args: argparse.Namespace) -> int | None:
+    """``--dash-port``, else ``CRUCIBLE_DASH_PORT`` (checked here, so a bad value is a usage error)."""
+    if args.dash_port is not None or not args.dashboard:
+        return args.dash_port
+    env = os.environ.get("CRUCIBLE_DASH_PORT")
+    if env is None:
+        return None
+    try:
+        return int(PORT.parse(env))
+    except ValueError as exc:
+        raise UsageError(f"CRUCIBLE_DASH_PORT {exc}") from None
+
+
+def _writable_file(path: str, what: str) -> Path:
+    """Refuse, before the work starts, an output file whose folder cannot take it."""
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+        raise UsageError(f"{what} {path!r}: cannot write there (a folder, or a folder that is missing or read-only)")
+    return p
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     stop_now = threading.Event()
+    summary_path = _writable_file(args.json_summary, "--json-summary") if args.json_summary else None
 
     def on_signal(signum: int, frame: Any) -> None:
         stop_now.set()
 
+    try:
+        lab = Lab(args.artifacts, dashboard=args.dashboard, dash_port=_dash_port(args))
+    except OSError as exc:  # the dashboard's port is taken or not allowed
+        raise UsageError(str(exc)) from None
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    lab = Lab(args.artifacts, dashboard=args.dashboard, dash_port=args.dash_port)
     if lab.dashboard is not None:
         console.print(f"dashboard: {lab.dashboard.url}?token={lab.dashboard.token}  "
                       f"(control token in {lab.dashboard.token_file})")
     try:
         try:
             exp = lab.start_experiment(args.spec, overrides=args.set or None)
-        except SpecError as exc:
+        except ValueError as exc:  # SpecError, or a workload refusing its parameters as it starts
             raise UsageError(str(exc)) from None
         t0 = time.monotonic()
         last: dict[str, Any] = {}
@@ -100,8 +139,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             exp.stop()
         s = exp.summary()
         console.print(summary_table(s))
-        if args.json_summary:
-            Path(args.json_summary).write_bytes(orjson.dumps(s, option=orjson.OPT_INDENT_2))
+        if summary_path is not None:
+            try:
+                summary_path.write_bytes(orjson.dumps(s, option=orjson.OPT_INDENT_2))
+            except OSError as exc:
+                raise UsageError(f"--json-summary {str(summary_path)!r}: {exc.strerror or exc}") from None
         return 1 if str(s.get("reason", "")).startswith("failed") else 0
     finally:
         lab.shutdown()
@@ -162,8 +204,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     run = resolve_run(args.run, Path(args.artifacts))
     out = Path(args.out) if args.out else Path(f"{run.name}.{args.format}")
-    n = export_run(run, args.format, out)
-    Console().print(f"exported {n:,} events of {run} to {out}")
+    counts = ReadCounts()
+    try:
+        n = export_run(run, args.format, out, counts=counts)
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    skipped = f"; skipped {counts.skipped:,} unreadable line(s)" if counts.skipped else ""
+    Console().print(f"exported {n:,} events of {run} to {out}{skipped}", markup=False, highlight=False)
     return 0
 
 
@@ -202,22 +249,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_color(args: argparse.Namespace) -> int:
-    """Colour a DIMACS graph with the full pipeline under a Lab, check the result independently."""
-    from experiments.coloring.graph import GraphError, read_dimacs
+    """Colour a DIMACS graph (a file or a shipped instance's name) with the full pipeline under
+    a Lab, check the result independently."""
+    from experiments.coloring.graph import read_dimacs, resolve_graph_file
     from experiments.coloring.verify import check_coloring
 
-    path = Path(args.file)
-    try:
-        g = read_dimacs(path)
-    except GraphError as exc:
-        raise UsageError(str(exc)) from None
+    path = resolve_graph_file(args.graph)
+    g = read_dimacs(path)
     if args.target is not None and not 1 <= args.target <= g.n:
         raise UsageError(f"--target must be between 1 and the number of vertices ({g.n}), got {args.target}")
     params: dict[str, Any] = {"graph": {"file": str(path)}, "target": args.target or 0, "gpu": args.gpu,
                               "phases": args.phases.split(","), "init": {"strategy": args.init},
                               "iterative": {"enabled": args.passes > 1, "max_passes": max(1, args.passes)}}
-    spec = {"name": check_id("experiment id", "color-" + "".join(ch if ch.isalnum() or ch in "._-" else "_"
-                                                                  for ch in path.stem)),
+    spec = {"name": check_id("experiment id", "color-" + "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-")
+                                                                  else "_" for ch in g.name)[:100]),
             "time_budget_s": args.time_limit, "seed": args.seed, "workload": {"name": "coloring", "params": params},
             "metrics": {"publish_interval_s": 1.0}, "anomaly": {"metrics": ["conflicts"]}}
     lab = Lab(args.artifacts)
@@ -225,7 +270,7 @@ def cmd_color(args: argparse.Namespace) -> int:
     try:
         try:
             exp = lab.start_experiment(spec)
-        except SpecError as exc:
+        except ValueError as exc:  # SpecError, or the workload refusing its parameters as it starts
             raise UsageError(str(exc)) from None
         exp.wait()
         seconds = time.monotonic() - t0
@@ -332,8 +377,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         raise UsageError("give a run (directory or id) or --latest")
     try:
         alerts = [Alert(a) for a in args.alert or []]
-    except AlertError as exc:
-        raise UsageError(str(exc)) from None
+    except ValueError as exc:  # AlertError, or a number the pattern let through that float() refuses
+        raise UsageError(str(exc) if isinstance(exc, AlertError) else f"bad alert: {exc}") from None
     if alerts:
         fields = known_fields(run)
         for a in alerts:
@@ -454,6 +499,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_instances(args: argparse.Namespace) -> int:
+    """The DIMACS instances shipped with the package: name, size, best known colours."""
+    from experiments.coloring.catalog import best_known, instance_names, instance_path
+    from experiments.coloring.graph import read_dimacs
+
+    best = best_known()
+    rows = []
+    for name in instance_names():
+        g = read_dimacs(instance_path(name))  # type: ignore[arg-type]
+        k, proved = best.get(name, (None, None))
+        rows.append({"name": name, "vertices": g.n, "edges": g.m, "density": round(g.density(), 4),
+                     "best_known": k, "proved_optimal": proved})
+    if args.json:
+        for r in rows:
+            print(orjson.dumps(r).decode())
+        return 0
+    t = Table(title="DIMACS instances shipped with crucible (crucible color NAME)")
+    for col in ("name", "vertices", "edges", "density", "best known"):
+        t.add_column(col, justify="left" if col == "name" else "right")
+    for r in rows:
+        k = "?" if r["best_known"] is None else f"{r['best_known']}{' *' if r['proved_optimal'] else ''}"
+        t.add_row(r["name"], str(r["vertices"]), f"{r['edges']:,}", f"{r['density']:.3f}", k)
+    Console().print(t)
+    Console().print("* proved optimal")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     mo = sub.add_parser("monitor", help="follow a run from its files: --tail, --summary, --follow")
     mo.add_argument("run", nargs="?", help="run directory or run id")
@@ -482,36 +554,41 @@ def add_commands(sub: Any) -> None:
     sh.set_defaults(func=cmd_show)
     tu = sub.add_parser("tune", help="propose starting parameters from prior runs and new trials (Optuna TPE)")
     tu.add_argument("spec")
-    tu.add_argument("--trials", type=int, default=8)
+    tu.add_argument("--trials", type=Num(1, 10_000, integer=True).arg(), default=8, help="1 to 10000 (default 8)")
     tu.add_argument("--seed-from", action="append", metavar="RUN_DIR", help="learn from a prior run (repeatable)")
-    tu.add_argument("--budget", type=float, help="seconds per trial (default: the spec's)")
+    tu.add_argument("--budget", type=SECONDS.arg(), help="seconds per trial, up to 365 days (default: the spec's)")
     tu.add_argument("--objective", default="chromatic_number", help="field to minimise (default chromatic_number)")
-    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--seed", type=SEED.arg(), default=0, help="0 to 2^32-1")
     tu.add_argument("--set", action="append", metavar="KEY=VALUE")
     tu.add_argument("--json", action="store_true")
     tu.add_argument("--artifacts", default="artifacts")
     tu.set_defaults(func=cmd_tune)
     abp = sub.add_parser("ab", help="A/B: hypertune on vs off over N seeds, with statistics")
     abp.add_argument("spec")
-    abp.add_argument("--runs", type=int, default=5, help="runs per arm")
-    abp.add_argument("--budget", type=float, help="seconds per run (default: the spec's)")
-    abp.add_argument("--target", type=float, help="time-to-target threshold (default: best reached)")
+    abp.add_argument("--runs", type=Num(2, 1000, integer=True).arg(), default=5, help="runs per arm, 2 to 1000")
+    abp.add_argument("--budget", type=SECONDS.arg(), help="seconds per run, up to 365 days (default: the spec's)")
+    abp.add_argument("--target", type=Num(0, 1e12).arg(), help="time-to-target threshold (default: best reached)")
     abp.add_argument("--set", action="append", metavar="KEY=VALUE")
     abp.add_argument("--json", action="store_true")
     abp.add_argument("--artifacts", default="artifacts")
     abp.set_defaults(func=cmd_ab)
-    co = sub.add_parser("color", help="colour a DIMACS .col graph (the full pipeline, checked)")
-    co.add_argument("file", help="DIMACS .col file")
-    co.add_argument("--time-limit", type=float, default=60.0, help="seconds (default 60)")
-    co.add_argument("--target", type=int, help="stop as soon as this many colours is reached")
-    co.add_argument("--seed", type=int, default=0)
+    co = sub.add_parser("color", help="colour a DIMACS graph (the full pipeline, checked)")
+    co.add_argument("graph", help="a .col or .col.gz file, or a shipped instance's name (crucible instances)")
+    co.add_argument("--time-limit", type=SECONDS.arg(), default=60.0, help="seconds, up to 365 days (default 60)")
+    co.add_argument("--target", type=Num(1, MAX_VERTICES, integer=True).arg(),
+                    help="stop as soon as this many colours is reached")
+    co.add_argument("--seed", type=SEED.arg(), default=0, help="0 to 2^32-1")
     co.add_argument("--phases", default="tabu,memetic", help="comma-separated: thermo, tabu, memetic")
     co.add_argument("--init", default="dsatur", help="greedy, dsatur, spectral, community or multistart")
-    co.add_argument("--passes", type=int, default=1, help="iterative passes (default 1)")
+    co.add_argument("--passes", type=Num(1, 1000, integer=True).arg(), default=1,
+                    help="iterative passes, 1 to 1000 (default 1)")
     co.add_argument("--gpu", choices=("auto", "cpu"), default="auto")
     co.add_argument("--json", action="store_true", help="one JSON object on stdout")
     co.add_argument("--artifacts", default="artifacts")
     co.set_defaults(func=cmd_color)
+    ins = sub.add_parser("instances", help="list the DIMACS instances shipped with the package")
+    ins.add_argument("--json", action="store_true", help="one JSON object per instance")
+    ins.set_defaults(func=cmd_instances)
     r = sub.add_parser("run", help="run an experiment spec in the foreground")
     r.add_argument("spec", help="experiment spec (TOML)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
@@ -519,7 +596,8 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--no-live", action="store_true", help="no live progress display")
     r.add_argument("--json-summary", metavar="PATH", help="also write the final summary as JSON")
     r.add_argument("--dashboard", action="store_true", help="serve the live web dashboard (127.0.0.1)")
-    r.add_argument("--dash-port", type=int, help="dashboard port (default CRUCIBLE_DASH_PORT or 7878; 0 = any)")
+    r.add_argument("--dash-port", type=PORT.arg(),
+                   help="dashboard port, 0 to 65535 (default CRUCIBLE_DASH_PORT or 7878; 0 = any)")
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="list the runs in an artifacts folder")
     ls.add_argument("--artifacts", default="artifacts")

@@ -253,12 +253,12 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
     else:
         source = str(spec)
         raw = read_spec_text(spec)[1]
-    _check_numbers(raw, source)
-    _check(raw, SCHEMA, source)
+    _check(raw, SCHEMA, source)  # the schema's ranges first: they name the allowed values
+    _check_numbers(raw, source)  # then every number, free-form tables included
     raw = apply_overrides(raw, overrides)
     where = source and f"{source} (with --set)" if overrides else source
-    _check_numbers(raw, where)
     _check(raw, SCHEMA, where)
+    _check_numbers(raw, where)
     full = _merge(DEFAULTS, raw)
     try:
         check_sampling(full["sampling"]["strategy"], full["sampling"]["config"])

@@ -1,5 +1,8 @@
+import os
 import subprocess
 import sys
+
+import pytest
 
 from supervisor import main
 
@@ -63,14 +66,163 @@ def test_color_command_reports_a_checked_colouring(tmp_path, capsys):
 
     import pytest
 
-    col = Path(__file__).resolve().parents[2] / "shared" / "dimacs" / "DSJC125.5.col"
+    col = "DSJC125.5"  # a shipped instance, by name
     art = str(tmp_path / "art")
-    assert main(["color", str(col), "--time-limit", "30", "--target", "18", "--json", "--artifacts", art]) == 0
+    assert main(["color", col, "--time-limit", "30", "--target", "18", "--json", "--artifacts", art]) == 0
     r = json.loads(capsys.readouterr().out)
     assert {"instance", "k", "proper", "seconds", "seconds_to_best", "colors_per_pass", "coloring_path"} <= set(r)
     assert r["proper"] and r["k"] <= 18 and r["instance"] == "DSJC125.5"
     saved = json.loads(Path(r["coloring_path"]).read_text())
     assert len(saved["coloring"]) == 125 and min(saved["coloring"]) == 1  # 1-based, like DIMACS ids
     with pytest.raises(SystemExit) as e:
-        main(["color", str(col), "--target", "0", "--artifacts", art])
-    assert e.value.code == 2 and "--target must be between 1 and" in capsys.readouterr().err
+        main(["color", col, "--target", "126", "--artifacts", art])
+    assert e.value.code == 2
+    assert "--target must be between 1 and the number of vertices (125)" in capsys.readouterr().err
+
+
+# --- user errors: one line on stderr, exit 2 -----------------------------------------------------------
+
+def _usage_error(argv, capsys):
+    """Run the CLI; assert it refused with exit 2 and exactly one line on stderr; return the line."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+LATENCY = "experiments/latency.toml"
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["color", "DSJC125.1", "--time-limit", "nan"], "argument --time-limit: must be a finite number in [0.001, "),
+    (["color", "DSJC125.1", "--time-limit", "inf"], "argument --time-limit: must be a finite number"),
+    (["color", "DSJC125.1", "--time-limit", "-1"], "argument --time-limit: must be a finite number"),
+    (["color", "DSJC125.1", "--passes", "-1"], "argument --passes: must be an integer in [1, 1000], got '-1'"),
+    (["color", "DSJC125.1", "--seed", "99999999999999999999"], "argument --seed: must be an integer in [0, "),
+    (["color", "DSJC125.1", "--target", "0"], "argument --target: must be an integer in [1, "),
+    (["tune", LATENCY, "--trials", "-3"], "argument --trials: must be an integer in [1, 10000]"),
+    (["tune", LATENCY, "--budget", "nan"], "argument --budget: must be a finite number"),
+    (["ab", LATENCY, "--runs", "-2"], "argument --runs: must be an integer in [2, 1000]"),
+    (["demo", "--seconds", "-1"], "argument --seconds: must be a finite number in [0.1, 3600]"),
+    (["run", LATENCY, "--dashboard", "--dash-port", "99999"], "argument --dash-port: must be an integer in [0, 65535]"),
+    (["--log-level", "noisy", "demo"], "argument --log-level: invalid choice"),
+    (["run", LATENCY, "--set", "time_budget_s=nan"], "time_budget_s: must be a finite number in [0.001, 31_536_000]"),
+    (["run", LATENCY, "--set", "seed=99999999999999999999"], "seed: must be <= 4_294_967_295"),
+    (["run", LATENCY, "--set", "metrics.compression=nan"], "metrics.compression: must be a finite number in [10, "),
+    (["run", LATENCY, "--set", "anomaly.window=9223372036854775807"], "anomaly.window: must be <= 1_000_000"),
+    (["run", LATENCY, "--set", "telemetry.flush_interval_s=nan"], "telemetry.flush_interval_s: must be a finite"),
+    (["run", LATENCY, "--set", "metadata.when=-inf"], "metadata.when: must be a finite number, got -inf"),
+    (["run", LATENCY, "--set", "workload.params.timeout_s=inf"], "must be a finite number"),
+    (["set", LATENCY, "seed=nan"], "seed: must be an integer in [0, 4_294_967_295], got nan"),
+])
+def test_numbers_must_be_finite_and_in_range(tmp_path, capsys, argv, says):
+    err = _usage_error([*argv, *(["--artifacts", str(tmp_path / "art")] if argv[0] in ("run", "color") else [])],
+                       capsys)
+    assert says in err
+
+
+def test_bad_files_and_graphs_are_usage_errors(tmp_path, capsys):
+    art = str(tmp_path / "art")
+    spec = tmp_path / "latin1.toml"
+    spec.write_bytes(b'name = "caf\xe9"\n')
+    assert "the spec is not UTF-8 text (byte 0xe9 at offset 11)" in _usage_error(["run", str(spec), "--artifacts", art],
+                                                                                  capsys)
+    assert "not UTF-8" in _usage_error(["set", str(spec), "seed=1"], capsys)
+    col = tmp_path / "g.col"
+    col.write_bytes(b"p edge 3 1\ne 1 \xff\n")
+    assert "g.col:2: vertex ids must be integers" in _usage_error(["color", str(col), "--artifacts", art], capsys)
+    col.write_bytes(b"p edge 2147483648 1\ne 1 2\n")
+    assert "g.col:1: N (vertices) must be <= 100_000" in _usage_error(["color", str(col), "--artifacts", art], capsys)
+    assert "is not a shipped instance; shipped: DSJC1000.5" in _usage_error(["color", "DSJC9", "--artifacts", art],
+                                                                            capsys)
+    gen = tmp_path / "gen.toml"
+    gen.write_text('name = "g"\ntime_budget_s = 1\n[workload]\nname = "coloring"\n'
+                   '[workload.params]\ngraph = { generator = "gnp", n = -5 }\n')
+    assert "gnp: n must be >= 1, got -5" in _usage_error(["run", str(gen), "--artifacts", art, "--no-live"], capsys)
+
+
+def test_unwritable_places_and_busy_ports_are_usage_errors(tmp_path, capsys, monkeypatch):
+    import socket
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert "artifacts folder" in _usage_error(["run", LATENCY, "--artifacts", str(blocker / "art")], capsys)
+    art = str(tmp_path / "art")
+    assert "--json-summary" in _usage_error(["run", LATENCY, "--artifacts", art, "--json-summary",
+                                             str(tmp_path / "missing" / "s.json")], capsys)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        err = _usage_error(["run", LATENCY, "--artifacts", art, "--dashboard", "--dash-port", str(port)], capsys)
+    assert f"dashboard cannot listen on 127.0.0.1:{port}" in err
+    monkeypatch.setenv("CRUCIBLE_DASH_PORT", "99999")
+    assert "CRUCIBLE_DASH_PORT must be an integer in [0, 65535]" in _usage_error(
+        ["run", LATENCY, "--artifacts", art, "--dashboard"], capsys)
+
+
+def test_set_on_a_spec_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    import os
+
+    import actors.files
+    import experiments.specedit
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "s"\n')
+    monkeypatch.setattr(experiments.specedit.os, "access", lambda p, mode: mode != os.W_OK)
+    assert "the spec is read-only; nothing changed" in _usage_error(["set", str(spec), "seed=3"], capsys)
+    monkeypatch.undo()
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(actors.files.tempfile, "mkstemp", refuse)
+    assert "cannot write the spec (Permission denied)" in _usage_error(["set", str(spec), "seed=3"], capsys)
+    assert spec.read_text() == 'name = "s"\n' and sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
+
+
+def test_set_never_leaves_a_scratch_file_and_keeps_the_mode(tmp_path):
+    from experiments.specedit import set_values
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "s"  # keep me\n')
+    spec.chmod(0o640)
+    set_values(spec, ["seed=3"])
+    assert spec.read_text() == 'name = "s"  # keep me\nseed = 3\n'
+    assert spec.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+def test_set_on_a_read_only_file(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "s"\n')
+    spec.chmod(0o444)
+    assert "read-only" in _usage_error(["set", str(spec), "seed=3"], capsys)
+
+
+def test_a_malformed_alert_is_a_usage_error(tmp_path, capsys):
+    run = tmp_path / "art" / "exp" / "run-1"
+    run.mkdir(parents=True)
+    (run / "events.jsonl").write_text('{"v":1,"seq":0,"ts":1,"name":"step","values":{"conflicts":3}}\n')
+    for bad in ("conflicts>1.2.3", "conflicts>.", "conflicts >> 3"):
+        assert "bad alert" in _usage_error(["monitor", "--latest", "--no-wait", "--artifacts", str(tmp_path / "art"),
+                                            "--alert", bad], capsys)
+
+
+def test_instances_lists_the_shipped_graphs(capsys):
+    import json
+
+    assert main(["instances", "--json"]) == 0
+    rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["DSJC250.5"] == {"name": "DSJC250.5", "vertices": 250, "edges": 15668, "best_known": 28,
+                                 "density": round(2 * 15668 / (250 * 249), 4), "proved_optimal": False}
+    assert rows["queen8_8"]["edges"] == 728 and rows["queen8_8"]["proved_optimal"] is True
+    assert len(rows) >= 15
+    assert main(["instances"]) == 0
+    assert "le450_15c" in capsys.readouterr().out
