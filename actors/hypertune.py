@@ -13,8 +13,14 @@ improvement of the progress score per second, the score being ``1000 * best + co
 and recorded as a ``hypertune_outcome`` event; the policy learns from it.
 
 The policy's statistics persist between runs in a JSON file per workload and instance
-family (``state_file``), loaded at start; a corrupt file is ignored with a warning. With
-``enabled = false`` the actor only observes (the A/B's control arm).
+family (``state_file``), loaded at start; a corrupt file is ignored with a warning. Several
+experiments of one family may run at once and share the file: a save takes an exclusive
+lock (``flock`` on ``<file>.lock``), reads what the others have saved, adds this run's own
+new pulls to it (counts and reward sums are additive, so the merge equals one pass over all
+the pulls), writes the result under a temporary name of its own and renames it into place;
+the policy then continues from the merged statistics. Nobody's learning is lost and no
+writer ever renames another's temporary file. With ``enabled = false`` the actor only
+observes (the A/B's control arm).
 
 It is the last child of the experiment tree, so that under ``rest_for_one`` its own crash
 restarts only itself and never the phase.
@@ -22,6 +28,7 @@ restarts only itself and never the phase.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import re
@@ -32,6 +39,7 @@ import numpy as np
 import orjson
 
 from actors.base import Actor
+from actors.files import atomic_write, locked
 from actors.log import get_logger
 
 log = get_logger("actors.hypertune")
@@ -76,6 +84,7 @@ class Policy:
         self.kind, self.c, self.epsilon = kind, c, epsilon
         self.rng = random.Random(seed)
         self.stats: dict[str, dict[str, float]] = {}  # "phase/arm" -> {"n", "mean"}
+        self._synced: dict[str, dict[str, float]] = {}  # the stats as last read from / written to the file
 
     def choose(self, phase: str, arms: list[str]) -> str:
         keys = [f"{phase}/{a}" for a in arms]
@@ -98,23 +107,66 @@ class Policy:
     def to_json(self) -> bytes:
         return orjson.dumps({"kind": self.kind, "stats": self.stats}, option=orjson.OPT_INDENT_2)
 
-    def load(self, path: Path) -> bool:
-        """Load saved statistics; a missing or corrupt file leaves the policy fresh."""
-        if not path.exists():
-            return False
+    @staticmethod
+    def read_state(path: Path) -> dict[str, dict[str, float]] | None:
+        """The statistics saved in ``path``; None (with a warning) when it is missing or corrupt."""
         try:
             data = orjson.loads(path.read_bytes())
-            stats = data["stats"]
-            numbers = (int, float)
-            if not isinstance(stats, dict) or not all(
-                    isinstance(v, dict) and isinstance(v.get("n"), numbers) and isinstance(v.get("mean"), numbers)
-                    for v in stats.values()):
-                raise ValueError("bad stats table")
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            log.warning("hypertune policy state unreadable; starting fresh", file=str(path), error=str(exc))
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.warning("hypertune policy state unreadable; ignoring it", file=str(path), error=str(exc))
+            return None
+        stats = data.get("stats") if isinstance(data, dict) else None
+
+        def good(v: object) -> bool:
+            if not isinstance(v, dict):
+                return False
+            n, mean = v.get("n"), v.get("mean")
+            return (all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                        for x in (n, mean)) and n >= 0)  # type: ignore[operator]
+
+        if not isinstance(stats, dict) or not all(isinstance(k, str) and good(v) for k, v in stats.items()):
+            log.warning("hypertune policy state unreadable; ignoring it", file=str(path), error="bad stats table")
+            return None
+        return {k: {"n": float(v["n"]), "mean": float(v["mean"])} for k, v in stats.items()}
+
+    def load(self, path: Path) -> bool:
+        """Load saved statistics; a missing or corrupt file leaves the policy fresh."""
+        stats = self.read_state(path)
+        if stats is None:
             return False
-        self.stats = {k: {"n": float(v["n"]), "mean": float(v["mean"])} for k, v in stats.items()}
+        self.stats, self._synced = stats, copy.deepcopy(stats)
         return True
+
+    def merged_with(self, saved: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """``saved`` plus the pulls this policy made since it last synced: counts and reward
+        sums add, so the result is what one policy seeing every pull would hold."""
+        out = copy.deepcopy(saved)
+        for key, cur in self.stats.items():
+            base = self._synced.get(key, {"n": 0.0, "mean": 0.0})
+            dn = cur["n"] - base["n"]
+            if dn <= 0:
+                continue
+            dsum = cur["n"] * cur["mean"] - base["n"] * base["mean"]
+            s = out.setdefault(key, {"n": 0.0, "mean": 0.0})
+            n = s["n"] + dn
+            s["mean"], s["n"] = (s["n"] * s["mean"] + dsum) / n, n
+        return out
+
+    def save(self, path: Path) -> None:
+        """Merge this policy's new pulls into ``path`` under a lock, then continue from the
+        merged statistics (see the module docs).
+
+        Raises:
+            OSError: when the folder cannot take the file (the policy keeps its own statistics).
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(path):
+            saved = self.read_state(path)
+            merged = self.merged_with(saved if saved is not None else self._synced)
+            atomic_write(path, orjson.dumps({"kind": self.kind, "stats": merged}, option=orjson.OPT_INDENT_2))
+        self.stats, self._synced = merged, copy.deepcopy(merged)
 
 
 class Hypertune(Actor):
@@ -253,10 +305,10 @@ class Hypertune(Actor):
     def _save(self) -> None:
         if self.state_path is None:
             return
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_bytes(self.policy.to_json())
-        tmp.replace(self.state_path)
+        try:
+            self.policy.save(self.state_path)
+        except OSError as exc:  # the learning is kept in memory; a full disk never stops the run
+            log.warning("hypertune policy state not saved", file=str(self.state_path), error=exc.strerror or str(exc))
 
     def handle_metrics(self, msg: dict[str, Any]) -> None:
         self.snapshots += 1

@@ -5,6 +5,10 @@ chunk of the workload and then sends the next ``step``. Control messages (``paus
 ``resume``, ``stop``, ``set_param``) queue between steps and apply at those safe points;
 pausing simply does not send the next step.
 
+Readers never ask a busy phase for its status: it publishes :meth:`PhaseActor.status` into
+a :class:`~actors.snapshot.Snapshot` at its safe points (at most every
+``STATUS_INTERVAL_S`` between steps, at once on every control message and at the end).
+
 State survives a crash: after every step (and every published batch) the phase writes a
 checkpoint into its :class:`CheckpointStore`, an object its supervisor keeps across
 restarts (and mirrors to ``checkpoint.json`` in the run directory). A restarted phase
@@ -25,10 +29,13 @@ import orjson
 
 from actors.base import Actor
 from actors.log import get_logger
+from actors.snapshot import Snapshot
 from actors.topics import Topics
 from telemetry.emitter import Emitter
 
 log = get_logger("actors.phase")
+
+STATUS_INTERVAL_S = 0.2  # the status snapshot is refreshed at most this often between steps
 
 
 class CheckpointStore:
@@ -89,6 +96,7 @@ class PhaseActor(Actor):
         clock: Callable[[], float] = time.monotonic,
         save_every_s: float = 1.0,
         run_dir: Path | None = None,
+        status_snapshot: Snapshot | None = None,
     ) -> None:
         super().__init__()
         self.experiment_id, self.run_id = experiment_id, run_id
@@ -108,6 +116,8 @@ class PhaseActor(Actor):
         self.emitter: Emitter | None = None
         self._last_save = 0.0
         self._active_s = 0.0  # active (unpaused) time used from the budget, across restarts
+        self.status_snapshot = status_snapshot
+        self._last_status = 0.0
 
     def on_start(self) -> None:
         cp = self.checkpoints.get()
@@ -116,6 +126,7 @@ class PhaseActor(Actor):
                                on_publish=self._published, watch=self.watch, **self.emitter_opts)
         if cp.get("finished"):
             self.finished = True
+            self._publish_status(force=True)
             return
         if "workload" in cp:
             self.workload.restore(cp["workload"])
@@ -127,6 +138,7 @@ class PhaseActor(Actor):
                               notes=f"restored from checkpoint after {self.steps} steps")
         self.workload.start(self.emitter)
         self._mark = self.clock()
+        self._publish_status(force=True)
         if not self.paused:
             self.ref.tell({"kind": "step"})
 
@@ -140,6 +152,15 @@ class PhaseActor(Actor):
         if force or now - self._last_save >= self.save_every_s:
             self._last_save = now
             self.checkpoints.save()
+        self._publish_status(force)
+
+    def _publish_status(self, force: bool = False) -> None:
+        if self.status_snapshot is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_status >= STATUS_INTERVAL_S:
+            self._last_status = now
+            self.status_snapshot.publish(self.status())
 
     def _tick(self) -> None:
         now = self.clock()
@@ -169,12 +190,13 @@ class PhaseActor(Actor):
             return
         self.finished = True
         self._tick()
-        self._checkpoint(force=True)
         assert self.emitter is not None
+        self._checkpoint(force=True)
         self.emitter.emit("phase_end", {"steps": float(self.steps), "active_s": self._active_s}, notes=reason,
                           phase=self.workload.params().get("phase"))
         counters = self.emitter.close()
         self.checkpoints.update(counters=counters)
+        self._publish_status(force=True)
         self.checkpoints.finish(reason)
         log.info("phase finished", experiment=self.experiment_id, run_id=self.run_id, reason=reason,
                  steps=self.steps)

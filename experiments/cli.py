@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from actors.recorder import ArtifactsError
+from experiments import rundir
 from experiments.coloring.graph import MAX_VERTICES, GraphError
 from experiments.lab import Experiment, Lab
 from experiments.spec import SpecError
@@ -153,9 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def find_runs(artifacts: Path) -> list[Path]:
     """Run directories under an artifacts folder, newest first."""
-    runs = [p.parent for p in artifacts.glob("*/*/events.jsonl")]
-    runs += [p.parent for p in artifacts.glob("*/*/summary.json") if p.parent not in runs]
-    return sorted(set(runs), key=lambda p: p.stat().st_mtime, reverse=True)
+    return rundir.find_runs(artifacts)
 
 
 def resolve_run(arg: str, artifacts: Path) -> Path:
@@ -175,12 +174,8 @@ def resolve_run(arg: str, artifacts: Path) -> Path:
 
 
 def run_info(run: Path) -> dict[str, Any]:
-    s, lc = run / "summary.json", run / "lifecycle.json"
-    summ = orjson.loads(s.read_bytes()) if s.exists() else {}
-    life = orjson.loads(lc.read_bytes()) if lc.exists() else {}
-    return {"experiment": run.parent.name, "run_id": run.name, "status": life.get("status", "?"),
-            "reason": life.get("reason"), "events": summ.get("events_persisted"),
-            "duration_s": life.get("wall_clock_duration", summ.get("total_duration_s")), "path": str(run)}
+    """Status derived from the run's records, events reconciled with the files (experiments.rundir)."""
+    return rundir.run_info(run)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -195,7 +190,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         t.add_column(col)
     for i in infos:
         d = i["duration_s"]
-        t.add_row(i["experiment"], i["run_id"], str(i["status"]), str(i["events"]),
+        status = i["status"] + (f" ({i['reason']})" if i["reason"] else "")
+        t.add_row(i["experiment"], i["run_id"], status, str(i["events"]),
                   f"{d:.1f}" if isinstance(d, (int, float)) else "?", i["path"])
     Console().print(t)
     return 0
@@ -402,6 +398,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                       f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}")
         for a in s["hypertune_actions"][-10:]:
             console.print(f"  action: {a}")
+        if s["reason"]:
+            console.print(f"status {s['status']} ({s['reason']})", markup=False, highlight=False)
         return 0
     tail = Tailer(run, from_start=not args.from_end)
     t0: int | None = None
@@ -449,15 +447,17 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         if args.follow:
             with Live(view(), console=console, screen=console.is_terminal, refresh_per_second=4) as live:
                 while True:
+                    ended = args.no_wait or run_stopped(run)  # before reading: nothing written after is missed
                     got = consume()
                     live.update(view())
-                    if (args.no_wait or run_stopped(run)) and not got:
+                    if ended and not got:
                         break
                     waiter.wait(0.25)
         else:
             while True:
+                ended = args.no_wait or run_stopped(run)
                 got = consume()
-                if (args.no_wait or run_stopped(run)) and not got:
+                if ended and not got:
                     break
                 waiter.wait(0.2)
     except KeyboardInterrupt:

@@ -7,6 +7,9 @@
   ``[thermo][cpu] t=12.3s colors=118 conflicts=5600 params={"t_max":10}``.
 * :class:`Alert` parses ``FIELD OP NUMBER`` (``>``, ``>=``, ``<``, ``<=``, ``==``, ``!=``).
 * :func:`run_summary` gathers the figures ``--summary`` prints.
+* :func:`run_stopped` tells a follower when to stop waiting: the run's derived status
+  (:func:`experiments.rundir.run_status`) is no longer live, whether it stopped, failed or
+  its process died.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from experiments.rundir import run_status
 from telemetry.jsonl import ACTIVE, iter_run
 from telemetry.schema import SchemaError, parse_line
 
@@ -135,18 +139,26 @@ class Tailer:
 
 
 def run_stopped(run_dir: Path) -> bool:
-    lc = run_dir / "lifecycle.json"
-    return lc.exists() and orjson.loads(lc.read_bytes()).get("status") in ("stopped", "archived")
+    """True once the run will write no more events: stopped, failed, archived, crashed or unknown."""
+    return not run_status(run_dir).live
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
-    """Best value per phase, GPU vs CPU usage, durations, drops, anomalies, hypertune actions."""
+    """Best value per phase, GPU vs CPU usage, durations, drops, anomalies, hypertune actions.
+
+    ``status`` is the derived status (see :mod:`experiments.rundir`), ``reason`` its reason
+    or evidence; ``events_persisted`` counts the events on disk when ``summary.json`` lags
+    them (a run that died between two summaries), with ``summary_lag_events`` saying by how much.
+    """
+    report = run_status(run_dir)
     phases: dict[str, dict[str, Any]] = {}
     gpu: dict[str, int] = {}
     anomalies = 0
     actions: list[str] = []
     first = last = None
+    n = 0
     for ev in iter_run(run_dir):
+        n += 1
         first = ev["ts"] if first is None else first
         last = ev["ts"]
         ph = ev.get("phase") or "-"
@@ -163,14 +175,19 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         if ev["name"] == "hypertune_action":
             actions.append(ev.get("notes") or "")
     s = run_dir / "summary.json"
-    summ = orjson.loads(s.read_bytes()) if s.exists() else {}
+    try:
+        summ = orjson.loads(s.read_bytes()) if s.exists() else {}
+    except orjson.JSONDecodeError:
+        summ = {}
+    said = summ.get("events_persisted")
+    lag = n - said if isinstance(said, int) and n > said else (n if said is None and n else 0)
     for p in phases.values():
         p["duration_s"] = (p.pop("last_ts") - p.pop("first_ts")) / 1e6
     return {"run_dir": str(run_dir), "phases": phases, "gpu_usage": gpu, "anomalies": anomalies,
             "hypertune_actions": actions, "duration_s": (last - first) / 1e6 if first is not None else 0.0,
-            "events_persisted": summ.get("events_persisted"), "events_dropped": summ.get("events_dropped"),
-            "status": (orjson.loads((run_dir / "lifecycle.json").read_bytes()).get("status")
-                       if (run_dir / "lifecycle.json").exists() else "running")}
+            "events_persisted": max(n, said) if isinstance(said, int) else n,
+            "events_dropped": summ.get("events_dropped"), "summary_lag_events": lag,
+            "status": str(report.status), "reason": report.reason}
 
 
 def sparkline(values: list[float], width: int = 60) -> str:

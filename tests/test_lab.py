@@ -1,4 +1,5 @@
 import http.server
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from actors.messages import encode
+from experiments.rundir import run_status
 from experiments.spec import SpecError
 from supervisor import AlreadyPaused, Lab, NotFound, NotPaused, NotRunning
 from telemetry.jsonl import iter_run
@@ -64,12 +66,12 @@ def test_durations_are_exact_with_an_injected_clock(tmp_path):
 def test_no_events_are_collected_while_paused(lab):
     exp = lab.start_experiment(spec())
     exp.pause()
-    before = exp.metrics()["events"]
+    before = exp.metrics(max_age=0, wait=30)["events"]
     # an event batch published while paused reaches nobody: the subscribers are detached
     stray = rows_to_batch([{"seq": 10**9, "ts": 1, "name": "stray", "values": {"x": 1.0}}], exp.id, exp.run_id)
     assert exp.topics.publish_bytes("events", encode(stray)) == 0
     assert exp.phase_status()["paused"]
-    assert exp.metrics()["events"] == before
+    assert exp.metrics(max_age=0, wait=30)["events"] == before  # a fresh answer, asked after the stray batch
     exp.resume()
     exp.stop()
     s = files_account(exp)
@@ -195,6 +197,8 @@ class Lifecycle(RuleBasedStateMachine):
         assert self.exp.status() == self.model
         if self.model == "paused":
             assert self.exp.phase_status()["paused"]
+        report = run_status(self.exp.run_dir)  # every transition is on disk when it returns
+        assert report.status == self.model and report.record["owner"]["pid"] == os.getpid()
 
     def teardown(self):
         self.lab.shutdown()
@@ -289,8 +293,8 @@ def test_a_failing_experiment_never_disturbs_another(lab):
     doomed.pause()  # a sure mid-run target
     doomed.registry.send("phase", {"kind": "crash", "why": "unrecoverable"})
     assert doomed.wait(30)
-    assert doomed.status() == "stopped" and doomed.reason.startswith("failed: reached_max_restart_intensity")
-    assert steady.status() == "running" and steady.metrics()["events"] > 0
+    assert doomed.status() == "failed" and doomed.reason.startswith("failed: reached_max_restart_intensity")
+    assert steady.status() == "running" and steady.metrics(max_age=0, wait=30)["events"] > 0
     assert lab.sup.is_alive()
     again = lab.start_experiment(spec("after"))  # the Lab keeps taking experiments
     again.stop()

@@ -1,0 +1,338 @@
+"""One home for the run directory: its files, reading its records, and the run's status.
+
+A run lives in ``<artifacts>/<experiment>/<run_id>/``:
+
+``spec.json``        the effective spec, written once at the start
+``lifecycle.json``   the lifecycle record (below), rewritten as the run goes
+``summary.json``     the Recorder's RunSummary, rewritten every few seconds and at the end
+``recorder.json``    the Recorder's own state (incarnation, counters)
+``checkpoint.json``  the phase's checkpoint
+``events*.jsonl``    the events (see :mod:`telemetry.jsonl`)
+
+**The lifecycle record.** The process that owns a run rewrites ``lifecycle.json``
+atomically and fsynced (:func:`actors.files.atomic_write`: a reader sees the old record or
+the new, never half) at every transition and on a heartbeat every :data:`HEARTBEAT_S`
+seconds while the run is live. It names the owner (pid, host, boot id and the process's
+start time, which tells a reused pid from the original) and the time of the last write
+(``updated_at``).
+
+**Status.** :func:`run_status` derives the status from that record and nothing else
+(cheap enough to poll); it is always one of :class:`RunStatus`:
+
+``running`` / ``paused``  the record says so and its owner is alive (checked by pid and
+                          start time on the same host; by a fresh heartbeat on another)
+``stopped``               ended cleanly: ``reason`` is ``completed``, ``budget`` or ``stopped``
+``failed``                the tree gave up (over its restart intensity) or never started;
+                          ``reason`` says why (``failed: ...``)
+``archived``              set aside by :meth:`Experiment.archive` after it ended
+``crashed``               the record says running or paused but its owner is gone (killed,
+                          out of memory, power cut); ``reason`` carries the evidence: which
+                          pid, how it was found gone, when the last heartbeat was written
+``unknown``               no record, an unreadable one, or an owner on another host whose
+                          heartbeat went quiet; ``reason`` says which
+
+**Summaries that lag.** The Recorder rewrites ``summary.json`` every few seconds, so a run
+that died keeps a summary older than its events. :func:`read_summary` notices (events
+newer than the summary), counts the events on disk and reports the larger figure, with
+``summary_stale`` and how many events the summary missed.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from actors.files import atomic_write
+from telemetry.jsonl import run_segments
+
+SPEC = "spec.json"
+LIFECYCLE = "lifecycle.json"
+SUMMARY = "summary.json"
+LIFECYCLE_SCHEMA = 1
+HEARTBEAT_S = 2.0
+QUIET_HEARTBEATS = 5  # an owner we cannot check is presumed gone after this many missed heartbeats
+
+
+class RunStatus(enum.StrEnum):
+    """Every status a run can be reported in (see the module docs for what each means)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    ARCHIVED = "archived"
+    CRASHED = "crashed"
+    UNKNOWN = "unknown"
+
+
+LIVE = frozenset({RunStatus.RUNNING, RunStatus.PAUSED})
+RECORDED = frozenset({RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.STOPPED, RunStatus.FAILED,
+                      RunStatus.ARCHIVED})  # what an owner writes; crashed and unknown are only derived
+
+
+# --- files ---------------------------------------------------------------------------------------------------
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON with :func:`actors.files.atomic_write` (fsynced, never half)."""
+    atomic_write(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None if there is no such file.
+
+    Raises:
+        ValueError: the file is not a JSON object (the message names the file).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def find_runs(artifacts: Path) -> list[Path]:
+    """Run directories under an artifacts folder, newest first.
+
+    A run counts once it has any of its records: a run killed before its first event
+    still has ``lifecycle.json`` and is listed (as crashed).
+    """
+    runs: set[Path] = set()
+    for pattern in ("*/*/events.jsonl", f"*/*/{SUMMARY}", f"*/*/{LIFECYCLE}"):
+        runs.update(p.parent for p in artifacts.glob(pattern))
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+    return sorted(runs, key=mtime, reverse=True)
+
+
+# --- the owner of a run -----------------------------------------------------------------------------------------
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a process, from /proc; None elsewhere."""
+    text = _read_text(f"/proc/{pid}/stat")
+    if not text or ")" not in text:
+        return None
+    rest = text[text.rfind(")") + 2:].split()  # fields 3.. (the name in parentheses may hold spaces)
+    try:
+        return rest[0], int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def owner_info() -> dict[str, Any]:
+    """Who owns runs started by this process: pid, host, boot id, process start time."""
+    pid = os.getpid()
+    st = _proc_stat(pid)
+    return {"pid": pid, "host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+            "proc_start": st[1] if st else None}
+
+
+def owner_alive(owner: dict[str, Any]) -> tuple[bool | None, str]:
+    """Is the process that wrote a record still there? True, False, or None (cannot tell), and why."""
+    pid, host = owner.get("pid"), owner.get("host")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None, f"the record names no owner pid ({pid!r})"
+    if host != socket.gethostname():
+        return None, f"owner pid {pid} is on host {host!r}, not this one ({socket.gethostname()!r})"
+    boot = _read_text("/proc/sys/kernel/random/boot_id")
+    if owner.get("boot_id") and boot and owner["boot_id"] != boot:
+        return False, f"owner pid {pid} on {host}: the host has rebooted since"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, f"owner pid {pid} on {host} no longer exists"
+    except PermissionError:
+        pass  # exists, another user's
+    except (OverflowError, OSError) as exc:
+        return None, f"owner pid {pid} cannot be checked ({exc})"
+    st = _proc_stat(pid)
+    if st is not None:
+        if st[0] in ("Z", "X"):
+            return False, f"owner pid {pid} on {host} has exited (a zombie not yet reaped)"
+        if owner.get("proc_start") is not None and st[1] != owner["proc_start"]:
+            return False, f"owner pid {pid} on {host} exited; the pid now belongs to another process"
+    return True, f"owner pid {pid} on {host} is alive"
+
+
+# --- status ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StatusReport:
+    """A run's derived status, why (``reason``), what it rests on (``evidence``) and the record."""
+
+    status: RunStatus
+    reason: str | None
+    evidence: tuple[str, ...] = ()
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        """True while the run may still write events (running or paused, owner alive)."""
+        return self.status in LIVE
+
+
+def _iso(ts: Any) -> str:
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        return "never"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def status_from_record(rec: dict[str, Any] | None, now: float | None = None) -> StatusReport:
+    """Derive the status from a lifecycle record (see the module docs); never raises."""
+    if rec is None:
+        return StatusReport(RunStatus.UNKNOWN, f"no {LIFECYCLE} (a run from an older version, or one whose "
+                                               "process died before it wrote its first record)",
+                            (f"no {LIFECYCLE}",))
+    now = time.time() if now is None else now
+    raw = rec.get("status")
+    try:
+        recorded = RunStatus(raw)
+    except ValueError:
+        recorded = None
+    if recorded is None or recorded not in RECORDED:
+        return StatusReport(RunStatus.UNKNOWN, f"{LIFECYCLE} has status {raw!r}",
+                            (f"recorded status {raw!r}",), rec)
+    reason = rec.get("reason") if isinstance(rec.get("reason"), str) else None
+    if recorded not in LIVE:
+        return StatusReport(recorded, reason, (f"recorded {recorded} at {_iso(rec.get('updated_at'))}",), rec)
+    owner = rec.get("owner") if isinstance(rec.get("owner"), dict) else {}
+    alive, why = owner_alive(owner)
+    updated = rec.get("updated_at")
+    beat = rec.get("heartbeat_s") if isinstance(rec.get("heartbeat_s"), (int, float)) else HEARTBEAT_S
+    age = now - updated if isinstance(updated, (int, float)) and not isinstance(updated, bool) else None
+    evidence = [f"recorded {recorded}", why, f"last heartbeat {_iso(updated)}"
+                + (f" ({age:.1f} s ago)" if age is not None else "")]
+    if rec.get("stop_requested_at"):
+        evidence.append(f"a stop was under way since {_iso(rec['stop_requested_at'])}")
+    if alive is None:
+        quiet = age is None or age > QUIET_HEARTBEATS * max(beat, 0.1)
+        if not quiet:
+            return StatusReport(recorded, reason, tuple(evidence), rec)
+        return StatusReport(RunStatus.UNKNOWN, f"{why}, and its heartbeat is quiet (last {_iso(updated)})",
+                            tuple(evidence), rec)
+    if alive:
+        if age is not None and age > QUIET_HEARTBEATS * max(beat, 0.1):
+            evidence.append(f"no heartbeat for {age:.0f} s: the owner may be hung")
+        return StatusReport(recorded, reason, tuple(evidence), rec)
+    stopping = " and stopping" if rec.get("stop_requested_at") else ""
+    return StatusReport(RunStatus.CRASHED, f"{why}; it was {recorded}{stopping}, last heartbeat {_iso(updated)}",
+                        tuple(evidence), rec)
+
+
+def run_status(run_dir: Path, now: float | None = None) -> StatusReport:
+    """The status of the run in ``run_dir``, from its lifecycle record; never raises."""
+    try:
+        rec = read_json(run_dir / LIFECYCLE)
+    except (ValueError, OSError) as exc:
+        return StatusReport(RunStatus.UNKNOWN, f"{LIFECYCLE} unreadable: {exc}", (str(exc),))
+    return status_from_record(rec, now)
+
+
+# --- summary, reconciled with the events on disk ----------------------------------------------------------------
+
+def count_events(run_dir: Path) -> int:
+    """Complete event lines on disk across the run's JSONL files (a torn last line is not one)."""
+    n = 0
+    for seg in run_segments(run_dir):
+        try:
+            with seg.open("rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    n += chunk.count(b"\n")
+        except FileNotFoundError:
+            continue  # rotated away between the listing and the open: counted under its new name
+    return n
+
+
+def last_event_ts(run_dir: Path) -> int | None:
+    """The ``ts`` (µs since the epoch) of the run's last complete event line, or None."""
+    for seg in reversed(run_segments(run_dir)):
+        try:
+            with seg.open("rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - (64 << 10)))
+                tail = fh.read()
+        except FileNotFoundError:
+            continue
+        for line in reversed(tail[:tail.rfind(b"\n") + 1].splitlines()):
+            try:
+                ts = orjson.loads(line).get("ts")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(ts, int):
+                return ts
+    return None
+
+
+def _mtime(p: Path) -> float | None:
+    try:
+        return p.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """``summary.json``, reconciled with the events on disk ({} for a run with neither).
+
+    When an events file is at least as new as the summary (the run is live, or died before
+    its final summary), the events are counted; if there are more than ``events_persisted``
+    says, ``events_persisted`` becomes the count and ``summary_stale`` / ``summary_lag_events``
+    / ``summary_events_persisted`` say by how much the summary lagged.
+    """
+    try:
+        summ = read_json(run_dir / SUMMARY) or {}
+    except ValueError:
+        summ = {}
+    s_mtime = _mtime(run_dir / SUMMARY)
+    e_mtimes = [m for m in (_mtime(p) for p in run_segments(run_dir)) if m is not None]
+    if not e_mtimes or (s_mtime is not None and max(e_mtimes) < s_mtime):
+        return summ  # written after the last event: it is current
+    on_disk = count_events(run_dir)
+    said = summ.get("events_persisted")
+    said = said if isinstance(said, int) else 0
+    if on_disk > said:
+        summ = {**summ, "events_persisted": on_disk, "summary_stale": True, "summary_lag_events": on_disk - said,
+                "summary_events_persisted": summ.get("events_persisted")}
+    return summ
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """One line of ``crucible list``: status (derived), reason, events (reconciled), duration."""
+    report = run_status(run_dir)
+    summ = read_summary(run_dir)
+    rec = report.record
+    duration = rec.get("wall_clock_duration", summ.get("total_duration_s"))
+    evidence = list(report.evidence)
+    if report.status in (RunStatus.CRASHED, RunStatus.UNKNOWN):  # the records stop short: the events say more
+        last = last_event_ts(run_dir)
+        if last is not None:
+            evidence.append(f"last event {_iso(last / 1e6)}")
+            start = rec.get("started_at")
+            if isinstance(start, (int, float)) and not isinstance(start, bool):
+                duration = max(duration if isinstance(duration, (int, float)) else 0.0, last / 1e6 - start)
+    return {"experiment": run_dir.parent.name, "run_id": run_dir.name, "status": str(report.status),
+            "reason": report.reason, "events": summ.get("events_persisted"), "duration_s": duration,
+            "summary_stale": bool(summ.get("summary_stale")), "evidence": evidence, "path": str(run_dir)}
