@@ -1,24 +1,25 @@
 """The live web dashboard: Starlette + uvicorn inside the Lab's process.
 
-Routes: ``GET /`` (the page), ``GET /static/plotly.min.js`` (served from the installed
-plotly package: no CDN, works offline), ``GET /api/experiments``,
-``GET /api/experiments/{id}``, ``GET /api/metrics/live?experiment=`` (last 200 events),
+Routes: ``GET /`` (the page; ``/?token=`` trades the token for a cookie and redirects to
+``/``), ``GET /static/...`` (the page's script and icon, and plotly.min.js served from the
+installed plotly package: no CDN, works offline), ``GET /api/experiments``,
+``GET /api/experiments/{id}`` (with the best so far, hypertune actions and outcomes, pass
+ends), ``GET /api/metrics/live?experiment=`` (last 200 events),
 ``GET /api/metrics/history?run_id=`` (ids validated: 400 on a bad id, 404 on an unknown
-one), ``POST /api/control/{pause,resume,restart,stop}`` (``Authorization: Bearer <token>``;
-401 without it, 409 with the reason when the experiment cannot do it), ``WS /ws`` (batched
-pushes, at most 10 per second; a client that stops reading is dropped), and ``GET /metrics``
-(Prometheus text via prometheus_client).
+one), ``POST /api/control/{pause,resume,restart,stop}`` (409 with the reason when the
+experiment cannot do it), ``WS /ws`` (batched pushes, at most 10 per second; a client that
+stops reading is dropped), and ``GET /metrics`` (Prometheus text via prometheus_client).
 
-The server binds 127.0.0.1 by default. The control token is generated per Lab, written to
-``<artifacts>/dashboard.token`` with mode 0600, and logged with the URL.
+Everything but the page's static files needs the token; Host, Origin and body size are
+checked first (see :mod:`dashboard.security`). Errors are JSON ``{"error": "..."}`` with a
+4xx status. The server binds 127.0.0.1 by default. The token is generated per Lab, written
+to ``<artifacts>/dashboard.token`` with mode 0600, and logged with the URL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
-import secrets
 import socket
 import threading
 from pathlib import Path
@@ -28,13 +29,16 @@ import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.log import get_logger
 from actors.recorder import summary_best
+from dashboard.security import Guard, cookie_name, new_token, presented_token, token_matches, write_token_file
 from telemetry.jsonl import iter_run
 from telemetry.schema import check_id
 
@@ -44,6 +48,20 @@ STATIC = Path(__file__).parent / "static"
 CONTROLS = ("pause", "resume", "restart", "stop")
 PUSH_INTERVAL_S = 0.1  # at most 10 pushes a second
 SEND_TIMEOUT_S = 2.0  # a client that does not take a push in this time is dropped
+HEADLINE_FIELDS = ("chromatic_number", "latency_ms")  # what "best" means, by workload
+STATIC_TYPES = {"app.js": "application/javascript", "favicon.svg": "image/svg+xml"}
+# the page runs its own script only, is never framed, and talks to its own origin only
+PAGE_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+                                "base-uri 'none'; form-action 'none'"),
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+}
+NEEDS_TOKEN = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>crucible dashboard</title></head>
+<body><h1>crucible dashboard</h1><p>{why}</p>
+<p>Open the URL that <code>crucible run --dashboard</code> prints (it ends in <code>?token=...</code>),
+or add <code>?token=</code> followed by the contents of <code>&lt;artifacts&gt;/dashboard.token</code>.</p>
+</body></html>"""
 
 
 def plotly_js() -> Path:
@@ -55,10 +73,6 @@ def plotly_js() -> Path:
 class _Json(JSONResponse):
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
-
-
-def _error(status: int, message: str) -> _Json:
-    return _Json({"error": message}, status_code=status)
 
 
 class _LabCollector:
@@ -106,59 +120,106 @@ def experiment_view(exp: Any) -> dict[str, Any]:
             "active_s": st.get("active_s"), "durations": exp.durations()}
 
 
-def create_app(lab: Any, token: str) -> Starlette:
+def best_value(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's best so far on its headline field (colours, else latency), for the page."""
+    for field in HEADLINE_FIELDS:
+        value = summary_best(summary, field)
+        if value is not None:
+            return {"field": field, "value": value}
+    return None
+
+
+def passes(starts: list[dict[str, Any]], ends: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pass boundaries from ``phase_start`` and ``pass_end`` events: per pass, when it started
+    (its first phase), when it ended and at what colour count, oldest first."""
+    out: dict[int, dict[str, Any]] = {}
+    for e in starts:
+        p = out.setdefault(e["pass"], {"pass": e["pass"], "start_ts": None, "end_ts": None, "best": None})
+        if p["start_ts"] is None or e["ts"] < p["start_ts"]:
+            p["start_ts"], p["why"] = e["ts"], e.get("notes")
+    for e in ends:
+        p = out.setdefault(e["pass"], {"pass": e["pass"], "start_ts": None, "end_ts": None, "best": None})
+        p["end_ts"], p["best"] = e["ts"], (e.get("values") or {}).get("chromatic_number")
+    return [out[k] for k in sorted(out)]
+
+
+def experiment_details(exp: Any) -> dict[str, Any]:
+    """One experiment for the page's side panels: the view, the best so far, the recent hypertune
+    actions and outcomes, and its passes."""
+    def recent(name: str, n: int = 50) -> list[dict[str, Any]]:
+        return exp.query_window(("last_n", n), {"name": name})
+
+    def feed(name: str) -> list[dict[str, Any]]:
+        return [{"ts": e["ts"], "phase": e.get("phase"), "notes": e.get("notes"), "values": e.get("values") or {}}
+                for e in recent(name)]
+
+    return {**experiment_view(exp), "best": best_value(exp.summary()), "hypertune_actions": feed("hypertune_action"),
+            "hypertune_outcomes": feed("hypertune_outcome"),
+            "passes": passes(recent("phase_start", 200), recent("pass_end", 200))}
+
+
+def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), port: int = 7878) -> Starlette:
+    """The Starlette app, every route behind :class:`dashboard.security.Guard`; ``hosts`` are the
+    names it answers to besides the loopback ones, ``port`` the port it listens on."""
     registry = CollectorRegistry()
     registry.register(_LabCollector(lab))  # type: ignore[arg-type]
+    cookie = cookie_name(port)
 
-    def find(request: Request, key: str = "experiment") -> Any:
-        exp_id = request.query_params.get(key) or request.path_params.get("exp_id")
+    def valid_id(kind: str, value: Any) -> str:
         try:
-            check_id("experiment id", exp_id)
+            return check_id(kind, value)
         except ValueError as exc:
-            return _error(400, str(exc))
+            raise HTTPException(400, str(exc)) from None
+
+    def find(exp_id: Any) -> Any:
         try:
-            return lab.get(exp_id)
+            return lab.get(valid_id("experiment id", exp_id))
         except KeyError:
-            return _error(404, f"no experiment {exp_id!r}")
+            raise HTTPException(404, f"no experiment {exp_id!r}") from None
 
     async def index(request: Request) -> Response:
-        return HTMLResponse((STATIC / "index.html").read_text())
+        given = request.query_params.get("token")
+        if given is not None:  # the first load: trade the URL's token for a cookie, drop it from the URL
+            if not token_matches(given, token):
+                return HTMLResponse(NEEDS_TOKEN.format(why="The token in this URL is not this dashboard's."),
+                                    status_code=401, headers=PAGE_HEADERS)
+            resp = RedirectResponse("/", status_code=303, headers=PAGE_HEADERS)
+            resp.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
+            return resp
+        if not token_matches(presented_token(request.headers, cookie), token):
+            return HTMLResponse(NEEDS_TOKEN.format(why="This page needs the dashboard token."), status_code=401,
+                                headers=PAGE_HEADERS)
+        return HTMLResponse((STATIC / "index.html").read_text(), headers=PAGE_HEADERS)
 
     async def plotly(request: Request) -> Response:
         return FileResponse(plotly_js(), media_type="application/javascript")
+
+    async def static_file(request: Request) -> Response:
+        name = request.url.path.rsplit("/", 1)[-1]
+        return FileResponse(STATIC / name, media_type=STATIC_TYPES[name], headers={"Cache-Control": "no-cache"})
 
     async def experiments(request: Request) -> Response:
         exps = list(lab.experiments.values())
         return _Json({"experiments": await asyncio.to_thread(lambda: [experiment_view(e) for e in exps])})
 
     async def experiment(request: Request) -> Response:
-        exp = find(request)
-        if isinstance(exp, Response):
-            return exp
-        view = await asyncio.to_thread(experiment_view, exp)
-        actions = await asyncio.to_thread(exp.query_window, ("last_n", 50), {"name": "hypertune_action"})
-        return _Json({**view, "hypertune_actions": [{"ts": a["ts"], "notes": a["notes"]} for a in actions]})
+        exp = find(request.path_params["exp_id"])
+        return _Json(await asyncio.to_thread(experiment_details, exp))
 
     async def live(request: Request) -> Response:
-        exp = find(request)
-        if isinstance(exp, Response):
-            return exp
+        exp = find(request.query_params.get("experiment"))
         events = await asyncio.to_thread(exp.query_window, ("last_n", 200))
         return _Json({"experiment": exp.id, "events": events})
 
     async def history(request: Request) -> Response:
-        run_id = request.query_params.get("run_id")
-        try:
-            check_id("run id", run_id)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        runs = [p.parent for p in lab.artifacts.glob(f"*/{run_id}/events.jsonl")]
-        if not runs:
-            return _error(404, f"no run {run_id!r}")
+        run_id = valid_id("run id", request.query_params.get("run_id"))
         try:
             limit = max(1, min(100_000, int(request.query_params.get("limit", "10000"))))
         except ValueError:
-            return _error(400, "limit must be an integer")
+            raise HTTPException(400, "limit must be an integer") from None
+        runs = [p.parent for p in lab.artifacts.glob(f"*/{run_id}/events.jsonl")]
+        if not runs:
+            raise HTTPException(404, f"no run {run_id!r}")
 
         def read() -> list[dict[str, Any]]:
             out = []
@@ -170,24 +231,14 @@ def create_app(lab: Any, token: str) -> Starlette:
         return _Json({"run_id": run_id, "events": await asyncio.to_thread(read)})
 
     async def control(request: Request) -> Response:
-        auth = request.headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or not hmac.compare_digest(auth[7:].encode(), token.encode()):
-            return _error(401, "control needs 'Authorization: Bearer <token>' (see dashboard.token)")
         action = request.path_params["action"]
         if action not in CONTROLS:
-            return _error(404, f"unknown control {action!r}; expected one of {', '.join(CONTROLS)}")
+            raise HTTPException(404, f"unknown control {action!r}; expected one of {', '.join(CONTROLS)}")
         try:
             body = orjson.loads(await request.body() or b"{}")
         except orjson.JSONDecodeError:
-            return _error(400, "the body must be JSON: {\"experiment\": \"<id>\"}")
-        exp_id = body.get("experiment") if isinstance(body, dict) else None
-        try:
-            check_id("experiment id", exp_id)
-            exp = lab.get(exp_id)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        except KeyError:
-            return _error(404, f"no experiment {exp_id!r}")
+            raise HTTPException(400, "the body must be JSON: {\"experiment\": \"<id>\"}") from None
+        exp = find(body.get("experiment") if isinstance(body, dict) else None)
         from experiments.lab import LifecycleError
 
         try:
@@ -197,7 +248,7 @@ def create_app(lab: Any, token: str) -> Starlette:
                 await asyncio.to_thread(getattr(exp, action))
                 result = None
         except LifecycleError as exc:
-            return _error(409, str(exc))
+            raise HTTPException(409, str(exc)) from None
         return _Json({"experiment": exp.id, "action": action, "status": exp.status(), "result": result})
 
     async def metrics(request: Request) -> Response:
@@ -220,12 +271,22 @@ def create_app(lab: Any, token: str) -> Starlette:
             except (RuntimeError, OSError):
                 pass
 
-    return Starlette(routes=[
-        Route("/", index), Route("/static/plotly.min.js", plotly), Route("/api/experiments", experiments),
-        Route("/api/experiments/{exp_id}", experiment), Route("/api/metrics/live", live),
-        Route("/api/metrics/history", history), Route("/api/control/{action}", control, methods=["POST"]),
-        Route("/metrics", metrics), WebSocketRoute("/ws", ws),
-    ])
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _Json({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    routes = [
+        Route("/", index), Route("/static/plotly.min.js", plotly),
+        *(Route(f"/static/{name}", static_file) for name in STATIC_TYPES),
+        Route("/api/experiments", experiments), Route("/api/experiments/{exp_id}", experiment),
+        Route("/api/metrics/live", live), Route("/api/metrics/history", history),
+        Route("/api/control/{action}", control, methods=["POST"]), Route("/metrics", metrics),
+        WebSocketRoute("/ws", ws),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error},
+                    middleware=[Middleware(Guard, hosts=hosts, port=port, token=token)])
+    app.router.redirect_slashes = False  # an unknown path is a 404, not a redirect to a guess
+    return app
 
 
 def _push(lab: Any, last_seq: dict[str, int]) -> dict[str, Any]:
@@ -254,25 +315,27 @@ class Dashboard:
 
         if port is None:
             port = int(os.environ.get("CRUCIBLE_DASH_PORT", "7878"))
-        self.token = secrets.token_urlsafe(24)
-        token_file = lab.artifacts / "dashboard.token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.token + "\n")
-        os.chmod(token_file, 0o600)
-        self.token_file = token_file
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))  # port 0: any free port; the URL says which
+        self.token = new_token()
+        self.token_file = lab.artifacts / "dashboard.token"
+        write_token_file(self.token_file, self.token)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))  # port 0: any free port; the URL says which
+        except OSError:
+            sock.close()
+            raise
         self.host, self.port = sock.getsockname()[:2]
-        self.url = f"http://{self.host}:{self.port}/"
-        config = uvicorn.Config(create_app(lab, self.token), log_level="warning", lifespan="off", ws_ping_interval=None)
+        self.url = f"http://{f'[{self.host}]' if family == socket.AF_INET6 else self.host}:{self.port}/"
+        app = create_app(lab, self.token, (host, self.host), self.port)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws_ping_interval=None)
         self.server = uvicorn.Server(config)
         self._sock = sock
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="dashboard",
                                         daemon=True)
         self._thread.start()
-        log.info("dashboard listening", url=self.url, token_file=str(token_file))
+        log.info("dashboard listening", url=self.url, token_file=str(self.token_file))
 
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True

@@ -1,0 +1,292 @@
+"""Who may talk to the dashboard: a real uvicorn server on a free port, real HTTP and WebSocket
+clients sending what a hostile page or a DNS-rebinding attack would send."""
+
+import os
+import socket
+import stat
+from urllib.parse import quote
+
+import httpx
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from dashboard.security import MAX_BODY, cookie_name
+from supervisor import Lab
+
+# tabu only, long enough to outlast the module
+SPEC = {"name": "sec", "time_budget_s": 600,
+        "workload": {"name": "coloring", "params": {"graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 3},
+                                                     "phases": ["tabu"], "tabu": {"iters_per_step": 1000}}}}
+DATA_ROUTES = ["/api/experiments", "/api/experiments/sec", "/api/metrics/live?experiment=sec",
+               "/api/metrics/history?run_id={run_id}", "/metrics"]
+DOCUMENTED = {200, 303, 400, 401, 403, 404, 405, 409, 413}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = Lab(tmp_path_factory.mktemp("dash-sec") / "art", dashboard=True, dash_port=0)
+    lab.start_experiment(SPEC)
+    yield lab
+    lab.shutdown()
+
+
+@pytest.fixture(scope="module")
+def origin(lab):
+    return f"http://127.0.0.1:{lab.dashboard.port}"
+
+
+def bare(lab, **kw):
+    """A client with no credentials and no redirects followed."""
+    return httpx.Client(base_url=lab.dashboard.url, timeout=30, follow_redirects=False, **kw)
+
+
+def bearer(lab):
+    return {"Authorization": f"Bearer {lab.dashboard.token}"}
+
+
+def routes(lab):
+    run_id = lab.get("sec").run_id
+    return [r.format(run_id=run_id) for r in DATA_ROUTES]
+
+
+def assert_still_running(lab):
+    exp = lab.get("sec")
+    assert exp.status() == "running"
+    before = exp.phase_status()["steps"]
+    with bare(lab, headers=bearer(lab)) as c:
+        assert c.get("/api/experiments").status_code == 200
+        for _ in range(100):  # the phase keeps stepping: read until the count moves (bounded)
+            if c.get("/api/experiments/sec").json()["steps"] > before:
+                return
+    raise AssertionError("the experiment stopped making progress")
+
+
+# --- Host (DNS rebinding) ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["evil.example:{port}", "evil.example", "127.0.0.1:1", "localhost",
+                                  "127.0.0.1.nip.io:{port}", "127.0.0.1.evil.example:{port}", "0.0.0.0:{port}"])
+def test_a_host_that_is_not_this_server_is_refused_everywhere(lab, host):
+    host = host.format(port=lab.dashboard.port)
+    with bare(lab, headers={**bearer(lab), "Host": host}) as c:
+        for path in ["/", "/static/app.js", "/static/plotly.min.js", *routes(lab)]:
+            r = c.get(path)
+            assert r.status_code == 400, (path, r.status_code)
+            assert "Host" in r.json()["error"]
+        r = c.post("/api/control/pause", json={"experiment": "sec"})
+        assert r.status_code == 400
+    sock = socket.create_connection((lab.dashboard.host, lab.dashboard.port), timeout=10)
+    with pytest.raises(InvalidStatus) as exc:  # the rebinding page's WebSocket: its own name in Host
+        connect(f"ws://{host}/ws", sock=sock, additional_headers=bearer(lab))
+    assert exc.value.response.status_code == 403
+    assert lab.get("sec").status() == "running"
+
+
+@pytest.mark.parametrize("name", ["127.0.0.1", "localhost", "LocalHost", "[::1]"])
+def test_the_loopback_names_with_the_port_are_served(lab, name):
+    with bare(lab, headers={**bearer(lab), "Host": f"{name}:{lab.dashboard.port}"}) as c:
+        assert c.get("/api/experiments").status_code == 200
+
+
+def test_a_request_without_a_host_is_refused(lab):
+    with socket.create_connection((lab.dashboard.host, lab.dashboard.port), timeout=10) as s:
+        s.sendall(f"GET /api/experiments HTTP/1.0\r\nAuthorization: Bearer {lab.dashboard.token}\r\n\r\n".encode())
+        head = s.recv(64)
+    assert head.startswith(b"HTTP/1.1 400")
+
+
+# --- the token ------------------------------------------------------------------------------------------------
+
+def test_reads_need_the_token_as_much_as_controls(lab):
+    paths = routes(lab)
+    with bare(lab) as c:
+        for path in paths:
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
+            assert c.get(path, headers={"Cookie": f"{cookie_name(lab.dashboard.port)}=wrong"}).status_code == 401, path
+            assert c.get(path, params={"token": lab.dashboard.token}).status_code == 401, path  # not in URLs
+        page = c.get("/")
+        assert page.status_code == 401 and "sec" not in page.text and "?token=" in page.text
+        for path in ["/static/plotly.min.js", "/static/app.js", "/static/favicon.svg"]:
+            assert c.get(path).status_code == 200, path  # the page's own files hold no data
+    with bare(lab, headers=bearer(lab)) as c:
+        for path in paths:
+            assert c.get(path).status_code == 200, path
+    with bare(lab, cookies={cookie_name(lab.dashboard.port): lab.dashboard.token}) as c:
+        for path in paths:
+            assert c.get(path).status_code == 200, path
+
+
+def test_the_first_load_trades_the_url_token_for_a_strict_http_only_cookie(lab):
+    name = cookie_name(lab.dashboard.port)
+    with bare(lab) as c:
+        wrong = c.get("/", params={"token": "wrong"})
+        assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+        r = c.get("/", params={"token": lab.dashboard.token})
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        cookie = r.headers["set-cookie"]
+        assert cookie.startswith(f"{name}={lab.dashboard.token};")
+        attrs = {a.strip().lower() for a in cookie.split(";")[1:]}
+        assert {"httponly", "samesite=strict", "path=/"} <= attrs
+        page = c.get("/")  # the client kept the cookie: the clean URL now serves the page
+        assert page.status_code == 200 and lab.dashboard.token not in page.text
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+
+
+def test_controls_take_the_cookie_but_not_from_another_origin(lab, origin):
+    cookies = {cookie_name(lab.dashboard.port): lab.dashboard.token}
+    body = {"experiment": "ghost"}  # a valid request that changes nothing: 404 once past the checks
+    with bare(lab, cookies=cookies) as c:
+        assert c.post("/api/control/stop", json=body, headers={"Origin": origin}).status_code == 404
+        for other in ["http://localhost:1", "http://evil.example", "null", f"https://127.0.0.1:{lab.dashboard.port}",
+                      f"http://localhost:{lab.dashboard.port}"]:
+            r = c.post("/api/control/stop", json={"experiment": "sec"}, headers={"Origin": other})
+            assert r.status_code == 403, other
+            assert c.get("/api/experiments", headers={"Origin": other}).status_code == 403, other
+    assert lab.get("sec").status() == "running"
+
+
+# --- the WebSocket --------------------------------------------------------------------------------------------
+
+def ws_url(lab):
+    return lab.dashboard.url.replace("http://", "ws://") + "ws"
+
+
+@pytest.mark.parametrize("origin_value", ["http://evil.example", "null", "http://localhost:1",
+                                          "http://127.0.0.1:{port}.evil.example", "file://"])
+def test_the_websocket_refuses_other_origins(lab, origin_value):
+    with pytest.raises(InvalidStatus) as exc:
+        connect(ws_url(lab), origin=origin_value.format(port=lab.dashboard.port),  # type: ignore[arg-type]
+                additional_headers=bearer(lab))
+    assert exc.value.response.status_code == 403
+
+
+def test_the_websocket_needs_the_token(lab, origin):
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Cookie": f"{cookie_name(lab.dashboard.port)}=wrong"}]:
+        with pytest.raises(InvalidStatus) as exc:
+            connect(ws_url(lab), origin=origin, additional_headers=headers)  # type: ignore[arg-type]
+        assert exc.value.response.status_code == 403
+    cookie = {"Cookie": f"{cookie_name(lab.dashboard.port)}={lab.dashboard.token}"}
+    with connect(ws_url(lab), origin=origin, additional_headers=cookie) as ws:  # type: ignore[arg-type]
+        assert orjson.loads(ws.recv(timeout=30))["experiments"][0]["id"] == "sec"
+    with connect(ws_url(lab), additional_headers=bearer(lab)) as ws:  # a script: no Origin, the bearer token
+        assert orjson.loads(ws.recv(timeout=30))["experiments"][0]["id"] == "sec"
+
+
+# --- bodies ---------------------------------------------------------------------------------------------------
+
+def test_request_bodies_are_capped(lab):
+    big = b'{"experiment": "sec", "pad": "' + b"x" * (MAX_BODY + 1) + b'"}'
+    with bare(lab, headers=bearer(lab)) as c:
+        r = c.post("/api/control/pause", content=big)
+        assert r.status_code == 413 and str(MAX_BODY) in r.json()["error"]
+
+        def chunks():  # no Content-Length: the cap holds as the body streams in
+            for _ in range(64):
+                yield b"x" * 4096
+        assert c.post("/api/control/pause", content=chunks()).status_code == 413
+        just_under = b'{"experiment": "ghost", "pad": "' + b"x" * (MAX_BODY - 40) + b'"}'
+        assert len(just_under) <= MAX_BODY
+        assert c.post("/api/control/pause", content=just_under).status_code == 404
+    assert_still_running(lab)
+
+
+# --- the token file -------------------------------------------------------------------------------------------
+
+def test_the_token_file_is_never_written_through_a_symlink(tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    os.chmod(victim, 0o644)
+    (art / "dashboard.token").symlink_to(victim)
+    lab = Lab(art, dashboard=True, dash_port=0)
+    try:
+        token_file = lab.dashboard.token_file
+        assert victim.read_text() == "keep me\n" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+        assert not token_file.is_symlink() and token_file.is_file()
+        assert stat.S_IMODE(token_file.lstat().st_mode) == 0o600
+        assert token_file.read_text() == lab.dashboard.token + "\n"
+        assert [p.name for p in art.iterdir() if p.name.startswith(".dashboard.token")] == []
+    finally:
+        lab.shutdown()
+
+
+def test_an_old_readable_token_file_is_replaced_by_a_private_one(tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    old = art / "dashboard.token"
+    old.write_text("old\n")
+    os.chmod(old, 0o644)
+    lab = Lab(art, dashboard=True, dash_port=0)
+    try:
+        assert stat.S_IMODE(old.stat().st_mode) == 0o600 and old.read_text() == lab.dashboard.token + "\n"
+    finally:
+        lab.shutdown()
+
+
+# --- fuzzing --------------------------------------------------------------------------------------------------
+
+segment = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
+ids = st.one_of(segment, st.sampled_from(["ghost", "..", "../../etc/passwd", "a" * 200, "sec-9", "%00", ""]))
+paths = st.one_of(
+    st.builds(lambda i: f"/api/experiments/{quote(i, safe='')}", ids),
+    st.builds(lambda i: f"/api/metrics/live?experiment={quote(i, safe='')}", ids),
+    st.builds(lambda i, n: f"/api/metrics/history?run_id={quote(i, safe='')}&limit={quote(n, safe='')}", ids,
+              st.one_of(st.integers(-10**20, 10**20).map(str), segment)),
+    st.builds(lambda a: f"/api/control/{quote(a, safe='')}", st.one_of(st.sampled_from(["pause", "resume",
+                                                                                       "restart", "stop"]), segment)),
+    st.lists(segment, max_size=4).map(lambda segs: "/" + "/".join(quote(s, safe="") for s in segs)),
+    st.sampled_from(["/", "/ws", "/metrics", "/static/app.js", "/static/../server.py", "/static/%2e%2e/server.py",
+                     "/?token=", "/api/experiments?experiment=sec", "/api/experiments/", "/%ff%fe",
+                     "/api/experiments/%ff", "/api/metrics/live?experiment=%ff", "/static/index.html"]),
+)
+bodies = st.one_of(
+    st.binary(max_size=256),
+    st.builds(lambda i: orjson.dumps({"experiment": i}), ids),
+    st.builds(orjson.dumps, st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | segment,
+                                         lambda kids: st.lists(kids, max_size=3)
+                                         | st.dictionaries(segment, kids, max_size=3), max_leaves=8)),
+    st.integers(MAX_BODY - 8, MAX_BODY + 8).map(lambda n: b"x" * n),
+)
+
+
+METHODS = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+
+
+def test_fuzzed_requests_get_documented_answers_and_nothing_stops(lab):
+    port, token = lab.dashboard.port, lab.dashboard.token
+    client = bare(lab)
+
+    @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+    @given(method=METHODS, path=paths, body=bodies, auth=st.sampled_from(["none", "bearer", "wrong", "cookie"]),
+           host=st.sampled_from(["own", "own", "own", "localhost", "evil"]),
+           origin=st.sampled_from([None, None, "own", "null", "http://evil.example"]))
+    def one(method, path, body, auth, host, origin):
+        headers = {"Host": {"own": f"127.0.0.1:{port}", "localhost": f"localhost:{port}", "evil": "evil.example"}[host]}
+        if auth == "bearer":
+            headers["Authorization"] = f"Bearer {token}"
+        elif auth == "wrong":
+            headers["Authorization"] = "Bearer " + token[::-1]
+        elif auth == "cookie":
+            headers["Cookie"] = f"{cookie_name(port)}={token}"
+        if origin is not None:
+            headers["Origin"] = f"http://127.0.0.1:{port}" if origin == "own" else origin
+        # never the real experiment with a valid token: the fuzz must not stop it by asking nicely
+        body = body.replace(b'"sec"', b'"ghost"')
+        client.cookies.clear()  # each request stands alone
+        r = client.request(method, path, content=body, headers=headers)
+        assert r.status_code in DOCUMENTED, (method, path, r.status_code, r.text[:200])
+        json_error = r.headers.get("content-type", "").startswith("application/json") and method != "HEAD"
+        if r.status_code >= 400 and json_error:
+            assert isinstance(r.json()["error"], str)
+        if r.status_code == 200 and path.startswith(("/api/", "/metrics")):
+            assert host != "evil" and auth in ("bearer", "cookie") and origin in (None, "own")
+
+    with client:
+        one()
+    assert_still_running(lab)
