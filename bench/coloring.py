@@ -1,4 +1,4 @@
-"""Colouring benchmark on the shared DIMACS instances (one run; the anchor in the same run).
+"""Colouring benchmark on the DIMACS instances shipped in the package (one run; the anchor in the same run).
 
 Run: ``python -m bench.coloring [--instances DSJC125.5,DSJC250.5,...] [--limit-scale 1.0]``.
 
@@ -19,12 +19,12 @@ import numpy as np
 
 from actors.log import configure_logging
 from actors.runtime import freeze_startup_heap
+from experiments.coloring.catalog import instance_path
 from experiments.coloring.graph import read_dimacs
 from experiments.coloring.verify import check_coloring
 from experiments.coloring.workload import ColoringWorkload
 from kernels.coloring import build_gamma, seed_rng, tabucol
 
-DIMACS = Path(__file__).resolve().parents[2] / "shared" / "dimacs"
 TARGETS = {  # instance: (target colours, time limit s) from the issue
     "DSJC125.5": (17, 2), "DSJC250.5": (28, 60), "le450_15c": (15, 300), "DSJC500.5": (49, 600),
     "DSJC1000.5": (89, 1800),
@@ -64,7 +64,7 @@ def networkx_dsatur(path: Path) -> tuple[int, float]:
 
 
 def tabucol_rate(seconds: float = 3.0) -> float:
-    g = read_dimacs(DIMACS / "DSJC250.5.col")
+    g = read_dimacs(instance_path("DSJC250.5"))
     k = 27  # below the best known: the search never stops early
     seed_rng(1)
     colors = np.random.default_rng(0).integers(0, k, g.n).astype(np.int32)
@@ -92,7 +92,7 @@ def main() -> None:
     for name in args.instances.split(","):
         target, limit = TARGETS.get(name, (1, 60))
         limit *= args.limit_scale
-        path = DIMACS / f"{name}.col"
+        path = instance_path(name)
         nk, nt = networkx_dsatur(path)
         k, tbest, proper = solve(path, target, limit, args.seed)
         met = proper and k <= target and tbest <= limit

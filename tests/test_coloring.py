@@ -1,11 +1,11 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from experiments.coloring.catalog import instance_path
 from experiments.coloring.graph import GraphError, from_edges, gnp, planted, read_dimacs
 from experiments.coloring.init import STRATEGIES, initial_coloring
 from experiments.coloring.verify import check_coloring
@@ -23,15 +23,12 @@ from kernels.coloring import (
 )
 from kernels.replicas_xp import build_gamma_xp, conflicts_xp, dense_adjacency, sweep_xp
 
-DIMACS = Path(__file__).resolve().parents[2] / "shared" / "dimacs"
-
-
 # --- graphs ----------------------------------------------------------------------------------------
 
-def test_reads_the_shared_instances():
-    q = read_dimacs(DIMACS / "queen8_8.col")
+def test_reads_the_shipped_instances():
+    q = read_dimacs(instance_path("queen8_8"))
     assert (q.n, q.m, q.meta["edge_lines"]) == (64, 728, 1456)  # every edge listed twice, de-duplicated
-    g = read_dimacs(DIMACS / "DSJC125.5.col")
+    g = read_dimacs(instance_path("DSJC125.5"))
     assert (g.n, g.m) == (125, 3891)
     assert all((np.diff(g.neighbors(v)) > 0).all() for v in range(g.n))  # sorted, unique
 
@@ -211,7 +208,7 @@ def test_cpu_can_be_requested():
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_initial_strategy_is_proper(strategy):
-    g = read_dimacs(DIMACS / "DSJC125.5.col")
+    g = read_dimacs(instance_path("DSJC125.5"))
     c = initial_coloring(g, strategy, seed=3)
     assert check_coloring(g, c)["proper"]
     assert c.max() + 1 <= 30
@@ -243,7 +240,7 @@ def run_workload(params, steps=10_000, seed=1):
 
 
 def test_pipeline_reaches_a_proper_k_and_records_the_plan_fields():
-    w, em = run_workload({"graph": {"file": str(DIMACS / "DSJC125.5.col")}, "target": 18,
+    w, em = run_workload({"graph": {"file": str(instance_path("DSJC125.5"))}, "target": 18,
                           "phases": ["thermo", "tabu", "memetic"], "thermo": {"max_steps": 5}})
     assert w.best_k <= 18
     assert check_coloring(w.g, w.best)["proper"] and check_coloring(w.g, w.best)["k"] == w.best_k
