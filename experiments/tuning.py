@@ -21,6 +21,7 @@ from actors.log import get_logger
 from actors.recorder import summary_best
 from experiments.lab import Lab
 from experiments.spec import load_spec
+from experiments.validate import SECONDS, SEED, Num
 from experiments.workloads import registry as workload_registry
 from telemetry import stats
 from telemetry.jsonl import iter_run
@@ -61,19 +62,50 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     return d
 
 
+TRIALS = Num(1, 10_000, integer=True)
+RUNS = Num(2, 1000, integer=True)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A run's JSON record, or None (with a warning) when it is missing, unreadable or not a table."""
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        log.warning("run record unreadable; ignoring it", file=str(path), error=str(exc))
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def run_objective(run_dir: Path, field: str) -> float | None:
     """The best (lowest) value of ``field`` over the run's phases, from its summary."""
-    p = run_dir / "summary.json"
-    if not p.exists():
+    summary = _read_json(run_dir / "summary.json")
+    if summary is None:
         return None
-    return summary_best(orjson.loads(p.read_bytes()), field)
+    try:
+        best = summary_best(summary, field)
+    except (AttributeError, TypeError):  # a summary of another shape
+        return None
+    return best if best is None or math.isfinite(best) else None
 
 
 def seconds_to_best(run_dir: Path) -> float | None:
-    cp = run_dir / "checkpoint.json"
-    if not cp.exists():
+    workload = (_read_json(run_dir / "checkpoint.json") or {}).get("workload")
+    v = workload.get("seconds_to_best") if isinstance(workload, dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _prior_params(spec: dict[str, Any] | None, wl: str, space: dict[str, tuple[float, float, str]]
+                  ) -> dict[str, Any] | None:
+    """A prior run's starting parameters inside the search space, or None (a reason logged)."""
+    workload = (spec or {}).get("workload")
+    if not isinstance(workload, dict) or workload.get("name") != wl or not isinstance(workload.get("params"), dict):
         return None
-    return (orjson.loads(cp.read_bytes()).get("workload") or {}).get("seconds_to_best")
+    params = {name: _get(workload["params"], name) for name in space}
+    if any(Num(space[k][0], space[k][1]).problem(v) for k, v in params.items()):
+        return None
+    return {k: (int(v) if space[k][2] != "float" else float(v)) for k, v in params.items()}
 
 
 def tune(spec: str | Path | dict[str, Any], trials: int, artifacts: str | Path, *,
@@ -83,6 +115,10 @@ def tune(spec: str | Path | dict[str, Any], trials: int, artifacts: str | Path, 
     """Run ``trials`` experiments proposed by TPE (after learning from ``seed_from``); return the study."""
     import optuna
 
+    TRIALS.check("trials", trials)
+    SEED.check("seed", seed)
+    if budget is not None:
+        SECONDS.check("budget", budget)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_spec(spec, overrides, workload_registry())
     wl = base["workload"]["name"]
@@ -94,21 +130,15 @@ def tune(spec: str | Path | dict[str, Any], trials: int, artifacts: str | Path, 
     seeded = 0
     for rd in seed_from:
         rd = Path(rd)
-        spec_file = rd / "spec.json"
         value = run_objective(rd, objective)
-        if not spec_file.exists() or value is None:
-            log.warning("skipping a prior run without spec or summary", run_dir=str(rd))
+        prior = _read_json(rd / "spec.json")
+        if prior is None or value is None:
+            log.warning("skipping a prior run without a readable spec or summary", run_dir=str(rd))
             continue
-        prior = orjson.loads(spec_file.read_bytes())
-        if prior["workload"]["name"] != wl:
-            log.warning("skipping a prior run of another workload", run_dir=str(rd))
+        params = _prior_params(prior, wl, space)
+        if params is None:
+            log.warning("skipping a prior run of another workload or outside the search space", run_dir=str(rd))
             continue
-        params = {name: _get(prior["workload"]["params"], name) for name in space}
-        if any(v is None for v in params.values()) or not all(
-                space[k][0] <= v <= space[k][1] for k, v in params.items()):
-            log.warning("skipping a prior run outside the search space", run_dir=str(rd))
-            continue
-        params = {k: (int(v) if space[k][2] != "float" else float(v)) for k, v in params.items()}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(value)))
         seeded += 1
     results = []
@@ -160,8 +190,11 @@ def ab(spec: str | Path | dict[str, Any], runs: int, artifacts: str | Path, *, b
        target: float | None = None, overrides: list[str] | None = None,
        on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """N seeds with hypertune on, N with it off (interleaved), same budget; compare the arms."""
-    if runs < 2:
-        raise ValueError("the A/B needs --runs >= 2 per arm")
+    RUNS.check("the A/B's runs per arm", runs)
+    if budget is not None:
+        SECONDS.check("budget", budget)
+    if target is not None:
+        Num().check("target", target)
     base = load_spec(spec, overrides, workload_registry())
     budget = float(budget if budget is not None else base["time_budget_s"])
     rows: list[dict[str, Any]] = []

@@ -7,7 +7,7 @@ from scipy import stats as st
 from actors import Actor, Registry
 from actors.hypertune import Hypertune, Policy, instance_family
 from actors.messages import decode, encode
-from experiments.tuning import SEARCH_SPACES, ab_report, tune
+from experiments.tuning import SEARCH_SPACES, ab, ab_report, tune
 from supervisor import Lab
 from telemetry.jsonl import iter_run
 from telemetry.schema import rows_to_batch
@@ -326,3 +326,42 @@ def test_an_unreadable_state_is_ignored_and_an_unwritable_one_never_stops_the_ac
         ht.ask({"kind": "get"})
     finally:
         ht.stop()  # terminate() saves: a warning, not a crash
+
+
+def test_prior_runs_with_unreadable_records_are_skipped(tmp_path):
+    from experiments.tuning import _prior_params, run_objective, seconds_to_best
+
+    space = SEARCH_SPACES["latency"]
+    rd = tmp_path / "run"
+    rd.mkdir()
+    for text in ("{not json", "[1, 2]", '{"phases": 3}', '{"phases": {"a": {"best": {"latency_ms": "x"}}}}'):
+        (rd / "summary.json").write_text(text)
+        assert run_objective(rd, "latency_ms") is None
+    (rd / "summary.json").write_bytes(b"\xff")
+    assert run_objective(rd, "latency_ms") is None
+    for text in ("{", '{"workload": 3}', '{"workload": {"seconds_to_best": "soon"}}', "[]"):
+        (rd / "checkpoint.json").write_text(text)
+        assert seconds_to_best(rd) is None
+    ok = {"workload": {"name": "latency", "params": {"calls_per_step": 20}}}
+    assert _prior_params(ok, "latency", space) == {"calls_per_step": 20}
+    for bad in (None, {}, {"workload": []}, {"workload": {"name": "coloring", "params": {}}},
+                {"workload": {"name": "latency", "params": {"calls_per_step": "20"}}},
+                {"workload": {"name": "latency", "params": {"calls_per_step": float("nan")}}},
+                {"workload": {"name": "latency", "params": {"calls_per_step": 10**6}}},
+                {"workload": {"name": "latency", "params": []}}):
+        assert _prior_params(bad, "latency", space) is None
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda art: tune("experiments/latency.toml", 0, art), "trials must be >= 1"),
+    (lambda art: tune("experiments/latency.toml", 2, art, budget=float("nan")), "budget must be a finite number"),
+    (lambda art: tune("experiments/latency.toml", 2, art, seed=-1), "seed must be >= 0"),
+    (lambda art: ab("experiments/latency.toml", 1, art), "runs per arm"),
+    (lambda art: ab("experiments/latency.toml", 2, art, budget=-1.0),
+     "budget must be >= 0.001"),
+    (lambda art: ab("experiments/latency.toml", 2, art, target=float("inf")), "target must be a finite number"),
+])
+def test_tune_and_ab_refuse_bad_numbers_before_running_anything(tmp_path, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tmp_path / "art")
+    assert not (tmp_path / "art").exists()

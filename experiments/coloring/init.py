@@ -11,9 +11,12 @@ from typing import Any
 import numpy as np
 
 from experiments.coloring.graph import Graph
+from experiments.validate import Num
 from kernels.coloring import dsatur, greedy_color
 
 STRATEGIES = ("greedy", "dsatur", "spectral", "community", "multistart")
+TRIES = Num(1, 100_000, integer=True)
+"""``init.tries``: the greedy orders multistart draws."""
 
 
 def greedy_lf(g: Graph, seed: int = 0) -> np.ndarray:
@@ -64,6 +67,7 @@ def community(g: Graph, seed: int = 0) -> np.ndarray:
 
 def multistart(g: Graph, seed: int = 0, tries: int = 64) -> np.ndarray:
     """The best of ``tries`` greedy colourings in random orders (biased towards high degree)."""
+    TRIES.check("init.tries", tries)
     rng = np.random.default_rng(seed)
     best = greedy_lf(g)
     deg = g.degrees().astype(np.float64)
@@ -79,6 +83,19 @@ INIT: dict[str, Callable[..., np.ndarray]] = {
     "greedy": greedy_lf, "dsatur": dsatur_init, "spectral": spectral, "community": community,
     "multistart": multistart,
 }
+
+
+def check_init(init: Any) -> dict[str, Any]:
+    """Validate the ``init`` table (``strategy``, ``tries``); ValueError naming the key."""
+    if not isinstance(init, dict):
+        raise ValueError(f"init must be a table, got {init!r}")
+    unknown = sorted(set(init) - {"strategy", "tries"})
+    if unknown:
+        raise ValueError(f"unknown init key(s) {', '.join(unknown)}; known: strategy, tries")
+    if init.get("strategy", "dsatur") not in STRATEGIES:
+        raise ValueError(f"init.strategy must be one of {', '.join(STRATEGIES)}, got {init.get('strategy')!r}")
+    TRIES.check("init.tries", init.get("tries", 64))
+    return init
 
 
 def initial_coloring(g: Graph, strategy: str, seed: int = 0, **kw: Any) -> np.ndarray:

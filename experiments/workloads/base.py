@@ -20,7 +20,12 @@ class Workload(Protocol):
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        """Validate the spec's ``workload.params``; return them with defaults filled in."""
+        """Validate the spec's ``workload.params``; return them with defaults filled in.
+
+        Raise ``ValueError`` naming the key for anything out of place. Check every number
+        with the validation kit (``experiments.validate.Num``: finite, in a documented range),
+        never with a bare ``v < lo``, which lets NaN through.
+        """
         ...
 
     def start(self, emitter: Emitter) -> None: ...

@@ -17,11 +17,15 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from experiments.validate import Num
 from telemetry.emitter import Emitter
 
 PASSED_THROUGH = ("cost_usd", "tokens_prompt", "tokens_completion")
 DEFAULTS: dict[str, Any] = {"target": "experiments.workloads.latency:checksum_work", "calls": 0,
                             "calls_per_step": 20, "timeout_s": 10.0, "args": [], "kwargs": {}}
+RANGES = {"calls": Num(0, 10**12, integer=True), "calls_per_step": Num(1, 100_000, integer=True),
+          "timeout_s": Num(0.001, 3600)}
+"""The documented range of each numeric parameter (0 calls = until the time budget)."""
 
 
 def checksum_work(size: int = 262_144) -> dict[str, Any]:
@@ -65,11 +69,8 @@ class LatencyWorkload:
             raise ValueError(f"target must be a string, got {p['target']!r}")
         if not p["target"].startswith(("http://", "https://")):
             resolve(p["target"])
-        for k in ("calls", "calls_per_step"):
-            if isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < (1 if k == "calls_per_step" else 0):
-                raise ValueError(f"{k} must be an integer >= {1 if k == 'calls_per_step' else 0}, got {p[k]!r}")
-        if isinstance(p["timeout_s"], bool) or not isinstance(p["timeout_s"], (int, float)) or p["timeout_s"] <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {p['timeout_s']!r}")
+        for k, rule in RANGES.items():
+            rule.check(k, p[k])
         if not isinstance(p["args"], list) or not isinstance(p["kwargs"], dict):
             raise ValueError("args must be a list and kwargs a table")
         return p
