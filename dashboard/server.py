@@ -133,12 +133,16 @@ def passes(starts: list[dict[str, Any]], ends: list[dict[str, Any]]) -> list[dic
     """Pass boundaries from ``phase_start`` and ``pass_end`` events: per pass, when it started
     (its first phase), when it ended and at what colour count, oldest first."""
     out: dict[int, dict[str, Any]] = {}
+
+    def entry(n: int) -> dict[str, Any]:
+        return out.setdefault(n, {"pass": n, "start_ts": None, "why": None, "end_ts": None, "best": None})
+
     for e in starts:
-        p = out.setdefault(e["pass"], {"pass": e["pass"], "start_ts": None, "end_ts": None, "best": None})
+        p = entry(e["pass"])
         if p["start_ts"] is None or e["ts"] < p["start_ts"]:
             p["start_ts"], p["why"] = e["ts"], e.get("notes")
     for e in ends:
-        p = out.setdefault(e["pass"], {"pass": e["pass"], "start_ts": None, "end_ts": None, "best": None})
+        p = entry(e["pass"])
         p["end_ts"], p["best"] = e["ts"], (e.get("values") or {}).get("chromatic_number")
     return [out[k] for k in sorted(out)]
 

@@ -69,6 +69,17 @@ def test_api_status_codes_auth_and_validation(lab):
     assert js.status_code == 200 and len(js.content) > 1_000_000  # served from the plotly package
 
 
+def test_passes_are_read_from_phase_starts_and_pass_ends():
+    from dashboard.server import passes
+
+    starts = [{"pass": 1, "ts": 50, "notes": "pass 1 (restart requested)"},
+              {"pass": 0, "ts": 10, "notes": "after init"}, {"pass": 0, "ts": 30, "notes": "after tabu"}]
+    ends = [{"pass": 0, "ts": 40, "values": {"chromatic_number": 17.0}}]
+    assert passes(starts, ends) == [
+        {"pass": 0, "start_ts": 10, "why": "after init", "end_ts": 40, "best": 17.0},
+        {"pass": 1, "start_ts": 50, "why": "pass 1 (restart requested)", "end_ts": None, "best": None}]
+
+
 def test_websocket_pushes_events_of_a_live_experiment(lab):
     from websockets.sync.client import connect
 
