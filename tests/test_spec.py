@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from experiments.spec import SpecError, load_spec, parse_override
@@ -58,3 +60,87 @@ def test_overrides_are_typed_and_validated(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="cannot read the spec"):
         load_spec(tmp_path / "absent.toml")
+
+
+# --- every number is finite and in its documented range -----------------------------------------------
+
+def _number_keys(schema=None, prefix=""):
+    """Every key of the schema whose rule is a numeric range of the validation kit."""
+    from experiments.spec import SCHEMA
+    from experiments.validate import Num
+
+    schema = SCHEMA if schema is None else schema
+    out = []
+    for k, rule in schema.items():
+        if isinstance(rule, dict):
+            out += _number_keys(rule, f"{prefix}{k}.")
+        elif isinstance(getattr(rule, "__self__", None), Num):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def test_the_number_keys_are_found():
+    keys = _number_keys()
+    assert {"seed", "time_budget_s", "telemetry.flush_interval_s", "metrics.compression", "anomaly.window",
+            "hypertune.window_s", "supervision.max_restarts"} <= set(keys)
+
+
+@pytest.mark.parametrize("key", _number_keys())
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "9223372036854775808", "99999999999999999999", "-1e308"])
+def test_no_number_key_takes_nan_infinity_or_an_overflow(tmp_path, key, value):
+    p = write(tmp_path, 'name = "a"\n')
+    with pytest.raises(SpecError, match=re.escape(key) + ": must "):
+        load_spec(p, [f"{key}={value}"], workloads=registry())
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("metadata.x=nan", r"metadata\.x: must be a finite number, got nan"),
+    ("metadata.deep={a=[1, inf]}", r"metadata\.deep\.a\[1\]: must be a finite number, got inf"),
+    ("metadata.big=18446744073709551616", r"metadata\.big: must fit in 64 bits"),
+    ("sampling.config={rate=nan}", r"sampling\.config\.rate: must be a finite number"),
+    ("anomaly.threshold=nan", r"anomaly\.threshold: must be a finite number in \(0, 1_000_000\] or a table"),
+    ("anomaly.threshold={z_score=inf}", r"anomaly\.threshold: must map methods"),
+    ("metrics.windows_s=[60, nan]", r"metrics\.windows_s: must be a list of 1 to 32 window lengths"),
+    ("workload.params.args=[nan]", r"workload\.params\.args\[0\]: must be a finite number"),
+    ("workload.params.calls_per_step=1000000000", r"workload\.params: calls_per_step must be <= 100_000"),
+    ("workload.params.timeout_s=0", r"workload\.params: timeout_s must be >= 0\.001"),
+    ("workload.params.calls=-3", r"workload\.params: calls must be >= 0"),
+])
+def test_numbers_inside_free_tables_and_workload_params(tmp_path, override, match):
+    with pytest.raises(SpecError, match=match):
+        load_spec(write(tmp_path, 'name = "a"\n'), [override], workloads=registry())
+
+
+def test_the_same_numbers_are_refused_in_the_file_itself(tmp_path):
+    with pytest.raises(SpecError, match=r"x\.toml: time_budget_s: must be a finite number in \[0\.001, 31_536_000\], "
+                                        r"got nan"):
+        load_spec(write(tmp_path, 'name = "a"\ntime_budget_s = nan\n'))
+    with pytest.raises(SpecError, match=r"x\.toml: metadata\.n: must be a finite number, got -inf"):
+        load_spec(write(tmp_path, 'name = "a"\n[metadata]\nn = -inf\n'))
+
+
+def test_unreadable_spec_files(tmp_path):
+    p = tmp_path / "x.toml"
+    p.write_bytes(b'name = "\xff"\n')
+    with pytest.raises(SpecError, match=r"x\.toml: the spec is not UTF-8 text \(byte 0xff at offset 8\)"):
+        load_spec(p)
+    p.write_bytes(b"# " + b"x" * (1 << 20) + b"\n")
+    with pytest.raises(SpecError, match="larger than 1,048,576 bytes"):
+        load_spec(p)
+    with pytest.raises(SpecError, match="cannot read the spec"):
+        load_spec(tmp_path)
+
+
+def test_init_table_check():
+    from experiments.coloring.graph import gnp
+    from experiments.coloring.init import check_init, multistart
+
+    assert check_init({"strategy": "multistart", "tries": 8}) == {"strategy": "multistart", "tries": 8}
+    for bad, match in (({"tries": 0}, "init.tries must be >= 1"), ({"tries": 10**12}, "init.tries must be <="),
+                       ({"tries": float("nan")}, "init.tries must be an integer"),
+                       ({"strategy": "psychic"}, "init.strategy must be one of"), ({"x": 1}, "unknown init key"),
+                       ("dsatur", "init must be a table")):
+        with pytest.raises(ValueError, match=match):
+            check_init(bad)
+    with pytest.raises(ValueError, match=r"init\.tries"):
+        multistart(gnp(10, 0.5), tries=-1)
