@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.base import Actor
+from actors.consumer import EventConsumer
 from actors.log import get_logger
 from actors.messages import encode
 from actors.topics import Topics
@@ -91,7 +91,7 @@ class _FieldState:
         self.seen = min(w, self.seen + x.size)
 
 
-class AnomalyDetection(Actor):
+class AnomalyDetection(EventConsumer):
     """Scores every event batch; see the module docs."""
 
     def __init__(
@@ -207,7 +207,7 @@ class AnomalyDetection(Actor):
             self._since_fit = 0
         return scores
 
-    def handle_events(self, msg: dict[str, Any]) -> None:
+    def on_events(self, msg: dict[str, Any]) -> None:
         n = int(msg["n"])
         if n == 0:
             return
@@ -316,10 +316,10 @@ class AnomalyDetection(Actor):
     def handle_anomaly_metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"total": self.total, "events": self.events, "rate": self.total / self.events if self.events else 0.0,
                 "by_type": dict(self.by_method), "by_field": dict(self.by_field),
-                "periods": [dict(p) for p in self.periods]}
+                "periods": [dict(p) for p in self.periods], "bad_batches": self.bad_batches}
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
-        if self.downstream is not None:
+        if self.counters_ok(msg) and self.downstream is not None:
             self.downstream.tell_bytes(encode(msg))
 
     def terminate(self, reason: str) -> None:

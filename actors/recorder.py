@@ -1,41 +1,82 @@
 """The Recorder actor: persists event batches to JSONL + SQLite, keeps a live ring and index.
 
 Files: ``<artifacts>/<experiment>/<run_id>/events.jsonl`` (size-based rotation) and the
-shared history database ``<artifacts>/history.sqlite3`` (WAL, one transaction per batch).
-Every batch is written and flushed before the next message; files are fsynced at least
-every ``fsync_interval`` seconds and on stop. An event is *acknowledged* once it is
-counted in ``persisted`` (what ``flush`` and ``summary`` answer).
+shared history database ``<artifacts>/history.sqlite3`` (WAL, one transaction per
+``commit_every`` batches, 1 by default). Every batch is written to the JSONL and flushed,
+then inserted into the history; when the transaction commits its events count as
+*persisted* (what ``flush`` and ``summary`` answer: acknowledged). Files are fsynced at
+least every ``fsync_interval`` seconds and on stop.
 
 A restarted Recorder reopens the same run: it cuts a torn last line, takes the last ``seq``
 on disk so that nothing is written twice, back-fills SQLite from the JSONL if a crash left
-it behind, and rebuilds its summary figures from the files. Events whose ``seq`` never
-arrived (lost with a crashed Recorder's message in flight) are counted as
-``events_lost_in_transit``; ``emitted = persisted + dropped`` holds with
-``dropped = overflow drops + lost in transit + sampled out``.
+it behind, and rebuilds its summary figures from the files.
+
+Storage failure (a full disk, say): the failed batch and any uncommitted ones are rolled
+back from both stores (the JSONL is cut back to the last commit), so the files hold
+exactly the persisted events; the Recorder stops writing, counts what still arrives as
+``events_dropped_storage``, writes its summary (into space it reserved at start) and asks
+``on_storage_failure`` to stop the run with reason ``storage: <error>``.
+
+Accounting: every emitted event is persisted, dropped or sampled out (or, mid-run, still
+held by a reservoir sampler)::
+
+    emitted = persisted + dropped + sampled_out + held
+    dropped = overflow drops + lost in transit + storage drops
+
+``events_lost_in_transit`` is what was published and never arrived (a batch lost with a
+crashed Recorder, or refused as malformed on the way). The summary's ``events_dropped``
+keeps its older meaning, everything not persisted (``dropped + sampled_out``); the
+``accounting`` block gives the identity above term by term.
+
+Queries (``query_window``, ``windowed_metrics``, ``recent``) never crash the Recorder: a
+bad or oversized query is answered with :func:`telemetry.query.query_error`, which
+:func:`telemetry.query.query_answer` raises in the asker, and the limits of
+:mod:`telemetry.query` bound the work one query may do.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from actors.base import Actor
+from actors.consumer import EventConsumer
 from actors.log import get_logger
 from actors.messages import encode
 from kernels.jsonl import format_batch
-from telemetry.index import LiveIndex
+from telemetry.index import IndexIncomplete, LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
-from telemetry.schema import SCHEMA_VERSION, batch_rows, check_id, full_event, rows_to_batch, select_rows
+from telemetry.query import QueryError, query_error
+from telemetry.schema import (
+    SCHEMA_VERSION,
+    batch_rows,
+    check_id,
+    check_sampling_figures,
+    full_event,
+    rows_to_batch,
+    select_rows,
+)
 from telemetry.store import DB_NAME, HistoryStore
 
 log = get_logger("actors.recorder")
+
+RESERVE_NAME = "recorder.reserve"
+RESERVE_BYTES = 256 << 10
+RESERVE_TAIL = 64 << 10
+"""Disk space the Recorder holds back from the start of a run (``RESERVE_BYTES``): on a storage
+failure it frees all but ``RESERVE_TAIL`` for its final summary and state, and the tail when it
+stops, after the history is closed (closing may checkpoint the WAL into whatever is free), for
+the writes that follow (the phase's checkpoint, the Lab's lifecycle record)."""
+_STORAGE_ERRORS = (OSError, sqlite3.Error)
+_NEVER = 1 << 62
 
 
 class ArtifactsError(RuntimeError):
@@ -67,7 +108,7 @@ class _PhaseStats:
         self.last: dict[str, float] = {}
 
 
-class Recorder(Actor):
+class Recorder(EventConsumer):
     """Persists one experiment run; answers live queries. See the module docs."""
 
     def __init__(
@@ -83,6 +124,8 @@ class Recorder(Actor):
         maximize: tuple[str, ...] | list[str] = (),
         summary_interval: float = 5.0,
         commit_every: int = 1,
+        on_storage_failure: Any = None,
+        reserve_bytes: int = RESERVE_BYTES,
     ) -> None:
         super().__init__()
         self.experiment_id = check_id("experiment id", experiment_id)
@@ -91,10 +134,12 @@ class Recorder(Actor):
         self.run_dir = self.artifacts / experiment_id / run_id
         self.fsync_interval = fsync_interval
         self.summary_interval = summary_interval
-        self.commit_every = commit_every
-        self._uncommitted = 0
+        self.commit_every = max(1, commit_every)
+        self.rotate_bytes = rotate_bytes
+        self.on_storage_failure = on_storage_failure  # anything with tell_bytes(): told to stop the run
         self.maximize = set(maximize)
         self.jsonl = JsonlWriter(self.run_dir, rotate_bytes)
+        self.jsonl.rotate_bytes = _NEVER  # the Recorder rotates, at commit points (see _commit)
         self.store = HistoryStore(self.artifacts / DB_NAME)
         self.ring_size = ring_size
         self._ring: deque[dict[str, Any]] = deque()  # recent batches, expanded to rows on demand
@@ -107,12 +152,18 @@ class Recorder(Actor):
         self.received = 0
         self.sampled_out = 0
         self.held = 0
-        self.bad_batches = 0
+        self.storage_dropped = 0
+        self.storage_error: str | None = None
         self.started_ts: int | None = None
+        self._pending: list[dict[str, Any]] = []  # written to both stores, not yet committed
         self._fsync_timer: threading.Timer | None = None
         self._last_summary = 0.0
         self.last_seq = self.jsonl.last_seq
+        self._reserve = self.run_dir / RESERVE_NAME
+        self._reserve_bytes = reserve_bytes
         self.incarnation = self._recover()
+        self._mark = (self.jsonl.size, self.last_seq)  # the JSONL end and last seq at the last commit
+        self._make_reserve()
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -128,19 +179,27 @@ class Recorder(Actor):
         self.counters = dict(state.get("counters", {}))
         self.restarts = dict(state.get("restarts", {}))
         self.sampled_out = int(state.get("sampled_out", 0))
+        self.storage_dropped = int(state.get("storage_dropped", 0))
+        self.storage_error = state.get("storage_error")
         if self.last_seq >= 0:
             db_max = self.store.max_seq(self.run_id)
             chunk: list[dict[str, Any]] = []
-            for ev in iter_run(self.run_dir):
-                chunk.append(ev)
-                if len(chunk) >= 50_000:
-                    self._absorb_recovered(chunk, db_max)
-                    chunk = []
-            self._absorb_recovered(chunk, db_max)
-            self.received = self.persisted
+            try:
+                for ev in iter_run(self.run_dir):
+                    chunk.append(ev)
+                    if len(chunk) >= 50_000:
+                        self._absorb_recovered(chunk, db_max)
+                        chunk = []
+                self._absorb_recovered(chunk, db_max)
+            except _STORAGE_ERRORS as exc:  # the back-fill needs room too
+                self.store.rollback()
+                self.storage_error = f"storage: {exc}"
+                log.error("history back-fill failed; recording stops", run_id=self.run_id, error=str(exc))
+            self.received = self.persisted + self.storage_dropped
             log.info("recorder resumed run", run_id=self.run_id, persisted=self.persisted,
                      last_seq=self.last_seq, incarnation=incarnation)
-        self._write_state(incarnation)
+        self._incarnation = incarnation
+        self._save_state()
         return incarnation
 
     def _absorb_recovered(self, rows: list[dict[str, Any]], db_max: int) -> None:
@@ -149,56 +208,125 @@ class Recorder(Actor):
         missing = [r for r in rows if r["seq"] > db_max]
         for i in range(0, len(missing), 1024):
             part = missing[i:i + 1024]
-            self._store_batch(rows_to_batch(part, self.experiment_id, self.run_id))
-        self.persisted += len(rows)
-        by_run = rows_to_batch(rows, self.experiment_id, self.run_id)
-        self._ring_push(by_run)
-        self.index.append_batch(by_run)
-        self._update_stats(by_run)
-        if self.started_ts is None:
-            self.started_ts = rows[0]["ts"]
-
-    def _write_state(self, incarnation: int | None = None) -> None:
-        if incarnation is not None:
-            self._incarnation = incarnation
-        state = {"incarnation": self._incarnation, "counters": self.counters, "restarts": self.restarts,
-                 "sampled_out": self.sampled_out}
-        _atomic_write(self.run_dir / "recorder.json", orjson.dumps(state))
+            self._insert(rows_to_batch(part, self.experiment_id, self.run_id))
+        self.store.commit()
+        self._apply(rows_to_batch(rows, self.experiment_id, self.run_id))
 
     # --- persisting --------------------------------------------------------------------------------
 
-    def handle_events(self, msg: dict[str, Any]) -> None:
-        try:
-            seq = msg["seq"]
-            n = int(msg["n"])
-            if len(seq) != n or len(msg["ts"]) != n:
-                raise ValueError("column lengths differ from n")
-        except (KeyError, TypeError, ValueError) as exc:
-            self.bad_batches += 1
-            log.warning("malformed events batch dropped", run_id=self.run_id, error=str(exc))
-            return
+    def on_events(self, msg: dict[str, Any]) -> None:
         self._take_counters(msg)
         if "sampling" in msg:
-            self.handle_sampling(msg["sampling"])
-        keep = None
-        if n and int(seq[0]) <= self.last_seq:
-            keep = seq > self.last_seq  # a replay after a restart: skip what is on disk
-            if not keep.any():
-                return
-        b = msg if keep is None else select_rows(msg, keep)
+            self._take_sampling(msg["sampling"])
+        b = msg
+        seq = msg["seq"]
+        if msg["n"] and int(seq[0]) <= self.last_seq:
+            b = select_rows(msg, seq > self.last_seq)  # a replay after a restart: skip what is on disk
+        m = int(b["n"])
+        if m == 0:
+            return  # everything sampled out (the figures came along), or all replayed
+        self.received += m
+        if self.storage_error is not None:
+            self.storage_dropped += m  # the run is stopping: counted, never half-written
+            return
+        try:
+            self._write(b)
+        except _STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            return
+        self._schedule_fsync()
+
+    def _write(self, b: dict[str, Any]) -> None:
+        """Append the batch to the JSONL and the history; commit every ``commit_every`` batches."""
         self.jsonl.write(format_batch(b))
         self.jsonl.flush()
-        self._store_batch(b)
-        m = int(b["n"])
         self.last_seq = int(b["seq"][-1])
-        self.persisted += m
-        self.received += m
+        self._insert(b)
+        self._pending.append(b)
+        if len(self._pending) >= self.commit_every or self.jsonl.size >= self.rotate_bytes:
+            self._commit()
+
+    def _insert(self, b: dict[str, Any]) -> None:
+        seq, ts = b["seq"], b["ts"]
+        self.store.insert_batch(self.experiment_id, self.run_id, [int(seq[0]), int(seq[-1])],
+                                int(ts.min()), int(ts.max()), encode(_wire_fields(b)), n=int(b["n"]))
+
+    def _commit(self) -> None:
+        """End the history transaction; only then do its batches count as persisted.
+
+        Rotation happens here, after a commit, so that everything not yet committed is
+        always at the end of the active JSONL file, where a failed write can cut it off.
+        """
+        self.store.commit()
+        pending, self._pending = self._pending, []
+        for b in pending:
+            self._apply(b)
+        self._mark = (self.jsonl.size, self.last_seq)
+        if self.jsonl.size >= self.rotate_bytes:
+            self.jsonl.rotate()
+            self._mark = (0, self.last_seq)
+
+    def _apply(self, b: dict[str, Any]) -> None:
+        """Count a committed batch: figures, live ring, index, phase statistics."""
+        self.persisted += int(b["n"])
         self._ring_push(b)
         self.index.append_batch(b)
         self._update_stats(b)
         if self.started_ts is None:
             self.started_ts = int(b["ts"][0])
-        self._schedule_fsync()
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        """A write failed (a full disk, a lost volume): make the disk agree, then stop the run.
+
+        The open history transaction is rolled back and the JSONL cut back to the last
+        commit, so both stores hold exactly the ``persisted`` events; what was received and
+        not persisted is counted in ``storage_dropped``. Later batches are counted, not
+        written. The reserve file is shrunk so that the final summary fits, and the
+        ``on_storage_failure`` target is told to stop the run with reason ``storage: <error>``.
+        """
+        first = self.storage_error is None
+        if first:
+            self.storage_error = f"storage: {exc}"
+        self._pending = []
+        self.storage_dropped = self.received - self.persisted  # received, and not committed: rolled back
+        log.error("storage failed; recording stops", run_id=self.run_id, error=str(exc),
+                  persisted=self.persisted, dropped=self.storage_dropped)
+        try:
+            self.store.rollback()
+        except sqlite3.Error as err:
+            log.error("history roll-back failed", run_id=self.run_id, error=str(err))
+        try:
+            _abandon(self.jsonl, self._mark[0])
+        except OSError as err:
+            log.error("events file could not be cut back", run_id=self.run_id, error=str(err))
+        self.last_seq = self._mark[1]
+        self._shrink_reserve()
+        self._write_summary(quiet=True)
+        if first and self.on_storage_failure is not None:
+            self.on_storage_failure.tell_bytes(encode({"kind": "stop", "reason": self.storage_error}))
+
+    def _make_reserve(self) -> None:
+        """Hold a little disk space back, freed on a storage failure for the final summary."""
+        if self.storage_error is not None or self._reserve_bytes <= 0 or self._reserve.exists():
+            return
+        try:
+            _atomic_write(self._reserve, os.urandom(self._reserve_bytes))
+        except OSError as exc:
+            log.warning("no disk space reserve for the final summary", run_id=self.run_id, error=str(exc))
+
+    def _shrink_reserve(self) -> None:
+        """Free most of the reserve now (the summary, the state); keep a tail for after the stop."""
+        try:
+            if self._reserve.exists() and self._reserve.stat().st_size > RESERVE_TAIL:
+                os.truncate(self._reserve, RESERVE_TAIL)
+        except OSError as exc:
+            log.warning("reserve file not shrunk", file=str(self._reserve), error=str(exc))
+
+    def _drop_reserve(self) -> None:
+        try:
+            self._reserve.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("reserve file not removed", file=str(self._reserve), error=str(exc))
 
     def _ring_push(self, b: dict[str, Any]) -> None:
         self._ring.append(b)
@@ -216,33 +344,32 @@ class Recorder(Actor):
             out = batch_rows(b) + out
         return [full_event(r) for r in out[-n:]] if n > 0 else []
 
-    def _store_batch(self, b: dict[str, Any]) -> None:
-        seq, ts = b["seq"], b["ts"]
-        self.store.insert_batch(self.experiment_id, self.run_id, [int(seq[0]), int(seq[-1])],
-                                int(ts.min()), int(ts.max()), encode(_wire_fields(b)), n=int(b["n"]))
-        self._uncommitted += 1
-        if self._uncommitted >= self.commit_every:
-            self.store.commit()
-            self._uncommitted = 0
-
     def _take_counters(self, msg: dict[str, Any]) -> None:
         for k, v in (msg.get("counters") or {}).items():
-            if isinstance(v, int) and v > self.counters.get(k, -1):
+            if v > self.counters.get(k, -1):
                 self.counters[k] = v
 
+    def _take_sampling(self, figures: dict[str, Any]) -> None:
+        self.sampled_out = max(self.sampled_out, int(figures.get("sampled_out", 0)))
+        self.held = int(figures.get("held", 0))
+
     def handle_counters(self, msg: dict[str, Any]) -> None:
-        self._take_counters(msg)
-        self._write_state()
+        if self.counters_ok(msg):
+            self._take_counters(msg)
+            self._save_state()
 
     def handle_sampling(self, msg: dict[str, Any]) -> None:
-        """Cumulative figures from the Sampler: events it dropped, events it still holds."""
-        self.sampled_out = max(self.sampled_out, int(msg.get("sampled_out", 0)))
-        self.held = int(msg.get("held", 0))
+        """Cumulative figures from the Sampler (events it dropped, events it still holds), and the
+        emitter counters of a batch it sampled out whole."""
+        if not self.accept(check_sampling_figures, msg, "sampling") or not self.counters_ok(msg):
+            return
+        self._take_sampling(msg)
+        self._take_counters(msg)
 
     def handle_note_restart(self, msg: dict[str, Any]) -> None:
         child = str(msg.get("child", "?"))
         self.restarts[child] = self.restarts.get(child, 0) + 1
-        self._write_state()
+        self._save_state()
 
     def _update_stats(self, b: dict[str, Any]) -> None:
         phase_c, ts, vals = b["phase"], b["ts"], b["values"]
@@ -274,9 +401,14 @@ class Recorder(Actor):
             t.start()
 
     def _sync(self) -> None:
-        self.jsonl.fsync()
-        self.store.commit()
-        self._uncommitted = 0
+        """fsync the JSONL and commit the history; a failure is a storage failure."""
+        if self.storage_error is not None:
+            return
+        try:
+            self.jsonl.fsync()
+            self._commit()
+        except _STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
 
     def handle_fsync(self, msg: dict[str, Any]) -> None:
         self._fsync_timer = None
@@ -303,60 +435,143 @@ class Recorder(Actor):
                 "best": best, "min": st.min, "max": st.max, "last": st.last,
             }
         c = self.counters
-        published = c.get("published", self.received)
+        published = c.get("published", self.received + self.sampled_out + self.held)
+        overflow = c.get("dropped", 0)
         lost = max(0, published - self.received - self.sampled_out - self.held)
-        emitted = c.get("emitted", self.persisted)
+        emitted = c.get("emitted", published + overflow)
+        dropped = overflow + lost + self.storage_dropped  # lost for a reason other than sampling
         return {
             "schema": SCHEMA_VERSION, "experiment_id": self.experiment_id, "run_id": self.run_id,
             "run_dir": str(self.run_dir), "started_ts": self.started_ts, "ended_ts": max(ends) if ends else None,
             "total_duration_s": (max(ends) - self.started_ts) / 1e6 if ends and self.started_ts else 0.0,
             "phases": phases,
             "events_emitted": emitted, "events_published": published, "events_persisted": self.persisted,
-            "events_dropped": c.get("dropped", 0) + lost + self.sampled_out,
-            "events_dropped_overflow": c.get("dropped", 0), "events_lost_in_transit": lost,
+            "events_dropped": dropped + self.sampled_out,
+            "events_dropped_overflow": overflow, "events_lost_in_transit": lost,
+            "events_dropped_storage": self.storage_dropped,
             "events_sampled_out": self.sampled_out, "events_held_by_sampler": self.held,
             "events_rejected": c.get("rejected", 0),
+            "accounting": {
+                "emitted": emitted, "persisted": self.persisted, "dropped": dropped,
+                "sampled_out": self.sampled_out, "held": self.held,
+                "balanced": emitted == self.persisted + dropped + self.sampled_out + self.held,
+            },
+            "storage_error": self.storage_error,
             "bad_batches": self.bad_batches, "restarts": self.restarts,
             "recorder_incarnation": self._incarnation,
         }
 
-    def _write_summary(self) -> None:
+    def _write_summary(self, quiet: bool = False) -> None:
+        """summary.json and recorder.json; a write failure is a storage failure (``quiet``: logged only)."""
         self._last_summary = time.monotonic()
-        s = self.summary()
-        _atomic_write(self.run_dir / "summary.json", orjson.dumps(s, option=orjson.OPT_INDENT_2))
-        self._write_state()
+        try:
+            _atomic_write(self.run_dir / "summary.json", orjson.dumps(self.summary(), option=orjson.OPT_INDENT_2))
+            self._write_state()
+        except OSError as exc:
+            if quiet or self.storage_error is not None:
+                log.error("summary not written", run_id=self.run_id, error=str(exc))
+            else:
+                self._storage_failed(exc)
+
+    def _write_state(self) -> None:
+        state = {"incarnation": self._incarnation, "counters": self.counters, "restarts": self.restarts,
+                 "sampled_out": self.sampled_out, "storage_dropped": self.storage_dropped,
+                 "storage_error": self.storage_error}
+        _atomic_write(self.run_dir / "recorder.json", orjson.dumps(state))
+
+    def _save_state(self) -> None:
+        try:
+            self._write_state()
+        except OSError as exc:
+            log.error("recorder state not written", run_id=self.run_id, error=str(exc))
 
     def handle_summary(self, msg: dict[str, Any]) -> dict[str, Any]:
         return self.summary()
 
-    def handle_recent(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.recent(int(msg.get("n", self.ring_size)))
+    def _answer(self, msg: dict[str, Any], ask: Callable[[dict[str, Any]], Any]) -> Any:
+        """Run a query; a failure comes back to the asker as an error reply, never as a crash."""
+        try:
+            return ask(msg)
+        except Exception as exc:  # noqa: BLE001 - a query must never take recording down
+            log.warning("query refused", run_id=self.run_id, kind=msg.get("kind"), error=str(exc))
+            return query_error(exc)
 
-    def handle_query_window(self, msg: dict[str, Any]) -> list[Any]:
-        spec, filters = msg["spec"], msg.get("filters")
-        if msg.get("source", "live") == "history":
-            return self.store.query(self.experiment_id, spec, filters, msg.get("now_us"))
-        return self.index.query(spec, filters, msg.get("now_us"))
+    def handle_recent(self, msg: dict[str, Any]) -> Any:
+        def ask(m: dict[str, Any]) -> list[dict[str, Any]]:
+            n = m.get("n", self.ring_size)
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise QueryError(f"recent: n must be an integer, got {n!r}")
+            return self.recent(n)
+        return self._answer(msg, ask)
 
-    def handle_windowed_metrics(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
-        args = (msg["window_s"], msg["step_s"], msg.get("fields"), msg.get("filters"))
-        if msg.get("source", "live") == "history":
-            return self.store.windowed_metrics(self.experiment_id, *args)
-        return self.index.windowed_metrics(*args)
+    def handle_query_window(self, msg: dict[str, Any]) -> Any:
+        """Live from the index; from the history (this run only) when asked, or when the bounded
+        index has dropped events the answer needs: either way the same answer."""
+        def ask(m: dict[str, Any]) -> list[Any]:
+            spec, filters, now_us = m.get("spec"), m.get("filters"), m.get("now_us")
+            if _source(m) == "live":
+                try:
+                    return self.index.query(spec, filters, now_us, complete=True)
+                except IndexIncomplete:
+                    pass
+            return self.store.query(self.experiment_id, spec, filters, now_us, run_id=self.run_id)
+        return self._answer(msg, ask)
+
+    def handle_windowed_metrics(self, msg: dict[str, Any]) -> Any:
+        def ask(m: dict[str, Any]) -> list[dict[str, Any]]:
+            args = (m.get("window_s"), m.get("step_s"), m.get("fields"), m.get("filters"))
+            if _source(m) == "live":
+                try:
+                    return self.index.windowed_metrics(*args, complete=True)
+                except IndexIncomplete:
+                    pass
+            return self.store.windowed_metrics(self.experiment_id, *args, run_id=self.run_id)
+        return self._answer(msg, ask)
 
     def terminate(self, reason: str) -> None:
         if self._fsync_timer is not None:
             self._fsync_timer.cancel()
         try:
             self._sync()
-            self.jsonl.close()
+            if self.storage_error is None:
+                try:
+                    self.jsonl.close()
+                except OSError as exc:
+                    self._storage_failed(exc)
+            self._write_summary(quiet=True)
             s = self.summary()
-            _atomic_write(self.run_dir / "summary.json", orjson.dumps(s, option=orjson.OPT_INDENT_2))
-            self._write_state()
-            self.store.record_run(self.run_id, self.experiment_id, str(self.run_dir), s["started_ts"],
-                                  s["ended_ts"], s)
+            try:
+                self.store.record_run(self.run_id, self.experiment_id, str(self.run_dir), s["started_ts"],
+                                      s["ended_ts"], s)
+            except _STORAGE_ERRORS as exc:
+                log.error("run not recorded in the history", run_id=self.run_id, error=str(exc))
         finally:
-            self.store.close()
+            try:
+                self.store.close()  # may checkpoint the WAL into the database: it takes what space is free
+            except sqlite3.Error as exc:
+                log.error("history not closed cleanly", run_id=self.run_id, error=str(exc))
+            self._drop_reserve()  # the rest of the reserve: room for the writes that follow the stop
+
+
+def _source(msg: dict[str, Any]) -> str:
+    source = msg.get("source", "live")
+    if source not in ("live", "history"):
+        raise QueryError(f"source must be 'live' or 'history', got {source!r}")
+    return source
+
+
+def _abandon(writer: JsonlWriter, size: int) -> None:
+    """Close the active JSONL file without writing what is still buffered, then cut it to ``size``.
+
+    Closing the raw file first matters: a later flush of the buffered tail (at garbage
+    collection, once the cut has freed space) would append a torn fragment.
+    """
+    fh = writer._fh  # private: JsonlWriter offers no way to drop its write buffer
+    if not fh.closed:
+        fh.raw.close()
+    if writer.path.exists():
+        os.truncate(writer.path, size)
+    writer.size = size
 
 
 _WIRE = ("kind", "experiment_id", "run_id", "n", "seq", "ts", "step", "pass", "name", "phase", "success", "gpu",
@@ -375,9 +590,17 @@ def summary_best(summary: dict[str, Any], field: str) -> float | None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all; a failed write leaves no ``.tmp`` file behind."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise

@@ -19,7 +19,9 @@ Strategies (``sampling_strategy`` + ``sampling_config``, as in the experiment sp
 whatever the rate. Events flagged by the anomaly detector with action ``sample_more`` are
 always kept (except by ``reservoir``, whose size is exact). Kept / dropped counts are kept
 per stratum (the event name unless stratified), and cumulative ``sampled_out`` / ``held``
-figures travel to the Recorder so the run's accounting stays exact.
+figures travel to the Recorder so the run's accounting stays exact: with every batch it
+forwards, or, when it keeps nothing of a batch, in a ``sampling`` message that also carries
+the batch's emitter counters (an empty batch is never forwarded).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.base import Actor
+from actors.consumer import EventConsumer
 from actors.log import get_logger
 from actors.messages import encode
 from kernels.tdigest import TDigest
@@ -98,7 +100,7 @@ def check_sampling(strategy: str, config: dict[str, Any] | None) -> dict[str, An
     return cfg
 
 
-class Sampler(Actor):
+class Sampler(EventConsumer):
     """Receives (anomaly-annotated) event batches, forwards the kept rows downstream."""
 
     def __init__(self, experiment_id: str, downstream: Any = None, strategy: str = "all",
@@ -199,9 +201,10 @@ class Sampler(Actor):
             if d[i]:
                 self.dropped[lbl] = self.dropped.get(lbl, 0) + int(d[i])
 
-    def handle_events(self, msg: dict[str, Any]) -> None:
+    def on_events(self, msg: dict[str, Any]) -> None:
         n = int(msg["n"])
         if n == 0:
+            self._send_figures(msg)
             return
         if self.strategy == "reservoir":
             self._reservoir(msg)
@@ -212,14 +215,32 @@ class Sampler(Actor):
         self._count(msg, keep)
         self.seen += n
         self.sampled_out += int(n - keep.sum())
+        if not keep.any():
+            self._send_figures(msg)
+            return
         out = msg if keep.all() else select_rows(msg, keep)
         out["sampling"] = {"sampled_out": self.sampled_out, "held": 0}
         if self.downstream is not None:
             self.downstream.tell_bytes(encode(out))
 
+    def _send_figures(self, msg: dict[str, Any]) -> None:
+        """Nothing of this batch goes on: send the figures (and the batch's emitter counters) alone."""
+        if self.downstream is not None:
+            self.downstream.tell_bytes(encode({
+                "kind": "sampling", "sampled_out": self.sampled_out, "held": self._held(),
+                "counters": msg.get("counters") or {}}))
+
+    def _held(self) -> int:
+        return len(self.reservoir) if self.strategy == "reservoir" and not self._reservoir_flushed else 0
+
     def _reservoir(self, b: dict[str, Any]) -> None:
         k = self.config["k"]
         n = int(b["n"])
+        if self._reservoir_flushed:  # the run's sample has gone out already: later events are sampled out
+            self.seen += n
+            self.sampled_out += n
+            self._send_figures(b)
+            return
         rows = None
         t0 = self.seen
         slots: dict[int, int] = {}  # reservoir slot -> row of this batch (last writer wins)
@@ -241,9 +262,7 @@ class Sampler(Actor):
         self.seen += n
         # nothing is forwarded until the run ends: keep the Recorder's accounting current
         self.sampled_out = self.seen - len(self.reservoir)
-        if self.downstream is not None:
-            self.downstream.tell_bytes(encode({"kind": "sampling", "sampled_out": self.sampled_out,
-                                               "held": len(self.reservoir)}))
+        self._send_figures(b)
 
     def handle_flush(self, msg: dict[str, Any]) -> dict[str, Any]:
         """End of run: send the reservoir (if any) downstream; answer the counts."""
@@ -252,6 +271,7 @@ class Sampler(Actor):
             batch = rows_to_batch(rows, self.experiment_id, rows[0]["run_id"])
             self._reservoir_flushed = True
             self.sampled_out = self.seen - len(rows)
+            self.reservoir = []
             batch["sampling"] = {"sampled_out": self.sampled_out, "held": 0}
             self._count(batch, np.ones(len(rows), dtype=bool))
             if self.downstream is not None:
@@ -260,14 +280,14 @@ class Sampler(Actor):
 
     def counts(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "seen": self.seen, "sampled_out": self.sampled_out,
-                "kept": dict(self.kept), "dropped": dict(self.dropped),
-                "held": len(self.reservoir) if not self._reservoir_flushed else 0}
+                "kept": dict(self.kept), "dropped": dict(self.dropped), "held": self._held(),
+                "bad_batches": self.bad_batches}
 
     def handle_counts(self, msg: dict[str, Any]) -> dict[str, Any]:
         return self.counts()
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
-        if self.downstream is not None:
+        if self.counters_ok(msg) and self.downstream is not None:
             self.downstream.tell_bytes(encode(msg))
 
     def handle_anomaly_period(self, msg: dict[str, Any]) -> None:

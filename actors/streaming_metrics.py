@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.base import Actor
+from actors.consumer import EventConsumer
 from actors.topics import Topics
 from kernels.moments import Moments
 from kernels.tdigest import TDigest
@@ -68,7 +68,7 @@ def _stats(m: Moments, d: TDigest) -> dict[str, Any]:
     return out
 
 
-class StreamingMetrics(Actor):
+class StreamingMetrics(EventConsumer):
     """Folds every event batch into running statistics; see the module docs."""
 
     def __init__(
@@ -127,7 +127,7 @@ class StreamingMetrics(Actor):
 
     # --- folding -------------------------------------------------------------------------------
 
-    def handle_events(self, msg: dict[str, Any]) -> None:
+    def on_events(self, msg: dict[str, Any]) -> None:
         n = int(msg["n"])
         if n == 0:
             return
@@ -142,11 +142,12 @@ class StreamingMetrics(Actor):
         self.failure += int((succ == 0).sum())
         ts = msg["ts"]
         self.last_ts = int(ts[-1])
+        t_lo, t_hi = int(ts.min()), int(ts.max())  # a batch may step back in time (a restarted emitter)
         # bucket numbers per window, computed once per batch (usually one bucket for all rows)
         spans: list[tuple[int, int] | np.ndarray] = []
         for w in self.windows:
             width = w / self.nb
-            first, last = int(ts[0] / 1e6 // width), int(ts[-1] / 1e6 // width)
+            first, last = int(t_lo / 1e6 // width), int(t_hi / 1e6 // width)
             spans.append((first, last) if first == last else (ts / 1e6 // width).astype(np.int64))
         for field, col in msg["values"].items():
             m = self.moments.get(field)
@@ -186,6 +187,7 @@ class StreamingMetrics(Actor):
             "sla": {f"{lvl * 100:g}": (rate is not None and rate >= lvl) for lvl in SLA_LEVELS},
             "fields": fields, "windows": windows, "totals": totals,
             "rejected_values": sum(m.rejected for m in self.moments.values()),
+            "bad_batches": self.bad_batches,
         }
 
     def handle_get(self, msg: dict[str, Any]) -> dict[str, Any]:

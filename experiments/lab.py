@@ -50,6 +50,7 @@ from experiments.rundir import (
 )
 from experiments.spec import load_spec
 from experiments.workloads import registry as workload_registry
+from telemetry.query import prepare_query, query_answer
 from telemetry.schema import check_id
 from telemetry.store import DB_NAME, HistoryStore
 
@@ -144,7 +145,7 @@ class Experiment:
             ChildSpec("recorder", Recorder, args=(self.lab.artifacts, self.id, self.run_id), name="recorder",
                       kwargs={"rotate_bytes": int(t["rotate_mb"] * (1 << 20)), "fsync_interval": t["fsync_interval_s"],
                               "ring_size": t["ring_size"], "index_limit": t["index_limit"],
-                              "maximize": t["maximize"]}),
+                              "maximize": t["maximize"], "on_storage_failure": NamedTarget("phase", reg)}),
             ChildSpec("metrics", StreamingMetrics, args=(self.id, topics), name="metrics",
                       kwargs={"windows": s["metrics"]["windows_s"],
                               "publish_interval": s["metrics"]["publish_interval_s"],
@@ -458,13 +459,14 @@ class Experiment:
 
     def query_window(self, spec: Any, filters: dict[str, Any] | None = None, source: str = "live") -> list[Any]:
         """Time-window query (see telemetry.query); from the history store once stopped."""
+        spec, filters = prepare_query(spec, filters)  # a bad query fails here, never in the Recorder
         if not self._stopped.is_set() and source == "live":
             ref = self.registry.whereis("recorder")
             if ref is not None:
-                return ref.ask({"kind": "query_window", "spec": list(spec), "filters": filters}, timeout=30)
+                return query_answer(ref.ask({"kind": "query_window", "spec": spec, "filters": filters}, timeout=30))
         store = HistoryStore(self.lab.artifacts / DB_NAME, readonly=True)
         try:
-            return [e for e in store.query(self.id, spec, filters) if e["run_id"] == self.run_id]
+            return store.query(self.id, spec, filters, run_id=self.run_id)
         finally:
             store.db.close()
 

@@ -12,11 +12,28 @@ from typing import Any
 import numpy as np
 import orjson
 
-from telemetry.query import Window, check_filters, row_matches, windowed_metrics_arrays
+from telemetry.query import (
+    MAX_ROWS,
+    MAX_WINDOWS,
+    Window,
+    check_filters,
+    check_rows,
+    check_step,
+    code_mask,
+    param_filters,
+    param_mask,
+    plan_windows,
+    present_fields,
+    windowed_metrics_arrays,
+)
 from telemetry.schema import CODED_COLUMNS, GPU_MODES, SCHEMA_VERSION, SPARSE_FIELDS
 
 _INT_COLS = {"ts": np.int64, "seq": np.int64, "step": np.int64, "pass": np.int32, "name": np.int32,
              "phase": np.int32, "success": np.int8, "gpu": np.int8, "reason": np.int32, "params": np.int32}
+
+
+class IndexIncomplete(LookupError):
+    """The index has dropped events that the answer could need: ask the history instead."""
 
 
 class LiveIndex:
@@ -67,7 +84,7 @@ class LiveIndex:
         return mapping[col]
 
     def append_batch(self, b: dict[str, Any]) -> None:
-        """Add a decoded ``events`` batch (rows sorted by ``ts`` within the batch)."""
+        """Add a decoded ``events`` batch (kept sorted by ``ts``: a batch out of order is merged in)."""
         m = int(b["n"])
         if m == 0:
             return
@@ -96,7 +113,7 @@ class LiveIndex:
         for f in SPARSE_FIELDS:
             for i, x in b.get("sparse", {}).get(f, ()):
                 self.sparse.setdefault(self.base + a + i, {})[f] = x
-        if a > 0 and c["ts"][a] < c["ts"][a - 1]:
+        if (a > 0 and c["ts"][a] < c["ts"][a - 1]) or (m > 1 and bool(np.any(c["ts"][a + 1:z] < c["ts"][a:z - 1]))):
             self._resort(z)
         self.n = z
 
@@ -176,65 +193,86 @@ class LiveIndex:
             out.append(r)
         return out
 
-    def _mask(self, a: int, b: int, filters: dict[str, Any]) -> np.ndarray:
+    def _matching(self, a: int, b: int, filters: dict[str, Any]) -> np.ndarray:
+        """Row positions in ``[a, b)`` that pass the filters (column masks; no row is built)."""
+        pos = np.arange(a, b)
+        if not filters:
+            return pos
         mask = np.ones(b - a, dtype=bool)
         c = self.cols
         for k, want in filters.items():
             if k in ("name", "phase"):
-                code = -1 if want is None else self.codes[k].get(want, -2)
-                mask &= c[k][a:b] == code
+                mask &= code_mask(c[k][a:b], self.tables[k], want)
             elif k == "success":
                 mask &= c["success"][a:b] == (-1 if want is None else int(bool(want)))
             elif k == "run_id":
-                code = self.run_ids.index(want) if want in self.run_ids else -2
-                mask &= self.run_c[a:b] == code
-        return mask
+                mask &= code_mask(self.run_c[a:b], self.run_ids, want)
+        pf = param_filters(filters)
+        if pf and mask.any():
+            mask[mask] &= param_mask(c["params"][a:b][mask], self._params, pf)
+        return pos[mask]
 
-    def query(self, spec: Any, filters: dict[str, Any] | None = None, now_us: int | None = None) -> list[Any]:
-        """Events matching a window spec (see :mod:`telemetry.query`), oldest first."""
+    def query(self, spec: Any, filters: dict[str, Any] | None = None, now_us: int | None = None, *,
+              max_rows: int = MAX_ROWS, max_windows: int = MAX_WINDOWS, complete: bool = False) -> list[Any]:
+        """Events matching a window spec (see :mod:`telemetry.query`), oldest first.
+
+        With ``complete``, raises :class:`IndexIncomplete` when the answer could miss events
+        this bounded index has already dropped (the caller then asks the history).
+        Raises :class:`~telemetry.query.QueryError` for a bad spec and
+        :class:`~telemetry.query.QueryLimitError` past the limits.
+        """
         w = Window(spec, now_us)
         filters = check_filters(filters)
         ts = self.ts
+        dropped = complete and self.base > 0
         if w.kind == "sliding":
-            if self.n == 0:
-                return []
-            out = []
-            for s in range(int(ts[0]), int(ts[-1]) + 1, w.step_us):
-                out.append({"window_start": s, "window_end": s + w.size_us,
-                            "events": self._select(int(np.searchsorted(ts, s)),
-                                                   int(np.searchsorted(ts, s + w.size_us)), filters)})
-            return out
+            if dropped:
+                raise IndexIncomplete("sliding windows start at the run's first event")
+            idx = self._matching(0, self.n, filters)
+            check_rows(idx.size, max_rows)
+            starts, lo, hi = plan_windows(ts[idx], w.size_us, w.step_us, max_windows, max_rows)
+            return [{"window_start": s, "window_end": s + w.size_us, "events": self.rows(idx[a:b])}
+                    for s, a, b in zip(starts.tolist(), lo.tolist(), hi.tolist(), strict=True)]
         if w.last_n is not None:
-            return self._select_last_n(w.last_n, filters)
+            idx = self._last_n(w.last_n, filters)
+            if dropped and idx.size < w.last_n:
+                raise IndexIncomplete("fewer matching events than asked for are left in the index")
+            check_rows(idx.size, max_rows)
+            return self.rows(idx)
+        if dropped and (w.lo is None or self.n == 0 or w.lo <= int(ts[0])):
+            raise IndexIncomplete("the window reaches back before the oldest event in the index")
         a = 0 if w.lo is None else int(np.searchsorted(ts, w.lo, "left"))
         b = self.n if w.hi is None else int(np.searchsorted(ts, w.hi, "left"))
-        return self._select(a, b, filters)
+        idx = self._matching(a, max(a, b), filters)
+        check_rows(idx.size, max_rows)
+        return self.rows(idx)
 
-    def _select(self, a: int, b: int, filters: dict[str, Any]) -> list[dict[str, Any]]:
-        idx = np.arange(a, b)[self._mask(a, b, filters)] if filters else np.arange(a, b)
-        rows = self.rows(idx)
-        param_f = {k: v for k, v in filters.items() if k.startswith(("parameters.", "metadata."))}
-        return [r for r in rows if row_matches(r, param_f)] if param_f else rows
-
-    def _select_last_n(self, n: int, filters: dict[str, Any]) -> list[dict[str, Any]]:
+    def _last_n(self, n: int, filters: dict[str, Any]) -> np.ndarray:
+        """Positions of the last ``n`` matching rows, searched backwards in growing chunks."""
         if n == 0:
-            return []
-        out: list[dict[str, Any]] = []
-        b, chunk = self.n, max(n, 256)
-        while b > 0 and len(out) < n:
+            return np.empty(0, dtype=np.int64)
+        parts: list[np.ndarray] = []
+        got, b, chunk = 0, self.n, max(n, 256)
+        while b > 0 and got < n:
             a = max(0, b - chunk)
-            out = self._select(a, b, filters) + out
+            part = self._matching(a, b, filters)
+            parts.append(part)
+            got += part.size
             b, chunk = a, chunk * 2
-        return out[-n:]
+        idx = np.concatenate(parts[::-1]) if parts else np.empty(0, dtype=np.int64)
+        return idx[-n:]
 
     def windowed_metrics(self, window_s: float, step_s: float, fields: list[str] | None = None,
-                         filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                         filters: dict[str, Any] | None = None, *, max_windows: int = MAX_WINDOWS,
+                         complete: bool = False) -> list[dict[str, Any]]:
+        """Per-window metrics of the value fields (see :func:`telemetry.query.windowed_metrics_arrays`)."""
+        check_step(window_s, "window_s")
+        check_step(step_s, "step_s")
         filters = check_filters(filters)
-        ts = self.ts
-        keys = fields if fields is not None else list(self.values)
-        if filters:
-            idx = np.arange(self.n)[self._mask(0, self.n, filters)]
-            cols = {k: self.values[k][: self.n][idx] for k in keys if k in self.values}
-            return windowed_metrics_arrays(ts[idx], cols, window_s, step_s)
-        return windowed_metrics_arrays(ts, {k: self.values[k][: self.n] for k in keys if k in self.values},
-                                       window_s, step_s)
+        if complete and self.base > 0:
+            raise IndexIncomplete("windowed metrics start at the run's first event")
+        idx = self._matching(0, self.n, filters)
+        cols = {k: v[: self.n][idx] for k, v in self.values.items()}
+        keys = present_fields(cols, fields)
+        cols = {k: cols.get(k, np.full(idx.size, np.nan)) for k in keys}
+        return windowed_metrics_arrays(self.ts[idx], cols, window_s, step_s, max_windows=max_windows)

@@ -192,6 +192,118 @@ def select_rows(b: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
     return out
 
 
+_INT_KINDS = "iu"
+_REQUIRED_COLUMNS = ("seq", "ts", "step", "pass", "name", "phase", "success", "gpu")
+_TABLES = {"name": "names", "phase": "phases", "reason": "reasons", "params": "param_texts"}
+_CODE_FLOOR = {"name": 0, "phase": -1, "reason": -1, "params": -1}
+MAX_BATCH_ROWS = 1 << 24
+"""The most rows one batch may claim (a bound on what a malformed ``n`` can make a consumer allocate)."""
+
+
+def _int_count(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise SchemaError(f"{name} must be an int >= 0, got {v!r}")
+    return int(v)
+
+
+def check_counters(counters: Any, where: str = "counters") -> None:
+    """Emitter counters: a table of name = int >= 0 (:class:`SchemaError` otherwise)."""
+    if not isinstance(counters, dict):
+        raise SchemaError(f"batch field {where!r} must be a table of counts, got {type(counters).__name__}")
+    for k, v in counters.items():
+        if not isinstance(k, str):
+            raise SchemaError(f"batch field {where!r} has a non-string key {k!r}")
+        _int_count(f"batch field '{where}.{k}'", v)
+
+
+def check_sampling_figures(sampling: Any) -> None:
+    """The Sampler's cumulative figures: ``sampled_out`` and ``held``, ints >= 0."""
+    if not isinstance(sampling, dict):
+        raise SchemaError(f"batch field 'sampling' must be a table, got {type(sampling).__name__}")
+    for k in ("sampled_out", "held"):
+        if k in sampling:
+            _int_count(f"batch field 'sampling.{k}'", sampling[k])
+
+
+def check_batch(b: Any) -> None:
+    """Check that a decoded ``events`` batch has the shape every consumer relies on.
+
+    Raises :class:`SchemaError` naming the first bad field. Checked: ``n``; the ids; every
+    column a 1-D integer array of length ``n``; ``seq`` strictly increasing (``ts`` may
+    step back where an emitter restarted); every code inside its string table (the JSONL kernel indexes tables without
+    bounds checks); the tables lists of strings, parameter snapshots JSON objects; value
+    columns numeric arrays of length ``n``; sparse entries ``[row, value]`` with a valid
+    row; the optional ``counters`` and ``sampling`` figures. Cost: a few numpy reductions
+    per column, no per-row Python.
+    """
+    if not isinstance(b, dict):
+        raise SchemaError(f"an events batch must be a table, got {type(b).__name__}")
+    if "n" not in b:
+        raise SchemaError("batch has no 'n'")
+    n = _int_count("batch field 'n'", b["n"])
+    if n > MAX_BATCH_ROWS:
+        raise SchemaError(f"batch field 'n' is {n}, above the limit of {MAX_BATCH_ROWS} rows per batch")
+    for f in ("experiment_id", "run_id"):
+        if not isinstance(b.get(f), str):
+            raise SchemaError(f"batch field {f!r} must be a string, got {b.get(f)!r}")
+    for col in (*_REQUIRED_COLUMNS, *(c for c in ("reason", "params") if c in b)):
+        if col not in b:
+            raise SchemaError(f"batch has no column {col!r}")
+        a = b[col]
+        if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in _INT_KINDS:
+            raise SchemaError(f"batch column {col!r} must be a 1-D integer array, got "
+                              f"{type(a).__name__}{'' if not isinstance(a, np.ndarray) else f' {a.dtype}{a.shape}'}")
+        if a.size != n:
+            raise SchemaError(f"batch column {col!r} has {a.size} rows, n is {n}")
+    for col, table in _TABLES.items():
+        if col not in b:
+            continue
+        t = b.get(table)
+        kinds = (str, bytes) if table == "param_texts" else str  # JSON text: the emitter's are bytes
+        if not isinstance(t, list) or not all(isinstance(x, kinds) for x in t):
+            raise SchemaError(f"batch table {table!r} must be a list of strings")
+        if n and (int(b[col].min()) < _CODE_FLOOR[col] or int(b[col].max()) >= len(t)):
+            raise SchemaError(f"batch column {col!r} has codes outside [{_CODE_FLOOR[col]}, {len(t)}) "
+                              f"(its table {table!r} has {len(t)} entries)")
+    if n:
+        if int(b["success"].min()) < -1 or int(b["success"].max()) > 1:
+            raise SchemaError("batch column 'success' must hold -1 (none), 0 or 1")
+        if int(b["gpu"].min()) < -1 or int(b["gpu"].max()) >= len(GPU_MODES):
+            raise SchemaError(f"batch column 'gpu' must hold -1 (none) or a code below {len(GPU_MODES)}")
+        if n > 1 and not np.all(b["seq"][1:] > b["seq"][:-1]):
+            raise SchemaError("batch column 'seq' must increase strictly within a batch")
+    for t in b.get("param_texts", ()):
+        try:
+            ok = isinstance(orjson.loads(t), dict)
+        except orjson.JSONDecodeError:
+            ok = False
+        if not ok:
+            raise SchemaError(f"batch table 'param_texts' holds {t[:40]!r}, not a JSON object")
+    vals = b.get("values")
+    if not isinstance(vals, dict):
+        raise SchemaError(f"batch field 'values' must be a table of columns, got {type(vals).__name__}")
+    for k, a in vals.items():
+        if not isinstance(k, str):
+            raise SchemaError(f"batch field 'values' has a non-string key {k!r}")
+        if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "fiu" or a.size != n:
+            raise SchemaError(f"batch value column {k!r} must be a 1-D numeric array of {n} rows")
+    sparse = b.get("sparse", {})
+    if not isinstance(sparse, dict):
+        raise SchemaError(f"batch field 'sparse' must be a table, got {type(sparse).__name__}")
+    for f, entries in sparse.items():
+        if not isinstance(entries, list):
+            raise SchemaError(f"batch field 'sparse.{f}' must be a list of [row, value] pairs")
+        for e in entries:
+            if (not isinstance(e, list) or len(e) != 2 or isinstance(e[0], bool) or not isinstance(e[0], int)
+                    or not 0 <= e[0] < n):
+                raise SchemaError(f"batch field 'sparse.{f}' holds {e!r}, not a [row, value] pair with a row "
+                                  f"in [0, {n})")
+    if "counters" in b:
+        check_counters(b["counters"])
+    if "sampling" in b:
+        check_sampling_figures(b["sampling"])
+
+
 def dumps_line(row: dict[str, Any]) -> bytes:
     """One JSONL line (with the trailing newline)."""
     return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)

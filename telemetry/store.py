@@ -12,15 +12,30 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from actors.messages import decode
-from telemetry.query import Window, check_filters, row_matches, rows_columns, windowed_metrics_arrays
-from telemetry.schema import batch_rows, full_event
+from telemetry.query import (
+    MAX_ROWS,
+    MAX_SCAN,
+    MAX_WINDOWS,
+    Window,
+    check_filters,
+    check_rows,
+    check_step,
+    code_mask,
+    param_filters,
+    param_mask,
+    plan_windows,
+    present_fields,
+    windowed_metrics_arrays,
+)
+from telemetry.schema import CODED_COLUMNS, batch_rows, full_event, select_rows
 
 DB_NAME = "history.sqlite3"
 
@@ -31,6 +46,7 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (run_id, seq_lo)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batches_exp_ts ON batches (experiment_id, ts_lo);
+CREATE INDEX IF NOT EXISTS batches_run_ts ON batches (run_id, ts_lo);
 CREATE TABLE IF NOT EXISTS spans (experiment_id TEXT PRIMARY KEY, max_span INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, experiment_id TEXT NOT NULL, run_dir TEXT, started_ts INTEGER,
@@ -82,6 +98,11 @@ class HistoryStore:
         with self._lock:
             self.db.commit()
 
+    def rollback(self) -> None:
+        """Drop the writes of the open transaction (the Recorder's roll-back after a failed write)."""
+        with self._lock:
+            self.db.rollback()
+
     def max_seq(self, run_id: str) -> int:
         v = self.db.execute("SELECT MAX(seq_hi) FROM batches WHERE run_id = ?", (run_id,)).fetchone()[0]
         return -1 if v is None else int(v)
@@ -110,59 +131,89 @@ class HistoryStore:
         r = self.db.execute("SELECT max_span FROM spans WHERE experiment_id = ?", (experiment_id,)).fetchone()
         return -1 if r is None else int(r[0])
 
-    def _events_between(self, experiment_id: str, lo: int | None, hi: int | None) -> list[dict[str, Any]]:
+    def _blobs(self, experiment_id: str, run_id: str | None, lo: int | None, hi: int | None,
+               max_scan: int) -> list[bytes]:
+        """The stored batches that can hold events in ``[lo, hi)``, oldest first (bounded: ``max_scan``)."""
         span = self._max_span(experiment_id)
         if span < 0:
             return []
         sql, args = ["experiment_id = ?"], [experiment_id]
+        if run_id is not None:
+            sql.append("run_id = ?")
+            args.append(run_id)
         if lo is not None:
             sql.append("ts_lo >= ? AND ts_hi >= ?")
             args += [lo - span, lo]
         if hi is not None:
             sql.append("ts_lo < ?")
             args.append(hi)
-        rows: list[dict[str, Any]] = []
+        where = " AND ".join(sql)
         with self._lock:
-            cur = self.db.execute(f"SELECT data FROM batches WHERE {' AND '.join(sql)} ORDER BY ts_lo", args)
-            blobs = [b for (b,) in cur]
-        for b in blobs:
-            rows.extend(r for r in _batch_events(b) if (lo is None or r["ts"] >= lo) and (hi is None or r["ts"] < hi))
-        rows.sort(key=lambda r: (r["ts"], r["run_id"], r["seq"]))
+            total = self.db.execute(f"SELECT COALESCE(SUM(n), 0) FROM batches WHERE {where}", args).fetchone()[0]
+            check_rows(int(total), max_scan, "scan")
+            return [b for (b,) in self.db.execute(f"SELECT data FROM batches WHERE {where} ORDER BY ts_lo", args)]
+
+    def _selected(self, batches: list[dict[str, Any]], lo: int | None, hi: int | None,
+                  filters: dict[str, Any], max_rows: int) -> list[tuple[dict[str, Any], np.ndarray]]:
+        """Each batch with the mask of its events in ``[lo, hi)`` that pass the filters (bounded)."""
+        out = [(b, m) for b in batches if (m := batch_mask(b, lo, hi, filters)).any()]
+        check_rows(sum(int(m.sum()) for _, m in out), max_rows)
+        return out
+
+    def _rows(self, experiment_id: str, run_id: str | None, lo: int | None, hi: int | None,
+              filters: dict[str, Any], max_rows: int, max_scan: int) -> list[dict[str, Any]]:
+        batches = [decode(d) for d in self._blobs(experiment_id, run_id, lo, hi, max_scan)]
+        rows = [full_event(r) for b, m in self._selected(batches, lo, hi, filters, max_rows)
+                for r in batch_rows(select_rows(b, m))]
+        rows.sort(key=_order)
         return rows
 
     def query(self, experiment_id: str, spec: Any, filters: dict[str, Any] | None = None,
-              now_us: int | None = None) -> list[Any]:
-        """The same window specs and filters as the live index (see :mod:`telemetry.query`)."""
+              now_us: int | None = None, *, run_id: str | None = None, max_rows: int = MAX_ROWS,
+              max_windows: int = MAX_WINDOWS, max_scan: int = MAX_SCAN) -> list[Any]:
+        """The same window specs, filters and limits as the live index (see :mod:`telemetry.query`).
+
+        ``run_id`` keeps the answer to one run (what a run's Recorder answers live); without
+        it the answer spans every run of the experiment. Raises
+        :class:`~telemetry.query.QueryError` / :class:`~telemetry.query.QueryLimitError`.
+        """
         w = Window(spec, now_us)
         filters = check_filters(filters)
         if w.kind == "sliding":
-            rows = [r for r in self._events_between(experiment_id, None, None) if row_matches(r, filters)]
-            if not rows:
-                return []
-            out = []
-            for s in range(rows[0]["ts"], rows[-1]["ts"] + 1, w.step_us):
-                out.append({"window_start": s, "window_end": s + w.size_us,
-                            "events": [r for r in rows if s <= r["ts"] < s + w.size_us]})
-            return out
+            rows = self._rows(experiment_id, run_id, None, None, filters, max_rows, max_scan)
+            ts = np.array([r["ts"] for r in rows], dtype=np.int64)
+            starts, lo, hi = plan_windows(ts, w.size_us, w.step_us, max_windows, max_rows)
+            return [{"window_start": s, "window_end": s + w.size_us, "events": rows[a:b]}
+                    for s, a, b in zip(starts.tolist(), lo.tolist(), hi.tolist(), strict=True)]
         if w.last_n is not None:
-            return self._last_n(experiment_id, w.last_n, filters)
-        return [r for r in self._events_between(experiment_id, w.lo, w.hi) if row_matches(r, filters)]
+            return self._last_n(experiment_id, run_id, w.last_n, filters, max_rows, max_scan)
+        return self._rows(experiment_id, run_id, w.lo, w.hi, filters, max_rows, max_scan)
 
-    def _last_n(self, experiment_id: str, n: int, filters: dict[str, Any]) -> list[dict[str, Any]]:
+    def _last_n(self, experiment_id: str, run_id: str | None, n: int, filters: dict[str, Any],
+                max_rows: int, max_scan: int) -> list[dict[str, Any]]:
         if n == 0:
             return []
+        if n > max_rows:  # count first (masks only): the answer holds min(n, matching) events
+            blobs = self._blobs(experiment_id, run_id, None, None, max_scan)
+            check_rows(min(n, sum(int(batch_mask(decode(d), None, None, filters).sum()) for d in blobs)), max_rows)
         span = self._max_span(experiment_id)
+        sql, args = "experiment_id = ?", [experiment_id]
+        if run_id is not None:
+            sql, args = sql + " AND run_id = ?", [*args, run_id]
         got: list[dict[str, Any]] = []
+        scanned = 0
         with self._lock:
-            cur = self.db.execute("SELECT ts_lo, ts_hi, data FROM batches WHERE experiment_id = ? "
-                                  "ORDER BY ts_lo DESC", (experiment_id,))
-            for ts_lo, _ts_hi, data in cur:
+            cur = self.db.execute(f"SELECT ts_lo, n, data FROM batches WHERE {sql} ORDER BY ts_lo DESC", args)
+            for ts_lo, k, data in cur:
                 if len(got) >= n:
-                    got.sort(key=lambda r: (r["ts"], r["run_id"], r["seq"]))
+                    got.sort(key=_order)
                     if ts_lo + span < got[-n]["ts"]:
                         break  # no older batch can reach into the newest n
-                got.extend(r for r in _batch_events(data) if row_matches(r, filters))
-        got.sort(key=lambda r: (r["ts"], r["run_id"], r["seq"]))
+                scanned += k
+                check_rows(scanned, max_scan, "scan")
+                b = decode(data)
+                got.extend(full_event(r) for r in batch_rows(select_rows(b, batch_mask(b, None, None, filters))))
+        got.sort(key=_order)
         return got[-n:]
 
     def iter_events(self, experiment_id: str | None = None, run_id: str | None = None,
@@ -188,11 +239,53 @@ class HistoryStore:
             last = tuple(rows[-1][:-1])
 
     def windowed_metrics(self, experiment_id: str, window_s: float, step_s: float,
-                         fields: list[str] | None = None,
-                         filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                         fields: list[str] | None = None, filters: dict[str, Any] | None = None, *,
+                         run_id: str | None = None, max_windows: int = MAX_WINDOWS,
+                         max_scan: int = MAX_SCAN) -> list[dict[str, Any]]:
+        """Per-window metrics, as :meth:`LiveIndex.windowed_metrics` (columnar: no event dicts)."""
+        check_step(window_s, "window_s")
+        check_step(step_s, "step_s")
         filters = check_filters(filters)
-        rows = [r for r in self._events_between(experiment_id, None, None) if row_matches(r, filters)]
-        ts, cols = rows_columns(rows)
-        if fields is not None:
-            cols = {k: v for k, v in cols.items() if k in fields}
-        return windowed_metrics_arrays(ts, cols, window_s, step_s)
+        batches = [decode(d) for d in self._blobs(experiment_id, run_id, None, None, max_scan)]
+        parts = self._selected(batches, None, None, filters, max_scan)
+        keys = sorted({k for b, _ in parts for k in b["values"]})
+        run_code = {r: i for i, r in enumerate(sorted({b["run_id"] for b, _ in parts}))}
+
+        def column(get: Callable[[dict[str, Any], np.ndarray], np.ndarray], dtype: Any) -> np.ndarray:
+            return np.concatenate([get(b, m) for b, m in parts]) if parts else np.empty(0, dtype=dtype)
+
+        ts = column(lambda b, m: b["ts"][m], np.int64)
+        order = np.lexsort((column(lambda b, m: b["seq"][m], np.int64),
+                            column(lambda b, m: np.full(int(m.sum()), run_code[b["run_id"]]), np.int64), ts))
+        cols = {k: column(lambda b, m, k=k: b["values"][k][m] if k in b["values"] else np.full(int(m.sum()), np.nan),
+                          np.float64)[order] for k in keys}
+        keys = present_fields(cols, fields)
+        cols = {k: cols.get(k, np.full(ts.size, np.nan)) for k in keys}
+        return windowed_metrics_arrays(ts[order], cols, window_s, step_s, max_windows=max_windows)
+
+
+def _order(r: dict[str, Any]) -> tuple[int, str, int]:
+    return r["ts"], r["run_id"], r["seq"]
+
+
+def batch_mask(b: dict[str, Any], lo: int | None, hi: int | None, filters: dict[str, Any]) -> np.ndarray:
+    """The events of a decoded batch in ``[lo, hi)`` that pass the filters (columnar)."""
+    ts = b["ts"]
+    m = np.ones(ts.size, dtype=bool)
+    if lo is not None:
+        m &= ts >= lo
+    if hi is not None:
+        m &= ts < hi
+    for k, want in filters.items():
+        if k in ("name", "phase"):
+            m &= code_mask(b[k], b[CODED_COLUMNS[k]], want)
+        elif k == "success":
+            m &= b["success"] == (-1 if want is None else int(bool(want)))
+        elif k == "run_id" and b["run_id"] != want:
+            m[:] = False
+    pf = param_filters(filters)
+    if pf and m.any():
+        texts = b.get("param_texts", [])
+        codes = b["params"] if "params" in b else np.full(ts.size, -1)
+        m[m] &= param_mask(codes[m], lambda c: orjson.loads(texts[c]), pf)
+    return m

@@ -5,8 +5,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actors.messages import decode, encode
 from telemetry.index import LiveIndex
-from telemetry.query import metrics_of, windowed_metrics_arrays
+from telemetry.query import (
+    QueryError,
+    QueryLimitError,
+    metrics_of,
+    prepare_query,
+    query_answer,
+    query_error,
+    windowed_metrics_arrays,
+)
 from telemetry.schema import full_event, rows_to_batch
 from telemetry.store import HistoryStore
 
@@ -38,8 +47,8 @@ def sources(rows, tmp_path, batch=7):
         store.insert_batch("exp", part[0]["run_id"], [part[0]["seq"], part[-1]["seq"]],
                            min(r["ts"] for r in part), max(r["ts"] for r in part), encode(b), n=len(part))
     store.commit()
-    return {"live": lambda spec, f=None, now=None: idx.query(spec, f, now),
-            "history": lambda spec, f=None, now=None: store.query("exp", spec, f, now)}
+    return {"live": lambda spec, f=None, now=None, **limits: idx.query(spec, f, now, **limits),
+            "history": lambda spec, f=None, now=None, **limits: store.query("exp", spec, f, now, **limits)}
 
 
 @pytest.fixture
@@ -150,3 +159,148 @@ def test_live_index_is_bounded_and_keeps_newest(tmp_path):
         idx.append_batch(rows_to_batch(rows[i:i + 50], "exp", "run"))
     assert idx.n <= 100
     assert idx.query(("last_n", 3)) == rows[-3:]
+
+
+# --- validation and limits ------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("spec", [
+    ("last", 5, "fortnights"), ("last", NAN, "s"), ("last", INF, "minutes"), ("last", 1e300, "hours"),
+    ("last", 1e-9, "s"), ("sliding", 1, "s", 0), ("sliding", 1, "s", NAN), ("sliding", 1, "s", INF),
+    ("sliding", 1, "s", 1e-9), ("sliding", NAN, "s", 1), ("range", NAN, 1), ("range", 0, INF),
+    ("range", dt.datetime(2026, 1, 1), 5), ("last_n", 2.5), ("last", 5, ["s"]),
+])
+def test_prepare_query_refuses_bad_windows_in_the_callers_thread(spec):
+    with pytest.raises(QueryError, match="accepted forms"):
+        prepare_query(spec)
+
+
+@pytest.mark.parametrize("filters", [{"success": "yes"}, {"name": 3}, {"phase": ["a"]}, {"run_id": None},
+                                     {"parameters.k": [1]}, {"colour": "red"}, ["name"]])
+def test_prepare_query_refuses_bad_filters(filters):
+    with pytest.raises(QueryError, match="filter"):
+        prepare_query(("last_n", 1), filters)
+
+
+def test_prepare_query_gives_a_wire_form():
+    aware = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    spec, filters = prepare_query(("range", aware, aware + dt.timedelta(seconds=2)), {"name": "x"})
+    assert spec == ["range", aware.timestamp(), aware.timestamp() + 2] and filters == {"name": "x"}
+    assert decode(encode({"kind": "q", "spec": spec})) == {"kind": "q", "spec": spec}  # it can travel
+
+
+def test_query_error_replies_round_trip():
+    assert query_answer([1, 2]) == [1, 2]
+    with pytest.raises(QueryLimitError, match="limit"):
+        query_answer(decode(encode(query_error(QueryLimitError("over the limit")))))
+    with pytest.raises(QueryError, match="boom"):
+        query_answer(query_error(KeyError("boom")))
+
+
+@pytest.mark.parametrize(("spec", "limits", "match"), [
+    (("range", T0 / S, T0 / S + 60), {"max_rows": 50}, "select 60 events"),
+    (("last_n", 80), {"max_rows": 50}, "above the limit of 50"),
+    (("sliding", 1, "s", 1e-3), {}, "windows"),
+    (("sliding", 1, "s", 0.5), {"max_windows": 100}, "199 windows"),
+    (("sliding", 30, "s", 10), {"max_rows": 200}, "return 270 events"),
+])
+def test_limits_give_the_same_error_on_both_stores(data, spec, limits, match):
+    _rows, q = data
+    for src in ("live", "history"):
+        with pytest.raises(QueryLimitError, match=match):
+            q[src](spec, None, None, **limits)
+    assert len(q["live"](("last_n", 50), None, None, max_rows=50)) == 50  # at the limit is fine
+
+
+def test_windowed_metrics_refuse_bad_or_too_fine_steps(tmp_path):
+    rows = make_rows([T0 + k * S for k in range(100)])
+    idx = LiveIndex("exp")
+    idx.append_batch(rows_to_batch(rows, "exp", "run"))
+    for bad in (0, NAN, INF, 1e-9, -1):
+        with pytest.raises(QueryError, match="step_s"):
+            idx.windowed_metrics(10, bad)
+    with pytest.raises(QueryLimitError, match="windows"):
+        idx.windowed_metrics(10, 1e-5)
+
+
+# --- the same answer live and from the history ---------------------------------------------------------
+
+NAMES, PHASES = ("tick", "eval", "ctl"), ("a", "b", None)
+
+
+@st.composite
+def runs(draw):
+    """Events of one run (ts non-decreasing, some equal), cut into batches of random sizes."""
+    n = draw(st.integers(0, 60))
+    gaps = draw(st.lists(st.integers(0, 3 * S), min_size=n, max_size=n))
+    ts = (T0 + np.cumsum(gaps)).tolist() if n else []
+    rows = []
+    for i in range(n):
+        pick = draw(st.tuples(st.integers(0, 2), st.integers(0, 2), st.sampled_from([None, True, False]),
+                              st.sampled_from([None, {"k": 0}, {"k": 1}]), st.booleans()))
+        rows.append(full_event({
+            "v": 1, "seq": i, "ts": int(ts[i]), "experiment_id": "exp", "run_id": "r1", "pass": 0,
+            "name": NAMES[pick[0]], "phase": PHASES[pick[1]], "success": pick[2], "parameters": pick[3],
+            "step": i, "values": {"x": float(i)} if pick[4] else {}, "notes": "n" if i % 7 == 3 else None}))
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, n - 1)), max_size=6)))) if n > 1 else []
+    return rows, [rows[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True) if b > a]
+
+
+def _specs(span_s):
+    t = st.floats(0, span_s, allow_nan=False).map(lambda x: round(T0 / S + x, 6))
+    return st.one_of(
+        st.tuples(st.just("last_n"), st.integers(0, 70)),
+        st.tuples(st.just("range"), t, t).map(lambda s: (s[0], min(s[1:]), max(s[1:]))),
+        st.tuples(st.just("last"), st.integers(1, 200), st.sampled_from(["s", "seconds", "m"])),
+        st.tuples(st.just("sliding"), st.integers(1, 30), st.just("s"), st.sampled_from([0.5, 1, 2.5, 7, 30])),
+    )
+
+
+FILTERS = st.dictionaries(st.sampled_from(["name", "phase", "success", "parameters.k"]),
+                          st.sampled_from(["tick", "eval"]), max_size=2).map(
+    lambda f: {k: ({"name": v, "phase": "a" if v == "tick" else None, "success": v == "tick",
+                    "parameters.k": int(v == "tick")}[k]) for k, v in f.items()})
+
+
+def _answer(fn):
+    try:
+        return fn()
+    except QueryLimitError as exc:
+        return ("limit", str(exc))
+
+
+@settings(max_examples=120, deadline=None)
+@given(run=runs(), data=st.data())
+def test_the_same_query_gives_the_same_answer_live_and_from_the_history(run, data):
+    """Property: whatever the window, filters and limits, the live index of a run and the history
+    (with a newer and an older run of the same experiment beside it) agree, errors included."""
+    rows, parts = run
+    spec = data.draw(_specs(200))
+    filters = data.draw(FILTERS)
+    limits = data.draw(st.fixed_dictionaries({"max_rows": st.sampled_from([10, 40, 10_000]),
+                                              "max_windows": st.sampled_from([5, 10_000])}))
+    now_us = T0 + data.draw(st.integers(0, 200 * S))
+    idx = LiveIndex("exp")
+    store = HistoryStore(":memory:")
+    for part in parts:
+        b = decode(encode(rows_to_batch(part, "exp", "r1")))
+        idx.append_batch(b)
+        store.insert_batch("exp", "r1", [part[0]["seq"], part[-1]["seq"]], part[0]["ts"], part[-1]["ts"], encode(b),
+                           n=len(part))
+    for other, shift in (("r0", -S), ("r2", 5 * S)):  # runs of the same experiment, interleaved in time
+        noise = [dict(r, run_id=other, ts=r["ts"] + shift) for r in rows[:30]]
+        if noise:
+            store.insert_batch("exp", other, [0, len(noise) - 1], noise[0]["ts"], noise[-1]["ts"],
+                               encode(rows_to_batch(noise, "exp", other)), n=len(noise))
+    store.commit()
+    live = _answer(lambda: idx.query(spec, filters, now_us, **limits))
+    hist = _answer(lambda: store.query("exp", spec, filters, now_us, run_id="r1", **limits))
+    assert live == hist
+    if filters or spec[0] != "sliding":
+        return
+    wm_live = _answer(lambda: idx.windowed_metrics(spec[1], spec[3], max_windows=limits["max_windows"]))
+    wm_hist = _answer(lambda: store.windowed_metrics("exp", spec[1], spec[3], run_id="r1",
+                                                     max_windows=limits["max_windows"]))
+    assert wm_live == wm_hist
