@@ -58,6 +58,8 @@ class Snapshot:
         self._at: float | None = None
         self._version = 0
         self._fetching = False
+        self._fetch_began: float | None = None  # when the fetch under way began (time.monotonic)
+        self._last_fetch_s: float | None = None  # how long the last fetch took
 
     # --- the publishing side (the actor's thread, or a fetch) -------------------------------------
 
@@ -79,6 +81,11 @@ class Snapshot:
         """How many values have been published (a reader can wait for a newer one)."""
         return self._version
 
+    def wait_published(self, after: int, timeout: float | None = None) -> bool:
+        """Block until more than ``after`` values have been published (see :attr:`version`)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._version > after, timeout)
+
     def latest(self) -> Reading:
         """The latest value and its age, without refreshing; ``stale`` is decided by the caller."""
         with self._cond:
@@ -92,27 +99,28 @@ class Snapshot:
         """The latest value if it is at most ``max_age`` old; else refresh it with ``fetch``.
 
         ``fetch`` (typically an ask) runs on a helper thread, one at a time; its answer is
-        published when it comes. A read that starts a fetch waits at most ``wait`` seconds
-        for it; a read that finds one already under way does not wait (the actor is busy:
-        waiting again would only make every reader slow). Either way the answer is the
-        newest value there is, ``stale=True`` if it is older than ``max_age``.
+        published when it comes. The read waits for it, but never longer than ``wait``
+        seconds after the fetch began (a fetch started earlier by another reader counts), and
+        not at all when the last fetch took longer than ``wait`` (the actor is busy; waiting
+        would only make every reader slow). The answer is the newest value there is,
+        ``stale=True`` if it is older than ``max_age`` and was published before this read
+        began (so with ``max_age=0`` only a value published during the read is fresh).
         """
+        seen = self._version
         r = self.latest()
         if r.value is not None and r.age_s is not None and r.age_s <= max_age:
             return r
         if fetch is not None:
-            seen = self._version
-            if self._start_fetch(fetch) and wait > 0:
-                deadline = time.monotonic() + wait
-                with self._cond:
-                    while self._version == seen and self._fetching:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
+            self._start_fetch(fetch)
+            with self._cond:
+                slow = self._last_fetch_s is not None and self._last_fetch_s > wait
+                if wait > 0 and self._fetch_began is not None and not slow:
+                    deadline = self._fetch_began + wait
+                    while self._version == seen and self._fetching and (left := deadline - time.monotonic()) > 0:
                         self._cond.wait(left)
             r = self.latest()
-        stale = r.value is None or r.age_s is None or r.age_s > max_age
-        return Reading(r.value, r.age_s, stale)
+        fresh = r.value is not None and r.age_s is not None and (r.age_s <= max_age or self._version > seen)
+        return Reading(r.value, r.age_s, not fresh)
 
     def _start_fetch(self, fetch: Callable[[], Any]) -> bool:
         """Start ``fetch`` on a helper thread; False if one is already under way."""
@@ -120,6 +128,7 @@ class Snapshot:
             if self._fetching:
                 return False
             self._fetching = True
+            self._fetch_began = time.monotonic()
         threading.Thread(target=self._run_fetch, args=(fetch,), name="snapshot-fetch", daemon=True).start()
         return True
 
@@ -135,4 +144,7 @@ class Snapshot:
         finally:
             with self._cond:
                 self._fetching = False
+                if self._fetch_began is not None:
+                    self._last_fetch_s = time.monotonic() - self._fetch_began
+                self._fetch_began = None
                 self._cond.notify_all()
