@@ -334,15 +334,17 @@ def parse_line(line: bytes | str) -> dict[str, Any]:
             raise SchemaError(f"event has no {f!r}")
     for f, v in obj.items():
         types = _LINE_TYPES.get(f)
-        if types and v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+        if types is None or (v is None and f in OPTIONAL_FIELDS):
+            continue
+        if v is None or not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
             raise SchemaError(f"event field {f!r} must be {' or '.join(t.__name__ for t in types)}, got {v!r:.60}")
-        if types == (int,) and v is not None and not -(2**31 if f == "pass" else 2**63) <= v < (
-                2**31 if f == "pass" else 2**63):
+        bound = 2**31 if f == "pass" else 2**63
+        if types == (int,) and not -bound <= v < bound:
             raise SchemaError(f"event field {f!r} is out of range, got {v!r}")
     if obj.get("v", SCHEMA_VERSION) > SCHEMA_VERSION:
         raise SchemaError(f"schema version {obj['v']} is newer than this reader ({SCHEMA_VERSION})")
-    if obj["seq"] is None or obj["ts"] is None or not obj["name"]:
-        raise SchemaError("event 'seq', 'ts' and 'name' must be set")
+    if not obj["name"]:
+        raise SchemaError("event 'name' must not be empty")
     vals = obj.get("values")
     if vals:
         for k, x in list(vals.items()):

@@ -38,6 +38,9 @@ BAD = [  # valid JSON, wrong types: each broke a reader before
     {**good(105), "step": "4"},
     {**good(106), "experiment_id": 7},
     {**good(107), "ts": None},
+    {**good(108), "v": None},
+    {**good(109), "values": None},
+    {**good(110), "pass": None},
 ]
 NOT_EVENTS = [b"[1, 2]\n", b'"text"\n', b"{not json\n", b'{"seq": 1}\n', b"\xff\xfe\n",
               b'{"seq": 18446744073709551615, "ts": 1, "name": "x"}\n']
@@ -55,7 +58,7 @@ def write_run(tmp_path):
 
 @pytest.mark.parametrize("record", BAD)
 def test_parse_line_refuses_wrong_types_with_a_schema_error(record):
-    with pytest.raises(SchemaError, match=r"event field|must be set"):
+    with pytest.raises(SchemaError, match=r"event field|must not be empty"):
         parse_line(orjson.dumps(record))
 
 
