@@ -144,3 +144,11 @@ def test_init_table_check():
             check_init(bad)
     with pytest.raises(ValueError, match=r"init\.tries"):
         multistart(gnp(10, 0.5), tries=-1)
+
+
+def test_every_ranged_key_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "experiments.md").read_text()
+    missing = [k for k in _number_keys() if f"`{k}`" not in doc]
+    assert missing == []
