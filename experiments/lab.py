@@ -420,8 +420,8 @@ class Experiment:
         seconds (see :mod:`actors.snapshot`). ``stale`` says the figures are older than
         ``max_age`` and ``age_s`` how old they are (None: read from ``summary.json`` because
         the Recorder has not answered yet). ``max_age=0`` with a generous ``wait`` gets
-        figures that include everything sent to the Recorder before the call. Once ended:
-        the final summary, ``stale`` False.
+        figures the Recorder produced after the call began. Once ended: the final summary,
+        ``stale`` False.
         """
         base = self._final_summary
         flags: dict[str, Any] = {"stale": False, "age_s": 0.0}
