@@ -1,4 +1,5 @@
 import datetime as dt
+import time
 
 import numpy as np
 import pytest
@@ -304,3 +305,101 @@ def test_the_same_query_gives_the_same_answer_live_and_from_the_history(run, dat
     wm_hist = _answer(lambda: store.windowed_metrics("exp", spec[1], spec[3], run_id="r1",
                                                      max_windows=limits["max_windows"]))
     assert wm_live == wm_hist
+
+
+# --- through an experiment ----------------------------------------------------------------------------------
+
+def _spec(budget=600.0):
+    return {"name": "q", "time_budget_s": budget, "metrics": {"publish_interval_s": 0},
+            "workload": {"name": "latency", "params": {"target": "time:sleep", "args": [0.001], "calls_per_step": 5}}}
+
+
+def _persisted(exp):
+    return exp.registry.whereis("recorder").ask({"kind": "flush"}, timeout=30)["persisted"]
+
+
+def _until(cond, timeout=30.0):
+    """Wait for a condition no actor can signal (events on disk), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def _drain(exp):
+    """Everything the paused phase sent has passed anomaly -> sampler -> recorder."""
+    for name, kind in (("anomaly", "anomaly_metrics"), ("sampler", "counts"), ("recorder", "flush")):
+        exp.registry.whereis(name).ask({"kind": kind}, timeout=30)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    from supervisor import Lab
+
+    lab = Lab(tmp_path / "art")
+    yield lab
+    lab.shutdown()
+
+
+BAD_SPECS = [("last", 5, "fortnights"), ("last", NAN, "s"), ("last", INF, "s"), ("sliding", 1, "s", 0),
+             ("sliding", 1, "s", NAN), ("range", 0, INF)]
+
+
+def test_bad_queries_never_reach_the_tree(lab):
+    exp = lab.start_experiment(_spec())
+    rec = exp.registry.whereis("recorder")
+    _until(lambda: _persisted(exp) > 0)
+    exp.pause()  # quiet mailboxes: every answer below comes at once
+    for spec in BAD_SPECS * 2:  # more than the tree's restart intensity
+        with pytest.raises(QueryError, match="accepted forms"):
+            exp.query_window(spec)
+    for spec in BAD_SPECS:  # sent to the Recorder unchecked: it answers an error, it does not crash
+        with pytest.raises(QueryError):
+            query_answer(rec.ask({"kind": "query_window", "spec": list(spec)}, timeout=10))
+    with pytest.raises(QueryError):
+        query_answer(rec.ask({"kind": "query_window", "spec": ["last_n", 1], "filters": {"success": "x"}}))
+    with pytest.raises(QueryError):
+        query_answer(rec.ask({"kind": "windowed_metrics", "window_s": 1, "step_s": 0}, timeout=10))
+    with pytest.raises(QueryError):
+        query_answer(rec.ask({"kind": "recent", "n": "all"}, timeout=10))
+    t0 = time.monotonic()
+    with pytest.raises(QueryLimitError, match="above the limit"):
+        exp.query_window(("sliding", 1, "s", 2e-6))  # millions of windows: refused before any work
+    assert time.monotonic() - t0 < 5
+    before = _persisted(exp)
+    exp.resume()
+    _until(lambda: _persisted(exp) > before)  # recording goes on
+    assert exp.registry.whereis("recorder") is rec and rec.is_alive()
+    assert exp.status() == "running"
+    exp.stop()
+    assert exp.summary()["restarts"] == {}
+
+
+CALLS = {"name": "call"}
+
+
+def _answers(exp):
+    t0 = dt.datetime.fromtimestamp(exp.query_window(("last_n", 1_000_000), CALLS)[0]["ts"] / S, dt.UTC)
+    specs = [("last_n", 40), ("last_n", 1_000_000), ("range", t0, t0 + dt.timedelta(milliseconds=300)),
+             ("sliding", 0.2, "s", 0.1)]
+    return {str(s): exp.query_window(s, CALLS) for s in specs}
+
+
+def test_queries_after_the_run_stops_give_the_live_answers(lab, tmp_path):
+    from supervisor import Lab
+
+    exp = lab.start_experiment(_spec())
+    _until(lambda: _persisted(exp) > 300)
+    exp.pause()
+    _drain(exp)
+    live = _answers(exp)  # aware datetimes travel to the Recorder too
+    assert len(live["('last_n', 40)"]) == 40 and live["('sliding', 0.2, 's', 0.1)"]
+    exp.stop()
+    assert _answers(exp) == live  # from the history now
+    with Lab(tmp_path / "art") as again:  # a newer run of the same experiment
+        newer = again.start_experiment(_spec())
+        assert newer.id == exp.id and newer.run_id != exp.run_id
+        _until(lambda: _persisted(newer) > 100)
+        newer.stop()
+    assert _answers(exp) == live
+    assert all(e["run_id"] == exp.run_id for e in exp.query_window(("last_n", 10_000)))
