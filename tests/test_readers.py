@@ -105,3 +105,14 @@ def test_monitor_summary_and_tail_survive_mistyped_lines(tmp_path, capsys):
     assert main(["export", "run-1", "--format", "csv", "--out", str(tmp_path / "x.csv"), "--artifacts", art]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"exported 6 events of {run} to {tmp_path / 'x.csv'}; skipped {len(BAD) + len(NOT_EVENTS)} unreadable" in out
+
+
+def test_export_to_a_place_that_cannot_be_written_is_a_usage_error(tmp_path, capsys):
+    write_run(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["export", "run-1", "--out", str(blocker / "x.csv"), "--format", "csv",
+              "--artifacts", str(tmp_path / "art")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1
