@@ -60,9 +60,9 @@ def test_format_and_alerts():
 
 def test_monitor_tails_a_live_run_until_it_stops(tmp_path, capsys):
     lab = Lab(tmp_path / "art")
-    exp = lab.start_experiment({"name": "mon", "time_budget_s": 1.0,
+    exp = lab.start_experiment({"name": "mon", "time_budget_s": 60.0,  # ends after its calls: a bounded output
                                 "workload": {"name": "latency", "params": {"target": "math:sqrt", "args": [2.0],
-                                                                           "calls_per_step": 5}}})
+                                                                           "calls_per_step": 5, "calls": 3000}}})
     code = {}
     t = threading.Thread(target=lambda: code.setdefault(
         "rc", main(["monitor", exp.run_id, "--artifacts", str(tmp_path / "art"), "--name", "call",
@@ -107,3 +107,33 @@ def test_set_get_show_keep_comments_and_validate(tmp_path):
         get_value(p, "telemetry.nope")
     assert 'name = "x"' in show(p) and "batch_size = 1024" in show(p)
     assert main(["get", str(p), "workload.params.calls_per_step"]) == 0
+
+
+def test_a_follower_stops_for_every_ended_status_and_only_then(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from experiments.monitor import run_stopped, run_summary
+    from experiments.rundir import owner_info, write_json
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    cases = {"running": False, "paused": False, "stopped": True, "failed": True, "archived": True}
+    for status, ended in cases.items():
+        run = tmp_path / status
+        run.mkdir()
+        write_json(run / "lifecycle.json", {"status": status, "owner": owner_info(), "updated_at": time.time()})
+        assert run_stopped(run) is ended, status
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    write_json(dead / "lifecycle.json", {"status": "running", "owner": {**owner_info(), "pid": gone.pid},
+                                         "updated_at": time.time()})
+    (dead / "events.jsonl").write_bytes(line(0) + line(1) + line(2))
+    (dead / "summary.json").write_bytes(orjson.dumps({"events_persisted": 1}))
+    os.utime(dead / "summary.json", (0, 0))  # older than the events: the run died between two summaries
+    assert run_stopped(dead)
+    s = run_summary(dead)
+    assert s["status"] == "crashed" and f"pid {gone.pid}" in s["reason"]
+    assert (s["events_persisted"], s["summary_lag_events"]) == (3, 2)
+    assert run_stopped(tmp_path / "no-record")  # nothing says it is alive: nothing to wait for
