@@ -198,7 +198,10 @@ class StatusReport:
 def _iso(ts: Any) -> str:
     if not isinstance(ts, (int, float)) or isinstance(ts, bool):
         return "never"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"at an impossible time ({ts!r})"
 
 
 def status_from_record(rec: dict[str, Any] | None, now: float | None = None) -> StatusReport:

@@ -216,6 +216,9 @@ def test_ended_and_missing_records():
     assert (failed.status, failed.reason, failed.live) == ("failed", "failed: x", False)
     assert status_from_record(None).status == "unknown"
     assert status_from_record(record(status="crashed")).status == "unknown"  # only ever derived
+    for when in (1e300, -1e300, float("nan")):  # a damaged clock field is reported, never a crash
+        assert status_from_record(record(updated_at=when)).status == "running"
+        assert status_from_record(record(status="stopped", updated_at=when)).status == "stopped"
 
 
 @given(st.one_of(st.binary(max_size=200), st.dictionaries(
