@@ -21,7 +21,8 @@ from pathlib import Path
 
 def atomic_write(path: str | Path, data: bytes, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` atomically (``mode``: the new file's permissions; by
-    default those of the file it replaces, else 0644 less the umask).
+    default those of the file it replaces, else 0644; the umask is not consulted, because
+    reading it means setting it, which would race with other threads creating files).
 
     Raises:
         OSError: when the folder cannot take the file (nothing is left behind).
@@ -31,9 +32,7 @@ def atomic_write(path: str | Path, data: bytes, mode: int | None = None) -> None
         try:
             mode = path.stat().st_mode & 0o7777
         except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o644 & ~umask
+            mode = 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
