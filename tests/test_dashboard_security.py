@@ -240,7 +240,7 @@ paths = st.one_of(
               st.one_of(st.integers(-10**20, 10**20).map(str), segment)),
     st.builds(lambda a: f"/api/control/{quote(a, safe='')}", st.one_of(st.sampled_from(["pause", "resume",
                                                                                        "restart", "stop"]), segment)),
-    st.lists(segment, max_size=4).map(lambda segs: "/" + "/".join(quote(s, safe="") for s in segs)),
+    st.lists(segment.filter(bool), max_size=4).map(lambda segs: "/" + "/".join(quote(s, safe="") for s in segs)),
     st.sampled_from(["/", "/ws", "/metrics", "/static/app.js", "/static/../server.py", "/static/%2e%2e/server.py",
                      "/?token=", "/api/experiments?experiment=sec", "/api/experiments/", "/%ff%fe",
                      "/api/experiments/%ff", "/api/metrics/live?experiment=%ff", "/static/index.html"]),

@@ -5,7 +5,8 @@
 const MAX_POINTS = 5000;
 const UNITS = {chromatic_number: "colours", latency_ms: "ms (latency)"};
 let selected = null, experiments = [], view = emptyView(), revision = 0;
-window.__points = 0;
+window.__points = 0;  // points drawn and pushes taken: what a test can wait on
+window.__pushes = 0;
 
 function emptyView() {
   return {series: {}, anomalies: {y: {x: [], y: [], text: []}, y2: {x: [], y: [], text: []}}, phases: {},
@@ -142,14 +143,22 @@ function colourStep(series) {
 }
 
 function renderList() {
-  const box = document.getElementById("experiments");
-  box.replaceChildren(...experiments.map(e => {
-    const row = el("div", null, "exp" + (e.id === selected ? " sel" : ""));
-    row.dataset.id = e.id;
-    row.append(el("span", e.id), " ", el("span", e.status, "status-" + e.status));
-    row.onclick = () => select(e.id);
-    return row;
-  }));
+  // rows are updated in place, not rebuilt on every push: a click must land on the row it aimed at
+  const box = document.getElementById("experiments"), ids = new Set(experiments.map(e => e.id));
+  for (const row of Array.from(box.children)) if (!ids.has(row.dataset.id)) row.remove();
+  experiments.forEach((e, i) => {
+    let row = box.querySelector(`.exp[data-id="${CSS.escape(e.id)}"]`);
+    if (!row) {
+      row = el("div", null, "exp");
+      row.dataset.id = e.id;
+      row.append(el("span", e.id), " ", el("span"));
+      row.onclick = () => select(e.id);
+    }
+    if (box.children[i] !== row) box.insertBefore(row, box.children[i] || null);
+    row.classList.toggle("sel", e.id === selected);
+    const status = row.lastChild;
+    if (status.textContent !== e.status) { status.textContent = e.status; status.className = "status-" + e.status; }
+  });
   const cur = experiments.find(e => e.id === selected);
   document.getElementById("current").textContent = cur ? cur.id : "-";
   document.getElementById("status").textContent = cur ? cur.status : "-";
@@ -221,6 +230,7 @@ function connect() {
   };
   ws.onmessage = (m) => {
     const d = JSON.parse(new TextDecoder().decode(m.data));
+    window.__pushes++;
     experiments = d.experiments;
     if (!selected && experiments.length) { select(experiments[0].id); return; }
     if (selected && !view.loading && d.events[selected]) addEvents(d.events[selected]);
