@@ -156,6 +156,7 @@ class Recorder(EventConsumer):
         self.storage_error: str | None = None
         self.started_ts: int | None = None
         self._pending: list[dict[str, Any]] = []  # written to both stores, not yet committed
+        self._told = False  # whether on_storage_failure has been told
         self._fsync_timer: threading.Timer | None = None
         self._last_summary = 0.0
         self.last_seq = self.jsonl.last_seq
@@ -184,17 +185,12 @@ class Recorder(EventConsumer):
         if self.last_seq >= 0:
             db_max = self.store.max_seq(self.run_id)
             chunk: list[dict[str, Any]] = []
-            try:
-                for ev in iter_run(self.run_dir):
-                    chunk.append(ev)
-                    if len(chunk) >= 50_000:
-                        self._absorb_recovered(chunk, db_max)
-                        chunk = []
-                self._absorb_recovered(chunk, db_max)
-            except _STORAGE_ERRORS as exc:  # the back-fill needs room too
-                self.store.rollback()
-                self.storage_error = f"storage: {exc}"
-                log.error("history back-fill failed; recording stops", run_id=self.run_id, error=str(exc))
+            for ev in iter_run(self.run_dir):
+                chunk.append(ev)
+                if len(chunk) >= 50_000:
+                    self._absorb_recovered(chunk, db_max)
+                    chunk = []
+            self._absorb_recovered(chunk, db_max)
             self.received = self.persisted + self.storage_dropped
             log.info("recorder resumed run", run_id=self.run_id, persisted=self.persisted,
                      last_seq=self.last_seq, incarnation=incarnation)
@@ -203,13 +199,21 @@ class Recorder(EventConsumer):
         return incarnation
 
     def _absorb_recovered(self, rows: list[dict[str, Any]], db_max: int) -> None:
+        """Count events found in the JSONL (acknowledged: the JSONL is the reference) and back-fill
+        the history with those it lacks; if the back-fill fails, recording stops (storage failure)
+        and a later start back-fills what is missing."""
         if not rows:
             return
-        missing = [r for r in rows if r["seq"] > db_max]
-        for i in range(0, len(missing), 1024):
-            part = missing[i:i + 1024]
-            self._insert(rows_to_batch(part, self.experiment_id, self.run_id))
-        self.store.commit()
+        missing = [r for r in rows if r["seq"] > db_max] if self.storage_error is None else []
+        try:
+            for i in range(0, len(missing), 1024):
+                part = missing[i:i + 1024]
+                self._insert(rows_to_batch(part, self.experiment_id, self.run_id))
+            self.store.commit()
+        except _STORAGE_ERRORS as exc:
+            self.store.rollback()
+            self.storage_error = f"storage: {exc}"
+            log.error("history back-fill failed; recording stops", run_id=self.run_id, error=str(exc))
         self._apply(rows_to_batch(rows, self.experiment_id, self.run_id))
 
     # --- persisting --------------------------------------------------------------------------------
@@ -218,6 +222,8 @@ class Recorder(EventConsumer):
         self._take_counters(msg)
         if "sampling" in msg:
             self._take_sampling(msg["sampling"])
+        if self.storage_error is not None and not self._told:
+            self._tell_failure()  # a failure found at start: the phase exists once events come
         b = msg
         seq = msg["seq"]
         if msg["n"] and int(seq[0]) <= self.last_seq:
@@ -302,7 +308,12 @@ class Recorder(EventConsumer):
         self.last_seq = self._mark[1]
         self._shrink_reserve()
         self._write_summary(quiet=True)
-        if first and self.on_storage_failure is not None:
+        if first:
+            self._tell_failure()
+
+    def _tell_failure(self) -> None:
+        self._told = True
+        if self.on_storage_failure is not None:
             self.on_storage_failure.tell_bytes(encode({"kind": "stop", "reason": self.storage_error}))
 
     def _make_reserve(self) -> None:

@@ -397,3 +397,36 @@ def test_a_really_full_disk(small_tmpfs):
     assert no_tmp_files(small_tmpfs) == []
     # the space the Recorder reserved let the files written after it stopped land too
     assert orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())["reason"] == exp.reason
+
+
+def test_a_backfill_that_fails_at_start_stops_recording(tmp_path, monkeypatch):
+    """A restarted Recorder that cannot back-fill the history keeps what the JSONL holds,
+    writes nothing more, and stops the run when events come."""
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=10, flush_interval=60)
+    emit_calls(em, 50)
+    em.close()
+    rec.stop()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    with db:
+        db.execute("DELETE FROM batches WHERE seq_lo >= 30")  # as if the history had fallen behind
+    db.close()
+    failing_insert(monkeypatch, 0, ENOSPC)
+    stopped = threading.Event()
+    probe = StopProbe.start(stopped)
+    rec2 = Recorder.start(tmp_path, "exp", "run", on_storage_failure=probe)
+    s = rec2.ask({"kind": "summary"})
+    assert s["storage_error"] == f"storage: {ENOSPC}" and s["events_persisted"] == 50
+    topics2 = Topics()
+    topics2.subscribe("events", rec2)
+    em2 = Emitter(topics2, "exp", "run", batch_size=10, flush_interval=60, seq_start=50)
+    emit_calls(em2, 20, start=50)
+    em2.close()
+    assert stopped.wait(10)
+    s = rec2.ask({"kind": "summary"})
+    assert s["events_persisted"] == 50 and s["events_dropped_storage"] == 20 and rec2.is_alive()
+    rec2.stop()
+    probe.stop()
+    assert [e["seq"] for e in iter_run(tmp_path / "exp" / "run")] == list(range(50))

@@ -1,3 +1,4 @@
+import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -5,11 +6,13 @@ from actors.messages import decode, encode
 from telemetry.schema import (
     GPU_MODES,
     batch_rows,
+    check_batch,
     check_id,
     dumps_line,
     full_event,
     parse_line,
     rows_to_batch,
+    select_rows,
 )
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
@@ -78,3 +81,13 @@ def test_numba_jsonl_lines_parse_to_the_batch_rows(evs):
     assert data.endswith(b"\n") and data.count(b"\n") == len(rows)
     assert [parse_line(line) for line in data.splitlines()] == rows
     assert data == b"".join(dumps_line(r) for r in batch_rows(batch))  # byte for byte what orjson writes
+
+
+@given(st.lists(event, max_size=30), st.data())
+def test_every_well_formed_batch_passes_the_batch_check(evs, data):
+    """No false refusals: a batch built from valid events, sent, and cut by a sampler, is accepted."""
+    rows = _with_ids(evs)
+    batch = decode(encode(rows_to_batch(rows, "exp", "run")))
+    check_batch(batch)
+    keep = np.array(data.draw(st.lists(st.booleans(), min_size=len(rows), max_size=len(rows))), dtype=bool)
+    check_batch(decode(encode(select_rows(batch, keep))))
