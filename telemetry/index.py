@@ -1,8 +1,10 @@
 """The live, time-ordered columnar index of a run's recent events (bounded memory).
 
 Columns are numpy arrays that grow by doubling; ``ts`` stays sorted, so a time window
-is two binary searches (``np.searchsorted``), never a scan. Past ``limit`` rows the
-oldest half is dropped (the SQLite history keeps everything).
+is two binary searches (``np.searchsorted``), never a scan; filters are column masks, and
+only the selected events become dicts. Past ``limit`` rows the oldest half is dropped (the
+SQLite history keeps everything); a query asked with ``complete=True`` that would need
+dropped events raises :class:`IndexIncomplete`, and the Recorder then asks the history.
 """
 
 from __future__ import annotations

@@ -2,10 +2,14 @@
 
 Events are stored the way they arrive: one row per batch, holding the columnar batch
 (msgpack, the wire format: about a quarter of the JSONL size), its ``seq`` range and its
-``ts`` range. An index on ``(experiment_id, ts_lo)``
-finds the batches that overlap a time window (B-tree range scan plus the experiment's
-largest batch span), and only those are decoded: never a full scan. ``(run_id, seq_lo)``
-is the primary key, so a replayed batch is never stored twice.
+``ts`` range. Indexes on ``(experiment_id, ts_lo)`` and ``(run_id, ts_lo)`` find the
+batches that overlap a time window (B-tree range scan plus the experiment's largest batch
+span), and only those are decoded: never a full scan. Filters are applied to a decoded
+batch's columns, and only the events that pass become dicts. ``(run_id, seq_lo)`` is the
+primary key, so a replayed batch is never stored twice.
+
+Queries take the limits of :mod:`telemetry.query` and an optional ``run_id`` (one run's
+events: what that run's Recorder answers live).
 """
 
 from __future__ import annotations
