@@ -191,6 +191,9 @@ class PhaseActor(Actor):
         self.finished = True
         self._tick()
         assert self.emitter is not None
+        finish = getattr(self.workload, "finish", None)  # optional: a workload that keeps partial results
+        if finish is not None:
+            finish(self.emitter, reason)
         self._checkpoint(force=True)
         self.emitter.emit("phase_end", {"steps": float(self.steps), "active_s": self._active_s}, notes=reason,
                           phase=self.workload.params().get("phase"))

@@ -91,6 +91,53 @@ def rates(args: argparse.Namespace) -> None:
                 pop.close()
 
 
+class _Quiet:
+    """An emitter that keeps the step events' values and nothing else."""
+
+    def __init__(self) -> None:
+        self.last: dict = {}
+
+    def emit(self, name: str, values: dict | None = None, **kw) -> None:
+        if name == "step" and values:
+            self.last = values
+
+    def set_context(self, **kw) -> None:
+        pass
+
+
+def search(args: argparse.Namespace) -> None:
+    from experiments.coloring.verify import check_coloring
+    from experiments.coloring.workload import ColoringWorkload
+
+    for item in args.instances.split(","):
+        name, target, limit = item.split(":")
+        target, limit = int(target), float(limit) * args.limit_scale
+        params = {"graph": {"file": name} if not name.startswith("gnp") else
+                  {"generator": "gnp", "n": int(name.split("-")[1]), "p": 0.5, "seed": int(name.split("-")[2])},
+                  "target": target, "phases": args.phases.split(","), "gpu": args.gpu,
+                  "population": {"population": args.population, "crossover_rate": args.crossover_rate,
+                                 "threads_per_chain": args.threads, "tenure_alpha": args.tenure_alpha}}
+        w = ColoringWorkload(ColoringWorkload.check_params(params), args.seed)
+        em = _Quiet()
+        t0 = time.perf_counter()
+        w.start(em)
+        last = None
+        print(f"\n{name}: target {target}, limit {limit:.0f} s", flush=True)
+        while time.perf_counter() - t0 < limit:
+            if w.step(em):
+                break
+            if w.best_k != last:
+                last = w.best_k
+                v = em.last
+                print(f"  {time.perf_counter() - t0:8.1f} s  {w.best_k:>4} colours  phase={w.phase} "
+                      f"gpu_mode={w.gpu_mode}  P={v.get('population', 0):.0f} "
+                      f"it/s={v.get('iters_per_s', 0):,.0f}", flush=True)
+        v = check_coloring(w.g, w.best)
+        print(f"  result: {v['k']} colours, proper={v['proper']}, {w.seconds_to_best:.1f} s to best, "
+              f"target {'met' if v['proper'] and v['k'] <= target else 'NOT met'}; gpu_mode={w.gpu_mode} "
+              f"({w.gpu_reason})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -102,6 +149,17 @@ def main() -> None:
     r.add_argument("--per-sm", type=int, default=16)
     r.add_argument("--iters", type=int, default=2000, help="iterations per chain per launch")
     r.set_defaults(func=rates)
+    s = sub.add_parser("search")
+    s.add_argument("--instances", default="DSJC500.5:48:600")
+    s.add_argument("--phases", default="population")
+    s.add_argument("--gpu", default="auto")
+    s.add_argument("--population", type=int, default=0)
+    s.add_argument("--crossover-rate", type=float, default=0.1)
+    s.add_argument("--threads", type=int, default=64)
+    s.add_argument("--tenure-alpha", type=float, default=0.6)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--limit-scale", type=float, default=1.0)
+    s.set_defaults(func=search)
     args = ap.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     args.func(args)

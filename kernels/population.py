@@ -167,7 +167,7 @@ class CudaPopulation:
         self.d_colors = cuda.to_device(cols)
         self.d_best = cuda.to_device(cols)
         self.d_gamma = cuda.device_array((p, n * k), dtype=np.int16)
-        self.d_tabu = cuda.device_array((p, n * k), dtype=np.int64)
+        self.d_tabu = cuda.device_array((p, n * k), dtype=np.int32)
         self.d_f = cuda.device_array(p, dtype=np.int64)
         self.d_best_f = cuda.device_array(p, dtype=np.int64)
         self.d_it = cuda.device_array(p, dtype=np.int64)
@@ -239,8 +239,8 @@ def cuda_status() -> tuple[bool, str | None]:
 
 
 def chain_bytes(n: int, k: int) -> int:
-    """Device memory of one chain: gamma (int16) + tabu (int64) + two colourings (int32)."""
-    return n * k * (2 + 8) + 2 * 4 * n
+    """Device memory of one chain: gamma (int16) + tabu (int32) + two colourings (int32)."""
+    return n * k * (2 + 4) + 2 * 4 * n
 
 
 def auto_size(n: int, k: int, free_bytes: int, sms: int, per_sm: int = 16, lo: int = 256, hi: int = 65536) -> int:

@@ -16,7 +16,8 @@ per generation. Per iteration the block's threads
 
 Colours, conflict counts and the candidate list live in shared memory (int16); the gamma
 table lives in shared memory too when it fits (``gamma_in_shared``), else in global memory.
-The tabu table (int64 iteration numbers) is global. Random numbers: one 32-bit xorshift
+The tabu table (int32 iteration numbers, saturating: a chain would need 2**31 iterations,
+days at these rates, before its tabu list stopped forbidding anything) is global. Random numbers: one 32-bit xorshift
 state per thread, kept in ``rng`` between launches.
 
 The same code runs under numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which is how
@@ -161,7 +162,8 @@ def _iterate(indptr, indices, n, k, gam, col, conf, cand, cnt, red_d, red_n, red
             col[mv] = mc
             conf[mv] = gam[mv * k + mc]
             s = xorshift(s)
-            tabu[mv * k + old] = it + below(s, tenure_a) + int(alpha * n_cand)
+            until = it + below(s, tenure_a) + int(alpha * n_cand)
+            tabu[mv * k + old] = until if until < 2147483647 else 2147483647
         f += md
         it += 1
         done += 1
@@ -179,7 +181,7 @@ def tabu_chains(indptr, indices, n, k, colors, gamma, tabu, f_arr, best_f, best_
     """Advance every chain (one block each) by up to ``iters`` TabuCol iterations.
 
     ``colors``/``best_colors``: P x n int32; ``gamma``: P x (n*k) int16; ``tabu``: P x (n*k)
-    int64; ``f_arr``/``best_f``/``it_arr``/``done_arr``: P; ``rng``: P x blockDim uint32.
+    int32; ``f_arr``/``best_f``/``it_arr``/``done_arr``: P; ``rng``: P x blockDim uint32.
     Dynamic shared memory: int16 x (3n [+ n*k when ``gamma_in_shared``]).
     """
     b = cuda.blockIdx.x

@@ -16,7 +16,7 @@ from actors.log import get_logger
 log = get_logger("telemetry.schema")
 
 SCHEMA_VERSION = 1
-GPU_MODES = ("gpu", "cpu_fallback", "cpu_disabled")
+GPU_MODES = ("gpu", "cpu_fallback", "cpu_disabled", "cpu")  # cpu: the phase runs on the CPU by design
 FIELDS = (
     "v", "seq", "ts", "experiment_id", "run_id", "pass", "phase", "step", "name", "values",
     "success", "gpu_mode", "gpu_reason", "parameters", "notes", "anomaly",

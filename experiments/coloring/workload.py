@@ -53,13 +53,15 @@ import numpy as np
 import orjson
 
 from experiments.coloring import population as pop_phase
-from experiments.coloring.graph import Graph, GraphError, load_graph
-from experiments.coloring.init import STRATEGIES, initial_coloring
+from experiments.coloring.graph import MAX_VERTICES, Graph, GraphError, check_graph, load_graph
+from experiments.coloring.init import check_init, initial_coloring
+from experiments.validate import Num
 from kernels.backend import select_backend, to_numpy
 from kernels.coloring import anneal, build_gamma, count_conflicts, gpx, seed_rng, tabucol
 from telemetry.emitter import Emitter
 
 PHASES = ("thermo", "tabu", "memetic", "population")
+DENSE_MAX_N = 16_384  # thermo's GPU array path holds an n x n int32 adjacency: 1 GiB at this size
 DEFAULTS: dict[str, Any] = {
     "graph": {"generator": "gnp", "n": 125, "p": 0.5, "seed": 1},
     "init": {"strategy": "dsatur", "tries": 64},
@@ -105,12 +107,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[
 
 
 def check_number(section: str, key: str, v: Any) -> Any:
+    """``v`` if it is a finite number in the parameter's range (``ValueError`` naming it if not)."""
     lo, hi, integer = LIMITS[(section, key)]
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise ValueError(f"{section}.{key} must be {'an integer' if integer else 'a number'}, got {v!r}")
-    if not lo <= v <= hi:
-        raise ValueError(f"{section}.{key} must be in [{lo}, {hi}], got {v!r}")
-    return v
+    return Num(lo, hi, integer=integer).check(f"{section}.{key}", v)
 
 
 class ColoringWorkload:
@@ -121,19 +120,13 @@ class ColoringWorkload:
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         p = _merge(DEFAULTS, params)
-        g = p["graph"]
-        if not isinstance(g, dict) or (not g.get("file") and g.get("generator", "gnp") not in ("gnp", "planted")):
-            raise ValueError(f"graph must name a file or a generator (gnp, planted), got {g!r}")
-        if g.get("file") and not Path(g["file"]).exists():
-            raise ValueError(f"graph.file {g['file']!r} does not exist")
-        if p["init"]["strategy"] not in STRATEGIES:
-            raise ValueError(f"init.strategy must be one of {', '.join(STRATEGIES)}, got {p['init']['strategy']!r}")
+        p["graph"] = check_graph(p["graph"])
+        p["init"] = check_init(p["init"])
         if not isinstance(p["phases"], list) or not p["phases"] or any(x not in PHASES for x in p["phases"]):
             raise ValueError(f"phases must be a non-empty list of {', '.join(PHASES)}, got {p['phases']!r}")
         if p["gpu"] not in ("auto", "gpu", "cpu"):
             raise ValueError(f"gpu must be auto, gpu or cpu, got {p['gpu']!r}")
-        if isinstance(p["target"], bool) or not isinstance(p["target"], int) or p["target"] < 0:
-            raise ValueError(f"target must be an integer >= 0, got {p['target']!r}")
+        Num(0, MAX_VERTICES, integer=True).check("target", p["target"])
         for (section, key) in LIMITS:
             check_number(section, key, p[section][key])
         if p["thermo"]["t_min"] > p["thermo"]["t_max"]:
@@ -461,6 +454,9 @@ class ColoringWorkload:
         reps = np.stack([start] + [self._perturb(start, k, 0.05) for _ in range(r - 1)])
         self._state["colors"] = reps
         self._betas()
+        if self.gpu_mode == "gpu" and self.g.n > DENSE_MAX_N:
+            self.gpu_mode, self.gpu_reason = "cpu_fallback", (
+                f"{self.g.n} vertices: the array path's dense n x n adjacency is kept to {DENSE_MAX_N}")
         if self.gpu_mode == "gpu":
             from kernels.replicas_xp import build_gamma_xp, dense_adjacency
 
