@@ -22,8 +22,10 @@ the policy then continues from the merged statistics. Nobody's learning is lost 
 writer ever renames another's temporary file. With ``enabled = false`` the actor only
 observes (the A/B's control arm).
 
-It is the last child of the experiment tree, so that under ``rest_for_one`` its own crash
-restarts only itself and never the phase.
+Its ``events`` batches are checked like every consumer's (:mod:`actors.consumer`): a
+malformed batch is counted in ``bad_batches`` and logged, never acted on, so no sender can
+crash it. It is the last child of the experiment tree, so that under ``rest_for_one`` its
+own crash restarts only itself and never the phase.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from actors.base import Actor
+from actors.consumer import EventConsumer
 from actors.files import atomic_write, locked
 from actors.log import get_logger
 
@@ -169,8 +171,12 @@ class Policy:
         self.stats, self._synced = merged, copy.deepcopy(merged)
 
 
-class Hypertune(Actor):
-    """Watches the run and steers the phase; see the module docs."""
+class Hypertune(EventConsumer):
+    """Watches the run and steers the phase; see the module docs.
+
+    Its ``events`` batches are checked by :class:`~actors.consumer.EventConsumer` first: a
+    malformed one is counted in ``bad_batches`` (see ``get``) and never reaches the policy.
+    """
 
     def __init__(self, experiment_id: str, enabled: bool = False, registry: Any = None, *,
                  window_s: float = 5.0, policy: str = "ucb", state_file: str | Path | None = None,
@@ -207,7 +213,7 @@ class Hypertune(Actor):
         conf = 0.0 if math.isinf(self.min_conf) else self.min_conf
         return SCORE_K * (self.best if math.isfinite(self.best) else 0.0) + conf
 
-    def handle_events(self, msg: dict[str, Any]) -> None:
+    def on_events(self, msg: dict[str, Any]) -> None:
         names = msg["names"]
         if "step" not in names:
             return
@@ -314,7 +320,9 @@ class Hypertune(Actor):
         self.snapshots += 1
 
     def handle_anomalies(self, msg: dict[str, Any]) -> None:
-        self.anomalies += len(msg.get("items", ()))
+        items = msg.get("items")
+        if isinstance(items, list):  # anything else is not a summary this actor can count
+            self.anomalies += len(items)
 
     def handle_anomaly_period(self, msg: dict[str, Any]) -> None:
         if msg.get("state") == "start":
@@ -327,7 +335,8 @@ class Hypertune(Actor):
         return {"enabled": self.enabled, "acting": self.enabled, "policy": self.policy.kind,
                 "state_loaded": self.loaded, "snapshots_seen": self.snapshots, "anomalies_seen": self.anomalies,
                 "anomaly_periods_seen": self.periods, "actions": list(self.actions),
-                "stats": dict(self.policy.stats), "phase": self.phase, "best": self.best}
+                "stats": dict(self.policy.stats), "phase": self.phase, "best": self.best,
+                "bad_batches": self.bad_batches}
 
     def handle_crash(self, msg: dict[str, Any]) -> None:
         """Fault injection for tests and drills."""

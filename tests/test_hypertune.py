@@ -85,6 +85,32 @@ def test_progress_means_no_action_and_disabled_only_observes():
         r.stop()
 
 
+def test_malformed_batches_are_counted_and_never_reach_the_policy():
+    """Every way a batch can decode and still be wrong (the consumers' shared list) is counted in
+    ``bad_batches``; hypertune stays alive and still acts on the good batches that follow."""
+    from tests.test_pipeline_faults import MUTATIONS
+
+    reg = Registry()
+    phase = FakePhase.start()
+    reg.register("phase", phase)
+    ht = Hypertune.start("exp", True, reg, window_s=1.0)
+    try:
+        for _, mutate in MUTATIONS:
+            ht.tell_bytes(encode(mutate(steps(0, 10, 0.1, lambda n: [5] * n))))
+        ht.tell({"kind": "anomalies", "items": 5})  # not a list of items: ignored, not a crash
+        state = ht.ask({"kind": "get"})
+        assert state["bad_batches"] == len(MUTATIONS)
+        assert state["phase"] is None and state["anomalies_seen"] == 0  # nothing of them was taken in
+        ht.tell_bytes(encode(steps(0, 10, 0.1, lambda n: [5] * n)))
+        ht.tell_bytes(encode(steps(1.0, 3, 0.1, lambda n: [5] * n)))
+        state = ht.ask({"kind": "get"})
+        assert state["bad_batches"] == len(MUTATIONS) and len(state["actions"]) == 1
+        assert [m["event"] for m in phase.ask({"kind": "got"})] == ["hypertune_action"]
+    finally:
+        for r in (ht, phase):
+            r.stop()
+
+
 @pytest.mark.parametrize("kind", ["ucb", "epsilon_greedy"])
 def test_policy_learns_the_better_arm(kind):
     rng = np.random.default_rng(0)
