@@ -302,7 +302,7 @@ class Recorder(EventConsumer):
         except sqlite3.Error as err:
             log.error("history roll-back failed", run_id=self.run_id, error=str(err))
         try:
-            _abandon(self.jsonl, self._mark[0])
+            self.jsonl.abandon(self._mark[0])
         except OSError as err:
             log.error("events file could not be cut back", run_id=self.run_id, error=str(err))
         self.last_seq = self._mark[1]
@@ -569,20 +569,6 @@ def _source(msg: dict[str, Any]) -> str:
     if source not in ("live", "history"):
         raise QueryError(f"source must be 'live' or 'history', got {source!r}")
     return source
-
-
-def _abandon(writer: JsonlWriter, size: int) -> None:
-    """Close the active JSONL file without writing what is still buffered, then cut it to ``size``.
-
-    Closing the raw file first matters: a later flush of the buffered tail (at garbage
-    collection, once the cut has freed space) would append a torn fragment.
-    """
-    fh = writer._fh  # private: JsonlWriter offers no way to drop its write buffer
-    if not fh.closed:
-        fh.raw.close()
-    if writer.path.exists():
-        os.truncate(writer.path, size)
-    writer.size = size
 
 
 _WIRE = ("kind", "experiment_id", "run_id", "n", "seq", "ts", "step", "pass", "name", "phase", "success", "gpu",

@@ -162,3 +162,24 @@ class JsonlWriter:
         if not self._fh.closed:
             self.fsync()
             self._fh.close()
+
+    def abandon(self, size: int) -> None:
+        """Drop what is still buffered, close the file and cut it back to ``size`` bytes.
+
+        For a write that failed (a full disk): the file ends where the caller last knew it
+        whole. The raw file is closed before the cut, so the dropped tail can never be
+        flushed after it (at garbage collection, once the cut has freed space) as a torn
+        fragment. The writer is closed afterwards; ``close()`` is then a no-op.
+
+        Raises:
+            ValueError: if ``size`` is negative or past what this writer has written.
+            OSError: if the file cannot be cut.
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
+            raise ValueError(f"abandon: size must be an integer in [0, {self.size}] (bytes written to "
+                             f"{self.path}), got {size!r}")
+        if not self._fh.closed:
+            self._fh.raw.close()  # the buffered tail goes with the buffer, unwritten
+        if self.path.exists():
+            os.truncate(self.path, size)
+        self.size = size
