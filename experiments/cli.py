@@ -105,6 +105,16 @@ def _writable_file(path: str, what: str) -> Path:
     return p
 
 
+FAILED_REASONS = ("failed", "storage:")  # a tree that gave up; a storage failure that stopped the run
+
+
+def run_failed(summary: dict[str, Any]) -> bool:
+    """Whether a run ended in failure: its reason says the tree gave up (``failed: ...``) or
+    the storage failed (``storage: ...``), or its events were not all stored (a storage error
+    after the phase had already ended)."""
+    return str(summary.get("reason") or "").startswith(FAILED_REASONS) or bool(summary.get("storage_error"))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     stop_now = threading.Event()
@@ -119,8 +129,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     if lab.dashboard is not None:
-        console.print(f"dashboard: {lab.dashboard.url}?token={lab.dashboard.token}  "
-                      f"(control token in {lab.dashboard.token_file})")
+        console.print(f"dashboard: {lab.dashboard.url}?token={lab.dashboard.token}  (the token guards reading "
+                      f"and control alike; it is kept in {lab.dashboard.token_file})",
+                      markup=False, highlight=False, soft_wrap=True)  # one line: the URL stays whole to copy
     try:
         try:
             exp = lab.start_experiment(args.spec, overrides=args.set or None)
@@ -145,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 summary_path.write_bytes(orjson.dumps(s, option=orjson.OPT_INDENT_2))
             except OSError as exc:
                 raise UsageError(f"--json-summary {str(summary_path)!r}: {exc.strerror or exc}") from None
-        return 1 if str(s.get("reason", "")).startswith("failed") else 0
+        return 1 if run_failed(s) else 0
     finally:
         lab.shutdown()
         for sig, h in old.items():

@@ -230,3 +230,46 @@ def test_instances_lists_the_shipped_graphs(capsys, monkeypatch):
     assert main(["instances"]) == 0
     out = capsys.readouterr().out
     assert "le450_15c" in out and "15 *" in out and "DSJC250.5" not in out
+
+
+def test_a_run_stopped_by_a_storage_failure_exits_1(tmp_path, capsys, monkeypatch):
+    """A full disk stops the run with reason ``storage: ...``: a failure, so the exit code is 1."""
+    from tests.test_pipeline_faults import ENOSPC, failing_insert
+
+    failing_insert(monkeypatch, 3, ENOSPC)
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "full"\ntime_budget_s = 60\n[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
+                    "calls_per_step = 50\n[telemetry]\nbatch_size = 32\n")
+    summary = tmp_path / "summary.json"
+    rc = main(["run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live", "--json-summary", str(summary)])
+    import json
+
+    s = json.loads(summary.read_text())
+    assert s["reason"] == "storage: [Errno 28] No space left on device"
+    assert rc == 1
+
+
+@pytest.mark.parametrize(("summary", "failed"), [
+    ({"reason": "completed"}, False),
+    ({"reason": "budget", "storage_error": None}, False),
+    ({"reason": None}, False),
+    ({}, False),
+    ({"reason": "failed: over the restart intensity"}, True),
+    ({"reason": "storage: [Errno 28] No space left on device", "storage_error": "storage: [Errno 28] ..."}, True),
+    ({"reason": "budget", "storage_error": "storage: disk I/O error"}, True),  # failed while the tree drained
+])
+def test_which_run_endings_are_failures(summary, failed):
+    from experiments.cli import run_failed
+
+    assert run_failed(summary) is failed
+
+
+def test_the_printed_dashboard_line_says_the_token_guards_reading(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "dash"\ntime_budget_s = 0.2\n[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n')
+    art = tmp_path / "art"
+    assert main(["run", str(spec), "--artifacts", str(art), "--no-live", "--dashboard", "--dash-port", "0"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("dashboard: "))
+    token = (art / "dashboard.token").read_text().strip()
+    says = f"?token={token}  (the token guards reading and control alike; it is kept in {art / 'dashboard.token'})"
+    assert says in line
