@@ -91,7 +91,7 @@ class PopulationSearch:
                                                                     int(params["threads_per_chain"]), k)
         self.engine.tenure_a = int(params["tenure_a"])
         self.engine.tenure_alpha = float(params["tenure_alpha"])
-        self.iters = 1000 if self.engine.device == "gpu" else 20_000
+        self.iters = 2 * MIN_ITERS  # grows to the chains' pace within a few generations
         self.generation = 0
         self.k = 0
         self.f = np.zeros(self.size, dtype=np.int64)
