@@ -589,7 +589,8 @@ def add_commands(sub: Any) -> None:
     co.add_argument("--target", type=Num(1, MAX_VERTICES, integer=True).arg(),
                     help="stop as soon as this many colours is reached")
     co.add_argument("--seed", type=SEED.arg(), default=0, help="0 to 2^32-1")
-    co.add_argument("--phases", default="tabu,memetic", help="comma-separated: thermo, tabu, memetic")
+    co.add_argument("--phases", default="population",
+                    help="comma-separated: population (GPU or all CPU cores), tabu, memetic, thermo")
     co.add_argument("--init", default="dsatur", help="greedy, dsatur, spectral, community or multistart")
     co.add_argument("--passes", type=Num(1, 1000, integer=True).arg(), default=1,
                     help="iterative passes, 1 to 1000 (default 1)")

@@ -265,12 +265,76 @@ def test_iterative_passes_are_non_increasing_and_saved(tmp_path):
     while not w.step(em):
         pass
     per_pass = w.colors_per_pass()
-    assert per_pass == sorted(per_pass, reverse=True) and 1 <= len(per_pass) <= 3
+    assert per_pass == sorted(per_pass, reverse=True) and len(per_pass) == 3  # every pass runs to max_passes
     saved = sorted(tmp_path.glob("best_solution.pass*.json"))
-    assert len(saved) == len(per_pass)
+    assert [json.loads(f.read_text())["pass"] for f in saved] == [0, 1, 2]
     for f in saved:
         sol = json.loads(f.read_text())
         assert check_coloring(w.g, sol["coloring"])["proper"]
+    ends = [e for e in em.events if e["name"] == "pass_end"]
+    assert [e["pass"] for e in ends] == [0, 1, 2]
+    for e in ends:
+        v = e["values"]
+        assert v["duration_s"] > 0 and v["improvement"] == v["start_colors"] - v["chromatic_number"] >= 0
+    starts = [e for e in em.events if e["name"] == "phase_start" and e["pass"] > 0]
+    assert starts and all("5% of its vertices recoloured" in e["notes"] for e in starts)
+
+
+def test_a_pass_that_stalls_ends_and_the_next_starts_perturbed(tmp_path):
+    clock = [0.0]
+    p = ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 4},
+                                       "phases": ["tabu"], "tabu": {"iters_per_step": 200},
+                                       "iterative": {"enabled": True, "max_passes": 2, "stall_s": 5.0,
+                                                     "perturb": 0.2}})
+    w = ColoringWorkload(p, 1, clock=lambda: clock[0])  # the stall rule reads this clock: the test drives it
+    w.run_dir = tmp_path
+    em = Recorded()
+    w.start(em)
+    steps = 0
+    while not w.step(em):
+        steps += 1
+        clock[0] += 0.5  # half a second per step, without a new best after the first few
+        assert steps < 10_000
+    ends = [e for e in em.events if e["name"] == "pass_end"]
+    assert len(ends) == 2 and "no better colouring for 5 s" in ends[0]["notes"]
+    assert ends[0]["values"]["duration_s"] >= 5.0
+    base = next(e for e in em.events if e["name"] == "phase_start" and e["pass"] == 1)
+    assert "20% of its vertices recoloured" in base["notes"]
+    assert sorted(f.name for f in tmp_path.glob("best_solution.pass*.json")) == [
+        "best_solution.pass0.json", "best_solution.pass1.json"]
+
+
+def test_a_pass_cut_short_by_the_budget_is_saved_once(tmp_path):
+    p = ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 4},
+                                       "phases": ["tabu"], "tabu": {"iters_per_step": 200},
+                                       "iterative": {"enabled": True, "max_passes": 3}})
+    w = ColoringWorkload(p, 1)
+    w.run_dir = tmp_path
+    em = Recorded()
+    w.start(em)
+    for _ in range(20):
+        assert not w.step(em)
+    assert not list(tmp_path.glob("best_solution.pass*.json"))  # pass 0 is still under way
+    w.finish(em, "budget")
+    w.finish(em, "budget")  # a second call adds nothing
+    sol = json.loads((tmp_path / "best_solution.pass0.json").read_text())
+    assert sol["k"] == w.best_k and check_coloring(w.g, sol["coloring"])["proper"]
+    ends = [e for e in em.events if e["name"] == "pass_end"]
+    assert len(ends) == 1 and "(budget)" in ends[0]["notes"] and w.colors_per_pass() == [w.best_k]
+
+
+def test_the_lab_saves_the_pass_under_way_when_the_budget_ends(tmp_path):
+    from supervisor import Lab
+
+    spec = {"name": "cut", "time_budget_s": 1.0, "seed": 1,
+            "workload": {"name": "coloring", "params": {
+                "graph": {"generator": "gnp", "n": 120, "p": 0.5, "seed": 2}, "phases": ["tabu"],
+                "tabu": {"iters_per_step": 2000}, "iterative": {"enabled": True, "max_passes": 3}}}}
+    with Lab(tmp_path / "art") as lab:
+        exp = lab.start_experiment(spec)
+        assert exp.wait(60) and exp.reason == "budget"
+        saved = json.loads((exp.run_dir / "best_solution.pass0.json").read_bytes())
+    assert saved["pass"] == 0 and saved["k"] >= 1
 
 
 def test_control_hooks_apply_or_refuse():
