@@ -33,8 +33,9 @@ so far), ``k`` (the k being attempted), ``conflicts``, ``gpu_mode``, ``duration_
 best solution now), ``external_tenure`` (an outside controller owns the tenure: the tabu
 phase's own stagnation swap stands down, so two controllers never fight).
 
-Iterative restarts: with ``iterative.enabled`` a pass ends when its phases end or when it has
-gone ``iterative.stall_s`` seconds without a better colouring; the next pass starts from the
+Iterative restarts: with ``iterative.enabled`` a phase that has gone ``iterative.stall_s``
+seconds without a better colouring hands over to the next, and a pass ends when its last
+phase ends or stalls; the next pass starts from the
 best solution with ``iterative.perturb`` of its vertices recoloured, a new random stream and
 longer searches, until ``iterative.max_passes`` or the time budget. Every pass's best is
 saved as ``best_solution.pass<N>.json``, also when the budget or a stop cuts a pass short
@@ -204,7 +205,8 @@ class ColoringWorkload:
             return self._next_phase(emitter)
         it = self.p["iterative"]
         if it["enabled"] and it["stall_s"] > 0 and self.clock() - self.last_best_t >= it["stall_s"]:
-            return self._end_pass(emitter, why=f"no better colouring for {it['stall_s']:g} s")
+            # a phase that finds nothing better for stall_s hands over; after the last, the pass ends
+            return self._next_phase(emitter, why=f"no better colouring for {it['stall_s']:g} s")
         return False
 
     def finish(self, emitter: Emitter, reason: str) -> None:
@@ -353,6 +355,7 @@ class ColoringWorkload:
         self.steps_in_phase = 0
         self._state = {}
         self.k = self.best_k - 1
+        self.last_best_t = self.clock()  # each phase gets its own stall window
         self.xp = np
         self.gpu_mode, self.gpu_reason = self._phase_device(self.phase)
         if self.k >= 1:
@@ -362,11 +365,11 @@ class ColoringWorkload:
         emitter.emit("phase_start", {"chromatic_number": float(self.best_k), "k": float(self.k)}, phase=self.phase,
                      parameters=self.params(), notes=why)
 
-    def _next_phase(self, emitter: Emitter) -> bool:
+    def _next_phase(self, emitter: Emitter, why: str | None = None) -> bool:
         nxt = self.phase_idx + 1
         if nxt >= len(self.p["phases"]) or self.best_k <= 1:
-            return self._end_pass(emitter)
-        self._enter_phase(nxt, emitter, f"after {self.phase}")
+            return self._end_pass(emitter, why=why or "its phases ended")
+        self._enter_phase(nxt, emitter, f"after {self.phase}" + (f" ({why})" if why else ""))
         return False
 
     def _close_pass(self, emitter: Emitter, why: str) -> None:
