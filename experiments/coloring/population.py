@@ -6,9 +6,10 @@ generation:
 
 1. every chain runs ``iters`` TabuCol iterations (one launch or one parallel loop; the host
    waits once per generation);
-2. a chain that reaches 0 conflicts hands its colouring to the pipeline, which checks it and
-   aims at k - 1; every chain then continues from its own best colouring with its largest
-   colour class removed (the population keeps its diversity across k);
+2. a chain that reaches 0 conflicts hands its colouring to the pipeline once the independent
+   checker (``verify.check_coloring``) accepts it, and the pipeline aims at k - 1; every
+   chain then continues from its own best colouring with its largest colour moved (the
+   population keeps its diversity across k);
 3. otherwise the ``crossover_rate`` x P worst chains (among those at least ``min_age``
    generations old, so a child is judged after its own local search) are replaced by GPX
    children of parents drawn by binary tournament from the better half.
@@ -28,7 +29,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from kernels.coloring import count_conflicts, reduce_colors
+from actors.log import get_logger
+from experiments.coloring.verify import check_coloring
+from kernels.coloring import reduce_colors
 from kernels.population import CpuPopulation, CudaPopulation, auto_size, cuda_status, load_cuda
 
 DEFAULTS: dict[str, Any] = {"population": 0, "crossover_rate": 0.1, "min_age": 3, "generation_s": 0.5,
@@ -39,6 +42,8 @@ LIMITS = {  # key: (min, max, integer)
     "threads_per_chain": (1, 128, True), "max_generations": (1, 10**12, True),
 }
 MIN_ITERS, MAX_ITERS = 50, 10_000_000
+
+log = get_logger("experiments.coloring.population")
 
 
 def partition_distance(a: np.ndarray, b: np.ndarray, k: int) -> int:
@@ -140,8 +145,11 @@ class PopulationSearch:
         if int(self.best_f.min()) == 0:
             winner = int(np.argmin(self.best_f))
             c = self.engine.best_rows([winner])[0].astype(np.int32)
-            if int(count_conflicts(self.g.indptr, self.g.indices, c)) == 0:
+            verdict = check_coloring(self.g, c)  # the independent checker: no kernel shared with the search
+            if verdict["proper"] and verdict["k"] <= self.k:
                 return c
+            log.error("a chain reported a proper colouring that the checker refuses", chain=winner,
+                      device=self.engine.device, problems=verdict["problems"])
         self._crossover()
         return None
 
