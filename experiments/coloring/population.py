@@ -8,8 +8,8 @@ generation:
    waits once per generation);
 2. a chain that reaches 0 conflicts hands its colouring to the pipeline once the independent
    checker (``verify.check_coloring``) accepts it, and the pipeline aims at k - 1; every
-   chain then continues from its own best colouring with its largest colour moved (the
-   population keeps its diversity across k);
+   chain then continues from its own best colouring, the vertices of its highest colour
+   moved to their least conflicting colours below (the population keeps its diversity);
 3. otherwise the ``crossover_rate`` x P worst chains (among those at least ``min_age``
    generations old, so a child is judged after its own local search) are replaced by GPX
    children of parents drawn by binary tournament from the better half.
