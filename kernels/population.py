@@ -66,6 +66,13 @@ def conflicts_of(indptr, indices, colors):  # pragma: no cover - compiled
     return c
 
 
+def _check_k(k: int) -> int:
+    """Chains need at least two colours to move between (a random move picks another colour)."""
+    if int(k) < 2:
+        raise ValueError(f"a population searches at k >= 2 colours, got {k}")
+    return int(k)
+
+
 class CpuPopulation:
     """P chains on the CPU cores (numba ``prange``; ``threads`` caps the cores used)."""
 
@@ -87,7 +94,7 @@ class CpuPopulation:
 
     def seed(self, colorings: np.ndarray, k: int) -> None:
         p, n = self.size, self.n
-        self.k = int(k)
+        self.k = _check_k(k)
         self.colors = np.ascontiguousarray(colorings, dtype=np.int32).reshape(p, n).copy()
         self.gammas = np.empty((p, n, k), dtype=np.int32)
         self.tabus = np.zeros((p, n, k), dtype=np.int64)
@@ -162,7 +169,7 @@ class CudaPopulation:
 
     def seed(self, colorings: np.ndarray, k: int) -> None:
         cuda, p, n = self.cuda, self.size, self.n
-        self.k = int(k)
+        self.k = _check_k(k)
         cols = np.ascontiguousarray(colorings, dtype=np.int32).reshape(p, n)
         self.d_colors = cuda.to_device(cols)
         self.d_best = cuda.to_device(cols)

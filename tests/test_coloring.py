@@ -359,6 +359,16 @@ def test_bad_parameters(params, match):
         ColoringWorkload.check_params(params)
 
 
+@pytest.mark.parametrize("phase", ["thermo", "tabu", "memetic", "population"])
+def test_a_bipartite_graph_ends_at_two_colours_in_every_phase(phase):
+    # two colours found, the next target would be one: no phase may try it (it used to crash)
+    w, _ = run_workload({"graph": {"generator": "planted", "n": 30, "k": 2, "p": 0.3, "seed": 1}, "phases": [phase],
+                         "gpu": "cpu", "init": {"strategy": "greedy"}, "tabu": {"max_iters_per_k": 2000},
+                         "memetic": {"max_generations": 3}, "thermo": {"max_steps": 3},
+                         "population": {"max_generations": 3}}, steps=200)
+    assert w.best_k == 2 and w.k == 0 and check_coloring(w.g, w.best)["proper"]
+
+
 def test_tiny_graphs():
     g = from_edges(1, np.zeros((0, 2)))
     assert check_coloring(g, initial_coloring(g, "dsatur"))["k"] == 1

@@ -107,6 +107,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[
     return out
 
 
+def _aim(k: int) -> int:
+    """The k to attempt next, or 0 when there is none: one colour never does for a graph
+    with an edge, and a graph without one has its single colour from the start."""
+    return k if k >= 2 else 0
+
+
 def check_number(section: str, key: str, v: Any) -> Any:
     """``v`` if it is a finite number in the parameter's range (``ValueError`` naming it if not)."""
     lo, hi, integer = LIMITS[(section, key)]
@@ -354,7 +360,7 @@ class ColoringWorkload:
         self.phase_idx = idx
         self.steps_in_phase = 0
         self._state = {}
-        self.k = self.best_k - 1
+        self.k = _aim(self.best_k - 1)
         self.last_best_t = self.clock()  # each phase gets its own stall window
         self.xp = np
         self.gpu_mode, self.gpu_reason = self._phase_device(self.phase)
@@ -431,7 +437,7 @@ class ColoringWorkload:
         self.best_k = k
         self._pass_base = None
         self._state["improved"] = True
-        self.k = k - 1
+        self.k = _aim(k - 1)
 
     def _reduced(self, base: np.ndarray, k: int) -> np.ndarray:
         """``base`` with its colours >= k moved to the least-conflicting colour below k."""
