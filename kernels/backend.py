@@ -31,9 +31,18 @@ def select_backend(mode: str = "auto") -> tuple[Any, str, str | None]:
             return _fallback("no device")
         cupy.zeros(1)  # touches the device: fails here rather than mid-phase
     except Exception as exc:  # noqa: BLE001 - any driver error means "use the CPU"
-        reason = "out of memory" if "memory" in str(exc).lower() else f"device error: {exc}"
-        return _fallback(reason)
+        return _fallback(device_error_reason(exc))
     return cupy, "gpu", None
+
+
+_OOM_MARKS = ("out of memory", "out_of_memory", "memoryallocation", "memory allocation")
+
+
+def device_error_reason(exc: BaseException) -> str:
+    """``gpu_reason`` for a device error: ``out of memory`` when the driver says so (not for
+    every error that mentions memory: an illegal memory access is a device error)."""
+    text = str(exc).lower()
+    return "out of memory" if any(m in text for m in _OOM_MARKS) else f"device error: {exc}"
 
 
 def _fallback(reason: str) -> tuple[Any, str, str]:

@@ -243,3 +243,33 @@ def test_next_k_continues_every_chain_from_its_own_best():
     eng = search.engine
     assert eng.k == 6 and eng.colors.max() < 6
     assert (eng.colors[0] == reduce_colors(g.indptr, g.indices, sol[None, :], 6)[0]).all()
+
+
+def test_a_device_failure_mid_phase_goes_on_on_the_cpu_and_says_why():
+    w = _workload({"graph": {"generator": "planted", "n": 80, "k": 5, "p": 0.5, "seed": 2},
+                   "init": {"strategy": "greedy"}, "phases": ["population"], "target": 5,
+                   "population": {"population": 4, "generation_s": 0.05}})
+    em = Recorded()
+    w.start(em)
+    w.step(em)  # the initial colouring; the population phase is entered
+    search = w._search
+
+    class LostDevice:
+        """Stands for a CUDA population whose device stops answering."""
+
+        device, size, iterations, tenure_a, tenure_alpha = "gpu", 4, 0, 10, 0.6
+
+        def run(self, iters):
+            raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered")
+
+        def close(self):
+            raise RuntimeError("the context is gone")
+
+    search.engine, search.gpu_mode, search.gpu_reason = LostDevice(), "gpu", None
+    for _ in range(300):
+        if w.step(em):
+            break
+    steps = [e for e in em.events if e["name"] == "step"]
+    assert (steps[0]["gpu_mode"], steps[0]["gpu_reason"]) == (
+        "cpu_fallback", "device error: CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered")
+    assert search.engine.device == "cpu" and w.best_k <= 5 and check_coloring(w.g, w.best)["proper"]

@@ -31,6 +31,7 @@ from scipy.optimize import linear_sum_assignment
 
 from actors.log import get_logger
 from experiments.coloring.verify import check_coloring
+from kernels.backend import device_error_reason
 from kernels.coloring import reduce_colors
 from kernels.population import CpuPopulation, CudaPopulation, auto_size, cuda_status, load_cuda
 
@@ -75,7 +76,7 @@ def choose_engine(g: Any, mode: str, size: int, seed: int, threads_per_chain: in
         try:
             return CudaPopulation(g.indptr, g.indices, size, seed, threads=tpb), "gpu", None
         except Exception as exc:  # noqa: BLE001 - cuda raises its own error types
-            ok, why = False, ("out of memory" if "memory" in str(exc).lower() else f"device error: {exc}")
+            ok, why = False, device_error_reason(exc)
     return CpuPopulation(g.indptr, g.indices, size or _cpu_size(), seed), "cpu_fallback", why
 
 
@@ -121,6 +122,7 @@ class PopulationSearch:
     def seed_from(self, best: np.ndarray, k: int, spread: float = 0.05) -> None:
         """A fresh population at k from one colouring: chain 0 takes it as it is, the others
         with up to ``spread`` of the vertices recoloured at random."""
+        self._start = best.astype(np.int32).copy()  # where a fall-back to the CPU starts again
         rows = np.repeat(best[None, :].astype(np.int32), self.size, axis=0)
         for i in range(1, self.size):
             mask = self.rng.random(self.g.n) < spread * i / self.size
@@ -131,7 +133,13 @@ class PopulationSearch:
         """One generation; returns a colouring with 0 conflicts at k when a chain found one."""
         t0 = time.perf_counter()
         it0 = self.engine.iterations
-        self.f, self.best_f = self.engine.run(self.iters)
+        try:
+            self.f, self.best_f = self.engine.run(self.iters)
+        except Exception as exc:  # a device failure of any kind: go on on the CPU (re-raised on the CPU)
+            if self.engine.device != "gpu":
+                raise
+            self._fall_back(exc)
+            return None
         dt = max(time.perf_counter() - t0, 1e-9)
         done = self.engine.iterations - it0
         self.generation += 1
@@ -152,6 +160,25 @@ class PopulationSearch:
                       device=self.engine.device, problems=verdict["problems"])
         self._crossover()
         return None
+
+    def _fall_back(self, exc: Exception) -> None:
+        """The device failed mid-phase (out of memory, a lost device): the search goes on on
+        the CPU cores from the phase's starting colouring, and says why."""
+        reason = device_error_reason(exc)
+        log.warning("the GPU population failed; going on on the CPU", reason=reason)
+        try:
+            self.engine.close()
+        except Exception:  # noqa: BLE001 - the device is gone; nothing more to release
+            pass
+        self.engine = CpuPopulation(self.g.indptr, self.g.indices, int(self.p["population"]) or _cpu_size(),
+                                    int(self.rng.integers(1 << 30)))
+        self.set_tenure(self.p["tenure_a"], self.p["tenure_alpha"])
+        self.gpu_mode, self.gpu_reason = "cpu_fallback", reason
+        self.f = np.zeros(self.size, dtype=np.int64)
+        self.best_f = np.zeros(self.size, dtype=np.int64)
+        self.age = np.zeros(self.size, dtype=np.int64)
+        self.iters = 2 * MIN_ITERS
+        self.seed_from(self._start, self.k)
 
     def _crossover(self) -> None:
         p = self.size
@@ -202,6 +229,7 @@ class PopulationSearch:
         winner's solution in chain 0)."""
         rows = self.engine.best_rows(np.arange(self.size))
         rows[0] = solution
+        self._start = solution.astype(np.int32).copy()
         self.seed(rows, k - 1)
 
     def resize(self, size: int) -> None:

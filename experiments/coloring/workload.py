@@ -57,7 +57,7 @@ from experiments.coloring import population as pop_phase
 from experiments.coloring.graph import MAX_VERTICES, Graph, GraphError, check_graph, load_graph
 from experiments.coloring.init import check_init, initial_coloring
 from experiments.validate import Num
-from kernels.backend import select_backend, to_numpy
+from kernels.backend import device_error_reason, select_backend, to_numpy
 from kernels.coloring import anneal, build_gamma, count_conflicts, gpx, seed_rng, tabucol
 from telemetry.emitter import Emitter
 
@@ -492,7 +492,7 @@ class ColoringWorkload:
         """A device error mid-phase (out of memory, a lost device): continue on the CPU."""
         self.xp = np
         self.gpu_mode = "cpu_fallback"
-        self.gpu_reason = "out of memory" if "memory" in str(exc).lower() else f"device error: {exc}"
+        self.gpu_reason = device_error_reason(exc)
         self._thermo_setup()
 
     def _thermo_step(self) -> bool:
@@ -652,6 +652,7 @@ class ColoringWorkload:
         if st.pop("skip", False) or self.k < 1 or search is None:
             return True
         solution = search.step()
+        self.gpu_mode, self.gpu_reason = search.gpu_mode, search.gpu_reason  # a device failure falls back
         st["gen"] = st.get("gen", 0) + 1
         st["f"] = int(search.best_f.min())
         st["extra"] = search.telemetry()
