@@ -254,5 +254,10 @@ def auto_size(n: int, k: int, free_bytes: int, sms: int, per_sm: int = 16, lo: i
     """Population size for a device: enough chains to fill every SM ``per_sm`` deep, within
     a quarter of the free memory, in [lo, hi]."""
     want = sms * per_sm
-    cap = max(1, int(free_bytes * 0.25) // max(1, chain_bytes(n, k)))
+    cap = memory_fit(n, k, free_bytes)
     return int(max(min(lo, cap), min(want, cap, hi)))
+
+
+def memory_fit(n: int, k: int, free_bytes: int) -> int:
+    """The most chains whose device tables take at most a quarter of ``free_bytes``."""
+    return max(1, int(free_bytes * 0.25) // max(1, chain_bytes(n, k)))

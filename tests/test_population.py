@@ -273,3 +273,13 @@ def test_a_device_failure_mid_phase_goes_on_on_the_cpu_and_says_why():
     assert (steps[0]["gpu_mode"], steps[0]["gpu_reason"]) == (
         "cpu_fallback", "device error: CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered")
     assert search.engine.device == "cpu" and w.best_k <= 5 and check_coloring(w.g, w.best)["proper"]
+
+
+def test_a_population_too_large_for_memory_is_cut_to_what_fits():
+    from experiments.coloring.population import _cpu_engine
+
+    g = gnp(2000, 0.01, 1)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    eng = _cpu_engine(g, 65_536, 2000, seed=0)  # 65,536 chains x 2000 x 2000 tables would need petabytes
+    assert 1 <= eng.size and eng.size * 2000 * 2000 * 12 <= ram // 4
+    assert _cpu_engine(g, 5, 3, seed=0).size == 5  # a size that fits is kept

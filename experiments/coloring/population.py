@@ -23,6 +23,7 @@ assignment solver) over a sample of pairs, divided by n.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -33,12 +34,12 @@ from actors.log import get_logger
 from experiments.coloring.verify import check_coloring
 from kernels.backend import device_error_reason
 from kernels.coloring import reduce_colors
-from kernels.population import CpuPopulation, CudaPopulation, auto_size, cuda_status, load_cuda
+from kernels.population import CpuPopulation, CudaPopulation, auto_size, cuda_status, load_cuda, memory_fit
 
 DEFAULTS: dict[str, Any] = {"population": 0, "crossover_rate": 0.1, "min_age": 3, "generation_s": 0.5,
                             "tenure_a": 10, "tenure_alpha": 0.6, "threads_per_chain": 64, "max_generations": 10**9}
 LIMITS = {  # key: (min, max, integer)
-    "population": (0, 1 << 20, True), "crossover_rate": (0.0, 0.9, False), "min_age": (0, 1000, True),
+    "population": (0, 65_536, True), "crossover_rate": (0.0, 0.9, False), "min_age": (0, 1000, True),
     "generation_s": (0.01, 60.0, False), "tenure_a": (1, 10_000, True), "tenure_alpha": (0.0, 10.0, False),
     "threads_per_chain": (1, 128, True), "max_generations": (1, 10**12, True),
 }
@@ -59,25 +60,38 @@ def choose_engine(g: Any, mode: str, size: int, seed: int, threads_per_chain: in
                   k: int) -> tuple[Any, str, str | None]:
     """(engine, gpu_mode, reason): the CUDA population unless the spec or the machine says no."""
     if mode == "cpu":
-        return CpuPopulation(g.indptr, g.indices, size or _cpu_size(), seed), "cpu_disabled", "disabled in the spec"
+        return _cpu_engine(g, size, k, seed), "cpu_disabled", "disabled in the spec"
     ok, why = cuda_status()
     if ok and g.n > 32767:
         ok, why = False, f"{g.n} vertices: the CUDA population handles up to 32767"
     if ok:
         tpb = 1 << (max(1, threads_per_chain).bit_length() - 1)
-        if not size:
-            cuda = load_cuda()
-            try:
-                dev = cuda.get_current_device()
-                free, _ = cuda.current_context().get_memory_info()
-                size = auto_size(g.n, max(k, 2), int(free), int(dev.MULTIPROCESSOR_COUNT))
-            except AttributeError:  # the simulator: no device properties
-                size = 4
+        cuda = load_cuda()
+        try:
+            dev = cuda.get_current_device()
+            free, _ = cuda.current_context().get_memory_info()
+            size = _capped(size, memory_fit(g.n, max(k, 2), int(free)), "device memory") if size else auto_size(
+                g.n, max(k, 2), int(free), int(dev.MULTIPROCESSOR_COUNT))
+        except AttributeError:  # the simulator: no device properties
+            size = size or 4
         try:
             return CudaPopulation(g.indptr, g.indices, size, seed, threads=tpb), "gpu", None
         except Exception as exc:  # noqa: BLE001 - cuda raises its own error types
             ok, why = False, device_error_reason(exc)
-    return CpuPopulation(g.indptr, g.indices, size or _cpu_size(), seed), "cpu_fallback", why
+    return _cpu_engine(g, size, k, seed), "cpu_fallback", why
+
+
+def _capped(size: int, fit: int, what: str) -> int:
+    if size > fit:
+        log.warning("population reduced to what fits", asked=size, chains=fit, limit=what)
+    return max(1, min(size, fit))
+
+
+def _cpu_engine(g: Any, size: int, k: int, seed: int) -> CpuPopulation:
+    """The CPU population, its size capped so that its tables take at most a quarter of RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_chain = g.n * max(k, 2) * (4 + 8) + 2 * 4 * g.n  # gamma int32, tabu int64, two colourings
+    return CpuPopulation(g.indptr, g.indices, _capped(size or _cpu_size(), ram // 4 // per_chain, "RAM"), seed)
 
 
 def _cpu_size() -> int:
@@ -170,8 +184,7 @@ class PopulationSearch:
             self.engine.close()
         except Exception:  # noqa: BLE001 - the device is gone; nothing more to release
             pass
-        self.engine = CpuPopulation(self.g.indptr, self.g.indices, int(self.p["population"]) or _cpu_size(),
-                                    int(self.rng.integers(1 << 30)))
+        self.engine = _cpu_engine(self.g, int(self.p["population"]), self.k, int(self.rng.integers(1 << 30)))
         self.set_tenure(self.p["tenure_a"], self.p["tenure_alpha"])
         self.gpu_mode, self.gpu_reason = "cpu_fallback", reason
         self.f = np.zeros(self.size, dtype=np.int64)
