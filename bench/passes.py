@@ -6,7 +6,9 @@ Run: ``python -m bench.passes [--spec experiments/default.toml] [--seeds 1-10] [
 Each seed runs the spec's colouring workload in-process (the same steps the Phase actor
 runs, without the tree) for the budget, on G(n, 0.5) with that seed, and records the best
 colours at the end of every pass. Printed: per seed the colours per pass, then the share of
-later passes (pass >= 1) that improved on the best before them and the mean improvement.
+later passes (pass >= 1) that improved on the best before them, the mean improvement, and
+the final colours over the seeds (compare with ``--max-passes 1 --stall 0``: one pass, no
+restarts, the same budget).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     budget = args.budget or float(spec.get("time_budget_s", 20))
     later = improved = 0
     gains: list[float] = []
+    finals: list[int] = []
     for seed in seeds(args.seeds):
         params = {**base, "graph": {**base["graph"], "seed": seed},
                   "iterative": {**base.get("iterative", {}), "enabled": True}}
@@ -70,6 +73,7 @@ def main() -> None:
             pass
         w.finish(em, "budget")
         per_pass = [c for c, _, _ in em.passes]
+        finals.append(w.best_k)
         for i, (_c, gain, _d) in enumerate(em.passes):
             if i >= 1:
                 later += 1
@@ -82,6 +86,8 @@ def main() -> None:
     mean_gain = sum(gains) / len(gains) if gains else 0.0
     print(f"later passes: {later}; improved: {improved} ({share:.0%}); mean improvement when improved: "
           f"{mean_gain:.2f} colours")
+    dist = {c: finals.count(c) for c in sorted(set(finals))}
+    print(f"final colours: mean {sum(finals) / len(finals):.2f}; runs per colour count {dist}")
 
 
 if __name__ == "__main__":
