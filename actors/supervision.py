@@ -129,7 +129,7 @@ def backoff_delay(n: int, min_s: float, max_s: float, jitter: float, rnd: float)
 
 
 class _Child:
-    __slots__ = ("backoff_n", "pending_gen", "ref", "spec", "started_at", "terminating")
+    __slots__ = ("backoff_n", "pending_gen", "ref", "regrouping", "spec", "started_at", "terminating")
 
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
@@ -138,6 +138,7 @@ class _Child:
         self.backoff_n = 0
         self.pending_gen = 0  # >0 while a delayed restart is scheduled
         self.terminating = False  # stopped on purpose by its supervisor: no stash for its name
+        self.regrouping = False  # stopped to be started again with its group: its name stashes
 
     @property
     def running(self) -> bool:
@@ -261,13 +262,14 @@ class Supervisor(Actor):
         c.ref = ref
         c.started_at = self.clock()
         c.pending_gen = 0
-        c.terminating = False
+        c.terminating = c.regrouping = False
         self._by_urn[ref.urn] = c
         monitor(self.ref, ref)
         if spec.name:
             self.registry.register(
                 spec.name, ref,
-                restarting_if=lambda reason, c=c: not c.terminating and self._would_restart(c.spec, reason),
+                restarting_if=lambda reason, c=c: c.regrouping or (
+                    not c.terminating and self._would_restart(c.spec, reason)),
             )
         return ref
 
@@ -275,13 +277,18 @@ class Supervisor(Actor):
     def _would_restart(spec: ChildSpec, reason: str) -> bool:
         return spec.restart == "permanent" or (spec.restart == "transient" and is_abnormal(reason))
 
-    def _terminate(self, c: _Child) -> None:
-        """Stop one child under its shutdown rule; its ``down`` is then ignored."""
+    def _terminate(self, c: _Child, regroup: bool = False) -> None:
+        """Stop one child under its shutdown rule; its ``down`` is then ignored.
+
+        ``regroup``: it stops to be started again with its group (one_for_all, rest_for_one),
+        so its name stashes what is sent to it meanwhile, with what was still in its mailbox.
+        """
         c.pending_gen = 0
         ref, c.ref = c.ref, None
         if ref is None:
             return
         c.terminating = True
+        c.regrouping = regroup
         self._by_urn.pop(ref.urn, None)
         sd = c.spec.shutdown
         if sd == "brutal_kill":
@@ -345,7 +352,7 @@ class Supervisor(Actor):
             if other is not c and other.ref is not None:
                 if other.spec.name:
                     self.registry.mark_restarting(other.spec.name)
-                self._terminate(other)
+                self._terminate(other, regroup=other.spec.restart != "temporary")
         for other in group:
             if other is not c and other.spec.restart == "temporary":
                 self._children.remove(other)
