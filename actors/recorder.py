@@ -151,6 +151,7 @@ class Recorder(EventConsumer):
         self.persisted = 0
         self.received = 0
         self.sampled_out = 0
+        self._sampled: dict[str, int] = {}  # Sampler incarnation -> its latest cumulative sampled_out
         self.held = 0
         self.storage_dropped = 0
         self.storage_error: str | None = None
@@ -179,7 +180,8 @@ class Recorder(EventConsumer):
         incarnation = int(state.get("incarnation", 0)) + 1
         self.counters = dict(state.get("counters", {}))
         self.restarts = dict(state.get("restarts", {}))
-        self.sampled_out = int(state.get("sampled_out", 0))
+        self._sampled = {str(k): int(v) for k, v in (state.get("sampled") or {"": state.get("sampled_out", 0)}).items()}
+        self.sampled_out = sum(self._sampled.values())
         self.storage_dropped = int(state.get("storage_dropped", 0))
         self.storage_error = state.get("storage_error")
         if self.last_seq >= 0:
@@ -361,7 +363,11 @@ class Recorder(EventConsumer):
                 self.counters[k] = v
 
     def _take_sampling(self, figures: dict[str, Any]) -> None:
-        self.sampled_out = max(self.sampled_out, int(figures.get("sampled_out", 0)))
+        """A Sampler's cumulative figures; a restarted Sampler counts from zero again, so the
+        run's ``sampled_out`` is the sum of each incarnation's (``source``) latest figure."""
+        source = str(figures.get("source", ""))
+        self._sampled[source] = max(self._sampled.get(source, 0), int(figures.get("sampled_out", 0)))
+        self.sampled_out = sum(self._sampled.values())
         self.held = int(figures.get("held", 0))
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
@@ -486,7 +492,7 @@ class Recorder(EventConsumer):
 
     def _write_state(self) -> None:
         state = {"incarnation": self._incarnation, "counters": self.counters, "restarts": self.restarts,
-                 "sampled_out": self.sampled_out, "storage_dropped": self.storage_dropped,
+                 "sampled_out": self.sampled_out, "sampled": self._sampled, "storage_dropped": self.storage_dropped,
                  "storage_error": self.storage_error}
         _atomic_write(self.run_dir / "recorder.json", orjson.dumps(state))
 

@@ -21,7 +21,10 @@ always kept (except by ``reservoir``, whose size is exact). Kept / dropped count
 per stratum (the event name unless stratified), and cumulative ``sampled_out`` / ``held``
 figures travel to the Recorder so the run's accounting stays exact: with every batch it
 forwards, or, when it keeps nothing of a batch, in a ``sampling`` message that also carries
-the batch's emitter counters (an empty batch is never forwarded).
+the batch's emitter counters (an empty batch is never forwarded), and once more when it
+stops or crashes. The figures name the incarnation that counted them (``source``, the
+actor's urn): a restarted Sampler counts from zero, and the Recorder adds up the latest
+figure of each incarnation.
 """
 
 from __future__ import annotations
@@ -219,16 +222,19 @@ class Sampler(EventConsumer):
             self._send_figures(msg)
             return
         out = msg if keep.all() else select_rows(msg, keep)
-        out["sampling"] = {"sampled_out": self.sampled_out, "held": 0}
+        out["sampling"] = self._figures(held=0)
         if self.downstream is not None:
             self.downstream.tell_bytes(encode(out))
+
+    def _figures(self, held: int) -> dict[str, Any]:
+        """The cumulative figures, named by this incarnation (see the module docs)."""
+        return {"sampled_out": self.sampled_out, "held": held, "source": self.actor_urn}
 
     def _send_figures(self, msg: dict[str, Any]) -> None:
         """Nothing of this batch goes on: send the figures (and the batch's emitter counters) alone."""
         if self.downstream is not None:
             self.downstream.tell_bytes(encode({
-                "kind": "sampling", "sampled_out": self.sampled_out, "held": self._held(),
-                "counters": msg.get("counters") or {}}))
+                "kind": "sampling", **self._figures(self._held()), "counters": msg.get("counters") or {}}))
 
     def _held(self) -> int:
         return len(self.reservoir) if self.strategy == "reservoir" and not self._reservoir_flushed else 0
@@ -272,7 +278,7 @@ class Sampler(EventConsumer):
             self._reservoir_flushed = True
             self.sampled_out = self.seen - len(rows)
             self.reservoir = []
-            batch["sampling"] = {"sampled_out": self.sampled_out, "held": 0}
+            batch["sampling"] = self._figures(held=0)
             self._count(batch, np.ones(len(rows), dtype=bool))
             if self.downstream is not None:
                 self.downstream.tell_bytes(encode(batch))
@@ -297,5 +303,7 @@ class Sampler(EventConsumer):
         """Per-batch anomaly summaries on the anomalies topic: the flags already came with the events."""
 
     def terminate(self, reason: str) -> None:
+        """The reservoir goes out; the last figures too (a restarted Recorder may not have them)."""
         if self.strategy == "reservoir" and not self._reservoir_flushed:
             self.handle_flush({})
+        self._send_figures({})
