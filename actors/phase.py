@@ -14,6 +14,12 @@ checkpoint into its :class:`CheckpointStore`, an object its supervisor keeps acr
 restarts (and mirrors to ``checkpoint.json`` in the run directory). A restarted phase
 restores the workload from it and continues the run's event numbering where the crashed
 incarnation stopped, so the Recorder neither duplicates nor misses events.
+
+A phase killed in the middle of a step (its supervisor's shutdown timeout) leaves a thread
+that may finish the step later: its emitter is abandoned at the kill (nothing it emits is
+published, since its seq numbers now belong to the replacement), it stops as soon as the
+step returns, and the checkpoint store takes writes only from the incarnation that claimed
+it last.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from actors.base import Actor
+from actors.base import KILLED, Actor, on_death
 from actors.log import get_logger
 from actors.snapshot import Snapshot
 from actors.topics import Topics
@@ -47,15 +53,23 @@ class CheckpointStore:
         self.state: dict[str, Any] = {}
         self.finished = threading.Event()
         self.finish_reason: str | None = None
+        self._writer: object | None = None  # the phase incarnation whose writes count
         if path is not None and path.exists():
             try:
                 self.state = orjson.loads(path.read_bytes())
             except orjson.JSONDecodeError:
                 log.warning("checkpoint unreadable; starting fresh", file=str(path))
 
-    def update(self, **parts: Any) -> None:
+    def claim(self, writer: object) -> None:
+        """From now on only ``writer``'s writes count (a new phase incarnation claims the store)."""
         with self._lock:
-            self.state.update(parts)
+            self._writer = writer
+
+    def update(self, writer: object | None = None, **parts: Any) -> None:
+        """Merge ``parts`` into the state; ignored when ``writer`` is not the last claimant."""
+        with self._lock:
+            if writer is None or writer is self._writer:
+                self.state.update(parts)
 
     def get(self) -> dict[str, Any]:
         with self._lock:
@@ -70,7 +84,9 @@ class CheckpointStore:
         tmp.write_bytes(data)
         os.replace(tmp, self.path)
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, writer: object | None = None) -> None:
+        if writer is not None and writer is not self._writer:
+            return
         self.finish_reason = reason
         self.update(finished=reason)
         self.save()
@@ -118,6 +134,13 @@ class PhaseActor(Actor):
         self._active_s = 0.0  # active (unpaused) time used from the budget, across restarts
         self.status_snapshot = status_snapshot
         self._last_status = 0.0
+        checkpoints.claim(self)
+        on_death(self.ref, self._on_death)
+
+    def _on_death(self, reason: str) -> None:
+        """Killed, perhaps mid-step: whatever its thread still emits must never be published."""
+        if reason == KILLED and self.emitter is not None:
+            self.emitter.abandon()
 
     def on_start(self) -> None:
         cp = self.checkpoints.get()
@@ -143,10 +166,10 @@ class PhaseActor(Actor):
             self.ref.tell({"kind": "step"})
 
     def _published(self, counters: dict[str, int]) -> None:
-        self.checkpoints.update(counters=counters)
+        self.checkpoints.update(self, counters=counters)
 
     def _checkpoint(self, force: bool = False) -> None:
-        self.checkpoints.update(workload=self.workload.checkpoint(), steps=self.steps, paused=self.paused,
+        self.checkpoints.update(self, workload=self.workload.checkpoint(), steps=self.steps, paused=self.paused,
                                 active_s=self._active_s)
         now = time.monotonic()
         if force or now - self._last_save >= self.save_every_s:
@@ -178,6 +201,8 @@ class PhaseActor(Actor):
             self._finish("budget")
             return
         done = self.workload.step(self.emitter)
+        if not self.ref.is_alive():
+            return  # killed during the step: this thread was abandoned (see the module docs)
         self.steps += 1
         self._checkpoint()
         if done:
@@ -198,9 +223,9 @@ class PhaseActor(Actor):
         self.emitter.emit("phase_end", {"steps": float(self.steps), "active_s": self._active_s}, notes=reason,
                           phase=self.workload.params().get("phase"))
         counters = self.emitter.close()
-        self.checkpoints.update(counters=counters)
+        self.checkpoints.update(self, counters=counters)
         self._publish_status(force=True)
-        self.checkpoints.finish(reason)
+        self.checkpoints.finish(reason, self)
         log.info("phase finished", experiment=self.experiment_id, run_id=self.run_id, reason=reason,
                  steps=self.steps)
 
@@ -272,5 +297,5 @@ class PhaseActor(Actor):
         if self.emitter is not None and not self.finished:
             self._tick()
             self._checkpoint(force=True)
-            self.checkpoints.update(counters=self.emitter.close())
+            self.checkpoints.update(self, counters=self.emitter.close())
             self.checkpoints.save()

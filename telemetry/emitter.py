@@ -92,6 +92,7 @@ class Emitter:
         self._flush_lock = threading.RLock()
         self._closed = threading.Event()
         self.held = False  # while held, batches wait in _held_batches (events emitted during a pause)
+        self._abandoned = False  # see abandon()
         self._held_batches: list[dict[str, Any]] = []
         self._flusher = threading.Thread(target=self._flush_loop, name=f"emitter-{run_id}", daemon=True)
         self._flusher.start()
@@ -160,8 +161,18 @@ class Emitter:
         with self._flush_lock:
             self._flush_locked()  # the last flush waits (bounded) for consumers under either policy
             counters = self.counters()
-            self.topics.publish(self.topic, {"kind": "counters", "run_id": self.run_id, "counters": counters})
+            if not self._abandoned:
+                self.topics.publish(self.topic, {"kind": "counters", "run_id": self.run_id, "counters": counters})
         return counters
+
+    def abandon(self) -> None:
+        """Publish nothing more, ever: the owner was killed and its thread may still emit, but
+        the seq numbers belong to its replacement now. A publish in progress finishes first:
+        nothing goes out once this returns."""
+        self._abandoned = True
+        self._closed.set()
+        with self._flush_lock:
+            pass
 
     def counters(self) -> dict[str, int]:
         """Cumulative counts: ``emitted`` (taken into batches), ``published``, ``dropped``, ``rejected``."""
@@ -231,7 +242,10 @@ class Emitter:
 
     def _publish(self, batch: dict[str, Any]) -> None:
         n = int(batch["n"])
-        if not self._make_room():
+        room = self._make_room()
+        if self._abandoned:
+            return
+        if not room:
             self.dropped += n
             self._unreported_drops += n
             log.warning("events dropped: downstream is behind", run_id=self.run_id, count=n,
@@ -258,7 +272,7 @@ class Emitter:
         if self.overflow == "drop" and not self._closed.is_set():
             return False
         deadline = time.monotonic() + self.block_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._abandoned:
             time.sleep(0.0005)  # bounded wait for a consumer to catch up (policy "block")
             if self.backlog() < self.max_backlog:
                 return True
