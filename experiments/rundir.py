@@ -336,6 +336,9 @@ def run_info(run_dir: Path) -> dict[str, Any]:
             start = rec.get("started_at")
             if isinstance(start, (int, float)) and not isinstance(start, bool):
                 duration = max(duration if isinstance(duration, (int, float)) else 0.0, last / 1e6 - start)
+    events = summ.get("events_persisted")
+    if not isinstance(events, int):
+        events = count_events(run_dir)  # no summary yet (killed early): the files say how many, perhaps none
     return {"experiment": run_dir.parent.name, "run_id": run_dir.name, "status": str(report.status),
-            "reason": report.reason, "events": summ.get("events_persisted"), "duration_s": duration,
+            "reason": report.reason, "events": events, "duration_s": duration,
             "summary_stale": bool(summ.get("summary_stale")), "evidence": evidence, "path": str(run_dir)}
