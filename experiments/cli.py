@@ -271,7 +271,8 @@ def cmd_color(args: argparse.Namespace) -> int:
     spec = {"name": check_id("experiment id", "color-" + "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-")
                                                                   else "_" for ch in g.name)[:100]),
             "time_budget_s": args.time_limit, "seed": args.seed, "workload": {"name": "coloring", "params": params},
-            "metrics": {"publish_interval_s": 1.0}, "anomaly": {"metrics": ["conflicts"]}}
+            "metrics": {"publish_interval_s": 1.0}, "anomaly": {"metrics": ["conflicts"]},
+            "telemetry": {"flush_interval_s": 0.5}}  # a colouring step emits little: fewer, fuller batches
     lab = Lab(args.artifacts)
     t0 = time.monotonic()
     try:
