@@ -116,7 +116,7 @@ class Window:
             now_us = int(time.time() * 1e6)
         elif isinstance(now_us, bool) or not isinstance(now_us, int) or abs(now_us) > 2**62:
             raise QueryError(f"now_us must be an int of epoch microseconds, got {now_us!r}")
-        self.kind = spec[0]
+        self.kind = spec[0] if isinstance(spec[0], str) else None  # an array would compare element-wise
         self.lo: int | None = None
         self.hi: int | None = None
         self.last_n: int | None = None
