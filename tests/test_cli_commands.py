@@ -1,0 +1,229 @@
+"""Every ``crucible`` command through ``supervisor.main`` in-process, with small budgets: the
+output each prints (tables and JSON), the files it writes, and its one-line usage errors.
+
+test_cli.py covers the usage errors of the numeric flags and the run/list/export/compare
+round trip; this module covers the rest of each command's paths: the live progress panel, a
+JSON summary file, the dashboard flag, the table forms, the monitor's tail, follow and
+alert modes, set/get/show, tune and the A/B."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from supervisor import main
+from telemetry.jsonl import iter_run
+
+LATENCY = ('name = "lat"\ntime_budget_s = {budget}\nseed = {seed}\n[workload.params]\ntarget = "math:sqrt"\n'
+           'args = [2.0]\ncalls_per_step = 20\ncalls = {calls}\n[metrics]\npublish_interval_s = 0.1\n')
+COLORING = ('name = "col"\ntime_budget_s = 0.4\nseed = 1\n[workload]\nname = "coloring"\n[workload.params]\n'
+            'graph = {{ generator = "gnp", n = 40, p = 0.5, seed = 2 }}\nphases = ["tabu", "memetic"]\ngpu = "cpu"\n'
+            '[workload.params.tabu]\niters_per_step = 2000\n[workload.params.memetic]\npopulation = 4\n'
+            'local_iters = 500\n{extra}')
+
+
+def run_cli(capsys, *argv: str, code: int = 0) -> str:
+    """Run ``crucible argv`` in-process; check its exit code; return what it printed."""
+    capsys.readouterr()
+    assert main(list(argv)) == code
+    return capsys.readouterr().out
+
+
+def usage_error(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished latency runs in one artifacts folder: (artifacts, [run dirs])."""
+    root = tmp_path_factory.mktemp("cli")
+    art = root / "art"
+    for seed in (1, 2):
+        spec = root / f"lat{seed}.toml"
+        spec.write_text(LATENCY.format(budget=30, seed=seed, calls=300))  # ends once its calls are made
+        assert main(["run", str(spec), "--artifacts", str(art), "--no-live"]) == 0
+    return art, sorted((art / "lat").iterdir())
+
+
+# --- run ----------------------------------------------------------------------------------------------
+
+def test_run_shows_live_progress_on_a_terminal_and_writes_a_json_summary(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich takes stdout for a terminal: the live panel is drawn
+    spec = tmp_path / "s.toml"
+    spec.write_text(LATENCY.format(budget=0.8, seed=3, calls=0))
+    out_json = tmp_path / "summary.json"
+    out = run_cli(capsys, "run", str(spec), "--artifacts", str(tmp_path / "art"), "--json-summary", str(out_json))
+    assert "elapsed / budget" in out and "events" in out and "latency_ms" in out  # the progress panel
+    assert "run summary" in out
+    s = json.loads(out_json.read_text())
+    assert s["reason"] == "budget" and s["status"] == "stopped"
+    assert s["events_persisted"] == sum(1 for _ in iter_run(Path(s["run_dir"]))) > 0
+
+
+def test_run_refuses_an_unwritable_json_summary_before_it_starts(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text(LATENCY.format(budget=0.2, seed=1, calls=0))
+    err = usage_error(capsys, "run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live",
+                      "--json-summary", str(tmp_path / "missing" / "s.json"))
+    assert "--json-summary" in err and "cannot write there" in err
+    assert not (tmp_path / "art").exists()  # refused before anything ran
+
+
+def test_run_with_the_dashboard_prints_its_address(tmp_path, capsys, monkeypatch):
+    spec = tmp_path / "s.toml"
+    spec.write_text(LATENCY.format(budget=0.2, seed=1, calls=0))
+    monkeypatch.setenv("CRUCIBLE_DASH_PORT", "0")  # any free port
+    out = run_cli(capsys, "run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live", "--dashboard")
+    assert "dashboard: http://127.0.0.1:" in out and "?token=" in out
+    monkeypatch.setenv("CRUCIBLE_DASH_PORT", "seventy")
+    err = usage_error(capsys, "run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live", "--dashboard")
+    assert "CRUCIBLE_DASH_PORT" in err
+
+
+def test_run_of_a_spec_the_workload_refuses_is_a_usage_error(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text(LATENCY.format(budget=0.2, seed=1, calls=0).replace("math:sqrt", "math:no_such_function"))
+    err = usage_error(capsys, "run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live")
+    assert "no_such_function" in err
+
+
+# --- list, export, compare ----------------------------------------------------------------------------
+
+def test_export_in_every_format_counts_what_it_wrote(runs, tmp_path, capsys):
+    art, dirs = runs
+    events = sum(1 for _ in iter_run(dirs[0]))
+    for fmt in ("jsonl", "parquet"):
+        out = tmp_path / f"x.{fmt}"
+        said = run_cli(capsys, "export", str(dirs[0]), "--format", fmt, "--out", str(out), "--artifacts", str(art))
+        assert f"exported {events:,} events" in said
+        n = sum(1 for _ in out.open()) if fmt == "jsonl" else pq.read_table(out).num_rows
+        assert n == events
+
+
+def test_export_of_an_unknown_run_names_the_recent_ones(runs, capsys):
+    art, dirs = runs
+    err = usage_error(capsys, "export", "20990101T000000Z-abcdef", "--artifacts", str(art))
+    assert "no run" in err and dirs[0].name in err
+
+
+def test_compare_prints_a_table_and_refuses_a_metric_without_values(runs, capsys):
+    art, dirs = runs
+    out = run_cli(capsys, "compare", dirs[0].name, dirs[1].name, "--metric", "latency_ms", "--artifacts", str(art))
+    assert "latency_ms" in out and "p_value" in out and "CI of the difference" in out
+    err = usage_error(capsys, "compare", dirs[0].name, dirs[1].name, "--metric", "nope", "--artifacts", str(art))
+    assert "metric 'nope' has 0 values" in err
+
+
+# --- monitor ------------------------------------------------------------------------------------------
+
+def test_monitor_tails_a_finished_run_with_filters_and_alerts(runs, capsys):
+    art, dirs = runs
+    calls = sum(1 for e in iter_run(dirs[0]) if e["name"] == "call")
+    out = run_cli(capsys, "monitor", dirs[0].name, "--artifacts", str(art), "--name", "call",
+                  "--alert", "latency_ms>=0")
+    assert out.count("ALERT latency_ms>=0") == calls  # every call fires the alert, nothing else is shown
+    out = run_cli(capsys, "monitor", "--latest", "--artifacts", str(art), "--no-wait", "--phase", "no-such-phase")
+    assert out.strip() == ""
+
+
+def test_monitor_follow_view_ends_with_the_run(runs, capsys):
+    art, dirs = runs
+    out = run_cli(capsys, "monitor", str(dirs[1]), "--follow", "--artifacts", str(art))
+    assert "crucible monitor" in out and "conflicts" in out
+
+
+def test_monitor_summary_of_a_colouring_run_shows_best_per_phase(tmp_path, capsys):
+    spec = tmp_path / "c.toml"
+    spec.write_text(COLORING.format(extra=""))
+    art = str(tmp_path / "art")
+    run_cli(capsys, "run", str(spec), "--artifacts", art, "--no-live")
+    out = " ".join(run_cli(capsys, "monitor", "--latest", "--summary", "--artifacts", art).split())
+    assert "(stopped)" in out and "colors=" in out and "conflicts=" in out and "GPU vs CPU (events)" in out
+    assert "status stopped (budget)" in out
+
+
+def test_monitor_usage_errors(runs, tmp_path, capsys):
+    art, dirs = runs
+    assert "give a run" in usage_error(capsys, "monitor", "--artifacts", str(art))
+    assert "no runs under" in usage_error(capsys, "monitor", "--latest", "--artifacts", str(tmp_path / "empty"))
+    err = usage_error(capsys, "monitor", dirs[0].name, "--artifacts", str(art), "--alert", "colours>3")
+    assert "has no field 'colours'" in err and "latency_ms" in err
+
+
+# --- set, get, show -------------------------------------------------------------------------------------
+
+def test_set_get_show_round_trip(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text("# my experiment\n" + LATENCY.format(budget=5, seed=1, calls=0))
+    out = " ".join(run_cli(capsys, "set", str(spec), "time_budget_s=2.5", "workload.params.calls_per_step=7").split())
+    assert "set time_budget_s=2.5, workload.params.calls_per_step=7" in out
+    assert spec.read_text().startswith("# my experiment\n")  # comments and layout kept
+    assert run_cli(capsys, "get", str(spec), "time_budget_s").strip() == "2.5"
+    assert json.loads(run_cli(capsys, "get", str(spec), "workload.params")) ["calls_per_step"] == 7
+    assert run_cli(capsys, "get", str(spec), "workload.params.target").strip() == "math:sqrt"  # a string, bare
+    shown = run_cli(capsys, "show", str(spec))
+    assert "time_budget_s = 2.5" in shown and "[telemetry]" in shown  # defaults filled in
+    assert "no_such" in usage_error(capsys, "get", str(spec), "no_such.key")
+    assert "batch_sise" in usage_error(capsys, "set", str(spec), "telemetry.batch_sise=3")
+    (tmp_path / "bad.toml").write_text("name = [\n")
+    assert "bad.toml" in usage_error(capsys, "show", str(tmp_path / "bad.toml"))
+
+
+# --- color, tune, ab -------------------------------------------------------------------------------------
+
+def test_color_prints_a_table_with_passes(tmp_path, capsys):
+    out = run_cli(capsys, "color", "myciel5", "--time-limit", "0.6", "--passes", "2", "--phases", "tabu",
+                  "--gpu", "cpu", "--artifacts", str(tmp_path / "art"))
+    assert "colouring of myciel5 (47 vertices" in out and "proper" in out and "True" in out
+
+
+def test_tune_proposes_parameters_after_learning_from_a_prior_run(runs, tmp_path, capsys):
+    _, dirs = runs
+    spec = tmp_path / "t.toml"
+    spec.write_text(LATENCY.format(budget=0.15, seed=1, calls=0))
+    out = run_cli(capsys, "tune", str(spec), "--trials", "2", "--budget", "0.15", "--objective", "latency_ms",
+                  "--seed-from", str(dirs[0]), "--artifacts", str(tmp_path / "art"))
+    assert "learned from 1 prior run(s) and 2 trial(s)" in out and "workload.params.calls_per_step=" in out
+    assert out.count("trial ") == 2
+    res = json.loads(run_cli(capsys, "tune", str(spec), "--trials", "1", "--objective", "latency_ms", "--json",
+                             "--artifacts", str(tmp_path / "art")))
+    assert len(res["trials"]) == 1 and res["proposal"]
+    err = usage_error(capsys, "tune", str(spec), "--trials", "1", "--set", "workload.params.calls=-1",
+                      "--artifacts", str(tmp_path / "art"))
+    assert "calls" in err
+
+
+def test_ab_runs_both_arms_and_reports_the_statistics(tmp_path, capsys):
+    spec = tmp_path / "c.toml"
+    spec.write_text(COLORING.format(extra=""))
+    art = str(tmp_path / "art")
+    out = " ".join(run_cli(capsys, "ab", str(spec), "--runs", "2", "--budget", "0.3", "--artifacts", art).split())
+    assert "hypertune A/B: 2 runs per arm" in out and "final_colors: Mann-Whitney p =" in out
+    assert out.count("hypertune on seed") == 2 and out.count("hypertune off seed") == 2
+    rep = json.loads(run_cli(capsys, "ab", str(spec), "--runs", "2", "--budget", "0.2", "--target", "50",
+                             "--json", "--artifacts", art))
+    assert rep["target"] == 50 and rep["arms"]["on"]["runs"] == rep["arms"]["off"]["runs"] == 2
+    assert rep["arms"]["on"]["reached_target"] == 2  # any proper colouring of 40 vertices has <= 40 colours
+    assert "runs" not in rep
+
+
+def test_summary_table_lists_restarts(tmp_path):
+    from rich.console import Console
+
+    from experiments.cli import summary_table
+
+    s = orjson.loads(orjson.dumps({"experiment_id": "e", "run_id": "r", "status": "stopped", "restarts": {"phase": 2},
+                                   "phases": {"tabu": {"events": 3, "duration_s": 1.0, "best": {"conflicts": 0.0}}}}))
+    console = Console(record=True, width=200)
+    console.print(summary_table(s))
+    text = console.export_text()
+    assert "phase: 2" in text and "conflicts=0" in text
