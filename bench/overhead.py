@@ -74,15 +74,9 @@ def counted(tally: Tally) -> type[ColoringWorkload]:
     """The colouring workload, counting its tabu iterations into ``tally`` and ending at its budget."""
 
     class Counted(ColoringWorkload):
-        _banked = 0  # iterations of the k values already left behind
-
-        def _tabu_setup(self) -> None:
-            # a new k resets the tabu state's counter: bank what the last k did first
-            self._banked += int(self._state.get("it", 0))
-            super()._tabu_setup()
-
         def _tabu_done(self) -> int:
-            return self._banked + int(self._state.get("it", 0))
+            tabu = self._phases.get("tabu")
+            return int(getattr(tabu, "iterations", 0))  # over every k the phase worked at
 
         def step(self, emitter: Any) -> bool:
             if self.phase != "tabu":
@@ -99,7 +93,7 @@ def counted(tally: Tally) -> type[ColoringWorkload]:
             tally.t_last = time.perf_counter()
             tally.cpu_used = (time.process_time() - tally.cpu[0], time.thread_time() - tally.cpu[1])
             if tally.iters >= tally.budget:
-                tally.end = (self.best_k, self.k, int(self._state.get("f", -1)))
+                tally.end = (self.best_k, self.k, int(self.conflicts))
                 if tally.profiler is not None:
                     tally.profiler.disable()
                 return True

@@ -388,9 +388,9 @@ def test_a_device_failure_falls_back_to_the_cpu_and_says_why(monkeypatch):
         def __getattr__(self, name):
             return getattr(np, name)
 
-    import experiments.coloring.workload as workload_module
+    import experiments.coloring.thermo as thermo_module
 
-    monkeypatch.setattr(workload_module, "select_backend", lambda mode: (BrokenDevice(), "gpu", None))
+    monkeypatch.setattr(thermo_module, "select_backend", lambda mode: (BrokenDevice(), "gpu", None))
     p = ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 50, "p": 0.5}, "phases": ["thermo"],
                                        "thermo": {"max_steps": 3}, "gpu": "gpu"})
     w = ColoringWorkload(p, 0)

@@ -197,13 +197,13 @@ def test_population_controls_apply_at_safe_points_or_are_refused():
     for _ in range(3):
         w.step(em)
     assert w.phase == "population" and w.gpu_mode == "cpu_disabled"
-    assert w.set_param("set_population", 6) == (4, 6) and w._search.size == 6
-    f = w._search.engine
+    assert w.set_param("set_population", 6) == (4, 6) and w.current.search.size == 6
+    f = w.current.search.engine
     for i in range(f.size):  # the resized population is exact
         assert count_conflicts(w.g.indptr, w.g.indices, f.colors[i]) == f.f[i]
     assert w.set_param("set_crossover_rate", 0.3) == (0.1, 0.3)
-    assert w.set_param("set_tenure", 1.5) == (0.6, 1.5) and w._search.engine.tenure_alpha == 1.5
-    assert w.set_param("set_batch", 500)[1] == 500 and w._search.iters == 500
+    assert w.set_param("set_tenure", 1.5) == (0.6, 1.5) and w.current.search.engine.tenure_alpha == 1.5
+    assert w.set_param("set_batch", 500)[1] == 500 and w.current.search.iters == 500
     w.step(em)
     assert em.events[-1]["values"]["population"] == 6
     for key, value in (("set_population", 2), ("set_population", float("nan")), ("set_crossover_rate", 0.95),
@@ -252,7 +252,7 @@ def test_a_device_failure_mid_phase_goes_on_on_the_cpu_and_says_why():
     em = Recorded()
     w.start(em)
     w.step(em)  # the initial colouring; the population phase is entered
-    search = w._search
+    search = w.current.search
 
     class LostDevice:
         """Stands for a CUDA population whose device stops answering."""

@@ -25,24 +25,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from actors.log import get_logger
+from experiments.coloring.phase import ColoringPhase, Outcome
 from experiments.coloring.verify import check_coloring
 from kernels.backend import device_error_reason
 from kernels.coloring import reduce_colors
 from kernels.population import CpuPopulation, CudaPopulation, auto_size, cuda_status, load_cuda, memory_fit
 
-DEFAULTS: dict[str, Any] = {"population": 0, "crossover_rate": 0.1, "min_age": 3, "generation_s": 0.5,
-                            "tenure_a": 10, "tenure_alpha": 0.6, "threads_per_chain": 64, "max_generations": 10**9}
-LIMITS = {  # key: (min, max, integer)
-    "population": (0, 65_536, True), "crossover_rate": (0.0, 0.9, False), "min_age": (0, 1000, True),
-    "generation_s": (0.01, 60.0, False), "tenure_a": (1, 10_000, True), "tenure_alpha": (0.0, 10.0, False),
-    "threads_per_chain": (1, 128, True), "max_generations": (1, 10**12, True),
-}
 MIN_ITERS, MAX_ITERS = 50, 10_000_000
 
 log = get_logger("experiments.coloring.population")
@@ -278,3 +272,53 @@ class PopulationSearch:
 
     def close(self) -> None:
         self.engine.close()
+
+
+class Population(ColoringPhase):
+    """The phase the pipeline steps: one generation per step; the search (and its device
+    memory) is made once and kept across k and passes."""
+
+    name: ClassVar[str] = "population"
+
+    search: PopulationSearch | None = None
+
+    def setup(self, k: int, base: np.ndarray) -> np.ndarray | None:
+        self.k = k
+        if self.search is None:
+            self.search = PopulationSearch(self.ctx.g, self.params, self.ctx.seed, self.ctx.p["gpu"], k)
+        self.gpu_mode, self.gpu_reason = self.search.gpu_mode, self.search.gpu_reason
+        self.search.seed_from(base, k)
+        self.gen = 0
+        return None
+
+    def next_k(self, solution: np.ndarray, k: int) -> np.ndarray | None:
+        assert self.search is not None
+        self.k = k
+        self.search.next_k(solution, k + 1)  # every chain goes on from its own best
+        self.gen = 0
+        return None
+
+    def step(self) -> Outcome:
+        assert self.search is not None
+        solution = self.search.step()
+        self.gpu_mode, self.gpu_reason = self.search.gpu_mode, self.search.gpu_reason  # a failure falls back
+        self.gen += 1
+        extra = self.search.telemetry()
+        if solution is not None:
+            return Outcome(0, solution=solution, extra=extra)
+        return Outcome(int(self.search.best_f.min()), done=self.gen >= self.params["max_generations"], extra=extra)
+
+    def set_batch(self, value: Any) -> tuple[Any, Any]:
+        """The iterations per chain of the next generation (the pace adapts from there)."""
+        if isinstance(value, bool) or not isinstance(value, int) or not MIN_ITERS <= value <= MAX_ITERS:
+            raise ValueError(f"set_batch for the population phase: iterations per chain must be an integer in "
+                             f"[{MIN_ITERS}, {MAX_ITERS}], got {value!r}")
+        if self.search is None:
+            raise ValueError("set_batch: the population phase has not started")
+        before, self.search.iters = self.search.iters, value
+        return before, value
+
+    def close(self) -> None:
+        if self.search is not None:
+            self.search.close()
+            self.search = None

@@ -1,0 +1,98 @@
+"""What every colouring phase is: an object the pipeline sets up at a k and steps.
+
+A phase searches for a proper colouring with ``k`` colours. :meth:`ColoringPhase.setup`
+starts it from a colouring (any number of colours: the phase reduces it to k);
+:meth:`ColoringPhase.step` does one bounded chunk of work and returns an :class:`Outcome`.
+When an outcome carries a solution the pipeline records it and calls
+:meth:`ColoringPhase.next_k` to go on at k - 1 (a phase may keep state across k, as the
+population does). Either call may return a solution found while setting up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from experiments.coloring.graph import Graph
+from experiments.coloring.params import check_number
+from kernels.coloring import build_gamma
+
+
+@dataclass
+class Outcome:
+    """One step's result: the conflicts now, a proper k-colouring if found, whether the phase
+    has nothing more to do, and extra figures for the ``step`` event."""
+
+    conflicts: int
+    solution: np.ndarray | None = None
+    done: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class PhaseContext:
+    """What the phases share with the pipeline: the graph, the live parameters (control
+    hooks change them between steps), the random stream, and who steers the tenure."""
+
+    def __init__(self, g: Graph, params: dict[str, Any], rng: np.random.Generator, seed: int) -> None:
+        self.g, self.p, self.rng, self.seed = g, params, rng, seed
+        self.external_tenure = False  # True while an outside controller (hypertune) owns the tenure
+
+    def reduced(self, base: np.ndarray, k: int) -> np.ndarray:
+        """``base`` with its colours >= k moved to the least-conflicting colour below k."""
+        c = base.astype(np.int32).copy()
+        if k < 1:
+            return c
+        gamma = build_gamma(self.g.indptr, self.g.indices, np.minimum(c, k - 1), k)
+        for v in np.flatnonzero(c >= k):
+            c[v] = int(np.argmin(gamma[v]))
+        return c
+
+    def perturb(self, c: np.ndarray, k: int, rate: float) -> np.ndarray:
+        """A copy of ``c`` with about ``rate`` of its vertices given random colours below k."""
+        out = c.copy()
+        mask = self.rng.random(c.size) < rate
+        out[mask] = self.rng.integers(0, k, int(mask.sum()))
+        return out
+
+
+class ColoringPhase:
+    """The base of the phases: CPU by default, no state across k, ``set_batch`` on one key."""
+
+    name: ClassVar[str]
+    batch_key: ClassVar[str] = ""  # the parameter ``set_batch`` sets in this phase's section
+
+    def __init__(self, ctx: PhaseContext) -> None:
+        self.ctx = ctx
+        self.k = 0
+        self.steps = 0
+        p = ctx.p["gpu"]
+        self.gpu_mode, self.gpu_reason = ("cpu_disabled", "disabled in the spec") if p == "cpu" else (
+            "cpu", f"{self.name}: a CPU phase")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.ctx.p[self.name]
+
+    def enter(self) -> None:
+        """The pipeline enters the phase (again, in a later pass): its step count restarts."""
+        self.steps = 0
+
+    def setup(self, k: int, base: np.ndarray) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def step(self) -> Outcome:
+        raise NotImplementedError
+
+    def next_k(self, solution: np.ndarray, k: int) -> np.ndarray | None:
+        """Go on at k (one below the solution's) from the solution."""
+        return self.setup(k, solution)
+
+    def set_batch(self, value: Any) -> tuple[Any, Any]:
+        before = self.params[self.batch_key]
+        self.params[self.batch_key] = check_number(self.name, self.batch_key, value)
+        return before, value
+
+    def close(self) -> None:
+        """Release what the phase holds (device memory); it is not stepped again."""
