@@ -69,7 +69,7 @@ def tabucol_rate(seconds: float = 3.0) -> float:
     seed_rng(1)
     colors = np.random.default_rng(0).integers(0, k, g.n).astype(np.int32)
     gamma = build_gamma(g.indptr, g.indices, colors, k)
-    tabu = np.zeros((g.n, k), dtype=np.int64)
+    tabu = np.zeros((g.n, k), dtype=np.int32)
     best = colors.copy()
     tabucol(g.indptr, g.indices, k, colors, gamma, tabu, 0, 1000, 10, 0.6, best, 1 << 30)  # warm
     it, t0 = 0, time.perf_counter()

@@ -35,7 +35,7 @@ def one_core(g: Graph, k: int, seconds: float) -> float:
     seed_rng(1)
     colors = _start(g, k, 1, 0)[0]
     gamma = build_gamma(g.indptr, g.indices, colors, k)
-    tabu = np.zeros((g.n, k), dtype=np.int64)
+    tabu = np.zeros((g.n, k), dtype=np.int32)
     best = colors.copy()
     tabucol(g.indptr, g.indices, k, colors, gamma, tabu, 0, 1000, 10, 0.6, best, 1 << 30)  # compiled, warm
     it, t0 = 0, time.perf_counter()

@@ -146,12 +146,29 @@ def conflict_list(colors, gamma):  # pragma: no cover - compiled
     return conf_list, conf_pos, m
 
 
+_U12, _U25, _U27, _U32 = np.uint64(12), np.uint64(25), np.uint64(27), np.uint64(32)
+_XS_MUL = np.uint64(2685821657736338717)  # xorshift64* (Vigna)
+TABU_REBASE = 1 << 30
+"""Tabu tables hold int32 iteration numbers: past this many iterations a caller rebases them."""
+
+
+@njit(cache=True, nogil=True)
+def rebase_tabu(tabu, it):  # pragma: no cover - compiled
+    """Shift a tabu table so that iteration ``it`` becomes 0 (expired entries become 0); the
+    caller goes on from iteration 0. Keeps int32 tabu tables from overflowing on long runs."""
+    flat = tabu.reshape(-1)
+    for i in range(flat.shape[0]):
+        x = flat[i] - it
+        flat[i] = x if x > 0 else 0
+
+
 @njit(cache=True, nogil=True)
 def tabucol(indptr, indices, k, colors, gamma, tabu, it0, max_iters, tenure_a, tenure_alpha,
             best_colors, best_f):  # pragma: no cover - compiled
     """Run up to ``max_iters`` TabuCol iterations at k colours (stops early at 0 conflicts).
 
-    ``colors``, ``gamma`` and ``tabu`` (n x k, iteration until which a move is forbidden)
+    ``colors``, ``gamma`` and ``tabu`` (n x k int32, iteration until which a move is
+    forbidden; rebase it with :func:`rebase_tabu` before ``it0`` passes :data:`TABU_REBASE`)
     are updated in place; ``best_colors`` receives the best colouring seen when it improves
     on ``best_f``. Returns (iterations done, conflicts now, best conflicts).
     """
@@ -169,6 +186,7 @@ def tabucol(indptr, indices, k, colors, gamma, tabu, it0, max_iters, tenure_a, t
     end = it0 + max_iters
     tie_v = np.empty(n * k, dtype=np.int32)
     tie_c = np.empty(n * k, dtype=np.int32)
+    s = np.uint64(np.random.randint(1, 1 << 62))  # this call's xorshift64* stream, from numba's generator
     while it < end and f > 0:
         bv = -1
         bc = -1
@@ -190,8 +208,12 @@ def tabucol(indptr, indices, k, colors, gamma, tabu, it0, max_iters, tenure_a, t
                 tie_v[ties] = v
                 tie_c[ties] = c
                 ties += 1
+        s ^= s >> _U12
+        s ^= s << _U25
+        s ^= s >> _U27
+        r = (s * _XS_MUL) >> _U32  # 32 random bits: an inline generator costs less than np.random here
         if ties:
-            pick = np.random.randint(ties)  # one draw: a uniform choice among the best moves
+            pick = np.int64((r * np.uint64(ties)) >> _U32)  # a uniform choice among the best moves
             bv = tie_v[pick]
             bc = tie_c[pick]
         else:  # every move is tabu: a random one
@@ -203,7 +225,11 @@ def tabucol(indptr, indices, k, colors, gamma, tabu, it0, max_iters, tenure_a, t
         old = colors[bv]
         n_conf = _move(indptr, indices, colors, gamma, conf_list, conf_pos, n_conf, bv, bc)
         f += bd
-        tabu[bv, old] = it + np.random.randint(tenure_a) + int(tenure_alpha * n_conf)
+        s ^= s >> _U12
+        s ^= s << _U25
+        s ^= s >> _U27
+        r = (s * _XS_MUL) >> _U32
+        tabu[bv, old] = it + np.int64((r * np.uint64(tenure_a)) >> _U32) + int(tenure_alpha * n_conf)
         it += 1
         if f < best_f:
             best_f = f

@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels.coloring import build_gamma, gpx, seed_rng, tabucol
+from kernels.coloring import TABU_REBASE, build_gamma, gpx, rebase_tabu, seed_rng, tabucol
 
 # prange from several Python threads at once (experiments side by side in one Lab) needs a
 # thread-safe layer: OpenMP or TBB, never numba's workqueue
@@ -97,7 +97,7 @@ class CpuPopulation:
         self.k = _check_k(k)
         self.colors = np.ascontiguousarray(colorings, dtype=np.int32).reshape(p, n).copy()
         self.gammas = np.empty((p, n, k), dtype=np.int32)
-        self.tabus = np.zeros((p, n, k), dtype=np.int64)
+        self.tabus = np.zeros((p, n, k), dtype=np.int32)
         self.its = np.zeros(p, dtype=np.int64)
         self.best = self.colors.copy()
         self.f = np.empty(p, dtype=np.int64)
@@ -114,6 +114,9 @@ class CpuPopulation:
 
     def run(self, iters: int) -> tuple[np.ndarray, np.ndarray]:
         numba.set_num_threads(self.threads)
+        for i in np.flatnonzero(self.its > TABU_REBASE):  # int32 tabu tables: rebase before they overflow
+            rebase_tabu(self.tabus[i], self.its[i])
+            self.its[i] = 0
         done = np.zeros(self.size, dtype=np.int64)
         tabu_population(self.indptr, self.indices, self.k, self.colors, self.gammas, self.tabus, self.its, int(iters),
                         int(self.tenure_a), float(self.tenure_alpha), self.best, self.best_f, self.f, done)
@@ -122,6 +125,10 @@ class CpuPopulation:
 
     def best_rows(self, idx: Any) -> np.ndarray:
         return self.best[np.asarray(idx, dtype=np.int64)].copy()
+
+    def current(self) -> np.ndarray:
+        """Every chain's conflicts now."""
+        return self.f.copy()
 
     def crossover(self, victims: np.ndarray, pa: np.ndarray, pb: np.ndarray) -> None:
         for v, a, b in zip(victims.tolist(), pa.tolist(), pb.tolist(), strict=True):
@@ -197,6 +204,10 @@ class CudaPopulation:
             self.d_rng, shared, self.d_done)
         self.iterations += int(self.d_done.copy_to_host().sum())  # the generation's one synchronisation
         return self.d_f.copy_to_host(), self.d_best_f.copy_to_host()
+
+    def current(self) -> np.ndarray:
+        """Every chain's conflicts now."""
+        return self.d_f.copy_to_host()
 
     def best_rows(self, idx: Any) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)

@@ -18,6 +18,7 @@ from kernels.coloring import (
     dsatur,
     gpx,
     greedy_color,
+    rebase_tabu,
     seed_rng,
     tabucol,
 )
@@ -127,13 +128,37 @@ def test_tabucol_keeps_gamma_consistent(g, k, seed):
     seed_rng(seed)
     c = np.random.default_rng(seed).integers(0, k, g.n).astype(np.int32)
     gamma = build_gamma(g.indptr, g.indices, c, k)
-    tabu = np.zeros((g.n, k), dtype=np.int64)
+    tabu = np.zeros((g.n, k), dtype=np.int32)
     best = c.copy()
     done, f, bf = tabucol(g.indptr, g.indices, k, c, gamma, tabu, 0, 200, 10, 0.6, best, 1 << 30)
     assert np.array_equal(gamma, ref_gamma(g, c, k))  # incremental table == recomputation
     assert f == count_conflicts(g.indptr, g.indices, c)
     assert bf == count_conflicts(g.indptr, g.indices, best) <= f
     assert done <= 200 and (f == 0 or done == 200)
+    assert (tabu <= done + 10 + 0.6 * g.n).all()  # the reactive tenure bounds every entry
+
+
+@settings(max_examples=25)
+@given(graphs, st.integers(2, 5), st.integers(0, 1000), st.integers(1, 300))
+def test_a_rebased_tabu_table_gives_the_same_search(g, k, seed, at):
+    """Rebasing (int32 tables on long runs) shifts iteration numbers without changing a move."""
+    start = np.random.default_rng(seed).integers(0, k, g.n).astype(np.int32)
+    runs = []
+    for rebase in (False, True):
+        seed_rng(seed)
+        c = start.copy()
+        gamma = build_gamma(g.indptr, g.indices, c, k)
+        tabu = np.zeros((g.n, k), dtype=np.int32)
+        best = c.copy()
+        done, _, bf = tabucol(g.indptr, g.indices, k, c, gamma, tabu, 0, at, 10, 0.6, best, 1 << 30)
+        it = done
+        if rebase:
+            rebase_tabu(tabu, it)
+            assert tabu.min() >= 0
+            it = 0
+        tabucol(g.indptr, g.indices, k, c, gamma, tabu, it, 200, 10, 0.6, best, bf)
+        runs.append((c.copy(), best.copy()))
+    assert all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 @settings(max_examples=30)

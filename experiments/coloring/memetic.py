@@ -23,7 +23,7 @@ class Memetic(ColoringPhase):
     def _local(self, c: np.ndarray, iters: int) -> tuple[np.ndarray, int]:
         g, t = self.ctx.g, self.ctx.p["tabu"]
         gamma = build_gamma(g.indptr, g.indices, c, self.k)
-        tabu = np.zeros((g.n, self.k), dtype=np.int64)
+        tabu = np.zeros((g.n, self.k), dtype=np.int32)  # local_iters <= 10**9: no rebase needed
         best = c.copy()
         _, _, bf = tabucol(g.indptr, g.indices, self.k, c, gamma, tabu, 0, iters, t["tenure_a"], t["tenure_alpha"],
                            best, 1 << 30)
@@ -42,6 +42,9 @@ class Memetic(ColoringPhase):
         self.gen = 0
         best = int(np.argmin(self.fit))
         return self.pop[best].copy() if self.fit[best] == 0 else None
+
+    def conflicts(self) -> int:
+        return int(min(self.fit))
 
     def step(self) -> Outcome:
         m, rng = self.params, self.ctx.rng

@@ -85,6 +85,10 @@ class ColoringPhase:
     def step(self) -> Outcome:
         raise NotImplementedError
 
+    def conflicts(self) -> int:
+        """The fewest conflicts the phase holds now at its k (reported with each step)."""
+        raise NotImplementedError
+
     def next_k(self, solution: np.ndarray, k: int) -> np.ndarray | None:
         """Go on at k (one below the solution's) from the solution."""
         return self.setup(k, solution)

@@ -124,8 +124,8 @@ class PopulationSearch:
         rows = reduce_colors(self.g.indptr, self.g.indices, np.ascontiguousarray(rows, dtype=np.int32), self.k)
         self.engine.seed(rows, self.k)
         self.age[:] = 0
-        self.f[:] = 1 << 30
-        self.best_f[:] = 1 << 30
+        self.f = self.engine.current()
+        self.best_f = self.f.copy()
 
     def seed_from(self, best: np.ndarray, k: int, spread: float = 0.05) -> None:
         """A fresh population at k from one colouring: chain 0 takes it as it is, the others
@@ -297,6 +297,9 @@ class Population(ColoringPhase):
         self.search.next_k(solution, k + 1)  # every chain goes on from its own best
         self.gen = 0
         return None
+
+    def conflicts(self) -> int:
+        return int(self.search.best_f.min()) if self.search is not None else 0
 
     def step(self) -> Outcome:
         assert self.search is not None

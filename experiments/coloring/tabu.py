@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from experiments.coloring.phase import ColoringPhase, Outcome
-from kernels.coloring import build_gamma, count_conflicts, tabucol
+from kernels.coloring import TABU_REBASE, build_gamma, count_conflicts, rebase_tabu, tabucol
 
 
 class Tabu(ColoringPhase):
@@ -28,19 +28,27 @@ class Tabu(ColoringPhase):
         self.k = k
         self.colors = self.ctx.reduced(base, k)
         self.gamma = build_gamma(g.indptr, g.indices, self.colors, k)
-        self.tabu = np.zeros((g.n, k), dtype=np.int64)
-        self.it = 0
+        self.tabu = np.zeros((g.n, k), dtype=np.int32)
+        self.it = 0  # iterations at this k
+        self.clock = 0  # the tabu table's iteration numbers (rebased before they overflow int32)
         self.best_c = self.colors.copy()
         self.best_f = 1 << 30
         self.f = int(count_conflicts(g.indptr, g.indices, self.colors))
         self.stall_best, self.stall_it = 1 << 30, 0
         return None
 
+    def conflicts(self) -> int:
+        return self.f
+
     def step(self) -> Outcome:
         g, t = self.ctx.g, self.params
-        done, f, self.best_f = tabucol(g.indptr, g.indices, self.k, self.colors, self.gamma, self.tabu, self.it,
+        if self.clock > TABU_REBASE:
+            rebase_tabu(self.tabu, self.clock)
+            self.clock = 0
+        done, f, self.best_f = tabucol(g.indptr, g.indices, self.k, self.colors, self.gamma, self.tabu, self.clock,
                                        t["iters_per_step"], t["tenure_a"], t["tenure_alpha"], self.best_c,
                                        self.best_f)
+        self.clock += done
         self.it += done
         self.iterations += done
         self.f = int(f)

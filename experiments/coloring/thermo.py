@@ -63,7 +63,11 @@ class Thermo(ColoringPhase):
                 return self._gpu_failed(exc, base)
         else:
             self.gammas = [build_gamma(g.indptr, g.indices, c, k) for c in reps]
+        self.f = min(int(count_conflicts(g.indptr, g.indices, c)) for c in reps)
         return None
+
+    def conflicts(self) -> int:
+        return self.f
 
     def _gpu_failed(self, exc: Exception, base: np.ndarray) -> np.ndarray | None:
         """A device error (out of memory, a lost device): continue on the CPU."""
@@ -100,7 +104,7 @@ class Thermo(ColoringPhase):
             for i in range(colors.shape[0]):
                 anneal(g.indptr, g.indices, self.k, colors[i], self.gammas[i], float(betas[i]), moves)
             energies = np.array([count_conflicts(g.indptr, g.indices, c) for c in colors])
-        best = int(energies.min())
+        best = self.f = int(energies.min())
         if best == 0:
             return Outcome(0, solution=colors[int(np.argmin(energies))].copy())
         if self.steps % t["exchange_interval"] == 0:  # steps done before this one (the pipeline counts)

@@ -165,6 +165,7 @@ class ColoringWorkload:
             if self.k < 1:
                 return True, out.extra
             solution = ph.next_k(self.best, self.k)
+            self.conflicts = ph.conflicts()  # the event reports the new k's state
         return out.done, out.extra
 
     def finish(self, emitter: Emitter, reason: str) -> None:
@@ -306,6 +307,7 @@ class ColoringWorkload:
         while solution is not None:
             self._accept(solution, self.k)
             solution = ph.next_k(self.best, self.k) if self.k >= 1 else None
+        self.conflicts = ph.conflicts() if self.k >= 1 else 0
         self.gpu_mode, self.gpu_reason = ph.gpu_mode, ph.gpu_reason
         emitter.set_context(gpu_mode=self.gpu_mode)
         emitter.emit("phase_start", {"chromatic_number": float(self.best_k), "k": float(self.k)}, phase=name,
