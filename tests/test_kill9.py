@@ -103,3 +103,27 @@ def test_a_killed_run_reads_the_same_everywhere(tmp_path, capsys, delay, strateg
     said = cli(capsys, "export", run.name, "--format", fmt, "--out", str(out), "--artifacts", str(art))
     assert f"exported {len(on_disk):,} events" in said
     assert exported_rows(out, fmt) == len(on_disk)
+
+
+def test_a_run_that_died_before_its_first_event_reads_as_empty_everywhere(tmp_path, capsys, monkeypatch):
+    """No events file at all (as after a kill in the first instant): list, monitor and export
+    agree on 0 events."""
+    from experiments import lab as lab_mod
+    from supervisor import Lab
+
+    def broken(*a, **k):
+        raise RuntimeError("no recorder today")
+
+    monkeypatch.setattr(lab_mod.Recorder, "__init__", broken)  # the tree dies before anything is written
+    art = tmp_path / "art"
+    with Lab(art) as lab, pytest.raises(RuntimeError, match="no recorder today"):
+        lab.start_experiment({"name": "k9", "workload": {"name": "latency", "params": {"target": "math:sqrt"}}})
+    (run,) = [p.parent for p in art.glob("k9/*/lifecycle.json")]
+    assert not list(run.glob("events*.jsonl"))
+    (info,) = [json.loads(line) for line in cli(capsys, "list", "--json", "--artifacts", str(art)).splitlines()]
+    assert info["status"] == "failed" and info["events"] == 0
+    assert "persisted 0," in " ".join(cli(capsys, "monitor", run.name, "--summary", "--artifacts", str(art)).split())
+    for fmt in ("jsonl", "csv", "parquet"):
+        out = tmp_path / f"empty.{fmt}"
+        said = cli(capsys, "export", run.name, "--format", fmt, "--out", str(out), "--artifacts", str(art))
+        assert "exported 0 events" in said and exported_rows(out, fmt) == 0
