@@ -27,7 +27,7 @@ SAMPLING: dict[str, dict[str, Any]] = {
 }
 
 
-def latency_spec(name: str, budget: float = 0.6, strategy: str = "all", anomaly: bool = True,
+def latency_spec(name: str, budget: float = 1.0, strategy: str = "all", anomaly: bool = True,
                  **extra: Any) -> dict[str, Any]:
     """A latency experiment that times a cheap call (many events per second)."""
     return {"name": name, "time_budget_s": budget, "seed": 5,

@@ -28,7 +28,8 @@ def lab(tmp_path):
 
 def drive(exp, mode: str) -> None:
     """Pause and resume mid-run, then let the budget end it; or stop it mid-run."""
-    until(lambda: exp.phase_status().get("steps", 0) > 0, what="the first steps")
+    phase = exp.registry.whereis("phase")
+    until(lambda: phase.ask({"kind": "status"}, timeout=30)["steps"] > 0, what="the first steps")
     if mode == "stop":
         exp.stop()
         return
