@@ -40,7 +40,8 @@ scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floa
 arrays = hnp.arrays(dtype=st.sampled_from([np.int64, np.int32, np.int8, np.float64, np.float32, np.bool_, np.uint16,
                                             np.complex64, "U3", "M8[us]"]),
                     shape=hnp.array_shapes(min_dims=0, max_dims=2, max_side=5))
-exts = st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=24))
+# unknown ext types (code 1, numpy's, is drawn by `arrays`; its damaged forms by the codec tests and `garbage`)
+exts = st.builds(msgpack.ExtType, st.integers(0, 127).filter(lambda c: c != NDARRAY_EXT), st.binary(max_size=24))
 junk = st.recursive(scalars | arrays | exts,
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
                     max_leaves=8)
@@ -167,13 +168,13 @@ def test_fuzzed_frames_never_crash_an_actor_and_the_tree_goes_on(lab):
     refs = {n: exp.registry.whereis(n) for n in NAMES}
     sent = {"garbage": 0, "batches": 0}
 
-    @settings(max_examples=150, suppress_health_check=list(HealthCheck), database=None)
-    @given(name=st.sampled_from(NAMES), frame=garbage, batch=to_consumers, which=st.booleans())
-    def fuzz(name, frame, batch, which):
-        if which or name not in CONSUMERS:
+    @settings(max_examples=120, suppress_health_check=list(HealthCheck), database=None)
+    @given(frame=garbage, batch=to_consumers)
+    def fuzz(frame, batch):  # each frame to every actor, each batch to every consumer
+        for name in NAMES:
             exp.registry.send_bytes(name, frame)
             sent["garbage"] += 1
-        else:
+        for name in CONSUMERS:
             exp.registry.send_bytes(name, batch)
             sent["batches"] += 1
 
