@@ -48,8 +48,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from actors.demo import run_demo
 
     console = Console()
-    console.print(f"[bold]crucible demo[/]: a one_for_one supervisor over a counter and a worker "
-                  f"that crashes every 7th tick, for {args.seconds:g}s")
+    console.print(
+        f"[bold]crucible demo[/]: a one_for_one supervisor over a counter and a worker "
+        f"that crashes every 7th tick, for {args.seconds:g}s"
+    )
     result = run_demo(seconds=args.seconds)
     table = Table(title="supervised demo tree")
     for col in ("child", "incarnations seen", "alive at end"):
@@ -57,9 +59,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for ch in result["children"]:
         table.add_row(ch["id"], str(result[f"{ch['id']}_incarnations"]), str(ch["alive"]))
     console.print(table)
-    console.print(f"ticks sent: {result['ticks']}; the counter (never crashed) counted "
-                  f"{result['counter_count']}; the flaky worker was restarted "
-                  f"{result['flaky_incarnations'] - 1} times; supervisor exit: {result['supervisor_exit']}")
+    console.print(
+        f"ticks sent: {result['ticks']}; the counter (never crashed) counted "
+        f"{result['counter_count']}; the flaky worker was restarted "
+        f"{result['flaky_incarnations'] - 1} times; supervisor exit: {result['supervisor_exit']}"
+    )
     ok = result["flaky_incarnations"] > 1 and result["counter_incarnations"] == 1
     return 0 if ok else 1
 
@@ -78,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from experiments.validate import Num
 
     p = _Parser(prog="crucible", description="Supervised actor trees for long experiments.")
-    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
-                   help="structlog level (default WARNING)")
+    p.add_argument(
+        "--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="structlog level (default WARNING)"
+    )
     p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run a small supervised tree that shows restarts")

@@ -39,8 +39,9 @@ DEFAULT_THRESHOLDS = {"z_score": 3.0, "modified_z": 3.5, "iqr": 1.5, "ewma": 3.0
 ACTIONS = ("flag", "alert", "sample_more")
 
 
-def check_anomaly_config(methods: Any, metrics: Any, threshold: Any, action: Any, window: Any,
-                         warmup: Any, ewma_lambda: Any) -> None:
+def check_anomaly_config(
+    methods: Any, metrics: Any, threshold: Any, action: Any, window: Any, warmup: Any, ewma_lambda: Any
+) -> None:
     """Validate the detector's settings with errors that name the setting."""
     if not isinstance(methods, (list, tuple)) or not methods:
         raise ValueError(f"anomaly methods must be a non-empty list, got {methods!r}")
@@ -51,8 +52,11 @@ def check_anomaly_config(methods: Any, metrics: Any, threshold: Any, action: Any
         raise ValueError(f"anomaly metrics must be a list of field names, got {metrics!r}")
     if action not in ACTIONS:
         raise ValueError(f"unknown anomaly action {action!r}; expected one of {', '.join(ACTIONS)}")
-    if threshold is not None and not isinstance(threshold, dict) and (
-            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0):
+    if (
+        threshold is not None
+        and not isinstance(threshold, dict)
+        and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0)
+    ):
         raise ValueError(f"anomaly threshold must be a positive number or a table per method, got {threshold!r}")
     for name, v, lo in (("window", window, 10), ("warmup", warmup, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -82,10 +86,10 @@ class _FieldState:
         else:
             end = self.pos + x.size
             if end <= w:
-                self.ring[self.pos:end] = x
+                self.ring[self.pos : end] = x
             else:
                 cut = w - self.pos
-                self.ring[self.pos:] = x[:cut]
+                self.ring[self.pos :] = x[:cut]
                 self.ring[: x.size - cut] = x[cut:]
             self.pos = end % w
         self.seen = min(w, self.seen + x.size)
@@ -202,8 +206,9 @@ class AnomalyDetection(EventConsumer):
         if len(self._rows) >= max(self.warmup, 32) and (self._forest is None or self._since_fit >= self.refit_every):
             from sklearn.ensemble import IsolationForest
 
-            self._forest = IsolationForest(n_estimators=100, contamination=self.thresholds["isolation_forest"],
-                                           random_state=self.seed).fit(np.array(self._rows))
+            self._forest = IsolationForest(
+                n_estimators=100, contamination=self.thresholds["isolation_forest"], random_state=self.seed
+            ).fit(np.array(self._rows))
             self._since_fit = 0
         return scores
 
@@ -259,14 +264,25 @@ class AnomalyDetection(EventConsumer):
             methods, fields = sorted(hits[i][0]), sorted(hits[i][1])
             sc = float(score[i])
             severity = "high" if sc >= 3 else "medium" if sc >= 1.5 else "low"
-            flag = {"flag": True, "score": round(sc, 4), "methods": methods, "fields": fields,
-                    "severity": severity, "action": self.action}
+            flag = {
+                "flag": True,
+                "score": round(sc, 4),
+                "methods": methods,
+                "fields": fields,
+                "severity": severity,
+                "action": self.action,
+            }
             anno.append([i, flag])
             pc = int(b["phase"][i])
-            item = {"seq": int(b["seq"][i]) if "seq" in b else None, "ts": int(b["ts"][i]),
-                    "run_id": b.get("run_id"), "name": names[int(b["name"][i])],
-                    "phase": phases[pc] if pc >= 0 else None,
-                    "values": {f: float(b["values"][f][i]) for f in fields if f in b["values"]}, **flag}
+            item = {
+                "seq": int(b["seq"][i]) if "seq" in b else None,
+                "ts": int(b["ts"][i]),
+                "run_id": b.get("run_id"),
+                "name": names[int(b["name"][i])],
+                "phase": phases[pc] if pc >= 0 else None,
+                "values": {f: float(b["values"][f][i]) for f in fields if f in b["values"]},
+                **flag,
+            }
             items.append(item)
             self.kept.append(item)
             self.total += 1
@@ -276,11 +292,15 @@ class AnomalyDetection(EventConsumer):
                 self.by_field[f] = self.by_field.get(f, 0) + 1
             self._period(item)
         if self.action == "alert":
-            log.warning("anomalies detected", experiment=self.experiment_id, count=len(items),
-                        first=items[0]["values"], methods=items[0]["methods"])
+            log.warning(
+                "anomalies detected",
+                experiment=self.experiment_id,
+                count=len(items),
+                first=items[0]["values"],
+                methods=items[0]["methods"],
+            )
         if self.topics is not None:
-            self.topics.publish("anomalies", {"kind": "anomalies", "experiment_id": self.experiment_id,
-                                              "items": items})
+            self.topics.publish("anomalies", {"kind": "anomalies", "experiment_id": self.experiment_id, "items": items})
 
     def _period(self, item: dict[str, Any]) -> None:
         rank = {"low": 0, "medium": 1, "high": 2}
@@ -294,17 +314,26 @@ class AnomalyDetection(EventConsumer):
             return
         if p is not None:
             self._close_period()
-        self._open = {"start": item["ts"], "end": item["ts"], "count": 1, "severity": item["severity"],
-                      "max_score": item["score"]}
+        self._open = {
+            "start": item["ts"],
+            "end": item["ts"],
+            "count": 1,
+            "severity": item["severity"],
+            "max_score": item["score"],
+        }
         self.periods.append(self._open)
         if self.topics is not None:
-            self.topics.publish("anomalies", {"kind": "anomaly_period", "state": "start",
-                                              "experiment_id": self.experiment_id, **self._open})
+            self.topics.publish(
+                "anomalies",
+                {"kind": "anomaly_period", "state": "start", "experiment_id": self.experiment_id, **self._open},
+            )
 
     def _close_period(self) -> None:
         if self._open is not None and self.topics is not None:
-            self.topics.publish("anomalies", {"kind": "anomaly_period", "state": "end",
-                                              "experiment_id": self.experiment_id, **self._open})
+            self.topics.publish(
+                "anomalies",
+                {"kind": "anomaly_period", "state": "end", "experiment_id": self.experiment_id, **self._open},
+            )
         self._open = None
 
     # --- answering ------------------------------------------------------------------------------
@@ -314,9 +343,15 @@ class AnomalyDetection(EventConsumer):
         return list(self.kept)[-n:] if n > 0 else []
 
     def handle_anomaly_metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"total": self.total, "events": self.events, "rate": self.total / self.events if self.events else 0.0,
-                "by_type": dict(self.by_method), "by_field": dict(self.by_field),
-                "periods": [dict(p) for p in self.periods], "bad_batches": self.bad_batches}
+        return {
+            "total": self.total,
+            "events": self.events,
+            "rate": self.total / self.events if self.events else 0.0,
+            "by_type": dict(self.by_method),
+            "by_field": dict(self.by_field),
+            "periods": [dict(p) for p in self.periods],
+            "bad_batches": self.bad_batches,
+        }
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
         if self.counters_ok(msg) and self.downstream is not None:

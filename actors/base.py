@@ -235,7 +235,8 @@ def _handlers_for(cls: type) -> dict[str, Callable[..., Any]]:
     table = _handler_tables.get(cls)
     if table is None:
         table = _handler_tables[cls] = {
-            name[7:]: getattr(cls, name) for name in dir(cls)
+            name[7:]: getattr(cls, name)
+            for name in dir(cls)
             if name.startswith("handle_") and callable(getattr(cls, name))
         }
     return table
@@ -385,4 +386,3 @@ def call_local(ref: ActorRef, fn: Callable[..., Any], *args: Any, timeout: float
     if isinstance(result, Refusal):
         raise result.exc
     return result
-

@@ -36,8 +36,13 @@ class EventConsumer(Actor):
             check(msg)
         except SchemaError as exc:
             self.bad_batches += 1
-            log.warning("malformed message dropped", actor=type(self).__name__, kind=what, error=str(exc),
-                        bad_batches=self.bad_batches)
+            log.warning(
+                "malformed message dropped",
+                actor=type(self).__name__,
+                kind=what,
+                error=str(exc),
+                bad_batches=self.bad_batches,
+            )
             return False
         return True
 

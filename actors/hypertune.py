@@ -98,8 +98,13 @@ class Policy:
                 return self.rng.choice(arms)
             return max(arms, key=lambda a: self.stats[f"{phase}/{a}"]["mean"])
         total = sum(self.stats[k]["n"] for k in keys)
-        return max(arms, key=lambda a: self.stats[f"{phase}/{a}"]["mean"]
-                   + self.c * math.sqrt(2 * math.log(total) / self.stats[f"{phase}/{a}"]["n"]))
+        return max(
+            arms,
+            key=lambda a: (
+                self.stats[f"{phase}/{a}"]["mean"]
+                + self.c * math.sqrt(2 * math.log(total) / self.stats[f"{phase}/{a}"]["n"])
+            ),
+        )
 
     def update(self, phase: str, arm: str, reward: float) -> None:
         s = self.stats.setdefault(f"{phase}/{arm}", {"n": 0, "mean": 0.0})
@@ -125,8 +130,10 @@ class Policy:
             if not isinstance(v, dict):
                 return False
             n, mean = v.get("n"), v.get("mean")
-            return (all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                        for x in (n, mean)) and n >= 0)  # type: ignore[operator]
+            return (
+                all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (n, mean))
+                and n >= 0
+            )  # type: ignore[operator]
 
         if not isinstance(stats, dict) or not all(isinstance(k, str) and good(v) for k, v in stats.items()):
             log.warning("hypertune policy state unreadable; ignoring it", file=str(path), error="bad stats table")
@@ -178,9 +185,19 @@ class Hypertune(EventConsumer):
     malformed one is counted in ``bad_batches`` (see ``get``) and never reaches the policy.
     """
 
-    def __init__(self, experiment_id: str, enabled: bool = False, registry: Any = None, *,
-                 window_s: float = 5.0, policy: str = "ucb", state_file: str | Path | None = None,
-                 workload: str = "workload", family: str = "default", seed: int = 0) -> None:
+    def __init__(
+        self,
+        experiment_id: str,
+        enabled: bool = False,
+        registry: Any = None,
+        *,
+        window_s: float = 5.0,
+        policy: str = "ucb",
+        state_file: str | Path | None = None,
+        workload: str = "workload",
+        family: str = "default",
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if window_s <= 0:
             raise ValueError(f"hypertune window_s must be > 0, got {window_s!r}")
@@ -263,8 +280,15 @@ class Hypertune(EventConsumer):
             return
         if not self.took_over:
             # one controller at a time: the workload's own tenure swap stands down
-            self._send({"kind": "set_param", "key": "external_tenure", "value": True, "event": "control",
-                        "why": "hypertune steers the tenure"})
+            self._send(
+                {
+                    "kind": "set_param",
+                    "key": "external_tenure",
+                    "value": True,
+                    "event": "control",
+                    "why": "hypertune steers the tenure",
+                }
+            )
             self.took_over = True
         if self.pending is not None:
             return
@@ -275,11 +299,19 @@ class Hypertune(EventConsumer):
         arm = self.policy.choose(self.phase, arms)
         key, value_of = ARMS[self.phase][arm]
         value = value_of(self.params)
-        why = (f"hypertune: no progress for {stalled_us / 1e6:.1f}s in {self.phase} "
-               f"(best {self.best:g}, lowest conflicts {self.min_conf:g} at k={self.k}); arm {arm} "
-               f"by {self.policy.kind}")
-        self.pending = {"phase": self.phase, "arm": arm, "key": key, "value": value, "ts": self.last_ts,
-                        "score": self.score()}
+        why = (
+            f"hypertune: no progress for {stalled_us / 1e6:.1f}s in {self.phase} "
+            f"(best {self.best:g}, lowest conflicts {self.min_conf:g} at k={self.k}); arm {arm} "
+            f"by {self.policy.kind}"
+        )
+        self.pending = {
+            "phase": self.phase,
+            "arm": arm,
+            "key": key,
+            "value": value,
+            "ts": self.last_ts,
+            "score": self.score(),
+        }
         self.actions.append({k: v for k, v in self.pending.items()})
         self._send({"kind": "set_param", "key": key, "value": value, "why": why, "event": "hypertune_action"})
         log.info("hypertune action", experiment=self.experiment_id, phase=self.phase, arm=arm, key=key, value=value)
@@ -300,9 +332,15 @@ class Hypertune(EventConsumer):
         self.policy.update(p["phase"], p["arm"], reward)
         self.last_improve_ts = self.last_ts  # the next window starts now
         self._save()
-        self._send({"kind": "note", "name": "hypertune_outcome", "values": {"reward": reward, "window_s": elapsed},
-                    "notes": f"outcome of {p['arm']} ({p['key']}={p['value']!r}) in {p['phase']}: "
-                             f"score {p['score']:g} -> {self.score():g} over {elapsed:.1f}s, reward {reward:.4g}"})
+        self._send(
+            {
+                "kind": "note",
+                "name": "hypertune_outcome",
+                "values": {"reward": reward, "window_s": elapsed},
+                "notes": f"outcome of {p['arm']} ({p['key']}={p['value']!r}) in {p['phase']}: "
+                f"score {p['score']:g} -> {self.score():g} over {elapsed:.1f}s, reward {reward:.4g}",
+            }
+        )
 
     def _send(self, msg: dict[str, Any]) -> None:
         if self.registry is not None:
@@ -332,11 +370,20 @@ class Hypertune(EventConsumer):
         """Emitter counters travel on the events topic; nothing to do."""
 
     def handle_get(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"enabled": self.enabled, "acting": self.enabled, "policy": self.policy.kind,
-                "state_loaded": self.loaded, "snapshots_seen": self.snapshots, "anomalies_seen": self.anomalies,
-                "anomaly_periods_seen": self.periods, "actions": list(self.actions),
-                "stats": dict(self.policy.stats), "phase": self.phase, "best": self.best,
-                "bad_batches": self.bad_batches}
+        return {
+            "enabled": self.enabled,
+            "acting": self.enabled,
+            "policy": self.policy.kind,
+            "state_loaded": self.loaded,
+            "snapshots_seen": self.snapshots,
+            "anomalies_seen": self.anomalies,
+            "anomaly_periods_seen": self.periods,
+            "actions": list(self.actions),
+            "stats": dict(self.policy.stats),
+            "phase": self.phase,
+            "best": self.best,
+            "bad_batches": self.bad_batches,
+        }
 
     def handle_crash(self, msg: dict[str, Any]) -> None:
         """Fault injection for tests and drills."""

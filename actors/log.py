@@ -38,9 +38,7 @@ def configure_logging(level: str | int = "INFO", *, json: bool | None = None) ->
         level = logging.getLevelName(level.upper())
     if json is None:
         json = not sys.stderr.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
-    )
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

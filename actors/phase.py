@@ -145,8 +145,15 @@ class PhaseActor(Actor):
     def on_start(self) -> None:
         cp = self.checkpoints.get()
         counters = cp.get("counters") or {}
-        self.emitter = Emitter(self.topics, self.experiment_id, self.run_id, counters=counters,
-                               on_publish=self._published, watch=self.watch, **self.emitter_opts)
+        self.emitter = Emitter(
+            self.topics,
+            self.experiment_id,
+            self.run_id,
+            counters=counters,
+            on_publish=self._published,
+            watch=self.watch,
+            **self.emitter_opts,
+        )
         if cp.get("finished"):
             self.finished = True
             self._publish_status(force=True)
@@ -157,8 +164,12 @@ class PhaseActor(Actor):
             self._active_s = float(cp.get("active_s", 0.0))
             self.paused = bool(cp.get("paused", False))
             self.emitter.hold(self.paused)
-            self.emitter.emit("phase_restart", {"steps": float(self.steps)}, parameters=self.workload.params(),
-                              notes=f"restored from checkpoint after {self.steps} steps")
+            self.emitter.emit(
+                "phase_restart",
+                {"steps": float(self.steps)},
+                parameters=self.workload.params(),
+                notes=f"restored from checkpoint after {self.steps} steps",
+            )
         self.workload.start(self.emitter)
         self._mark = self.clock()
         self._publish_status(force=True)
@@ -169,8 +180,9 @@ class PhaseActor(Actor):
         self.checkpoints.update(self, counters=counters)
 
     def _checkpoint(self, force: bool = False) -> None:
-        self.checkpoints.update(self, workload=self.workload.checkpoint(), steps=self.steps, paused=self.paused,
-                                active_s=self._active_s)
+        self.checkpoints.update(
+            self, workload=self.workload.checkpoint(), steps=self.steps, paused=self.paused, active_s=self._active_s
+        )
         now = time.monotonic()
         if force or now - self._last_save >= self.save_every_s:
             self._last_save = now
@@ -220,14 +232,17 @@ class PhaseActor(Actor):
         if finish is not None:
             finish(self.emitter, reason)
         self._checkpoint(force=True)
-        self.emitter.emit("phase_end", {"steps": float(self.steps), "active_s": self._active_s}, notes=reason,
-                          phase=self.workload.params().get("phase"))
+        self.emitter.emit(
+            "phase_end",
+            {"steps": float(self.steps), "active_s": self._active_s},
+            notes=reason,
+            phase=self.workload.params().get("phase"),
+        )
         counters = self.emitter.close()
         self.checkpoints.update(self, counters=counters)
         self._publish_status(force=True)
         self.checkpoints.finish(reason, self)
-        log.info("phase finished", experiment=self.experiment_id, run_id=self.run_id, reason=reason,
-                 steps=self.steps)
+        log.info("phase finished", experiment=self.experiment_id, run_id=self.run_id, reason=reason, steps=self.steps)
 
     # --- control at safe points ------------------------------------------------------------------------
 
@@ -263,28 +278,45 @@ class PhaseActor(Actor):
             before, after = self.workload.set_param(key, value)
         except ValueError as exc:
             log.warning("control action refused", key=key, value=value, error=str(exc))
-            self.emitter.emit("control_refused", notes=f"{key}={value!r} refused: {exc}",
-                              parameters=self.workload.params())
+            self.emitter.emit(
+                "control_refused", notes=f"{key}={value!r} refused: {exc}", parameters=self.workload.params()
+            )
             return {"ok": False, "error": str(exc)}
         why = msg.get("why", "requested")
         params = self.workload.params()
-        self.emitter.emit(str(msg.get("event", "control")), parameters=params, phase=params.get("phase"),
-                          notes=f"{key}: {before!r} -> {after!r} ({why})")
+        self.emitter.emit(
+            str(msg.get("event", "control")),
+            parameters=params,
+            phase=params.get("phase"),
+            notes=f"{key}: {before!r} -> {after!r} ({why})",
+        )
         self._checkpoint(force=True)
         return {"ok": True, "key": key, "before": before, "after": after}
 
     def handle_note(self, msg: dict[str, Any]) -> None:
         """Record an observer's note (e.g. hypertune's outcome of an action) in the run's events."""
         assert self.emitter is not None
-        values = {k: float(v) for k, v in (msg.get("values") or {}).items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.emitter.emit(str(msg.get("name", "note")), values, notes=str(msg.get("notes", "")),
-                          phase=self.workload.params().get("phase"))
+        values = {
+            k: float(v)
+            for k, v in (msg.get("values") or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        self.emitter.emit(
+            str(msg.get("name", "note")),
+            values,
+            notes=str(msg.get("notes", "")),
+            phase=self.workload.params().get("phase"),
+        )
 
     def status(self) -> dict[str, Any]:
-        return {"paused": self.paused, "finished": self.finished, "steps": self.steps,
-                "active_s": self._active_s, "params": self.workload.params(),
-                "counters": self.emitter.counters() if self.emitter else {}}
+        return {
+            "paused": self.paused,
+            "finished": self.finished,
+            "steps": self.steps,
+            "active_s": self._active_s,
+            "params": self.workload.params(),
+            "counters": self.emitter.counters() if self.emitter else {},
+        }
 
     def handle_status(self, msg: dict[str, Any]) -> dict[str, Any]:
         return self.status()

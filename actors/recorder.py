@@ -194,8 +194,13 @@ class Recorder(EventConsumer):
                     chunk = []
             self._absorb_recovered(chunk, db_max)
             self.received = self.persisted + self.storage_dropped
-            log.info("recorder resumed run", run_id=self.run_id, persisted=self.persisted,
-                     last_seq=self.last_seq, incarnation=incarnation)
+            log.info(
+                "recorder resumed run",
+                run_id=self.run_id,
+                persisted=self.persisted,
+                last_seq=self.last_seq,
+                incarnation=incarnation,
+            )
         self._incarnation = incarnation
         self._save_state()
         return incarnation
@@ -209,7 +214,7 @@ class Recorder(EventConsumer):
         missing = [r for r in rows if r["seq"] > db_max] if self.storage_error is None else []
         try:
             for i in range(0, len(missing), 1024):
-                part = missing[i:i + 1024]
+                part = missing[i : i + 1024]
                 self._insert(rows_to_batch(part, self.experiment_id, self.run_id))
             self.store.commit()
         except _STORAGE_ERRORS as exc:
@@ -256,8 +261,15 @@ class Recorder(EventConsumer):
 
     def _insert(self, b: dict[str, Any]) -> None:
         seq, ts = b["seq"], b["ts"]
-        self.store.insert_batch(self.experiment_id, self.run_id, [int(seq[0]), int(seq[-1])],
-                                int(ts.min()), int(ts.max()), encode(_wire_fields(b)), n=int(b["n"]))
+        self.store.insert_batch(
+            self.experiment_id,
+            self.run_id,
+            [int(seq[0]), int(seq[-1])],
+            int(ts.min()),
+            int(ts.max()),
+            encode(_wire_fields(b)),
+            n=int(b["n"]),
+        )
 
     def _commit(self) -> None:
         """End the history transaction; only then do its batches count as persisted.
@@ -297,8 +309,13 @@ class Recorder(EventConsumer):
             self.storage_error = f"storage: {exc}"
         self._pending = []
         self.storage_dropped = self.received - self.persisted  # received, and not committed: rolled back
-        log.error("storage failed; recording stops", run_id=self.run_id, error=str(exc),
-                  persisted=self.persisted, dropped=self.storage_dropped)
+        log.error(
+            "storage failed; recording stops",
+            run_id=self.run_id,
+            error=str(exc),
+            persisted=self.persisted,
+            dropped=self.storage_dropped,
+        )
         try:
             self.store.rollback()
         except sqlite3.Error as err:
@@ -447,9 +464,14 @@ class Recorder(EventConsumer):
         for name, st in self.phases.items():
             best = {k: (st.max[k] if k in self.maximize else st.min[k]) for k in st.min}
             phases[name or "-"] = {
-                "events": st.count, "first_ts": st.first_ts, "last_ts": st.last_ts,
+                "events": st.count,
+                "first_ts": st.first_ts,
+                "last_ts": st.last_ts,
                 "duration_s": (st.last_ts - st.first_ts) / 1e6 if st.first_ts is not None else 0.0,
-                "best": best, "min": st.min, "max": st.max, "last": st.last,
+                "best": best,
+                "min": st.min,
+                "max": st.max,
+                "last": st.last,
             }
         c = self.counters
         published = c.get("published", self.received + self.sampled_out + self.held)
@@ -458,23 +480,35 @@ class Recorder(EventConsumer):
         emitted = c.get("emitted", published + overflow)
         dropped = overflow + lost + self.storage_dropped  # lost for a reason other than sampling
         return {
-            "schema": SCHEMA_VERSION, "experiment_id": self.experiment_id, "run_id": self.run_id,
-            "run_dir": str(self.run_dir), "started_ts": self.started_ts, "ended_ts": max(ends) if ends else None,
+            "schema": SCHEMA_VERSION,
+            "experiment_id": self.experiment_id,
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir),
+            "started_ts": self.started_ts,
+            "ended_ts": max(ends) if ends else None,
             "total_duration_s": (max(ends) - self.started_ts) / 1e6 if ends and self.started_ts else 0.0,
             "phases": phases,
-            "events_emitted": emitted, "events_published": published, "events_persisted": self.persisted,
+            "events_emitted": emitted,
+            "events_published": published,
+            "events_persisted": self.persisted,
             "events_dropped": dropped + self.sampled_out,
-            "events_dropped_overflow": overflow, "events_lost_in_transit": lost,
+            "events_dropped_overflow": overflow,
+            "events_lost_in_transit": lost,
             "events_dropped_storage": self.storage_dropped,
-            "events_sampled_out": self.sampled_out, "events_held_by_sampler": self.held,
+            "events_sampled_out": self.sampled_out,
+            "events_held_by_sampler": self.held,
             "events_rejected": c.get("rejected", 0),
             "accounting": {
-                "emitted": emitted, "persisted": self.persisted, "dropped": dropped,
-                "sampled_out": self.sampled_out, "held": self.held,
+                "emitted": emitted,
+                "persisted": self.persisted,
+                "dropped": dropped,
+                "sampled_out": self.sampled_out,
+                "held": self.held,
                 "balanced": emitted == self.persisted + dropped + self.sampled_out + self.held,
             },
             "storage_error": self.storage_error,
-            "bad_batches": self.bad_batches, "restarts": self.restarts,
+            "bad_batches": self.bad_batches,
+            "restarts": self.restarts,
             "recorder_incarnation": self._incarnation,
         }
 
@@ -491,9 +525,15 @@ class Recorder(EventConsumer):
                 self._storage_failed(exc)
 
     def _write_state(self) -> None:
-        state = {"incarnation": self._incarnation, "counters": self.counters, "restarts": self.restarts,
-                 "sampled_out": self.sampled_out, "sampled": self._sampled, "storage_dropped": self.storage_dropped,
-                 "storage_error": self.storage_error}
+        state = {
+            "incarnation": self._incarnation,
+            "counters": self.counters,
+            "restarts": self.restarts,
+            "sampled_out": self.sampled_out,
+            "sampled": self._sampled,
+            "storage_dropped": self.storage_dropped,
+            "storage_error": self.storage_error,
+        }
         _atomic_write(self.run_dir / "recorder.json", orjson.dumps(state))
 
     def _save_state(self) -> None:
@@ -519,11 +559,13 @@ class Recorder(EventConsumer):
             if isinstance(n, bool) or not isinstance(n, int):
                 raise QueryError(f"recent: n must be an integer, got {n!r}")
             return self.recent(n)
+
         return self._answer(msg, ask)
 
     def handle_query_window(self, msg: dict[str, Any]) -> Any:
         """Live from the index; from the history (this run only) when asked, or when the bounded
         index has dropped events the answer needs: either way the same answer."""
+
         def ask(m: dict[str, Any]) -> list[Any]:
             spec, filters, now_us = m.get("spec"), m.get("filters"), m.get("now_us")
             if _source(m) == "live":
@@ -532,6 +574,7 @@ class Recorder(EventConsumer):
                 except IndexIncomplete:
                     pass
             return self.store.query(self.experiment_id, spec, filters, now_us, run_id=self.run_id)
+
         return self._answer(msg, ask)
 
     def handle_windowed_metrics(self, msg: dict[str, Any]) -> Any:
@@ -543,6 +586,7 @@ class Recorder(EventConsumer):
                 except IndexIncomplete:
                     pass
             return self.store.windowed_metrics(self.experiment_id, *args, run_id=self.run_id)
+
         return self._answer(msg, ask)
 
     def terminate(self, reason: str) -> None:
@@ -558,8 +602,9 @@ class Recorder(EventConsumer):
             self._write_summary(quiet=True)
             s = self.summary()
             try:
-                self.store.record_run(self.run_id, self.experiment_id, str(self.run_dir), s["started_ts"],
-                                      s["ended_ts"], s)
+                self.store.record_run(
+                    self.run_id, self.experiment_id, str(self.run_dir), s["started_ts"], s["ended_ts"], s
+                )
             except _STORAGE_ERRORS as exc:
                 log.error("run not recorded in the history", run_id=self.run_id, error=str(exc))
         finally:
@@ -577,8 +622,28 @@ def _source(msg: dict[str, Any]) -> str:
     return source
 
 
-_WIRE = ("kind", "experiment_id", "run_id", "n", "seq", "ts", "step", "pass", "name", "phase", "success", "gpu",
-         "reason", "params", "names", "phases", "reasons", "param_texts", "values", "sparse")
+_WIRE = (
+    "kind",
+    "experiment_id",
+    "run_id",
+    "n",
+    "seq",
+    "ts",
+    "step",
+    "pass",
+    "name",
+    "phase",
+    "success",
+    "gpu",
+    "reason",
+    "params",
+    "names",
+    "phases",
+    "reasons",
+    "param_texts",
+    "values",
+    "sparse",
+)
 
 
 def _wire_fields(b: dict[str, Any]) -> dict[str, Any]:

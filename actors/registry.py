@@ -38,9 +38,7 @@ class Registry:
         self.stash_limit = stash_limit
         self.stash_dropped = 0
 
-    def register(
-        self, name: str, ref: ActorRef, restarting_if: Callable[[str], bool] | None = None
-    ) -> None:
+    def register(self, name: str, ref: ActorRef, restarting_if: Callable[[str], bool] | None = None) -> None:
         """Bind ``name`` to ``ref``; deliver anything stashed for the name; free it on death.
 
         ``restarting_if(reason)``, when given, decides at the moment of death (atomically
@@ -58,9 +56,7 @@ class Registry:
             self._registered.notify_all()
         on_death(ref, lambda reason, n=name, r=ref: self._release(n, r, reason, restarting_if))
 
-    def _release(
-        self, name: str, ref: ActorRef, reason: str, restarting_if: Callable[[str], bool] | None
-    ) -> None:
+    def _release(self, name: str, ref: ActorRef, reason: str, restarting_if: Callable[[str], bool] | None) -> None:
         with self._lock:
             if self._names.get(name) == ref:
                 del self._names[name]
@@ -145,6 +141,7 @@ class Registry:
                 return False
             stash.append(data)
             return True
+
 
 default_registry = Registry()
 

@@ -43,7 +43,9 @@ log = get_logger("actors.sampler")
 
 STRATEGIES = ("all", "uniform", "reservoir", "stratified", "adaptive", "importance")
 _CONFIG_KEYS = {
-    "all": set(), "uniform": {"rate"}, "reservoir": {"k"},
+    "all": set(),
+    "uniform": {"rate"},
+    "reservoir": {"k"},
     "stratified": {"by", "rates", "default_rate"},
     "adaptive": {"base_rate", "anomaly_rate", "cooldown_s"},
     "importance": {"field", "quantile", "base_rate"},
@@ -67,8 +69,10 @@ def check_sampling(strategy: str, config: dict[str, Any] | None) -> dict[str, An
     allowed = _CONFIG_KEYS[strategy] | {"min_samples", "seed"}
     unknown = set(cfg) - allowed
     if unknown:
-        raise ValueError(f"unknown sampling_config key(s) {', '.join(sorted(unknown))} for strategy {strategy!r}; "
-                         f"allowed: {', '.join(sorted(allowed))}")
+        raise ValueError(
+            f"unknown sampling_config key(s) {', '.join(sorted(unknown))} for strategy {strategy!r}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
     ms = cfg.setdefault("min_samples", 0)
     if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
         raise ValueError(f"sampling_config.min_samples must be an int >= 0, got {ms!r}")
@@ -106,8 +110,14 @@ def check_sampling(strategy: str, config: dict[str, Any] | None) -> dict[str, An
 class Sampler(EventConsumer):
     """Receives (anomaly-annotated) event batches, forwards the kept rows downstream."""
 
-    def __init__(self, experiment_id: str, downstream: Any = None, strategy: str = "all",
-                 config: dict[str, Any] | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        experiment_id: str,
+        downstream: Any = None,
+        strategy: str = "all",
+        config: dict[str, Any] | None = None,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         self.experiment_id = experiment_id
         self.downstream = downstream  # anything with tell_bytes(): an ActorRef or a NamedTarget
@@ -233,8 +243,9 @@ class Sampler(EventConsumer):
     def _send_figures(self, msg: dict[str, Any]) -> None:
         """Nothing of this batch goes on: send the figures (and the batch's emitter counters) alone."""
         if self.downstream is not None:
-            self.downstream.tell_bytes(encode({
-                "kind": "sampling", **self._figures(self._held()), "counters": msg.get("counters") or {}}))
+            self.downstream.tell_bytes(
+                encode({"kind": "sampling", **self._figures(self._held()), "counters": msg.get("counters") or {}})
+            )
 
     def _held(self) -> int:
         return len(self.reservoir) if self.strategy == "reservoir" and not self._reservoir_flushed else 0
@@ -285,9 +296,15 @@ class Sampler(EventConsumer):
         return self.counts()
 
     def counts(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "seen": self.seen, "sampled_out": self.sampled_out,
-                "kept": dict(self.kept), "dropped": dict(self.dropped), "held": self._held(),
-                "bad_batches": self.bad_batches}
+        return {
+            "strategy": self.strategy,
+            "seen": self.seen,
+            "sampled_out": self.sampled_out,
+            "kept": dict(self.kept),
+            "dropped": dict(self.dropped),
+            "held": self._held(),
+            "bad_batches": self.bad_batches,
+        }
 
     def handle_counts(self, msg: dict[str, Any]) -> dict[str, Any]:
         return self.counts()

@@ -94,8 +94,7 @@ class Snapshot:
             return Reading(None, None, True)
         return Reading(decode(data), max(0.0, self._clock() - at), False)
 
-    def read(self, fetch: Callable[[], Any] | None = None, max_age: float = MAX_AGE_S,
-             wait: float = WAIT_S) -> Reading:
+    def read(self, fetch: Callable[[], Any] | None = None, max_age: float = MAX_AGE_S, wait: float = WAIT_S) -> Reading:
         """The latest value if it is at most ``max_age`` old; else refresh it with ``fetch``.
 
         ``fetch`` (typically an ask) runs on a helper thread, one at a time; its answer is

@@ -176,16 +176,22 @@ class StreamingMetrics(EventConsumer):
         judged = self.success + self.failure
         rate = self.success / judged if judged else None
         fields = {f: _stats(self.moments[f], self.digests[f]) for f in self.moments}
-        windows = {
-            f"{w:g}s": {f: self.win[f][i].summary(now) for f in self.win} for i, w in enumerate(self.windows)
-        }
+        windows = {f"{w:g}s": {f: self.win[f][i].summary(now) for f in self.win} for i, w in enumerate(self.windows)}
         totals = {k: self.moments[k].total for k in TOTAL_FIELDS if k in self.moments}
         return {
-            "kind": "metrics", "experiment_id": self.experiment_id, "at": now, "last_ts": self.last_ts,
-            "events": self.events, "by_name": dict(self.by_name),
-            "success": self.success, "failure": self.failure, "success_rate": rate,
+            "kind": "metrics",
+            "experiment_id": self.experiment_id,
+            "at": now,
+            "last_ts": self.last_ts,
+            "events": self.events,
+            "by_name": dict(self.by_name),
+            "success": self.success,
+            "failure": self.failure,
+            "success_rate": rate,
             "sla": {f"{lvl * 100:g}": (rate is not None and rate >= lvl) for lvl in SLA_LEVELS},
-            "fields": fields, "windows": windows, "totals": totals,
+            "fields": fields,
+            "windows": windows,
+            "totals": totals,
             "rejected_values": sum(m.rejected for m in self.moments.values()),
             "bad_batches": self.bad_batches,
         }

@@ -267,9 +267,11 @@ class Supervisor(Actor):
         monitor(self.ref, ref)
         if spec.name:
             self.registry.register(
-                spec.name, ref,
-                restarting_if=lambda reason, c=c: c.regrouping or (
-                    not c.terminating and self._would_restart(c.spec, reason)),
+                spec.name,
+                ref,
+                restarting_if=lambda reason, c=c: (
+                    c.regrouping or (not c.terminating and self._would_restart(c.spec, reason))
+                ),
             )
         return ref
 
@@ -364,14 +366,16 @@ class Supervisor(Actor):
         while self._restarts and self._restarts[0] < now - self.max_seconds:
             self._restarts.popleft()
         if len(self._restarts) > self.max_restarts:
-            log.error("restart intensity reached; supervisor exits", name=self.name,
-                      max_restarts=self.max_restarts, max_seconds=self.max_seconds)
+            log.error(
+                "restart intensity reached; supervisor exits",
+                name=self.name,
+                max_restarts=self.max_restarts,
+                max_seconds=self.max_seconds,
+            )
             for ch in self._children:
                 if ch.spec.name and ch.ref is None:
                     self.registry.cancel_restarting(ch.spec.name)
-            raise MaxRestartIntensity(
-                f"more than {self.max_restarts} restarts in {self.max_seconds}s"
-            )
+            raise MaxRestartIntensity(f"more than {self.max_restarts} restarts in {self.max_seconds}s")
 
     def _schedule_restart(self, group: list[_Child], failed: _Child) -> None:
         if not self.backoff:
@@ -410,9 +414,7 @@ class Supervisor(Actor):
     def _maybe_auto_shutdown(self, c: _Child) -> None:
         if not c.spec.significant or self.auto_shutdown == "never":
             return
-        if self.auto_shutdown == "all_significant" and any(
-            ch.running for ch in self._children if ch.spec.significant
-        ):
+        if self.auto_shutdown == "all_significant" and any(ch.running for ch in self._children if ch.spec.significant):
             return
         log.info("auto_shutdown: significant child exited", child=c.spec.id, mode=self.auto_shutdown)
         self.exit(SHUTDOWN)
@@ -521,16 +523,16 @@ class DynamicSupervisor(Supervisor):
         if max_children is not None and (not isinstance(max_children, int) or max_children < 0):
             raise ValueError(f"max_children must be an int >= 0 or None, got {max_children!r}")
         self.max_children = max_children
-        super().__init__(
-            (), "one_for_one", max_restarts, max_seconds, name, backoff, "never", registry, clock
-        )
+        super().__init__((), "one_for_one", max_restarts, max_seconds, name, backoff, "never", registry, clock)
 
     def _start_child_call(self, spec: ChildSpec) -> Any:
         if isinstance(spec, ChildSpec) and any(c.spec.id == spec.id for c in self._children):
             return Refusal(ValueError(f"duplicate child id {spec.id!r}"))
         if self.max_children is not None and len(self._children) >= self.max_children:
-            return Refusal(TooManyChildren(
-                f"dynamic supervisor {self.name or self.actor_urn} already has "
-                f"max_children={self.max_children} children; cannot start {getattr(spec, 'id', spec)!r}"
-            ))
+            return Refusal(
+                TooManyChildren(
+                    f"dynamic supervisor {self.name or self.actor_urn} already has "
+                    f"max_children={self.max_children} children; cannot start {getattr(spec, 'id', spec)!r}"
+                )
+            )
         return super()._start_child_call(spec)

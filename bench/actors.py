@@ -91,12 +91,14 @@ def bench_batches(n_events: int, batch: int = 1024) -> float:
     n_batches = max(1, n_events // batch)
     t0 = time.perf_counter()
     for b in range(n_batches):
-        ref.tell({
-            "kind": "events",
-            "ts": base_ts + np.arange(batch, dtype=np.float64) * 1e-6,
-            "step": np.arange(b * batch, (b + 1) * batch, dtype=np.int64),
-            "value": rng.random(batch),
-        })
+        ref.tell(
+            {
+                "kind": "events",
+                "ts": base_ts + np.arange(batch, dtype=np.float64) * 1e-6,
+                "step": np.arange(b * batch, (b + 1) * batch, dtype=np.int64),
+                "value": rng.random(batch),
+            }
+        )
     got = ref.ask({"kind": "get"})
     dt = time.perf_counter() - t0
     assert got[1] == n_batches * batch
@@ -130,8 +132,9 @@ def main() -> None:
     freeze_startup_heap()  # as `crucible` does after start-up (see actors/runtime.py)
     bench_raw(10_000), bench_ours(10_000)  # warm up
     # Interleaved rounds; the median of the per-round ratios (this machine is shared and noisy).
-    rounds = [(bench_raw(args.messages), bench_ours(args.messages), bench_batches(args.events))
-              for _ in range(args.rounds)]
+    rounds = [
+        (bench_raw(args.messages), bench_ours(args.messages), bench_batches(args.events)) for _ in range(args.rounds)
+    ]
     raw = statistics.median(r[0] for r in rounds)
     ours = statistics.median(r[1] for r in rounds)
     batches = statistics.median(r[2] for r in rounds)

@@ -26,7 +26,10 @@ from experiments.coloring.workload import ColoringWorkload
 from kernels.coloring import build_gamma, seed_rng, tabucol
 
 TARGETS = {  # instance: (target colours, time limit s) from the issue
-    "DSJC125.5": (17, 2), "DSJC250.5": (28, 60), "le450_15c": (15, 300), "DSJC500.5": (49, 600),
+    "DSJC125.5": (17, 2),
+    "DSJC250.5": (28, 60),
+    "le450_15c": (15, 300),
+    "DSJC500.5": (49, 600),
     "DSJC1000.5": (89, 1800),
 }
 
@@ -40,8 +43,9 @@ class _Quiet:
 
 
 def solve(path: Path, target: int, limit: float, seed: int = 0) -> tuple[int, float, bool]:
-    params = ColoringWorkload.check_params({"graph": {"file": str(path)}, "target": target,
-                                            "phases": ["tabu", "memetic"]})
+    params = ColoringWorkload.check_params(
+        {"graph": {"file": str(path)}, "target": target, "phases": ["tabu", "memetic"]}
+    )
     w = ColoringWorkload(params, seed)
     em = _Quiet()
     t0 = time.perf_counter()
@@ -90,11 +94,15 @@ def main() -> None:
     freeze_startup_heap()
     if args.rate_only:
         rates = sorted(tabucol_rate() for _ in range(3))
-        print(f"TabuCol on DSJC250.5 at k=27: {rates[1]:,.0f} iterations/s (median of 3; min {rates[0]:,.0f}, "
-              f"max {rates[2]:,.0f})   target >= 1,000,000")
+        print(
+            f"TabuCol on DSJC250.5 at k=27: {rates[1]:,.0f} iterations/s (median of 3; min {rates[0]:,.0f}, "
+            f"max {rates[2]:,.0f})   target >= 1,000,000"
+        )
         return
-    print(f"{'instance':<12} {'target':>6} {'limit s':>8} | {'nx DSATUR':>9} {'s':>7} | {'ours':>5} "
-          f"{'s to best':>9} {'proper':>6} {'met':>4}")
+    print(
+        f"{'instance':<12} {'target':>6} {'limit s':>8} | {'nx DSATUR':>9} {'s':>7} | {'ours':>5} "
+        f"{'s to best':>9} {'proper':>6} {'met':>4}"
+    )
     for name in args.instances.split(","):
         target, limit = TARGETS.get(name, (1, 60))
         limit *= args.limit_scale
@@ -102,8 +110,10 @@ def main() -> None:
         nk, nt = networkx_dsatur(path)
         k, tbest, proper = solve(path, target, limit, args.seed)
         met = proper and k <= target and tbest <= limit
-        print(f"{name:<12} {target:>6} {limit:>8.0f} | {nk:>9} {nt:>7.2f} | {k:>5} {tbest:>9.2f} {proper!s:>6} "
-              f"{'yes' if met else 'no':>4}")
+        print(
+            f"{name:<12} {target:>6} {limit:>8.0f} | {nk:>9} {nt:>7.2f} | {k:>5} {tbest:>9.2f} {proper!s:>6} "
+            f"{'yes' if met else 'no':>4}"
+        )
     print(f"TabuCol on DSJC250.5 at k=27: {tabucol_rate():,.0f} iterations/s   target >= 1,000,000")
 
 

@@ -61,8 +61,9 @@ def rates(args: argparse.Namespace) -> None:
     if ok:
         cuda = load_cuda()
         dev = cuda.get_current_device()
-        print(f"device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}, "
-              f"{dev.MULTIPROCESSOR_COUNT} SMs")
+        print(
+            f"device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}, {dev.MULTIPROCESSOR_COUNT} SMs"
+        )
     for item in args.instances.split(","):
         name, k = item.split(":")[:2]
         k = int(k)
@@ -86,8 +87,10 @@ def rates(args: argparse.Namespace) -> None:
                 if shared and not pop.gamma_in_shared():
                     continue
                 r = population_rate(pop, g, k, args.seconds, args.iters)
-                print(f"  GPU P={p} threads={tpb} gamma={'shared' if shared else 'global'}"
-                      f" {r:>14,.0f} it/s   {r / anchor:.1f}x")
+                print(
+                    f"  GPU P={p} threads={tpb} gamma={'shared' if shared else 'global'}"
+                    f" {r:>14,.0f} it/s   {r / anchor:.1f}x"
+                )
                 pop.close()
 
 
@@ -112,11 +115,20 @@ def search(args: argparse.Namespace) -> None:
     for item in args.instances.split(","):
         name, target, limit = item.split(":")
         target, limit = int(target), float(limit) * args.limit_scale
-        params = {"graph": {"file": name} if not name.startswith("gnp") else
-                  {"generator": "gnp", "n": int(name.split("-")[1]), "p": 0.5, "seed": int(name.split("-")[2])},
-                  "target": target, "phases": args.phases.split(","), "gpu": args.gpu,
-                  "population": {"population": args.population, "crossover_rate": args.crossover_rate,
-                                 "threads_per_chain": args.threads, "tenure_alpha": args.tenure_alpha}}
+        params = {
+            "graph": {"file": name}
+            if not name.startswith("gnp")
+            else {"generator": "gnp", "n": int(name.split("-")[1]), "p": 0.5, "seed": int(name.split("-")[2])},
+            "target": target,
+            "phases": args.phases.split(","),
+            "gpu": args.gpu,
+            "population": {
+                "population": args.population,
+                "crossover_rate": args.crossover_rate,
+                "threads_per_chain": args.threads,
+                "tenure_alpha": args.tenure_alpha,
+            },
+        }
         w = ColoringWorkload(ColoringWorkload.check_params(params), args.seed)
         em = _Quiet()
         t0 = time.perf_counter()
@@ -129,13 +141,19 @@ def search(args: argparse.Namespace) -> None:
             if w.best_k != last:
                 last = w.best_k
                 v = em.last
-                print(f"  {time.perf_counter() - t0:8.1f} s  {w.best_k:>4} colours  phase={w.phase} "
-                      f"gpu_mode={w.gpu_mode}  P={v.get('population', 0):.0f} "
-                      f"it/s={v.get('iters_per_s', 0):,.0f}", flush=True)
+                print(
+                    f"  {time.perf_counter() - t0:8.1f} s  {w.best_k:>4} colours  phase={w.phase} "
+                    f"gpu_mode={w.gpu_mode}  P={v.get('population', 0):.0f} "
+                    f"it/s={v.get('iters_per_s', 0):,.0f}",
+                    flush=True,
+                )
         v = check_coloring(w.g, w.best)
-        print(f"  result: {v['k']} colours, proper={v['proper']}, {w.seconds_to_best:.1f} s to best, "
-              f"target {'met' if v['proper'] and v['k'] <= target else 'NOT met'}; gpu_mode={w.gpu_mode} "
-              f"({w.gpu_reason})", flush=True)
+        print(
+            f"  result: {v['k']} colours, proper={v['proper']}, {w.seconds_to_best:.1f} s to best, "
+            f"target {'met' if v['proper'] and v['k'] <= target else 'NOT met'}; gpu_mode={w.gpu_mode} "
+            f"({w.gpu_reason})",
+            flush=True,
+        )
 
 
 def main() -> None:

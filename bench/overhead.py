@@ -113,8 +113,15 @@ class NullEmitter:
 
 
 def workload_params(graph: str, seed: int) -> dict[str, Any]:
-    return {"graph": {"file": graph}, "init": {"strategy": "dsatur"}, "phases": ["tabu"], "gpu": "cpu",
-            "target": 0, "tabu": {"max_iters_per_k": 10**12}, "iterative": {"enabled": False}}
+    return {
+        "graph": {"file": graph},
+        "init": {"strategy": "dsatur"},
+        "phases": ["tabu"],
+        "gpu": "cpu",
+        "target": 0,
+        "tabu": {"max_iters_per_k": 10**12},
+        "iterative": {"enabled": False},
+    }
 
 
 def run_bare(graph: str, seed: int, iters: int) -> Tally:
@@ -128,8 +135,9 @@ def run_bare(graph: str, seed: int, iters: int) -> Tally:
     return tally
 
 
-def run_tree(graph: str, seed: int, iters: int, art: str, profile: bool = False,
-             overrides: list[str] | None = None) -> tuple[Tally, dict[str, Any]]:
+def run_tree(
+    graph: str, seed: int, iters: int, art: str, profile: bool = False, overrides: list[str] | None = None
+) -> tuple[Tally, dict[str, Any]]:
     tally = Tally(iters)
     if profile:
         import cProfile
@@ -141,8 +149,12 @@ def run_tree(graph: str, seed: int, iters: int, art: str, profile: bool = False,
     def with_counted() -> dict[str, type[Any]]:
         return {**real(), "coloring": cls}
 
-    spec = {"name": "overhead", "seed": seed, "time_budget_s": 3600.0,
-            "workload": {"name": "coloring", "params": workload_params(graph, seed)}}
+    spec = {
+        "name": "overhead",
+        "seed": seed,
+        "time_budget_s": 3600.0,
+        "workload": {"name": "coloring", "params": workload_params(graph, seed)},
+    }
     lab_module.workload_registry = with_counted  # the tree builds its phase from the counting class
     try:
         with Lab(art) as lab:
@@ -165,8 +177,10 @@ def print_profile(prof: Any, top: int = 25) -> None:
 def spread(xs: list[float]) -> str:
     """Median, quartiles and range of per-round figures, as percentages."""
     q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) >= 2 else [xs[0]] * 3
-    return (f"median {statistics.median(xs):+.2%}, quartiles {q[0]:+.2%} .. {q[2]:+.2%}, "
-            f"range {min(xs):+.2%} .. {max(xs):+.2%}")
+    return (
+        f"median {statistics.median(xs):+.2%}, quartiles {q[0]:+.2%} .. {q[2]:+.2%}, "
+        f"range {min(xs):+.2%} .. {max(xs):+.2%}"
+    )
 
 
 def main() -> None:
@@ -176,8 +190,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="then profile one tree's phase thread")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a spec override for the tree, e.g. telemetry.flush_interval_s=0.5 (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a spec override for the tree, e.g. telemetry.flush_interval_s=0.5 (repeatable)",
+    )
     args = ap.parse_args()
     configure_logging("WARNING")
     freeze_startup_heap()  # as `crucible` does after start-up (see actors/runtime.py)
@@ -191,39 +210,52 @@ def main() -> None:
     s: dict[str, Any] = {}
     for r in range(args.rounds):
         # A B, then B A: a load that drifts during a round weighs on both arms alike
-        for arm in (("bare", "tree") if r % 2 == 0 else ("tree", "bare")):
+        for arm in ("bare", "tree") if r % 2 == 0 else ("tree", "bare"):
             if arm == "bare":
                 a = run_bare(args.graph, args.seed, args.iters)
             else:
                 b, s = run_tree(args.graph, args.seed, args.iters, art, overrides=args.set)
         assert a is not None and b is not None
         if (a.iters, a.end) != (b.iters, b.end):
-            raise SystemExit(f"round {r + 1}: not the same work: bare {a.iters} iterations ending at {a.end}, "
-                             f"tree {b.iters} ending at {b.end}")
+            raise SystemExit(
+                f"round {r + 1}: not the same work: bare {a.iters} iterations ending at {a.end}, "
+                f"tree {b.iters} ending at {b.end}"
+            )
         bare.append(a.rate())
         tree.append(b.rate())
         over.append(1 - tree[-1] / bare[-1])
         cpu.append(b.cpu_used[0] / a.cpu_used[0] - 1)  # all the process's threads, for the same work
         phase_cpu.append(b.cpu_used[1] / a.cpu_used[1] - 1)  # the thread that runs the steps
         others.append((b.cpu_used[0] - b.cpu_used[1]) / a.cpu_used[1])  # the tree's other threads
-        print(f"round {r + 1:>2}: bare {bare[-1]:>10,.0f} it/s   tree {tree[-1]:>10,.0f} it/s   "
-              f"overhead {over[-1]:+7.2%}   CPU for the same work {cpu[-1]:+7.2%} "
-              f"(phase thread {phase_cpu[-1]:+.2%}, other threads {others[-1]:+.2%})", flush=True)
+        print(
+            f"round {r + 1:>2}: bare {bare[-1]:>10,.0f} it/s   tree {tree[-1]:>10,.0f} it/s   "
+            f"overhead {over[-1]:+7.2%}   CPU for the same work {cpu[-1]:+7.2%} "
+            f"(phase thread {phase_cpu[-1]:+.2%}, other threads {others[-1]:+.2%})",
+            flush=True,
+        )
     assert a is not None and b is not None
     wall = b.t_last - (b.t_first or 0.0)
-    print(f"graph {args.graph}, seed {args.seed}: {a.iters:,} TabuCol iterations per measure in {a.steps} tabu steps, "
-          f"ending at best {a.end[0]} colours, k = {a.end[1]}, {a.end[2]} conflicts; {args.rounds} interleaved rounds"
-          + (f"; tree spec overrides: {' '.join(args.set)}" if args.set else ""))
-    print(f"(A) bare workload loop, no-op emitter   {statistics.median(bare):>12,.0f} it/s  (anchor; "
-          f"range {min(bare):,.0f} .. {max(bare):,.0f})")
-    print(f"(B) full experiment tree                {statistics.median(tree):>12,.0f} it/s  "
-          f"(range {min(tree):,.0f} .. {max(tree):,.0f})")
+    print(
+        f"graph {args.graph}, seed {args.seed}: {a.iters:,} TabuCol iterations per measure in {a.steps} tabu steps, "
+        f"ending at best {a.end[0]} colours, k = {a.end[1]}, {a.end[2]} conflicts; {args.rounds} interleaved rounds"
+        + (f"; tree spec overrides: {' '.join(args.set)}" if args.set else "")
+    )
+    print(
+        f"(A) bare workload loop, no-op emitter   {statistics.median(bare):>12,.0f} it/s  (anchor; "
+        f"range {min(bare):,.0f} .. {max(bare):,.0f})"
+    )
+    print(
+        f"(B) full experiment tree                {statistics.median(tree):>12,.0f} it/s  "
+        f"(range {min(tree):,.0f} .. {max(tree):,.0f})"
+    )
     print(f"overhead 1 - B/A:         {spread(over)}   budget < 5 %, target <= 2 %")
     print(f"CPU for the same work:    {spread(cpu)}   (process CPU time, B / A - 1)")
     print(f"  the phase thread:       {spread(phase_cpu)}")
     print(f"  the tree's other threads: {spread(others)} of the bare loop's CPU")
-    print(f"telemetry load in the tree: {s.get('events_emitted', 0):,} events in the run, "
-          f"{b.steps} tabu steps in {wall:.2f} s")
+    print(
+        f"telemetry load in the tree: {s.get('events_emitted', 0):,} events in the run, "
+        f"{b.steps} tabu steps in {wall:.2f} s"
+    )
     if args.profile:
         t, _ = run_tree(args.graph, args.seed, args.iters, art, profile=True, overrides=args.set)
         print_profile(t.profiler)

@@ -27,8 +27,9 @@ class _Quiet:
 
     def emit(self, name: str, values: dict | None = None, **kw) -> None:
         if name == "pass_end" and values:
-            self.passes.append((int(values["chromatic_number"]), float(values["improvement"]),
-                                float(values["duration_s"])))
+            self.passes.append(
+                (int(values["chromatic_number"]), float(values["improvement"]), float(values["duration_s"]))
+            )
 
     def set_context(self, **kw) -> None:
         pass
@@ -57,8 +58,11 @@ def main() -> None:
     gains: list[float] = []
     finals: list[int] = []
     for seed in seeds(args.seeds):
-        params = {**base, "graph": {**base["graph"], "seed": seed},
-                  "iterative": {**base.get("iterative", {}), "enabled": True}}
+        params = {
+            **base,
+            "graph": {**base["graph"], "seed": seed},
+            "iterative": {**base.get("iterative", {}), "enabled": True},
+        }
         if args.graph_n:
             params["graph"]["n"] = args.graph_n
         if args.stall is not None:
@@ -80,12 +84,16 @@ def main() -> None:
                 improved += gain > 0
                 if gain > 0:
                     gains.append(gain)
-        print(f"seed {seed:>3}: colours per pass {per_pass}  "
-              f"(pass seconds {[round(d, 1) for _, _, d in em.passes]})", flush=True)
+        print(
+            f"seed {seed:>3}: colours per pass {per_pass}  (pass seconds {[round(d, 1) for _, _, d in em.passes]})",
+            flush=True,
+        )
     share = improved / later if later else 0.0
     mean_gain = sum(gains) / len(gains) if gains else 0.0
-    print(f"later passes: {later}; improved: {improved} ({share:.0%}); mean improvement when improved: "
-          f"{mean_gain:.2f} colours")
+    print(
+        f"later passes: {later}; improved: {improved} ({share:.0%}); mean improvement when improved: "
+        f"{mean_gain:.2f} colours"
+    )
     dist = {c: finals.count(c) for c in sorted(set(finals))}
     print(f"final colours: mean {sum(finals) / len(finals):.2f}; runs per colour count {dist}")
 

@@ -51,21 +51,36 @@ def bench_digests(n: int, n_slow: int) -> list[tuple[str, float, list[float]]]:
     t0 = time.perf_counter()
     d.add_batch(x)
     d.quantile(0.5)  # includes the final buffer merge
-    out.append(("ours (numba, compression 1000)", n / (time.perf_counter() - t0),
-                [rank_error(xs, d.quantile(q), q) for q in QS]))
+    out.append(
+        (
+            "ours (numba, compression 1000)",
+            n / (time.perf_counter() - t0),
+            [rank_error(xs, d.quantile(q), q) for q in QS],
+        )
+    )
     d = TDigest()
     t0 = time.perf_counter()
     for i in range(0, n, 1024):
-        d.add_batch(x[i:i + 1024])
+        d.add_batch(x[i : i + 1024])
     d.quantile(0.5)
-    out.append(("ours, fed 1,024-value batches", n / (time.perf_counter() - t0),
-                [rank_error(xs, d.quantile(q), q) for q in QS]))
+    out.append(
+        (
+            "ours, fed 1,024-value batches",
+            n / (time.perf_counter() - t0),
+            [rank_error(xs, d.quantile(q), q) for q in QS],
+        )
+    )
     f = fastdigest.TDigest()
     t0 = time.perf_counter()
     f.batch_update(x)
     f.quantile(0.5)
-    out.append(("fastdigest batch_update (anchor)", n / (time.perf_counter() - t0),
-                [rank_error(xs, f.quantile(q), q) for q in QS]))
+    out.append(
+        (
+            "fastdigest batch_update (anchor)",
+            n / (time.perf_counter() - t0),
+            [rank_error(xs, f.quantile(q), q) for q in QS],
+        )
+    )
     small = x[:n_slow]
     ss = np.sort(small)
     t = tdigest_pkg.TDigest()
@@ -75,8 +90,13 @@ def bench_digests(n: int, n_slow: int) -> list[tuple[str, float, list[float]]]:
     out.append((f"tdigest package ({n_slow:,} values)", rate, [rank_error(ss, t.percentile(q * 100), q) for q in QS]))
     t0 = time.perf_counter()
     qv = np.quantile(x, QS)
-    out.append(("numpy.quantile on the stored array", n / (time.perf_counter() - t0),
-                [rank_error(xs, v, q) for v, q in zip(qv, QS, strict=True)]))
+    out.append(
+        (
+            "numpy.quantile on the stored array",
+            n / (time.perf_counter() - t0),
+            [rank_error(xs, v, q) for v, q in zip(qv, QS, strict=True)],
+        )
+    )
     return out
 
 
@@ -84,16 +104,20 @@ def make_batches(n_events: int) -> list[bytes]:
     rng = np.random.default_rng(1)
     ts0 = int(time.time() * 1e6)
     out = []
-    proto = rows_to_batch([{"seq": 0, "ts": 0, "name": "call", "phase": "serve", "values": {"latency_ms": 1.0}}],
-                          "bench", "chain")
+    proto = rows_to_batch(
+        [{"seq": 0, "ts": 0, "name": "call", "phase": "serve", "values": {"latency_ms": 1.0}}], "bench", "chain"
+    )
     for a in range(0, n_events, 1024):
         m = min(1024, n_events - a)
         b = dict(proto, n=m, seq=np.arange(a, a + m), ts=ts0 + np.arange(a, a + m) * 10, step=np.arange(m))
         for k in ("pass", "name", "phase", "success", "gpu", "reason", "params"):
             b[k] = np.repeat(proto[k], m)
         b["success"] = (rng.random(m) > 0.01).astype(np.int8)
-        b["values"] = {"latency_ms": rng.lognormal(3, 0.5, m), "cost_usd": np.full(m, 1e-4),
-                       "tokens_prompt": rng.integers(100, 900, m).astype(np.float64)}
+        b["values"] = {
+            "latency_ms": rng.lognormal(3, 0.5, m),
+            "cost_usd": np.full(m, 1e-4),
+            "tokens_prompt": rng.integers(100, 900, m).astype(np.float64),
+        }
         out.append(encode(b))
     return out
 
@@ -164,8 +188,10 @@ def main() -> None:
     anchor = rows[2][1]
     print(f"t-digest batch insert, {args.values:,} lognormal values; rank error at q = 0.5 / 0.99 / 0.999")
     for name, rate, errs in rows:
-        print(f"  {name:<40} {rate / 1e6:9.2f} M values/s  {rate / anchor:6.2f} x anchor   "
-              + " / ".join(f"{e:.1e}" for e in errs))
+        print(
+            f"  {name:<40} {rate / 1e6:9.2f} M values/s  {rate / anchor:6.2f} x anchor   "
+            + " / ".join(f"{e:.1e}" for e in errs)
+        )
     print("  targets: >= 2 x fastdigest; p50 rank error <= 1e-4, p99 <= 2e-5")
     batches = make_batches(args.events)
     bench_chain_direct(batches[:50])  # warm up (numba caches)

@@ -104,13 +104,20 @@ def bench_query(stored: int, art: str, history_events: int) -> dict[str, float]:
     batch = 8192
     rng = np.random.default_rng(1)
     tss = np.sort(now - rng.integers(0, span, stored)).astype(np.int64)
-    proto = rows_to_batch([{"seq": 0, "ts": 0, "name": "step", "phase": "tabu", "values": {"conflicts": 1.0}}],
-                          "bench", "q")
+    proto = rows_to_batch(
+        [{"seq": 0, "ts": 0, "name": "step", "phase": "tabu", "values": {"conflicts": 1.0}}], "bench", "q"
+    )
     for a in range(0, stored, batch):
-        ts = tss[a:a + batch]
+        ts = tss[a : a + batch]
         m = ts.size
-        b = dict(proto, n=m, seq=np.arange(a, a + m), ts=ts, step=np.arange(m), **{
-            k: np.repeat(proto[k], m) for k in ("pass", "name", "phase", "success", "gpu", "reason", "params")})
+        b = dict(
+            proto,
+            n=m,
+            seq=np.arange(a, a + m),
+            ts=ts,
+            step=np.arange(m),
+            **{k: np.repeat(proto[k], m) for k in ("pass", "name", "phase", "success", "gpu", "reason", "params")},
+        )
         b["values"] = {"conflicts": rng.random(m)}
         idx.append_batch(b)
     lo = now - 5 * 60 * 1_000_000
@@ -140,10 +147,16 @@ def bench_query(stored: int, art: str, history_events: int) -> dict[str, float]:
 
     htss = np.sort(now - rng.integers(0, span, history_events)).astype(np.int64)
     for a in range(0, history_events, 1024):
-        ts = htss[a:a + 1024]
+        ts = htss[a : a + 1024]
         m = ts.size
-        b = dict(proto, n=m, seq=np.arange(a, a + m), ts=ts, step=np.arange(m), **{
-            k: np.repeat(proto[k], m) for k in ("pass", "name", "phase", "success", "gpu", "reason", "params")})
+        b = dict(
+            proto,
+            n=m,
+            seq=np.arange(a, a + m),
+            ts=ts,
+            step=np.arange(m),
+            **{k: np.repeat(proto[k], m) for k in ("pass", "name", "phase", "success", "gpu", "reason", "params")},
+        )
         b["values"] = {"conflicts": rng.random(m)}
         store.insert_batch("bench", "q", [a, a + m - 1], int(ts[0]), int(ts[-1]), encode(b), n=m)
     store.commit()
@@ -154,8 +167,16 @@ def bench_query(stored: int, art: str, history_events: int) -> dict[str, float]:
     hscan = [e for e in store.iter_events(experiment_id="bench") if e["ts"] >= lo]
     t_hscan = time.perf_counter() - t0
     assert len(hq) == len(hscan)
-    return {"matched": len(got), "t_idx": t_idx, "t_scan": t_scan, "h_matched": len(hq), "t_hist": t_hist,
-            "t_hscan": t_hscan, "t_sel": t_sel, "t_sel_scan": t_sel_scan}
+    return {
+        "matched": len(got),
+        "t_idx": t_idx,
+        "t_scan": t_scan,
+        "h_matched": len(hq),
+        "t_hist": t_hist,
+        "t_hscan": t_hscan,
+        "t_sel": t_sel,
+        "t_sel_scan": t_sel_scan,
+    }
 
 
 def main() -> None:
@@ -178,18 +199,26 @@ def main() -> None:
     c = bench_emit_cost(args.events)
     d = bench_query(args.stored, art, args.history)
     print(f"anchor: raw pykka single-message tell   {raw:>12,.0f} msg/s")
-    print(f"(a) emit -> in-memory consumer           {a:>12,.0f} ev/s   {ratio_a:6.2f} x anchor"
-          "   target >= 1,000,000 and >= 6 x")
+    print(
+        f"(a) emit -> in-memory consumer           {a:>12,.0f} ev/s   {ratio_a:6.2f} x anchor"
+        "   target >= 1,000,000 and >= 6 x"
+    )
     print(f"    (a: medians over {args.rounds} interleaved rounds, the ratio is the median of per-round ratios)")
     print(f"(b) emit -> persisted JSONL + SQLite     {b:>12,.0f} ev/s                     target >= 300,000")
     print(f"(c) emit() cost on the caller's thread   {c:>12.3f} us/event                 target <= 2 us")
     print(f"(d) last 5 min over {args.stored:,} stored events ({d['matched']:,} match), live index:")
-    print(f"    selecting the rows: binary search {d['t_sel'] * 1e6:.1f} us vs full scan "
-          f"{d['t_sel_scan'] * 1e3:.2f} ms: {d['t_sel_scan'] / d['t_sel']:.0f} x faster   target >= 100 x")
-    print(f"    whole query with row dicts: {d['t_idx'] * 1e3:.2f} ms vs full scan + the same dicts "
-          f"{d['t_scan'] * 1e3:.2f} ms: {d['t_scan'] / d['t_idx']:.1f} x")
-    print(f"    same on SQLite history of {args.history:,}: {d['t_hist'] * 1e3:.2f} ms vs decoding every batch "
-          f"{d['t_hscan'] * 1e3:.0f} ms: {d['t_hscan'] / d['t_hist']:.0f} x faster")
+    print(
+        f"    selecting the rows: binary search {d['t_sel'] * 1e6:.1f} us vs full scan "
+        f"{d['t_sel_scan'] * 1e3:.2f} ms: {d['t_sel_scan'] / d['t_sel']:.0f} x faster   target >= 100 x"
+    )
+    print(
+        f"    whole query with row dicts: {d['t_idx'] * 1e3:.2f} ms vs full scan + the same dicts "
+        f"{d['t_scan'] * 1e3:.2f} ms: {d['t_scan'] / d['t_idx']:.1f} x"
+    )
+    print(
+        f"    same on SQLite history of {args.history:,}: {d['t_hist'] * 1e3:.2f} ms vs decoding every batch "
+        f"{d['t_hscan'] * 1e3:.0f} ms: {d['t_hscan'] / d['t_hist']:.0f} x faster"
+    )
 
 
 if __name__ == "__main__":

@@ -102,8 +102,7 @@ def _json(status: int, message: str) -> tuple[int, list[tuple[bytes, bytes]], by
 class Guard:
     """ASGI middleware that applies the checks in this module's docs to every request."""
 
-    def __init__(self, app: ASGIApp, *, hosts: Iterable[str], port: int, token: str,
-                 max_body: int = MAX_BODY) -> None:
+    def __init__(self, app: ASGIApp, *, hosts: Iterable[str], port: int, token: str, max_body: int = MAX_BODY) -> None:
         self.app = app
         self.hosts = allowed_hosts(hosts, port)
         self.token = token
@@ -115,14 +114,15 @@ class Guard:
         headers = Headers(scope=scope)
         host = headers.get("host", "").lower()
         if host not in self.hosts:
-            return 400, (f"Host {host!r} is not this dashboard; use one of "
-                         f"{', '.join(sorted(self.hosts))}")
+            return 400, (f"Host {host!r} is not this dashboard; use one of {', '.join(sorted(self.hosts))}")
         origin = headers.get("origin")
         if origin is not None and origin.lower() != f"http://{host}":
             return 403, f"cross-origin request from {origin!r} refused; the dashboard serves its own page only"
         if scope["path"] not in PUBLIC_PATHS and not self.authorised(headers):
-            return 401, ("this needs the dashboard token: open the URL with ?token=... that the Lab prints, "
-                         "or send 'Authorization: Bearer <token>' (see dashboard.token)")
+            return 401, (
+                "this needs the dashboard token: open the URL with ?token=... that the Lab prints, "
+                "or send 'Authorization: Bearer <token>' (see dashboard.token)"
+            )
         return None
 
     def authorised(self, headers: Headers) -> bool:
@@ -134,8 +134,9 @@ class Guard:
             return
         refused = self.refusal(scope)
         if refused is not None:
-            log.warning("dashboard request refused", status=refused[0], why=refused[1], path=scope["path"],
-                        kind=scope["type"])
+            log.warning(
+                "dashboard request refused", status=refused[0], why=refused[1], path=scope["path"], kind=scope["type"]
+            )
         if scope["type"] == "websocket":
             if refused is not None:
                 await receive()  # websocket.connect
@@ -181,6 +182,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
+
     return replay
 
 
@@ -189,5 +191,13 @@ async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], 
     await send({"type": "http.response.body", "body": body})
 
 
-__all__ = ["MAX_BODY", "Guard", "allowed_hosts", "cookie_name", "new_token", "presented_token", "token_matches",
-           "write_token_file"]
+__all__ = [
+    "MAX_BODY",
+    "Guard",
+    "allowed_hosts",
+    "cookie_name",
+    "new_token",
+    "presented_token",
+    "token_matches",
+    "write_token_file",
+]

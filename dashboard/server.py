@@ -52,10 +52,14 @@ HEADLINE_FIELDS = ("chromatic_number", "latency_ms")  # what "best" means, by wo
 STATIC_TYPES = {"app.js": "application/javascript", "favicon.svg": "image/svg+xml"}
 # the page runs its own script only, is never framed, and talks to its own origin only
 PAGE_HEADERS = {
-    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
-                                "base-uri 'none'; form-action 'none'"),
-    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+        "base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
 }
 NEEDS_TOKEN = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>crucible dashboard</title></head>
 <body><h1>crucible dashboard</h1><p>{why}</p>
@@ -85,15 +89,19 @@ class _LabCollector:
         fams = {
             "events": GaugeMetricFamily("crucible_events_persisted", "Events persisted", labels=["experiment"]),
             "emitted": GaugeMetricFamily("crucible_events_emitted", "Events emitted", labels=["experiment"]),
-            "drops": GaugeMetricFamily("crucible_events_dropped", "Events dropped (overflow, transit, sampling)",
-                                       labels=["experiment"]),
-            "restarts": GaugeMetricFamily("crucible_restarts", "Child restarts in the experiment tree",
-                                          labels=["experiment"]),
-            "best": GaugeMetricFamily("crucible_best_chromatic_number", "Best colour count so far",
-                                      labels=["experiment"]),
+            "drops": GaugeMetricFamily(
+                "crucible_events_dropped", "Events dropped (overflow, transit, sampling)", labels=["experiment"]
+            ),
+            "restarts": GaugeMetricFamily(
+                "crucible_restarts", "Child restarts in the experiment tree", labels=["experiment"]
+            ),
+            "best": GaugeMetricFamily(
+                "crucible_best_chromatic_number", "Best colour count so far", labels=["experiment"]
+            ),
             "conflicts": GaugeMetricFamily("crucible_conflicts", "Conflicts in the latest step", labels=["experiment"]),
-            "running": GaugeMetricFamily("crucible_running", "1 while running, 0.5 paused, 0 stopped",
-                                         labels=["experiment"]),
+            "running": GaugeMetricFamily(
+                "crucible_running", "1 while running, 0.5 paused, 0 stopped", labels=["experiment"]
+            ),
         }
         for exp in list(self.lab.experiments.values()):
             s = exp.summary()
@@ -115,9 +123,17 @@ class _LabCollector:
 
 def experiment_view(exp: Any) -> dict[str, Any]:
     st = exp.phase_status() if exp.status() in ("running", "paused") else {}
-    return {"id": exp.id, "run_id": exp.run_id, "status": exp.status(), "reason": exp.reason,
-            "workload": exp.spec["workload"]["name"], "params": st.get("params", {}), "steps": st.get("steps"),
-            "active_s": st.get("active_s"), "durations": exp.durations()}
+    return {
+        "id": exp.id,
+        "run_id": exp.run_id,
+        "status": exp.status(),
+        "reason": exp.reason,
+        "workload": exp.spec["workload"]["name"],
+        "params": st.get("params", {}),
+        "steps": st.get("steps"),
+        "active_s": st.get("active_s"),
+        "durations": exp.durations(),
+    }
 
 
 def best_value(summary: dict[str, Any]) -> dict[str, Any] | None:
@@ -150,16 +166,23 @@ def passes(starts: list[dict[str, Any]], ends: list[dict[str, Any]]) -> list[dic
 def experiment_details(exp: Any) -> dict[str, Any]:
     """One experiment for the page's side panels: the view, the best so far, the recent hypertune
     actions and outcomes, and its passes."""
+
     def recent(name: str, n: int = 50) -> list[dict[str, Any]]:
         return exp.query_window(("last_n", n), {"name": name})
 
     def feed(name: str) -> list[dict[str, Any]]:
-        return [{"ts": e["ts"], "phase": e.get("phase"), "notes": e.get("notes"), "values": e.get("values") or {}}
-                for e in recent(name)]
+        return [
+            {"ts": e["ts"], "phase": e.get("phase"), "notes": e.get("notes"), "values": e.get("values") or {}}
+            for e in recent(name)
+        ]
 
-    return {**experiment_view(exp), "best": best_value(exp.summary()), "hypertune_actions": feed("hypertune_action"),
-            "hypertune_outcomes": feed("hypertune_outcome"),
-            "passes": passes(recent("phase_start", 200), recent("pass_end", 200))}
+    return {
+        **experiment_view(exp),
+        "best": best_value(exp.summary()),
+        "hypertune_actions": feed("hypertune_action"),
+        "hypertune_outcomes": feed("hypertune_outcome"),
+        "passes": passes(recent("phase_start", 200), recent("pass_end", 200)),
+    }
 
 
 def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), port: int = 7878) -> Starlette:
@@ -185,14 +208,18 @@ def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
         given = request.query_params.get("token")
         if given is not None:  # the first load: trade the URL's token for a cookie, drop it from the URL
             if not token_matches(given, token):
-                return HTMLResponse(NEEDS_TOKEN.format(why="The token in this URL is not this dashboard's."),
-                                    status_code=401, headers=PAGE_HEADERS)
+                return HTMLResponse(
+                    NEEDS_TOKEN.format(why="The token in this URL is not this dashboard's."),
+                    status_code=401,
+                    headers=PAGE_HEADERS,
+                )
             resp = RedirectResponse("/", status_code=303, headers=PAGE_HEADERS)
             resp.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
             return resp
         if not token_matches(presented_token(request.headers, cookie), token):
-            return HTMLResponse(NEEDS_TOKEN.format(why="This page needs the dashboard token."), status_code=401,
-                                headers=PAGE_HEADERS)
+            return HTMLResponse(
+                NEEDS_TOKEN.format(why="This page needs the dashboard token."), status_code=401, headers=PAGE_HEADERS
+            )
         return HTMLResponse((STATIC / "index.html").read_text(), headers=PAGE_HEADERS)
 
     async def plotly(request: Request) -> Response:
@@ -232,6 +259,7 @@ def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
                 if len(out) >= limit:
                     break
             return out
+
         return _Json({"run_id": run_id, "events": await asyncio.to_thread(read)})
 
     async def control(request: Request) -> Response:
@@ -241,7 +269,7 @@ def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
         try:
             body = orjson.loads(await request.body() or b"{}")
         except orjson.JSONDecodeError:
-            raise HTTPException(400, "the body must be JSON: {\"experiment\": \"<id>\"}") from None
+            raise HTTPException(400, 'the body must be JSON: {"experiment": "<id>"}') from None
         exp = find(body.get("experiment") if isinstance(body, dict) else None)
         from experiments.lab import LifecycleError
 
@@ -256,8 +284,9 @@ def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
         return _Json({"experiment": exp.id, "action": action, "status": exp.status(), "result": result})
 
     async def metrics(request: Request) -> Response:
-        return Response(await asyncio.to_thread(generate_latest, registry),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            await asyncio.to_thread(generate_latest, registry), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     async def ws(websocket: WebSocket) -> None:
         await websocket.accept()
@@ -280,15 +309,22 @@ def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
         return _Json({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     routes = [
-        Route("/", index), Route("/static/plotly.min.js", plotly),
+        Route("/", index),
+        Route("/static/plotly.min.js", plotly),
         *(Route(f"/static/{name}", static_file) for name in STATIC_TYPES),
-        Route("/api/experiments", experiments), Route("/api/experiments/{exp_id}", experiment),
-        Route("/api/metrics/live", live), Route("/api/metrics/history", history),
-        Route("/api/control/{action}", control, methods=["POST"]), Route("/metrics", metrics),
+        Route("/api/experiments", experiments),
+        Route("/api/experiments/{exp_id}", experiment),
+        Route("/api/metrics/live", live),
+        Route("/api/metrics/history", history),
+        Route("/api/control/{action}", control, methods=["POST"]),
+        Route("/metrics", metrics),
         WebSocketRoute("/ws", ws),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error},
-                    middleware=[Middleware(Guard, hosts=hosts, port=port, token=token)])
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(Guard, hosts=hosts, port=port, token=token)],
+    )
     app.router.redirect_slashes = False  # an unknown path is a 404, not a redirect to a guess
     return app
 
@@ -336,8 +372,9 @@ class Dashboard:
         config = uvicorn.Config(app, log_level="warning", lifespan="off", ws_ping_interval=None)
         self.server = uvicorn.Server(config)
         self._sock = sock
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="dashboard",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, name="dashboard", daemon=True
+        )
         self._thread.start()
         log.info("dashboard listening", url=self.url, token_file=str(self.token_file))
 

@@ -53,15 +53,15 @@ def _progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("status", f"{exp.status()}  (workload {exp.spec['workload']['name']})")
-    table.add_row("elapsed / budget", f"{ph.get('active_s', 0.0):.1f} s active / {budget:g} s   "
-                                      f"wall {now - t0:.1f} s")
+    table.add_row("elapsed / budget", f"{ph.get('active_s', 0.0):.1f} s active / {budget:g} s   wall {now - t0:.1f} s")
     table.add_row("steps", str(ph.get("steps", 0)))
     table.add_row("events", f"{events:,}  ({rate:,.0f}/s)")
     for field in ("chromatic_number", "conflicts", "latency_ms"):
         f = (m.get("fields") or {}).get(field)
         if f and f.get("count"):
-            table.add_row(field, f"best {f['min']:.4g}   last-window p50 {f.get('p50') or 0:.4g}   "
-                                 f"p99 {f.get('p99') or 0:.4g}")
+            table.add_row(
+                field, f"best {f['min']:.4g}   last-window p50 {f.get('p50') or 0:.4g}   p99 {f.get('p99') or 0:.4g}"
+            )
     if m.get("success_rate") is not None:
         table.add_row("success rate", f"{m['success_rate']:.4%}")
     return table
@@ -71,8 +71,19 @@ def summary_table(s: dict[str, Any]) -> Table:
     t = Table(title=f"run summary: {s.get('experiment_id')} / {s.get('run_id')}")
     t.add_column("figure")
     t.add_column("value", justify="right")
-    for k in ("status", "reason", "wall_clock_duration", "active_duration", "paused_duration", "pause_count",
-              "resume_count", "events_emitted", "events_persisted", "events_dropped", "events_rejected"):
+    for k in (
+        "status",
+        "reason",
+        "wall_clock_duration",
+        "active_duration",
+        "paused_duration",
+        "pause_count",
+        "resume_count",
+        "events_emitted",
+        "events_persisted",
+        "events_dropped",
+        "events_rejected",
+    ):
         v = s.get(k)
         t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     for phase, p in (s.get("phases") or {}).items():
@@ -129,9 +140,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     if lab.dashboard is not None:
-        console.print(f"dashboard: {lab.dashboard.url}?token={lab.dashboard.token}  (the token guards reading "
-                      f"and control alike; it is kept in {lab.dashboard.token_file})",
-                      markup=False, highlight=False, soft_wrap=True)  # one line: the URL stays whole to copy
+        console.print(
+            f"dashboard: {lab.dashboard.url}?token={lab.dashboard.token}  (the token guards reading "
+            f"and control alike; it is kept in {lab.dashboard.token_file})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )  # one line: the URL stays whole to copy
     try:
         try:
             exp = lab.start_experiment(args.spec, overrides=args.set or None)
@@ -202,8 +217,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     for i in infos:
         d = i["duration_s"]
         status = i["status"] + (f" ({i['reason']})" if i["reason"] else "")
-        t.add_row(i["experiment"], i["run_id"], status, str(i["events"]),
-                  f"{d:.1f}" if isinstance(d, (int, float)) else "?", i["path"])
+        t.add_row(
+            i["experiment"],
+            i["run_id"],
+            status,
+            str(i["events"]),
+            f"{d:.1f}" if isinstance(d, (int, float)) else "?",
+            i["path"],
+        )
     Console().print(t)
     return 0
 
@@ -237,8 +258,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     a, b = resolve_run(args.run_a, art), resolve_run(args.run_b, art)
     va, vb = _values(a, args.metric), _values(b, args.metric)
     if len(va) < 2 or len(vb) < 2:
-        raise UsageError(f"metric {args.metric!r} has {len(va)} values in {a.name} and {len(vb)} in {b.name}; "
-                         "need at least 2 in each")
+        raise UsageError(
+            f"metric {args.metric!r} has {len(va)} values in {a.name} and {len(vb)} in {b.name}; "
+            "need at least 2 in each"
+        )
     r = compare(va, vb, metric=args.metric)
     if args.json:
         print(orjson.dumps(r).decode())
@@ -246,8 +269,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     t = Table(title=f"{args.metric}: {a.name} (control) vs {b.name} (treatment)")
     t.add_column("figure")
     t.add_column("value", justify="right")
-    for k in ("n_control", "n_treatment", "mean_control", "mean_treatment", "test", "p_value", "mann_whitney_p",
-              "effect_size", "cohens_d"):
+    for k in (
+        "n_control",
+        "n_treatment",
+        "mean_control",
+        "mean_treatment",
+        "test",
+        "p_value",
+        "mann_whitney_p",
+        "effect_size",
+        "cohens_d",
+    ):
         v = r[k]
         t.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
     t.add_row(f"{r['confidence']:.0%} CI of the difference", f"[{r['ci'][0]:.6g}, {r['ci'][1]:.6g}]")
@@ -265,14 +297,26 @@ def cmd_color(args: argparse.Namespace) -> int:
     g = read_dimacs(path)
     if args.target is not None and not 1 <= args.target <= g.n:
         raise UsageError(f"--target must be between 1 and the number of vertices ({g.n}), got {args.target}")
-    params: dict[str, Any] = {"graph": {"file": str(path)}, "target": args.target or 0, "gpu": args.gpu,
-                              "phases": args.phases.split(","), "init": {"strategy": args.init},
-                              "iterative": {"enabled": args.passes > 1, "max_passes": max(1, args.passes)}}
-    spec = {"name": check_id("experiment id", "color-" + "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-")
-                                                                  else "_" for ch in g.name)[:100]),
-            "time_budget_s": args.time_limit, "seed": args.seed, "workload": {"name": "coloring", "params": params},
-            "metrics": {"publish_interval_s": 1.0}, "anomaly": {"metrics": ["conflicts"]},
-            "telemetry": {"flush_interval_s": 0.5}}  # a colouring step emits little: fewer, fuller batches
+    params: dict[str, Any] = {
+        "graph": {"file": str(path)},
+        "target": args.target or 0,
+        "gpu": args.gpu,
+        "phases": args.phases.split(","),
+        "init": {"strategy": args.init},
+        "iterative": {"enabled": args.passes > 1, "max_passes": max(1, args.passes)},
+    }
+    spec = {
+        "name": check_id(
+            "experiment id",
+            "color-" + "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "_" for ch in g.name)[:100],
+        ),
+        "time_budget_s": args.time_limit,
+        "seed": args.seed,
+        "workload": {"name": "coloring", "params": params},
+        "metrics": {"publish_interval_s": 1.0},
+        "anomaly": {"metrics": ["conflicts"]},
+        "telemetry": {"flush_interval_s": 0.5},
+    }  # a colouring step emits little: fewer, fuller batches
     lab = Lab(args.artifacts)
     t0 = time.monotonic()
     try:
@@ -282,16 +326,22 @@ def cmd_color(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         exp.wait()
         seconds = time.monotonic() - t0
-        state = (exp.checkpoints.get().get("workload") or {})
+        state = exp.checkpoints.get().get("workload") or {}
     finally:
         lab.shutdown()
     best = state.get("best")
     verdict = check_coloring(g, best) if best is not None else {"proper": False, "k": 0, "problems": ["no colouring"]}
     out_path = exp.run_dir / "coloring.json"
-    result = {"instance": g.name, "k": verdict["k"], "proper": verdict["proper"], "seconds": round(seconds, 3),
-              "seconds_to_best": round(float(state.get("seconds_to_best", 0.0)), 3),
-              "colors_per_pass": state.get("colors_per_pass", []), "coloring_path": str(out_path),
-              "run_dir": str(exp.run_dir)}
+    result = {
+        "instance": g.name,
+        "k": verdict["k"],
+        "proper": verdict["proper"],
+        "seconds": round(seconds, 3),
+        "seconds_to_best": round(float(state.get("seconds_to_best", 0.0)), 3),
+        "colors_per_pass": state.get("colors_per_pass", []),
+        "coloring_path": str(out_path),
+        "run_dir": str(exp.run_dir),
+    }
     if best is not None and verdict["proper"]:
         out_path.write_bytes(orjson.dumps({**result, "coloring": [c + 1 for c in best]}))
     if args.json:
@@ -311,18 +361,31 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     console = Console()
     try:
-        res = tune(args.spec, args.trials, args.artifacts, seed_from=args.seed_from or [], budget=args.budget,
-                   objective=args.objective, seed=args.seed, overrides=args.set or None,
-                   on_trial=None if args.json else lambda r: console.print(
-                       f"trial {r['trial']}: {args.objective}={r[args.objective]:g} "
-                       f"(best after {r['seconds_to_best']:.2f} s) with {r['params']}"))
+        res = tune(
+            args.spec,
+            args.trials,
+            args.artifacts,
+            seed_from=args.seed_from or [],
+            budget=args.budget,
+            objective=args.objective,
+            seed=args.seed,
+            overrides=args.set or None,
+            on_trial=None
+            if args.json
+            else lambda r: console.print(
+                f"trial {r['trial']}: {args.objective}={r[args.objective]:g} "
+                f"(best after {r['seconds_to_best']:.2f} s) with {r['params']}"
+            ),
+        )
     except (SpecError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:
         print(orjson.dumps(res).decode())
     else:
-        console.print(f"learned from {res['seeded_from_prior_runs']} prior run(s) and {len(res['trials'])} trial(s); "
-                      f"best {args.objective} = {res['best_value']}")
+        console.print(
+            f"learned from {res['seeded_from_prior_runs']} prior run(s) and {len(res['trials'])} trial(s); "
+            f"best {args.objective} = {res['best_value']}"
+        )
         console.print("proposed next configuration (--set):")
         for k, v in (res["proposal"] or {}).items():
             console.print(f"  workload.params.{k}={v}")
@@ -334,10 +397,17 @@ def cmd_ab(args: argparse.Namespace) -> int:
 
     console = Console()
     try:
-        rep = ab(args.spec, args.runs, args.artifacts, budget=args.budget, target=args.target,
-                 overrides=args.set or None,
-                 on_run=None if args.json else lambda r: console.print(
-                     f"  hypertune {r['arm']:>3}  seed {r['seed']}: final {r['final']:g}"))
+        rep = ab(
+            args.spec,
+            args.runs,
+            args.artifacts,
+            budget=args.budget,
+            target=args.target,
+            overrides=args.set or None,
+            on_run=None
+            if args.json
+            else lambda r: console.print(f"  hypertune {r['arm']:>3}  seed {r['seed']}: final {r['final']:g}"),
+        )
     except (SpecError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -348,15 +418,20 @@ def cmd_ab(args: argparse.Namespace) -> int:
         t.add_column(col)
     on, off = rep["arms"]["on"], rep["arms"]["off"]
     t.add_row("final colours", str(on["final"]), str(off["final"]))
-    t.add_row("mean / median", f"{on['final_mean']:.2f} / {on['final_median']:g}",
-              f"{off['final_mean']:.2f} / {off['final_median']:g}")
+    t.add_row(
+        "mean / median",
+        f"{on['final_mean']:.2f} / {on['final_median']:g}",
+        f"{off['final_mean']:.2f} / {off['final_median']:g}",
+    )
     t.add_row("reached target", f"{on['reached_target']}/{on['runs']}", f"{off['reached_target']}/{off['runs']}")
     t.add_row("time to target s (median)", f"{on['ttt_median']:.2f}", f"{off['ttt_median']:.2f}")
     console.print(t)
     for key in ("final_colors", "time_to_target"):
         c = rep[key]
-        console.print(f"{key}: Mann-Whitney p = {c['p_value']:.4g}, effect size (Hedges g, on - off) = "
-                      f"{c['effect_size']:.3f}, CI of the difference = {c.get('ci')}")
+        console.print(
+            f"{key}: Mann-Whitney p = {c['p_value']:.4g}, effect size (Hedges g, on - off) = "
+            f"{c['effect_size']:.3f}, CI of the difference = {c.get('ci')}"
+        )
     return 0
 
 
@@ -391,8 +466,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         fields = known_fields(run)
         for a in alerts:
             if fields and a.field not in fields:
-                raise UsageError(f"alert {a.expr!r}: this run has no field {a.field!r}; "
-                                 f"its fields: {', '.join(sorted(fields))}")
+                raise UsageError(
+                    f"alert {a.expr!r}: this run has no field {a.field!r}; its fields: {', '.join(sorted(fields))}"
+                )
     console = Console()
     if args.summary:
         s = run_summary(run)
@@ -402,12 +478,18 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         t.add_column("duration s", justify="right")
         t.add_column("best")
         for ph, p in s["phases"].items():
-            t.add_row(ph, str(p["events"]), f"{p['duration_s']:.2f}",
-                      ", ".join(f"{SHORT.get(k, k)}={v:.6g}" for k, v in p["best"].items()))
+            t.add_row(
+                ph,
+                str(p["events"]),
+                f"{p['duration_s']:.2f}",
+                ", ".join(f"{SHORT.get(k, k)}={v:.6g}" for k, v in p["best"].items()),
+            )
         console.print(t)
-        console.print(f"GPU vs CPU (events): {s['gpu_usage'] or 'not recorded'}; run {s['duration_s']:.1f} s; "
-                      f"persisted {s['events_persisted']}, dropped {s['events_dropped']}; "
-                      f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}")
+        console.print(
+            f"GPU vs CPU (events): {s['gpu_usage'] or 'not recorded'}; run {s['duration_s']:.1f} s; "
+            f"persisted {s['events_persisted']}, dropped {s['events_dropped']}; "
+            f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}"
+        )
         for a in s["hypertune_actions"][-10:]:
             console.print(f"  action: {a}")
         if s["reason"]:
@@ -521,8 +603,16 @@ def cmd_instances(args: argparse.Namespace) -> int:
     for name in instance_names():
         g = read_dimacs(instance_path(name))  # type: ignore[arg-type]
         k, proved = best.get(name, (None, None))
-        rows.append({"name": name, "vertices": g.n, "edges": g.m, "density": round(g.density(), 4),
-                     "best_known": k, "proved_optimal": proved})
+        rows.append(
+            {
+                "name": name,
+                "vertices": g.n,
+                "edges": g.m,
+                "density": round(g.density(), 4),
+                "best_known": k,
+                "proved_optimal": proved,
+            }
+        )
     if args.json:
         for r in rows:
             print(orjson.dumps(r).decode())
@@ -587,14 +677,19 @@ def add_commands(sub: Any) -> None:
     co = sub.add_parser("color", help="colour a DIMACS graph (the full pipeline, checked)")
     co.add_argument("graph", help="a .col or .col.gz file, or a shipped instance's name (crucible instances)")
     co.add_argument("--time-limit", type=SECONDS.arg(), default=60.0, help="seconds, up to 365 days (default 60)")
-    co.add_argument("--target", type=Num(1, MAX_VERTICES, integer=True).arg(),
-                    help="stop as soon as this many colours is reached")
+    co.add_argument(
+        "--target", type=Num(1, MAX_VERTICES, integer=True).arg(), help="stop as soon as this many colours is reached"
+    )
     co.add_argument("--seed", type=SEED.arg(), default=0, help="0 to 2^32-1")
-    co.add_argument("--phases", default="population",
-                    help="comma-separated: population (GPU or all CPU cores), tabu, memetic, thermo")
+    co.add_argument(
+        "--phases",
+        default="population",
+        help="comma-separated: population (GPU or all CPU cores), tabu, memetic, thermo",
+    )
     co.add_argument("--init", default="dsatur", help="greedy, dsatur, spectral, community or multistart")
-    co.add_argument("--passes", type=Num(1, 1000, integer=True).arg(), default=1,
-                    help="iterative passes, 1 to 1000 (default 1)")
+    co.add_argument(
+        "--passes", type=Num(1, 1000, integer=True).arg(), default=1, help="iterative passes, 1 to 1000 (default 1)"
+    )
     co.add_argument("--gpu", choices=("auto", "cpu"), default="auto")
     co.add_argument("--json", action="store_true", help="one JSON object on stdout")
     co.add_argument("--artifacts", default="artifacts")
@@ -609,8 +704,9 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--no-live", action="store_true", help="no live progress display")
     r.add_argument("--json-summary", metavar="PATH", help="also write the final summary as JSON")
     r.add_argument("--dashboard", action="store_true", help="serve the live web dashboard (127.0.0.1)")
-    r.add_argument("--dash-port", type=PORT.arg(),
-                   help="dashboard port, 0 to 65535 (default CRUCIBLE_DASH_PORT or 7878; 0 = any)")
+    r.add_argument(
+        "--dash-port", type=PORT.arg(), help="dashboard port, 0 to 65535 (default CRUCIBLE_DASH_PORT or 7878; 0 = any)"
+    )
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="list the runs in an artifacts folder")
     ls.add_argument("--artifacts", default="artifacts")

@@ -142,42 +142,117 @@ class Experiment:
         reg, topics = self.registry, self.topics
         wl_cls = workload_registry()[s["workload"]["name"]]
         children = [
-            ChildSpec("recorder", Recorder, args=(self.lab.artifacts, self.id, self.run_id), name="recorder",
-                      kwargs={"rotate_bytes": int(t["rotate_mb"] * (1 << 20)), "fsync_interval": t["fsync_interval_s"],
-                              "ring_size": t["ring_size"], "index_limit": t["index_limit"],
-                              "maximize": t["maximize"], "on_storage_failure": NamedTarget("phase", reg)}),
-            ChildSpec("metrics", StreamingMetrics, args=(self.id, topics), name="metrics",
-                      kwargs={"windows": s["metrics"]["windows_s"],
-                              "publish_interval": s["metrics"]["publish_interval_s"],
-                              "compression": s["metrics"]["compression"]}),
-            ChildSpec("anomaly", AnomalyDetection, args=(self.id, NamedTarget("sampler", reg), topics), name="anomaly",
-                      kwargs={"enabled": a["enabled"], "methods": a["methods"], "metrics": a.get("metrics"),
-                              "threshold": a.get("threshold"), "action": a["action"], "window": a["window"],
-                              "warmup": a["warmup"], "ewma_lambda": a["ewma_lambda"],
-                              "period_gap_s": a["period_gap_s"], "seed": s["seed"]}),
-            ChildSpec("sampler", Sampler, args=(self.id, NamedTarget("recorder", reg), s["sampling"]["strategy"],
-                                                s["sampling"]["config"], s["seed"]), name="sampler"),
-            ChildSpec("phase", PhaseActor, name="phase",
-                      args=(self.id, self.run_id, wl_cls, s["workload"]["params"], topics, self.checkpoints),
-                      kwargs={"seed": s["seed"], "budget_s": s["time_budget_s"], "run_dir": self.run_dir,
-                              "status_snapshot": self._phase_snap,
-                              "watch": (NamedTarget("sampler", reg), NamedTarget("recorder", reg)),
-                              "emitter_opts": {"batch_size": t["batch_size"], "flush_interval": t["flush_interval_s"],
-                                               "overflow": t["overflow"], "max_backlog": t["max_backlog"],
-                                               "block_timeout": t["block_timeout_s"], "debug": t["debug"]}}),
+            ChildSpec(
+                "recorder",
+                Recorder,
+                args=(self.lab.artifacts, self.id, self.run_id),
+                name="recorder",
+                kwargs={
+                    "rotate_bytes": int(t["rotate_mb"] * (1 << 20)),
+                    "fsync_interval": t["fsync_interval_s"],
+                    "ring_size": t["ring_size"],
+                    "index_limit": t["index_limit"],
+                    "maximize": t["maximize"],
+                    "on_storage_failure": NamedTarget("phase", reg),
+                },
+            ),
+            ChildSpec(
+                "metrics",
+                StreamingMetrics,
+                args=(self.id, topics),
+                name="metrics",
+                kwargs={
+                    "windows": s["metrics"]["windows_s"],
+                    "publish_interval": s["metrics"]["publish_interval_s"],
+                    "compression": s["metrics"]["compression"],
+                },
+            ),
+            ChildSpec(
+                "anomaly",
+                AnomalyDetection,
+                args=(self.id, NamedTarget("sampler", reg), topics),
+                name="anomaly",
+                kwargs={
+                    "enabled": a["enabled"],
+                    "methods": a["methods"],
+                    "metrics": a.get("metrics"),
+                    "threshold": a.get("threshold"),
+                    "action": a["action"],
+                    "window": a["window"],
+                    "warmup": a["warmup"],
+                    "ewma_lambda": a["ewma_lambda"],
+                    "period_gap_s": a["period_gap_s"],
+                    "seed": s["seed"],
+                },
+            ),
+            ChildSpec(
+                "sampler",
+                Sampler,
+                args=(
+                    self.id,
+                    NamedTarget("recorder", reg),
+                    s["sampling"]["strategy"],
+                    s["sampling"]["config"],
+                    s["seed"],
+                ),
+                name="sampler",
+            ),
+            ChildSpec(
+                "phase",
+                PhaseActor,
+                name="phase",
+                args=(self.id, self.run_id, wl_cls, s["workload"]["params"], topics, self.checkpoints),
+                kwargs={
+                    "seed": s["seed"],
+                    "budget_s": s["time_budget_s"],
+                    "run_dir": self.run_dir,
+                    "status_snapshot": self._phase_snap,
+                    "watch": (NamedTarget("sampler", reg), NamedTarget("recorder", reg)),
+                    "emitter_opts": {
+                        "batch_size": t["batch_size"],
+                        "flush_interval": t["flush_interval_s"],
+                        "overflow": t["overflow"],
+                        "max_backlog": t["max_backlog"],
+                        "block_timeout": t["block_timeout_s"],
+                        "debug": t["debug"],
+                    },
+                },
+            ),
             # last: under rest_for_one a hypertune crash then restarts only hypertune, never the phase
-            ChildSpec("hypertune", Hypertune, args=(self.id, h["enabled"], reg), name="hypertune",
-                      kwargs={"window_s": h["window_s"], "policy": h["policy"], "state_file": self._policy_file(),
-                              "workload": s["workload"]["name"], "family": self._family(), "seed": s["seed"]}),
+            ChildSpec(
+                "hypertune",
+                Hypertune,
+                args=(self.id, h["enabled"], reg),
+                name="hypertune",
+                kwargs={
+                    "window_s": h["window_s"],
+                    "policy": h["policy"],
+                    "state_file": self._policy_file(),
+                    "workload": s["workload"]["name"],
+                    "family": self._family(),
+                    "seed": s["seed"],
+                },
+            ),
         ]
         self._attach_event_subscribers(True)
         topics.subscribe_name("metrics", "hypertune", reg)
         topics.subscribe_name("anomalies", "hypertune", reg)
         topics.subscribe_name("anomalies", "sampler", reg)
         sv = s["supervision"]
-        return ChildSpec(self.id, Supervisor, restart="temporary", shutdown="infinity", kwargs={
-            "children": children, "strategy": "rest_for_one", "max_restarts": sv["max_restarts"],
-            "max_seconds": sv["max_seconds"], "registry": reg, "on_restart": self._note_restart})
+        return ChildSpec(
+            self.id,
+            Supervisor,
+            restart="temporary",
+            shutdown="infinity",
+            kwargs={
+                "children": children,
+                "strategy": "rest_for_one",
+                "max_restarts": sv["max_restarts"],
+                "max_seconds": sv["max_seconds"],
+                "registry": reg,
+                "on_restart": self._note_restart,
+            },
+        )
 
     def _family(self) -> str:
         graph = (self.spec["workload"]["params"] or {}).get("graph") or {}
@@ -309,8 +384,12 @@ class Experiment:
                 if phase is not None:
                     phase.ask({"kind": "stop", "reason": reason}, timeout=timeout)
                 # drain the pipeline in its own order: everything before is handled when each answers
-                for name, kind in (("metrics", "get"), ("anomaly", "anomaly_metrics"), ("sampler", "flush"),
-                                   ("recorder", "flush")):
+                for name, kind in (
+                    ("metrics", "get"),
+                    ("anomaly", "anomaly_metrics"),
+                    ("sampler", "flush"),
+                    ("recorder", "flush"),
+                ):
                     ref = self.registry.whereis(name)
                     if ref is not None:
                         answer = ref.ask({"kind": kind}, timeout=timeout)
@@ -349,8 +428,10 @@ class Experiment:
     def restart_pass(self) -> dict[str, Any]:
         """Ask the workload to start a new pass from its best solution (if it has passes)."""
         self._check_live("restart a pass")
-        reply = self._ref("phase").ask({"kind": "set_param", "key": "restart_pass", "value": True,
-                                        "why": "restart requested", "event": "control"}, timeout=30)
+        reply = self._ref("phase").ask(
+            {"kind": "set_param", "key": "restart_pass", "value": True, "why": "restart requested", "event": "control"},
+            timeout=30,
+        )
         if not reply.get("ok"):
             raise LifecycleError(f"experiment {self.id!r} cannot restart a pass: {reply.get('error')}")
         return reply
@@ -372,10 +453,18 @@ class Experiment:
 
     def _record(self) -> dict[str, Any]:
         with self._state:
-            return {"schema": LIFECYCLE_SCHEMA, "experiment_id": self.id, "run_id": self.run_id,
-                    "status": str(self._status), "reason": self._reason, "owner": self._owner,
-                    **self._wall, "updated_at": time.time(), "heartbeat_s": HEARTBEAT_S,
-                    **self._durations()}
+            return {
+                "schema": LIFECYCLE_SCHEMA,
+                "experiment_id": self.id,
+                "run_id": self.run_id,
+                "status": str(self._status),
+                "reason": self._reason,
+                "owner": self._owner,
+                **self._wall,
+                "updated_at": time.time(),
+                "heartbeat_s": HEARTBEAT_S,
+                **self._durations(),
+            }
 
     def _write_lifecycle(self) -> None:
         """Rewrite lifecycle.json from the current state (atomic, fsynced; see experiments.rundir)."""
@@ -383,8 +472,12 @@ class Experiment:
             try:
                 write_json(self.run_dir / LIFECYCLE, self._record())
             except OSError as exc:
-                log.error("cannot write the lifecycle record", experiment=self.id, file=str(self.run_dir / LIFECYCLE),
-                          error=str(exc))
+                log.error(
+                    "cannot write the lifecycle record",
+                    experiment=self.id,
+                    file=str(self.run_dir / LIFECYCLE),
+                    error=str(exc),
+                )
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -392,8 +485,13 @@ class Experiment:
         end = self.ended_at if self.ended_at is not None else self.clock()
         paused = self.paused_duration + (end - self._paused_at if self._paused_at is not None else 0.0)
         wall = end - self.started_at
-        return {"wall_clock_duration": wall, "active_duration": wall - paused, "paused_duration": paused,
-                "pause_count": self.pause_count, "resume_count": self.resume_count}
+        return {
+            "wall_clock_duration": wall,
+            "active_duration": wall - paused,
+            "paused_duration": paused,
+            "pause_count": self.pause_count,
+            "resume_count": self.resume_count,
+        }
 
     def durations(self) -> dict[str, Any]:
         """Wall-clock, active and paused seconds (the Lab's clock), pause and resume counts."""
@@ -402,9 +500,11 @@ class Experiment:
 
     def _fetch(self, name: str, msg: dict[str, Any]) -> Callable[[], Any]:
         """An ask of the named child, for a snapshot's background refresh."""
+
         def fetch() -> Any:
             ref = self.registry.whereis(name)
             return None if ref is None else ref.ask(msg, timeout=FETCH_TIMEOUT_S)
+
         return fetch
 
     def _reading(self, snap: Snapshot, name: str, msg: dict[str, Any], max_age: float, wait: float) -> Reading:
@@ -437,8 +537,15 @@ class Experiment:
             elif base is None:  # no answer yet: what the Recorder last wrote
                 base, flags = self._summary_file(), {"stale": True, "age_s": None}
         with self._state:
-            return {**base, "experiment_id": self.id, "run_id": self.run_id, "status": str(self._status),
-                    "reason": self._reason, **self._durations(), **flags}
+            return {
+                **base,
+                "experiment_id": self.id,
+                "run_id": self.run_id,
+                "status": str(self._status),
+                "reason": self._reason,
+                **self._durations(),
+                **flags,
+            }
 
     def _summary_file(self) -> dict[str, Any]:
         try:
@@ -485,9 +592,15 @@ class Experiment:
 class Lab:
     """Runs experiments side by side for a long-lived host (a lab daemon, a notebook, the CLI)."""
 
-    def __init__(self, artifacts_dir: str | Path = "artifacts", dashboard: bool = False,
-                 max_experiments: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 dash_host: str = "127.0.0.1", dash_port: int | None = None) -> None:
+    def __init__(
+        self,
+        artifacts_dir: str | Path = "artifacts",
+        dashboard: bool = False,
+        max_experiments: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        dash_host: str = "127.0.0.1",
+        dash_port: int | None = None,
+    ) -> None:
         self.artifacts = check_artifacts_dir(artifacts_dir)
         self.clock = clock
         self._lock = threading.RLock()
@@ -502,11 +615,14 @@ class Lab:
                 self.dashboard = Dashboard(self, dash_host, dash_port)  # port: CRUCIBLE_DASH_PORT or 7878
             except OSError as exc:
                 self.sup.stop(timeout=10)
-                raise OSError(f"dashboard cannot listen on {dash_host}:{dash_port or 'CRUCIBLE_DASH_PORT/7878'}: "
-                              f"{exc.strerror or exc}") from None
+                raise OSError(
+                    f"dashboard cannot listen on {dash_host}:{dash_port or 'CRUCIBLE_DASH_PORT/7878'}: "
+                    f"{exc.strerror or exc}"
+                ) from None
 
-    def start_experiment(self, spec: str | Path | dict[str, Any], overrides: Any = None,
-                         experiment_id: str | None = None) -> Experiment:
+    def start_experiment(
+        self, spec: str | Path | dict[str, Any], overrides: Any = None, experiment_id: str | None = None
+    ) -> Experiment:
         """Validate the spec, build the tree, start it; the handle comes back running."""
         if self._closed:
             raise NotRunning("this Lab has been shut down")
@@ -534,16 +650,26 @@ class Lab:
         with self._lock:
             exp = self.experiments.get(experiment_id)
         if exp is None:
-            raise NotFound(f"no experiment {experiment_id!r} in this Lab; known: "
-                           f"{', '.join(sorted(self.experiments)) or 'none'}")
+            raise NotFound(
+                f"no experiment {experiment_id!r} in this Lab; known: {', '.join(sorted(self.experiments)) or 'none'}"
+            )
         return exp
 
     def list(self) -> list[dict[str, Any]]:
         """One dict per experiment of this Lab (id, run_id, status, reason, workload, run_dir); no actor is asked."""
         with self._lock:
             exps = list(self.experiments.values())
-        return [{"id": e.id, "run_id": e.run_id, "status": e.status(), "reason": e.reason,
-                 "workload": e.spec["workload"]["name"], "run_dir": str(e.run_dir)} for e in exps]
+        return [
+            {
+                "id": e.id,
+                "run_id": e.run_id,
+                "status": e.status(),
+                "reason": e.reason,
+                "workload": e.spec["workload"]["name"],
+                "run_dir": str(e.run_dir),
+            }
+            for e in exps
+        ]
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stop every experiment (phases stop, recorders flush) and return when all is on disk.
@@ -556,8 +682,10 @@ class Lab:
         self._closed = True
         with self._lock:
             exps = [e for e in self.experiments.values() if e.status() in LIVE]
-        threads = [threading.Thread(target=self._stop_one, args=(e, timeout), name=f"lab-stop-{e.id}", daemon=True)
-                   for e in exps]
+        threads = [
+            threading.Thread(target=self._stop_one, args=(e, timeout), name=f"lab-stop-{e.id}", daemon=True)
+            for e in exps
+        ]
         for t in threads:
             t.start()
         for t in threads:

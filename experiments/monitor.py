@@ -40,8 +40,9 @@ class Alert:
     def __init__(self, expr: str) -> None:
         m = _ALERT.match(expr)
         if not m:
-            raise AlertError(f"bad alert {expr!r}: expected FIELD OP NUMBER, e.g. 'conflicts>1000' "
-                             f"(operators: {', '.join(OPS)})")
+            raise AlertError(
+                f"bad alert {expr!r}: expected FIELD OP NUMBER, e.g. 'conflicts>1000' (operators: {', '.join(OPS)})"
+            )
         self.expr = expr.strip()
         self.field, self.op_text = m.group(1), m.group(2)
         self.op = OPS[self.op_text]
@@ -183,11 +184,19 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     lag = n - said if isinstance(said, int) and n > said else (n if said is None and n else 0)
     for p in phases.values():
         p["duration_s"] = (p.pop("last_ts") - p.pop("first_ts")) / 1e6
-    return {"run_dir": str(run_dir), "phases": phases, "gpu_usage": gpu, "anomalies": anomalies,
-            "hypertune_actions": actions, "duration_s": (last - first) / 1e6 if first is not None else 0.0,
-            "events_persisted": max(n, said) if isinstance(said, int) else n,
-            "events_dropped": summ.get("events_dropped"), "summary_lag_events": lag,
-            "status": str(report.status), "reason": report.reason}
+    return {
+        "run_dir": str(run_dir),
+        "phases": phases,
+        "gpu_usage": gpu,
+        "anomalies": anomalies,
+        "hypertune_actions": actions,
+        "duration_s": (last - first) / 1e6 if first is not None else 0.0,
+        "events_persisted": max(n, said) if isinstance(said, int) else n,
+        "events_dropped": summ.get("events_dropped"),
+        "summary_lag_events": lag,
+        "status": str(report.status),
+        "reason": report.reason,
+    }
 
 
 def sparkline(values: list[float], width: int = 60) -> str:

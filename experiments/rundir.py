@@ -73,11 +73,13 @@ class RunStatus(enum.StrEnum):
 
 
 LIVE = frozenset({RunStatus.RUNNING, RunStatus.PAUSED})
-RECORDED = frozenset({RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.STOPPED, RunStatus.FAILED,
-                      RunStatus.ARCHIVED})  # what an owner writes; crashed and unknown are only derived
+RECORDED = frozenset(
+    {RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.STOPPED, RunStatus.FAILED, RunStatus.ARCHIVED}
+)  # what an owner writes; crashed and unknown are only derived
 
 
 # --- files ---------------------------------------------------------------------------------------------------
+
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON with :func:`actors.files.atomic_write` (fsynced, never half)."""
@@ -118,10 +120,12 @@ def find_runs(artifacts: Path) -> list[Path]:
             return p.stat().st_mtime
         except FileNotFoundError:
             return 0.0
+
     return sorted(runs, key=mtime, reverse=True)
 
 
 # --- the owner of a run -----------------------------------------------------------------------------------------
+
 
 def _read_text(path: str) -> str | None:
     try:
@@ -136,7 +140,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     text = _read_text(f"/proc/{pid}/stat")
     if not text or ")" not in text:
         return None
-    rest = text[text.rfind(")") + 2:].split()  # fields 3.. (the name in parentheses may hold spaces)
+    rest = text[text.rfind(")") + 2 :].split()  # fields 3.. (the name in parentheses may hold spaces)
     try:
         return rest[0], int(rest[19])
     except (IndexError, ValueError):
@@ -147,8 +151,12 @@ def owner_info() -> dict[str, Any]:
     """Who owns runs started by this process: pid, host, boot id, process start time."""
     pid = os.getpid()
     st = _proc_stat(pid)
-    return {"pid": pid, "host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
-            "proc_start": st[1] if st else None}
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+        "proc_start": st[1] if st else None,
+    }
 
 
 def owner_alive(owner: dict[str, Any]) -> tuple[bool | None, str]:
@@ -180,6 +188,7 @@ def owner_alive(owner: dict[str, Any]) -> tuple[bool | None, str]:
 
 # --- status ---------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class StatusReport:
     """A run's derived status, why (``reason``), what it rests on (``evidence``) and the record."""
@@ -207,9 +216,11 @@ def _iso(ts: Any) -> str:
 def status_from_record(rec: dict[str, Any] | None, now: float | None = None) -> StatusReport:
     """Derive the status from a lifecycle record (see the module docs); never raises."""
     if rec is None:
-        return StatusReport(RunStatus.UNKNOWN, f"no {LIFECYCLE} (a run from an older version, or one whose "
-                                               "process died before it wrote its first record)",
-                            (f"no {LIFECYCLE}",))
+        return StatusReport(
+            RunStatus.UNKNOWN,
+            f"no {LIFECYCLE} (a run from an older version, or one whose process died before it wrote its first record)",
+            (f"no {LIFECYCLE}",),
+        )
     now = time.time() if now is None else now
     raw = rec.get("status")
     try:
@@ -217,8 +228,7 @@ def status_from_record(rec: dict[str, Any] | None, now: float | None = None) -> 
     except ValueError:
         recorded = None
     if recorded is None or recorded not in RECORDED:
-        return StatusReport(RunStatus.UNKNOWN, f"{LIFECYCLE} has status {raw!r}",
-                            (f"recorded status {raw!r}",), rec)
+        return StatusReport(RunStatus.UNKNOWN, f"{LIFECYCLE} has status {raw!r}", (f"recorded status {raw!r}",), rec)
     reason = rec.get("reason") if isinstance(rec.get("reason"), str) else None
     if recorded not in LIVE:
         return StatusReport(recorded, reason, (f"recorded {recorded} at {_iso(rec.get('updated_at'))}",), rec)
@@ -227,23 +237,28 @@ def status_from_record(rec: dict[str, Any] | None, now: float | None = None) -> 
     updated = rec.get("updated_at")
     beat = rec.get("heartbeat_s") if isinstance(rec.get("heartbeat_s"), (int, float)) else HEARTBEAT_S
     age = now - updated if isinstance(updated, (int, float)) and not isinstance(updated, bool) else None
-    evidence = [f"recorded {recorded}", why, f"last heartbeat {_iso(updated)}"
-                + (f" ({age:.1f} s ago)" if age is not None else "")]
+    evidence = [
+        f"recorded {recorded}",
+        why,
+        f"last heartbeat {_iso(updated)}" + (f" ({age:.1f} s ago)" if age is not None else ""),
+    ]
     if rec.get("stop_requested_at"):
         evidence.append(f"a stop was under way since {_iso(rec['stop_requested_at'])}")
     if alive is None:
         quiet = age is None or age > QUIET_HEARTBEATS * max(beat, 0.1)
         if not quiet:
             return StatusReport(recorded, reason, tuple(evidence), rec)
-        return StatusReport(RunStatus.UNKNOWN, f"{why}, and its heartbeat is quiet (last {_iso(updated)})",
-                            tuple(evidence), rec)
+        return StatusReport(
+            RunStatus.UNKNOWN, f"{why}, and its heartbeat is quiet (last {_iso(updated)})", tuple(evidence), rec
+        )
     if alive:
         if age is not None and age > QUIET_HEARTBEATS * max(beat, 0.1):
             evidence.append(f"no heartbeat for {age:.0f} s: the owner may be hung")
         return StatusReport(recorded, reason, tuple(evidence), rec)
     stopping = " and stopping" if rec.get("stop_requested_at") else ""
-    return StatusReport(RunStatus.CRASHED, f"{why}; it was {recorded}{stopping}, last heartbeat {_iso(updated)}",
-                        tuple(evidence), rec)
+    return StatusReport(
+        RunStatus.CRASHED, f"{why}; it was {recorded}{stopping}, last heartbeat {_iso(updated)}", tuple(evidence), rec
+    )
 
 
 def run_status(run_dir: Path, now: float | None = None) -> StatusReport:
@@ -256,6 +271,7 @@ def run_status(run_dir: Path, now: float | None = None) -> StatusReport:
 
 
 # --- summary, reconciled with the events on disk ----------------------------------------------------------------
+
 
 def count_events(run_dir: Path) -> int:
     """Complete event lines on disk across the run's JSONL files (a torn last line is not one)."""
@@ -280,7 +296,7 @@ def last_event_ts(run_dir: Path) -> int | None:
                 tail = fh.read()
         except FileNotFoundError:
             continue
-        for line in reversed(tail[:tail.rfind(b"\n") + 1].splitlines()):
+        for line in reversed(tail[: tail.rfind(b"\n") + 1].splitlines()):
             try:
                 ts = orjson.loads(line).get("ts")
             except (orjson.JSONDecodeError, AttributeError):
@@ -317,8 +333,13 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     said = summ.get("events_persisted")
     said = said if isinstance(said, int) else 0
     if on_disk > said:
-        summ = {**summ, "events_persisted": on_disk, "summary_stale": True, "summary_lag_events": on_disk - said,
-                "summary_events_persisted": summ.get("events_persisted")}
+        summ = {
+            **summ,
+            "events_persisted": on_disk,
+            "summary_stale": True,
+            "summary_lag_events": on_disk - said,
+            "summary_events_persisted": summ.get("events_persisted"),
+        }
     return summ
 
 
@@ -339,6 +360,14 @@ def run_info(run_dir: Path) -> dict[str, Any]:
     events = summ.get("events_persisted")
     if not isinstance(events, int):
         events = count_events(run_dir)  # no summary yet (killed early): the files say how many, perhaps none
-    return {"experiment": run_dir.parent.name, "run_id": run_dir.name, "status": str(report.status),
-            "reason": report.reason, "events": events, "duration_s": duration,
-            "summary_stale": bool(summ.get("summary_stale")), "evidence": evidence, "path": str(run_dir)}
+    return {
+        "experiment": run_dir.parent.name,
+        "run_id": run_dir.name,
+        "status": str(report.status),
+        "reason": report.reason,
+        "events": events,
+        "duration_s": duration,
+        "summary_stale": bool(summ.get("summary_stale")),
+        "evidence": evidence,
+        "path": str(run_dir),
+    }

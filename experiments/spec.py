@@ -26,8 +26,9 @@ class SpecError(ValueError):
     """A spec problem, with the file and the key it is about."""
 
 
-def _num(lo: float | None = None, hi: float | None = None, integer: bool = False,
-         lo_open: bool = False) -> Callable[[Any], str | None]:
+def _num(
+    lo: float | None = None, hi: float | None = None, integer: bool = False, lo_open: bool = False
+) -> Callable[[Any], str | None]:
     return Num(lo, hi, integer, lo_open).problem
 
 
@@ -36,12 +37,14 @@ def _type(*types: type) -> Callable[[Any], str | None]:
         if isinstance(v, bool) and bool not in types:
             return f"must be {' or '.join(t.__name__ for t in types)}, got {v!r}"
         return None if isinstance(v, types) else f"must be {' or '.join(t.__name__ for t in types)}, got {v!r}"
+
     return check
 
 
 def _choice(*options: str) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         return None if v in options else f"must be one of {', '.join(options)}, got {v!r}"
+
     return check
 
 
@@ -70,7 +73,7 @@ def _threshold(v: Any) -> str | None:
     each = Num(0, 1_000_000, lo_open=True)
     if isinstance(v, dict):
         bad = {k: x for k, x in v.items() if x != "auto" and each.problem(x)}
-        return f"must map methods to {each.describe()} (or \"auto\"), got {bad!r}" if bad else None
+        return f'must map methods to {each.describe()} (or "auto"), got {bad!r}' if bad else None
     problem = each.problem(v)
     return f"must be {each.describe()} or a table per method, got {v!r}" if problem else None
 
@@ -143,13 +146,30 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "time_budget_s": 60.0,
     "workload": {"name": "latency", "params": {}},
-    "telemetry": {"batch_size": 1024, "flush_interval_s": 0.05, "overflow": "block", "max_backlog": 64,
-                  "block_timeout_s": 1.0, "rotate_mb": 256, "fsync_interval_s": 1.0, "ring_size": 1000,
-                  "index_limit": 1_000_000, "debug": False, "maximize": []},
+    "telemetry": {
+        "batch_size": 1024,
+        "flush_interval_s": 0.05,
+        "overflow": "block",
+        "max_backlog": 64,
+        "block_timeout_s": 1.0,
+        "rotate_mb": 256,
+        "fsync_interval_s": 1.0,
+        "ring_size": 1000,
+        "index_limit": 1_000_000,
+        "debug": False,
+        "maximize": [],
+    },
     "metrics": {"windows_s": [60, 300, 3600], "publish_interval_s": 1.0, "compression": 1000},
     "sampling": {"strategy": "all", "config": {}},
-    "anomaly": {"enabled": True, "methods": ["z_score", "ewma"], "action": "flag", "window": 1000, "warmup": 30,
-                "ewma_lambda": 0.1, "period_gap_s": 5.0},
+    "anomaly": {
+        "enabled": True,
+        "methods": ["z_score", "ewma"],
+        "action": "flag",
+        "window": 1000,
+        "warmup": 30,
+        "ewma_lambda": 0.1,
+        "period_gap_s": 5.0,
+    },
     "hypertune": {"enabled": False, "window_s": 5.0, "policy": "ucb", "state_file": ""},
     "supervision": {"max_restarts": 3, "max_seconds": 5.0},
 }
@@ -239,8 +259,13 @@ def read_spec_text(path: str | Path) -> tuple[str, dict[str, Any]]:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None,
-              workloads: dict[str, Any] | None = None, *, source: str | None = None) -> dict[str, Any]:
+def load_spec(
+    spec: str | Path | dict[str, Any],
+    overrides: list[str] | dict[str, Any] | None = None,
+    workloads: dict[str, Any] | None = None,
+    *,
+    source: str | None = None,
+) -> dict[str, Any]:
     """Read (a path) or take (a dict) a spec, apply overrides, validate, fill defaults.
 
     ``source`` names a dict spec in error messages (a path names itself).
@@ -266,15 +291,18 @@ def load_spec(spec: str | Path | dict[str, Any], overrides: list[str] | dict[str
         raise SpecError(f"{_where(source, 'sampling')}: {exc}") from None
     a = full["anomaly"]
     try:
-        check_anomaly_config(a["methods"], a.get("metrics"), a.get("threshold"), a["action"], a["window"],
-                             a["warmup"], a["ewma_lambda"])
+        check_anomaly_config(
+            a["methods"], a.get("metrics"), a.get("threshold"), a["action"], a["window"], a["warmup"], a["ewma_lambda"]
+        )
     except (ValueError, TypeError) as exc:
         raise SpecError(f"{_where(source, 'anomaly')}: {exc}") from None
     if workloads is not None:
         name = full["workload"]["name"]
         if name not in workloads:
-            raise SpecError(f"{_where(source, 'workload.name')}: unknown workload {name!r}; "
-                            f"available: {', '.join(sorted(workloads))}")
+            raise SpecError(
+                f"{_where(source, 'workload.name')}: unknown workload {name!r}; "
+                f"available: {', '.join(sorted(workloads))}"
+            )
         try:
             full["workload"]["params"] = workloads[name].check_params(full["workload"]["params"])
         except (ValueError, TypeError) as exc:

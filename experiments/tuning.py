@@ -96,8 +96,9 @@ def seconds_to_best(run_dir: Path) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _prior_params(spec: dict[str, Any] | None, wl: str, space: dict[str, tuple[float, float, str]]
-                  ) -> dict[str, Any] | None:
+def _prior_params(
+    spec: dict[str, Any] | None, wl: str, space: dict[str, tuple[float, float, str]]
+) -> dict[str, Any] | None:
     """A prior run's starting parameters inside the search space, or None (a reason logged)."""
     workload = (spec or {}).get("workload")
     if not isinstance(workload, dict) or workload.get("name") != wl or not isinstance(workload.get("params"), dict):
@@ -108,10 +109,18 @@ def _prior_params(spec: dict[str, Any] | None, wl: str, space: dict[str, tuple[f
     return {k: (int(v) if space[k][2] != "float" else float(v)) for k, v in params.items()}
 
 
-def tune(spec: str | Path | dict[str, Any], trials: int, artifacts: str | Path, *,
-         seed_from: list[str | Path] = (), budget: float | None = None, objective: str = "chromatic_number",
-         seed: int = 0, overrides: list[str] | None = None,
-         on_trial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def tune(
+    spec: str | Path | dict[str, Any],
+    trials: int,
+    artifacts: str | Path,
+    *,
+    seed_from: list[str | Path] = (),
+    budget: float | None = None,
+    objective: str = "chromatic_number",
+    seed: int = 0,
+    overrides: list[str] | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run ``trials`` experiments proposed by TPE (after learning from ``seed_from``); return the study."""
     import optuna
 
@@ -158,17 +167,26 @@ def tune(spec: str | Path | dict[str, Any], trials: int, artifacts: str | Path, 
                 continue
             ttb = seconds_to_best(exp.run_dir) or 0.0
             study.tell(trial, float(value))
-            row = {"trial": i, "params": trial.params, objective: value, "seconds_to_best": ttb,
-                   "run_dir": str(exp.run_dir)}
+            row = {
+                "trial": i,
+                "params": trial.params,
+                objective: value,
+                "seconds_to_best": ttb,
+                "run_dir": str(exp.run_dir),
+            }
             results.append(row)
             if on_trial:
                 on_trial(row)
     finally:
         lab.shutdown()
-    return {"objective": objective, "seeded_from_prior_runs": seeded, "trials": results,
-            "best_value": study.best_value if len(study.trials) else None,
-            "proposal": study.best_params if len(study.trials) else None,
-            "search_space": {k: list(v) for k, v in space.items()}}
+    return {
+        "objective": objective,
+        "seeded_from_prior_runs": seeded,
+        "trials": results,
+        "best_value": study.best_value if len(study.trials) else None,
+        "proposal": study.best_params if len(study.trials) else None,
+        "search_space": {k: list(v) for k, v in space.items()},
+    }
 
 
 def run_trace(run_dir: Path) -> tuple[float, list[tuple[float, float]]]:
@@ -186,9 +204,16 @@ def run_trace(run_dir: Path) -> tuple[float, list[tuple[float, float]]]:
     return best, trace
 
 
-def ab(spec: str | Path | dict[str, Any], runs: int, artifacts: str | Path, *, budget: float | None = None,
-       target: float | None = None, overrides: list[str] | None = None,
-       on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def ab(
+    spec: str | Path | dict[str, Any],
+    runs: int,
+    artifacts: str | Path,
+    *,
+    budget: float | None = None,
+    target: float | None = None,
+    overrides: list[str] | None = None,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """N seeds with hypertune on, N with it off (interleaved), same budget; compare the arms."""
     RUNS.check("the A/B's runs per arm", runs)
     if budget is not None:
@@ -202,8 +227,12 @@ def ab(spec: str | Path | dict[str, Any], runs: int, artifacts: str | Path, *, b
     try:
         for seed in range(runs):
             for arm, enabled in (("on", True), ("off", False)):
-                sets = [*(overrides or []), f"seed={seed}", f"hypertune.enabled={str(enabled).lower()}",
-                        f"time_budget_s={budget}"]
+                sets = [
+                    *(overrides or []),
+                    f"seed={seed}",
+                    f"hypertune.enabled={str(enabled).lower()}",
+                    f"time_budget_s={budget}",
+                ]
                 exp = lab.start_experiment(spec, overrides=sets, experiment_id=f"ab-{arm}-{seed}")
                 exp.wait()
                 final, trace = run_trace(exp.run_dir)
@@ -229,22 +258,38 @@ def ab_report(rows: list[dict[str, Any]], budget: float, target: float | None = 
         rs = [r for r in rows if r["arm"] == arm]
         f = [r["final"] for r in rs]
         t = [ttt(r) for r in rs]
-        arms[arm] = {"runs": len(rs), "final": f, "final_mean": float(np.mean(f)), "final_median": float(np.median(f)),
-                     "time_to_target": t, "reached_target": sum(1 for r in rs if r["final"] <= tgt),
-                     "ttt_median": float(np.median(t))}
+        arms[arm] = {
+            "runs": len(rs),
+            "final": f,
+            "final_mean": float(np.mean(f)),
+            "final_median": float(np.median(f)),
+            "time_to_target": t,
+            "reached_target": sum(1 for r in rs if r["final"] <= tgt),
+            "ttt_median": float(np.median(t)),
+        }
 
     def compare(key: str) -> dict[str, Any]:
         a, b = np.array(arms["off"][key], dtype=float), np.array(arms["on"][key], dtype=float)
         if np.all(a == a[0]) and np.all(b == a[0]):
             return {"p_value": 1.0, "effect_size": 0.0, "ci": [0.0, 0.0], "note": "identical in every run"}
         mw = stats.mann_whitney(a, b)
-        out = {"p_value": mw["p_value"], "rank_biserial": mw["rank_biserial"], "effect_size": stats.hedges_g(a, b),
-               "mean_difference_on_minus_off": float(b.mean() - a.mean())}
+        out = {
+            "p_value": mw["p_value"],
+            "rank_biserial": mw["rank_biserial"],
+            "effect_size": stats.hedges_g(a, b),
+            "mean_difference_on_minus_off": float(b.mean() - a.mean()),
+        }
         try:
             out["ci"] = list(stats.diff_interval(a, b))
         except (ValueError, ZeroDivisionError):
             out["ci"] = None
         return out
 
-    return {"target": tgt, "budget_s": budget, "arms": arms, "final_colors": compare("final"),
-            "time_to_target": compare("time_to_target"), "runs": rows}
+    return {
+        "target": tgt,
+        "budget_s": budget,
+        "arms": arms,
+        "final_colors": compare("final"),
+        "time_to_target": compare("time_to_target"),
+        "runs": rows,
+    }

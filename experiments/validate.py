@@ -145,5 +145,6 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int = SPEC_MAX_BY
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: the {what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
-                         f"{exc.start})") from None
+        raise ValueError(
+            f"{path}: the {what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None

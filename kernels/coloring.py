@@ -163,8 +163,9 @@ def rebase_tabu(tabu, it):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def tabucol(indptr, indices, k, colors, gamma, tabu, it0, max_iters, tenure_a, tenure_alpha,
-            best_colors, best_f):  # pragma: no cover - compiled
+def tabucol(
+    indptr, indices, k, colors, gamma, tabu, it0, max_iters, tenure_a, tenure_alpha, best_colors, best_f
+):  # pragma: no cover - compiled
     """Run up to ``max_iters`` TabuCol iterations at k colours (stops early at 0 conflicts).
 
     ``colors``, ``gamma`` and ``tabu`` (n x k int32, iteration until which a move is

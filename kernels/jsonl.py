@@ -55,9 +55,38 @@ def _put_int(out, pos, x):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _format(out, ends, seq, ts, pas, step, name_c, phase_c, succ, gpu, reason_c,  # pragma: no cover
-            param_c, pieces, poff, names, noff, phases, phoff, gpus, goff, reasons, roff, params, pmoff,
-            keys, koff, vtxt, vstart, vend, present):
+def _format(
+    out,
+    ends,
+    seq,
+    ts,
+    pas,
+    step,
+    name_c,
+    phase_c,
+    succ,
+    gpu,
+    reason_c,  # pragma: no cover
+    param_c,
+    pieces,
+    poff,
+    names,
+    noff,
+    phases,
+    phoff,
+    gpus,
+    goff,
+    reasons,
+    roff,
+    params,
+    pmoff,
+    keys,
+    koff,
+    vtxt,
+    vstart,
+    vend,
+    present,
+):
     # pieces: 0 '{"v":1,"seq":'  1 ',"ts":'  2 ',"experiment_id":E,"run_id":R,"pass":'  3 ',"name":'
     #         4 ',"phase":'  5 ',"success":true'  6 ',"success":false'  7 ',"gpu_mode":'  8 ',"step":'
     #         9 ',"values":{'  10 '}}\n'  11 ',"gpu_reason":'  12 ',"parameters":'
@@ -128,10 +157,19 @@ def format_batch(batch: dict[str, Any]) -> bytes:
     if n == 0:
         return b""
     pieces = [
-        b'{"v":' + str(SCHEMA_VERSION).encode() + b',"seq":', b',"ts":',
+        b'{"v":' + str(SCHEMA_VERSION).encode() + b',"seq":',
+        b',"ts":',
         b',"experiment_id":' + _json(batch["experiment_id"]) + b',"run_id":' + _json(batch["run_id"]) + b',"pass":',
-        b',"name":', b',"phase":', b',"success":true', b',"success":false', b',"gpu_mode":', b',"step":',
-        b',"values":{', b"}}\n", b',"gpu_reason":', b',"parameters":',
+        b',"name":',
+        b',"phase":',
+        b',"success":true',
+        b',"success":false',
+        b',"gpu_mode":',
+        b',"step":',
+        b',"values":{',
+        b"}}\n",
+        b',"gpu_reason":',
+        b',"parameters":',
     ]
     pbuf, poff = _table(pieces)
     names, noff = _table([_json(x) for x in batch["names"]])
@@ -171,9 +209,38 @@ def format_batch(batch: dict[str, Any]) -> bytes:
     def col(k: str) -> np.ndarray:
         return np.ascontiguousarray(batch[k], np.int64) if k in batch else minus
 
-    used = _format(out, ends, col("seq"), col("ts"), col("pass"), col("step"), col("name"), col("phase"),
-                   col("success"), col("gpu"), col("reason"), col("params"), pbuf, poff, names, noff, phases, phoff,
-                   gpus, goff, reasons, roff, params, pmoff, keys, koff, vtxt, vstart, vend, present)
+    used = _format(
+        out,
+        ends,
+        col("seq"),
+        col("ts"),
+        col("pass"),
+        col("step"),
+        col("name"),
+        col("phase"),
+        col("success"),
+        col("gpu"),
+        col("reason"),
+        col("params"),
+        pbuf,
+        poff,
+        names,
+        noff,
+        phases,
+        phoff,
+        gpus,
+        goff,
+        reasons,
+        roff,
+        params,
+        pmoff,
+        keys,
+        koff,
+        vtxt,
+        vstart,
+        vend,
+        present,
+    )
     data = out[:used].tobytes()
     sparse = {f: e for f, e in batch.get("sparse", {}).items() if f in SPARSE_FIELDS and e}
     if not sparse:

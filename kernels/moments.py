@@ -95,9 +95,14 @@ class Moments:
         return math.sqrt(self.variance) if self.count > 1 else math.nan
 
     def as_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "mean": self.mean if self.count else None,
-                "std": self.std if self.count > 1 else None, "min": self.min if self.count else None,
-                "max": self.max if self.count else None, "sum": self.total}
+        return {
+            "count": self.count,
+            "mean": self.mean if self.count else None,
+            "std": self.std if self.count > 1 else None,
+            "min": self.min if self.count else None,
+            "max": self.max if self.count else None,
+            "sum": self.total,
+        }
 
 
 @njit(cache=True, nogil=True)

@@ -35,12 +35,25 @@ _BIG = 1 << 30
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def tabu_population(indptr, indices, k, colors, gammas, tabus, its, iters, tenure_a, tenure_alpha, best_colors,
-                    best_f, f_out, done_out):  # pragma: no cover - compiled
+def tabu_population(
+    indptr, indices, k, colors, gammas, tabus, its, iters, tenure_a, tenure_alpha, best_colors, best_f, f_out, done_out
+):  # pragma: no cover - compiled
     """Advance every chain by up to ``iters`` TabuCol iterations, chains spread over the cores."""
     for p in prange(colors.shape[0]):
-        done, f, bf = tabucol(indptr, indices, k, colors[p], gammas[p], tabus[p], its[p], iters, tenure_a,
-                              tenure_alpha, best_colors[p], best_f[p])
+        done, f, bf = tabucol(
+            indptr,
+            indices,
+            k,
+            colors[p],
+            gammas[p],
+            tabus[p],
+            its[p],
+            iters,
+            tenure_a,
+            tenure_alpha,
+            best_colors[p],
+            best_f[p],
+        )
         its[p] += done
         f_out[p] = f
         best_f[p] = bf
@@ -78,8 +91,9 @@ class CpuPopulation:
 
     device = "cpu"
 
-    def __init__(self, indptr: np.ndarray, indices: np.ndarray, size: int, seed: int = 0,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, indptr: np.ndarray, indices: np.ndarray, size: int, seed: int = 0, threads: int | None = None
+    ) -> None:
         self.indptr, self.indices = indptr, indices
         self.n = int(indptr.shape[0] - 1)
         self.size = int(size)
@@ -118,8 +132,22 @@ class CpuPopulation:
             rebase_tabu(self.tabus[i], self.its[i])
             self.its[i] = 0
         done = np.zeros(self.size, dtype=np.int64)
-        tabu_population(self.indptr, self.indices, self.k, self.colors, self.gammas, self.tabus, self.its, int(iters),
-                        int(self.tenure_a), float(self.tenure_alpha), self.best, self.best_f, self.f, done)
+        tabu_population(
+            self.indptr,
+            self.indices,
+            self.k,
+            self.colors,
+            self.gammas,
+            self.tabus,
+            self.its,
+            int(iters),
+            int(self.tenure_a),
+            float(self.tenure_alpha),
+            self.best,
+            self.best_f,
+            self.f,
+            done,
+        )
         self.iterations += int(done.sum())
         return self.f.copy(), self.best_f.copy()
 
@@ -146,8 +174,15 @@ class CudaPopulation:
 
     device = "gpu"
 
-    def __init__(self, indptr: np.ndarray, indices: np.ndarray, size: int, seed: int = 0, threads: int = 64,
-                 gamma_in_shared: bool | None = None) -> None:
+    def __init__(
+        self,
+        indptr: np.ndarray,
+        indices: np.ndarray,
+        size: int,
+        seed: int = 0,
+        threads: int = 64,
+        gamma_in_shared: bool | None = None,
+    ) -> None:
         cuda = load_cuda()
         from kernels import tabu_cuda
 
@@ -192,16 +227,42 @@ class CudaPopulation:
         if chains.size == 0:
             return
         self.kern.init_chains[int(chains.size), self.tpb](
-            self.d_indptr, self.d_indices, self.n, self.k, self.cuda.to_device(chains.astype(np.int32)),
-            self.d_colors, self.d_gamma, self.d_tabu, self.d_f, self.d_best_f, self.d_best, self.d_it)
+            self.d_indptr,
+            self.d_indices,
+            self.n,
+            self.k,
+            self.cuda.to_device(chains.astype(np.int32)),
+            self.d_colors,
+            self.d_gamma,
+            self.d_tabu,
+            self.d_f,
+            self.d_best_f,
+            self.d_best,
+            self.d_it,
+        )
 
     def run(self, iters: int) -> tuple[np.ndarray, np.ndarray]:
         shared = self.gamma_in_shared()
         smem = self.kern.shared_bytes(self.n, self.k, shared)
         self.kern.tabu_chains[self.size, self.tpb, 0, smem](
-            self.d_indptr, self.d_indices, self.n, self.k, self.d_colors, self.d_gamma, self.d_tabu, self.d_f,
-            self.d_best_f, self.d_best, self.d_it, int(iters), int(self.tenure_a), float(self.tenure_alpha),
-            self.d_rng, shared, self.d_done)
+            self.d_indptr,
+            self.d_indices,
+            self.n,
+            self.k,
+            self.d_colors,
+            self.d_gamma,
+            self.d_tabu,
+            self.d_f,
+            self.d_best_f,
+            self.d_best,
+            self.d_it,
+            int(iters),
+            int(self.tenure_a),
+            float(self.tenure_alpha),
+            self.d_rng,
+            shared,
+            self.d_done,
+        )
         self.iterations += int(self.d_done.copy_to_host().sum())  # the generation's one synchronisation
         return self.d_f.copy_to_host(), self.d_best_f.copy_to_host()
 
@@ -221,8 +282,15 @@ class CudaPopulation:
         cuda = self.cuda
         smem = 4 * (self.n + self.k)
         self.kern.gpx_children[int(victims.size), self.tpb, 0, smem](
-            self.d_best, cuda.to_device(pa.astype(np.int32)), cuda.to_device(pb.astype(np.int32)), self.d_colors,
-            cuda.to_device(victims.astype(np.int32)), self.n, self.k, self.d_gx_rng)
+            self.d_best,
+            cuda.to_device(pa.astype(np.int32)),
+            cuda.to_device(pb.astype(np.int32)),
+            self.d_colors,
+            cuda.to_device(victims.astype(np.int32)),
+            self.n,
+            self.k,
+            self.d_gx_rng,
+        )
         self._init(victims.astype(np.int32))
 
     def close(self) -> None:

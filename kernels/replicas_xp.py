@@ -28,8 +28,9 @@ def build_gamma_xp(xp: Any, adj: Any, colors: Any, k: int) -> Any:
     return xp.einsum("uv,rvc->ruc", adj, onehot).astype(xp.int32)
 
 
-def sweep_xp(xp: Any, adj: Any, colors: Any, gamma: Any, betas: Any, verts: Any, shifts: Any, uniforms: Any,
-             k: int) -> Any:
+def sweep_xp(
+    xp: Any, adj: Any, colors: Any, gamma: Any, betas: Any, verts: Any, shifts: Any, uniforms: Any, k: int
+) -> Any:
     """Apply ``verts.shape[1]`` sub-steps; ``verts``, ``shifts`` (1..k-1) and ``uniforms`` are
     R x S arrays of draws. Returns the conflict change per replica (R,)."""
     r_idx = xp.arange(colors.shape[0])

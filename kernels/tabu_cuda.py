@@ -54,8 +54,30 @@ def below(s, m):  # pragma: no cover - compiled
 
 
 @cuda.jit(device=True)
-def _iterate(indptr, indices, n, k, gam, col, conf, cand, cnt, red_d, red_n, red_v, red_c, tabu, best_row,
-             f, best, it, iters, tenure_a, alpha, s):  # pragma: no cover - compiled
+def _iterate(
+    indptr,
+    indices,
+    n,
+    k,
+    gam,
+    col,
+    conf,
+    cand,
+    cnt,
+    red_d,
+    red_n,
+    red_v,
+    red_c,
+    tabu,
+    best_row,
+    f,
+    best,
+    it,
+    iters,
+    tenure_a,
+    alpha,
+    s,
+):  # pragma: no cover - compiled
     """Run up to ``iters`` iterations of one chain (all threads of the block call this)."""
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
@@ -176,8 +198,25 @@ def _iterate(indptr, indices, n, k, gam, col, conf, cand, cnt, red_d, red_n, red
 
 
 @cuda.jit(cache=True)
-def tabu_chains(indptr, indices, n, k, colors, gamma, tabu, f_arr, best_f, best_colors, it_arr, iters, tenure_a,
-                alpha, rng, gamma_in_shared, done_arr):  # pragma: no cover - compiled
+def tabu_chains(
+    indptr,
+    indices,
+    n,
+    k,
+    colors,
+    gamma,
+    tabu,
+    f_arr,
+    best_f,
+    best_colors,
+    it_arr,
+    iters,
+    tenure_a,
+    alpha,
+    rng,
+    gamma_in_shared,
+    done_arr,
+):  # pragma: no cover - compiled
     """Advance every chain (one block each) by up to ``iters`` TabuCol iterations.
 
     ``colors``/``best_colors``: P x n int32; ``gamma``: P x (n*k) int16; ``tabu``: P x (n*k)
@@ -189,8 +228,8 @@ def tabu_chains(indptr, indices, n, k, colors, gamma, tabu, f_arr, best_f, best_
     nt = cuda.blockDim.x
     sm = cuda.shared.array(0, dtype=int16)
     col = sm[0:n]
-    conf = sm[n:2 * n]
-    cand = sm[2 * n:3 * n]
+    conf = sm[n : 2 * n]
+    cand = sm[2 * n : 3 * n]
     cnt = cuda.shared.array(1, dtype=int32)
     red_d = cuda.shared.array(MAX_THREADS, dtype=int32)
     red_n = cuda.shared.array(MAX_THREADS, dtype=int32)
@@ -198,7 +237,7 @@ def tabu_chains(indptr, indices, n, k, colors, gamma, tabu, f_arr, best_f, best_
     red_c = cuda.shared.array(MAX_THREADS, dtype=int32)
     grow = gamma[b]
     if gamma_in_shared:
-        gam = sm[3 * n:3 * n + n * k]
+        gam = sm[3 * n : 3 * n + n * k]
         for i in range(t, n * k, nt):
             gam[i] = grow[i]
     else:
@@ -211,9 +250,30 @@ def tabu_chains(indptr, indices, n, k, colors, gamma, tabu, f_arr, best_f, best_
         conf[v] = gam[v * k + col[v]]
     s = np.int64(rng[b, t])
     cuda.syncthreads()
-    f, best, it, done, s = _iterate(indptr, indices, n, k, gam, col, conf, cand, cnt, red_d, red_n, red_v, red_c,
-                                    tabu[b], best_colors[b], f_arr[b], best_f[b], it_arr[b], iters, tenure_a, alpha,
-                                    s)
+    f, best, it, done, s = _iterate(
+        indptr,
+        indices,
+        n,
+        k,
+        gam,
+        col,
+        conf,
+        cand,
+        cnt,
+        red_d,
+        red_n,
+        red_v,
+        red_c,
+        tabu[b],
+        best_colors[b],
+        f_arr[b],
+        best_f[b],
+        it_arr[b],
+        iters,
+        tenure_a,
+        alpha,
+        s,
+    )
     cuda.syncthreads()
     for v in range(t, n, nt):
         crow[v] = col[v]
@@ -229,8 +289,9 @@ def tabu_chains(indptr, indices, n, k, colors, gamma, tabu, f_arr, best_f, best_
 
 
 @cuda.jit(cache=True)
-def init_chains(indptr, indices, n, k, chains, colors, gamma, tabu, f_arr, best_f, best_colors,
-                it_arr):  # pragma: no cover - compiled
+def init_chains(
+    indptr, indices, n, k, chains, colors, gamma, tabu, f_arr, best_f, best_colors, it_arr
+):  # pragma: no cover - compiled
     """(Re)start the chains named in ``chains`` from their ``colors`` rows: gamma rebuilt,
     tabu cleared, f counted, best = current. One block per listed chain."""
     b = chains[cuda.blockIdx.x]
@@ -277,7 +338,7 @@ def gpx_children(parents, pa, pb, children, victims, n, k, rng):  # pragma: no c
     nt = cuda.blockDim.x
     sm = cuda.shared.array(0, dtype=int32)
     taken = sm[0:n]
-    size = sm[n:n + k]
+    size = sm[n : n + k]
     pick = cuda.shared.array(1, dtype=int32)
     a = parents[pa[i]]
     bb = parents[pb[i]]

@@ -207,8 +207,9 @@ def _cdf(m, w, n, total, vmin, vmax, x):  # pragma: no cover - compiled
 class TDigest:
     """A mergeable quantile sketch; see the module docs."""
 
-    def __init__(self, compression: float = 1000.0, scale: str = "k1", max_discrete: int = 100,
-                 buffer_size: int | None = None) -> None:
+    def __init__(
+        self, compression: float = 1000.0, scale: str = "k1", max_discrete: int = 100, buffer_size: int | None = None
+    ) -> None:
         if not (isinstance(compression, (int, float)) and compression >= 10):
             raise ValueError(f"compression must be a number >= 10, got {compression!r}")
         if scale not in SCALES:
@@ -266,7 +267,7 @@ class TDigest:
             return
         if self.buf_n + v.size > self.buf_cap:
             self._flush()
-        self.buf[self.buf_n:self.buf_n + v.size] = v
+        self.buf[self.buf_n : self.buf_n + v.size] = v
         self.buf_n += v.size
 
     def _flush(self) -> None:
@@ -332,8 +333,20 @@ class TDigest:
         if self.cap < int(2 * self.compression) + 16:
             self._grow(int(2 * self.compression) + 16)
         om, ow = np.empty(self.cap), np.empty(self.cap)
-        self.n = _merge_compress(self.means, self.weights, self.n, m, m if w is None else w, m.size, w is None,
-                                 self.total, self.compression, self._scale_code, om, ow)
+        self.n = _merge_compress(
+            self.means,
+            self.weights,
+            self.n,
+            m,
+            m if w is None else w,
+            m.size,
+            w is None,
+            self.total,
+            self.compression,
+            self._scale_code,
+            om,
+            ow,
+        )
         self.means, self.weights = om, ow
 
     def _absorb_weighted(self, m: np.ndarray, w: np.ndarray) -> None:
@@ -392,9 +405,17 @@ class TDigest:
 
     def to_msg(self) -> dict[str, Any]:
         m, w = self.centroids()
-        return {"compression": self.compression, "scale": self.scale, "max_discrete": self.max_discrete,
-                "discrete": self.discrete, "means": m, "weights": w, "min": self.min, "max": self.max,
-                "rejected": self.rejected}
+        return {
+            "compression": self.compression,
+            "scale": self.scale,
+            "max_discrete": self.max_discrete,
+            "discrete": self.discrete,
+            "means": m,
+            "weights": w,
+            "min": self.min,
+            "max": self.max,
+            "rejected": self.rejected,
+        }
 
     @classmethod
     def from_msg(cls, d: dict[str, Any]) -> TDigest:
@@ -411,8 +432,12 @@ class TDigest:
     def to_dict(self) -> dict[str, Any]:
         """The ``tdigest`` package's dict format."""
         m, w = self.centroids()
-        return {"n": round(self.total), "delta": 1.0 / self.compression, "K": 25,
-                "centroids": [{"m": float(a), "c": float(b)} for a, b in zip(m, w, strict=True)]}
+        return {
+            "n": round(self.total),
+            "delta": 1.0 / self.compression,
+            "K": 25,
+            "centroids": [{"m": float(a), "c": float(b)} for a, b in zip(m, w, strict=True)],
+        }
 
     def update_from_dict(self, d: dict[str, Any]) -> TDigest:
         """Merge a digest in the ``tdigest`` package's dict format into this one; return self."""

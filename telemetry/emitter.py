@@ -143,8 +143,7 @@ class Emitter:
                 self._reject(1, f"parameters not JSON-encodable: {exc}")
                 return
         rows = self._rows
-        rows.append((_time_ns(), name, values, phase, step, success, parameters, notes, gpu_mode,
-                     gpu_reason, anomaly))
+        rows.append((_time_ns(), name, values, phase, step, success, parameters, notes, gpu_mode, gpu_reason, anomaly))
         if len(rows) >= self.batch_size:
             self.flush()
 
@@ -176,8 +175,12 @@ class Emitter:
 
     def counters(self) -> dict[str, int]:
         """Cumulative counts: ``emitted`` (taken into batches), ``published``, ``dropped``, ``rejected``."""
-        return {"emitted": self.emitted, "published": self.published, "dropped": self.dropped,
-                "rejected": self.rejected}
+        return {
+            "emitted": self.emitted,
+            "published": self.published,
+            "dropped": self.dropped,
+            "rejected": self.rejected,
+        }
 
     def _reject(self, n: int, why: str) -> None:
         with self._flush_lock:
@@ -216,9 +219,22 @@ class Emitter:
             return
         if self._unreported_drops:
             k, self._unreported_drops = self._unreported_drops, 0
-            rows.insert(0, (time.time_ns(), "telemetry_dropped", {"dropped": k, "dropped_total": self.dropped},
-                            None, None, None, None, f"{k} events dropped by overflow policy {self.overflow!r}",
-                            None, None, None))
+            rows.insert(
+                0,
+                (
+                    time.time_ns(),
+                    "telemetry_dropped",
+                    {"dropped": k, "dropped_total": self.dropped},
+                    None,
+                    None,
+                    None,
+                    None,
+                    f"{k} events dropped by overflow policy {self.overflow!r}",
+                    None,
+                    None,
+                    None,
+                ),
+            )
             self.emitted += 1
         try:
             batch = self._columns(rows)
@@ -232,8 +248,9 @@ class Emitter:
                 # rows that pass the field checks but still cannot be columned: refuse, counted
                 self.rejected += len(rows)
                 self.emitted -= len(rows)
-                log.error("events rejected: batch could not be built", run_id=self.run_id, count=len(rows),
-                          error=repr(exc))
+                log.error(
+                    "events rejected: batch could not be built", run_id=self.run_id, count=len(rows), error=repr(exc)
+                )
                 return
         if held_back:
             self._held_batches.append(batch)  # built with the context in force, sent after the hold
@@ -248,8 +265,13 @@ class Emitter:
         if not room:
             self.dropped += n
             self._unreported_drops += n
-            log.warning("events dropped: downstream is behind", run_id=self.run_id, count=n,
-                        policy=self.overflow, dropped_total=self.dropped)
+            log.warning(
+                "events dropped: downstream is behind",
+                run_id=self.run_id,
+                count=n,
+                policy=self.overflow,
+                dropped_total=self.dropped,
+            )
             return
         batch["seq"] = np.arange(self._seq, self._seq + n, dtype=np.int64)
         self._seq += n
@@ -295,8 +317,19 @@ class Emitter:
     def _columns(self, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
         """Rows -> numpy columns and code tables, with C-speed fast paths for uniform columns."""
         n = len(rows)
-        (ts_ns, name_col, val_col, phase_col, step_col, succ_col, param_col, notes_col, gpu_col, reason_col,
-         anom_col) = zip(*rows, strict=True)
+        (
+            ts_ns,
+            name_col,
+            val_col,
+            phase_col,
+            step_col,
+            succ_col,
+            param_col,
+            notes_col,
+            gpu_col,
+            reason_col,
+            anom_col,
+        ) = zip(*rows, strict=True)
         ts = np.array(ts_ns, dtype=np.int64) // 1000
         ts[0] = max(ts[0], self._last_ts)
         np.maximum.accumulate(ts, out=ts)  # time never runs backwards within a run
@@ -313,11 +346,19 @@ class Emitter:
         gmodes, gpu_local = _codes(gpu_col, n, self.gpu_mode)
         gpu = np.array([_GPU_CODE[m] for m in gmodes] + [-1], dtype=np.int8)[gpu_local]
         nones = step_col.count(None)
-        step = (np.array(step_col, dtype=np.int64) if nones == 0 else np.full(n, -1, dtype=np.int64) if nones == n
-                else np.array([-1 if x is None else x for x in step_col], dtype=np.int64))
+        step = (
+            np.array(step_col, dtype=np.int64)
+            if nones == 0
+            else np.full(n, -1, dtype=np.int64)
+            if nones == n
+            else np.array([-1 if x is None else x for x in step_col], dtype=np.int64)
+        )
         nones = succ_col.count(None)
-        succ = (np.full(n, -1, dtype=np.int8) if nones == n
-                else np.array([-1 if x is None else (1 if x else 0) for x in succ_col], dtype=np.int8))
+        succ = (
+            np.full(n, -1, dtype=np.int8)
+            if nones == n
+            else np.array([-1 if x is None else (1 if x else 0) for x in succ_col], dtype=np.int8)
+        )
         values = _value_columns(val_col, n)
         sparse: dict[str, list[list[Any]]] = {}
         for f, col in (("notes", notes_col), ("anomaly", anom_col)):
@@ -325,11 +366,25 @@ class Emitter:
                 sparse[f] = [[i, x] for i, x in enumerate(col) if x is not None]
         self._last_ts = int(ts[-1])
         return {
-            "kind": "events", "experiment_id": self.experiment_id, "run_id": self.run_id, "n": n,
-            "ts": ts, "step": step, "pass": np.full(n, self.pass_, dtype=np.int32), "name": name_c,
-            "phase": phase_c, "success": succ, "gpu": gpu, "reason": reason_c, "params": param_c,
-            "names": names, "phases": phases, "reasons": reasons, "param_texts": ptexts,
-            "values": values, "sparse": sparse,
+            "kind": "events",
+            "experiment_id": self.experiment_id,
+            "run_id": self.run_id,
+            "n": n,
+            "ts": ts,
+            "step": step,
+            "pass": np.full(n, self.pass_, dtype=np.int32),
+            "name": name_c,
+            "phase": phase_c,
+            "success": succ,
+            "gpu": gpu,
+            "reason": reason_c,
+            "params": param_c,
+            "names": names,
+            "phases": phases,
+            "reasons": reasons,
+            "param_texts": ptexts,
+            "values": values,
+            "sparse": sparse,
         }
 
 

@@ -20,8 +20,22 @@ from telemetry.schema import compact_event, dumps_line
 from telemetry.store import DB_NAME, HistoryStore
 
 FORMATS = ("csv", "jsonl", "parquet")
-BASE_COLUMNS = ("seq", "ts", "experiment_id", "run_id", "pass", "phase", "step", "name", "success",
-                "gpu_mode", "gpu_reason", "notes", "parameters", "anomaly")
+BASE_COLUMNS = (
+    "seq",
+    "ts",
+    "experiment_id",
+    "run_id",
+    "pass",
+    "phase",
+    "step",
+    "name",
+    "success",
+    "gpu_mode",
+    "gpu_reason",
+    "notes",
+    "parameters",
+    "anomaly",
+)
 
 
 def _flat(ev: dict[str, Any], keys: list[str]) -> list[Any]:
@@ -44,8 +58,9 @@ def value_keys(events: Iterable[dict[str, Any]]) -> list[str]:
     return list(keys)
 
 
-def export_events(source: Callable[[], Iterator[dict[str, Any]]], fmt: str, out: str | Path,
-                  chunk: int = 100_000) -> int:
+def export_events(
+    source: Callable[[], Iterator[dict[str, Any]]], fmt: str, out: str | Path, chunk: int = 100_000
+) -> int:
     """Write the events of ``source()`` (called once or twice) to ``out``; return the count."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -76,8 +91,7 @@ def export_events(source: Callable[[], Iterator[dict[str, Any]]], fmt: str, out:
     return _write_parquet(source(), keys, header, out, chunk)
 
 
-def _write_parquet(events: Iterator[dict[str, Any]], keys: list[str], header: list[str], out: Path,
-                   chunk: int) -> int:
+def _write_parquet(events: Iterator[dict[str, Any]], keys: list[str], header: list[str], out: Path, chunk: int) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -100,8 +114,9 @@ def _write_parquet(events: Iterator[dict[str, Any]], keys: list[str], header: li
     return n
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path, chunk: int = 100_000,
-               counts: ReadCounts | None = None) -> int:
+def export_run(
+    run_dir: str | Path, fmt: str, out: str | Path, chunk: int = 100_000, counts: ReadCounts | None = None
+) -> int:
     """Export one run directory (its JSONL files); return the number of events written.
 
     Corrupt, torn or mistyped lines are skipped with a warning and counted in
@@ -125,8 +140,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, chunk: int = 100_
     return export_events(source, fmt, out, chunk)
 
 
-def export_experiment(artifacts_dir: str | Path, experiment_id: str, fmt: str, out: str | Path,
-                      chunk: int = 100_000) -> int:
+def export_experiment(
+    artifacts_dir: str | Path, experiment_id: str, fmt: str, out: str | Path, chunk: int = 100_000
+) -> int:
     """Export every run of an experiment from the SQLite history."""
     store = HistoryStore(Path(artifacts_dir) / DB_NAME, readonly=True)
     try:

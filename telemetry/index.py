@@ -30,8 +30,18 @@ from telemetry.query import (
 )
 from telemetry.schema import CODED_COLUMNS, GPU_MODES, SCHEMA_VERSION, SPARSE_FIELDS
 
-_INT_COLS = {"ts": np.int64, "seq": np.int64, "step": np.int64, "pass": np.int32, "name": np.int32,
-             "phase": np.int32, "success": np.int8, "gpu": np.int8, "reason": np.int32, "params": np.int32}
+_INT_COLS = {
+    "ts": np.int64,
+    "seq": np.int64,
+    "step": np.int64,
+    "pass": np.int32,
+    "name": np.int32,
+    "phase": np.int32,
+    "success": np.int8,
+    "gpu": np.int8,
+    "reason": np.int32,
+    "params": np.int32,
+}
 
 
 class IndexIncomplete(LookupError):
@@ -115,7 +125,7 @@ class LiveIndex:
         for f in SPARSE_FIELDS:
             for i, x in b.get("sparse", {}).get(f, ()):
                 self.sparse.setdefault(self.base + a + i, {})[f] = x
-        if (a > 0 and c["ts"][a] < c["ts"][a - 1]) or (m > 1 and bool(np.any(c["ts"][a + 1:z] < c["ts"][a:z - 1]))):
+        if (a > 0 and c["ts"][a] < c["ts"][a - 1]) or (m > 1 and bool(np.any(c["ts"][a + 1 : z] < c["ts"][a : z - 1]))):
             self._resort(z)
         self.n = z
 
@@ -134,10 +144,10 @@ class LiveIndex:
     def _drop_oldest(self, k: int) -> None:
         k = min(k, self.n)
         for name in self.cols:
-            self.cols[name][: self.n - k] = self.cols[name][k: self.n]
+            self.cols[name][: self.n - k] = self.cols[name][k : self.n]
         for name in self.values:
-            self.values[name][: self.n - k] = self.values[name][k: self.n]
-        self.run_c[: self.n - k] = self.run_c[k: self.n]
+            self.values[name][: self.n - k] = self.values[name][k : self.n]
+        self.run_c[: self.n - k] = self.run_c[k : self.n]
         self.base += k
         self.sparse = {r: v for r, v in self.sparse.items() if r >= self.base}
         self.n -= k
@@ -164,19 +174,37 @@ class LiveIndex:
         templates: dict[tuple[int, ...], dict[str, Any]] = {}
         out = []
         sparse, base = self.sparse, self.base
-        for j, (i, sq, t, ps, nc, pc, su, gp, rc, stp, prc, rn) in enumerate(zip(
-                idx.tolist(), *(c[k][idx].tolist() for k in ("seq", "ts", "pass", "name", "phase", "success", "gpu",
-                                                             "reason", "step", "params")),
-                self.run_c[idx].tolist(), strict=True)):
+        for j, (i, sq, t, ps, nc, pc, su, gp, rc, stp, prc, rn) in enumerate(
+            zip(
+                idx.tolist(),
+                *(
+                    c[k][idx].tolist()
+                    for k in ("seq", "ts", "pass", "name", "phase", "success", "gpu", "reason", "step", "params")
+                ),
+                self.run_c[idx].tolist(),
+                strict=True,
+            )
+        ):
             key = (ps, nc, pc, su, gp, rc, prc, rn)
             tmpl = templates.get(key)
             if tmpl is None:
                 tmpl = templates[key] = {
-                    "v": SCHEMA_VERSION, "seq": 0, "ts": 0, "experiment_id": self.experiment_id,
-                    "run_id": self.run_ids[rn], "pass": ps, "name": names[nc],
-                    "phase": phases[pc] if pc >= 0 else None, "success": None if su < 0 else bool(su),
-                    "gpu_mode": GPU_MODES[gp] if gp >= 0 else None, "gpu_reason": reasons[rc] if rc >= 0 else None,
-                    "step": None, "parameters": self._params(prc), "values": None, "notes": None, "anomaly": None,
+                    "v": SCHEMA_VERSION,
+                    "seq": 0,
+                    "ts": 0,
+                    "experiment_id": self.experiment_id,
+                    "run_id": self.run_ids[rn],
+                    "pass": ps,
+                    "name": names[nc],
+                    "phase": phases[pc] if pc >= 0 else None,
+                    "success": None if su < 0 else bool(su),
+                    "gpu_mode": GPU_MODES[gp] if gp >= 0 else None,
+                    "gpu_reason": reasons[rc] if rc >= 0 else None,
+                    "step": None,
+                    "parameters": self._params(prc),
+                    "values": None,
+                    "notes": None,
+                    "anomaly": None,
                 }
             r = tmpl.copy()
             r["seq"] = sq
@@ -214,8 +242,16 @@ class LiveIndex:
             mask[mask] &= param_mask(c["params"][a:b][mask], self._params, pf)
         return pos[mask]
 
-    def query(self, spec: Any, filters: dict[str, Any] | None = None, now_us: int | None = None, *,
-              max_rows: int = MAX_ROWS, max_windows: int = MAX_WINDOWS, complete: bool = False) -> list[Any]:
+    def query(
+        self,
+        spec: Any,
+        filters: dict[str, Any] | None = None,
+        now_us: int | None = None,
+        *,
+        max_rows: int = MAX_ROWS,
+        max_windows: int = MAX_WINDOWS,
+        complete: bool = False,
+    ) -> list[Any]:
         """Events matching a window spec (see :mod:`telemetry.query`), oldest first.
 
         With ``complete``, raises :class:`IndexIncomplete` when the answer could miss events
@@ -233,8 +269,10 @@ class LiveIndex:
             idx = self._matching(0, self.n, filters)
             check_rows(idx.size, max_rows)
             starts, lo, hi = plan_windows(ts[idx], w.size_us, w.step_us, max_windows, max_rows)
-            return [{"window_start": s, "window_end": s + w.size_us, "events": self.rows(idx[a:b])}
-                    for s, a, b in zip(starts.tolist(), lo.tolist(), hi.tolist(), strict=True)]
+            return [
+                {"window_start": s, "window_end": s + w.size_us, "events": self.rows(idx[a:b])}
+                for s, a, b in zip(starts.tolist(), lo.tolist(), hi.tolist(), strict=True)
+            ]
         if w.last_n is not None:
             idx = self._last_n(w.last_n, filters)
             if dropped and idx.size < w.last_n:
@@ -264,9 +302,16 @@ class LiveIndex:
         idx = np.concatenate(parts[::-1]) if parts else np.empty(0, dtype=np.int64)
         return idx[-n:]
 
-    def windowed_metrics(self, window_s: float, step_s: float, fields: list[str] | None = None,
-                         filters: dict[str, Any] | None = None, *, max_windows: int = MAX_WINDOWS,
-                         complete: bool = False) -> list[dict[str, Any]]:
+    def windowed_metrics(
+        self,
+        window_s: float,
+        step_s: float,
+        fields: list[str] | None = None,
+        filters: dict[str, Any] | None = None,
+        *,
+        max_windows: int = MAX_WINDOWS,
+        complete: bool = False,
+    ) -> list[dict[str, Any]]:
         """Per-window metrics of the value fields (see :func:`telemetry.query.windowed_metrics_arrays`)."""
         check_step(window_s, "window_s")
         check_step(step_s, "step_s")

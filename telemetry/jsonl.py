@@ -55,8 +55,13 @@ def iter_jsonl(path: str | Path, counts: ReadCounts | None = None) -> Iterator[d
                 ev = parse_line(line)
             except SchemaError as exc:
                 counts.skipped += 1
-                log.warning("skipping bad JSONL line", file=str(path), line=lineno, error=str(exc),
-                            truncated=not line.endswith(b"\n"))
+                log.warning(
+                    "skipping bad JSONL line",
+                    file=str(path),
+                    line=lineno,
+                    error=str(exc),
+                    truncated=not line.endswith(b"\n"),
+                )
                 continue
             counts.events += 1
             yield ev
@@ -81,7 +86,7 @@ def _last_line(path: Path, max_back: int = 1 << 20) -> bytes | None:
             body = chunk.rstrip(b"\n")
             nl = body.rfind(b"\n")
             if nl >= 0 or back >= size or back >= max_back:
-                return body[nl + 1:] if nl >= 0 else body
+                return body[nl + 1 :] if nl >= 0 else body
             back = min(size, back * 4)
 
 
@@ -176,8 +181,9 @@ class JsonlWriter:
             OSError: if the file cannot be cut.
         """
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
-            raise ValueError(f"abandon: size must be an integer in [0, {self.size}] (bytes written to "
-                             f"{self.path}), got {size!r}")
+            raise ValueError(
+                f"abandon: size must be an integer in [0, {self.size}] (bytes written to {self.path}), got {size!r}"
+            )
         if not self._fh.closed:
             self._fh.raw.close()  # the buffered tail goes with the buffer, unwritten
         if self.path.exists():

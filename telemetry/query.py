@@ -37,10 +37,20 @@ from typing import Any
 
 import numpy as np
 
-UNITS = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "minute": 60, "minutes": 60,
-         "h": 3600, "hour": 3600, "hours": 3600}
-WINDOW_FORMS = ('("last", N, "minutes")', '("last_n", N)', '("range", t0, t1)',
-                '("sliding", N, "minutes", step_s)')
+UNITS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "seconds": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hour": 3600,
+    "hours": 3600,
+}
+WINDOW_FORMS = ('("last", N, "minutes")', '("last_n", N)', '("range", t0, t1)', '("sliding", N, "minutes", step_s)')
 FILTER_KEYS = ("phase", "name", "success", "run_id")
 
 MAX_ROWS = 100_000
@@ -190,12 +200,15 @@ def query_answer(reply: Any) -> Any:
 def check_rows(count: int, max_rows: int, what: str = "select") -> None:
     """Refuse a query that would select (or return) more than ``max_rows`` events."""
     if count > max_rows:
-        raise QueryLimitError(f"query would {what} {count:,} events, above the limit of {max_rows:,}: "
-                              "narrow the window or add filters (export_run reads a whole run)")
+        raise QueryLimitError(
+            f"query would {what} {count:,} events, above the limit of {max_rows:,}: "
+            "narrow the window or add filters (export_run reads a whole run)"
+        )
 
 
-def plan_windows(ts: np.ndarray, size_us: int, step_us: int, max_windows: int = MAX_WINDOWS,
-                 max_rows: int | None = MAX_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def plan_windows(
+    ts: np.ndarray, size_us: int, step_us: int, max_windows: int = MAX_WINDOWS, max_rows: int | None = MAX_ROWS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Window starts over the sorted ``ts`` (first to last) and each window's ``[lo, hi)`` rows.
 
     Counts first and refuses (:class:`QueryLimitError`) more than ``max_windows`` windows or,
@@ -218,8 +231,10 @@ def _starts(first_us: int, last_us: int, step_us: int, max_windows: int) -> np.n
         return np.empty(0, dtype=np.int64)
     count = (last_us - first_us) // step_us + 1
     if count > max_windows:
-        raise QueryLimitError(f"query would make {count:,} windows, above the limit of {max_windows:,}: "
-                              f"use a larger step (the events span {(last_us - first_us) / 1e6:g} s)")
+        raise QueryLimitError(
+            f"query would make {count:,} windows, above the limit of {max_windows:,}: "
+            f"use a larger step (the events span {(last_us - first_us) / 1e6:g} s)"
+        )
     return first_us + np.arange(count, dtype=np.int64) * step_us
 
 
@@ -262,13 +277,25 @@ def metrics_of(values: np.ndarray) -> dict[str, float]:
     if v.size == 0:
         return {"count": 0, "mean": None, "p50": None, "p95": None, "p99": None, "sum": 0.0}
     p50, p95, p99 = np.percentile(v, [50, 95, 99])
-    return {"count": int(v.size), "mean": float(v.mean()), "p50": float(p50), "p95": float(p95),
-            "p99": float(p99), "sum": float(v.sum())}
+    return {
+        "count": int(v.size),
+        "mean": float(v.mean()),
+        "p50": float(p50),
+        "p95": float(p95),
+        "p99": float(p99),
+        "sum": float(v.sum()),
+    }
 
 
-def windowed_metrics_arrays(ts: np.ndarray, columns: dict[str, np.ndarray], window_s: float, step_s: float,
-                            start_us: int | None = None, end_us: int | None = None,
-                            max_windows: int = MAX_WINDOWS) -> list[dict[str, Any]]:
+def windowed_metrics_arrays(
+    ts: np.ndarray,
+    columns: dict[str, np.ndarray],
+    window_s: float,
+    step_s: float,
+    start_us: int | None = None,
+    end_us: int | None = None,
+    max_windows: int = MAX_WINDOWS,
+) -> list[dict[str, Any]]:
     """Per half-open window ``[s, s + window)``: metrics of each numeric column (``ts`` sorted)."""
     w_us, st_us = check_step(window_s, "window_s"), check_step(step_s, "step_s")
     if ts.size == 0:
@@ -280,8 +307,14 @@ def windowed_metrics_arrays(ts: np.ndarray, columns: dict[str, np.ndarray], wind
     hi = np.searchsorted(ts, starts + w_us, "left")
     out = []
     for s, a, b in zip(starts.tolist(), lo.tolist(), hi.tolist(), strict=True):
-        out.append({"window_start": s, "window_end": s + w_us, "count": b - a,
-                    "metrics": {k: metrics_of(col[a:b]) for k, col in columns.items()}})
+        out.append(
+            {
+                "window_start": s,
+                "window_end": s + w_us,
+                "count": b - a,
+                "metrics": {k: metrics_of(col[a:b]) for k, col in columns.items()},
+            }
+        )
     return out
 
 

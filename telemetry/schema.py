@@ -18,8 +18,22 @@ log = get_logger("telemetry.schema")
 SCHEMA_VERSION = 1
 GPU_MODES = ("gpu", "cpu_fallback", "cpu_disabled", "cpu")  # cpu: the phase runs on the CPU by design
 FIELDS = (
-    "v", "seq", "ts", "experiment_id", "run_id", "pass", "phase", "step", "name", "values",
-    "success", "gpu_mode", "gpu_reason", "parameters", "notes", "anomaly",
+    "v",
+    "seq",
+    "ts",
+    "experiment_id",
+    "run_id",
+    "pass",
+    "phase",
+    "step",
+    "name",
+    "values",
+    "success",
+    "gpu_mode",
+    "gpu_reason",
+    "parameters",
+    "notes",
+    "anomaly",
 )
 SPARSE_FIELDS = ("notes", "anomaly")
 """Fields carried as ``[[row, value], ...]`` lists in a batch: rare per event."""
@@ -29,8 +43,17 @@ class SchemaError(ValueError):
     """An event or batch does not follow the schema; the message names the field."""
 
 
-def check_event_fields(name: Any, values: Any, phase: Any, step: Any, success: Any, gpu_mode: Any,
-                       parameters: Any, notes: Any, extra: dict[str, Any]) -> None:
+def check_event_fields(
+    name: Any,
+    values: Any,
+    phase: Any,
+    step: Any,
+    success: Any,
+    gpu_mode: Any,
+    parameters: Any,
+    notes: Any,
+    extra: dict[str, Any],
+) -> None:
     """Validate one ``emit()`` call; raise :class:`SchemaError` naming the bad field."""
     if extra:
         raise SchemaError(f"unknown event field(s) {', '.join(sorted(extra))}; known: {', '.join(FIELDS)}")
@@ -84,15 +107,33 @@ def batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     templates: dict[tuple[int, ...], dict[str, Any]] = {}
     rows = []
     append = rows.append
-    for i, (sq, t, st, ps, nc, pc, su, gc, rc, prc) in enumerate(zip(
-            batch["seq"].tolist(), batch["ts"].tolist(), batch["step"].tolist(), batch["pass"].tolist(),
-            batch["name"].tolist(), batch["phase"].tolist(), batch["success"].tolist(), batch["gpu"].tolist(),
-            reason_c, param_c, strict=True)):
+    for i, (sq, t, st, ps, nc, pc, su, gc, rc, prc) in enumerate(
+        zip(
+            batch["seq"].tolist(),
+            batch["ts"].tolist(),
+            batch["step"].tolist(),
+            batch["pass"].tolist(),
+            batch["name"].tolist(),
+            batch["phase"].tolist(),
+            batch["success"].tolist(),
+            batch["gpu"].tolist(),
+            reason_c,
+            param_c,
+            strict=True,
+        )
+    ):
         key = (nc, pc, ps, su, gc, rc)
         tmpl = templates.get(key)
         if tmpl is None:
-            tmpl = {"v": SCHEMA_VERSION, "seq": 0, "ts": 0, "experiment_id": exp, "run_id": run, "pass": ps,
-                    "name": names[nc]}
+            tmpl = {
+                "v": SCHEMA_VERSION,
+                "seq": 0,
+                "ts": 0,
+                "experiment_id": exp,
+                "run_id": run,
+                "pass": ps,
+                "name": names[nc],
+            }
             if pc >= 0:
                 tmpl["phase"] = phases[pc]
             if su >= 0:
@@ -163,18 +204,26 @@ def rows_to_batch(rows: list[dict[str, Any]], experiment_id: str, run_id: str) -
 
     ptexts = [None if r.get("parameters") is None else orjson.dumps(r["parameters"]).decode() for r in rows]
     return {
-        "kind": "events", "experiment_id": experiment_id, "run_id": run_id, "n": n,
-        "seq": ints("seq", np.int64), "ts": ints("ts", np.int64), "step": ints("step", np.int64),
+        "kind": "events",
+        "experiment_id": experiment_id,
+        "run_id": run_id,
+        "n": n,
+        "seq": ints("seq", np.int64),
+        "ts": ints("ts", np.int64),
+        "step": ints("step", np.int64),
         "pass": ints("pass", np.int32, 0),
         "name": np.array([code("names", r["name"]) for r in rows], dtype=np.int32),
         "phase": np.array([code("phases", r.get("phase")) for r in rows], dtype=np.int32),
         "success": np.array([-1 if r.get("success") is None else int(r["success"]) for r in rows], dtype=np.int8),
-        "gpu": np.array([-1 if r.get("gpu_mode") is None else GPU_MODES.index(r["gpu_mode"]) for r in rows],
-                        dtype=np.int8),
+        "gpu": np.array(
+            [-1 if r.get("gpu_mode") is None else GPU_MODES.index(r["gpu_mode"]) for r in rows], dtype=np.int8
+        ),
         "reason": np.array([code("reasons", r.get("gpu_reason")) for r in rows], dtype=np.int32),
         "params": np.array([code("param_texts", t) for t in ptexts], dtype=np.int32),
         **{t: list(tables[t]) for t in tables},
-        "values": vals, "sparse": sparse, "counters": {},
+        "values": vals,
+        "sparse": sparse,
+        "counters": {},
     }
 
 
@@ -186,8 +235,9 @@ def select_rows(b: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
             out[k] = b[k][keep]
     out["values"] = {k: v[keep] for k, v in b["values"].items()}
     new_index = np.cumsum(keep) - 1
-    out["sparse"] = {f: [[int(new_index[i]), x] for i, x in entries if keep[i]]
-                     for f, entries in b.get("sparse", {}).items()}
+    out["sparse"] = {
+        f: [[int(new_index[i]), x] for i, x in entries if keep[i]] for f, entries in b.get("sparse", {}).items()
+    }
     out["n"] = int(keep.sum())
     return out
 
@@ -251,8 +301,10 @@ def check_batch(b: Any) -> None:
             raise SchemaError(f"batch has no column {col!r}")
         a = b[col]
         if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in _INT_KINDS:
-            raise SchemaError(f"batch column {col!r} must be a 1-D integer array, got "
-                              f"{type(a).__name__}{'' if not isinstance(a, np.ndarray) else f' {a.dtype}{a.shape}'}")
+            raise SchemaError(
+                f"batch column {col!r} must be a 1-D integer array, got "
+                f"{type(a).__name__}{'' if not isinstance(a, np.ndarray) else f' {a.dtype}{a.shape}'}"
+            )
         if a.size != n:
             raise SchemaError(f"batch column {col!r} has {a.size} rows, n is {n}")
     for col, table in _TABLES.items():
@@ -263,8 +315,10 @@ def check_batch(b: Any) -> None:
         if not isinstance(t, list) or not all(isinstance(x, kinds) for x in t):
             raise SchemaError(f"batch table {table!r} must be a list of strings")
         if n and (int(b[col].min()) < _CODE_FLOOR[col] or int(b[col].max()) >= len(t)):
-            raise SchemaError(f"batch column {col!r} has codes outside [{_CODE_FLOOR[col]}, {len(t)}) "
-                              f"(its table {table!r} has {len(t)} entries)")
+            raise SchemaError(
+                f"batch column {col!r} has codes outside [{_CODE_FLOOR[col]}, {len(t)}) "
+                f"(its table {table!r} has {len(t)} entries)"
+            )
     if n:
         if int(b["success"].min()) < -1 or int(b["success"].max()) > 1:
             raise SchemaError("batch column 'success' must hold -1 (none), 0 or 1")
@@ -294,10 +348,16 @@ def check_batch(b: Any) -> None:
         if not isinstance(entries, list):
             raise SchemaError(f"batch field 'sparse.{f}' must be a list of [row, value] pairs")
         for e in entries:
-            if (not isinstance(e, list) or len(e) != 2 or isinstance(e[0], bool) or not isinstance(e[0], int)
-                    or not 0 <= e[0] < n):
-                raise SchemaError(f"batch field 'sparse.{f}' holds {e!r}, not a [row, value] pair with a row "
-                                  f"in [0, {n})")
+            if (
+                not isinstance(e, list)
+                or len(e) != 2
+                or isinstance(e[0], bool)
+                or not isinstance(e[0], int)
+                or not 0 <= e[0] < n
+            ):
+                raise SchemaError(
+                    f"batch field 'sparse.{f}' holds {e!r}, not a [row, value] pair with a row in [0, {n})"
+                )
     if "counters" in b:
         check_counters(b["counters"])
     if "sampling" in b:
@@ -310,9 +370,22 @@ def dumps_line(row: dict[str, Any]) -> bytes:
 
 
 _LINE_TYPES: dict[str, tuple[type, ...]] = {
-    "v": (int,), "seq": (int,), "ts": (int,), "pass": (int,), "step": (int,), "name": (str,),
-    "experiment_id": (str,), "run_id": (str,), "phase": (str,), "success": (bool,), "gpu_mode": (str,),
-    "gpu_reason": (str,), "notes": (str,), "parameters": (dict,), "anomaly": (dict,), "values": (dict,),
+    "v": (int,),
+    "seq": (int,),
+    "ts": (int,),
+    "pass": (int,),
+    "step": (int,),
+    "name": (str,),
+    "experiment_id": (str,),
+    "run_id": (str,),
+    "phase": (str,),
+    "success": (bool,),
+    "gpu_mode": (str,),
+    "gpu_reason": (str,),
+    "notes": (str,),
+    "parameters": (dict,),
+    "anomaly": (dict,),
+    "values": (dict,),
 }
 
 
@@ -363,6 +436,7 @@ def check_id(kind: str, value: Any) -> str:
     if not isinstance(value, str) or not value or len(value) > 128:
         raise ValueError(f"{kind} must be a string of 1..128 characters, got {value!r}")
     if value[0] in "._-" or not set(value) <= _ID_CHARS:
-        raise ValueError(f"{kind} {value!r} may only use letters, digits, '.', '_', '-' and must start with "
-                         "a letter or digit")
+        raise ValueError(
+            f"{kind} {value!r} may only use letters, digits, '.', '_', '-' and must start with a letter or digit"
+        )
     return value

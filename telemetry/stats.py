@@ -43,8 +43,12 @@ def mann_whitney(a: Any, b: Any) -> dict[str, float]:
     """Mann-Whitney U (two-sided), with the rank-biserial correlation as effect size."""
     x, y = _arr(a, "a", 1), _arr(b, "b", 1)
     r = st.mannwhitneyu(x, y, alternative="two-sided")
-    return {"test": "mann_whitney_u", "statistic": float(r.statistic), "p_value": float(r.pvalue),
-            "rank_biserial": float(1.0 - 2.0 * r.statistic / (x.size * y.size))}
+    return {
+        "test": "mann_whitney_u",
+        "statistic": float(r.statistic),
+        "p_value": float(r.pvalue),
+        "rank_biserial": float(1.0 - 2.0 * r.statistic / (x.size * y.size)),
+    }
 
 
 def t_interval(a: Any, confidence: float = 0.95) -> tuple[float, float]:
@@ -54,12 +58,19 @@ def t_interval(a: Any, confidence: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_interval(a: Any, confidence: float = 0.95, statistic: Any = np.mean, n_resamples: int = 9999,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    a: Any, confidence: float = 0.95, statistic: Any = np.mean, n_resamples: int = 9999, seed: int = 0
+) -> tuple[float, float]:
     """Bootstrap (BCa) confidence interval of a statistic of one sample."""
     x = _arr(a, "sample")
-    r = st.bootstrap((x,), statistic, confidence_level=confidence, n_resamples=n_resamples,
-                     random_state=np.random.default_rng(seed), method="BCa")
+    r = st.bootstrap(
+        (x,),
+        statistic,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        random_state=np.random.default_rng(seed),
+        method="BCa",
+    )
     return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
@@ -123,8 +134,9 @@ def _metric_values(source: Any, metric: str | None) -> np.ndarray:
     return np.asarray(items, dtype=np.float64)
 
 
-def compare(control: Any, treatment: Any, metric: str | None = None, confidence: float = 0.95,
-            paired: bool = False) -> dict[str, Any]:
+def compare(
+    control: Any, treatment: Any, metric: str | None = None, confidence: float = 0.95, paired: bool = False
+) -> dict[str, Any]:
     """Compare two runs (lists of events, or of numbers) on ``metric``.
 
     Returns the means, Welch (or paired) t-test and Mann-Whitney U p-values, Cohen's d,
@@ -133,11 +145,17 @@ def compare(control: Any, treatment: Any, metric: str | None = None, confidence:
     a, b = _arr(_metric_values(control, metric), "control"), _arr(_metric_values(treatment, metric), "treatment")
     t = paired_t(a, b) if paired else welch_t(a, b)
     return {
-        "metric": metric, "n_control": int(a.size), "n_treatment": int(b.size),
-        "mean_control": float(a.mean()), "mean_treatment": float(b.mean()),
-        "test": t["test"], "p_value": t["p_value"], "statistic": t["statistic"],
+        "metric": metric,
+        "n_control": int(a.size),
+        "n_treatment": int(b.size),
+        "mean_control": float(a.mean()),
+        "mean_treatment": float(b.mean()),
+        "test": t["test"],
+        "p_value": t["p_value"],
+        "statistic": t["statistic"],
         "mann_whitney_p": mann_whitney(a, b)["p_value"],
-        "effect_size": hedges_g(a, b), "cohens_d": cohens_d(a, b),
+        "effect_size": hedges_g(a, b),
+        "cohens_d": cohens_d(a, b),
         "ci": t_interval(b - a, confidence) if paired else diff_interval(a, b, confidence),
         "confidence": confidence,
     }

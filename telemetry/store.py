@@ -85,18 +85,31 @@ class HistoryStore:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def insert_batch(self, experiment_id: str, run_id: str, seqs: Sequence[int], ts_lo: int, ts_hi: int,
-                     data: bytes, n: int | None = None) -> None:
+    def insert_batch(
+        self,
+        experiment_id: str,
+        run_id: str,
+        seqs: Sequence[int],
+        ts_lo: int,
+        ts_hi: int,
+        data: bytes,
+        n: int | None = None,
+    ) -> None:
         """Store one encoded columnar batch (its events have the given seqs, in order).
 
         Writes join an open transaction; :meth:`commit` ends it (the Recorder commits every
         ``commit_every`` batches and at every fsync tick: batched transactions).
         """
         with self._lock:
-            self.db.execute("INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?,?)",
-                            (run_id, seqs[0], seqs[-1], experiment_id, ts_lo, ts_hi, n or len(seqs), data))
-            self.db.execute("INSERT INTO spans VALUES (?, ?) ON CONFLICT(experiment_id) DO UPDATE SET "
-                            "max_span = MAX(max_span, excluded.max_span)", (experiment_id, ts_hi - ts_lo))
+            self.db.execute(
+                "INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?,?)",
+                (run_id, seqs[0], seqs[-1], experiment_id, ts_lo, ts_hi, n or len(seqs), data),
+            )
+            self.db.execute(
+                "INSERT INTO spans VALUES (?, ?) ON CONFLICT(experiment_id) DO UPDATE SET "
+                "max_span = MAX(max_span, excluded.max_span)",
+                (experiment_id, ts_hi - ts_lo),
+            )
 
     def commit(self) -> None:
         with self._lock:
@@ -111,8 +124,15 @@ class HistoryStore:
         v = self.db.execute("SELECT MAX(seq_hi) FROM batches WHERE run_id = ?", (run_id,)).fetchone()[0]
         return -1 if v is None else int(v)
 
-    def record_run(self, run_id: str, experiment_id: str, run_dir: str, started_ts: int | None,
-                   ended_ts: int | None, summary: dict[str, Any]) -> None:
+    def record_run(
+        self,
+        run_id: str,
+        experiment_id: str,
+        run_dir: str,
+        started_ts: int | None,
+        ended_ts: int | None,
+        summary: dict[str, Any],
+    ) -> None:
         with self._lock, self.db:
             self.db.execute(
                 "INSERT INTO runs VALUES (?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
@@ -127,16 +147,25 @@ class HistoryStore:
         args: tuple[Any, ...] = ()
         if experiment_id:
             q, args = q + " WHERE experiment_id = ?", (experiment_id,)
-        return [{"run_id": r[0], "experiment_id": r[1], "run_dir": r[2], "started_ts": r[3], "ended_ts": r[4],
-                 "summary": orjson.loads(r[5]) if r[5] else None}
-                for r in self.db.execute(q + " ORDER BY started_ts", args)]
+        return [
+            {
+                "run_id": r[0],
+                "experiment_id": r[1],
+                "run_dir": r[2],
+                "started_ts": r[3],
+                "ended_ts": r[4],
+                "summary": orjson.loads(r[5]) if r[5] else None,
+            }
+            for r in self.db.execute(q + " ORDER BY started_ts", args)
+        ]
 
     def _max_span(self, experiment_id: str) -> int:
         r = self.db.execute("SELECT max_span FROM spans WHERE experiment_id = ?", (experiment_id,)).fetchone()
         return -1 if r is None else int(r[0])
 
-    def _blobs(self, experiment_id: str, run_id: str | None, lo: int | None, hi: int | None,
-               max_scan: int) -> list[bytes]:
+    def _blobs(
+        self, experiment_id: str, run_id: str | None, lo: int | None, hi: int | None, max_scan: int
+    ) -> list[bytes]:
         """The stored batches that can hold events in ``[lo, hi)``, oldest first (bounded: ``max_scan``)."""
         span = self._max_span(experiment_id)
         if span < 0:
@@ -157,24 +186,45 @@ class HistoryStore:
             check_rows(int(total), max_scan, "scan")
             return [b for (b,) in self.db.execute(f"SELECT data FROM batches WHERE {where} ORDER BY ts_lo", args)]
 
-    def _selected(self, batches: list[dict[str, Any]], lo: int | None, hi: int | None,
-                  filters: dict[str, Any], max_rows: int) -> list[tuple[dict[str, Any], np.ndarray]]:
+    def _selected(
+        self, batches: list[dict[str, Any]], lo: int | None, hi: int | None, filters: dict[str, Any], max_rows: int
+    ) -> list[tuple[dict[str, Any], np.ndarray]]:
         """Each batch with the mask of its events in ``[lo, hi)`` that pass the filters (bounded)."""
         out = [(b, m) for b in batches if (m := batch_mask(b, lo, hi, filters)).any()]
         check_rows(sum(int(m.sum()) for _, m in out), max_rows)
         return out
 
-    def _rows(self, experiment_id: str, run_id: str | None, lo: int | None, hi: int | None,
-              filters: dict[str, Any], max_rows: int, max_scan: int) -> list[dict[str, Any]]:
+    def _rows(
+        self,
+        experiment_id: str,
+        run_id: str | None,
+        lo: int | None,
+        hi: int | None,
+        filters: dict[str, Any],
+        max_rows: int,
+        max_scan: int,
+    ) -> list[dict[str, Any]]:
         batches = [decode(d) for d in self._blobs(experiment_id, run_id, lo, hi, max_scan)]
-        rows = [full_event(r) for b, m in self._selected(batches, lo, hi, filters, max_rows)
-                for r in batch_rows(select_rows(b, m))]
+        rows = [
+            full_event(r)
+            for b, m in self._selected(batches, lo, hi, filters, max_rows)
+            for r in batch_rows(select_rows(b, m))
+        ]
         rows.sort(key=_order)
         return rows
 
-    def query(self, experiment_id: str, spec: Any, filters: dict[str, Any] | None = None,
-              now_us: int | None = None, *, run_id: str | None = None, max_rows: int = MAX_ROWS,
-              max_windows: int = MAX_WINDOWS, max_scan: int = MAX_SCAN) -> list[Any]:
+    def query(
+        self,
+        experiment_id: str,
+        spec: Any,
+        filters: dict[str, Any] | None = None,
+        now_us: int | None = None,
+        *,
+        run_id: str | None = None,
+        max_rows: int = MAX_ROWS,
+        max_windows: int = MAX_WINDOWS,
+        max_scan: int = MAX_SCAN,
+    ) -> list[Any]:
         """The same window specs, filters and limits as the live index (see :mod:`telemetry.query`).
 
         ``run_id`` keeps the answer to one run (what a run's Recorder answers live); without
@@ -187,14 +237,17 @@ class HistoryStore:
             rows = self._rows(experiment_id, run_id, None, None, filters, max_rows, max_scan)
             ts = np.array([r["ts"] for r in rows], dtype=np.int64)
             starts, lo, hi = plan_windows(ts, w.size_us, w.step_us, max_windows, max_rows)
-            return [{"window_start": s, "window_end": s + w.size_us, "events": rows[a:b]}
-                    for s, a, b in zip(starts.tolist(), lo.tolist(), hi.tolist(), strict=True)]
+            return [
+                {"window_start": s, "window_end": s + w.size_us, "events": rows[a:b]}
+                for s, a, b in zip(starts.tolist(), lo.tolist(), hi.tolist(), strict=True)
+            ]
         if w.last_n is not None:
             return self._last_n(experiment_id, run_id, w.last_n, filters, max_rows, max_scan)
         return self._rows(experiment_id, run_id, w.lo, w.hi, filters, max_rows, max_scan)
 
-    def _last_n(self, experiment_id: str, run_id: str | None, n: int, filters: dict[str, Any],
-                max_rows: int, max_scan: int) -> list[dict[str, Any]]:
+    def _last_n(
+        self, experiment_id: str, run_id: str | None, n: int, filters: dict[str, Any], max_rows: int, max_scan: int
+    ) -> list[dict[str, Any]]:
         if n == 0:
             return []
         if n > max_rows:  # count first (masks only): the answer holds min(n, matching) events
@@ -220,15 +273,18 @@ class HistoryStore:
         got.sort(key=_order)
         return got[-n:]
 
-    def iter_events(self, experiment_id: str | None = None, run_id: str | None = None,
-                    chunk: int = 64) -> Iterator[dict[str, Any]]:
+    def iter_events(
+        self, experiment_id: str | None = None, run_id: str | None = None, chunk: int = 64
+    ) -> Iterator[dict[str, Any]]:
         """Every event of a run (by seq) or of an experiment (by batch start time), a few
         batches at a time: memory stays bounded whatever the size."""
         if run_id is not None:
             q, key = "SELECT seq_lo, data FROM batches WHERE run_id = ? AND seq_lo > ? ORDER BY seq_lo LIMIT ?", run_id
         elif experiment_id is not None:
-            q = ("SELECT ts_lo, run_id, seq_lo, data FROM batches WHERE experiment_id = ? "
-                 "AND (ts_lo, run_id, seq_lo) > (?, ?, ?) ORDER BY ts_lo, run_id, seq_lo LIMIT ?")
+            q = (
+                "SELECT ts_lo, run_id, seq_lo, data FROM batches WHERE experiment_id = ? "
+                "AND (ts_lo, run_id, seq_lo) > (?, ?, ?) ORDER BY ts_lo, run_id, seq_lo LIMIT ?"
+            )
             key = experiment_id
         else:
             raise ValueError("iter_events needs experiment_id or run_id")
@@ -242,10 +298,18 @@ class HistoryStore:
                 yield from _batch_events(r[-1])
             last = tuple(rows[-1][:-1])
 
-    def windowed_metrics(self, experiment_id: str, window_s: float, step_s: float,
-                         fields: list[str] | None = None, filters: dict[str, Any] | None = None, *,
-                         run_id: str | None = None, max_windows: int = MAX_WINDOWS,
-                         max_scan: int = MAX_SCAN) -> list[dict[str, Any]]:
+    def windowed_metrics(
+        self,
+        experiment_id: str,
+        window_s: float,
+        step_s: float,
+        fields: list[str] | None = None,
+        filters: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        max_windows: int = MAX_WINDOWS,
+        max_scan: int = MAX_SCAN,
+    ) -> list[dict[str, Any]]:
         """Per-window metrics, as :meth:`LiveIndex.windowed_metrics` (columnar: no event dicts)."""
         check_step(window_s, "window_s")
         check_step(step_s, "step_s")
@@ -259,10 +323,19 @@ class HistoryStore:
             return np.concatenate([get(b, m) for b, m in parts]) if parts else np.empty(0, dtype=dtype)
 
         ts = column(lambda b, m: b["ts"][m], np.int64)
-        order = np.lexsort((column(lambda b, m: b["seq"][m], np.int64),
-                            column(lambda b, m: np.full(int(m.sum()), run_code[b["run_id"]]), np.int64), ts))
-        cols = {k: column(lambda b, m, k=k: b["values"][k][m] if k in b["values"] else np.full(int(m.sum()), np.nan),
-                          np.float64)[order] for k in keys}
+        order = np.lexsort(
+            (
+                column(lambda b, m: b["seq"][m], np.int64),
+                column(lambda b, m: np.full(int(m.sum()), run_code[b["run_id"]]), np.int64),
+                ts,
+            )
+        )
+        cols = {
+            k: column(
+                lambda b, m, k=k: b["values"][k][m] if k in b["values"] else np.full(int(m.sum()), np.nan), np.float64
+            )[order]
+            for k in keys
+        }
         keys = present_fields(cols, fields)
         cols = {k: cols.get(k, np.full(ts.size, np.nan)) for k in keys}
         return windowed_metrics_arrays(ts[order], cols, window_s, step_s, max_windows=max_windows)

@@ -11,9 +11,14 @@ from actors import Actor
 class Worker(Actor):
     """Answers pings, crashes or stops on request, can block on a gate."""
 
-    def __init__(self, tag: str = "", gate: threading.Event | None = None,
-                 journal: list[tuple[str, ...]] | None = None, sink: list[Any] | None = None,
-                 fail_start: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        tag: str = "",
+        gate: threading.Event | None = None,
+        journal: list[tuple[str, ...]] | None = None,
+        sink: list[Any] | None = None,
+        fail_start: threading.Event | None = None,
+    ) -> None:
         super().__init__()
         if fail_start is not None and fail_start.is_set():
             raise RuntimeError("start refused")
@@ -31,8 +36,7 @@ class Worker(Actor):
 
     def handle_ping(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.count += 1
-        return {"tag": self.tag, "urn": self.actor_urn, "count": self.count,
-                "thread": threading.current_thread().name}
+        return {"tag": self.tag, "urn": self.actor_urn, "count": self.count, "thread": threading.current_thread().name}
 
     def handle_note(self, msg: dict[str, Any]) -> None:
         self.received.append(msg.get("v"))

@@ -138,9 +138,15 @@ def population_phase_on_the_device() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "crown4.col"
         path.write_text("p edge 8 12\n" + "".join(f"e {u} {v}\n" for u, v in edges))
-        params = ColoringWorkload.check_params({
-            "graph": {"file": str(path)}, "init": {"strategy": "greedy"}, "phases": ["population"], "target": 2,
-            "population": {"population": 3, "threads_per_chain": 4, "generation_s": 0.05, "max_generations": 20}})
+        params = ColoringWorkload.check_params(
+            {
+                "graph": {"file": str(path)},
+                "init": {"strategy": "greedy"},
+                "phases": ["population"],
+                "target": 2,
+                "population": {"population": 3, "threads_per_chain": 4, "generation_s": 0.05, "max_generations": 20},
+            }
+        )
         w = ColoringWorkload(params, 1)
     events = []
 
@@ -164,8 +170,16 @@ def population_phase_on_the_device() -> None:
     assert cp["best_k"] == 2 and check_coloring(w.g, cp["best"])["proper"]
 
 
-CHECKS = {f.__name__: f for f in (kernel_invariants, kernel_solves_a_planted_graph, ties_are_broken_uniformly,
-                                  gpx_matches_the_cpu_reference, population_phase_on_the_device)}
+CHECKS = {
+    f.__name__: f
+    for f in (
+        kernel_invariants,
+        kernel_solves_a_planted_graph,
+        ties_are_broken_uniformly,
+        gpx_matches_the_cpu_reference,
+        population_phase_on_the_device,
+    )
+}
 
 if __name__ == "__main__":
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":

@@ -27,36 +27,63 @@ SAMPLING: dict[str, dict[str, Any]] = {
 }
 
 
-def latency_spec(name: str, budget: float = 1.0, strategy: str = "all", anomaly: bool = True,
-                 **extra: Any) -> dict[str, Any]:
+def latency_spec(
+    name: str, budget: float = 1.0, strategy: str = "all", anomaly: bool = True, **extra: Any
+) -> dict[str, Any]:
     """A latency experiment that times a cheap call (many events per second)."""
-    return {"name": name, "time_budget_s": budget, "seed": 5,
-            "workload": {"name": "latency", "params": dict(FAST_LATENCY)},
-            "metrics": {"publish_interval_s": 0.1},
-            "telemetry": {"batch_size": 64, "flush_interval_s": 0.02},
-            "sampling": {"strategy": strategy, "config": dict(SAMPLING[strategy])},
-            "anomaly": {"enabled": anomaly, "methods": ["z_score", "ewma"], "metrics": ["latency_ms"],
-                        "action": "sample_more", "warmup": 20},
-            **extra}
+    return {
+        "name": name,
+        "time_budget_s": budget,
+        "seed": 5,
+        "workload": {"name": "latency", "params": dict(FAST_LATENCY)},
+        "metrics": {"publish_interval_s": 0.1},
+        "telemetry": {"batch_size": 64, "flush_interval_s": 0.02},
+        "sampling": {"strategy": strategy, "config": dict(SAMPLING[strategy])},
+        "anomaly": {
+            "enabled": anomaly,
+            "methods": ["z_score", "ewma"],
+            "metrics": ["latency_ms"],
+            "action": "sample_more",
+            "warmup": 20,
+        },
+        **extra,
+    }
 
 
-def coloring_spec(name: str, budget: float = 1.0, strategy: str = "all", anomaly: bool = True,
-                  phases: tuple[str, ...] = ("tabu", "memetic"), **extra: Any) -> dict[str, Any]:
+def coloring_spec(
+    name: str,
+    budget: float = 1.0,
+    strategy: str = "all",
+    anomaly: bool = True,
+    phases: tuple[str, ...] = ("tabu", "memetic"),
+    **extra: Any,
+) -> dict[str, Any]:
     """A colouring experiment on a small generated graph, with short steps."""
     config = dict(SAMPLING[strategy])
     if strategy == "importance":
         config["field"] = "conflicts"
     if strategy == "stratified":
         config = {"by": "phase", "rates": {"tabu": 0.3, "memetic": 0.5}, "default_rate": 1.0}
-    return {"name": name, "time_budget_s": budget, "seed": 2,
-            "workload": {"name": "coloring", "params": {
-                "graph": dict(SMALL_GRAPH), "phases": list(phases), "gpu": "cpu",
-                "tabu": {"iters_per_step": 2000}, "memetic": {"population": 4, "local_iters": 1000}}},
-            "metrics": {"publish_interval_s": 0.1},
-            "telemetry": {"batch_size": 16, "flush_interval_s": 0.02},
-            "sampling": {"strategy": strategy, "config": config},
-            "anomaly": {"enabled": anomaly, "methods": ["ewma"], "metrics": ["conflicts"], "warmup": 5},
-            **extra}
+    return {
+        "name": name,
+        "time_budget_s": budget,
+        "seed": 2,
+        "workload": {
+            "name": "coloring",
+            "params": {
+                "graph": dict(SMALL_GRAPH),
+                "phases": list(phases),
+                "gpu": "cpu",
+                "tabu": {"iters_per_step": 2000},
+                "memetic": {"population": 4, "local_iters": 1000},
+            },
+        },
+        "metrics": {"publish_interval_s": 0.1},
+        "telemetry": {"batch_size": 16, "flush_interval_s": 0.02},
+        "sampling": {"strategy": strategy, "config": config},
+        "anomaly": {"enabled": anomaly, "methods": ["ewma"], "metrics": ["conflicts"], "warmup": 5},
+        **extra,
+    }
 
 
 def until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:

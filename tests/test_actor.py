@@ -113,6 +113,7 @@ def test_ask_timeout_raises_timeouterror(spawned):
 
 # --- registry -------------------------------------------------------------------
 
+
 def test_registry_whereis_and_freed_on_death():
     reg = Registry()
     w = Worker.start()
@@ -147,6 +148,7 @@ def test_two_registries_do_not_share_names():
 
 
 # --- monitors -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["crash", "stop", "kill", "exit"])
 def test_monitor_receives_down_with_reason(spawned, how):
@@ -188,6 +190,7 @@ def test_monitor_dead_actor_gets_noproc_and_demonitor(spawned):
 
 # --- kill -------------------------------------------------------------------------
 
+
 def test_kill_marks_dead_unregisters_and_never_delivers_again(spawned):
     gate = threading.Event()
     spawned.gates.append(gate)
@@ -213,6 +216,7 @@ def test_kill_marks_dead_unregisters_and_never_delivers_again(spawned):
 
 
 # --- topics -----------------------------------------------------------------------
+
 
 def test_topic_fans_out_same_bytes(spawned):
     topics = Topics()

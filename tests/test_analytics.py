@@ -47,8 +47,13 @@ def batch(values, start_seq=0, ts0=T0, dt=1000, names=None, success=None, phase=
     n = len(next(iter(values.values())))
     rows = []
     for i in range(n):
-        r = {"seq": start_seq + i, "ts": ts0 + i * dt, "name": names[i] if names else "step", "phase": phase,
-             "values": {k: float(v[i]) for k, v in values.items() if not np.isnan(v[i])}}
+        r = {
+            "seq": start_seq + i,
+            "ts": ts0 + i * dt,
+            "name": names[i] if names else "step",
+            "phase": phase,
+            "values": {k: float(v[i]) for k, v in values.items() if not np.isnan(v[i])},
+        }
         if success is not None:
             r["success"] = bool(success[i])
         rows.append(r)
@@ -56,6 +61,7 @@ def batch(values, start_seq=0, ts0=T0, dt=1000, names=None, success=None, phase=
 
 
 # --- StreamingMetrics -------------------------------------------------------------------------
+
 
 def test_streaming_metrics_whole_run_and_windows():
     now = [T0 / S + 3600]
@@ -65,8 +71,17 @@ def test_streaming_metrics_whole_run_and_windows():
     new = rng.normal(10, 1, 5000)
     # the old values are 30 minutes old, the new ones within the last minute
     sm.tell_bytes(encode(batch({"latency_ms": old}, ts0=T0 + 1800 * S, dt=10)))
-    sm.tell_bytes(encode(batch({"latency_ms": new, "cost_usd": np.full(5000, 0.01)}, start_seq=5000,
-                               ts0=T0 + 3570 * S, dt=10, success=np.arange(5000) % 100 != 0)))
+    sm.tell_bytes(
+        encode(
+            batch(
+                {"latency_ms": new, "cost_usd": np.full(5000, 0.01)},
+                start_seq=5000,
+                ts0=T0 + 3570 * S,
+                dt=10,
+                success=np.arange(5000) % 100 != 0,
+            )
+        )
+    )
     snap = get_streaming_metrics(sm)
     both = np.r_[old, new]
     f = snap["fields"]["latency_ms"]
@@ -111,6 +126,7 @@ def test_streaming_metrics_rejects_bad_settings():
 
 
 # --- Sampler ------------------------------------------------------------------------------------
+
 
 def run_sampler(strategy, config, batches, seed=7):
     sink = Sink.start()
@@ -169,7 +185,7 @@ def test_importance_keeps_the_tail():
     rng = np.random.default_rng(3)
     x = rng.normal(0, 1, 50_000)
     x[40_000] = 50.0
-    bs = [batch({"lat": x[i:i + 1000]}, start_seq=i) for i in range(0, 50_000, 1000)]
+    bs = [batch({"lat": x[i : i + 1000]}, start_seq=i) for i in range(0, 50_000, 1000)]
     _counts, rows = run_sampler("importance", {"field": "lat", "quantile": 0.99, "base_rate": 0.0}, bs)
     assert 40_000 in rows
     assert len(rows) < 2500
@@ -182,17 +198,23 @@ def test_adaptive_rate_follows_anomaly_flags():
     assert rows == list(range(1000, 1101))  # the flagged event and the cooldown after it
 
 
-@pytest.mark.parametrize(("strategy", "cfg", "match"), [
-    ("sometimes", {}, "unknown sampling_strategy"), ("uniform", {"rate": 1.5}, r"rate must be a rate in \[0, 1\]"),
-    ("reservoir", {"k": 0}, "k must be an int > 0"), ("uniform", {"rate": 0.5, "colour": 1}, "unknown sampling_config"),
-    ("stratified", {"rates": {}}, "rates"),
-])
+@pytest.mark.parametrize(
+    ("strategy", "cfg", "match"),
+    [
+        ("sometimes", {}, "unknown sampling_strategy"),
+        ("uniform", {"rate": 1.5}, r"rate must be a rate in \[0, 1\]"),
+        ("reservoir", {"k": 0}, "k must be an int > 0"),
+        ("uniform", {"rate": 0.5, "colour": 1}, "unknown sampling_config"),
+        ("stratified", {"rates": {}}, "rates"),
+    ],
+)
 def test_bad_sampling_config(strategy, cfg, match):
     with pytest.raises(ValueError, match=match):
         check_sampling(strategy, cfg)
 
 
 # --- AnomalyDetection ---------------------------------------------------------------------------------
+
 
 def injected(n=20_000, every=997, seed=5):
     rng = np.random.default_rng(seed)
@@ -208,7 +230,7 @@ def test_detection_recall_and_false_positive_rate(method):
     sink = Sink.start()
     ad = AnomalyDetection.start("exp", sink, methods=[method], metrics=["lat"])
     for i in range(0, x.size, 1000):
-        ad.tell_bytes(encode(batch({"lat": x[i:i + 1000]}, start_seq=i, ts0=T0 + i * 1000)))
+        ad.tell_bytes(encode(batch({"lat": x[i : i + 1000]}, start_seq=i, ts0=T0 + i * 1000)))
     flagged = set(i for i in (a["seq"] for a in get_anomalies(ad)))
     recall = len(flagged & truth) / len(truth)
     fpr = len(flagged - truth) / (x.size - len(truth))
@@ -227,10 +249,15 @@ def test_isolation_forest_multivariate():
     X = rng.normal(0, 1, (6000, 3))
     X[3000] = [3.2, 3.2, 3.2]
     X[4500] = [-3.2, 3.2, -3.2]  # jointly far out: rare in every direction at once
-    ad = AnomalyDetection.start("exp", methods=["isolation_forest"], metrics=["a", "b", "c"],
-                                threshold={"isolation_forest": 0.005}, refit_every=1000)
+    ad = AnomalyDetection.start(
+        "exp",
+        methods=["isolation_forest"],
+        metrics=["a", "b", "c"],
+        threshold={"isolation_forest": 0.005},
+        refit_every=1000,
+    )
     for i in range(0, 6000, 500):
-        cols = {k: X[i:i + 500, j] for j, k in enumerate("abc")}
+        cols = {k: X[i : i + 500, j] for j, k in enumerate("abc")}
         ad.tell_bytes(encode(batch(cols, start_seq=i)))
     flagged = {x["seq"] for x in get_anomalies(ad)}
     assert {3000, 4500} <= flagged
@@ -257,7 +284,7 @@ def test_anomaly_topic_and_sample_more_action():
     ad = AnomalyDetection.start("exp", samp, topics, methods=["z_score"], action="sample_more")
     x, truth = injected(5000)
     for i in range(0, 5000, 500):
-        ad.tell_bytes(encode(batch({"lat": x[i:i + 500]}, start_seq=i)))
+        ad.tell_bytes(encode(batch({"lat": x[i : i + 500]}, start_seq=i)))
     assert got.wait(5)
     flagged = {a["seq"] for a in get_anomalies(ad)}  # the detector has forwarded every batch
     samp.ask({"kind": "counts"})  # and the sampler has passed on what it kept
@@ -268,9 +295,15 @@ def test_anomaly_topic_and_sample_more_action():
         r.stop()
 
 
-@pytest.mark.parametrize(("kw", "match"), [({"methods": ["magic"]}, "unknown anomaly method"),
-                                           ({"action": "panic"}, "unknown anomaly action"),
-                                           ({"threshold": -1}, "threshold"), ({"window": 2}, "window")])
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"methods": ["magic"]}, "unknown anomaly method"),
+        ({"action": "panic"}, "unknown anomaly action"),
+        ({"threshold": -1}, "threshold"),
+        ({"window": 2}, "window"),
+    ],
+)
 def test_bad_anomaly_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         AnomalyDetection("exp", **kw)

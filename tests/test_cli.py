@@ -82,6 +82,7 @@ def test_color_command_reports_a_checked_colouring(tmp_path, capsys):
 
 # --- user errors: one line on stderr, exit 2 -----------------------------------------------------------
 
+
 def _usage_error(argv, capsys):
     """Run the CLI; assert it refused with exit 2 and exactly one line on stderr; return the line."""
     import pytest
@@ -98,31 +99,41 @@ def _usage_error(argv, capsys):
 LATENCY = "experiments/latency.toml"
 
 
-@pytest.mark.parametrize(("argv", "says"), [
-    (["color", "DSJC125.1", "--time-limit", "nan"], "argument --time-limit: must be a finite number in [0.001, "),
-    (["color", "DSJC125.1", "--time-limit", "inf"], "argument --time-limit: must be a finite number"),
-    (["color", "DSJC125.1", "--time-limit", "-1"], "argument --time-limit: must be a finite number"),
-    (["color", "DSJC125.1", "--passes", "-1"], "argument --passes: must be an integer in [1, 1000], got '-1'"),
-    (["color", "DSJC125.1", "--seed", "99999999999999999999"], "argument --seed: must be an integer in [0, "),
-    (["color", "DSJC125.1", "--target", "0"], "argument --target: must be an integer in [1, "),
-    (["tune", LATENCY, "--trials", "-3"], "argument --trials: must be an integer in [1, 10000]"),
-    (["tune", LATENCY, "--budget", "nan"], "argument --budget: must be a finite number"),
-    (["ab", LATENCY, "--runs", "-2"], "argument --runs: must be an integer in [2, 1000]"),
-    (["demo", "--seconds", "-1"], "argument --seconds: must be a finite number in [0.1, 3600]"),
-    (["run", LATENCY, "--dashboard", "--dash-port", "99999"], "argument --dash-port: must be an integer in [0, 65535]"),
-    (["--log-level", "noisy", "demo"], "argument --log-level: invalid choice"),
-    (["run", LATENCY, "--set", "time_budget_s=nan"], "time_budget_s: must be a finite number in [0.001, 31_536_000]"),
-    (["run", LATENCY, "--set", "seed=99999999999999999999"], "seed: must be <= 4_294_967_295"),
-    (["run", LATENCY, "--set", "metrics.compression=nan"], "metrics.compression: must be a finite number in [10, "),
-    (["run", LATENCY, "--set", "anomaly.window=9223372036854775807"], "anomaly.window: must be <= 1_000_000"),
-    (["run", LATENCY, "--set", "telemetry.flush_interval_s=nan"], "telemetry.flush_interval_s: must be a finite"),
-    (["run", LATENCY, "--set", "metadata.when=-inf"], "metadata.when: must be a finite number, got -inf"),
-    (["run", LATENCY, "--set", "workload.params.timeout_s=inf"], "must be a finite number"),
-    (["set", LATENCY, "seed=nan"], "seed: must be an integer in [0, 4_294_967_295], got nan"),
-])
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["color", "DSJC125.1", "--time-limit", "nan"], "argument --time-limit: must be a finite number in [0.001, "),
+        (["color", "DSJC125.1", "--time-limit", "inf"], "argument --time-limit: must be a finite number"),
+        (["color", "DSJC125.1", "--time-limit", "-1"], "argument --time-limit: must be a finite number"),
+        (["color", "DSJC125.1", "--passes", "-1"], "argument --passes: must be an integer in [1, 1000], got '-1'"),
+        (["color", "DSJC125.1", "--seed", "99999999999999999999"], "argument --seed: must be an integer in [0, "),
+        (["color", "DSJC125.1", "--target", "0"], "argument --target: must be an integer in [1, "),
+        (["tune", LATENCY, "--trials", "-3"], "argument --trials: must be an integer in [1, 10000]"),
+        (["tune", LATENCY, "--budget", "nan"], "argument --budget: must be a finite number"),
+        (["ab", LATENCY, "--runs", "-2"], "argument --runs: must be an integer in [2, 1000]"),
+        (["demo", "--seconds", "-1"], "argument --seconds: must be a finite number in [0.1, 3600]"),
+        (
+            ["run", LATENCY, "--dashboard", "--dash-port", "99999"],
+            "argument --dash-port: must be an integer in [0, 65535]",
+        ),
+        (["--log-level", "noisy", "demo"], "argument --log-level: invalid choice"),
+        (
+            ["run", LATENCY, "--set", "time_budget_s=nan"],
+            "time_budget_s: must be a finite number in [0.001, 31_536_000]",
+        ),
+        (["run", LATENCY, "--set", "seed=99999999999999999999"], "seed: must be <= 4_294_967_295"),
+        (["run", LATENCY, "--set", "metrics.compression=nan"], "metrics.compression: must be a finite number in [10, "),
+        (["run", LATENCY, "--set", "anomaly.window=9223372036854775807"], "anomaly.window: must be <= 1_000_000"),
+        (["run", LATENCY, "--set", "telemetry.flush_interval_s=nan"], "telemetry.flush_interval_s: must be a finite"),
+        (["run", LATENCY, "--set", "metadata.when=-inf"], "metadata.when: must be a finite number, got -inf"),
+        (["run", LATENCY, "--set", "workload.params.timeout_s=inf"], "must be a finite number"),
+        (["set", LATENCY, "seed=nan"], "seed: must be an integer in [0, 4_294_967_295], got nan"),
+    ],
+)
 def test_numbers_must_be_finite_and_in_range(tmp_path, capsys, argv, says):
-    err = _usage_error([*argv, *(["--artifacts", str(tmp_path / "art")] if argv[0] in ("run", "color") else [])],
-                       capsys)
+    err = _usage_error(
+        [*argv, *(["--artifacts", str(tmp_path / "art")] if argv[0] in ("run", "color") else [])], capsys
+    )
     assert says in err
 
 
@@ -130,19 +141,23 @@ def test_bad_files_and_graphs_are_usage_errors(tmp_path, capsys):
     art = str(tmp_path / "art")
     spec = tmp_path / "latin1.toml"
     spec.write_bytes(b'name = "caf\xe9"\n')
-    assert "the spec is not UTF-8 text (byte 0xe9 at offset 11)" in _usage_error(["run", str(spec), "--artifacts", art],
-                                                                                  capsys)
+    assert "the spec is not UTF-8 text (byte 0xe9 at offset 11)" in _usage_error(
+        ["run", str(spec), "--artifacts", art], capsys
+    )
     assert "not UTF-8" in _usage_error(["set", str(spec), "seed=1"], capsys)
     col = tmp_path / "g.col"
     col.write_bytes(b"p edge 3 1\ne 1 \xff\n")
     assert "g.col:2: vertex ids must be integers" in _usage_error(["color", str(col), "--artifacts", art], capsys)
     col.write_bytes(b"p edge 2147483648 1\ne 1 2\n")
     assert "g.col:1: N (vertices) must be <= 100_000" in _usage_error(["color", str(col), "--artifacts", art], capsys)
-    assert "is not a shipped instance; shipped: DSJC1000.5" in _usage_error(["color", "DSJC9", "--artifacts", art],
-                                                                            capsys)
+    assert "is not a shipped instance; shipped: DSJC1000.5" in _usage_error(
+        ["color", "DSJC9", "--artifacts", art], capsys
+    )
     gen = tmp_path / "gen.toml"
-    gen.write_text('name = "g"\ntime_budget_s = 1\n[workload]\nname = "coloring"\n'
-                   '[workload.params]\ngraph = { generator = "gnp", n = -5 }\n')
+    gen.write_text(
+        'name = "g"\ntime_budget_s = 1\n[workload]\nname = "coloring"\n'
+        '[workload.params]\ngraph = { generator = "gnp", n = -5 }\n'
+    )
     assert "gnp: n must be >= 1, got -5" in _usage_error(["run", str(gen), "--artifacts", art, "--no-live"], capsys)
 
 
@@ -153,8 +168,9 @@ def test_unwritable_places_and_busy_ports_are_usage_errors(tmp_path, capsys, mon
     blocker.write_text("")
     assert "artifacts folder" in _usage_error(["run", LATENCY, "--artifacts", str(blocker / "art")], capsys)
     art = str(tmp_path / "art")
-    assert "--json-summary" in _usage_error(["run", LATENCY, "--artifacts", art, "--json-summary",
-                                             str(tmp_path / "missing" / "s.json")], capsys)
+    assert "--json-summary" in _usage_error(
+        ["run", LATENCY, "--artifacts", art, "--json-summary", str(tmp_path / "missing" / "s.json")], capsys
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -163,7 +179,8 @@ def test_unwritable_places_and_busy_ports_are_usage_errors(tmp_path, capsys, mon
     assert f"dashboard cannot listen on 127.0.0.1:{port}" in err
     monkeypatch.setenv("CRUCIBLE_DASH_PORT", "99999")
     assert "CRUCIBLE_DASH_PORT must be an integer in [0, 65535]" in _usage_error(
-        ["run", LATENCY, "--artifacts", art, "--dashboard"], capsys)
+        ["run", LATENCY, "--artifacts", art, "--dashboard"], capsys
+    )
 
 
 def test_set_on_a_spec_that_cannot_be_written(tmp_path, capsys, monkeypatch):
@@ -211,8 +228,9 @@ def test_a_malformed_alert_is_a_usage_error(tmp_path, capsys):
     run.mkdir(parents=True)
     (run / "events.jsonl").write_text('{"v":1,"seq":0,"ts":1,"name":"step","values":{"conflicts":3}}\n')
     for bad in ("conflicts>1.2.3", "conflicts>.", "conflicts >> 3"):
-        assert "bad alert" in _usage_error(["monitor", "--latest", "--no-wait", "--artifacts", str(tmp_path / "art"),
-                                            "--alert", bad], capsys)
+        assert "bad alert" in _usage_error(
+            ["monitor", "--latest", "--no-wait", "--artifacts", str(tmp_path / "art"), "--alert", bad], capsys
+        )
 
 
 def test_instances_lists_the_shipped_graphs(capsys, monkeypatch):
@@ -222,8 +240,14 @@ def test_instances_lists_the_shipped_graphs(capsys, monkeypatch):
 
     assert main(["instances", "--json"]) == 0
     rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert rows["DSJC250.5"] == {"name": "DSJC250.5", "vertices": 250, "edges": 15668, "best_known": 28,
-                                 "density": round(2 * 15668 / (250 * 249), 4), "proved_optimal": False}
+    assert rows["DSJC250.5"] == {
+        "name": "DSJC250.5",
+        "vertices": 250,
+        "edges": 15668,
+        "best_known": 28,
+        "density": round(2 * 15668 / (250 * 249), 4),
+        "proved_optimal": False,
+    }
     assert rows["queen8_8"]["edges"] == 728 and rows["queen8_8"]["proved_optimal"] is True
     assert len(rows) >= 15
     monkeypatch.setattr(catalog, "instance_names", lambda: ["le450_15c", "myciel5"])  # the table, quickly
@@ -238,8 +262,10 @@ def test_a_run_stopped_by_a_storage_failure_exits_1(tmp_path, capsys, monkeypatc
 
     failing_insert(monkeypatch, 3, ENOSPC)
     spec = tmp_path / "s.toml"
-    spec.write_text('name = "full"\ntime_budget_s = 60\n[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
-                    "calls_per_step = 50\n[telemetry]\nbatch_size = 32\n")
+    spec.write_text(
+        'name = "full"\ntime_budget_s = 60\n[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
+        "calls_per_step = 50\n[telemetry]\nbatch_size = 32\n"
+    )
     summary = tmp_path / "summary.json"
     rc = main(["run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live", "--json-summary", str(summary)])
     import json
@@ -249,15 +275,18 @@ def test_a_run_stopped_by_a_storage_failure_exits_1(tmp_path, capsys, monkeypatc
     assert rc == 1
 
 
-@pytest.mark.parametrize(("summary", "failed"), [
-    ({"reason": "completed"}, False),
-    ({"reason": "budget", "storage_error": None}, False),
-    ({"reason": None}, False),
-    ({}, False),
-    ({"reason": "failed: over the restart intensity"}, True),
-    ({"reason": "storage: [Errno 28] No space left on device", "storage_error": "storage: [Errno 28] ..."}, True),
-    ({"reason": "budget", "storage_error": "storage: disk I/O error"}, True),  # failed while the tree drained
-])
+@pytest.mark.parametrize(
+    ("summary", "failed"),
+    [
+        ({"reason": "completed"}, False),
+        ({"reason": "budget", "storage_error": None}, False),
+        ({"reason": None}, False),
+        ({}, False),
+        ({"reason": "failed: over the restart intensity"}, True),
+        ({"reason": "storage: [Errno 28] No space left on device", "storage_error": "storage: [Errno 28] ..."}, True),
+        ({"reason": "budget", "storage_error": "storage: disk I/O error"}, True),  # failed while the tree drained
+    ],
+)
 def test_which_run_endings_are_failures(summary, failed):
     from experiments.cli import run_failed
 

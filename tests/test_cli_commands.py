@@ -18,12 +18,16 @@ import pytest
 from supervisor import main
 from telemetry.jsonl import iter_run
 
-LATENCY = ('name = "lat"\ntime_budget_s = {budget}\nseed = {seed}\n[workload.params]\ntarget = "math:sqrt"\n'
-           'args = [2.0]\ncalls_per_step = 20\ncalls = {calls}\n[metrics]\npublish_interval_s = 0.1\n')
-COLORING = ('name = "col"\ntime_budget_s = 0.4\nseed = 1\n[workload]\nname = "coloring"\n[workload.params]\n'
-            'graph = {{ generator = "gnp", n = 40, p = 0.5, seed = 2 }}\nphases = ["tabu", "memetic"]\ngpu = "cpu"\n'
-            '[workload.params.tabu]\niters_per_step = 2000\n[workload.params.memetic]\npopulation = 4\n'
-            'local_iters = 500\n{extra}')
+LATENCY = (
+    'name = "lat"\ntime_budget_s = {budget}\nseed = {seed}\n[workload.params]\ntarget = "math:sqrt"\n'
+    "args = [2.0]\ncalls_per_step = 20\ncalls = {calls}\n[metrics]\npublish_interval_s = 0.1\n"
+)
+COLORING = (
+    'name = "col"\ntime_budget_s = 0.4\nseed = 1\n[workload]\nname = "coloring"\n[workload.params]\n'
+    'graph = {{ generator = "gnp", n = 40, p = 0.5, seed = 2 }}\nphases = ["tabu", "memetic"]\ngpu = "cpu"\n'
+    "[workload.params.tabu]\niters_per_step = 2000\n[workload.params.memetic]\npopulation = 4\n"
+    "local_iters = 500\n{extra}"
+)
 
 
 def run_cli(capsys, *argv: str, code: int = 0) -> str:
@@ -56,6 +60,7 @@ def runs(tmp_path_factory):
 
 # --- run ----------------------------------------------------------------------------------------------
 
+
 def test_run_shows_live_progress_on_a_terminal_and_writes_a_json_summary(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich takes stdout for a terminal: the live panel is drawn
     spec = tmp_path / "s.toml"
@@ -72,8 +77,16 @@ def test_run_shows_live_progress_on_a_terminal_and_writes_a_json_summary(tmp_pat
 def test_run_refuses_an_unwritable_json_summary_before_it_starts(tmp_path, capsys):
     spec = tmp_path / "s.toml"
     spec.write_text(LATENCY.format(budget=0.2, seed=1, calls=0))
-    err = usage_error(capsys, "run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live",
-                      "--json-summary", str(tmp_path / "missing" / "s.json"))
+    err = usage_error(
+        capsys,
+        "run",
+        str(spec),
+        "--artifacts",
+        str(tmp_path / "art"),
+        "--no-live",
+        "--json-summary",
+        str(tmp_path / "missing" / "s.json"),
+    )
     assert "--json-summary" in err and "cannot write there" in err
     assert not (tmp_path / "art").exists()  # refused before anything ran
 
@@ -97,6 +110,7 @@ def test_run_of_a_spec_the_workload_refuses_is_a_usage_error(tmp_path, capsys):
 
 
 # --- list, export, compare ----------------------------------------------------------------------------
+
 
 def test_export_in_every_format_counts_what_it_wrote(runs, tmp_path, capsys):
     art, dirs = runs
@@ -125,11 +139,13 @@ def test_compare_prints_a_table_and_refuses_a_metric_without_values(runs, capsys
 
 # --- monitor ------------------------------------------------------------------------------------------
 
+
 def test_monitor_tails_a_finished_run_with_filters_and_alerts(runs, capsys):
     art, dirs = runs
     calls = sum(1 for e in iter_run(dirs[0]) if e["name"] == "call")
-    out = run_cli(capsys, "monitor", dirs[0].name, "--artifacts", str(art), "--name", "call",
-                  "--alert", "latency_ms>=0")
+    out = run_cli(
+        capsys, "monitor", dirs[0].name, "--artifacts", str(art), "--name", "call", "--alert", "latency_ms>=0"
+    )
     assert out.count("ALERT latency_ms>=0") == calls  # every call fires the alert, nothing else is shown
     out = run_cli(capsys, "monitor", "--latest", "--artifacts", str(art), "--no-wait", "--phase", "no-such-phase")
     assert out.strip() == ""
@@ -161,6 +177,7 @@ def test_monitor_usage_errors(runs, tmp_path, capsys):
 
 # --- set, get, show -------------------------------------------------------------------------------------
 
+
 def test_set_get_show_round_trip(tmp_path, capsys):
     spec = tmp_path / "s.toml"
     spec.write_text("# my experiment\n" + LATENCY.format(budget=5, seed=1, calls=0))
@@ -168,7 +185,7 @@ def test_set_get_show_round_trip(tmp_path, capsys):
     assert "set time_budget_s=2.5, workload.params.calls_per_step=7" in out
     assert spec.read_text().startswith("# my experiment\n")  # comments and layout kept
     assert run_cli(capsys, "get", str(spec), "time_budget_s").strip() == "2.5"
-    assert json.loads(run_cli(capsys, "get", str(spec), "workload.params")) ["calls_per_step"] == 7
+    assert json.loads(run_cli(capsys, "get", str(spec), "workload.params"))["calls_per_step"] == 7
     assert run_cli(capsys, "get", str(spec), "workload.params.target").strip() == "math:sqrt"  # a string, bare
     shown = run_cli(capsys, "show", str(spec))
     assert "time_budget_s = 2.5" in shown and "[telemetry]" in shown  # defaults filled in
@@ -180,9 +197,23 @@ def test_set_get_show_round_trip(tmp_path, capsys):
 
 # --- color, tune, ab -------------------------------------------------------------------------------------
 
+
 def test_color_prints_a_table_with_passes(tmp_path, capsys):
-    out = run_cli(capsys, "color", "myciel5", "--time-limit", "0.6", "--passes", "2", "--phases", "tabu",
-                  "--gpu", "cpu", "--artifacts", str(tmp_path / "art"))
+    out = run_cli(
+        capsys,
+        "color",
+        "myciel5",
+        "--time-limit",
+        "0.6",
+        "--passes",
+        "2",
+        "--phases",
+        "tabu",
+        "--gpu",
+        "cpu",
+        "--artifacts",
+        str(tmp_path / "art"),
+    )
     assert "colouring of myciel5 (47 vertices" in out and "proper" in out and "True" in out
 
 
@@ -190,15 +221,49 @@ def test_tune_proposes_parameters_after_learning_from_a_prior_run(runs, tmp_path
     _, dirs = runs
     spec = tmp_path / "t.toml"
     spec.write_text(LATENCY.format(budget=0.15, seed=1, calls=0))
-    out = run_cli(capsys, "tune", str(spec), "--trials", "2", "--budget", "0.15", "--objective", "latency_ms",
-                  "--seed-from", str(dirs[0]), "--artifacts", str(tmp_path / "art"))
+    out = run_cli(
+        capsys,
+        "tune",
+        str(spec),
+        "--trials",
+        "2",
+        "--budget",
+        "0.15",
+        "--objective",
+        "latency_ms",
+        "--seed-from",
+        str(dirs[0]),
+        "--artifacts",
+        str(tmp_path / "art"),
+    )
     assert "learned from 1 prior run(s) and 2 trial(s)" in out and "workload.params.calls_per_step=" in out
     assert out.count("trial ") == 2
-    res = json.loads(run_cli(capsys, "tune", str(spec), "--trials", "1", "--objective", "latency_ms", "--json",
-                             "--artifacts", str(tmp_path / "art")))
+    res = json.loads(
+        run_cli(
+            capsys,
+            "tune",
+            str(spec),
+            "--trials",
+            "1",
+            "--objective",
+            "latency_ms",
+            "--json",
+            "--artifacts",
+            str(tmp_path / "art"),
+        )
+    )
     assert len(res["trials"]) == 1 and res["proposal"]
-    err = usage_error(capsys, "tune", str(spec), "--trials", "1", "--set", "workload.params.calls=-1",
-                      "--artifacts", str(tmp_path / "art"))
+    err = usage_error(
+        capsys,
+        "tune",
+        str(spec),
+        "--trials",
+        "1",
+        "--set",
+        "workload.params.calls=-1",
+        "--artifacts",
+        str(tmp_path / "art"),
+    )
     assert "calls" in err
 
 
@@ -209,8 +274,11 @@ def test_ab_runs_both_arms_and_reports_the_statistics(tmp_path, capsys):
     out = " ".join(run_cli(capsys, "ab", str(spec), "--runs", "2", "--budget", "0.3", "--artifacts", art).split())
     assert "hypertune A/B: 2 runs per arm" in out and "final_colors: Mann-Whitney p =" in out
     assert out.count("hypertune on seed") == 2 and out.count("hypertune off seed") == 2
-    rep = json.loads(run_cli(capsys, "ab", str(spec), "--runs", "2", "--budget", "0.2", "--target", "50",
-                             "--json", "--artifacts", art))
+    rep = json.loads(
+        run_cli(
+            capsys, "ab", str(spec), "--runs", "2", "--budget", "0.2", "--target", "50", "--json", "--artifacts", art
+        )
+    )
     assert rep["target"] == 50 and rep["arms"]["on"]["runs"] == rep["arms"]["off"]["runs"] == 2
     assert rep["arms"]["on"]["reached_target"] == 2  # any proper colouring of 40 vertices has <= 40 colours
     assert "runs" not in rep
@@ -221,8 +289,17 @@ def test_summary_table_lists_restarts(tmp_path):
 
     from experiments.cli import summary_table
 
-    s = orjson.loads(orjson.dumps({"experiment_id": "e", "run_id": "r", "status": "stopped", "restarts": {"phase": 2},
-                                   "phases": {"tabu": {"events": 3, "duration_s": 1.0, "best": {"conflicts": 0.0}}}}))
+    s = orjson.loads(
+        orjson.dumps(
+            {
+                "experiment_id": "e",
+                "run_id": "r",
+                "status": "stopped",
+                "restarts": {"phase": 2},
+                "phases": {"tabu": {"events": 3, "duration_s": 1.0, "best": {"conflicts": 0.0}}},
+            }
+        )
+    )
     console = Console(record=True, width=200)
     console.print(summary_table(s))
     text = console.export_text()

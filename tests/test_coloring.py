@@ -26,6 +26,7 @@ from kernels.replicas_xp import build_gamma_xp, conflicts_xp, dense_adjacency, s
 
 # --- graphs ----------------------------------------------------------------------------------------
 
+
 def test_reads_the_shipped_instances():
     q = read_dimacs(instance_path("queen8_8"))
     assert (q.n, q.m, q.meta["edge_lines"]) == (64, 728, 1456)  # every edge listed twice, de-duplicated
@@ -34,16 +35,19 @@ def test_reads_the_shipped_instances():
     assert all((np.diff(g.neighbors(v)) > 0).all() for v in range(g.n))  # sorted, unique
 
 
-@pytest.mark.parametrize(("text", "match"), [
-    ("p edge 3 1\ne 1 1\n", r"bad\.col:2: self-loop"),
-    ("p edge 3 1\ne 1 4\n", r"bad\.col:2: vertex id out of range 1\.\.3"),
-    ("c hi\ne 1 2\np edge 3 1\n", r"bad\.col:2: edge before"),
-    ("p edge x 1\n", r"bad\.col:1: N and M must be integers"),
-    ("p edge 3\n", r"bad\.col:1: expected 'p edge N M'"),
-    ("p edge 3 1\ne 1 two\n", r"bad\.col:2: vertex ids must be integers"),
-    ("c only comments\n", r"no 'p edge N M' line"),
-    ("p edge 3 1\nq 1 2\n", r"bad\.col:2: unknown line type 'q'"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("p edge 3 1\ne 1 1\n", r"bad\.col:2: self-loop"),
+        ("p edge 3 1\ne 1 4\n", r"bad\.col:2: vertex id out of range 1\.\.3"),
+        ("c hi\ne 1 2\np edge 3 1\n", r"bad\.col:2: edge before"),
+        ("p edge x 1\n", r"bad\.col:1: N and M must be integers"),
+        ("p edge 3\n", r"bad\.col:1: expected 'p edge N M'"),
+        ("p edge 3 1\ne 1 two\n", r"bad\.col:2: vertex ids must be integers"),
+        ("c only comments\n", r"no 'p edge N M' line"),
+        ("p edge 3 1\nq 1 2\n", r"bad\.col:2: unknown line type 'q'"),
+    ],
+)
 def test_bad_files_name_file_and_line(tmp_path, text, match):
     p = tmp_path / "bad.col"
     p.write_text(text)
@@ -95,8 +99,10 @@ def ref_dsatur(g):
     colors = [-1] * g.n
     deg = g.degrees()
     for _ in range(g.n):
+
         def key(v):
             return (len({colors[u] for u in g.neighbors(v) if colors[u] >= 0}), deg[v], -v)
+
         v = max((v for v in range(g.n) if colors[v] < 0), key=key)
         used = {colors[u] for u in g.neighbors(v) if colors[u] >= 0}
         colors[v] = next(c for c in range(g.n + 1) if c not in used)
@@ -231,6 +237,7 @@ def test_cpu_can_be_requested():
 
 # --- strategies and the workload ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_initial_strategy_is_proper(strategy):
     g = read_dimacs(instance_path("DSJC125.5"))
@@ -265,8 +272,14 @@ def run_workload(params, steps=10_000, seed=1):
 
 
 def test_pipeline_reaches_a_proper_k_and_records_the_plan_fields():
-    w, em = run_workload({"graph": {"file": str(instance_path("DSJC125.5"))}, "target": 18,
-                          "phases": ["thermo", "tabu", "memetic"], "thermo": {"max_steps": 5}})
+    w, em = run_workload(
+        {
+            "graph": {"file": str(instance_path("DSJC125.5"))},
+            "target": 18,
+            "phases": ["thermo", "tabu", "memetic"],
+            "thermo": {"max_steps": 5},
+        }
+    )
     assert w.best_k <= 18
     assert check_coloring(w.g, w.best)["proper"] and check_coloring(w.g, w.best)["k"] == w.best_k
     init = next(e for e in em.events if e["name"] == "init")
@@ -280,9 +293,14 @@ def test_pipeline_reaches_a_proper_k_and_records_the_plan_fields():
 
 
 def test_iterative_passes_are_non_increasing_and_saved(tmp_path):
-    p = ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 60, "p": 0.5, "seed": 3},
-                                       "phases": ["tabu"], "tabu": {"max_iters_per_k": 3000},
-                                       "iterative": {"enabled": True, "max_passes": 3}})
+    p = ColoringWorkload.check_params(
+        {
+            "graph": {"generator": "gnp", "n": 60, "p": 0.5, "seed": 3},
+            "phases": ["tabu"],
+            "tabu": {"max_iters_per_k": 3000},
+            "iterative": {"enabled": True, "max_passes": 3},
+        }
+    )
     w = ColoringWorkload(p, 2)
     w.run_dir = tmp_path
     em = Recorded()
@@ -307,10 +325,14 @@ def test_iterative_passes_are_non_increasing_and_saved(tmp_path):
 
 def test_a_pass_that_stalls_ends_and_the_next_starts_perturbed(tmp_path):
     clock = [0.0]
-    p = ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 4},
-                                       "phases": ["tabu"], "tabu": {"iters_per_step": 200},
-                                       "iterative": {"enabled": True, "max_passes": 2, "stall_s": 5.0,
-                                                     "perturb": 0.2}})
+    p = ColoringWorkload.check_params(
+        {
+            "graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 4},
+            "phases": ["tabu"],
+            "tabu": {"iters_per_step": 200},
+            "iterative": {"enabled": True, "max_passes": 2, "stall_s": 5.0, "perturb": 0.2},
+        }
+    )
     w = ColoringWorkload(p, 1, clock=lambda: clock[0])  # the stall rule reads this clock: the test drives it
     w.run_dir = tmp_path
     em = Recorded()
@@ -326,13 +348,20 @@ def test_a_pass_that_stalls_ends_and_the_next_starts_perturbed(tmp_path):
     base = next(e for e in em.events if e["name"] == "phase_start" and e["pass"] == 1)
     assert "20% of its vertices recoloured" in base["notes"]
     assert sorted(f.name for f in tmp_path.glob("best_solution.pass*.json")) == [
-        "best_solution.pass0.json", "best_solution.pass1.json"]
+        "best_solution.pass0.json",
+        "best_solution.pass1.json",
+    ]
 
 
 def test_a_pass_cut_short_by_the_budget_is_saved_once(tmp_path):
-    p = ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 4},
-                                       "phases": ["tabu"], "tabu": {"iters_per_step": 200},
-                                       "iterative": {"enabled": True, "max_passes": 3}})
+    p = ColoringWorkload.check_params(
+        {
+            "graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 4},
+            "phases": ["tabu"],
+            "tabu": {"iters_per_step": 200},
+            "iterative": {"enabled": True, "max_passes": 3},
+        }
+    )
     w = ColoringWorkload(p, 1)
     w.run_dir = tmp_path
     em = Recorded()
@@ -351,10 +380,20 @@ def test_a_pass_cut_short_by_the_budget_is_saved_once(tmp_path):
 def test_the_lab_saves_the_pass_under_way_when_the_budget_ends(tmp_path):
     from supervisor import Lab
 
-    spec = {"name": "cut", "time_budget_s": 1.0, "seed": 1,
-            "workload": {"name": "coloring", "params": {
-                "graph": {"generator": "gnp", "n": 120, "p": 0.5, "seed": 2}, "phases": ["tabu"],
-                "tabu": {"iters_per_step": 2000}, "iterative": {"enabled": True, "max_passes": 3}}}}
+    spec = {
+        "name": "cut",
+        "time_budget_s": 1.0,
+        "seed": 1,
+        "workload": {
+            "name": "coloring",
+            "params": {
+                "graph": {"generator": "gnp", "n": 120, "p": 0.5, "seed": 2},
+                "phases": ["tabu"],
+                "tabu": {"iters_per_step": 2000},
+                "iterative": {"enabled": True, "max_passes": 3},
+            },
+        },
+    }
     with Lab(tmp_path / "art") as lab:
         exp = lab.start_experiment(spec)
         assert exp.wait(60) and exp.reason == "budget"
@@ -373,12 +412,18 @@ def test_control_hooks_apply_or_refuse():
             w.set_param(key, value)
 
 
-@pytest.mark.parametrize(("params", "match"), [
-    ({"graph": {"generator": "lattice"}}, "generator"), ({"init": {"strategy": "magic"}}, "init.strategy"),
-    ({"phases": ["thermo", "nap"]}, "phases"), ({"tabu": {"tenure_alpha": -1}}, r"tabu\.tenure_alpha"),
-    ({"target": -2}, "target"), ({"colour": 1}, "unknown colouring parameter"),
-    ({"graph": {"file": "/no/such.col"}}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"graph": {"generator": "lattice"}}, "generator"),
+        ({"init": {"strategy": "magic"}}, "init.strategy"),
+        ({"phases": ["thermo", "nap"]}, "phases"),
+        ({"tabu": {"tenure_alpha": -1}}, r"tabu\.tenure_alpha"),
+        ({"target": -2}, "target"),
+        ({"colour": 1}, "unknown colouring parameter"),
+        ({"graph": {"file": "/no/such.col"}}, "does not exist"),
+    ],
+)
 def test_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         ColoringWorkload.check_params(params)
@@ -387,10 +432,19 @@ def test_bad_parameters(params, match):
 @pytest.mark.parametrize("phase", ["thermo", "tabu", "memetic", "population"])
 def test_a_bipartite_graph_ends_at_two_colours_in_every_phase(phase):
     # two colours found, the next target would be one: no phase may try it (it used to crash)
-    w, _ = run_workload({"graph": {"generator": "planted", "n": 30, "k": 2, "p": 0.3, "seed": 1}, "phases": [phase],
-                         "gpu": "cpu", "init": {"strategy": "greedy"}, "tabu": {"max_iters_per_k": 2000},
-                         "memetic": {"max_generations": 3}, "thermo": {"max_steps": 3},
-                         "population": {"max_generations": 3}}, steps=200)
+    w, _ = run_workload(
+        {
+            "graph": {"generator": "planted", "n": 30, "k": 2, "p": 0.3, "seed": 1},
+            "phases": [phase],
+            "gpu": "cpu",
+            "init": {"strategy": "greedy"},
+            "tabu": {"max_iters_per_k": 2000},
+            "memetic": {"max_generations": 3},
+            "thermo": {"max_steps": 3},
+            "population": {"max_generations": 3},
+        },
+        steps=200,
+    )
     assert w.best_k == 2 and w.k == 0 and check_coloring(w.g, w.best)["proper"]
 
 
@@ -416,8 +470,14 @@ def test_a_device_failure_falls_back_to_the_cpu_and_says_why(monkeypatch):
     import experiments.coloring.thermo as thermo_module
 
     monkeypatch.setattr(thermo_module, "select_backend", lambda mode: (BrokenDevice(), "gpu", None))
-    p = ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 50, "p": 0.5}, "phases": ["thermo"],
-                                       "thermo": {"max_steps": 3}, "gpu": "gpu"})
+    p = ColoringWorkload.check_params(
+        {
+            "graph": {"generator": "gnp", "n": 50, "p": 0.5},
+            "phases": ["thermo"],
+            "thermo": {"max_steps": 3},
+            "gpu": "gpu",
+        }
+    )
     w = ColoringWorkload(p, 0)
     em = Recorded()
     w.start(em)
@@ -430,8 +490,11 @@ def test_a_device_failure_falls_back_to_the_cpu_and_says_why(monkeypatch):
 
 
 def test_external_tenure_stops_the_built_in_swap():
-    base = {"graph": {"generator": "gnp", "n": 70, "p": 0.5, "seed": 1}, "phases": ["tabu"],
-            "tabu": {"stall_iters": 1, "iters_per_step": 500, "max_iters_per_k": 10**9}}
+    base = {
+        "graph": {"generator": "gnp", "n": 70, "p": 0.5, "seed": 1},
+        "phases": ["tabu"],
+        "tabu": {"stall_iters": 1, "iters_per_step": 500, "max_iters_per_k": 10**9},
+    }
     free = ColoringWorkload(ColoringWorkload.check_params(base), 1)
     em = Recorded()
     free.start(em)

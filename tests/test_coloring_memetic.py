@@ -37,9 +37,14 @@ class Events:
 
 
 def memetic(graph: dict[str, Any], seed: int = 1, **memetic_params: Any) -> tuple[ColoringWorkload, Events]:
-    params = ColoringWorkload.check_params({
-        "graph": graph, "phases": ["memetic"], "gpu": "cpu",
-        "memetic": {"population": 6, "local_iters": 400, "max_generations": 40, **memetic_params}})
+    params = ColoringWorkload.check_params(
+        {
+            "graph": graph,
+            "phases": ["memetic"],
+            "gpu": "cpu",
+            "memetic": {"population": 6, "local_iters": 400, "max_generations": 40, **memetic_params},
+        }
+    )
     w = ColoringWorkload(params, seed)
     em = Events()
     w.start(em)
@@ -73,11 +78,20 @@ def check_memetic_run(w: ColoringWorkload, em: Events) -> None:
 
 
 @settings(max_examples=8)
-@given(seed=st.integers(0, 2**16), mutation=st.sampled_from([0.0, 0.05, 0.3]), elitism=st.integers(0, 3),
-       n=st.integers(20, 50))
+@given(
+    seed=st.integers(0, 2**16),
+    mutation=st.sampled_from([0.0, 0.05, 0.3]),
+    elitism=st.integers(0, 3),
+    n=st.integers(20, 50),
+)
 def test_memetic_runs_are_proper_and_never_get_worse(seed, mutation, elitism, n):
-    w, em = memetic({"generator": "gnp", "n": n, "p": 0.4, "seed": seed}, seed=seed, mutation_rate=mutation,
-                    elitism=elitism, max_generations=15)
+    w, em = memetic(
+        {"generator": "gnp", "n": n, "p": 0.4, "seed": seed},
+        seed=seed,
+        mutation_rate=mutation,
+        elitism=elitism,
+        max_generations=15,
+    )
     assert run(w, em, 400), "the memetic phase must end within max_generations per k"
     check_memetic_run(w, em)
     assert w.colors_per_pass() == [w.best_k]
@@ -106,8 +120,10 @@ def test_the_control_hooks_act_on_the_memetic_phase():
     with pytest.raises(ValueError, match="local_iters"):
         w.set_param("set_batch", 0)
     run(w, em, 5)
-    assert all(e["parameters"]["local_iters"] == 123 and e["parameters"]["mutation_rate"] == 0.2
-               for e in em.named("step", "memetic")[-3:])
+    assert all(
+        e["parameters"]["local_iters"] == 123 and e["parameters"]["mutation_rate"] == 0.2
+        for e in em.named("step", "memetic")[-3:]
+    )
     w.set_param("skip_phase", True)
     assert w.step(em)  # the only phase is skipped: the pass (and the run) ends
     check_memetic_run(w, em)

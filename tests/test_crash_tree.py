@@ -94,6 +94,7 @@ def test_a_phase_crash_in_the_colouring_workload_resumes_from_its_checkpoint(lab
 
 # --- a phase killed in the middle of a step ------------------------------------------------------------
 
+
 class Stuck:
     """A workload whose first incarnation gets stuck in its third step (a long kernel, a
     blocked emit): its supervisor's shutdown timeout then kills the phase mid-step."""
@@ -148,8 +149,14 @@ def test_a_phase_killed_mid_step_leaves_nothing_behind_it(tmp_path):
     seen = Collector.start()  # every batch on the topic, whatever the Recorder keeps
     topics.subscribe("events", rec)
     topics.subscribe("events", seen)
-    phase = ChildSpec("phase", PhaseActor, args=("exp", "run", Stuck, {}, topics, store), name="phase", shutdown=0.2,
-                      kwargs={"budget_s": 600, "emitter_opts": {"batch_size": 1}})
+    phase = ChildSpec(
+        "phase",
+        PhaseActor,
+        args=("exp", "run", Stuck, {}, topics, store),
+        name="phase",
+        shutdown=0.2,
+        kwargs={"budget_s": 600, "emitter_opts": {"batch_size": 1}},
+    )
     sup = Supervisor.start([phase], registry=reg)
     try:
         until(lambda: bool(Stuck.inside), what="the stuck step")
@@ -189,9 +196,14 @@ def test_messages_to_a_sibling_restarted_with_its_group_reach_the_replacement():
     from tests.actors_fixtures import Worker
 
     gate, sink, reg = threading.Event(), [], Registry()
-    sup = Supervisor.start([ChildSpec("a", Worker, name="a"),
-                            ChildSpec("b", Worker, kwargs={"gate": gate, "sink": sink}, name="b", shutdown=30)],
-                           strategy="rest_for_one", registry=reg)
+    sup = Supervisor.start(
+        [
+            ChildSpec("a", Worker, name="a"),
+            ChildSpec("b", Worker, kwargs={"gate": gate, "sink": sink}, name="b", shutdown=30),
+        ],
+        strategy="rest_for_one",
+        registry=reg,
+    )
     try:
         b = reg.whereis("b")
         reg.send("b", {"kind": "block"})  # b is busy: its stop will queue behind what it already has

@@ -8,9 +8,15 @@ import pytest
 
 from supervisor import Lab
 
-SPEC = {"name": "dash", "time_budget_s": 600, "hypertune": {"enabled": True, "window_s": 0.5},
-        "workload": {"name": "coloring", "params": {"graph": {"generator": "gnp", "n": 120, "p": 0.5, "seed": 3},
-                                                     "tabu": {"iters_per_step": 2000}}}}
+SPEC = {
+    "name": "dash",
+    "time_budget_s": 600,
+    "hypertune": {"enabled": True, "window_s": 0.5},
+    "workload": {
+        "name": "coloring",
+        "params": {"graph": {"generator": "gnp", "n": 120, "p": 0.5, "seed": 3}, "tabu": {"iters_per_step": 2000}},
+    },
+}
 
 
 @pytest.fixture
@@ -72,12 +78,16 @@ def test_api_status_codes_auth_and_validation(lab):
 def test_passes_are_read_from_phase_starts_and_pass_ends():
     from dashboard.server import passes
 
-    starts = [{"pass": 1, "ts": 50, "notes": "pass 1 (restart requested)"},
-              {"pass": 0, "ts": 10, "notes": "after init"}, {"pass": 0, "ts": 30, "notes": "after tabu"}]
+    starts = [
+        {"pass": 1, "ts": 50, "notes": "pass 1 (restart requested)"},
+        {"pass": 0, "ts": 10, "notes": "after init"},
+        {"pass": 0, "ts": 30, "notes": "after tabu"},
+    ]
     ends = [{"pass": 0, "ts": 40, "values": {"chromatic_number": 17.0}}]
     assert passes(starts, ends) == [
         {"pass": 0, "start_ts": 10, "why": "after init", "end_ts": 40, "best": 17.0},
-        {"pass": 1, "start_ts": 50, "why": "pass 1 (restart requested)", "end_ts": None, "best": None}]
+        {"pass": 1, "start_ts": 50, "why": "pass 1 (restart requested)", "end_ts": None, "best": None},
+    ]
 
 
 def test_websocket_pushes_events_of_a_live_experiment(lab):
@@ -104,9 +114,11 @@ def test_a_client_that_stops_reading_does_not_slow_the_lab(lab):
     lab.start_experiment(SPEC)
     host, port = lab.dashboard.host, lab.dashboard.port
     s = socket.create_connection((host, port))
-    s.sendall(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-              f"Authorization: Bearer {lab.dashboard.token}\r\n"
-              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    s.sendall(
+        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Authorization: Bearer {lab.dashboard.token}\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
     assert s.recv(12) == b"HTTP/1.1 101"  # accepted: pushes start, and it never reads them
     try:  # connected and never reads: the API and the experiment carry on regardless
         c = client(lab)

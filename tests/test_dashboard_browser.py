@@ -18,11 +18,29 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 
 # tabu only, long enough to outlast the test; hypertune acts after 0.5 s without progress
-SPEC = {"name": "dash", "time_budget_s": 600, "hypertune": {"enabled": True, "window_s": 0.5},
-        "workload": {"name": "coloring", "params": {"graph": {"generator": "gnp", "n": 120, "p": 0.5, "seed": 3},
-                                                     "phases": ["tabu"], "tabu": {"iters_per_step": 2000}}}}
-ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SPEC = {
+    "name": "dash",
+    "time_budget_s": 600,
+    "hypertune": {"enabled": True, "window_s": 0.5},
+    "workload": {
+        "name": "coloring",
+        "params": {
+            "graph": {"generator": "gnp", "n": 120, "p": 0.5, "seed": 3},
+            "phases": ["tabu"],
+            "tabu": {"iters_per_step": 2000},
+        },
+    },
+}
+ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 RANGES = """() => {
   const gd = document.getElementById('chart'), L = gd._fullLayout, out = {axes: {}, data: []};
   for (const a of ['xaxis', 'yaxis', 'yaxis2']) if (L[a]) out.axes[a] = {range: L[a].range, title: L[a].title.text};
@@ -73,8 +91,9 @@ def covers(rng, values):
 
 
 def api(lab):
-    return httpx.Client(base_url=lab.dashboard.url, timeout=30,
-                        headers={"Authorization": f"Bearer {lab.dashboard.token}"})
+    return httpx.Client(
+        base_url=lab.dashboard.url, timeout=30, headers={"Authorization": f"Bearer {lab.dashboard.token}"}
+    )
 
 
 def wait_for(pred, timeout, what):
@@ -123,6 +142,7 @@ def test_what_a_person_sees_with_two_experiments(lab, artifacts):
             def best_matches():
                 want = c.get("/api/experiments/dash").json()["best"]["value"]
                 return page.text_content("#best") == f"{want:g}" and want
+
             best = wait_for(best_matches, 10, "the page's best to match the API")
             assert page.text_content("#best-unit") == "colours"
             seen = page.evaluate(RANGES)
@@ -131,14 +151,16 @@ def test_what_a_person_sees_with_two_experiments(lab, artifacts):
             print(f"dashboard screenshot: {shot}")
 
             # the list is updated in place: a row stays the same element across pushes, so a click lands
-            pushes = page.evaluate("() => { window.__row = document.querySelector('.exp[data-id=dash2]'); "
-                                   "return window.__pushes; }")
+            pushes = page.evaluate(
+                "() => { window.__row = document.querySelector('.exp[data-id=dash2]'); return window.__pushes; }"
+            )
             page.wait_for_function(f"() => window.__pushes > {pushes + 3}", timeout=10_000)
             assert page.evaluate("() => window.__row.isConnected")
             page.click(".exp[data-id='dash2']")
             page.wait_for_function(f"() => {text('current')} === 'dash2'", timeout=10_000)
-            page.wait_for_function("() => document.getElementById('chart').data.some(t => t.x.length > 0)",
-                                   timeout=30_000)
+            page.wait_for_function(
+                "() => document.getElementById('chart').data.some(t => t.x.length > 0)", timeout=30_000
+            )
             assert page.evaluate("() => document.getElementById('chart')._fullLayout.yaxis.title.text") == "colours"
         finally:
             browser.close()
@@ -165,8 +187,13 @@ def test_page_text_is_never_markup(lab):
     from playwright.sync_api import sync_playwright
 
     hostile = "http://127.0.0.1:9/<img src=x onerror='window.__xss=1'>"
-    lab.start_experiment({"name": "calls", "time_budget_s": 600,
-                          "workload": {"name": "latency", "params": {"target": hostile, "calls_per_step": 5}}})
+    lab.start_experiment(
+        {
+            "name": "calls",
+            "time_budget_s": 600,
+            "workload": {"name": "latency", "params": {"target": hostile, "calls_per_step": 5}},
+        }
+    )
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         try:

@@ -18,11 +18,25 @@ from dashboard.security import MAX_BODY, cookie_name
 from supervisor import Lab
 
 # tabu only, long enough to outlast the module
-SPEC = {"name": "sec", "time_budget_s": 600,
-        "workload": {"name": "coloring", "params": {"graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 3},
-                                                     "phases": ["tabu"], "tabu": {"iters_per_step": 1000}}}}
-DATA_ROUTES = ["/api/experiments", "/api/experiments/sec", "/api/metrics/live?experiment=sec",
-               "/api/metrics/history?run_id={run_id}", "/metrics"]
+SPEC = {
+    "name": "sec",
+    "time_budget_s": 600,
+    "workload": {
+        "name": "coloring",
+        "params": {
+            "graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 3},
+            "phases": ["tabu"],
+            "tabu": {"iters_per_step": 1000},
+        },
+    },
+}
+DATA_ROUTES = [
+    "/api/experiments",
+    "/api/experiments/sec",
+    "/api/metrics/live?experiment=sec",
+    "/api/metrics/history?run_id={run_id}",
+    "/metrics",
+]
 DOCUMENTED = {200, 303, 400, 401, 403, 404, 405, 409, 413}
 
 
@@ -67,8 +81,19 @@ def assert_still_running(lab):
 
 # --- Host (DNS rebinding) ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("host", ["evil.example:{port}", "evil.example", "127.0.0.1:1", "localhost",
-                                  "127.0.0.1.nip.io:{port}", "127.0.0.1.evil.example:{port}", "0.0.0.0:{port}"])
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example:{port}",
+        "evil.example",
+        "127.0.0.1:1",
+        "localhost",
+        "127.0.0.1.nip.io:{port}",
+        "127.0.0.1.evil.example:{port}",
+        "0.0.0.0:{port}",
+    ],
+)
 def test_a_host_that_is_not_this_server_is_refused_everywhere(lab, host):
     host = host.format(port=lab.dashboard.port)
     with bare(lab, headers={**bearer(lab), "Host": host}) as c:
@@ -99,6 +124,7 @@ def test_a_request_without_a_host_is_refused(lab):
 
 
 # --- the token ------------------------------------------------------------------------------------------------
+
 
 def test_reads_need_the_token_as_much_as_controls(lab):
     paths = routes(lab)
@@ -142,8 +168,13 @@ def test_controls_take_the_cookie_but_not_from_another_origin(lab, origin):
     body = {"experiment": "ghost"}  # a valid request that changes nothing: 404 once past the checks
     with bare(lab, cookies=cookies) as c:
         assert c.post("/api/control/stop", json=body, headers={"Origin": origin}).status_code == 404
-        for other in ["http://localhost:1", "http://evil.example", "null", f"https://127.0.0.1:{lab.dashboard.port}",
-                      f"http://localhost:{lab.dashboard.port}"]:
+        for other in [
+            "http://localhost:1",
+            "http://evil.example",
+            "null",
+            f"https://127.0.0.1:{lab.dashboard.port}",
+            f"http://localhost:{lab.dashboard.port}",
+        ]:
             r = c.post("/api/control/stop", json={"experiment": "sec"}, headers={"Origin": other})
             assert r.status_code == 403, other
             assert c.get("/api/experiments", headers={"Origin": other}).status_code == 403, other
@@ -152,16 +183,22 @@ def test_controls_take_the_cookie_but_not_from_another_origin(lab, origin):
 
 # --- the WebSocket --------------------------------------------------------------------------------------------
 
+
 def ws_url(lab):
     return lab.dashboard.url.replace("http://", "ws://") + "ws"
 
 
-@pytest.mark.parametrize("origin_value", ["http://evil.example", "null", "http://localhost:1",
-                                          "http://127.0.0.1:{port}.evil.example", "file://"])
+@pytest.mark.parametrize(
+    "origin_value",
+    ["http://evil.example", "null", "http://localhost:1", "http://127.0.0.1:{port}.evil.example", "file://"],
+)
 def test_the_websocket_refuses_other_origins(lab, origin_value):
     with pytest.raises(InvalidStatus) as exc:
-        connect(ws_url(lab), origin=origin_value.format(port=lab.dashboard.port),  # type: ignore[arg-type]
-                additional_headers=bearer(lab))
+        connect(
+            ws_url(lab),
+            origin=origin_value.format(port=lab.dashboard.port),  # type: ignore[arg-type]
+            additional_headers=bearer(lab),
+        )
     assert exc.value.response.status_code == 403
 
 
@@ -179,6 +216,7 @@ def test_the_websocket_needs_the_token(lab, origin):
 
 # --- bodies ---------------------------------------------------------------------------------------------------
 
+
 def test_request_bodies_are_capped(lab):
     big = b'{"experiment": "sec", "pad": "' + b"x" * (MAX_BODY + 1) + b'"}'
     with bare(lab, headers=bearer(lab)) as c:
@@ -188,6 +226,7 @@ def test_request_bodies_are_capped(lab):
         def chunks():  # no Content-Length: the cap holds as the body streams in
             for _ in range(64):
                 yield b"x" * 4096
+
         assert c.post("/api/control/pause", content=chunks()).status_code == 413
         just_under = b'{"experiment": "ghost", "pad": "' + b"x" * (MAX_BODY - 40) + b'"}'
         assert len(just_under) <= MAX_BODY
@@ -196,6 +235,7 @@ def test_request_bodies_are_capped(lab):
 
 
 # --- the token file -------------------------------------------------------------------------------------------
+
 
 def test_the_token_file_is_never_written_through_a_symlink(tmp_path):
     art = tmp_path / "art"
@@ -236,21 +276,45 @@ ids = st.one_of(segment, st.sampled_from(["ghost", "..", "../../etc/passwd", "a"
 paths = st.one_of(
     st.builds(lambda i: f"/api/experiments/{quote(i, safe='')}", ids),
     st.builds(lambda i: f"/api/metrics/live?experiment={quote(i, safe='')}", ids),
-    st.builds(lambda i, n: f"/api/metrics/history?run_id={quote(i, safe='')}&limit={quote(n, safe='')}", ids,
-              st.one_of(st.integers(-10**20, 10**20).map(str), segment)),
-    st.builds(lambda a: f"/api/control/{quote(a, safe='')}", st.one_of(st.sampled_from(["pause", "resume",
-                                                                                       "restart", "stop"]), segment)),
+    st.builds(
+        lambda i, n: f"/api/metrics/history?run_id={quote(i, safe='')}&limit={quote(n, safe='')}",
+        ids,
+        st.one_of(st.integers(-(10**20), 10**20).map(str), segment),
+    ),
+    st.builds(
+        lambda a: f"/api/control/{quote(a, safe='')}",
+        st.one_of(st.sampled_from(["pause", "resume", "restart", "stop"]), segment),
+    ),
     st.lists(segment.filter(bool), max_size=4).map(lambda segs: "/" + "/".join(quote(s, safe="") for s in segs)),
-    st.sampled_from(["/", "/ws", "/metrics", "/static/app.js", "/static/../server.py", "/static/%2e%2e/server.py",
-                     "/?token=", "/api/experiments?experiment=sec", "/api/experiments/", "/%ff%fe",
-                     "/api/experiments/%ff", "/api/metrics/live?experiment=%ff", "/static/index.html"]),
+    st.sampled_from(
+        [
+            "/",
+            "/ws",
+            "/metrics",
+            "/static/app.js",
+            "/static/../server.py",
+            "/static/%2e%2e/server.py",
+            "/?token=",
+            "/api/experiments?experiment=sec",
+            "/api/experiments/",
+            "/%ff%fe",
+            "/api/experiments/%ff",
+            "/api/metrics/live?experiment=%ff",
+            "/static/index.html",
+        ]
+    ),
 )
 bodies = st.one_of(
     st.binary(max_size=256),
     st.builds(lambda i: orjson.dumps({"experiment": i}), ids),
-    st.builds(orjson.dumps, st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | segment,
-                                         lambda kids: st.lists(kids, max_size=3)
-                                         | st.dictionaries(segment, kids, max_size=3), max_leaves=8)),
+    st.builds(
+        orjson.dumps,
+        st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | segment,
+            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(segment, kids, max_size=3),
+            max_leaves=8,
+        ),
+    ),
     st.integers(MAX_BODY - 8, MAX_BODY + 8).map(lambda n: b"x" * n),
 )
 
@@ -263,9 +327,14 @@ def test_fuzzed_requests_get_documented_answers_and_nothing_stops(lab):
     client = bare(lab)
 
     @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-    @given(method=METHODS, path=paths, body=bodies, auth=st.sampled_from(["none", "bearer", "wrong", "cookie"]),
-           host=st.sampled_from(["own", "own", "own", "localhost", "evil"]),
-           origin=st.sampled_from([None, None, "own", "null", "http://evil.example"]))
+    @given(
+        method=METHODS,
+        path=paths,
+        body=bodies,
+        auth=st.sampled_from(["none", "bearer", "wrong", "cookie"]),
+        host=st.sampled_from(["own", "own", "own", "localhost", "evil"]),
+        origin=st.sampled_from([None, None, "own", "null", "http://evil.example"]),
+    )
     def one(method, path, body, auth, host, origin):
         headers = {"Host": {"own": f"127.0.0.1:{port}", "localhost": f"localhost:{port}", "evil": "evil.example"}[host]}
         if auth == "bearer":

@@ -69,8 +69,7 @@ def check_anomaly_marks(exp, anomaly: bool) -> None:
         assert marked == 0  # the detector is off: nothing is annotated
 
 
-@pytest.mark.parametrize(("strategy", "anomaly", "mode"),
-                         list(itertools.product(SAMPLING, (True, False), MODES)))
+@pytest.mark.parametrize(("strategy", "anomaly", "mode"), list(itertools.product(SAMPLING, (True, False), MODES)))
 def test_latency_matrix(lab, tmp_path, strategy, anomaly, mode):
     exp = lab.start_experiment(latency_spec(f"lat-{strategy}", strategy=strategy, anomaly=anomaly))
     drive(exp, mode)

@@ -35,16 +35,27 @@ from tests.fault_helpers import latency_spec, persisted, until
 
 # --- the codec ------------------------------------------------------------------------------------------
 
-scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) \
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
     | st.binary(max_size=8)
-arrays = hnp.arrays(dtype=st.sampled_from([np.int64, np.int32, np.int8, np.float64, np.float32, np.bool_, np.uint16,
-                                            np.complex64, "U3", "M8[us]"]),
-                    shape=hnp.array_shapes(min_dims=0, max_dims=2, max_side=5))
+)
+arrays = hnp.arrays(
+    dtype=st.sampled_from(
+        [np.int64, np.int32, np.int8, np.float64, np.float32, np.bool_, np.uint16, np.complex64, "U3", "M8[us]"]
+    ),
+    shape=hnp.array_shapes(min_dims=0, max_dims=2, max_side=5),
+)
 # unknown ext types (code 1, numpy's, is drawn by `arrays`; its damaged forms by the codec tests and `garbage`)
 exts = st.builds(msgpack.ExtType, st.integers(0, 127).filter(lambda c: c != NDARRAY_EXT), st.binary(max_size=24))
-junk = st.recursive(scalars | arrays | exts,
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-                    max_leaves=8)
+junk = st.recursive(
+    scalars | arrays | exts,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
 messages = st.dictionaries(st.text(max_size=6), junk, max_size=5).map(lambda d: {"kind": "m", **d})
 
 
@@ -93,12 +104,16 @@ def test_any_ext_type_decodes_or_is_a_decode_error(code, payload):
 
 
 @settings(max_examples=200)
-@given(dt_str=st.binary(max_size=12), ndim=st.integers(0, 255), dims=st.lists(st.integers(-(2**63), 2**63 - 1),
-                                                                            max_size=4),
-       body=st.binary(max_size=40))
+@given(
+    dt_str=st.binary(max_size=12),
+    ndim=st.integers(0, 255),
+    dims=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4),
+    body=st.binary(max_size=40),
+)
 def test_a_damaged_array_header_is_a_decode_error(dt_str, ndim, dims, body):
-    head = bytes([len(dt_str) & 0xFF, ndim]) + dt_str + b"".join(int(d).to_bytes(8, "little", signed=True)
-                                                                for d in dims)
+    head = (
+        bytes([len(dt_str) & 0xFF, ndim]) + dt_str + b"".join(int(d).to_bytes(8, "little", signed=True) for d in dims)
+    )
     frame = msgpack.packb({"kind": "x", "a": msgpack.ExtType(NDARRAY_EXT, head + body)}, use_bin_type=True)
     try:
         msg = decode_message(frame)
@@ -115,8 +130,18 @@ CONSUMERS = ("recorder", "metrics", "anomaly", "sampler", "hypertune")
 
 
 def good_batch(n: int = 8) -> dict:
-    rows = [{"seq": i, "ts": 1_800_000_000_000_000 + i, "name": "call", "phase": "p", "success": True, "step": i,
-             "values": {"latency_ms": 1.0 + i}} for i in range(n)]
+    rows = [
+        {
+            "seq": i,
+            "ts": 1_800_000_000_000_000 + i,
+            "name": "call",
+            "phase": "p",
+            "success": True,
+            "step": i,
+            "values": {"latency_ms": 1.0 + i},
+        }
+        for i in range(n)
+    ]
     return decode(encode(rows_to_batch(rows, "fz", "run")))
 
 
@@ -182,7 +207,8 @@ def test_fuzzed_frames_never_crash_an_actor_and_the_tree_goes_on(lab):
     for name, ref in refs.items():  # each has handled everything sent to it, and is the same actor
         assert exp.registry.whereis(name) == ref and ref.is_alive(), name
         dropped = call_local(ref, _count, "dropped_undecodable", timeout=30) + call_local(
-            ref, _count, "dropped_unknown", timeout=30)
+            ref, _count, "dropped_unknown", timeout=30
+        )
         assert dropped > 0, name
     bad = {n: call_local(refs[n], _count, "bad_batches", timeout=30) for n in CONSUMERS}
     assert sum(bad.values()) > 0 and sent["batches"] > 0
@@ -209,9 +235,15 @@ specs = st.one_of(
     junk,
 )
 filter_values = st.one_of(st.none(), st.booleans(), st.text(max_size=6), st.integers(), junk)
-filters = st.one_of(st.none(), st.dictionaries(
-    st.sampled_from(["phase", "name", "success", "run_id", "parameters.k", "nope", "parameters."]), filter_values,
-    max_size=3), junk)
+filters = st.one_of(
+    st.none(),
+    st.dictionaries(
+        st.sampled_from(["phase", "name", "success", "run_id", "parameters.k", "nope", "parameters."]),
+        filter_values,
+        max_size=3,
+    ),
+    junk,
+)
 
 
 def documented(call) -> None:
@@ -223,8 +255,16 @@ def documented(call) -> None:
     assert isinstance(out, list)
 
 
-@pytest.mark.parametrize("spec", [[np.array([0, 0])], (np.array(["last", "x"]), 5, "s"), [msgpack.ExtType(3, b"")],
-                                  [["last"], 5, "s"], [{"k": 1}, 2]])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        [np.array([0, 0])],
+        (np.array(["last", "x"]), 5, "s"),
+        [msgpack.ExtType(3, b"")],
+        [["last"], 5, "s"],
+        [{"k": 1}, 2],
+    ],
+)
 def test_a_spec_whose_form_is_not_a_string_is_a_query_error(spec):
     with pytest.raises(QueryError, match="unknown form"):
         prepare_query(spec)
@@ -245,10 +285,19 @@ def test_query_window_answers_or_raises_only_query_errors(lab):
     @settings(max_examples=80, suppress_health_check=list(HealthCheck), database=None)
     @given(spec=junk, flt=junk, n=junk, window=junk, step=junk, source=junk)
     def fuzz_recorder(spec, flt, n, window, step, source):  # sent as they are, unchecked
-        documented(lambda: query_answer(rec.ask({"kind": "query_window", "spec": spec, "filters": flt,
-                                                 "source": source}, timeout=30)))
-        documented(lambda: query_answer(rec.ask({"kind": "windowed_metrics", "window_s": window, "step_s": step,
-                                                 "fields": flt, "source": source}, timeout=30)))
+        documented(
+            lambda: query_answer(
+                rec.ask({"kind": "query_window", "spec": spec, "filters": flt, "source": source}, timeout=30)
+            )
+        )
+        documented(
+            lambda: query_answer(
+                rec.ask(
+                    {"kind": "windowed_metrics", "window_s": window, "step_s": step, "fields": flt, "source": source},
+                    timeout=30,
+                )
+            )
+        )
         documented(lambda: query_answer(rec.ask({"kind": "recent", "n": n}, timeout=30)))
 
     fuzz_live()

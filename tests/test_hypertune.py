@@ -36,10 +36,17 @@ class FakePhase(Actor):
 
 
 def steps(t0_s, n, dt_s, conflicts, k=27, best=28, phase="tabu", params=None):
-    rows = [{"seq": i, "ts": int((t0_s + i * dt_s) * S), "name": "step", "phase": phase,
-             "parameters": params or {"phase": phase, "tenure_alpha": 0.6, "iters_per_step": 20000},
-             "values": {"chromatic_number": float(best), "k": float(k), "conflicts": float(c)}}
-            for i, c in enumerate(conflicts(n))]
+    rows = [
+        {
+            "seq": i,
+            "ts": int((t0_s + i * dt_s) * S),
+            "name": "step",
+            "phase": phase,
+            "parameters": params or {"phase": phase, "tenure_alpha": 0.6, "iters_per_step": 20000},
+            "values": {"chromatic_number": float(best), "k": float(k), "conflicts": float(c)},
+        }
+        for i, c in enumerate(conflicts(n))
+    ]
     return decode(encode(rows_to_batch(rows, "exp", "run")))
 
 
@@ -142,12 +149,20 @@ def test_policy_state_round_trips_and_a_corrupt_file_is_ignored(tmp_path):
     assert instance_family("DSJC250.5") == "DSJC" and instance_family("le450_15c") == "le"
 
 
-SPEC = {"name": "ht", "seed": 3, "time_budget_s": 3.0,
-        "hypertune": {"enabled": True, "window_s": 0.3},
-        "workload": {"name": "coloring", "params": {"graph": {"generator": "gnp", "n": 100, "p": 0.5, "seed": 5},
-                                                     "phases": ["tabu"],
-                                                     "tabu": {"iters_per_step": 3000, "max_iters_per_k": 10**9,
-                                                              "stall_iters": 10**12}}}}
+SPEC = {
+    "name": "ht",
+    "seed": 3,
+    "time_budget_s": 3.0,
+    "hypertune": {"enabled": True, "window_s": 0.3},
+    "workload": {
+        "name": "coloring",
+        "params": {
+            "graph": {"generator": "gnp", "n": 100, "p": 0.5, "seed": 5},
+            "phases": ["tabu"],
+            "tabu": {"iters_per_step": 3000, "max_iters_per_k": 10**9, "stall_iters": 10**12},
+        },
+    },
+}
 
 
 def test_actions_apply_at_safe_points_and_show_in_telemetry(tmp_path):
@@ -189,15 +204,19 @@ def test_corrupt_policy_state_never_blocks_a_run(tmp_path):
     bad = tmp_path / "policy.json"
     bad.write_text("garbage")
     lab = Lab(tmp_path / "art")
-    exp = lab.start_experiment({**SPEC, "time_budget_s": 0.5,
-                                "hypertune": {"enabled": True, "window_s": 0.3, "state_file": str(bad)}})
+    exp = lab.start_experiment(
+        {**SPEC, "time_budget_s": 0.5, "hypertune": {"enabled": True, "window_s": 0.3, "state_file": str(bad)}}
+    )
     assert exp.wait(30) and exp.reason == "budget"
     lab.shutdown()
 
 
 def test_surrogate_proposes_only_values_within_bounds(tmp_path):
-    spec = {"name": "tune", "time_budget_s": 0.2,
-            "workload": {"name": "latency", "params": {"target": "math:sqrt", "args": [2.0]}}}
+    spec = {
+        "name": "tune",
+        "time_budget_s": 0.2,
+        "workload": {"name": "latency", "params": {"target": "math:sqrt", "args": [2.0]}},
+    }
     first = tune(spec, 2, tmp_path / "art", objective="latency_ms", seed=1)
     prior = [r["run_dir"] for r in first["trials"]]
     res = tune(spec, 3, tmp_path / "art", objective="latency_ms", seed=2, seed_from=prior)
@@ -229,6 +248,7 @@ def test_ab_report_statistics_match_scipy():
 
 
 # --- the shared state file: experiments of one family save concurrently -------------------------------
+
 
 def _pulls(seed, k, arms=("tenure_up", "tenure_down", "batch_up")):
     rng = np.random.default_rng(seed)
@@ -298,13 +318,16 @@ def test_concurrent_saves_from_threads_lose_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.lock"]  # no stray temp files
 
 
-WRITER = """
+WRITER = (
+    """
 import sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, sys.argv[4])
 from actors.hypertune import Policy
-""" + inspect.getsource(_pulls) + """
+"""
+    + inspect.getsource(_pulls)
+    + """
 path, seed, k = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 pol = Policy("ucb", seed=seed)
 pol.load(path)
@@ -314,6 +337,7 @@ for arm, r in _pulls(seed, k):
     pol.update("tabu", arm, r)
     pol.save(path)
 """
+)
 
 
 def test_concurrent_saves_from_processes_lose_nothing(tmp_path):
@@ -324,8 +348,16 @@ def test_concurrent_saves_from_processes_lose_nothing(tmp_path):
     root = str(Path(__file__).resolve().parents[1])
     path = tmp_path / "state.json"
     n_procs, k = 4, 25
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(s), str(k), root], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in range(n_procs)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(s), str(k), root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for s in range(n_procs)
+    ]
     assert [p.stdout.readline() for p in procs] == ["ready\n"] * n_procs
     for p in procs:
         p.stdin.write("go\n")
@@ -337,8 +369,13 @@ def test_concurrent_saves_from_processes_lose_nothing(tmp_path):
 
 def test_an_unreadable_state_is_ignored_and_an_unwritable_one_never_stops_the_actor(tmp_path):
     path = tmp_path / "p.json"
-    for text in ('{"stats": {"tabu/x": {"n": 1, "mean": NaN}}}', '{"stats": {"tabu/x": {"n": -1, "mean": 0}}}',
-                 '{"stats": {"tabu/x": {"n": true, "mean": 0}}}', "[1, 2]", '{"stats": []}'):
+    for text in (
+        '{"stats": {"tabu/x": {"n": 1, "mean": NaN}}}',
+        '{"stats": {"tabu/x": {"n": -1, "mean": 0}}}',
+        '{"stats": {"tabu/x": {"n": true, "mean": 0}}}',
+        "[1, 2]",
+        '{"stats": []}',
+    ):
         path.write_text(text)
         assert Policy.read_state(path) is None and not Policy("ucb").load(path)
     pol = Policy("ucb")
@@ -370,23 +407,30 @@ def test_prior_runs_with_unreadable_records_are_skipped(tmp_path):
         assert seconds_to_best(rd) is None
     ok = {"workload": {"name": "latency", "params": {"calls_per_step": 20}}}
     assert _prior_params(ok, "latency", space) == {"calls_per_step": 20}
-    for bad in (None, {}, {"workload": []}, {"workload": {"name": "coloring", "params": {}}},
-                {"workload": {"name": "latency", "params": {"calls_per_step": "20"}}},
-                {"workload": {"name": "latency", "params": {"calls_per_step": float("nan")}}},
-                {"workload": {"name": "latency", "params": {"calls_per_step": 10**6}}},
-                {"workload": {"name": "latency", "params": []}}):
+    for bad in (
+        None,
+        {},
+        {"workload": []},
+        {"workload": {"name": "coloring", "params": {}}},
+        {"workload": {"name": "latency", "params": {"calls_per_step": "20"}}},
+        {"workload": {"name": "latency", "params": {"calls_per_step": float("nan")}}},
+        {"workload": {"name": "latency", "params": {"calls_per_step": 10**6}}},
+        {"workload": {"name": "latency", "params": []}},
+    ):
         assert _prior_params(bad, "latency", space) is None
 
 
-@pytest.mark.parametrize(("call", "match"), [
-    (lambda art: tune("experiments/latency.toml", 0, art), "trials must be >= 1"),
-    (lambda art: tune("experiments/latency.toml", 2, art, budget=float("nan")), "budget must be a finite number"),
-    (lambda art: tune("experiments/latency.toml", 2, art, seed=-1), "seed must be >= 0"),
-    (lambda art: ab("experiments/latency.toml", 1, art), "runs per arm"),
-    (lambda art: ab("experiments/latency.toml", 2, art, budget=-1.0),
-     "budget must be >= 0.001"),
-    (lambda art: ab("experiments/latency.toml", 2, art, target=float("inf")), "target must be a finite number"),
-])
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda art: tune("experiments/latency.toml", 0, art), "trials must be >= 1"),
+        (lambda art: tune("experiments/latency.toml", 2, art, budget=float("nan")), "budget must be a finite number"),
+        (lambda art: tune("experiments/latency.toml", 2, art, seed=-1), "seed must be >= 0"),
+        (lambda art: ab("experiments/latency.toml", 1, art), "runs per arm"),
+        (lambda art: ab("experiments/latency.toml", 2, art, budget=-1.0), "budget must be >= 0.001"),
+        (lambda art: ab("experiments/latency.toml", 2, art, target=float("inf")), "target must be a finite number"),
+    ],
+)
 def test_tune_and_ab_refuse_bad_numbers_before_running_anything(tmp_path, call, match):
     with pytest.raises(ValueError, match=match):
         call(tmp_path / "art")

@@ -27,13 +27,17 @@ from telemetry.schema import SchemaError, compact_event, dumps_line, parse_line
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 numbers = st.one_of(
-    st.integers(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0, -1, 1, 2**63 - 1, 2**63, -(2**63), 10**20, 1e308, -1e308, 5e-324]),
 )
 scalars = st.one_of(numbers, st.booleans(), st.text(max_size=12))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(st.text(max_size=6), inner, max_size=4)),
-                      max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def _keys(schema=SCHEMA, prefix=""):
@@ -43,8 +47,17 @@ def _keys(schema=SCHEMA, prefix=""):
             yield from _keys(rule, f"{prefix}{k}.")
 
 
-KEYS = [*sorted(_keys()), "workload.params.calls", "workload.params.calls_per_step", "workload.params.timeout_s",
-        "workload.params.args", "sampling.config.rate", "metadata.x", "nope", "telemetry.nope"]
+KEYS = [
+    *sorted(_keys()),
+    "workload.params.calls",
+    "workload.params.calls_per_step",
+    "workload.params.timeout_s",
+    "workload.params.args",
+    "sampling.config.rate",
+    "metadata.x",
+    "nope",
+    "telemetry.nope",
+]
 
 
 def _valid(spec):
@@ -97,9 +110,15 @@ def test_any_structured_spec_is_a_spec_or_a_spec_error(tmp_path, assignments):
 
 override_text = st.one_of(
     st.text(max_size=60),
-    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS),
-              st.one_of(st.text(max_size=20), numbers.map(str), st.sampled_from(["nan", "inf", "-inf", "[1, nan]",
-                                                                                 "{a = inf}", "1e999", "0x7fff"]))),
+    st.builds(
+        lambda k, v: f"{k}={v}",
+        st.sampled_from(KEYS),
+        st.one_of(
+            st.text(max_size=20),
+            numbers.map(str),
+            st.sampled_from(["nan", "inf", "-inf", "[1, nan]", "{a = inf}", "1e999", "0x7fff"]),
+        ),
+    ),
 )
 
 
@@ -156,6 +175,7 @@ def test_flag_numbers_parse_in_range_or_raise_value_error(text, lo, span, intege
 
 # --- DIMACS files --------------------------------------------------------------------------------------
 
+
 def _check_graph(g):
     assert 1 <= g.n <= MAX_VERTICES
     assert g.indptr[0] == 0 and np.all(np.diff(g.indptr) >= 0) and g.indptr[-1] == g.indices.size
@@ -175,9 +195,27 @@ def test_any_bytes_are_a_graph_or_a_graph_error(tmp_path, data):
 
 
 VALID = [b"c a small graph", b"p edge 5 4", b"e 1 2", b"e 2 3", b"e 3 4", b"e 4 5"]
-tokens = st.one_of(st.integers(-(2**40), 2**70).map(lambda i: str(i).encode()), st.binary(max_size=4),
-                   st.sampled_from([b"p", b"e", b"c", b"edge", b"col", b"0", b"-1", b"1e3", b"\xff", b"\x00", b"6",
-                                    b"2147483648", b"99999999999999999999"]))
+tokens = st.one_of(
+    st.integers(-(2**40), 2**70).map(lambda i: str(i).encode()),
+    st.binary(max_size=4),
+    st.sampled_from(
+        [
+            b"p",
+            b"e",
+            b"c",
+            b"edge",
+            b"col",
+            b"0",
+            b"-1",
+            b"1e3",
+            b"\xff",
+            b"\x00",
+            b"6",
+            b"2147483648",
+            b"99999999999999999999",
+        ]
+    ),
+)
 
 
 @st.composite
@@ -217,13 +255,35 @@ def test_near_valid_dimacs_files_are_a_graph_or_a_graph_error(tmp_path, data, gz
 # --- JSONL lines -------------------------------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64), st.floats(allow_nan=False,
-                                                                                  allow_infinity=False),
-              st.text(max_size=8)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**64), 2**64),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=8),
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-    max_leaves=8)
-FIELDS = ["v", "seq", "ts", "experiment_id", "run_id", "pass", "phase", "step", "name", "values", "success",
-          "gpu_mode", "gpu_reason", "parameters", "notes", "anomaly", "extra"]
+    max_leaves=8,
+)
+FIELDS = [
+    "v",
+    "seq",
+    "ts",
+    "experiment_id",
+    "run_id",
+    "pass",
+    "phase",
+    "step",
+    "name",
+    "values",
+    "success",
+    "gpu_mode",
+    "gpu_reason",
+    "parameters",
+    "notes",
+    "anomaly",
+    "extra",
+]
 
 
 def _line(obj):
@@ -234,8 +294,10 @@ def _line(obj):
 
 
 @FUZZ
-@given(base=st.fixed_dictionaries({"seq": st.integers(0, 10), "ts": st.integers(0, 10**12), "name": st.just("step")}),
-       fields=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6))
+@given(
+    base=st.fixed_dictionaries({"seq": st.integers(0, 10), "ts": st.integers(0, 10**12), "name": st.just("step")}),
+    fields=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
+)
 def test_a_jsonl_line_is_an_event_every_reader_can_use_or_a_schema_error(base, fields):
     line = _line({**base, **fields})
     try:

@@ -29,10 +29,20 @@ from experiments.coloring.graph import (
 ROOT = Path(__file__).resolve().parents[1]
 # name: (vertices, distinct edges), from the source collection's README
 SHIPPED = {
-    "DSJC125.1": (125, 736), "DSJC125.5": (125, 3891), "DSJC125.9": (125, 6961), "DSJC250.5": (250, 15668),
-    "DSJC500.5": (500, 62624), "DSJC1000.5": (1000, 249826), "le450_15c": (450, 16680),
-    "le450_25c": (450, 17343), "flat300_28_0": (300, 21695), "flat1000_76_0": (1000, 246708),
-    "queen8_8": (64, 728), "myciel5": (47, 236), "myciel6": (95, 755), "r250.5": (250, 14849),
+    "DSJC125.1": (125, 736),
+    "DSJC125.5": (125, 3891),
+    "DSJC125.9": (125, 6961),
+    "DSJC250.5": (250, 15668),
+    "DSJC500.5": (500, 62624),
+    "DSJC1000.5": (1000, 249826),
+    "le450_15c": (450, 16680),
+    "le450_25c": (450, 17343),
+    "flat300_28_0": (300, 21695),
+    "flat1000_76_0": (1000, 246708),
+    "queen8_8": (64, 728),
+    "myciel5": (47, 236),
+    "myciel6": (95, 755),
+    "r250.5": (250, 14849),
     "DSJR500.1c": (500, 121275),
 }
 
@@ -44,7 +54,8 @@ def test_every_instance_is_shipped_small_with_its_licence_and_source():
     assert sum(p.stat().st_size for p in INSTANCES_DIR.iterdir()) < 3_000_000
     # the build ships every file of the folder
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
-        "experiments.coloring"]
+        "experiments.coloring"
+    ]
     for p in INSTANCES_DIR.iterdir():
         assert any(fnmatch.fnmatch(f"instances/{p.name}", pat) for pat in patterns), p.name
 
@@ -89,7 +100,7 @@ def test_a_spec_names_an_instance_as_its_file():
 
 
 def test_plain_and_gzip_files_read_the_same(tmp_path):
-    text = (gzip.decompress((INSTANCES_DIR / "myciel5.col.gz").read_bytes()))
+    text = gzip.decompress((INSTANCES_DIR / "myciel5.col.gz").read_bytes())
     (tmp_path / "a.col").write_bytes(text)
     (tmp_path / "b.col.gz").write_bytes(gzip.compress(text))
     (tmp_path / "c.col").write_bytes(gzip.compress(text))  # gzip recognised by content, not by name
@@ -98,18 +109,21 @@ def test_plain_and_gzip_files_read_the_same(tmp_path):
     assert (a.name, b.name) == ("a", "b")
 
 
-@pytest.mark.parametrize(("data", "match"), [
-    (b"p edge 2147483648 1\ne 1 2\n", r"bad\.col:1: N \(vertices\) must be <= 100_000"),
-    (b"p edge 3 99999999999\n", r"bad\.col:1: M \(edges\) must be <= 5_000_000"),
-    (b"p edge 0 0\n", r"bad\.col:1: N \(vertices\) must be >= 1"),
-    (b"p edge -5 1\n", r"N \(vertices\) must be >= 1"),
-    (b"p edge 3 1\ne 1 \xff\n", r"bad\.col:2: vertex ids must be integers, got 'e 1 \\\\xff'"),
-    (b"\xff\xfe\x00p\x00", r"bad\.col:1: unknown line type"),
-    (b"p edge 3 1\ne 1 2 3\n", r"bad\.col:2: expected 'e U V'"),
-    (b"", r"bad\.col: no 'p edge N M' line"),
-    (b"\x1f\x8b\x08\x00garbage", r"bad\.col: cannot read"),
-    (gzip.compress(b"p edge 3 1\ne 1 2\n")[:-12], r"bad\.col: cannot read"),
-])
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"p edge 2147483648 1\ne 1 2\n", r"bad\.col:1: N \(vertices\) must be <= 100_000"),
+        (b"p edge 3 99999999999\n", r"bad\.col:1: M \(edges\) must be <= 5_000_000"),
+        (b"p edge 0 0\n", r"bad\.col:1: N \(vertices\) must be >= 1"),
+        (b"p edge -5 1\n", r"N \(vertices\) must be >= 1"),
+        (b"p edge 3 1\ne 1 \xff\n", r"bad\.col:2: vertex ids must be integers, got 'e 1 \\\\xff'"),
+        (b"\xff\xfe\x00p\x00", r"bad\.col:1: unknown line type"),
+        (b"p edge 3 1\ne 1 2 3\n", r"bad\.col:2: expected 'e U V'"),
+        (b"", r"bad\.col: no 'p edge N M' line"),
+        (b"\x1f\x8b\x08\x00garbage", r"bad\.col: cannot read"),
+        (gzip.compress(b"p edge 3 1\ne 1 2\n")[:-12], r"bad\.col: cannot read"),
+    ],
+)
 def test_bad_graph_files_are_one_clear_error(tmp_path, data, match):
     p = tmp_path / "bad.col"
     p.write_bytes(data)
@@ -147,21 +161,24 @@ def test_size_bounds(monkeypatch, tmp_path):
     assert MAX_EDGES == 5_000_000
 
 
-@pytest.mark.parametrize(("spec", "match"), [
-    ({"generator": "gnp", "n": -5}, r"gnp: n must be >= 1, got -5"),
-    ({"generator": "gnp", "n": 10**12}, r"gnp: n must be <= 20000"),
-    ({"generator": "gnp", "n": 100, "p": float("nan")}, r"gnp: p must be a finite number in \[0, 1\], got nan"),
-    ({"generator": "gnp", "n": 100, "p": 1.5}, r"gnp: p must be <= 1"),
-    ({"generator": "gnp", "n": 100, "seed": -1}, r"gnp: seed must be >= 0"),
-    ({"generator": "gnp", "n": 100, "seed": 2**70}, r"gnp: seed must be <= 4_294_967_295"),
-    ({"generator": "gnp", "n": 10_000, "p": 0.5}, r"about 24,997,500 edges; at most 5,000,000"),
-    ({"generator": "planted", "n": 10, "k": 11}, r"planted: k must be <= 10"),
-    ({"generator": "gnp", "n": True}, r"gnp: n must be an integer"),
-    ({"generator": "gnp", "k": 3}, r"planted generator"),
-    ({"generator": "ring"}, r"unknown graph generator 'ring'"),
-    ({"file": 5}, r"graph\.file must be a path or an instance name"),
-    ("DSJC125.1", r"graph must be a table"),
-])
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"generator": "gnp", "n": -5}, r"gnp: n must be >= 1, got -5"),
+        ({"generator": "gnp", "n": 10**12}, r"gnp: n must be <= 20000"),
+        ({"generator": "gnp", "n": 100, "p": float("nan")}, r"gnp: p must be a finite number in \[0, 1\], got nan"),
+        ({"generator": "gnp", "n": 100, "p": 1.5}, r"gnp: p must be <= 1"),
+        ({"generator": "gnp", "n": 100, "seed": -1}, r"gnp: seed must be >= 0"),
+        ({"generator": "gnp", "n": 100, "seed": 2**70}, r"gnp: seed must be <= 4_294_967_295"),
+        ({"generator": "gnp", "n": 10_000, "p": 0.5}, r"about 24,997,500 edges; at most 5,000,000"),
+        ({"generator": "planted", "n": 10, "k": 11}, r"planted: k must be <= 10"),
+        ({"generator": "gnp", "n": True}, r"gnp: n must be an integer"),
+        ({"generator": "gnp", "k": 3}, r"planted generator"),
+        ({"generator": "ring"}, r"unknown graph generator 'ring'"),
+        ({"file": 5}, r"graph\.file must be a path or an instance name"),
+        ("DSJC125.1", r"graph must be a table"),
+    ],
+)
 def test_bad_generator_requests_are_graph_errors(spec, match):
     with pytest.raises(GraphError, match=match):
         check_graph(spec)
@@ -181,8 +198,13 @@ def _reference_pairs(n, p, seed, k=None):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 80), p=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1), chunk=st.integers(1, 500),
-       k=st.integers(1, 6))
+@given(
+    n=st.integers(1, 80),
+    p=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**32 - 1),
+    chunk=st.integers(1, 500),
+    k=st.integers(1, 6),
+)
 def test_chunked_generators_draw_the_same_graphs(n, p, seed, chunk, k):
     old = graph_mod._PAIRS_PER_CHUNK
     graph_mod._PAIRS_PER_CHUNK = chunk

@@ -20,9 +20,11 @@ from supervisor import main
 from telemetry.jsonl import iter_run
 from telemetry.store import DB_NAME, HistoryStore
 
-SPEC = ('name = "k9"\ntime_budget_s = 600\nseed = 4\n[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
-        'calls_per_step = 10\n[telemetry]\nbatch_size = 32\nflush_interval_s = 0.01\n'
-        '[sampling]\nstrategy = "{strategy}"\n{config}')
+SPEC = (
+    'name = "k9"\ntime_budget_s = 600\nseed = 4\n[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
+    "calls_per_step = 10\n[telemetry]\nbatch_size = 32\nflush_interval_s = 0.01\n"
+    '[sampling]\nstrategy = "{strategy}"\n{config}'
+)
 CONFIGS = {"all": "", "uniform": "[sampling.config]\nrate = 0.5\n"}
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +34,11 @@ def start_and_kill(tmp_path: Path, delay: float, strategy: str) -> tuple[Path, P
     art = tmp_path / "art"
     spec = tmp_path / "k9.toml"
     spec.write_text(SPEC.format(strategy=strategy, config=CONFIGS[strategy]))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "supervisor.py"), "run", str(spec), "--artifacts", str(art),
-                             "--no-live"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "supervisor.py"), "run", str(spec), "--artifacts", str(art), "--no-live"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while not list(art.glob("k9/*/lifecycle.json")):  # the run exists: kill it at any moment from now on
@@ -82,9 +87,15 @@ def moment(seed: int) -> float:
     return round(random.Random(seed).uniform(0.2, 2.0), 3)
 
 
-@pytest.mark.parametrize(("delay", "strategy", "fmt"), [
-    (0.0, "all", "jsonl"),  # at once: before the first event, perhaps before the events file
-    (moment(1), "uniform", "csv"), (moment(2), "all", "parquet"), (moment(3), "all", "jsonl")])
+@pytest.mark.parametrize(
+    ("delay", "strategy", "fmt"),
+    [
+        (0.0, "all", "jsonl"),  # at once: before the first event, perhaps before the events file
+        (moment(1), "uniform", "csv"),
+        (moment(2), "all", "parquet"),
+        (moment(3), "all", "jsonl"),
+    ],
+)
 def test_a_killed_run_reads_the_same_everywhere(tmp_path, capsys, delay, strategy, fmt):
     art, run, pid = start_and_kill(tmp_path, delay, strategy)
     on_disk = [e["seq"] for e in iter_run(run)]

@@ -22,9 +22,13 @@ FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 5}
 
 
 def spec(name="t", budget=600.0, calls=0, **extra):
-    return {"name": name, "time_budget_s": budget,
-            "workload": {"name": "latency", "params": {**FAST, "calls": calls}},
-            "metrics": {"publish_interval_s": 0}, **extra}
+    return {
+        "name": name,
+        "time_budget_s": budget,
+        "workload": {"name": "latency", "params": {**FAST, "calls": calls}},
+        "metrics": {"publish_interval_s": 0},
+        **extra,
+    }
 
 
 def files_account(exp):
@@ -207,8 +211,9 @@ class Lifecycle(RuleBasedStateMachine):
 
 
 TestLifecycle = Lifecycle.TestCase
-TestLifecycle.settings = settings(max_examples=12, stateful_step_count=8, deadline=None,
-                                  suppress_health_check=[HealthCheck.too_slow])
+TestLifecycle.settings = settings(
+    max_examples=12, stateful_step_count=8, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @pytest.fixture
@@ -231,10 +236,21 @@ def http_server():
 
 
 def test_latency_workload_times_http_calls(lab, http_server):
-    ok = lab.start_experiment(spec("ok", workload={"name": "latency", "params": {
-        "target": f"{http_server}/ok", "calls": 20, "calls_per_step": 5}}))
-    bad = lab.start_experiment(spec("bad", workload={"name": "latency", "params": {
-        "target": f"{http_server}/missing", "calls": 10, "calls_per_step": 5}}))
+    ok = lab.start_experiment(
+        spec(
+            "ok",
+            workload={"name": "latency", "params": {"target": f"{http_server}/ok", "calls": 20, "calls_per_step": 5}},
+        )
+    )
+    bad = lab.start_experiment(
+        spec(
+            "bad",
+            workload={
+                "name": "latency",
+                "params": {"target": f"{http_server}/missing", "calls": 10, "calls_per_step": 5},
+            },
+        )
+    )
     assert ok.wait(30) and bad.wait(30)
     calls = [e for e in iter_run(ok.run_dir) if e["name"] == "call"]
     assert len(calls) == 20 and all(e["success"] for e in calls)
@@ -245,8 +261,15 @@ def test_latency_workload_times_http_calls(lab, http_server):
 
 
 def test_callable_costs_and_tokens_are_recorded(lab):
-    exp = lab.start_experiment(spec("cost", workload={"name": "latency", "params": {
-        "target": "tests.test_lab:fake_llm_call", "calls": 30, "calls_per_step": 10}}))
+    exp = lab.start_experiment(
+        spec(
+            "cost",
+            workload={
+                "name": "latency",
+                "params": {"target": "tests.test_lab:fake_llm_call", "calls": 30, "calls_per_step": 10},
+            },
+        )
+    )
     assert exp.wait(30)
     m = exp.metrics()
     assert m["totals"]["cost_usd"] == pytest.approx(30 * 0.002)
@@ -264,10 +287,16 @@ def fake_llm_call():
 def test_sigterm_to_crucible_run_flushes_everything(tmp_path):
     art = tmp_path / "art"
     specfile = tmp_path / "long.toml"
-    specfile.write_text('name = "long"\ntime_budget_s = 600\n[workload.params]\ntarget = "math:sqrt"\n'
-                        'args = [2.0]\ncalls_per_step = 5\n')
-    proc = subprocess.Popen([sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art),
-                             "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    specfile.write_text(
+        'name = "long"\ntime_budget_s = 600\n[workload.params]\ntarget = "math:sqrt"\n'
+        "args = [2.0]\ncalls_per_step = 5\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art), "--no-live"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     events = None
     while time.monotonic() < deadline and proc.poll() is None:  # wait until events are on disk
@@ -303,9 +332,20 @@ def test_a_failing_experiment_never_disturbs_another(lab):
 
 
 def test_coloring_experiment_takes_control_at_safe_points(lab):
-    exp = lab.start_experiment({"name": "col", "time_budget_s": 1.0, "workload": {"name": "coloring", "params": {
-        "graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 2}, "phases": ["tabu"],
-        "tabu": {"iters_per_step": 2000, "max_iters_per_k": 10**9, "stall_iters": 10**12}}}})
+    exp = lab.start_experiment(
+        {
+            "name": "col",
+            "time_budget_s": 1.0,
+            "workload": {
+                "name": "coloring",
+                "params": {
+                    "graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 2},
+                    "phases": ["tabu"],
+                    "tabu": {"iters_per_step": 2000, "max_iters_per_k": 10**9, "stall_iters": 10**12},
+                },
+            },
+        }
+    )
     exp.pause()
     phase = exp.registry.whereis("phase")
     ok = phase.ask({"kind": "set_param", "key": "set_tenure", "value": 1.5, "why": "test"})

@@ -66,8 +66,11 @@ def test_reads_stay_prompt_and_shutdown_is_concurrent_under_load(tmp_path):
         with httpx.Client(base_url=lab.dashboard.url, headers=auth, timeout=120) as client:
             for _ in range(2):
                 for e in exps:
-                    for name, read in (("summary", e.summary), ("metrics", e.metrics),
-                                       ("phase_status", e.phase_status)):
+                    for name, read in (
+                        ("summary", e.summary),
+                        ("metrics", e.metrics),
+                        ("phase_status", e.phase_status),
+                    ):
                         out, took = timed(read)
                         worst[name] = max(worst.get(name, 0.0), took)
                         if name != "phase_status" or out:

@@ -7,8 +7,7 @@ from hypothesis.extra import numpy as hnp
 from actors.messages import DecodeError, decode, decode_message, encode
 
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
-    | st.text() | st.binary(),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text() | st.binary(),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(), children, max_size=5),
     max_leaves=20,
 )
@@ -21,10 +20,12 @@ def test_roundtrip_plain_values(payload):
     assert out == msg
 
 
-@given(hnp.arrays(
-    dtype=st.sampled_from([np.float64, np.float32, np.int64, np.int32, np.uint8, np.bool_, np.int16]),
-    shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=6),
-))
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from([np.float64, np.float32, np.int64, np.int32, np.uint8, np.bool_, np.int16]),
+        shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=6),
+    )
+)
 def test_roundtrip_numpy_arrays(arr):
     out = decode(encode({"kind": "batch", "a": arr}))["a"]
     assert out.dtype == arr.dtype
@@ -60,8 +61,9 @@ def test_unencodable_field_is_named():
         encode({"kind": "x", "arr": np.array([object()], dtype=object)})
 
 
-@pytest.mark.parametrize("data", [b"\xc1", b"", b"\x93\x01\x02", encode([1, 2]), encode({"nokind": 1}),
-                                  encode({"kind": 3})])
+@pytest.mark.parametrize(
+    "data", [b"\xc1", b"", b"\x93\x01\x02", encode([1, 2]), encode({"nokind": 1}), encode({"kind": 3})]
+)
 def test_decode_message_rejects_garbage(data):
     with pytest.raises(DecodeError):
         decode_message(data)

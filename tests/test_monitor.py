@@ -12,8 +12,17 @@ from telemetry.schema import dumps_line
 
 
 def line(seq, **kw):
-    ev = {"v": 1, "seq": seq, "ts": 1_000_000 + seq * 1000, "experiment_id": "e", "run_id": "r", "pass": 0,
-          "name": "step", "values": {"conflicts": float(100 - seq)}, **kw}
+    ev = {
+        "v": 1,
+        "seq": seq,
+        "ts": 1_000_000 + seq * 1000,
+        "experiment_id": "e",
+        "run_id": "r",
+        "pass": 0,
+        "name": "step",
+        "values": {"conflicts": float(100 - seq)},
+        **kw,
+    }
     return dumps_line(ev)
 
 
@@ -60,21 +69,43 @@ def test_format_and_alerts():
 
 def test_monitor_tails_a_live_run_until_it_stops(tmp_path, capsys):
     lab = Lab(tmp_path / "art")
-    exp = lab.start_experiment({"name": "mon", "time_budget_s": 60.0,  # ends after its calls: a bounded output
-                                "workload": {"name": "latency", "params": {"target": "math:sqrt", "args": [2.0],
-                                                                           "calls_per_step": 5, "calls": 3000}}})
+    exp = lab.start_experiment(
+        {
+            "name": "mon",
+            "time_budget_s": 60.0,  # ends after its calls: a bounded output
+            "workload": {
+                "name": "latency",
+                "params": {"target": "math:sqrt", "args": [2.0], "calls_per_step": 5, "calls": 3000},
+            },
+        }
+    )
     code = {}
-    t = threading.Thread(target=lambda: code.setdefault(
-        "rc", main(["monitor", exp.run_id, "--artifacts", str(tmp_path / "art"), "--name", "call",
-                    "--alert", "latency_ms>=0"])))
+    t = threading.Thread(
+        target=lambda: code.setdefault(
+            "rc",
+            main(
+                [
+                    "monitor",
+                    exp.run_id,
+                    "--artifacts",
+                    str(tmp_path / "art"),
+                    "--name",
+                    "call",
+                    "--alert",
+                    "latency_ms>=0",
+                ]
+            ),
+        )
+    )
     assert exp.registry.await_name("recorder", timeout=10) is not None
     exp.wait(30)
     t.start()  # started on a run still being written or just finished: it must read it all and exit
     t.join(60)
     lab.shutdown()
     out = capsys.readouterr().out
-    calls = sum(1 for e in __import__("telemetry.jsonl", fromlist=["iter_run"]).iter_run(exp.run_dir)
-                if e["name"] == "call")
+    calls = sum(
+        1 for e in __import__("telemetry.jsonl", fromlist=["iter_run"]).iter_run(exp.run_dir) if e["name"] == "call"
+    )
     assert code["rc"] == 0
     assert out.count("!! ALERT latency_ms>=0") == calls > 0  # every call matched the alert
     assert main(["monitor", exp.run_id, "--summary", "--artifacts", str(tmp_path / "art")]) == 0
@@ -95,7 +126,7 @@ def test_set_get_show_keep_comments_and_validate(tmp_path):
     p.write_text('# my experiment\nname = "x"  # the id\n\n[workload]\nname = "latency"\n')
     set_values(p, ["time_budget_s=12.5", "workload.params.calls_per_step=7", "hypertune.enabled=true"])
     text = p.read_text()
-    assert text.startswith("# my experiment\nname = \"x\"  # the id\n")
+    assert text.startswith('# my experiment\nname = "x"  # the id\n')
     assert get_value(p, "time_budget_s") == 12.5 and get_value(p, "workload.params.calls_per_step") == 7
     assert get_value(p, "telemetry.batch_size") == 1024  # defaults filled in
     with pytest.raises(SpecError, match="must be >= 1"):
@@ -127,8 +158,10 @@ def test_a_follower_stops_for_every_ended_status_and_only_then(tmp_path):
         assert run_stopped(run) is ended, status
     dead = tmp_path / "dead"
     dead.mkdir()
-    write_json(dead / "lifecycle.json", {"status": "running", "owner": {**owner_info(), "pid": gone.pid},
-                                         "updated_at": time.time()})
+    write_json(
+        dead / "lifecycle.json",
+        {"status": "running", "owner": {**owner_info(), "pid": gone.pid}, "updated_at": time.time()},
+    )
     (dead / "events.jsonl").write_bytes(line(0) + line(1) + line(2))
     (dead / "summary.json").write_bytes(orjson.dumps({"events_persisted": 1}))
     os.utime(dead / "summary.json", (0, 0))  # older than the events: the run died between two summaries

@@ -85,6 +85,7 @@ def assert_accounts(s: dict[str, Any], jsonl: list[int], hist: list[int]) -> Non
 
 # --- sampling through a real Recorder ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("strategy", "config"), STRATEGIES, ids=lambda x: str(x))
 def test_every_sampling_strategy_feeds_a_real_recorder(tmp_path, strategy, config):
     """Batches the sampler empties must not crash the Recorder, and the figures must add up."""
@@ -108,8 +109,9 @@ def test_every_sampling_strategy_feeds_a_real_recorder(tmp_path, strategy, confi
         assert s["events_persisted"] < 1500
     rec.stop()
     sampler.stop()
-    assert_accounts(orjson.loads((tmp_path / "exp" / "run" / "summary.json").read_bytes()),
-                    *on_disk(tmp_path, "exp", "run"))
+    assert_accounts(
+        orjson.loads((tmp_path / "exp" / "run" / "summary.json").read_bytes()), *on_disk(tmp_path, "exp", "run")
+    )
 
 
 FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 50}
@@ -119,11 +121,16 @@ FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 50}
 def test_a_sampled_experiment_runs_to_its_end(tmp_path, strategy, config):
     """The experiment of the report: a low sampling rate used to end it failed."""
     with Lab(tmp_path / "art") as lab:
-        exp = lab.start_experiment({
-            "name": "sampled", "time_budget_s": 60.0,
-            "workload": {"name": "latency", "params": {**FAST, "calls": 3000}},
-            "metrics": {"publish_interval_s": 0}, "telemetry": {"batch_size": 16},
-            "sampling": {"strategy": strategy, "config": config}})
+        exp = lab.start_experiment(
+            {
+                "name": "sampled",
+                "time_budget_s": 60.0,
+                "workload": {"name": "latency", "params": {**FAST, "calls": 3000}},
+                "metrics": {"publish_interval_s": 0},
+                "telemetry": {"batch_size": 16},
+                "sampling": {"strategy": strategy, "config": config},
+            }
+        )
         assert exp.wait(60)
         assert exp.reason == "completed", exp.reason
         s = exp.summary()
@@ -134,16 +141,28 @@ def test_a_sampled_experiment_runs_to_its_end(tmp_path, strategy, config):
 
 # --- malformed batches ----------------------------------------------------------------------------------
 
+
 def good_batch(n: int = 40, start: int = 0) -> dict[str, Any]:
-    rows = [{"seq": start + i, "ts": 1_800_000_000_000_000 + (start + i) * 1000, "name": "step" if i % 3 else "eval",
-             "phase": "serve", "success": i % 7 != 0, "step": start + i,
-             "parameters": {"k": i % 2} if i % 5 == 0 else None, "notes": "n" if i == 3 else None,
-             "values": {"latency_ms": float(1 + i % 4)}} for i in range(n)]
+    rows = [
+        {
+            "seq": start + i,
+            "ts": 1_800_000_000_000_000 + (start + i) * 1000,
+            "name": "step" if i % 3 else "eval",
+            "phase": "serve",
+            "success": i % 7 != 0,
+            "step": start + i,
+            "parameters": {"k": i % 2} if i % 5 == 0 else None,
+            "notes": "n" if i == 3 else None,
+            "values": {"latency_ms": float(1 + i % 4)},
+        }
+        for i in range(n)
+    ]
     return decode(encode(rows_to_batch(rows, "exp", "run")))
 
 
 def _mutations() -> list[tuple[str, Any]]:
     """Ways a batch can decode and still be wrong (name, function of the batch)."""
+
     def put(key: str, value: Any):
         return lambda b: {**b, key: value}
 
@@ -219,8 +238,12 @@ def _consumers(tmp_path: Path) -> dict[str, Any]:
 
 
 def _bad_count(name: str, ref: Any) -> int:
-    ask = {"metrics": {"kind": "get"}, "anomaly": {"kind": "anomaly_metrics"}, "sampler": {"kind": "counts"},
-           "recorder": {"kind": "summary"}}[name]
+    ask = {
+        "metrics": {"kind": "get"},
+        "anomaly": {"kind": "anomaly_metrics"},
+        "sampler": {"kind": "counts"},
+        "recorder": {"kind": "summary"},
+    }[name]
     return ref.ask(ask, timeout=10)["bad_batches"]
 
 
@@ -251,8 +274,9 @@ def test_any_corrupted_column_is_refused(data):
     """Property: replace any column with an array of any length and integer values: either the
     batch is still well-formed, or check_batch refuses it; the consumers' code never sees it."""
     b = good_batch(12)
-    col = data.draw(st.sampled_from(["seq", "ts", "step", "pass", "name", "phase", "success", "gpu", "reason",
-                                     "params"]))
+    col = data.draw(
+        st.sampled_from(["seq", "ts", "step", "pass", "name", "phase", "success", "gpu", "reason", "params"])
+    )
     size = data.draw(st.integers(0, 20))
     vals = data.draw(st.lists(st.integers(-3, 12), min_size=size, max_size=size))
     bad = {**b, col: np.array(vals, dtype=np.int64)}
@@ -290,8 +314,9 @@ def no_tmp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.suffix == ".tmp"]
 
 
-@pytest.mark.parametrize("exc", [ENOSPC, sqlite3.OperationalError("database or disk is full")],
-                         ids=["oserror", "sqlite"])
+@pytest.mark.parametrize(
+    "exc", [ENOSPC, sqlite3.OperationalError("database or disk is full")], ids=["oserror", "sqlite"]
+)
 def test_history_failure_stops_the_run_with_figures_that_match_the_disk(tmp_path, monkeypatch, exc):
     failing_insert(monkeypatch, 5, exc)
     stopped = threading.Event()
@@ -354,9 +379,15 @@ def test_a_torn_jsonl_write_is_cut_back(tmp_path, monkeypatch):
 def test_storage_failure_ends_the_experiment_with_reason_storage(tmp_path, monkeypatch):
     failing_insert(monkeypatch, 20, ENOSPC)
     with Lab(tmp_path / "art") as lab:
-        exp = lab.start_experiment({
-            "name": "full", "time_budget_s": 60.0, "workload": {"name": "latency", "params": FAST},
-            "metrics": {"publish_interval_s": 0}, "telemetry": {"batch_size": 32}})
+        exp = lab.start_experiment(
+            {
+                "name": "full",
+                "time_budget_s": 60.0,
+                "workload": {"name": "latency", "params": FAST},
+                "metrics": {"publish_interval_s": 0},
+                "telemetry": {"batch_size": 32},
+            }
+        )
         assert exp.wait(30)
         s = exp.summary()
     assert exp.reason == "storage: [Errno 28] No space left on device"
@@ -384,9 +415,15 @@ def small_tmpfs(tmp_path):
 
 def test_a_really_full_disk(small_tmpfs):
     with Lab(small_tmpfs / "art") as lab:
-        exp = lab.start_experiment({
-            "name": "full", "time_budget_s": 60.0, "workload": {"name": "latency", "params": FAST},
-            "metrics": {"publish_interval_s": 0}, "telemetry": {"batch_size": 64}})
+        exp = lab.start_experiment(
+            {
+                "name": "full",
+                "time_budget_s": 60.0,
+                "workload": {"name": "latency", "params": FAST},
+                "metrics": {"publish_interval_s": 0},
+                "telemetry": {"batch_size": 64},
+            }
+        )
         assert exp.wait(60)
     assert exp.reason.startswith("storage: "), exp.reason
     assert "No space left on device" in exp.reason or "full" in exp.reason

@@ -25,8 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_cuda_kernels_under_the_simulator(check):
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    r = subprocess.run([sys.executable, "-m", "tests.cudasim_checks", check], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.cudasim_checks", check],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{check}: ok" in r.stdout
 
@@ -109,7 +115,7 @@ def test_crossover_replaces_the_worst_old_chains_with_children_of_better_distinc
     if want < 1:
         assert s.engine.calls == []
         return
-    (victims, pa, pb), = s.engine.calls
+    ((victims, pa, pb),) = s.engine.calls
     assert len(victims) == want and set(victims) <= set(eligible)
     worst_kept = max((best_f[i] for i in eligible if i not in set(victims)), default=-1)
     assert min(best_f[i] for i in victims) >= worst_kept  # the worst eligible go
@@ -169,8 +175,15 @@ class Recorded:
 
 def test_population_phase_on_the_cpu_colours_a_planted_graph_and_says_where_it_ran():
     g_spec = {"generator": "planted", "n": 90, "k": 6, "p": 0.5, "seed": 3}
-    w = _workload({"graph": g_spec, "init": {"strategy": "greedy"}, "phases": ["population"], "target": 6,
-                   "population": {"population": 4, "generation_s": 0.05}})
+    w = _workload(
+        {
+            "graph": g_spec,
+            "init": {"strategy": "greedy"},
+            "phases": ["population"],
+            "target": 6,
+            "population": {"population": 4, "generation_s": 0.05},
+        }
+    )
     em = Recorded()
     w.start(em)
     for _ in range(400):
@@ -190,8 +203,14 @@ def test_population_phase_on_the_cpu_colours_a_planted_graph_and_says_where_it_r
 
 
 def test_population_controls_apply_at_safe_points_or_are_refused():
-    w = _workload({"graph": {"generator": "gnp", "n": 60, "p": 0.5, "seed": 2}, "phases": ["population"],
-                   "gpu": "cpu", "population": {"population": 4, "generation_s": 0.02}})
+    w = _workload(
+        {
+            "graph": {"generator": "gnp", "n": 60, "p": 0.5, "seed": 2},
+            "phases": ["population"],
+            "gpu": "cpu",
+            "population": {"population": 4, "generation_s": 0.02},
+        }
+    )
     em = Recorded()
     w.start(em)
     for _ in range(3):
@@ -206,15 +225,25 @@ def test_population_controls_apply_at_safe_points_or_are_refused():
     assert w.set_param("set_batch", 500)[1] == 500 and w.current.search.iters == 500
     w.step(em)
     assert em.events[-1]["values"]["population"] == 6
-    for key, value in (("set_population", 2), ("set_population", float("nan")), ("set_crossover_rate", 0.95),
-                       ("set_batch", 10), ("set_batch", 2.5), ("set_tenure", float("inf"))):
+    for key, value in (
+        ("set_population", 2),
+        ("set_population", float("nan")),
+        ("set_crossover_rate", 0.95),
+        ("set_batch", 10),
+        ("set_batch", 2.5),
+        ("set_tenure", float("inf")),
+    ):
         with pytest.raises(ValueError, match=r"population|crossover|iterations|tenure"):
             w.set_param(key, value)
 
 
 def test_a_population_checkpoint_restores_best_and_k():
-    params = {"graph": {"generator": "gnp", "n": 70, "p": 0.5, "seed": 5}, "phases": ["population"], "gpu": "cpu",
-              "population": {"population": 4, "generation_s": 0.02}}
+    params = {
+        "graph": {"generator": "gnp", "n": 70, "p": 0.5, "seed": 5},
+        "phases": ["population"],
+        "gpu": "cpu",
+        "population": {"population": 4, "generation_s": 0.02},
+    }
     w = _workload(params)
     em = Recorded()
     w.start(em)
@@ -232,9 +261,22 @@ def test_a_population_checkpoint_restores_best_and_k():
 
 def test_next_k_continues_every_chain_from_its_own_best():
     g = planted(60, 5, 0.4, 1)
-    search = PopulationSearch(g, {"population": 4, "crossover_rate": 0.1, "min_age": 3, "generation_s": 0.02,
-                                  "tenure_a": 10, "tenure_alpha": 0.6, "threads_per_chain": 64,
-                                  "max_generations": 100}, 1, "cpu", 7)
+    search = PopulationSearch(
+        g,
+        {
+            "population": 4,
+            "crossover_rate": 0.1,
+            "min_age": 3,
+            "generation_s": 0.02,
+            "tenure_a": 10,
+            "tenure_alpha": 0.6,
+            "threads_per_chain": 64,
+            "max_generations": 100,
+        },
+        1,
+        "cpu",
+        7,
+    )
     search.seed_from(np.random.default_rng(0).integers(0, 7, g.n).astype(np.int32), 7)
     while (sol := search.step()) is None:
         pass
@@ -246,9 +288,15 @@ def test_next_k_continues_every_chain_from_its_own_best():
 
 
 def test_a_device_failure_mid_phase_goes_on_on_the_cpu_and_says_why():
-    w = _workload({"graph": {"generator": "planted", "n": 80, "k": 5, "p": 0.5, "seed": 2},
-                   "init": {"strategy": "greedy"}, "phases": ["population"], "target": 5,
-                   "population": {"population": 4, "generation_s": 0.05}})
+    w = _workload(
+        {
+            "graph": {"generator": "planted", "n": 80, "k": 5, "p": 0.5, "seed": 2},
+            "init": {"strategy": "greedy"},
+            "phases": ["population"],
+            "target": 5,
+            "population": {"population": 4, "generation_s": 0.05},
+        }
+    )
     em = Recorded()
     w.start(em)
     w.step(em)  # the initial colouring; the population phase is entered
@@ -271,7 +319,9 @@ def test_a_device_failure_mid_phase_goes_on_on_the_cpu_and_says_why():
             break
     steps = [e for e in em.events if e["name"] == "step"]
     assert (steps[0]["gpu_mode"], steps[0]["gpu_reason"]) == (
-        "cpu_fallback", "device error: CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered")
+        "cpu_fallback",
+        "device error: CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered",
+    )
     assert search.engine.device == "cpu" and w.best_k <= 5 and check_coloring(w.g, w.best)["proper"]
 
 

@@ -27,12 +27,24 @@ T0 = 1_700_000_000 * S
 def make_rows(ts_list, phases=("a", "b"), run_id="run"):
     rows = []
     for i, ts in enumerate(ts_list):
-        rows.append(full_event({
-            "v": 1, "seq": i, "ts": int(ts), "experiment_id": "exp", "run_id": run_id, "pass": 0,
-            "phase": phases[i % len(phases)], "step": i, "name": "tick" if i % 3 else "eval",
-            "values": {"x": float(i)} if i % 4 else {"x": float(i), "y": 2.0 * i},
-            "success": i % 5 != 0, "parameters": {"k": i % 2},
-        }))
+        rows.append(
+            full_event(
+                {
+                    "v": 1,
+                    "seq": i,
+                    "ts": int(ts),
+                    "experiment_id": "exp",
+                    "run_id": run_id,
+                    "pass": 0,
+                    "phase": phases[i % len(phases)],
+                    "step": i,
+                    "name": "tick" if i % 3 else "eval",
+                    "values": {"x": float(i)} if i % 4 else {"x": float(i), "y": 2.0 * i},
+                    "success": i % 5 != 0,
+                    "parameters": {"k": i % 2},
+                }
+            )
+        )
     return rows
 
 
@@ -42,14 +54,23 @@ def sources(rows, tmp_path, batch=7):
     from actors.messages import encode
 
     for i in range(0, len(rows), batch):
-        part = rows[i:i + batch]
+        part = rows[i : i + batch]
         b = rows_to_batch(part, "exp", part[0]["run_id"])
         idx.append_batch(b)
-        store.insert_batch("exp", part[0]["run_id"], [part[0]["seq"], part[-1]["seq"]],
-                           min(r["ts"] for r in part), max(r["ts"] for r in part), encode(b), n=len(part))
+        store.insert_batch(
+            "exp",
+            part[0]["run_id"],
+            [part[0]["seq"], part[-1]["seq"]],
+            min(r["ts"] for r in part),
+            max(r["ts"] for r in part),
+            encode(b),
+            n=len(part),
+        )
     store.commit()
-    return {"live": lambda spec, f=None, now=None, **limits: idx.query(spec, f, now, **limits),
-            "history": lambda spec, f=None, now=None, **limits: store.query("exp", spec, f, now, **limits)}
+    return {
+        "live": lambda spec, f=None, now=None, **limits: idx.query(spec, f, now, **limits),
+        "history": lambda spec, f=None, now=None, **limits: store.query("exp", spec, f, now, **limits),
+    }
 
 
 @pytest.fixture
@@ -95,8 +116,20 @@ def test_sliding_windows(data, src):
     assert [len(w["events"]) for w in wins] == [30, 30, 30, 10]
 
 
-@pytest.mark.parametrize("spec", [("last", 5), ("last", -1, "minutes"), ("last", 5, "weeks"), ("range", 2, 1),
-                                  ("sliding", 5, "minutes", 0), ("last_n", -3), ("between", 1, 2), "last", ()])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ("last", 5),
+        ("last", -1, "minutes"),
+        ("last", 5, "weeks"),
+        ("range", 2, 1),
+        ("sliding", 5, "minutes", 0),
+        ("last_n", -3),
+        ("between", 1, 2),
+        "last",
+        (),
+    ],
+)
 def test_bad_window_specs_name_the_accepted_forms(data, spec):
     _, q = data
     with pytest.raises(ValueError, match="accepted forms"):
@@ -146,8 +179,9 @@ def test_windowed_metrics_same_on_both_stores(tmp_path, src):
     store = HistoryStore(tmp_path / "h.sqlite3")
     from actors.messages import encode
 
-    store.insert_batch("exp", "run", [0, 59], rows[0]["ts"], rows[-1]["ts"],
-                       encode(rows_to_batch(rows, "exp", "run")), n=60)
+    store.insert_batch(
+        "exp", "run", [0, 59], rows[0]["ts"], rows[-1]["ts"], encode(rows_to_batch(rows, "exp", "run")), n=60
+    )
     hist = store.windowed_metrics("exp", 10, 5)
     assert live == hist
     assert live[0]["metrics"]["x"]["count"] == 20
@@ -157,7 +191,7 @@ def test_live_index_is_bounded_and_keeps_newest(tmp_path):
     idx = LiveIndex("exp", limit=100)
     rows = make_rows([T0 + k for k in range(1000)])
     for i in range(0, 1000, 50):
-        idx.append_batch(rows_to_batch(rows[i:i + 50], "exp", "run"))
+        idx.append_batch(rows_to_batch(rows[i : i + 50], "exp", "run"))
     assert idx.n <= 100
     assert idx.query(("last_n", 3)) == rows[-3:]
 
@@ -167,19 +201,43 @@ def test_live_index_is_bounded_and_keeps_newest(tmp_path):
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("spec", [
-    ("last", 5, "fortnights"), ("last", NAN, "s"), ("last", INF, "minutes"), ("last", 1e300, "hours"),
-    ("last", 1e-9, "s"), ("sliding", 1, "s", 0), ("sliding", 1, "s", NAN), ("sliding", 1, "s", INF),
-    ("sliding", 1, "s", 1e-9), ("sliding", NAN, "s", 1), ("range", NAN, 1), ("range", 0, INF),
-    ("range", dt.datetime(2026, 1, 1), 5), ("last_n", 2.5), ("last", 5, ["s"]),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ("last", 5, "fortnights"),
+        ("last", NAN, "s"),
+        ("last", INF, "minutes"),
+        ("last", 1e300, "hours"),
+        ("last", 1e-9, "s"),
+        ("sliding", 1, "s", 0),
+        ("sliding", 1, "s", NAN),
+        ("sliding", 1, "s", INF),
+        ("sliding", 1, "s", 1e-9),
+        ("sliding", NAN, "s", 1),
+        ("range", NAN, 1),
+        ("range", 0, INF),
+        ("range", dt.datetime(2026, 1, 1), 5),
+        ("last_n", 2.5),
+        ("last", 5, ["s"]),
+    ],
+)
 def test_prepare_query_refuses_bad_windows_in_the_callers_thread(spec):
     with pytest.raises(QueryError, match="accepted forms"):
         prepare_query(spec)
 
 
-@pytest.mark.parametrize("filters", [{"success": "yes"}, {"name": 3}, {"phase": ["a"]}, {"run_id": None},
-                                     {"parameters.k": [1]}, {"colour": "red"}, ["name"]])
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"success": "yes"},
+        {"name": 3},
+        {"phase": ["a"]},
+        {"run_id": None},
+        {"parameters.k": [1]},
+        {"colour": "red"},
+        ["name"],
+    ],
+)
 def test_prepare_query_refuses_bad_filters(filters):
     with pytest.raises(QueryError, match="filter"):
         prepare_query(("last_n", 1), filters)
@@ -200,13 +258,16 @@ def test_query_error_replies_round_trip():
         query_answer(query_error(KeyError("boom")))
 
 
-@pytest.mark.parametrize(("spec", "limits", "match"), [
-    (("range", T0 / S, T0 / S + 60), {"max_rows": 50}, "select 60 events"),
-    (("last_n", 80), {"max_rows": 50}, "above the limit of 50"),
-    (("sliding", 1, "s", 1e-3), {}, "windows"),
-    (("sliding", 1, "s", 0.5), {"max_windows": 100}, "199 windows"),
-    (("sliding", 30, "s", 10), {"max_rows": 200}, "return 270 events"),
-])
+@pytest.mark.parametrize(
+    ("spec", "limits", "match"),
+    [
+        (("range", T0 / S, T0 / S + 60), {"max_rows": 50}, "select 60 events"),
+        (("last_n", 80), {"max_rows": 50}, "above the limit of 50"),
+        (("sliding", 1, "s", 1e-3), {}, "windows"),
+        (("sliding", 1, "s", 0.5), {"max_windows": 100}, "199 windows"),
+        (("sliding", 30, "s", 10), {"max_rows": 200}, "return 270 events"),
+    ],
+)
 def test_limits_give_the_same_error_on_both_stores(data, spec, limits, match):
     _rows, q = data
     for src in ("live", "history"):
@@ -239,12 +300,34 @@ def runs(draw):
     ts = (T0 + np.cumsum(gaps)).tolist() if n else []
     rows = []
     for i in range(n):
-        pick = draw(st.tuples(st.integers(0, 2), st.integers(0, 2), st.sampled_from([None, True, False]),
-                              st.sampled_from([None, {"k": 0}, {"k": 1}]), st.booleans()))
-        rows.append(full_event({
-            "v": 1, "seq": i, "ts": int(ts[i]), "experiment_id": "exp", "run_id": "r1", "pass": 0,
-            "name": NAMES[pick[0]], "phase": PHASES[pick[1]], "success": pick[2], "parameters": pick[3],
-            "step": i, "values": {"x": float(i)} if pick[4] else {}, "notes": "n" if i % 7 == 3 else None}))
+        pick = draw(
+            st.tuples(
+                st.integers(0, 2),
+                st.integers(0, 2),
+                st.sampled_from([None, True, False]),
+                st.sampled_from([None, {"k": 0}, {"k": 1}]),
+                st.booleans(),
+            )
+        )
+        rows.append(
+            full_event(
+                {
+                    "v": 1,
+                    "seq": i,
+                    "ts": int(ts[i]),
+                    "experiment_id": "exp",
+                    "run_id": "r1",
+                    "pass": 0,
+                    "name": NAMES[pick[0]],
+                    "phase": PHASES[pick[1]],
+                    "success": pick[2],
+                    "parameters": pick[3],
+                    "step": i,
+                    "values": {"x": float(i)} if pick[4] else {},
+                    "notes": "n" if i % 7 == 3 else None,
+                }
+            )
+        )
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, n - 1)), max_size=6)))) if n > 1 else []
     return rows, [rows[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True) if b > a]
 
@@ -259,10 +342,21 @@ def _specs(span_s):
     )
 
 
-FILTERS = st.dictionaries(st.sampled_from(["name", "phase", "success", "parameters.k"]),
-                          st.sampled_from(["tick", "eval"]), max_size=2).map(
-    lambda f: {k: ({"name": v, "phase": "a" if v == "tick" else None, "success": v == "tick",
-                    "parameters.k": int(v == "tick")}[k]) for k, v in f.items()})
+FILTERS = st.dictionaries(
+    st.sampled_from(["name", "phase", "success", "parameters.k"]), st.sampled_from(["tick", "eval"]), max_size=2
+).map(
+    lambda f: {
+        k: (
+            {
+                "name": v,
+                "phase": "a" if v == "tick" else None,
+                "success": v == "tick",
+                "parameters.k": int(v == "tick"),
+            }[k]
+        )
+        for k, v in f.items()
+    }
+)
 
 
 def _answer(fn):
@@ -280,21 +374,32 @@ def test_the_same_query_gives_the_same_answer_live_and_from_the_history(run, dat
     rows, parts = run
     spec = data.draw(_specs(200))
     filters = data.draw(FILTERS)
-    limits = data.draw(st.fixed_dictionaries({"max_rows": st.sampled_from([10, 40, 10_000]),
-                                              "max_windows": st.sampled_from([5, 10_000])}))
+    limits = data.draw(
+        st.fixed_dictionaries(
+            {"max_rows": st.sampled_from([10, 40, 10_000]), "max_windows": st.sampled_from([5, 10_000])}
+        )
+    )
     now_us = T0 + data.draw(st.integers(0, 200 * S))
     idx = LiveIndex("exp")
     store = HistoryStore(":memory:")
     for part in parts:
         b = decode(encode(rows_to_batch(part, "exp", "r1")))
         idx.append_batch(b)
-        store.insert_batch("exp", "r1", [part[0]["seq"], part[-1]["seq"]], part[0]["ts"], part[-1]["ts"], encode(b),
-                           n=len(part))
+        store.insert_batch(
+            "exp", "r1", [part[0]["seq"], part[-1]["seq"]], part[0]["ts"], part[-1]["ts"], encode(b), n=len(part)
+        )
     for other, shift in (("r0", -S), ("r2", 5 * S)):  # runs of the same experiment, interleaved in time
         noise = [dict(r, run_id=other, ts=r["ts"] + shift) for r in rows[:30]]
         if noise:
-            store.insert_batch("exp", other, [0, len(noise) - 1], noise[0]["ts"], noise[-1]["ts"],
-                               encode(rows_to_batch(noise, "exp", other)), n=len(noise))
+            store.insert_batch(
+                "exp",
+                other,
+                [0, len(noise) - 1],
+                noise[0]["ts"],
+                noise[-1]["ts"],
+                encode(rows_to_batch(noise, "exp", other)),
+                n=len(noise),
+            )
     store.commit()
     live = _answer(lambda: idx.query(spec, filters, now_us, **limits))
     hist = _answer(lambda: store.query("exp", spec, filters, now_us, run_id="r1", **limits))
@@ -302,16 +407,22 @@ def test_the_same_query_gives_the_same_answer_live_and_from_the_history(run, dat
     if filters or spec[0] != "sliding":
         return
     wm_live = _answer(lambda: idx.windowed_metrics(spec[1], spec[3], max_windows=limits["max_windows"]))
-    wm_hist = _answer(lambda: store.windowed_metrics("exp", spec[1], spec[3], run_id="r1",
-                                                     max_windows=limits["max_windows"]))
+    wm_hist = _answer(
+        lambda: store.windowed_metrics("exp", spec[1], spec[3], run_id="r1", max_windows=limits["max_windows"])
+    )
     assert wm_live == wm_hist
 
 
 # --- through an experiment ----------------------------------------------------------------------------------
 
+
 def _spec(budget=600.0):
-    return {"name": "q", "time_budget_s": budget, "metrics": {"publish_interval_s": 0},
-            "workload": {"name": "latency", "params": {"target": "time:sleep", "args": [0.001], "calls_per_step": 5}}}
+    return {
+        "name": "q",
+        "time_budget_s": budget,
+        "metrics": {"publish_interval_s": 0},
+        "workload": {"name": "latency", "params": {"target": "time:sleep", "args": [0.001], "calls_per_step": 5}},
+    }
 
 
 def _persisted(exp):
@@ -341,8 +452,14 @@ def lab(tmp_path):
     lab.shutdown()
 
 
-BAD_SPECS = [("last", 5, "fortnights"), ("last", NAN, "s"), ("last", INF, "s"), ("sliding", 1, "s", 0),
-             ("sliding", 1, "s", NAN), ("range", 0, INF)]
+BAD_SPECS = [
+    ("last", 5, "fortnights"),
+    ("last", NAN, "s"),
+    ("last", INF, "s"),
+    ("sliding", 1, "s", 0),
+    ("sliding", 1, "s", NAN),
+    ("range", 0, INF),
+]
 
 
 def test_bad_queries_never_reach_the_tree(lab):
@@ -380,8 +497,12 @@ CALLS = {"name": "call"}
 
 def _answers(exp):
     t0 = dt.datetime.fromtimestamp(exp.query_window(("last_n", 1_000_000), CALLS)[0]["ts"] / S, dt.UTC)
-    specs = [("last_n", 40), ("last_n", 1_000_000), ("range", t0, t0 + dt.timedelta(milliseconds=300)),
-             ("sliding", 0.2, "s", 0.1)]
+    specs = [
+        ("last_n", 40),
+        ("last_n", 1_000_000),
+        ("range", t0, t0 + dt.timedelta(milliseconds=300)),
+        ("sliding", 0.2, "s", 0.1),
+    ]
     return {str(s): exp.query_window(s, CALLS) for s in specs}
 
 

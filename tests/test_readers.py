@@ -14,9 +14,18 @@ from telemetry.schema import SchemaError, parse_line
 
 
 def good(seq, **extra):
-    return {"v": 1, "seq": seq, "ts": 1_000_000 + seq, "experiment_id": "e", "run_id": "r", "pass": 0,
-            "phase": "tabu", "name": "step", "values": {"conflicts": float(10 - seq), "chromatic_number": 28.0},
-            **extra}
+    return {
+        "v": 1,
+        "seq": seq,
+        "ts": 1_000_000 + seq,
+        "experiment_id": "e",
+        "run_id": "r",
+        "pass": 0,
+        "phase": "tabu",
+        "name": "step",
+        "values": {"conflicts": float(10 - seq), "chromatic_number": 28.0},
+        **extra,
+    }
 
 
 BAD = [  # valid JSON, wrong types: each broke a reader before
@@ -42,8 +51,14 @@ BAD = [  # valid JSON, wrong types: each broke a reader before
     {**good(109), "values": None},
     {**good(110), "pass": None},
 ]
-NOT_EVENTS = [b"[1, 2]\n", b'"text"\n', b"{not json\n", b'{"seq": 1}\n', b"\xff\xfe\n",
-              b'{"seq": 18446744073709551615, "ts": 1, "name": "x"}\n']
+NOT_EVENTS = [
+    b"[1, 2]\n",
+    b'"text"\n',
+    b"{not json\n",
+    b'{"seq": 1}\n',
+    b"\xff\xfe\n",
+    b'{"seq": 18446744073709551615, "ts": 1, "name": "x"}\n',
+]
 
 
 def write_run(tmp_path):
@@ -112,7 +127,17 @@ def test_export_to_a_place_that_cannot_be_written_is_a_usage_error(tmp_path, cap
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(SystemExit) as e:
-        main(["export", "run-1", "--out", str(blocker / "x.csv"), "--format", "csv",
-              "--artifacts", str(tmp_path / "art")])
+        main(
+            [
+                "export",
+                "run-1",
+                "--out",
+                str(blocker / "x.csv"),
+                "--format",
+                "csv",
+                "--artifacts",
+                str(tmp_path / "art"),
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1

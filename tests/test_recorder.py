@@ -21,8 +21,14 @@ def seqs_on_disk(run_dir):
 
 def emit_n(em, n, start=0, phase="tabu"):
     for i in range(start, start + n):
-        em.emit("step", {"conflicts": float(n - i), "colors": 20.0 - i % 3}, phase=phase, step=i,
-                success=True, parameters={"tenure": 7} if i % 100 == 0 else None)
+        em.emit(
+            "step",
+            {"conflicts": float(n - i), "colors": 20.0 - i % 3},
+            phase=phase,
+            step=i,
+            success=True,
+            parameters={"tenure": 7} if i % 100 == 0 else None,
+        )
 
 
 @pytest.fixture
@@ -112,8 +118,9 @@ class CrashableRecorder(Recorder):
 
 def test_recorder_crash_under_supervisor_loses_no_acknowledged_event(tmp_path):
     reg, topics = Registry(), Topics()
-    sup = Supervisor.start([ChildSpec("recorder", CrashableRecorder, args=(tmp_path, "exp", "run"), name="rec")],
-                           registry=reg)
+    sup = Supervisor.start(
+        [ChildSpec("recorder", CrashableRecorder, args=(tmp_path, "exp", "run"), name="rec")], registry=reg
+    )
     topics.subscribe_name("events", "rec", reg)
     em = Emitter(topics, "exp", "run", batch_size=50)
     emit_n(em, 1000)
@@ -313,11 +320,14 @@ def test_live_answers_need_no_events_the_bounded_index_dropped(tmp_path):
     em.close()
     rec.ask({"kind": "flush"})
     for spec in (["last_n", 500], ["last_n", 20], ["sliding", 1, "s", 1], ["range", 0, 4e9]):
-        live, hist = (query_answer(rec.ask({"kind": "query_window", "spec": spec, "source": src}))
-                      for src in ("live", "history"))
+        live, hist = (
+            query_answer(rec.ask({"kind": "query_window", "spec": spec, "source": src})) for src in ("live", "history")
+        )
         assert live == hist, spec
     assert len(query_answer(rec.ask({"kind": "query_window", "spec": ["last_n", 500]}))) == 500
-    live, hist = (query_answer(rec.ask({"kind": "windowed_metrics", "window_s": 1, "step_s": 1, "source": src}))
-                  for src in ("live", "history"))
+    live, hist = (
+        query_answer(rec.ask({"kind": "windowed_metrics", "window_s": 1, "step_s": 1, "source": src}))
+        for src in ("live", "history")
+    )
     assert live == hist and sum(w["count"] for w in live) == 1000
     rec.stop()

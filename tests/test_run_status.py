@@ -43,10 +43,15 @@ def monitor_summary(run_dir, art, capsys):
 def test_a_killed_run_is_reported_crashed_and_monitors_end(tmp_path, capsys):
     art = tmp_path / "art"
     specfile = tmp_path / "long.toml"
-    specfile.write_text('name = "long"\ntime_budget_s = 600\n[workload.params]\ntarget = "math:sqrt"\n'
-                        'args = [2.0]\ncalls_per_step = 5\n')
-    proc = subprocess.Popen([sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art),
-                             "--no-live"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    specfile.write_text(
+        'name = "long"\ntime_budget_s = 600\n[workload.params]\ntarget = "math:sqrt"\n'
+        "args = [2.0]\ncalls_per_step = 5\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art), "--no-live"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         run = None
@@ -74,8 +79,21 @@ def test_a_killed_run_is_reported_crashed_and_monitors_end(tmp_path, capsys):
     assert "(crashed)" in text and f"persisted {on_disk}," in text and f"pid {proc.pid}" in text
     # following the dead run reads what is there and ends, in both modes
     for mode in ([], ["--follow"]):
-        r = subprocess.run([sys.executable, "supervisor.py", "monitor", run.name, "--artifacts", str(art),
-                            "--name", "no-such-event", *mode], capture_output=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "supervisor.py",
+                "monitor",
+                run.name,
+                "--artifacts",
+                str(art),
+                "--name",
+                "no-such-event",
+                *mode,
+            ],
+            capture_output=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr.decode()
 
 
@@ -83,9 +101,14 @@ def test_a_tree_over_its_restart_intensity_is_reported_failed(tmp_path, capsys):
     art = tmp_path / "art"
     lab = Lab(art)
     try:
-        doomed = lab.start_experiment({"name": "doomed", "time_budget_s": 600,
-                                       "workload": {"name": "latency", "params": FAST},
-                                       "supervision": {"max_restarts": 0, "max_seconds": 60}})
+        doomed = lab.start_experiment(
+            {
+                "name": "doomed",
+                "time_budget_s": 600,
+                "workload": {"name": "latency", "params": FAST},
+                "supervision": {"max_restarts": 0, "max_seconds": 60},
+            }
+        )
         deadline = time.monotonic() + 30
         while count_events(doomed.run_dir) == 0 and time.monotonic() < deadline:
             doomed.wait(0.05)  # some events on disk first
@@ -107,6 +130,7 @@ def test_a_tree_over_its_restart_intensity_is_reported_failed(tmp_path, capsys):
         def follow():
             main(["monitor", doomed.run_id, "--artifacts", str(art), "--name", "no-such-event"])
             done.set()
+
         threading.Thread(target=follow, daemon=True).start()
         assert done.wait(60), "monitor kept following a failed run"
     finally:
@@ -116,8 +140,7 @@ def test_a_tree_over_its_restart_intensity_is_reported_failed(tmp_path, capsys):
 def test_every_transition_is_on_disk_with_its_owner(tmp_path):
     lab = Lab(tmp_path / "art")
     try:
-        exp = lab.start_experiment({"name": "t", "time_budget_s": 600, "workload": {"name": "latency",
-                                                                                  "params": FAST}})
+        exp = lab.start_experiment({"name": "t", "time_budget_s": 600, "workload": {"name": "latency", "params": FAST}})
         seen = [run_status(exp.run_dir)]
         exp.pause()
         seen.append(run_status(exp.run_dir))
@@ -160,8 +183,7 @@ def test_the_heartbeat_keeps_a_live_record_fresh(tmp_path, monkeypatch):
     monkeypatch.setattr(lab_mod, "HEARTBEAT_S", 0.05)
     lab = Lab(tmp_path / "art")
     try:
-        exp = lab.start_experiment({"name": "t", "time_budget_s": 600, "workload": {"name": "latency",
-                                                                                  "params": FAST}})
+        exp = lab.start_experiment({"name": "t", "time_budget_s": 600, "workload": {"name": "latency", "params": FAST}})
         first = run_status(exp.run_dir).record["updated_at"]
         deadline = time.monotonic() + 30
         while run_status(exp.run_dir).record["updated_at"] == first and time.monotonic() < deadline:
@@ -173,9 +195,16 @@ def test_the_heartbeat_keeps_a_live_record_fresh(tmp_path, monkeypatch):
 
 # --- deriving the status from a record --------------------------------------------------------------------------
 
+
 def record(**kw):
-    rec = {"schema": 1, "status": "running", "reason": None, "owner": rundir.owner_info(),
-           "updated_at": time.time(), "heartbeat_s": 2.0}
+    rec = {
+        "schema": 1,
+        "status": "running",
+        "reason": None,
+        "owner": rundir.owner_info(),
+        "updated_at": time.time(),
+        "heartbeat_s": 2.0,
+    }
     rec.update(kw)
     return rec
 
@@ -221,13 +250,32 @@ def test_ended_and_missing_records():
         assert status_from_record(record(status="stopped", updated_at=when)).status == "stopped"
 
 
-@given(st.one_of(st.binary(max_size=200), st.dictionaries(
-    st.sampled_from(["status", "reason", "owner", "updated_at", "heartbeat_s", "stop_requested_at", "x"]),
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12),
-              st.sampled_from(sorted(STATUSES)),
-              st.fixed_dictionaries({}, optional={"pid": st.integers(), "host": st.text(max_size=8),
-                                                  "proc_start": st.integers(), "boot_id": st.text(max_size=8)})),
-    max_size=7)))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.dictionaries(
+            st.sampled_from(["status", "reason", "owner", "updated_at", "heartbeat_s", "stop_requested_at", "x"]),
+            st.one_of(
+                st.none(),
+                st.booleans(),
+                st.integers(),
+                st.floats(allow_nan=True),
+                st.text(max_size=12),
+                st.sampled_from(sorted(STATUSES)),
+                st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "pid": st.integers(),
+                        "host": st.text(max_size=8),
+                        "proc_start": st.integers(),
+                        "boot_id": st.text(max_size=8),
+                    },
+                ),
+            ),
+            max_size=7,
+        ),
+    )
+)
 def test_any_lifecycle_file_yields_a_documented_status(tmp_path_factory, content):
     run = tmp_path_factory.mktemp("run")
     (run / "lifecycle.json").write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
@@ -240,11 +288,25 @@ def test_any_lifecycle_file_yields_a_documented_status(tmp_path_factory, content
 
 # --- a summary that lags its events --------------------------------------------------------------------------------
 
+
 def test_a_lagging_summary_is_reconciled_with_the_events_on_disk(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    lines = [dumps_line({"v": 1, "seq": i, "ts": 1_000_000 + i, "experiment_id": "e", "run_id": "r", "pass": 0,
-                         "name": "step", "values": {"x": 1.0}}) for i in range(25)]
+    lines = [
+        dumps_line(
+            {
+                "v": 1,
+                "seq": i,
+                "ts": 1_000_000 + i,
+                "experiment_id": "e",
+                "run_id": "r",
+                "pass": 0,
+                "name": "step",
+                "values": {"x": 1.0},
+            }
+        )
+        for i in range(25)
+    ]
     (run / "summary.json").write_bytes(orjson.dumps({"events_persisted": 10}))
     old = time.time() - 60
     os.utime(run / "summary.json", (old, old))

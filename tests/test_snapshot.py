@@ -33,8 +33,10 @@ def test_a_reading_is_a_copy_with_its_age():
     assert old.flags() == {"stale": True, "age_s": 1.5}
 
 
-@given(st.lists(st.tuples(st.booleans(), st.floats(0, 10), st.integers(0, 100)), min_size=1, max_size=30),
-       st.floats(0.01, 5))
+@given(
+    st.lists(st.tuples(st.booleans(), st.floats(0, 10), st.integers(0, 100)), min_size=1, max_size=30),
+    st.floats(0.01, 5),
+)
 def test_stale_means_older_than_max_age(steps, max_age):
     clock = Clock()
     snap = Snapshot(clock)
@@ -64,8 +66,9 @@ def test_one_refresh_at_a_time_and_reads_never_wait_longer_than_asked():
     t0 = time.monotonic()
     first = snap.read(slow_fetch, max_age=0.0, wait=0.1)  # starts the fetch, waits 0.1 s for it
     assert first.stale and first.value is None and time.monotonic() - t0 >= 0.1
-    readers = [threading.Thread(target=snap.read, args=(slow_fetch,), kwargs={"max_age": 0.0, "wait": 0.1})
-               for _ in range(8)]
+    readers = [
+        threading.Thread(target=snap.read, args=(slow_fetch,), kwargs={"max_age": 0.0, "wait": 0.1}) for _ in range(8)
+    ]
     t1 = time.monotonic()
     for t in readers:
         t.start()

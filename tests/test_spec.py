@@ -19,19 +19,22 @@ def test_example_specs_validate():
         assert spec["telemetry"]["batch_size"] >= 1  # defaults filled in
 
 
-@pytest.mark.parametrize(("text", "match"), [
-    ('name = "a"\ncolour = 3\n', r"x\.toml: colour: unknown key"),
-    ('name = "a"\n[telemetry]\nbatch_sise = 3\n', r"x\.toml: telemetry\.batch_sise: unknown key"),
-    ('name = "a"\ntime_budget_s = "long"\n', r"x\.toml: time_budget_s: must be a finite number in \[0\.001, "),
-    ('name = "a"\n[telemetry]\noverflow = "explode"\n', r"telemetry\.overflow: must be one of block, drop"),
-    ('name = "a"\n[telemetry]\nbatch_size = 0\n', r"telemetry\.batch_size: must be >= 1"),
-    ('name = "../up"\n', r"name: .*may only use"),
-    ('name = "a"\n[sampling]\nstrategy = "uniform"\nconfig = { rate = 2 }\n', r"sampling: .*rate"),
-    ('name = "a"\n[anomaly]\nmethods = ["astrology"]\n', r"anomaly: unknown anomaly method"),
-    ('name = "a"\n[workload]\nname = "nope"\n', r"workload\.name: unknown workload 'nope'; available: .*latency"),
-    ('name = "a"\n[workload.params]\ncalls = -1\n', r"workload\.params: calls must be"),
-    ('name = "a"\n[workload.params]\ntarget = "no.such.module:f"\n', r"cannot import"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('name = "a"\ncolour = 3\n', r"x\.toml: colour: unknown key"),
+        ('name = "a"\n[telemetry]\nbatch_sise = 3\n', r"x\.toml: telemetry\.batch_sise: unknown key"),
+        ('name = "a"\ntime_budget_s = "long"\n', r"x\.toml: time_budget_s: must be a finite number in \[0\.001, "),
+        ('name = "a"\n[telemetry]\noverflow = "explode"\n', r"telemetry\.overflow: must be one of block, drop"),
+        ('name = "a"\n[telemetry]\nbatch_size = 0\n', r"telemetry\.batch_size: must be >= 1"),
+        ('name = "../up"\n', r"name: .*may only use"),
+        ('name = "a"\n[sampling]\nstrategy = "uniform"\nconfig = { rate = 2 }\n', r"sampling: .*rate"),
+        ('name = "a"\n[anomaly]\nmethods = ["astrology"]\n', r"anomaly: unknown anomaly method"),
+        ('name = "a"\n[workload]\nname = "nope"\n', r"workload\.name: unknown workload 'nope'; available: .*latency"),
+        ('name = "a"\n[workload.params]\ncalls = -1\n', r"workload\.params: calls must be"),
+        ('name = "a"\n[workload.params]\ntarget = "no.such.module:f"\n', r"cannot import"),
+    ],
+)
 def test_bad_specs_name_file_and_key(tmp_path, text, match):
     with pytest.raises(SpecError, match=match):
         load_spec(write(tmp_path, text), workloads=registry())
@@ -44,8 +47,17 @@ def test_toml_syntax_error_has_file_and_line(tmp_path):
 
 def test_overrides_are_typed_and_validated(tmp_path):
     p = write(tmp_path, 'name = "a"\n')
-    spec = load_spec(p, ["time_budget_s=2.5", "telemetry.overflow=drop", "workload.params.calls=10",
-                         "tags=['x', 'y']", "hypothesis=faster is better"], workloads=registry())
+    spec = load_spec(
+        p,
+        [
+            "time_budget_s=2.5",
+            "telemetry.overflow=drop",
+            "workload.params.calls=10",
+            "tags=['x', 'y']",
+            "hypothesis=faster is better",
+        ],
+        workloads=registry(),
+    )
     assert spec["time_budget_s"] == 2.5 and spec["telemetry"]["overflow"] == "drop"
     assert spec["workload"]["params"]["calls"] == 10 and spec["tags"] == ["x", "y"]
     assert spec["hypothesis"] == "faster is better"
@@ -64,6 +76,7 @@ def test_missing_file(tmp_path):
 
 # --- every number is finite and in its documented range -----------------------------------------------
 
+
 def _number_keys(schema=None, prefix=""):
     """Every key of the schema whose rule is a numeric range of the validation kit."""
     from experiments.spec import SCHEMA
@@ -81,8 +94,15 @@ def _number_keys(schema=None, prefix=""):
 
 def test_the_number_keys_are_found():
     keys = _number_keys()
-    assert {"seed", "time_budget_s", "telemetry.flush_interval_s", "metrics.compression", "anomaly.window",
-            "hypertune.window_s", "supervision.max_restarts"} <= set(keys)
+    assert {
+        "seed",
+        "time_budget_s",
+        "telemetry.flush_interval_s",
+        "metrics.compression",
+        "anomaly.window",
+        "hypertune.window_s",
+        "supervision.max_restarts",
+    } <= set(keys)
 
 
 @pytest.mark.parametrize("key", _number_keys())
@@ -93,27 +113,33 @@ def test_no_number_key_takes_nan_infinity_or_an_overflow(tmp_path, key, value):
         load_spec(p, [f"{key}={value}"], workloads=registry())
 
 
-@pytest.mark.parametrize(("override", "match"), [
-    ("metadata.x=nan", r"metadata\.x: must be a finite number, got nan"),
-    ("metadata.deep={a=[1, inf]}", r"metadata\.deep\.a\[1\]: must be a finite number, got inf"),
-    ("metadata.big=18446744073709551616", r"metadata\.big: must fit in 64 bits"),
-    ("sampling.config={rate=nan}", r"sampling\.config\.rate: must be a finite number"),
-    ("anomaly.threshold=nan", r"anomaly\.threshold: must be a finite number in \(0, 1_000_000\] or a table"),
-    ("anomaly.threshold={z_score=inf}", r"anomaly\.threshold: must map methods"),
-    ("metrics.windows_s=[60, nan]", r"metrics\.windows_s: must be a list of 1 to 32 window lengths"),
-    ("workload.params.args=[nan]", r"workload\.params\.args\[0\]: must be a finite number"),
-    ("workload.params.calls_per_step=1000000000", r"workload\.params: calls_per_step must be <= 100_000"),
-    ("workload.params.timeout_s=0", r"workload\.params: timeout_s must be >= 0\.001"),
-    ("workload.params.calls=-3", r"workload\.params: calls must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("metadata.x=nan", r"metadata\.x: must be a finite number, got nan"),
+        ("metadata.deep={a=[1, inf]}", r"metadata\.deep\.a\[1\]: must be a finite number, got inf"),
+        ("metadata.big=18446744073709551616", r"metadata\.big: must fit in 64 bits"),
+        ("sampling.config={rate=nan}", r"sampling\.config\.rate: must be a finite number"),
+        ("anomaly.threshold=nan", r"anomaly\.threshold: must be a finite number in \(0, 1_000_000\] or a table"),
+        ("anomaly.threshold={z_score=inf}", r"anomaly\.threshold: must map methods"),
+        ("metrics.windows_s=[60, nan]", r"metrics\.windows_s: must be a list of 1 to 32 window lengths"),
+        ("workload.params.args=[nan]", r"workload\.params\.args\[0\]: must be a finite number"),
+        ("workload.params.calls_per_step=1000000000", r"workload\.params: calls_per_step must be <= 100_000"),
+        ("workload.params.timeout_s=0", r"workload\.params: timeout_s must be >= 0\.001"),
+        ("workload.params.calls=-3", r"workload\.params: calls must be >= 0"),
+    ],
+)
 def test_numbers_inside_free_tables_and_workload_params(tmp_path, override, match):
     with pytest.raises(SpecError, match=match):
         load_spec(write(tmp_path, 'name = "a"\n'), [override], workloads=registry())
 
 
 def test_the_same_numbers_are_refused_in_the_file_itself(tmp_path):
-    with pytest.raises(SpecError, match=r"x\.toml: time_budget_s: must be a finite number in \[0\.001, 31_536_000\], "
-                                        r"got nan"):
+    with pytest.raises(
+        SpecError,
+        match=r"x\.toml: time_budget_s: must be a finite number in \[0\.001, 31_536_000\], "
+        r"got nan",
+    ):
         load_spec(write(tmp_path, 'name = "a"\ntime_budget_s = nan\n'))
     with pytest.raises(SpecError, match=r"x\.toml: metadata\.n: must be a finite number, got -inf"):
         load_spec(write(tmp_path, 'name = "a"\n[metadata]\nn = -inf\n'))
@@ -136,10 +162,14 @@ def test_init_table_check():
     from experiments.coloring.init import check_init, multistart
 
     assert check_init({"strategy": "multistart", "tries": 8}) == {"strategy": "multistart", "tries": 8}
-    for bad, match in (({"tries": 0}, "init.tries must be >= 1"), ({"tries": 10**12}, "init.tries must be <="),
-                       ({"tries": float("nan")}, "init.tries must be an integer"),
-                       ({"strategy": "psychic"}, "init.strategy must be one of"), ({"x": 1}, "unknown init key"),
-                       ("dsatur", "init must be a table")):
+    for bad, match in (
+        ({"tries": 0}, "init.tries must be >= 1"),
+        ({"tries": 10**12}, "init.tries must be <="),
+        ({"tries": float("nan")}, "init.tries must be an integer"),
+        ({"strategy": "psychic"}, "init.strategy must be one of"),
+        ({"x": 1}, "unknown init key"),
+        ("dsatur", "init must be a table"),
+    ):
         with pytest.raises(ValueError, match=match):
             check_init(bad)
     with pytest.raises(ValueError, match=r"init\.tries"):

@@ -30,7 +30,8 @@ def crash(sup, child_id):
 def three(journal, strategy, **kw):
     return Supervisor.start(
         [ChildSpec(t, Worker, kwargs={"tag": t, "journal": journal}) for t in "abc"],
-        strategy=strategy, **kw,
+        strategy=strategy,
+        **kw,
     )
 
 
@@ -44,8 +45,14 @@ def test_children_start_in_order_and_stop_in_reverse(journal):
     assert [c["id"] for c in sup.which_children()] == ["a", "b", "c"]
     assert all(c["alive"] and c["restart"] == "permanent" for c in sup.which_children())
     assert sup.stop(timeout=5)
-    assert journal == [("start", "a"), ("start", "b"), ("start", "c"),
-                       ("stop", "c", SHUTDOWN), ("stop", "b", SHUTDOWN), ("stop", "a", SHUTDOWN)]
+    assert journal == [
+        ("start", "a"),
+        ("start", "b"),
+        ("start", "c"),
+        ("stop", "c", SHUTDOWN),
+        ("stop", "b", SHUTDOWN),
+        ("stop", "a", SHUTDOWN),
+    ]
 
 
 def test_one_for_one_restarts_only_the_crashed_child(journal):
@@ -86,9 +93,13 @@ def test_rest_for_one_restarts_the_child_and_later_ones(journal):
 @pytest.mark.parametrize(
     ("restart", "how", "restarted"),
     [
-        ("permanent", "normal", True), ("permanent", "crash", True),
-        ("transient", "normal", False), ("transient", "crash", True), ("transient", "shutdown", False),
-        ("temporary", "normal", False), ("temporary", "crash", False),
+        ("permanent", "normal", True),
+        ("permanent", "crash", True),
+        ("transient", "normal", False),
+        ("transient", "crash", True),
+        ("transient", "shutdown", False),
+        ("temporary", "normal", False),
+        ("temporary", "crash", False),
     ],
 )
 def test_restart_types(restart, how, restarted):
@@ -157,7 +168,8 @@ def test_zero_max_restarts_exits_on_first_restart():
 
 def test_escalation_parent_restarts_the_failed_supervisor():
     inner_spec = ChildSpec(
-        "inner", Supervisor,
+        "inner",
+        Supervisor,
         kwargs={"children": [ChildSpec("w", Worker, kwargs={"tag": "leaf"})], "max_restarts": 0},
     )
     outer = Supervisor.start([ChildSpec("sibling", Worker), inner_spec], strategy="one_for_one")
@@ -346,8 +358,9 @@ def test_bad_child_specs(kwargs, match):
 def test_bad_supervisor_arguments_start_nothing():
     journal = []
     with pytest.raises(ValueError, match="duplicate child id 'a'"):
-        Supervisor.start([ChildSpec("a", Worker, kwargs={"journal": journal}),
-                          ChildSpec("a", Worker, kwargs={"journal": journal})])
+        Supervisor.start(
+            [ChildSpec("a", Worker, kwargs={"journal": journal}), ChildSpec("a", Worker, kwargs={"journal": journal})]
+        )
     assert journal == []
     with pytest.raises(ValueError, match="unknown strategy"):
         Supervisor.start([], strategy="one_for_some")
@@ -358,8 +371,12 @@ def test_failed_start_stops_the_already_started_children():
     refuse = threading.Event()
     refuse.set()
     with pytest.raises(RuntimeError, match="start refused"):
-        Supervisor.start([ChildSpec("a", Worker, kwargs={"journal": journal, "tag": "a"}),
-                          ChildSpec("b", Worker, kwargs={"fail_start": refuse})])
+        Supervisor.start(
+            [
+                ChildSpec("a", Worker, kwargs={"journal": journal, "tag": "a"}),
+                ChildSpec("b", Worker, kwargs={"fail_start": refuse}),
+            ]
+        )
     assert journal == [("start", "a"), ("stop", "a", SHUTDOWN)]
 
 

@@ -39,8 +39,9 @@ class Model:
                 ch["running"] = False
             return
         idx = self.children.index(c)
-        group = {"one_for_one": [c], "one_for_all": list(self.children),
-                 "rest_for_one": self.children[idx:]}[self.strategy]
+        group = {"one_for_one": [c], "one_for_all": list(self.children), "rest_for_one": self.children[idx:]}[
+            self.strategy
+        ]
         for g in group:
             if g is not c and g["restart"] == "temporary":
                 self.children.remove(g)
@@ -60,8 +61,7 @@ class Model:
 IDS = ["a", "b", "c", "d"]
 
 
-@settings(max_examples=25, stateful_step_count=20, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, stateful_step_count=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 class SupervisorMachine(RuleBasedStateMachine):
     sup = None
 
@@ -76,8 +76,11 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.model = Model(specs, strategy, max_restarts, 5.0)
         self.sup = Supervisor.start(
             [ChildSpec(i, Worker, kwargs={"tag": i}, restart=r, shutdown=2.0) for i, r in specs],
-            strategy=strategy, max_restarts=max_restarts, max_seconds=5.0,
-            clock=lambda: self.now, registry=Registry(),
+            strategy=strategy,
+            max_restarts=max_restarts,
+            max_seconds=5.0,
+            clock=lambda: self.now,
+            registry=Registry(),
         )
 
     def running_ids(self) -> list[str]:

@@ -29,7 +29,7 @@ def test_rank_error_against_exact_quantiles(kind, q, bound):
     x = DATA[kind]
     d = TDigest()
     for i in range(0, x.size, 1024):  # as the actors feed it: 1,024-value batches
-        d.add_batch(x[i:i + 1024])
+        d.add_batch(x[i : i + 1024])
     assert rank_error(np.sort(x), d.quantile(q), q) <= bound
 
 
@@ -57,7 +57,7 @@ def test_merged_digests_match_single_stream():
     x = DATA["lognormal"][:400_000]
     parts = [TDigest() for _ in range(4)]
     for i, p in enumerate(parts):
-        p.add_batch(x[i * 100_000:(i + 1) * 100_000])
+        p.add_batch(x[i * 100_000 : (i + 1) * 100_000])
     merged = parts[0]
     for p in parts[1:]:
         merged.merge(p)
@@ -113,8 +113,11 @@ def test_bad_arguments(bad):
 
 
 @settings(max_examples=60)
-@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=400),
-       st.floats(0, 1), st.sampled_from(["k1", "k2"]))
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=400),
+    st.floats(0, 1),
+    st.sampled_from(["k1", "k2"]),
+)
 def test_quantiles_within_range_and_monotone(values, q, scale):
     d = TDigest(compression=20, scale=scale, max_discrete=0)
     d.add_batch(values)

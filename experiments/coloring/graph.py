@@ -62,7 +62,7 @@ class Graph:
         return np.diff(self.indptr).astype(np.int32)
 
     def neighbors(self, v: int) -> np.ndarray:
-        return self.indices[self.indptr[v]:self.indptr[v + 1]]
+        return self.indices[self.indptr[v] : self.indptr[v + 1]]
 
     def edges(self) -> np.ndarray:
         """(m, 2) array of u < v pairs."""
@@ -104,8 +104,10 @@ def from_edges(n: int, edges: np.ndarray, name: str = "graph", **meta: Any) -> G
     g = Graph(n, indptr, dst.astype(np.int32), name, dict(meta))
     cells = n * (int(g.degrees().max(initial=0)) + 2)
     if cells > MAX_TABLE_CELLS:
-        raise GraphError(f"{name}: n x (max degree + 2) = {cells:,} exceeds {MAX_TABLE_CELLS:,} (the colouring "
-                         "tables would not fit in memory)")
+        raise GraphError(
+            f"{name}: n x (max degree + 2) = {cells:,} exceeds {MAX_TABLE_CELLS:,} (the colouring "
+            "tables would not fit in memory)"
+        )
     return g
 
 
@@ -192,8 +194,14 @@ def read_dimacs(path: str | Path) -> Graph:
     if n is None:
         raise GraphError(f"{path}: no 'p edge N M' line")
     name = strip_suffix(path.name)
-    return from_edges(n, np.frombuffer(edges, dtype=np.int32).reshape(-1, 2), name=name, source=str(path),
-                      declared_edges=declared, edge_lines=len(edges) // 2)
+    return from_edges(
+        n,
+        np.frombuffer(edges, dtype=np.int32).reshape(-1, 2),
+        name=name,
+        source=str(path),
+        declared_edges=declared,
+        edge_lines=len(edges) // 2,
+    )
 
 
 def resolve_graph_file(ref: str | Path) -> Path:
@@ -210,8 +218,9 @@ def resolve_graph_file(ref: str | Path) -> Path:
         return shipped
     if p.exists():
         raise GraphError(f"graph file {str(ref)!r} is not a regular file")
-    raise GraphError(f"graph file {str(ref)!r} does not exist and is not a shipped instance; shipped: "
-                     f"{', '.join(instance_names())}")
+    raise GraphError(
+        f"graph file {str(ref)!r} does not exist and is not a shipped instance; shipped: {', '.join(instance_names())}"
+    )
 
 
 def _pairs(n: int, p: float, rng: np.random.Generator, cls: np.ndarray | None = None) -> np.ndarray:
@@ -239,8 +248,7 @@ def _check_generator(gen: str, n: Any, p: Any, seed: Any) -> None:
     _check(f"{gen}: seed", SEED, seed)
     expected = p * n * (n - 1) / 2
     if expected > MAX_EDGES:
-        raise GraphError(f"{gen}: n={n}, p={p:g} gives about {expected:,.0f} edges; at most {MAX_EDGES:,} are "
-                         "allowed")
+        raise GraphError(f"{gen}: n={n}, p={p:g} gives about {expected:,.0f} edges; at most {MAX_EDGES:,} are allowed")
 
 
 def gnp(n: int, p: float, seed: int = 0) -> Graph:

@@ -80,7 +80,10 @@ def multistart(g: Graph, seed: int = 0, tries: int = 64) -> np.ndarray:
 
 
 INIT: dict[str, Callable[..., np.ndarray]] = {
-    "greedy": greedy_lf, "dsatur": dsatur_init, "spectral": spectral, "community": community,
+    "greedy": greedy_lf,
+    "dsatur": dsatur_init,
+    "spectral": spectral,
+    "community": community,
     "multistart": multistart,
 }
 

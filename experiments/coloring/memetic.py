@@ -25,8 +25,9 @@ class Memetic(ColoringPhase):
         gamma = build_gamma(g.indptr, g.indices, c, self.k)
         tabu = np.zeros((g.n, self.k), dtype=np.int32)  # local_iters <= 10**9: no rebase needed
         best = c.copy()
-        _, _, bf = tabucol(g.indptr, g.indices, self.k, c, gamma, tabu, 0, iters, t["tenure_a"], t["tenure_alpha"],
-                           best, 1 << 30)
+        _, _, bf = tabucol(
+            g.indptr, g.indices, self.k, c, gamma, tabu, 0, iters, t["tenure_a"], t["tenure_alpha"], best, 1 << 30
+        )
         return best, int(bf)
 
     def setup(self, k: int, base: np.ndarray) -> np.ndarray | None:

@@ -68,8 +68,9 @@ class ColoringPhase:
         self.k = 0
         self.steps = 0
         p = ctx.p["gpu"]
-        self.gpu_mode, self.gpu_reason = ("cpu_disabled", "disabled in the spec") if p == "cpu" else (
-            "cpu", f"{self.name}: a CPU phase")
+        self.gpu_mode, self.gpu_reason = (
+            ("cpu_disabled", "disabled in the spec") if p == "cpu" else ("cpu", f"{self.name}: a CPU phase")
+        )
 
     @property
     def params(self) -> dict[str, Any]:

@@ -50,8 +50,9 @@ def partition_distance(a: np.ndarray, b: np.ndarray, k: int) -> int:
     return int(a.size - overlap[rows, cols].sum())
 
 
-def choose_engine(g: Any, mode: str, size: int, seed: int, threads_per_chain: int,
-                  k: int) -> tuple[Any, str, str | None]:
+def choose_engine(
+    g: Any, mode: str, size: int, seed: int, threads_per_chain: int, k: int
+) -> tuple[Any, str, str | None]:
     """(engine, gpu_mode, reason): the CUDA population unless the spec or the machine says no."""
     if mode == "cpu":
         return _cpu_engine(g, size, k, seed), "cpu_disabled", "disabled in the spec"
@@ -64,8 +65,11 @@ def choose_engine(g: Any, mode: str, size: int, seed: int, threads_per_chain: in
         try:
             dev = cuda.get_current_device()
             free, _ = cuda.current_context().get_memory_info()
-            size = _capped(size, memory_fit(g.n, max(k, 2), int(free)), "device memory") if size else auto_size(
-                g.n, max(k, 2), int(free), int(dev.MULTIPROCESSOR_COUNT))
+            size = (
+                _capped(size, memory_fit(g.n, max(k, 2), int(free)), "device memory")
+                if size
+                else auto_size(g.n, max(k, 2), int(free), int(dev.MULTIPROCESSOR_COUNT))
+            )
         except AttributeError:  # the simulator: no device properties
             size = size or 4
         try:
@@ -101,8 +105,9 @@ class PopulationSearch:
         self.g = g
         self.p = params
         self.rng = np.random.default_rng(seed)
-        self.engine, self.gpu_mode, self.gpu_reason = choose_engine(g, mode, int(params["population"]), seed,
-                                                                    int(params["threads_per_chain"]), k)
+        self.engine, self.gpu_mode, self.gpu_reason = choose_engine(
+            g, mode, int(params["population"]), seed, int(params["threads_per_chain"]), k
+        )
         self.engine.tenure_a = int(params["tenure_a"])
         self.engine.tenure_alpha = float(params["tenure_alpha"])
         self.iters = 2 * MIN_ITERS  # grows to the chains' pace within a few generations
@@ -164,8 +169,12 @@ class PopulationSearch:
             verdict = check_coloring(self.g, c)  # the independent checker: no kernel shared with the search
             if verdict["proper"] and verdict["k"] <= self.k:
                 return c
-            log.error("a chain reported a proper colouring that the checker refuses", chain=winner,
-                      device=self.engine.device, problems=verdict["problems"])
+            log.error(
+                "a chain reported a proper colouring that the checker refuses",
+                chain=winner,
+                device=self.engine.device,
+                problems=verdict["problems"],
+            )
         self._crossover()
         return None
 
@@ -250,12 +259,23 @@ class PopulationSearch:
         else:
             from kernels.coloring import gpx
 
-            extra = [gpx(rows[order[self.rng.integers(0, max(1, self.size // 2))]],
-                         rows[order[self.rng.integers(0, self.size)]], self.k) for _ in range(size - self.size)]
+            extra = [
+                gpx(
+                    rows[order[self.rng.integers(0, max(1, self.size // 2))]],
+                    rows[order[self.rng.integers(0, self.size)]],
+                    self.k,
+                )
+                for _ in range(size - self.size)
+            ]
             keep = np.concatenate([rows, np.stack(extra)]) if extra else rows
         self.engine.close()
-        self.engine = type(self.engine)(self.g.indptr, self.g.indices, size, int(self.rng.integers(1 << 30)),
-                                        **({"threads": self.engine.tpb} if self.engine.device == "gpu" else {}))
+        self.engine = type(self.engine)(
+            self.g.indptr,
+            self.g.indices,
+            size,
+            int(self.rng.integers(1 << 30)),
+            **({"threads": self.engine.tpb} if self.engine.device == "gpu" else {}),
+        )
         self.engine.tenure_a = int(self.p["tenure_a"])
         self.engine.tenure_alpha = float(self.p["tenure_alpha"])
         self.age = np.zeros(size, dtype=np.int64)
@@ -266,9 +286,14 @@ class PopulationSearch:
 
     def telemetry(self) -> dict[str, float]:
         """The generation's figures for the ``step`` event."""
-        return {"pop_best": float(self.best_f.min()), "pop_mean": float(self.f.mean()),
-                "diversity": self.diversity(), "population": float(self.size), "generation": float(self.generation),
-                **self.last}
+        return {
+            "pop_best": float(self.best_f.min()),
+            "pop_mean": float(self.f.mean()),
+            "diversity": self.diversity(),
+            "population": float(self.size),
+            "generation": float(self.generation),
+            **self.last,
+        }
 
     def close(self) -> None:
         self.engine.close()
@@ -314,8 +339,10 @@ class Population(ColoringPhase):
     def set_batch(self, value: Any) -> tuple[Any, Any]:
         """The iterations per chain of the next generation (the pace adapts from there)."""
         if isinstance(value, bool) or not isinstance(value, int) or not MIN_ITERS <= value <= MAX_ITERS:
-            raise ValueError(f"set_batch for the population phase: iterations per chain must be an integer in "
-                             f"[{MIN_ITERS}, {MAX_ITERS}], got {value!r}")
+            raise ValueError(
+                f"set_batch for the population phase: iterations per chain must be an integer in "
+                f"[{MIN_ITERS}, {MAX_ITERS}], got {value!r}"
+            )
         if self.search is None:
             raise ValueError("set_batch: the population phase has not started")
         before, self.search.iters = self.search.iters, value

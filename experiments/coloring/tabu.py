@@ -45,9 +45,20 @@ class Tabu(ColoringPhase):
         if self.clock > TABU_REBASE:
             rebase_tabu(self.tabu, self.clock)
             self.clock = 0
-        done, f, self.best_f = tabucol(g.indptr, g.indices, self.k, self.colors, self.gamma, self.tabu, self.clock,
-                                       t["iters_per_step"], t["tenure_a"], t["tenure_alpha"], self.best_c,
-                                       self.best_f)
+        done, f, self.best_f = tabucol(
+            g.indptr,
+            g.indices,
+            self.k,
+            self.colors,
+            self.gamma,
+            self.tabu,
+            self.clock,
+            t["iters_per_step"],
+            t["tenure_a"],
+            t["tenure_alpha"],
+            self.best_c,
+            self.best_f,
+        )
         self.clock += done
         self.it += done
         self.iterations += done

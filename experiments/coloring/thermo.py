@@ -49,8 +49,10 @@ class Thermo(ColoringPhase):
         reps = np.stack([start] + [self.ctx.perturb(start, k, 0.05) for _ in range(r - 1)])
         self.colors = reps
         if self.gpu_mode == "gpu" and g.n > DENSE_MAX_N:
-            self.gpu_mode, self.gpu_reason = "cpu_fallback", (
-                f"{g.n} vertices: the array path's dense n x n adjacency is kept to {DENSE_MAX_N}")
+            self.gpu_mode, self.gpu_reason = (
+                "cpu_fallback",
+                (f"{g.n} vertices: the array path's dense n x n adjacency is kept to {DENSE_MAX_N}"),
+            )
         if self.gpu_mode == "gpu":
             from kernels.replicas_xp import build_gamma_xp, dense_adjacency
 

@@ -61,8 +61,12 @@ from experiments.coloring.thermo import Thermo
 from kernels.coloring import count_conflicts, seed_rng
 from telemetry.emitter import Emitter
 
-PHASE_CLASSES: dict[str, type[ColoringPhase]] = {"thermo": Thermo, "tabu": Tabu, "memetic": Memetic,
-                                                 "population": Population}
+PHASE_CLASSES: dict[str, type[ColoringPhase]] = {
+    "thermo": Thermo,
+    "tabu": Tabu,
+    "memetic": Memetic,
+    "population": Population,
+}
 
 
 class ColoringWorkload:
@@ -87,8 +91,9 @@ class ColoringWorkload:
         self.ctx = PhaseContext(self.g, self.p, self.rng, seed)
         self._phases: dict[str, ColoringPhase] = {}  # made on first entry, kept (the population's device state)
         self.current: ColoringPhase | None = None
-        self.gpu_mode, self.gpu_reason = ("cpu_disabled", "disabled in the spec") if self.p["gpu"] == "cpu" else (
-            "cpu", "init: a CPU phase")
+        self.gpu_mode, self.gpu_reason = (
+            ("cpu_disabled", "disabled in the spec") if self.p["gpu"] == "cpu" else ("cpu", "init: a CPU phase")
+        )
         self.pass_ = 0
         self.phase_idx = -1  # -1 = init
         self.best: np.ndarray | None = None
@@ -129,17 +134,31 @@ class ColoringWorkload:
             return False
         phase = self.phase
         done_phase, extra = self._phase_step()
-        emitter.emit("step", {"chromatic_number": float(self.best_k), "k": float(self.k),
-                              "conflicts": float(self.conflicts),
-                              "duration_ms": (time.perf_counter() - t0) * 1e3, **extra},
-                     phase=phase, step=self.current.steps if self.current else 0, parameters=self.params(),
-                     gpu_mode=self.gpu_mode, gpu_reason=self.gpu_reason)
+        emitter.emit(
+            "step",
+            {
+                "chromatic_number": float(self.best_k),
+                "k": float(self.k),
+                "conflicts": float(self.conflicts),
+                "duration_ms": (time.perf_counter() - t0) * 1e3,
+                **extra,
+            },
+            phase=phase,
+            step=self.current.steps if self.current else 0,
+            parameters=self.params(),
+            gpu_mode=self.gpu_mode,
+            gpu_reason=self.gpu_reason,
+        )
         if self._improved:
             self._improved = False
             self._new_best(emitter, phase)
         if self.p["target"] and self.best_k <= self.p["target"]:
-            emitter.emit("target_reached", {"chromatic_number": float(self.best_k)}, phase=phase,
-                         notes=f"target {self.p['target']} reached")
+            emitter.emit(
+                "target_reached",
+                {"chromatic_number": float(self.best_k)},
+                phase=phase,
+                notes=f"target {self.p['target']} reached",
+            )
             return self._end_pass(emitter, final=True)
         if done_phase or self.best_k <= 1:
             return self._next_phase(emitter)
@@ -176,10 +195,16 @@ class ColoringWorkload:
         self._close_pass(emitter, reason)
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"pass": self.pass_, "phase_idx": self.phase_idx, "best_k": self.best_k,
-                "colors_per_pass": self.colors_per_pass(),
-                "best": self.best.tolist() if self.best is not None else None, "pass_best": self.pass_best,
-                "seconds_to_best": self.seconds_to_best, "params": {s: self.p[s] for s in PHASES}}
+        return {
+            "pass": self.pass_,
+            "phase_idx": self.phase_idx,
+            "best_k": self.best_k,
+            "colors_per_pass": self.colors_per_pass(),
+            "best": self.best.tolist() if self.best is not None else None,
+            "pass_best": self.pass_best,
+            "seconds_to_best": self.seconds_to_best,
+            "params": {s: self.p[s] for s in PHASES},
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         if state.get("best") is None:
@@ -270,10 +295,15 @@ class ColoringWorkload:
         return self.phase, "next phase"
 
     _HOOKS: ClassVar[dict[str, Any]] = {
-        "adjust_temperature": _adjust_temperature, "set_batch": _set_batch, "set_tenure": _set_tenure,
-        "boost_mutation": _boost_mutation, "set_population": _set_population,
-        "set_crossover_rate": _set_crossover_rate, "external_tenure": _set_external_tenure,
-        "restart_pass": _restart_pass, "skip_phase": _skip_phase,
+        "adjust_temperature": _adjust_temperature,
+        "set_batch": _set_batch,
+        "set_tenure": _set_tenure,
+        "boost_mutation": _boost_mutation,
+        "set_population": _set_population,
+        "set_crossover_rate": _set_crossover_rate,
+        "external_tenure": _set_external_tenure,
+        "restart_pass": _restart_pass,
+        "skip_phase": _skip_phase,
     }
 
     # --- the pipeline --------------------------------------------------------------------------------
@@ -285,11 +315,21 @@ class ColoringWorkload:
         conflicts = int(count_conflicts(self.g.indptr, self.g.indices, c))
         self.best, self.best_k = c, int(c.max()) + 1 if c.size else 0
         self.seconds_to_best = self.clock() - self.t_start
-        emitter.emit("init", {"chromatic_number": float(self.best_k), "conflicts": float(conflicts),
-                              "duration_ms": (time.perf_counter() - t0) * 1e3, "vertices": float(self.g.n),
-                              "edges": float(self.g.m)},
-                     phase="init", step=0, parameters={"strategy": strat}, gpu_reason=self.gpu_reason,
-                     notes=f"initial colouring by {strat}: {self.best_k} colours, {conflicts} conflicts")
+        emitter.emit(
+            "init",
+            {
+                "chromatic_number": float(self.best_k),
+                "conflicts": float(conflicts),
+                "duration_ms": (time.perf_counter() - t0) * 1e3,
+                "vertices": float(self.g.n),
+                "edges": float(self.g.m),
+            },
+            phase="init",
+            step=0,
+            parameters={"strategy": strat},
+            gpu_reason=self.gpu_reason,
+            notes=f"initial colouring by {strat}: {self.best_k} colours, {conflicts} conflicts",
+        )
         self.pass_start_best = self.best_k
         return self._next_phase(emitter)
 
@@ -310,8 +350,13 @@ class ColoringWorkload:
         self.conflicts = ph.conflicts() if self.k >= 1 else 0
         self.gpu_mode, self.gpu_reason = ph.gpu_mode, ph.gpu_reason
         emitter.set_context(gpu_mode=self.gpu_mode)
-        emitter.emit("phase_start", {"chromatic_number": float(self.best_k), "k": float(self.k)}, phase=name,
-                     parameters=self.params(), notes=why)
+        emitter.emit(
+            "phase_start",
+            {"chromatic_number": float(self.best_k), "k": float(self.k)},
+            phase=name,
+            parameters=self.params(),
+            notes=why,
+        )
 
     def _next_phase(self, emitter: Emitter, why: str | None = None) -> bool:
         nxt = self.phase_idx + 1
@@ -325,10 +370,17 @@ class ColoringWorkload:
         self.pass_best.append(self.best_k)
         self._save_pass()
         now = self.clock()
-        emitter.emit("pass_end", {"chromatic_number": float(self.best_k), "duration_s": now - self.pass_t0,
-                                  "start_colors": float(self.pass_start_best),
-                                  "improvement": float(self.pass_start_best - self.best_k)},
-                     phase=self.phase, notes=f"pass {self.pass_} ended at {self.best_k} colours ({why})")
+        emitter.emit(
+            "pass_end",
+            {
+                "chromatic_number": float(self.best_k),
+                "duration_s": now - self.pass_t0,
+                "start_colors": float(self.pass_start_best),
+                "improvement": float(self.pass_start_best - self.best_k),
+            },
+            phase=self.phase,
+            notes=f"pass {self.pass_} ended at {self.best_k} colours ({why})",
+        )
 
     def _end_pass(self, emitter: Emitter, final: bool = False, why: str = "its phases ended") -> bool:
         self._close_pass(emitter, "target reached" if final else why)
@@ -351,8 +403,12 @@ class ColoringWorkload:
         rate = float(self.p["iterative"]["perturb"])
         assert self.best is not None
         self._pass_base = self.ctx.perturb(self.best, self.best_k, rate) if rate > 0 else None
-        self._enter_phase(0, emitter, f"pass {self.pass_} ({why}): from the best solution ({self.best_k} colours)"
-                                      + (f", {rate:.0%} of its vertices recoloured" if rate > 0 else ""))
+        self._enter_phase(
+            0,
+            emitter,
+            f"pass {self.pass_} ({why}): from the best solution ({self.best_k} colours)"
+            + (f", {rate:.0%} of its vertices recoloured" if rate > 0 else ""),
+        )
 
     def _base(self) -> np.ndarray:
         """Where a phase starts: the best colouring, or its perturbed copy at the start of a pass."""
@@ -371,8 +427,12 @@ class ColoringWorkload:
     def _new_best(self, emitter: Emitter, phase: str) -> None:
         self.last_best_t = self.clock()
         self.seconds_to_best = self.last_best_t - self.t_start
-        emitter.emit("new_best", {"chromatic_number": float(self.best_k)}, phase=phase,
-                     notes=f"proper colouring with {self.best_k} colours")
+        emitter.emit(
+            "new_best",
+            {"chromatic_number": float(self.best_k)},
+            phase=phase,
+            notes=f"proper colouring with {self.best_k} colours",
+        )
 
     def _accept(self, colors: np.ndarray, k: int) -> None:
         """A proper colouring with k colours was found: record it, aim at k - 1."""

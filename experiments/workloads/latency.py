@@ -21,10 +21,19 @@ from experiments.validate import Num
 from telemetry.emitter import Emitter
 
 PASSED_THROUGH = ("cost_usd", "tokens_prompt", "tokens_completion")
-DEFAULTS: dict[str, Any] = {"target": "experiments.workloads.latency:checksum_work", "calls": 0,
-                            "calls_per_step": 20, "timeout_s": 10.0, "args": [], "kwargs": {}}
-RANGES = {"calls": Num(0, 10**12, integer=True), "calls_per_step": Num(1, 100_000, integer=True),
-          "timeout_s": Num(0.001, 3600)}
+DEFAULTS: dict[str, Any] = {
+    "target": "experiments.workloads.latency:checksum_work",
+    "calls": 0,
+    "calls_per_step": 20,
+    "timeout_s": 10.0,
+    "args": [],
+    "kwargs": {},
+}
+RANGES = {
+    "calls": Num(0, 10**12, integer=True),
+    "calls_per_step": Num(1, 100_000, integer=True),
+    "timeout_s": Num(0.001, 3600),
+}
 """The documented range of each numeric parameter (0 calls = until the time budget)."""
 
 
@@ -62,8 +71,7 @@ class LatencyWorkload:
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         unknown = set(params) - set(DEFAULTS)
         if unknown:
-            raise ValueError(f"unknown latency parameter(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(DEFAULTS)}")
+            raise ValueError(f"unknown latency parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
         p = {**DEFAULTS, **params}
         if not isinstance(p["target"], str):
             raise ValueError(f"target must be a string, got {p['target']!r}")
@@ -92,6 +100,7 @@ class LatencyWorkload:
                 with urllib.request.urlopen(target, timeout=timeout) as resp:
                     body = resp.read()
                     return {"status": resp.status, "bytes": len(body)}
+
             return get
         fn = resolve(target)
         args, kwargs = list(self.p["args"]), dict(self.p["kwargs"])
@@ -100,8 +109,12 @@ class LatencyWorkload:
     def start(self, emitter: Emitter) -> None:
         self._fn = self._caller()
         emitter.set_context(phase="calls")
-        emitter.emit("start", {"calls_done": float(self.done)}, parameters=self.params(),
-                     notes=f"latency workload on {self.p['target']}")
+        emitter.emit(
+            "start",
+            {"calls_done": float(self.done)},
+            parameters=self.params(),
+            notes=f"latency workload on {self.p['target']}",
+        )
 
     def step(self, emitter: Emitter) -> bool:
         fn = self._fn
@@ -146,8 +159,11 @@ class LatencyWorkload:
                 self.p[k] = v
 
     def params(self) -> dict[str, Any]:
-        return {"target": self.p["target"], "calls_per_step": self.p["calls_per_step"],
-                "timeout_s": self.p["timeout_s"]}
+        return {
+            "target": self.p["target"],
+            "calls_per_step": self.p["calls_per_step"],
+            "timeout_s": self.p["timeout_s"],
+        }
 
     def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
         if key not in ("calls_per_step", "timeout_s"):
