@@ -275,8 +275,10 @@ class PhaseActor(Actor):
         key, value = msg.get("key"), msg.get("value")
         assert self.emitter is not None
         try:
+            if not isinstance(key, str):
+                raise ValueError(f"a control's key must be a string, got {key!r}")
             before, after = self.workload.set_param(key, value)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # the request is the user's data: refused, never a crash
             log.warning("control action refused", key=key, value=value, error=str(exc))
             self.emitter.emit(
                 "control_refused", notes=f"{key}={value!r} refused: {exc}", parameters=self.workload.params()

@@ -331,5 +331,93 @@ def test_a_population_too_large_for_memory_is_cut_to_what_fits():
     g = gnp(2000, 0.01, 1)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     eng = _cpu_engine(g, 65_536, 2000, seed=0)  # 65,536 chains x 2000 x 2000 tables would need petabytes
-    assert 1 <= eng.size and eng.size * 2000 * 2000 * 12 <= ram // 4
+    assert 1 <= eng.size and eng.size * 2000 * 2000 * 8 <= ram // 4  # int32 gamma and tabu tables
     assert _cpu_engine(g, 5, 3, seed=0).size == 5  # a size that fits is kept
+
+
+def test_controls_of_the_wrong_type_are_refused_not_crashes():
+    w = _workload(
+        {
+            "graph": {"generator": "gnp", "n": 40, "p": 0.5, "seed": 1},
+            "phases": ["population"],
+            "gpu": "cpu",
+            "population": {"population": 4, "generation_s": 0.02},
+        }
+    )
+    em = Recorded()
+    w.start(em)
+    w.step(em)
+    for key, value in (
+        (["set_tenure"], 1.0),
+        ({"a": 1}, 1),
+        ("adjust_temperature", None),
+        ("adjust_temperature", "2"),
+        ("adjust_temperature", True),
+        ("external_tenure", "false"),
+        ("external_tenure", float("nan")),
+        ("external_tenure", 1),
+    ):
+        with pytest.raises(ValueError):
+            w.set_param(key, value)
+    assert w.set_param("external_tenure", True) == (False, True)
+
+
+def test_a_bad_control_never_crashes_the_phase_actor(tmp_path):
+    from supervisor import Lab
+
+    spec = {
+        "name": "ctl",
+        "time_budget_s": 30.0,
+        "seed": 1,
+        "supervision": {"max_restarts": 1, "max_seconds": 30},
+        "workload": {
+            "name": "coloring",
+            "params": {
+                "graph": {"generator": "gnp", "n": 60, "p": 0.5, "seed": 2},
+                "phases": ["population"],
+                "gpu": "cpu",
+                "population": {"population": 4, "generation_s": 0.05},
+            },
+        },
+    }
+    with Lab(tmp_path / "art") as lab:
+        exp = lab.start_experiment(spec)
+        phase = exp.registry.whereis("phase")
+        for msg in (
+            {"key": "adjust_temperature", "value": None},
+            {"key": ["set_tenure"], "value": 1},
+            {"key": "set_population", "value": [3]},
+            {"key": None, "value": None},
+        ):
+            answer = phase.ask({"kind": "set_param", **msg}, timeout=30)
+            assert answer["ok"] is False and answer["error"]
+        assert exp.registry.whereis("phase") is phase  # the same actor: nothing restarted
+        exp.stop()
+        assert exp.status() == "stopped" and exp.reason == "stopped"
+
+
+def test_set_population_is_cut_to_memory_and_applied_when_the_phase_comes_back():
+    from experiments.coloring.population import _ram_fit
+
+    w = _workload(
+        {
+            "graph": {"generator": "gnp", "n": 70, "p": 0.5, "seed": 3},
+            "phases": ["population", "tabu"],
+            "gpu": "cpu",
+            "population": {"population": 4, "generation_s": 0.02, "max_generations": 2},
+            "tabu": {"max_iters_per_k": 2000},
+            "iterative": {"enabled": True, "max_passes": 2},
+        }
+    )
+    em = Recorded()
+    w.start(em)
+    while w.phase != "tabu":
+        assert not w.step(em)
+    search = w.current.search if w.phase == "population" else w._phases["population"].search
+    assert search._fit(65_536) == min(65_536, _ram_fit(w.g.n, search.k))
+    assert w.set_param("set_population", 6) == (4, 6)  # asked for while the tabu phase runs
+    while not w.step(em):
+        pass
+    first_end = next(i for i, e in enumerate(em.events) if e["name"] == "pass_end")
+    later = [e for e in em.events[first_end:] if e["name"] == "step" and e["phase"] == "population"]
+    assert later and all(e["values"]["population"] == 6 for e in later)

@@ -34,8 +34,16 @@ from actors.log import get_logger
 from experiments.coloring.phase import ColoringPhase, Outcome
 from experiments.coloring.verify import check_coloring
 from kernels.backend import device_error_reason
-from kernels.coloring import reduce_colors
-from kernels.population import CpuPopulation, CudaPopulation, auto_size, cuda_status, load_cuda, memory_fit
+from kernels.coloring import gpx, reduce_colors
+from kernels.population import (
+    CpuPopulation,
+    CudaPopulation,
+    auto_size,
+    chain_bytes,
+    cuda_status,
+    load_cuda,
+    memory_fit,
+)
 
 MIN_ITERS, MAX_ITERS = 50, 10_000_000
 
@@ -85,11 +93,16 @@ def _capped(size: int, fit: int, what: str) -> int:
     return max(1, min(size, fit))
 
 
+def _ram_fit(n: int, k: int) -> int:
+    """The most CPU chains whose tables take at most a quarter of RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_chain = n * max(k, 2) * (4 + 4) + 2 * 4 * n  # gamma int32, tabu int32, two colourings
+    return max(1, ram // 4 // per_chain)
+
+
 def _cpu_engine(g: Any, size: int, k: int, seed: int) -> CpuPopulation:
     """The CPU population, its size capped so that its tables take at most a quarter of RAM."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    per_chain = g.n * max(k, 2) * (4 + 8) + 2 * 4 * g.n  # gamma int32, tabu int64, two colourings
-    return CpuPopulation(g.indptr, g.indices, _capped(size or _cpu_size(), ram // 4 // per_chain, "RAM"), seed)
+    return CpuPopulation(g.indptr, g.indices, _capped(size or _cpu_size(), _ram_fit(g.n, k), "RAM"), seed)
 
 
 def _cpu_size() -> int:
@@ -248,17 +261,18 @@ class PopulationSearch:
         self._start = solution.astype(np.int32).copy()
         self.seed(rows, k - 1)
 
-    def resize(self, size: int) -> None:
-        """A new population size (a control hook): the best chains are kept, new ones are
-        GPX children of them; takes effect at once."""
-        size = int(size)
+    def resize(self, size: int) -> int:
+        """A new population size (a control hook), cut to what memory holds like a spec's: the
+        best chains are kept, new ones are GPX children of them; takes effect at once.
+        Returns the size applied."""
+        size = self._fit(int(size))
+        if size == self.size:
+            return size
         rows = self.engine.best_rows(np.arange(self.size))
         order = np.argsort(self.best_f, kind="stable")
         if size <= self.size:
             keep = rows[order[:size]]
         else:
-            from kernels.coloring import gpx
-
             extra = [
                 gpx(
                     rows[order[self.rng.integers(0, max(1, self.size // 2))]],
@@ -269,17 +283,29 @@ class PopulationSearch:
             ]
             keep = np.concatenate([rows, np.stack(extra)]) if extra else rows
         self.engine.close()
-        self.engine = type(self.engine)(
-            self.g.indptr,
-            self.g.indices,
-            size,
-            int(self.rng.integers(1 << 30)),
-            **({"threads": self.engine.tpb} if self.engine.device == "gpu" else {}),
-        )
+        seed = int(self.rng.integers(1 << 30))
+        if self.engine.device == "gpu":
+            self.engine = CudaPopulation(self.g.indptr, self.g.indices, size, seed, threads=self.engine.tpb)
+        else:
+            self.engine = CpuPopulation(self.g.indptr, self.g.indices, size, seed)
         self.engine.tenure_a = int(self.p["tenure_a"])
         self.engine.tenure_alpha = float(self.p["tenure_alpha"])
         self.age = np.zeros(size, dtype=np.int64)
         self.seed(keep, self.k)
+        return size
+
+    def _fit(self, size: int) -> int:
+        """``size`` cut to what this engine's memory holds (a quarter of RAM or of the device's
+        free memory)."""
+        k = max(self.k, 2)
+        if self.engine.device == "gpu":
+            try:
+                free, _ = load_cuda().current_context().get_memory_info()
+            except AttributeError:  # the simulator: no memory figures
+                return size
+            held = self.size * chain_bytes(self.g.n, k)  # the current chains' memory comes back first
+            return _capped(size, memory_fit(self.g.n, k, int(free) + held), "device memory")
+        return _capped(size, _ram_fit(self.g.n, k), "RAM")
 
     def set_tenure(self, a: int, alpha: float) -> None:
         self.engine.tenure_a, self.engine.tenure_alpha = int(a), float(alpha)
@@ -311,6 +337,8 @@ class Population(ColoringPhase):
         self.k = k
         if self.search is None:
             self.search = PopulationSearch(self.ctx.g, self.params, self.ctx.seed, self.ctx.p["gpu"], k)
+        elif self.params["population"] and self.params["population"] != self.search.size:
+            self.search.resize(self.params["population"])  # asked for while another phase ran
         self.gpu_mode, self.gpu_reason = self.search.gpu_mode, self.search.gpu_reason
         self.search.seed_from(base, k)
         self.gen = 0

@@ -58,6 +58,7 @@ from experiments.coloring.phase import ColoringPhase, PhaseContext
 from experiments.coloring.population import Population
 from experiments.coloring.tabu import Tabu
 from experiments.coloring.thermo import Thermo
+from experiments.validate import Num
 from kernels.coloring import count_conflicts, seed_rng
 from telemetry.emitter import Emitter
 
@@ -226,15 +227,13 @@ class ColoringWorkload:
 
     def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
         """The control hooks, applied at the next safe point (between steps); see the module docs."""
-        hook = self._HOOKS.get(key)
+        hook = self._HOOKS.get(key) if isinstance(key, str) else None
         if hook is None:
             raise ValueError(f"unknown control {key!r}; expected one of {', '.join(sorted(self._HOOKS))}")
         return hook(self, value)
 
     def _adjust_temperature(self, value: Any) -> tuple[Any, Any]:
-        f = float(value)
-        if not 0.1 <= f <= 10.0:
-            raise ValueError(f"adjust_temperature factor must be in [0.1, 10], got {value!r}")
+        f = Num(0.1, 10.0).check("adjust_temperature factor", value)
         before = (self.p["thermo"]["t_min"], self.p["thermo"]["t_max"])
         t_min = check_number("thermo", "t_min", before[0] * f)
         t_max = check_number("thermo", "t_max", before[1] * f)
@@ -270,9 +269,9 @@ class ColoringWorkload:
         pop = self._phases.get("population")
         search = pop.search if isinstance(pop, Population) else None
         before = search.size if search is not None else self.p["population"]["population"]
-        self.p["population"]["population"] = value
         if search is not None and self.phase == "population" and self.k >= 1:
-            search.resize(value)
+            value = search.resize(value)  # cut to what memory holds
+        self.p["population"]["population"] = value  # otherwise applied when the phase is next set up
         return before, value
 
     def _set_crossover_rate(self, value: Any) -> tuple[Any, Any]:
@@ -282,8 +281,10 @@ class ColoringWorkload:
 
     def _set_external_tenure(self, value: Any) -> tuple[Any, Any]:
         # an outside controller (hypertune) steers the tenure: the built-in swap stands down
+        if not isinstance(value, bool):
+            raise ValueError(f"external_tenure must be true or false, got {value!r}")
         before = self.ctx.external_tenure
-        self.ctx.external_tenure = bool(value)
+        self.ctx.external_tenure = value
         return before, self.ctx.external_tenure
 
     def _restart_pass(self, value: Any) -> tuple[Any, Any]:
