@@ -216,3 +216,52 @@ def test_chunked_generators_draw_the_same_graphs(n, p, seed, chunk, k):
         assert np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices)
     finally:
         graph_mod._PAIRS_PER_CHUNK = old
+
+
+def test_a_one_line_bomb_or_a_sparse_file_is_refused_in_bounded_memory(tmp_path):
+    """Lines are read in bounded pieces: the limits hold before anything large is in memory."""
+    import gzip
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.col.gz"
+    with gzip.open(bomb, "wb", 9) as fh:
+        for _ in range(64):  # 64 MiB of one comment line, a few hundred kB on disk
+            fh.write(b"A" * (1 << 20))
+    sparse = tmp_path / "sparse.col"
+    with sparse.open("wb") as fh:
+        fh.truncate(512 << 20)  # 512 MiB of zero bytes, no newline, nothing on disk
+    probe = (
+        "import resource, sys\n"
+        "from experiments.coloring.graph import read_dimacs, GraphError\n"
+        "for f in sys.argv[1:]:\n"
+        "    try:\n"
+        "        read_dimacs(f)\n"
+        "    except GraphError as e:\n"
+        "        print('refused', e)\n"
+        "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, str(bomb), str(sparse)], capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("refused") and "a line longer than 1,048,576 bytes" in lines[0]
+    assert lines[1].startswith("refused") and "a line longer than" in lines[1]
+    assert int(lines[2].split()[1]) < 200  # MB: the process never held the line
+
+
+@pytest.mark.parametrize("line", [b"e 1_0 2\n", b"e +1 2\n", b"e 1 0x2\n", b"e \xd9\xa1 2\n", b"e 1 2.0\n"])
+def test_vertex_ids_are_plain_digits(tmp_path, line):
+    f = tmp_path / "odd.col"
+    f.write_bytes(b"p edge 12 1\n" + line)
+    with pytest.raises(GraphError, match="vertex ids must be integers"):
+        read_dimacs(f)
+
+
+def test_an_edgeless_graph_takes_one_colour_with_every_initial_colouring():
+    from experiments.coloring.graph import from_edges
+    from experiments.coloring.init import STRATEGIES, initial_coloring
+
+    g = from_edges(5, np.zeros((0, 2)))
+    for strategy in STRATEGIES:
+        assert initial_coloring(g, strategy).max() == 0, strategy

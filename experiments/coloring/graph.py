@@ -20,6 +20,7 @@ kernels' per-vertex tables). Generators take at most :data:`GENERATOR_MAX_N` ver
 from __future__ import annotations
 
 import gzip
+import re
 import zlib
 from array import array
 from collections.abc import Iterator
@@ -38,7 +39,10 @@ MAX_TABLE_CELLS = 1 << 27
 GENERATOR_MAX_N = 20_000
 MAX_FILE_BYTES = 256 << 20
 """A graph file's size once decompressed (a gzip bomb stops here)."""
+MAX_LINE_BYTES = 1 << 20
+"""The longest line a graph file may have (read in bounded pieces: memory stays small)."""
 _PAIRS_PER_CHUNK = 1 << 22
+_INT = re.compile(rb"-?[0-9]+")  # an integer as DIMACS writes it: ASCII digits, an optional minus
 GRAPH_KEYS = ("file", "generator", "n", "p", "k", "seed")
 
 
@@ -119,10 +123,12 @@ def _lines(path: Path) -> Iterator[bytes]:
         raw.seek(0)
         fh = gzip.GzipFile(fileobj=raw) if gz else raw
         total = 0
-        for line in fh:
+        while line := fh.readline(MAX_LINE_BYTES + 1):  # bounded reads: a one-line bomb stops here
             total += len(line)
             if total > MAX_FILE_BYTES:
                 raise GraphError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes{' once decompressed' if gz else ''}")
+            if len(line) > MAX_LINE_BYTES:
+                raise GraphError(f"{path}: a line longer than {MAX_LINE_BYTES:,} bytes")
             yield line
 
 
@@ -158,6 +164,8 @@ def read_dimacs(path: str | Path) -> Graph:
                 if len(parts) != 3:
                     raise GraphError(f"{where}: expected 'e U V', got {_show(line)}")
                 try:
+                    if not (_INT.fullmatch(parts[1]) and _INT.fullmatch(parts[2])):  # int() takes "1_0", "+1"
+                        raise ValueError
                     u, v = int(parts[1]), int(parts[2])
                 except ValueError:
                     raise GraphError(f"{where}: vertex ids must be integers, got {_show(line)}") from None
@@ -175,6 +183,8 @@ def read_dimacs(path: str | Path) -> Graph:
                 if len(parts) != 4 or parts[1] not in (b"edge", b"edges", b"col"):
                     raise GraphError(f"{where}: expected 'p edge N M', got {_show(line)}")
                 try:
+                    if not (_INT.fullmatch(parts[2]) and _INT.fullmatch(parts[3])):
+                        raise ValueError
                     n_, m_ = int(parts[2]), int(parts[3])
                 except ValueError:
                     raise GraphError(f"{where}: N and M must be integers, got {_show(line)}") from None

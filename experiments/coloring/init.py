@@ -37,7 +37,7 @@ def spectral(g: Graph, seed: int = 0) -> np.ndarray:
 
     a = sp.csr_matrix((np.ones(g.indices.size), g.indices, g.indptr), shape=(g.n, g.n))
     lap = sp.diags(np.asarray(a.sum(axis=1)).ravel()) - a
-    if g.n < 3:
+    if g.n < 3 or g.m == 0:  # nothing to separate (and ARPACK refuses the zero matrix)
         order = np.arange(g.n)
     else:
         k = min(3, g.n - 1)
