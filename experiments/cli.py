@@ -22,12 +22,13 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from actors.files import atomic_write
 from actors.recorder import ArtifactsError
 from experiments import rundir
 from experiments.coloring.graph import MAX_VERTICES, GraphError
 from experiments.lab import Experiment, Lab
 from experiments.spec import SpecError
-from experiments.validate import PORT, SECONDS, SEED, Num
+from experiments.validate import PORT, SECONDS, SEED, YEAR_S, Num
 from telemetry.export import FORMATS, export_run
 from telemetry.jsonl import ReadCounts, iter_run
 from telemetry.schema import check_id
@@ -303,7 +304,12 @@ def cmd_color(args: argparse.Namespace) -> int:
         "gpu": args.gpu,
         "phases": args.phases.split(","),
         "init": {"strategy": args.init},
-        "iterative": {"enabled": args.passes > 1, "max_passes": max(1, args.passes)},
+        "iterative": {
+            "enabled": args.passes > 1,
+            "max_passes": max(1, args.passes),
+            # passes end on a stall, else the first would run the whole budget
+            "stall_s": args.stall if args.stall is not None else (5.0 if args.passes > 1 else 0.0),
+        },
     }
     spec = {
         "name": check_id(
@@ -317,18 +323,30 @@ def cmd_color(args: argparse.Namespace) -> int:
         "anomaly": {"metrics": ["conflicts"]},
         "telemetry": {"flush_interval_s": 0.5},
     }  # a colouring step emits little: fewer, fuller batches
+    stop_now = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop_now.set()
+
     lab = Lab(args.artifacts)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.monotonic()
     try:
         try:
             exp = lab.start_experiment(spec)
         except ValueError as exc:  # SpecError, or the workload refusing its parameters as it starts
             raise UsageError(str(exc)) from None
-        exp.wait()
+        while not exp.wait(0.5) and not stop_now.is_set():
+            pass
+        if stop_now.is_set() and exp.status() in ("running", "paused"):
+            exp.stop()  # Ctrl-C or SIGTERM: the pass under way is saved, the result still reported
         seconds = time.monotonic() - t0
         state = exp.checkpoints.get().get("workload") or {}
+        reason = exp.reason
     finally:
         lab.shutdown()
+        for sig, h in old.items():
+            signal.signal(sig, h)
     best = state.get("best")
     verdict = check_coloring(g, best) if best is not None else {"proper": False, "k": 0, "problems": ["no colouring"]}
     out_path = exp.run_dir / "coloring.json"
@@ -339,11 +357,12 @@ def cmd_color(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 3),
         "seconds_to_best": round(float(state.get("seconds_to_best", 0.0)), 3),
         "colors_per_pass": state.get("colors_per_pass", []),
-        "coloring_path": str(out_path),
+        "reason": reason,
         "run_dir": str(exp.run_dir),
     }
     if best is not None and verdict["proper"]:
-        out_path.write_bytes(orjson.dumps({**result, "coloring": [c + 1 for c in best]}))
+        result["coloring_path"] = str(out_path)
+        atomic_write(out_path, orjson.dumps({**result, "coloring": [c + 1 for c in best]}))
     if args.json:
         print(orjson.dumps(result).decode())
     else:
@@ -353,7 +372,8 @@ def cmd_color(args: argparse.Namespace) -> int:
         for k, v in result.items():
             t.add_row(k, str(v))
         Console().print(t)
-    return 0 if verdict["proper"] else 1
+    failed = str(reason or "").startswith(FAILED_REASONS)
+    return 0 if verdict["proper"] and not failed else 1
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -689,6 +709,13 @@ def add_commands(sub: Any) -> None:
     co.add_argument("--init", default="dsatur", help="greedy, dsatur, spectral, community or multistart")
     co.add_argument(
         "--passes", type=Num(1, 1000, integer=True).arg(), default=1, help="iterative passes, 1 to 1000 (default 1)"
+    )
+    co.add_argument(
+        "--stall",
+        type=Num(0, YEAR_S).arg(),
+        default=None,
+        help="seconds without a better colouring that end a phase (and, after the last, a pass); "
+        "default 5 with --passes > 1, else 0 (phases run to their own limits)",
     )
     co.add_argument("--gpu", choices=("auto", "cpu"), default="auto")
     co.add_argument("--json", action="store_true", help="one JSON object on stdout")

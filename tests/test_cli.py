@@ -302,3 +302,54 @@ def test_the_printed_dashboard_line_says_the_token_guards_reading(tmp_path, caps
     token = (art / "dashboard.token").read_text().strip()
     says = f"?token={token}  (the token guards reading and control alike; it is kept in {art / 'dashboard.token'})"
     assert says in line
+
+
+def test_color_stops_cleanly_on_sigterm_and_sigint_and_reports(tmp_path):
+    """A signal stops the run like a budget would: the pass is saved, the result printed."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        art = tmp_path / f"art{int(sig)}"
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "supervisor",
+                "color",
+                "DSJC250.5",
+                "--time-limit",
+                "120",
+                "--json",
+                "--artifacts",
+                str(art),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not list(art.glob("*/*/checkpoint.json")):  # the run is stepping once it checkpoints
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else ""
+            time.sleep(0.05)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        r = json.loads(out.strip().splitlines()[-1])
+        assert r["proper"] and r["reason"] == "stopped" and r["seconds"] < 100
+        run = Path(r["run_dir"])
+        assert (run / "best_solution.pass0.json").exists() and Path(r["coloring_path"]).exists()
+
+
+def test_color_passes_end_on_stalls(tmp_path, capsys):
+    import json
+
+    art = str(tmp_path / "art")
+    argv = ["color", "DSJC125.5", "--passes", "3", "--stall", "0.3", "--time-limit", "20", "--json", "--artifacts", art]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["colors_per_pass"]) == 3 and r["proper"] and r["reason"] == "completed"

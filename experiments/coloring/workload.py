@@ -42,7 +42,6 @@ until ``iterative.max_passes`` or the time budget. Every pass's best is saved as
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,6 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 import orjson
 
+from actors.files import atomic_write
 from experiments.coloring.graph import Graph, GraphError, load_graph
 from experiments.coloring.init import initial_coloring
 from experiments.coloring.memetic import Memetic
@@ -420,10 +420,7 @@ class ColoringWorkload:
         if self.run_dir is None or self.best is None:
             return
         data = {"instance": self.g.name, "pass": self.pass_, "k": self.best_k, "coloring": self.best.tolist()}
-        path = self.run_dir / f"best_solution.pass{self.pass_}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(orjson.dumps(data))
-        os.replace(tmp, path)  # a reader never sees half a file
+        atomic_write(self.run_dir / f"best_solution.pass{self.pass_}.json", orjson.dumps(data))  # fsync'd
 
     def _new_best(self, emitter: Emitter, phase: str) -> None:
         self.last_best_t = self.clock()
