@@ -511,3 +511,32 @@ def test_external_tenure_stops_the_built_in_swap():
     for _ in range(30):
         held.step(em)
     assert held.p["tabu"]["tenure_alpha"] == 1.3  # the outside controller's value stands
+
+
+def test_a_restored_workload_keeps_its_clocks_pass_figures_and_tenure_owner():
+    clock = [1000.0]
+    params = ColoringWorkload.check_params(
+        {
+            "graph": {"generator": "gnp", "n": 60, "p": 0.5, "seed": 2},
+            "phases": ["tabu"],
+            "tabu": {"iters_per_step": 500},
+        }
+    )
+    w = ColoringWorkload(params, 1, clock=lambda: clock[0])
+    em = Recorded()
+    w.start(em)
+    for _ in range(5):
+        w.step(em)
+        clock[0] += 100.0
+    w.set_param("external_tenure", True)
+    cp = w.checkpoint()
+    clock[0] += 7.0  # the restart takes a while
+    again = ColoringWorkload(params, 1, clock=lambda: clock[0])
+    again.restore(cp)
+    assert again.ctx.external_tenure and again.pass_start_best == w.pass_start_best
+    assert again.clock() - again.t_start == pytest.approx(cp["elapsed_s"])  # not counted from the restart
+    again.start(em)
+    again.finish(em, "budget")
+    end = [e for e in em.events if e["name"] == "pass_end"][-1]["values"]
+    assert end["improvement"] == w.pass_start_best - again.best_k >= 0
+    assert end["duration_s"] == pytest.approx(cp["pass_elapsed_s"])

@@ -205,6 +205,11 @@ class ColoringWorkload:
             "pass_best": self.pass_best,
             "seconds_to_best": self.seconds_to_best,
             "params": {s: self.p[s] for s in PHASES},
+            # the clocks and the pass's figures, so that a restarted phase reports them right
+            "elapsed_s": self.clock() - self.t_start,
+            "pass_elapsed_s": self.clock() - self.pass_t0,
+            "pass_start_best": self.pass_start_best,
+            "external_tenure": self.ctx.external_tenure,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -216,6 +221,11 @@ class ColoringWorkload:
         self.best_k = int(state["best_k"])
         self.pass_best = list(state.get("pass_best", []))
         self.seconds_to_best = float(state.get("seconds_to_best", 0.0))
+        now = self.clock()
+        self.t_start = now - float(state.get("elapsed_s", 0.0))
+        self.pass_t0 = now - float(state.get("pass_elapsed_s", 0.0))
+        self.pass_start_best = int(state.get("pass_start_best", self.best_k))
+        self.ctx.external_tenure = bool(state.get("external_tenure", False))
         for s in PHASES:
             self.p[s].update(state.get("params", {}).get(s, {}))
 
