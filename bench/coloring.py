@@ -1,6 +1,8 @@
 """Colouring benchmark on the DIMACS instances shipped in the package (one run; the anchor in the same run).
 
-Run: ``python -m bench.coloring [--instances DSJC125.5,DSJC250.5,...] [--limit-scale 1.0] [--rate-only]``.
+Run: ``python -m bench.coloring [--instances DSJC125.5,DSJC250.5,...] [--limit-scale 1.0]``, or
+``python -m bench.coloring --rate-only`` (the TabuCol rate alone), or ``--against REV`` (the
+TabuCol kernel now against ``kernels/coloring.py`` at a git revision, interleaved rounds).
 
 For each instance: NetworkX's ``greedy_color(strategy="saturation_largest_first")`` (DSATUR,
 the anchor) and our pipeline (``crucible color``'s workload in-process: DSATUR start,
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -67,20 +70,41 @@ def networkx_dsatur(path: Path) -> tuple[int, float]:
     return max(c.values()) + 1, time.perf_counter() - t0
 
 
-def tabucol_rate(seconds: float = 3.0) -> float:
+def tabucol_rate(seconds: float = 3.0, kernels: Any = None) -> float:
+    """TabuCol iterations/s on DSJC250.5 at k = 27; ``kernels``: another module with the same
+    ``seed_rng``/``build_gamma``/``tabucol`` (an older version, for an interleaved comparison)."""
+    km = kernels
+    seed, gamma_of, run = (km.seed_rng, km.build_gamma, km.tabucol) if km else (seed_rng, build_gamma, tabucol)
     g = read_dimacs(instance_path("DSJC250.5"))
     k = 27  # below the best known: the search never stops early
-    seed_rng(1)
+    seed(1)
     colors = np.random.default_rng(0).integers(0, k, g.n).astype(np.int32)
-    gamma = build_gamma(g.indptr, g.indices, colors, k)
-    tabu = np.zeros((g.n, k), dtype=np.int32)
+    gamma = gamma_of(g.indptr, g.indices, colors, k)
+    tabu = np.zeros((g.n, k), dtype=getattr(km, "TABU_DTYPE", np.int32) if km else np.int32)
     best = colors.copy()
-    tabucol(g.indptr, g.indices, k, colors, gamma, tabu, 0, 1000, 10, 0.6, best, 1 << 30)  # warm
+    run(g.indptr, g.indices, k, colors, gamma, tabu, 0, 1000, 10, 0.6, best, 1 << 30)  # warm
     it, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        done, _, _ = tabucol(g.indptr, g.indices, k, colors, gamma, tabu, it, 200_000, 10, 0.6, best, 1 << 30)
+        done, _, _ = run(g.indptr, g.indices, k, colors, gamma, tabu, it, 200_000, 10, 0.6, best, 1 << 30)
         it += done
     return it / (time.perf_counter() - t0)
+
+
+def kernels_at(rev: str) -> Any:
+    """``kernels/coloring.py`` as it was at git revision ``rev``, loaded as a module of its own."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{rev}:kernels/coloring.py"], capture_output=True, text=True, check=True)
+    path = Path(tempfile.mkdtemp(prefix="kernels-")) / "coloring_then.py"
+    path.write_text(src.stdout)
+    spec = importlib.util.spec_from_file_location("coloring_then", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    if "TABU_REBASE" not in src.stdout:
+        mod.TABU_DTYPE = np.int64  # tables were int64 before the rebase existed
+    return mod
 
 
 def main() -> None:
@@ -89,9 +113,19 @@ def main() -> None:
     ap.add_argument("--limit-scale", type=float, default=1.0, help="multiply every time limit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rate-only", action="store_true", help="only the TabuCol rate (three rounds of 3 s)")
+    ap.add_argument("--against", metavar="REV", help="TabuCol now against kernels/coloring.py at git REV, interleaved")
     args = ap.parse_args()
     configure_logging("CRITICAL")
     freeze_startup_heap()
+    if args.against:
+        then = kernels_at(args.against)
+        ratios = []
+        for _ in range(6):
+            a, b = tabucol_rate(kernels=then), tabucol_rate()
+            ratios.append(b / a)
+            print(f"TabuCol at {args.against}: {a:,.0f} it/s   now: {b:,.0f} it/s   ratio {b / a:.3f}", flush=True)
+        print(f"median ratio now / {args.against}: {sorted(ratios)[3]:.3f} (6 interleaved rounds of 3 s each)")
+        return
     if args.rate_only:
         rates = sorted(tabucol_rate() for _ in range(3))
         print(
