@@ -339,7 +339,10 @@ class AnomalyDetection(EventConsumer):
     # --- answering ------------------------------------------------------------------------------
 
     def handle_get_anomalies(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
-        n = int(msg.get("n", len(self.kept)))
+        n = msg.get("n", len(self.kept))
+        if isinstance(n, bool) or not isinstance(n, int):  # get_anomalies() refuses it first; never crash here
+            log.warning("get_anomalies: n must be an integer; answering nothing", n=repr(n))
+            return []
         return list(self.kept)[-n:] if n > 0 else []
 
     def handle_anomaly_metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -364,6 +367,8 @@ class AnomalyDetection(EventConsumer):
 def get_anomalies(anomaly_ref: Any, n: int | None = None, timeout: float | None = 5.0) -> list[dict[str, Any]]:
     msg: dict[str, Any] = {"kind": "get_anomalies"}
     if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"get_anomalies: n must be an integer, got {n!r}")
         msg["n"] = n
     return anomaly_ref.ask(msg, timeout=timeout)
 

@@ -25,6 +25,7 @@ it last.
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -132,6 +133,7 @@ class PhaseActor(Actor):
         self.emitter: Emitter | None = None
         self._last_save = 0.0
         self._active_s = 0.0  # active (unpaused) time used from the budget, across restarts
+        self._loop = secrets.token_hex(8)  # this incarnation's step loop (see _next_step)
         self.status_snapshot = status_snapshot
         self._last_status = 0.0
         checkpoints.claim(self)
@@ -174,7 +176,7 @@ class PhaseActor(Actor):
         self._mark = self.clock()
         self._publish_status(force=True)
         if not self.paused:
-            self.ref.tell({"kind": "step"})
+            self._next_step()
 
     def _published(self, counters: dict[str, int]) -> None:
         self.checkpoints.update(self, counters=counters)
@@ -205,7 +207,15 @@ class PhaseActor(Actor):
 
     # --- the step loop -----------------------------------------------------------------------------
 
+    def _next_step(self) -> None:
+        """Send the loop's next step. Steps carry the loop's token: a step left in the mailbox by a
+        loop that a pause ended (or carried over from a crashed incarnation) is ignored, so there
+        is never more than one step loop."""
+        self.ref.tell({"kind": "step", "loop": self._loop})
+
     def handle_step(self, msg: dict[str, Any]) -> None:
+        if msg.get("loop") != self._loop:
+            return  # a step of an ended loop
         if self.paused or self.finished:
             return  # parked: the next step is sent by resume
         self._tick()
@@ -220,7 +230,7 @@ class PhaseActor(Actor):
         if done:
             self._finish("completed")
         else:
-            self.ref.tell({"kind": "step"})
+            self._next_step()
 
     def _finish(self, reason: str) -> None:
         if self.finished:
@@ -250,6 +260,7 @@ class PhaseActor(Actor):
         if not self.paused and not self.finished:
             self._tick()
             self.paused = True
+            self._loop = secrets.token_hex(8)  # a step already queued belongs to the ended loop
             assert self.emitter is not None
             self.emitter.flush()
             self.emitter.hold(True)
@@ -263,7 +274,7 @@ class PhaseActor(Actor):
             assert self.emitter is not None
             self.emitter.hold(False)
             self._checkpoint(force=True)
-            self.ref.tell({"kind": "step"})
+            self._next_step()
         return self.status()
 
     def handle_stop(self, msg: dict[str, Any]) -> dict[str, Any]:
