@@ -161,10 +161,15 @@ class PhaseActor(Actor):
             self._publish_status(force=True)
             return
         if "workload" in cp:
-            self.workload.restore(cp["workload"])
             self.steps = int(cp.get("steps", 0))
             self._active_s = float(cp.get("active_s", 0.0))
             self.paused = bool(cp.get("paused", False))
+        self._mark = self.clock()
+        use_clock = getattr(self.workload, "use_clock", None)  # optional: a workload that times itself
+        if use_clock is not None:
+            use_clock(self.active_time)
+        if "workload" in cp:
+            self.workload.restore(cp["workload"])
             self.emitter.hold(self.paused)
             self.emitter.emit(
                 "phase_restart",
@@ -198,6 +203,14 @@ class PhaseActor(Actor):
         if force or now - self._last_status >= STATUS_INTERVAL_S:
             self._last_status = now
             self.status_snapshot.publish(self.status())
+
+    def active_time(self) -> float:
+        """Seconds of active (unpaused) time so far, across restarts: the clock the workload
+        reads for its own stall and pass times, so that a pause never counts as a stall."""
+        t = self._active_s
+        if not self.paused and not self.finished:
+            t += self.clock() - self._mark
+        return t
 
     def _tick(self) -> None:
         now = self.clock()

@@ -75,3 +75,51 @@ def test_a_step_queued_before_a_pause_does_not_start_a_second_loop():
 def _open_gate():
     yield
     GATE.set()
+
+
+class Timed:
+    """A workload that times itself with the clock the Phase actor gives it."""
+
+    name: ClassVar[str] = "timed"
+    seen: ClassVar[list[float]] = []
+
+    def __init__(self, params: dict[str, Any], seed: int = 0) -> None:
+        self.clock = lambda: 0.0
+
+    def use_clock(self, clock: Any) -> None:
+        self.clock = clock
+
+    def start(self, emitter: Any) -> None:
+        pass
+
+    def step(self, emitter: Any) -> bool:
+        Timed.seen.append(self.clock())
+        return False
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        pass
+
+    def params(self) -> dict[str, Any]:
+        return {"phase": "timed"}
+
+    def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
+        raise ValueError("no controls")
+
+
+def test_the_workload_clock_is_active_time_so_a_pause_never_counts():
+    now = [100.0]
+    Timed.seen.clear()
+    ref = PhaseActor.start("t", "r1", Timed, {}, Topics(), CheckpointStore(), budget_s=1e6, clock=lambda: now[0])
+    try:
+        ref.ask({"kind": "pause"}, timeout=30)
+        paused_at = call_local(ref, lambda a: a.workload.clock(), timeout=30)
+        now[0] += 500.0  # five hundred seconds pass while paused
+        assert call_local(ref, lambda a: a.workload.clock(), timeout=30) == paused_at
+        ref.ask({"kind": "resume"}, timeout=30)
+        now[0] += 2.0  # two active seconds
+        assert call_local(ref, lambda a: a.workload.clock(), timeout=30) == pytest.approx(paused_at + 2.0)
+    finally:
+        ref.stop()

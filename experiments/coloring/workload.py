@@ -114,6 +114,16 @@ class ColoringWorkload:
 
     # --- protocol ---------------------------------------------------------------------------------
 
+    def use_clock(self, clock: Any) -> None:
+        """Read time from ``clock`` from now on (the Phase actor gives its active time, so paused
+        time never counts toward a stall, a pass or the time to the best); the times already
+        taken are carried over."""
+        shift = clock() - self.clock()
+        self.t_start += shift
+        self.pass_t0 += shift
+        self.last_best_t += shift
+        self.clock = clock
+
     def start(self, emitter: Emitter) -> None:
         seed_rng(self.seed + 7919 * self.pass_)
         emitter.set_context(gpu_mode=self.gpu_mode, pass_=self.pass_)
