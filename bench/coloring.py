@@ -28,7 +28,7 @@ from experiments.coloring.verify import check_coloring
 from experiments.coloring.workload import ColoringWorkload
 from kernels.coloring import build_gamma, seed_rng, tabucol
 
-TARGETS = {  # instance: (target colours, time limit s) from the issue
+TARGETS = {  # instance: (target colours, time limit s) the project aims at
     "DSJC125.5": (17, 2),
     "DSJC250.5": (28, 60),
     "le450_15c": (15, 300),
