@@ -200,6 +200,15 @@ def _mutations() -> list[tuple[str, Any]]:
         ("counters a list", put("counters", [1])),
         ("counter a string", put("counters", {"emitted": "many"})),
         ("sampling figures a string", put("sampling", {"sampled_out": "x"})),
+        # a table whose column is absent must still have its shape (consumers read it)
+        (
+            "param_texts a number without a params column",
+            lambda b: {**{k: v for k, v in b.items() if k != "params"}, "param_texts": 3.5},
+        ),
+        (
+            "reasons a number without a reason column",
+            lambda b: {**{k: v for k, v in b.items() if k != "reason"}, "reasons": 3.5},
+        ),
     ]
 
 
