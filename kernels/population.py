@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels.coloring import TABU_REBASE, build_gamma, gpx, rebase_tabu, seed_rng, tabucol
+from kernels.coloring import TABU_REBASE, build_gamma, count_conflicts, gpx, rebase_tabu, seed_rng, tabucol
 
 # prange from several Python threads at once (experiments side by side in one Lab) needs a
 # thread-safe layer: OpenMP or TBB, never numba's workqueue
@@ -60,25 +60,6 @@ def tabu_population(
         done_out[p] = done
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def seed_chains(seeds):  # pragma: no cover - compiled
-    """Seed numba's generator in every worker thread (prange gives one index per thread here)."""
-    for i in prange(seeds.shape[0]):
-        np.random.seed(seeds[i])
-
-
-@njit(cache=True, nogil=True)
-def conflicts_of(indptr, indices, colors):  # pragma: no cover - compiled
-    n = indptr.shape[0] - 1
-    c = 0
-    for v in range(n):
-        for j in range(indptr[v], indptr[v + 1]):
-            u = indices[j]
-            if u > v and colors[u] == colors[v]:
-                c += 1
-    return c
-
-
 def _check_k(k: int) -> int:
     """Chains need at least two colours to move between (a random move picks another colour)."""
     if int(k) < 2:
@@ -101,10 +82,8 @@ class CpuPopulation:
         self.tenure_a, self.tenure_alpha = 10, 0.6
         self.iterations = 0
         self.k = 0
-        self._seed = seed
         numba.set_num_threads(self.threads)
-        seed_chains(np.arange(self.threads, dtype=np.int64) + seed * 1_000_003 + 17)
-        seed_rng(seed)
+        seed_rng(seed)  # the caller's thread (crossover); prange workers keep numba's own per-thread streams
 
     def seed(self, colorings: np.ndarray, k: int) -> None:
         p, n = self.size, self.n
@@ -124,7 +103,7 @@ class CpuPopulation:
         self.tabus[i] = 0
         self.its[i] = 0
         self.best[i] = self.colors[i]
-        self.f[i] = conflicts_of(self.indptr, self.indices, self.colors[i])
+        self.f[i] = count_conflicts(self.indptr, self.indices, self.colors[i])
 
     def run(self, iters: int) -> tuple[np.ndarray, np.ndarray]:
         numba.set_num_threads(self.threads)

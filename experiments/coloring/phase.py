@@ -17,7 +17,7 @@ import numpy as np
 
 from experiments.coloring.graph import Graph
 from experiments.coloring.params import check_number
-from kernels.coloring import build_gamma
+from kernels.coloring import reduce_colors
 
 
 @dataclass
@@ -41,13 +41,10 @@ class PhaseContext:
 
     def reduced(self, base: np.ndarray, k: int) -> np.ndarray:
         """``base`` with its colours >= k moved to the least-conflicting colour below k."""
-        c = base.astype(np.int32).copy()
+        c = np.ascontiguousarray(base, dtype=np.int32)
         if k < 1:
-            return c
-        gamma = build_gamma(self.g.indptr, self.g.indices, np.minimum(c, k - 1), k)
-        for v in np.flatnonzero(c >= k):
-            c[v] = int(np.argmin(gamma[v]))
-        return c
+            return c.copy()
+        return reduce_colors(self.g.indptr, self.g.indices, c[None, :], k)[0]
 
     def perturb(self, c: np.ndarray, k: int, rate: float) -> np.ndarray:
         """A copy of ``c`` with about ``rate`` of its vertices given random colours below k."""
