@@ -51,9 +51,9 @@ import orjson
 from actors.consumer import EventConsumer
 from actors.log import get_logger
 from actors.messages import encode
-from kernels.jsonl import format_batch
 from telemetry.index import IndexIncomplete, LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
+from telemetry.jsonl_format import format_batch
 from telemetry.query import QueryError, query_error
 from telemetry.schema import (
     SCHEMA_VERSION,

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import structlog
 
-from actors.log import get_logger
-
-log = get_logger("kernels.backend")
+log = structlog.get_logger("kernels.backend")  # kernels sit below the actor runtime: structlog itself
 
 
 def select_backend(mode: str = "auto") -> tuple[Any, str, str | None]:

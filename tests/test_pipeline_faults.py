@@ -294,7 +294,7 @@ def test_any_corrupted_column_is_refused(data):
     except SchemaError:
         return
     # accepted: then every consumer-side use of the batch works
-    from kernels.jsonl import format_batch
+    from telemetry.jsonl_format import format_batch
     from telemetry.schema import batch_rows
 
     assert format_batch(bad).count(b"\n") == len(batch_rows(bad)) == bad["n"]

@@ -73,7 +73,7 @@ def test_check_id_rejects_paths():
 
 @given(st.lists(event, min_size=1, max_size=30))
 def test_numba_jsonl_lines_parse_to_the_batch_rows(evs):
-    from kernels.jsonl import format_batch
+    from telemetry.jsonl_format import format_batch
 
     rows = _with_ids(evs)
     batch = decode(encode(rows_to_batch(rows, "exp", "run")))
