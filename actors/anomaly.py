@@ -28,9 +28,10 @@ import numpy as np
 
 from actors.consumer import EventConsumer
 from actors.log import get_logger
-from actors.messages import encode
+from actors.messages import BytesReceiver, encode
 from actors.topics import Topics
 from kernels.moments import Ewma, Moments
+from telemetry.schema import EventBatch
 
 log = get_logger("actors.anomaly")
 
@@ -101,7 +102,7 @@ class AnomalyDetection(EventConsumer):
     def __init__(
         self,
         experiment_id: str,
-        downstream: Any = None,
+        downstream: BytesReceiver | None = None,
         topics: Topics | None = None,
         *,
         methods: tuple[str, ...] | list[str] = ("z_score", "ewma"),
@@ -212,7 +213,7 @@ class AnomalyDetection(EventConsumer):
             self._since_fit = 0
         return scores
 
-    def on_events(self, msg: dict[str, Any]) -> None:
+    def on_events(self, msg: EventBatch) -> None:
         n = int(msg["n"])
         if n == 0:
             return

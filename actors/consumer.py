@@ -18,7 +18,7 @@ from typing import Any
 
 from actors.base import Actor
 from actors.log import get_logger
-from telemetry.schema import SchemaError, check_batch, check_counters
+from telemetry.schema import EVENTS, EventBatch, SchemaError, check_batch, check_counters
 
 log = get_logger("actors.consumer")
 
@@ -47,11 +47,11 @@ class EventConsumer(Actor):
         return True
 
     def handle_events(self, msg: dict[str, Any]) -> Any:
-        if not self.accept(check_batch, msg, "events"):
+        if not self.accept(check_batch, msg, EVENTS):
             return None
         return self.on_events(msg)
 
-    def on_events(self, batch: dict[str, Any]) -> Any:
+    def on_events(self, batch: EventBatch) -> Any:
         """Handle one checked batch (every column present, of length ``n``; codes in range)."""
         raise NotImplementedError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -19,6 +19,14 @@ NDARRAY_EXT = 1
 """msgpack ext type code used for numpy arrays."""
 
 _HEADER = struct.Struct("<BB")  # dtype-string length, ndim
+
+
+class BytesReceiver(Protocol):
+    """What an encoded message can be handed to: an actor ref, a name in a registry (the
+    pipeline's downstream targets are typed with it, so a target may be either, or a proxy
+    in another process later). Returns False when the message was not delivered."""
+
+    def tell_bytes(self, data: bytes) -> bool: ...
 
 
 class DecodeError(ValueError):

@@ -50,13 +50,14 @@ import orjson
 
 from actors.consumer import EventConsumer
 from actors.log import get_logger
-from actors.messages import encode
+from actors.messages import BytesReceiver, encode
 from telemetry.index import IndexIncomplete, LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
 from telemetry.jsonl_format import format_batch
 from telemetry.query import QueryError, query_error
 from telemetry.schema import (
     SCHEMA_VERSION,
+    EventBatch,
     batch_rows,
     check_id,
     check_sampling_figures,
@@ -124,7 +125,7 @@ class Recorder(EventConsumer):
         maximize: tuple[str, ...] | list[str] = (),
         summary_interval: float = 5.0,
         commit_every: int = 1,
-        on_storage_failure: Any = None,
+        on_storage_failure: BytesReceiver | None = None,
         reserve_bytes: int = RESERVE_BYTES,
     ) -> None:
         super().__init__()
@@ -136,7 +137,7 @@ class Recorder(EventConsumer):
         self.summary_interval = summary_interval
         self.commit_every = max(1, commit_every)
         self.rotate_bytes = rotate_bytes
-        self.on_storage_failure = on_storage_failure  # anything with tell_bytes(): told to stop the run
+        self.on_storage_failure = on_storage_failure  # told to stop the run
         self.maximize = set(maximize)
         self.jsonl = JsonlWriter(self.run_dir, rotate_bytes)
         self.jsonl.rotate_bytes = _NEVER  # the Recorder rotates, at commit points (see _commit)
@@ -225,7 +226,7 @@ class Recorder(EventConsumer):
 
     # --- persisting --------------------------------------------------------------------------------
 
-    def on_events(self, msg: dict[str, Any]) -> None:
+    def on_events(self, msg: EventBatch) -> None:
         self._take_counters(msg)
         if "sampling" in msg:
             self._take_sampling(msg["sampling"])

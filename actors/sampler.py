@@ -35,9 +35,9 @@ import numpy as np
 
 from actors.consumer import EventConsumer
 from actors.log import get_logger
-from actors.messages import encode
+from actors.messages import BytesReceiver, encode
 from kernels.tdigest import TDigest
-from telemetry.schema import batch_rows, rows_to_batch, select_rows
+from telemetry.schema import SAMPLING, EventBatch, batch_rows, rows_to_batch, select_rows
 
 log = get_logger("actors.sampler")
 
@@ -113,14 +113,14 @@ class Sampler(EventConsumer):
     def __init__(
         self,
         experiment_id: str,
-        downstream: Any = None,
+        downstream: BytesReceiver | None = None,
         strategy: str = "all",
         config: dict[str, Any] | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
         self.experiment_id = experiment_id
-        self.downstream = downstream  # anything with tell_bytes(): an ActorRef or a NamedTarget
+        self.downstream = downstream
         self.strategy = strategy
         self.config = check_sampling(strategy, config)
         self.rng = np.random.default_rng(self.config.get("seed", seed))
@@ -214,7 +214,7 @@ class Sampler(EventConsumer):
             if d[i]:
                 self.dropped[lbl] = self.dropped.get(lbl, 0) + int(d[i])
 
-    def on_events(self, msg: dict[str, Any]) -> None:
+    def on_events(self, msg: EventBatch) -> None:
         n = int(msg["n"])
         if n == 0:
             self._send_figures(msg)
@@ -244,7 +244,7 @@ class Sampler(EventConsumer):
         """Nothing of this batch goes on: send the figures (and the batch's emitter counters) alone."""
         if self.downstream is not None:
             self.downstream.tell_bytes(
-                encode({"kind": "sampling", **self._figures(self._held()), "counters": msg.get("counters") or {}})
+                encode({"kind": SAMPLING, **self._figures(self._held()), "counters": msg.get("counters") or {}})
             )
 
     def _held(self) -> int:

@@ -24,6 +24,7 @@ from actors.consumer import EventConsumer
 from actors.topics import Topics
 from kernels.moments import Moments
 from kernels.tdigest import TDigest
+from telemetry.schema import EventBatch
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 SLA_LEVELS = (0.99, 0.999, 0.9999)
@@ -127,7 +128,7 @@ class StreamingMetrics(EventConsumer):
 
     # --- folding -------------------------------------------------------------------------------
 
-    def on_events(self, msg: dict[str, Any]) -> None:
+    def on_events(self, msg: EventBatch) -> None:
         n = int(msg["n"])
         if n == 0:
             return

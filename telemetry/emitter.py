@@ -35,7 +35,7 @@ import orjson
 from actors.log import get_logger
 from actors.messages import encode
 from actors.topics import Topics
-from telemetry.schema import GPU_MODES, SchemaError, check_event_fields
+from telemetry.schema import COUNTERS, EVENTS, GPU_MODES, EventBatch, SchemaError, check_event_fields
 
 log = get_logger("telemetry.emitter")
 
@@ -54,7 +54,7 @@ class Emitter:
         experiment_id: str,
         run_id: str,
         *,
-        topic: str = "events",
+        topic: str = EVENTS,
         batch_size: int = 1024,
         flush_interval: float = 0.05,
         overflow: str = "block",
@@ -93,7 +93,7 @@ class Emitter:
         self._closed = threading.Event()
         self.held = False  # while held, batches wait in _held_batches (events emitted during a pause)
         self._abandoned = False  # see abandon()
-        self._held_batches: list[dict[str, Any]] = []
+        self._held_batches: list[EventBatch] = []
         self._flusher = threading.Thread(target=self._flush_loop, name=f"emitter-{run_id}", daemon=True)
         self._flusher.start()
 
@@ -161,7 +161,7 @@ class Emitter:
             self._flush_locked()  # the last flush waits (bounded) for consumers under either policy
             counters = self.counters()
             if not self._abandoned:
-                self.topics.publish(self.topic, {"kind": "counters", "run_id": self.run_id, "counters": counters})
+                self.topics.publish(self.topic, {"kind": COUNTERS, "run_id": self.run_id, "counters": counters})
         return counters
 
     def abandon(self) -> None:
@@ -257,7 +257,7 @@ class Emitter:
             return
         self._publish(batch)
 
-    def _publish(self, batch: dict[str, Any]) -> None:
+    def _publish(self, batch: EventBatch) -> None:
         n = int(batch["n"])
         room = self._make_room()
         if self._abandoned:
@@ -314,7 +314,7 @@ class Emitter:
                 log.warning("event rejected", run_id=self.run_id, error=str(exc))
         return good
 
-    def _columns(self, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    def _columns(self, rows: list[tuple[Any, ...]]) -> EventBatch:
         """Rows -> numpy columns and code tables, with C-speed fast paths for uniform columns."""
         n = len(rows)
         (
@@ -366,7 +366,7 @@ class Emitter:
                 sparse[f] = [[i, x] for i, x in enumerate(col) if x is not None]
         self._last_ts = int(ts[-1])
         return {
-            "kind": "events",
+            "kind": EVENTS,
             "experiment_id": self.experiment_id,
             "run_id": self.run_id,
             "n": n,

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 
 from kernels.jsonl import format_rows
-from telemetry.schema import GPU_MODES, SCHEMA_VERSION, SPARSE_FIELDS
+from telemetry.schema import GPU_MODES, SCHEMA_VERSION, SPARSE_FIELDS, EventBatch
 
 _COMMA = ord(",")
 
@@ -35,7 +35,7 @@ def _json(s: str) -> bytes:
     return orjson.dumps(s)
 
 
-def format_batch(batch: dict[str, Any]) -> bytes:
+def format_batch(batch: EventBatch) -> bytes:
     """The JSONL bytes (one line per event, each ending in a newline) of a decoded batch."""
     n = int(batch["n"])
     if n == 0:

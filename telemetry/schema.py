@@ -4,9 +4,7 @@ One record type serves both workloads. On the wire, events travel in columnar
 batches (``kind: "events"``); on disk, one JSON object per line. See docs/schema.md.
 """
 
-from __future__ import annotations
-
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import orjson
@@ -37,6 +35,48 @@ FIELDS = (
 )
 SPARSE_FIELDS = ("notes", "anomaly")
 """Fields carried as ``[[row, value], ...]`` lists in a batch: rare per event."""
+
+
+# the message kinds of the telemetry wire (one dispatch each: ``handle_<kind>``)
+EVENTS = "events"  # an EventBatch, from the phase's emitter down the pipeline
+COUNTERS = "counters"  # the emitter's cumulative counters, when no batch carries them (close)
+SAMPLING = "sampling"  # the Sampler's cumulative figures, to the Recorder
+
+
+_PassColumn = TypedDict("_PassColumn", {"pass": np.ndarray})  # int32; "pass" is a Python keyword
+
+
+class EventBatch(_PassColumn):
+    """An ``events`` message: ``n`` events as columns (one numpy array per field).
+
+    String fields travel as int32 codes into per-batch tables (``name`` -> ``names``,
+    ``phase`` -> ``phases``, ``reason`` -> ``reasons``, ``params`` -> ``param_texts``;
+    -1 = none); ``values`` is one float64 column per value name (NaN = absent); ``sparse``
+    holds the rare fields as ``[[row, value], ...]``. :func:`check_batch` checks all of it
+    on arrival; docs/schema.md describes it.
+    """
+
+    kind: str
+    experiment_id: str
+    run_id: str
+    n: int
+    seq: NotRequired[np.ndarray]  # int64, set by the emitter when the batch is published
+    ts: np.ndarray  # int64 microseconds
+    step: np.ndarray  # int64, -1 = none
+    name: np.ndarray
+    phase: np.ndarray
+    success: np.ndarray  # int8: -1 none, 0, 1
+    gpu: np.ndarray  # int8 index into GPU_MODES, -1 = none
+    reason: NotRequired[np.ndarray]
+    params: NotRequired[np.ndarray]
+    names: list[str]
+    phases: list[str]
+    reasons: NotRequired[list[str]]
+    param_texts: NotRequired[list[str]]
+    values: dict[str, np.ndarray]
+    sparse: NotRequired[dict[str, list[list[Any]]]]
+    counters: NotRequired[dict[str, int]]  # the emitter's cumulative counters at this batch
+    sampling: NotRequired[dict[str, Any]]  # the Sampler's figures, on batches it forwards
 
 
 class SchemaError(ValueError):
@@ -86,7 +126,7 @@ CODED_COLUMNS = {"name": "names", "phase": "phases", "reason": "reasons", "param
 """Batch columns of int32 codes into a per-batch string table (-1 = absent)."""
 
 
-def batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+def batch_rows(batch: EventBatch) -> list[dict[str, Any]]:
     """Expand a columnar ``events`` batch into compact event dicts (keys in JSONL order).
 
     Compact: optional fields that are null are left out, as in the JSONL files;
@@ -178,7 +218,7 @@ def full_event(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def rows_to_batch(rows: list[dict[str, Any]], experiment_id: str, run_id: str) -> dict[str, Any]:
+def rows_to_batch(rows: list[dict[str, Any]], experiment_id: str, run_id: str) -> EventBatch:
     """The inverse of :func:`batch_rows` (tests, recovery back-fills)."""
     tables: dict[str, dict[Any, int]] = {"names": {}, "phases": {}, "reasons": {}, "param_texts": {}}
 
@@ -204,7 +244,7 @@ def rows_to_batch(rows: list[dict[str, Any]], experiment_id: str, run_id: str) -
 
     ptexts = [None if r.get("parameters") is None else orjson.dumps(r["parameters"]).decode() for r in rows]
     return {
-        "kind": "events",
+        "kind": EVENTS,
         "experiment_id": experiment_id,
         "run_id": run_id,
         "n": n,
@@ -227,9 +267,9 @@ def rows_to_batch(rows: list[dict[str, Any]], experiment_id: str, run_id: str) -
     }
 
 
-def select_rows(b: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
+def select_rows(b: EventBatch, keep: np.ndarray) -> EventBatch:
     """The rows of a batch where ``keep`` is True (sparse entries renumbered)."""
-    out = dict(b)
+    out = b.copy()
     for k in ("seq", "ts", "step", "pass", "name", "phase", "success", "gpu", "reason", "params"):
         if k in b:
             out[k] = b[k][keep]

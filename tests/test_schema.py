@@ -1,10 +1,13 @@
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from actors.messages import decode, encode
 from telemetry.schema import (
     GPU_MODES,
+    EventBatch,
+    SchemaError,
     batch_rows,
     check_batch,
     check_id,
@@ -91,3 +94,20 @@ def test_every_well_formed_batch_passes_the_batch_check(evs, data):
     check_batch(batch)
     keep = np.array(data.draw(st.lists(st.booleans(), min_size=len(rows), max_size=len(rows))), dtype=bool)
     check_batch(decode(encode(select_rows(batch, keep))))
+
+
+def test_the_batch_check_requires_what_the_batch_type_declares():
+    """EventBatch (the typed wire) and check_batch (the checker at every consumer) agree: a
+    batch missing any required key, or ``seq`` (set when the emitter publishes), is refused."""
+    rows = [{"seq": i, "ts": 10 + i, "name": "step", "values": {"x": float(i)}} for i in range(3)]
+    good = rows_to_batch(rows, "exp", "run")
+    check_batch(good)
+    required = set(EventBatch.__required_keys__) - {"kind"}  # the kind is the dispatch, not the payload
+    assert required >= {"n", "ts", "name", "names", "values", "pass"}
+    for key in sorted(required | {"seq"}):
+        bad = dict(good)
+        del bad[key]
+        with pytest.raises(SchemaError):
+            check_batch(bad)
+    for key in EventBatch.__optional_keys__ - {"seq"}:
+        assert key in good or key in ("counters", "sampling", "sparse"), key
