@@ -56,7 +56,6 @@ from telemetry.store import DB_NAME, HistoryStore
 
 log = get_logger("experiments.lab")
 
-STATUSES = ("running", "paused", "stopped", "failed", "archived")  # what Experiment.status() answers
 FETCH_TIMEOUT_S = 120.0  # a background refresh gives up after this (its ask stays queued: keep it rare)
 METRIC_SUBSCRIBERS = ("metrics", "anomaly", "hypertune")  # detached from the events topic while paused
 
