@@ -17,7 +17,7 @@ from typing import Any
 
 from actors.anomaly import check_anomaly_config
 from actors.sampler import check_sampling
-from experiments.validate import SECONDS, SEED, YEAR_S, Num, read_text, tree_problem
+from experiments.validate import SECONDS, SEED, YEAR_S, Num, merge_tables, read_text, tree_problem
 from telemetry.emitter import OVERFLOW_POLICIES
 from telemetry.schema import check_id
 
@@ -199,16 +199,6 @@ def _check(data: dict[str, Any], schema: dict[str, Any], source: str | None, pre
                 raise SpecError(f"{_where(source, key)}: {problem}")
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("metadata",):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value); the value is read as TOML, else as a string."""
     if "=" not in item:
@@ -284,7 +274,7 @@ def load_spec(
     where = source and f"{source} (with --set)" if overrides else source
     _check(raw, SCHEMA, where)
     _check_numbers(raw, where)
-    full = _merge(DEFAULTS, raw)
+    full = merge_tables(DEFAULTS, raw, opaque=("metadata",))
     try:
         check_sampling(full["sampling"]["strategy"], full["sampling"]["config"])
     except (ValueError, TypeError) as exc:

@@ -19,6 +19,7 @@ free-form tables included (finite; integers within signed 64 bits), and
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,3 +149,33 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int = SPEC_MAX_BY
         raise ValueError(
             f"{path}: the {what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
         ) from None
+
+
+def merge_tables(
+    base: dict[str, Any],
+    over: dict[str, Any],
+    *,
+    strict: bool = False,
+    opaque: tuple[str, ...] = (),
+    where: str = "",
+    what: str = "key",
+) -> dict[str, Any]:
+    """``over`` on top of ``base``, table by table (deep copies: the result shares nothing).
+
+    ``strict``: a key that ``base`` lacks is an error naming it and the known keys (a typo in a
+    spec must not be ignored). Tables named in ``opaque`` are values, replaced whole.
+    """
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if strict and k not in base:
+            raise ValueError(f"unknown {what} {where}{k!r}; known: {', '.join(sorted(base))}")
+        if isinstance(out.get(k), dict) and k not in opaque:
+            if not isinstance(v, dict):
+                if strict:
+                    raise ValueError(f"{where}{k} must be a table")
+                out[k] = copy.deepcopy(v)
+                continue
+            out[k] = merge_tables(out[k], v, strict=strict, opaque=opaque, where=f"{where}{k}.", what=what)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out

@@ -1,8 +1,11 @@
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from experiments.spec import SpecError, load_spec, parse_override
+from experiments.validate import merge_tables
 from experiments.workloads import registry
 
 
@@ -182,3 +185,37 @@ def test_every_ranged_key_is_documented():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "experiments.md").read_text()
     missing = [k for k in _number_keys() if f"`{k}`" not in doc]
     assert missing == []
+
+
+_leaf = st.integers(-5, 5) | st.text(max_size=3)
+_tables = st.recursive(
+    st.dictionaries(st.sampled_from("abcd"), _leaf, max_size=3),
+    lambda inner: st.dictionaries(st.sampled_from("abcd"), inner | _leaf, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(_tables, _tables)
+def test_merged_tables_take_every_value_of_the_override_and_share_nothing(base, over):
+
+    out = merge_tables(base, over)
+
+    def check(out, base, over):
+        for k in set(base) | set(over):
+            if k not in over:
+                assert out[k] == base[k] and (not isinstance(out[k], dict) or out[k] is not base[k])
+            elif isinstance(over[k], dict) and isinstance(base.get(k), dict):
+                check(out[k], base[k], over[k])
+            else:
+                assert out[k] == over[k] and (not isinstance(out[k], dict) or out[k] is not over[k])
+
+    check(out, base, over)
+    assert set(out) == set(base) | set(over)
+
+
+def test_a_strict_merge_names_the_unknown_key_and_where_it_is():
+
+    with pytest.raises(ValueError, match=r"unknown parameter tabu\.'tenur'; known: tenure"):
+        merge_tables({"tabu": {"tenure": 1}}, {"tabu": {"tenur": 2}}, strict=True, what="parameter")
+    with pytest.raises(ValueError, match=r"tabu must be a table"):
+        merge_tables({"tabu": {"tenure": 1}}, {"tabu": 3}, strict=True)
