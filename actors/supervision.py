@@ -22,6 +22,12 @@ scaled by a random factor in ``[1, 1 + jitter]``, where ``n`` counts the child's
 restarts since it last ran for longer than ``max_s`` (Akka's restartWithBackoff).
 Messages sent with ``Registry.send`` to a child's registered ``name`` while it
 restarts are stashed and delivered to the replacement (see :mod:`actors.registry`).
+
+A child's exit is handled in three steps, as OTP's ``supervisor`` does: the restart
+intensity is a pure function of the recent restart times (:func:`within_intensity`); what
+to do is a pure function of the strategy, the child's restart type, the exit reason, its
+significance and ``auto_shutdown`` (:func:`decide`); :meth:`Supervisor.handle_down` only
+carries the :class:`Decision` out. Giving up is an exit like any other, never an exception.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -72,7 +77,11 @@ class TooManyChildren(RuntimeError):
 
 
 class MaxRestartIntensity(RuntimeError):
-    """Raised inside a supervisor to exit abnormally when restarts exceed the intensity."""
+    """The exit of a supervisor that gave up, as an exception type for callers that want one.
+
+    The supervisor itself never raises it: it exits with :data:`MAX_INTENSITY` (see
+    :func:`decide`); ``exit_reason`` names that reason.
+    """
 
     exit_reason = MAX_INTENSITY
 
@@ -120,6 +129,88 @@ class ChildSpec:
     @property
     def is_supervisor(self) -> bool:
         return issubclass(self.actor, Supervisor)
+
+
+# --- the decision: pure functions ---------------------------------------------------------------
+
+IGNORE = "ignore"  # the child stays down (its spec is dropped if it is temporary)
+RESTART = "restart"  # stop the rest of the group (reverse order), start the group again in order
+SHUTDOWN_SUPERVISOR = "shutdown"  # auto_shutdown: the supervisor exits normally (reason shutdown)
+GIVE_UP = "give_up"  # over the intensity: the supervisor exits with MAX_INTENSITY
+
+
+def would_restart(restart: str, reason: str) -> bool:
+    """OTP's restart types: ``permanent`` always, ``transient`` after an abnormal exit only."""
+    return restart == "permanent" or (restart == "transient" and is_abnormal(reason))
+
+
+def within_intensity(
+    restarts: tuple[float, ...], now: float, max_restarts: int, max_seconds: float
+) -> tuple[bool, tuple[float, ...]]:
+    """Count one more restart at ``now``: is the supervisor still within its intensity?
+
+    Returns ``(ok, window)``: ``window`` is the restart times at most ``max_seconds`` before
+    ``now``, ``now`` included (the state to keep), and ``ok`` is False when they number more
+    than ``max_restarts``. Pure: the caller keeps ``window`` only if it counts the restart.
+    """
+    window = (*(t for t in restarts if t >= now - max_seconds), now)
+    return len(window) <= max_restarts, window
+
+
+def restart_group(strategy: str, index: int, count: int) -> tuple[int, ...]:
+    """Positions (start order) of the children a restart of child ``index`` of ``count`` involves."""
+    if strategy == "one_for_one":
+        return (index,)
+    if strategy == "one_for_all":
+        return tuple(range(count))
+    if strategy == "rest_for_one":
+        return tuple(range(index, count))
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a supervisor does about one child's exit.
+
+    ``action`` is :data:`IGNORE`, :data:`RESTART`, :data:`SHUTDOWN_SUPERVISOR` or
+    :data:`GIVE_UP`; ``group`` holds the positions (start order) of the children to stop
+    and start again, the exited one included (empty unless restarting).
+    """
+
+    action: str
+    group: tuple[int, ...] = ()
+
+
+def decide(
+    strategy: str,
+    restart: str,
+    reason: str,
+    significant: bool,
+    auto_shutdown: str,
+    *,
+    index: int = 0,
+    count: int = 1,
+    other_significant_running: bool = False,
+    intensity_ok: bool = True,
+) -> Decision:
+    """OTP's rules for the exit of child ``index`` (of ``count``) with ``reason``.
+
+    A child that is not to be restarted (its restart type and the reason say so) is left
+    down, unless it is significant and ``auto_shutdown`` says its exit ends the supervisor
+    (``any_significant``; ``all_significant`` once no other significant child runs). A
+    child to be restarted is, with its strategy's group, if the restart keeps the
+    supervisor within its intensity (``intensity_ok``, from :func:`within_intensity`);
+    otherwise the supervisor gives up.
+    """
+    if not would_restart(restart, reason):
+        if significant and (
+            auto_shutdown == "any_significant" or (auto_shutdown == "all_significant" and not other_significant_running)
+        ):
+            return Decision(SHUTDOWN_SUPERVISOR)
+        return Decision(IGNORE)
+    if not intensity_ok:
+        return Decision(GIVE_UP)
+    return Decision(RESTART, restart_group(strategy, index, count))
 
 
 def backoff_delay(n: int, min_s: float, max_s: float, jitter: float, rnd: float) -> float:
@@ -233,7 +324,7 @@ class Supervisor(Actor):
         self.clock = clock
         self._children: list[_Child] = []
         self._by_urn: dict[str, _Child] = {}
-        self._restarts: deque[float] = deque()
+        self._restarts: tuple[float, ...] = ()  # restart times inside the intensity window
         self._timers: list[threading.Timer] = []
         self._rng = random.Random()
         on_death(self.ref, self._on_own_death)
@@ -270,14 +361,10 @@ class Supervisor(Actor):
                 spec.name,
                 ref,
                 restarting_if=lambda reason, c=c: (
-                    c.regrouping or (not c.terminating and self._would_restart(c.spec, reason))
+                    c.regrouping or (not c.terminating and would_restart(c.spec.restart, reason))
                 ),
             )
         return ref
-
-    @staticmethod
-    def _would_restart(spec: ChildSpec, reason: str) -> bool:
-        return spec.restart == "permanent" or (spec.restart == "transient" and is_abnormal(reason))
 
     def _terminate(self, c: _Child, regroup: bool = False) -> None:
         """Stop one child under its shutdown rule; its ``down`` is then ignored.
@@ -328,14 +415,38 @@ class Supervisor(Actor):
             return  # a child we terminated ourselves, or a stale notification
         c.ref = None
         reason = msg["reason"]
-        if not self._would_restart(c.spec, reason):
+        ok, window = within_intensity(self._restarts, self.clock(), self.max_restarts, self.max_seconds)
+        decision = decide(
+            self.strategy,
+            c.spec.restart,
+            reason,
+            c.spec.significant,
+            self.auto_shutdown,
+            index=self._children.index(c),
+            count=len(self._children),
+            other_significant_running=any(ch.running for ch in self._children if ch.spec.significant),
+            intensity_ok=ok,
+        )
+        if decision.action in (RESTART, GIVE_UP):
+            self._restarts = window
+        self._carry_out(decision, c, reason)
+
+    def _carry_out(self, decision: Decision, c: _Child, reason: str) -> None:
+        """Do what :func:`decide` said about the exit of ``c``."""
+        action = decision.action
+        if action in (IGNORE, SHUTDOWN_SUPERVISOR):
             log.info("child exited", child=c.spec.id, reason=reason, restarted=False)
             if c.spec.restart == "temporary":
                 self._children.remove(c)
-            self._maybe_auto_shutdown(c)
+            if action == SHUTDOWN_SUPERVISOR:
+                log.info("auto_shutdown: significant child exited", child=c.spec.id, mode=self.auto_shutdown)
+                self._exit_now(SHUTDOWN)
+            return
+        if action == GIVE_UP:
+            log.warning("child exited; over the restart intensity", child=c.spec.id, reason=reason)
+            self._give_up()
             return
         log.warning("child exited; restarting", child=c.spec.id, reason=reason, strategy=self.strategy)
-        self._count_restart()
         if self.on_restart is not None:
             try:
                 self.on_restart(c.spec.id, reason)
@@ -343,13 +454,7 @@ class Supervisor(Actor):
                 log.exception("on_restart hook failed", child=c.spec.id)
         lived = self.clock() - c.started_at
         c.backoff_n = 0 if self.backoff and lived > self.backoff[1] else c.backoff_n + 1
-        idx = self._children.index(c)
-        if self.strategy == "one_for_one":
-            group = [c]
-        elif self.strategy == "one_for_all":
-            group = list(self._children)
-        else:
-            group = self._children[idx:]
+        group = [self._children[i] for i in decision.group]
         for other in reversed(group):
             if other is not c and other.ref is not None:
                 if other.spec.name:
@@ -360,22 +465,32 @@ class Supervisor(Actor):
                 self._children.remove(other)
         self._schedule_restart([o for o in group if o in self._children], c)
 
-    def _count_restart(self) -> None:
-        now = self.clock()
-        self._restarts.append(now)
-        while self._restarts and self._restarts[0] < now - self.max_seconds:
-            self._restarts.popleft()
-        if len(self._restarts) > self.max_restarts:
-            log.error(
-                "restart intensity reached; supervisor exits",
-                name=self.name,
-                max_restarts=self.max_restarts,
-                max_seconds=self.max_seconds,
-            )
-            for ch in self._children:
-                if ch.spec.name and ch.ref is None:
-                    self.registry.cancel_restarting(ch.spec.name)
-            raise MaxRestartIntensity(f"more than {self.max_restarts} restarts in {self.max_seconds}s")
+    def _give_up(self) -> None:
+        """Over the intensity: the names waiting for a replacement will not get one; exit."""
+        log.error(
+            "restart intensity reached; supervisor exits",
+            name=self.name,
+            max_restarts=self.max_restarts,
+            max_seconds=self.max_seconds,
+        )
+        for ch in self._children:
+            if ch.spec.name and ch.ref is None:
+                self.registry.cancel_restarting(ch.spec.name)
+        self._exit_now(MAX_INTENSITY)
+
+    def _exit_now(self, reason: str) -> None:
+        """Exit with ``reason`` when the current message is done, ahead of anything queued.
+
+        As an OTP supervisor exits while handling the exit signal: no later ``down`` (or
+        delayed restart) is acted on. Children stop in reverse order in ``terminate``;
+        what is still queued is answered ``ActorDeadError``.
+        """
+        with self._life.lock:
+            if self._life.dead:
+                return
+            self._life.pending_reason = reason
+        self.actor_stopped.set()  # pykka's loop ends after this message
+        self.on_stop()  # terminate (stops the children), then the exit is recorded and monitors told
 
     def _schedule_restart(self, group: list[_Child], failed: _Child) -> None:
         if not self.backoff:
@@ -408,16 +523,11 @@ class Supervisor(Actor):
                 return
 
     def handle_retry_restart(self, msg: dict[str, Any]) -> None:
-        self._count_restart()
+        ok, self._restarts = within_intensity(self._restarts, self.clock(), self.max_restarts, self.max_seconds)
+        if not ok:
+            self._give_up()
+            return
         self._restart_group([c for c in self._children if c.spec.id in msg["ids"]])
-
-    def _maybe_auto_shutdown(self, c: _Child) -> None:
-        if not c.spec.significant or self.auto_shutdown == "never":
-            return
-        if self.auto_shutdown == "all_significant" and any(ch.running for ch in self._children if ch.spec.significant):
-            return
-        log.info("auto_shutdown: significant child exited", child=c.spec.id, mode=self.auto_shutdown)
-        self.exit(SHUTDOWN)
 
     # --- management calls (run in this thread through call_local) ---------------
 
