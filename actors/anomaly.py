@@ -38,6 +38,13 @@ log = get_logger("actors.anomaly")
 METHODS = ("z_score", "modified_z", "iqr", "ewma", "isolation_forest")
 DEFAULT_THRESHOLDS = {"z_score": 3.0, "modified_z": 3.5, "iqr": 1.5, "ewma": 3.0, "isolation_forest": "auto"}
 ACTIONS = ("flag", "alert", "sample_more")
+# the defaults, here once: the experiment spec's defaults (experiments/spec.py) read them
+DEFAULT_METHODS = ("z_score", "ewma")
+ACTION = "flag"
+WINDOW = 1000
+WARMUP = 30
+EWMA_LAMBDA = 0.1
+PERIOD_GAP_S = 5.0
 
 
 def check_anomaly_config(
@@ -105,15 +112,15 @@ class AnomalyDetection(EventConsumer):
         downstream: BytesReceiver | None = None,
         topics: Topics | None = None,
         *,
-        methods: tuple[str, ...] | list[str] = ("z_score", "ewma"),
+        methods: tuple[str, ...] | list[str] = DEFAULT_METHODS,
         metrics: list[str] | None = None,
         threshold: float | dict[str, Any] | None = None,
-        action: str = "flag",
-        window: int = 1000,
-        warmup: int = 30,
-        ewma_lambda: float = 0.1,
+        action: str = ACTION,
+        window: int = WINDOW,
+        warmup: int = WARMUP,
+        ewma_lambda: float = EWMA_LAMBDA,
         refit_every: int = 2000,
-        period_gap_s: float = 5.0,
+        period_gap_s: float = PERIOD_GAP_S,
         max_kept: int = 10_000,
         seed: int = 0,
         enabled: bool = True,

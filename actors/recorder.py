@@ -69,6 +69,12 @@ from telemetry.store import DB_NAME, HistoryStore
 
 log = get_logger("actors.recorder")
 
+# the defaults, here once: the experiment spec's defaults (experiments/spec.py) read them
+ROTATE_BYTES = 256 << 20
+FSYNC_INTERVAL_S = 1.0
+RING_SIZE = 1000
+INDEX_LIMIT = 1_000_000
+
 RESERVE_NAME = "recorder.reserve"
 RESERVE_BYTES = 256 << 10
 RESERVE_TAIL = 64 << 10
@@ -118,10 +124,10 @@ class Recorder(EventConsumer):
         experiment_id: str,
         run_id: str,
         *,
-        rotate_bytes: int = 256 << 20,
-        fsync_interval: float = 1.0,
-        ring_size: int = 1000,
-        index_limit: int = 1_000_000,
+        rotate_bytes: int = ROTATE_BYTES,
+        fsync_interval: float = FSYNC_INTERVAL_S,
+        ring_size: int = RING_SIZE,
+        index_limit: int = INDEX_LIMIT,
         maximize: tuple[str, ...] | list[str] = (),
         summary_interval: float = 5.0,
         commit_every: int = 1,

@@ -29,6 +29,10 @@ from telemetry.schema import EventBatch
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 SLA_LEVELS = (0.99, 0.999, 0.9999)
 TOTAL_FIELDS = ("cost_usd", "tokens_prompt", "tokens_completion")
+# the defaults, here once: the experiment spec's defaults (experiments/spec.py) read them
+WINDOWS_S = (60.0, 300.0, 3600.0)
+COMPRESSION = 1000.0
+PUBLISH_INTERVAL_S = 1.0
 
 
 class _Window:
@@ -77,11 +81,11 @@ class StreamingMetrics(EventConsumer):
         experiment_id: str,
         topics: Topics | None = None,
         *,
-        windows: tuple[float, ...] | list[float] = (60.0, 300.0, 3600.0),
+        windows: tuple[float, ...] | list[float] = WINDOWS_S,
         buckets: int = 30,
-        compression: float = 1000.0,
+        compression: float = COMPRESSION,
         window_compression: float = 100.0,
-        publish_interval: float = 1.0,
+        publish_interval: float = PUBLISH_INTERVAL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()

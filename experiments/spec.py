@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from actors import anomaly, recorder, streaming_metrics
 from actors.anomaly import check_anomaly_config
 from actors.sampler import check_sampling
 from experiments.validate import SECONDS, SEED, YEAR_S, Num, merge_tables, read_text, tree_problem
+from telemetry import emitter
 from telemetry.emitter import OVERFLOW_POLICIES
 from telemetry.schema import check_id
 
@@ -147,28 +149,32 @@ DEFAULTS: dict[str, Any] = {
     "time_budget_s": 60.0,
     "workload": {"name": "latency", "params": {}},
     "telemetry": {
-        "batch_size": 1024,
-        "flush_interval_s": 0.05,
-        "overflow": "block",
-        "max_backlog": 64,
-        "block_timeout_s": 1.0,
-        "rotate_mb": 256,
-        "fsync_interval_s": 1.0,
-        "ring_size": 1000,
-        "index_limit": 1_000_000,
+        "batch_size": emitter.BATCH_SIZE,
+        "flush_interval_s": emitter.FLUSH_INTERVAL_S,
+        "overflow": emitter.OVERFLOW,
+        "max_backlog": emitter.MAX_BACKLOG,
+        "block_timeout_s": emitter.BLOCK_TIMEOUT_S,
+        "rotate_mb": recorder.ROTATE_BYTES >> 20,
+        "fsync_interval_s": recorder.FSYNC_INTERVAL_S,
+        "ring_size": recorder.RING_SIZE,
+        "index_limit": recorder.INDEX_LIMIT,
         "debug": False,
         "maximize": [],
     },
-    "metrics": {"windows_s": [60, 300, 3600], "publish_interval_s": 1.0, "compression": 1000},
+    "metrics": {
+        "windows_s": list(streaming_metrics.WINDOWS_S),
+        "publish_interval_s": streaming_metrics.PUBLISH_INTERVAL_S,
+        "compression": streaming_metrics.COMPRESSION,
+    },
     "sampling": {"strategy": "all", "config": {}},
     "anomaly": {
         "enabled": True,
-        "methods": ["z_score", "ewma"],
-        "action": "flag",
-        "window": 1000,
-        "warmup": 30,
-        "ewma_lambda": 0.1,
-        "period_gap_s": 5.0,
+        "methods": list(anomaly.DEFAULT_METHODS),
+        "action": anomaly.ACTION,
+        "window": anomaly.WINDOW,
+        "warmup": anomaly.WARMUP,
+        "ewma_lambda": anomaly.EWMA_LAMBDA,
+        "period_gap_s": anomaly.PERIOD_GAP_S,
     },
     "hypertune": {"enabled": False, "window_s": 5.0, "policy": "ucb", "state_file": ""},
     "supervision": {"max_restarts": 3, "max_seconds": 5.0},

@@ -40,6 +40,13 @@ from telemetry.schema import COUNTERS, EVENTS, GPU_MODES, EventBatch, SchemaErro
 log = get_logger("telemetry.emitter")
 
 OVERFLOW_POLICIES = ("block", "drop")
+# the defaults, here once: the experiment spec's defaults (experiments/spec.py) read them
+BATCH_SIZE = 1024
+FLUSH_INTERVAL_S = 0.05
+OVERFLOW = "block"
+MAX_BACKLOG = 64
+BLOCK_TIMEOUT_S = 1.0
+
 _time_ns = time.time_ns
 _NAN = float("nan")
 _GPU_CODE = {m: i for i, m in enumerate(GPU_MODES)}
@@ -55,11 +62,11 @@ class Emitter:
         run_id: str,
         *,
         topic: str = EVENTS,
-        batch_size: int = 1024,
-        flush_interval: float = 0.05,
-        overflow: str = "block",
-        max_backlog: int = 64,
-        block_timeout: float = 1.0,
+        batch_size: int = BATCH_SIZE,
+        flush_interval: float = FLUSH_INTERVAL_S,
+        overflow: str = OVERFLOW,
+        max_backlog: int = MAX_BACKLOG,
+        block_timeout: float = BLOCK_TIMEOUT_S,
         debug: bool = False,
         seq_start: int = 0,
         counters: dict[str, int] | None = None,
