@@ -1,16 +1,24 @@
 """The Hypertune actor: telemetry-driven adaptive control with a learning policy.
 
-It watches the experiment's ``events`` (the phase's ``step`` events), ``metrics`` and
-``anomalies`` topics and keeps, per phase, a rolling view of the best value
-(``chromatic_number``) and of the conflicts at the k being attempted. A *stall* is
-``window_s`` seconds of event time without a new best and without a new lowest conflict
-count, and at least three times the median time this run has needed between improvements.
-On a stall it picks an action with its policy (UCB1 by default, or epsilon-greedy)
-and sends it to the phase as ``set_param``; the phase applies it at its next safe point and
-records it as a ``hypertune_action`` event whose notes say what changed, why, and the
-values before and after. The outcome is measured over the next window (reward =
-improvement of the progress score per second, the score being ``1000 * best + conflicts``)
-and recorded as a ``hypertune_outcome`` event; the policy learns from it.
+It knows no workload. The experiment hands it the workload's declarations as plain data
+(``experiments.workloads.base``): the *objective* (an event value ``field``, its
+``direction``, and an optional ``progress`` value, lower is better, that shows progress
+between two improvements), the *arms* (control actions: a ``set_param`` key, how the value
+follows from the parameters in force, the phases where they apply) and the *takeover*
+controls it sends once before it first steers, so that it is the only controller.
+
+It watches the experiment's ``events`` (every event that carries the objective or the
+progress value; a failed call never counts as an improvement), ``metrics`` and ``anomalies``
+topics and keeps, per phase, the best objective value and the lowest progress value since
+the objective last improved. A *stall* is ``window_s`` seconds of event time without a new
+best and without a new lowest progress value, and at least three times the median time this
+run has needed between improvements. On a stall it picks an arm of the current phase with
+its policy (UCB1 by default, or epsilon-greedy) and sends it to the phase as ``set_param``;
+the phase applies it at its next safe point and records it as a ``hypertune_action`` event
+whose notes say what changed, why, and the values before and after. The outcome is measured
+over the next window (reward = improvement of the progress score per second, the score being
+``1000 * best + lowest progress`` with ``best`` negated for a ``max`` objective, so lower is
+always better) and recorded as a ``hypertune_outcome`` event; the policy learns from it.
 
 The policy's statistics persist between runs in a JSON file per workload and instance
 family (``state_file``), loaded at start; a corrupt file is ignored with a warning. Several
@@ -33,7 +41,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,31 +58,32 @@ POLICIES = ("ucb", "epsilon_greedy")
 SCORE_K = 1000.0
 
 
-def instance_family(name: str) -> str:
-    """``DSJC250.5`` -> ``DSJC``; ``le450_15c`` -> ``le``; generated graphs -> their generator."""
-    m = re.match(r"[A-Za-z]+", name or "")
-    return m.group(0) if m else "graph"
+def arm_value(arm: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
+    """The value an arm (plain data, see ``experiments.workloads.base.Arm``) sends when
+    ``params`` are in force: ``value`` when the arm names no ``param``, else
+    ``params[param] * scale + shift`` (``default`` when the parameter is missing or not a
+    number), clamped to ``[lo, hi]`` and made an int when ``integer``."""
+    if arm.get("param") is None:
+        return arm.get("value")
+    x = params.get(arm["param"], arm.get("default", 0.0))
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        x = arm.get("default", 0.0)
+    v = x * arm.get("scale", 1.0) + arm.get("shift", 0.0)
+    if arm.get("hi") is not None:
+        v = min(arm["hi"], v)
+    if arm.get("lo") is not None:
+        v = max(arm["lo"], v)
+    return int(v) if arm.get("integer") else v
 
 
-# phase -> arm -> (control key, how to compute the new value from the current parameters)
-ARMS: dict[str, dict[str, tuple[str, Any]]] = {
-    "tabu": {
-        "tenure_up": ("set_tenure", lambda p: min(10.0, p.get("tenure_alpha", 0.6) * 1.6 + 0.1)),
-        "tenure_down": ("set_tenure", lambda p: max(0.05, p.get("tenure_alpha", 0.6) / 1.6)),
-        "batch_up": ("set_batch", lambda p: int(min(10**7, p.get("iters_per_step", 20_000) * 2))),
-    },
-    "memetic": {
-        "mutation_up": ("boost_mutation", lambda p: min(1.0, p.get("mutation_rate", 0.0) + 0.05)),
-        "tenure_up": ("set_tenure", lambda p: min(10.0, p.get("tenure_alpha", 0.6) * 1.6 + 0.1)),
-        "tenure_down": ("set_tenure", lambda p: max(0.05, p.get("tenure_alpha", 0.6) / 1.6)),
-        "skip_phase": ("skip_phase", lambda p: True),
-    },
-    "thermo": {
-        "heat": ("adjust_temperature", lambda p: 1.5),
-        "cool": ("adjust_temperature", lambda p: 1 / 1.5),
-        "skip_phase": ("skip_phase", lambda p: True),
-    },
-}
+def _check_declarations(objective: Mapping[str, Any] | None, arms: list[Mapping[str, Any]]) -> None:
+    """Refuse declarations this actor cannot steer by (a programming error, caught at start)."""
+    if objective is not None:
+        if not isinstance(objective.get("field"), str) or objective.get("direction", "min") not in ("min", "max"):
+            raise ValueError(f"hypertune objective needs a field and a direction min or max, got {objective!r}")
+    for arm in arms:
+        if not isinstance(arm.get("name"), str) or not isinstance(arm.get("key"), str):
+            raise ValueError(f"hypertune arm needs a name and a key, got {arm!r}")
 
 
 class Policy:
@@ -181,6 +190,8 @@ class Policy:
 class Hypertune(EventConsumer):
     """Watches the run and steers the phase; see the module docs.
 
+    ``objective``, ``arms`` and ``takeover`` are the workload's declarations as plain dicts
+    (``experiments.workloads.base.declarations``); without an objective it only observes.
     Its ``events`` batches are checked by :class:`~actors.consumer.EventConsumer` first: a
     malformed one is counted in ``bad_batches`` (see ``get``) and never reaches the policy.
     """
@@ -197,10 +208,14 @@ class Hypertune(EventConsumer):
         workload: str = "workload",
         family: str = "default",
         seed: int = 0,
+        objective: Mapping[str, Any] | None = None,
+        arms: list[Mapping[str, Any]] | tuple[Mapping[str, Any], ...] = (),
+        takeover: list[Mapping[str, Any]] | tuple[Mapping[str, Any], ...] = (),
     ) -> None:
         super().__init__()
         if window_s <= 0:
             raise ValueError(f"hypertune window_s must be > 0, got {window_s!r}")
+        _check_declarations(objective, list(arms))
         self.experiment_id = experiment_id
         self.enabled = enabled
         self.registry = registry
@@ -209,14 +224,20 @@ class Hypertune(EventConsumer):
         self.state_path = Path(state_file) if state_file else None
         self.loaded = self.policy.load(self.state_path) if self.state_path else False
         self.workload, self.family = workload, family
+        self.objective = dict(objective) if objective is not None else None
+        self.field = self.objective["field"] if self.objective else None
+        self.progress_field = self.objective.get("progress") if self.objective else None
+        self.label = (self.objective.get("label") or self.field) if self.objective else None
+        self.sign = -1.0 if self.objective and self.objective.get("direction") == "max" else 1.0
+        self.arms = [dict(a) for a in arms]
+        self.takeover = [dict(c) for c in takeover]
         self.snapshots = 0
         self.anomalies = 0
         self.periods = 0
         self.phase: str | None = None
         self.params: dict[str, Any] = {}
-        self.best: float = math.inf
-        self.k: float | None = None
-        self.min_conf: float = math.inf
+        self.best: float = self.sign * math.inf  # the best objective value seen (infinite: none yet)
+        self.min_prog: float = math.inf  # the lowest progress value since the objective last improved
         self.last_improve_ts: int | None = None
         self.last_ts = 0
         self.pending: dict[str, Any] | None = None
@@ -226,24 +247,42 @@ class Hypertune(EventConsumer):
 
     # --- observing -------------------------------------------------------------------------------
 
+    def arms_for(self, phase: str | None) -> dict[str, dict[str, Any]]:
+        """The arms that apply in ``phase``, by name, in their declared order."""
+        return {a["name"]: a for a in self.arms if not a.get("phases") or phase in a["phases"]}
+
     def score(self) -> float:
-        conf = 0.0 if math.isinf(self.min_conf) else self.min_conf
-        return SCORE_K * (self.best if math.isfinite(self.best) else 0.0) + conf
+        """The progress score, lower is better: ``1000 * best`` (negated for a max objective)
+        plus the lowest progress value since the last improvement."""
+        prog = 0.0 if math.isinf(self.min_prog) else self.min_prog
+        return SCORE_K * (self.sign * self.best if math.isfinite(self.best) else 0.0) + prog
 
     def on_events(self, msg: dict[str, Any]) -> None:
-        names = msg["names"]
-        if "step" not in names:
-            return
-        step_code = names.index("step")
-        rows = np.flatnonzero(msg["name"] == step_code)
-        if rows.size == 0:
+        if self.field is None:
             return
         vals = msg["values"]
-        chrom, k_col, conf = vals.get("chromatic_number"), vals.get("k"), vals.get("conflicts")
+        obj, prog = vals.get(self.field), vals.get(self.progress_field) if self.progress_field else None
+        if obj is None and prog is None:
+            return
+        carries = np.zeros(len(msg["ts"]), dtype=bool)
+        for col in (obj, prog):
+            if col is not None:
+                carries |= ~np.isnan(col)
+        params = msg.get("params")
+        rows = np.flatnonzero(carries | (params >= 0)) if params is not None else np.flatnonzero(carries)
+        if rows.size == 0:
+            return
+        success = msg.get("success")
         phases, ts = msg["phases"], msg["ts"]
         texts = msg.get("param_texts", [])
         parsed_text = None
         for i in rows.tolist():
+            code = int(params[i]) if params is not None else -1
+            if code >= 0 and texts[code] is not parsed_text:
+                parsed_text = texts[code]
+                self.params = orjson.loads(parsed_text)
+            if not carries[i]:
+                continue
             t = int(ts[i])
             if self.last_ts and t - self.last_ts > self.window_us:
                 self.last_improve_ts = t  # a gap in the events (a pause), not a stall
@@ -254,55 +293,54 @@ class Hypertune(EventConsumer):
             phase = phases[pc] if pc >= 0 else None
             if phase != self.phase:
                 self.phase, self.pending, self.last_improve_ts = phase, None, t
-                self.min_conf = math.inf
+                self.min_prog = math.inf
             improved = False
-            if chrom is not None and not np.isnan(chrom[i]) and chrom[i] < self.best:
-                self.best, improved = float(chrom[i]), True
-            if k_col is not None and not np.isnan(k_col[i]) and k_col[i] != self.k:
-                self.k, self.min_conf, improved = float(k_col[i]), math.inf, True
-            if conf is not None and not np.isnan(conf[i]) and conf[i] < self.min_conf:
-                self.min_conf, improved = float(conf[i]), True
+            failed = success is not None and int(success[i]) == 0  # a failed call proves nothing
+            if not failed:
+                if obj is not None and not np.isnan(obj[i]):
+                    v = float(obj[i])
+                    if self.sign * v < self.sign * self.best:
+                        # a new best: the progress value is measured afresh from here
+                        self.best, self.min_prog, improved = v, math.inf, True
+                if prog is not None and not np.isnan(prog[i]) and prog[i] < self.min_prog:
+                    self.min_prog, improved = float(prog[i]), True
             if improved or self.last_improve_ts is None:
                 if improved and self.last_improve_ts is not None:
                     self.gaps.append(t - self.last_improve_ts)
                     del self.gaps[:-20]
                 self.last_improve_ts = t
-            code = int(msg["params"][i]) if "params" in msg else -1
-            if code >= 0 and texts[code] is not parsed_text:
-                parsed_text = texts[code]
-                self.params = orjson.loads(parsed_text)
             self._maybe_act()  # at the first event past the window, not at the end of the batch
 
     def _maybe_act(self) -> None:
         if self.pending is not None and self.last_ts - self.pending["ts"] >= self.window_us:
             self._outcome()
-        if not self.enabled or self.phase not in ARMS or self.last_improve_ts is None:
+        arms = self.arms_for(self.phase)
+        if not self.enabled or not arms or self.last_improve_ts is None:
             return
         if not self.took_over:
-            # one controller at a time: the workload's own tenure swap stands down
-            self._send(
-                {
-                    "kind": "set_param",
-                    "key": "external_tenure",
-                    "value": True,
-                    "event": "control",
-                    "why": "hypertune steers the tenure",
-                }
-            )
+            for c in self.takeover:  # one controller at a time: the workload's own adaptation stands down
+                self._send(
+                    {
+                        "kind": "set_param",
+                        "key": c["key"],
+                        "value": c.get("value"),
+                        "event": "control",
+                        "why": c.get("why") or "hypertune steers",
+                    }
+                )
             self.took_over = True
         if self.pending is not None:
             return
         stalled_us = self.last_ts - self.last_improve_ts
         if stalled_us < self.stall_threshold_us():
             return
-        arms = list(ARMS[self.phase])
-        arm = self.policy.choose(self.phase, arms)
-        key, value_of = ARMS[self.phase][arm]
-        value = value_of(self.params)
+        arm = self.policy.choose(self.phase or "-", list(arms))
+        key = arms[arm]["key"]
+        value = arm_value(arms[arm], self.params)
+        progress = f", lowest {self.progress_field} {self.min_prog:g}" if self.progress_field else ""
         why = (
             f"hypertune: no progress for {stalled_us / 1e6:.1f}s in {self.phase} "
-            f"(best {self.best:g}, lowest conflicts {self.min_conf:g} at k={self.k}); arm {arm} "
-            f"by {self.policy.kind}"
+            f"(best {self.label} {self.best:g}{progress}); arm {arm} by {self.policy.kind}"
         )
         self.pending = {
             "phase": self.phase,
@@ -329,7 +367,7 @@ class Hypertune(EventConsumer):
         assert p is not None
         elapsed = max(1e-6, (self.last_ts - p["ts"]) / 1e6)
         reward = (p["score"] - self.score()) / elapsed
-        self.policy.update(p["phase"], p["arm"], reward)
+        self.policy.update(p["phase"] or "-", p["arm"], reward)
         self.last_improve_ts = self.last_ts  # the next window starts now
         self._save()
         self._send(

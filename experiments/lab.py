@@ -25,7 +25,7 @@ from typing import Any
 
 from actors.anomaly import AnomalyDetection
 from actors.base import ActorDeadError, ActorRef, on_death
-from actors.hypertune import Hypertune, instance_family
+from actors.hypertune import Hypertune
 from actors.log import get_logger
 from actors.phase import CheckpointStore, PhaseActor
 from actors.recorder import Recorder, check_artifacts_dir
@@ -49,6 +49,7 @@ from experiments.rundir import (
     write_json,
 )
 from experiments.spec import load_spec
+from experiments.workloads import declarations
 from experiments.workloads import registry as workload_registry
 from telemetry.query import prepare_query, query_answer
 from telemetry.schema import check_id
@@ -230,6 +231,7 @@ class Experiment:
                     "workload": s["workload"]["name"],
                     "family": self._family(),
                     "seed": s["seed"],
+                    **declarations(wl_cls),  # objective, arms, takeover as plain data: hypertune imports no workload
                 },
             ),
         ]
@@ -254,10 +256,9 @@ class Experiment:
         )
 
     def _family(self) -> str:
-        graph = (self.spec["workload"]["params"] or {}).get("graph") or {}
-        if graph.get("file"):
-            return instance_family(Path(graph["file"]).stem)
-        return str(graph.get("generator", self.spec["workload"]["name"]))
+        """The instance family, as the workload tells it (hypertune's learning is shared by family)."""
+        wl = self.spec["workload"]
+        return workload_registry()[wl["name"]].family(wl["params"] or {})
 
     def _policy_file(self) -> str:
         """Per workload and instance family, shared by the runs of this artifacts folder."""

@@ -6,7 +6,9 @@
 * :func:`format_event` prints one line per event in the seed's style,
   ``[thermo][cpu] t=12.3s colors=118 conflicts=5600 params={"t_max":10}``.
 * :class:`Alert` parses ``FIELD OP NUMBER`` (``>``, ``>=``, ``<``, ``<=``, ``==``, ``!=``).
-* :func:`run_summary` gathers the figures ``--summary`` prints.
+* :func:`run_summary` gathers the figures ``--summary`` prints: the best value per phase of the
+  run's workload objective and its progress value (``experiments.workloads.objective_of``,
+  read from the run's ``spec.json``; every workload's when the run has none).
 * :func:`run_stopped` tells a follower when to stop waiting: the run's derived status
   (:func:`experiments.rundir.run_status`) is no longer live, whether it stopped, failed or
   its process died.
@@ -23,13 +25,15 @@ from typing import Any
 
 import orjson
 
-from experiments.rundir import run_status
+from experiments.rundir import read_json, run_status
+from experiments.workloads import Objective, objective_of, objectives
 from telemetry.jsonl import ACTIVE, iter_run
 from telemetry.schema import SchemaError, parse_line
 
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
 _ALERT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*$")
-SHORT = {"chromatic_number": "colors"}
+SHORT = {o.field: o.label for o in objectives().values() if o.label != o.field}
+"""Field -> the short name a workload's objective declares for it (``colors`` for a colouring run)."""
 
 
 class AlertError(ValueError):
@@ -139,19 +143,43 @@ class Tailer:
             self._fh.close()
 
 
+def run_objectives(run_dir: Path) -> list[Objective]:
+    """The objective of the run's workload (from its ``spec.json``); every workload's when the
+    run has no readable spec or names an unknown workload."""
+    try:
+        spec = read_json(run_dir / "spec.json")
+    except (OSError, ValueError):  # an unreadable record: judge the run by every workload's fields
+        spec = None
+    wl = spec.get("workload") if isinstance(spec, dict) else None
+    own = objective_of(wl.get("name")) if isinstance(wl, dict) else None
+    return [own] if own is not None else list(objectives().values())
+
+
+def _tracked(objs: list[Objective]) -> dict[str, bool]:
+    """Field -> True when higher is better, for the objectives' fields and progress values."""
+    out: dict[str, bool] = {}
+    for o in objs:
+        out.setdefault(o.field, o.direction == "max")
+        if o.progress:
+            out.setdefault(o.progress, False)
+    return out
+
+
 def run_stopped(run_dir: Path) -> bool:
     """True once the run will write no more events: stopped, failed, archived, crashed or unknown."""
     return not run_status(run_dir).live
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
-    """Best value per phase, GPU vs CPU usage, durations, drops, anomalies, hypertune actions.
+    """Best value per phase (of the objective's field and progress value, each in its own
+    direction), GPU vs CPU usage, durations, drops, anomalies, hypertune actions.
 
     ``status`` is the derived status (see :mod:`experiments.rundir`), ``reason`` its reason
     or evidence; ``events_persisted`` counts the events on disk when ``summary.json`` lags
     them (a run that died between two summaries), with ``summary_lag_events`` saying by how much.
     """
     report = run_status(run_dir)
+    tracked = _tracked(run_objectives(run_dir))
     phases: dict[str, dict[str, Any]] = {}
     gpu: dict[str, int] = {}
     anomalies = 0
@@ -166,9 +194,12 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         p = phases.setdefault(ph, {"events": 0, "first_ts": ev["ts"], "last_ts": ev["ts"], "best": {}})
         p["events"] += 1
         p["last_ts"] = ev["ts"]
+        best = p["best"]
         for k, v in (ev.get("values") or {}).items():
-            if k in ("chromatic_number", "conflicts", "latency_ms") and (k not in p["best"] or v < p["best"][k]):
-                p["best"][k] = v
+            if k not in tracked or not isinstance(v, (int, float)):
+                continue
+            if k not in best or (v > best[k] if tracked[k] else v < best[k]):
+                best[k] = v
         if ev.get("gpu_mode"):
             gpu[ev["gpu_mode"]] = gpu.get(ev["gpu_mode"], 0) + 1
         if (ev.get("anomaly") or {}).get("flag"):

@@ -4,7 +4,9 @@
 and proposes the next configuration: Optuna's ask/tell with the TPE sampler over a declared
 search space; prior run directories (``--seed-from``) enter the study as completed trials
 read from their ``spec.json`` and ``summary.json``. ``ab`` runs N seeds with hypertune on
-and N with it off on the same budget and compares the arms with the stats module.
+and N with it off on the same budget and compares the arms with the stats module. Both judge
+a run by its workload's declared objective (``experiments.workloads.base.Objective``: the
+field and whether lower or higher is better), unless ``tune`` is given another field.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from actors.recorder import summary_best
 from experiments.lab import Lab
 from experiments.spec import load_spec
 from experiments.validate import SECONDS, SEED, Num
+from experiments.workloads import Objective, objective_of
 from experiments.workloads import registry as workload_registry
 from telemetry import stats
 from telemetry.jsonl import iter_run
@@ -30,16 +33,9 @@ log = get_logger("experiments.tuning")
 
 # workload -> dotted parameter (under workload.params) -> (low, high, kind) ; kind: float | int | logint
 SEARCH_SPACES: dict[str, dict[str, tuple[float, float, str]]] = {
-    "coloring": {
-        "tabu.tenure_alpha": (0.2, 3.0, "float"),
-        "tabu.tenure_a": (2, 30, "int"),
-        "tabu.iters_per_step": (2_000, 100_000, "logint"),
-        "memetic.population": (4, 20, "int"),
-        "memetic.local_iters": (2_000, 100_000, "logint"),
-        "memetic.mutation_rate": (0.0, 0.3, "float"),
-    },
-    "latency": {"calls_per_step": (1, 200, "logint")},
+    name: dict(cls.search_space) for name, cls in workload_registry().items() if cls.search_space
 }
+"""Each workload's declared search space (``Workload.search_space``)."""
 
 
 def distributions(space: dict[str, tuple[float, float, str]]) -> dict[str, Any]:
@@ -78,16 +74,32 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def run_objective(run_dir: Path, field: str) -> float | None:
-    """The best (lowest) value of ``field`` over the run's phases, from its summary."""
+def run_objective(run_dir: Path, field: str, direction: str = "min") -> float | None:
+    """The best value of ``field`` over the run's phases, from its summary: the lowest, or
+    with ``direction="max"`` the highest."""
     summary = _read_json(run_dir / "summary.json")
     if summary is None:
         return None
     try:
-        best = summary_best(summary, field)
+        if direction == "max":
+            highs = [ph.get("max", {}).get(field) for ph in (summary.get("phases") or {}).values()]
+            highs = [h for h in highs if isinstance(h, (int, float)) and not isinstance(h, bool)]
+            best = max(highs) if highs else None
+        else:
+            best = summary_best(summary, field)
     except (AttributeError, TypeError):  # a summary of another shape
         return None
     return best if best is None or math.isfinite(best) else None
+
+
+def _objective(workload: str, field: str | None) -> Objective:
+    """The workload's objective, or ``field`` to minimise when one is given that differs."""
+    own = objective_of(workload)
+    if own is not None and (field is None or field == own.field):
+        return own
+    if field is None:
+        raise ValueError(f"workload {workload!r} declares no objective: name a field to minimise")
+    return Objective(field, "min")
 
 
 def seconds_to_best(run_dir: Path) -> float | None:
@@ -116,12 +128,16 @@ def tune(
     *,
     seed_from: list[str | Path] = (),
     budget: float | None = None,
-    objective: str = "chromatic_number",
+    objective: str | None = None,
     seed: int = 0,
     overrides: list[str] | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``trials`` experiments proposed by TPE (after learning from ``seed_from``); return the study."""
+    """Run ``trials`` experiments proposed by TPE (after learning from ``seed_from``); return the study.
+
+    ``objective`` is the field a run is judged by: by default the workload's declared objective
+    (in its direction); another field is minimised.
+    """
     import optuna
 
     TRIALS.check("trials", trials)
@@ -134,12 +150,15 @@ def tune(
     if wl not in SEARCH_SPACES:
         raise ValueError(f"no search space declared for workload {wl!r}; known: {', '.join(SEARCH_SPACES)}")
     space = SEARCH_SPACES[wl]
+    obj = _objective(wl, objective)
     dists = distributions(space)
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study = optuna.create_study(
+        direction="maximize" if obj.direction == "max" else "minimize", sampler=optuna.samplers.TPESampler(seed=seed)
+    )
     seeded = 0
     for rd in seed_from:
         rd = Path(rd)
-        value = run_objective(rd, objective)
+        value = run_objective(rd, obj.field, obj.direction)
         prior = _read_json(rd / "spec.json")
         if prior is None or value is None:
             log.warning("skipping a prior run without a readable spec or summary", run_dir=str(rd))
@@ -161,7 +180,7 @@ def tune(
             sets.append(f"seed={seed + i}")
             exp = lab.start_experiment(spec, overrides=list(overrides or []) + sets)
             exp.wait()
-            value = run_objective(exp.run_dir, objective)
+            value = run_objective(exp.run_dir, obj.field, obj.direction)
             if value is None:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
@@ -170,7 +189,7 @@ def tune(
             row = {
                 "trial": i,
                 "params": trial.params,
-                objective: value,
+                obj.field: value,
                 "seconds_to_best": ttb,
                 "run_dir": str(exp.run_dir),
             }
@@ -180,7 +199,8 @@ def tune(
     finally:
         lab.shutdown()
     return {
-        "objective": objective,
+        "objective": obj.field,
+        "direction": obj.direction,
         "seeded_from_prior_runs": seeded,
         "trials": results,
         "best_value": study.best_value if len(study.trials) else None,
@@ -189,16 +209,19 @@ def tune(
     }
 
 
-def run_trace(run_dir: Path) -> tuple[float, list[tuple[float, float]]]:
-    """(final best, [(seconds from start, best) at each new best]) from a run's events."""
+def run_trace(run_dir: Path, objective: Objective) -> tuple[float, list[tuple[float, float]]]:
+    """(final best, [(seconds from start, best) at each new best]) of the objective's field,
+    from a run's events (every event that carries it; a failed call never counts)."""
     t0 = None
     trace: list[tuple[float, float]] = []
-    best = math.inf
+    best = math.inf if objective.direction == "min" else -math.inf
     for ev in iter_run(run_dir):
         if t0 is None:
             t0 = ev["ts"]
-        v = (ev.get("values") or {}).get("chromatic_number")
-        if ev["name"] in ("init", "new_best") and isinstance(v, (int, float)) and v < best:
+        v = (ev.get("values") or {}).get(objective.field)
+        if not isinstance(v, (int, float)) or ev.get("success") is False:
+            continue
+        if objective.better(v, best):
             best = v
             trace.append(((ev["ts"] - t0) / 1e6, v))
     return best, trace
@@ -221,6 +244,7 @@ def ab(
     if target is not None:
         Num().check("target", target)
     base = load_spec(spec, overrides, workload_registry())
+    obj = _objective(base["workload"]["name"], None)
     budget = float(budget if budget is not None else base["time_budget_s"])
     rows: list[dict[str, Any]] = []
     lab = Lab(artifacts)
@@ -235,23 +259,31 @@ def ab(
                 ]
                 exp = lab.start_experiment(spec, overrides=sets, experiment_id=f"ab-{arm}-{seed}")
                 exp.wait()
-                final, trace = run_trace(exp.run_dir)
+                final, trace = run_trace(exp.run_dir, obj)
                 row = {"arm": arm, "seed": seed, "final": final, "trace": trace, "run_dir": str(exp.run_dir)}
                 rows.append(row)
                 if on_run:
                     on_run(row)
     finally:
         lab.shutdown()
-    return ab_report(rows, budget, target)
+    return ab_report(rows, budget, target, obj)
 
 
-def ab_report(rows: list[dict[str, Any]], budget: float, target: float | None = None) -> dict[str, Any]:
-    """Per-arm final colours and time-to-target, with Mann-Whitney p-values, effect sizes and CIs."""
+def ab_report(
+    rows: list[dict[str, Any]], budget: float, target: float | None = None, objective: Objective | None = None
+) -> dict[str, Any]:
+    """Per-arm final values of the objective (colours for a colouring run) and time-to-target,
+    with Mann-Whitney p-values, effect sizes and CIs. The target is ``target`` or the best any
+    run reached, best in the objective's direction (lower when none is given)."""
+    obj = objective or Objective("final", "min")
     finals = [r["final"] for r in rows]
-    tgt = float(target if target is not None else min(finals))
+    tgt = float(target if target is not None else (max(finals) if obj.direction == "max" else min(finals)))
+
+    def reached(v: float) -> bool:
+        return not obj.better(tgt, v)  # v is the target or better
 
     def ttt(r: dict[str, Any]) -> float:
-        return next((t for t, v in r["trace"] if v <= tgt), budget)  # censored at the budget
+        return next((t for t, v in r["trace"] if reached(v)), budget)  # censored at the budget
 
     arms: dict[str, dict[str, Any]] = {}
     for arm in ("on", "off"):
@@ -264,7 +296,7 @@ def ab_report(rows: list[dict[str, Any]], budget: float, target: float | None = 
             "final_mean": float(np.mean(f)),
             "final_median": float(np.median(f)),
             "time_to_target": t,
-            "reached_target": sum(1 for r in rs if r["final"] <= tgt),
+            "reached_target": sum(1 for r in rs if reached(r["final"])),
             "ttt_median": float(np.median(t)),
         }
 
@@ -286,6 +318,7 @@ def ab_report(rows: list[dict[str, Any]], budget: float, target: float | None = 
         return out
 
     return {
+        "objective": obj.field if objective is not None else None,
         "target": tgt,
         "budget_s": budget,
         "arms": arms,

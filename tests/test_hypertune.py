@@ -5,14 +5,18 @@ import pytest
 from scipy import stats as st
 
 from actors import Actor, Registry
-from actors.hypertune import Hypertune, Policy, instance_family
+from actors.hypertune import Hypertune, Policy
 from actors.messages import decode, encode
+from experiments.coloring.catalog import instance_family
+from experiments.coloring.workload import ColoringWorkload
 from experiments.tuning import SEARCH_SPACES, ab, ab_report, tune
+from experiments.workloads import declarations
 from supervisor import Lab
 from telemetry.jsonl import iter_run
 from telemetry.schema import rows_to_batch
 
 S = 1_000_000
+COLORING = declarations(ColoringWorkload)  # the objective, arms and takeover hypertune steers by
 
 
 class FakePhase(Actor):
@@ -54,7 +58,7 @@ def test_a_stall_produces_an_action_within_the_window():
     reg = Registry()
     phase = FakePhase.start()
     reg.register("phase", phase)
-    ht = Hypertune.start("exp", True, reg, window_s=1.0)
+    ht = Hypertune.start("exp", True, reg, window_s=1.0, **COLORING)
     # 0.9 s of event time without progress: no action yet
     ht.tell_bytes(encode(steps(0, 10, 0.1, lambda n: [5] * n)))
     ht.ask({"kind": "get"})
@@ -80,9 +84,9 @@ def test_progress_means_no_action_and_disabled_only_observes():
     reg = Registry()
     phase = FakePhase.start()
     reg.register("phase", phase)
-    busy = Hypertune.start("exp", True, reg, window_s=0.5)
+    busy = Hypertune.start("exp", True, reg, window_s=0.5, **COLORING)
     busy.tell_bytes(encode(steps(0, 30, 0.1, lambda n: list(range(100, 100 - n, -1)))))  # steady progress
-    idle = Hypertune.start("exp", False, reg, window_s=0.5)
+    idle = Hypertune.start("exp", False, reg, window_s=0.5, **COLORING)
     idle.tell_bytes(encode(steps(0, 30, 0.1, lambda n: [7] * n)))  # stalled, but disabled
     assert busy.ask({"kind": "get"})["actions"] == [] and idle.ask({"kind": "get"})["actions"] == []
     assert phase.ask({"kind": "got"}) == []
@@ -100,7 +104,7 @@ def test_malformed_batches_are_counted_and_never_reach_the_policy():
     reg = Registry()
     phase = FakePhase.start()
     reg.register("phase", phase)
-    ht = Hypertune.start("exp", True, reg, window_s=1.0)
+    ht = Hypertune.start("exp", True, reg, window_s=1.0, **COLORING)
     try:
         for _, mutate in MUTATIONS:
             ht.tell_bytes(encode(mutate(steps(0, 10, 0.1, lambda n: [5] * n))))

@@ -9,6 +9,7 @@ Nothing here reads outside the package.
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 
@@ -23,6 +24,13 @@ def strip_suffix(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def instance_family(name: str) -> str:
+    """The family of an instance, by the letters its name starts with: ``DSJC250.5`` -> ``DSJC``,
+    ``le450_15c`` -> ``le``; ``graph`` when it starts with none."""
+    m = re.match(r"[A-Za-z]+", name or "")
+    return m.group(0) if m else "graph"
 
 
 def instance_names() -> list[str]:

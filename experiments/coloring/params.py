@@ -82,6 +82,16 @@ LIMITS = {  # (section, key): (min, max, integer)
 }
 
 
+SEARCH_SPACE: dict[str, tuple[float, float, str]] = {  # what ``crucible tune`` searches: (low, high, kind)
+    "tabu.tenure_alpha": (0.2, 3.0, "float"),
+    "tabu.tenure_a": (2, 30, "int"),
+    "tabu.iters_per_step": (2_000, 100_000, "logint"),
+    "memetic.population": (4, 20, "int"),
+    "memetic.local_iters": (2_000, 100_000, "logint"),
+    "memetic.mutation_rate": (0.0, 0.3, "float"),
+}
+
+
 def merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
     """``over`` on top of ``base``, table by table; a key ``base`` lacks is an error naming it."""
     out = dict(base)

@@ -50,15 +50,17 @@ import numpy as np
 import orjson
 
 from actors.files import atomic_write
+from experiments.coloring.catalog import instance_family
 from experiments.coloring.graph import Graph, GraphError, load_graph
 from experiments.coloring.init import initial_coloring
 from experiments.coloring.memetic import Memetic
-from experiments.coloring.params import PHASES, aim, check_number, check_params
+from experiments.coloring.params import PHASES, SEARCH_SPACE, aim, check_number, check_params
 from experiments.coloring.phase import ColoringPhase, PhaseContext
 from experiments.coloring.population import Population
 from experiments.coloring.tabu import Tabu
 from experiments.coloring.thermo import Thermo
 from experiments.validate import Num
+from experiments.workloads.base import Arm, Control, Objective
 from kernels.coloring import count_conflicts, seed_rng
 from telemetry.emitter import Emitter
 
@@ -70,14 +72,52 @@ PHASE_CLASSES: dict[str, type[ColoringPhase]] = {
 }
 
 
+_TENURE = {"param": "tenure_alpha", "default": 0.6}
+
+
 class ColoringWorkload:
     """The colouring pipeline; see the module docs."""
 
     name: ClassVar[str] = "coloring"
+    objective: ClassVar[Objective] = Objective("chromatic_number", "min", "colors", progress="conflicts")
+    """Fewer colours is better; between two better colourings, fewer conflicts at the k attempted."""
+    arms: ClassVar[tuple[Arm, ...]] = (
+        Arm("mutation_up", "boost_mutation", ("memetic",), param="mutation_rate", shift=0.05, hi=1.0),
+        Arm("tenure_up", "set_tenure", ("tabu", "memetic"), **_TENURE, scale=1.6, shift=0.1, hi=10.0),
+        Arm("tenure_down", "set_tenure", ("tabu", "memetic"), **_TENURE, scale=1 / 1.6, lo=0.05),
+        Arm(
+            "batch_up",
+            "set_batch",
+            ("tabu",),
+            param="iters_per_step",
+            default=20_000,
+            scale=2,
+            hi=10**7,
+            integer=True,
+        ),
+        Arm("heat", "adjust_temperature", ("thermo",), value=1.5),
+        Arm("cool", "adjust_temperature", ("thermo",), value=1 / 1.5),
+        Arm("skip_phase", "skip_phase", ("memetic", "thermo"), value=True),
+    )
+    """Hypertune's arms per phase (the order is the order they are first tried in)."""
+    takeover: ClassVar[tuple[Control, ...]] = (Control("external_tenure", True, "hypertune steers the tenure"),)
+    """A controller owns the tenure: the tabu phase's own stagnation swap stands down, so two
+    controllers never overwrite each other's tenure."""
+
+    search_space: ClassVar[dict[str, tuple[float, float, str]]] = SEARCH_SPACE
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         return check_params(params)
+
+    @classmethod
+    def family(cls, params: dict[str, Any]) -> str:
+        """A DIMACS file's family (``DSJC``, ``le``, ``flat``...: see
+        :func:`~experiments.coloring.catalog.instance_family`), else the generator's name."""
+        graph = (params or {}).get("graph") or {}
+        if graph.get("file"):
+            return instance_family(Path(graph["file"]).stem)
+        return str(graph.get("generator", cls.name))
 
     def __init__(self, params: dict[str, Any], seed: int = 0, clock: Any = time.monotonic) -> None:
         self.clock = clock  # seconds, for the pass and stall times (tests drive it)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from experiments.workloads.base import Workload
+from experiments.workloads.base import Arm, Control, Objective, Workload, declarations
 from experiments.workloads.latency import LatencyWorkload
 
 
-def registry() -> dict[str, type[Any]]:
+def registry() -> dict[str, type[Workload]]:
     """Workload name -> class. The colouring pipeline registers itself here when present."""
-    found: dict[str, type[Any]] = {"latency": LatencyWorkload}
+    found: dict[str, type[Workload]] = {"latency": LatencyWorkload}
     try:
         from experiments.coloring.workload import ColoringWorkload
     except ImportError:
@@ -20,4 +18,26 @@ def registry() -> dict[str, type[Any]]:
     return found
 
 
-__all__ = ["LatencyWorkload", "Workload", "registry"]
+def objective_of(name: object) -> Objective | None:
+    """The objective of the workload called ``name`` (as a spec or a run's records give it),
+    or None when no workload has that name: for readers that have a name, not a class."""
+    cls = registry().get(name) if isinstance(name, str) else None
+    return cls.objective if cls is not None else None
+
+
+def objectives() -> dict[str, Objective]:
+    """Every workload's objective, by workload name (for readers that know no workload)."""
+    return {name: cls.objective for name, cls in registry().items()}
+
+
+__all__ = [
+    "Arm",
+    "Control",
+    "LatencyWorkload",
+    "Objective",
+    "Workload",
+    "declarations",
+    "objective_of",
+    "objectives",
+    "registry",
+]

@@ -6,25 +6,38 @@ or an ``http://`` / ``https://`` URL fetched with GET. Each call is timed with
 HTTP status >= 400 or a timeout is a failure, with the error in ``notes``), and
 ``cost_usd`` / ``tokens_prompt`` / ``tokens_completion`` when the callable returns a dict
 with them. Nothing is simulated: the numbers are the calls' own.
+
+``concurrency`` is the load the target is measured under: with 1 (the default) the calls of
+a step run one after another on the phase's thread; with N they run on N threads at once,
+each call timed on its own thread, and the events follow in the order the calls were made.
+It is a control hook too (``set_param("concurrency", N)``), and hypertune's arms
+(``concurrency_up``, ``concurrency_down``) double or halve it. The objective is the lowest
+``latency_ms`` of a successful call; the instance family is the target.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from experiments.validate import Num
+from experiments.workloads.base import Arm, Control, Objective
 from telemetry.emitter import Emitter
 
 PASSED_THROUGH = ("cost_usd", "tokens_prompt", "tokens_completion")
+MAX_CONCURRENCY = 256
+TUNABLE = ("calls_per_step", "concurrency", "timeout_s")
 DEFAULTS: dict[str, Any] = {
     "target": "experiments.workloads.latency:checksum_work",
     "calls": 0,
     "calls_per_step": 20,
+    "concurrency": 1,
     "timeout_s": 10.0,
     "args": [],
     "kwargs": {},
@@ -32,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
 RANGES = {
     "calls": Num(0, 10**12, integer=True),
     "calls_per_step": Num(1, 100_000, integer=True),
+    "concurrency": Num(1, MAX_CONCURRENCY, integer=True),
     "timeout_s": Num(0.001, 3600),
 }
 """The documented range of each numeric parameter (0 calls = until the time budget)."""
@@ -66,6 +80,21 @@ class LatencyWorkload:
     """Times calls to a callable or a URL; see the module docs."""
 
     name: ClassVar[str] = "latency"
+    objective: ClassVar[Objective] = Objective("latency_ms", "min", "latency_ms")
+    arms: ClassVar[tuple[Arm, ...]] = (
+        Arm("concurrency_up", "concurrency", param="concurrency", default=1, scale=2, hi=64, integer=True),
+        Arm("concurrency_down", "concurrency", param="concurrency", default=1, scale=0.5, lo=1, integer=True),
+    )
+    takeover: ClassVar[tuple[Control, ...]] = ()
+    search_space: ClassVar[dict[str, tuple[float, float, str]]] = {"calls_per_step": (1, 200, "logint")}
+
+    @classmethod
+    def family(cls, params: dict[str, Any]) -> str:
+        """The target: its host for a URL, else its ``module.function`` (a file name's characters)."""
+        target = str((params or {}).get("target", DEFAULTS["target"]))
+        if target.startswith(("http://", "https://")):
+            target = target.split("://", 1)[1].split("/", 1)[0]
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", target.replace(":", "."))[:80] or cls.name
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
@@ -116,23 +145,34 @@ class LatencyWorkload:
             notes=f"latency workload on {self.p['target']}",
         )
 
-    def step(self, emitter: Emitter) -> bool:
+    def _timed(self) -> tuple[float, Any, bool, str | None]:
+        """One call: (milliseconds, result, success, error note)."""
         fn = self._fn
         assert fn is not None
+        t0 = time.perf_counter()
+        notes = None
+        try:
+            result = fn()
+            ok = True
+        except urllib.error.HTTPError as exc:
+            result, ok, notes = {"status": exc.code}, False, f"HTTP {exc.code}"
+        except Exception as exc:  # noqa: BLE001 - a failed call is a measurement, not a crash
+            result, ok, notes = None, False, f"{type(exc).__name__}: {exc}"
+        return (time.perf_counter() - t0) * 1000.0, result, ok, notes
+
+    def step(self, emitter: Emitter) -> bool:
         limit = self.p["calls"]
-        for _ in range(self.p["calls_per_step"]):
-            if limit and self.done >= limit:
-                return True
-            t0 = time.perf_counter()
-            notes = None
-            try:
-                result = fn()
-                ok = True
-            except urllib.error.HTTPError as exc:
-                result, ok, notes = {"status": exc.code}, False, f"HTTP {exc.code}"
-            except Exception as exc:  # noqa: BLE001 - a failed call is a measurement, not a crash
-                result, ok, notes = None, False, f"{type(exc).__name__}: {exc}"
-            ms = (time.perf_counter() - t0) * 1000.0
+        n = self.p["calls_per_step"]
+        if limit:
+            n = max(0, min(n, limit - self.done))
+        workers = min(self.p["concurrency"], n)
+        if workers > 1:  # N calls in flight at once: the target measured under that load
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="latency-call") as pool:
+                calls = [pool.submit(self._timed) for _ in range(n)]
+                timed = [c.result() for c in calls]
+        else:
+            timed = (self._timed() for _ in range(n))
+        for ms, result, ok, notes in timed:
             values = {"latency_ms": ms}
             if isinstance(result, dict):
                 for k in PASSED_THROUGH:
@@ -162,12 +202,13 @@ class LatencyWorkload:
         return {
             "target": self.p["target"],
             "calls_per_step": self.p["calls_per_step"],
+            "concurrency": self.p["concurrency"],
             "timeout_s": self.p["timeout_s"],
         }
 
     def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
-        if key not in ("calls_per_step", "timeout_s"):
-            raise ValueError(f"latency workload has no tunable parameter {key!r} (calls_per_step, timeout_s)")
+        if key not in TUNABLE:
+            raise ValueError(f"latency workload has no tunable parameter {key!r} ({', '.join(TUNABLE)})")
         check = self.check_params({**{k: v for k, v in self.p.items() if k in DEFAULTS}, key: value})
         before = self.p[key]
         self.p[key] = check[key]
