@@ -16,26 +16,11 @@ from typing import Any
 import orjson
 
 from telemetry.jsonl import ReadCounts, iter_run
-from telemetry.schema import compact_event, dumps_line
+from telemetry.schema import FIELDS, compact_event, dumps_line
 from telemetry.store import DB_NAME, HistoryStore
 
 FORMATS = ("csv", "jsonl", "parquet")
-BASE_COLUMNS = (
-    "seq",
-    "ts",
-    "experiment_id",
-    "run_id",
-    "pass",
-    "phase",
-    "step",
-    "name",
-    "success",
-    "gpu_mode",
-    "gpu_reason",
-    "notes",
-    "parameters",
-    "anomaly",
-)
+BASE_COLUMNS = tuple(f for f in FIELDS if f not in ("v", "values"))  # the schema's order; values.* follow
 
 
 def _flat(ev: dict[str, Any], keys: list[str]) -> list[Any]:

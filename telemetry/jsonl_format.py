@@ -93,38 +93,9 @@ def format_batch(batch: EventBatch) -> bytes:
     def col(k: str) -> np.ndarray:
         return np.ascontiguousarray(batch[k], np.int64) if k in batch else minus
 
-    used = format_rows(
-        out,
-        ends,
-        col("seq"),
-        col("ts"),
-        col("pass"),
-        col("step"),
-        col("name"),
-        col("phase"),
-        col("success"),
-        col("gpu"),
-        col("reason"),
-        col("params"),
-        pbuf,
-        poff,
-        names,
-        noff,
-        phases,
-        phoff,
-        gpus,
-        goff,
-        reasons,
-        roff,
-        params,
-        pmoff,
-        keys,
-        koff,
-        vtxt,
-        vstart,
-        vend,
-        present,
-    )
+    columns = [col(k) for k in ("seq", "ts", "pass", "step", "name", "phase", "success", "gpu", "reason", "params")]
+    tables = (pbuf, poff, names, noff, phases, phoff, gpus, goff, reasons, roff, params, pmoff, keys, koff)
+    used = format_rows(out, ends, *columns, *tables, vtxt, vstart, vend, present)  # in the kernel's order
     data = out[:used].tobytes()
     sparse = {f: e for f, e in batch.get("sparse", {}).items() if f in SPARSE_FIELDS and e}
     if not sparse:

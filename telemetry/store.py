@@ -24,21 +24,7 @@ import numpy as np
 import orjson
 
 from actors.messages import decode
-from telemetry.query import (
-    MAX_ROWS,
-    MAX_SCAN,
-    MAX_WINDOWS,
-    Window,
-    check_filters,
-    check_rows,
-    check_step,
-    code_mask,
-    param_filters,
-    param_mask,
-    plan_windows,
-    present_fields,
-    windowed_metrics_arrays,
-)
+from telemetry import query as tq  # the query kit the live index shares
 from telemetry.schema import CODED_COLUMNS, batch_rows, full_event, select_rows
 
 DB_NAME = "history.sqlite3"
@@ -183,7 +169,7 @@ class HistoryStore:
         where = " AND ".join(sql)
         with self._lock:
             total = self.db.execute(f"SELECT COALESCE(SUM(n), 0) FROM batches WHERE {where}", args).fetchone()[0]
-            check_rows(int(total), max_scan, "scan")
+            tq.check_rows(int(total), max_scan, "scan")
             return [b for (b,) in self.db.execute(f"SELECT data FROM batches WHERE {where} ORDER BY ts_lo", args)]
 
     def _selected(
@@ -191,7 +177,7 @@ class HistoryStore:
     ) -> list[tuple[dict[str, Any], np.ndarray]]:
         """Each batch with the mask of its events in ``[lo, hi)`` that pass the filters (bounded)."""
         out = [(b, m) for b in batches if (m := batch_mask(b, lo, hi, filters)).any()]
-        check_rows(sum(int(m.sum()) for _, m in out), max_rows)
+        tq.check_rows(sum(int(m.sum()) for _, m in out), max_rows)
         return out
 
     def _rows(
@@ -221,9 +207,9 @@ class HistoryStore:
         now_us: int | None = None,
         *,
         run_id: str | None = None,
-        max_rows: int = MAX_ROWS,
-        max_windows: int = MAX_WINDOWS,
-        max_scan: int = MAX_SCAN,
+        max_rows: int = tq.MAX_ROWS,
+        max_windows: int = tq.MAX_WINDOWS,
+        max_scan: int = tq.MAX_SCAN,
     ) -> list[Any]:
         """The same window specs, filters and limits as the live index (see :mod:`telemetry.query`).
 
@@ -231,12 +217,12 @@ class HistoryStore:
         it the answer spans every run of the experiment. Raises
         :class:`~telemetry.query.QueryError` / :class:`~telemetry.query.QueryLimitError`.
         """
-        w = Window(spec, now_us)
-        filters = check_filters(filters)
+        w = tq.Window(spec, now_us)
+        filters = tq.check_filters(filters)
         if w.kind == "sliding":
             rows = self._rows(experiment_id, run_id, None, None, filters, max_rows, max_scan)
             ts = np.array([r["ts"] for r in rows], dtype=np.int64)
-            starts, lo, hi = plan_windows(ts, w.size_us, w.step_us, max_windows, max_rows)
+            starts, lo, hi = tq.plan_windows(ts, w.size_us, w.step_us, max_windows, max_rows)
             return [
                 {"window_start": s, "window_end": s + w.size_us, "events": rows[a:b]}
                 for s, a, b in zip(starts.tolist(), lo.tolist(), hi.tolist(), strict=True)
@@ -252,7 +238,8 @@ class HistoryStore:
             return []
         if n > max_rows:  # count first (masks only): the answer holds min(n, matching) events
             blobs = self._blobs(experiment_id, run_id, None, None, max_scan)
-            check_rows(min(n, sum(int(batch_mask(decode(d), None, None, filters).sum()) for d in blobs)), max_rows)
+            matching = sum(int(batch_mask(decode(d), None, None, filters).sum()) for d in blobs)
+            tq.check_rows(min(n, matching), max_rows)
         span = self._max_span(experiment_id)
         sql, args = "experiment_id = ?", [experiment_id]
         if run_id is not None:
@@ -267,7 +254,7 @@ class HistoryStore:
                     if ts_lo + span < got[-n]["ts"]:
                         break  # no older batch can reach into the newest n
                 scanned += k
-                check_rows(scanned, max_scan, "scan")
+                tq.check_rows(scanned, max_scan, "scan")
                 b = decode(data)
                 got.extend(full_event(r) for r in batch_rows(select_rows(b, batch_mask(b, None, None, filters))))
         got.sort(key=_order)
@@ -307,13 +294,13 @@ class HistoryStore:
         filters: dict[str, Any] | None = None,
         *,
         run_id: str | None = None,
-        max_windows: int = MAX_WINDOWS,
-        max_scan: int = MAX_SCAN,
+        max_windows: int = tq.MAX_WINDOWS,
+        max_scan: int = tq.MAX_SCAN,
     ) -> list[dict[str, Any]]:
         """Per-window metrics, as :meth:`LiveIndex.windowed_metrics` (columnar: no event dicts)."""
-        check_step(window_s, "window_s")
-        check_step(step_s, "step_s")
-        filters = check_filters(filters)
+        tq.check_step(window_s, "window_s")
+        tq.check_step(step_s, "step_s")
+        filters = tq.check_filters(filters)
         batches = [decode(d) for d in self._blobs(experiment_id, run_id, None, None, max_scan)]
         parts = self._selected(batches, None, None, filters, max_scan)
         keys = sorted({k for b, _ in parts for k in b["values"]})
@@ -336,9 +323,9 @@ class HistoryStore:
             )[order]
             for k in keys
         }
-        keys = present_fields(cols, fields)
+        keys = tq.present_fields(cols, fields)
         cols = {k: cols.get(k, np.full(ts.size, np.nan)) for k in keys}
-        return windowed_metrics_arrays(ts[order], cols, window_s, step_s, max_windows=max_windows)
+        return tq.windowed_metrics_arrays(ts[order], cols, window_s, step_s, max_windows=max_windows)
 
 
 def _order(r: dict[str, Any]) -> tuple[int, str, int]:
@@ -355,14 +342,14 @@ def batch_mask(b: dict[str, Any], lo: int | None, hi: int | None, filters: dict[
         m &= ts < hi
     for k, want in filters.items():
         if k in ("name", "phase"):
-            m &= code_mask(b[k], b[CODED_COLUMNS[k]], want)
+            m &= tq.code_mask(b[k], b[CODED_COLUMNS[k]], want)
         elif k == "success":
             m &= b["success"] == (-1 if want is None else int(bool(want)))
         elif k == "run_id" and b["run_id"] != want:
             m[:] = False
-    pf = param_filters(filters)
+    pf = tq.param_filters(filters)
     if pf and m.any():
         texts = b.get("param_texts", [])
         codes = b["params"] if "params" in b else np.full(ts.size, -1)
-        m[m] &= param_mask(codes[m], lambda c: orjson.loads(texts[c]), pf)
+        m[m] &= tq.param_mask(codes[m], lambda c: orjson.loads(texts[c]), pf)
     return m
