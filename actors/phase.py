@@ -15,6 +15,14 @@ restarts (and mirrors to ``checkpoint.json`` in the run directory). A restarted 
 restores the workload from it and continues the run's event numbering where the crashed
 incarnation stopped, so the Recorder neither duplicates nor misses events.
 
+The phase is its tree's *significant* child (``transient``): when its work is done (the
+workload completed, the budget ran out, or it was told to ``stop``) it records why in the
+checkpoint store (:attr:`CheckpointStore.finish_reason`), closes its emitter (the last
+events and the final counters go out) and exits ``normal``. Its supervisor then shuts the
+whole tree down (``auto_shutdown``), which is how the run's owner learns that it ended. A
+phase restarted after it finished exits again at once. Control that arrives after the end
+is refused (``set_param``) or ignored (``note``): nothing is emitted once the emitter is closed.
+
 A phase killed in the middle of a step (its supervisor's shutdown timeout) leaves a thread
 that may finish the step later: its emitter is abandoned at the kill (nothing it emits is
 published, since its seq numbers now belong to the replacement), it stops as soon as the
@@ -52,8 +60,7 @@ class CheckpointStore:
         self.path = path
         self._lock = threading.Lock()
         self.state: dict[str, Any] = {}
-        self.finished = threading.Event()
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # why the phase finished (completed, budget, stopped, ...)
         self._writer: object | None = None  # the phase incarnation whose writes count
         if path is not None and path.exists():
             try:
@@ -86,12 +93,12 @@ class CheckpointStore:
         os.replace(tmp, self.path)
 
     def finish(self, reason: str, writer: object | None = None) -> None:
+        """Record why the run's phase finished (kept on disk: a restarted phase exits at once)."""
         if writer is not None and writer is not self._writer:
             return
         self.finish_reason = reason
         self.update(finished=reason)
         self.save()
-        self.finished.set()
 
 
 class PhaseActor(Actor):
@@ -156,9 +163,11 @@ class PhaseActor(Actor):
             watch=self.watch,
             **self.emitter_opts,
         )
-        if cp.get("finished"):
+        if cp.get("finished"):  # restarted after its end: nothing left to do
             self.finished = True
+            self.checkpoints.finish_reason = self.checkpoints.finish_reason or str(cp["finished"])
             self._publish_status(force=True)
+            self.exit()
             return
         if "workload" in cp:
             self.steps = int(cp.get("steps", 0))
@@ -266,6 +275,7 @@ class PhaseActor(Actor):
         self._publish_status(force=True)
         self.checkpoints.finish(reason, self)
         log.info("phase finished", experiment=self.experiment_id, run_id=self.run_id, reason=reason, steps=self.steps)
+        self.exit()  # normal: as a significant child, its exit ends the tree (see the module docs)
 
     # --- control at safe points ------------------------------------------------------------------------
 
@@ -297,6 +307,8 @@ class PhaseActor(Actor):
     def handle_set_param(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Apply a parameter change at this safe point; refused values come back as an error."""
         key, value = msg.get("key"), msg.get("value")
+        if self.finished:
+            return {"ok": False, "error": "the phase has finished"}
         assert self.emitter is not None
         try:
             if not isinstance(key, str):
@@ -321,6 +333,8 @@ class PhaseActor(Actor):
 
     def handle_note(self, msg: dict[str, Any]) -> None:
         """Record an observer's note (e.g. hypertune's outcome of an action) in the run's events."""
+        if self.finished:
+            return  # the emitter is closed: the run's events are complete
         assert self.emitter is not None
         values = {
             k: float(v)

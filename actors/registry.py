@@ -8,11 +8,18 @@ Stash during restarts: a supervisor that restarts a named child marks the name a
 are stashed (up to ``stash_limit``, then counted as dropped and logged) and delivered
 in order to the replacement as soon as it registers. ``whereis`` returns None while a
 name is restarting; ``tell`` on an old ref to the dead actor is dropped, as in Erlang.
+
+Nothing sent to a name is lost silently: a send to a name that is not running (and not
+restarting), a message left in the mailbox of a named actor that stops for good, a full
+stash, a stash dropped because the name will not come back: each is counted per name in
+:meth:`Registry.undelivered` and logged (a warning per name at most every
+``UNDELIVERED_LOG_S`` seconds, with the running count).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +28,8 @@ from actors.log import get_logger
 from actors.messages import encode
 
 log = get_logger("actors.registry")
+
+UNDELIVERED_LOG_S = 10.0  # at most one warning per name this often about undelivered messages
 
 
 class NameTaken(ValueError):
@@ -36,7 +45,25 @@ class Registry:
         self._names: dict[str, ActorRef] = {}
         self._stash: dict[str, list[bytes]] = {}
         self.stash_limit = stash_limit
-        self.stash_dropped = 0
+        self.stash_dropped = 0  # stashed messages dropped (full, or the name never came back)
+        self._undelivered: dict[str, int] = {}
+        self._warned_at: dict[str, float] = {}
+
+    def undelivered(self) -> dict[str, int]:
+        """Messages sent to each name that never reached an actor of that name (see module docs)."""
+        with self._lock:
+            return dict(self._undelivered)
+
+    def _lost(self, name: str, n: int, why: str) -> None:
+        """Count ``n`` undelivered messages for ``name`` (caller holds the lock); warn, rate-limited."""
+        if n <= 0:
+            return
+        total = self._undelivered[name] = self._undelivered.get(name, 0) + n
+        now = time.monotonic()
+        last = self._warned_at.get(name)
+        if last is None or now - last >= UNDELIVERED_LOG_S:
+            self._warned_at[name] = now
+            log.warning("messages to a name not delivered", name=name, count=n, total=total, why=why)
 
     def register(self, name: str, ref: ActorRef, restarting_if: Callable[[str], bool] | None = None) -> None:
         """Bind ``name`` to ``ref``; deliver anything stashed for the name; free it on death.
@@ -64,14 +91,15 @@ class Registry:
                 if restarting_if is not None and restarting_if(reason):
                     # under the lock: nothing sent to the name can slip between these
                     self._stash[name] = ref._life.drain_leftovers() + held
-                elif held:
+                else:  # for good: what it never read, and what waited for its fate, is lost
                     self.stash_dropped += len(held)
-                    log.warning("messages to a dead name dropped", name=name, count=len(held), reason=reason)
+                    left = ref._life.drain_leftovers()
+                    self._lost(name, len(held) + len(left), f"actor exited ({reason}) before reading them")
 
     def unregister(self, name: str) -> None:
         with self._lock:
             self._names.pop(name, None)
-            self._stash.pop(name, None)
+            self._lost(name, len(self._stash.pop(name, ())), "name unregistered while restarting")
 
     def whereis(self, name: str) -> ActorRef | None:
         with self._lock:
@@ -109,13 +137,13 @@ class Registry:
         """The name will not come back: drop its stash; return how many were dropped."""
         with self._lock:
             lost = len(self._stash.pop(name, []))
-        if lost:
             self.stash_dropped += lost
-            log.warning("stashed messages dropped: name not restarted", name=name, count=lost)
+            self._lost(name, lost, "stash dropped: name not restarted")
         return lost
 
     def send(self, name: str, msg: dict[str, Any]) -> bool:
-        """Send to a name: delivered, stashed while restarting, else False (no such name)."""
+        """Send to a name: delivered, stashed while restarting, else False (no such name:
+        counted in :meth:`undelivered`)."""
         return self.send_bytes(name, encode(msg))
 
     def send_bytes(self, name: str, data: bytes) -> bool:
@@ -134,10 +162,11 @@ class Registry:
             else:
                 stash = self._stash.get(name)
                 if stash is None:
+                    self._lost(name, 1, "no actor of that name is running")
                     return False
             if len(stash) >= self.stash_limit:
                 self.stash_dropped += 1
-                log.warning("stash full, message dropped", name=name, limit=self.stash_limit)
+                self._lost(name, 1, f"stash full ({self.stash_limit} messages)")
                 return False
             stash.append(data)
             return True

@@ -33,8 +33,9 @@ class NamedTarget:
     def __repr__(self) -> str:
         return f"<NamedTarget {self.name}>"
 
-    def tell_bytes(self, data: bytes) -> None:
-        self.registry.send_bytes(self.name, data)
+    def tell_bytes(self, data: bytes) -> bool:
+        """Send to whoever holds the name; False if undelivered (the registry counts and logs it)."""
+        return self.registry.send_bytes(self.name, data)
 
     def queue_size(self) -> int:
         return self.registry.queue_size(self.name)
@@ -86,11 +87,12 @@ class Topics:
         return self.publish_bytes(topic, encode(msg))
 
     def publish_bytes(self, topic: str, data: bytes) -> int:
+        """Send encoded bytes to every subscriber; return how many took them (a subscriber by
+        name that is not running is counted undelivered by its registry)."""
         subs = self._subs.get(topic, ())  # tuple swap under lock: a consistent snapshot
-        for ref in subs:
-            ref.tell_bytes(data)
+        took = sum(1 for ref in subs if ref.tell_bytes(data) is not False)
         self.published += 1
-        return len(subs)
+        return took
 
 
 default_topics = Topics()

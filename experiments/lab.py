@@ -1,12 +1,18 @@
 """Experiments as supervised actor trees, and the Lab that runs many of them.
 
-One experiment = one ``rest_for_one`` supervisor over Recorder, StreamingMetrics,
-AnomalyDetection, Sampler, Hypertune and Phase, with its own topics and names (nothing is
-shared between experiments). Events flow one way::
+One experiment = one ``rest_for_one`` supervisor over Recorder, Sampler, AnomalyDetection,
+StreamingMetrics, Phase and Hypertune (its start order: sink to source), with its own topics
+and names (nothing is shared between experiments). Events flow one way::
 
     phase --events--> metrics
                   \\-> anomaly --> sampler --> recorder
     metrics --metrics--> hypertune;  anomaly --anomalies--> hypertune, sampler
+    hypertune --control--> phase
+
+Every child starts after what it feeds and stops before it, so a stop drains the pipeline
+by construction. The phase is the tree's significant child: when its work is done it exits
+and the tree shuts itself down (``auto_shutdown``); the Experiment learns the end from the
+tree's death. See docs/experiments.md.
 
 The Lab is a DynamicSupervisor of experiment trees. Trees are ``temporary`` children: an
 experiment whose own supervisor gives up is marked failed and never drags the Lab (or
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.anomaly import AnomalyDetection
-from actors.base import ActorDeadError, ActorRef, on_death
+from actors.base import ActorDeadError, ActorRef, is_abnormal, on_death
 from actors.hypertune import Hypertune
 from actors.log import get_logger
 from actors.phase import CheckpointStore, PhaseActor
@@ -82,6 +88,19 @@ class NotFound(LifecycleError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "not found"
+
+
+class ExperimentMetrics(StreamingMetrics):
+    """StreamingMetrics that leaves its figures in the Experiment's snapshot when it stops: the
+    final metrics of a run whose tree has gone down (see :meth:`Experiment.metrics`)."""
+
+    def __init__(self, *args: Any, final: Snapshot, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.final = final
+
+    def terminate(self, reason: str) -> None:
+        super().terminate(reason)
+        self.final.publish(self.snapshot())
 
 
 def new_run_id() -> str:
@@ -157,15 +176,16 @@ class Experiment:
                 },
             ),
             ChildSpec(
-                "metrics",
-                StreamingMetrics,
-                args=(self.id, topics),
-                name="metrics",
-                kwargs={
-                    "windows": s["metrics"]["windows_s"],
-                    "publish_interval": s["metrics"]["publish_interval_s"],
-                    "compression": s["metrics"]["compression"],
-                },
+                "sampler",
+                Sampler,
+                args=(
+                    self.id,
+                    NamedTarget("recorder", reg),
+                    s["sampling"]["strategy"],
+                    s["sampling"]["config"],
+                    s["seed"],
+                ),
+                name="sampler",
             ),
             ChildSpec(
                 "anomaly",
@@ -186,21 +206,24 @@ class Experiment:
                 },
             ),
             ChildSpec(
-                "sampler",
-                Sampler,
-                args=(
-                    self.id,
-                    NamedTarget("recorder", reg),
-                    s["sampling"]["strategy"],
-                    s["sampling"]["config"],
-                    s["seed"],
-                ),
-                name="sampler",
+                "metrics",
+                ExperimentMetrics,
+                args=(self.id, topics),
+                name="metrics",
+                kwargs={
+                    "final": self._metrics_snap,
+                    "windows": s["metrics"]["windows_s"],
+                    "publish_interval": s["metrics"]["publish_interval_s"],
+                    "compression": s["metrics"]["compression"],
+                },
             ),
+            # significant: its normal exit (work done) shuts the tree down; transient: a crash restarts it
             ChildSpec(
                 "phase",
                 PhaseActor,
                 name="phase",
+                restart="transient",
+                significant=True,
                 args=(self.id, self.run_id, wl_cls, s["workload"]["params"], topics, self.checkpoints),
                 kwargs={
                     "seed": s["seed"],
@@ -218,7 +241,8 @@ class Experiment:
                     },
                 },
             ),
-            # last: under rest_for_one a hypertune crash then restarts only hypertune, never the phase
+            # last: under rest_for_one a hypertune crash then restarts only hypertune, never the phase;
+            # and it is the first to stop, so no control reaches a phase that is draining
             ChildSpec(
                 "hypertune",
                 Hypertune,
@@ -248,6 +272,7 @@ class Experiment:
             kwargs={
                 "children": children,
                 "strategy": "rest_for_one",
+                "auto_shutdown": "any_significant",
                 "max_restarts": sv["max_restarts"],
                 "max_seconds": sv["max_seconds"],
                 "registry": reg,
@@ -272,27 +297,34 @@ class Experiment:
 
     def _attach(self, sup: SupervisorRef) -> None:
         self.sup = sup
-        on_death(sup, self._tree_died)
-        threading.Thread(target=self._watch_phase, name=f"exp-{self.id}-watch", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name=f"exp-{self.id}-heartbeat", daemon=True).start()
+        on_death(sup, self._tree_died)  # at once if the tree is already down
 
-    def _watch_phase(self) -> None:
-        """Shut the tree down when the phase finishes; meanwhile beat the lifecycle heartbeat."""
-        next_beat = time.monotonic() + HEARTBEAT_S
-        while not self._stopped.is_set():
-            if self.checkpoints.finished.wait(0.2):
-                try:
-                    self._shutdown_tree(self.checkpoints.finish_reason or "completed")
-                except Exception:
-                    log.exception("error finishing experiment", experiment=self.id)
-                return
-            if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + HEARTBEAT_S
-                self._write_lifecycle()
+    def _heartbeat(self) -> None:
+        """Rewrite lifecycle.json every HEARTBEAT_S while the run lives: its owner is alive."""
+        while not self._stopped.wait(HEARTBEAT_S):
+            self._write_lifecycle()
 
     def _tree_died(self, reason: str) -> None:
-        if reason not in ("normal", "shutdown") and not self._stopped.is_set():
+        """The end of the run, whatever ended it (in the dying supervisor's thread, its children
+        all stopped): the phase finished (completed, budget, stopped, storage: the tree shut
+        itself down), the tree was stopped, or it gave up (failed)."""
+        self._final_summary = self._last_summary()
+        self._final_metrics = self._metrics_snap.latest().value
+        if is_abnormal(reason):
             log.error("experiment tree gave up", experiment=self.id, reason=reason)
             self._end(RunStatus.FAILED, f"failed: {reason}")
+        elif self._end(RunStatus.STOPPED, self.checkpoints.finish_reason or "stopped"):
+            log.info("experiment ended", experiment=self.id, run_id=self.run_id, reason=self._reason)
+
+    def _last_summary(self) -> dict[str, Any]:
+        """The Recorder's final summary: summary.json (written as it stopped) or, if that says
+        less (it could not be written), the Recorder's last answer."""
+        disk = read_summary(self.run_dir)
+        last = self._summary_snap.latest().value
+        if last is not None and (last.get("events_persisted") or 0) > (disk.get("events_persisted") or 0):
+            return last
+        return disk
 
     def _ref(self, name: str) -> ActorRef:
         ref = self.registry.whereis(name)
@@ -363,14 +395,19 @@ class Experiment:
             self._paused_at = None
 
     def stop(self, timeout: float | None = 60.0) -> None:
-        """Stop the phase, flush the pipeline to disk, stop the tree."""
+        """Ask the phase to stop and wait (each step at most ``timeout``) for the tree to go down.
+
+        The phase finishes (its last events and counters go out) and exits; the tree then stops
+        its children in reverse start order, each after what it already holds, so everything
+        emitted reaches the disk before the Recorder stops (see docs/experiments.md).
+        """
         with self._lock:
             self._check_live("stop")
             self._shutdown_tree("stopped", timeout)
 
     def _shutdown_tree(self, reason: str, timeout: float | None = 60.0) -> None:
         with self._lock:
-            if self._stopped.is_set() or self._ended:
+            if self._ended:
                 return
             with self._state:
                 self.stop_started_at = self.clock()
@@ -379,31 +416,20 @@ class Experiment:
             self._write_lifecycle()  # a stop under way: evidence if the process dies during it
             if paused:  # reattach so the final events and counters are recorded
                 self._attach_event_subscribers(True)
+            phase = self.registry.whereis("phase")
+            if phase is None:  # restarting: wait a little for the replacement
+                phase = self.registry.await_name("phase", timeout=min(10.0, timeout or 10.0))
             try:
-                phase = self.registry.whereis("phase")
                 if phase is not None:
                     phase.ask({"kind": "stop", "reason": reason}, timeout=timeout)
-                # drain the pipeline in its own order: everything before is handled when each answers
-                for name, kind in (
-                    ("metrics", "get"),
-                    ("anomaly", "anomaly_metrics"),
-                    ("sampler", "flush"),
-                    ("recorder", "flush"),
-                ):
-                    ref = self.registry.whereis(name)
-                    if ref is not None:
-                        answer = ref.ask({"kind": kind}, timeout=timeout)
-                        if name == "metrics":
-                            self._final_metrics = answer
-                rec = self.registry.whereis("recorder")
-                if rec is not None:
-                    self._final_summary = rec.ask({"kind": "summary"}, timeout=timeout)
             except (ActorDeadError, TimeoutError) as exc:
-                log.error("experiment did not drain cleanly", experiment=self.id, error=str(exc))
-            if self.sup is not None and self.sup.is_alive():
-                self.sup.stop(timeout=timeout, reason="shutdown")
-            if self._end(RunStatus.STOPPED, self.checkpoints.finish_reason or reason):
-                log.info("experiment stopped", experiment=self.id, run_id=self.run_id, reason=self._reason)
+                log.warning("phase did not take the stop", experiment=self.id, error=str(exc))
+            if not self._stopped.wait(timeout):  # the phase could not end the tree: stop it from above
+                log.error("experiment tree did not shut down; stopping it", experiment=self.id)
+                if self.sup is not None and self.sup.is_alive():
+                    self.sup.stop(timeout=timeout, reason="shutdown")
+            if self._end(RunStatus.STOPPED, self.checkpoints.finish_reason or reason):  # the tree never said
+                log.error("experiment ended without its tree", experiment=self.id, run_id=self.run_id)
 
     def _end(self, status: RunStatus, reason: str) -> bool:
         """Record the end (once: a tree that failed while stopping stays failed), on disk first."""
@@ -463,6 +489,7 @@ class Experiment:
                 **self._wall,
                 "updated_at": time.time(),
                 "heartbeat_s": HEARTBEAT_S,
+                "undelivered": self.registry.undelivered(),
                 **self._durations(),
             }
 
@@ -543,6 +570,7 @@ class Experiment:
                 "run_id": self.run_id,
                 "status": str(self._status),
                 "reason": self._reason,
+                "undelivered": self.registry.undelivered(),
                 **self._durations(),
                 **flags,
             }

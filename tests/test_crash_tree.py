@@ -13,7 +13,7 @@ from supervisor import Lab
 from telemetry.jsonl import iter_run
 from tests.fault_helpers import check_accounts, coloring_spec, latency_spec, reached_recorder, until
 
-ORDER = ("recorder", "metrics", "anomaly", "sampler", "phase", "hypertune")  # the tree's start order
+ORDER = ("recorder", "sampler", "anomaly", "metrics", "phase", "hypertune")  # the start order: sink to source
 BRIEF = {"batch_size": 64, "flush_interval_s": 0.02, "block_timeout_s": 0.2}  # the emitter waits 0.2 s, then drops
 
 

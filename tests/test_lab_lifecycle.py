@@ -1,0 +1,95 @@
+"""How an experiment tree ends: the phase is its significant child, the tree shuts itself down
+when the phase's work is done, and the Experiment learns the end from the tree's death. A
+stop drains the pipeline by the tree's order alone (sink to source)."""
+
+from __future__ import annotations
+
+import threading
+
+import orjson
+import pytest
+
+from supervisor import Lab
+from telemetry.jsonl import iter_run
+from tests.fault_helpers import check_accounts, latency_spec, reached_recorder, until
+
+ORDER = ["recorder", "sampler", "anomaly", "metrics", "phase", "hypertune"]  # sink to source; hypertune last
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab(tmp_path / "art")
+    yield lab
+    lab.shutdown()
+
+
+def test_the_tree_starts_sink_to_source_and_the_phase_is_its_significant_child(lab):
+    exp = lab.start_experiment(latency_spec("order", budget=600))
+    try:
+        children = exp.sup.which_children()
+        assert [c["id"] for c in children] == ORDER
+        assert {c["id"]: c["restart"] for c in children}["phase"] == "transient"
+    finally:
+        exp.stop()
+
+
+def test_a_completed_phase_ends_the_run_through_the_tree(lab, tmp_path):
+    exp = lab.start_experiment(
+        latency_spec("done", budget=600, workload={"name": "latency", "params": {"target": "math:sqrt", "calls": 300}})
+    )
+    phase = exp.registry.whereis("phase")
+    assert exp.wait(60)
+    assert exp.reason == "completed" and exp.status() == "stopped"
+    assert phase.exit_reason == "normal"  # its work done, the phase exited on its own
+    assert exp.sup.exit_reason == "shutdown"  # and its supervisor shut the tree down (auto_shutdown)
+    assert not [t for t in threading.enumerate() if t.name.startswith(f"exp-{exp.id}-") and t.is_alive()]
+    s = check_accounts(exp, tmp_path / "art")
+    calls = [e for e in iter_run(exp.run_dir) if e["name"] == "call"]
+    assert len(calls) == 300
+    # the final metrics were left by the metrics actor as it stopped: every event is in them
+    assert exp.metrics()["events"] == s["events_persisted"]
+    assert exp.metrics()["stale"] is False
+
+
+def test_a_stop_while_paused_records_the_final_events_and_loses_nothing(lab, tmp_path):
+    exp = lab.start_experiment(latency_spec("paused-stop", budget=600))
+    until(lambda: reached_recorder(exp) > 100, what="events at the Recorder")
+    exp.pause()
+    exp.stop()
+    assert exp.status() == "stopped" and exp.reason == "stopped"
+    s = check_accounts(exp, tmp_path / "art", lossless=True)
+    names = [e["name"] for e in iter_run(exp.run_dir)]
+    assert names[-1] == "phase_end"  # emitted at the stop, after the pause: recorded, and last
+    assert exp.metrics()["events"] == s["events_emitted"]
+
+
+def test_a_stop_drains_the_pipeline_by_the_tree_order(lab, tmp_path):
+    """A stop under load: every event emitted reaches the disk, with no drain step by hand."""
+    exp = lab.start_experiment(latency_spec("drain", budget=600, strategy="reservoir"))
+    until(lambda: reached_recorder(exp) > 500, what="events flowing")
+    exp.stop()
+    s = check_accounts(exp, tmp_path / "art", lossless=True)
+    assert s["events_persisted"] == 40  # the reservoir went out as the sampler stopped, before the Recorder
+
+
+def test_undelivered_sends_are_reported_in_the_summary_and_the_lifecycle_record(lab):
+    exp = lab.start_experiment(latency_spec("undelivered", budget=600))
+    for _ in range(3):
+        assert exp.registry.send("nobody", {"kind": "note"}) is False
+    assert exp.summary()["undelivered"]["nobody"] == 3
+    exp.stop()
+    assert exp.summary()["undelivered"]["nobody"] == 3
+    record = orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())
+    assert record["undelivered"]["nobody"] == 3
+    # nothing on the event path went astray in a normal stop
+    assert not {"recorder", "sampler", "anomaly", "metrics"} & set(record["undelivered"])
+
+
+def test_a_tree_that_gives_up_fails_the_run(lab):
+    exp = lab.start_experiment(latency_spec("gives-up", budget=600, supervision={"max_restarts": 0, "max_seconds": 60}))
+    exp.pause()
+    exp.registry.send("phase", {"kind": "crash", "why": "unrecoverable"})
+    assert exp.wait(30)
+    assert exp.status() == "failed" and exp.reason == "failed: reached_max_restart_intensity"
+    record = orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())
+    assert record["status"] == "failed"
