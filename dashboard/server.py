@@ -1,4 +1,8 @@
-"""The live web dashboard: Starlette + uvicorn inside the Lab's process.
+"""The live web dashboard: Starlette + uvicorn beside a Lab, in its process.
+
+The dashboard is a client of the Lab's public API (experiments, their reads and their
+lifecycle calls); the Lab knows nothing of it. Whoever wants one starts it on a Lab:
+``Dashboard(lab, host, port)`` (``crucible run --dashboard`` does), and stops it.
 
 Routes: ``GET /`` (the page; ``/?token=`` trades the token for a cookie and redirects to
 ``/``), ``GET /static/...`` (the page's script and icon, and plotly.min.js served from the
@@ -12,8 +16,10 @@ stops reading is dropped), and ``GET /metrics`` (Prometheus text via prometheus_
 
 Everything but the page's static files needs the token; Host, Origin and body size are
 checked first (see :mod:`dashboard.security`). Errors are JSON ``{"error": "..."}`` with a
-4xx status. The server binds 127.0.0.1 by default. The token is generated per Lab, written
-to ``<artifacts>/dashboard.token`` with mode 0600, and logged with the URL.
+4xx status: routes raise :class:`HTTPException` for a bad request, and one handler turns the
+Lab's lifecycle errors into 409 (404 for :class:`~experiments.lab.NotFound`). The server binds
+127.0.0.1 by default. The token is generated per dashboard, written to
+``<artifacts>/dashboard.token`` with mode 0600, and logged with the URL.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from actors.log import get_logger
 from actors.recorder import summary_best
 from dashboard.security import Guard, cookie_name, new_token, presented_token, token_matches, write_token_file
+from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from telemetry.jsonl import iter_run
 from telemetry.schema import check_id
 
@@ -48,7 +55,11 @@ STATIC = Path(__file__).parent / "static"
 CONTROLS = ("pause", "resume", "restart", "stop")
 PUSH_INTERVAL_S = 0.1  # at most 10 pushes a second
 SEND_TIMEOUT_S = 2.0  # a client that does not take a push in this time is dropped
+# the metric names the page and the Prometheus collector single out, here only
 HEADLINE_FIELDS = ("chromatic_number", "latency_ms")  # what "best" means, by workload
+BEST_GAUGE_FIELD = "chromatic_number"  # crucible_best_chromatic_number
+PASS_BEST_FIELD = "chromatic_number"  # a pass_end event's result
+CONFLICTS_FIELD = "conflicts"  # crucible_conflicts
 STATIC_TYPES = {"app.js": "application/javascript", "favicon.svg": "image/svg+xml"}
 # the page runs its own script only, is never framed, and talks to its own origin only
 PAGE_HEADERS = {
@@ -82,7 +93,7 @@ class _Json(JSONResponse):
 class _LabCollector:
     """Prometheus metrics read from the Lab at scrape time."""
 
-    def __init__(self, lab: Any) -> None:
+    def __init__(self, lab: Lab) -> None:
         self.lab = lab
 
     def collect(self) -> Any:
@@ -110,10 +121,10 @@ class _LabCollector:
             fams["emitted"].add_metric(lbl, float(s.get("events_emitted") or 0))
             fams["drops"].add_metric(lbl, float(s.get("events_dropped") or 0))
             fams["restarts"].add_metric(lbl, float(sum((s.get("restarts") or {}).values())))
-            best = summary_best(s, "chromatic_number")
+            best = summary_best(s, BEST_GAUGE_FIELD)
             if best is not None:
                 fams["best"].add_metric(lbl, float(best))
-            lasts = [p.get("last", {}).get("conflicts") for p in (s.get("phases") or {}).values()]
+            lasts = [p.get("last", {}).get(CONFLICTS_FIELD) for p in (s.get("phases") or {}).values()]
             lasts = [x for x in lasts if isinstance(x, (int, float))]
             if lasts:
                 fams["conflicts"].add_metric(lbl, float(lasts[-1]))
@@ -121,7 +132,7 @@ class _LabCollector:
         yield from fams.values()
 
 
-def experiment_view(exp: Any) -> dict[str, Any]:
+def experiment_view(exp: Experiment) -> dict[str, Any]:
     st = exp.phase_status() if exp.status() in ("running", "paused") else {}
     return {
         "id": exp.id,
@@ -159,11 +170,11 @@ def passes(starts: list[dict[str, Any]], ends: list[dict[str, Any]]) -> list[dic
             p["start_ts"], p["why"] = e["ts"], e.get("notes")
     for e in ends:
         p = entry(e["pass"])
-        p["end_ts"], p["best"] = e["ts"], (e.get("values") or {}).get("chromatic_number")
+        p["end_ts"], p["best"] = e["ts"], (e.get("values") or {}).get(PASS_BEST_FIELD)
     return [out[k] for k in sorted(out)]
 
 
-def experiment_details(exp: Any) -> dict[str, Any]:
+def experiment_details(exp: Experiment) -> dict[str, Any]:
     """One experiment for the page's side panels: the view, the best so far, the recent hypertune
     actions and outcomes, and its passes."""
 
@@ -185,7 +196,7 @@ def experiment_details(exp: Any) -> dict[str, Any]:
     }
 
 
-def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), port: int = 7878) -> Starlette:
+def create_app(lab: Lab, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), port: int = 7878) -> Starlette:
     """The Starlette app, every route behind :class:`dashboard.security.Guard`; ``hosts`` are the
     names it answers to besides the loopback ones, ``port`` the port it listens on."""
     registry = CollectorRegistry()
@@ -198,11 +209,8 @@ def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
 
-    def find(exp_id: Any) -> Any:
-        try:
-            return lab.get(valid_id("experiment id", exp_id))
-        except KeyError:
-            raise HTTPException(404, f"no experiment {exp_id!r}") from None
+    def find(exp_id: Any) -> Experiment:
+        return lab.get(valid_id("experiment id", exp_id))  # NotFound: a 404 (lab_error)
 
     async def index(request: Request) -> Response:
         given = request.query_params.get("token")
@@ -271,16 +279,11 @@ def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
         except orjson.JSONDecodeError:
             raise HTTPException(400, 'the body must be JSON: {"experiment": "<id>"}') from None
         exp = find(body.get("experiment") if isinstance(body, dict) else None)
-        from experiments.lab import LifecycleError
-
-        try:
-            if action == "restart":
-                result = await asyncio.to_thread(exp.restart_pass)
-            else:
-                await asyncio.to_thread(getattr(exp, action))
-                result = None
-        except LifecycleError as exc:
-            raise HTTPException(409, str(exc)) from None
+        if action == "restart":
+            result = await asyncio.to_thread(exp.restart_pass)
+        else:  # a transition the experiment cannot make raises a LifecycleError: a 409 (lab_error)
+            await asyncio.to_thread(getattr(exp, action))
+            result = None
         return _Json({"experiment": exp.id, "action": action, "status": exp.status(), "result": result})
 
     async def metrics(request: Request) -> Response:
@@ -308,6 +311,11 @@ def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
         assert isinstance(exc, HTTPException)
         return _Json({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
+    async def lab_error(request: Request, exc: Exception) -> Response:
+        """The Lab refused: no such experiment (404), or a transition it cannot make now (409)."""
+        assert isinstance(exc, LifecycleError)
+        return _Json({"error": str(exc)}, status_code=404 if isinstance(exc, NotFound) else 409)
+
     routes = [
         Route("/", index),
         Route("/static/plotly.min.js", plotly),
@@ -322,14 +330,14 @@ def create_app(lab: Any, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, LifecycleError: lab_error},
         middleware=[Middleware(Guard, hosts=hosts, port=port, token=token)],
     )
     app.router.redirect_slashes = False  # an unknown path is a 404, not a redirect to a guess
     return app
 
 
-def _push(lab: Any, last_seq: dict[str, int]) -> dict[str, Any]:
+def _push(lab: Lab, last_seq: dict[str, int]) -> dict[str, Any]:
     """One batched push: every experiment's state and its events since the last push."""
     exps = []
     events: dict[str, list[dict[str, Any]]] = {}
@@ -348,9 +356,16 @@ def _push(lab: Any, last_seq: dict[str, int]) -> dict[str, Any]:
 
 
 class Dashboard:
-    """Runs the app with uvicorn on a daemon thread; ``url`` and ``token`` once started."""
+    """Serves the app for ``lab`` with uvicorn on a daemon thread, from construction to :meth:`stop`.
 
-    def __init__(self, lab: Any, host: str = "127.0.0.1", port: int | None = None) -> None:
+    ``url``, ``token`` and ``token_file`` say where and how to reach it. ``port`` None means
+    ``CRUCIBLE_DASH_PORT``, else 7878; 0 means any free port.
+
+    Raises:
+        OSError: the address cannot be listened on (taken, or not allowed); the message says which.
+    """
+
+    def __init__(self, lab: Lab, host: str = "127.0.0.1", port: int | None = None) -> None:
         import uvicorn
 
         if port is None:
@@ -363,9 +378,9 @@ class Dashboard:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))  # port 0: any free port; the URL says which
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise OSError(f"dashboard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.host, self.port = sock.getsockname()[:2]
         self.url = f"http://{f'[{self.host}]' if family == socket.AF_INET6 else self.host}:{self.port}/"
         app = create_app(lab, self.token, (host, self.host), self.port)

@@ -623,11 +623,8 @@ class Lab:
     def __init__(
         self,
         artifacts_dir: str | Path = "artifacts",
-        dashboard: bool = False,
         max_experiments: int | None = None,
         clock: Callable[[], float] = time.monotonic,
-        dash_host: str = "127.0.0.1",
-        dash_port: int | None = None,
     ) -> None:
         self.artifacts = check_artifacts_dir(artifacts_dir)
         self.clock = clock
@@ -635,18 +632,6 @@ class Lab:
         self.experiments: dict[str, Experiment] = {}
         self.sup = DynamicSupervisor.start(max_children=max_experiments, registry=Registry())
         self._closed = False
-        self.dashboard = None
-        if dashboard:
-            from dashboard.server import Dashboard
-
-            try:
-                self.dashboard = Dashboard(self, dash_host, dash_port)  # port: CRUCIBLE_DASH_PORT or 7878
-            except OSError as exc:
-                self.sup.stop(timeout=10)
-                raise OSError(
-                    f"dashboard cannot listen on {dash_host}:{dash_port or 'CRUCIBLE_DASH_PORT/7878'}: "
-                    f"{exc.strerror or exc}"
-                ) from None
 
     def start_experiment(
         self, spec: str | Path | dict[str, Any], overrides: Any = None, experiment_id: str | None = None
@@ -719,8 +704,6 @@ class Lab:
         for t in threads:
             t.join()
         self.sup.stop(timeout=timeout)
-        if self.dashboard is not None:
-            self.dashboard.stop()
 
     @staticmethod
     def _stop_one(exp: Experiment, timeout: float) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,12 @@ from typing import Any
 import orjson
 
 from actors.files import atomic_write
+from actors.log import get_logger
 from telemetry.jsonl import run_segments
+from telemetry.schema import check_id
+from telemetry.store import DB_NAME, HistoryStore
+
+log = get_logger("experiments.rundir")
 
 SPEC = "spec.json"
 LIFECYCLE = "lifecycle.json"
@@ -371,3 +377,118 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "evidence": evidence,
         "path": str(run_dir),
     }
+
+
+# --- finding runs ----------------------------------------------------------------------------------------------
+
+
+class RunNotFound(LookupError):
+    """No run matches what was asked for; the message says what was asked and what there is."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no such run"
+
+
+def resolve_run(arg: str, artifacts: Path) -> Path:
+    """A run directory from a path to one, or from a run id looked up under ``artifacts``.
+
+    An id is validated first (:func:`telemetry.schema.check_id`), so a lookup never leaves
+    the artifacts folder.
+
+    Raises:
+        RunNotFound: ``arg`` is neither a run directory nor a valid run id, or no run has that id.
+    """
+    p = Path(arg)
+    if p.is_dir() and ((p / "events.jsonl").exists() or list(p.glob("events.*.jsonl"))):
+        return p
+    try:
+        check_id("run id", arg)
+    except ValueError as exc:
+        raise RunNotFound(f"{arg!r} is neither a run directory nor a valid run id: {exc}") from None
+    runs = find_runs(artifacts)
+    hits = [r for r in runs if r.name == arg]
+    if not hits:
+        recent = ", ".join(r.name for r in runs[:5]) or "none"
+        raise RunNotFound(f"no run {arg!r} under {artifacts}; recent runs: {recent}")
+    return hits[0]
+
+
+def latest_run(artifacts: Path) -> Path:
+    """The newest run under ``artifacts``.
+
+    Raises:
+        RunNotFound: there is no run there.
+    """
+    runs = find_runs(artifacts)
+    if not runs:
+        raise RunNotFound(f"no runs under {artifacts}")
+    return runs[0]
+
+
+def recorded_runs(artifacts: Path) -> dict[tuple[str, str], dict[str, Any]] | None:
+    """The history database's ``runs`` table, by (experiment id, run id); None without a readable database.
+
+    The Recorder adds its run to the table when it stops, with the final summary: the table
+    holds the runs that ended, not the live ones nor those killed before they could end.
+    Rows whose ids are not valid path components are left out (they name no folder here).
+    """
+    path = artifacts / DB_NAME
+    if not path.is_file():
+        return None
+    try:
+        store = HistoryStore(path, readonly=True)
+        try:
+            rows = store.runs()
+        finally:
+            store.close()
+    except (sqlite3.Error, OSError, ValueError) as exc:  # corrupt, locked, or a summary that is not JSON
+        log.warning("history database unreadable; listing the runs from their folders", path=str(path), error=str(exc))
+        return None
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        try:
+            key = (check_id("experiment id", row["experiment_id"]), check_id("run id", row["run_id"]))
+        except ValueError:
+            continue
+        out[key] = row
+    return out
+
+
+def _recorded_info(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_info` for a run the history recorded as ended: its figures come from the final
+    summary in the table, only its (small) lifecycle record is read for the status."""
+    report = run_status(run_dir)
+    duration = report.record.get("wall_clock_duration", summary.get("total_duration_s"))
+    events = summary.get("events_persisted")
+    if not isinstance(events, int) or isinstance(events, bool):
+        events = count_events(run_dir)
+    return {
+        "experiment": run_dir.parent.name,
+        "run_id": run_dir.name,
+        "status": str(report.status),
+        "reason": report.reason,
+        "events": events,
+        "duration_s": duration,
+        "summary_stale": False,
+        "evidence": list(report.evidence),
+        "path": str(run_dir),
+    }
+
+
+def list_runs(artifacts: Path) -> list[dict[str, Any]]:
+    """One :func:`run_info` dict per run under ``artifacts``, newest first, for ``crucible list``.
+
+    Runs the history's ``runs`` table holds (those that ended) take their figures from it, so
+    their event files are never opened; the others (live, killed before they ended, or all of
+    them when the database is missing or unreadable) are read from their folders. ``source``
+    says which: ``"history"`` or ``"files"``. A row whose folder is gone is not listed.
+    """
+    recorded = recorded_runs(artifacts) or {}
+    out = []
+    for run in find_runs(artifacts):
+        row = recorded.get((run.parent.name, run.name))
+        if row is not None and isinstance(row.get("summary"), dict):
+            out.append({**_recorded_info(run, row["summary"]), "source": "history"})
+        else:
+            out.append({**run_info(run), "source": "files"})
+    return out

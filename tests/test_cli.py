@@ -288,7 +288,7 @@ def test_a_run_stopped_by_a_storage_failure_exits_1(tmp_path, capsys, monkeypatc
     ],
 )
 def test_which_run_endings_are_failures(summary, failed):
-    from experiments.cli import run_failed
+    from cli.errors import run_failed
 
     assert run_failed(summary) is failed
 

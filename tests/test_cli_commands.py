@@ -287,7 +287,7 @@ def test_ab_runs_both_arms_and_reports_the_statistics(tmp_path, capsys):
 def test_summary_table_lists_restarts(tmp_path):
     from rich.console import Console
 
-    from experiments.cli import summary_table
+    from cli.render import summary_table
 
     s = orjson.loads(
         orjson.dumps(

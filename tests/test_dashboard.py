@@ -6,6 +6,7 @@ import httpx
 import orjson
 import pytest
 
+from dashboard.server import Dashboard
 from supervisor import Lab
 
 SPEC = {
@@ -21,42 +22,50 @@ SPEC = {
 
 @pytest.fixture
 def lab(tmp_path):
-    lab = Lab(tmp_path / "art", dashboard=True, dash_port=0)
+    lab = Lab(tmp_path / "art")
     yield lab
     lab.shutdown()
 
 
-def test_dashboard_binds_localhost_and_writes_a_private_token(lab):
-    d = lab.dashboard
+@pytest.fixture
+def dash(lab):
+    dash = Dashboard(lab, port=0)
+    yield dash
+    dash.stop()
+
+
+def test_dashboard_binds_localhost_and_writes_a_private_token(dash):
+    d = dash
     assert d.host == "127.0.0.1" and d.url == f"http://127.0.0.1:{d.port}/"
     assert stat.S_IMODE(os.stat(d.token_file).st_mode) == 0o600
     assert d.token_file.read_text().strip() == d.token
 
 
-def client(lab, token=True):
+def client(dash, token=True):
     """A client of the dashboard's API; with the bearer token unless told otherwise."""
-    headers = {"Authorization": f"Bearer {lab.dashboard.token}"} if token else {}
-    return httpx.Client(base_url=lab.dashboard.url, timeout=30, headers=headers)
+    headers = {"Authorization": f"Bearer {dash.token}"} if token else {}
+    return httpx.Client(base_url=dash.url, timeout=30, headers=headers)
 
 
-def test_api_status_codes_auth_and_validation(lab):
+def test_api_status_codes_auth_and_validation(lab, dash):
     exp = lab.start_experiment(SPEC)
-    c = client(lab)
+    c = client(dash)
     assert c.get("/api/experiments").json()["experiments"][0]["id"] == "dash"
     assert c.get("/api/experiments/dash").status_code == 200
     assert c.get("/api/metrics/live", params={"experiment": "dash"}).status_code == 200
     assert c.get("/api/metrics/live", params={"experiment": "../etc"}).status_code == 400
-    assert c.get("/api/metrics/live", params={"experiment": "ghost"}).status_code == 404
+    ghost = c.get("/api/metrics/live", params={"experiment": "ghost"})
+    assert ghost.status_code == 404 and ghost.json()["error"].startswith("no experiment 'ghost'")
     assert c.get("/api/metrics/history", params={"run_id": exp.run_id}).status_code == 200
     assert c.get("/api/metrics/history", params={"run_id": "../../etc/passwd"}).status_code == 400
     assert c.get("/api/metrics/history", params={"run_id": "20990101T000000Z-000000"}).status_code == 404
     details = c.get("/api/experiments/dash").json()
     assert {"best", "hypertune_actions", "hypertune_outcomes", "passes"} <= set(details)
     body = {"experiment": "dash"}
-    anonymous = client(lab, token=False)
+    anonymous = client(dash, token=False)
     assert anonymous.post("/api/control/pause", json=body).status_code == 401
     assert anonymous.post("/api/control/pause", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    auth = {"Authorization": f"Bearer {lab.dashboard.token}"}
+    auth = {"Authorization": f"Bearer {dash.token}"}
     assert c.post("/api/control/explode", json=body, headers=auth).status_code == 404
     assert c.post("/api/control/pause", content=b"{nope", headers=auth).status_code == 400
     r = c.post("/api/control/pause", json=body, headers=auth)
@@ -90,13 +99,13 @@ def test_passes_are_read_from_phase_starts_and_pass_ends():
     ]
 
 
-def test_websocket_pushes_events_of_a_live_experiment(lab):
+def test_websocket_pushes_events_of_a_live_experiment(lab, dash):
     from websockets.sync.client import connect
 
     lab.start_experiment(SPEC)
-    url = lab.dashboard.url.replace("http://", "ws://") + "ws"
+    url = dash.url.replace("http://", "ws://") + "ws"
     seen = 0
-    with connect(url, additional_headers={"Authorization": f"Bearer {lab.dashboard.token}"}) as ws:
+    with connect(url, additional_headers={"Authorization": f"Bearer {dash.token}"}) as ws:
         while seen < 50:
             msg = orjson.loads(ws.recv(timeout=30))
             assert msg["experiments"][0]["id"] == "dash"
@@ -108,20 +117,20 @@ def test_websocket_pushes_events_of_a_live_experiment(lab):
     assert 2 <= pushes <= 17  # batched pushes, at most 10 a second
 
 
-def test_a_client_that_stops_reading_does_not_slow_the_lab(lab):
+def test_a_client_that_stops_reading_does_not_slow_the_lab(lab, dash):
     import socket
 
     lab.start_experiment(SPEC)
-    host, port = lab.dashboard.host, lab.dashboard.port
+    host, port = dash.host, dash.port
     s = socket.create_connection((host, port))
     s.sendall(
         f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Authorization: Bearer {lab.dashboard.token}\r\n"
+        f"Authorization: Bearer {dash.token}\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
     )
     assert s.recv(12) == b"HTTP/1.1 101"  # accepted: pushes start, and it never reads them
     try:  # connected and never reads: the API and the experiment carry on regardless
-        c = client(lab)
+        c = client(dash)
         for _ in range(5):
             assert c.get("/api/experiments").status_code == 200
         exp = lab.get("dash")
@@ -138,10 +147,31 @@ def test_a_busy_port_is_a_clear_error_and_leaves_nothing_running(tmp_path):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen()
-    before = threading.active_count()
-    try:
-        with pytest.raises(OSError, match=r"dashboard cannot listen on 127\.0\.0\.1"):
-            Lab(tmp_path / "art", dashboard=True, dash_port=s.getsockname()[1])
-    finally:
-        s.close()
-    assert threading.active_count() == before
+    port = s.getsockname()[1]
+    with Lab(tmp_path / "art") as lab:
+        before = threading.active_count()
+        try:
+            with pytest.raises(OSError, match=rf"dashboard cannot listen on 127\.0\.0\.1:{port}: "):
+                Dashboard(lab, "127.0.0.1", port)
+        finally:
+            s.close()
+        assert threading.active_count() == before
+
+
+def test_the_lab_knows_nothing_of_the_dashboard():
+    """The dashboard sits above the Lab: importing and running a Lab loads no dashboard code, and
+    the dashboard is started on a Lab by whoever wants one (the Lab takes no dashboard options)."""
+    import inspect
+    import subprocess
+    import sys
+
+    assert not {"dashboard", "dash_host", "dash_port"} & set(inspect.signature(Lab).parameters)
+    code = (
+        "import sys, tempfile\n"
+        "from experiments.lab import Lab\n"
+        "with Lab(tempfile.mkdtemp()) as lab:\n"
+        "    pass\n"
+        "print(sorted(m for m in sys.modules if m == 'dashboard' or m.startswith(('dashboard.', 'cli'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

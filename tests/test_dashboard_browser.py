@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dashboard.server import Dashboard
 from supervisor import Lab
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -62,9 +63,16 @@ def text(element_id):
 
 @pytest.fixture
 def lab(tmp_path):
-    lab = Lab(tmp_path / "art", dashboard=True, dash_port=0)
+    lab = Lab(tmp_path / "art")
     yield lab
     lab.shutdown()
+
+
+@pytest.fixture
+def dash(lab):
+    dash = Dashboard(lab, port=0)
+    yield dash
+    dash.stop()
 
 
 @pytest.fixture
@@ -90,10 +98,8 @@ def covers(rng, values):
     return lo <= min(values) and max(values) <= hi
 
 
-def api(lab):
-    return httpx.Client(
-        base_url=lab.dashboard.url, timeout=30, headers={"Authorization": f"Bearer {lab.dashboard.token}"}
-    )
+def api(dash):
+    return httpx.Client(base_url=dash.url, timeout=30, headers={"Authorization": f"Bearer {dash.token}"})
 
 
 def wait_for(pred, timeout, what):
@@ -107,23 +113,23 @@ def wait_for(pred, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_what_a_person_sees_with_two_experiments(lab, artifacts):
+def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
     from playwright.sync_api import sync_playwright
 
     lab.start_experiment(SPEC)
     lab.start_experiment(SPEC, experiment_id="dash2")
-    c = api(lab)
+    c = api(dash)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         try:
             ctx = browser.new_context(viewport={"width": 1400, "height": 900})
             page = ctx.new_page()
             watch = Watch(page)
-            page.goto(f"{lab.dashboard.url}?token={lab.dashboard.token}")
+            page.goto(f"{dash.url}?token={dash.token}")
             # the token left the URL for an HttpOnly, SameSite=Strict cookie
-            assert page.url == lab.dashboard.url
+            assert page.url == dash.url
             (cookie,) = ctx.cookies()
-            assert cookie["value"] == lab.dashboard.token and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            assert cookie["value"] == dash.token and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
             page.wait_for_function("() => window.__points > 20", timeout=30_000)
             assert page.text_content("#current") == "dash"
@@ -182,7 +188,7 @@ def test_what_a_person_sees_with_two_experiments(lab, artifacts):
     assert shot.stat().st_size > 20_000
 
 
-def test_page_text_is_never_markup(lab):
+def test_page_text_is_never_markup(lab, dash):
     """A parameter that looks like HTML shows as text: nothing parsed, nothing run."""
     from playwright.sync_api import sync_playwright
 
@@ -199,7 +205,7 @@ def test_page_text_is_never_markup(lab):
         try:
             page = browser.new_page()
             watch = Watch(page)
-            page.goto(f"{lab.dashboard.url}?token={lab.dashboard.token}")
+            page.goto(f"{dash.url}?token={dash.token}")
             page.wait_for_function(f"() => {text('params')}.includes('<img')", timeout=30_000)
             assert page.locator("#params img").count() == 0
             assert page.evaluate("window.__xss") is None

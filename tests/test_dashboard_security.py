@@ -15,6 +15,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from dashboard.security import MAX_BODY, cookie_name
+from dashboard.server import Dashboard
 from supervisor import Lab
 
 # tabu only, long enough to outlast the module
@@ -42,24 +43,31 @@ DOCUMENTED = {200, 303, 400, 401, 403, 404, 405, 409, 413}
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    lab = Lab(tmp_path_factory.mktemp("dash-sec") / "art", dashboard=True, dash_port=0)
+    lab = Lab(tmp_path_factory.mktemp("dash-sec") / "art")
     lab.start_experiment(SPEC)
     yield lab
     lab.shutdown()
 
 
 @pytest.fixture(scope="module")
-def origin(lab):
-    return f"http://127.0.0.1:{lab.dashboard.port}"
+def dash(lab):
+    dash = Dashboard(lab, port=0)
+    yield dash
+    dash.stop()
 
 
-def bare(lab, **kw):
+@pytest.fixture(scope="module")
+def origin(dash):
+    return f"http://127.0.0.1:{dash.port}"
+
+
+def bare(dash, **kw):
     """A client with no credentials and no redirects followed."""
-    return httpx.Client(base_url=lab.dashboard.url, timeout=30, follow_redirects=False, **kw)
+    return httpx.Client(base_url=dash.url, timeout=30, follow_redirects=False, **kw)
 
 
-def bearer(lab):
-    return {"Authorization": f"Bearer {lab.dashboard.token}"}
+def bearer(dash):
+    return {"Authorization": f"Bearer {dash.token}"}
 
 
 def routes(lab):
@@ -67,11 +75,11 @@ def routes(lab):
     return [r.format(run_id=run_id) for r in DATA_ROUTES]
 
 
-def assert_still_running(lab):
+def assert_still_running(lab, dash):
     exp = lab.get("sec")
     assert exp.status() == "running"
     before = exp.phase_status()["steps"]
-    with bare(lab, headers=bearer(lab)) as c:
+    with bare(dash, headers=bearer(dash)) as c:
         assert c.get("/api/experiments").status_code == 200
         for _ in range(100):  # the phase keeps stepping: read until the count moves (bounded)
             if c.get("/api/experiments/sec").json()["steps"] > before:
@@ -94,31 +102,31 @@ def assert_still_running(lab):
         "0.0.0.0:{port}",
     ],
 )
-def test_a_host_that_is_not_this_server_is_refused_everywhere(lab, host):
-    host = host.format(port=lab.dashboard.port)
-    with bare(lab, headers={**bearer(lab), "Host": host}) as c:
+def test_a_host_that_is_not_this_server_is_refused_everywhere(lab, dash, host):
+    host = host.format(port=dash.port)
+    with bare(dash, headers={**bearer(dash), "Host": host}) as c:
         for path in ["/", "/static/app.js", "/static/plotly.min.js", *routes(lab)]:
             r = c.get(path)
             assert r.status_code == 400, (path, r.status_code)
             assert "Host" in r.json()["error"]
         r = c.post("/api/control/pause", json={"experiment": "sec"})
         assert r.status_code == 400
-    sock = socket.create_connection((lab.dashboard.host, lab.dashboard.port), timeout=10)
+    sock = socket.create_connection((dash.host, dash.port), timeout=10)
     with pytest.raises(InvalidStatus) as exc:  # the rebinding page's WebSocket: its own name in Host
-        connect(f"ws://{host}/ws", sock=sock, additional_headers=bearer(lab))
+        connect(f"ws://{host}/ws", sock=sock, additional_headers=bearer(dash))
     assert exc.value.response.status_code == 403
     assert lab.get("sec").status() == "running"
 
 
 @pytest.mark.parametrize("name", ["127.0.0.1", "localhost", "LocalHost", "[::1]"])
-def test_the_loopback_names_with_the_port_are_served(lab, name):
-    with bare(lab, headers={**bearer(lab), "Host": f"{name}:{lab.dashboard.port}"}) as c:
+def test_the_loopback_names_with_the_port_are_served(lab, dash, name):
+    with bare(dash, headers={**bearer(dash), "Host": f"{name}:{dash.port}"}) as c:
         assert c.get("/api/experiments").status_code == 200
 
 
-def test_a_request_without_a_host_is_refused(lab):
-    with socket.create_connection((lab.dashboard.host, lab.dashboard.port), timeout=10) as s:
-        s.sendall(f"GET /api/experiments HTTP/1.0\r\nAuthorization: Bearer {lab.dashboard.token}\r\n\r\n".encode())
+def test_a_request_without_a_host_is_refused(lab, dash):
+    with socket.create_connection((dash.host, dash.port), timeout=10) as s:
+        s.sendall(f"GET /api/experiments HTTP/1.0\r\nAuthorization: Bearer {dash.token}\r\n\r\n".encode())
         head = s.recv(64)
     assert head.startswith(b"HTTP/1.1 400")
 
@@ -126,54 +134,54 @@ def test_a_request_without_a_host_is_refused(lab):
 # --- the token ------------------------------------------------------------------------------------------------
 
 
-def test_reads_need_the_token_as_much_as_controls(lab):
+def test_reads_need_the_token_as_much_as_controls(lab, dash):
     paths = routes(lab)
-    with bare(lab) as c:
+    with bare(dash) as c:
         for path in paths:
             assert c.get(path).status_code == 401, path
             assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
-            assert c.get(path, headers={"Cookie": f"{cookie_name(lab.dashboard.port)}=wrong"}).status_code == 401, path
-            assert c.get(path, params={"token": lab.dashboard.token}).status_code == 401, path  # not in URLs
+            assert c.get(path, headers={"Cookie": f"{cookie_name(dash.port)}=wrong"}).status_code == 401, path
+            assert c.get(path, params={"token": dash.token}).status_code == 401, path  # not in URLs
         page = c.get("/")
         assert page.status_code == 401 and "sec" not in page.text and "?token=" in page.text
         for path in ["/static/plotly.min.js", "/static/app.js", "/static/favicon.svg"]:
             assert c.get(path).status_code == 200, path  # the page's own files hold no data
-    with bare(lab, headers=bearer(lab)) as c:
+    with bare(dash, headers=bearer(dash)) as c:
         for path in paths:
             assert c.get(path).status_code == 200, path
-    with bare(lab, cookies={cookie_name(lab.dashboard.port): lab.dashboard.token}) as c:
+    with bare(dash, cookies={cookie_name(dash.port): dash.token}) as c:
         for path in paths:
             assert c.get(path).status_code == 200, path
 
 
-def test_the_first_load_trades_the_url_token_for_a_strict_http_only_cookie(lab):
-    name = cookie_name(lab.dashboard.port)
-    with bare(lab) as c:
+def test_the_first_load_trades_the_url_token_for_a_strict_http_only_cookie(lab, dash):
+    name = cookie_name(dash.port)
+    with bare(dash) as c:
         wrong = c.get("/", params={"token": "wrong"})
         assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
-        r = c.get("/", params={"token": lab.dashboard.token})
+        r = c.get("/", params={"token": dash.token})
         assert r.status_code == 303 and r.headers["location"] == "/"
         cookie = r.headers["set-cookie"]
-        assert cookie.startswith(f"{name}={lab.dashboard.token};")
+        assert cookie.startswith(f"{name}={dash.token};")
         attrs = {a.strip().lower() for a in cookie.split(";")[1:]}
         assert {"httponly", "samesite=strict", "path=/"} <= attrs
         page = c.get("/")  # the client kept the cookie: the clean URL now serves the page
-        assert page.status_code == 200 and lab.dashboard.token not in page.text
+        assert page.status_code == 200 and dash.token not in page.text
         csp = page.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
 
 
-def test_controls_take_the_cookie_but_not_from_another_origin(lab, origin):
-    cookies = {cookie_name(lab.dashboard.port): lab.dashboard.token}
+def test_controls_take_the_cookie_but_not_from_another_origin(lab, dash, origin):
+    cookies = {cookie_name(dash.port): dash.token}
     body = {"experiment": "ghost"}  # a valid request that changes nothing: 404 once past the checks
-    with bare(lab, cookies=cookies) as c:
+    with bare(dash, cookies=cookies) as c:
         assert c.post("/api/control/stop", json=body, headers={"Origin": origin}).status_code == 404
         for other in [
             "http://localhost:1",
             "http://evil.example",
             "null",
-            f"https://127.0.0.1:{lab.dashboard.port}",
-            f"http://localhost:{lab.dashboard.port}",
+            f"https://127.0.0.1:{dash.port}",
+            f"http://localhost:{dash.port}",
         ]:
             r = c.post("/api/control/stop", json={"experiment": "sec"}, headers={"Origin": other})
             assert r.status_code == 403, other
@@ -184,42 +192,42 @@ def test_controls_take_the_cookie_but_not_from_another_origin(lab, origin):
 # --- the WebSocket --------------------------------------------------------------------------------------------
 
 
-def ws_url(lab):
-    return lab.dashboard.url.replace("http://", "ws://") + "ws"
+def ws_url(dash):
+    return dash.url.replace("http://", "ws://") + "ws"
 
 
 @pytest.mark.parametrize(
     "origin_value",
     ["http://evil.example", "null", "http://localhost:1", "http://127.0.0.1:{port}.evil.example", "file://"],
 )
-def test_the_websocket_refuses_other_origins(lab, origin_value):
+def test_the_websocket_refuses_other_origins(lab, dash, origin_value):
     with pytest.raises(InvalidStatus) as exc:
         connect(
-            ws_url(lab),
-            origin=origin_value.format(port=lab.dashboard.port),  # type: ignore[arg-type]
-            additional_headers=bearer(lab),
+            ws_url(dash),
+            origin=origin_value.format(port=dash.port),  # type: ignore[arg-type]
+            additional_headers=bearer(dash),
         )
     assert exc.value.response.status_code == 403
 
 
-def test_the_websocket_needs_the_token(lab, origin):
-    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Cookie": f"{cookie_name(lab.dashboard.port)}=wrong"}]:
+def test_the_websocket_needs_the_token(lab, dash, origin):
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Cookie": f"{cookie_name(dash.port)}=wrong"}]:
         with pytest.raises(InvalidStatus) as exc:
-            connect(ws_url(lab), origin=origin, additional_headers=headers)  # type: ignore[arg-type]
+            connect(ws_url(dash), origin=origin, additional_headers=headers)  # type: ignore[arg-type]
         assert exc.value.response.status_code == 403
-    cookie = {"Cookie": f"{cookie_name(lab.dashboard.port)}={lab.dashboard.token}"}
-    with connect(ws_url(lab), origin=origin, additional_headers=cookie) as ws:  # type: ignore[arg-type]
+    cookie = {"Cookie": f"{cookie_name(dash.port)}={dash.token}"}
+    with connect(ws_url(dash), origin=origin, additional_headers=cookie) as ws:  # type: ignore[arg-type]
         assert orjson.loads(ws.recv(timeout=30))["experiments"][0]["id"] == "sec"
-    with connect(ws_url(lab), additional_headers=bearer(lab)) as ws:  # a script: no Origin, the bearer token
+    with connect(ws_url(dash), additional_headers=bearer(dash)) as ws:  # a script: no Origin, the bearer token
         assert orjson.loads(ws.recv(timeout=30))["experiments"][0]["id"] == "sec"
 
 
 # --- bodies ---------------------------------------------------------------------------------------------------
 
 
-def test_request_bodies_are_capped(lab):
+def test_request_bodies_are_capped(lab, dash):
     big = b'{"experiment": "sec", "pad": "' + b"x" * (MAX_BODY + 1) + b'"}'
-    with bare(lab, headers=bearer(lab)) as c:
+    with bare(dash, headers=bearer(dash)) as c:
         r = c.post("/api/control/pause", content=big)
         assert r.status_code == 413 and str(MAX_BODY) in r.json()["error"]
 
@@ -231,7 +239,7 @@ def test_request_bodies_are_capped(lab):
         just_under = b'{"experiment": "ghost", "pad": "' + b"x" * (MAX_BODY - 40) + b'"}'
         assert len(just_under) <= MAX_BODY
         assert c.post("/api/control/pause", content=just_under).status_code == 404
-    assert_still_running(lab)
+    assert_still_running(lab, dash)
 
 
 # --- the token file -------------------------------------------------------------------------------------------
@@ -244,15 +252,17 @@ def test_the_token_file_is_never_written_through_a_symlink(tmp_path):
     victim.write_text("keep me\n")
     os.chmod(victim, 0o644)
     (art / "dashboard.token").symlink_to(victim)
-    lab = Lab(art, dashboard=True, dash_port=0)
+    lab = Lab(art)
+    dash = Dashboard(lab, port=0)
     try:
-        token_file = lab.dashboard.token_file
+        token_file = dash.token_file
         assert victim.read_text() == "keep me\n" and stat.S_IMODE(victim.stat().st_mode) == 0o644
         assert not token_file.is_symlink() and token_file.is_file()
         assert stat.S_IMODE(token_file.lstat().st_mode) == 0o600
-        assert token_file.read_text() == lab.dashboard.token + "\n"
+        assert token_file.read_text() == dash.token + "\n"
         assert [p.name for p in art.iterdir() if p.name.startswith(".dashboard.token")] == []
     finally:
+        dash.stop()
         lab.shutdown()
 
 
@@ -262,10 +272,12 @@ def test_an_old_readable_token_file_is_replaced_by_a_private_one(tmp_path):
     old = art / "dashboard.token"
     old.write_text("old\n")
     os.chmod(old, 0o644)
-    lab = Lab(art, dashboard=True, dash_port=0)
+    lab = Lab(art)
+    dash = Dashboard(lab, port=0)
     try:
-        assert stat.S_IMODE(old.stat().st_mode) == 0o600 and old.read_text() == lab.dashboard.token + "\n"
+        assert stat.S_IMODE(old.stat().st_mode) == 0o600 and old.read_text() == dash.token + "\n"
     finally:
+        dash.stop()
         lab.shutdown()
 
 
@@ -322,9 +334,9 @@ bodies = st.one_of(
 METHODS = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
 
 
-def test_fuzzed_requests_get_documented_answers_and_nothing_stops(lab):
-    port, token = lab.dashboard.port, lab.dashboard.token
-    client = bare(lab)
+def test_fuzzed_requests_get_documented_answers_and_nothing_stops(lab, dash):
+    port, token = dash.port, dash.token
+    client = bare(dash)
 
     @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
     @given(
@@ -358,4 +370,4 @@ def test_fuzzed_requests_get_documented_answers_and_nothing_stops(lab):
 
     with client:
         one()
-    assert_still_running(lab)
+    assert_still_running(lab, dash)

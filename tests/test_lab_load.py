@@ -16,6 +16,7 @@ import pytest
 
 from actors.base import call_local
 from actors.snapshot import MAX_AGE_S, WAIT_S
+from dashboard.server import Dashboard
 from experiments.rundir import count_events
 from supervisor import Lab
 
@@ -52,7 +53,8 @@ def wait_for_events(exps, timeout=60):
 
 
 def test_reads_stay_prompt_and_shutdown_is_concurrent_under_load(tmp_path):
-    lab = Lab(tmp_path / "art", dashboard=True, dash_port=0)
+    lab = Lab(tmp_path / "art")
+    dash = Dashboard(lab, port=0)
     try:
         quiet = lab.start_experiment(spec("quiet"))
         wait_for_events([quiet])
@@ -62,8 +64,8 @@ def test_reads_stay_prompt_and_shutdown_is_concurrent_under_load(tmp_path):
         exps = [lab.start_experiment(spec(f"busy{i}")) for i in range(N)]
         wait_for_events(exps)
         worst: dict[str, float] = {}
-        auth = {"Authorization": f"Bearer {lab.dashboard.token}"}
-        with httpx.Client(base_url=lab.dashboard.url, headers=auth, timeout=120) as client:
+        auth = {"Authorization": f"Bearer {dash.token}"}
+        with httpx.Client(base_url=dash.url, headers=auth, timeout=120) as client:
             for _ in range(2):
                 for e in exps:
                     for name, read in (
@@ -95,6 +97,7 @@ def test_reads_stay_prompt_and_shutdown_is_concurrent_under_load(tmp_path):
             assert s["events_persisted"] == count_events(e.run_dir) > 0 and s["stale"] is False
     finally:
         lab.shutdown()
+        dash.stop()
 
 
 @pytest.fixture

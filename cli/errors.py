@@ -1,0 +1,48 @@
+"""What ``crucible`` does with errors, and its exit codes, in one place.
+
+Exit codes: 0 the command did what was asked; 1 it ran but the result is a failure (a run
+whose tree gave up or whose storage failed, a colouring that is not proper); 2 the user has
+something to fix (a bad spec, flag, file, port, or a run that does not exist). A user error
+is one line on stderr, never a traceback: a command raises :class:`UsageError`, or lets one
+of the domain errors in :data:`USER_ERRORS` through, and :func:`cli.main` prints it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.recorder import ArtifactsError
+from experiments.coloring.graph import GraphError
+from experiments.rundir import RunNotFound
+from experiments.spec import SpecError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command-line problem; printed without a traceback, exit code 2."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (UsageError, SpecError, GraphError, ArtifactsError, RunNotFound)
+"""Errors that are the user's to fix: ``crucible`` prints them as one line and exits 2."""
+
+FAILED_REASONS = ("failed", "storage:")  # a tree that gave up; a storage failure that stopped the run
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line, whatever its text holds."""
+    return " ".join(str(exc).split())
+
+
+def run_failed(summary: dict[str, Any]) -> bool:
+    """Whether a run ended in failure: its reason says the tree gave up (``failed: ...``) or
+    the storage failed (``storage: ...``), or its events were not all stored (a storage error
+    after the phase had already ended)."""
+    return reason_failed(summary.get("reason")) or bool(summary.get("storage_error"))
+
+
+def reason_failed(reason: str | None) -> bool:
+    """Whether a run's end reason is a failure (exit code 1)."""
+    return str(reason or "").startswith(FAILED_REASONS)

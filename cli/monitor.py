@@ -1,0 +1,116 @@
+"""``crucible monitor``: follow a run from its files (tail, summary, full-screen follow, alerts)."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+
+from cli import render
+from cli.errors import UsageError
+from experiments import rundir
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from experiments.monitor import Alert, AlertError, Tailer, format_event, known_fields, run_stopped, run_summary
+
+    art = Path(args.artifacts)
+    if args.latest:
+        run = rundir.latest_run(art)
+    elif args.run:
+        run = rundir.resolve_run(args.run, art)
+    else:
+        raise UsageError("give a run (directory or id) or --latest")
+    try:
+        alerts = [Alert(a) for a in args.alert or []]
+    except ValueError as exc:  # AlertError, or a number the pattern let through that float() refuses
+        raise UsageError(str(exc) if isinstance(exc, AlertError) else f"bad alert: {exc}") from None
+    if alerts:
+        fields = known_fields(run)
+        for a in alerts:
+            if fields and a.field not in fields:
+                raise UsageError(
+                    f"alert {a.expr!r}: this run has no field {a.field!r}; its fields: {', '.join(sorted(fields))}"
+                )
+    console = Console()
+    if args.summary:
+        s = run_summary(run)
+        console.print(render.monitor_summary_table(f"{run.parent.name} / {run.name} ({s['status']})", s["phases"]))
+        console.print(
+            f"GPU vs CPU (events): {s['gpu_usage'] or 'not recorded'}; run {s['duration_s']:.1f} s; "
+            f"persisted {s['events_persisted']}, dropped {s['events_dropped']}; "
+            f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}"
+        )
+        for a in s["hypertune_actions"][-10:]:
+            console.print(f"  action: {a}")
+        if s["reason"]:
+            console.print(f"status {s['status']} ({s['reason']})", markup=False, highlight=False)
+        return 0
+    tail = Tailer(run, from_start=not args.from_end)
+    view = render.MonitorView(f"crucible monitor: {run.parent.name} / {run.name}")
+    t0: int | None = None
+
+    def consume() -> int:
+        nonlocal t0
+        n = 0
+        for ev in tail.poll():
+            t0 = ev["ts"] if t0 is None else t0
+            if (args.phase and ev.get("phase") != args.phase) or (args.name and ev["name"] != args.name):
+                continue
+            n += 1
+            line = format_event(ev, t0)
+            fired = [a.expr for a in alerts if a.fires(ev)]
+            if args.follow:
+                view.add(ev.get("values") or {}, ("!! " if fired else "   ") + line)
+            elif fired:
+                console.file.write("\a")
+                console.print(f"[bold red]!! ALERT {escape(', '.join(fired))}:[/] {escape(line)}", highlight=False)
+            else:
+                console.print(line, markup=False, highlight=False)
+        return n
+
+    waiter = threading.Event()
+    try:
+        if args.follow:
+            with Live(view.table(), console=console, screen=console.is_terminal, refresh_per_second=4) as live:
+                while True:
+                    ended = args.no_wait or run_stopped(run)  # before reading: nothing written after is missed
+                    got = consume()
+                    live.update(view.table())
+                    if ended and not got:
+                        break
+                    waiter.wait(0.25)
+        else:
+            while True:
+                ended = args.no_wait or run_stopped(run)
+                got = consume()
+                if ended and not got:
+                    break
+                waiter.wait(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tail.close()
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    mo = sub.add_parser("monitor", help="follow a run from its files: --tail, --summary, --follow")
+    mo.add_argument("run", nargs="?", help="run directory or run id")
+    mo.add_argument("--latest", action="store_true", help="the newest run in the artifacts folder")
+    mode = mo.add_mutually_exclusive_group()
+    mode.add_argument("--tail", action="store_true", help="stream events as they are written (the default)")
+    mode.add_argument("--summary", action="store_true", help="best per phase, GPU/CPU, drops, anomalies, actions")
+    mode.add_argument("--follow", action="store_true", help="full-screen live view with sparklines")
+    mo.add_argument("--phase", help="only this phase")
+    mo.add_argument("--name", help="only this event name")
+    mo.add_argument("--alert", action="append", metavar="EXPR", help="e.g. 'conflicts>1000' (repeatable)")
+    mo.add_argument("--from-end", action="store_true", help="start at the end of the file, not its beginning")
+    mo.add_argument("--no-wait", action="store_true", help="print what is there and exit")
+    mo.add_argument("--artifacts", default="artifacts")
+    mo.set_defaults(func=cmd_monitor)

@@ -1,0 +1,215 @@
+"""What ``crucible`` draws: the rich tables, the live progress panel and the monitor's view.
+
+The commands compute; this module turns their figures into tables. The metric names the
+views single out (:data:`PROGRESS_FIELDS`, :data:`MONITOR_SERIES`) are named here only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from experiments.monitor import SHORT
+from experiments.monitor import sparkline as spark
+
+if TYPE_CHECKING:
+    from experiments.lab import Experiment
+
+PROGRESS_FIELDS = ("chromatic_number", "conflicts", "latency_ms")
+"""Fields the live progress panel of ``crucible run`` shows (best, windowed p50 and p99) when a run has them."""
+
+MONITOR_SERIES = (("colours", "chromatic_number"), ("conflicts", "conflicts"))
+"""(label, field) of the sparklines in ``crucible monitor --follow``."""
+
+SUMMARY_FIGURES = (
+    "status",
+    "reason",
+    "wall_clock_duration",
+    "active_duration",
+    "paused_duration",
+    "pause_count",
+    "resume_count",
+    "events_emitted",
+    "events_persisted",
+    "events_dropped",
+    "events_rejected",
+)
+COMPARE_FIGURES = (
+    "n_control",
+    "n_treatment",
+    "mean_control",
+    "mean_treatment",
+    "test",
+    "p_value",
+    "mann_whitney_p",
+    "effect_size",
+    "cohens_d",
+)
+
+
+def progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
+    """The live panel of ``crucible run``: status, time against the budget, steps, event rate,
+    the :data:`PROGRESS_FIELDS` the run has. ``last`` carries the previous call's count for the rate."""
+    m = exp.metrics()
+    ph = exp.phase_status()
+    events = m.get("events", 0)
+    now = time.monotonic()
+    rate = (events - last.get("events", 0)) / max(now - last.get("t", t0), 1e-9)
+    last.update(events=events, t=now)
+    budget = exp.spec["time_budget_s"]
+    table = Table(title=f"{exp.id}  run {exp.run_id}", show_header=False, expand=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("status", f"{exp.status()}  (workload {exp.spec['workload']['name']})")
+    table.add_row("elapsed / budget", f"{ph.get('active_s', 0.0):.1f} s active / {budget:g} s   wall {now - t0:.1f} s")
+    table.add_row("steps", str(ph.get("steps", 0)))
+    table.add_row("events", f"{events:,}  ({rate:,.0f}/s)")
+    for field in PROGRESS_FIELDS:
+        f = (m.get("fields") or {}).get(field)
+        if f and f.get("count"):
+            table.add_row(
+                field, f"best {f['min']:.4g}   last-window p50 {f.get('p50') or 0:.4g}   p99 {f.get('p99') or 0:.4g}"
+            )
+    if m.get("success_rate") is not None:
+        table.add_row("success rate", f"{m['success_rate']:.4%}")
+    return table
+
+
+def summary_table(s: dict[str, Any]) -> Table:
+    """A run's final summary (``crucible run``)."""
+    t = Table(title=f"run summary: {s.get('experiment_id')} / {s.get('run_id')}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k in SUMMARY_FIGURES:
+        v = s.get(k)
+        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    for phase, p in (s.get("phases") or {}).items():
+        best = ", ".join(f"{k}={v:.4g}" for k, v in sorted(p.get("best", {}).items())[:4])
+        t.add_row(f"phase {phase}", f"{p.get('events')} events, {p.get('duration_s', 0):.2f} s; best {best}")
+    if s.get("restarts"):
+        t.add_row("restarts", ", ".join(f"{k}: {v}" for k, v in s["restarts"].items()))
+    t.add_row("run dir", str(s.get("run_dir", "")))
+    return t
+
+
+def figures_table(title: str, figures: Mapping[str, Any]) -> Table:
+    """Two columns, figure and value (``crucible color``)."""
+    t = Table(title=title)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k, v in figures.items():
+        t.add_row(k, str(v))
+    return t
+
+
+def runs_table(title: str, infos: Iterable[dict[str, Any]]) -> Table:
+    """``crucible list``: one row per run (see :func:`experiments.rundir.list_runs`)."""
+    t = Table(title=title)
+    for col in ("experiment", "run", "status", "events", "duration s", "path"):
+        t.add_column(col)
+    for i in infos:
+        d = i["duration_s"]
+        status = i["status"] + (f" ({i['reason']})" if i["reason"] else "")
+        t.add_row(
+            i["experiment"],
+            i["run_id"],
+            status,
+            str(i["events"]),
+            f"{d:.1f}" if isinstance(d, (int, float)) else "?",
+            i["path"],
+        )
+    return t
+
+
+def compare_table(title: str, r: dict[str, Any]) -> Table:
+    """``crucible compare``: the test's figures and the confidence interval of the difference."""
+    t = Table(title=title)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k in COMPARE_FIGURES:
+        v = r[k]
+        t.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    t.add_row(f"{r['confidence']:.0%} CI of the difference", f"[{r['ci'][0]:.6g}, {r['ci'][1]:.6g}]")
+    return t
+
+
+def ab_table(rep: dict[str, Any], runs: int) -> Table:
+    """``crucible ab``: the two arms side by side."""
+    t = Table(title=f"hypertune A/B: {runs} runs per arm, {rep['budget_s']:g} s each, target {rep['target']:g}")
+    for col in ("", "hypertune on", "hypertune off"):
+        t.add_column(col)
+    on, off = rep["arms"]["on"], rep["arms"]["off"]
+    t.add_row("final colours", str(on["final"]), str(off["final"]))
+    t.add_row(
+        "mean / median",
+        f"{on['final_mean']:.2f} / {on['final_median']:g}",
+        f"{off['final_mean']:.2f} / {off['final_median']:g}",
+    )
+    t.add_row("reached target", f"{on['reached_target']}/{on['runs']}", f"{off['reached_target']}/{off['runs']}")
+    t.add_row("time to target s (median)", f"{on['ttt_median']:.2f}", f"{off['ttt_median']:.2f}")
+    return t
+
+
+def instances_table(rows: Iterable[dict[str, Any]]) -> Table:
+    """``crucible instances``: the shipped DIMACS graphs; ``*`` marks a proved optimum."""
+    t = Table(title="DIMACS instances shipped with crucible (crucible color NAME)")
+    for col in ("name", "vertices", "edges", "density", "best known"):
+        t.add_column(col, justify="left" if col == "name" else "right")
+    for r in rows:
+        k = "?" if r["best_known"] is None else f"{r['best_known']}{' *' if r['proved_optimal'] else ''}"
+        t.add_row(r["name"], str(r["vertices"]), f"{r['edges']:,}", f"{r['density']:.3f}", k)
+    return t
+
+
+def monitor_summary_table(title: str, phases: dict[str, dict[str, Any]]) -> Table:
+    """``crucible monitor --summary``: per phase, events, duration and best values."""
+    t = Table(title=title)
+    t.add_column("phase")
+    t.add_column("events", justify="right")
+    t.add_column("duration s", justify="right")
+    t.add_column("best")
+    for ph, p in phases.items():
+        t.add_row(
+            ph,
+            str(p["events"]),
+            f"{p['duration_s']:.2f}",
+            ", ".join(f"{SHORT.get(k, k)}={v:.6g}" for k, v in p["best"].items()),
+        )
+    return t
+
+
+class MonitorView:
+    """The full-screen view of ``crucible monitor --follow``: a sparkline per :data:`MONITOR_SERIES`
+    field and the last lines of the tail."""
+
+    KEEP_LINES = 15
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.series: dict[str, list[float]] = {field: [] for _, field in MONITOR_SERIES}
+        self.lines: list[str] = []
+
+    def add(self, values: Mapping[str, Any], line: str | None = None) -> None:
+        """Take one event's values (and, in the follow view, its formatted line)."""
+        for field, points in self.series.items():
+            v = values.get(field)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                points.append(v)
+        if line is not None:
+            self.lines.append(line)
+            del self.lines[: -self.KEEP_LINES]
+
+    def table(self) -> Table:
+        t = Table(title=self.title, show_header=False, expand=True)
+        t.add_column("", no_wrap=True)
+        width = max(len(label) for label, _ in MONITOR_SERIES)
+        for label, field in MONITOR_SERIES:
+            points = self.series[field]
+            t.add_row(f"{label:<{width}} {spark(points)}  {points[-1] if points else '-'}")
+        for line in self.lines:
+            t.add_row(escape(line))
+        return t

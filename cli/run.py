@@ -1,0 +1,252 @@
+"""``crucible run`` and ``crucible color``: an experiment under a Lab in the foreground.
+
+Both stop cleanly on SIGINT or SIGTERM (the run is stopped and flushed, its result still
+reported). ``run --dashboard`` serves the web dashboard beside the Lab for as long as it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.live import Live
+
+from actors.files import atomic_write
+from cli import render
+from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, reason_failed, run_failed
+from experiments.coloring.graph import MAX_VERTICES
+from experiments.lab import Experiment, Lab
+from experiments.validate import PORT, SECONDS, SEED, YEAR_S, Num
+from telemetry.schema import check_id
+
+DEFAULT_DASH_PORT = 7878
+
+
+def dash_port(args: argparse.Namespace) -> int:
+    """``--dash-port``, else ``CRUCIBLE_DASH_PORT``, else 7878 (checked here, so a bad value is a usage error)."""
+    if args.dash_port is not None:
+        return int(args.dash_port)
+    env = os.environ.get("CRUCIBLE_DASH_PORT")
+    if env is None:
+        return DEFAULT_DASH_PORT
+    try:
+        return int(PORT.parse(env))
+    except ValueError as exc:
+        raise UsageError(f"CRUCIBLE_DASH_PORT {exc}") from None
+
+
+def writable_file(path: str, what: str) -> Path:
+    """Refuse, before the work starts, an output file whose folder cannot take it."""
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+        raise UsageError(f"{what} {path!r}: cannot write there (a folder, or a folder that is missing or read-only)")
+    return p
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM while the block runs (the handlers before it come back after)."""
+    stop_now = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop_now.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop_now
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def start(lab: Lab, spec: Any, overrides: Any = None) -> Experiment:
+    """Start an experiment; a spec or parameters the workload refuses are usage errors."""
+    try:
+        return lab.start_experiment(spec, overrides=overrides)
+    except ValueError as exc:  # SpecError, or a workload refusing its parameters as it starts
+        raise UsageError(str(exc)) from None
+
+
+def end_on_signal(exp: Experiment, stop_now: threading.Event, console: Console | None = None) -> None:
+    """Stop the experiment (flushing everything) if a signal asked for it while it was live."""
+    if stop_now.is_set() and exp.status() in ("running", "paused"):
+        if console is not None:
+            console.print("[yellow]signal received: stopping the experiment and flushing everything[/]")
+        exp.stop()
+
+
+def serve_dashboard(lab: Lab, port: int, console: Console) -> Any:
+    """Start the web dashboard on the Lab (127.0.0.1) and print its URL; a port that is taken is a usage error."""
+    from dashboard.server import Dashboard
+
+    try:
+        dash = Dashboard(lab, "127.0.0.1", port)
+    except OSError as exc:  # the port is taken or not allowed
+        raise UsageError(str(exc)) from None
+    console.print(
+        f"dashboard: {dash.url}?token={dash.token}  (the token guards reading "
+        f"and control alike; it is kept in {dash.token_file})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )  # one line: the URL stays whole to copy
+    return dash
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    console = Console()
+    summary_path = writable_file(args.json_summary, "--json-summary") if args.json_summary else None
+    port = dash_port(args) if args.dashboard else None
+    lab = Lab(args.artifacts)
+    dash = None
+    try:
+        with stop_on_signals() as stop_now:
+            if port is not None:
+                dash = serve_dashboard(lab, port, console)
+            exp = start(lab, args.spec, args.set or None)
+            t0 = time.monotonic()
+            last: dict[str, Any] = {}
+            if args.no_live or not console.is_terminal:
+                while not exp.wait(0.5) and not stop_now.is_set():
+                    pass
+            else:
+                with Live(render.progress(exp, t0, last), console=console, refresh_per_second=4) as live:
+                    while not exp.wait(0.5) and not stop_now.is_set():
+                        live.update(render.progress(exp, t0, last))
+            end_on_signal(exp, stop_now, console)
+            s = exp.summary()
+            console.print(render.summary_table(s))
+            if summary_path is not None:
+                try:
+                    summary_path.write_bytes(orjson.dumps(s, option=orjson.OPT_INDENT_2))
+                except OSError as exc:
+                    raise UsageError(f"--json-summary {str(summary_path)!r}: {exc.strerror or exc}") from None
+            return EXIT_FAILED if run_failed(s) else EXIT_OK
+    finally:
+        lab.shutdown()
+        if dash is not None:
+            dash.stop()
+
+
+def color_spec(args: argparse.Namespace, graph_file: Path, graph_name: str) -> dict[str, Any]:
+    """The experiment spec ``crucible color`` runs: the colouring workload over the graph file."""
+    params: dict[str, Any] = {
+        "graph": {"file": str(graph_file)},
+        "target": args.target or 0,
+        "gpu": args.gpu,
+        "phases": args.phases.split(","),
+        "init": {"strategy": args.init},
+        "iterative": {
+            "enabled": args.passes > 1,
+            "max_passes": max(1, args.passes),
+            # passes end on a stall, else the first would run the whole budget
+            "stall_s": args.stall if args.stall is not None else (5.0 if args.passes > 1 else 0.0),
+        },
+    }
+    safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "_" for ch in graph_name)
+    return {
+        "name": check_id("experiment id", "color-" + safe[:100]),
+        "time_budget_s": args.time_limit,
+        "seed": args.seed,
+        "workload": {"name": "coloring", "params": params},
+        "metrics": {"publish_interval_s": 1.0},
+        "anomaly": {"metrics": ["conflicts"]},
+        "telemetry": {"flush_interval_s": 0.5},
+    }  # a colouring step emits little: fewer, fuller batches
+
+
+def cmd_color(args: argparse.Namespace) -> int:
+    """Colour a DIMACS graph (a file or a shipped instance's name) with the full pipeline under
+    a Lab, check the result independently."""
+    from experiments.coloring.graph import read_dimacs, resolve_graph_file
+    from experiments.coloring.verify import check_coloring
+
+    path = resolve_graph_file(args.graph)
+    g = read_dimacs(path)
+    if args.target is not None and not 1 <= args.target <= g.n:
+        raise UsageError(f"--target must be between 1 and the number of vertices ({g.n}), got {args.target}")
+    spec = color_spec(args, path, g.name)
+    lab = Lab(args.artifacts)
+    t0 = time.monotonic()
+    try:
+        with stop_on_signals() as stop_now:
+            exp = start(lab, spec)
+            while not exp.wait(0.5) and not stop_now.is_set():
+                pass
+            end_on_signal(exp, stop_now)  # Ctrl-C or SIGTERM: the pass under way is saved, the result still reported
+            seconds = time.monotonic() - t0
+            state = exp.checkpoints.get().get("workload") or {}
+            reason = exp.reason
+    finally:
+        lab.shutdown()
+    best = state.get("best")
+    verdict = check_coloring(g, best) if best is not None else {"proper": False, "k": 0, "problems": ["no colouring"]}
+    out_path = exp.run_dir / "coloring.json"
+    result = {
+        "instance": g.name,
+        "k": verdict["k"],
+        "proper": verdict["proper"],
+        "seconds": round(seconds, 3),
+        "seconds_to_best": round(float(state.get("seconds_to_best", 0.0)), 3),
+        "colors_per_pass": state.get("colors_per_pass", []),
+        "reason": reason,
+        "run_dir": str(exp.run_dir),
+    }
+    if best is not None and verdict["proper"]:
+        result["coloring_path"] = str(out_path)
+        atomic_write(out_path, orjson.dumps({**result, "coloring": [c + 1 for c in best]}))
+    if args.json:
+        print(orjson.dumps(result).decode())
+    else:
+        Console().print(render.figures_table(f"colouring of {g.name} ({g.n} vertices, {g.m} edges)", result))
+    return EXIT_OK if verdict["proper"] and not reason_failed(reason) else EXIT_FAILED
+
+
+def add_commands(sub: Any) -> None:
+    r = sub.add_parser("run", help="run an experiment spec in the foreground")
+    r.add_argument("spec", help="experiment spec (TOML)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
+    r.add_argument("--artifacts", default="artifacts", help="artifacts folder (default ./artifacts)")
+    r.add_argument("--no-live", action="store_true", help="no live progress display")
+    r.add_argument("--json-summary", metavar="PATH", help="also write the final summary as JSON")
+    r.add_argument("--dashboard", action="store_true", help="serve the live web dashboard (127.0.0.1)")
+    r.add_argument(
+        "--dash-port", type=PORT.arg(), help="dashboard port, 0 to 65535 (default CRUCIBLE_DASH_PORT or 7878; 0 = any)"
+    )
+    r.set_defaults(func=cmd_run)
+    co = sub.add_parser("color", help="colour a DIMACS graph (the full pipeline, checked)")
+    co.add_argument("graph", help="a .col or .col.gz file, or a shipped instance's name (crucible instances)")
+    co.add_argument("--time-limit", type=SECONDS.arg(), default=60.0, help="seconds, up to 365 days (default 60)")
+    co.add_argument(
+        "--target", type=Num(1, MAX_VERTICES, integer=True).arg(), help="stop as soon as this many colours is reached"
+    )
+    co.add_argument("--seed", type=SEED.arg(), default=0, help="0 to 2^32-1")
+    co.add_argument(
+        "--phases",
+        default="population",
+        help="comma-separated: population (GPU or all CPU cores), tabu, memetic, thermo",
+    )
+    co.add_argument("--init", default="dsatur", help="greedy, dsatur, spectral, community or multistart")
+    co.add_argument(
+        "--passes", type=Num(1, 1000, integer=True).arg(), default=1, help="iterative passes, 1 to 1000 (default 1)"
+    )
+    co.add_argument(
+        "--stall",
+        type=Num(0, YEAR_S).arg(),
+        default=None,
+        help="seconds without a better colouring that end a phase (and, after the last, a pass); "
+        "default 5 with --passes > 1, else 0 (phases run to their own limits)",
+    )
+    co.add_argument("--gpu", choices=("auto", "cpu"), default="auto")
+    co.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    co.add_argument("--artifacts", default="artifacts")
+    co.set_defaults(func=cmd_color)

@@ -1,0 +1,49 @@
+"""``crucible set``, ``get`` and ``show``: read and edit experiment specs (validated, layout kept).
+
+A spec that is wrong is :class:`~experiments.spec.SpecError`, one of the usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import orjson
+from rich.console import Console
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    from experiments.specedit import set_values
+
+    set_values(args.spec, args.assignments)
+    Console().print(f"{args.spec}: set {', '.join(args.assignments)}")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from experiments.specedit import get_value
+
+    v = get_value(args.spec, args.key)
+    print(orjson.dumps(v).decode() if not isinstance(v, str) else v)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from experiments.specedit import show
+
+    print(show(args.spec), end="")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    se = sub.add_parser("set", help="set spec values (validated; comments and layout kept)")
+    se.add_argument("spec")
+    se.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    se.set_defaults(func=cmd_set)
+    ge = sub.add_parser("get", help="print a spec value (defaults filled in)")
+    ge.add_argument("spec")
+    ge.add_argument("key")
+    ge.set_defaults(func=cmd_get)
+    sh = sub.add_parser("show", help="print the whole effective spec")
+    sh.add_argument("spec")
+    sh.set_defaults(func=cmd_show)

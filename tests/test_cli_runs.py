@@ -1,0 +1,143 @@
+"""``crucible list`` reads the history's ``runs`` table and falls back to the run folders; run
+lookups fail with :class:`experiments.rundir.RunNotFound`, which the CLI prints as a usage error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from experiments import rundir
+from experiments.rundir import RunNotFound
+from supervisor import main
+from telemetry.jsonl import run_segments
+from telemetry.store import DB_NAME
+
+SPEC = 'name = "lst"\ntime_budget_s = 30\nseed = {seed}\n[workload.params]\ntarget = "math:sqrt"\ncalls = 200\n'
+FIGURES = ("experiment", "run_id", "status", "reason", "events", "duration_s", "path")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """Two finished runs (each ends once its calls are made): (artifacts, {run id: run dir})."""
+    root = tmp_path_factory.mktemp("list")
+    art = root / "art"
+    for seed in (1, 2):
+        spec = root / f"s{seed}.toml"
+        spec.write_text(SPEC.format(seed=seed))
+        assert main(["run", str(spec), "--artifacts", str(art), "--no-live"]) == 0
+    return art, {p.name: p for p in (art / "lst").iterdir()}
+
+
+def listed(capsys, art: Path) -> dict[str, dict]:
+    capsys.readouterr()
+    assert main(["list", "--json", "--artifacts", str(art)]) == 0
+    return {i["run_id"]: i for i in (json.loads(line) for line in capsys.readouterr().out.splitlines())}
+
+
+def copy_of(finished, tmp_path) -> tuple[Path, dict[str, Path]]:
+    art, runs = finished
+    mine = tmp_path / "art"
+    shutil.copytree(art, mine, ignore=shutil.ignore_patterns("dashboard.token"))
+    return mine, {k: mine / "lst" / k for k in runs}
+
+
+def test_list_reads_the_runs_table_for_runs_that_ended(finished, tmp_path, capsys):
+    art, runs = copy_of(finished, tmp_path)
+    before = listed(capsys, art)
+    assert set(before) == set(runs) and all(i["source"] == "history" for i in before.values())
+    assert all(i["status"] == "stopped" and i["events"] > 0 for i in before.values())
+    victim = next(iter(runs))
+    for seg in run_segments(runs[victim]):  # the table has the figures: the events files are not needed
+        seg.unlink()
+    (runs[victim] / "summary.json").unlink()
+    after = listed(capsys, art)
+    assert after[victim]["source"] == "history" and after[victim]["events"] == before[victim]["events"]
+
+
+def test_list_falls_back_to_the_folders_without_the_database_with_the_same_figures(finished, tmp_path, capsys):
+    art, runs = copy_of(finished, tmp_path)
+    from_history = listed(capsys, art)
+    for suffix in ("", "-wal", "-shm"):
+        (art / (DB_NAME + suffix)).unlink(missing_ok=True)
+    from_files = listed(capsys, art)
+    assert set(from_files) == set(runs) and all(i["source"] == "files" for i in from_files.values())
+    for run_id in runs:
+        assert {k: from_files[run_id][k] for k in FIGURES} == {k: from_history[run_id][k] for k in FIGURES}
+    capsys.readouterr()
+    assert main(["list", "--artifacts", str(art)]) == 0  # the table form, too
+    out = capsys.readouterr().out
+    assert "runs in" in out and out.count("lst") >= len(runs)
+
+
+def test_a_run_missing_from_the_table_is_read_from_its_folder(finished, tmp_path, capsys):
+    art, runs = copy_of(finished, tmp_path)
+    gone, kept = sorted(runs)
+    with sqlite3.connect(art / DB_NAME) as db:
+        db.execute("DELETE FROM runs WHERE run_id = ?", (gone,))
+    db.close()
+    copied = art / "lst" / "20990101T000000Z-abcdef"  # a run folder copied in from elsewhere
+    shutil.copytree(runs[kept], copied)
+    got = listed(capsys, art)
+    assert got[gone]["source"] == "files" and got[kept]["source"] == "history"
+    assert got[copied.name]["source"] == "files" and got[copied.name]["events"] == got[kept]["events"] > 0
+    assert got[gone]["events"] > 0 and got[gone]["status"] == "stopped"
+
+
+def test_an_unreadable_database_is_no_obstacle(finished, tmp_path, capsys):
+    art, runs = copy_of(finished, tmp_path)
+    for suffix in ("-wal", "-shm"):
+        (art / (DB_NAME + suffix)).unlink(missing_ok=True)
+    (art / DB_NAME).write_bytes(b"not a database at all" * 100)
+    assert rundir.recorded_runs(art) is None
+    got = listed(capsys, art)
+    assert set(got) == set(runs) and all(i["source"] == "files" for i in got.values())
+
+
+def test_run_lookups_raise_run_not_found(finished, tmp_path):
+    art, runs = finished
+    with pytest.raises(RunNotFound, match="neither a run directory nor a valid run id") as e:
+        rundir.resolve_run("../../etc", art)
+    assert isinstance(e.value, LookupError)
+    with pytest.raises(RunNotFound, match=r"no run '20990101T000000Z-000000' under .*; recent runs: "):
+        rundir.resolve_run("20990101T000000Z-000000", art)
+    some = next(iter(runs))
+    assert rundir.resolve_run(some, art) == runs[some]
+    assert rundir.latest_run(art) in runs.values()
+    with pytest.raises(RunNotFound, match="no runs under"):
+        rundir.latest_run(tmp_path / "empty")
+
+
+def test_the_cli_prints_a_missing_run_as_one_line_and_exits_2(finished, tmp_path, capsys):
+    art, _ = finished
+    for argv in (
+        ["export", "20990101T000000Z-000000", "--artifacts", str(art)],
+        ["compare", "20990101T000000Z-000000", "x", "--metric", "m", "--artifacts", str(art)],
+        ["monitor", "--latest", "--artifacts", str(tmp_path / "empty")],
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"crucible {argv[0]}: error: no run"), err
+
+
+def test_the_cli_sits_above_experiments_and_dashboard():
+    """Neither the experiments nor the dashboard import the command line; an installed wheel has it."""
+    code = (
+        "import sys\n"
+        "import experiments.lab, experiments.rundir, experiments.monitor, experiments.tuning, dashboard.server\n"
+        "print(sorted(m for m in sys.modules if m == 'cli' or m.startswith('cli.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert "cli*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert project["project"]["scripts"]["crucible"] == "supervisor:main"
