@@ -205,36 +205,21 @@ class CudaPopulation:
     def _init(self, chains: np.ndarray) -> None:
         if chains.size == 0:
             return
-        self.kern.init_chains[int(chains.size), self.tpb](
-            self.d_indptr,
-            self.d_indices,
-            self.n,
-            self.k,
-            self.cuda.to_device(chains.astype(np.int32)),
-            self.d_colors,
-            self.d_gamma,
-            self.d_tabu,
-            self.d_f,
-            self.d_best_f,
-            self.d_best,
-            self.d_it,
-        )
+        graph, state = self._graph_and_state()
+        self.kern.init_chains[int(chains.size), self.tpb](*graph, self.cuda.to_device(chains.astype(np.int32)), *state)
+
+    def _graph_and_state(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """The kernels' leading arguments: the graph (CSR, n, k), then the chains' device state."""
+        graph = (self.d_indptr, self.d_indices, self.n, self.k)
+        return graph, (self.d_colors, self.d_gamma, self.d_tabu, self.d_f, self.d_best_f, self.d_best, self.d_it)
 
     def run(self, iters: int) -> tuple[np.ndarray, np.ndarray]:
         shared = self.gamma_in_shared()
         smem = self.kern.shared_bytes(self.n, self.k, shared)
+        graph, state = self._graph_and_state()
         self.kern.tabu_chains[self.size, self.tpb, 0, smem](
-            self.d_indptr,
-            self.d_indices,
-            self.n,
-            self.k,
-            self.d_colors,
-            self.d_gamma,
-            self.d_tabu,
-            self.d_f,
-            self.d_best_f,
-            self.d_best,
-            self.d_it,
+            *graph,
+            *state,
             int(iters),
             int(self.tenure_a),
             float(self.tenure_alpha),
