@@ -170,3 +170,28 @@ def test_a_follower_stops_for_every_ended_status_and_only_then(tmp_path):
     assert s["status"] == "crashed" and f"pid {gone.pid}" in s["reason"]
     assert (s["events_persisted"], s["summary_lag_events"]) == (3, 2)
     assert run_stopped(tmp_path / "no-record")  # nothing says it is alive: nothing to wait for
+
+
+def test_the_summary_tracks_the_run_workloads_objective_in_its_direction(tmp_path):
+    from experiments.monitor import SHORT, run_objectives, run_summary
+    from experiments.workloads import objectives
+
+    run = tmp_path / "run"
+    run.mkdir()
+    events = [
+        line(0, phase="calls", values={"latency_ms": 3.0, "conflicts": 9.0}),
+        line(1, phase="calls", values={"latency_ms": 1.5, "conflicts": 4.0}),
+        line(2, phase="calls", values={"latency_ms": 2.0}),
+    ]
+    (run / "events.jsonl").write_bytes(b"".join(events))
+    # no spec: judged by every workload's fields
+    assert run_objectives(run) == list(objectives().values())
+    assert run_summary(run)["phases"]["calls"]["best"] == {"latency_ms": 1.5, "conflicts": 4.0}
+    # a latency run: its own objective only (conflicts mean nothing there)
+    (run / "spec.json").write_bytes(orjson.dumps({"workload": {"name": "latency", "params": {}}}))
+    assert [o.field for o in run_objectives(run)] == ["latency_ms"]
+    assert run_summary(run)["phases"]["calls"]["best"] == {"latency_ms": 1.5}
+    for bad in (b"{", b"[1]", b'{"workload": "latency"}', b'{"workload": {"name": "ghost"}}'):
+        (run / "spec.json").write_bytes(bad)  # an unreadable or foreign record: every workload's fields
+        assert run_objectives(run) == list(objectives().values())
+    assert SHORT == {"chromatic_number": "colors"}  # the short names are the objectives' labels

@@ -1,0 +1,88 @@
+"""Tuning and the A/B judge a run by its workload's declared objective, in its direction."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from experiments.tuning import SEARCH_SPACES, _objective, ab_report, run_objective, run_trace, tune
+from experiments.workloads import Objective, registry
+from telemetry.schema import dumps_line
+
+
+def _event(seq, name, values, success=None):
+    ev = {
+        "v": 1,
+        "seq": seq,
+        "ts": 1_000_000 + seq * 500_000,
+        "experiment_id": "e",
+        "run_id": "r",
+        "pass": 0,
+        "name": name,
+        "values": values,
+    }
+    if success is not None:
+        ev["success"] = success
+    return dumps_line(ev)
+
+
+def test_search_spaces_are_the_workloads_declarations():
+    assert SEARCH_SPACES == {n: dict(c.search_space) for n, c in registry().items() if c.search_space}
+    assert set(SEARCH_SPACES) == {"coloring", "latency"}
+
+
+def test_the_objective_is_the_workloads_unless_another_field_is_named():
+    assert _objective("coloring", None).field == "chromatic_number"
+    assert _objective("latency", None) == registry()["latency"].objective
+    assert _objective("latency", "latency_ms") is registry()["latency"].objective
+    assert _objective("latency", "cost_usd") == Objective("cost_usd", "min")
+    with pytest.raises(ValueError, match="declares no objective"):
+        _objective("ghost", None)
+
+
+def test_the_trace_follows_the_objective_and_ignores_failed_calls(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [
+        _event(0, "call", {"latency_ms": 5.0}, True),
+        _event(1, "call", {"latency_ms": 0.1}, False),  # a fast failure is not a better latency
+        _event(2, "call", {"latency_ms": 4.0}, True),
+        _event(3, "start", {"calls_done": 0.0}),
+        _event(4, "call", {"latency_ms": 4.5}, True),
+    ]
+    (run / "events.jsonl").write_bytes(b"".join(lines))
+    best, trace = run_trace(run, Objective("latency_ms", "min"))
+    assert best == 4.0 and trace == [(0.0, 5.0), (1.0, 4.0)]
+    best, trace = run_trace(run, Objective("latency_ms", "max"))
+    assert best == 5.0 and trace == [(0.0, 5.0)]
+
+
+def test_a_max_objective_reads_the_highest_value_and_targets_the_highest(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = {"phases": {"a": {"best": {"x": 1.0}, "max": {"x": 7.0}}, "b": {"best": {"x": 2.0}, "max": {"x": 9.0}}}}
+    (run / "summary.json").write_bytes(orjson.dumps(summary))
+    assert run_objective(run, "x") == 1.0 and run_objective(run, "x", "max") == 9.0
+    rows = [
+        {"arm": "on", "final": 9.0, "trace": [(0.0, 1.0), (2.0, 9.0)]},
+        {"arm": "on", "final": 8.0, "trace": [(0.0, 1.0), (1.0, 8.0)]},
+        {"arm": "off", "final": 7.0, "trace": [(0.0, 7.0)]},
+        {"arm": "off", "final": 9.0, "trace": [(0.0, 2.0), (3.0, 9.0)]},
+    ]
+    rep = ab_report(rows, budget=10.0, objective=Objective("x", "max"))
+    assert rep["objective"] == "x" and rep["target"] == 9.0
+    assert rep["arms"]["on"]["reached_target"] == 1 and rep["arms"]["on"]["time_to_target"] == [2.0, 10.0]
+    assert rep["arms"]["off"]["time_to_target"] == [10.0, 3.0]
+    low = ab_report(rows, budget=10.0)  # no objective given: lower is better, as before
+    assert low["target"] == 7.0 and low["arms"]["off"]["reached_target"] == 1
+
+
+def test_tune_judges_by_the_workloads_objective_by_default(tmp_path):
+    spec = {
+        "name": "tune",
+        "time_budget_s": 0.2,
+        "workload": {"name": "latency", "params": {"target": "math:sqrt", "args": [2.0]}},
+    }
+    res = tune(spec, 1, tmp_path / "art", seed=1)
+    assert res["objective"] == "latency_ms" and res["direction"] == "min"
+    assert res["trials"] and res["trials"][0]["latency_ms"] == res["best_value"] >= 0
