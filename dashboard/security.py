@@ -120,7 +120,7 @@ class Guard:
             return 403, f"cross-origin request from {origin!r} refused; the dashboard serves its own page only"
         if scope["path"] not in PUBLIC_PATHS and not self.authorised(headers):
             return 401, (
-                "this needs the dashboard token: open the URL with ?token=... that the Lab prints, "
+                "this needs the dashboard token: open the URL with ?token=... that crucible run --dashboard prints, "
                 "or send 'Authorization: Bearer <token>' (see dashboard.token)"
             )
         return None
