@@ -269,9 +269,8 @@ def test_hypertune_steers_the_latency_workload_in_a_real_lab_tree(tmp_path):
 
 # --- the framework names no workload's fields ------------------------------------------------------------
 
-# experiments/cli.py is outside this check for now (its objective default still names the colouring field)
 FRAMEWORK_DIRS = ("actors", "experiments", "telemetry")
-EXEMPT = ("experiments/coloring/", "experiments/cli.py")
+EXEMPT = ("experiments/coloring/",)
 COLOURING_WORDS = re.compile(r"chromatic_number|tenure", re.IGNORECASE)
 
 
