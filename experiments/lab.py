@@ -548,7 +548,8 @@ class Experiment:
         ``max_age`` and ``age_s`` how old they are (None: read from ``summary.json`` because
         the Recorder has not answered yet). ``max_age=0`` with a generous ``wait`` gets
         figures the Recorder produced after the call began. Once ended: the final summary,
-        ``stale`` False.
+        ``stale`` False. ``undelivered``: per name, the messages sent to it that no actor of
+        that name received (see :meth:`actors.registry.Registry.undelivered`).
         """
         base = self._final_summary
         flags: dict[str, Any] = {"stale": False, "age_s": 0.0}
