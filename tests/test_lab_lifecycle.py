@@ -93,3 +93,17 @@ def test_a_tree_that_gives_up_fails_the_run(lab):
     assert exp.status() == "failed" and exp.reason == "failed: reached_max_restart_intensity"
     record = orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())
     assert record["status"] == "failed"
+
+
+def test_a_phase_restarted_after_its_end_exits_at_once():
+    """A phase started on a finished checkpoint (restarted with its group after its end) has
+    nothing left to do: it exits normally, so its tree still shuts down."""
+    from actors import Topics
+    from actors.phase import CheckpointStore, PhaseActor
+    from experiments.workloads import registry
+
+    store = CheckpointStore()
+    store.update(finished="budget")
+    ref = PhaseActor.start("x", "r", registry()["latency"], {"target": "math:sqrt", "args": [2.0]}, Topics(), store)
+    assert ref.wait(10) == "normal"
+    assert store.finish_reason == "budget"
