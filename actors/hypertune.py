@@ -231,6 +231,8 @@ class Hypertune(EventConsumer):
         self.sign = -1.0 if self.objective and self.objective.get("direction") == "max" else 1.0
         self.arms = [dict(a) for a in arms]
         self.takeover = [dict(c) for c in takeover]
+        self._arms_by_phase: dict[str | None, dict[str, dict[str, Any]]] = {}
+        self._threshold_us: int | None = None  # stall_threshold_us, until the gaps change
         self.snapshots = 0
         self.anomalies = 0
         self.periods = 0
@@ -249,7 +251,11 @@ class Hypertune(EventConsumer):
 
     def arms_for(self, phase: str | None) -> dict[str, dict[str, Any]]:
         """The arms that apply in ``phase``, by name, in their declared order."""
-        return {a["name"]: a for a in self.arms if not a.get("phases") or phase in a["phases"]}
+        found = self._arms_by_phase.get(phase)
+        if found is None:
+            found = {a["name"]: a for a in self.arms if not a.get("phases") or phase in a["phases"]}
+            self._arms_by_phase[phase] = found
+        return found
 
     def score(self) -> float:
         """The progress score, lower is better: ``1000 * best`` (negated for a max objective)
@@ -272,42 +278,48 @@ class Hypertune(EventConsumer):
         rows = np.flatnonzero(carries | (params >= 0)) if params is not None else np.flatnonzero(carries)
         if rows.size == 0:
             return
-        success = msg.get("success")
-        phases, ts = msg["phases"], msg["ts"]
-        texts = msg.get("param_texts", [])
+        # plain lists of the rows that matter: one conversion per batch, not a numpy scalar per row
+        ts = msg["ts"][rows].tolist()
+        pcodes = msg["phase"][rows].tolist()
+        ocol = obj[rows].tolist() if obj is not None else None
+        pcol = prog[rows].tolist() if prog is not None else None
+        ok = (msg["success"][rows] != 0).tolist() if msg.get("success") is not None else None
+        pc_codes = params[rows].tolist() if params is not None else None
+        has = carries[rows].tolist()
+        phases, texts = msg["phases"], msg.get("param_texts", [])
         parsed_text = None
-        for i in rows.tolist():
-            code = int(params[i]) if params is not None else -1
+        for j in range(rows.size):
+            code = pc_codes[j] if pc_codes is not None else -1
             if code >= 0 and texts[code] is not parsed_text:
                 parsed_text = texts[code]
                 self.params = orjson.loads(parsed_text)
-            if not carries[i]:
+            if not has[j]:
                 continue
-            t = int(ts[i])
+            t = ts[j]
             if self.last_ts and t - self.last_ts > self.window_us:
                 self.last_improve_ts = t  # a gap in the events (a pause), not a stall
                 if self.pending is not None:
                     self.pending["ts"] += t - self.last_ts
             self.last_ts = t
-            pc = int(msg["phase"][i])
+            pc = pcodes[j]
             phase = phases[pc] if pc >= 0 else None
             if phase != self.phase:
                 self.phase, self.pending, self.last_improve_ts = phase, None, t
                 self.min_prog = math.inf
             improved = False
-            failed = success is not None and int(success[i]) == 0  # a failed call proves nothing
-            if not failed:
-                if obj is not None and not np.isnan(obj[i]):
-                    v = float(obj[i])
-                    if self.sign * v < self.sign * self.best:
-                        # a new best: the progress value is measured afresh from here
-                        self.best, self.min_prog, improved = v, math.inf, True
-                if prog is not None and not np.isnan(prog[i]) and prog[i] < self.min_prog:
-                    self.min_prog, improved = float(prog[i]), True
+            if ok is None or ok[j]:  # a failed call proves nothing
+                v = ocol[j] if ocol is not None else math.nan
+                if v == v and self.sign * v < self.sign * self.best:  # v == v: not NaN
+                    # a new best: the progress value is measured afresh from here
+                    self.best, self.min_prog, improved = v, math.inf, True
+                w = pcol[j] if pcol is not None else math.nan
+                if w == w and w < self.min_prog:
+                    self.min_prog, improved = w, True
             if improved or self.last_improve_ts is None:
                 if improved and self.last_improve_ts is not None:
                     self.gaps.append(t - self.last_improve_ts)
                     del self.gaps[:-20]
+                    self._threshold_us = None
                 self.last_improve_ts = t
             self._maybe_act()  # at the first event past the window, not at the end of the batch
 
@@ -358,9 +370,11 @@ class Hypertune(EventConsumer):
         """A stall is ``window_s`` without progress, and at least 3x the median time this run
         has needed between improvements: a search that steadily needs 4 s per step forward is
         not disturbed after 2 s."""
-        if len(self.gaps) < 3:
-            return self.window_us
-        return max(self.window_us, int(3 * float(np.median(self.gaps))))
+        if self._threshold_us is None:
+            self._threshold_us = (
+                self.window_us if len(self.gaps) < 3 else max(self.window_us, int(3 * float(np.median(self.gaps))))
+            )
+        return self._threshold_us
 
     def _outcome(self) -> None:
         p, self.pending = self.pending, None
