@@ -132,9 +132,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                     raise UsageError(f"--json-summary {str(summary_path)!r}: {exc.strerror or exc}") from None
             return EXIT_FAILED if run_failed(s) else EXIT_OK
     finally:
-        lab.shutdown()
-        if dash is not None:
-            dash.stop()
+        try:
+            lab.shutdown()
+        finally:
+            if dash is not None:
+                dash.stop()
 
 
 def color_spec(args: argparse.Namespace, graph_file: Path, graph_name: str) -> dict[str, Any]:
