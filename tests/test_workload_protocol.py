@@ -296,3 +296,42 @@ def test_hypertune_names_no_workload_at_all():
     text = (ROOT / "actors" / "hypertune.py").read_text(encoding="utf-8")
     for word in ("chromatic", "conflict", "tenure", "graph", "dimacs", "colo", "latency", "concurrency"):
         assert word not in text.lower(), word
+
+
+def _calls(t0_s, values, ok=True, phase="calls"):
+    from actors.messages import encode
+    from telemetry.schema import rows_to_batch
+
+    rows = [
+        {"seq": i, "ts": int((t0_s + i * 0.1) * 1e6), "name": "call", "phase": phase, "success": ok, "values": {"x": v}}
+        for i, v in enumerate(values)
+    ]
+    return encode(rows_to_batch(rows, "exp", "run"))
+
+
+def test_a_max_objective_stalls_acts_and_rewards_in_its_own_direction():
+    """Higher is better here: a rising value is progress, a failed call's high value is not, and
+    the reward of an action is positive when the value rises after it."""
+    from actors import Registry
+    from actors.hypertune import Hypertune
+    from tests.test_hypertune import FakePhase
+
+    reg = Registry()
+    phase = FakePhase.start()
+    reg.register("phase", phase)
+    arm = Arm("more", "boost", value=2)
+    ht = Hypertune.start(
+        "exp", True, reg, window_s=1.0, objective=Objective("x", "max").to_dict(), arms=[arm.to_dict()]
+    )
+    try:
+        ht.tell_bytes(_calls(0, [float(v) for v in range(1, 11)]))  # rising: progress, no action
+        ht.tell_bytes(_calls(1.0, [100.0] * 12, ok=False))  # failed calls: no progress whatever they say
+        state = ht.ask({"kind": "get"})
+        assert state["best"] == 10.0 and len(state["actions"]) == 1
+        assert phase.ask({"kind": "got"})[0]["key"] == "boost"
+        ht.tell_bytes(_calls(2.2, [20.0] * 12))  # after the action the value rose
+        state = ht.ask({"kind": "get"})
+        assert state["stats"]["calls/more"]["n"] == 1 and state["stats"]["calls/more"]["mean"] > 0
+    finally:
+        for r in (ht, phase):
+            r.stop()
