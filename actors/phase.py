@@ -32,7 +32,6 @@ it last.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
@@ -43,6 +42,7 @@ from typing import Any
 import orjson
 
 from actors.base import KILLED, Actor, on_death
+from actors.files import atomic_write
 from actors.log import get_logger
 from actors.snapshot import Snapshot
 from actors.topics import Topics
@@ -88,9 +88,7 @@ class CheckpointStore:
             return
         with self._lock:
             data = orjson.dumps(self.state, option=orjson.OPT_SERIALIZE_NUMPY)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, data)
 
     def finish(self, reason: str, writer: object | None = None) -> None:
         """Record why the run's phase finished (kept on disk: a restarted phase exits at once)."""

@@ -49,6 +49,7 @@ import numpy as np
 import orjson
 
 from actors.consumer import EventConsumer
+from actors.files import atomic_write
 from actors.log import get_logger
 from actors.messages import BytesReceiver, encode
 from telemetry.index import IndexIncomplete, LiveIndex
@@ -347,7 +348,7 @@ class Recorder(EventConsumer):
         if self.storage_error is not None or self._reserve_bytes <= 0 or self._reserve.exists():
             return
         try:
-            _atomic_write(self._reserve, os.urandom(self._reserve_bytes))
+            atomic_write(self._reserve, os.urandom(self._reserve_bytes))
         except OSError as exc:
             log.warning("no disk space reserve for the final summary", run_id=self.run_id, error=str(exc))
 
@@ -523,7 +524,7 @@ class Recorder(EventConsumer):
         """summary.json and recorder.json; a write failure is a storage failure (``quiet``: logged only)."""
         self._last_summary = time.monotonic()
         try:
-            _atomic_write(self.run_dir / "summary.json", orjson.dumps(self.summary(), option=orjson.OPT_INDENT_2))
+            atomic_write(self.run_dir / "summary.json", orjson.dumps(self.summary(), option=orjson.OPT_INDENT_2))
             self._write_state()
         except OSError as exc:
             if quiet or self.storage_error is not None:
@@ -541,7 +542,7 @@ class Recorder(EventConsumer):
             "storage_dropped": self.storage_dropped,
             "storage_error": self.storage_error,
         }
-        _atomic_write(self.run_dir / "recorder.json", orjson.dumps(state))
+        atomic_write(self.run_dir / "recorder.json", orjson.dumps(state))
 
     def _save_state(self) -> None:
         try:
@@ -662,20 +663,3 @@ def summary_best(summary: dict[str, Any], field: str) -> float | None:
     bests = [ph.get("best", {}).get(field) for ph in (summary.get("phases") or {}).values()]
     bests = [b for b in bests if isinstance(b, (int, float))]
     return min(bests) if bests else None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all; a failed write leaves no ``.tmp`` file behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise
