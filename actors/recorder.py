@@ -36,6 +36,7 @@ bad or oversized query is answered with :func:`telemetry.query.query_error`, whi
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import threading
@@ -496,6 +497,7 @@ class Recorder(EventConsumer):
             "ended_ts": max(ends) if ends else None,
             "total_duration_s": (max(ends) - self.started_ts) / 1e6 if ends and self.started_ts else 0.0,
             "phases": phases,
+            "maximize": sorted(self.maximize),
             "events_emitted": emitted,
             "events_published": published,
             "events_persisted": self.persisted,
@@ -658,8 +660,18 @@ def _wire_fields(b: dict[str, Any]) -> dict[str, Any]:
     return {k: b[k] for k in _WIRE if k in b}
 
 
-def summary_best(summary: dict[str, Any], field: str) -> float | None:
-    """The best (lowest) value of ``field`` over a RunSummary's phases."""
-    bests = [ph.get("best", {}).get(field) for ph in (summary.get("phases") or {}).values()]
-    bests = [b for b in bests if isinstance(b, (int, float))]
-    return min(bests) if bests else None
+def summary_best(summary: dict[str, Any], field: str, direction: str | None = None) -> float | None:
+    """The best value of ``field`` over a RunSummary's phases: the highest when ``direction``
+    is "max" (by default: when the run declared ``field`` in ``telemetry.maximize``), else the
+    lowest. None when no phase has a finite number for it, or the summary has another shape."""
+    if direction is None:
+        direction = "max" if field in (summary.get("maximize") or ()) else "min"
+    side = "max" if direction == "max" else "min"
+    try:
+        found = [ph.get(side, {}).get(field) for ph in (summary.get("phases") or {}).values()]
+    except AttributeError:
+        return None
+    found = [b for b in found if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)]
+    if not found:
+        return None
+    return max(found) if side == "max" else min(found)

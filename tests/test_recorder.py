@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors import Registry, Topics
-from actors.recorder import ArtifactsError, Recorder
+from actors.recorder import ArtifactsError, Recorder, summary_best
 from supervisor import ChildSpec, Supervisor
 from telemetry.emitter import Emitter
 from telemetry.export import export_experiment, export_run
@@ -331,3 +331,23 @@ def test_live_answers_need_no_events_the_bounded_index_dropped(tmp_path):
     )
     assert live == hist and sum(w["count"] for w in live) == 1000
     rec.stop()
+
+
+def test_the_best_of_a_field_follows_its_declared_direction(tmp_path):
+    """A field the run maximises is best at its highest across phases, any other at its lowest;
+    the summary says which fields are maximised, so a reader needs nothing else."""
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run", maximize=["score"])
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=8)
+    for phase, xs in (("a", [3.0, 7.0, 5.0]), ("b", [9.0, 1.0]), ("c", [4.0])):
+        for x in xs:
+            em.emit("step", {"score": x, "loss": 10.0 - x}, phase=phase)
+    em.close()
+    rec.ask({"kind": "flush"})
+    s = rec.ask({"kind": "summary"})
+    rec.stop()
+    assert s["maximize"] == ["score"]
+    assert summary_best(s, "score") == 9.0 and summary_best(s, "loss") == 1.0
+    assert summary_best(s, "score", "min") == 1.0 and summary_best(s, "loss", "max") == 9.0
+    assert summary_best(s, "missing") is None and summary_best({"phases": "junk"}, "score") is None
