@@ -12,6 +12,17 @@ from cli import render
 from cli.errors import UsageError
 from experiments.validate import SECONDS, SEED, Num
 
+TRIAL_KEYS = frozenset({"trial", "params", "seconds_to_best", "run_dir"})  # a trial row's other key is the objective
+
+
+def trial_line(row: dict[str, Any]) -> str:
+    """One finished trial: its objective's value, when it reached its best, and its parameters."""
+    field = next((k for k in row if k not in TRIAL_KEYS), "objective")
+    return (
+        f"trial {row['trial']}: {field}={row.get(field, float('nan')):g} "
+        f"(best after {row['seconds_to_best']:.2f} s) with {row['params']}"
+    )
+
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from experiments.tuning import tune
@@ -27,12 +38,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             objective=args.objective,
             seed=args.seed,
             overrides=args.set or None,
-            on_trial=None
-            if args.json
-            else lambda r: console.print(
-                f"trial {r['trial']}: {args.objective}={r[args.objective]:g} "
-                f"(best after {r['seconds_to_best']:.2f} s) with {r['params']}"
-            ),
+            on_trial=None if args.json else lambda r: console.print(trial_line(r), markup=False, highlight=False),
         )
     except ValueError as exc:  # SpecError, or parameters a trial refuses
         raise UsageError(str(exc)) from None
@@ -41,7 +47,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         console.print(
             f"learned from {res['seeded_from_prior_runs']} prior run(s) and {len(res['trials'])} trial(s); "
-            f"best {args.objective} = {res['best_value']}"
+            f"best {res['objective']} = {res['best_value']}"
         )
         console.print("proposed next configuration (--set):")
         for k, v in (res["proposal"] or {}).items():
@@ -86,7 +92,9 @@ def add_commands(sub: Any) -> None:
     tu.add_argument("--trials", type=Num(1, 10_000, integer=True).arg(), default=8, help="1 to 10000 (default 8)")
     tu.add_argument("--seed-from", action="append", metavar="RUN_DIR", help="learn from a prior run (repeatable)")
     tu.add_argument("--budget", type=SECONDS.arg(), help="seconds per trial, up to 365 days (default: the spec's)")
-    tu.add_argument("--objective", default="chromatic_number", help="field to minimise (default chromatic_number)")
+    tu.add_argument(
+        "--objective", help="field to judge runs by (default: the workload's declared objective; another is minimised)"
+    )
     tu.add_argument("--seed", type=SEED.arg(), default=0, help="0 to 2^32-1")
     tu.add_argument("--set", action="append", metavar="KEY=VALUE")
     tu.add_argument("--json", action="store_true")

@@ -237,22 +237,12 @@ def test_tune_proposes_parameters_after_learning_from_a_prior_run(runs, tmp_path
         str(tmp_path / "art"),
     )
     assert "learned from 1 prior run(s) and 2 trial(s)" in out and "workload.params.calls_per_step=" in out
-    assert out.count("trial ") == 2
-    res = json.loads(
-        run_cli(
-            capsys,
-            "tune",
-            str(spec),
-            "--trials",
-            "1",
-            "--objective",
-            "latency_ms",
-            "--json",
-            "--artifacts",
-            str(tmp_path / "art"),
-        )
+    assert out.count("trial ") == 2 and "trial 0: latency_ms=" in out
+    res = json.loads(  # no --objective: the workload's declared one (latency_ms, minimised)
+        run_cli(capsys, "tune", str(spec), "--trials", "1", "--json", "--artifacts", str(tmp_path / "art"))
     )
-    assert len(res["trials"]) == 1 and res["proposal"]
+    assert res["objective"] == "latency_ms" and res["direction"] == "min"
+    assert len(res["trials"]) == 1 and res["proposal"] and res["trials"][0]["latency_ms"] > 0
     err = usage_error(
         capsys,
         "tune",
