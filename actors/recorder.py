@@ -36,7 +36,6 @@ bad or oversized query is answered with :func:`telemetry.query.query_error`, whi
 
 from __future__ import annotations
 
-import math
 import os
 import sqlite3
 import threading
@@ -57,6 +56,7 @@ from telemetry.index import IndexIncomplete, LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
 from telemetry.jsonl_format import format_batch
 from telemetry.query import QueryError, query_error
+from telemetry.rundir import RECORDER_STATE, SUMMARY
 from telemetry.schema import (
     SCHEMA_VERSION,
     EventBatch,
@@ -179,7 +179,7 @@ class Recorder(EventConsumer):
     # --- recovery --------------------------------------------------------------------------------
 
     def _recover(self) -> int:
-        state_path = self.run_dir / "recorder.json"
+        state_path = self.run_dir / RECORDER_STATE
         state = {}
         if state_path.exists():
             try:
@@ -526,7 +526,7 @@ class Recorder(EventConsumer):
         """summary.json and recorder.json; a write failure is a storage failure (``quiet``: logged only)."""
         self._last_summary = time.monotonic()
         try:
-            atomic_write(self.run_dir / "summary.json", orjson.dumps(self.summary(), option=orjson.OPT_INDENT_2))
+            atomic_write(self.run_dir / SUMMARY, orjson.dumps(self.summary(), option=orjson.OPT_INDENT_2))
             self._write_state()
         except OSError as exc:
             if quiet or self.storage_error is not None:
@@ -544,7 +544,7 @@ class Recorder(EventConsumer):
             "storage_dropped": self.storage_dropped,
             "storage_error": self.storage_error,
         }
-        atomic_write(self.run_dir / "recorder.json", orjson.dumps(state))
+        atomic_write(self.run_dir / RECORDER_STATE, orjson.dumps(state))
 
     def _save_state(self) -> None:
         try:
@@ -658,20 +658,3 @@ _WIRE = (
 
 def _wire_fields(b: dict[str, Any]) -> dict[str, Any]:
     return {k: b[k] for k in _WIRE if k in b}
-
-
-def summary_best(summary: dict[str, Any], field: str, direction: str | None = None) -> float | None:
-    """The best value of ``field`` over a RunSummary's phases: the highest when ``direction``
-    is "max" (by default: when the run declared ``field`` in ``telemetry.maximize``), else the
-    lowest. None when no phase has a finite number for it, or the summary has another shape."""
-    if direction is None:
-        direction = "max" if field in (summary.get("maximize") or ()) else "min"
-    side = "max" if direction == "max" else "min"
-    try:
-        found = [ph.get(side, {}).get(field) for ph in (summary.get("phases") or {}).values()]
-    except AttributeError:
-        return None
-    found = [b for b in found if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)]
-    if not found:
-        return None
-    return max(found) if side == "max" else min(found)

@@ -13,8 +13,8 @@ from typing import Any
 
 from actors.recorder import ArtifactsError
 from experiments.coloring.graph import GraphError
-from experiments.rundir import RunNotFound
 from experiments.spec import SpecError
+from telemetry.rundir import RunNotFound
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from cli import render
 from cli.errors import UsageError
-from experiments import rundir
+from telemetry import rundir
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

@@ -107,7 +107,7 @@ def figures_table(title: str, figures: Mapping[str, Any]) -> Table:
 
 
 def runs_table(title: str, infos: Iterable[dict[str, Any]]) -> Table:
-    """``crucible list``: one row per run (see :func:`experiments.rundir.list_runs`)."""
+    """``crucible list``: one row per run (see :func:`telemetry.rundir.list_runs`)."""
     t = Table(title=title)
     for col in ("experiment", "run", "status", "events", "duration s", "path"):
         t.add_column(col)

@@ -1,7 +1,7 @@
 """``crucible list``, ``export`` and ``compare``: the runs already in an artifacts folder.
 
-Which runs there are, and where, is :mod:`experiments.rundir`'s to say (a run that is not
-there is its :class:`~experiments.rundir.RunNotFound`, a usage error here).
+Which runs there are, and where, is :mod:`telemetry.rundir`'s to say (a run that is not
+there is its :class:`~telemetry.rundir.RunNotFound`, a usage error here).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rich.console import Console
 
 from cli import render
 from cli.errors import UsageError
-from experiments import rundir
+from telemetry import rundir
 from telemetry.export import FORMATS, export_run
 from telemetry.jsonl import ReadCounts, iter_run
 

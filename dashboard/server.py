@@ -43,10 +43,10 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.log import get_logger
-from actors.recorder import summary_best
 from dashboard.security import Guard, cookie_name, new_token, presented_token, token_matches, write_token_file
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from telemetry.jsonl import iter_run
+from telemetry.rundir import summary_best
 from telemetry.schema import check_id
 
 log = get_logger("dashboard")

@@ -41,7 +41,12 @@ from actors.snapshot import MAX_AGE_S, WAIT_S, Reading, Snapshot
 from actors.streaming_metrics import StreamingMetrics
 from actors.supervision import ChildSpec, DynamicSupervisor, Supervisor, SupervisorRef
 from actors.topics import NamedTarget, Topics
-from experiments.rundir import (
+from experiments.spec import load_spec
+from experiments.workloads import declarations
+from experiments.workloads import registry as workload_registry
+from telemetry.query import prepare_query, query_answer
+from telemetry.rundir import (
+    CHECKPOINT,
     HEARTBEAT_S,
     LIFECYCLE,
     LIFECYCLE_SCHEMA,
@@ -54,10 +59,6 @@ from experiments.rundir import (
     read_summary,
     write_json,
 )
-from experiments.spec import load_spec
-from experiments.workloads import declarations
-from experiments.workloads import registry as workload_registry
-from telemetry.query import prepare_query, query_answer
 from telemetry.schema import check_id
 from telemetry.store import DB_NAME, HistoryStore
 
@@ -115,7 +116,7 @@ class Experiment:
     publish (see :mod:`actors.snapshot`) and say ``stale`` with the age when a snapshot
     could not be refreshed in time. Transitions (pause, resume, stop, archive) are
     serialised and each one is written to ``lifecycle.json`` before it returns (see
-    :mod:`experiments.rundir`).
+    :mod:`telemetry.rundir`).
     """
 
     def __init__(self, lab: Lab, spec: dict[str, Any], exp_id: str, run_id: str) -> None:
@@ -128,7 +129,7 @@ class Experiment:
         self.registry = Registry()
         self.run_dir = lab.artifacts / exp_id / run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoints = CheckpointStore(self.run_dir / "checkpoint.json")
+        self.checkpoints = CheckpointStore(self.run_dir / CHECKPOINT)
         self._lock = threading.RLock()  # serialises transitions (may be held for a whole stop)
         self._state = threading.Lock()  # guards what readers see; only ever held briefly
         self._write_lock = threading.Lock()  # one lifecycle.json writer at a time, newest state last
@@ -494,7 +495,7 @@ class Experiment:
             }
 
     def _write_lifecycle(self) -> None:
-        """Rewrite lifecycle.json from the current state (atomic, fsynced; see experiments.rundir)."""
+        """Rewrite lifecycle.json from the current state (atomic, fsynced; see telemetry.rundir)."""
         with self._write_lock:
             try:
                 write_json(self.run_dir / LIFECYCLE, self._record())

@@ -10,7 +10,7 @@
   run's workload objective and its progress value (``experiments.workloads.objective_of``,
   read from the run's ``spec.json``; every workload's when the run has none).
 * :func:`run_stopped` tells a follower when to stop waiting: the run's derived status
-  (:func:`experiments.rundir.run_status`) is no longer live, whether it stopped, failed or
+  (:func:`telemetry.rundir.run_status`) is no longer live, whether it stopped, failed or
   its process died.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 
 import orjson
 
-from experiments.rundir import read_json, run_status
 from experiments.workloads import Objective, objective_of, objectives
 from telemetry.jsonl import ACTIVE, iter_run
+from telemetry.rundir import SPEC, SUMMARY, read_json, run_status
 from telemetry.schema import SchemaError, parse_line
 
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
@@ -60,7 +60,7 @@ class Alert:
 def known_fields(run_dir: Path, sample: int = 5000) -> set[str]:
     """Numeric fields the run has carried so far (its summary, else its first events)."""
     out: set[str] = set()
-    s = run_dir / "summary.json"
+    s = run_dir / SUMMARY
     if s.exists():
         for ph in (orjson.loads(s.read_bytes()).get("phases") or {}).values():
             out.update(ph.get("min", {}))
@@ -147,7 +147,7 @@ def run_objectives(run_dir: Path) -> list[Objective]:
     """The objective of the run's workload (from its ``spec.json``); every workload's when the
     run has no readable spec or names an unknown workload."""
     try:
-        spec = read_json(run_dir / "spec.json")
+        spec = read_json(run_dir / SPEC)
     except (OSError, ValueError):  # an unreadable record: judge the run by every workload's fields
         spec = None
     wl = spec.get("workload") if isinstance(spec, dict) else None
@@ -174,7 +174,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     """Best value per phase (of the objective's field and progress value, each in its own
     direction), GPU vs CPU usage, durations, drops, anomalies, hypertune actions.
 
-    ``status`` is the derived status (see :mod:`experiments.rundir`), ``reason`` its reason
+    ``status`` is the derived status (see :mod:`telemetry.rundir`), ``reason`` its reason
     or evidence; ``events_persisted`` counts the events on disk when ``summary.json`` lags
     them (a run that died between two summaries), with ``summary_lag_events`` saying by how much.
     """
@@ -206,7 +206,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
             anomalies += 1
         if ev["name"] == "hypertune_action":
             actions.append(ev.get("notes") or "")
-    s = run_dir / "summary.json"
+    s = run_dir / SUMMARY
     try:
         summ = orjson.loads(s.read_bytes()) if s.exists() else {}
     except orjson.JSONDecodeError:

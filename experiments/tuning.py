@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from actors.log import get_logger
-from actors.recorder import summary_best
 from experiments.lab import Lab
 from experiments.spec import load_spec
 from experiments.validate import SECONDS, SEED, Num
@@ -28,6 +26,7 @@ from experiments.workloads import Objective, objective_of
 from experiments.workloads import registry as workload_registry
 from telemetry import stats
 from telemetry.jsonl import iter_run
+from telemetry.rundir import CHECKPOINT, SPEC, SUMMARY, read_record, summary_best
 
 log = get_logger("experiments.tuning")
 
@@ -62,34 +61,11 @@ TRIALS = Num(1, 10_000, integer=True)
 RUNS = Num(2, 1000, integer=True)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A run's JSON record, or None (with a warning) when it is missing, unreadable or not a table."""
-    try:
-        data = orjson.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, orjson.JSONDecodeError) as exc:
-        log.warning("run record unreadable; ignoring it", file=str(path), error=str(exc))
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def run_objective(run_dir: Path, field: str, direction: str = "min") -> float | None:
     """The best value of ``field`` over the run's phases, from its summary: the lowest, or
     with ``direction="max"`` the highest."""
-    summary = _read_json(run_dir / "summary.json")
-    if summary is None:
-        return None
-    try:
-        if direction == "max":
-            highs = [ph.get("max", {}).get(field) for ph in (summary.get("phases") or {}).values()]
-            highs = [h for h in highs if isinstance(h, (int, float)) and not isinstance(h, bool)]
-            best = max(highs) if highs else None
-        else:
-            best = summary_best(summary, field)
-    except (AttributeError, TypeError):  # a summary of another shape
-        return None
-    return best if best is None or math.isfinite(best) else None
+    summary = read_record(run_dir, SUMMARY)
+    return None if summary is None else summary_best(summary, field, direction)
 
 
 def _objective(workload: str, field: str | None) -> Objective:
@@ -103,7 +79,7 @@ def _objective(workload: str, field: str | None) -> Objective:
 
 
 def seconds_to_best(run_dir: Path) -> float | None:
-    workload = (_read_json(run_dir / "checkpoint.json") or {}).get("workload")
+    workload = (read_record(run_dir, CHECKPOINT) or {}).get("workload")
     v = workload.get("seconds_to_best") if isinstance(workload, dict) else None
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
@@ -159,7 +135,7 @@ def tune(
     for rd in seed_from:
         rd = Path(rd)
         value = run_objective(rd, obj.field, obj.direction)
-        prior = _read_json(rd / "spec.json")
+        prior = read_record(rd, SPEC)
         if prior is None or value is None:
             log.warning("skipping a prior run without a readable spec or summary", run_dir=str(rd))
             continue

@@ -1,5 +1,5 @@
 """``crucible list`` reads the history's ``runs`` table and falls back to the run folders; run
-lookups fail with :class:`experiments.rundir.RunNotFound`, which the CLI prints as a usage error."""
+lookups fail with :class:`telemetry.rundir.RunNotFound`, which the CLI prints as a usage error."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import rundir
-from experiments.rundir import RunNotFound
+from telemetry import rundir
+from telemetry.rundir import RunNotFound
 from supervisor import main
 from telemetry.jsonl import run_segments
 from telemetry.store import DB_NAME
@@ -133,7 +133,7 @@ def test_the_cli_sits_above_experiments_and_dashboard():
     """Neither the experiments nor the dashboard import the command line; an installed wheel has it."""
     code = (
         "import sys\n"
-        "import experiments.lab, experiments.rundir, experiments.monitor, experiments.tuning, dashboard.server\n"
+        "import experiments.lab, telemetry.rundir, experiments.monitor, experiments.tuning, dashboard.server\n"
         "print(sorted(m for m in sys.modules if m == 'cli' or m.startswith('cli.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

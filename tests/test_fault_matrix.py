@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 
-from experiments.rundir import run_status
+from telemetry.rundir import run_status
 from supervisor import Lab
 from tests.fault_helpers import SAMPLING, check_accounts, coloring_spec, latency_spec, reached_recorder, until
 

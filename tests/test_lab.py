@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from actors.messages import encode
-from experiments.rundir import run_status
+from telemetry.rundir import run_status
 from experiments.spec import SpecError
 from supervisor import AlreadyPaused, Lab, NotFound, NotPaused, NotRunning
 from telemetry.jsonl import iter_run

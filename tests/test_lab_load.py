@@ -17,7 +17,7 @@ import pytest
 from actors.base import call_local
 from actors.snapshot import MAX_AGE_S, WAIT_S
 from dashboard.server import Dashboard
-from experiments.rundir import count_events
+from telemetry.rundir import count_events
 from supervisor import Lab
 
 N = 8

@@ -146,7 +146,7 @@ def test_a_follower_stops_for_every_ended_status_and_only_then(tmp_path):
     import time
 
     from experiments.monitor import run_stopped, run_summary
-    from experiments.rundir import owner_info, write_json
+    from telemetry.rundir import owner_info, write_json
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from experiments import rundir
-from experiments.rundir import RunStatus, count_events, read_summary, run_status, status_from_record
+from telemetry import rundir
+from telemetry.rundir import RunStatus, count_events, read_summary, run_status, status_from_record
 from supervisor import Lab, main
 from telemetry.jsonl import iter_run
 from telemetry.schema import dumps_line

@@ -40,6 +40,7 @@ newer than the summary), counts the events on disk and reports the larger figure
 from __future__ import annotations
 
 import enum
+import math
 import os
 import socket
 import sqlite3
@@ -52,15 +53,18 @@ import orjson
 
 from actors.files import atomic_write
 from actors.log import get_logger
-from telemetry.jsonl import run_segments
+from telemetry.jsonl import ACTIVE, run_segments
 from telemetry.schema import check_id
 from telemetry.store import DB_NAME, HistoryStore
 
-log = get_logger("experiments.rundir")
+log = get_logger("telemetry.rundir")
 
 SPEC = "spec.json"
 LIFECYCLE = "lifecycle.json"
 SUMMARY = "summary.json"
+RECORDER_STATE = "recorder.json"
+CHECKPOINT = "checkpoint.json"
+EVENTS = ACTIVE  # the active JSONL file; rotated segments are events.NNNNNN.jsonl
 LIFECYCLE_SCHEMA = 1
 HEARTBEAT_S = 2.0
 QUIET_HEARTBEATS = 5  # an owner we cannot check is presumed gone after this many missed heartbeats
@@ -109,6 +113,17 @@ def read_json(path: Path) -> dict[str, Any] | None:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def read_record(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """One of the run's JSON records (``SPEC``, ``SUMMARY``, ``CHECKPOINT``, ...), or None with a
+    warning when it is missing or unreadable: for readers that skip a damaged run rather
+    than stop (tuning over many prior runs, a monitor)."""
+    try:
+        return read_json(run_dir / name)
+    except (OSError, ValueError) as exc:
+        log.warning("run record unreadable; ignoring it", file=str(run_dir / name), error=str(exc))
+        return None
 
 
 def find_runs(artifacts: Path) -> list[Path]:
@@ -399,7 +414,7 @@ def resolve_run(arg: str, artifacts: Path) -> Path:
         RunNotFound: ``arg`` is neither a run directory nor a valid run id, or no run has that id.
     """
     p = Path(arg)
-    if p.is_dir() and ((p / "events.jsonl").exists() or list(p.glob("events.*.jsonl"))):
+    if p.is_dir() and ((p / EVENTS).exists() or list(p.glob("events.*.jsonl"))):
         return p
     try:
         check_id("run id", arg)
@@ -492,3 +507,21 @@ def list_runs(artifacts: Path) -> list[dict[str, Any]]:
         else:
             out.append({**run_info(run), "source": "files"})
     return out
+
+
+def summary_best(summary: dict[str, Any], field: str, direction: str | None = None) -> float | None:
+    """The best value of ``field`` over a RunSummary's phases: the highest when ``direction``
+    is "max" (by default: when the run declared ``field`` in ``telemetry.maximize``), else the
+    lowest. None when no phase has a finite number for it, or the summary has another shape."""
+    if direction is None:
+        direction = "max" if field in (summary.get("maximize") or ()) else "min"
+    side = "max" if direction == "max" else "min"
+    try:
+        phases = (summary.get("phases") or {}).values()
+        found = [ph.get(side, {}).get(field, ph.get("best", {}).get(field)) for ph in phases]
+    except AttributeError:
+        return None
+    found = [b for b in found if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)]
+    if not found:
+        return None
+    return max(found) if side == "max" else min(found)
