@@ -10,14 +10,20 @@ installed plotly package: no CDN, works offline), ``GET /api/experiments``,
 ``GET /api/experiments/{id}`` (with the best so far, hypertune actions and outcomes, pass
 ends), ``GET /api/metrics/live?experiment=`` (last 200 events),
 ``GET /api/metrics/history?run_id=`` (ids validated: 400 on a bad id, 404 on an unknown
-one), ``POST /api/control/{pause,resume,restart,stop}`` (409 with the reason when the
+one; the run is found with :func:`telemetry.rundir.find_runs`),
+``POST /api/control/{pause,resume,restart,stop}`` (409 with the reason when the
 experiment cannot do it), ``WS /ws`` (batched pushes, at most 10 per second; a client that
 stops reading is dropped), and ``GET /metrics`` (Prometheus text via prometheus_client).
 
 Everything but the page's static files needs the token; Host, Origin and body size are
 checked first (see :mod:`dashboard.security`). Errors are JSON ``{"error": "..."}`` with a
 4xx status: routes raise :class:`HTTPException` for a bad request, and one handler turns the
-Lab's lifecycle errors into 409 (404 for :class:`~experiments.lab.NotFound`). The server binds
+Lab's lifecycle errors into 409 (404 for :class:`~experiments.lab.NotFound`).
+
+The dashboard names no workload's field: every experiment's JSON carries its workload's
+declared objective (``{"field", "direction", "label", "progress"}``, from
+:func:`experiments.workloads.objective_of`), and the page, the best so far and the
+Prometheus gauges ``crucible_objective_best`` / ``crucible_objective_progress`` read it. The server binds
 127.0.0.1 by default. The token is generated per dashboard, written to
 ``<artifacts>/dashboard.token`` with mode 0600, and logged with the URL.
 """
@@ -45,8 +51,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from actors.log import get_logger
 from dashboard.security import Guard, cookie_name, new_token, presented_token, token_matches, write_token_file
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
+from experiments.workloads import Objective, objective_of
 from telemetry.jsonl import iter_run
-from telemetry.rundir import summary_best
+from telemetry.rundir import find_runs, summary_best
 from telemetry.schema import check_id
 
 log = get_logger("dashboard")
@@ -55,11 +62,6 @@ STATIC = Path(__file__).parent / "static"
 CONTROLS = ("pause", "resume", "restart", "stop")
 PUSH_INTERVAL_S = 0.1  # at most 10 pushes a second
 SEND_TIMEOUT_S = 2.0  # a client that does not take a push in this time is dropped
-# the metric names the page and the Prometheus collector single out, here only
-HEADLINE_FIELDS = ("chromatic_number", "latency_ms")  # what "best" means, by workload
-BEST_GAUGE_FIELD = "chromatic_number"  # crucible_best_chromatic_number
-PASS_BEST_FIELD = "chromatic_number"  # a pass_end event's result
-CONFLICTS_FIELD = "conflicts"  # crucible_conflicts
 STATIC_TYPES = {"app.js": "application/javascript", "favicon.svg": "image/svg+xml"}
 # the page runs its own script only, is never framed, and talks to its own origin only
 PAGE_HEADERS = {
@@ -107,9 +109,15 @@ class _LabCollector:
                 "crucible_restarts", "Child restarts in the experiment tree", labels=["experiment"]
             ),
             "best": GaugeMetricFamily(
-                "crucible_best_chromatic_number", "Best colour count so far", labels=["experiment"]
+                "crucible_objective_best",
+                "Best so far of the workload's declared objective, in its direction",
+                labels=["experiment", "field", "direction"],
             ),
-            "conflicts": GaugeMetricFamily("crucible_conflicts", "Conflicts in the latest step", labels=["experiment"]),
+            "progress": GaugeMetricFamily(
+                "crucible_objective_progress",
+                "Latest value of the objective's declared progress field",
+                labels=["experiment", "field"],
+            ),
             "running": GaugeMetricFamily(
                 "crucible_running", "1 while running, 0.5 paused, 0 stopped", labels=["experiment"]
             ),
@@ -121,19 +129,29 @@ class _LabCollector:
             fams["emitted"].add_metric(lbl, float(s.get("events_emitted") or 0))
             fams["drops"].add_metric(lbl, float(s.get("events_dropped") or 0))
             fams["restarts"].add_metric(lbl, float(sum((s.get("restarts") or {}).values())))
-            best = summary_best(s, BEST_GAUGE_FIELD)
-            if best is not None:
-                fams["best"].add_metric(lbl, float(best))
-            lasts = [p.get("last", {}).get(CONFLICTS_FIELD) for p in (s.get("phases") or {}).values()]
-            lasts = [x for x in lasts if isinstance(x, (int, float))]
-            if lasts:
-                fams["conflicts"].add_metric(lbl, float(lasts[-1]))
+            obj = objective(exp)
+            if obj is not None:
+                best = summary_best(s, obj.field, obj.direction)
+                if best is not None:
+                    fams["best"].add_metric([exp.id, obj.field, obj.direction], float(best))
+                if obj.progress:
+                    lasts = [p.get("last", {}).get(obj.progress) for p in (s.get("phases") or {}).values()]
+                    lasts = [x for x in lasts if isinstance(x, (int, float)) and not isinstance(x, bool)]
+                    if lasts:
+                        fams["progress"].add_metric([exp.id, obj.progress], float(lasts[-1]))
             fams["running"].add_metric(lbl, {"running": 1.0, "paused": 0.5}.get(exp.status(), 0.0))
         yield from fams.values()
 
 
+def objective(exp: Experiment) -> Objective | None:
+    """The experiment's workload's declared objective; None for a workload this process does not know."""
+    return objective_of((exp.spec.get("workload") or {}).get("name"))
+
+
 def experiment_view(exp: Experiment) -> dict[str, Any]:
+    """One experiment for the list and the pushes; ``objective`` tells the page what to draw."""
     st = exp.phase_status() if exp.status() in ("running", "paused") else {}
+    obj = objective(exp)
     return {
         "id": exp.id,
         "run_id": exp.run_id,
@@ -144,21 +162,23 @@ def experiment_view(exp: Experiment) -> dict[str, Any]:
         "steps": st.get("steps"),
         "active_s": st.get("active_s"),
         "durations": exp.durations(),
+        "objective": obj.to_dict() if obj is not None else None,
     }
 
 
-def best_value(summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's best so far on its headline field (colours, else latency), for the page."""
-    for field in HEADLINE_FIELDS:
-        value = summary_best(summary, field)
-        if value is not None:
-            return {"field": field, "value": value}
-    return None
+def best_value(summary: dict[str, Any], obj: Objective | None) -> dict[str, Any] | None:
+    """The run's best so far of its objective, in the objective's direction, for the page."""
+    if obj is None:
+        return None
+    value = summary_best(summary, obj.field, obj.direction)
+    if value is None:
+        return None
+    return {"field": obj.field, "label": obj.label, "direction": obj.direction, "value": value}
 
 
-def passes(starts: list[dict[str, Any]], ends: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def passes(starts: list[dict[str, Any]], ends: list[dict[str, Any]], field: str | None) -> list[dict[str, Any]]:
     """Pass boundaries from ``phase_start`` and ``pass_end`` events: per pass, when it started
-    (its first phase), when it ended and at what colour count, oldest first."""
+    (its first phase), when it ended and its ``field`` (the objective) at the end, oldest first."""
     out: dict[int, dict[str, Any]] = {}
 
     def entry(n: int) -> dict[str, Any]:
@@ -170,7 +190,7 @@ def passes(starts: list[dict[str, Any]], ends: list[dict[str, Any]]) -> list[dic
             p["start_ts"], p["why"] = e["ts"], e.get("notes")
     for e in ends:
         p = entry(e["pass"])
-        p["end_ts"], p["best"] = e["ts"], (e.get("values") or {}).get(PASS_BEST_FIELD)
+        p["end_ts"], p["best"] = e["ts"], (e.get("values") or {}).get(field) if field else None
     return [out[k] for k in sorted(out)]
 
 
@@ -187,12 +207,13 @@ def experiment_details(exp: Experiment) -> dict[str, Any]:
             for e in recent(name)
         ]
 
+    obj = objective(exp)
     return {
         **experiment_view(exp),
-        "best": best_value(exp.summary()),
+        "best": best_value(exp.summary(), obj),
         "hypertune_actions": feed("hypertune_action"),
         "hypertune_outcomes": feed("hypertune_outcome"),
-        "passes": passes(recent("phase_start", 200), recent("pass_end", 200)),
+        "passes": passes(recent("phase_start", 200), recent("pass_end", 200), obj.field if obj else None),
     }
 
 
@@ -256,7 +277,8 @@ def create_app(lab: Lab, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
             limit = max(1, min(100_000, int(request.query_params.get("limit", "10000"))))
         except ValueError:
             raise HTTPException(400, "limit must be an integer") from None
-        runs = [p.parent for p in lab.artifacts.glob(f"*/{run_id}/events.jsonl")]
+        # the id is valid (no separator, no traversal); the run is one of the artifacts folder's own
+        runs = [r for r in await asyncio.to_thread(find_runs, lab.artifacts) if r.name == run_id]
         if not runs:
             raise HTTPException(404, f"no run {run_id!r}")
 

@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from dashboard.server import Dashboard
+from experiments.workloads import objective_of
 from supervisor import Lab
 
 SPEC = {
@@ -79,7 +80,7 @@ def test_api_status_codes_auth_and_validation(lab, dash):
     assert finished.status_code == 409 and "stopped" in finished.json()["error"]
     metrics = c.get("/metrics").text
     assert 'crucible_events_persisted{experiment="dash"}' in metrics
-    assert "crucible_best_chromatic_number" in metrics and "crucible_restarts" in metrics
+    assert "crucible_objective_best{" in metrics and "crucible_restarts" in metrics
     js = anonymous.get("/static/plotly.min.js")
     assert js.status_code == 200 and len(js.content) > 1_000_000  # served from the plotly package
 
@@ -92,11 +93,101 @@ def test_passes_are_read_from_phase_starts_and_pass_ends():
         {"pass": 0, "ts": 10, "notes": "after init"},
         {"pass": 0, "ts": 30, "notes": "after tabu"},
     ]
-    ends = [{"pass": 0, "ts": 40, "values": {"chromatic_number": 17.0}}]
-    assert passes(starts, ends) == [
+    ends = [{"pass": 0, "ts": 40, "values": {"chromatic_number": 17.0, "duration_s": 3.0}}]
+    assert passes(starts, ends, "chromatic_number") == [
         {"pass": 0, "start_ts": 10, "why": "after init", "end_ts": 40, "best": 17.0},
         {"pass": 1, "start_ts": 50, "why": "pass 1 (restart requested)", "end_ts": None, "best": None},
     ]
+    # the pass's result is the objective's field, whatever the workload calls it
+    assert passes([], ends, "duration_s")[0]["best"] == 3.0
+    assert passes([], ends, None)[0]["best"] is None
+
+
+LATENCY = {
+    "name": "calls",
+    "time_budget_s": 600,
+    "workload": {"name": "latency", "params": {"target": "math:sqrt", "args": [2.0], "calls_per_step": 20}},
+    "metrics": {"publish_interval_s": 0.1},
+}
+
+
+def poll(pred, timeout=30.0, what="a condition"):
+    """Poll ``pred`` until it gives something truthy; fail naming ``what``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_each_experiment_carries_its_declared_objective_and_best(lab, dash):
+    """A latency run's JSON shows latency_ms as its objective and its best on that field;
+    a colouring run's, its own declaration: the page reads what to draw from here."""
+    lab.start_experiment(LATENCY)
+    lab.start_experiment(SPEC)
+    c = client(dash)
+    views = {e["id"]: e for e in c.get("/api/experiments").json()["experiments"]}
+    lat, col = objective_of("latency"), objective_of("coloring")
+    assert views["calls"]["objective"] == lat.to_dict()
+    assert views["calls"]["objective"]["field"] == "latency_ms" and views["calls"]["objective"]["progress"] is None
+    assert views["dash"]["objective"] == col.to_dict()
+
+    def best(exp_id):
+        return c.get(f"/api/experiments/{exp_id}").json()["best"]
+
+    b = poll(lambda: best("calls"), what="a best latency")
+    assert b["field"] == "latency_ms" and b["label"] == lat.label and b["direction"] == "min" and b["value"] > 0
+    b = poll(lambda: best("dash"), what="a best colouring")
+    assert b["field"] == col.field and b["label"] == col.label and b["value"] >= 1
+    assert c.get("/api/experiments/calls").json()["objective"] == lat.to_dict()
+
+
+def test_prometheus_exposes_the_objective_of_every_workload_in_its_direction(lab, dash):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lab.start_experiment(LATENCY)
+    lab.start_experiment(SPEC)
+    c = client(dash)
+    lat, col = objective_of("latency"), objective_of("coloring")
+
+    def samples():
+        fams = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+        best = {s.labels["experiment"]: s for s in fams["crucible_objective_best"].samples}
+        prog = {s.labels["experiment"]: s for s in fams["crucible_objective_progress"].samples}
+        return (best, prog, set(fams)) if {"calls", "dash"} <= set(best) and "dash" in prog else None
+
+    best, prog, names = poll(samples, what="both experiments' objective gauges")
+    assert best["calls"].labels == {"experiment": "calls", "field": "latency_ms", "direction": lat.direction}
+    assert best["dash"].labels == {"experiment": "dash", "field": col.field, "direction": col.direction}
+    assert best["calls"].value > 0 and best["dash"].value >= 1
+    assert prog["dash"].labels == {"experiment": "dash", "field": col.progress} and prog["dash"].value >= 0
+    assert "calls" not in prog  # the latency workload declares no progress value
+    assert not any("chromatic" in n or "conflicts" in n for n in names)  # no workload's field in a metric name
+
+
+def test_history_finds_a_run_through_the_run_directory_index(lab, dash):
+    """A run whose events are all in rotated segments (no active events.jsonl) is still found;
+    an id that names no run here is a 404, a malformed one a 400."""
+    from telemetry.jsonl import iter_run
+    from telemetry.rundir import SUMMARY, write_json
+
+    exp = lab.start_experiment(LATENCY)
+    poll(lambda: exp.metrics().get("events", 0) > 10, what="some events")
+    exp.stop()
+    run = exp.run_dir
+    events = list(iter_run(run))
+    moved = run.parent.parent / "other-exp" / "20990101T000000Z-000001"
+    moved.mkdir(parents=True)
+    (moved / "events.000001.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    write_json(moved / SUMMARY, {"events_persisted": len(events)})
+    c = client(dash)
+    got = c.get("/api/metrics/history", params={"run_id": moved.name, "limit": "500"})
+    assert got.status_code == 200 and got.json()["events"] == events[:500] and len(events) > 10
+    assert c.get("/api/metrics/history", params={"run_id": exp.run_id, "limit": "3"}).json()["events"] == events[:3]
+    assert c.get("/api/metrics/history", params={"run_id": "20990101T000000Z-000002"}).status_code == 404
+    assert c.get("/api/metrics/history", params={"run_id": ".."}).status_code == 400
 
 
 def test_websocket_pushes_events_of_a_live_experiment(lab, dash):

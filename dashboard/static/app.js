@@ -1,9 +1,10 @@
 // The dashboard page. Every piece of text from the server is placed with textContent, never
 // parsed as HTML: experiment parameters, notes and names are data, not markup.
+// The page names no workload's field: what it draws comes from each experiment's declared
+// objective in the server's JSON ({field, direction, label, progress}).
 "use strict";
 
 const MAX_POINTS = 5000;
-const UNITS = {chromatic_number: "colours", latency_ms: "ms (latency)"};
 let selected = null, experiments = [], view = emptyView(), revision = 0;
 window.__points = 0;  // points drawn and pushes taken: what a test can wait on
 window.__pushes = 0;
@@ -36,6 +37,11 @@ function fmt(v) {
 }
 
 // --- events -> chart data --------------------------------------------------------------------
+function objective() {
+  // the selected experiment's declared objective; null until the server has said
+  const cur = experiments.find(e => e.id === selected);
+  return (cur && cur.objective) || null;
+}
 function seconds(ts) { return (ts - view.t0) / 1e6; }
 function trace(name, axis) {
   if (!view.series[name]) view.series[name] = {name: name, axis: axis, x: [], y: []};
@@ -50,20 +56,20 @@ function addEvents(events) {
     if (e.seq <= view.lastSeq) continue;  // already shown
     view.lastSeq = e.seq;
     if (view.t0 === undefined) view.t0 = e.ts;
-    const t = seconds(e.ts), v = e.values || {}, ph = e.phase || "-";
-    if (typeof v.chromatic_number === "number") { push(trace("colours " + ph, "y"), t, v.chromatic_number); window.__points++; }
-    else if (typeof v.latency_ms === "number") { push(trace("latency ms " + ph, "y"), t, v.latency_ms); window.__points++; }
-    if (typeof v.conflicts === "number") push(trace("conflicts " + ph, "y2"), t, v.conflicts);
+    const t = seconds(e.ts), v = e.values || {}, ph = e.phase || "-", obj = objective() || {};
+    const main = obj.field ? v[obj.field] : undefined, prog = obj.progress ? v[obj.progress] : undefined;
+    if (typeof main === "number") { push(trace(obj.label + " " + ph, "y"), t, main); window.__points++; }
+    if (typeof prog === "number") push(trace(obj.progress + " " + ph, "y2"), t, prog);
     if (e.anomaly && e.anomaly.flag) {
-      const onConflicts = typeof v.conflicts === "number";
-      const a = view.anomalies[onConflicts ? "y2" : "y"];
-      a.x.push(t); a.y.push(onConflicts ? v.conflicts : (v.latency_ms ?? v.chromatic_number ?? 0));
+      const onProgress = typeof prog === "number";
+      const a = view.anomalies[onProgress ? "y2" : "y"];
+      a.x.push(t); a.y.push(onProgress ? prog : (typeof main === "number" ? main : 0));
       a.text.push((e.anomaly.methods || []).join(","));
     }
     if (e.name === "phase_start" || (view.lastPass !== undefined && e.pass !== view.lastPass)) {
       mergePass({pass: e.pass, start_ts: e.ts, why: e.name === "phase_start" ? e.notes : undefined});
     }
-    if (e.name === "pass_end") mergePass({pass: e.pass, end_ts: e.ts, best: v.chromatic_number});
+    if (e.name === "pass_end") mergePass({pass: e.pass, end_ts: e.ts, best: main});
     view.lastPass = e.pass;
     if (e.phase) {
       const p = view.phases[e.phase] || {first: t, gpu: "-"};
@@ -95,17 +101,19 @@ function boundaries() {
 
 // --- drawing ---------------------------------------------------------------------------------
 function draw() {
-  const series = Object.values(view.series);
+  const series = Object.values(view.series), obj = objective() || {};
   const hasY2 = series.some(s => s.axis === "y2");
-  const latency = series.some(s => s.name.startsWith("latency"));
+  // a whole-number objective (a count) is drawn as steps with whole-number ticks; a measurement as a line
+  const whole = series.some(s => s.axis === "y" && s.y.length) &&
+                series.every(s => s.axis !== "y" || s.y.every(Number.isInteger));
   // fresh arrays and a new datarevision on every draw: Plotly.react recomputes the ranges
   const data = series.map(s => ({x: s.x.slice(), y: s.y.slice(), name: s.name, yaxis: s.axis,
                                  mode: s.axis === "y" ? "lines+markers" : "lines", marker: {size: 4},
-                                 line: s.axis === "y" ? {width: 3, shape: latency ? "linear" : "hv"} : {width: 1}}));
+                                 line: s.axis === "y" ? {width: 3, shape: whole ? "hv" : "linear"} : {width: 1}}));
   for (const [axis, a] of Object.entries(view.anomalies)) {
     if (a.x.length && (axis === "y" || hasY2)) {
       data.push({x: a.x.slice(), y: a.y.slice(), text: a.text.slice(), mode: "markers",
-                 name: axis === "y2" ? "anomaly (conflicts)" : "anomaly",
+                 name: axis === "y2" ? `anomaly (${obj.progress})` : "anomaly",
                  yaxis: axis, marker: {color: "red", size: 8, symbol: "x"}});
     }
   }
@@ -113,15 +121,15 @@ function draw() {
   const layout = {
     datarevision: ++revision, uirevision: selected, margin: {t: 24, r: 60, l: 60, b: 50},
     xaxis: {title: {text: "seconds since the first event shown"}, autorange: true},
-    yaxis: {title: {text: latency ? "latency (ms)" : "colours"}, autorange: true,
-            ...(latency ? {} : {tick0: 0, dtick: colourStep(series)})},
+    yaxis: {title: {text: obj.label || ""}, autorange: true,
+            ...(whole ? {tick0: 0, dtick: wholeStep(series)} : {})},
     legend: {orientation: "h", y: -0.2},
     shapes: lines.map(b => ({type: "line", xref: "x", yref: "paper", x0: seconds(b.ts), x1: seconds(b.ts),
                              y0: 0, y1: 1, line: {dash: "dot", color: "#555", width: 1.5}})),
     annotations: lines.map(b => ({x: seconds(b.ts), xref: "x", y: 1, yref: "paper", yanchor: "bottom",
                                   showarrow: false, font: {size: 11}, text: b.text})),
   };
-  if (hasY2) layout.yaxis2 = {title: {text: "conflicts"}, overlaying: "y", side: "right", autorange: true,
+  if (hasY2) layout.yaxis2 = {title: {text: obj.progress || ""}, overlaying: "y", side: "right", autorange: true,
                               showgrid: false, rangemode: "tozero", tickmode: "auto"};
   Plotly.react("chart", data, layout, {displaylogo: false, responsive: true});
   fillTable("phases", ["phase", "gpu/cpu", "seconds shown"],
@@ -131,12 +139,12 @@ function draw() {
             Object.values(view.passes).map(p => {
               const next = (view.passes[p.pass + 1] || {}).start_ts, end = p.end_ts ?? next;
               return [p.pass, when(p.start_ts), end == null ? "running" : when(end),
-                      p.best == null ? "-" : `${fmt(p.best)} colours`, p.why || ""];
+                      p.best == null ? "-" : `${fmt(p.best)} ${obj.label || ""}`.trim(), p.why || ""];
             }), "no pass yet");
 }
 
-function colourStep(series) {
-  // colour counts are whole numbers: whole-number ticks, about eight of them
+function wholeStep(series) {
+  // a count's axis: whole-number ticks, about eight of them
   let lo = Infinity, hi = -Infinity;
   for (const s of series) if (s.axis === "y") for (const v of s.y) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
   return hi > lo ? Math.max(1, Math.ceil((hi - lo) / 8)) : 1;
@@ -169,7 +177,7 @@ function renderList() {
 function renderDetails(d) {
   const best = d.best;
   document.getElementById("best").textContent = best ? fmt(best.value) : "-";
-  document.getElementById("best-unit").textContent = best ? (UNITS[best.field] || best.field) : "";
+  document.getElementById("best-unit").textContent = best ? (best.label || best.field) : "";
   for (const p of d.passes || []) mergePass(p);
   const feed = [...(d.hypertune_actions || []).map(a => ({...a, kind: "action"})),
                 ...(d.hypertune_outcomes || []).map(a => ({...a, kind: "outcome"}))];
