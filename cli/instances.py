@@ -1,4 +1,4 @@
-"""``crucible instances``: the DIMACS graphs shipped with the package, their size and best known colours."""
+"""``crucible instances``: the DIMACS graphs shipped with the package, their size and best known colour count."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cli import render
 
 
 def instance_rows() -> list[dict[str, Any]]:
-    """One dict per shipped instance: name, vertices, edges, density, best known colours and whether proved."""
+    """One dict per shipped instance: name, vertices, edges, density, best known colour count, proved or not."""
     from experiments.coloring.catalog import best_known, instance_names, instance_path
     from experiments.coloring.graph import read_dimacs
 

@@ -17,7 +17,16 @@ from telemetry import rundir
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from experiments.monitor import Alert, AlertError, Tailer, format_event, known_fields, run_stopped, run_summary
+    from experiments.monitor import (
+        Alert,
+        AlertError,
+        Tailer,
+        format_event,
+        known_fields,
+        run_objectives,
+        run_stopped,
+        run_summary,
+    )
 
     art = Path(args.artifacts)
     if args.latest:
@@ -52,7 +61,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             console.print(f"status {s['status']} ({s['reason']})", markup=False, highlight=False)
         return 0
     tail = Tailer(run, from_start=not args.from_end)
-    view = render.MonitorView(f"crucible monitor: {run.parent.name} / {run.name}")
+    view = render.MonitorView(f"crucible monitor: {run.parent.name} / {run.name}", run_objectives(run))
     t0: int | None = None
 
     def consume() -> int:
@@ -109,7 +118,7 @@ def add_commands(sub: Any) -> None:
     mode.add_argument("--follow", action="store_true", help="full-screen live view with sparklines")
     mo.add_argument("--phase", help="only this phase")
     mo.add_argument("--name", help="only this event name")
-    mo.add_argument("--alert", action="append", metavar="EXPR", help="e.g. 'conflicts>1000' (repeatable)")
+    mo.add_argument("--alert", action="append", metavar="EXPR", help="FIELD OP NUMBER on an event value (repeatable)")
     mo.add_argument("--from-end", action="store_true", help="start at the end of the file, not its beginning")
     mo.add_argument("--no-wait", action="store_true", help="print what is there and exit")
     mo.add_argument("--artifacts", default="artifacts")

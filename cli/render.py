@@ -1,7 +1,9 @@
 """What ``crucible`` draws: the rich tables, the live progress panel and the monitor's view.
 
-The commands compute; this module turns their figures into tables. The metric names the
-views single out (:data:`PROGRESS_FIELDS`, :data:`MONITOR_SERIES`) are named here only.
+The commands compute; this module turns their figures into tables. The fields the live
+views single out come from the workload's declared objective
+(:func:`experiments.workloads.objective_of`): its field and, when it declares one, its
+progress value. No view here names a workload's field.
 """
 
 from __future__ import annotations
@@ -15,15 +17,24 @@ from rich.table import Table
 
 from experiments.monitor import SHORT
 from experiments.monitor import sparkline as spark
+from experiments.workloads import Objective, objective_of
 
 if TYPE_CHECKING:
     from experiments.lab import Experiment
 
-PROGRESS_FIELDS = ("chromatic_number", "conflicts", "latency_ms")
-"""Fields the live progress panel of ``crucible run`` shows (best, windowed p50 and p99) when a run has them."""
 
-MONITOR_SERIES = (("colours", "chromatic_number"), ("conflicts", "conflicts"))
-"""(label, field) of the sparklines in ``crucible monitor --follow``."""
+def objective_series(objs: Iterable[Objective]) -> list[tuple[str, str, str]]:
+    """(label, field, direction) of what a live view follows for these objectives: each
+    objective's field under its label, then its progress value (lower is better) when declared."""
+    out: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for o in objs:
+        for label, field, direction in ((o.label, o.field, o.direction), (o.progress, o.progress, "min")):
+            if field and field not in seen:
+                seen.add(field)
+                out.append((label or field, field, direction))
+    return out
+
 
 SUMMARY_FIGURES = (
     "status",
@@ -53,7 +64,8 @@ COMPARE_FIGURES = (
 
 def progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
     """The live panel of ``crucible run``: status, time against the budget, steps, event rate,
-    the :data:`PROGRESS_FIELDS` the run has. ``last`` carries the previous call's count for the rate."""
+    and the workload's objective and progress value (best in its direction, windowed p50 and
+    p99) once the run has them. ``last`` carries the previous call's count for the rate."""
     m = exp.metrics()
     ph = exp.phase_status()
     events = m.get("events", 0)
@@ -68,11 +80,14 @@ def progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
     table.add_row("elapsed / budget", f"{ph.get('active_s', 0.0):.1f} s active / {budget:g} s   wall {now - t0:.1f} s")
     table.add_row("steps", str(ph.get("steps", 0)))
     table.add_row("events", f"{events:,}  ({rate:,.0f}/s)")
-    for field in PROGRESS_FIELDS:
+    obj = objective_of(exp.spec["workload"]["name"])
+    for label, field, direction in objective_series([obj] if obj is not None else []):
         f = (m.get("fields") or {}).get(field)
         if f and f.get("count"):
+            name = field if label == field else f"{label} ({field})"
             table.add_row(
-                field, f"best {f['min']:.4g}   last-window p50 {f.get('p50') or 0:.4g}   p99 {f.get('p99') or 0:.4g}"
+                name,
+                f"best {f[direction]:.4g}   last-window p50 {f.get('p50') or 0:.4g}   p99 {f.get('p99') or 0:.4g}",
             )
     if m.get("success_rate") is not None:
         table.add_row("success rate", f"{m['success_rate']:.4%}")
@@ -138,12 +153,13 @@ def compare_table(title: str, r: dict[str, Any]) -> Table:
 
 
 def ab_table(rep: dict[str, Any], runs: int) -> Table:
-    """``crucible ab``: the two arms side by side."""
+    """``crucible ab``: the two arms side by side; the final values are named by the objective's label."""
     t = Table(title=f"hypertune A/B: {runs} runs per arm, {rep['budget_s']:g} s each, target {rep['target']:g}")
     for col in ("", "hypertune on", "hypertune off"):
         t.add_column(col)
     on, off = rep["arms"]["on"], rep["arms"]["off"]
-    t.add_row("final colours", str(on["final"]), str(off["final"]))
+    label = rep.get("label") or rep.get("objective")
+    t.add_row(f"final {label}" if label else "final", str(on["final"]), str(off["final"]))
     t.add_row(
         "mean / median",
         f"{on['final_mean']:.2f} / {on['final_median']:g}",
@@ -183,14 +199,16 @@ def monitor_summary_table(title: str, phases: dict[str, dict[str, Any]]) -> Tabl
 
 
 class MonitorView:
-    """The full-screen view of ``crucible monitor --follow``: a sparkline per :data:`MONITOR_SERIES`
-    field and the last lines of the tail."""
+    """The full-screen view of ``crucible monitor --follow``: a sparkline per followed field
+    (the run's objective and its progress value, see :func:`objective_series`) and the last
+    lines of the tail."""
 
     KEEP_LINES = 15
 
-    def __init__(self, title: str) -> None:
+    def __init__(self, title: str, objs: Iterable[Objective]) -> None:
         self.title = title
-        self.series: dict[str, list[float]] = {field: [] for _, field in MONITOR_SERIES}
+        self.labels = {field: label for label, field, _ in objective_series(objs)}
+        self.series: dict[str, list[float]] = {field: [] for field in self.labels}
         self.lines: list[str] = []
 
     def add(self, values: Mapping[str, Any], line: str | None = None) -> None:
@@ -206,10 +224,10 @@ class MonitorView:
     def table(self) -> Table:
         t = Table(title=self.title, show_header=False, expand=True)
         t.add_column("", no_wrap=True)
-        width = max(len(label) for label, _ in MONITOR_SERIES)
-        for label, field in MONITOR_SERIES:
+        width = max((len(label) for label in self.labels.values()), default=0)
+        for field, label in self.labels.items():
             points = self.series[field]
-            t.add_row(f"{label:<{width}} {spark(points)}  {points[-1] if points else '-'}")
+            t.add_row(escape(f"{label:<{width}} {spark(points)}  {points[-1] if points else '-'}"))
         for line in self.lines:
             t.add_row(escape(line))
         return t

@@ -26,9 +26,19 @@ from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, reason_failed, run_fail
 from experiments.coloring.graph import MAX_VERTICES
 from experiments.lab import Experiment, Lab
 from experiments.validate import PORT, SECONDS, SEED, YEAR_S, Num
+from experiments.workloads import Objective, objective_of
 from telemetry.schema import check_id
 
 DEFAULT_DASH_PORT = 7878
+COLOR_WORKLOAD = "coloring"  # what ``crucible color`` runs; its words come from its declared objective
+
+
+def color_objective() -> Objective:
+    """The colouring workload's declared objective (its field, label and progress value)."""
+    obj = objective_of(COLOR_WORKLOAD)
+    if obj is None:  # pragma: no cover - the colouring package ships with the CLI
+        raise UsageError(f"workload {COLOR_WORKLOAD!r} is not installed")
+    return obj
 
 
 def dash_port(args: argparse.Namespace) -> int:
@@ -155,13 +165,14 @@ def color_spec(args: argparse.Namespace, graph_file: Path, graph_name: str) -> d
         },
     }
     safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-") else "_" for ch in graph_name)
+    obj = color_objective()
     return {
         "name": check_id("experiment id", "color-" + safe[:100]),
         "time_budget_s": args.time_limit,
         "seed": args.seed,
-        "workload": {"name": "coloring", "params": params},
+        "workload": {"name": COLOR_WORKLOAD, "params": params},
         "metrics": {"publish_interval_s": 1.0},
-        "anomaly": {"metrics": ["conflicts"]},
+        "anomaly": {"metrics": [obj.progress or obj.field]},  # watch what moves between two improvements
         "telemetry": {"flush_interval_s": 0.5},
     }  # a colouring step emits little: fewer, fuller batches
 
@@ -229,7 +240,9 @@ def add_commands(sub: Any) -> None:
     co.add_argument("graph", help="a .col or .col.gz file, or a shipped instance's name (crucible instances)")
     co.add_argument("--time-limit", type=SECONDS.arg(), default=60.0, help="seconds, up to 365 days (default 60)")
     co.add_argument(
-        "--target", type=Num(1, MAX_VERTICES, integer=True).arg(), help="stop as soon as this many colours is reached"
+        "--target",
+        type=Num(1, MAX_VERTICES, integer=True).arg(),
+        help=f"stop as soon as the best {color_objective().label} is this or fewer",
     )
     co.add_argument("--seed", type=SEED.arg(), default=0, help="0 to 2^32-1")
     co.add_argument(

@@ -77,7 +77,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
         print(orjson.dumps({k: v for k, v in rep.items() if k != "runs"}).decode())
         return 0
     console.print(render.ab_table(rep, args.runs))
-    for key in ("final_colors", "time_to_target"):
+    for key in ("final_best", "time_to_target"):
         c = rep[key]
         console.print(
             f"{key}: Mann-Whitney p = {c['p_value']:.4g}, effect size (Hedges g, on - off) = "

@@ -248,8 +248,9 @@ def ab(
 def ab_report(
     rows: list[dict[str, Any]], budget: float, target: float | None = None, objective: Objective | None = None
 ) -> dict[str, Any]:
-    """Per-arm final values of the objective (colours for a colouring run) and time-to-target,
-    with Mann-Whitney p-values, effect sizes and CIs. The target is ``target`` or the best any
+    """Per-arm final values of the objective (``final_best``: each run's best of the objective's
+    field) and time-to-target, with Mann-Whitney p-values, effect sizes and CIs; ``objective``,
+    ``direction`` and ``label`` say what was compared. The target is ``target`` or the best any
     run reached, best in the objective's direction (lower when none is given)."""
     obj = objective or Objective("final", "min")
     finals = [r["final"] for r in rows]
@@ -295,10 +296,12 @@ def ab_report(
 
     return {
         "objective": obj.field if objective is not None else None,
+        "direction": obj.direction,
+        "label": obj.label if objective is not None else None,
         "target": tgt,
         "budget_s": budget,
         "arms": arms,
-        "final_colors": compare("final"),
+        "final_best": compare("final"),
         "time_to_target": compare("time_to_target"),
         "runs": rows,
     }

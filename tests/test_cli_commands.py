@@ -9,12 +9,15 @@ alert modes, set/get/show, tune and the A/B."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import orjson
 import pyarrow.parquet as pq
 import pytest
 
+from experiments.workloads import objective_of
 from supervisor import main
 from telemetry.jsonl import iter_run
 
@@ -72,6 +75,59 @@ def test_run_shows_live_progress_on_a_terminal_and_writes_a_json_summary(tmp_pat
     s = json.loads(out_json.read_text())
     assert s["reason"] == "budget" and s["status"] == "stopped"
     assert s["events_persisted"] == sum(1 for _ in iter_run(Path(s["run_dir"]))) > 0
+
+
+def _progress_text(exp) -> str:
+    from rich.console import Console
+
+    from cli.render import progress
+
+    console = Console(record=True, width=200)
+    console.print(progress(exp, time.monotonic(), {}))
+    return console.export_text()
+
+
+def _poll(pred, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := pred():
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def _rows(text: str) -> dict[str, str]:
+    """The panel's rows by their first column."""
+    return {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") >= 2}
+
+
+@pytest.mark.parametrize("workload", ["latency", "coloring"])
+def test_the_live_panel_shows_the_workloads_declared_objective(tmp_path, workload):
+    """The panel's figure rows are the spec's workload's objective and, when declared, its
+    progress value: a latency run shows latency_ms only, a colouring run its own two fields."""
+    from experiments.lab import Lab
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(LATENCY.format(budget=60, seed=1, calls=0) if workload == "latency" else COLORING.format(extra=""))
+    obj = objective_of(workload)
+    main = obj.field if obj.label == obj.field else f"{obj.label} ({obj.field})"
+    wanted = [main] + ([obj.progress] if obj.progress else [])
+    lab = Lab(tmp_path / "art")
+    try:
+        exp = lab.start_experiment(str(spec), overrides=["time_budget_s=60"])
+
+        def shown():
+            text = _progress_text(exp)
+            rows = _rows(text)
+            return (text, rows) if all("best " in rows.get(w, "") for w in wanted) else None
+
+        text, rows = _poll(shown)
+    finally:
+        lab.shutdown()
+    figures = [name for name, line in rows.items() if "best " in line]
+    assert figures == wanted
+    others = {o.field for o in (objective_of("latency"), objective_of("coloring")) if o is not obj}
+    assert not any(f in text for f in others)
 
 
 def test_run_refuses_an_unwritable_json_summary_before_it_starts(tmp_path, capsys):
@@ -154,7 +210,9 @@ def test_monitor_tails_a_finished_run_with_filters_and_alerts(runs, capsys):
 def test_monitor_follow_view_ends_with_the_run(runs, capsys):
     art, dirs = runs
     out = run_cli(capsys, "monitor", str(dirs[1]), "--follow", "--artifacts", str(art))
-    assert "crucible monitor" in out and "conflicts" in out
+    # the sparkline follows the latency workload's declared objective, and nothing of another workload's
+    assert "crucible monitor" in out and re.search(r"latency_ms +[▁▂▃▄▅▆▇█]+ ", out), out
+    assert "conflicts" not in out and "colors" not in out
 
 
 def test_monitor_summary_of_a_colouring_run_shows_best_per_phase(tmp_path, capsys):
@@ -262,7 +320,8 @@ def test_ab_runs_both_arms_and_reports_the_statistics(tmp_path, capsys):
     spec.write_text(COLORING.format(extra=""))
     art = str(tmp_path / "art")
     out = " ".join(run_cli(capsys, "ab", str(spec), "--runs", "2", "--budget", "0.3", "--artifacts", art).split())
-    assert "hypertune A/B: 2 runs per arm" in out and "final_colors: Mann-Whitney p =" in out
+    assert "hypertune A/B: 2 runs per arm" in out and "final_best: Mann-Whitney p =" in out
+    assert f"final {objective_of('coloring').label}" in out  # the table row, named by the declared label
     assert out.count("hypertune on seed") == 2 and out.count("hypertune off seed") == 2
     rep = json.loads(
         run_cli(
@@ -270,6 +329,7 @@ def test_ab_runs_both_arms_and_reports_the_statistics(tmp_path, capsys):
         )
     )
     assert rep["target"] == 50 and rep["arms"]["on"]["runs"] == rep["arms"]["off"]["runs"] == 2
+    assert rep["objective"] == "chromatic_number" and rep["direction"] == "min" and "final_best" in rep
     assert rep["arms"]["on"]["reached_target"] == 2  # any proper colouring of 40 vertices has <= 40 colours
     assert "runs" not in rep
 

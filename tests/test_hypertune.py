@@ -238,7 +238,7 @@ def test_ab_report_statistics_match_scipy():
     rows += [{"arm": "off", "final": f, "trace": [(0.0, 40.0), (2.0 + i, float(f))]} for i, f in enumerate(off)]
     rep = ab_report(rows, budget=20.0)
     assert rep["target"] == 28
-    assert rep["final_colors"]["p_value"] == pytest.approx(st.mannwhitneyu(off, on, alternative="two-sided").pvalue)
+    assert rep["final_best"]["p_value"] == pytest.approx(st.mannwhitneyu(off, on, alternative="two-sided").pvalue)
     on_ttt = rep["arms"]["on"]["time_to_target"]
     off_ttt = rep["arms"]["off"]["time_to_target"]
     assert on_ttt == [1.0, 2.0, 20.0, 4.0, 5.0, 6.0]  # seed 2 never reached 28: censored at the budget
@@ -247,7 +247,7 @@ def test_ab_report_statistics_match_scipy():
     a, b = np.array(off_ttt), np.array(on_ttt)
     sp = np.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / (a.size + b.size - 2))
     assert rep["time_to_target"]["effect_size"] == pytest.approx((b.mean() - a.mean()) / sp * (1 - 3 / (4 * 12 - 9)))
-    lo, hi = rep["final_colors"]["ci"]
+    lo, hi = rep["final_best"]["ci"]
     assert lo < np.mean(on) - np.mean(off) < hi
 
 

@@ -70,11 +70,27 @@ def test_a_max_objective_reads_the_highest_value_and_targets_the_highest(tmp_pat
         {"arm": "off", "final": 9.0, "trace": [(0.0, 2.0), (3.0, 9.0)]},
     ]
     rep = ab_report(rows, budget=10.0, objective=Objective("x", "max"))
-    assert rep["objective"] == "x" and rep["target"] == 9.0
+    assert rep["objective"] == "x" and rep["direction"] == "max" and rep["label"] == "x" and rep["target"] == 9.0
+    assert set(rep["final_best"]) >= {"p_value", "effect_size", "ci"} and "final_colors" not in rep
     assert rep["arms"]["on"]["reached_target"] == 1 and rep["arms"]["on"]["time_to_target"] == [2.0, 10.0]
     assert rep["arms"]["off"]["time_to_target"] == [10.0, 3.0]
     low = ab_report(rows, budget=10.0)  # no objective given: lower is better, as before
     assert low["target"] == 7.0 and low["arms"]["off"]["reached_target"] == 1
+    assert low["objective"] is None and low["direction"] == "min" and low["label"] is None
+
+
+def test_the_ab_table_names_the_final_values_by_the_objectives_label():
+    from rich.console import Console
+
+    from cli.render import ab_table
+
+    rows = [{"arm": arm, "final": f, "trace": [(0.0, f)]} for arm, f in (("on", 3.0), ("on", 4.0), ("off", 5.0))]
+    rows.append({"arm": "off", "final": 6.0, "trace": [(0.0, 6.0)]})
+    for objective, row in ((Objective("latency_ms", "min", "latency"), "final latency"), (None, "final")):
+        console = Console(record=True, width=200)
+        console.print(ab_table(ab_report(rows, budget=1.0, objective=objective), 2))
+        lines = [line.split("│")[1].strip() for line in console.export_text().splitlines() if "│" in line]
+        assert row in lines, lines
 
 
 def test_tune_judges_by_the_workloads_objective_by_default(tmp_path):

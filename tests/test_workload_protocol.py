@@ -292,6 +292,34 @@ def test_no_framework_module_names_a_colouring_field():
     assert offenders == []
 
 
+# the command line and the dashboard read the declared objective: they name no colouring field,
+# in code, comments or docstrings, in Python or in the page's script and markup
+CLIENT_DIRS = ("cli", "dashboard")
+CLIENT_SUFFIXES = (".py", ".js", ".html")
+CLIENT_WORDS = re.compile(r"chromatic_number|conflicts|tenure|colours", re.IGNORECASE)
+
+
+def _client_files():
+    for d in CLIENT_DIRS:
+        for path in sorted((ROOT / d).rglob("*")):
+            if path.suffix in CLIENT_SUFFIXES and path.is_file():
+                yield path.relative_to(ROOT).as_posix(), path.read_text(encoding="utf-8")
+
+
+def test_no_cli_or_dashboard_module_names_a_colouring_field():
+    files = dict(_client_files())
+    assert {"cli/render.py", "dashboard/server.py", "dashboard/static/app.js", "dashboard/static/index.html"} <= set(
+        files
+    )
+    offenders = [
+        f"{rel}:{n}: {line.strip()}"
+        for rel, text in files.items()
+        for n, line in enumerate(text.splitlines(), 1)
+        if CLIENT_WORDS.search(line)
+    ]
+    assert offenders == []
+
+
 def test_hypertune_names_no_workload_at_all():
     text = (ROOT / "actors" / "hypertune.py").read_text(encoding="utf-8")
     for word in ("chromatic", "conflict", "tenure", "graph", "dimacs", "colo", "latency", "concurrency"):
