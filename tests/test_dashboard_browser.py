@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from dashboard.server import Dashboard
+from experiments.workloads import objective_of
 from supervisor import Lab
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -116,6 +117,9 @@ def wait_for(pred, timeout, what):
 def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
     from playwright.sync_api import sync_playwright
 
+    obj = objective_of("coloring")  # the page draws what the workload declares: its label and progress value
+    label, prog = obj.label, obj.progress
+
     lab.start_experiment(SPEC)
     lab.start_experiment(SPEC, experiment_id="dash2")
     c = api(dash)
@@ -150,7 +154,8 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
                 return page.text_content("#best") == f"{want:g}" and want
 
             best = wait_for(best_matches, 10, "the page's best to match the API")
-            assert page.text_content("#best-unit") == "colours"
+            assert c.get("/api/experiments/dash").json()["objective"] == obj.to_dict()
+            assert page.text_content("#best-unit") == label
             seen = page.evaluate(RANGES)
             shot = artifacts / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -167,16 +172,16 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
             page.wait_for_function(
                 "() => document.getElementById('chart').data.some(t => t.x.length > 0)", timeout=30_000
             )
-            assert page.evaluate("() => document.getElementById('chart')._fullLayout.yaxis.title.text") == "colours"
+            assert page.evaluate("() => document.getElementById('chart')._fullLayout.yaxis.title.text") == label
         finally:
             browser.close()
 
     axes = seen["axes"]
-    assert axes["xaxis"]["title"] and axes["yaxis"]["title"] == "colours" and axes["yaxis2"]["title"] == "conflicts"
-    assert {"colours", "conflicts"} <= {t.strip() for t in seen["titles"]}
+    assert axes["xaxis"]["title"] and axes["yaxis"]["title"] == label and axes["yaxis2"]["title"] == prog
+    assert {label, prog} <= {t.strip() for t in seen["titles"]}
     assert any(t.startswith("seconds") for t in seen["titles"])
-    colours = [v for t in seen["data"] if t["name"].startswith("colours") for v in t["y"]]
-    conflicts = [v for t in seen["data"] if t["name"].startswith("conflicts") for v in t["y"]]
+    colours = [v for t in seen["data"] if t["name"].startswith(label + " ") for v in t["y"]]
+    conflicts = [v for t in seen["data"] if t["name"].startswith(prog + " ") for v in t["y"]]
     xs = [v for t in seen["data"] for v in t["x"]]
     assert colours and conflicts
     assert covers(axes["xaxis"]["range"], xs), (axes["xaxis"], min(xs), max(xs))
@@ -211,7 +216,8 @@ def test_page_text_is_never_markup(lab, dash):
             assert page.evaluate("window.__xss") is None
             assert hostile in page.text_content("#params")
             page.wait_for_function("() => window.__points > 5", timeout=30_000)
-            assert page.text_content("#best-unit") in ("", "ms (latency)")
+            assert page.text_content("#best-unit") in ("", objective_of("latency").label)
+            assert page.evaluate("() => document.getElementById('chart')._fullLayout.yaxis.title.text") == "latency_ms"
         finally:
             browser.close()
     assert watch.errors == []
