@@ -76,16 +76,6 @@ class TooManyChildren(RuntimeError):
     """A DynamicSupervisor already has ``max_children`` children."""
 
 
-class MaxRestartIntensity(RuntimeError):
-    """The exit of a supervisor that gave up, as an exception type for callers that want one.
-
-    The supervisor itself never raises it: it exits with :data:`MAX_INTENSITY` (see
-    :func:`decide`); ``exit_reason`` names that reason.
-    """
-
-    exit_reason = MAX_INTENSITY
-
-
 @dataclass(frozen=True)
 class ChildSpec:
     """How to start, restart and stop one child.
