@@ -364,10 +364,13 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return summ
 
 
-def run_info(run_dir: Path) -> dict[str, Any]:
-    """One line of ``crucible list``: status (derived), reason, events (reconciled), duration."""
+def run_info(run_dir: Path, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One line of ``crucible list``: status (derived), reason, events (reconciled), duration.
+
+    ``summary``: the final summary the history recorded for a run that ended; then only the
+    run's (small) lifecycle record is read from its folder, for the status."""
     report = run_status(run_dir)
-    summ = read_summary(run_dir)
+    summ = read_summary(run_dir) if summary is None else summary
     rec = report.record
     duration = rec.get("wall_clock_duration", summ.get("total_duration_s"))
     evidence = list(report.evidence)
@@ -379,7 +382,7 @@ def run_info(run_dir: Path) -> dict[str, Any]:
             if isinstance(start, (int, float)) and not isinstance(start, bool):
                 duration = max(duration if isinstance(duration, (int, float)) else 0.0, last / 1e6 - start)
     events = summ.get("events_persisted")
-    if not isinstance(events, int):
+    if not isinstance(events, int) or isinstance(events, bool):
         events = count_events(run_dir)  # no summary yet (killed early): the files say how many, perhaps none
     return {
         "experiment": run_dir.parent.name,
@@ -469,27 +472,6 @@ def recorded_runs(artifacts: Path) -> dict[tuple[str, str], dict[str, Any]] | No
     return out
 
 
-def _recorded_info(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """:func:`run_info` for a run the history recorded as ended: its figures come from the final
-    summary in the table, only its (small) lifecycle record is read for the status."""
-    report = run_status(run_dir)
-    duration = report.record.get("wall_clock_duration", summary.get("total_duration_s"))
-    events = summary.get("events_persisted")
-    if not isinstance(events, int) or isinstance(events, bool):
-        events = count_events(run_dir)
-    return {
-        "experiment": run_dir.parent.name,
-        "run_id": run_dir.name,
-        "status": str(report.status),
-        "reason": report.reason,
-        "events": events,
-        "duration_s": duration,
-        "summary_stale": False,
-        "evidence": list(report.evidence),
-        "path": str(run_dir),
-    }
-
-
 def list_runs(artifacts: Path) -> list[dict[str, Any]]:
     """One :func:`run_info` dict per run under ``artifacts``, newest first, for ``crucible list``.
 
@@ -503,7 +485,7 @@ def list_runs(artifacts: Path) -> list[dict[str, Any]]:
     for run in find_runs(artifacts):
         row = recorded.get((run.parent.name, run.name))
         if row is not None and isinstance(row.get("summary"), dict):
-            out.append({**_recorded_info(run, row["summary"]), "source": "history"})
+            out.append({**run_info(run, row["summary"]), "source": "history"})
         else:
             out.append({**run_info(run), "source": "files"})
     return out
