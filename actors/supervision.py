@@ -528,6 +528,13 @@ class Supervisor(Actor):
         known = ", ".join(c.spec.id for c in self._children) or "none"
         raise ChildNotFound(f"no child {child_id!r} under supervisor {self.name or self.actor_urn}; children: {known}")
 
+    def _lookup(self, child_id: str) -> _Child | Refusal:
+        """The child, or the refusal a caller's request gets back (raised in the caller's thread)."""
+        try:
+            return self._find(child_id)
+        except ChildNotFound as exc:
+            return Refusal(exc)
+
     def _which_children(self) -> list[dict[str, Any]]:
         return [
             {
@@ -542,10 +549,9 @@ class Supervisor(Actor):
         ]
 
     def _child_ref(self, child_id: str) -> Any:
-        try:
-            c = self._find(child_id)
-        except ChildNotFound as exc:
-            return Refusal(exc)
+        c = self._lookup(child_id)
+        if isinstance(c, Refusal):
+            return c
         return c.ref if c.running else None
 
     def _restart_times(self) -> list[float]:
@@ -573,10 +579,9 @@ class Supervisor(Actor):
         return ref
 
     def _terminate_child_call(self, child_id: str) -> Any:
-        try:
-            c = self._find(child_id)
-        except ChildNotFound as exc:
-            return Refusal(exc)
+        c = self._lookup(child_id)
+        if isinstance(c, Refusal):
+            return c
         self._terminate(c)
         if c.spec.name:
             self.registry.cancel_restarting(c.spec.name)
@@ -585,10 +590,9 @@ class Supervisor(Actor):
         return None
 
     def _restart_child_call(self, child_id: str) -> Any:
-        try:
-            c = self._find(child_id)
-        except ChildNotFound as exc:
-            return Refusal(exc)
+        c = self._lookup(child_id)
+        if isinstance(c, Refusal):
+            return c
         if c.running:
             return Refusal(ChildRunning(f"child {child_id!r} is running; terminate it first"))
         try:
@@ -597,10 +601,9 @@ class Supervisor(Actor):
             return Refusal(exc)
 
     def _delete_child_call(self, child_id: str) -> Any:
-        try:
-            c = self._find(child_id)
-        except ChildNotFound as exc:
-            return Refusal(exc)
+        c = self._lookup(child_id)
+        if isinstance(c, Refusal):
+            return c
         if c.running or c.pending_gen:
             return Refusal(ChildRunning(f"child {child_id!r} is running; terminate it first"))
         self._children.remove(c)
