@@ -317,9 +317,10 @@ class ColoringWorkload:
             pop.search.set_tenure(self.p["population"]["tenure_a"], value)
         return before, value
 
-    def _boost_mutation(self, value: Any) -> tuple[Any, Any]:
-        before = self.p["memetic"]["mutation_rate"]
-        self.p["memetic"]["mutation_rate"] = check_number("memetic", "mutation_rate", value)
+    def _set_number(self, section: str, key: str, value: Any) -> tuple[Any, Any]:
+        """A parameter the phase reads afresh at each step: checked against its range, then set."""
+        before = self.p[section][key]
+        self.p[section][key] = check_number(section, key, value)
         return before, value
 
     def _set_population(self, value: Any) -> tuple[Any, Any]:
@@ -332,11 +333,6 @@ class ColoringWorkload:
         if search is not None and self.phase == "population" and self.k >= 1:
             value = search.resize(value)  # cut to what memory holds
         self.p["population"]["population"] = value  # otherwise applied when the phase is next set up
-        return before, value
-
-    def _set_crossover_rate(self, value: Any) -> tuple[Any, Any]:
-        before = self.p["population"]["crossover_rate"]
-        self.p["population"]["crossover_rate"] = check_number("population", "crossover_rate", value)
         return before, value
 
     def _set_external_tenure(self, value: Any) -> tuple[Any, Any]:
@@ -359,9 +355,9 @@ class ColoringWorkload:
         "adjust_temperature": _adjust_temperature,
         "set_batch": _set_batch,
         "set_tenure": _set_tenure,
-        "boost_mutation": _boost_mutation,
+        "boost_mutation": lambda self, v: self._set_number("memetic", "mutation_rate", v),
         "set_population": _set_population,
-        "set_crossover_rate": _set_crossover_rate,
+        "set_crossover_rate": lambda self, v: self._set_number("population", "crossover_rate", v),
         "external_tenure": _set_external_tenure,
         "restart_pass": _restart_pass,
         "skip_phase": _skip_phase,
