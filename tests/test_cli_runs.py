@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from telemetry import rundir
-from telemetry.rundir import RunNotFound
 from supervisor import main
+from telemetry import rundir
 from telemetry.jsonl import run_segments
+from telemetry.rundir import RunNotFound
 from telemetry.store import DB_NAME
 
 SPEC = 'name = "lst"\ntime_budget_s = 30\nseed = {seed}\n[workload.params]\ntarget = "math:sqrt"\ncalls = 200\n'
