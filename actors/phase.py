@@ -163,6 +163,7 @@ class PhaseActor(Actor):
         )
         if cp.get("finished"):  # restarted after its end: nothing left to do
             self.finished = True
+            self.emitter.abandon()  # the run's events and counters went out already; stops its flusher
             self.checkpoints.finish_reason = self.checkpoints.finish_reason or str(cp["finished"])
             self._publish_status(force=True)
             self.exit()

@@ -327,13 +327,26 @@ class Experiment:
             return last
         return disk
 
-    def _ref(self, name: str) -> ActorRef:
-        ref = self.registry.whereis(name)
+    def _live_phase(self, timeout: float) -> ActorRef | None:
+        """The live phase, waiting at most ``timeout`` for a replacement while it restarts, but
+        not at all once it has finished or the run has ended: no replacement will come then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ref = self.registry.await_name("phase", timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+            if ref is not None:
+                return ref
+            if self._ended or self.checkpoints.finish_reason is not None or time.monotonic() >= deadline:
+                return None
+
+    def _ask_phase(self, msg: dict[str, Any], action: str, timeout: float = 30) -> Any:
+        """Ask the phase; NotRunning if it is gone or goes while asked (the run is ending)."""
+        ref = self._live_phase(10)
         if ref is None:
-            ref = self.registry.await_name(name, timeout=10)
-        if ref is None:
-            raise NotRunning(f"experiment {self.id!r} has no live {name} (status {self._status})")
-        return ref
+            raise NotRunning(f"experiment {self.id!r} has no live phase (status {self._status}); cannot {action}")
+        try:
+            return ref.ask(msg, timeout=timeout)
+        except ActorDeadError as exc:
+            raise NotRunning(f"experiment {self.id!r} is ending; cannot {action}") from exc
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -359,7 +372,8 @@ class Experiment:
             if self._status == RunStatus.PAUSED:
                 raise AlreadyPaused(f"experiment {self.id!r} is already paused")
             self._check_live("pause")
-            self._ref("phase").ask({"kind": "pause"}, timeout=30)
+            if self._ask_phase({"kind": "pause"}, "pause").get("finished"):
+                raise NotRunning(f"experiment {self.id!r} has finished; cannot pause")
             self._attach_event_subscribers(False)
             with self._state:
                 self._paused_at = self.clock()
@@ -379,7 +393,7 @@ class Experiment:
                 self.resume_count += 1
                 self._status = RunStatus.RUNNING
             self._write_lifecycle()
-            self._ref("phase").ask({"kind": "resume"}, timeout=30)
+            self._ask_phase({"kind": "resume"}, "resume")
 
     def _attach_event_subscribers(self, on: bool) -> None:
         """Subscribe (or detach, for a pause) the actors that consume the events topic."""
@@ -411,15 +425,16 @@ class Experiment:
             if self._ended:
                 return
             with self._state:
+                if self._ended:  # the tree ended meanwhile: the record must not show a later stop
+                    return
                 self.stop_started_at = self.clock()
                 self._wall["stop_requested_at"] = time.time()
                 paused = self._status == RunStatus.PAUSED
             self._write_lifecycle()  # a stop under way: evidence if the process dies during it
             if paused:  # reattach so the final events and counters are recorded
                 self._attach_event_subscribers(True)
-            phase = self.registry.whereis("phase")
-            if phase is None:  # restarting: wait a little for the replacement
-                phase = self.registry.await_name("phase", timeout=min(10.0, timeout or 10.0))
+            # restarting: wait a little for the replacement; finished: the tree is going down already
+            phase = self._live_phase(min(10.0, timeout or 10.0))
             try:
                 if phase is not None:
                     phase.ask({"kind": "stop", "reason": reason}, timeout=timeout)
@@ -455,9 +470,9 @@ class Experiment:
     def restart_pass(self) -> dict[str, Any]:
         """Ask the workload to start a new pass from its best solution (if it has passes)."""
         self._check_live("restart a pass")
-        reply = self._ref("phase").ask(
+        reply = self._ask_phase(
             {"kind": "set_param", "key": "restart_pass", "value": True, "why": "restart requested", "event": "control"},
-            timeout=30,
+            "restart a pass",
         )
         if not reply.get("ok"):
             raise LifecycleError(f"experiment {self.id!r} cannot restart a pass: {reply.get('error')}")
