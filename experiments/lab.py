@@ -136,7 +136,9 @@ class Experiment:
         self._status = RunStatus.RUNNING
         self._reason: str | None = None
         self._ended = False
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # set once the end is on disk: what wait() and stop() wait for
+        self._beat_stop = threading.Event()  # ends the heartbeat, before the final record is written
+        self._beat: threading.Thread | None = None
         self.started_at = self.clock()
         self.stop_started_at: float | None = None  # when a stop began (the Lab's clock)
         self.ended_at: float | None = None
@@ -298,12 +300,13 @@ class Experiment:
 
     def _attach(self, sup: SupervisorRef) -> None:
         self.sup = sup
-        threading.Thread(target=self._heartbeat, name=f"exp-{self.id}-heartbeat", daemon=True).start()
+        self._beat = threading.Thread(target=self._heartbeat, name=f"exp-{self.id}-heartbeat", daemon=True)
+        self._beat.start()
         on_death(sup, self._tree_died)  # at once if the tree is already down
 
     def _heartbeat(self) -> None:
         """Rewrite lifecycle.json every HEARTBEAT_S while the run lives: its owner is alive."""
-        while not self._stopped.wait(HEARTBEAT_S):
+        while not self._beat_stop.wait(HEARTBEAT_S):
             self._write_lifecycle()
 
     def _tree_died(self, reason: str) -> None:
@@ -457,6 +460,10 @@ class Experiment:
             self._status, self._reason = status, reason
             self.ended_at = self.clock()
             self._wall["ended_at"] = time.time()
+        self._beat_stop.set()
+        beat = self._beat
+        if beat is not None and beat is not threading.current_thread():
+            beat.join(HEARTBEAT_S * 2)  # gone before the final write: nothing rewrites the ended record
         try:
             self._write_lifecycle()
         finally:

@@ -203,7 +203,10 @@ def test_a_stop_at_the_moment_the_budget_runs_out_ends_the_run_once_with_the_pha
 
     budget = 0.4
     exp = lab.start_experiment(latency_spec(f"edge-{lead}", budget=budget))
-    until(lambda: exp.phase_status(max_age=0.0, wait=1.0).get("active_s", 0.0) >= budget - lead - 0.02, what="the edge")
+    until(
+        lambda: exp.wait(0) or exp.phase_status(max_age=0.0, wait=1.0).get("active_s", 0.0) >= budget - lead - 0.02,
+        what="the edge",
+    )
     try:
         exp.stop(timeout=30)
     except NotRunning:
@@ -218,3 +221,12 @@ def test_a_stop_at_the_moment_the_budget_runs_out_ends_the_run_once_with_the_pha
     if rec["stop_requested_at"] is not None:
         assert rec["stop_requested_at"] <= rec["ended_at"]
     check_accounts(exp, tmp_path / "art", lossless=True)
+
+
+def test_the_heartbeat_is_gone_once_the_end_is_on_disk(lab):
+    """When wait() returns the heartbeat has ended: nothing rewrites the ended record."""
+    exp = lab.start_experiment(latency_spec("beat", budget=0.3))
+    assert exp.wait(30)
+    assert not [t for t in threading.enumerate() if t.name == f"exp-{exp.id}-heartbeat" and t.is_alive()]
+    rec = record(exp)
+    assert rec["status"] == "stopped" and rec["reason"] == "budget" and rec["updated_at"] >= rec["ended_at"]
