@@ -134,6 +134,17 @@ class ActorRef:
             return False
         return True
 
+    def tell_unless_stopping(self, msg: dict[str, Any]) -> bool:
+        """Send a message an actor sends itself (a timer's tick, its next step), unless a stop
+        is already on its way. A tick queued behind the stop would never be read, and a
+        registry would count it as an undelivered message. Atomic with :meth:`stop` (both
+        take the actor's life lock): a tick sent first is read before the stop."""
+        data = encode(msg)
+        with self._life.lock:
+            if self._life.pending_reason is not None:
+                return False
+            return self.tell_bytes(data)
+
     def ask(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
         """Send and wait for the reply; the handler's exception is raised here."""
         data = encode(msg)

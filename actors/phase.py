@@ -232,7 +232,7 @@ class PhaseActor(Actor):
         """Send the loop's next step. Steps carry the loop's token: a step left in the mailbox by a
         loop that a pause ended (or carried over from a crashed incarnation) is ignored, so there
         is never more than one step loop."""
-        self.ref.tell({"kind": "step", "loop": self._loop})
+        self.ref.tell_unless_stopping({"kind": "step", "loop": self._loop})
 
     def handle_step(self, msg: dict[str, Any]) -> None:
         if msg.get("loop") != self._loop:

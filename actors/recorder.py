@@ -438,7 +438,7 @@ class Recorder(EventConsumer):
 
     def _schedule_fsync(self) -> None:
         if self._fsync_timer is None:
-            t = threading.Timer(self.fsync_interval, self.ref.tell, args=({"kind": "fsync"},))
+            t = threading.Timer(self.fsync_interval, self.ref.tell_unless_stopping, args=({"kind": "fsync"},))
             t.daemon = True
             self._fsync_timer = t
             t.start()

@@ -492,7 +492,9 @@ class Supervisor(Actor):
             g.pending_gen = gen
         ids = [g.spec.id for g in group]
         log.info("restart delayed (backoff)", children=ids, delay_s=round(delay, 4))
-        t = threading.Timer(delay, self.ref.tell, args=({"kind": "delayed_restart", "ids": ids, "gen": gen},))
+        t = threading.Timer(
+            delay, self.ref.tell_unless_stopping, args=({"kind": "delayed_restart", "ids": ids, "gen": gen},)
+        )
         t.daemon = True
         self._timers = [x for x in self._timers if x.is_alive()] + [t]
         t.start()

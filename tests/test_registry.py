@@ -86,3 +86,25 @@ def test_a_restarting_name_stashes_and_counts_nothing():
         assert reg.undelivered() == {}
     finally:
         sup.stop()
+
+
+def test_an_actors_own_ticks_never_queue_behind_its_stop():
+    """A timer's tick or a next step an actor sends itself is refused once a stop is on its
+    way (it would never be read, and would count as undelivered); sent before, it is read."""
+    reg, gate = Registry(), threading.Event()
+    ref = Worker.start(gate=gate)
+    reg.register("w", ref)
+    try:
+        reg.send("w", {"kind": "block"})
+        until(lambda: ref.queue_size() == 0, what="the block taken")
+        assert ref.tell_unless_stopping({"kind": "note", "v": "before"})  # ahead of the stop: read
+        stopping = threading.Thread(target=ref.stop, daemon=True)
+        stopping.start()
+        until(lambda: ref.queue_size() == 2, what="the stop queued")
+        assert not ref.tell_unless_stopping({"kind": "note", "v": "after"})
+        assert ref.queue_size() == 2
+    finally:
+        gate.set()
+    stopping.join(10)
+    assert not ref.is_alive()
+    assert reg.undelivered() == {}
