@@ -12,8 +12,8 @@ import itertools
 
 import pytest
 
-from telemetry.rundir import run_status
 from supervisor import Lab
+from telemetry.rundir import run_status
 from tests.fault_helpers import SAMPLING, check_accounts, coloring_spec, latency_spec, reached_recorder, until
 
 MODES = ("pause_resume", "stop")

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from actors.messages import encode
-from telemetry.rundir import run_status
 from experiments.spec import SpecError
 from supervisor import AlreadyPaused, Lab, NotFound, NotPaused, NotRunning
 from telemetry.jsonl import iter_run
+from telemetry.rundir import run_status
 from telemetry.schema import rows_to_batch
 
 FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 5}

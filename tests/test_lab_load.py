@@ -17,8 +17,8 @@ import pytest
 from actors.base import call_local
 from actors.snapshot import MAX_AGE_S, WAIT_S
 from dashboard.server import Dashboard
-from telemetry.rundir import count_events
 from supervisor import Lab
+from telemetry.rundir import count_events
 
 N = 8
 BUSY = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 50}

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from telemetry import rundir
-from telemetry.rundir import RunStatus, count_events, read_summary, run_status, status_from_record
 from supervisor import Lab, main
+from telemetry import rundir
 from telemetry.jsonl import iter_run
+from telemetry.rundir import RunStatus, count_events, read_summary, run_status, status_from_record
 from telemetry.schema import dumps_line
 
 FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 5}
