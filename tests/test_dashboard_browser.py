@@ -217,7 +217,11 @@ def test_page_text_is_never_markup(lab, dash):
             assert hostile in page.text_content("#params")
             page.wait_for_function("() => window.__points > 5", timeout=30_000)
             assert page.text_content("#best-unit") in ("", objective_of("latency").label)
-            assert page.evaluate("() => document.getElementById('chart')._fullLayout.yaxis.title.text") == "latency_ms"
+            # points are counted as they arrive; the chart is drawn on the next frame
+            page.wait_for_function(
+                "() => document.getElementById('chart')._fullLayout?.yaxis?.title?.text === 'latency_ms'",
+                timeout=30_000,
+            )
         finally:
             browser.close()
     assert watch.errors == []
