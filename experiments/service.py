@@ -1,0 +1,323 @@
+"""The lab daemon's core: one Lab per artifacts folder, and a persisted FIFO submission queue.
+
+A :class:`LabService` owns its artifacts folder while it lives: it holds an exclusive
+``flock`` on ``<artifacts>/lab.lock`` (with its pid written inside), so a second service on
+the same folder refuses to start and names the holder. It hosts one :class:`Lab` and runs at
+most ``max_running`` experiments at a time; a submission is validated exactly as the CLI
+validates a spec (:func:`experiments.spec.load_spec` with its overrides), written to
+``<artifacts>/queue.json`` before it is acknowledged, and started in submission order as
+soon as a slot is free. Each running experiment has a small thread waiting on its end, which
+starts the next queued item: nothing polls. Queued items survive a crash or a restart of the
+service and start, in order, when the next service starts on the folder. See docs/daemon.md.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from actors.files import atomic_write
+from actors.log import get_logger
+from actors.recorder import check_artifacts_dir
+from experiments.lab import Experiment, Lab, NotFound, NotRunning
+from experiments.spec import SpecError, load_spec
+from experiments.workloads import registry as workload_registry
+from telemetry.schema import check_id
+
+log = get_logger("experiments.service")
+
+LOCK_FILE = "lab.lock"
+QUEUE_FILE = "queue.json"
+QUEUE_SCHEMA = 1
+LIVE_STATUSES = ("running", "paused")
+
+
+class LabLocked(RuntimeError):
+    """Another service holds the artifacts folder."""
+
+
+class ServiceClosed(NotRunning):
+    """The service is shutting down and takes no more submissions or starts."""
+
+
+def parse_toml(text: str, source: str = "submitted spec") -> dict[str, Any]:
+    """A TOML spec text as a dict; :class:`SpecError` saying where the text is malformed."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{source}: not valid TOML: {exc}") from None
+
+
+def _read_pid(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+class LabService:
+    """A Lab behind a lock and a persisted queue; thread-safe, for a long-lived daemon.
+
+    Raises:
+        LabLocked: another service (this process or another) holds ``artifacts``.
+        ArtifactsError: the folder cannot be created or written.
+    """
+
+    def __init__(self, artifacts: str | Path = "artifacts", max_running: int = 1) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running must be at least 1, got {max_running}")
+        self.artifacts = check_artifacts_dir(artifacts)
+        self.max_running = max_running
+        self.lock_file = self.artifacts / LOCK_FILE
+        self.queue_file = self.artifacts / QUEUE_FILE
+        self._lock_fd = self._acquire_lock()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._queue: list[dict[str, Any]] = []
+        self._ended: dict[str, dict[str, Any]] = {}  # cancelled or failed-to-start submissions
+        try:
+            self.lab = Lab(self.artifacts)
+            recover = getattr(self.lab, "recover", None)  # resumes a crashed previous owner's runs, where supported
+            recovered: list[Experiment] = list(recover() or []) if callable(recover) else []
+            for exp in recovered:
+                self._watch(exp)
+            self._queue = self._load_queue()
+            log.info(
+                "lab service started",
+                artifacts=str(self.artifacts),
+                pid=os.getpid(),
+                max_running=max_running,
+                queued=len(self._queue),
+                recovered=[e.id for e in recovered],
+            )
+            with self._lock:
+                self._fill()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    # --- the lock ------------------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> int:
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LabLocked(
+                f"artifacts folder {str(self.artifacts)!r} is in use by another lab daemon "
+                f"(pid {_read_pid(self.lock_file)}, lock {self.lock_file}); stop it or use another --artifacts"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    # --- the queue on disk -----------------------------------------------------------------------------
+
+    def _load_queue(self) -> list[dict[str, Any]]:
+        try:
+            data = orjson.loads(self.queue_file.read_bytes())
+        except FileNotFoundError:
+            return []
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.error("queue file unreadable; starting with an empty queue", path=str(self.queue_file), error=str(exc))
+            return []
+        items = data.get("queue") if isinstance(data, dict) else None
+        return [i for i in items or [] if isinstance(i, dict) and isinstance(i.get("id"), str)]
+
+    def _save_queue(self) -> None:
+        atomic_write(self.queue_file, orjson.dumps({"schema": QUEUE_SCHEMA, "queue": self._queue}))
+
+    # --- submissions ---------------------------------------------------------------------------------------
+
+    def _taken(self) -> set[str]:
+        return {*self.lab.experiments, *(i["id"] for i in self._queue), *self._ended}
+
+    def _new_id(self, base: str) -> str:
+        taken, exp_id, k = self._taken(), base, 1
+        while exp_id in taken:
+            k += 1
+            exp_id = f"{base}-{k}"
+        return exp_id
+
+    def submit(
+        self, spec: str | dict[str, Any], overrides: list[str] | None = None, experiment_id: str | None = None
+    ) -> dict[str, Any]:
+        """Validate and queue a spec (a dict, or TOML text); on disk before this returns.
+
+        Returns ``{"id", "status"}`` (``running`` when a slot was free, else ``queued`` with its
+        ``position``, 1 = next).
+
+        Raises:
+            SpecError: the spec, an override or the id is not valid (the message names the key).
+            ServiceClosed: the service is shutting down.
+        """
+        raw = parse_toml(spec) if isinstance(spec, str) else spec
+        if not isinstance(raw, dict):
+            raise SpecError(f"submitted spec: must be a table, got {type(raw).__name__}")
+        overrides = list(overrides or [])
+        if not all(isinstance(o, str) for o in overrides):
+            raise SpecError(f"--set: each override must be a 'key=value' string, got {overrides!r}")
+        full = load_spec(raw, overrides or None, workload_registry(), source="submitted spec")
+        try:
+            base = check_id("experiment id", experiment_id if experiment_id is not None else full["name"])
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+        with self._lock:
+            if self._closed:
+                raise ServiceClosed("the lab service is shutting down; submit again after it restarts")
+            item = {"id": self._new_id(base), "spec": raw, "set": overrides, "submitted_at": time.time()}
+            self._queue.append(item)
+            try:
+                self._save_queue()
+            except OSError:
+                self._queue.pop()
+                raise
+            log.info("submission queued", experiment=item["id"], position=len(self._queue))
+            self._fill()
+            return self._entry(item["id"])
+
+    def _entry(self, exp_id: str) -> dict[str, Any]:
+        for pos, item in enumerate(self._queue, 1):
+            if item["id"] == exp_id:
+                return {"id": exp_id, "status": "queued", "position": pos}
+        if exp_id in self._ended:
+            return {"id": exp_id, **self._ended[exp_id]}
+        exp = self.lab.get(exp_id)
+        return {"id": exp_id, "status": exp.status(), "run_id": exp.run_id}
+
+    def _running(self) -> int:
+        return sum(1 for e in list(self.lab.experiments.values()) if e.status() in LIVE_STATUSES)
+
+    def _fill(self) -> None:
+        """Start queued items, oldest first, while a slot is free (the caller holds the lock)."""
+        while self._queue and not self._closed and self._running() < self.max_running:
+            item = self._queue[0]
+            try:
+                exp = self.lab.start_experiment(item["spec"], item["set"] or None, experiment_id=item["id"])
+            except Exception as exc:  # noqa: BLE001 - a spec that no longer validates, a workload refusing: not fatal
+                log.error("queued experiment could not start", experiment=item["id"], error=str(exc))
+                self._ended[item["id"]] = {"status": "failed", "reason": f"could not start: {exc}"}
+                exp = None
+            self._queue.pop(0)
+            self._save_queue()  # after the start: a crash in between starts it again, never loses it
+            if exp is not None:
+                log.info("queued experiment started", experiment=exp.id, run_id=exp.run_id)
+                self._watch(exp)
+
+    def _watch(self, exp: Experiment) -> None:
+        """Start the next queued item when ``exp`` ends (a thread waiting on its end event)."""
+
+        def on_end() -> None:
+            exp.wait()
+            with self._lock:
+                self._fill()
+
+        threading.Thread(target=on_end, name=f"service-watch-{exp.id}", daemon=True).start()
+
+    # --- reads and control -------------------------------------------------------------------------------
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every experiment this service knows: the Lab's (running, paused, ended), then those
+        that never ran (cancelled, failed to start), then the queue with positions (1 = next)."""
+        with self._lock:
+            out = [{**e, "position": None} for e in self.lab.list()]
+            out += [{"id": k, "position": None, **v} for k, v in self._ended.items()]
+            out += [
+                {
+                    "id": i["id"],
+                    "status": "queued",
+                    "position": pos,
+                    "workload": (i["spec"].get("workload") or {}).get("name"),
+                    "submitted_at": i["submitted_at"],
+                }
+                for pos, i in enumerate(self._queue, 1)
+            ]
+            return out
+
+    def queued(self) -> list[dict[str, Any]]:
+        """The queue alone, in start order."""
+        return [e for e in self.list() if e["status"] == "queued"]
+
+    def _queued_index(self, exp_id: str) -> int | None:
+        return next((k for k, i in enumerate(self._queue) if i["id"] == exp_id), None)
+
+    def _live(self, exp_id: str, action: str) -> Experiment:
+        with self._lock:
+            if self._queued_index(exp_id) is not None:
+                raise NotRunning(f"experiment {exp_id!r} is queued, not running: it cannot {action} (stop cancels it)")
+            if exp_id in self._ended:
+                raise NotRunning(f"experiment {exp_id!r} never ran ({self._ended[exp_id]['status']})")
+            return self.lab.get(exp_id)
+
+    def pause(self, exp_id: str) -> dict[str, Any]:
+        """Pause a running experiment (LifecycleError: queued, unknown, or not running)."""
+        exp = self._live(exp_id, "pause")
+        exp.pause()
+        return {"id": exp_id, "status": exp.status()}
+
+    def resume(self, exp_id: str) -> dict[str, Any]:
+        """Resume a paused experiment (LifecycleError: queued, unknown, or not paused)."""
+        exp = self._live(exp_id, "resume")
+        exp.resume()
+        return {"id": exp_id, "status": exp.status()}
+
+    def stop(self, exp_id: str) -> dict[str, Any]:
+        """Stop a running experiment (its data flushed), or cancel a queued one."""
+        with self._lock:
+            k = self._queued_index(exp_id)
+            if k is not None:
+                item = self._queue.pop(k)
+                try:
+                    self._save_queue()
+                except OSError:
+                    self._queue.insert(k, item)
+                    raise
+                self._ended[exp_id] = {"status": "cancelled", "reason": "stopped while queued"}
+                log.info("queued submission cancelled", experiment=exp_id)
+                return {"id": exp_id, "status": "cancelled"}
+        exp = self._live(exp_id, "stop")
+        exp.stop()  # the watcher starts the next queued item
+        return {"id": exp_id, "status": exp.status()}
+
+    def get(self, exp_id: str) -> Experiment:
+        """The Lab's experiment (NotFound for a queued or unknown id)."""
+        return self.lab.get(exp_id)
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop every running experiment (flushed, on disk), keep the queue for the next start, release the lock."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        log.info("lab service shutting down", artifacts=str(self.artifacts), queued=len(self._queue))
+        try:
+            self.lab.shutdown(timeout)
+        finally:
+            self._release_lock()
+        log.info("lab service stopped", artifacts=str(self.artifacts))
+
+    def __enter__(self) -> LabService:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+__all__ = ["LOCK_FILE", "QUEUE_FILE", "LabLocked", "LabService", "NotFound", "ServiceClosed", "parse_toml"]
