@@ -1,8 +1,8 @@
 """The ``crucible`` command line: one module per group of commands, above experiments and dashboard.
 
-=====================  ==============================================================
+=====================  ==========================================================================
 module                 commands
-=====================  ==============================================================
+=====================  ==========================================================================
 :mod:`cli.demo`        ``demo``
 :mod:`cli.run`         ``run`` (``--dashboard`` serves the web dashboard), ``color``
 :mod:`cli.runs`        ``list``, ``export``, ``compare``
@@ -10,7 +10,8 @@ module                 commands
 :mod:`cli.spec`        ``set``, ``get``, ``show``
 :mod:`cli.tuning`      ``tune``, ``ab``
 :mod:`cli.instances`   ``instances``
-=====================  ==============================================================
+:mod:`cli.lab`         ``lab serve`` (the lab daemon), ``submit``, ``ls``, ``pause``, ``resume``, ``stop``
+=====================  ==========================================================================
 
 :mod:`cli.render` draws the tables and live views; :mod:`cli.errors` holds the usage
 errors and the exit codes. ``crucible ...`` and ``python supervisor.py ...`` both end in
@@ -35,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole parser: global options, then each command group's subcommands."""
-    from cli import demo, instances, monitor, run, runs, spec, tuning
+    from cli import demo, instances, lab, monitor, run, runs, spec, tuning
 
     p = _Parser(prog="crucible", description="Supervised actor trees for long experiments.")
     p.add_argument(
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (demo, run, runs, monitor, spec, tuning, instances):
+    for group in (demo, run, runs, monitor, spec, tuning, instances, lab):
         group.add_commands(sub)
     return p
 

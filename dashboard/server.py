@@ -12,7 +12,9 @@ ends), ``GET /api/metrics/live?experiment=`` (last 200 events),
 ``GET /api/metrics/history?run_id=`` (ids validated: 400 on a bad id, 404 on an unknown
 one; the run is found with :func:`telemetry.rundir.find_runs`),
 ``POST /api/control/{pause,resume,restart,stop}`` (409 with the reason when the
-experiment cannot do it), ``WS /ws`` (batched pushes, at most 10 per second; a client that
+experiment cannot do it), ``POST /api/experiments`` (a submission, when the dashboard serves
+a :class:`~experiments.service.LabService`: 201 with the id; 400 naming the bad key; 501
+on a plain Lab), ``WS /ws`` (batched pushes, at most 10 per second; a client that
 stops reading is dropped), and ``GET /metrics`` (Prometheus text via prometheus_client).
 
 Everything but the page's static files needs the token; Host, Origin and body size are
@@ -51,6 +53,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from actors.log import get_logger
 from dashboard.security import Guard, cookie_name, new_token, presented_token, token_matches, write_token_file
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
+from experiments.service import LabService, ServiceClosed
+from experiments.spec import SpecError
 from experiments.workloads import Objective, objective_of
 from telemetry.jsonl import iter_run
 from telemetry.rundir import find_runs, summary_best
@@ -217,9 +221,58 @@ def experiment_details(exp: Experiment) -> dict[str, Any]:
     }
 
 
-def create_app(lab: Lab, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), port: int = 7878) -> Starlette:
+SUBMIT_KEYS = ("spec", "toml", "set", "id")
+TOML_TYPES = ("application/toml", "text/")
+
+
+def submission(content_type: str, body: bytes, query: Any) -> tuple[str | dict[str, Any], list[str], str | None]:
+    """A POST /api/experiments body as (spec, overrides, id): TOML text (``application/toml`` or
+    ``text/*``, overrides and id from the query: ``?set=k=v&id=x``), or JSON
+    ``{"spec": {...} | "toml": "...", "set": ["k=v"], "id": "..."}``. HTTPException 400 if malformed."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype.startswith(TOML_TYPES):
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the TOML body must be UTF-8") from None
+        return text, query.getlist("set"), query.get("id")
+    if ctype != "application/json":
+        raise HTTPException(415, "send the spec as application/toml (or text/plain) or as application/json")
+    try:
+        data = orjson.loads(body or b"null")
+    except orjson.JSONDecodeError as exc:
+        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HTTPException(400, 'the JSON body must be an object: {"spec": {...} or "toml": "...", "set": [...]}')
+    unknown = sorted(set(data) - set(SUBMIT_KEYS))
+    if unknown:
+        raise HTTPException(400, f"unknown key(s) {', '.join(unknown)} in the body; known: {', '.join(SUBMIT_KEYS)}")
+    if ("spec" in data) == ("toml" in data):
+        raise HTTPException(400, 'the body needs exactly one of "spec" (a table) or "toml" (a string)')
+    spec = data.get("spec", data.get("toml"))
+    if "spec" in data and not isinstance(spec, dict):
+        raise HTTPException(400, f'"spec" must be a table, got {spec!r}')
+    if "toml" in data and not isinstance(spec, str):
+        raise HTTPException(400, f'"toml" must be a string, got {type(spec).__name__}')
+    sets = data.get("set") or []
+    if not isinstance(sets, list) or not all(isinstance(x, str) for x in sets):
+        raise HTTPException(400, f'"set" must be a list of "key=value" strings, got {sets!r}')
+    exp_id = data.get("id")
+    if exp_id is not None and not isinstance(exp_id, str):
+        raise HTTPException(400, f'"id" must be a string, got {exp_id!r}')
+    return spec, sets, exp_id
+
+
+def create_app(
+    lab: Lab,
+    token: str,
+    hosts: tuple[str, ...] = ("127.0.0.1",),
+    port: int = 7878,
+    service: LabService | None = None,
+) -> Starlette:
     """The Starlette app, every route behind :class:`dashboard.security.Guard`; ``hosts`` are the
-    names it answers to besides the loopback ones, ``port`` the port it listens on."""
+    names it answers to besides the loopback ones, ``port`` the port it listens on. With a
+    ``service`` (the lab daemon) it takes submissions and lists the queue; ``lab`` is its Lab."""
     registry = CollectorRegistry()
     registry.register(_LabCollector(lab))  # type: ignore[arg-type]
     cookie = cookie_name(port)
@@ -259,8 +312,32 @@ def create_app(lab: Lab, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
         return FileResponse(STATIC / name, media_type=STATIC_TYPES[name], headers={"Cache-Control": "no-cache"})
 
     async def experiments(request: Request) -> Response:
+        if request.method == "POST":
+            return await submit(request)
         exps = list(lab.experiments.values())
-        return _Json({"experiments": await asyncio.to_thread(lambda: [experiment_view(e) for e in exps])})
+        views = await asyncio.to_thread(lambda: [experiment_view(e) for e in exps])
+        out: dict[str, Any] = {"experiments": views}
+        if service is not None:  # the queue (start order, position 1 = next) and submissions that never ran
+            known = {v["id"] for v in views}
+            out["queued"] = [e for e in service.list() if e["id"] not in known]
+        return _Json(out)
+
+    async def submit(request: Request) -> Response:
+        if service is None:
+            raise HTTPException(
+                501,
+                "this dashboard serves a Lab without a submission queue; submit to a lab daemon (crucible lab serve)",
+            )
+        spec, sets, exp_id = submission(
+            request.headers.get("content-type", ""), await request.body(), request.query_params
+        )
+        try:
+            entry = await asyncio.to_thread(service.submit, spec, sets, exp_id)
+        except ServiceClosed as exc:
+            raise HTTPException(503, str(exc)) from None
+        except (SpecError, ValueError) as exc:  # a spec, override or id the CLI would refuse too
+            raise HTTPException(400, str(exc)) from None
+        return _Json(entry, status_code=201)
 
     async def experiment(request: Request) -> Response:
         exp = find(request.path_params["exp_id"])
@@ -300,7 +377,11 @@ def create_app(lab: Lab, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
             body = orjson.loads(await request.body() or b"{}")
         except orjson.JSONDecodeError:
             raise HTTPException(400, 'the body must be JSON: {"experiment": "<id>"}') from None
-        exp = find(body.get("experiment") if isinstance(body, dict) else None)
+        exp_id = valid_id("experiment id", body.get("experiment") if isinstance(body, dict) else None)
+        if service is not None and action != "restart":  # the service knows the queue: stop cancels a queued one
+            entry = await asyncio.to_thread(getattr(service, action), exp_id)
+            return _Json({"experiment": exp_id, "action": action, "status": entry["status"], "result": None})
+        exp = find(exp_id)
         if action == "restart":
             result = await asyncio.to_thread(exp.restart_pass)
         else:  # a transition the experiment cannot make raises a LifecycleError: a 409 (lab_error)
@@ -342,7 +423,7 @@ def create_app(lab: Lab, token: str, hosts: tuple[str, ...] = ("127.0.0.1",), po
         Route("/", index),
         Route("/static/plotly.min.js", plotly),
         *(Route(f"/static/{name}", static_file) for name in STATIC_TYPES),
-        Route("/api/experiments", experiments),
+        Route("/api/experiments", experiments, methods=["GET", "POST"]),
         Route("/api/experiments/{exp_id}", experiment),
         Route("/api/metrics/live", live),
         Route("/api/metrics/history", history),
@@ -378,7 +459,8 @@ def _push(lab: Lab, last_seq: dict[str, int]) -> dict[str, Any]:
 
 
 class Dashboard:
-    """Serves the app for ``lab`` with uvicorn on a daemon thread, from construction to :meth:`stop`.
+    """Serves the app for ``lab`` with uvicorn on a daemon thread, from construction to :meth:`stop`;
+    ``lab`` may be a :class:`~experiments.service.LabService` (the lab daemon): then it takes submissions.
 
     ``url``, ``token`` and ``token_file`` say where and how to reach it. ``port`` None means
     ``CRUCIBLE_DASH_PORT``, else 7878; 0 means any free port.
@@ -387,8 +469,11 @@ class Dashboard:
         OSError: the address cannot be listened on (taken, or not allowed); the message says which.
     """
 
-    def __init__(self, lab: Lab, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, lab: Lab | LabService, host: str = "127.0.0.1", port: int | None = None) -> None:
         import uvicorn
+
+        service = lab if isinstance(lab, LabService) else None
+        lab = lab.lab if isinstance(lab, LabService) else lab
 
         if port is None:
             port = int(os.environ.get("CRUCIBLE_DASH_PORT", "7878"))
@@ -405,7 +490,7 @@ class Dashboard:
             raise OSError(f"dashboard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.host, self.port = sock.getsockname()[:2]
         self.url = f"http://{f'[{self.host}]' if family == socket.AF_INET6 else self.host}:{self.port}/"
-        app = create_app(lab, self.token, (host, self.host), self.port)
+        app = create_app(lab, self.token, (host, self.host), self.port, service)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", ws_ping_interval=None)
         self.server = uvicorn.Server(config)
         self._sock = sock

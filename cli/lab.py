@@ -1,0 +1,179 @@
+"""``crucible lab serve`` (the lab daemon) and its clients: ``submit``, ``ls``, ``pause``, ``resume``, ``stop``.
+
+The daemon hosts a :class:`~experiments.service.LabService` and the dashboard on it, logs
+JSON lines to ``<artifacts>/daemon.log`` and stderr, and on SIGTERM or SIGINT stops every
+running experiment (flushed to disk), keeps the queue and exits 0. The client commands
+talk to it over HTTP (``--to URL``) with the token from ``CRUCIBLE_TOKEN`` or ``--token-file``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from cli.errors import EXIT_OK, UsageError
+from cli.run import stop_on_signals
+from experiments.validate import PORT, Num
+
+DAEMON_LOG = "daemon.log"
+
+
+class _Tee:
+    """structlog's output: every line to the daemon log file and to stderr; a failed write is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a", encoding="utf-8", buffering=1)
+
+    def write(self, text: str) -> int:
+        for stream in (self.file, sys.stderr):
+            try:
+                stream.write(text)
+            except (ValueError, OSError):
+                pass
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in (self.file, sys.stderr):
+            try:
+                stream.flush()
+            except (ValueError, OSError):
+                pass
+
+
+def log_to(path: Path, level: str) -> _Tee:
+    """JSON log lines to ``path`` and stderr, at ``level``."""
+    from actors.log import configure_logging
+
+    configure_logging(level, json=True)
+    tee = _Tee(path)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=tee))  # type: ignore[arg-type]
+    return tee
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from actors.recorder import check_artifacts_dir
+    from dashboard.server import Dashboard
+    from experiments.service import LabLocked, LabService
+
+    artifacts = check_artifacts_dir(args.artifacts)
+    # the daemon tells what it does at INFO unless --log-level asks for more (or, when set, for less)
+    tee = log_to(artifacts / DAEMON_LOG, "INFO" if args.log_level == "WARNING" else args.log_level)
+    log = structlog.get_logger("cli.lab")
+    try:
+        service = LabService(artifacts, max_running=args.max_experiments)
+    except LabLocked as exc:
+        raise UsageError(str(exc)) from None
+    dash = None
+    try:
+        with stop_on_signals() as stop_now:
+            try:
+                dash = Dashboard(service, args.host, args.port)
+            except OSError as exc:
+                raise UsageError(str(exc)) from None
+            sys.stdout.write(f"lab daemon: {dash.url} (artifacts {artifacts}, token in {dash.token_file})\n")
+            sys.stdout.write(f"dashboard: {dash.url}?token={dash.token}\n")
+            sys.stdout.flush()
+            log.info("lab daemon serving", url=dash.url, artifacts=str(artifacts), max_running=args.max_experiments)
+            while not stop_now.wait(1.0):
+                pass
+            log.info("lab daemon stopping on a signal")
+    finally:
+        try:
+            if dash is not None:
+                dash.stop()
+        finally:
+            service.shutdown()
+            log.info("lab daemon stopped")
+            tee.flush()
+    return EXIT_OK
+
+
+def client(args: argparse.Namespace) -> Any:
+    from dashboard.client import LabClient, LabClientError
+
+    try:
+        return LabClient(args.to, token_file=args.token_file)
+    except LabClientError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _call(args: argparse.Namespace, fn: Any, *a: Any) -> Any:
+    from dashboard.client import LabClientError
+
+    try:
+        return fn(*a)
+    except LabClientError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = Path(args.spec)
+    if not spec.is_file():
+        raise UsageError(f"spec {args.spec!r}: no such file")
+    with client(args) as c:
+        entry = _call(args, c.submit, spec, args.set or [], args.id)
+    sys.stdout.write(orjson.dumps(entry).decode() + "\n")
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        rows = _call(args, c.list)
+    if args.json:
+        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
+        return EXIT_OK
+    sys.stdout.write(f"{'ID':<32} {'STATUS':<10} {'POS':>4}  REASON\n")
+    for r in rows:
+        pos = "" if r.get("position") is None else str(r["position"])
+        sys.stdout.write(f"{r['id']:<32} {r['status']:<10} {pos:>4}  {r.get('reason') or ''}\n")
+    return EXIT_OK
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        entry = _call(args, getattr(c, args.command), args.id)
+    sys.stdout.write(f"{entry['experiment']}: {entry['status']}\n")
+    return EXIT_OK
+
+
+def _client_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", required=True, metavar="URL", help="the lab daemon's URL (crucible lab serve prints it)")
+    p.add_argument(
+        "--token-file", metavar="PATH", help="the daemon's <artifacts>/dashboard.token (default: CRUCIBLE_TOKEN)"
+    )
+
+
+def add_commands(sub: Any) -> None:
+    lab = sub.add_parser("lab", help="the lab daemon: a queue of experiments behind the dashboard's API")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    s = lab_sub.add_parser("serve", help="serve a Lab with a submission queue until SIGTERM/SIGINT")
+    s.add_argument("--artifacts", default="artifacts", help="artifacts folder (default ./artifacts); one daemon each")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=PORT.arg(), default=7878, help="port, 0 to 65535 (default 7878; 0 = any free)")
+    s.add_argument(
+        "--max-experiments",
+        type=Num(1, 1000, integer=True).arg(),
+        default=1,
+        help="experiments run at once, 1 to 1000 (default 1); the rest wait in the queue",
+    )
+    s.set_defaults(func=cmd_serve)
+    su = sub.add_parser("submit", help="queue a spec on a lab daemon")
+    su.add_argument("spec", help="experiment spec (TOML)")
+    su.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
+    su.add_argument("--id", help="experiment id (default: the spec's name, made unique)")
+    _client_opts(su)
+    su.set_defaults(func=cmd_submit)
+    ls = sub.add_parser("ls", help="list a lab daemon's experiments and its queue")
+    ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    _client_opts(ls)
+    ls.set_defaults(func=cmd_ls)
+    for action, what in (("pause", "pause"), ("resume", "resume"), ("stop", "stop (or cancel, when queued)")):
+        c = sub.add_parser(action, help=f"{what} an experiment of a lab daemon")
+        c.add_argument("id", help="experiment id")
+        _client_opts(c)
+        c.set_defaults(func=cmd_control)

@@ -1,0 +1,131 @@
+"""A Python client of a lab daemon's HTTP API (``crucible lab serve``), over httpx.
+
+``LabClient(url)`` finds its token in ``CRUCIBLE_TOKEN``, else in ``<artifacts>/dashboard.token``
+when ``artifacts`` is given (or a ``token_file``). Every call raises :class:`LabClientError`
+with the server's own message on a 4xx/5xx answer, and says so when the daemon cannot be
+reached. See docs/daemon.md.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+TOKEN_ENV = "CRUCIBLE_TOKEN"
+TOKEN_FILE = "dashboard.token"
+
+
+class LabClientError(RuntimeError):
+    """The daemon refused a request (``status`` is its HTTP status) or could not be reached (``status`` None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def find_token(
+    token: str | None = None, artifacts: str | Path | None = None, token_file: str | Path | None = None
+) -> str:
+    """The token to present: ``token``, else ``CRUCIBLE_TOKEN``, else the token file.
+
+    Raises:
+        LabClientError: none of them gives one.
+    """
+    if token:
+        return token
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return env
+    path = Path(token_file) if token_file is not None else Path(artifacts) / TOKEN_FILE if artifacts else None
+    if path is None:
+        raise LabClientError(f"no token: set {TOKEN_ENV} or give the daemon's token file (<artifacts>/{TOKEN_FILE})")
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise LabClientError(f"cannot read the token file {str(path)!r}: {exc.strerror or exc}") from None
+    if not text:
+        raise LabClientError(f"the token file {str(path)!r} is empty")
+    return text
+
+
+class LabClient:
+    """Submit, list and control the experiments of a lab daemon at ``url``."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        artifacts: str | Path | None = None,
+        token_file: str | Path | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        self.url = url.rstrip("/") + "/"
+        self.token = find_token(token, artifacts, token_file)
+        self.http = httpx.Client(
+            base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {self.token}"}, trust_env=False
+        )
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise LabClientError(f"cannot reach the lab daemon at {self.url}: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                message = orjson.loads(resp.content).get("error") or resp.text
+            except (orjson.JSONDecodeError, AttributeError):
+                message = resp.text or resp.reason_phrase
+            raise LabClientError(f"{resp.status_code}: {message}", resp.status_code)
+        return orjson.loads(resp.content)
+
+    def submit(
+        self, spec: str | Path | dict[str, Any], overrides: list[str] | None = None, experiment_id: str | None = None
+    ) -> dict[str, Any]:
+        """Queue a spec: a dict, TOML text, or a path to a TOML file. ``{"id", "status", ...}``."""
+        if isinstance(spec, Path):
+            try:
+                spec = spec.read_text()
+            except OSError as exc:
+                raise LabClientError(f"cannot read the spec {str(spec)!r}: {exc.strerror or exc}") from None
+        body: dict[str, Any] = {"spec": spec} if isinstance(spec, dict) else {"toml": spec}
+        body["set"] = list(overrides or [])
+        if experiment_id is not None:
+            body["id"] = experiment_id
+        return self._call("POST", "api/experiments", json=body)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every experiment: those of the Lab (running, paused, ended), then the never-run and queued ones."""
+        data = self._call("GET", "api/experiments")
+        keys = ("id", "run_id", "status", "reason", "workload")
+        out = [{k: e.get(k) for k in keys} | {"position": None} for e in data.get("experiments", [])]
+        return out + list(data.get("queued", []))
+
+    def _control(self, action: str, exp_id: str) -> dict[str, Any]:
+        return self._call("POST", f"api/control/{action}", json={"experiment": exp_id})
+
+    def pause(self, exp_id: str) -> dict[str, Any]:
+        return self._control("pause", exp_id)
+
+    def resume(self, exp_id: str) -> dict[str, Any]:
+        return self._control("resume", exp_id)
+
+    def stop(self, exp_id: str) -> dict[str, Any]:
+        """Stop a running experiment, or cancel a queued one."""
+        return self._control("stop", exp_id)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> LabClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["TOKEN_ENV", "LabClient", "LabClientError", "find_token"]
