@@ -87,6 +87,7 @@ class CheckpointStore:
         if self.path is None:
             return
         with self._lock:
+            self.state["saved_at"] = time.time()  # its age tells how much work a crash lost
             data = orjson.dumps(self.state, option=orjson.OPT_SERIALIZE_NUMPY)
         atomic_write(self.path, data)
 
@@ -152,10 +153,12 @@ class PhaseActor(Actor):
     def on_start(self) -> None:
         cp = self.checkpoints.get()
         counters = cp.get("counters") or {}
+        resume = cp.get("resume") if isinstance(cp.get("resume"), dict) else None
         self.emitter = Emitter(
             self.topics,
             self.experiment_id,
             self.run_id,
+            seq_start=int(resume["seq_start"]) if resume else 0,
             counters=counters,
             on_publish=self._published,
             watch=self.watch,
@@ -168,17 +171,20 @@ class PhaseActor(Actor):
             self._publish_status(force=True)
             self.exit()
             return
+        self.paused = bool(cp.get("paused", False))
         if "workload" in cp:
             self.steps = int(cp.get("steps", 0))
             self._active_s = float(cp.get("active_s", 0.0))
-            self.paused = bool(cp.get("paused", False))
         self._mark = self.clock()
         use_clock = getattr(self.workload, "use_clock", None)  # optional: a workload that times itself
         if use_clock is not None:
             use_clock(self.active_time)
         if "workload" in cp:
             self.workload.restore(cp["workload"])
-            self.emitter.hold(self.paused)
+        self.emitter.hold(self.paused)
+        if resume is not None:
+            self._announce_resume(resume)
+        elif "workload" in cp:
             self.emitter.emit(
                 "phase_restart",
                 {"steps": float(self.steps)},
@@ -190,6 +196,36 @@ class PhaseActor(Actor):
         self._publish_status(force=True)
         if not self.paused:
             self._next_step()
+
+    def _announce_resume(self, resume: dict[str, Any]) -> None:
+        """The first start in a new process after the old one died: say from which checkpoint
+        the run goes on and how much work the crash lost (once: a later restart of this phase
+        in the same process is an ordinary ``phase_restart``)."""
+        figures = {
+            k: float(v)
+            for k, v in resume.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seq_start"
+        }
+        figures["steps"] = float(self.steps)
+        figures["active_s"] = self._active_s
+        for k, v in self.workload.checkpoint().items():  # what was restored: a best k, a call count
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                figures[f"restored_{k}"] = float(v)
+        age, lost_s = resume.get("checkpoint_age_s"), resume.get("lost_s")
+        self.emitter.emit(
+            "resumed",
+            figures,
+            parameters=self.workload.params(),
+            notes=(
+                f"resumed after a crash (resume {resume.get('resumes', 1)}) from the checkpoint of step"
+                f" {self.steps}"
+                + (f", {age:.1f} s old" if isinstance(age, (int, float)) else ", no checkpoint")
+                + f"; {resume.get('events_after_checkpoint', 0)} events were published after it"
+                + (f", {lost_s:.2f} s of work to redo" if isinstance(lost_s, (int, float)) else "")
+            ),
+        )
+        self.checkpoints.update(self, resume=None)
+        self.checkpoints.save()
 
     def _published(self, counters: dict[str, int]) -> None:
         self.checkpoints.update(self, counters=counters)

@@ -22,6 +22,7 @@ the host program; two Labs in one process share nothing.
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -51,12 +52,17 @@ from telemetry.rundir import (
     LIFECYCLE,
     LIFECYCLE_SCHEMA,
     LIVE,
+    RECORDER_STATE,
     SPEC,
     SUMMARY,
     RunStatus,
+    find_runs,
+    last_event_seq,
+    last_event_ts,
     owner_info,
     read_json,
     read_summary,
+    run_status,
     write_json,
 )
 from telemetry.schema import check_id
@@ -104,6 +110,58 @@ class ExperimentMetrics(StreamingMetrics):
         self.final.publish(self.snapshot())
 
 
+def resume_point(run_dir: Path, checkpoint: dict[str, Any], resumes: int) -> dict[str, Any]:
+    """Where a crashed run's events go on, and its emitter counters, from its checkpoint and disk.
+
+    The new emitter numbers from ``seq_start`` = max(the checkpoint's ``published``, the last
+    seq on disk + 1, what the Recorder last heard): the Recorder skips rows at or below the
+    last seq on disk as replays, so a lower start would silently lose new events. Every seq
+    below the start counts as published, so what was published (or taken into a batch held
+    by a pause) and never reached the disk (the in-flight batches lost in the kill) is
+    accounted as lost in transit; ``emitted`` is then ``published + dropped``, which keeps
+    ``emitted = persisted + dropped + sampled_out`` balanced across the restart.
+    """
+    cp_counters = {k: int(v) for k, v in (checkpoint.get("counters") or {}).items() if isinstance(v, int)}
+    try:
+        rec_counters = (read_json(run_dir / RECORDER_STATE) or {}).get("counters") or {}
+    except (OSError, ValueError):
+        rec_counters = {}
+    rec_counters = {k: int(v) for k, v in rec_counters.items() if isinstance(v, int) and not isinstance(v, bool)}
+    published = cp_counters.get("published", 0)
+    dropped = max(cp_counters.get("dropped", 0), rec_counters.get("dropped", 0))
+    unsent = max(0, cp_counters.get("emitted", 0) - published - cp_counters.get("dropped", 0))  # held back
+    last_seq = last_event_seq(run_dir)
+    seq_start = max(
+        published + unsent,
+        last_seq + 1,
+        rec_counters.get("published", 0),
+        rec_counters.get("emitted", 0) - rec_counters.get("dropped", 0),
+    )
+    counters = {
+        "emitted": seq_start + dropped,
+        "published": seq_start,
+        "dropped": dropped,
+        "rejected": max(cp_counters.get("rejected", 0), rec_counters.get("rejected", 0)),
+    }
+    now = time.time()
+    saved = checkpoint.get("saved_at")
+    saved = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else None
+    last_ts = last_event_ts(run_dir)
+    info: dict[str, Any] = {
+        "seq_start": seq_start,
+        "resumes": resumes,
+        "last_seq_on_disk": last_seq,
+        "checkpoint_steps": int(checkpoint.get("steps", 0) or 0),
+        "checkpoint_published": published,
+        "events_after_checkpoint": seq_start - published,
+    }
+    if saved is not None:
+        info["checkpoint_age_s"] = max(0.0, now - saved)
+        if last_ts is not None:
+            info["lost_s"] = max(0.0, last_ts / 1e6 - saved)
+    return {"counters": counters, "resume": info}
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
@@ -119,7 +177,9 @@ class Experiment:
     :mod:`telemetry.rundir`).
     """
 
-    def __init__(self, lab: Lab, spec: dict[str, Any], exp_id: str, run_id: str) -> None:
+    def __init__(
+        self, lab: Lab, spec: dict[str, Any], exp_id: str, run_id: str, resume: dict[str, Any] | None = None
+    ) -> None:
         self.lab = lab
         self.spec = spec
         self.id = exp_id
@@ -147,6 +207,8 @@ class Experiment:
         self.paused_duration = 0.0
         self.pause_count = 0
         self.resume_count = 0
+        self.resumes = 0  # how many times the run was resumed in a new process after its owner died
+        self._prior = {"wall": 0.0, "active": 0.0, "paused": 0.0, "down": 0.0}  # before the last such resume
         self.sup: SupervisorRef | None = None
         self._final_summary: dict[str, Any] | None = None
         self._final_metrics: dict[str, Any] | None = None
@@ -154,8 +216,35 @@ class Experiment:
         self._phase_snap = Snapshot()  # published by the phase at its safe points
         self._metrics_snap = Snapshot()  # refreshed by asking StreamingMetrics (one ask at a time)
         self._owner = owner_info()
-        write_json(self.run_dir / SPEC, spec)
+        if resume is None:
+            write_json(self.run_dir / SPEC, spec)
+        else:
+            self._take_over(resume)
         self._write_lifecycle()
+
+    def _take_over(self, rec: dict[str, Any]) -> None:
+        """Carry a crashed run's lifecycle record over: counts, the original start, and the time
+        it had run, been paused and been down (nobody running it) before this process took it."""
+        now = time.time()
+
+        def num(key: str) -> float:
+            v = rec.get(key)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+
+        cp_active = self.checkpoints.get().get("active_s")
+        active = max(num("active_duration"), float(cp_active) if isinstance(cp_active, (int, float)) else 0.0)
+        paused = num("paused_duration")
+        started = rec.get("started_at")
+        wall = max(now - started, active + paused) if isinstance(started, (int, float)) else active + paused
+        self._prior = {"wall": wall, "active": active, "paused": paused, "down": wall - active - paused}
+        self._wall["started_at"] = started if isinstance(started, (int, float)) else now
+        self._wall["resumed_at"] = now
+        self.pause_count = int(num("pause_count"))
+        self.resume_count = int(num("resume_count"))
+        self.resumes = int(num("resumes")) + 1
+        if rec.get("status") == RunStatus.PAUSED:
+            self._status = RunStatus.PAUSED  # the pause goes on: it ends with resume() or stop()
+            self._paused_at = self.clock()
 
     # --- the tree ------------------------------------------------------------------------------------
 
@@ -262,7 +351,8 @@ class Experiment:
                 },
             ),
         ]
-        self._attach_event_subscribers(True)
+        if self._status != RunStatus.PAUSED:  # a run resumed paused starts detached, as pause() leaves it
+            self._attach_event_subscribers(True)
         topics.subscribe_name("metrics", "hypertune", reg)
         topics.subscribe_name("anomalies", "hypertune", reg)
         topics.subscribe_name("anomalies", "sampler", reg)
@@ -535,12 +625,15 @@ class Experiment:
         end = self.ended_at if self.ended_at is not None else self.clock()
         paused = self.paused_duration + (end - self._paused_at if self._paused_at is not None else 0.0)
         wall = end - self.started_at
+        prior = self._prior
         return {
-            "wall_clock_duration": wall,
-            "active_duration": wall - paused,
-            "paused_duration": paused,
+            "wall_clock_duration": prior["wall"] + wall,
+            "active_duration": prior["active"] + wall - paused,
+            "paused_duration": prior["paused"] + paused,
+            "down_duration": prior["down"],
             "pause_count": self.pause_count,
             "resume_count": self.resume_count,
+            "resumes": self.resumes,
         }
 
     def durations(self) -> dict[str, Any]:
@@ -681,6 +774,82 @@ class Lab:
             raise
         exp._attach(sup)  # type: ignore[arg-type]
         log.info("experiment started", experiment=exp_id, run_id=exp.run_id, workload=full["workload"]["name"])
+        return exp
+
+    def recover(self) -> list[Experiment]:
+        """Resume every run under this Lab's artifacts folder whose owner died while it was
+        running or paused (status ``crashed``), each in its own run directory, with its id,
+        run id and saved spec; return their handles (running, or paused as they were).
+
+        The phase restores the workload from ``checkpoint.json`` and emits ``resumed``; events
+        go on numbered after those on disk (see :func:`resume_point`). A run whose owner is
+        alive, one that ended, one whose id this Lab already runs, and one another Lab took
+        over first are left alone. See docs/experiments.md, *Resuming after a crash*.
+        """
+        if self._closed:
+            raise NotRunning("this Lab has been shut down")
+        out = []
+        for run_dir in reversed(find_runs(self.artifacts)):  # oldest first
+            report = run_status(run_dir)
+            if report.status != RunStatus.CRASHED:
+                continue
+            try:
+                exp = self._resume_run(run_dir, report.record)
+            except Exception:
+                log.exception("could not resume a crashed run", run_dir=str(run_dir))
+                continue
+            if exp is not None:
+                out.append(exp)
+        return out
+
+    def _claim(self, run_dir: Path, resumes: int) -> bool:
+        """Take the run over, or learn that another Lab did: one marker per resume, created exclusively."""
+        try:
+            fd = os.open(run_dir / f".resume.{resumes}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+    def _resume_run(self, run_dir: Path, rec: dict[str, Any]) -> Experiment | None:
+        exp_id, run_id = run_dir.parent.name, run_dir.name
+        spec = read_json(run_dir / SPEC)
+        if spec is None:
+            log.error("crashed run has no spec; not resumed", run_dir=str(run_dir))
+            return None
+        full = spec  # the effective spec, as validated when the run began
+        resumes = int(rec.get("resumes") or 0) + 1
+        with self._lock:
+            if exp_id in self.experiments:
+                log.warning("a crashed run's id is taken in this Lab; not resumed", experiment=exp_id, run_id=run_id)
+                return None
+            if not self._claim(run_dir, resumes):
+                log.info("crashed run taken over by another Lab", experiment=exp_id, run_id=run_id)
+                return None
+            exp = Experiment(self, full, exp_id, run_id, resume=rec)
+            point = resume_point(run_dir, exp.checkpoints.get(), resumes)
+            exp.checkpoints.update(
+                counters=point["counters"], resume=point["resume"], paused=exp.status() == RunStatus.PAUSED
+            )
+            exp.checkpoints.save()
+            self.experiments[exp_id] = exp
+        try:
+            sup = self.sup.start_child(exp.child_spec())
+        except BaseException as exc:
+            with self._lock:
+                self.experiments.pop(exp_id, None)
+            exp._fail_start(exc)
+            raise
+        exp._attach(sup)  # type: ignore[arg-type]
+        log.info(
+            "experiment resumed after a crash",
+            experiment=exp_id,
+            run_id=run_id,
+            status=str(exp.status()),
+            seq_start=point["resume"]["seq_start"],
+            resumes=resumes,
+        )
         return exp
 
     def get(self, experiment_id: str) -> Experiment:

@@ -327,6 +327,29 @@ def last_event_ts(run_dir: Path) -> int | None:
     return None
 
 
+def last_event_seq(run_dir: Path) -> int:
+    """The ``seq`` of the run's last complete event line; -1 when there is none.
+
+    A run resumed after a crash numbers its new events from here on: the Recorder skips
+    rows whose seq is not above what it finds on disk (as replays)."""
+    for seg in reversed(run_segments(run_dir)):
+        try:
+            with seg.open("rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - (64 << 10)))
+                tail = fh.read()
+        except FileNotFoundError:
+            continue
+        for line in reversed(tail[: tail.rfind(b"\n") + 1].splitlines()):
+            try:
+                seq = orjson.loads(line).get("seq")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                return seq
+    return -1
+
+
 def _mtime(p: Path) -> float | None:
     try:
         return p.stat().st_mtime

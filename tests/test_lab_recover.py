@@ -1,0 +1,216 @@
+"""Crash-only restart: a process hosting a Lab is killed (SIGKILL) and a new Lab on the same
+artifacts folder resumes its runs (Lab.recover), in the same run directories, numbering
+events after those on disk and keeping the run's accounting balanced across the kill."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from experiments.lab import Lab
+from telemetry.jsonl import iter_run
+from telemetry.rundir import (
+    CHECKPOINT,
+    LIFECYCLE,
+    RunStatus,
+    count_events,
+    last_event_seq,
+    read_json,
+    run_status,
+)
+from tests.fault_helpers import check_accounts, until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The host process: resumes what a previous host left, or starts the experiments named in
+# argv[2] (``name:kind[:paused]``), then lives until it is killed.
+HOST = """
+import sys, threading
+from experiments.lab import Lab
+from telemetry.rundir import count_events
+from tests.fault_helpers import coloring_spec, latency_spec, until
+lab = Lab(sys.argv[1])
+if not lab.recover():
+    for item in sys.argv[2].split(","):
+        name, kind, *flags = item.split(":")
+        spec = (latency_spec if kind == "latency" else coloring_spec)(name, budget=600)
+        exp = lab.start_experiment(spec, experiment_id=name)
+        if "paused" in flags:
+            until(lambda: count_events(exp.run_dir) > 0, 60, "events before the pause")
+            exp.pause()
+threading.Event().wait()
+"""
+
+
+def host(artifacts: Path, experiments: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", HOST, str(artifacts), experiments],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def run_dir(artifacts: Path, exp_id: str) -> Path:
+    dirs = [d for d in (artifacts / exp_id).iterdir() if d.is_dir()] if (artifacts / exp_id).is_dir() else []
+    assert len(dirs) <= 1, dirs
+    return dirs[0] if dirs else artifacts / exp_id / "-"
+
+
+def record(artifacts: Path, exp_id: str) -> dict[str, Any]:
+    try:
+        return read_json(run_dir(artifacts, exp_id) / LIFECYCLE) or {}
+    except ValueError:
+        return {}
+
+
+def events_of(d: Path, name: str) -> list[dict[str, Any]]:
+    return [e for e in iter_run(d) if e["name"] == name]
+
+
+def wait_for_events(artifacts: Path, exp_id: str, n: int, what: str) -> None:
+    until(lambda: count_events(run_dir(artifacts, exp_id)) >= n, 60, what)
+
+
+def test_a_killed_lab_s_runs_resume_in_a_new_lab(tmp_path: Path) -> None:
+    proc = host(tmp_path, "run:latency,held:latency:paused")
+    try:
+        wait_for_events(tmp_path, "run", 300, "events of the running experiment")
+        until(lambda: record(tmp_path, "held").get("status") == "paused", 60, "the paused experiment")
+    finally:
+        kill(proc)
+    run_d, held_d = run_dir(tmp_path, "run"), run_dir(tmp_path, "held")
+    before = {d: record(tmp_path, d.parent.name) for d in (run_d, held_d)}
+    assert run_status(run_d).status == RunStatus.CRASHED and run_status(held_d).status == RunStatus.CRASHED
+    on_disk, last_seq = count_events(run_d), last_event_seq(run_d)
+
+    lab = Lab(tmp_path)
+    try:
+        exps = {e.id: e for e in lab.recover()}
+        assert sorted(exps) == ["held", "run"]
+        run, held = exps["run"], exps["held"]
+        assert (run.run_id, run.run_dir, held.run_id, held.run_dir) == (run_d.name, run_d, held_d.name, held_d)
+        assert run.status() == "running" and held.status() == "paused"
+        assert lab.recover() == []  # taken over: nothing is crashed any more
+        for d in (run_d, held_d):
+            rec = read_json(d / LIFECYCLE)
+            assert rec["owner"]["pid"] == os.getpid() and rec["resumes"] == 1
+            assert rec["started_at"] == before[d]["started_at"]
+            assert run_status(d).status in (RunStatus.RUNNING, RunStatus.PAUSED)
+        # the run goes on recording, the paused one stays parked with nothing new on disk
+        wait_for_events(tmp_path, "run", on_disk + 300, "events after the resume")
+        held_n = count_events(held_d)
+        assert held.phase_status(max_age=0, wait=30)["paused"] is True
+        assert count_events(held_d) == held_n
+        # durations carry over: the time run before the kill counts
+        d = run.durations()
+        assert d["active_duration"] >= before[run_d]["active_duration"] and d["resumes"] == 1
+        assert d["wall_clock_duration"] >= d["active_duration"] + d["paused_duration"] - 1e-6
+        hd = held.durations()
+        assert hd["pause_count"] == 1 and hd["paused_duration"] >= before[held_d]["paused_duration"]
+        run.stop()
+        held.stop()
+        for exp in (run, held):
+            s = check_accounts(exp, tmp_path, lossless=False)
+            assert s["events_lost_in_transit"] >= 0
+            (resumed,) = events_of(exp.run_dir, "resumed")
+            assert resumed["values"]["resumes"] == 1.0 and "checkpoint_age_s" in resumed["values"]
+            assert resumed["values"]["restored_done"] >= 0
+            assert exp.summary()["active_duration"] >= before[exp.run_dir]["active_duration"]
+        (resumed,) = events_of(run_d, "resumed")
+        assert resumed["seq"] > last_seq  # numbered after what the killed process left on disk
+    finally:
+        lab.shutdown()
+
+
+def test_a_run_killed_again_and_again_keeps_its_events_and_accounts(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    kills = 3
+    proc = host(tmp_path, "loop:latency")
+    try:
+        for _ in range(kills):
+            n = count_events(run_dir(tmp_path, "loop"))
+            wait_for_events(tmp_path, "loop", n + rng.randint(20, 1500), "events before the next kill")
+            kill(proc)
+            assert run_status(run_dir(tmp_path, "loop")).status == RunStatus.CRASHED
+            proc = host(tmp_path, "loop:latency")
+    finally:
+        kill(proc)
+    lab = Lab(tmp_path)
+    try:
+        (exp,) = lab.recover()
+        n = count_events(exp.run_dir)
+        wait_for_events(tmp_path, "loop", n + 100, "events after the last resume")
+        resumes = read_json(exp.run_dir / LIFECYCLE)["resumes"]
+        assert resumes >= kills  # the last host may have died before it took the run over
+        exp.stop()
+        s = check_accounts(exp, tmp_path, lossless=False)
+        assert s["events_lost_in_transit"] >= 0
+        resumed = events_of(exp.run_dir, "resumed")
+        assert [int(e["values"]["resumes"]) for e in resumed][-1] == resumes
+        assert [e["values"]["resumes"] for e in resumed] == sorted({e["values"]["resumes"] for e in resumed})
+    finally:
+        lab.shutdown()
+
+
+def test_a_colouring_run_resumes_from_its_best_k(tmp_path: Path) -> None:
+    proc = host(tmp_path, "col:coloring")
+
+    def best_k() -> Any:
+        try:
+            cp = orjson.loads((run_dir(tmp_path, "col") / CHECKPOINT).read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return None
+        return (cp.get("workload") or {}).get("best_k")
+
+    try:
+        until(lambda: best_k() is not None, 60, "a checkpoint with a best k")
+    finally:
+        kill(proc)
+    k = best_k()
+    lab = Lab(tmp_path)
+    try:
+        (exp,) = lab.recover()
+        until(lambda: events_of(exp.run_dir, "resumed"), 60, "the resumed event")
+        (resumed,) = events_of(exp.run_dir, "resumed")
+        assert resumed["values"]["restored_best_k"] == k
+        until(lambda: (best_k() or k + 1) <= k and count_events(exp.run_dir) > resumed["seq"], 60, "a new step")
+        exp.stop()
+        check_accounts(exp, tmp_path, lossless=False)
+    finally:
+        lab.shutdown()
+
+
+@pytest.mark.parametrize("status", ["stopped"])
+def test_runs_that_ended_or_live_elsewhere_are_left_alone(tmp_path: Path, status: str) -> None:
+    lab = Lab(tmp_path)
+    try:
+        from tests.fault_helpers import latency_spec
+
+        done = lab.start_experiment(latency_spec("done", budget=0.2), experiment_id="done")
+        assert done.wait(30)
+        live = lab.start_experiment(latency_spec("live", budget=600), experiment_id="live")
+        other = Lab(tmp_path)  # a second Lab in this (live) process: the owner is alive
+        try:
+            assert other.recover() == []
+            assert read_json(live.run_dir / LIFECYCLE)["resumes"] == 0
+            assert run_status(done.run_dir).status == RunStatus(status)
+        finally:
+            other.shutdown()
+        live.stop()
+    finally:
+        lab.shutdown()
