@@ -485,6 +485,7 @@ class Dashboard:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))  # port 0: any free port; the URL says which
+            sock.listen(2048)  # connections queue from now on: the URL works as soon as it is known
         except OSError as exc:
             sock.close()
             raise OSError(f"dashboard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
