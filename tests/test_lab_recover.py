@@ -65,6 +65,29 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=30)
 
 
+def kill_when(proc: subprocess.Popen[bytes], cond: Any, what: str) -> None:
+    """SIGKILL the host at a moment when ``cond`` holds of its files: it is frozen (SIGSTOP)
+    while they are read, so what the check saw is what the kill leaves."""
+
+    def frozen_check() -> bool:
+        os.kill(proc.pid, signal.SIGSTOP)
+        if cond():
+            return True
+        os.kill(proc.pid, signal.SIGCONT)
+        return False
+
+    until(frozen_check, 60, what)
+    kill(proc)
+
+
+def checkpoint_published(d: Path) -> int:
+    try:
+        cp = orjson.loads((d / CHECKPOINT).read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return 0
+    return int((cp.get("counters") or {}).get("published", 0))
+
+
 def run_dir(artifacts: Path, exp_id: str) -> Path:
     dirs = [d for d in (artifacts / exp_id).iterdir() if d.is_dir()] if (artifacts / exp_id).is_dir() else []
     assert len(dirs) <= 1, dirs
@@ -88,11 +111,21 @@ def wait_for_events(artifacts: Path, exp_id: str, n: int, what: str) -> None:
 
 def test_a_killed_lab_s_runs_resume_in_a_new_lab(tmp_path: Path) -> None:
     proc = host(tmp_path, "run:latency,held:latency:paused")
+
+    def events_after_the_checkpoint() -> bool:
+        d = run_dir(tmp_path, "run")
+        published = checkpoint_published(d)
+        return (
+            record(tmp_path, "held").get("status") == "paused"
+            and 0 < published < last_event_seq(d) + 1  # a new emitter numbering from the checkpoint would replay
+        )
+
     try:
         wait_for_events(tmp_path, "run", 300, "events of the running experiment")
-        until(lambda: record(tmp_path, "held").get("status") == "paused", 60, "the paused experiment")
+        kill_when(proc, events_after_the_checkpoint, "events on disk newer than the checkpoint")
     finally:
-        kill(proc)
+        if proc.poll() is None:
+            kill(proc)
     run_d, held_d = run_dir(tmp_path, "run"), run_dir(tmp_path, "held")
     before = {d: record(tmp_path, d.parent.name) for d in (run_d, held_d)}
     assert run_status(run_d).status == RunStatus.CRASHED and run_status(held_d).status == RunStatus.CRASHED
