@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from experiments.lab import Lab
+from experiments.lab import Lab, resume_point
 from telemetry.jsonl import iter_run
 from telemetry.rundir import (
     CHECKPOINT,
@@ -26,7 +27,7 @@ from telemetry.rundir import (
     read_json,
     run_status,
 )
-from tests.fault_helpers import check_accounts, until
+from tests.fault_helpers import check_accounts, latency_spec, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,12 +229,9 @@ def test_a_colouring_run_resumes_from_its_best_k(tmp_path: Path) -> None:
         lab.shutdown()
 
 
-@pytest.mark.parametrize("status", ["stopped"])
-def test_runs_that_ended_or_live_elsewhere_are_left_alone(tmp_path: Path, status: str) -> None:
+def test_runs_that_ended_or_whose_owner_lives_are_left_alone(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
     try:
-        from tests.fault_helpers import latency_spec
-
         done = lab.start_experiment(latency_spec("done", budget=0.2), experiment_id="done")
         assert done.wait(30)
         live = lab.start_experiment(latency_spec("live", budget=600), experiment_id="live")
@@ -241,9 +239,42 @@ def test_runs_that_ended_or_live_elsewhere_are_left_alone(tmp_path: Path, status
         try:
             assert other.recover() == []
             assert read_json(live.run_dir / LIFECYCLE)["resumes"] == 0
-            assert run_status(done.run_dir).status == RunStatus(status)
+            assert run_status(done.run_dir).status == RunStatus.STOPPED
+            assert not list(live.run_dir.glob(".resume.*"))
         finally:
             other.shutdown()
         live.stop()
     finally:
         lab.shutdown()
+
+
+counts = st.integers(min_value=0, max_value=10_000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    published=counts, dropped=counts, held=counts, on_disk=st.integers(-1, 20_000), heard=counts, saved=st.booleans()
+)
+def test_a_resume_numbers_after_everything_used_and_balances(
+    tmp_path_factory: Any, published: int, dropped: int, held: int, on_disk: int, heard: int, saved: bool
+) -> None:
+    """Whatever the checkpoint, the disk and the Recorder's state say, the new emitter numbers
+    after every seq any of them has seen, and its counters satisfy emitted = published + dropped
+    (what the Recorder's accounting needs to balance), never below what the Recorder heard."""
+    d = tmp_path_factory.mktemp("run")
+    if on_disk >= 0:
+        (d / "events.jsonl").write_bytes(orjson.dumps({"seq": on_disk, "ts": 1_000_000}) + b"\n" + b'{"seq": 99999')
+    (d / "recorder.json").write_bytes(orjson.dumps({"counters": {"published": heard, "emitted": heard + 1}}))
+    cp: dict[str, Any] = {
+        "counters": {"published": published, "dropped": dropped, "emitted": published + dropped + held},
+        "steps": 3,
+    }
+    if saved:
+        cp["saved_at"] = 0.5
+    point = resume_point(d, cp, 2)
+    c, info = point["counters"], point["resume"]
+    assert info["seq_start"] == c["published"] >= max(published + held, on_disk + 1, heard)
+    assert c["emitted"] == c["published"] + c["dropped"] and c["dropped"] >= dropped
+    assert c["emitted"] >= heard + 1
+    assert info["last_seq_on_disk"] == on_disk and info["events_after_checkpoint"] == c["published"] - published
+    assert ("lost_s" in info) == (saved and on_disk >= 0)
