@@ -317,9 +317,8 @@ def create_app(
         exps = list(lab.experiments.values())
         views = await asyncio.to_thread(lambda: [experiment_view(e) for e in exps])
         out: dict[str, Any] = {"experiments": views}
-        if service is not None:  # the queue (start order, position 1 = next) and submissions that never ran
-            known = {v["id"] for v in views}
-            out["queued"] = [e for e in service.list() if e["id"] not in known]
+        if service is not None:
+            out["queued"] = queued_view(service, views)
         return _Json(out)
 
     async def submit(request: Request) -> Response:
@@ -399,7 +398,7 @@ def create_app(
         last_seq: dict[str, int] = {}
         try:
             while True:
-                payload = await asyncio.to_thread(_push, lab, last_seq)
+                payload = await asyncio.to_thread(_push, lab, last_seq, service)
                 await asyncio.wait_for(websocket.send_bytes(orjson.dumps(payload)), SEND_TIMEOUT_S)
                 await asyncio.sleep(PUSH_INTERVAL_S)
         except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
@@ -440,8 +439,14 @@ def create_app(
     return app
 
 
-def _push(lab: Lab, last_seq: dict[str, int]) -> dict[str, Any]:
-    """One batched push: every experiment's state and its events since the last push."""
+def queued_view(service: LabService, views: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The queue (start order, position 1 = next) and submissions that never ran."""
+    known = {v["id"] for v in views}
+    return [e for e in service.list() if e["id"] not in known]
+
+
+def _push(lab: Lab, last_seq: dict[str, int], service: LabService | None = None) -> dict[str, Any]:
+    """One batched push: every experiment's state and its events since the last push (and the queue)."""
     exps = []
     events: dict[str, list[dict[str, Any]]] = {}
     for exp in list(lab.experiments.values()):
@@ -455,7 +460,10 @@ def _push(lab: Lab, last_seq: dict[str, int]) -> dict[str, Any]:
             if new:
                 last_seq[exp.id] = new[-1]["seq"]
                 events[exp.id] = new
-    return {"experiments": exps, "events": events}
+    out: dict[str, Any] = {"experiments": exps, "events": events}
+    if service is not None:
+        out["queued"] = queued_view(service, exps)
+    return out
 
 
 class Dashboard:

@@ -266,3 +266,26 @@ def test_the_lab_knows_nothing_of_the_dashboard():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_daemons_queue_reaches_the_page_in_every_push(tmp_path):
+    """With a lab daemon's service behind it, each WebSocket push carries the queue (what waits
+    for a slot, in order), as GET /api/experiments does; a plain Lab's pushes carry none."""
+    from websockets.sync.client import connect
+
+    from experiments.service import LabService
+
+    service = LabService(tmp_path / "art", max_running=1)
+    dash = Dashboard(service, port=0)
+    try:
+        first = service.submit({**LATENCY, "name": "first"})
+        second = service.submit({**LATENCY, "name": "second"})
+        assert (first["status"], second["status"]) == ("running", "queued")
+        url = dash.url.replace("http://", "ws://") + "ws"
+        with connect(url, additional_headers={"Authorization": f"Bearer {dash.token}"}) as ws:
+            msg = orjson.loads(ws.recv(timeout=30))
+        assert [e["id"] for e in msg["experiments"]] == ["first"]
+        assert [(q["id"], q["status"], q["position"]) for q in msg["queued"]] == [("second", "queued", 1)]
+    finally:
+        dash.stop()
+        service.shutdown()

@@ -174,6 +174,12 @@ function renderList() {
                      "not running");
 }
 
+function renderQueue(queued) {
+  // a lab daemon's submissions that wait for a slot (or were cancelled, or failed to start)
+  const rows = (queued || []).map(q => [q.id, q.position ?? "", q.status]);
+  fillTable("queue", ["submission", "position", "status"], rows, queued ? "empty" : "no queue (a Lab, not a daemon)");
+}
+
 function renderDetails(d) {
   const best = d.best;
   document.getElementById("best").textContent = best ? fmt(best.value) : "-";
@@ -240,6 +246,7 @@ function connect() {
     const d = JSON.parse(new TextDecoder().decode(m.data));
     window.__pushes++;
     experiments = d.experiments;
+    renderQueue(d.queued);
     if (!selected && experiments.length) { select(experiments[0].id); return; }
     if (selected && !view.loading && d.events[selected]) addEvents(d.events[selected]);
     renderList(); draw();
