@@ -23,11 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from actors.base import ActorRef, on_death
+from actors.base import NORMAL, SHUTDOWN, ActorRef, on_death
 from actors.log import get_logger
 from actors.messages import encode
 
 log = get_logger("actors.registry")
+CLEAN_EXITS = (NORMAL, SHUTDOWN)  # an actor that left on purpose: later sends are not loss
 
 UNDELIVERED_LOG_S = 10.0  # at most one warning per name this often about undelivered messages
 
@@ -48,11 +49,20 @@ class Registry:
         self.stash_dropped = 0  # stashed messages dropped (full, or the name never came back)
         self._undelivered: dict[str, int] = {}
         self._warned_at: dict[str, float] = {}
+        self._retired: set[str] = set()  # names whose actor exited cleanly for good (a shutdown)
+        self._after_exit: dict[str, int] = {}
 
     def undelivered(self) -> dict[str, int]:
         """Messages sent to each name that never reached an actor of that name (see module docs)."""
         with self._lock:
             return dict(self._undelivered)
+
+    def sent_after_exit(self) -> dict[str, int]:
+        """Messages to each name after its actor had exited cleanly for good: a tree shutting
+        down in reverse start order, an observer stopped before what feeds it. Counted apart
+        from :meth:`undelivered` (which is loss nobody asked for) and not warned about."""
+        with self._lock:
+            return dict(self._after_exit)
 
     def _lost(self, name: str, n: int, why: str) -> None:
         """Count ``n`` undelivered messages for ``name`` (caller holds the lock); warn, rate-limited."""
@@ -78,6 +88,7 @@ class Registry:
             if cur is not None and cur.is_alive() and cur != ref:
                 raise NameTaken(f"name {name!r} is already registered to {cur!r}")
             self._names[name] = ref
+            self._retired.discard(name)
             for data in self._stash.pop(name, []):  # under the lock: stash before new sends
                 ref.tell_bytes(data)
             self._registered.notify_all()
@@ -94,7 +105,15 @@ class Registry:
                 else:  # for good: what it never read, and what waited for its fate, is lost
                     self.stash_dropped += len(held)
                     left = ref._life.drain_leftovers()
-                    self._lost(name, len(held) + len(left), f"actor exited ({reason}) before reading them")
+                    if reason in CLEAN_EXITS:
+                        self._retired.add(name)
+                        self._count_after_exit(name, len(held) + len(left))
+                    else:
+                        self._lost(name, len(held) + len(left), f"actor exited ({reason}) before reading them")
+
+    def _count_after_exit(self, name: str, n: int) -> None:
+        if n > 0:
+            self._after_exit[name] = self._after_exit.get(name, 0) + n
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -162,7 +181,10 @@ class Registry:
             else:
                 stash = self._stash.get(name)
                 if stash is None:
-                    self._lost(name, 1, "no actor of that name is running")
+                    if name in self._retired:
+                        self._count_after_exit(name, 1)
+                    else:
+                        self._lost(name, 1, "no actor of that name is running")
                     return False
             if len(stash) >= self.stash_limit:
                 self.stash_dropped += 1

@@ -603,6 +603,7 @@ class Experiment:
                 "updated_at": time.time(),
                 "heartbeat_s": HEARTBEAT_S,
                 "undelivered": self.registry.undelivered(),
+                "sent_after_exit": self.registry.sent_after_exit(),
                 **self._durations(),
             }
 
@@ -688,6 +689,7 @@ class Experiment:
                 "status": str(self._status),
                 "reason": self._reason,
                 "undelivered": self.registry.undelivered(),
+                "sent_after_exit": self.registry.sent_after_exit(),
                 **self._durations(),
                 **flags,
             }
