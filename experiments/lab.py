@@ -786,7 +786,9 @@ class Lab:
         The phase restores the workload from ``checkpoint.json`` and emits ``resumed``; events
         go on numbered after those on disk (see :func:`resume_point`). A run whose owner is
         alive, one that ended, one whose id this Lab already runs, and one another Lab took
-        over first are left alone. See docs/experiments.md, *Resuming after a crash*.
+        over first are left alone. A run killed while a stop was under way is resumed and then
+        stopped, so it ends as it was asked to, with its figures reconciled.
+        See docs/experiments.md, *Resuming after a crash*.
         """
         if self._closed:
             raise NotRunning("this Lab has been shut down")
@@ -852,6 +854,9 @@ class Lab:
             seq_start=point["resume"]["seq_start"],
             resumes=resumes,
         )
+        if rec.get("stop_requested_at") is not None:  # killed while stopping: finish the stop it was asked for
+            log.info("a stop was under way at the crash; stopping", experiment=exp_id, run_id=run_id)
+            exp.stop()
         return exp
 
     def get(self, experiment_id: str) -> Experiment:

@@ -278,3 +278,31 @@ def test_a_resume_numbers_after_everything_used_and_balances(
     assert c["emitted"] >= heard + 1
     assert info["last_seq_on_disk"] == on_disk and info["events_after_checkpoint"] == c["published"] - published
     assert ("lost_s" in info) == (saved and on_disk >= 0)
+
+
+def test_a_run_killed_while_stopping_is_stopped_on_recovery(tmp_path):
+    """A kill during a stop leaves a record that says running with ``stop_requested_at`` set:
+    the new Lab finishes the stop it was asked for, it does not run the experiment on."""
+    art = tmp_path / "art"
+    proc = host(art, "halting:latency")
+    run = None
+    try:
+        until(lambda: any(art.glob("halting/*/events.jsonl")), 60, "the run's first events")
+        run = next(art.glob("halting/*/"))
+        until(lambda: count_events(run) > 200, 60, "events on disk")
+    finally:
+        kill(proc)
+    record = read_json(run / LIFECYCLE)
+    assert record["status"] == "running" and record["stop_requested_at"] is None
+    record["stop_requested_at"] = record["updated_at"]  # what a kill in the middle of stop() leaves
+    (run / LIFECYCLE).write_bytes(orjson.dumps(record))
+    lab = Lab(art)
+    try:
+        (exp,) = lab.recover()
+        assert exp.status() == "stopped" and exp.reason == "stopped"
+        assert run_status(run).status == RunStatus.STOPPED
+        names = [e["name"] for e in iter_run(run)]
+        assert names.count("resumed") == 1 and names[-1] == "phase_end"
+        check_accounts(exp, art, lossless=False)
+    finally:
+        lab.shutdown()
