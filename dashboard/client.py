@@ -98,12 +98,13 @@ class LabClient:
             body["id"] = experiment_id
         return self._call("POST", "api/experiments", json=body)
 
-    def list(self) -> list[dict[str, Any]]:
-        """Every experiment: those of the Lab (running, paused, ended), then the never-run and queued ones."""
-        data = self._call("GET", "api/experiments")
+    def list(self, history: bool = True) -> list[dict[str, Any]]:
+        """Every experiment: those of the Lab (running, paused, ended), then the never-run and
+        queued ones; with ``history``, also the runs of the daemon's earlier lifetimes."""
+        data = self._call("GET", "api/experiments?history=1" if history else "api/experiments")
         keys = ("id", "run_id", "status", "reason", "workload")
         out = [{k: e.get(k) for k in keys} | {"position": None} for e in data.get("experiments", [])]
-        return out + list(data.get("queued", []))
+        return out + list(data.get("queued", [])) + list(data.get("earlier", []))
 
     def _control(self, action: str, exp_id: str) -> dict[str, Any]:
         return self._call("POST", f"api/control/{action}", json={"experiment": exp_id})

@@ -319,6 +319,10 @@ def create_app(
         out: dict[str, Any] = {"experiments": views}
         if service is not None:
             out["queued"] = queued_view(service, views)
+            if request.query_params.get("history") == "1":  # runs of the daemon's earlier lifetimes, from disk
+                known = {e["id"] for e in views + out["queued"]}
+                everything = await asyncio.to_thread(service.list)
+                out["earlier"] = [e for e in everything if e["id"] not in known]
         return _Json(out)
 
     async def submit(request: Request) -> Response:
@@ -442,7 +446,7 @@ def create_app(
 def queued_view(service: LabService, views: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The queue (start order, position 1 = next) and submissions that never ran."""
     known = {v["id"] for v in views}
-    return [e for e in service.list() if e["id"] not in known]
+    return [e for e in service.list(history=False) if e["id"] not in known]
 
 
 def _push(lab: Lab, last_seq: dict[str, int], service: LabService | None = None) -> dict[str, Any]:

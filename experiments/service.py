@@ -29,6 +29,7 @@ from actors.recorder import check_artifacts_dir
 from experiments.lab import Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, load_spec
 from experiments.workloads import registry as workload_registry
+from telemetry.rundir import list_runs
 from telemetry.schema import check_id
 
 log = get_logger("experiments.service")
@@ -139,10 +140,17 @@ class LabService:
             log.error("queue file unreadable; starting with an empty queue", path=str(self.queue_file), error=str(exc))
             return []
         items = data.get("queue") if isinstance(data, dict) else None
+        ended = data.get("ended") if isinstance(data, dict) else None
+        self._ended = {
+            k: v for k, v in (ended or {}).items() if isinstance(v, dict) and isinstance(v.get("status"), str)
+        }
         return [i for i in items or [] if isinstance(i, dict) and isinstance(i.get("id"), str)]
 
     def _save_queue(self) -> None:
-        atomic_write(self.queue_file, orjson.dumps({"schema": QUEUE_SCHEMA, "queue": self._queue}))
+        """The queue, and the submissions that never ran (cancelled, failed to start): both are
+        acknowledged, so both outlive a restart of the daemon."""
+        data = {"schema": QUEUE_SCHEMA, "queue": self._queue, "ended": self._ended}
+        atomic_write(self.queue_file, orjson.dumps(data))
 
     # --- submissions ---------------------------------------------------------------------------------------
 
@@ -233,13 +241,15 @@ class LabService:
 
     # --- reads and control -------------------------------------------------------------------------------
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self, history: bool = True) -> list[dict[str, Any]]:
         """Every experiment this service knows: the Lab's (running, paused, ended), then those
-        that never ran (cancelled, failed to start), then the queue with positions (1 = next)."""
+        that never ran (cancelled, failed to start), then the queue with positions (1 = next);
+        with ``history``, also the runs of earlier lifetimes found in the folder (read from
+        disk: not for a loop)."""
         with self._lock:
             out = [{**e, "position": None} for e in self.lab.list()]
             out += [{"id": k, "position": None, **v} for k, v in self._ended.items()]
-            out += [
+            queued = [
                 {
                     "id": i["id"],
                     "status": "queued",
@@ -249,11 +259,25 @@ class LabService:
                 }
                 for pos, i in enumerate(self._queue, 1)
             ]
-            return out
+        if history:  # runs of earlier lifetimes of the daemon (or of other tools), read outside the lock
+            known = {e["id"] for e in out + queued}
+            out += [
+                {
+                    "id": r["experiment"],
+                    "run_id": r["run_id"],
+                    "status": r["status"],
+                    "reason": r["reason"],
+                    "run_dir": r["path"],
+                    "position": None,
+                }
+                for r in list_runs(self.artifacts)
+                if r["experiment"] not in known
+            ]
+        return out + queued
 
     def queued(self) -> list[dict[str, Any]]:
         """The queue alone, in start order."""
-        return [e for e in self.list() if e["status"] == "queued"]
+        return [e for e in self.list(history=False) if e["status"] == "queued"]
 
     def _queued_index(self, exp_id: str) -> int | None:
         return next((k for k, i in enumerate(self._queue) if i["id"] == exp_id), None)
@@ -284,12 +308,13 @@ class LabService:
             k = self._queued_index(exp_id)
             if k is not None:
                 item = self._queue.pop(k)
+                self._ended[exp_id] = {"status": "cancelled", "reason": "stopped while queued"}
                 try:
                     self._save_queue()
                 except OSError:
                     self._queue.insert(k, item)
+                    del self._ended[exp_id]
                     raise
-                self._ended[exp_id] = {"status": "cancelled", "reason": "stopped while queued"}
                 log.info("queued submission cancelled", experiment=exp_id)
                 return {"id": exp_id, "status": "cancelled"}
         exp = self._live(exp_id, "stop")

@@ -33,9 +33,10 @@ def test_a_daemon_killed_at_random_moments_loses_no_acknowledged_experiment(tmp_
     acknowledged: dict[str, str] = {}
     try:
         c = d.client()
-        for name in ("a", "b", "c"):  # two run, one waits
+        for name in ("a", "b", "c", "d"):  # two run, two wait
             acknowledged[name] = c.submit(latency_spec(name, budget=600))["status"]
-        assert acknowledged == {"a": "running", "b": "running", "c": "queued"}
+        assert acknowledged == {"a": "running", "b": "running", "c": "queued", "d": "queued"}
+        assert c.stop("d")["status"] == "cancelled"  # acknowledged too: it must outlive the kills
         runs = {}
         for k in range(KILLS):
             seen = events_on_disk(art)
@@ -46,7 +47,7 @@ def test_a_daemon_killed_at_random_moments_loses_no_acknowledged_experiment(tmp_
             c = d.client()
             listed = {e["id"]: e["status"] for e in c.list()}
             assert set(listed) == set(acknowledged), listed  # nothing acknowledged is lost
-            assert listed["c"] == "queued"
+            assert (listed["c"], listed["d"]) == ("queued", "cancelled")
             for name in ("a", "b"):
                 assert listed[name] == "running", listed
                 run = the_run(art, name)
@@ -59,6 +60,10 @@ def test_a_daemon_killed_at_random_moments_loses_no_acknowledged_experiment(tmp_
         c.stop("b")
         wait_for(lambda: {e["id"]: e["status"] for e in c.list()}["c"] == "running", "c starts in a freed slot")
         c.stop("c")
+        assert d.terminate() == 0
+        d = Daemon(art, max_experiments=2)  # a later lifetime lists what earlier ones ran
+        listed = {e["id"]: e["status"] for e in d.client().list()}
+        assert listed == {"a": "stopped", "b": "stopped", "c": "stopped", "d": "cancelled"}
         assert d.terminate() == 0
     finally:
         d.kill()
