@@ -318,6 +318,9 @@ class Supervisor(Actor):
         self._timers: list[threading.Timer] = []
         self._rng = random.Random()
         on_death(self.ref, self._on_own_death)
+        for s in specs:  # a child may send to one that starts after it: held until it registers
+            if s.name:
+                self.registry.mark_restarting(s.name)
         try:
             for s in specs:
                 c = _Child(s)
@@ -325,6 +328,9 @@ class Supervisor(Actor):
                 self._start(c)
         except BaseException:
             self._stop_children(reverse_of=self._children)
+            for s in specs:  # the tree will not start: what was held for its names is lost
+                if s.name and self.registry.whereis(s.name) is None:
+                    self.registry.cancel_restarting(s.name)
             raise
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from structlog.testing import capture_logs
 
 from actors import Registry, Topics
@@ -126,3 +127,45 @@ def test_an_actors_own_ticks_never_queue_behind_its_stop():
     stopping.join(10)
     assert not ref.is_alive()
     assert reg.undelivered() == {}
+
+
+class _Greeter(Worker):
+    """Sends to a sibling that its supervisor starts after it (a metrics actor publishing to
+    hypertune, which starts last)."""
+
+    def __init__(self, registry: Registry, to: str) -> None:
+        super().__init__()
+        registry.send(to, {"kind": "note", "v": "hello"})
+
+
+def test_a_send_to_a_sibling_not_started_yet_waits_for_it():
+    reg = Registry()
+    sink: list[object] = []
+    sup = Supervisor.start(
+        [
+            ChildSpec("first", _Greeter, args=(reg, "second"), name="first"),
+            ChildSpec("second", Worker, kwargs={"sink": sink}, name="second"),
+        ],
+        strategy="rest_for_one",
+        registry=reg,
+    )
+    try:
+        until(lambda: sink == ["hello"], what="the greeting")
+        assert reg.undelivered() == {}
+    finally:
+        sup.stop()
+
+
+def test_a_tree_that_cannot_start_drops_what_it_held_for_its_names():
+    reg, refuse = Registry(), threading.Event()
+    refuse.set()
+    with pytest.raises(Exception, match="start refused"):
+        Supervisor.start(
+            [
+                ChildSpec("first", _Greeter, args=(reg, "second"), name="first"),
+                ChildSpec("second", Worker, kwargs={"fail_start": refuse}, name="second"),
+            ],
+            registry=reg,
+        )
+    assert reg.undelivered() == {"second": 1}
+    assert reg.send("second", {"kind": "note"}) is False  # nothing is held for it any more
