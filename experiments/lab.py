@@ -45,6 +45,7 @@ from actors.topics import NamedTarget, Topics
 from experiments.spec import load_spec
 from experiments.workloads import declarations
 from experiments.workloads import registry as workload_registry
+from telemetry.jsonl import JsonlWriter
 from telemetry.query import prepare_query, query_answer
 from telemetry.rundir import (
     CHECKPOINT,
@@ -736,6 +737,17 @@ class Experiment:
         return f"<Experiment {self.id} run={self.run_id} {self._status}>"
 
 
+def new_segment(run_dir: Path) -> None:
+    """Close the run's active JSONL file as a segment (its torn last line cut): a resumed run
+    writes a new segment, which begins with its ``resumed`` event."""
+    writer = JsonlWriter(run_dir)
+    try:
+        if writer.size > 0:
+            writer.rotate()
+    finally:
+        writer.close()
+
+
 class Lab:
     """Runs experiments side by side for a long-lived host (a lab daemon, a notebook, the CLI)."""
 
@@ -831,6 +843,7 @@ class Lab:
             if not self._claim(run_dir, resumes):
                 log.info("crashed run taken over by another Lab", experiment=exp_id, run_id=run_id)
                 return None
+            new_segment(run_dir)
             exp = Experiment(self, full, exp_id, run_id, resume=rec)
             point = resume_point(run_dir, exp.checkpoints.get(), resumes)
             exp.checkpoints.update(

@@ -79,5 +79,10 @@ def test_a_daemon_killed_at_random_moments_loses_no_acknowledged_experiment(tmp_
         events = [orjson.loads(line) for p in sorted(run.glob("events*.jsonl")) for line in p.read_bytes().splitlines()]
         resumed = [e for e in events if e["name"] == "resumed"]
         assert len(resumed) == KILLS, [e.get("values") for e in resumed]
+        # each resume began a new segment of the run's files, with its resumed event first
+        segments = sorted(run.glob("events.*.jsonl"))
+        assert len(segments) == KILLS
+        firsts = [orjson.loads(p.read_bytes().split(b"\n", 1)[0]) for p in [*segments[1:], run / "events.jsonl"]]
+        assert all(e["name"] == "resumed" for e in firsts), [e["name"] for e in firsts]
         lifecycle = read_json(run / "lifecycle.json")
         assert lifecycle["status"] == "stopped" and lifecycle["resumes"] == KILLS
