@@ -881,6 +881,21 @@ class Lab:
             )
         return exp
 
+    def forget(self, experiment_id: str) -> None:
+        """Drop the handle of an ended experiment (its run stays on disk, listed by
+        :func:`telemetry.rundir.list_runs`): a host that runs experiments for months keeps
+        its memory bounded (each handle holds its tree's registry, topics and snapshots).
+
+        Raises:
+            NotFound: no such experiment in this Lab.
+            NotRunning: it has not ended; stop it first.
+        """
+        with self._lock:
+            exp = self.get(experiment_id)
+            if exp.status() in LIVE:
+                raise NotRunning(f"experiment {experiment_id!r} is {exp.status()}; only an ended one can be forgotten")
+            del self.experiments[experiment_id]
+
     def list(self) -> list[dict[str, Any]]:
         """One dict per experiment of this Lab (id, run_id, status, reason, workload, run_dir); no actor is asked."""
         with self._lock:

@@ -71,11 +71,12 @@ class LabService:
         ArtifactsError: the folder cannot be created or written.
     """
 
-    def __init__(self, artifacts: str | Path = "artifacts", max_running: int = 1) -> None:
+    def __init__(self, artifacts: str | Path = "artifacts", max_running: int = 1, keep_ended: int = 100) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
         self.artifacts = check_artifacts_dir(artifacts)
         self.max_running = max_running
+        self.keep_ended = keep_ended  # ended experiments whose handles stay in memory (see _forget_ended)
         self.lock_file = self.artifacts / LOCK_FILE
         self.queue_file = self.artifacts / QUEUE_FILE
         self._lock_fd = self._acquire_lock()
@@ -236,8 +237,20 @@ class LabService:
             exp.wait()
             with self._lock:
                 self._fill()
+                self._forget_ended()
 
         threading.Thread(target=on_end, name=f"service-watch-{exp.id}", daemon=True).start()
+
+    def _forget_ended(self) -> None:
+        """Keep the handles of the last ``keep_ended`` ended experiments; older ones are only
+        on disk (``list`` still shows them): memory stays bounded over months of submissions."""
+        ended = [e for e in list(self.lab.experiments.values()) if e.status() not in LIVE_STATUSES]
+        ended.sort(key=lambda e: e.ended_at or 0.0)
+        for exp in ended[: max(0, len(ended) - self.keep_ended)]:
+            try:
+                self.lab.forget(exp.id)
+            except (NotFound, NotRunning):
+                pass  # gone already, or (archived) not ended in the Lab's sense
 
     # --- reads and control -------------------------------------------------------------------------------
 

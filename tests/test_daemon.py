@@ -203,3 +203,25 @@ def test_queue_survives_sigkill_and_sigterm_stops_every_run(tmp_path):
     log_lines = [orjson.loads(x) for x in (art / "daemon.log").read_text().splitlines()]
     assert any(x["event"] == "lab daemon stopped" for x in log_lines)
     assert not (art / "lab.lock").read_text().strip()  # released: no holder named
+
+
+def test_memory_stays_bounded_ended_handles_are_dropped_and_still_listed(tmp_path):
+    """A daemon runs thousands of experiments: past ``keep_ended`` it drops the handles of the
+    oldest ended ones (their runs stay on disk and in ``list``); a live one is never dropped."""
+    from experiments.lab import NotRunning
+    from experiments.service import LabService
+
+    service = LabService(tmp_path / "art", max_running=1, keep_ended=2)
+    try:
+        for i in range(5):
+            service.submit(latency_spec(f"e{i}", budget=0.2))
+        wait_for(lambda: all(e["status"] == "stopped" for e in service.list()), "every experiment to end")
+        wait_for(lambda: len(service.lab.experiments) <= 2, "old handles dropped")
+        assert {e["id"]: e["status"] for e in service.list()} == {f"e{i}": "stopped" for i in range(5)}
+        live = service.submit(latency_spec("live", budget=600))
+        assert live["status"] == "running"
+        with pytest.raises(NotRunning, match="only an ended one"):
+            service.lab.forget("live")
+        service.stop("live")
+    finally:
+        service.shutdown()
