@@ -779,14 +779,7 @@ class Lab:
                 exp_id = f"{base}-{k}"
             exp = Experiment(self, full, exp_id, new_run_id())
             self.experiments[exp_id] = exp
-        try:
-            sup = self.sup.start_child(exp.child_spec())
-        except BaseException as exc:
-            with self._lock:
-                self.experiments.pop(exp_id, None)
-            exp._fail_start(exc)
-            raise
-        exp._attach(sup)  # type: ignore[arg-type]
+        self._launch(exp)
         log.info("experiment started", experiment=exp_id, run_id=exp.run_id, workload=full["workload"]["name"])
         return exp
 
@@ -851,14 +844,7 @@ class Lab:
             )
             exp.checkpoints.save()
             self.experiments[exp_id] = exp
-        try:
-            sup = self.sup.start_child(exp.child_spec())
-        except BaseException as exc:
-            with self._lock:
-                self.experiments.pop(exp_id, None)
-            exp._fail_start(exc)
-            raise
-        exp._attach(sup)  # type: ignore[arg-type]
+        self._launch(exp)
         log.info(
             "experiment resumed after a crash",
             experiment=exp_id,
@@ -880,6 +866,18 @@ class Lab:
                 f"no experiment {experiment_id!r} in this Lab; known: {', '.join(sorted(self.experiments)) or 'none'}"
             )
         return exp
+
+    def _launch(self, exp: Experiment) -> None:
+        """Start the experiment's tree under the Lab's supervisor; a tree that cannot start
+        leaves no handle behind and its run directory says failed."""
+        try:
+            sup = self.sup.start_child(exp.child_spec())
+        except BaseException as exc:
+            with self._lock:
+                self.experiments.pop(exp.id, None)
+            exp._fail_start(exc)
+            raise
+        exp._attach(sup)  # type: ignore[arg-type]
 
     def forget(self, experiment_id: str) -> None:
         """Drop the handle of an ended experiment (its run stays on disk, listed by

@@ -307,8 +307,9 @@ def count_events(run_dir: Path) -> int:
     return n
 
 
-def last_event_ts(run_dir: Path) -> int | None:
-    """The ``ts`` (µs since the epoch) of the run's last complete event line, or None."""
+def _last_event_field(run_dir: Path, field: str) -> int | None:
+    """``field`` (an integer) of the run's last complete event line that has one, or None;
+    reads at most the last 64 KiB of each file, newest file first."""
     for seg in reversed(run_segments(run_dir)):
         try:
             with seg.open("rb") as fh:
@@ -319,12 +320,17 @@ def last_event_ts(run_dir: Path) -> int | None:
             continue
         for line in reversed(tail[: tail.rfind(b"\n") + 1].splitlines()):
             try:
-                ts = orjson.loads(line).get("ts")
+                v = orjson.loads(line).get(field)
             except (orjson.JSONDecodeError, AttributeError):
                 continue
-            if isinstance(ts, int):
-                return ts
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
     return None
+
+
+def last_event_ts(run_dir: Path) -> int | None:
+    """The ``ts`` (µs since the epoch) of the run's last complete event line, or None."""
+    return _last_event_field(run_dir, "ts")
 
 
 def last_event_seq(run_dir: Path) -> int:
@@ -332,22 +338,8 @@ def last_event_seq(run_dir: Path) -> int:
 
     A run resumed after a crash numbers its new events from here on: the Recorder skips
     rows whose seq is not above what it finds on disk (as replays)."""
-    for seg in reversed(run_segments(run_dir)):
-        try:
-            with seg.open("rb") as fh:
-                size = fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, size - (64 << 10)))
-                tail = fh.read()
-        except FileNotFoundError:
-            continue
-        for line in reversed(tail[: tail.rfind(b"\n") + 1].splitlines()):
-            try:
-                seq = orjson.loads(line).get("seq")
-            except (orjson.JSONDecodeError, AttributeError):
-                continue
-            if isinstance(seq, int) and not isinstance(seq, bool):
-                return seq
-    return -1
+    seq = _last_event_field(run_dir, "seq")
+    return -1 if seq is None else seq
 
 
 def _mtime(p: Path) -> float | None:
