@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -12,26 +13,37 @@ _configured = False
 
 
 class _Stderr:
-    """Writes to whatever ``sys.stderr`` is at the time (a host may swap it), and never
-    lets a failed log write (a closed stream, a full disk) reach the actor that logged."""
+    """Writes to whatever ``sys.stderr`` is at the time (a host may swap it), and to ``also``
+    (a daemon's log file) when given; never lets a failed log write (a closed stream, a full
+    disk) reach the actor that logged."""
+
+    def __init__(self, also: Any = None) -> None:
+        self.also = also
+
+    def _streams(self) -> tuple[Any, ...]:
+        return (sys.stderr,) if self.also is None else (sys.stderr, self.also)
 
     def write(self, text: str) -> int:
-        try:
-            return sys.stderr.write(text)
-        except (ValueError, OSError):
-            return 0
+        for stream in self._streams():
+            try:
+                stream.write(text)
+            except (ValueError, OSError):
+                pass
+        return len(text)
 
     def flush(self) -> None:
-        try:
-            sys.stderr.flush()
-        except (ValueError, OSError):
-            pass
+        for stream in self._streams():
+            try:
+                stream.flush()
+            except (ValueError, OSError):
+                pass
 
 
-def configure_logging(level: str | int = "INFO", *, json: bool | None = None) -> None:
+def configure_logging(level: str | int = "INFO", *, json: bool | None = None, also_to: Path | None = None) -> None:
     """Configure structlog once for the process (idempotent unless called with new args).
 
-    ``json=None`` picks JSON lines when stderr is not a terminal.
+    ``json=None`` picks JSON lines when stderr is not a terminal. ``also_to``: a file that
+    gets every line too (appended, line-buffered), as a lab daemon keeps its log.
     """
     global _configured
     if isinstance(level, str):
@@ -48,7 +60,9 @@ def configure_logging(level: str | int = "INFO", *, json: bool | None = None) ->
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
+        logger_factory=structlog.PrintLoggerFactory(
+            file=_Stderr(None if also_to is None else also_to.open("a", encoding="utf-8", buffering=1))
+        ),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     # pykka logs through the standard library; keep its per-crash tracebacks quiet,

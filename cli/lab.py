@@ -23,46 +23,17 @@ from experiments.validate import PORT, Num
 DAEMON_LOG = "daemon.log"
 
 
-class _Tee:
-    """structlog's output: every line to the daemon log file and to stderr; a failed write is dropped."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = path.open("a", encoding="utf-8", buffering=1)
-
-    def write(self, text: str) -> int:
-        for stream in (self.file, sys.stderr):
-            try:
-                stream.write(text)
-            except (ValueError, OSError):
-                pass
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in (self.file, sys.stderr):
-            try:
-                stream.flush()
-            except (ValueError, OSError):
-                pass
-
-
-def log_to(path: Path, level: str) -> _Tee:
-    """JSON log lines to ``path`` and stderr, at ``level``."""
-    from actors.log import configure_logging
-
-    configure_logging(level, json=True)
-    tee = _Tee(path)
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=tee))  # type: ignore[arg-type]
-    return tee
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from actors.recorder import check_artifacts_dir
     from dashboard.server import Dashboard
     from experiments.service import LabLocked, LabService
 
     artifacts = check_artifacts_dir(args.artifacts)
+    from actors.log import configure_logging
+
     # the daemon tells what it does at INFO unless --log-level asks for more (or, when set, for less)
-    tee = log_to(artifacts / DAEMON_LOG, "INFO" if args.log_level == "WARNING" else args.log_level)
+    level = "INFO" if args.log_level == "WARNING" else args.log_level
+    configure_logging(level, json=True, also_to=artifacts / DAEMON_LOG)
     log = structlog.get_logger("cli.lab")
     try:
         service = LabService(artifacts, max_running=args.max_experiments)
@@ -89,7 +60,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             service.shutdown()
             log.info("lab daemon stopped")
-            tee.flush()
     return EXIT_OK
 
 
@@ -102,7 +72,7 @@ def client(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
 
 
-def _call(args: argparse.Namespace, fn: Any, *a: Any) -> Any:
+def _call(fn: Any, *a: Any) -> Any:
     from dashboard.client import LabClientError
 
     try:
@@ -116,14 +86,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not spec.is_file():
         raise UsageError(f"spec {args.spec!r}: no such file")
     with client(args) as c:
-        entry = _call(args, c.submit, spec, args.set or [], args.id)
+        entry = _call(c.submit, spec, args.set or [], args.id)
     sys.stdout.write(orjson.dumps(entry).decode() + "\n")
     return EXIT_OK
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with client(args) as c:
-        rows = _call(args, c.list)
+        rows = _call(c.list)
     if args.json:
         sys.stdout.write(orjson.dumps(rows).decode() + "\n")
         return EXIT_OK
@@ -136,7 +106,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_control(args: argparse.Namespace) -> int:
     with client(args) as c:
-        entry = _call(args, getattr(c, args.command), args.id)
+        entry = _call(getattr(c, args.command), args.id)
     sys.stdout.write(f"{entry['experiment']}: {entry['status']}\n")
     return EXIT_OK
 
