@@ -17,7 +17,6 @@ import fcntl
 import os
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from actors.files import atomic_write
 from actors.log import get_logger
 from actors.recorder import check_artifacts_dir
 from experiments.lab import Experiment, Lab, NotFound, NotRunning
-from experiments.spec import SpecError, load_spec
+from experiments.spec import SpecError, load_spec, parse_toml
 from experiments.workloads import registry as workload_registry
 from telemetry.rundir import list_runs
 from telemetry.schema import check_id
@@ -46,14 +45,6 @@ class LabLocked(RuntimeError):
 
 class ServiceClosed(NotRunning):
     """The service is shutting down and takes no more submissions or starts."""
-
-
-def parse_toml(text: str, source: str = "submitted spec") -> dict[str, Any]:
-    """A TOML spec text as a dict; :class:`SpecError` saying where the text is malformed."""
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{source}: not valid TOML: {exc}") from None
 
 
 def _read_pid(path: Path) -> str:
@@ -358,4 +349,4 @@ class LabService:
         self.shutdown()
 
 
-__all__ = ["LOCK_FILE", "QUEUE_FILE", "LabLocked", "LabService", "NotFound", "ServiceClosed", "parse_toml"]
+__all__ = ["LOCK_FILE", "QUEUE_FILE", "LabLocked", "LabService", "NotFound", "ServiceClosed"]

@@ -243,16 +243,21 @@ def _check_numbers(raw: dict[str, Any], source: str | None) -> None:
         raise SpecError(f"{_where(source, bad[0])}: {bad[1]}")
 
 
+def parse_toml(text: str, source: str | Path = "submitted spec") -> dict[str, Any]:
+    """A spec's TOML text as a dict; :class:`SpecError` naming ``source`` and where it is malformed."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{source}: not valid TOML: {exc}") from None
+
+
 def read_spec_text(path: str | Path) -> tuple[str, dict[str, Any]]:
     """The text of a spec file and its parsed TOML; :class:`SpecError` naming the file."""
     try:
         text = read_text(path, "spec")
     except ValueError as exc:
         raise SpecError(str(exc)) from None
-    try:
-        return text, tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    return text, parse_toml(text, path)
 
 
 def load_spec(
