@@ -22,7 +22,9 @@ A refused WebSocket handshake is closed before it is accepted: the client sees H
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -79,6 +81,21 @@ def presented_token(headers: Headers, cookie: str) -> str | None:
     return cookie_parser(headers.get("cookie", "")).get(cookie)
 
 
+def kept_token(path: Path) -> str | None:
+    """The token a lab daemon wrote before a restart, when it can be trusted: a regular file
+    (not a link) owned by this user, readable by nobody else, holding one well-formed token.
+    Clients keep working across a crash-restart; anything doubtful gives None (a new token)."""
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    ok = len(token) == len(new_token()) and all(c.isalnum() or c in "-_" for c in token)
+    return token if ok else None
+
+
 def write_token_file(path: Path, token: str) -> None:
     """Write ``token`` to ``path`` readable by its owner only (0600), never through a link.
 
@@ -120,8 +137,8 @@ class Guard:
             return 403, f"cross-origin request from {origin!r} refused; the dashboard serves its own page only"
         if scope["path"] not in PUBLIC_PATHS and not self.authorised(headers):
             return 401, (
-                "this needs the dashboard token: open the URL with ?token=... that crucible run --dashboard prints, "
-                "or send 'Authorization: Bearer <token>' (see dashboard.token)"
+                "this needs the dashboard token: open the URL with ?token=... that crucible run --dashboard "
+                "or crucible lab serve prints, or send 'Authorization: Bearer <token>' (see dashboard.token)"
             )
         return None
 

@@ -51,7 +51,15 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.log import get_logger
-from dashboard.security import Guard, cookie_name, new_token, presented_token, token_matches, write_token_file
+from dashboard.security import (
+    Guard,
+    cookie_name,
+    kept_token,
+    new_token,
+    presented_token,
+    token_matches,
+    write_token_file,
+)
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from experiments.service import LabService, ServiceClosed
 from experiments.spec import SpecError
@@ -489,8 +497,10 @@ class Dashboard:
 
         if port is None:
             port = int(os.environ.get("CRUCIBLE_DASH_PORT", "7878"))
-        self.token = new_token()
         self.token_file = lab.artifacts / "dashboard.token"
+        # a lab daemon keeps its token across restarts (its clients hold it); a plain Lab gets a new one
+        kept = kept_token(self.token_file) if service is not None else None
+        self.token = kept or new_token()
         write_token_file(self.token_file, self.token)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

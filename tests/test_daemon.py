@@ -225,3 +225,25 @@ def test_memory_stays_bounded_ended_handles_are_dropped_and_still_listed(tmp_pat
         service.stop("live")
     finally:
         service.shutdown()
+
+
+def test_a_restarted_daemon_keeps_its_token_unless_the_file_is_doubtful(tmp_path):
+    """Clients hold the daemon's token: a crash-restart must not lock them out. A token file
+    that others could read, or that is a link, is not trusted: a new token is made."""
+    art = tmp_path / "art"
+    first = Daemon(art)
+    token = first.token
+    first.kill()
+    second = Daemon(art)
+    try:
+        assert second.token == token
+        assert second.client().list() == []
+    finally:
+        second.kill()
+    (art / "dashboard.token").chmod(0o644)
+    third = Daemon(art)
+    try:
+        assert third.token != token
+        assert (art / "dashboard.token").stat().st_mode & 0o777 == 0o600
+    finally:
+        third.kill()
