@@ -1,10 +1,11 @@
-"""The Recorder actor: persists event batches to JSONL + SQLite, keeps a live ring and index.
+"""The Recorder actor: persists event batches to JSONL + the history, keeps a live ring and index.
 
 Files: ``<artifacts>/<experiment>/<run_id>/events.jsonl`` (size-based rotation) and the
-shared history database ``<artifacts>/history.sqlite3`` (WAL, one transaction per
-``commit_every`` batches, 1 by default). Every batch is written to the JSONL and flushed,
-then inserted into the history; when the transaction commits its events count as
-*persisted* (what ``flush`` and ``summary`` answer: acknowledged). Files are fsynced at
+shared history that ``history`` names (:func:`telemetry.history.open_history`: by default
+the SQLite database ``<artifacts>/history.sqlite3``, WAL; or a PostgreSQL database), one
+transaction per ``commit_every`` batches, 1 by default. Every batch is written to the JSONL
+and flushed, then inserted into the history; when the transaction commits its events count
+as *persisted* (what ``flush`` and ``summary`` answer: acknowledged). Files are fsynced at
 least every ``fsync_interval`` seconds and on stop.
 
 A restarted Recorder reopens the same run: it cuts a torn last line, takes the last ``seq``
@@ -17,10 +18,24 @@ exactly the persisted events; the Recorder stops writing, counts what still arri
 ``events_dropped_storage``, writes its summary (into space it reserved at start) and asks
 ``on_storage_failure`` to stop the run with reason ``storage: <error>``.
 
-Accounting: every emitted event is persisted, dropped or sampled out (or, mid-run, still
-held by a reservoir sampler)::
+A history server that goes away (PostgreSQL restarted, the network cut): the commit raises
+:class:`~telemetry.batchstore.HistoryUnavailable`, which is no storage failure. The run goes
+on: batches are still written to the JSONL and kept for the history, at most
+``history_buffer`` events in memory; past that the kept copies are let go (*spilled*) and the
+Recorder re-reads them from the JSONL, where everything not committed always sits at the end
+of the active file. It retries with exponential backoff (``history_retry_s``: first and
+longest delay), logs ``history unavailable`` / ``history back``, and when a commit gets
+through again everything waiting goes in, in order: nothing is dropped. The summary's
+``history`` block counts outages, retries, seconds down, events waiting (now and at most)
+and spilled. A stop while the server is still away waits up to ``history_stop_wait_s`` for
+it; then the waiting events, which are on disk in the run's JSONL (the reference, as after a
+crash), count as persisted and as ``history.events_unsent``: a Recorder that reopens the run
+back-fills them into the history.
 
-    emitted = persisted + dropped + sampled_out + held
+Accounting: every emitted event is persisted, dropped or sampled out (or, mid-run, still
+held by a reservoir sampler or waiting for the history)::
+
+    emitted = persisted + dropped + sampled_out + held + waiting
     dropped = overflow drops + lost in transit + storage drops
 
 ``events_lost_in_transit`` is what was published and never arrived (a batch lost with a
@@ -52,6 +67,13 @@ from actors.consumer import EventConsumer
 from actors.files import atomic_write
 from actors.log import get_logger
 from actors.messages import BytesReceiver, encode
+from telemetry.history import (
+    HistoryError,
+    HistoryTarget,
+    HistoryUnavailable,
+    describe_history,
+    open_history,
+)
 from telemetry.index import IndexIncomplete, LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
 from telemetry.jsonl_format import format_batch
@@ -64,10 +86,10 @@ from telemetry.schema import (
     check_id,
     check_sampling_figures,
     full_event,
+    parse_line,
     rows_to_batch,
     select_rows,
 )
-from telemetry.store import DB_NAME, HistoryStore
 
 log = get_logger("actors.recorder")
 
@@ -76,6 +98,13 @@ ROTATE_BYTES = 256 << 20
 FSYNC_INTERVAL_S = 1.0
 RING_SIZE = 1000
 INDEX_LIMIT = 1_000_000
+HISTORY_BUFFER = 1_000_000
+"""Events kept in memory for a history server that went away; past it they are re-read from the JSONL."""
+HISTORY_RETRY_S = (0.1, 5.0)
+"""First and longest delay between attempts to reach a history server that went away."""
+HISTORY_STOP_WAIT_S = 10.0
+"""How long a stop waits for a history server that is away."""
+_REFILL_ROWS = 4096
 
 RESERVE_NAME = "recorder.reserve"
 RESERVE_BYTES = 256 << 10
@@ -84,7 +113,7 @@ RESERVE_TAIL = 64 << 10
 failure it frees all but ``RESERVE_TAIL`` for its final summary and state, and the tail when it
 stops, after the history is closed (closing may checkpoint the WAL into whatever is free), for
 the writes that follow (the phase's checkpoint, the Lab's lifecycle record)."""
-_STORAGE_ERRORS = (OSError, sqlite3.Error)
+_STORAGE_ERRORS = (OSError, sqlite3.Error, HistoryError)
 _NEVER = 1 << 62
 
 
@@ -135,6 +164,10 @@ class Recorder(EventConsumer):
         commit_every: int = 1,
         on_storage_failure: BytesReceiver | None = None,
         reserve_bytes: int = RESERVE_BYTES,
+        history: HistoryTarget = None,
+        history_buffer: int = HISTORY_BUFFER,
+        history_retry_s: tuple[float, float] = HISTORY_RETRY_S,
+        history_stop_wait_s: float = HISTORY_STOP_WAIT_S,
     ) -> None:
         super().__init__()
         self.experiment_id = check_id("experiment id", experiment_id)
@@ -149,7 +182,19 @@ class Recorder(EventConsumer):
         self.maximize = set(maximize)
         self.jsonl = JsonlWriter(self.run_dir, rotate_bytes)
         self.jsonl.rotate_bytes = _NEVER  # the Recorder rotates, at commit points (see _commit)
-        self.store = HistoryStore(self.artifacts / DB_NAME)
+        self.history = describe_history(history, self.artifacts)
+        self.store = open_history(history, artifacts=self.artifacts)
+        self.history_buffer = max(1, int(history_buffer))
+        self.history_retry_s = (float(history_retry_s[0]), float(history_retry_s[1]))
+        self.history_stop_wait_s = float(history_stop_wait_s)
+        self._down: str | None = None  # why the history server is away, while it is
+        self._down_since = 0.0
+        self._retry_delay = self.history_retry_s[0]
+        self._retry_timer: threading.Timer | None = None
+        self._spilled = False  # waiting events let go from memory: re-read from the JSONL
+        self._pending_n = 0  # events in self._pending
+        self.hist = {"outages": 0, "retries": 0, "down_s": 0.0, "events_waiting_max": 0, "events_spilled": 0}
+        self.history_unsent = 0
         self.ring_size = ring_size
         self._ring: deque[dict[str, Any]] = deque()  # recent batches, expanded to rows on demand
         self._ring_n = 0
@@ -193,6 +238,7 @@ class Recorder(EventConsumer):
         self.sampled_out = sum(self._sampled.values())
         self.storage_dropped = int(state.get("storage_dropped", 0))
         self.storage_error = state.get("storage_error")
+        self.history_unsent = int(state.get("history_unsent", 0))
         if self.last_seq >= 0:
             db_max = self.store.max_seq(self.run_id)
             chunk: list[dict[str, Any]] = []
@@ -259,12 +305,23 @@ class Recorder(EventConsumer):
         self._schedule_fsync()
 
     def _write(self, b: dict[str, Any]) -> None:
-        """Append the batch to the JSONL and the history; commit every ``commit_every`` batches."""
+        """Append the batch to the JSONL and the history; commit every ``commit_every`` batches
+        (while the history server is away, the retry timer commits)."""
         self.jsonl.write(format_batch(b))
         self.jsonl.flush()
         self.last_seq = int(b["seq"][-1])
+        n = int(b["n"])
+        if self._down is not None and not self._spilled and self._pending_n + n > self.history_buffer:
+            self._spill()
+        if self._spilled:
+            self.hist["events_spilled"] += n
+            return
         self._insert(b)
         self._pending.append(b)
+        self._pending_n += n
+        if self._down is not None:
+            self.hist["events_waiting_max"] = max(self.hist["events_waiting_max"], self._pending_n)
+            return
         if len(self._pending) >= self.commit_every or self.jsonl.size >= self.rotate_bytes:
             self._commit()
 
@@ -284,16 +341,161 @@ class Recorder(EventConsumer):
         """End the history transaction; only then do its batches count as persisted.
 
         Rotation happens here, after a commit, so that everything not yet committed is
-        always at the end of the active JSONL file, where a failed write can cut it off.
+        always at the end of the active JSONL file, where a failed write can cut it off (and
+        whence waiting events that were spilled are re-read). A history server that is away
+        is no failure: the batches wait and a retry is scheduled (see the module docs).
         """
-        self.store.commit()
-        pending, self._pending = self._pending, []
+        try:
+            if self._spilled:
+                self._refill(send=True)
+            self.store.commit()
+        except HistoryUnavailable as exc:
+            self._history_down(exc)
+            return
+        pending, self._pending, self._pending_n = self._pending, [], 0
         for b in pending:
             self._apply(b)
         self._mark = (self.jsonl.size, self.last_seq)
+        if self._down is not None:
+            self._history_back()
         if self.jsonl.size >= self.rotate_bytes:
             self.jsonl.rotate()
             self._mark = (0, self.last_seq)
+
+    # --- a history server that went away ---------------------------------------------------------------
+
+    def _history_down(self, exc: BaseException) -> None:
+        if self._down is None:
+            self._down_since = time.monotonic()
+            self._retry_delay = self.history_retry_s[0]
+            self.hist["outages"] += 1
+            log.warning(
+                "history unavailable; events wait for it",
+                run_id=self.run_id,
+                history=self.history,
+                error=str(exc),
+                waiting=self._waiting(),
+            )
+        else:
+            self._retry_delay = min(self._retry_delay * 2, self.history_retry_s[1])
+        self._down = str(exc)
+        self.hist["events_waiting_max"] = max(self.hist["events_waiting_max"], self._waiting())
+        self._schedule_retry()
+
+    def _history_back(self) -> None:
+        down = time.monotonic() - self._down_since
+        self.hist["down_s"] += down
+        log.info("history back; waiting events sent", run_id=self.run_id, history=self.history, down_s=round(down, 3))
+        self._down = None
+        self._cancel_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._retry_timer is None:
+            t = threading.Timer(self._retry_delay, self.ref.tell_unless_stopping, args=({"kind": "history_retry"},))
+            t.daemon = True
+            self._retry_timer = t
+            t.start()
+
+    def _cancel_retry(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+
+    def handle_history_retry(self, msg: dict[str, Any]) -> None:
+        self._retry_timer = None
+        if self._down is None or self.storage_error is not None:
+            return
+        self.hist["retries"] += 1
+        self._sync_history()
+
+    def _sync_history(self) -> None:
+        try:
+            self._commit()
+        except _STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+
+    def _waiting(self) -> int:
+        """Events received and neither committed nor dropped: those waiting for the history."""
+        return self.received - self.persisted - self.storage_dropped
+
+    def _spill(self) -> None:
+        """Let the waiting events go from memory: the JSONL holds them (past the last commit)."""
+        log.warning(
+            "history still away; waiting events spilled from memory, to be re-read from the events file",
+            run_id=self.run_id,
+            waiting=self._pending_n,
+            limit=self.history_buffer,
+        )
+        self.hist["events_spilled"] += self._pending_n
+        self.store.rollback()
+        self._pending, self._pending_n = [], 0
+        self._spilled = True
+
+    def _refill(self, send: bool) -> None:
+        """Read the events past the last commit back from the active JSONL, in chunks: each is
+        sent to the history and committed (``send``), then counted; the commit mark follows."""
+        self.jsonl.flush()
+        if send:
+            self.store.rollback()  # a chunk sent before a failed commit is read again below
+        start = self._mark[0]
+        with self.jsonl.path.open("rb") as fh:
+            fh.seek(start)
+            rows: list[dict[str, Any]] = []
+            end = start
+            for line in fh:
+                end += len(line)
+                rows.append(parse_line(line))
+                if len(rows) >= _REFILL_ROWS:
+                    self._refill_chunk(rows, end, send)
+                    rows = []
+            if rows:
+                self._refill_chunk(rows, end, send)
+        self._spilled = False
+
+    def _refill_chunk(self, rows: list[dict[str, Any]], end: int, send: bool) -> None:
+        b = rows_to_batch(rows, self.experiment_id, self.run_id)
+        if send:
+            self._insert(b)
+            self.store.commit()
+        self._apply(b)
+        self._mark = (end, int(rows[-1]["seq"]))
+
+    def _give_up_history(self) -> None:
+        """At a stop with the server still away: the waiting events are on disk in the JSONL
+        (fsynced), the reference; they count as persisted and as unsent to the history."""
+        unsent = self._waiting()
+        log.error(
+            "history still unavailable at stop; waiting events stay in the run's events file only",
+            run_id=self.run_id,
+            history=self.history,
+            unsent=unsent,
+            error=self._down,
+        )
+        self.store.rollback()
+        if self._spilled:
+            self._refill(send=False)
+        for b in self._pending:
+            self._apply(b)
+        self._pending, self._pending_n = [], 0
+        self.history_unsent += unsent
+        self.hist["down_s"] += time.monotonic() - self._down_since
+        self._down = None
+        self._cancel_retry()
+
+    def _wait_history_at_stop(self) -> None:
+        """A stop while the server is away: retry (backoff) up to ``history_stop_wait_s``, then give up."""
+        deadline = time.monotonic() + self.history_stop_wait_s
+        delay = self.history_retry_s[0]
+        pause = threading.Event()
+        while self._down is not None and self.storage_error is None:
+            if time.monotonic() >= deadline:
+                self._give_up_history()
+                return
+            pause.wait(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, self.history_retry_s[1])
+            self.hist["retries"] += 1
+            self._cancel_retry()
+            self._sync_history()
 
     def _apply(self, b: dict[str, Any]) -> None:
         """Count a committed batch: figures, live ring, index, phase statistics."""
@@ -316,7 +518,11 @@ class Recorder(EventConsumer):
         first = self.storage_error is None
         if first:
             self.storage_error = f"storage: {exc}"
-        self._pending = []
+        self._pending, self._pending_n, self._spilled = [], 0, False
+        if self._down is not None:
+            self.hist["down_s"] += time.monotonic() - self._down_since
+            self._down = None
+            self._cancel_retry()
         self.storage_dropped = self.received - self.persisted  # received, and not committed: rolled back
         log.error(
             "storage failed; recording stops",
@@ -327,7 +533,7 @@ class Recorder(EventConsumer):
         )
         try:
             self.store.rollback()
-        except sqlite3.Error as err:
+        except (sqlite3.Error, HistoryError) as err:
             log.error("history roll-back failed", run_id=self.run_id, error=str(err))
         try:
             self.jsonl.abandon(self._mark[0])
@@ -444,12 +650,14 @@ class Recorder(EventConsumer):
             t.start()
 
     def _sync(self) -> None:
-        """fsync the JSONL and commit the history; a failure is a storage failure."""
+        """fsync the JSONL and commit the history (unless its server is away: the retry timer
+        commits then); a failure is a storage failure."""
         if self.storage_error is not None:
             return
         try:
             self.jsonl.fsync()
-            self._commit()
+            if self._down is None:
+                self._commit()
         except _STORAGE_ERRORS as exc:
             self._storage_failed(exc)
 
@@ -488,6 +696,7 @@ class Recorder(EventConsumer):
         lost = max(0, published - self.received - self.sampled_out - self.held)
         emitted = c.get("emitted", published + overflow)
         dropped = overflow + lost + self.storage_dropped  # lost for a reason other than sampling
+        waiting = self._waiting()
         return {
             "schema": SCHEMA_VERSION,
             "experiment_id": self.experiment_id,
@@ -514,7 +723,19 @@ class Recorder(EventConsumer):
                 "dropped": dropped,
                 "sampled_out": self.sampled_out,
                 "held": self.held,
-                "balanced": emitted == self.persisted + dropped + self.sampled_out + self.held,
+                "waiting": waiting,
+                "balanced": emitted == self.persisted + dropped + self.sampled_out + self.held + waiting,
+            },
+            "history": {
+                "target": self.history,
+                "available": self._down is None,
+                "error": self._down,
+                "events_waiting": waiting,
+                **self.hist,
+                "down_s": round(
+                    self.hist["down_s"] + (time.monotonic() - self._down_since if self._down is not None else 0.0), 3
+                ),
+                "events_unsent": self.history_unsent,
             },
             "storage_error": self.storage_error,
             "bad_batches": self.bad_batches,
@@ -543,6 +764,7 @@ class Recorder(EventConsumer):
             "sampled": self._sampled,
             "storage_dropped": self.storage_dropped,
             "storage_error": self.storage_error,
+            "history_unsent": self.history_unsent,
         }
         atomic_write(self.run_dir / RECORDER_STATE, orjson.dumps(state))
 
@@ -602,8 +824,11 @@ class Recorder(EventConsumer):
     def terminate(self, reason: str) -> None:
         if self._fsync_timer is not None:
             self._fsync_timer.cancel()
+        self._cancel_retry()
         try:
             self._sync()
+            if self._down is not None:
+                self._wait_history_at_stop()
             if self.storage_error is None:
                 try:
                     self.jsonl.close()
@@ -620,7 +845,7 @@ class Recorder(EventConsumer):
         finally:
             try:
                 self.store.close()  # may checkpoint the WAL into the database: it takes what space is free
-            except sqlite3.Error as exc:
+            except _STORAGE_ERRORS as exc:
                 log.error("history not closed cleanly", run_id=self.run_id, error=str(exc))
             self._drop_reserve()  # the rest of the reserve: room for the writes that follow the stop
 

@@ -1,0 +1,340 @@
+"""What every history store shares: batches stored as they arrive, and the queries over them.
+
+A history store keeps one row per event batch: the columnar batch in the wire format
+(msgpack), its ``seq`` range and its ``ts`` range, plus each experiment's largest batch span
+(``spans``) and each ended run's summary (``runs``). :class:`BatchStore` answers every query
+from those rows, whatever database holds them: a store supplies a reader (:meth:`_read`,
+SQL with ``?`` placeholders) and its writes; the SQL here is the subset that SQLite and
+PostgreSQL read alike, so both stores give the same answer, or the same error, to a query.
+
+A time window finds the batches that overlap it (index range scan on ``ts_lo`` widened by
+the experiment's largest span) and decodes only those; filters apply to a decoded batch's
+columns, and only the events that pass become dicts. Queries take the limits of
+:mod:`telemetry.query` and an optional ``run_id`` (one run's events: what that run's
+Recorder answers live).
+
+The errors a store raises besides its driver's own are here too, so that a writer (the
+Recorder) can tell a server that went away (:class:`HistoryUnavailable`: retry later) from
+a store that cannot be used at all, without importing any driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+from actors.messages import decode
+from telemetry import query as tq  # the query kit the live index shares
+from telemetry.schema import CODED_COLUMNS, batch_rows, full_event, select_rows
+
+
+class HistoryError(RuntimeError):
+    """The history cannot be used (the message names it, its password masked, and why)."""
+
+
+class HistoryConfigError(HistoryError, ValueError):
+    """A history target that names no store this version can open (a malformed URL, say)."""
+
+
+class HistoryConnectError(HistoryError):
+    """The history's server refused or could not be reached at open (unreachable, auth failure)."""
+
+
+class HistoryUnavailable(HistoryError):
+    """The history's server went away after it was opened. Writes not yet committed are kept
+    by the store and go in with the next :meth:`commit` that reaches it: retry later."""
+
+
+class Reader(Protocol):
+    """Runs one SQL statement (``?`` placeholders); ``stream`` for a large answer read lazily."""
+
+    def __call__(self, sql: str, args: Sequence[Any] = (), *, stream: bool = False) -> Any: ...
+
+
+class BatchStore:
+    """The queries over stored batches (see the module docs); subclasses store and read them."""
+
+    _RUNS_SQL = "SELECT run_id, experiment_id, run_dir, started_ts, ended_ts, summary FROM runs"
+    _RUNS_ORDER = " ORDER BY started_ts"
+
+    def _read(self) -> contextlib.AbstractContextManager[Reader]:
+        """A reader for one consistent read (a lock, or a connection taken from a pool)."""
+        raise NotImplementedError
+
+    # --- the writes each store implements -------------------------------------------------------
+
+    def insert_batch(
+        self,
+        experiment_id: str,
+        run_id: str,
+        seqs: Sequence[int],
+        ts_lo: int,
+        ts_hi: int,
+        data: bytes,
+        n: int | None = None,
+    ) -> None:
+        """Store one encoded columnar batch (its events have the given seqs, in order); it is
+        kept only once :meth:`commit` returns."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def rollback(self) -> None:
+        """Drop the writes not yet committed."""
+        raise NotImplementedError
+
+    def record_run(
+        self,
+        run_id: str,
+        experiment_id: str,
+        run_dir: str,
+        started_ts: int | None,
+        ended_ts: int | None,
+        summary: dict[str, Any],
+    ) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def max_seq(self, run_id: str) -> int:
+        """The last committed ``seq`` of a run, -1 if none."""
+        with self._read() as q:
+            v = q("SELECT MAX(seq_hi) FROM batches WHERE run_id = ?", (run_id,)).fetchone()[0]
+        return -1 if v is None else int(v)
+
+    def runs(self, experiment_id: str | None = None) -> list[dict[str, Any]]:
+        """The ended runs (one row each, with the final summary), oldest first."""
+        sql, args = self._RUNS_SQL, ()
+        if experiment_id:
+            sql, args = sql + " WHERE experiment_id = ?", (experiment_id,)
+        with self._read() as q:
+            rows = q(sql + self._RUNS_ORDER, args).fetchall()
+        return [
+            {
+                "run_id": r[0],
+                "experiment_id": r[1],
+                "run_dir": r[2],
+                "started_ts": r[3],
+                "ended_ts": r[4],
+                "summary": orjson.loads(r[5]) if r[5] else None,
+            }
+            for r in rows
+        ]
+
+    def _max_span(self, q: Reader, experiment_id: str) -> int:
+        r = q("SELECT max_span FROM spans WHERE experiment_id = ?", (experiment_id,)).fetchone()
+        return -1 if r is None else int(r[0])
+
+    def _blobs(
+        self, experiment_id: str, run_id: str | None, lo: int | None, hi: int | None, max_scan: int
+    ) -> list[bytes]:
+        """The stored batches that can hold events in ``[lo, hi)``, oldest first (bounded: ``max_scan``)."""
+        with self._read() as q:
+            span = self._max_span(q, experiment_id)
+            if span < 0:
+                return []
+            sql, args = ["experiment_id = ?"], [experiment_id]
+            if run_id is not None:
+                sql.append("run_id = ?")
+                args.append(run_id)
+            if lo is not None:
+                sql.append("ts_lo >= ? AND ts_hi >= ?")
+                args += [lo - span, lo]
+            if hi is not None:
+                sql.append("ts_lo < ?")
+                args.append(hi)
+            where = " AND ".join(sql)
+            total = q(f"SELECT COALESCE(SUM(n), 0) FROM batches WHERE {where}", args).fetchone()[0]
+            tq.check_rows(int(total), max_scan, "scan")
+            return [bytes(b) for (b,) in q(f"SELECT data FROM batches WHERE {where} ORDER BY ts_lo", args).fetchall()]
+
+    def _selected(
+        self, batches: list[dict[str, Any]], lo: int | None, hi: int | None, filters: dict[str, Any], max_rows: int
+    ) -> list[tuple[dict[str, Any], np.ndarray]]:
+        """Each batch with the mask of its events in ``[lo, hi)`` that pass the filters (bounded)."""
+        out = [(b, m) for b in batches if (m := batch_mask(b, lo, hi, filters)).any()]
+        tq.check_rows(sum(int(m.sum()) for _, m in out), max_rows)
+        return out
+
+    def _rows(
+        self,
+        experiment_id: str,
+        run_id: str | None,
+        lo: int | None,
+        hi: int | None,
+        filters: dict[str, Any],
+        max_rows: int,
+        max_scan: int,
+    ) -> list[dict[str, Any]]:
+        batches = [decode(d) for d in self._blobs(experiment_id, run_id, lo, hi, max_scan)]
+        rows = [
+            full_event(r)
+            for b, m in self._selected(batches, lo, hi, filters, max_rows)
+            for r in batch_rows(select_rows(b, m))
+        ]
+        rows.sort(key=_order)
+        return rows
+
+    def query(
+        self,
+        experiment_id: str,
+        spec: Any,
+        filters: dict[str, Any] | None = None,
+        now_us: int | None = None,
+        *,
+        run_id: str | None = None,
+        max_rows: int = tq.MAX_ROWS,
+        max_windows: int = tq.MAX_WINDOWS,
+        max_scan: int = tq.MAX_SCAN,
+    ) -> list[Any]:
+        """The same window specs, filters and limits as the live index (see :mod:`telemetry.query`).
+
+        ``run_id`` keeps the answer to one run (what a run's Recorder answers live); without
+        it the answer spans every run of the experiment. Raises
+        :class:`~telemetry.query.QueryError` / :class:`~telemetry.query.QueryLimitError`.
+        """
+        w = tq.Window(spec, now_us)
+        filters = tq.check_filters(filters)
+        if w.kind == "sliding":
+            rows = self._rows(experiment_id, run_id, None, None, filters, max_rows, max_scan)
+            ts = np.array([r["ts"] for r in rows], dtype=np.int64)
+            starts, lo, hi = tq.plan_windows(ts, w.size_us, w.step_us, max_windows, max_rows)
+            return [
+                {"window_start": s, "window_end": s + w.size_us, "events": rows[a:b]}
+                for s, a, b in zip(starts.tolist(), lo.tolist(), hi.tolist(), strict=True)
+            ]
+        if w.last_n is not None:
+            return self._last_n(experiment_id, run_id, w.last_n, filters, max_rows, max_scan)
+        return self._rows(experiment_id, run_id, w.lo, w.hi, filters, max_rows, max_scan)
+
+    def _last_n(
+        self, experiment_id: str, run_id: str | None, n: int, filters: dict[str, Any], max_rows: int, max_scan: int
+    ) -> list[dict[str, Any]]:
+        if n == 0:
+            return []
+        if n > max_rows:  # count first (masks only): the answer holds min(n, matching) events
+            blobs = self._blobs(experiment_id, run_id, None, None, max_scan)
+            matching = sum(int(batch_mask(decode(d), None, None, filters).sum()) for d in blobs)
+            tq.check_rows(min(n, matching), max_rows)
+        sql, args = "experiment_id = ?", [experiment_id]
+        if run_id is not None:
+            sql, args = sql + " AND run_id = ?", [*args, run_id]
+        got: list[dict[str, Any]] = []
+        scanned = 0
+        with self._read() as q:
+            span = self._max_span(q, experiment_id)
+            cur = q(f"SELECT ts_lo, n, data FROM batches WHERE {sql} ORDER BY ts_lo DESC", args, stream=True)
+            for ts_lo, k, data in cur:
+                if len(got) >= n:
+                    got.sort(key=_order)
+                    if ts_lo + span < got[-n]["ts"]:
+                        break  # no older batch can reach into the newest n
+                scanned += k
+                tq.check_rows(scanned, max_scan, "scan")
+                b = decode(bytes(data))
+                got.extend(full_event(r) for r in batch_rows(select_rows(b, batch_mask(b, None, None, filters))))
+        got.sort(key=_order)
+        return got[-n:]
+
+    def iter_events(
+        self, experiment_id: str | None = None, run_id: str | None = None, chunk: int = 64
+    ) -> Iterator[dict[str, Any]]:
+        """Every event of a run (by seq) or of an experiment (by batch start time), a few
+        batches at a time: memory stays bounded whatever the size."""
+        if run_id is not None:
+            sql = "SELECT seq_lo, data FROM batches WHERE run_id = ? AND seq_lo > ? ORDER BY seq_lo LIMIT ?"
+            key = run_id
+        elif experiment_id is not None:
+            sql = (
+                "SELECT ts_lo, run_id, seq_lo, data FROM batches WHERE experiment_id = ? "
+                "AND (ts_lo, run_id, seq_lo) > (?, ?, ?) ORDER BY ts_lo, run_id, seq_lo LIMIT ?"
+            )
+            key = experiment_id
+        else:
+            raise ValueError("iter_events needs experiment_id or run_id")
+        last: tuple[Any, ...] = (-1,) if run_id is not None else (-(2**62), "", -1)
+        while True:
+            with self._read() as q:
+                rows = q(sql, (key, *last, chunk)).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield from (full_event(e) for e in batch_rows(decode(bytes(r[-1]))))
+            last = tuple(rows[-1][:-1])
+
+    def windowed_metrics(
+        self,
+        experiment_id: str,
+        window_s: float,
+        step_s: float,
+        fields: list[str] | None = None,
+        filters: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        max_windows: int = tq.MAX_WINDOWS,
+        max_scan: int = tq.MAX_SCAN,
+    ) -> list[dict[str, Any]]:
+        """Per-window metrics, as :meth:`LiveIndex.windowed_metrics` (columnar: no event dicts)."""
+        tq.check_step(window_s, "window_s")
+        tq.check_step(step_s, "step_s")
+        filters = tq.check_filters(filters)
+        batches = [decode(d) for d in self._blobs(experiment_id, run_id, None, None, max_scan)]
+        parts = self._selected(batches, None, None, filters, max_scan)
+        keys = sorted({k for b, _ in parts for k in b["values"]})
+        run_code = {r: i for i, r in enumerate(sorted({b["run_id"] for b, _ in parts}))}
+
+        def column(get: Callable[[dict[str, Any], np.ndarray], np.ndarray], dtype: Any) -> np.ndarray:
+            return np.concatenate([get(b, m) for b, m in parts]) if parts else np.empty(0, dtype=dtype)
+
+        ts = column(lambda b, m: b["ts"][m], np.int64)
+        order = np.lexsort(
+            (
+                column(lambda b, m: b["seq"][m], np.int64),
+                column(lambda b, m: np.full(int(m.sum()), run_code[b["run_id"]]), np.int64),
+                ts,
+            )
+        )
+        cols = {
+            k: column(
+                lambda b, m, k=k: b["values"][k][m] if k in b["values"] else np.full(int(m.sum()), np.nan), np.float64
+            )[order]
+            for k in keys
+        }
+        keys = tq.present_fields(cols, fields)
+        cols = {k: cols.get(k, np.full(ts.size, np.nan)) for k in keys}
+        return tq.windowed_metrics_arrays(ts[order], cols, window_s, step_s, max_windows=max_windows)
+
+
+def _order(r: dict[str, Any]) -> tuple[int, str, int]:
+    return r["ts"], r["run_id"], r["seq"]
+
+
+def batch_mask(b: dict[str, Any], lo: int | None, hi: int | None, filters: dict[str, Any]) -> np.ndarray:
+    """The events of a decoded batch in ``[lo, hi)`` that pass the filters (columnar)."""
+    ts = b["ts"]
+    m = np.ones(ts.size, dtype=bool)
+    if lo is not None:
+        m &= ts >= lo
+    if hi is not None:
+        m &= ts < hi
+    for k, want in filters.items():
+        if k in ("name", "phase"):
+            m &= tq.code_mask(b[k], b[CODED_COLUMNS[k]], want)
+        elif k == "success":
+            m &= b["success"] == (-1 if want is None else int(bool(want)))
+        elif k == "run_id" and b["run_id"] != want:
+            m[:] = False
+    pf = tq.param_filters(filters)
+    if pf and m.any():
+        texts = b.get("param_texts", [])
+        codes = b["params"] if "params" in b else np.full(ts.size, -1)
+        m[m] &= tq.param_mask(codes[m], lambda c: orjson.loads(texts[c]), pf)
+    return m

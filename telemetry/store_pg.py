@@ -1,0 +1,439 @@
+"""The PostgreSQL history store: the same batches and queries as the SQLite one, on a server.
+
+Many processes (a Lab daemon, the hosts of a distributed tree, the CLI) share one history.
+Each process keeps one connection pool per server URL (:mod:`psycopg_pool`), shared by all
+its stores and closed with the last of them.
+
+**Schema.** The tables of :mod:`telemetry.store` (``batches``, ``spans``, ``runs``) with
+PostgreSQL types: ``BIGINT`` times and seqs, ``BYTEA`` batches, ``JSONB`` summaries, and the
+text keys in the ``"C"`` collation so that rows sort byte-wise, as SQLite sorts them (the
+same order, so the same answers). The project creates and migrates it: :data:`MIGRATIONS`
+are ordered SQL steps, each recorded in ``schema_version`` once applied. A writer applies
+the missing ones in one transaction under a transaction-level advisory lock, so two
+processes starting at once take turns and the second finds nothing left to do; a reader
+applies none. A database migrated by a newer version is refused (the message says which).
+
+**Writes.** :meth:`PgHistoryStore.insert_batch` keeps the batch in memory;
+:meth:`~PgHistoryStore.commit` sends every kept batch in one transaction: ``COPY`` into a
+temporary table, then ``INSERT ... ON CONFLICT DO NOTHING`` into ``batches`` (a batch sent
+twice, after a commit whose answer was lost, is stored once) and the experiment's largest
+span. If the server cannot be reached the commit raises
+:class:`~telemetry.batchstore.HistoryUnavailable` and keeps the batches for the next
+commit; :meth:`~PgHistoryStore.rollback` drops them.
+
+**Errors.** Opening a store that cannot connect (bad URL, refused, unreachable within
+``connect_timeout`` seconds, authentication failure) raises one
+:class:`~telemetry.batchstore.HistoryConnectError` that names the URL with its password
+masked. Any server error later is a :class:`~telemetry.batchstore.HistoryUnavailable`
+when the connection is at fault (retry later) and a
+:class:`~telemetry.batchstore.HistoryError` otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+
+from actors.log import get_logger
+from telemetry.batchstore import (
+    BatchStore,
+    HistoryConfigError,
+    HistoryConnectError,
+    HistoryError,
+    HistoryUnavailable,
+    Reader,
+)
+
+log = get_logger("telemetry.store_pg")
+_Ctx = contextlib.AbstractContextManager[Any]
+
+CONNECT_TIMEOUT_S = 5.0
+"""Seconds to wait for the server to answer a connection attempt (libpq's ``connect_timeout``)."""
+POOL_MAX = 8
+"""Connections one process keeps open to one server at most (its stores share them)."""
+logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())  # its reconnect warnings: ours say it once
+_LOCK_KEY = zlib.crc32(b"crucible-lab history schema")  # the advisory lock migrations take
+
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "batches, spans and runs",
+        """
+        CREATE TABLE IF NOT EXISTS batches (
+            run_id TEXT COLLATE "C" NOT NULL, seq_lo BIGINT NOT NULL, seq_hi BIGINT NOT NULL,
+            experiment_id TEXT COLLATE "C" NOT NULL, ts_lo BIGINT NOT NULL, ts_hi BIGINT NOT NULL,
+            n INTEGER NOT NULL, data BYTEA NOT NULL,
+            PRIMARY KEY (run_id, seq_lo)
+        );
+        CREATE INDEX IF NOT EXISTS batches_exp_ts ON batches (experiment_id, ts_lo);
+        CREATE INDEX IF NOT EXISTS batches_run_ts ON batches (run_id, ts_lo);
+        CREATE TABLE IF NOT EXISTS spans (experiment_id TEXT COLLATE "C" PRIMARY KEY, max_span BIGINT NOT NULL);
+        CREATE TABLE IF NOT EXISTS runs (
+            run_id TEXT COLLATE "C" PRIMARY KEY, experiment_id TEXT COLLATE "C" NOT NULL, run_dir TEXT,
+            started_ts BIGINT, ended_ts BIGINT, summary JSONB
+        );
+        CREATE INDEX IF NOT EXISTS runs_experiment ON runs (experiment_id);
+        """,
+    ),
+)
+"""Ordered schema steps ``(version, what, SQL)``; a step is never edited once released, only added to."""
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)
+"""
+_STAGING = "CREATE TEMPORARY TABLE IF NOT EXISTS batches_in (LIKE batches INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+_COPY = "COPY batches_in (run_id, seq_lo, seq_hi, experiment_id, ts_lo, ts_hi, n, data) FROM STDIN"
+_MERGE = "INSERT INTO batches SELECT * FROM batches_in ON CONFLICT (run_id, seq_lo) DO NOTHING"
+_SPAN = (
+    "INSERT INTO spans VALUES (%s, %s) ON CONFLICT (experiment_id) DO UPDATE SET "
+    "max_span = GREATEST(spans.max_span, excluded.max_span)"
+)
+
+
+def is_postgres_url(target: object) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password (in the authority or as a ``password=`` parameter) shown as ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            auth, host = netloc.rsplit("@", 1)
+            if ":" in auth:
+                auth = auth.split(":", 1)[0] + ":***"
+            netloc = f"{auth}@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*/:")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise HistoryConfigError(
+            "a postgresql:// history needs psycopg 3 and psycopg-pool: pip install 'crucible-lab[postgres]'"
+        ) from None
+    return psycopg
+
+
+def _alive(conn: Any) -> bool:
+    import psycopg
+
+    try:
+        conn.execute("SELECT 1")
+        conn.rollback()
+    except psycopg.Error:
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class _Pool:
+    """One process-wide pool per URL, counted by the stores that use it."""
+
+    _lock = threading.Lock()
+    _pools: dict[str, tuple[Any, int]] = {}
+
+    @classmethod
+    def take(cls, url: str, kwargs: dict[str, Any], max_size: int, timeout: float) -> Any:
+        from psycopg_pool import ConnectionPool
+
+        with cls._lock:
+            pool, users = cls._pools.get(url, (None, 0))
+            if pool is None:
+                pool = ConnectionPool(
+                    url,
+                    kwargs=kwargs,
+                    min_size=1,
+                    max_size=max_size,
+                    open=False,
+                    configure=_configure,
+                    timeout=timeout,
+                    reconnect_timeout=max(10.0, 2 * timeout),
+                    name=f"crucible-history-{len(cls._pools)}",
+                )
+                pool.open(wait=False)
+            cls._pools[url] = (pool, users + 1)
+            return pool
+
+    @classmethod
+    def give_back(cls, url: str) -> None:
+        with cls._lock:
+            pool, users = cls._pools.get(url, (None, 0))
+            if pool is None:
+                return
+            if users > 1:
+                cls._pools[url] = (pool, users - 1)
+                return
+            del cls._pools[url]
+        pool.close(timeout=5.0)
+
+
+def _configure(conn: Any) -> None:
+    """A new pooled connection: the staging table its commits COPY into (session-local)."""
+    conn.execute(_STAGING)
+    conn.commit()
+
+
+class PgHistoryStore(BatchStore):
+    """A history in a PostgreSQL database (see the module docs); thread-safe.
+
+    Raises:
+        HistoryConfigError: the URL is malformed, or psycopg is not installed.
+        HistoryConnectError: the server refused, timed out or rejected the credentials.
+        HistoryError: the database holds a newer schema than this version knows; or, with
+            ``readonly``, no history at all (a :class:`FileNotFoundError` then, as SQLite).
+    """
+
+    _RUNS_SQL = "SELECT run_id, experiment_id, run_dir, started_ts, ended_ts, summary::text FROM runs"
+    _RUNS_ORDER = " ORDER BY started_ts NULLS FIRST"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        readonly: bool = False,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        pool_max: int = POOL_MAX,
+    ) -> None:
+        psycopg = _psycopg()
+        self.url = url
+        self.masked = mask_url(url)
+        self.readonly = readonly
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise HistoryConfigError(f"bad history URL {self.masked}: {_first_line(exc)}") from None
+        self.connect_timeout = float(params.get("connect_timeout") or connect_timeout)
+        self._kwargs: dict[str, Any] = {"application_name": "crucible-lab"}
+        if "connect_timeout" not in params:
+            self._kwargs["connect_timeout"] = max(1, round(connect_timeout))
+        self._pending: list[tuple[Any, ...]] = []  # batches kept until commit
+        self._spans: dict[str, int] = {}  # the largest span committed per experiment, as far as we know
+        self._wlock = threading.Lock()
+        self._direct = False  # commits bypass the pool until it has a working connection again
+        self._prepare()
+        self.pool = _Pool.take(url, self._kwargs, pool_max, self.connect_timeout)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<PgHistoryStore {self.masked}>"
+
+    def _prepare(self) -> None:
+        """Connect once (a clear error now, not later) and bring the schema up to date."""
+        psycopg = _psycopg()
+        try:
+            with psycopg.connect(self.url, **self._kwargs) as conn:
+                if self.readonly:
+                    self._check_version(conn)
+                else:
+                    migrate(conn, self.masked)
+        except psycopg.OperationalError as exc:
+            raise HistoryConnectError(f"cannot connect to the history at {self.masked}: {_first_line(exc)}") from None
+        except psycopg.Error as exc:
+            raise HistoryError(f"history at {self.masked} unusable: {_first_line(exc)}") from None
+
+    def _check_version(self, conn: Any) -> None:
+        if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            raise FileNotFoundError(f"no crucible history in the database at {self.masked}")
+        have = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        _refuse_newer(have, self.masked)
+
+    # --- connections ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _conn(self, ping: bool = False) -> Iterator[Any]:
+        """A pooled connection in a transaction (committed on leaving); server trouble as our errors.
+
+        ``ping`` first proves the connection alive (one ``SELECT 1``), trading a dead one left
+        over from a server restart for another: a read after an outage never fails for a
+        connection that merely went stale. A write needs no ping (see :meth:`commit`).
+        """
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            conn = self.pool.getconn(timeout=self.connect_timeout)
+            for _ in range(self.pool.max_size):
+                if not ping or _alive(conn):
+                    break
+                self.pool.putconn(conn)  # closed by now: the pool replaces it
+                conn = self.pool.getconn(timeout=self.connect_timeout)
+            try:
+                with conn:
+                    yield conn
+            finally:
+                self.pool.putconn(conn)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise HistoryUnavailable(f"history at {self.masked} unavailable: {_first_line(exc)}") from None
+        except psycopg.Error as exc:
+            raise HistoryError(f"history at {self.masked}: {_first_line(exc)}") from None
+
+    @contextlib.contextmanager
+    def _own_conn(self) -> Iterator[Any]:
+        """A connection of its own, outside the pool, in a transaction: for a commit while the
+        pool may hold only dead connections (a refused connection fails at once, where the pool
+        would wait out its timeout)."""
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url, **self._kwargs) as conn:
+                conn.execute(_STAGING)
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise HistoryUnavailable(f"history at {self.masked} unavailable: {_first_line(exc)}") from None
+        except psycopg.Error as exc:
+            raise HistoryError(f"history at {self.masked}: {_first_line(exc)}") from None
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Reader]:
+        with self._conn(ping=True) as conn:
+
+            def q(sql: str, args: Sequence[Any] = (), *, stream: bool = False) -> Any:
+                cur = conn.cursor(name="crucible_scan") if stream else conn.cursor()
+                return cur.execute(sql.replace("?", "%s"), args)
+
+            yield q
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def insert_batch(
+        self,
+        experiment_id: str,
+        run_id: str,
+        seqs: Sequence[int],
+        ts_lo: int,
+        ts_hi: int,
+        data: bytes,
+        n: int | None = None,
+    ) -> None:
+        """Keep one encoded columnar batch for the next :meth:`commit` (see the module docs)."""
+        row = (run_id, int(seqs[0]), int(seqs[-1]), experiment_id, int(ts_lo), int(ts_hi), n or len(seqs), data)
+        with self._wlock:
+            self._pending.append(row)
+
+    @property
+    def pending(self) -> int:
+        """Batches kept for the next commit."""
+        return len(self._pending)
+
+    def commit(self) -> None:
+        """Send the kept batches in one transaction; they are stored once this returns.
+
+        Raises:
+            HistoryUnavailable: the server could not be reached; the batches are kept.
+            HistoryError: the server refused them (they are kept too: roll back to drop them).
+        """
+        with self._wlock:
+            rows = list(self._pending)
+            if not rows:
+                return
+            spans: dict[str, int] = {}
+            for r in rows:
+                if r[5] - r[4] > max(spans.get(r[3], -1), self._spans.get(r[3], -1)):
+                    spans[r[3]] = r[5] - r[4]
+            if not self._direct or self.pool.get_stats().get("pool_available", 0) > 0:
+                try:
+                    self._send(self._conn, rows, spans)
+                except HistoryUnavailable:
+                    self._direct = True  # a dead pooled connection, or the server is away: see below
+                else:
+                    self._direct = False
+            if self._direct:
+                self._send(self._own_conn, rows, spans)  # HistoryUnavailable: the server is away
+            del self._pending[: len(rows)]
+            for exp, span in spans.items():
+                self._spans[exp] = max(span, self._spans.get(exp, -1))
+
+    @staticmethod
+    def _send(
+        conn_of: Callable[[], contextlib.AbstractContextManager[Any]],
+        rows: list[tuple[Any, ...]],
+        spans: dict[str, int],
+    ) -> None:
+        with conn_of() as conn, conn.cursor() as cur:
+            with cur.copy(_COPY) as copy:
+                for r in rows:
+                    copy.write_row(r)
+            cur.execute(_MERGE)
+            if spans:
+                cur.executemany(_SPAN, sorted(spans.items()))  # a fixed order: no deadlock between writers
+
+    def rollback(self) -> None:
+        """Drop the batches not yet committed."""
+        with self._wlock:
+            self._pending.clear()
+
+    def record_run(
+        self,
+        run_id: str,
+        experiment_id: str,
+        run_dir: str,
+        started_ts: int | None,
+        ended_ts: int | None,
+        summary: dict[str, Any],
+    ) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO runs VALUES (%s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (run_id) DO UPDATE SET "
+                "ended_ts = excluded.ended_ts, summary = excluded.summary, started_ts = excluded.started_ts",
+                (run_id, experiment_id, run_dir, started_ts, ended_ts, orjson.dumps(summary).decode()),
+            )
+
+    def close(self) -> None:
+        """Commit what is kept (if the server is there) and give the pool back."""
+        if self._closed:
+            return
+        try:
+            if self._pending:
+                self.commit()
+        finally:
+            self._closed = True
+            _Pool.give_back(self.url)
+
+
+def _refuse_newer(have: int, masked: str) -> None:
+    if have > SCHEMA_VERSION:
+        raise HistoryError(
+            f"the history at {masked} has schema version {have}, newer than this crucible-lab knows "
+            f"({SCHEMA_VERSION}): upgrade crucible-lab to use it"
+        )
+
+
+def migrate(conn: Any, masked: str = "this database") -> int:
+    """Apply the missing :data:`MIGRATIONS` in one transaction, under an advisory lock; return
+    the schema version. Safe when several processes start at once: they take turns."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute(_VERSION_TABLE)
+        have = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        _refuse_newer(have, masked)
+        for version, what, sql in MIGRATIONS:
+            if version <= have:
+                continue
+            conn.execute(sql)
+            conn.execute("INSERT INTO schema_version (version, description) VALUES (%s, %s)", (version, what))
+            log.info("history schema migrated", version=version, step=what)
+            have = version
+    return have

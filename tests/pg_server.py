@@ -1,0 +1,150 @@
+"""A real PostgreSQL server for the tests: Debian's binaries, started once per test session.
+
+:func:`pg_server` starts ``postgres`` in a temporary folder (``initdb`` with trust
+authentication, listening on 127.0.0.1 at a free port, its unix socket in that folder) the
+first time a test asks for it, and stops it when the session ends. The server refuses to run
+as root: under uid 0 the binaries run as ``nobody`` (``runuser``), which owns the folder.
+
+When the binaries are missing, the tests that need the server FAIL with a message that says
+how to install them (CI installs them: ``.ci/run``), unless ``CRUCIBLE_SKIP_POSTGRES=1`` says
+to skip them (for a developer without PostgreSQL at hand).
+
+Each test gets a database of its own (:meth:`PgServer.new_database`), so tests never see
+each other's rows. :meth:`PgServer.stop` and :meth:`PgServer.start` take the server away and
+bring it back mid-test, as an outage would.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+SKIP_ENV = "CRUCIBLE_SKIP_POSTGRES"
+BIN_ENV = "CRUCIBLE_PG_BIN"  # a folder holding initdb, pg_ctl and postgres, if not Debian's
+
+
+def find_bin() -> Path | None:
+    """The folder of initdb/pg_ctl/postgres: $CRUCIBLE_PG_BIN, Debian's newest, or the PATH's."""
+    if os.environ.get(BIN_ENV):
+        return Path(os.environ[BIN_ENV])
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if debian:
+        return debian[-1].parent
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PgServer:
+    """One postgres process in a temporary folder (see the module docs)."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="crucible-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self._as: list[str] = []
+        if os.geteuid() == 0:  # postgres will not run as root
+            os.chown(self.root, _nobody(), -1)
+            self._as = ["runuser", "-u", "nobody", "--"]
+        self._names = itertools.count()
+        self._lock = threading.Lock()
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [*self._as, str(self.bindir / tool), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+
+    def start(self) -> None:
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.root} -F -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+
+        with self._lock:
+            name = f"t{os.getpid()}_{next(self._names)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _nobody() -> int:
+    import pwd
+
+    return pwd.getpwnam("nobody").pw_uid
+
+
+_server: PgServer | None = None
+_server_lock = threading.Lock()
+
+
+def pg_server() -> PgServer:
+    """The session's server, started on first use (fails, or skips if told to, without binaries)."""
+    global _server
+    with _server_lock:
+        if os.environ.get(SKIP_ENV) == "1":
+            pytest.skip(f"PostgreSQL tests skipped: {SKIP_ENV}=1")
+        if _server is None:
+            bindir = find_bin()
+            if bindir is None or not (bindir / "initdb").exists():
+                pytest.fail(
+                    "PostgreSQL server binaries not found (initdb, pg_ctl, postgres): install Debian's "
+                    f"'postgresql' package (apt-get install postgresql), or point {BIN_ENV} at their folder; "
+                    f"or set {SKIP_ENV}=1 to skip the PostgreSQL tests",
+                    pytrace=False,
+                )
+            _server = PgServer(bindir)
+            atexit.register(_server.close)
+        return _server
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """The URL of a fresh database on the session's server."""
+    return pg_server().new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def history_kind(request: pytest.FixtureRequest) -> str:
+    """Run the test against both stores."""
+    return request.param
+
+
+@pytest.fixture
+def history_target(history_kind: str, tmp_path: Path) -> str | Path | None:
+    """The history target for this test's store: None (the embedded SQLite default) or a fresh
+    PostgreSQL database's URL."""
+    if history_kind == "postgresql":
+        return pg_server().new_database()
+    return None
