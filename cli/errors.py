@@ -14,6 +14,7 @@ from typing import Any
 from actors.recorder import ArtifactsError
 from experiments.coloring.graph import GraphError
 from experiments.spec import SpecError
+from telemetry.history import HistoryConfigError, HistoryConnectError
 from telemetry.rundir import RunNotFound
 
 EXIT_OK = 0
@@ -25,7 +26,15 @@ class UsageError(Exception):
     """A command-line problem; printed without a traceback, exit code 2."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UsageError, SpecError, GraphError, ArtifactsError, RunNotFound)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError,
+    SpecError,
+    GraphError,
+    ArtifactsError,
+    RunNotFound,
+    HistoryConfigError,  # a malformed --history URL
+    HistoryConnectError,  # a history server that refuses, times out or rejects the credentials
+)
 """Errors that are the user's to fix: ``crucible`` prints them as one line and exits 2."""
 
 FAILED_REASONS = ("failed", "storage:")  # a tree that gave up; a storage failure that stopped the run

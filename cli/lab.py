@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(level, json=True, also_to=artifacts / DAEMON_LOG)
     log = structlog.get_logger("cli.lab")
     try:
-        service = LabService(artifacts, max_running=args.max_experiments)
+        service = LabService(artifacts, max_running=args.max_experiments, history=args.history)
     except LabLocked as exc:
         raise UsageError(str(exc)) from None
     dash = None
@@ -123,6 +123,12 @@ def add_commands(sub: Any) -> None:
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     s = lab_sub.add_parser("serve", help="serve a Lab with a submission queue until SIGTERM/SIGINT")
     s.add_argument("--artifacts", default="artifacts", help="artifacts folder (default ./artifacts); one daemon each")
+    s.add_argument(
+        "--history",
+        metavar="URL",
+        help="where every run's history goes: a postgresql:// URL or a SQLite file "
+        "(default $CRUCIBLE_HISTORY, else <artifacts>/history.sqlite3)",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=PORT.arg(), default=7878, help="port, 0 to 65535 (default 7878; 0 = any free)")
     s.add_argument(

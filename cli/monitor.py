@@ -1,4 +1,9 @@
-"""``crucible monitor``: follow a run from its files (tail, summary, full-screen follow, alerts)."""
+"""``crucible monitor``: follow a run from its files (tail, summary, full-screen follow, alerts).
+
+``--summary`` with ``--history URL`` (or ``$CRUCIBLE_HISTORY``) reads the run's events from
+that history (PostgreSQL or SQLite) instead of its files; the status still comes from the
+run's folder.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +53,15 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                 )
     console = Console()
     if args.summary:
-        s = run_summary(run)
+        from cli.runs import history_events, history_target, reading_history
+        from telemetry.history import describe_history
+
+        if history_target(args) is not None:
+            with reading_history(args) as store:
+                where = describe_history(history_target(args), args.artifacts)
+                s = run_summary(run, history_events(store, run.name, where))
+        else:
+            s = run_summary(run)
         console.print(render.monitor_summary_table(f"{run.parent.name} / {run.name} ({s['status']})", s["phases"]))
         console.print(
             f"GPU vs CPU (events): {s['gpu_usage'] or 'not recorded'}; run {s['duration_s']:.1f} s; "
@@ -122,4 +135,7 @@ def add_commands(sub: Any) -> None:
     mo.add_argument("--from-end", action="store_true", help="start at the end of the file, not its beginning")
     mo.add_argument("--no-wait", action="store_true", help="print what is there and exit")
     mo.add_argument("--artifacts", default="artifacts")
+    mo.add_argument(
+        "--history", metavar="URL", help="--summary reads the events from this history (default $CRUCIBLE_HISTORY)"
+    )
     mo.set_defaults(func=cmd_monitor)

@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     summary_path = writable_file(args.json_summary, "--json-summary") if args.json_summary else None
     port = dash_port(args) if args.dashboard else None
-    lab = Lab(args.artifacts)
+    lab = Lab(args.artifacts, history=args.history)
     dash = None
     try:
         with stop_on_signals() as stop_now:
@@ -229,6 +229,12 @@ def add_commands(sub: Any) -> None:
     r.add_argument("spec", help="experiment spec (TOML)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
     r.add_argument("--artifacts", default="artifacts", help="artifacts folder (default ./artifacts)")
+    r.add_argument(
+        "--history",
+        metavar="URL",
+        help="where the run's history goes: a postgresql:// URL or a SQLite file "
+        "(default $CRUCIBLE_HISTORY, else <artifacts>/history.sqlite3)",
+    )
     r.add_argument("--no-live", action="store_true", help="no live progress display")
     r.add_argument("--json-summary", metavar="PATH", help="also write the final summary as JSON")
     r.add_argument("--dashboard", action="store_true", help="serve the live web dashboard (127.0.0.1)")

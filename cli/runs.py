@@ -2,11 +2,21 @@
 
 Which runs there are, and where, is :mod:`telemetry.rundir`'s to say (a run that is not
 there is its :class:`~telemetry.rundir.RunNotFound`, a usage error here).
+
+``--history URL`` (or ``$CRUCIBLE_HISTORY``) names the history to read (a ``postgresql://``
+URL or a SQLite file; see :mod:`telemetry.history`): ``list`` takes the ended runs' figures
+from it, ``export`` and ``compare`` read a run's events from it, by run id, whether or not
+the run's folder is here. Without either, they read the run's files as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
+import os
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +26,60 @@ from rich.console import Console
 from cli import render
 from cli.errors import UsageError
 from telemetry import rundir
-from telemetry.export import FORMATS, export_run
+from telemetry.batchstore import BatchStore
+from telemetry.export import FORMATS, export_events, export_run
+from telemetry.history import ENV, HistoryError, describe_history, open_history
 from telemetry.jsonl import ReadCounts, iter_run
+from telemetry.schema import check_id
+
+
+def history_target(args: argparse.Namespace) -> str | None:
+    """The history a reader was pointed at: ``--history``, else ``$CRUCIBLE_HISTORY``; None: the files."""
+    return getattr(args, "history", None) or os.environ.get(ENV) or None
+
+
+@contextlib.contextmanager
+def reading_history(args: argparse.Namespace) -> Iterator[BatchStore]:
+    """The named history, open for reading; what stops it is a usage error that names it."""
+    target = history_target(args)
+    where = describe_history(target, args.artifacts)
+    try:
+        store = open_history(target, artifacts=args.artifacts, readonly=True)
+    except FileNotFoundError:
+        raise UsageError(f"no crucible history at {where}") from None
+    except (HistoryError, sqlite3.Error, OSError) as exc:
+        raise UsageError(f"cannot read the history at {where}: {exc}") from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def history_events(store: BatchStore, arg: str, where: str) -> Iterator[dict[str, Any]]:
+    """A run's events from the history, by run id (or the name of a run folder), in order.
+
+    Raises:
+        RunNotFound: the history has neither events nor a record of that run.
+    """
+    run_id = Path(arg).name if Path(arg).is_dir() else arg
+    try:
+        check_id("run id", run_id)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    events = store.iter_events(run_id=run_id)
+    first = next(events, None)  # asked now: an unknown run fails here, before anything is written
+    if first is None and all(r["run_id"] != run_id for r in store.runs()):
+        raise rundir.RunNotFound(f"no run {run_id!r} in the history at {where}")
+    return itertools.chain([] if first is None else [first], events)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     art = Path(args.artifacts)
-    infos = rundir.list_runs(art)
+    target = history_target(args)
+    if target is not None:
+        with reading_history(args):
+            pass  # a history named but unreachable is an error here, not a quiet fall-back to the folders
+    infos = rundir.list_runs(art, target)
     if args.json:
         for i in infos:
             print(orjson.dumps(i).decode())
@@ -32,6 +89,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if history_target(args) is not None:
+        return export_from_history(args)
     run = rundir.resolve_run(args.run, Path(args.artifacts))
     out = Path(args.out) if args.out else Path(f"{run.name}.{args.format}")
     counts = ReadCounts()
@@ -44,10 +103,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def metric_values(run: Path, metric: str) -> list[float]:
-    """Every numeric value of ``metric`` in the run's events, in order."""
+def export_from_history(args: argparse.Namespace) -> int:
+    with reading_history(args) as store:
+        where = describe_history(history_target(args), args.artifacts)
+        history_events(store, args.run, where)  # an unknown run fails before any file is made
+        run_id = Path(args.run).name if Path(args.run).is_dir() else args.run
+        out = Path(args.out) if args.out else Path(f"{run_id}.{args.format}")
+        try:
+            n = export_events(lambda: history_events(store, args.run, where), args.format, out)
+        except OSError as exc:
+            raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    Console().print(f"exported {n:,} events of {run_id} from {where} to {out}", markup=False, highlight=False)
+    return 0
+
+
+def metric_values(run: Path | str, metric: str, store: BatchStore | None = None, where: str = "") -> list[float]:
+    """Every numeric value of ``metric`` in the run's events, in order (from ``store`` if given)."""
     out = []
-    for ev in iter_run(run):
+    for ev in iter_run(run) if store is None else history_events(store, str(run), where):
         v = (ev.get("values") or {}).get(metric)
         if isinstance(v, (int, float)):
             out.append(float(v))
@@ -58,8 +131,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from telemetry.stats import compare
 
     art = Path(args.artifacts)
-    a, b = rundir.resolve_run(args.run_a, art), rundir.resolve_run(args.run_b, art)
-    va, vb = metric_values(a, args.metric), metric_values(b, args.metric)
+    if history_target(args) is not None:
+        with reading_history(args) as store:
+            where = describe_history(history_target(args), args.artifacts)
+            va, vb = (metric_values(r, args.metric, store, where) for r in (args.run_a, args.run_b))
+        a, b = Path(args.run_a), Path(args.run_b)
+    else:
+        a, b = rundir.resolve_run(args.run_a, art), rundir.resolve_run(args.run_b, art)
+        va, vb = metric_values(a, args.metric), metric_values(b, args.metric)
     if len(va) < 2 or len(vb) < 2:
         raise UsageError(
             f"metric {args.metric!r} has {len(va)} values in {a.name} and {len(vb)} in {b.name}; "
@@ -73,9 +152,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+HISTORY_HELP = (
+    "the history to read: a postgresql:// URL or a SQLite file "
+    f"(default ${ENV}, else the run's files; list: <artifacts>/history.sqlite3)"
+)
+
+
 def add_commands(sub: Any) -> None:
     ls = sub.add_parser("list", help="list the runs in an artifacts folder")
     ls.add_argument("--artifacts", default="artifacts")
+    ls.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     ls.add_argument("--json", action="store_true", help="one JSON object per run")
     ls.set_defaults(func=cmd_list)
     ex = sub.add_parser("export", help="export a run to CSV, JSONL or Parquet")
@@ -83,6 +169,7 @@ def add_commands(sub: Any) -> None:
     ex.add_argument("--format", choices=FORMATS, default="jsonl")
     ex.add_argument("--out", help="output file (default RUN.FORMAT)")
     ex.add_argument("--artifacts", default="artifacts")
+    ex.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     ex.set_defaults(func=cmd_export)
     cp = sub.add_parser("compare", help="statistical comparison of two runs on one metric")
     cp.add_argument("run_a")
@@ -90,4 +177,5 @@ def add_commands(sub: Any) -> None:
     cp.add_argument("--metric", required=True)
     cp.add_argument("--json", action="store_true")
     cp.add_argument("--artifacts", default="artifacts")
+    cp.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     cp.set_defaults(func=cmd_compare)

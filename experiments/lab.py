@@ -45,6 +45,7 @@ from actors.topics import NamedTarget, Topics
 from experiments.spec import load_spec
 from experiments.workloads import declarations
 from experiments.workloads import registry as workload_registry
+from telemetry.history import HistoryTarget, open_history, prepare_history
 from telemetry.jsonl import JsonlWriter
 from telemetry.query import prepare_query, query_answer
 from telemetry.rundir import (
@@ -67,7 +68,6 @@ from telemetry.rundir import (
     write_json,
 )
 from telemetry.schema import check_id
-from telemetry.store import DB_NAME, HistoryStore
 
 log = get_logger("experiments.lab")
 
@@ -260,6 +260,7 @@ class Experiment:
                 args=(self.lab.artifacts, self.id, self.run_id),
                 name="recorder",
                 kwargs={
+                    "history": self.lab.history,
                     "rotate_bytes": int(t["rotate_mb"] * (1 << 20)),
                     "fsync_interval": t["fsync_interval_s"],
                     "ring_size": t["ring_size"],
@@ -719,11 +720,11 @@ class Experiment:
             ref = self.registry.whereis("recorder")
             if ref is not None:
                 return query_answer(ref.ask({"kind": "query_window", "spec": spec, "filters": filters}, timeout=30))
-        store = HistoryStore(self.lab.artifacts / DB_NAME, readonly=True)
+        store = open_history(self.lab.history, artifacts=self.lab.artifacts, readonly=True)
         try:
             return store.query(self.id, spec, filters, run_id=self.run_id)
         finally:
-            store.db.close()
+            store.close()
 
     def phase_status(self, max_age: float = MAX_AGE_S, wait: float = WAIT_S) -> dict[str, Any]:
         """The phase's status (paused, finished, steps, active_s, params, counters) as it last
@@ -756,8 +757,13 @@ class Lab:
         artifacts_dir: str | Path = "artifacts",
         max_experiments: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        history: HistoryTarget = None,
     ) -> None:
+        """``history`` names where every run's history goes (see :mod:`telemetry.history`): by
+        default ``$CRUCIBLE_HISTORY`` or ``<artifacts>/history.sqlite3``; a PostgreSQL URL is
+        connected to (and its schema migrated) here, so a bad one fails now, named."""
         self.artifacts = check_artifacts_dir(artifacts_dir)
+        self.history = prepare_history(history, self.artifacts)
         self.clock = clock
         self._lock = threading.RLock()
         self.experiments: dict[str, Experiment] = {}

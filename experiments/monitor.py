@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +170,14 @@ def run_stopped(run_dir: Path) -> bool:
     return not run_status(run_dir).live
 
 
-def run_summary(run_dir: Path) -> dict[str, Any]:
+def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Best value per phase (of the objective's field and progress value, each in its own
     direction), GPU vs CPU usage, durations, drops, anomalies, hypertune actions.
 
     ``status`` is the derived status (see :mod:`telemetry.rundir`), ``reason`` its reason
     or evidence; ``events_persisted`` counts the events on disk when ``summary.json`` lags
     them (a run that died between two summaries), with ``summary_lag_events`` saying by how much.
+    ``events``: the run's events from elsewhere than its files (the history), in order.
     """
     report = run_status(run_dir)
     tracked = _tracked(run_objectives(run_dir))
@@ -186,7 +187,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     actions: list[str] = []
     first = last = None
     n = 0
-    for ev in iter_run(run_dir):
+    for ev in iter_run(run_dir) if events is None else events:
         n += 1
         first = ev["ts"] if first is None else first
         last = ev["ts"]

@@ -62,7 +62,13 @@ class LabService:
         ArtifactsError: the folder cannot be created or written.
     """
 
-    def __init__(self, artifacts: str | Path = "artifacts", max_running: int = 1, keep_ended: int = 100) -> None:
+    def __init__(
+        self,
+        artifacts: str | Path = "artifacts",
+        max_running: int = 1,
+        keep_ended: int = 100,
+        history: str | Path | None = None,
+    ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
         self.artifacts = check_artifacts_dir(artifacts)
@@ -76,7 +82,7 @@ class LabService:
         self._queue: list[dict[str, Any]] = []
         self._ended: dict[str, dict[str, Any]] = {}  # cancelled or failed-to-start submissions
         try:
-            self.lab = Lab(self.artifacts)
+            self.lab = Lab(self.artifacts, history=history)  # history: see telemetry.history
             recover = getattr(self.lab, "recover", None)  # resumes a crashed previous owner's runs, where supported
             recovered: list[Experiment] = list(recover() or []) if callable(recover) else []
             for exp in recovered:
@@ -274,7 +280,7 @@ class LabService:
                     "run_dir": r["path"],
                     "position": None,
                 }
-                for r in list_runs(self.artifacts)
+                for r in list_runs(self.artifacts, self.lab.history)
                 if r["experiment"] not in known
             ]
         return out + queued

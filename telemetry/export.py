@@ -1,6 +1,6 @@
 """Export a run or an experiment to CSV, JSONL or Parquet, streamed in bounded chunks.
 
-Sources are iterators of events (a run directory's JSONL files, or the SQLite history),
+Sources are iterators of events (a run directory's JSONL files, or the history: SQLite or PostgreSQL),
 so memory stays bounded by ``chunk`` events whatever the size. CSV and Parquet need the
 set of value fields up front: the source is read twice (a cheap first pass collects the
 field names). Nested fields (``parameters``, ``anomaly``) are written as JSON text.
@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
+from telemetry.history import HistoryTarget, open_history
 from telemetry.jsonl import ReadCounts, iter_run
 from telemetry.schema import FIELDS, compact_event, dumps_line
-from telemetry.store import DB_NAME, HistoryStore
 
 FORMATS = ("csv", "jsonl", "parquet")
 BASE_COLUMNS = tuple(f for f in FIELDS if f not in ("v", "values"))  # the schema's order; values.* follow
@@ -126,11 +126,28 @@ def export_run(
 
 
 def export_experiment(
-    artifacts_dir: str | Path, experiment_id: str, fmt: str, out: str | Path, chunk: int = 100_000
+    artifacts_dir: str | Path,
+    experiment_id: str,
+    fmt: str,
+    out: str | Path,
+    chunk: int = 100_000,
+    history: HistoryTarget = None,
 ) -> int:
-    """Export every run of an experiment from the SQLite history."""
-    store = HistoryStore(Path(artifacts_dir) / DB_NAME, readonly=True)
+    """Export every run of an experiment from the history (``history``: see :mod:`telemetry.history`)."""
+    store = open_history(history, artifacts=artifacts_dir, readonly=True)
     try:
         return export_events(lambda: store.iter_events(experiment_id=experiment_id), fmt, out, chunk)
     finally:
-        store.db.close()
+        store.close()
+
+
+def export_history_run(
+    run_id: str, fmt: str, out: str | Path, chunk: int = 100_000, history: HistoryTarget = None
+) -> int:
+    """Export one run's events as the history holds them (no run folder needed: the history
+    may be a server that runs on other hosts wrote to)."""
+    store = open_history(history, readonly=True)
+    try:
+        return export_events(lambda: store.iter_events(run_id=run_id), fmt, out, chunk)
+    finally:
+        store.close()

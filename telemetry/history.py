@@ -46,6 +46,7 @@ __all__ = [
     "describe_history",
     "is_postgres_url",
     "open_history",
+    "prepare_history",
     "resolve_history",
 ]
 
@@ -118,3 +119,16 @@ def open_history(
     if isinstance(where, str):
         return PgHistoryStore(where, readonly=readonly, connect_timeout=connect_timeout)
     return HistoryStore(where, readonly=readonly)
+
+
+def prepare_history(target: HistoryTarget, artifacts: str | Path | None = None) -> str | Path:
+    """Resolve a target once for a host that opens it many times (a Lab: one Recorder per run),
+    and prove a server reachable now, schema created or migrated, rather than at its first run.
+
+    Raises:
+        HistoryConfigError, HistoryConnectError: as :func:`open_history`.
+    """
+    where = resolve_history(target, artifacts)
+    if isinstance(where, str):
+        open_history(where).close()
+    return where

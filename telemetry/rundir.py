@@ -53,9 +53,9 @@ import orjson
 
 from actors.files import atomic_write
 from actors.log import get_logger
+from telemetry.history import HistoryError, HistoryTarget, describe_history, open_history
 from telemetry.jsonl import ACTIVE, run_segments
 from telemetry.schema import check_id
-from telemetry.store import DB_NAME, HistoryStore
 
 log = get_logger("telemetry.rundir")
 
@@ -458,25 +458,30 @@ def latest_run(artifacts: Path) -> Path:
     return runs[0]
 
 
-def recorded_runs(artifacts: Path) -> dict[tuple[str, str], dict[str, Any]] | None:
-    """The history database's ``runs`` table, by (experiment id, run id); None without a readable database.
+def recorded_runs(artifacts: Path, history: HistoryTarget = None) -> dict[tuple[str, str], dict[str, Any]] | None:
+    """The history's ``runs`` table, by (experiment id, run id); None without a readable history
+    (``history``: see :mod:`telemetry.history`; by default the SQLite file in ``artifacts``).
 
     The Recorder adds its run to the table when it stops, with the final summary: the table
     holds the runs that ended, not the live ones nor those killed before they could end.
     Rows whose ids are not valid path components are left out (they name no folder here).
     """
-    path = artifacts / DB_NAME
-    if not path.is_file():
+    try:
+        store = open_history(history, artifacts=artifacts, readonly=True)
+    except FileNotFoundError:
+        return None
+    except (sqlite3.Error, OSError, ValueError, HistoryError) as exc:  # corrupt, locked, unreachable
+        where = describe_history(history, artifacts)
+        log.warning("history unreadable; listing the runs from their folders", path=where, error=str(exc))
         return None
     try:
-        store = HistoryStore(path, readonly=True)
-        try:
-            rows = store.runs()
-        finally:
-            store.close()
-    except (sqlite3.Error, OSError, ValueError) as exc:  # corrupt, locked, or a summary that is not JSON
-        log.warning("history database unreadable; listing the runs from their folders", path=str(path), error=str(exc))
+        rows = store.runs()
+    except (sqlite3.Error, OSError, ValueError, HistoryError) as exc:  # a summary that is not JSON, say
+        where = describe_history(history, artifacts)
+        log.warning("history unreadable; listing the runs from their folders", path=where, error=str(exc))
         return None
+    finally:
+        store.close()
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         try:
@@ -487,7 +492,7 @@ def recorded_runs(artifacts: Path) -> dict[tuple[str, str], dict[str, Any]] | No
     return out
 
 
-def list_runs(artifacts: Path) -> list[dict[str, Any]]:
+def list_runs(artifacts: Path, history: HistoryTarget = None) -> list[dict[str, Any]]:
     """One :func:`run_info` dict per run under ``artifacts``, newest first, for ``crucible list``.
 
     Runs the history's ``runs`` table holds (those that ended) take their figures from it, so
@@ -495,7 +500,7 @@ def list_runs(artifacts: Path) -> list[dict[str, Any]]:
     them when the database is missing or unreadable) are read from their folders. ``source``
     says which: ``"history"`` or ``"files"``. A row whose folder is gone is not listed.
     """
-    recorded = recorded_runs(artifacts) or {}
+    recorded = recorded_runs(artifacts, history) or {}
     out = []
     for run in find_runs(artifacts):
         row = recorded.get((run.parent.name, run.name))
