@@ -99,6 +99,15 @@ class PgServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the server with the session (a test module lists this module in ``pytest_plugins``)."""
+    global _server
+    with _server_lock:
+        if _server is not None:
+            _server.close()
+            _server = None
+
+
 def _nobody() -> int:
     import pwd
 
@@ -125,7 +134,7 @@ def pg_server() -> PgServer:
                     pytrace=False,
                 )
             _server = PgServer(bindir)
-            atexit.register(_server.close)
+            atexit.register(_server.close)  # if used outside pytest; closing twice is harmless
         return _server
 
 
@@ -148,3 +157,35 @@ def history_target(history_kind: str, tmp_path: Path) -> str | Path | None:
     if history_kind == "postgresql":
         return pg_server().new_database()
     return None
+
+
+def truncate(url: str) -> None:
+    """Empty a history database's tables (keeping its schema)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE batches, spans, runs")
+
+
+@pytest.fixture
+def new_store(history_kind: str, tmp_path: Path):
+    """Make fresh, empty history stores of this test's kind (closed at the end): a new SQLite
+    file each time, or one PostgreSQL database emptied before each new store."""
+    from telemetry.history import open_history
+
+    made = []
+    url = pg_server().new_database() if history_kind == "postgresql" else None
+
+    def make():
+        if url is None:
+            store = open_history(tmp_path / f"history-{len(made)}.sqlite3")
+        else:
+            if made:
+                truncate(url)
+            store = open_history(url)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()

@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.messages import decode, encode
@@ -18,7 +18,8 @@ from telemetry.query import (
     windowed_metrics_arrays,
 )
 from telemetry.schema import full_event, rows_to_batch
-from telemetry.store import HistoryStore
+
+pytest_plugins = ["tests.pg_server"]  # fixtures history_kind, history_target, new_store: both stores
 
 S = 1_000_000  # one second in microseconds
 T0 = 1_700_000_000 * S
@@ -48,10 +49,8 @@ def make_rows(ts_list, phases=("a", "b"), run_id="run"):
     return rows
 
 
-def sources(rows, tmp_path, batch=7):
+def sources(rows, store, batch=7):
     idx = LiveIndex("exp")
-    store = HistoryStore(tmp_path / "h.sqlite3")
-    from actors.messages import encode
 
     for i in range(0, len(rows), batch):
         part = rows[i : i + batch]
@@ -74,9 +73,9 @@ def sources(rows, tmp_path, batch=7):
 
 
 @pytest.fixture
-def data(tmp_path):
+def data(new_store):
     rows = make_rows([T0 + k * S for k in range(100)])  # one event per second for 100 s
-    return rows, sources(rows, tmp_path)
+    return rows, sources(rows, new_store())
 
 
 @pytest.mark.parametrize("src", ["live", "history"])
@@ -169,19 +168,17 @@ def test_windowed_metrics_equals_brute_force(tmp_path_factory, offsets, window, 
                 assert m[f"p{p}"] == pytest.approx(np.percentile(vals, p))
 
 
-@pytest.mark.parametrize("src", ["live", "history"])
-def test_windowed_metrics_same_on_both_stores(tmp_path, src):
+def test_windowed_metrics_same_on_both_stores(new_store):
     rows = make_rows([T0 + k * S // 2 for k in range(60)])
     idx = LiveIndex("exp")
     idx.append_batch(rows_to_batch(rows, "exp", "run"))
     live = idx.windowed_metrics(10, 5)
     assert metrics_of(np.array([np.nan]))["count"] == 0
-    store = HistoryStore(tmp_path / "h.sqlite3")
-    from actors.messages import encode
-
+    store = new_store()
     store.insert_batch(
         "exp", "run", [0, 59], rows[0]["ts"], rows[-1]["ts"], encode(rows_to_batch(rows, "exp", "run")), n=60
     )
+    store.commit()
     hist = store.windowed_metrics("exp", 10, 5)
     assert live == hist
     assert live[0]["metrics"]["x"]["count"] == 20
@@ -366,11 +363,12 @@ def _answer(fn):
         return ("limit", str(exc))
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(run=runs(), data=st.data())
-def test_the_same_query_gives_the_same_answer_live_and_from_the_history(run, data):
+def test_the_same_query_gives_the_same_answer_live_and_from_the_history(new_store, run, data):
     """Property: whatever the window, filters and limits, the live index of a run and the history
-    (with a newer and an older run of the same experiment beside it) agree, errors included."""
+    (with a newer and an older run of the same experiment beside it) agree, errors included;
+    in either store (SQLite or PostgreSQL: each example gets an empty one)."""
     rows, parts = run
     spec = data.draw(_specs(200))
     filters = data.draw(FILTERS)
@@ -381,7 +379,7 @@ def test_the_same_query_gives_the_same_answer_live_and_from_the_history(run, dat
     )
     now_us = T0 + data.draw(st.integers(0, 200 * S))
     idx = LiveIndex("exp")
-    store = HistoryStore(":memory:")
+    store = new_store()
     for part in parts:
         b = decode(encode(rows_to_batch(part, "exp", "r1")))
         idx.append_batch(b)
@@ -444,10 +442,10 @@ def _drain(exp):
 
 
 @pytest.fixture
-def lab(tmp_path):
+def lab(tmp_path, history_target):
     from supervisor import Lab
 
-    lab = Lab(tmp_path / "art")
+    lab = Lab(tmp_path / "art", history=history_target)
     yield lab
     lab.shutdown()
 
@@ -517,7 +515,7 @@ def test_queries_after_the_run_stops_give_the_live_answers(lab, tmp_path):
     assert len(live["('last_n', 40)"]) == 40 and live["('sliding', 0.2, 's', 0.1)"]
     exp.stop()
     assert _answers(exp) == live  # from the history now
-    with Lab(tmp_path / "art") as again:  # a newer run of the same experiment
+    with Lab(tmp_path / "art", history=lab.history) as again:  # a newer run of the same experiment
         newer = again.start_experiment(_spec())
         assert newer.id == exp.id and newer.run_id != exp.run_id
         _until(lambda: _persisted(newer) > 100)

@@ -15,6 +15,8 @@ from telemetry.rundir import summary_best
 from telemetry.schema import SchemaError
 from tests.telemetry_helpers import BatchProbe
 
+pytest_plugins = ["tests.pg_server"]  # history_target: the history tests run on SQLite and PostgreSQL
+
 
 def seqs_on_disk(run_dir):
     return [ev["seq"] for ev in iter_run(run_dir)]
@@ -33,9 +35,9 @@ def emit_n(em, n, start=0, phase="tabu"):
 
 
 @pytest.fixture
-def tree(tmp_path):
+def tree(tmp_path, history_target):
     topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run1")
+    rec = Recorder.start(tmp_path, "exp", "run1", history=history_target)
     topics.subscribe("events", rec)
     em = Emitter(topics, "exp", "run1", batch_size=64)
     yield topics, rec, em, tmp_path / "exp" / "run1"
@@ -100,9 +102,9 @@ def test_drop_policy_accounts_for_every_event(tmp_path):
     slow.stop()
 
 
-def test_block_policy_waits_then_loses_nothing(tmp_path):
+def test_block_policy_waits_then_loses_nothing(tmp_path, history_target):
     topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run")
+    rec = Recorder.start(tmp_path, "exp", "run", history=history_target)
     topics.subscribe("events", rec)
     em = Emitter(topics, "exp", "run", batch_size=16, overflow="block", max_backlog=2, block_timeout=30)
     emit_n(em, 2000)
@@ -117,11 +119,12 @@ class CrashableRecorder(Recorder):
         raise RuntimeError("recorder crash for the test")
 
 
-def test_recorder_crash_under_supervisor_loses_no_acknowledged_event(tmp_path):
+def test_recorder_crash_under_supervisor_loses_no_acknowledged_event(tmp_path, history_target):
     reg, topics = Registry(), Topics()
-    sup = Supervisor.start(
-        [ChildSpec("recorder", CrashableRecorder, args=(tmp_path, "exp", "run"), name="rec")], registry=reg
+    spec = ChildSpec(
+        "recorder", CrashableRecorder, args=(tmp_path, "exp", "run"), kwargs={"history": history_target}, name="rec"
     )
+    sup = Supervisor.start([spec], registry=reg)
     topics.subscribe_name("events", "rec", reg)
     em = Emitter(topics, "exp", "run", batch_size=50)
     emit_n(em, 1000)
@@ -144,9 +147,9 @@ def test_recorder_crash_under_supervisor_loses_no_acknowledged_event(tmp_path):
     sup.stop()
 
 
-def test_restart_cuts_torn_line_and_continues_without_duplicates(tmp_path):
+def test_restart_cuts_torn_line_and_continues_without_duplicates(tmp_path, history_target):
     topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run")
+    rec = Recorder.start(tmp_path, "exp", "run", history=history_target)
     topics.subscribe("events", rec)
     em = Emitter(topics, "exp", "run", batch_size=10)
     emit_n(em, 100)
@@ -156,7 +159,7 @@ def test_restart_cuts_torn_line_and_continues_without_duplicates(tmp_path):
     with path.open("ab") as fh:
         fh.write(b'{"v":1,"seq":100,"ts":17')  # as left by kill -9 mid-write
     assert seqs_on_disk(path.parent) == list(range(100))  # the reader skips it, with a warning
-    rec2 = Recorder.start(tmp_path, "exp", "run")
+    rec2 = Recorder.start(tmp_path, "exp", "run", history=history_target)
     assert path.read_bytes().endswith(b"\n")
     topics2 = Topics()
     topics2.subscribe("events", rec2)
@@ -253,9 +256,9 @@ def test_unwritable_artifacts_fail_at_start(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
-def test_export_run_and_experiment(tmp_path, fmt):
+def test_export_run_and_experiment(tmp_path, fmt, history_target):
     topics = Topics()
-    rec = Recorder.start(tmp_path / "art", "exp", "run")
+    rec = Recorder.start(tmp_path / "art", "exp", "run", history=history_target)
     topics.subscribe("events", rec)
     em = Emitter(topics, "exp", "run", batch_size=32)
     emit_n(em, 300)
@@ -263,7 +266,8 @@ def test_export_run_and_experiment(tmp_path, fmt):
     rec.stop()
     out = tmp_path / f"out.{fmt}"
     assert export_run(tmp_path / "art" / "exp" / "run", fmt, out, chunk=50) == 300
-    assert export_experiment(tmp_path / "art", "exp", fmt, tmp_path / f"all.{fmt}", chunk=50) == 300
+    assert export_experiment(tmp_path / "art", "exp", fmt, tmp_path / f"all.{fmt}", 50, history_target) == 300
+    assert (tmp_path / f"all.{fmt}").read_bytes() == out.read_bytes()  # the history holds the same events
     if fmt == "parquet":
         t = pq.read_table(out)
         assert t.num_rows == 300
@@ -290,31 +294,31 @@ def test_events_with_and_without_values_mix_in_one_batch(tmp_path):
     rec.stop()
 
 
-def test_the_history_keeps_each_runs_summary(tmp_path):
-    from telemetry.store import DB_NAME, HistoryStore
+def test_the_history_keeps_each_runs_summary(tmp_path, history_target):
+    from telemetry.history import open_history
 
     topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run")
+    rec = Recorder.start(tmp_path, "exp", "run", history=history_target)
     topics.subscribe("events", rec)
     em = Emitter(topics, "exp", "run", batch_size=10)
     emit_n(em, 25)
     em.close()
     rec.ask({"kind": "flush"})
     rec.stop()
-    store = HistoryStore(tmp_path / DB_NAME, readonly=True)
+    store = open_history(history_target, artifacts=tmp_path, readonly=True)
     runs = store.runs("exp")
     store.close()
     assert [r["run_id"] for r in runs] == ["run"]
     assert runs[0]["summary"]["events_persisted"] == 25 and runs[0]["ended_ts"] >= runs[0]["started_ts"]
 
 
-def test_live_answers_need_no_events_the_bounded_index_dropped(tmp_path):
+def test_live_answers_need_no_events_the_bounded_index_dropped(tmp_path, history_target):
     """Past index_limit the index keeps only the newest events; a live query that needs older
     ones is answered from the history, so live and history agree."""
     from telemetry.query import query_answer
 
     topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", index_limit=100)
+    rec = Recorder.start(tmp_path, "exp", "run", index_limit=100, history=history_target)
     topics.subscribe("events", rec)
     em = Emitter(topics, "exp", "run", batch_size=50)
     emit_n(em, 1000)
