@@ -133,6 +133,17 @@ def _psycopg() -> Any:
     return psycopg
 
 
+def _send(conn: Any, rows: list[tuple[Any, ...]], spans: dict[str, int]) -> None:
+    """One commit's batches: COPY into the session's staging table, then merged (see the module docs)."""
+    with conn.cursor() as cur:
+        with cur.copy(_COPY) as copy:
+            for r in rows:
+                copy.write_row(r)
+        cur.execute(_MERGE)
+        if spans:
+            cur.executemany(_SPAN, sorted(spans.items()))  # a fixed order: no deadlock between writers
+
+
 def _alive(conn: Any) -> bool:
     import psycopg
 
@@ -353,32 +364,30 @@ class PgHistoryStore(BatchStore):
             for r in rows:
                 if r[5] - r[4] > max(spans.get(r[3], -1), self._spans.get(r[3], -1)):
                     spans[r[3]] = r[5] - r[4]
-            if not self._direct or self.pool.get_stats().get("pool_available", 0) > 0:
-                try:
-                    self._send(self._conn, rows, spans)
-                except HistoryUnavailable:
-                    self._direct = True  # a dead pooled connection, or the server is away: see below
-                else:
-                    self._direct = False
-            if self._direct:
-                self._send(self._own_conn, rows, spans)  # HistoryUnavailable: the server is away
+            self._write(lambda conn: _send(conn, rows, spans))
             del self._pending[: len(rows)]
             for exp, span in spans.items():
                 self._spans[exp] = max(span, self._spans.get(exp, -1))
 
-    @staticmethod
-    def _send(
-        conn_of: Callable[[], contextlib.AbstractContextManager[Any]],
-        rows: list[tuple[Any, ...]],
-        spans: dict[str, int],
-    ) -> None:
-        with conn_of() as conn, conn.cursor() as cur:
-            with cur.copy(_COPY) as copy:
-                for r in rows:
-                    copy.write_row(r)
-            cur.execute(_MERGE)
-            if spans:
-                cur.executemany(_SPAN, sorted(spans.items()))  # a fixed order: no deadlock between writers
+    def _write(self, work: Callable[[Any], None]) -> None:
+        """Run one write transaction: on a pooled connection; after the server went away, and
+        until the pool holds a working connection again, on a connection of its own, which a
+        stopped server refuses at once where the pool would wait out its timeout.
+
+        Raises:
+            HistoryUnavailable: the server cannot be reached (the transaction did not happen).
+        """
+        if not self._direct or self.pool.get_stats().get("pool_available", 0) > 0:
+            try:
+                with self._conn() as conn:
+                    work(conn)
+            except HistoryUnavailable:
+                self._direct = True  # a dead pooled connection, or the server is away: see below
+            else:
+                self._direct = False
+                return
+        with self._own_conn() as conn:
+            work(conn)
 
     def rollback(self) -> None:
         """Drop the batches not yet committed."""
@@ -394,12 +403,13 @@ class PgHistoryStore(BatchStore):
         ended_ts: int | None,
         summary: dict[str, Any],
     ) -> None:
-        with self._conn() as conn:
-            conn.execute(
+        self._write(
+            lambda conn: conn.execute(
                 "INSERT INTO runs VALUES (%s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (run_id) DO UPDATE SET "
                 "ended_ts = excluded.ended_ts, summary = excluded.summary, started_ts = excluded.started_ts",
                 (run_id, experiment_id, run_dir, started_ts, ended_ts, orjson.dumps(summary).decode()),
             )
+        )
 
     def close(self) -> None:
         """Commit what is kept (if the server is there) and give the pool back."""

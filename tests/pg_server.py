@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 SKIP_ENV = "CRUCIBLE_SKIP_POSTGRES"
+PASSWORD_USER, PASSWORD = "crucible_pw", "s3cret-Pw"
 BIN_ENV = "CRUCIBLE_PG_BIN"  # a folder holding initdb, pg_ctl and postgres, if not Debian's
 
 
@@ -65,7 +66,10 @@ class PgServer:
         self._names = itertools.count()
         self._lock = threading.Lock()
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        hba = self.data / "pg_hba.conf"  # one role that must give its password: for the auth-failure tests
+        hba.write_text(f"host all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
         self.start()
+        self.execute(f"CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD '{PASSWORD}'")
 
     def _run(self, tool: str, *args: str) -> None:
         cmd = [*self._as, str(self.bindir / tool), *args]
@@ -79,6 +83,12 @@ class PgServer:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def execute(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(sql)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -136,6 +146,12 @@ def pg_server() -> PgServer:
             _server = PgServer(bindir)
             atexit.register(_server.close)  # if used outside pytest; closing twice is harmless
         return _server
+
+
+@pytest.fixture
+def pg() -> PgServer:
+    """The session's server (started on first use)."""
+    return pg_server()
 
 
 @pytest.fixture

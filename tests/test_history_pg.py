@@ -1,0 +1,377 @@
+"""The PostgreSQL history: naming it, its schema and migrations, clear errors, writers side by
+side, and a server that goes away mid-run (stopped and restarted for real: ``pg_ctl stop -m
+fast`` / ``start``) while the Recorder keeps every event."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from actors import Topics
+from actors.recorder import Recorder
+from telemetry.emitter import Emitter
+from telemetry.history import (
+    ENV,
+    HistoryConfigError,
+    HistoryConnectError,
+    HistoryError,
+    describe_history,
+    open_history,
+    resolve_history,
+)
+from telemetry.jsonl import iter_run
+from telemetry.store import DB_NAME, HistoryStore
+from telemetry.store_pg import MIGRATIONS, SCHEMA_VERSION, mask_url
+
+pytest_plugins = ["tests.pg_server"]  # pg (the session's server), pg_url (a fresh database on it)
+
+
+def emit_n(em: Emitter, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        em.emit("step", {"x": float(i)}, phase="a", step=i, success=i % 2 == 0)
+
+
+def until(cond, timeout: float = 30.0, what: str = "condition") -> None:
+    """Wait for what no actor signals (a retry timer's effect, a server's state), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.02)
+
+
+# --- naming the history ------------------------------------------------------------------------------------
+
+
+def test_a_target_names_one_store(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert resolve_history(None, tmp_path) == tmp_path / DB_NAME
+    assert resolve_history("runs.sqlite3") == Path("runs.sqlite3")
+    assert resolve_history("sqlite:///rel/h.db") == Path("rel/h.db")
+    assert resolve_history("sqlite:////abs/h.db") == Path("/abs/h.db")
+    assert resolve_history("postgresql://u@h/db") == "postgresql://u@h/db"
+    monkeypatch.setenv(ENV, "postgres://u@h/db")
+    assert resolve_history(None, tmp_path) == "postgres://u@h/db"  # the environment, when nothing is given
+    assert resolve_history(tmp_path / "x.sqlite3") == tmp_path / "x.sqlite3"
+    for bad, match in (("mysql://u@h/db", "unknown history URL scheme 'mysql'"), ("sqlite:h.db", "sqlite:///")):
+        with pytest.raises(HistoryConfigError, match=match):
+            resolve_history(bad)
+    monkeypatch.delenv(ENV)
+    with pytest.raises(HistoryConfigError, match=ENV):
+        resolve_history(None)
+
+
+def test_passwords_never_show():
+    assert mask_url("postgresql://me:hunter2@db:5432/h") == "postgresql://me:***@db:5432/h"
+    assert "hunter2" not in mask_url("postgresql://me@db/h?sslmode=require&password=hunter2")
+    assert "sslmode=require" in mask_url("postgresql://me@db/h?sslmode=require&password=hunter2")
+    assert describe_history("postgresql://me:hunter2@db/h") == "postgresql://me:***@db/h"
+    with pytest.raises(HistoryConfigError) as e:
+        resolve_history("ftp://me:hunter2@db/h")
+    assert "hunter2" not in str(e.value) and "***" in str(e.value)
+
+
+# --- schema and migrations ---------------------------------------------------------------------------------
+
+
+def versions(url: str) -> list[tuple[int, str]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT version, description FROM schema_version ORDER BY version").fetchall()
+
+
+def test_the_schema_is_created_once_and_recorded(pg_url):
+    with pytest.raises(FileNotFoundError, match="no crucible history"):
+        open_history(pg_url, readonly=True)  # a reader creates nothing
+    open_history(pg_url).close()
+    open_history(pg_url).close()  # nothing left to do the second time
+    assert versions(pg_url) == [(v, what) for v, what, _ in MIGRATIONS]
+    open_history(pg_url, readonly=True).close()
+
+
+def test_processes_starting_at_once_migrate_once(pg_url):
+    """Eight writers open a new database at the same moment: the advisory lock makes them take
+    turns; every one opens, and each step is applied and recorded once."""
+    gate, errors, stores = threading.Barrier(8), [], []
+
+    def opener():
+        gate.wait()
+        try:
+            stores.append(open_history(pg_url))
+        except Exception as exc:  # noqa: BLE001 - collected for the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(stores) == 8
+    assert versions(pg_url) == [(v, what) for v, what, _ in MIGRATIONS]
+    for s in stores:
+        s.close()
+
+
+def test_a_newer_schema_is_refused_by_name(pg_url):
+    open_history(pg_url).close()
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO schema_version (version, description) VALUES (%s, 'from the future')", (99,))
+    for readonly in (False, True):
+        with pytest.raises(
+            HistoryError, match=rf"schema version 99, newer than this crucible-lab knows \({SCHEMA_VERSION}"
+        ):
+            open_history(pg_url, readonly=readonly)
+
+
+# --- clear errors, never a hang ----------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when this returns: nobody listens there
+
+
+def test_unreachable_refused_or_rejected_servers_give_one_clear_error(pg):
+    from tests.pg_server import PASSWORD, PASSWORD_USER
+
+    srv = pg
+    port = closed_port()
+    cases = [
+        (f"postgresql://me:hunter2@127.0.0.1:{port}/h", "Connection refused"),
+        (f"postgresql://{PASSWORD_USER}:wrong-{PASSWORD}@127.0.0.1:{srv.port}/postgres", "password authentication"),
+        (f"postgresql://postgres@127.0.0.1:{srv.port}/no_such_db", 'database "no_such_db" does not exist'),
+        (f"postgresql://no_such_role@127.0.0.1:{srv.port}/postgres", 'role "no_such_role" does not exist'),
+    ]
+    for url, why in cases:
+        t0 = time.monotonic()
+        with pytest.raises(HistoryConnectError) as e:
+            open_history(url)
+        msg = str(e.value)
+        assert msg.startswith(f"cannot connect to the history at {mask_url(url)}: ") and why in msg, msg
+        assert "hunter2" not in msg and PASSWORD not in msg
+        assert time.monotonic() - t0 < 5
+    good = f"postgresql://{PASSWORD_USER}:{PASSWORD}@127.0.0.1:{srv.port}/postgres"
+    srv.execute(f"GRANT CREATE ON SCHEMA public TO {PASSWORD_USER}")
+    open_history(good, readonly=False).close()  # the right password gets in
+
+
+def test_a_server_that_never_answers_times_out():
+    """A socket that accepts and never speaks (a firewall, a hung host): the connect_timeout
+    bounds the wait, and the error still names the URL."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"postgresql://me@127.0.0.1:{silent.getsockname()[1]}/h"
+        t0 = time.monotonic()
+        with pytest.raises(HistoryConnectError, match=r"cannot connect to the history at postgresql://me@127\.0\.0\.1"):
+            open_history(url, connect_timeout=1)
+        assert time.monotonic() - t0 < 4
+        with pytest.raises(HistoryConnectError):
+            open_history(url + "?connect_timeout=1")  # the URL's own setting, as libpq reads it
+
+
+def test_malformed_urls_are_config_errors():
+    for url in ("postgresql://[::1", "postgresql://u@h/db?bogus=1"):
+        with pytest.raises(HistoryConfigError, match="bad history URL"):
+            open_history(url)
+
+
+def test_the_lab_and_the_cli_refuse_a_bad_history_at_once(tmp_path, capsys):
+    from supervisor import Lab, main
+
+    url = f"postgresql://me:hunter2@127.0.0.1:{closed_port()}/h"
+    with pytest.raises(HistoryConnectError, match="cannot connect to the history"):
+        Lab(tmp_path / "art", history=url)
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "x"\n[workload.params]\ntarget = "math:sqrt"\ncalls = 10\n')
+    for argv in (
+        ["run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live", "--history", url],
+        ["list", "--artifacts", str(tmp_path / "art"), "--history", url],
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "postgresql://me:***@127.0.0.1" in err and "hunter2" not in err, err
+
+
+# --- writers side by side ----------------------------------------------------------------------------------
+
+
+def test_concurrent_writers_give_the_same_answers_as_sqlite(pg_url, tmp_path):
+    """Four writers, one store each, commit batches of one experiment at once into PostgreSQL;
+    the same batches go into SQLite; every query answers the same from both."""
+    from actors.messages import encode
+    from telemetry.schema import rows_to_batch
+    from tests.test_queries import T0, S, make_rows
+
+    lite = HistoryStore(tmp_path / "h.sqlite3")
+    stores = [open_history(pg_url) for _ in range(4)]
+    gate = threading.Barrier(4)
+
+    def write(k: int) -> None:
+        rows = make_rows([T0 + (i * 4 + k) * S // 10 for i in range(300)], run_id=f"run{k}")
+        gate.wait()
+        for i in range(0, len(rows), 17):
+            part = rows[i : i + 17]
+            b = encode(rows_to_batch(part, "exp", f"run{k}"))
+            args = ("exp", f"run{k}", [part[0]["seq"], part[-1]["seq"]], part[0]["ts"], part[-1]["ts"], b, len(part))
+            stores[k].insert_batch(*args)
+            stores[k].commit()
+            with lock:
+                lite.insert_batch(*args)
+
+    lock = threading.Lock()
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lite.commit()
+    pg = stores[0]
+    for spec, filters in (
+        (("last_n", 50), None),
+        (("range", T0 / S + 10, T0 / S + 40), {"phase": "a"}),
+        (("sliding", 5, "s", 5), {"run_id": "run2"}),
+        (("last_n", 7), {"parameters.k": 1, "success": True}),
+    ):
+        assert pg.query("exp", spec, filters) == lite.query("exp", spec, filters), spec
+    assert pg.windowed_metrics("exp", 2, 1) == lite.windowed_metrics("exp", 2, 1)
+    assert list(pg.iter_events(experiment_id="exp")) == list(lite.iter_events(experiment_id="exp"))
+    assert list(pg.iter_events(run_id="run3")) == list(lite.iter_events(run_id="run3"))
+    assert [pg.max_seq(f"run{k}") for k in range(4)] == [299] * 4
+    for s in (*stores, lite):
+        s.close()
+
+
+# --- the server goes away mid-run --------------------------------------------------------------------------
+
+
+def history_seqs(url: str, run_id: str) -> list[int]:
+    store = open_history(url, readonly=True)
+    try:
+        return [e["seq"] for e in store.iter_events(run_id=run_id)]
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def server_back(pg):
+    """The session's server, started again at the end of the test whatever happened."""
+    srv = pg
+    yield srv
+    try:
+        srv.start()
+    except RuntimeError:
+        pass  # it is running already
+
+
+@pytest.mark.parametrize("buffer", [1_000_000, 120], ids=["in-memory", "spilled"])
+def test_a_recorder_waits_out_a_server_restart_and_loses_nothing(server_back, pg_url, tmp_path, buffer):
+    srv = server_back
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run", history=pg_url, history_buffer=buffer, history_retry_s=(0.05, 0.5))
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=40)
+    emit_n(em, 400)
+    em.flush()
+    assert rec.ask({"kind": "flush"})["persisted"] == 400
+    srv.stop()  # pg_ctl stop -m fast: every connection is cut
+    emit_n(em, 600, start=400)
+    em.flush()
+    rec.ask({"kind": "flush"})  # after the batches: the commit met the stopped server
+    s = rec.ask({"kind": "summary"})
+    h = s["history"]
+    assert (h["available"], h["outages"], h["events_waiting"]) == (False, 1, 600), h
+    assert "unavailable" in h["error"] and s["events_persisted"] == 400
+    assert h["events_spilled"] == (600 if buffer < 600 else 0)
+    assert s["accounting"]["balanced"] and s["accounting"]["waiting"] == 600
+    assert s["storage_error"] is None
+    assert [e["seq"] for e in iter_run(tmp_path / "exp" / "run")] == list(range(1000))  # the files go on
+    srv.start()
+    until(lambda: rec.ask({"kind": "summary"})["history"]["available"], what="the Recorder reaching the server")
+    emit_n(em, 200, start=1000)
+    counters = em.close()
+    assert rec.ask({"kind": "flush"})["persisted"] == 1200
+    s = rec.ask({"kind": "summary"})
+    rec.stop()
+    assert history_seqs(pg_url, "run") == list(range(1200))  # every event, once, in order
+    h = s["history"]
+    assert h["outages"] == 1 and h["retries"] >= 1 and h["down_s"] > 0 and h["events_waiting"] == 0
+    assert h["events_waiting_max"] == 600 and h["events_unsent"] == 0
+    a = s["accounting"]
+    assert a["emitted"] == counters["emitted"] == 1200 == a["persisted"] + a["dropped"] + a["sampled_out"]
+    assert a["balanced"] and a["dropped"] == 0
+
+
+def test_a_stop_while_the_server_is_away_keeps_the_events_in_the_files(server_back, pg_url, tmp_path):
+    """The stop waits a little, then gives up: the waiting events are on disk (the reference),
+    counted as persisted and as unsent; a Recorder that reopens the run back-fills them."""
+    srv = server_back
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run", history=pg_url, history_stop_wait_s=0.5)
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=25)
+    emit_n(em, 100)
+    em.flush()
+    rec.ask({"kind": "flush"})
+    srv.stop()
+    emit_n(em, 150, start=100)
+    counters = em.close()
+    rec.ask({"kind": "flush"})
+    t0 = time.monotonic()
+    rec.stop()
+    assert time.monotonic() - t0 < 10
+    import orjson
+
+    s = orjson.loads((tmp_path / "exp" / "run" / "summary.json").read_bytes())
+    assert s["events_persisted"] == 250 and s["history"]["events_unsent"] == 150
+    assert s["accounting"]["balanced"] and counters["emitted"] == 250
+    srv.start()
+    assert history_seqs(pg_url, "run") == list(range(100))
+    again = Recorder.start(tmp_path, "exp", "run", history=pg_url)  # reopening back-fills from the JSONL
+    assert again.ask({"kind": "flush"})["persisted"] == 250
+    again.stop()
+    assert history_seqs(pg_url, "run") == list(range(250))
+
+
+def test_an_experiment_runs_through_a_server_restart(server_back, pg_url, tmp_path):
+    """A real run in a Lab whose history is PostgreSQL: the server is stopped and started again
+    mid-run; the run goes on, and at its end the history holds exactly the run's events."""
+    from supervisor import Lab
+
+    srv = server_back
+    spec = {
+        "name": "pgrun",
+        "time_budget_s": 600.0,
+        "metrics": {"publish_interval_s": 0},
+        "workload": {"name": "latency", "params": {"target": "time:sleep", "args": [0.001], "calls_per_step": 5}},
+    }
+    with Lab(tmp_path / "art", history=pg_url) as lab:
+        exp = lab.start_experiment(spec)
+        rec = exp.registry.whereis("recorder")
+        until(lambda: rec.ask({"kind": "flush"})["persisted"] > 100, what="events in PostgreSQL")
+        srv.stop()
+        until(lambda: not rec.ask({"kind": "summary"})["history"]["available"], what="the outage noticed")
+        waiting = rec.ask({"kind": "summary"})["history"]["events_waiting"]
+        until(lambda: rec.ask({"kind": "summary"})["history"]["events_waiting"] > waiting + 50, what="more events")
+        srv.start()
+        until(lambda: rec.ask({"kind": "summary"})["history"]["available"], what="the server reached again")
+        exp.stop()
+        s = exp.summary()
+    a = s["accounting"]
+    assert a["balanced"] and a["emitted"] == a["persisted"] + a["dropped"] + a["sampled_out"] and a["waiting"] == 0
+    assert s["history"]["outages"] >= 1 and s["history"]["events_unsent"] == 0
+    on_disk = [e["seq"] for e in iter_run(exp.run_dir)]
+    assert history_seqs(pg_url, exp.run_id) == on_disk and len(on_disk) == s["events_persisted"]
+    store = open_history(pg_url, readonly=True)
+    try:
+        (row,) = store.runs("pgrun")
+    finally:
+        store.close()
+    assert row["run_id"] == exp.run_id and row["summary"]["events_persisted"] == s["events_persisted"]
