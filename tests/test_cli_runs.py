@@ -141,3 +141,72 @@ def test_the_cli_sits_above_experiments_and_dashboard():
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert "cli*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
     assert project["project"]["scripts"]["crucible"] == "supervisor:main"
+
+
+# --- the same readers over a named history: SQLite or PostgreSQL -------------------------------------------------
+
+pytest_plugins = ["tests.pg_server"]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def finished_in(request, tmp_path_factory):
+    """Two finished runs whose history went where ``--history`` said: a SQLite file outside the
+    artifacts folder, or a PostgreSQL database. (artifacts, history, {run id: run dir})."""
+    from tests.pg_server import pg_server
+
+    root = tmp_path_factory.mktemp(f"history-{request.param}")
+    art = root / "art"
+    history = str(root / "elsewhere.sqlite3") if request.param == "sqlite" else pg_server().new_database()
+    for seed in (1, 2):
+        spec = root / f"s{seed}.toml"
+        spec.write_text(SPEC.format(seed=seed))
+        assert main(["run", str(spec), "--artifacts", str(art), "--no-live", "--history", history]) == 0
+    assert not (art / DB_NAME).exists()  # nothing went to the default
+    return art, history, {p.name: p for p in (art / "lst").iterdir()}
+
+
+def test_the_readers_read_a_named_history_as_they_read_the_files(finished_in, tmp_path, capsys):
+    """list, export, compare and monitor --summary give the same answers from the history
+    (``--history``, or CRUCIBLE_HISTORY) as from the runs' files; export and compare need no
+    run folder when the history is named."""
+    art, history, runs = finished_in
+    a, b = sorted(runs)
+
+    def run_cli(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    got = {
+        i["run_id"]: i
+        for i in map(json.loads, run_cli("list", "--json", "--artifacts", str(art), "--history", history).splitlines())
+    }
+    assert set(got) == set(runs) and all(i["source"] == "history" and i["events"] > 0 for i in got.values())
+    plain = {i["run_id"]: i for i in map(json.loads, run_cli("list", "--json", "--artifacts", str(art)).splitlines())}
+    assert all(plain[r]["source"] == "files" and plain[r]["events"] == got[r]["events"] for r in runs)
+
+    files_out, hist_out = tmp_path / "files.jsonl", tmp_path / "history.jsonl"
+    run_cli("export", a, "--artifacts", str(art), "--out", str(files_out))
+    run_cli("export", a, "--artifacts", str(art), "--history", history, "--out", str(hist_out))
+    assert hist_out.read_bytes() == files_out.read_bytes() and len(files_out.read_bytes().splitlines()) > 0
+    metric = "latency_ms"  # one per call
+
+    cmp_files = run_cli("compare", a, b, "--metric", metric, "--json", "--artifacts", str(art))
+    cmp_hist = run_cli("compare", a, b, "--metric", metric, "--json", "--artifacts", str(art), "--history", history)
+    assert json.loads(cmp_hist) == json.loads(cmp_files)
+
+    mon_files = run_cli("monitor", a, "--summary", "--artifacts", str(art))
+    mon_hist = run_cli("monitor", a, "--summary", "--artifacts", str(art), "--history", history)
+    assert mon_hist == mon_files and "persisted" in mon_files
+
+    away = tmp_path / "moved"  # the run's folder gone (on another host, say): the history still has its events
+    shutil.move(str(runs[a]), away)
+    try:
+        capsys.readouterr()
+        run_cli("export", a, "--artifacts", str(art), "--history", history, "--out", str(tmp_path / "again.jsonl"))
+        assert (tmp_path / "again.jsonl").read_bytes() == files_out.read_bytes()
+        with pytest.raises(SystemExit) as e:
+            main(["export", "20990101T000000Z-000000", "--artifacts", str(art), "--history", history])
+        assert e.value.code == 2 and "no run '20990101T000000Z-000000' in the history" in capsys.readouterr().err
+    finally:
+        shutil.move(str(away), runs[a])
