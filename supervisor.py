@@ -19,6 +19,7 @@ from actors.supervision import (
     TooManyChildren,
 )
 from experiments.lab import AlreadyPaused, Experiment, Lab, NotFound, NotPaused, NotRunning
+from experiments.remote import RayBackendError  # importing it registers Lab(backend="ray")
 
 __all__ = [
     "AlreadyPaused",
@@ -31,6 +32,7 @@ __all__ = [
     "NotFound",
     "NotPaused",
     "NotRunning",
+    "RayBackendError",
     "Supervisor",
     "SupervisorRef",
     "TooManyChildren",

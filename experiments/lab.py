@@ -749,6 +749,19 @@ def new_segment(run_dir: Path) -> None:
         writer.close()
 
 
+BACKENDS = ("embedded", "ray")
+_backend_plugins: dict[str, Callable[[Lab, str | None], Any]] = {}
+
+
+def register_backend(name: str, plugin: Callable[[Lab, str | None], Any]) -> None:
+    """Install a backend other than ``embedded``: ``plugin(lab, address)`` returns the object that
+    starts (``start_experiment(full_spec, experiment_id)``), recovers (``recover()``) and lets go
+    (``close()``) the Lab's experiments elsewhere. experiments.remote registers ``ray``."""
+    if name not in BACKENDS or name == "embedded":
+        raise ValueError(f"cannot register backend {name!r}; expected one of {', '.join(BACKENDS[1:])}")
+    _backend_plugins[name] = plugin
+
+
 class Lab:
     """Runs experiments side by side for a long-lived host (a lab daemon, a notebook, the CLI)."""
 
@@ -758,10 +771,19 @@ class Lab:
         max_experiments: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         history: HistoryTarget = None,
+        backend: str = "embedded",
+        address: str | None = None,
     ) -> None:
         """``history`` names where every run's history goes (see :mod:`telemetry.history`): by
         default ``$CRUCIBLE_HISTORY`` or ``<artifacts>/history.sqlite3``; a PostgreSQL URL is
-        connected to (and its schema migrated) here, so a bad one fails now, named."""
+        connected to (and its schema migrated) here, so a bad one fails now, named.
+
+        ``backend``: ``embedded`` (each tree on threads of this process) or ``ray`` (each tree
+        in its own Ray actor, on the cluster at ``address``; see docs/ray.md)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        if backend == "embedded" and address is not None:
+            raise ValueError(f"address {address!r} is for the ray backend; the embedded backend takes none")
         self.artifacts = check_artifacts_dir(artifacts_dir)
         self.history = prepare_history(history, self.artifacts)
         self.clock = clock
@@ -769,6 +791,21 @@ class Lab:
         self.experiments: dict[str, Experiment] = {}
         self.sup = DynamicSupervisor.start(max_children=max_experiments, registry=Registry())
         self._closed = False
+        self.backend = backend
+        self._remote: Any = None  # the ray backend's driver side: it hosts the trees (see experiments.remote)
+        if backend != "embedded":
+            plugin = _backend_plugins.get(backend)
+            if plugin is None:
+                self.sup.stop()
+                raise ValueError(
+                    f"backend {backend!r} is not loaded: import experiments.remote first (supervisor and the "
+                    "crucible CLI do); it needs the ray extra: pip install 'crucible-lab[ray]'"
+                )
+            try:
+                self._remote = plugin(self, address)
+            except BaseException:
+                self.sup.stop()
+                raise
 
     def start_experiment(
         self, spec: str | Path | dict[str, Any], overrides: Any = None, experiment_id: str | None = None
@@ -777,6 +814,8 @@ class Lab:
         if self._closed:
             raise NotRunning("this Lab has been shut down")
         full = load_spec(spec, overrides, workload_registry())
+        if self._remote is not None:
+            return self._remote.start_experiment(full, experiment_id)
         with self._lock:
             base = check_id("experiment id", experiment_id or full["name"])
             exp_id, k = base, 1
@@ -803,6 +842,8 @@ class Lab:
         """
         if self._closed:
             raise NotRunning("this Lab has been shut down")
+        if self._remote is not None:
+            return self._remote.recover()
         out = []
         for run_dir in reversed(find_runs(self.artifacts)):  # oldest first
             report = run_status(run_dir)
@@ -936,6 +977,8 @@ class Lab:
         for t in threads:
             t.join()
         self.sup.stop(timeout=timeout)
+        if self._remote is not None:
+            self._remote.close()
 
     @staticmethod
     def _stop_one(exp: Experiment, timeout: float) -> None:

@@ -137,6 +137,11 @@ SCHEMA: dict[str, Any] = {
         "max_restarts": _num(0, 1_000_000, integer=True),
         "max_seconds": _num(0.001, 86_400),
     },
+    # what the ray backend reserves for the tree's process (docs/ray.md); the embedded backend ignores it
+    "resources": {
+        "cpus": _num(0, 1024),
+        "gpus": _num(0, 64),
+    },
 }
 
 DEFAULTS: dict[str, Any] = {
