@@ -24,7 +24,8 @@ from actors.files import atomic_write
 from cli import render
 from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, reason_failed, run_failed
 from experiments.coloring.graph import MAX_VERTICES
-from experiments.lab import Experiment, Lab
+from experiments.lab import BACKENDS, Experiment, Lab
+from experiments.remote import RayBackendError  # importing it registers the ray backend
 from experiments.validate import PORT, SECONDS, SEED, YEAR_S, Num
 from experiments.workloads import Objective, objective_of
 from telemetry.schema import check_id
@@ -78,6 +79,33 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, h)
 
 
+def open_lab(args: argparse.Namespace, **kwargs: Any) -> Lab:
+    """The Lab of ``--backend`` (and ``--ray-address``); a backend that cannot start is a usage error."""
+    backend, address = getattr(args, "backend", "embedded"), getattr(args, "ray_address", None)
+    if address is not None and backend != "ray":
+        raise UsageError(f"--ray-address {address!r} needs --backend ray")
+    try:
+        return Lab(args.artifacts, history=args.history, backend=backend, address=address, **kwargs)
+    except (ValueError, RayBackendError) as exc:  # a malformed address, no cluster there, no Ray installed
+        raise UsageError(f"--backend {backend}: {exc}") from None
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--ray-address`` (docs/ray.md)."""
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="embedded",
+        help="where the experiment trees run: embedded (threads of this process, the default) or ray "
+        "(each in its own Ray actor; needs the ray extra)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="A",
+        help="the Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start Ray on this machine)",
+    )
+
+
 def start(lab: Lab, spec: Any, overrides: Any = None) -> Experiment:
     """Start an experiment; a spec or parameters the workload refuses are usage errors."""
     try:
@@ -116,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     summary_path = writable_file(args.json_summary, "--json-summary") if args.json_summary else None
     port = dash_port(args) if args.dashboard else None
-    lab = Lab(args.artifacts, history=args.history)
+    lab = open_lab(args)
     dash = None
     try:
         with stop_on_signals() as stop_now:
@@ -235,6 +263,7 @@ def add_commands(sub: Any) -> None:
         help="where the run's history goes: a postgresql:// URL or a SQLite file "
         "(default $CRUCIBLE_HISTORY, else <artifacts>/history.sqlite3)",
     )
+    add_backend_options(r)
     r.add_argument("--no-live", action="store_true", help="no live progress display")
     r.add_argument("--json-summary", metavar="PATH", help="also write the final summary as JSON")
     r.add_argument("--dashboard", action="store_true", help="serve the live web dashboard (127.0.0.1)")

@@ -68,6 +68,8 @@ class LabService:
         max_running: int = 1,
         keep_ended: int = 100,
         history: str | Path | None = None,
+        backend: str = "embedded",
+        address: str | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -82,7 +84,8 @@ class LabService:
         self._queue: list[dict[str, Any]] = []
         self._ended: dict[str, dict[str, Any]] = {}  # cancelled or failed-to-start submissions
         try:
-            self.lab = Lab(self.artifacts, history=history)  # history: see telemetry.history
+            # history: see telemetry.history; backend and address: Lab (docs/ray.md)
+            self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
             recover = getattr(self.lab, "recover", None)  # resumes a crashed previous owner's runs, where supported
             recovered: list[Experiment] = list(recover() or []) if callable(recover) else []
             for exp in recovered:
