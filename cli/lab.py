@@ -17,7 +17,7 @@ import orjson
 import structlog
 
 from cli.errors import EXIT_OK, UsageError
-from cli.run import stop_on_signals
+from cli.run import add_backend_options, stop_on_signals
 from experiments.validate import PORT, Num
 
 DAEMON_LOG = "daemon.log"
@@ -26,7 +26,11 @@ DAEMON_LOG = "daemon.log"
 def cmd_serve(args: argparse.Namespace) -> int:
     from actors.recorder import check_artifacts_dir
     from dashboard.server import Dashboard
+    from experiments.remote import RayBackendError
     from experiments.service import LabLocked, LabService
+
+    if args.ray_address is not None and args.backend != "ray":
+        raise UsageError(f"--ray-address {args.ray_address!r} needs --backend ray")
 
     artifacts = check_artifacts_dir(args.artifacts)
     from actors.log import configure_logging
@@ -36,9 +40,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(level, json=True, also_to=artifacts / DAEMON_LOG)
     log = structlog.get_logger("cli.lab")
     try:
-        service = LabService(artifacts, max_running=args.max_experiments, history=args.history)
+        service = LabService(
+            artifacts,
+            max_running=args.max_experiments,
+            history=args.history,
+            backend=args.backend,
+            address=args.ray_address,
+        )
     except LabLocked as exc:
         raise UsageError(str(exc)) from None
+    except (ValueError, RayBackendError) as exc:  # a malformed --ray-address, no cluster there, no Ray installed
+        raise UsageError(f"--backend {args.backend}: {exc}") from None
     dash = None
     try:
         with stop_on_signals() as stop_now:
@@ -137,6 +149,7 @@ def add_commands(sub: Any) -> None:
         default=1,
         help="experiments run at once, 1 to 1000 (default 1); the rest wait in the queue",
     )
+    add_backend_options(s)
     s.set_defaults(func=cmd_serve)
     su = sub.add_parser("submit", help="queue a spec on a lab daemon")
     su.add_argument("spec", help="experiment spec (TOML)")
