@@ -14,10 +14,11 @@ processes starting at once take turns and the second finds nothing left to do; a
 applies none. A database migrated by a newer version is refused (the message says which).
 
 **Writes.** :meth:`PgHistoryStore.insert_batch` keeps the batch in memory;
-:meth:`~PgHistoryStore.commit` sends every kept batch in one transaction: ``COPY`` into a
-temporary table, then ``INSERT ... ON CONFLICT DO NOTHING`` into ``batches`` (a batch sent
-twice, after a commit whose answer was lost, is stored once) and the experiment's largest
-span. If the server cannot be reached the commit raises
+:meth:`~PgHistoryStore.commit` sends every kept batch in one transaction: one ``COPY``
+into ``batches``, and the experiment's largest span when it grew. A batch sent twice (after
+a commit whose answer was lost) breaks the COPY's primary key: the transaction is then done
+again through a temporary table and ``INSERT ... ON CONFLICT DO NOTHING``, so it is stored
+once. If the server cannot be reached the commit raises
 :class:`~telemetry.batchstore.HistoryUnavailable` and keeps the batches for the next
 commit; :meth:`~PgHistoryStore.rollback` drops them.
 
@@ -82,6 +83,20 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX IF NOT EXISTS runs_experiment ON runs (experiment_id);
         """,
     ),
+    (
+        2,
+        "batches compressed with lz4 (stored uncompressed where the server has no lz4)",
+        # pglz, the default, spent 3 ms of a 4 ms commit on a 64 KB batch; lz4 compresses as well, 5x faster
+        """
+        DO $$
+        BEGIN
+            EXECUTE 'ALTER TABLE batches ALTER COLUMN data SET COMPRESSION lz4';
+        EXCEPTION WHEN OTHERS THEN
+            EXECUTE 'ALTER TABLE batches ALTER COLUMN data SET STORAGE EXTERNAL';
+        END
+        $$;
+        """,
+    ),
 )
 """Ordered schema steps ``(version, what, SQL)``; a step is never edited once released, only added to."""
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -92,7 +107,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
 )
 """
 _STAGING = "CREATE TEMPORARY TABLE IF NOT EXISTS batches_in (LIKE batches INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-_COPY = "COPY batches_in (run_id, seq_lo, seq_hi, experiment_id, ts_lo, ts_hi, n, data) FROM STDIN"
+_COPY = "COPY {table} (run_id, seq_lo, seq_hi, experiment_id, ts_lo, ts_hi, n, data) FROM STDIN (FORMAT BINARY)"
+_COPY_TYPES = ("text", "int8", "int8", "text", "int8", "int8", "int4", "bytea")  # binary COPY: no escaping
 _MERGE = "INSERT INTO batches SELECT * FROM batches_in ON CONFLICT (run_id, seq_lo) DO NOTHING"
 _SPAN = (
     "INSERT INTO spans VALUES (%s, %s) ON CONFLICT (experiment_id) DO UPDATE SET "
@@ -134,12 +150,25 @@ def _psycopg() -> Any:
 
 
 def _send(conn: Any, rows: list[tuple[Any, ...]], spans: dict[str, int]) -> None:
-    """One commit's batches: COPY into the session's staging table, then merged (see the module docs)."""
+    """One commit's batches: COPY straight into ``batches``; if one is there already (sent again
+    after a commit whose answer was lost), again through the staging table, merged without
+    duplicates (see the module docs)."""
+    import psycopg
+
     with conn.cursor() as cur:
-        with cur.copy(_COPY) as copy:
-            for r in rows:
-                copy.write_row(r)
-        cur.execute(_MERGE)
+        try:
+            with cur.copy(_COPY.format(table="batches")) as copy:
+                copy.set_types(_COPY_TYPES)
+                for r in rows:
+                    copy.write_row(r)
+        except psycopg.errors.UniqueViolation:
+            conn.rollback()
+            cur.execute(_STAGING)
+            with cur.copy(_COPY.format(table="batches_in")) as copy:
+                copy.set_types(_COPY_TYPES)
+                for r in rows:
+                    copy.write_row(r)
+            cur.execute(_MERGE)
         if spans:
             cur.executemany(_SPAN, sorted(spans.items()))  # a fixed order: no deadlock between writers
 
@@ -179,7 +208,6 @@ class _Pool:
                     min_size=1,
                     max_size=max_size,
                     open=False,
-                    configure=_configure,
                     timeout=timeout,
                     reconnect_timeout=max(10.0, 2 * timeout),
                     name=f"crucible-history-{len(cls._pools)}",
@@ -199,12 +227,6 @@ class _Pool:
                 return
             del cls._pools[url]
         pool.close(timeout=5.0)
-
-
-def _configure(conn: Any) -> None:
-    """A new pooled connection: the staging table its commits COPY into (session-local)."""
-    conn.execute(_STAGING)
-    conn.commit()
 
 
 class PgHistoryStore(BatchStore):
@@ -310,7 +332,6 @@ class PgHistoryStore(BatchStore):
 
         try:
             with psycopg.connect(self.url, **self._kwargs) as conn:
-                conn.execute(_STAGING)
                 yield conn
         except psycopg.OperationalError as exc:
             raise HistoryUnavailable(f"history at {self.masked} unavailable: {_first_line(exc)}") from None
@@ -431,15 +452,15 @@ def _refuse_newer(have: int, masked: str) -> None:
         )
 
 
-def migrate(conn: Any, masked: str = "this database") -> int:
-    """Apply the missing :data:`MIGRATIONS` in one transaction, under an advisory lock; return
-    the schema version. Safe when several processes start at once: they take turns."""
+def migrate(conn: Any, masked: str = "this database", steps: tuple[tuple[int, str, str], ...] = MIGRATIONS) -> int:
+    """Apply the missing ``steps`` (:data:`MIGRATIONS`) in one transaction, under an advisory
+    lock; return the schema version. Safe when several processes start at once: they take turns."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(_VERSION_TABLE)
         have = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
         _refuse_newer(have, masked)
-        for version, what, sql in MIGRATIONS:
+        for version, what, sql in steps:
             if version <= have:
                 continue
             conn.execute(sql)

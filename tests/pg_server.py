@@ -54,8 +54,11 @@ def free_port() -> int:
 class PgServer:
     """One postgres process in a temporary folder (see the module docs)."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, fsync: bool = False) -> None:
+        """``fsync``: flush the WAL to disk at every commit, as a production server does (the
+        tests run without: their data dies with the folder; the benchmark runs with)."""
         self.bindir = bindir
+        self.fsync = fsync
         self.root = Path(tempfile.mkdtemp(prefix="crucible-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
@@ -78,7 +81,7 @@ class PgServer:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
 
     def start(self) -> None:
-        opts = f"-h 127.0.0.1 -p {self.port} -k {self.root} -F -c max_connections=200"
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=200" + ("" if self.fsync else " -F")
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
 
     def stop(self) -> None:

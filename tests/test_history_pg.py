@@ -115,6 +115,34 @@ def test_processes_starting_at_once_migrate_once(pg_url):
         s.close()
 
 
+def test_an_older_schema_is_migrated_by_the_next_writer_with_its_rows(pg_url):
+    from telemetry.store_pg import migrate
+
+    with psycopg.connect(pg_url) as conn:
+        assert migrate(conn, steps=MIGRATIONS[:1]) == 1  # as an older version left it
+        conn.execute("INSERT INTO runs (run_id, experiment_id, summary) VALUES ('r', 'e', '{\"a\": 1}')")
+    open_history(pg_url).close()
+    assert versions(pg_url) == [(v, what) for v, what, _ in MIGRATIONS]
+    with psycopg.connect(pg_url) as conn:
+        compression = conn.execute(
+            "SELECT attcompression, attstorage FROM pg_attribute WHERE attrelid = 'batches'::regclass "
+            "AND attname = 'data'"
+        ).fetchone()
+    assert compression in (("l", "x"), ("", "e"))  # lz4, or stored uncompressed without it
+    store = open_history(pg_url, readonly=True)
+    assert store.runs() == [
+        {
+            "run_id": "r",
+            "experiment_id": "e",
+            "run_dir": None,
+            "started_ts": None,
+            "ended_ts": None,
+            "summary": {"a": 1},
+        }
+    ]
+    store.close()
+
+
 def test_a_newer_schema_is_refused_by_name(pg_url):
     open_history(pg_url).close()
     with psycopg.connect(pg_url) as conn:
@@ -247,6 +275,30 @@ def test_concurrent_writers_give_the_same_answers_as_sqlite(pg_url, tmp_path):
     assert [pg.max_seq(f"run{k}") for k in range(4)] == [299] * 4
     for s in (*stores, lite):
         s.close()
+
+
+def test_a_batch_sent_twice_is_stored_once(pg_url):
+    """A commit whose answer was lost is sent again: the batches already there are skipped, the
+    new ones stored, in the same commit."""
+    from actors.messages import encode
+    from telemetry.schema import rows_to_batch
+    from tests.test_queries import T0, S, make_rows
+
+    rows = make_rows([T0 + i * S for i in range(30)])
+    parts = [rows[:10], rows[10:20], rows[20:]]
+    store = open_history(pg_url)
+    try:
+        for i, part in enumerate(parts):
+            data = encode(rows_to_batch(part, "exp", "run"))
+            store.insert_batch("exp", "run", [part[0]["seq"], part[-1]["seq"]], part[0]["ts"], part[-1]["ts"], data)
+            if i != 1:
+                store.commit()  # the first alone; then the first again (a replay) with the two others
+            if i == 0:
+                store.insert_batch("exp", "run", [0, 9], parts[0][0]["ts"], parts[0][-1]["ts"], data)
+        assert [e["seq"] for e in store.iter_events(run_id="run")] == list(range(30))
+        assert store.query("exp", ("last_n", 100)) == rows
+    finally:
+        store.close()
 
 
 # --- the server goes away mid-run --------------------------------------------------------------------------
