@@ -1,6 +1,10 @@
 """How an experiment tree ends: the phase is its significant child, the tree shuts itself down
 when the phase's work is done, and the Experiment learns the end from the tree's death. A
-stop drains the pipeline by the tree's order alone (sink to source)."""
+stop drains the pipeline by the tree's order alone (sink to source).
+
+Every test with a ``lab`` runs on both backends: the embedded one (threads of this process)
+and ray (the tree in a Ray actor's process, on a cluster this module starts), which must
+behave exactly alike."""
 
 from __future__ import annotations
 
@@ -9,16 +13,21 @@ import threading
 import orjson
 import pytest
 
-from supervisor import Lab
+from supervisor import AlreadyPaused, Lab, NotFound, NotPaused, NotRunning
 from telemetry.jsonl import iter_run
 from tests.fault_helpers import check_accounts, latency_spec, reached_recorder, until
+from tests.ray_cluster import ray_cluster  # noqa: F401 - started for the ray backend's tests only
 
 ORDER = ["recorder", "sampler", "anomaly", "metrics", "phase", "hypertune"]  # sink to source; hypertune last
+METRIC_SUBSCRIBERS = {"metrics", "anomaly", "hypertune"}  # on the events topic while running
 
 
-@pytest.fixture
-def lab(tmp_path):
-    lab = Lab(tmp_path / "art")
+@pytest.fixture(params=["embedded", "ray"])
+def lab(request, tmp_path):
+    if request.param == "ray":
+        lab = Lab(tmp_path / "art", backend="ray", address=request.getfixturevalue("ray_cluster").address)
+    else:
+        lab = Lab(tmp_path / "art")
     yield lab
     lab.shutdown()
 
@@ -40,9 +49,12 @@ def test_a_completed_phase_ends_the_run_through_the_tree(lab, tmp_path):
     phase = exp.registry.whereis("phase")
     assert exp.wait(60)
     assert exp.reason == "completed" and exp.status() == "stopped"
-    assert phase.exit_reason == "normal"  # its work done, the phase exited on its own
-    assert exp.sup.exit_reason == "shutdown"  # and its supervisor shut the tree down (auto_shutdown)
-    assert not [t for t in threading.enumerate() if t.name.startswith(f"exp-{exp.id}-") and t.is_alive()]
+    assert exp.sup.exit_reason == "shutdown"  # its supervisor shut the tree down (auto_shutdown)
+    if lab.backend == "embedded":
+        assert phase.exit_reason == "normal"  # its work done, the phase exited on its own
+        assert not [t for t in threading.enumerate() if t.name.startswith(f"exp-{exp.id}-") and t.is_alive()]
+    else:
+        assert not exp.sup.is_alive()  # the host let go once the end was in
     s = check_accounts(exp, tmp_path / "art")
     calls = [e for e in iter_run(exp.run_dir) if e["name"] == "call"]
     assert len(calls) == 300
@@ -95,6 +107,45 @@ def test_a_tree_that_gives_up_fails_the_run(lab):
     assert exp.status() == "failed" and exp.reason == "failed: reached_max_restart_intensity"
     record = orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())
     assert record["status"] == "failed"
+
+
+def subscribers(exp, topic="events"):
+    return {t.name for t in exp.topics.subscribers(topic)}
+
+
+def test_pause_detaches_the_metric_subscribers_and_resume_attaches_them(lab):
+    exp = lab.start_experiment(latency_spec("detach", budget=600))
+    assert subscribers(exp) == METRIC_SUBSCRIBERS
+    exp.pause()
+    assert exp.status() == "paused" and subscribers(exp) == set()
+    assert exp.phase_status(max_age=0, wait=10)["paused"] is True
+    exp.resume()
+    assert exp.status() == "running" and subscribers(exp) == METRIC_SUBSCRIBERS
+    exp.stop()
+    d = exp.durations()
+    assert d["pause_count"] == 1 and d["resume_count"] == 1 and d["paused_duration"] > 0
+
+
+def test_the_lifecycle_errors_are_typed_alike(lab):
+    exp = lab.start_experiment(latency_spec("errors", budget=600))
+    with pytest.raises(NotPaused, match="running, not paused"):
+        exp.resume()
+    exp.pause()
+    with pytest.raises(AlreadyPaused, match="already paused"):
+        exp.pause()
+    with pytest.raises(NotRunning, match="only an ended one"):
+        lab.forget(exp.id)
+    exp.stop()
+    assert exp.wait(0) and exp.status() == "stopped" and exp.reason == "stopped"
+    for action in (exp.pause, exp.resume, exp.stop):
+        with pytest.raises(NotRunning, match="is stopped; cannot"):
+            action()
+    assert exp.phase_status() == {}
+    with pytest.raises(NotFound, match="no experiment 'nope'"):
+        lab.get("nope")
+    assert [e["id"] for e in lab.list()] == [exp.id]
+    lab.forget(exp.id)
+    assert lab.list() == []
 
 
 def test_a_phase_restarted_after_its_end_exits_at_once():
