@@ -87,6 +87,10 @@ def writer(mode: str, target: str, run_id: str, idx: int, batches: int, batch: i
         from actors.recorder import Recorder
 
         art = Path(tempfile.mkdtemp(prefix=f"bench-history-{idx}-"))
+        warm = Recorder.start(art, "warm-up", "w", history=f"{art}/warm-up.sqlite3")  # numba's kernels loaded
+        warm.tell_bytes(encode(make_batches("w", idx, 1, batch)[0]))
+        warm.ask({"kind": "flush"})
+        warm.stop()
         rec = Recorder.start(art, "bench", run_id, history=target, fsync_interval=1.0)
         msgs = [encode(b) for b in bs]
         ready.wait()
