@@ -144,7 +144,10 @@ def down_reason(exc: BaseException) -> str:
         if at >= 0:
             cause = text[at:]
             break
-    return f"process_died: {type(exc).__name__}: {(cause or text)[:300]}"
+    cause = cause or text
+    for tail in (" Some common causes", " To troubleshoot", " Check the "):  # Ray's advice, not the cause
+        cause = cause.split(tail, 1)[0]
+    return f"process_died: {type(exc).__name__}: {cause[:240]}"
 
 
 # --- joining the cluster ---------------------------------------------------------------------------------
@@ -299,6 +302,7 @@ class TreeHost:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
+            "resources": ray.get_runtime_context().get_assigned_resources(),  # what Ray reserved for it
         }
 
     def _live(self) -> Experiment:
@@ -521,6 +525,7 @@ class RemoteExperiment:
         self.restart_type = RESTART_TYPE
         self.node_id: str | None = None
         self.pid: int | None = None
+        self.assigned: dict[str, float] = {}  # what Ray reserved for the host (CPU, GPU)
         self.restarts: list[dict[str, Any]] = []
         self._restart_times: tuple[float, ...] = ()
         self._lock = threading.RLock()  # serialises transitions
@@ -547,6 +552,7 @@ class RemoteExperiment:
             self._host = host
             self.run_id = str(info["run_id"])
             self.node_id, self.pid = info.get("node_id"), info.get("pid")
+            self.assigned = dict(info.get("resources") or {})
             self._hosting.notify_all()
 
     def _lose_host(self, host: Any, reason: str) -> bool:
@@ -615,10 +621,12 @@ class RemoteExperiment:
                 raise NotRunning(f"experiment {self.id!r} is {self._status}; cannot {action}")
             return self._host
 
-    def _host_call(self, op: str, payload: dict[str, Any], timeout: float = CALL_TIMEOUT_S, host: Any = None) -> Any:
+    def _host_call(
+        self, op: str, payload: dict[str, Any], timeout: float = CALL_TIMEOUT_S, host: Any = None, action: str = ""
+    ) -> Any:
         """Send one call to the host (bytes both ways) and return its value or raise its typed error."""
         ray = _ray()
-        host = host if host is not None else self._current_host(op)
+        host = host if host is not None else self._current_host(action or op)
         try:
             data = ray.get(getattr(host, op).remote(encode({"kind": op, **payload})), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
@@ -636,7 +644,7 @@ class RemoteExperiment:
         return reply.get("value")
 
     def _call(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S, **kwargs: Any) -> Any:
-        return self._host_call("call", {"method": method, "args": list(args), "kwargs": kwargs}, timeout)
+        return self._host_call("call", {"method": method, "args": list(args), "kwargs": kwargs}, timeout, action=method)
 
     def _transition(self, method: str, settled: Callable[[], bool], *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
         """A transition; if the host dies under it, once more on the restarted host unless the

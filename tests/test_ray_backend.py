@@ -1,0 +1,238 @@
+"""The ray backend: experiment trees in Ray actors across the nodes of a cluster (two nodes,
+simulated on this machine and started here), supervised by the Lab across processes: a host
+whose node dies is restarted on another node from its run's checkpoint, and its run still
+accounts for every event. Bad addresses are one clear error, fast."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from experiments.remote import RayBackendError
+from experiments.spec import SpecError
+from supervisor import Lab
+from telemetry.jsonl import iter_run
+from telemetry.query import QueryError
+from tests.fault_helpers import check_accounts, latency_spec, persisted, seqs_on_disk, until
+from tests.ray_cluster import ray_cluster  # noqa: F401 - the module's cluster (head node; tests add nodes)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def lab(ray_cluster, tmp_path):  # noqa: F811 - the fixture above
+    lab = Lab(tmp_path / "art", backend="ray", address=ray_cluster.address)
+    yield lab
+    lab.shutdown()
+
+
+def head_id(cluster) -> str:
+    return cluster.head_node.node_id
+
+
+def events(exp, name: str) -> list[dict]:
+    return [e for e in iter_run(exp.run_dir) if e["name"] == name]
+
+
+def test_experiments_spread_over_nodes_and_a_dead_node_restarts_its_own_elsewhere(ray_cluster, tmp_path):  # noqa: F811
+    node = ray_cluster.add_node(num_cpus=2)
+    ray_cluster.wait_for_nodes()
+    art = tmp_path / "art"
+    lab = Lab(art, backend="ray", address=ray_cluster.address)
+    try:
+        exps = [lab.start_experiment(latency_spec(f"spread-{i}", budget=600)) for i in range(2)]
+        assert {e.node_id for e in exps} == {head_id(ray_cluster), node.node_id}  # one per node
+        for e in exps:
+            until(lambda e=e: persisted(e) > 500, what="events persisted")
+        victim = next(e for e in exps if e.node_id == node.node_id)
+        survivor = next(e for e in exps if e is not victim)
+        persisted(victim)  # a flush: what the store has acknowledged so far is committed
+        acked = set(seqs_on_disk(art, victim.id, victim.run_id)[1])
+        assert len(acked) > 500
+        dead_pid = victim.pid
+
+        ray_cluster.remove_node(node)  # the node and every process on it die
+
+        until(lambda: victim.restarts and victim.node_id == head_id(ray_cluster), timeout=60, what="the restart")
+        assert victim.status() == "running" and victim.pid != dead_pid
+        with pytest.raises(ProcessLookupError):
+            os.kill(dead_pid, 0)
+        down = victim.restarts[0]
+        assert down["reason"].startswith("process_died: ") and "node" in down["reason"]
+        assert down["from_node"] == node.node_id and down["node_id"] == head_id(ray_cluster)
+        before = persisted(victim)
+        until(lambda: persisted(victim) > before + 200, what="events after the restart")
+        for e in exps:
+            e.stop()
+        assert survivor.restarts == [] and survivor.reason == victim.reason == "stopped"
+
+        check_accounts(survivor, art, lossless=True)
+        s = check_accounts(victim, art, lossless=False)  # emitted = persisted + dropped + sampled_out
+        jsonl, hist = seqs_on_disk(art, victim.id, victim.run_id)
+        assert acked <= set(jsonl) and acked <= set(hist)  # nothing the store acknowledged is lost
+        assert s["restarts"] == {"process": 1}
+        (resumed,) = events(victim, "resumed")  # the restart, and the work the dead process lost
+        v = resumed["values"]
+        assert v["resumes"] == 1 and v["last_seq_on_disk"] >= max(acked)
+        assert {"checkpoint_steps", "checkpoint_published", "events_after_checkpoint"} <= set(v)
+        assert s["events_lost_in_transit"] == s["events_dropped"]  # what the kill lost in flight, counted
+        (restart,) = events(victim, "process_restart")
+        assert restart["values"]["restarts"] == 1 and down["reason"][:60] in restart["notes"]
+        record = orjson.loads((victim.run_dir / "lifecycle.json").read_bytes())
+        assert record["status"] == "stopped" and record["resumes"] == 1
+    finally:
+        lab.shutdown()
+
+
+def test_a_killed_host_is_restarted_within_its_intensity_and_then_the_run_fails(lab):
+    exp = lab.start_experiment(latency_spec("intense", budget=600, supervision={"max_restarts": 1, "max_seconds": 60}))
+    until(lambda: persisted(exp) > 100, what="events")
+    first = exp.pid
+    os.kill(first, signal.SIGKILL)
+    until(lambda: exp.restarts and exp.pid != first, timeout=60, what="the restart")
+    until(lambda: events(exp, "process_restart"), what="the restart's events on disk")
+    (resumed,) = events(exp, "resumed")
+    assert resumed["values"]["resumes"] == 1
+    exp.pause()  # the restarted tree takes control as the first did
+    assert exp.status() == "paused" and exp.phase_status(max_age=0, wait=10)["paused"] is True
+    os.kill(exp.pid, signal.SIGKILL)  # a second death in the window: over the intensity
+    assert exp.wait(60)
+    assert exp.status() == "failed"
+    assert exp.reason.startswith("failed: reached_max_restart_intensity (process_died: ")
+    assert len(exp.restarts) == 1
+    assert "worker process has died" in exp.restarts[0]["reason"] and "Some common causes" not in exp.reason
+    record = orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())
+    assert record["status"] == "failed" and record["reason"] == exp.reason
+    with pytest.raises(Exception, match="is failed; cannot pause"):
+        exp.pause()
+
+
+def test_the_remote_experiment_answers_reads_and_queries_like_a_local_one(lab):
+    exp = lab.start_experiment(latency_spec("reads", budget=600))
+    until(lambda: persisted(exp) > 200, what="events")
+    s = exp.summary(max_age=0, wait=10)
+    assert s["experiment_id"] == exp.id and s["run_id"] == exp.run_id and s["status"] == "running"
+    assert s["events_persisted"] > 200 and s["stale"] is False
+    assert exp.metrics(max_age=0, wait=10)["events"] > 0
+    assert exp.phase_status(max_age=0, wait=10)["steps"] > 0
+    rows = exp.query_window(["last_n", 5])
+    assert len(rows) == 5
+    with pytest.raises(QueryError):
+        exp.query_window(["sideways", 1])  # refused here, before the host sees it
+    exp.stop()
+    assert len(exp.query_window(["last_n", 5])) == 5  # from the history, once stopped
+    assert exp.durations()["active_duration"] > 0
+
+
+def test_resources_are_checked_and_reserved(lab):
+    with pytest.raises(SpecError, match=r"resources\.cpus: must be"):
+        lab.start_experiment(latency_spec("bad", resources={"cpus": -1}))
+    with pytest.raises(SpecError, match=r"resources\.tpus: unknown key"):
+        lab.start_experiment(latency_spec("bad", resources={"tpus": 1}))
+    with pytest.raises(RayBackendError, match=r"cpus=64 gpus=0: no node of the Ray cluster has that much"):
+        lab.start_experiment(latency_spec("big", resources={"cpus": 64}))
+    with pytest.raises(RayBackendError, match=r"gpus=1: no node"):
+        lab.start_experiment(latency_spec("gpu", resources={"gpus": 1}))
+    assert lab.list() == []  # nothing half-started is left behind
+    exp = lab.start_experiment(latency_spec("half", budget=600, resources={"cpus": 0.5}))
+    assert exp.assigned == {"CPU": 0.5}
+    exp.stop()
+    exp = lab.start_experiment(latency_spec("default", budget=600))
+    assert exp.assigned == {"CPU": 1.0}  # one CPU unless the spec says otherwise
+    exp.stop()
+
+
+class Listener:
+    """A TCP server on 127.0.0.1 that is not Ray: silent, or answering ``reply`` to anything."""
+
+    def __init__(self, reply: bytes | None = None) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.reply = reply
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            if self.reply is not None:
+                conn.recv(64)
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "error", "match"),
+    [
+        ("127.0.0.1:1", RayBackendError, r"no Ray cluster at '127\.0\.0\.1:1': Connection refused"),
+        ("ray://127.0.0.1:1", RayBackendError, r"no Ray cluster at 'ray://127\.0\.0\.1:1': Connection refused"),
+        ("nonsense", ValueError, r"Ray address 'nonsense': expected auto, HOST:PORT or ray://HOST:PORT"),
+        ("127.0.0.1:99999", ValueError, r"port 1 to 65535"),
+        ("silent", RayBackendError, r"no answer within 3 s"),
+        ("http", RayBackendError, r"something answers there, but not Ray"),
+    ],
+)
+def test_a_bad_address_is_one_clear_error_and_no_hang(ray_cluster, tmp_path, address, error, match):  # noqa: F811
+    server = Listener(b"HTTP/1.1 400 Bad Request\r\n\r\n" if address == "http" else None)
+    if address in ("silent", "http"):
+        address = f"127.0.0.1:{server.port}"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(error, match=match):
+            Lab(tmp_path / "art", backend="ray", address=address)
+    finally:
+        server.close()
+    assert time.monotonic() - t0 < 10
+
+
+def test_auto_without_a_cluster_and_the_cli_say_so_in_one_line(tmp_path):
+    """In a process of its own (this one has joined the test cluster): the CLI's exit 2, one line."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "supervisor.py"),
+            "run",
+            str(ROOT / "experiments" / "default.toml"),
+            "--backend",
+            "ray",
+            "--ray-address",
+            "auto",
+            "--artifacts",
+            str(tmp_path / "art"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "crucible run: error: --backend ray: no Ray cluster at '127.0.0.1:1': Connection refused"
+    ]
+    assert time.monotonic() - t0 < 30
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "supervisor.py"), "run", "x.toml", "--ray-address", "auto"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--ray-address 'auto' needs --backend ray" in r.stderr
