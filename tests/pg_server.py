@@ -194,13 +194,14 @@ def new_store(history_kind: str, tmp_path: Path):
 
     made = []
     url = pg_server().new_database() if history_kind == "postgresql" else None
+    if url is not None:  # the pool now, not inside a hypothesis example (its jitter draws on `random`)
+        made.append(open_history(url))
 
     def make():
         if url is None:
             store = open_history(tmp_path / f"history-{len(made)}.sqlite3")
         else:
-            if made:
-                truncate(url)
+            truncate(url)
             store = open_history(url)
         made.append(store)
         return store
