@@ -15,7 +15,7 @@ per generation. Per iteration the block's threads
 4. copy the colouring to the chain's best when it improves.
 
 Colours, conflict counts and the candidate list live in shared memory (int16); the gamma
-table lives in shared memory too when it fits (``gamma_in_shared``), else in global memory.
+table lives in global memory, or in shared memory when asked and it fits (``gamma_in_shared``).
 The tabu table (int32 iteration numbers, saturating: a chain would need 2**31 iterations,
 days at these rates, before its tabu list stopped forbidding anything) is global. Random numbers: one 32-bit xorshift
 state per thread, kept in ``rng`` between launches.

@@ -26,12 +26,18 @@ def _state(pop: CudaPopulation) -> dict[str, np.ndarray]:
 def kernel_invariants() -> None:
     """After a launch every chain's gamma table, conflict count and best are exact, and its
     tabu entries are bounded by the tenure rule."""
+    for shared in (False, True):
+        _invariants(shared)
+
+
+def _invariants(shared: bool) -> None:
     g = gnp(24, 0.4, 3)
     k, p = 4, 3
-    pop = CudaPopulation(g.indptr, g.indices, p, seed=5, threads=8)
+    pop = CudaPopulation(g.indptr, g.indices, p, seed=5, threads=8, gamma_in_shared=shared)
     pop.tenure_a, pop.tenure_alpha = 5, 0.5
     start = np.random.default_rng(0).integers(0, k, (p, g.n)).astype(np.int32)
     pop.seed(start, k)
+    assert pop.gamma_in_shared() is shared  # both layouts of the gamma table are checked
     f0 = np.array([count_conflicts(g.indptr, g.indices, c) for c in start])
     f, best_f = pop.run(25)
     st = _state(pop)
