@@ -272,6 +272,8 @@ class Recorder(EventConsumer):
                 part = missing[i : i + 1024]
                 self._insert(rows_to_batch(part, self.experiment_id, self.run_id))
             self.store.commit()
+            if self.storage_error is None:
+                self.history_unsent = 0  # what an earlier stop could not send is in the history now
         except _STORAGE_ERRORS as exc:
             self.store.rollback()
             self.storage_error = f"storage: {exc}"
@@ -477,6 +479,7 @@ class Recorder(EventConsumer):
         for b in self._pending:
             self._apply(b)
         self._pending, self._pending_n = [], 0
+        self._mark = (self.jsonl.size, self.last_seq)  # counted now: never cut back
         self.history_unsent += unsent
         self.hist["down_s"] += time.monotonic() - self._down_since
         self._down = None

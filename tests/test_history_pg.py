@@ -388,6 +388,7 @@ def test_a_stop_while_the_server_is_away_keeps_the_events_in_the_files(server_ba
     assert history_seqs(pg_url, "run") == list(range(100))
     again = Recorder.start(tmp_path, "exp", "run", history=pg_url)  # reopening back-fills from the JSONL
     assert again.ask({"kind": "flush"})["persisted"] == 250
+    assert again.ask({"kind": "summary"})["history"]["events_unsent"] == 0
     again.stop()
     assert history_seqs(pg_url, "run") == list(range(250))
 
