@@ -75,7 +75,7 @@ def counted(tally: Tally) -> type[ColoringWorkload]:
 
     class Counted(ColoringWorkload):
         def _tabu_done(self) -> int:
-            tabu = self._phases.get("tabu")
+            tabu = self.phase_made("tabu")
             return int(getattr(tabu, "iterations", 0))  # over every k the phase worked at
 
         def step(self, emitter: Any) -> bool:

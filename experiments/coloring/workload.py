@@ -390,6 +390,11 @@ class ColoringWorkload:
         self.pass_start_best = self.best_k
         return self._next_phase(emitter)
 
+    def phase_made(self, name: str) -> ColoringPhase | None:
+        """The phase object of that name if the pipeline has entered it (phases are made on
+        first entry and kept, with their counters, across k and passes), else None."""
+        return self._phases.get(name)
+
     def _enter_phase(self, idx: int, emitter: Emitter, why: str) -> None:
         self.phase_idx = idx
         name = self.phase
