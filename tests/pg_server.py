@@ -59,11 +59,13 @@ class PgServer:
         tests run without: their data dies with the folder; the benchmark runs with)."""
         self.bindir = bindir
         self.fsync = fsync
-        self.root = Path(tempfile.mkdtemp(prefix="crucible-pg-"))
+        root_user = os.geteuid() == 0
+        # as root, somewhere nobody can reach (a root-only $TMPDIR would not do)
+        self.root = Path(tempfile.mkdtemp(prefix="crucible-pg-", dir="/tmp" if root_user else None))
         self.data = self.root / "data"
         self.port = free_port()
         self._as: list[str] = []
-        if os.geteuid() == 0:  # postgres will not run as root
+        if root_user:  # postgres will not run as root
             os.chown(self.root, _nobody(), -1)
             self._as = ["runuser", "-u", "nobody", "--"]
         self._names = itertools.count()
