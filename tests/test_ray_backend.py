@@ -39,6 +39,13 @@ def head_id(cluster) -> str:
     return cluster.head_node.node_id
 
 
+def blocking_spec(name: str, **extra) -> dict:
+    """A latency spec whose emitter waits for the pipeline (a loaded machine never drops on overflow)."""
+    spec = latency_spec(name, budget=600, **extra)
+    spec["telemetry"]["block_timeout_s"] = 120
+    return spec
+
+
 def events(exp, name: str) -> list[dict]:
     return [e for e in iter_run(exp.run_dir) if e["name"] == name]
 
@@ -49,7 +56,7 @@ def test_experiments_spread_over_nodes_and_a_dead_node_restarts_its_own_elsewher
     art = tmp_path / "art"
     lab = Lab(art, backend="ray", address=ray_cluster.address)
     try:
-        exps = [lab.start_experiment(latency_spec(f"spread-{i}", budget=600)) for i in range(2)]
+        exps = [lab.start_experiment(blocking_spec(f"spread-{i}")) for i in range(2)]
         assert {e.node_id for e in exps} == {head_id(ray_cluster), node.node_id}  # one per node
         for e in exps:
             until(lambda e=e: persisted(e) > 500, what="events persisted")
@@ -84,7 +91,7 @@ def test_experiments_spread_over_nodes_and_a_dead_node_restarts_its_own_elsewher
         v = resumed["values"]
         assert v["resumes"] == 1 and v["last_seq_on_disk"] >= max(acked)
         assert {"checkpoint_steps", "checkpoint_published", "events_after_checkpoint"} <= set(v)
-        assert s["events_lost_in_transit"] == s["events_dropped"]  # what the kill lost in flight, counted
+        assert s["events_dropped_overflow"] == 0 and s["events_lost_in_transit"] == s["events_dropped"]  # in flight
         (restart,) = events(victim, "process_restart")
         assert restart["values"]["restarts"] == 1 and down["reason"][:60] in restart["notes"]
         record = orjson.loads((victim.run_dir / "lifecycle.json").read_bytes())
@@ -236,3 +243,57 @@ def test_auto_without_a_cluster_and_the_cli_say_so_in_one_line(tmp_path):
         timeout=60,
     )
     assert r.returncode == 2 and "--ray-address 'auto' needs --backend ray" in r.stderr
+
+
+# an embedded Lab in a process of its own, which the test kills (SIGKILL) once its runs have events
+HOST = """
+import sys, threading
+from experiments.lab import Lab
+from telemetry.rundir import count_events
+from tests.fault_helpers import latency_spec, until
+lab = Lab(sys.argv[1])
+run = lab.start_experiment(latency_spec("crashed-run", budget=600))
+paused = lab.start_experiment(latency_spec("crashed-paused", budget=600))
+until(lambda: count_events(run.run_dir) > 200 and count_events(paused.run_dir) > 200, 60, "events")
+paused.pause()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_recover_resumes_crashed_runs_on_ray_as_they_were(ray_cluster, tmp_path):  # noqa: F811
+    art = tmp_path / "art"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOST, str(art)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for line in proc.stdout:  # its log lines, then ready
+            if line.strip() == b"ready":
+                break
+        else:
+            raise AssertionError("the host process ended before its runs had events")
+    finally:
+        proc.kill()
+        proc.wait()
+    lab = Lab(art, backend="ray", address=ray_cluster.address)
+    try:
+        resumed = {e.id: e for e in lab.recover()}
+        assert set(resumed) == {"crashed-run", "crashed-paused"}
+        run, paused = resumed["crashed-run"], resumed["crashed-paused"]
+        assert run.status() == "running" and paused.status() == "paused"  # as they were at the kill
+        assert run.pid != proc.pid and run.assigned == {"CPU": 1.0}
+        until(lambda: events(run, "resumed"), what="the resumed event")
+        paused.resume()
+        for e in (run, paused):
+            e.stop()
+            s = check_accounts(e, art, lossless=False)
+            assert s["events_emitted"] == s["events_persisted"] + s["events_dropped"]
+            assert len(events(e, "resumed")) == 1 and events(e, "process_restart") == []  # a recovery, not a restart
+            assert orjson.loads((e.run_dir / "lifecycle.json").read_bytes())["resumes"] == 1
+        assert lab.recover() == []  # nothing left to take over
+    finally:
+        lab.shutdown()
