@@ -537,6 +537,8 @@ class RemoteExperiment:
         self._last_down: str | None = None
         self._last_durations: dict[str, Any] = {}
         self._stopped = threading.Event()
+        self.started_at = self.lab.clock()  # the Lab's clock, as Experiment's
+        self.ended_at: float | None = None  # when the driver learnt the end
         self.registry = RemoteRegistry(self)
         self.topics = RemoteTopics(self)
         self.sup = RemoteTree(self)
@@ -553,6 +555,9 @@ class RemoteExperiment:
             self.run_id = str(info["run_id"])
             self.node_id, self.pid = info.get("node_id"), info.get("pid")
             self.assigned = dict(info.get("resources") or {})
+            state = info.get("state") or {}
+            if "status" in state:  # a run resumed paused comes back paused
+                self._status, self._reason = RunStatus(state["status"]), state.get("reason")
             self._hosting.notify_all()
 
     def _lose_host(self, host: Any, reason: str) -> bool:
@@ -572,6 +577,7 @@ class RemoteExperiment:
             self._status = RunStatus(final["status"])
             self._reason = final.get("reason")
             self._host = None
+            self.ended_at = self.lab.clock()
             self._hosting.notify_all()
         self._stopped.set()
 
@@ -584,6 +590,7 @@ class RemoteExperiment:
             self._final = {"summary": summary, "metrics": {}, "durations": self._last_durations, "tree_exit": None}
             self._status, self._reason = RunStatus.FAILED, reason
             self._host = None
+            self.ended_at = self.lab.clock()
             self._hosting.notify_all()
         if write and self.run_id:
             try:
@@ -840,7 +847,7 @@ class RayBackend:
         except BaseException:
             self._release(host)
             raise
-        return host, reply["value"], host.wait_end.remote()
+        return host, {**reply["value"], "state": reply.get("state")}, host.wait_end.remote()
 
     def start_experiment(self, full: dict[str, Any], experiment_id: str | None) -> RemoteExperiment:
         """Start a new run of a validated spec in its own host; the handle comes back running."""
@@ -894,7 +901,6 @@ class RayBackend:
                     self.lab.experiments.pop(exp_id, None)
                 continue
             exp._rehost(host, info)
-            exp._take_state(host and {"status": str((read_json(run_dir / LIFECYCLE) or {}).get("status", "running"))})
             self._watch(exp, host, end)
             out.append(exp)
         return out

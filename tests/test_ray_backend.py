@@ -297,3 +297,24 @@ def test_recover_resumes_crashed_runs_on_ray_as_they_were(ray_cluster, tmp_path)
         assert lab.recover() == []  # nothing left to take over
     finally:
         lab.shutdown()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # its watchers read the handles
+def test_the_lab_service_runs_its_queue_on_ray(ray_cluster, tmp_path):  # noqa: F811
+    """What ``crucible lab serve --backend ray`` hosts: the queue's experiments start as Ray actors."""
+    from experiments.service import LabService
+
+    svc = LabService(tmp_path / "art", max_running=1, backend="ray", address=ray_cluster.address)
+    try:
+        first = svc.submit(latency_spec("queued-a", budget=600))
+        second = svc.submit(latency_spec("queued-b", budget=600))
+        assert (first["status"], second["status"]) == ("running", "queued")
+        a = svc.get(first["id"])
+        assert a.node_id is not None and a.pid != os.getpid()
+        assert svc.pause(first["id"])["status"] == "paused"
+        assert svc.stop(first["id"])["status"] == "stopped"
+        until(lambda: any(r["id"] == second["id"] and r["status"] == "running" for r in svc.list()), what="the next")
+        assert svc.get(second["id"]).node_id is not None
+    finally:
+        svc.shutdown()
+    assert svc.lab.list()[-1]["status"] == "stopped"  # the shutdown stopped it, flushed
