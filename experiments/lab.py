@@ -792,6 +792,7 @@ class Lab:
         self.sup = DynamicSupervisor.start(max_children=max_experiments, registry=Registry())
         self._closed = False
         self.backend = backend
+        self.max_experiments = max_experiments  # the ray backend counts its live trees against it
         self._remote: Any = None  # the ray backend's driver side: it hosts the trees (see experiments.remote)
         if backend != "embedded":
             plugin = _backend_plugins.get(backend)

@@ -34,7 +34,7 @@ from typing import Any
 from actors.base import is_abnormal
 from actors.log import get_logger
 from actors.messages import decode, decode_message, encode
-from actors.supervision import GIVE_UP, MAX_INTENSITY, RESTART, decide, within_intensity
+from actors.supervision import GIVE_UP, MAX_INTENSITY, RESTART, TooManyChildren, decide, within_intensity
 from experiments.lab import (
     AlreadyPaused,
     Experiment,
@@ -862,6 +862,12 @@ class RayBackend:
             while exp_id in self.lab.experiments:
                 k += 1
                 exp_id = f"{base}-{k}"
+            cap = self.lab.max_experiments
+            live = sum(1 for e in self.lab.experiments.values() if not e.wait(0))
+            if cap is not None and live >= cap:  # as the embedded Lab's DynamicSupervisor refuses
+                raise TooManyChildren(
+                    f"this Lab already runs max_experiments={cap} experiments; cannot start {exp_id!r}"
+                )
             exp = RemoteExperiment(self, full, exp_id)
             self.lab.experiments[exp_id] = exp  # type: ignore[assignment]
         try:
