@@ -87,6 +87,14 @@ class HostLost(NotRunning):
     """The process hosting the tree died during the call (the Lab restarts it if it may)."""
 
 
+class HostDiedStarting(RayBackendError):
+    """The new host's process died before its tree was up (a node lost as the restart landed on it)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 # the errors a host's answer may name, most specific first in each class's MRO
 _ERRORS: dict[str, type[BaseException]] = {
     c.__name__: c
@@ -838,9 +846,12 @@ class RayBackend:
                 )
             try:
                 reply = decode(ray.get(ref))
+            except ray.exceptions.RayTaskError as exc:
+                raise RemoteError(f"experiment {exp.id!r}: its Ray actor failed as it started: {exc}") from None
             except ray.exceptions.RayError as exc:
-                raise RayBackendError(
-                    f"experiment {exp.id!r}: its Ray actor died as it started ({down_reason(exc)})"
+                reason = down_reason(exc)
+                raise HostDiedStarting(
+                    f"experiment {exp.id!r}: its Ray actor died as it started ({reason})", reason
                 ) from None
             if not reply.get("ok"):
                 raise _remote_error(reply)
@@ -930,55 +941,36 @@ class RayBackend:
         log.info("remote experiment ended", experiment=exp.id, run_id=exp.run_id, reason=exp.reason)
 
     def _down(self, exp: RemoteExperiment, host: Any, exc: BaseException) -> None:
-        """A host died: restart it per its restart type and intensity (actors.supervision's rules)."""
+        """A host died: restart it per its restart type and intensity (actors.supervision's rules),
+        again if the new one dies before its tree is up."""
         reason = down_reason(exc)
         if not exp._lose_host(host, reason):
             return
         self._release(host)
-        log.warning("remote experiment down", experiment=exp.id, run_id=exp.run_id, node=exp.node_id, reason=reason)
-        if self._closed:
-            exp._give_up(f"failed: {reason} (the Lab was shutting down: not restarted)", write=False)
-            return
-        sv = exp.spec.get("supervision") or {}
-        ok, window = within_intensity(
-            exp._restart_times, self.lab.clock(), int(sv.get("max_restarts", 3)), float(sv.get("max_seconds", 5.0))
-        )
-        decision = decide("one_for_one", exp.restart_type, reason, False, "never", intensity_ok=ok)
-        if decision.action == GIVE_UP:
-            exp._give_up(f"failed: {MAX_INTENSITY} ({reason})")
-        elif decision.action != RESTART or not is_abnormal(reason):
-            exp._give_up(f"failed: {reason}")
-        else:
-            exp._restart_times = window
-            self._restart(exp, reason)
-
-    def _await_owner_gone(self, exp: RemoteExperiment) -> None:
-        """Never two owners of a run: on this machine, wait for the dead host's process to be gone.
-        An owner on another host cannot be checked from here: Ray's word that it died stands."""
-        owner = (read_json(exp.run_dir / LIFECYCLE) or {}).get("owner") or {}
-        deadline = time.monotonic() + OWNER_GONE_S
-        while owner_alive(owner)[0] is True:
-            if time.monotonic() > deadline:
-                raise RayBackendError(
-                    f"the dead host's process {owner.get('pid')} is still alive after {OWNER_GONE_S:g} s"
-                )
-            time.sleep(0.05)  # another process's exit: there is nothing to wait on
-
-    def _restart(self, exp: RemoteExperiment, reason: str) -> None:
         down_at = time.time()
-        try:
-            self._await_owner_gone(exp)
-            payload = {
-                "kind": "resume",
-                "run_dir": str(exp.run_dir.resolve()),
-                "reason": reason,
-                "restarts": len(exp.restarts) + 1,
-                "down_at": down_at,
-            }
-            host, info, end = self._spawn(exp, "resume", payload)
-        except Exception as exc:  # noqa: BLE001 - the run fails, with why
-            exp._give_up(f"failed: could not restart after {reason}: {type(exc).__name__}: {exc}")
-            return
+        while True:
+            log.warning("remote experiment down", experiment=exp.id, run_id=exp.run_id, node=exp.node_id, reason=reason)
+            failure = self._decide(exp, reason)
+            if failure is not None:
+                exp._give_up(failure, write=not self._closed)
+                return
+            try:
+                self._await_owner_gone(exp)
+                payload = {
+                    "kind": "resume",
+                    "run_dir": str(exp.run_dir.resolve()),
+                    "reason": reason,
+                    "restarts": len(exp.restarts) + 1,
+                    "down_at": down_at,
+                }
+                host, info, end = self._spawn(exp, "resume", payload)
+            except HostDiedStarting as again:  # a second down, before the tree was up
+                reason = again.reason
+                continue
+            except Exception as failed:  # noqa: BLE001 - the run fails, with why
+                exp._give_up(f"failed: could not restart after {reason}: {type(failed).__name__}: {failed}")
+                return
+            break
         exp.restarts.append(
             {"reason": reason, "down_at": down_at, "node_id": info.get("node_id"), "from_node": exp.node_id}
         )
@@ -991,6 +983,34 @@ class RayBackend:
             node=info.get("node_id"),
             restarts=len(exp.restarts),
         )
+
+    def _decide(self, exp: RemoteExperiment, reason: str) -> str | None:
+        """None: restart (the restart is counted); else the reason the run fails with."""
+        if self._closed:
+            return f"failed: {reason} (the Lab was shutting down: not restarted)"
+        sv = exp.spec.get("supervision") or {}
+        ok, window = within_intensity(
+            exp._restart_times, self.lab.clock(), int(sv.get("max_restarts", 3)), float(sv.get("max_seconds", 5.0))
+        )
+        decision = decide("one_for_one", exp.restart_type, reason, False, "never", intensity_ok=ok)
+        if decision.action == GIVE_UP:
+            return f"failed: {MAX_INTENSITY} ({reason})"
+        if decision.action != RESTART or not is_abnormal(reason):
+            return f"failed: {reason}"
+        exp._restart_times = window
+        return None
+
+    def _await_owner_gone(self, exp: RemoteExperiment) -> None:
+        """Never two owners of a run: on this machine, wait for the dead host's process to be gone.
+        An owner on another host cannot be checked from here: Ray's word that it died stands."""
+        owner = (read_json(exp.run_dir / LIFECYCLE) or {}).get("owner") or {}
+        deadline = time.monotonic() + OWNER_GONE_S
+        while owner_alive(owner)[0] is True:
+            if time.monotonic() > deadline:
+                raise RayBackendError(
+                    f"the dead host's process {owner.get('pid')} is still alive after {OWNER_GONE_S:g} s"
+                )
+            time.sleep(0.05)  # another process's exit: there is nothing to wait on
 
     def _release(self, host: Any) -> None:
         with self._hosts_lock:
