@@ -14,8 +14,13 @@ Each figure comes with its anchor, measured in the same run:
   Anchor: a daemon's start on an empty folder to serving.
 * **soak**: a daemon takes a short experiment every few seconds (at most ``--concurrent``
   at once) for ``--soak-minutes``; its RSS and thread count are sampled every 10 s and the
-  least-squares slope per hour is reported (a bounded daemon has slopes near zero). The
-  experiments time ``time.sleep`` so the soak measures the daemon, not the workload.
+  least-squares slope per hour is reported (a bounded daemon has slopes near zero); so are the
+  slope and the growth per experiment after the first third (the warm-up: modules imported
+  by the first experiments, ``keep_ended`` handles filling up), and the heaps of glibc's
+  malloc arenas the daemon maps at the end (:func:`arena_heaps`). The experiments time
+  ``time.sleep`` so the soak measures the daemon, not the workload. ``MALLOC_ARENA_MAX=16``
+  in the environment runs the daemon with glibc's default arenas on 2 cores (the daemon
+  keeps an operator's setting).
 """
 
 from __future__ import annotations
@@ -151,6 +156,29 @@ def rss_threads(pid: int) -> tuple[float, int]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["Threads"])
 
 
+HEAP_MAX = 64 << 20  # a glibc arena other than the main one lives in heaps of this size, aligned on it
+
+
+def arena_heaps(pid: int) -> int:
+    """How many heaps of glibc's non-main malloc arenas process ``pid`` maps, read from
+    outside: anonymous mappings aligned on 64 MiB that span 64 MiB (the part in use, then the
+    reserved rest). One arena per thread, by default, is where the daemon's memory went."""
+    maps = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        maps.append((lo, hi, parts[1], parts[5] if len(parts) > 5 else ""))
+    n = 0
+    for i, (lo, hi, perm, name) in enumerate(maps):
+        if name or lo % HEAP_MAX or not perm.startswith("rw"):
+            continue
+        end = hi
+        if i + 1 < len(maps) and maps[i + 1][0] == hi and maps[i + 1][2].startswith("---") and not maps[i + 1][3]:
+            end = maps[i + 1][1]
+        n += end - lo == HEAP_MAX
+    return n
+
+
 def slope_per_hour(ts: list[float], ys: list[float]) -> float:
     if len(ts) < 2:
         return 0.0
@@ -158,10 +186,13 @@ def slope_per_hour(ts: list[float], ys: list[float]) -> float:
     return fit.slope * 3600
 
 
+WARMUP = 1 / 3  # of the soak: the first experiments import modules and fill keep_ended (100 handles)
+
+
 def bench_soak(minutes: float, concurrent: int, work: Path) -> dict[str, float]:
     d = Daemon(work / "soak", max_experiments=concurrent)
     t0 = time.monotonic()
-    samples: list[tuple[float, float, int]] = []
+    samples: list[tuple[float, float, int, int]] = []  # (s, RSS MiB, threads, experiments submitted)
     k = next_sample = 0
     try:
         while time.monotonic() - t0 < minutes * 60:
@@ -169,20 +200,36 @@ def bench_soak(minutes: float, concurrent: int, work: Path) -> dict[str, float]:
             k += 1
             if time.monotonic() >= next_sample:
                 rss, threads = rss_threads(d.proc.pid)
-                samples.append((time.monotonic() - t0, rss, threads))
+                samples.append((time.monotonic() - t0, rss, threads, k))
                 next_sample = time.monotonic() + 10
             time.sleep(1.0)  # the soak's submission rate: one experiment a second
+        heaps = arena_heaps(d.proc.pid)
     finally:
         d.stop()
     ts = [s[0] for s in samples]
     rss_slope = slope_per_hour(ts, [s[1] for s in samples])
     thr_slope = slope_per_hour(ts, [s[2] for s in samples])
+    late = [s for s in samples if s[0] >= minutes * 60 * WARMUP]
+    late_slope = slope_per_hour([s[0] for s in late], [s[1] for s in late])
+    per_exp_kb = (
+        statistics.linear_regression([s[3] for s in late], [s[1] for s in late]).slope * 1024 if len(late) > 1 else 0.0
+    )
     print(
         f"soak {minutes:g} min, {k} experiments: RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MiB "
         f"(slope {rss_slope:+.1f} MiB/h, {rss_slope / samples[0][1] * 100:+.1f} % of the start per hour), "
-        f"threads {samples[0][2]} -> {samples[-1][2]} (slope {thr_slope:+.1f}/h)"
+        f"threads {samples[0][2]} -> {samples[-1][2]} (slope {thr_slope:+.1f}/h); "
+        f"after the first {WARMUP * minutes:g} min ({late[0][3] if late else k} experiments, "
+        f"{late[0][1] if late else 0:.0f} MiB): slope {late_slope:+.1f} MiB/h, {per_exp_kb:+.1f} KB per experiment; "
+        f"malloc arena heaps at the end: {heaps}"
     )
-    return {"rss_slope_mib_h": rss_slope, "threads_slope_h": thr_slope, "experiments": k}
+    return {
+        "rss_slope_mib_h": rss_slope,
+        "threads_slope_h": thr_slope,
+        "experiments": k,
+        "late_slope_mib_h": late_slope,
+        "late_kb_per_experiment": per_exp_kb,
+        "arena_heaps": heaps,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
