@@ -458,7 +458,11 @@ def queued_view(service: LabService, views: list[dict[str, Any]]) -> list[dict[s
 
 
 def _push(lab: Lab, last_seq: dict[str, int], service: LabService | None = None) -> dict[str, Any]:
-    """One batched push: every experiment's state and its events since the last push (and the queue)."""
+    """One batched push: every experiment's state and its events since the last push (and the queue).
+
+    ``last_seq`` (the socket's, per experiment id) keeps only the Lab's experiments: an id the
+    Lab forgot (see :meth:`Lab.forget`) leaves it, so a page left open does not grow with every
+    experiment the daemon ever ran."""
     exps = []
     events: dict[str, list[dict[str, Any]]] = {}
     for exp in list(lab.experiments.values()):
@@ -472,6 +476,8 @@ def _push(lab: Lab, last_seq: dict[str, int], service: LabService | None = None)
             if new:
                 last_seq[exp.id] = new[-1]["seq"]
                 events[exp.id] = new
+    for gone in last_seq.keys() - {e["id"] for e in exps}:  # forgotten by the Lab: a page open for months
+        del last_seq[gone]
     out: dict[str, Any] = {"experiments": exps, "events": events}
     if service is not None:
         out["queued"] = queued_view(service, exps)
