@@ -1,7 +1,9 @@
 """Scale-out on Ray: N independent colouring experiments on threads (the embedded backend) and on
 Ray processes (``Lab(backend="ray")``, one actor per tree), with every ratio from one run.
 
-Run: ``python -m bench.scale [--iters 3000000] [--rounds 50] [--starts 5]``.
+Run: ``python -m bench.scale [--iters 3000000] [--repeats 3] [--rounds 20] [--starts 2]``. Both
+backends are measured side by side, interleaved, the order alternating every repeat (the
+machine's load then falls on both alike); the figures are medians over the repeats.
 
 * **throughput**: N experiments of fixed work each (TabuCol on a G(125, 0.5) graph, seed 7,
   ``max_iters_per_k`` = ``--iters``: the same deterministic work for every one), started one
@@ -14,7 +16,8 @@ Run: ``python -m bench.scale [--iters 3000000] [--rounds 50] [--starts 5]``.
   new Ray actor (a process: Python, the project's imports, the tree).
 * **control round trip**: ``exp.pause()`` until it returns paused (the phase parked at its next
   safe point, the metric subscribers detached), ``--rounds`` times with a resume between,
-  on a latency experiment whose steps are microseconds, so the figure is the control path:
+  on a latency experiment whose steps are microseconds, so the figure is the control path
+  (both include the fsynced write of ``lifecycle.json`` that every transition makes):
   a call in this process against msgpack bytes to the host's process and back.
 
 Ray is started here (``ray.init(num_cpus=cores)``, no dashboard); the figures, their ratios
@@ -117,33 +120,58 @@ def round_trips(lab: Lab, rounds: int) -> list[float]:
     return out
 
 
-def measure(backend: str, artifacts: Path, ns: list[int], iters: int, rounds: int, nstarts: int) -> dict[str, Any]:
-    lab = Lab(artifacts / backend, backend=backend)
+def measure(artifacts: Path, ns: list[int], iters: int, repeats: int, rounds: int, nstarts: int) -> dict[str, Any]:
+    """Both backends side by side, interleaved (the order alternating every repeat), so that a
+    change in the machine's load falls on both alike; medians over the repeats."""
+    labs = {b: Lab(artifacts / b, backend=b) for b in BACKENDS}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {b: {n: [] for n in ns} for b in BACKENDS}
+    start_s: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    rtt: dict[str, list[float]] = {b: [] for b in BACKENDS}
     try:
-        lab.start_experiment(coloring_spec("warm-up", 20_000)).wait(600)  # numba's cache, Ray's first worker
-        batches = [batch(lab, n, iters) for n in ns]
-        start_s = starts(lab, nstarts)
-        rtt = round_trips(lab, rounds)
+        for lab in labs.values():
+            lab.start_experiment(coloring_spec("warm-up", 20_000)).wait(600)  # numba's cache, Ray's first worker
+        for r in range(repeats):
+            order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
+            for n in ns:
+                for b in order:
+                    runs[b][n].append(batch(labs[b], n, iters))
+            for b in order:
+                start_s[b] += starts(labs[b], nstarts)
+                rtt[b] += round_trips(labs[b], rounds)
     finally:
-        lab.shutdown()
-    single, single_active = batches[0]["makespan_s"], batches[0]["active_s"]
-    for b in batches:
-        b["relative_throughput"] = single / b["makespan_s"]  # N/makespan(N) over N x 1/makespan(1)
-        b["relative_work_rate"] = single_active / b["active_s"]  # the same, starts left out
-    return {
-        "batches": batches,
-        "start_p50_s": statistics.median(start_s),
-        "start_max_s": max(start_s),
-        "pause_p50_ms": 1000 * pct(rtt, 0.5),
-        "pause_p99_ms": 1000 * pct(rtt, 0.99),
-    }
+        for lab in labs.values():
+            lab.shutdown()
+    out: dict[str, Any] = {}
+    for b in BACKENDS:
+        batches = [
+            {
+                "n": n,
+                "makespan_s": statistics.median(x["makespan_s"] for x in runs[b][n]),
+                "active_s": statistics.median(x["active_s"] for x in runs[b][n]),
+                "events_emitted": sorted({v for x in runs[b][n] for v in x["events_emitted"]}),
+            }
+            for n in ns
+        ]
+        single, single_active = batches[0]["makespan_s"], batches[0]["active_s"]
+        for x in batches:
+            x["relative_throughput"] = single / x["makespan_s"]  # N/makespan(N) over N x 1/makespan(1)
+            x["relative_work_rate"] = single_active / x["active_s"]  # the same, starts left out
+        out[b] = {
+            "batches": batches,
+            "start_p50_s": statistics.median(start_s[b]),
+            "start_max_s": max(start_s[b]),
+            "pause_p50_ms": 1000 * pct(rtt[b], 0.5),
+            "pause_p99_ms": 1000 * pct(rtt[b], 0.99),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=3_000_000, help="TabuCol iterations per k (the fixed work)")
-    ap.add_argument("--rounds", type=int, default=50, help="pause round trips per backend")
-    ap.add_argument("--starts", type=int, default=5, help="starts timed per backend")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every batch (medians)")
+    ap.add_argument("--rounds", type=int, default=20, help="pause round trips per backend and repeat")
+    ap.add_argument("--starts", type=int, default=2, help="starts timed per backend and repeat")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     configure_logging("WARNING")
@@ -154,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=max(ns), include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-            res = {b: measure(b, Path(tmp), ns, args.iters, args.rounds, args.starts) for b in BACKENDS}
+            res = measure(Path(tmp), ns, args.iters, args.repeats, args.rounds, args.starts)
     except RayBackendError as exc:
         print(f"bench.scale: {exc}", file=sys.stderr)
         return 2
@@ -174,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"start: threads {th['start_p50_s'] * 1000:.1f} ms, ray {ry['start_p50_s'] * 1000:.0f} ms"
-        f" (x{ry['start_p50_s'] / th['start_p50_s']:.0f}); medians of {args.starts}"
+        f" (x{ry['start_p50_s'] / th['start_p50_s']:.0f}); medians of {args.starts * args.repeats}"
     )
     print(
         f"pause round trip p50/p99: threads {th['pause_p50_ms']:.2f}/{th['pause_p99_ms']:.2f} ms,"
         f" ray {ry['pause_p50_ms']:.2f}/{ry['pause_p99_ms']:.2f} ms"
-        f" (x{ry['pause_p50_ms'] / th['pause_p50_ms']:.1f} at p50); {args.rounds} rounds"
+        f" (x{ry['pause_p50_ms'] / th['pause_p50_ms']:.1f} at p50); {args.rounds * args.repeats} rounds"
     )
     if args.json:
         Path(args.json).write_bytes(orjson.dumps({"cores": cores, **res}, option=orjson.OPT_INDENT_2))
