@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from experiments.lab import LifecycleError
 from experiments.remote import RayBackendError
 from experiments.spec import SpecError
 from supervisor import Lab, TooManyChildren
@@ -135,9 +136,14 @@ def test_the_remote_experiment_answers_reads_and_queries_like_a_local_one(lab):
     assert len(rows) == 5
     with pytest.raises(QueryError):
         exp.query_window(["sideways", 1])  # refused here, before the host sees it
+    with pytest.raises(LifecycleError, match="cannot restart a pass"):  # the host's error, typed alike
+        exp.restart_pass()
     exp.stop()
     assert len(exp.query_window(["last_n", 5])) == 5  # from the history, once stopped
     assert exp.durations()["active_duration"] > 0
+    exp.archive()
+    assert exp.status() == "archived" and exp.summary()["status"] == "archived"
+    assert orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())["status"] == "archived"
 
 
 def test_resources_are_checked_and_reserved(lab):
