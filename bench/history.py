@@ -11,7 +11,8 @@ a Lab's experiments, write one history), writing one run of the same experiment:
   (its JSONL file and the history: the whole persistence path).
 
 Figures are events/s from the moment every writer is ready (a barrier) until the last one
-is done, for PostgreSQL and for SQLite (one file for all writers, in WAL mode: SQLite lets
+is done, the median of ``--rounds`` rounds (PostgreSQL and SQLite interleaved, each round on
+fresh databases), for PostgreSQL and for SQLite (one file for all writers, in WAL mode: SQLite lets
 one writer in at a time), with their ratio. Without ``--url`` the benchmark starts a
 throwaway PostgreSQL server (Debian's binaries, as the tests do) with ``fsync`` on, as a
 production server runs; SQLite runs with the store's own ``synchronous=NORMAL``.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -142,9 +144,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=400, help="batches per writer (default 400)")
     ap.add_argument("--batch", type=int, default=BATCH, help="events per batch (default 1024)")
     ap.add_argument("--modes", nargs="+", choices=("store", "recorder"), default=["store", "recorder"])
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per figure, interleaved; medians (default 3)")
     args = ap.parse_args()
 
     from actors.log import configure_logging
+    from telemetry.history import open_history
 
     configure_logging("WARNING")
     server = None
@@ -159,23 +163,23 @@ def main() -> None:
         rows = []
         for mode in args.modes:
             for n in args.writers:
-                figures = {}
-                for kind in ("postgresql", "sqlite"):
-                    if kind == "postgresql":
-                        target = server.new_database() if server is not None else args.url
-                    else:
-                        target = f"{tempfile.mkdtemp(prefix='bench-history-')}/history.sqlite3"
-                    from telemetry.history import open_history
-
-                    open_history(target).close()  # the schema, before the clock starts
-                    tag = f"{mode}-{n}-{time.time_ns()}"
-                    figures[kind] = run(kind, mode, target, tag, n, args.batches, args.batch)
-                    check(target, tag, n, args.batches, args.batch)
-                rows.append((mode, n, figures["postgresql"], figures["sqlite"]))
-                pg, lite = figures["postgresql"], figures["sqlite"]
+                figures: dict[str, list[float]] = {"postgresql": [], "sqlite": []}
+                for _ in range(args.rounds):
+                    for kind in figures:
+                        if kind == "postgresql":
+                            target = server.new_database() if server is not None else args.url
+                        else:
+                            target = f"{tempfile.mkdtemp(prefix='bench-history-')}/history.sqlite3"
+                        open_history(target).close()  # the schema, before the clock starts
+                        tag = f"{mode}-{n}-{time.time_ns()}"
+                        figures[kind].append(run(kind, mode, target, tag, n, args.batches, args.batch))
+                        check(target, tag, n, args.batches, args.batch)
+                pg, lite = statistics.median(figures["postgresql"]), statistics.median(figures["sqlite"])
+                rows.append((mode, n, pg, lite))
+                spread = ", ".join(f"{k} {min(v):,.0f}-{max(v):,.0f}" for k, v in figures.items())
                 print(
                     f"{mode:8s} {n} writer(s): PostgreSQL {pg:>12,.0f} events/s, "
-                    f"SQLite {lite:>12,.0f} events/s, ratio {pg / lite:.2f} x",
+                    f"SQLite {lite:>12,.0f} events/s, ratio {pg / lite:.2f} x  (rounds: {spread})",
                     flush=True,
                 )
         print()
