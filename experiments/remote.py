@@ -34,6 +34,7 @@ from typing import Any
 from actors.base import is_abnormal
 from actors.log import get_logger
 from actors.messages import decode, decode_message, encode
+from actors.snapshot import MAX_AGE_S, WAIT_S
 from actors.supervision import GIVE_UP, MAX_INTENSITY, RESTART, TooManyChildren, decide, within_intensity
 from experiments.lab import (
     AlreadyPaused,
@@ -288,12 +289,11 @@ class TreeHost:
 
     def _reply(self, fn: Callable[[], Any]) -> bytes:
         try:
-            value = fn()
+            return encode({"ok": True, "value": fn(), "state": self._state()})
         except Exception as exc:  # noqa: BLE001 - every error travels back to the driver, typed
             names = [c.__name__ for c in type(exc).__mro__]
             message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
             return encode({"ok": False, "error": names, "message": message, "state": self._state()})
-        return encode({"ok": True, "value": value, "state": self._state()})
 
     def _state(self) -> dict[str, Any] | None:
         exp = self.exp
@@ -737,7 +737,7 @@ class RemoteExperiment:
     def _overlay(self, d: dict[str, Any]) -> dict[str, Any]:
         return {**d, "status": str(self._status), "reason": self._reason}
 
-    def summary(self, max_age: float = 1.0, wait: float = 0.25) -> dict[str, Any]:
+    def summary(self, max_age: float = MAX_AGE_S, wait: float = WAIT_S) -> dict[str, Any]:
         """As :meth:`Experiment.summary`, asked of the host; while the host is being restarted, the
         run's ``summary.json`` (``stale``); once ended, the final summary."""
         final = self._final
@@ -749,14 +749,14 @@ class RemoteExperiment:
 
         return self._read("summary", from_disk, max_age, wait)
 
-    def metrics(self, max_age: float = 1.0, wait: float = 0.25) -> dict[str, Any]:
+    def metrics(self, max_age: float = MAX_AGE_S, wait: float = WAIT_S) -> dict[str, Any]:
         """As :meth:`Experiment.metrics`; ``{"stale": True, "age_s": None}`` while restarting."""
         final = self._final
         if final is not None:
             return {**(final.get("metrics") or {}), "stale": False, "age_s": 0.0}
         return self._read("metrics", lambda: {"stale": True, "age_s": None}, max_age, wait)
 
-    def phase_status(self, max_age: float = 1.0, wait: float = 0.25) -> dict[str, Any]:
+    def phase_status(self, max_age: float = MAX_AGE_S, wait: float = WAIT_S) -> dict[str, Any]:
         """As :meth:`Experiment.phase_status`; {} while restarting and once ended."""
         if self._final is not None:
             return {}
