@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import orjson
 from rich.console import Console
 
 from cli import render
-from cli.errors import UsageError
+from cli.errors import EXIT_FAILED, UsageError, one_line
 from experiments.validate import SECONDS, SEED, Num
 
-TRIAL_KEYS = frozenset({"trial", "params", "seconds_to_best", "run_dir"})  # a trial row's other key is the objective
+TRIAL_KEYS = frozenset({"trial", "params", "seconds_to_best", "run_dir", "failed"})  # the other key: the objective
+PARALLEL = Num(1, 1024, integer=True)
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 
 
 def trial_line(row: dict[str, Any]) -> str:
     """One finished trial: its objective's value, when it reached its best, and its parameters."""
+    if "failed" in row:
+        return f"trial {row['trial']}: failed ({row['failed']}) with {row['params']}"
     field = next((k for k in row if k not in TRIAL_KEYS), "objective")
     return (
         f"trial {row['trial']}: {field}={row.get(field, float('nan')):g} "
@@ -25,6 +30,7 @@ def trial_line(row: dict[str, Any]) -> str:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from experiments.remote import RayBackendError
     from experiments.tuning import tune
 
     console = Console()
@@ -39,9 +45,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
             seed=args.seed,
             overrides=args.set or None,
             on_trial=None if args.json else lambda r: console.print(trial_line(r), markup=False, highlight=False),
+            **_runner(args),
         )
     except ValueError as exc:  # SpecError, or parameters a trial refuses
         raise UsageError(str(exc)) from None
+    except RayBackendError as exc:  # no Ray installed, no cluster at the address
+        raise UsageError(f"--backend ray: {exc}") from None
+    except KeyboardInterrupt:
+        return _interrupted("tune")
     if args.json:
         print(orjson.dumps(res).decode())
     else:
@@ -55,8 +66,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_line(row: dict[str, Any]) -> str:
+    """One finished A/B run."""
+    what = f"failed ({row['failed']})" if "failed" in row else f"final {row['final']:g}"
+    return f"  hypertune {row['arm']:>3}  seed {row['seed']}: {what}"
+
+
+def _interrupted(command: str) -> int:
+    print(f"crucible {command}: interrupted; the running experiments were stopped", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _runner(args: argparse.Namespace) -> dict[str, Any]:
+    """``--parallel``, ``--backend`` and ``--ray-address`` as the keyword arguments of ``tune`` and ``ab``."""
+    if args.backend != "ray" and args.ray_address is not None:
+        raise UsageError(f"--ray-address {args.ray_address!r} needs --backend ray")
+    return {"parallel": args.parallel, "backend": args.backend, "address": args.ray_address}
+
+
 def cmd_ab(args: argparse.Namespace) -> int:
-    from experiments.tuning import ab
+    from experiments.remote import RayBackendError
+    from experiments.tuning import ABFailed, ab
 
     console = Console()
     try:
@@ -67,16 +97,24 @@ def cmd_ab(args: argparse.Namespace) -> int:
             budget=args.budget,
             target=args.target,
             overrides=args.set or None,
-            on_run=None
-            if args.json
-            else lambda r: console.print(f"  hypertune {r['arm']:>3}  seed {r['seed']}: final {r['final']:g}"),
+            on_run=None if args.json else lambda r: console.print(run_line(r), markup=False, highlight=False),
+            **_runner(args),
         )
     except ValueError as exc:  # SpecError, or parameters a run refuses
         raise UsageError(str(exc)) from None
+    except RayBackendError as exc:  # no Ray installed, no cluster at the address
+        raise UsageError(f"--backend ray: {exc}") from None
+    except KeyboardInterrupt:
+        return _interrupted("ab")
+    except ABFailed as exc:
+        print(f"crucible ab: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print(orjson.dumps({k: v for k, v in rep.items() if k != "runs"}).decode())
         return 0
     console.print(render.ab_table(rep, args.runs))
+    for r in rep["failed"]:
+        console.print(f"failed, left out: hypertune {r['arm']} seed {r['seed']}: {r['failed']}", markup=False)
     for key in ("final_best", "time_to_target"):
         c = rep[key]
         console.print(
@@ -84,6 +122,23 @@ def cmd_ab(args: argparse.Namespace) -> int:
             f"{c['effect_size']:.3f}, CI of the difference = {c.get('ci')}"
         )
     return 0
+
+
+def _add_runner_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--parallel",
+        type=PARALLEL.arg(),
+        default=1,
+        metavar="N",
+        help=f"{what} at once, 1 to 1024 (default 1: one after another)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine, worker processes when --parallel > 1 (default); ray: Ray tasks",
+    )
+    p.add_argument("--ray-address", metavar="A", help="the Ray cluster (HOST:PORT, ray://HOST:PORT or auto)")
 
 
 def add_commands(sub: Any) -> None:
@@ -99,6 +154,7 @@ def add_commands(sub: Any) -> None:
     tu.add_argument("--set", action="append", metavar="KEY=VALUE")
     tu.add_argument("--json", action="store_true")
     tu.add_argument("--artifacts", default="artifacts")
+    _add_runner_flags(tu, "trials")
     tu.set_defaults(func=cmd_tune)
     abp = sub.add_parser("ab", help="A/B: hypertune on vs off over N seeds, with statistics")
     abp.add_argument("spec")
@@ -108,4 +164,5 @@ def add_commands(sub: Any) -> None:
     abp.add_argument("--set", action="append", metavar="KEY=VALUE")
     abp.add_argument("--json", action="store_true")
     abp.add_argument("--artifacts", default="artifacts")
+    _add_runner_flags(abp, "runs")
     abp.set_defaults(func=cmd_ab)

@@ -7,10 +7,15 @@ read from their ``spec.json`` and ``summary.json``. ``ab`` runs N seeds with hyp
 and N with it off on the same budget and compares the arms with the stats module. Both judge
 a run by its workload's declared objective (``experiments.workloads.base.Objective``: the
 field and whether lower or higher is better), unless ``tune`` is given another field.
+
+Both run their experiments one after another in one Lab, or with ``parallel=N`` N at a time
+in worker processes or on Ray (:mod:`experiments.parallel`): ``ab`` runs the same runs and
+reports them in the same order; ``tune`` asks TPE for N proposals at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from actors.log import get_logger
-from experiments.lab import Lab
+from experiments.parallel import Job, JobResult, JobRunner, check_parallel, run_jobs
 from experiments.spec import load_spec
 from experiments.validate import SECONDS, SEED, Num
 from experiments.workloads import Objective, objective_of
@@ -97,6 +102,17 @@ def _prior_params(
     return {k: (int(v) if space[k][2] != "float" else float(v)) for k, v in params.items()}
 
 
+def _trial_row(field: str, direction: str, run_dir: Path) -> dict[str, Any]:
+    """A trial's figures from its run directory (run where the trial ran)."""
+    return {"value": run_objective(run_dir, field, direction), "seconds_to_best": seconds_to_best(run_dir) or 0.0}
+
+
+def trial_experiment_id(base: str, i: int) -> str:
+    """Trial ``i``'s experiment id: the spec's name, then ``name-2``, ``name-3``... (what one Lab
+    names runs of one spec started one after another), fixed before any trial starts."""
+    return base if i == 0 else f"{base}-{i + 1}"
+
+
 def tune(
     spec: str | Path | dict[str, Any],
     trials: int,
@@ -108,16 +124,26 @@ def tune(
     seed: int = 0,
     overrides: list[str] | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    parallel: int = 1,
+    backend: str = "local",
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Run ``trials`` experiments proposed by TPE (after learning from ``seed_from``); return the study.
 
     ``objective`` is the field a run is judged by: by default the workload's declared objective
-    (in its direction); another field is minimised.
+    (in its direction); another field is minimised. ``parallel=N`` runs the trials N at a time
+    (see :mod:`experiments.parallel`; ``backend`` ``local`` or ``ray`` at ``address``): TPE asks
+    N proposals, the N run together, then all N are told, in trial order. With N = 1 this is
+    the sequential study; with N > 1 each proposal is made from fewer finished trials, and
+    TPE's ``constant_liar`` keeps a batch's proposals apart. For a given seed and N the
+    proposals depend only on the trials' values. A trial that fails is a row with ``failed``
+    (its reason) and is told to the study as failed.
     """
     import optuna
 
     TRIALS.check("trials", trials)
     SEED.check("seed", seed)
+    parallel = check_parallel(parallel, backend)
     if budget is not None:
         SECONDS.check("budget", budget)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -129,7 +155,8 @@ def tune(
     obj = _objective(wl, objective)
     dists = distributions(space)
     study = optuna.create_study(
-        direction="maximize" if obj.direction == "max" else "minimize", sampler=optuna.samplers.TPESampler(seed=seed)
+        direction="maximize" if obj.direction == "max" else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=parallel > 1),
     )
     seeded = 0
     for rd in seed_from:
@@ -145,42 +172,49 @@ def tune(
             continue
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(value)))
         seeded += 1
-    results = []
-    lab = Lab(artifacts)
-    try:
-        for i in range(trials):
-            trial = study.ask(dists)
-            sets = [f"workload.params.{k}={v}" for k, v in trial.params.items()]
-            if budget is not None:
-                sets.append(f"time_budget_s={budget}")
-            sets.append(f"seed={seed + i}")
-            exp = lab.start_experiment(spec, overrides=list(overrides or []) + sets)
-            exp.wait()
-            value = run_objective(exp.run_dir, obj.field, obj.direction)
-            if value is None:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                continue
-            ttb = seconds_to_best(exp.run_dir) or 0.0
-            study.tell(trial, float(value))
-            row = {
-                "trial": i,
-                "params": trial.params,
-                obj.field: value,
-                "seconds_to_best": ttb,
-                "run_dir": str(exp.run_dir),
-            }
-            results.append(row)
-            if on_trial:
-                on_trial(row)
-    finally:
-        lab.shutdown()
+    read_row = functools.partial(_trial_row, obj.field, obj.direction)
+    results: list[dict[str, Any]] = []
+
+    def finished(first: int, batch: list[Any], rows: list[dict[str, Any]], res: JobResult) -> None:
+        row: dict[str, Any] = {"trial": first + res.index, "params": batch[res.index].params}
+        value = res.row.get("value")
+        if res.failed or value is None:
+            row["failed"] = res.error or f"no {obj.field} in the run's summary"
+        else:
+            row.update({obj.field: value, "seconds_to_best": res.row["seconds_to_best"]})
+        row["run_dir"] = res.run_dir
+        rows[res.index] = row
+        if on_trial:
+            on_trial(row)
+
+    with JobRunner(artifacts, parallel, backend=backend, address=address) as runner:
+        for first in range(0, trials, parallel):
+            batch = [study.ask(dists) for _ in range(min(parallel, trials - first))]
+            jobs = []
+            for k, trial in enumerate(batch):
+                sets = [f"workload.params.{name}={v}" for name, v in trial.params.items()]
+                if budget is not None:
+                    sets.append(f"time_budget_s={budget}")
+                sets.append(f"seed={seed + first + k}")
+                exp_id = trial_experiment_id(base["name"], first + k)
+                jobs.append(Job(spec, tuple(overrides or ()) + tuple(sets), exp_id, read_row))
+            rows: list[dict[str, Any]] = [{} for _ in batch]
+            runner.run(jobs, functools.partial(finished, first, batch, rows))
+            for trial, row in zip(batch, rows, strict=True):  # told in trial order, whatever order they ended in
+                if "failed" in row:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                else:
+                    study.tell(trial, float(row[obj.field]))
+            results.extend(rows)
+    done = any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     return {
         "objective": obj.field,
         "direction": obj.direction,
         "seeded_from_prior_runs": seeded,
+        "parallel": parallel,
         "trials": results,
-        "best_value": study.best_value if len(study.trials) else None,
-        "proposal": study.best_params if len(study.trials) else None,
+        "best_value": study.best_value if done else None,
+        "proposal": study.best_params if done else None,
         "search_space": {k: list(v) for k, v in space.items()},
     }
 
@@ -203,6 +237,16 @@ def run_trace(run_dir: Path, objective: Objective) -> tuple[float, list[tuple[fl
     return best, trace
 
 
+class ABFailed(RuntimeError):
+    """Too few runs of an arm finished to compare the arms (the failed runs and their reasons named)."""
+
+
+def _ab_row(objective: Objective, run_dir: Path) -> dict[str, Any]:
+    """An A/B run's final value and trace, from its run directory (read where the run ran)."""
+    final, trace = run_trace(run_dir, objective)
+    return {"final": final, "trace": trace}
+
+
 def ab(
     spec: str | Path | dict[str, Any],
     runs: int,
@@ -212,9 +256,22 @@ def ab(
     target: float | None = None,
     overrides: list[str] | None = None,
     on_run: Callable[[dict[str, Any]], None] | None = None,
+    parallel: int = 1,
+    backend: str = "local",
+    address: str | None = None,
 ) -> dict[str, Any]:
-    """N seeds with hypertune on, N with it off (interleaved), same budget; compare the arms."""
+    """N seeds with hypertune on, N with it off (interleaved), same budget; compare the arms.
+
+    ``parallel=N`` runs N at a time (see :mod:`experiments.parallel`; ``backend`` ``local`` or
+    ``ray`` at ``address``): the same runs (seeds, arms, experiment ids), reported in the same
+    order; ``on_run`` sees each as it ends. A run that fails is a row with ``failed`` (its
+    reason), listed in the report's ``failed`` and left out of the statistics.
+
+    Raises:
+        ABFailed: an arm has fewer than two finished runs.
+    """
     RUNS.check("the A/B's runs per arm", runs)
+    parallel = check_parallel(parallel, backend)
     if budget is not None:
         SECONDS.check("budget", budget)
     if target is not None:
@@ -222,27 +279,46 @@ def ab(
     base = load_spec(spec, overrides, workload_registry())
     obj = _objective(base["workload"]["name"], None)
     budget = float(budget if budget is not None else base["time_budget_s"])
-    rows: list[dict[str, Any]] = []
-    lab = Lab(artifacts)
-    try:
-        for seed in range(runs):
-            for arm, enabled in (("on", True), ("off", False)):
-                sets = [
-                    *(overrides or []),
-                    f"seed={seed}",
-                    f"hypertune.enabled={str(enabled).lower()}",
-                    f"time_budget_s={budget}",
-                ]
-                exp = lab.start_experiment(spec, overrides=sets, experiment_id=f"ab-{arm}-{seed}")
-                exp.wait()
-                final, trace = run_trace(exp.run_dir, obj)
-                row = {"arm": arm, "seed": seed, "final": final, "trace": trace, "run_dir": str(exp.run_dir)}
-                rows.append(row)
-                if on_run:
-                    on_run(row)
-    finally:
-        lab.shutdown()
-    return ab_report(rows, budget, target, obj)
+    arms = [(seed, arm, enabled) for seed in range(runs) for arm, enabled in (("on", True), ("off", False))]
+    jobs = [
+        Job(
+            spec,
+            (
+                *(overrides or []),
+                f"seed={seed}",
+                f"hypertune.enabled={str(enabled).lower()}",
+                f"time_budget_s={budget}",
+            ),
+            f"ab-{arm}-{seed}",
+            functools.partial(_ab_row, obj),
+        )
+        for seed, arm, enabled in arms
+    ]
+    rows: list[dict[str, Any]] = [{} for _ in jobs]
+
+    def finished(res: JobResult) -> None:
+        seed, arm, _ = arms[res.index]
+        row: dict[str, Any] = {"arm": arm, "seed": seed}
+        if res.failed:
+            row["failed"] = res.error
+        else:
+            row.update(res.row)
+        row["run_dir"] = res.run_dir
+        rows[res.index] = row
+        if on_run:
+            on_run(row)
+
+    run_jobs(jobs, artifacts, parallel, backend=backend, address=address, on_result=finished)
+    failed = [r for r in rows if "failed" in r]
+    for arm in ("on", "off"):
+        if sum(1 for r in rows if r["arm"] == arm and "failed" not in r) < 2:
+            reasons = "; ".join(f"{r['arm']} seed {r['seed']}: {r['failed']}" for r in failed)
+            raise ABFailed(f"the A/B needs two finished runs per arm; hypertune {arm} has fewer ({reasons})")
+    rep = ab_report([r for r in rows if "failed" not in r], budget, target, obj)
+    rep["runs"] = rows
+    rep["failed"] = failed
+    rep["parallel"] = parallel
+    return rep
 
 
 def ab_report(

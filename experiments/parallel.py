@@ -1,0 +1,382 @@
+"""Independent experiments, N at a time: what ``ab`` and ``tune`` run with ``parallel=N``.
+
+A :class:`Job` is one experiment (spec, overrides, experiment id) and the function that reads
+its row from the run directory once it ended. :func:`run_jobs` runs a list of them over one
+artifacts folder and returns one :class:`JobResult` per job, in the jobs' order:
+
+* ``parallel=1`` on the ``local`` backend: one after another in this process, in one Lab,
+  exactly as ``ab`` and ``tune`` always ran;
+* ``parallel=N`` on the ``local`` backend: N worker processes (``spawn``: no forked actor
+  threads or locks), each running its job in a Lab of its own on the same artifacts folder.
+  Run directories are per run (experiment id, then a fresh run id) and the SQLite history
+  takes several writer processes (WAL, a busy timeout of 30 s; see :mod:`telemetry.store`);
+* ``backend="ray"``: the same job function as Ray tasks, N at a time, on the cluster at
+  ``address`` (None: this process's, or a local one started here). The artifacts folder must
+  be one folder for every node, as for the ray experiment backend (docs/ray.md).
+
+A job that fails (its spec refused, its tree gave up, its row unreadable, its worker process
+killed) comes back as a failed result with the reason; it never hangs the others. Ctrl-C (a
+``KeyboardInterrupt`` in the caller) stops the workers' experiments (each Lab shuts down: the
+runs end ``stopped``, their telemetry flushed) before it propagates.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.log import configure_logging, get_logger
+from actors.recorder import check_artifacts_dir
+from experiments.lab import Lab
+from experiments.validate import Num
+from telemetry.rundir import RunStatus
+
+log = get_logger("experiments.parallel")
+
+PARALLEL = Num(1, 1024, integer=True)
+"""How many jobs may run at once."""
+BACKENDS = ("local", "ray")
+INTERRUPTED = "interrupted"
+WORKER_DIED = "a worker process died while this job ran (its own or one beside it: the pool stops them all)"
+INTERRUPT_CHECK_S = 0.5  # how often a job in a worker looks up from its wait (for Ray's cancel)
+STOP_WAIT_S = 120.0  # after Ctrl-C: how long the workers get to stop their experiments before they are killed
+
+
+@dataclass(frozen=True)
+class Job:
+    """One experiment to run: what :meth:`Lab.start_experiment` takes, and ``read_row``, which
+    turns the ended run's directory into the caller's row. ``read_row`` crosses to a worker
+    process by reference: a module-level function, or a ``functools.partial`` of one."""
+
+    spec: str | Path | dict[str, Any]
+    overrides: tuple[str, ...] = ()
+    experiment_id: str | None = None
+    read_row: Callable[[Path], dict[str, Any]] | None = None
+
+
+@dataclass
+class JobResult:
+    """How one job went: ``row`` when it ran to an end that is not a failure, else ``error``."""
+
+    index: int
+    experiment_id: str | None = None
+    run_dir: str | None = None
+    reason: str | None = None  # the run's end reason (``completed``, ``budget``, ``failed: ...``)
+    row: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # why the job failed; None when it did not
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+def check_parallel(parallel: Any, backend: str = "local") -> int:
+    """``parallel`` if it is an integer from 1 to 1024 and ``backend`` one of :data:`BACKENDS`
+    (ValueError naming the value otherwise)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return int(PARALLEL.check("parallel", parallel))
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+
+
+# --- one job (in this process, a worker process or a Ray task) -----------------------------------------------
+
+_worker_lock = threading.Lock()
+_worker_lab: Lab | None = None  # the Lab of the job this worker process runs now
+_worker_stopping = False  # the caller was interrupted: no new experiment starts here
+
+
+def run_job(job: Job, artifacts: str, index: int, history: str | None = None, lab: Lab | None = None) -> JobResult:
+    """Run ``job`` to its end and read its row; a failure is a result with ``error`` set.
+
+    With ``lab`` the experiment runs there (the sequential path); without, in a Lab of its own
+    that shuts down with the job, so an interrupt (``KeyboardInterrupt``, or the worker's stop
+    signal) stops the experiment before it propagates.
+    """
+    global _worker_lab
+    res = JobResult(index, experiment_id=job.experiment_id)
+    own = lab is None
+    try:
+        if own:
+            with _worker_lock:
+                if _worker_stopping:
+                    res.error = INTERRUPTED
+                    return res
+                lab = _worker_lab = Lab(artifacts, history=history)
+        exp = lab.start_experiment(job.spec, overrides=list(job.overrides), experiment_id=job.experiment_id)
+        res.experiment_id, res.run_dir = exp.id, str(exp.run_dir)
+        if own:  # short waits: Ray's cancel raises KeyboardInterrupt only between them, never inside one
+            while not exp.wait(INTERRUPT_CHECK_S):
+                pass
+        else:
+            exp.wait()
+        res.reason = exp.reason
+        if _worker_stopping:
+            res.error = INTERRUPTED
+        elif exp.status() == RunStatus.FAILED or str(exp.reason or "").startswith("storage:"):
+            res.error = f"the run failed: {exp.reason}"
+        elif job.read_row is not None:
+            res.row = job.read_row(exp.run_dir)
+    except Exception as exc:  # noqa: BLE001 - a job's failure is its result, never the others'
+        log.warning("a job failed", index=index, experiment=res.experiment_id, error=_one_line(exc))
+        res.error = _one_line(exc)
+    finally:
+        if own and lab is not None:
+            with _worker_lock:
+                _worker_lab = None
+            lab.shutdown()
+    return res
+
+
+def _init_worker(stop: Any, log_level: int, log_json: bool) -> None:
+    """A worker process: logs as the caller does (to stderr), leaves Ctrl-C to the caller, and
+    stops its experiment when the caller sets ``stop``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(log_level, json=log_json)
+    threading.Thread(target=_watch_stop, args=(stop,), name="parallel-stop", daemon=True).start()
+
+
+def _watch_stop(stop: Any) -> None:
+    global _worker_stopping
+    stop.wait()
+    with _worker_lock:
+        _worker_stopping = True
+        lab = _worker_lab
+    if lab is not None:
+        lab.shutdown()  # its experiment stops; the job's wait returns and reports it interrupted
+
+
+def _log_settings() -> tuple[int, bool]:
+    """The caller's log level and renderer, for the worker processes."""
+    import structlog
+
+    try:
+        level = int(log.bind().get_effective_level())
+    except (AttributeError, TypeError, ValueError):
+        level = 30
+    json = any(isinstance(p, structlog.processors.JSONRenderer) for p in structlog.get_config()["processors"])
+    return level, json
+
+
+# --- running many --------------------------------------------------------------------------------------------
+
+
+class JobRunner:
+    """Runs batches of jobs over one artifacts folder, at most ``parallel`` at once; what it
+    holds between batches (the sequential path's Lab, the worker processes, the Ray
+    connection) lives until :meth:`close`, so a study's batches pay for their start once.
+
+    ``history`` is the Labs' history target (default: ``$CRUCIBLE_HISTORY`` or the artifacts
+    folder's SQLite file).
+
+    Raises:
+        ValueError: ``parallel`` outside 1..1024, an unknown backend, a malformed address, or
+            an address for the local backend.
+    """
+
+    def __init__(
+        self,
+        artifacts: str | Path,
+        parallel: int = 1,
+        *,
+        backend: str = "local",
+        address: str | None = None,
+        history: str | None = None,
+    ) -> None:
+        self.parallel = check_parallel(parallel, backend)
+        if backend == "local" and address is not None:
+            raise ValueError(f"address {address!r} is for the ray backend; the local backend takes none")
+        if address is not None and address != "auto":
+            from experiments.remote import parse_address
+
+            parse_address(address)  # a malformed address fails now, before any folder or process
+        self.artifacts = str(check_artifacts_dir(artifacts))  # a bad folder fails here, not in every job
+        self.backend = backend
+        self.address = address
+        self.history = history
+        self._lab: Lab | None = None  # parallel=1, local
+        self._pool: ProcessPoolExecutor | None = None
+        self._stop: Any = None  # the workers' stop signal (an Event of the spawn context)
+        self._ray: Any = None  # the ray module, once joined
+        self._ray_started = False
+        self._task: Any = None
+
+    def __enter__(self) -> JobRunner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the Lab, the worker processes or the Ray connection (Ray only if it started it)."""
+        if self._lab is not None:
+            self._lab.shutdown()
+            self._lab = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._ray is not None and self._ray_started:
+            self._ray.shutdown()
+        self._ray = None
+
+    def run(self, jobs: Sequence[Job], on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+        """Run every job; their results in the jobs' order. ``on_result`` sees each result as
+        it comes (in the order the jobs end).
+
+        Raises:
+            RayBackendError: the ray backend, and Ray is missing or the cluster cannot be joined.
+            KeyboardInterrupt: after the running experiments were stopped.
+        """
+        results: list[JobResult | None] = [None] * len(jobs)
+
+        def done(res: JobResult) -> None:
+            results[res.index] = res
+            if on_result is not None:
+                on_result(res)
+
+        if self.backend == "ray":
+            self._run_ray(jobs, done)
+        elif self.parallel == 1:
+            if self._lab is None:
+                self._lab = Lab(self.artifacts, history=self.history)
+            for i, job in enumerate(jobs):
+                done(run_job(job, self.artifacts, i, self.history, lab=self._lab))
+        else:
+            self._run_processes(jobs, done)
+        return [r for r in results if r is not None]
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        ctx = mp.get_context("spawn")
+        self._stop = ctx.Event()
+        return ProcessPoolExecutor(
+            max_workers=self.parallel,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(self._stop, *_log_settings()),
+        )
+
+    def _run_processes(self, jobs: Sequence[Job], done: Callable[[JobResult], None]) -> None:
+        """Spawn worker processes; a pool broken by a dying worker fails the jobs it held and a
+        new pool takes the rest."""
+        queue = deque(enumerate(jobs))
+        inflight: dict[Future[JobResult], int] = {}
+        try:
+            while queue or inflight:
+                if self._pool is None:
+                    self._pool = self._new_pool()
+                while queue and len(inflight) < self.parallel:
+                    i, job = queue.popleft()
+                    inflight[self._pool.submit(run_job, job, self.artifacts, i, self.history)] = i
+                finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    i = inflight.pop(fut)
+                    try:
+                        res = fut.result()
+                    except BrokenProcessPool:
+                        res = JobResult(i, jobs[i].experiment_id, error=WORKER_DIED)
+                        if self._pool is not None:
+                            self._pool.shutdown(wait=False, cancel_futures=True)
+                            self._pool = None
+                    except Exception as exc:  # noqa: BLE001 - e.g. a job that cannot be pickled
+                        res = JobResult(i, jobs[i].experiment_id, error=_one_line(exc))
+                    done(res)
+        except BaseException:
+            self._interrupt_processes(inflight)
+            raise
+
+    def _interrupt_processes(self, inflight: dict[Future[JobResult], int]) -> None:
+        """Every worker's Lab shuts down (its experiment stops, flushed); a worker that will not
+        stop within :data:`STOP_WAIT_S` is killed (its run is left crashed, for ``recover``)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        log.warning("interrupted: stopping the running experiments", running=len(inflight))
+        self._stop.set()
+        for fut in inflight:
+            fut.cancel()
+        _, late = wait(list(inflight), timeout=STOP_WAIT_S)
+        if late:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):  # private: no public handle
+                proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run_ray(self, jobs: Sequence[Job], done: Callable[[JobResult], None]) -> None:
+        """Ray tasks running :func:`run_job`; Ctrl-C cancels them (each task's Lab stops its experiment)."""
+        if self._ray is None:
+            self._ray, self._ray_started = _join_ray(self.address)
+            self._task = self._ray.remote(num_cpus=1, max_retries=0)(run_job)
+        ray = self._ray
+        queue = deque(enumerate(jobs))
+        inflight: dict[Any, int] = {}
+        try:
+            while queue or inflight:
+                while queue and len(inflight) < self.parallel:
+                    i, job = queue.popleft()
+                    inflight[self._task.remote(job, self.artifacts, i, self.history)] = i
+                finished, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in finished:
+                    i = inflight.pop(ref)
+                    try:
+                        res = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - the task's process died, or Ray failed it
+                        res = JobResult(i, jobs[i].experiment_id, error=_one_line(exc))
+                    done(res)
+        except BaseException:
+            log.warning("interrupted: cancelling the running Ray tasks", running=len(inflight))
+            for ref in inflight:
+                ray.cancel(ref)  # a KeyboardInterrupt in the task: its Lab shuts down, the experiment stops
+            if inflight:
+                ray.wait(list(inflight), num_returns=len(inflight), timeout=STOP_WAIT_S)
+            raise
+
+
+def _join_ray(address: str | None) -> tuple[Any, bool]:
+    """The ray module, joined to the cluster at ``address`` (see :func:`experiments.remote.connect`),
+    and whether this call started Ray. With no address and no Ray in this process, a local Ray
+    starts here, in the calling thread: Ray's head processes die with the thread that started
+    them (their parent-death signal), so a helper thread that ends after ``ray.init`` would
+    take the new cluster down with it.
+
+    Raises:
+        RayBackendError: Ray is missing, or the cluster cannot be joined.
+    """
+    from experiments.remote import RayBackendError, connect
+
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayBackendError(
+            f"the ray backend needs Ray: pip install 'crucible-lab[ray]' ({type(exc).__name__}: {exc})"
+        ) from None
+    if address is not None:
+        return ray, connect(address)
+    if ray.is_initialized():
+        return ray, False
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # not a cluster `ray start` left here
+    return ray, True
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    artifacts: str | Path,
+    parallel: int = 1,
+    *,
+    backend: str = "local",
+    address: str | None = None,
+    history: str | None = None,
+    on_result: Callable[[JobResult], None] | None = None,
+) -> list[JobResult]:
+    """Run every job, at most ``parallel`` at once (see :class:`JobRunner`); their results in the jobs' order."""
+    with JobRunner(artifacts, parallel, backend=backend, address=address, history=history) as runner:
+        return runner.run(jobs, on_result)

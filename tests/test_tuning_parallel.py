@@ -1,0 +1,259 @@
+"""``ab`` and ``tune`` with ``parallel=N``: the same runs as one after another, in worker
+processes (spawn) or Ray tasks; a failing job is a failed row, never a hang; Ctrl-C stops
+the workers' experiments.
+
+The A/B's workload is a colouring with fixed work (tabu only, an iteration limit per k, no
+time budget reached, hypertune's window longer than any run), so each run's result depends
+only on its seed and the parallel report must equal the sequential one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from experiments.parallel import WORKER_DIED, Job, JobRunner, check_parallel, run_jobs
+from experiments.tuning import ABFailed, ab, tune
+from telemetry.jsonl import iter_run
+from tests.ray_cluster import ray_or_skip
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FIXED_WORK = {  # about 0.3 s a run; finals 13 or 14 colours by seed
+    "name": "fixed",
+    "time_budget_s": 120.0,
+    "hypertune": {"window_s": 3600},
+    "workload": {
+        "name": "coloring",
+        "params": {
+            "graph": {"generator": "gnp", "n": 80, "p": 0.5, "seed": 5},
+            "phases": ["tabu"],
+            "gpu": "cpu",
+            "tabu": {"iters_per_step": 500, "max_iters_per_k": 1000, "stall_iters": 1000},
+        },
+    },
+    "telemetry": {"flush_interval_s": 0.05},
+}
+LATENCY = {  # a fixed number of calls: the run ends on its own
+    "name": "lat",
+    "time_budget_s": 60.0,
+    "workload": {"name": "latency", "params": {"target": "math:sqrt", "args": [2.0], "calls": 40}},
+    "telemetry": {"flush_interval_s": 0.05},
+}
+TIMES = {"trace", "time_to_target", "ttt_median"}  # wall-clock figures: they differ between any two runs
+
+
+def _without_times(rep: dict) -> dict:
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in TIMES and k != "run_dir"}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    return strip({k: v for k, v in rep.items() if k != "parallel"})
+
+
+def _history(artifacts: Path) -> dict[str, tuple[str, int]]:
+    """run_id -> (experiment id, events stored) from the SQLite history."""
+    db = sqlite3.connect(artifacts / "history.sqlite3")
+    try:
+        runs = dict(db.execute("SELECT run_id, experiment_id FROM runs"))
+        events = dict(db.execute("SELECT run_id, SUM(n) FROM batches GROUP BY run_id"))
+    finally:
+        db.close()
+    return {r: (e, int(events.get(r) or 0)) for r, e in runs.items()}
+
+
+def _assert_history_matches_run_dirs(artifacts: Path, run_dirs: list[str]) -> None:
+    hist = _history(artifacts)
+    assert len(set(run_dirs)) == len(run_dirs)
+    for rd in map(Path, run_dirs):
+        exp_id, stored = hist[rd.name]
+        assert exp_id == rd.parent.name
+        assert stored == sum(1 for _ in iter_run(rd)) > 0  # every event of the run, once
+
+
+def test_ab_in_parallel_reports_what_the_sequential_ab_reports(tmp_path):
+    seen = []
+    seq = ab(FIXED_WORK, 3, tmp_path / "seq")
+    par = ab(FIXED_WORK, 3, tmp_path / "par", parallel=2, on_run=seen.append)
+    assert par["parallel"] == 2 and not par["failed"]
+    assert [(r["arm"], r["seed"], r["final"]) for r in par["runs"]] == [
+        (r["arm"], r["seed"], r["final"]) for r in seq["runs"]
+    ]
+    assert sorted((r["arm"], r["seed"]) for r in seen) == sorted((r["arm"], r["seed"]) for r in par["runs"])
+    assert _without_times(par) == _without_times(seq)  # finals, targets, reached counts, final_best statistics
+    assert len({r["final"] for r in seq["runs"]}) > 1  # the seeds differ: the comparison is not trivial
+    assert [Path(r["run_dir"]).parent.name for r in par["runs"]] == [
+        f"ab-{arm}-{seed}" for seed in range(3) for arm in ("on", "off")
+    ]
+    owners = set()
+    for r in par["runs"]:
+        life = orjson.loads((Path(r["run_dir"]) / "lifecycle.json").read_bytes())
+        assert (life["status"], life["reason"]) == ("stopped", "completed")
+        owners.add(life["owner"]["pid"])
+    assert os.getpid() not in owners and len(owners) <= 2  # the worker processes ran them, not this one
+    _assert_history_matches_run_dirs(tmp_path / "par", [r["run_dir"] for r in par["runs"]])
+
+
+def test_tune_in_parallel_runs_every_trial_with_its_own_run_and_history(tmp_path):
+    lines = []
+    res = tune(LATENCY, 3, tmp_path / "art", seed=4, parallel=2, on_trial=lines.append)
+    seq = tune(LATENCY, 3, tmp_path / "seq", seed=4)
+    assert [r["trial"] for r in res["trials"]] == [0, 1, 2] and len(lines) == 3
+    assert all("failed" not in r and r["latency_ms"] >= 0 for r in res["trials"])
+    # within TPE's random start-up trials the proposals do not depend on the values: as sequential
+    assert [r["params"] for r in res["trials"]] == [r["params"] for r in seq["trials"]]
+    run_dirs = [r["run_dir"] for r in res["trials"]]
+    assert [Path(rd).parent.name for rd in run_dirs] == ["lat", "lat-2", "lat-3"]
+    assert [Path(r["run_dir"]).parent.name for r in seq["trials"]] == ["lat", "lat-2", "lat-3"]
+    _assert_history_matches_run_dirs(tmp_path / "art", run_dirs)
+    assert res["best_value"] == min(r["latency_ms"] for r in res["trials"])
+
+
+def _unreadable(run_dir: Path) -> dict:
+    raise OSError(f"no row in {run_dir.name}")
+
+
+KILLER = {  # the call ends the process it runs in
+    **LATENCY,
+    "workload": {"name": "latency", "params": {"target": "os:_exit", "args": [3], "calls": 1}},
+}
+
+
+def test_a_failing_job_is_a_failed_result_and_the_others_go_on(tmp_path):
+    bad_spec = {**LATENCY, "workload": {"name": "latency", "params": {"target": "math:sqrt", "calls": -1}}}
+    with JobRunner(tmp_path / "art", 2) as runner:
+        died = runner.run([Job(KILLER, experiment_id="killer")])  # its worker process dies mid-run
+        assert died[0].error == WORKER_DIED
+        # a new pool takes the next jobs; a refused spec and an unreadable row fail alone
+        res = runner.run(
+            [Job(bad_spec, experiment_id="bad"), Job(LATENCY, (), "good"), Job(LATENCY, (), "row", _unreadable)]
+        )
+        assert res[0].failed and "calls" in res[0].error  # refused in the worker, named
+        assert not res[1].failed and res[1].reason == "completed" and Path(res[1].run_dir).parent.name == "good"
+        assert res[2].error == "OSError: no row in " + Path(res[2].run_dir).name
+    rows = []
+    with pytest.raises(ABFailed, match=r"needs two finished runs per arm.*worker process died"):
+        ab(KILLER, 2, tmp_path / "ab", parallel=4, on_run=rows.append)  # one pool: it breaks at once
+    assert sorted((r["arm"], r["seed"], r["failed"]) for r in rows) == [
+        (arm, seed, WORKER_DIED) for arm in ("off", "on") for seed in (0, 1)
+    ]
+
+
+def test_parallel_and_backend_are_checked():
+    assert check_parallel(1) == 1 and check_parallel(1024, "ray") == 1024
+    for bad in (0, 1025, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="parallel"):
+            check_parallel(bad)
+    with pytest.raises(ValueError, match="backend must be one of local, ray"):
+        run_jobs([], "art", 2, backend="dask")
+    with pytest.raises(ValueError, match="is for the ray backend"):
+        run_jobs([], "art", 2, address="127.0.0.1:6379")
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["ab", "--parallel", "0"], "argument --parallel: must be an integer in [1, 1024], got '0'"),
+        (["tune", "--parallel", "1025"], "argument --parallel: must be an integer in [1, 1024], got '1025'"),
+        (["ab", "--parallel", "two"], "argument --parallel: must be an integer in [1, 1024], got 'two'"),
+        (["tune", "--backend", "dask"], "argument --backend: invalid choice: 'dask'"),
+        (["ab", "--ray-address", "127.0.0.1:1"], "--ray-address '127.0.0.1:1' needs --backend ray"),
+        (["ab", "--backend", "ray", "--ray-address", "127.0.0.1:x"], "Ray address '127.0.0.1:x': expected auto"),
+    ],
+)
+def test_the_flags_are_checked_with_one_line_errors(tmp_path, capsys, argv, says):
+    from cli import main
+
+    spec = str(ROOT / "experiments" / "latency.toml")
+    with pytest.raises(SystemExit) as e:
+        main([argv[0], spec, *argv[1:], "--artifacts", str(tmp_path / "art")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "art").exists()  # refused before any run
+
+
+def _producing(art: Path) -> list[Path]:
+    """The run directories whose phase has written events: their experiments are running."""
+    return [p.parent for p in art.glob("*/*/events.jsonl") if p.stat().st_size > 0]
+
+
+def test_ctrl_c_stops_the_workers_and_their_experiments(tmp_path):
+    spec = tmp_path / "long.toml"
+    spec.write_text(
+        'name = "long"\ntime_budget_s = 600.0\n[workload]\nname = "latency"\n'
+        '[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
+    )
+    art = tmp_path / "art"
+    cmd = [sys.executable, str(ROOT / "supervisor.py"), "ab", str(spec), "--runs", "2", "--parallel", "2"]
+    proc = subprocess.Popen([*cmd, "--artifacts", str(art)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_producing(art)) < 2:  # another process: its files are what we can see
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    lifes = [orjson.loads(p.read_bytes()) for p in art.glob("ab-*/*/lifecycle.json")]
+    assert len(lifes) == 2 and {life["status"] for life in lifes} == {"stopped"}  # ended and flushed, not crashed
+    assert not list(art.glob("ab-*-1"))  # the next seed's runs never started
+    for pid in {life["owner"]["pid"] for life in lifes}:  # the worker processes are gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = ray_or_skip()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_ab_on_ray_reports_what_the_sequential_ab_reports(tmp_path, local_ray):
+    seq = ab(FIXED_WORK, 2, tmp_path / "seq")
+    par = ab(FIXED_WORK, 2, tmp_path / "ray", parallel=2, backend="ray")
+    assert _without_times(par) == _without_times(seq)
+    assert local_ray.is_initialized()  # the test's Ray: the runner joined it and left it running
+    _assert_history_matches_run_dirs(tmp_path / "ray", [r["run_dir"] for r in par["runs"]])
+    res = run_jobs([Job(KILLER, experiment_id="killer")], tmp_path / "ray", 1, backend="ray")
+    assert res[0].failed and res[0].error  # the task's process died: Ray's reason, not a hang
+
+
+def test_ctrl_c_cancels_the_ray_tasks_and_their_experiments_stop(tmp_path, local_ray):
+    long = {**LATENCY, "time_budget_s": 600.0, "workload": {"name": "latency", "params": {"target": "math:sqrt"}}}
+    art = tmp_path / "art"
+    running = threading.Event()
+
+    def interrupt_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while len(_producing(art)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the tasks run in Ray's processes: their files are what we can see
+        running.set()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    helper = threading.Thread(target=interrupt_when_running, daemon=True)
+    helper.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs([Job(long, (), "a"), Job(long, (), "b"), Job(long, (), "c")], art, 2, backend="ray")
+    helper.join()
+    assert running.is_set()
+    lifes = {p.parent.parent.name: orjson.loads(p.read_bytes()) for p in art.glob("*/*/lifecycle.json")}
+    assert sorted(lifes) == ["a", "b"]  # the third never started
+    assert {(life["status"], life["reason"]) for life in lifes.values()} == {("stopped", "stopped")}
