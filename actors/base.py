@@ -49,6 +49,14 @@ class UnknownMessage(Exception):
     """Raised by ``on_message`` for a ``kind`` the actor does not handle: dropped, not a crash."""
 
 
+class HandlerExit(RuntimeError):
+    """A handler raised SystemExit (user code calling ``sys.exit()``). pykka stops every actor
+    of the process on a BaseException; here it is this actor's crash, like any exception."""
+
+    def __init__(self, exc: SystemExit) -> None:
+        super().__init__(f"SystemExit({exc.code!r}) raised in a handler")
+
+
 class _Life:
     """Shared, thread-safe life state of one actor, visible to every ref to it."""
 
@@ -317,6 +325,8 @@ class Actor(pykka.ThreadingActor):
         except Exception as exc:
             self._crash(exc)
             raise
+        except SystemExit as exc:
+            raise self._crash_exit(exc) from exc
         return None if reply is None else encode(reply)
 
     def _handle_local(self, call: LocalCall) -> Any:
@@ -325,6 +335,15 @@ class Actor(pykka.ThreadingActor):
         except Exception as exc:
             self._crash(exc)
             raise
+        except SystemExit as exc:
+            raise self._crash_exit(exc) from exc
+
+    def _crash_exit(self, exc: SystemExit) -> HandlerExit:
+        """This actor's crash for a SystemExit; the error raised in its place is an ordinary
+        exception, so pykka fails this actor (and an asker's future) and no other."""
+        err = HandlerExit(exc)
+        self._crash(err)
+        return err
 
     def exit(self, reason: str = NORMAL) -> None:
         """Stop this actor from inside, after the current message, with ``reason``."""

@@ -47,6 +47,9 @@ class Worker(Actor):
     def handle_crash(self, msg: dict[str, Any]) -> None:
         raise RuntimeError(f"boom {self.tag}")
 
+    def handle_sys_exit(self, msg: dict[str, Any]) -> None:
+        raise SystemExit(msg.get("code", 3))  # user code calling sys.exit() inside a handler
+
     def handle_exit(self, msg: dict[str, Any]) -> None:
         self.exit(msg.get("reason", "normal"))
 

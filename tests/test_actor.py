@@ -66,6 +66,23 @@ def test_crash_on_tell_stops_actor(spawned):
     w.tell({"kind": "ping"})  # telling the dead is a silent no-op, as in Erlang
 
 
+@pytest.mark.parametrize("how", ["tell", "ask"])
+def test_sys_exit_in_a_handler_crashes_that_actor_alone(spawned, how):
+    """SystemExit is a BaseException: pykka stops every actor of the process on one. A handler
+    that calls sys.exit() must crash its own actor, like any exception, and nothing else."""
+    bystander = spawned(Worker, tag="b")
+    w = spawned(Worker, tag="a")
+    if how == "ask":
+        with pytest.raises(RuntimeError, match="SystemExit"):
+            w.ask({"kind": "sys_exit", "code": 3})
+    else:
+        w.tell({"kind": "sys_exit", "code": 3})
+    assert "SystemExit" in w.wait(timeout=5)
+    assert not w.is_alive()
+    assert bystander.ask({"kind": "ping"})["tag"] == "b"  # the rest of the process goes on
+    assert bystander.is_alive()
+
+
 def test_undecodable_and_unknown_messages_are_counted_and_dropped(spawned):
     w = spawned(Worker)
     w.tell_bytes(b"\xc1\xc1")

@@ -331,6 +331,26 @@ def test_a_failing_experiment_never_disturbs_another(lab):
     files_account(steady)
 
 
+def test_a_workload_calling_sys_exit_fails_its_experiment_alone(lab):
+    """sys.exit() in user code is a crash of that experiment's phase, restarted and then
+    failed by its supervisor; the Lab and the other experiments go on."""
+    steady = lab.start_experiment(spec("steady"))
+    doomed = lab.start_experiment(
+        {
+            **spec("exits", supervision={"max_restarts": 1, "max_seconds": 60}),
+            "workload": {"name": "latency", "params": {"target": "sys:exit", "args": [4], "calls_per_step": 1}},
+        }
+    )
+    assert doomed.wait(30)
+    assert doomed.status() == "failed" and doomed.reason.startswith("failed: reached_max_restart_intensity")
+    assert steady.status() == "running" and steady.metrics(max_age=0, wait=30)["events"] > 0
+    assert lab.sup.is_alive()
+    again = lab.start_experiment(spec("after"))
+    again.stop()
+    steady.stop()
+    files_account(steady)
+
+
 def test_coloring_experiment_takes_control_at_safe_points(lab):
     exp = lab.start_experiment(
         {
