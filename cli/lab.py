@@ -34,9 +34,9 @@ def limit_malloc_arenas(arenas: int = DAEMON_MALLOC_ARENAS) -> int | None:
     Why: every experiment starts and ends a dozen threads (its actors, its heartbeat, the
     service's watcher, the HTTP handlers' workers). glibc gives threads arenas of their own,
     up to 8 per core, and what a thread frees stays in its arena, fragmented, instead of going
-    back to the system: the daemon grew by 30 to 50 KB per experiment with no Python object
-    kept (docs/daemon.md, *Memory*). With two arenas the freed space is reused and memory
-    levels off. Python's small objects have their own allocator, and the GIL serialises most
+    back to the system: past its warm-up the daemon grew by 13 to 36 KB per experiment with
+    no Python object kept (docs/benchmarks.md, *The lab daemon*). With two arenas the freed
+    space is reused: 3 to 9 KB. Python's small objects have their own allocator, and the GIL serialises most
     of the rest, so the shared arenas cost no measurable contention. Call it before the
     threads start: arenas made already stay.
     """
