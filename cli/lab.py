@@ -36,9 +36,9 @@ def limit_malloc_arenas(arenas: int = DAEMON_MALLOC_ARENAS) -> int | None:
     up to 8 per core, and what a thread frees stays in its arena, fragmented, instead of going
     back to the system: past its warm-up the daemon grew by 13 to 36 KB per experiment with
     no Python object kept (docs/benchmarks.md, *The lab daemon*). With two arenas the freed
-    space is reused: 3 to 9 KB. Python's small objects have their own allocator, and the GIL serialises most
-    of the rest, so the shared arenas cost no measurable contention. Call it before the
-    threads start: arenas made already stay.
+    space is reused: 3 to 9 KB. Python's small objects have their own allocator and the GIL
+    serialises most of the rest; the submit latency did not change beyond the noise. Call
+    it before the threads start: arenas made already stay.
     """
     if os.environ.get("MALLOC_ARENA_MAX"):
         return None
