@@ -25,6 +25,7 @@ import orjson
 from actors.files import atomic_write
 from actors.log import get_logger
 from actors.recorder import check_artifacts_dir
+from actors.runtime import trim_heap
 from experiments.lab import Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, load_spec, parse_toml
 from experiments.workloads import registry as workload_registry
@@ -150,6 +151,8 @@ class LabService:
     def _save_queue(self) -> None:
         """The queue, and the submissions that never ran (cancelled, failed to start): both are
         acknowledged, so both outlive a restart of the daemon."""
+        for old in list(self._ended)[: max(0, len(self._ended) - self.keep_ended)]:
+            del self._ended[old]  # the oldest first (insertion order): bounded like ended handles
         data = {"schema": QUEUE_SCHEMA, "queue": self._queue, "ended": self._ended}
         atomic_write(self.queue_file, orjson.dumps(data))
 
@@ -246,11 +249,15 @@ class LabService:
         on disk (``list`` still shows them): memory stays bounded over months of submissions."""
         ended = [e for e in list(self.lab.experiments.values()) if e.status() not in LIVE_STATUSES]
         ended.sort(key=lambda e: e.ended_at or 0.0)
+        forgot = 0
         for exp in ended[: max(0, len(ended) - self.keep_ended)]:
             try:
                 self.lab.forget(exp.id)
+                forgot += 1
             except (NotFound, NotRunning):
                 pass  # gone already, or (archived) not ended in the Lab's sense
+        if forgot:
+            trim_heap()  # what the forgotten trees' threads freed goes back to the system
 
     # --- reads and control -------------------------------------------------------------------------------
 

@@ -227,6 +227,27 @@ def test_memory_stays_bounded_ended_handles_are_dropped_and_still_listed(tmp_pat
         service.shutdown()
 
 
+def test_cancelled_submissions_are_bounded_too(tmp_path):
+    """Submissions that never ran (cancelled while queued) are kept for ``list`` and across
+    restarts, but only the last ``keep_ended`` of them: a daemon cancelling thousands of
+    queued items must not grow its memory or its queue file without end."""
+    from experiments.service import LabService
+
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1, keep_ended=2)
+    try:
+        service.submit(latency_spec("live", budget=600))
+        for i in range(5):
+            assert service.submit(latency_spec(f"q{i}", budget=1))["status"] == "queued"
+            assert service.stop(f"q{i}")["status"] == "cancelled"
+        listed = {e["id"]: e["status"] for e in service.list(history=False)}
+        assert listed == {"live": "running", "q3": "cancelled", "q4": "cancelled"}
+        assert set(orjson.loads((art / "queue.json").read_bytes())["ended"]) == {"q3", "q4"}
+        service.stop("live")
+    finally:
+        service.shutdown()
+
+
 def test_a_restarted_daemon_keeps_its_token_unless_the_file_is_doubtful(tmp_path):
     """Clients hold the daemon's token: a crash-restart must not lock them out. A token file
     that others could read, or that is a link, is not trusted: a new token is made."""
