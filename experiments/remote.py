@@ -76,6 +76,9 @@ _ADDRESS = re.compile(r"^(?P<scheme>ray://)?(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
 
 
+_ENDED = object()  # a read found the run ended under it
+
+
 class RayBackendError(RuntimeError):
     """Ray is missing, the cluster cannot be reached, or it has no room for an experiment."""
 
@@ -545,6 +548,7 @@ class RemoteExperiment:
         self._last_down: str | None = None
         self._last_durations: dict[str, Any] = {}
         self._stopped = threading.Event()
+        self._calls = 0  # calls waiting on the host's answer (guarded by _hosting)
         self.started_at = self.lab.clock()  # the Lab's clock, as Experiment's
         self.ended_at: float | None = None  # when the driver learnt the end
         self.registry = RemoteRegistry(self)
@@ -588,6 +592,12 @@ class RemoteExperiment:
             self.ended_at = self.lab.clock()
             self._hosting.notify_all()
         self._stopped.set()
+
+    def _quiesce(self, timeout: float = CALL_TIMEOUT_S) -> None:
+        """Wait until no call waits on the (ended) host's answer: a stop's own answer must not be
+        lost to the host being let go as the run's end comes in."""
+        with self._hosting:
+            self._hosting.wait_for(lambda: self._calls == 0, timeout)
 
     def _give_up(self, reason: str, write: bool = True) -> None:
         """The run ends failed without its tree: the host is gone and may not be restarted."""
@@ -642,6 +652,8 @@ class RemoteExperiment:
         """Send one call to the host (bytes both ways) and return its value or raise its typed error."""
         ray = _ray()
         host = host if host is not None else self._current_host(action or op)
+        with self._hosting:
+            self._calls += 1  # the actor is let go only once no call is waiting on it
         try:
             data = ray.get(getattr(host, op).remote(encode({"kind": op, **payload})), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
@@ -651,7 +663,13 @@ class RemoteExperiment:
         except ray.exceptions.RayTaskError as exc:  # the host's method itself failed (a bug, not a death)
             raise RemoteError(f"experiment {self.id!r}: {op} failed in its Ray actor: {exc}") from None
         except ray.exceptions.RayError as exc:  # the process died under the call: the backend restarts it
+            if self._final is not None:  # the run ended and its actor was let go meanwhile
+                raise NotRunning(f"experiment {self.id!r} is {self._status}; cannot {action or op}") from None
             raise HostLost(f"experiment {self.id!r}: the process hosting its tree died ({down_reason(exc)})") from None
+        finally:
+            with self._hosting:
+                self._calls -= 1
+                self._hosting.notify_all()
         reply = decode(data)
         self._take_state(reply.get("state"))
         if not reply.get("ok"):
@@ -667,19 +685,24 @@ class RemoteExperiment:
         try:
             return self._call(method, *args, timeout=timeout)
         except HostLost:
+            if settled():
+                return None
             self._current_host(method)  # wait for the restart (NotRunning if the run ends instead)
             if settled():
                 return None
             return self._call(method, *args, timeout=timeout)
 
     def _read(self, method: str, fallback: Callable[[], Any], *args: Any) -> Any:
-        """A read: from the host, or ``fallback()`` while it is being restarted (never waits for one)."""
+        """A read: from the host, or ``fallback()`` while it is being restarted (never waits for
+        one); :data:`_ENDED` when the run ended meanwhile (the caller answers from the end)."""
         host = self._host
         if host is None:
-            return fallback()
+            return _ENDED if self._final is not None else fallback()
         try:
             return self._host_call("call", {"method": method, "args": list(args), "kwargs": {}}, host=host)
-        except HostLost:
+        except NotRunning:  # HostLost, or the actor let go as the run's end came in
+            if self._final is not None:
+                return _ENDED
             return fallback()
 
     # --- the Experiment API ---------------------------------------------------------------------------------
@@ -747,29 +770,34 @@ class RemoteExperiment:
         def from_disk() -> dict[str, Any]:
             return self._overlay({**read_summary(self.run_dir), **self._last_durations, "stale": True, "age_s": None})
 
-        return self._read("summary", from_disk, max_age, wait)
+        got = self._read("summary", from_disk, max_age, wait)
+        return self.summary() if got is _ENDED else got
 
     def metrics(self, max_age: float = MAX_AGE_S, wait: float = WAIT_S) -> dict[str, Any]:
         """As :meth:`Experiment.metrics`; ``{"stale": True, "age_s": None}`` while restarting."""
         final = self._final
         if final is not None:
             return {**(final.get("metrics") or {}), "stale": False, "age_s": 0.0}
-        return self._read("metrics", lambda: {"stale": True, "age_s": None}, max_age, wait)
+        got = self._read("metrics", lambda: {"stale": True, "age_s": None}, max_age, wait)
+        return self.metrics() if got is _ENDED else got
 
     def phase_status(self, max_age: float = MAX_AGE_S, wait: float = WAIT_S) -> dict[str, Any]:
         """As :meth:`Experiment.phase_status`; {} while restarting and once ended."""
         if self._final is not None:
             return {}
-        return self._read("phase_status", dict, max_age, wait)
+        got = self._read("phase_status", dict, max_age, wait)
+        return {} if got is _ENDED else got
 
     def durations(self) -> dict[str, Any]:
         """Wall-clock, active and paused seconds, pause and resume counts (the host's, across restarts)."""
         final = self._final
         if final is not None:
             return dict(final.get("durations") or {})
-        d = self._read("durations", lambda: dict(self._last_durations))
-        self._last_durations = d
-        return d
+        got = self._read("durations", lambda: dict(self._last_durations))
+        if got is _ENDED:
+            return self.durations()
+        self._last_durations = got
+        return got
 
     def query_window(self, spec: Any, filters: dict[str, Any] | None = None, source: str = "live") -> list[Any]:
         """Time-window query: the host's Recorder while live, the history store once stopped."""
@@ -937,6 +965,7 @@ class RayBackend:
             self._down(exp, host, exc)
             return
         exp._finish(final)
+        exp._quiesce()
         self._release(host)
         log.info("remote experiment ended", experiment=exp.id, run_id=exp.run_id, reason=exp.reason)
 
