@@ -577,6 +577,21 @@ class Experiment:
             raise LifecycleError(f"experiment {self.id!r} cannot restart a pass: {reply.get('error')}")
         return reply
 
+    def set_param(self, key: str, value: Any, why: str = "requested") -> dict[str, Any]:
+        """Change a workload parameter (a control the workload declares, e.g. ``set_tenure``) at
+        the phase's next safe point; it is recorded as a ``control`` event and checkpointed.
+        Returns ``{"ok", "key", "before", "after"}``. A value the workload refuses raises
+        ValueError (recorded as ``control_refused``; the run goes on)."""
+        self._check_live("set a parameter")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"a control's key must be a non-empty string, got {key!r}")
+        reply = self._ask_phase(
+            {"kind": "set_param", "key": key, "value": value, "why": str(why), "event": "control"}, "set a parameter"
+        )
+        if not reply.get("ok"):
+            raise ValueError(f"experiment {self.id!r}: {key}={value!r} refused: {reply.get('error')}")
+        return reply
+
     def archive(self) -> None:
         """Mark a finished experiment archived (stopping it first if it still runs)."""
         with self._lock:

@@ -283,7 +283,18 @@ class TreeHost:
     """
 
     CALLS = frozenset(
-        {"pause", "resume", "stop", "summary", "metrics", "phase_status", "durations", "query_window", "restart_pass"}
+        {
+            "pause",
+            "resume",
+            "stop",
+            "summary",
+            "metrics",
+            "phase_status",
+            "durations",
+            "query_window",
+            "restart_pass",
+            "set_param",
+        }
     )
 
     def __init__(self, artifacts: str, history: str | None) -> None:
@@ -756,6 +767,10 @@ class RemoteExperiment:
     def restart_pass(self) -> dict[str, Any]:
         """Ask the workload to start a new pass from its best solution (if it has passes)."""
         return self._call("restart_pass")
+
+    def set_param(self, key: str, value: Any, why: str = "requested") -> dict[str, Any]:
+        """As :meth:`Experiment.set_param`, applied in the host's tree."""
+        return self._call("set_param", key, value, why)
 
     def _overlay(self, d: dict[str, Any]) -> dict[str, Any]:
         return {**d, "status": str(self._status), "reason": self._reason}

@@ -148,6 +148,23 @@ def test_the_lifecycle_errors_are_typed_alike(lab):
     assert lab.list() == []
 
 
+def test_set_param_applies_a_control_or_refuses_it_alike(lab, tmp_path):
+    exp = lab.start_experiment(latency_spec("control", budget=600))
+    reply = exp.set_param("calls_per_step", 7, why="test")
+    assert reply["ok"] and reply["key"] == "calls_per_step" and reply["after"] == 7
+    with pytest.raises(ValueError, match="no tunable parameter 'nope'"):
+        exp.set_param("nope", 1)
+    with pytest.raises(ValueError, match="refused"):
+        exp.set_param("calls_per_step", -3)
+    exp.stop()
+    with pytest.raises(NotRunning, match="is stopped; cannot"):
+        exp.set_param("calls_per_step", 8)
+    events = list(iter_run(exp.run_dir))
+    controls = [e for e in events if e["name"] == "control"]
+    assert len(controls) == 1 and "calls_per_step" in controls[0]["notes"] and "(test)" in controls[0]["notes"]
+    assert sum(e["name"] == "control_refused" for e in events) == 2
+
+
 def test_a_phase_restarted_after_its_end_exits_at_once():
     """A phase started on a finished checkpoint (restarted with its group after its end) has
     nothing left to do: it exits normally, so its tree still shuts down."""
