@@ -134,9 +134,9 @@ def _add_runner_flags(p: argparse.ArgumentParser, what: str) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=("local", "ray"),
-        default="local",
-        help="local: this machine, worker processes when --parallel > 1 (default); ray: Ray tasks",
+        choices=("embedded", "ray"),
+        default="embedded",
+        help="embedded: this machine, worker processes when --parallel > 1 (default); ray: Ray tasks",
     )
     p.add_argument("--ray-address", metavar="A", help="the Ray cluster (HOST:PORT, ray://HOST:PORT or auto)")
 

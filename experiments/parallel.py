@@ -4,9 +4,9 @@ A :class:`Job` is one experiment (spec, overrides, experiment id) and the functi
 its row from the run directory once it ended. :func:`run_jobs` runs a list of them over one
 artifacts folder and returns one :class:`JobResult` per job, in the jobs' order:
 
-* ``parallel=1`` on the ``local`` backend: one after another in this process, in one Lab,
+* ``parallel=1`` on the ``embedded`` backend: one after another in this process, in one Lab,
   exactly as ``ab`` and ``tune`` always ran;
-* ``parallel=N`` on the ``local`` backend: N worker processes (``spawn``: no forked actor
+* ``parallel=N`` on the ``embedded`` backend: N worker processes (``spawn``: no forked actor
   threads or locks), each running its job in a Lab of its own on the same artifacts folder.
   Run directories are per run (experiment id, then a fresh run id) and the SQLite history
   takes several writer processes (WAL, a busy timeout of 30 s; see :mod:`telemetry.store`);
@@ -43,7 +43,7 @@ log = get_logger("experiments.parallel")
 
 PARALLEL = Num(1, 1024, integer=True)
 """How many jobs may run at once."""
-BACKENDS = ("local", "ray")
+BACKENDS = ("embedded", "ray")
 INTERRUPTED = "interrupted"
 WORKER_DIED = "a worker process died while this job ran (its own or one beside it: the pool stops them all)"
 INTERRUPT_CHECK_S = 0.5  # how often a job in a worker looks up from its wait (for Ray's cancel)
@@ -78,7 +78,7 @@ class JobResult:
         return self.error is not None
 
 
-def check_parallel(parallel: Any, backend: str = "local") -> int:
+def check_parallel(parallel: Any, backend: str = "embedded") -> int:
     """``parallel`` if it is an integer from 1 to 1024 and ``backend`` one of :data:`BACKENDS`
     (ValueError naming the value otherwise)."""
     if backend not in BACKENDS:
@@ -182,7 +182,7 @@ class JobRunner:
 
     Raises:
         ValueError: ``parallel`` outside 1..1024, an unknown backend, a malformed address, or
-            an address for the local backend.
+            an address for the embedded backend.
     """
 
     def __init__(
@@ -190,13 +190,13 @@ class JobRunner:
         artifacts: str | Path,
         parallel: int = 1,
         *,
-        backend: str = "local",
+        backend: str = "embedded",
         address: str | None = None,
         history: str | None = None,
     ) -> None:
         self.parallel = check_parallel(parallel, backend)
-        if backend == "local" and address is not None:
-            raise ValueError(f"address {address!r} is for the ray backend; the local backend takes none")
+        if backend == "embedded" and address is not None:
+            raise ValueError(f"address {address!r} is for the ray backend; the embedded backend takes none")
         if address is not None and address != "auto":
             from experiments.remote import parse_address
 
@@ -205,7 +205,7 @@ class JobRunner:
         self.backend = backend
         self.address = address
         self.history = history
-        self._lab: Lab | None = None  # parallel=1, local
+        self._lab: Lab | None = None  # parallel=1, embedded
         self._pool: ProcessPoolExecutor | None = None
         self._stop: Any = None  # the workers' stop signal (an Event of the spawn context)
         self._ray: Any = None  # the ray module, once joined
@@ -372,7 +372,7 @@ def run_jobs(
     artifacts: str | Path,
     parallel: int = 1,
     *,
-    backend: str = "local",
+    backend: str = "embedded",
     address: str | None = None,
     history: str | None = None,
     on_result: Callable[[JobResult], None] | None = None,

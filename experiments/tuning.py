@@ -125,7 +125,7 @@ def tune(
     overrides: list[str] | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     parallel: int = 1,
-    backend: str = "local",
+    backend: str = "embedded",
     address: str | None = None,
 ) -> dict[str, Any]:
     """Run ``trials`` experiments proposed by TPE (after learning from ``seed_from``); return the study.
@@ -257,7 +257,7 @@ def ab(
     overrides: list[str] | None = None,
     on_run: Callable[[dict[str, Any]], None] | None = None,
     parallel: int = 1,
-    backend: str = "local",
+    backend: str = "embedded",
     address: str | None = None,
 ) -> dict[str, Any]:
     """N seeds with hypertune on, N with it off (interleaved), same budget; compare the arms.

@@ -156,7 +156,7 @@ def test_parallel_and_backend_are_checked():
     for bad in (0, 1025, 2.5, True, "2"):
         with pytest.raises(ValueError, match="parallel"):
             check_parallel(bad)
-    with pytest.raises(ValueError, match="backend must be one of local, ray"):
+    with pytest.raises(ValueError, match="backend must be one of embedded, ray"):
         run_jobs([], "art", 2, backend="dask")
     with pytest.raises(ValueError, match="is for the ray backend"):
         run_jobs([], "art", 2, address="127.0.0.1:6379")
