@@ -249,14 +249,20 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> bool:
             return False
     elif ray.is_initialized():
         return False
+    if target is None:
+        # A Ray of our own, started from this thread: Ray ties the processes it starts to the
+        # thread that started them (started from a helper thread, they die when it ends), and
+        # "local" never joins a cluster that a `ray start` left on the machine.
+        try:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        except Exception as exc:  # Ray raises many kinds; one clear error
+            raise RayBackendError(f"cannot start Ray on this machine: {type(exc).__name__}: {exc}") from exc
+        return True
     failure: list[BaseException] = []
 
     def join() -> None:
         try:
-            if target is None:
-                ray.init(include_dashboard=False, log_to_driver=False)
-            else:
-                ray.init(address=target, log_to_driver=False)
+            ray.init(address=target, log_to_driver=False)
         except BaseException as exc:  # noqa: BLE001 - reported in the caller's thread
             failure.append(exc)
 
@@ -264,11 +270,11 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> bool:
     t.start()
     t.join(timeout)
     if t.is_alive():
-        raise RayBackendError(f"the Ray cluster at {target or 'this machine'} did not let us join within {timeout:g} s")
+        raise RayBackendError(f"the Ray cluster at {target} did not let us join within {timeout:g} s")
     if failure:
         exc = failure[0]
-        raise RayBackendError(f"cannot join the Ray cluster at {target or 'this machine'}: {type(exc).__name__}: {exc}")
-    return target is None
+        raise RayBackendError(f"cannot join the Ray cluster at {target}: {type(exc).__name__}: {exc}")
+    return False
 
 
 # --- the worker side: one tree in one Ray actor ------------------------------------------------------------

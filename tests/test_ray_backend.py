@@ -251,6 +251,36 @@ def test_auto_without_a_cluster_and_the_cli_say_so_in_one_line(tmp_path):
     assert r.returncode == 2 and "--ray-address 'auto' needs --backend ray" in r.stderr
 
 
+def test_crucible_run_on_ray_without_an_address_starts_a_ray_of_its_own(tmp_path):
+    """The plain user path: no cluster named, so the run starts a local Ray, which must live
+    as long as the run (Ray ties its processes to the thread that started them)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "supervisor.py"),
+            "run",
+            str(ROOT / "experiments" / "latency.toml"),
+            "--backend",
+            "ray",
+            "--set",
+            "time_budget_s=3",
+            "--artifacts",
+            str(tmp_path / "art"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (lifecycle,) = (tmp_path / "art").rglob("lifecycle.json")
+    record = orjson.loads(lifecycle.read_bytes())
+    assert (record["status"], record["reason"]) == ("stopped", "budget")
+    assert record["active_duration"] >= 3
+    assert len(list(iter_run(lifecycle.parent))) > 100
+
+
 # an embedded Lab in a process of its own, which the test kills (SIGKILL) once its runs have events
 HOST = """
 import sys, threading
