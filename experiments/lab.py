@@ -578,7 +578,7 @@ class Experiment:
         return reply
 
     def set_param(self, key: str, value: Any, why: str = "requested") -> dict[str, Any]:
-        """Change a workload parameter (a control the workload declares, e.g. ``set_tenure``) at
+        """Change a workload parameter (a key its ``set_param`` accepts, e.g. a declared control) at
         the phase's next safe point; it is recorded as a ``control`` event and checkpointed.
         Returns ``{"ok", "key", "before", "after"}``. A value the workload refuses raises
         ValueError (recorded as ``control_refused``; the run goes on)."""
