@@ -28,6 +28,7 @@ from experiments.lab import BACKENDS, Experiment, Lab
 from experiments.remote import RayBackendError  # importing it registers the ray backend
 from experiments.validate import PORT, SECONDS, SEED, YEAR_S, Num
 from experiments.workloads import Objective, objective_of
+from telemetry.batchstore import HistoryError
 from telemetry.schema import check_id
 
 DEFAULT_DASH_PORT = 7878
@@ -86,6 +87,8 @@ def open_lab(args: argparse.Namespace, **kwargs: Any) -> Lab:
         raise UsageError(f"--ray-address {address!r} needs --backend ray")
     try:
         return Lab(args.artifacts, history=args.history, backend=backend, address=address, **kwargs)
+    except HistoryError as exc:  # a malformed history target, or no server there
+        raise UsageError(f"--history: {exc}") from None
     except (ValueError, RayBackendError) as exc:  # a malformed address, no cluster there, no Ray installed
         raise UsageError(f"--backend {backend}: {exc}") from None
 

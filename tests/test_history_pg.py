@@ -226,6 +226,7 @@ def test_the_lab_and_the_cli_refuse_a_bad_history_at_once(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1, err
         assert "postgresql://me:***@127.0.0.1" in err and "hunter2" not in err, err
+        assert argv[0] != "run" or err.startswith("crucible run: error: --history: "), err  # not --backend's
 
 
 # --- writers side by side ----------------------------------------------------------------------------------
