@@ -153,6 +153,15 @@ class ActorRef:
                 return False
             return self.tell_bytes(data)
 
+    def tell_later(self, delay: float, msg: dict[str, Any]) -> threading.Timer:
+        """Send ``msg`` to this actor after ``delay`` seconds, unless it is stopping by then
+        (Erlang's ``send_after`` for an actor's own ticks); cancel the returned timer to take
+        it back."""
+        t = threading.Timer(delay, self.tell_unless_stopping, args=(msg,))
+        t.daemon = True
+        t.start()
+        return t
+
     def ask(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
         """Send and wait for the reply; the handler's exception is raised here."""
         data = encode(msg)

@@ -393,10 +393,7 @@ class Recorder(EventConsumer):
 
     def _schedule_retry(self) -> None:
         if self._retry_timer is None:
-            t = threading.Timer(self._retry_delay, self.ref.tell_unless_stopping, args=({"kind": "history_retry"},))
-            t.daemon = True
-            self._retry_timer = t
-            t.start()
+            self._retry_timer = self.ref.tell_later(self._retry_delay, {"kind": "history_retry"})
 
     def _cancel_retry(self) -> None:
         if self._retry_timer is not None:
@@ -647,10 +644,7 @@ class Recorder(EventConsumer):
 
     def _schedule_fsync(self) -> None:
         if self._fsync_timer is None:
-            t = threading.Timer(self.fsync_interval, self.ref.tell_unless_stopping, args=({"kind": "fsync"},))
-            t.daemon = True
-            self._fsync_timer = t
-            t.start()
+            self._fsync_timer = self.ref.tell_later(self.fsync_interval, {"kind": "fsync"})
 
     def _sync(self) -> None:
         """fsync the JSONL and commit the history (unless its server is away: the retry timer

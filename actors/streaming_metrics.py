@@ -120,10 +120,7 @@ class StreamingMetrics(EventConsumer):
 
     def _schedule(self) -> None:
         if self.publish_interval > 0 and self.topics is not None and not self._stopped:
-            t = threading.Timer(self.publish_interval, self.ref.tell_unless_stopping, args=({"kind": "publish"},))
-            t.daemon = True
-            self._timer = t
-            t.start()
+            self._timer = self.ref.tell_later(self.publish_interval, {"kind": "publish"})
 
     def terminate(self, reason: str) -> None:
         self._stopped = True

@@ -83,6 +83,19 @@ def test_sys_exit_in_a_handler_crashes_that_actor_alone(spawned, how):
     assert bystander.is_alive()
 
 
+def test_tell_later_arrives_unless_cancelled_or_stopping(spawned):
+    w = spawned(Worker)
+    kept = w.tell_later(0.01, {"kind": "note", "v": "kept"})
+    gone = w.tell_later(30, {"kind": "note", "v": "cancelled"})
+    gone.cancel()
+    kept.join(timeout=5)  # the timer's thread has sent it
+    assert w.ask({"kind": "notes"}) == ["kept"]
+    late = w.tell_later(0.01, {"kind": "note", "v": "after stop"})
+    w.stop(timeout=5)
+    late.join(timeout=5)
+    assert w.wait(timeout=5) == "normal"  # a tick after the stop is not an undelivered message either
+
+
 def test_undecodable_and_unknown_messages_are_counted_and_dropped(spawned):
     w = spawned(Worker)
     w.tell_bytes(b"\xc1\xc1")
