@@ -134,8 +134,8 @@ class Window:
         if self.kind == "last" and len(spec) == 3:
             self.lo = now_us - _duration_us(spec[1], spec[2], spec)
         elif self.kind == "last_n" and len(spec) == 2:
-            if isinstance(spec[1], bool) or not isinstance(spec[1], int) or spec[1] < 0:
-                raise _bad(spec, "N must be an integer >= 0")
+            if isinstance(spec[1], bool) or not isinstance(spec[1], int) or not 0 <= spec[1] < 1 << 63:
+                raise _bad(spec, "N must be an integer in [0, 2**63)")  # a message carries at most int64
             self.last_n = spec[1]
         elif self.kind == "range" and len(spec) == 3:
             t0, t1 = _seconds(spec[1], spec), _seconds(spec[2], spec)

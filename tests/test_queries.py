@@ -11,6 +11,7 @@ from telemetry.index import LiveIndex
 from telemetry.query import (
     QueryError,
     QueryLimitError,
+    Window,
     metrics_of,
     prepare_query,
     query_answer,
@@ -522,3 +523,10 @@ def test_queries_after_the_run_stops_give_the_live_answers(lab, tmp_path):
         newer.stop()
     assert _answers(exp) == live
     assert all(e["run_id"] == exp.run_id for e in exp.query_window(("last_n", 10_000)))
+
+
+def test_a_last_n_past_int64_is_a_query_error_not_an_encoding_failure():
+    """The spec travels to the Recorder as msgpack, which carries at most 64-bit integers."""
+    with pytest.raises(QueryError, match=r"N must be an integer in \[0, 2\*\*63\)"):
+        Window(("last_n", 1 << 64), 0)
+    assert Window(("last_n", (1 << 63) - 1), 0).last_n == (1 << 63) - 1
