@@ -1,6 +1,6 @@
 """The lab daemon: submit-to-first-event latency, resume time after ``kill -9``, and a soak.
 
-Run: ``python -m bench.daemon [--rounds 5] [--recorded 10 100] [--soak-minutes 30]``.
+Run: ``python -m bench.daemon [--rounds 5] [--recorded 10 100] [--soak-minutes 30] [--soak-log F]``.
 
 Each figure comes with its anchor, measured in the same run:
 
@@ -17,7 +17,12 @@ Each figure comes with its anchor, measured in the same run:
   least-squares slope per hour is reported (a bounded daemon has slopes near zero); so are the
   slope and the growth per experiment after the first third (the warm-up: modules imported
   by the first experiments, ``keep_ended`` handles filling up), and the heaps of glibc's
-  malloc arenas the daemon maps at the end (:func:`arena_heaps`). The experiments time
+  malloc arenas the daemon maps at the end (:func:`arena_heaps`). Each sample also splits the
+  resident memory by kind of mapping, read from ``/proc/PID/smaps`` (:func:`classify`: glibc's
+  main heap, its other arenas, thread stacks, other anonymous memory, files), so that growth
+  is seen where it happens; and the slopes of the middle and last thirds are reported apart,
+  so that growth that levels off is told from growth that does not. ``--soak-log`` writes
+  every sample as a JSON line, to follow a long soak while it runs. The experiments time
   ``time.sleep`` so the soak measures the daemon, not the workload. ``MALLOC_ARENA_MAX=16``
   in the environment runs the daemon with glibc's default arenas on 2 cores (the daemon
   keeps an operator's setting).
@@ -26,6 +31,7 @@ Each figure comes with its anchor, measured in the same run:
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import statistics
 import subprocess
@@ -33,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from actors.log import configure_logging
 from dashboard.client import LabClient
@@ -157,26 +163,82 @@ def rss_threads(pid: int) -> tuple[float, int]:
 
 
 HEAP_MAX = 64 << 20  # a glibc arena other than the main one lives in heaps of this size, aligned on it
+STACK_MAX = 16 << 20  # a thread's stack (8 MiB by default: RLIMIT_STACK) sits above a guard page
+
+
+class Mapping(NamedTuple):
+    lo: int
+    hi: int
+    perm: str
+    name: str
+    rss_kb: int
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    """The mappings of a ``/proc/PID/maps`` or ``/proc/PID/smaps`` text, in address order;
+    ``rss_kb`` is 0 for ``maps``, which has no ``Rss:`` lines."""
+    out: list[Mapping] = []
+    for line in text.splitlines():
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5:
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            out.append(Mapping(lo, hi, head[1], head[5].strip() if len(head) > 5 else "", 0))
+        elif line.startswith("Rss:") and out:
+            out[-1] = out[-1]._replace(rss_kb=int(line.split()[1]))
+    return out
+
+
+def _arena_heap(maps: list[Mapping], i: int) -> bool:
+    """Mapping ``i`` is a heap of a glibc non-main arena: anonymous, aligned on 64 MiB and
+    spanning 64 MiB with the reserved (``---p``) rest that follows it."""
+    m = maps[i]
+    if m.name or m.lo % HEAP_MAX or not m.perm.startswith("rw"):
+        return False
+    end = m.hi
+    if i + 1 < len(maps) and maps[i + 1].lo == m.hi and maps[i + 1].perm.startswith("---") and not maps[i + 1].name:
+        end = maps[i + 1].hi
+    return end - m.lo == HEAP_MAX
+
+
+def _thread_stack(maps: list[Mapping], i: int) -> bool:
+    """Mapping ``i`` is a thread's stack: anonymous and writable, right above an anonymous
+    guard page (``---p``), at most 16 MiB (glibc maps stack and guard at once)."""
+    m = maps[i]
+    if m.name or not m.perm.startswith("rw") or m.hi - m.lo > STACK_MAX or i == 0:
+        return False
+    g = maps[i - 1]
+    return g.hi == m.lo and g.perm.startswith("---") and not g.name and g.hi - g.lo <= 64 << 10
+
+
+MAPPING_CLASSES = ("heap", "arenas", "stacks", "anon", "files")
+
+
+def classify(maps: list[Mapping]) -> dict[str, int]:
+    """Resident KB by kind of mapping: ``heap`` (glibc's main arena, ``[heap]``), ``arenas``
+    (the heaps of its other arenas), ``stacks`` (threads' and the main one), ``anon`` (other
+    anonymous memory: Python's 1 MiB obmalloc arenas, glibc's mmapped large blocks), ``files``
+    (file-backed: shared libraries, sqlite's ``-shm``; and the kernel's ``[vdso]``, ``[vvar]``)."""
+    kb = dict.fromkeys(MAPPING_CLASSES, 0)
+    for i, m in enumerate(maps):
+        if m.name == "[heap]":
+            kind = "heap"
+        elif _arena_heap(maps, i):
+            kind = "arenas"
+        elif m.name == "[stack]" or _thread_stack(maps, i):
+            kind = "stacks"
+        elif not m.name or m.name.startswith("[anon"):
+            kind = "anon"
+        else:
+            kind = "files"
+        kb[kind] += m.rss_kb
+    return kb
 
 
 def arena_heaps(pid: int) -> int:
     """How many heaps of glibc's non-main malloc arenas process ``pid`` maps, read from
-    outside: anonymous mappings aligned on 64 MiB that span 64 MiB (the part in use, then the
-    reserved rest). One arena per thread, by default, is where the daemon's memory went."""
-    maps = []
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        parts = line.split()
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        maps.append((lo, hi, parts[1], parts[5] if len(parts) > 5 else ""))
-    n = 0
-    for i, (lo, hi, perm, name) in enumerate(maps):
-        if name or lo % HEAP_MAX or not perm.startswith("rw"):
-            continue
-        end = hi
-        if i + 1 < len(maps) and maps[i + 1][0] == hi and maps[i + 1][2].startswith("---") and not maps[i + 1][3]:
-            end = maps[i + 1][1]
-        n += end - lo == HEAP_MAX
-    return n
+    outside. One arena per thread, by default, is where the daemon's memory went."""
+    maps = parse_maps(Path(f"/proc/{pid}/maps").read_text())
+    return sum(_arena_heap(maps, i) for i in range(len(maps)))
 
 
 def slope_per_hour(ts: list[float], ys: list[float]) -> float:
@@ -189,46 +251,83 @@ def slope_per_hour(ts: list[float], ys: list[float]) -> float:
 WARMUP = 1 / 3  # of the soak: the first experiments import modules and fill keep_ended (100 handles)
 
 
-def bench_soak(minutes: float, concurrent: int, work: Path) -> dict[str, float]:
+def resident_by_mapping(pid: int) -> dict[str, int]:
+    """Process ``pid``'s resident KB by kind of mapping (:func:`classify`)."""
+    return classify(parse_maps(Path(f"/proc/{pid}/smaps").read_text()))
+
+
+def bench_soak(minutes: float, concurrent: int, work: Path, log: Path | None = None) -> dict[str, Any]:
     d = Daemon(work / "soak", max_experiments=concurrent)
     t0 = time.monotonic()
-    samples: list[tuple[float, float, int, int]] = []  # (s, RSS MiB, threads, experiments submitted)
+    samples: list[dict[str, Any]] = []  # s, rss (MiB), threads, experiments submitted, KB by mapping
     k = next_sample = 0
+    out = log.open("w") if log else None
     try:
         while time.monotonic() - t0 < minutes * 60:
             d.client.submit(spec(f"soak{k}", 3.0, sleepy=True))
             k += 1
             if time.monotonic() >= next_sample:
                 rss, threads = rss_threads(d.proc.pid)
-                samples.append((time.monotonic() - t0, rss, threads, k))
+                sample = {"s": time.monotonic() - t0, "rss": rss, "threads": threads, "exps": k}
+                sample.update(resident_by_mapping(d.proc.pid))
+                samples.append(sample)
+                if out:
+                    out.write(json.dumps(sample) + "\n")
+                    out.flush()
                 next_sample = time.monotonic() + 10
             time.sleep(1.0)  # the soak's submission rate: one experiment a second
         heaps = arena_heaps(d.proc.pid)
     finally:
         d.stop()
-    ts = [s[0] for s in samples]
-    rss_slope = slope_per_hour(ts, [s[1] for s in samples])
-    thr_slope = slope_per_hour(ts, [s[2] for s in samples])
-    late = [s for s in samples if s[0] >= minutes * 60 * WARMUP]
-    late_slope = slope_per_hour([s[0] for s in late], [s[1] for s in late])
+        if out:
+            out.close()
+    result = soak_summary(samples, minutes * 60)
+    result["arena_heaps"] = heaps
+    print(f"{result['text']}; malloc arena heaps at the end: {heaps}")
+    return result
+
+
+def soak_summary(samples: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Slopes of RSS, threads and each kind of mapping; the middle and last thirds apart,
+    so that growth that levels off shows as a last-third slope well under the middle one."""
+
+    def slope(rows: list[dict[str, Any]], key: str) -> float:
+        return slope_per_hour([r["s"] for r in rows], [r[key] for r in rows])
+
+    first, last = samples[0], samples[-1]
+    late = [r for r in samples if r["s"] >= seconds * WARMUP]
+    middle = [r for r in late if r["s"] < seconds * 2 * WARMUP]
+    end = [r for r in late if r["s"] >= seconds * 2 * WARMUP]
     per_exp_kb = (
-        statistics.linear_regression([s[3] for s in late], [s[1] for s in late]).slope * 1024 if len(late) > 1 else 0.0
+        statistics.linear_regression([r["exps"] for r in late], [r["rss"] for r in late]).slope * 1024
+        if len(late) > 1
+        else 0.0
     )
-    print(
-        f"soak {minutes:g} min, {k} experiments: RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MiB "
-        f"(slope {rss_slope:+.1f} MiB/h, {rss_slope / samples[0][1] * 100:+.1f} % of the start per hour), "
-        f"threads {samples[0][2]} -> {samples[-1][2]} (slope {thr_slope:+.1f}/h); "
-        f"after the first {WARMUP * minutes:g} min ({late[0][3] if late else k} experiments, "
-        f"{late[0][1] if late else 0:.0f} MiB): slope {late_slope:+.1f} MiB/h, {per_exp_kb:+.1f} KB per experiment; "
-        f"malloc arena heaps at the end: {heaps}"
+    rss_slope, late_slope = slope(samples, "rss"), slope(late, "rss")
+    start = late[0] if late else last
+    kinds = ", ".join(
+        f"{kind} {start[kind] / 1024:.1f} -> {last[kind] / 1024:.1f} MiB ({slope(late, kind) / 1024:+.1f} MiB/h)"
+        for kind in MAPPING_CLASSES
+    )
+    text = (
+        f"soak {seconds / 60:g} min, {last['exps']} experiments: RSS {first['rss']:.0f} -> {last['rss']:.0f} MiB "
+        f"(slope {rss_slope:+.1f} MiB/h, {rss_slope / first['rss'] * 100:+.1f} % of the start per hour), "
+        f"threads {first['threads']} -> {last['threads']} (slope {slope(samples, 'threads'):+.1f}/h); "
+        f"after the first {WARMUP * seconds / 60:g} min ({start['exps']} experiments, {start['rss']:.0f} MiB): "
+        f"slope {late_slope:+.1f} MiB/h, {per_exp_kb:+.1f} KB per experiment; middle third "
+        f"{slope(middle, 'rss'):+.1f} MiB/h, last third {slope(end, 'rss'):+.1f} MiB/h; resident by mapping "
+        f"after the first third: {kinds}"
     )
     return {
+        "text": text,
         "rss_slope_mib_h": rss_slope,
-        "threads_slope_h": thr_slope,
-        "experiments": k,
+        "threads_slope_h": slope(samples, "threads"),
+        "experiments": last["exps"],
         "late_slope_mib_h": late_slope,
+        "middle_slope_mib_h": slope(middle, "rss"),
+        "last_slope_mib_h": slope(end, "rss"),
         "late_kb_per_experiment": per_exp_kb,
-        "arena_heaps": heaps,
+        "late_mapping_slopes_kib_h": {kind: slope(late, kind) for kind in MAPPING_CLASSES},
     }
 
 
@@ -238,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recorded", type=int, nargs="*", default=[10, 100])
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="0 skips the soak")
     ap.add_argument("--concurrent", type=int, default=4)
+    ap.add_argument("--soak-log", type=Path, help="write each soak sample there, a JSON line each")
     args = ap.parse_args(argv)
     configure_logging("WARNING")  # the in-process anchor's Lab logs every start and end otherwise
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.recorded:
             bench_resume(n, work)
         if args.soak_minutes > 0:
-            bench_soak(args.soak_minutes, args.concurrent, work)
+            bench_soak(args.soak_minutes, args.concurrent, work, args.soak_log)
 
 
 if __name__ == "__main__":
