@@ -103,18 +103,22 @@ def _move(indptr, indices, colors, gamma, conf_list, conf_pos, n_conf, v, new): 
     """Recolour v and keep gamma and the conflicting-vertex list exact; return the new list size."""
     old = colors[v]
     colors[v] = new
+    uo = np.uint64(old)  # unsigned indices: numba adds no negative-index wraparound to these
+    un = np.uint64(new)
     for j in range(indptr[v], indptr[v + 1]):
-        u = indices[j]
-        gamma[u, old] -= 1
-        gamma[u, new] += 1
+        u = np.uint64(indices[j])
+        go = gamma[u, uo] - 1
+        gamma[u, uo] = go
+        gn = gamma[u, un] + 1
+        gamma[u, un] = gn
         cu = colors[u]
-        if cu == old and gamma[u, old] == 0 and conf_pos[u] >= 0:
+        if cu == old and go == 0:  # u conflicted through v alone
             last = conf_list[n_conf - 1]
             conf_list[conf_pos[u]] = last
             conf_pos[last] = conf_pos[u]
             conf_pos[u] = -1
             n_conf -= 1
-        elif cu == new and gamma[u, new] == 1 and conf_pos[u] < 0:
+        elif cu == new and gn == 1:  # u conflicts now, through v alone
             conf_list[n_conf] = u
             conf_pos[u] = n_conf
             n_conf += 1
@@ -150,6 +154,7 @@ _U12, _U25, _U27, _U32 = np.uint64(12), np.uint64(25), np.uint64(27), np.uint64(
 _XS_MUL = np.uint64(2685821657736338717)  # xorshift64* (Vigna)
 TABU_REBASE = 1 << 30
 """Tabu tables hold int32 iteration numbers: past this many iterations a caller rebases them."""
+_HOLD = np.int32(2**31 - 1)  # tabu entry of a vertex's own colour during a call: never a move
 
 
 @njit(cache=True, nogil=True)
@@ -188,27 +193,45 @@ def tabucol(
     tie_v = np.empty(n * k, dtype=np.int32)
     tie_c = np.empty(n * k, dtype=np.int32)
     s = np.uint64(np.random.randint(1, 1 << 62))  # this call's xorshift64* stream, from numba's generator
+    # The scan is two passes. The first takes, per conflicting vertex, the best allowed move
+    # with a branch-free loop over its row that LLVM vectorises (int32 throughout; the own
+    # colour is excluded by a tabu entry that never expires, not by a compare per colour).
+    # The second lists the ties at the best value, in the order a one-pass scan would, from
+    # the few rows that reach it, so the moves drawn are the same as the textbook loop's.
+    row_best = np.empty(n, dtype=np.int32)
+    for v in range(n):
+        tabu[v, colors[v]] = _HOLD  # restored before returning
+    big = np.int32(1 << 30)
     while it < end and f > 0:
-        bv = -1
-        bc = -1
-        bd = 1 << 30
-        ties = 0
+        it32 = np.int32(it)
+        bd = big
         for idx in range(n_conf):
-            v = conf_list[idx]
-            cv = colors[v]
-            gv = gamma[v, cv]
+            uv = np.uint64(conf_list[idx])  # unsigned indices: no negative-index wraparound
+            gv = gamma[uv, np.uint64(colors[uv])]
+            thr = np.int32(best_f - f + gv)  # gamma < thr  <=>  f + d < best_f: aspiration
+            m = big
             for c in range(k):
-                d = gamma[v, c] - gv
-                if d > bd or c == cv:
+                g = gamma[uv, np.uint64(c)]
+                m = min(m, g if (tabu[uv, np.uint64(c)] <= it32) | (g < thr) else big)
+            m = m - gv if m < big else big
+            row_best[idx] = m
+            bd = min(bd, m)
+        ties = 0
+        if bd < big:
+            for idx in range(n_conf):
+                if row_best[idx] != bd:
                     continue
-                if tabu[v, c] > it and f + d >= best_f:
-                    continue  # tabu, and no aspiration
-                if d < bd:
-                    bd = d
-                    ties = 0
-                tie_v[ties] = v
-                tie_c[ties] = c
-                ties += 1
+                v = conf_list[idx]
+                uv = np.uint64(v)
+                gv = gamma[uv, np.uint64(colors[uv])]
+                want = np.int32(bd + gv)
+                thr = np.int32(best_f - f + gv)
+                for c in range(k):
+                    g = gamma[uv, np.uint64(c)]
+                    if g == want and ((tabu[uv, np.uint64(c)] <= it32) | (g < thr)):
+                        tie_v[ties] = v
+                        tie_c[ties] = c
+                        ties += 1
         s ^= s >> _U12
         s ^= s << _U25
         s ^= s >> _U27
@@ -230,11 +253,14 @@ def tabucol(
         s ^= s << _U25
         s ^= s >> _U27
         r = (s * _XS_MUL) >> _U32
+        tabu[bv, bc] = _HOLD
         tabu[bv, old] = it + np.int64((r * np.uint64(tenure_a)) >> _U32) + int(tenure_alpha * n_conf)
         it += 1
         if f < best_f:
             best_f = f
             best_colors[:] = colors
+    for v in range(n):
+        tabu[v, colors[v]] = 0  # never read while v keeps its colour; overwritten when it leaves
     return it - it0, f, best_f
 
 

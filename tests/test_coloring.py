@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 from experiments.coloring.catalog import instance_path
 from experiments.coloring.graph import GraphError, from_edges, gnp, planted, read_dimacs
@@ -142,6 +143,90 @@ def test_tabucol_keeps_gamma_consistent(g, k, seed):
     assert bf == count_conflicts(g.indptr, g.indices, best) <= f
     assert done <= 200 and (f == 0 or done == 200)
     assert (tabu <= done + 10 + 0.6 * g.n).all()  # the reactive tenure bounds every entry
+
+
+@njit(cache=True)
+def _numba_randint(lo, hi):  # the kernel's own generator (numba's, per thread), seen from Python
+    return np.random.randint(lo, hi)
+
+
+def ref_tabucol(g, k, colors, tabu, it0, iters, tenure_a, tenure_alpha, best_colors, best_f):
+    """TabuCol as the textbook writes it: one pass over every (conflicting vertex, colour), the
+    gamma table rebuilt from scratch every move, the same draws as the kernel (its xorshift64*
+    and numba's generator) and the same order of the conflicting-vertex list."""
+    mask = (1 << 64) - 1
+
+    def xorshift(s):
+        s ^= s >> 12
+        s ^= (s << 25) & mask
+        s ^= s >> 27
+        return s, ((s * 2685821657736338717) & mask) >> 32
+
+    nbrs = [g.neighbors(v).tolist() for v in range(g.n)]
+    gamma = ref_gamma(g, colors, k)
+    conf = [v for v in range(g.n) if gamma[v, colors[v]] > 0]
+    f = int(sum(gamma[v, colors[v]] for v in conf)) // 2
+    if f < best_f:
+        best_f, best_colors[:] = f, colors
+    s = _numba_randint(1, 1 << 62)
+    it = it0
+    while it < it0 + iters and f > 0:
+        bd, ties = None, []
+        for v in conf:
+            for c in range(k):
+                d = int(gamma[v, c] - gamma[v, colors[v]])
+                if c == colors[v] or (tabu[v, c] > it and f + d >= best_f) or (bd is not None and d > bd):
+                    continue
+                if bd is None or d < bd:
+                    bd, ties = d, []
+                ties.append((v, c))
+        s, r = xorshift(s)
+        if ties:
+            v, c = ties[(r * len(ties)) >> 32]
+        else:
+            v = conf[_numba_randint(0, len(conf))]
+            c = _numba_randint(0, k - 1)
+            c += c >= colors[v]
+            bd = int(gamma[v, c] - gamma[v, colors[v]])
+        old, colors[v] = colors[v], c
+        gamma = ref_gamma(g, colors, k)
+        for u in [*nbrs[v], v]:  # the list as the kernel keeps it: swap-remove, append
+            bad = gamma[u, colors[u]] > 0
+            if bad and u not in conf:
+                conf.append(u)
+            elif not bad and u in conf:
+                i = conf.index(u)
+                conf[i] = conf[-1]
+                conf.pop()
+        f += bd
+        s, r = xorshift(s)
+        tabu[v, old] = it + ((r * tenure_a) >> 32) + int(tenure_alpha * len(conf))
+        it += 1
+        if f < best_f:
+            best_f, best_colors[:] = f, colors
+    return it - it0, f, best_f
+
+
+@settings(max_examples=40, deadline=None)
+@given(graphs, st.integers(2, 6), st.integers(0, 1000), st.integers(0, 120), st.floats(0.0, 2.0))
+def test_tabucol_makes_the_textbook_moves(g, k, seed, split, alpha):
+    """The kernel's two-pass vectorised scan draws exactly the moves of the one-pass loop, also
+    across calls (the own-colour tabu entries it holds during a call are not seen outside)."""
+    start = np.random.default_rng(seed).integers(0, k, g.n).astype(np.int32)
+    seed_rng(seed)
+    c_ref, tabu_ref, best_ref = start.copy(), np.zeros((g.n, k), dtype=np.int32), start.copy()
+    done_a, _, bf = ref_tabucol(g, k, c_ref, tabu_ref, 0, split, 3, alpha, best_ref, 1 << 30)
+    done_b, f_ref, bf_ref = ref_tabucol(g, k, c_ref, tabu_ref, done_a, 150, 3, alpha, best_ref, bf)
+    seed_rng(seed)
+    c, tabu, best = start.copy(), np.zeros((g.n, k), dtype=np.int32), start.copy()
+    gamma = build_gamma(g.indptr, g.indices, c, k)
+    da, _, bf = tabucol(g.indptr, g.indices, k, c, gamma, tabu, 0, split, 3, alpha, best, 1 << 30)
+    db, f, bf = tabucol(g.indptr, g.indices, k, c, gamma, tabu, da, 150, 3, alpha, best, bf)
+    assert (da, db, f, bf) == (done_a, done_b, f_ref, bf_ref)
+    assert np.array_equal(c, c_ref) and np.array_equal(best, best_ref)
+    own = np.zeros((g.n, k), dtype=bool)
+    own[np.arange(g.n), c] = True
+    assert np.array_equal(tabu[~own], tabu_ref[~own]) and not tabu[own].any()
 
 
 @settings(max_examples=25)
