@@ -14,6 +14,7 @@ store (:mod:`telemetry.store_pg`); :func:`telemetry.history.open_history` picks 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -52,7 +53,13 @@ class HistoryStore(BatchStore):
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"no history database at {self.path}")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            # A reader that may write opens read-write with writes refused: a writer killed
+            # mid-transaction leaves a hot journal (or a WAL to recover) that SQLite must roll
+            # back before anyone reads, and a mode=ro connection fails there with "attempt to
+            # write a readonly database". Only a file we cannot write is opened mode=ro.
+            mode = "rw" if os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK) else "ro"
+            self.db = sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True, check_same_thread=False)
+            self.db.execute("PRAGMA query_only = ON")
         else:
             self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
             self.db.execute("PRAGMA journal_mode=WAL")

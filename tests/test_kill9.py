@@ -138,3 +138,40 @@ def test_a_run_that_died_before_its_first_event_reads_as_empty_everywhere(tmp_pa
         out = tmp_path / f"empty.{fmt}"
         said = cli(capsys, "export", run.name, "--format", fmt, "--out", str(out), "--artifacts", str(art))
         assert "exported 0 events" in said and exported_rows(out, fmt) == 0
+
+
+KILLED_MID_TRANSACTION = """
+import sqlite3, sys, time
+from telemetry.store import _SCHEMA
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.executescript(_SCHEMA)  # committed, in SQLite's rollback-journal mode (as before WAL is set)
+db.execute("PRAGMA cache_size = 1")  # the open transaction spills to the file: its journal is hot
+db.execute("BEGIN")
+for i in range(2000):
+    db.execute("INSERT INTO batches VALUES ('r', ?, ?, 'e', 0, 0, 1, ?)", (i, i, bytes(200)))
+print("in the transaction", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_reader_rolls_back_the_hot_journal_of_a_killed_writer(tmp_path):
+    """A writer killed inside a transaction (``crucible run`` killed while its history is being
+    created) leaves a hot journal: readers must still read what was committed, not fail with
+    "attempt to write a readonly database"; and a reader still refuses to write."""
+    db = tmp_path / DB_NAME
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_TRANSACTION, str(db)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "in the transaction"
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert db.with_name(DB_NAME + "-journal").stat().st_size > 0  # hot: the kill came mid-transaction
+    store = HistoryStore(db, readonly=True)
+    try:
+        assert list(store.iter_events(run_id="r")) == []  # the uncommitted batches are gone
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            store.insert_batch("e", "r", [5000], 0, 0, bytes(8))
+    finally:
+        store.db.close()
