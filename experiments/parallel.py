@@ -8,6 +8,10 @@ artifacts folder and returns one :class:`JobResult` per job, in the jobs' order:
   exactly as ``ab`` and ``tune`` always ran;
 * ``parallel=N`` on the ``embedded`` backend: N worker processes (``spawn``: no forked actor
   threads or locks), each running its job in a Lab of its own on the same artifacts folder.
+  Each worker has its own pipe: a worker that dies (killed, out of memory, ``os._exit``)
+  fails the one job it held, its neighbours go on, and a new worker takes the next job. A
+  worker whose caller is gone (killed, ended without stopping it) stops its experiment and
+  exits: no worker outlives its caller by more than :data:`ORPHAN_CHECK_S` and a Lab shutdown.
   Run directories are per run (experiment id, then a fresh run id) and the SQLite history
   takes several writer processes (WAL, a busy timeout of 30 s; see :mod:`telemetry.store`);
 * ``backend="ray"``: the same job function as Ray tasks, N at a time, on the cluster at
@@ -15,20 +19,22 @@ artifacts folder and returns one :class:`JobResult` per job, in the jobs' order:
   be one folder for every node, as for the ray experiment backend (docs/ray.md).
 
 A job that fails (its spec refused, its tree gave up, its row unreadable, its worker process
-killed) comes back as a failed result with the reason; it never hangs the others. Ctrl-C (a
+killed) comes back as a failed result with the reason; it never hangs or fails the others. Ctrl-C (a
 ``KeyboardInterrupt`` in the caller) stops the workers' experiments (each Lab shuts down: the
 runs end ``stopped``, their telemetry flushed) before it propagates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +51,10 @@ PARALLEL = Num(1, 1024, integer=True)
 """How many jobs may run at once."""
 BACKENDS = ("embedded", "ray")
 INTERRUPTED = "interrupted"
-WORKER_DIED = "a worker process died while this job ran (its own or one beside it: the pool stops them all)"
+WORKER_DIED = "its worker process died while it ran"
+"""The start of a failed job's error when its worker process died (the exit code or signal follows)."""
 INTERRUPT_CHECK_S = 0.5  # how often a job in a worker looks up from its wait (for Ray's cancel)
+ORPHAN_CHECK_S = 1.0  # how often a worker looks whether its caller is still there
 STOP_WAIT_S = 120.0  # after Ctrl-C: how long the workers get to stop their experiments before they are killed
 
 
@@ -139,22 +147,98 @@ def run_job(job: Job, artifacts: str, index: int, history: str | None = None, la
     return res
 
 
-def _init_worker(stop: Any, log_level: int, log_json: bool) -> None:
+def _init_worker(stop: Any, log_level: int, log_json: bool, parent: int | None = None) -> None:
     """A worker process: logs as the caller does (to stderr), leaves Ctrl-C to the caller, and
-    stops its experiment when the caller sets ``stop``."""
+    stops its experiment when the caller sets ``stop`` or is gone (``parent`` no longer its parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(log_level, json=log_json)
-    threading.Thread(target=_watch_stop, args=(stop,), name="parallel-stop", daemon=True).start()
+    threading.Thread(target=_watch_stop, args=(stop, parent), name="parallel-stop", daemon=True).start()
 
 
-def _watch_stop(stop: Any) -> None:
+def _watch_stop(stop: Any, parent: int | None = None) -> None:
     global _worker_stopping
-    stop.wait()
+    while not stop.wait(ORPHAN_CHECK_S):
+        if parent is not None and os.getppid() != parent:  # the caller died (SIGKILL, SIGTERM): we were left
+            log.warning("the caller of this worker is gone: stopping its experiment", caller=parent)
+            break
     with _worker_lock:
         _worker_stopping = True
         lab = _worker_lab
     if lab is not None:
         lab.shutdown()  # its experiment stops; the job's wait returns and reports it interrupted
+    if parent is not None and os.getppid() != parent:
+        os._exit(EXIT_ORPHANED)  # nobody reads our result; the main thread may be blocked on the pipe
+
+
+EXIT_ORPHANED = 3
+
+
+def _worker_main(conn: Any, stop: Any, log_level: int, log_json: bool, parent: int) -> None:
+    """A worker process's loop: a job from the pipe, its result back, until ``None`` or the pipe closes."""
+    _init_worker(stop, log_level, log_json, parent)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            res = run_job(*task)
+        except BaseException as exc:  # noqa: BLE001 - run_job catches Exception; a result even for the rest
+            res = JobResult(task[2], getattr(task[0], "experiment_id", None), error=_one_line(exc))
+        try:
+            conn.send(res)
+        except (OSError, ValueError):
+            return
+
+
+def _death(proc: Any) -> str:
+    """How a worker process ended, for a failed job's error."""
+    proc.join(5.0)
+    code = proc.exitcode
+    if code is None:
+        return WORKER_DIED
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{WORKER_DIED} (killed by {signal.Signals(-code).name})"
+        return f"{WORKER_DIED} (killed by signal {-code})"
+    return f"{WORKER_DIED} (exit code {code})"
+
+
+class _Worker:
+    """One worker process and the pipe that gives it jobs and takes back their results."""
+
+    def __init__(self, ctx: Any, stop: Any, log_settings: tuple[int, bool], n: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_worker_main,
+            args=(child, stop, *log_settings, os.getpid()),
+            name=f"crucible-parallel-{n}",
+        )
+        try:
+            self.proc.start()
+        finally:
+            child.close()
+        self.index: int | None = None  # the job it runs now
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.proc.kill()
+
+    def close(self, wait: float) -> None:
+        """Ask it to exit (it finishes nothing: call when it holds no job), then make sure it did."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        self.proc.join(wait)
+        if self.proc.is_alive():
+            self.kill()
+            self.proc.join(5.0)
+        with contextlib.suppress(OSError):
+            self.conn.close()
 
 
 def _log_settings() -> tuple[int, bool]:
@@ -206,8 +290,10 @@ class JobRunner:
         self.address = address
         self.history = history
         self._lab: Lab | None = None  # parallel=1, embedded
-        self._pool: ProcessPoolExecutor | None = None
+        self._workers: list[_Worker] = []  # parallel > 1, embedded: started as jobs need them
+        self._ctx: Any = None  # the spawn context
         self._stop: Any = None  # the workers' stop signal (an Event of the spawn context)
+        self._spawned = 0
         self._ray: Any = None  # the ray module, once joined
         self._ray_started = False
         self._task: Any = None
@@ -223,9 +309,7 @@ class JobRunner:
         if self._lab is not None:
             self._lab.shutdown()
             self._lab = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._close_workers(wait=30.0)
         if self._ray is not None and self._ray_started:
             self._ray.shutdown()
         self._ray = None
@@ -256,60 +340,94 @@ class JobRunner:
             self._run_processes(jobs, done)
         return [r for r in results if r is not None]
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        ctx = mp.get_context("spawn")
-        self._stop = ctx.Event()
-        return ProcessPoolExecutor(
-            max_workers=self.parallel,
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(self._stop, *_log_settings()),
-        )
+    def _new_worker(self) -> _Worker:
+        if self._ctx is None:
+            self._ctx = mp.get_context("spawn")
+            self._stop = self._ctx.Event()
+        self._spawned += 1
+        worker = _Worker(self._ctx, self._stop, _log_settings(), self._spawned)
+        self._workers.append(worker)
+        return worker
+
+    def _close_workers(self, wait: float) -> None:
+        workers, self._workers = self._workers, []
+        for w in workers:
+            w.close(wait)
 
     def _run_processes(self, jobs: Sequence[Job], done: Callable[[JobResult], None]) -> None:
-        """Spawn worker processes; a pool broken by a dying worker fails the jobs it held and a
-        new pool takes the rest."""
+        """Give each worker process one job at a time; a worker that dies fails only its own job
+        (the reason says how it ended) and a new one takes the next."""
         queue = deque(enumerate(jobs))
-        inflight: dict[Future[JobResult], int] = {}
+        busy: dict[int, _Worker] = {}  # job index -> the worker running it
         try:
-            while queue or inflight:
-                if self._pool is None:
-                    self._pool = self._new_pool()
-                while queue and len(inflight) < self.parallel:
+            while queue or busy:
+                while queue and len(busy) < self.parallel:
                     i, job = queue.popleft()
-                    inflight[self._pool.submit(run_job, job, self.artifacts, i, self.history)] = i
-                finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    i = inflight.pop(fut)
+                    for gone in [w for w in self._workers if w.index is None and not w.alive()]:
+                        self._workers.remove(gone)  # died between jobs
+                        gone.close(0.0)
+                    idle = [w for w in self._workers if w.index is None]
+                    w = idle[0] if idle else self._new_worker()
                     try:
-                        res = fut.result()
-                    except BrokenProcessPool:
-                        res = JobResult(i, jobs[i].experiment_id, error=WORKER_DIED)
-                        if self._pool is not None:
-                            self._pool.shutdown(wait=False, cancel_futures=True)
-                            self._pool = None
+                        w.conn.send((job, self.artifacts, i, self.history))
                     except Exception as exc:  # noqa: BLE001 - e.g. a job that cannot be pickled
-                        res = JobResult(i, jobs[i].experiment_id, error=_one_line(exc))
+                        done(JobResult(i, job.experiment_id, error=_one_line(exc)))
+                        continue
+                    w.index = i
+                    busy[i] = w
+                ready = set(mpc.wait([r for w in busy.values() for r in (w.conn, w.proc.sentinel)]))
+                for i, w in list(busy.items()):
+                    if w.conn not in ready and w.proc.sentinel not in ready:
+                        continue
+                    res = self._result(w, i, jobs[i])
+                    del busy[i]
+                    w.index = None
                     done(res)
         except BaseException:
-            self._interrupt_processes(inflight)
+            self._interrupt_processes(busy)
             raise
 
-    def _interrupt_processes(self, inflight: dict[Future[JobResult], int]) -> None:
+    def _result(self, w: _Worker, i: int, job: Job) -> JobResult:
+        """The result a worker sent, or, if it died first, a failed one saying how it ended."""
+        try:
+            if w.conn.poll():
+                return w.conn.recv()
+        except (EOFError, OSError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - a result that does not unpickle here
+            return JobResult(i, job.experiment_id, error=_one_line(exc))
+        why = _death(w.proc)
+        log.warning("a worker process died", index=i, experiment=job.experiment_id, error=why)
+        self._workers.remove(w)
+        with contextlib.suppress(OSError):
+            w.conn.close()
+        return JobResult(i, job.experiment_id, error=why)
+
+    def _interrupt_processes(self, busy: dict[int, _Worker]) -> None:
         """Every worker's Lab shuts down (its experiment stops, flushed); a worker that will not
-        stop within :data:`STOP_WAIT_S` is killed (its run is left crashed, for ``recover``)."""
-        pool, self._pool = self._pool, None
-        if pool is None:
+        stop within :data:`STOP_WAIT_S` (or a second Ctrl-C) is killed (its run is left crashed,
+        for ``recover``). No worker process is left behind."""
+        if not self._workers:
             return
-        log.warning("interrupted: stopping the running experiments", running=len(inflight))
-        self._stop.set()
-        for fut in inflight:
-            fut.cancel()
-        _, late = wait(list(inflight), timeout=STOP_WAIT_S)
-        if late:
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):  # private: no public handle
-                proc.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
+        log.warning("interrupted: stopping the running experiments", running=len(busy))
+        try:
+            self._stop.set()
+            deadline = time.monotonic() + STOP_WAIT_S
+            waiting = {w.proc.sentinel: w for w in busy.values()} | {w.conn: w for w in busy.values()}
+            while waiting and time.monotonic() < deadline:
+                for r in mpc.wait(list(waiting), timeout=max(0.0, deadline - time.monotonic())):
+                    w = waiting.pop(r)
+                    waiting = {k: v for k, v in waiting.items() if v is not w}
+                    with contextlib.suppress(Exception):
+                        if w.conn.poll():
+                            w.conn.recv()  # its job's result: interrupted
+                    w.index = None
+            self._close_workers(wait=10.0)
+        finally:
+            for w in self._workers:
+                w.kill()
+            self._close_workers(wait=5.0)
+            self._ctx = None  # a new stop signal for the next batch's workers
 
     def _run_ray(self, jobs: Sequence[Job], done: Callable[[JobResult], None]) -> None:
         """Ray tasks running :func:`run_job`; Ctrl-C cancels them (each task's Lab stops its experiment)."""

@@ -133,10 +133,11 @@ KILLER = {  # the call ends the process it runs in
 
 def test_a_failing_job_is_a_failed_result_and_the_others_go_on(tmp_path):
     bad_spec = {**LATENCY, "workload": {"name": "latency", "params": {"target": "math:sqrt", "calls": -1}}}
+    died_so = f"{WORKER_DIED} (exit code 3)"
     with JobRunner(tmp_path / "art", 2) as runner:
         died = runner.run([Job(KILLER, experiment_id="killer")])  # its worker process dies mid-run
-        assert died[0].error == WORKER_DIED
-        # a new pool takes the next jobs; a refused spec and an unreadable row fail alone
+        assert died[0].error == died_so
+        # a new worker takes the next jobs; a refused spec and an unreadable row fail alone
         res = runner.run(
             [Job(bad_spec, experiment_id="bad"), Job(LATENCY, (), "good"), Job(LATENCY, (), "row", _unreadable)]
         )
@@ -145,10 +146,78 @@ def test_a_failing_job_is_a_failed_result_and_the_others_go_on(tmp_path):
         assert res[2].error == "OSError: no row in " + Path(res[2].run_dir).name
     rows = []
     with pytest.raises(ABFailed, match=r"needs two finished runs per arm.*worker process died"):
-        ab(KILLER, 2, tmp_path / "ab", parallel=4, on_run=rows.append)  # one pool: it breaks at once
+        ab(KILLER, 2, tmp_path / "ab", parallel=4, on_run=rows.append)  # every job fails: a clear error
     assert sorted((r["arm"], r["seed"], r["failed"]) for r in rows) == [
-        (arm, seed, WORKER_DIED) for arm in ("off", "on") for seed in (0, 1)
+        (arm, seed, died_so) for arm in ("off", "on") for seed in (0, 1)
     ]
+
+
+def _owner(run_dirs: list[Path]) -> int:
+    return orjson.loads((run_dirs[0] / "lifecycle.json").read_bytes())["owner"]["pid"]
+
+
+def test_a_worker_killed_mid_run_fails_its_job_alone(tmp_path):
+    """SIGKILL to one worker process while both run: its job is a failed row that says so, the
+    job beside it runs to its end, and the next job still runs."""
+    short = {**LATENCY, "time_budget_s": 2.0, "workload": {"name": "latency", "params": {"target": "math:sqrt"}}}
+    long = {**short, "time_budget_s": 600.0}
+    art = tmp_path / "art"
+    results: list = []
+    with JobRunner(art, 2) as runner:
+        t = threading.Thread(
+            target=lambda: results.extend(
+                runner.run([Job(long, (), "victim"), Job(short, (), "beside"), Job(LATENCY, (), "next")])
+            )
+        )
+        t.start()
+        deadline = time.monotonic() + 60
+        while len(_producing(art)) < 2:
+            assert t.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(_owner(list(art.glob("victim/*"))), signal.SIGKILL)
+        t.join(90)
+        assert not t.is_alive()
+    victim, beside, after = results
+    assert victim.error == f"{WORKER_DIED} (killed by SIGKILL)"
+    assert not beside.failed and beside.reason == "budget"  # it ran to its own end
+    assert not after.failed and after.reason == "completed"
+
+
+def test_workers_left_by_a_killed_caller_stop_and_exit(tmp_path):
+    """The caller dies without stopping its workers (SIGKILL: no handler runs): each worker
+    stops its experiment (flushed, ended stopped) and exits on its own."""
+    spec = tmp_path / "long.toml"
+    spec.write_text(
+        'name = "long"\ntime_budget_s = 600.0\n[workload]\nname = "latency"\n'
+        '[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
+    )
+    art = tmp_path / "art"
+    cmd = [sys.executable, str(ROOT / "supervisor.py"), "ab", str(spec), "--runs", "2", "--parallel", "2"]
+    proc = subprocess.Popen([*cmd, "--artifacts", str(art)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_producing(art)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = {_owner([p]) for p in art.glob("ab-*/*")}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers {workers} outlived their caller"
+        time.sleep(0.1)
+    lifes = [orjson.loads(p.read_bytes()) for p in art.glob("ab-*/*/lifecycle.json")]
+    assert {life["status"] for life in lifes} == {"stopped"}
+
+
+def _running(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped by init, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_parallel_and_backend_are_checked():
