@@ -30,8 +30,11 @@ def trial_line(row: dict[str, Any]) -> str:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from experiments.remote import RayBackendError
-    from experiments.tuning import tune
+    try:  # seconds of imports (scipy, optuna): a Ctrl-C there is an interrupt too, not a traceback
+        from experiments.remote import RayBackendError
+        from experiments.tuning import tune
+    except KeyboardInterrupt:
+        return _interrupted("tune")
 
     console = Console()
     try:
@@ -85,8 +88,11 @@ def _runner(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_ab(args: argparse.Namespace) -> int:
-    from experiments.remote import RayBackendError
-    from experiments.tuning import ABFailed, ab
+    try:  # seconds of imports (scipy, optuna): a Ctrl-C there is an interrupt too, not a traceback
+        from experiments.remote import RayBackendError
+        from experiments.tuning import ABFailed, ab
+    except KeyboardInterrupt:
+        return _interrupted("ab")
 
     console = Console()
     try:

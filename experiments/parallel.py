@@ -404,9 +404,9 @@ class JobRunner:
         return JobResult(i, job.experiment_id, error=why)
 
     def _interrupt_processes(self, busy: dict[int, _Worker]) -> None:
-        """Every worker's Lab shuts down (its experiment stops, flushed); a worker that will not
-        stop within :data:`STOP_WAIT_S` (or a second Ctrl-C) is killed (its run is left crashed,
-        for ``recover``). No worker process is left behind."""
+        """Every worker's Lab shuts down (its experiment stops, flushed; a second Ctrl-C does not
+        cut that short); a worker that will not stop within :data:`STOP_WAIT_S` is killed (its
+        run is left crashed, for ``recover``). No worker process is left behind."""
         if not self._workers:
             return
         log.warning("interrupted: stopping the running experiments", running=len(busy))
@@ -415,7 +415,12 @@ class JobRunner:
             deadline = time.monotonic() + STOP_WAIT_S
             waiting = {w.proc.sentinel: w for w in busy.values()} | {w.conn: w for w in busy.values()}
             while waiting and time.monotonic() < deadline:
-                for r in mpc.wait(list(waiting), timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    ready = mpc.wait(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
+                except KeyboardInterrupt:  # Ctrl-C again: the stop is bounded; a kill would leave runs crashed
+                    log.warning("still stopping the running experiments", running=len(busy))
+                    continue
+                for r in ready:
                     w = waiting.pop(r)
                     waiting = {k: v for k, v in waiting.items() if v is not w}
                     with contextlib.suppress(Exception):

@@ -273,6 +273,9 @@ def test_ctrl_c_stops_the_workers_and_their_experiments(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)  # an impatient second Ctrl-C while the workers stop: it must not cut their stop short
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=90)
     finally:
         proc.kill()
