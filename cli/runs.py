@@ -38,21 +38,46 @@ def history_target(args: argparse.Namespace) -> str | None:
     return getattr(args, "history", None) or os.environ.get(ENV) or None
 
 
+def history_source(args: argparse.Namespace) -> str:
+    """What named the history, for an error line: ``--history`` or ``$CRUCIBLE_HISTORY``."""
+    return "--history" if getattr(args, "history", None) else f"${ENV}"
+
+
+def _history_failure(args: argparse.Namespace, exc: BaseException, where: str) -> UsageError:
+    """One line that names the setting, the history (password masked) and why, said once."""
+    why = " ".join(str(exc).split()) or type(exc).__name__
+    if where not in why:  # SQLite's and the OS's errors do not name the history; ours do
+        why = f"cannot read the history at {where}: {why}"
+    return UsageError(f"{history_source(args)}: {why}")
+
+
 @contextlib.contextmanager
 def reading_history(args: argparse.Namespace) -> Iterator[BatchStore]:
-    """The named history, open for reading; what stops it is a usage error that names it."""
+    """The named history, open for reading; what stops it, at open or later (a server that goes
+    away mid-export), is a usage error that names the setting and the history."""
     target = history_target(args)
     where = describe_history(target, args.artifacts)
     try:
         store = open_history(target, artifacts=args.artifacts, readonly=True)
     except FileNotFoundError:
-        raise UsageError(f"no crucible history at {where}") from None
+        raise UsageError(f"{history_source(args)}: no crucible history at {where}") from None
     except (HistoryError, sqlite3.Error, OSError) as exc:
-        raise UsageError(f"cannot read the history at {where}: {exc}") from None
+        raise _history_failure(args, exc, where) from None
     try:
         yield store
+    except (HistoryError, sqlite3.Error) as exc:
+        raise _history_failure(args, exc, where) from None
     finally:
-        store.close()
+        with contextlib.suppress(HistoryError, sqlite3.Error):
+            store.close()
+
+
+def _named_run(arg: str) -> str:
+    """The run id an argument names: the name of a run folder given as a path, else the argument."""
+    try:
+        return Path(arg).name if Path(arg).is_dir() else arg
+    except (OSError, ValueError):  # a name too long for the file system, a NUL: not a folder, not an id
+        return arg
 
 
 def history_events(store: BatchStore, arg: str, where: str) -> Iterator[dict[str, Any]]:
@@ -61,7 +86,7 @@ def history_events(store: BatchStore, arg: str, where: str) -> Iterator[dict[str
     Raises:
         RunNotFound: the history has neither events nor a record of that run.
     """
-    run_id = Path(arg).name if Path(arg).is_dir() else arg
+    run_id = _named_run(arg)
     try:
         check_id("run id", run_id)
     except ValueError as exc:
@@ -107,12 +132,17 @@ def export_from_history(args: argparse.Namespace) -> int:
     with reading_history(args) as store:
         where = describe_history(history_target(args), args.artifacts)
         history_events(store, args.run, where)  # an unknown run fails before any file is made
-        run_id = Path(args.run).name if Path(args.run).is_dir() else args.run
+        run_id = _named_run(args.run)
         out = Path(args.out) if args.out else Path(f"{run_id}.{args.format}")
+        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # the file appears whole, or not at all
         try:
-            n = export_events(lambda: history_events(store, args.run, where), args.format, out)
+            n = export_events(lambda: history_events(store, args.run, where), args.format, partial)
+            partial.replace(out)
         except OSError as exc:
             raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
     Console().print(f"exported {n:,} events of {run_id} from {where} to {out}", markup=False, highlight=False)
     return 0
 

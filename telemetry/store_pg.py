@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import re
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 import orjson
 
@@ -120,23 +122,54 @@ def is_postgres_url(target: object) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_PASSWORD_PARAM = re.compile(r"(?i)(?<=[?&])(password=)([^&#]*)")
+CONNECT_TIMEOUT_MAX_S = 3600
+"""The longest ``connect_timeout`` a history URL may ask for (libpq's 0, wait for ever, is refused)."""
+
+
+def _split_auth(url: str) -> tuple[str, str, str, str] | None:
+    """``(scheme://, user, password, rest)`` when the URL carries a password; the credentials end
+    at the last ``@`` before the query string, as far as any parser could take them to reach."""
+    head = _SCHEME.match(url)
+    if head is None:
+        return None
+    body = url[head.end() :]
+    end = min((i for i in (body.find("?"), body.find("#")) if i >= 0), default=len(body))
+    at = body.rfind("@", 0, end)
+    if at < 0 or ":" not in body[:at]:
+        return None
+    user, password = body[:at].split(":", 1)
+    return head.group(0), user, password, body[at:]
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password (in the authority or as a ``password=`` parameter) shown as ``***``."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            auth, host = netloc.rsplit("@", 1)
-            if ":" in auth:
-                auth = auth.split(":", 1)[0] + ":***"
-            netloc = f"{auth}@{host}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*/:")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparsable URL>"
+    """The URL with any password (in the authority or as a ``password=`` parameter) shown as
+    ``***``; the rest as written, even when the URL is malformed (a message must still say which)."""
+    auth = _split_auth(url)
+    if auth is not None:
+        head, user, _, rest = auth
+        url = f"{head}{user}:***{rest}"
+    return _PASSWORD_PARAM.sub(r"\1***", url)
+
+
+def _secrets(url: str) -> list[str]:
+    """The password(s) a URL holds, as written and percent-decoded: what no message may show."""
+    found = []
+    auth = _split_auth(url)
+    if auth is not None:
+        found.append(auth[2])
+    found += [m.group(2) for m in _PASSWORD_PARAM.finditer(url)]
+    out = {v for raw in found for v in (raw, unquote(raw)) if v}
+    return sorted(out, key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's message, which may quote the URL) with the URL masked and its password hidden."""
+    text = text.replace(url, mask_url(url))
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _psycopg() -> Any:
@@ -155,6 +188,7 @@ def _send(conn: Any, rows: list[tuple[Any, ...]], spans: dict[str, int]) -> None
     duplicates (see the module docs)."""
     import psycopg
 
+    rows = sorted(rows, key=lambda r: (r[0], r[1]))  # key order: two writers of one run wait, never deadlock
     with conn.cursor() as cur:
         try:
             with cur.copy(_COPY.format(table="batches")) as copy:
@@ -257,11 +291,12 @@ class PgHistoryStore(BatchStore):
         try:
             params = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
-            raise HistoryConfigError(f"bad history URL {self.masked}: {_first_line(exc)}") from None
-        self.connect_timeout = float(params.get("connect_timeout") or connect_timeout)
+            raise HistoryConfigError(f"bad history URL {self.masked}: {self._why(exc)}") from None
+        in_url = params.get("connect_timeout")
+        self.connect_timeout = self._check_timeout(connect_timeout if in_url is None else in_url, in_url is not None)
         self._kwargs: dict[str, Any] = {"application_name": "crucible-lab"}
-        if "connect_timeout" not in params:
-            self._kwargs["connect_timeout"] = max(1, round(connect_timeout))
+        if in_url is None:
+            self._kwargs["connect_timeout"] = max(1, round(self.connect_timeout))
         self._pending: list[tuple[Any, ...]] = []  # batches kept until commit
         self._spans: dict[str, int] = {}  # the largest span committed per experiment, as far as we know
         self._wlock = threading.Lock()
@@ -273,6 +308,26 @@ class PgHistoryStore(BatchStore):
     def __repr__(self) -> str:
         return f"<PgHistoryStore {self.masked}>"
 
+    def _why(self, exc: BaseException) -> str:
+        """A driver error on one line, the URL's password hidden (libpq quotes a URL it cannot parse)."""
+        return scrub(_first_line(exc), self.url)
+
+    def _check_timeout(self, value: Any, in_url: bool) -> float:
+        """The connect timeout in seconds: a number from 1 to :data:`CONNECT_TIMEOUT_MAX_S`. libpq
+        reads 0 or less as "wait for ever", and psycopg a huge value as much the same: a history
+        that cannot answer would hang its command, so neither is taken."""
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not 1 <= seconds <= CONNECT_TIMEOUT_MAX_S or (in_url and not str(value).strip().isdigit()):
+            where = f"bad history URL {self.masked}: " if in_url else f"history at {self.masked}: "
+            raise HistoryConfigError(
+                f"{where}connect_timeout must be a whole number of seconds from 1 to {CONNECT_TIMEOUT_MAX_S}, "
+                f"got {value!r}"
+            )
+        return seconds
+
     def _prepare(self) -> None:
         """Connect once (a clear error now, not later) and bring the schema up to date."""
         psycopg = _psycopg()
@@ -283,9 +338,9 @@ class PgHistoryStore(BatchStore):
                 else:
                     migrate(conn, self.masked)
         except psycopg.OperationalError as exc:
-            raise HistoryConnectError(f"cannot connect to the history at {self.masked}: {_first_line(exc)}") from None
+            raise HistoryConnectError(f"cannot connect to the history at {self.masked}: {self._why(exc)}") from None
         except psycopg.Error as exc:
-            raise HistoryError(f"history at {self.masked} unusable: {_first_line(exc)}") from None
+            raise HistoryError(f"history at {self.masked} unusable: {self._why(exc)}") from None
 
     def _check_version(self, conn: Any) -> None:
         if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
@@ -319,9 +374,9 @@ class PgHistoryStore(BatchStore):
             finally:
                 self.pool.putconn(conn)
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise HistoryUnavailable(f"history at {self.masked} unavailable: {_first_line(exc)}") from None
+            raise HistoryUnavailable(f"history at {self.masked} unavailable: {self._why(exc)}") from None
         except psycopg.Error as exc:
-            raise HistoryError(f"history at {self.masked}: {_first_line(exc)}") from None
+            raise HistoryError(f"history at {self.masked}: {self._why(exc)}") from None
 
     @contextlib.contextmanager
     def _own_conn(self) -> Iterator[Any]:
@@ -334,9 +389,9 @@ class PgHistoryStore(BatchStore):
             with psycopg.connect(self.url, **self._kwargs) as conn:
                 yield conn
         except psycopg.OperationalError as exc:
-            raise HistoryUnavailable(f"history at {self.masked} unavailable: {_first_line(exc)}") from None
+            raise HistoryUnavailable(f"history at {self.masked} unavailable: {self._why(exc)}") from None
         except psycopg.Error as exc:
-            raise HistoryError(f"history at {self.masked}: {_first_line(exc)}") from None
+            raise HistoryError(f"history at {self.masked}: {self._why(exc)}") from None
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Reader]:

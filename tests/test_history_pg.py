@@ -229,6 +229,93 @@ def test_the_lab_and_the_cli_refuse_a_bad_history_at_once(tmp_path, capsys):
         assert argv[0] != "run" or err.startswith("crucible run: error: --history: "), err  # not --backend's
 
 
+def test_no_message_shows_a_password_even_of_a_malformed_url():
+    """libpq quotes a URL it cannot parse, password and all: the message must not."""
+    port = closed_port()
+    for url in (
+        "postgresql://me:hunter2@[::1/db",  # an IPv6 host never closed
+        f"postgresql://me:hun%ter2@127.0.0.1:{port}/db",  # a bad percent-escape in the password itself
+        f"postgresql://me@127.0.0.1:{port}/db?password=hun%zzter2",
+        f"postgresql://me:hunter2@127.0.0.1:{port}/db?sslmode=bogus",
+    ):
+        assert "hunter2" not in mask_url(url) and "hun%" not in mask_url(url) and "***" in mask_url(url), url
+        with pytest.raises(HistoryError) as e:
+            open_history(url)
+        msg = str(e.value)
+        assert "hunter2" not in msg and "hun%" not in msg and "ter2" not in msg and "***" in msg, msg
+    assert mask_url("postgresql://") == "postgresql://"  # as written, not a mangled 'postgresql:'
+    assert mask_url("postgresql://me:pa/ss@db/h") == "postgresql://me:***@db/h"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1e99", "nan", "2.5", "3601", "inf"])
+def test_a_connect_timeout_that_could_hang_is_refused(value):
+    """libpq takes 0 (or less) to mean wait for ever, and psycopg a huge value the same: a history
+    that never answers would hang the command. Refused at once, by name."""
+    url = f"postgresql://me:hunter2@127.0.0.1:{closed_port()}/h"
+    with pytest.raises(HistoryConfigError, match=r"connect_timeout must be a whole number of seconds from 1 to 3600"):
+        open_history(f"{url}?connect_timeout={value}")
+    if value != "2.5":  # the Python argument is seconds as a float: 2.5 is fine there
+        with pytest.raises(HistoryConfigError, match="connect_timeout must be"):
+            open_history(url, connect_timeout=float(value))
+
+
+def test_the_cli_names_the_setting_once_and_a_server_lost_mid_export_is_one_line(
+    server_back, pg_url, tmp_path, capsys, monkeypatch
+):
+    """Every history error of export is one line that names what set the history (--history or
+    $CRUCIBLE_HISTORY) and says why once; a server killed (pg_ctl stop -m immediate) while an
+    export reads is such a line too, and leaves no file behind, whole or partial."""
+    from actors.messages import encode
+    from supervisor import main
+    from telemetry.batchstore import BatchStore
+    from telemetry.schema import rows_to_batch
+    from tests.test_queries import T0, S, make_rows
+
+    srv = server_back
+    url = pg_url + "?connect_timeout=1"
+    store = open_history(url)
+    try:
+        for row in make_rows([T0 + i * S for i in range(200)], run_id="run1"):  # 200 batches: 4 reads of 64
+            store.insert_batch(
+                "exp", "run1", [row["seq"]], row["ts"], row["ts"], encode(rows_to_batch([row], "exp", "run1"))
+            )
+        store.commit()
+    finally:
+        store.close()
+    art, out = tmp_path / "art", tmp_path / "out" / "run1.jsonl"
+
+    def fails(*argv: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["export", *argv, "--artifacts", str(art)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        return err
+
+    monkeypatch.setenv(ENV, f"postgresql://me:hunter2@127.0.0.1:{closed_port()}/h")
+    err = fails("run1")
+    assert err.startswith("crucible export: error: $CRUCIBLE_HISTORY: cannot connect to the history at "), err
+    assert err.count("cannot") == 1 and "hunter2" not in err, err
+    monkeypatch.delenv(ENV)
+    err = fails("a" * 5000, "--history", url)  # too long for a file name: no OSError traceback
+    assert "run id must be a string of 1..128 characters" in err, err[:200]
+
+    real = BatchStore.iter_events
+
+    def server_dies_mid_read(self, *args, **kwargs):
+        for n, ev in enumerate(real(self, *args, **kwargs)):
+            if n == 100:
+                srv._run("pg_ctl", "-D", str(srv.data), "-m", "immediate", "-w", "stop")
+            yield ev
+
+    monkeypatch.setattr(BatchStore, "iter_events", server_dies_mid_read)
+    t0 = time.monotonic()
+    err = fails("run1", "--out", str(out), "--history", url)
+    assert err.startswith(f"crucible export: error: --history: history at {mask_url(url)} unavailable: "), err
+    assert time.monotonic() - t0 < 10
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no partial file
+
+
 # --- writers side by side ----------------------------------------------------------------------------------
 
 
@@ -299,6 +386,46 @@ def test_a_batch_sent_twice_is_stored_once(pg_url):
         assert [e["seq"] for e in store.iter_events(run_id="run")] == list(range(30))
         assert store.query("exp", ("last_n", 100)) == rows
     finally:
+        store.close()
+
+
+def test_two_writers_of_one_run_never_deadlock(pg_url):
+    """Two writers of the same run id whose batches overlap, given in different orders: each
+    commit takes its keys in one order, so one waits for the other instead of both being
+    refused as a deadlock."""
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # a deadlock would stall 20 s, not be retried in 1
+        admin.execute(f"ALTER DATABASE \"{pg_url.rsplit('/', 1)[1]}\" SET deadlock_timeout = '20s'")
+    store = open_history(pg_url)
+    other = psycopg.connect(pg_url)
+    t0 = time.monotonic()
+    try:
+        other.execute("INSERT INTO batches VALUES ('run', 5, 5, 'exp', 5, 5, 1, 'x')")  # held, uncommitted
+        for k in reversed(range(10)):  # a writer given the batches newest first
+            store.insert_batch("exp", "run", [k], k, k, b"batch")
+        errors: list[BaseException] = []
+
+        def commit() -> None:
+            try:
+                store.commit()
+            except HistoryError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=commit)
+        t.start()
+        with psycopg.connect(pg_url, autocommit=True) as watch:
+            blocked = (
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'crucible-lab' "
+                "AND wait_event_type = 'Lock'"
+            )
+            until(lambda: watch.execute(blocked).fetchone()[0] == 1 or not t.is_alive(), what="the commit waiting")
+        other.execute("INSERT INTO batches VALUES ('run', 6, 6, 'exp', 6, 6, 1, 'x')")  # the deadlock, unsorted
+        other.commit()
+        t.join(30)
+        assert not errors, errors
+        assert time.monotonic() - t0 < 10  # no deadlock to wait out
+        assert [r[0] for r in other.execute("SELECT seq_lo FROM batches ORDER BY seq_lo")] == list(range(10))
+    finally:
+        other.close()
         store.close()
 
 
