@@ -88,7 +88,7 @@ def open_lab(args: argparse.Namespace, **kwargs: Any) -> Lab:
     try:
         return Lab(args.artifacts, history=args.history, backend=backend, address=address, **kwargs)
     except HistoryError as exc:  # a malformed history target, or no server there
-        raise UsageError(f"--history: {exc}") from None
+        raise UsageError(f"--history: {exc}" if args.history else str(exc)) from None  # else $CRUCIBLE_HISTORY's
     except (ValueError, RayBackendError) as exc:  # a malformed address, no cluster there, no Ray installed
         raise UsageError(f"--backend {backend}: {exc}") from None
 

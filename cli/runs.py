@@ -48,7 +48,8 @@ def _history_failure(args: argparse.Namespace, exc: BaseException, where: str) -
     why = " ".join(str(exc).split()) or type(exc).__name__
     if where not in why:  # SQLite's and the OS's errors do not name the history; ours do
         why = f"cannot read the history at {where}: {why}"
-    return UsageError(f"{history_source(args)}: {why}")
+    source = history_source(args)
+    return UsageError(why if why.startswith(f"{source}: ") else f"{source}: {why}")
 
 
 @contextlib.contextmanager

@@ -21,7 +21,9 @@ is masked.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -115,10 +117,23 @@ def open_history(
         FileNotFoundError: ``readonly`` and there is no history there yet.
         sqlite3.Error: the SQLite file is not a database.
     """
-    where = resolve_history(target, artifacts)
-    if isinstance(where, str):
-        return PgHistoryStore(where, readonly=readonly, connect_timeout=connect_timeout)
-    return HistoryStore(where, readonly=readonly)
+    with _naming_the_environment(target):
+        where = resolve_history(target, artifacts)
+        if isinstance(where, str):
+            return PgHistoryStore(where, readonly=readonly, connect_timeout=connect_timeout)
+        return HistoryStore(where, readonly=readonly)
+
+
+@contextlib.contextmanager
+def _naming_the_environment(target: HistoryTarget) -> Iterator[None]:
+    """A history named by ``$CRUCIBLE_HISTORY`` fails with a message that says so: the user
+    gave no target, and must learn where the URL came from."""
+    try:
+        yield
+    except HistoryError as exc:
+        if (target is None or target == "") and os.environ.get(ENV):
+            raise type(exc)(f"${ENV}: {exc}") from None
+        raise
 
 
 def prepare_history(target: HistoryTarget, artifacts: str | Path | None = None) -> str | Path:
@@ -128,7 +143,8 @@ def prepare_history(target: HistoryTarget, artifacts: str | Path | None = None) 
     Raises:
         HistoryConfigError, HistoryConnectError: as :func:`open_history`.
     """
-    where = resolve_history(target, artifacts)
-    if isinstance(where, str):
-        open_history(where).close()
+    with _naming_the_environment(target):
+        where = resolve_history(target, artifacts)
+        if isinstance(where, str):
+            open_history(where).close()
     return where

@@ -208,7 +208,7 @@ def test_malformed_urls_are_config_errors():
             open_history(url)
 
 
-def test_the_lab_and_the_cli_refuse_a_bad_history_at_once(tmp_path, capsys):
+def test_the_lab_and_the_cli_refuse_a_bad_history_at_once(tmp_path, capsys, monkeypatch):
     from supervisor import Lab, main
 
     url = f"postgresql://me:hunter2@127.0.0.1:{closed_port()}/h"
@@ -227,6 +227,19 @@ def test_the_lab_and_the_cli_refuse_a_bad_history_at_once(tmp_path, capsys):
         assert e.value.code == 2 and len(err.splitlines()) == 1, err
         assert "postgresql://me:***@127.0.0.1" in err and "hunter2" not in err, err
         assert argv[0] != "run" or err.startswith("crucible run: error: --history: "), err  # not --backend's
+    monkeypatch.setenv(ENV, url)  # named by the environment: the message says so, not --history
+    for argv in (
+        ["run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live"],
+        ["list", "--artifacts", str(tmp_path / "art")],
+        ["lab", "serve", "--artifacts", str(tmp_path / "art"), "--port", "0"],
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f": error: ${ENV}: cannot connect to the history at postgresql://me:***@" in err, (
+            err
+        )
 
 
 def test_no_message_shows_a_password_even_of_a_malformed_url():
