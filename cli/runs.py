@@ -46,7 +46,9 @@ def history_source(args: argparse.Namespace) -> str:
 def _history_failure(args: argparse.Namespace, exc: BaseException, where: str) -> UsageError:
     """One line that names the setting, the history (password masked) and why, said once."""
     why = " ".join(str(exc).split()) or type(exc).__name__
-    if where not in why:  # SQLite's and the OS's errors do not name the history; ours do
+    if isinstance(exc, sqlite3.OperationalError) and why.startswith("no such table"):  # an empty file, /dev/null
+        why = f"no crucible history at {where} ({why})"
+    elif where not in why:  # SQLite's and the OS's errors do not name the history; ours do
         why = f"cannot read the history at {where}: {why}"
     source = history_source(args)
     return UsageError(why if why.startswith(f"{source}: ") else f"{source}: {why}")
@@ -103,8 +105,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     art = Path(args.artifacts)
     target = history_target(args)
     if target is not None:
-        with reading_history(args):
-            pass  # a history named but unreachable is an error here, not a quiet fall-back to the folders
+        with reading_history(args) as store:  # a history named but unreachable or unreadable (not a
+            store.runs()  # database, no tables) is an error here, not a quiet fall-back to the folders
     infos = rundir.list_runs(art, target)
     if args.json:
         for i in infos:

@@ -329,6 +329,23 @@ def test_the_cli_names_the_setting_once_and_a_server_lost_mid_export_is_one_line
     assert not out.exists() and list(out.parent.iterdir()) == []  # no partial file
 
 
+def test_a_file_that_is_no_history_is_refused_not_passed_over(tmp_path, capsys):
+    """list took a garbage or empty file as --history and listed the folders as if none was named."""
+    from supervisor import main
+
+    garbage, empty = tmp_path / "garbage.sqlite3", tmp_path / "empty.sqlite3"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    empty.write_bytes(b"")
+    for history, why in ((garbage, "file is not a database"), (empty, "no crucible history at")):
+        for argv in (["list"], ["export", "run1"]):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                main([*argv, "--artifacts", str(tmp_path / "art"), "--history", str(history)])
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and len(err.splitlines()) == 1, err
+            assert err.startswith(f"crucible {argv[0]}: error: --history: ") and why in err and str(history) in err, err
+
+
 # --- writers side by side ----------------------------------------------------------------------------------
 
 
