@@ -58,7 +58,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return _interrupted("tune")
     if args.json:
         print(orjson.dumps(res).decode())
-    else:
+    failed = [r for r in res["trials"] if "failed" in r]
+    if res["trials"] and len(failed) == len(res["trials"]):  # nothing learned: no proposal, not a success
+        print(f"crucible tune: every trial failed; trial {failed[0]['trial']}: {failed[0]['failed']}", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.json:
         console.print(
             f"learned from {res['seeded_from_prior_runs']} prior run(s) and {len(res['trials'])} trial(s); "
             f"best {res['objective']} = {res['best_value']}"

@@ -152,6 +152,21 @@ def test_a_failing_job_is_a_failed_result_and_the_others_go_on(tmp_path):
     ]
 
 
+def test_tune_whose_every_trial_fails_says_so_and_exits_1(tmp_path, capsys):
+    """It printed 'best = None' and an empty proposal, and exited 0."""
+    from cli import main
+
+    spec = tmp_path / "killer.toml"
+    spec.write_text(
+        'name = "kill"\ntime_budget_s = 30.0\n[workload]\nname = "latency"\n'
+        '[workload.params]\ntarget = "os:_exit"\nargs = [3]\ncalls = 1\n'
+    )
+    code = main(["tune", str(spec), "--trials", "2", "--parallel", "2", "--artifacts", str(tmp_path / "art")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, err
+    assert err[-1].startswith("crucible tune: every trial failed; trial ") and "(exit code 3)" in err[-1], err
+
+
 def _owner(run_dirs: list[Path]) -> int:
     return orjson.loads((run_dirs[0] / "lifecycle.json").read_bytes())["owner"]["pid"]
 
