@@ -89,6 +89,8 @@ class Num:
     def parse(self, text: str) -> int | float:
         """Read a command-line string (``ValueError`` naming the range if it does not fit)."""
         try:
+            if not text.isascii():  # int() and float() also read other scripts' digits ("١٢" is 12)
+                raise ValueError(text)
             v: int | float = int(text, 10) if self.integer else float(text)
         except ValueError:
             raise ValueError(f"must be {self.describe()}, got {text!r}") from None

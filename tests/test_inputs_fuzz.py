@@ -171,6 +171,15 @@ def test_flag_numbers_parse_in_range_or_raise_value_error(text, lo, span, intege
         assert "must be" in str(exc)
     else:
         assert math.isfinite(v) and lo <= v <= lo + span and (isinstance(v, int) or not integer)
+        assert text.isascii()  # what a flag shows is what it means: no other script's digits
+
+
+@pytest.mark.parametrize("text", ["\u0661\u0662", "\uff11\uff12", "\u06f3", "1\uff12"])  # Arabic-Indic, fullwidth
+def test_flag_numbers_are_ascii(text):
+    with pytest.raises(ValueError, match="must be"):
+        Num(0, 100, integer=True).parse(text)
+    with pytest.raises(ValueError, match="must be"):
+        Num(0, 100).parse(text)
 
 
 # --- DIMACS files --------------------------------------------------------------------------------------
