@@ -57,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dashboard.server import Dashboard
     from experiments.remote import RayBackendError
     from experiments.service import LabLocked, LabService
+    from telemetry.batchstore import HistoryError
 
     if args.ray_address is not None and args.backend != "ray":
         raise UsageError(f"--ray-address {args.ray_address!r} needs --backend ray")
@@ -80,6 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except LabLocked as exc:
         raise UsageError(str(exc)) from None
+    except HistoryError as exc:  # a malformed history target, or no server there
+        raise UsageError(f"--history: {exc}" if args.history else str(exc)) from None  # else $CRUCIBLE_HISTORY's
     except (ValueError, RayBackendError) as exc:  # a malformed --ray-address, no cluster there, no Ray installed
         raise UsageError(f"--backend {args.backend}: {exc}") from None
     dash = None

@@ -219,14 +219,18 @@ def test_the_lab_and_the_cli_refuse_a_bad_history_at_once(tmp_path, capsys, monk
     for argv in (
         ["run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live", "--history", url],
         ["list", "--artifacts", str(tmp_path / "art"), "--history", url],
+        ["lab", "serve", "--artifacts", str(tmp_path / "art"), "--port", "0", "--history", url],
     ):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err.strip()
+        if argv[0] == "lab":  # the daemon logs JSON lines to stderr before it reaches the history
+            err = err.splitlines()[-1]
         assert e.value.code == 2 and len(err.splitlines()) == 1, err
         assert "postgresql://me:***@127.0.0.1" in err and "hunter2" not in err, err
         assert argv[0] != "run" or err.startswith("crucible run: error: --history: "), err  # not --backend's
+        assert argv[0] != "lab" or err.startswith("crucible lab: error: --history: "), err
     monkeypatch.setenv(ENV, url)  # named by the environment: the message says so, not --history
     for argv in (
         ["run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live"],
