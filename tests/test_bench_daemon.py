@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.daemon import MAPPING_CLASSES, classify, parse_maps, soak_summary
+from bench.daemon import MAPPING_CLASSES, _thread_stack, classify, parse_maps, soak_summary
 
 
 def entry(lo: int, hi: int, perm: str, name: str, rss_kb: int) -> str:
@@ -56,16 +56,21 @@ def test_an_arena_heap_is_not_taken_for_a_stack_nor_a_big_mapping_for_an_arena()
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's /proc")
 def test_the_classes_add_up_to_the_rss_and_see_a_new_threads_stack():
     """On this process: the classes sum to its Rss (the kernel's own total), and a new
-    thread (glibc puts its descriptor and TLS at the top of its stack) adds to ``stacks``."""
+    thread's stack (glibc puts its descriptor and TLS at the top of it: resident) is a stack."""
     started, done = threading.Event(), threading.Event()
 
     def wait() -> None:
         started.set()
         done.wait(30)
 
-    before = classify(parse_maps(Path("/proc/self/smaps").read_text()))
-    t = threading.Thread(target=wait)
-    t.start()
+    # a size no other thread has, to find its mapping among those of other tests' threads
+    # (which may start or end meanwhile) and so that glibc cannot hand it an ended thread's stack
+    default = threading.stack_size(12 << 20)
+    try:
+        t = threading.Thread(target=wait)
+        t.start()
+    finally:
+        threading.stack_size(default)
     try:
         assert started.wait(30)
         text = Path("/proc/self/smaps").read_text()
@@ -73,10 +78,14 @@ def test_the_classes_add_up_to_the_rss_and_see_a_new_threads_stack():
     finally:
         done.set()
         t.join()
-    after = classify(parse_maps(text))
+    maps = parse_maps(text)
+    kb = classify(maps)
     rss = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Rss:"))
-    assert abs(sum(after.values()) - rss) <= 0.02 * rss
-    assert after["stacks"] > before["stacks"]
+    assert sum(kb.values()) == sum(m.rss_kb for m in maps)  # every mapping in one class
+    assert abs(sum(kb.values()) - rss) <= 0.1 * rss  # the rollup is read a moment later
+    mine = [i for i, m in enumerate(maps) if abs(m.hi - m.lo - (12 << 20)) <= 64 << 10 and _thread_stack(maps, i)]
+    assert len(mine) == 1 and maps[mine[0]].rss_kb > 0
+    assert kb["stacks"] >= maps[mine[0]].rss_kb
 
 
 def test_soak_summary_tells_growth_that_levels_off_from_growth_that_does_not():
