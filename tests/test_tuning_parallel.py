@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -201,14 +202,8 @@ def test_a_worker_killed_mid_run_fails_its_job_alone(tmp_path):
 def test_workers_left_by_a_killed_caller_stop_and_exit(tmp_path):
     """The caller dies without stopping its workers (SIGKILL: no handler runs): each worker
     stops its experiment (flushed, ended stopped) and exits on its own."""
-    spec = tmp_path / "long.toml"
-    spec.write_text(
-        'name = "long"\ntime_budget_s = 600.0\n[workload]\nname = "latency"\n'
-        '[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
-    )
     art = tmp_path / "art"
-    cmd = [sys.executable, str(ROOT / "supervisor.py"), "ab", str(spec), "--runs", "2", "--parallel", "2"]
-    proc = subprocess.Popen([*cmd, "--artifacts", str(art)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    proc = _long_ab(tmp_path, art, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while len(_producing(art)) < 2:
@@ -268,20 +263,25 @@ def test_the_flags_are_checked_with_one_line_errors(tmp_path, capsys, argv, says
     assert not (tmp_path / "art").exists()  # refused before any run
 
 
+def _long_ab(tmp_path: Path, art: Path, **popen: Any) -> subprocess.Popen:
+    """``crucible ab`` of two 600 s latency runs, two at a time, as a process of its own."""
+    spec = tmp_path / "long.toml"
+    spec.write_text(
+        'name = "long"\ntime_budget_s = 600.0\n[workload]\nname = "latency"\n'
+        '[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
+    )
+    cmd = [sys.executable, str(ROOT / "supervisor.py"), "ab", str(spec), "--runs", "2", "--parallel", "2"]
+    return subprocess.Popen([*cmd, "--artifacts", str(art)], cwd=ROOT, **popen)
+
+
 def _producing(art: Path) -> list[Path]:
     """The run directories whose phase has written events: their experiments are running."""
     return [p.parent for p in art.glob("*/*/events.jsonl") if p.stat().st_size > 0]
 
 
 def test_ctrl_c_stops_the_workers_and_their_experiments(tmp_path):
-    spec = tmp_path / "long.toml"
-    spec.write_text(
-        'name = "long"\ntime_budget_s = 600.0\n[workload]\nname = "latency"\n'
-        '[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
-    )
     art = tmp_path / "art"
-    cmd = [sys.executable, str(ROOT / "supervisor.py"), "ab", str(spec), "--runs", "2", "--parallel", "2"]
-    proc = subprocess.Popen([*cmd, "--artifacts", str(art)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = _long_ab(tmp_path, art, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while len(_producing(art)) < 2:  # another process: its files are what we can see
