@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from actors.files import locked
 from telemetry.batchstore import BatchStore, Reader, batch_mask
 
 __all__ = ["DB_NAME", "HistoryStore", "batch_mask"]
@@ -61,10 +62,15 @@ class HistoryStore(BatchStore):
             self.db = sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True, check_same_thread=False)
             self.db.execute("PRAGMA query_only = ON")
         else:
-            self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
+            # Writers open one at a time (a flock on <name>.lock): processes creating one new
+            # history at once (ab --parallel workers, a daemon beside a run) meet before it is
+            # in WAL mode, where SQLite's rollback-journal locking can refuse one of them at
+            # once with "database is locked" rather than let its busy timeout wait.
+            with locked(self.path):
+                self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:

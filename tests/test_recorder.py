@@ -356,3 +356,40 @@ def test_the_best_of_a_field_follows_its_declared_direction(tmp_path):
     assert summary_best(s, "score") == 9.0 and summary_best(s, "loss") == 1.0
     assert summary_best(s, "score", "min") == 1.0 and summary_best(s, "loss", "max") == 9.0
     assert summary_best(s, "missing") is None and summary_best({"phases": "junk"}, "score") is None
+
+
+def _create_and_write(path: str, barrier, i: int) -> str:
+    from telemetry.store import HistoryStore
+
+    barrier.wait(30)  # every process opens the new history at the same moment
+    try:
+        store = HistoryStore(path)
+        store.insert_batch("e", f"r{i}", [0], 0, 0, b"x")
+        store.commit()
+        store.close()
+    except Exception as exc:  # noqa: BLE001 - the test reports what each process met
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def test_processes_creating_one_history_at_once_all_open_it(tmp_path):
+    """ab --parallel workers start together on a fresh artifacts folder: each opens (and so
+    creates) the history; none may be refused with 'database is locked'."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from telemetry.store import HistoryStore
+
+    ctx = mp.get_context("spawn")
+    n = 6
+    for attempt in range(3):  # a fresh history each time: the race is at its creation
+        path = tmp_path / f"h{attempt}.sqlite3"
+        with ctx.Manager() as manager, ProcessPoolExecutor(n, mp_context=ctx) as pool:
+            barrier = manager.Barrier(n)
+            results = list(pool.map(_create_and_write, [str(path)] * n, [barrier] * n, range(n)))
+        assert results == ["ok"] * n, results
+        store = HistoryStore(path, readonly=True)
+        try:
+            assert sorted(r for (r,) in store.db.execute("SELECT run_id FROM batches")) == [f"r{i}" for i in range(n)]
+        finally:
+            store.db.close()
