@@ -40,6 +40,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 FAILED_REASONS = ("failed", "storage:")  # a tree that gave up; a storage failure that stopped the run
 
 
+def history_error(flag: str | None, exc: BaseException) -> UsageError:
+    """A history that cannot be opened for writing (``run``, ``lab serve``), named by
+    ``--history`` when the flag gave it (a ``$CRUCIBLE_HISTORY`` one says so already)."""
+    return UsageError(f"--history: {exc}" if flag else str(exc))
+
+
 def one_line(exc: BaseException) -> str:
     """The error's message on one line, whatever its text holds."""
     return " ".join(str(exc).split())

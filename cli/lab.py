@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import structlog
 
-from cli.errors import EXIT_OK, UsageError
+from cli.errors import EXIT_OK, UsageError, history_error
 from cli.run import add_backend_options, stop_on_signals
 from experiments.validate import PORT, Num
 
@@ -82,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except LabLocked as exc:
         raise UsageError(str(exc)) from None
     except HistoryError as exc:  # a malformed history target, or no server there
-        raise UsageError(f"--history: {exc}" if args.history else str(exc)) from None  # else $CRUCIBLE_HISTORY's
+        raise history_error(args.history, exc) from None
     except (ValueError, RayBackendError) as exc:  # a malformed --ray-address, no cluster there, no Ray installed
         raise UsageError(f"--backend {args.backend}: {exc}") from None
     dash = None

@@ -22,7 +22,7 @@ from rich.live import Live
 
 from actors.files import atomic_write
 from cli import render
-from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, reason_failed, run_failed
+from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, history_error, reason_failed, run_failed
 from experiments.coloring.graph import MAX_VERTICES
 from experiments.lab import BACKENDS, Experiment, Lab
 from experiments.remote import RayBackendError  # importing it registers the ray backend
@@ -88,7 +88,7 @@ def open_lab(args: argparse.Namespace, **kwargs: Any) -> Lab:
     try:
         return Lab(args.artifacts, history=args.history, backend=backend, address=address, **kwargs)
     except HistoryError as exc:  # a malformed history target, or no server there
-        raise UsageError(f"--history: {exc}" if args.history else str(exc)) from None  # else $CRUCIBLE_HISTORY's
+        raise history_error(args.history, exc) from None
     except (ValueError, RayBackendError) as exc:  # a malformed address, no cluster there, no Ray installed
         raise UsageError(f"--backend {backend}: {exc}") from None
 
