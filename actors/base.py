@@ -27,6 +27,7 @@ import pykka
 
 from actors.log import get_logger
 from actors.messages import DecodeError, decode, decode_message, encode
+from actors.timers import Timer, call_later
 
 logging.getLogger("pykka").addHandler(logging.NullHandler())
 
@@ -153,14 +154,11 @@ class ActorRef:
                 return False
             return self.tell_bytes(data)
 
-    def tell_later(self, delay: float, msg: dict[str, Any]) -> threading.Timer:
+    def tell_later(self, delay: float, msg: dict[str, Any]) -> Timer:
         """Send ``msg`` to this actor after ``delay`` seconds, unless it is stopping by then
-        (Erlang's ``send_after`` for an actor's own ticks); cancel the returned timer to take
-        it back."""
-        t = threading.Timer(delay, self.tell_unless_stopping, args=(msg,))
-        t.daemon = True
-        t.start()
-        return t
+        (Erlang's ``send_after`` for an actor's own ticks, on the process's one timer
+        thread: :mod:`actors.timers`); cancel the returned timer to take it back."""
+        return call_later(delay, self.tell_unless_stopping, msg)
 
     def ask(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
         """Send and wait for the reply; the handler's exception is raised here."""

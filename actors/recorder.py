@@ -67,6 +67,7 @@ from actors.consumer import EventConsumer
 from actors.files import atomic_write
 from actors.log import get_logger
 from actors.messages import BytesReceiver, encode
+from actors.timers import Timer
 from telemetry.history import (
     HistoryError,
     HistoryTarget,
@@ -190,7 +191,7 @@ class Recorder(EventConsumer):
         self._down: str | None = None  # why the history server is away, while it is
         self._down_since = 0.0
         self._retry_delay = self.history_retry_s[0]
-        self._retry_timer: threading.Timer | None = None
+        self._retry_timer: Timer | None = None
         self._spilled = False  # waiting events let go from memory: re-read from the JSONL
         self._pending_n = 0  # events in self._pending
         self.hist = {"outages": 0, "retries": 0, "down_s": 0.0, "events_waiting_max": 0, "events_spilled": 0}
@@ -212,7 +213,7 @@ class Recorder(EventConsumer):
         self.started_ts: int | None = None
         self._pending: list[dict[str, Any]] = []  # written to both stores, not yet committed
         self._told = False  # whether on_storage_failure has been told
-        self._fsync_timer: threading.Timer | None = None
+        self._fsync_timer: Timer | None = None
         self._last_summary = 0.0
         self.last_seq = self.jsonl.last_seq
         self._reserve = self.run_dir / RESERVE_NAME

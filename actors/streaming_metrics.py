@@ -13,7 +13,6 @@ non-finite values refused. ``get`` answers at any time; a snapshot is published 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from actors.consumer import EventConsumer
+from actors.timers import Timer
 from actors.topics import Topics
 from kernels.moments import Moments
 from kernels.tdigest import TDigest
@@ -111,7 +111,7 @@ class StreamingMetrics(EventConsumer):
         self.success = 0
         self.failure = 0
         self.last_ts: int | None = None
-        self._timer: threading.Timer | None = None
+        self._timer: Timer | None = None
         self._stopped = False
         self.snapshots_published = 0
 

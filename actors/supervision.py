@@ -33,7 +33,6 @@ carries the :class:`Decision` out. Giving up is an exit like any other, never an
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from actors.base import (
 )
 from actors.log import get_logger
 from actors.registry import Registry, default_registry
+from actors.timers import Timer, call_later
 
 log = get_logger("actors.supervision")
 
@@ -315,7 +315,7 @@ class Supervisor(Actor):
         self._children: list[_Child] = []
         self._by_urn: dict[str, _Child] = {}
         self._restarts: tuple[float, ...] = ()  # restart times inside the intensity window
-        self._timers: list[threading.Timer] = []
+        self._timers: list[Timer] = []
         self._rng = random.Random()
         on_death(self.ref, self._on_own_death)
         for s in specs:  # a child may send to one that starts after it: held until it registers
@@ -498,12 +498,8 @@ class Supervisor(Actor):
             g.pending_gen = gen
         ids = [g.spec.id for g in group]
         log.info("restart delayed (backoff)", children=ids, delay_s=round(delay, 4))
-        t = threading.Timer(
-            delay, self.ref.tell_unless_stopping, args=({"kind": "delayed_restart", "ids": ids, "gen": gen},)
-        )
-        t.daemon = True
+        t = call_later(delay, self.ref.tell_unless_stopping, {"kind": "delayed_restart", "ids": ids, "gen": gen})
         self._timers = [x for x in self._timers if x.is_alive()] + [t]
-        t.start()
 
     def handle_delayed_restart(self, msg: dict[str, Any]) -> None:
         group = [c for c in self._children if c.spec.id in msg["ids"] and c.pending_gen == msg["gen"]]

@@ -88,11 +88,11 @@ def test_tell_later_arrives_unless_cancelled_or_stopping(spawned):
     kept = w.tell_later(0.01, {"kind": "note", "v": "kept"})
     gone = w.tell_later(30, {"kind": "note", "v": "cancelled"})
     gone.cancel()
-    kept.join(timeout=5)  # the timer's thread has sent it
+    assert kept.wait(timeout=5)  # the timer thread has sent it
     assert w.ask({"kind": "notes"}) == ["kept"]
     late = w.tell_later(0.01, {"kind": "note", "v": "after stop"})
     w.stop(timeout=5)
-    late.join(timeout=5)
+    assert late.wait(timeout=5)
     assert w.wait(timeout=5) == "normal"  # a tick after the stop is not an undelivered message either
 
 

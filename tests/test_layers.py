@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("kernels", "actors", "telemetry", "experiments", "dashboard", "cli")
 
 # the actor runtime: actors, messages, names, topics, supervision; it knows no events or workloads
-RUNTIME = {"log", "files", "messages", "base", "registry", "topics", "snapshot", "supervision", "runtime"}
+RUNTIME = {"log", "files", "messages", "base", "registry", "topics", "snapshot", "supervision", "runtime", "timers"}
 
 # lowest first; see docs/architecture.md for why each layer sits where it does
 LAYERS = ("kernels", "actor runtime", "telemetry", "standard actors", "experiments", "dashboard", "cli", "supervisor")

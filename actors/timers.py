@@ -1,0 +1,156 @@
+"""One timer thread per process: Erlang's ``send_after`` without an OS thread per tick.
+
+Why: ``threading.Timer`` starts a thread for every timer. A metrics actor publishes at
+1 Hz and a recorder fsyncs on a tick, so each experiment started a few threads a second
+just to wait; a lab daemon that hosts experiments for months started millions of them,
+each allocating a stack, a thread state and a dozen Python objects that live as long as
+the wait, among the longer-lived objects of the experiments. Like the BEAM's timer wheel,
+one thread here keeps every pending timer in a heap and runs each callback when it is due.
+
+Callbacks run on that thread, so they must be quick and must not block: the ones here only
+queue a message (:meth:`actors.base.ActorRef.tell_unless_stopping`). A callback that raises
+is logged and the thread goes on with the others.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from actors.log import get_logger
+
+log = get_logger("actors.timers")
+
+
+class Timer:
+    """A pending call; :meth:`cancel` takes it back if it has not run yet."""
+
+    __slots__ = ("_done", "_lock", "_state", "args", "due", "fn")
+
+    def __init__(self, due: float, fn: Callable[..., Any], args: tuple[Any, ...], lock: threading.Condition) -> None:
+        self.due = due
+        self.fn = fn
+        self.args = args
+        # pending -> running -> done, or pending -> cancelled; changed under the service's lock
+        self._state = "pending"
+        self._lock = lock
+        self._done: threading.Event | None = None  # made only for a caller of wait()
+
+    def cancel(self) -> bool:
+        """Take the call back; True if it will not run (False: it has run or is running)."""
+        with self._lock:
+            if self._state == "pending":
+                self._finish("cancelled")
+                self.fn, self.args = _noop, ()  # drop what the call would have kept alive
+            return self._state == "cancelled"
+
+    def is_alive(self) -> bool:
+        """Not yet run to its end nor cancelled (as ``threading.Timer.is_alive``)."""
+        return self._state in ("pending", "running")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the call has run or was cancelled; False if ``timeout`` passed first."""
+        with self._lock:
+            if self._state in ("done", "cancelled"):
+                return True
+            if self._done is None:
+                self._done = threading.Event()
+            done = self._done
+        return done.wait(timeout)
+
+    def _finish(self, state: str) -> None:
+        self._state = state
+        if self._done is not None:
+            self._done.set()
+
+    def __repr__(self) -> str:
+        return f"<Timer {self._state} due={self.due:.3f}>"
+
+
+def _noop() -> None:
+    return None
+
+
+class TimerService:
+    """A heap of pending :class:`Timer` s and the one daemon thread that runs them when due.
+
+    ``clock`` is ``time.monotonic``: a wall-clock jump neither fires timers early nor holds
+    them back.
+    """
+
+    def __init__(self, name: str = "crucible-timers") -> None:
+        self.name = name
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()  # ties keep the order the timers were set in
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        """Run ``fn(*args)`` on the timer thread after ``delay`` seconds (finite, >= 0)."""
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not math.isfinite(delay) or delay < 0:
+            raise ValueError(f"timer delay must be a finite number of seconds >= 0, got {delay!r}")
+        timer = Timer(time.monotonic() + delay, fn, args, self._cond)
+        with self._cond:
+            self._ensure_thread()
+            heapq.heappush(self._heap, (timer.due, next(self._seq), timer))
+            if self._heap[0][2] is timer:
+                self._cond.notify()  # a new earliest timer: the thread sleeps until it instead
+        return timer
+
+    def pending(self) -> int:
+        """Timers set and not yet run, cancelled ones included until their due time."""
+        with self._cond:
+            return len(self._heap)
+
+    def _ensure_thread(self) -> None:
+        if self._pid != os.getpid():  # a forked child has the heap but not the thread
+            self._heap.clear()
+            self._thread = None
+            self._pid = os.getpid()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        _, _, timer = heapq.heappop(self._heap)
+                        break
+                    self._cond.wait(wait)
+                if timer._state != "pending":
+                    continue
+                timer._state = "running"  # under the lock: cancel() from here on returns False
+                fn, args = timer.fn, timer.args
+                timer.fn, timer.args = _noop, ()
+            try:
+                fn(*args)
+            except Exception:  # one bad callback must not stop every other timer
+                log.exception("timer callback failed", callback=getattr(fn, "__qualname__", repr(fn)))
+            with self._cond:
+                timer._finish("done")
+
+
+_service = TimerService()
+
+
+def call_later(delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
+    """Run ``fn(*args)`` after ``delay`` seconds on the process's timer thread (see the module)."""
+    return _service.call_later(delay, fn, *args)
+
+
+def service() -> TimerService:
+    """The process's timer service (tests and diagnostics: :meth:`TimerService.pending`)."""
+    return _service
