@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import structlog
 
+from actors.log import LOG_KEEP, LOG_ROTATE_BYTES, configure_logging
 from cli.errors import EXIT_OK, UsageError, history_error
 from cli.run import add_backend_options, stop_on_signals
 from experiments.validate import PORT, Num
@@ -64,11 +65,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     arenas = limit_malloc_arenas()  # first, before any thread: see its docstring
     artifacts = check_artifacts_dir(args.artifacts)
-    from actors.log import configure_logging
 
     # the daemon tells what it does at INFO unless --log-level asks for more (or, when set, for less)
     level = "INFO" if args.log_level == "WARNING" else args.log_level
-    configure_logging(level, json=True, also_to=artifacts / DAEMON_LOG)
+    configure_logging(
+        level, json=True, also_to=artifacts / DAEMON_LOG, rotate_bytes=args.log_max_mib << 20, keep=args.log_keep
+    )
     log = structlog.get_logger("cli.lab")
     log.info("malloc arenas", limit=arenas or os.environ.get("MALLOC_ARENA_MAX") or "glibc default")
     try:
@@ -182,6 +184,18 @@ def add_commands(sub: Any) -> None:
         type=Num(1, 1000, integer=True).arg(),
         default=1,
         help="experiments run at once, 1 to 1000 (default 1); the rest wait in the queue",
+    )
+    s.add_argument(
+        "--log-max-mib",
+        type=Num(0, 1 << 20, integer=True).arg(),
+        default=LOG_ROTATE_BYTES >> 20,
+        help=f"rotate <artifacts>/{DAEMON_LOG} past this many MiB, 0 = never (default {LOG_ROTATE_BYTES >> 20})",
+    )
+    s.add_argument(
+        "--log-keep",
+        type=Num(1, 1000, integer=True).arg(),
+        default=LOG_KEEP,
+        help=f"rotated log files kept, {DAEMON_LOG}.1 the newest (1 to 1000, default {LOG_KEEP})",
     )
     add_backend_options(s)
     s.set_defaults(func=cmd_serve)
