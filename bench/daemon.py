@@ -12,20 +12,21 @@ Each figure comes with its anchor, measured in the same run:
   still running when the daemon is killed, the others stopped), then a new daemon on the
   folder: the time until it serves, and until every killed run has a new event on disk.
   Anchor: a daemon's start on an empty folder to serving.
-* **soak**: a daemon takes a short experiment every few seconds (at most ``--concurrent``
-  at once) for ``--soak-minutes``; its RSS and thread count are sampled every 10 s and the
-  least-squares slope per hour is reported (a bounded daemon has slopes near zero); so are the
-  slope and the growth per experiment after the first third (the warm-up: modules imported
-  by the first experiments, ``keep_ended`` handles filling up), and the heaps of glibc's
-  malloc arenas the daemon maps at the end (:func:`arena_heaps`). Each sample also splits the
-  resident memory by kind of mapping, read from ``/proc/PID/smaps`` (:func:`classify`: glibc's
-  main heap, its other arenas, thread stacks, other anonymous memory, files), so that growth
-  is seen where it happens; and the slopes of the middle and last thirds are reported apart,
-  so that growth that levels off is told from growth that does not. ``--soak-log`` writes
-  every sample as a JSON line, to follow a long soak while it runs. The experiments time
-  ``time.sleep`` so the soak measures the daemon, not the workload. ``MALLOC_ARENA_MAX=16``
-  in the environment runs the daemon with glibc's default arenas on 2 cores (the daemon
-  keeps an operator's setting).
+* **soak**: a daemon takes a short experiment (``--experiment-s``, 3 s) about every second (at
+  most ``--concurrent`` at once; a submission the daemon had to queue holds the next one back
+  until it starts, so no backlog builds up) for ``--soak-minutes``; its RSS and thread count
+  are sampled every 10 s and the least-squares slope per hour is reported (a bounded daemon
+  has slopes near zero); so are the slope and the growth per experiment after the first third
+  (the warm-up: modules imported by the first experiments, ``keep_ended`` handles filling up),
+  and the heaps of glibc's malloc arenas the daemon maps at the end (:func:`arena_heaps`).
+  Each sample also splits the resident memory by kind of mapping, read from
+  ``/proc/PID/smaps`` (:func:`classify`: glibc's main heap, its other arenas, thread stacks,
+  other anonymous memory, files), so that growth is seen where it happens; and the slopes of
+  the middle and last thirds are reported apart, so that growth that levels off is told from
+  growth that does not. ``--soak-log`` writes every sample as a JSON line, to follow a long
+  soak while it runs. The experiments time ``time.sleep`` so the soak measures the daemon, not
+  the workload. ``MALLOC_ARENA_MAX=16`` in the environment runs the daemon with glibc's
+  default arenas on 2 cores (the daemon keeps an operator's setting).
 """
 
 from __future__ import annotations
@@ -256,16 +257,26 @@ def resident_by_mapping(pid: int) -> dict[str, int]:
     return classify(parse_maps(Path(f"/proc/{pid}/smaps").read_text()))
 
 
-def bench_soak(minutes: float, concurrent: int, work: Path, log: Path | None = None) -> dict[str, Any]:
+def bench_soak(
+    minutes: float, concurrent: int, work: Path, log: Path | None = None, experiment_s: float = 3.0
+) -> dict[str, Any]:
     d = Daemon(work / "soak", max_experiments=concurrent)
     t0 = time.monotonic()
     samples: list[dict[str, Any]] = []  # s, rss (MiB), threads, experiments submitted, KB by mapping
     k = next_sample = 0
+    waiting: str | None = None  # a submission the daemon queued: no other until it starts
     out = log.open("w") if log else None
     try:
         while time.monotonic() - t0 < minutes * 60:
-            d.client.submit(spec(f"soak{k}", 3.0, sleepy=True))
-            k += 1
+            if waiting is not None and not any(
+                e["id"] == waiting and e["status"] == "queued" for e in d.client.list(history=False)
+            ):
+                waiting = None
+            if waiting is None:
+                reply = d.client.submit(spec(f"soak{k}", experiment_s, sleepy=True))
+                k += 1
+                if reply["status"] == "queued":
+                    waiting = reply["id"]
             if time.monotonic() >= next_sample:
                 rss, threads = rss_threads(d.proc.pid)
                 sample = {"s": time.monotonic() - t0, "rss": rss, "threads": threads, "exps": k}
@@ -275,7 +286,7 @@ def bench_soak(minutes: float, concurrent: int, work: Path, log: Path | None = N
                     out.write(json.dumps(sample) + "\n")
                     out.flush()
                 next_sample = time.monotonic() + 10
-            time.sleep(1.0)  # the soak's submission rate: one experiment a second
+            time.sleep(1.0)  # the soak's submission rate: at most one experiment a second
         heaps = arena_heaps(d.proc.pid)
     finally:
         d.stop()
@@ -337,6 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recorded", type=int, nargs="*", default=[10, 100])
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="0 skips the soak")
     ap.add_argument("--concurrent", type=int, default=4)
+    ap.add_argument(
+        "--experiment-s",
+        type=float,
+        default=3.0,
+        help="each soak experiment's time budget (default 3 s: experiments coming and going; "
+        "long ones measure the daemon over time with few starts)",
+    )
     ap.add_argument("--soak-log", type=Path, help="write each soak sample there, a JSON line each")
     args = ap.parse_args(argv)
     configure_logging("WARNING")  # the in-process anchor's Lab logs every start and end otherwise
@@ -347,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.recorded:
             bench_resume(n, work)
         if args.soak_minutes > 0:
-            bench_soak(args.soak_minutes, args.concurrent, work, args.soak_log)
+            bench_soak(args.soak_minutes, args.concurrent, work, args.soak_log, args.experiment_s)
 
 
 if __name__ == "__main__":
