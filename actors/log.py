@@ -42,6 +42,7 @@ class LogFile:
         self._fh: Any = None
         self._size = 0
         self._checked = 0.0
+        self._line_start = True
         self._open()
 
     def _open(self) -> None:
@@ -70,17 +71,18 @@ class LogFile:
     def write(self, text: str) -> int:
         with self._lock:
             try:
-                now = time.monotonic()
                 if self._fh is None or self._fh.closed:
                     self._open()
-                elif now - self._checked >= self.check_s:
-                    self._checked = now
+                elif self._line_start and time.monotonic() - self._checked >= self.check_s:
+                    self._checked = time.monotonic()
                     if self._moved():
                         self._fh.close()
                         self._open()
                 self._fh.write(text)
-                self._size += len(text.encode("utf-8")) if not text.isascii() else len(text)
-                if self.rotate_bytes and self._size >= self.rotate_bytes:
+                self._size += len(text) if text.isascii() else len(text.encode("utf-8"))
+                # print() writes a line and its newline apart: files change only between lines
+                self._line_start = text.endswith("\n")
+                if self._line_start and self.rotate_bytes and self._size >= self.rotate_bytes:
                     self._rotate()
             except (ValueError, OSError):
                 pass

@@ -36,7 +36,7 @@ def test_rotation_keeps_whole_lines_newest_last_and_at_most_keep_old_files(tmp_p
     f = LogFile(path, rotate_bytes=rotate, keep=keep)
     written = [f"{i} {text}" for i, text in enumerate(lines)]
     for line in written:
-        f.write(line + "\n")
+        print(line, file=f)  # as structlog's PrintLogger writes: the line, then its newline apart
     f.close()
     on_disk = kept(path, keep)
     assert on_disk == written[len(written) - len(on_disk) :]
