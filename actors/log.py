@@ -78,6 +78,8 @@ class LogFile:
                     if self._moved():
                         self._fh.close()
                         self._open()
+                    else:  # truncated from outside (copytruncate) counts from its new size
+                        self._size = os.fstat(self._fh.fileno()).st_size
                 self._fh.write(text)
                 self._size += len(text) if text.isascii() else len(text.encode("utf-8"))
                 # print() writes a line and its newline apart: files change only between lines

@@ -67,11 +67,12 @@ def test_a_file_rotated_from_outside_is_reopened_under_its_name(tmp_path):
 def test_a_truncated_file_keeps_being_appended_to(tmp_path):
     """logrotate's copytruncate: the same file, emptied; lines go on at its (new) end."""
     path = tmp_path / "daemon.log"
-    f = LogFile(path, rotate_bytes=0, check_s=0)
-    f.write("one\n")
+    f = LogFile(path, rotate_bytes=12, keep=1, check_s=0)
+    f.write("one one\n")
     os.truncate(path, 0)
-    f.write("two\n")
-    assert path.read_text() == "two\n"
+    f.write("two two\n")  # 8 bytes in the file now, not 16: no rotation yet
+    assert path.read_text() == "two two\n"
+    assert not path.with_name("daemon.log.1").exists()
     f.close()
 
 
