@@ -20,6 +20,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,7 @@ def _noop() -> None:
 class TimerService:
     """A heap of pending :class:`Timer` s and the one daemon thread that runs them when due.
 
-    ``clock`` is ``time.monotonic``: a wall-clock jump neither fires timers early nor holds
+    Its clock is ``time.monotonic``: a wall-clock jump neither fires timers early nor holds
     them back.
     """
 
@@ -90,7 +91,17 @@ class TimerService:
         self._seq = itertools.count()  # ties keep the order the timers were set in
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._closed = False
+        if hasattr(os, "register_at_fork"):
+            me = weakref.WeakMethod(self._after_fork)
+            os.register_at_fork(after_in_child=lambda: (m := me()) and m())
+
+    def _after_fork(self) -> None:
+        """A forked child has the heap (the parent's timers) but not the thread, and maybe a
+        lock the thread held at the fork: it starts empty, with a lock of its own."""
+        self._heap = []
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
         """Run ``fn(*args)`` on the timer thread after ``delay`` seconds (finite, >= 0)."""
@@ -98,11 +109,23 @@ class TimerService:
             raise ValueError(f"timer delay must be a finite number of seconds >= 0, got {delay!r}")
         timer = Timer(time.monotonic() + delay, fn, args, self._cond)
         with self._cond:
+            if self._closed:
+                raise RuntimeError(f"timer service {self.name!r} is closed")
             self._ensure_thread()
             heapq.heappush(self._heap, (timer.due, next(self._seq), timer))
             if self._heap[0][2] is timer:
                 self._cond.notify()  # a new earliest timer: the thread sleeps until it instead
         return timer
+
+    def close(self) -> None:
+        """End the thread; pending timers are cancelled (for services other than the process's)."""
+        with self._cond:
+            self._closed = True
+            for _, _, timer in self._heap:
+                if timer._state == "pending":
+                    timer._finish("cancelled")
+            self._heap.clear()
+            self._cond.notify()
 
     def pending(self) -> int:
         """Timers set and not yet run, cancelled ones included until their due time."""
@@ -110,10 +133,6 @@ class TimerService:
             return len(self._heap)
 
     def _ensure_thread(self) -> None:
-        if self._pid != os.getpid():  # a forked child has the heap but not the thread
-            self._heap.clear()
-            self._thread = None
-            self._pid = os.getpid()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
@@ -122,6 +141,8 @@ class TimerService:
         while True:
             with self._cond:
                 while True:
+                    if self._closed:
+                        return
                     if not self._heap:
                         self._cond.wait()
                         continue
