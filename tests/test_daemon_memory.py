@@ -179,3 +179,41 @@ def test_trim_heap_returns_scattered_free_memory_to_the_system():
     assert trim_heap() is True
     assert before - rss() > 40 * 2**20
     assert len(keep) == 200
+
+
+CYCLES = """
+import gc, sys, threading, weakref
+sys.path.insert(0, {root!r})
+from actors.runtime import collector, freeze_startup_heap
+freeze_startup_heap(collect_every_s={every!r})
+gc.collect()  # what the imports left behind, so the counts below start near zero
+freed = threading.Event()
+
+class Node:
+    pass
+
+a, b = Node(), Node()
+a.other, b.other = b, a  # a cycle: reference counting alone never frees it
+weakref.finalize(a, freed.set)
+del a, b
+# a steady state: about as many containers freed as made, as in a daemon between experiments
+for _ in range(2000):
+    [[] for _ in range(10)]
+print(freed.wait({wait!r}), gc.get_count()[0] < 50_000, collector.ran.wait({wait!r}))
+"""
+
+
+@pytest.mark.parametrize("every, freed", [(0.05, "True"), (3600.0, "False")])
+def test_a_frozen_process_frees_cycles_without_allocation_pressure(every, freed):
+    """The raised young-generation threshold counts allocations minus deallocations, which a
+    steady state hardly moves: a cycle dropped then is freed by the periodic full collection,
+    and (an hour's interval) not otherwise. The daemon's memory grew by this."""
+    wait = 10.0 if every < 1 else 1.0
+    out = subprocess.run(
+        [sys.executable, "-c", CYCLES.format(root=str(ROOT), every=every, wait=wait)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [freed, "True", freed]
