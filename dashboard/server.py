@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -51,6 +51,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.log import get_logger
+from actors.runtime import collector
 from dashboard.security import (
     Guard,
     cookie_name,
@@ -153,6 +154,21 @@ class _LabCollector:
                         fams["progress"].add_metric([exp.id, obj.progress], float(lasts[-1]))
             fams["running"].add_metric(lbl, {"running": 1.0, "paused": 0.5}.get(exp.status(), 0.0))
         yield from fams.values()
+
+
+class _HostCollector:
+    """The hosting process as a long-running daemon is watched: its threads and the periodic
+    full collection (:mod:`actors.runtime`), beside prometheus_client's process (memory,
+    CPU, files) and GC metrics."""
+
+    def collect(self) -> Any:
+        threads = GaugeMetricFamily("crucible_threads", "Threads of this process")
+        threads.add_metric([], float(threading.active_count()))
+        runs = CounterMetricFamily("crucible_gc_periodic_runs", "Periodic full collections (actors.runtime)")
+        runs.add_metric([], float(collector.runs))
+        last = GaugeMetricFamily("crucible_gc_periodic_last_seconds", "How long the last periodic collection took")
+        last.add_metric([], collector.last_s)
+        yield from (threads, runs, last)
 
 
 def objective(exp: Experiment) -> Objective | None:
@@ -283,6 +299,9 @@ def create_app(
     ``service`` (the lab daemon) it takes submissions and lists the queue; ``lab`` is its Lab."""
     registry = CollectorRegistry()
     registry.register(_LabCollector(lab))  # type: ignore[arg-type]
+    registry.register(_HostCollector())  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
     cookie = cookie_name(port)
 
     def valid_id(kind: str, value: Any) -> str:

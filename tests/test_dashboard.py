@@ -1,5 +1,6 @@
 import os
 import stat
+import threading
 import time
 
 import httpx
@@ -81,6 +82,16 @@ def test_api_status_codes_auth_and_validation(lab, dash):
     metrics = c.get("/metrics").text
     assert 'crucible_events_persisted{experiment="dash"}' in metrics
     assert "crucible_objective_best{" in metrics and "crucible_restarts" in metrics
+    # the host, as a daemon is watched: memory, threads, collections
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line and not line.startswith("#") and len(line.split()) == 2
+    }
+    assert values["process_resident_memory_bytes"] > 10 << 20
+    assert values["crucible_threads"] == pytest.approx(threading.active_count(), abs=20)
+    assert "crucible_gc_periodic_runs_total" in values and "crucible_gc_periodic_last_seconds" in values
+    assert 'python_gc_collections_total{generation="0"}' in values
     js = anonymous.get("/static/plotly.min.js")
     assert js.status_code == 200 and len(js.content) > 1_000_000  # served from the plotly package
 
