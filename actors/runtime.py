@@ -17,7 +17,7 @@ no full one. Objects in reference cycles (an ended actor tree has a few: refs an
 actors, conditions and their locks, about 27 KB an experiment) were then never freed, and
 the daemon's memory grew with every experiment. So a frozen process also collects fully
 every :data:`COLLECT_EVERY_S` seconds, on the timer thread (:func:`collect_periodically`),
-and hands the freed pages back (:func:`trim_heap`): tens of milliseconds a minute.
+and hands the freed pages back (:func:`trim_heap`): tens of milliseconds every 30 s.
 """
 
 from __future__ import annotations
