@@ -2,6 +2,10 @@
 
 * hypothesis without per-example deadlines (numba loads its cache on first call, and CI
   machines are slow and shared).
+* Ctrl-C works in the tests whoever started them: a run started in the background by a
+  non-interactive shell (``pytest &``) inherits SIGINT *ignored*, and so would every process
+  it starts. The tests that interrupt a run (``crucible ab --parallel``, Ray tasks) send
+  SIGINT, so the session restores Python's own handler first.
 * Coverage (pytest-cov, configured in pyproject.toml) gates the whole suite at 90 %. A run
   of part of the suite (named modules or tests, ``-k``, ``-m``, ``--lf``) covers only part
   of the code by design: it keeps measuring but neither prints the table nor fails on the
@@ -10,6 +14,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -30,6 +35,8 @@ def whole_suite(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # see the module docstring
     cov = config.pluginmanager.getplugin("_cov")
     if cov is None or whole_suite(config):
         return
