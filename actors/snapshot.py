@@ -88,11 +88,16 @@ class Snapshot:
 
     def latest(self) -> Reading:
         """The latest value and its age, without refreshing; ``stale`` is decided by the caller."""
+        return self._latest()[0]
+
+    def _latest(self) -> tuple[Reading, int]:
+        """The latest value and the version it is: a reader compares *that* version, not the
+        snapshot's, since a value published after this one was taken is not in it."""
         with self._cond:
-            data, at = self._data, self._at
+            data, at, version = self._data, self._at, self._version
         if data is None or at is None:
-            return Reading(None, None, True)
-        return Reading(decode(data), max(0.0, self._clock() - at), False)
+            return Reading(None, None, True), version
+        return Reading(decode(data), max(0.0, self._clock() - at), False), version
 
     def read(self, fetch: Callable[[], Any] | None = None, max_age: float = MAX_AGE_S, wait: float = WAIT_S) -> Reading:
         """The latest value if it is at most ``max_age`` old; else refresh it with ``fetch``.
@@ -105,8 +110,7 @@ class Snapshot:
         ``stale=True`` if it is older than ``max_age`` and was published before this read
         began (so with ``max_age=0`` only a value published during the read is fresh).
         """
-        seen = self._version
-        r = self.latest()
+        r, seen = self._latest()
         if r.value is not None and r.age_s is not None and r.age_s <= max_age:
             return r
         if fetch is not None:
@@ -117,8 +121,11 @@ class Snapshot:
                     deadline = self._fetch_began + wait
                     while self._version == seen and self._fetching and (left := deadline - time.monotonic()) > 0:
                         self._cond.wait(left)
-            r = self.latest()
-        fresh = r.value is not None and r.age_s is not None and (r.age_s <= max_age or self._version > seen)
+            r, version = self._latest()
+            published_since = version > seen  # the value read, not one published after it
+        else:
+            published_since = False
+        fresh = r.value is not None and r.age_s is not None and (r.age_s <= max_age or published_since)
         return Reading(r.value, r.age_s, not fresh)
 
     def _start_fetch(self, fetch: Callable[[], Any]) -> bool:

@@ -1,6 +1,7 @@
 import threading
 import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -94,3 +95,27 @@ def test_reads_do_not_wait_on_an_actor_whose_last_answer_was_late():
     assert snap.wait_published(1, timeout=10)
     quick = snap.read(lambda: {"n": 3}, max_age=0.0, wait=30)  # it answered fast again: reads wait again
     assert quick.value == {"n": 3} and not quick.stale
+
+
+@pytest.mark.parametrize("with_fetch", [False, True])
+def test_a_value_published_after_the_one_read_does_not_make_it_fresh(with_fetch):
+    """A publisher may run between the read taking the old value and the read judging it:
+    the old value is still stale (its age says so), whatever was published after it."""
+    t = [0.0]
+    cut_in: list = []
+
+    def clock():
+        if cut_in:  # another thread publishes right as the reader takes the value's age
+            cut_in.pop()()
+        return t[0]
+
+    snap = Snapshot(clock=clock)
+    snap.publish({"v": 1})
+    t[0] = 5.0
+    cut_in.append(lambda: snap.publish({"v": 2}))
+    fetch = (lambda: None) if with_fetch else None  # a refresh that brings nothing in time
+    r = snap.read(fetch, max_age=1.0, wait=0)
+    if r.value == {"v": 1}:
+        assert r.stale and r.age_s == 5.0
+    else:  # the newer value itself, published during the read: fresh
+        assert r.value == {"v": 2} and not r.stale
