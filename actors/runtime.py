@@ -40,7 +40,6 @@ class CollectorStats:
 
     def __init__(self) -> None:
         self.runs = 0
-        self.collected = 0  # unreachable objects found, over all runs
         self.last_s = 0.0  # how long the last run took
         self.ran = threading.Event()  # set after each run (cleared by whoever waits on it)
 
@@ -80,13 +79,11 @@ def collect_periodically(interval_s: float = COLLECT_EVERY_S) -> None:
 def _collect_and_reschedule(interval_s: float, schedule: int) -> None:
     global _periodic
     t0 = time.perf_counter()
-    found = 0
     try:
-        found = gc.collect()
+        gc.collect()
         trim_heap()
     finally:
         collector.runs += 1
-        collector.collected += found
         collector.last_s = time.perf_counter() - t0
         with _schedule_lock:
             if schedule == _schedule:  # not replaced meanwhile
