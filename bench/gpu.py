@@ -6,7 +6,8 @@ Run: ``python -m bench.gpu rates [--instances DSJC250.5:27,DSJC500.5:46] [--seco
 ``rates``: TabuCol iterations per second at a fixed k below the best known (the search never
 stops early), summed over the chains: one CPU core running the numba kernel (the anchor),
 all CPU cores with ``prange`` (one chain per core), and the CUDA population (one block per
-chain), printed as ratios to the anchor.
+chain), printed as ratios to the anchor; for the GPU, each threads-per-chain, load round
+(``--batches``) and gamma layout, with the kernel's registers and resident blocks.
 
 ``search``: the colouring pipeline's population phase on the device (``gpu = "auto"``), from
 DSATUR down; colours reached, seconds to reach them, checked by the independent checker.
@@ -59,11 +60,8 @@ def rates(args: argparse.Namespace) -> None:
     cores = numba.config.NUMBA_NUM_THREADS
     print(f"cores: {cores}; CUDA: {'yes' if ok else 'no (' + str(why) + ')'}")
     if ok:
-        cuda = load_cuda()
-        dev = cuda.get_current_device()
-        print(
-            f"device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}, {dev.MULTIPROCESSOR_COUNT} SMs"
-        )
+        name, sms, _ = device_info()
+        print(f"device: {name}, {sms} SMs")
     for item in args.instances.split(","):
         name, k = item.split(":")[:2]
         k = int(k)
@@ -76,22 +74,49 @@ def rates(args: argparse.Namespace) -> None:
         print(f"  {cores} CPU cores (prange, P={cores}) {r:>14,.0f} it/s   {r / anchor:.1f}x")
         if not ok:
             continue
-        cuda = load_cuda()
-        dev = cuda.get_current_device()
-        free, _ = cuda.current_context().get_memory_info()
+        _, sms, free = device_info()
+        layouts = [x == "shared" for x in args.gamma.split(",")]
         for tpb in [int(x) for x in args.threads.split(",")]:
-            for shared in (True, False):
-                p = args.population or auto_size(g.n, k, free, dev.MULTIPROCESSOR_COUNT, args.per_sm)
-                pop = CudaPopulation(g.indptr, g.indices, p, seed=1, threads=tpb, gamma_in_shared=shared)
-                pop.k = k
-                if shared and not pop.gamma_in_shared():
-                    continue
-                r = population_rate(pop, g, k, args.seconds, args.iters)
-                print(
-                    f"  GPU P={p} threads={tpb} gamma={'shared' if shared else 'global'}"
-                    f" {r:>14,.0f} it/s   {r / anchor:.1f}x"
-                )
-                pop.close()
+            for batch in [int(x) for x in args.batches.split(",")]:
+                for shared in layouts:
+                    p = args.population or auto_size(g.n, k, free, sms, args.per_sm)
+                    pop = CudaPopulation(
+                        g.indptr, g.indices, p, seed=1, threads=tpb, gamma_in_shared=shared, batch=batch
+                    )
+                    pop.k = k
+                    if shared and not pop.gamma_in_shared():
+                        continue
+                    r = population_rate(pop, g, k, args.seconds, args.iters)
+                    print(
+                        f"  GPU P={p} threads={tpb} batch={batch} gamma={'shared' if shared else 'global'}"
+                        f" {r:>14,.0f} it/s   {r / anchor:.1f}x   {kernel_resources(pop)}"
+                    )
+                    pop.close()
+
+
+def device_info() -> tuple[str, int, int]:
+    """(name, SMs, free bytes) of the current device; numba's CUDA simulator, which has no
+    device properties, counts as one SM with 1 GiB free (the bench's smoke test runs there)."""
+    cuda = load_cuda()
+    if not hasattr(cuda, "get_current_device"):
+        return "numba CUDA simulator", 1, 1 << 30
+    dev = cuda.get_current_device()
+    free, _ = cuda.current_context().get_memory_info()
+    return (dev.name.decode() if isinstance(dev.name, bytes) else dev.name), int(dev.MULTIPROCESSOR_COUNT), int(free)
+
+
+def kernel_resources(pop: CudaPopulation) -> str:
+    """Registers and local memory a thread of the compiled kernel takes, and how many of its
+    blocks the device holds at once: more chains than that run in a second wave."""
+    if not hasattr(pop.cuda, "get_current_device"):
+        return "resources: none (simulator)"
+    try:
+        (kern,) = pop.step_kernel.overloads.values()
+        smem = pop.kern.shared_bytes(pop.n, pop.k, pop.gamma_in_shared())
+        resident = kern.max_cooperative_grid_blocks(pop.tpb, smem)
+        return f"regs={kern.regs_per_thread} local={kern.local_mem_per_thread}B resident={resident}"
+    except (AttributeError, ValueError) as exc:  # numba-cuda versions differ in these attributes
+        return f"resources: {exc}"
 
 
 class _Quiet:
@@ -163,6 +188,8 @@ def main() -> None:
     r.add_argument("--instances", default="DSJC250.5:27,DSJC500.5:46")
     r.add_argument("--seconds", type=float, default=5.0)
     r.add_argument("--threads", default="32,64,128")
+    r.add_argument("--batches", default="1,4", help="load rounds (pairs per thread per round) to compare")
+    r.add_argument("--gamma", default="global,shared", help="gamma table layouts to compare")
     r.add_argument("--population", type=int, default=0, help="chains on the GPU (0: chosen from the device)")
     r.add_argument("--per-sm", type=int, default=16)
     r.add_argument("--iters", type=int, default=2000, help="iterations per chain per launch")

@@ -161,6 +161,7 @@ class CudaPopulation:
         seed: int = 0,
         threads: int = 64,
         gamma_in_shared: bool = False,
+        batch: int | None = None,
     ) -> None:
         cuda = load_cuda()
         from kernels import tabu_cuda
@@ -168,6 +169,8 @@ class CudaPopulation:
         if threads & (threads - 1) or not 1 <= threads <= tabu_cuda.MAX_THREADS:
             raise ValueError(f"threads per chain must be a power of two <= {tabu_cuda.MAX_THREADS}, got {threads}")
         self.cuda, self.kern = cuda, tabu_cuda
+        self.batch = tabu_cuda.BATCH if batch is None else int(batch)
+        self.step_kernel = tabu_cuda.tabu_chains_for(self.batch)
         self.n = int(indptr.shape[0] - 1)
         if self.n > 32767:
             raise ValueError(f"the CUDA population handles graphs of up to 32767 vertices, got {self.n}")
@@ -219,7 +222,7 @@ class CudaPopulation:
         shared = self.gamma_in_shared()
         smem = self.kern.shared_bytes(self.n, self.k, shared)
         graph, state = self._graph_and_state()
-        self.kern.tabu_chains[self.size, self.tpb, 0, smem](
+        self.step_kernel[self.size, self.tpb, 0, smem](
             *graph,
             *state,
             int(iters),

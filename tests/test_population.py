@@ -37,6 +37,35 @@ def test_cuda_kernels_under_the_simulator(check):
     assert f"{check}: ok" in r.stdout
 
 
+def test_the_gpu_bench_measures_every_load_round_and_layout_under_the_simulator():
+    """``bench.gpu rates`` runs its GPU rows end to end (so a device session spends no time on
+    a broken bench): one row per load round and gamma layout, each with a positive rate."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    args = ["--instances", "myciel5:5", "--seconds", "0.2", "--threads", "4", "--population", "2"]
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "rates", *args, "--iters", "5", "--batches", "1,4"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip().startswith("GPU ")]
+    seen = {(row[3], row[4]) for row in rows}
+    assert seen == {(f"batch={b}", f"gamma={g}") for b in (1, 4) for g in ("global", "shared")}, r.stdout
+    assert all(int(row[5].replace(",", "")) > 0 and row[6] == "it/s" for row in rows), r.stdout
+
+
+def test_a_load_round_outside_its_range_is_refused():
+    from kernels import tabu_cuda
+
+    for bad in (0, tabu_cuda.MAX_BATCH + 1, -3):
+        with pytest.raises(ValueError, match="load round must be 1 to"):
+            tabu_cuda.tabu_chains_for(bad)
+    assert tabu_cuda.tabu_chains_for(tabu_cuda.BATCH) is tabu_cuda.tabu_chains_for(tabu_cuda.BATCH)
+
+
 def _exact(pop: CpuPopulation, g) -> None:
     for i in range(pop.size):
         assert count_conflicts(g.indptr, g.indices, pop.colors[i]) == pop.f[i]
