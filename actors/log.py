@@ -46,7 +46,9 @@ class LogFile:
         self._open()
 
     def _open(self) -> None:
-        self._fh = self.path.open("a", encoding="utf-8", buffering=1)
+        # the owner's only: a daemon's log names its experiments, their specs' errors and its clients
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fh = open(fd, "a", encoding="utf-8", buffering=1)
         self._size = os.fstat(self._fh.fileno()).st_size
         self._checked = time.monotonic()
 

@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from actors.recorder import check_artifacts_dir
     from dashboard.server import Dashboard
     from experiments.remote import RayBackendError
-    from experiments.service import LabLocked, LabService
+    from experiments.service import LabLocked, LabService, check_data_dir
     from telemetry.batchstore import HistoryError
 
     if args.ray_address is not None and args.backend != "ray":
@@ -65,6 +65,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     arenas = limit_malloc_arenas()  # first, before any thread: see its docstring
     artifacts = check_artifacts_dir(args.artifacts)
+    try:
+        data_dirs = [check_data_dir(d) for d in args.data_dir]
+    except ValueError as exc:
+        raise UsageError(f"--data-dir: {exc}") from None
 
     # the daemon tells what it does at INFO unless --log-level asks for more (or, when set, for less)
     level = "INFO" if args.log_level == "WARNING" else args.log_level
@@ -80,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             history=args.history,
             backend=args.backend,
             address=args.ray_address,
+            data_dirs=data_dirs,
         )
     except LabLocked as exc:
         raise UsageError(str(exc)) from None
@@ -196,6 +201,14 @@ def add_commands(sub: Any) -> None:
         type=Num(1, 1000, integer=True).arg(),
         default=LOG_KEEP,
         help=f"rotated log files kept, {DAEMON_LOG}.1 the newest (1 to 1000, default {LOG_KEEP})",
+    )
+    s.add_argument(
+        "--data-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder whose files submissions may read (graph files; repeatable); the shipped "
+        "instances are always allowed, nothing else is by default",
     )
     add_backend_options(s)
     s.set_defaults(func=cmd_serve)

@@ -52,6 +52,36 @@ def find_token(
     return text
 
 
+def check_token(token: str) -> str:
+    """A token as the daemon writes them (URL-safe ASCII), so a pasted stray character is an
+    error here rather than an encoding failure inside the HTTP client."""
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise LabClientError("the token has characters a lab daemon's token never has (it is URL-safe ASCII)")
+    return token
+
+
+def base_url(url: str) -> str:
+    """The daemon's base URL, ``http(s)://HOST:PORT/``, from what the user gave.
+
+    Raises:
+        LabClientError: not such a URL; a query (the printed dashboard URL, with its token) is
+            refused with what to give instead.
+    """
+    try:
+        u = httpx.URL(url)
+        _ = u.port  # a malformed port raises here
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise LabClientError(f"the lab daemon's URL {url!r} is not a URL: {exc}") from None
+    if u.scheme not in ("http", "https") or not u.host or not 0 < (u.port or 80) < 65536:
+        raise LabClientError(f"the lab daemon's URL {url!r} must be http://HOST:PORT (crucible lab serve prints it)")
+    if u.query or u.fragment:
+        raise LabClientError(
+            f"the lab daemon's URL {url!r} has a query or fragment: give its base URL, "
+            f"{u.scheme}://{u.netloc.decode()}/; the token goes in {TOKEN_ENV} or --token-file"
+        )
+    return str(u).rstrip("/") + "/"
+
+
 class LabClient:
     """Submit, list and control the experiments of a lab daemon at ``url``."""
 
@@ -64,8 +94,8 @@ class LabClient:
         token_file: str | Path | None = None,
         timeout: float = 120.0,
     ) -> None:
-        self.url = url.rstrip("/") + "/"
-        self.token = find_token(token, artifacts, token_file)
+        self.url = base_url(url)
+        self.token = check_token(find_token(token, artifacts, token_file))
         self.http = httpx.Client(
             base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {self.token}"}, trust_env=False
         )
@@ -92,6 +122,8 @@ class LabClient:
                 spec = spec.read_text()
             except OSError as exc:
                 raise LabClientError(f"cannot read the spec {str(spec)!r}: {exc.strerror or exc}") from None
+            except UnicodeDecodeError as exc:
+                raise LabClientError(f"the spec {str(spec)!r} is not UTF-8 text (byte {exc.start})") from None
         body: dict[str, Any] = {"spec": spec} if isinstance(spec, dict) else {"toml": spec}
         body["set"] = list(overrides or [])
         if experiment_id is not None:

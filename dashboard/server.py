@@ -61,6 +61,7 @@ from dashboard.security import (
     token_matches,
     write_token_file,
 )
+from dashboard.transport import GuardedH11Protocol
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from experiments.service import LabService, ServiceClosed
 from experiments.spec import SpecError
@@ -539,7 +540,9 @@ class Dashboard:
         self.host, self.port = sock.getsockname()[:2]
         self.url = f"http://{f'[{self.host}]' if family == socket.AF_INET6 else self.host}:{self.port}/"
         app = create_app(lab, self.token, (host, self.host), self.port, service)
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws_ping_interval=None)
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="off", ws_ping_interval=None, http=GuardedH11Protocol
+        )
         self.server = uvicorn.Server(config)
         self._sock = sock
         self._thread = threading.Thread(

@@ -404,8 +404,14 @@ class Experiment:
     def _tree_died(self, reason: str) -> None:
         """The end of the run, whatever ended it (in the dying supervisor's thread, its children
         all stopped): the phase finished (completed, budget, stopped, storage: the tree shut
-        itself down), the tree was stopped, or it gave up (failed)."""
-        self._final_summary = self._last_summary()
+        itself down), the tree was stopped, or it gave up (failed). The run is marked ended
+        whatever reading its summary meets (out of file descriptors, say): a run that reads
+        as running after its tree died would hold its queue slot for ever."""
+        try:
+            self._final_summary = self._last_summary()
+        except Exception as exc:  # noqa: BLE001 - the end must be recorded whatever the disk says
+            log.error("final summary unreadable", experiment=self.id, error=repr(exc))
+            self._final_summary = self._summary_snap.latest().value or {}
         self._final_metrics = self._metrics_snap.latest().value
         if is_abnormal(reason):
             log.error("experiment tree gave up", experiment=self.id, reason=reason)
@@ -734,7 +740,10 @@ class Experiment:
         if not self._stopped.is_set() and source == "live":
             ref = self.registry.whereis("recorder")
             if ref is not None:
-                return query_answer(ref.ask({"kind": "query_window", "spec": spec, "filters": filters}, timeout=30))
+                try:
+                    return query_answer(ref.ask({"kind": "query_window", "spec": spec, "filters": filters}, timeout=30))
+                except ActorDeadError:  # it stopped while asked: the run is ending; its store answers
+                    self._stopped.wait(10)
         store = open_history(self.lab.history, artifacts=self.lab.artifacts, readonly=True)
         try:
             return store.query(self.id, spec, filters, run_id=self.run_id)

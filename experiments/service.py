@@ -17,6 +17,7 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,18 @@ def _read_pid(path: Path) -> str:
         return "unknown"
 
 
+def check_data_dir(path: str | Path) -> Path:
+    """An existing folder, resolved (a submission's files are compared with it resolved too).
+
+    Raises:
+        ValueError: naming the path and what it is instead.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"data folder {str(path)!r} {'is not a folder' if p.exists() else 'does not exist'}")
+    return p.resolve()
+
+
 class LabService:
     """A Lab behind a lock and a persisted queue; thread-safe, for a long-lived daemon.
 
@@ -71,9 +84,12 @@ class LabService:
         history: str | Path | None = None,
         backend: str = "embedded",
         address: str | None = None,
+        data_dirs: Sequence[str | Path] = (),
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
+        # the folders a submission's files must lie in (resolved: a link out of them is out)
+        self.data_dirs = tuple(check_data_dir(d) for d in data_dirs)
         self.artifacts = check_artifacts_dir(artifacts)
         self.max_running = max_running
         self.keep_ended = keep_ended  # ended experiments whose handles stay in memory (see _forget_ended)
@@ -154,7 +170,7 @@ class LabService:
         for old in list(self._ended)[: max(0, len(self._ended) - self.keep_ended)]:
             del self._ended[old]  # the oldest first (insertion order): bounded like ended handles
         data = {"schema": QUEUE_SCHEMA, "queue": self._queue, "ended": self._ended}
-        atomic_write(self.queue_file, orjson.dumps(data))
+        atomic_write(self.queue_file, orjson.dumps(data), mode=0o600)  # specs may be private: the owner's only
 
     # --- submissions ---------------------------------------------------------------------------------------
 
@@ -162,10 +178,13 @@ class LabService:
         return {*self.lab.experiments, *(i["id"] for i in self._queue), *self._ended}
 
     def _new_id(self, base: str) -> str:
+        """``base``, or ``base-2``, ``base-3``...: the first free one, cut to the id's 128
+        characters (an id that could not run must never be acknowledged)."""
         taken, exp_id, k = self._taken(), base, 1
         while exp_id in taken:
             k += 1
-            exp_id = f"{base}-{k}"
+            suffix = f"-{k}"
+            exp_id = base[: 128 - len(suffix)] + suffix
         return exp_id
 
     def submit(
@@ -187,6 +206,7 @@ class LabService:
         if not all(isinstance(o, str) for o in overrides):
             raise SpecError(f"--set: each override must be a 'key=value' string, got {overrides!r}")
         full = load_spec(raw, overrides or None, workload_registry(), source="submitted spec")
+        self._check_files(full)
         try:
             base = check_id("experiment id", experiment_id if experiment_id is not None else full["name"])
         except ValueError as exc:
@@ -204,6 +224,19 @@ class LabService:
             log.info("submission queued", experiment=item["id"], position=len(self._queue))
             self._fill()
             return self._entry(item["id"])
+
+    def _check_files(self, full: dict[str, Any]) -> None:
+        """Refuse a spec that would read a local file outside the data folders: whoever holds
+        the token may run experiments, not read the daemon's files (an error would quote them)."""
+        workload = workload_registry()[full["workload"]["name"]]
+        files = getattr(workload, "files", None)
+        for path in files(full["workload"]["params"]) if callable(files) else []:
+            if not any(path.is_relative_to(d) for d in self.data_dirs):
+                allowed = ", ".join(map(str, self.data_dirs)) or "none (start the daemon with --data-dir)"
+                raise SpecError(
+                    f"submitted spec: workload.params reads {str(path)!r}, outside the daemon's data folders "
+                    f"({allowed}); shipped instances are always allowed"
+                )
 
     def _entry(self, exp_id: str) -> dict[str, Any]:
         for pos, item in enumerate(self._queue, 1):

@@ -268,3 +268,91 @@ def test_a_restarted_daemon_keeps_its_token_unless_the_file_is_doubtful(tmp_path
         assert (art / "dashboard.token").stat().st_mode & 0o777 == 0o600
     finally:
         third.kill()
+
+
+def _colour_spec(name: str, graph_file: str) -> dict:
+    return {
+        "name": name,
+        "time_budget_s": 1,
+        "workload": {"name": "coloring", "params": {"graph": {"file": graph_file}, "phases": ["tabu"]}},
+    }
+
+
+def test_a_submission_reads_files_only_from_the_data_folders(tmp_path):
+    """Whoever holds the token may run experiments, not read the daemon's files: a graph file
+    outside ``data_dirs`` (or linked out of one) is refused before anything is queued, with no
+    word of its contents; shipped instances and files in a data folder are admitted."""
+    from experiments.service import LabService, check_data_dir
+
+    secret = tmp_path / "secret.col"
+    secret.write_text("secret_password_123\n")
+    data = tmp_path / "graphs"
+    data.mkdir()
+    (data / "tiny.col").write_text("p edge 3 2\ne 1 2\ne 2 3\n")
+    (data / "link.col").symlink_to(secret)
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1, data_dirs=[data])
+    try:
+        for bad in (str(secret), str(data / "link.col"), str(data / ".." / "secret.col"), "/etc/passwd"):
+            with pytest.raises(ValueError, match="outside the daemon's data folders") as err:
+                service.submit(_colour_spec("leak", bad))
+            assert "secret_password" not in str(err.value) and "root:" not in str(err.value)
+        assert service.list(history=False) == [] and not (art / "queue.json").exists()
+        assert service.submit(_colour_spec("mine", str(data / "tiny.col")))["id"] == "mine"
+        assert service.submit(_colour_spec("shipped", "myciel5"))["id"] == "shipped"
+        assert oct((art / "queue.json").stat().st_mode & 0o777) == "0o600"  # specs are the owner's
+    finally:
+        service.shutdown()
+    closed = LabService(tmp_path / "art2", max_running=1)  # no data folder: shipped instances only
+    try:
+        with pytest.raises(ValueError, match=r"none \(start the daemon with --data-dir\)"):
+            closed.submit(_colour_spec("mine", str(data / "tiny.col")))
+    finally:
+        closed.shutdown()
+    for bad in (tmp_path / "missing", secret):
+        with pytest.raises(ValueError, match="data folder"):
+            check_data_dir(bad)
+
+
+def test_ids_made_unique_stay_within_the_id_limit_and_can_be_cancelled(tmp_path):
+    from experiments.service import LabService
+
+    service = LabService(tmp_path / "art", max_running=1)
+    long_id = "b" * 128
+    try:
+        assert service.submit(latency_spec("x", budget=600), experiment_id=long_id)["status"] == "running"
+        second = service.submit(latency_spec("x", budget=600), experiment_id=long_id)
+        third = service.submit(latency_spec("x", budget=600), experiment_id=long_id)
+        assert second["id"] == "b" * 126 + "-2" and third["id"] == "b" * 126 + "-3"
+        assert second["status"] == third["status"] == "queued"
+        assert service.stop(second["id"])["status"] == "cancelled"
+        service.stop(long_id)
+        wait_for(
+            lambda: {e["id"]: e["status"] for e in service.list(history=False)}[third["id"]] == "running",
+            "the third to start",
+        )
+        service.stop(third["id"])
+    finally:
+        service.shutdown()
+
+
+def test_client_mistakes_are_one_line_errors(daemon, tmp_path, capsys, monkeypatch):
+    """What a user mistypes or pastes gives one line and exit 2, never a traceback."""
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe")
+    monkeypatch.setenv("CRUCIBLE_TOKEN", daemon.token)
+    cases = [
+        (["submit", str(binary), "--to", daemon.url], "not UTF-8 text"),
+        (["ls", "--to", "http://[::1"], "is not a URL"),
+        (["ls", "--to", f"{daemon.url}?token={daemon.token}"], f"give its base URL, {daemon.url}"),
+        (["ls", "--to", "127.0.0.1:7878"], "must be http://HOST:PORT"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and needle in err and "Traceback" not in err, (argv, err)
+    monkeypatch.setenv("CRUCIBLE_TOKEN", "tökén")
+    with pytest.raises(SystemExit) as exit_:
+        main(["ls", "--to", daemon.url])
+    assert exit_.value.code == 2 and "URL-safe ASCII" in capsys.readouterr().err

@@ -4,6 +4,7 @@ clients sending what a hostile page or a DNS-rebinding attack would send."""
 import os
 import socket
 import stat
+import time
 from urllib.parse import quote
 
 import httpx
@@ -16,6 +17,7 @@ from websockets.sync.client import connect
 
 from dashboard.security import MAX_BODY, cookie_name
 from dashboard.server import Dashboard
+from dashboard.transport import GuardedH11Protocol
 from supervisor import Lab
 
 # tabu only, with no end but its time budget: it outlasts the module
@@ -220,6 +222,55 @@ def test_the_websocket_needs_the_token(lab, dash, origin):
         assert orjson.loads(ws.recv(timeout=30))["experiments"][0]["id"] == "sec"
     with connect(ws_url(dash), additional_headers=bearer(dash)) as ws:  # a script: no Origin, the bearer token
         assert orjson.loads(ws.recv(timeout=30))["experiments"][0]["id"] == "sec"
+
+
+# --- connections ----------------------------------------------------------------------------------------------
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Read until the server closes (EOF or reset); False if it kept the connection 30 s."""
+    sock.settimeout(30)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_flood_of_idle_connections_is_shed_and_the_server_still_answers(lab, dash, monkeypatch):
+    """No token needed to open sockets: surplus connections are closed as accepted and ones
+    whose headers trickle in are closed after the header timeout (no file descriptors pile up),
+    a kept-alive connection gets the same time for its next request, and a websocket is not
+    timed."""
+    monkeypatch.setattr(GuardedH11Protocol, "max_connections", 8)
+    monkeypatch.setattr(GuardedH11Protocol, "header_timeout_s", 1.0)
+    head = f"GET /api/experiments HTTP/1.1\r\nHost: 127.0.0.1:{dash.port}\r\n"
+    with connect(ws_url(dash), additional_headers=bearer(dash)) as ws:
+        assert ws.recv(timeout=30)
+        refused_before = GuardedH11Protocol.refused
+        socks = [socket.create_connection(("127.0.0.1", dash.port)) for _ in range(20)]
+        t0 = time.monotonic()
+        for sock in socks:
+            sock.sendall(head.encode())  # and never the blank line that ends the headers
+        assert all(_closed_by_server(sock) for sock in socks)
+        assert time.monotonic() - t0 >= 0.9  # the ones within the limit had their full second
+        assert GuardedH11Protocol.refused - refused_before >= 20 - 8
+        for sock in socks:
+            sock.close()
+        # kept alive: one full request answered, then a second whose headers never end
+        with socket.create_connection(("127.0.0.1", dash.port)) as sock:
+            sock.sendall(f"{head}Authorization: Bearer {dash.token}\r\n\r\n".encode())
+            sock.settimeout(30)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.sendall(head.encode())
+            assert _closed_by_server(sock)
+        assert ws.recv(timeout=30)  # the websocket outlived the header timeout
+    r = httpx.get(dash.url + "api/experiments", headers=bearer(dash), timeout=30)
+    assert r.status_code == 200 and r.json()["experiments"][0]["id"] == "sec"
+    assert_still_running(lab, dash)
 
 
 # --- bodies ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from supervisor import AlreadyPaused, Lab, NotFound, NotPaused, NotRunning
 from telemetry.jsonl import iter_run
 from telemetry.rundir import run_status
 from telemetry.schema import rows_to_batch
+from tests.fault_helpers import until
 
 FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 5}
 
@@ -381,3 +382,51 @@ def test_coloring_experiment_takes_control_at_safe_points(lab):
     later = [e for e in events if e["name"] == "step" and e["ts"] > control[0]["ts"]]
     assert later and all(e["parameters"]["tenure_alpha"] == 1.5 for e in later)
     assert {e["gpu_mode"] for e in events if e["name"] == "step"} == {"cpu"}  # the tabu phase runs on the CPU
+
+
+def test_a_tree_that_dies_while_its_summary_cannot_be_read_still_ends_the_run(tmp_path, monkeypatch):
+    """Out of file descriptors (say) as the tree dies: the run is still marked ended, with the
+    Recorder's last summary, so it never reads as running nor holds a queue slot."""
+    import experiments.lab as lab_module
+
+    lab = Lab(tmp_path / "art")
+    try:
+        exp = lab.start_experiment(spec("emfile"))
+        until(lambda: exp.summary().get("events_persisted", 0) > 0, what="events recorded")
+
+        def no_fds(run_dir):
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(lab_module, "read_summary", no_fds)
+        exp.stop()
+        assert exp.wait(60) and exp.status() == "stopped"
+        assert exp.summary()["events_persisted"] > 0
+    finally:
+        monkeypatch.undo()
+        lab.shutdown()
+
+
+def test_a_window_query_racing_the_recorders_stop_is_answered_from_the_store(tmp_path, monkeypatch):
+    """The live Recorder stops between being found and being asked: the answer comes from the
+    history once the run has stopped, never an error."""
+    from actors.base import ActorDeadError
+
+    lab = Lab(tmp_path / "art")
+    try:
+        exp = lab.start_experiment(spec("race"))
+        until(lambda: exp.summary().get("events_persisted", 0) > 0, what="events recorded")
+        real_whereis = exp.registry.whereis
+
+        class StopsAsAsked:
+            def ask(self, msg, timeout=None):
+                threading.Thread(target=exp.stop).start()
+                raise ActorDeadError("recorder stopped")
+
+        monkeypatch.setattr(
+            exp.registry, "whereis", lambda name: StopsAsAsked() if name == "recorder" else real_whereis(name)
+        )
+        events = exp.query_window(("last_n", 5))
+        assert exp.status() == "stopped"
+        assert len(events) == 5 and events == exp.query_window(("last_n", 5))  # the stopped run's store
+    finally:
+        lab.shutdown()

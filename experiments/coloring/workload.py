@@ -50,8 +50,8 @@ import numpy as np
 import orjson
 
 from actors.files import atomic_write
-from experiments.coloring.catalog import instance_family
-from experiments.coloring.graph import Graph, GraphError, load_graph
+from experiments.coloring.catalog import INSTANCES_DIR, instance_family
+from experiments.coloring.graph import Graph, GraphError, load_graph, resolve_graph_file
 from experiments.coloring.init import initial_coloring
 from experiments.coloring.memetic import Memetic
 from experiments.coloring.params import PHASES, SEARCH_SPACE, aim, check_number, check_params
@@ -109,6 +109,16 @@ class ColoringWorkload:
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         return check_params(params)
+
+    @classmethod
+    def files(cls, params: dict[str, Any]) -> list[Path]:
+        """The graph file these parameters read, if any; a shipped instance reads none of the
+        user's files."""
+        graph = (params or {}).get("graph") or {}
+        if not graph.get("file"):
+            return []
+        path = resolve_graph_file(graph["file"]).resolve()
+        return [] if path.parent == INSTANCES_DIR.resolve() else [path]
 
     @classmethod
     def family(cls, params: dict[str, Any]) -> str:

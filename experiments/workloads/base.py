@@ -161,6 +161,10 @@ class Workload(Protocol):
         string of letters, digits, ``.``, ``_`` and ``-`` (it names a file)."""
         ...
 
+    # Optional: ``files(cls, params) -> list[Path]``, the local files these (checked) parameters
+    # would read, resolved. A lab daemon admits a submission only if each lies in one of its
+    # data folders (``crucible lab serve --data-dir``); a workload without it reads none.
+
     def start(self, emitter: Emitter) -> None: ...
 
     def step(self, emitter: Emitter) -> bool:
