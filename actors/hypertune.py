@@ -21,8 +21,8 @@ over the next window (reward = improvement of the progress score per second, the
 always better) and recorded as a ``hypertune_outcome`` event; the policy learns from it.
 
 The policy's statistics persist between runs in a JSON file per workload and instance
-family (``state_file``), loaded at start; a corrupt file is ignored with a warning. Several
-experiments of one family may run at once and share the file: a save takes an exclusive
+family (``state_file``), loaded at start; a corrupt file is ignored with a warning, and never
+overwritten. Several experiments of one family may run at once and share the file: a save takes an exclusive
 lock (``flock`` on ``<file>.lock``), reads what the others have saved, adds this run's own
 new pulls to it (counts and reward sums are additive, so the merge equals one pass over all
 the pulls), writes the result under a temporary name of its own and renames it into place;
@@ -39,7 +39,9 @@ own crash restarts only itself and never the phase.
 from __future__ import annotations
 
 import copy
+import errno
 import math
+import os
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -182,6 +184,8 @@ class Policy:
         path.parent.mkdir(parents=True, exist_ok=True)
         with locked(path):
             saved = self.read_state(path)
+            if saved is None and os.path.lexists(path):  # a file this policy cannot read is not its to replace
+                raise FileExistsError(errno.EEXIST, "not a hypertune state file; left as it is", str(path))
             merged = self.merged_with(saved if saved is not None else self._synced)
             atomic_write(path, orjson.dumps({"kind": self.kind, "stats": merged}, option=orjson.OPT_INDENT_2))
         self.stats, self._synced = merged, copy.deepcopy(merged)

@@ -213,6 +213,26 @@ def test_corrupt_policy_state_never_blocks_a_run(tmp_path):
     )
     assert exp.wait(30) and exp.reason == "budget"
     lab.shutdown()
+    assert bad.read_text() == "garbage"  # a file it could not read is not its to replace
+
+
+def test_a_state_file_that_is_another_file_is_never_overwritten(tmp_path):
+    """``state_file`` pointed at a spec, another run's events or a folder: the policy learns in
+    memory, and the file is left byte for byte (the save is refused, as a full disk is)."""
+    pol = Policy("ucb")
+    pol.update("tabu", "tenure_up", 1.0)
+    victim = tmp_path / "events.jsonl"
+    victim.write_bytes(b'{"seq": 0}\n{"seq": 1}\n')
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    for target in (victim, folder):
+        with pytest.raises(FileExistsError, match="not a hypertune state file"):
+            pol.save(target)
+    assert victim.read_bytes() == b'{"seq": 0}\n{"seq": 1}\n' and folder.is_dir()
+    assert pol.stats == {"tabu/tenure_up": {"n": 1.0, "mean": 1.0}}
+    fresh = tmp_path / "new.json"
+    pol.save(fresh)  # a missing file is created
+    assert Policy("ucb").load(fresh)
 
 
 def test_surrogate_proposes_only_values_within_bounds(tmp_path):
@@ -384,7 +404,11 @@ def test_an_unreadable_state_is_ignored_and_an_unwritable_one_never_stops_the_ac
         assert Policy.read_state(path) is None and not Policy("ucb").load(path)
     pol = Policy("ucb")
     pol.update("tabu", "tenure_up", 1.0)
-    pol.save(path)  # a corrupt file is replaced by this policy's own statistics
+    with pytest.raises(FileExistsError):  # a corrupt file is left for its owner to look at or delete
+        pol.save(path)
+    assert path.read_text() == '{"stats": []}'
+    path.unlink()
+    pol.save(path)
     assert Policy.read_state(path) == {"tabu/tenure_up": {"n": 1.0, "mean": 1.0}}
     blocker = tmp_path / "a-file"
     blocker.write_text("")
