@@ -9,13 +9,15 @@ of the domain errors in :data:`USER_ERRORS` through, and :func:`cli.main` prints
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from actors.recorder import ArtifactsError
 from experiments.coloring.graph import GraphError
 from experiments.spec import SpecError
 from telemetry.history import HistoryConfigError, HistoryConnectError
-from telemetry.rundir import RunNotFound
+from telemetry.rundir import RunNotFound, recorded_file
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -61,3 +63,15 @@ def run_failed(summary: dict[str, Any]) -> bool:
 def reason_failed(reason: str | None) -> bool:
     """Whether a run's end reason is a failure (exit code 1)."""
     return str(reason or "").startswith(FAILED_REASONS)
+
+
+def writable_file(path: str, what: str) -> Path:
+    """Refuse, before the work starts, an output file whose folder cannot take it, or that holds
+    recorded data (a run folder's file, a history): an output option must never destroy a run."""
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+        raise UsageError(f"{what} {path!r}: cannot write there (a folder, or a folder that is missing or read-only)")
+    recorded = recorded_file(p)
+    if recorded is not None:
+        raise UsageError(f"{what} {path!r}: refusing to replace {recorded}; give another file")
+    return p

@@ -22,7 +22,7 @@ from rich.live import Live
 
 from actors.files import atomic_write
 from cli import render
-from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, history_error, reason_failed, run_failed
+from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, history_error, reason_failed, run_failed, writable_file
 from experiments.coloring.graph import MAX_VERTICES
 from experiments.lab import BACKENDS, Experiment, Lab
 from experiments.remote import RayBackendError  # importing it registers the ray backend
@@ -54,14 +54,6 @@ def dash_port(args: argparse.Namespace) -> int:
         return int(PORT.parse(env))
     except ValueError as exc:
         raise UsageError(f"CRUCIBLE_DASH_PORT {exc}") from None
-
-
-def writable_file(path: str, what: str) -> Path:
-    """Refuse, before the work starts, an output file whose folder cannot take it."""
-    p = Path(path)
-    if p.is_dir() or not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
-        raise UsageError(f"{what} {path!r}: cannot write there (a folder, or a folder that is missing or read-only)")
-    return p
 
 
 @contextmanager

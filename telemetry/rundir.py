@@ -145,6 +145,24 @@ def find_runs(artifacts: Path) -> list[Path]:
     return sorted(runs, key=mtime, reverse=True)
 
 
+def recorded_file(path: Path) -> str | None:
+    """What recorded data ``path`` holds, if it is such a file: a file of a run folder (events,
+    records, checkpoints) or a SQLite history. An output option naming one would destroy it."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    folder = p.resolve().parent
+    if any((folder / name).is_file() for name in (EVENTS, SUMMARY, LIFECYCLE, SPEC)):
+        return f"a file of the run folder {str(folder)!r}"
+    try:
+        with p.open("rb") as fh:
+            if fh.read(16) == b"SQLite format 3\x00":
+                return "a SQLite database (a history?)"
+    except OSError:
+        return None
+    return None
+
+
 # --- the owner of a run -----------------------------------------------------------------------------------------
 
 

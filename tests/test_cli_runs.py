@@ -129,6 +129,32 @@ def test_the_cli_prints_a_missing_run_as_one_line_and_exits_2(finished, tmp_path
         assert err.startswith(f"crucible {argv[0]}: error: no run"), err
 
 
+def test_output_options_never_replace_recorded_files(finished, tmp_path, capsys):
+    """``export --out`` and ``run --json-summary`` naming a run's events, its records or the
+    history: one line, exit 2, and the file is byte for byte what it was."""
+    art, runs = copy_of(finished, tmp_path)
+    run_id, run_dir = next(iter(runs.items()))
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC.format(seed=3))
+    victims = [run_dir / "events.jsonl", run_dir / "summary.json", art / DB_NAME]
+    before = {v: v.read_bytes() for v in victims}
+    for victim in victims:
+        for argv in (
+            ["export", run_id, "--artifacts", str(art), "--format", "csv", "--out", str(victim)],
+            ["run", str(spec), "--artifacts", str(tmp_path / "other"), "--no-live", "--json-summary", str(victim)],
+        ):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and "refusing to replace" in err and len(err.strip().splitlines()) == 1, err
+    assert {v: v.read_bytes() for v in victims} == before
+    out = tmp_path / "fine.csv"
+    out.write_text("an earlier export\n")  # an ordinary file is replaced as before
+    assert main(["export", run_id, "--artifacts", str(art), "--format", "csv", "--out", str(out)]) == 0
+    assert out.read_text() != "an earlier export\n"
+
+
 def test_the_cli_sits_above_experiments_and_dashboard():
     """Neither the experiments nor the dashboard import the command line; an installed wheel has it."""
     code = (
