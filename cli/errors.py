@@ -67,11 +67,18 @@ def reason_failed(reason: str | None) -> bool:
 
 def writable_file(path: str, what: str) -> Path:
     """Refuse, before the work starts, an output file whose folder cannot take it, or that holds
-    recorded data (a run folder's file, a history): an output option must never destroy a run."""
+    recorded data (see :func:`not_recorded`)."""
     p = Path(path)
     if p.is_dir() or not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
         raise UsageError(f"{what} {path!r}: cannot write there (a folder, or a folder that is missing or read-only)")
+    return not_recorded(p, what)
+
+
+def not_recorded(path: str | Path, what: str) -> Path:
+    """``path``, unless it holds recorded data (a run folder's file, a history): an output
+    option must never replace a run."""
+    p = Path(path)
     recorded = recorded_file(p)
     if recorded is not None:
-        raise UsageError(f"{what} {path!r}: refusing to replace {recorded}; give another file")
+        raise UsageError(f"{what} {str(path)!r}: refusing to replace {recorded}; give another file")
     return p

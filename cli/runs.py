@@ -24,7 +24,7 @@ import orjson
 from rich.console import Console
 
 from cli import render
-from cli.errors import UsageError, writable_file
+from cli.errors import UsageError, not_recorded
 from telemetry import rundir
 from telemetry.batchstore import BatchStore
 from telemetry.export import FORMATS, export_events, export_run
@@ -120,7 +120,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if history_target(args) is not None:
         return export_from_history(args)
     run = rundir.resolve_run(args.run, Path(args.artifacts))
-    out = writable_file(args.out, "--out") if args.out else Path(f"{run.name}.{args.format}")
+    out = not_recorded(args.out, "--out") if args.out else Path(f"{run.name}.{args.format}")
     counts = ReadCounts()
     try:
         n = export_run(run, args.format, out, counts=counts)
@@ -136,7 +136,7 @@ def export_from_history(args: argparse.Namespace) -> int:
         where = describe_history(history_target(args), args.artifacts)
         history_events(store, args.run, where)  # an unknown run fails before any file is made
         run_id = _named_run(args.run)
-        out = writable_file(args.out, "--out") if args.out else Path(f"{run_id}.{args.format}")
+        out = not_recorded(args.out, "--out") if args.out else Path(f"{run_id}.{args.format}")
         partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # the file appears whole, or not at all
         try:
             n = export_events(lambda: history_events(store, args.run, where), args.format, partial)

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from actors.files import locked
-from telemetry.batchstore import BatchStore, Reader, batch_mask
+from telemetry.batchstore import BatchStore, HistoryConnectError, Reader, batch_mask
 
 __all__ = ["DB_NAME", "HistoryStore", "batch_mask"]
 
@@ -66,11 +66,16 @@ class HistoryStore(BatchStore):
             # history at once (ab --parallel workers, a daemon beside a run) meet before it is
             # in WAL mode, where SQLite's rollback-journal locking can refuse one of them at
             # once with "database is locked" rather than let its busy timeout wait.
-            with locked(self.path):
-                self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
-                self.db.executescript(_SCHEMA)
+            try:
+                with locked(self.path):
+                    self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    self.db.execute("PRAGMA synchronous=NORMAL")
+                    self.db.executescript(_SCHEMA)
+                    self.db.execute("SELECT experiment_id, run_id, summary FROM runs LIMIT 0")  # another schema: here
+            except (sqlite3.DatabaseError, OSError) as exc:  # not a database, damaged, another schema, no folder
+                what = getattr(exc, "strerror", None) or str(exc)
+                raise HistoryConnectError(f"history {str(self.path)!r} cannot be opened: {what}") from None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:

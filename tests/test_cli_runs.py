@@ -236,3 +236,28 @@ def test_the_readers_read_a_named_history_as_they_read_the_files(finished_in, tm
         assert e.value.code == 2 and "no run '20990101T000000Z-000000' in the history" in capsys.readouterr().err
     finally:
         shutil.move(str(away), runs[a])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other_schema"])
+def test_a_run_on_a_damaged_history_is_one_line_and_exit_2(finished, tmp_path, capsys, damage):
+    """A history that is not a database, a cut one, or one with other tables: ``run`` says so
+    in one line naming the file, exit 2 (no traceback)."""
+    import sqlite3
+
+    art = tmp_path / "art"
+    art.mkdir()
+    db = art / DB_NAME
+    if damage == "garbage":
+        db.write_text("garbage\n")
+    elif damage == "truncated":
+        db.write_bytes((finished[0] / DB_NAME).read_bytes()[:20000])
+    else:
+        con = sqlite3.connect(db)
+        con.executescript("CREATE TABLE runs (x); CREATE TABLE batches (y);")
+        con.close()
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC.format(seed=4))
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(spec), "--artifacts", str(art), "--no-live"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "cannot be opened" in err, err
