@@ -22,17 +22,15 @@ from tests.cudasim_checks import CHECKS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def under_the_simulator(*argv: str) -> subprocess.CompletedProcess:
+    """``python argv...`` in a process of its own with numba's CUDA simulator on."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_cuda_kernels_under_the_simulator(check):
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "tests.cudasim_checks", check],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = under_the_simulator("-m", "tests.cudasim_checks", check)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{check}: ok" in r.stdout
 
@@ -40,16 +38,8 @@ def test_cuda_kernels_under_the_simulator(check):
 def test_the_gpu_bench_measures_every_load_round_and_layout_under_the_simulator():
     """``bench.gpu rates`` runs its GPU rows end to end (so a device session spends no time on
     a broken bench): one row per load round and gamma layout, each with a positive rate."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     args = ["--instances", "myciel5:5", "--seconds", "0.2", "--threads", "4", "--population", "2"]
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "rates", *args, "--iters", "5", "--batches", "1,4"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = under_the_simulator("-m", "bench.gpu", "rates", *args, "--iters", "5", "--batches", "1,4")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.strip().startswith("GPU ")]
     seen = {(row[3], row[4]) for row in rows}
