@@ -169,8 +169,7 @@ class CudaPopulation:
         if threads & (threads - 1) or not 1 <= threads <= tabu_cuda.MAX_THREADS:
             raise ValueError(f"threads per chain must be a power of two <= {tabu_cuda.MAX_THREADS}, got {threads}")
         self.cuda, self.kern = cuda, tabu_cuda
-        self.batch = tabu_cuda.BATCH if batch is None else int(batch)
-        self.step_kernel = tabu_cuda.tabu_chains_for(self.batch)
+        self.step_kernel = tabu_cuda.tabu_chains_for(tabu_cuda.BATCH if batch is None else int(batch))
         self.n = int(indptr.shape[0] - 1)
         if self.n > 32767:
             raise ValueError(f"the CUDA population handles graphs of up to 32767 vertices, got {self.n}")

@@ -35,6 +35,8 @@ atomics are used (no warp intrinsics), so the simulator runs exactly this code.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 if not hasattr(np, "row_stack"):  # numba-cuda 0.30 names it; numpy 2.5 removed it (it is vstack)
@@ -250,6 +252,7 @@ def _make_iterate(batch: int):
     return _iterate
 
 
+@functools.cache  # one dispatcher per round size: numba compiles and caches each once
 def _make_tabu_chains(batch: int):
     """The population kernel with ``batch`` pairs (and neighbours) per load round."""
     iterate = _make_iterate(batch)
@@ -349,16 +352,13 @@ def _make_tabu_chains(batch: int):
 
 BATCH = 4  # the default load round; `python -m bench.gpu rates --batches 1,2,4,8` compares them
 MAX_BATCH = 8
-_KERNELS: dict[int, object] = {}
 
 
 def tabu_chains_for(batch: int = BATCH):
     """The population kernel for a load round of ``batch`` (1 to MAX_BATCH), built once per process."""
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"the load round must be 1 to {MAX_BATCH} pairs, got {batch}")
-    if batch not in _KERNELS:
-        _KERNELS[batch] = _make_tabu_chains(batch)
-    return _KERNELS[batch]
+    return _make_tabu_chains(batch)
 
 
 @cuda.jit(cache=True)
