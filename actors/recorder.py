@@ -105,6 +105,10 @@ HISTORY_RETRY_S = (0.1, 5.0)
 """First and longest delay between attempts to reach a history server that went away."""
 HISTORY_STOP_WAIT_S = 10.0
 """How long a stop waits for a history server that is away."""
+SHUTDOWN_S = HISTORY_STOP_WAIT_S + 50.0
+"""How long a supervisor lets the Recorder stop before killing it: the wait for an absent
+history, one last attempt (an unreachable host costs its connect timeout), the run's record
+and the fsyncs. Killing it sooner would lose the summary that the wait exists to save."""
 _REFILL_ROWS = 4096
 
 RESERVE_NAME = "recorder.reserve"
@@ -241,6 +245,8 @@ class Recorder(EventConsumer):
         self.storage_error = state.get("storage_error")
         self.history_unsent = int(state.get("history_unsent", 0))
         if self.last_seq >= 0:
+            if self.storage_error is None:
+                self.history_unsent = 0  # counted again below: what the history still lacks
             db_max = self.store.max_seq(self.run_id)
             chunk: list[dict[str, Any]] = []
             for ev in iter_run(self.run_dir):
@@ -273,8 +279,15 @@ class Recorder(EventConsumer):
                 part = missing[i : i + 1024]
                 self._insert(rows_to_batch(part, self.experiment_id, self.run_id))
             self.store.commit()
-            if self.storage_error is None:
-                self.history_unsent = 0  # what an earlier stop could not send is in the history now
+        except HistoryUnavailable as exc:  # locked, or its server away: the files hold them; a later start sends them
+            self.store.rollback()
+            self.history_unsent += len(missing)
+            log.warning(
+                "history unavailable at resume; events stay in the run's events file only",
+                run_id=self.run_id,
+                unsent=len(missing),
+                error=str(exc),
+            )
         except _STORAGE_ERRORS as exc:
             self.store.rollback()
             self.storage_error = f"storage: {exc}"

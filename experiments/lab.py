@@ -35,6 +35,7 @@ from actors.base import ActorDeadError, ActorRef, is_abnormal, on_death
 from actors.hypertune import Hypertune
 from actors.log import get_logger
 from actors.phase import CheckpointStore, PhaseActor
+from actors.recorder import SHUTDOWN_S as RECORDER_SHUTDOWN_S
 from actors.recorder import Recorder, check_artifacts_dir
 from actors.registry import Registry
 from actors.sampler import Sampler
@@ -259,6 +260,7 @@ class Experiment:
                 Recorder,
                 args=(self.lab.artifacts, self.id, self.run_id),
                 name="recorder",
+                shutdown=RECORDER_SHUTDOWN_S,
                 kwargs={
                     "history": self.lab.history,
                     "rotate_bytes": int(t["rotate_mb"] * (1 << 20)),

@@ -24,11 +24,18 @@ from typing import Any
 import orjson
 
 from actors.files import locked
-from telemetry.batchstore import BatchStore, HistoryConnectError, Reader, batch_mask
+from telemetry.batchstore import BatchStore, HistoryConnectError, HistoryUnavailable, Reader, batch_mask
 
-__all__ = ["DB_NAME", "HistoryStore", "batch_mask"]
+__all__ = ["BUSY_TIMEOUT_S", "DB_NAME", "HistoryStore", "batch_mask"]
 
 DB_NAME = "history.sqlite3"
+
+BUSY_TIMEOUT_S = 1.0
+"""How long a write waits for a lock another connection holds before the history counts as
+unavailable (the Recorder then keeps its batches and retries, as for a server that went away).
+Writers' transactions take milliseconds; a lock held longer is someone else's long transaction."""
+
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -73,17 +80,22 @@ class HistoryStore(BatchStore):
                     self.db.execute("PRAGMA synchronous=NORMAL")
                     self.db.executescript(_SCHEMA)
                     self.db.execute("SELECT experiment_id, run_id, summary FROM runs LIMIT 0")  # another schema: here
+                    self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")  # writes: see BUSY_TIMEOUT_S
             except (sqlite3.DatabaseError, OSError) as exc:  # not a database, damaged, another schema, no folder
                 what = getattr(exc, "strerror", None) or str(exc)
                 raise HistoryConnectError(f"history {str(self.path)!r} cannot be opened: {what}") from None
         self._lock = threading.Lock()
+        self._pending: list[tuple[Any, ...]] = []  # batches kept until commit
 
     def __repr__(self) -> str:
         return f"<HistoryStore sqlite {self.path}>"
 
     def close(self) -> None:
-        self.commit()
-        self.db.close()
+        """Commit what is kept, then close (closed even when the commit fails)."""
+        try:
+            self.commit()
+        finally:
+            self.db.close()
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Reader]:
@@ -105,30 +117,57 @@ class HistoryStore(BatchStore):
         data: bytes,
         n: int | None = None,
     ) -> None:
-        """Store one encoded columnar batch (its events have the given seqs, in order).
-
-        Writes join an open transaction; :meth:`commit` ends it (the Recorder commits every
-        ``commit_every`` batches and at every fsync tick: batched transactions).
-        """
+        """Keep one encoded columnar batch for the next :meth:`commit` (as the PostgreSQL store
+        does): the Recorder commits every ``commit_every`` batches and at every fsync tick."""
+        row = (run_id, int(seqs[0]), int(seqs[-1]), experiment_id, int(ts_lo), int(ts_hi), n or len(seqs), data)
         with self._lock:
-            self.db.execute(
-                "INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?,?)",
-                (run_id, seqs[0], seqs[-1], experiment_id, ts_lo, ts_hi, n or len(seqs), data),
-            )
-            self.db.execute(
-                "INSERT INTO spans VALUES (?, ?) ON CONFLICT(experiment_id) DO UPDATE SET "
-                "max_span = MAX(max_span, excluded.max_span)",
-                (experiment_id, ts_hi - ts_lo),
-            )
+            self._pending.append(row)
+
+    @property
+    def pending(self) -> int:
+        """Batches kept for the next commit."""
+        return len(self._pending)
 
     def commit(self) -> None:
+        """Write the kept batches in one transaction; they are stored once this returns.
+
+        Raises:
+            HistoryUnavailable: another connection held the database locked for longer than
+                ``BUSY_TIMEOUT_S`` (a long transaction, a tool holding ``BEGIN EXCLUSIVE``);
+                the batches are kept for the next commit, as for a server that went away.
+            sqlite3.Error: anything else (a full disk, a damaged file): a storage failure.
+        """
         with self._lock:
-            self.db.commit()
+            rows = list(self._pending)
+            if not rows:
+                return
+            spans: dict[str, int] = {}
+            for r in rows:
+                spans[r[3]] = max(spans.get(r[3], -1), r[5] - r[4])
+            try:
+                self.db.executemany("INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?,?)", rows)
+                self.db.executemany(
+                    "INSERT INTO spans VALUES (?, ?) ON CONFLICT(experiment_id) DO UPDATE SET "
+                    "max_span = MAX(max_span, excluded.max_span)",
+                    list(spans.items()),
+                )
+                self.db.commit()
+            except sqlite3.OperationalError as exc:
+                self.db.rollback()
+                raise self._busy(exc) from None
+            del self._pending[: len(rows)]
 
     def rollback(self) -> None:
-        """Drop the writes of the open transaction (the Recorder's roll-back after a failed write)."""
+        """Drop the batches not yet committed (the Recorder's roll-back after a failed write)."""
         with self._lock:
+            self._pending.clear()
             self.db.rollback()
+
+    def _busy(self, exc: sqlite3.OperationalError) -> Exception:
+        """A lock another connection held past the busy timeout is an outage; anything else is not."""
+        if getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES:
+            return HistoryUnavailable(f"history {str(self.path)!r} is locked by another connection: {exc}")
+        return exc
 
     def record_run(
         self,
@@ -139,9 +178,13 @@ class HistoryStore(BatchStore):
         ended_ts: int | None,
         summary: dict[str, Any],
     ) -> None:
-        with self._lock, self.db:
-            self.db.execute(
-                "INSERT INTO runs VALUES (?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
-                "ended_ts=excluded.ended_ts, summary=excluded.summary, started_ts=excluded.started_ts",
-                (run_id, experiment_id, run_dir, started_ts, ended_ts, orjson.dumps(summary)),
-            )
+        with self._lock:
+            try:
+                with self.db:
+                    self.db.execute(
+                        "INSERT INTO runs VALUES (?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
+                        "ended_ts=excluded.ended_ts, summary=excluded.summary, started_ts=excluded.started_ts",
+                        (run_id, experiment_id, run_dir, started_ts, ended_ts, orjson.dumps(summary)),
+                    )
+            except sqlite3.OperationalError as exc:
+                raise self._busy(exc) from None

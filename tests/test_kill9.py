@@ -173,5 +173,6 @@ def test_a_reader_rolls_back_the_hot_journal_of_a_killed_writer(tmp_path):
         assert list(store.iter_events(run_id="r")) == []  # the uncommitted batches are gone
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             store.insert_batch("e", "r", [5000], 0, 0, bytes(8))
+            store.commit()  # batches are kept until the commit, which is where the write is refused
     finally:
         store.db.close()

@@ -210,6 +210,89 @@ def test_sqlite_is_backfilled_from_jsonl_after_a_crash(tmp_path):
     rec2.stop()
 
 
+class HeldLock:
+    """Another connection holding the SQLite history locked (``BEGIN EXCLUSIVE``), as a long
+    transaction or a tool would, until released."""
+
+    def __init__(self, path):
+        import sqlite3
+
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("BEGIN EXCLUSIVE")
+
+    def release(self):
+        self.db.execute("COMMIT")
+        self.db.close()
+
+
+def history_seqs(artifacts, run_id="run"):
+    from telemetry.store import HistoryStore
+
+    store = HistoryStore(artifacts / "history.sqlite3", readonly=True)
+    try:
+        return [e["seq"] for e in store.query("exp", ["last_n", 100_000], run_id=run_id)]
+    finally:
+        store.close()
+
+
+def test_a_locked_sqlite_history_is_waited_for_like_an_absent_server(tmp_path):
+    """A lock another connection holds past the busy timeout is an outage, not a storage
+    failure: the run goes on into its files, and every event reaches the history, once, in
+    order, when the lock is released."""
+    from tests.fault_helpers import until
+
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=25)
+    emit_n(em, 100)
+    em.flush()
+    assert rec.ask({"kind": "flush"})["persisted"] == 100
+    lock = HeldLock(tmp_path / "history.sqlite3")
+    emit_n(em, 150, start=100)
+    em.flush()
+    rec.ask({"kind": "flush"})
+    s = rec.ask({"kind": "summary"})
+    h = s["history"]
+    assert (h["available"], h["outages"], h["events_waiting"]) == (False, 1, 150), h
+    assert "locked" in h["error"] and s["storage_error"] is None
+    assert s["events_persisted"] == 100 and s["accounting"]["balanced"]
+    assert seqs_on_disk(tmp_path / "exp" / "run") == list(range(250))  # the files go on
+    lock.release()
+    until(lambda: rec.ask({"kind": "summary"})["history"]["available"], what="the Recorder writing again")
+    assert rec.ask({"kind": "flush"})["persisted"] == 250
+    rec.stop()
+    assert history_seqs(tmp_path) == list(range(250))
+
+
+def test_a_stop_while_the_history_is_locked_keeps_the_events_and_a_reopen_sends_them(tmp_path):
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run", history_stop_wait_s=0.3)
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=25)
+    emit_n(em, 50)
+    em.flush()
+    rec.ask({"kind": "flush"})
+    lock = HeldLock(tmp_path / "history.sqlite3")
+    emit_n(em, 75, start=50)
+    counters = em.close()
+    rec.ask({"kind": "flush"})
+    rec.stop()  # waits, gives up: the events stay in the run's files
+    s = orjson.loads((tmp_path / "exp" / "run" / "summary.json").read_bytes())
+    assert s["events_persisted"] == 125 == counters["emitted"] and s["history"]["events_unsent"] == 75
+    assert s["storage_error"] is None and s["accounting"]["balanced"]
+    again = Recorder.start(tmp_path, "exp", "run")  # still locked: nothing fails, the count stays
+    assert again.ask({"kind": "summary"})["history"]["events_unsent"] == 75
+    assert again.ask({"kind": "summary"})["storage_error"] is None
+    again.stop()
+    lock.release()
+    assert history_seqs(tmp_path) == list(range(50))
+    third = Recorder.start(tmp_path, "exp", "run")  # the lock gone: the reopen back-fills from the JSONL
+    assert third.ask({"kind": "summary"})["history"]["events_unsent"] == 0
+    third.stop()
+    assert history_seqs(tmp_path) == list(range(125))
+
+
 def test_bad_input_is_rejected_clearly(tmp_path):
     topics = Topics()
     strict = Emitter(topics, "exp", "run", debug=True)
