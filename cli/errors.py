@@ -17,6 +17,7 @@ from actors.recorder import ArtifactsError
 from experiments.coloring.graph import GraphError
 from experiments.spec import SpecError
 from telemetry.history import HistoryConfigError, HistoryConnectError
+from telemetry.jsonl import RunFileError
 from telemetry.rundir import RunNotFound, recorded_file
 
 EXIT_OK = 0
@@ -34,6 +35,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     GraphError,
     ArtifactsError,
     RunNotFound,
+    RunFileError,  # a run's file that cannot be read (a folder in its place, no permission)
     HistoryConfigError,  # a malformed --history URL
     HistoryConnectError,  # a history server that refuses, times out or rejects the credentials
 )

@@ -126,17 +126,22 @@ def runs_table(title: str, infos: Iterable[dict[str, Any]]) -> Table:
     t = Table(title=title)
     for col in ("experiment", "run", "status", "events", "duration s", "path"):
         t.add_column(col)
+    unreadable = []
     for i in infos:
         d = i["duration_s"]
         status = i["status"] + (f" ({i['reason']})" if i["reason"] else "")
+        if i["events"] is None:  # its files cannot be read: say why under the table
+            unreadable.append(f"{i['run_id']}: {i['evidence'][-1]}")
         t.add_row(
             i["experiment"],
             i["run_id"],
             status,
-            str(i["events"]),
+            "unreadable" if i["events"] is None else str(i["events"]),
             f"{d:.1f}" if isinstance(d, (int, float)) else "?",
             i["path"],
         )
+    if unreadable:
+        t.caption = "\n".join(unreadable)
     return t
 
 

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +122,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     run = rundir.resolve_run(args.run, Path(args.artifacts))
     out = not_recorded(args.out, "--out") if args.out else Path(f"{run.name}.{args.format}")
     counts = ReadCounts()
-    try:
-        n = export_run(run, args.format, out, counts=counts)
-    except OSError as exc:
-        raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    n = _write_whole(out, lambda partial: export_run(run, args.format, partial, counts=counts))
     skipped = f"; skipped {counts.skipped:,} unreadable line(s)" if counts.skipped else ""
     Console().print(f"exported {n:,} events of {run} to {out}{skipped}", markup=False, highlight=False)
     return 0
@@ -137,17 +134,25 @@ def export_from_history(args: argparse.Namespace) -> int:
         history_events(store, args.run, where)  # an unknown run fails before any file is made
         run_id = _named_run(args.run)
         out = not_recorded(args.out, "--out") if args.out else Path(f"{run_id}.{args.format}")
-        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # the file appears whole, or not at all
-        try:
-            n = export_events(lambda: history_events(store, args.run, where), args.format, partial)
-            partial.replace(out)
-        except OSError as exc:
-            raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                partial.unlink(missing_ok=True)
+        events = lambda: history_events(store, args.run, where)  # noqa: E731 (read once per pass)
+        n = _write_whole(out, lambda partial: export_events(events, args.format, partial))
     Console().print(f"exported {n:,} events of {run_id} from {where} to {out}", markup=False, highlight=False)
     return 0
+
+
+def _write_whole(out: Path, write: Callable[[Path], int]) -> int:
+    """``write`` into a file beside ``out``, renamed to it at the end: the file appears whole or
+    not at all (a read that fails midway, a full disk, leave nothing half-written)."""
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        n = write(partial)
+        partial.replace(out)
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+    return n
 
 
 def metric_values(run: Path | str, metric: str, store: BatchStore | None = None, where: str = "") -> list[float]:

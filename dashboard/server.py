@@ -66,7 +66,7 @@ from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from experiments.service import LabService, ServiceClosed
 from experiments.spec import SpecError
 from experiments.workloads import Objective, objective_of
-from telemetry.jsonl import iter_run
+from telemetry.jsonl import RunFileError, iter_run
 from telemetry.rundir import find_runs, summary_best
 from telemetry.schema import check_id
 
@@ -398,7 +398,11 @@ def create_app(
                     break
             return out
 
-        return _Json({"run_id": run_id, "events": await asyncio.to_thread(read)})
+        try:
+            events = await asyncio.to_thread(read)
+        except RunFileError as exc:  # the run's own files are broken: the server's fault, said plainly
+            raise HTTPException(500, str(exc)) from None
+        return _Json({"run_id": run_id, "events": events})
 
     async def control(request: Request) -> Response:
         action = request.path_params["action"]

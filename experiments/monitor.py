@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from experiments.workloads import Objective, objective_of, objectives
-from telemetry.jsonl import ACTIVE, iter_run
+from telemetry.jsonl import ACTIVE, iter_run, open_run_file
 from telemetry.rundir import SPEC, SUMMARY, read_json, run_status
 from telemetry.schema import SchemaError, parse_line
 
@@ -101,7 +101,7 @@ class Tailer:
 
     def _open(self) -> bool:
         try:
-            fh = self.path.open("rb")
+            fh = open_run_file(self.path)
         except FileNotFoundError:
             return False
         self._fh, self._ino, self._buf = fh, os.fstat(fh.fileno()).st_ino, b""

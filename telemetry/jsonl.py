@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from actors.log import get_logger
 from telemetry.schema import SchemaError, parse_line
@@ -24,6 +24,27 @@ from telemetry.schema import SchemaError, parse_line
 log = get_logger("telemetry.jsonl")
 
 ACTIVE = "events.jsonl"
+
+
+class RunFileError(ValueError):
+    """A run's file that is there but cannot be read (a folder in its place, no permission, an
+    I/O error): the message names it. Readers of one run stop with it; listings show the run
+    as unreadable and go on."""
+
+
+def open_run_file(path: Path) -> IO[bytes]:
+    """Open one of a run's files for reading.
+
+    Raises:
+        FileNotFoundError: it is gone (rotated away since the listing: callers skip it).
+        RunFileError: anything else that keeps it from being read.
+    """
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise RunFileError(f"run file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
 
 
 def run_segments(run_dir: str | Path) -> list[Path]:
@@ -47,7 +68,7 @@ def iter_jsonl(path: str | Path, counts: ReadCounts | None = None) -> Iterator[d
     warning and counted in ``counts``."""
     path = Path(path)
     counts = counts if counts is not None else ReadCounts()
-    with path.open("rb") as fh:
+    with open_run_file(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue

@@ -54,7 +54,7 @@ import orjson
 from actors.files import atomic_write
 from actors.log import get_logger
 from telemetry.history import HistoryError, HistoryTarget, describe_history, open_history
-from telemetry.jsonl import ACTIVE, run_segments
+from telemetry.jsonl import ACTIVE, RunFileError, open_run_file, run_segments
 from telemetry.schema import check_id
 
 log = get_logger("telemetry.rundir")
@@ -317,7 +317,7 @@ def count_events(run_dir: Path) -> int:
     n = 0
     for seg in run_segments(run_dir):
         try:
-            with seg.open("rb") as fh:
+            with open_run_file(seg) as fh:
                 while chunk := fh.read(1 << 22):
                     n += chunk.count(b"\n")
         except FileNotFoundError:
@@ -330,7 +330,7 @@ def _last_event_field(run_dir: Path, field: str) -> int | None:
     reads at most the last 64 KiB of each file, newest file first."""
     for seg in reversed(run_segments(run_dir)):
         try:
-            with seg.open("rb") as fh:
+            with open_run_file(seg) as fh:
                 size = fh.seek(0, os.SEEK_END)
                 fh.seek(max(0, size - (64 << 10)))
                 tail = fh.read()
@@ -522,11 +522,31 @@ def list_runs(artifacts: Path, history: HistoryTarget = None) -> list[dict[str, 
     out = []
     for run in find_runs(artifacts):
         row = recorded.get((run.parent.name, run.name))
-        if row is not None and isinstance(row.get("summary"), dict):
-            out.append({**run_info(run, row["summary"]), "source": "history"})
-        else:
-            out.append({**run_info(run), "source": "files"})
+        try:
+            if row is not None and isinstance(row.get("summary"), dict):
+                out.append({**run_info(run, row["summary"]), "source": "history"})
+            else:
+                out.append({**run_info(run), "source": "files"})
+        except RunFileError as exc:  # one broken run folder: listed as such, the others still are
+            out.append({**unreadable_info(run, exc), "source": "files"})
     return out
+
+
+def unreadable_info(run_dir: Path, exc: BaseException) -> dict[str, Any]:
+    """The :func:`run_info` line of a run whose files cannot be read: its recorded status, no
+    event count, and the error as evidence."""
+    report = run_status(run_dir)
+    return {
+        "experiment": run_dir.parent.name,
+        "run_id": run_dir.name,
+        "status": str(report.status),
+        "reason": report.reason,
+        "events": None,
+        "duration_s": report.record.get("wall_clock_duration"),
+        "summary_stale": False,
+        "evidence": [*report.evidence, str(exc)],
+        "path": str(run_dir),
+    }
 
 
 def summary_best(summary: dict[str, Any], field: str, direction: str | None = None) -> float | None:

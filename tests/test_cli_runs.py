@@ -129,6 +129,40 @@ def test_the_cli_prints_a_missing_run_as_one_line_and_exits_2(finished, tmp_path
         assert err.startswith(f"crucible {argv[0]}: error: no run"), err
 
 
+def test_a_run_whose_events_file_cannot_be_read_is_named_and_spares_the_others(finished, tmp_path, capsys):
+    """A folder where a run's events file should be: ``list`` shows that run as unreadable,
+    with the reason, and every other run as before; the readers of that run are one line,
+    exit 2, naming the file; ``export`` leaves no output file behind."""
+    art, runs = copy_of(finished, tmp_path)
+    for suffix in ("", "-wal", "-shm"):  # the figures then come from the files
+        (art / (DB_NAME + suffix)).unlink(missing_ok=True)
+    broken, fine = sorted(runs)
+    before = listed(capsys, art)
+    (runs[broken] / "events.jsonl").unlink()
+    (runs[broken] / "events.jsonl").mkdir()
+    (runs[broken] / "summary.json").touch()  # older than the events: they are counted
+    got = listed(capsys, art)
+    assert got[fine] == before[fine]
+    assert got[broken]["events"] is None and got[broken]["status"] == "stopped"
+    assert "events.jsonl' cannot be read: Is a directory" in got[broken]["evidence"][-1]
+    capsys.readouterr()
+    assert main(["list", "--artifacts", str(art)]) == 0
+    assert "unreadable" in capsys.readouterr().out
+    out = tmp_path / "out.jsonl"
+    for argv in (
+        ["monitor", broken, "--summary"],
+        ["compare", broken, fine, "--metric", "conflicts"],
+        ["export", broken, "--out", str(out)],
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--artifacts", str(art)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"run file '{runs[broken] / 'events.jsonl'}' cannot be read: Is a directory" in err, err
+    assert not list(tmp_path.glob("*out.jsonl*"))  # neither the output nor its partial file
+
+
 def test_output_options_never_replace_recorded_files(finished, tmp_path, capsys):
     """``export --out`` and ``run --json-summary`` naming a run's events, its records or the
     history: one line, exit 2, and the file is byte for byte what it was."""
