@@ -134,9 +134,14 @@ def export_from_history(args: argparse.Namespace) -> int:
         history_events(store, args.run, where)  # an unknown run fails before any file is made
         run_id = _named_run(args.run)
         out = not_recorded(args.out, "--out") if args.out else Path(f"{run_id}.{args.format}")
-        events = lambda: history_events(store, args.run, where)  # noqa: E731 (read once per pass)
+
+        def events() -> Iterator[dict[str, Any]]:  # called once per pass over the events
+            store.skipped_batches = 0  # each pass counts afresh
+            return history_events(store, args.run, where)
+
         n = _write_whole(out, lambda partial: export_events(events, args.format, partial))
-    Console().print(f"exported {n:,} events of {run_id} from {where} to {out}", markup=False, highlight=False)
+    skipped = f"; skipped {store.skipped_batches:,} damaged batch(es)" if store.skipped_batches else ""
+    Console().print(f"exported {n:,} events of {run_id} from {where} to {out}{skipped}", markup=False, highlight=False)
     return 0
 
 

@@ -27,9 +27,12 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from actors.messages import decode
+from actors.log import get_logger
+from actors.messages import DecodeError, decode
 from telemetry import query as tq  # the query kit the live index shares
-from telemetry.schema import CODED_COLUMNS, batch_rows, full_event, select_rows
+from telemetry.schema import CODED_COLUMNS, SchemaError, batch_rows, check_batch, full_event, select_rows
+
+log = get_logger("telemetry.batchstore")
 
 
 class HistoryError(RuntimeError):
@@ -57,6 +60,9 @@ class Reader(Protocol):
 
 class BatchStore:
     """The queries over stored batches (see the module docs); subclasses store and read them."""
+
+    skipped_batches = 0
+    """Damaged batches (not msgpack, or not a batch's shape) the reads of this store skipped."""
 
     _RUNS_SQL = "SELECT run_id, experiment_id, run_dir, started_ts, ended_ts, summary FROM runs"
     _RUNS_ORDER = " ORDER BY started_ts"
@@ -124,19 +130,36 @@ class BatchStore:
                 "run_dir": r[2],
                 "started_ts": r[3],
                 "ended_ts": r[4],
-                "summary": orjson.loads(r[5]) if r[5] else None,
+                "summary": self._summary(r[0], r[5]),
             }
             for r in rows
         ]
+
+    def _summary(self, run_id: str, text: bytes | str | None) -> dict[str, Any] | None:
+        """A run's stored summary; None (with a warning) for one that is not a JSON object:
+        the readers then take the run's figures from its folder."""
+        if not text:
+            return None
+        try:
+            summary = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            summary, why = None, str(exc)
+        else:
+            why = f"a JSON {type(summary).__name__}, not an object"
+        if isinstance(summary, dict):
+            return summary
+        log.warning("skipping a damaged run summary in the history", store=repr(self), run_id=run_id, error=why)
+        return None
 
     def _max_span(self, q: Reader, experiment_id: str) -> int:
         r = q("SELECT max_span FROM spans WHERE experiment_id = ?", (experiment_id,)).fetchone()
         return -1 if r is None else int(r[0])
 
-    def _blobs(
+    def _batches(
         self, experiment_id: str, run_id: str | None, lo: int | None, hi: int | None, max_scan: int
-    ) -> list[bytes]:
-        """The stored batches that can hold events in ``[lo, hi)``, oldest first (bounded: ``max_scan``)."""
+    ) -> list[dict[str, Any]]:
+        """The stored batches that can hold events in ``[lo, hi)``, decoded, oldest first
+        (bounded: ``max_scan``; damaged ones skipped)."""
         with self._read() as q:
             span = self._max_span(q, experiment_id)
             if span < 0:
@@ -154,7 +177,23 @@ class BatchStore:
             where = " AND ".join(sql)
             total = q(f"SELECT COALESCE(SUM(n), 0) FROM batches WHERE {where}", args).fetchone()[0]
             tq.check_rows(int(total), max_scan, "scan")
-            return [bytes(b) for (b,) in q(f"SELECT data FROM batches WHERE {where} ORDER BY ts_lo", args).fetchall()]
+            rows = q(f"SELECT run_id, seq_lo, data FROM batches WHERE {where} ORDER BY ts_lo", args).fetchall()
+        return [b for r in rows if (b := self._batch(*r)) is not None]
+
+    def _batch(self, run_id: str, seq_lo: int, data: bytes) -> dict[str, Any] | None:
+        """One stored batch decoded and checked; None, with a warning, for one that is damaged
+        (not msgpack, or not the shape of a batch): readers skip it, as they skip a bad JSONL
+        line, and :attr:`skipped_batches` counts it."""
+        try:
+            b = decode(bytes(data))
+            check_batch(b)
+        except (DecodeError, SchemaError) as exc:
+            self.skipped_batches += 1
+            log.warning(
+                "skipping a damaged history batch", store=repr(self), run_id=run_id, seq_lo=seq_lo, error=str(exc)
+            )
+            return None
+        return b
 
     def _selected(
         self, batches: list[dict[str, Any]], lo: int | None, hi: int | None, filters: dict[str, Any], max_rows: int
@@ -174,7 +213,7 @@ class BatchStore:
         max_rows: int,
         max_scan: int,
     ) -> list[dict[str, Any]]:
-        batches = [decode(d) for d in self._blobs(experiment_id, run_id, lo, hi, max_scan)]
+        batches = self._batches(experiment_id, run_id, lo, hi, max_scan)
         rows = [
             full_event(r)
             for b, m in self._selected(batches, lo, hi, filters, max_rows)
@@ -221,8 +260,8 @@ class BatchStore:
         if n == 0:
             return []
         if n > max_rows:  # count first (masks only): the answer holds min(n, matching) events
-            blobs = self._blobs(experiment_id, run_id, None, None, max_scan)
-            matching = sum(int(batch_mask(decode(d), None, None, filters).sum()) for d in blobs)
+            batches = self._batches(experiment_id, run_id, None, None, max_scan)
+            matching = sum(int(batch_mask(b, None, None, filters).sum()) for b in batches)
             tq.check_rows(min(n, matching), max_rows)
         sql, args = "experiment_id = ?", [experiment_id]
         if run_id is not None:
@@ -231,15 +270,19 @@ class BatchStore:
         scanned = 0
         with self._read() as q:
             span = self._max_span(q, experiment_id)
-            cur = q(f"SELECT ts_lo, n, data FROM batches WHERE {sql} ORDER BY ts_lo DESC", args, stream=True)
-            for ts_lo, k, data in cur:
+            cur = q(
+                f"SELECT ts_lo, n, run_id, seq_lo, data FROM batches WHERE {sql} ORDER BY ts_lo DESC", args, stream=True
+            )
+            for ts_lo, k, rid, seq_lo, data in cur:
                 if len(got) >= n:
                     got.sort(key=_order)
                     if ts_lo + span < got[-n]["ts"]:
                         break  # no older batch can reach into the newest n
                 scanned += k
                 tq.check_rows(scanned, max_scan, "scan")
-                b = decode(bytes(data))
+                b = self._batch(rid, seq_lo, data)
+                if b is None:
+                    continue
                 got.extend(full_event(r) for r in batch_rows(select_rows(b, batch_mask(b, None, None, filters))))
         got.sort(key=_order)
         return got[-n:]
@@ -250,7 +293,7 @@ class BatchStore:
         """Every event of a run (by seq) or of an experiment (by batch start time), a few
         batches at a time: memory stays bounded whatever the size."""
         if run_id is not None:
-            sql = "SELECT seq_lo, data FROM batches WHERE run_id = ? AND seq_lo > ? ORDER BY seq_lo LIMIT ?"
+            sql = "SELECT run_id, seq_lo, data FROM batches WHERE run_id = ? AND seq_lo > ? ORDER BY seq_lo LIMIT ?"
             key = run_id
         elif experiment_id is not None:
             sql = (
@@ -267,8 +310,10 @@ class BatchStore:
             if not rows:
                 return
             for r in rows:
-                yield from (full_event(e) for e in batch_rows(decode(bytes(r[-1]))))
-            last = tuple(rows[-1][:-1])
+                b = self._batch(*r[-3:])  # run_id, seq_lo, data
+                if b is not None:
+                    yield from (full_event(e) for e in batch_rows(b))
+            last = tuple(rows[-1][:-1]) if run_id is None else (rows[-1][1],)
 
     def windowed_metrics(
         self,
@@ -286,7 +331,7 @@ class BatchStore:
         tq.check_step(window_s, "window_s")
         tq.check_step(step_s, "step_s")
         filters = tq.check_filters(filters)
-        batches = [decode(d) for d in self._blobs(experiment_id, run_id, None, None, max_scan)]
+        batches = self._batches(experiment_id, run_id, None, None, max_scan)
         parts = self._selected(batches, None, None, filters, max_scan)
         keys = sorted({k for b, _ in parts for k in b["values"]})
         run_code = {r: i for i, r in enumerate(sorted({b["run_id"] for b, _ in parts}))}

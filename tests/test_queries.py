@@ -185,6 +185,48 @@ def test_windowed_metrics_same_on_both_stores(new_store):
     assert live[0]["metrics"]["x"]["count"] == 20
 
 
+def test_damaged_batches_in_the_history_are_skipped_and_counted(new_store):
+    """A stored batch that is not msgpack, or msgpack of another shape, is skipped by every
+    read (as a bad JSONL line is) and counted; the other batches answer as before."""
+    rows = make_rows([T0 + k * S for k in range(60)])
+    store = new_store()
+    src = sources(rows, store)
+    want = {
+        "last_n": src["history"](["last_n", 1000]),
+        "range": src["history"](["range", T0 / S, T0 / S + 30]),
+        "run": list(store.iter_events(run_id="run")),
+        "experiment": list(store.iter_events(experiment_id="exp")),
+        "metrics": store.windowed_metrics("exp", 10.0, 10.0),
+    }
+    assert len(want["run"]) == len(want["experiment"]) == 60 and len(want["range"]) == 30
+    for seq, data in ((100, b"\x00\xff\x00\xff"), (200, encode({"n": 3, "seq": "x"})), (300, encode([1, 2]))):
+        store.insert_batch("exp", "run", [seq, seq + 2], T0 + 5 * S, T0 + 6 * S, data, n=3)
+    store.commit()
+    got = {
+        "last_n": src["history"](["last_n", 1000]),
+        "range": src["history"](["range", T0 / S, T0 / S + 30]),
+        "run": list(store.iter_events(run_id="run")),
+        "experiment": list(store.iter_events(experiment_id="exp")),
+        "metrics": store.windowed_metrics("exp", 10.0, 10.0),
+    }
+    assert got == want
+    assert store.skipped_batches == 3 * 5  # each of the five reads met the three
+
+
+def test_a_damaged_run_summary_in_the_history_reads_as_none(tmp_path):
+    from telemetry.store import HistoryStore
+
+    store = HistoryStore(tmp_path / "h.sqlite3")
+    store.record_run("good", "exp", "d", 1, 2, {"events_persisted": 5})
+    for run_id, text in (("bytes", b"\x00\xff"), ("list", b"[1, 2]"), ("text", "not json")):
+        store.record_run(run_id, "exp", "d", 1, 2, {})
+        with store.db:
+            store.db.execute("UPDATE runs SET summary = ? WHERE run_id = ?", (text, run_id))
+    got = {r["run_id"]: r["summary"] for r in store.runs()}
+    assert got == {"good": {"events_persisted": 5}, "bytes": None, "list": None, "text": None}
+    store.close()
+
+
 def test_live_index_is_bounded_and_keeps_newest(tmp_path):
     idx = LiveIndex("exp", limit=100)
     rows = make_rows([T0 + k for k in range(1000)])
