@@ -68,6 +68,7 @@ EVENTS = ACTIVE  # the active JSONL file; rotated segments are events.NNNNNN.jso
 LIFECYCLE_SCHEMA = 1
 HEARTBEAT_S = 2.0
 QUIET_HEARTBEATS = 5  # an owner we cannot check is presumed gone after this many missed heartbeats
+MAX_HEARTBEAT_S = 3600.0  # a record's heartbeat_s is read within [0.1, this]: a damaged one cannot keep a run alive
 
 
 class RunStatus(enum.StrEnum):
@@ -252,6 +253,13 @@ def _iso(ts: Any) -> str:
         return f"at an impossible time ({ts!r})"
 
 
+def _finite(v: Any, default: float | None) -> float | None:
+    """``v`` as a float if it is a finite number (not a bool), else ``default``."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return default
+
+
 def status_from_record(rec: dict[str, Any] | None, now: float | None = None) -> StatusReport:
     """Derive the status from a lifecycle record (see the module docs); never raises."""
     if rec is None:
@@ -274,24 +282,27 @@ def status_from_record(rec: dict[str, Any] | None, now: float | None = None) -> 
     owner = rec.get("owner") if isinstance(rec.get("owner"), dict) else {}
     alive, why = owner_alive(owner)
     updated = rec.get("updated_at")
-    beat = rec.get("heartbeat_s") if isinstance(rec.get("heartbeat_s"), (int, float)) else HEARTBEAT_S
-    age = now - updated if isinstance(updated, (int, float)) and not isinstance(updated, bool) else None
+    beat = min(max(_finite(rec.get("heartbeat_s"), HEARTBEAT_S), 0.1), MAX_HEARTBEAT_S)
+    quiet_after = QUIET_HEARTBEATS * beat
+    age = now - updated if _finite(updated, None) is not None else None
     evidence = [
         f"recorded {recorded}",
         why,
         f"last heartbeat {_iso(updated)}" + (f" ({age:.1f} s ago)" if age is not None else ""),
     ]
+    if age is not None and age < -quiet_after:  # clocks apart, or a damaged record: no proof of life
+        evidence.append(f"heartbeat dated {-age:.0f} s in the future: the clocks disagree or the record is wrong")
     if rec.get("stop_requested_at"):
         evidence.append(f"a stop was under way since {_iso(rec['stop_requested_at'])}")
     if alive is None:
-        quiet = age is None or age > QUIET_HEARTBEATS * max(beat, 0.1)
-        if not quiet:
+        if age is not None and -quiet_after <= age <= quiet_after:
             return StatusReport(recorded, reason, tuple(evidence), rec)
+        quiet = "dated in the future" if age is not None and age < 0 else "quiet"
         return StatusReport(
-            RunStatus.UNKNOWN, f"{why}, and its heartbeat is quiet (last {_iso(updated)})", tuple(evidence), rec
+            RunStatus.UNKNOWN, f"{why}, and its heartbeat is {quiet} (last {_iso(updated)})", tuple(evidence), rec
         )
     if alive:
-        if age is not None and age > QUIET_HEARTBEATS * max(beat, 0.1):
+        if age is not None and age > quiet_after:
             evidence.append(f"no heartbeat for {age:.0f} s: the owner may be hung")
         return StatusReport(recorded, reason, tuple(evidence), rec)
     stopping = " and stopping" if rec.get("stop_requested_at") else ""

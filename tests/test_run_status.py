@@ -237,6 +237,17 @@ def test_an_owner_on_another_host_is_judged_by_its_heartbeat():
     assert status_from_record(record(owner=elsewhere, updated_at=now - 1), now).status == "running"
     quiet = status_from_record(record(owner=elsewhere, updated_at=now - 3600), now)
     assert quiet.status == "unknown" and "heartbeat is quiet" in quiet.reason
+    skewed = status_from_record(record(owner=elsewhere, updated_at=now + 3), now)  # clocks a little apart
+    assert skewed.status == "running"
+    for future in (now + 3600, 1e308):  # no proof of life: a follower must not wait for ever
+        r = status_from_record(record(owner=elsewhere, updated_at=future), now)
+        assert r.status == "unknown" and "dated in the future" in r.reason, r
+        assert any("in the future" in e for e in r.evidence)
+    for bad in (float("nan"), float("inf"), "soon", None):
+        assert status_from_record(record(owner=elsewhere, updated_at=bad), now).status == "unknown"
+    for beat in (1e308, float("inf"), float("nan"), -5):  # a damaged heartbeat_s keeps nothing alive
+        r = status_from_record(record(owner=elsewhere, updated_at=now - 1e6, heartbeat_s=beat), now)
+        assert r.status == "unknown", beat
 
 
 def test_ended_and_missing_records():
