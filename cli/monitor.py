@@ -34,6 +34,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     )
 
     art = Path(args.artifacts)
+    if args.latest and args.run:
+        raise UsageError(f"give a run ({args.run!r}) or --latest, not both")
     if args.latest:
         run = rundir.latest_run(art)
     elif args.run:

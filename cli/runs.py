@@ -107,6 +107,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     if target is not None:
         with reading_history(args) as store:  # a history named but unreachable or unreadable (not a
             store.runs()  # database, no tables) is an error here, not a quiet fall-back to the folders
+    if not art.is_dir():  # a mistyped --artifacts must not read as "no runs"
+        raise UsageError(f"no artifacts folder {str(art)!r} (nothing has run there yet; give --artifacts DIR)")
     infos = rundir.list_runs(art, target)
     if args.json:
         for i in infos:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import re
@@ -51,6 +52,8 @@ class Alert:
         self.field, self.op_text = m.group(1), m.group(2)
         self.op = OPS[self.op_text]
         self.value = float(m.group(3))
+        if not math.isfinite(self.value):  # 1e400 reads as inf: a threshold nothing can cross
+            raise AlertError(f"bad alert {expr!r}: {m.group(3)} is not a finite number")
 
     def fires(self, ev: dict[str, Any]) -> bool:
         v = (ev.get("values") or {}).get(self.field)
@@ -60,10 +63,13 @@ class Alert:
 def known_fields(run_dir: Path, sample: int = 5000) -> set[str]:
     """Numeric fields the run has carried so far (its summary, else its first events)."""
     out: set[str] = set()
-    s = run_dir / SUMMARY
-    if s.exists():
-        for ph in (orjson.loads(s.read_bytes()).get("phases") or {}).values():
-            out.update(ph.get("min", {}))
+    try:
+        phases = (read_json(run_dir / SUMMARY) or {}).get("phases")
+    except ValueError:  # unreadable: the events say which fields there are
+        phases = None
+    for ph in phases.values() if isinstance(phases, dict) else ():
+        if isinstance(ph, dict) and isinstance(ph.get("min"), dict):
+            out.update(ph["min"])
     for i, ev in enumerate(iter_run(run_dir)):
         out.update(ev.get("values") or {})
         if i >= sample:
@@ -207,10 +213,9 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
             anomalies += 1
         if ev["name"] == "hypertune_action":
             actions.append(ev.get("notes") or "")
-    s = run_dir / SUMMARY
     try:
-        summ = orjson.loads(s.read_bytes()) if s.exists() else {}
-    except orjson.JSONDecodeError:
+        summ = read_json(run_dir / SUMMARY) or {}
+    except ValueError:  # unreadable or not an object: the events alone
         summ = {}
     said = summ.get("events_persisted")
     lag = n - said if isinstance(said, int) and n > said else (n if said is None and n else 0)

@@ -101,10 +101,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``; None if there is no such file.
 
     Raises:
-        ValueError: the file is not a JSON object (the message names the file).
+        ValueError: the file is not a JSON object, or cannot be read (:class:`RunFileError`:
+            a folder in its place, no permission); the message names the file.
     """
     try:
-        data = path.read_bytes()
+        with open_run_file(path) as fh:
+            data = fh.read()
     except FileNotFoundError:
         return None
     try:

@@ -163,6 +163,36 @@ def test_a_run_whose_events_file_cannot_be_read_is_named_and_spares_the_others(f
     assert not list(tmp_path.glob("*out.jsonl*"))  # neither the output nor its partial file
 
 
+def test_mistakes_in_what_to_read_are_one_line_and_exit_2(finished, tmp_path, capsys):
+    art, runs = finished
+    some = next(iter(runs))
+    for argv, said in (
+        (["list", "--artifacts", str(tmp_path / "nowhere")], "no artifacts folder"),
+        (["monitor", some, "--latest", "--artifacts", str(art)], "or --latest, not both"),
+        (["monitor", some, "--alert", "conflicts>1e400", "--artifacts", str(art)], "1e400 is not a finite number"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and said in err, err
+
+
+def test_a_summary_that_cannot_be_read_falls_back_to_the_events(finished, tmp_path, capsys):
+    art, runs = copy_of(finished, tmp_path)
+    for suffix in ("", "-wal", "-shm"):
+        (art / (DB_NAME + suffix)).unlink(missing_ok=True)
+    before = listed(capsys, art)
+    run = sorted(runs)[0]
+    (runs[run] / "summary.json").unlink()
+    (runs[run] / "summary.json").mkdir()
+    after = listed(capsys, art)
+    assert after[run]["events"] == before[run]["events"] > 0 and after[run]["status"] == "stopped"
+    capsys.readouterr()
+    assert main(["monitor", run, "--summary", "--artifacts", str(art)]) == 0
+    assert f"persisted {before[run]['events']}," in " ".join(capsys.readouterr().out.split())
+
+
 def test_output_options_never_replace_recorded_files(finished, tmp_path, capsys):
     """``export --out`` and ``run --json-summary`` naming a run's events, its records or the
     history: one line, exit 2, and the file is byte for byte what it was."""
