@@ -90,6 +90,7 @@ from telemetry.schema import (
     parse_line,
     rows_to_batch,
     select_rows,
+    stored_batch,
 )
 
 log = get_logger("actors.recorder")
@@ -349,7 +350,7 @@ class Recorder(EventConsumer):
             [int(seq[0]), int(seq[-1])],
             int(ts.min()),
             int(ts.max()),
-            encode(_wire_fields(b)),
+            stored_batch(b),
             n=int(b["n"]),
         )
 
@@ -866,31 +867,3 @@ def _source(msg: dict[str, Any]) -> str:
     if source not in ("live", "history"):
         raise QueryError(f"source must be 'live' or 'history', got {source!r}")
     return source
-
-
-_WIRE = (
-    "kind",
-    "experiment_id",
-    "run_id",
-    "n",
-    "seq",
-    "ts",
-    "step",
-    "pass",
-    "name",
-    "phase",
-    "success",
-    "gpu",
-    "reason",
-    "params",
-    "names",
-    "phases",
-    "reasons",
-    "param_texts",
-    "values",
-    "sparse",
-)
-
-
-def _wire_fields(b: dict[str, Any]) -> dict[str, Any]:
-    return {k: b[k] for k in _WIRE if k in b}

@@ -5,7 +5,7 @@ module                 commands
 =====================  ==========================================================================
 :mod:`cli.demo`        ``demo``
 :mod:`cli.run`         ``run`` (``--dashboard`` serves the web dashboard), ``color``
-:mod:`cli.runs`        ``list``, ``export``, ``compare``
+:mod:`cli.runs`        ``list``, ``export``, ``compare``, ``sync``
 :mod:`cli.monitor`     ``monitor``
 :mod:`cli.spec`        ``set``, ``get``, ``show``
 :mod:`cli.tuning`      ``tune``, ``ab``

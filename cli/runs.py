@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import os
 import sqlite3
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import orjson
 from rich.console import Console
 
 from cli import render
-from cli.errors import UsageError, not_recorded
+from cli.errors import EXIT_FAILED, UsageError, history_error, not_recorded, one_line
 from telemetry import rundir
 from telemetry.batchstore import BatchStore
 from telemetry.export import FORMATS, export_events, export_run
@@ -197,6 +198,50 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from telemetry.sync import sync_run
+
+    art = Path(args.artifacts)
+    if not art.is_dir():
+        raise UsageError(f"no artifacts folder {str(art)!r} (nothing has run there yet; give --artifacts DIR)")
+    runs = [rundir.resolve_run(r, art) for r in args.runs] if args.runs else rundir.find_runs(art)
+    try:
+        store = open_history(args.history, artifacts=art)
+    except HistoryError as exc:
+        raise history_error(args.history, exc) from None
+    where = describe_history(args.history, art)
+    console = Console(highlight=False)
+    sent = problems = 0
+    try:
+        for run in runs:
+            name = f"{run.parent.name}/{run.name}"
+            try:
+                r = sync_run(store, run)
+            except (ValueError, OSError) as exc:  # an unreadable file, a folder name that is no run id
+                console.print(f"{name}: not synced: {one_line(exc)}", markup=False)
+                problems += 1
+                continue
+            except (HistoryError, sqlite3.Error) as exc:
+                console.print(f"{name}: stopped: {one_line(exc)}", markup=False)
+                sys.stderr.write(
+                    f"crucible sync: the history at {where} refused a write; what was sent is kept: run it again\n"
+                )
+                return EXIT_FAILED
+            sent += r.sent
+            if r.left_alone:
+                said = f"left alone ({r.left_alone})"
+            elif r.sent or r.recorded:
+                said = f"sent {r.sent:,} event(s)" + ("; summary recorded" if r.recorded else "")
+            else:
+                said = "up to date"
+            console.print(f"{name}: {said}", markup=False)
+    finally:
+        with contextlib.suppress(HistoryError, sqlite3.Error):
+            store.close()
+    console.print(f"{len(runs)} run(s) checked, {sent:,} event(s) sent to {where}", markup=False)
+    return EXIT_FAILED if problems else 0
+
+
 HISTORY_HELP = (
     "the history to read: a postgresql:// URL or a SQLite file "
     f"(default ${ENV}, else the run's files; list: <artifacts>/history.sqlite3)"
@@ -224,3 +269,17 @@ def add_commands(sub: Any) -> None:
     cp.add_argument("--artifacts", default="artifacts")
     cp.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     cp.set_defaults(func=cmd_compare)
+    sy = sub.add_parser(
+        "sync",
+        help="send to the history what runs that ended hold in their files and it lacks "
+        "(events a stop could not send, a missing run record)",
+    )
+    sy.add_argument("runs", nargs="*", metavar="RUN", help="run directories or ids (default: every run)")
+    sy.add_argument("--artifacts", default="artifacts")
+    sy.add_argument(
+        "--history",
+        metavar="URL",
+        help="the history to write: a postgresql:// URL or a SQLite file "
+        f"(default ${ENV}, else <artifacts>/history.sqlite3)",
+    )
+    sy.set_defaults(func=cmd_sync)

@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 
 from actors.log import get_logger
+from actors.messages import encode
 
 log = get_logger("telemetry.schema")
 
@@ -482,3 +483,33 @@ def check_id(kind: str, value: Any) -> str:
             f"{kind} {value!r} may only use letters, digits, '.', '_', '-' and must start with a letter or digit"
         )
     return value
+
+
+STORED_FIELDS = (
+    "kind",
+    "experiment_id",
+    "run_id",
+    "n",
+    "seq",
+    "ts",
+    "step",
+    "pass",
+    "name",
+    "phase",
+    "success",
+    "gpu",
+    "reason",
+    "params",
+    "names",
+    "phases",
+    "reasons",
+    "param_texts",
+    "values",
+    "sparse",
+)
+"""The fields of a batch a history stores: the events, not the figures that rode along."""
+
+
+def stored_batch(b: EventBatch) -> bytes:
+    """The bytes a history stores for one batch (its :data:`STORED_FIELDS`, msgpack)."""
+    return encode({k: b[k] for k in STORED_FIELDS if k in b})

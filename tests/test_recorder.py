@@ -293,6 +293,47 @@ def test_a_stop_while_the_history_is_locked_keeps_the_events_and_a_reopen_sends_
     assert history_seqs(tmp_path) == list(range(125))
 
 
+def test_sync_sends_what_a_stop_left_unsent(tmp_path, capsys):
+    """A run that ended with events the history never got (locked past the stop wait):
+    ``crucible sync`` sends exactly those, records the run, and a second sync finds nothing."""
+    from supervisor import main
+    from telemetry.rundir import LIFECYCLE, owner_info
+    from telemetry.store import HistoryStore
+    from telemetry.sync import sync_run
+
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run", history_stop_wait_s=0.2)
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=25)
+    emit_n(em, 40)
+    em.flush()
+    rec.ask({"kind": "flush"})
+    lock = HeldLock(tmp_path / "history.sqlite3")
+    emit_n(em, 60, start=40)
+    em.close()
+    rec.ask({"kind": "flush"})
+    rec.stop()
+    lock.release()
+    run = tmp_path / "exp" / "run"
+    assert history_seqs(tmp_path) == list(range(40))
+    live = tmp_path / "exp" / "live"  # a run its owner (this process) still runs: left to its Recorder
+    live.mkdir()
+    (live / LIFECYCLE).write_bytes(orjson.dumps({"status": "running", "owner": owner_info(), "updated_at": 0}))
+    capsys.readouterr()
+    assert main(["sync", "--artifacts", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "exp/run: sent 60 event(s); summary recorded" in out and "exp/live: left alone (running" in out, out
+    assert history_seqs(tmp_path) == list(range(100))
+    assert orjson.loads((run / "summary.json").read_bytes())["history"]["events_unsent"] == 0
+    store = HistoryStore(tmp_path / "history.sqlite3")
+    (row,) = [r for r in store.runs("exp") if r["run_id"] == "run"]
+    assert row["summary"]["events_persisted"] == 100 and row["summary"]["history"]["events_unsent"] == 0
+    again = sync_run(store, run)
+    assert (again.sent, again.recorded) == (0, False)
+    store.close()
+    assert history_seqs(tmp_path) == list(range(100))  # nothing twice
+
+
 def test_bad_input_is_rejected_clearly(tmp_path):
     topics = Topics()
     strict = Emitter(topics, "exp", "run", debug=True)
