@@ -41,6 +41,10 @@ MAX_FILE_BYTES = 256 << 20
 """A graph file's size once decompressed (a gzip bomb stops here)."""
 MAX_LINE_BYTES = 1 << 20
 """The longest line a graph file may have (read in bounded pieces: memory stays small)."""
+READ_BYTES = 1 << 20
+"""A graph file is read this much (decompressed) at a time."""
+_SAYS = re.compile(rb"\n[ \t\r\f\v]*+((?:[^\sc]|c\S)[^\n]*)")
+"""A line that says something, from the newline before it: its first token is not ``c``."""
 _PAIRS_PER_CHUNK = 1 << 22
 _INT = re.compile(rb"-?[0-9]+")  # an integer as DIMACS writes it: ASCII digits, an optional minus
 GRAPH_KEYS = ("file", "generator", "n", "p", "k", "seed")
@@ -115,21 +119,79 @@ def from_edges(n: int, edges: np.ndarray, name: str = "graph", **meta: Any) -> G
     return g
 
 
-def _lines(path: Path) -> Iterator[bytes]:
-    """The lines of a plain or gzip-compressed file (by its magic bytes), at most
-    :data:`MAX_FILE_BYTES` of them in all."""
-    with path.open("rb") as raw:
-        gz = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, line)`` for each line of a plain or gzip-compressed file (by its magic
+    bytes) that says something: not blank, not a ``c`` comment. The line starts at its first
+    token and has no newline.
+
+    The file is read :data:`READ_BYTES` at a time, and blank and comment lines are skipped and
+    counted in C (a regex scan, ``bytes.count``), never one by one in Python: a file of
+    nothing but newlines costs about what decompressing it does. At most
+    :data:`MAX_FILE_BYTES` bytes are read, and no line may be longer than
+    :data:`MAX_LINE_BYTES` with its newline; the lines before either problem come first, as
+    from a reader that goes line by line.
+
+    Raises:
+        GraphError: an unreadable file, or one over either bound.
+    """
+    base = 0  # the lines ended before ``data``
+
+    def cannot_read(exc: BaseException) -> GraphError:
+        what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return GraphError(f"{path}: cannot read{f' at line {base + 1}' if base else ''} ({what})")
+
+    try:
+        raw = path.open("rb")
+    except OSError as exc:
+        raise cannot_read(exc) from None
+    with raw:
+        try:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+        except OSError as exc:
+            raise cannot_read(exc) from None
         fh = gzip.GzipFile(fileobj=raw) if gz else raw
         total = 0
-        while line := fh.readline(MAX_LINE_BYTES + 1):  # bounded reads: a one-line bomb stops here
-            total += len(line)
-            if total > MAX_FILE_BYTES:
-                raise GraphError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes{' once decompressed' if gz else ''}")
-            if len(line) > MAX_LINE_BYTES:
+        data = b"\n"  # the newline that ends line ``base``, then the bytes read since
+        while True:
+            try:
+                chunk = fh.read1(min(READ_BYTES, MAX_FILE_BYTES + 1 - total))  # one read: bounded output
+            except (OSError, EOFError, zlib.error) as exc:
+                raise cannot_read(exc) from None
+            total += len(chunk)
+            over = total > MAX_FILE_BYTES
+            data += chunk[:-1] if over else chunk  # the byte past the bound is not read as the file's
+            last = data.rfind(b"\n")  # the lines in data[1 : last + 1] are whole
+            long_at = _long_line(data, last)
+            if not data.isspace():  # blank lines say nothing, and are the common bomb
+                prev, lineno = 0, base  # prev: the newline that ends the line last yielded
+                stop = long_at if long_at is not None else last if chunk else len(data)
+                for m in _SAYS.finditer(data, 0, stop):
+                    start, end = m.span()
+                    lineno += 1 if start == prev else data.count(b"\n", prev, start + 1)  # the lines skipped
+                    prev = end
+                    yield lineno, m[1]
+            if long_at is not None or len(data) - last - 1 > MAX_LINE_BYTES:
                 raise GraphError(f"{path}: a line longer than {MAX_LINE_BYTES:,} bytes")
-            yield line
+            if over:
+                raise GraphError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes{' once decompressed' if gz else ''}")
+            if not chunk:
+                return
+            base += data.count(b"\n", 1, last + 1)
+            data = data[last:]
+
+
+def _long_line(data: bytes, last: int) -> int | None:
+    """The newline after which the first line in ``data[1 : last + 1]`` longer than
+    :data:`MAX_LINE_BYTES` (with its newline) starts, or None. Jumps to the last newline of
+    each window of that many bytes: a few ``rfind`` calls per window, however many lines."""
+    at = 0
+    while at < last:
+        at_next = data.rfind(b"\n", at + 1, min(at + 1 + MAX_LINE_BYTES, last + 1))
+        if at_next == -1:  # the line after ``at`` ends past the window
+            return at
+        at = at_next
+    return None
 
 
 def _show(line: bytes) -> str:
@@ -150,57 +212,49 @@ def read_dimacs(path: str | Path) -> Graph:
     declared = 0
     edges = array("i")
     n_rule, m_rule = Num(1, MAX_VERTICES, integer=True), Num(0, MAX_EDGES, integer=True)
-    lineno = 0
-    try:
-        for lineno, line in enumerate(_lines(path), 1):
-            parts = line.split()
-            if not parts or parts[0] == b"c":
-                continue
-            tag = parts[0]
-            where = f"{path}:{lineno}"
-            if tag == b"e":
-                if n is None:
-                    raise GraphError(f"{where}: edge before the 'p edge N M' line")
-                if len(parts) != 3:
-                    raise GraphError(f"{where}: expected 'e U V', got {_show(line)}")
-                try:
-                    if not (_INT.fullmatch(parts[1]) and _INT.fullmatch(parts[2])):  # int() takes "1_0", "+1"
-                        raise ValueError
-                    u, v = int(parts[1]), int(parts[2])
-                except ValueError:
-                    raise GraphError(f"{where}: vertex ids must be integers, got {_show(line)}") from None
-                if not (1 <= u <= n and 1 <= v <= n):
-                    raise GraphError(f"{where}: vertex id out of range 1..{n}: {_show(line)}")
-                if u == v:
-                    raise GraphError(f"{where}: self-loop on vertex {u}")
-                if len(edges) >= 2 * MAX_EDGES:
-                    raise GraphError(f"{where}: more than {MAX_EDGES:,} edge lines")
-                edges.append(u - 1)
-                edges.append(v - 1)
-            elif tag == b"p":
-                if n is not None:
-                    raise GraphError(f"{where}: a second 'p' line")
-                if len(parts) != 4 or parts[1] not in (b"edge", b"edges", b"col"):
-                    raise GraphError(f"{where}: expected 'p edge N M', got {_show(line)}")
-                try:
-                    if not (_INT.fullmatch(parts[2]) and _INT.fullmatch(parts[3])):
-                        raise ValueError
-                    n_, m_ = int(parts[2]), int(parts[3])
-                except ValueError:
-                    raise GraphError(f"{where}: N and M must be integers, got {_show(line)}") from None
-                for what, rule, x in (("N (vertices)", n_rule, n_), ("M (edges)", m_rule, m_)):
-                    problem = rule.problem(x)
-                    if problem:
-                        raise GraphError(f"{where}: {what} {problem}")
-                n, declared = n_, m_
-            elif tag in (b"n", b"x", b"d", b"v"):
-                continue  # optional DIMACS lines (node weights, ...): not used for colouring
-            else:
-                raise GraphError(f"{where}: unknown line type {_show(tag)}")
-    except (OSError, EOFError, zlib.error) as exc:
-        what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        at = f" at line {lineno + 1}" if lineno else ""
-        raise GraphError(f"{path}: cannot read{at} ({what})") from None
+    for lineno, line in _lines(path):
+        parts = line.split()
+        tag = parts[0]
+        where = f"{path}:{lineno}"
+        if tag == b"e":
+            if n is None:
+                raise GraphError(f"{where}: edge before the 'p edge N M' line")
+            if len(parts) != 3:
+                raise GraphError(f"{where}: expected 'e U V', got {_show(line)}")
+            try:
+                if not (_INT.fullmatch(parts[1]) and _INT.fullmatch(parts[2])):  # int() takes "1_0", "+1"
+                    raise ValueError
+                u, v = int(parts[1]), int(parts[2])
+            except ValueError:
+                raise GraphError(f"{where}: vertex ids must be integers, got {_show(line)}") from None
+            if not (1 <= u <= n and 1 <= v <= n):
+                raise GraphError(f"{where}: vertex id out of range 1..{n}: {_show(line)}")
+            if u == v:
+                raise GraphError(f"{where}: self-loop on vertex {u}")
+            if len(edges) >= 2 * MAX_EDGES:
+                raise GraphError(f"{where}: more than {MAX_EDGES:,} edge lines")
+            edges.append(u - 1)
+            edges.append(v - 1)
+        elif tag == b"p":
+            if n is not None:
+                raise GraphError(f"{where}: a second 'p' line")
+            if len(parts) != 4 or parts[1] not in (b"edge", b"edges", b"col"):
+                raise GraphError(f"{where}: expected 'p edge N M', got {_show(line)}")
+            try:
+                if not (_INT.fullmatch(parts[2]) and _INT.fullmatch(parts[3])):
+                    raise ValueError
+                n_, m_ = int(parts[2]), int(parts[3])
+            except ValueError:
+                raise GraphError(f"{where}: N and M must be integers, got {_show(line)}") from None
+            for what, rule, x in (("N (vertices)", n_rule, n_), ("M (edges)", m_rule, m_)):
+                problem = rule.problem(x)
+                if problem:
+                    raise GraphError(f"{where}: {what} {problem}")
+            n, declared = n_, m_
+        elif tag in (b"n", b"x", b"d", b"v"):
+            continue  # optional DIMACS lines (node weights, ...): not used for colouring
+        else:
+            raise GraphError(f"{where}: unknown line type {_show(tag)}")
     if n is None:
         raise GraphError(f"{path}: no 'p edge N M' line")
     name = strip_suffix(path.name)
