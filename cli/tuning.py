@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,7 +33,7 @@ def trial_line(row: dict[str, Any]) -> str:
 def cmd_tune(args: argparse.Namespace) -> int:
     try:  # seconds of imports (scipy, optuna): a Ctrl-C there is an interrupt too, not a traceback
         from experiments.remote import RayBackendError
-        from experiments.tuning import tune
+        from experiments.tuning import SeedFromError, tune
     except KeyboardInterrupt:
         return _interrupted("tune")
 
@@ -48,8 +49,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
             seed=args.seed,
             overrides=args.set or None,
             on_trial=None if args.json else lambda r: console.print(trial_line(r), markup=False, highlight=False),
+            on_skipped=_skipped,
             **_runner(args),
         )
+    except SeedFromError as exc:  # a path that is no run, or no usable run: refused before any trial
+        raise UsageError(f"--seed-from: {exc}") from None
     except ValueError as exc:  # SpecError, or parameters a trial refuses
         raise UsageError(str(exc)) from None
     except RayBackendError as exc:  # no Ray installed, no cluster at the address
@@ -63,14 +67,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"crucible tune: every trial failed; trial {failed[0]['trial']}: {failed[0]['failed']}", file=sys.stderr)
         return EXIT_FAILED
     if not args.json:
+        left_out = len(res["skipped_prior_runs"])
         console.print(
-            f"learned from {res['seeded_from_prior_runs']} prior run(s) and {len(res['trials'])} trial(s); "
+            f"learned from {res['seeded_from_prior_runs']} prior run(s)"
+            f"{f' ({left_out} left out)' if left_out else ''} and {len(res['trials'])} trial(s); "
             f"best {res['objective']} = {res['best_value']}"
         )
         console.print("proposed next configuration (--set):")
         for k, v in (res["proposal"] or {}).items():
             console.print(f"  workload.params.{k}={v}")
     return 0
+
+
+def _skipped(path: Path, why: str) -> None:
+    """A prior run left out of the study, on stderr before the trials (with --json too)."""
+    print(f"crucible tune: warning: --seed-from {str(path)!r} left out: {' '.join(why.split())}", file=sys.stderr)
 
 
 def run_line(row: dict[str, Any]) -> str:
@@ -155,7 +166,12 @@ def add_commands(sub: Any) -> None:
     tu = sub.add_parser("tune", help="propose starting parameters from prior runs and new trials (Optuna TPE)")
     tu.add_argument("spec")
     tu.add_argument("--trials", type=Num(1, 10_000, integer=True).arg(), default=8, help="1 to 10000 (default 8)")
-    tu.add_argument("--seed-from", action="append", metavar="RUN_DIR", help="learn from a prior run (repeatable)")
+    tu.add_argument(
+        "--seed-from",
+        action="append",
+        metavar="RUN_DIR",
+        help="learn from a prior run's folder (repeatable); a path that is no run, or no usable run, is an error",
+    )
     tu.add_argument("--budget", type=SECONDS.arg(), help="seconds per trial, up to 365 days (default: the spec's)")
     tu.add_argument(
         "--objective", help="field to judge runs by (default: the workload's declared objective; another is minimised)"

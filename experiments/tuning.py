@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from experiments.validate import SECONDS, SEED, Num
 from experiments.workloads import Objective, objective_of
 from experiments.workloads import registry as workload_registry
 from telemetry import stats
-from telemetry.jsonl import iter_run
-from telemetry.rundir import CHECKPOINT, SPEC, SUMMARY, read_record, summary_best
+from telemetry.jsonl import RunFileError, iter_run
+from telemetry.rundir import CHECKPOINT, SPEC, SUMMARY, read_json, read_record, summary_best
 
 log = get_logger("experiments.tuning")
 
@@ -89,17 +89,128 @@ def seconds_to_best(run_dir: Path) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def _params_problem(spec: dict[str, Any] | None, wl: str, space: dict[str, tuple[float, float, str]]) -> str | None:
+    """Why a prior run's spec gives no starting parameters inside the search space, or None."""
+    workload = (spec or {}).get("workload")
+    if not isinstance(workload, dict):
+        return "its spec names no workload"
+    if workload.get("name") != wl:
+        return f"a run of workload {workload.get('name')!r}, not {wl!r}"
+    if not isinstance(workload.get("params"), dict):
+        return "its spec has no workload.params table"
+    for name, (lo, hi, _) in space.items():
+        problem = Num(lo, hi).problem(_get(workload["params"], name))
+        if problem:
+            return f"workload.params.{name} is outside the search space: {problem}"
+    return None
+
+
 def _prior_params(
     spec: dict[str, Any] | None, wl: str, space: dict[str, tuple[float, float, str]]
 ) -> dict[str, Any] | None:
-    """A prior run's starting parameters inside the search space, or None (a reason logged)."""
-    workload = (spec or {}).get("workload")
-    if not isinstance(workload, dict) or workload.get("name") != wl or not isinstance(workload.get("params"), dict):
+    """A prior run's starting parameters inside the search space, or None (see :func:`_params_problem`)."""
+    if spec is None or _params_problem(spec, wl, space):
         return None
-    params = {name: _get(workload["params"], name) for name in space}
-    if any(Num(space[k][0], space[k][1]).problem(v) for k, v in params.items()):
-        return None
+    params = {name: _get(spec["workload"]["params"], name) for name in space}
     return {k: (int(v) if space[k][2] != "float" else float(v)) for k, v in params.items()}
+
+
+class SeedFromError(ValueError):
+    """Prior runs that ``tune`` was told to learn from and cannot: a path that does not exist,
+    cannot be read or is no run directory, or runs none of which is usable. Caught before any
+    trial runs: a mistyped path must not cost a study that silently learns from nothing."""
+
+
+def _check_run_dir(path: Path) -> None:
+    """Refuse a path that is not a run directory this process can read.
+
+    Raises:
+        SeedFromError: naming the path, and the runs under it when it is an artifacts or
+            experiment folder.
+    """
+    if not path.exists():
+        raise SeedFromError(f"{str(path)!r} does not exist")
+    if not path.is_dir():
+        raise SeedFromError(f"{str(path)!r} is a file, not a run directory")
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError as exc:
+        raise SeedFromError(f"{str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+    if SPEC in names or SUMMARY in names:
+        return
+    under = sorted({p.parent for pattern in (f"*/{SPEC}", f"*/*/{SPEC}") for p in path.glob(pattern)})
+    hint = f"; it holds {len(under)} run(s), e.g. {str(under[0])!r}: name run directories" if under else ""
+    raise SeedFromError(f"{str(path)!r} is not a run directory (it has no {SPEC} or {SUMMARY}){hint}")
+
+
+def _record(run_dir: Path, name: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A run's record, or None and why it is missing or damaged.
+
+    Raises:
+        SeedFromError: the record exists but this process may not read it.
+    """
+    path = run_dir / name
+    try:
+        record = read_json(path)
+    except RunFileError as exc:  # a folder in its place, no permission
+        raise SeedFromError(str(exc)) from None
+    except OSError as exc:
+        raise SeedFromError(f"run file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        return None, f"its {name} is damaged ({str(exc).removeprefix(f'{path}: ')})"
+    return record, None if record is not None else f"it has no {name}"
+
+
+def _prior_trial(
+    run_dir: Path, wl: str, space: dict[str, tuple[float, float, str]], obj: Objective
+) -> tuple[dict[str, Any] | None, float | None, str | None]:
+    """A prior run's (parameters, objective value, None), or (None, None, why it is no use)."""
+    spec, why = _record(run_dir, SPEC)
+    if spec is None:
+        return None, None, why
+    why = _params_problem(spec, wl, space)
+    if why:
+        return None, None, why
+    summary, why = _record(run_dir, SUMMARY)
+    if summary is None:
+        return None, None, why
+    value = summary_best(summary, obj.field, obj.direction)
+    if value is None:
+        return None, None, f"its {SUMMARY} has no {obj.field}"
+    return _prior_params(spec, wl, space), value, None
+
+
+def prior_trials(
+    seed_from: Iterable[str | Path], wl: str, space: dict[str, tuple[float, float, str]], obj: Objective
+) -> tuple[list[tuple[dict[str, Any], float]], list[tuple[Path, str]]]:
+    """The (starting parameters, objective value) of each usable prior run in ``seed_from``,
+    and (path, reason) of each run left out as no use: no or a damaged spec or summary,
+    another workload, parameters outside the search space, no value of the objective. When
+    every one is left out, that is an error: whoever named them meant the study to learn
+    from them, and a study that learns from nothing should not run in their place.
+
+    Raises:
+        SeedFromError: a path that does not exist, is not a run directory or cannot be read,
+            or no usable run among them.
+    """
+    paths = [Path(p) for p in seed_from]
+    for path in paths:  # every path before any record: a typo is found at once
+        _check_run_dir(path)
+    found: list[tuple[dict[str, Any], float]] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in paths:
+        params, value, why = _prior_trial(path, wl, space, obj)
+        if params is None or value is None:
+            skipped.append((path, why or "no use"))
+        else:
+            found.append((params, value))
+    if paths and not found:
+        reasons = "; ".join(f"{str(p)!r}: {why}" for p, why in skipped[:3])
+        if len(skipped) > 3:
+            reasons += f"; and {len(skipped) - 3} more"
+        none = "" if len(paths) == 1 else f"none of the {len(paths)} prior runs is usable: "
+        raise SeedFromError(f"nothing to learn from: {none}{reasons}")
+    return found, skipped
 
 
 def _trial_row(field: str, direction: str, run_dir: Path) -> dict[str, Any]:
@@ -118,17 +229,23 @@ def tune(
     trials: int,
     artifacts: str | Path,
     *,
-    seed_from: list[str | Path] = (),
+    seed_from: Iterable[str | Path] = (),
     budget: float | None = None,
     objective: str | None = None,
     seed: int = 0,
     overrides: list[str] | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    on_skipped: Callable[[Path, str], None] | None = None,
     parallel: int = 1,
     backend: str = "embedded",
     address: str | None = None,
 ) -> dict[str, Any]:
     """Run ``trials`` experiments proposed by TPE (after learning from ``seed_from``); return the study.
+
+    ``seed_from`` names prior run directories, read before any trial by :func:`prior_trials`:
+    one that does not exist or cannot be read, or a list with no usable run, is a
+    :class:`SeedFromError`; a run that is no use among usable ones is left out and told to
+    ``on_skipped`` (path, reason), by default a warning log.
 
     ``objective`` is the field a run is judged by: by default the workload's declared objective
     (in its direction); another field is minimised. ``parallel=N`` runs the trials N at a time
@@ -153,25 +270,19 @@ def tune(
         raise ValueError(f"no search space declared for workload {wl!r}; known: {', '.join(SEARCH_SPACES)}")
     space = SEARCH_SPACES[wl]
     obj = _objective(wl, objective)
+    priors, skipped = prior_trials(seed_from, wl, space, obj)
+    for path, why in skipped:
+        if on_skipped is None:
+            log.warning("skipping a prior run", run_dir=str(path), reason=why)
+        else:
+            on_skipped(path, why)
     dists = distributions(space)
     study = optuna.create_study(
         direction="maximize" if obj.direction == "max" else "minimize",
         sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=parallel > 1),
     )
-    seeded = 0
-    for rd in seed_from:
-        rd = Path(rd)
-        value = run_objective(rd, obj.field, obj.direction)
-        prior = read_record(rd, SPEC)
-        if prior is None or value is None:
-            log.warning("skipping a prior run without a readable spec or summary", run_dir=str(rd))
-            continue
-        params = _prior_params(prior, wl, space)
-        if params is None:
-            log.warning("skipping a prior run of another workload or outside the search space", run_dir=str(rd))
-            continue
+    for params, value in priors:
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(value)))
-        seeded += 1
     read_row = functools.partial(_trial_row, obj.field, obj.direction)
     results: list[dict[str, Any]] = []
 
@@ -210,7 +321,8 @@ def tune(
     return {
         "objective": obj.field,
         "direction": obj.direction,
-        "seeded_from_prior_runs": seeded,
+        "seeded_from_prior_runs": len(priors),
+        "skipped_prior_runs": [{"run_dir": str(path), "reason": why} for path, why in skipped],
         "parallel": parallel,
         "trials": results,
         "best_value": study.best_value if done else None,
