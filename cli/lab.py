@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 from actors.log import LOG_KEEP, LOG_ROTATE_BYTES, configure_logging
-from cli.errors import EXIT_OK, UsageError, history_error
+from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, history_error
 from cli.run import add_backend_options, stop_on_signals
 from experiments.validate import PORT, Num
 
@@ -56,8 +56,9 @@ def limit_malloc_arenas(arenas: int = DAEMON_MALLOC_ARENAS) -> int | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from actors.recorder import check_artifacts_dir
     from dashboard.server import Dashboard
+    from experiments.admission import check_data_dir, check_target_rule
     from experiments.remote import RayBackendError
-    from experiments.service import LabLocked, LabService, check_data_dir
+    from experiments.service import LabLocked, LabService
     from telemetry.batchstore import HistoryError
 
     if args.ray_address is not None and args.backend != "ray":
@@ -69,6 +70,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dirs = [check_data_dir(d) for d in args.data_dir]
     except ValueError as exc:
         raise UsageError(f"--data-dir: {exc}") from None
+    try:
+        allow_targets = [check_target_rule(t) for t in args.allow_target]
+    except ValueError as exc:
+        raise UsageError(f"--allow-target: {exc}") from None
 
     # the daemon tells what it does at INFO unless --log-level asks for more (or, when set, for less)
     level = "INFO" if args.log_level == "WARNING" else args.log_level
@@ -85,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backend=args.backend,
             address=args.ray_address,
             data_dirs=data_dirs,
+            allow_targets=allow_targets,
         )
     except LabLocked as exc:
         raise UsageError(str(exc)) from None
@@ -137,10 +143,13 @@ def _call(fn: Any, *a: Any) -> Any:
 def cmd_submit(args: argparse.Namespace) -> int:
     spec = Path(args.spec)
     if not spec.is_file():
-        raise UsageError(f"spec {args.spec!r}: no such file")
+        raise UsageError(f"spec {args.spec!r}: {'a folder, not a file' if spec.is_dir() else 'no such file'}")
     with client(args) as c:
         entry = _call(c.submit, spec, args.set or [], args.id)
     sys.stdout.write(orjson.dumps(entry).decode() + "\n")
+    if entry.get("status") == "failed":  # taken, then could not start: a script must see that nothing runs
+        sys.stderr.write(f"crucible submit: {entry['id']} could not start: {entry.get('reason') or 'failed'}\n")
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -209,6 +218,15 @@ def add_commands(sub: Any) -> None:
         metavar="DIR",
         help="a folder whose files submissions may read (graph files; repeatable); the shipped "
         "instances are always allowed, nothing else is by default",
+    )
+    s.add_argument(
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="T",
+        help="code or endpoint submissions may call (the latency workload's target; repeatable): "
+        "module:function, module:* or an http(s)://host[:port]/path prefix; by default only "
+        "experiments.workloads.latency:checksum_work, math:* and time:sleep",
     )
     add_backend_options(s)
     s.set_defaults(func=cmd_serve)

@@ -74,6 +74,11 @@ def base_url(url: str) -> str:
         raise LabClientError(f"the lab daemon's URL {url!r} is not a URL: {exc}") from None
     if u.scheme not in ("http", "https") or not u.host or not 0 < (u.port or 80) < 65536:
         raise LabClientError(f"the lab daemon's URL {url!r} must be http://HOST:PORT (crucible lab serve prints it)")
+    if u.userinfo:  # httpx would send it as Basic auth in place of the token: a 401 that blames the token
+        raise LabClientError(
+            f"the lab daemon's URL has a user name or password: give http://HOST:PORT/; "
+            f"the token goes in {TOKEN_ENV} or --token-file"
+        )
     if u.query or u.fragment:
         raise LabClientError(
             f"the lab daemon's URL {url!r} has a query or fragment: give its base URL, "

@@ -27,9 +27,9 @@ from actors.files import atomic_write
 from actors.log import get_logger
 from actors.recorder import check_artifacts_dir
 from actors.runtime import trim_heap
+from experiments.admission import Admission
 from experiments.lab import Experiment, Lab, NotFound, NotRunning
-from experiments.spec import SpecError, load_spec, parse_toml
-from experiments.workloads import registry as workload_registry
+from experiments.spec import SpecError, parse_toml
 from telemetry.rundir import list_runs
 from telemetry.schema import check_id
 
@@ -56,18 +56,6 @@ def _read_pid(path: Path) -> str:
         return "unknown"
 
 
-def check_data_dir(path: str | Path) -> Path:
-    """An existing folder, resolved (a submission's files are compared with it resolved too).
-
-    Raises:
-        ValueError: naming the path and what it is instead.
-    """
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ValueError(f"data folder {str(path)!r} {'is not a folder' if p.exists() else 'does not exist'}")
-    return p.resolve()
-
-
 class LabService:
     """A Lab behind a lock and a persisted queue; thread-safe, for a long-lived daemon.
 
@@ -85,11 +73,12 @@ class LabService:
         backend: str = "embedded",
         address: str | None = None,
         data_dirs: Sequence[str | Path] = (),
+        allow_targets: Sequence[str] = (),
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
-        # the folders a submission's files must lie in (resolved: a link out of them is out)
-        self.data_dirs = tuple(check_data_dir(d) for d in data_dirs)
+        # what a submission may read and call (experiments.admission): checked at submission and at start
+        self.admission = Admission(data_dirs, allow_targets)
         self.artifacts = check_artifacts_dir(artifacts)
         self.max_running = max_running
         self.keep_ended = keep_ended  # ended experiments whose handles stay in memory (see _forget_ended)
@@ -175,7 +164,10 @@ class LabService:
     # --- submissions ---------------------------------------------------------------------------------------
 
     def _taken(self) -> set[str]:
-        return {*self.lab.experiments, *(i["id"] for i in self._queue), *self._ended}
+        """Ids in use: live or remembered experiments, queued ones, and every experiment folder
+        of the artifacts folder (runs of earlier lifetimes keep their id)."""
+        on_disk = {p.name for p in self.artifacts.iterdir() if p.is_dir()}
+        return {*self.lab.experiments, *(i["id"] for i in self._queue), *self._ended, *on_disk}
 
     def _new_id(self, base: str) -> str:
         """``base``, or ``base-2``, ``base-3``...: the first free one, cut to the id's 128
@@ -205,8 +197,7 @@ class LabService:
         overrides = list(overrides or [])
         if not all(isinstance(o, str) for o in overrides):
             raise SpecError(f"--set: each override must be a 'key=value' string, got {overrides!r}")
-        full = load_spec(raw, overrides or None, workload_registry(), source="submitted spec")
-        self._check_files(full)
+        full = self.admission.load(raw, overrides or None, "submitted spec")
         try:
             base = check_id("experiment id", experiment_id if experiment_id is not None else full["name"])
         except ValueError as exc:
@@ -225,19 +216,6 @@ class LabService:
             self._fill()
             return self._entry(item["id"])
 
-    def _check_files(self, full: dict[str, Any]) -> None:
-        """Refuse a spec that would read a local file outside the data folders: whoever holds
-        the token may run experiments, not read the daemon's files (an error would quote them)."""
-        workload = workload_registry()[full["workload"]["name"]]
-        files = getattr(workload, "files", None)
-        for path in files(full["workload"]["params"]) if callable(files) else []:
-            if not any(path.is_relative_to(d) for d in self.data_dirs):
-                allowed = ", ".join(map(str, self.data_dirs)) or "none (start the daemon with --data-dir)"
-                raise SpecError(
-                    f"submitted spec: workload.params reads {str(path)!r}, outside the daemon's data folders "
-                    f"({allowed}); shipped instances are always allowed"
-                )
-
     def _entry(self, exp_id: str) -> dict[str, Any]:
         for pos, item in enumerate(self._queue, 1):
             if item["id"] == exp_id:
@@ -255,6 +233,8 @@ class LabService:
         while self._queue and not self._closed and self._running() < self.max_running:
             item = self._queue[0]
             try:
+                # checked again: a link in a data folder may point elsewhere now, the rules may have changed
+                self.admission.load(item["spec"], item["set"] or None, "submitted spec")
                 exp = self.lab.start_experiment(item["spec"], item["set"] or None, experiment_id=item["id"])
             except Exception as exc:  # noqa: BLE001 - a spec that no longer validates, a workload refusing: not fatal
                 log.error("queued experiment could not start", experiment=item["id"], error=str(exc))

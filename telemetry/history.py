@@ -138,13 +138,13 @@ def _naming_the_environment(target: HistoryTarget) -> Iterator[None]:
 
 def prepare_history(target: HistoryTarget, artifacts: str | Path | None = None) -> str | Path:
     """Resolve a target once for a host that opens it many times (a Lab: one Recorder per run),
-    and prove a server reachable now, schema created or migrated, rather than at its first run.
+    and prove it usable now, rather than at its first run: a server reachable, a SQLite file
+    that opens for writing (its folder there, a database of ours); the schema created or migrated.
 
     Raises:
         HistoryConfigError, HistoryConnectError: as :func:`open_history`.
     """
     with _naming_the_environment(target):
         where = resolve_history(target, artifacts)
-        if isinstance(where, str):
-            open_history(where).close()
+        open_history(where).close()
     return where

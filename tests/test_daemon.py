@@ -26,10 +26,10 @@ SERVE = (sys.executable, "-m", "supervisor", "lab", "serve")
 class Daemon:
     """A ``crucible lab serve`` subprocess; ``url`` once it has printed it."""
 
-    def __init__(self, artifacts: Path, max_experiments: int = 1) -> None:
+    def __init__(self, artifacts: Path, max_experiments: int = 1, extra: tuple[str, ...] | list[str] = ()) -> None:
         self.artifacts = artifacts
         self.proc = subprocess.Popen(
-            [*SERVE, "--artifacts", str(artifacts), "--port", "0", "--max-experiments", str(max_experiments)],
+            [*SERVE, "--artifacts", str(artifacts), "--port", "0", "--max-experiments", str(max_experiments), *extra],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -282,7 +282,8 @@ def test_a_submission_reads_files_only_from_the_data_folders(tmp_path):
     """Whoever holds the token may run experiments, not read the daemon's files: a graph file
     outside ``data_dirs`` (or linked out of one) is refused before anything is queued, with no
     word of its contents; shipped instances and files in a data folder are admitted."""
-    from experiments.service import LabService, check_data_dir
+    from experiments.admission import check_data_dir
+    from experiments.service import LabService
 
     secret = tmp_path / "secret.col"
     secret.write_text("secret_password_123\n")
@@ -312,6 +313,120 @@ def test_a_submission_reads_files_only_from_the_data_folders(tmp_path):
     for bad in (tmp_path / "missing", secret):
         with pytest.raises(ValueError, match="data folder"):
             check_data_dir(bad)
+
+
+def test_a_submission_calls_only_the_targets_the_daemon_allows(tmp_path):
+    """Whoever holds the token may run experiments, not run code as the daemon's user: a latency
+    target (code or URL) the daemon does not allow is refused before anything is queued."""
+    from experiments.admission import check_target_rule, target_allowed
+    from experiments.service import LabService
+
+    def timing(target):
+        return {"name": "t", "time_budget_s": 0.2, "workload": {"name": "latency", "params": {"target": target}}}
+
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1, allow_targets=["json:*", "http://127.0.0.1:9/api/"])
+    try:
+        for bad in (
+            "os:system",
+            "subprocess:run",
+            "builtins:exec",
+            "json.decoder:*",
+            "json:*",
+            "http://127.0.0.1:9/",
+            "http://127.0.0.1:8/api/",
+            "https://127.0.0.1:9/api/",
+            "http://169.254.169.254/api/",
+            "http://x@127.0.0.1:9/api/",
+        ):
+            with pytest.raises(ValueError, match="is not allowed on this daemon"):
+                service.submit(timing(bad))
+        assert service.list(history=False) == [] and not (art / "queue.json").exists()
+        assert "this" not in sys.modules  # refused before its module was imported: an import runs code
+        for good in ("math:sqrt", "time:sleep", "json:dumps"):  # defaults, and what --allow-target added
+            assert service.submit(timing(good))["status"] in ("running", "queued")
+        assert service.submit({"name": "d", "workload": {"name": "latency"}})["status"] in ("running", "queued")
+    finally:
+        service.shutdown()
+    assert target_allowed("http://127.0.0.1:9/api/v1?x=1", ["http://127.0.0.1:9/api/"])
+    assert not target_allowed("http://127.0.0.1:9/apix", ["http://127.0.0.1:9/api/"])
+    for rule in ("os", "os:", ":f", "a b:c", "ftp://h/", "http://", "http://u:p@h/", "http://h:99999/"):
+        with pytest.raises(ValueError, match="must be 'module:function'"):
+            check_target_rule(rule)
+
+
+def test_a_queued_submission_is_checked_again_when_it_starts(tmp_path):
+    """A link in a data folder that points elsewhere by the time the queued experiment starts:
+    it fails to start, naming the rule, and no word of the file's contents is shown."""
+    from experiments.service import LabService
+
+    secret = tmp_path / "secret.col"
+    secret.write_text("secret_password_123\n")
+    data = tmp_path / "graphs"
+    data.mkdir()
+    (data / "ok.col").write_text("p edge 3 2\ne 1 2\ne 2 3\n")
+    (data / "swap.col").symlink_to(data / "ok.col")
+    service = LabService(tmp_path / "art", max_running=1, data_dirs=[data])
+    try:
+        blocker = service.submit(latency_spec("blocker", budget=600))
+        queued = service.submit(_colour_spec("later", str(data / "swap.col")))
+        assert queued["status"] == "queued"
+        (data / "swap.col").unlink()
+        (data / "swap.col").symlink_to(secret)
+        service.stop(blocker["id"])
+        wait_for(
+            lambda: {e["id"]: e["status"] for e in service.list(history=False)}[queued["id"]] == "failed",
+            "the queued item to be refused at its start",
+        )
+        (entry,) = [e for e in service.list(history=False) if e["id"] == queued["id"]]
+        assert "outside the daemon's data folders" in entry["reason"] and "secret_password" not in entry["reason"]
+    finally:
+        service.shutdown()
+
+
+def test_ids_of_earlier_lifetimes_are_not_given_again(tmp_path):
+    from experiments.service import LabService
+
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1)
+    try:
+        first = service.submit(latency_spec("same", budget=0.2))
+        service.get(first["id"]).wait(DEADLINE_S)
+    finally:
+        service.shutdown()
+    again = LabService(art, max_running=1)  # a new lifetime: the first is only on disk now
+    try:
+        second = again.submit(latency_spec("same", budget=0.2))
+        assert (first["id"], second["id"]) == ("same", "same-2")
+        again.get(second["id"]).wait(DEADLINE_S)
+    finally:
+        again.shutdown()
+
+
+def test_serve_refuses_a_history_it_cannot_open_and_submit_says_when_nothing_runs(tmp_path, capsys):
+    proc = subprocess.run(
+        [*SERVE, "--artifacts", str(tmp_path / "a"), "--port", "0", "--history", str(tmp_path / "no" / "h.sqlite3")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert proc.returncode == 2 and "cannot be opened" in proc.stderr.splitlines()[-1], proc.stderr
+    data = tmp_path / "graphs"
+    data.mkdir()
+    (data / "loop.col").write_text("p edge 2 1\ne 1 1\n")  # admitted; fails when the experiment starts
+    spec = tmp_path / "s.toml"
+    spec.write_text(
+        f'name = "g"\n[workload]\nname = "coloring"\n[workload.params]\ngraph = {{ file = "{data}/loop.col" }}\n'
+    )
+    d = Daemon(tmp_path / "art", extra=["--data-dir", str(data)])
+    try:
+        capsys.readouterr()
+        code = main(["submit", str(spec), "--to", d.url, "--token-file", str(d.artifacts / "dashboard.token")])
+        out, err = capsys.readouterr()
+        assert code == 1 and '"status":"failed"' in out and "self-loop" in err, (out, err)
+    finally:
+        d.kill()
 
 
 def test_ids_made_unique_stay_within_the_id_limit_and_can_be_cancelled(tmp_path):
@@ -346,12 +461,15 @@ def test_client_mistakes_are_one_line_errors(daemon, tmp_path, capsys, monkeypat
         (["ls", "--to", "http://[::1"], "is not a URL"),
         (["ls", "--to", f"{daemon.url}?token={daemon.token}"], f"give its base URL, {daemon.url}"),
         (["ls", "--to", "127.0.0.1:7878"], "must be http://HOST:PORT"),
+        (["ls", "--to", daemon.url.replace("http://", "http://me:hunter2@")], "has a user name or password"),
+        (["submit", str(tmp_path), "--to", daemon.url], "a folder, not a file"),
     ]
     for argv, needle in cases:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and needle in err and "Traceback" not in err, (argv, err)
+        assert "hunter2" not in err
     monkeypatch.setenv("CRUCIBLE_TOKEN", "tökén")
     with pytest.raises(SystemExit) as exit_:
         main(["ls", "--to", daemon.url])

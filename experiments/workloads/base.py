@@ -164,6 +164,10 @@ class Workload(Protocol):
     # Optional: ``files(cls, params) -> list[Path]``, the local files these (checked) parameters
     # would read, resolved. A lab daemon admits a submission only if each lies in one of its
     # data folders (``crucible lab serve --data-dir``); a workload without it reads none.
+    # Optional: ``targets(cls, params) -> list[str]``, the code (``module:function``) and the
+    # endpoints (``http(s)://`` URLs) these parameters make the workload call. A lab daemon
+    # admits a submission only if it allows each (``crucible lab serve --allow-target``); a
+    # workload without it calls nothing a submission chooses.
 
     def start(self, emitter: Emitter) -> None: ...
 

@@ -97,6 +97,11 @@ class LatencyWorkload:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", target.replace(":", "."))[:80] or cls.name
 
     @classmethod
+    def targets(cls, params: dict[str, Any]) -> list[str]:
+        """The callable or URL these parameters time: code a lab daemon must allow first."""
+        return [str((params or {}).get("target", DEFAULTS["target"]))]
+
+    @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         unknown = set(params) - set(DEFAULTS)
         if unknown:
