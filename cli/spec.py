@@ -13,10 +13,11 @@ from rich.console import Console
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from experiments.specedit import set_values
+    from experiments.specedit import brief, set_values
 
     set_values(args.spec, args.assignments)
-    Console().print(f"{args.spec}: set {', '.join(args.assignments)}")
+    done = ", ".join(brief(a, 80) for a in args.assignments)  # a value of a megabyte is not echoed whole
+    Console().print(f"{args.spec}: set {done}", markup=False, highlight=False)  # the user's text, as typed
     return 0
 
 

@@ -5,6 +5,8 @@ time budget, the workload and its parameters, and the telemetry / sampling / ano
 metrics / hypertune sections. Every key is checked against :data:`SCHEMA`: an unknown key,
 a wrong type or an out-of-range value is a :class:`SpecError` naming the key and the file.
 Workload parameters are checked by the workload itself (see ``experiments.workloads``).
+Tables and arrays nest at most :data:`MAX_DEPTH` levels, checked where a spec is read
+(:func:`parse_toml`, :func:`parse_override`) and where one is taken as a dict (:func:`load_spec`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,45 @@ from telemetry.schema import check_id
 
 class SpecError(ValueError):
     """A spec problem, with the file and the key it is about."""
+
+
+MAX_DEPTH = 100
+"""How deep tables and arrays may nest in a spec, the document being level 0 (tomlkit, which
+``crucible set`` edits with, keeps the same limit). Deeper data overflows what reads and copies
+it by recursion (the TOML reader, ``copy.deepcopy``) and the run folder's JSON writer (orjson
+stops at 254 levels); no real spec comes near it."""
+TOO_DEEP = f"tables and arrays nested more than {MAX_DEPTH} levels deep"
+
+
+def nesting_problem(data: Any, limit: int = MAX_DEPTH) -> str | None:
+    """Where ``data`` first holds a table or array more than ``limit`` levels deep (a dotted
+    path, cut short), or None. Iterative, so that data too deep to recurse over is still checked."""
+    if not isinstance(data, (dict, list, tuple)):
+        return None
+    stack: list[tuple[Any, int, tuple[Any, Any] | None]] = [(data, 0, None)]
+    while stack:
+        v, depth, trail = stack.pop()
+        if depth > limit:
+            return _trail_path(trail)
+        items = v.items() if isinstance(v, dict) else enumerate(v)
+        stack.extend((x, depth + 1, (trail, k)) for k, x in items if isinstance(x, (dict, list, tuple)))
+    return None
+
+
+def _trail_path(trail: tuple[Any, Any] | None, shown: int = 4) -> str:
+    keys: list[Any] = []
+    while trail is not None:
+        trail, k = trail
+        keys.append(k)
+    keys.reverse()
+    path = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys[:shown]).removeprefix(".")
+    return path[:80] + "..." if len(keys) > shown or len(path) > 80 else path
+
+
+def _check_nesting(data: Any, source: str | None) -> None:
+    where = nesting_problem(data)
+    if where is not None:
+        raise SpecError(f"{_where(source, where)}: {TOO_DEEP}")
 
 
 def _num(
@@ -218,11 +259,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise SpecError(f"--set {item!r}: bad key {key!r}")
+    parts = key.split(".")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    return key.split("."), value
+    except ValueError as exc:  # an integer of more than 4300 digits (Python's limit on reading one)
+        raise SpecError(f"--set {key}: {_too_long(exc)}") from None
+    except RecursionError:  # tomllib reads nested arrays and inline tables by recursion
+        raise SpecError(f"--set {key}: {TOO_DEEP}") from None
+    nested: Any = value
+    for part in reversed(parts):  # the value where it will sit in the spec: its depth counts from the top
+        nested = {part: nested}
+    if nesting_problem(nested) is not None:
+        raise SpecError(f"--set {key}: {TOO_DEEP}")
+    return parts, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
@@ -248,12 +299,22 @@ def _check_numbers(raw: dict[str, Any], source: str | None) -> None:
         raise SpecError(f"{_where(source, bad[0])}: {bad[1]}")
 
 
+def _too_long(exc: ValueError) -> str:
+    return f"a number too long to read ({str(exc).split(';')[0]})"
+
+
 def parse_toml(text: str, source: str | Path = "submitted spec") -> dict[str, Any]:
     """A spec's TOML text as a dict; :class:`SpecError` naming ``source`` and where it is malformed."""
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{source}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer of more than 4300 digits (Python's limit on reading one)
+        raise SpecError(f"{source}: {_too_long(exc)}") from None
+    except RecursionError:  # tomllib reads nested arrays and inline tables by recursion
+        raise SpecError(f"{source}: {TOO_DEEP}") from None
+    _check_nesting(data, str(source))
+    return data
 
 
 def read_spec_text(path: str | Path) -> tuple[str, dict[str, Any]]:
@@ -280,6 +341,7 @@ def load_spec(
         SpecError: naming the file and the key, for anything the spec reference does not allow.
     """
     if isinstance(spec, dict):
+        _check_nesting(spec, source)  # before anything recurses over it
         raw = copy.deepcopy(spec)
     else:
         source = str(spec)
@@ -288,6 +350,8 @@ def load_spec(
     _check_numbers(raw, source)  # then every number, free-form tables included
     raw = apply_overrides(raw, overrides)
     where = source and f"{source} (with --set)" if overrides else source
+    if overrides:
+        _check_nesting(raw, where)  # each --set value was checked on its own; a dict of overrides was not
     _check(raw, SCHEMA, where)
     _check_numbers(raw, where)
     full = merge_tables(DEFAULTS, raw, opaque=("metadata",))

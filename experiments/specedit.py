@@ -1,23 +1,43 @@
 """``crucible set / get / show``: edit and read experiment specs with the same validation as ``run``.
 
 Edits go through tomlkit, so comments and layout of the file survive; a change that would
-make the spec invalid is refused and the file is left untouched. The new text is validated
-in memory (no scratch file beside the spec), then replaces the file atomically, so a reader
-or a crash never sees half a spec.
+make the spec invalid, or a file larger than a spec may be (:data:`SPEC_MAX_BYTES`), is
+refused and the file is left untouched. The new text is validated in memory (no scratch file
+beside the spec), then replaces the file atomically, so a reader or a crash never sees half
+a spec.
+
+Values are written as TOML text here (:func:`_inline`, :func:`_tables`) and only then handed
+to tomlkit: its own conversion of Python values re-indexes an array on every element, scans a
+table on every key and copies a string's tail at every escape, quadratic in the value's size;
+its parser is linear.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
 import tomlkit
+from tomlkit.items import InlineTable, Item
 
 from actors.files import atomic_write
 from experiments.spec import SpecError, load_spec, parse_override, read_spec_text
+from experiments.validate import SPEC_MAX_BYTES
 from experiments.workloads import registry as workload_registry
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')  # what a TOML basic string may not hold as itself
+_SHORT_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def brief(text: str, limit: int = 60) -> str:
+    """``text`` cut to about ``limit`` characters, saying how long it was: a value in a message
+    or a printed line stays short whatever its size."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _load_doc(path: Path) -> tomlkit.TOMLDocument:
@@ -33,7 +53,11 @@ def set_values(path: str | Path, assignments: list[str]) -> dict[str, Any]:
     path = Path(path)
     doc = _load_doc(path)
     for item in assignments:
-        keys, value = parse_override(item)
+        try:
+            keys, value = parse_override(item)  # refuses a value nested too deep
+        except SpecError as exc:
+            raise SpecError(f"{path}: {exc}") from None
+        key = ".".join(keys)
         node: Any = doc
         try:
             for k in keys[:-1]:
@@ -41,13 +65,14 @@ def set_values(path: str | Path, assignments: list[str]) -> dict[str, Any]:
                     node[k] = tomlkit.table()
                 node = node[k]
                 if not isinstance(node, dict):
-                    raise SpecError(f"{path}: {'.'.join(keys)}: {k!r} is not a table")
-            node[keys[-1]] = value
+                    raise SpecError(f"{path}: {key}: {k!r} is not a table")
+            node[keys[-1]] = _toml_item(path, key, value, inline=isinstance(node, InlineTable))
         except (tomlkit.exceptions.TOMLKitError, ValueError, TypeError) as exc:
             if isinstance(exc, SpecError):
                 raise
-            raise SpecError(f"{path}: {'.'.join(keys)}: cannot set {value!r} here ({exc})") from None
+            raise SpecError(f"{path}: {key}: cannot set {brief(repr(value))} here ({exc})") from None
     text = tomlkit.dumps(doc)
+    data = _fits(path, text, "the edited spec")
     try:
         edited = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -56,7 +81,7 @@ def set_values(path: str | Path, assignments: list[str]) -> dict[str, Any]:
     if not os.access(path, os.W_OK):
         raise SpecError(f"{path}: the spec is read-only; nothing changed")
     try:
-        atomic_write(path, text.encode())
+        atomic_write(path, data)
     except OSError as exc:
         raise SpecError(f"{path}: cannot write the spec ({exc.strerror or exc}); nothing changed") from None
     spec["source"] = str(path)
@@ -78,7 +103,9 @@ def show(path: str | Path) -> str:
     """The effective spec (validated, defaults filled in) as TOML."""
     spec = load_spec(path, workloads=workload_registry())
     spec.pop("source", None)
-    return tomlkit.dumps(_plain(spec))
+    out: list[str] = []
+    _tables(_plain(spec), [], out)
+    return "".join(out)
 
 
 def _plain(x: Any) -> Any:
@@ -87,3 +114,70 @@ def _plain(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+def _fits(path: Path, text: str, what: str) -> bytes:
+    """``text`` as UTF-8, refused unless a spec that holds it can be read again (see
+    :func:`experiments.validate.read_text`): ``set`` must never write a spec ``run`` refuses."""
+    try:
+        data = text.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate, from a command line that was not UTF-8
+        raise SpecError(f"{path}: {what} is not UTF-8 text ({exc.reason}); nothing changed") from None
+    if len(data) > SPEC_MAX_BYTES:
+        raise SpecError(
+            f"{path}: {what} would be {len(data):,} bytes, more than the {SPEC_MAX_BYTES:,} a spec may hold; "
+            "nothing changed"
+        )
+    return data
+
+
+def _toml_item(path: Path, key: str, value: Any, inline: bool) -> Item:
+    """``value`` as a tomlkit item, by way of its TOML text (linear in its size, see the module's
+    docstring): a table as a ``[table]`` of its own unless its parent is an inline table.
+    A value too large for a spec is refused before tomlkit reads it."""
+    if isinstance(value, dict) and not inline:
+        out: list[str] = []
+        _tables(value, ["v"], out)
+        text = "".join(out)
+    else:
+        text = f"v = {_inline(value)}\n"
+    _fits(path, text, f"{key}: the value")
+    return tomlkit.parse(text)["v"]
+
+
+def _tables(table: dict[str, Any], path: list[str], out: list[str]) -> None:
+    """``table`` as TOML lines on ``out``: its values first, then each sub-table under its
+    ``[header]`` (the layout tomlkit gives a dict)."""
+    if path:
+        blank = "\n" if out else ""
+        out.append(f"{blank}[{'.'.join(map(_key, path))}]\n")
+    out.extend(f"{_key(k)} = {_inline(v)}\n" for k, v in table.items() if not isinstance(v, dict))
+    for k, v in table.items():
+        if isinstance(v, dict):
+            _tables(v, [*path, k], out)
+
+
+def _inline(v: Any) -> str:
+    """A value as inline TOML (a table as ``{k = v}``); nesting is bounded by
+    :data:`experiments.spec.MAX_DEPTH`, checked before anything gets here."""
+    if isinstance(v, str):
+        return _string(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)  # floats: inf, -inf and nan are TOML's spelling too
+    if isinstance(v, (list, tuple)):
+        return f"[{', '.join(map(_inline, v))}]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_inline(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (datetime, date, time)):
+        return tomlkit.item(v).as_string()
+    raise TypeError(f"{type(v).__name__} is not a TOML value")
+
+
+def _key(k: str) -> str:
+    return k if _BARE_KEY.fullmatch(k) else _string(k)
+
+
+def _string(s: str) -> str:
+    return '"' + _ESCAPED.sub(lambda m: _SHORT_ESCAPES.get(m[0]) or f"\\u{ord(m[0]):04x}", s) + '"'

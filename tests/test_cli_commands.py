@@ -253,6 +253,63 @@ def test_set_get_show_round_trip(tmp_path, capsys):
     assert "bad.toml" in usage_error(capsys, "show", str(tmp_path / "bad.toml"))
 
 
+@pytest.mark.parametrize(
+    "deep",
+    [
+        "[metadata]\nx = " + "[" * 300 + "]" * 300,
+        "[workload.params]\nx = " + "{a = " * 300 + "1" + "}" * 300,
+        "[metadata]\nx = " + "[" * 3000 + "]" * 3000,
+    ],
+)
+def test_a_spec_nested_too_deep_is_one_line_from_every_command_and_runs_nothing(tmp_path, capsys, deep):
+    spec = tmp_path / "deep.toml"
+    spec.write_text(f'name = "deep"\ntime_budget_s = 0.5\n{deep}\n')
+    art = tmp_path / "art"
+    for argv in (
+        ["run", str(spec), "--no-live"],
+        ["tune", str(spec), "--trials", "1"],
+        ["ab", str(spec), "--runs", "2"],
+        ["get", str(spec), "name"],
+        ["show", str(spec)],
+        ["set", str(spec), "seed=2"],
+    ):
+        if argv[0] in ("run", "tune", "ab"):
+            argv += ["--artifacts", str(art)]
+        err = usage_error(capsys, *argv)
+        assert f"{spec}: " in err and "nested more than 100 levels deep" in err, err
+    assert not (art / "deep").exists()  # no run folder: the spec is refused before anything starts
+    assert spec.read_text().endswith(f"{deep}\n")  # set left the file as it was
+
+
+def test_set_refuses_an_edit_larger_than_a_spec_may_be_and_leaves_the_file(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text("# mine\n" + LATENCY.format(budget=5, seed=1, calls=0))
+    before = spec.read_bytes()
+    for assignments in (
+        ["metadata.blob=" + "a" * 3_000_000],  # a string of 3 MB
+        ["metadata.nums=[" + ",".join(["1"] * 400_000) + "]"],  # 400_000 numbers: 1.2 MB as TOML
+        ["metadata.a=" + "a" * 600_000, "metadata.b=" + "b" * 600_000],  # each fits, not both
+    ):
+        err = usage_error(capsys, "set", str(spec), *assignments)
+        assert f"{spec}: " in err and "more than the 1,048,576 a spec may hold; nothing changed" in err
+        assert len(err) < 300  # the value is not quoted back
+        assert spec.read_bytes() == before
+
+
+def test_set_writes_a_long_value_whole_and_echoes_it_cut_short(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text(LATENCY.format(budget=5, seed=1, calls=0))
+    text = 'say "hi"\\\x01' * 2_000  # escapes on every few characters
+    nums = list(range(20_000))  # tomlkit's own conversion took 40 s over this list, and show as long again
+    out = run_cli(capsys, "set", str(spec), f"metadata.text={json.dumps(text)}", f"metadata.nums={nums}", "seed=3")
+    assert len(out) < 400 and "characters)" in out and "seed=3" in out
+    assert len(spec.read_bytes()) < 1 << 20
+    got = json.loads(run_cli(capsys, "get", str(spec), "metadata"))
+    assert got == {"text": text, "nums": nums}
+    shown = run_cli(capsys, "show", str(spec))
+    assert "[metadata]" in shown and "nums = [0, 1, 2, 3, " in shown and shown.count("\n") < 100
+
+
 # --- color, tune, ab -------------------------------------------------------------------------------------
 
 

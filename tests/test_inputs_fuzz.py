@@ -116,7 +116,9 @@ override_text = st.one_of(
         st.one_of(
             st.text(max_size=20),
             numbers.map(str),
-            st.sampled_from(["nan", "inf", "-inf", "[1, nan]", "{a = inf}", "1e999", "0x7fff"]),
+            st.sampled_from(["nan", "inf", "-inf", "[1, nan]", "{a = inf}", "1e999", "0x7fff", "9" * 4400]),
+            st.integers(90, 110).map(lambda n: "[" * n + "]" * n),  # either side of the nesting limit
+            st.integers(90, 110).map(lambda n: "{a = " * n + "1" + "}" * n),
         ),
     ),
 )

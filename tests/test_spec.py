@@ -219,3 +219,100 @@ def test_a_strict_merge_names_the_unknown_key_and_where_it_is():
         merge_tables({"tabu": {"tenure": 1}}, {"tabu": {"tenur": 2}}, strict=True, what="parameter")
     with pytest.raises(ValueError, match=r"tabu must be a table"):
         merge_tables({"tabu": {"tenure": 1}}, {"tabu": 3}, strict=True)
+
+
+# --- how deep a spec may nest --------------------------------------------------------------------------
+
+
+def _arrays(n):
+    return "[" * n + "]" * n
+
+
+def _inline_tables(n):
+    return "{a = " * n + "1" + "}" * n
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (f'name = "a"\n[metadata]\nx = {_arrays(300)}\n', r"metadata\.x\[0\]\[0\]\.\.\.: "),
+        (f'name = "a"\n[workload.params]\nx = {_inline_tables(300)}\n', r"workload\.params\.x\.a\.\.\.: "),
+        (f"a = {_arrays(300)}\n", r"a\[0\]\[0\]\[0\]\.\.\.: "),
+        (f'name = "a"\n[metadata.{".".join(["t"] * 101)}]\n', r"metadata\.t\.t\.t\.\.\.: "),
+        (f'name = "a"\n[metadata]\nx = {_arrays(2000)}\n', ""),  # deeper than the TOML reader can recurse
+        (f'name = "a"\n[metadata]\nx = {_inline_tables(2000)}\n', ""),
+    ],
+)
+def test_a_spec_nested_too_deep_is_refused_naming_the_file(tmp_path, text, where):
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(tmp_path / 'x.toml'))}: {where}tables and arrays nested "):
+        load_spec(write(tmp_path, text), workloads=registry())
+
+
+def test_the_nesting_limit_is_100_levels_the_document_being_level_0(tmp_path):
+    spec = load_spec(write(tmp_path, f'name = "a"\n[metadata]\nx = {_arrays(99)}\n'))  # metadata is level 1
+    x, depth = spec["metadata"]["x"], 2
+    while x:
+        x, depth = x[0], depth + 1
+    assert depth == 100
+    with pytest.raises(SpecError, match="more than 100 levels deep"):
+        load_spec(write(tmp_path, f'name = "a"\n[metadata]\nx = {_arrays(100)}\n'))
+
+
+def test_a_spec_given_as_a_dict_is_checked_before_it_is_copied(tmp_path):
+    deep: dict = {"a": 1}
+    for _ in range(5000):  # far past what copy.deepcopy can recurse over
+        deep = {"a": deep}
+    with pytest.raises(SpecError, match=r"^submitted spec: metadata\.a\.a\.a\.\.\.: tables and arrays nested"):
+        load_spec({"name": "a", "metadata": deep}, source="submitted spec")
+    looped: list = []
+    looped.append(looped)
+    with pytest.raises(SpecError, match="nested more than 100"):
+        load_spec({"name": "a", "metadata": {"x": looped}})
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        f"metadata.x={_arrays(150)}",
+        f"metadata.x={_arrays(3000)}",
+        f"metadata.x={_inline_tables(3000)}",
+        ".".join(["metadata"] + ["t"] * 101) + "=1",
+    ],
+)
+def test_an_override_nested_too_deep_is_refused(tmp_path, item):
+    with pytest.raises(SpecError, match=r"^--set metadata\.[tx].*: tables and arrays nested more than 100 levels deep"):
+        parse_override(item)
+    with pytest.raises(SpecError, match="nested more than 100 levels deep"):
+        load_spec(write(tmp_path, 'name = "a"\n'), [item])
+    assert parse_override(f"metadata.x={_arrays(98)}")[1]  # metadata, x, then 98 arrays: level 99
+
+
+def test_an_integer_too_long_to_read_is_a_spec_error(tmp_path):
+    with pytest.raises(SpecError, match=r"x\.toml: a number too long to read"):
+        load_spec(write(tmp_path, f'name = "a"\nseed = {"9" * 5000}\n'))
+    with pytest.raises(SpecError, match=r"^--set seed: a number too long to read"):
+        parse_override(f"seed={'9' * 5000}")
+
+
+def _depth(v):
+    """How deep ``v`` nests, by recursion: the reference for the iterative check."""
+    if isinstance(v, dict):
+        return 1 + max(map(_depth, v.values()), default=0)
+    if isinstance(v, list):
+        return 1 + max(map(_depth, v), default=0)
+    return 0
+
+
+_nested = st.recursive(
+    st.integers(0, 3) | st.text(max_size=2),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from("abc"), inner, max_size=3),
+    max_leaves=30,
+)
+
+
+@given(_nested, st.integers(0, 8))
+def test_nesting_problem_agrees_with_a_recursive_depth(data, limit):
+    from experiments.spec import nesting_problem
+
+    # containers at levels 0 .. depth-1: the check refuses one below the limit
+    assert (nesting_problem(data, limit) is None) == (_depth(data) - 1 <= limit)
