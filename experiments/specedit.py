@@ -78,10 +78,12 @@ def set_values(path: str | Path, assignments: list[str]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: the edit would not be valid TOML ({exc}); nothing changed") from None
     spec = load_spec(edited, workloads=workload_registry(), source=str(path))  # the same validation as `run`
-    if not os.access(path, os.W_OK):
+    target = path.resolve()  # a link to a spec: the file it names is edited, the link stays one
+    # read-only for this user, or for everyone (root may write anything: a 0444 spec says "do not edit")
+    if not os.access(target, os.W_OK) or not target.stat().st_mode & 0o222:
         raise SpecError(f"{path}: the spec is read-only; nothing changed")
     try:
-        atomic_write(path, data)
+        atomic_write(target, data)
     except OSError as exc:
         raise SpecError(f"{path}: cannot write the spec ({exc.strerror or exc}); nothing changed") from None
     spec["source"] = str(path)

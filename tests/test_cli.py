@@ -215,12 +215,27 @@ def test_set_never_leaves_a_scratch_file_and_keeps_the_mode(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
 def test_set_on_a_read_only_file(tmp_path, capsys):
+    """0444 says "do not edit", to root too (who could write it anyway)."""
     spec = tmp_path / "s.toml"
     spec.write_text('name = "s"\n')
     spec.chmod(0o444)
     assert "read-only" in _usage_error(["set", str(spec), "seed=3"], capsys)
+    assert spec.read_text() == 'name = "s"\n'
+
+
+def test_set_through_a_link_edits_the_file_and_keeps_the_link(tmp_path):
+    from experiments.specedit import set_values
+
+    real = tmp_path / "specs" / "s.toml"
+    real.parent.mkdir()
+    real.write_text('name = "s"\n')
+    link = tmp_path / "current.toml"
+    link.symlink_to(real)
+    set_values(link, ["seed=3"])
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert real.read_text() == 'name = "s"\nseed = 3\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.toml", "specs"]
 
 
 def test_a_malformed_alert_is_a_usage_error(tmp_path, capsys):
