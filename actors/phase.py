@@ -13,7 +13,14 @@ State survives a crash: after every step (and every published batch) the phase w
 checkpoint into its :class:`CheckpointStore`, an object its supervisor keeps across
 restarts (and mirrors to ``checkpoint.json`` in the run directory). A restarted phase
 restores the workload from it and continues the run's event numbering where the crashed
-incarnation stopped, so the Recorder neither duplicates nor misses events.
+incarnation stopped, so the Recorder neither duplicates nor misses events. A checkpoint's
+``active_s`` is the active time when it was written, so it includes the step it records: a
+run resumed from it charges its budget with every step it keeps.
+
+Active time is counted on the clock the phase is given (an Experiment gives its Lab's), and
+the replies to ``pause`` and ``resume`` carry ``at``, the reading at which that time stopped or
+started again: the run's record takes its pauses from them, so the two figures of active time
+(``active_duration``, the phase's ``active_s``) never drift apart over pause/resume cycles.
 
 The phase is its tree's *significant* child (``transient``): when its work is done (the
 workload completed, the budget ran out, or it was told to ``stop``) it records why in the
@@ -139,6 +146,7 @@ class PhaseActor(Actor):
         self.emitter: Emitter | None = None
         self._last_save = 0.0
         self._active_s = 0.0  # active (unpaused) time used from the budget, across restarts
+        self._mark = clock()  # when _active_s was last brought up to date
         self._loop = secrets.token_hex(8)  # this incarnation's step loop (see _next_step)
         self.status_snapshot = status_snapshot
         self._last_status = 0.0
@@ -174,7 +182,9 @@ class PhaseActor(Actor):
         self.paused = bool(cp.get("paused", False))
         if "workload" in cp:
             self.steps = int(cp.get("steps", 0))
-            self._active_s = float(cp.get("active_s", 0.0))
+        active = cp.get("active_s")  # also without a workload state: a resumed run's carried-over time
+        if isinstance(active, (int, float)) and not isinstance(active, bool):
+            self._active_s = max(0.0, float(active))
         self._mark = self.clock()
         use_clock = getattr(self.workload, "use_clock", None)  # optional: a workload that times itself
         if use_clock is not None:
@@ -231,8 +241,10 @@ class PhaseActor(Actor):
         self.checkpoints.update(self, counters=counters)
 
     def _checkpoint(self, force: bool = False) -> None:
+        """Record the state as of now: ``active_s`` includes the step just done (a checkpoint that
+        lagged a step would let a run resumed from it overrun its budget by that step)."""
         self.checkpoints.update(
-            self, workload=self.workload.checkpoint(), steps=self.steps, paused=self.paused, active_s=self._active_s
+            self, workload=self.workload.checkpoint(), steps=self.steps, paused=self.paused, active_s=self.active_time()
         )
         now = time.monotonic()
         if force or now - self._last_save >= self.save_every_s:
@@ -256,11 +268,13 @@ class PhaseActor(Actor):
             t += self.clock() - self._mark
         return t
 
-    def _tick(self) -> None:
+    def _tick(self) -> float:
+        """Bring ``_active_s`` up to now; returns the clock reading it used."""
         now = self.clock()
         if not self.paused:
             self._active_s += now - self._mark
         self._mark = now
+        return now
 
     # --- the step loop -----------------------------------------------------------------------------
 
@@ -315,25 +329,31 @@ class PhaseActor(Actor):
     # --- control at safe points ------------------------------------------------------------------------
 
     def handle_pause(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if not self.paused and not self.finished:
-            self._tick()
-            self.paused = True
-            self._loop = secrets.token_hex(8)  # a step already queued belongs to the ended loop
-            assert self.emitter is not None
-            self.emitter.flush()
-            self.emitter.hold(True)
-            self._checkpoint(force=True)
-        return self.status()
+        """Park the loop; ``at`` in the reply is when active time stopped (the run's record
+        starts its pause there, so the record and the budget count the same time)."""
+        if self.paused or self.finished:
+            return {**self.status(), "at": self._mark}  # stopped already: when it last counted
+        at = self._tick()
+        self.paused = True
+        self._loop = secrets.token_hex(8)  # a step already queued belongs to the ended loop
+        assert self.emitter is not None
+        self.emitter.flush()
+        self.emitter.hold(True)
+        self._checkpoint(force=True)
+        return {**self.status(), "at": at}
 
     def handle_resume(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Continue the loop; ``at`` in the reply is when active time started again (the end of
+        the run's pause in its record); the reading now when there was nothing to resume."""
+        at = None
         if self.paused and not self.finished:
-            self._tick()
+            at = self._tick()
             self.paused = False
             assert self.emitter is not None
             self.emitter.hold(False)
             self._checkpoint(force=True)
             self._next_step()
-        return self.status()
+        return {**self.status(), "at": self.clock() if at is None else at}
 
     def handle_stop(self, msg: dict[str, Any]) -> dict[str, Any]:
         self._finish(str(msg.get("reason", "stopped")))
@@ -388,7 +408,7 @@ class PhaseActor(Actor):
             "paused": self.paused,
             "finished": self.finished,
             "steps": self.steps,
-            "active_s": self._active_s,
+            "active_s": self.active_time(),
             "params": self.workload.params(),
             "counters": self.emitter.counters() if self.emitter else {},
         }

@@ -30,8 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from actors.anomaly import AnomalyDetection
 from actors.base import ActorDeadError, ActorRef, is_abnormal, on_death
+from actors.files import atomic_write
 from actors.hypertune import Hypertune
 from actors.log import get_logger
 from actors.phase import CheckpointStore, PhaseActor
@@ -219,7 +222,8 @@ class Experiment:
         self._metrics_snap = Snapshot()  # refreshed by asking StreamingMetrics (one ask at a time)
         self._owner = owner_info()
         if resume is None:
-            write_json(self.run_dir / SPEC, spec)
+            spec_json = orjson.dumps(spec, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+            atomic_write(self.run_dir / SPEC, spec_json, mode=0o600)  # specs may be private: the owner's only
         else:
             self._take_over(resume)
         self._write_lifecycle()
@@ -235,6 +239,8 @@ class Experiment:
 
         cp_active = self.checkpoints.get().get("active_s")
         active = max(num("active_duration"), float(cp_active) if isinstance(cp_active, (int, float)) else 0.0)
+        # the phase goes on from the same figure: its budget counts the time actually run, as the record does
+        self.checkpoints.update(active_s=active)
         paused = num("paused_duration")
         started = rec.get("started_at")
         wall = max(now - started, active + paused) if isinstance(started, (int, float)) else active + paused
@@ -324,6 +330,7 @@ class Experiment:
                 kwargs={
                     "seed": s["seed"],
                     "budget_s": s["time_budget_s"],
+                    "clock": self.clock,  # one clock for the budget and the record (see _phase_time)
                     "run_dir": self.run_dir,
                     "status_snapshot": self._phase_snap,
                     "watch": (NamedTarget("sampler", reg), NamedTarget("recorder", reg)),
@@ -475,28 +482,32 @@ class Experiment:
             if self._status == RunStatus.PAUSED:
                 raise AlreadyPaused(f"experiment {self.id!r} is already paused")
             self._check_live("pause")
-            if self._ask_phase({"kind": "pause"}, "pause").get("finished"):
+            asked = self.clock()
+            reply = self._ask_phase({"kind": "pause"}, "pause")
+            if reply.get("finished"):
                 raise NotRunning(f"experiment {self.id!r} has finished; cannot pause")
             self._attach_event_subscribers(False)
             with self._state:
-                self._paused_at = self.clock()
+                self._paused_at = self._phase_time(reply, asked)
                 self.pause_count += 1
                 self._status = RunStatus.PAUSED
             self._write_lifecycle()
 
     def resume(self) -> None:
-        """Reattach the subscribers and let the phase continue."""
+        """Reattach the subscribers and let the phase continue; the pause ends when the phase
+        starts again (its reply's ``at``), so the record counts active what the budget counts."""
         with self._lock:
             if self._status == RunStatus.RUNNING:
                 raise NotPaused(f"experiment {self.id!r} is running, not paused")
             self._check_live("resume")
             self._attach_event_subscribers(True)
+            asked = self.clock()
+            reply = self._ask_phase({"kind": "resume"}, "resume")
             with self._state:
-                self._close_pause()
+                self._close_pause(self._phase_time(reply, asked))
                 self.resume_count += 1
                 self._status = RunStatus.RUNNING
             self._write_lifecycle()
-            self._ask_phase({"kind": "resume"}, "resume")
 
     def _attach_event_subscribers(self, on: bool) -> None:
         """Subscribe (or detach, for a pause) the actors that consume the events topic."""
@@ -506,10 +517,24 @@ class Experiment:
             else:
                 self.topics.unsubscribe_name("events", name, self.registry)
 
-    def _close_pause(self) -> None:
-        """Fold an open pause into ``paused_duration`` (caller holds ``_state``)."""
+    def _phase_time(self, reply: Any, asked: float) -> float:
+        """When the phase's active time stopped (pause) or started again (resume), from its reply:
+        on the Lab's clock, which the phase counts on too. The record's pauses are the phase's,
+        so ``active_duration`` and the phase's ``active_s`` do not drift apart cycle by cycle
+        (the time to ask, detach and write the record is no longer active on one side only).
+        A reading outside the ask (a tree on another host, whose clock is its own) is not
+        comparable: now is taken instead."""
+        at = reply.get("at") if isinstance(reply, dict) else None
+        now = self.clock()
+        if isinstance(at, (int, float)) and not isinstance(at, bool) and asked <= at <= now:
+            return float(at)
+        return now
+
+    def _close_pause(self, at: float | None = None) -> None:
+        """Fold an open pause, ended at ``at`` (default now), into ``paused_duration`` (caller holds ``_state``)."""
         if self._paused_at is not None:
-            self.paused_duration += self.clock() - self._paused_at
+            end = self.clock() if at is None else at
+            self.paused_duration += max(0.0, end - self._paused_at)
             self._paused_at = None
 
     def stop(self, timeout: float | None = 60.0) -> None:
