@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections import deque
@@ -132,12 +133,40 @@ def check_artifacts_dir(path: str | Path) -> Path:
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactsError(_cannot_create(p, exc)) from None
+    try:
         probe = p / f".write-probe-{os.getpid()}-{threading.get_ident()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
         raise ArtifactsError(f"artifacts folder {str(p)!r} is not writable: {exc.strerror or exc}") from None
     return p
+
+
+def _cannot_create(p: Path, exc: OSError) -> str:
+    """Why the artifacts folder cannot be made, named by what stands in the way: mkdir's own
+    words (``File exists``, ``Not a directory``) say nothing of which path is the problem."""
+    what = f"artifacts folder {str(p)!r}"
+    for part in (p, *p.parents):  # the nearest path that exists is what is in the way
+        try:
+            mode = part.lstat().st_mode
+            if stat.S_ISLNK(mode) and part.exists():
+                mode = part.stat().st_mode  # a link to a folder is that folder
+        except (FileNotFoundError, NotADirectoryError):  # not there, or under a file: look further up
+            continue
+        except OSError:  # not searchable, a loop of links: mkdir's reason is the best there is
+            break
+        if stat.S_ISDIR(mode):
+            return f"{what} cannot be created in {str(part)!r}: {exc.strerror or exc}"
+        name = "it" if part == p else repr(str(part))
+        if stat.S_ISLNK(mode):
+            why = f"{name} is a broken link (to {os.readlink(part)!r})"
+        else:
+            why = f"{name} is a file, not a folder" if stat.S_ISREG(mode) else f"{name} is not a folder"
+        # "not writable" for the folder itself: the words its callers (and their tests) look for
+        return f"{what} {'is not writable' if part == p else 'cannot be created'}: {why}"
+    return f"{what} cannot be created: {exc.strerror or exc}"
 
 
 class _PhaseStats:

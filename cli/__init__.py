@@ -15,16 +15,34 @@ module                 commands
 
 :mod:`cli.render` draws the tables and live views; :mod:`cli.errors` holds the usage
 errors and the exit codes. ``crucible ...`` and ``python supervisor.py ...`` both end in
-:func:`main`.
+:func:`main`, which also ends every command the same way on a Ctrl-C that the command does
+not handle itself, and on output cut short by a closed pipe (``crucible list | head``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import select
+import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EXIT_INTERRUPTED = 130
+"""A command ended by Ctrl-C before it could finish: 128 + SIGINT, as a shell reports one killed by it."""
+EXIT_OUTPUT_CLOSED = 141
+"""Output cut short by a closed pipe: 128 + SIGPIPE, as POSIX tools killed by SIGPIPE end."""
+# Both are here, not in cli.errors (which re-exports them): they must work while that module's
+# imports, seconds of them, are still running.
+
+
+def interrupted(command: str | None, after: str = "") -> int:
+    """Say on stderr, in one line, that a Ctrl-C ended the command (``after``: what was done
+    about it); the exit code to end with."""
+    name = f"crucible {command}" if command else "crucible"
+    sys.stderr.write(f"{name}: interrupted{f'; {after}' if after else ''}\n")
+    return EXIT_INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,20 +68,70 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``crucible`` command; its exit code (see :mod:`cli.errors`)."""
+    """Run one ``crucible`` command; its exit code (see :mod:`cli.errors`).
+
+    A Ctrl-C that the command does not handle (in the seconds of imports before it starts, say)
+    ends it with one line, not a traceback. Output cut short by a closed pipe ends it quietly,
+    and for good: stdout then points at ``os.devnull``, so that the interpreter's last flush of
+    what is still buffered does not fail again at exit."""
+    args: argparse.Namespace | None = None
+    try:
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            return _run(parser, args)
+        finally:  # what is still buffered (a short listing, --help) goes now: a reader gone shows
+            if sys.stdout is not None:  # here, where it is handled, not in the interpreter's flush at exit
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        return interrupted(getattr(args, "command", None))
+    except BrokenPipeError:
+        if not _stdout_closed():  # a pipe or socket of the command's own (a client's connection): not ours
+            raise
+        return _output_closed()
+    except SystemExit as exc:
+        if isinstance(exc.__context__, BrokenPipeError):  # rich's Console on a closed pipe (on_broken_pipe)
+            return _output_closed()
+        raise
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from actors.log import configure_logging
     from actors.runtime import freeze_startup_heap
     from cli.errors import EXIT_USAGE, USER_ERRORS, one_line
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     configure_logging(args.log_level, json=True if args.log_json else None)
     freeze_startup_heap()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except USER_ERRORS as exc:
         parser.exit(EXIT_USAGE, f"crucible {args.command}: error: {one_line(exc)}\n")
-    return EXIT_USAGE
+    return code
 
 
-__all__ = ["build_parser", "main"]
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe (or socket) that nobody reads any more."""
+    if not hasattr(select, "poll"):  # pragma: no cover - not on POSIX
+        return True
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no stdout, or one with no file descriptor
+        return False
+
+
+def _output_closed() -> int:
+    """Point stdout at ``os.devnull`` (what is left in its buffer goes nowhere); the exit code."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no stdout with a file descriptor: nothing to flush there
+        pass
+    return EXIT_OUTPUT_CLOSED
+
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_OUTPUT_CLOSED", "build_parser", "interrupted", "main"]

@@ -2,7 +2,9 @@
 
 Exit codes: 0 the command did what was asked; 1 it ran but the result is a failure (a run
 whose tree gave up or whose storage failed, a colouring that is not proper); 2 the user has
-something to fix (a bad spec, flag, file, port, or a run that does not exist). A user error
+something to fix (a bad spec, flag, file, port, or a run that does not exist); 130 a Ctrl-C
+ended it before it could finish (a run it stops still reports, and ends 0 or 1); 141 its
+output was cut short by a closed pipe (``crucible list | head``), a quiet end. A user error
 is one line on stderr, never a traceback: a command raises :class:`UsageError`, or lets one
 of the domain errors in :data:`USER_ERRORS` through, and :func:`cli.main` prints it.
 """
@@ -14,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from actors.recorder import ArtifactsError
+from cli import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # these three are defined in cli, where they work
+from cli import EXIT_OUTPUT_CLOSED as EXIT_OUTPUT_CLOSED  # before the seconds of imports here are done
+from cli import interrupted as interrupted
 from experiments.coloring.graph import GraphError
 from experiments.spec import SpecError
 from telemetry.history import HistoryConfigError, HistoryConnectError

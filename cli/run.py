@@ -22,7 +22,16 @@ from rich.live import Live
 
 from actors.files import atomic_write
 from cli import render
-from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, history_error, reason_failed, run_failed, writable_file
+from cli.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    history_error,
+    interrupted,
+    reason_failed,
+    run_failed,
+    writable_file,
+)
 from experiments.coloring.graph import MAX_VERTICES
 from experiments.lab import BACKENDS, Experiment, Lab
 from experiments.remote import RayBackendError  # importing it registers the ray backend
@@ -206,15 +215,21 @@ def cmd_color(args: argparse.Namespace) -> int:
     from experiments.coloring.graph import read_dimacs, resolve_graph_file
     from experiments.coloring.verify import check_coloring
 
+    # A Ctrl-C before the Lab (imports, reading the graph) is a KeyboardInterrupt, which
+    # cli.main ends with one line; from the Lab on it stops the run, which still reports.
     path = resolve_graph_file(args.graph)
     g = read_dimacs(path)
     if args.target is not None and not 1 <= args.target <= g.n:
         raise UsageError(f"--target must be between 1 and the number of vertices ({g.n}), got {args.target}")
     spec = color_spec(args, path, g.name)
-    lab = Lab(args.artifacts)
     t0 = time.monotonic()
-    try:
-        with stop_on_signals() as stop_now:
+    # The handlers cover the Lab's whole life, so that a signal never cuts its start or its
+    # shutdown short (an embedded Lab: a Ray one would put its own SIGTERM handler in as it starts).
+    with stop_on_signals() as stop_now:
+        lab = Lab(args.artifacts)
+        try:
+            if stop_now.is_set():  # before the run started: nothing to report
+                return interrupted("color")
             exp = start(lab, spec)
             while not exp.wait(0.5) and not stop_now.is_set():
                 pass
@@ -222,8 +237,8 @@ def cmd_color(args: argparse.Namespace) -> int:
             seconds = time.monotonic() - t0
             state = exp.checkpoints.get().get("workload") or {}
             reason = exp.reason
-    finally:
-        lab.shutdown()
+        finally:
+            lab.shutdown()
     best = state.get("best")
     verdict = check_coloring(g, best) if best is not None else {"proper": False, "k": 0, "problems": ["no colouring"]}
     out_path = exp.run_dir / "coloring.json"

@@ -11,12 +11,11 @@ import orjson
 from rich.console import Console
 
 from cli import render
-from cli.errors import EXIT_FAILED, UsageError, one_line
+from cli.errors import EXIT_FAILED, UsageError, interrupted, one_line
 from experiments.validate import SECONDS, SEED, Num
 
 TRIAL_KEYS = frozenset({"trial", "params", "seconds_to_best", "run_dir", "failed"})  # the other key: the objective
 PARALLEL = Num(1, 1024, integer=True)
-EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 
 
 def trial_line(row: dict[str, Any]) -> str:
@@ -91,8 +90,7 @@ def run_line(row: dict[str, Any]) -> str:
 
 
 def _interrupted(command: str) -> int:
-    print(f"crucible {command}: interrupted; the running experiments were stopped", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return interrupted(command, "the running experiments were stopped")
 
 
 def _runner(args: argparse.Namespace) -> dict[str, Any]:

@@ -184,7 +184,6 @@ def test_unwritable_places_and_busy_ports_are_usage_errors(tmp_path, capsys, mon
 
 
 def test_set_on_a_spec_that_cannot_be_written(tmp_path, capsys, monkeypatch):
-    import os
 
     import actors.files
     import experiments.specedit

@@ -230,7 +230,7 @@ def test_the_cli_sits_above_experiments_and_dashboard():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert "cli*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert project["project"]["scripts"]["crucible"] == "supervisor:main"
+    assert project["project"]["scripts"]["crucible"] == "cli:main"  # the same main as supervisor.main
 
 
 # --- the same readers over a named history: SQLite or PostgreSQL -------------------------------------------------

@@ -1,0 +1,252 @@
+"""How ``crucible`` ends at the edges: output cut short by a closed pipe, a Ctrl-C in the
+seconds before a run starts (or while its Lab shuts down), an artifacts path that is no
+folder, and the modes of what a run writes.
+
+The pipe and signal tests run the real program in a child process: what they check (the
+last flush at exit, the interpreter's handling of SIGINT) only happens there."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli.run
+from cli import EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED
+from supervisor import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = 'name = "edge"\ntime_budget_s = 0.2\n[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
+PIPE_BYTES = 4096  # the smallest pipe Linux makes: a few runs' lines overflow it
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run's folder, made by ``crucible run``."""
+    base = tmp_path_factory.mktemp("edges")
+    spec = base / "s.toml"
+    spec.write_text(SPEC)
+    art = base / "art"
+    assert main(["--log-level", "CRITICAL", "run", str(spec), "--artifacts", str(art), "--no-live"]) == 0
+    (run,) = (art / "edge").iterdir()
+    return run
+
+
+def artifacts_with(tmp_path: Path, run: Path, n: int) -> Path:
+    """An artifacts folder of ``n`` runs, copies of ``run`` (``crucible list`` reads them from their files)."""
+    art = tmp_path / f"art{n}"
+    for i in range(n):
+        shutil.copytree(run, art / "edge" / f"{run.name[:-6]}{i:06x}")
+    return art
+
+
+def crucible(argv: list[str], stdout: int) -> subprocess.Popen[bytes]:
+    """The ``crucible`` program in a child process (``python -m supervisor`` is the same program),
+    its stdout buffered as a user's is: with ``PYTHONUNBUFFERED`` every print is a write of its
+    own, and nothing is left for the last flush."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    argv = [sys.executable, "-m", "supervisor", *argv]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE)
+
+
+def small_pipe() -> tuple[int, int]:
+    """A pipe that holds only ``PIPE_BYTES``, so that a writer blocks until its reader reads or goes."""
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):  # pragma: no cover - Linux only
+        pytest.skip("needs Linux's F_SETPIPE_SZ")
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    return r, w
+
+
+def assert_quiet(err: bytes) -> None:
+    text = err.decode(errors="replace")
+    assert "Traceback" not in text and "BrokenPipeError" not in text and "Exception ignored" not in text, text
+
+
+# --- a closed pipe -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["json", "table"])
+def test_output_cut_short_after_the_first_line_ends_quietly(tmp_path, one_run, table):
+    """``crucible list | head -1``: the reader goes after one line while the list is still being
+    written (far more than the pipe holds); the command ends quietly, exit 141 as on SIGPIPE."""
+    art = artifacts_with(tmp_path, one_run, 60)
+    r, w = small_pipe()
+    p = crucible(["list", "--artifacts", str(art), *([] if table else ["--json"])], stdout=w)
+    os.close(w)
+    with os.fdopen(r, "rb", buffering=0) as reader:  # unbuffered: reads the first line and no more
+        first = reader.readline()
+    _, err = p.communicate(timeout=120)
+    assert first.strip()  # it did print, and was cut off after that
+    if not table:
+        assert json.loads(first)["experiment"] == "edge"
+    assert_quiet(err)
+    assert p.returncode == EXIT_OUTPUT_CLOSED
+
+
+def test_output_closed_before_the_last_flush_ends_quietly(tmp_path, one_run):
+    """A short listing sits in stdout's buffer until the end; nobody reads it: the flush that fails
+    is the command's own, not the interpreter's at exit (which would say "Exception ignored")."""
+    art = artifacts_with(tmp_path, one_run, 3)
+    r, w = os.pipe()
+    p = crucible(["list", "--artifacts", str(art), "--json"], stdout=w)
+    os.close(w)
+    os.close(r)  # before the child writes anything: every write to its stdout fails
+    _, err = p.communicate(timeout=120)
+    assert_quiet(err)
+    assert p.returncode == EXIT_OUTPUT_CLOSED
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch, capsys):
+    """Only stdout's reader going is a quiet end: a connection of the command's own that breaks
+    (a daemon's, a history server's) is an error still."""
+    import cli.runs
+
+    def broken(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli.runs, "cmd_list", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["list"])
+
+
+# --- Ctrl-C --------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_as_color_starts_is_one_line_not_a_traceback(tmp_path):
+    """SIGINT as soon as the command is under way (its imports, the graph, numba, the Lab), or,
+    on a slow start, later in the run: either way no traceback. The child enters through
+    ``cli.main`` once it says it is ready, so that the signal never lands in the interpreter's
+    own start-up or in ``supervisor``'s imports, before ``cli.main`` can catch anything."""
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # conftest: the child's is the default
+    art = tmp_path / "art"
+    code = "import sys; from cli import main; print('ready', flush=True); sys.exit(main(sys.argv[1:]))"
+    argv = ["color", "myciel5", "--time-limit", "30", "--json", "--artifacts", str(art)]
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None
+    assert p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    if p.returncode == EXIT_INTERRUPTED:  # before the run: one line
+        assert err.strip().splitlines()[-1].endswith(": interrupted"), err
+        assert not out.strip()
+    else:  # in the run: stopped, and still reported (exit 1 if stopped before a first colouring)
+        assert p.returncode in (0, 1), err
+        assert json.loads(out.strip().splitlines()[-1])["reason"] in ("stopped", "completed", "budget")
+
+
+def test_ctrl_c_while_the_graph_loads_is_one_line(tmp_path, monkeypatch, capsys):
+    import experiments.coloring.graph
+
+    def interrupted(path: object) -> None:
+        raise KeyboardInterrupt  # what SIGINT raises in the main thread while it reads the graph
+
+    monkeypatch.setattr(experiments.coloring.graph, "read_dimacs", interrupted)
+    try:
+        code = main(["color", "myciel5", "--artifacts", str(tmp_path / "art")])
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped crucible color (a traceback)")
+    assert code == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "crucible color: interrupted\n"
+
+
+class _SignalledLab(cli.run.Lab):
+    """A Lab that receives a real SIGINT as it starts, or as it shuts down."""
+
+    when = "start"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if self.when == "start":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        if self.when == "shutdown":
+            os.kill(os.getpid(), signal.SIGINT)
+        super().shutdown(timeout)
+
+
+@pytest.mark.parametrize("when", ["start", "shutdown"])
+def test_ctrl_c_as_the_lab_starts_or_shuts_down_cuts_nothing_short(tmp_path, monkeypatch, capsys, when):
+    """The Lab of ``crucible color`` lives under the signal handlers: a Ctrl-C as it starts ends
+    the command before the run (one line), and one while it flushes at the end (an impatient
+    second Ctrl-C) neither cuts the flush short nor loses the result."""
+    monkeypatch.setattr(_SignalledLab, "when", when)
+    monkeypatch.setattr(cli.run, "Lab", _SignalledLab)
+    art = tmp_path / "art"
+    try:
+        code = main(["color", "myciel5", "--time-limit", "20", "--target", "6", "--json", "--artifacts", str(art)])
+    except KeyboardInterrupt:
+        pytest.fail(f"the Ctrl-C as the Lab {'starts' if when == 'start' else 'shuts down'} escaped (a traceback)")
+    out, err = capsys.readouterr()
+    if when == "start":
+        assert code == EXIT_INTERRUPTED and err == "crucible color: interrupted\n" and not out
+        assert not list(art.glob("*/*/spec.json"))  # no run was started
+    else:
+        assert code == 0, err
+        r = json.loads(out)
+        assert r["proper"] and r["k"] <= 6
+        assert json.loads((Path(r["run_dir"]) / "lifecycle.json").read_text())["status"] == "stopped"
+
+
+# --- the artifacts folder ------------------------------------------------------------------------
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_an_artifacts_path_that_is_no_folder_says_what_it_is(tmp_path, capsys):
+    f = tmp_path / "a-file"
+    f.write_text("")
+    err = _usage_error(["color", "myciel5", "--artifacts", str(f)], capsys)
+    assert f"artifacts folder {str(f)!r} is not writable: it is a file, not a folder" in err
+    assert "File exists" not in err
+    err = _usage_error(["color", "myciel5", "--artifacts", str(f / "art" / "deeper")], capsys)
+    assert f"cannot be created: {str(f)!r} is a file, not a folder" in err
+    assert "Not a directory" not in err
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    err = _usage_error(["color", "myciel5", "--artifacts", str(link)], capsys)
+    assert f"is not writable: it is a broken link (to {str(tmp_path / 'gone')!r})" in err
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert "is not writable: it is not a folder" in _usage_error(["color", "myciel5", "--artifacts", str(fifo)], capsys)
+
+
+def test_an_artifacts_folder_without_permission_says_where(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that ignores permissions")
+        err = _usage_error(["color", "myciel5", "--artifacts", str(ro / "art")], capsys)
+        assert f"artifacts folder {str(ro / 'art')!r} cannot be created in {str(ro)!r}: Permission denied" in err
+        err = _usage_error(["color", "myciel5", "--artifacts", str(ro)], capsys)
+        assert f"artifacts folder {str(ro)!r} is not writable: Permission denied" in err
+    finally:
+        ro.chmod(0o755)
+
+
+# --- what a run writes ---------------------------------------------------------------------------
+
+
+def test_a_runs_spec_is_the_owners_only(one_run):
+    """The spec can hold a workload's arguments: like the daemon's queue, the owner's only."""
+    assert stat.S_IMODE((one_run / "spec.json").stat().st_mode) == 0o600
+    assert json.loads((one_run / "spec.json").read_text())["name"] == "edge"
