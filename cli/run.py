@@ -35,8 +35,10 @@ from cli.errors import (
 from experiments.coloring.graph import MAX_VERTICES
 from experiments.lab import BACKENDS, Experiment, Lab
 from experiments.remote import RayBackendError  # importing it registers the ray backend
+from experiments.spec import load_spec
 from experiments.validate import PORT, SECONDS, SEED, YEAR_S, Num
 from experiments.workloads import Objective, objective_of
+from experiments.workloads import registry as workload_registry
 from telemetry.batchstore import HistoryError
 from telemetry.schema import check_id
 
@@ -148,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     summary_path = writable_file(args.json_summary, "--json-summary") if args.json_summary else None
     port = dash_port(args) if args.dashboard else None
+    load_spec(args.spec, args.set or None, workload_registry())  # a bad spec touches no folder or history
     lab = open_lab(args)
     dash = None
     try:

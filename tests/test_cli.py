@@ -368,3 +368,11 @@ def test_color_passes_end_on_stalls(tmp_path, capsys):
     assert main(argv) == 0
     r = json.loads(capsys.readouterr().out)
     assert len(r["colors_per_pass"]) == 3 and r["proper"] and r["reason"] == "completed"
+
+
+def test_a_bad_spec_touches_no_artifacts_folder_or_history(tmp_path, capsys):
+    spec = tmp_path / "bad.toml"
+    spec.write_text('name = "x"\nseed = -1\n')
+    art = tmp_path / "art"
+    assert "seed: must be >= 0, got -1" in _usage_error(["run", str(spec), "--artifacts", str(art), "--no-live"], capsys)
+    assert not art.exists()
