@@ -8,7 +8,9 @@ run that ended is never reopened: :func:`sync_run` (``crucible sync``) does it. 
 events past the last ``seq`` the history holds, a chunk per transaction (a sync cut short
 is simply run again: nothing is stored twice), then records the run's summary, with
 ``events_unsent`` set to what is still missing (0), in the ``runs`` table and in
-``summary.json``. A live run is left alone: its own Recorder sends its events.
+``summary.json``, unless the summary lags the events on disk (a run killed before its last
+summary: its events are sent, its record waits for a Recorder to end it). A live run is left
+alone: its own Recorder sends its events.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import orjson
 from actors.files import atomic_write
 from telemetry.batchstore import BatchStore
 from telemetry.jsonl import iter_run
-from telemetry.rundir import SUMMARY, read_json, run_status
+from telemetry.rundir import SUMMARY, read_json, read_summary, run_status
 from telemetry.schema import check_id, rows_to_batch, stored_batch
 
 CHUNK = 4096
@@ -86,12 +88,14 @@ def _send(store: BatchStore, rows: list[dict[str, Any]], experiment_id: str, run
 
 def _record(store: BatchStore, run_dir: Path, experiment_id: str, run_id: str) -> bool:
     """Put the run's summary in the ``runs`` table if it is missing there or differs, with
-    nothing left unsent; False when the run has no readable summary or it is there already."""
+    nothing left unsent; False when the run has no readable summary, one that lags its events,
+    or it is there already."""
     try:
         summary = read_json(run_dir / SUMMARY)
+        stale = read_summary(run_dir).get("summary_stale")  # fewer events than the files hold
     except ValueError:
         return False
-    if summary is None:
+    if summary is None or stale:
         return False
     hist = summary.get("history")
     if isinstance(hist, dict) and hist.get("events_unsent"):

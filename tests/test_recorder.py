@@ -1,5 +1,7 @@
 import os
+import shutil
 import threading
+import time
 
 import orjson
 import pyarrow.parquet as pq
@@ -330,8 +332,18 @@ def test_sync_sends_what_a_stop_left_unsent(tmp_path, capsys):
     assert row["summary"]["events_persisted"] == 100 and row["summary"]["history"]["events_unsent"] == 0
     again = sync_run(store, run)
     assert (again.sent, again.recorded) == (0, False)
+    lag = tmp_path / "exp" / "lag"  # killed before its last summary: the events go, the record waits
+    shutil.copytree(run, lag)
+    (lag / LIFECYCLE).unlink(missing_ok=True)
+    s = orjson.loads((lag / "summary.json").read_bytes())
+    (lag / "summary.json").write_bytes(orjson.dumps({**s, "events_persisted": 10}))
+    os.utime(lag / "events.jsonl", (time.time() + 5, time.time() + 5))
+    got = sync_run(store, lag)
+    assert (got.sent, got.recorded) == (100, False)
+    assert all(r["run_id"] != "lag" for r in store.runs("exp"))
     store.close()
     assert history_seqs(tmp_path) == list(range(100))  # nothing twice
+    assert history_seqs(tmp_path, "lag") == list(range(100))
 
 
 def test_bad_input_is_rejected_clearly(tmp_path):
