@@ -13,7 +13,7 @@ module                 commands
 :mod:`cli.lab`         ``lab serve`` (the lab daemon), ``submit``, ``ls``, ``pause``, ``resume``, ``stop``
 =====================  ==========================================================================
 
-:mod:`cli.render` draws the tables and live views; :mod:`cli.errors` holds the usage
+:mod:`cli.render` draws the tables and live views; :mod:`cli.errors` (with :mod:`cli.exits`) holds the usage
 errors and the exit codes. ``crucible ...`` and ``python supervisor.py ...`` both end in
 :func:`main`, which also ends every command the same way on a Ctrl-C that the command does
 not handle itself, and on output cut short by a closed pipe (``crucible list | head``).
@@ -28,21 +28,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from cli.exits import EXIT_OUTPUT_CLOSED, interrupted
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-EXIT_INTERRUPTED = 130
-"""A command ended by Ctrl-C before it could finish: 128 + SIGINT, as a shell reports one killed by it."""
-EXIT_OUTPUT_CLOSED = 141
-"""Output cut short by a closed pipe: 128 + SIGPIPE, as POSIX tools killed by SIGPIPE end."""
-# Both are here, not in cli.errors (which re-exports them): they must work while that module's
-# imports, seconds of them, are still running.
-
-
-def interrupted(command: str | None, after: str = "") -> int:
-    """Say on stderr, in one line, that a Ctrl-C ended the command (``after``: what was done
-    about it); the exit code to end with."""
-    name = f"crucible {command}" if command else "crucible"
-    sys.stderr.write(f"{name}: interrupted{f'; {after}' if after else ''}\n")
-    return EXIT_INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,4 +122,4 @@ def _output_closed() -> int:
     return EXIT_OUTPUT_CLOSED
 
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_OUTPUT_CLOSED", "build_parser", "interrupted", "main"]
+__all__ = ["build_parser", "main"]

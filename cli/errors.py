@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from actors.recorder import ArtifactsError
-from cli import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # these three are defined in cli, where they work
-from cli import EXIT_OUTPUT_CLOSED as EXIT_OUTPUT_CLOSED  # before the seconds of imports here are done
-from cli import interrupted as interrupted
+from cli.exits import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # defined there: they work before
+from cli.exits import EXIT_OUTPUT_CLOSED as EXIT_OUTPUT_CLOSED  # the seconds of imports here are done
+from cli.exits import interrupted as interrupted
 from experiments.coloring.graph import GraphError
 from experiments.spec import SpecError
 from telemetry.history import HistoryConfigError, HistoryConnectError

@@ -374,5 +374,7 @@ def test_a_bad_spec_touches_no_artifacts_folder_or_history(tmp_path, capsys):
     spec = tmp_path / "bad.toml"
     spec.write_text('name = "x"\nseed = -1\n')
     art = tmp_path / "art"
-    assert "seed: must be >= 0, got -1" in _usage_error(["run", str(spec), "--artifacts", str(art), "--no-live"], capsys)
+    assert "seed: must be >= 0, got -1" in _usage_error(
+        ["run", str(spec), "--artifacts", str(art), "--no-live"], capsys
+    )
     assert not art.exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import cli.run
-from cli import EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED
+from cli.exits import EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED
 from supervisor import main
 
 ROOT = Path(__file__).resolve().parents[1]
