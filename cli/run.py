@@ -83,11 +83,17 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, h)
 
 
-def open_lab(args: argparse.Namespace, **kwargs: Any) -> Lab:
-    """The Lab of ``--backend`` (and ``--ray-address``); a backend that cannot start is a usage error."""
+def backend_options(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``--backend`` and ``--ray-address``, which only the ray backend takes."""
     backend, address = getattr(args, "backend", "embedded"), getattr(args, "ray_address", None)
     if address is not None and backend != "ray":
         raise UsageError(f"--ray-address {address!r} needs --backend ray")
+    return backend, address
+
+
+def open_lab(args: argparse.Namespace, **kwargs: Any) -> Lab:
+    """The Lab of ``--backend`` (and ``--ray-address``); a backend that cannot start is a usage error."""
+    backend, address = backend_options(args)
     try:
         return Lab(args.artifacts, history=args.history, backend=backend, address=address, **kwargs)
     except HistoryError as exc:  # a malformed history target, or no server there
@@ -150,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     summary_path = writable_file(args.json_summary, "--json-summary") if args.json_summary else None
     port = dash_port(args) if args.dashboard else None
+    backend_options(args)  # the flags first, as argparse would
     load_spec(args.spec, args.set or None, workload_registry())  # a bad spec touches no folder or history
     lab = open_lab(args)
     dash = None
