@@ -180,8 +180,8 @@ def test_with_an_injected_clock_the_phase_and_the_record_agree_exactly(tmp_path)
 # --- a crash resume: the budget goes on from the figure the record carries over ------------------------------
 
 STEP_S = 4 * 0.05  # each step: four sleeps of 50 ms
-BUDGET_S = 5.0
-LOST_S = 2.0  # how much newer than the checkpoint the record is made to be
+BUDGET_S = 7.0
+LOST_S = 4.0  # how much newer than the checkpoint the record is made to be
 
 HOST = """
 import sys, threading
@@ -235,9 +235,10 @@ def test_a_resumed_run_charges_its_budget_with_the_time_it_ran_before_the_crash(
         ran = phase_end(exp)["active_s"]
         active = exp.durations()["active_duration"]
         assert read_json(d / LIFECYCLE)["active_duration"] == pytest.approx(active, abs=1e-9)
-        # the budget holds on the record's figure: one step over at most, plus the tree's start and
-        # drain (small); without the carried-over figure both would be LOST_S higher
+        # the budget holds on the record's figure: one step over at most; the record also counts the
+        # tree's start and drain (well under LOST_S, however loaded the machine), and without the
+        # carried-over figure it would be LOST_S above the phase's
         assert BUDGET_S <= ran < BUDGET_S + STEP_S + 1.0
-        assert 0.0 <= active - ran < 1.0
+        assert 0.0 <= active - ran < LOST_S / 2
     finally:
         lab.shutdown()
