@@ -17,7 +17,8 @@ def cmd_set(args: argparse.Namespace) -> int:
 
     set_values(args.spec, args.assignments)
     done = ", ".join(brief(a, 80) for a in args.assignments)  # a value of a megabyte is not echoed whole
-    Console().print(f"{args.spec}: set {done}", markup=False, highlight=False)  # the user's text, as typed
+    # the user's text, as typed, on one line however long the path
+    Console().print(f"{args.spec}: set {done}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -179,6 +179,15 @@ def test_export_in_every_format_counts_what_it_wrote(runs, tmp_path, capsys):
         assert n == events
 
 
+def test_messages_naming_a_long_path_keep_it_on_one_line(runs, tmp_path, capsys):
+    """A path wider than the terminal is printed whole (a user copies it), not folded."""
+    art, dirs = runs
+    out = tmp_path / ("a-folder-with-a-rather-long-name-" * 4) / "x.jsonl"
+    out.parent.mkdir()
+    said = run_cli(capsys, "export", str(dirs[0]), "--format", "jsonl", "--out", str(out), "--artifacts", str(art))
+    assert len(str(out)) > 120 and f" to {out}\n" in said
+
+
 def test_export_of_an_unknown_run_names_the_recent_ones(runs, capsys):
     art, dirs = runs
     err = usage_error(capsys, "export", "20990101T000000Z-abcdef", "--artifacts", str(art))
