@@ -10,11 +10,15 @@
   of part of the suite (named modules or tests, ``-k``, ``-m``, ``--lf``) covers only part
   of the code by design: it keeps measuring but neither prints the table nor fails on the
   total, unless ``--cov-report`` is given on the command line.
+* The suite runs on two pytest-xdist workers, a file per worker at a time (pyproject.toml);
+  the modules that start Ray take turns (``ray_turn``), so two clusters never share the cores.
 """
 
 from __future__ import annotations
 
+import fcntl
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +48,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if not any(str(a).startswith("--cov-report") for a in config.invocation_params.args):
         opts.cov_report = {}
     opts.cov_fail_under = 0
+
+
+@pytest.fixture(scope="module")
+def ray_turn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Hold the machine's Ray turn for a module: the workers of one session (and other sessions
+    of this user) start one Ray at a time. The tests tune a node's health checks to declare it
+    dead in 1.5 s; a second cluster's processes competing for the cores could trip that."""
+    with (tmp_path_factory.getbasetemp().parent / "ray.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield

@@ -29,7 +29,7 @@ def ray_or_skip() -> Any:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[Any]:
+def ray_cluster(ray_turn: None) -> Iterator[Any]:
     """A running ``ray.cluster_utils.Cluster`` (head only; tests add nodes) joined by this process."""
     ray = ray_or_skip()
     from ray.cluster_utils import Cluster

@@ -123,12 +123,18 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch, capsys):
 
 def test_ctrl_c_as_color_starts_is_one_line_not_a_traceback(tmp_path):
     """SIGINT as soon as the command is under way (its imports, the graph, numba, the Lab), or,
-    on a slow start, later in the run: either way no traceback. The child enters through
-    ``cli.main`` once it says it is ready, so that the signal never lands in the interpreter's
-    own start-up or in ``supervisor``'s imports, before ``cli.main`` can catch anything."""
+    on a slow start, later in the run: either way no traceback. The child says it is ready from
+    inside the color command, so that the signal never lands in the interpreter's own start-up
+    or in the imports, before ``cli.main`` can catch anything."""
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # conftest: the child's is the default
     art = tmp_path / "art"
-    code = "import sys; from cli import main; print('ready', flush=True); sys.exit(main(sys.argv[1:]))"
+    code = (  # 'ready' from inside the command, so that cli.main's handler is in place when it lands
+        "import sys, cli, cli.run\n"
+        "color = cli.run.cmd_color\n"
+        "def ready(args):\n    print('ready', flush=True)\n    return color(args)\n"
+        "cli.run.cmd_color = ready\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
     argv = ["color", "myciel5", "--time-limit", "30", "--json", "--artifacts", str(art)]
     p = subprocess.Popen(
         [sys.executable, "-c", code, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -28,6 +28,7 @@ from tests.fault_helpers import check_accounts, latency_spec, persisted, seqs_on
 from tests.ray_cluster import ray_cluster  # noqa: F401 - the module's cluster (head node; tests add nodes)
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("ray_turn")  # every test here starts Ray or joins the cluster
 
 
 @pytest.fixture

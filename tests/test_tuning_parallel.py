@@ -304,7 +304,7 @@ def test_ctrl_c_stops_the_workers_and_their_experiments(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(ray_turn):
     ray = ray_or_skip()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
