@@ -193,7 +193,8 @@ class Experiment:
         self.topics = Topics()
         self.registry = Registry()
         self.run_dir = lab.artifacts / exp_id / run_id
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # the owner's only: the workload's arguments are in the spec, the events and the checkpoints
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.checkpoints = CheckpointStore(self.run_dir / CHECKPOINT)
         self._lock = threading.RLock()  # serialises transitions (may be held for a whole stop)
         self._state = threading.Lock()  # guards what readers see; only ever held briefly

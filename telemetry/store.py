@@ -75,6 +75,8 @@ class HistoryStore(BatchStore):
             # once with "database is locked" rather than let its busy timeout wait.
             try:
                 with locked(self.path):
+                    if not self.path.exists():  # a new history is the owner's only (SQLite gives its WAL the same mode)
+                        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
                     self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
                     self.db.execute("PRAGMA journal_mode=WAL")
                     self.db.execute("PRAGMA synchronous=NORMAL")

@@ -252,7 +252,13 @@ def test_an_artifacts_folder_without_permission_says_where(tmp_path, capsys):
 # --- what a run writes ---------------------------------------------------------------------------
 
 
-def test_a_runs_spec_is_the_owners_only(one_run):
-    """The spec can hold a workload's arguments: like the daemon's queue, the owner's only."""
+def test_a_runs_spec_folder_and_history_are_the_owners_only(one_run):
+    """The spec can hold a workload's arguments, and so do the events, checkpoints and the
+    history: like the daemon's queue, the owner's only."""
     assert stat.S_IMODE((one_run / "spec.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(one_run.stat().st_mode) == 0o700
+    history = one_run.parent.parent / "history.sqlite3"
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
+    for extra in history.parent.glob("history.sqlite3-*"):  # WAL and shared memory, while open
+        assert stat.S_IMODE(extra.stat().st_mode) == 0o600, extra
     assert json.loads((one_run / "spec.json").read_text())["name"] == "edge"
