@@ -37,7 +37,9 @@ def latency_spec(
         "seed": 5,
         "workload": {"name": "latency", "params": dict(FAST_LATENCY)},
         "metrics": {"publish_interval_s": 0.1},
-        "telemetry": {"batch_size": 64, "flush_interval_s": 0.02},
+        # the emitter blocks (the default policy) up to 30 s, not 1: on a loaded machine the
+        # Recorder can be starved longer, and the lossless checks must not see a drop for it
+        "telemetry": {"batch_size": 64, "flush_interval_s": 0.02, "block_timeout_s": 30.0},
         "sampling": {"strategy": strategy, "config": dict(SAMPLING[strategy])},
         "anomaly": {
             "enabled": anomaly,
