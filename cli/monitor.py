@@ -73,7 +73,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         for a in s["hypertune_actions"][-10:]:
             console.print(f"  action: {a}")
         if s["reason"]:
-            console.print(f"status {s['status']} ({s['reason']})", markup=False, highlight=False, soft_wrap=True)
+            render.say(console, f"status {s['status']} ({s['reason']})")
         return 0
     tail = Tailer(run, from_start=not args.from_end)
     view = render.MonitorView(f"crucible monitor: {run.parent.name} / {run.name}", run_objectives(run))
@@ -97,7 +97,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                     f"[bold red]!! ALERT {escape(', '.join(fired))}:[/] {escape(line)}", highlight=False, soft_wrap=True
                 )
             else:
-                console.print(line, markup=False, highlight=False, soft_wrap=True)
+                render.say(console, line)
         return n
 
     waiter = threading.Event()

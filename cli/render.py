@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -21,6 +22,12 @@ from experiments.workloads import Objective, objective_of
 
 if TYPE_CHECKING:
     from experiments.lab import Experiment
+
+
+def say(console: Console, text: str) -> None:
+    """One line of plain text as it is: no markup or highlighting read into the user's paths and
+    values, and no line breaks inserted, so a path wider than the terminal stays whole to copy."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def objective_series(objs: Iterable[Objective]) -> list[tuple[str, str, str]]:

@@ -142,13 +142,11 @@ def serve_dashboard(lab: Lab, port: int, console: Console) -> Any:
         dash = Dashboard(lab, "127.0.0.1", port)
     except OSError as exc:  # the port is taken or not allowed
         raise UsageError(str(exc)) from None
-    console.print(
+    render.say(
+        console,
         f"dashboard: {dash.url}?token={dash.token}  (the token guards reading "
         f"and control alike; it is kept in {dash.token_file})",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )  # one line: the URL stays whole to copy
+    )
     return dash
 
 

@@ -127,7 +127,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     counts = ReadCounts()
     n = _write_whole(out, lambda partial: export_run(run, args.format, partial, counts=counts))
     skipped = f"; skipped {counts.skipped:,} unreadable line(s)" if counts.skipped else ""
-    Console().print(f"exported {n:,} events of {run} to {out}{skipped}", markup=False, highlight=False, soft_wrap=True)
+    render.say(Console(), f"exported {n:,} events of {run} to {out}{skipped}")
     return 0
 
 
@@ -144,12 +144,7 @@ def export_from_history(args: argparse.Namespace) -> int:
 
         n = _write_whole(out, lambda partial: export_events(events, args.format, partial))
     skipped = f"; skipped {store.skipped_batches:,} damaged batch(es)" if store.skipped_batches else ""
-    Console().print(
-        f"exported {n:,} events of {run_id} from {where} to {out}{skipped}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
+    render.say(Console(), f"exported {n:,} events of {run_id} from {where} to {out}{skipped}")
     return 0
 
 
@@ -223,11 +218,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
             try:
                 r = sync_run(store, run)
             except (ValueError, OSError) as exc:  # an unreadable file, a folder name that is no run id
-                console.print(f"{name}: not synced: {one_line(exc)}", markup=False, soft_wrap=True)
+                render.say(console, f"{name}: not synced: {one_line(exc)}")
                 problems += 1
                 continue
             except (HistoryError, sqlite3.Error) as exc:
-                console.print(f"{name}: stopped: {one_line(exc)}", markup=False, soft_wrap=True)
+                render.say(console, f"{name}: stopped: {one_line(exc)}")
                 sys.stderr.write(
                     f"crucible sync: the history at {where} refused a write; what was sent is kept: run it again\n"
                 )
@@ -239,11 +234,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 said = f"sent {r.sent:,} event(s)" + ("; summary recorded" if r.recorded else "")
             else:
                 said = "up to date"
-            console.print(f"{name}: {said}", markup=False, soft_wrap=True)
+            render.say(console, f"{name}: {said}")
     finally:
         with contextlib.suppress(HistoryError, sqlite3.Error):
             store.close()
-    console.print(f"{len(runs)} run(s) checked, {sent:,} event(s) sent to {where}", markup=False, soft_wrap=True)
+    render.say(console, f"{len(runs)} run(s) checked, {sent:,} event(s) sent to {where}")
     return EXIT_FAILED if problems else 0
 
 

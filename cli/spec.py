@@ -13,12 +13,12 @@ from rich.console import Console
 
 
 def cmd_set(args: argparse.Namespace) -> int:
+    from cli import render
     from experiments.specedit import brief, set_values
 
     set_values(args.spec, args.assignments)
     done = ", ".join(brief(a, 80) for a in args.assignments)  # a value of a megabyte is not echoed whole
-    # the user's text, as typed, on one line however long the path
-    Console().print(f"{args.spec}: set {done}", markup=False, highlight=False, soft_wrap=True)
+    render.say(Console(), f"{args.spec}: set {done}")  # the user's text, as typed
     return 0
 
 

@@ -47,9 +47,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             objective=args.objective,
             seed=args.seed,
             overrides=args.set or None,
-            on_trial=None
-            if args.json
-            else lambda r: console.print(trial_line(r), markup=False, highlight=False, soft_wrap=True),
+            on_trial=None if args.json else lambda r: render.say(console, trial_line(r)),
             on_skipped=_skipped,
             **_runner(args),
         )
@@ -118,9 +116,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
             budget=args.budget,
             target=args.target,
             overrides=args.set or None,
-            on_run=None
-            if args.json
-            else lambda r: console.print(run_line(r), markup=False, highlight=False, soft_wrap=True),
+            on_run=None if args.json else lambda r: render.say(console, run_line(r)),
             **_runner(args),
         )
     except ValueError as exc:  # SpecError, or parameters a run refuses
@@ -137,9 +133,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
         return 0
     console.print(render.ab_table(rep, args.runs))
     for r in rep["failed"]:
-        console.print(
-            f"failed, left out: hypertune {r['arm']} seed {r['seed']}: {r['failed']}", markup=False, soft_wrap=True
-        )
+        render.say(console, f"failed, left out: hypertune {r['arm']} seed {r['seed']}: {r['failed']}")
     for key in ("final_best", "time_to_target"):
         c = rep[key]
         console.print(

@@ -186,6 +186,9 @@ def test_messages_naming_a_long_path_keep_it_on_one_line(runs, tmp_path, capsys)
     out.parent.mkdir()
     said = run_cli(capsys, "export", str(dirs[0]), "--format", "jsonl", "--out", str(out), "--artifacts", str(art))
     assert len(str(out)) > 120 and f" to {out}\n" in said
+    spec = out.parent / "s.toml"
+    spec.write_text(LATENCY.format(budget=5, seed=1, calls=0))
+    assert run_cli(capsys, "set", str(spec), "seed=3") == f"{spec}: set seed=3\n"
 
 
 def test_export_of_an_unknown_run_names_the_recent_ones(runs, capsys):
