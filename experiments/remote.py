@@ -69,6 +69,7 @@ START_TIMEOUT_S = 120.0  # a host's process to start and its tree to come up (in
 CALL_TIMEOUT_S = 60.0  # a control call's answer
 RESTART_WAIT_S = 60.0  # how long a control call waits for a host being restarted
 OWNER_GONE_S = 30.0  # how long a restart waits for the dead host's process to be gone from this machine
+CLOSE_WAIT_S = 60.0  # how long close waits for the watcher threads: none may touch Ray once it returns
 RESTART_TYPE = "transient"  # a host is restarted after an abnormal exit (its process died), never after its end
 HOST_CONCURRENCY = 16  # calls a host serves at once (a wait for the end holds one)
 DEFAULT_RESOURCES = {"cpus": 1.0, "gpus": 0.0}
@@ -850,7 +851,8 @@ class RayBackend:
         self._host_cls = ray.remote(TreeHost)
         self._closed = False
         self._hosts: set[Any] = set()
-        self._hosts_lock = threading.Lock()
+        self._watchers: set[threading.Thread] = set()  # one per live host; close waits for them
+        self._hosts_lock = threading.Lock()  # guards _closed, _hosts and _watchers
         self._artifacts = str(Path(lab.artifacts).resolve())
         h = lab.history
         self._history = None if h is None else str(Path(h).resolve()) if isinstance(h, Path) else str(h)
@@ -884,8 +886,11 @@ class RayBackend:
             scheduling_strategy="SPREAD",
         ).remote(self._artifacts, self._history)
         with self._hosts_lock:
+            closing = self._closed
             self._hosts.add(host)
         try:
+            if closing:  # a restart that raced close: the host must not outlive the backend
+                raise NotRunning(f"experiment {exp.id!r}: this Lab is shutting down")
             ref = getattr(host, op).remote(encode(payload))
             ready, _ = ray.wait([ref], timeout=START_TIMEOUT_S)
             if not ready:
@@ -975,20 +980,26 @@ class RayBackend:
 
     def _watch(self, exp: RemoteExperiment, host: Any, end: Any) -> None:
         t = threading.Thread(target=self._await_end, args=(exp, host, end), name=f"ray-watch-{exp.id}", daemon=True)
-        t.start()
+        with self._hosts_lock:  # started under the lock: close never joins a thread not yet started
+            self._watchers.add(t)
+            t.start()
 
     def _await_end(self, exp: RemoteExperiment, host: Any, end: Any) -> None:
         """The host's end: its run ended (normal), or its process died (a down)."""
         ray = _ray()
         try:
-            final = decode(ray.get(end))
-        except Exception as exc:  # noqa: BLE001 - RayActorError and kin: the process or its node died
-            self._down(exp, host, exc)
-            return
-        exp._finish(final)
-        exp._quiesce()
-        self._release(host)
-        log.info("remote experiment ended", experiment=exp.id, run_id=exp.run_id, reason=exp.reason)
+            try:
+                final = decode(ray.get(end))
+            except Exception as exc:  # noqa: BLE001 - RayActorError and kin: the process or its node died
+                self._down(exp, host, exc)
+                return
+            exp._finish(final)
+            exp._quiesce()
+            self._release(host)
+            log.info("remote experiment ended", experiment=exp.id, run_id=exp.run_id, reason=exp.reason)
+        finally:
+            with self._hosts_lock:
+                self._watchers.discard(threading.current_thread())
 
     def _down(self, exp: RemoteExperiment, host: Any, exc: BaseException) -> None:
         """A host died: restart it per its restart type and intensity (actors.supervision's rules),
@@ -1070,13 +1081,29 @@ class RayBackend:
         except Exception:  # noqa: BLE001 - already gone, or Ray is shutting down
             pass
 
-    def close(self) -> None:
-        """Let every host go (the Lab stopped their experiments first); shut Ray down if the Lab started it."""
-        self._closed = True
+    def close(self, wait: float = CLOSE_WAIT_S) -> None:
+        """Let every host go (the Lab stopped their experiments first), wait for the watcher
+        threads to finish with Ray, then shut Ray down if the Lab started it.
+
+        No thread of this backend touches Ray once this returns: a Ray call after
+        ``ray.shutdown()`` (ours, or the caller's, who may join Ray again later) ends the
+        whole process. A watcher that outlives ``wait`` is logged, and Ray is then left up.
+        """
         with self._hosts_lock:
+            self._closed = True
             hosts = list(self._hosts)
         for host in hosts:
             self._release(host)
+        deadline = time.monotonic() + wait
+        while True:
+            with self._hosts_lock:
+                watchers = [t for t in self._watchers if t is not threading.current_thread()]
+            if not watchers:
+                break
+            watchers[0].join(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline and watchers[0].is_alive():
+                log.error("ray watchers still busy after close", threads=[t.name for t in watchers], waited_s=wait)
+                return  # shutting Ray down under them would end the process
         if self.owns_ray:
             _ray().shutdown()
 

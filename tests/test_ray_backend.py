@@ -368,3 +368,17 @@ def test_max_experiments_counts_the_live_remote_trees(ray_cluster, tmp_path):  #
         lab.start_experiment(latency_spec("two", budget=600)).stop()  # an ended tree leaves room
     finally:
         lab.shutdown()
+
+
+def test_shutdown_returns_only_once_no_thread_of_the_lab_uses_ray(ray_cluster, tmp_path):  # noqa: F811
+    """A Ray call after ray.shutdown() ends the whole process, and the caller may shut Ray down
+    (or join it again) as soon as the Lab's shutdown returns: the watchers must be done by then."""
+    lab = Lab(tmp_path / "art", backend="ray", address=ray_cluster.address)
+    try:
+        exps = [lab.start_experiment(latency_spec(f"w{i}", budget=600)) for i in range(2)]  # the head has 2 CPUs
+        watching = {t.name for t in threading.enumerate() if t.name.startswith("ray-watch-")}
+        assert {f"ray-watch-{e.id}" for e in exps} <= watching
+    finally:
+        lab.shutdown()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("ray-watch-")] == []
+    assert {e.status() for e in exps} == {"stopped"}
