@@ -46,7 +46,7 @@ from actors.log import configure_logging
 from dashboard.client import LabClient
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVE = (sys.executable, "-m", "supervisor", "lab", "serve", "--port", "0")
+SERVE = (sys.executable, "-m", "supervisor", "lab", "serve", "--port", "0", "--allow-target", "time:sleep")
 
 
 def spec(name: str, budget: float, sleepy: bool = False) -> dict[str, Any]:

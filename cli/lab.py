@@ -226,7 +226,8 @@ def add_commands(sub: Any) -> None:
         metavar="T",
         help="code or endpoint submissions may call (the latency workload's target; repeatable): "
         "module:function, module:* or an http(s)://host[:port]/path prefix; by default only "
-        "experiments.workloads.latency:checksum_work, math:* and time:sleep",
+        "experiments.workloads.latency:checksum_work and the math functions whose time does not grow "
+        "with their arguments (sqrt, exp, log, sin, ...; see docs/daemon.md)",
     )
     add_backend_options(s)
     s.set_defaults(func=cmd_serve)

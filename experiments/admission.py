@@ -27,8 +27,18 @@ from typing import Any
 from experiments.spec import SpecError, load_spec
 from experiments.workloads import registry as workload_registry
 
-DEFAULT_TARGETS = ("experiments.workloads.latency:checksum_work", "math:*", "time:sleep")
-"""Targets every daemon allows: the latency workload's own default, pure arithmetic, a sleep."""
+BOUNDED_MATH = (
+    *("sqrt", "cbrt", "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "pow", "hypot", "fsum"),
+    *("sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "tanh"),
+    *("fabs", "floor", "ceil", "trunc", "fmod", "copysign", "isfinite", "isnan"),
+)
+"""The ``math`` functions whose time does not grow with their arguments' values (not
+``factorial``, ``comb`` or ``perm``: a number in a spec would hold the phase for hours)."""
+
+DEFAULT_TARGETS = ("experiments.workloads.latency:checksum_work", *(f"math:{f}" for f in BOUNDED_MATH))
+"""Targets every daemon allows: the latency workload's own default and bounded arithmetic.
+None of them can hold a phase longer than its arguments' size allows: a stop cannot cut a
+call short, so ``time:sleep`` (or any slow target) is the operator's to allow."""
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _CODE = re.compile(rf"({_NAME}(?:\.{_NAME})*):({_NAME}|\*)")

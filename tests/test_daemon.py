@@ -329,6 +329,9 @@ def test_a_submission_calls_only_the_targets_the_daemon_allows(tmp_path):
     try:
         for bad in (
             "os:system",
+            "math:factorial",  # math's functions whose time grows with a number in the spec
+            "math:comb",
+            "time:sleep",  # a stop cannot cut a call short: the operator's to allow
             "subprocess:run",
             "builtins:exec",
             "json.decoder:*",
@@ -343,7 +346,7 @@ def test_a_submission_calls_only_the_targets_the_daemon_allows(tmp_path):
                 service.submit(timing(bad))
         assert service.list(history=False) == [] and not (art / "queue.json").exists()
         assert "this" not in sys.modules  # refused before its module was imported: an import runs code
-        for good in ("math:sqrt", "time:sleep", "json:dumps"):  # defaults, and what --allow-target added
+        for good in ("math:sqrt", "math:hypot", "json:dumps"):  # defaults, and what --allow-target added
             assert service.submit(timing(good))["status"] in ("running", "queued")
         assert service.submit({"name": "d", "workload": {"name": "latency"}})["status"] in ("running", "queued")
     finally:
@@ -353,6 +356,29 @@ def test_a_submission_calls_only_the_targets_the_daemon_allows(tmp_path):
     for rule in ("os", "os:", ":f", "a b:c", "ftp://h/", "http://", "http://u:p@h/", "http://h:99999/"):
         with pytest.raises(ValueError, match="must be 'module:function'"):
             check_target_rule(rule)
+
+
+def test_the_default_targets_cannot_hold_a_phase_for_long():
+    """What any token holder may call: real functions, none whose time grows with a number in
+    the spec, and the default workload's own task bounded in size."""
+    import math
+
+    from experiments.admission import BOUNDED_MATH, DEFAULT_TARGETS
+    from experiments.workloads.latency import CHECKSUM_MAX_BYTES, checksum_work
+
+    assert all(callable(getattr(math, f)) for f in BOUNDED_MATH)
+    assert not {"math:factorial", "math:comb", "math:perm", "time:sleep", "math:*"} & set(DEFAULT_TARGETS)
+    for big in (10**300, 1e308, -1e308, float("inf"), 2**63 - 1):  # an error or an answer, at once
+        for f in ("sqrt", "exp", "log", "pow", "hypot", "sin", "floor", "fmod"):
+            fn = getattr(math, f)
+            try:
+                fn(big, big) if f in ("pow", "hypot", "fmod") else fn(big)
+            except (ValueError, OverflowError):
+                pass
+    for bad in (CHECKSUM_MAX_BYTES + 1, 10**12, -1, 2.5, True, "1"):
+        with pytest.raises(ValueError, match=r"checksum_work: size must be .* got "):
+            checksum_work(bad)
+    assert checksum_work(64)["bytes"] == 64
 
 
 def test_a_queued_submission_is_checked_again_when_it_starts(tmp_path):

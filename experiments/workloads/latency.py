@@ -51,10 +51,22 @@ RANGES = {
 """The documented range of each numeric parameter (0 calls = until the time budget)."""
 
 
+CHECKSUM_MAX_BYTES = 64 * 2**20  # a lab daemon allows this target to anyone with its token
+
+
 def checksum_work(size: int = 262_144) -> dict[str, Any]:
-    """A real, deterministic CPU task for the default experiment: hash and compress a buffer."""
+    """A real, deterministic CPU task for the default experiment: hash and compress a buffer.
+
+    Raises:
+        ValueError: ``size`` is not a whole number of bytes from 0 to :data:`CHECKSUM_MAX_BYTES`.
+    """
     import hashlib
     import zlib
+
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= CHECKSUM_MAX_BYTES:
+        raise ValueError(
+            f"checksum_work: size must be a whole number of bytes from 0 to {CHECKSUM_MAX_BYTES}, got {size!r}"
+        )
 
     data = hashlib.sha256(str(size).encode()).digest() * (size // 32)
     packed = zlib.compress(data, 6)
