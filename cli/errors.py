@@ -3,7 +3,8 @@
 Exit codes: 0 the command did what was asked; 1 it ran but the result is a failure (a run
 whose tree gave up or whose storage failed, a colouring that is not proper); 2 the user has
 something to fix (a bad spec, flag, file, port, or a run that does not exist); 130 a Ctrl-C
-ended it before it could finish (a run it stops still reports, and ends 0 or 1); 141 its
+ended it before it could finish (a run it stops still reports, and ends 0 or 1), 143 a
+SIGTERM did (``crucible color`` before its run started); 141 its
 output was cut short by a closed pipe (``crucible list | head``), a quiet end. A user error
 is one line on stderr, never a traceback: a command raises :class:`UsageError`, or lets one
 of the domain errors in :data:`USER_ERRORS` through, and :func:`cli.main` prints it.

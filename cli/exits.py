@@ -4,6 +4,7 @@ nothing heavy, so that :func:`cli.main` can use it while the seconds of other im
 
 from __future__ import annotations
 
+import signal
 import sys
 
 EXIT_INTERRUPTED = 130
@@ -12,9 +13,11 @@ EXIT_OUTPUT_CLOSED = 141
 """Output cut short by a closed pipe: 128 + SIGPIPE, as POSIX tools killed by SIGPIPE end."""
 
 
-def interrupted(command: str | None, after: str = "") -> int:
-    """Say on stderr, in one line, that a Ctrl-C ended the command (``after``: what was done
-    about it); the exit code to end with."""
+def interrupted(command: str | None, after: str = "", signum: int = signal.SIGINT) -> int:
+    """Say on stderr, in one line, that a Ctrl-C (or the signal ``signum``) ended the command
+    (``after``: what was done about it); the exit code to end with, 128 + the signal's number
+    as a shell reports a command the signal killed (130 for SIGINT, 143 for SIGTERM)."""
     name = f"crucible {command}" if command else "crucible"
-    sys.stderr.write(f"{name}: interrupted{f'; {after}' if after else ''}\n")
-    return EXIT_INTERRUPTED
+    how = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+    sys.stderr.write(f"{name}: {how}{f'; {after}' if after else ''}\n")
+    return 128 + int(signum)

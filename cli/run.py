@@ -67,12 +67,20 @@ def dash_port(args: argparse.Namespace) -> int:
         raise UsageError(f"CRUCIBLE_DASH_PORT {exc}") from None
 
 
+class SignalStop(threading.Event):
+    """Set by a stopping signal; ``signum`` says which (the first that came), for the exit code."""
+
+    signum: int | None = None
+
+
 @contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
+def stop_on_signals() -> Iterator[SignalStop]:
     """An event set by SIGINT or SIGTERM while the block runs (the handlers before it come back after)."""
-    stop_now = threading.Event()
+    stop_now = SignalStop()
 
     def on_signal(signum: int, frame: Any) -> None:
+        if stop_now.signum is None:
+            stop_now.signum = signum
         stop_now.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -237,7 +245,7 @@ def cmd_color(args: argparse.Namespace) -> int:
         lab = Lab(args.artifacts)
         try:
             if stop_now.is_set():  # before the run started: nothing to report
-                return interrupted("color")
+                return interrupted("color", signum=stop_now.signum or signal.SIGINT)
             exp = start(lab, spec)
             while not exp.wait(0.5) and not stop_now.is_set():
                 pass

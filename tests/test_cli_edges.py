@@ -168,18 +168,19 @@ def test_ctrl_c_while_the_graph_loads_is_one_line(tmp_path, monkeypatch, capsys)
 
 
 class _SignalledLab(cli.run.Lab):
-    """A Lab that receives a real SIGINT as it starts, or as it shuts down."""
+    """A Lab that receives a real SIGINT (or ``sig``) as it starts, or as it shuts down."""
 
     when = "start"
+    sig = signal.SIGINT
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if self.when == "start":
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.sig)
 
     def shutdown(self, timeout: float = 60.0) -> None:
         if self.when == "shutdown":
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.sig)
         super().shutdown(timeout)
 
 
@@ -204,6 +205,19 @@ def test_ctrl_c_as_the_lab_starts_or_shuts_down_cuts_nothing_short(tmp_path, mon
         r = json.loads(out)
         assert r["proper"] and r["k"] <= 6
         assert json.loads((Path(r["run_dir"]) / "lifecycle.json").read_text())["status"] == "stopped"
+
+
+def test_a_sigterm_as_the_lab_starts_is_a_termination_not_a_ctrl_c(tmp_path, monkeypatch, capsys):
+    """A service manager's SIGTERM before the run started: one line that names it, and 143
+    (128 + SIGTERM), as a shell reports a command SIGTERM ended; not Ctrl-C's 130."""
+    monkeypatch.setattr(_SignalledLab, "sig", signal.SIGTERM)
+    monkeypatch.setattr(cli.run, "Lab", _SignalledLab)
+    art = tmp_path / "art"
+    code = main(["color", "myciel5", "--time-limit", "20", "--json", "--artifacts", str(art)])
+    out, err = capsys.readouterr()
+    assert code == 128 + signal.SIGTERM == 143
+    assert err == "crucible color: terminated (SIGTERM)\n" and not out
+    assert not list(art.glob("*/*/spec.json"))
 
 
 # --- the artifacts folder ------------------------------------------------------------------------
