@@ -268,6 +268,26 @@ def _handlers_for(cls: type) -> dict[str, Callable[..., Any]]:
     return table
 
 
+def _guard_start(start: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``start`` (an ``on_start``), made to record a crash before pykka stops the actor."""
+
+    def on_start(self: Actor) -> None:
+        try:
+            start(self)
+        except Exception as exc:
+            if not self._life.dead:  # a guarded parent's on_start recorded it already
+                self._crash(exc)
+            raise
+        except SystemExit as exc:
+            if self._life.dead:
+                raise
+            raise self._crash_exit(exc) from exc
+
+    on_start._crash_guarded = True  # type: ignore[attr-defined]
+    on_start.__doc__, on_start.__qualname__ = start.__doc__, start.__qualname__
+    return on_start
+
+
 class Actor(pykka.ThreadingActor):
     """Base class of every actor: override ``on_message(msg)`` or define ``handle_<kind>``.
 
@@ -278,6 +298,15 @@ class Actor(pykka.ThreadingActor):
 
     use_daemon_thread: ClassVar[bool] = True
     ref_class: ClassVar[type[ActorRef]] = ActorRef
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's ``on_start`` that raises crashes the actor as a handler would: pykka
+        stops such an actor without calling ``on_failure``, and its supervisor would never
+        learn (the child neither restarted nor failed: a tree stuck ``running``)."""
+        super().__init_subclass__(**kwargs)
+        start = cls.__dict__.get("on_start")
+        if start is not None and not getattr(start, "_crash_guarded", False):
+            cls.on_start = _guard_start(start)  # type: ignore[method-assign]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

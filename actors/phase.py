@@ -144,6 +144,7 @@ class PhaseActor(Actor):
         self.finished = False
         self.steps = 0
         self.emitter: Emitter | None = None
+        self._restored = False  # the workload holds the run's state (a restore that failed: it does not)
         self._last_save = 0.0
         self._active_s = 0.0  # active (unpaused) time used from the budget, across restarts
         self._mark = clock()  # when _active_s was last brought up to date
@@ -191,6 +192,7 @@ class PhaseActor(Actor):
             use_clock(self.active_time)
         if "workload" in cp:
             self.workload.restore(cp["workload"])
+        self._restored = True
         self.emitter.hold(self.paused)
         if resume is not None:
             self._announce_resume(resume)
@@ -421,6 +423,11 @@ class PhaseActor(Actor):
         raise RuntimeError(str(msg.get("why", "injected phase crash")))
 
     def terminate(self, reason: str) -> None:
+        if self.emitter is not None and not self._restored:
+            # it crashed before the run's state was back (a checkpoint the workload refused):
+            # a checkpoint now would replace the run's with a fresh workload's, losing its best
+            self.emitter.abandon()
+            return
         if self.emitter is not None and not self.finished:
             self._tick()
             self._checkpoint(force=True)

@@ -279,9 +279,11 @@ class Supervisor(Actor):
         registry: Registry | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_restart: Callable[[str, str], None] | None = None,
+        on_give_up: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__()
         self.on_restart = on_restart  # called (child id, exit reason) before each restart
+        self.on_give_up = on_give_up  # called (child id, exit reason) for the exit over the intensity
         specs = list(children)
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
@@ -440,6 +442,11 @@ class Supervisor(Actor):
             return
         if action == GIVE_UP:
             log.warning("child exited; over the restart intensity", child=c.spec.id, reason=reason)
+            if self.on_give_up is not None:
+                try:
+                    self.on_give_up(c.spec.id, reason)
+                except Exception:
+                    log.exception("on_give_up hook failed", child=c.spec.id)
             self._give_up()
             return
         log.warning("child exited; restarting", child=c.spec.id, reason=reason, strategy=self.strategy)

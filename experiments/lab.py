@@ -44,7 +44,7 @@ from actors.registry import Registry
 from actors.sampler import Sampler
 from actors.snapshot import MAX_AGE_S, WAIT_S, Reading, Snapshot
 from actors.streaming_metrics import StreamingMetrics
-from actors.supervision import ChildSpec, DynamicSupervisor, Supervisor, SupervisorRef
+from actors.supervision import MAX_INTENSITY, ChildSpec, DynamicSupervisor, Supervisor, SupervisorRef
 from actors.topics import NamedTarget, Topics
 from experiments.spec import load_spec
 from experiments.workloads import declarations
@@ -204,6 +204,7 @@ class Experiment:
         self._ended = False
         self._stopped = threading.Event()  # set once the end is on disk: what wait() and stop() wait for
         self._beat_stop = threading.Event()  # ends the heartbeat, before the final record is written
+        self._gave_up_on: str | None = None  # "child: reason": the exit over the restart intensity
         self._beat: threading.Thread | None = None
         self.started_at = self.clock()
         self.stop_started_at: float | None = None  # when a stop began (the Lab's clock)
@@ -382,6 +383,7 @@ class Experiment:
                 "max_seconds": sv["max_seconds"],
                 "registry": reg,
                 "on_restart": self._note_restart,
+                "on_give_up": self._note_give_up,
             },
         )
 
@@ -399,6 +401,9 @@ class Experiment:
 
     def _note_restart(self, child: str, reason: str) -> None:
         self.registry.send("recorder", {"kind": "note_restart", "child": child, "reason": reason})
+
+    def _note_give_up(self, child: str, reason: str) -> None:
+        self._gave_up_on = f"{child}: {reason}"  # the run's reason says why the tree kept failing
 
     def _attach(self, sup: SupervisorRef) -> None:
         self.sup = sup
@@ -424,6 +429,8 @@ class Experiment:
             self._final_summary = self._summary_snap.latest().value or {}
         self._final_metrics = self._metrics_snap.latest().value
         if is_abnormal(reason):
+            if reason == MAX_INTENSITY and self._gave_up_on:
+                reason = f"{reason} ({self._gave_up_on})"
             log.error("experiment tree gave up", experiment=self.id, reason=reason)
             self._end(RunStatus.FAILED, f"failed: {reason}")
         elif self._end(RunStatus.STOPPED, self.checkpoints.finish_reason or "stopped"):

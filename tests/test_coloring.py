@@ -625,3 +625,66 @@ def test_a_restored_workload_keeps_its_clocks_pass_figures_and_tenure_owner():
     end = [e for e in em.events if e["name"] == "pass_end"][-1]["values"]
     assert end["improvement"] == w.pass_start_best - again.best_k >= 0
     assert end["duration_s"] == pytest.approx(cp["pass_elapsed_s"])
+
+
+def test_a_checkpoint_of_another_graph_is_refused_with_why_never_coloured():
+    """A resumed run whose graph changed since its checkpoint (the file was rewritten) must fail
+    naming the mismatch: the kernels index by vertex and colour unchecked, so a stale colouring
+    would corrupt memory (it segfaulted), not raise."""
+
+    def params(seed: int, n: int = 60) -> dict:
+        return ColoringWorkload.check_params(
+            {"graph": {"generator": "gnp", "n": n, "p": 0.5, "seed": seed}, "phases": ["tabu"]}
+        )
+
+    w = ColoringWorkload(params(2), 1)
+    em = Recorded()
+    w.start(em)
+    w.step(em)
+    cp = w.checkpoint()
+    assert cp["graph"]["n"] == 60 and len(cp["graph"]["fingerprint"]) == 32
+    same = ColoringWorkload(params(2), 1)
+    same.restore(cp)  # the same graph: goes on
+    assert same.best_k == w.best_k and np.array_equal(same.best, w.best)
+    for other, match in (
+        (params(2, n=250), "another graph .60 vertices.*now .250 vertices"),
+        (params(3), "another graph"),  # as many vertices, other edges
+    ):
+        with pytest.raises(ValueError, match=match):
+            ColoringWorkload(other, 1).restore(cp)
+    old = {k: v for k, v in cp.items() if k != "graph"}  # a checkpoint from before fingerprints
+    bad = [
+        ({**old, "best": old["best"][:10]}, "has 10 vertices"),
+        ({**old, "best": [*old["best"][:-1], 10**6]}, "does not use colours"),
+        ({**old, "best": [-1, *old["best"][1:]]}, "does not use colours"),
+        ({**old, "best_k": 0}, "does not use colours"),
+        ({**old, "best": ["x"] * 60}, "malformed"),
+        ({**old, "phase_idx": 7}, "out of range"),
+    ]
+    for state, match in bad:
+        with pytest.raises(ValueError, match=match):
+            ColoringWorkload(params(2), 1).restore(state)
+    with pytest.raises(ValueError, match="not proper"):  # same size, other edges, no fingerprint
+        ColoringWorkload(params(3), 1).restore(old)
+
+
+def test_restart_pass_is_refused_past_max_passes_with_or_without_iterative():
+    for enabled in (False, True):
+        params = ColoringWorkload.check_params(
+            {
+                "graph": {"generator": "gnp", "n": 40, "p": 0.5, "seed": 1},
+                "phases": ["tabu"],
+                "iterative": {"enabled": enabled, "max_passes": 2, "stall_s": 0.0},
+            }
+        )
+        w = ColoringWorkload(params, 1)
+        em = Recorded()
+        w.start(em)
+        w.step(em)
+        assert w.set_param("restart_pass", True) == (0, 1)
+        w.step(em)  # the restart happens at the next safe point
+        assert w.pass_ == 1
+        with pytest.raises(ValueError, match=r"iterative\.max_passes = 2 passes"):
+            w.set_param("restart_pass", True)
+        w.step(em)
+        assert w.pass_ == 1 and len([e for e in em.events if e["name"] == "pass_end"]) == 1

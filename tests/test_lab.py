@@ -430,3 +430,45 @@ def test_a_window_query_racing_the_recorders_stop_is_answered_from_the_store(tmp
         assert len(events) == 5 and events == exp.query_window(("last_n", 5))  # the stopped run's store
     finally:
         lab.shutdown()
+
+
+def test_a_phase_restarted_on_a_changed_graph_file_fails_the_run_and_keeps_its_checkpoint(tmp_path):
+    """The phase restarts from its checkpoint; the graph file was rewritten meanwhile. The
+    restored colouring belongs to another graph: the run fails saying so (it segfaulted in the
+    kernels before), and the checkpoint keeps the run's best for whoever looks into it."""
+    from experiments.coloring.graph import gnp
+
+    def write(path, g):
+        path.write_text(f"p edge {g.n} {g.m}\n" + "".join(f"e {u + 1} {v + 1}\n" for u, v in g.edges()))
+
+    graph = tmp_path / "g.col"
+    write(graph, gnp(80, 0.5, 1))
+    lab = Lab(tmp_path / "art")
+    try:
+        params = {"graph": {"file": str(graph)}, "phases": ["tabu"], "gpu": "cpu", "tabu": {"iters_per_step": 500}}
+        exp = lab.start_experiment(
+            {
+                "name": "changed",
+                "time_budget_s": 600,
+                "workload": {"name": "coloring", "params": params},
+                "supervision": {"max_restarts": 2, "max_seconds": 60},
+            }
+        )
+        cp_file = exp.run_dir / "checkpoint.json"
+
+        def saved_best():
+            try:
+                return orjson.loads(cp_file.read_bytes())["workload"].get("best")
+            except (OSError, ValueError, KeyError):
+                return None
+
+        until(lambda: saved_best() is not None, what="a checkpoint with a colouring")
+        write(graph, gnp(30, 0.5, 2))
+        exp.registry.send("phase", {"kind": "crash", "why": "drill"})
+        assert exp.wait(30)
+        assert exp.status() == "failed"
+        assert "the checkpoint is of another graph (80 vertices" in exp.reason and "(30 vertices" in exp.reason
+        assert len(saved_best()) == 80  # not replaced by the fresh workload that refused it
+        assert lab.start_experiment(spec("after", budget=0.3)).wait(30)  # the Lab goes on
+    finally:
+        lab.shutdown()

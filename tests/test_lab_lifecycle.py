@@ -104,7 +104,8 @@ def test_a_tree_that_gives_up_fails_the_run(lab):
     exp.pause()
     exp.registry.send("phase", {"kind": "crash", "why": "unrecoverable"})
     assert exp.wait(30)
-    assert exp.status() == "failed" and exp.reason == "failed: reached_max_restart_intensity"
+    assert exp.status() == "failed" and exp.reason.startswith("failed: reached_max_restart_intensity (phase: ")
+    assert exp.reason.endswith("RuntimeError: unrecoverable)")  # the exit over the intensity: why it gave up
     record = orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())
     assert record["status"] == "failed"
 

@@ -235,7 +235,9 @@ def test_population_controls_apply_at_safe_points_or_are_refused():
     for _ in range(3):
         w.step(em)
     assert w.phase == "population" and w.gpu_mode == "cpu_disabled"
+    w.current.search.iters = 90_000
     assert w.set_param("set_population", 6) == (4, 6) and w.current.search.size == 6
+    assert w.current.search.iters == 60_000  # the work per generation stays what it was
     f = w.current.search.engine
     for i in range(f.size):  # the resized population is exact
         assert count_conflicts(w.g.indptr, w.g.indices, f.colors[i]) == f.f[i]

@@ -166,6 +166,30 @@ def test_zero_max_restarts_exits_on_first_restart():
     assert sup.wait(5) == MAX_INTENSITY
 
 
+class _FailsInOnStart(Worker):
+    """Starts (its thread runs), then its on_start raises: pykka stops such an actor without
+    its on_failure, so only the base class's guard tells the supervisor."""
+
+    def on_start(self) -> None:
+        if self.journal is not None and sum(e[0] == "start" for e in self.journal) > 1:
+            raise RuntimeError("cannot restore")
+
+
+def test_an_on_start_that_raises_is_a_crash_the_supervisor_restarts_and_then_gives_up_on():
+    journal: list = []
+    given_up: list = []
+    sup = Supervisor.start(
+        [ChildSpec("w", _FailsInOnStart, kwargs={"tag": "w", "journal": journal})],
+        max_restarts=2,
+        max_seconds=60,
+        on_give_up=lambda child, reason: given_up.append((child, reason)),
+    )
+    crash(sup, "w")  # the restarts' on_start raise: each a crash, two restarts, then over the intensity
+    assert sup.wait(10) == MAX_INTENSITY
+    assert given_up == [("w", "exception: RuntimeError: cannot restore")]
+    assert [e for e in journal if e[0] == "stop"][-1] == ("stop", "w", "exception: RuntimeError: cannot restore")
+
+
 def test_escalation_parent_restarts_the_failed_supervisor():
     inner_spec = ChildSpec(
         "inner",

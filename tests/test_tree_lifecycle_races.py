@@ -147,7 +147,8 @@ def test_a_phase_that_keeps_crashing_fails_the_run_and_leaves_the_lab_usable_and
         phase.tell({"kind": "crash", "why": "again"})
         assert phase.wait(10) is not None
     assert exp.wait(30)
-    assert exp.status() == "failed" and exp.reason == "failed: reached_max_restart_intensity"
+    assert exp.status() == "failed" and exp.reason.startswith("failed: reached_max_restart_intensity (phase: ")
+    assert exp.reason.endswith("RuntimeError: again)")  # the exit over the intensity: why it gave up
     rec = record(exp)
     assert rec["status"] == "failed" and rec["reason"] == exp.reason and rec["ended_at"] is not None
     assert exp.summary()["status"] == "failed"

@@ -81,6 +81,16 @@ class Graph:
     def density(self) -> float:
         return 2.0 * self.m / (self.n * (self.n - 1)) if self.n > 1 else 0.0
 
+    def fingerprint(self) -> str:
+        """A digest of the vertices and edges (not the name): a checkpoint records it, so that a
+        run resumed on a graph file changed since is refused, never coloured with a stale state."""
+        import hashlib
+
+        h = hashlib.sha256(f"n={self.n};".encode())
+        h.update(np.ascontiguousarray(self.indptr, dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(self.indices, dtype="<i8").tobytes())
+        return h.hexdigest()[:32]
+
 
 def _check(what: str, rule: Num, v: Any) -> Any:
     try:

@@ -282,6 +282,9 @@ class PopulationSearch:
                 for _ in range(size - self.size)
             ]
             keep = np.concatenate([rows, np.stack(extra)]) if extra else rows
+        # the work per chain scales with the population, so that a generation (and the time to
+        # the next pause, stop or budget check) stays about generation_s; the pace then adapts
+        self.iters = int(min(MAX_ITERS, max(MIN_ITERS, self.iters * self.size / size)))
         self.engine.close()
         seed = int(self.rng.integers(1 << 30))
         if self.engine.device == "gpu":

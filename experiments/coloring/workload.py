@@ -28,7 +28,8 @@ so far), ``k`` (the k being attempted), ``conflicts``, ``gpu_mode``, ``duration_
 ``adjust_temperature`` (scale the ladder), ``set_batch`` (work per step of the current
 phase), ``set_tenure`` (tenure alpha), ``boost_mutation`` (mutation rate),
 ``set_population``, ``set_crossover_rate``, ``skip_phase``, ``restart_pass`` (a new pass from
-the best solution now), ``external_tenure`` (an outside controller owns the tenure: the tabu
+the best solution now; refused once the run has had ``iterative.max_passes`` passes, asked
+for or not), ``external_tenure`` (an outside controller owns the tenure: the tabu
 phase's own stagnation swap stands down, so two controllers never fight).
 
 Iterative restarts: with ``iterative.enabled`` a phase that has gone ``iterative.stall_s``
@@ -161,6 +162,7 @@ class ColoringWorkload:
         self._skip = False
         self._restart = False
         self._improved = False  # a new best since the last step event (reported with the next one)
+        self._graph_digest: str | None = None  # the graph's fingerprint, once a checkpoint needs it
 
     # --- protocol ---------------------------------------------------------------------------------
 
@@ -270,15 +272,52 @@ class ColoringWorkload:
             "pass_elapsed_s": self.clock() - self.pass_t0,
             "pass_start_best": self.pass_start_best,
             "external_tenure": self.ctx.external_tenure,
+            "graph": {"n": self.g.n, "m": self.g.m, "fingerprint": self._fingerprint()},
         }
+
+    def _fingerprint(self) -> str:
+        if self._graph_digest is None:
+            self._graph_digest = self.g.fingerprint()
+        return self._graph_digest
+
+    def _check_state(self, state: dict[str, Any]) -> tuple[np.ndarray, int]:
+        """The checkpoint's best colouring and k, if they belong to this graph and pipeline.
+
+        The kernels index their tables by vertex and colour without bounds checks: a colouring
+        of another graph (its file changed since the crash) would corrupt memory, not fail.
+
+        Raises:
+            ValueError: naming what does not match (the run fails; nothing is coloured).
+        """
+        g = self.g
+        was = state.get("graph")
+        if isinstance(was, dict) and (was.get("n"), was.get("fingerprint")) != (g.n, self._fingerprint()):
+            raise ValueError(
+                f"the checkpoint is of another graph ({was.get('n')} vertices, {was.get('m')} edges) than "
+                f"{g.name!r} now ({g.n} vertices, {g.m} edges): its file changed since the run started"
+            )
+        try:
+            best = np.asarray(state["best"], dtype=np.int64)
+            best_k, pass_, phase_idx = int(state["best_k"]), int(state["pass"]), int(state["phase_idx"])
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"the checkpoint's colouring state is malformed ({type(exc).__name__}: {exc})") from None
+        if best.shape != (g.n,):
+            raise ValueError(f"the checkpoint's colouring has {best.size} vertices; {g.name!r} has {g.n}")
+        if not (1 if g.n else 0) <= best_k <= g.n or (best.size and not (best.min() >= 0 and best.max() < best_k)):
+            raise ValueError(f"the checkpoint's colouring does not use colours 0..{best_k - 1} (k = {best_k})")
+        if pass_ < 0 or not -1 <= phase_idx < len(self.p["phases"]):
+            raise ValueError(f"the checkpoint's pass {pass_} or phase {phase_idx} is out of range for this spec")
+        colors = best.astype(np.int32)
+        if int(count_conflicts(g.indptr, g.indices, colors)):
+            raise ValueError(f"the checkpoint's colouring is not proper on {g.name!r}: its file changed since")
+        return colors, best_k
 
     def restore(self, state: dict[str, Any]) -> None:
         if state.get("best") is None:
             return
+        self.best, self.best_k = self._check_state(state)
         self.pass_ = int(state["pass"])
         self.phase_idx = int(state["phase_idx"])
-        self.best = np.asarray(state["best"], dtype=np.int32)
-        self.best_k = int(state["best_k"])
         self.pass_best = list(state.get("pass_best", []))
         self.seconds_to_best = float(state.get("seconds_to_best", 0.0))
         now = self.clock()
@@ -354,6 +393,12 @@ class ColoringWorkload:
         return before, self.ctx.external_tenure
 
     def _restart_pass(self, value: Any) -> tuple[Any, Any]:
+        # iterative.max_passes bounds the passes, asked for or automatic (each leaves a file)
+        most = int(self.p["iterative"]["max_passes"])
+        if self.pass_ + 1 >= most:
+            raise ValueError(
+                f"this run has had its iterative.max_passes = {most} passes (pass {self.pass_} is the last)"
+            )
         self._restart = True
         return self.pass_, self.pass_ + 1
 
