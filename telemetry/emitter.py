@@ -95,6 +95,7 @@ class Emitter:
         self.phase: str | None = None
         self.pass_: int = 0
         self.gpu_mode: str | None = None
+        self.gpu_reason: str | None = None
         self._rows: list[tuple[Any, ...]] = []  # only ever appended to, and cut from the front
         self._flush_lock = threading.RLock()
         self._closed = threading.Event()
@@ -104,7 +105,7 @@ class Emitter:
         self._flusher = threading.Thread(target=self._flush_loop, name=f"emitter-{run_id}", daemon=True)
         self._flusher.start()
 
-    def set_context(self, *, phase: Any = ..., pass_: Any = ..., gpu_mode: Any = ...) -> None:
+    def set_context(self, *, phase: Any = ..., pass_: Any = ..., gpu_mode: Any = ..., gpu_reason: Any = ...) -> None:
         """Defaults for later events (flushes first: buffered events keep their context)."""
         with self._flush_lock:
             self._flush_locked()
@@ -116,6 +117,10 @@ class Emitter:
                 if gpu_mode is not None and gpu_mode not in GPU_MODES:
                     raise ValueError(f"gpu_mode must be one of {', '.join(GPU_MODES)} or None, got {gpu_mode!r}")
                 self.gpu_mode = gpu_mode
+            if gpu_reason is not ...:
+                if gpu_reason is not None and type(gpu_reason) is not str:
+                    raise ValueError(f"gpu_reason must be a string or None, got {gpu_reason!r}")
+                self.gpu_reason = gpu_reason
 
     # --- hot path ------------------------------------------------------------------
 
@@ -346,7 +351,7 @@ class Emitter:
         phases, phase_c = _codes(phase_col, n, self.phase)
         if not all(type(x) is str for x in phases):
             raise TypeError("phase must be a string")
-        reasons, reason_c = _codes(reason_col, n, None)
+        reasons, reason_c = _codes(reason_col, n, self.gpu_reason)
         if not all(type(x) is str for x in reasons):
             raise TypeError("gpu_reason must be a string")
         ptexts, param_c = _codes(param_col, n, None)

@@ -442,3 +442,39 @@ def test_set_population_is_cut_to_memory_and_applied_when_the_phase_comes_back()
     first_end = next(i for i, e in enumerate(em.events) if e["name"] == "pass_end")
     later = [e for e in em.events[first_end:] if e["name"] == "step" and e["phase"] == "population"]
     assert later and all(e["values"]["population"] == 6 for e in later)
+
+
+def test_every_event_after_the_phase_starts_says_where_it_ran_and_why(tmp_path):
+    """gpu_mode and gpu_reason are in every event (phase_start, new_best, pass_end, control),
+    not only in the steps': the real emitter's context carries both."""
+    from supervisor import Lab
+    from telemetry.jsonl import iter_run
+    from tests.fault_helpers import until
+
+    lab = Lab(tmp_path / "art")
+    try:
+        params = {
+            "graph": {"generator": "gnp", "n": 60, "p": 0.5, "seed": 2},
+            "phases": ["population"],
+            "gpu": "auto",
+            "population": {"population": 4, "generation_s": 0.02},
+        }
+        exp = lab.start_experiment(
+            {"name": "where", "time_budget_s": 3.0, "workload": {"name": "coloring", "params": params}}
+        )
+        until(lambda: exp.phase_status(max_age=0, wait=10).get("steps", 0) >= 3, what="the phase's steps")
+        exp.set_param("set_crossover_rate", 0.3)
+        assert exp.wait(60)
+    finally:
+        lab.shutdown()
+    events = list(iter_run(exp.run_dir))
+    after = events[next(i for i, e in enumerate(events) if e["name"] == "phase_start") :]
+    named = {e["name"] for e in after}
+    assert {"phase_start", "step", "pass_end", "control"} <= named
+    ok, why = cuda_status()
+    for e in after:
+        if e["name"] in ("phase_end", "counters"):
+            continue  # the Phase actor's own closing records
+        assert e.get("gpu_mode") in ("gpu", "cpu_fallback"), e
+        if not ok:
+            assert (e["gpu_mode"], e.get("gpu_reason")) == ("cpu_fallback", why), e

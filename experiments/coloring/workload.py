@@ -162,9 +162,15 @@ class ColoringWorkload:
         self._skip = False
         self._restart = False
         self._improved = False  # a new best since the last step event (reported with the next one)
+        self._gpu_context: tuple[str | None, str | None] = (None, None)  # what the emitter was last told
         self._graph_digest: str | None = None  # the graph's fingerprint, once a checkpoint needs it
 
     # --- protocol ---------------------------------------------------------------------------------
+
+    def _set_gpu_context(self, emitter: Emitter) -> None:
+        """Where the phase runs and why, in every later event (not only the steps')."""
+        emitter.set_context(gpu_mode=self.gpu_mode, gpu_reason=self.gpu_reason)
+        self._gpu_context = (self.gpu_mode, self.gpu_reason)
 
     def use_clock(self, clock: Any) -> None:
         """Read time from ``clock`` from now on (the Phase actor gives its active time, so paused
@@ -178,7 +184,8 @@ class ColoringWorkload:
 
     def start(self, emitter: Emitter) -> None:
         seed_rng(self.seed + 7919 * self.pass_)
-        emitter.set_context(gpu_mode=self.gpu_mode, pass_=self.pass_)
+        emitter.set_context(pass_=self.pass_)
+        self._set_gpu_context(emitter)
         if self.best is not None:
             self._enter_phase(max(self.phase_idx, 0), emitter, "resumed from checkpoint")
 
@@ -197,6 +204,8 @@ class ColoringWorkload:
             return False
         phase = self.phase
         done_phase, extra = self._phase_step()
+        if (self.gpu_mode, self.gpu_reason) != self._gpu_context:  # a device failure fell back mid-phase
+            self._set_gpu_context(emitter)
         emitter.emit(
             "step",
             {
@@ -466,7 +475,7 @@ class ColoringWorkload:
             solution = ph.next_k(self.best, self.k) if self.k >= 1 else None
         self.conflicts = ph.conflicts() if self.k >= 1 else 0
         self.gpu_mode, self.gpu_reason = ph.gpu_mode, ph.gpu_reason
-        emitter.set_context(gpu_mode=self.gpu_mode)
+        self._set_gpu_context(emitter)
         emitter.emit(
             "phase_start",
             {"chromatic_number": float(self.best_k), "k": float(self.k)},
