@@ -37,6 +37,7 @@ from actors.base import ActorDeadError, ActorRef, is_abnormal, on_death
 from actors.files import atomic_write
 from actors.hypertune import Hypertune
 from actors.log import get_logger
+from actors.messages import encode
 from actors.phase import CheckpointStore, PhaseActor
 from actors.recorder import SHUTDOWN_S as RECORDER_SHUTDOWN_S
 from actors.recorder import Recorder, check_artifacts_dir
@@ -622,10 +623,15 @@ class Experiment:
         """Change a workload parameter (a key its ``set_param`` accepts, e.g. a declared control) at
         the phase's next safe point; it is recorded as a ``control`` event and checkpointed.
         Returns ``{"ok", "key", "before", "after"}``. A value the workload refuses raises
-        ValueError (recorded as ``control_refused``; the run goes on)."""
+        ValueError (recorded as ``control_refused``; the run goes on); so does a value no
+        message can carry (an integer past 64 bits, an object), before it is sent."""
         self._check_live("set a parameter")
         if not isinstance(key, str) or not key:
             raise ValueError(f"a control's key must be a non-empty string, got {key!r}")
+        try:
+            encode({"value": value})  # what no message can carry (2**64, an object) is refused here
+        except TypeError as exc:
+            raise ValueError(f"experiment {self.id!r}: {key}={value!r} refused: {exc}") from None
         reply = self._ask_phase(
             {"kind": "set_param", "key": key, "value": value, "why": str(why), "event": "control"}, "set a parameter"
         )

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -688,3 +689,12 @@ def test_restart_pass_is_refused_past_max_passes_with_or_without_iterative():
             w.set_param("restart_pass", True)
         w.step(em)
         assert w.pass_ == 1 and len([e for e in em.events if e["name"] == "pass_end"]) == 1
+
+
+def test_a_graph_over_the_table_bound_is_refused_naming_its_file(tmp_path):
+    """A bound on the whole graph (its conflict table), not on one line: still the file named."""
+    star = tmp_path / "star.col"
+    n = 100_000
+    star.write_text(f"p edge {n} {n - 1}\n" + "".join(f"e 1 {v}\n" for v in range(2, n + 1)))
+    with pytest.raises(GraphError, match=rf"^{re.escape(str(star))}: .*exceeds"):
+        read_dimacs(star)

@@ -268,14 +268,17 @@ def read_dimacs(path: str | Path) -> Graph:
     if n is None:
         raise GraphError(f"{path}: no 'p edge N M' line")
     name = strip_suffix(path.name)
-    return from_edges(
-        n,
-        np.frombuffer(edges, dtype=np.int32).reshape(-1, 2),
-        name=name,
-        source=str(path),
-        declared_edges=declared,
-        edge_lines=len(edges) // 2,
-    )
+    try:
+        return from_edges(
+            n,
+            np.frombuffer(edges, dtype=np.int32).reshape(-1, 2),
+            name=name,
+            source=str(path),
+            declared_edges=declared,
+            edge_lines=len(edges) // 2,
+        )
+    except GraphError as exc:  # a bound on the whole graph: the file is what the user must look at
+        raise GraphError(f"{path}: {exc}") from None
 
 
 def resolve_graph_file(ref: str | Path) -> Path:
