@@ -147,3 +147,20 @@ def test_a_checkpoint_taken_mid_memetic_restores_and_goes_on(tmp_path):
     saved = orjson.loads((tmp_path / "best_solution.pass0.json").read_bytes())
     assert saved["k"] == again.best_k and check_coloring(again.g, saved["coloring"])["proper"]
     assert em2.named("pass_end")[-1]["values"]["chromatic_number"] == again.best_k
+
+
+def test_a_new_population_is_refined_one_member_per_step_so_safe_points_come_often():
+    """Setting up population x local_iters in one go held a stop for minutes: the first member
+    is refined at once, each other one by a step of its own, and only then do generations run."""
+    graph = {"generator": "gnp", "n": 70, "p": 0.5, "seed": 4}
+    w, em = memetic(graph, population=5, local_iters=300, max_generations=10**6)
+    w.step(em)  # init, then the phase set up: one member refined
+    ph = w.current
+    assert w.phase == "memetic" and ph.gen == 0
+    k = ph.k
+    for left in (3, 2, 1, 0):
+        w.step(em)
+        assert ph.k == k and len(ph._unrefined) == left and ph.gen == 0  # this graph: no k reached meanwhile
+    w.step(em)
+    assert ph.gen == 1  # a generation at last
+    check_memetic_run(w, em)

@@ -374,7 +374,7 @@ def test_coloring_experiment_takes_control_at_safe_points(lab):
     bad = phase.ask({"kind": "set_param", "key": "set_tenure", "value": 99})
     assert bad["ok"] is False and "tenure_alpha" in bad["error"]
     for unsendable in (2**64, object()):  # refused as ValueError, like any value the workload refuses
-        with pytest.raises(ValueError, match="set_tenure=.* refused: message .*cannot be encoded"):
+        with pytest.raises(ValueError, match=r"set_tenure=.* refused: message .*cannot be encoded"):
             exp.set_param("set_tenure", unsendable)
     exp.resume()
     assert exp.wait(60) and exp.reason == "budget"  # a second of active steps after the control

@@ -4,6 +4,10 @@ A population of ``population`` colourings, each improved by TabuCol (``local_ite
 iterations, the tabu phase's tenure); one step is one generation: two parents, GPX crossover,
 optional mutation, TabuCol, and the child replaces the worst non-elite member if it is no
 worse. On success, a new population at the next k from the solution.
+
+A new population is refined one member per step (the first, from the best solution, at once):
+setting it up costs no more between two safe points than a generation does, so a large
+``population`` x ``local_iters`` never holds a pause, a stop or the budget check for long.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from experiments.coloring.phase import ColoringPhase, Outcome
-from kernels.coloring import build_gamma, gpx, tabucol
+from kernels.coloring import build_gamma, count_conflicts, gpx, tabucol
 
 
 class Memetic(ColoringPhase):
@@ -34,12 +38,13 @@ class Memetic(ColoringPhase):
         m, g, rng = self.params, self.ctx.g, self.ctx.rng
         self.k = k
         start = self.ctx.reduced(base, k)
-        self.pop, self.fit = [], []
-        for i in range(m["population"]):
-            c = start.copy() if i == 0 else rng.integers(0, k, g.n).astype(np.int32)
-            c, f = self._local(c, m["local_iters"])
+        first, f = self._local(start.copy(), m["local_iters"])
+        self.pop, self.fit = [first], [f]
+        for _ in range(1, m["population"]):  # refined by the next steps, one each
+            c = rng.integers(0, k, g.n).astype(np.int32)
             self.pop.append(c)
-            self.fit.append(f)
+            self.fit.append(int(count_conflicts(g.indptr, g.indices, c)))
+        self._unrefined = list(range(1, len(self.pop)))
         self.gen = 0
         best = int(np.argmin(self.fit))
         return self.pop[best].copy() if self.fit[best] == 0 else None
@@ -49,6 +54,12 @@ class Memetic(ColoringPhase):
 
     def step(self) -> Outcome:
         m, rng = self.params, self.ctx.rng
+        if self._unrefined:  # setting the population up: one member's TabuCol (not a generation)
+            i = self._unrefined.pop(0)
+            self.pop[i], self.fit[i] = self._local(self.pop[i], m["local_iters"])
+            if self.fit[i] == 0:
+                return Outcome(0, solution=self.pop[i].copy())
+            return Outcome(min(self.fit))
         i, j = rng.choice(len(self.pop), 2, replace=False)
         child = gpx(self.pop[i], self.pop[j], self.k)
         if m["mutation_rate"] > 0:
