@@ -220,14 +220,21 @@ class PhaseActor(Actor):
         }
         figures["steps"] = float(self.steps)
         figures["active_s"] = self._active_s
-        for k, v in self.workload.checkpoint().items():  # what was restored: a best k, a call count
+        state = self.workload.checkpoint()
+        for k, v in state.items():  # what was restored: a best k, a call count
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 figures[f"restored_{k}"] = float(v)
+        passes = state.get("pass")  # the event belongs to the pass and phase the run goes on in
+        if isinstance(passes, int) and not isinstance(passes, bool) and passes >= 0:
+            self.emitter.set_context(pass_=passes)
+        params = self.workload.params()
+        phase = params.get("phase")
         age, lost_s = resume.get("checkpoint_age_s"), resume.get("lost_s")
         self.emitter.emit(
             "resumed",
             figures,
-            parameters=self.workload.params(),
+            phase=phase if isinstance(phase, str) else None,
+            parameters=params,
             notes=(
                 f"resumed after a crash (resume {resume.get('resumes', 1)}) from the checkpoint of step"
                 f" {self.steps}"

@@ -222,6 +222,9 @@ def test_a_colouring_run_resumes_from_its_best_k(tmp_path: Path) -> None:
         until(lambda: events_of(exp.run_dir, "resumed"), 60, "the resumed event")
         (resumed,) = events_of(exp.run_dir, "resumed")
         assert resumed["values"]["restored_best_k"] == k
+        cp = orjson.loads((exp.run_dir / CHECKPOINT).read_bytes())["workload"]
+        assert resumed["pass"] == cp["pass"] == resumed["values"]["restored_pass"]  # where the run goes on
+        assert resumed["phase"] == resumed["parameters"]["phase"] in ("tabu", "memetic")
         until(lambda: (best_k() or k + 1) <= k and count_events(exp.run_dir) > resumed["seq"], 60, "a new step")
         exp.stop()
         check_accounts(exp, tmp_path, lossless=False)
