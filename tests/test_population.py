@@ -247,7 +247,7 @@ def test_population_controls_apply_at_safe_points_or_are_refused():
     w.step(em)
     assert em.events[-1]["values"]["population"] == 6
     for key, value in (
-        ("set_population", 2),
+        ("set_population", 0),
         ("set_population", float("nan")),
         ("set_crossover_rate", 0.95),
         ("set_batch", 10),
@@ -256,6 +256,10 @@ def test_population_controls_apply_at_safe_points_or_are_refused():
     ):
         with pytest.raises(ValueError, match=r"population|crossover|iterations|tenure"):
             w.set_param(key, value)
+    assert w.set_param("set_population", 2) == (6, 2)  # as small as a spec may ask: no crossover, the chains go on
+    for _ in range(3):
+        w.step(em)
+    assert em.events[-1]["values"]["population"] == 2 and check_coloring(w.g, w.best)["proper"]
 
 
 def test_a_population_checkpoint_restores_best_and_k():

@@ -383,8 +383,8 @@ class ColoringWorkload:
 
     def _set_population(self, value: Any) -> tuple[Any, Any]:
         check_number("population", "population", value)
-        if value < 3:
-            raise ValueError(f"population must be at least 3 chains, got {value!r}")
+        if value < 1:  # as a spec's sizes (1 and 2 run without crossover); 0, "chosen from the machine", is the spec's
+            raise ValueError(f"population must be at least 1 chain while the run goes on, got {value!r}")
         pop = self._phases.get("population")
         search = pop.search if isinstance(pop, Population) else None
         before = search.size if search is not None else self.p["population"]["population"]
