@@ -12,6 +12,7 @@ from actors.base import (
     demonitor,
     is_abnormal,
     monitor,
+    spawn_monitor,
 )
 from actors.messages import DecodeError, decode, encode
 from actors.registry import Registry, register, send, unregister, whereis
@@ -37,6 +38,7 @@ __all__ = [
     "publish",
     "register",
     "send",
+    "spawn_monitor",
     "subscribe",
     "unregister",
     "unsubscribe",

@@ -235,6 +235,20 @@ def monitor(watcher: ActorRef, target: ActorRef) -> None:
     watcher.tell({"kind": "down", "urn": target.urn, "reason": NOPROC})
 
 
+_spawning = threading.local()
+
+
+def spawn_monitor(watcher: ActorRef, actor: type[Actor], *args: Any, **kwargs: Any) -> ActorRef:
+    """Start ``actor`` with ``watcher`` monitoring it from before its ``on_start`` (Erlang's
+    ``spawn_monitor``): an actor whose ``on_start`` crashes at once is reported ``down`` with
+    its crash, where a :func:`monitor` taken after ``start`` could only say ``noproc``."""
+    _spawning.pending = (actor, watcher)
+    try:
+        return actor.start(*args, **kwargs)
+    finally:
+        _spawning.pending = None
+
+
 def demonitor(watcher: ActorRef, target: ActorRef) -> None:
     """Stop watching ``target`` (no ``down`` will be sent to ``watcher``)."""
     life = target._life
@@ -312,6 +326,10 @@ class Actor(pykka.ThreadingActor):
         super().__init__(*args, **kwargs)
         self._life = _Life()
         self._life.inbox = self.actor_inbox
+        pending = getattr(_spawning, "pending", None)
+        if pending is not None and pending[0] is type(self):
+            _spawning.pending = None  # this actor's, not one its constructor might start
+            self._life.watchers.append(pending[1])
         self.ref = self.ref_class(self.actor_ref, self._life, type(self))
         self._handlers = _handlers_for(type(self))
         self.dropped_undecodable = 0

@@ -46,8 +46,8 @@ from actors.base import (
     Refusal,
     call_local,
     is_abnormal,
-    monitor,
     on_death,
+    spawn_monitor,
 )
 from actors.log import get_logger
 from actors.registry import Registry, default_registry
@@ -347,13 +347,12 @@ class Supervisor(Actor):
 
     def _start(self, c: _Child) -> ActorRef:
         spec = c.spec
-        ref = spec.actor.start(*spec.args, **spec.kwargs)
+        ref = spawn_monitor(self.ref, spec.actor, *spec.args, **spec.kwargs)
         c.ref = ref
         c.started_at = self.clock()
         c.pending_gen = 0
         c.terminating = c.regrouping = False
         self._by_urn[ref.urn] = c
-        monitor(self.ref, ref)
         if spec.name:
             self.registry.register(
                 spec.name,

@@ -13,7 +13,9 @@ from actors import (
     demonitor,
     encode,
     monitor,
+    spawn_monitor,
 )
+from actors.base import Actor
 from actors.registry import NameTaken
 from tests.actors_fixtures import Collector, Worker
 
@@ -216,6 +218,39 @@ def test_monitor_dead_actor_gets_noproc_and_demonitor(spawned):
     w2.stop()
     downs = [m for m in watcher.ask({"kind": "get"}) if m["kind"] == "down"]
     assert downs == [{"kind": "down", "urn": w.urn, "reason": NOPROC}]
+
+
+class _DiesInOnStart(Actor):
+    inners: list = []
+
+    def __init__(self, inner=False):
+        # an actor its constructor starts first must not take the monitor meant for this one
+        if inner:
+            self.inners.append(Worker.start())
+        super().__init__()
+
+    def on_start(self):
+        raise RuntimeError("no start")
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_spawn_monitor_reports_an_on_start_crash_not_noproc(spawned, inner):
+    watcher = spawned(Collector)
+    late = _DiesInOnStart.start()
+    assert late.wait(5) == "exception: RuntimeError: no start"
+    monitor(watcher, late)  # taken after the death: all it can say is noproc
+    ref = spawn_monitor(watcher, _DiesInOnStart, inner=inner)
+    assert ref.wait(5) == "exception: RuntimeError: no start"
+    for w in _DiesInOnStart.inners:
+        assert w._life.watchers == []
+        w.stop(timeout=2)
+    _DiesInOnStart.inners.clear()
+    Worker.start().stop(timeout=2)  # the pending monitor was not left for the next actor
+    downs = [m for m in watcher.ask({"kind": "get"}) if m["kind"] == "down"]
+    assert downs == [
+        {"kind": "down", "urn": late.urn, "reason": NOPROC},
+        {"kind": "down", "urn": ref.urn, "reason": "exception: RuntimeError: no start"},
+    ]
 
 
 # --- kill -------------------------------------------------------------------------
