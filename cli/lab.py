@@ -22,8 +22,8 @@ from actors.log import LOG_KEEP, LOG_ROTATE_BYTES, configure_logging
 from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, history_error
 from cli.run import add_backend_options, stop_on_signals
 from experiments.validate import PORT, Num
+from telemetry.rundir import DAEMON_LOG
 
-DAEMON_LOG = "daemon.log"
 M_ARENA_MAX = -8  # glibc's mallopt() parameter number (malloc.h)
 DAEMON_MALLOC_ARENAS = 2
 

@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import orjson
 
+from telemetry.rundir import TOKEN_FILE
+
 TOKEN_ENV = "CRUCIBLE_TOKEN"
-TOKEN_FILE = "dashboard.token"
 
 
 class LabClientError(RuntimeError):

@@ -67,7 +67,7 @@ from experiments.service import LabService, ServiceClosed
 from experiments.spec import SpecError
 from experiments.workloads import Objective, objective_of
 from telemetry.jsonl import RunFileError, iter_run
-from telemetry.rundir import find_runs, summary_best
+from telemetry.rundir import TOKEN_FILE, find_runs, summary_best
 from telemetry.schema import check_id
 
 log = get_logger("dashboard")
@@ -527,7 +527,7 @@ class Dashboard:
 
         if port is None:
             port = int(os.environ.get("CRUCIBLE_DASH_PORT", "7878"))
-        self.token_file = lab.artifacts / "dashboard.token"
+        self.token_file = lab.artifacts / TOKEN_FILE
         # a lab daemon keeps its token across restarts (its clients hold it); a plain Lab gets a new one
         kept = kept_token(self.token_file) if service is not None else None
         self.token = kept or new_token()

@@ -56,6 +56,7 @@ from telemetry.query import prepare_query, query_answer
 from telemetry.rundir import (
     CHECKPOINT,
     HEARTBEAT_S,
+    HYPERTUNE_DIR,
     LIFECYCLE,
     LIFECYCLE_SCHEMA,
     LIVE,
@@ -63,6 +64,7 @@ from telemetry.rundir import (
     SPEC,
     SUMMARY,
     RunStatus,
+    check_experiment_id,
     find_runs,
     last_event_seq,
     last_event_ts,
@@ -72,7 +74,6 @@ from telemetry.rundir import (
     run_status,
     write_json,
 )
-from telemetry.schema import check_id
 
 log = get_logger("experiments.lab")
 
@@ -398,7 +399,7 @@ class Experiment:
         explicit = self.spec["hypertune"].get("state_file")
         if explicit:
             return explicit
-        return str(self.lab.artifacts / "hypertune" / f"{self.spec['workload']['name']}-{self._family()}.json")
+        return str(self.lab.artifacts / HYPERTUNE_DIR / f"{self.spec['workload']['name']}-{self._family()}.json")
 
     def _note_restart(self, child: str, reason: str) -> None:
         self.registry.send("recorder", {"kind": "note_restart", "child": child, "reason": reason})
@@ -883,7 +884,7 @@ class Lab:
         if self._remote is not None:
             return self._remote.start_experiment(full, experiment_id)
         with self._lock:
-            base = check_id("experiment id", experiment_id or full["name"])
+            base = check_experiment_id(experiment_id or full["name"])
             exp_id, k = base, 1
             while exp_id in self.experiments:
                 k += 1

@@ -53,6 +53,7 @@ from telemetry.rundir import (
     LIFECYCLE,
     SPEC,
     RunStatus,
+    check_experiment_id,
     find_runs,
     owner_alive,
     read_json,
@@ -920,9 +921,7 @@ class RayBackend:
             raise NotRunning("this Lab has been shut down")
         spec = {k: v for k, v in full.items() if k != "source"}  # the host validates it again, as a dict
         with self.lab._lock:
-            from telemetry.schema import check_id
-
-            base = check_id("experiment id", experiment_id or full["name"])
+            base = check_experiment_id(experiment_id or full["name"])
             exp_id, k = base, 1
             while exp_id in self.lab.experiments:
                 k += 1

@@ -30,13 +30,10 @@ from actors.runtime import trim_heap
 from experiments.admission import Admission
 from experiments.lab import Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, parse_toml
-from telemetry.rundir import list_runs
-from telemetry.schema import check_id
+from telemetry.rundir import LOCK_FILE, QUEUE_FILE, check_experiment_id, list_runs
 
 log = get_logger("experiments.service")
 
-LOCK_FILE = "lab.lock"
-QUEUE_FILE = "queue.json"
 QUEUE_SCHEMA = 1
 LIVE_STATUSES = ("running", "paused")
 
@@ -199,7 +196,7 @@ class LabService:
             raise SpecError(f"--set: each override must be a 'key=value' string, got {overrides!r}")
         full = self.admission.load(raw, overrides or None, "submitted spec")
         try:
-            base = check_id("experiment id", experiment_id if experiment_id is not None else full["name"])
+            base = check_experiment_id(experiment_id if experiment_id is not None else full["name"])
         except ValueError as exc:
             raise SpecError(str(exc)) from None
         with self._lock:

@@ -1,6 +1,9 @@
 """One home for the run directory: its files, reading its records, and the run's status.
 
-A run lives in ``<artifacts>/<experiment>/<run_id>/``:
+A run lives in ``<artifacts>/<experiment>/<run_id>/``. The artifacts root holds the Lab's
+own files beside the experiment folders (:data:`ROOT_FILES`: the history database, the
+daemon's log, lock, queue and token, the hypertune state), so an experiment id may not take
+one of their names (:func:`check_experiment_id`).
 
 ``spec.json``        the effective spec, written once at the start
 ``lifecycle.json``   the lifecycle record (below), rewritten as the run goes
@@ -56,6 +59,7 @@ from actors.log import get_logger
 from telemetry.history import HistoryError, HistoryTarget, describe_history, open_history
 from telemetry.jsonl import ACTIVE, RunFileError, open_run_file, run_segments
 from telemetry.schema import check_id
+from telemetry.store import DB_NAME
 
 log = get_logger("telemetry.rundir")
 
@@ -66,9 +70,32 @@ RECORDER_STATE = "recorder.json"
 CHECKPOINT = "checkpoint.json"
 EVENTS = ACTIVE  # the active JSONL file; rotated segments are events.NNNNNN.jsonl
 LIFECYCLE_SCHEMA = 1
+
+# the Lab's own files in the artifacts root, beside the experiment folders
+LOCK_FILE = "lab.lock"  # the daemon's single-owner lock
+QUEUE_FILE = "queue.json"  # the daemon's submission queue
+DAEMON_LOG = "daemon.log"  # the daemon's log (rotated as daemon.log.1, ...)
+TOKEN_FILE = "dashboard.token"  # the dashboard's token, mode 0600
+HYPERTUNE_DIR = "hypertune"  # hypertune state shared across runs
+ROOT_FILES = (DB_NAME, LOCK_FILE, QUEUE_FILE, DAEMON_LOG, TOKEN_FILE, HYPERTUNE_DIR)
 HEARTBEAT_S = 2.0
 QUIET_HEARTBEATS = 5  # an owner we cannot check is presumed gone after this many missed heartbeats
 MAX_HEARTBEAT_S = 3600.0  # a record's heartbeat_s is read within [0.1, this]: a damaged one cannot keep a run alive
+
+
+def check_experiment_id(value: Any) -> str:
+    """An experiment id: a valid path component (:func:`check_id`) that is not, and does not
+    extend, a name of the artifacts root's own files (``history.sqlite3-wal``, ``daemon.log.1``):
+    an experiment folder there would break the history, the log or the daemon's next start."""
+    value = check_id("experiment id", value)
+    folded = value.casefold()
+    for name in ROOT_FILES:
+        if folded == name or (folded.startswith(name) and folded[len(name)] in ".-_"):
+            raise ValueError(
+                f"experiment id {value!r} is reserved: the artifacts folder keeps its own {name!r} there;"
+                " choose another name"
+            )
+    return value
 
 
 class RunStatus(enum.StrEnum):

@@ -130,6 +130,9 @@ def test_bad_submissions_are_refused_with_the_reason_and_change_nothing(daemon):
         (dict(json={"spec": latency_spec("w"), "set": ["time_budget_s=soon"]}), 400, "time_budget_s"),
         (dict(json={"spec": latency_spec("../escape")}), 400, "name"),
         (dict(json={"spec": latency_spec("ok"), "id": "../../etc"}), 400, "experiment id"),
+        (dict(json={"spec": latency_spec("queue.json")}), 400, "reserved"),
+        (dict(json={"spec": latency_spec("ok"), "id": "history.sqlite3-wal"}), 400, "reserved"),
+        (dict(json={"spec": latency_spec("ok"), "id": "Lab.lock"}), 400, "reserved"),
         (dict(json={"spec": latency_spec("ok"), "extra": 1}), 400, "extra"),
         (dict(content=b"x" * (MAX_BODY + 1), headers={"content-type": "application/toml"}), 413, "over"),
     ]

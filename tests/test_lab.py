@@ -151,6 +151,23 @@ def test_errors_are_typed_and_leave_nothing_behind(lab):
     assert exp.status() == "archived"
 
 
+@pytest.mark.parametrize(
+    "bad", ["history.sqlite3", "history.sqlite3-wal", "History.Sqlite3-shm", "daemon.log.3", "queue.json", "hypertune"]
+)
+def test_an_id_the_artifacts_root_keeps_for_itself_is_refused(lab, bad):
+    """An experiment folder named like the history database or the daemon's files would break them."""
+    db = lab.artifacts / "history.sqlite3"
+    with pytest.raises(ValueError, match="reserved"):
+        lab.start_experiment(spec(name=bad))
+    with pytest.raises(ValueError, match="reserved"):
+        lab.start_experiment(spec(), experiment_id=bad)
+    assert lab.list() == [] and not (lab.artifacts / bad).is_dir()
+    assert not db.exists() or db.is_file()
+    ok = lab.start_experiment(spec(name="history"), experiment_id="history.sqlite")  # near names are fine
+    assert ok.id == "history.sqlite"
+    ok.stop()
+
+
 def test_unwritable_artifacts_fail_at_start(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
