@@ -88,6 +88,12 @@ def base_url(url: str) -> str:
     return str(u).rstrip("/") + "/"
 
 
+def _cut(text: str, limit: int = 300) -> str:
+    """An answer's text as one short line: a proxy's error page can be long HTML."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class LabClient:
     """Submit, list and control the experiments of a lab daemon at ``url``."""
 
@@ -116,8 +122,15 @@ class LabClient:
                 message = orjson.loads(resp.content).get("error") or resp.text
             except (orjson.JSONDecodeError, AttributeError):
                 message = resp.text or resp.reason_phrase
-            raise LabClientError(f"{resp.status_code}: {message}", resp.status_code)
-        return orjson.loads(resp.content)
+            raise LabClientError(f"{resp.status_code}: {_cut(str(message))}", resp.status_code)
+        try:
+            return orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            raise LabClientError(
+                f"{self.url} answered {resp.status_code} with something other than JSON, so it is not a lab "
+                f"daemon (crucible lab serve prints its URL): {_cut(resp.text)!r}",
+                resp.status_code,
+            ) from None
 
     def submit(
         self, spec: str | Path | dict[str, Any], overrides: list[str] | None = None, experiment_id: str | None = None

@@ -14,7 +14,12 @@ any web page the same person opens can reach it. So, for HTTP and WebSocket alik
   Bearer <token>`` header (scripts, Prometheus) or the cookie the page's first load sets
   (a 401 otherwise). The cookie is HttpOnly and SameSite=Strict, named per port because
   browsers share cookies between the ports of one host.
-* **Bodies** are capped at :data:`MAX_BODY` bytes (a 413, read no further).
+* **Bodies** are capped at :data:`MAX_BODY` bytes (a 413, read no further). A request whose
+  client leaves before its body is complete never reaches a route (it is not half a request).
+
+A refused request's body is not read by the guard; the server skips it by its declared
+length (a body trickled in slowly is cut off by :mod:`dashboard.transport`). Header values a
+refusal quotes are cut to :data:`ECHO_CHARS` characters.
 
 A refused WebSocket handshake is closed before it is accepted: the client sees HTTP 403.
 """
@@ -41,6 +46,11 @@ log = get_logger("dashboard")
 MAX_BODY = 64 * 1024  # the control API takes {"experiment": "<id>"}: a few dozen bytes
 PUBLIC_PATHS = frozenset({"/", "/static/plotly.min.js", "/static/app.js", "/static/favicon.svg"})
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+ECHO_CHARS = 80  # of a refused Host or Origin, in the answer and the log
+
+
+class _ClientLeft(Exception):
+    """The client disconnected before its request body was complete."""
 
 
 def new_token() -> str:
@@ -111,6 +121,11 @@ def write_token_file(path: Path, token: str) -> None:
     atomic_write(path, (token + "\n").encode(), mode=0o600)
 
 
+def _quoted(value: str) -> str:
+    """``value`` quoted, its first :data:`ECHO_CHARS` characters only (a header can be 64 KiB)."""
+    return repr(value) if len(value) <= ECHO_CHARS else f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
+
+
 def _json(status: int, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = orjson.dumps({"error": message})
     return status, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
@@ -131,10 +146,10 @@ class Guard:
         headers = Headers(scope=scope)
         host = headers.get("host", "").lower()
         if host not in self.hosts:
-            return 400, (f"Host {host!r} is not this dashboard; use one of {', '.join(sorted(self.hosts))}")
+            return 400, f"Host {_quoted(host)} is not this dashboard; use one of {', '.join(sorted(self.hosts))}"
         origin = headers.get("origin")
         if origin is not None and origin.lower() != f"http://{host}":
-            return 403, f"cross-origin request from {origin!r} refused; the dashboard serves its own page only"
+            return 403, f"cross-origin request from {_quoted(origin)} refused; the dashboard serves its own page only"
         if scope["path"] not in PUBLIC_PATHS and not self.authorised(headers):
             return 401, (
                 "this needs the dashboard token: open the URL with ?token=... that crucible run --dashboard "
@@ -162,7 +177,11 @@ class Guard:
             await self.app(scope, receive, send)
             return
         if refused is None:
-            body = await self._read_body(scope, receive)
+            try:
+                body = await self._read_body(scope, receive)
+            except _ClientLeft:
+                log.info("dashboard request dropped: the client left before its body was complete", path=scope["path"])
+                return
             if body is None:
                 refused = 413, f"request body over {self.max_body} bytes"
             else:
@@ -171,7 +190,11 @@ class Guard:
         await _respond(send, *_json(*refused))
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        """The whole body, or None once it is over the cap (the rest is not read)."""
+        """The whole body, or None once it is over the cap (the rest is not read).
+
+        Raises:
+            _ClientLeft: the client disconnected before the last chunk.
+        """
         length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return None
@@ -179,7 +202,7 @@ class Guard:
         while True:
             msg = await receive()
             if msg["type"] != "http.request":
-                break  # the client left: the app sees an empty body
+                raise _ClientLeft
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.max_body:

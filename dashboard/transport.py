@@ -5,9 +5,10 @@ its request's headers. Any local process, token or not, could then open connecti
 trickle header bytes until the process runs out of file descriptors, and the experiments in
 the same process (their event files, checkpoints, history) fail with it. Here each
 connection past :data:`MAX_CONNECTIONS` is closed as it is accepted, and a connection whose
-request headers have not all arrived :data:`HEADER_TIMEOUT_S` after it opened (or after its
-previous response) is closed. Upgraded websockets are the websocket protocol's from then on
-and are not timed.
+request has not all arrived :data:`HEADER_TIMEOUT_S` after it opened (or after its previous
+response) is closed: its headers, and its body too (the guard caps bodies at 64 KiB, which a
+client sends at once; a body trickled a byte a minute would hold the connection forever).
+Upgraded websockets are the websocket protocol's from then on and are not timed.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer = None
         if self.transport.is_closing() or self.transport.get_protocol() is not self:  # closed, or a websocket now
             return
-        if self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
-            log.warning("connection closed: request headers late", client=self.client, after_s=self.header_timeout_s)
+        state = self.conn.their_state
+        waiting = state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+        if waiting or state is h11.SEND_BODY:
+            part = "headers" if waiting else "body"
+            log.warning(f"connection closed: request {part} late", client=self.client, after_s=self.header_timeout_s)
             self.transport.close()

@@ -477,10 +477,10 @@ _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.
 def check_id(kind: str, value: Any) -> str:
     """Validate an id that becomes a path component: no separators, no traversal, bounded."""
     if not isinstance(value, str) or not value or len(value) > 128:
-        raise ValueError(f"{kind} must be a string of 1..128 characters, got {value!r}")
+        raise ValueError(f"{kind} must be a string of 1..128 characters, got {value!r:.150}")
     if value[0] in "._-" or not set(value) <= _ID_CHARS:
         raise ValueError(
-            f"{kind} {value!r} may only use letters, digits, '.', '_', '-' and must start with a letter or digit"
+            f"{kind} {value!r:.150} may only use letters, digits, '.', '_', '-' and must start with a letter or digit"
         )
     return value
 

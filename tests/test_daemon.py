@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -503,3 +505,34 @@ def test_client_mistakes_are_one_line_errors(daemon, tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit) as exit_:
         main(["ls", "--to", daemon.url])
     assert exit_.value.code == 2 and "URL-safe ASCII" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("status", [200, 502])
+def test_a_server_that_is_not_a_lab_daemon_is_one_line_and_exit_2(status, capsys, monkeypatch):
+    """Another program on the port (a web server, a proxy's long error page)."""
+    page = b"<html>\n<body>" + b"<p>not here</p>\n" * 5000 + b"</body></html>"
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CRUCIBLE_TOKEN", "some-token")
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["ls", "--to", f"http://127.0.0.1:{srv.server_address[1]}/"])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 600, err
+    assert ("not a lab daemon" if status == 200 else "502: <html>") in err

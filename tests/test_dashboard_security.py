@@ -126,6 +126,32 @@ def test_the_loopback_names_with_the_port_are_served(lab, dash, name):
         assert c.get("/api/experiments").status_code == 200
 
 
+def test_a_refusal_quotes_a_huge_header_cut_short(lab, dash):
+    """A 60 KiB Host or Origin is not echoed back (nor logged) whole."""
+    huge = "h" * 60_000
+    with bare(dash, headers={**bearer(dash), "Host": huge}) as c:
+        r = c.get("/api/experiments")
+    assert r.status_code == 400 and len(r.text) < 1000 and "60000 characters" in r.json()["error"]
+    with bare(dash, headers={**bearer(dash), "Origin": "http://" + huge}) as c:
+        r = c.post("/api/control/pause", json={"experiment": "sec"})
+    assert r.status_code == 403 and len(r.text) < 1000 and "60007 characters" in r.json()["error"]
+    assert_still_running(lab, dash)
+
+
+def test_a_client_that_leaves_mid_body_sends_no_request(lab, dash):
+    """A complete-looking JSON prefix of a longer declared body is not half a request: the
+    pause it spells is never taken."""
+    pause = b'{"experiment": "sec"}'
+    with socket.create_connection((dash.host, dash.port), timeout=10) as s:
+        s.sendall(
+            f"POST /api/control/pause HTTP/1.1\r\nHost: 127.0.0.1:{dash.port}\r\n"
+            f"Authorization: Bearer {dash.token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(pause) + 50}\r\n\r\n".encode()
+            + pause
+        )
+    assert_still_running(lab, dash)  # several requests later: the dropped one would have been served by now
+
+
 def test_a_request_without_a_host_is_refused(lab, dash):
     with socket.create_connection((dash.host, dash.port), timeout=10) as s:
         s.sendall(f"GET /api/experiments HTTP/1.0\r\nAuthorization: Bearer {dash.token}\r\n\r\n".encode())
@@ -260,6 +286,13 @@ def test_a_flood_of_idle_connections_is_shed_and_the_server_still_answers(lab, d
         assert GuardedH11Protocol.refused - refused_before >= 20 - 8
         for sock in socks:
             sock.close()
+        # a body that trickles past the timeout is closed too; its request never runs
+        with socket.create_connection(("127.0.0.1", dash.port)) as sock:
+            sock.sendall(
+                f"POST /api/control/pause HTTP/1.1\r\nHost: 127.0.0.1:{dash.port}\r\n"
+                f"Authorization: Bearer {dash.token}\r\nContent-Length: 200\r\n\r\n{{".encode()
+            )
+            assert _closed_by_server(sock)
         # kept alive: one full request answered, then a second whose headers never end
         with socket.create_connection(("127.0.0.1", dash.port)) as sock:
             sock.sendall(f"{head}Authorization: Bearer {dash.token}\r\n\r\n".encode())
