@@ -156,3 +156,23 @@ def test_shipped_instances_read_the_same_in_pieces_of_any_size(monkeypatch):
     pieces = read_dimacs(graph_mod.instance_path("myciel6"))
     assert np.array_equal(whole.indptr, pieces.indptr) and np.array_equal(whole.indices, pieces.indices)
     assert whole.meta == pieces.meta
+
+
+@pytest.mark.parametrize("head", [b"c made on an old Mac\r", b""])
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_file_with_cr_only_line_ends_says_so(tmp_path, head, gz):
+    """Without a newline the whole file is one line: the error names the line ends."""
+    data = head + GRAPH.replace(b"\n", b"\r")
+    p = tmp_path / ("mac.col.gz" if gz else "mac.col")
+    p.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(GraphError, match=r"CR only") as err:
+        read_dimacs(p)
+    assert str(p) in str(err.value)
+    crlf = tmp_path / "win.col"
+    crlf.write_bytes(head.replace(b"\r", b"\r\n") + GRAPH.replace(b"\n", b"\r\n"))
+    assert read_dimacs(crlf).m == 2  # CRLF is read as it is
+    broken = tmp_path / "broken.col"
+    broken.write_bytes(b"p edge 3 2\ne 1 9\n")
+    with pytest.raises(GraphError) as err:
+        read_dimacs(broken)
+    assert "CR only" not in str(err.value)

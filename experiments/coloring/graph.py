@@ -218,6 +218,30 @@ def read_dimacs(path: str | Path) -> Graph:
         GraphError: an unreadable or malformed file, or a graph over the size bounds.
     """
     path = Path(path)
+    try:
+        return _read_dimacs(path)
+    except GraphError as exc:
+        if _cr_only(path):
+            raise GraphError(
+                f"{exc} (the file ends its lines with CR only; convert them: tr '\\r' '\\n' < OLD > NEW)"
+            ) from None
+        raise
+
+
+def _cr_only(path: Path) -> bool:
+    """Whether the file's start has carriage returns and no newline: old Mac line ends, which
+    make the whole file one line (a comment, when it starts with one)."""
+    try:
+        with path.open("rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            head = (gzip.GzipFile(fileobj=raw) if gz else raw).read(READ_BYTES)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return b"\r" in head and b"\n" not in head
+
+
+def _read_dimacs(path: Path) -> Graph:
     n: int | None = None
     declared = 0
     edges = array("i")
