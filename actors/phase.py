@@ -375,13 +375,16 @@ class PhaseActor(Actor):
             return {"ok": False, "error": "the phase has finished"}
         assert self.emitter is not None
         try:
+            if msg.get("refused"):  # a value no message could carry: the sender says what it was
+                raise ValueError(str(msg["refused"]))
             if not isinstance(key, str):
-                raise ValueError(f"a control's key must be a string, got {key!r}")
+                raise ValueError(f"a control's key must be a string, got {key!r:.200}")
             before, after = self.workload.set_param(key, value)
         except (ValueError, TypeError) as exc:  # the request is the user's data: refused, never a crash
-            log.warning("control action refused", key=key, value=value, error=str(exc))
+            shown = msg.get("shown") or f"{value!r:.200}"
+            log.warning("control action refused", key=key, value=shown, error=str(exc))
             self.emitter.emit(
-                "control_refused", notes=f"{key}={value!r} refused: {exc}", parameters=self.workload.params()
+                "control_refused", notes=f"{key}={shown} refused: {exc}", parameters=self.workload.params()
             )
             return {"ok": False, "error": str(exc)}
         why = msg.get("why", "requested")

@@ -625,19 +625,19 @@ class Experiment:
         the phase's next safe point; it is recorded as a ``control`` event and checkpointed.
         Returns ``{"ok", "key", "before", "after"}``. A value the workload refuses raises
         ValueError (recorded as ``control_refused``; the run goes on); so does a value no
-        message can carry (an integer past 64 bits, an object), before it is sent."""
+        message can carry (an integer past 64 bits, an object): the phase is told only that
+        it was refused, and why."""
         self._check_live("set a parameter")
         if not isinstance(key, str) or not key:
             raise ValueError(f"a control's key must be a non-empty string, got {key!r}")
+        msg = {"kind": "set_param", "key": key, "value": value, "why": str(why), "event": "control"}
         try:
-            encode({"value": value})  # what no message can carry (2**64, an object) is refused here
-        except TypeError as exc:
-            raise ValueError(f"experiment {self.id!r}: {key}={value!r} refused: {exc}") from None
-        reply = self._ask_phase(
-            {"kind": "set_param", "key": key, "value": value, "why": str(why), "event": "control"}, "set a parameter"
-        )
+            encode({"value": value})
+        except TypeError as exc:  # what no message can carry (2**64, an object): refused, and recorded so
+            msg.update(value=None, refused=f"no message can carry it ({exc})", shown=f"{value!r:.200}")
+        reply = self._ask_phase(msg, "set a parameter")
         if not reply.get("ok"):
-            raise ValueError(f"experiment {self.id!r}: {key}={value!r} refused: {reply.get('error')}")
+            raise ValueError(f"experiment {self.id!r}: {key}={value!r:.200} refused: {reply.get('error')}")
         return reply
 
     def archive(self) -> None:

@@ -391,14 +391,17 @@ def test_coloring_experiment_takes_control_at_safe_points(lab):
     bad = phase.ask({"kind": "set_param", "key": "set_tenure", "value": 99})
     assert bad["ok"] is False and "tenure_alpha" in bad["error"]
     for unsendable in (2**64, object()):  # refused as ValueError, like any value the workload refuses
-        with pytest.raises(ValueError, match=r"set_tenure=.* refused: message .*cannot be encoded"):
+        with pytest.raises(ValueError, match=r"set_tenure=.* refused: no message can carry it .*cannot be encoded"):
             exp.set_param("set_tenure", unsendable)
     exp.resume()
     assert exp.wait(60) and exp.reason == "budget"  # a second of active steps after the control
     events = list(iter_run(exp.run_dir))
     control = [e for e in events if e["name"] == "control"]
     assert control and control[0]["notes"] == "set_tenure: 0.6 -> 1.5 (test)"
-    assert any(e["name"] == "control_refused" for e in events)
+    refused = [e["notes"] for e in events if e["name"] == "control_refused"]
+    assert refused[0].startswith("set_tenure=99 refused:")
+    assert refused[1].startswith(f"set_tenure={2**64} refused: no message can carry it")
+    assert refused[2].startswith("set_tenure=<object object at") and len(refused) == 3
     later = [e for e in events if e["name"] == "step" and e["ts"] > control[0]["ts"]]
     assert later and all(e["parameters"]["tenure_alpha"] == 1.5 for e in later)
     assert {e["gpu_mode"] for e in events if e["name"] == "step"} == {"cpu"}  # the tabu phase runs on the CPU
