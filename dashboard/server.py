@@ -36,6 +36,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,7 @@ def create_app(
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
     cookie = cookie_name(port)
+    source = PushSource(lab, service)
 
     def valid_id(kind: str, value: Any) -> str:
         try:
@@ -434,7 +436,7 @@ def create_app(
         last_seq: dict[str, int] = {}
         try:
             while True:
-                payload = await asyncio.to_thread(_push, lab, last_seq, service)
+                payload = await asyncio.to_thread(source.push, last_seq)
                 await asyncio.wait_for(websocket.send_bytes(orjson.dumps(payload)), SEND_TIMEOUT_S)
                 await asyncio.sleep(PUSH_INTERVAL_S)
         except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
@@ -481,31 +483,65 @@ def queued_view(service: LabService, views: list[dict[str, Any]]) -> list[dict[s
     return [e for e in service.list(history=False) if e["id"] not in known]
 
 
-def _push(lab: Lab, last_seq: dict[str, int], service: LabService | None = None) -> dict[str, Any]:
-    """One batched push: every experiment's state and its events since the last push (and the queue).
+class PushSource:
+    """What every open page's socket pushes, read from the Lab once per :data:`PUSH_INTERVAL_S`
+    for all of them: each socket then keeps only the events it has not sent. A hundred open
+    tabs cost one read of each live experiment per interval, not a hundred."""
 
-    ``last_seq`` (the socket's, per experiment id) keeps only the Lab's experiments: an id the
-    Lab forgot (see :meth:`Lab.forget`) leaves it, so a page left open does not grow with every
-    experiment the daemon ever ran."""
-    exps = []
-    events: dict[str, list[dict[str, Any]]] = {}
-    for exp in list(lab.experiments.values()):
-        exps.append(experiment_view(exp))
-        if exp.status() in ("running", "paused"):
-            try:
-                recent = exp.query_window(("last_n", 200))
-            except Exception:  # noqa: BLE001 - a stopping experiment: try again next push
-                recent = []
-            new = [e for e in recent if e["seq"] > last_seq.get(exp.id, -1)]
+    def __init__(
+        self, lab: Lab, service: LabService | None = None, max_age_s: float = PUSH_INTERVAL_S, clock: Any = None
+    ) -> None:
+        self.lab, self.service, self.max_age_s = lab, service, max_age_s
+        self.clock = clock or time.monotonic
+        self.reads = 0  # how many times the Lab was read (one per interval, however many sockets)
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._snapshot: dict[str, Any] = {}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The experiments, the last 200 events of each live one and the queue, at most
+        ``max_age_s`` old (read now if older: the first socket to ask pays, the others wait)."""
+        with self._lock:
+            if self.clock() - self._at >= self.max_age_s:
+                self._snapshot = self._read()
+                self._at = self.clock()
+            return self._snapshot
+
+    def _read(self) -> dict[str, Any]:
+        self.reads += 1
+        exps, recent = [], {}
+        for exp in list(self.lab.experiments.values()):
+            exps.append(experiment_view(exp))
+            if exp.status() in ("running", "paused"):
+                try:
+                    recent[exp.id] = exp.query_window(("last_n", 200))
+                except Exception:  # noqa: BLE001 - a stopping experiment: try again next push
+                    recent[exp.id] = []
+        out: dict[str, Any] = {"experiments": exps, "recent": recent}
+        if self.service is not None:
+            out["queued"] = queued_view(self.service, exps)
+        return out
+
+    def push(self, last_seq: dict[str, int]) -> dict[str, Any]:
+        """One socket's batched push: every experiment's state, its events since that socket's
+        last push (``last_seq``, per experiment id) and the queue.
+
+        ``last_seq`` keeps only the Lab's experiments: an id the Lab forgot (see
+        :meth:`Lab.forget`) leaves it, so a page left open does not grow with every
+        experiment the daemon ever ran."""
+        snap = self.snapshot()
+        events: dict[str, list[dict[str, Any]]] = {}
+        for exp_id, recent in snap["recent"].items():
+            new = [e for e in recent if e["seq"] > last_seq.get(exp_id, -1)]
             if new:
-                last_seq[exp.id] = new[-1]["seq"]
-                events[exp.id] = new
-    for gone in last_seq.keys() - {e["id"] for e in exps}:  # forgotten by the Lab: a page open for months
-        del last_seq[gone]
-    out: dict[str, Any] = {"experiments": exps, "events": events}
-    if service is not None:
-        out["queued"] = queued_view(service, exps)
-    return out
+                last_seq[exp_id] = new[-1]["seq"]
+                events[exp_id] = new
+        for gone in last_seq.keys() - {e["id"] for e in snap["experiments"]}:  # a page open for months
+            del last_seq[gone]
+        out: dict[str, Any] = {"experiments": snap["experiments"], "events": events}
+        if "queued" in snap:
+            out["queued"] = snap["queued"]
+        return out
 
 
 class Dashboard:

@@ -15,7 +15,7 @@ import pytest
 from bench.daemon import arena_heaps
 from cli.lab import DAEMON_MALLOC_ARENAS
 from dashboard.client import LabClient
-from dashboard.server import Dashboard, _push
+from dashboard.server import Dashboard, PushSource
 from experiments.lab import Experiment
 from experiments.service import LabService
 from tests.fault_helpers import latency_spec
@@ -147,15 +147,16 @@ def test_a_pages_push_state_drops_the_experiments_the_lab_forgot(tmp_path):
     last event seq pushed) keeps only the Lab's experiments, not one entry per experiment run."""
     service = LabService(tmp_path / "art", max_running=1, keep_ended=1)
     last_seq: dict[str, int] = {}
+    source = PushSource(service.lab, service, max_age_s=0)
     try:
         ids = []
         for i in range(4):
             exp = service.get(service.submit(latency_spec(f"p{i}", budget=0.3))["id"])
             ids.append(exp.id)
-            wait_for(lambda e=exp: _push(service.lab, last_seq, service)["events"].get(e.id), "events pushed")
+            wait_for(lambda e=exp: source.push(last_seq)["events"].get(e.id), "events pushed")
             exp.wait(DEADLINE_S)
         wait_for(lambda: list(service.lab.experiments) == ids[-1:], "the older experiments to be forgotten")
-        pushed = _push(service.lab, last_seq, service)
+        pushed = source.push(last_seq)
         assert [e["id"] for e in pushed["experiments"]] == ids[-1:]
         assert set(last_seq) <= set(ids[-1:])
     finally:

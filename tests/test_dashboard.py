@@ -7,9 +7,10 @@ import httpx
 import orjson
 import pytest
 
-from dashboard.server import Dashboard
+from dashboard.server import Dashboard, PushSource
 from experiments.workloads import objective_of
 from supervisor import Lab
+from tests.fault_helpers import until
 
 SPEC = {
     "name": "dash",
@@ -217,6 +218,35 @@ def test_websocket_pushes_events_of_a_live_experiment(lab, dash):
             ws.recv(timeout=30)
             pushes += 1
     assert 2 <= pushes <= 17  # batched pushes, at most 10 a second
+
+
+def test_every_socket_pushes_from_one_read_of_the_lab_per_interval(lab, monkeypatch):
+    """Many open pages: the Lab's experiments are read once per interval for all of them, and
+    each socket still gets every event once, whenever it joined."""
+    exp = lab.start_experiment(SPEC)
+    queries = 0
+    query = exp.query_window
+
+    def counted(*args, **kwargs):
+        nonlocal queries
+        queries += 1
+        return query(*args, **kwargs)
+
+    monkeypatch.setattr(exp, "query_window", counted)
+    now = [0.0]
+    source = PushSource(lab, max_age_s=0.1, clock=lambda: now[0])
+    sockets = [{} for _ in range(50)]
+    seen = [[] for _ in sockets]
+    for tick in range(6):
+        for i, last_seq in enumerate(sockets[: 10 * (tick + 1)]):  # sockets join as it goes
+            seen[i] += [e["seq"] for e in source.push(last_seq)["events"].get("dash", [])]
+        assert queries == source.reads == tick + 1
+        now[0] += 0.25  # past max_age_s: the next push reads again
+        last = seen[0][-1] if seen[0] else -1
+        until(lambda last=last: [e for e in query(("last_n", 1)) if e["seq"] > last], what="new events to push")
+    for got in seen:
+        assert got == sorted(set(got)) and got  # each event once, in order
+        assert got[-1] == seen[0][-1]  # and every socket caught up to the same last event
 
 
 def test_a_client_that_stops_reading_does_not_slow_the_lab(lab, dash):
