@@ -12,6 +12,7 @@ Tables and arrays nest at most :data:`MAX_DEPTH` levels, checked where a spec is
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from actors import anomaly, recorder, streaming_metrics
 from actors.anomaly import check_anomaly_config
 from actors.sampler import check_sampling
-from experiments.validate import SECONDS, SEED, YEAR_S, Num, merge_tables, read_text, tree_problem
+from experiments.validate import SECONDS, SEED, YEAR_S, Num, brief, merge_tables, read_text, tree_problem
 from telemetry import emitter
 from telemetry.emitter import OVERFLOW_POLICIES
 from telemetry.schema import check_id
@@ -61,6 +62,33 @@ def _trail_path(trail: tuple[Any, Any] | None, shown: int = 4) -> str:
     keys.reverse()
     path = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys[:shown]).removeprefix(".")
     return path[:80] + "..." if len(keys) > shown or len(path) > 80 else path
+
+
+# A TOML text's tokens, as far as the dotted-key bound needs: strings and comments (whose dots
+# are not keys'), the characters that end a key, and runs of anything else.
+_TOML_TOKENS = re.compile(
+    r'''"""(?:[^\\]|\\.)*?"""|\'\'\'.*?\'\'\'|"(?:[^"\\\n]|\\.)*"|'[^'\n]*'|#[^\n]*|([=,{}\[\]\n])|[^"'#=,{}\[\]\n]+''',
+    re.S,
+)
+
+
+def dotted_key_problem(text: str, limit: int = MAX_DEPTH) -> int | None:
+    """The line of the first key in ``text`` with more than ``limit`` dotted parts, or None.
+
+    The TOML reader's time and memory grow with the square of a dotted key's length
+    (``a.a.a...`` 30,000 parts deep in 60 KB takes it 5 GB), so such a key is refused from a
+    scan in C before the reader sees it. Dots are counted between the characters that end a
+    key (``= , { } [ ]``, a newline), outside strings and comments: a value's dots (a float,
+    a time) are one or two."""
+    dots = 0
+    for m in _TOML_TOKENS.finditer(text):
+        if m.group(1) is not None:
+            dots = 0
+        elif m[0][0] not in "\"'#":
+            dots += m[0].count(".")
+            if dots >= limit:
+                return text.count("\n", 0, m.start()) + 1
+    return None
 
 
 def _check_nesting(data: Any, source: str | None) -> None:
@@ -257,8 +285,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise SpecError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
+    if key.count(".") >= MAX_DEPTH:
+        raise SpecError(f"--set {brief(key)}: {TOO_DEEP}")
     if not key or any(not part for part in key.split(".")):
-        raise SpecError(f"--set {item!r}: bad key {key!r}")
+        raise SpecError(f"--set {brief(item)!r}: bad key {brief(key)!r}")
     parts = key.split(".")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
@@ -304,7 +334,12 @@ def _too_long(exc: ValueError) -> str:
 
 
 def parse_toml(text: str, source: str | Path = "submitted spec") -> dict[str, Any]:
-    """A spec's TOML text as a dict; :class:`SpecError` naming ``source`` and where it is malformed."""
+    """A spec's TOML text as a dict; :class:`SpecError` naming ``source`` and where it is malformed.
+    A leading byte-order mark (as some editors write) is skipped."""
+    text = text.removeprefix("\ufeff")
+    line = dotted_key_problem(text)
+    if line is not None:
+        raise SpecError(f"{source}:{line}: a dotted key of more than {MAX_DEPTH} parts ({TOO_DEEP})")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -323,6 +358,7 @@ def read_spec_text(path: str | Path) -> tuple[str, dict[str, Any]]:
         text = read_text(path, "spec")
     except ValueError as exc:
         raise SpecError(str(exc)) from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write: not the spec's
     return text, parse_toml(text, path)
 
 

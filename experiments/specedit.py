@@ -26,18 +26,12 @@ from tomlkit.items import InlineTable, Item
 
 from actors.files import atomic_write
 from experiments.spec import SpecError, load_spec, parse_override, read_spec_text
-from experiments.validate import SPEC_MAX_BYTES
+from experiments.validate import SPEC_MAX_BYTES, brief
 from experiments.workloads import registry as workload_registry
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')  # what a TOML basic string may not hold as itself
 _SHORT_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
-
-
-def brief(text: str, limit: int = 60) -> str:
-    """``text`` cut to about ``limit`` characters, saying how long it was: a value in a message
-    or a printed line stays short whatever its size."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _load_doc(path: Path) -> tomlkit.TOMLDocument:

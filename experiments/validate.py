@@ -134,6 +134,12 @@ def tree_problem(data: Any, path: str = "") -> tuple[str, str] | None:
     return None
 
 
+def brief(text: str, limit: int = 60) -> str:
+    """``text`` cut to about ``limit`` characters, saying how long it was: a value in a message
+    or a printed line stays short whatever its size."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def read_text(path: str | Path, what: str = "file", max_bytes: int = SPEC_MAX_BYTES) -> str:
     """A user's UTF-8 text file; ``ValueError`` naming the file for a missing or unreadable
     file, a folder, a file over ``max_bytes``, or bytes that are not UTF-8."""

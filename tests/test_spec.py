@@ -238,7 +238,7 @@ def _inline_tables(n):
         (f'name = "a"\n[metadata]\nx = {_arrays(300)}\n', r"metadata\.x\[0\]\[0\]\.\.\.: "),
         (f'name = "a"\n[workload.params]\nx = {_inline_tables(300)}\n', r"workload\.params\.x\.a\.\.\.: "),
         (f"a = {_arrays(300)}\n", r"a\[0\]\[0\]\[0\]\.\.\.: "),
-        (f'name = "a"\n[metadata.{".".join(["t"] * 101)}]\n', r"metadata\.t\.t\.t\.\.\.: "),
+        (f'name = "a"\n[metadata.{".".join(["t"] * 60)}]\nx = {_arrays(50)}\n', r"metadata\.t\.t\.t\.\.\.: "),
         (f'name = "a"\n[metadata]\nx = {_arrays(2000)}\n', ""),  # deeper than the TOML reader can recurse
         (f'name = "a"\n[metadata]\nx = {_inline_tables(2000)}\n', ""),
     ],
@@ -316,3 +316,40 @@ def test_nesting_problem_agrees_with_a_recursive_depth(data, limit):
 
     # containers at levels 0 .. depth-1: the check refuses one below the limit
     assert (nesting_problem(data, limit) is None) == (_depth(data) - 1 <= limit)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("metadata." + "a." * 30_000 + "a = 1\n", 1),  # 60 KB: the TOML reader alone would take 5 GB
+        ('name = "a"\n\n[metadata.' + "a." * 100_000 + "a]\nx = 1\n", 3),
+        ('name = "a"\n[metadata]\nx = {' + "b." * 150 + "c = 1}\n", 3),
+        ('name = "a"\n' + '"q".' * 120 + "z = 1\n", 2),
+        ('name = "a"\n' + "1." * 120 + "z = 1\n", 2),
+    ],
+)
+def test_a_long_dotted_key_is_refused_before_the_toml_reader_sees_it(tmp_path, text, line):
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}:{line}: a dotted key of more than 100 parts"):
+        load_spec(path, workloads=registry())
+
+
+def test_dots_in_values_strings_and_comments_are_not_keys(tmp_path):
+    floats = ", ".join(["1.5"] * 500)
+    dots = "." * 400
+    text = (
+        f'name = "a"\n[metadata]\nb = [{floats}]\nc = "{"." * 5000}"\nd = """\n{dots}\n"""\n'
+        f'# {dots}\n"q.q"."r.r" = 1\ne.f.g = 2\nt = 1979-05-27T07:32:00.999\n'
+        f"u = '''{dots}'''\nv = '{dots}'\n"
+    )
+    meta = load_spec(write(tmp_path, text), workloads=registry())["metadata"]
+    assert len(meta["b"]) == 500 and meta["c"] == "." * 5000 and meta["q.q"] == {"r.r": 1}
+    assert meta["e"] == {"f": {"g": 2}} and meta["u"] == dots and meta["v"] == dots
+    ok = ".".join(["metadata"] + ["t"] * 98)  # 99 parts: deep, but within the bound
+    assert load_spec(write(tmp_path, f'name = "a"\n[{ok}]\nx = 1\n'), workloads=registry())["metadata"]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_spec(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbfname = 'bom'\n")
+    assert load_spec(path, workloads=registry())["name"] == "bom"
