@@ -8,7 +8,8 @@ Methods (``methods``), each per numeric field in ``metrics`` (all fields by defa
 * ``ewma``: ``|x - ewma| / ewm_std > threshold`` (3) with weight ``ewma_lambda``;
 * ``isolation_forest``: multivariate over the ``metrics`` fields, scikit-learn's IsolationForest
   refitted every ``refit_every`` complete rows on the last ``window`` of them; flags what it
-  predicts as outliers (``threshold`` is its contamination, ``auto`` by default).
+  predicts as outliers (its contamination, ``auto`` by default or (0, 0.5], is set only in a
+  per-method threshold table: a single ``threshold`` number is the other methods' cut-off).
 
 Each method judges a batch against the state *before* the batch, then learns from it. No
 field is judged before ``warmup`` values. Flagged events get ``anomaly = {"flag", "score",
@@ -21,6 +22,7 @@ topic it publishes each batch's anomalies and ``anomaly_period`` start/end messa
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -47,6 +49,36 @@ EWMA_LAMBDA = 0.1
 PERIOD_GAP_S = 5.0
 
 
+THRESHOLD_MAX = 1_000_000.0
+
+
+def threshold_problem(threshold: Any) -> str | None:
+    """What is wrong with an ``anomaly.threshold`` setting, or None.
+
+    A number (finite, in (0, 1e6]) is the cut-off of the threshold methods (z_score,
+    modified_z, iqr, ewma); a table sets them per method, and may give isolation_forest its
+    contamination: ``"auto"`` or a share of outliers in (0, 0.5], as scikit-learn takes it."""
+    if threshold is None:
+        return None
+
+    def number(v: Any, hi: float) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= hi
+
+    if not isinstance(threshold, dict):
+        if number(threshold, THRESHOLD_MAX):
+            return None
+        return f"must be a number in (0, {THRESHOLD_MAX:g}] or a table per method, got {threshold!r:.80}"
+    for k, v in threshold.items():
+        if k not in METHODS:
+            return f"threshold given for unknown method {k!r:.80}; expected some of {', '.join(METHODS)}"
+        if k == "isolation_forest":
+            if v != "auto" and not number(v, 0.5):
+                return f'isolation_forest: the contamination must be "auto" or in (0, 0.5], got {v!r:.80}'
+        elif not number(v, THRESHOLD_MAX):
+            return f"{k}: must be a number in (0, {THRESHOLD_MAX:g}], got {v!r:.80}"
+    return None
+
+
 def check_anomaly_config(
     methods: Any, metrics: Any, threshold: Any, action: Any, window: Any, warmup: Any, ewma_lambda: Any
 ) -> None:
@@ -60,12 +92,9 @@ def check_anomaly_config(
         raise ValueError(f"anomaly metrics must be a list of field names, got {metrics!r}")
     if action not in ACTIONS:
         raise ValueError(f"unknown anomaly action {action!r}; expected one of {', '.join(ACTIONS)}")
-    if (
-        threshold is not None
-        and not isinstance(threshold, dict)
-        and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0)
-    ):
-        raise ValueError(f"anomaly threshold must be a positive number or a table per method, got {threshold!r}")
+    problem = threshold_problem(threshold)
+    if problem is not None:
+        raise ValueError(f"anomaly threshold {problem}")
     for name, v, lo in (("window", window, 10), ("warmup", warmup, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"anomaly {name} must be an int >= {lo}, got {v!r}")
@@ -135,13 +164,11 @@ class AnomalyDetection(EventConsumer):
         self.metrics = list(metrics) if metrics is not None else None
         self.thresholds = dict(DEFAULT_THRESHOLDS)
         if isinstance(threshold, dict):
-            for k, v in threshold.items():
-                if k not in METHODS:
-                    raise ValueError(f"anomaly threshold given for unknown method {k!r}")
-                self.thresholds[k] = v
-        elif threshold is not None:
+            self.thresholds.update(threshold)
+        elif threshold is not None:  # one cut-off for the threshold methods; isolation_forest keeps its own
             for m in self.methods:
-                self.thresholds[m] = threshold
+                if m != "isolation_forest":
+                    self.thresholds[m] = threshold
         self.action = action
         self.window, self.warmup, self.ewma_lambda = window, warmup, ewma_lambda
         self.refit_every, self.period_gap_us, self.seed = refit_every, int(period_gap_s * 1e6), seed

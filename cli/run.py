@@ -163,14 +163,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary_path = writable_file(args.json_summary, "--json-summary") if args.json_summary else None
     port = dash_port(args) if args.dashboard else None
     backend_options(args)  # the flags first, as argparse would
-    load_spec(args.spec, args.set or None, workload_registry())  # a bad spec touches no folder or history
+    # read once (a pipe or /dev/stdin cannot be read again) and checked before any folder or history exists
+    full = load_spec(args.spec, args.set or None, workload_registry())
     lab = open_lab(args)
     dash = None
     try:
         with stop_on_signals() as stop_now:
             if port is not None:
                 dash = serve_dashboard(lab, port, console)
-            exp = start(lab, args.spec, args.set or None)
+            exp = start(lab, full)
             t0 = time.monotonic()
             last: dict[str, Any] = {}
             if args.no_live or not console.is_terminal:
@@ -182,12 +183,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                         live.update(render.progress(exp, t0, last))
             end_on_signal(exp, stop_now, console)
             s = exp.summary()
-            console.print(render.summary_table(s))
-            if summary_path is not None:
+            if summary_path is not None:  # before the table: a closed stdout must not cost the file
                 try:
                     summary_path.write_bytes(orjson.dumps(s, option=orjson.OPT_INDENT_2))
                 except OSError as exc:
                     raise UsageError(f"--json-summary {str(summary_path)!r}: {exc.strerror or exc}") from None
+            console.print(render.summary_table(s))
             return EXIT_FAILED if run_failed(s) else EXIT_OK
     finally:
         try:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from actors import anomaly, recorder, streaming_metrics
-from actors.anomaly import check_anomaly_config
+from actors.anomaly import check_anomaly_config, threshold_problem
 from actors.sampler import check_sampling
 from experiments.validate import SECONDS, SEED, YEAR_S, Num, brief, merge_tables, read_text, tree_problem
 from telemetry import emitter
 from telemetry.emitter import OVERFLOW_POLICIES
+from telemetry.rundir import check_experiment_id
 from telemetry.schema import check_id
 
 
@@ -128,6 +129,7 @@ def _str_list(v: Any) -> str | None:
 def _id(v: Any) -> str | None:
     try:
         check_id("name", v)
+        check_experiment_id(v)  # nor one of the artifacts folder's own names: refused before anything exists
     except ValueError as exc:
         return str(exc)
     return None
@@ -138,15 +140,6 @@ def _windows(v: Any) -> str | None:
     if not isinstance(v, list) or not 1 <= len(v) <= 32 or any(each.problem(x) for x in v):
         return f"must be a list of 1 to 32 window lengths, each {each.describe()} seconds, got {v!r}"
     return None
-
-
-def _threshold(v: Any) -> str | None:
-    each = Num(0, 1_000_000, lo_open=True)
-    if isinstance(v, dict):
-        bad = {k: x for k, x in v.items() if x != "auto" and each.problem(x)}
-        return f'must map methods to {each.describe()} (or "auto"), got {bad!r}' if bad else None
-    problem = each.problem(v)
-    return f"must be {each.describe()} or a table per method, got {v!r}" if problem else None
 
 
 ANY_TABLE = "table"  # free-form table: metadata, workload params, sampling config
@@ -189,7 +182,7 @@ SCHEMA: dict[str, Any] = {
         "enabled": _type(bool),
         "methods": _str_list,
         "metrics": _str_list,
-        "threshold": _threshold,
+        "threshold": threshold_problem,
         "action": _type(str),
         "window": _num(10, 1_000_000, integer=True),
         "warmup": _num(0, 1_000_000, integer=True),
@@ -371,7 +364,9 @@ def load_spec(
 ) -> dict[str, Any]:
     """Read (a path) or take (a dict) a spec, apply overrides, validate, fill defaults.
 
-    ``source`` names a dict spec in error messages (a path names itself).
+    ``source`` names a dict spec in error messages (a path names itself). A spec this
+    function returned may be given again (its ``source`` key is taken for ``source``): it is
+    the one reading of a file that cannot be read twice (a pipe, ``/dev/stdin``).
 
     Raises:
         SpecError: naming the file and the key, for anything the spec reference does not allow.
@@ -379,6 +374,9 @@ def load_spec(
     if isinstance(spec, dict):
         _check_nesting(spec, source)  # before anything recurses over it
         raw = copy.deepcopy(spec)
+        given = raw.pop("source", None)
+        if source is None and isinstance(given, str):
+            source = given
     else:
         source = str(spec)
         raw = read_spec_text(spec)[1]

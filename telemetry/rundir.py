@@ -88,14 +88,28 @@ def check_experiment_id(value: Any) -> str:
     extend, a name of the artifacts root's own files (``history.sqlite3-wal``, ``daemon.log.1``):
     an experiment folder there would break the history, the log or the daemon's next start."""
     value = check_id("experiment id", value)
-    folded = value.casefold()
-    for name in ROOT_FILES:
-        if folded == name or (folded.startswith(name) and folded[len(name)] in ".-_"):
-            raise ValueError(
-                f"experiment id {value!r} is reserved: the artifacts folder keeps its own {name!r} there;"
-                " choose another name"
-            )
+    name = root_file_name(value)
+    if name is not None:
+        raise ValueError(
+            f"experiment id {value!r} is reserved: the artifacts folder keeps its own {name!r} there;"
+            " choose another name"
+        )
     return value
+
+
+def root_file_name(name: str) -> str | None:
+    """The Lab's own root file that ``name`` is or extends (``history.sqlite3-wal`` ->
+    ``history.sqlite3``), in any letter case, or None."""
+    folded = name.casefold()
+    for root in ROOT_FILES:
+        if folded == root or (folded.startswith(root) and folded[len(root)] in ".-_"):
+            return root
+    return None
+
+
+def _artifacts_root(folder: Path) -> bool:
+    """Whether ``folder`` looks like a Lab's artifacts folder (it holds one of the Lab's own files)."""
+    return any((folder / name).exists() for name in ROOT_FILES)
 
 
 class RunStatus(enum.StrEnum):
@@ -177,13 +191,19 @@ def find_runs(artifacts: Path) -> list[Path]:
 
 def recorded_file(path: Path) -> str | None:
     """What recorded data ``path`` holds, if it is such a file: a file of a run folder (events,
-    records, checkpoints) or a SQLite history. An output option naming one would destroy it."""
+    records, checkpoints), one of the Lab's own files in an artifacts folder (the daemon's
+    queue, lock, token and log, hypertune's learned state) or a SQLite history. An output
+    option naming one would destroy it."""
     p = Path(path)
     if not p.is_file():
         return None
     folder = p.resolve().parent
     if any((folder / name).is_file() for name in (EVENTS, SUMMARY, LIFECYCLE, SPEC)):
         return f"a file of the run folder {str(folder)!r}"
+    if root_file_name(p.name) is not None and _artifacts_root(folder):
+        return f"the Lab's own {p.name!r} in the artifacts folder {str(folder)!r}"
+    if folder.name == HYPERTUNE_DIR and _artifacts_root(folder.parent):
+        return f"hypertune's learned state in {str(folder)!r}"
     try:
         with p.open("rb") as fh:
             if fh.read(16) == b"SQLite format 3\x00":

@@ -266,6 +266,24 @@ def test_isolation_forest_multivariate():
     ad.stop()
 
 
+def test_one_threshold_for_all_methods_leaves_the_forest_its_contamination():
+    """``threshold = 3`` with isolation_forest among the methods: 3 is a z cut-off, not a share of
+    outliers (scikit-learn would refuse it at the first fit and the detector would crash)."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(0, 1, (3000, 2))
+    X[2000] = [40.0, 40.0]
+    ad = AnomalyDetection.start(
+        "exp", methods=["z_score", "isolation_forest"], metrics=["a", "b"], threshold=3.0, refit_every=1000
+    )
+    for i in range(0, 3000, 500):
+        ad.tell_bytes(encode(batch({"a": X[i : i + 500, 0], "b": X[i : i + 500, 1]}, start_seq=i)))
+    flagged = {x["seq"] for x in get_anomalies(ad, timeout=60)}
+    assert 2000 in flagged
+    assert set(anomaly_metrics(ad)["by_type"]) == {"z_score", "isolation_forest"}
+    assert ad.is_alive()
+    ad.stop()
+
+
 def test_anomaly_topic_and_sample_more_action():
     topics = Topics()
     got = threading.Event()

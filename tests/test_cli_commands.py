@@ -423,3 +423,55 @@ def test_summary_table_lists_restarts(tmp_path):
     console.print(summary_table(s))
     text = console.export_text()
     assert "phase: 2" in text and "conflicts=0" in text
+
+
+def test_run_reads_its_spec_once_so_a_pipe_runs_the_spec_it_held(tmp_path):
+    """``crucible run /dev/stdin``: the spec that was checked is the one that runs (a second
+    read of the pipe would find it empty: a default spec, another experiment)."""
+    import subprocess
+    import sys
+
+    art = tmp_path / "art"
+    summary = tmp_path / "s.json"
+    argv = [sys.executable, "-m", "supervisor", "run", "/dev/stdin", "--artifacts", str(art), "--no-live"]
+    argv.extend(["--json-summary", str(summary)])
+    r = subprocess.run(
+        argv,
+        input=LATENCY.format(budget=0.3, seed=1, calls=0).replace('"lat"', '"piped"'),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in art.iterdir() if p.is_dir() and p.name != "hypertune"] == ["piped"]
+    spec = orjson.loads(next((art / "piped").iterdir()).joinpath("spec.json").read_bytes())
+    assert spec["source"] == "/dev/stdin" and spec["workload"]["params"]["target"] == "math:sqrt"
+    assert orjson.loads(summary.read_bytes())["experiment_id"] == "piped"
+
+
+def test_a_closed_stdout_does_not_cost_the_json_summary(tmp_path):
+    """``crucible run spec --json-summary s.json | true``: the table cannot be printed, the file is written."""
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(LATENCY.format(budget=0.3, seed=1, calls=0))
+    summary = tmp_path / "s.json"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the first print meets a broken pipe
+    argv = [sys.executable, "-m", "supervisor", "run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live"]
+    argv.extend(["--json-summary", str(summary)])
+    try:
+        r = subprocess.run(
+            argv,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141, r.stderr
+    assert orjson.loads(summary.read_bytes())["experiment_id"] == "lat"

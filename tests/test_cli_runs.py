@@ -194,13 +194,19 @@ def test_a_summary_that_cannot_be_read_falls_back_to_the_events(finished, tmp_pa
 
 
 def test_output_options_never_replace_recorded_files(finished, tmp_path, capsys):
-    """``export --out`` and ``run --json-summary`` naming a run's events, its records or the
-    history: one line, exit 2, and the file is byte for byte what it was."""
+    """``export --out`` and ``run --json-summary`` naming a run's events, its records, the
+    history or the Lab's own files (the daemon's queue, hypertune's state): one line, exit 2,
+    and the file is byte for byte what it was."""
     art, runs = copy_of(finished, tmp_path)
     run_id, run_dir = next(iter(runs.items()))
     spec = tmp_path / "s.toml"
     spec.write_text(SPEC.format(seed=3))
+    (art / "hypertune").mkdir(exist_ok=True)
+    (art / "hypertune" / "latency-x.json").write_text('{"arms": {}}')  # what hypertune learned
+    (art / "queue.json").write_text('{"queue": []}')
+    (art / "history.sqlite3.lock").write_text("")
     victims = [run_dir / "events.jsonl", run_dir / "summary.json", art / DB_NAME]
+    victims += [art / "hypertune" / "latency-x.json", art / "queue.json", art / "history.sqlite3.lock"]
     before = {v: v.read_bytes() for v in victims}
     for victim in victims:
         for argv in (
