@@ -71,9 +71,12 @@ class CheckpointStore:
         self._writer: object | None = None  # the phase incarnation whose writes count
         if path is not None and path.exists():
             try:
-                self.state = orjson.loads(path.read_bytes())
-            except orjson.JSONDecodeError:
-                log.warning("checkpoint unreadable; starting fresh", file=str(path))
+                state = orjson.loads(path.read_bytes())
+                if not isinstance(state, dict):
+                    raise ValueError(f"expected a JSON object, got {type(state).__name__}")
+                self.state = state
+            except (OSError, ValueError) as exc:  # orjson's decode error is a ValueError
+                log.warning("checkpoint unreadable; starting fresh", file=str(path), error=str(exc))
 
     def claim(self, writer: object) -> None:
         """From now on only ``writer``'s writes count (a new phase incarnation claims the store)."""

@@ -80,7 +80,7 @@ from telemetry.index import IndexIncomplete, LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
 from telemetry.jsonl_format import format_batch
 from telemetry.query import QueryError, query_error
-from telemetry.rundir import RECORDER_STATE, SUMMARY
+from telemetry.rundir import RECORDER_STATE, SUMMARY, read_json
 from telemetry.schema import (
     SCHEMA_VERSION,
     EventBatch,
@@ -260,20 +260,20 @@ class Recorder(EventConsumer):
 
     def _recover(self) -> int:
         state_path = self.run_dir / RECORDER_STATE
-        state = {}
-        if state_path.exists():
-            try:
-                state = orjson.loads(state_path.read_bytes())
-            except orjson.JSONDecodeError:
-                log.warning("recorder state unreadable; rebuilding from events", file=str(state_path))
-        incarnation = int(state.get("incarnation", 0)) + 1
-        self.counters = dict(state.get("counters", {}))
-        self.restarts = dict(state.get("restarts", {}))
-        self._sampled = {str(k): int(v) for k, v in (state.get("sampled") or {"": state.get("sampled_out", 0)}).items()}
+        try:
+            state = read_json(state_path) or {}
+            incarnation = int(state.get("incarnation", 0)) + 1
+            counters, restarts = dict(state.get("counters", {})), dict(state.get("restarts", {}))
+            sampled = {str(k): int(v) for k, v in (state.get("sampled") or {"": state.get("sampled_out", 0)}).items()}
+            storage_dropped, history_unsent = int(state.get("storage_dropped", 0)), int(state.get("history_unsent", 0))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:  # damaged: what it held is rebuilt
+            log.warning("recorder state unreadable; rebuilding from events", file=str(state_path), error=str(exc))
+            state, incarnation, counters, restarts, sampled, storage_dropped, history_unsent = {}, 1, {}, {}, {}, 0, 0
+        self.counters, self.restarts, self._sampled = counters, restarts, sampled
         self.sampled_out = sum(self._sampled.values())
-        self.storage_dropped = int(state.get("storage_dropped", 0))
+        self.storage_dropped = storage_dropped
         self.storage_error = state.get("storage_error")
-        self.history_unsent = int(state.get("history_unsent", 0))
+        self.history_unsent = history_unsent
         if self.last_seq >= 0:
             if self.storage_error is None:
                 self.history_unsent = 0  # counted again below: what the history still lacks

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +69,7 @@ from telemetry.rundir import (
     find_runs,
     last_event_seq,
     last_event_ts,
+    owner_alive,
     owner_info,
     read_json,
     read_summary,
@@ -115,6 +117,21 @@ class ExperimentMetrics(StreamingMetrics):
     def terminate(self, reason: str) -> None:
         super().terminate(reason)
         self.final.publish(self.snapshot())
+
+
+def _marker_owner(path: Path) -> dict[str, Any] | None:
+    """Who wrote a resume marker (:func:`owner_info`; an older marker holds a bare pid), or None."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        owner = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(owner, int) and not isinstance(owner, bool):
+        return {"pid": owner, "host": socket.gethostname()}
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
 
 
 def resume_point(run_dir: Path, checkpoint: dict[str, Any], resumes: int) -> dict[str, Any]:
@@ -918,22 +935,43 @@ class Lab:
                 continue
             try:
                 exp = self._resume_run(run_dir, report.record)
-            except Exception:
+            except Exception as exc:  # a damaged run must not keep the others from resuming
                 log.exception("could not resume a crashed run", run_dir=str(run_dir))
+                self._note_unresumed(run_dir, report.record, f"{type(exc).__name__}: {exc}")
                 continue
             if exp is not None:
                 out.append(exp)
         return out
 
-    def _claim(self, run_dir: Path, resumes: int) -> bool:
-        """Take the run over, or learn that another Lab did: one marker per resume, created exclusively."""
+    def _claim(self, run_dir: Path, resumes: int) -> Path | None:
+        """Take the run over (the marker's path), or learn that another Lab did (None): one
+        marker per resume, created exclusively, naming its owner. A marker whose owner is gone (a Lab killed while it
+        resumed the run) is taken over by the same rule, one level down (``.resume.N.<pid>``),
+        so two Labs that find it stale at once still agree on one winner."""
+        name = f".resume.{resumes}"
+        for _ in range(64):  # each level a claimer that died: bounded, whatever the folder holds
+            try:
+                fd = os.open(run_dir / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _marker_owner(run_dir / name)
+                if owner is None or owner_alive(owner)[0] is not False:
+                    return None  # alive, or we cannot tell: theirs
+                name = f"{name}.{owner['pid']}"
+                continue
+            try:
+                os.write(fd, orjson.dumps(owner_info()))
+            finally:
+                os.close(fd)
+            return run_dir / name
+        return None
+
+    def _note_unresumed(self, run_dir: Path, rec: dict[str, Any], why: str) -> None:
+        """Say in the run's lifecycle record why it was not resumed (``crucible list`` shows it);
+        the run stays crashed, and a later Lab tries again."""
         try:
-            fd = os.open(run_dir / f".resume.{resumes}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return True
+            write_json(run_dir / LIFECYCLE, {**rec, "resume_error": why})
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("could not record why a run was not resumed", run_dir=str(run_dir), error=str(exc))
 
     def _resume_run(self, run_dir: Path, rec: dict[str, Any]) -> Experiment | None:
         exp_id, run_id = run_dir.parent.name, run_dir.name
@@ -947,16 +985,21 @@ class Lab:
             if exp_id in self.experiments:
                 log.warning("a crashed run's id is taken in this Lab; not resumed", experiment=exp_id, run_id=run_id)
                 return None
-            if not self._claim(run_dir, resumes):
+            marker = self._claim(run_dir, resumes)
+            if marker is None:
                 log.info("crashed run taken over by another Lab", experiment=exp_id, run_id=run_id)
                 return None
-            new_segment(run_dir)
-            exp = Experiment(self, full, exp_id, run_id, resume=rec)
-            point = resume_point(run_dir, exp.checkpoints.get(), resumes)
-            exp.checkpoints.update(
-                counters=point["counters"], resume=point["resume"], paused=exp.status() == RunStatus.PAUSED
-            )
-            exp.checkpoints.save()
+            try:
+                new_segment(run_dir)
+                exp = Experiment(self, full, exp_id, run_id, resume=rec)
+                point = resume_point(run_dir, exp.checkpoints.get(), resumes)
+                exp.checkpoints.update(
+                    counters=point["counters"], resume=point["resume"], paused=exp.status() == RunStatus.PAUSED
+                )
+                exp.checkpoints.save()
+            except BaseException:
+                marker.unlink(missing_ok=True)  # not resumed: the claim is free for a later try
+                raise
             self.experiments[exp_id] = exp
         self._launch(exp)
         log.info(

@@ -355,8 +355,12 @@ def status_from_record(rec: dict[str, Any] | None, now: float | None = None) -> 
             evidence.append(f"no heartbeat for {age:.0f} s: the owner may be hung")
         return StatusReport(recorded, reason, tuple(evidence), rec)
     stopping = " and stopping" if rec.get("stop_requested_at") else ""
+    unresumed = f"; a Lab could not resume it: {str(rec['resume_error'])[:300]}" if rec.get("resume_error") else ""
     return StatusReport(
-        RunStatus.CRASHED, f"{why}; it was {recorded}{stopping}, last heartbeat {_iso(updated)}", tuple(evidence), rec
+        RunStatus.CRASHED,
+        f"{why}; it was {recorded}{stopping}, last heartbeat {_iso(updated)}{unresumed}",
+        tuple(evidence),
+        rec,
     )
 
 

@@ -24,6 +24,7 @@ from telemetry.rundir import (
     RunStatus,
     count_events,
     last_event_seq,
+    owner_info,
     read_json,
     run_status,
 )
@@ -309,3 +310,69 @@ def test_a_run_killed_while_stopping_is_stopped_on_recovery(tmp_path):
         check_accounts(exp, art, lossless=False)
     finally:
         lab.shutdown()
+
+
+def _crashed_run(tmp_path: Path, name: str) -> Path:
+    """A latency run whose Lab was SIGKILLed after it recorded some events."""
+    proc = host(tmp_path, f"{name}:latency")
+    try:
+        wait_for_events(tmp_path, name, 50, "events before the kill")
+    finally:
+        kill(proc)
+    d = run_dir(tmp_path, name)
+    assert run_status(d).status == RunStatus.CRASHED
+    return d
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait(timeout=60)
+    return p.pid
+
+
+def test_a_lab_killed_while_it_resumed_a_run_does_not_keep_it_from_resuming(tmp_path: Path) -> None:
+    """The resume marker of a Lab that died before the run was running again is taken over
+    (its owner is gone); damaged records of the Recorder are rebuilt, not a failed start."""
+    d = _crashed_run(tmp_path, "claimed")
+    dead = _dead_pid()
+    stale = {"pid": dead, "host": owner_info()["host"], "boot_id": owner_info()["boot_id"]}
+    (d / ".resume.1").write_bytes(orjson.dumps(stale))
+    (d / "recorder.json").write_bytes(b"[1, 2, 3]")  # a JSON list, not the Recorder's record
+    lab = Lab(tmp_path)
+    try:
+        (exp,) = lab.recover()
+        assert exp.status() == "running" and exp.run_dir == d
+        taken = orjson.loads((d / f".resume.1.{dead}").read_bytes())
+        assert taken["pid"] == os.getpid()
+        other = Lab(tmp_path)
+        try:
+            assert other._claim(d, 1) is None  # the new owner lives: nobody else takes it
+        finally:
+            other.shutdown()
+        wait_for_events(tmp_path, "claimed", count_events(d) + 50, "events after the resume")
+        exp.stop()
+        check_accounts(exp, tmp_path, lossless=False)
+    finally:
+        lab.shutdown()
+
+
+def test_a_run_that_cannot_be_resumed_says_why_and_resumes_once_repaired(tmp_path: Path) -> None:
+    d = _crashed_run(tmp_path, "damaged")
+    (d / CHECKPOINT).unlink()
+    (d / CHECKPOINT).mkdir()  # nothing can be written there
+    lab = Lab(tmp_path)
+    try:
+        assert lab.recover() == []
+    finally:
+        lab.shutdown()
+    report = run_status(d)
+    assert report.status == RunStatus.CRASHED
+    assert "could not resume it" in report.reason and "checkpoint.json" in report.reason
+    (d / CHECKPOINT).rmdir()
+    proc = host(tmp_path, "unused:latency")  # another process: recovers what it finds
+    try:
+        until(lambda: record(tmp_path, "damaged").get("resumes") == 1, 60, "the repaired run resumed")
+        assert record(tmp_path, "damaged")["owner"]["pid"] == proc.pid
+        assert not (tmp_path / "unused").exists()  # the host recovered a run, so it started none
+    finally:
+        kill(proc)
