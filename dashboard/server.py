@@ -33,6 +33,7 @@ Prometheus gauges ``crucible_objective_best`` / ``crucible_objective_progress`` 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import threading
@@ -66,6 +67,7 @@ from dashboard.transport import GuardedH11Protocol
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from experiments.service import LabService, ServiceClosed
 from experiments.spec import SpecError
+from experiments.validate import brief
 from experiments.workloads import Objective, objective_of
 from telemetry.jsonl import RunFileError, iter_run
 from telemetry.rundir import TOKEN_FILE, find_runs, summary_best
@@ -265,8 +267,8 @@ def submission(content_type: str, body: bytes, query: Any) -> tuple[str | dict[s
     if ctype != "application/json":
         raise HTTPException(415, "send the spec as application/toml (or text/plain) or as application/json")
     try:
-        data = orjson.loads(body or b"null")
-    except orjson.JSONDecodeError as exc:
+        data = strict_json(body or b"null")
+    except ValueError as exc:  # json's decode error is a ValueError
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise HTTPException(400, 'the JSON body must be an object: {"spec": {...} or "toml": "...", "set": [...]}')
@@ -287,6 +289,23 @@ def submission(content_type: str, body: bytes, query: Any) -> tuple[str | dict[s
     if exp_id is not None and not isinstance(exp_id, str):
         raise HTTPException(400, f'"id" must be a string, got {exp_id!r}')
     return spec, sets, exp_id
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"the integer {brief(text, 40)} does not fit in signed 64 bits")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(body: bytes) -> Any:
+    """A submitted JSON body, its integers kept exact: one past 64 bits is refused (a fast
+    JSON reader would make it a float silently), as are NaN and Infinity (not JSON)."""
+    return json.loads(body, parse_int=_int64, parse_constant=_no_constant)
 
 
 def create_app(
@@ -451,6 +470,14 @@ def create_app(
         assert isinstance(exc, HTTPException)
         return _Json({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
+    async def storage_error(request: Request, exc: Exception) -> Response:
+        """The Lab could not write its own files (a full disk, a queue file that is a folder):
+        a 503 that says so, never a bare 500; what was recorded before is untouched."""
+        assert isinstance(exc, OSError)
+        log.error("dashboard request failed on storage", path=request.url.path, error=str(exc))
+        what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        return _Json({"error": f"the lab cannot write its files now ({what}); try again later"}, status_code=503)
+
     async def lab_error(request: Request, exc: Exception) -> Response:
         """The Lab refused: no such experiment (404), or a transition it cannot make now (409)."""
         assert isinstance(exc, LifecycleError)
@@ -470,7 +497,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: http_error, LifecycleError: lab_error},
+        exception_handlers={HTTPException: http_error, LifecycleError: lab_error, OSError: storage_error},
         middleware=[Middleware(Guard, hosts=hosts, port=port, token=token)],
     )
     app.router.redirect_slashes = False  # an unknown path is a 404, not a redirect to a guess

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -36,6 +37,28 @@ log = get_logger("experiments.service")
 
 QUEUE_SCHEMA = 1
 LIVE_STATUSES = ("running", "paused")
+
+
+_LEGIBLE_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9._-]{1,128})"')  # in what is left of a damaged queue file
+
+
+def _legible_id(value: str) -> bool:
+    try:
+        check_experiment_id(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _queue_item(item: Any) -> bool:
+    """Whether a queue file's entry has what a queued submission needs."""
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("id"), str)
+        and isinstance(item.get("spec"), (dict, str))
+        and isinstance(item.get("set") or [], list)
+        and isinstance(item.get("submitted_at"), (int, float))
+    )
 
 
 class LabLocked(RuntimeError):
@@ -111,7 +134,13 @@ class LabService:
     # --- the lock ------------------------------------------------------------------------------------
 
     def _acquire_lock(self) -> int:
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a folder in its place, no permission
+            raise LabLocked(
+                f"cannot open the lock file {str(self.lock_file)!r} ({exc.strerror or exc}); "
+                "it must be a file this user can write"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -136,19 +165,57 @@ class LabService:
     # --- the queue on disk -----------------------------------------------------------------------------
 
     def _load_queue(self) -> list[dict[str, Any]]:
+        """The queue a previous lifetime left. A damaged file is moved aside (kept, never
+        overwritten) and the daemon starts with an empty queue: the ids still legible in it are
+        listed as failed (lost with the file), so they are neither silent nor given again;
+        malformed entries are dropped;
+        an item whose experiment folder exists already started (the daemon died between its
+        start and the queue's rewrite): it was resumed or has ended, and is not started again."""
+        raw = b""
         try:
-            data = orjson.loads(self.queue_file.read_bytes())
+            raw = self.queue_file.read_bytes()
+            data = orjson.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         except FileNotFoundError:
             return []
-        except (OSError, orjson.JSONDecodeError) as exc:
-            log.error("queue file unreadable; starting with an empty queue", path=str(self.queue_file), error=str(exc))
+        except (OSError, ValueError) as exc:  # orjson's decode error is a ValueError
+            aside = self.queue_file.with_name(f"{QUEUE_FILE}.damaged.{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                os.replace(self.queue_file, aside)
+            except OSError as move_exc:
+                raise LabLocked(
+                    f"the queue file {str(self.queue_file)!r} is unreadable ({exc}) and cannot be moved aside "
+                    f"({move_exc.strerror or move_exc}); move it yourself to start with an empty queue"
+                ) from None
+            lost = [i for i in dict.fromkeys(m.decode() for m in _LEGIBLE_ID.findall(raw)) if _legible_id(i)]
+            lost = [i for i in lost if not (self.artifacts / i).is_dir()]
+            reason = f"lost: the queue file was unreadable at a restart; kept as {aside.name}"
+            self._ended = {i: {"status": "failed", "reason": reason} for i in lost}
+            log.error(
+                "queue file unreadable; moved aside, starting with an empty queue",
+                path=str(self.queue_file),
+                kept_as=str(aside),
+                error=str(exc),
+                lost=lost,
+            )
             return []
-        items = data.get("queue") if isinstance(data, dict) else None
-        ended = data.get("ended") if isinstance(data, dict) else None
+        ended = data.get("ended")
         self._ended = {
-            k: v for k, v in (ended or {}).items() if isinstance(v, dict) and isinstance(v.get("status"), str)
+            k: v
+            for k, v in (ended if isinstance(ended, dict) else {}).items()
+            if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("status"), str)
         }
-        return [i for i in items or [] if isinstance(i, dict) and isinstance(i.get("id"), str)]
+        items = data.get("queue")
+        out = []
+        for i in items if isinstance(items, list) else []:
+            if not _queue_item(i):
+                log.error("malformed queue entry dropped", entry=repr(i)[:200], path=str(self.queue_file))
+            elif (self.artifacts / i["id"]).is_dir():
+                log.warning("queued experiment had started before the restart; not started again", experiment=i["id"])
+            else:
+                out.append(i)
+        return out
 
     def _save_queue(self) -> None:
         """The queue, and the submissions that never ran (cancelled, failed to start): both are
@@ -238,7 +305,10 @@ class LabService:
                 self._ended[item["id"]] = {"status": "failed", "reason": f"could not start: {exc}"}
                 exp = None
             self._queue.pop(0)
-            self._save_queue()  # after the start: a crash in between starts it again, never loses it
+            try:
+                self._save_queue()  # after the start: a crash in between finds its folder (see _load_queue)
+            except OSError as exc:  # a full disk: the queue in memory is right; the next save writes it
+                log.error("queue file not rewritten", path=str(self.queue_file), error=str(exc))
             if exp is not None:
                 log.info("queued experiment started", experiment=exp.id, run_id=exp.run_id)
                 self._watch(exp)
@@ -248,9 +318,12 @@ class LabService:
 
         def on_end() -> None:
             exp.wait()
-            with self._lock:
-                self._fill()
-                self._forget_ended()
+            try:
+                with self._lock:
+                    self._fill()
+                    self._forget_ended()
+            except Exception:  # the next experiment's end, or the next submission, tries again
+                log.exception("could not start the next queued experiment", after=exp.id)
 
         threading.Thread(target=on_end, name=f"service-watch-{exp.id}", daemon=True).start()
 
