@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     and for good: stdout then points at ``os.devnull``, so that the interpreter's last flush of
     what is still buffered does not fail again at exit."""
     args: argparse.Namespace | None = None
+    _sane_terminal_size()
     try:
         try:
             parser = build_parser()
@@ -81,6 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc.__context__, BrokenPipeError):  # rich's Console on a closed pipe (on_broken_pipe)
             return _output_closed()
         raise
+
+
+def _sane_terminal_size() -> None:
+    """Drop a ``COLUMNS`` or ``LINES`` that no terminal has (``0``, ``-5``, ``wide``): rich takes
+    ``COLUMNS=0`` as a width of nothing and prints every table empty. The real size (or 80) is
+    used instead."""
+    for name in ("COLUMNS", "LINES"):
+        value = os.environ.get(name)
+        if value is not None and not (value.strip().isdigit() and 0 < int(value) <= 100_000):
+            del os.environ[name]
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -75,10 +75,18 @@ class SignalStop(threading.Event):
 
 @contextmanager
 def stop_on_signals() -> Iterator[SignalStop]:
-    """An event set by SIGINT or SIGTERM while the block runs (the handlers before it come back after)."""
+    """An event set by SIGINT or SIGTERM while the block runs (the handlers before it come back after).
+
+    A second signal ends the process at once (exit 128 + its number): the graceful stop the
+    first one asked for may wait on a step that does not return (a call that hangs). What was
+    recorded stays; the run's owner is then gone, so it reads ``crashed`` and a Lab's
+    recovery (``crucible lab serve``) resumes it."""
     stop_now = SignalStop()
 
     def on_signal(signum: int, frame: Any) -> None:
+        if stop_now.is_set():
+            os.write(2, b"crucible: second signal: exiting now, not waiting for the stop; what was recorded stays\n")
+            os._exit(128 + signum)
         if stop_now.signum is None:
             stop_now.signum = signum
         stop_now.set()
@@ -138,7 +146,10 @@ def end_on_signal(exp: Experiment, stop_now: threading.Event, console: Console |
     """Stop the experiment (flushing everything) if a signal asked for it while it was live."""
     if stop_now.is_set() and exp.status() in ("running", "paused"):
         if console is not None:
-            console.print("[yellow]signal received: stopping the experiment and flushing everything[/]")
+            console.print(
+                "[yellow]signal received: stopping the experiment and flushing everything "
+                "(a second Ctrl-C exits at once)[/]"
+            )
         exp.stop()
 
 
@@ -229,7 +240,7 @@ def color_spec(args: argparse.Namespace, graph_file: Path, graph_name: str) -> d
 def cmd_color(args: argparse.Namespace) -> int:
     """Colour a DIMACS graph (a file or a shipped instance's name) with the full pipeline under
     a Lab, check the result independently."""
-    from experiments.coloring.graph import read_dimacs, resolve_graph_file
+    from experiments.coloring.graph import GraphError, read_dimacs, resolve_graph_file
     from experiments.coloring.verify import check_coloring
 
     # A Ctrl-C before the Lab (imports, reading the graph) is a KeyboardInterrupt, which
@@ -257,6 +268,12 @@ def cmd_color(args: argparse.Namespace) -> int:
         finally:
             lab.shutdown()
     best = state.get("best")
+    solved = (state.get("graph") or {}).get("fingerprint")
+    if solved is not None and solved != g.fingerprint():  # the file changed between our read and the run's
+        raise GraphError(
+            f"{path}: the file changed while the run read it; the colouring in {exp.run_dir} is of the "
+            "graph the run read, which this command cannot check: run it again on a file left as it is"
+        )
     verdict = check_coloring(g, best) if best is not None else {"proper": False, "k": 0, "problems": ["no colouring"]}
     out_path = exp.run_dir / "coloring.json"
     result = {

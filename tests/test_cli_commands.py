@@ -475,3 +475,31 @@ def test_a_closed_stdout_does_not_cost_the_json_summary(tmp_path):
         os.close(write_end)
     assert r.returncode == 141, r.stderr
     assert orjson.loads(summary.read_bytes())["experiment_id"] == "lat"
+
+
+def test_color_refuses_to_judge_a_graph_other_than_the_one_it_solved(tmp_path, capsys, monkeypatch):
+    """The file replaced between the command's read and the run's: the colouring is not checked
+    against the wrong graph (a false 'not proper'), the command says what happened."""
+    import experiments.coloring.graph as graph_mod
+
+    path = tmp_path / "g.col"
+    path.write_text("p edge 4 3\ne 1 2\ne 2 3\ne 3 4\n")
+    real = graph_mod.read_dimacs
+
+    def read_then_replace(p):
+        g = real(p)
+        path.write_text("p edge 5 0\n")  # another graph for the run to read
+        return g
+
+    monkeypatch.setattr(graph_mod, "read_dimacs", read_then_replace)
+    argv = ["color", str(path), "--time-limit", "0.3", "--phases", "tabu", "--gpu", "cpu"]
+    err = usage_error(capsys, *argv, "--artifacts", str(tmp_path / "art"))
+    assert "the file changed while the run read it" in err
+
+
+@pytest.mark.parametrize("columns", ["0", "-3", "wide", ""])
+def test_a_terminal_width_no_terminal_has_still_prints_the_table(runs, capsys, monkeypatch, columns):
+    art, _ = runs
+    monkeypatch.setenv("COLUMNS", columns)
+    out = run_cli(capsys, "list", "--artifacts", str(art))
+    assert "lat" in out and "stopped" in out

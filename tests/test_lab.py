@@ -495,3 +495,39 @@ def test_a_phase_restarted_on_a_changed_graph_file_fails_the_run_and_keeps_its_c
         assert lab.start_experiment(spec("after", budget=0.3)).wait(30)  # the Lab goes on
     finally:
         lab.shutdown()
+
+
+def test_a_second_ctrl_c_ends_a_run_whose_step_hangs_at_once(tmp_path):
+    """The first SIGINT asks for a graceful stop, which waits on the step; a step that hangs (a
+    call that never returns) would hold it for minutes. The second exits now, 130; the run,
+    its owner gone, reads crashed (a Lab's recovery resumes it)."""
+    art = tmp_path / "art"
+    specfile = tmp_path / "hang.toml"
+    specfile.write_text(
+        'name = "hang"\ntime_budget_s = 600\n[workload.params]\ntarget = "time:sleep"\n'
+        "args = [300]\ncalls_per_step = 1\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art), "--no-live"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        until(lambda: list(art.glob("hang/*/lifecycle.json")), 60, "the run to start")
+        proc.send_signal(signal.SIGINT)
+        said = ""
+        while "exits at once" not in " ".join(said.split()):  # the graceful stop has begun (the line may wrap)
+            line = proc.stdout.readline()
+            assert line, said
+            said += line
+        assert "signal received" in said
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "second signal: exiting now" in proc.stderr.read()
+    (run_dir,) = art.glob("hang/*")
+    assert run_status(run_dir).status == "crashed"
