@@ -12,6 +12,7 @@ of the domain errors in :data:`USER_ERRORS` through, and :func:`cli.main` prints
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 """Errors that are the user's to fix: ``crucible`` prints them as one line and exits 2."""
 
 FAILED_REASONS = ("failed", "storage:")  # a tree that gave up; a storage failure that stopped the run
+
+
+def folder_arg(value: str) -> str:
+    """``--artifacts``: a folder's name; an empty one (``--artifacts ""``, an unset variable)
+    would put runs and the history in the current folder without a word."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must name a folder (default ./artifacts), got an empty string")
+    return value
 
 
 def history_error(flag: str | None, exc: BaseException) -> UsageError:

@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 from actors.log import LOG_KEEP, LOG_ROTATE_BYTES, configure_logging
-from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, history_error
+from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, folder_arg, history_error
 from cli.run import add_backend_options, stop_on_signals
 from experiments.validate import PORT, Num
 from telemetry.rundir import DAEMON_LOG
@@ -184,7 +184,12 @@ def add_commands(sub: Any) -> None:
     lab = sub.add_parser("lab", help="the lab daemon: a queue of experiments behind the dashboard's API")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     s = lab_sub.add_parser("serve", help="serve a Lab with a submission queue until SIGTERM/SIGINT")
-    s.add_argument("--artifacts", default="artifacts", help="artifacts folder (default ./artifacts); one daemon each")
+    s.add_argument(
+        "--artifacts",
+        default="artifacts",
+        type=folder_arg,
+        help="artifacts folder (default ./artifacts); one daemon each",
+    )
     s.add_argument(
         "--history",
         metavar="URL",

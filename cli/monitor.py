@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.markup import escape
 
 from cli import render
-from cli.errors import UsageError
+from cli.errors import UsageError, folder_arg
 from telemetry import rundir
 
 
@@ -138,7 +138,7 @@ def add_commands(sub: Any) -> None:
     mo.add_argument("--alert", action="append", metavar="EXPR", help="FIELD OP NUMBER on an event value (repeatable)")
     mo.add_argument("--from-end", action="store_true", help="start at the end of the file, not its beginning")
     mo.add_argument("--no-wait", action="store_true", help="print what is there and exit")
-    mo.add_argument("--artifacts", default="artifacts")
+    mo.add_argument("--artifacts", default="artifacts", type=folder_arg)
     mo.add_argument(
         "--history", metavar="URL", help="--summary reads the events from this history (default $CRUCIBLE_HISTORY)"
     )

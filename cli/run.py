@@ -26,6 +26,7 @@ from cli.errors import (
     EXIT_FAILED,
     EXIT_OK,
     UsageError,
+    folder_arg,
     history_error,
     interrupted,
     reason_failed,
@@ -249,7 +250,7 @@ def cmd_color(args: argparse.Namespace) -> int:
     g = read_dimacs(path)
     if args.target is not None and not 1 <= args.target <= g.n:
         raise UsageError(f"--target must be between 1 and the number of vertices ({g.n}), got {args.target}")
-    spec = color_spec(args, path, g.name)
+    spec = load_spec(color_spec(args, path, g.name), None, workload_registry())  # before any folder or history
     t0 = time.monotonic()
     # The handlers cover the Lab's whole life, so that a signal never cuts its start or its
     # shutdown short (an embedded Lab: a Ray one would put its own SIGTERM handler in as it starts).
@@ -300,7 +301,7 @@ def add_commands(sub: Any) -> None:
     r = sub.add_parser("run", help="run an experiment spec in the foreground")
     r.add_argument("spec", help="experiment spec (TOML)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
-    r.add_argument("--artifacts", default="artifacts", help="artifacts folder (default ./artifacts)")
+    r.add_argument("--artifacts", default="artifacts", type=folder_arg, help="artifacts folder (default ./artifacts)")
     r.add_argument(
         "--history",
         metavar="URL",
@@ -342,5 +343,5 @@ def add_commands(sub: Any) -> None:
     )
     co.add_argument("--gpu", choices=("auto", "cpu"), default="auto")
     co.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    co.add_argument("--artifacts", default="artifacts")
+    co.add_argument("--artifacts", default="artifacts", type=folder_arg)
     co.set_defaults(func=cmd_color)

@@ -25,7 +25,7 @@ import orjson
 from rich.console import Console
 
 from cli import render
-from cli.errors import EXIT_FAILED, UsageError, history_error, not_recorded, one_line
+from cli.errors import EXIT_FAILED, UsageError, folder_arg, history_error, not_recorded, one_line
 from telemetry import rundir
 from telemetry.batchstore import BatchStore
 from telemetry.export import FORMATS, export_events, export_run
@@ -250,7 +250,7 @@ HISTORY_HELP = (
 
 def add_commands(sub: Any) -> None:
     ls = sub.add_parser("list", help="list the runs in an artifacts folder")
-    ls.add_argument("--artifacts", default="artifacts")
+    ls.add_argument("--artifacts", default="artifacts", type=folder_arg)
     ls.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     ls.add_argument("--json", action="store_true", help="one JSON object per run")
     ls.set_defaults(func=cmd_list)
@@ -258,7 +258,7 @@ def add_commands(sub: Any) -> None:
     ex.add_argument("run", help="run directory or run id")
     ex.add_argument("--format", choices=FORMATS, default="jsonl")
     ex.add_argument("--out", help="output file (default RUN.FORMAT)")
-    ex.add_argument("--artifacts", default="artifacts")
+    ex.add_argument("--artifacts", default="artifacts", type=folder_arg)
     ex.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     ex.set_defaults(func=cmd_export)
     cp = sub.add_parser("compare", help="statistical comparison of two runs on one metric")
@@ -266,7 +266,7 @@ def add_commands(sub: Any) -> None:
     cp.add_argument("run_b")
     cp.add_argument("--metric", required=True)
     cp.add_argument("--json", action="store_true")
-    cp.add_argument("--artifacts", default="artifacts")
+    cp.add_argument("--artifacts", default="artifacts", type=folder_arg)
     cp.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     cp.set_defaults(func=cmd_compare)
     sy = sub.add_parser(
@@ -275,7 +275,7 @@ def add_commands(sub: Any) -> None:
         "(events a stop could not send, a missing run record)",
     )
     sy.add_argument("runs", nargs="*", metavar="RUN", help="run directories or ids (default: every run)")
-    sy.add_argument("--artifacts", default="artifacts")
+    sy.add_argument("--artifacts", default="artifacts", type=folder_arg)
     sy.add_argument(
         "--history",
         metavar="URL",

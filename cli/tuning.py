@@ -11,7 +11,7 @@ import orjson
 from rich.console import Console
 
 from cli import render
-from cli.errors import EXIT_FAILED, UsageError, interrupted, one_line
+from cli.errors import EXIT_FAILED, UsageError, folder_arg, interrupted, one_line
 from experiments.validate import SECONDS, SEED, Num
 
 TRIAL_KEYS = frozenset({"trial", "params", "seconds_to_best", "run_dir", "failed"})  # the other key: the objective
@@ -177,7 +177,7 @@ def add_commands(sub: Any) -> None:
     tu.add_argument("--seed", type=SEED.arg(), default=0, help="0 to 2^32-1")
     tu.add_argument("--set", action="append", metavar="KEY=VALUE")
     tu.add_argument("--json", action="store_true")
-    tu.add_argument("--artifacts", default="artifacts")
+    tu.add_argument("--artifacts", default="artifacts", type=folder_arg)
     _add_runner_flags(tu, "trials")
     tu.set_defaults(func=cmd_tune)
     abp = sub.add_parser("ab", help="A/B: hypertune on vs off over N seeds, with statistics")
@@ -187,6 +187,6 @@ def add_commands(sub: Any) -> None:
     abp.add_argument("--target", type=Num(0, 1e12).arg(), help="time-to-target threshold (default: best reached)")
     abp.add_argument("--set", action="append", metavar="KEY=VALUE")
     abp.add_argument("--json", action="store_true")
-    abp.add_argument("--artifacts", default="artifacts")
+    abp.add_argument("--artifacts", default="artifacts", type=folder_arg)
     _add_runner_flags(abp, "runs")
     abp.set_defaults(func=cmd_ab)

@@ -378,3 +378,24 @@ def test_a_bad_spec_touches_no_artifacts_folder_or_history(tmp_path, capsys):
         ["run", str(spec), "--artifacts", str(art), "--no-live"], capsys
     )
     assert not art.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["list"], ["color", "myciel5"], ["lab", "serve"], ["tune", "x.toml"], ["monitor", "r"], ["export", "r"]],
+)
+def test_an_empty_artifacts_folder_name_is_refused(tmp_path, capsys, monkeypatch, argv):
+    """``--artifacts ""`` (an unset variable) would put runs and the history in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--artifacts", ""])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--artifacts: must name a folder" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_color_with_a_bad_phase_leaves_no_artifacts_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["color", "myciel5", "--phases", "bogus", "--artifacts", str(tmp_path / "art")])
+    assert e.value.code == 2 and "bogus" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
