@@ -8,7 +8,9 @@ and Hedges' g, power and required sample size for a two-sample t-test (noncentra
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -23,10 +25,20 @@ def _arr(x: Any, name: str, min_n: int = 2) -> np.ndarray:
     return a
 
 
+@contextmanager
+def _undefined_is_nan() -> Iterator[None]:
+    """scipy warns (a RuntimeWarning naming its own file, on the user's terminal) and answers
+    NaN when a test is undefined, e.g. for two constant samples; the NaN says it already."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def welch_t(a: Any, b: Any) -> dict[str, float]:
-    """Welch's unequal-variance t-test (two-sided)."""
+    """Welch's unequal-variance t-test (two-sided); NaN where it is undefined (no variance)."""
     x, y = _arr(a, "a"), _arr(b, "b")
-    r = st.ttest_ind(x, y, equal_var=False)
+    with _undefined_is_nan():
+        r = st.ttest_ind(x, y, equal_var=False)
     return {"test": "welch_t", "statistic": float(r.statistic), "p_value": float(r.pvalue), "df": float(r.df)}
 
 
@@ -35,14 +47,16 @@ def paired_t(a: Any, b: Any) -> dict[str, float]:
     x, y = _arr(a, "a"), _arr(b, "b")
     if x.size != y.size:
         raise ValueError(f"paired samples must have the same length, got {x.size} and {y.size}")
-    r = st.ttest_rel(x, y)
+    with _undefined_is_nan():
+        r = st.ttest_rel(x, y)
     return {"test": "paired_t", "statistic": float(r.statistic), "p_value": float(r.pvalue), "df": float(r.df)}
 
 
 def mann_whitney(a: Any, b: Any) -> dict[str, float]:
     """Mann-Whitney U (two-sided), with the rank-biserial correlation as effect size."""
     x, y = _arr(a, "a", 1), _arr(b, "b", 1)
-    r = st.mannwhitneyu(x, y, alternative="two-sided")
+    with _undefined_is_nan():
+        r = st.mannwhitneyu(x, y, alternative="two-sided")
     return {
         "test": "mann_whitney_u",
         "statistic": float(r.statistic),
@@ -54,7 +68,8 @@ def mann_whitney(a: Any, b: Any) -> dict[str, float]:
 def t_interval(a: Any, confidence: float = 0.95) -> tuple[float, float]:
     """t confidence interval for the mean."""
     x = _arr(a, "sample")
-    lo, hi = st.t.interval(confidence, x.size - 1, loc=x.mean(), scale=st.sem(x))
+    with _undefined_is_nan():
+        lo, hi = st.t.interval(confidence, x.size - 1, loc=x.mean(), scale=st.sem(x))
     return float(lo), float(hi)
 
 

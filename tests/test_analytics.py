@@ -1,3 +1,4 @@
+import math
 import threading
 
 import numpy as np
@@ -374,3 +375,19 @@ def test_compare_runs_on_a_metric():
     assert r["ci"][0] < np.mean(B) - np.mean(A) < r["ci"][1]
     with pytest.raises(ValueError, match="at least 2"):
         stats.compare([1.0], [2.0, 3.0])
+
+
+def test_a_test_that_is_undefined_answers_nan_without_a_warning():
+    """Two constant samples (a metric that never moved): no variance, no test; the answer is
+    NaN, and scipy's RuntimeWarning does not reach the user's terminal."""
+    import warnings
+
+    from telemetry import stats as ts
+
+    same = np.full(30, 4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for result in (ts.welch_t(same, same), ts.paired_t(same, same + 0.0)):
+            assert math.isnan(result["p_value"])
+        lo, hi = ts.t_interval(same)
+        assert (math.isnan(lo) and math.isnan(hi)) or lo == hi == 4.0
