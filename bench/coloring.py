@@ -1,7 +1,8 @@
 """Colouring benchmark on the DIMACS instances shipped in the package (one run; the anchor in the same run).
 
 Run: ``python -m bench.coloring [--instances DSJC125.5,DSJC250.5,...] [--limit-scale 1.0]``, or
-``python -m bench.coloring --rate-only`` (the TabuCol rate alone), or ``--against REV`` (the
+``python -m bench.coloring --rate-only`` (the TabuCol rate alone), ``--dsatur-only --against
+REV`` (DSATUR now against the one at REV), or ``--against REV`` (the
 TabuCol kernel now against ``kernels/coloring.py`` at a git revision, interleaved rounds).
 
 For each instance: NetworkX's ``greedy_color(strategy="saturation_largest_first")`` (DSATUR,
@@ -70,6 +71,25 @@ def networkx_dsatur(path: Path) -> tuple[int, float]:
     return max(c.values()) + 1, time.perf_counter() - t0
 
 
+def dsatur_against(then: Any, rev: str, graphs: list[tuple[str, Any]]) -> None:
+    """Our DSATUR now against ``kernels/coloring.py`` at ``rev`` (the anchor), same graphs, same
+    run, each compiled before it is timed: colours and seconds of each, and the speed-up."""
+    from experiments.coloring.graph import gnp
+    from kernels.coloring import dsatur
+
+    tiny = gnp(5, 0.5, 0)
+    print(f"{'graph':<26} {'n':>7} {'m':>9} | {rev + ' k':>10} {'s':>8} | {'now k':>6} {'s':>8} | {'speed-up':>8}")
+    for label, g in graphs:
+        runs = []
+        for fn in (then.dsatur, dsatur):
+            fn(tiny.indptr, tiny.indices)  # compiled (or loaded) before it is timed
+            t0 = time.perf_counter()
+            k = int(fn(g.indptr, g.indices).max()) + 1
+            runs.append((k, time.perf_counter() - t0))
+        (tk, tt), (nk, nt) = runs
+        print(f"{label:<26} {g.n:>7} {g.m:>9} | {tk:>10} {tt:>8.3f} | {nk:>6} {nt:>8.4f} | {tt / nt:>7.0f}x")
+
+
 def tabucol_rate(
     seconds: float = 3.0, kernels: Any = None, instance: str = "DSJC250.5", k: int = 27
 ) -> tuple[float, float]:
@@ -116,6 +136,7 @@ def main() -> None:
     ap.add_argument("--limit-scale", type=float, default=1.0, help="multiply every time limit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rate-only", action="store_true", help="only the TabuCol rate (three rounds of 3 s)")
+    ap.add_argument("--dsatur-only", action="store_true", help="only DSATUR, now against --against REV")
     ap.add_argument("--against", metavar="REV", help="TabuCol now against kernels/coloring.py at git REV, interleaved")
     ap.add_argument(
         "--rate-on", default="DSJC250.5:27", metavar="NAME:K", help="the instance and k of the TabuCol rate"
@@ -129,6 +150,21 @@ def main() -> None:
     if instance_path(name) is None:
         ap.error(f"--rate-on: no shipped instance named {name!r} (crucible instances lists them)")
     on = {"instance": name, "k": int(k_text)}
+    if args.dsatur_only:
+        from experiments.coloring.graph import from_edges, gnp
+
+        if not args.against:
+            ap.error("--dsatur-only needs --against REV (the DSATUR to compare with)")
+        dsatur_against(
+            kernels_at(args.against),
+            args.against,
+            [
+                ("DSJC1000.5", read_dimacs(instance_path("DSJC1000.5"))),
+                ("G(20000, 0.001) seed 1", gnp(20_000, 0.001, 1)),
+                ("100,000 isolated vertices", from_edges(100_000, np.empty((0, 2), dtype=np.int64))),
+            ],
+        )
+        return
     if args.against:
         then = kernels_at(args.against)
         ratios = []

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from experiments.coloring.catalog import instance_path
-from experiments.coloring.graph import GraphError, from_edges, gnp, planted, read_dimacs
+from experiments.coloring.graph import MAX_VERTICES, GraphError, from_edges, gnp, planted, read_dimacs
 from experiments.coloring.init import STRATEGIES, initial_coloring
 from experiments.coloring.verify import check_coloring
 from experiments.coloring.workload import ColoringWorkload
@@ -698,3 +698,15 @@ def test_a_graph_over_the_table_bound_is_refused_naming_its_file(tmp_path):
     star.write_text(f"p edge {n} {n - 1}\n" + "".join(f"e 1 {v}\n" for v in range(2, n + 1)))
     with pytest.raises(GraphError, match=rf"^{re.escape(str(star))}: .*exceeds"):
         read_dimacs(star)
+
+
+@pytest.mark.parametrize(("n", "p", "seed"), [(300, 0.9, 4), (250, 0.02, 5), (200, 0.5, 3)])
+def test_dsatur_matches_the_reference_on_larger_graphs(n, p, seed):
+    """The heap's order is the scan's: most saturated, then highest degree, then lowest id."""
+    g = gnp(n, p, seed)
+    assert dsatur(g.indptr, g.indices).tolist() == ref_dsatur(g)
+
+
+def test_dsatur_on_the_largest_graph_of_isolated_vertices():
+    g = from_edges(MAX_VERTICES, np.empty((0, 2), dtype=np.int64))
+    assert not dsatur(g.indptr, g.indices).any()  # one colour: every vertex 0
