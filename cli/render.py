@@ -8,6 +8,8 @@ progress value. No view here names a workload's field.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,8 @@ from rich.table import Table
 from experiments.monitor import SHORT
 from experiments.monitor import sparkline as spark
 from experiments.workloads import Objective, objective_of
+
+LISTING_WIDTH = 240  # a table written to a file or a pipe: wide enough for run ids and paths
 
 if TYPE_CHECKING:
     from experiments.lab import Experiment
@@ -243,3 +247,12 @@ class MonitorView:
         for line in self.lines:
             t.add_row(escape(line))
         return t
+
+
+def listing_console() -> Console:
+    """The console for a listing: on a terminal, its width; written to a file or a pipe (``>
+    runs.txt``, ``| grep``) without ``COLUMNS``, :data:`LISTING_WIDTH` columns, so that run
+    ids and paths come out whole rather than cut to 80 columns."""
+    if sys.stdout is not None and not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        return Console(width=LISTING_WIDTH)
+    return Console()

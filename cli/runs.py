@@ -115,7 +115,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for i in infos:
             print(orjson.dumps(i).decode())
         return 0
-    Console().print(render.runs_table(f"runs in {art}", infos))
+    render.listing_console().print(render.runs_table(f"runs in {art}", infos))
     return 0
 
 

@@ -503,3 +503,12 @@ def test_a_terminal_width_no_terminal_has_still_prints_the_table(runs, capsys, m
     monkeypatch.setenv("COLUMNS", columns)
     out = run_cli(capsys, "list", "--artifacts", str(art))
     assert "lat" in out and "stopped" in out
+
+
+def test_a_listing_written_to_a_file_keeps_run_ids_and_paths_whole(runs, capsys, monkeypatch):
+    """``crucible list > runs.txt`` or ``| grep``: nothing cut to 80 columns."""
+    art, dirs = runs
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = run_cli(capsys, "list", "--artifacts", str(art))
+    for d in dirs:
+        assert d.name in out and str(d) in out
