@@ -36,6 +36,7 @@ from telemetry.rundir import LOCK_FILE, QUEUE_FILE, check_experiment_id, list_ru
 log = get_logger("experiments.service")
 
 QUEUE_SCHEMA = 1
+RETIRED_BASES = 10_000  # names whose given-out ids are remembered after their records are dropped
 LIVE_STATUSES = ("running", "paused")
 
 
@@ -109,6 +110,7 @@ class LabService:
         self._closed = False
         self._queue: list[dict[str, Any]] = []
         self._ended: dict[str, dict[str, Any]] = {}  # cancelled or failed-to-start submissions
+        self._retired: dict[str, int] = {}  # ids of forgotten submissions: base -> highest suffix (see _retire)
         try:
             # history: see telemetry.history; backend and address: Lab (docs/ray.md)
             self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
@@ -200,6 +202,12 @@ class LabService:
                 lost=lost,
             )
             return []
+        retired = data.get("retired")
+        self._retired = {
+            k: v
+            for k, v in (retired if isinstance(retired, dict) else {}).items()
+            if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        }
         ended = data.get("ended")
         self._ended = {
             k: v
@@ -222,7 +230,8 @@ class LabService:
         acknowledged, so both outlive a restart of the daemon."""
         for old in list(self._ended)[: max(0, len(self._ended) - self.keep_ended)]:
             del self._ended[old]  # the oldest first (insertion order): bounded like ended handles
-        data = {"schema": QUEUE_SCHEMA, "queue": self._queue, "ended": self._ended}
+            self._retire(old)
+        data = {"schema": QUEUE_SCHEMA, "queue": self._queue, "ended": self._ended, "retired": self._retired}
         atomic_write(self.queue_file, orjson.dumps(data), mode=0o600)  # specs may be private: the owner's only
 
     # --- submissions ---------------------------------------------------------------------------------------
@@ -233,15 +242,28 @@ class LabService:
         on_disk = {p.name for p in self.artifacts.iterdir() if p.is_dir()}
         return {*self.lab.experiments, *(i["id"] for i in self._queue), *self._ended, *on_disk}
 
+    def _retire(self, exp_id: str) -> None:
+        """Remember, compactly, that ``exp_id`` was given out: a submission that never ran and
+        whose record is dropped leaves no folder, and its id must not be given again (a client
+        holding it would stop someone else's experiment). ``base-k`` raises ``base``'s floor to
+        ``k``; ``base`` itself to 1. At most :data:`RETIRED_BASES` names are kept."""
+        m = re.fullmatch(r"(.+)-(\d{1,9})", exp_id)
+        for base, k in ((exp_id, 1), *(((m[1], int(m[2])),) if m and int(m[2]) >= 2 else ())):
+            self._retired[base] = max(self._retired.pop(base, 0), k)  # re-inserted: the newest last
+        for old in list(self._retired)[: max(0, len(self._retired) - RETIRED_BASES)]:
+            del self._retired[old]
+
     def _new_id(self, base: str) -> str:
-        """``base``, or ``base-2``, ``base-3``...: the first free one, cut to the id's 128
-        characters (an id that could not run must never be acknowledged)."""
-        taken, exp_id, k = self._taken(), base, 1
-        while exp_id in taken:
-            k += 1
-            suffix = f"-{k}"
+        """``base``, or ``base-2``, ``base-3``...: the first free one above any given out before
+        (see :meth:`_retire`), cut to the id's 128 characters (an id that could not run must
+        never be acknowledged)."""
+        taken, k = self._taken(), self._retired.get(base, 0) + 1
+        while True:
+            suffix = "" if k == 1 else f"-{k}"
             exp_id = base[: 128 - len(suffix)] + suffix
-        return exp_id
+            if exp_id not in taken and self._retired.get(exp_id) is None:
+                return exp_id
+            k += 1
 
     def submit(
         self, spec: str | dict[str, Any], overrides: list[str] | None = None, experiment_id: str | None = None

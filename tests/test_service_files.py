@@ -134,3 +134,30 @@ def test_a_lock_file_that_is_a_folder_is_one_line_and_exit_2(tmp_path):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "lab.lock" in r.stderr.strip().splitlines()[-1]
+
+
+def test_ids_of_forgotten_cancellations_are_never_given_again(tmp_path):
+    """More cancellations than the service keeps records of: a new submission never gets an id
+    a client was given before (a ``stop`` kept from then would stop the new one), across a
+    restart too."""
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1, keep_ended=2)
+    try:
+        hog = service.submit(latency_spec("hog", budget=600))["id"]  # holds the one slot
+        given = []
+        for _ in range(4):
+            exp_id = service.submit(latency_spec("lat"))["id"]
+            given.append(exp_id)
+            assert service.stop(exp_id)["status"] == "cancelled"
+        assert given == ["lat", "lat-2", "lat-3", "lat-4"]
+        assert sorted(e["id"] for e in service.list(history=False) if e["status"] == "cancelled") == ["lat-3", "lat-4"]
+        assert service.submit(latency_spec("lat"))["id"] == "lat-5"
+        assert service.submit(latency_spec("x"), experiment_id="lat-2")["id"] == "lat-2-2"
+        service.stop(hog)
+    finally:
+        service.shutdown()
+    again = LabService(art, max_running=1, keep_ended=2)
+    try:
+        assert again.submit(latency_spec("lat"))["id"] not in {"lat", "lat-2", "lat-3", "lat-4", "lat-5"}
+    finally:
+        again.shutdown()
