@@ -3,6 +3,8 @@ checked against what is on disk."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,3 +145,18 @@ def check_accounts(exp: Any, artifacts: Path, lossless: bool = True) -> dict[str
     final = exp.summary()
     assert final["events_persisted"] == s["events_persisted"] and final["stale"] is False
     return s
+
+
+def crucible_run(
+    tmp_path: Path, name: str, target: str = "math:sqrt", args: str = "[2.0]", calls_per_step: int = 5, **popen: Any
+) -> tuple[subprocess.Popen[str], Path]:
+    """``crucible run`` in a process of its own on a latency spec with a 600 s budget (it runs
+    until a signal ends it): the process and its artifacts folder. ``popen``: the pipes."""
+    art = tmp_path / "art"
+    specfile = tmp_path / f"{name}.toml"
+    specfile.write_text(
+        f'name = "{name}"\ntime_budget_s = 600\n[workload.params]\ntarget = "{target}"\n'
+        f"args = {args}\ncalls_per_step = {calls_per_step}\n"
+    )
+    argv = [sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art), "--no-live"]
+    return subprocess.Popen(argv, cwd=Path(__file__).resolve().parent.parent, text=True, **popen), art

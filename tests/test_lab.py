@@ -2,7 +2,6 @@ import http.server
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +16,7 @@ from supervisor import AlreadyPaused, Lab, NotFound, NotPaused, NotRunning
 from telemetry.jsonl import iter_run
 from telemetry.rundir import run_status
 from telemetry.schema import rows_to_batch
-from tests.fault_helpers import until
+from tests.fault_helpers import crucible_run, until
 
 FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 5}
 
@@ -303,18 +302,7 @@ def fake_llm_call():
 
 
 def test_sigterm_to_crucible_run_flushes_everything(tmp_path):
-    art = tmp_path / "art"
-    specfile = tmp_path / "long.toml"
-    specfile.write_text(
-        'name = "long"\ntime_budget_s = 600\n[workload.params]\ntarget = "math:sqrt"\n'
-        "args = [2.0]\ncalls_per_step = 5\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art), "--no-live"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, art = crucible_run(tmp_path, "long", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     events = None
     while time.monotonic() < deadline and proc.poll() is None:  # wait until events are on disk
@@ -501,18 +489,7 @@ def test_a_second_ctrl_c_ends_a_run_whose_step_hangs_at_once(tmp_path):
     """The first SIGINT asks for a graceful stop, which waits on the step; a step that hangs (a
     call that never returns) would hold it for minutes. The second exits now, 130; the run,
     its owner gone, reads crashed (a Lab's recovery resumes it)."""
-    art = tmp_path / "art"
-    specfile = tmp_path / "hang.toml"
-    specfile.write_text(
-        'name = "hang"\ntime_budget_s = 600\n[workload.params]\ntarget = "time:sleep"\n'
-        "args = [300]\ncalls_per_step = 1\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art), "--no-live"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, art = crucible_run(tmp_path, "hang", "time:sleep", "[300]", 1, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         until(lambda: list(art.glob("hang/*/lifecycle.json")), 60, "the run to start")
         proc.send_signal(signal.SIGINT)

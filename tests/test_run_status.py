@@ -23,6 +23,7 @@ from telemetry import rundir
 from telemetry.jsonl import iter_run
 from telemetry.rundir import RunStatus, count_events, read_summary, run_status, status_from_record
 from telemetry.schema import dumps_line
+from tests.fault_helpers import crucible_run
 
 FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 5}
 STATUSES = {"running", "paused", "stopped", "failed", "archived", "crashed", "unknown"}
@@ -41,17 +42,7 @@ def monitor_summary(run_dir, art, capsys):
 
 
 def test_a_killed_run_is_reported_crashed_and_monitors_end(tmp_path, capsys):
-    art = tmp_path / "art"
-    specfile = tmp_path / "long.toml"
-    specfile.write_text(
-        'name = "long"\ntime_budget_s = 600\n[workload.params]\ntarget = "math:sqrt"\n'
-        "args = [2.0]\ncalls_per_step = 5\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art), "--no-live"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc, art = crucible_run(tmp_path, "long", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         run = None
@@ -61,7 +52,7 @@ def test_a_killed_run_is_reported_crashed_and_monitors_end(tmp_path, capsys):
                 run = found[0].parent
                 break
             time.sleep(0.05)
-        assert run is not None, proc.stderr.read().decode() if proc.poll() is not None else "no events written"
+        assert run is not None, proc.stderr.read() if proc.poll() is not None else "no events written"
         live = listed(art, capsys)[run.name]
         assert live["status"] == "running" and f"owner pid {proc.pid}" in " ".join(live["evidence"])
     finally:
