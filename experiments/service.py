@@ -56,6 +56,7 @@ def _queue_item(item: Any) -> bool:
     return (
         isinstance(item, dict)
         and isinstance(item.get("id"), str)
+        and _legible_id(item["id"])
         and isinstance(item.get("spec"), (dict, str))
         and isinstance(item.get("set") or [], list)
         and isinstance(item.get("submitted_at"), (int, float))
@@ -169,10 +170,10 @@ class LabService:
     def _load_queue(self) -> list[dict[str, Any]]:
         """The queue a previous lifetime left. A damaged file is moved aside (kept, never
         overwritten) and the daemon starts with an empty queue: the ids still legible in it are
-        listed as failed (lost with the file), so they are neither silent nor given again;
-        malformed entries are dropped;
-        an item whose experiment folder exists already started (the daemon died between its
-        start and the queue's rewrite): it was resumed or has ended, and is not started again."""
+        listed as failed (lost with the file), so they are neither silent nor given again.
+        Malformed entries are dropped. An item whose experiment folder exists had started (the
+        daemon died between its start and the queue's rewrite): it was resumed or has ended,
+        and is not started again."""
         raw = b""
         try:
             raw = self.queue_file.read_bytes()
