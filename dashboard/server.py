@@ -78,6 +78,7 @@ log = get_logger("dashboard")
 STATIC = Path(__file__).parent / "static"
 CONTROLS = ("pause", "resume", "restart", "stop")
 PUSH_INTERVAL_S = 0.1  # at most 10 pushes a second
+ENDED_PUSH_S = 10.0  # an experiment's last events still go out this long after it ended
 SEND_TIMEOUT_S = 2.0  # a client that does not take a push in this time is dropped
 STATIC_TYPES = {"app.js": "application/javascript", "favicon.svg": "image/svg+xml"}
 # the page runs its own script only, is never framed, and talks to its own origin only
@@ -513,7 +514,8 @@ def queued_view(service: LabService, views: list[dict[str, Any]]) -> list[dict[s
 class PushSource:
     """What every open page's socket pushes, read from the Lab once per :data:`PUSH_INTERVAL_S`
     for all of them: each socket then keeps only the events it has not sent. A hundred open
-    tabs cost one read of each live experiment per interval, not a hundred."""
+    tabs cost one read of each live experiment per interval, not a hundred. An experiment that
+    ended is read for :data:`ENDED_PUSH_S` more, so its last events reach the pages too."""
 
     def __init__(
         self, lab: Lab, service: LabService | None = None, max_age_s: float = PUSH_INTERVAL_S, clock: Any = None
@@ -539,7 +541,8 @@ class PushSource:
         exps, recent = [], {}
         for exp in list(self.lab.experiments.values()):
             exps.append(experiment_view(exp))
-            if exp.status() in ("running", "paused"):
+            ended = exp.ended_at
+            if exp.status() in ("running", "paused") or (ended is not None and exp.clock() - ended < ENDED_PUSH_S):
                 try:
                     recent[exp.id] = exp.query_window(("last_n", 200))
                 except Exception:  # noqa: BLE001 - a stopping experiment: try again next push

@@ -330,3 +330,11 @@ def test_a_daemons_queue_reaches_the_page_in_every_push(tmp_path):
     finally:
         dash.stop()
         service.shutdown()
+
+
+def test_the_last_events_of_an_experiment_that_ended_between_pushes_still_go_out(lab):
+    exp = lab.start_experiment({**SPEC, "name": "brief", "time_budget_s": 0.3, "hypertune": {"enabled": False}})
+    source = PushSource(lab, max_age_s=0)
+    assert exp.wait(60)  # it ended before any page asked
+    pushed = source.push({})["events"].get("brief", [])
+    assert pushed and pushed[-1]["seq"] == exp.query_window(("last_n", 1))[-1]["seq"]
