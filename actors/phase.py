@@ -54,6 +54,7 @@ from actors.log import get_logger
 from actors.snapshot import Snapshot
 from actors.topics import Topics
 from telemetry.emitter import Emitter
+from telemetry.rundir import read_json
 
 log = get_logger("actors.phase")
 
@@ -71,11 +72,8 @@ class CheckpointStore:
         self._writer: object | None = None  # the phase incarnation whose writes count
         if path is not None and path.exists():
             try:
-                state = orjson.loads(path.read_bytes())
-                if not isinstance(state, dict):
-                    raise ValueError(f"expected a JSON object, got {type(state).__name__}")
-                self.state = state
-            except (OSError, ValueError) as exc:  # orjson's decode error is a ValueError
+                self.state = read_json(path) or {}
+            except (OSError, ValueError) as exc:  # not JSON, not an object, a folder in its place
                 log.warning("checkpoint unreadable; starting fresh", file=str(path), error=str(exc))
 
     def claim(self, writer: object) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import orjson
 
+from experiments.validate import brief
 from telemetry.rundir import TOKEN_FILE
 
 TOKEN_ENV = "CRUCIBLE_TOKEN"
@@ -88,10 +89,9 @@ def base_url(url: str) -> str:
     return str(u).rstrip("/") + "/"
 
 
-def _cut(text: str, limit: int = 300) -> str:
+def _cut(text: str) -> str:
     """An answer's text as one short line: a proxy's error page can be long HTML."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    return brief(" ".join(text.split()), 300)
 
 
 class LabClient:

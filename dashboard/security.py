@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.files import atomic_write
 from actors.log import get_logger
+from experiments.validate import brief
 
 log = get_logger("dashboard")
 
@@ -121,11 +122,6 @@ def write_token_file(path: Path, token: str) -> None:
     atomic_write(path, (token + "\n").encode(), mode=0o600)
 
 
-def _quoted(value: str) -> str:
-    """``value`` quoted, its first :data:`ECHO_CHARS` characters only (a header can be 64 KiB)."""
-    return repr(value) if len(value) <= ECHO_CHARS else f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
-
-
 def _json(status: int, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = orjson.dumps({"error": message})
     return status, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
@@ -146,10 +142,12 @@ class Guard:
         headers = Headers(scope=scope)
         host = headers.get("host", "").lower()
         if host not in self.hosts:
-            return 400, f"Host {_quoted(host)} is not this dashboard; use one of {', '.join(sorted(self.hosts))}"
+            known = ", ".join(sorted(self.hosts))
+            return 400, f"Host {brief(host, ECHO_CHARS)!r} is not this dashboard; use one of {known}"
         origin = headers.get("origin")
         if origin is not None and origin.lower() != f"http://{host}":
-            return 403, f"cross-origin request from {_quoted(origin)} refused; the dashboard serves its own page only"
+            shown = brief(origin, ECHO_CHARS)
+            return 403, f"cross-origin request from {shown!r} refused; the dashboard serves its own page only"
         if scope["path"] not in PUBLIC_PATHS and not self.authorised(headers):
             return 401, (
                 "this needs the dashboard token: open the URL with ?token=... that crucible run --dashboard "

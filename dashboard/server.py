@@ -70,7 +70,7 @@ from experiments.spec import SpecError
 from experiments.validate import brief
 from experiments.workloads import Objective, objective_of
 from telemetry.jsonl import RunFileError, iter_run
-from telemetry.rundir import TOKEN_FILE, find_runs, summary_best
+from telemetry.rundir import LIVE, TOKEN_FILE, find_runs, summary_best
 from telemetry.schema import check_id
 
 log = get_logger("dashboard")
@@ -183,7 +183,7 @@ def objective(exp: Experiment) -> Objective | None:
 
 def experiment_view(exp: Experiment) -> dict[str, Any]:
     """One experiment for the list and the pushes; ``objective`` tells the page what to draw."""
-    st = exp.phase_status() if exp.status() in ("running", "paused") else {}
+    st = exp.phase_status() if exp.status() in LIVE else {}
     obj = objective(exp)
     return {
         "id": exp.id,
@@ -542,7 +542,7 @@ class PushSource:
         for exp in list(self.lab.experiments.values()):
             exps.append(experiment_view(exp))
             ended = exp.ended_at
-            if exp.status() in ("running", "paused") or (ended is not None and exp.clock() - ended < ENDED_PUSH_S):
+            if exp.status() in LIVE or (ended is not None and exp.clock() - ended < ENDED_PUSH_S):
                 try:
                     recent[exp.id] = exp.query_window(("last_n", 200))
                 except Exception:  # noqa: BLE001 - a stopping experiment: try again next push

@@ -31,13 +31,12 @@ from actors.runtime import trim_heap
 from experiments.admission import Admission
 from experiments.lab import Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, parse_toml
-from telemetry.rundir import LOCK_FILE, QUEUE_FILE, check_experiment_id, list_runs
+from telemetry.rundir import LIVE, LOCK_FILE, QUEUE_FILE, check_experiment_id, list_runs
 
 log = get_logger("experiments.service")
 
 QUEUE_SCHEMA = 1
 RETIRED_BASES = 10_000  # names whose given-out ids are remembered after their records are dropped
-LIVE_STATUSES = ("running", "paused")
 
 
 _LEGIBLE_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9._-]{1,128})"')  # in what is left of a damaged queue file
@@ -313,7 +312,7 @@ class LabService:
         return {"id": exp_id, "status": exp.status(), "run_id": exp.run_id}
 
     def _running(self) -> int:
-        return sum(1 for e in list(self.lab.experiments.values()) if e.status() in LIVE_STATUSES)
+        return sum(1 for e in list(self.lab.experiments.values()) if e.status() in LIVE)
 
     def _fill(self) -> None:
         """Start queued items, oldest first, while a slot is free (the caller holds the lock)."""
@@ -353,7 +352,7 @@ class LabService:
     def _forget_ended(self) -> None:
         """Keep the handles of the last ``keep_ended`` ended experiments; older ones are only
         on disk (``list`` still shows them): memory stays bounded over months of submissions."""
-        ended = [e for e in list(self.lab.experiments.values()) if e.status() not in LIVE_STATUSES]
+        ended = [e for e in list(self.lab.experiments.values()) if e.status() not in LIVE]
         ended.sort(key=lambda e: e.ended_at or 0.0)
         forgot = 0
         for exp in ended[: max(0, len(ended) - self.keep_ended)]:

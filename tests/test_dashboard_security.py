@@ -131,10 +131,10 @@ def test_a_refusal_quotes_a_huge_header_cut_short(lab, dash):
     huge = "h" * 60_000
     with bare(dash, headers={**bearer(dash), "Host": huge}) as c:
         r = c.get("/api/experiments")
-    assert r.status_code == 400 and len(r.text) < 1000 and "60000 characters" in r.json()["error"]
+    assert r.status_code == 400 and len(r.text) < 1000 and "60,000 characters" in r.json()["error"]
     with bare(dash, headers={**bearer(dash), "Origin": "http://" + huge}) as c:
         r = c.post("/api/control/pause", json={"experiment": "sec"})
-    assert r.status_code == 403 and len(r.text) < 1000 and "60007 characters" in r.json()["error"]
+    assert r.status_code == 403 and len(r.text) < 1000 and "60,007 characters" in r.json()["error"]
     assert_still_running(lab, dash)
 
 

@@ -129,6 +129,14 @@ def from_edges(n: int, edges: np.ndarray, name: str = "graph", **meta: Any) -> G
     return g
 
 
+def _maybe_gunzip(raw: Any) -> tuple[Any, bool]:
+    """``raw`` (a binary file at its start) to read from, decompressed if its magic bytes say
+    gzip, and whether they did."""
+    gz = raw.read(2) == b"\x1f\x8b"
+    raw.seek(0)
+    return (gzip.GzipFile(fileobj=raw) if gz else raw), gz
+
+
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """``(line number, line)`` for each line of a plain or gzip-compressed file (by its magic
     bytes) that says something: not blank, not a ``c`` comment. The line starts at its first
@@ -156,11 +164,9 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise cannot_read(exc) from None
     with raw:
         try:
-            gz = raw.read(2) == b"\x1f\x8b"
-            raw.seek(0)
+            fh, gz = _maybe_gunzip(raw)
         except OSError as exc:
             raise cannot_read(exc) from None
-        fh = gzip.GzipFile(fileobj=raw) if gz else raw
         total = 0
         data = b"\n"  # the newline that ends line ``base``, then the bytes read since
         while True:
@@ -233,9 +239,7 @@ def _cr_only(path: Path) -> bool:
     make the whole file one line (a comment, when it starts with one)."""
     try:
         with path.open("rb") as raw:
-            gz = raw.read(2) == b"\x1f\x8b"
-            raw.seek(0)
-            head = (gzip.GzipFile(fileobj=raw) if gz else raw).read(READ_BYTES)
+            head = _maybe_gunzip(raw)[0].read(READ_BYTES)
     except (OSError, EOFError, zlib.error):
         return False
     return b"\r" in head and b"\n" not in head
