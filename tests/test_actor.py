@@ -245,7 +245,9 @@ def test_spawn_monitor_reports_an_on_start_crash_not_noproc(spawned, inner):
         assert w._life.watchers == []
         w.stop(timeout=2)
     _DiesInOnStart.inners.clear()
-    Worker.start().stop(timeout=2)  # the pending monitor was not left for the next actor
+    after = Worker.start()
+    assert after._life.watchers == []  # the pending monitor was not left for the next actor
+    after.stop(timeout=2)
     downs = [m for m in watcher.ask({"kind": "get"}) if m["kind"] == "down"]
     assert downs == [
         {"kind": "down", "urn": late.urn, "reason": NOPROC},
