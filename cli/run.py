@@ -74,6 +74,9 @@ class SignalStop(threading.Event):
     signum: int | None = None
 
 
+REPEAT_SIGNAL_S = 0.5  # a second signal sooner is the first one delivered twice
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[SignalStop]:
     """An event set by SIGINT or SIGTERM while the block runs (the handlers before it come back after).
@@ -81,15 +84,21 @@ def stop_on_signals() -> Iterator[SignalStop]:
     A second signal ends the process at once (exit 128 + its number): the graceful stop the
     first one asked for may wait on a step that does not return (a call that hangs). What was
     recorded stays; the run's owner is then gone, so it reads ``crashed`` and a Lab's
-    recovery (``crucible lab serve``) resumes it."""
+    recovery (``crucible lab serve``) resumes it. A signal within :data:`REPEAT_SIGNAL_S` of
+    the first is the same request delivered twice (``timeout`` signals the command and then
+    its process group), not a second one."""
     stop_now = SignalStop()
+    first_at: list[float] = []
 
     def on_signal(signum: int, frame: Any) -> None:
+        if first_at and time.monotonic() - first_at[0] < REPEAT_SIGNAL_S:
+            return
         if stop_now.is_set():
             os.write(2, b"crucible: second signal: exiting now, not waiting for the stop; what was recorded stays\n")
             os._exit(128 + signum)
         if stop_now.signum is None:
             stop_now.signum = signum
+            first_at.append(time.monotonic())
         stop_now.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
