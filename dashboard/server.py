@@ -526,6 +526,7 @@ class PushSource:
         self._lock = threading.Lock()
         self._at = float("-inf")
         self._snapshot: dict[str, Any] = {}
+        self._final: dict[str, list[dict[str, Any]]] = {}  # an ended experiment's last events, read once
 
     def snapshot(self) -> dict[str, Any]:
         """The experiments, the last 200 events of each live one and the queue, at most
@@ -542,11 +543,19 @@ class PushSource:
         for exp in list(self.lab.experiments.values()):
             exps.append(experiment_view(exp))
             ended = exp.ended_at
-            if exp.status() in LIVE or (ended is not None and exp.clock() - ended < ENDED_PUSH_S):
+            if exp.status() in LIVE:
                 try:
                     recent[exp.id] = exp.query_window(("last_n", 200))
                 except Exception:  # noqa: BLE001 - a stopping experiment: try again next push
                     recent[exp.id] = []
+            elif ended is not None and exp.clock() - ended < ENDED_PUSH_S:  # read once: they change no more
+                if exp.id not in self._final:
+                    try:
+                        self._final[exp.id] = exp.query_window(("last_n", 200))
+                    except Exception:  # noqa: BLE001 - its history not readable now: nothing more to send
+                        self._final[exp.id] = []
+                recent[exp.id] = self._final[exp.id]
+        self._final = {k: v for k, v in self._final.items() if k in recent}
         out: dict[str, Any] = {"experiments": exps, "recent": recent}
         if self.service is not None:
             out["queued"] = queued_view(self.service, exps)
