@@ -20,7 +20,6 @@ import orjson
 from rich.console import Console
 from rich.live import Live
 
-from actors.files import atomic_write
 from cli import render
 from cli.errors import (
     EXIT_FAILED,
@@ -252,6 +251,7 @@ def cmd_color(args: argparse.Namespace) -> int:
     a Lab, check the result independently."""
     from experiments.coloring.graph import GraphError, read_dimacs, resolve_graph_file
     from experiments.coloring.verify import check_coloring
+    from experiments.coloring.workload import RESULT_FILE, save_result
 
     # A Ctrl-C before the Lab (imports, reading the graph) is a KeyboardInterrupt, which
     # cli.main ends with one line; from the Lab on it stops the run, which still reports.
@@ -285,7 +285,7 @@ def cmd_color(args: argparse.Namespace) -> int:
             "graph the run read, which this command cannot check: run it again on a file left as it is"
         )
     verdict = check_coloring(g, best) if best is not None else {"proper": False, "k": 0, "problems": ["no colouring"]}
-    out_path = exp.run_dir / "coloring.json"
+    out_path = exp.run_dir / RESULT_FILE
     result = {
         "instance": g.name,
         "k": verdict["k"],
@@ -297,8 +297,9 @@ def cmd_color(args: argparse.Namespace) -> int:
         "run_dir": str(exp.run_dir),
     }
     if best is not None and verdict["proper"]:
+        if not out_path.exists():  # the run wrote it at its end, unless it failed before
+            save_result(exp.run_dir, g, best, reason, result["seconds_to_best"], result["colors_per_pass"])
         result["coloring_path"] = str(out_path)
-        atomic_write(out_path, orjson.dumps({**result, "coloring": [c + 1 for c in best]}))
     if args.json:
         print(orjson.dumps(result).decode())
     else:

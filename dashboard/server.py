@@ -479,6 +479,18 @@ def create_app(
         what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
         return _Json({"error": f"the lab cannot write its files now ({what}); try again later"}, status_code=503)
 
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        """A defect, not the client's fault: a 500 whose message names it, with the connection
+        closed (the server drops it after such an error, and a client that reused it would
+        report a reset rather than this answer). The traceback goes to the log."""
+        log.error("dashboard request failed", path=request.url.path, error=repr(exc), exc_info=exc)
+        what = brief(f"{type(exc).__name__}: {exc}", 200)
+        return _Json(
+            {"error": f"internal error ({what}); the lab's log has the traceback"},
+            status_code=500,
+            headers={"connection": "close"},
+        )
+
     async def lab_error(request: Request, exc: Exception) -> Response:
         """The Lab refused: no such experiment (404), or a transition it cannot make now (409)."""
         assert isinstance(exc, LifecycleError)
@@ -498,7 +510,12 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: http_error, LifecycleError: lab_error, OSError: storage_error},
+        exception_handlers={
+            HTTPException: http_error,
+            LifecycleError: lab_error,
+            OSError: storage_error,
+            Exception: unexpected_error,  # kept by Starlette's outermost middleware, which re-raises to the server
+        },
         middleware=[Middleware(Guard, hosts=hosts, port=port, token=token)],
     )
     app.router.redirect_slashes = False  # an unknown path is a 404, not a redirect to a guess

@@ -455,12 +455,27 @@ def test_a_pass_cut_short_by_the_budget_is_saved_once(tmp_path):
     for _ in range(20):
         assert not w.step(em)
     assert not list(tmp_path.glob("best_solution.pass*.json"))  # pass 0 is still under way
+    assert not (tmp_path / "coloring.json").exists()  # the run's result, once it ends
     w.finish(em, "budget")
     w.finish(em, "budget")  # a second call adds nothing
     sol = json.loads((tmp_path / "best_solution.pass0.json").read_text())
     assert sol["k"] == w.best_k and check_coloring(w.g, sol["coloring"])["proper"]
     ends = [e for e in em.events if e["name"] == "pass_end"]
     assert len(ends) == 1 and "(budget)" in ends[0]["notes"] and w.colors_per_pass() == [w.best_k]
+    result = json.loads((tmp_path / "coloring.json").read_text())
+    assert result["coloring"] == [c + 1 for c in sol["coloring"]]  # 1-based, as DIMACS numbers vertices
+    assert result["k"] == w.best_k and result["proper"] and result["reason"] == "budget"
+    assert result["colors_per_pass"] == [w.best_k] and result["graph"]["fingerprint"] == w.g.fingerprint()
+
+
+def test_the_result_file_is_the_checker_s_verdict_not_the_solver_s(tmp_path):
+    from experiments.coloring.workload import save_result
+
+    w, _em = run_workload({"graph": {"generator": "gnp", "n": 40, "p": 0.5}, "phases": ["tabu"]}, steps=1)
+    bad = np.zeros(w.g.n, dtype=np.int32)  # one colour for every vertex: every edge conflicts
+    verdict = save_result(tmp_path, w.g, bad, "failed", 0.0, [])
+    saved = json.loads((tmp_path / "coloring.json").read_text())
+    assert not verdict["proper"] and not saved["proper"] and saved["k"] == 1 and saved["reason"] == "failed"
 
 
 def test_the_lab_saves_the_pass_under_way_when_the_budget_ends(tmp_path):
@@ -484,7 +499,9 @@ def test_the_lab_saves_the_pass_under_way_when_the_budget_ends(tmp_path):
         exp = lab.start_experiment(spec)
         assert exp.wait(60) and exp.reason == "budget"
         saved = json.loads((exp.run_dir / "best_solution.pass0.json").read_bytes())
+        result = json.loads((exp.run_dir / "coloring.json").read_bytes())  # a spec's run, not crucible color
     assert saved["pass"] == 0 and saved["k"] >= 1
+    assert result["reason"] == "budget" and result["proper"] and result["k"] == saved["k"]
 
 
 def test_control_hooks_apply_or_refuse():

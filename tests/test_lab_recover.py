@@ -16,6 +16,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from experiments.coloring.workload import RESULT_FILE
 from experiments.lab import Lab, resume_point
 from telemetry.jsonl import iter_run
 from telemetry.rundir import (
@@ -229,6 +230,11 @@ def test_a_colouring_run_resumes_from_its_best_k(tmp_path: Path) -> None:
         until(lambda: (best_k() or k + 1) <= k and count_events(exp.run_dir) > resumed["seq"], 60, "a new step")
         exp.stop()
         check_accounts(exp, tmp_path, lossless=False)
+        # the resumed run writes its checked result, as one that was never killed does
+        result = orjson.loads((exp.run_dir / RESULT_FILE).read_bytes())
+        best = orjson.loads((exp.run_dir / CHECKPOINT).read_bytes())["workload"]["best"]
+        assert result["reason"] == "stopped" and result["proper"] and result["k"] <= k
+        assert result["coloring"] == [c + 1 for c in best]
     finally:
         lab.shutdown()
 

@@ -161,3 +161,27 @@ def test_ids_of_forgotten_cancellations_are_never_given_again(tmp_path):
         assert again.submit(latency_spec("lat"))["id"] not in {"lat", "lat-2", "lat-3", "lat-4", "lat-5"}
     finally:
         again.shutdown()
+
+
+def test_an_unexpected_error_is_a_500_that_names_it_and_the_client_goes_on(tmp_path, monkeypatch):
+    from dashboard.client import LabClient, LabClientError
+
+    service = LabService(tmp_path / "art", max_running=1)
+    dash = Dashboard(service, port=0)
+    try:
+        client = LabClient(dash.url, dash.token)
+        assert client.list() == []
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a defect in the listing")
+
+        monkeypatch.setattr(service, "list", broken)
+        with pytest.raises(LabClientError) as e:
+            client.list()
+        assert e.value.status == 500 and "RuntimeError: a defect in the listing" in str(e.value)
+        monkeypatch.undo()
+        assert client.list() == []  # the same client, at once: a new connection, not a reset
+        client.close()
+    finally:
+        dash.stop()
+        service.shutdown()

@@ -188,7 +188,9 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
                     prev = end
                     yield lineno, m[1]
             if long_at is not None or len(data) - last - 1 > MAX_LINE_BYTES:
-                raise GraphError(f"{path}: a line longer than {MAX_LINE_BYTES:,} bytes")
+                starts = long_at if long_at is not None else last  # the newline before the long line
+                lineno = base + data.count(b"\n", 1, starts + 1) + 1
+                raise GraphError(f"{path}:{lineno}: a line longer than {MAX_LINE_BYTES:,} bytes")
             if over:
                 raise GraphError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes{' once decompressed' if gz else ''}")
             if not chunk:

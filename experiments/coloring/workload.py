@@ -39,6 +39,9 @@ phase ends or stalls; the next pass starts from the best solution with
 until ``iterative.max_passes`` or the time budget. Every pass's best is saved as
 ``best_solution.pass<N>.json``, also when the budget or a stop cuts a pass short
 (:meth:`ColoringWorkload.finish`); ``pass_end`` carries the pass's duration and colours.
+At its end the run writes its result, judged by the independent checker, to
+``coloring.json`` (:func:`save_result`): from ``crucible color``, a spec, the lab daemon, or
+a resumed run alike.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from experiments.coloring.phase import ColoringPhase, PhaseContext
 from experiments.coloring.population import Population
 from experiments.coloring.tabu import Tabu
 from experiments.coloring.thermo import Thermo
+from experiments.coloring.verify import check_coloring
 from experiments.validate import Num
 from experiments.workloads.base import Arm, Control, Objective
 from kernels.coloring import count_conflicts, seed_rng
@@ -73,7 +77,30 @@ PHASE_CLASSES: dict[str, type[ColoringPhase]] = {
 }
 
 
+RESULT_FILE = "coloring.json"  # the run's checked result, in its run directory
+
 _TENURE = {"param": "tenure_alpha", "default": 0.6}
+
+
+def save_result(
+    run_dir: Path, g: Graph, best: Any, reason: str | None, seconds_to_best: float, colors_per_pass: list[int]
+) -> dict[str, Any]:
+    """Write a run's ``coloring.json`` and return the checker's verdict: the best colouring
+    (1-based colours, as DIMACS numbers vertices), judged by the independent checker, not by
+    the solver that found it; ``graph`` says which graph it colours."""
+    verdict = check_coloring(g, best)
+    data = {
+        "instance": g.name,
+        "k": verdict["k"],
+        "proper": verdict["proper"],
+        "seconds_to_best": round(float(seconds_to_best), 3),
+        "colors_per_pass": colors_per_pass,
+        "reason": reason,
+        "graph": {"n": g.n, "m": g.m, "fingerprint": g.fingerprint()},
+        "coloring": (np.asarray(best, dtype=np.int64) + 1).tolist(),
+    }
+    atomic_write(run_dir / RESULT_FILE, orjson.dumps(data))  # fsync'd
+    return verdict
 
 
 class ColoringWorkload:
@@ -260,11 +287,18 @@ class ColoringWorkload:
         return out.done, out.extra
 
     def finish(self, emitter: Emitter, reason: str) -> None:
-        """The run is ending (budget, stop): the pass under way is saved and reported like any
-        other, so a pass cut short still leaves its ``best_solution.pass<N>.json``."""
-        if self.best is None or len(self.pass_best) > self.pass_:
+        """The run is ending (completed, budget, stop): the pass under way is saved and reported
+        like any other, so a pass cut short still leaves its ``best_solution.pass<N>.json``, and
+        the run's result goes to ``coloring.json``, however the run was started or resumed."""
+        if self.best is None:
             return
-        self._close_pass(emitter, reason)
+        if len(self.pass_best) <= self.pass_:
+            self._close_pass(emitter, reason)
+        self._save_result(reason)
+
+    def _save_result(self, reason: str) -> None:
+        if self.run_dir is not None and self.best is not None:
+            save_result(self.run_dir, self.g, self.best, reason, self.seconds_to_best, self.colors_per_pass())
 
     def checkpoint(self) -> dict[str, Any]:
         return {
