@@ -244,10 +244,12 @@ class Experiment:
         self._owner = owner_info()
         if resume is None:
             spec_json = orjson.dumps(spec, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+            # the record first: a process killed from here on leaves a run that lists (crashed, and why)
+            self._write_lifecycle()
             atomic_write(self.run_dir / SPEC, spec_json, mode=0o600)  # specs may be private: the owner's only
         else:
             self._take_over(resume)
-        self._write_lifecycle()
+            self._write_lifecycle()
 
     def _take_over(self, rec: dict[str, Any]) -> None:
         """Carry a crashed run's lifecycle record over: counts, the original start, and the time
@@ -965,6 +967,12 @@ class Lab:
             return run_dir / name
         return None
 
+    def note_no_spec(self, run_dir: Path, rec: dict[str, Any]) -> None:
+        """A crashed run without its spec (its process died as the run was being created): it
+        cannot be resumed, and its record says so."""
+        log.error("crashed run has no spec; not resumed", run_dir=str(run_dir))
+        self._note_unresumed(run_dir, rec, f"its {SPEC} was never written (its process died as the run was created)")
+
     def _note_unresumed(self, run_dir: Path, rec: dict[str, Any], why: str) -> None:
         """Say in the run's lifecycle record why it was not resumed (``crucible list`` shows it);
         the run stays crashed, and a later Lab tries again."""
@@ -977,7 +985,7 @@ class Lab:
         exp_id, run_id = run_dir.parent.name, run_dir.name
         spec = read_json(run_dir / SPEC)
         if spec is None:
-            log.error("crashed run has no spec; not resumed", run_dir=str(run_dir))
+            self.note_no_spec(run_dir, rec)
             return None
         full = spec  # the effective spec, as validated when the run began
         resumes = int(rec.get("resumes") or 0) + 1

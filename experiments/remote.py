@@ -955,7 +955,7 @@ class RayBackend:
             exp_id, run_id = run_dir.parent.name, run_dir.name
             spec = read_json(run_dir / SPEC)
             if spec is None:
-                log.error("crashed run has no spec; not resumed", run_dir=str(run_dir))
+                self.lab.note_no_spec(run_dir, report.record)
                 continue
             with self.lab._lock:
                 if exp_id in self.lab.experiments:

@@ -24,6 +24,7 @@ from telemetry.rundir import (
     LIFECYCLE,
     RunStatus,
     count_events,
+    find_runs,
     last_event_seq,
     owner_info,
     read_json,
@@ -237,6 +238,35 @@ def test_a_colouring_run_resumes_from_its_best_k(tmp_path: Path) -> None:
         assert result["coloring"] == [c + 1 for c in best]
     finally:
         lab.shutdown()
+
+
+# A process that dies (as a SIGKILL would take it) at the moment it writes a new run's spec.
+DIES_AT_SPEC = """
+import os, sys
+import experiments.lab as lab_mod
+from tests.fault_helpers import latency_spec
+real = lab_mod.atomic_write
+def dying(path, *args, **kwargs):
+    if path.name == lab_mod.SPEC:
+        os._exit(9)
+    return real(path, *args, **kwargs)
+lab_mod.atomic_write = dying
+lab_mod.Lab(sys.argv[1]).start_experiment(latency_spec("born", budget=60), experiment_id="born")
+"""
+
+
+def test_a_run_whose_process_died_as_it_was_created_is_listed_with_why(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", DIES_AT_SPEC, str(tmp_path)], cwd=ROOT, timeout=120)
+    assert proc.returncode == 9
+    (folder,) = find_runs(tmp_path)  # listed: its record was written first
+    assert run_status(folder).status == RunStatus.CRASHED
+    lab = Lab(tmp_path)
+    try:
+        assert lab.recover() == []  # nothing to resume it from
+    finally:
+        lab.shutdown()
+    report = run_status(folder)
+    assert report.status == RunStatus.CRASHED and "spec.json was never written" in report.reason
 
 
 def test_runs_that_ended_or_whose_owner_lives_are_left_alone(tmp_path: Path) -> None:
