@@ -2,7 +2,8 @@
 
 Run: ``python -m bench.coloring [--instances DSJC125.5,DSJC250.5,...] [--limit-scale 1.0]``, or
 ``python -m bench.coloring --rate-only`` (the TabuCol rate alone), ``--dsatur-only --against
-REV`` (DSATUR now against the one at REV), or ``--against REV`` (the
+REV`` (DSATUR now against the one at REV), ``--read-only`` (reading DIMACS files against the
+same reader line by line), or ``--against REV`` (the
 TabuCol kernel now against ``kernels/coloring.py`` at a git revision, interleaved rounds).
 
 For each instance: NetworkX's ``greedy_color(strategy="saturation_largest_first")`` (DSATUR,
@@ -90,6 +91,23 @@ def dsatur_against(then: Any, rev: str, graphs: list[tuple[str, Any]]) -> None:
         print(f"{label:<26} {g.n:>7} {g.m:>9} | {tk:>10} {tt:>8.3f} | {nk:>6} {nt:>8.4f} | {tt / nt:>7.0f}x")
 
 
+def reading(graphs: list[tuple[str, Path]], rounds: int = 3) -> None:
+    """``read_dimacs`` (edge lines read in C) against the same reader line by line in Python
+    (the anchor), each file read ``rounds`` times, interleaved; the best time of each."""
+    from experiments.coloring.graph import read_dimacs_line_by_line
+
+    print(f"{'graph':<28} {'n':>7} {'m':>9} | {'line by line s':>14} | {'now s':>7} | {'speed-up':>8}")
+    for label, path in graphs:
+        best = {read_dimacs_line_by_line: float("inf"), read_dimacs: float("inf")}
+        for _ in range(rounds):
+            for fn in best:
+                t0 = time.perf_counter()
+                g = fn(path)
+                best[fn] = min(best[fn], time.perf_counter() - t0)
+        then, now = best.values()
+        print(f"{label:<28} {g.n:>7} {g.m:>9} | {then:>14.3f} | {now:>7.3f} | {then / now:>7.1f}x")
+
+
 def tabucol_rate(
     seconds: float = 3.0, kernels: Any = None, instance: str = "DSJC250.5", k: int = 27
 ) -> tuple[float, float]:
@@ -137,6 +155,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rate-only", action="store_true", help="only the TabuCol rate (three rounds of 3 s)")
     ap.add_argument("--dsatur-only", action="store_true", help="only DSATUR, now against --against REV")
+    ap.add_argument("--read-only", action="store_true", help="only reading DIMACS files, against line by line")
     ap.add_argument("--against", metavar="REV", help="TabuCol now against kernels/coloring.py at git REV, interleaved")
     ap.add_argument(
         "--rate-on", default="DSJC250.5:27", metavar="NAME:K", help="the instance and k of the TabuCol rate"
@@ -150,6 +169,19 @@ def main() -> None:
     if instance_path(name) is None:
         ap.error(f"--rate-on: no shipped instance named {name!r} (crucible instances lists them)")
     on = {"instance": name, "k": int(k_text)}
+    if args.read_only:
+        import tempfile
+
+        from experiments.coloring.graph import gnp
+
+        big = gnp(20_000, 0.005, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "gnp-20000-0.005.col"
+            e = big.edges() + 1
+            path.write_bytes(f"p edge {big.n} {big.m}\n".encode() + b"".join(b"e %d %d\n" % (u, v) for u, v in e))
+            named = [(n, instance_path(n)) for n in ("DSJC500.5", "DSJC1000.5", "flat1000_76_0")]
+            reading([(n, p) for n, p in named if p is not None] + [("G(20000, 0.005) seed 1", path)])
+        return
     if args.dsatur_only:
         from experiments.coloring.graph import from_edges, gnp
 

@@ -176,3 +176,53 @@ def test_a_file_with_cr_only_line_ends_says_so(tmp_path, head, gz):
     with pytest.raises(GraphError) as err:
         read_dimacs(broken)
     assert "CR only" not in str(err.value)
+
+
+DIMACS_PIECES = st.sampled_from(
+    [
+        b"p edge 5 4\n",
+        b"p edge 3 1\n",
+        b"e 1 2\n",
+        b"e 2 5\n",
+        b"e 5 4\n",
+        b"e 3 3\n",  # a self-loop
+        b"e 0 1\n",  # out of range
+        b"e 4 6\n",  # out of range on a 5-vertex graph
+        b"e 1 2 3\n",
+        b"e 1\n",
+        b"e 1 x\n",
+        b"e -1 2\n",
+        b"e 0002 3\n",
+        b"e 12345678901234567890 1\n",
+        b"e\t2\x0b3\r\n",
+        b"  e 3 4  \n",
+        b"e1 2\n",
+        b"c e 1 2\n",
+        b"c\n",
+        b"\n",
+        b" \t\n",
+        b"n 1 3\n",
+        b"x\n",
+        b"e 1 2",  # no newline
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(DIMACS_PIECES, max_size=40), read_bytes=st.integers(1, 64), max_edges=st.integers(1, 12))
+def test_edge_lines_read_in_c_give_what_a_line_by_line_read_gives(tmp_path, pieces, read_bytes, max_edges):
+    p = tmp_path / "g.col"
+    p.write_bytes(b"".join(pieces))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(graph_mod, "READ_BYTES", read_bytes)
+        mp.setattr(graph_mod, "MAX_EDGES", max_edges)
+        mp.setattr(graph_mod._DimacsReader, "M_RULE", graph_mod.Num(0, max_edges, integer=True))
+        try:
+            expected = graph_mod.read_dimacs_line_by_line(p)
+        except GraphError as exc:
+            with pytest.raises(GraphError) as e:
+                graph_mod._DimacsReader(p).read()  # read_dimacs adds a hint on CR-only files to both
+            assert str(e.value) == str(exc)
+        else:
+            g = graph_mod._DimacsReader(p).read()
+            assert (g.n, g.fingerprint(), g.meta) == (expected.n, expected.fingerprint(), expected.meta)

@@ -45,6 +45,11 @@ READ_BYTES = 1 << 20
 """A graph file is read this much (decompressed) at a time."""
 _SAYS = re.compile(rb"\n[ \t\r\f\v]*+((?:[^\sc]|c\S)[^\n]*)")
 """A line that says something, from the newline before it: its first token is not ``c``."""
+_EDGE_RUN = re.compile(
+    rb"(?:\n[ \t\r\f\v]*+(?:e[ \t\r\f\v]++[0-9]{1,18}+[ \t\r\f\v]++[0-9]{1,18}+[ \t\r\f\v]*+)?(?=\n|\Z))++"
+)
+"""Lines that are ``e U V`` (plain ids) or blank, from the newline before the first: what
+nearly every line of a graph file is, parsed in C (:func:`_edge_run`)."""
 _PAIRS_PER_CHUNK = 1 << 22
 _INT = re.compile(rb"-?[0-9]+")  # an integer as DIMACS writes it: ASCII digits, an optional minus
 GRAPH_KEYS = ("file", "generator", "n", "p", "k", "seed")
@@ -137,17 +142,15 @@ def _maybe_gunzip(raw: Any) -> tuple[Any, bool]:
     return (gzip.GzipFile(fileobj=raw) if gz else raw), gz
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """``(line number, line)`` for each line of a plain or gzip-compressed file (by its magic
-    bytes) that says something: not blank, not a ``c`` comment. The line starts at its first
-    token and has no newline.
+def _blocks(path: Path) -> Iterator[tuple[int, bytes, int]]:
+    """The lines of a plain or gzip-compressed file (by its magic bytes), a block at a time:
+    ``(base, data, stop)``, where ``data[:stop]`` is the newline that ends line ``base`` and
+    whole lines after it (the last one without its newline at the end of the file). Blocks of
+    nothing but blank lines are not given.
 
-    The file is read :data:`READ_BYTES` at a time, and blank and comment lines are skipped and
-    counted in C (a regex scan, ``bytes.count``), never one by one in Python: a file of
-    nothing but newlines costs about what decompressing it does. At most
-    :data:`MAX_FILE_BYTES` bytes are read, and no line may be longer than
-    :data:`MAX_LINE_BYTES` with its newline; the lines before either problem come first, as
-    from a reader that goes line by line.
+    The file is read :data:`READ_BYTES` at a time. At most :data:`MAX_FILE_BYTES` bytes are
+    read, and no line may be longer than :data:`MAX_LINE_BYTES` with its newline; the lines
+    before either problem come first, as from a reader that goes line by line.
 
     Raises:
         GraphError: an unreadable file, or one over either bound.
@@ -180,13 +183,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
             last = data.rfind(b"\n")  # the lines in data[1 : last + 1] are whole
             long_at = _long_line(data, last)
             if not data.isspace():  # blank lines say nothing, and are the common bomb
-                prev, lineno = 0, base  # prev: the newline that ends the line last yielded
-                stop = long_at if long_at is not None else last if chunk else len(data)
-                for m in _SAYS.finditer(data, 0, stop):
-                    start, end = m.span()
-                    lineno += 1 if start == prev else data.count(b"\n", prev, start + 1)  # the lines skipped
-                    prev = end
-                    yield lineno, m[1]
+                yield base, data, long_at if long_at is not None else last if chunk else len(data)
             if long_at is not None or len(data) - last - 1 > MAX_LINE_BYTES:
                 starts = long_at if long_at is not None else last  # the newline before the long line
                 lineno = base + data.count(b"\n", 1, starts + 1) + 1
@@ -197,6 +194,29 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 return
             base += data.count(b"\n", 1, last + 1)
             data = data[last:]
+
+
+def _says(data: bytes, start: int, stop: int, lineno: int) -> Iterator[tuple[int, bytes, int]]:
+    """``(line number, line, end)`` for each line of ``data[start:stop]`` (``data[start]`` is
+    the newline that ends line ``lineno``) that says something: not blank, not a ``c``
+    comment. The line starts at its first token and has no newline; ``end`` is where it ends.
+    Blank and comment lines are skipped and counted in C (a regex scan, ``bytes.count``),
+    never one by one in Python: a file of nothing but newlines costs about what
+    decompressing it does."""
+    prev = start  # the newline that ends the line last given
+    for m in _SAYS.finditer(data, start, stop):
+        begin, end = m.span()
+        lineno += 1 if begin == prev else data.count(b"\n", prev, begin + 1)  # the lines skipped
+        prev = end
+        yield lineno, m[1], end
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, line)`` for each line of the file that says something (see
+    :func:`_blocks` and :func:`_says`): what a reader that goes line by line would give."""
+    for base, data, stop in _blocks(path):
+        for lineno, line, _end in _says(data, 0, stop, base):
+            yield lineno, line
 
 
 def _long_line(data: bytes, last: int) -> int | None:
@@ -227,13 +247,22 @@ def read_dimacs(path: str | Path) -> Graph:
     """
     path = Path(path)
     try:
-        return _read_dimacs(path)
+        return _DimacsReader(path).read()
     except GraphError as exc:
         if _cr_only(path):
             raise GraphError(
                 f"{exc} (the file ends its lines with CR only; convert them: tr '\\r' '\\n' < OLD > NEW)"
             ) from None
         raise
+
+
+def read_dimacs_line_by_line(path: str | Path) -> Graph:
+    """:func:`read_dimacs` without its C path for edge lines: every line read one by one in
+    Python. The reference that the tests and ``bench.coloring --read-only`` compare it with."""
+    r = _DimacsReader(Path(path))
+    for lineno, line in _lines(r.path):
+        r.line(lineno, line)
+    return r.graph()
 
 
 def _cr_only(path: Path) -> bool:
@@ -247,17 +276,82 @@ def _cr_only(path: Path) -> bool:
     return b"\r" in head and b"\n" not in head
 
 
-def _read_dimacs(path: Path) -> Graph:
-    n: int | None = None
-    declared = 0
-    edges = array("i")
-    n_rule, m_rule = Num(1, MAX_VERTICES, integer=True), Num(0, MAX_EDGES, integer=True)
-    for lineno, line in _lines(path):
+def _edge_pairs(data: bytes, start: int, end: int, n: int, taken: int) -> np.ndarray | None:
+    """The ``(U, V)`` pairs of ``data[start:end]``, lines that :data:`_EDGE_RUN` matched, read
+    in C; None when one of them is wrong (an id outside ``1..n``, a self-loop, past the edge
+    bound) or there are none: the line-by-line reader then reads them, and names the line."""
+    lines = data.count(b"e", start, end)  # one per edge line: the others are blank
+    if not lines or taken + lines > MAX_EDGES:
+        return None
+    ids = np.fromstring(data[start:end].translate(None, b"e"), dtype=np.int64, sep=" ")  # digits and blanks only
+    if ids.size != 2 * lines:
+        return None
+    pairs = ids.reshape(-1, 2)
+    if pairs.min() < 1 or pairs.max() > n or (pairs[:, 0] == pairs[:, 1]).any():
+        return None
+    return pairs
+
+
+class _DimacsReader:
+    """What a DIMACS file says so far: ``n`` and ``M`` once its ``p`` line is read, its edges."""
+
+    N_RULE, M_RULE = Num(1, MAX_VERTICES, integer=True), Num(0, MAX_EDGES, integer=True)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.n: int | None = None
+        self.declared = 0
+        self.edges = array("i")  # u, v, u, v, ... (0-based)
+
+    def read(self) -> Graph:
+        for base, data, stop in _blocks(self.path):
+            self._block(data, stop, base)
+        return self.graph()
+
+    def graph(self) -> Graph:
+        """The graph read so far (the whole file's, once :meth:`read` has read it)."""
+        if self.n is None:
+            raise GraphError(f"{self.path}: no 'p edge N M' line")
+        try:
+            return from_edges(
+                self.n,
+                np.frombuffer(self.edges, dtype=np.int32).reshape(-1, 2),
+                name=strip_suffix(self.path.name),
+                source=str(self.path),
+                declared_edges=self.declared,
+                edge_lines=len(self.edges) // 2,
+            )
+        except GraphError as exc:  # a bound on the whole graph: the file is what the user must look at
+            raise GraphError(f"{self.path}: {exc}") from None
+
+    def _block(self, data: bytes, stop: int, lineno: int) -> None:
+        """Runs of edge lines in C (:func:`_edge_pairs`), every other line one by one."""
+        pos, slow_until = 0, 0
+        while True:
+            run = _EDGE_RUN.match(data, pos, stop) if self.n is not None and pos >= slow_until else None
+            if run is not None:
+                pairs = _edge_pairs(data, pos, run.end(), self.n or 0, len(self.edges) // 2)
+                if pairs is None:
+                    slow_until = run.end()  # a wrong line among them: read line by line, to name it
+                else:
+                    self.edges.frombytes((pairs - 1).astype(np.int32).tobytes())
+                    lineno += data.count(b"\n", pos, run.end())
+                    pos = run.end()
+            for at, line, end in _says(data, pos, stop, lineno):
+                self.line(at, line)
+                lineno, pos = at, end
+                if self.n is not None and pos >= slow_until and _EDGE_RUN.match(data, pos, stop) is not None:
+                    break  # edge lines follow: back to reading them in C
+            else:
+                return
+
+    def line(self, lineno: int, line: bytes) -> None:
+        """Take one line that says something (see :func:`_says`)."""
         parts = line.split()
         tag = parts[0]
-        where = f"{path}:{lineno}"
+        where = f"{self.path}:{lineno}"
         if tag == b"e":
-            if n is None:
+            if self.n is None:
                 raise GraphError(f"{where}: edge before the 'p edge N M' line")
             if len(parts) != 3:
                 raise GraphError(f"{where}: expected 'e U V', got {_show(line)}")
@@ -267,48 +361,32 @@ def _read_dimacs(path: Path) -> Graph:
                 u, v = int(parts[1]), int(parts[2])
             except ValueError:
                 raise GraphError(f"{where}: vertex ids must be integers, got {_show(line)}") from None
-            if not (1 <= u <= n and 1 <= v <= n):
-                raise GraphError(f"{where}: vertex id out of range 1..{n}: {_show(line)}")
+            if not (1 <= u <= self.n and 1 <= v <= self.n):
+                raise GraphError(f"{where}: vertex id out of range 1..{self.n}: {_show(line)}")
             if u == v:
                 raise GraphError(f"{where}: self-loop on vertex {u}")
-            if len(edges) >= 2 * MAX_EDGES:
+            if len(self.edges) >= 2 * MAX_EDGES:
                 raise GraphError(f"{where}: more than {MAX_EDGES:,} edge lines")
-            edges.append(u - 1)
-            edges.append(v - 1)
+            self.edges.append(u - 1)
+            self.edges.append(v - 1)
         elif tag == b"p":
-            if n is not None:
+            if self.n is not None:
                 raise GraphError(f"{where}: a second 'p' line")
             if len(parts) != 4 or parts[1] not in (b"edge", b"edges", b"col"):
                 raise GraphError(f"{where}: expected 'p edge N M', got {_show(line)}")
             try:
                 if not (_INT.fullmatch(parts[2]) and _INT.fullmatch(parts[3])):
                     raise ValueError
-                n_, m_ = int(parts[2]), int(parts[3])
+                n, m = int(parts[2]), int(parts[3])
             except ValueError:
                 raise GraphError(f"{where}: N and M must be integers, got {_show(line)}") from None
-            for what, rule, x in (("N (vertices)", n_rule, n_), ("M (edges)", m_rule, m_)):
+            for what, rule, x in (("N (vertices)", self.N_RULE, n), ("M (edges)", self.M_RULE, m)):
                 problem = rule.problem(x)
                 if problem:
                     raise GraphError(f"{where}: {what} {problem}")
-            n, declared = n_, m_
-        elif tag in (b"n", b"x", b"d", b"v"):
-            continue  # optional DIMACS lines (node weights, ...): not used for colouring
-        else:
+            self.n, self.declared = n, m
+        elif tag not in (b"n", b"x", b"d", b"v"):  # those: optional DIMACS lines (node weights, ...)
             raise GraphError(f"{where}: unknown line type {_show(tag)}")
-    if n is None:
-        raise GraphError(f"{path}: no 'p edge N M' line")
-    name = strip_suffix(path.name)
-    try:
-        return from_edges(
-            n,
-            np.frombuffer(edges, dtype=np.int32).reshape(-1, 2),
-            name=name,
-            source=str(path),
-            declared_edges=declared,
-            edge_lines=len(edges) // 2,
-        )
-    except GraphError as exc:  # a bound on the whole graph: the file is what the user must look at
-        raise GraphError(f"{path}: {exc}") from None
 
 
 def resolve_graph_file(ref: str | Path) -> Path:
