@@ -84,22 +84,22 @@ def check_anomaly_config(
 ) -> None:
     """Validate the detector's settings with errors that name the setting."""
     if not isinstance(methods, (list, tuple)) or not methods:
-        raise ValueError(f"anomaly methods must be a non-empty list, got {methods!r}")
+        raise ValueError(f"anomaly.methods must be a non-empty list, got {methods!r}")
     for m in methods:
         if m not in METHODS:
-            raise ValueError(f"unknown anomaly method {m!r}; expected some of {', '.join(METHODS)}")
+            raise ValueError(f"anomaly.methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
     if metrics is not None and (not isinstance(metrics, (list, tuple)) or not all(isinstance(x, str) for x in metrics)):
-        raise ValueError(f"anomaly metrics must be a list of field names, got {metrics!r}")
+        raise ValueError(f"anomaly.metrics must be a list of field names, got {metrics!r}")
     if action not in ACTIONS:
-        raise ValueError(f"unknown anomaly action {action!r}; expected one of {', '.join(ACTIONS)}")
+        raise ValueError(f"anomaly.action: unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
     problem = threshold_problem(threshold)
     if problem is not None:
-        raise ValueError(f"anomaly threshold {problem}")
+        raise ValueError(f"anomaly.threshold {problem}")
     for name, v, lo in (("window", window, 10), ("warmup", warmup, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"anomaly {name} must be an int >= {lo}, got {v!r}")
+            raise ValueError(f"anomaly.{name} must be an int >= {lo}, got {v!r}")
     if isinstance(ewma_lambda, bool) or not isinstance(ewma_lambda, (int, float)) or not 0 < ewma_lambda <= 1:
-        raise ValueError(f"anomaly ewma_lambda must be in (0, 1], got {ewma_lambda!r}")
+        raise ValueError(f"anomaly.ewma_lambda must be in (0, 1], got {ewma_lambda!r}")
 
 
 class _FieldState:
@@ -189,7 +189,7 @@ class AnomalyDetection(EventConsumer):
     def _score_field(self, st: _FieldState, x: np.ndarray) -> dict[str, np.ndarray]:
         """Per-method scores (ratio to threshold: > 1 is anomalous) for finite values ``x``."""
         out: dict[str, np.ndarray] = {}
-        ready = st.moments.count >= self.warmup
+        ready = st.moments.count >= max(self.warmup, 1)  # judged against values before it: never on none
         for m in self.methods:
             if m == "isolation_forest":
                 continue

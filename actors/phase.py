@@ -383,12 +383,12 @@ class PhaseActor(Actor):
             before, after = self.workload.set_param(key, value)
         except (ValueError, TypeError) as exc:  # the request is the user's data: refused, never a crash
             shown = msg.get("shown") or f"{value!r:.200}"
-            log.warning("control action refused", key=key, value=shown, error=str(exc))
+            log.warning("control action refused", key=f"{key!r:.200}", value=shown, error=f"{exc}"[:500])
             self.emitter.emit(
                 "control_refused", notes=f"{key}={shown} refused: {exc}", parameters=self.workload.params()
             )
             return {"ok": False, "error": str(exc)}
-        why = msg.get("why", "requested")
+        why = f"{msg.get('why', 'requested')}"[:500]
         params = self.workload.params()
         self.emitter.emit(
             str(msg.get("event", "control")),

@@ -170,7 +170,7 @@ def _cannot_create(p: Path, exc: OSError) -> str:
 
 
 class _PhaseStats:
-    __slots__ = ("count", "first_ts", "last", "last_ts", "max", "min")
+    __slots__ = ("count", "first_ts", "last", "last_ts", "max", "max_ok", "min", "min_ok")
 
     def __init__(self) -> None:
         self.count = 0
@@ -178,6 +178,8 @@ class _PhaseStats:
         self.last_ts: int | None = None
         self.min: dict[str, float] = {}
         self.max: dict[str, float] = {}
+        self.min_ok: dict[str, float] = {}  # over the events not marked failed (success=false): a best
+        self.max_ok: dict[str, float] = {}
         self.last: dict[str, float] = {}
 
 
@@ -672,6 +674,7 @@ class Recorder(EventConsumer):
             if st is None:
                 st = self.phases[name] = _PhaseStats()
             m = phase_c == code
+            ok = m & (b["success"] != 0)  # a failed attempt's values are never a best
             pts = ts[m]
             st.count += int(pts.size)
             st.first_ts = int(pts[0]) if st.first_ts is None else min(st.first_ts, int(pts[0]))
@@ -685,6 +688,12 @@ class Recorder(EventConsumer):
                 st.min[k] = min(st.min.get(k, lo), lo)
                 st.max[k] = max(st.max.get(k, hi), hi)
                 st.last[k] = float(x[-1])
+                y = col[ok]
+                y = y[~np.isnan(y)]
+                if y.size:
+                    lo, hi = float(y.min()), float(y.max())
+                    st.min_ok[k] = min(st.min_ok.get(k, lo), lo)
+                    st.max_ok[k] = max(st.max_ok.get(k, hi), hi)
 
     def _schedule_fsync(self) -> None:
         if self._fsync_timer is None:
@@ -720,7 +729,7 @@ class Recorder(EventConsumer):
         phases = {}
         ends = [s.last_ts for s in self.phases.values() if s.last_ts is not None]
         for name, st in self.phases.items():
-            best = {k: (st.max[k] if k in self.maximize else st.min[k]) for k in st.min}
+            best = {k: (st.max_ok[k] if k in self.maximize else st.min_ok[k]) for k in st.min_ok}
             phases[name or "-"] = {
                 "events": st.count,
                 "first_ts": st.first_ts,
@@ -729,6 +738,8 @@ class Recorder(EventConsumer):
                 "best": best,
                 "min": st.min,
                 "max": st.max,
+                "min_ok": st.min_ok,
+                "max_ok": st.max_ok,
                 "last": st.last,
             }
         c = self.counters

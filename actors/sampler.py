@@ -55,54 +55,64 @@ _CONFIG_KEYS = {
 def _rate(cfg: dict[str, Any], key: str, default: float | None = None) -> float:
     v = cfg.get(key, default)
     if v is None:
-        raise ValueError(f"sampling_config.{key} is required")
+        raise ValueError(f"sampling.config.{key} is required")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"sampling_config.{key} must be a rate in [0, 1], got {v!r}")
+        raise ValueError(f"sampling.config.{key} must be a rate in [0, 1], got {v!r}")
     return float(v)
+
+
+MAX_COOLDOWN_S = 31_536_000  # a year: the adaptive strategy counts its cooldown in microseconds
+
+
+def _int_in(cfg: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
+    v = cfg.setdefault(key, default) if default is not None else cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"sampling.config.{key} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
 
 
 def check_sampling(strategy: str, config: dict[str, Any] | None) -> dict[str, Any]:
     """Validate a sampling strategy and its config; return the config with defaults filled in."""
     cfg = dict(config or {})
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown sampling_strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        raise ValueError(f"sampling.strategy: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     allowed = _CONFIG_KEYS[strategy] | {"min_samples", "seed"}
     unknown = set(cfg) - allowed
     if unknown:
         raise ValueError(
-            f"unknown sampling_config key(s) {', '.join(sorted(unknown))} for strategy {strategy!r}; "
+            f"sampling.config: unknown key(s) {', '.join(sorted(unknown))} for strategy {strategy!r}; "
             f"allowed: {', '.join(sorted(allowed))}"
         )
-    ms = cfg.setdefault("min_samples", 0)
-    if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-        raise ValueError(f"sampling_config.min_samples must be an int >= 0, got {ms!r}")
+    _int_in(cfg, "min_samples", 0, 2**63 - 1, 0)
+    if "seed" in cfg:  # the sampler's own random stream (default: the run's seed)
+        _int_in(cfg, "seed", 0, 2**32 - 1)
     if strategy == "uniform":
         cfg["rate"] = _rate(cfg, "rate")
     elif strategy == "reservoir":
         k = cfg.get("k")
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ValueError(f"sampling_config.k must be an int > 0, got {k!r}")
+            raise ValueError(f"sampling.config.k must be an int > 0, got {k!r}")
     elif strategy == "stratified":
         by = cfg.setdefault("by", "name")
         if by not in ("name", "success", "phase"):
-            raise ValueError(f"sampling_config.by must be name, success or phase, got {by!r}")
+            raise ValueError(f"sampling.config.by must be name, success or phase, got {by!r}")
         rates = cfg.get("rates")
         if not isinstance(rates, dict) or not rates:
-            raise ValueError("sampling_config.rates must be a non-empty table of stratum = rate")
+            raise ValueError("sampling.config.rates must be a non-empty table of stratum = rate")
         cfg["rates"] = {str(k).lower() if by == "success" else str(k): _rate(rates, k) for k in rates}
         cfg["default_rate"] = _rate(cfg, "default_rate", 1.0)
     elif strategy == "adaptive":
         cfg["base_rate"] = _rate(cfg, "base_rate")
         cfg["anomaly_rate"] = _rate(cfg, "anomaly_rate", 1.0)
         cd = cfg.setdefault("cooldown_s", 10.0)
-        if isinstance(cd, bool) or not isinstance(cd, (int, float)) or cd < 0:
-            raise ValueError(f"sampling_config.cooldown_s must be >= 0, got {cd!r}")
+        if isinstance(cd, bool) or not isinstance(cd, (int, float)) or not 0 <= cd <= MAX_COOLDOWN_S:
+            raise ValueError(f"sampling.config.cooldown_s must be in [0, {MAX_COOLDOWN_S}] seconds, got {cd!r}")
     elif strategy == "importance":
         if not isinstance(cfg.get("field"), str):
-            raise ValueError("sampling_config.field must name a numeric field")
+            raise ValueError("sampling.config.field must name a numeric field")
         q = cfg.setdefault("quantile", 0.99)
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0:
-            raise ValueError(f"sampling_config.quantile must be in (0, 1), got {q!r}")
+            raise ValueError(f"sampling.config.quantile must be in (0, 1), got {q!r}")
         cfg["base_rate"] = _rate(cfg, "base_rate", 0.0)
     return cfg
 

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if sys.stdout is not None:  # here, where it is handled, not in the interpreter's flush at exit
                 sys.stdout.flush()
     except KeyboardInterrupt:
-        return interrupted(getattr(args, "command", None))
+        return interrupted(getattr(args, "command", None) or _command_in(argv))
     except BrokenPipeError:
         if not _stdout_closed():  # a pipe or socket of the command's own (a client's connection): not ours
             raise
@@ -82,6 +82,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc.__context__, BrokenPipeError):  # rich's Console on a closed pipe (on_broken_pipe)
             return _output_closed()
         raise
+
+
+def _command_in(argv: Sequence[str] | None) -> str | None:
+    """The command a command line names, before it is parsed (a Ctrl-C in the seconds of
+    imports that building the parser takes): its first word that is not an option."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(words):
+        if word.startswith("-"):
+            continue
+        if i > 0 and words[i - 1] == "--log-level":  # the global option's value
+            continue
+        return word if word.isascii() and word.isalpha() else None
+    return None
 
 
 def _sane_terminal_size() -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,52 +33,54 @@ def trial_line(row: dict[str, Any]) -> str:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    try:  # seconds of imports (scipy, optuna): a Ctrl-C there is an interrupt too, not a traceback
-        from experiments.remote import RayBackendError
-        from experiments.tuning import SeedFromError, tune
-    except KeyboardInterrupt:
-        return _interrupted("tune")
+    with _sigterm_interrupts() as term:
+        try:  # seconds of imports (scipy, optuna): a Ctrl-C there is an interrupt too, not a traceback
+            from experiments.remote import RayBackendError
+            from experiments.tuning import SeedFromError, tune
+        except KeyboardInterrupt:
+            return _interrupted("tune", term)
 
-    console = Console()
-    try:
-        res = tune(
-            args.spec,
-            args.trials,
-            args.artifacts,
-            seed_from=args.seed_from or [],
-            budget=args.budget,
-            objective=args.objective,
-            seed=args.seed,
-            overrides=args.set or None,
-            on_trial=None if args.json else lambda r: render.say(console, trial_line(r)),
-            on_skipped=_skipped,
-            **_runner(args),
-        )
-    except SeedFromError as exc:  # a path that is no run, or no usable run: refused before any trial
-        raise UsageError(f"--seed-from: {exc}") from None
-    except ValueError as exc:  # SpecError, or parameters a trial refuses
-        raise UsageError(str(exc)) from None
-    except RayBackendError as exc:  # no Ray installed, no cluster at the address
-        raise UsageError(f"--backend ray: {exc}") from None
-    except KeyboardInterrupt:
-        return _interrupted("tune")
-    if args.json:
-        print(orjson.dumps(res).decode())
-    failed = [r for r in res["trials"] if "failed" in r]
-    if res["trials"] and len(failed) == len(res["trials"]):  # nothing learned: no proposal, not a success
-        print(f"crucible tune: every trial failed; trial {failed[0]['trial']}: {failed[0]['failed']}", file=sys.stderr)
-        return EXIT_FAILED
-    if not args.json:
-        left_out = len(res["skipped_prior_runs"])
-        console.print(
-            f"learned from {res['seeded_from_prior_runs']} prior run(s)"
-            f"{f' ({left_out} left out)' if left_out else ''} and {len(res['trials'])} trial(s); "
-            f"best {res['objective']} = {res['best_value']}"
-        )
-        console.print("proposed next configuration (--set):")
-        for k, v in (res["proposal"] or {}).items():
-            console.print(f"  workload.params.{k}={v}")
-    return 0
+        console = Console()
+        try:
+            res = tune(
+                args.spec,
+                args.trials,
+                args.artifacts,
+                seed_from=args.seed_from or [],
+                budget=args.budget,
+                objective=args.objective,
+                seed=args.seed,
+                overrides=args.set or None,
+                on_trial=None if args.json else lambda r: render.say(console, trial_line(r)),
+                on_skipped=_skipped,
+                **_runner(args),
+            )
+        except SeedFromError as exc:  # a path that is no run, or no usable run: refused before any trial
+            raise UsageError(f"--seed-from: {exc}") from None
+        except ValueError as exc:  # SpecError, or parameters a trial refuses
+            raise UsageError(str(exc)) from None
+        except RayBackendError as exc:  # no Ray installed, no cluster at the address
+            raise UsageError(f"--backend ray: {exc}") from None
+        except KeyboardInterrupt:
+            return _interrupted("tune", term)
+        if args.json:
+            print(orjson.dumps(res).decode())
+        failed = [r for r in res["trials"] if "failed" in r]
+        if res["trials"] and len(failed) == len(res["trials"]):  # nothing learned: no proposal, not a success
+            first = failed[0]
+            print(f"crucible tune: every trial failed; trial {first['trial']}: {first['failed']}", file=sys.stderr)
+            return EXIT_FAILED
+        if not args.json:
+            left_out = len(res["skipped_prior_runs"])
+            console.print(
+                f"learned from {res['seeded_from_prior_runs']} prior run(s)"
+                f"{f' ({left_out} left out)' if left_out else ''} and {len(res['trials'])} trial(s); "
+                f"best {res['objective']} = {res['best_value']}"
+            )
+            console.print("proposed next configuration (--set):")
+            for k, v in (res["proposal"] or {}).items():
+                console.print(f"  workload.params.{k}={v}")
+        return 0
 
 
 def _skipped(path: Path, why: str) -> None:
@@ -89,8 +94,27 @@ def run_line(row: dict[str, Any]) -> str:
     return f"  hypertune {row['arm']:>3}  seed {row['seed']}: {what}"
 
 
-def _interrupted(command: str) -> int:
-    return interrupted(command, "the running experiments were stopped")
+def _interrupted(command: str, term: list[int]) -> int:
+    return interrupted(command, "the running experiments were stopped", signum=term[0] if term else signal.SIGINT)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[list[int]]:
+    """SIGTERM ends the command as a Ctrl-C does (the running experiments are stopped, and
+    flush what they hold; exit 143), rather than killing the process in the middle of a run;
+    the list holds the signal once one came."""
+    got: list[int] = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        if not got:
+            got.append(signum)
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _runner(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,46 +125,47 @@ def _runner(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_ab(args: argparse.Namespace) -> int:
-    try:  # seconds of imports (scipy, optuna): a Ctrl-C there is an interrupt too, not a traceback
-        from experiments.remote import RayBackendError
-        from experiments.tuning import ABFailed, ab
-    except KeyboardInterrupt:
-        return _interrupted("ab")
+    with _sigterm_interrupts() as term:
+        try:  # seconds of imports (scipy, optuna): a Ctrl-C there is an interrupt too, not a traceback
+            from experiments.remote import RayBackendError
+            from experiments.tuning import ABFailed, ab
+        except KeyboardInterrupt:
+            return _interrupted("ab", term)
 
-    console = Console()
-    try:
-        rep = ab(
-            args.spec,
-            args.runs,
-            args.artifacts,
-            budget=args.budget,
-            target=args.target,
-            overrides=args.set or None,
-            on_run=None if args.json else lambda r: render.say(console, run_line(r)),
-            **_runner(args),
-        )
-    except ValueError as exc:  # SpecError, or parameters a run refuses
-        raise UsageError(str(exc)) from None
-    except RayBackendError as exc:  # no Ray installed, no cluster at the address
-        raise UsageError(f"--backend ray: {exc}") from None
-    except KeyboardInterrupt:
-        return _interrupted("ab")
-    except ABFailed as exc:
-        print(f"crucible ab: {one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILED
-    if args.json:
-        print(orjson.dumps({k: v for k, v in rep.items() if k != "runs"}).decode())
+        console = Console()
+        try:
+            rep = ab(
+                args.spec,
+                args.runs,
+                args.artifacts,
+                budget=args.budget,
+                target=args.target,
+                overrides=args.set or None,
+                on_run=None if args.json else lambda r: render.say(console, run_line(r)),
+                **_runner(args),
+            )
+        except ValueError as exc:  # SpecError, or parameters a run refuses
+            raise UsageError(str(exc)) from None
+        except RayBackendError as exc:  # no Ray installed, no cluster at the address
+            raise UsageError(f"--backend ray: {exc}") from None
+        except KeyboardInterrupt:
+            return _interrupted("ab", term)
+        except ABFailed as exc:
+            print(f"crucible ab: {one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.json:
+            print(orjson.dumps({k: v for k, v in rep.items() if k != "runs"}).decode())
+            return 0
+        console.print(render.ab_table(rep, args.runs))
+        for r in rep["failed"]:
+            render.say(console, f"failed, left out: hypertune {r['arm']} seed {r['seed']}: {r['failed']}")
+        for key in ("final_best", "time_to_target"):
+            c = rep[key]
+            console.print(
+                f"{key}: Mann-Whitney p = {c['p_value']:.4g}, effect size (Hedges g, on - off) = "
+                f"{c['effect_size']:.3f}, CI of the difference = {c.get('ci')}"
+            )
         return 0
-    console.print(render.ab_table(rep, args.runs))
-    for r in rep["failed"]:
-        render.say(console, f"failed, left out: hypertune {r['arm']} seed {r['seed']}: {r['failed']}")
-    for key in ("final_best", "time_to_target"):
-        c = rep[key]
-        console.print(
-            f"{key}: Mann-Whitney p = {c['p_value']:.4g}, effect size (Hedges g, on - off) = "
-            f"{c['effect_size']:.3f}, CI of the difference = {c.get('ci')}"
-        )
-    return 0
 
 
 def _add_runner_flags(p: argparse.ArgumentParser, what: str) -> None:

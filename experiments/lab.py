@@ -656,7 +656,7 @@ class Experiment:
             msg.update(value=None, refused=f"no message can carry it ({exc})", shown=f"{value!r:.200}")
         reply = self._ask_phase(msg, "set a parameter")
         if not reply.get("ok"):
-            raise ValueError(f"experiment {self.id!r}: {key}={value!r:.200} refused: {reply.get('error')}")
+            raise ValueError(f"experiment {self.id!r}: {key:.200}={value!r:.200} refused: {reply.get('error')!s:.500}")
         return reply
 
     def archive(self) -> None:

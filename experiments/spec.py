@@ -389,27 +389,27 @@ def load_spec(
     _check(raw, SCHEMA, where)
     _check_numbers(raw, where)
     full = merge_tables(DEFAULTS, raw, opaque=("metadata",))
-    try:
+    try:  # their messages name the key (sampling.config.seed)
         check_sampling(full["sampling"]["strategy"], full["sampling"]["config"])
     except (ValueError, TypeError) as exc:
-        raise SpecError(f"{_where(source, 'sampling')}: {exc}") from None
+        raise SpecError(f"{where}: {exc}" if where else str(exc)) from None
     a = full["anomaly"]
     try:
         check_anomaly_config(
             a["methods"], a.get("metrics"), a.get("threshold"), a["action"], a["window"], a["warmup"], a["ewma_lambda"]
         )
     except (ValueError, TypeError) as exc:
-        raise SpecError(f"{_where(source, 'anomaly')}: {exc}") from None
+        raise SpecError(f"{where}: {exc}" if where else str(exc)) from None
     if workloads is not None:
         name = full["workload"]["name"]
         if name not in workloads:
             raise SpecError(
-                f"{_where(source, 'workload.name')}: unknown workload {name!r}; "
+                f"{_where(where, 'workload.name')}: unknown workload {name!r}; "
                 f"available: {', '.join(sorted(workloads))}"
             )
         try:
             full["workload"]["params"] = workloads[name].check_params(full["workload"]["params"])
         except (ValueError, TypeError) as exc:
-            raise SpecError(f"{_where(source, 'workload.params')}: {exc}") from None
+            raise SpecError(f"{_where(where, 'workload.params')}: {exc}") from None
     full["source"] = source
     return full

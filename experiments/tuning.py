@@ -220,8 +220,10 @@ def _trial_row(field: str, direction: str, run_dir: Path) -> dict[str, Any]:
 
 def trial_experiment_id(base: str, i: int) -> str:
     """Trial ``i``'s experiment id: the spec's name, then ``name-2``, ``name-3``... (what one Lab
-    names runs of one spec started one after another), fixed before any trial starts."""
-    return base if i == 0 else f"{base}-{i + 1}"
+    names runs of one spec started one after another), fixed before any trial starts; the name
+    is cut so that the whole stays an id (128 characters)."""
+    suffix = "" if i == 0 else f"-{i + 1}"
+    return base[: 128 - len(suffix)] + suffix
 
 
 def tune(
@@ -290,7 +292,7 @@ def tune(
         row: dict[str, Any] = {"trial": first + res.index, "params": batch[res.index].params}
         value = res.row.get("value")
         if res.failed or value is None:
-            row["failed"] = res.error or f"no {obj.field} in the run's summary"
+            row["failed"] = res.error or f"no {obj.field} from an event that did not fail, in the run's summary"
         else:
             row.update({obj.field: value, "seconds_to_best": res.row["seconds_to_best"]})
         row["run_dir"] = res.run_dir
@@ -308,7 +310,7 @@ def tune(
                     sets.append(f"time_budget_s={budget}")
                 sets.append(f"seed={seed + first + k}")
                 exp_id = trial_experiment_id(base["name"], first + k)
-                jobs.append(Job(spec, tuple(overrides or ()) + tuple(sets), exp_id, read_row))
+                jobs.append(Job(base, tuple(sets), exp_id, read_row))  # read once: a pipe cannot be read again
             rows: list[dict[str, Any]] = [{} for _ in batch]
             runner.run(jobs, functools.partial(finished, first, batch, rows))
             for trial, row in zip(batch, rows, strict=True):  # told in trial order, whatever order they ended in
@@ -394,9 +396,8 @@ def ab(
     arms = [(seed, arm, enabled) for seed in range(runs) for arm, enabled in (("on", True), ("off", False))]
     jobs = [
         Job(
-            spec,
+            base,  # read once: a pipe cannot be read again, and a file edited meanwhile is not this A/B's
             (
-                *(overrides or []),
                 f"seed={seed}",
                 f"hypertune.enabled={str(enabled).lower()}",
                 f"time_budget_s={budget}",
@@ -413,6 +414,8 @@ def ab(
         row: dict[str, Any] = {"arm": arm, "seed": seed}
         if res.failed:
             row["failed"] = res.error
+        elif not math.isfinite(res.row.get("final", math.nan)):  # every event failed, or none had the field
+            row["failed"] = f"no {obj.field} from an event that did not fail"
         else:
             row.update(res.row)
         row["run_dir"] = res.run_dir

@@ -67,16 +67,16 @@ class Num:
         """What is wrong with ``v`` ("must be ..., got ..."), or None."""
         ok_type = isinstance(v, int) if self.integer else isinstance(v, (int, float))
         if isinstance(v, bool) or not ok_type:
-            return f"must be {self.describe()}, got {v!r}"
+            return f"must be {self.describe()}, got {v!r:.200}"
         if isinstance(v, float) and not math.isfinite(v):
-            return f"must be {self.describe()}, got {v!r}"
+            return f"must be {self.describe()}, got {v!r:.200}"
         hi = self.hi if self.hi is not None else (INT64_MAX if self.integer else None)
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
-            return f"must be {'>' if self.lo_open else '>='} {_fmt(self.lo)}, got {v!r}"
+            return f"must be {'>' if self.lo_open else '>='} {_fmt(self.lo)}, got {v!r:.200}"
         if hi is not None and v > hi:
-            return f"must be <= {_fmt(hi)}, got {v!r}"
+            return f"must be <= {_fmt(hi)}, got {v!r:.200}"
         if isinstance(v, int) and abs(v) > INT64_MAX:
-            return f"must be {self.describe()}, got {v!r}"
+            return f"must be {self.describe()}, got {v!r:.200}"
         return None
 
     def check(self, what: str, v: Any) -> Any:
@@ -128,9 +128,9 @@ def tree_problem(data: Any, path: str = "") -> tuple[str, str] | None:
         elif isinstance(v, (list, tuple)):
             stack.extend((f"{where}[{i}]", x) for i, x in reversed(list(enumerate(v))))
         elif isinstance(v, float) and not math.isfinite(v):
-            return where, f"must be a finite number, got {v!r}"
+            return where, f"must be a finite number, got {v!r:.200}"
         elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
-            return where, f"must fit in 64 bits (at most {INT64_MAX} in size), got {v!r}"
+            return where, f"must fit in 64 bits (at most {INT64_MAX} in size), got {v!r:.200}"
     return None
 
 

@@ -37,6 +37,9 @@ from actors.messages import encode
 from actors.topics import Topics
 from telemetry.schema import COUNTERS, EVENTS, GPU_MODES, EventBatch, SchemaError, check_event_fields
 
+MAX_NOTES_CHARS = 4000
+"""An event's ``notes`` past this many characters are cut (a control's reason, a refused
+value echoed in an error: text from outside must not make one event megabytes long)."""
 log = get_logger("telemetry.emitter")
 
 OVERFLOW_POLICIES = ("block", "drop")
@@ -154,6 +157,8 @@ class Emitter:
                     raise SchemaError(f"event field 'parameters' cannot be encoded as JSON: {exc}") from None
                 self._reject(1, f"parameters not JSON-encodable: {exc}")
                 return
+        if isinstance(notes, str) and len(notes) > MAX_NOTES_CHARS:  # free text from outside: bounded
+            notes = f"{notes[:MAX_NOTES_CHARS]}... ({len(notes) - MAX_NOTES_CHARS:,} more characters cut)"
         rows = self._rows
         rows.append((_time_ns(), name, values, phase, step, success, parameters, notes, gpu_mode, gpu_reason, anomaly))
         if len(rows) >= self.batch_size:

@@ -622,7 +622,8 @@ def summary_best(summary: dict[str, Any], field: str, direction: str | None = No
     side = "max" if direction == "max" else "min"
     try:
         phases = (summary.get("phases") or {}).values()
-        found = [ph.get(side, {}).get(field, ph.get("best", {}).get(field)) for ph in phases]
+        # over the events not marked failed (a summary written before those figures: over all)
+        found = [ph.get(f"{side}_ok", ph.get(side, {})).get(field, ph.get("best", {}).get(field)) for ph in phases]
     except AttributeError:
         return None
     found = [b for b in found if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)]

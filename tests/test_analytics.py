@@ -202,11 +202,20 @@ def test_adaptive_rate_follows_anomaly_flags():
 @pytest.mark.parametrize(
     ("strategy", "cfg", "match"),
     [
-        ("sometimes", {}, "unknown sampling_strategy"),
+        ("sometimes", {}, "sampling.strategy: unknown strategy"),
         ("uniform", {"rate": 1.5}, r"rate must be a rate in \[0, 1\]"),
         ("reservoir", {"k": 0}, "k must be an int > 0"),
-        ("uniform", {"rate": 0.5, "colour": 1}, "unknown sampling_config"),
+        ("uniform", {"rate": 0.5, "colour": 1}, r"sampling\.config: unknown key"),
         ("stratified", {"rates": {}}, "rates"),
+        ("all", {"seed": 1.5}, r"sampling\.config\.seed must be an integer in \[0, 4294967295\], got 1\.5"),
+        ("all", {"seed": -1}, r"sampling\.config\.seed must be an integer"),
+        ("all", {"min_samples": 2**70}, r"sampling\.config\.min_samples must be an integer"),
+        (
+            "adaptive",
+            {"base_rate": 0.5, "cooldown_s": 1e308},
+            r"sampling\.config\.cooldown_s must be in \[0, 31536000\]",
+        ),
+        ("adaptive", {"base_rate": 0.5, "cooldown_s": float("nan")}, r"sampling\.config\.cooldown_s"),
     ],
 )
 def test_bad_sampling_config(strategy, cfg, match):
@@ -314,11 +323,22 @@ def test_anomaly_topic_and_sample_more_action():
         r.stop()
 
 
+def test_a_detector_without_warmup_judges_nothing_against_no_values():
+    from actors.anomaly import METHODS, _FieldState
+
+    det = AnomalyDetection("exp", methods=[m for m in METHODS if m != "isolation_forest"], warmup=0)
+    st = _FieldState(det.window, det.ewma_lambda)
+    first = det._score_field(st, np.array([1.0, 2.0, 3.0]))  # no values before them: not judged
+    assert all(not s.any() for s in first.values())
+    later = det._score_field(st, np.array([2.0, 1e9]))  # judged against the first three
+    assert later["z_score"][1] > 1 and later["iqr"][1] > 1 and later["z_score"][0] < 1
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"methods": ["magic"]}, "unknown anomaly method"),
-        ({"action": "panic"}, "unknown anomaly action"),
+        ({"methods": ["magic"]}, r"anomaly\.methods: unknown method"),
+        ({"action": "panic"}, r"anomaly\.action: unknown action"),
         ({"threshold": -1}, "threshold"),
         ({"window": 2}, "window"),
     ],

@@ -276,3 +276,11 @@ def test_a_runs_spec_folder_and_history_are_the_owners_only(one_run):
     for extra in history.parent.glob("history.sqlite3-*"):  # WAL and shared memory, while open
         assert stat.S_IMODE(extra.stat().st_mode) == 0o600, extra
     assert json.loads((one_run / "spec.json").read_text())["name"] == "edge"
+
+
+def test_a_ctrl_c_before_the_parser_names_the_command_from_the_command_line(capsys):
+    from cli import _command_in
+
+    assert _command_in(["--log-level", "DEBUG", "tune", "spec.toml"]) == "tune"
+    assert _command_in(["--log-json", "lab", "serve"]) == "lab"
+    assert _command_in(["--help"]) is None and _command_in(["../x"]) is None

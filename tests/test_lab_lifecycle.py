@@ -166,6 +166,22 @@ def test_set_param_applies_a_control_or_refuses_it_alike(lab, tmp_path):
     assert sum(e["name"] == "control_refused" for e in events) == 2
 
 
+def test_text_from_outside_in_a_control_is_bounded(lab):
+    """A huge value or reason never makes an event (or an error) megabytes long."""
+    from telemetry.emitter import MAX_NOTES_CHARS
+
+    exp = lab.start_experiment(latency_spec("bounded", budget=600))
+    with pytest.raises(ValueError) as e:
+        exp.set_param("calls_per_step", "x" * 1_000_000)
+    assert len(str(e.value)) < 2_000
+    exp.set_param("calls_per_step", 7, why="w" * 1_000_000)
+    exp.stop()
+    events = [e for e in iter_run(exp.run_dir) if e["name"] in ("control", "control_refused")]
+    assert [e["name"] for e in events] == ["control_refused", "control"]
+    assert all(len(e["notes"]) <= MAX_NOTES_CHARS + 60 for e in events)
+    assert events[1]["notes"].startswith("calls_per_step: ")
+
+
 def test_a_phase_restarted_after_its_end_exits_at_once():
     """A phase started on a finished checkpoint (restarted with its group after its end) has
     nothing left to do: it exits normally, so its tree still shuts down."""

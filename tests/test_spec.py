@@ -32,8 +32,12 @@ def test_example_specs_validate():
         ('name = "a"\n[telemetry]\nbatch_size = 0\n', r"telemetry\.batch_size: must be >= 1"),
         ('name = "../up"\n', r"name: .*may only use"),
         ('name = "Hypertune"\n', r"x\.toml: name: experiment id 'Hypertune' is reserved"),
-        ('name = "a"\n[sampling]\nstrategy = "uniform"\nconfig = { rate = 2 }\n', r"sampling: .*rate"),
-        ('name = "a"\n[anomaly]\nmethods = ["astrology"]\n', r"anomaly: unknown anomaly method"),
+        (
+            'name = "a"\n[sampling]\nstrategy = "uniform"\nconfig = { rate = 2 }\n',
+            r"x\.toml: sampling\.config\.rate must",
+        ),
+        ('name = "a"\n[sampling.config]\nseed = 1.5\n', r"x\.toml: sampling\.config\.seed must be an integer"),
+        ('name = "a"\n[anomaly]\nmethods = ["astrology"]\n', r"x\.toml: anomaly\.methods: unknown method"),
         ('name = "a"\n[workload]\nname = "nope"\n', r"workload\.name: unknown workload 'nope'; available: .*latency"),
         ('name = "a"\n[workload.params]\ncalls = -1\n', r"workload\.params: calls must be"),
         ('name = "a"\n[workload.params]\ntarget = "no.such.module:f"\n', r"cannot import"),
@@ -42,6 +46,19 @@ def test_example_specs_validate():
 def test_bad_specs_name_file_and_key(tmp_path, text, match):
     with pytest.raises(SpecError, match=match):
         load_spec(write(tmp_path, text), workloads=registry())
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("sampling.config.seed=1.5", r"x\.toml \(with --set\): sampling\.config\.seed must be an integer"),
+        ('anomaly.methods=["astrology"]', r"x\.toml \(with --set\): anomaly\.methods: unknown method"),
+        ("workload.params.calls=-1", r"x\.toml \(with --set\): workload\.params: calls must be"),
+    ],
+)
+def test_a_bad_override_is_named_as_one(tmp_path, override, match):
+    with pytest.raises(SpecError, match=match):
+        load_spec(write(tmp_path, 'name = "a"\n'), [override], workloads=registry())
 
 
 def test_toml_syntax_error_has_file_and_line(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -102,3 +104,57 @@ def test_tune_judges_by_the_workloads_objective_by_default(tmp_path):
     res = tune(spec, 1, tmp_path / "art", seed=1)
     assert res["objective"] == "latency_ms" and res["direction"] == "min"
     assert res["trials"] and res["trials"][0]["latency_ms"] == res["best_value"] >= 0
+
+
+FAILING = {"target": "math:sqrt", "args": [-1]}  # every call fails (ValueError: math domain error)
+
+
+def test_tune_never_judges_a_trial_by_failed_calls(tmp_path):
+    spec = {"name": "fails", "time_budget_s": 0.2, "workload": {"name": "latency", "params": FAILING}}
+    res = tune(spec, 1, tmp_path / "art", seed=1)
+    (trial,) = res["trials"]
+    assert "failed" in trial and "latency_ms" not in trial and "did not fail" in trial["failed"]
+    assert res["best_value"] is None and res["proposal"] is None
+
+
+def test_an_ab_run_without_a_value_is_a_failed_run(tmp_path):
+    from experiments.tuning import ABFailed, ab
+
+    spec = {"name": "fails", "time_budget_s": 0.2, "workload": {"name": "latency", "params": FAILING}}
+    with pytest.raises(ABFailed, match=r"hypertune on has fewer .*no latency_ms from an event that did not fail"):
+        ab(spec, 2, tmp_path / "art", budget=0.2)
+
+
+def test_tune_and_ab_read_the_spec_once(tmp_path):
+    """A spec given as a path is read once: every run is of the spec as it was read, even when
+    the file changes under the study (a pipe could not be read again at all)."""
+    from experiments.tuning import ab
+
+    path = tmp_path / "lat.toml"
+    path.write_text('name = "once"\ntime_budget_s = 0.2\n[workload]\nname = "latency"\n[metadata]\nmark = "first"\n')
+    seen = []
+
+    def edit_after_first(row):  # the file changes between runs
+        seen.append(row["run_dir"])
+        path.write_text('name = "other"\n[workload]\nname = "latency"\n[metadata]\nmark = "second"\n')
+
+    tune(path, 2, tmp_path / "t", seed=1, on_trial=edit_after_first)
+    path.write_text('name = "once"\ntime_budget_s = 0.2\n[workload]\nname = "latency"\n[metadata]\nmark = "first"\n')
+    ab(path, 2, tmp_path / "a", budget=0.2, on_run=edit_after_first)
+    assert len(seen) == 6
+    for run_dir in seen:
+        spec = orjson.loads((Path(run_dir) / "spec.json").read_bytes())
+        assert spec["metadata"] == {"mark": "first"} and spec["workload"]["name"] == "latency"
+
+
+def test_trial_ids_of_a_long_name_stay_ids(tmp_path):
+    from experiments.tuning import trial_experiment_id
+    from telemetry.rundir import check_experiment_id
+
+    name = "a" * 128
+    ids = [trial_experiment_id(name, i) for i in (0, 1, 9_999)]
+    assert ids == [name, "a" * 126 + "-2", "a" * 122 + "-10000"]
+    assert all(check_experiment_id(i) == i for i in ids)
+    spec = {"name": name, "time_budget_s": 0.1, "workload": {"name": "latency"}}
+    res = tune(spec, 2, tmp_path / "art", seed=1)
+    assert [("failed" in t) for t in res["trials"]] == [False, False]

@@ -303,6 +303,33 @@ def test_ctrl_c_stops_the_workers_and_their_experiments(tmp_path):
             os.kill(pid, 0)
 
 
+@pytest.mark.parametrize("command", ["tune", "ab"])
+def test_sigterm_stops_the_running_experiments_as_ctrl_c_does(tmp_path, command):
+    """SIGTERM (a service manager, ``kill``) ends ``tune`` and ``ab`` gracefully: the running
+    experiment is stopped and flushed, not left crashed by a killed process; exit 143."""
+    art = tmp_path / "art"
+    spec = tmp_path / "long.toml"
+    spec.write_text(
+        'name = "long"\ntime_budget_s = 600.0\n[workload]\nname = "latency"\n'
+        '[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
+    )
+    many = ["--trials", "3"] if command == "tune" else ["--runs", "2"]
+    cmd = [sys.executable, str(ROOT / "supervisor.py"), command, str(spec), *many, "--artifacts", str(art)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _producing(art):  # another process: its files are what we can see
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and f"crucible {command}: terminated (SIGTERM)" in err, err
+    lifes = [orjson.loads(p.read_bytes()) for p in art.glob("*/*/lifecycle.json")]
+    assert len(lifes) == 1 and lifes[0]["status"] == "stopped"  # ended and flushed, not crashed
+
+
 @pytest.fixture(scope="module")
 def local_ray(ray_turn):
     ray = ray_or_skip()
