@@ -27,7 +27,7 @@ import pykka
 
 from actors.log import get_logger
 from actors.messages import DecodeError, decode, decode_message, encode
-from actors.timers import Timer, call_later
+from actors.timers import Timer, call_later, check_timeout
 
 logging.getLogger("pykka").addHandler(logging.NullHandler())
 
@@ -161,7 +161,12 @@ class ActorRef:
         return call_later(delay, self.tell_unless_stopping, msg)
 
     def ask(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
-        """Send and wait for the reply; the handler's exception is raised here."""
+        """Send and wait for the reply; the handler's exception is raised here.
+
+        ``timeout``: seconds in ``[0, MAX_DELAY_S]``, or None / ``math.inf`` to wait as long as
+        it takes (anything else is a ValueError here, not an OverflowError deep in threading).
+        """
+        timeout = check_timeout(timeout)
         data = encode(msg)
         if self._life.dead:
             raise ActorDeadError(f"{self!r} is dead")
@@ -173,11 +178,12 @@ class ActorRef:
 
     def wait(self, timeout: float | None = None) -> str | None:
         """Block until the actor is dead; return its exit reason (None on timeout)."""
-        self._life.stopped.wait(timeout)
+        self._life.stopped.wait(check_timeout(timeout))
         return self._life.reason
 
     def stop(self, timeout: float | None = None, reason: str = NORMAL) -> bool:
         """Stop after the messages already queued; True if it stopped within ``timeout``."""
+        timeout = check_timeout(timeout)
         with self._life.lock:
             if self._life.dead:
                 return True
@@ -302,6 +308,29 @@ def _guard_start(start: Callable[[Any], None]) -> Callable[[Any], None]:
     return on_start
 
 
+def _guard_stop(stop: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``stop`` (a subclass's ``on_stop``), made to end in the base's finalisation whatever it
+    does: without it, an ``on_stop`` that neither calls ``super().on_stop()`` nor returns left
+    the actor a zombie (never marked dead, monitors never told, ``stop()`` timing out)."""
+
+    def on_stop(self: Actor) -> None:
+        try:
+            stop(self)
+        except (Exception, SystemExit):  # logged; the actor stops all the same
+            log.exception(
+                "on_stop failed; the actor stops all the same",
+                actor=type(self).__name__,
+                urn=self.actor_urn,
+                reason=self._life.pending_reason or NORMAL,
+            )
+        finally:
+            self._finish_stop()  # a no-op when the override called super().on_stop()
+
+    on_stop._stop_guarded = True  # type: ignore[attr-defined]
+    on_stop.__doc__, on_stop.__qualname__ = stop.__doc__, stop.__qualname__
+    return on_stop
+
+
 class Actor(pykka.ThreadingActor):
     """Base class of every actor: override ``on_message(msg)`` or define ``handle_<kind>``.
 
@@ -316,11 +345,16 @@ class Actor(pykka.ThreadingActor):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A subclass's ``on_start`` that raises crashes the actor as a handler would: pykka
         stops such an actor without calling ``on_failure``, and its supervisor would never
-        learn (the child neither restarted nor failed: a tree stuck ``running``)."""
+        learn (the child neither restarted nor failed: a tree stuck ``running``). A subclass's
+        ``on_stop`` is always followed by the base's finalisation (``terminate``, exit reason,
+        monitors, registries), and one that raises is logged, not a zombie actor."""
         super().__init_subclass__(**kwargs)
         start = cls.__dict__.get("on_start")
         if start is not None and not getattr(start, "_crash_guarded", False):
             cls.on_start = _guard_start(start)  # type: ignore[method-assign]
+        stop = cls.__dict__.get("on_stop")
+        if callable(stop) and not getattr(stop, "_stop_guarded", False):
+            cls.on_stop = _guard_stop(stop)  # type: ignore[method-assign]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -417,11 +451,19 @@ class Actor(pykka.ThreadingActor):
         _finalize(self._life, reason, self.ref)
 
     def on_stop(self) -> None:
+        """pykka's stop hook. A subclass may override it (no need to call super): the base's
+        :meth:`_finish_stop` runs after it anyway (see ``__init_subclass__``)."""
+        self._finish_stop()
+
+    def _finish_stop(self) -> None:
+        """Run ``terminate`` and record the exit (once); a ``terminate`` that raises is logged."""
         if self._life.dead:
             return  # killed, or crashed and already finalized
         reason = self._life.pending_reason or NORMAL
         try:
             self.terminate(reason)
+        except (Exception, SystemExit):  # logged; the exit is recorded all the same
+            log.exception("terminate failed", actor=type(self).__name__, urn=self.actor_urn, reason=reason)
         finally:
             _finalize(self._life, reason, self.ref)
 
@@ -461,6 +503,7 @@ def call_local(ref: ActorRef, fn: Callable[..., Any], *args: Any, timeout: float
     unknown id, say): it is raised here and the actor keeps running. Any other
     exception is a crash of the actor, as for a message.
     """
+    timeout = check_timeout(timeout)
     if ref._life.dead:
         raise ActorDeadError(f"{ref!r} is dead")
     try:

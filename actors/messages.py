@@ -65,29 +65,70 @@ def _ext_hook(code: int, data: bytes) -> Any:
     return np.frombuffer(data, dtype=dtype, offset=off).reshape(shape)
 
 
-def _find_bad_field(obj: Any, path: str = "") -> str | None:
-    """Walk a message to name the first value msgpack cannot encode (error path only)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, (str, bytes, int, float, bool)) and k is not None:
-                return f"{path}[{k!r}] (key of type {type(k).__name__})"
-            found = _find_bad_field(v, f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-        return None
-    if isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            found = _find_bad_field(v, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    if obj is None or isinstance(obj, (str, bytes, bytearray, memoryview, int, float, bool)):
-        return None
-    if isinstance(obj, np.ndarray):
-        return f"{path} (numpy dtype {obj.dtype})" if obj.dtype.hasobject else None
-    if isinstance(obj, (np.generic, set, frozenset)):
-        return None
-    return f"{path} (type {type(obj).__name__})"
+MAX_DEPTH = 1024
+"""Deepest nesting a message may have, counting each dict, list or tuple (the message itself is
+depth 1): msgpack's own limit, on packing and on unpacking alike. A deeper or cyclic message
+raises ``TypeError`` naming the path where the limit was passed."""
+
+
+def _show_path(parts: list[str]) -> str:
+    """A field path (``.key`` and ``[i]`` segments) for an error message; a very deep one is
+    shortened in the middle."""
+    if len(parts) > 12:
+        parts = [*parts[:6], f"...({len(parts) - 10} levels)...", *parts[-4:]]
+    return "".join(parts).removeprefix(".")
+
+
+class _BadKey:
+    """Stands, in :func:`_find_bad_field`'s walk, for a dict key msgpack cannot encode."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+
+
+def _find_bad_field(obj: Any) -> str | None:
+    """Name the first value msgpack cannot encode (error path only).
+
+    Iterative, bounded by :data:`MAX_DEPTH` and aware of cycles: a message that refers to
+    itself, or one nested 100,000 deep, is reported as such rather than by a RecursionError.
+    """
+    # each entry: (value, path segments, ids of the containers above it)
+    stack: list[tuple[Any, list[str], frozenset[int]]] = [(obj, [], frozenset())]
+    while stack:
+        value, parts, above = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in above:
+                return f"{_show_path(parts) or '(message)'} (cyclic: contains a {type(value).__name__} it is in)"
+            if len(above) >= MAX_DEPTH:
+                return f"{_show_path(parts)} (nested deeper than MAX_DEPTH={MAX_DEPTH})"
+            inner = above | {id(value)}
+            children: list[tuple[Any, list[str], frozenset[int]]] = []
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if not isinstance(k, (str, bytes, int, float, bool)) and k is not None:
+                        children.append((_BadKey(k), [*parts, f"[{k!r}]"], inner))
+                        break  # nothing after a bad key is looked at
+                    children.append((v, [*parts, f".{k}"], inner))
+            else:
+                children = [(v, [*parts, f"[{i}]"], inner) for i, v in enumerate(value)]
+            stack.extend(reversed(children))  # first child on top: the first bad field is named
+            continue
+        if value is None or isinstance(value, (str, bytes, bytearray, memoryview, int, float, bool)):
+            continue
+        if isinstance(value, _BadKey):
+            return f"{_show_path(parts)} (key of type {type(value.key).__name__})"
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                return f"{_show_path(parts)} (numpy dtype {value.dtype})"
+            continue
+        if isinstance(value, (set, frozenset)) and len(above) >= MAX_DEPTH:  # travels as a list
+            return f"{_show_path(parts)} (nested deeper than MAX_DEPTH={MAX_DEPTH})"
+        if isinstance(value, (np.generic, set, frozenset)):
+            continue
+        return f"{_show_path(parts)} (type {type(value).__name__})"
+    return None
 
 
 _local = threading.local()

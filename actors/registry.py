@@ -26,6 +26,7 @@ from typing import Any
 from actors.base import NORMAL, SHUTDOWN, ActorRef, on_death
 from actors.log import get_logger
 from actors.messages import encode
+from actors.timers import check_timeout
 
 log = get_logger("actors.registry")
 CLEAN_EXITS = (NORMAL, SHUTDOWN)  # an actor that left on purpose: later sends are not loss
@@ -126,7 +127,11 @@ class Registry:
         return ref if ref is not None and ref.is_alive() else None
 
     def await_name(self, name: str, timeout: float | None = None, *, not_urn: str | None = None) -> ActorRef | None:
-        """Wait until ``name`` is bound to a live actor (other than ``not_urn``); None on timeout."""
+        """Wait until ``name`` is bound to a live actor (other than ``not_urn``); None on timeout.
+
+        ``timeout`` as for :meth:`ActorRef.ask` (None or inf: no limit; ValueError when out of range).
+        """
+        timeout = check_timeout(timeout)
 
         def ready() -> ActorRef | None:
             ref = self._names.get(name)

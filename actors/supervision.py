@@ -32,6 +32,7 @@ carries the :class:`Decision` out. Giving up is an exit like any other, never an
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,7 +52,7 @@ from actors.base import (
 )
 from actors.log import get_logger
 from actors.registry import Registry, default_registry
-from actors.timers import Timer, call_later
+from actors.timers import MAX_DELAY_S, Timer, call_later, check_delay
 
 log = get_logger("actors.supervision")
 
@@ -109,8 +110,14 @@ class ChildSpec:
                 raise ValueError(
                     f"ChildSpec {self.id!r}: shutdown must be seconds, 'brutal_kill' or 'infinity', got {sd!r}"
                 )
-        elif isinstance(sd, bool) or not isinstance(sd, (int, float)) or sd < 0:
-            raise ValueError(f"ChildSpec {self.id!r}: shutdown must be >= 0 seconds, got {sd!r}")
+        else:  # seconds: the stop's timeout, so finite and bounded as every timeout is
+            try:
+                check_delay(sd, "shutdown")
+            except ValueError:
+                raise ValueError(
+                    f"ChildSpec {self.id!r}: shutdown must be >= 0 and <= {MAX_DELAY_S:g} seconds (finite), "
+                    f"'brutal_kill' or 'infinity', got {sd!r}"
+                ) from None
         if self.significant and self.restart == "permanent":
             raise ValueError(f"ChildSpec {self.id!r}: a significant child must be transient or temporary")
         object.__setattr__(self, "args", tuple(self.args))
@@ -205,8 +212,36 @@ def decide(
 
 def backoff_delay(n: int, min_s: float, max_s: float, jitter: float, rnd: float) -> float:
     """Delay before the ``n``-th consecutive restart (n >= 1): doubling from ``min_s``, capped
-    at ``max_s``, scaled by ``1 + jitter * rnd`` with ``rnd`` in [0, 1)."""
-    return min(max_s, min_s * 2 ** max(n - 1, 0)) * (1 + jitter * rnd)
+    at ``max_s``, scaled by ``1 + jitter * rnd`` with ``rnd`` in [0, 1). Exact for any ``n``: a
+    child restarted thousands of times in a row must not overflow the doubling."""
+    try:
+        doubled = math.ldexp(min_s, max(n - 1, 0))  # min_s * 2**(n-1), without an int-to-float overflow
+    except OverflowError:
+        doubled = math.inf
+    return min(max_s, doubled) * (1 + jitter * rnd)
+
+
+def check_backoff(backoff: object) -> tuple[float, float, float]:
+    """``backoff`` as ``(min_s, max_s, jitter)``, or ValueError saying the allowed ranges.
+
+    Every delay it can give (at most ``max_s * (1 + jitter)``) must be a valid timer delay:
+    one refused later would crash the supervisor at its first restart, far from the mistake.
+    """
+    try:
+        lo, hi, jit = backoff  # type: ignore[misc]
+        lo, hi = check_delay(lo, "backoff min_s"), check_delay(hi, "backoff max_s")
+        if isinstance(jit, bool) or not isinstance(jit, (int, float)):
+            raise ValueError("jitter must be a number")
+        jit = float(jit)
+        ok = lo <= hi and 0 <= jit and hi * (1 + jit) <= MAX_DELAY_S  # NaN and inf fail here
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            "backoff must be (min_s, max_s, jitter) with 0 <= min_s <= max_s, jitter >= 0 (finite) and "
+            f"max_s * (1 + jitter) <= {MAX_DELAY_S:g} seconds; got {backoff!r}"
+        )
+    return lo, hi, jit
 
 
 class _Child:
@@ -294,11 +329,7 @@ class Supervisor(Actor):
         if not max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {max_seconds!r}")
         if backoff is not None:
-            lo, hi, jit = backoff
-            if not (0 <= lo <= hi) or jit < 0:
-                raise ValueError(
-                    f"backoff must be (min_s, max_s, jitter) with 0 <= min_s <= max_s, jitter >= 0; got {backoff!r}"
-                )
+            backoff = check_backoff(backoff)
         seen: set[str] = set()
         for s in specs:
             if not isinstance(s, ChildSpec):
@@ -498,7 +529,7 @@ class Supervisor(Actor):
         if not self.backoff:
             self._restart_group(group)
             return
-        delay = backoff_delay(failed.backoff_n, *self.backoff, rnd=self._rng.random())
+        delay = min(backoff_delay(failed.backoff_n, *self.backoff, rnd=self._rng.random()), MAX_DELAY_S)
         gen = int(self.clock() * 1e6) or 1
         for g in group:
             g.pending_gen = gen

@@ -10,6 +10,11 @@ one thread here keeps every pending timer in a heap and runs each callback when 
 Callbacks run on that thread, so they must be quick and must not block: the ones here only
 queue a message (:meth:`actors.base.ActorRef.tell_unless_stopping`). A callback that raises
 is logged and the thread goes on with the others.
+
+Bounds: a delay (and every timeout an actor call takes, see :func:`check_timeout`) is a
+finite number of seconds in ``[0, MAX_DELAY_S]``. ``threading`` waits raise OverflowError
+past ``threading.TIMEOUT_MAX``; refusing such values where they are given keeps the error
+with the caller instead of in this thread or in an actor's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,41 @@ from typing import Any
 from actors.log import get_logger
 
 log = get_logger("actors.timers")
+
+MAX_DELAY_S: float = min(365 * 86400.0, threading.TIMEOUT_MAX / 2)
+"""Longest timer delay or wait accepted: one year (half of ``threading.TIMEOUT_MAX`` where that
+is less), so no wait built from it can overflow ``threading``'s limit, rounding included."""
+
+_MAX_WAIT_S = min(3600.0, MAX_DELAY_S)  # the timer thread sleeps at most this long at a time
+
+
+def _bad_seconds(value: object) -> bool:
+    """Not a finite real number of seconds in ``[0, MAX_DELAY_S]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    try:
+        return not (0 <= value <= MAX_DELAY_S)  # NaN compares False: refused as well
+    except OverflowError:  # an int too large for a float
+        return True
+
+
+def check_delay(value: object, name: str = "delay") -> float:
+    """``value`` as seconds, or ValueError naming ``name`` and the range (finite, 0..MAX_DELAY_S)."""
+    if _bad_seconds(value):
+        raise ValueError(f"{name} must be a finite number of seconds in [0, {MAX_DELAY_S:g}], got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_timeout(value: object, name: str = "timeout") -> float | None:
+    """A blocking call's timeout: None or ``math.inf`` mean no timeout (None is returned), else as
+    :func:`check_delay`. ``threading`` raises OverflowError for inf and past TIMEOUT_MAX."""
+    if value is None or (isinstance(value, float) and value == math.inf):
+        return None
+    if _bad_seconds(value):
+        raise ValueError(
+            f"{name} must be None or inf (no timeout) or a number of seconds in [0, {MAX_DELAY_S:g}], got {value!r}"
+        )
+    return float(value)  # type: ignore[arg-type]
 
 
 class Timer:
@@ -57,6 +97,7 @@ class Timer:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the call has run or was cancelled; False if ``timeout`` passed first."""
+        timeout = check_timeout(timeout)
         with self._lock:
             if self._state in ("done", "cancelled"):
                 return True
@@ -104,10 +145,8 @@ class TimerService:
         self._thread = None
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
-        """Run ``fn(*args)`` on the timer thread after ``delay`` seconds (finite, >= 0)."""
-        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not math.isfinite(delay) or delay < 0:
-            raise ValueError(f"timer delay must be a finite number of seconds >= 0, got {delay!r}")
-        timer = Timer(time.monotonic() + delay, fn, args, self._cond)
+        """Run ``fn(*args)`` on the timer thread after ``delay`` seconds (0 to :data:`MAX_DELAY_S`)."""
+        timer = Timer(time.monotonic() + check_delay(delay, "timer delay"), fn, args, self._cond)
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"timer service {self.name!r} is closed")
@@ -138,30 +177,41 @@ class TimerService:
             self._thread.start()
 
     def _run(self) -> None:
+        """The thread: sleep until the earliest timer is due, run it, go on. Nothing a timer
+        holds may end it (a thread that died would leave every later timer unrun)."""
         while True:
             with self._cond:
-                while True:
-                    if self._closed:
-                        return
-                    if not self._heap:
-                        self._cond.wait()
-                        continue
-                    wait = self._heap[0][0] - time.monotonic()
-                    if wait <= 0:
-                        _, _, timer = heapq.heappop(self._heap)
-                        break
-                    self._cond.wait(wait)
-                if timer._state != "pending":
-                    continue
+                timer = self._next_due()
+                if timer is None:
+                    return
                 timer._state = "running"  # under the lock: cancel() from here on returns False
                 fn, args = timer.fn, timer.args
                 timer.fn, timer.args = _noop, ()
             try:
                 fn(*args)
-            except Exception:  # one bad callback must not stop every other timer
+            except BaseException:  # one bad callback (even a sys.exit) must not stop the rest
                 log.exception("timer callback failed", callback=getattr(fn, "__qualname__", repr(fn)))
-            with self._cond:
-                timer._finish("done")
+            finally:
+                with self._cond:
+                    timer._finish("done")
+
+    def _next_due(self) -> Timer | None:
+        """Wait (lock held) for the next pending timer to be due and pop it; None once closed."""
+        while True:
+            if self._closed:
+                return None
+            if not self._heap:
+                self._cond.wait()
+                continue
+            due, _, head = self._heap[0]
+            wait = due - time.monotonic()
+            if not wait > 0:  # due (a NaN due time, which only a hand-made Timer can have, too)
+                heapq.heappop(self._heap)
+                if head._state == "pending":
+                    return head
+                continue
+            # in slices: a far (even infinite) due time never asks threading for a wait past its limit
+            self._cond.wait(min(wait, _MAX_WAIT_S))
 
 
 _service = TimerService()
