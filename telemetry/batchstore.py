@@ -34,6 +34,21 @@ from telemetry.schema import CODED_COLUMNS, SchemaError, batch_rows, check_batch
 
 log = get_logger("telemetry.batchstore")
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""The range of the stores' integer columns (SQLite ``INTEGER``, PostgreSQL ``BIGINT``)."""
+
+
+def span_of(ts_lo: int, ts_hi: int) -> int:
+    """A batch's time span for ``spans.max_span``, clamped to 64 bits: the schema lets ``ts``
+    take any 64-bit value, so ``ts_hi - ts_lo`` can need 65 (a wider span reads the same: every
+    batch before the window's end)."""
+    return min(ts_hi - ts_lo, INT64_MAX)
+
+
+def _int64(v: int) -> int:
+    """A query bound clamped to 64 bits (``lo - span`` can fall below what a column can hold)."""
+    return max(INT64_MIN, min(v, INT64_MAX))
+
 
 class HistoryError(RuntimeError):
     """The history cannot be used (the message names it, its password masked, and why)."""
@@ -87,7 +102,9 @@ class BatchStore:
         kept only once :meth:`commit` returns."""
         raise NotImplementedError
 
-    def commit(self) -> None:
+    def commit(self) -> int:
+        """Store the kept batches in one transaction; return the events it stored (batches the
+        history held already are skipped and not counted)."""
         raise NotImplementedError
 
     def rollback(self) -> None:
@@ -115,6 +132,17 @@ class BatchStore:
         with self._read() as q:
             v = q("SELECT MAX(seq_hi) FROM batches WHERE run_id = ?", (run_id,)).fetchone()[0]
         return -1 if v is None else int(v)
+
+    def run_owner(self, run_id: str) -> tuple[str, str | None] | None:
+        """The experiment (and, once recorded, the folder) the history holds a run id for: its
+        events' experiment, else its ``runs`` row's; None if it holds nothing of it. The history
+        keys runs by id alone, so a second folder of the same id is another run it cannot hold."""
+        with self._read() as q:
+            ev = q("SELECT experiment_id FROM batches WHERE run_id = ? LIMIT 1", (run_id,)).fetchone()
+            row = q("SELECT experiment_id, run_dir FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if ev is not None:
+            return ev[0], (row[1] if row is not None and row[0] == ev[0] else None)
+        return None if row is None else (row[0], row[1])
 
     def runs(self, experiment_id: str | None = None) -> list[dict[str, Any]]:
         """The ended runs (one row each, with the final summary), oldest first."""
@@ -170,10 +198,10 @@ class BatchStore:
                 args.append(run_id)
             if lo is not None:
                 sql.append("ts_lo >= ? AND ts_hi >= ?")
-                args += [lo - span, lo]
+                args += [_int64(lo - span), _int64(lo)]
             if hi is not None:
                 sql.append("ts_lo < ?")
-                args.append(hi)
+                args.append(_int64(hi))
             where = " AND ".join(sql)
             total = q(f"SELECT COALESCE(SUM(n), 0) FROM batches WHERE {where}", args).fetchone()[0]
             tq.check_rows(int(total), max_scan, "scan")
@@ -303,7 +331,7 @@ class BatchStore:
             key = experiment_id
         else:
             raise ValueError("iter_events needs experiment_id or run_id")
-        last: tuple[Any, ...] = (-1,) if run_id is not None else (-(2**62), "", -1)
+        last: tuple[Any, ...] = (-1,) if run_id is not None else (INT64_MIN, "", -1)
         while True:
             with self._read() as q:
                 rows = q(sql, (key, *last, chunk)).fetchall()

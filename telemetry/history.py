@@ -6,8 +6,10 @@ through :func:`open_history`, so each reads what the others wrote, wherever that
 
 A *target* names the history:
 
-* ``None`` (the default): the environment variable ``CRUCIBLE_HISTORY`` if it is set, else
-  the embedded SQLite file ``<artifacts>/history.sqlite3``;
+* ``None`` (the default): the environment variable ``CRUCIBLE_HISTORY`` if it is set and not
+  empty (``CRUCIBLE_HISTORY=`` counts as unset, as shells write "no value"), else the embedded
+  SQLite file ``<artifacts>/history.sqlite3``. An empty or blank target given explicitly
+  (``--history ''``) is an error, not the default: it names nothing;
 * ``"postgresql://user:password@host:port/database?..."`` (or ``postgres://``): a PostgreSQL
   database (:mod:`telemetry.store_pg`; needs the ``postgres`` extra). libpq's parameters go
   in the query string (``?sslmode=require&connect_timeout=10``);
@@ -62,10 +64,11 @@ def resolve_history(target: HistoryTarget, artifacts: str | Path | None = None) 
     """The history a target names: a PostgreSQL URL (a ``str``) or a SQLite file (a ``Path``).
 
     Raises:
-        HistoryConfigError: an unknown URL scheme, or no target and no artifacts folder.
+        HistoryConfigError: an unknown URL scheme, an empty target, or no target and no
+            artifacts folder.
     """
-    if target is None or target == "":
-        target = os.environ.get(ENV) or None
+    if target is None:
+        target = os.environ.get(ENV) or None  # empty: unset (a blank one is refused below)
     if target is None:
         if artifacts is None:
             raise HistoryConfigError(f"no history named: give a target, set {ENV}, or give an artifacts folder")
@@ -74,6 +77,11 @@ def resolve_history(target: HistoryTarget, artifacts: str | Path | None = None) 
         return target
     if not isinstance(target, str):
         raise HistoryConfigError(f"a history target is a URL or a path, got {type(target).__name__} {target!r}")
+    if not target.strip():  # would silently mean the default, or a file named by blanks in the cwd
+        raise HistoryConfigError(
+            f"empty history target {target!r}: give a postgresql:// URL, a sqlite:/// URL or a file path, "
+            "or leave it out for the default"
+        )
     if is_postgres_url(target):
         return target
     if target.startswith("sqlite:"):
@@ -131,7 +139,7 @@ def _naming_the_environment(target: HistoryTarget) -> Iterator[None]:
     try:
         yield
     except HistoryError as exc:
-        if (target is None or target == "") and os.environ.get(ENV):
+        if target is None and os.environ.get(ENV):
             raise type(exc)(f"${ENV}: {exc}") from None
         raise
 

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from actors.files import locked
-from telemetry.batchstore import BatchStore, HistoryConnectError, HistoryUnavailable, Reader, batch_mask
+from telemetry.batchstore import BatchStore, HistoryConnectError, HistoryUnavailable, Reader, batch_mask, span_of
 
 __all__ = ["BUSY_TIMEOUT_S", "DB_NAME", "HistoryStore", "batch_mask"]
 
@@ -36,6 +36,7 @@ unavailable (the Recorder then keeps its batches and retries, as for a server th
 Writers' transactions take milliseconds; a lock held longer is someone else's long transaction."""
 
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_INSERT = "INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?,?)"  # a batch already there: stored once
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -130,8 +131,10 @@ class HistoryStore(BatchStore):
         """Batches kept for the next commit."""
         return len(self._pending)
 
-    def commit(self) -> None:
-        """Write the kept batches in one transaction; they are stored once this returns.
+    def commit(self) -> int:
+        """Write the kept batches in one transaction; they are stored once this returns. Returns
+        the events this commit stored: a batch the history holds already (sent again, or by a
+        concurrent ``crucible sync``) is skipped and not counted.
 
         Raises:
             HistoryUnavailable: another connection held the database locked for longer than
@@ -142,12 +145,14 @@ class HistoryStore(BatchStore):
         with self._lock:
             rows = list(self._pending)
             if not rows:
-                return
+                return 0
             spans: dict[str, int] = {}
             for r in rows:
-                spans[r[3]] = max(spans.get(r[3], -1), r[5] - r[4])
+                spans[r[3]] = max(spans.get(r[3], -1), span_of(r[4], r[5]))
+            stored = 0
             try:
-                self.db.executemany("INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?,?)", rows)
+                for r in rows:  # one statement each: its rowcount says whether the batch was new
+                    stored += r[6] * self.db.execute(_INSERT, r).rowcount
                 self.db.executemany(
                     "INSERT INTO spans VALUES (?, ?) ON CONFLICT(experiment_id) DO UPDATE SET "
                     "max_span = MAX(max_span, excluded.max_span)",
@@ -157,7 +162,11 @@ class HistoryStore(BatchStore):
             except sqlite3.OperationalError as exc:
                 self.db.rollback()
                 raise self._busy(exc) from None
+            except BaseException:
+                self.db.rollback()  # no half-done transaction left open for a later commit to finish
+                raise
             del self._pending[: len(rows)]
+        return stored
 
     def rollback(self) -> None:
         """Drop the batches not yet committed (the Recorder's roll-back after a failed write)."""

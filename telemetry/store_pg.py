@@ -52,6 +52,7 @@ from telemetry.batchstore import (
     HistoryError,
     HistoryUnavailable,
     Reader,
+    span_of,
 )
 
 log = get_logger("telemetry.store_pg")
@@ -111,7 +112,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
 _STAGING = "CREATE TEMPORARY TABLE IF NOT EXISTS batches_in (LIKE batches INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 _COPY = "COPY {table} (run_id, seq_lo, seq_hi, experiment_id, ts_lo, ts_hi, n, data) FROM STDIN (FORMAT BINARY)"
 _COPY_TYPES = ("text", "int8", "int8", "text", "int8", "int8", "int4", "bytea")  # binary COPY: no escaping
-_MERGE = "INSERT INTO batches SELECT * FROM batches_in ON CONFLICT (run_id, seq_lo) DO NOTHING"
+_MERGE = "INSERT INTO batches SELECT * FROM batches_in ON CONFLICT (run_id, seq_lo) DO NOTHING RETURNING n"
 _SPAN = (
     "INSERT INTO spans VALUES (%s, %s) ON CONFLICT (experiment_id) DO UPDATE SET "
     "max_span = GREATEST(spans.max_span, excluded.max_span)"
@@ -182,10 +183,10 @@ def _psycopg() -> Any:
     return psycopg
 
 
-def _send(conn: Any, rows: list[tuple[Any, ...]], spans: dict[str, int]) -> None:
+def _send(conn: Any, rows: list[tuple[Any, ...]], spans: dict[str, int]) -> int:
     """One commit's batches: COPY straight into ``batches``; if one is there already (sent again
-    after a commit whose answer was lost), again through the staging table, merged without
-    duplicates (see the module docs)."""
+    after a commit whose answer was lost, or by a concurrent ``crucible sync``), again through the
+    staging table, merged without duplicates (see the module docs). Returns the events stored."""
     import psycopg
 
     rows = sorted(rows, key=lambda r: (r[0], r[1]))  # key order: two writers of one run wait, never deadlock
@@ -195,6 +196,7 @@ def _send(conn: Any, rows: list[tuple[Any, ...]], spans: dict[str, int]) -> None
                 copy.set_types(_COPY_TYPES)
                 for r in rows:
                     copy.write_row(r)
+            stored = sum(r[6] for r in rows)
         except psycopg.errors.UniqueViolation:
             conn.rollback()
             cur.execute(_STAGING)
@@ -202,9 +204,10 @@ def _send(conn: Any, rows: list[tuple[Any, ...]], spans: dict[str, int]) -> None
                 copy.set_types(_COPY_TYPES)
                 for r in rows:
                     copy.write_row(r)
-            cur.execute(_MERGE)
+            stored = sum(n for (n,) in cur.execute(_MERGE).fetchall())
         if spans:
             cur.executemany(_SPAN, sorted(spans.items()))  # a fixed order: no deadlock between writers
+    return stored
 
 
 def _alive(conn: Any) -> bool:
@@ -425,8 +428,9 @@ class PgHistoryStore(BatchStore):
         """Batches kept for the next commit."""
         return len(self._pending)
 
-    def commit(self) -> None:
-        """Send the kept batches in one transaction; they are stored once this returns.
+    def commit(self) -> int:
+        """Send the kept batches in one transaction; they are stored once this returns. Returns
+        the events this commit stored (a batch the history holds already is not counted).
 
         Raises:
             HistoryUnavailable: the server could not be reached; the batches are kept.
@@ -435,15 +439,17 @@ class PgHistoryStore(BatchStore):
         with self._wlock:
             rows = list(self._pending)
             if not rows:
-                return
+                return 0
             spans: dict[str, int] = {}
             for r in rows:
-                if r[5] - r[4] > max(spans.get(r[3], -1), self._spans.get(r[3], -1)):
-                    spans[r[3]] = r[5] - r[4]
-            self._write(lambda conn: _send(conn, rows, spans))
+                if (span := span_of(r[4], r[5])) > max(spans.get(r[3], -1), self._spans.get(r[3], -1)):
+                    spans[r[3]] = span
+            stored: list[int] = []
+            self._write(lambda conn: stored.append(_send(conn, rows, spans)))
             del self._pending[: len(rows)]
             for exp, span in spans.items():
                 self._spans[exp] = max(span, self._spans.get(exp, -1))
+        return stored[-1]
 
     def _write(self, work: Callable[[Any], None]) -> None:
         """Run one write transaction: on a pooled connection; after the server went away, and

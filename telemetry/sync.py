@@ -11,6 +11,14 @@ is simply run again: nothing is stored twice), then records the run's summary, w
 ``summary.json``, unless the summary lags the events on disk (a run killed before its last
 summary: its events are sent, its record waits for a Recorder to end it). A live run is left
 alone: its own Recorder sends its events.
+
+What the history must never get: a batch its readers skip. The JSONL readers take events in
+any ``seq`` order, but a stored batch's ``seq`` must increase strictly, so an event whose
+``seq`` is not past every one read before it (a repeated line, a segment appended twice) is
+dropped, counted (:attr:`SyncResult.out_of_order`) and logged, as a bad line is. And the
+history keys runs by id alone: a folder whose run id the history holds for another
+experiment (a run copied under another experiment) is left alone, naming the other folder,
+rather than mixed into that run's events and record.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ from typing import Any
 import orjson
 
 from actors.files import atomic_write
+from actors.log import get_logger
 from telemetry.batchstore import BatchStore
-from telemetry.jsonl import iter_run
+from telemetry.jsonl import ReadCounts, iter_run
 from telemetry.rundir import SUMMARY, read_json, read_summary, run_status
-from telemetry.schema import check_id, rows_to_batch, stored_batch
+from telemetry.schema import check_batch, check_id, rows_to_batch, stored_batch
+
+log = get_logger("telemetry.sync")
 
 CHUNK = 4096
 """Events per transaction."""
@@ -36,9 +47,11 @@ class SyncResult:
     """What :func:`sync_run` did for one run."""
 
     run_dir: Path
-    sent: int = 0  # events the history lacked, now stored
+    sent: int = 0  # events this sync stored (not those another writer stored first)
     recorded: bool = False  # the run's summary was (re)written into the runs table
-    left_alone: str | None = None  # why the run was not synced (it is live)
+    left_alone: str | None = None  # why the run was not synced (it is live; its id is another run's)
+    out_of_order: int = 0  # events whose seq was not past every seq read before it: not sent
+    unreadable: int = 0  # lines of its files the JSONL readers skipped
 
 
 def sync_run(store: BatchStore, run_dir: Path, chunk: int = CHUNK) -> SyncResult:
@@ -56,22 +69,68 @@ def sync_run(store: BatchStore, run_dir: Path, chunk: int = CHUNK) -> SyncResult
         return result
     experiment_id = check_id("experiment id", run_dir.parent.name)
     run_id = check_id("run id", run_dir.name)
+    if (other := _held_for_another(store, run_dir, experiment_id, run_id)) is not None:
+        result.left_alone = other
+        return result
+    _warn_same_id(run_dir, run_id)
     db_max = store.max_seq(run_id)
+    last, first_bad = -1, None  # the highest seq read so far; the first event dropped
+    counts = ReadCounts()
     rows: list[dict[str, Any]] = []
-    for ev in iter_run(run_dir):
-        if ev["seq"] > db_max:
+    for ev in iter_run(run_dir, counts):
+        seq = ev["seq"]
+        if seq <= last:  # repeated or out of order: a stored batch's seqs must increase strictly
+            result.out_of_order += 1
+            first_bad = first_bad or (seq, last)
+            continue
+        last = seq
+        if seq > db_max:
             rows.append(ev)
         if len(rows) >= chunk:
             result.sent += _send(store, rows, experiment_id, run_id)
             rows = []
     if rows:
         result.sent += _send(store, rows, experiment_id, run_id)
-    result.recorded = _record(store, run_dir, experiment_id, run_id)
+    result.unreadable = counts.skipped
+    if first_bad is not None:
+        log.warning(
+            "skipping events whose seq does not follow the seqs before them",
+            run_dir=str(run_dir),
+            events=result.out_of_order,
+            first_seq=first_bad[0],
+            after_seq=first_bad[1],
+        )
+    result.recorded = _record(store, run_dir, experiment_id, run_id, counts.events - result.out_of_order)
     return result
 
 
+def _held_for_another(store: BatchStore, run_dir: Path, experiment_id: str, run_id: str) -> str | None:
+    """Why the run must not be synced when the history holds its id for another experiment's
+    folder (one line naming that folder); None when the id is free or this run's."""
+    owner = store.run_owner(run_id)
+    if owner is None or owner[0] == experiment_id:
+        return None
+    sibling = run_dir.parent.parent / owner[0] / run_id  # here, if the copy is beside it
+    other = str(sibling) if sibling.is_dir() or owner[1] is None else owner[1]
+    return f"its run id is also {other}'s, the run the history holds under that id: {run_dir} not sent"
+
+
+def _warn_same_id(run_dir: Path, run_id: str) -> None:
+    """Say so when other folders of the artifacts folder share this run's id: only one of them
+    can be in the history (the others are left alone when synced)."""
+    try:
+        others = sorted(str(p) for p in run_dir.parent.parent.glob(f"*/{run_id}") if p != run_dir and p.is_dir())
+    except OSError:
+        return
+    if others:
+        log.warning("several run folders share a run id; the history holds one", run_dir=str(run_dir), others=others)
+
+
 def _send(store: BatchStore, rows: list[dict[str, Any]], experiment_id: str, run_id: str) -> int:
+    """Store one chunk in one transaction; return the events stored (none of a chunk another
+    writer stored first). A failed commit drops the chunk, so closing the store cannot fail again."""
     b = rows_to_batch(rows, experiment_id, run_id)
+    check_batch(b)  # what every reader checks: never commit a batch they would skip
     ts = b["ts"]
     store.insert_batch(
         experiment_id,
@@ -82,20 +141,27 @@ def _send(store: BatchStore, rows: list[dict[str, Any]], experiment_id: str, run
         stored_batch(b),
         n=len(rows),
     )
-    store.commit()
-    return len(rows)
+    try:
+        return store.commit()
+    except BaseException:
+        store.rollback()
+        raise
 
 
-def _record(store: BatchStore, run_dir: Path, experiment_id: str, run_id: str) -> bool:
+def _record(store: BatchStore, run_dir: Path, experiment_id: str, run_id: str, events: int) -> bool:
     """Put the run's summary in the ``runs`` table if it is missing there or differs, with
     nothing left unsent; False when the run has no readable summary, one that lags its events,
-    or it is there already."""
+    or it is there already. ``events``: the run's events this sync read, each seq once (lines
+    repeated after the summary do not make it lag)."""
     try:
         summary = read_json(run_dir / SUMMARY)
         stale = read_summary(run_dir).get("summary_stale")  # fewer events than the files hold
     except ValueError:
         return False
-    if summary is None or stale:
+    if summary is None:
+        return False
+    said = summary.get("events_persisted")
+    if stale and not (isinstance(said, int) and events <= said):
         return False
     hist = summary.get("history")
     if isinstance(hist, dict) and hist.get("events_unsent"):

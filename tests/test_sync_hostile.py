@@ -1,0 +1,230 @@
+"""``crucible sync`` against hostile run folders: repeated or out-of-order seqs, 64-bit extreme
+timestamps, two syncs at once, one run id in two experiments, an empty history target.
+
+The tests that touch a store run against both histories (SQLite and a real PostgreSQL
+server); the run folders are written by hand, as a tester (or a bad copy) would leave them.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from supervisor import main
+from telemetry.batchstore import BatchStore, HistoryUnavailable
+from telemetry.history import ENV, HistoryConfigError, open_history, resolve_history
+from telemetry.sync import sync_run
+
+pytest_plugins = ["tests.pg_server"]  # fixtures history_kind, history_target: both stores
+
+T0 = 1_700_000_000_000_000
+RID = "20260101T000000Z-abcdef"
+
+
+def event(exp: str, run_id: str, seq: int, ts: int | None = None) -> bytes:
+    row = {"v": 1, "seq": seq, "ts": T0 + seq if ts is None else ts, "experiment_id": exp, "run_id": run_id}
+    return orjson.dumps({**row, "name": "step", "step": seq, "values": {"x": float(seq)}}) + b"\n"
+
+
+def make_run(art: Path, exp: str, seqs: list[int], run_id: str = RID, persisted: int | None = None) -> Path:
+    """An ended run's folder: its events in that order, then its summary (``events_persisted``)."""
+    run = art / exp / run_id
+    run.mkdir(parents=True)
+    (run / "events.jsonl").write_bytes(b"".join(event(exp, run_id, s) for s in seqs))
+    summary = {
+        "run_id": run_id,
+        "experiment_id": exp,
+        "events_persisted": len(seqs) if persisted is None else persisted,
+    }
+    (run / "summary.json").write_bytes(orjson.dumps(summary))
+    return run
+
+
+def target_for(history_target: str | Path | None, art: Path) -> str:
+    return str(art / "history.sqlite3") if history_target is None else str(history_target)
+
+
+def seqs_in(store: BatchStore, run_id: str = RID) -> list[int]:
+    return [e["seq"] for e in store.iter_events(run_id=run_id)]
+
+
+def test_repeated_and_out_of_order_seqs_are_dropped_counted_and_stored_readably(tmp_path, history_target, capsys):
+    """A segment appended twice and a line out of order: the history gets each seq once, in a
+    batch its readers take (not one they skip, losing the run); the drops are counted and logged;
+    ``export`` finds the run; the repeats after the summary do not hold back the run's record."""
+    art = tmp_path / "art"
+    run = make_run(art, "exp", list(range(10)), persisted=12)
+    with (run / "events.jsonl").open("ab") as fh:  # lines repeated, then one out of order
+        fh.write(b"".join(event("exp", RID, s) for s in [*range(5, 10), 12, 11, 13]))
+    (run / "events.000001.jsonl").write_bytes((run / "events.jsonl").read_bytes())  # the whole file twice
+    target = target_for(history_target, art)
+    store = open_history(target)
+    try:
+        with capture_logs() as logs:
+            r = sync_run(store, run, chunk=4)  # duplicates across chunk boundaries too
+        assert seqs_in(store) == [*range(10), 12, 13]  # a batch the readers take, each seq once
+        assert store.skipped_batches == 0
+        assert (r.sent, r.out_of_order, r.left_alone) == (12, 18 + 6, None)
+        assert r.recorded  # 12 distinct events: the summary's 12, not lagging
+        (warned,) = [e for e in logs if e["event"].startswith("skipping events whose seq")]
+        assert warned["events"] == 24 and warned["log_level"] == "warning"
+        again = sync_run(store, run)
+        assert (again.sent, again.recorded) == (0, False)
+    finally:
+        store.close()
+    out = tmp_path / "out.jsonl"
+    capsys.readouterr()
+    assert main(["export", RID, "--artifacts", str(art), "--history", target, "--out", str(out)]) == 0
+    assert [orjson.loads(x)["seq"] for x in out.read_bytes().splitlines()] == [*range(10), 12, 13]
+
+
+def test_extreme_timestamps_are_stored_and_read(tmp_path, history_target, capsys):
+    """Events at ts -2**63 and 2**63-1 (the schema takes any 64-bit ts): their batch's span needs
+    65 bits; the store clamps it, queries over any window still read, and nothing raises."""
+    art = tmp_path / "art"
+    run = make_run(art, "exp", [0, 1])
+    (run / "events.jsonl").write_bytes(event("exp", RID, 0, -(2**63)) + event("exp", RID, 1, 2**63 - 1))
+    target = target_for(history_target, art)
+    capsys.readouterr()
+    assert main(["sync", "--artifacts", str(art), "--history", target]) == 0
+    assert f"exp/{RID}: sent 2 event(s); summary recorded" in capsys.readouterr().out
+    store = open_history(target, readonly=True)
+    try:
+        assert [e["ts"] for e in store.iter_events(run_id=RID)] == [-(2**63), 2**63 - 1]
+        assert [e["ts"] for e in store.iter_events(experiment_id="exp")] == [-(2**63), 2**63 - 1]
+        assert [e["seq"] for e in store.query("exp", ("range", 0, 10))] == []
+        assert [e["seq"] for e in store.query("exp", ("last", 5, "minutes"))] == []
+        assert [e["seq"] for e in store.query("exp", ("last_n", 5))] == [0, 1]
+    finally:
+        store.close()
+
+
+def test_a_failed_sync_commit_leaves_nothing_for_close_to_fail_on(tmp_path):
+    """A commit the history refuses (here: locked past the busy timeout) fails the sync once;
+    the chunk is dropped, so closing the store does not raise it a second time."""
+    art = tmp_path / "art"
+    run = make_run(art, "exp", list(range(5)))
+    store = open_history(art / "history.sqlite3")
+    lock = sqlite3.connect(art / "history.sqlite3", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(HistoryUnavailable):
+            sync_run(store, run)
+        assert store.pending == 0
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    store.close()  # nothing kept: nothing to fail again
+    store = open_history(art / "history.sqlite3")
+    try:
+        assert sync_run(store, run).sent == 5
+    finally:
+        store.close()
+
+
+def test_two_syncs_at_once_each_count_only_what_they_stored(tmp_path, history_target):
+    """Two syncs of one run that both read the history before either wrote: both send every
+    chunk, the history keeps each once, and each reports only the events it stored."""
+    art = tmp_path / "art"
+    n = 600
+    run = make_run(art, "exp", list(range(n)))
+    target = target_for(history_target, art)
+    stores = [open_history(target), open_history(target)]
+    both_read = threading.Barrier(2, timeout=60)
+    results: dict[int, Any] = {}
+
+    def sync(i: int) -> None:
+        store = stores[i]
+        read = store.max_seq
+
+        def max_seq_then_wait(run_id: str) -> int:
+            v = read(run_id)
+            both_read.wait()  # neither has written yet: both will send everything
+            return v
+
+        store.max_seq = max_seq_then_wait  # type: ignore[method-assign]
+        try:
+            results[i] = sync_run(store, run, chunk=50)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=sync, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert all(not isinstance(r, BaseException) for r in results.values()), results
+        assert results[0].sent + results[1].sent == n, (results[0].sent, results[1].sent)
+        assert seqs_in(stores[0]) == list(range(n))
+        stale = open_history(target)  # one that read before the other wrote, and ran after it
+        try:
+            stale.max_seq = lambda run_id: -1  # type: ignore[method-assign]
+            assert sync_run(stale, run).sent == 0
+        finally:
+            stale.close()
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_one_run_id_in_two_experiments_is_reported_and_never_flipped(tmp_path, history_target, capsys):
+    """A run copied under another experiment keeps its id, which the history keys runs by: sync
+    sends one, leaves the other alone with a line naming both folders, and later syncs find the
+    one up to date rather than recording each summary in turn."""
+    art = tmp_path / "art"
+    a = make_run(art, "alpha", list(range(5)))
+    b = make_run(art, "beta", list(range(8)))
+    target = target_for(history_target, art)
+    argv = ["sync", "--artifacts", str(art), "--history", target]
+    capsys.readouterr()
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    alone = [x for x in first.splitlines() if "left alone" in x]
+    assert len(alone) == 1, first
+    kept, other = (a, b) if alone[0].startswith(f"beta/{RID}:") else (b, a)
+    assert str(kept) in alone[0] and str(other) in alone[0], alone[0]  # one line naming both folders
+    assert f"{kept.parent.name}/{RID}: sent {5 if kept is a else 8} event(s); summary recorded" in first
+    store = open_history(target, readonly=True)
+    try:
+        assert seqs_in(store) == list(range(5 if kept is a else 8))
+        (row,) = store.runs()
+        assert (row["experiment_id"], row["summary"]["experiment_id"]) == (kept.parent.name, kept.parent.name)
+        assert store.run_owner(RID) == (kept.parent.name, str(kept))
+    finally:
+        store.close()
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "summary recorded" not in second and f"{kept.parent.name}/{RID}: up to date" in second, second
+    assert f"{other.parent.name}/{RID}: left alone" in second
+
+
+def test_an_empty_history_target_is_an_error_and_an_empty_variable_is_unset(tmp_path, monkeypatch, capsys):
+    """``--history ''`` names nothing: one line, exit 2, rather than the default history
+    without a word; ``CRUCIBLE_HISTORY=`` (empty) counts as unset, a blank one is refused."""
+    art = tmp_path / "art"
+    make_run(art, "exp", [0])
+    monkeypatch.delenv(ENV, raising=False)
+    for empty in ("", "  "):
+        with pytest.raises(HistoryConfigError, match="empty history target"):
+            resolve_history(empty, art)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["sync", "--artifacts", str(art), "--history", ""])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "empty history target" in err and len(err.strip().splitlines()) == 1, err
+    assert not (art / "history.sqlite3").exists()
+    monkeypatch.setenv(ENV, "")
+    assert resolve_history(None, art) == art / "history.sqlite3"
+    monkeypatch.setenv(ENV, " ")
+    with pytest.raises(HistoryConfigError, match=rf"^\${ENV}: empty history target"):
+        open_history(None, artifacts=art)
+    assert os.environ[ENV] == " "
