@@ -13,17 +13,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
+import glob
 import itertools
 import os
+import re
 import sqlite3
+import stat
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from rich.console import Console
 
+from actors.files import file_kind, replace_file
+from actors.log import get_logger
+from actors.recorder import RESERVE_NAME
 from cli import render
 from cli.errors import EXIT_FAILED, UsageError, folder_arg, history_error, not_recorded, one_line
 from telemetry import rundir
@@ -32,6 +40,8 @@ from telemetry.export import FORMATS, export_events, export_run
 from telemetry.history import ENV, HistoryError, describe_history, open_history
 from telemetry.jsonl import ReadCounts, iter_run
 from telemetry.schema import check_id
+
+log = get_logger("cli.runs")
 
 
 def history_target(args: argparse.Namespace) -> str | None:
@@ -108,7 +118,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     if target is not None:
         with reading_history(args) as store:  # a history named but unreachable or unreadable (not a
             store.runs()  # database, no tables) is an error here, not a quiet fall-back to the folders
-    if not art.is_dir():  # a mistyped --artifacts must not read as "no runs"
+    try:
+        is_dir = art.is_dir()
+    except OSError as exc:  # a name too long, a folder this user may not look into
+        raise UsageError(f"--artifacts {str(art)!r}: cannot read it: {exc.strerror or exc}") from None
+    if not is_dir:  # a mistyped --artifacts must not read as "no runs"
         raise UsageError(f"no artifacts folder {str(art)!r} (nothing has run there yet; give --artifacts DIR)")
     infos = rundir.list_runs(art, target)
     if args.json:
@@ -122,12 +136,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if history_target(args) is not None:
         return export_from_history(args)
-    run = rundir.resolve_run(args.run, Path(args.artifacts))
-    out = not_recorded(args.out, "--out") if args.out else Path(f"{run.name}.{args.format}")
+    try:
+        run = rundir.resolve_run(args.run, Path(args.artifacts))
+    except OSError as exc:  # a name too long to look up, a folder this user may not read
+        raise UsageError(f"{args.run!r}: cannot read it: {exc.strerror or exc}") from None
+    out = output_file(args.out if args.out is not None else f"{run.name}.{args.format}")
     counts = ReadCounts()
-    n = _write_whole(out, lambda partial: export_run(run, args.format, partial, counts=counts))
+    n = _write_whole(out, lambda into: export_run(run, args.format, into, counts=counts))
     skipped = f"; skipped {counts.skipped:,} unreadable line(s)" if counts.skipped else ""
-    render.say(Console(), f"exported {n:,} events of {run} to {out}{skipped}")
+    render.say(_said_to(out), f"exported {n:,} events of {run} to {out.shown}{skipped}")
     return 0
 
 
@@ -136,31 +153,205 @@ def export_from_history(args: argparse.Namespace) -> int:
         where = describe_history(history_target(args), args.artifacts)
         history_events(store, args.run, where)  # an unknown run fails before any file is made
         run_id = _named_run(args.run)
-        out = not_recorded(args.out, "--out") if args.out else Path(f"{run_id}.{args.format}")
+        out = output_file(args.out if args.out is not None else f"{run_id}.{args.format}")
 
         def events() -> Iterator[dict[str, Any]]:  # called once per pass over the events
             store.skipped_batches = 0  # each pass counts afresh
             return history_events(store, args.run, where)
 
-        n = _write_whole(out, lambda partial: export_events(events, args.format, partial))
+        n = _write_whole(out, lambda into: export_events(events, args.format, into))
     skipped = f"; skipped {store.skipped_batches:,} damaged batch(es)" if store.skipped_batches else ""
-    render.say(Console(), f"exported {n:,} events of {run_id} from {where} to {out}{skipped}")
+    render.say(_said_to(out), f"exported {n:,} events of {run_id} from {where} to {out.shown}{skipped}")
     return 0
 
 
-def _write_whole(out: Path, write: Callable[[Path], int]) -> int:
+# --- where an export goes ----------------------------------------------------------------------------------------
+
+# names a run folder's readers take for the run's own files (rundir, jsonl, recorder, lab, coloring):
+# events, rotated, compressed or not, the records, the recorder's reserve, a lab's resume markers, results
+RUN_FILE_PATTERNS = (
+    "events*.jsonl*",
+    rundir.SPEC,
+    rundir.LIFECYCLE,
+    rundir.SUMMARY,
+    rundir.RECORDER_STATE,
+    rundir.CHECKPOINT,
+    RESERVE_NAME,
+    ".resume.*",
+    "coloring.json",
+    "best_solution.pass*.json",
+)
+RUN_FOLDER_MARKS = (rundir.EVENTS, rundir.SUMMARY, rundir.LIFECYCLE, rundir.SPEC)  # as recorded_file tells one
+PARTIAL_STEM = 200  # of the output's name, in its partial file's: the partial's name stays under NAME_MAX
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where an export goes: ``path``, what is written (for a regular file, the file a link names);
+    ``stream``: a character device or FIFO (``/dev/stdout``, a pipe), written into in order and never
+    replaced; ``shown``: the path as the user gave it."""
+
+    path: Path
+    stream: bool
+    shown: str
+
+
+def _reader_would_take(name: str) -> bool:
+    """Whether a run folder's readers would take a file of this name for the run's own."""
+    folded = name.casefold()
+    return any(fnmatch.fnmatchcase(folded, pattern) for pattern in RUN_FILE_PATTERNS)
+
+
+def _run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run's folder (holds its events or one of its records)."""
+    return any((folder / name).exists() for name in RUN_FOLDER_MARKS) or any(folder.glob("events.*.jsonl"))
+
+
+def output_file(arg: str) -> Output:
+    """The file ``--out`` names, checked before any work: a character device or a FIFO is written
+    into; a folder, a block device or a socket (or a link to one) is refused, as is a file a run
+    or the Lab would read as its own (:func:`_refuse_recorded`).
+
+    Raises:
+        UsageError: one line naming the path and what is wrong.
+    """
+    said = f"--out {arg!r}"
+    if not arg:
+        raise UsageError(f"{said}: must name a file")
+    if os.path.basename(arg) in ("", ".", ".."):
+        raise UsageError(f"{said}: names a folder; give a file name")
+    path = Path(arg)
+    try:
+        st = os.stat(path)  # follows a link: the rules are the target's
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:  # no permission, a name too long, a file where a folder should be
+        raise UsageError(f"{said}: cannot write there: {exc.strerror or exc}") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+            return Output(path, True, arg)
+        raise UsageError(f"{said}: it is {file_kind(st.st_mode)}; refusing to write to it or replace it")
+    try:
+        target = Path(os.path.realpath(path))  # through a link, the file it names is written; the link stays
+        _refuse_recorded(path, target, said)
+    except OSError as exc:
+        raise UsageError(f"{said}: cannot write there: {exc.strerror or exc}") from None
+    return Output(target, False, arg)
+
+
+def _refuse_recorded(path: Path, target: Path, said: str) -> None:
+    """Refuse an output that a run or the Lab would take for its own: an existing recorded file,
+    a name a run folder's readers take, anything inside a run folder, a name the artifacts
+    root reserves there (or hypertune's folder), so an export can neither corrupt a run nor
+    make up a phantom one."""
+    not_recorded(path, "--out")
+    for name in {path.name, target.name}:
+        if _reader_would_take(name):
+            raise UsageError(
+                f"{said}: a run folder's readers would take a file named {name!r} for the run's own; give another name"
+            )
+    for folder in target.parents:
+        if folder.is_dir() and _run_folder(folder):
+            raise UsageError(f"{said}: it is inside the run folder {str(folder)!r}; write it elsewhere")
+    parent = target.parent
+    if any((parent / name).exists() for name in rundir.ROOT_FILES):
+        reserved = rundir.root_file_name(target.name)
+        if reserved is not None:
+            raise UsageError(
+                f"{said}: the artifacts folder {str(parent)!r} reserves names like {reserved!r}; give another name"
+            )
+    lab_files = [n for n in rundir.ROOT_FILES if n != rundir.HYPERTUNE_DIR]
+    if parent.name == rundir.HYPERTUNE_DIR and any((parent.parent / n).exists() for n in lab_files):
+        raise UsageError(f"{said}: {str(parent)!r} is hypertune's learned state; write it elsewhere")
+
+
+def _said_to(out: Output) -> Console:
+    """Where the closing line goes: stderr when the export streams (it may be stdout itself)."""
+    return Console(stderr=out.stream)
+
+
+def _write_whole(out: Output, write: Callable[[Any], int]) -> int:
     """``write`` into a file beside ``out``, renamed to it at the end: the file appears whole or
-    not at all (a read that fails midway, a full disk, leave nothing half-written)."""
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    not at all (a read that fails midway, a full disk, leave nothing half-written). A stream
+    (``out.stream``) is written into as it goes. Partial files that exports killed before their
+    end left beside it (their process is gone) are removed first."""
+    if out.stream:
+        return _write_through(out, write)
+    stem = out.path.name[:PARTIAL_STEM]
+    _remove_dead_partials(out.path.parent, stem)
+    partial = out.path.with_name(f".{stem}.{os.getpid()}.partial")
     try:
         n = write(partial)
-        partial.replace(out)
+        replace_file(partial, out.path)  # refused if a device or FIFO took the name meanwhile
     except OSError as exc:
-        raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write {out.shown!r}: {exc.strerror or exc}") from None
     finally:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
     return n
+
+
+def _pid_gone(pid: int) -> bool:
+    """Whether no process has this pid (unsure, as for another user's, counts as there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    return False
+
+
+def _remove_dead_partials(folder: Path, stem: str) -> None:
+    """Remove ``.<stem>.<pid>.partial`` files in ``folder`` whose process is gone (a SIGKILL
+    mid-export): nobody else would ever remove them."""
+    shape = re.compile(rf"\.{re.escape(stem)}\.(\d+)\.partial")
+    try:
+        found = list(folder.glob(f".{glob.escape(stem)}.*.partial"))
+    except OSError:
+        return
+    for p in found:
+        m = shape.fullmatch(p.name)
+        if m is None or int(m[1]) == os.getpid() or not _pid_gone(int(m[1])):
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            log.info("removed a partial export its dead process left", file=str(p), pid=int(m[1]))
+
+
+def _write_through(out: Output, write: Callable[[Any], int]) -> int:
+    """Stream into a character device or FIFO (opening a FIFO waits for its reader). A reader
+    that goes away is a usage error, or, when it is our own stdout, the quiet end of a closed pipe."""
+    try:
+        fd = os.open(out.path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out.shown!r}: {exc.strerror or exc}") from None
+    fh: BinaryIO = os.fdopen(fd, "wb")
+    st = os.fstat(fd)
+    try:
+        if not (stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):  # replaced since it was checked
+            raise UsageError(f"--out {out.shown!r}: it changed into {file_kind(st.st_mode)} while opening; not written")
+        n = write(fh)
+        fh.flush()
+        return n
+    except BrokenPipeError:
+        if _is_stdout(st):
+            raise  # `--out /dev/stdout | head`: cli.main ends it quietly (141)
+        raise UsageError(f"cannot write {out.shown!r}: its reader closed it before the export ended") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {out.shown!r}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            fh.close()
+
+
+def _is_stdout(st: os.stat_result) -> bool:
+    """Whether ``st`` is the file our stdout writes to."""
+    try:
+        own = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
 
 
 def metric_values(run: Path | str, metric: str, store: BatchStore | None = None, where: str = "") -> list[float]:

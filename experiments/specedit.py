@@ -4,7 +4,9 @@ Edits go through tomlkit, so comments and layout of the file survive; a change t
 make the spec invalid, or a file larger than a spec may be (:data:`SPEC_MAX_BYTES`), is
 refused and the file is left untouched. The new text is validated in memory (no scratch file
 beside the spec), then replaces the file atomically, so a reader or a crash never sees half
-a spec.
+a spec. An edit holds a lock on the spec from its read to its write, so edits that run at once
+are applied in turn (one that waits more than :data:`EDIT_LOCK_S` gives up, nothing changed);
+only a regular file is edited (``/dev/null`` or a FIFO is refused, not read as an empty spec).
 
 Values are written as TOML text here (:func:`_inline`, :func:`_tables`) and only then handed
 to tomlkit: its own conversion of Python values re-indexes an array on every element, scans a
@@ -14,6 +16,7 @@ its parser is linear.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
@@ -24,13 +27,14 @@ from typing import Any
 import tomlkit
 from tomlkit.items import InlineTable, Item
 
-from actors.files import atomic_write
+from actors.files import NotRegularFileError, atomic_write, locked_file
 from experiments.spec import SpecError, load_spec, parse_override, read_spec_text
 from experiments.validate import SPEC_MAX_BYTES, brief
 from experiments.workloads import registry as workload_registry
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')  # what a TOML basic string may not hold as itself
+EDIT_LOCK_S = 10.0  # how long an edit waits for another one to the same spec before it gives up
 _SHORT_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
 
 
@@ -43,8 +47,33 @@ def _load_doc(path: Path) -> tomlkit.TOMLDocument:
 
 
 def set_values(path: str | Path, assignments: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` assignments (dotted keys) to the file, validated; return the new spec."""
+    """Apply ``key=value`` assignments (dotted keys) to the file, validated; return the new spec.
+
+    The read, the edit and the write hold a lock on the spec (:func:`actors.files.locked_file`),
+    so two edits at once are applied one after the other and neither is lost; a spec that is
+    not a regular file (``/dev/null``, a FIFO) is refused, never read as an empty spec."""
     path = Path(path)
+    try:
+        target = path.resolve()  # a link to a spec: the file it names is edited, the link stays one
+    except (OSError, RuntimeError):  # a loop of links, a name too long: the open below says which
+        target = path
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(locked_file(target, timeout=EDIT_LOCK_S))
+        except FileNotFoundError:
+            _load_doc(path)  # the reader's own error for a missing spec
+            raise
+        except (NotRegularFileError, IsADirectoryError) as exc:
+            raise SpecError(f"{path}: {exc.strerror}; only a spec file can be edited") from None
+        except TimeoutError as exc:
+            raise SpecError(f"{path}: not edited: {exc.strerror}; try again") from None
+        except OSError as exc:
+            raise SpecError(f"{path}: cannot read the spec ({exc.strerror or exc})") from None
+        return _edit(path, target, assignments)
+
+
+def _edit(path: Path, target: Path, assignments: list[str]) -> dict[str, Any]:
+    """The read-modify-write of :func:`set_values`, under its lock."""
     doc = _load_doc(path)
     for item in assignments:
         try:
@@ -72,7 +101,6 @@ def set_values(path: str | Path, assignments: list[str]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: the edit would not be valid TOML ({exc}); nothing changed") from None
     spec = load_spec(edited, workloads=workload_registry(), source=str(path))  # the same validation as `run`
-    target = path.resolve()  # a link to a spec: the file it names is edited, the link stays one
     # read-only for this user, or for everyone (root may write anything: a 0444 spec says "do not edit")
     if not os.access(target, os.W_OK) or not target.stat().st_mode & 0o222:
         raise SpecError(f"{path}: the spec is read-only; nothing changed")
