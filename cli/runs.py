@@ -45,8 +45,12 @@ log = get_logger("cli.runs")
 
 
 def history_target(args: argparse.Namespace) -> str | None:
-    """The history a reader was pointed at: ``--history``, else ``$CRUCIBLE_HISTORY``; None: the files."""
-    return getattr(args, "history", None) or os.environ.get(ENV) or None
+    """The history a reader was pointed at: ``--history``, else ``$CRUCIBLE_HISTORY``; None: the
+    files. An empty ``--history ''`` (an unset variable in a script) is an error, not the files."""
+    given = getattr(args, "history", None)
+    if given is not None and not given.strip():
+        raise UsageError(f"--history: empty history target {given!r}; name a SQLite file or a postgresql:// URL")
+    return given or os.environ.get(ENV) or None
 
 
 def history_source(args: argparse.Namespace) -> str:
@@ -425,6 +429,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 said = f"sent {r.sent:,} event(s)" + ("; summary recorded" if r.recorded else "")
             else:
                 said = "up to date"
+            if r.out_of_order:
+                said += f"; skipped {r.out_of_order:,} event(s) whose seq repeats or goes back"
+            if r.unreadable:
+                said += f"; skipped {r.unreadable:,} unreadable line(s)"
             render.say(console, f"{name}: {said}")
     finally:
         with contextlib.suppress(HistoryError, sqlite3.Error):

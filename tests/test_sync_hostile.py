@@ -228,3 +228,17 @@ def test_an_empty_history_target_is_an_error_and_an_empty_variable_is_unset(tmp_
     with pytest.raises(HistoryConfigError, match=rf"^\${ENV}: empty history target"):
         open_history(None, artifacts=art)
     assert os.environ[ENV] == " "
+
+
+def test_the_readers_refuse_an_empty_history_and_sync_says_what_it_skipped(tmp_path, capsys):
+    from cli import main
+
+    for argv in (["list"], ["export", "x"], ["compare", "a", "b", "--metric", "m"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--history", "", "--artifacts", str(tmp_path / "art")])
+        assert e.value.code == 2
+        assert "--history: empty history target ''" in capsys.readouterr().err
+    make_run(tmp_path / "art", "exp", [1, 2, 2, 3, 1])
+    assert main(["sync", "--artifacts", str(tmp_path / "art")]) == 0
+    out = capsys.readouterr().out
+    assert "sent 3 event(s)" in out and "skipped 2 event(s) whose seq repeats or goes back" in out
