@@ -8,15 +8,19 @@ progress value. No view here names a workload's field.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from experiments.monitor import SHORT
 from experiments.monitor import sparkline as spark
@@ -28,10 +32,36 @@ if TYPE_CHECKING:
     from experiments.lab import Experiment
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+"""C0 and C1 controls, DEL, line separators and bidirectional overrides: characters that
+move the cursor, retitle or reprogram the terminal, or reorder what the line seems to say."""
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def plain(value: object) -> str:
+    """Recorded or user-given text made safe for a terminal: its control characters written
+    as ``\\x1b``-style escapes, so a run named ``e<ESC>]0;PWNED<BEL>x`` cannot retitle the
+    terminal, and a name holding a line break stays on one line."""
+    return _CONTROL.sub(_escape_char, str(value))
+
+
+def shown(value: object) -> str:
+    """Recorded or user-given text in a place rich reads markup (a cell, a title, a caption):
+    :func:`plain`, then markup-escaped, so ``[/b]`` in a folder's name neither raises
+    MarkupError nor ``[bold red]evil`` styles itself and hides its brackets. Every such text
+    this module shows goes through here."""
+    return escape(plain(value))
+
+
 def say(console: Console, text: str) -> None:
     """One line of plain text as it is: no markup or highlighting read into the user's paths and
-    values, and no line breaks inserted, so a path wider than the terminal stays whole to copy."""
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    values, and no line breaks inserted, so a path wider than the terminal stays whole to copy.
+    Control characters are escaped (:func:`plain`)."""
+    console.print(plain(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def objective_series(objs: Iterable[Objective]) -> list[tuple[str, str, str]]:
@@ -84,10 +114,10 @@ def progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
     rate = (events - last.get("events", 0)) / max(now - last.get("t", t0), 1e-9)
     last.update(events=events, t=now)
     budget = exp.spec["time_budget_s"]
-    table = Table(title=f"{exp.id}  run {exp.run_id}", show_header=False, expand=False)
+    table = Table(title=shown(f"{exp.id}  run {exp.run_id}"), show_header=False, expand=False)
     table.add_column("what", style="bold")
     table.add_column("value")
-    table.add_row("status", f"{exp.status()}  (workload {exp.spec['workload']['name']})")
+    table.add_row("status", shown(f"{exp.status()}  (workload {exp.spec['workload']['name']})"))
     table.add_row("elapsed / budget", f"{ph.get('active_s', 0.0):.1f} s active / {budget:g} s   wall {now - t0:.1f} s")
     table.add_row("steps", str(ph.get("steps", 0)))
     table.add_row("events", f"{events:,}  ({rate:,.0f}/s)")
@@ -97,7 +127,7 @@ def progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
         if f and f.get("count"):
             name = field if label == field else f"{label} ({field})"
             table.add_row(
-                name,
+                shown(name),
                 f"best {f[direction]:.4g}   last-window p50 {f.get('p50') or 0:.4g}   p99 {f.get('p99') or 0:.4g}",
             )
     if m.get("success_rate") is not None:
@@ -107,64 +137,130 @@ def progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
 
 def summary_table(s: dict[str, Any]) -> Table:
     """A run's final summary (``crucible run``)."""
-    t = Table(title=f"run summary: {s.get('experiment_id')} / {s.get('run_id')}")
+    t = Table(title=shown(f"run summary: {s.get('experiment_id')} / {s.get('run_id')}"))
     t.add_column("figure")
     t.add_column("value", justify="right")
     for k in SUMMARY_FIGURES:
         v = s.get(k)
-        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else shown(v))
     for phase, p in (s.get("phases") or {}).items():
         best = ", ".join(f"{k}={v:.4g}" for k, v in sorted(p.get("best", {}).items())[:4])
-        t.add_row(f"phase {phase}", f"{p.get('events')} events, {p.get('duration_s', 0):.2f} s; best {best}")
+        t.add_row(
+            shown(f"phase {phase}"), shown(f"{p.get('events')} events, {p.get('duration_s', 0):.2f} s; best {best}")
+        )
     if s.get("restarts"):
-        t.add_row("restarts", ", ".join(f"{k}: {v}" for k, v in s["restarts"].items()))
-    t.add_row("run dir", str(s.get("run_dir", "")))
+        t.add_row("restarts", shown(", ".join(f"{k}: {v}" for k, v in s["restarts"].items())))
+    t.add_row("run dir", shown(s.get("run_dir", "")))
     return t
 
 
 def figures_table(title: str, figures: Mapping[str, Any]) -> Table:
     """Two columns, figure and value (``crucible color``)."""
-    t = Table(title=title)
+    t = Table(title=shown(title))
     t.add_column("figure")
     t.add_column("value", justify="right")
     for k, v in figures.items():
-        t.add_row(k, str(v))
+        t.add_row(shown(k), shown(v))
     return t
 
 
-def runs_table(title: str, infos: Iterable[dict[str, Any]]) -> Table:
+RUNS_COLUMNS = ("experiment", "run", "status", "events", "duration s", "path")
+WHOLE_COLUMNS = ("run", "path")  # never cut nor wrapped: what a user reads and copies
+
+
+class RunsTable(Table):
+    """The table of ``crucible list``. Where the console is too narrow to show every run id
+    and path whole in it, one line per run instead, its id first (a soft-wrapping console,
+    :func:`listing_console`, prints them uncut): a table that cut every id to ``20261123T2…``
+    would list runs none of which could be named."""
+
+    def __init__(self, title: str) -> None:
+        super().__init__(title=shown(title))
+        for col in RUNS_COLUMNS:
+            whole = col in WHOLE_COLUMNS
+            self.add_column(col, no_wrap=whole, overflow="fold" if whole else "ellipsis")
+        self.title_text = plain(title)
+        self.runs: list[tuple[str, ...]] = []  # each row's texts, plain (unescaped): to measure and to list
+        self.notes: list[str] = []
+
+    def add_run(self, *cells: str) -> None:
+        """One run's row, its texts as recorded (escaped here)."""
+        texts = tuple(plain(c) for c in cells)
+        self.runs.append(texts)
+        self.add_row(*(escape(c) for c in texts))
+
+    def add_note(self, text: str) -> None:
+        """A line under the table (a run whose files cannot be read, and why)."""
+        self.notes.append(plain(text))
+        self.caption = escape("\n".join(self.notes))
+
+    def whole_width(self) -> int:
+        """The narrowest this table can be with its run ids and paths whole and every other
+        cell wrapped at most between words: the columns, their padding and the rules."""
+        total = len(RUNS_COLUMNS) + 1
+        for i, col in enumerate(RUNS_COLUMNS):
+            texts = [col, *(row[i] for row in self.runs)]
+            if col in WHOLE_COLUMNS:
+                total += max(cell_len(t) for t in texts) + 2
+            else:
+                total += max((cell_len(w) for t in texts for w in t.split()), default=1) + 2
+        return total
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.whole_width() <= options.max_width:  # wrapped as a table is, on a soft-wrapping console too
+            yield from super().__rich_console__(console, options.update(no_wrap=False, overflow=None))
+            return
+        yield Text(self.title_text)
+        for experiment, run, status, events, duration, path in self.runs:
+            yield Text(f"{run}  {experiment}  {status}  {events} events  {duration} s  {path}")
+        for note in self.notes:
+            yield Text(note)
+
+
+def runs_table(title: str, infos: Iterable[dict[str, Any]]) -> RunsTable:
     """``crucible list``: one row per run (see :func:`telemetry.rundir.list_runs`)."""
-    t = Table(title=title)
-    for col in ("experiment", "run", "status", "events", "duration s", "path"):
-        t.add_column(col)
-    unreadable = []
+    t = RunsTable(title)
     for i in infos:
         d = i["duration_s"]
         status = i["status"] + (f" ({i['reason']})" if i["reason"] else "")
         if i["events"] is None:  # its files cannot be read: say why under the table
-            unreadable.append(f"{i['run_id']}: {i['evidence'][-1]}")
-        t.add_row(
-            i["experiment"],
-            i["run_id"],
+            t.add_note(f"{i['run_id']}: {i['evidence'][-1]}")
+        t.add_run(
+            str(i["experiment"]),
+            str(i["run_id"]),
             status,
             "unreadable" if i["events"] is None else str(i["events"]),
             f"{d:.1f}" if isinstance(d, (int, float)) else "?",
-            i["path"],
+            str(i["path"]),
         )
-    if unreadable:
-        t.caption = "\n".join(unreadable)
     return t
 
 
-def compare_table(title: str, r: dict[str, Any]) -> Table:
-    """``crucible compare``: the test's figures and the confidence interval of the difference."""
-    t = Table(title=title)
+def _figure(v: Any) -> str:
+    """A figure of ``compare`` as shown: a float to 6 digits, an undefined one in words."""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "undefined"
+        return f"{v:+g}" if math.isinf(v) else f"{v:.6g}"
+    return shown(v)
+
+
+def compare_table(title: str, r: dict[str, Any]) -> RenderableType:
+    """``crucible compare``: the test's figures and the confidence interval of the difference,
+    the comparison's ``note`` under them. Where the means, the p-value or the interval are not
+    numbers, one line that says why instead: a table of inf and nan would read as a result."""
+    core = (r["mean_control"], r["mean_treatment"], r["p_value"], *r["ci"])
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in core):
+        why = r.get("note") or "its figures are not finite numbers"
+        return Text(plain(f"{title}: no comparison: {why}"))
+    t = Table(title=shown(title))
     t.add_column("figure")
     t.add_column("value", justify="right")
     for k in COMPARE_FIGURES:
-        v = r[k]
-        t.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+        t.add_row(k, _figure(r[k]))
     t.add_row(f"{r['confidence']:.0%} CI of the difference", f"[{r['ci'][0]:.6g}, {r['ci'][1]:.6g}]")
+    if r.get("note"):
+        t.caption = shown(r["note"])
     return t
 
 
@@ -175,7 +271,7 @@ def ab_table(rep: dict[str, Any], runs: int) -> Table:
         t.add_column(col)
     on, off = rep["arms"]["on"], rep["arms"]["off"]
     label = rep.get("label") or rep.get("objective")
-    t.add_row(f"final {label}" if label else "final", str(on["final"]), str(off["final"]))
+    t.add_row(shown(f"final {label}" if label else "final"), shown(on["final"]), shown(off["final"]))
     t.add_row(
         "mean / median",
         f"{on['final_mean']:.2f} / {on['final_median']:g}",
@@ -193,23 +289,23 @@ def instances_table(rows: Iterable[dict[str, Any]]) -> Table:
         t.add_column(col, justify="left" if col == "name" else "right")
     for r in rows:
         k = "?" if r["best_known"] is None else f"{r['best_known']}{' *' if r['proved_optimal'] else ''}"
-        t.add_row(r["name"], str(r["vertices"]), f"{r['edges']:,}", f"{r['density']:.3f}", k)
+        t.add_row(shown(r["name"]), str(r["vertices"]), f"{r['edges']:,}", f"{r['density']:.3f}", k)
     return t
 
 
 def monitor_summary_table(title: str, phases: dict[str, dict[str, Any]]) -> Table:
     """``crucible monitor --summary``: per phase, events, duration and best values."""
-    t = Table(title=title)
+    t = Table(title=shown(title))
     t.add_column("phase")
     t.add_column("events", justify="right")
     t.add_column("duration s", justify="right")
     t.add_column("best")
     for ph, p in phases.items():
         t.add_row(
-            ph,
-            str(p["events"]),
+            shown(ph),
+            shown(p["events"]),
             f"{p['duration_s']:.2f}",
-            ", ".join(f"{SHORT.get(k, k)}={v:.6g}" for k, v in p["best"].items()),
+            shown(", ".join(f"{SHORT.get(k, k)}={v:.6g}" for k, v in p["best"].items())),
         )
     return t
 
@@ -238,21 +334,22 @@ class MonitorView:
             del self.lines[: -self.KEEP_LINES]
 
     def table(self) -> Table:
-        t = Table(title=self.title, show_header=False, expand=True)
+        t = Table(title=shown(self.title), show_header=False, expand=True)
         t.add_column("", no_wrap=True)
         width = max((len(label) for label in self.labels.values()), default=0)
         for field, label in self.labels.items():
             points = self.series[field]
-            t.add_row(escape(f"{label:<{width}} {spark(points)}  {points[-1] if points else '-'}"))
+            t.add_row(shown(f"{label:<{width}} {spark(points)}  {points[-1] if points else '-'}"))
         for line in self.lines:
-            t.add_row(escape(line))
+            t.add_row(shown(line))
         return t
 
 
 def listing_console() -> Console:
     """The console for a listing: on a terminal, its width; written to a file or a pipe (``>
     runs.txt``, ``| grep``) without ``COLUMNS``, :data:`LISTING_WIDTH` columns, so that run
-    ids and paths come out whole rather than cut to 80 columns."""
+    ids and paths come out whole rather than cut to 80 columns. It soft-wraps: a line wider
+    than the console (:class:`RunsTable`'s one line per run) is printed whole, not cropped."""
     if sys.stdout is not None and not sys.stdout.isatty() and "COLUMNS" not in os.environ:
-        return Console(width=LISTING_WIDTH)
-    return Console()
+        return Console(width=LISTING_WIDTH, soft_wrap=True)
+    return Console(soft_wrap=True)

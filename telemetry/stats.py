@@ -25,6 +25,22 @@ def _arr(x: Any, name: str, min_n: int = 2) -> np.ndarray:
     return a
 
 
+def _scale(*samples: np.ndarray) -> float:
+    """A power of two that brings the samples' largest magnitude into [1, 2): dividing by it is
+    exact, and sums, variances and differences of values near float64's limit (1.8e308) no
+    longer overflow (nor those of tiny values underflow). Test statistics, p-values and effect
+    sizes do not change with the scale; means and intervals are multiplied back."""
+    top = max((float(np.max(np.abs(s))) for s in samples if s.size), default=0.0)
+    if top == 0.0 or not math.isfinite(top):
+        return 1.0
+    return math.ldexp(1.0, min(max(math.frexp(top)[1] - 1, -1022), 1023))
+
+
+def _scaled(*samples: np.ndarray) -> tuple[float, list[np.ndarray]]:
+    s = _scale(*samples)
+    return s, [x / s for x in samples]
+
+
 @contextmanager
 def _undefined_is_nan() -> Iterator[None]:
     """scipy warns (a RuntimeWarning naming its own file, on the user's terminal) and answers
@@ -36,7 +52,7 @@ def _undefined_is_nan() -> Iterator[None]:
 
 def welch_t(a: Any, b: Any) -> dict[str, float]:
     """Welch's unequal-variance t-test (two-sided); NaN where it is undefined (no variance)."""
-    x, y = _arr(a, "a"), _arr(b, "b")
+    _, (x, y) = _scaled(_arr(a, "a"), _arr(b, "b"))
     with _undefined_is_nan():
         r = st.ttest_ind(x, y, equal_var=False)
     return {"test": "welch_t", "statistic": float(r.statistic), "p_value": float(r.pvalue), "df": float(r.df)}
@@ -47,6 +63,7 @@ def paired_t(a: Any, b: Any) -> dict[str, float]:
     x, y = _arr(a, "a"), _arr(b, "b")
     if x.size != y.size:
         raise ValueError(f"paired samples must have the same length, got {x.size} and {y.size}")
+    _, (x, y) = _scaled(x, y)
     with _undefined_is_nan():
         r = st.ttest_rel(x, y)
     return {"test": "paired_t", "statistic": float(r.statistic), "p_value": float(r.pvalue), "df": float(r.df)}
@@ -67,10 +84,10 @@ def mann_whitney(a: Any, b: Any) -> dict[str, float]:
 
 def t_interval(a: Any, confidence: float = 0.95) -> tuple[float, float]:
     """t confidence interval for the mean."""
-    x = _arr(a, "sample")
+    s, (x,) = _scaled(_arr(a, "sample"))
     with _undefined_is_nan():
         lo, hi = st.t.interval(confidence, x.size - 1, loc=x.mean(), scale=st.sem(x))
-    return float(lo), float(hi)
+    return float(lo) * s, float(hi) * s  # Python floats: beyond the range is inf, without a warning
 
 
 def bootstrap_interval(
@@ -90,21 +107,27 @@ def bootstrap_interval(
 
 
 def diff_interval(a: Any, b: Any, confidence: float = 0.95) -> tuple[float, float]:
-    """Welch confidence interval for mean(b) - mean(a)."""
-    x, y = _arr(a, "a"), _arr(b, "b")
+    """Welch confidence interval for mean(b) - mean(a); infinite where the difference is
+    beyond float64's range."""
+    s, (x, y) = _scaled(_arr(a, "a"), _arr(b, "b"))
     vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
     se = math.sqrt(vx + vy)
     df = (vx + vy) ** 2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1)) if se > 0 else x.size + y.size - 2
     h = st.t.ppf(0.5 + confidence / 2, df) * se
-    d = y.mean() - x.mean()
-    return float(d - h), float(d + h)
+    d = float(y.mean() - x.mean())
+    return (d - float(h)) * s, (d + float(h)) * s
 
 
 def cohens_d(a: Any, b: Any) -> float:
-    """(mean(b) - mean(a)) / pooled standard deviation."""
-    x, y = _arr(a, "a"), _arr(b, "b")
+    """(mean(b) - mean(a)) / pooled standard deviation. Neither sample varying (pooled sd 0),
+    it is undefined: +-inf when the means differ (a difference without noise is not "no
+    effect"), NaN when they are equal."""
+    _, (x, y) = _scaled(_arr(a, "a"), _arr(b, "b"))
     sp = math.sqrt(((x.size - 1) * x.var(ddof=1) + (y.size - 1) * y.var(ddof=1)) / (x.size + y.size - 2))
-    return float((y.mean() - x.mean()) / sp) if sp > 0 else 0.0
+    diff = float(y.mean() - x.mean())
+    if sp > 0:
+        return diff / sp
+    return math.copysign(math.inf, diff) if diff else math.nan
 
 
 def hedges_g(a: Any, b: Any) -> float:
@@ -156,21 +179,57 @@ def compare(
 
     Returns the means, Welch (or paired) t-test and Mann-Whitney U p-values, Cohen's d,
     Hedges' g and the confidence interval of the difference of means (treatment - control).
+    Values near float64's limit are scaled, never overflowed; a figure that is still not a
+    number (no variance, a difference beyond the range) is NaN or +-inf, and ``note`` says why
+    (None when every figure is defined).
     """
     a, b = _arr(_metric_values(control, metric), "control"), _arr(_metric_values(treatment, metric), "treatment")
-    t = paired_t(a, b) if paired else welch_t(a, b)
+    if paired and a.size != b.size:
+        raise ValueError(f"paired samples must have the same length, got {a.size} and {b.size}")
+    s, (x, y) = _scaled(a, b)
+    t = paired_t(x, y) if paired else welch_t(x, y)
+    mean_a, mean_b = float(x.mean()) * s, float(y.mean()) * s
+    if paired:
+        lo, hi = t_interval(y - x, confidence)
+        ci = (lo * s, hi * s)
+    else:
+        ci = diff_interval(a, b, confidence)
+    d = cohens_d(x, y)
     return {
         "metric": metric,
         "n_control": int(a.size),
         "n_treatment": int(b.size),
-        "mean_control": float(a.mean()),
-        "mean_treatment": float(b.mean()),
+        "mean_control": mean_a,
+        "mean_treatment": mean_b,
         "test": t["test"],
         "p_value": t["p_value"],
         "statistic": t["statistic"],
-        "mann_whitney_p": mann_whitney(a, b)["p_value"],
-        "effect_size": hedges_g(a, b),
-        "cohens_d": cohens_d(a, b),
-        "ci": t_interval(b - a, confidence) if paired else diff_interval(a, b, confidence),
+        "mann_whitney_p": mann_whitney(x, y)["p_value"],
+        "effect_size": hedges_g(x, y),
+        "cohens_d": d,
+        "ci": ci,
         "confidence": confidence,
+        "note": _undefined_note(x, y, s, d, ci, paired),
     }
+
+
+def _undefined_note(
+    x: np.ndarray, y: np.ndarray, s: float, d: float, ci: tuple[float, float], paired: bool
+) -> str | None:
+    """Why a figure of :func:`compare` is not a number, in words; None when all are."""
+    said = []
+    if any(math.isinf(v) for v in ci):
+        said.append(
+            f"the difference of the means ({float(y.mean()) * s:.6g} - {float(x.mean()) * s:.6g}) "
+            "is beyond the float64 range (1.8e308): its confidence interval cannot be given"
+        )
+    if paired and float(np.ptp(y - x)) == 0.0:
+        said.append("the paired differences do not vary: the paired t-test is undefined")
+    if math.isnan(d):
+        said.append(f"both runs hold the one value {float(x[0]) * s:.6g} throughout: there is no difference to test")
+    elif math.isinf(d):
+        said.append(
+            f"neither run varies (control always {float(x[0]) * s:.6g}, treatment always {float(y[0]) * s:.6g}): "
+            "with no spread the effect size is infinite and the t-test degenerate"
+        )
+    return "; ".join(said) or None
