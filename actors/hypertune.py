@@ -22,10 +22,15 @@ always better) and recorded as a ``hypertune_outcome`` event; the policy learns 
 
 The policy's statistics persist between runs in a JSON file per workload and instance
 family (``state_file``), loaded at start; a corrupt file is ignored with a warning, and never
-overwritten. Several experiments of one family may run at once and share the file: a save takes an exclusive
-lock (``flock`` on ``<file>.lock``), reads what the others have saved, adds this run's own
-new pulls to it (counts and reward sums are additive, so the merge equals one pass over all
-the pulls), writes the result under a temporary name of its own and renames it into place;
+overwritten. Only a regular file of at most ``MAX_STATE_BYTES`` is read, opened without
+blocking (a FIFO or device there is ignored with a warning: the file is read on the
+supervisor's thread, which must never hang); a ``state_file`` naming a folder (``.``, ``/``)
+is ignored with a warning and the run learns in memory. Several experiments of one family may
+run at once and share the file: a save takes an exclusive lock (``flock`` on ``<file>.lock``,
+waiting at most ``LOCK_WAIT_S``; a lock held longer skips the save with one warning, the
+learning stays in memory and the next save tries again), reads what the others have saved,
+adds this run's own new pulls to it (counts and reward sums are additive, so the merge
+equals one pass over all the pulls), writes the result under a temporary name of its own and renames it into place;
 the policy then continues from the merged statistics. Nobody's learning is lost and no
 writer ever renames another's temporary file. With ``enabled = false`` the actor only
 observes (the A/B's control arm).
@@ -38,12 +43,16 @@ own crash restarts only itself and never the phase.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
+import fcntl
 import math
 import os
 import random
-from collections.abc import Mapping
+import stat
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +60,117 @@ import numpy as np
 import orjson
 
 from actors.consumer import EventConsumer
-from actors.files import atomic_write, locked
+from actors.files import atomic_write
 from actors.log import get_logger
 
 log = get_logger("actors.hypertune")
 
 POLICIES = ("ucb", "epsilon_greedy")
 SCORE_K = 1000.0
+# A state file holds one small entry per phase and arm (a few KiB); anything past this bound is
+# not one, and reading it whole (``/dev/zero``, a huge log) would exhaust memory.
+MAX_STATE_BYTES = 16 << 20
+# How long a save waits for another writer's lock: others hold it for one read-merge-write
+# (milliseconds); a lock held longer is stuck, and the actor must not stall behind it.
+LOCK_WAIT_S = 1.0
+# Never block in open(): O_NONBLOCK makes opening a FIFO return at once; O_NOCTTY keeps a
+# terminal from becoming the controlling one.
+_OPEN_FLAGS = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+class StateLockBusy(BlockingIOError):
+    """Another writer held the state file's lock past the wait (the save is skipped)."""
+
+
+def _names_no_file(path: Path) -> bool:
+    """True for a path that cannot name a file (``.``, ``/``, ``..``): no lock beside it."""
+    return path.name in ("", ".", "..")
+
+
+def _require_regular(mode: int, path: Path, what: str = "") -> None:
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, f"{what}not a regular file", str(path))
+
+
+def read_limited(path: Path, limit: int = MAX_STATE_BYTES) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them; never blocks.
+
+    The stat before opening keeps devices unopened; the fstat after opening (non-blocking)
+    catches a swap between the two, so a FIFO put in place can never hang the caller.
+
+    Raises:
+        FileNotFoundError: when there is no file.
+        OSError: when it is not a regular file, is larger than ``limit``, or cannot be read.
+    """
+    _require_regular(os.stat(path).st_mode, path)
+    fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        _require_regular(st.st_mode, path)
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:  # the size may grow while it is read: the bound holds regardless
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def state_lock(path: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the exclusive ``flock`` on ``<path>.lock`` (the one ``actors.files.locked`` takes),
+    waiting at most ``wait_s``: a lock held for good must not stop the actor for good.
+
+    Raises:
+        StateLockBusy: when another holder kept it past ``wait_s``.
+        OSError: when the lock file cannot be created or is not a regular file.
+    """
+    if _names_no_file(path):
+        raise IsADirectoryError(errno.EISDIR, "names a folder, not a file", str(path))
+    lock_path = path.with_name(path.name + ".lock")
+    with contextlib.suppress(FileNotFoundError):
+        _require_regular(os.stat(lock_path).st_mode, lock_path, "lock file is ")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
+    try:
+        _require_regular(os.fstat(fd).st_mode, lock_path, "lock file is ")
+        deadline = time.monotonic() + wait_s
+        delay = 0.002
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    why = f"locked by another writer for {wait_s:g}s"
+                    raise StateLockBusy(errno.EWOULDBLOCK, why, str(lock_path)) from None
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 0.05)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def resolve_state_path(state_file: str | os.PathLike[str] | None) -> Path | None:
+    """The file ``state_file`` names; None (with a warning) when it names none, or names a
+    folder (``.``, ``/``, a trailing ``/``, an existing folder): the run learns in memory."""
+    if not state_file:
+        return None
+    text = os.fspath(state_file)
+    path = Path(text)
+    seps = (os.sep, os.altsep) if os.altsep else (os.sep,)
+    if _names_no_file(path) or text.endswith(seps) or path.is_dir():
+        log.warning("hypertune state_file names a folder, not a file; learning in memory only", file=text)
+        return None
+    return path
 
 
 def arm_value(arm: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
@@ -128,13 +241,23 @@ class Policy:
     @staticmethod
     def read_state(path: Path) -> dict[str, dict[str, float]] | None:
         """The statistics saved in ``path``; None (with a warning) when it is missing or corrupt."""
+        stats, problem = Policy._read(path)
+        if problem is not None:
+            log.warning("hypertune policy state unreadable; ignoring it", file=str(path), error=problem)
+        return stats
+
+    @staticmethod
+    def _read(path: Path) -> tuple[dict[str, dict[str, float]] | None, str | None]:
+        """The statistics in ``path`` and, when it holds none, why (None: there is no file).
+        Only a regular file of at most ``MAX_STATE_BYTES`` is read (:func:`read_limited`)."""
         try:
-            data = orjson.loads(path.read_bytes())
+            data = orjson.loads(read_limited(path))
         except FileNotFoundError:
-            return None
-        except (OSError, orjson.JSONDecodeError) as exc:
-            log.warning("hypertune policy state unreadable; ignoring it", file=str(path), error=str(exc))
-            return None
+            return None, None
+        except OSError as exc:
+            return None, exc.strerror or str(exc)
+        except orjson.JSONDecodeError as exc:
+            return None, str(exc)
         stats = data.get("stats") if isinstance(data, dict) else None
 
         def good(v: object) -> bool:
@@ -147,9 +270,8 @@ class Policy:
             )  # type: ignore[operator]
 
         if not isinstance(stats, dict) or not all(isinstance(k, str) and good(v) for k, v in stats.items()):
-            log.warning("hypertune policy state unreadable; ignoring it", file=str(path), error="bad stats table")
-            return None
-        return {k: {"n": float(v["n"]), "mean": float(v["mean"])} for k, v in stats.items()}
+            return None, "bad stats table"
+        return {k: {"n": float(v["n"]), "mean": float(v["mean"])} for k, v in stats.items()}, None
 
     def load(self, path: Path) -> bool:
         """Load saved statistics; a missing or corrupt file leaves the policy fresh."""
@@ -174,19 +296,41 @@ class Policy:
             s["mean"], s["n"] = (s["n"] * s["mean"] + dsum) / n, n
         return out
 
-    def save(self, path: Path) -> None:
-        """Merge this policy's new pulls into ``path`` under a lock, then continue from the
-        merged statistics (see the module docs).
+    @staticmethod
+    def _refuse_non_regular(path: Path) -> None:
+        """Raise FileExistsError when ``path`` exists and is not a regular file (a FIFO, a device,
+        a folder): such a thing is never replaced."""
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if not stat.S_ISREG(mode):
+            raise FileExistsError(
+                errno.EEXIST, "not a hypertune state file (not a regular file); left as it is", str(path)
+            )
+
+    def save(self, path: Path, wait_s: float = LOCK_WAIT_S) -> None:
+        """Merge this policy's new pulls into ``path`` under a lock (waiting at most
+        ``wait_s`` for it), then continue from the merged statistics (see the module docs).
+        The new file is written beside ``path`` and renamed into place: nothing is ever
+        written through ``path``, so a FIFO or device there can neither block nor take it.
 
         Raises:
-            OSError: when the folder cannot take the file (the policy keeps its own statistics).
+            StateLockBusy: when another writer held the lock past ``wait_s`` (nothing changed).
+            OSError: when the folder cannot take the file, or ``path`` holds something that is
+                not a state file (the policy keeps its own statistics).
         """
+        if _names_no_file(path):
+            raise IsADirectoryError(errno.EISDIR, "names a folder, not a file", str(path))
+        self._refuse_non_regular(path)  # before the lock: no stray lock file beside a FIFO or in /dev
         path.parent.mkdir(parents=True, exist_ok=True)
-        with locked(path):
-            saved = self.read_state(path)
+        with state_lock(path, wait_s):
+            saved, problem = self._read(path)
             if saved is None and os.path.lexists(path):  # a file this policy cannot read is not its to replace
-                raise FileExistsError(errno.EEXIST, "not a hypertune state file; left as it is", str(path))
+                why = f"not a hypertune state file ({problem or 'a link to nothing'}); left as it is"
+                raise FileExistsError(errno.EEXIST, why, str(path))
             merged = self.merged_with(saved if saved is not None else self._synced)
+            self._refuse_non_regular(path)  # swapped in since the read: still not ours to replace
             atomic_write(path, orjson.dumps({"kind": self.kind, "stats": merged}, option=orjson.OPT_INDENT_2))
         self.stats, self._synced = merged, copy.deepcopy(merged)
 
@@ -225,8 +369,12 @@ class Hypertune(EventConsumer):
         self.registry = registry
         self.window_us = int(window_s * 1e6)
         self.policy = Policy(policy, seed=seed)
-        self.state_path = Path(state_file) if state_file else None
+        # read on the supervisor's thread, so it must never block: see read_limited
+        self.state_path = resolve_state_path(state_file)
         self.loaded = self.policy.load(self.state_path) if self.state_path else False
+        self._lock_busy = False  # the last save found the lock held: the next tries do not wait
+        self._skipped_saves = 0
+        self._save_warned: set[str] = set()  # each other save failure is logged once
         self.workload, self.family = workload, family
         self.objective = dict(objective) if objective is not None else None
         self.field = self.objective["field"] if self.objective else None
@@ -402,13 +550,37 @@ class Hypertune(EventConsumer):
         if self.registry is not None:
             self.registry.send("phase", msg)
 
-    def _save(self) -> None:
+    def _save(self, final: bool = False) -> None:
+        """Save the statistics; a failure is logged (once) and never stops the actor.
+
+        While another writer holds the lock, the first save waits ``LOCK_WAIT_S`` and later ones
+        only try (the final one waits again): the actor keeps steering, learns in memory, and the
+        next save that gets the lock merges every pull made meanwhile.
+        """
         if self.state_path is None:
             return
         try:
-            self.policy.save(self.state_path)
+            self.policy.save(self.state_path, wait_s=0.0 if self._lock_busy and not final else LOCK_WAIT_S)
+        except StateLockBusy as exc:
+            self._skipped_saves += 1
+            if not self._lock_busy:
+                log.warning(
+                    "hypertune policy state locked by another writer; save skipped, learning kept in memory, "
+                    "retried at the next save",
+                    file=str(self.state_path),
+                    error=exc.strerror,
+                )
+            self._lock_busy = True
+            return
         except OSError as exc:  # the learning is kept in memory; a full disk never stops the run
-            log.warning("hypertune policy state not saved", file=str(self.state_path), error=exc.strerror or str(exc))
+            error = exc.strerror or str(exc)
+            if error not in self._save_warned:
+                self._save_warned.add(error)
+                log.warning("hypertune policy state not saved", file=str(self.state_path), error=error)
+            return
+        if self._lock_busy:
+            log.info("hypertune policy state saved again", file=str(self.state_path), skipped=self._skipped_saves)
+            self._lock_busy, self._skipped_saves = False, 0
 
     def handle_metrics(self, msg: dict[str, Any]) -> None:
         self.snapshots += 1
@@ -446,4 +618,4 @@ class Hypertune(EventConsumer):
         raise RuntimeError("injected hypertune crash")
 
     def terminate(self, reason: str) -> None:
-        self._save()
+        self._save(final=True)
