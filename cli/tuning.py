@@ -72,14 +72,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         if not args.json:
             left_out = len(res["skipped_prior_runs"])
-            console.print(
+            render.say(  # names and values from the spec and the runs: shown as they are, never as markup
+                console,
                 f"learned from {res['seeded_from_prior_runs']} prior run(s)"
                 f"{f' ({left_out} left out)' if left_out else ''} and {len(res['trials'])} trial(s); "
-                f"best {res['objective']} = {res['best_value']}"
+                f"best {res['objective']} = {res['best_value']}",
             )
-            console.print("proposed next configuration (--set):")
+            render.say(console, "proposed next configuration (--set):")
             for k, v in (res["proposal"] or {}).items():
-                console.print(f"  workload.params.{k}={v}")
+                render.say(console, f"  workload.params.{k}={v}")
         return 0
 
 
@@ -161,9 +162,10 @@ def cmd_ab(args: argparse.Namespace) -> int:
             render.say(console, f"failed, left out: hypertune {r['arm']} seed {r['seed']}: {r['failed']}")
         for key in ("final_best", "time_to_target"):
             c = rep[key]
-            console.print(
+            render.say(
+                console,
                 f"{key}: Mann-Whitney p = {c['p_value']:.4g}, effect size (Hedges g, on - off) = "
-                f"{c['effect_size']:.3f}, CI of the difference = {c.get('ci')}"
+                f"{c['effect_size']:.3f}, CI of the difference = {c.get('ci')}",
             )
         return 0
 
