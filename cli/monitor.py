@@ -2,7 +2,8 @@
 
 ``--summary`` with ``--history URL`` (or ``$CRUCIBLE_HISTORY``) reads the run's events from
 that history (PostgreSQL or SQLite) instead of its files; the status still comes from the
-run's folder.
+run's folder. A run folder deleted while it is followed ends the follow with an error
+(exit 2), not as a run that ended.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         Alert,
         AlertError,
         Tailer,
+        check_still_there,
         format_event,
+        has_record,
         known_fields,
         run_objectives,
         run_stopped,
@@ -75,6 +78,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         if s["reason"]:
             render.say(console, f"status {s['status']} ({s['reason']})")
         return 0
+    had_record = has_record(run)  # its disappearance later means the folder was deleted, not that the run ended
     tail = Tailer(run, from_start=not args.from_end)
     view = render.MonitorView(f"crucible monitor: {run.parent.name} / {run.name}", run_objectives(run))
     t0: int | None = None
@@ -109,6 +113,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                     got = consume()
                     live.update(view.table())
                     if ended and not got:
+                        check_still_there(run, had_record)
                         break
                     waiter.wait(0.25)
         else:
@@ -116,6 +121,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                 ended = args.no_wait or run_stopped(run)
                 got = consume()
                 if ended and not got:
+                    check_still_there(run, had_record)
                     break
                 waiter.wait(0.2)
     except KeyboardInterrupt:

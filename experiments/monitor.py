@@ -11,7 +11,12 @@
   read from the run's ``spec.json``; every workload's when the run has none).
 * :func:`run_stopped` tells a follower when to stop waiting: the run's derived status
   (:func:`telemetry.rundir.run_status`) is no longer live, whether it stopped, failed or
-  its process died.
+  its process died. :func:`check_still_there` then tells a run that ended from one whose
+  folder was deleted under the follower (:class:`RunFolderGone`).
+
+Every file is read through :mod:`telemetry.jsonl`'s non-blocking opener: a FIFO or device in
+the run folder is an error naming it (the events) or a warning naming it (the spec, the
+summary: the events stand in for them).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import orjson
 
 from experiments.workloads import Objective, objective_of, objectives
 from telemetry.jsonl import ACTIVE, iter_run, open_run_file
-from telemetry.rundir import SPEC, SUMMARY, read_json, run_status
+from telemetry.rundir import LIFECYCLE, SPEC, SUMMARY, RunNotFound, read_record, run_status
 from telemetry.schema import SchemaError, parse_line
 
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
@@ -39,6 +44,29 @@ SHORT = {o.field: o.label for o in objectives().values() if o.label != o.field}
 
 class AlertError(ValueError):
     """A malformed alert expression, or a field the run does not have."""
+
+
+class RunFolderGone(RunNotFound):
+    """The run folder (or its lifecycle record) was deleted while it was followed: the run did
+    not end, it vanished, and a follower must not report that as a clean end."""
+
+
+def has_record(run_dir: Path) -> bool:
+    """Whether the run has its lifecycle record now (a follower notes it when it starts)."""
+    return os.path.lexists(run_dir / LIFECYCLE)
+
+
+def check_still_there(run_dir: Path, had_record: bool) -> None:
+    """Raise :class:`RunFolderGone` when the run folder is gone, or its lifecycle record is
+    although it was there when following began (it is replaced atomically, never removed).
+
+    Raises:
+        RunFolderGone: the message names the folder.
+    """
+    if not os.path.isdir(run_dir):
+        raise RunFolderGone(f"the run folder {str(run_dir)!r} is gone: it was deleted while it was followed")
+    if had_record and not has_record(run_dir):
+        raise RunFolderGone(f"the run folder {str(run_dir)!r} lost its {LIFECYCLE}: it was deleted while followed")
 
 
 class Alert:
@@ -63,10 +91,7 @@ class Alert:
 def known_fields(run_dir: Path, sample: int = 5000) -> set[str]:
     """Numeric fields the run has carried so far (its summary, else its first events)."""
     out: set[str] = set()
-    try:
-        phases = (read_json(run_dir / SUMMARY) or {}).get("phases")
-    except ValueError:  # unreadable: the events say which fields there are
-        phases = None
+    phases = (read_record(run_dir, SUMMARY) or {}).get("phases")  # unreadable: a warning; the events say
     for ph in phases.values() if isinstance(phases, dict) else ():
         if isinstance(ph, dict) and isinstance(ph.get("min"), dict):
             out.update(ph["min"])
@@ -152,10 +177,7 @@ class Tailer:
 def run_objectives(run_dir: Path) -> list[Objective]:
     """The objective of the run's workload (from its ``spec.json``); every workload's when the
     run has no readable spec or names an unknown workload."""
-    try:
-        spec = read_json(run_dir / SPEC)
-    except (OSError, ValueError):  # an unreadable record: judge the run by every workload's fields
-        spec = None
+    spec = read_record(run_dir, SPEC)  # unreadable: a warning, and every workload's fields
     wl = spec.get("workload") if isinstance(spec, dict) else None
     own = objective_of(wl.get("name")) if isinstance(wl, dict) else None
     return [own] if own is not None else list(objectives().values())
@@ -184,6 +206,9 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
     or evidence; ``events_persisted`` counts the events on disk when ``summary.json`` lags
     them (a run that died between two summaries), with ``summary_lag_events`` saying by how much.
     ``events``: the run's events from elsewhere than its files (the history), in order.
+
+    Raises:
+        RunFileError: the events cannot be read (a FIFO or a folder in their place).
     """
     report = run_status(run_dir)
     tracked = _tracked(run_objectives(run_dir))
@@ -213,10 +238,7 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
             anomalies += 1
         if ev["name"] == "hypertune_action":
             actions.append(ev.get("notes") or "")
-    try:
-        summ = read_json(run_dir / SUMMARY) or {}
-    except ValueError:  # unreadable or not an object: the events alone
-        summ = {}
+    summ = read_record(run_dir, SUMMARY) or {}  # unreadable (a FIFO, a folder): a warning, the events alone
     said = summ.get("events_persisted")
     lag = n - said if isinstance(said, int) and n > said else (n if said is None and n else 0)
     for p in phases.values():

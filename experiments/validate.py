@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from telemetry.jsonl import open_for_reading
+
 INT64_MAX = 2**63 - 1
 SEED_MAX = 2**32 - 1
 """Seeds are 32-bit: numpy, ``random`` and the numba kernels all take them (the kernels add
@@ -142,10 +144,12 @@ def brief(text: str, limit: int = 60) -> str:
 
 def read_text(path: str | Path, what: str = "file", max_bytes: int = SPEC_MAX_BYTES) -> str:
     """A user's UTF-8 text file; ``ValueError`` naming the file for a missing or unreadable
-    file, a folder, a file over ``max_bytes``, or bytes that are not UTF-8."""
+    file, a folder, a file over ``max_bytes``, or bytes that are not UTF-8. It is opened
+    without blocking (:func:`telemetry.jsonl.open_for_reading`): a named FIFO or a device is
+    refused, never waited on; an anonymous pipe (``/dev/stdin`` fed by ``|``) is read to its end."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
+        with open_for_reading(path, pipe_ok=True) as fh:
             data = fh.read(max_bytes + 1)
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None

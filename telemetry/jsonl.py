@@ -6,24 +6,34 @@ a torn last line (a write interrupted by a crash: never acknowledged), then find
 ``seq`` written so that nothing is written twice.
 
 The readers never stop at a bad line: a line that is not JSON, is torn, or is JSON whose
-fields do not have the schema's types (``"ts": "x"``) is skipped with a warning naming the
-file and line, and counted in the :class:`ReadCounts` the caller passes.
+fields do not have the schema's types (``"ts": "x"``) is skipped and counted in the
+:class:`ReadCounts` the caller passes. The first :data:`WARN_LINES` bad lines of a file are
+warned about one by one (file and line), the rest in one closing warning with their count:
+a file of garbage must not bury the output under a warning per line.
+
+Every reader opens a run's file with :func:`open_for_reading`: without blocking, and only a
+regular file (checked on the opened descriptor), so a FIFO or device put in a run folder is
+an error naming it, never a hang.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from actors.files import file_kind
 from actors.log import get_logger
 from telemetry.schema import SchemaError, parse_line
 
 log = get_logger("telemetry.jsonl")
 
 ACTIVE = "events.jsonl"
+WARN_LINES = 5  # bad lines of one file warned about one by one; the others are counted in one warning
 
 
 class RunFileError(ValueError):
@@ -32,15 +42,51 @@ class RunFileError(ValueError):
     as unreadable and go on."""
 
 
+def _anonymous_pipe(fd: int, path: str | Path) -> bool:
+    """Whether the FIFO open on ``fd`` is an anonymous pipe (``/dev/stdin`` fed by ``|``,
+    ``<(...)``), whose writer is a process the user started, not a named FIFO in a folder."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+    except OSError:  # no /proc: trust only the names that stand for a descriptor
+        return str(path) == "/dev/stdin" or str(path).startswith("/dev/fd/")
+
+
+def open_for_reading(path: str | Path, *, pipe_ok: bool = False) -> IO[bytes]:
+    """Open ``path`` for reading without ever waiting on it: opened non-blocking (a FIFO with
+    no writer would block ``open`` forever), then checked on the descriptor itself (a swap
+    between a check and the open cannot slip through). ``pipe_ok``: an anonymous pipe is
+    taken too, read blocking to its end (a spec given as ``/dev/stdin``).
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        IsADirectoryError: it is a folder.
+        OSError: it is not a regular file (a FIFO, a device, a socket: ``strerror`` says which),
+            or it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(mode) and not (pipe_ok and stat.S_ISFIFO(mode) and _anonymous_pipe(fd, path)):
+            raise OSError(errno.EINVAL, f"it is {file_kind(mode)}, not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_run_file(path: Path) -> IO[bytes]:
-    """Open one of a run's files for reading.
+    """Open one of a run's files for reading, never blocking (:func:`open_for_reading`).
 
     Raises:
         FileNotFoundError: it is gone (rotated away since the listing: callers skip it).
-        RunFileError: anything else that keeps it from being read.
+        RunFileError: anything else that keeps it from being read (a folder, a FIFO or a
+            device in its place, no permission).
     """
     try:
-        return path.open("rb")
+        return open_for_reading(path)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -64,28 +110,37 @@ class ReadCounts:
 
 
 def iter_jsonl(path: str | Path, counts: ReadCounts | None = None) -> Iterator[dict[str, Any]]:
-    """Events of one JSONL file; a corrupt, truncated or mistyped line is skipped with a
-    warning and counted in ``counts``."""
+    """Events of one JSONL file; a corrupt, truncated or mistyped line is skipped and counted in
+    ``counts``, with a warning for each of the first :data:`WARN_LINES` and one for the rest."""
     path = Path(path)
     counts = counts if counts is not None else ReadCounts()
-    with open_run_file(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                ev = parse_line(line)
-            except SchemaError as exc:
-                counts.skipped += 1
-                log.warning(
-                    "skipping bad JSONL line",
-                    file=str(path),
-                    line=lineno,
-                    error=str(exc),
-                    truncated=not line.endswith(b"\n"),
-                )
-                continue
-            counts.events += 1
-            yield ev
+    bad = 0
+    try:
+        with open_run_file(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ev = parse_line(line)
+                except SchemaError as exc:
+                    counts.skipped += 1
+                    bad += 1
+                    if bad <= WARN_LINES:
+                        log.warning(
+                            "skipping bad JSONL line",
+                            file=str(path),
+                            line=lineno,
+                            error=str(exc)[:300],
+                            truncated=not line.endswith(b"\n"),
+                        )
+                    continue
+                counts.events += 1
+                yield ev
+    finally:  # also when the reader stops early: what was skipped is said
+        if bad > WARN_LINES:
+            log.warning(
+                "bad JSONL lines skipped (only the first were named)", file=str(path), skipped=bad, named=WARN_LINES
+            )
 
 
 def iter_run(run_dir: str | Path, counts: ReadCounts | None = None) -> Iterator[dict[str, Any]]:

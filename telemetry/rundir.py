@@ -57,7 +57,7 @@ import orjson
 from actors.files import atomic_write
 from actors.log import get_logger
 from telemetry.history import HistoryError, HistoryTarget, describe_history, open_history
-from telemetry.jsonl import ACTIVE, RunFileError, open_run_file, run_segments
+from telemetry.jsonl import ACTIVE, RunFileError, open_for_reading, open_run_file, run_segments
 from telemetry.schema import check_id
 from telemetry.store import DB_NAME
 
@@ -170,20 +170,53 @@ def read_record(run_dir: Path, name: str) -> dict[str, Any] | None:
         return None
 
 
+def _folders(parent: Path) -> list[Path]:
+    """The sub-folders of ``parent`` (links to folders included).
+
+    Raises:
+        OSError: ``parent`` cannot be listed (missing, not a folder, no permission).
+    """
+    out = []
+    with os.scandir(parent) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    out.append(parent / entry.name)
+            except OSError:  # a link that cannot be followed: not a folder we can read
+                continue
+    return out
+
+
 def find_runs(artifacts: Path) -> list[Path]:
     """Run directories under an artifacts folder, newest first.
 
     A run counts once it has any of its records: a run killed before its first event
-    still has ``lifecycle.json`` and is listed (as crashed).
+    still has ``lifecycle.json`` and is listed (as crashed). A missing folder holds no runs;
+    one that cannot be read is an error (an empty listing would hide it), and an experiment
+    folder that cannot be read is left out with a warning.
+
+    Raises:
+        RunNotFound: ``artifacts`` is there but cannot be read (no permission, a name too long).
     """
-    runs: set[Path] = set()
-    for pattern in ("*/*/events.jsonl", f"*/*/{SUMMARY}", f"*/*/{LIFECYCLE}"):
-        runs.update(p.parent for p in artifacts.glob(pattern))
+    try:
+        experiments = _folders(artifacts)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise RunNotFound(f"cannot read the artifacts folder {str(artifacts)!r}: {exc.strerror or exc}") from None
+    runs: list[Path] = []
+    for exp in experiments:
+        try:
+            candidates = _folders(exp)
+        except OSError as exc:
+            log.warning("experiment folder unreadable; its runs are left out", folder=str(exp), error=str(exc))
+            continue
+        runs.extend(r for r in candidates if any(os.path.exists(r / name) for name in (EVENTS, SUMMARY, LIFECYCLE)))
 
     def mtime(p: Path) -> float:
         try:
             return p.stat().st_mtime
-        except FileNotFoundError:
+        except OSError:
             return 0.0
 
     return sorted(runs, key=mtime, reverse=True)
@@ -205,7 +238,7 @@ def recorded_file(path: Path) -> str | None:
     if folder.name == HYPERTUNE_DIR and _artifacts_root(folder.parent):
         return f"hypertune's learned state in {str(folder)!r}"
     try:
-        with p.open("rb") as fh:
+        with open_for_reading(p) as fh:  # never blocks, should a FIFO take its name meanwhile
             if fh.read(16) == b"SQLite format 3\x00":
                 return "a SQLite database (a history?)"
     except OSError:
@@ -511,14 +544,21 @@ def resolve_run(arg: str, artifacts: Path) -> Path:
     the artifacts folder.
 
     Raises:
-        RunNotFound: ``arg`` is neither a run directory nor a valid run id, or no run has that id.
+        RunNotFound: ``arg`` is neither a run directory nor a valid run id, or no run has that id;
+            ``arg`` or ``artifacts`` cannot be looked into (a name too long, no permission).
     """
     p = Path(arg)
-    if p.is_dir() and ((p / EVENTS).exists() or list(p.glob("events.*.jsonl"))):
-        return p
+    looked: OSError | None = None
+    try:
+        if p.is_dir() and ((p / EVENTS).exists() or list(p.glob("events.*.jsonl"))):
+            return p
+    except OSError as exc:  # a name too long, a folder this user may not look into
+        looked = exc
     try:
         check_id("run id", arg)
     except ValueError as exc:
+        if looked is not None:
+            raise RunNotFound(f"{arg!r}: cannot look into it: {looked.strerror or looked}") from None
         raise RunNotFound(f"{arg!r} is neither a run directory nor a valid run id: {exc}") from None
     runs = find_runs(artifacts)
     hits = [r for r in runs if r.name == arg]
@@ -582,9 +622,10 @@ def list_runs(artifacts: Path, history: HistoryTarget = None) -> list[dict[str, 
     them when the database is missing or unreadable) are read from their folders. ``source``
     says which: ``"history"`` or ``"files"``. A row whose folder is gone is not listed.
     """
+    runs = find_runs(artifacts)  # first: a folder that cannot be read is said before the history is opened
     recorded = recorded_runs(artifacts, history) or {}
     out = []
-    for run in find_runs(artifacts):
+    for run in runs:
         row = recorded.get((run.parent.name, run.name))
         try:
             if row is not None and isinstance(row.get("summary"), dict):
