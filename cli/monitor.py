@@ -15,7 +15,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
-from rich.markup import escape
 
 from cli import render
 from cli.errors import UsageError, folder_arg
@@ -68,13 +67,14 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         else:
             s = run_summary(run)
         console.print(render.monitor_summary_table(f"{run.parent.name} / {run.name} ({s['status']})", s["phases"]))
-        console.print(
+        render.say(  # recorded text: shown as it is, never read as markup
+            console,
             f"GPU vs CPU (events): {s['gpu_usage'] or 'not recorded'}; run {s['duration_s']:.1f} s; "
             f"persisted {s['events_persisted']}, dropped {s['events_dropped']}; "
-            f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}"
+            f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}",
         )
         for a in s["hypertune_actions"][-10:]:
-            console.print(f"  action: {a}")
+            render.say(console, f"  action: {a}")
         if s["reason"]:
             render.say(console, f"status {s['status']} ({s['reason']})")
         return 0
@@ -98,7 +98,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             elif fired:
                 console.file.write("\a")
                 console.print(
-                    f"[bold red]!! ALERT {escape(', '.join(fired))}:[/] {escape(line)}", highlight=False, soft_wrap=True
+                    f"[bold red]!! ALERT {render.shown(', '.join(fired))}:[/] {render.shown(line)}",
+                    highlight=False,
+                    soft_wrap=True,
                 )
             else:
                 render.say(console, line)
