@@ -579,7 +579,7 @@ class Hypertune(EventConsumer):
                 log.warning("hypertune policy state not saved", file=str(self.state_path), error=error)
             return
         if self._lock_busy:
-            log.info("hypertune policy state saved again", file=str(self.state_path), skipped=self._skipped_saves)
+            log.warning("hypertune policy state saved again", file=str(self.state_path), skipped=self._skipped_saves)
             self._lock_busy, self._skipped_saves = False, 0
 
     def handle_metrics(self, msg: dict[str, Any]) -> None:

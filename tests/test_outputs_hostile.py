@@ -263,7 +263,11 @@ def test_a_folder_another_user_may_not_enter_is_one_line(shared_art):
     argv = ["export", "run-1", "--artifacts", str(shared_art / "art"), "--out", str(shared_art / "closed" / "x.jsonl")]
     code = "import sys; from cli import main; sys.exit(main(sys.argv[1:]))"
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(shared_art / "numba"), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {  # coverage's subprocess hooks off: that user may not write the suite's data files
+        **{k: v for k, v in os.environ.items() if not k.startswith(("COV_CORE", "COVERAGE"))},
+        "NUMBA_CACHE_DIR": str(shared_art / "numba"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     done = subprocess.run(
         [*nobody, sys.executable, "-c", code, *argv],
