@@ -544,8 +544,9 @@ def resolve_run(arg: str, artifacts: Path) -> Path:
     the artifacts folder.
 
     Raises:
-        RunNotFound: ``arg`` is neither a run directory nor a valid run id, or no run has that id;
-            ``arg`` or ``artifacts`` cannot be looked into (a name too long, no permission).
+        RunNotFound: ``arg`` is neither a run directory nor a valid run id, or no run has that id
+            (or several do: copied folders); ``arg`` or ``artifacts`` cannot be looked into (a
+            name too long, no permission).
     """
     p = Path(arg)
     looked: OSError | None = None
@@ -565,6 +566,9 @@ def resolve_run(arg: str, artifacts: Path) -> Path:
     if not hits:
         recent = ", ".join(r.name for r in runs[:5]) or "none"
         raise RunNotFound(f"no run {arg!r} under {artifacts}; recent runs: {recent}")
+    if len(hits) > 1:  # a copied folder: which one is meant is the user's to say
+        where = ", ".join(repr(str(h)) for h in hits[:5])
+        raise RunNotFound(f"run id {arg!r} names {len(hits)} run folders ({where}): give the folder's path")
     return hits[0]
 
 

@@ -204,6 +204,10 @@ def test_one_run_id_in_two_experiments_is_reported_and_never_flipped(tmp_path, h
     second = capsys.readouterr().out
     assert "summary recorded" not in second and f"{kept.parent.name}/{RID}: up to date" in second, second
     assert f"{other.parent.name}/{RID}: left alone" in second
+    with pytest.raises(SystemExit) as e:  # reading the files: the id alone does not say which folder
+        main(["export", RID, "--artifacts", str(art)])
+    assert e.value.code == 2 and f"run id '{RID}' names 2 run folders" in capsys.readouterr().err
+    assert main(["export", str(a), "--out", str(tmp_path / "a.jsonl")]) == 0  # its path does
 
 
 def test_an_empty_history_target_is_an_error_and_an_empty_variable_is_unset(tmp_path, monkeypatch, capsys):
