@@ -160,3 +160,36 @@ def crucible_run(
     )
     argv = [sys.executable, "supervisor.py", "run", str(specfile), "--artifacts", str(art), "--no-live"]
     return subprocess.Popen(argv, cwd=Path(__file__).resolve().parent.parent, text=True, **popen), art
+
+
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+"""Run a command as the user nobody (the tests that need one run as root)."""
+
+
+def nobody_env(**extra: str) -> dict[str, str]:
+    """The environment for a command run as nobody: this checkout importable, and coverage's
+    subprocess hooks off (that user may not write the suite's data files)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COV_CORE", "COVERAGE"))}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+def skip_unless_nobody_can_run_this_checkout() -> None:
+    """Skip unless root, ``setpriv`` and a checkout (and interpreter) that the user nobody may
+    read: a clone under a folder only root may enter (``mktemp -d``) is not one."""
+    import os
+    import shutil
+
+    import pytest
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a command as nobody")
+    probe = subprocess.run(
+        [*NOBODY, sys.executable, "-c", "import cli"], cwd="/", env=nobody_env(), capture_output=True, timeout=120
+    )
+    if probe.returncode != 0:
+        why = (probe.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+        pytest.skip(f"the user nobody cannot run this checkout ({why})")

@@ -26,6 +26,7 @@ import pytest
 from cli import main
 from experiments.spec import SpecError
 from telemetry.jsonl import iter_run
+from tests.fault_helpers import NOBODY, nobody_env, skip_unless_nobody_can_run_this_checkout
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="mknod and setuid need root")
@@ -257,18 +258,12 @@ def shared_art() -> Iterator[Path]:
         shutil.rmtree(top)
 
 
-@needs_root
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv runs the command as another user")
 def test_a_folder_another_user_may_not_enter_is_one_line(shared_art):
+    skip_unless_nobody_can_run_this_checkout()
     argv = ["export", "run-1", "--artifacts", str(shared_art / "art"), "--out", str(shared_art / "closed" / "x.jsonl")]
     code = "import sys; from cli import main; sys.exit(main(sys.argv[1:]))"
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    env = {  # coverage's subprocess hooks off: that user may not write the suite's data files
-        **{k: v for k, v in os.environ.items() if not k.startswith(("COV_CORE", "COVERAGE"))},
-        "NUMBA_CACHE_DIR": str(shared_art / "numba"),
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    nobody = list(NOBODY)
+    env = nobody_env(NUMBA_CACHE_DIR=str(shared_art / "numba"), PYTHONDONTWRITEBYTECODE="1")
     done = subprocess.run(
         [*nobody, sys.executable, "-c", code, *argv],
         cwd=shared_art,

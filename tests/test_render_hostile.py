@@ -31,6 +31,7 @@ from rich.text import Text
 from cli import render
 from supervisor import main
 from telemetry import stats
+from tests.fault_helpers import NOBODY, nobody_env, skip_unless_nobody_can_run_this_checkout
 
 ROOT = Path(__file__).resolve().parent.parent
 LATENCY = (
@@ -291,19 +292,16 @@ def test_the_users_numba_cache_dir_is_kept(tmp_path):
     assert _import_and_compile(pkg, env) == "user" and list((tmp_path / "mine").rglob("*.nbi"))
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="needs root and setpriv to run as nobody",
-)
 def test_nobody_without_a_home_can_run_a_command(tmp_path):
     """The tester's case: the checkout's ``kernels/__pycache__`` is not nobody's, and nor is any home."""
+    skip_unless_nobody_can_run_this_checkout()
     tmp = Path(tempfile.mkdtemp(prefix="crucible-nobody-"))
     try:
         tmp.chmod(0o777)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "XDG_"))}
+        env = {k: v for k, v in nobody_env().items() if not k.startswith(("NUMBA_", "XDG_"))}
         env.update(HOME="/nonexistent", TMPDIR=str(tmp))
         crucible = Path(sys.executable).parent / "crucible"
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(crucible), "instances"]
+        cmd = [*NOBODY, str(crucible), "instances"]
         p = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0 and "proved optimal" in p.stdout, p.stderr
     finally:
