@@ -193,3 +193,50 @@ def skip_unless_nobody_can_run_this_checkout() -> None:
     if probe.returncode != 0:
         why = (probe.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
         pytest.skip(f"the user nobody cannot run this checkout ({why})")
+
+
+def feed_fifo_eof(fifo: Path) -> None:
+    """Open a writer on ``fifo`` and close it: a reader stuck in open() or read() gets EOF."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def ends_within(
+    fn: Callable[[], Any], deadline: float, free: Callable[[], None], left: Callable[[Any], None] | None = None
+) -> Any:
+    """``fn()`` on a thread, which must end within ``deadline`` seconds; its value, or its
+    exception raised here. If it hangs (the defect a test looks for), ``free`` is called until
+    the thread ends (``left`` tidies what it returned late, an actor it started, say) and the
+    test fails, leaving no stuck thread behind."""
+    import threading
+
+    import pytest
+
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    if not done.wait(deadline):
+        for _ in range(50):  # it may block more than once: free each
+            free()
+            if done.wait(0.1):
+                break
+        if left is not None and "value" in box:
+            left(box["value"])
+        pytest.fail(f"blocked for {deadline} s")
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")

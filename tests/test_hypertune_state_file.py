@@ -6,8 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from experiments.workloads import declarations
 from supervisor import Lab
 from telemetry.jsonl import iter_run
 from telemetry.schema import rows_to_batch
+from tests.fault_helpers import ends_within, feed_fifo_eof
 
 S = 1_000_000
 COLORING = declarations(ColoringWorkload)
@@ -63,42 +63,10 @@ def stalled_steps(t0_s: float, n: int, dt_s: float = 0.1) -> bytes:
     return encode(decode(encode(rows_to_batch(rows, "exp", "run"))))
 
 
-def in_thread(fn: Callable[[], Any], unblock: Callable[[], None]) -> Any:
-    """``fn()`` on a thread; it must end within DEADLINE_S. If it hangs (the defect),
-    ``unblock`` frees it, so the test fails without leaving a stuck thread behind."""
-    done = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-            box["error"] = exc
-        finally:
-            done.set()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    if not done.wait(DEADLINE_S):
-        unblock()
-        t.join(DEADLINE_S)
-        ref = box.get("value")
-        if isinstance(ref, ActorRef):  # an actor it started late: stopped (its final save may block too)
-            for _ in range(20):
-                if ref.stop(timeout=0.5):
-                    break
-                unblock()
-        pytest.fail(f"blocked for {DEADLINE_S}s")
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def feed_fifo_eof(fifo: Path) -> None:
-    """Open a writer on ``fifo`` and close it: a reader stuck in open() or read() gets EOF."""
-    with contextlib.suppress(OSError):
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+def stop_late_actor(ref: Any) -> None:
+    """An actor that started after the deadline: stopped, so the failing test leaves none behind."""
+    if isinstance(ref, ActorRef):
+        ref.stop(timeout=DEADLINE_S)
 
 
 def warnings(logs: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -128,9 +96,11 @@ def test_a_fifo_as_state_file_never_blocks_the_start_or_the_saves(tmp_path):
     reg.register("phase", phase)
     with capture_logs() as logs:
         # the supervisor's thread runs the constructor: before the fix it hung in open()
-        ht = in_thread(
+        ht = ends_within(
             lambda: Hypertune.start("exp", True, reg, window_s=1.0, state_file=str(fifo), **COLORING),
+            DEADLINE_S,
             lambda: feed_fifo_eof(fifo),
+            left=stop_late_actor,  # its final save may block too
         )
         try:
             ht.tell_bytes(stalled_steps(0, 45))  # two outcomes, so two saves
@@ -155,7 +125,7 @@ def test_a_save_never_writes_through_a_fifo(tmp_path):
         with pytest.raises(FileExistsError, match="not a regular file"):
             pol.save(fifo)
 
-    in_thread(save, lambda: feed_fifo_eof(fifo))
+    ends_within(save, DEADLINE_S, lambda: feed_fifo_eof(fifo))
     assert fifo.is_fifo() and pol.stats == {"tabu/tenure_up": {"n": 1.0, "mean": 1.0}}
     assert [p.name for p in tmp_path.iterdir()] == ["ff"]  # not even a lock file (think of /dev/zero.lock)
 
@@ -264,7 +234,9 @@ def test_a_save_gives_up_on_a_held_lock_after_a_bounded_wait(tmp_path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another writer, stuck
         with pytest.raises(BlockingIOError, match="locked by another writer"):
-            in_thread(lambda: pol.save(state), lambda: fcntl.flock(fd, fcntl.LOCK_UN))  # before: blocked for good
+            ends_within(
+                lambda: pol.save(state), DEADLINE_S, lambda: fcntl.flock(fd, fcntl.LOCK_UN)
+            )  # before: blocked for good
         assert not state.exists() and pol.stats == {"tabu/tenure_up": {"n": 1.0, "mean": 1.0}}
     finally:
         os.close(fd)

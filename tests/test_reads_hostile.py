@@ -9,16 +9,13 @@ end; a file of garbage gives a few warnings and a count, not one warning per lin
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -41,6 +38,7 @@ from telemetry.rundir import (
     write_json,
 )
 from telemetry.schema import dumps_line
+from tests.fault_helpers import ends_within, feed_fifo_eof
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 20.0
@@ -93,39 +91,6 @@ def fifo_in_place(path: Path) -> Path:
     return path
 
 
-def feed_fifo_eof(fifo: Path) -> None:
-    """Open a writer on ``fifo`` and close it: a reader stuck in open() or read() gets EOF."""
-    with contextlib.suppress(OSError):
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-
-
-def in_thread(fn: Callable[[], Any], fifo: Path) -> Any:
-    """``fn()`` on a thread that must end within DEADLINE_S; if it hangs on ``fifo`` (the
-    defect) it is freed, and the test fails without leaving a stuck thread behind."""
-    done = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-            box["error"] = exc
-        finally:
-            done.set()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    if not done.wait(DEADLINE_S):
-        for _ in range(50):  # a reader may open it more than once: free each
-            feed_fifo_eof(fifo)
-            if done.wait(0.1):
-                break
-        pytest.fail(f"blocked on the FIFO {fifo} for {DEADLINE_S}s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 def crucible(*argv: str, prefix: tuple[str, ...] = (), cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """``crucible ARGV`` in a subprocess with a timeout (a hang fails the test, not the suite)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"}
@@ -148,18 +113,18 @@ def one_line_error(r: subprocess.CompletedProcess[str], *said: str) -> None:
 def test_the_run_file_readers_name_a_fifo_and_never_wait_on_it(tmp_path, name):
     fifo = fifo_in_place(make_run(tmp_path) / name)
     with pytest.raises(RunFileError, match=rf"{name}' cannot be read: it is a FIFO, not a regular file"):
-        in_thread(lambda: open_run_file(fifo), fifo)
+        ends_within(lambda: open_run_file(fifo), DEADLINE_S, lambda: feed_fifo_eof(fifo))
     with pytest.raises(ValueError, match="it is a FIFO"):
-        in_thread(lambda: read_json(fifo), fifo)
+        ends_within(lambda: read_json(fifo), DEADLINE_S, lambda: feed_fifo_eof(fifo))
 
 
 def test_list_shows_a_run_with_a_fifo_as_unreadable_and_goes_on(tmp_path):
     run = make_run(tmp_path)
     fifo = fifo_in_place(run / LIFECYCLE)
-    (info,) = in_thread(lambda: list_runs(tmp_path), fifo)
+    (info,) = ends_within(lambda: list_runs(tmp_path), DEADLINE_S, lambda: feed_fifo_eof(fifo))
     assert info["status"] == "unknown" and f"{LIFECYCLE}' cannot be read: it is a FIFO" in info["reason"]
     fifo_in_place(run / "events.jsonl")
-    (info,) = in_thread(lambda: list_runs(tmp_path), run / "events.jsonl")
+    (info,) = ends_within(lambda: list_runs(tmp_path), DEADLINE_S, lambda: feed_fifo_eof(run / "events.jsonl"))
     assert info["events"] is None and "events.jsonl' cannot be read: it is a FIFO" in info["evidence"][-1]
 
 
@@ -168,20 +133,20 @@ def test_monitor_reads_around_a_fifo_spec_or_summary_with_a_warning(tmp_path):
     for name in (SPEC, SUMMARY):
         fifo_in_place(run / name)
     with capture_logs() as logs:
-        summary = in_thread(lambda: run_summary(run), run / SUMMARY)
-        objectives = in_thread(lambda: run_objectives(run), run / SPEC)
+        summary = ends_within(lambda: run_summary(run), DEADLINE_S, lambda: feed_fifo_eof(run / SUMMARY))
+        objectives = ends_within(lambda: run_objectives(run), DEADLINE_S, lambda: feed_fifo_eof(run / SPEC))
     assert summary["events_persisted"] == 3 and len(objectives) > 1  # the events; every workload's objective
     named = {e["file"] for e in logs if e["log_level"] == "warning" and "FIFO" in e.get("error", "")}
     assert named == {str(run / SPEC), str(run / SUMMARY)}
     fifo_in_place(run / "events.jsonl")
     with pytest.raises(RunFileError, match=r"events\.jsonl' cannot be read: it is a FIFO"):
-        in_thread(lambda: list(iter_run(run)), run / "events.jsonl")
+        ends_within(lambda: list(iter_run(run)), DEADLINE_S, lambda: feed_fifo_eof(run / "events.jsonl"))
 
 
 def test_a_fifo_spec_is_refused_and_an_anonymous_pipe_still_read(tmp_path):
     fifo = fifo_in_place(tmp_path / "f.toml")
     with pytest.raises(ValueError, match=r"f\.toml: cannot read the spec \(it is a FIFO, not a regular file\)"):
-        in_thread(lambda: read_text(fifo, "spec"), fifo)
+        ends_within(lambda: read_text(fifo, "spec"), DEADLINE_S, lambda: feed_fifo_eof(fifo))
     with pytest.raises(ValueError, match="it is a character device"):  # not read as an empty spec
         read_text("/dev/null", "spec")
     r, w = os.pipe()  # what `crucible run /dev/stdin` reads when a pipe feeds it
