@@ -53,7 +53,7 @@ from actors.files import atomic_write
 from actors.log import get_logger
 from actors.snapshot import Snapshot
 from actors.topics import Topics
-from telemetry.emitter import Emitter
+from telemetry.emitter import Emitter, bounded_notes
 from telemetry.rundir import read_json
 
 log = get_logger("actors.phase")
@@ -385,7 +385,9 @@ class PhaseActor(Actor):
             shown = msg.get("shown") or f"{value!r:.200}"
             log.warning("control action refused", key=f"{key!r:.200}", value=shown, error=f"{exc}"[:500])
             self.emitter.emit(
-                "control_refused", notes=f"{key}={shown} refused: {exc}", parameters=self.workload.params()
+                "control_refused",
+                notes=bounded_notes(f"{key}={shown} refused: {exc}"),
+                parameters=self.workload.params(),
             )
             return {"ok": False, "error": str(exc)}
         why = f"{msg.get('why', 'requested')}"[:500]
@@ -394,7 +396,7 @@ class PhaseActor(Actor):
             str(msg.get("event", "control")),
             parameters=params,
             phase=params.get("phase"),
-            notes=f"{key}: {before!r} -> {after!r} ({why})",
+            notes=bounded_notes(f"{key}: {before!r} -> {after!r} ({why})"),
         )
         self._checkpoint(force=True)
         return {"ok": True, "key": key, "before": before, "after": after}
@@ -412,7 +414,7 @@ class PhaseActor(Actor):
         self.emitter.emit(
             str(msg.get("name", "note")),
             values,
-            notes=str(msg.get("notes", "")),
+            notes=bounded_notes(str(msg.get("notes", ""))),
             phase=self.workload.params().get("phase"),
         )
 

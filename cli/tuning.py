@@ -120,9 +120,10 @@ def _sigterm_interrupts() -> Iterator[list[int]]:
 
 def _runner(args: argparse.Namespace) -> dict[str, Any]:
     """``--parallel``, ``--backend`` and ``--ray-address`` as the keyword arguments of ``tune`` and ``ab``."""
-    if args.backend != "ray" and args.ray_address is not None:
-        raise UsageError(f"--ray-address {args.ray_address!r} needs --backend ray")
-    return {"parallel": args.parallel, "backend": args.backend, "address": args.ray_address}
+    from cli.run import backend_options
+
+    backend, address = backend_options(args)
+    return {"parallel": args.parallel, "backend": backend, "address": address}
 
 
 def cmd_ab(args: argparse.Namespace) -> int:

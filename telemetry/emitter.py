@@ -40,6 +40,17 @@ from telemetry.schema import COUNTERS, EVENTS, GPU_MODES, EventBatch, SchemaErro
 MAX_NOTES_CHARS = 4000
 """An event's ``notes`` past this many characters are cut (a control's reason, a refused
 value echoed in an error: text from outside must not make one event megabytes long)."""
+
+
+def bounded_notes(text: str) -> str:
+    """``text`` cut to :data:`MAX_NOTES_CHARS`, saying how much was cut: for notes built from
+    text that comes from outside (a control's value and reason, an observer's note), checked
+    where it comes in rather than on every emit."""
+    if len(text) <= MAX_NOTES_CHARS:
+        return text
+    return f"{text[:MAX_NOTES_CHARS]}... ({len(text) - MAX_NOTES_CHARS:,} more characters cut)"
+
+
 log = get_logger("telemetry.emitter")
 
 OVERFLOW_POLICIES = ("block", "drop")
@@ -157,8 +168,6 @@ class Emitter:
                     raise SchemaError(f"event field 'parameters' cannot be encoded as JSON: {exc}") from None
                 self._reject(1, f"parameters not JSON-encodable: {exc}")
                 return
-        if isinstance(notes, str) and len(notes) > MAX_NOTES_CHARS:  # free text from outside: bounded
-            notes = f"{notes[:MAX_NOTES_CHARS]}... ({len(notes) - MAX_NOTES_CHARS:,} more characters cut)"
         rows = self._rows
         rows.append((_time_ns(), name, values, phase, step, success, parameters, notes, gpu_mode, gpu_reason, anomaly))
         if len(rows) >= self.batch_size:
