@@ -361,6 +361,8 @@ class Recorder(EventConsumer):
         n = int(b["n"])
         if self._down is not None and not self._spilled and self._pending_n + n > self.history_buffer:
             self._spill()
+        if self._down is not None:  # the peak counts spilled events too, retry or none
+            self.hist["events_waiting_max"] = max(self.hist["events_waiting_max"], self._waiting())
         if self._spilled:
             self.hist["events_spilled"] += n
             return
@@ -368,7 +370,6 @@ class Recorder(EventConsumer):
         self._pending.append(b)
         self._pending_n += n
         if self._down is not None:
-            self.hist["events_waiting_max"] = max(self.hist["events_waiting_max"], self._pending_n)
             return
         if len(self._pending) >= self.commit_every or self.jsonl.size >= self.rotate_bytes:
             self._commit()
