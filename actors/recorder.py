@@ -80,7 +80,7 @@ from telemetry.index import IndexIncomplete, LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
 from telemetry.jsonl_format import format_batch
 from telemetry.query import QueryError, query_error
-from telemetry.rundir import RECORDER_STATE, SUMMARY, read_json
+from telemetry.rundir import RECORDER_STATE, RESERVE_NAME, SUMMARY, ArtifactsError, read_json
 from telemetry.schema import (
     SCHEMA_VERSION,
     EventBatch,
@@ -113,7 +113,6 @@ history, one last attempt (an unreachable host costs its connect timeout), the r
 and the fsyncs. Killing it sooner would lose the summary that the wait exists to save."""
 _REFILL_ROWS = 4096
 
-RESERVE_NAME = "recorder.reserve"
 RESERVE_BYTES = 256 << 10
 RESERVE_TAIL = 64 << 10
 """Disk space the Recorder holds back from the start of a run (``RESERVE_BYTES``): on a storage
@@ -122,10 +121,6 @@ stops, after the history is closed (closing may checkpoint the WAL into whatever
 the writes that follow (the phase's checkpoint, the Lab's lifecycle record)."""
 _STORAGE_ERRORS = (OSError, sqlite3.Error, HistoryError)
 _NEVER = 1 << 62
-
-
-class ArtifactsError(RuntimeError):
-    """The artifacts folder cannot be used (missing permissions, not a directory...)."""
 
 
 def check_artifacts_dir(path: str | Path) -> Path:

@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from actors.recorder import ArtifactsError
 from cli.exits import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # defined there: they work before
 from cli.exits import EXIT_OUTPUT_CLOSED as EXIT_OUTPUT_CLOSED  # the seconds of imports here are done
 from cli.exits import interrupted as interrupted
@@ -25,7 +24,7 @@ from experiments.coloring.graph import GraphError
 from experiments.spec import SpecError
 from telemetry.history import HistoryConfigError, HistoryConnectError
 from telemetry.jsonl import RunFileError
-from telemetry.rundir import RunNotFound, recorded_file
+from telemetry.rundir import ArtifactsError, RunNotFound, recorded_file
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -31,7 +31,6 @@ from rich.console import Console
 
 from actors.files import file_kind, replace_file
 from actors.log import get_logger
-from actors.recorder import RESERVE_NAME
 from cli import render
 from cli.errors import EXIT_FAILED, UsageError, folder_arg, history_error, not_recorded, one_line
 from telemetry import rundir
@@ -180,7 +179,7 @@ RUN_FILE_PATTERNS = (
     rundir.SUMMARY,
     rundir.RECORDER_STATE,
     rundir.CHECKPOINT,
-    RESERVE_NAME,
+    rundir.RESERVE_NAME,
     ".resume.*",
     "coloring.json",
     "best_solution.pass*.json",

@@ -68,6 +68,7 @@ LIFECYCLE = "lifecycle.json"
 SUMMARY = "summary.json"
 RECORDER_STATE = "recorder.json"
 CHECKPOINT = "checkpoint.json"
+RESERVE_NAME = "recorder.reserve"  # the Recorder's disk-space reserve (see actors.recorder)
 EVENTS = ACTIVE  # the active JSONL file; rotated segments are events.NNNNNN.jsonl
 LIFECYCLE_SCHEMA = 1
 
@@ -78,6 +79,12 @@ DAEMON_LOG = "daemon.log"  # the daemon's log (rotated as daemon.log.1, ...)
 TOKEN_FILE = "dashboard.token"  # the dashboard's token, mode 0600
 HYPERTUNE_DIR = "hypertune"  # hypertune state shared across runs
 ROOT_FILES = (DB_NAME, LOCK_FILE, QUEUE_FILE, DAEMON_LOG, TOKEN_FILE, HYPERTUNE_DIR)
+
+
+class ArtifactsError(RuntimeError):
+    """The artifacts folder cannot be used (missing permissions, not a directory...)."""
+
+
 HEARTBEAT_S = 2.0
 QUIET_HEARTBEATS = 5  # an owner we cannot check is presumed gone after this many missed heartbeats
 MAX_HEARTBEAT_S = 3600.0  # a record's heartbeat_s is read within [0.1, this]: a damaged one cannot keep a run alive

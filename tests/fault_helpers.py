@@ -99,9 +99,11 @@ def until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "conditio
         time.sleep(0.02)
 
 
-def persisted(exp: Any) -> int:
-    """Events the Recorder has acknowledged (asked now, after what is already queued)."""
-    return exp.registry.whereis("recorder").ask({"kind": "flush"}, timeout=30)["persisted"]
+def persisted(exp: Any, timeout: float = 120.0) -> int:
+    """Events the Recorder has acknowledged (asked now, after what is already queued). The
+    bound is generous: on a loaded 2-core machine (a Ray cluster's processes beside the test's)
+    a Recorder has been seen to take over 30 s to reach the question; a hung one still fails."""
+    return exp.registry.whereis("recorder").ask({"kind": "flush"}, timeout=timeout)["persisted"]
 
 
 def reached_recorder(exp: Any) -> int:

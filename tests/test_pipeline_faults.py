@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from actors import Actor, Topics
 from actors.anomaly import AnomalyDetection
 from actors.messages import decode, encode
-from actors.recorder import RESERVE_NAME, Recorder
+from actors.recorder import Recorder
 from actors.sampler import Sampler
 from actors.streaming_metrics import StreamingMetrics
 from supervisor import Lab
 from telemetry.emitter import Emitter
 from telemetry.jsonl import iter_run, run_segments
+from telemetry.rundir import RESERVE_NAME
 from telemetry.schema import SchemaError, check_batch, rows_to_batch
 from telemetry.store import DB_NAME, HistoryStore
 

@@ -62,7 +62,7 @@ def test_experiments_spread_over_nodes_and_a_dead_node_restarts_its_own_elsewher
         exps = [lab.start_experiment(blocking_spec(f"spread-{i}")) for i in range(2)]
         assert {e.node_id for e in exps} == {head_id(ray_cluster), node.node_id}  # one per node
         for e in exps:
-            until(lambda e=e: persisted(e) > 500, what="events persisted")
+            until(lambda e=e: persisted(e) > 500, timeout=120, what="events persisted")
         victim = next(e for e in exps if e.node_id == node.node_id)
         survivor = next(e for e in exps if e is not victim)
         persisted(victim)  # a flush: what the store has acknowledged so far is committed

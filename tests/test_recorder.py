@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors import Registry, Topics
-from actors.recorder import ArtifactsError, Recorder
+from actors.recorder import Recorder
 from supervisor import ChildSpec, Supervisor
 from telemetry.emitter import Emitter
 from telemetry.export import export_experiment, export_run
 from telemetry.jsonl import iter_run, run_segments
-from telemetry.rundir import summary_best
+from telemetry.rundir import ArtifactsError, summary_best
 from telemetry.schema import SchemaError
 from tests.telemetry_helpers import BatchProbe
 

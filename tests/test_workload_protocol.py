@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -77,6 +79,19 @@ def test_every_workload_declares_what_the_framework_steers_by(cls):
     assert orjson.loads(orjson.dumps(d)) == d  # plain data: crosses a process as it is
     assert [Arm.from_dict(a) for a in d["arms"]] == list(cls.arms)
     assert Objective.from_dict(d["objective"]) == cls.objective
+
+
+def test_readers_know_every_workload_objective_without_importing_a_workload():
+    assert objectives() == {name: cls.objective for name, cls in registry().items()}
+    code = (
+        "import sys, experiments.monitor, cli.render\n"
+        "from experiments.workloads import objectives\n"
+        "assert sorted(objectives()) == ['coloring', 'latency']\n"
+        "print(sorted(m for m in ('numba', 'scipy', 'experiments.coloring.workload') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"  # a listing or a monitor loads no kernels
 
 
 def test_objective_of_an_unknown_name_is_none():

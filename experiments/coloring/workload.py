@@ -58,6 +58,7 @@ from experiments.coloring.catalog import INSTANCES_DIR, instance_family
 from experiments.coloring.graph import Graph, GraphError, load_graph, resolve_graph_file
 from experiments.coloring.init import initial_coloring
 from experiments.coloring.memetic import Memetic
+from experiments.coloring.objective import OBJECTIVE
 from experiments.coloring.params import PHASES, SEARCH_SPACE, aim, check_number, check_params
 from experiments.coloring.phase import ColoringPhase, PhaseContext
 from experiments.coloring.population import Population
@@ -107,7 +108,7 @@ class ColoringWorkload:
     """The colouring pipeline; see the module docs."""
 
     name: ClassVar[str] = "coloring"
-    objective: ClassVar[Objective] = Objective("chromatic_number", "min", "colors", progress="conflicts")
+    objective: ClassVar[Objective] = OBJECTIVE
     """Fewer colours is better; between two better colourings, fewer conflicts at the k attempted."""
     arms: ClassVar[tuple[Arm, ...]] = (
         Arm("mutation_up", "boost_mutation", ("memetic",), param="mutation_rate", shift=0.05, hi=1.0),

@@ -18,16 +18,24 @@ def registry() -> dict[str, type[Workload]]:
     return found
 
 
+def objectives() -> dict[str, Objective]:
+    """Every workload's objective, by workload name (for readers that know no workload). The
+    colouring pipeline declares its objective apart, so that readers of recorded runs (``list``,
+    ``compare``, the monitor) need not import the pipeline and its numba kernels."""
+    found = {"latency": LatencyWorkload.objective}
+    try:
+        from experiments.coloring.objective import OBJECTIVE
+    except ImportError:
+        pass
+    else:
+        found["coloring"] = OBJECTIVE
+    return found
+
+
 def objective_of(name: object) -> Objective | None:
     """The objective of the workload called ``name`` (as a spec or a run's records give it),
     or None when no workload has that name: for readers that have a name, not a class."""
-    cls = registry().get(name) if isinstance(name, str) else None
-    return cls.objective if cls is not None else None
-
-
-def objectives() -> dict[str, Objective]:
-    """Every workload's objective, by workload name (for readers that know no workload)."""
-    return {name: cls.objective for name, cls in registry().items()}
+    return objectives().get(name) if isinstance(name, str) else None
 
 
 __all__ = [
