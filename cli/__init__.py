@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from cli.exits import EXIT_OUTPUT_CLOSED, interrupted
+from cli.exits import EXIT_OUTPUT_CLOSED, interrupted, program
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -64,11 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     what is still buffered does not fail again at exit."""
     args: argparse.Namespace | None = None
     _sane_terminal_size()
+    closed = _hold_standard_fds()
+    if "stdout" in closed:
+        _say(f"{program(_command_in(argv))}: warning: stdout is closed; what this command prints is lost (exit 141)")
     try:
         try:
             parser = build_parser()
             args = parser.parse_args(argv)
-            return _run(parser, args)
+            code = _run(parser, args)
+            return _output_closed() if "stdout" in closed and code == 0 else code
         finally:  # what is still buffered (a short listing, --help) goes now: a reader gone shows
             if sys.stdout is not None:  # here, where it is handled, not in the interpreter's flush at exit
                 sys.stdout.flush()
@@ -95,6 +99,43 @@ def _command_in(argv: Sequence[str] | None) -> str | None:
             continue
         return word if word.isascii() and word.isalpha() else None
     return None
+
+
+def _hold_standard_fds() -> list[str]:
+    """Point each of stdin, stdout and stderr that the command was started without (``>&-``)
+    at ``os.devnull``; the names of those. Left closed, its number goes to the first file the
+    command opens (a run's events file, the history), and whatever writes to stdout or stderr
+    (a warning, a child process) would write into that file. A command with no stdout has its
+    work done, and what it would have printed is lost: it says so and ends with 141, as on a
+    closed pipe, so that ``crucible list --json >&-`` is no success."""
+    closed = []
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+        except OSError:  # no /dev/null: nothing better to hold the number with
+            continue
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        closed.append(name)
+        if getattr(sys, name) is None:  # Python found it closed at start
+            mode = "r" if fd == 0 else "w"
+            setattr(sys, name, open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False))
+    return closed
+
+
+def _say(line: str) -> None:
+    """One line on stderr, when there is one to write to."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _sane_terminal_size() -> None:

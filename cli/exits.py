@@ -17,7 +17,12 @@ def interrupted(command: str | None, after: str = "", signum: int = signal.SIGIN
     """Say on stderr, in one line, that a Ctrl-C (or the signal ``signum``) ended the command
     (``after``: what was done about it); the exit code to end with, 128 + the signal's number
     as a shell reports a command the signal killed (130 for SIGINT, 143 for SIGTERM)."""
-    name = f"crucible {command}" if command else "crucible"
+    name = program(command)
     how = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
     sys.stderr.write(f"{name}: {how}{f'; {after}' if after else ''}\n")
     return 128 + int(signum)
+
+
+def program(command: str | None) -> str:
+    """How a message names the command: ``crucible color``, or ``crucible`` before one is known."""
+    return f"crucible {command}" if command else "crucible"

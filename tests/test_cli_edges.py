@@ -7,6 +7,7 @@ last flush at exit, the interpreter's handling of SIGINT) only happens there."""
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import json
 import os
@@ -103,6 +104,60 @@ def test_output_closed_before_the_last_flush_ends_quietly(tmp_path, one_run):
     _, err = p.communicate(timeout=120)
     assert_quiet(err)
     assert p.returncode == EXIT_OUTPUT_CLOSED
+
+
+def test_a_listing_started_with_stdout_closed_is_no_success(tmp_path, one_run):
+    """``crucible list --json >&-``: the listing has nowhere to go; the command says so on stderr
+    and ends with 141, as on a closed pipe, not 0 with its output lost."""
+    art = artifacts_with(tmp_path, one_run, 2)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    argv = [sys.executable, "-m", "supervisor", "list", "--artifacts", str(art), "--json"]
+    p = subprocess.run(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1), timeout=120)
+    assert_quiet(p.stderr)
+    assert p.returncode == EXIT_OUTPUT_CLOSED
+    assert b"crucible list: warning: stdout is closed" in p.stderr
+    bad = subprocess.run(  # a usage error keeps its own code
+        [*argv[:-3], "--artifacts", str(tmp_path / "none")],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.close(1),
+        timeout=120,
+    )
+    assert bad.returncode == 2 and b"no artifacts folder" in bad.stderr
+
+
+def test_a_run_started_without_stdout_or_stderr_writes_into_no_file_of_its_own(tmp_path):
+    """Started with stdout and stderr closed, a run's first files would take their numbers, and
+    anything printed would land in them. Both are held on os.devnull from the start: the run's
+    files hold only what they should, and the run is recorded in full."""
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC)
+    art = tmp_path / "art"
+    code = (
+        "import os, sys, cli\n"
+        f"code = cli.main(['run', {str(spec)!r}, '--artifacts', {str(art)!r}, '--no-live'])\n"
+        "print('stray line')\n"
+        "sys.stderr.write('stray warning\\n')\n"
+        "sys.stdout.flush(); sys.stderr.flush()\n"
+        "held = [code, os.readlink('/proc/self/fd/1'), os.readlink('/proc/self/fd/2')]\n"
+        f"open({str(tmp_path / 'fds')!r}, 'w').write(repr(held))\n"
+    )
+
+    def close_out_and_err() -> None:
+        os.close(1)
+        os.close(2)
+
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, preexec_fn=close_out_and_err, timeout=120)
+    assert p.returncode == 0
+    assert ast.literal_eval((tmp_path / "fds").read_text()) == [EXIT_OUTPUT_CLOSED, os.devnull, os.devnull]
+    (run,) = (art / "edge").iterdir()
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert b"stray" not in f.read_bytes(), f
+    rows = [json.loads(line) for line in (run / "events.jsonl").read_bytes().splitlines()]
+    assert [r["seq"] for r in rows] == list(range(len(rows))) and rows
+    assert json.loads((run / "lifecycle.json").read_bytes())["status"] == "stopped"
 
 
 def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch, capsys):
