@@ -190,10 +190,14 @@ def export_run(
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder {run_dir}")
 
+    passes = 0
+
     def source() -> Iterator[dict[str, Any]]:
+        nonlocal passes
+        passes += 1
         if counts is not None:
             counts.events = counts.skipped = 0  # each pass counts afresh
-        return iter_run(run_dir, counts)
+        return iter_run(run_dir, counts, warn=passes == 1)  # a second pass meets what the first reported
 
     return export_events(source, fmt, out, chunk)
 

@@ -109,9 +109,10 @@ class ReadCounts:
     skipped: int = 0
 
 
-def iter_jsonl(path: str | Path, counts: ReadCounts | None = None) -> Iterator[dict[str, Any]]:
+def iter_jsonl(path: str | Path, counts: ReadCounts | None = None, warn: bool = True) -> Iterator[dict[str, Any]]:
     """Events of one JSONL file; a corrupt, truncated or mistyped line is skipped and counted in
-    ``counts``, with a warning for each of the first :data:`WARN_LINES` and one for the rest."""
+    ``counts``, with a warning for each of the first :data:`WARN_LINES` and one for the rest
+    (none with ``warn=False``: a second pass over what a first one reported)."""
     path = Path(path)
     counts = counts if counts is not None else ReadCounts()
     bad = 0
@@ -125,7 +126,7 @@ def iter_jsonl(path: str | Path, counts: ReadCounts | None = None) -> Iterator[d
                 except SchemaError as exc:
                     counts.skipped += 1
                     bad += 1
-                    if bad <= WARN_LINES:
+                    if warn and bad <= WARN_LINES:
                         log.warning(
                             "skipping bad JSONL line",
                             file=str(path),
@@ -137,17 +138,17 @@ def iter_jsonl(path: str | Path, counts: ReadCounts | None = None) -> Iterator[d
                 counts.events += 1
                 yield ev
     finally:  # also when the reader stops early: what was skipped is said
-        if bad > WARN_LINES:
+        if warn and bad > WARN_LINES:
             log.warning(
                 "bad JSONL lines skipped (only the first were named)", file=str(path), skipped=bad, named=WARN_LINES
             )
 
 
-def iter_run(run_dir: str | Path, counts: ReadCounts | None = None) -> Iterator[dict[str, Any]]:
+def iter_run(run_dir: str | Path, counts: ReadCounts | None = None, warn: bool = True) -> Iterator[dict[str, Any]]:
     """Every event of a run directory, in order, across rotated files (bad lines skipped and
-    counted in ``counts``)."""
+    counted in ``counts``, with warnings unless ``warn`` is False)."""
     for seg in run_segments(run_dir):
-        yield from iter_jsonl(seg, counts)
+        yield from iter_jsonl(seg, counts, warn)
 
 
 def _last_line(path: Path, max_back: int = 1 << 20) -> bytes | None:

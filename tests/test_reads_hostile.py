@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 
 from experiments.monitor import RunFolderGone, check_still_there, run_objectives, run_summary
 from experiments.validate import read_text
+from telemetry.export import FORMATS, export_run
 from telemetry.jsonl import WARN_LINES, ReadCounts, RunFileError, iter_run, open_run_file
 from telemetry.rundir import (
     LIFECYCLE,
@@ -304,3 +305,18 @@ def test_garbage_lines_give_a_few_warnings_and_one_count(tmp_path):
         assert [next(it)["seq"] for _ in range(4)] == [0, 1, 2, 3]
         it.close()
     assert [e["skipped"] for e in logs if e["event"].startswith("bad JSONL lines skipped")] == [1000]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_export_of_garbage_warns_once_whatever_its_passes(tmp_path, fmt):
+    """CSV and Parquet read the run twice (the columns, then the rows): the warnings come once."""
+    run = make_run(tmp_path)
+    with (run / "events.jsonl").open("ab") as fh:
+        fh.write(b"garbage\n" * 50 + event(3))
+    counts = ReadCounts()
+    with capture_logs() as logs:
+        n = export_run(run, fmt, tmp_path / f"out.{fmt}", counts=counts)
+    assert n == 4 and (counts.events, counts.skipped) == (4, 50)
+    each = [e for e in logs if e["event"] == "skipping bad JSONL line"]
+    total = [e for e in logs if e["event"].startswith("bad JSONL lines skipped")]
+    assert len(each) == WARN_LINES and [e["skipped"] for e in total] == [50]
