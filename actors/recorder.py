@@ -68,7 +68,7 @@ from actors.consumer import EventConsumer
 from actors.files import atomic_write
 from actors.log import get_logger
 from actors.messages import BytesReceiver, encode
-from actors.timers import Timer
+from actors.timers import Timer, check_delay
 from telemetry.history import (
     HistoryError,
     HistoryTarget,
@@ -204,10 +204,14 @@ class Recorder(EventConsumer):
         super().__init__()
         self.experiment_id = check_id("experiment id", experiment_id)
         self.run_id = check_id("run id", run_id)
+        self.fsync_interval = check_delay(fsync_interval, "fsync_interval")  # checked before any folder is made
+        self.summary_interval = check_delay(summary_interval, "summary_interval")
+        retry = tuple(history_retry_s) if isinstance(history_retry_s, (tuple, list)) else ()
+        if len(retry) != 2 or check_delay(retry[0], "history_retry_s[0]") > check_delay(retry[1], "history_retry_s[1]"):
+            raise ValueError(f"history_retry_s must be (first, longest) seconds, first <= longest: {history_retry_s!r}")
+        stop_wait = check_delay(history_stop_wait_s, "history_stop_wait_s")
         self.artifacts = check_artifacts_dir(artifacts_dir)
         self.run_dir = self.artifacts / experiment_id / run_id
-        self.fsync_interval = fsync_interval
-        self.summary_interval = summary_interval
         self.commit_every = max(1, commit_every)
         self.rotate_bytes = rotate_bytes
         self.on_storage_failure = on_storage_failure  # told to stop the run
@@ -217,8 +221,8 @@ class Recorder(EventConsumer):
         self.history = describe_history(history, self.artifacts)
         self.store = open_history(history, artifacts=self.artifacts)
         self.history_buffer = max(1, int(history_buffer))
-        self.history_retry_s = (float(history_retry_s[0]), float(history_retry_s[1]))
-        self.history_stop_wait_s = float(history_stop_wait_s)
+        self.history_retry_s = (float(retry[0]), float(retry[1]))
+        self.history_stop_wait_s = stop_wait
         self._down: str | None = None  # why the history server is away, while it is
         self._down_since = 0.0
         self._retry_delay = self.history_retry_s[0]

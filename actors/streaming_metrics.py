@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from actors.consumer import EventConsumer
-from actors.timers import Timer
+from actors.timers import Timer, check_delay
 from actors.topics import Topics
 from kernels.moments import Moments
 from kernels.tdigest import TDigest
@@ -93,8 +93,7 @@ class StreamingMetrics(EventConsumer):
             raise ValueError(f"windows must be positive numbers of seconds, got {windows!r}")
         if not isinstance(buckets, int) or buckets < 1:
             raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
-        if publish_interval < 0:
-            raise ValueError(f"publish_interval must be >= 0 (0 = never), got {publish_interval!r}")
+        publish_interval = check_delay(publish_interval, "publish_interval (0 = never)")
         self.experiment_id = experiment_id
         self.topics = topics
         self.windows = tuple(float(w) for w in windows)

@@ -124,6 +124,9 @@ def test_streaming_metrics_publishes_on_the_metrics_topic():
 def test_streaming_metrics_rejects_bad_settings():
     with pytest.raises(ValueError, match="windows"):
         StreamingMetrics("exp", windows=(0,))
+    for bad in (-1, math.nan, math.inf, 1e300, "1", True):  # a bad timer would crash the actor later
+        with pytest.raises(ValueError, match="publish_interval"):
+            StreamingMetrics("exp", publish_interval=bad)
 
 
 # --- Sampler ------------------------------------------------------------------------------------

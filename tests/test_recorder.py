@@ -1,3 +1,4 @@
+import math
 import os
 import shutil
 import threading
@@ -370,6 +371,25 @@ def test_bad_input_is_rejected_clearly(tmp_path):
     rec.tell({"kind": "events", "n": 3})  # malformed batch: counted, dropped
     assert rec.ask({"kind": "summary"})["bad_batches"] == 1
     rec.stop()
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"fsync_interval": math.nan}, "fsync_interval"),
+        ({"fsync_interval": -1}, "fsync_interval"),
+        ({"summary_interval": math.inf}, "summary_interval"),
+        ({"history_retry_s": (1.0, math.nan)}, r"history_retry_s\[1\]"),
+        ({"history_retry_s": (5.0, 1.0)}, "history_retry_s"),
+        ({"history_retry_s": 3.0}, "history_retry_s"),
+        ({"history_stop_wait_s": 1e300}, "history_stop_wait_s"),
+    ],
+)
+def test_bad_intervals_are_refused_before_any_folder_is_made(tmp_path, kw, name):
+    art = tmp_path / "art"
+    with pytest.raises(ValueError, match=name):
+        Recorder(art, "exp", "run", **kw)
+    assert not art.exists()
 
 
 def test_unwritable_artifacts_fail_at_start(tmp_path):
