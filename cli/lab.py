@@ -145,8 +145,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not spec.is_file():
         raise UsageError(f"spec {args.spec!r}: {'a folder, not a file' if spec.is_dir() else 'no such file'}")
     with client(args) as c:
-        entry = _call(c.submit, spec, args.set or [], args.id)
+        entry = _call(c.submit, spec, args.set or [], args.id, args.key)
     sys.stdout.write(orjson.dumps(entry).decode() + "\n")
+    if entry.get("repeated"):  # this key was given before: nothing new was queued
+        sys.stderr.write(f"crucible submit: already submitted with this --key, as {entry['id']}\n")
     if entry.get("status") == "failed":  # taken, then could not start: a script must see that nothing runs
         sys.stderr.write(f"crucible submit: {entry['id']} could not start: {entry.get('reason') or 'failed'}\n")
         return EXIT_FAILED
@@ -240,6 +242,11 @@ def add_commands(sub: Any) -> None:
     su.add_argument("spec", help="experiment spec (TOML)")
     su.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
     su.add_argument("--id", help="experiment id (default: the spec's name, made unique)")
+    su.add_argument(
+        "--key",
+        help="idempotency key (printable ASCII, no spaces): the same submission sent again with it "
+        "(a script run again after a lost answer) gets the first one's entry, not a second experiment",
+    )
     _client_opts(su)
     su.set_defaults(func=cmd_submit)
     ls = sub.add_parser("ls", help="list a lab daemon's experiments and its queue")

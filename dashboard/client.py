@@ -9,16 +9,24 @@ reached. See docs/daemon.md.
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
-from experiments.validate import brief
+from actors.log import get_logger
+from experiments.validate import brief, check_key
 from telemetry.rundir import TOKEN_FILE
 
+log = get_logger("dashboard.client")
+
 TOKEN_ENV = "CRUCIBLE_TOKEN"
+SUBMIT_RETRIES = 2  # after a lost answer: three tries in all, 0.5 s then 1 s apart
+RETRY_DELAY_S = 0.5
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # how a submission carries its key (the daemon reads it)
 
 
 class LabClientError(RuntimeError):
@@ -105,18 +113,32 @@ class LabClient:
         artifacts: str | Path | None = None,
         token_file: str | Path | None = None,
         timeout: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = base_url(url)
         self.token = check_token(find_token(token, artifacts, token_file))
-        self.http = httpx.Client(
-            base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {self.token}"}, trust_env=False
+        self.http = httpx.Client(  # transport: httpx's, e.g. one through a tunnel (default: a plain connection)
+            base_url=self.url,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {self.token}"},
+            trust_env=False,
+            transport=transport,
         )
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            resp = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise LabClientError(f"cannot reach the lab daemon at {self.url}: {exc}") from None
+    def _call(self, method: str, path: str, retries: int = 0, **kwargs: Any) -> Any:
+        """One request; ``retries`` more after a transport failure (for a request the daemon
+        answers the same however often it comes: a submission with its idempotency key)."""
+        for attempt in range(retries + 1):
+            try:
+                resp = self.http.request(method, path, **kwargs)
+                break
+            except httpx.TransportError as exc:  # refused, reset, timed out: the answer, if any, was lost
+                if attempt == retries:
+                    raise LabClientError(f"cannot reach the lab daemon at {self.url}: {exc}") from None
+                log.info("lab daemon call failed; retrying", url=self.url, error=str(exc), attempt=attempt + 1)
+                time.sleep(RETRY_DELAY_S * 2**attempt)
+            except httpx.HTTPError as exc:
+                raise LabClientError(f"cannot reach the lab daemon at {self.url}: {exc}") from None
         if resp.status_code >= 400:
             try:
                 message = orjson.loads(resp.content).get("error") or resp.text
@@ -133,9 +155,19 @@ class LabClient:
             ) from None
 
     def submit(
-        self, spec: str | Path | dict[str, Any], overrides: list[str] | None = None, experiment_id: str | None = None
+        self,
+        spec: str | Path | dict[str, Any],
+        overrides: list[str] | None = None,
+        experiment_id: str | None = None,
+        key: str | None = None,
     ) -> dict[str, Any]:
-        """Queue a spec: a dict, TOML text, or a path to a TOML file. ``{"id", "status", ...}``."""
+        """Queue a spec: a dict, TOML text, or a path to a TOML file. ``{"id", "status", ...}``.
+
+        The submission carries an idempotency ``key`` (a fresh random one when none is given)
+        and is sent again, up to :data:`SUBMIT_RETRIES` times, when its answer is lost (a reset
+        connection, a timeout): the daemon answers a repeat with the first entry and
+        ``"repeated": true``, so a retry never starts a second experiment. Give the same
+        ``key`` yourself to make a later resubmission safe too (a script run again)."""
         if isinstance(spec, Path):
             try:
                 spec = spec.read_text()
@@ -147,7 +179,12 @@ class LabClient:
         body["set"] = list(overrides or [])
         if experiment_id is not None:
             body["id"] = experiment_id
-        return self._call("POST", "api/experiments", json=body)
+        try:
+            key = check_key(key) or uuid.uuid4().hex
+        except ValueError as exc:
+            raise LabClientError(str(exc)) from None
+        headers = {IDEMPOTENCY_HEADER: key}
+        return self._call("POST", "api/experiments", retries=SUBMIT_RETRIES, json=body, headers=headers)
 
     def list(self, history: bool = True) -> list[dict[str, Any]]:
         """Every experiment: those of the Lab (running, paused, ended), then the never-run and

@@ -54,6 +54,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.log import get_logger
 from actors.runtime import collector
+from dashboard.client import IDEMPOTENCY_HEADER
 from dashboard.security import (
     Guard,
     cookie_name,
@@ -65,7 +66,7 @@ from dashboard.security import (
 )
 from dashboard.transport import GuardedH11Protocol
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
-from experiments.service import LabService, ServiceClosed
+from experiments.service import KeyReused, LabService, ServiceClosed
 from experiments.spec import SpecError
 from experiments.validate import brief
 from experiments.workloads import Objective, objective_of
@@ -384,13 +385,16 @@ def create_app(
         spec, sets, exp_id = submission(
             request.headers.get("content-type", ""), await request.body(), request.query_params
         )
+        key = request.headers.get(IDEMPOTENCY_HEADER)  # a client's retry repeats it: no second experiment
         try:
-            entry = await asyncio.to_thread(service.submit, spec, sets, exp_id)
+            entry = await asyncio.to_thread(service.submit, spec, sets, exp_id, key)
         except ServiceClosed as exc:
             raise HTTPException(503, str(exc)) from None
-        except (SpecError, ValueError) as exc:  # a spec, override or id the CLI would refuse too
+        except KeyReused as exc:  # as the IETF's Idempotency-Key draft answers a key reused with another body
+            raise HTTPException(422, str(exc)) from None
+        except (SpecError, ValueError) as exc:  # a spec, override, id or key the CLI would refuse too
             raise HTTPException(400, str(exc)) from None
-        return _Json(entry, status_code=201)
+        return _Json(entry, status_code=200 if entry.get("repeated") else 201)
 
     async def experiment(request: Request) -> Response:
         exp = find(request.path_params["exp_id"])

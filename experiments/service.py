@@ -14,6 +14,7 @@ service and start, in order, when the next service starts on the folder. See doc
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import threading
@@ -31,12 +32,16 @@ from actors.runtime import trim_heap
 from experiments.admission import Admission
 from experiments.lab import Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, parse_toml
-from telemetry.rundir import LIVE, LOCK_FILE, QUEUE_FILE, check_experiment_id, list_runs
+from experiments.validate import check_key
+from telemetry.rundir import LIVE, LOCK_FILE, QUEUE_FILE, check_experiment_id, list_runs, run_status
 
 log = get_logger("experiments.service")
 
 QUEUE_SCHEMA = 1
 RETIRED_BASES = 10_000  # names whose given-out ids are remembered after their records are dropped
+KEYS_KEPT = 1000
+"""Idempotency keys remembered, the newest: a submission sent again with its key (a client's
+retry after a lost answer) gets the first one's entry, not a second experiment."""
 
 
 _LEGIBLE_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9._-]{1,128})"')  # in what is left of a damaged queue file
@@ -60,6 +65,16 @@ def _queue_item(item: Any) -> bool:
         and isinstance(item.get("set") or [], list)
         and isinstance(item.get("submitted_at"), (int, float))
     )
+
+
+class KeyReused(ValueError):
+    """An idempotency key sent again with a different submission (HTTP 422)."""
+
+
+def _digest(raw: dict[str, Any], overrides: list[str], experiment_id: str | None) -> str:
+    """What a repeated submission must match: the spec, its overrides and the id asked for."""
+    body = orjson.dumps([raw, overrides, experiment_id], option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.sha256(body).hexdigest()
 
 
 class LabLocked(RuntimeError):
@@ -111,6 +126,7 @@ class LabService:
         self._queue: list[dict[str, Any]] = []
         self._ended: dict[str, dict[str, Any]] = {}  # cancelled or failed-to-start submissions
         self._retired: dict[str, int] = {}  # ids of forgotten submissions: base -> highest suffix (see _retire)
+        self._keys: dict[str, dict[str, str]] = {}  # idempotency key -> {"id", "digest"}, the newest last
         try:
             # history: see telemetry.history; backend and address: Lab (docs/ray.md)
             self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
@@ -208,6 +224,15 @@ class LabService:
             for k, v in (retired if isinstance(retired, dict) else {}).items()
             if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
         }
+        keys = data.get("keys")
+        self._keys = {
+            k: v
+            for k, v in (keys if isinstance(keys, dict) else {}).items()
+            if isinstance(k, str)
+            and isinstance(v, dict)
+            and isinstance(v.get("id"), str)
+            and isinstance(v.get("digest"), str)
+        }
         ended = data.get("ended")
         self._ended = {
             k: v
@@ -231,7 +256,15 @@ class LabService:
         for old in list(self._ended)[: max(0, len(self._ended) - self.keep_ended)]:
             del self._ended[old]  # the oldest first (insertion order): bounded like ended handles
             self._retire(old)
-        data = {"schema": QUEUE_SCHEMA, "queue": self._queue, "ended": self._ended, "retired": self._retired}
+        for old in list(self._keys)[: max(0, len(self._keys) - KEYS_KEPT)]:
+            del self._keys[old]
+        data = {
+            "schema": QUEUE_SCHEMA,
+            "queue": self._queue,
+            "ended": self._ended,
+            "retired": self._retired,
+            "keys": self._keys,
+        }
         atomic_write(self.queue_file, orjson.dumps(data), mode=0o600)  # specs may be private: the owner's only
 
     # --- submissions ---------------------------------------------------------------------------------------
@@ -266,23 +299,41 @@ class LabService:
             k += 1
 
     def submit(
-        self, spec: str | dict[str, Any], overrides: list[str] | None = None, experiment_id: str | None = None
+        self,
+        spec: str | dict[str, Any],
+        overrides: list[str] | None = None,
+        experiment_id: str | None = None,
+        key: str | None = None,
     ) -> dict[str, Any]:
         """Validate and queue a spec (a dict, or TOML text); on disk before this returns.
 
         Returns ``{"id", "status"}`` (``running`` when a slot was free, else ``queued`` with its
-        ``position``, 1 = next).
+        ``position``, 1 = next). A ``key`` (idempotency key) already given with the same
+        submission returns that submission's entry, with ``"repeated": True``, and queues
+        nothing: a retry after a lost answer starts no second experiment. Keys are kept with
+        the queue (they outlive a restart), the newest :data:`KEYS_KEPT`.
 
         Raises:
-            SpecError: the spec, an override or the id is not valid (the message names the key).
+            SpecError: the spec, an override, the id or the key is not valid (the message names it).
+            KeyReused: ``key`` came before with a different spec, overrides or id.
             ServiceClosed: the service is shutting down.
         """
+        try:
+            key = check_key(key)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
         raw = parse_toml(spec) if isinstance(spec, str) else spec
         if not isinstance(raw, dict):
             raise SpecError(f"submitted spec: must be a table, got {type(raw).__name__}")
         overrides = list(overrides or [])
         if not all(isinstance(o, str) for o in overrides):
             raise SpecError(f"--set: each override must be a 'key=value' string, got {overrides!r}")
+        digest = _digest(raw, overrides, experiment_id) if key is not None else ""
+        if key is not None:
+            with self._lock:
+                seen = self._keys.get(key)
+                if seen is not None:
+                    return self._repeated(key, seen, digest)
         full = self.admission.load(raw, overrides or None, "submitted spec")
         try:
             base = check_experiment_id(experiment_id if experiment_id is not None else full["name"])
@@ -291,16 +342,31 @@ class LabService:
         with self._lock:
             if self._closed:
                 raise ServiceClosed("the lab service is shutting down; submit again after it restarts")
+            if key is not None and key in self._keys:  # the same key, sent twice at once: the first won
+                return self._repeated(key, self._keys[key], digest)
             item = {"id": self._new_id(base), "spec": raw, "set": overrides, "submitted_at": time.time()}
             self._queue.append(item)
+            if key is not None:
+                self._keys[key] = {"id": item["id"], "digest": digest}
             try:
                 self._save_queue()
             except OSError:
                 self._queue.pop()
+                self._keys.pop(key or "", None)
                 raise
             log.info("submission queued", experiment=item["id"], position=len(self._queue))
             self._fill()
             return self._entry(item["id"])
+
+    def _repeated(self, key: str, seen: dict[str, str], digest: str) -> dict[str, Any]:
+        """The answer to a key given before (the caller holds the lock)."""
+        if seen["digest"] != digest:
+            raise KeyReused(
+                f"idempotency key {key!r} came before with another submission (experiment {seen['id']!r}); "
+                "a retry must repeat the spec, the overrides and the id exactly, and a new submission needs a new key"
+            )
+        log.info("repeated submission answered with the first", experiment=seen["id"])
+        return {**self._entry(seen["id"]), "repeated": True}
 
     def _entry(self, exp_id: str) -> dict[str, Any]:
         for pos, item in enumerate(self._queue, 1):
@@ -308,7 +374,12 @@ class LabService:
                 return {"id": exp_id, "status": "queued", "position": pos}
         if exp_id in self._ended:
             return {"id": exp_id, **self._ended[exp_id]}
-        exp = self.lab.get(exp_id)
+        try:
+            exp = self.lab.get(exp_id)
+        except NotFound:  # ended, and its handle let go since: what its folder says
+            runs = sorted((p for p in (self.artifacts / exp_id).glob("*") if p.is_dir()), reverse=True)
+            status = run_status(runs[0]).status.value if runs else "unknown"
+            return {"id": exp_id, "status": status, "run_id": runs[0].name if runs else None}
         return {"id": exp_id, "status": exp.status(), "run_id": exp.run_id}
 
     def _running(self) -> int:

@@ -35,6 +35,7 @@ small offsets per pass, which must stay inside 64 bits)."""
 YEAR_S = 31_536_000
 """The longest duration a spec or a flag may ask for (365 days)."""
 SPEC_MAX_BYTES = 1 << 20
+MAX_KEY_CHARS = 200  # an idempotency key (check_key)
 
 
 def _fmt(x: float) -> str:
@@ -140,6 +141,18 @@ def brief(text: str, limit: int = 60) -> str:
     """``text`` cut to about ``limit`` characters, saying how long it was: a value in a message
     or a printed line stays short whatever its size."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def check_key(key: object) -> str | None:
+    """A submission's idempotency key: None, or 1 to :data:`MAX_KEY_CHARS` printable ASCII
+    characters without spaces (a UUID, a job's name); ValueError saying what is wrong."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS:
+        raise ValueError(f"idempotency key: must be 1 to {MAX_KEY_CHARS} characters, got {brief(repr(key), 80)}")
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise ValueError(f"idempotency key: only printable ASCII without spaces, got {brief(repr(key), 80)}")
+    return key
 
 
 def read_text(path: str | Path, what: str = "file", max_bytes: int = SPEC_MAX_BYTES) -> str:
