@@ -328,22 +328,18 @@ class LabService:
         overrides = list(overrides or [])
         if not all(isinstance(o, str) for o in overrides):
             raise SpecError(f"--set: each override must be a 'key=value' string, got {overrides!r}")
-        digest = _digest(raw, overrides, experiment_id) if key is not None else ""
-        if key is not None:
-            with self._lock:
-                seen = self._keys.get(key)
-                if seen is not None:
-                    return self._repeated(key, seen, digest)
         full = self.admission.load(raw, overrides or None, "submitted spec")
+        # after the checks: what they pass (64-bit integers, bounded depth) always serialises
+        digest = _digest(raw, overrides, experiment_id) if key is not None else ""
         try:
             base = check_experiment_id(experiment_id if experiment_id is not None else full["name"])
         except ValueError as exc:
             raise SpecError(str(exc)) from None
         with self._lock:
+            if key is not None and key in self._keys:  # a retry, or the same key sent twice at once
+                return self._repeated(key, self._keys[key], digest)
             if self._closed:
                 raise ServiceClosed("the lab service is shutting down; submit again after it restarts")
-            if key is not None and key in self._keys:  # the same key, sent twice at once: the first won
-                return self._repeated(key, self._keys[key], digest)
             item = {"id": self._new_id(base), "spec": raw, "set": overrides, "submitted_at": time.time()}
             self._queue.append(item)
             if key is not None:

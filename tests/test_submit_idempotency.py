@@ -49,6 +49,9 @@ def test_a_repeated_key_gets_the_first_entry_and_queues_nothing(tmp_path):
         for bad in ("", "a b", "clé", "k" * 201, 5):
             with pytest.raises(SpecError, match="idempotency key"):
                 service.submit(latency_spec("x", budget=600), key=bad)  # type: ignore[arg-type]
+        huge = 'name = "x"\n[workload.params]\ntarget = "math:sqrt"\nargs = [1000000000000000000000000000000]\n'
+        with pytest.raises(SpecError, match=r"workload\.params\.args\[0\]: must fit in 64 bits"):
+            service.submit(huge, key="job-9")  # checked before the key's digest, which could not hold it
         assert ids(service) == ["x", "x-2"]
     finally:
         service.shutdown()
