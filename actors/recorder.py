@@ -209,6 +209,8 @@ class Recorder(EventConsumer):
         retry = tuple(history_retry_s) if isinstance(history_retry_s, (tuple, list)) else ()
         if len(retry) != 2 or check_delay(retry[0], "history_retry_s[0]") > check_delay(retry[1], "history_retry_s[1]"):
             raise ValueError(f"history_retry_s must be (first, longest) seconds, first <= longest: {history_retry_s!r}")
+        if retry[0] == 0:  # the backoff doubles the first wait: from 0 it would retry a dead history in a hot loop
+            raise ValueError(f"history_retry_s[0] must be more than 0 seconds, got {retry[0]!r}")
         stop_wait = check_delay(history_stop_wait_s, "history_stop_wait_s")
         self.artifacts = check_artifacts_dir(artifacts_dir)
         self.run_dir = self.artifacts / experiment_id / run_id

@@ -31,6 +31,7 @@ from typing import NoReturn
 from cli.exits import EXIT_OUTPUT_CLOSED, interrupted, program
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DAEMONS = ("lab",)  # commands whose product is their runs and their log, not stdout: no 141 without one
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,13 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _sane_terminal_size()
     closed = _hold_standard_fds()
     if "stdout" in closed:
-        _say(f"{program(_command_in(argv))}: warning: stdout is closed; what this command prints is lost (exit 141)")
+        _say(f"{program(_command_in(argv))}: warning: stdout is closed; what this command prints is lost")
     try:
         try:
             parser = build_parser()
             args = parser.parse_args(argv)
             code = _run(parser, args)
-            return _output_closed() if "stdout" in closed and code == 0 else code
+            if "stdout" in closed and code == 0 and args.command not in DAEMONS:
+                return _output_closed()
+            return code
         finally:  # what is still buffered (a short listing, --help) goes now: a reader gone shows
             if sys.stdout is not None:  # here, where it is handled, not in the interpreter's flush at exit
                 sys.stdout.flush()
@@ -84,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _output_closed()
     except SystemExit as exc:
         if isinstance(exc.__context__, BrokenPipeError):  # rich's Console on a closed pipe (on_broken_pipe)
+            return _output_closed()
+        if "stdout" in closed and exc.code in (0, None):  # argparse's --help, printed to nothing: as warned
             return _output_closed()
         raise
 
@@ -107,7 +112,8 @@ def _hold_standard_fds() -> list[str]:
     command opens (a run's events file, the history), and whatever writes to stdout or stderr
     (a warning, a child process) would write into that file. A command with no stdout has its
     work done, and what it would have printed is lost: it says so and ends with 141, as on a
-    closed pipe, so that ``crucible list --json >&-`` is no success."""
+    closed pipe, so that ``crucible list --json >&-`` is no success (a daemon, ``lab serve``,
+    started so by a service manager, ends as it would have)."""
     closed = []
     for fd, name in enumerate(("stdin", "stdout", "stderr")):
         try:

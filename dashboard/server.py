@@ -272,6 +272,8 @@ def submission(content_type: str, body: bytes, query: Any) -> tuple[str | dict[s
         data = strict_json(body or b"null")
     except ValueError as exc:  # json's decode error is a ValueError
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # nested past the reader's stack (64 KiB of '{"a":'): the spec's limit, not a 500
+        raise HTTPException(400, "the JSON body is nested too deep (tables nest at most 100 levels)") from None
     if not isinstance(data, dict):
         raise HTTPException(400, 'the JSON body must be an object: {"spec": {...} or "toml": "...", "set": [...]}')
     unknown = sorted(set(data) - set(SUBMIT_KEYS))
@@ -385,7 +387,10 @@ def create_app(
         spec, sets, exp_id = submission(
             request.headers.get("content-type", ""), await request.body(), request.query_params
         )
-        key = request.headers.get(IDEMPOTENCY_HEADER)  # a client's retry repeats it: no second experiment
+        keys = request.headers.getlist(IDEMPOTENCY_HEADER)  # a client's retry repeats it: no second experiment
+        if len(keys) > 1:  # which one a retry would repeat is anyone's guess: refused, not the first taken
+            raise HTTPException(400, f"send one {IDEMPOTENCY_HEADER} header, not {len(keys)}")
+        key = keys[0] if keys else None
         try:
             entry = await asyncio.to_thread(service.submit, spec, sets, exp_id, key)
         except ServiceClosed as exc:

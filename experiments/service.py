@@ -47,12 +47,20 @@ retry after a lost answer) gets the first one's entry, not a second experiment."
 _LEGIBLE_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9._-]{1,128})"')  # in what is left of a damaged queue file
 
 
-def _legible_id(value: str) -> bool:
+def _legible_id(value: object) -> bool:
     try:
         check_experiment_id(value)
     except ValueError:
         return False
     return True
+
+
+def _legible_key(value: object) -> bool:
+    """Whether a queue file's idempotency key is one :meth:`LabService.submit` takes."""
+    try:
+        return check_key(value) is not None
+    except ValueError:
+        return False
 
 
 def _queue_item(item: Any) -> bool:
@@ -225,13 +233,11 @@ class LabService:
             if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
         }
         keys = data.get("keys")
-        self._keys = {
-            k: v
-            for k, v in (keys if isinstance(keys, dict) else {}).items()
-            if isinstance(k, str)
-            and isinstance(v, dict)
-            and isinstance(v.get("id"), str)
-            and isinstance(v.get("digest"), str)
+        kept = list((keys if isinstance(keys, dict) else {}).items())[-KEYS_KEPT:]  # a hand-made file: bounded
+        self._keys = {  # only what submit could have written: a key it takes, an id it gives out
+            k: {"id": v["id"], "digest": v["digest"]}
+            for k, v in kept
+            if _legible_key(k) and isinstance(v, dict) and _legible_id(v.get("id")) and isinstance(v.get("digest"), str)
         }
         ended = data.get("ended")
         self._ended = {
