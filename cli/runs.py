@@ -33,6 +33,8 @@ from actors.files import file_kind, replace_file
 from actors.log import get_logger
 from cli import render
 from cli.errors import EXIT_FAILED, UsageError, folder_arg, history_error, not_recorded, one_line
+from experiments.validate import brief
+from experiments.workloads import objectives
 from telemetry import rundir
 from telemetry.batchstore import BatchStore
 from telemetry.export import FORMATS, export_events, export_run
@@ -357,32 +359,52 @@ def _is_stdout(st: os.stat_result) -> bool:
     return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
 
 
-def metric_values(run: Path | str, metric: str, store: BatchStore | None = None, where: str = "") -> list[float]:
-    """Every numeric value of ``metric`` in the run's events, in order (from ``store`` if given)."""
+def metric_values(
+    run: Path | str, metric: str, store: BatchStore | None = None, where: str = "", seen: set[str] | None = None
+) -> list[float]:
+    """Every numeric value of ``metric`` in the run's events, in order (from ``store`` if given);
+    the names of the numeric value fields met go into ``seen``, for a message that names them."""
     out = []
     for ev in iter_run(run) if store is None else history_events(store, str(run), where):
-        v = (ev.get("values") or {}).get(metric)
+        values = ev.get("values") or {}
+        v = values.get(metric)
         if isinstance(v, (int, float)):
             out.append(float(v))
+        if seen is not None and len(seen) < 1000:
+            seen.update(k for k, x in values.items() if isinstance(x, (int, float)) and not isinstance(x, bool))
     return out
+
+
+def metric_hint(metric: str, seen: set[str]) -> str:
+    """What ``--metric`` could have been: the field an objective's label stands for (``colors``
+    for ``chromatic_number``), else the numeric fields the runs record."""
+    fields = {o.label: o.field for o in objectives().values() if o.label != o.field}
+    if fields.get(metric) in seen:
+        return f"; {metric!r} is how tables label {fields[metric]!r}: give --metric {fields[metric]}"
+    if not seen:
+        return ""
+    shown = sorted(seen)
+    more = f" and {len(shown) - 20} more" if len(shown) > 20 else ""
+    return f"; numeric fields recorded: {', '.join(brief(render.plain(f), 60) for f in shown[:20])}{more}"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from telemetry.stats import compare
 
     art = Path(args.artifacts)
+    seen: set[str] = set()
     if history_target(args) is not None:
         with reading_history(args) as store:
             where = describe_history(history_target(args), args.artifacts)
-            va, vb = (metric_values(r, args.metric, store, where) for r in (args.run_a, args.run_b))
+            va, vb = (metric_values(r, args.metric, store, where, seen) for r in (args.run_a, args.run_b))
         a, b = Path(args.run_a), Path(args.run_b)
     else:
         a, b = rundir.resolve_run(args.run_a, art), rundir.resolve_run(args.run_b, art)
-        va, vb = metric_values(a, args.metric), metric_values(b, args.metric)
+        va, vb = metric_values(a, args.metric, seen=seen), metric_values(b, args.metric, seen=seen)
     if len(va) < 2 or len(vb) < 2:
         raise UsageError(
             f"metric {args.metric!r} has {len(va)} values in {a.name} and {len(vb)} in {b.name}; "
-            "need at least 2 in each"
+            f"need at least 2 in each{metric_hint(args.metric, seen)}"
         )
     r = compare(va, vb, metric=args.metric)
     if args.json:

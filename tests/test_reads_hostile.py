@@ -21,6 +21,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from cli import main
 from experiments.monitor import RunFolderGone, check_still_there, run_objectives, run_summary
 from experiments.validate import read_text
 from telemetry.export import FORMATS, export_run
@@ -305,6 +306,26 @@ def test_garbage_lines_give_a_few_warnings_and_one_count(tmp_path):
         assert [next(it)["seq"] for _ in range(4)] == [0, 1, 2, 3]
         it.close()
     assert [e["skipped"] for e in logs if e["event"].startswith("bad JSONL lines skipped")] == [1000]
+
+
+def test_compare_on_a_metric_no_event_has_names_what_the_runs_record(tmp_path, capsys):
+    """A label for its field (``colors`` for ``chromatic_number``) is pointed at the field; any
+    other miss lists the numeric fields the runs hold, escaped, at most 20 of them."""
+    run = make_run(tmp_path)
+    rows = [{"chromatic_number": 30 - i, "conflicts": float(i), "odd\x1b]0;x\x07": 1.0} for i in range(3)]
+    with (run / "events.jsonl").open("ab") as fh:
+        for i, values in enumerate(rows, 3):
+            fh.write(dumps_line({**orjson.loads(event(i)), "values": values}))
+    for metric, needle in (
+        ("colors", "'colors' is how tables label 'chromatic_number': give --metric chromatic_number"),
+        ("latency", "numeric fields recorded: chromatic_number, conflicts, odd\\x1b]0;x\\x07"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["compare", RUN_ID, RUN_ID, "--metric", metric, "--artifacts", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and needle in err and "\x1b" not in err, err
+    argv = ["compare", RUN_ID, RUN_ID, "--metric", "chromatic_number", "--json", "--artifacts", str(tmp_path)]
+    assert main(argv) == 0
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
