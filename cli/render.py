@@ -24,7 +24,7 @@ from rich.text import Text
 
 from experiments.monitor import SHORT
 from experiments.monitor import sparkline as spark
-from experiments.workloads import Objective, objective_of
+from experiments.workloads import Objective, objective_of, objectives
 
 LISTING_WIDTH = 240  # a table written to a file or a pipe: wide enough for run ids and paths
 
@@ -164,7 +164,7 @@ def figures_table(title: str, figures: Mapping[str, Any]) -> Table:
     return t
 
 
-RUNS_COLUMNS = ("experiment", "run", "status", "events", "duration s", "path")
+RUNS_COLUMNS = ("experiment", "run", "status", "events", "duration s", "best", "path")
 WHOLE_COLUMNS = ("run", "path")  # never cut nor wrapped: what a user reads and copies
 
 
@@ -211,8 +211,8 @@ class RunsTable(Table):
             yield from super().__rich_console__(console, options.update(no_wrap=False, overflow=None))
             return
         yield Text(self.title_text)
-        for experiment, run, status, events, duration, path in self.runs:
-            yield Text(f"{run}  {experiment}  {status}  {events} events  {duration} s  {path}")
+        for experiment, run, status, events, duration, best, path in self.runs:
+            yield Text(f"{run}  {experiment}  {status}  {events} events  {duration} s  {best}  {path}")
         for note in self.notes:
             yield Text(note)
 
@@ -231,9 +231,23 @@ def runs_table(title: str, infos: Iterable[dict[str, Any]]) -> RunsTable:
             status,
             "unreadable" if i["events"] is None else str(i["events"]),
             f"{d:.1f}" if isinstance(d, (int, float)) else "?",
+            objective_best(i.get("best")),
             str(i["path"]),
         )
     return t
+
+
+def objective_best(bests: Any) -> str:
+    """A run's best on its workload's objective, labelled (``colors 28``), from the bests a
+    listing carries; ``-`` when it has none (a run killed before its first result). The
+    objective is the one whose field the run recorded: the workloads' fields differ."""
+    if not isinstance(bests, dict):
+        return "-"
+    for o in objectives().values():
+        v = bests.get(o.field)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f"{o.label} {v:.6g}"
+    return "-"
 
 
 def _figure(v: Any) -> str:

@@ -129,7 +129,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         raise UsageError(f"--artifacts {str(art)!r}: cannot read it: {exc.strerror or exc}") from None
     if not is_dir:  # a mistyped --artifacts must not read as "no runs"
         raise UsageError(f"no artifacts folder {str(art)!r} (nothing has run there yet; give --artifacts DIR)")
-    infos = rundir.list_runs(art, target)
+    infos = rundir.list_runs(art, target, [(o.field, o.direction) for o in objectives().values()])
     if args.json:
         for i in infos:
             print(orjson.dumps(i).decode())

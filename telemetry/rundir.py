@@ -48,6 +48,7 @@ import os
 import socket
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -501,8 +502,11 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return summ
 
 
-def run_info(run_dir: Path, summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One line of ``crucible list``: status (derived), reason, events (reconciled), duration.
+def run_info(
+    run_dir: Path, summary: dict[str, Any] | None = None, best_of: Iterable[tuple[str, str]] = ()
+) -> dict[str, Any]:
+    """One line of ``crucible list``: status (derived), reason, events (reconciled), duration,
+    and ``best``, the best of each ``best_of`` ``(field, direction)`` the run recorded.
 
     ``summary``: the final summary the history recorded for a run that ended; then only the
     run's (small) lifecycle record is read from its folder, for the status."""
@@ -529,6 +533,7 @@ def run_info(run_dir: Path, summary: dict[str, Any] | None = None) -> dict[str, 
         "events": events,
         "duration_s": duration,
         "summary_stale": bool(summ.get("summary_stale")),
+        "best": summary_bests(summ, best_of),
         "evidence": evidence,
         "path": str(run_dir),
     }
@@ -625,8 +630,11 @@ def recorded_runs(artifacts: Path, history: HistoryTarget = None) -> dict[tuple[
     return out
 
 
-def list_runs(artifacts: Path, history: HistoryTarget = None) -> list[dict[str, Any]]:
-    """One :func:`run_info` dict per run under ``artifacts``, newest first, for ``crucible list``.
+def list_runs(
+    artifacts: Path, history: HistoryTarget = None, best_of: Iterable[tuple[str, str]] = ()
+) -> list[dict[str, Any]]:
+    """One :func:`run_info` dict per run under ``artifacts``, newest first, for ``crucible list``
+    (``best_of``: the ``(field, direction)`` pairs whose bests each row carries).
 
     Runs the history's ``runs`` table holds (those that ended) take their figures from it, so
     their event files are never opened; the others (live, killed before they ended, or all of
@@ -635,14 +643,15 @@ def list_runs(artifacts: Path, history: HistoryTarget = None) -> list[dict[str, 
     """
     runs = find_runs(artifacts)  # first: a folder that cannot be read is said before the history is opened
     recorded = recorded_runs(artifacts, history) or {}
+    best_of = tuple(best_of)
     out = []
     for run in runs:
         row = recorded.get((run.parent.name, run.name))
         try:
             if row is not None and isinstance(row.get("summary"), dict):
-                out.append({**run_info(run, row["summary"]), "source": "history"})
+                out.append({**run_info(run, row["summary"], best_of), "source": "history"})
             else:
-                out.append({**run_info(run), "source": "files"})
+                out.append({**run_info(run, None, best_of), "source": "files"})
         except RunFileError as exc:  # one broken run folder: listed as such, the others still are
             out.append({**unreadable_info(run, exc), "source": "files"})
     return out
@@ -660,9 +669,22 @@ def unreadable_info(run_dir: Path, exc: BaseException) -> dict[str, Any]:
         "events": None,
         "duration_s": report.record.get("wall_clock_duration"),
         "summary_stale": False,
+        "best": {},
         "evidence": [*report.evidence, str(exc)],
         "path": str(run_dir),
     }
+
+
+def summary_bests(summary: dict[str, Any], fields: Iterable[tuple[str, str]]) -> dict[str, float]:
+    """The best of each ``(field, direction)`` over a RunSummary's phases
+    (:func:`summary_best`), by field, for those the run recorded: a listing gives the fields
+    (its workloads' objectives), so this module needs to know no workload."""
+    out = {}
+    for name, direction in fields:
+        best = summary_best(summary, name, direction)
+        if best is not None:
+            out[name] = best
+    return out
 
 
 def summary_best(summary: dict[str, Any], field: str, direction: str | None = None) -> float | None:

@@ -15,12 +15,15 @@ import pytest
 
 from supervisor import main
 from telemetry import rundir
-from telemetry.jsonl import run_segments
+from telemetry.jsonl import iter_run, run_segments
 from telemetry.rundir import RunNotFound
 from telemetry.store import DB_NAME
 
-SPEC = 'name = "lst"\ntime_budget_s = 30\nseed = {seed}\n[workload.params]\ntarget = "math:sqrt"\ncalls = 200\n'
-FIGURES = ("experiment", "run_id", "status", "reason", "events", "duration_s", "path")
+SPEC = (
+    'name = "lst"\ntime_budget_s = 30\nseed = {seed}\n'
+    '[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\ncalls = 200\n'
+)
+FIGURES = ("experiment", "run_id", "status", "reason", "events", "duration_s", "best", "path")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,10 @@ def test_list_reads_the_runs_table_for_runs_that_ended(finished, tmp_path, capsy
     assert set(before) == set(runs) and all(i["source"] == "history" for i in before.values())
     assert all(i["status"] == "stopped" and i["events"] > 0 for i in before.values())
     victim = next(iter(runs))
+    for run_id, run in runs.items():  # each run's best on its objective: the lowest latency of a call that worked
+        calls = [e for e in iter_run(run) if e["name"] == "call" and e.get("success") is not False]
+        lowest = min(e["values"]["latency_ms"] for e in calls)
+        assert before[run_id]["best"] == {"latency_ms": pytest.approx(lowest)}
     for seg in run_segments(runs[victim]):  # the table has the figures: the events files are not needed
         seg.unlink()
     (runs[victim] / "summary.json").unlink()
@@ -74,6 +81,7 @@ def test_list_falls_back_to_the_folders_without_the_database_with_the_same_figur
     assert main(["list", "--artifacts", str(art)]) == 0  # the table form, too
     out = capsys.readouterr().out
     assert "runs in" in out and out.count("lst") >= len(runs)
+    assert " best " in out and out.count("latency_ms ") == len(runs)
 
 
 def test_a_run_missing_from_the_table_is_read_from_its_folder(finished, tmp_path, capsys):
