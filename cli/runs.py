@@ -376,8 +376,8 @@ def metric_values(
 
 
 def metric_hint(metric: str, seen: set[str]) -> str:
-    """What ``--metric`` could have been: the field an objective's label stands for (``colors``
-    for ``chromatic_number``), else the numeric fields the runs record."""
+    """What ``--metric`` could have been: the field an objective's label stands for (tables
+    show labels, events hold fields), else the numeric fields the runs record."""
     fields = {o.label: o.field for o in objectives().values() if o.label != o.field}
     if fields.get(metric) in seen:
         return f"; {metric!r} is how tables label {fields[metric]!r}: give --metric {fields[metric]}"
