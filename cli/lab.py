@@ -147,8 +147,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with client(args) as c:
         entry = _call(c.submit, spec, args.set or [], args.id, args.key)
     sys.stdout.write(orjson.dumps(entry).decode() + "\n")
-    if entry.get("repeated") and args.key is not None:  # this key was given before: nothing new was queued
-        # (without --key the key was the client's own: a repeat is its retry of this very submission)
+    if entry.get("repeated") and args.key is not None and not entry.get("retried"):  # given before: nothing queued
+        # (without --key, or after the client's own retry, the repeat may well be this very submission)
         sys.stderr.write(f"crucible submit: already submitted with this --key, as {entry['id']}\n")
     if entry.get("status") == "failed":  # taken, then could not start: a script must see that nothing runs
         sys.stderr.write(f"crucible submit: {entry['id']} could not start: {entry.get('reason') or 'failed'}\n")

@@ -238,7 +238,7 @@ def runs_table(title: str, infos: Iterable[dict[str, Any]]) -> RunsTable:
 
 
 def objective_best(bests: Any) -> str:
-    """A run's best on its workload's objective, labelled (``colors 28``), from the bests a
+    """A run's best on its workload's objective, labelled (``latency_ms 0.0123``), from the bests a
     listing carries; ``-`` when it has none (a run killed before its first result). The
     objective is the one whose field the run recorded: the workloads' fields differ."""
     if not isinstance(bests, dict):

@@ -18,7 +18,7 @@ import httpx
 import orjson
 
 from actors.log import get_logger
-from experiments.validate import brief, check_key
+from experiments.validate import IDEMPOTENCY_HEADER, brief, check_key
 from telemetry.rundir import TOKEN_FILE
 
 log = get_logger("dashboard.client")
@@ -26,7 +26,8 @@ log = get_logger("dashboard.client")
 TOKEN_ENV = "CRUCIBLE_TOKEN"
 SUBMIT_RETRIES = 2  # after a lost answer: three tries in all, 0.5 s then 1 s apart
 RETRY_DELAY_S = 0.5
-IDEMPOTENCY_HEADER = "Idempotency-Key"  # how a submission carries its key (the daemon reads it)
+# a lost answer is retried; errors that a second try cannot mend (a malformed URL or request) are not
+RETRIED = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 
 
 class LabClientError(RuntimeError):
@@ -125,14 +126,17 @@ class LabClient:
             transport=transport,
         )
 
-    def _call(self, method: str, path: str, retries: int = 0, **kwargs: Any) -> Any:
-        """One request; ``retries`` more after a transport failure (for a request the daemon
-        answers the same however often it comes: a submission with its idempotency key)."""
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, 0, **kwargs)[0]
+
+    def _request(self, method: str, path: str, retries: int, **kwargs: Any) -> tuple[Any, int]:
+        """One request and the tries it took; ``retries`` more after a lost answer (for a request
+        the daemon answers the same however often it comes: a submission with its key)."""
         for attempt in range(retries + 1):
             try:
                 resp = self.http.request(method, path, **kwargs)
                 break
-            except httpx.TransportError as exc:  # refused, reset, timed out: the answer, if any, was lost
+            except RETRIED as exc:  # refused, reset, timed out: the answer, if any, was lost
                 if attempt == retries:
                     raise LabClientError(f"cannot reach the lab daemon at {self.url}: {exc}") from None
                 log.info("lab daemon call failed; retrying", url=self.url, error=str(exc), attempt=attempt + 1)
@@ -146,7 +150,7 @@ class LabClient:
                 message = resp.text or resp.reason_phrase
             raise LabClientError(f"{resp.status_code}: {_cut(str(message))}", resp.status_code)
         try:
-            return orjson.loads(resp.content)
+            return orjson.loads(resp.content), attempt + 1
         except orjson.JSONDecodeError:
             raise LabClientError(
                 f"{self.url} answered {resp.status_code} with something other than JSON, so it is not a lab "
@@ -166,8 +170,9 @@ class LabClient:
         The submission carries an idempotency ``key`` (a fresh random one when none is given)
         and is sent again, up to :data:`SUBMIT_RETRIES` times, when its answer is lost (a reset
         connection, a timeout): the daemon answers a repeat with the first entry and
-        ``"repeated": true``, so a retry never starts a second experiment. Give the same
-        ``key`` yourself to make a later resubmission safe too (a script run again)."""
+        ``"repeated": true`` (and ``"retried": true`` here when this call had to try again), so
+        a retry never starts a second experiment. Give the same ``key`` yourself to make a later
+        resubmission safe too (a script run again)."""
         if isinstance(spec, Path):
             try:
                 spec = spec.read_text()
@@ -184,7 +189,10 @@ class LabClient:
         except ValueError as exc:
             raise LabClientError(str(exc)) from None
         headers = {IDEMPOTENCY_HEADER: key}
-        return self._call("POST", "api/experiments", retries=SUBMIT_RETRIES, json=body, headers=headers)
+        entry, tries = self._request("POST", "api/experiments", SUBMIT_RETRIES, json=body, headers=headers)
+        if tries > 1 and isinstance(entry, dict) and entry.get("repeated"):
+            entry["retried"] = True  # a repeat this call's own retry met: perhaps the first try's experiment
+        return entry
 
     def list(self, history: bool = True) -> list[dict[str, Any]]:
         """Every experiment: those of the Lab (running, paused, ended), then the never-run and

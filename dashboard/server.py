@@ -54,7 +54,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.log import get_logger
 from actors.runtime import collector
-from dashboard.client import IDEMPOTENCY_HEADER
 from dashboard.security import (
     Guard,
     cookie_name,
@@ -68,7 +67,7 @@ from dashboard.transport import GuardedH11Protocol
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from experiments.service import KeyReused, LabService, ServiceClosed
 from experiments.spec import SpecError
-from experiments.validate import brief
+from experiments.validate import IDEMPOTENCY_HEADER, brief
 from experiments.workloads import Objective, objective_of
 from telemetry.jsonl import RunFileError, iter_run
 from telemetry.rundir import LIVE, TOKEN_FILE, find_runs, summary_best

@@ -36,6 +36,7 @@ YEAR_S = 31_536_000
 """The longest duration a spec or a flag may ask for (365 days)."""
 SPEC_MAX_BYTES = 1 << 20
 MAX_KEY_CHARS = 200  # an idempotency key (check_key)
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # how a submission carries its key over HTTP
 
 
 def _fmt(x: float) -> str:

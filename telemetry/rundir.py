@@ -694,12 +694,18 @@ def summary_best(summary: dict[str, Any], field: str, direction: str | None = No
     if direction is None:
         direction = "max" if field in (summary.get("maximize") or ()) else "min"
     side = "max" if direction == "max" else "min"
-    try:
-        phases = (summary.get("phases") or {}).values()
+    phases = summary.get("phases")
+    found = []
+    for ph in phases.values() if isinstance(phases, dict) else ():
+        if not isinstance(ph, dict):
+            continue  # a damaged phase: the others still count
         # over the events not marked failed (a summary written before those figures: over all)
-        found = [ph.get(f"{side}_ok", ph.get(side, {})).get(field, ph.get("best", {}).get(field)) for ph in phases]
-    except AttributeError:
-        return None
+        table = ph.get(f"{side}_ok", ph.get(side))
+        fallback = ph.get("best")
+        value = table.get(field) if isinstance(table, dict) else None
+        if value is None and isinstance(fallback, dict):
+            value = fallback.get(field)
+        found.append(value)
     found = [b for b in found if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)]
     if not found:
         return None

@@ -69,11 +69,14 @@ def test_two_idempotency_key_headers_are_refused_not_guessed(daemon):
     assert not [i for i in statuses(daemon.client()) if i.startswith("dup")]
 
 
-def test_submit_without_a_key_does_not_claim_one_after_its_own_retry(daemon, tmp_path, capsys, monkeypatch):
-    """Without --key the key is the client's own: a repeat can only be its retry of this very
-    submission, which is no 'already submitted with this --key'."""
+@pytest.mark.parametrize("key", [None, "own-key-1"])
+def test_submit_does_not_claim_a_key_was_used_before_after_its_own_retry(daemon, tmp_path, capsys, monkeypatch, key):
+    """A repeat met by the client's own retry can be this very submission (its first answer was
+    lost): no 'already submitted with this --key', with or without --key; the entry says
+    ``retried``."""
     spec = tmp_path / "r.toml"
-    spec.write_text('name = "own"\ntime_budget_s = 600\n[workload]\nname = "latency"\n')
+    name = f"own{'-k' if key else ''}"
+    spec.write_text(f'name = "{name}"\ntime_budget_s = 600\n[workload]\nname = "latency"\n')
     lossy = LoseAnswers(1)
     real_init = client_mod.LabClient.__init__
 
@@ -82,12 +85,18 @@ def test_submit_without_a_key_does_not_claim_one_after_its_own_retry(daemon, tmp
 
     monkeypatch.setattr(client_mod.LabClient, "__init__", lossy_init)
     monkeypatch.setenv("CRUCIBLE_TOKEN", daemon.token)
-    assert main(["submit", str(spec), "--to", daemon.url]) == 0
+    assert main(["submit", str(spec), "--to", daemon.url, *(["--key", key] if key else [])]) == 0
     out, err = capsys.readouterr()
-    assert lossy.lost == 1 and orjson.loads(out)["id"] == "own"
-    assert "--key" not in err
+    entry = orjson.loads(out)
+    assert lossy.lost == 1 and entry["id"] == name and entry["repeated"] is True and entry["retried"] is True
+    assert "already submitted" not in err
     monkeypatch.undo()
-    daemon.client().stop("own")
+    monkeypatch.setenv("CRUCIBLE_TOKEN", daemon.token)
+    if key:  # run again without a lost answer: now it is a resubmission, and says so
+        assert main(["submit", str(spec), "--to", daemon.url, "--key", key]) == 0
+        out, err = capsys.readouterr()
+        assert "retried" not in orjson.loads(out) and f"already submitted with this --key, as {name}" in err
+    daemon.client().stop(name)
 
 
 def test_help_with_stdout_closed_ends_as_it_warned():

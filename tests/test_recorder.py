@@ -512,6 +512,8 @@ def test_the_best_of_a_field_follows_its_declared_direction(tmp_path):
     assert summary_best(s, "score") == 9.0 and summary_best(s, "loss") == 1.0
     assert summary_best(s, "score", "min") == 1.0 and summary_best(s, "loss", "max") == 9.0
     assert summary_best(s, "missing") is None and summary_best({"phases": "junk"}, "score") is None
+    damaged = {**s, "phases": {**s["phases"], "x": "junk", "y": {"min_ok": None, "best": None}}}
+    assert summary_best(damaged, "score") == 9.0 and summary_best(damaged, "loss") == 1.0  # the others still count
 
 
 def _create_and_write(path: str, barrier, i: int) -> str:
