@@ -31,11 +31,6 @@ from typing import NoReturn
 from cli.exits import EXIT_OUTPUT_CLOSED, interrupted, program
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-PRINTS_ITS_RESULT = frozenset({"list", "ls", "compare", "monitor", "get", "show", "instances", "tune", "ab"})
-"""Commands whose product is what they print: started with stdout closed, they end with 141. The
-others (``run``, ``color``, ``submit``, ``set``, ``export``, ``lab serve``...) did what they were
-asked, whose record is elsewhere, and end as they would have: a wrapper that retries a failure
-must not run or submit the work twice."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser = build_parser()
             args = parser.parse_args(argv)
             code = _run(parser, args)
-            if "stdout" in closed and code == 0 and args.command in PRINTS_ITS_RESULT:
+            # a command whose product is its output says so (set_defaults(prints_result=True)); the
+            # others (run, color, submit, set, export, lab serve) did their work, recorded elsewhere,
+            # and end as they would have: a wrapper that retries a failure must not repeat them
+            if "stdout" in closed and code == 0 and getattr(args, "prints_result", False):
                 return _output_closed()
             return code
         finally:  # what is still buffered (a short listing, --help) goes now: a reader gone shows
@@ -116,7 +114,7 @@ def _hold_standard_fds() -> list[str]:
     command opens (a run's events file, the history), and whatever writes to stdout or stderr
     (a warning, a child process) would write into that file. A command with no stdout has its
     work done, and what it would have printed is lost: it says so, and a command whose product
-    is that output (:data:`PRINTS_ITS_RESULT`) ends with 141, as on a closed pipe, so that
+    is that output (its parser's ``prints_result``) ends with 141, as on a closed pipe, so that
     ``crucible list --json >&-`` is no success."""
     closed = []
     for fd, name in enumerate(("stdin", "stdout", "stderr")):

@@ -49,4 +49,4 @@ def cmd_instances(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     ins = sub.add_parser("instances", help="list the DIMACS instances shipped with the package")
     ins.add_argument("--json", action="store_true", help="one JSON object per instance")
-    ins.set_defaults(func=cmd_instances)
+    ins.set_defaults(func=cmd_instances, prints_result=True)

@@ -253,7 +253,7 @@ def add_commands(sub: Any) -> None:
     ls = sub.add_parser("ls", help="list a lab daemon's experiments and its queue")
     ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
     _client_opts(ls)
-    ls.set_defaults(func=cmd_ls)
+    ls.set_defaults(func=cmd_ls, prints_result=True)
     for action, what in (("pause", "pause"), ("resume", "resume"), ("stop", "stop (or cancel, when queued)")):
         c = sub.add_parser(action, help=f"{what} an experiment of a lab daemon")
         c.add_argument("id", help="experiment id")

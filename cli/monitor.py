@@ -150,4 +150,4 @@ def add_commands(sub: Any) -> None:
     mo.add_argument(
         "--history", metavar="URL", help="--summary reads the events from this history (default $CRUCIBLE_HISTORY)"
     )
-    mo.set_defaults(func=cmd_monitor)
+    mo.set_defaults(func=cmd_monitor, prints_result=True)

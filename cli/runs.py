@@ -473,7 +473,7 @@ def add_commands(sub: Any) -> None:
     ls.add_argument("--artifacts", default="artifacts", type=folder_arg)
     ls.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     ls.add_argument("--json", action="store_true", help="one JSON object per run")
-    ls.set_defaults(func=cmd_list)
+    ls.set_defaults(func=cmd_list, prints_result=True)
     ex = sub.add_parser("export", help="export a run to CSV, JSONL or Parquet")
     ex.add_argument("run", help="run directory or run id")
     ex.add_argument("--format", choices=FORMATS, default="jsonl")
@@ -488,7 +488,7 @@ def add_commands(sub: Any) -> None:
     cp.add_argument("--json", action="store_true")
     cp.add_argument("--artifacts", default="artifacts", type=folder_arg)
     cp.add_argument("--history", metavar="URL", help=HISTORY_HELP)
-    cp.set_defaults(func=cmd_compare)
+    cp.set_defaults(func=cmd_compare, prints_result=True)
     sy = sub.add_parser(
         "sync",
         help="send to the history what runs that ended hold in their files and it lacks "

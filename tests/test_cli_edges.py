@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import cli.run
 from cli.exits import EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED
 from supervisor import main
@@ -125,6 +126,33 @@ def test_a_listing_started_with_stdout_closed_is_no_success(tmp_path, one_run):
         timeout=120,
     )
     assert bad.returncode == 2 and b"no artifacts folder" in bad.stderr
+
+
+def test_the_commands_that_print_their_product_are_those_the_docs_name():
+    """With stdout closed these end with 141; the others did their work and end as they would have."""
+    parser = cli.build_parser()
+    argv = {
+        "list": [],
+        "ls": ["--to", "http://127.0.0.1:1/"],
+        "compare": ["a", "b", "--metric", "m"],
+        "monitor": [],
+        "get": ["s", "k"],
+        "show": ["s"],
+        "instances": [],
+        "tune": ["s"],
+        "ab": ["s"],
+        "run": ["s"],
+        "color": ["g"],
+        "submit": ["s", "--to", "http://127.0.0.1:1/"],
+        "set": ["s", "k=v"],
+        "export": ["r"],
+        "sync": [],
+        "demo": [],
+        "stop": ["x", "--to", "http://127.0.0.1:1/"],
+        "lab": ["serve"],
+    }
+    prints = {c for c, rest in argv.items() if getattr(parser.parse_args([c, *rest]), "prints_result", False)}
+    assert prints == {"list", "ls", "compare", "monitor", "get", "show", "instances", "tune", "ab"}
 
 
 def test_a_run_started_without_stdout_or_stderr_writes_into_no_file_of_its_own(tmp_path):
