@@ -33,6 +33,7 @@ from actors.files import file_kind, replace_file
 from actors.log import get_logger
 from cli import render
 from cli.errors import EXIT_FAILED, UsageError, folder_arg, history_error, not_recorded, one_line
+from experiments.monitor import SHORT
 from experiments.validate import brief
 from experiments.workloads import objectives
 from telemetry import rundir
@@ -378,7 +379,7 @@ def metric_values(
 def metric_hint(metric: str, seen: set[str]) -> str:
     """What ``--metric`` could have been: the field an objective's label stands for (tables
     show labels, events hold fields), else the numeric fields the runs record."""
-    fields = {o.label: o.field for o in objectives().values() if o.label != o.field}
+    fields = {label: field for field, label in SHORT.items()}
     if fields.get(metric) in seen:
         return f"; {metric!r} is how tables label {fields[metric]!r}: give --metric {fields[metric]}"
     if not seen:
