@@ -16,6 +16,7 @@ returns, the thread exits without running ``terminate``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -40,6 +41,9 @@ SHUTDOWN = "shutdown"
 KILLED = "killed"
 NOPROC = "noproc"
 
+URGENT = "_urgent"  # the key an urgent message carries its token under (see ActorRef.ask)
+_urgent_tokens = itertools.count(1)  # next() on a count is atomic under the GIL
+
 
 def is_abnormal(reason: str) -> bool:
     """OTP's rule: anything but ``normal`` and ``shutdown`` is an abnormal exit."""
@@ -61,7 +65,7 @@ class HandlerExit(RuntimeError):
 class _Life:
     """Shared, thread-safe life state of one actor, visible to every ref to it."""
 
-    __slots__ = ("dead", "inbox", "lock", "on_death", "pending_reason", "reason", "stopped", "watchers")
+    __slots__ = ("dead", "inbox", "lock", "on_death", "pending_reason", "reason", "stopped", "urgent", "watchers")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -72,6 +76,7 @@ class _Life:
         self.pending_reason: str | None = None
         self.on_death: list[Callable[[str], None]] = []
         self.inbox: Any = None  # the pykka inbox (a queue.Queue), for drain_leftovers
+        self.urgent: set[int] = set()  # tokens of the urgent messages queued and not yet taken
 
     def drain_leftovers(self) -> list[bytes]:
         """Take the messages still queued for a dead actor (asks are answered ActorDeadError).
@@ -126,9 +131,19 @@ class ActorRef:
         """Why the actor died (``normal``, ``shutdown``, ``killed`` or the crash), or None."""
         return self._life.reason
 
-    def tell(self, msg: dict[str, Any]) -> None:
-        """Send without waiting; silently dropped if the actor is dead (as in Erlang)."""
-        self.tell_bytes(encode(msg))
+    def tell(self, msg: dict[str, Any], *, urgent: bool = False) -> None:
+        """Send without waiting; silently dropped if the actor is dead (as in Erlang).
+
+        ``urgent``: as for :meth:`ask`."""
+        token = self._mark_urgent(msg) if urgent else None
+        if not self.tell_bytes(encode(msg if token is None else {**msg, URGENT: token})) and token is not None:
+            self._life.urgent.discard(token)
+
+    def _mark_urgent(self, msg: dict[str, Any]) -> int:
+        """Count ``msg`` as waiting (before it is queued, so a handler never misses it)."""
+        token = next(_urgent_tokens)
+        self._life.urgent.add(token)
+        return token
 
     def tell_bytes(self, data: bytes) -> bool:
         """Send an already-encoded message (topics encode once and fan out the bytes).
@@ -160,20 +175,30 @@ class ActorRef:
         thread: :mod:`actors.timers`); cancel the returned timer to take it back."""
         return call_later(delay, self.tell_unless_stopping, msg)
 
-    def ask(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
+    def ask(self, msg: dict[str, Any], timeout: float | None = None, *, urgent: bool = False) -> Any:
         """Send and wait for the reply; the handler's exception is raised here.
 
         ``timeout``: seconds in ``[0, MAX_DELAY_S]``, or None / ``math.inf`` to wait as long as
         it takes (anything else is a ValueError here, not an OverflowError deep in threading).
+
+        ``urgent``: the message still waits its turn in the mailbox, but the actor's
+        :meth:`Actor.should_yield` says so from now until it takes the message, so a handler
+        busy with a long piece of work (a Phase's step) returns at its next safe point
+        instead of holding a pause or a stop for as long as the work would take.
         """
         timeout = check_timeout(timeout)
-        data = encode(msg)
         if self._life.dead:
             raise ActorDeadError(f"{self!r} is dead")
+        token = self._mark_urgent(msg) if urgent else None
+        data = encode(msg if token is None else {**msg, URGENT: token})
         try:
             reply = self._pref.ask(data, timeout=timeout)
         except pykka.Timeout as exc:
             raise TimeoutError(f"{self!r} did not answer {msg.get('kind')!r} in {timeout}s") from exc
+        except pykka.ActorDeadError:
+            if token is not None:
+                self._life.urgent.discard(token)
+            raise
         return None if reply is None else decode(reply)
 
     def wait(self, timeout: float | None = None) -> str | None:
@@ -389,6 +414,14 @@ class Actor(pykka.ThreadingActor):
     def terminate(self, reason: str) -> None:
         """Clean-up on a normal stop, a shutdown or a crash (not after a kill)."""
 
+    def should_yield(self) -> bool:
+        """True when a long handler should return at its next safe point: an urgent message
+        waits (``ask(..., urgent=True)``), a stop is on its way, or the actor was killed (its
+        abandoned thread would otherwise burn a core until the work ends). Cheap enough to
+        call between chunks of work; a handler that never calls it runs as before."""
+        life = self._life
+        return bool(life.urgent) or life.pending_reason is not None or life.dead
+
     # --- pykka plumbing ---------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
@@ -404,6 +437,9 @@ class Actor(pykka.ThreadingActor):
             self.dropped_undecodable += 1
             log.warning("message dropped", actor=type(self).__name__, urn=self.actor_urn, error=str(exc))
             return None
+        token = msg.pop(URGENT, None)
+        if token is not None:
+            self._life.urgent.discard(token)  # taken: no longer a reason for a handler to yield
         try:
             reply = self.on_message(msg)
         except UnknownMessage:

@@ -5,6 +5,13 @@ chunk of the workload and then sends the next ``step``. Control messages (``paus
 ``resume``, ``stop``, ``set_param``) queue between steps and apply at those safe points;
 pausing simply does not send the next step.
 
+A step may be long (a search with a large batch per step). A workload that offers
+``use_interrupt(check)`` is given a check to call between the chunks of a step: True means
+end the step now, at a safe point. It turns True when a control message waits (the Lab sends
+``pause``, ``stop`` and parameter changes as urgent messages, see ``ActorRef.ask``), when
+the tree is stopping or the phase was killed, and when the budget is used, so none of them
+waits for the rest of the step.
+
 Readers never ask a busy phase for its status: it publishes :meth:`PhaseActor.status` into
 a :class:`~actors.snapshot.Snapshot` at its safe points (at most every
 ``STATUS_INTERVAL_S`` between steps, at once on every control message and at the end).
@@ -31,10 +38,10 @@ phase restarted after it finished exits again at once. Control that arrives afte
 is refused (``set_param``) or ignored (``note``): nothing is emitted once the emitter is closed.
 
 A phase killed in the middle of a step (its supervisor's shutdown timeout) leaves a thread
-that may finish the step later: its emitter is abandoned at the kill (nothing it emits is
-published, since its seq numbers now belong to the replacement), it stops as soon as the
-step returns, and the checkpoint store takes writes only from the incarnation that claimed
-it last.
+that may finish the step later (at its next chunk, for a workload with ``use_interrupt``):
+its emitter is abandoned at the kill (nothing it emits is published, since its seq numbers
+now belong to the replacement), it stops as soon as the step returns, and the checkpoint
+store takes writes only from the incarnation that claimed it last.
 """
 
 from __future__ import annotations
@@ -191,6 +198,9 @@ class PhaseActor(Actor):
         use_clock = getattr(self.workload, "use_clock", None)  # optional: a workload that times itself
         if use_clock is not None:
             use_clock(self.active_time)
+        use_interrupt = getattr(self.workload, "use_interrupt", None)  # optional: a step that can end early
+        if use_interrupt is not None:
+            use_interrupt(self._step_should_end)
         if "workload" in cp:
             self.workload.restore(cp["workload"])
         self._restored = True
@@ -277,6 +287,12 @@ class PhaseActor(Actor):
         if not self.paused and not self.finished:
             t += self.clock() - self._mark
         return t
+
+    def _step_should_end(self) -> bool:
+        """What a long step asks between its chunks of work: end now, at a safe point, because a
+        control message waits (the Lab's pause, stop and parameter changes are urgent), the tree
+        is stopping, the phase was killed, or the budget is used."""
+        return self.should_yield() or self.active_time() >= self.budget_s
 
     def _tick(self) -> float:
         """Bring ``_active_s`` up to now; returns the clock reading it used."""

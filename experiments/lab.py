@@ -478,12 +478,13 @@ class Experiment:
                 return None
 
     def _ask_phase(self, msg: dict[str, Any], action: str, timeout: float = 30) -> Any:
-        """Ask the phase; NotRunning if it is gone or goes while asked (the run is ending)."""
+        """Ask the phase, urgently (a step under way ends at its next safe point); NotRunning if
+        it is gone or goes while asked (the run is ending)."""
         ref = self._live_phase(10)
         if ref is None:
             raise NotRunning(f"experiment {self.id!r} has no live phase (status {self._status}); cannot {action}")
         try:
-            return ref.ask(msg, timeout=timeout)
+            return ref.ask(msg, timeout=timeout, urgent=True)  # a long step ends early for it
         except ActorDeadError as exc:
             raise NotRunning(f"experiment {self.id!r} is ending; cannot {action}") from exc
 
@@ -594,7 +595,7 @@ class Experiment:
             phase = self._live_phase(min(10.0, timeout or 10.0))
             try:
                 if phase is not None:
-                    phase.ask({"kind": "stop", "reason": reason}, timeout=timeout)
+                    phase.ask({"kind": "stop", "reason": reason}, timeout=timeout, urgent=True)
             except (ActorDeadError, TimeoutError) as exc:
                 log.warning("phase did not take the stop", experiment=self.id, error=str(exc))
             if not self._stopped.wait(timeout):  # the phase could not end the tree: stop it from above

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from experiments.coloring.phase import ColoringPhase, Outcome
+from experiments.coloring.phase import YIELD_ITERS, ColoringPhase, Outcome
 from kernels.coloring import build_gamma, count_conflicts, gpx, tabucol
 
 
@@ -29,9 +29,25 @@ class Memetic(ColoringPhase):
         gamma = build_gamma(g.indptr, g.indices, c, self.k)
         tabu = np.zeros((g.n, self.k), dtype=np.int32)  # local_iters <= 10**9: no rebase needed
         best = c.copy()
-        _, _, bf = tabucol(
-            g.indptr, g.indices, self.k, c, gamma, tabu, 0, iters, t["tenure_a"], t["tenure_alpha"], best, 1 << 30
-        )
+        bf, it = 1 << 30, 0
+        while it < iters:  # chunks: a pause or a stop never waits for a huge local search
+            done, f, bf = tabucol(
+                g.indptr,
+                g.indices,
+                self.k,
+                c,
+                gamma,
+                tabu,
+                it,
+                min(iters - it, YIELD_ITERS),
+                t["tenure_a"],
+                t["tenure_alpha"],
+                best,
+                bf,
+            )
+            it += done
+            if f == 0 or self.ctx.should_yield():
+                break
         return best, int(bf)
 
     def setup(self, k: int, base: np.ndarray) -> np.ndarray | None:

@@ -6,10 +6,18 @@ starts it from a colouring (any number of colours: the phase reduces it to k);
 When an outcome carries a solution the pipeline records it and calls
 :meth:`ColoringPhase.next_k` to go on at k - 1 (a phase may keep state across k, as the
 population does). Either call may return a solution found while setting up.
+
+A step's work goes in chunks (:data:`YIELD_ITERS` TabuCol iterations, :data:`YIELD_MOVES`
+annealing proposals, a generation's pace for the population), and between two chunks the
+phase asks ``ctx.should_yield()``: when a pause, a stop or a parameter change waits, or the
+budget is used, the step ends there with the work it has done. A step no larger than one
+chunk is one kernel call, draw for draw as before; a larger one is the same search cut into
+calls, so a seeded run that is never interrupted is still reproducible.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,6 +26,13 @@ import numpy as np
 from experiments.coloring.graph import Graph
 from experiments.coloring.params import check_number
 from kernels.coloring import reduce_colors
+
+YIELD_ITERS = 1 << 16  # TabuCol iterations between two looks at ctx.should_yield (tens of ms)
+YIELD_MOVES = 1 << 18  # annealing proposals between two looks
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass
@@ -38,6 +53,7 @@ class PhaseContext:
     def __init__(self, g: Graph, params: dict[str, Any], rng: np.random.Generator, seed: int) -> None:
         self.g, self.p, self.rng, self.seed = g, params, rng, seed
         self.external_tenure = False  # True while an outside controller (hypertune) owns the tenure
+        self.should_yield: Callable[[], bool] = _never  # the Phase actor's check (use_interrupt)
 
     def reduced(self, base: np.ndarray, k: int) -> np.ndarray:
         """``base`` with its colours >= k moved to the least-conflicting colour below k."""

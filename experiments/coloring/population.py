@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -124,6 +125,7 @@ class PopulationSearch:
         self.engine.tenure_a = int(params["tenure_a"])
         self.engine.tenure_alpha = float(params["tenure_alpha"])
         self.iters = 2 * MIN_ITERS  # grows to the chains' pace within a few generations
+        self.pace_iters: int | None = None  # iterations per chain that take generation_s, once measured
         self.generation = 0
         self.k = 0
         self.f = np.zeros(self.size, dtype=np.int64)
@@ -155,12 +157,21 @@ class PopulationSearch:
             rows[i, mask] = self.rng.integers(0, k, int(mask.sum()))
         self.seed(rows, k)
 
-    def step(self) -> np.ndarray | None:
-        """One generation; returns a colouring with 0 conflicts at k when a chain found one."""
+    def step(self, should_yield: Callable[[], bool] = lambda: False) -> np.ndarray | None:
+        """One generation; returns a colouring with 0 conflicts at k when a chain found one.
+
+        A generation larger than the pace asks for (``set_batch``) runs in launches of about
+        ``generation_s`` each, and ends early when ``should_yield()`` says so."""
         t0 = time.perf_counter()
         it0 = self.engine.iterations
+        chunk = self.iters if self.pace_iters is None else max(MIN_ITERS, min(self.iters, self.pace_iters))
         try:
-            self.f, self.best_f = self.engine.run(self.iters)
+            left = self.iters
+            while True:
+                self.f, self.best_f = self.engine.run(min(left, chunk))
+                left -= chunk
+                if left <= 0 or int(self.best_f.min()) == 0 or should_yield():
+                    break
         except Exception as exc:  # a device failure of any kind: go on on the CPU (re-raised on the CPU)
             if self.engine.device != "gpu":
                 raise
@@ -175,6 +186,7 @@ class PopulationSearch:
         # about generation_s (at most twice the last amount: a quick generation says little)
         pace = done / self.size / dt
         want = float(self.p["generation_s"]) * pace
+        self.pace_iters = int(min(MAX_ITERS, max(MIN_ITERS, want)))
         self.iters = int(min(MAX_ITERS, max(MIN_ITERS, min(want, 2 * self.iters))))
         if int(self.best_f.min()) == 0:
             winner = int(np.argmin(self.best_f))
@@ -206,7 +218,7 @@ class PopulationSearch:
         self.f = np.zeros(self.size, dtype=np.int64)
         self.best_f = np.zeros(self.size, dtype=np.int64)
         self.age = np.zeros(self.size, dtype=np.int64)
-        self.iters = 2 * MIN_ITERS
+        self.iters, self.pace_iters = 2 * MIN_ITERS, None
         self.seed_from(self._start, self.k)
 
     def _crossover(self) -> None:
@@ -285,6 +297,7 @@ class PopulationSearch:
         # the work per chain scales with the population, so that a generation (and the time to
         # the next pause, stop or budget check) stays about generation_s; the pace then adapts
         self.iters = int(min(MAX_ITERS, max(MIN_ITERS, self.iters * self.size / size)))
+        self.pace_iters = None  # measured again at the new size
         self.engine.close()
         seed = int(self.rng.integers(1 << 30))
         if self.engine.device == "gpu":
@@ -359,7 +372,7 @@ class Population(ColoringPhase):
 
     def step(self) -> Outcome:
         assert self.search is not None
-        solution = self.search.step()
+        solution = self.search.step(self.ctx.should_yield)
         self.gpu_mode, self.gpu_reason = self.search.gpu_mode, self.search.gpu_reason  # a failure falls back
         self.gen += 1
         extra = self.search.telemetry()

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from experiments.coloring.params import DENSE_MAX_N
-from experiments.coloring.phase import ColoringPhase, Outcome, PhaseContext
+from experiments.coloring.phase import YIELD_MOVES, ColoringPhase, Outcome, PhaseContext
 from kernels.backend import device_error_reason, select_backend, to_numpy
 from kernels.coloring import anneal, build_gamma, count_conflicts
 
@@ -103,8 +103,11 @@ class Thermo(ColoringPhase):
             colors = to_numpy(xp, self.xc)
         else:
             colors = self.colors
-            for i in range(colors.shape[0]):
-                anneal(g.indptr, g.indices, self.k, colors[i], self.gammas[i], float(betas[i]), moves)
+            for i in range(colors.shape[0]):  # chunks draw the same proposals as one call would
+                beta, left = float(betas[i]), moves
+                while left > 0 and not self.ctx.should_yield():
+                    anneal(g.indptr, g.indices, self.k, colors[i], self.gammas[i], beta, min(left, YIELD_MOVES))
+                    left -= YIELD_MOVES
             energies = np.array([count_conflicts(g.indptr, g.indices, c) for c in colors])
         best = self.f = int(energies.min())
         if best == 0:

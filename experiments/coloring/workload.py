@@ -210,6 +210,11 @@ class ColoringWorkload:
         self.last_best_t += shift
         self.clock = clock
 
+    def use_interrupt(self, check: Any) -> None:
+        """Ask ``check()`` between the chunks of a long step and end the step when it says so
+        (the Phase actor's: a pause, a stop or a parameter change waits, or the budget is used)."""
+        self.ctx.should_yield = check
+
     def start(self, emitter: Emitter) -> None:
         seed_rng(self.seed + 7919 * self.pass_)
         emitter.set_context(pass_=self.pass_)

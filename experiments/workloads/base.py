@@ -168,6 +168,12 @@ class Workload(Protocol):
     # endpoints (``http(s)://`` URLs) these parameters make the workload call. A lab daemon
     # admits a submission only if it allows each (``crucible lab serve --allow-target``); a
     # workload without it calls nothing a submission chooses.
+    # Optional: ``use_clock(clock)``, the Phase actor's clock of active (unpaused) seconds, for a
+    # workload that times itself (stalls, passes): a pause never counts as a stall.
+    # Optional: ``use_interrupt(check)``, for a workload whose step can be long: it calls
+    # ``check()`` between chunks of a step and returns from the step when it is True (a pause,
+    # a stop or a parameter change waits, or the budget is used). Without it, control waits
+    # for the end of the step.
 
     def start(self, emitter: Emitter) -> None: ...
 

@@ -22,7 +22,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -136,6 +136,7 @@ class LatencyWorkload:
         self.failures = 0
         self.best_ms: float | None = None
         self._fn: Callable[[], Any] | None = None
+        self._should_yield: Callable[[], bool] = lambda: False
 
     def _caller(self) -> Callable[[], Any]:
         target = self.p["target"]
@@ -177,6 +178,17 @@ class LatencyWorkload:
             result, ok, notes = None, False, f"{type(exc).__name__}: {exc}"
         return (time.perf_counter() - t0) * 1000.0, result, ok, notes
 
+    def use_interrupt(self, check: Callable[[], bool]) -> None:
+        """Between two calls of a step, end it when ``check()`` says so (a pause or a stop waits,
+        the budget is used): a step of many slow calls never holds them up."""
+        self._should_yield = check
+
+    def _sequential(self, n: int) -> Iterator[tuple[float, Any, bool, str | None]]:
+        for i in range(n):
+            if i and self._should_yield():  # at least one call per step
+                return
+            yield self._timed()
+
     def step(self, emitter: Emitter) -> bool:
         limit = self.p["calls"]
         n = self.p["calls_per_step"]
@@ -186,9 +198,15 @@ class LatencyWorkload:
         if workers > 1:  # N calls in flight at once: the target measured under that load
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="latency-call") as pool:
                 calls = [pool.submit(self._timed) for _ in range(n)]
-                timed = [c.result() for c in calls]
+                timed = []
+                for c in calls:
+                    if timed and self._should_yield():  # the calls not yet started are dropped
+                        for rest in calls:
+                            rest.cancel()
+                    if not c.cancelled():
+                        timed.append(c.result())
         else:
-            timed = (self._timed() for _ in range(n))
+            timed = self._sequential(n)
         for ms, result, ok, notes in timed:
             values = {"latency_ms": ms}
             if isinstance(result, dict):
