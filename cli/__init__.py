@@ -10,7 +10,8 @@ module                 commands
 :mod:`cli.spec`        ``set``, ``get``, ``show``
 :mod:`cli.tuning`      ``tune``, ``ab``
 :mod:`cli.instances`   ``instances``
-:mod:`cli.lab`         ``lab serve`` (the lab daemon), ``submit``, ``ls``, ``pause``, ``resume``, ``stop``
+:mod:`cli.lab`         ``lab serve`` (the lab daemon)
+:mod:`cli.client`      ``submit``, ``ls``, ``pause``, ``resume``, ``stop`` (a daemon's clients)
 =====================  ==========================================================================
 
 :mod:`cli.render` draws the tables and live views; :mod:`cli.errors` (with :mod:`cli.exits`) holds the usage
@@ -22,12 +23,14 @@ not handle itself, and on output cut short by a closed pipe (``crucible list | h
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import select
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from cli.commands import COMMANDS, GROUPS
 from cli.exits import EXIT_OUTPUT_CLOSED, interrupted, program
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -40,18 +43,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole parser: global options, then each command group's subcommands."""
-    from cli import demo, instances, lab, monitor, run, runs, spec, tuning
+def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.ArgumentParser:
+    """The parser: global options, then each command group's subcommands.
 
+    ``lazy``: only the group of ``command`` (the command line's first word, if it names one)
+    is imported and built in full; every other command is listed by name and help alone
+    (:mod:`cli.commands`), so ``crucible --help`` and ``crucible list`` never import the Lab
+    or numba. A listed-only command that gets parsed after all (a command line whose first
+    free word was not the command) comes back with ``func`` None, and :func:`main` builds
+    the whole parser then."""
     p = _Parser(prog="crucible", description="Supervised actor trees for long experiments.")
     p.add_argument(
         "--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="structlog level (default WARNING)"
     )
     p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (demo, run, runs, monitor, spec, tuning, instances, lab):
-        group.add_commands(sub)
+    wanted = COMMANDS[command][0] if command in COMMANDS else None
+    for group in GROUPS:
+        if not lazy or group == wanted:
+            importlib.import_module(group).add_commands(sub)
+            continue
+        for name, (module, help_line) in COMMANDS.items():
+            if module == group:
+                sub.add_parser(name, help=help_line, add_help=False).set_defaults(func=None)
     return p
 
 
@@ -69,8 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"{program(_command_in(argv))}: warning: stdout is closed; what this command prints is lost")
     try:
         try:
-            parser = build_parser()
-            args = parser.parse_args(argv)
+            parser = build_parser(_command_in(argv), lazy=True)
+            args, rest = parser.parse_known_args(argv)
+            if getattr(args, "func", None) is None:  # a command only listed: the line put it elsewhere
+                parser = build_parser()
+            if getattr(args, "func", None) is None or rest:  # the whole parse, and its errors
+                args = parser.parse_args(argv)
             code = _run(parser, args)
             # a command whose product is its output says so (set_defaults(prints_result=True)); the
             # others (run, color, submit, set, export, lab serve) did their work, recorded elsewhere,

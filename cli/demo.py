@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cli.commands import help_of
 from experiments.validate import Num
 
 
@@ -36,6 +37,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    d = sub.add_parser("demo", help="run a small supervised tree that shows restarts")
+    d = sub.add_parser("demo", help=help_of("demo"))
     d.add_argument("--seconds", type=Num(0.1, 3600).arg(), default=3.0, help="how long to run, 0.1 to 3600 (default 3)")
     d.set_defaults(func=cmd_demo)

@@ -21,7 +21,7 @@ from cli.exits import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # defined there: the
 from cli.exits import EXIT_OUTPUT_CLOSED as EXIT_OUTPUT_CLOSED  # the seconds of imports here are done
 from cli.exits import interrupted as interrupted
 from experiments.coloring.graph import GraphError
-from experiments.spec import SpecError
+from experiments.validate import SpecError
 from telemetry.history import HistoryConfigError, HistoryConnectError
 from telemetry.jsonl import RunFileError
 from telemetry.rundir import ArtifactsError, RunNotFound, recorded_file

@@ -9,6 +9,7 @@ import orjson
 from rich.console import Console
 
 from cli import render
+from cli.commands import help_of
 
 
 def instance_rows() -> list[dict[str, Any]]:
@@ -47,6 +48,6 @@ def cmd_instances(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    ins = sub.add_parser("instances", help="list the DIMACS instances shipped with the package")
+    ins = sub.add_parser("instances", help=help_of("instances"))
     ins.add_argument("--json", action="store_true", help="one JSON object per instance")
     ins.set_defaults(func=cmd_instances, prints_result=True)

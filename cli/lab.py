@@ -1,9 +1,9 @@
-"""``crucible lab serve`` (the lab daemon) and its clients: ``submit``, ``ls``, ``pause``, ``resume``, ``stop``.
+"""``crucible lab serve``: the lab daemon (its clients, ``submit``, ``ls`` and the controls,
+are in :mod:`cli.client`).
 
 The daemon hosts a :class:`~experiments.service.LabService` and the dashboard on it, logs
 JSON lines to ``<artifacts>/daemon.log`` and stderr, and on SIGTERM or SIGINT stops every
-running experiment (flushed to disk), keeps the queue and exits 0. The client commands
-talk to it over HTTP (``--to URL``) with the token from ``CRUCIBLE_TOKEN`` or ``--token-file``.
+running experiment (flushed to disk), keeps the queue and exits 0.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import argparse
 import ctypes
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 
 from actors.log import LOG_KEEP, LOG_ROTATE_BYTES, configure_logging
-from cli.errors import EXIT_FAILED, EXIT_OK, UsageError, folder_arg, history_error
+from cli.commands import help_of
+from cli.errors import EXIT_OK, UsageError, folder_arg, history_error
 from cli.run import add_backend_options, stop_on_signals
 from experiments.validate import PORT, Num
 from telemetry.rundir import DAEMON_LOG
@@ -122,69 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def client(args: argparse.Namespace) -> Any:
-    from dashboard.client import LabClient, LabClientError
-
-    try:
-        return LabClient(args.to, token_file=args.token_file)
-    except LabClientError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _call(fn: Any, *a: Any) -> Any:
-    from dashboard.client import LabClientError
-
-    try:
-        return fn(*a)
-    except LabClientError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    spec = Path(args.spec)
-    if not spec.is_file():
-        raise UsageError(f"spec {args.spec!r}: {'a folder, not a file' if spec.is_dir() else 'no such file'}")
-    with client(args) as c:
-        entry = _call(c.submit, spec, args.set or [], args.id, args.key)
-    sys.stdout.write(orjson.dumps(entry).decode() + "\n")
-    if entry.get("repeated") and args.key is not None and not entry.get("retried"):  # given before: nothing queued
-        # (without --key, or after the client's own retry, the repeat may well be this very submission)
-        sys.stderr.write(f"crucible submit: already submitted with this --key, as {entry['id']}\n")
-    if entry.get("status") == "failed":  # taken, then could not start: a script must see that nothing runs
-        sys.stderr.write(f"crucible submit: {entry['id']} could not start: {entry.get('reason') or 'failed'}\n")
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def cmd_ls(args: argparse.Namespace) -> int:
-    with client(args) as c:
-        rows = _call(c.list)
-    if args.json:
-        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
-        return EXIT_OK
-    sys.stdout.write(f"{'ID':<32} {'STATUS':<10} {'POS':>4}  REASON\n")
-    for r in rows:
-        pos = "" if r.get("position") is None else str(r["position"])
-        sys.stdout.write(f"{r['id']:<32} {r['status']:<10} {pos:>4}  {r.get('reason') or ''}\n")
-    return EXIT_OK
-
-
-def cmd_control(args: argparse.Namespace) -> int:
-    with client(args) as c:
-        entry = _call(getattr(c, args.command), args.id)
-    sys.stdout.write(f"{entry['experiment']}: {entry['status']}\n")
-    return EXIT_OK
-
-
-def _client_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--to", required=True, metavar="URL", help="the lab daemon's URL (crucible lab serve prints it)")
-    p.add_argument(
-        "--token-file", metavar="PATH", help="the daemon's <artifacts>/dashboard.token (default: CRUCIBLE_TOKEN)"
-    )
-
-
 def add_commands(sub: Any) -> None:
-    lab = sub.add_parser("lab", help="the lab daemon: a queue of experiments behind the dashboard's API")
+    lab = sub.add_parser("lab", help=help_of("lab"))
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     s = lab_sub.add_parser("serve", help="serve a Lab with a submission queue until SIGTERM/SIGINT")
     s.add_argument(
@@ -239,23 +177,3 @@ def add_commands(sub: Any) -> None:
     )
     add_backend_options(s)
     s.set_defaults(func=cmd_serve)
-    su = sub.add_parser("submit", help="queue a spec on a lab daemon")
-    su.add_argument("spec", help="experiment spec (TOML)")
-    su.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
-    su.add_argument("--id", help="experiment id (default: the spec's name, made unique)")
-    su.add_argument(
-        "--key",
-        help="idempotency key (printable ASCII, no spaces): the same submission sent again with it "
-        "(a script run again after a lost answer) gets the first one's entry, not a second experiment",
-    )
-    _client_opts(su)
-    su.set_defaults(func=cmd_submit)
-    ls = sub.add_parser("ls", help="list a lab daemon's experiments and its queue")
-    ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
-    _client_opts(ls)
-    ls.set_defaults(func=cmd_ls, prints_result=True)
-    for action, what in (("pause", "pause"), ("resume", "resume"), ("stop", "stop (or cancel, when queued)")):
-        c = sub.add_parser(action, help=f"{what} an experiment of a lab daemon")
-        c.add_argument("id", help="experiment id")
-        _client_opts(c)
-        c.set_defaults(func=cmd_control)

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 
 from cli import render
+from cli.commands import help_of
 from cli.errors import UsageError, folder_arg
 from telemetry import rundir
 
@@ -134,7 +135,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    mo = sub.add_parser("monitor", help="follow a run from its files: --tail, --summary, --follow")
+    mo = sub.add_parser("monitor", help=help_of("monitor"))
     mo.add_argument("run", nargs="?", help="run directory or run id")
     mo.add_argument("--latest", action="store_true", help="the newest run in the artifacts folder")
     mode = mo.add_mutually_exclusive_group()

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.live import Live
 
 from cli import render
+from cli.commands import help_of
 from cli.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -308,7 +309,7 @@ def cmd_color(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    r = sub.add_parser("run", help="run an experiment spec in the foreground")
+    r = sub.add_parser("run", help=help_of("run"))
     r.add_argument("spec", help="experiment spec (TOML)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
     r.add_argument("--artifacts", default="artifacts", type=folder_arg, help="artifacts folder (default ./artifacts)")
@@ -326,7 +327,7 @@ def add_commands(sub: Any) -> None:
         "--dash-port", type=PORT.arg(), help="dashboard port, 0 to 65535 (default CRUCIBLE_DASH_PORT or 7878; 0 = any)"
     )
     r.set_defaults(func=cmd_run)
-    co = sub.add_parser("color", help="colour a DIMACS graph (the full pipeline, checked)")
+    co = sub.add_parser("color", help=help_of("color"))
     co.add_argument("graph", help="a .col or .col.gz file, or a shipped instance's name (crucible instances)")
     co.add_argument("--time-limit", type=SECONDS.arg(), default=60.0, help="seconds, up to 365 days (default 60)")
     co.add_argument(

@@ -32,6 +32,7 @@ from rich.console import Console
 from actors.files import file_kind, replace_file
 from actors.log import get_logger
 from cli import render
+from cli.commands import help_of
 from cli.errors import EXIT_FAILED, UsageError, folder_arg, history_error, not_recorded, one_line
 from experiments.monitor import SHORT
 from experiments.validate import brief
@@ -470,19 +471,19 @@ HISTORY_HELP = (
 
 
 def add_commands(sub: Any) -> None:
-    ls = sub.add_parser("list", help="list the runs in an artifacts folder")
+    ls = sub.add_parser("list", help=help_of("list"))
     ls.add_argument("--artifacts", default="artifacts", type=folder_arg)
     ls.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     ls.add_argument("--json", action="store_true", help="one JSON object per run")
     ls.set_defaults(func=cmd_list, prints_result=True)
-    ex = sub.add_parser("export", help="export a run to CSV, JSONL or Parquet")
+    ex = sub.add_parser("export", help=help_of("export"))
     ex.add_argument("run", help="run directory or run id")
     ex.add_argument("--format", choices=FORMATS, default="jsonl")
     ex.add_argument("--out", help="output file (default RUN.FORMAT)")
     ex.add_argument("--artifacts", default="artifacts", type=folder_arg)
     ex.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     ex.set_defaults(func=cmd_export)
-    cp = sub.add_parser("compare", help="statistical comparison of two runs on one metric")
+    cp = sub.add_parser("compare", help=help_of("compare"))
     cp.add_argument("run_a")
     cp.add_argument("run_b")
     cp.add_argument("--metric", required=True)
@@ -490,11 +491,7 @@ def add_commands(sub: Any) -> None:
     cp.add_argument("--artifacts", default="artifacts", type=folder_arg)
     cp.add_argument("--history", metavar="URL", help=HISTORY_HELP)
     cp.set_defaults(func=cmd_compare, prints_result=True)
-    sy = sub.add_parser(
-        "sync",
-        help="send to the history what runs that ended hold in their files and it lacks "
-        "(events a stop could not send, a missing run record)",
-    )
+    sy = sub.add_parser("sync", help=help_of("sync"))
     sy.add_argument("runs", nargs="*", metavar="RUN", help="run directories or ids (default: every run)")
     sy.add_argument("--artifacts", default="artifacts", type=folder_arg)
     sy.add_argument(

@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 from rich.console import Console
 
+from cli.commands import help_of
+
 
 def cmd_set(args: argparse.Namespace) -> int:
     from cli import render
@@ -38,14 +40,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    se = sub.add_parser("set", help="set spec values (validated; comments and layout kept)")
+    se = sub.add_parser("set", help=help_of("set"))
     se.add_argument("spec")
     se.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
     se.set_defaults(func=cmd_set)
-    ge = sub.add_parser("get", help="print a spec value (defaults filled in)")
+    ge = sub.add_parser("get", help=help_of("get"))
     ge.add_argument("spec")
     ge.add_argument("key")
     ge.set_defaults(func=cmd_get, prints_result=True)
-    sh = sub.add_parser("show", help="print the whole effective spec")
+    sh = sub.add_parser("show", help=help_of("show"))
     sh.add_argument("spec")
     sh.set_defaults(func=cmd_show, prints_result=True)

@@ -14,6 +14,7 @@ import orjson
 from rich.console import Console
 
 from cli import render
+from cli.commands import help_of
 from cli.errors import EXIT_FAILED, UsageError, folder_arg, interrupted, one_line
 from experiments.validate import SECONDS, SEED, Num
 
@@ -189,7 +190,7 @@ def _add_runner_flags(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_commands(sub: Any) -> None:
-    tu = sub.add_parser("tune", help="propose starting parameters from prior runs and new trials (Optuna TPE)")
+    tu = sub.add_parser("tune", help=help_of("tune"))
     tu.add_argument("spec")
     tu.add_argument("--trials", type=Num(1, 10_000, integer=True).arg(), default=8, help="1 to 10000 (default 8)")
     tu.add_argument(
@@ -208,7 +209,7 @@ def add_commands(sub: Any) -> None:
     tu.add_argument("--artifacts", default="artifacts", type=folder_arg)
     _add_runner_flags(tu, "trials")
     tu.set_defaults(func=cmd_tune, prints_result=True)
-    abp = sub.add_parser("ab", help="A/B: hypertune on vs off over N seeds, with statistics")
+    abp = sub.add_parser("ab", help=help_of("ab"))
     abp.add_argument("spec")
     abp.add_argument("--runs", type=Num(2, 1000, integer=True).arg(), default=5, help="runs per arm, 2 to 1000")
     abp.add_argument("--budget", type=SECONDS.arg(), help="seconds per run, up to 365 days (default: the spec's)")

@@ -21,16 +21,11 @@ from typing import Any
 from actors import anomaly, recorder, streaming_metrics
 from actors.anomaly import check_anomaly_config, threshold_problem
 from actors.sampler import check_sampling
-from experiments.validate import SECONDS, SEED, YEAR_S, Num, brief, merge_tables, read_text, tree_problem
+from experiments.validate import SECONDS, SEED, YEAR_S, Num, SpecError, brief, merge_tables, read_text, tree_problem
 from telemetry import emitter
 from telemetry.emitter import OVERFLOW_POLICIES
 from telemetry.rundir import check_experiment_id
 from telemetry.schema import check_id
-
-
-class SpecError(ValueError):
-    """A spec problem, with the file and the key it is about."""
-
 
 MAX_DEPTH = 100
 """How deep tables and arrays may nest in a spec, the document being level 0 (tomlkit, which

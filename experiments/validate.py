@@ -39,6 +39,12 @@ MAX_KEY_CHARS = 200  # an idempotency key (check_key)
 IDEMPOTENCY_HEADER = "Idempotency-Key"  # how a submission carries its key over HTTP
 
 
+class SpecError(ValueError):
+    """A spec problem, with the file and the key it is about (defined here, beside the checks,
+    so that what only reports it, the command line's error handling, need not load the spec's
+    schema and the actors it takes its defaults from)."""
+
+
 def _fmt(x: float) -> str:
     return f"{x:,}".replace(",", "_") if isinstance(x, int) and abs(x) >= 100_000 else f"{x:g}"
 

@@ -1,0 +1,102 @@
+"""The lab daemon's clients: ``submit``, ``ls``, ``pause``, ``resume``, ``stop``.
+
+They talk to a daemon (``crucible lab serve``, :mod:`cli.lab`) over HTTP (``--to URL``) with
+the token from ``CRUCIBLE_TOKEN`` or ``--token-file``, through
+:class:`dashboard.client.LabClient`; they import nothing of the Lab itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cli.commands import help_of
+from cli.errors import EXIT_FAILED, EXIT_OK, UsageError
+
+
+def client(args: argparse.Namespace) -> Any:
+    from dashboard.client import LabClient, LabClientError
+
+    try:
+        return LabClient(args.to, token_file=args.token_file)
+    except LabClientError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _call(fn: Any, *a: Any) -> Any:
+    from dashboard.client import LabClientError
+
+    try:
+        return fn(*a)
+    except LabClientError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = Path(args.spec)
+    if not spec.is_file():
+        raise UsageError(f"spec {args.spec!r}: {'a folder, not a file' if spec.is_dir() else 'no such file'}")
+    with client(args) as c:
+        entry = _call(c.submit, spec, args.set or [], args.id, args.key)
+    sys.stdout.write(orjson.dumps(entry).decode() + "\n")
+    if entry.get("repeated") and args.key is not None and not entry.get("retried"):  # given before: nothing queued
+        # (without --key, or after the client's own retry, the repeat may well be this very submission)
+        sys.stderr.write(f"crucible submit: already submitted with this --key, as {entry['id']}\n")
+    if entry.get("status") == "failed":  # taken, then could not start: a script must see that nothing runs
+        sys.stderr.write(f"crucible submit: {entry['id']} could not start: {entry.get('reason') or 'failed'}\n")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        rows = _call(c.list)
+    if args.json:
+        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
+        return EXIT_OK
+    sys.stdout.write(f"{'ID':<32} {'STATUS':<10} {'POS':>4}  REASON\n")
+    for r in rows:
+        pos = "" if r.get("position") is None else str(r["position"])
+        sys.stdout.write(f"{r['id']:<32} {r['status']:<10} {pos:>4}  {r.get('reason') or ''}\n")
+    return EXIT_OK
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        entry = _call(getattr(c, args.command), args.id)
+    sys.stdout.write(f"{entry['experiment']}: {entry['status']}\n")
+    return EXIT_OK
+
+
+def _client_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", required=True, metavar="URL", help="the lab daemon's URL (crucible lab serve prints it)")
+    p.add_argument(
+        "--token-file", metavar="PATH", help="the daemon's <artifacts>/dashboard.token (default: CRUCIBLE_TOKEN)"
+    )
+
+
+def add_commands(sub: Any) -> None:
+    su = sub.add_parser("submit", help=help_of("submit"))
+    su.add_argument("spec", help="experiment spec (TOML)")
+    su.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec value (dotted key)")
+    su.add_argument("--id", help="experiment id (default: the spec's name, made unique)")
+    su.add_argument(
+        "--key",
+        help="idempotency key (printable ASCII, no spaces): the same submission sent again with it "
+        "(a script run again after a lost answer) gets the first one's entry, not a second experiment",
+    )
+    _client_opts(su)
+    su.set_defaults(func=cmd_submit)
+    ls = sub.add_parser("ls", help=help_of("ls"))
+    ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    _client_opts(ls)
+    ls.set_defaults(func=cmd_ls, prints_result=True)
+    for action in ("pause", "resume", "stop"):
+        c = sub.add_parser(action, help=help_of(action))
+        c.add_argument("id", help="experiment id")
+        _client_opts(c)
+        c.set_defaults(func=cmd_control)

@@ -1,0 +1,80 @@
+"""A command line imports only the group of the command it names (cli.commands lists the rest)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+from cli.commands import COMMANDS, GROUPS
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("numba", "experiments.lab", "experiments.spec", "experiments.coloring.workload", "cli.run")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _func(parser: argparse.ArgumentParser) -> object:
+    """The function a command runs (``lab``'s: its ``serve``'s)."""
+    nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return nested[0].choices["serve"].get_default("func") if nested else parser.get_default("func")
+
+
+def test_the_table_is_what_the_groups_define_in_their_order():
+    sub = _subcommands(cli.build_parser())
+    assert list(sub.choices) == list(COMMANDS)
+    assert {a.dest: a.help for a in sub._choices_actions} == {name: h for name, (_, h) in COMMANDS.items()}
+    for name, (module, _) in COMMANDS.items():  # each command's function lives in the module the table names
+        assert _func(sub.choices[name]).__module__ == module
+    assert set(GROUPS) == {m for m, _ in COMMANDS.values()}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_lazy_parser_builds_the_named_command_in_full_and_lists_the_others(command):
+    sub = _subcommands(cli.build_parser(command, lazy=True))
+    assert list(sub.choices) == list(COMMANDS)
+    module = COMMANDS[command][0]
+    for name, parser in sub.choices.items():
+        built = _func(parser) is not None
+        assert built == (COMMANDS[name][0] == module), name
+
+
+def _imported_by(argv: list[str], cwd: Path) -> dict[str, object]:
+    """Run ``crucible ARGV`` as the console script does, in a fresh interpreter; its exit code
+    and which heavy modules it imported."""
+    code = (
+        "import json, sys\n"
+        "from cli import main\n"
+        "try:\n"
+        f"    rc = main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    rc = exc.code\n"
+        f"print(json.dumps({{'rc': rc, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}), file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return json.loads(out.stderr.strip().splitlines()[-1])
+
+
+def test_help_and_the_readers_import_neither_the_lab_nor_numba(tmp_path):
+    (tmp_path / "art").mkdir()
+    art = str(tmp_path / "art")
+    assert _imported_by(["--help"], ROOT) == {"rc": 0, "heavy": []}
+    assert _imported_by(["list", "--json", "--artifacts", art], ROOT) == {"rc": 0, "heavy": []}
+    assert _imported_by(["ls", "--help"], ROOT) == {"rc": 0, "heavy": []}
+    got = _imported_by(["instances", "--json"], ROOT)  # no numba either: the table is read from text
+    assert got["rc"] == 0 and "experiments.lab" not in got["heavy"]
+
+
+def test_a_command_line_whose_first_word_is_not_the_command_still_runs_it(tmp_path, capsys):
+    """``--log-l`` is argparse's abbreviation of ``--log-level``: the first free word is its
+    value, so the command is only listed at first, and the whole parser is built for it."""
+    (tmp_path / "art").mkdir()
+    assert cli.main(["--log-l", "WARNING", "list", "--json", "--artifacts", str(tmp_path / "art")]) == 0
+    assert capsys.readouterr().out == ""  # JSON lines, one per run: none here
