@@ -131,19 +131,27 @@ class ActorRef:
         """Why the actor died (``normal``, ``shutdown``, ``killed`` or the crash), or None."""
         return self._life.reason
 
-    def tell(self, msg: dict[str, Any], *, urgent: bool = False) -> None:
-        """Send without waiting; silently dropped if the actor is dead (as in Erlang).
+    def tell(self, msg: dict[str, Any], *, urgent: bool = False) -> bool:
+        """Send without waiting; silently dropped if the actor is dead (as in Erlang). Returns
+        False when it was dropped.
 
         ``urgent``: as for :meth:`ask`."""
-        token = self._mark_urgent(msg) if urgent else None
-        if not self.tell_bytes(encode(msg if token is None else {**msg, URGENT: token})) and token is not None:
-            self._life.urgent.discard(token)
+        if not urgent:
+            return self.tell_bytes(encode(msg))
+        token, data = self._urgent(msg)
+        if self.tell_bytes(data):
+            return True
+        self._life.urgent.discard(token)
+        return False
 
-    def _mark_urgent(self, msg: dict[str, Any]) -> int:
-        """Count ``msg`` as waiting (before it is queued, so a handler never misses it)."""
+    def _urgent(self, msg: dict[str, Any]) -> tuple[int, bytes]:
+        """``msg`` encoded with a new token, counted as waiting: after the encoding (a message
+        that cannot travel raises here and counts for nothing), before it is queued (so a
+        handler never misses it)."""
         token = next(_urgent_tokens)
+        data = encode({**msg, URGENT: token})
         self._life.urgent.add(token)
-        return token
+        return token, data
 
     def tell_bytes(self, data: bytes) -> bool:
         """Send an already-encoded message (topics encode once and fan out the bytes).
@@ -189,8 +197,7 @@ class ActorRef:
         timeout = check_timeout(timeout)
         if self._life.dead:
             raise ActorDeadError(f"{self!r} is dead")
-        token = self._mark_urgent(msg) if urgent else None
-        data = encode(msg if token is None else {**msg, URGENT: token})
+        token, data = self._urgent(msg) if urgent else (None, encode(msg))
         try:
             reply = self._pref.ask(data, timeout=timeout)
         except pykka.Timeout as exc:
@@ -436,10 +443,9 @@ class Actor(pykka.ThreadingActor):
         except DecodeError as exc:
             self.dropped_undecodable += 1
             log.warning("message dropped", actor=type(self).__name__, urn=self.actor_urn, error=str(exc))
+            self._take_urgent(message)  # an urgent dict without a 'kind' waits no longer either
             return None
-        token = msg.pop(URGENT, None)
-        if token is not None:
-            self._life.urgent.discard(token)  # taken: no longer a reason for a handler to yield
+        self._take_urgent(msg)
         try:
             reply = self.on_message(msg)
         except UnknownMessage:
@@ -452,6 +458,18 @@ class Actor(pykka.ThreadingActor):
         except SystemExit as exc:
             raise self._crash_exit(exc) from exc
         return None if reply is None else encode(reply)
+
+    def _take_urgent(self, msg: Any) -> None:
+        """A message taken (or dropped) is no longer a reason for a handler to yield."""
+        if isinstance(msg, (bytes, bytearray)):
+            try:
+                msg = decode(msg)
+            except DecodeError:
+                return
+        if isinstance(msg, dict):
+            token = msg.pop(URGENT, None)
+            if isinstance(token, int):  # anything else was never a token (a hostile sender's list)
+                self._life.urgent.discard(token)
 
     def _handle_local(self, call: LocalCall) -> Any:
         try:

@@ -29,6 +29,13 @@ class BytesReceiver(Protocol):
     def tell_bytes(self, data: bytes) -> bool: ...
 
 
+class Receiver(Protocol):
+    """What a message can be sent to as a dict, urgently or not (``ActorRef.ask``): an actor
+    ref or a name in a registry. Returns False when the message was not delivered."""
+
+    def tell(self, msg: dict[str, Any], *, urgent: bool = False) -> bool: ...
+
+
 class DecodeError(ValueError):
     """Raised when bytes are not a valid message (not msgpack, or not a dict with a kind)."""
 

@@ -67,7 +67,7 @@ import orjson
 from actors.consumer import EventConsumer
 from actors.files import atomic_write
 from actors.log import get_logger
-from actors.messages import BytesReceiver, encode
+from actors.messages import Receiver
 from actors.timers import Timer, check_delay
 from telemetry.history import (
     HistoryError,
@@ -194,7 +194,7 @@ class Recorder(EventConsumer):
         maximize: tuple[str, ...] | list[str] = (),
         summary_interval: float = 5.0,
         commit_every: int = 1,
-        on_storage_failure: BytesReceiver | None = None,
+        on_storage_failure: Receiver | None = None,
         reserve_bytes: int = RESERVE_BYTES,
         history: HistoryTarget = None,
         history_buffer: int = HISTORY_BUFFER,
@@ -596,7 +596,8 @@ class Recorder(EventConsumer):
     def _tell_failure(self) -> None:
         self._told = True
         if self.on_storage_failure is not None:
-            self.on_storage_failure.tell_bytes(encode({"kind": "stop", "reason": self.storage_error}))
+            # urgent: a phase in a long step ends it now, not after the events it can no longer keep
+            self.on_storage_failure.tell({"kind": "stop", "reason": self.storage_error}, urgent=True)
 
     def _make_reserve(self) -> None:
         """Hold a little disk space back, freed on a storage failure for the final summary."""

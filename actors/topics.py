@@ -37,6 +37,15 @@ class NamedTarget:
         """Send to whoever holds the name; False if undelivered (the registry counts and logs it)."""
         return self.registry.send_bytes(self.name, data)
 
+    def tell(self, msg: dict[str, Any], *, urgent: bool = False) -> bool:
+        """Send a dict; ``urgent`` (see ``ActorRef.ask``) reaches the actor that holds the name
+        now. With none there (restarting), it is stashed like any message, as not urgent."""
+        if urgent:
+            ref = self.registry.whereis(self.name)
+            if ref is not None and ref.tell(msg, urgent=True):
+                return True
+        return self.tell_bytes(encode(msg))
+
     def queue_size(self) -> int:
         return self.registry.queue_size(self.name)
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments.coloring.phase import YIELD_ITERS
-from experiments.coloring.population import MAX_ITERS
+from experiments.coloring.phase import YIELD_ITERS, YIELD_MOVES
+from experiments.coloring.population import MAX_ITERS, MIN_ITERS
 from experiments.coloring.workload import ColoringWorkload
 from experiments.workloads.latency import LatencyWorkload
 from kernels.coloring import anneal, build_gamma, seed_rng
@@ -98,15 +98,41 @@ def test_annealing_in_chunks_draws_the_same_proposals_as_one_call(m1, m2, seed):
     assert np.array_equal(out[0][0], out[1][0]) and np.array_equal(out[0][1], out[1][1])
 
 
-def test_a_thermo_step_stops_annealing_when_the_check_says_so():
-    w, em = coloring("thermo", sweeps_per_step=10_000, replicas=4, exchange_interval=10_000)
-    w.use_interrupt(lambda: False)
-    w.step(em)  # setup; the first step exchanges (step 0), so the replicas are compared after it
-    w.use_interrupt(Check(after=1))  # yield at once: 300,000 moves per replica would be skipped
-    thermo = w.current
-    before = thermo.colors.copy()
+def test_a_cut_thermo_step_is_one_whole_round_of_every_replica():
+    """K64, 4 replicas: a step of 2 x YIELD_MOVES proposals per replica cut at once does one
+    round, draw for draw the step of exactly YIELD_MOVES that nothing cuts."""
+    k64 = {"generator": "gnp", "n": 64, "p": 1.0, "seed": 1}
+    runs = []
+    for sweeps, check in ((2 * YIELD_MOVES // 64, lambda: True), (YIELD_MOVES // 64, lambda: False)):
+        params = ColoringWorkload.check_params(
+            {
+                "graph": k64,
+                "phases": ["thermo"],
+                "gpu": "cpu",
+                "thermo": {"sweeps_per_step": sweeps, "replicas": 4},
+            }
+        )
+        w = ColoringWorkload(params, 3)
+        em = Events()
+        w.use_interrupt(check)
+        w.start(em)
+        w.step(em)  # the initial colouring and the phase's setup
+        w.step(em)  # one annealing step (one round either way)
+        runs.append(w.current.colors.copy())
+    assert np.array_equal(runs[0], runs[1])
+
+
+def test_a_population_generation_set_huge_before_its_pace_is_known_is_cut_too():
+    w, em = coloring("population", population=4, generation_s=0.05)
+    pop = w.current
+    search = pop.search
+    assert search.pace_iters is None
+    pop.set_batch(MAX_ITERS)
+    w.use_interrupt(Check(after=1))
+    it0 = search.engine.iterations
     w.step(em)
-    assert np.array_equal(thermo.colors, before)  # no replica annealed
+    assert search.engine.iterations - it0 == search.size * 2 * MIN_ITERS  # one first, short launch
+    assert em.named("step")[-1]["values"]["iters_per_chain"] == 2 * MIN_ITERS
 
 
 def test_a_population_generation_set_huge_runs_in_paced_launches():
@@ -119,9 +145,9 @@ def test_a_population_generation_set_huge_runs_in_paced_launches():
     assert search.pace_iters is not None
     pop.set_batch(MAX_ITERS)  # 10 million iterations per chain: minutes on two cores
     w.use_interrupt(Check(after=1))
-    it0 = search.engine.iterations
+    it0, pace = search.engine.iterations, search.pace_iters
     w.step(em)
-    assert 0 < search.engine.iterations - it0 <= search.size * max(search.pace_iters, 100)
+    assert search.engine.iterations - it0 == search.size * pace  # one launch at the measured pace
 
 
 def slow_call() -> dict[str, Any]:
@@ -145,10 +171,12 @@ def test_concurrent_calls_not_yet_started_are_dropped():
     w = LatencyWorkload(LatencyWorkload.check_params(params))
     em = Events()
     w.start(em)
-    w.use_interrupt(lambda: True)
+    check = Check(after=1)
+    w.use_interrupt(check)
     w.step(em)
     calls = len(em.named("call"))
     assert 1 <= calls < 20 and w.done == calls  # the ones in flight finish and are recorded
+    assert check.calls == 1  # asked once: the rest were cancelled together, not one by one
 
 
 def _spec(name: str, budget: float, phase: str, **section: Any) -> dict[str, Any]:

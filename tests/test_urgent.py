@@ -10,7 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors import Actor
-from actors.base import ActorDeadError
+from actors.base import URGENT, ActorDeadError
+from actors.messages import encode
+from actors.registry import Registry
+from actors.topics import NamedTarget
 
 
 class Busy(Actor):
@@ -124,3 +127,39 @@ def test_an_urgent_message_to_a_dead_actor_leaves_nothing_waiting():
         ref.ask({"kind": "seen"}, timeout=5, urgent=True)
     ref.tell({"kind": "note"}, urgent=True)  # dropped, as a tell to a dead actor is
     assert ref._life.urgent == set()
+
+
+def test_an_urgent_message_that_cannot_travel_or_has_no_kind_leaves_nothing_waiting():
+    ref = Busy.start()
+    try:
+        with pytest.raises(TypeError):
+            ref.tell({"kind": "note", "v": object()}, urgent=True)  # cannot be encoded: never sent
+        with pytest.raises(TypeError):
+            ref.ask({"kind": "note", "why": "\udcff"}, timeout=5, urgent=True)  # a lone surrogate
+        assert ref.tell({"no": "kind"}, urgent=True)  # sent, then dropped on receipt
+        ref.tell_bytes(encode({"kind": "note", URGENT: [1, 2]}))  # a token that is none: no crash
+        assert ref.ask({"kind": "seen"}, timeout=30) == [{"kind": "note"}]
+        assert ref._life.urgent == set() and ref.is_alive()
+    finally:
+        ref.stop(timeout=30)
+
+
+def test_an_urgent_message_to_a_registered_name_reaches_the_actor_holding_it():
+    registry = Registry()
+    ref = Busy.start()
+    actor = Busy.last
+    assert actor is not None
+    registry.register("worker", ref)
+    target = NamedTarget("worker", registry)
+    try:
+        done: list[Any] = []
+        t = threading.Thread(target=lambda: done.append(ref.ask({"kind": "work", "limit": 10**9}, timeout=120)))
+        t.start()
+        assert actor.entered.wait(30)
+        assert target.tell({"kind": "note", "v": 1}, urgent=True)
+        t.join(120)
+        assert done and done[0]["yielded"] is True
+        assert ref.ask({"kind": "seen"}, timeout=30) == [{"kind": "note", "v": 1}]
+    finally:
+        ref.stop(timeout=30)
+    assert not NamedTarget("nobody", registry).tell({"kind": "note"}, urgent=True)  # undelivered, counted

@@ -8,11 +8,12 @@ When an outcome carries a solution the pipeline records it and calls
 population does). Either call may return a solution found while setting up.
 
 A step's work goes in chunks (:data:`YIELD_ITERS` TabuCol iterations, :data:`YIELD_MOVES`
-annealing proposals, a generation's pace for the population), and between two chunks the
-phase asks ``ctx.should_yield()``: when a pause, a stop or a parameter change waits, or the
-budget is used, the step ends there with the work it has done. A step no larger than one
-chunk is one kernel call, draw for draw as before; a larger one is the same search cut into
-calls, so a seeded run that is never interrupted is still reproducible.
+annealing proposals per replica, a generation's pace for the population), and between two
+chunks the phase asks ``ctx.should_yield()``: when a pause, a stop or a parameter change
+waits, or the budget is used, the step ends there with the work it has done (at least one
+chunk). A step no larger than one chunk is one kernel call, draw for draw as before; a larger
+one is several calls with their own draws, and a seeded run that nothing cuts is still
+reproducible.
 """
 
 from __future__ import annotations

@@ -161,16 +161,19 @@ class PopulationSearch:
         """One generation; returns a colouring with 0 conflicts at k when a chain found one.
 
         A generation larger than the pace asks for (``set_batch``) runs in launches of about
-        ``generation_s`` each, and ends early when ``should_yield()`` says so."""
+        ``generation_s`` each (of ``2 * MIN_ITERS`` until the pace is measured), and ends early
+        when ``should_yield()`` says so."""
         t0 = time.perf_counter()
         it0 = self.engine.iterations
-        chunk = self.iters if self.pace_iters is None else max(MIN_ITERS, min(self.iters, self.pace_iters))
         try:
             left = self.iters
-            while True:
-                self.f, self.best_f = self.engine.run(min(left, chunk))
-                left -= chunk
-                if left <= 0 or int(self.best_f.min()) == 0 or should_yield():
+            while left > 0:
+                part = min(left, 2 * MIN_ITERS if self.pace_iters is None else self.pace_iters)
+                c0, i0 = time.perf_counter(), self.engine.iterations
+                self.f, self.best_f = self.engine.run(part)
+                self._measure(self.engine.iterations - i0, time.perf_counter() - c0)
+                left -= part
+                if int(self.best_f.min()) == 0 or should_yield():
                     break
         except Exception as exc:  # a device failure of any kind: go on on the CPU (re-raised on the CPU)
             if self.engine.device != "gpu":
@@ -181,13 +184,11 @@ class PopulationSearch:
         done = self.engine.iterations - it0
         self.generation += 1
         self.age += 1
-        self.last = {"iterations": float(done), "iters_per_s": done / dt, "iters_per_chain": float(self.iters)}
-        # the work per generation follows the chains' measured pace, so that a generation lasts
-        # about generation_s (at most twice the last amount: a quick generation says little)
-        pace = done / self.size / dt
-        want = float(self.p["generation_s"]) * pace
-        self.pace_iters = int(min(MAX_ITERS, max(MIN_ITERS, want)))
-        self.iters = int(min(MAX_ITERS, max(MIN_ITERS, min(want, 2 * self.iters))))
+        self.last = {"iterations": float(done), "iters_per_s": done / dt, "iters_per_chain": done / self.size}
+        # the next generation's work follows the measured pace (at most twice this one's: a
+        # quick generation says little), so that it lasts about generation_s
+        assert self.pace_iters is not None
+        self.iters = int(min(MAX_ITERS, max(MIN_ITERS, min(self.pace_iters, 2 * self.iters))))
         if int(self.best_f.min()) == 0:
             winner = int(np.argmin(self.best_f))
             c = self.engine.best_rows([winner])[0].astype(np.int32)
@@ -202,6 +203,11 @@ class PopulationSearch:
             )
         self._crossover()
         return None
+
+    def _measure(self, done: int, dt: float) -> None:
+        """The iterations per chain that take generation_s at the pace of the launch just done."""
+        pace = done / self.size / max(dt, 1e-9)
+        self.pace_iters = int(min(MAX_ITERS, max(MIN_ITERS, float(self.p["generation_s"]) * pace)))
 
     def _fall_back(self, exc: Exception) -> None:
         """The device failed mid-phase (out of memory, a lost device): the search goes on on

@@ -103,11 +103,15 @@ class Thermo(ColoringPhase):
             colors = to_numpy(xp, self.xc)
         else:
             colors = self.colors
-            for i in range(colors.shape[0]):  # chunks draw the same proposals as one call would
-                beta, left = float(betas[i]), moves
-                while left > 0 and not self.ctx.should_yield():
-                    anneal(g.indptr, g.indices, self.k, colors[i], self.gammas[i], beta, min(left, YIELD_MOVES))
-                    left -= YIELD_MOVES
+            # rounds of at most YIELD_MOVES proposals per replica, every replica in each round, so
+            # that a step cut short leaves the temperatures with equal work; one round when the
+            # step is no larger, the same proposals as before
+            for done in range(0, moves, YIELD_MOVES):
+                if done and self.ctx.should_yield():
+                    break
+                for i in range(colors.shape[0]):
+                    part = min(moves - done, YIELD_MOVES)
+                    anneal(g.indptr, g.indices, self.k, colors[i], self.gammas[i], float(betas[i]), part)
             energies = np.array([count_conflicts(g.indptr, g.indices, c) for c in colors])
         best = self.f = int(energies.min())
         if best == 0:

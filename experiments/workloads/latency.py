@@ -198,9 +198,10 @@ class LatencyWorkload:
         if workers > 1:  # N calls in flight at once: the target measured under that load
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="latency-call") as pool:
                 calls = [pool.submit(self._timed) for _ in range(n)]
-                timed = []
+                timed, cut = [], False
                 for c in calls:
-                    if timed and self._should_yield():  # the calls not yet started are dropped
+                    if timed and not cut and self._should_yield():  # the calls not yet started are dropped
+                        cut = True
                         for rest in calls:
                             rest.cancel()
                     if not c.cancelled():
