@@ -648,9 +648,12 @@ class Experiment:
         message can carry (an integer past 64 bits, an object): the phase is told only that
         it was refused, and why."""
         self._check_live("set a parameter")
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"a control's key must be a non-empty string, got {key!r}")
-        msg = {"kind": "set_param", "key": key, "value": value, "why": str(why), "event": "control"}
+        if not isinstance(key, str) or not key or not key.isprintable() or len(key) > 200:
+            raise ValueError(
+                f"a control's key must be a non-empty printable string of at most 200 characters, got {key!r:.200}"
+            )
+        why = str(why).encode("utf-8", "backslashreplace").decode()[:500]  # a note: kept, made printable
+        msg = {"kind": "set_param", "key": key, "value": value, "why": why, "event": "control"}
         try:
             encode({"value": value})
         except TypeError as exc:  # what no message can carry (2**64, an object): refused, and recorded so

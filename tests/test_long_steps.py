@@ -212,7 +212,9 @@ def test_pause_set_and_stop_reach_a_phase_in_a_step_of_many_minutes(tmp_path, ph
         exp.pause()  # answered within its 30 s ask, not after the step's minutes
         assert exp.status() == "paused"
         exp.resume()
-        exp.set_param("set_tenure", 0.9, why="test")
+        exp.set_param("set_tenure", 0.9, why="a note with a lone surrogate \udcff")  # kept, escaped
+        with pytest.raises(ValueError, match="printable string"):
+            exp.set_param("set_tenure\udcff", 0.9)
         exp.stop(timeout=60)
         assert exp.reason == "stopped"
         assert exp.summary()["active_duration"] < 600
