@@ -79,9 +79,14 @@ class KeyReused(ValueError):
     """An idempotency key sent again with a different submission (HTTP 422)."""
 
 
-def _digest(raw: dict[str, Any], overrides: list[str], experiment_id: str | None) -> str:
-    """What a repeated submission must match: the spec, its overrides and the id asked for."""
-    body = orjson.dumps([raw, overrides, experiment_id], option=orjson.OPT_SORT_KEYS, default=str)
+def _digest(raw: dict[str, Any], overrides: list[str], experiment_id: str | None) -> str | None:
+    """What a repeated submission must match: the spec, its overrides and the id asked for, as
+    they were sent. None when they cannot even be serialised (an integer past 64 bits, nesting
+    past orjson's limit): such a submission is invalid, and validating it says why."""
+    try:
+        body = orjson.dumps([raw, overrides, experiment_id], option=orjson.OPT_SORT_KEYS, default=str)
+    except (TypeError, orjson.JSONEncodeError):
+        return None
     return hashlib.sha256(body).hexdigest()
 
 
@@ -334,9 +339,16 @@ class LabService:
         overrides = list(overrides or [])
         if not all(isinstance(o, str) for o in overrides):
             raise SpecError(f"--set: each override must be a 'key=value' string, got {overrides!r}")
-        full = self.admission.load(raw, overrides or None, "submitted spec")
-        # after the checks: what they pass (64-bit integers, bounded depth) always serialises
         digest = _digest(raw, overrides, experiment_id) if key is not None else ""
+        if key is not None and digest is not None:
+            # a retry is answered before it is validated again: a data file removed since, or a
+            # daemon restarted with other folders or targets, must not turn its answer into a 400
+            with self._lock:
+                if key in self._keys:
+                    return self._repeated(key, self._keys[key], digest)
+        full = self.admission.load(raw, overrides or None, "submitted spec")
+        if digest is None:  # what the checks pass (64-bit integers, bounded depth) serialises
+            digest = _digest(raw, overrides, experiment_id) or ""
         try:
             base = check_experiment_id(experiment_id if experiment_id is not None else full["name"])
         except ValueError as exc:

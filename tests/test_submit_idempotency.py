@@ -68,6 +68,36 @@ def test_a_repeated_key_gets_the_first_entry_and_queues_nothing(tmp_path):
         again.shutdown()
 
 
+def test_a_retry_is_answered_before_it_is_validated_again(tmp_path):
+    """The first try was admitted; what the retry would now be refused for (its data file
+    removed, a daemon restarted without the data folder) must not turn its answer into a 400."""
+    data = tmp_path / "graphs"
+    data.mkdir()
+    graph = data / "tiny.col"
+    graph.write_text("p edge 3 2\ne 1 2\ne 2 3\n")
+    spec = test_daemon._colour_spec("tiny", str(graph))
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1, data_dirs=[data])
+    try:
+        first = service.submit(spec, key="k-1")
+        graph.unlink()
+        again = service.submit(spec, key="k-1")
+        assert (again["id"], again["repeated"]) == (first["id"], True)
+        with pytest.raises(SpecError):  # a new submission of it is checked, and refused
+            service.submit(spec, key="k-2")
+        with pytest.raises(KeyReused):  # another submission under the key is still refused first
+            service.submit(spec, ["seed=3"], key="k-1")
+    finally:
+        service.shutdown()
+    restarted = LabService(art, max_running=1)  # no data folder any more
+    try:
+        assert restarted.submit(spec, key="k-1")["id"] == first["id"]
+        assert restarted.list(history=False) == []  # nothing queued or started by the retry
+        assert not (art / "tiny-2").exists()
+    finally:
+        restarted.shutdown()
+
+
 def test_the_same_key_sent_at_once_from_many_threads_makes_one_experiment(tmp_path):
     service = LabService(tmp_path / "art", max_running=1)
     answers: list[dict] = []
