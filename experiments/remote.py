@@ -36,6 +36,7 @@ from actors.log import get_logger
 from actors.messages import decode, decode_message, encode
 from actors.snapshot import MAX_AGE_S, WAIT_S
 from actors.supervision import GIVE_UP, MAX_INTENSITY, RESTART, TooManyChildren, decide, within_intensity
+from actors.topics import NamedTarget
 from experiments.lab import (
     AlreadyPaused,
     Experiment,
@@ -405,13 +406,17 @@ class TreeHost:
 
         def go() -> Any:
             ref = self._live().registry.whereis(str(m["name"]))
-            return None if ref is None else ref.ask(m["msg"], timeout=float(m.get("timeout") or 30))
+            if ref is None:
+                return None
+            return ref.ask(m["msg"], timeout=float(m.get("timeout") or 30), urgent=m.get("urgent") is True)
 
         return self._reply(go)
 
     def send(self, data: bytes) -> bytes:
         """Send to a named actor of the tree; False when no actor took it (counted as undelivered)."""
         m = decode_message(data)
+        if m.get("urgent") is True:
+            return self._reply(lambda: NamedTarget(str(m["name"]), self._live().registry).tell(m["msg"], urgent=True))
         return self._reply(lambda: self._live().registry.send(str(m["name"]), m["msg"]))
 
     def inspect(self, data: bytes) -> bytes:
@@ -470,11 +475,13 @@ class _Ref:
     def __init__(self, exp: RemoteExperiment, name: str) -> None:
         self.exp, self.name = exp, name
 
-    def ask(self, msg: dict[str, Any], timeout: float | None = 30) -> Any:
-        return self.exp._host_call("ask", {"name": self.name, "msg": msg, "timeout": timeout}, (timeout or 30) + 5)
+    def ask(self, msg: dict[str, Any], timeout: float | None = 30, *, urgent: bool = False) -> Any:
+        """As ``ActorRef.ask``, ``urgent`` included (the host marks it on its side)."""
+        call = {"name": self.name, "msg": msg, "timeout": timeout, "urgent": urgent}
+        return self.exp._host_call("ask", call, (timeout or 30) + 5)
 
-    def tell(self, msg: dict[str, Any]) -> bool:
-        return bool(self.exp._host_call("send", {"name": self.name, "msg": msg}))
+    def tell(self, msg: dict[str, Any], *, urgent: bool = False) -> bool:
+        return bool(self.exp._host_call("send", {"name": self.name, "msg": msg, "urgent": urgent}))
 
     def is_alive(self) -> bool:
         return bool(self.exp._host_call("inspect", {"what": "alive", "name": self.name}))

@@ -133,6 +133,9 @@ def test_the_remote_experiment_answers_reads_and_queries_like_a_local_one(lab):
     assert s["events_persisted"] > 200 and s["stale"] is False
     assert exp.metrics(max_age=0, wait=10)["events"] > 0
     assert exp.phase_status(max_age=0, wait=10)["steps"] > 0
+    phase = exp.registry.whereis("phase")  # urgent messages are marked on the host's side
+    assert phase.ask({"kind": "status"}, timeout=30, urgent=True)["steps"] > 0
+    assert phase.tell({"kind": "note", "name": "remote_note"}, urgent=True)
     rows = exp.query_window(["last_n", 5])
     assert len(rows) == 5
     with pytest.raises(QueryError):
