@@ -120,10 +120,16 @@ def _command_in(argv: Sequence[str] | None) -> str | None:
     for i, word in enumerate(words):
         if word.startswith("-"):
             continue
-        if i > 0 and words[i - 1] == "--log-level":  # the global option's value
+        if i > 0 and _is_log_level(words[i - 1]):  # the global option's value
             continue
         return word if word.isascii() and word.isalpha() else None
     return None
+
+
+def _is_log_level(word: str) -> bool:
+    """``--log-level`` or an abbreviation argparse takes for it (``--log-l``: ``--log`` alone
+    is ambiguous with ``--log-json``)."""
+    return len(word) > len("--log-") and "--log-level".startswith(word)
 
 
 def _hold_standard_fds() -> list[str]:

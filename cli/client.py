@@ -16,6 +16,7 @@ import orjson
 
 from cli.commands import help_of
 from cli.errors import EXIT_FAILED, EXIT_OK, UsageError
+from experiments.validate import tree_problem
 
 
 def client(args: argparse.Namespace) -> Any:
@@ -40,6 +41,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = Path(args.spec)
     if not spec.is_file():
         raise UsageError(f"spec {args.spec!r}: {'a folder, not a file' if spec.is_dir() else 'no such file'}")
+    bad = tree_problem({"--set": args.set or [], "--id": args.id})  # what no request can carry
+    if bad is not None:
+        raise UsageError(f"{bad[0]}: {bad[1]}")
     with client(args) as c:
         entry = _call(c.submit, spec, args.set or [], args.id, args.key)
     sys.stdout.write(orjson.dumps(entry).decode() + "\n")
@@ -47,7 +51,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # (without --key, or after the client's own retry, the repeat may well be this very submission)
         sys.stderr.write(f"crucible submit: already submitted with this --key, as {entry['id']}\n")
     if entry.get("status") == "failed":  # taken, then could not start: a script must see that nothing runs
-        sys.stderr.write(f"crucible submit: {entry['id']} could not start: {entry.get('reason') or 'failed'}\n")
+        reason = str(entry.get("reason") or "failed").removeprefix("could not start: ")
+        sys.stderr.write(f"crucible submit: {entry['id']} could not start: {reason}\n")
         return EXIT_FAILED
     return EXIT_OK
 

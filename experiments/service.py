@@ -364,7 +364,7 @@ class LabService:
                 self._keys[key] = {"id": item["id"], "digest": digest}
             try:
                 self._save_queue()
-            except OSError:
+            except Exception:  # a full disk, or what the file cannot hold: as if never submitted
                 self._queue.pop()
                 self._keys.pop(key or "", None)
                 raise
@@ -414,7 +414,7 @@ class LabService:
             self._queue.pop(0)
             try:
                 self._save_queue()  # after the start: a crash in between finds its folder (see _load_queue)
-            except OSError as exc:  # a full disk: the queue in memory is right; the next save writes it
+            except Exception as exc:  # noqa: BLE001 - a full disk: the queue in memory is right; the next save writes it
                 log.error("queue file not rewritten", path=str(self.queue_file), error=str(exc))
             if exp is not None:
                 log.info("queued experiment started", experiment=exp.id, run_id=exp.run_id)
@@ -521,7 +521,7 @@ class LabService:
                 self._ended[exp_id] = {"status": "cancelled", "reason": "stopped while queued"}
                 try:
                     self._save_queue()
-                except OSError:
+                except Exception:  # a full disk: still queued, as it was
                     self._queue.insert(k, item)
                     del self._ended[exp_id]
                     raise

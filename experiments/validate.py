@@ -12,7 +12,8 @@ same way in each place it is used:
 * :meth:`Num.arg` is an ``argparse`` ``type=``: command-line flags.
 
 :func:`tree_problem` applies the two rules that hold for every number anywhere in a spec,
-free-form tables included (finite; integers within signed 64 bits), and
+free-form tables included (finite; integers within signed 64 bits), and the one for every
+string and key (valid text: no lone surrogate), and
 :func:`read_text` reads a user's text file with one clear error for every way that fails.
 """
 
@@ -129,12 +130,20 @@ SECONDS = Num(0.001, YEAR_S)
 
 def tree_problem(data: Any, path: str = "") -> tuple[str, str] | None:
     """The first number anywhere in ``data`` (dicts and lists, walked) that is not finite or
-    does not fit in 64 bits, as ``(dotted path, problem)``; None when every number is fine."""
+    does not fit in 64 bits, or string (a value or a key) that is not valid text, as ``(dotted
+    path, problem)``; None when every one is fine. Not valid text: a lone surrogate, which is
+    what a command-line argument or a JSON ``\\ud800`` escape that is not UTF-8 becomes, and
+    which no file, message or database can hold."""
     stack: list[tuple[str, Any]] = [(path, data)]
     while stack:
         where, v = stack.pop()
         if isinstance(v, dict):
+            for k in v:
+                if isinstance(k, str) and not _is_text(k):
+                    return f"{where}.{k!a}" if where else ascii(k), "a key that is not valid text (not UTF-8)"
             stack.extend((f"{where}.{k}" if where else str(k), x) for k, x in reversed(list(v.items())))
+        elif isinstance(v, str) and not _is_text(v):
+            return where, f"not valid text (not UTF-8): {brief(ascii(v), 80)}"
         elif isinstance(v, (list, tuple)):
             stack.extend((f"{where}[{i}]", x) for i, x in reversed(list(enumerate(v))))
         elif isinstance(v, float) and not math.isfinite(v):
@@ -142,6 +151,14 @@ def tree_problem(data: Any, path: str = "") -> tuple[str, str] | None:
         elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
             return where, f"must fit in 64 bits (at most {INT64_MAX} in size), got {v!r:.200}"
     return None
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def brief(text: str, limit: int = 60) -> str:

@@ -78,3 +78,32 @@ def test_a_command_line_whose_first_word_is_not_the_command_still_runs_it(tmp_pa
     (tmp_path / "art").mkdir()
     assert cli.main(["--log-l", "WARNING", "list", "--json", "--artifacts", str(tmp_path / "art")]) == 0
     assert capsys.readouterr().out == ""  # JSON lines, one per run: none here
+
+
+def test_an_abbreviated_log_level_s_value_is_not_taken_for_the_command():
+    from cli import _command_in
+
+    assert _command_in(["--log-l", "DEBUG", "list"]) == "list"
+    assert _command_in(["--log-level", "DEBUG", "list"]) == "list"
+    assert _command_in(["--log", "DEBUG", "list"]) == "DEBUG"  # ambiguous for argparse too: its error
+    assert _command_in(["--log-json", "ls"]) == "ls"
+
+
+def test_a_submission_that_could_not_start_is_said_once(monkeypatch, tmp_path, capsys):
+    import cli.client
+
+    class Failed:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, *args):
+            return {"id": "x", "status": "failed", "reason": "could not start: no such graph"}
+
+    monkeypatch.setattr(cli.client, "client", lambda args: Failed())
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "x"\n')
+    assert cli.main(["submit", str(spec), "--to", "http://127.0.0.1:1/"]) == 1
+    assert capsys.readouterr().err == "crucible submit: x could not start: no such graph\n"

@@ -727,3 +727,34 @@ def test_dsatur_matches_the_reference_on_larger_graphs(n, p, seed):
 def test_dsatur_on_the_largest_graph_of_isolated_vertices():
     g = from_edges(MAX_VERTICES, np.empty((0, 2), dtype=np.int64))
     assert not dsatur(g.indptr, g.indices).any()  # one colour: every vertex 0
+
+
+def test_a_resumed_phase_goes_on_counting_its_steps():
+    """A phase's step count (thermo's max_steps, the events' step numbers) survives a
+    checkpoint: a run resumed after a crash does not get a fresh step budget in its phase."""
+    import orjson
+
+    from tests.test_coloring_memetic import Events
+
+    params = ColoringWorkload.check_params(
+        {
+            "graph": {"generator": "gnp", "n": 60, "p": 0.5, "seed": 4},
+            "phases": ["thermo", "tabu"],
+            "gpu": "cpu",
+            "thermo": {"max_steps": 8, "sweeps_per_step": 1, "replicas": 2},
+        }
+    )
+    w, em = ColoringWorkload(params, 1), Events()
+    w.start(em)
+    for _ in range(6):  # the initial colouring, then five thermo steps
+        w.step(em)
+    assert w.phase == "thermo" and w.current.steps == 5
+    state = orjson.loads(orjson.dumps(w.checkpoint()))
+    again, em2 = ColoringWorkload(params, 1), Events()
+    again.restore(state)
+    again.start(em2)
+    assert again.phase == "thermo" and again.current.steps == 5
+    for _ in range(3):
+        again.step(em2)
+    assert again.phase == "tabu"  # thermo's last three of eight steps, not eight more
+    assert [e["step"] for e in em2.named("step", "thermo")] == [6, 7, 8]

@@ -154,3 +154,49 @@ def test_a_json_body_nested_past_the_readers_stack_is_a_400_not_a_500(daemon):
     body = ('{"spec":{"name":"deep","metadata":' + '{"a":' * n + "{}" + "}" * n + "}}").encode()
     resp = http.post("api/experiments", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 400 and "nested too deep" in resp.json()["error"]
+
+
+@pytest.mark.parametrize("key", [None, "sur-1"])
+def test_a_string_that_is_not_text_is_a_400_and_the_queue_goes_on(daemon, key):
+    """A JSON ``\\ud800`` escape is a lone surrogate in Python: no file can hold it. It used to
+    pass validation, fail the queue's save with a TypeError (a 500) and stay in the queue in
+    memory, so every later save failed and nothing started again."""
+    http = httpx.Client(base_url=daemon.url, headers={"Authorization": f"Bearer {daemon.token}"}, timeout=30)
+    headers = {"content-type": "application/json", **({IDEMPOTENCY_HEADER: key} if key else {})}
+    for body in (
+        b'{"spec": {"name": "sur", "hypothesis": "x\\ud800", "time_budget_s": 2}}',
+        b'{"spec": {"name": "sur", "metadata": {"k\\udcff": 1}, "time_budget_s": 2}}',
+        b'{"spec": {"name": "sur", "time_budget_s": 2}, "set": ["hypothesis=caf\\udce9"]}',
+    ):
+        resp = http.post("api/experiments", content=body, headers=headers)
+        assert resp.status_code == 400 and "not valid text" in resp.json()["error"], resp.text
+    c = daemon.client()
+    ok = c.submit(latency_spec(f"after-sur-{key}", budget=0.5))
+    assert ok["id"] == f"after-sur-{key}"
+    queued = orjson.loads((daemon.artifacts / QUEUE_FILE).read_bytes())
+    assert not any(i["id"].startswith("sur") for i in queued["queue"])
+    until(lambda: statuses(c).get(ok["id"], ("",))[0] not in ("queued", "running"), what="the next submission to run")
+
+
+def test_a_queue_save_that_fails_in_any_way_leaves_the_submission_out(tmp_path, monkeypatch):
+    service = LabService(tmp_path / "art", max_running=1)
+    try:
+        real = service._save_queue
+        monkeypatch.setattr(service, "_save_queue", lambda: (_ for _ in ()).throw(TypeError("cannot hold it")))
+        with pytest.raises(TypeError):
+            service.submit(latency_spec("lost", budget=0.2), key="t-1")
+        monkeypatch.setattr(service, "_save_queue", real)
+        assert service.list(history=False) == [] and "t-1" not in service._keys
+        assert service.submit(latency_spec("kept", budget=0.2), key="t-1")["id"] == "kept"
+    finally:
+        service.shutdown()
+
+
+def test_a_command_line_value_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "s"\ntime_budget_s = 0.2\n[workload]\nname = "latency"\n')
+    with pytest.raises(SystemExit) as exit_:  # what the shell hands over for $'caf\xe9'
+        main(["run", str(spec), "--set", "hypothesis=caf\udce9", "--artifacts", str(tmp_path / "art"), "--no-live"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "hypothesis" in err and "not valid text" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "art").exists()

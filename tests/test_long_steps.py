@@ -179,6 +179,23 @@ def test_concurrent_calls_not_yet_started_are_dropped():
     assert check.calls == 1  # asked once: the rest were cancelled together, not one by one
 
 
+def test_a_concurrent_step_of_many_calls_queues_them_as_calls_end():
+    """100,000 quick calls, 8 at a time, cut at the first call: no more than two per worker were
+    ever queued, so the cut step recorded at most those (all 100,000 used to be queued first)."""
+    params = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 100_000, "concurrency": 8}
+    w = LatencyWorkload(LatencyWorkload.check_params(params))
+    em = Events()
+    w.start(em)
+    w.use_interrupt(lambda: True)
+    w.step(em)
+    assert 1 <= w.done <= 16 and len(em.named("call")) == w.done
+    w.use_interrupt(lambda: False)
+    w.p["calls_per_step"] = 500
+    w.step(em)
+    assert len(em.named("call")) == w.done and w.done >= 501  # uncut: every call, in order
+    assert [e["step"] for e in em.named("call")] == list(range(1, w.done + 1))
+
+
 def _spec(name: str, budget: float, phase: str, **section: Any) -> dict[str, Any]:
     return {
         "name": name,

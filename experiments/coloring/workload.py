@@ -192,6 +192,7 @@ class ColoringWorkload:
         self._improved = False  # a new best since the last step event (reported with the next one)
         self._gpu_context: tuple[str | None, str | None] = (None, None)  # what the emitter was last told
         self._graph_digest: str | None = None  # the graph's fingerprint, once a checkpoint needs it
+        self._resume_steps = 0  # the current phase's steps when the checkpoint restored was taken
 
     # --- protocol ---------------------------------------------------------------------------------
 
@@ -221,6 +222,8 @@ class ColoringWorkload:
         self._set_gpu_context(emitter)
         if self.best is not None:
             self._enter_phase(max(self.phase_idx, 0), emitter, "resumed from checkpoint")
+            if self.current is not None:  # the phase goes on: its step count too (not for init)
+                self.current.steps = self._resume_steps
 
     @property
     def phase(self) -> str:
@@ -322,6 +325,8 @@ class ColoringWorkload:
             "pass_start_best": self.pass_start_best,
             "external_tenure": self.ctx.external_tenure,
             "graph": {"n": self.g.n, "m": self.g.m, "fingerprint": self._fingerprint()},
+            # the phase's own step count: its max_steps and its events' step numbers go on
+            "phase_steps": self.current.steps if self.current is not None else 0,
         }
 
     def _fingerprint(self) -> str:
@@ -374,6 +379,8 @@ class ColoringWorkload:
         self.pass_t0 = now - float(state.get("pass_elapsed_s", 0.0))
         self.pass_start_best = int(state.get("pass_start_best", self.best_k))
         self.ctx.external_tenure = bool(state.get("external_tenure", False))
+        steps = state.get("phase_steps", 0)
+        self._resume_steps = steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 0
         for s in PHASES:
             self.p[s].update(state.get("params", {}).get(s, {}))
 

@@ -22,8 +22,9 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from experiments.validate import Num
@@ -183,6 +184,26 @@ class LatencyWorkload:
         the budget is used): a step of many slow calls never holds them up."""
         self._should_yield = check
 
+    def _concurrent(self, n: int, workers: int) -> list[tuple[float, Any, bool, str | None]]:
+        """``n`` calls, ``workers`` at a time, in order. A call is queued only as one ends (two
+        per worker wait at most), so a step of many calls is cut at its next call too: the
+        calls in flight finish and are recorded, no more start."""
+        timed: list[tuple[float, Any, bool, str | None]] = []
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="latency-call") as pool:
+            pending: deque[Future[tuple[float, Any, bool, str | None]]] = deque()
+            left = n
+            while left and len(pending) < 2 * workers:
+                pending.append(pool.submit(self._timed))
+                left -= 1
+            while pending:
+                timed.append(pending.popleft().result())
+                if left and self._should_yield():
+                    left = 0
+                elif left:
+                    pending.append(pool.submit(self._timed))
+                    left -= 1
+        return timed
+
     def _sequential(self, n: int) -> Iterator[tuple[float, Any, bool, str | None]]:
         for i in range(n):
             if i and self._should_yield():  # at least one call per step
@@ -196,16 +217,7 @@ class LatencyWorkload:
             n = max(0, min(n, limit - self.done))
         workers = min(self.p["concurrency"], n)
         if workers > 1:  # N calls in flight at once: the target measured under that load
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="latency-call") as pool:
-                calls = [pool.submit(self._timed) for _ in range(n)]
-                timed, cut = [], False
-                for c in calls:
-                    if timed and not cut and self._should_yield():  # the calls not yet started are dropped
-                        cut = True
-                        for rest in calls:
-                            rest.cancel()
-                    if not c.cancelled():
-                        timed.append(c.result())
+            timed = self._concurrent(n, workers)
         else:
             timed = self._sequential(n)
         for ms, result, ok, notes in timed:
