@@ -155,24 +155,25 @@ def slow_call() -> dict[str, Any]:
     return {}
 
 
-def test_a_latency_step_stops_between_calls():
-    params = {"target": "tests.test_long_steps:slow_call", "calls_per_step": 50}
+def latency(check: Any, **params: Any) -> tuple[LatencyWorkload, Events]:
+    """A started latency workload that asks ``check`` between its calls."""
     w = LatencyWorkload(LatencyWorkload.check_params(params))
     em = Events()
     w.start(em)
-    check = Check(after=2)
     w.use_interrupt(check)
+    return w, em
+
+
+def test_a_latency_step_stops_between_calls():
+    check = Check(after=2)
+    w, em = latency(check, target="tests.test_long_steps:slow_call", calls_per_step=50)
     w.step(em)
     assert len(em.named("call")) == 2 and w.done == 2  # the first call always; the second check said stop
 
 
 def test_concurrent_calls_not_yet_started_are_dropped():
-    params = {"target": "tests.test_long_steps:slow_call", "calls_per_step": 200, "concurrency": 2}
-    w = LatencyWorkload(LatencyWorkload.check_params(params))
-    em = Events()
-    w.start(em)
     check = Check(after=1)
-    w.use_interrupt(check)
+    w, em = latency(check, target="tests.test_long_steps:slow_call", calls_per_step=200, concurrency=2)
     w.step(em)
     calls = len(em.named("call"))
     assert 1 <= calls < 20 and w.done == calls  # the ones in flight finish and are recorded
@@ -182,11 +183,7 @@ def test_concurrent_calls_not_yet_started_are_dropped():
 def test_a_concurrent_step_of_many_calls_queues_them_as_calls_end():
     """100,000 quick calls, 8 at a time, cut at the first call: no more than two per worker were
     ever queued, so the cut step recorded at most those (all 100,000 used to be queued first)."""
-    params = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 100_000, "concurrency": 8}
-    w = LatencyWorkload(LatencyWorkload.check_params(params))
-    em = Events()
-    w.start(em)
-    w.use_interrupt(lambda: True)
+    w, em = latency(lambda: True, target="math:sqrt", args=[2.0], calls_per_step=100_000, concurrency=8)
     w.step(em)
     assert 1 <= w.done <= 16 and len(em.named("call")) == w.done
     w.use_interrupt(lambda: False)
