@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from experiments.coloring.phase import YIELD_ITERS, ColoringPhase, Outcome
-from kernels.coloring import build_gamma, count_conflicts, gpx, tabucol
+from experiments.coloring.phase import ColoringPhase, Outcome
+from kernels.coloring import build_gamma, count_conflicts, gpx
 
 
 class Memetic(ColoringPhase):
@@ -27,27 +27,12 @@ class Memetic(ColoringPhase):
     def _local(self, c: np.ndarray, iters: int) -> tuple[np.ndarray, int]:
         g, t = self.ctx.g, self.ctx.p["tabu"]
         gamma = build_gamma(g.indptr, g.indices, c, self.k)
-        tabu = np.zeros((g.n, self.k), dtype=np.int32)  # local_iters <= 10**9: no rebase needed
+        tabu = np.zeros((g.n, self.k), dtype=np.int32)
         best = c.copy()
-        bf, it = 1 << 30, 0
-        while it < iters:  # chunks: a pause or a stop never waits for a huge local search
-            done, f, bf = tabucol(
-                g.indptr,
-                g.indices,
-                self.k,
-                c,
-                gamma,
-                tabu,
-                it,
-                min(iters - it, YIELD_ITERS),
-                t["tenure_a"],
-                t["tenure_alpha"],
-                best,
-                bf,
-            )
-            it += done
-            if f == 0 or self.ctx.should_yield():
-                break
+        # chunked: a pause or a stop never waits for a huge local search
+        _, _, bf, _ = self.ctx.tabucol(
+            self.k, c, gamma, tabu, 0, iters, (t["tenure_a"], t["tenure_alpha"]), best, 1 << 30
+        )
         return best, int(bf)
 
     def setup(self, k: int, base: np.ndarray) -> np.ndarray | None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from experiments.coloring.graph import Graph
 from experiments.coloring.params import check_number
-from kernels.coloring import reduce_colors
+from kernels.coloring import TABU_REBASE, rebase_tabu, reduce_colors, tabucol
 
 YIELD_ITERS = 1 << 16  # TabuCol iterations between two looks at ctx.should_yield (tens of ms)
 YIELD_MOVES = 1 << 18  # annealing proposals between two looks
@@ -62,6 +62,36 @@ class PhaseContext:
         if k < 1:
             return c.copy()
         return reduce_colors(self.g.indptr, self.g.indices, c[None, :], k)[0]
+
+    def tabucol(
+        self,
+        k: int,
+        colors: np.ndarray,
+        gamma: np.ndarray,
+        tabu: np.ndarray,
+        clock: int,
+        iters: int,
+        tenure: tuple[int, float],
+        best: np.ndarray,
+        best_f: int,
+    ) -> tuple[int, int, int, int]:
+        """Up to ``iters`` TabuCol iterations (:func:`kernels.coloring.tabucol`) in chunks of
+        :data:`YIELD_ITERS`, ending at 0 conflicts or at the chunk where :attr:`should_yield`
+        says so. ``clock`` is the tabu table's iteration number (rebased before it overflows
+        int32). Returns (iterations done, conflicts now, best conflicts, clock)."""
+        g, total = self.g, 0
+        while True:
+            if clock > TABU_REBASE:
+                rebase_tabu(tabu, clock)
+                clock = 0
+            part = min(iters - total, YIELD_ITERS)
+            done, f, best_f = tabucol(
+                g.indptr, g.indices, k, colors, gamma, tabu, clock, part, tenure[0], tenure[1], best, best_f
+            )
+            clock += done
+            total += done
+            if f == 0 or total >= iters or self.should_yield():
+                return total, int(f), int(best_f), clock
 
     def perturb(self, c: np.ndarray, k: int, rate: float) -> np.ndarray:
         """A copy of ``c`` with about ``rate`` of its vertices given random colours below k."""

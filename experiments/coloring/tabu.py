@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from experiments.coloring.phase import YIELD_ITERS, ColoringPhase, Outcome
-from kernels.coloring import TABU_REBASE, build_gamma, count_conflicts, rebase_tabu, tabucol
+from experiments.coloring.phase import ColoringPhase, Outcome
+from kernels.coloring import build_gamma, count_conflicts
 
 
 class Tabu(ColoringPhase):
@@ -41,32 +41,20 @@ class Tabu(ColoringPhase):
         return self.f
 
     def step(self) -> Outcome:
-        g, t = self.ctx.g, self.params
-        left = t["iters_per_step"]
-        while True:  # chunks of YIELD_ITERS: a pause or a stop never waits for a huge step
-            if self.clock > TABU_REBASE:
-                rebase_tabu(self.tabu, self.clock)
-                self.clock = 0
-            done, f, self.best_f = tabucol(
-                g.indptr,
-                g.indices,
-                self.k,
-                self.colors,
-                self.gamma,
-                self.tabu,
-                self.clock,
-                min(left, YIELD_ITERS),
-                t["tenure_a"],
-                t["tenure_alpha"],
-                self.best_c,
-                self.best_f,
-            )
-            self.clock += done
-            self.it += done
-            self.iterations += done
-            left -= done
-            if f == 0 or left <= 0 or self.ctx.should_yield():
-                break
+        t = self.params
+        done, f, self.best_f, self.clock = self.ctx.tabucol(
+            self.k,
+            self.colors,
+            self.gamma,
+            self.tabu,
+            self.clock,
+            t["iters_per_step"],
+            (t["tenure_a"], t["tenure_alpha"]),
+            self.best_c,
+            self.best_f,
+        )
+        self.it += done
+        self.iterations += done
         self.f = int(f)
         if f == 0:
             return Outcome(0, solution=self.colors.copy())
