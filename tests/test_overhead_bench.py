@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import experiments.coloring.tabu as tabu_module
+import experiments.coloring.phase as phase_module  # where the phases' chunked TabuCol calls the kernel
 from bench.overhead import run_bare, run_tree
 
 
 def test_the_tally_counts_every_tabucol_iteration_across_k_reductions(monkeypatch):
-    real = tabu_module.tabucol
+    real = phase_module.tabucol
     done: list[int] = []
     ks: set[int] = set()
 
@@ -20,7 +20,7 @@ def test_the_tally_counts_every_tabucol_iteration_across_k_reductions(monkeypatc
         ks.add(int(args[2]))  # the k it worked at
         return out
 
-    monkeypatch.setattr(tabu_module, "tabucol", counting)
+    monkeypatch.setattr(phase_module, "tabucol", counting)
     tally = run_bare("DSJC125.5", 1, 150_000)
     assert tally.iters == sum(done) >= 150_000
     assert tally.steps == len(done)
