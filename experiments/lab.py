@@ -573,8 +573,14 @@ class Experiment:
         The phase finishes (its last events and counters go out) and exits; the tree then stops
         its children in reverse start order, each after what it already holds, so everything
         emitted reaches the disk before the Recorder stops (see docs/experiments.md).
+
+        Refused (NotRunning) only for a run that had ended when asked: a stop that waited
+        behind another stop, or behind the budget, returns once the tree is down, as asked.
         """
+        self._check_live("stop")
         with self._lock:
+            if self._ended:  # ended while this stop waited its turn: done, as asked
+                return
             self._check_live("stop")
             self._shutdown_tree("stopped", timeout)
 

@@ -753,10 +753,13 @@ class RemoteExperiment:
             self._transition("resume", lambda: self._status == RunStatus.RUNNING)
 
     def stop(self, timeout: float | None = 60.0) -> None:
-        """Stop the tree as a local stop does (drained, on disk) and wait for its end here too."""
+        """Stop the tree as a local stop does (drained, on disk) and wait for its end here too;
+        a stop that waited behind another one returns once the tree is down, as a local one does."""
+        if self._final is not None:
+            raise NotRunning(f"experiment {self.id!r} is {self._status}; cannot stop")
         with self._lock:
-            if self._final is not None:
-                raise NotRunning(f"experiment {self.id!r} is {self._status}; cannot stop")
+            if self._final is not None:  # ended while this stop waited its turn: done, as asked
+                return
             t = CALL_TIMEOUT_S if timeout is None else timeout
             self._transition("stop", self._stopped.is_set, timeout, timeout=3 * t + 5)
             self._stopped.wait(timeout)

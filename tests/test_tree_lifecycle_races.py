@@ -164,7 +164,9 @@ def test_a_phase_that_keeps_crashing_fails_the_run_and_leaves_the_lab_usable_and
         exp.stop()
 
 
-def test_two_concurrent_stops_end_the_run_once(lab, tmp_path):
+def test_two_concurrent_stops_end_the_run_once_and_both_return(lab, tmp_path):
+    """The stop that waits behind the other one returns when the tree is down (what it asked
+    for), not a NotRunning (a 409 through the daemon); a stop asked after the end is refused."""
     from experiments.lab import NotRunning
 
     exp = lab.start_experiment(latency_spec("two-stops", budget=600))
@@ -186,8 +188,10 @@ def test_two_concurrent_stops_end_the_run_once(lab, tmp_path):
     go.wait(10)
     for t in threads:
         t.join(60)
-    assert sorted(outcomes) == ["not running", "stopped"]
+    assert outcomes == ["stopped", "stopped"]
     assert exp.status() == "stopped" and exp.reason == "stopped"
+    with pytest.raises(NotRunning, match="stopped; cannot stop"):
+        exp.stop(timeout=30)
     rec = record(exp)
     assert rec["status"] == "stopped" and rec["reason"] == "stopped"
     assert rec["stop_requested_at"] <= rec["ended_at"]
