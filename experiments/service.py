@@ -32,7 +32,7 @@ from actors.runtime import trim_heap
 from experiments.admission import Admission
 from experiments.lab import Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, parse_toml
-from experiments.validate import check_key
+from experiments.validate import MAX_KEY_CHARS, check_key
 from telemetry.rundir import LIVE, LOCK_FILE, QUEUE_FILE, check_experiment_id, list_runs, run_status
 
 log = get_logger("experiments.service")
@@ -45,6 +45,10 @@ retry after a lost answer) gets the first one's entry, not a second experiment."
 
 
 _LEGIBLE_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9._-]{1,128})"')  # in what is left of a damaged queue file
+_LEGIBLE_KEY = re.compile(  # an idempotency key's whole record, as _save_queue writes it (a JSON-escaped key)
+    rb'"((?:[^"\\\x00-\x1f]|\\.){1,%d})"\s*:\s*\{\s*"id"\s*:\s*"([A-Za-z0-9._-]{1,128})"\s*,'
+    rb'\s*"digest"\s*:\s*"([0-9a-f]{0,64})"\s*\}' % (2 * MAX_KEY_CHARS)
+)
 
 
 def _legible_id(value: object) -> bool:
@@ -61,6 +65,21 @@ def _legible_key(value: object) -> bool:
         return check_key(value) is not None
     except ValueError:
         return False
+
+
+def _salvaged_keys(raw: bytes) -> dict[str, dict[str, str]]:
+    """The idempotency keys whose records are still whole in a damaged queue file: a client's
+    retry with one gets its first entry (run, or listed as lost), never a second experiment."""
+    keys: dict[str, dict[str, str]] = {}
+    for m in _LEGIBLE_KEY.finditer(raw):
+        try:
+            key = orjson.loads(b'"' + m[1] + b'"')
+        except ValueError:
+            continue
+        if _legible_key(key) and _legible_id(m[2].decode()):
+            keys.pop(key, None)  # re-inserted: the file's order, the newest last
+            keys[key] = {"id": m[2].decode(), "digest": m[3].decode()}
+    return dict(list(keys.items())[-KEYS_KEPT:])
 
 
 def _queue_item(item: Any) -> bool:
@@ -198,7 +217,8 @@ class LabService:
     def _load_queue(self) -> list[dict[str, Any]]:
         """The queue a previous lifetime left. A damaged file is moved aside (kept, never
         overwritten) and the daemon starts with an empty queue: the ids still legible in it are
-        listed as failed (lost with the file), so they are neither silent nor given again.
+        listed as failed (lost with the file), so they are neither silent nor given again, and
+        the idempotency keys still whole in it are kept (a retry gets its first entry).
         Malformed entries are dropped. An item whose experiment folder exists had started (the
         daemon died between its start and the queue's rewrite): it was resumed or has ended,
         and is not started again."""
@@ -223,12 +243,14 @@ class LabService:
             lost = [i for i in lost if not (self.artifacts / i).is_dir()]
             reason = f"lost: the queue file was unreadable at a restart; kept as {aside.name}"
             self._ended = {i: {"status": "failed", "reason": reason} for i in lost}
+            self._keys = _salvaged_keys(raw)
             log.error(
                 "queue file unreadable; moved aside, starting with an empty queue",
                 path=str(self.queue_file),
                 kept_as=str(aside),
                 error=str(exc),
                 lost=lost,
+                keys_kept=len(self._keys),
             )
             return []
         retired = data.get("retired")
@@ -269,12 +291,12 @@ class LabService:
             self._retire(old)
         for old in list(self._keys)[: max(0, len(self._keys) - KEYS_KEPT)]:
             del self._keys[old]
-        data = {
+        data = {  # the bounded records first: what a torn file still holds of them survives (_load_queue)
             "schema": QUEUE_SCHEMA,
-            "queue": self._queue,
-            "ended": self._ended,
-            "retired": self._retired,
             "keys": self._keys,
+            "retired": self._retired,
+            "ended": self._ended,
+            "queue": self._queue,
         }
         atomic_write(self.queue_file, orjson.dumps(data), mode=0o600)  # specs may be private: the owner's only
 

@@ -76,6 +76,39 @@ def test_a_damaged_queue_file_is_kept_aside_and_its_ids_are_not_given_again(tmp_
         service.shutdown()
 
 
+def test_the_keys_still_whole_in_a_damaged_queue_file_answer_their_retries(tmp_path):
+    """A retry after a restart on a damaged queue file gets its first entry (run, or lost
+    with the file), never a second experiment; a key whose record is torn is forgotten."""
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1)
+    ran, key_quote = latency_spec("ran", budget=0.2), 'job"7"\\x'
+    try:
+        first = service.submit(ran, key=key_quote)["id"]
+        service.lab.experiments[first].wait(60)
+        blocker = service.submit(latency_spec("blocker", budget=600), key="k-blocker")["id"]
+        queued = service.submit(latency_spec("lat"), key="k-queued")["id"]
+        service.submit(latency_spec("torn"), key="k-torn")
+        assert service.list(history=False)[-1]["status"] == "queued"
+    finally:
+        service.shutdown()
+    q = art / QUEUE_FILE
+    good = q.read_bytes()
+    torn = good.index(b'"k-torn"') + 12  # the last key's record cut in two, and the queue with it
+    q.write_bytes(good[:torn])
+    service = LabService(art, max_running=1)
+    try:
+        assert len(list(art.glob(f"{QUEUE_FILE}.damaged.*"))) == 1
+        again = service.submit(ran, key=key_quote)
+        assert again["id"] == first and again["repeated"] and again["status"] == "stopped"
+        lost = service.submit(latency_spec("lat"), key="k-queued")
+        assert lost["id"] == queued and lost["repeated"] and lost["status"] == "failed"
+        assert service.submit(latency_spec("blocker", budget=600), key="k-blocker")["id"] == blocker
+        assert "repeated" not in service.submit(latency_spec("torn", budget=0.2), key="k-torn")  # forgotten: new
+        assert blocker not in service.lab.experiments  # a retry started nothing
+    finally:
+        service.shutdown()
+
+
 def test_a_queue_that_cannot_be_written_does_not_stall_the_queue(tmp_path, monkeypatch):
     """A full disk as a run ends: the queue's rewrite after the next start fails; that start is
     still watched, so the one after it starts in turn."""
