@@ -139,7 +139,7 @@ def summary_table(s: dict[str, Any]) -> Table:
     """A run's final summary (``crucible run``)."""
     t = Table(title=shown(f"run summary: {s.get('experiment_id')} / {s.get('run_id')}"))
     t.add_column("figure")
-    t.add_column("value", justify="right")
+    t.add_column("value", justify="right", overflow="fold")  # a run dir wraps whole, never cut to "…"
     for k in SUMMARY_FIGURES:
         v = s.get(k)
         t.add_row(k, f"{v:.3f}" if isinstance(v, float) else shown(v))
@@ -158,7 +158,7 @@ def figures_table(title: str, figures: Mapping[str, Any]) -> Table:
     """Two columns, figure and value (``crucible color``)."""
     t = Table(title=shown(title))
     t.add_column("figure")
-    t.add_column("value", justify="right")
+    t.add_column("value", justify="right", overflow="fold")  # a path wraps whole, never cut to "…"
     for k, v in figures.items():
         t.add_row(shown(k), shown(v))
     return t

@@ -425,6 +425,24 @@ def test_summary_table_lists_restarts(tmp_path):
     assert "phase: 2" in text and "conflicts=0" in text
 
 
+@pytest.mark.parametrize("table", ["summary", "figures"])
+def test_a_long_path_in_a_result_table_wraps_whole_on_a_narrow_terminal(table):
+    """The paths a user copies from ``run`` and ``color`` are wrapped, not cut to an ellipsis."""
+    from rich.console import Console
+
+    from cli.render import figures_table, summary_table
+
+    path = "artifacts/color-DSJC250.5/20261124T031859Z-d3cbc6/coloring-k28-a-rather-long-name.json"
+    console = Console(record=True, width=60)
+    if table == "summary":
+        console.print(summary_table({"experiment_id": "e", "run_id": "r", "run_dir": path}))
+    else:
+        console.print(figures_table("colouring", {"k": 28, "coloring_path": path}))
+    text = console.export_text()
+    cells = "".join(line.split("│")[-2].strip() for line in text.splitlines() if line.count("│") >= 3)
+    assert path in cells and "…" not in text
+
+
 def test_run_reads_its_spec_once_so_a_pipe_runs_the_spec_it_held(tmp_path):
     """``crucible run /dev/stdin``: the spec that was checked is the one that runs (a second
     read of the pipe would find it empty: a default spec, another experiment)."""
