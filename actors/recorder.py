@@ -165,10 +165,11 @@ def _cannot_create(p: Path, exc: OSError) -> str:
 
 
 class _PhaseStats:
-    __slots__ = ("count", "first_ts", "last", "last_ts", "max", "max_ok", "min", "min_ok")
+    __slots__ = ("busy_us", "count", "first_ts", "last", "last_ts", "max", "max_ok", "min", "min_ok")
 
     def __init__(self) -> None:
         self.count = 0
+        self.busy_us = 0.0  # the gaps between its consecutive events: its time, passes interleaved or not
         self.first_ts: int | None = None
         self.last_ts: int | None = None
         self.min: dict[str, float] = {}
@@ -238,6 +239,7 @@ class Recorder(EventConsumer):
         self._ring_n = 0
         self.index = LiveIndex(experiment_id, limit=index_limit)
         self.phases: dict[str | None, _PhaseStats] = {}
+        self._last_phase: tuple[str | None, int] | None = None  # the last event's phase and ts (busy_us)
         self.counters: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
         self.persisted = 0
@@ -697,6 +699,24 @@ class Recorder(EventConsumer):
                     lo, hi = float(y.min()), float(y.max())
                     st.min_ok[k] = min(st.min_ok.get(k, lo), lo)
                     st.max_ok[k] = max(st.max_ok.get(k, hi), hi)
+        self._add_busy(b["phases"], phase_c, ts)
+
+    def _add_busy(self, names: list[str], phase_c: np.ndarray, ts: np.ndarray) -> None:
+        """Each phase's time: the gap from an event to the next is the phase's when both are
+        its own. A pipeline that goes back and forth between phases (passes) gets each phase
+        its share, where first-to-last would give each of them nearly the whole run."""
+        if ts.size == 0:
+            return
+        gaps = np.maximum(np.diff(ts), 0).astype(np.float64)
+        same = phase_c[1:] == phase_c[:-1]
+        per_code = np.bincount(phase_c[1:][same] + 1, weights=gaps[same], minlength=len(names) + 1)
+        for code in np.nonzero(per_code)[0].tolist():
+            self.phases[names[code - 1] if code else None].busy_us += float(per_code[code])
+        first = names[phase_c[0]] if phase_c[0] >= 0 else None
+        if self._last_phase is not None and self._last_phase[0] == first:
+            self.phases[first].busy_us += max(0, int(ts[0]) - self._last_phase[1])
+        last = int(phase_c[-1])
+        self._last_phase = (names[last] if last >= 0 else None, int(ts[-1]))
 
     def _schedule_fsync(self) -> None:
         if self._fsync_timer is None:
@@ -737,7 +757,7 @@ class Recorder(EventConsumer):
                 "events": st.count,
                 "first_ts": st.first_ts,
                 "last_ts": st.last_ts,
-                "duration_s": (st.last_ts - st.first_ts) / 1e6 if st.first_ts is not None else 0.0,
+                "duration_s": st.busy_us / 1e6,
                 "best": best,
                 "min": st.min,
                 "max": st.max,

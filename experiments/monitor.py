@@ -217,15 +217,18 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
     anomalies = 0
     actions: list[str] = []
     first = last = None
+    prev = None  # the previous event's phase: a gap between two events of one phase is its time
     n = 0
     for ev in iter_run(run_dir) if events is None else events:
         n += 1
+        ph = ev.get("phase") or "-"
+        p = phases.setdefault(ph, {"events": 0, "duration_s": 0.0, "best": {}})
+        if prev == ph and last is not None:
+            p["duration_s"] += max(0, ev["ts"] - last) / 1e6  # as the Recorder counts it (passes interleaved)
+        prev = ph
         first = ev["ts"] if first is None else first
         last = ev["ts"]
-        ph = ev.get("phase") or "-"
-        p = phases.setdefault(ph, {"events": 0, "first_ts": ev["ts"], "last_ts": ev["ts"], "best": {}})
         p["events"] += 1
-        p["last_ts"] = ev["ts"]
         best = p["best"]
         for k, v in (ev.get("values") or {}).items():
             if k not in tracked or not isinstance(v, (int, float)):
@@ -241,8 +244,6 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
     summ = read_record(run_dir, SUMMARY) or {}  # unreadable (a FIFO, a folder): a warning, the events alone
     said = summ.get("events_persisted")
     lag = n - said if isinstance(said, int) and n > said else (n if said is None and n else 0)
-    for p in phases.values():
-        p["duration_s"] = (p.pop("last_ts") - p.pop("first_ts")) / 1e6
     return {
         "run_dir": str(run_dir),
         "phases": phases,

@@ -551,3 +551,32 @@ def test_processes_creating_one_history_at_once_all_open_it(tmp_path):
             assert sorted(r for (r,) in store.db.execute("SELECT run_id FROM batches")) == [f"r{i}" for i in range(n)]
         finally:
             store.db.close()
+
+
+def test_a_phase_duration_is_its_own_time_when_passes_interleave_the_phases(tmp_path, monkeypatch):
+    """Two phases that take turns, pass after pass: each phase's ``duration_s`` is the gaps
+    between its own consecutive events (across batches), not its first-to-last span, and the
+    Recorder rebuilt from the files and ``crucible monitor --summary`` count it the same."""
+    from experiments.monitor import run_summary
+
+    seconds = iter([0, 1, 2, 3, 4, 5, 6, 7, 9])
+    monkeypatch.setattr("telemetry.emitter._time_ns", lambda: next(seconds) * 1_000_000_000)
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=3)  # batches cut inside a phase's turn and between turns
+    for phase in ("tabu", "tabu", "tabu", "pop", "pop", "tabu", "tabu", "pop", "pop"):
+        em.emit("step", {"x": 1.0}, phase=phase)
+    em.close()
+    rec.ask({"kind": "flush"})
+    live = rec.ask({"kind": "summary"})["phases"]
+    rec.stop()
+    expected = {"tabu": 3.0, "pop": 3.0}  # tabu 0-1-2 and 5-6; pop 3-4 and 7-9
+    assert {p: v["duration_s"] for p, v in live.items()} == expected
+    again = Recorder.start(tmp_path, "exp", "run")  # a restart rebuilds the figures from the events
+    try:
+        assert {p: v["duration_s"] for p, v in again.ask({"kind": "summary"})["phases"].items()} == expected
+    finally:
+        again.stop()
+    from_files = run_summary(tmp_path / "exp" / "run")["phases"]
+    assert {p: v["duration_s"] for p, v in from_files.items()} == expected
