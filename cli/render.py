@@ -144,7 +144,7 @@ def summary_table(s: dict[str, Any]) -> Table:
         v = s.get(k)
         t.add_row(k, f"{v:.3f}" if isinstance(v, float) else shown(v))
     for phase, p in (s.get("phases") or {}).items():
-        best = ", ".join(f"{k}={v:.4g}" for k, v in sorted(p.get("best", {}).items())[:4])
+        best = ", ".join(f"{k}={v:.4g}" for k, v in _phase_bests(p.get("best") or {}))
         t.add_row(
             shown(f"phase {phase}"), shown(f"{p.get('events')} events, {p.get('duration_s', 0):.2f} s; best {best}")
         )
@@ -152,6 +152,14 @@ def summary_table(s: dict[str, Any]) -> Table:
         t.add_row("restarts", shown(", ".join(f"{k}: {v}" for k, v in s["restarts"].items())))
     t.add_row("run dir", shown(s.get("run_dir", "")))
     return t
+
+
+def _phase_bests(best: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """A phase's bests worth a line: the workloads' objective and progress fields it has (a
+    best ``k`` or ``duration_ms`` means nothing), or its first four fields if it has none."""
+    keys = [f for o in objectives().values() for f in (o.field, o.progress) if f and f in best]
+    keys = list(dict.fromkeys(keys)) or sorted(best)[:4]
+    return [(k, best[k]) for k in keys if isinstance(best[k], (int, float)) and not isinstance(best[k], bool)]
 
 
 def figures_table(title: str, figures: Mapping[str, Any]) -> Table:

@@ -415,7 +415,10 @@ def test_summary_table_lists_restarts(tmp_path):
                 "run_id": "r",
                 "status": "stopped",
                 "restarts": {"phase": 2},
-                "phases": {"tabu": {"events": 3, "duration_s": 1.0, "best": {"conflicts": 0.0}}},
+                "phases": {
+                    "tabu": {"events": 3, "duration_s": 1.0, "best": {"conflicts": 0.0, "k": 27.0, "active_s": 9.0}},
+                    "custom": {"events": 1, "duration_s": 0.5, "best": {"loss": 0.25}},
+                },
             }
         )
     )
@@ -423,6 +426,8 @@ def test_summary_table_lists_restarts(tmp_path):
     console.print(summary_table(s))
     text = console.export_text()
     assert "phase: 2" in text and "conflicts=0" in text
+    assert "k=27" not in text and "active_s" not in text  # an objective's fields, not every minimum
+    assert "loss=0.25" in text  # a phase with none of them: its own fields
 
 
 @pytest.mark.parametrize("table", ["summary", "figures"])
