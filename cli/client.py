@@ -1,4 +1,4 @@
-"""The lab daemon's clients: ``submit``, ``ls``, ``pause``, ``resume``, ``stop``.
+"""The lab daemon's clients: ``submit``, ``ls``, ``pause``, ``resume``, ``stop``, ``steer``.
 
 They talk to a daemon (``crucible lab serve``, :mod:`cli.lab`) over HTTP (``--to URL``) with
 the token from ``CRUCIBLE_TOKEN`` or ``--token-file``, through
@@ -8,6 +8,7 @@ the token from ``CRUCIBLE_TOKEN`` or ``--token-file``, through
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,39 @@ def cmd_control(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def control_value(text: str) -> Any:
+    """A control's value from the command line: JSON where it reads as JSON (``0.8``, ``true``,
+    ``[1, 2]``, ``"x"``), else the text itself (``spectral``). UsageError for what no request
+    can carry (NaN, an infinity, an integer past 64 bits, text that is not UTF-8)."""
+    try:
+        value = json.loads(text)  # the standard reader: integers exact, NaN and 1e400 read (then refused)
+    except (ValueError, RecursionError):
+        value = text
+    bad = tree_problem({"value": value})
+    if bad is not None:
+        raise UsageError(f"{bad[0]}: {bad[1]}")
+    return value
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    key, sep, text = args.assignment.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"expected KEY=VALUE (a control and its new value: set_tenure=0.8), got {args.assignment!r}")
+    value = control_value(text.strip())
+    bad = tree_problem({"key": key, "--why": args.why})
+    if bad is not None:
+        raise UsageError(f"{bad[0]}: {bad[1]}")
+    with client(args) as c:
+        entry = _call(c.set_param, args.id, key.strip(), value, args.why)
+    if args.json:
+        sys.stdout.write(orjson.dumps(entry).decode() + "\n")
+    else:
+        r = entry.get("result") or {}
+        before, after = orjson.dumps(r.get("before")).decode(), orjson.dumps(r.get("after")).decode()
+        sys.stdout.write(f"{entry['experiment']}: {r.get('key', key)} {before} -> {after} ({entry['status']})\n")
+    return EXIT_OK
+
+
 def _client_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, metavar="URL", help="the lab daemon's URL (crucible lab serve prints it)")
     p.add_argument(
@@ -105,3 +139,17 @@ def add_commands(sub: Any) -> None:
         c.add_argument("id", help="experiment id")
         _client_opts(c)
         c.set_defaults(func=cmd_control)
+    st = sub.add_parser(
+        "steer",
+        help=help_of("steer"),
+        description="Set one control of a running experiment at its phase's next safe point (recorded as a "
+        "control event and checkpointed). KEY is a control its workload declares (a colouring run: set_tenure, "
+        "set_crossover_rate, set_population, set_batch, boost_mutation, adjust_temperature, skip_phase, "
+        "restart_pass; a latency run: calls_per_step, concurrency, timeout_s); VALUE is read as JSON, else as text.",
+    )
+    st.add_argument("id", help="experiment id")
+    st.add_argument("assignment", metavar="KEY=VALUE", help="the control and its new value, e.g. set_tenure=0.8")
+    st.add_argument("--why", default="crucible steer", help="a note recorded with the change")
+    st.add_argument("--json", action="store_true", help="print the daemon's answer as one JSON object")
+    _client_opts(st)
+    st.set_defaults(func=cmd_steer)

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pause": ("cli.client", "pause an experiment of a lab daemon"),
     "resume": ("cli.client", "resume an experiment of a lab daemon"),
     "stop": ("cli.client", "stop (or cancel, when queued) an experiment of a lab daemon"),
+    "steer": ("cli.client", "set a control of a running experiment of a lab daemon (KEY=VALUE)"),
 }
 """command -> (its module, its help), in the order ``crucible --help`` lists them."""
 

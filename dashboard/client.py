@@ -215,6 +215,19 @@ class LabClient:
         """Stop a running experiment, or cancel a queued one."""
         return self._control("stop", exp_id)
 
+    def set_param(self, exp_id: str, key: str, value: Any, why: str | None = None) -> dict[str, Any]:
+        """Set one of a running experiment's controls (a key its workload declares, e.g.
+        ``set_tenure``) at its phase's next safe point; ``result`` holds ``before`` and
+        ``after``. Not retried: the daemon may have applied a change whose answer was lost."""
+        body: dict[str, Any] = {"experiment": exp_id, "key": key, "value": value}
+        if why is not None:
+            body["why"] = why
+        return self._call("POST", "api/control/set", json=body)
+
+    def restart_pass(self, exp_id: str) -> dict[str, Any]:
+        """Start a new pass of a running experiment from its best solution (a workload with passes)."""
+        return self._control("restart", exp_id)
+
     def close(self) -> None:
         self.http.close()
 

@@ -12,7 +12,8 @@ ends), ``GET /api/metrics/live?experiment=`` (last 200 events),
 ``GET /api/metrics/history?run_id=`` (ids validated: 400 on a bad id, 404 on an unknown
 one; the run is found with :func:`telemetry.rundir.find_runs`),
 ``POST /api/control/{pause,resume,restart,stop}`` (409 with the reason when the
-experiment cannot do it), ``POST /api/experiments`` (a submission, when the dashboard serves
+experiment cannot do it), ``POST /api/control/set`` (a control's new value: 400 when the
+workload refuses it), ``POST /api/experiments`` (a submission, when the dashboard serves
 a :class:`~experiments.service.LabService`: 201 with the id; 400 naming the bad key; 501
 on a plain Lab), ``WS /ws`` (batched pushes, at most 10 per second; a client that
 stops reading is dropped), and ``GET /metrics`` (Prometheus text via prometheus_client).
@@ -67,7 +68,7 @@ from dashboard.transport import GuardedH11Protocol
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from experiments.service import KeyReused, LabService, ServiceClosed
 from experiments.spec import SpecError
-from experiments.validate import IDEMPOTENCY_HEADER, brief
+from experiments.validate import IDEMPOTENCY_HEADER, brief, tree_problem
 from experiments.workloads import Objective, objective_of
 from telemetry.jsonl import RunFileError, iter_run
 from telemetry.rundir import LIVE, TOKEN_FILE, find_runs, summary_best
@@ -76,7 +77,9 @@ from telemetry.schema import check_id
 log = get_logger("dashboard")
 
 STATIC = Path(__file__).parent / "static"
-CONTROLS = ("pause", "resume", "restart", "stop")
+CONTROLS = ("pause", "resume", "restart", "stop", "set")
+SET_KEYS = ("experiment", "key", "value", "why")  # the body of POST /api/control/set
+MAX_WHY_CHARS = 500
 PUSH_INTERVAL_S = 0.1  # at most 10 pushes a second
 ENDED_PUSH_S = 10.0  # an experiment's last events still go out this long after it ended
 SEND_TIMEOUT_S = 2.0  # a client that does not take a push in this time is dropped
@@ -294,6 +297,40 @@ def submission(content_type: str, body: bytes, query: Any) -> tuple[str | dict[s
     return spec, sets, exp_id
 
 
+def control_body(body: bytes, action: str) -> dict[str, Any]:
+    """A POST /api/control/{action} body: ``{"experiment": id}``, and for ``set`` also
+    ``"key"``, ``"value"`` (any JSON value the workload's control takes: integers exact,
+    NaN and Infinity refused) and an optional ``"why"``. HTTPException 400 if malformed."""
+    shape = '{"experiment": "<id>", "key": "<control>", "value": <JSON>, "why": "<note>"}'
+    if action != "set":
+        shape = '{"experiment": "<id>"}'
+    try:
+        data = strict_json(body or b"{}")
+    except ValueError as exc:
+        raise HTTPException(400, f"the body is not valid JSON ({brief(str(exc), 120)}): {shape}") from None
+    except RecursionError:
+        raise HTTPException(400, "the JSON body is nested too deep") from None
+    if not isinstance(data, dict):
+        raise HTTPException(400, f"the body must be a JSON object: {shape}")
+    if action != "set":
+        return data
+    bad = tree_problem(data)  # first: no message below may echo what no response can carry
+    if bad is not None:
+        raise HTTPException(400, f"{bad[0]}: {bad[1]}")
+    unknown = sorted(set(data) - set(SET_KEYS))
+    if unknown:
+        given = brief(", ".join(unknown), 120)
+        raise HTTPException(400, f"unknown key(s) {given} in the body; known: {', '.join(SET_KEYS)}")
+    key, why = data.get("key"), data.get("why", "requested over HTTP")
+    if not isinstance(key, str) or not key:
+        raise HTTPException(400, f'"key" must name a control (a non-empty string): {shape}')
+    if "value" not in data:
+        raise HTTPException(400, f'"value" is missing: {shape}')
+    if not isinstance(why, str) or len(why) > MAX_WHY_CHARS:
+        raise HTTPException(400, f'"why" must be a string of at most {MAX_WHY_CHARS} characters')
+    return data
+
+
 def _int64(text: str) -> int:
     value = int(text)
     if not -(2**63) <= value < 2**63:
@@ -438,16 +475,21 @@ def create_app(
         action = request.path_params["action"]
         if action not in CONTROLS:
             raise HTTPException(404, f"unknown control {action!r}; expected one of {', '.join(CONTROLS)}")
-        try:
-            body = orjson.loads(await request.body() or b"{}")
-        except orjson.JSONDecodeError:
-            raise HTTPException(400, 'the body must be JSON: {"experiment": "<id>"}') from None
-        exp_id = valid_id("experiment id", body.get("experiment") if isinstance(body, dict) else None)
-        if service is not None and action != "restart":  # the service knows the queue: stop cancels a queued one
+        body = control_body(await request.body(), action)
+        exp_id = valid_id("experiment id", body.get("experiment"))
+        if service is not None and action not in ("restart", "set"):  # the service knows the queue: stop cancels one
             entry = await asyncio.to_thread(getattr(service, action), exp_id)
             return _Json({"experiment": exp_id, "action": action, "status": entry["status"], "result": None})
-        exp = find(exp_id)
-        if action == "restart":
+        # a queued id on a daemon: a 409 that says it is queued, not a 404
+        doing = "set a parameter" if action == "set" else "restart a pass"
+        exp = find(exp_id) if service is None else service.live(exp_id, doing)
+        if action == "set":  # a value the workload refuses (an unknown control, out of its range) is a 400
+            why = body.get("why", "requested over HTTP")
+            try:
+                result = await asyncio.to_thread(exp.set_param, body["key"], body["value"], why)
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from None
+        elif action == "restart":
             result = await asyncio.to_thread(exp.restart_pass)
         else:  # a transition the experiment cannot make raises a LifecycleError: a 409 (lab_error)
             await asyncio.to_thread(getattr(exp, action))

@@ -514,7 +514,9 @@ class LabService:
     def _queued_index(self, exp_id: str) -> int | None:
         return next((k for k, i in enumerate(self._queue) if i["id"] == exp_id), None)
 
-    def _live(self, exp_id: str, action: str) -> Experiment:
+    def live(self, exp_id: str, action: str) -> Experiment:
+        """The Lab's experiment ``exp_id``, to ``action`` it: NotRunning when it is queued or
+        never ran (saying so), NotFound when unknown."""
         with self._lock:
             if self._queued_index(exp_id) is not None:
                 raise NotRunning(f"experiment {exp_id!r} is queued, not running: it cannot {action} (stop cancels it)")
@@ -524,13 +526,13 @@ class LabService:
 
     def pause(self, exp_id: str) -> dict[str, Any]:
         """Pause a running experiment (LifecycleError: queued, unknown, or not running)."""
-        exp = self._live(exp_id, "pause")
+        exp = self.live(exp_id, "pause")
         exp.pause()
         return {"id": exp_id, "status": exp.status()}
 
     def resume(self, exp_id: str) -> dict[str, Any]:
         """Resume a paused experiment (LifecycleError: queued, unknown, or not paused)."""
-        exp = self._live(exp_id, "resume")
+        exp = self.live(exp_id, "resume")
         exp.resume()
         return {"id": exp_id, "status": exp.status()}
 
@@ -549,7 +551,7 @@ class LabService:
                     raise
                 log.info("queued submission cancelled", experiment=exp_id)
                 return {"id": exp_id, "status": "cancelled"}
-        exp = self._live(exp_id, "stop")
+        exp = self.live(exp_id, "stop")
         exp.stop()  # the watcher starts the next queued item
         return {"id": exp_id, "status": exp.status()}
 

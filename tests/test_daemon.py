@@ -18,6 +18,7 @@ import pytest
 from cli import main
 from dashboard.client import LabClient, LabClientError
 from dashboard.security import MAX_BODY
+from telemetry.jsonl import iter_run
 from tests.fault_helpers import latency_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -536,3 +537,58 @@ def test_a_server_that_is_not_a_lab_daemon_is_one_line_and_exit_2(status, capsys
     assert exit_.value.code == 2 and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and len(err) < 600, err
     assert ("not a lab daemon" if status == 200 else "502: <html>") in err
+
+
+def test_steering_a_running_experiment_through_the_cli_and_the_api(daemon, capsys, monkeypatch):
+    """``crucible steer`` and ``POST /api/control/set`` change a control at the phase's next safe
+    point (recorded as a control event); a value the workload refuses, a malformed request or
+    a queued experiment is a clear refusal that changes nothing."""
+    c = daemon.client()
+    wait_for(lambda: all(s != "running" for s, _ in statuses(c).values()), "the slot to be free")
+    assert c.submit(latency_spec("steered", budget=300))["status"] == "running"
+    assert c.submit(latency_spec("waiting", budget=300))["status"] == "queued"
+    monkeypatch.setenv("CRUCIBLE_TOKEN", daemon.token)
+    try:
+        assert main(["steer", "steered", "concurrency=3", "--why", "more load", "--to", daemon.url]) == 0
+        assert capsys.readouterr().out.strip() == "steered: concurrency 1 -> 3 (running)"
+        assert main(["steer", "steered", "timeout_s=2.5", "--json", "--to", daemon.url]) == 0
+        answer = orjson.loads(capsys.readouterr().out)
+        assert answer["result"] == {"ok": True, "key": "timeout_s", "before": 10.0, "after": 2.5}
+        refused = [
+            (["steered", "concurrency=0"], "concurrency"),  # out of its range: the workload says so
+            (["steered", "no_such=1"], "no tunable parameter 'no_such'"),
+            (["steered", "concurrency=1e400"], "must be a finite number"),  # refused before it is sent
+            (["steered", "concurrency=99999999999999999999"], "64 bits"),
+            (["steered", "concurrency"], "expected KEY=VALUE"),
+            (["waiting", "concurrency=2"], "queued"),
+            (["nobody", "concurrency=2"], "404"),
+        ]
+        for argv, said in refused:
+            with pytest.raises(SystemExit) as exit_:
+                main(["steer", *argv, "--to", daemon.url])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and said in err, (argv, err)
+        http = httpx.Client(base_url=daemon.url, headers={"Authorization": f"Bearer {daemon.token}"}, timeout=30)
+        bad_bodies = [
+            (b'{"experiment": "steered", "key": "concurrency", "value": NaN}', "not valid JSON"),
+            (b'{"experiment": "steered", "key": "concurrency"}', '"value" is missing'),
+            (b'{"experiment": "steered", "key": "concurrency", "value": 2, "extra": 1}', "unknown key(s) extra"),
+            (b'{"experiment": "steered", "key": "", "value": 2}', '"key" must name a control'),
+            (b'{"experiment": "steered", "key": "x\\ud800", "value": 2}', "not valid text"),
+            (b'{"experiment": "steered", "key": "concurrency", "value": 2, "why": 7}', '"why" must be a string'),
+            (b"[1]", "must be a JSON object"),
+        ]
+        for body, said in bad_bodies:
+            r = http.post("api/control/set", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and said in r.json()["error"], (body, r.text)
+        run = next(p for p in (daemon.artifacts / "steered").iterdir() if p.is_dir())
+
+        def controls() -> list[str]:
+            return [e["notes"] for e in iter_run(run) if e["name"] == "control"]
+
+        wait_for(lambda: len(controls()) >= 2, "the two changes in the run's events")
+        assert controls()[:2] == ["concurrency: 1 -> 3 (more load)", "timeout_s: 10.0 -> 2.5 (crucible steer)"]
+        assert c.set_param("steered", "concurrency", 2)["result"]["after"] == 2  # the client's own call
+    finally:
+        c.stop("waiting")
+        c.stop("steered")
