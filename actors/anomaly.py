@@ -5,14 +5,19 @@ Methods (``methods``), each per numeric field in ``metrics`` (all fields by defa
 * ``z_score``: ``|x - mean| / std > threshold`` (3) against the running moments;
 * ``modified_z``: ``|0.6745 (x - median) / MAD| > threshold`` (3.5) over the last ``window`` values;
 * ``iqr``: outside ``[Q1 - k IQR, Q3 + k IQR]`` with ``k = threshold`` (1.5) over the last ``window`` values;
-* ``ewma``: ``|x - ewma| / ewm_std > threshold`` (3) with weight ``ewma_lambda``;
+* ``ewma``: ``|x - ewma| / ewm_std > threshold`` (3) with weight ``ewma_lambda`` in (0, 1),
+  ``ewm_std`` being the spread of the prediction error (``sqrt(ewm_var / (1 - lambda))``);
 * ``isolation_forest``: multivariate over the ``metrics`` fields, scikit-learn's IsolationForest
   refitted every ``refit_every`` complete rows on the last ``window`` of them; flags what it
   predicts as outliers (its contamination, ``auto`` by default or (0, 0.5], is set only in a
   per-method threshold table: a single ``threshold`` number is the other methods' cut-off).
 
 Each method judges a batch against the state *before* the batch, then learns from it. No
-field is judged before ``warmup`` values. Flagged events get ``anomaly = {"flag", "score",
+field is judged before ``warmup`` values (at least two); the values after them in the same
+batch are. A
+field with no spread (every value so far equal) makes any other value an anomaly (score
+:data:`SCORE_MAX`); a robust spread of zero (MAD, IQR: most recent values equal) falls back
+to the mean absolute deviation and the standard deviation. Flagged events get ``anomaly = {"flag", "score",
 "methods", "fields", "action"}`` in the batch, which then goes on (``downstream``, the
 Sampler); ``action`` is ``flag``, ``alert`` (also logged as a warning) or ``sample_more``
 (the Sampler keeps those events whatever its rate). Anomalies close together in time
@@ -50,6 +55,17 @@ PERIOD_GAP_S = 5.0
 
 
 THRESHOLD_MAX = 1_000_000.0
+SCORE_MAX = 1e9
+"""The highest score recorded: a value off a field that never varied is infinitely far,
+which no event file can hold."""
+
+
+def _scaled(deviation: np.ndarray, spread: float) -> np.ndarray:
+    """``|deviation| / spread``; with no spread, infinite for any deviation and 0 for none."""
+    d = np.abs(deviation)
+    if spread > 0:
+        return d / spread
+    return np.where(d > 0, np.inf, 0.0)
 
 
 def threshold_problem(threshold: Any) -> str | None:
@@ -98,8 +114,11 @@ def check_anomaly_config(
     for name, v, lo in (("window", window, 10), ("warmup", warmup, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"anomaly.{name} must be an int >= {lo}, got {v!r}")
-    if isinstance(ewma_lambda, bool) or not isinstance(ewma_lambda, (int, float)) or not 0 < ewma_lambda <= 1:
-        raise ValueError(f"anomaly.ewma_lambda must be in (0, 1], got {ewma_lambda!r}")
+    if isinstance(ewma_lambda, bool) or not isinstance(ewma_lambda, (int, float)) or not 0 < ewma_lambda < 1:
+        raise ValueError(
+            f"anomaly.ewma_lambda must be in (0, 1) (at 1 the average is the last value, with no spread), "
+            f"got {ewma_lambda!r}"
+        )
 
 
 class _FieldState:
@@ -187,38 +206,55 @@ class AnomalyDetection(EventConsumer):
     # --- scoring ------------------------------------------------------------------------------------
 
     def _score_field(self, st: _FieldState, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-method scores (ratio to threshold: > 1 is anomalous) for finite values ``x``."""
+        """Per-method scores (ratio to threshold: > 1 is anomalous, at most :data:`SCORE_MAX`)
+        for finite values ``x``. The first ``warmup`` values of a field are learnt, never
+        judged, wherever they fall in a batch: the rest of that batch is judged against them.
+        Nothing is judged against fewer than two values (one value shows no spread)."""
+        head = min(x.size, max(self.warmup, 2) - st.moments.count)
+        if head > 0:
+            self._learn(st, x[:head])
+        out = {m: np.zeros(x.size) for m in self.methods if m != "isolation_forest"}
+        rest = x[head:] if head > 0 else x
+        if rest.size:
+            for m, s in self._judge(st, rest).items():
+                out[m][x.size - rest.size :] = np.minimum(s, SCORE_MAX)
+        return out
+
+    def _learn(self, st: _FieldState, x: np.ndarray) -> None:
+        st.ewma.update(x)
+        st.moments.add_batch(x)
+        st.push(x)
+
+    def _judge(self, st: _FieldState, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Score ``x`` against the state before it, then learn it. A spread of zero (every value
+        so far equal) makes any other value infinitely far; a robust spread of zero (most of
+        the recent values equal: a field that is mostly 0) falls back to a wider measure."""
         out: dict[str, np.ndarray] = {}
-        ready = st.moments.count >= max(self.warmup, 1)  # judged against values before it: never on none
+        z_ewma = st.ewma.update(x)  # learns as it scores, value by value
+        r = st.recent()
         for m in self.methods:
             if m == "isolation_forest":
                 continue
             thr = float(self.thresholds[m])
-            s = np.zeros(x.size)
             if m == "ewma":
-                z = st.ewma.update(x)  # learns as it scores, value by value
-                if ready:
-                    s = np.nan_to_num(np.abs(z)) / thr
-            elif ready:
-                if m == "z_score":
-                    sd = st.moments.std
-                    if sd > 0:
-                        s = np.abs(x - st.moments.mean) / sd / thr
-                elif m == "modified_z":
-                    r = st.recent()
-                    med = np.median(r)
-                    mad = np.median(np.abs(r - med))
-                    if mad > 0:
-                        s = np.abs(0.6745 * (x - med) / mad) / thr
-                elif m == "iqr":
-                    q1, q3 = np.percentile(st.recent(), [25, 75])
-                    iqr = q3 - q1
-                    if iqr > 0:
-                        lo, hi = q1 - thr * iqr, q3 + thr * iqr
-                        s = np.where(x < lo, 1 + (lo - x) / iqr, np.where(x > hi, 1 + (x - hi) / iqr, 0.0))
+                s = np.abs(np.nan_to_num(z_ewma, nan=0.0, posinf=np.inf, neginf=-np.inf)) / thr
+            elif m == "z_score":
+                s = _scaled(x - st.moments.mean, st.moments.std) / thr
+            elif m == "modified_z":
+                med = np.median(r)
+                mad = np.median(np.abs(r - med))
+                # MAD of zero: the mean absolute deviation instead (its scale to a normal's sd is 1.2533)
+                scale = mad / 0.6745 if mad > 0 else 1.2533 * np.mean(np.abs(r - med))
+                s = _scaled(x - med, scale) / thr
+            else:  # iqr
+                q1, q3 = np.percentile(r, [25, 75])
+                iqr = q3 - q1
+                if iqr <= 0:  # the middle half is one value: fences a normal's IQR (1.349 sd) wide instead
+                    iqr = 1.349 * float(np.std(r))
+                lo, hi = q1 - thr * iqr, q3 + thr * iqr
+                out_by = np.where(x < lo, lo - x, np.where(x > hi, x - hi, 0.0))
+                s = np.where(out_by > 0, 1.0 + _scaled(out_by, iqr), 0.0)
             out[m] = s
-        if "ewma" not in self.methods:
-            st.ewma.update(x)
         st.moments.add_batch(x)
         st.push(x)
         return out

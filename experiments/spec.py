@@ -181,7 +181,7 @@ SCHEMA: dict[str, Any] = {
         "action": _type(str),
         "window": _num(10, 1_000_000, integer=True),
         "warmup": _num(0, 1_000_000, integer=True),
-        "ewma_lambda": _num(0.0001, 1),
+        "ewma_lambda": _num(0.0001, 0.9999),
         "period_gap_s": _num(0, 86_400),
     },
     "hypertune": {

@@ -108,8 +108,14 @@ class Moments:
 @njit(cache=True, nogil=True)
 def ewma_update(values, alpha, mean, var, seen):  # pragma: no cover - compiled
     """Fold values into an exponentially weighted mean/variance; also return per-value
-    z-scores against the state *before* each value (NaN values are skipped)."""
+    z-scores against the state *before* each value (NaN values are skipped).
+
+    The z-score divides by the spread of a *prediction error* (``x - mean``): for a steady
+    series that is ``var / (1 - alpha)``, not ``var``, which runs low by ``1 - alpha`` (the
+    mean moves towards each value before the variance sees it). With no spread at all (every
+    value so far equal), any other value is infinitely far: ``+-inf``."""
     z = np.full(values.shape[0], np.nan)
+    scale = 1.0 / (1.0 - alpha) if alpha < 1.0 else 1.0
     for i in range(values.shape[0]):
         x = values[i]
         if not np.isfinite(x):
@@ -118,9 +124,13 @@ def ewma_update(values, alpha, mean, var, seen):  # pragma: no cover - compiled
             mean = x
             var = 0.0
         else:
-            sd = math.sqrt(var)
+            sd = math.sqrt(var * scale)
             if sd > 0.0:
                 z[i] = (x - mean) / sd
+            elif x != mean:
+                z[i] = math.copysign(math.inf, x - mean)
+            else:
+                z[i] = 0.0
             d = x - mean
             mean += alpha * d
             var = (1.0 - alpha) * (var + alpha * d * d)

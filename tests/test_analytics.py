@@ -331,8 +331,8 @@ def test_a_detector_without_warmup_judges_nothing_against_no_values():
 
     det = AnomalyDetection("exp", methods=[m for m in METHODS if m != "isolation_forest"], warmup=0)
     st = _FieldState(det.window, det.ewma_lambda)
-    first = det._score_field(st, np.array([1.0, 2.0, 3.0]))  # no values before them: not judged
-    assert all(not s.any() for s in first.values())
+    first = det._score_field(st, np.array([1.0, 2.0, 3.0]))  # the first two: learnt, not judged
+    assert all(not s[:2].any() for s in first.values())
     later = det._score_field(st, np.array([2.0, 1e9]))  # judged against the first three
     assert later["z_score"][1] > 1 and later["iqr"][1] > 1 and later["z_score"][0] < 1
 
