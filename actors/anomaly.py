@@ -20,7 +20,9 @@ field with no spread (every value so far equal) makes any other value an anomaly
 to the mean absolute deviation and the standard deviation. Flagged events get ``anomaly = {"flag", "score",
 "methods", "fields", "action"}`` in the batch, which then goes on (``downstream``, the
 Sampler); ``action`` is ``flag``, ``alert`` (also logged as a warning) or ``sample_more``
-(the Sampler keeps those events whatever its rate). Anomalies close together in time
+(the Sampler keeps those events whatever its rate). An event whose value of a watched field
+was given as NaN or an infinity (its ``nonfinite`` mark: a diverged loss) is always flagged,
+method ``nonfinite``, score :data:`SCORE_MAX`, whatever ``methods`` says. Anomalies close together in time
 (``period_gap_s``) form anomaly periods (start, end, count, severity). On the ``anomalies``
 topic it publishes each batch's anomalies and ``anomaly_period`` start/end messages.
 """
@@ -322,6 +324,13 @@ class AnomalyDetection(EventConsumer):
                     h[0].add("isolation_forest")
                     h[1].update(forest_fields)
                     score[i] = max(score[i], float(fs[i]))
+        for i, marks in msg.get("sparse", {}).get("nonfinite", ()):  # a value given as NaN or infinite
+            watched = [f for f in marks if self.metrics is None or f in self.metrics]
+            if watched:
+                h = hits.setdefault(i, (set(), set()))
+                h[0].add("nonfinite")
+                h[1].update(watched)
+                score[i] = SCORE_MAX
         if hits:
             self._record(msg, hits, score)
         if self.downstream is not None:
@@ -351,7 +360,11 @@ class AnomalyDetection(EventConsumer):
                 "run_id": b.get("run_id"),
                 "name": names[int(b["name"][i])],
                 "phase": phases[pc] if pc >= 0 else None,
-                "values": {f: float(b["values"][f][i]) for f in fields if f in b["values"]},
+                "values": {
+                    f: float(b["values"][f][i])
+                    for f in fields
+                    if f in b["values"] and b["values"][f][i] == b["values"][f][i]
+                },
                 **flag,
             }
             items.append(item)

@@ -239,6 +239,7 @@ class Recorder(EventConsumer):
         self._ring_n = 0
         self.index = LiveIndex(experiment_id, limit=index_limit)
         self.phases: dict[str | None, _PhaseStats] = {}
+        self.nonfinite: dict[str, int] = {}  # values given as NaN or an infinity, per field (events' nonfinite)
         self._last_phase: tuple[str | None, int] | None = None  # the last event's phase and ts (busy_us)
         self.counters: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
@@ -700,6 +701,9 @@ class Recorder(EventConsumer):
                     st.min_ok[k] = min(st.min_ok.get(k, lo), lo)
                     st.max_ok[k] = max(st.max_ok.get(k, hi), hi)
         self._add_busy(b["phases"], phase_c, ts)
+        for _, marks in b.get("sparse", {}).get("nonfinite", ()):
+            for field in marks:
+                self.nonfinite[field] = self.nonfinite.get(field, 0) + 1
 
     def _add_busy(self, names: list[str], phase_c: np.ndarray, ts: np.ndarray) -> None:
         """Each phase's time: the gap from an event to the next is the phase's when both are
@@ -787,6 +791,7 @@ class Recorder(EventConsumer):
             "events_persisted": self.persisted,
             "events_dropped": dropped + self.sampled_out,
             "events_dropped_overflow": overflow,
+            "values_nonfinite": dict(self.nonfinite),
             "events_lost_in_transit": lost,
             "events_dropped_storage": self.storage_dropped,
             "events_sampled_out": self.sampled_out,

@@ -106,6 +106,7 @@ class StreamingMetrics(EventConsumer):
         self.digests: dict[str, TDigest] = {}
         self.win: dict[str, list[_Window]] = {}
         self.by_name: dict[str, int] = {}
+        self.nonfinite: dict[str, int] = {}  # values given as NaN or an infinity (the events' nonfinite marks)
         self.events = 0
         self.success = 0
         self.failure = 0
@@ -150,6 +151,9 @@ class StreamingMetrics(EventConsumer):
             width = w / self.nb
             first, last = int(t_lo / 1e6 // width), int(t_hi / 1e6 // width)
             spans.append((first, last) if first == last else (ts / 1e6 // width).astype(np.int64))
+        for _, marks in msg.get("sparse", {}).get("nonfinite", ()):
+            for field in marks:
+                self.nonfinite[field] = self.nonfinite.get(field, 0) + 1
         for field, col in msg["values"].items():
             m = self.moments.get(field)
             if m is None:
@@ -193,7 +197,8 @@ class StreamingMetrics(EventConsumer):
             "fields": fields,
             "windows": windows,
             "totals": totals,
-            "rejected_values": sum(m.rejected for m in self.moments.values()),
+            "rejected_values": sum(m.rejected for m in self.moments.values()) + sum(self.nonfinite.values()),
+            "nonfinite_values": dict(self.nonfinite),
             "bad_batches": self.bad_batches,
         }
 

@@ -74,6 +74,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             f"persisted {s['events_persisted']}, dropped {s['events_dropped']}; "
             f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}",
         )
+        if s["nonfinite_values"]:  # a diverged value: no number in the files, so said here
+            shown = ", ".join(f"{f} {n}" for f, n in sorted(s["nonfinite_values"].items()))
+            render.say(console, f"!! values that were NaN or infinite (events): {shown}")
         for a in s["hypertune_actions"][-10:]:
             render.say(console, f"  action: {a}")
         if s["reason"]:

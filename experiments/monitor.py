@@ -214,6 +214,7 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
     tracked = _tracked(run_objectives(run_dir))
     phases: dict[str, dict[str, Any]] = {}
     gpu: dict[str, int] = {}
+    nonfinite: dict[str, int] = {}
     anomalies = 0
     actions: list[str] = []
     first = last = None
@@ -239,6 +240,8 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
             gpu[ev["gpu_mode"]] = gpu.get(ev["gpu_mode"], 0) + 1
         if (ev.get("anomaly") or {}).get("flag"):
             anomalies += 1
+        for field in ev.get("nonfinite") or ():
+            nonfinite[field] = nonfinite.get(field, 0) + 1
         if ev["name"] == "hypertune_action":
             actions.append(ev.get("notes") or "")
     summ = read_record(run_dir, SUMMARY) or {}  # unreadable (a FIFO, a folder): a warning, the events alone
@@ -249,6 +252,7 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
         "phases": phases,
         "gpu_usage": gpu,
         "anomalies": anomalies,
+        "nonfinite_values": nonfinite,
         "hypertune_actions": actions,
         "duration_s": (last - first) / 1e6 if first is not None else 0.0,
         "events_persisted": max(n, said) if isinstance(said, int) else n,

@@ -385,11 +385,13 @@ class Emitter:
             if nones == n
             else np.array([-1 if x is None else (1 if x else 0) for x in succ_col], dtype=np.int8)
         )
-        values = _value_columns(val_col, n)
+        values, nonfinite = _value_columns(val_col, n)
         sparse: dict[str, list[list[Any]]] = {}
         for f, col in (("notes", notes_col), ("anomaly", anom_col)):
             if col.count(None) != n:
                 sparse[f] = [[i, x] for i, x in enumerate(col) if x is not None]
+        if nonfinite:
+            sparse["nonfinite"] = nonfinite
         self._last_ts = int(ts[-1])
         return {
             "kind": EVENTS,
@@ -425,8 +427,11 @@ def _codes(col: tuple[Any, ...], n: int, default: Any) -> tuple[list[Any], np.nd
     return list(table), np.array(codes, dtype=np.int32)
 
 
-def _value_columns(vals: tuple[Any, ...], n: int) -> dict[str, np.ndarray]:
-    """``values`` dicts -> one float64 column per key (NaN where absent; inf treated as absent)."""
+def _value_columns(vals: tuple[Any, ...], n: int) -> tuple[dict[str, np.ndarray], list[list[Any]]]:
+    """``values`` dicts -> one float64 column per key (NaN where absent), and the sparse
+    ``nonfinite`` entries: a NaN or an infinity *given* (a diverged loss) is no number a file
+    can hold, so its column is NaN (absent) and the event says which field held what
+    (``[[row, {"loss": "nan"}], ...]``): it is counted and seen, never lost silently."""
     first = vals[0]
     out: dict[str, np.ndarray] = {}
     if first and vals.count(None) == 0 and sum(map(len, vals)) == n * len(first):
@@ -442,8 +447,15 @@ def _value_columns(vals: tuple[Any, ...], n: int) -> dict[str, np.ndarray]:
                 keys.update(dict.fromkeys(v))
         for k in keys:
             out[k] = np.array([v.get(k, _NAN) if v else _NAN for v in vals], dtype=np.float64)
-    for col in out.values():
-        bad = np.isinf(col)
-        if bad.any():
-            col[bad] = _NAN
-    return out
+    marks: dict[int, dict[str, str]] = {}
+    for k, col in out.items():
+        bad = ~np.isfinite(col)
+        if not bad.any():
+            continue
+        for i in np.flatnonzero(bad).tolist():
+            v = vals[i]
+            if v and k in v:  # given, not absent
+                x = col[i]
+                marks.setdefault(i, {})[k] = "nan" if x != x else ("inf" if x > 0 else "-inf")
+        col[bad] = _NAN
+    return out, [[i, marks[i]] for i in sorted(marks)]

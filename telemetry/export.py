@@ -4,7 +4,7 @@ Sources are iterators of events (a run directory's JSONL files, or the history: 
 so memory stays bounded by ``chunk`` events whatever the size. CSV and Parquet need the
 set of value fields up front: the source is read twice (a cheap first pass collects the
 field names, and for Parquet whether a field's values are all integers: such a column is
-int64, exact, the others float64). Nested fields (``parameters``, ``anomaly``) are written as
+int64, exact, the others float64). Nested fields (``parameters``, ``anomaly``, ``nonfinite``) are written as
 JSON text. The output is a path or a binary file (a pipe, a terminal): it is written in order,
 never sought.
 """
@@ -33,7 +33,7 @@ def _flat(ev: dict[str, Any], keys: list[str]) -> list[Any]:
     row = []
     for c in BASE_COLUMNS:
         v = ev.get(c)
-        if c in ("parameters", "anomaly") and v is not None:
+        if c in ("parameters", "anomaly", "nonfinite") and v is not None:
             v = orjson.dumps(v).decode()
         row.append(v)
     vals = ev.get("values") or {}

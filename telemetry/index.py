@@ -205,6 +205,7 @@ class LiveIndex:
                     "values": None,
                     "notes": None,
                     "anomaly": None,
+                    "nonfinite": None,
                 }
             r = tmpl.copy()
             r["seq"] = sq

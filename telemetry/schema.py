@@ -33,8 +33,9 @@ FIELDS = (
     "parameters",
     "notes",
     "anomaly",
+    "nonfinite",
 )
-SPARSE_FIELDS = ("notes", "anomaly")
+SPARSE_FIELDS = ("notes", "anomaly", "nonfinite")
 """Fields carried as ``[[row, value], ...]`` lists in a batch: rare per event."""
 
 
@@ -122,7 +123,9 @@ def check_event_fields(
         raise SchemaError(f"event field 'notes' must be a string, got {type(notes).__name__}")
 
 
-OPTIONAL_FIELDS = ("phase", "success", "gpu_mode", "gpu_reason", "step", "parameters", "notes", "anomaly")
+OPTIONAL_FIELDS = ("phase", "success", "gpu_mode", "gpu_reason", "step", "parameters", "notes", "anomaly", "nonfinite")
+NONFINITE_TEXTS = ("nan", "inf", "-inf")
+"""How an event's ``nonfinite`` field names a value no JSON number can hold: ``{"loss": "nan"}``."""
 CODED_COLUMNS = {"name": "names", "phase": "phases", "reason": "reasons", "params": "param_texts"}
 """Batch columns of int32 codes into a per-batch string table (-1 = absent)."""
 
@@ -428,6 +431,7 @@ _LINE_TYPES: dict[str, tuple[type, ...]] = {
     "notes": (str,),
     "parameters": (dict,),
     "anomaly": (dict,),
+    "nonfinite": (dict,),
     "values": (dict,),
 }
 
