@@ -16,8 +16,11 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
-def batch_moments(v):  # pragma: no cover - compiled
-    """One pass over a batch: (n, mean, M2, min, max, sum, non-finite count), Welford's update."""
+def batch_moments(v, shift):  # pragma: no cover - compiled
+    """One pass over a batch: (n, mean - shift, M2, min, max, sum, non-finite count, overflow),
+    Welford's update on ``x - shift``. Near the running mean those differences are small, so
+    a stream far from zero (timestamps, 1e13 + noise) keeps its variance to full precision.
+    ``overflow``: a finite value whose difference from ``shift`` is not (near 1.8e308)."""
     n = 0
     mean = 0.0
     m2 = 0.0
@@ -25,63 +28,96 @@ def batch_moments(v):  # pragma: no cover - compiled
     hi = -np.inf
     total = 0.0
     bad = 0
+    overflow = False
     for x in v:
         if not np.isfinite(x):
             bad += 1
             continue
+        y = x - shift
+        if not np.isfinite(y):
+            overflow = True
+            break
         n += 1
-        d = x - mean
+        d = y - mean
         mean += d / n
-        m2 += d * (x - mean)
+        m2 += d * (y - mean)
         total += x
         if x < lo:
             lo = x
         if x > hi:
             hi = x
-    return n, mean, m2, lo, hi, total, bad
+    return n, mean, m2, lo, hi, total, bad, overflow
+
+
+SHIFT_MAX = 1e300
+"""Values beyond this size are folded unshifted (a difference between two of them may overflow)."""
 
 
 class Moments:
-    """count, mean, variance (population and sample), min, max; mergeable."""
+    """count, mean, variance (population and sample), min, max; mergeable.
 
-    __slots__ = ("count", "m2", "max", "mean", "min", "rejected", "total")
+    The running mean is kept relative to ``shift`` (the first value folded): what Welford's
+    and Chan's updates subtract is then small, so a series with a large offset (1e13 + unit
+    noise) keeps its variance to about the precision of its noise, where a plain running
+    mean loses it to the offset's rounding."""
+
+    __slots__ = ("count", "m2", "max", "min", "rejected", "rel_mean", "shift", "total")
 
     def __init__(self) -> None:
         self.count = 0
-        self.mean = 0.0
+        self.shift = 0.0
+        self.rel_mean = 0.0  # the mean minus ``shift``
         self.m2 = 0.0
         self.min = math.inf
         self.max = -math.inf
         self.total = 0.0
         self.rejected = 0
 
+    @property
+    def mean(self) -> float:
+        return self.shift + self.rel_mean
+
     def add_batch(self, values: Any) -> None:
         v = np.ascontiguousarray(values, dtype=np.float64).ravel()
         if v.size == 0:
             return
-        n, mean, m2, lo, hi, total, bad = batch_moments(v)
+        if self.count == 0:
+            finite = v[np.isfinite(v)][:1]
+            self.shift = float(finite[0]) if finite.size and abs(finite[0]) < SHIFT_MAX else 0.0
+            self.rel_mean = 0.0
+        n, mean, m2, lo, hi, total, bad, overflow = batch_moments(v, self.shift)
+        if overflow:  # values near the float limit: fold unshifted from here on
+            self.rel_mean, self.shift = self.mean, 0.0
+            n, mean, m2, lo, hi, total, bad, overflow = batch_moments(v, 0.0)
         self.rejected += bad
         self._merge(n, mean, m2, lo, hi, total)
 
     def add(self, x: float) -> None:
         self.add_batch(np.array([x]))
 
-    def _merge(self, n: int, mean: float, m2: float, lo: float, hi: float, total: float) -> None:
+    def _merge(self, n: int, rel_mean: float, m2: float, lo: float, hi: float, total: float) -> None:
+        """Fold ``n`` values whose mean is ``shift + rel_mean`` (this digest's shift)."""
         if n == 0:
             return
         if self.count == 0:
-            self.count, self.mean, self.m2, self.min, self.max, self.total = n, mean, m2, lo, hi, total
+            self.count, self.rel_mean, self.m2, self.min, self.max, self.total = n, rel_mean, m2, lo, hi, total
             return
         tot = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / tot
+        delta = rel_mean - self.rel_mean
+        self.rel_mean += delta * n / tot
         self.m2 += m2 + delta * delta * self.count * n / tot
         self.count = tot
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.total += total
 
     def merge(self, other: Moments) -> Moments:
-        self._merge(other.count, other.mean, other.m2, other.min, other.max, other.total)
+        if self.count == 0:
+            self.shift = other.shift
+        rel = (other.shift - self.shift) + other.rel_mean
+        if not math.isfinite(rel):  # shifts of opposite signs near the float limit
+            self.rel_mean, self.shift = self.mean, 0.0
+            rel = other.mean
+        self._merge(other.count, rel, other.m2, other.min, other.max, other.total)
         self.rejected += other.rejected
         return self
 

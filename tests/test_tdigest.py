@@ -209,6 +209,30 @@ def test_moments_batches_equal_one_pass(batches):
         assert m.variance == pytest.approx(allv.var(ddof=1), rel=1e-9, abs=1e-9)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from([0.0, 1e6, -3e9, 1e13, 1e15, 2.0**53]),
+    st.integers(0, 2**31),
+    st.integers(1, 3),
+    st.sampled_from([64, 1024]),
+)
+def test_moments_keep_their_precision_far_from_zero(offset, seed, parts, batch):
+    """A series with a large offset and unit noise (timestamps, counters): the variance is as
+    precise as the noise allows, in batches and across merges of digests that started apart."""
+    x = offset + np.random.default_rng(seed).normal(size=3000)
+    pieces = np.array_split(x, parts)
+    merged = Moments()
+    for piece in pieces:
+        m = Moments()
+        for i in range(0, piece.size, batch):
+            m.add_batch(piece[i : i + batch])
+        merged.merge(m)
+    exact = np.var(x - x[0], ddof=1)  # the differences are exact here: no offset left to round
+    assert merged.count == x.size and merged.min == x.min() and merged.max == x.max()
+    assert merged.variance == pytest.approx(exact, rel=1e-6)
+    assert merged.mean == pytest.approx(x[0] + np.mean(x - x[0]), rel=1e-15, abs=1e-9)
+
+
 def test_ewma_tracks_a_level_shift():
     e = Ewma(alpha=0.2)
     z = e.update(np.r_[np.full(200, 10.0) + RNG.normal(0, 0.1, 200), [20.0]])
