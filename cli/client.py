@@ -95,7 +95,7 @@ def control_value(text: str) -> Any:
 def cmd_steer(args: argparse.Namespace) -> int:
     key, sep, text = args.assignment.partition("=")
     if not sep or not key.strip():
-        raise UsageError(f"expected KEY=VALUE (a control and its new value: set_tenure=0.8), got {args.assignment!r}")
+        raise UsageError(f"expected KEY=VALUE (one of the workload's controls, its new value), got {args.assignment!r}")
     value = control_value(text.strip())
     bad = tree_problem({"key": key, "--why": args.why})
     if bad is not None:
@@ -143,12 +143,11 @@ def add_commands(sub: Any) -> None:
         "steer",
         help=help_of("steer"),
         description="Set one control of a running experiment at its phase's next safe point (recorded as a "
-        "control event and checkpointed). KEY is a control its workload declares (a colouring run: set_tenure, "
-        "set_crossover_rate, set_population, set_batch, boost_mutation, adjust_temperature, skip_phase, "
-        "restart_pass; a latency run: calls_per_step, concurrency, timeout_s); VALUE is read as JSON, else as text.",
+        "control event and checkpointed). KEY is one of the controls the experiment's workload declares "
+        "(docs/daemon.md lists them; an unknown KEY is refused with the list); VALUE is read as JSON, else as text.",
     )
     st.add_argument("id", help="experiment id")
-    st.add_argument("assignment", metavar="KEY=VALUE", help="the control and its new value, e.g. set_tenure=0.8")
+    st.add_argument("assignment", metavar="KEY=VALUE", help="the control and its new value (VALUE read as JSON)")
     st.add_argument("--why", default="crucible steer", help="a note recorded with the change")
     st.add_argument("--json", action="store_true", help="print the daemon's answer as one JSON object")
     _client_opts(st)

@@ -216,8 +216,8 @@ class LabClient:
         return self._control("stop", exp_id)
 
     def set_param(self, exp_id: str, key: str, value: Any, why: str | None = None) -> dict[str, Any]:
-        """Set one of a running experiment's controls (a key its workload declares, e.g.
-        ``set_tenure``) at its phase's next safe point; ``result`` holds ``before`` and
+        """Set one of a running experiment's controls (a key its workload declares) at its
+        phase's next safe point; ``result`` holds ``before`` and
         ``after``. Not retried: the daemon may have applied a change whose answer was lost."""
         body: dict[str, Any] = {"experiment": exp_id, "key": key, "value": value}
         if why is not None:
