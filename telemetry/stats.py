@@ -17,12 +17,36 @@ import numpy as np
 from scipy import stats as st
 
 
+def _raw(x: Any) -> np.ndarray:
+    return np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=np.float64).ravel()
+
+
 def _arr(x: Any, name: str, min_n: int = 2) -> np.ndarray:
-    a = np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=np.float64).ravel()
+    a = _raw(x)
     a = a[np.isfinite(a)]
     if a.size < min_n:
         raise ValueError(f"{name} needs at least {min_n} finite values, got {a.size}")
     return a
+
+
+def _pairs(a: Any, b: Any, names: tuple[str, str] = ("a", "b")) -> tuple[np.ndarray, np.ndarray, int]:
+    """Matched observations with every pair that has a missing (NaN) or infinite value on
+    either side left out, and how many were: dropping each side's gaps on its own would
+    shift every later pair against the wrong partner.
+
+    Raises:
+        ValueError: the samples differ in length (naming both), or fewer than 2 pairs are whole.
+    """
+    x, y = _raw(a), _raw(b)
+    if x.size != y.size:
+        raise ValueError(
+            f"paired samples must have the same length, got {x.size} ({names[0]}) and {y.size} ({names[1]})"
+        )
+    whole = np.isfinite(x) & np.isfinite(y)
+    x, y = x[whole], y[whole]
+    if x.size < 2:
+        raise ValueError(f"paired samples need at least 2 pairs with both values finite, got {x.size}")
+    return x, y, int(whole.size - x.size)
 
 
 def _scale(*samples: np.ndarray) -> float:
@@ -51,7 +75,7 @@ def _undefined_is_nan() -> Iterator[None]:
 
 
 def welch_t(a: Any, b: Any) -> dict[str, float]:
-    """Welch's unequal-variance t-test (two-sided); NaN where it is undefined (no variance)."""
+    """Welch's unequal-variance t-test (two-sided), of a - b; NaN where it is undefined (no variance)."""
     _, (x, y) = _scaled(_arr(a, "a"), _arr(b, "b"))
     with _undefined_is_nan():
         r = st.ttest_ind(x, y, equal_var=False)
@@ -59,14 +83,19 @@ def welch_t(a: Any, b: Any) -> dict[str, float]:
 
 
 def paired_t(a: Any, b: Any) -> dict[str, float]:
-    """Paired t-test on matched observations (two-sided)."""
-    x, y = _arr(a, "a"), _arr(b, "b")
-    if x.size != y.size:
-        raise ValueError(f"paired samples must have the same length, got {x.size} and {y.size}")
+    """Paired t-test on matched observations (two-sided), of a - b. A pair with a missing or
+    infinite value on either side is left out whole (``pairs_dropped`` counts them)."""
+    x, y, dropped = _pairs(a, b)
     _, (x, y) = _scaled(x, y)
     with _undefined_is_nan():
         r = st.ttest_rel(x, y)
-    return {"test": "paired_t", "statistic": float(r.statistic), "p_value": float(r.pvalue), "df": float(r.df)}
+    return {
+        "test": "paired_t",
+        "statistic": float(r.statistic),
+        "p_value": float(r.pvalue),
+        "df": float(r.df),
+        "pairs_dropped": dropped,
+    }
 
 
 def mann_whitney(a: Any, b: Any) -> dict[str, float]:
@@ -93,17 +122,37 @@ def t_interval(a: Any, confidence: float = 0.95) -> tuple[float, float]:
 def bootstrap_interval(
     a: Any, confidence: float = 0.95, statistic: Any = np.mean, n_resamples: int = 9999, seed: int = 0
 ) -> tuple[float, float]:
-    """Bootstrap (BCa) confidence interval of a statistic of one sample."""
+    """Bootstrap (BCa) confidence interval of a statistic of one sample.
+
+    The sample is scaled by a power of two as elsewhere here (values near 1.8e308 neither
+    overflow nor warn), which is exact for a statistic that scales with its data (f(c x) =
+    c f(x): the mean, median, quantiles, standard deviation); one that does not (a variance)
+    is computed on the values as they are. An interval that is undefined (a constant sample)
+    is NaN, without scipy's warnings."""
     x = _arr(a, "sample")
-    r = st.bootstrap(
-        (x,),
-        statistic,
-        confidence_level=confidence,
-        n_resamples=n_resamples,
-        random_state=np.random.default_rng(seed),
-        method="BCa",
-    )
-    return float(r.confidence_interval.low), float(r.confidence_interval.high)
+    s, (xs,) = _scaled(x)
+    with _undefined_is_nan():
+        if s != 1.0 and not _scales_with_data(statistic, xs):
+            s, xs = 1.0, x
+        r = st.bootstrap(
+            (xs,),
+            statistic,
+            confidence_level=confidence,
+            n_resamples=n_resamples,
+            random_state=np.random.default_rng(seed),
+            method="BCa",
+        )
+    return float(r.confidence_interval.low) * s, float(r.confidence_interval.high) * s
+
+
+def _scales_with_data(statistic: Any, x: np.ndarray) -> bool:
+    """Whether f(x / 2) = f(x) / 2 on this (scaled, so overflow-free) sample: halving by a power
+    of two is exact, so a statistic that scales with its data passes to rounding."""
+    try:
+        whole, half = float(statistic(x)), float(statistic(x / 2.0))
+    except (TypeError, ValueError):
+        return False
+    return math.isclose(whole, 2.0 * half, rel_tol=1e-9, abs_tol=1e-300)
 
 
 def diff_interval(a: Any, b: Any, confidence: float = 0.95) -> tuple[float, float]:
@@ -178,16 +227,25 @@ def compare(
     """Compare two runs (lists of events, or of numbers) on ``metric``.
 
     Returns the means, Welch (or paired) t-test and Mann-Whitney U p-values, Cohen's d,
-    Hedges' g and the confidence interval of the difference of means (treatment - control).
+    Hedges' g and the confidence interval of the difference of means. Every signed figure
+    (the t statistic, ``ci``, ``cohens_d``, ``effect_size``) is of treatment - control.
     Values near float64's limit are scaled, never overflowed; a figure that is still not a
     number (no variance, a difference beyond the range) is NaN or +-inf, and ``note`` says why
     (None when every figure is defined).
+
+    A missing (NaN) or infinite value is left out; with ``paired=True`` its whole pair is
+    (the rows must line up: two samples of different lengths are an error naming both), and
+    ``pairs_dropped`` says how many pairs were (None when not paired).
     """
-    a, b = _arr(_metric_values(control, metric), "control"), _arr(_metric_values(treatment, metric), "treatment")
-    if paired and a.size != b.size:
-        raise ValueError(f"paired samples must have the same length, got {a.size} and {b.size}")
+    dropped: int | None = None
+    if paired:
+        a, b, dropped = _pairs(
+            _metric_values(control, metric), _metric_values(treatment, metric), ("control", "treatment")
+        )
+    else:
+        a, b = _arr(_metric_values(control, metric), "control"), _arr(_metric_values(treatment, metric), "treatment")
     s, (x, y) = _scaled(a, b)
-    t = paired_t(x, y) if paired else welch_t(x, y)
+    t = paired_t(y, x) if paired else welch_t(y, x)  # treatment - control, as the interval and effect sizes
     mean_a, mean_b = float(x.mean()) * s, float(y.mean()) * s
     if paired:
         lo, hi = t_interval(y - x, confidence)
@@ -209,6 +267,7 @@ def compare(
         "cohens_d": d,
         "ci": ci,
         "confidence": confidence,
+        "pairs_dropped": dropped,
         "note": _undefined_note(x, y, s, d, ci, paired),
     }
 
