@@ -6,7 +6,8 @@ Strategies (``sampling_strategy`` + ``sampling_config``, as in the experiment sp
 * ``uniform``: keep each event with probability ``rate``.
 * ``reservoir``: exactly ``k`` events over the whole run, uniformly (Vitter's Algorithm R).
   The reservoir lives in the Sampler and goes to the Recorder when the run ends (``flush``
-  or stop), since a persisted event cannot be taken back.
+  or stop), since a persisted event cannot be taken back. With ``min_samples`` the events it
+  guarantees go on at once, and the ``k`` are drawn from the others.
 * ``stratified``: a rate per stratum (``by`` = ``name`` | ``success`` | ``phase``), e.g.
   ``{"by": "success", "rates": {"false": 1.0, "true": 0.1}, "default_rate": 1.0}``.
 * ``adaptive``: ``base_rate`` normally, ``anomaly_rate`` while an anomaly period is open
@@ -16,7 +17,8 @@ Strategies (``sampling_strategy`` + ``sampling_config``, as in the experiment sp
   default) of that field, plus ``base_rate`` of the others.
 
 ``min_samples`` (any strategy): the first ``min_samples`` events of each stratum are kept
-whatever the rate. Events flagged by the anomaly detector with action ``sample_more`` are
+whatever the rate (by ``reservoir`` too: those go on at once, and its ``k`` are drawn from
+the rest). Events flagged by the anomaly detector with action ``sample_more`` are
 always kept (except by ``reservoir``, whose size is exact). Kept / dropped counts are kept
 per stratum (the event name unless stratified), and cumulative ``sampled_out`` / ``held``
 figures travel to the Recorder so the run's accounting stays exact: with every batch it
@@ -141,6 +143,9 @@ class Sampler(EventConsumer):
         self.anomaly_open = False
         self.anomaly_until_ts = -1
         self.reservoir: list[dict[str, Any]] = []
+        self._pool_seen = 0  # reservoir: events that competed for it (all but those min_samples kept)
+        self._forwarded = 0  # reservoir: events min_samples kept and sent on at once
+        self._stratum_seen: dict[str, int] = {}  # reservoir: events seen per stratum (for min_samples)
         self.digest = TDigest(200.0) if strategy == "importance" else None
         self._reservoir_flushed = False
 
@@ -260,6 +265,22 @@ class Sampler(EventConsumer):
     def _held(self) -> int:
         return len(self.reservoir) if self.strategy == "reservoir" and not self._reservoir_flushed else 0
 
+    def _guaranteed(self, b: dict[str, Any]) -> np.ndarray:
+        """Reservoir: the rows among the first ``min_samples`` events of their stratum in the run."""
+        n = int(b["n"])
+        sure = np.zeros(n, dtype=bool)
+        need = self.config["min_samples"]
+        if not need:
+            return sure
+        labels, codes = self._strata(b)
+        for c in np.unique(codes).tolist():
+            idx = np.flatnonzero(codes == c)
+            have = self._stratum_seen.get(labels[c], 0)
+            if have < need:
+                sure[idx[: need - have]] = True
+            self._stratum_seen[labels[c]] = have + idx.size
+        return sure
+
     def _reservoir(self, b: dict[str, Any]) -> None:
         k = self.config["k"]
         n = int(b["n"])
@@ -268,17 +289,19 @@ class Sampler(EventConsumer):
             self.sampled_out += n
             self._send_figures(b)
             return
-        rows = None
-        t0 = self.seen
+        sure = self._guaranteed(b)
+        pool = np.flatnonzero(~sure)  # the rows that compete for the reservoir
+        m = pool.size
+        t0 = self._pool_seen
         slots: dict[int, int] = {}  # reservoir slot -> row of this batch (last writer wins)
-        fill = max(0, min(n, k - t0))
+        fill = max(0, min(m, k - t0))
         for i in range(fill):
-            slots[t0 + i] = i
-        if fill < n:
-            t = np.arange(t0 + fill, t0 + n)
+            slots[t0 + i] = int(pool[i])
+        if fill < m:
+            t = np.arange(t0 + fill, t0 + m)
             j = (self.rng.random(t.size) * (t + 1)).astype(np.int64)  # uniform in [0, t]
-            for row, slot in zip((np.flatnonzero(j < k) + fill).tolist(), j[j < k].tolist(), strict=True):
-                slots[slot] = row
+            for i, slot in zip((np.flatnonzero(j < k) + fill).tolist(), j[j < k].tolist(), strict=True):
+                slots[slot] = int(pool[i])
         if slots:
             rows = batch_rows(b)
             for slot, row in slots.items():
@@ -286,10 +309,19 @@ class Sampler(EventConsumer):
                     self.reservoir[slot] = rows[row]
                 else:
                     self.reservoir.append(rows[row])
+        self._pool_seen += m
         self.seen += n
-        # nothing is forwarded until the run ends: keep the Recorder's accounting current
-        self.sampled_out = self.seen - len(self.reservoir)
-        self._send_figures(b)
+        self._forwarded += int(sure.sum())
+        # the reservoir is forwarded when the run ends: keep the Recorder's accounting current
+        self.sampled_out = self.seen - self._forwarded - len(self.reservoir)
+        if not sure.any():
+            self._send_figures(b)
+            return
+        out = b if sure.all() else select_rows(b, sure)
+        self._count(out, np.ones(int(out["n"]), dtype=bool))
+        out["sampling"] = self._figures(held=self._held())
+        if self.downstream is not None:
+            self.downstream.tell_bytes(encode(out))
 
     def handle_flush(self, msg: dict[str, Any]) -> dict[str, Any]:
         """End of run: send the reservoir (if any) downstream; answer the counts."""
@@ -297,7 +329,7 @@ class Sampler(EventConsumer):
             rows = sorted(self.reservoir, key=lambda r: r["seq"])
             batch = rows_to_batch(rows, self.experiment_id, rows[0]["run_id"])
             self._reservoir_flushed = True
-            self.sampled_out = self.seen - len(rows)
+            self.sampled_out = self.seen - self._forwarded - len(rows)
             self.reservoir = []
             batch["sampling"] = self._figures(held=0)
             self._count(batch, np.ones(len(rows), dtype=bool))

@@ -43,6 +43,9 @@ class Sink(Actor):
             out += [int(s) for s in b["seq"]]
         return out
 
+    def handle_batches(self, msg):
+        return list(self.batches)
+
     def handle_anomalous(self, msg):
         return [i for b in self.batches for i, a in b.get("sparse", {}).get("anomaly", []) if a["flag"]]
 
@@ -186,6 +189,35 @@ def test_stratified_rates_per_stratum():
 def test_min_samples_guarantee():
     _counts, rows = run_sampler("uniform", {"rate": 0.0, "min_samples": 25}, [batch({"x": np.arange(100.0)})])
     assert rows == list(range(25))
+
+
+def test_reservoir_keeps_min_samples_and_draws_k_from_the_rest():
+    """The first 100 events go on whatever k is; the reservoir's 10 come uniformly from the other 900."""
+    bs = [batch({"x": np.arange(100.0)}, start_seq=k * 100) for k in range(10)]
+    hits = np.zeros(9)
+    for seed in range(40):
+        counts, rows = run_sampler("reservoir", {"k": 10, "min_samples": 100}, bs, seed=seed)
+        assert rows[:100] == list(range(100)) and len(rows) == 110 and len(set(rows)) == 110
+        assert counts["sampled_out"] == 890 and counts["held"] == 0 and counts["kept"] == {"step": 110}
+        hits += np.bincount(np.array(rows[100:]) // 100 - 1, minlength=9)
+    assert st.chisquare(hits).pvalue > 0.001
+
+
+def test_reservoir_min_samples_per_stratum_and_accounting_while_it_holds():
+    names = ["step", "call"] * 50
+    sink = Sink.start()
+    s = Sampler.start("exp", sink, "reservoir", {"k": 5, "min_samples": 3}, seed=1)
+    s.tell_bytes(encode(batch({"x": np.arange(100.0)}, names=names)))
+    counts = s.ask({"kind": "counts"})
+    assert sink.ask({"kind": "rows"}) == [0, 1, 2, 3, 4, 5]  # the first 3 of each name, at once
+    assert counts["held"] == 5 and counts["sampled_out"] == 100 - 6 - 5
+    figures = sink.ask({"kind": "batches"})[-1]["sampling"]
+    assert figures["held"] == 5 and figures["sampled_out"] == 89
+    counts = s.ask({"kind": "flush"})
+    rows = sink.ask({"kind": "rows"})
+    assert len(rows) == 11 and counts["sampled_out"] == 89 and counts["held"] == 0
+    s.stop()
+    sink.stop()
 
 
 def test_importance_keeps_the_tail():
