@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from collections.abc import Iterator
@@ -23,14 +24,26 @@ PARALLEL = Num(1, 1024, integer=True)
 
 
 def trial_line(row: dict[str, Any]) -> str:
-    """One finished trial: its objective's value, when it reached its best, and its parameters."""
+    """One finished trial: its objective's value, when it reached its best (where the workload
+    records it: an unknown time is said so, never shown as 0), and its parameters."""
     if "failed" in row:
         return f"trial {row['trial']}: failed ({row['failed']}) with {row['params']}"
     field = next((k for k in row if k not in TRIAL_KEYS), "objective")
-    return (
-        f"trial {row['trial']}: {field}={row.get(field, float('nan')):g} "
-        f"(best after {row['seconds_to_best']:.2f} s) with {row['params']}"
-    )
+    when = row.get("seconds_to_best")
+    after = f"best after {when:.2f} s" if when is not None else "time to best unknown"
+    return f"trial {row['trial']}: {field}={row.get(field, float('nan')):g} ({after}) with {row['params']}"
+
+
+def json_numbers(v: Any) -> Any:
+    """``v`` with every infinite float as the string ``"inf"`` or ``"-inf"`` (JSON has no
+    infinity, and null would lose which arm was better); NaN stays null (undefined)."""
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if isinstance(v, dict):
+        return {k: json_numbers(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_numbers(x) for x in v]
+    return v
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -42,6 +55,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
             return _interrupted("tune", term)
 
         console = Console()
+        done: list[dict[str, Any]] = []  # the trials finished so far: printed too when interrupted
+
+        def on_trial(row: dict[str, Any]) -> None:
+            done.append(row)
+            if not args.json:
+                render.say(console, trial_line(row))
+
         try:
             res = tune(
                 args.spec,
@@ -52,7 +72,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 objective=args.objective,
                 seed=args.seed,
                 overrides=args.set or None,
-                on_trial=None if args.json else lambda r: render.say(console, trial_line(r)),
+                on_trial=on_trial,
                 on_skipped=_skipped,
                 **_runner(args),
             )
@@ -63,6 +83,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         except RayBackendError as exc:  # no Ray installed, no cluster at the address
             raise UsageError(f"--backend ray: {exc}") from None
         except KeyboardInterrupt:
+            if args.json:  # what had finished is still worth having (their run folders hold the rest)
+                print(orjson.dumps({"interrupted": True, "trials": done}).decode(), flush=True)
             return _interrupted("tune", term)
         if args.json:
             print(orjson.dumps(res).decode())
@@ -71,12 +93,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
             first = failed[0]
             print(f"crucible tune: every trial failed; trial {first['trial']}: {first['failed']}", file=sys.stderr)
             return EXIT_FAILED
+        if failed:  # a proposal from the others; but not every trial counted
+            print(
+                f"crucible tune: warning: {len(failed)} of {len(res['trials'])} trial(s) failed; "
+                f"trial {failed[0]['trial']}: {' '.join(str(failed[0]['failed']).split())}",
+                file=sys.stderr,
+            )
         if not args.json:
             left_out = len(res["skipped_prior_runs"])
             render.say(  # names and values from the spec and the runs: shown as they are, never as markup
                 console,
                 f"learned from {res['seeded_from_prior_runs']} prior run(s)"
-                f"{f' ({left_out} left out)' if left_out else ''} and {len(res['trials'])} trial(s); "
+                f"{f' ({left_out} left out)' if left_out else ''} and {len(res['trials'])} trial(s)"
+                f"{f' ({len(failed)} failed)' if failed else ''}; "
                 f"best {res['objective']} = {res['best_value']}",
             )
             render.say(console, "proposed next configuration (--set):")
@@ -157,7 +186,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
             print(f"crucible ab: {one_line(exc)}", file=sys.stderr)
             return EXIT_FAILED
         if args.json:
-            print(orjson.dumps({k: v for k, v in rep.items() if k != "runs"}).decode())
+            print(orjson.dumps(json_numbers({k: v for k, v in rep.items() if k != "runs"})).decode())
             return 0
         console.print(render.ab_table(rep, args.runs))
         for r in rep["failed"]:

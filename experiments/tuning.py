@@ -31,7 +31,7 @@ from experiments.workloads import Objective, objective_of
 from experiments.workloads import registry as workload_registry
 from telemetry import stats
 from telemetry.jsonl import RunFileError, iter_run
-from telemetry.rundir import CHECKPOINT, SPEC, SUMMARY, read_json, read_record, summary_best
+from telemetry.rundir import CHECKPOINT, LIFECYCLE, SPEC, SUMMARY, RunStatus, read_json, read_record, summary_best
 
 log = get_logger("experiments.tuning")
 
@@ -161,14 +161,43 @@ def _record(run_dir: Path, name: str) -> tuple[dict[str, Any] | None, str | None
     return record, None if record is not None else f"it has no {name}"
 
 
+ENDED_BY_ITSELF = ("budget", "completed")
+"""The reasons a run ends that make its best a trial's: its time budget ran out, or its
+workload finished. A run stopped (by a person, a signal) or failed part-way has a best of
+a shorter search, which would stand in the study for what its parameters reach."""
+
+
+def _ending_problem(run_dir: Path) -> str | None:
+    """Why a prior run did not run to its own end (stopped early, failed, still running), or None."""
+    life, why = _record(run_dir, LIFECYCLE)
+    if life is None:
+        return f"{why}: whether it ran to its end is unknown"
+    status, reason = life.get("status"), life.get("reason")
+    if status in (RunStatus.STOPPED, RunStatus.ARCHIVED) and reason in ENDED_BY_ITSELF:
+        return None
+    active = life.get("active_duration")
+    after = f" after {active:.3g} s" if isinstance(active, (int, float)) and not isinstance(active, bool) else ""
+    return f"it did not run to its end (status {status!r}, reason {reason!r}{after}): its best is of a shorter search"
+
+
+def _budget_problem(spec: dict[str, Any], budget: float | None) -> str | None:
+    """Why a prior run's time budget is not the trials' (its best is of another search length), or None."""
+    if budget is None:
+        return None
+    theirs = spec.get("time_budget_s")
+    if isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and math.isclose(theirs, budget, rel_tol=1e-9):
+        return None
+    return f"it ran with a time budget of {theirs!r} s, the trials with {budget:g} s"
+
+
 def _prior_trial(
-    run_dir: Path, wl: str, space: dict[str, tuple[float, float, str]], obj: Objective
+    run_dir: Path, wl: str, space: dict[str, tuple[float, float, str]], obj: Objective, budget: float | None = None
 ) -> tuple[dict[str, Any] | None, float | None, str | None]:
     """A prior run's (parameters, objective value, None), or (None, None, why it is no use)."""
     spec, why = _record(run_dir, SPEC)
     if spec is None:
         return None, None, why
-    why = _params_problem(spec, wl, space)
+    why = _params_problem(spec, wl, space) or _budget_problem(spec, budget) or _ending_problem(run_dir)
     if why:
         return None, None, why
     summary, why = _record(run_dir, SUMMARY)
@@ -181,11 +210,18 @@ def _prior_trial(
 
 
 def prior_trials(
-    seed_from: Iterable[str | Path], wl: str, space: dict[str, tuple[float, float, str]], obj: Objective
+    seed_from: Iterable[str | Path],
+    wl: str,
+    space: dict[str, tuple[float, float, str]],
+    obj: Objective,
+    budget: float | None = None,
 ) -> tuple[list[tuple[dict[str, Any], float]], list[tuple[Path, str]]]:
     """The (starting parameters, objective value) of each usable prior run in ``seed_from``,
     and (path, reason) of each run left out as no use: no or a damaged spec or summary,
-    another workload, parameters outside the search space, no value of the objective. When
+    another workload, parameters outside the search space, a time budget other than
+    ``budget`` (the trials'; None: any), a run that did not end by itself (its budget ran
+    out or its workload finished: one stopped or failed part-way, or with no lifecycle
+    record, has the best of a shorter search), no value of the objective. When
     every one is left out, that is an error: whoever named them meant the study to learn
     from them, and a study that learns from nothing should not run in their place.
 
@@ -199,7 +235,7 @@ def prior_trials(
     found: list[tuple[dict[str, Any], float]] = []
     skipped: list[tuple[Path, str]] = []
     for path in paths:
-        params, value, why = _prior_trial(path, wl, space, obj)
+        params, value, why = _prior_trial(path, wl, space, obj, budget)
         if params is None or value is None:
             skipped.append((path, why or "no use"))
         else:
@@ -214,8 +250,18 @@ def prior_trials(
 
 
 def _trial_row(field: str, direction: str, run_dir: Path) -> dict[str, Any]:
-    """A trial's figures from its run directory (run where the trial ran)."""
-    return {"value": run_objective(run_dir, field, direction), "seconds_to_best": seconds_to_best(run_dir) or 0.0}
+    """A trial's figures from its run directory (run where the trial ran); ``seconds_to_best``
+    is None where the workload does not record it."""
+    return {"value": run_objective(run_dir, field, direction), "seconds_to_best": seconds_to_best(run_dir)}
+
+
+SEEDS = 2**32
+
+
+def trial_seed(seed: int, i: int) -> int:
+    """Trial ``i``'s seed: ``seed + i``, wrapped into the spec's range 0..2**32-1 (a study
+    started near the top of the range still gives every trial a seed of its own)."""
+    return (seed + i) % SEEDS
 
 
 def trial_experiment_id(base: str, i: int) -> str:
@@ -256,7 +302,11 @@ def tune(
     the sequential study; with N > 1 each proposal is made from fewer finished trials, and
     TPE's ``constant_liar`` keeps a batch's proposals apart. For a given seed and N the
     proposals depend only on the trials' values. A trial that fails is a row with ``failed``
-    (its reason) and is told to the study as failed.
+    (its reason) and is told to the study as failed; ``failed_trials`` counts them.
+
+    Trial ``i`` runs with seed ``(seed + i) mod 2**32``: every trial's seed stays in the spec's
+    range, whatever ``seed`` is. A prior run enters the study only if it ran with the trials'
+    time budget (``budget``, else the spec's) and to its own end (see :func:`prior_trials`).
     """
     import optuna
 
@@ -272,7 +322,8 @@ def tune(
         raise ValueError(f"no search space declared for workload {wl!r}; known: {', '.join(SEARCH_SPACES)}")
     space = SEARCH_SPACES[wl]
     obj = _objective(wl, objective)
-    priors, skipped = prior_trials(seed_from, wl, space, obj)
+    trial_budget = budget if budget is not None else base.get("time_budget_s")
+    priors, skipped = prior_trials(seed_from, wl, space, obj, trial_budget)
     for path, why in skipped:
         if on_skipped is None:
             log.warning("skipping a prior run", run_dir=str(path), reason=why)
@@ -308,7 +359,7 @@ def tune(
                 sets = [f"workload.params.{name}={v}" for name, v in trial.params.items()]
                 if budget is not None:
                     sets.append(f"time_budget_s={budget}")
-                sets.append(f"seed={seed + first + k}")
+                sets.append(f"seed={trial_seed(seed, first + k)}")
                 exp_id = trial_experiment_id(base["name"], first + k)
                 jobs.append(Job(base, tuple(sets), exp_id, read_row))  # read once: a pipe cannot be read again
             rows: list[dict[str, Any]] = [{} for _ in batch]
@@ -327,6 +378,7 @@ def tune(
         "skipped_prior_runs": [{"run_dir": str(path), "reason": why} for path, why in skipped],
         "parallel": parallel,
         "trials": results,
+        "failed_trials": sum(1 for r in results if "failed" in r),
         "best_value": study.best_value if done else None,
         "proposal": study.best_params if done else None,
         "search_space": {k: list(v) for k, v in space.items()},

@@ -347,15 +347,13 @@ def test_color_prints_a_table_with_passes(tmp_path, capsys):
 def test_tune_proposes_parameters_after_learning_from_a_prior_run(runs, tmp_path, capsys):
     _, dirs = runs
     spec = tmp_path / "t.toml"
-    spec.write_text(LATENCY.format(budget=0.15, seed=1, calls=0))
+    spec.write_text(LATENCY.format(budget=30, seed=1, calls=300))  # the prior runs' budget; ends after its calls
     out = run_cli(
         capsys,
         "tune",
         str(spec),
         "--trials",
         "2",
-        "--budget",
-        "0.15",
         "--objective",
         "latency_ms",
         "--seed-from",

@@ -27,7 +27,7 @@ def prior(tmp_path_factory):
     """One finished latency run: (its artifacts folder, its run directory)."""
     root = tmp_path_factory.mktemp("prior")
     spec = root / "lat.toml"
-    spec.write_text(LATENCY.format(budget=30, calls=200))  # ends once its calls are made
+    spec.write_text(LATENCY.format(budget=0.15, calls=200))  # the trials' budget: its best is comparable
     assert main(["run", str(spec), "--artifacts", str(root / "art"), "--no-live"]) == 0
     (run,) = (root / "art" / "lat").iterdir()
     return root / "art", run
@@ -40,16 +40,20 @@ def spec(tmp_path):
     return p
 
 
-def _fake_run(path, spec=None, summary=None):
-    """A run directory with the records given (dicts written as JSON, text as it is)."""
+ENDED = {"status": "stopped", "reason": "budget", "active_duration": 0.15}
+
+
+def _fake_run(path, spec=None, summary=None, lifecycle=ENDED):
+    """A run directory with the records given (dicts written as JSON, text as it is); by
+    default one that ran to the end of its budget."""
     path.mkdir(parents=True)
-    for name, record in (("spec.json", spec), ("summary.json", summary)):
+    for name, record in (("spec.json", spec), ("summary.json", summary), ("lifecycle.json", lifecycle)):
         if record is not None:
             (path / name).write_bytes(record if isinstance(record, bytes) else orjson.dumps(record))
     return path
 
 
-LATENCY_SPEC = {"workload": {"name": "latency", "params": {"calls_per_step": 20}}}
+LATENCY_SPEC = {"time_budget_s": 0.15, "workload": {"name": "latency", "params": {"calls_per_step": 20}}}
 SUMMARY = {"phases": {"latency": {"best": {"latency_ms": 0.25}}}}
 
 
@@ -143,3 +147,51 @@ def test_the_reason_a_prior_run_is_left_out(tmp_path):
     with pytest.raises(SeedFromError, match=r"none of the 6 prior runs is usable: .*; and 3 more$"):
         prior_trials(list(cases), "latency", SPACE, OBJ)
     assert prior_trials([], "latency", SPACE, OBJ) == ([], [])  # no prior runs asked for: nothing to refuse
+
+
+def test_a_run_stopped_early_or_of_another_budget_is_left_out_with_the_reason(tmp_path):
+    """A run stopped at 2.4 s of its 8 s budget has the best of a shorter search: it must not
+    stand in the study for what its parameters reach; nor a run given another budget."""
+    eight = {**LATENCY_SPEC, "time_budget_s": 8.0}
+    ok = _fake_run(tmp_path / "ok", eight, SUMMARY)
+    done = _fake_run(tmp_path / "done", eight, SUMMARY, {"status": "stopped", "reason": "completed"})
+    cases = {
+        _fake_run(
+            tmp_path / "early", eight, SUMMARY, {"status": "stopped", "reason": "stopped", "active_duration": 2.4}
+        ): (
+            "it did not run to its end (status 'stopped', reason 'stopped' after 2.4 s): "
+            "its best is of a shorter search"
+        ),
+        _fake_run(tmp_path / "failed", eight, SUMMARY, {"status": "failed", "reason": "failed: phase: boom"}): (
+            "it did not run to its end (status 'failed', reason 'failed: phase: boom'): its best is of a shorter search"
+        ),
+        _fake_run(tmp_path / "nolife", eight, SUMMARY, None): (
+            "it has no lifecycle.json: whether it ran to its end is unknown"
+        ),
+        _fake_run(
+            tmp_path / "short", LATENCY_SPEC, SUMMARY
+        ): "it ran with a time budget of 0.15 s, the trials with 8 s",
+    }
+    found, skipped = prior_trials([ok, done, *cases], "latency", SPACE, OBJ, budget=8.0)
+    assert found == [({"calls_per_step": 20}, 0.25)] * 2
+    assert skipped == list(cases.items())
+    found, _ = prior_trials([tmp_path / "short"], "latency", SPACE, OBJ)  # no budget given: any
+    assert len(found) == 1
+
+
+def test_a_stopped_run_is_named_on_stderr_and_the_study_goes_on(tmp_path, capsys, spec, prior):
+    _, run = prior
+    early = _fake_run(
+        tmp_path / "early",
+        LATENCY_SPEC,
+        SUMMARY,
+        {"status": "stopped", "reason": "stopped", "active_duration": 0.05},
+    )
+    out, err = _tune(capsys, tmp_path, spec, run, early)
+    assert err.strip() == (
+        f"crucible tune: warning: --seed-from '{early}' left out: it did not run to its end "
+        "(status 'stopped', reason 'stopped' after 0.05 s): its best is of a shorter search"
+    )
+    assert "learned from 1 prior run(s) (1 left out) and 1 trial(s)" in out
+    _, err = _tune(capsys, tmp_path, spec, run, code=2, extra=["--budget", "0.3"])  # the last --budget wins
+    assert "it ran with a time budget of 0.15 s, the trials with 0.3 s" in err

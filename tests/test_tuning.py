@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import orjson
@@ -158,3 +159,98 @@ def test_trial_ids_of_a_long_name_stay_ids(tmp_path):
     spec = {"name": name, "time_budget_s": 0.1, "workload": {"name": "latency"}}
     res = tune(spec, 2, tmp_path / "art", seed=1)
     assert [("failed" in t) for t in res["trials"]] == [False, False]
+
+
+def _cli(capsys, *argv):
+    """``crucible argv`` in-process: (exit code, stdout, stderr)."""
+    from supervisor import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_trial_seeds_wrap_into_the_seed_range(tmp_path):
+    """--seed 4294967295 (the largest): trial 1 runs with seed 0, not 4294967296 (which the spec refuses)."""
+    from experiments.tuning import trial_seed
+
+    assert [trial_seed(2**32 - 2, i) for i in range(4)] == [2**32 - 2, 2**32 - 1, 0, 1]
+    spec = {"name": "wrap", "time_budget_s": 0.15, "workload": {"name": "latency"}}
+    res = tune(spec, 2, tmp_path / "art", seed=2**32 - 1)
+    assert res["failed_trials"] == 0 and [("failed" in t) for t in res["trials"]] == [False, False]
+    seeds = [orjson.loads((Path(t["run_dir"]) / "spec.json").read_bytes())["seed"] for t in res["trials"]]
+    assert seeds == [2**32 - 1, 0]
+
+
+def test_a_latency_trial_has_no_time_to_best_and_says_so(tmp_path):
+    from cli.tuning import trial_line
+
+    spec = {"name": "lat", "time_budget_s": 0.15, "workload": {"name": "latency"}}
+    (row,) = tune(spec, 1, tmp_path / "art", seed=1)["trials"]
+    assert row["seconds_to_best"] is None  # the workload records none: not 0.0
+    assert "(time to best unknown)" in trial_line(row) and "best after" not in trial_line(row)
+    assert "(best after 1.50 s)" in trial_line({**row, "seconds_to_best": 1.5})
+
+
+STUDY = {
+    "objective": "latency_ms",
+    "direction": "min",
+    "seeded_from_prior_runs": 0,
+    "skipped_prior_runs": [],
+    "parallel": 1,
+    "best_value": 2.0,
+    "proposal": {"calls_per_step": 7},
+    "search_space": {},
+}
+
+
+def test_a_study_with_a_failed_trial_says_so(capsys, monkeypatch):
+    trials = [
+        {"trial": 0, "params": {"calls_per_step": 7}, "latency_ms": 2.0, "seconds_to_best": None, "run_dir": "a"},
+        {"trial": 1, "params": {"calls_per_step": 9}, "failed": "SpecError: bad\nthing", "run_dir": "b"},
+    ]
+
+    def fake_tune(*args, on_trial=None, **kw):
+        for t in trials:
+            on_trial(t)
+        return {**STUDY, "trials": trials, "failed_trials": 1}
+
+    monkeypatch.setattr("experiments.tuning.tune", fake_tune)
+    rc, out, err = _cli(capsys, "tune", "x.toml")
+    assert rc == 0 and "and 2 trial(s) (1 failed); best latency_ms = 2.0" in out
+    assert err.strip() == "crucible tune: warning: 1 of 2 trial(s) failed; trial 1: SpecError: bad thing"
+    rc, out, err = _cli(capsys, "tune", "x.toml", "--json")
+    assert rc == 0 and orjson.loads(out)["failed_trials"] == 1 and "1 of 2 trial(s) failed" in err
+
+
+def test_an_interrupted_json_study_prints_the_trials_that_finished(capsys, monkeypatch):
+    row = {"trial": 0, "params": {"calls_per_step": 7}, "latency_ms": 2.0, "seconds_to_best": None, "run_dir": "a"}
+
+    def fake_tune(*args, on_trial=None, **kw):
+        on_trial(row)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("experiments.tuning.tune", fake_tune)
+    rc, out, err = _cli(capsys, "tune", "x.toml", "--json")
+    assert rc == 130 and orjson.loads(out) == {"interrupted": True, "trials": [row]}
+    assert "interrupted" in err
+    rc, out, _ = _cli(capsys, "tune", "x.toml")
+    assert rc == 130 and "trial 0: latency_ms=2" in out
+
+
+def test_ab_json_keeps_the_sign_of_an_infinite_effect_size(capsys, monkeypatch):
+    """Neither arm varies and on is better: Hedges' g is -inf; JSON has no infinity, and null
+    would say "undefined" and lose which arm was better."""
+    rows = [{"arm": "on", "seed": i, "final": 27.0, "trace": [(0.5, 27.0)]} for i in range(3)]
+    rows += [{"arm": "off", "seed": i, "final": 28.0, "trace": [(0.1, 28.0)]} for i in range(3)]
+    rep = ab_report(rows, 10.0, None, Objective("chromatic_number", "min"))
+    assert rep["final_best"]["effect_size"] == -math.inf
+    monkeypatch.setattr("experiments.tuning.ab", lambda *a, **k: {**rep, "failed": [], "parallel": 1})
+    rc, out, _ = _cli(capsys, "ab", "x.toml", "--json")
+    got = orjson.loads(out)
+    assert rc == 0 and got["final_best"]["effect_size"] == "-inf"
+    assert got["final_best"]["ci"] == [-1.0, -1.0] and got["arms"]["on"]["final"] == [27.0] * 3
