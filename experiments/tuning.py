@@ -39,7 +39,17 @@ log = get_logger("experiments.tuning")
 SEARCH_SPACES: dict[str, dict[str, tuple[float, float, str]]] = {
     name: dict(cls.search_space) for name, cls in workload_registry().items() if cls.search_space
 }
-"""Each workload's declared search space (``Workload.search_space``)."""
+"""Each workload's declared search space (``Workload.search_space``): every dimension it may
+search; :func:`search_space` gives those a given spec uses."""
+
+
+def search_space(wl: str, params: dict[str, Any] | None) -> dict[str, tuple[float, float, str]]:
+    """What ``tune`` searches for a spec of workload ``wl`` with these (checked) parameters: the
+    declared space, narrowed to the dimensions the spec uses where the workload says which
+    (its ``search_space`` has ``for_params(params)``, e.g. colouring: the phases it runs)."""
+    declared = workload_registry()[wl].search_space
+    narrow = getattr(declared, "for_params", None)
+    return dict(narrow(params)) if callable(narrow) else dict(declared)
 
 
 def distributions(space: dict[str, tuple[float, float, str]]) -> dict[str, Any]:
@@ -98,6 +108,14 @@ def _params_problem(spec: dict[str, Any] | None, wl: str, space: dict[str, tuple
         return f"a run of workload {workload.get('name')!r}, not {wl!r}"
     if not isinstance(workload.get("params"), dict):
         return "its spec has no workload.params table"
+    if wl in SEARCH_SPACES:  # its parameters must be the ones the trials search (colouring: the same phases)
+        try:
+            theirs = search_space(wl, workload["params"])
+        except (TypeError, ValueError, AttributeError):
+            theirs = None
+        if theirs is not None and set(theirs) != set(space):
+            differ = sorted(set(theirs) ^ set(space))
+            return f"its parameters are not the ones searched (it ran other phases): {', '.join(differ)}"
     for name, (lo, hi, _) in space.items():
         problem = Num(lo, hi).problem(_get(workload["params"], name))
         if problem:
@@ -320,7 +338,7 @@ def tune(
     wl = base["workload"]["name"]
     if wl not in SEARCH_SPACES:
         raise ValueError(f"no search space declared for workload {wl!r}; known: {', '.join(SEARCH_SPACES)}")
-    space = SEARCH_SPACES[wl]
+    space = search_space(wl, base["workload"].get("params"))
     obj = _objective(wl, objective)
     trial_budget = budget if budget is not None else base.get("time_budget_s")
     priors, skipped = prior_trials(seed_from, wl, space, obj, trial_budget)

@@ -254,3 +254,103 @@ def test_ab_json_keeps_the_sign_of_an_infinite_effect_size(capsys, monkeypatch):
     got = orjson.loads(out)
     assert rc == 0 and got["final_best"]["effect_size"] == "-inf"
     assert got["final_best"]["ci"] == [-1.0, -1.0] and got["arms"]["on"]["final"] == [27.0] * 3
+
+
+def _coloring_params(**over):
+    from experiments.coloring.params import check_params
+
+    return check_params({"graph": {"generator": "gnp", "n": 40, "p": 0.5, "seed": 2}, "gpu": "cpu", **over})
+
+
+def test_the_colouring_search_space_follows_the_spec_s_phases():
+    """experiments/default.toml runs tabu then population: memetic's dimensions would change
+    nothing, and the population phase's own tenure and crossover must be searched."""
+    from experiments.coloring.params import LIMITS, PHASES
+    from experiments.spec import load_spec
+    from experiments.tuning import search_space
+
+    default = load_spec("experiments/default.toml", None, registry())["workload"]["params"]
+    assert list(search_space("coloring", default)) == [
+        "tabu.tenure_alpha",
+        "tabu.tenure_a",
+        "tabu.iters_per_step",
+        "population.tenure_alpha",
+        "population.tenure_a",
+        "population.crossover_rate",
+    ]
+    memetic = search_space("coloring", _coloring_params(phases=["memetic"]))
+    assert set(memetic) == {  # its local search is TabuCol with the tabu section's tenure
+        "tabu.tenure_alpha",
+        "tabu.tenure_a",
+        "memetic.population",
+        "memetic.local_iters",
+        "memetic.mutation_rate",
+    }
+    assert set(search_space("coloring", _coloring_params(phases=["thermo"]))) == {"thermo.replicas", "thermo.t_max"}
+    assert search_space("latency", {"calls_per_step": 3}) == SEARCH_SPACES["latency"]
+    union = search_space("coloring", None)
+    assert union == SEARCH_SPACES["coloring"]
+    assert {k.split(".")[0] for k in union} == set(PHASES)
+    for name, (lo, hi, _) in union.items():  # every proposal is a spec the checks accept
+        low, high, _ = LIMITS[tuple(name.split("."))]
+        assert low <= lo < hi <= high, name
+
+
+def test_thermo_s_hottest_temperature_is_searched_above_the_spec_s_coldest():
+    from experiments.tuning import search_space
+
+    hot = _coloring_params(phases=["thermo"], thermo={"t_min": 1.2})
+    assert search_space("coloring", hot)["thermo.t_max"] == (1.2, 3.0, "float")
+    assert "thermo.t_max" not in search_space(
+        "coloring", _coloring_params(phases=["thermo"], thermo={"t_min": 5.0, "t_max": 6.0})
+    )
+
+
+def test_tune_searches_and_applies_the_population_phase_s_parameters(tmp_path):
+    spec = {
+        "name": "pop",
+        "time_budget_s": 0.3,
+        "workload": {
+            "name": "coloring",
+            "params": {
+                "graph": {"generator": "gnp", "n": 40, "p": 0.5, "seed": 2},
+                "phases": ["tabu", "population"],
+                "gpu": "cpu",
+                "population": {"population": 4, "threads_per_chain": 1},
+            },
+        },
+    }
+    res = tune(spec, 1, tmp_path / "art", seed=3)
+    (trial,) = res["trials"]
+    assert "failed" not in trial, trial
+    assert set(trial["params"]) == set(res["search_space"])
+    assert {k.split(".")[0] for k in trial["params"]} == {"tabu", "population"}
+    ran = orjson.loads((Path(trial["run_dir"]) / "spec.json").read_bytes())["workload"]["params"]
+    assert ran["population"]["crossover_rate"] == trial["params"]["population.crossover_rate"]
+    assert ran["population"]["tenure_a"] == trial["params"]["population.tenure_a"]
+
+
+def test_a_prior_run_of_other_phases_is_left_out(tmp_path):
+    from experiments.tuning import prior_trials, search_space
+
+    def run(name, phases):
+        d = tmp_path / name
+        d.mkdir()
+        spec = {"time_budget_s": 5.0, "workload": {"name": "coloring", "params": _coloring_params(phases=phases)}}
+        (d / "spec.json").write_bytes(orjson.dumps(spec))
+        (d / "summary.json").write_bytes(orjson.dumps({"phases": {"tabu": {"best": {"chromatic_number": 9.0}}}}))
+        (d / "lifecycle.json").write_bytes(orjson.dumps({"status": "stopped", "reason": "budget"}))
+        return d
+
+    space = search_space("coloring", _coloring_params(phases=["tabu", "population"]))
+    same, other = run("same", ["tabu", "population"]), run("other", ["tabu", "memetic"])
+    found, skipped = prior_trials([same, other], "coloring", space, registry()["coloring"].objective, 5.0)
+    assert len(found) == 1 and set(found[0][0]) == set(space) and found[0][1] == 9.0
+    assert skipped == [
+        (
+            other,
+            "its parameters are not the ones searched (it ran other phases): memetic.local_iters, "
+            "memetic.mutation_rate, memetic.population, population.crossover_rate, population.tenure_a, "
+            "population.tenure_alpha",
+        )
+    ]

@@ -82,14 +82,56 @@ LIMITS = {  # (section, key): (min, max, integer)
 }
 
 
-SEARCH_SPACE: dict[str, tuple[float, float, str]] = {  # what ``crucible tune`` searches: (low, high, kind)
-    "tabu.tenure_alpha": (0.2, 3.0, "float"),
-    "tabu.tenure_a": (2, 30, "int"),
-    "tabu.iters_per_step": (2_000, 100_000, "logint"),
-    "memetic.population": (4, 20, "int"),
-    "memetic.local_iters": (2_000, 100_000, "logint"),
-    "memetic.mutation_rate": (0.0, 0.3, "float"),
+_TABUCOL = {"tabu.tenure_alpha": (0.2, 3.0, "float"), "tabu.tenure_a": (2, 30, "int")}
+PHASE_SEARCH: dict[str, dict[str, tuple[float, float, str]]] = {
+    # what ``crucible tune`` searches for each phase a spec runs: dotted parameter -> (low, high, kind)
+    "thermo": {"thermo.replicas": (4, 32, "int"), "thermo.t_max": (0.5, 3.0, "float")},
+    "tabu": {**_TABUCOL, "tabu.iters_per_step": (2_000, 100_000, "logint")},
+    "memetic": {  # its local search is TabuCol with the tabu section's tenure
+        **_TABUCOL,
+        "memetic.population": (4, 20, "int"),
+        "memetic.local_iters": (2_000, 100_000, "logint"),
+        "memetic.mutation_rate": (0.0, 0.3, "float"),
+    },
+    "population": {  # its size stays the spec's (0: sized to the device or the CPU cores)
+        "population.tenure_alpha": (0.2, 3.0, "float"),
+        "population.tenure_a": (2, 30, "int"),
+        "population.crossover_rate": (0.0, 0.5, "float"),
+    },
 }
+"""Each phase's tuning dimensions, every range within :data:`LIMITS`. A parameter that no phase
+of a spec reads is never searched: a dimension that changes nothing only costs TPE trials."""
+
+
+def search_space(params: dict[str, Any] | None = None) -> dict[str, tuple[float, float, str]]:
+    """The dimensions ``crucible tune`` searches for a spec's checked ``workload.params``: those
+    of the phases it runs (None: of every phase), in the order of :data:`PHASES`.
+    ``thermo.t_max`` starts at the spec's ``thermo.t_min`` (a proposal below it is no spec), and
+    is left out when that is above the range."""
+    phases = PHASES if params is None else params.get("phases", DEFAULTS["phases"])
+    out: dict[str, tuple[float, float, str]] = {}
+    for phase in PHASES:
+        if phase in phases:
+            out.update(PHASE_SEARCH[phase])
+    if "thermo.t_max" in out and params is not None:
+        lo, hi, kind = out["thermo.t_max"]
+        t_min = float((params.get("thermo") or {}).get("t_min", lo))
+        if t_min >= hi:
+            del out["thermo.t_max"]
+        else:
+            out["thermo.t_max"] = (max(lo, t_min), hi, kind)
+    return out
+
+
+class SearchSpace(dict[str, tuple[float, float, str]]):
+    """The colouring workload's declared search space: every phase's dimensions, and
+    :meth:`for_params`, those a given spec's phases use (what ``crucible tune`` searches)."""
+
+    def for_params(self, params: dict[str, Any] | None) -> dict[str, tuple[float, float, str]]:
+        return search_space(params)
+
+
+SEARCH_SPACE = SearchSpace(search_space())
 
 
 def merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
