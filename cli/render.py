@@ -281,8 +281,9 @@ def compare_table(title: str, r: dict[str, Any]) -> RenderableType:
     for k in COMPARE_FIGURES:
         t.add_row(k, _figure(r[k]))
     t.add_row(f"{r['confidence']:.0%} CI of the difference", f"[{r['ci'][0]:.6g}, {r['ci'][1]:.6g}]")
-    if r.get("note"):
-        t.caption = shown(r["note"])
+    said = [r[k] for k in ("note", "warning") if r.get(k)]
+    if said:
+        t.caption = shown("\n".join(said))
     return t
 
 

@@ -253,6 +253,9 @@ def compare(
     else:
         ci = diff_interval(a, b, confidence)
     d = cohens_d(x, y)
+    series = {"differences": y - x} if paired else {"control": x, "treatment": y}  # each in its recorded order
+    serial = {k: lag1(v) for k, v in series.items()}
+    n_eff = {k: effective_size(v, serial[k]) for k, v in series.items()}
     return {
         "metric": metric,
         "n_control": int(a.size),
@@ -269,7 +272,47 @@ def compare(
         "confidence": confidence,
         "pairs_dropped": dropped,
         "note": _undefined_note(x, y, s, d, ci, paired),
+        "serial_correlation": serial,
+        "n_effective": n_eff,
+        "warning": _serial_warning(serial, n_eff, {k: v.size for k, v in series.items()}),
     }
+
+
+SERIAL_WARN = 0.3
+"""A lag-1 autocorrelation above this makes :func:`compare` warn that its tests overstate the evidence."""
+
+
+def lag1(v: np.ndarray) -> float | None:
+    """The lag-1 autocorrelation of a series in its order (None below three values or with no
+    spread): how much each value follows the one before it, which the tests assume it does not."""
+    if v.size < 3:
+        return None
+    d = v - v.mean()
+    den = float(np.dot(d, d))
+    if not den > 0 or not math.isfinite(den):
+        return None
+    return float(np.dot(d[1:], d[:-1]) / den)
+
+
+def effective_size(v: np.ndarray, r: float | None) -> float:
+    """The number of independent values a series of ``v.size`` with lag-1 autocorrelation ``r``
+    is worth for its mean, under an AR(1) model: ``n (1 - r) / (1 + r)`` (``n`` when ``r`` <= 0)."""
+    if r is None or r <= 0:
+        return float(v.size)
+    return max(1.0, v.size * (1.0 - r) / (1.0 + r))
+
+
+def _serial_warning(serial: dict[str, float | None], n_eff: dict[str, float], n: dict[str, int]) -> str | None:
+    """Why the p-values and the interval of :func:`compare` overstate the evidence, or None."""
+    strong = {k: r for k, r in serial.items() if r is not None and r > SERIAL_WARN}
+    if not strong:
+        return None
+    told = ", ".join(f"{k} {r:.2f} ({n[k]} values worth about {n_eff[k]:.0f})" for k, r in strong.items())
+    return (
+        f"the values are serially correlated (lag-1 autocorrelation: {told}): the tests take them as "
+        "independent, so the p-values and the interval overstate the evidence; for a claim, compare one "
+        "result per run over several seeds (as crucible ab does)"
+    )
 
 
 def _undefined_note(
