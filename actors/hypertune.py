@@ -230,10 +230,17 @@ class Policy:
             ),
         )
 
-    def update(self, phase: str, arm: str, reward: float) -> None:
+    def update(self, phase: str, arm: str, reward: float) -> bool:
+        """Count one pull of ``arm`` in ``phase`` with ``reward``; False (with a warning, nothing
+        counted) for a reward that is not a finite number: a NaN mean would be saved as
+        ``null``, and every later save would then refuse the family's state file."""
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            log.warning("hypertune reward ignored: not a finite number", phase=phase, arm=arm, reward=repr(reward))
+            return False
         s = self.stats.setdefault(f"{phase}/{arm}", {"n": 0, "mean": 0.0})
         s["n"] += 1
         s["mean"] += (reward - s["mean"]) / s["n"]
+        return True
 
     def to_json(self) -> bytes:
         return orjson.dumps({"kind": self.kind, "stats": self.stats}, option=orjson.OPT_INDENT_2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from actors import Actor, Registry
@@ -242,3 +245,20 @@ def test_a_save_gives_up_on_a_held_lock_after_a_bounded_wait(tmp_path):
         os.close(fd)
     pol.save(state)  # free again: saved
     assert Policy.read_state(state) == {"tabu/tenure_up": {"n": 1.0, "mean": 1.0}}
+
+
+# --- a reward that is not a number -------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(bad=st.sampled_from([math.nan, math.inf, -math.inf]), good=st.floats(-1e6, 1e6))
+def test_a_reward_that_is_not_a_finite_number_is_ignored_and_never_saved(tmp_path_factory, bad, good):
+    path = tmp_path_factory.mktemp("nan") / "state.json"
+    pol = Policy("ucb")
+    assert pol.update("t", "a", good)
+    assert not pol.update("t", "a", bad) and not pol.update("t", "b", bad)
+    assert pol.stats == {"t/a": {"n": 1, "mean": good}}
+    pol.save(path)
+    assert pol.update("t", "b", 2.0)
+    pol.save(path)  # before the fix: a NaN mean saved as null, and this save refused the file
+    assert Policy.read_state(path) == {"t/a": {"n": 1.0, "mean": good}, "t/b": {"n": 1.0, "mean": 2.0}}
