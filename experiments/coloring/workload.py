@@ -30,7 +30,9 @@ phase), ``set_tenure`` (tenure alpha), ``boost_mutation`` (mutation rate),
 ``set_population``, ``set_crossover_rate``, ``skip_phase``, ``restart_pass`` (a new pass from
 the best solution now; refused once the run has had ``iterative.max_passes`` passes, asked
 for or not), ``external_tenure`` (an outside controller owns the tenure: the tabu
-phase's own stagnation swap stands down, so two controllers never fight).
+phase's own stagnation swap stands down, so two controllers never fight). ``skip_phase`` and
+``restart_pass`` are actions and take ``true`` only. An automatic controller (hypertune) is
+refused a ``skip_phase`` that would end the run (:meth:`ColoringWorkload.check_controller_action`).
 
 Iterative restarts: with ``iterative.enabled`` a phase that has gone ``iterative.stall_s``
 seconds without a better colouring hands over to the next, and a pass ends when its last
@@ -385,7 +387,13 @@ class ColoringWorkload:
             self.p[s].update(state.get("params", {}).get(s, {}))
 
     def params(self) -> dict[str, Any]:
+        """The parameters in force in the current phase: its own section, and for ``memetic``
+        also the tenure its TabuCol runs with (``tenure_a``, ``tenure_alpha``: the tabu
+        section's), which the tenure arms and controls change."""
         ph = self.phase
+        if ph == "memetic":
+            t = self.p["tabu"]
+            return {"phase": ph, **self.p[ph], "tenure_a": t["tenure_a"], "tenure_alpha": t["tenure_alpha"]}
         return {"phase": ph, **(self.p[ph] if ph in PHASES else {"strategy": self.p["init"]["strategy"]})}
 
     # --- control hooks ----------------------------------------------------------------------------
@@ -448,8 +456,34 @@ class ColoringWorkload:
         self.ctx.external_tenure = value
         return before, self.ctx.external_tenure
 
+    @staticmethod
+    def _only_true(key: str, value: Any) -> None:
+        """``skip_phase`` and ``restart_pass`` are actions, not settings: only ``true`` asks for one."""
+        if value is not True:
+            raise ValueError(f"{key} takes true (do it now), got {value!r:.200}; nothing was done")
+
+    def check_controller_action(self, key: str, value: Any) -> None:
+        """Refuse what an automatic controller (hypertune) must not do though a person may:
+        ``skip_phase`` where it would end the run, with budget left (the last phase of a pass
+        that no pass follows; a person skipping it ends the run on purpose).
+
+        Raises:
+            ValueError: naming the action and why it is refused.
+        """
+        if key != "skip_phase" or self.phase_idx < 0:
+            return
+        it = self.p["iterative"]
+        last_phase = self.phase_idx + 1 >= len(self.p["phases"]) or self.best_k <= 1
+        if last_phase and (not it["enabled"] or self.pass_ + 1 >= it["max_passes"]):
+            raise ValueError(
+                f"skip_phase would end the run: {self.phase} is the last phase of pass {self.pass_} and no pass "
+                f"follows (iterative.enabled = {str(it['enabled']).lower()}, max_passes = {it['max_passes']}); "
+                "a controller never ends a run"
+            )
+
     def _restart_pass(self, value: Any) -> tuple[Any, Any]:
         # iterative.max_passes bounds the passes, asked for or automatic (each leaves a file)
+        self._only_true("restart_pass", value)
         most = int(self.p["iterative"]["max_passes"])
         if self.pass_ + 1 >= most:
             raise ValueError(
@@ -459,6 +493,7 @@ class ColoringWorkload:
         return self.pass_, self.pass_ + 1
 
     def _skip_phase(self, value: Any) -> tuple[Any, Any]:
+        self._only_true("skip_phase", value)
         self._skip = True
         return self.phase, "next phase"
 

@@ -1,0 +1,86 @@
+"""The colouring workload's side of hypertune's steering: the memetic phase's parameters carry
+the tenure its TabuCol runs with (so the tenure arms compute from the tenure in force), the
+action controls take ``true`` only, and an automatic controller may skip a phase but never
+end the run by it."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from experiments.coloring.workload import ColoringWorkload
+
+
+def coloring(phases, **sections):
+    params = ColoringWorkload.check_params(
+        {"graph": {"generator": "gnp", "n": 40, "p": 0.5, "seed": 3}, "phases": phases, "gpu": "cpu", **sections}
+    )
+    return ColoringWorkload(params, 1)
+
+
+class Em:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, name, values=None, **kw):
+        self.events.append({"name": name, **kw})
+
+    def set_context(self, **kw):
+        pass
+
+
+@settings(max_examples=25, deadline=None)
+@given(alpha=st.floats(0.0, 10.0))
+def test_the_memetic_tenure_arms_follow_the_tenure_in_force(alpha):
+    w = coloring(["memetic"], tabu={"tenure_alpha": alpha}, memetic={"population": 4, "local_iters": 50})
+    w.start(Em())
+    w.step(Em())  # init, then the memetic phase
+    params = w.params()
+    assert params["phase"] == "memetic" and params["tenure_alpha"] == alpha
+    arms = {a.name: a for a in ColoringWorkload.arms if a.applies_in("memetic")}
+    assert arms["tenure_up"].value_for(params) == pytest.approx(min(10.0, alpha * 1.6 + 0.1))
+    assert arms["tenure_down"].value_for(params) == pytest.approx(max(0.05, alpha / 1.6))
+
+
+def test_the_memetic_phase_reports_the_tenure_a_control_changes():
+    w = coloring(["memetic"], tabu={"tenure_alpha": 2.0}, memetic={"population": 4, "local_iters": 50})
+    w.start(Em())
+    w.step(Em())
+    up = next(a for a in ColoringWorkload.arms if a.name == "tenure_up")
+    value = up.value_for(w.params())
+    assert value == pytest.approx(3.3)
+    assert w.set_param("set_tenure", value) == (2.0, value)
+    assert w.params()["tenure_alpha"] == value == w.p["tabu"]["tenure_alpha"]
+
+
+@pytest.mark.parametrize("key", ["skip_phase", "restart_pass"])
+@pytest.mark.parametrize("value", [False, 0, 1, "true", None, [True]])
+def test_an_action_control_takes_true_only(key, value):
+    w = coloring(["tabu", "memetic"], iterative={"max_passes": 3})
+    w.start(Em())
+    w.step(Em())
+    with pytest.raises(ValueError, match=rf"^{key} takes true .*got {value!r:.20}".replace("[", r"\[")):
+        w.set_param(key, value)
+    assert not w._skip and not w._restart  # nothing was asked for
+
+
+def test_a_controller_may_skip_a_phase_but_never_end_the_run_by_it():
+    w = coloring(["tabu", "memetic"])
+    w.start(Em())
+    w.step(Em())
+    assert w.phase == "tabu"
+    w.check_controller_action("skip_phase", True)  # a next phase follows
+    assert w.set_param("skip_phase", True) == ("tabu", "next phase")
+    assert not w.step(Em()) and w.phase == "memetic"
+    with pytest.raises(ValueError, match=r"skip_phase would end the run: memetic is the last phase of pass 0"):
+        w.check_controller_action("skip_phase", True)
+    w.check_controller_action("set_tenure", 1.0)  # anything else is the workload's to check
+    again = coloring(["memetic"], iterative={"enabled": True, "max_passes": 2})
+    again.start(Em())
+    again.step(Em())
+    again.check_controller_action("skip_phase", True)  # the last phase, but a pass follows
+    again.set_param("skip_phase", True)
+    assert not again.step(Em()) and again.pass_ == 1
+    with pytest.raises(ValueError, match="no pass follows"):
+        again.check_controller_action("skip_phase", True)
