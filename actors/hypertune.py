@@ -10,15 +10,19 @@ controls it sends once before it first steers, so that it is the only controller
 It watches the experiment's ``events`` (every event that carries the objective or the
 progress value; a failed call never counts as an improvement), ``metrics`` and ``anomalies``
 topics and keeps, per phase, the best objective value and the lowest progress value since
-the objective last improved. A *stall* is ``window_s`` seconds of event time without a new
-best and without a new lowest progress value, and at least three times the median time this
-run has needed between improvements. On a stall it picks an arm of the current phase with
-its policy (UCB1 by default, or epsilon-greedy) and sends it to the phase as ``set_param``;
-the phase applies it at its next safe point and records it as a ``hypertune_action`` event
-whose notes say what changed, why, and the values before and after. The outcome is measured
-over the next window (reward = improvement of the progress score per second, the score being
-``1000 * best + lowest progress`` with ``best`` negated for a ``max`` objective, so lower is
-always better) and recorded as a ``hypertune_outcome`` event; the policy learns from it.
+the objective last improved. A *stall* is ``window_s`` seconds of active time (event time
+less the phase's pauses, which the phase announces) without a new best and without a new
+lowest progress value, and at least three times the median time this run has needed between
+improvements. On a stall, once the objective has a value, it picks one of the arms of the
+current phase that would move their parameter the way they are meant to (:func:`arm_move`)
+with its policy (UCB1 by default, or epsilon-greedy) and sends it to the phase as
+``set_param``; the phase applies it at its next safe point and answers in its events: a
+``hypertune_action`` event whose notes say what changed, why, and the values before and
+after, or a ``control_refused`` one. The outcome is measured over a window from when it was
+applied, across a phase change if one comes (reward = improvement of the progress score per
+second, the score being ``1000 * best + lowest progress`` with ``best`` negated for a ``max``
+objective, so lower is always better) and recorded as a ``hypertune_outcome`` event; the
+policy learns from it. Nothing is learned from a refused action.
 
 The policy's statistics persist between runs in a JSON file per workload and instance
 family (``state_file``), loaded at start; a corrupt file is ignored with a warning, and never
@@ -67,6 +71,11 @@ log = get_logger("actors.hypertune")
 
 POLICIES = ("ucb", "epsilon_greedy")
 SCORE_K = 1000.0
+# The phase answers an action in its events: applied (``hypertune_action``) or refused. An answer
+# that has not come after this many windows (and at least CONFIRM_MIN_US) is taken as lost.
+_ANSWERS = ("hypertune_action", "control_refused")
+CONFIRM_WINDOWS = 10
+CONFIRM_MIN_US = 60_000_000
 # A state file holds one small entry per phase and arm (a few KiB); anything past this bound is
 # not one, and reading it whole (``/dev/zero``, a huge log) would exhaust memory.
 MAX_STATE_BYTES = 16 << 20
@@ -189,6 +198,27 @@ def arm_value(arm: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
     if arm.get("lo") is not None:
         v = max(arm["lo"], v)
     return int(v) if arm.get("integer") else v
+
+
+def arm_move(arm: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
+    """What the arm sends when ``params`` are in force, or None when it cannot move there.
+
+    An arm that follows a parameter moves it one way (up when ``x * scale + shift > x``); its
+    clamp may leave it where it is (a halving arm at its floor of 1) or even turn the move
+    around (a doubling arm clamped at 64 while the parameter is 200): such an action would
+    change nothing, or do the opposite of what the policy learns it as, so it is not offered
+    (None). An arm with a fixed ``value`` always moves: only the workload can refuse it."""
+    value = arm_value(arm, params)
+    if arm.get("param") is None:
+        return value
+    x = params.get(arm["param"], arm.get("default", 0.0))
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        x = arm.get("default", 0.0)
+    way = x * arm.get("scale", 1.0) + arm.get("shift", 0.0) - x
+    moved = value - x
+    if not (math.isfinite(way) and math.isfinite(moved)) or way == 0 or moved == 0 or (way > 0) != (moved > 0):
+        return None
+    return value
 
 
 def _check_declarations(objective: Mapping[str, Any] | None, arms: list[Mapping[str, Any]]) -> None:
@@ -401,7 +431,12 @@ class Hypertune(EventConsumer):
         self.min_prog: float = math.inf  # the lowest progress value since the objective last improved
         self.last_improve_ts: int | None = None
         self.last_ts = 0
-        self.pending: dict[str, Any] | None = None
+        self.pass_ = 0
+        self.pending: dict[str, Any] | None = None  # the action under way (see _maybe_act)
+        # arms the workload refused in this phase and pass: how often, and the parameters then
+        self._refused: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._paused_us = 0  # event time the phase spent paused (announced by its counters)
+        self._pause_at: int | None = None  # when the pause under way began (event time)
         self.actions: list[dict[str, Any]] = []
         self.gaps: list[int] = []  # event time between recent improvements
         self.took_over = False
@@ -416,55 +451,78 @@ class Hypertune(EventConsumer):
             self._arms_by_phase[phase] = found
         return found
 
-    def score(self) -> float:
+    def score(self) -> float | None:
         """The progress score, lower is better: ``1000 * best`` (negated for a max objective)
-        plus the lowest progress value since the last improvement."""
+        plus the lowest progress value since the last improvement (or the phase's start); None
+        while the objective has no value yet: nothing can be measured against that."""
+        if not math.isfinite(self.best):
+            return None
         prog = 0.0 if math.isinf(self.min_prog) else self.min_prog
-        return SCORE_K * (self.sign * self.best if math.isfinite(self.best) else 0.0) + prog
+        return SCORE_K * self.sign * self.best + prog
+
+    def _progress_known(self) -> bool:
+        """Whether the score holds a progress value (after a new best or a phase change the
+        next one is awaited: the score would otherwise drop by the whole old value)."""
+        return self.progress_field is None or math.isfinite(self.min_prog)
+
+    def _active_us(self, t: int) -> int:
+        """Event time ``t`` as active time: the phase's pauses taken out (see ``handle_counters``).
+        Events held through a pause carry times inside it: they count at the pause's end."""
+        if self._pause_at is not None:  # a pause not over (the run stops while paused)
+            t = min(t, self._pause_at)
+        return max(t - self._paused_us, self.last_ts)
 
     def on_events(self, msg: dict[str, Any]) -> None:
         if self.field is None:
             return
         vals = msg["values"]
         obj, prog = vals.get(self.field), vals.get(self.progress_field) if self.progress_field else None
-        if obj is None and prog is None:
-            return
-        carries = np.zeros(len(msg["ts"]), dtype=bool)
+        n = len(msg["ts"])
+        carries = np.zeros(n, dtype=bool)
         for col in (obj, prog):
             if col is not None:
                 carries |= ~np.isnan(col)
+        names = msg["names"]
+        marks = [i for i, name in enumerate(names) if name in _ANSWERS]  # the phase's answer to an action
+        keep = carries | np.isin(msg["name"], marks) if marks else carries
         params = msg.get("params")
-        rows = np.flatnonzero(carries | (params >= 0)) if params is not None else np.flatnonzero(carries)
+        if params is not None:
+            keep = keep | (params >= 0)
+        rows = np.flatnonzero(keep)
         if rows.size == 0:
             return
         # plain lists of the rows that matter: one conversion per batch, not a numpy scalar per row
         ts = msg["ts"][rows].tolist()
         pcodes = msg["phase"][rows].tolist()
+        ncodes = msg["name"][rows].tolist()
+        passes = msg["pass"][rows].tolist() if msg.get("pass") is not None else [0] * rows.size
         ocol = obj[rows].tolist() if obj is not None else None
         pcol = prog[rows].tolist() if prog is not None else None
         ok = (msg["success"][rows] != 0).tolist() if msg.get("success") is not None else None
         pc_codes = params[rows].tolist() if params is not None else None
         has = carries[rows].tolist()
         phases, texts = msg["phases"], msg.get("param_texts", [])
+        notes = dict((i, x) for i, x in (msg.get("sparse") or {}).get("notes", ())) if marks else {}
         parsed_text = None
         for j in range(rows.size):
             code = pc_codes[j] if pc_codes is not None else -1
             if code >= 0 and texts[code] is not parsed_text:
                 parsed_text = texts[code]
                 self.params = orjson.loads(parsed_text)
+            t = self.last_ts = self._active_us(ts[j])
+            name = names[ncodes[j]]
+            if name in _ANSWERS:
+                self._answer(name, notes.get(int(rows[j])), t)
             if not has[j]:
                 continue
-            t = ts[j]
-            if self.last_ts and t - self.last_ts > self.window_us:
-                self.last_improve_ts = t  # a gap in the events (a pause), not a stall
-                if self.pending is not None:
-                    self.pending["ts"] += t - self.last_ts
-            self.last_ts = t
             pc = pcodes[j]
-            phase = phases[pc] if pc >= 0 else None
-            if phase != self.phase:
-                self.phase, self.pending, self.last_improve_ts = phase, None, t
-                self.min_prog = math.inf
+            where = (passes[j], phases[pc] if pc >= 0 else None)
+            if where != (self.pass_, self.phase):
+                # a new phase (or pass): its progress is measured afresh, and what it refused is
+                # offered again; an action under way goes on (its outcome spans the change)
+                self.pass_, self.phase = where
+                self.last_improve_ts, self.min_prog = t, math.inf
+                self._refused.clear()
             improved = False
             if ok is None or ok[j]:  # a failed call proves nothing
                 v = ocol[j] if ocol is not None else math.nan
@@ -482,9 +540,55 @@ class Hypertune(EventConsumer):
                 self.last_improve_ts = t
             self._maybe_act()  # at the first event past the window, not at the end of the batch
 
+    def _answer(self, name: str, note: str | None, t: int) -> None:
+        """The phase's answer to the action under way: ``hypertune_action`` (applied: its
+        window starts now) or ``control_refused`` naming this action (not applied)."""
+        p = self.pending
+        if p is None or p["applied"] is not None:
+            return
+        mine = note is None or f"arm {p['arm']} by " in note
+        if name == "hypertune_action" and mine:
+            # the baseline is the score now; after a phase change, once a progress value is in
+            p["applied"], p["ts"], p["score"] = True, t, self.score() if self._progress_known() else None
+        elif name == "control_refused" and note is not None and mine and "(hypertune:" in note:
+            reason = note.split(" refused: ", 1)[-1].split(" (hypertune:", 1)[0]
+            self._not_applied(p, f"refused by the workload: {reason}", refused=True)
+
+    def _not_applied(self, p: dict[str, Any], why: str, refused: bool = False) -> None:
+        """An action that was not applied: nothing is learned from it. A refused arm is offered
+        again once the parameters in force have changed (the refusal may have been about them:
+        a value out of range); refused twice, not again in this phase (and pass)."""
+        self.pending = None
+        if refused:
+            times = self._refused.get(p["arm"], (0, {}))[0] + 1
+            self._refused[p["arm"]] = (times, self.params)
+        if self.actions and self.actions[-1].get("arm") == p["arm"]:
+            self.actions[-1]["not_applied"] = why
+        log.info("hypertune action not applied", experiment=self.experiment_id, phase=p["phase"], arm=p["arm"], why=why)
+        self._send(
+            {
+                "kind": "note",
+                "name": "hypertune_outcome",
+                "values": {"refused": 1.0} if refused else {},
+                "notes": f"outcome of {p['arm']} ({p['key']}={p['value']!r}) in {p['phase']}: {why}; not learned",
+            }
+        )
+
+    def _offers_again(self, arm: str) -> bool:
+        times, params = self._refused.get(arm, (0, {}))
+        return times == 0 or (times == 1 and params != self.params)
+
     def _maybe_act(self) -> None:
-        if self.pending is not None and self.last_ts - self.pending["ts"] >= self.window_us:
-            self._outcome()
+        p = self.pending
+        if p is not None:
+            if p["applied"] is None:  # sent, not answered yet
+                if self.last_ts - p["sent"] > max(CONFIRM_WINDOWS * self.window_us, CONFIRM_MIN_US):
+                    self._not_applied(p, "no answer from the phase")
+            elif p["score"] is None:
+                if self._progress_known():  # the baseline, once the score holds a progress value
+                    p["ts"], p["score"] = self.last_ts, self.score()
+            elif self.last_ts - p["ts"] >= self.window_us and self._progress_known():
+                self._outcome()
         arms = self.arms_for(self.phase)
         if not self.enabled or not arms or self.last_improve_ts is None:
             return
@@ -497,17 +601,24 @@ class Hypertune(EventConsumer):
                         "value": c.get("value"),
                         "event": "control",
                         "why": c.get("why") or "hypertune steers",
+                        "controller": "hypertune",
                     }
                 )
             self.took_over = True
-        if self.pending is not None:
-            return
+        if self.pending is not None or not math.isfinite(self.best):
+            return  # one action at a time; and no action before a first value to measure it against
         stalled_us = self.last_ts - self.last_improve_ts
         if stalled_us < self.stall_threshold_us():
             return
-        arm = self.policy.choose(self.phase or "-", list(arms))
-        key = arms[arm]["key"]
-        value = arm_value(arms[arm], self.params)
+        offered = {}
+        for name, arm in arms.items():  # refused here already, or it would not move: not offered
+            value = arm_move(arm, self.params) if self._offers_again(name) else None
+            if value is not None:
+                offered[name] = value
+        if not offered:
+            return
+        arm = self.policy.choose(self.phase or "-", list(offered))
+        key, value = arms[arm]["key"], offered[arm]
         progress = f", lowest {self.progress_field} {self.min_prog:g}" if self.progress_field else ""
         why = (
             f"hypertune: no progress for {stalled_us / 1e6:.1f}s in {self.phase} "
@@ -518,11 +629,22 @@ class Hypertune(EventConsumer):
             "arm": arm,
             "key": key,
             "value": value,
-            "ts": self.last_ts,
-            "score": self.score(),
+            "sent": self.last_ts,
+            "applied": None,  # True once the phase says so (its hypertune_action event)
+            "ts": None,  # when the outcome's window started
+            "score": None,  # the score then
         }
-        self.actions.append({k: v for k, v in self.pending.items()})
-        self._send({"kind": "set_param", "key": key, "value": value, "why": why, "event": "hypertune_action"})
+        self.actions.append({"phase": self.phase, "arm": arm, "key": key, "value": value, "ts": self.last_ts})
+        self._send(
+            {
+                "kind": "set_param",
+                "key": key,
+                "value": value,
+                "why": why,
+                "event": "hypertune_action",
+                "controller": "hypertune",
+            }
+        )
         log.info("hypertune action", experiment=self.experiment_id, phase=self.phase, arm=arm, key=key, value=value)
 
     def stall_threshold_us(self) -> int:
@@ -537,19 +659,24 @@ class Hypertune(EventConsumer):
 
     def _outcome(self) -> None:
         p, self.pending = self.pending, None
-        assert p is not None
+        assert p is not None and p["score"] is not None
+        now = self.score()
+        assert now is not None  # the baseline had a best, and the best only gets better
         elapsed = max(1e-6, (self.last_ts - p["ts"]) / 1e6)
-        reward = (p["score"] - self.score()) / elapsed
-        self.policy.update(p["phase"] or "-", p["arm"], reward)
+        reward = (p["score"] - now) / elapsed
+        learned = self.policy.update(p["phase"] or "-", p["arm"], reward)
         self.last_improve_ts = self.last_ts  # the next window starts now
-        self._save()
+        if learned:
+            self._save()
+        moved = f", in {self.phase} by then" if self.phase != p["phase"] else ""
         self._send(
             {
                 "kind": "note",
                 "name": "hypertune_outcome",
                 "values": {"reward": reward, "window_s": elapsed},
                 "notes": f"outcome of {p['arm']} ({p['key']}={p['value']!r}) in {p['phase']}: "
-                f"score {p['score']:g} -> {self.score():g} over {elapsed:.1f}s, reward {reward:.4g}",
+                f"score {p['score']:g} -> {now:g} over {elapsed:.1f}s{moved}, reward {reward:.4g}"
+                + ("" if learned else " (not a finite number: not learned)"),
             }
         )
 
@@ -602,7 +729,18 @@ class Hypertune(EventConsumer):
             self.periods += 1
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
-        """Emitter counters travel on the events topic; nothing to do."""
+        """Emitter counters travel on the events topic. The phase sends its counters as it
+        pauses and as it resumes, with ``paused`` and ``at`` (event time, µs): the pause is
+        taken out of the stall and outcome windows, however short it was."""
+        paused, at = msg.get("paused"), msg.get("at")
+        if not isinstance(paused, bool) or isinstance(at, bool) or not isinstance(at, int):
+            return
+        if paused:
+            if self._pause_at is None:
+                self._pause_at = at
+        elif self._pause_at is not None:
+            self._paused_us += max(0, at - self._pause_at)
+            self._pause_at = None
 
     def handle_get(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -617,6 +755,8 @@ class Hypertune(EventConsumer):
             "stats": dict(self.policy.stats),
             "phase": self.phase,
             "best": self.best,
+            "pending": dict(self.pending) if self.pending is not None else None,
+            "paused_s": self._paused_us / 1e6,
             "bad_batches": self.bad_batches,
         }
 

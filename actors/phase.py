@@ -62,6 +62,7 @@ from actors.snapshot import Snapshot
 from actors.topics import Topics
 from telemetry.emitter import Emitter, bounded_notes
 from telemetry.rundir import read_json
+from telemetry.schema import COUNTERS
 
 log = get_logger("actors.phase")
 
@@ -364,6 +365,7 @@ class PhaseActor(Actor):
         self._loop = secrets.token_hex(8)  # a step already queued belongs to the ended loop
         assert self.emitter is not None
         self.emitter.flush()
+        self._announce_hold(True)  # before the Lab detaches the subscribers
         self.emitter.hold(True)
         self._checkpoint(force=True)
         return {**self.status(), "at": at}
@@ -376,37 +378,68 @@ class PhaseActor(Actor):
             at = self._tick()
             self.paused = False
             assert self.emitter is not None
+            self._announce_hold(False)  # the Lab has attached the subscribers again; before the held events
             self.emitter.hold(False)
             self._checkpoint(force=True)
             self._next_step()
         return {**self.status(), "at": self.clock() if at is None else at}
+
+    def _announce_hold(self, paused: bool) -> None:
+        """Tell the consumers of the events that the phase stops (or goes on) here, so that
+        one measuring time in events (hypertune's stall and outcome windows) leaves the pause
+        out, however short. It travels as the emitter's counters message, which every consumer
+        takes (the counts are cumulative: one more changes nothing), with ``paused`` and
+        ``at`` (the events' clock, µs) beside the counts."""
+        assert self.emitter is not None
+        self.topics.publish(
+            self.emitter.topic,
+            {
+                "kind": COUNTERS,
+                "run_id": self.run_id,
+                "counters": self.emitter.counters(),
+                "paused": paused,
+                "at": time.time_ns() // 1000,
+            },
+        )
 
     def handle_stop(self, msg: dict[str, Any]) -> dict[str, Any]:
         self._finish(str(msg.get("reason", "stopped")))
         return self.status()
 
     def handle_set_param(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Apply a parameter change at this safe point; refused values come back as an error."""
+        """Apply a parameter change at this safe point; refused values come back as an error and
+        a ``control_refused`` event in the phase in force.
+
+        A message marked ``controller`` (hypertune's) is first put to the workload's optional
+        ``check_controller_action(key, value)``: a workload refuses there what a person may ask
+        for but an automatic controller must not do (an action that would end the run with
+        budget left). The refusal's notes then end with the controller's reason, which is how
+        the controller, reading the events, knows its action was refused."""
         key, value = msg.get("key"), msg.get("value")
         if self.finished:
             return {"ok": False, "error": "the phase has finished"}
         assert self.emitter is not None
+        why = f"{msg.get('why', 'requested')}"[:500]
         try:
             if msg.get("refused"):  # a value no message could carry: the sender says what it was
                 raise ValueError(str(msg["refused"]))
             if not isinstance(key, str):
                 raise ValueError(f"a control's key must be a string, got {key!r:.200}")
+            check = getattr(self.workload, "check_controller_action", None)  # optional, see below
+            if msg.get("controller") and check is not None:
+                check(key, value)
             before, after = self.workload.set_param(key, value)
         except (ValueError, TypeError) as exc:  # the request is the user's data: refused, never a crash
             shown = msg.get("shown") or f"{value!r:.200}"
             log.warning("control action refused", key=f"{key!r:.200}", value=shown, error=f"{exc}"[:500])
+            params = self.workload.params()
             self.emitter.emit(
                 "control_refused",
-                notes=bounded_notes(f"{key}={shown} refused: {exc}"),
-                parameters=self.workload.params(),
+                notes=bounded_notes(f"{key}={shown} refused: {exc}" + (f" ({why})" if msg.get("controller") else "")),
+                parameters=params,
+                phase=params.get("phase"),
             )
             return {"ok": False, "error": str(exc)}
-        why = f"{msg.get('why', 'requested')}"[:500]
         params = self.workload.params()
         self.emitter.emit(
             str(msg.get("event", "control")),

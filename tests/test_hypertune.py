@@ -1,6 +1,7 @@
 import inspect
 
 import numpy as np
+import pykka
 import pytest
 from scipy import stats as st
 
@@ -20,14 +21,21 @@ COLORING = declarations(ColoringWorkload)  # the objective, arms and takeover hy
 
 
 class FakePhase(Actor):
-    """Stands for the phase: records the control messages hypertune sends."""
+    """Stands for the phase: records the control messages hypertune sends and, as the phase
+    does in its events, answers an action (``answers``): applied, at the time hypertune last
+    saw (an event time in the past counts as the latest it saw)."""
 
-    def __init__(self):
+    def __init__(self, answers=True):
         super().__init__()
         self.got = []
+        self.answers = answers
 
     def handle_set_param(self, msg):
         self.got.append(msg)
+        if self.answers and msg.get("event") == "hypertune_action":
+            data = encode(answer(msg, 0))
+            for ht in pykka.ActorRegistry.get_by_class(Hypertune):  # only the one that waits takes it
+                ht.tell(data)
 
     def handle_note(self, msg):
         self.got.append(msg)
@@ -54,6 +62,24 @@ def steps(t0_s, n, dt_s, conflicts, k=27, best=28, phase="tabu", params=None):
     return decode(encode(rows_to_batch(rows, "exp", "run")))
 
 
+def answer(sent, t_s, applied=True, phase="tabu", params=None, reason="out of range"):
+    """The event the phase emits for hypertune's ``sent`` set_param: ``hypertune_action`` when it
+    applied it, ``control_refused`` (with the controller's reason) when the workload refused it."""
+    row = {
+        "seq": 0,
+        "ts": int(t_s * S),
+        "name": "hypertune_action" if applied else "control_refused",
+        "phase": phase,
+        "parameters": params or {"phase": phase, "tenure_alpha": 0.6, "iters_per_step": 20000},
+        "notes": (
+            f"{sent['key']}: 0.6 -> {sent['value']!r} ({sent['why']})"
+            if applied
+            else f"{sent['key']}={sent['value']!r} refused: {reason} ({sent['why']})"
+        ),
+    }
+    return decode(encode(rows_to_batch([row], "exp", "run")))
+
+
 def test_a_stall_produces_an_action_within_the_window():
     reg = Registry()
     phase = FakePhase.start()
@@ -70,7 +96,7 @@ def test_a_stall_produces_an_action_within_the_window():
     assert len(got) == 1 and got[0]["kind"] == "set_param" and got[0]["event"] == "hypertune_action"
     assert got[0]["key"] in ("set_tenure", "set_batch")
     assert "no progress for 1.0s in tabu" in got[0]["why"]
-    # the outcome is measured over the next window and recorded
+    # the phase applies it; the outcome is measured over the next window and recorded
     ht.tell_bytes(encode(steps(2.3, 12, 0.1, lambda n: [3] * n)))
     state = ht.ask({"kind": "get"})
     notes = [m for m in phase.ask({"kind": "got"}) if m["kind"] == "note"]

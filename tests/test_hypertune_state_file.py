@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from actors import Actor, Registry
+from actors import Registry
 from actors.base import ActorRef
 from actors.hypertune import Hypertune, Policy
 from actors.messages import decode, encode
@@ -27,27 +27,11 @@ from supervisor import Lab
 from telemetry.jsonl import iter_run
 from telemetry.schema import rows_to_batch
 from tests.fault_helpers import ends_within, feed_fifo_eof
+from tests.test_hypertune import FakePhase
 
 S = 1_000_000
 COLORING = declarations(ColoringWorkload)
 DEADLINE_S = 10.0  # far above what a non-blocking step takes; only a hang reaches it
-
-
-class FakePhase(Actor):
-    """Stands for the phase: keeps the control messages hypertune sends."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.got: list[dict[str, Any]] = []
-
-    def handle_set_param(self, msg: dict[str, Any]) -> None:
-        self.got.append(msg)
-
-    def handle_note(self, msg: dict[str, Any]) -> None:
-        self.got.append(msg)
-
-    def handle_got(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.got
 
 
 def stalled_steps(t0_s: float, n: int, dt_s: float = 0.1) -> bytes:
@@ -64,6 +48,15 @@ def stalled_steps(t0_s: float, n: int, dt_s: float = 0.1) -> bytes:
         for i in range(n)
     ]
     return encode(decode(encode(rows_to_batch(rows, "exp", "run"))))
+
+
+def stall(ht: ActorRef, phase: ActorRef, t0_s: float, n: int) -> None:
+    """``n`` stalled steps one by one, with the phase's answer to an action in between, where a
+    real phase's events would bring it (its ``hypertune_action``, before its next step)."""
+    for i in range(n):
+        ht.tell_bytes(stalled_steps(t0_s + i * 0.1, 1))
+        ht.ask({"kind": "get"}, timeout=DEADLINE_S)  # the step is taken, an action sent
+        phase.ask({"kind": "got"}, timeout=DEADLINE_S)  # the phase has answered it
 
 
 def stop_late_actor(ref: Any) -> None:
@@ -106,7 +99,7 @@ def test_a_fifo_as_state_file_never_blocks_the_start_or_the_saves(tmp_path):
             left=stop_late_actor,  # its final save may block too
         )
         try:
-            ht.tell_bytes(stalled_steps(0, 45))  # two outcomes, so two saves
+            stall(ht, phase, 0, 45)  # two outcomes, so two saves
             state = ht.ask({"kind": "get"}, timeout=DEADLINE_S)
             assert not state["state_loaded"]
             assert sum(v["n"] for v in state["stats"].values()) == 2  # learned in memory
@@ -167,7 +160,7 @@ def test_a_state_file_naming_a_folder_is_ignored_and_the_actor_learns_in_memory(
     with capture_logs() as logs:
         ht = Hypertune.start("exp", True, reg, window_s=1.0, state_file=state_file, **COLORING)
         try:
-            ht.tell_bytes(stalled_steps(0, 25))  # an outcome, so a save
+            stall(ht, phase, 0, 25)  # an outcome, so a save
             state = ht.ask({"kind": "get"}, timeout=DEADLINE_S)  # before the fix: ValueError, the actor crashed
             assert sum(v["n"] for v in state["stats"].values()) == 1
         finally:
@@ -208,7 +201,7 @@ def test_a_held_lock_skips_saves_with_one_warning_and_never_stops_the_actor(tmp_
     try:
         with capture_logs() as logs, held_lock(state):
             # five outcomes (one every two windows): before the fix the first save blocked for good
-            ht.tell_bytes(stalled_steps(0, 105))
+            stall(ht, phase, 0, 105)
             got = ht.ask({"kind": "get"}, timeout=DEADLINE_S)
             assert len(got["actions"]) == 5 and sum(v["n"] for v in got["stats"].values()) == 5
             notes = [m for m in phase.ask({"kind": "got"}) if m["kind"] == "note"]
@@ -218,7 +211,7 @@ def test_a_held_lock_skips_saves_with_one_warning_and_never_stops_the_actor(tmp_
         assert len(busy) == 1 and busy[0]["file"] == str(state)
         # the lock is free again: the next save writes every pull learned meanwhile
         with capture_logs() as logs:
-            ht.tell_bytes(stalled_steps(10.5, 20))
+            stall(ht, phase, 10.5, 20)
             got = ht.ask({"kind": "get"}, timeout=DEADLINE_S)
         assert sum(v["n"] for v in got["stats"].values()) == 6
         saved = Policy.read_state(state)
