@@ -23,8 +23,9 @@ Sampler); ``action`` is ``flag``, ``alert`` (also logged as a warning) or ``samp
 (the Sampler keeps those events whatever its rate). An event whose value of a watched field
 was given as NaN or an infinity (its ``nonfinite`` mark: a diverged loss) is always flagged,
 method ``nonfinite``, score :data:`SCORE_MAX`, whatever ``methods`` says. Anomalies close together in time
-(``period_gap_s``) form anomaly periods (start, end, count, severity). On the ``anomalies``
-topic it publishes each batch's anomalies and ``anomaly_period`` start/end messages.
+(``period_gap_s``) form anomaly periods (start, end, count, severity); a period ends when
+the events' time passes ``period_gap_s`` beyond its last anomaly. On the ``anomalies`` topic
+it publishes each batch's anomalies and ``anomaly_period`` start/end messages.
 """
 
 from __future__ import annotations
@@ -333,6 +334,8 @@ class AnomalyDetection(EventConsumer):
                 score[i] = SCORE_MAX
         if hits:
             self._record(msg, hits, score)
+        if self._open is not None and int(msg["ts"].max()) - self._open["end"] > self.period_gap_us:
+            self._close_period()  # event time has passed the gap with no anomaly: the period is over
         if self.downstream is not None:
             self.downstream.tell_bytes(encode(msg))
 

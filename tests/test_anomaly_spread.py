@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from actors.anomaly import SCORE_MAX, AnomalyDetection
+from actors.anomaly import SCORE_MAX, AnomalyDetection, get_anomalies
 from actors.messages import decode, encode
 from telemetry.schema import rows_to_batch
 
@@ -75,3 +75,57 @@ def test_flag_rates_on_plain_noise():
 def test_an_ewma_weight_of_one_or_outside_is_refused(lam):
     with pytest.raises(ValueError, match="ewma_lambda"):
         AnomalyDetection("exp", ewma_lambda=lam)
+
+
+def test_an_anomaly_period_ends_once_event_time_passes_its_gap_and_adaptive_sampling_calms_down():
+    """One spike, then calm events for 30 s of event time: the period opens at the spike and
+    ends when the events pass ``period_gap_s`` beyond it, so the adaptive Sampler goes back to
+    its base rate (it used to keep ``anomaly_rate`` until the next anomaly, for ever)."""
+
+    from actors import Actor, Topics
+    from actors.sampler import Sampler
+
+    topics, periods = Topics(), []
+
+    class Watch(Actor):
+        def handle_anomalies(self, msg):
+            pass
+
+        def handle_anomaly_period(self, msg):
+            periods.append((msg["state"], msg["start"], msg["end"]))
+
+    class Sink(Actor):
+        def __init__(self):
+            super().__init__()
+            self.seqs: list[int] = []
+
+        def handle_events(self, msg):
+            self.seqs += msg["seq"].tolist()
+
+        def handle_counters(self, msg):
+            pass
+
+        def handle_seqs(self, msg):
+            return list(self.seqs)
+
+    watch, sink = Watch.start(), Sink.start()
+    samp = Sampler.start("exp", sink, "adaptive", {"base_rate": 0.0, "anomaly_rate": 1.0, "cooldown_s": 0.0})
+    topics.subscribe("anomalies", watch)
+    topics.subscribe("anomalies", samp)
+    det = AnomalyDetection.start("exp", samp, topics, methods=["z_score"], metrics=["v"], threshold=6, period_gap_s=5.0)
+    try:
+        x = np.random.default_rng(2).normal(10, 1, 3000)
+        x[1000] = 1e3  # the spike, at 10 s of event time (10 ms per event)
+        for i in range(0, x.size, 100):
+            rows = [
+                {"seq": j, "ts": j * 10_000, "name": "step", "values": {"v": float(x[j])}} for j in range(i, i + 100)
+            ]
+            det.tell_bytes(encode(rows_to_batch(rows, "exp", "run")))
+        get_anomalies(det)  # every batch has been judged and forwarded
+        samp.ask({"kind": "counts"})
+        kept = sink.ask({"kind": "seqs"})
+    finally:
+        for ref in (det, samp, sink, watch):
+            ref.stop()
+    assert [p[0] for p in periods[:2]] == ["start", "end"] and periods[0][1] == 1000 * 10_000
+    assert 1000 in kept and max(kept) < 1000 + 700  # the period's batches, never the calm 20 s after it
