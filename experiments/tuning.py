@@ -45,11 +45,11 @@ search; :func:`search_space` gives those a given spec uses."""
 
 def search_space(wl: str, params: dict[str, Any] | None) -> dict[str, tuple[float, float, str]]:
     """What ``tune`` searches for a spec of workload ``wl`` with these (checked) parameters: the
-    declared space, narrowed to the dimensions the spec uses where the workload says which
-    (its ``search_space`` has ``for_params(params)``, e.g. colouring: the phases it runs)."""
-    declared = workload_registry()[wl].search_space
-    narrow = getattr(declared, "for_params", None)
-    return dict(narrow(params)) if callable(narrow) else dict(declared)
+    declared space, narrowed by the workload to the dimensions the spec uses
+    (``Workload.search_space_for``; colouring: those of the phases it runs)."""
+    cls = workload_registry()[wl]
+    narrow = getattr(cls, "search_space_for", None)  # optional (the workload protocol)
+    return dict(narrow(params)) if narrow is not None else dict(cls.search_space)
 
 
 def distributions(space: dict[str, tuple[float, float, str]]) -> dict[str, Any]:

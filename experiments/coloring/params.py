@@ -123,15 +123,8 @@ def search_space(params: dict[str, Any] | None = None) -> dict[str, tuple[float,
     return out
 
 
-class SearchSpace(dict[str, tuple[float, float, str]]):
-    """The colouring workload's declared search space: every phase's dimensions, and
-    :meth:`for_params`, those a given spec's phases use (what ``crucible tune`` searches)."""
-
-    def for_params(self, params: dict[str, Any] | None) -> dict[str, tuple[float, float, str]]:
-        return search_space(params)
-
-
-SEARCH_SPACE = SearchSpace(search_space())
+SEARCH_SPACE = search_space()
+"""Every phase's dimensions: the colouring workload's declared search space."""
 
 
 def merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:

@@ -61,7 +61,7 @@ from experiments.coloring.graph import Graph, GraphError, load_graph, resolve_gr
 from experiments.coloring.init import initial_coloring
 from experiments.coloring.memetic import Memetic
 from experiments.coloring.objective import OBJECTIVE
-from experiments.coloring.params import PHASES, SEARCH_SPACE, aim, check_number, check_params
+from experiments.coloring.params import PHASES, SEARCH_SPACE, aim, check_number, check_params, search_space
 from experiments.coloring.phase import ColoringPhase, PhaseContext
 from experiments.coloring.population import Population
 from experiments.coloring.tabu import Tabu
@@ -136,6 +136,11 @@ class ColoringWorkload:
     controllers never overwrite each other's tenure."""
 
     search_space: ClassVar[dict[str, tuple[float, float, str]]] = SEARCH_SPACE
+
+    @classmethod
+    def search_space_for(cls, params: dict[str, Any] | None) -> dict[str, tuple[float, float, str]]:
+        """The dimensions of the phases the spec runs (params.search_space)."""
+        return search_space(params)
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class Workload(Protocol):
     """Sent once by a controller before it first steers, so that it is the only controller
     (the workload's own adaptation of the same settings stands down)."""
     search_space: ClassVar[dict[str, tuple[float, float, str]]]
-    """What ``crucible tune`` searches: dotted parameter under ``workload.params`` -> (low, high,
+    """What ``crucible tune`` may search: dotted parameter under ``workload.params`` -> (low, high,
     kind), kind ``float``, ``int`` or ``logint``; empty: the workload cannot be tuned."""
 
     @classmethod
@@ -170,6 +170,9 @@ class Workload(Protocol):
     # workload without it calls nothing a submission chooses.
     # Optional: ``use_clock(clock)``, the Phase actor's clock of active (unpaused) seconds, for a
     # workload that times itself (stalls, passes): a pause never counts as a stall.
+    # Optional (a classmethod): ``search_space_for(params)``, the part of ``search_space`` a spec
+    # with these checked parameters uses (a dimension nothing of the run reads only costs the
+    # tuner trials); without it, tuning searches all of ``search_space``.
     # Optional: ``use_interrupt(check)``, for a workload whose step can be long: it calls
     # ``check()`` between chunks of a step and returns from the step when it is True (a pause,
     # a stop or a parameter change waits, or the budget is used). Without it, control waits
