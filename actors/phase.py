@@ -447,6 +447,9 @@ class PhaseActor(Actor):
             phase=params.get("phase"),
             notes=bounded_notes(f"{key}: {before!r} -> {after!r} ({why})"),
         )
+        # the change's event goes out before the checkpoint that keeps the change: a crash
+        # between the two must not leave a resumed run with a value its events never mention
+        self.emitter.flush()
         self._checkpoint(force=True)
         return {"ok": True, "key": key, "before": before, "after": after}
 

@@ -863,6 +863,7 @@ class RayBackend:
         self._closed = False
         self._hosts: set[Any] = set()
         self._watchers: set[threading.Thread] = set()  # one per live host; close waits for them
+        self._started: list[threading.Thread] = []  # every watcher not yet joined: close joins them all
         self._hosts_lock = threading.Lock()  # guards _closed, _hosts and _watchers
         self._artifacts = str(Path(lab.artifacts).resolve())
         h = lab.history
@@ -991,6 +992,7 @@ class RayBackend:
         t = threading.Thread(target=self._await_end, args=(exp, host, end), name=f"ray-watch-{exp.id}", daemon=True)
         with self._hosts_lock:  # started under the lock: close never joins a thread not yet started
             self._watchers.add(t)
+            self._started = [x for x in self._started if x.is_alive()] + [t]
             t.start()
 
     def _await_end(self, exp: RemoteExperiment, host: Any, end: Any) -> None:
@@ -1113,6 +1115,10 @@ class RayBackend:
             if time.monotonic() >= deadline and watchers[0].is_alive():
                 log.error("ray watchers still busy after close", threads=[t.name for t in watchers], waited_s=wait)
                 return  # shutting Ray down under them would end the process
+        with self._hosts_lock:
+            started = [t for t in self._started if t is not threading.current_thread()]
+        for t in started:  # a watcher that left the set may still be on its way out: gone once this returns
+            t.join(max(0.0, deadline - time.monotonic()))
         if self.owns_ray:
             _ray().shutdown()
 

@@ -515,3 +515,25 @@ def test_a_second_ctrl_c_ends_a_run_whose_step_hangs_at_once(tmp_path):
     assert "second signal: exiting now" in proc.stderr.read()
     (run_dir,) = art.glob("hang/*")
     assert run_status(run_dir).status == "crashed"
+
+
+def test_a_parameter_change_is_in_the_events_before_its_checkpoint(lab):
+    """The change's ``control`` event goes out at once, not at the emitter's next flush: a crash
+    after the checkpoint that keeps the change must not leave it unmentioned in the events."""
+    from tests.fault_helpers import latency_spec
+
+    spec = latency_spec("steer-flush", budget=600)
+    spec["workload"]["params"] = {"target": "time:sleep", "args": [0.05], "calls_per_step": 1}  # 20 events/s
+    spec["telemetry"] = {"batch_size": 100_000, "flush_interval_s": 60.0}  # nothing else would flush it
+    exp = lab.start_experiment(spec)
+    try:
+        assert exp.set_param("calls_per_step", 17, why="now")["after"] == 17
+        until(
+            lambda: any(e["name"] == "control" and "(now)" in (e.get("notes") or "") for e in iter_run(exp.run_dir)),
+            30,
+            "the control event on disk",
+        )
+        cp = orjson.loads((exp.run_dir / "checkpoint.json").read_bytes())
+        assert b"17" in orjson.dumps(cp)
+    finally:
+        exp.stop()
