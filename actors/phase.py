@@ -364,6 +364,7 @@ class PhaseActor(Actor):
         self.paused = True
         self._loop = secrets.token_hex(8)  # a step already queued belongs to the ended loop
         assert self.emitter is not None
+        self._mark_pause("paused")  # the record's mark: the time until the next event is no phase's work
         self.emitter.flush()
         self._announce_hold(True)  # before the Lab detaches the subscribers
         self.emitter.hold(True)
@@ -380,9 +381,17 @@ class PhaseActor(Actor):
             assert self.emitter is not None
             self._announce_hold(False)  # the Lab has attached the subscribers again; before the held events
             self.emitter.hold(False)
+            self._mark_pause("unpaused")
             self._checkpoint(force=True)
             self._next_step()
         return {**self.status(), "at": self.clock() if at is None else at}
+
+    def _mark_pause(self, name: str) -> None:
+        """A ``paused`` / ``unpaused`` event (telemetry.schema.RECORD_EVENTS: never sampled out),
+        with the active seconds so far: a reader of the events (a phase's duration, monitor)
+        leaves the time after a ``paused`` mark out."""
+        assert self.emitter is not None
+        self.emitter.emit(name, {"active_s": self._active_s}, phase=self.workload.params().get("phase"))
 
     def _announce_hold(self, paused: bool) -> None:
         """Tell the consumers of the events that the phase stops (or goes on) here, so that

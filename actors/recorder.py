@@ -700,27 +700,33 @@ class Recorder(EventConsumer):
                     lo, hi = float(y.min()), float(y.max())
                     st.min_ok[k] = min(st.min_ok.get(k, lo), lo)
                     st.max_ok[k] = max(st.max_ok.get(k, hi), hi)
-        self._add_busy(b["phases"], phase_c, ts)
+        self._add_busy(b, phase_c, ts)
         for _, marks in b.get("sparse", {}).get("nonfinite", ()):
             for field in marks:
                 self.nonfinite[field] = self.nonfinite.get(field, 0) + 1
 
-    def _add_busy(self, names: list[str], phase_c: np.ndarray, ts: np.ndarray) -> None:
+    def _add_busy(self, b: dict[str, Any], phase_c: np.ndarray, ts: np.ndarray) -> None:
         """Each phase's time: the gap from an event to the next is the phase's when both are
-        its own. A pipeline that goes back and forth between phases (passes) gets each phase
-        its share, where first-to-last would give each of them nearly the whole run."""
+        its own, unless the first is a ``paused`` mark or the second a ``resumed`` one (a pause,
+        a crash's downtime). A pipeline that goes back and forth between phases (passes) gets
+        each phase its share, where first-to-last would give each of them nearly the whole run."""
+        names = b["phases"]
         if ts.size == 0:
             return
+        event_names = b["names"]
+        after = np.isin(b["name"], [i for i, n in enumerate(event_names) if n == "paused"])
+        before = np.isin(b["name"], [i for i, n in enumerate(event_names) if n == "resumed"])
         gaps = np.maximum(np.diff(ts), 0).astype(np.float64)
-        same = phase_c[1:] == phase_c[:-1]
+        same = (phase_c[1:] == phase_c[:-1]) & ~after[:-1] & ~before[1:]
         per_code = np.bincount(phase_c[1:][same] + 1, weights=gaps[same], minlength=len(names) + 1)
         for code in np.nonzero(per_code)[0].tolist():
             self.phases[names[code - 1] if code else None].busy_us += float(per_code[code])
         first = names[phase_c[0]] if phase_c[0] >= 0 else None
-        if self._last_phase is not None and self._last_phase[0] == first:
+        if self._last_phase is not None and self._last_phase[0] == first and not before[0]:
             self.phases[first].busy_us += max(0, int(ts[0]) - self._last_phase[1])
         last = int(phase_c[-1])
-        self._last_phase = (names[last] if last >= 0 else None, int(ts[-1]))
+        # a pause mark last: the gap to the next batch's first event is no phase's
+        self._last_phase = None if after[-1] else (names[last] if last >= 0 else None, int(ts[-1]))
 
     def _schedule_fsync(self) -> None:
         if self._fsync_timer is None:

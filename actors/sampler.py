@@ -19,7 +19,11 @@ Strategies (``sampling_strategy`` + ``sampling_config``, as in the experiment sp
 ``min_samples`` (any strategy): the first ``min_samples`` events of each stratum are kept
 whatever the rate (by ``reservoir`` too: those go on at once, and its ``k`` are drawn from
 the rest). Events flagged by the anomaly detector with action ``sample_more`` are
-always kept (except by ``reservoir``, whose size is exact). Kept / dropped counts are kept
+always kept (except by ``reservoir``, whose size is exact). The events of the run's record
+(``record_names``: :data:`telemetry.schema.RECORD_EVENTS`, a phase's start and end, control
+actions, pauses, plus the workload's ``record_events``) are never sampled out, by any
+strategy (``reservoir`` keeps them outside its ``k`` and sends them with its sample, in
+order). Kept / dropped counts are kept
 per stratum (the event name unless stratified), and cumulative ``sampled_out`` / ``held``
 figures travel to the Recorder so the run's accounting stays exact: with every batch it
 forwards, or, when it keeps nothing of a batch, in a ``sampling`` message that also carries
@@ -39,7 +43,7 @@ from actors.consumer import EventConsumer
 from actors.log import get_logger
 from actors.messages import BytesReceiver, encode
 from kernels.tdigest import TDigest
-from telemetry.schema import SAMPLING, EventBatch, batch_rows, rows_to_batch, select_rows
+from telemetry.schema import RECORD_EVENTS, SAMPLING, EventBatch, batch_rows, rows_to_batch, select_rows
 
 log = get_logger("actors.sampler")
 
@@ -129,9 +133,11 @@ class Sampler(EventConsumer):
         strategy: str = "all",
         config: dict[str, Any] | None = None,
         seed: int | None = None,
+        record_names: tuple[str, ...] | list[str] = RECORD_EVENTS,
     ) -> None:
         super().__init__()
         self.experiment_id = experiment_id
+        self.record_names = frozenset(record_names)  # the run's record: never sampled out
         self.downstream = downstream
         self.strategy = strategy
         self.config = check_sampling(strategy, config)
@@ -143,6 +149,7 @@ class Sampler(EventConsumer):
         self.anomaly_open = False
         self.anomaly_until_ts = -1
         self.reservoir: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []  # reservoir: the run's record events, sent with it (seq order)
         self._pool_seen = 0  # reservoir: events that competed for it (all but those min_samples kept)
         self._forwarded = 0  # reservoir: events min_samples kept and sent on at once
         self._stratum_seen: dict[str, int] = {}  # reservoir: events seen per stratum (for min_samples)
@@ -239,6 +246,7 @@ class Sampler(EventConsumer):
             return
         keep = self._decide(msg)
         keep |= self._flagged(msg, sample_more_only=True)
+        keep |= self._records(msg)
         self._min_samples(msg, keep)
         self._count(msg, keep)
         self.seen += n
@@ -250,6 +258,13 @@ class Sampler(EventConsumer):
         out["sampling"] = self._figures(held=0)
         if self.downstream is not None:
             self.downstream.tell_bytes(encode(out))
+
+    def _records(self, b: dict[str, Any]) -> np.ndarray:
+        """The rows that are the run's record (a phase's start and end, a control, a pause): kept."""
+        codes = [i for i, name in enumerate(b["names"]) if name in self.record_names]
+        if not codes:
+            return np.zeros(int(b["n"]), dtype=bool)
+        return np.isin(b["name"], codes)
 
     def _figures(self, held: int) -> dict[str, Any]:
         """The cumulative figures, named by this incarnation (see the module docs)."""
@@ -263,7 +278,9 @@ class Sampler(EventConsumer):
             )
 
     def _held(self) -> int:
-        return len(self.reservoir) if self.strategy == "reservoir" and not self._reservoir_flushed else 0
+        if self.strategy == "reservoir" and not self._reservoir_flushed:
+            return len(self.reservoir) + len(self.records)
+        return 0
 
     def _guaranteed(self, b: dict[str, Any]) -> np.ndarray:
         """Reservoir: the rows among the first ``min_samples`` events of their stratum in the run."""
@@ -289,8 +306,12 @@ class Sampler(EventConsumer):
             self.sampled_out += n
             self._send_figures(b)
             return
-        sure = self._guaranteed(b)
-        pool = np.flatnonzero(~sure)  # the rows that compete for the reservoir
+        records = self._records(b)
+        if records.any():  # outside the k, and sent with the reservoir: the Recorder takes events in seq order
+            rows = batch_rows(b)
+            self.records += [rows[i] for i in np.flatnonzero(records).tolist()]
+        sure = self._guaranteed(b) & ~records
+        pool = np.flatnonzero(~(sure | records))  # the rows that compete for the reservoir
         m = pool.size
         t0 = self._pool_seen
         slots: dict[int, int] = {}  # reservoir slot -> row of this batch (last writer wins)
@@ -313,7 +334,7 @@ class Sampler(EventConsumer):
         self.seen += n
         self._forwarded += int(sure.sum())
         # the reservoir is forwarded when the run ends: keep the Recorder's accounting current
-        self.sampled_out = self.seen - self._forwarded - len(self.reservoir)
+        self.sampled_out = self.seen - self._forwarded - len(self.reservoir) - len(self.records)
         if not sure.any():
             self._send_figures(b)
             return
@@ -325,12 +346,12 @@ class Sampler(EventConsumer):
 
     def handle_flush(self, msg: dict[str, Any]) -> dict[str, Any]:
         """End of run: send the reservoir (if any) downstream; answer the counts."""
-        if self.strategy == "reservoir" and not self._reservoir_flushed and self.reservoir:
-            rows = sorted(self.reservoir, key=lambda r: r["seq"])
+        if self.strategy == "reservoir" and not self._reservoir_flushed and (self.reservoir or self.records):
+            rows = sorted(self.reservoir + self.records, key=lambda r: r["seq"])
             batch = rows_to_batch(rows, self.experiment_id, rows[0]["run_id"])
             self._reservoir_flushed = True
             self.sampled_out = self.seen - self._forwarded - len(rows)
-            self.reservoir = []
+            self.reservoir, self.records = [], []
             batch["sampling"] = self._figures(held=0)
             self._count(batch, np.ones(len(rows), dtype=bool))
             if self.downstream is not None:

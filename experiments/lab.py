@@ -76,6 +76,7 @@ from telemetry.rundir import (
     run_status,
     write_json,
 )
+from telemetry.schema import RECORD_EVENTS
 
 log = get_logger("experiments.lab")
 
@@ -309,6 +310,7 @@ class Experiment:
                     s["sampling"]["strategy"],
                     s["sampling"]["config"],
                     s["seed"],
+                    (*RECORD_EVENTS, *getattr(wl_cls, "record_events", ())),  # the run's record: never sampled out
                 ),
                 name="sampler",
             ),

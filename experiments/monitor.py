@@ -224,9 +224,9 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
         n += 1
         ph = ev.get("phase") or "-"
         p = phases.setdefault(ph, {"events": 0, "duration_s": 0.0, "best": {}})
-        if prev == ph and last is not None:
-            p["duration_s"] += max(0, ev["ts"] - last) / 1e6  # as the Recorder counts it (passes interleaved)
-        prev = ph
+        if prev == ph and last is not None and ev["name"] != "resumed":  # as the Recorder counts it
+            p["duration_s"] += max(0, ev["ts"] - last) / 1e6
+        prev = None if ev["name"] == "paused" else ph  # the time after a pause mark is no phase's
         first = ev["ts"] if first is None else first
         last = ev["ts"]
         p["events"] += 1

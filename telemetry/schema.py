@@ -44,6 +44,23 @@ EVENTS = "events"  # an EventBatch, from the phase's emitter down the pipeline
 COUNTERS = "counters"  # the emitter's cumulative counters, when no batch carries them (close)
 SAMPLING = "sampling"  # the Sampler's cumulative figures, to the Recorder
 
+RECORD_EVENTS = (
+    "phase_start",
+    "phase_end",
+    "phase_restart",
+    "resumed",
+    "paused",
+    "unpaused",
+    "control",
+    "control_refused",
+    "hypertune_action",
+    "hypertune_outcome",
+    "telemetry_dropped",
+)
+"""The events of the run's record, not samples of a measurement: the Sampler never drops them
+(a workload adds its own milestones with ``record_events``), and the phase durations read the
+pause and resume marks among them."""
+
 
 _PassColumn = TypedDict("_PassColumn", {"pass": np.ndarray})  # int32; "pass" is a Python keyword
 

@@ -568,3 +568,16 @@ def test_compare_warns_when_a_runs_values_follow_each_other():
     paired = stats.compare(list(a), list(a + _ar1(0.95, 2000, 4)), paired=True)
     assert set(paired["serial_correlation"]) == {"differences"} and paired["warning"]
     assert stats.lag1(np.array([1.0, 1.0, 1.0])) is None and stats.lag1(np.array([1.0, 2.0])) is None
+
+
+@pytest.mark.parametrize(
+    ("strategy", "cfg"),
+    [("uniform", {"rate": 0.0}), ("stratified", {"by": "name", "rates": {"call": 0.0}, "default_rate": 0.0})],
+)
+def test_the_runs_record_is_never_sampled_out(strategy, cfg):
+    """A control action, a pause mark or a phase's end is the run's record, not a sample of a
+    measurement: a strategy that keeps nothing still keeps them."""
+    names = ["call"] * 50 + ["control", "paused", "unpaused", "phase_end"]
+    b = batch({"x": np.arange(54.0)}, names=names)
+    _counts, rows = run_sampler(strategy, cfg, [b])
+    assert rows == [50, 51, 52, 53]

@@ -13,7 +13,9 @@ import itertools
 import pytest
 
 from supervisor import Lab
+from telemetry.jsonl import iter_run
 from telemetry.rundir import run_status
+from telemetry.schema import RECORD_EVENTS
 from tests.fault_helpers import SAMPLING, check_accounts, coloring_spec, latency_spec, reached_recorder, until
 
 MODES = ("pause_resume", "stop")
@@ -51,12 +53,13 @@ def expect_end(exp, mode: str) -> dict:
     return s
 
 
-def check_sampling(s: dict, strategy: str, anomaly: bool = False) -> None:
+def check_sampling(s: dict, strategy: str, anomaly: bool = False, records: int = 0) -> None:
+    """``records``: the run's record events on disk (never sampled out: RECORD_EVENTS)."""
     emitted, kept = s["events_emitted"], s["events_persisted"]
     if strategy == "all":
         assert s["events_sampled_out"] == 0 and kept == emitted
-    elif strategy == "reservoir":
-        assert kept == min(SAMPLING["reservoir"]["k"], emitted)
+    elif strategy == "reservoir":  # exactly k of the measurements, and the whole record beside them
+        assert records >= 1 and kept == min(SAMPLING["reservoir"]["k"], emitted - records) + records
     elif strategy == "adaptive" and anomaly:  # the data decides: anomalies every few ms keep everything
         assert 0 <= s["events_sampled_out"] < emitted
     else:
@@ -77,7 +80,8 @@ def test_latency_matrix(lab, tmp_path, strategy, anomaly, mode):
     drive(exp, mode)
     s = expect_end(exp, mode)
     check_accounts(exp, tmp_path / "art")
-    check_sampling(s, strategy, anomaly)
+    records = sum(1 for e in iter_run(exp.run_dir) if e["name"] in RECORD_EVENTS)
+    check_sampling(s, strategy, anomaly, records)
     check_anomaly_marks(exp, anomaly)
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from supervisor import AlreadyPaused, Lab, NotFound, NotPaused, NotRunning
 from telemetry.jsonl import iter_run
+from telemetry.schema import RECORD_EVENTS
 from tests.fault_helpers import check_accounts, latency_spec, reached_recorder, until
 from tests.ray_cluster import ray_cluster  # noqa: F401 - started for the ray backend's tests only
 
@@ -81,7 +82,10 @@ def test_a_stop_drains_the_pipeline_by_the_tree_order(lab, tmp_path):
     until(lambda: reached_recorder(exp) > 500, what="events flowing")
     exp.stop()
     s = check_accounts(exp, tmp_path / "art", lossless=True)
-    assert s["events_persisted"] == 40  # the reservoir went out as the sampler stopped, before the Recorder
+    # the reservoir (40) and the run's record (its phase_end) went out as the sampler stopped
+    names = [e["name"] for e in iter_run(exp.run_dir)]
+    assert s["events_persisted"] == len(names) == 40 + sum(n in RECORD_EVENTS for n in names)
+    assert "phase_end" in names and names.count("call") == 40
 
 
 def test_undelivered_sends_are_reported_in_the_summary_and_the_lifecycle_record(lab):

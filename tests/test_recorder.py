@@ -580,3 +580,39 @@ def test_a_phase_duration_is_its_own_time_when_passes_interleave_the_phases(tmp_
         again.stop()
     from_files = run_summary(tmp_path / "exp" / "run")["phases"]
     assert {p: v["duration_s"] for p, v in from_files.items()} == expected
+
+
+def test_a_phase_duration_leaves_out_pauses_and_a_crashs_downtime(tmp_path, monkeypatch):
+    """The time after a ``paused`` mark, and before a ``resumed`` one (a crash's downtime), is
+    no phase's, in the Recorder's summary (live and rebuilt) and in monitor's."""
+    from experiments.monitor import run_summary
+
+    script = [  # (second, name)
+        (0, "step"),
+        (1, "step"),
+        (2, "paused"),
+        (10, "unpaused"),
+        (11, "step"),
+        (12, "step"),
+        (20, "resumed"),
+        (21, "step"),
+    ]
+    seconds = iter(t for t, _ in script)
+    monkeypatch.setattr("telemetry.emitter._time_ns", lambda: next(seconds) * 1_000_000_000)
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=3)
+    for _, name in script:
+        em.emit(name, {"x": 1.0}, phase="calls")
+    em.close()
+    rec.ask({"kind": "flush"})
+    expected = 1 + 1 + 1 + 1 + 1  # 0-1, 1-2 (up to the pause), 10-11, 11-12, 20-21
+    assert rec.ask({"kind": "summary"})["phases"]["calls"]["duration_s"] == expected
+    rec.stop()
+    again = Recorder.start(tmp_path, "exp", "run")
+    try:
+        assert again.ask({"kind": "summary"})["phases"]["calls"]["duration_s"] == expected
+    finally:
+        again.stop()
+    assert run_summary(tmp_path / "exp" / "run")["phases"]["calls"]["duration_s"] == expected

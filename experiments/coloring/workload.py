@@ -136,6 +136,8 @@ class ColoringWorkload:
     controllers never overwrite each other's tenure."""
 
     search_space: ClassVar[dict[str, tuple[float, float, str]]] = SEARCH_SPACE
+    record_events: ClassVar[tuple[str, ...]] = ("init", "new_best", "pass_end", "target_reached")
+    """Milestones sampling never drops (the framework's own record events are kept too)."""
 
     @classmethod
     def search_space_for(cls, params: dict[str, Any] | None) -> dict[str, tuple[float, float, str]]:

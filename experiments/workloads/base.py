@@ -170,6 +170,9 @@ class Workload(Protocol):
     # workload without it calls nothing a submission chooses.
     # Optional: ``use_clock(clock)``, the Phase actor's clock of active (unpaused) seconds, for a
     # workload that times itself (stalls, passes): a pause never counts as a stall.
+    # Optional: ``record_events`` (a tuple of event names), the workload's milestones (a new
+    # best, a pass's end) that sampling must never drop, as it never drops the framework's own
+    # (telemetry.schema.RECORD_EVENTS).
     # Optional (a classmethod): ``search_space_for(params)``, the part of ``search_space`` a spec
     # with these checked parameters uses (a dimension nothing of the run reads only costs the
     # tuner trials); without it, tuning searches all of ``search_space``.
