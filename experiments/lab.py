@@ -660,7 +660,8 @@ class Experiment:
             raise ValueError(
                 f"a control's key must be a non-empty printable string of at most 200 characters, got {key!r:.200}"
             )
-        why = str(why).encode("utf-8", "backslashreplace").decode()[:500]  # a note: kept, made printable
+        # a note: kept, made printable (a control character or a lone surrogate becomes its escape)
+        why = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(why)[:500])[:500]
         msg = {"kind": "set_param", "key": key, "value": value, "why": why, "event": "control"}
         try:
             encode({"value": value})

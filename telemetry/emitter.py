@@ -24,6 +24,7 @@ otherwise they are counted as ``rejected`` (and logged) when their batch is buil
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from operator import itemgetter
@@ -427,6 +428,17 @@ def _codes(col: tuple[Any, ...], n: int, default: Any) -> tuple[list[Any], np.nd
     return list(table), np.array(codes, dtype=np.int32)
 
 
+def _as_float(x: Any) -> Any:
+    """An integer past float64's range as an infinity of its sign (then marked ``nonfinite``),
+    not an OverflowError that would lose the whole batch; anything else as it is."""
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) > _FLOAT_MAX_INT:
+        return math.inf if x > 0 else -math.inf
+    return x
+
+
+_FLOAT_MAX_INT = int(np.finfo(np.float64).max)
+
+
 def _value_columns(vals: tuple[Any, ...], n: int) -> tuple[dict[str, np.ndarray], list[list[Any]]]:
     """``values`` dicts -> one float64 column per key (NaN where absent), and the sparse
     ``nonfinite`` entries: a NaN or an infinity *given* (a diverged loss) is no number a file
@@ -438,7 +450,7 @@ def _value_columns(vals: tuple[Any, ...], n: int) -> tuple[dict[str, np.ndarray]
         try:  # every dict has the first one's keys (and, by the count, no others)
             for k in first:
                 out[k] = np.fromiter(map(itemgetter(k), vals), dtype=np.float64, count=n)
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, OverflowError):  # an integer past float64: the careful path below
             out = {}
     if not out:
         keys: dict[str, None] = {}
@@ -446,7 +458,7 @@ def _value_columns(vals: tuple[Any, ...], n: int) -> tuple[dict[str, np.ndarray]
             if v:
                 keys.update(dict.fromkeys(v))
         for k in keys:
-            out[k] = np.array([v.get(k, _NAN) if v else _NAN for v in vals], dtype=np.float64)
+            out[k] = np.array([_as_float(v.get(k, _NAN)) if v else _NAN for v in vals], dtype=np.float64)
     marks: dict[int, dict[str, str]] = {}
     for k, col in out.items():
         bad = ~np.isfinite(col)

@@ -321,10 +321,17 @@ def _undefined_note(
     """Why a figure of :func:`compare` is not a number, in words; None when all are."""
     said = []
     if any(math.isinf(v) for v in ci):
-        said.append(
-            f"the difference of the means ({float(y.mean()) * s:.6g} - {float(x.mean()) * s:.6g}) "
-            "is beyond the float64 range (1.8e308): its confidence interval cannot be given"
-        )
+        diff = (float(y.mean()) - float(x.mean())) * s
+        if math.isinf(diff):
+            said.append(
+                f"the difference of the means ({float(y.mean()) * s:.6g} - {float(x.mean()) * s:.6g}) "
+                "is beyond the float64 range (1.8e308): its confidence interval cannot be given"
+            )
+        else:
+            said.append(
+                f"the difference of the means ({diff:.6g}) is a number, but the values spread so wide that "
+                "its interval reaches past the float64 range (1.8e308): the interval cannot be given"
+            )
     if paired and float(np.ptp(y - x)) == 0.0:
         said.append("the paired differences do not vary: the paired t-test is undefined")
     if math.isnan(d):

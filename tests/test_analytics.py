@@ -581,3 +581,10 @@ def test_the_runs_record_is_never_sampled_out(strategy, cfg):
     b = batch({"x": np.arange(54.0)}, names=names)
     _counts, rows = run_sampler(strategy, cfg, [b])
     assert rows == [50, 51, 52, 53]
+
+
+def test_an_interval_past_the_float_range_says_whether_the_difference_or_the_spread_is():
+    wide = stats.compare([1.7e308, -1.7e308, 1.7e308], [1.7e308, -1.7e308, 1.6e308])
+    assert math.isinf(wide["ci"][1]) and "the values spread so wide" in wide["note"]
+    far = stats.compare([-1.7e308, -1.6e308, -1.5e308], [1.7e308, 1.6e308, 1.5e308])
+    assert math.isinf(far["ci"][1]) and "is beyond the float64 range" in far["note"]

@@ -527,12 +527,14 @@ def test_a_parameter_change_is_in_the_events_before_its_checkpoint(lab):
     spec["telemetry"] = {"batch_size": 100_000, "flush_interval_s": 60.0}  # nothing else would flush it
     exp = lab.start_experiment(spec)
     try:
-        assert exp.set_param("calls_per_step", 17, why="now")["after"] == 17
+        assert exp.set_param("calls_per_step", 17, why="now\x00\x1b[31m")["after"] == 17
         until(
-            lambda: any(e["name"] == "control" and "(now)" in (e.get("notes") or "") for e in iter_run(exp.run_dir)),
+            lambda: any(e["name"] == "control" for e in iter_run(exp.run_dir)),
             30,
             "the control event on disk",
         )
+        (note,) = [e["notes"] for e in iter_run(exp.run_dir) if e["name"] == "control"]
+        assert note.endswith("(now\\x00\\x1b[31m)") and note.isprintable()  # a note, made printable
         cp = orjson.loads((exp.run_dir / "checkpoint.json").read_bytes())
         assert b"17" in orjson.dumps(cp)
     finally:

@@ -73,3 +73,42 @@ def test_a_diverged_value_is_marked_counted_flagged_and_exported(tmp_path):
         again.stop()
         sm.stop()
         ad.stop()
+
+
+def test_an_integer_past_float64_is_an_infinity_and_its_batch_is_kept(tmp_path):
+    """One value of 10**400 used to raise in the batch's columns and lose the whole batch (up to
+    1,023 good events with it): it is now an infinity, marked, and the rest is kept."""
+    topics = Topics()
+    rec = Recorder.start(tmp_path, "exp", "run")
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", "run", batch_size=4)
+    for v in ({"loss": 1.0, "lr": 0.1}, {"loss": 10**400}, {"loss": -(10**400), "lr": 0.2}, {"lr": 0.3}):
+        em.emit("step", v)
+    assert em.close() == {"emitted": 4, "published": 4, "dropped": 0, "rejected": 0}
+    rec.ask({"kind": "flush"})
+    events = list(iter_run(tmp_path / "exp" / "run"))
+    rec.stop()
+    assert [e["values"] for e in events] == [{"loss": 1.0, "lr": 0.1}, {}, {"lr": 0.2}, {"lr": 0.3}]
+    assert [e.get("nonfinite") for e in events] == [None, {"loss": "inf"}, {"loss": "-inf"}, None]
+
+
+def huge_tokens() -> dict:
+    """A latency target whose result holds an integer no float can hold."""
+    return {"tokens_prompt": 10**400}
+
+
+def test_a_latency_target_returning_a_huge_integer_is_measured_not_a_crash(tmp_path):
+    from experiments.lab import Lab
+
+    lab = Lab(tmp_path / "art")
+    try:
+        params = {"target": "tests.test_nonfinite_values:huge_tokens", "calls": 5, "calls_per_step": 5}
+        exp = lab.start_experiment(
+            {"name": "huge", "time_budget_s": 60, "workload": {"name": "latency", "params": params}}
+        )
+        assert exp.wait(60) and exp.reason == "completed"
+        calls = [e for e in iter_run(exp.run_dir) if e["name"] == "call"]
+        assert len(calls) == 5 and all(e["nonfinite"] == {"tokens_prompt": "inf"} for e in calls)
+        assert exp.summary()["restarts"] == {}
+    finally:
+        lab.shutdown()
