@@ -455,13 +455,17 @@ class JobRunner:
                     except Exception as exc:  # noqa: BLE001 - the task's process died, or Ray failed it
                         res = JobResult(i, jobs[i].experiment_id, error=_one_line(exc))
                     done(res)
-        except BaseException:
+        except BaseException as first:
             log.warning("interrupted: cancelling the running Ray tasks", running=len(inflight))
-            for ref in inflight:
-                ray.cancel(ref)  # a KeyboardInterrupt in the task: its Lab shuts down, the experiment stops
-            if inflight:
-                ray.wait(list(inflight), num_returns=len(inflight), timeout=STOP_WAIT_S)
-            raise
+            try:
+                for ref in inflight:
+                    ray.cancel(ref)  # a KeyboardInterrupt in the task: its Lab shuts down, the experiment stops
+                if inflight:
+                    ray.wait(list(inflight), num_returns=len(inflight), timeout=STOP_WAIT_S)
+            except BaseException as exc:  # noqa: BLE001 - Ray's wait can fail as the interrupt unwinds
+                # (a SystemError from its C core, a second Ctrl-C): the caller must still see the first
+                log.warning("could not wait for the cancelled Ray tasks", error=f"{type(exc).__name__}: {exc}"[:300])
+            raise first
 
 
 def _join_ray(address: str | None) -> tuple[Any, bool]:
