@@ -7,7 +7,8 @@ Strategies (``sampling_strategy`` + ``sampling_config``, as in the experiment sp
 * ``reservoir``: exactly ``k`` events over the whole run, uniformly (Vitter's Algorithm R).
   The reservoir lives in the Sampler and goes to the Recorder when the run ends (``flush``
   or stop), since a persisted event cannot be taken back. With ``min_samples`` the events it
-  guarantees go on at once, and the ``k`` are drawn from the others.
+  guarantees are kept beside the ``k``, which are drawn from the others; all of it goes out
+  together, in order (the Recorder never takes an event older than one it has written).
 * ``stratified``: a rate per stratum (``by`` = ``name`` | ``success`` | ``phase``), e.g.
   ``{"by": "success", "rates": {"false": 1.0, "true": 0.1}, "default_rate": 1.0}``.
 * ``adaptive``: ``base_rate`` normally, ``anomaly_rate`` while an anomaly period is open
@@ -17,8 +18,8 @@ Strategies (``sampling_strategy`` + ``sampling_config``, as in the experiment sp
   default) of that field, plus ``base_rate`` of the others.
 
 ``min_samples`` (any strategy): the first ``min_samples`` events of each stratum are kept
-whatever the rate (by ``reservoir`` too: those go on at once, and its ``k`` are drawn from
-the rest). Events flagged by the anomaly detector with action ``sample_more`` are
+whatever the rate (by ``reservoir`` too: beside its ``k``, which are drawn from the rest).
+Events flagged by the anomaly detector with action ``sample_more`` are
 always kept (except by ``reservoir``, whose size is exact). The events of the run's record
 (``record_names``: :data:`telemetry.schema.RECORD_EVENTS`, a phase's start and end, control
 actions, pauses, plus the workload's ``record_events``) are never sampled out, by any
@@ -149,9 +150,10 @@ class Sampler(EventConsumer):
         self.anomaly_open = False
         self.anomaly_until_ts = -1
         self.reservoir: list[dict[str, Any]] = []
-        self.records: list[dict[str, Any]] = []  # reservoir: the run's record events, sent with it (seq order)
+        # reservoir: what it keeps beside its k (min_samples' guarantees, the run's record), sent
+        # with the sample when the run ends, all in seq order (the Recorder takes no seq twice)
+        self.records: list[dict[str, Any]] = []
         self._pool_seen = 0  # reservoir: events that competed for it (all but those min_samples kept)
-        self._forwarded = 0  # reservoir: events min_samples kept and sent on at once
         self._stratum_seen: dict[str, int] = {}  # reservoir: events seen per stratum (for min_samples)
         self.digest = TDigest(200.0) if strategy == "importance" else None
         self._reservoir_flushed = False
@@ -306,12 +308,11 @@ class Sampler(EventConsumer):
             self.sampled_out += n
             self._send_figures(b)
             return
-        records = self._records(b)
-        if records.any():  # outside the k, and sent with the reservoir: the Recorder takes events in seq order
+        sure = self._guaranteed(b) | self._records(b)  # kept beside the k: held, sent with the sample
+        if sure.any():
             rows = batch_rows(b)
-            self.records += [rows[i] for i in np.flatnonzero(records).tolist()]
-        sure = self._guaranteed(b) & ~records
-        pool = np.flatnonzero(~(sure | records))  # the rows that compete for the reservoir
+            self.records += [rows[i] for i in np.flatnonzero(sure).tolist()]
+        pool = np.flatnonzero(~sure)  # the rows that compete for the reservoir
         m = pool.size
         t0 = self._pool_seen
         slots: dict[int, int] = {}  # reservoir slot -> row of this batch (last writer wins)
@@ -332,17 +333,9 @@ class Sampler(EventConsumer):
                     self.reservoir.append(rows[row])
         self._pool_seen += m
         self.seen += n
-        self._forwarded += int(sure.sum())
-        # the reservoir is forwarded when the run ends: keep the Recorder's accounting current
-        self.sampled_out = self.seen - self._forwarded - len(self.reservoir) - len(self.records)
-        if not sure.any():
-            self._send_figures(b)
-            return
-        out = b if sure.all() else select_rows(b, sure)
-        self._count(out, np.ones(int(out["n"]), dtype=bool))
-        out["sampling"] = self._figures(held=self._held())
-        if self.downstream is not None:
-            self.downstream.tell_bytes(encode(out))
+        # the sample is forwarded when the run ends: keep the Recorder's accounting current
+        self.sampled_out = self.seen - len(self.reservoir) - len(self.records)
+        self._send_figures(b)
 
     def handle_flush(self, msg: dict[str, Any]) -> dict[str, Any]:
         """End of run: send the reservoir (if any) downstream; answer the counts."""
@@ -350,7 +343,7 @@ class Sampler(EventConsumer):
             rows = sorted(self.reservoir + self.records, key=lambda r: r["seq"])
             batch = rows_to_batch(rows, self.experiment_id, rows[0]["run_id"])
             self._reservoir_flushed = True
-            self.sampled_out = self.seen - self._forwarded - len(rows)
+            self.sampled_out = self.seen - len(rows)
             self.reservoir, self.records = [], []
             batch["sampling"] = self._figures(held=0)
             self._count(batch, np.ones(len(rows), dtype=bool))

@@ -46,6 +46,9 @@ class Sink(Actor):
     def handle_batches(self, msg):
         return list(self.batches)
 
+    def handle_figures(self, msg):
+        return list(self.sampling)
+
     def handle_anomalous(self, msg):
         return [i for b in self.batches for i, a in b.get("sparse", {}).get("anomaly", []) if a["flag"]]
 
@@ -209,13 +212,14 @@ def test_reservoir_min_samples_per_stratum_and_accounting_while_it_holds():
     s = Sampler.start("exp", sink, "reservoir", {"k": 5, "min_samples": 3}, seed=1)
     s.tell_bytes(encode(batch({"x": np.arange(100.0)}, names=names)))
     counts = s.ask({"kind": "counts"})
-    assert sink.ask({"kind": "rows"}) == [0, 1, 2, 3, 4, 5]  # the first 3 of each name, at once
-    assert counts["held"] == 5 and counts["sampled_out"] == 100 - 6 - 5
-    figures = sink.ask({"kind": "batches"})[-1]["sampling"]
-    assert figures["held"] == 5 and figures["sampled_out"] == 89
+    assert sink.ask({"kind": "rows"}) == []  # held with the sample: nothing may go ahead of it
+    assert counts["held"] == 6 + 5 and counts["sampled_out"] == 100 - 6 - 5
+    figures = sink.ask({"kind": "figures"})[-1]
+    assert figures["held"] == 11 and figures["sampled_out"] == 89  # the figures, alone
     counts = s.ask({"kind": "flush"})
     rows = sink.ask({"kind": "rows"})
-    assert len(rows) == 11 and counts["sampled_out"] == 89 and counts["held"] == 0
+    assert len(rows) == 11 and rows == sorted(rows) and rows[:6] == [0, 1, 2, 3, 4, 5]  # the first 3 of each
+    assert counts["sampled_out"] == 89 and counts["held"] == 0
     s.stop()
     sink.stop()
 
@@ -588,3 +592,25 @@ def test_an_interval_past_the_float_range_says_whether_the_difference_or_the_spr
     assert math.isinf(wide["ci"][1]) and "the values spread so wide" in wide["note"]
     far = stats.compare([-1.7e308, -1.6e308, -1.5e308], [1.7e308, 1.6e308, 1.5e308])
     assert math.isinf(far["ci"][1]) and "is beyond the float64 range" in far["note"]
+
+
+def test_a_reservoir_with_guarantees_and_the_runs_record_reaches_the_disk_whole(tmp_path):
+    """Through a real Recorder, which takes no event older than one it has written: the k, the
+    min_samples guarantees and the record (phase_start at seq 0, phase_end last) all arrive."""
+    from actors.recorder import Recorder
+    from telemetry.jsonl import iter_run
+
+    rec = Recorder.start(tmp_path, "exp", "run")
+    s = Sampler.start("exp", rec, "reservoir", {"k": 5, "min_samples": 3}, seed=1)
+    names = ["phase_start"] + ["call"] * 30 + ["phase_end"] + ["warn"]
+    s.tell_bytes(encode(batch({"x": np.arange(float(len(names)))}, names=names)))
+    s.ask({"kind": "flush"})
+    rec.ask({"kind": "flush"})
+    on_disk = [(e["seq"], e["name"]) for e in iter_run(tmp_path / "exp" / "run")]
+    summary = rec.ask({"kind": "summary"})
+    s.stop()
+    rec.stop()
+    assert on_disk[0] == (0, "phase_start") and (31, "phase_end") in on_disk and (32, "warn") in on_disk
+    calls = [q for q, n in on_disk if n == "call"]
+    assert len(calls) == 3 + 5 and calls[:3] == [1, 2, 3]  # min_samples' three, and the k
+    assert summary["events_persisted"] == len(on_disk) == 11 and summary["events_lost_in_transit"] == 0
