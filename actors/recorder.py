@@ -241,6 +241,7 @@ class Recorder(EventConsumer):
         self.phases: dict[str | None, _PhaseStats] = {}
         self.nonfinite: dict[str, int] = {}  # values given as NaN or an infinity, per field (events' nonfinite)
         self._last_phase: tuple[str | None, int] | None = None  # the last event's phase and ts (busy_us)
+        self._in_pause = False  # between a paused mark and its unpaused one, as of the last event
         self.counters: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
         self.persisted = 0
@@ -707,26 +708,33 @@ class Recorder(EventConsumer):
 
     def _add_busy(self, b: dict[str, Any], phase_c: np.ndarray, ts: np.ndarray) -> None:
         """Each phase's time: the gap from an event to the next is the phase's when both are
-        its own, unless the first is a ``paused`` mark or the second a ``resumed`` one (a pause,
-        a crash's downtime). A pipeline that goes back and forth between phases (passes) gets
-        each phase its share, where first-to-last would give each of them nearly the whole run."""
+        its own, unless it starts inside a pause (from a ``paused`` mark to the ``unpaused``
+        one: events held through the pause, a control, a ``resumed``, fall inside it) or ends at
+        a ``resumed`` event (a crash's downtime). A pipeline that goes back and forth between
+        phases (passes) gets each phase its share, where first-to-last would give each of them
+        nearly the whole run."""
         names = b["phases"]
-        if ts.size == 0:
+        n = int(ts.size)
+        if n == 0:
             return
         event_names = b["names"]
-        after = np.isin(b["name"], [i for i, n in enumerate(event_names) if n == "paused"])
-        before = np.isin(b["name"], [i for i, n in enumerate(event_names) if n == "resumed"])
+        mark = np.zeros(n, dtype=np.int8)  # +1 a pause begins, -1 it ends
+        mark[np.isin(b["name"], [i for i, x in enumerate(event_names) if x == "paused"])] = 1
+        mark[np.isin(b["name"], [i for i, x in enumerate(event_names) if x == "unpaused"])] = -1
+        latest = np.maximum.accumulate(np.where(mark != 0, np.arange(n), -1))
+        in_pause = np.where(latest >= 0, mark[np.maximum(latest, 0)] == 1, self._in_pause)  # after each row
+        before = np.isin(b["name"], [i for i, x in enumerate(event_names) if x == "resumed"])
         gaps = np.maximum(np.diff(ts), 0).astype(np.float64)
-        same = (phase_c[1:] == phase_c[:-1]) & ~after[:-1] & ~before[1:]
+        same = (phase_c[1:] == phase_c[:-1]) & ~in_pause[:-1] & ~before[1:]
         per_code = np.bincount(phase_c[1:][same] + 1, weights=gaps[same], minlength=len(names) + 1)
         for code in np.nonzero(per_code)[0].tolist():
             self.phases[names[code - 1] if code else None].busy_us += float(per_code[code])
         first = names[phase_c[0]] if phase_c[0] >= 0 else None
-        if self._last_phase is not None and self._last_phase[0] == first and not before[0]:
+        if self._last_phase is not None and self._last_phase[0] == first and not self._in_pause and not before[0]:
             self.phases[first].busy_us += max(0, int(ts[0]) - self._last_phase[1])
         last = int(phase_c[-1])
-        # a pause mark last: the gap to the next batch's first event is no phase's
-        self._last_phase = None if after[-1] else (names[last] if last >= 0 else None, int(ts[-1]))
+        self._last_phase = (names[last] if last >= 0 else None, int(ts[-1]))
+        self._in_pause = bool(in_pause[-1])
 
     def _schedule_fsync(self) -> None:
         if self._fsync_timer is None:

@@ -219,14 +219,17 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
     actions: list[str] = []
     first = last = None
     prev = None  # the previous event's phase: a gap between two events of one phase is its time
+    in_pause = False
     n = 0
     for ev in iter_run(run_dir) if events is None else events:
         n += 1
         ph = ev.get("phase") or "-"
         p = phases.setdefault(ph, {"events": 0, "duration_s": 0.0, "best": {}})
-        if prev == ph and last is not None and ev["name"] != "resumed":  # as the Recorder counts it
+        if prev == ph and last is not None and not in_pause and ev["name"] != "resumed":  # as the Recorder counts
             p["duration_s"] += max(0, ev["ts"] - last) / 1e6
-        prev = None if ev["name"] == "paused" else ph  # the time after a pause mark is no phase's
+        prev = ph
+        if ev["name"] in ("paused", "unpaused"):  # a pause's time, events held through it included, is no phase's
+            in_pause = ev["name"] == "paused"
         first = ev["ts"] if first is None else first
         last = ev["ts"]
         p["events"] += 1

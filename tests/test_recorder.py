@@ -582,21 +582,31 @@ def test_a_phase_duration_is_its_own_time_when_passes_interleave_the_phases(tmp_
     assert {p: v["duration_s"] for p, v in from_files.items()} == expected
 
 
-def test_a_phase_duration_leaves_out_pauses_and_a_crashs_downtime(tmp_path, monkeypatch):
-    """The time after a ``paused`` mark, and before a ``resumed`` one (a crash's downtime), is
-    no phase's, in the Recorder's summary (live and rebuilt) and in monitor's."""
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        # (second, name): a pause, then a crash's downtime before the resumed event
+        (
+            "0 step, 1 step, 2 paused, 10 unpaused, 11 step, 12 step, 20 resumed, 21 step",
+            5,  # 0-1, 1-2 (up to the pause), 10-11, 11-12, 20-21
+        ),
+        # a control held through the pause (recorded inside it), and a crash while paused:
+        # the run comes back paused, its resumed event inside the pause too
+        (
+            "0 step, 1 step, 2 paused, 5 control, 10 unpaused, 11 step, 12 step, "
+            "13 paused, 100 resumed, 400 unpaused, 401 step, 402 step",
+            7,  # 0-1, 1-2, 10-11, 11-12, 12-13, 400-401, 401-402
+        ),
+    ],
+    ids=["pause-then-crash", "events-inside-pauses"],
+)
+def test_a_phase_duration_leaves_out_pauses_and_a_crashs_downtime(tmp_path, monkeypatch, script, expected):
+    """The time from a ``paused`` mark to its ``unpaused`` one (whatever was recorded inside
+    the pause), and before a ``resumed`` event (a crash's downtime), is no phase's, in the
+    Recorder's summary (live and rebuilt) and in monitor's."""
     from experiments.monitor import run_summary
 
-    script = [  # (second, name)
-        (0, "step"),
-        (1, "step"),
-        (2, "paused"),
-        (10, "unpaused"),
-        (11, "step"),
-        (12, "step"),
-        (20, "resumed"),
-        (21, "step"),
-    ]
+    script = [(int(t), name) for t, name in (item.split() for item in script.split(", "))]
     seconds = iter(t for t, _ in script)
     monkeypatch.setattr("telemetry.emitter._time_ns", lambda: next(seconds) * 1_000_000_000)
     topics = Topics()
@@ -607,7 +617,6 @@ def test_a_phase_duration_leaves_out_pauses_and_a_crashs_downtime(tmp_path, monk
         em.emit(name, {"x": 1.0}, phase="calls")
     em.close()
     rec.ask({"kind": "flush"})
-    expected = 1 + 1 + 1 + 1 + 1  # 0-1, 1-2 (up to the pause), 10-11, 11-12, 20-21
     assert rec.ask({"kind": "summary"})["phases"]["calls"]["duration_s"] == expected
     rec.stop()
     again = Recorder.start(tmp_path, "exp", "run")
