@@ -9,7 +9,7 @@ controls it sends once before it first steers, so that it is the only controller
 
 It watches the experiment's ``events`` (every event that carries the objective or the
 progress value; a failed call never counts as an improvement), ``metrics`` and ``anomalies``
-topics and keeps, per phase, the best objective value and the lowest progress value since
+topics and keeps the run's best objective value and, per phase, the lowest progress value since
 the objective last improved. A *stall* is ``window_s`` seconds of active time (event time
 less the phase's pauses, which the phase announces) without a new best and without a new
 lowest progress value, and at least three times the median time this run has needed between
@@ -54,6 +54,7 @@ import fcntl
 import math
 import os
 import random
+import secrets
 import stat
 import time
 from collections.abc import Iterator, Mapping
@@ -540,18 +541,22 @@ class Hypertune(EventConsumer):
                 self.last_improve_ts = t
             self._maybe_act()  # at the first event past the window, not at the end of the batch
 
-    def _answer(self, name: str, note: str | None, t: int) -> None:
+    def _answer(self, name: str, note: Any, t: int) -> None:
         """The phase's answer to the action under way: ``hypertune_action`` (applied: its
-        window starts now) or ``control_refused`` naming this action (not applied)."""
+        window starts now) or ``control_refused`` (not applied). Either ends its notes with the
+        action's ``why`` in brackets, which carries a token drawn for the action: nothing else
+        (a person's control, whatever its key or value, an answer to an earlier action) ends so."""
         p = self.pending
-        if p is None or p["applied"] is not None:
+        if p is None or p["applied"] is not None or not isinstance(note, str):
             return
-        mine = note is None or f"arm {p['arm']} by " in note
-        if name == "hypertune_action" and mine:
+        tail = f" ({p['why']})"
+        if not note.endswith(tail):
+            return
+        if name == "hypertune_action":
             # the baseline is the score now; after a phase change, once a progress value is in
             p["applied"], p["ts"], p["score"] = True, t, self.score() if self._progress_known() else None
-        elif name == "control_refused" and note is not None and mine and "(hypertune:" in note:
-            reason = note.split(" refused: ", 1)[-1].split(" (hypertune:", 1)[0]
+        elif name == "control_refused":
+            reason = note[: -len(tail)].split(" refused: ", 1)[-1]
             self._not_applied(p, f"refused by the workload: {reason}", refused=True)
 
     def _not_applied(self, p: dict[str, Any], why: str, refused: bool = False) -> None:
@@ -622,10 +627,12 @@ class Hypertune(EventConsumer):
         progress = f", lowest {self.progress_field} {self.min_prog:g}" if self.progress_field else ""
         why = (
             f"hypertune: no progress for {stalled_us / 1e6:.1f}s in {self.phase} "
-            f"(best {self.label} {self.best:g}{progress}); arm {arm} by {self.policy.kind}"
+            f"(best {self.label} {self.best:g}{progress}); arm {arm} by {self.policy.kind} "
+            f"[action {secrets.token_hex(4)}]"  # the phase's answer ends with this why: see _answer
         )
         self.pending = {
             "phase": self.phase,
+            "why": why,
             "arm": arm,
             "key": key,
             "value": value,
