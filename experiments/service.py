@@ -47,7 +47,8 @@ retry after a lost answer) gets the first one's entry, not a second experiment."
 _LEGIBLE_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9._-]{1,128})"')  # in what is left of a damaged queue file
 _LEGIBLE_KEY = re.compile(  # an idempotency key's whole record, as _save_queue writes it (a JSON-escaped key)
     rb'"((?:[^"\\\x00-\x1f]|\\.){1,%d})"\s*:\s*\{\s*"id"\s*:\s*"([A-Za-z0-9._-]{1,128})"\s*,'
-    rb'\s*"digest"\s*:\s*"([0-9a-f]{0,64})"\s*\}' % (2 * MAX_KEY_CHARS)
+    rb'\s*"digest"\s*:\s*"([0-9a-f]{0,64})"(?:\s*,\s*"(?:status|reason)"\s*:\s*"(?:[^"\\]|\\.)*")*\s*\}'
+    % (2 * MAX_KEY_CHARS)
 )
 
 
@@ -263,6 +264,7 @@ class LabService:
         kept = list((keys if isinstance(keys, dict) else {}).items())[-KEYS_KEPT:]  # a hand-made file: bounded
         self._keys = {  # only what submit could have written: a key it takes, an id it gives out
             k: {"id": v["id"], "digest": v["digest"]}
+            | {f: v[f] for f in ("status", "reason") if isinstance(v.get(f), str)}  # how a let-go one ended
             for k, v in kept
             if _legible_key(k) and isinstance(v, dict) and _legible_id(v.get("id")) and isinstance(v.get("digest"), str)
         }
@@ -287,8 +289,11 @@ class LabService:
         """The queue, and the submissions that never ran (cancelled, failed to start): both are
         acknowledged, so both outlive a restart of the daemon."""
         for old in list(self._ended)[: max(0, len(self._ended) - self.keep_ended)]:
-            del self._ended[old]  # the oldest first (insertion order): bounded like ended handles
+            end = self._ended.pop(old)  # the oldest first (insertion order): bounded like ended handles
             self._retire(old)
+            for seen in self._keys.values():  # a retry with its key still gets how it ended
+                if seen["id"] == old:
+                    seen["status"], seen["reason"] = str(end.get("status")), str(end.get("reason") or "")
         for old in list(self._keys)[: max(0, len(self._keys) - KEYS_KEPT)]:
             del self._keys[old]
         data = {  # the bounded records first: what a torn file still holds of them survives (_load_queue)
@@ -402,7 +407,10 @@ class LabService:
                 "a retry must repeat the spec, the overrides and the id exactly, and a new submission needs a new key"
             )
         log.info("repeated submission answered with the first", experiment=seen["id"])
-        return {**self._entry(seen["id"]), "repeated": True}
+        entry = self._entry(seen["id"])
+        if entry["status"] == "unknown" and "status" in seen:  # never ran, and its record since let go
+            entry = {"id": seen["id"], "status": seen["status"], "reason": seen.get("reason") or None}
+        return {**entry, "repeated": True}
 
     def _entry(self, exp_id: str) -> dict[str, Any]:
         for pos, item in enumerate(self._queue, 1):

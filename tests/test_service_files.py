@@ -218,3 +218,24 @@ def test_an_unexpected_error_is_a_500_that_names_it_and_the_client_goes_on(tmp_p
     finally:
         dash.stop()
         service.shutdown()
+
+
+def test_a_retry_of_a_submission_whose_record_was_let_go_still_says_how_it_ended(tmp_path):
+    """A submission cancelled while queued leaves no folder; once its record is let go (the
+    service keeps ``keep_ended`` of them), a retry with its key used to answer ``unknown``."""
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1, keep_ended=1)
+    try:
+        service.submit(latency_spec("blocker", budget=600))
+        first = service.submit(latency_spec("q1"), key="k-q1")["id"]
+        second = service.submit(latency_spec("q2"), key="k-q2")["id"]
+        assert service.stop(first)["status"] == service.stop(second)["status"] == "cancelled"  # q1's record let go
+        again = service.submit(latency_spec("q1"), key="k-q1")
+        assert again == {"id": first, "status": "cancelled", "reason": "stopped while queued", "repeated": True}
+    finally:
+        service.shutdown()
+    service = LabService(art, max_running=1, keep_ended=1)  # and after a restart: kept with the keys
+    try:
+        assert service.submit(latency_spec("q1"), key="k-q1")["status"] == "cancelled"
+    finally:
+        service.shutdown()
