@@ -4,6 +4,7 @@ lookups fail with :class:`telemetry.rundir.RunNotFound`, which the CLI prints as
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -148,7 +149,9 @@ def test_a_run_whose_events_file_cannot_be_read_is_named_and_spares_the_others(f
     before = listed(capsys, art)
     (runs[broken] / "events.jsonl").unlink()
     (runs[broken] / "events.jsonl").mkdir()
-    (runs[broken] / "summary.json").touch()  # older than the events: they are counted
+    summary = runs[broken] / "summary.json"
+    old = (runs[broken] / "events.jsonl").stat().st_mtime - 10
+    os.utime(summary, (old, old))  # older than the events: they are counted (a touch made it newer, by chance)
     got = listed(capsys, art)
     assert got[fine] == before[fine]
     assert got[broken]["events"] is None and got[broken]["status"] == "stopped"
