@@ -6,6 +6,9 @@ of its windows, and the colouring workload's side (the tenure in force in memeti
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -370,20 +373,24 @@ def test_the_phase_refuses_a_controllers_skip_that_would_end_the_run(tmp_path):
     assert refused["notes"].endswith(f"({why})")
 
 
-def test_a_persons_refused_control_never_passes_for_the_answer_to_hypertunes_action():
-    """The answer is matched by the action's own why (with a token drawn for it): a person's
-    control whose key spells hypertune's phrases is refused for the person only, and the
-    phase's real answer is still taken, so the action is learned."""
-    import re
-
-    from actors.messages import decode, encode
-    from telemetry.schema import rows_to_batch
-    from tests.test_hypertune import S, answer, steps
-
+@contextlib.contextmanager
+def stalled_tree():
+    """A tree whose hypertune has stalled and sent one action: (phase, hypertune, that action)."""
     phase, ht = tree()
     try:
         feed(ht, steps(0, 13, 0.1, lambda n: [6] * n))
         (action,) = sent(phase)
+        yield phase, ht, action
+    finally:
+        for r in (ht, phase):
+            r.stop()
+
+
+def test_a_persons_refused_control_never_passes_for_the_answer_to_hypertunes_action():
+    """The answer is matched by the action's own why (with a token drawn for it): a person's
+    control whose key spells hypertune's phrases is refused for the person only, and the
+    phase's real answer is still taken, so the action is learned."""
+    with stalled_tree() as (phase, ht, action):
         arm = re.search(r"arm (\S+) by", action["why"]).group(1)
         key = f"arm {arm} by (hypertune:"
         row = {
@@ -399,26 +406,13 @@ def test_a_persons_refused_control_never_passes_for_the_answer_to_hypertunes_act
         state = feed(ht, answer(action, 1.3), steps(1.35, 20, 0.1, lambda n: [3] * n))
         assert state["stats"].get(f"tabu/{arm}", {}).get("n") == 1  # learned from the real answer
         assert [m["key"] for m in sent(phase) if m["kind"] == "set_param"] == [action["key"]]  # no second action
-    finally:
-        for r in (ht, phase):
-            r.stop()
 
 
 def test_an_answer_whose_note_is_not_text_is_ignored_not_a_crash():
-    from actors.messages import encode
-    from telemetry.schema import rows_to_batch
-    from tests.test_hypertune import S, steps
-
-    phase, ht = tree()
-    try:
-        feed(ht, steps(0, 13, 0.1, lambda n: [6] * n))
-        sent(phase)
+    with stalled_tree() as (_phase, ht, _action):
         for note in (5, None):
             row = {"seq": 0, "ts": int(1.25 * S), "name": "hypertune_action", "phase": "tabu", "notes": "x"}
             b = rows_to_batch([row], "exp", "run")
             b["sparse"]["notes"] = [[0, note]] if note is not None else []
             ht.tell_bytes(encode(b))
             assert ht.ask({"kind": "get"}, timeout=10)["pending"]["applied"] is None  # alive, and not taken
-    finally:
-        for r in (ht, phase):
-            r.stop()
