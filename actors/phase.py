@@ -440,7 +440,10 @@ class PhaseActor(Actor):
             before, after = self.workload.set_param(key, value)
         except (ValueError, TypeError) as exc:  # the request is the user's data: refused, never a crash
             shown = msg.get("shown") or f"{value!r:.200}"
-            log.warning("control action refused", key=f"{key!r:.200}", value=shown, error=f"{exc}"[:500])
+            # a controller's refused action is part of how it learns (recorded as control_refused):
+            # not a warning on the user's terminal; a person's refused request is
+            say = log.info if msg.get("controller") else log.warning
+            say("control action refused", key=f"{key!r:.200}", value=shown, error=f"{exc}"[:500])
             params = self.workload.params()
             self.emitter.emit(
                 "control_refused",

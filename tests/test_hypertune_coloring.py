@@ -84,3 +84,34 @@ def test_a_controller_may_skip_a_phase_but_never_end_the_run_by_it():
     assert not again.step(Em()) and again.pass_ == 1
     with pytest.raises(ValueError, match="no pass follows"):
         again.check_controller_action("skip_phase", True)
+
+
+def test_a_controllers_refused_action_is_recorded_but_no_warning_a_persons_is(tmp_path):
+    """A refusal is part of how hypertune learns (a control_refused event); it is not a warning
+    on the user's terminal, as a person's refused request is."""
+    from structlog.testing import capture_logs
+
+    from supervisor import Lab
+    from telemetry.jsonl import iter_run
+
+    lab = Lab(tmp_path / "art")
+    try:
+        spec = {
+            "name": "refusals",
+            "time_budget_s": 600,
+            "workload": {"name": "coloring", "params": {"graph": {"generator": "gnp", "n": 40, "p": 0.5, "seed": 1}}},
+            "hypertune": {"enabled": False},
+        }
+        exp = lab.start_experiment(spec)
+        with capture_logs() as logs:
+            exp.registry.whereis("phase").ask(
+                {"kind": "set_param", "key": "nope", "value": 1, "why": "hypertune: x", "controller": "hypertune"}
+            )
+            with pytest.raises(ValueError, match="unknown control"):
+                exp.set_param("nope", 2, why="by hand")
+        exp.stop()
+        levels = [(e["log_level"], e.get("value")) for e in logs if e["event"] == "control action refused"]
+        assert levels == [("info", "1"), ("warning", "2")]
+        assert sum(e["name"] == "control_refused" for e in iter_run(exp.run_dir)) == 2  # both recorded
+    finally:
+        lab.shutdown()
