@@ -110,8 +110,10 @@ def test_a_controllers_refused_action_is_recorded_but_no_warning_a_persons_is(tm
             with pytest.raises(ValueError, match="unknown control"):
                 exp.set_param("nope", 2, why="by hand")
         exp.stop()
-        levels = [(e["log_level"], e.get("value")) for e in logs if e["event"] == "control action refused"]
-        assert levels == [("info", "1"), ("warning", "2")]
+        warned = [
+            e.get("value") for e in logs if e["event"] == "control action refused" and e["log_level"] == "warning"
+        ]
+        assert warned == ["2"]  # the person's; the controller's is at info (filtered out where logging is configured)
         assert sum(e["name"] == "control_refused" for e in iter_run(exp.run_dir)) == 2  # both recorded
     finally:
         lab.shutdown()
