@@ -141,8 +141,6 @@ def check_event_fields(
 
 
 OPTIONAL_FIELDS = ("phase", "success", "gpu_mode", "gpu_reason", "step", "parameters", "notes", "anomaly", "nonfinite")
-NONFINITE_TEXTS = ("nan", "inf", "-inf")
-"""How an event's ``nonfinite`` field names a value no JSON number can hold: ``{"loss": "nan"}``."""
 CODED_COLUMNS = {"name": "names", "phase": "phases", "reason": "reasons", "params": "param_texts"}
 """Batch columns of int32 codes into a per-batch string table (-1 = absent)."""
 
