@@ -11,9 +11,9 @@ It watches the experiment's ``events`` (every event that carries the objective o
 progress value; a failed call never counts as an improvement), ``metrics`` and ``anomalies``
 topics and keeps the run's best objective value and, per phase, the lowest progress value since
 the objective last improved. A *stall* is ``window_s`` seconds of active time (event time
-less the phase's pauses, which the phase announces) without a new best and without a new
-lowest progress value, and at least three times the median time this run has needed between
-improvements. On a stall, once the objective has a value, it picks one of the arms of the
+less the phase's pauses, which it marks with ``paused`` and ``unpaused`` events) without a
+new best and without a new lowest progress value, and at least three times the median time
+this run has needed between improvements. On a stall, once the objective has a value, it picks one of the arms of the
 current phase that would move their parameter the way they are meant to (:func:`arm_move`)
 with its policy (UCB1 by default, or epsilon-greedy) and sends it to the phase as
 ``set_param``; the phase applies it at its next safe point and answers in its events: a
@@ -75,6 +75,7 @@ SCORE_K = 1000.0
 # The phase answers an action in its events: applied (``hypertune_action``) or refused. An answer
 # that has not come after this many windows (and at least CONFIRM_MIN_US) is taken as lost.
 _ANSWERS = ("hypertune_action", "control_refused")
+_PAUSE_MARKS = ("paused", "unpaused")  # the phase's marks around a pause (see _pause_mark)
 CONFIRM_WINDOWS = 10
 CONFIRM_MIN_US = 60_000_000
 # A state file holds one small entry per phase and arm (a few KiB); anything past this bound is
@@ -436,7 +437,7 @@ class Hypertune(EventConsumer):
         self.pending: dict[str, Any] | None = None  # the action under way (see _maybe_act)
         # arms the workload refused in this phase and pass: how often, and the parameters then
         self._refused: dict[str, tuple[int, dict[str, Any]]] = {}
-        self._paused_us = 0  # event time the phase spent paused (announced by its counters)
+        self._paused_us = 0  # event time the phase spent paused (its paused / unpaused marks)
         self._pause_at: int | None = None  # when the pause under way began (event time)
         self.actions: list[dict[str, Any]] = []
         self.gaps: list[int] = []  # event time between recent improvements
@@ -467,7 +468,7 @@ class Hypertune(EventConsumer):
         return self.progress_field is None or math.isfinite(self.min_prog)
 
     def _active_us(self, t: int) -> int:
-        """Event time ``t`` as active time: the phase's pauses taken out (see ``handle_counters``).
+        """Event time ``t`` as active time: the phase's pauses taken out (see ``_pause_mark``).
         Events held through a pause carry times inside it: they count at the pause's end."""
         if self._pause_at is not None:  # a pause not over (the run stops while paused)
             t = min(t, self._pause_at)
@@ -484,7 +485,8 @@ class Hypertune(EventConsumer):
             if col is not None:
                 carries |= ~np.isnan(col)
         names = msg["names"]
-        marks = [i for i, name in enumerate(names) if name in _ANSWERS]  # the phase's answer to an action
+        # the phase's answer to an action, its pause marks
+        marks = [i for i, name in enumerate(names) if name in _ANSWERS or name in _PAUSE_MARKS]
         keep = carries | np.isin(msg["name"], marks) if marks else carries
         params = msg.get("params")
         if params is not None:
@@ -504,14 +506,18 @@ class Hypertune(EventConsumer):
         has = carries[rows].tolist()
         phases, texts = msg["phases"], msg.get("param_texts", [])
         notes = dict((i, x) for i, x in (msg.get("sparse") or {}).get("notes", ())) if marks else {}
+        lengths = vals.get("paused_s")
+        lcol = lengths[rows].tolist() if lengths is not None else None
         parsed_text = None
         for j in range(rows.size):
             code = pc_codes[j] if pc_codes is not None else -1
             if code >= 0 and texts[code] is not parsed_text:
                 parsed_text = texts[code]
                 self.params = orjson.loads(parsed_text)
-            t = self.last_ts = self._active_us(ts[j])
             name = names[ncodes[j]]
+            if name in _PAUSE_MARKS:  # before the mark's own time is taken as active time
+                self._pause_mark(name == "paused", ts[j], lcol[j] if lcol is not None else math.nan)
+            t = self.last_ts = self._active_us(ts[j])
             if name in _ANSWERS:
                 self._answer(name, notes.get(int(rows[j])), t)
             if not has[j]:
@@ -736,18 +742,21 @@ class Hypertune(EventConsumer):
             self.periods += 1
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
-        """Emitter counters travel on the events topic. The phase sends its counters as it
-        pauses and as it resumes, with ``paused`` and ``at`` (event time, µs): the pause is
-        taken out of the stall and outcome windows, however short it was."""
-        paused, at = msg.get("paused"), msg.get("at")
-        if not isinstance(paused, bool) or isinstance(at, bool) or not isinstance(at, int):
-            return
+        """The emitter's counters travel on the events topic; this actor counts nothing of them."""
+
+    def _pause_mark(self, paused: bool, at: int, length_s: float) -> None:
+        """The phase marks its pauses in its events, ``paused`` before the Lab detaches this
+        actor and ``unpaused`` once it is attached again, with the pause's length: the pause is
+        taken out of the stall and outcome windows, however short it was, also when this actor
+        (restarted during it) never saw its start."""
         if paused:
             if self._pause_at is None:
                 self._pause_at = at
         elif self._pause_at is not None:
             self._paused_us += max(0, at - self._pause_at)
             self._pause_at = None
+        elif math.isfinite(length_s) and length_s > 0:
+            self._paused_us += int(length_s * 1e6)
 
     def handle_get(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -62,7 +62,6 @@ from actors.snapshot import Snapshot
 from actors.topics import Topics
 from telemetry.emitter import Emitter, bounded_notes
 from telemetry.rundir import read_json
-from telemetry.schema import COUNTERS
 
 log = get_logger("actors.phase")
 
@@ -150,6 +149,8 @@ class PhaseActor(Actor):
         self.emitter_opts = dict(emitter_opts or {})
         self.watch = watch
         self.paused = False
+        self._paused_since_us: int | None = None  # when the pause under way began (wall clock, µs: checkpointed)
+        self._paused_at: float | None = None  # the same on this incarnation's clock (None: a pause restored)
         self.finished = False
         self.steps = 0
         self.emitter: Emitter | None = None
@@ -190,6 +191,9 @@ class PhaseActor(Actor):
             self.exit()
             return
         self.paused = bool(cp.get("paused", False))
+        since = cp.get("paused_since_us")
+        if self.paused and isinstance(since, int) and not isinstance(since, bool):
+            self._paused_since_us = since
         if "workload" in cp:
             self.steps = int(cp.get("steps", 0))
         active = cp.get("active_s")  # also without a workload state: a resumed run's carried-over time
@@ -265,7 +269,12 @@ class PhaseActor(Actor):
         """Record the state as of now: ``active_s`` includes the step just done (a checkpoint that
         lagged a step would let a run resumed from it overrun its budget by that step)."""
         self.checkpoints.update(
-            self, workload=self.workload.checkpoint(), steps=self.steps, paused=self.paused, active_s=self.active_time()
+            self,
+            workload=self.workload.checkpoint(),
+            steps=self.steps,
+            paused=self.paused,
+            paused_since_us=self._paused_since_us,
+            active_s=self.active_time(),
         )
         now = time.monotonic()
         if force or now - self._last_save >= self.save_every_s:
@@ -362,11 +371,13 @@ class PhaseActor(Actor):
             return {**self.status(), "at": self._mark}  # stopped already: when it last counted
         at = self._tick()
         self.paused = True
+        self._paused_since_us, self._paused_at = time.time_ns() // 1000, at
         self._loop = secrets.token_hex(8)  # a step already queued belongs to the ended loop
         assert self.emitter is not None
-        self._mark_pause("paused")  # the record's mark: the time until the next event is no phase's work
+        # the record's mark, sent before the Lab detaches the subscribers: the time until the
+        # ``unpaused`` mark is no phase's work (durations, hypertune's stall and outcome windows)
+        self._mark_pause("paused")
         self.emitter.flush()
-        self._announce_hold(True)  # before the Lab detaches the subscribers
         self.emitter.hold(True)
         self._checkpoint(force=True)
         return {**self.status(), "at": at}
@@ -379,37 +390,30 @@ class PhaseActor(Actor):
             at = self._tick()
             self.paused = False
             assert self.emitter is not None
-            self._announce_hold(False)  # the Lab has attached the subscribers again; before the held events
-            self.emitter.hold(False)
-            self._mark_pause("unpaused")
+            self.emitter.hold(False)  # the Lab has attached the subscribers again
+            since, self._paused_since_us = self._paused_since_us, None
+            began, self._paused_at = self._paused_at, None
+            if began is not None:  # measured on the phase's own clock: no wall-clock step in it
+                length: float | None = max(0.0, at - began)
+            else:  # a pause restored from a checkpoint (a crash while paused): the wall clock is all there is
+                length = None if since is None else max(0, time.time_ns() // 1000 - since) / 1e6
+            self._mark_pause("unpaused", length)
+            self.emitter.flush()  # the consumers learn now that the pause is over, as the Lab's caller does
             self._checkpoint(force=True)
             self._next_step()
         return {**self.status(), "at": self.clock() if at is None else at}
 
-    def _mark_pause(self, name: str) -> None:
+    def _mark_pause(self, name: str, paused_s: float | None = None) -> None:
         """A ``paused`` / ``unpaused`` event (telemetry.schema.RECORD_EVENTS: never sampled out),
-        with the active seconds so far: a reader of the events (a phase's duration, monitor)
-        leaves the time after a ``paused`` mark out."""
+        with the active seconds so far; ``unpaused`` also says how long the pause lasted
+        (``paused_s``, seconds on the phase's clock), for a reader that missed its start (a
+        hypertune restarted during it). A reader of the events leaves the time after a
+        ``paused`` mark out."""
         assert self.emitter is not None
-        self.emitter.emit(name, {"active_s": self._active_s}, phase=self.workload.params().get("phase"))
-
-    def _announce_hold(self, paused: bool) -> None:
-        """Tell the consumers of the events that the phase stops (or goes on) here, so that
-        one measuring time in events (hypertune's stall and outcome windows) leaves the pause
-        out, however short. It travels as the emitter's counters message, which every consumer
-        takes (the counts are cumulative: one more changes nothing), with ``paused`` and
-        ``at`` (the events' clock, µs) beside the counts."""
-        assert self.emitter is not None
-        self.topics.publish(
-            self.emitter.topic,
-            {
-                "kind": COUNTERS,
-                "run_id": self.run_id,
-                "counters": self.emitter.counters(),
-                "paused": paused,
-                "at": time.time_ns() // 1000,
-            },
-        )
+        values = {"active_s": self._active_s}
+        if paused_s is not None:
+            values["paused_s"] = paused_s
+        self.emitter.emit(name, values, phase=self.workload.params().get("phase"))
 
     def handle_stop(self, msg: dict[str, Any]) -> dict[str, Any]:
         self._finish(str(msg.get("reason", "stopped")))

@@ -71,6 +71,7 @@ from actors.messages import Receiver
 from actors.timers import Timer, check_delay
 from telemetry.history import (
     HistoryError,
+    HistoryGone,
     HistoryTarget,
     HistoryUnavailable,
     describe_history,
@@ -80,7 +81,7 @@ from telemetry.index import IndexIncomplete, LiveIndex
 from telemetry.jsonl import JsonlWriter, iter_run
 from telemetry.jsonl_format import format_batch
 from telemetry.query import QueryError, query_error
-from telemetry.rundir import RECORDER_STATE, RESERVE_NAME, SUMMARY, ArtifactsError, read_json
+from telemetry.rundir import RECORDER_STATE, RESERVE_NAME, SUMMARY, ArtifactsError, path_text, read_json, text_of
 from telemetry.schema import (
     SCHEMA_VERSION,
     EventBatch,
@@ -221,12 +222,13 @@ class Recorder(EventConsumer):
         self.maximize = set(maximize)
         self.jsonl = JsonlWriter(self.run_dir, rotate_bytes)
         self.jsonl.rotate_bytes = _NEVER  # the Recorder rotates, at commit points (see _commit)
-        self.history = describe_history(history, self.artifacts)
+        self.history = text_of(describe_history(history, self.artifacts))  # a folder's name may not be UTF-8
         self.store = open_history(history, artifacts=self.artifacts)
         self.history_buffer = max(1, int(history_buffer))
         self.history_retry_s = (float(retry[0]), float(retry[1]))
         self.history_stop_wait_s = stop_wait
         self._down: str | None = None  # why the history server is away, while it is
+        self._lost: str | None = None  # why the history gets none of this run's events any more (see _history_lost)
         self._down_since = 0.0
         self._retry_delay = self.history_retry_s[0]
         self._retry_timer: Timer | None = None
@@ -327,7 +329,7 @@ class Recorder(EventConsumer):
             )
         except _STORAGE_ERRORS as exc:
             self.store.rollback()
-            self.storage_error = f"storage: {exc}"
+            self.storage_error = text_of(f"storage: {exc}")
             log.error("history back-fill failed; recording stops", run_id=self.run_id, error=str(exc))
         self._apply(rows_to_batch(rows, self.experiment_id, self.run_id))
 
@@ -371,7 +373,8 @@ class Recorder(EventConsumer):
         if self._spilled:
             self.hist["events_spilled"] += n
             return
-        self._insert(b)
+        if self._lost is None:
+            self._insert(b)
         self._pending.append(b)
         self._pending_n += n
         if self._down is not None:
@@ -399,13 +402,20 @@ class Recorder(EventConsumer):
         whence waiting events that were spilled are re-read). A history server that is away
         is no failure: the batches wait and a retry is scheduled (see the module docs).
         """
-        try:
+        if self._lost is None:
+            try:
+                if self._spilled:
+                    self._refill(send=True)
+                self.store.commit()
+            except HistoryGone as exc:
+                self._history_lost(exc)
+            except HistoryUnavailable as exc:
+                self._history_down(exc)
+                return
+        if self._lost is not None:  # the files alone get them: counted as persisted, and unsent
+            self.history_unsent += self._waiting()
             if self._spilled:
-                self._refill(send=True)
-            self.store.commit()
-        except HistoryUnavailable as exc:
-            self._history_down(exc)
-            return
+                self._refill(send=False)
         pending, self._pending, self._pending_n = self._pending, [], 0
         for b in pending:
             self._apply(b)
@@ -432,7 +442,7 @@ class Recorder(EventConsumer):
             )
         else:
             self._retry_delay = min(self._retry_delay * 2, self.history_retry_s[1])
-        self._down = str(exc)
+        self._down = text_of(str(exc))
         self.hist["events_waiting_max"] = max(self.hist["events_waiting_max"], self._waiting())
         self._schedule_retry()
 
@@ -441,6 +451,25 @@ class Recorder(EventConsumer):
         self.hist["down_s"] += down
         log.info("history back; waiting events sent", run_id=self.run_id, history=self.history, down_s=round(down, 3))
         self._down = None
+        self._cancel_retry()
+
+    def _history_lost(self, exc: BaseException) -> None:
+        """The history is no longer the one this run opened (its SQLite file deleted or replaced
+        mid-run): what the store writes goes nowhere anyone reads. From now on the events go to
+        the run's files only, counted as persisted (as at every commit) and as unsent, and the
+        summary's ``history`` block says so; ``crucible sync`` rebuilds the history from the files."""
+        self._lost = text_of(str(exc))
+        log.warning(
+            "history deleted or replaced during the run; events from now on stay in the run's events files "
+            "only: run `crucible sync` once the run ended to rebuild the history from them",
+            run_id=self.run_id,
+            history=self.history,
+            error=self._lost,
+        )
+        self.store.rollback()
+        if self._down is not None:
+            self.hist["down_s"] += time.monotonic() - self._down_since
+            self._down = None
         self._cancel_retry()
 
     def _schedule_retry(self) -> None:
@@ -531,7 +560,7 @@ class Recorder(EventConsumer):
         self._mark = (self.jsonl.size, self.last_seq)  # counted now: never cut back
         self.history_unsent += unsent
         self.hist["down_s"] += time.monotonic() - self._down_since
-        self._down = None
+        self._lost, self._down = self._down, None  # the summary still says the history was away, and why
         self._cancel_retry()
 
     def _wait_history_at_stop(self) -> None:
@@ -569,7 +598,7 @@ class Recorder(EventConsumer):
         """
         first = self.storage_error is None
         if first:
-            self.storage_error = f"storage: {exc}"
+            self.storage_error = text_of(f"storage: {exc}")
         self._pending, self._pending_n, self._spilled = [], 0, False
         if self._down is not None:
             self.hist["down_s"] += time.monotonic() - self._down_since
@@ -794,7 +823,7 @@ class Recorder(EventConsumer):
             "schema": SCHEMA_VERSION,
             "experiment_id": self.experiment_id,
             "run_id": self.run_id,
-            "run_dir": str(self.run_dir),
+            "run_dir": path_text(self.run_dir),
             "started_ts": self.started_ts,
             "ended_ts": max(ends) if ends else None,
             "total_duration_s": (max(ends) - self.started_ts) / 1e6 if ends and self.started_ts else 0.0,
@@ -822,8 +851,8 @@ class Recorder(EventConsumer):
             },
             "history": {
                 "target": self.history,
-                "available": self._down is None,
-                "error": self._down,
+                "available": self._down is None and self._lost is None,
+                "error": self._down if self._down is not None else self._lost,
                 "events_waiting": waiting,
                 **self.hist,
                 "down_s": round(
@@ -931,9 +960,7 @@ class Recorder(EventConsumer):
             self._write_summary(quiet=True)
             s = self.summary()
             try:
-                self.store.record_run(
-                    self.run_id, self.experiment_id, str(self.run_dir), s["started_ts"], s["ended_ts"], s
-                )
+                self.store.record_run(self.run_id, self.experiment_id, s["run_dir"], s["started_ts"], s["ended_ts"], s)
             except _STORAGE_ERRORS as exc:
                 log.error("run not recorded in the history", run_id=self.run_id, error=str(exc))
         finally:

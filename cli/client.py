@@ -1,4 +1,4 @@
-"""The lab daemon's clients: ``submit``, ``ls``, ``pause``, ``resume``, ``stop``, ``steer``.
+"""The lab daemon's clients: ``submit``, ``ls``, ``pause``, ``resume``, ``stop``, ``steer``, ``open``.
 
 They talk to a daemon (``crucible lab serve``, :mod:`cli.lab`) over HTTP (``--to URL``) with
 the token from ``CRUCIBLE_TOKEN`` or ``--token-file``, through
@@ -111,6 +111,13 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_open(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        url = _call(c.sign_in_link)
+    sys.stdout.write(url + "\n")
+    return EXIT_OK
+
+
 def _client_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, metavar="URL", help="the lab daemon's URL (crucible lab serve prints it)")
     p.add_argument(
@@ -152,3 +159,12 @@ def add_commands(sub: Any) -> None:
     st.add_argument("--json", action="store_true", help="print the daemon's answer as one JSON object")
     _client_opts(st)
     st.set_defaults(func=cmd_steer)
+    op = sub.add_parser(
+        "open",
+        help=help_of("open"),
+        description="Print a new link that opens the dashboard signed in. Each link works once (it is "
+        "traded for the token, which the page keeps): another browser, or one whose storage was cleared, "
+        "needs a new one.",
+    )
+    _client_opts(op)
+    op.set_defaults(func=cmd_open, prints_result=True)

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resume": ("cli.client", "resume an experiment of a lab daemon"),
     "stop": ("cli.client", "stop (or cancel, when queued) an experiment of a lab daemon"),
     "steer": ("cli.client", "set a control of a running experiment of a lab daemon (KEY=VALUE)"),
+    "open": ("cli.client", "print a new sign-in link to a dashboard (each link works once)"),
 }
 """command -> (its module, its help), in the order ``crucible --help`` lists them."""
 

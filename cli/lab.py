@@ -105,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise UsageError(str(exc)) from None
             sys.stdout.write(f"lab daemon: {dash.url} (artifacts {artifacts}, token in {dash.token_file})\n")
-            sys.stdout.write(f"dashboard: {dash.url}?token={dash.token}\n")
+            sys.stdout.write(f"dashboard: {dash.new_sign_in_url()}  (a sign-in link that works once)\n")
             sys.stdout.flush()
             log.info("lab daemon serving", url=dash.url, artifacts=str(artifacts), max_running=args.max_experiments)
             while not stop_now.wait(1.0):

@@ -173,8 +173,8 @@ def serve_dashboard(lab: Lab, port: int, console: Console) -> Any:
         raise UsageError(str(exc)) from None
     render.say(
         console,
-        f"dashboard: {dash.url}?token={dash.token}  (the token guards reading "
-        f"and control alike; it is kept in {dash.token_file})",
+        f"dashboard: {dash.new_sign_in_url()}  (a sign-in link that works once; the token, which "
+        f"guards reading and control alike, is kept in {dash.token_file})",
     )
     return dash
 

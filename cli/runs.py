@@ -16,6 +16,7 @@ import contextlib
 import fnmatch
 import glob
 import itertools
+import math
 import os
 import re
 import sqlite3
@@ -40,7 +41,7 @@ from experiments.workloads import objectives
 from telemetry import rundir
 from telemetry.batchstore import BatchStore
 from telemetry.export import FORMATS, export_events, export_run
-from telemetry.history import ENV, HistoryError, describe_history, open_history
+from telemetry.history import ENV, HistoryError, HistoryUnavailable, describe_history, open_history
 from telemetry.jsonl import ReadCounts, iter_run
 from telemetry.schema import check_id
 
@@ -134,7 +135,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     infos = rundir.list_runs(art, target, [(o.field, o.direction) for o in objectives().values()])
     if args.json:
         for i in infos:
-            print(orjson.dumps(i).decode())
+            try:
+                line = orjson.dumps(i)
+            except TypeError:  # a name that is not UTF-8 in its evidence, say: shown as \xNN
+                line = orjson.dumps(rundir.text_safe(i))
+            print(line.decode())
         return 0
     render.listing_console().print(render.runs_table(f"runs in {art}", infos))
     return 0
@@ -151,6 +156,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     counts = ReadCounts()
     n = _write_whole(out, lambda into: export_run(run, args.format, into, counts=counts))
     skipped = f"; skipped {counts.skipped:,} unreadable line(s)" if counts.skipped else ""
+    if counts.repeated:
+        skipped += f"; passed over {counts.repeated:,} event(s) whose seq repeats an earlier one"
     render.say(_said_to(out), f"exported {n:,} events of {run} to {out.shown}{skipped}")
     return 0
 
@@ -364,14 +371,17 @@ def _is_stdout(st: os.stat_result) -> bool:
 def metric_values(
     run: Path | str, metric: str, store: BatchStore | None = None, where: str = "", seen: set[str] | None = None
 ) -> list[float]:
-    """Every numeric value of ``metric`` in the run's events, in order (from ``store`` if given);
-    the names of the numeric value fields met go into ``seen``, for a message that names them."""
+    """Every numeric value of ``metric`` in the run's events, in order (from ``store`` if given),
+    with NaN for a value recorded as not finite (a gap between its neighbours); the names of
+    the numeric value fields met go into ``seen``, for a message that names them."""
+    from telemetry.stats import metric_value  # scipy: only for the commands that compare
+
     out = []
     for ev in iter_run(run) if store is None else history_events(store, str(run), where):
         values = ev.get("values") or {}
-        v = values.get(metric)
-        if isinstance(v, (int, float)):
-            out.append(float(v))
+        v = metric_value(ev, metric)
+        if v is not None:
+            out.append(v)
         if seen is not None and len(seen) < 1000:
             seen.update(k for k, x in values.items() if isinstance(x, (int, float)) and not isinstance(x, bool))
     return out
@@ -403,9 +413,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         a, b = rundir.resolve_run(args.run_a, art), rundir.resolve_run(args.run_b, art)
         va, vb = metric_values(a, args.metric, seen=seen), metric_values(b, args.metric, seen=seen)
-    if len(va) < 2 or len(vb) < 2:
+    na, nb = (sum(math.isfinite(v) for v in vs) for vs in (va, vb))
+    if na < 2 or nb < 2:
         raise UsageError(
-            f"metric {args.metric!r} has {len(va)} values in {a.name} and {len(vb)} in {b.name}; "
+            f"metric {args.metric!r} has {na} finite values in {a.name} and {nb} in {b.name}; "
             f"need at least 2 in each{metric_hint(args.metric, seen)}"
         )
     r = compare(va, vb, metric=args.metric)
@@ -439,12 +450,17 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 render.say(console, f"{name}: not synced: {one_line(exc)}")
                 problems += 1
                 continue
-            except (HistoryError, sqlite3.Error) as exc:
+            except (HistoryUnavailable, sqlite3.OperationalError) as exc:  # away, locked, full: for every run
                 render.say(console, f"{name}: stopped: {one_line(exc)}")
                 sys.stderr.write(
-                    f"crucible sync: the history at {where} refused a write; what was sent is kept: run it again\n"
+                    f"crucible sync: the history at {where} cannot be written now; what was sent is kept: "
+                    "run it again\n"
                 )
                 return EXIT_FAILED
+            except (HistoryError, sqlite3.Error) as exc:  # this run's writes refused: the next runs may go in
+                render.say(console, f"{name}: not synced: the history refused it: {one_line(exc)}")
+                problems += 1
+                continue
             sent += r.sent
             if r.left_alone:
                 said = f"left alone ({r.left_alone})"
@@ -452,6 +468,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 said = f"sent {r.sent:,} event(s)" + ("; summary recorded" if r.recorded else "")
             else:
                 said = "up to date"
+            if r.filled:
+                said += f"; {r.filled:,} of them filled a hole in the history's events"
             if r.out_of_order:
                 said += f"; skipped {r.out_of_order:,} event(s) whose seq repeats or goes back"
             if r.unreadable:

@@ -228,6 +228,10 @@ class LabClient:
         """Start a new pass of a running experiment from its best solution (a workload with passes)."""
         return self._control("restart", exp_id)
 
+    def sign_in_link(self) -> str:
+        """A new one-time link that opens the dashboard signed in (each printed link works once)."""
+        return str(self._call("POST", "api/sign-in-link")["url"])
+
     def close(self) -> None:
         self.http.close()
 

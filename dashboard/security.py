@@ -8,12 +8,17 @@ any web page the same person opens can reach it. So, for HTTP and WebSocket alik
   resolve to 127.0.0.1 (DNS rebinding) sends its own name and is refused.
 * **Origin**, when a request carries one, must be this server's own (``http://`` + Host): a
   403 otherwise, ``null`` included. Browsers always send it on WebSocket handshakes and POSTs,
-  so another page (another port of localhost included, which cookies treat as the same site)
+  so another page (another port of localhost included, which browsers treat as the same site)
   can neither read the push stream nor press the buttons.
-* **The token** is needed for everything but the page's static files: the ``Authorization:
-  Bearer <token>`` header (scripts, Prometheus) or the cookie the page's first load sets
-  (a 401 otherwise). The cookie is HttpOnly and SameSite=Strict, named per port because
-  browsers share cookies between the ports of one host.
+* **The token** is needed for everything but the page and its static files: the
+  ``Authorization: Bearer <token>`` header (the page, scripts, Prometheus; the scheme in any
+  case), else a 401. It is never taken from a cookie (cookies ignore ports: every other web
+  server on the host would be sent it) nor from a URL (URLs stay in the browser's history).
+  The page gets it by trading a one-time sign-in code (:class:`OneTimeCodes`, the ``#code=``
+  of the URL the CLI prints) at ``POST /api/login``, which needs no token, and keeps it in
+  its origin's localStorage. A browser cannot put a header on a WebSocket handshake, so
+  ``/ws`` also takes ``?ticket=``: a single-use ticket, valid :data:`TICKET_TTL_S`, that
+  ``POST /api/ws-ticket`` hands to a holder of the token.
 * **Bodies** are capped at :data:`MAX_BODY` bytes (a 413, read no further). A request whose
   client leaves before its body is complete never reaches a route (it is not half a request).
 
@@ -30,12 +35,16 @@ import hmac
 import os
 import secrets
 import stat
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 from starlette.datastructures import Headers
-from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.files import atomic_write
@@ -45,7 +54,10 @@ from experiments.validate import brief
 log = get_logger("dashboard")
 
 MAX_BODY = 64 * 1024  # the control API takes {"experiment": "<id>"}: a few dozen bytes
-PUBLIC_PATHS = frozenset({"/", "/static/plotly.min.js", "/static/app.js", "/static/favicon.svg"})
+# the page and its files hold no data; /api/login takes a one-time code, not the token
+PUBLIC_PATHS = frozenset({"/", "/static/plotly.min.js", "/static/app.js", "/static/favicon.svg", "/api/login"})
+TICKET_TTL_S = 30.0  # a websocket ticket is used at once by the page that asked for it
+MAX_OPEN_CODES = 64  # unused sign-in codes or tickets kept; the oldest goes first
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 ECHO_CHARS = 80  # of a refused Host or Origin, in the answer and the log
 
@@ -58,9 +70,38 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-def cookie_name(port: int) -> str:
-    """One cookie per port: cookies ignore ports, two Labs on one machine must not clash."""
-    return f"crucible_token_{port}"
+class OneTimeCodes:
+    """Random codes that each work once: :meth:`issue` one, :meth:`take` spends it.
+
+    ``ttl_s`` None keeps a code until it is used (a sign-in link, printed once); otherwise a
+    code older than ``ttl_s`` seconds is refused (a websocket ticket). At most ``max_open``
+    unused codes are kept, the oldest dropped first, so asking for codes grows nothing.
+    Thread-safe: codes are issued by the CLI's thread and spent on the server's."""
+
+    def __init__(self, ttl_s: float | None = None, max_open: int = MAX_OPEN_CODES, clock: Any = None) -> None:
+        self.ttl_s, self.max_open = ttl_s, max_open
+        self.clock = clock or time.monotonic
+        self._open: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self) -> str:
+        code = secrets.token_urlsafe(24)
+        with self._lock:
+            self._open[code] = self.clock()
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        return code
+
+    def take(self, given: str | None) -> bool:
+        """True once per issued code (within ``ttl_s``); False for anything else."""
+        if not given or len(given) > 64:
+            return False
+        with self._lock:
+            for code in list(self._open):
+                if token_matches(given, code):
+                    issued = self._open.pop(code)
+                    return self.ttl_s is None or self.clock() - issued <= self.ttl_s
+        return False
 
 
 def allowed_hosts(hosts: Iterable[str], port: int) -> frozenset[str]:
@@ -84,12 +125,12 @@ def token_matches(given: str | None, token: str) -> bool:
         return False
 
 
-def presented_token(headers: Headers, cookie: str) -> str | None:
-    """The token a request carries: the bearer header first, else the page's cookie."""
-    auth = headers.get("authorization", "")
-    if auth.startswith("Bearer "):
-        return auth[7:].strip()
-    return cookie_parser(headers.get("cookie", "")).get(cookie)
+def presented_token(headers: Headers) -> str | None:
+    """The token a request carries: its bearer header's, else None."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":  # an auth scheme is case-insensitive (RFC 9110 11.1)
+        return value.strip()
+    return None
 
 
 def kept_token(path: Path) -> str | None:
@@ -130,11 +171,20 @@ def _json(status: int, message: str) -> tuple[int, list[tuple[bytes, bytes]], by
 class Guard:
     """ASGI middleware that applies the checks in this module's docs to every request."""
 
-    def __init__(self, app: ASGIApp, *, hosts: Iterable[str], port: int, token: str, max_body: int = MAX_BODY) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        hosts: Iterable[str],
+        port: int,
+        token: str,
+        tickets: OneTimeCodes | None = None,
+        max_body: int = MAX_BODY,
+    ) -> None:
         self.app = app
         self.hosts = allowed_hosts(hosts, port)
         self.token = token
-        self.cookie = cookie_name(port)
+        self.tickets = tickets  # the websocket's single-use tickets (POST /api/ws-ticket)
         self.max_body = max_body
 
     def refusal(self, scope: Scope) -> tuple[int, str] | None:
@@ -148,15 +198,21 @@ class Guard:
         if origin is not None and origin.lower() != f"http://{host}":
             shown = brief(origin, ECHO_CHARS)
             return 403, f"cross-origin request from {shown!r} refused; the dashboard serves its own page only"
-        if scope["path"] not in PUBLIC_PATHS and not self.authorised(headers):
+        if scope["path"] not in PUBLIC_PATHS and not self.authorised(scope, headers):
             return 401, (
-                "this needs the dashboard token: open the URL with ?token=... that crucible run --dashboard "
-                "or crucible lab serve prints, or send 'Authorization: Bearer <token>' (see dashboard.token)"
+                "this needs the dashboard token: send 'Authorization: Bearer <token>' with the contents of "
+                "<artifacts>/dashboard.token, or open the sign-in link that crucible run --dashboard or "
+                "crucible lab serve prints"
             )
         return None
 
-    def authorised(self, headers: Headers) -> bool:
-        return token_matches(presented_token(headers, self.cookie), self.token)
+    def authorised(self, scope: Scope, headers: Headers) -> bool:
+        if token_matches(presented_token(headers), self.token):
+            return True
+        if scope["type"] == "websocket" and self.tickets is not None:  # a browser: a ticket, never the token
+            ticket = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("ticket")
+            return ticket is not None and len(ticket) == 1 and self.tickets.take(ticket[0])
+        return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -232,8 +288,8 @@ async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], 
 __all__ = [
     "MAX_BODY",
     "Guard",
+    "OneTimeCodes",
     "allowed_hosts",
-    "cookie_name",
     "new_token",
     "presented_token",
     "token_matches",

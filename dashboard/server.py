@@ -4,36 +4,43 @@ The dashboard is a client of the Lab's public API (experiments, their reads and 
 lifecycle calls); the Lab knows nothing of it. Whoever wants one starts it on a Lab:
 ``Dashboard(lab, host, port)`` (``crucible run --dashboard`` does), and stops it.
 
-Routes: ``GET /`` (the page; ``/?token=`` trades the token for a cookie and redirects to
-``/``), ``GET /static/...`` (the page's script and icon, and plotly.min.js served from the
+Routes: ``GET /`` (the page: it holds no data and needs no token), ``POST /api/login``
+(``{"code": ...}``, a one-time sign-in code, traded once for ``{"token": ...}``: the page's
+way in, see :meth:`Dashboard.new_sign_in_url`), ``POST /api/ws-ticket`` (a single-use
+ticket for ``/ws?ticket=``, as a browser cannot send a header with a WebSocket handshake),
+``GET /static/...`` (the page's script and icon, and plotly.min.js served from the
 installed plotly package: no CDN, works offline), ``GET /api/experiments``,
 ``GET /api/experiments/{id}`` (with the best so far, hypertune actions and outcomes, pass
-ends), ``GET /api/metrics/live?experiment=`` (last 200 events),
-``GET /api/metrics/history?run_id=`` (ids validated: 400 on a bad id, 404 on an unknown
-one; the run is found with :func:`telemetry.rundir.find_runs`),
+ends: kept per run as it goes, see :class:`RunDetails`), ``GET /api/metrics/live?experiment=``
+(last 200 events), ``GET /api/metrics/history?run_id=&limit=`` (ids validated: 400 on a bad
+id or limit, 404 on an unknown id; the run is found with :func:`telemetry.rundir.find_runs`;
+at most :data:`HISTORY_READS` at once, then 503 with Retry-After),
 ``POST /api/control/{pause,resume,restart,stop}`` (409 with the reason when the
 experiment cannot do it), ``POST /api/control/set`` (a control's new value: 400 when the
 workload refuses it), ``POST /api/experiments`` (a submission, when the dashboard serves
 a :class:`~experiments.service.LabService`: 201 with the id; 400 naming the bad key; 501
-on a plain Lab), ``WS /ws`` (batched pushes, at most 10 per second; a client that
-stops reading is dropped), and ``GET /metrics`` (Prometheus text via prometheus_client).
+on a plain Lab), ``WS /ws`` (batched pushes of what changed, at most 10 per second; a
+client that stops reading is dropped), and ``GET /metrics`` (Prometheus text via prometheus_client).
 
 Everything but the page's static files needs the token; Host, Origin and body size are
 checked first (see :mod:`dashboard.security`). Errors are JSON ``{"error": "..."}`` with a
 4xx status: routes raise :class:`HTTPException` for a bad request, and one handler turns the
-Lab's lifecycle errors into 409 (404 for :class:`~experiments.lab.NotFound`).
+Lab's lifecycle errors into 409 (404 for :class:`~experiments.lab.NotFound`); a read over the
+query limits (:class:`~telemetry.query.QueryLimitError`) is a 503 that names the limit.
 
 The dashboard names no workload's field: every experiment's JSON carries its workload's
 declared objective (``{"field", "direction", "label", "progress"}``, from
 :func:`experiments.workloads.objective_of`), and the page, the best so far and the
 Prometheus gauges ``crucible_objective_best`` / ``crucible_objective_progress`` read it. The server binds
-127.0.0.1 by default. The token is generated per dashboard, written to
-``<artifacts>/dashboard.token`` with mode 0600, and logged with the URL.
+127.0.0.1 by default. The token is generated per dashboard and written to
+``<artifacts>/dashboard.token`` with mode 0600 once the port is bound; the CLI prints a
+one-time sign-in link, never the token in a URL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import socket
@@ -49,28 +56,21 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.log import get_logger
 from actors.runtime import collector
-from dashboard.security import (
-    Guard,
-    cookie_name,
-    kept_token,
-    new_token,
-    presented_token,
-    token_matches,
-    write_token_file,
-)
-from dashboard.transport import GuardedH11Protocol
+from dashboard.security import TICKET_TTL_S, Guard, OneTimeCodes, kept_token, new_token, write_token_file
+from dashboard.transport import GuardedH11Protocol, GuardedWebSocketProtocol
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from experiments.service import KeyReused, LabService, ServiceClosed
 from experiments.spec import SpecError
 from experiments.validate import IDEMPOTENCY_HEADER, brief, tree_problem
 from experiments.workloads import Objective, objective_of
 from telemetry.jsonl import RunFileError, iter_run
+from telemetry.query import QueryLimitError
 from telemetry.rundir import LIVE, TOKEN_FILE, find_runs, summary_best
 from telemetry.schema import check_id
 
@@ -95,11 +95,6 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-NEEDS_TOKEN = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>crucible dashboard</title></head>
-<body><h1>crucible dashboard</h1><p>{why}</p>
-<p>Open the URL that <code>crucible run --dashboard</code> prints (it ends in <code>?token=...</code>),
-or add <code>?token=</code> followed by the contents of <code>&lt;artifacts&gt;/dashboard.token</code>.</p>
-</body></html>"""
 
 
 def plotly_js() -> Path:
@@ -230,26 +225,146 @@ def passes(starts: list[dict[str, Any]], ends: list[dict[str, Any]], field: str 
     return [out[k] for k in sorted(out)]
 
 
-def experiment_details(exp: Experiment) -> dict[str, Any]:
-    """One experiment for the page's side panels: the view, the best so far, the recent hypertune
-    actions and outcomes, and its passes."""
+RARE_EVENTS = {"hypertune_action": 50, "hypertune_outcome": 50, "phase_start": 200, "pass_end": 200}
+"""The events the side panels show, and how many of the newest of each a run's details keep."""
+DETAILS_SCAN = 200_000
+"""Events the first details read of a run searches for :data:`RARE_EVENTS` (the newest ones;
+an older part of a bigger run is not searched): every later read searches only what came since."""
+DETAILS_OVERLAP_US = 2_000_000  # searched again on the next read: events that reach the Recorder late
+DETAILS_MAX_AGE_S = 1.0  # several pages polling one run search it at most once a second
+DETAILS_WAIT_S = 0.5  # a request waits this long for another's search of the run, then answers what is kept
 
-    def recent(name: str, n: int = 50) -> list[dict[str, Any]]:
-        return exp.query_window(("last_n", n), {"name": name})
+
+class RunDetails:
+    """What the side panels need of one run, kept as it goes: the newest :data:`RARE_EVENTS`.
+
+    Rare events (hypertune actions, pass ends) cannot be found by asking for the last 50 of
+    a name: where there are fewer than 50, that reads the whole run (10 M events: seconds,
+    then a :class:`~telemetry.query.QueryLimitError`). Instead the first read searches a
+    time range that holds about :data:`DETAILS_SCAN` events (estimated from the run's
+    summary; halved while it is over the history's scan limit) and each later read the range
+    since the previous one, so a read costs what arrived since, whatever the run's size.
+    ``since_us`` is where the search began (None: the run's first event)."""
+
+    def __init__(self, asks: concurrent.futures.Executor) -> None:
+        self.asks = asks  # where the searches' asks wait (see DetailsCache)
+        self.lock = threading.Lock()  # one search at a time
+        self.kept: dict[str, dict[tuple[int, int], dict[str, Any]]] = {name: {} for name in RARE_EVENTS}
+        self.found: dict[str, list[dict[str, Any]]] = {name: [] for name in RARE_EVENTS}  # the kept, newest last
+        self.upto_us: int | None = None  # every event before this was searched (None: nothing searched yet)
+        self.since_us: int | None = None
+        self.final = False  # the run had ended when it was last searched: nothing will change
+        self.read_at = float("-inf")
+
+    def newest(self, name: str) -> list[dict[str, Any]]:
+        return [self.kept[name][k] for k in sorted(self.kept[name])]
+
+    def update(self, exp: Experiment, summary: dict[str, Any], clock: Any = time.monotonic) -> None:
+        """Search what the run recorded since the last update (at most once per
+        :data:`DETAILS_MAX_AGE_S`; never again once it ended and was searched after).
+        Raises :class:`~telemetry.query.QueryLimitError` when even a small range is over the limits."""
+        if self.final or clock() - self.read_at < DETAILS_MAX_AGE_S:
+            return
+        ended = exp.wait(0)  # before the search: when ended now, the search sees every event
+        last = exp.query_window(("last_n", 1))
+        if last:
+            last_ts = int(last[-1]["ts"])
+            if self.upto_us is None:
+                self._first(exp, summary, last_ts)
+            else:
+                self._search(exp, max(self.upto_us - DETAILS_OVERLAP_US, self.since_us or 0), last_ts)
+            self.upto_us = last_ts + 1
+        self.final, self.read_at = ended, clock()
+
+    def _first(self, exp: Experiment, summary: dict[str, Any], last_ts: int) -> None:
+        total, start = summary.get("events_persisted") or 0, summary.get("started_ts")
+        known = isinstance(start, int) and not isinstance(start, bool) and start < last_ts
+        span = None  # small (or not summarised yet): all of it
+        if known and total > DETAILS_SCAN:
+            span = max(1, (last_ts - start) * DETAILS_SCAN // total)
+        while True:
+            lo = 0 if span is None else last_ts - span
+            try:
+                self._search(exp, lo, last_ts)
+            except QueryLimitError:  # more events there than the estimate said: a quarter of the range
+                span = (span if span is not None else last_ts - start if known else 1_000_000) // 4
+                if span < 1_000:  # not even a millisecond fits: the limit is the answer
+                    raise
+                continue
+            self.since_us = None if span is None else lo
+            return
+
+    def _search(self, exp: Experiment, lo_us: int, last_ts: int) -> None:
+        window = ("range", lo_us / 1e6, last_ts / 1e6 + 1.0)  # past the last event: it is in, whatever rounding
+        # asked all at once: a Recorder busy taking a fast run's events answers each ask late, the
+        # wait is paid once rather than once per name
+        futures = {name: self.asks.submit(exp.query_window, window, {"name": name}) for name in RARE_EVENTS}
+        found = {name: f.result() for name, f in futures.items()}  # a QueryLimitError is raised here
+        for name, keep in RARE_EVENTS.items():
+            kept = self.kept[name]
+            for e in found[name]:
+                kept[(int(e["ts"]), int(e["seq"]))] = {
+                    k: e.get(k) for k in ("ts", "seq", "pass", "phase", "notes", "values")
+                }
+            for k in sorted(kept)[:-keep] if len(kept) > keep else ():
+                del kept[k]
+        self.found = {name: self.newest(name) for name in RARE_EVENTS}  # replaced whole: read without the lock
+
+
+class DetailsCache:
+    """One :class:`RunDetails` per run the Lab holds, shared by every page and request."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[str, str], RunDetails] = {}
+        # a search asks the Recorder for the four names at once: a Recorder busy with a fast
+        # run answers each ask late, and the wait is paid once rather than once per name
+        self.asks = concurrent.futures.ThreadPoolExecutor(len(RARE_EVENTS), thread_name_prefix="dashboard-details")
+
+    def get(self, exp: Experiment) -> RunDetails:
+        with self._lock:
+            live = {(e.id, e.run_id) for e in list(self.lab.experiments.values())} | {(exp.id, exp.run_id)}
+            self._runs = {k: v for k, v in self._runs.items() if k in live}  # forgotten runs go
+            return self._runs.setdefault((exp.id, exp.run_id), RunDetails(self.asks))
+
+    def close(self) -> None:
+        self.asks.shutdown(wait=False, cancel_futures=True)
+
+
+def experiment_details(exp: Experiment, cache: DetailsCache) -> dict[str, Any]:
+    """One experiment for the page's side panels: the view, the best so far, the recent hypertune
+    actions and outcomes, and its passes. ``started_ts`` is the run's first event (what the page's
+    times count from), ``events`` how many it persisted, ``details_since`` where the search for the
+    actions and passes began (None: the run's start; see :class:`RunDetails`).
+
+    Raises :class:`~telemetry.query.QueryLimitError` when the run cannot be searched within
+    the query limits (the route answers 503 naming the limit)."""
+    summary = exp.summary()
+    run = cache.get(exp)
+    if run.lock.acquire(timeout=DETAILS_WAIT_S):  # else another request is searching: what is kept answers
+        try:
+            run.update(exp, summary)
+        finally:
+            run.lock.release()
+    found = run.found
 
     def feed(name: str) -> list[dict[str, Any]]:
         return [
             {"ts": e["ts"], "phase": e.get("phase"), "notes": e.get("notes"), "values": e.get("values") or {}}
-            for e in recent(name)
+            for e in found[name]
         ]
 
     obj = objective(exp)
     return {
         **experiment_view(exp),
-        "best": best_value(exp.summary(), obj),
+        "best": best_value(summary, obj),
+        "started_ts": summary.get("started_ts"),
+        "events": summary.get("events_persisted"),
+        "details_since": run.since_us,
         "hypertune_actions": feed("hypertune_action"),
         "hypertune_outcomes": feed("hypertune_outcome"),
-        "passes": passes(recent("phase_start", 200), recent("pass_end", 200), obj.field if obj else None),
+        "passes": passes(found["phase_start"], found["pass_end"], obj.field if obj else None),
     }
 
 
@@ -348,23 +463,46 @@ def strict_json(body: bytes) -> Any:
     return json.loads(body, parse_int=_int64, parse_constant=_no_constant)
 
 
+HISTORY_DEFAULT = 10_000
+HISTORY_MAX = 100_000  # events one history read may return
+HISTORY_READS = 2  # history reads served at once; one more is a 503 with Retry-After
+HISTORY_RETRY_S = 2
+
+
+def history_limit(text: str) -> int:
+    """The ``limit`` of a history read: an integer from 1 to :data:`HISTORY_MAX`, else a 400 naming it."""
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = None
+    if limit is None or not 1 <= limit <= HISTORY_MAX:
+        raise HTTPException(400, f"limit must be an integer from 1 to {HISTORY_MAX:,}, got {brief(text, 40)!r}")
+    return limit
+
+
 def create_app(
     lab: Lab,
     token: str,
     hosts: tuple[str, ...] = ("127.0.0.1",),
     port: int = 7878,
     service: LabService | None = None,
+    sign_in: OneTimeCodes | None = None,
 ) -> Starlette:
     """The Starlette app, every route behind :class:`dashboard.security.Guard`; ``hosts`` are the
     names it answers to besides the loopback ones, ``port`` the port it listens on. With a
-    ``service`` (the lab daemon) it takes submissions and lists the queue; ``lab`` is its Lab."""
+    ``service`` (the lab daemon) it takes submissions and lists the queue; ``lab`` is its Lab.
+    ``sign_in`` holds the one-time codes ``POST /api/login`` trades for the token (none: the
+    page can be signed in only by pasting the token)."""
     registry = CollectorRegistry()
     registry.register(_LabCollector(lab))  # type: ignore[arg-type]
     registry.register(_HostCollector())  # type: ignore[arg-type]
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
-    cookie = cookie_name(port)
+    sign_in = sign_in if sign_in is not None else OneTimeCodes()
+    tickets = OneTimeCodes(ttl_s=TICKET_TTL_S)
     source = PushSource(lab, service)
+    details = DetailsCache(lab)
+    history_reads = threading.BoundedSemaphore(HISTORY_READS)
 
     def valid_id(kind: str, value: Any) -> str:
         try:
@@ -376,22 +514,38 @@ def create_app(
         return lab.get(valid_id("experiment id", exp_id))  # NotFound: a 404 (lab_error)
 
     async def index(request: Request) -> Response:
-        given = request.query_params.get("token")
-        if given is not None:  # the first load: trade the URL's token for a cookie, drop it from the URL
-            if not token_matches(given, token):
-                return HTMLResponse(
-                    NEEDS_TOKEN.format(why="The token in this URL is not this dashboard's."),
-                    status_code=401,
-                    headers=PAGE_HEADERS,
-                )
-            resp = RedirectResponse("/", status_code=303, headers=PAGE_HEADERS)
-            resp.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
-            return resp
-        if not token_matches(presented_token(request.headers, cookie), token):
-            return HTMLResponse(
-                NEEDS_TOKEN.format(why="This page needs the dashboard token."), status_code=401, headers=PAGE_HEADERS
-            )
+        # the same page for everyone: it holds no data, and signs itself in (app.js) with the
+        # one-time code in its URL's fragment, which the browser never sends here
         return HTMLResponse((STATIC / "index.html").read_text(), headers=PAGE_HEADERS)
+
+    async def login(request: Request) -> Response:
+        """A one-time sign-in code (``{"code": ...}``) for the token: once per code. No token
+        needed (the Guard lets it through); another origin's page is refused by the Guard."""
+        try:
+            data = strict_json(await request.body() or b"{}")
+        except (ValueError, RecursionError):
+            data = None
+        code = data.get("code") if isinstance(data, dict) else None
+        if not isinstance(code, str):
+            raise HTTPException(400, 'send {"code": "<the sign-in code>"}')
+        if not sign_in.take(code):
+            raise HTTPException(
+                401,
+                "this sign-in link was used already, or is not this dashboard's: open the link that "
+                "crucible run --dashboard or crucible lab serve printed, or paste the token from "
+                "<artifacts>/dashboard.token",
+            )
+        return _Json({"token": token}, headers={"Cache-Control": "no-store"})
+
+    async def sign_in_link(request: Request) -> Response:
+        """A fresh sign-in link (``crucible open``), for the holder of the token: the printed
+        one works once, and a second browser (or one whose storage was cleared) needs another."""
+        url = f"{str(request.base_url).rstrip('/')}/#code={sign_in.issue()}"  # the Host was checked
+        return _Json({"url": url}, headers={"Cache-Control": "no-store"})
+
+    async def ws_ticket(request: Request) -> Response:
+        """A single-use ticket for ``/ws?ticket=``: valid TICKET_TTL_S, for the holder of the token."""
+        return _Json({"ticket": tickets.issue(), "expires_s": TICKET_TTL_S}, headers={"Cache-Control": "no-store"})
 
     async def plotly(request: Request) -> Response:
         return FileResponse(plotly_js(), media_type="application/javascript")
@@ -439,19 +593,20 @@ def create_app(
 
     async def experiment(request: Request) -> Response:
         exp = find(request.path_params["exp_id"])
-        return _Json(await asyncio.to_thread(experiment_details, exp))
+        return _Json(await asyncio.to_thread(experiment_details, exp, details))
 
     async def live(request: Request) -> Response:
         exp = find(request.query_params.get("experiment"))
-        events = await asyncio.to_thread(exp.query_window, ("last_n", 200))
-        return _Json({"experiment": exp.id, "events": events})
+
+        def read() -> dict[str, Any]:  # the run's start too: the page's times count from it
+            events = exp.query_window(("last_n", 200))
+            return {"experiment": exp.id, "events": events, "started_ts": exp.summary().get("started_ts")}
+
+        return _Json(await asyncio.to_thread(read))
 
     async def history(request: Request) -> Response:
         run_id = valid_id("run id", request.query_params.get("run_id"))
-        try:
-            limit = max(1, min(100_000, int(request.query_params.get("limit", "10000"))))
-        except ValueError:
-            raise HTTPException(400, "limit must be an integer") from None
+        limit = history_limit(request.query_params.get("limit", str(HISTORY_DEFAULT)))
         # the id is valid (no separator, no traversal); the run is one of the artifacts folder's own
         runs = [r for r in await asyncio.to_thread(find_runs, lab.artifacts) if r.name == run_id]
         if not runs:
@@ -465,11 +620,20 @@ def create_app(
                     break
             return out
 
+        if not history_reads.acquire(blocking=False):  # each read holds up to 100,000 events twice
+            raise HTTPException(
+                503,
+                f"{HISTORY_READS} history reads are under way, the most this lab serves at once; try again shortly",
+                headers={"Retry-After": str(HISTORY_RETRY_S)},
+            )
         try:
-            events = await asyncio.to_thread(read)
-        except RunFileError as exc:  # the run's own files are broken: the server's fault, said plainly
-            raise HTTPException(500, str(exc)) from None
-        return _Json({"run_id": run_id, "events": events})
+            try:
+                events = await asyncio.to_thread(read)
+            except RunFileError as exc:  # the run's own files are broken: the server's fault, said plainly
+                raise HTTPException(500, str(exc)) from None
+            return _Json({"run_id": run_id, "events": events})  # encoded here, while the slot is held
+        finally:
+            history_reads.release()
 
     async def control(request: Request) -> Response:
         action = request.path_params["action"]
@@ -512,9 +676,11 @@ def create_app(
         except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
             pass  # a client that left or stopped reading: dropped, the Lab carries on
         finally:
+            # one that stopped reading is aborted at once by the protocol (GuardedWebSocketProtocol), never
+            # waited on; one that left makes close() raise WebSocketDisconnect: nothing left to close
             try:
-                await websocket.close()
-            except (RuntimeError, OSError):
+                await asyncio.wait_for(websocket.close(), SEND_TIMEOUT_S)
+            except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
                 pass
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -541,6 +707,12 @@ def create_app(
             headers={"connection": "close"},
         )
 
+    async def limit_error(request: Request, exc: Exception) -> Response:
+        """A read the query limits refuse (a run too big to search that way): a 503 that names
+        the limit, a one-line warning in the log, never a 500 with a traceback."""
+        log.warning("dashboard read over the query limits", path=request.url.path, error=str(exc))
+        return _Json({"error": f"this read is over the lab's query limits: {exc}"}, status_code=503)
+
     async def lab_error(request: Request, exc: Exception) -> Response:
         """The Lab refused: no such experiment (404), or a transition it cannot make now (409)."""
         assert isinstance(exc, LifecycleError)
@@ -548,6 +720,9 @@ def create_app(
 
     routes = [
         Route("/", index),
+        Route("/api/login", login, methods=["POST"]),
+        Route("/api/ws-ticket", ws_ticket, methods=["POST"]),
+        Route("/api/sign-in-link", sign_in_link, methods=["POST"]),
         Route("/static/plotly.min.js", plotly),
         *(Route(f"/static/{name}", static_file) for name in STATIC_TYPES),
         Route("/api/experiments", experiments, methods=["GET", "POST"]),
@@ -563,12 +738,14 @@ def create_app(
         exception_handlers={
             HTTPException: http_error,
             LifecycleError: lab_error,
+            QueryLimitError: limit_error,
             OSError: storage_error,
             Exception: unexpected_error,  # kept by Starlette's outermost middleware, which re-raises to the server
         },
-        middleware=[Middleware(Guard, hosts=hosts, port=port, token=token)],
+        middleware=[Middleware(Guard, hosts=hosts, port=port, token=token, tickets=tickets)],
     )
     app.router.redirect_slashes = False  # an unknown path is a 404, not a redirect to a guess
+    app.state.details = details  # closed with the Dashboard
     return app
 
 
@@ -578,11 +755,21 @@ def queued_view(service: LabService, views: list[dict[str, Any]]) -> list[dict[s
     return [e for e in service.list(history=False) if e["id"] not in known]
 
 
+SENT_KEY = "#sent"
+"""The key of a socket's state (the ``last_seq`` it passes to :meth:`PushSource.push`) that holds
+the read it was last pushed from; never an experiment id (ids have no ``#``)."""
+
+
 class PushSource:
     """What every open page's socket pushes, read from the Lab once per :data:`PUSH_INTERVAL_S`
-    for all of them: each socket then keeps only the events it has not sent. A hundred open
+    for all of them: each socket then keeps only what it has not sent. A hundred open
     tabs cost one read of each live experiment per interval, not a hundred. An experiment that
-    ended is read for :data:`ENDED_PUSH_S` more, so its last events reach the pages too."""
+    ended is read for :data:`ENDED_PUSH_S` more, so its last events reach the pages too.
+
+    Each read is numbered; it notes in which read the list of experiments (ids and order), each
+    experiment's view and the queue last changed, so a socket sends only what changed since
+    the read it last pushed from: with nothing changed, a push carries neither the list nor the
+    queue (a daemon's queue of a thousand submissions is 100 KB a push)."""
 
     def __init__(
         self, lab: Lab, service: LabService | None = None, max_age_s: float = PUSH_INTERVAL_S, clock: Any = None
@@ -594,6 +781,12 @@ class PushSource:
         self._at = float("-inf")
         self._snapshot: dict[str, Any] = {}
         self._final: dict[str, list[dict[str, Any]]] = {}  # an ended experiment's last events, read once
+        self._views: dict[str, dict[str, Any]] = {}  # the last read's views, by id
+        self._changed: dict[str, int] = {}  # per id: the read in which its view last changed
+        self._order: list[str] | None = None  # ids in list order (None: never read)
+        self._list_at = 0  # the read in which the list's ids or order last changed
+        self._queued: list[dict[str, Any]] | None = None
+        self._queue_at = 0
 
     def snapshot(self) -> dict[str, Any]:
         """The experiments, the last 200 events of each live one and the queue, at most
@@ -623,30 +816,59 @@ class PushSource:
                         self._final[exp.id] = []
                 recent[exp.id] = self._final[exp.id]
         self._final = {k: v for k, v in self._final.items() if k in recent}
-        out: dict[str, Any] = {"experiments": exps, "recent": recent}
+        gen = self.reads
+        order = [v["id"] for v in exps]
+        if order != self._order:
+            self._order, self._list_at = order, gen
+        self._changed = {v["id"]: (gen if self._views.get(v["id"]) != v else self._changed[v["id"]]) for v in exps}
+        self._views = {v["id"]: v for v in exps}
+        out: dict[str, Any] = {
+            "gen": gen,
+            "experiments": exps,
+            "recent": recent,
+            "changed": self._changed,
+            "list_at": self._list_at,
+        }
         if self.service is not None:
-            out["queued"] = queued_view(self.service, exps)
+            queued = queued_view(self.service, exps)
+            if queued != self._queued:
+                self._queued, self._queue_at = queued, gen
+            out["queued"], out["queue_at"] = self._queued, self._queue_at
         return out
 
     def push(self, last_seq: dict[str, int]) -> dict[str, Any]:
-        """One socket's batched push: every experiment's state, its events since that socket's
-        last push (``last_seq``, per experiment id) and the queue.
+        """One socket's batched push: what changed since that socket's last push. ``last_seq``
+        is the socket's state, empty at first: per experiment id the last event seq sent, and
+        under :data:`SENT_KEY` the read it last pushed from.
+
+        The push holds ``events`` (per experiment, those not sent yet), ``experiments`` (the whole
+        list: in the first push and whenever one is added, removed or moved) or else ``updated``
+        (the experiments whose view changed; left out when none did), and on a daemon
+        ``queued`` (the whole queue, when it changed).
 
         ``last_seq`` keeps only the Lab's experiments: an id the Lab forgot (see
         :meth:`Lab.forget`) leaves it, so a page left open does not grow with every
         experiment the daemon ever ran."""
         snap = self.snapshot()
+        sent = last_seq.get(SENT_KEY, 0)  # reads are numbered from 1: 0 has seen nothing
         events: dict[str, list[dict[str, Any]]] = {}
         for exp_id, recent in snap["recent"].items():
             new = [e for e in recent if e["seq"] > last_seq.get(exp_id, -1)]
             if new:
                 last_seq[exp_id] = new[-1]["seq"]
                 events[exp_id] = new
-        for gone in last_seq.keys() - {e["id"] for e in snap["experiments"]}:  # a page open for months
+        for gone in last_seq.keys() - {e["id"] for e in snap["experiments"]} - {SENT_KEY}:  # a page open for months
             del last_seq[gone]
-        out: dict[str, Any] = {"experiments": snap["experiments"], "events": events}
-        if "queued" in snap:
+        out: dict[str, Any] = {"events": events}
+        if snap["list_at"] > sent:
+            out["experiments"] = snap["experiments"]
+        else:
+            updated = [v for v in snap["experiments"] if snap["changed"][v["id"]] > sent]
+            if updated:
+                out["updated"] = updated
+        if "queued" in snap and snap["queue_at"] > sent:
             out["queued"] = snap["queued"]
+        last_seq[SENT_KEY] = snap["gen"]
         return out
 
 
@@ -654,7 +876,8 @@ class Dashboard:
     """Serves the app for ``lab`` with uvicorn on a daemon thread, from construction to :meth:`stop`;
     ``lab`` may be a :class:`~experiments.service.LabService` (the lab daemon): then it takes submissions.
 
-    ``url``, ``token`` and ``token_file`` say where and how to reach it. ``port`` None means
+    ``url``, ``token`` and ``token_file`` say where and how to reach it, and
+    :meth:`new_sign_in_url` gives a link that opens the page signed in. ``port`` None means
     ``CRUCIBLE_DASH_PORT``, else 7878; 0 means any free port.
 
     Raises:
@@ -673,7 +896,6 @@ class Dashboard:
         # a lab daemon keeps its token across restarts (its clients hold it); a plain Lab gets a new one
         kept = kept_token(self.token_file) if service is not None else None
         self.token = kept or new_token()
-        write_token_file(self.token_file, self.token)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -683,11 +905,24 @@ class Dashboard:
         except OSError as exc:
             sock.close()
             raise OSError(f"dashboard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        # only once the port is ours: a dashboard that cannot listen leaves the running one's token file alone
+        try:
+            write_token_file(self.token_file, self.token)
+        except OSError:
+            sock.close()
+            raise
         self.host, self.port = sock.getsockname()[:2]
         self.url = f"http://{f'[{self.host}]' if family == socket.AF_INET6 else self.host}:{self.port}/"
-        app = create_app(lab, self.token, (host, self.host), self.port, service)
+        self._sign_in = OneTimeCodes()
+        app = create_app(lab, self.token, (host, self.host), self.port, service, self._sign_in)
+        self._details: DetailsCache = app.state.details
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", ws_ping_interval=None, http=GuardedH11Protocol
+            app,
+            log_level="warning",
+            lifespan="off",
+            ws_ping_interval=None,
+            http=GuardedH11Protocol,
+            ws=GuardedWebSocketProtocol,
         )
         self.server = uvicorn.Server(config)
         self._sock = sock
@@ -697,6 +932,16 @@ class Dashboard:
         self._thread.start()
         log.info("dashboard listening", url=self.url, token_file=str(self.token_file))
 
+    def new_sign_in_url(self) -> str:
+        """A link that opens the page signed in, once: ``URL#code=<one-time code>``.
+
+        The code is in the fragment, which the browser never sends to a server; the page trades
+        it for the token (kept in its origin's localStorage) and takes it out of the address
+        bar. The browser's history keeps the link, by then spent, never the token. Each call
+        gives a new code; the oldest unused ones are forgotten past 64."""
+        return f"{self.url}#code={self._sign_in.issue()}"
+
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         self._thread.join(timeout)
+        self._details.close()

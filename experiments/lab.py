@@ -82,6 +82,7 @@ log = get_logger("experiments.lab")
 
 FETCH_TIMEOUT_S = 120.0  # a background refresh gives up after this (its ask stays queued: keep it rare)
 METRIC_SUBSCRIBERS = ("metrics", "anomaly", "hypertune")  # detached from the events topic while paused
+FINAL_RECORD_RETRY_S = (1.0, 60.0)  # an end's record that could not be written: tried again after, doubling to
 
 
 class LifecycleError(RuntimeError):
@@ -222,8 +223,10 @@ class Experiment:
         self._status = RunStatus.RUNNING
         self._reason: str | None = None
         self._ended = False
-        self._stopped = threading.Event()  # set once the end is on disk: what wait() and stop() wait for
+        self._start_failed = False  # the tree never started (see _fail_start)
+        self._stopped = threading.Event()  # set once the end is recorded (on disk, or owed: see _end)
         self._beat_stop = threading.Event()  # ends the heartbeat, before the final record is written
+        self.final_record_written = threading.Event()  # the end's lifecycle record is on disk (see _end)
         self._gave_up_on: str | None = None  # "child: reason": the exit over the restart intensity
         self._beat: threading.Thread | None = None
         self.started_at = self.clock()
@@ -628,13 +631,46 @@ class Experiment:
         if beat is not None and beat is not threading.current_thread():
             beat.join(HEARTBEAT_S * 2)  # gone before the final write: nothing rewrites the ended record
         try:
-            self._write_lifecycle()
+            if self._write_lifecycle():
+                self.final_record_written.set()
+            else:
+                threading.Thread(target=self._write_final_record, name=f"lifecycle-{self.id}", daemon=True).start()
         finally:
             self._stopped.set()
         return True
 
+    def _write_final_record(self) -> None:
+        """The end's record could not be written (a full disk): try again, waiting longer each
+        time, until it is. A record left saying ``running`` would have the next Lab on the
+        folder take the run for a crash and resume it: a run answered ``failed`` would run
+        after all, and its record would say it ran normally."""
+        wait = FINAL_RECORD_RETRY_S[0]
+        while not self.final_record_written.wait(wait):
+            if self.lab.closed or not self.run_dir.is_dir():  # the Lab's shutdown made the last try; a folder gone
+                return
+            self.write_final_record()
+            wait = min(wait * 2, FINAL_RECORD_RETRY_S[1])
+
+    def write_final_record(self) -> bool:
+        """Write the end's record now if it is still owed (see :meth:`_write_final_record`);
+        whether it is on disk. Logged when it is written at last."""
+        if self.final_record_written.is_set():
+            return True
+        if not self._write_lifecycle():
+            return False
+        log.info("lifecycle record of the end written at last", experiment=self.id, run_id=self.run_id)
+        self.final_record_written.set()
+        return True
+
+    @property
+    def ended(self) -> bool:
+        """Whether the run's end is recorded (its record on disk, or owed: see :meth:`write_final_record`)."""
+        return self._ended
+
     def _fail_start(self, exc: BaseException) -> None:
-        """The tree never started: the run directory must not claim a live run."""
+        """The tree never started: the run directory must not claim a live run, and its record
+        says ``start_failed`` (a daemon's queue tells such a try from a start)."""
+        self._start_failed = True
         self._end(RunStatus.FAILED, f"failed: could not start: {type(exc).__name__}: {exc}")
 
     def restart_pass(self) -> dict[str, Any]:
@@ -702,10 +738,11 @@ class Experiment:
                 "undelivered": self.registry.undelivered(),
                 "sent_after_exit": self.registry.sent_after_exit(),
                 **self._durations(),
-            }
+            } | ({"start_failed": True} if self._start_failed else {})
 
-    def _write_lifecycle(self) -> None:
-        """Rewrite lifecycle.json from the current state (atomic, fsynced; see telemetry.rundir)."""
+    def _write_lifecycle(self) -> bool:
+        """Rewrite lifecycle.json from the current state (atomic, fsynced; see telemetry.rundir);
+        False when it could not be written (logged)."""
         with self._write_lock:
             try:
                 write_json(self.run_dir / LIFECYCLE, self._record())
@@ -716,6 +753,8 @@ class Experiment:
                     file=str(self.run_dir / LIFECYCLE),
                     error=str(exc),
                 )
+                return False
+        return True
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -905,6 +944,11 @@ class Lab:
             except BaseException:
                 self.sup.stop()
                 raise
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` has begun."""
+        return self._closed
 
     def start_experiment(
         self, spec: str | Path | dict[str, Any], overrides: Any = None, experiment_id: str | None = None
@@ -1108,6 +1152,14 @@ class Lab:
         for t in threads:
             t.join()
         self.sup.stop(timeout=timeout)
+        for exp in list(self.experiments.values()):  # an end the disk refused: one last try, else said
+            if isinstance(exp, Experiment) and exp.ended and not exp.write_final_record():
+                log.error(
+                    "the end of a run could not be recorded: its lifecycle.json still says it runs, and the "
+                    "next Lab on the folder will resume it",
+                    experiment=exp.id,
+                    run_id=exp.run_id,
+                )
         if self._remote is not None:
             self._remote.close()
 

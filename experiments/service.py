@@ -1,7 +1,7 @@
 """The lab daemon's core: one Lab per artifacts folder, and a persisted FIFO submission queue.
 
 A :class:`LabService` owns its artifacts folder while it lives: it holds an exclusive
-``flock`` on ``<artifacts>/lab.lock`` (with its pid written inside), so a second service on
+``flock`` on the folder (its pid written in ``<artifacts>/lab.lock``), so a second service on
 the same folder refuses to start and names the holder. It hosts one :class:`Lab` and runs at
 most ``max_running`` experiments at a time; a submission is validated exactly as the CLI
 validates a spec (:func:`experiments.spec.load_spec` with its overrides), written to
@@ -13,6 +13,7 @@ service and start, in order, when the next service starts on the folder. See doc
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -33,13 +34,39 @@ from experiments.admission import Admission
 from experiments.lab import Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, parse_toml
 from experiments.validate import MAX_KEY_CHARS, check_key
-from telemetry.rundir import LIVE, LOCK_FILE, QUEUE_FILE, check_experiment_id, list_runs, run_status
+from telemetry.batchstore import HistoryUnavailable
+from telemetry.jsonl import run_segments
+from telemetry.rundir import LIVE, LOCK_FILE, QUEUE_FILE, RunStatus, check_experiment_id, list_runs, run_status
 
 log = get_logger("experiments.service")
 
 QUEUE_SCHEMA = 1
 RETIRED_BASES = 10_000  # names whose given-out ids are remembered after their records are dropped
 KEYS_KEPT = 1000
+HOLD_RETRY_S = (5.0, 300.0)  # a queue held by a storage error tries again after this, doubling up to that
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN}
+)
+_TRANSIENT_TEXTS = ("disk I/O error", "database or disk is full", "database is locked", "No space left on device")
+
+
+def transient_start_error(exc: BaseException) -> bool:
+    """Whether a start failed for the machine's sake, for now (a full disk, an I/O error, no file
+    descriptors left, a history away), not for the submission's: the queue waits for the
+    machine, where marking the item failed would drain a night's queue in a second. The cause
+    is looked for along the exception's chain (a history error wraps the OSError it met)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            return True
+        if isinstance(e, HistoryUnavailable) or any(t in str(e) for t in _TRANSIENT_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 """Idempotency keys remembered, the newest: a submission sent again with its key (a client's
 retry after a lost answer) gets the first one's entry, not a second experiment."""
 
@@ -153,6 +180,7 @@ class LabService:
         self.keep_ended = keep_ended  # ended experiments whose handles stay in memory (see _forget_ended)
         self.lock_file = self.artifacts / LOCK_FILE
         self.queue_file = self.artifacts / QUEUE_FILE
+        self._pid_fd = -1  # lab.lock, which names the holder (see _acquire_lock)
         self._lock_fd = self._acquire_lock()
         self._lock = threading.RLock()
         self._closed = False
@@ -160,6 +188,8 @@ class LabService:
         self._ended: dict[str, dict[str, Any]] = {}  # cancelled or failed-to-start submissions
         self._retired: dict[str, int] = {}  # ids of forgotten submissions: base -> highest suffix (see _retire)
         self._keys: dict[str, dict[str, str]] = {}  # idempotency key -> {"id", "digest"}, the newest last
+        self._held: dict[str, Any] | None = None  # the queue's head waiting out a storage error (see _hold)
+        self._hold_timer: threading.Timer | None = None
         try:
             # history: see telemetry.history; backend and address: Lab (docs/ray.md)
             self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
@@ -185,6 +215,10 @@ class LabService:
     # --- the lock ------------------------------------------------------------------------------------
 
     def _acquire_lock(self) -> int:
+        """The ``flock`` is taken on the artifacts folder itself, which no one tidies away while
+        a daemon runs in it; ``lab.lock`` only names the holder's pid. (A lock on the file
+        alone held nothing once the file was deleted as stale: a second daemon made a new one,
+        locked it, and ran the same queued submissions.)"""
         try:
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # a folder in its place, no permission
@@ -193,23 +227,35 @@ class LabService:
                 "it must be a file this user can write"
             ) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            folder = os.open(self.artifacts, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(fd)
+            why = exc.strerror or exc
+            raise LabLocked(f"cannot open the artifacts folder {str(self.artifacts)!r}: {why}") from None
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            os.close(folder)
             raise LabLocked(
                 f"artifacts folder {str(self.artifacts)!r} is in use by another lab daemon "
                 f"(pid {_read_pid(self.lock_file)}, lock {self.lock_file}); stop it or use another --artifacts"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
+        self._pid_fd = fd
+        return folder
 
     def _release_lock(self) -> None:
         fd, self._lock_fd = self._lock_fd, -1
+        pid_fd, self._pid_fd = self._pid_fd, -1
         if fd >= 0:
             try:
-                os.ftruncate(fd, 0)
+                if pid_fd >= 0:
+                    os.ftruncate(pid_fd, 0)  # no holder named any more
             finally:
+                if pid_fd >= 0:
+                    os.close(pid_fd)
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
 
@@ -279,11 +325,29 @@ class LabService:
         for i in items if isinstance(items, list) else []:
             if not _queue_item(i):
                 log.error("malformed queue entry dropped", entry=repr(i)[:200], path=str(self.queue_file))
-            elif (self.artifacts / i["id"]).is_dir():
+            elif self._had_started(i["id"]):
                 log.warning("queued experiment had started before the restart; not started again", experiment=i["id"])
             else:
                 out.append(i)
         return out
+
+    def _had_started(self, exp_id: str) -> bool:
+        """Whether a queued item's folder holds a run that started (the daemon died between its
+        start and the queue's rewrite); the runs of starts that failed (a queue held by a full
+        disk leaves one per try) do not count."""
+        folder = self.artifacts / exp_id
+        if not folder.is_dir():
+            return False
+        for run in (p for p in folder.iterdir() if p.is_dir()):
+            report = run_status(run)
+            if report.status == RunStatus.FAILED and report.record.get("start_failed") is True:
+                continue
+            if report.status == RunStatus.UNKNOWN and not run_segments(
+                run
+            ):  # no record, no event: a try the disk cut short
+                continue
+            return True
+        return False
 
     def _save_queue(self) -> None:
         """The queue, and the submissions that never ran (cancelled, failed to start): both are
@@ -415,7 +479,9 @@ class LabService:
     def _entry(self, exp_id: str) -> dict[str, Any]:
         for pos, item in enumerate(self._queue, 1):
             if item["id"] == exp_id:
-                return {"id": exp_id, "status": "queued", "position": pos}
+                held = self._held if self._held is not None and self._held["id"] == exp_id else None
+                entry = {"id": exp_id, "status": "queued", "position": pos}
+                return entry | ({"reason": held["reason"]} if held else {})
         if exp_id in self._ended:
             return {"id": exp_id, **self._ended[exp_id]}
         try:
@@ -438,9 +504,16 @@ class LabService:
                 self.admission.load(item["spec"], item["set"] or None, "submitted spec")
                 exp = self.lab.start_experiment(item["spec"], item["set"] or None, experiment_id=item["id"])
             except Exception as exc:  # noqa: BLE001 - a spec that no longer validates, a workload refusing: not fatal
+                if transient_start_error(exc):
+                    self._hold(item, exc)
+                    return
                 log.error("queued experiment could not start", experiment=item["id"], error=str(exc))
                 self._ended[item["id"]] = {"status": "failed", "reason": f"could not start: {exc}"}
                 exp = None
+            if self._held is not None:
+                log.info("queue going on: the storage error has passed", experiment=item["id"])
+                self._held = None
+                self._cancel_hold_timer()
             self._queue.pop(0)
             try:
                 self._save_queue()  # after the start: a crash in between finds its folder (see _load_queue)
@@ -449,6 +522,46 @@ class LabService:
             if exp is not None:
                 log.info("queued experiment started", experiment=exp.id, run_id=exp.run_id)
                 self._watch(exp)
+
+    def _hold(self, item: dict[str, Any], exc: BaseException) -> None:
+        """The queue's head could not start for the machine's sake (see
+        :func:`transient_start_error`): it stays first in the queue, and the queue tries again
+        later (then at every end and submission), waiting longer each time it fails (the caller
+        holds the lock)."""
+        first = self._held is None or self._held["id"] != item["id"]
+        if not first and self._hold_timer is not None:  # an end or a submission tried meanwhile: the timer stands
+            self._held["reason"] = f"waiting: could not start: {exc}"
+            return
+        wait = HOLD_RETRY_S[0] if first else min(self._held["retry_s"] * 2, HOLD_RETRY_S[1])
+        self._held = {"id": item["id"], "reason": f"waiting: could not start: {exc}", "retry_s": wait}
+        (log.error if first else log.warning)(
+            "queue held: the next experiment could not start for now; trying again",
+            experiment=item["id"],
+            error=str(exc),
+            retry_s=wait,
+        )
+        self._cancel_hold_timer()
+        if not self._closed:
+            self._hold_timer = threading.Timer(wait, self._retry_held)
+            self._hold_timer.daemon = True
+            self._hold_timer.start()
+
+    def _cancel_hold_timer(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+
+    def _retry_held(self) -> None:
+        with self._lock:
+            if threading.current_thread() is not self._hold_timer:  # cancelled while it waited for the lock
+                return
+            self._hold_timer = None
+            if self._closed:
+                return
+            try:
+                self._fill()
+            except Exception:  # the next end or submission tries again
+                log.exception("could not start the next queued experiment")
 
     def _watch(self, exp: Experiment) -> None:
         """Start the next queued item when ``exp`` ends (a thread waiting on its end event)."""
@@ -497,6 +610,7 @@ class LabService:
                     "workload": (i["spec"].get("workload") or {}).get("name"),
                     "submitted_at": i["submitted_at"],
                 }
+                | ({"reason": self._held["reason"]} if self._held is not None and self._held["id"] == i["id"] else {})
                 for pos, i in enumerate(self._queue, 1)
             ]
         if history:  # runs of earlier lifetimes of the daemon (or of other tools), read outside the lock
@@ -558,6 +672,10 @@ class LabService:
                     del self._ended[exp_id]
                     raise
                 log.info("queued submission cancelled", experiment=exp_id)
+                if self._held is not None and self._held["id"] == exp_id:  # the held head went: the next may start
+                    self._held = None
+                    self._cancel_hold_timer()
+                    self._fill()
                 return {"id": exp_id, "status": "cancelled"}
         exp = self.live(exp_id, "stop")
         exp.stop()  # the watcher starts the next queued item
@@ -573,6 +691,7 @@ class LabService:
             if self._closed:
                 return
             self._closed = True
+            self._cancel_hold_timer()
         log.info("lab service shutting down", artifacts=str(self.artifacts), queued=len(self._queue))
         try:
             self.lab.shutdown(timeout)

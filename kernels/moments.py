@@ -20,7 +20,8 @@ def batch_moments(v, shift):  # pragma: no cover - compiled
     """One pass over a batch: (n, mean - shift, M2, min, max, sum, non-finite count, overflow),
     Welford's update on ``x - shift``. Near the running mean those differences are small, so
     a stream far from zero (timestamps, 1e13 + noise) keeps its variance to full precision.
-    ``overflow``: a finite value whose difference from ``shift`` is not (near 1.8e308)."""
+    ``overflow``: a finite value whose difference from ``shift`` or from the mean so far is
+    not (near 1.8e308); the figures are then of the values before it only."""
     n = 0
     mean = 0.0
     m2 = 0.0
@@ -37,8 +38,11 @@ def batch_moments(v, shift):  # pragma: no cover - compiled
         if not np.isfinite(y):
             overflow = True
             break
-        n += 1
         d = y - mean
+        if not np.isfinite(d):  # a value and the mean so far of opposite signs, both near the limit
+            overflow = True
+            break
+        n += 1
         mean += d / n
         m2 += d * (y - mean)
         total += x
@@ -49,8 +53,10 @@ def batch_moments(v, shift):  # pragma: no cover - compiled
     return n, mean, m2, lo, hi, total, bad, overflow
 
 
-SHIFT_MAX = 1e300
-"""Values beyond this size are folded unshifted (a difference between two of them may overflow)."""
+_QUARTER = 0.25
+"""Values near float64's limit of both signs (1e308 and -1e308) are folded at a quarter of
+their size, where any difference between two of them is a number (exact: a power of two):
+the mean is then finite, and a variance beyond the float64 range is +inf, never NaN."""
 
 
 class Moments:
@@ -83,12 +89,16 @@ class Moments:
             return
         if self.count == 0:
             finite = v[np.isfinite(v)][:1]
-            self.shift = float(finite[0]) if finite.size and abs(finite[0]) < SHIFT_MAX else 0.0
+            self.shift = float(finite[0]) if finite.size else 0.0  # a difference that overflows unshifts (below)
             self.rel_mean = 0.0
         n, mean, m2, lo, hi, total, bad, overflow = batch_moments(v, self.shift)
         if overflow:  # values near the float limit: fold unshifted from here on
             self.rel_mean, self.shift = self.mean, 0.0
             n, mean, m2, lo, hi, total, bad, overflow = batch_moments(v, 0.0)
+        if overflow:  # and of both signs: at a quarter of their size
+            n, mean, m2, lo, hi, total, bad, _ = batch_moments(v * _QUARTER, 0.0)
+            mean, m2, total = mean / _QUARTER, m2 / (_QUARTER * _QUARTER), total / _QUARTER
+            lo, hi = float(np.min(v[np.isfinite(v)])), float(np.max(v[np.isfinite(v)]))
         self.rejected += bad
         self._merge(n, mean, m2, lo, hi, total)
 
@@ -104,8 +114,12 @@ class Moments:
             return
         tot = self.count + n
         delta = rel_mean - self.rel_mean
-        self.rel_mean += delta * n / tot
-        self.m2 += m2 + delta * delta * self.count * n / tot
+        if math.isfinite(delta):
+            self.rel_mean += delta * (n / tot)  # the weight first: delta * n may overflow where the step does not
+        else:  # means near the float limit of both signs: their weighted average, at a quarter
+            q = _QUARTER
+            self.rel_mean = (self.rel_mean * q * (self.count / tot) + rel_mean * q * (n / tot)) / q
+        self.m2 += m2 + delta * delta * self.count * n / tot  # +inf past the range, as the spread is
         self.count = tot
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.total += total

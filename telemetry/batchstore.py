@@ -20,8 +20,10 @@ a store that cannot be used at all, without importing any driver.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,7 +32,15 @@ import orjson
 from actors.log import get_logger
 from actors.messages import DecodeError, decode
 from telemetry import query as tq  # the query kit the live index shares
-from telemetry.schema import CODED_COLUMNS, SchemaError, batch_rows, check_batch, full_event, select_rows
+from telemetry.schema import (
+    CODED_COLUMNS,
+    SchemaError,
+    batch_rows,
+    check_batch,
+    full_event,
+    select_rows,
+    stored_batch,
+)
 
 log = get_logger("telemetry.batchstore")
 
@@ -67,6 +77,91 @@ class HistoryUnavailable(HistoryError):
     by the store and go in with the next :meth:`commit` that reaches it: retry later."""
 
 
+class HistoryGone(HistoryUnavailable):
+    """The history this store opened is no longer there: its SQLite file was deleted or replaced
+    by another file after it was opened. What this store writes from now on reaches no history
+    anyone reads; the run's files hold the events, and ``crucible sync`` rebuilds the history."""
+
+
+Row = tuple[Any, ...]
+"""A row of the ``batches`` table: ``(run_id, seq_lo, seq_hi, experiment_id, ts_lo, ts_hi, n, data)``."""
+
+OVERLAP_SQL = (
+    "SELECT seq_lo, seq_hi FROM (SELECT seq_lo, seq_hi FROM batches WHERE run_id = ? AND seq_lo < ? "
+    "ORDER BY seq_lo DESC LIMIT 1) AS before_lo "
+    "UNION ALL SELECT seq_lo, seq_hi FROM batches WHERE run_id = ? AND seq_lo >= ? AND seq_lo <= ?"
+)
+"""The stored batches of a run that can overlap ``[lo, hi]`` (arguments ``run, lo, run, lo, hi``):
+stored batches never overlap, so only the last one starting before ``lo`` can reach into it,
+besides those starting inside it. Two probes of the ``(run_id, seq_lo)`` key, whatever the run's size."""
+
+
+def merge_rows(rows: Iterable[Row], stored: Callable[[str, int, int], Iterable[tuple[int, int]]]) -> list[Row]:
+    """The rows to insert so that the history holds every event of ``rows`` once, and stored
+    batches never overlap: a row whose seq range meets no stored batch goes in as it is; one
+    that a stored batch covers whole is left out; one that overlaps stored batches is cut into
+    the parts between them (its events that no stored batch holds, each part a batch of its own).
+
+    ``stored(run_id, lo, hi)``: the stored ``(seq_lo, seq_hi)`` ranges of a run that overlap
+    ``[lo, hi]`` (:data:`OVERLAP_SQL`). A commit calls this in its write transaction, so what it
+    reads cannot change before the rows go in. The rows are taken in key order, each
+    checked against the stored batches and the parts taken before it.
+
+    A batch sent again after a commit whose answer was lost, re-read from the files with other
+    boundaries than the batches it replaces, is stored exactly once this way: comparing the
+    key ``(run_id, seq_lo)`` alone would keep the stored batch and drop the rest of the new one.
+    """
+    out: list[Row] = []
+    by_run: dict[str, list[Row]] = {}
+    for r in sorted(rows, key=lambda r: (r[0], r[1])):
+        by_run.setdefault(r[0], []).append(r)
+    for run_id, run_rows in by_run.items():
+        lo, hi = run_rows[0][1], max(r[2] for r in run_rows)
+        have = sorted((int(a), int(b)) for a, b in stored(run_id, lo, hi) if b >= lo and a <= hi)
+        for r in run_rows:
+            parts = _uncovered(r, have)
+            for p in parts:
+                bisect.insort(have, (p[1], p[2]))
+            out += parts
+    return out
+
+
+def _uncovered(row: Row, have: list[tuple[int, int]]) -> list[Row]:
+    """The parts of ``row`` that the sorted, disjoint ranges ``have`` do not hold (see :func:`merge_rows`)."""
+    run_id, lo, hi = row[0], row[1], row[2]
+    meets = []
+    for i in range(max(bisect.bisect_right(have, (lo, INT64_MAX)) - 1, 0), len(have)):  # from the last start <= lo
+        a, z = have[i]
+        if a > hi:
+            break
+        if z >= lo:
+            meets.append((a, z))
+    if not meets:
+        return [row]
+    if meets[0][0] <= lo and meets[0][1] >= hi:
+        return []  # held whole (a batch sent again as it was)
+    try:
+        b = decode(bytes(row[7]))
+        check_batch(b)
+    except (DecodeError, SchemaError) as exc:
+        why = f"a batch of run {run_id!r} (seq {lo}..{hi}) overlaps stored ones and cannot be read: {exc}"
+        raise HistoryError(why) from None
+    seq = np.asarray(b["seq"], dtype=np.int64)
+    los = np.array([a for a, _ in meets], dtype=np.int64)
+    his = np.array([z for _, z in meets], dtype=np.int64)
+    gap = np.searchsorted(los, seq, side="right")  # the gap between stored ranges each event falls in
+    held = (gap > 0) & (seq <= his[np.maximum(gap - 1, 0)])
+    parts: list[Row] = []
+    for g in np.unique(gap[~held]).tolist():
+        keep = ~held & (gap == g)
+        part = select_rows(b, keep)
+        s, ts = part["seq"], part["ts"]
+        parts.append(
+            (run_id, int(s[0]), int(s[-1]), row[3], int(ts.min()), int(ts.max()), int(part["n"]), stored_batch(part))
+        )
+    return parts
+
+
 class Reader(Protocol):
     """Runs one SQL statement (``?`` placeholders); ``stream`` for a large answer read lazily."""
 
@@ -86,7 +181,12 @@ class BatchStore:
         """A reader for one consistent read (a lock, or a connection taken from a pool)."""
         raise NotImplementedError
 
-    # --- the writes each store implements -------------------------------------------------------
+    # --- the writes -----------------------------------------------------------------------------
+
+    _pending: list[tuple[Any, ...]]
+    """Batches kept for the next :meth:`commit`, as rows of the ``batches`` table."""
+    _pending_lock: threading.Lock
+    """Guards ``_pending`` (and whatever else a store's commit must not meet half-done)."""
 
     def insert_batch(
         self,
@@ -98,13 +198,24 @@ class BatchStore:
         data: bytes,
         n: int | None = None,
     ) -> None:
-        """Store one encoded columnar batch (its events have the given seqs, in order); it is
-        kept only once :meth:`commit` returns."""
-        raise NotImplementedError
+        """Keep one encoded columnar batch (its events have the given seqs, in order) for the
+        next :meth:`commit`: it is stored only once that returns. The Recorder commits every
+        ``commit_every`` batches and at every fsync tick."""
+        row = (run_id, int(seqs[0]), int(seqs[-1]), experiment_id, int(ts_lo), int(ts_hi), n or len(seqs), data)
+        with self._pending_lock:
+            self._pending.append(row)
+
+    @property
+    def pending(self) -> int:
+        """Batches kept for the next commit."""
+        return len(self._pending)
+
+    # --- the writes each store implements -------------------------------------------------------
 
     def commit(self) -> int:
-        """Store the kept batches in one transaction; return the events it stored (batches the
-        history held already are skipped and not counted)."""
+        """Store the kept batches in one transaction; return the events it stored. Events the
+        history holds already are skipped and not counted, whatever batches they came in
+        (:func:`merge_rows`): a batch sent again is stored once, and nothing it adds is lost."""
         raise NotImplementedError
 
     def rollback(self) -> None:
@@ -122,6 +233,11 @@ class BatchStore:
     ) -> None:
         raise NotImplementedError
 
+    def as_stored(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The summary as :meth:`record_run` stores it, hence as :meth:`runs` reads it back
+        (PostgreSQL writes out the NUL characters its JSONB cannot hold)."""
+        return summary
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -132,6 +248,22 @@ class BatchStore:
         with self._read() as q:
             v = q("SELECT MAX(seq_hi) FROM batches WHERE run_id = ?", (run_id,)).fetchone()[0]
         return -1 if v is None else int(v)
+
+    def seq_ranges(self, run_id: str, page: int = 10_000) -> Iterator[tuple[int, int]]:
+        """The ``(seq_lo, seq_hi)`` of a run's stored batches, by ``seq_lo`` (a page at a time:
+        memory stays bounded whatever the run's size)."""
+        last = -1
+        while True:
+            with self._read() as q:
+                rows = q(
+                    "SELECT seq_lo, seq_hi FROM batches WHERE run_id = ? AND seq_lo > ? ORDER BY seq_lo LIMIT ?",
+                    (run_id, last, page),
+                ).fetchall()
+            if not rows:
+                return
+            for lo, hi in rows:
+                yield int(lo), int(hi)
+            last = int(rows[-1][0])
 
     def run_owner(self, run_id: str) -> tuple[str, str | None] | None:
         """The experiment (and, once recorded, the folder) the history holds a run id for: its
@@ -260,14 +392,16 @@ class BatchStore:
         run_id: str | None = None,
         max_rows: int = tq.MAX_ROWS,
         max_windows: int = tq.MAX_WINDOWS,
-        max_scan: int = tq.MAX_SCAN,
+        max_scan: int | None = None,
     ) -> list[Any]:
         """The same window specs, filters and limits as the live index (see :mod:`telemetry.query`).
 
         ``run_id`` keeps the answer to one run (what a run's Recorder answers live); without
         it the answer spans every run of the experiment. Raises
         :class:`~telemetry.query.QueryError` / :class:`~telemetry.query.QueryLimitError`.
+        ``max_scan`` None: :data:`telemetry.query.MAX_SCAN` as it is when the query runs.
         """
+        max_scan = tq.MAX_SCAN if max_scan is None else max_scan
         w = tq.Window(spec, now_us)
         filters = tq.check_filters(filters)
         if w.kind == "sliding":
@@ -353,9 +487,10 @@ class BatchStore:
         *,
         run_id: str | None = None,
         max_windows: int = tq.MAX_WINDOWS,
-        max_scan: int = tq.MAX_SCAN,
+        max_scan: int | None = None,
     ) -> list[dict[str, Any]]:
         """Per-window metrics, as :meth:`LiveIndex.windowed_metrics` (columnar: no event dicts)."""
+        max_scan = tq.MAX_SCAN if max_scan is None else max_scan
         tq.check_step(window_s, "window_s")
         tq.check_step(step_s, "step_s")
         filters = tq.check_filters(filters)

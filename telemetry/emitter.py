@@ -62,7 +62,21 @@ OVERFLOW = "block"
 MAX_BACKLOG = 64
 BLOCK_TIMEOUT_S = 1.0
 
-_time_ns = time.time_ns
+# The events' clock follows the wall clock forward and never back. Rows hold the monotonic
+# reading (one C call on the hot path); a batch turns them into wall-clock times, and where the
+# wall clock has stepped back (an NTP correction, a person setting the date) it goes on with the
+# monotonic clock from the run's last event instead: time keeps passing, ahead of the wall clock
+# by the step (it used to stand still until the wall clock caught up: a sliding window, a stall
+# detector, a phase's duration saw no time pass). A step forward (a clock set right after
+# boot, a suspended machine) is followed: event time stays the wall clock's.
+_clock_ns = time.monotonic_ns
+
+
+def _wall_offset_ns() -> int:
+    """The wall clock minus the monotonic clock, now."""
+    return time.time_ns() - time.monotonic_ns()
+
+
 _NAN = float("nan")
 _GPU_CODE = {m: i for i, m in enumerate(GPU_MODES)}
 
@@ -107,6 +121,7 @@ class Emitter:
         self._seq = max(seq_start, self.published)
         self._unreported_drops = 0
         self._last_ts = 0
+        self._last_mono: int | None = None  # the monotonic reading of the event stamped _last_ts
         self.phase: str | None = None
         self.pass_: int = 0
         self.gpu_mode: str | None = None
@@ -170,7 +185,7 @@ class Emitter:
                 self._reject(1, f"parameters not JSON-encodable: {exc}")
                 return
         rows = self._rows
-        rows.append((_time_ns(), name, values, phase, step, success, parameters, notes, gpu_mode, gpu_reason, anomaly))
+        rows.append((_clock_ns(), name, values, phase, step, success, parameters, notes, gpu_mode, gpu_reason, anomaly))
         if len(rows) >= self.batch_size:
             self.flush()
 
@@ -226,7 +241,7 @@ class Emitter:
                 oldest = self._rows[0][0]
             except IndexError:
                 continue
-            if time.time_ns() - oldest >= interval_ns:
+            if time.monotonic_ns() - oldest >= interval_ns:  # the rows' clock (not _clock_ns: tests set that one)
                 try:
                     self.flush()
                 except Exception:
@@ -249,7 +264,7 @@ class Emitter:
             rows.insert(
                 0,
                 (
-                    time.time_ns(),
+                    _clock_ns(),
                     "telemetry_dropped",
                     {"dropped": k, "dropped_total": self.dropped},
                     None,
@@ -357,9 +372,13 @@ class Emitter:
             reason_col,
             anom_col,
         ) = zip(*rows, strict=True)
-        ts = np.array(ts_ns, dtype=np.int64) // 1000
+        mono = np.array(ts_ns, dtype=np.int64)
+        ts = (mono + _wall_offset_ns()) // 1000  # each row's wall-clock time
+        if self._last_mono is not None:  # the wall clock stepped back: on from the last event, monotonic
+            np.maximum(ts, (mono - self._last_mono) // 1000 + self._last_ts, out=ts)
         ts[0] = max(ts[0], self._last_ts)
         np.maximum.accumulate(ts, out=ts)  # time never runs backwards within a run
+        self._last_mono = int(mono[-1])
         names, name_c = _codes(name_col, n, None)
         if not all(type(x) is str for x in names):
             raise TypeError("event name must be a string")

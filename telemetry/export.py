@@ -4,7 +4,8 @@ Sources are iterators of events (a run directory's JSONL files, or the history: 
 so memory stays bounded by ``chunk`` events whatever the size. CSV and Parquet need the
 set of value fields up front: the source is read twice (a cheap first pass collects the
 field names, and for Parquet whether a field's values are all integers: such a column is
-int64, exact, the others float64). Nested fields (``parameters``, ``anomaly``, ``nonfinite``) are written as
+int64, exact, the others float64); of a run still writing, the second pass writes only the
+events the first one read. Nested fields (``parameters``, ``anomaly``, ``nonfinite``) are written as
 JSON text. The output is a path or a binary file (a pipe, a terminal): it is written in order,
 never sought.
 """
@@ -94,7 +95,8 @@ def _export_to(source: Callable[[], Iterator[dict[str, Any]]], fmt: str, fh: Bin
         fh.write(b"".join(buf))
         fh.flush()
         return n
-    kinds = value_kinds(source())
+    seen: dict[Any, Any] = {}
+    kinds = value_kinds(_noting_last_seqs(source(), seen))
     keys = list(kinds)
     header = [*BASE_COLUMNS, *(f"values.{k}" for k in keys)]
     if fmt == "csv":
@@ -102,14 +104,41 @@ def _export_to(source: Callable[[], Iterator[dict[str, Any]]], fmt: str, fh: Bin
         try:
             w = csv.writer(text)
             w.writerow(header)
-            for ev in source():
+            for ev in _as_first_read(source(), seen):
                 w.writerow(_flat(ev, keys))
                 n += 1
             text.flush()
         finally:
             text.detach()  # ``fh`` stays the caller's to close
         return n
-    return _write_parquet(source(), kinds, header, _Sink(fh), chunk)
+    return _write_parquet(_as_first_read(source(), seen), kinds, header, _Sink(fh), chunk)
+
+
+def _noting_last_seqs(events: Iterable[dict[str, Any]], seen: dict[Any, Any]) -> Iterator[dict[str, Any]]:
+    """The events, noting in ``seen`` the last seq of each run read (and, under ``None``, how
+    many events were read: events from elsewhere may carry no seq)."""
+    n = 0
+    for ev in events:
+        n += 1
+        seen[ev.get("run_id")] = ev.get("seq")
+        yield ev
+    seen[None] = n
+
+
+def _as_first_read(events: Iterable[dict[str, Any]], seen: dict[Any, Any]) -> Iterator[dict[str, Any]]:
+    """The second pass over a source that may have grown since the first (a live run): only the
+    events the first pass read, whose value fields made the columns. An event written in
+    between (the run's last ``phase_end``, with fields of its own) would lose its values to
+    columns that do not exist; it is left to the next export."""
+    n = 0
+    for ev in events:
+        seq, last = ev.get("seq"), seen.get(ev.get("run_id"))
+        if isinstance(seq, int) and isinstance(last, int):
+            if seq <= last:
+                yield ev
+        elif n < seen[None]:  # events without seqs: as many as the first pass read
+            n += 1
+            yield ev
 
 
 class _Sink(io.RawIOBase):
@@ -196,7 +225,7 @@ def export_run(
         nonlocal passes
         passes += 1
         if counts is not None:
-            counts.events = counts.skipped = 0  # each pass counts afresh
+            counts.events = counts.skipped = counts.repeated = 0  # each pass counts afresh
         return iter_run(run_dir, counts, warn=passes == 1)  # a second pass meets what the first reported
 
     return export_events(source, fmt, out, chunk)

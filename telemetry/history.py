@@ -34,6 +34,7 @@ from telemetry.batchstore import (
     HistoryConfigError,
     HistoryConnectError,
     HistoryError,
+    HistoryGone,
     HistoryUnavailable,
 )
 from telemetry.store import DB_NAME, HistoryStore
@@ -45,6 +46,7 @@ __all__ = [
     "HistoryConfigError",
     "HistoryConnectError",
     "HistoryError",
+    "HistoryGone",
     "HistoryTarget",
     "HistoryUnavailable",
     "describe_history",

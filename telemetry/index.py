@@ -9,6 +9,7 @@ dropped events raises :class:`IndexIncomplete`, and the Recorder then asks the h
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -260,6 +261,8 @@ class LiveIndex:
         Raises :class:`~telemetry.query.QueryError` for a bad spec and
         :class:`~telemetry.query.QueryLimitError` past the limits.
         """
+        if now_us is None and self.n:  # "now" is never before the newest event (the wall clock stepped back)
+            now_us = max(int(time.time() * 1e6), int(self.ts[self.n - 1]))
         w = Window(spec, now_us)
         filters = check_filters(filters)
         ts = self.ts

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,12 +94,78 @@ def open_run_file(path: Path) -> IO[bytes]:
         raise RunFileError(f"run file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
 
 
+_SEGMENT = re.compile(r"events\.(\d{6,})\.jsonl")
+
+
+def _numbered(run_dir: Path) -> list[tuple[int, Path]]:
+    """The run's rotated segments with their numbers, in write order. Only names the writer
+    gives (``events.000001.jsonl``): a copy kept beside them (``events.orig.jsonl``) is no
+    segment, and its events are not read twice."""
+    found = []
+    for p in run_dir.glob("events.*.jsonl"):
+        m = _SEGMENT.fullmatch(p.name)
+        if m is not None:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
 def run_segments(run_dir: str | Path) -> list[Path]:
-    """A run's JSONL files in write order: rotated segments, then the active file."""
+    """A run's JSONL files in write order: rotated segments, then the active file (a listing:
+    a reader of the events uses :func:`open_segments`, which holds while the writer rotates)."""
     run_dir = Path(run_dir)
-    segs = sorted(p for p in run_dir.glob("events.*.jsonl") if p.name != ACTIVE)
     active = run_dir / ACTIVE
-    return segs + ([active] if active.exists() else [])
+    return [p for _, p in _numbered(run_dir)] + ([active] if active.exists() else [])
+
+
+def _identity(fh: IO[bytes]) -> tuple[int, int]:
+    st = os.fstat(fh.fileno())
+    return st.st_dev, st.st_ino
+
+
+def open_segments(run_dir: str | Path) -> Iterator[tuple[Path, IO[bytes]]]:
+    """A run's files opened one after the other, in write order (each is closed when the next
+    is asked for): one consistent snapshot of the run even while its Recorder rotates the
+    active file. A listing taken once would miss the segment rotated between it and the
+    opening of ``events.jsonl`` (a whole segment missing from the middle of an export): the
+    active file is opened first, then the segments are listed again, and one that has come
+    since is read before it. Events written after the active file was opened are not in the
+    snapshot (a tail, never a hole). A segment removed since the listing is passed over.
+
+    Raises:
+        RunFileError: a file of the run cannot be read (see :func:`open_run_file`).
+    """
+    run_dir = Path(run_dir)
+    last = 0
+    for n, p in _numbered(run_dir):
+        try:
+            fh = open_run_file(p)
+        except FileNotFoundError:
+            continue
+        with fh:
+            last = n
+            yield p, fh
+    try:
+        active: IO[bytes] | None = open_run_file(run_dir / ACTIVE)
+    except FileNotFoundError:
+        active = None
+    try:
+        held = _identity(active) if active is not None else None
+        for n, p in _numbered(run_dir):
+            if n <= last:
+                continue
+            try:
+                fh = open_run_file(p)
+            except FileNotFoundError:
+                continue
+            with fh:
+                if _identity(fh) == held:  # the active file as opened, rotated since: read below, once
+                    break
+                yield p, fh
+        if active is not None:
+            yield run_dir / ACTIVE, active
+    finally:
+        if active is not None:
+            active.close()
 
 
 @dataclass
@@ -107,36 +174,39 @@ class ReadCounts:
 
     events: int = 0
     skipped: int = 0
+    repeated: int = 0  # events whose seq was not above the one before (a line written twice): passed over
 
 
 def iter_jsonl(path: str | Path, counts: ReadCounts | None = None, warn: bool = True) -> Iterator[dict[str, Any]]:
     """Events of one JSONL file; a corrupt, truncated or mistyped line is skipped and counted in
     ``counts``, with a warning for each of the first :data:`WARN_LINES` and one for the rest
     (none with ``warn=False``: a second pass over what a first one reported)."""
-    path = Path(path)
-    counts = counts if counts is not None else ReadCounts()
+    with open_run_file(Path(path)) as fh:
+        yield from _iter_lines(fh, Path(path), counts if counts is not None else ReadCounts(), warn)
+
+
+def _iter_lines(fh: IO[bytes], path: Path, counts: ReadCounts, warn: bool) -> Iterator[dict[str, Any]]:
     bad = 0
     try:
-        with open_run_file(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    ev = parse_line(line)
-                except SchemaError as exc:
-                    counts.skipped += 1
-                    bad += 1
-                    if warn and bad <= WARN_LINES:
-                        log.warning(
-                            "skipping bad JSONL line",
-                            file=str(path),
-                            line=lineno,
-                            error=str(exc)[:300],
-                            truncated=not line.endswith(b"\n"),
-                        )
-                    continue
-                counts.events += 1
-                yield ev
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                ev = parse_line(line)
+            except SchemaError as exc:
+                counts.skipped += 1
+                bad += 1
+                if warn and bad <= WARN_LINES:
+                    log.warning(
+                        "skipping bad JSONL line",
+                        file=str(path),
+                        line=lineno,
+                        error=str(exc)[:300],
+                        truncated=not line.endswith(b"\n"),
+                    )
+                continue
+            counts.events += 1
+            yield ev
     finally:  # also when the reader stops early: what was skipped is said
         if warn and bad > WARN_LINES:
             log.warning(
@@ -145,10 +215,34 @@ def iter_jsonl(path: str | Path, counts: ReadCounts | None = None, warn: bool = 
 
 
 def iter_run(run_dir: str | Path, counts: ReadCounts | None = None, warn: bool = True) -> Iterator[dict[str, Any]]:
-    """Every event of a run directory, in order, across rotated files (bad lines skipped and
-    counted in ``counts``, with warnings unless ``warn`` is False)."""
-    for seg in run_segments(run_dir):
-        yield from iter_jsonl(seg, counts, warn)
+    """Every event of a run directory, in order, across rotated files, as one snapshot while
+    the run writes (:func:`open_segments`); bad lines skipped and counted in ``counts``, with
+    warnings unless ``warn`` is False. The run's seqs increase from line to line: an event
+    whose seq is not above the one before (a line written twice by hand, a copy of a segment
+    given a segment's name) is passed over and counted in ``counts.repeated``, not counted
+    twice by every figure made from the events."""
+    counts = counts if counts is not None else ReadCounts()
+    last, first, before = -1, None, counts.repeated
+    try:
+        for path, fh in open_segments(run_dir):
+            for ev in _iter_lines(fh, path, counts, warn):
+                if ev["seq"] <= last:
+                    counts.events -= 1  # read, but no event of the run's
+                    counts.repeated += 1
+                    first = first or (str(path), ev["seq"], last)
+                    continue
+                last = ev["seq"]
+                yield ev
+    finally:
+        if warn and first is not None:
+            log.warning(
+                "events whose seq repeats an earlier one passed over",
+                run_dir=str(run_dir),
+                events=counts.repeated - before,
+                first_file=first[0],
+                first_seq=first[1],
+                after_seq=first[2],
+            )
 
 
 def _last_line(path: Path, max_back: int = 1 << 20) -> bytes | None:
@@ -188,13 +282,18 @@ class JsonlWriter:
             data_end = fh.seek(0, os.SEEK_END)
             if data_end == 0:
                 return 0
-            back = min(data_end, 1 << 20)
-            fh.seek(data_end - back)
-            tail = fh.read(back)
-            if tail.endswith(b"\n"):
+            fh.seek(data_end - 1)
+            if fh.read(1) == b"\n":
                 return 0
-            cut = tail.rfind(b"\n") + 1
-            keep = data_end - back + cut
+            keep, end = 0, data_end  # back to the last newline, however long the torn line
+            while end > 0:
+                start = max(0, end - (1 << 20))
+                fh.seek(start)
+                nl = fh.read(end - start).rfind(b"\n")
+                if nl >= 0:
+                    keep = start + nl + 1
+                    break
+                end = start
             fh.truncate(keep)
         log.warning("cut a torn last line left by a crash", file=str(self.path), bytes=data_end - keep)
         return data_end - keep
@@ -233,8 +332,12 @@ class JsonlWriter:
     def rotate(self) -> Path:
         self.fsync()
         self._fh.close()
-        n = len([p for p in self.run_dir.glob("events.*.jsonl") if p.name != ACTIVE]) + 1
+        numbered = _numbered(self.run_dir)
+        n = (numbered[-1][0] if numbered else 0) + 1  # after the last: a gap in the numbers is no free slot
         target = self.run_dir / f"events.{n:06d}.jsonl"
+        while target.exists():  # never over a file of that name, whatever it is
+            n += 1
+            target = self.run_dir / f"events.{n:06d}.jsonl"
         os.replace(self.path, target)
         self._fh = self.path.open("ab")
         self.size = 0

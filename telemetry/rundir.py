@@ -58,8 +58,8 @@ import orjson
 from actors.files import atomic_write
 from actors.log import get_logger
 from telemetry.history import HistoryError, HistoryTarget, describe_history, open_history
-from telemetry.jsonl import ACTIVE, RunFileError, open_for_reading, open_run_file, run_segments
-from telemetry.schema import check_id
+from telemetry.jsonl import ACTIVE, RunFileError, open_for_reading, open_run_file, open_segments, run_segments
+from telemetry.schema import check_id, map_strings
 from telemetry.store import DB_NAME
 
 log = get_logger("telemetry.rundir")
@@ -420,13 +420,9 @@ def run_status(run_dir: Path, now: float | None = None) -> StatusReport:
 def count_events(run_dir: Path) -> int:
     """Complete event lines on disk across the run's JSONL files (a torn last line is not one)."""
     n = 0
-    for seg in run_segments(run_dir):
-        try:
-            with open_run_file(seg) as fh:
-                while chunk := fh.read(1 << 22):
-                    n += chunk.count(b"\n")
-        except FileNotFoundError:
-            continue  # rotated away between the listing and the open: counted under its new name
+    for _, fh in open_segments(run_dir):  # one snapshot, also while the run rotates its file
+        while chunk := fh.read(1 << 22):
+            n += chunk.count(b"\n")
     return n
 
 
@@ -535,8 +531,36 @@ def run_info(
         "summary_stale": bool(summ.get("summary_stale")),
         "best": summary_bests(summ, best_of),
         "evidence": evidence,
-        "path": str(run_dir),
+        "path": path_text(run_dir),
     }
+
+
+# --- paths as text -------------------------------------------------------------------------------------------
+
+
+def text_of(text: str) -> str:
+    """``text`` as valid UTF-8: the bytes of a file name that are not UTF-8 (which Python reads
+    as lone surrogates, and JSON, SQLite and PostgreSQL refuse) written as ``\\xNN``; valid
+    text as it is. A folder ``caf\\xe9`` (Latin-1) shows as ``caf\\xe9``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name gave: written as \udcXX
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def path_text(path: str | os.PathLike[str]) -> str:
+    """A path as text fit for a record, a summary or the history (:func:`text_of`)."""
+    return text_of(os.fspath(path))
+
+
+def text_safe(value: Any) -> Any:
+    """``value`` (JSON-like) with every string, keys too, made valid text (:func:`text_of`)."""
+    return map_strings(value, text_of)
 
 
 # --- finding runs ----------------------------------------------------------------------------------------------
@@ -671,7 +695,7 @@ def unreadable_info(run_dir: Path, exc: BaseException) -> dict[str, Any]:
         "summary_stale": False,
         "best": {},
         "evidence": [*report.evidence, str(exc)],
-        "path": str(run_dir),
+        "path": path_text(run_dir),
     }
 
 

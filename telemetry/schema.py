@@ -4,6 +4,7 @@ One record type serves both workloads. On the wire, events travel in columnar
 batches (``kind: "events"``); on disk, one JSON object per line. See docs/schema.md.
 """
 
+from collections.abc import Callable
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
@@ -124,7 +125,7 @@ def check_event_fields(
         for k, v in values.items():
             if not isinstance(k, str):
                 raise SchemaError(f"event field 'values' has a non-string key {k!r}")
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            if not isinstance(v, (int, float, np.integer, np.floating, np.bool_)):  # a bool is 1 or 0
                 raise SchemaError(f"event field 'values.{k}' must be a number, got {v!r}")
     if phase is not None and not isinstance(phase, str):
         raise SchemaError(f"event field 'phase' must be a string, got {phase!r}")
@@ -532,3 +533,14 @@ STORED_FIELDS = (
 def stored_batch(b: EventBatch) -> bytes:
     """The bytes a history stores for one batch (its :data:`STORED_FIELDS`, msgpack)."""
     return encode({k: b[k] for k in STORED_FIELDS if k in b})
+
+
+def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """``value`` (JSON-like) with ``fn`` applied to every string, keys too."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {map_strings(k, fn): map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [map_strings(v, fn) for v in value]
+    return value

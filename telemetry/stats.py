@@ -210,14 +210,31 @@ def sample_size_two_sample(effect_size: float, power: float = 0.8, alpha: float 
     return n
 
 
-def _metric_values(source: Any, metric: str | None) -> np.ndarray:
+def metric_value(ev: dict[str, Any], metric: str) -> float | None:
+    """``metric``'s value in one event: the number, NaN when it was recorded as not finite
+    (its ``nonfinite`` mark: a gap in the run's series), None when the event has no such value."""
+    v = (ev.get("values") or {}).get(metric)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return math.nan if metric in (ev.get("nonfinite") or {}) else None
+
+
+def _metric_values(source: Any, metric: str | None, rows: bool = False) -> np.ndarray:
+    """The values of ``metric`` in order. From events: an event whose value is not finite (its
+    ``nonfinite`` mark) gives NaN, a gap in the series; one without the field is no observation
+    of it and is passed over, unless ``rows`` keeps every event's row (NaN) for pairing."""
     if isinstance(source, np.ndarray):
         return source
     items = list(source) if isinstance(source, Iterable) else [source]
     if items and isinstance(items[0], dict):
         if metric is None:
             raise ValueError("metric= is required when comparing events")
-        return np.array([(e.get("values") or {}).get(metric, np.nan) for e in items], dtype=np.float64)
+        out = []
+        for e in items:
+            v = metric_value(e, metric)
+            if v is not None or rows:
+                out.append(math.nan if v is None else v)
+        return np.asarray(out, dtype=np.float64)
     return np.asarray(items, dtype=np.float64)
 
 
@@ -238,12 +255,11 @@ def compare(
     ``pairs_dropped`` says how many pairs were (None when not paired).
     """
     dropped: int | None = None
+    ra, rb = _raw(_metric_values(control, metric, paired)), _raw(_metric_values(treatment, metric, paired))
     if paired:
-        a, b, dropped = _pairs(
-            _metric_values(control, metric), _metric_values(treatment, metric), ("control", "treatment")
-        )
+        a, b, dropped = _pairs(ra, rb, ("control", "treatment"))
     else:
-        a, b = _arr(_metric_values(control, metric), "control"), _arr(_metric_values(treatment, metric), "treatment")
+        a, b = _arr(ra, "control"), _arr(rb, "treatment")
     s, (x, y) = _scaled(a, b)
     t = paired_t(y, x) if paired else welch_t(y, x)  # treatment - control, as the interval and effect sizes
     mean_a, mean_b = float(x.mean()) * s, float(y.mean()) * s
@@ -253,7 +269,8 @@ def compare(
     else:
         ci = diff_interval(a, b, confidence)
     d = cohens_d(x, y)
-    series = {"differences": y - x} if paired else {"control": x, "treatment": y}  # each in its recorded order
+    # each in its recorded order, a missing value left as a gap (NaN): its neighbours are no pair
+    series = {"differences": rb / s - ra / s} if paired else {"control": ra / s, "treatment": rb / s}
     serial = {k: lag1(v) for k, v in series.items()}
     n_eff = {k: effective_size(v, serial[k]) for k, v in series.items()}
     return {
@@ -274,7 +291,7 @@ def compare(
         "note": _undefined_note(x, y, s, d, ci, paired),
         "serial_correlation": serial,
         "n_effective": n_eff,
-        "warning": _serial_warning(serial, n_eff, {k: v.size for k, v in series.items()}),
+        "warning": _serial_warning(serial, n_eff, {k: int(np.isfinite(v).sum()) for k, v in series.items()}),
     }
 
 
@@ -283,23 +300,32 @@ SERIAL_WARN = 0.3
 
 
 def lag1(v: np.ndarray) -> float | None:
-    """The lag-1 autocorrelation of a series in its order (None below three values or with no
-    spread): how much each value follows the one before it, which the tests assume it does not."""
-    if v.size < 3:
+    """The lag-1 autocorrelation of a series in its order (None below three values, without a
+    pair of neighbours or with no spread): how much each value follows the one before it, which
+    the tests assume it does not. A value that is not finite is a gap: the values on either
+    side of it are not neighbours. Without gaps this is the usual estimate; with them, the mean
+    product of neighbours over the variance, scaled alike."""
+    ok = np.isfinite(v)
+    n = int(ok.sum())
+    if n < 3:
         return None
-    d = v - v.mean()
+    d = np.where(ok, v - v[ok].mean(), 0.0)
     den = float(np.dot(d, d))
-    if not den > 0 or not math.isfinite(den):
+    pairs = int((ok[1:] & ok[:-1]).sum())
+    if pairs == 0 or not den > 0 or not math.isfinite(den):
         return None
-    return float(np.dot(d[1:], d[:-1]) / den)
+    r = float(np.dot(d[1:], d[:-1])) / pairs * (n - 1) / den
+    return min(1.0, max(-1.0, r))
 
 
 def effective_size(v: np.ndarray, r: float | None) -> float:
-    """The number of independent values a series of ``v.size`` with lag-1 autocorrelation ``r``
-    is worth for its mean, under an AR(1) model: ``n (1 - r) / (1 + r)`` (``n`` when ``r`` <= 0)."""
+    """The number of independent values a series of ``n`` finite values with lag-1
+    autocorrelation ``r`` is worth for its mean, under an AR(1) model: ``n (1 - r) / (1 + r)``
+    (``n`` when ``r`` <= 0)."""
+    n = int(np.isfinite(v).sum())
     if r is None or r <= 0:
-        return float(v.size)
-    return max(1.0, v.size * (1.0 - r) / (1.0 + r))
+        return float(n)
+    return max(1.0, n * (1.0 - r) / (1.0 + r))
 
 
 def _serial_warning(serial: dict[str, float | None], n_eff: dict[str, float], n: dict[str, int]) -> str | None:

@@ -5,7 +5,14 @@ Events are stored the way they arrive: one row per batch, holding the columnar b
 ``ts`` range. Indexes on ``(experiment_id, ts_lo)`` and ``(run_id, ts_lo)`` find the
 batches that overlap a time window (B-tree range scan plus the experiment's largest batch
 span), and only those are decoded: never a full scan. ``(run_id, seq_lo)`` is the primary
-key, so a replayed batch is never stored twice.
+key, and a commit stores only the events no stored batch holds (by seq range, under the write
+lock: :func:`~telemetry.batchstore.merge_rows`), so a replayed batch is never stored twice,
+whatever boundaries it comes with, and stored batches never overlap.
+
+The file is the history only while it is the one this store opened: a commit (or a run's
+record) that finds it deleted or replaced by another file (its device and inode compared,
+one ``stat``) raises :class:`~telemetry.batchstore.HistoryGone`, as what it wrote went into
+a file no one will read.
 
 The queries are :class:`~telemetry.batchstore.BatchStore`'s, shared with the PostgreSQL
 store (:mod:`telemetry.store_pg`); :func:`telemetry.history.open_history` picks the store.
@@ -24,7 +31,17 @@ from typing import Any
 import orjson
 
 from actors.files import locked
-from telemetry.batchstore import BatchStore, HistoryConnectError, HistoryUnavailable, Reader, batch_mask, span_of
+from telemetry.batchstore import (
+    OVERLAP_SQL,
+    BatchStore,
+    HistoryConnectError,
+    HistoryGone,
+    HistoryUnavailable,
+    Reader,
+    batch_mask,
+    merge_rows,
+    span_of,
+)
 
 __all__ = ["BUSY_TIMEOUT_S", "DB_NAME", "HistoryStore", "batch_mask"]
 
@@ -36,7 +53,7 @@ unavailable (the Recorder then keeps its batches and retries, as for a server th
 Writers' transactions take milliseconds; a lock held longer is someone else's long transaction."""
 
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-_INSERT = "INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?,?)"  # a batch already there: stored once
+_INSERT = "INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?,?)"  # rows merge_rows kept: none is there already
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -69,6 +86,7 @@ class HistoryStore(BatchStore):
             mode = "rw" if os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK) else "ro"
             self.db = sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True, check_same_thread=False)
             self.db.execute("PRAGMA query_only = ON")
+            self._file = None
         else:
             # Writers open one at a time (a flock on <name>.lock): processes creating one new
             # history at once (ab --parallel workers, a daemon beside a run) meet before it is
@@ -84,10 +102,13 @@ class HistoryStore(BatchStore):
                     self.db.executescript(_SCHEMA)
                     self.db.execute("SELECT experiment_id, run_id, summary FROM runs LIMIT 0")  # another schema: here
                     self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")  # writes: see BUSY_TIMEOUT_S
+                    st = os.stat(self.path)
+                    self._file = (st.st_dev, st.st_ino)  # the file this store writes to (see _check_file)
             except (sqlite3.DatabaseError, OSError) as exc:  # not a database, damaged, another schema, no folder
                 what = getattr(exc, "strerror", None) or str(exc)
                 raise HistoryConnectError(f"history {str(self.path)!r} cannot be opened: {what}") from None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connection's
+        self._pending_lock = self._lock
         self._pending: list[tuple[Any, ...]] = []  # batches kept until commit
 
     def __repr__(self) -> str:
@@ -110,48 +131,34 @@ class HistoryStore(BatchStore):
 
     # --- writing ----------------------------------------------------------------------------
 
-    def insert_batch(
-        self,
-        experiment_id: str,
-        run_id: str,
-        seqs: Sequence[int],
-        ts_lo: int,
-        ts_hi: int,
-        data: bytes,
-        n: int | None = None,
-    ) -> None:
-        """Keep one encoded columnar batch for the next :meth:`commit` (as the PostgreSQL store
-        does): the Recorder commits every ``commit_every`` batches and at every fsync tick."""
-        row = (run_id, int(seqs[0]), int(seqs[-1]), experiment_id, int(ts_lo), int(ts_hi), n or len(seqs), data)
-        with self._lock:
-            self._pending.append(row)
-
-    @property
-    def pending(self) -> int:
-        """Batches kept for the next commit."""
-        return len(self._pending)
-
     def commit(self) -> int:
         """Write the kept batches in one transaction; they are stored once this returns. Returns
-        the events this commit stored: a batch the history holds already (sent again, or by a
-        concurrent ``crucible sync``) is skipped and not counted.
+        the events this commit stored: events the history holds already (a batch sent again, or
+        by a concurrent ``crucible sync``) are skipped and not counted, whatever batches they
+        came in (:func:`~telemetry.batchstore.merge_rows`, under the write lock).
 
         Raises:
             HistoryUnavailable: another connection held the database locked for longer than
                 ``BUSY_TIMEOUT_S`` (a long transaction, a tool holding ``BEGIN EXCLUSIVE``);
                 the batches are kept for the next commit, as for a server that went away.
+            HistoryGone: the file was deleted or replaced since this store opened it: the
+                batches went into a file no one reads (they are not kept).
             sqlite3.Error: anything else (a full disk, a damaged file): a storage failure.
         """
         with self._lock:
             rows = list(self._pending)
             if not rows:
                 return 0
-            spans: dict[str, int] = {}
-            for r in rows:
-                spans[r[3]] = max(spans.get(r[3], -1), span_of(r[4], r[5]))
             stored = 0
             try:
-                for r in rows:  # one statement each: its rowcount says whether the batch was new
+                self.db.execute("BEGIN IMMEDIATE")  # the write lock first: what merge_rows reads stays so
+
+                def have(run_id: str, lo: int, hi: int) -> list[tuple[int, int]]:
+                    return self.db.execute(OVERLAP_SQL, (run_id, lo, run_id, lo, hi)).fetchall()
+
+                spans: dict[str, int] = {}
+                for r in merge_rows(rows, have):
+                    spans[r[3]] = max(spans.get(r[3], -1), span_of(r[4], r[5]))
                     stored += r[6] * self.db.execute(_INSERT, r).rowcount
                 self.db.executemany(
                     "INSERT INTO spans VALUES (?, ?) ON CONFLICT(experiment_id) DO UPDATE SET "
@@ -166,7 +173,19 @@ class HistoryStore(BatchStore):
                 self.db.rollback()  # no half-done transaction left open for a later commit to finish
                 raise
             del self._pending[: len(rows)]
+            self._check_file()
         return stored
+
+    def _check_file(self) -> None:
+        """Raise :class:`HistoryGone` if the path no longer names the file this store opened."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise HistoryGone(f"history {str(self.path)!r} was deleted while in use") from None
+        except OSError as exc:
+            raise HistoryGone(f"history {str(self.path)!r} cannot be found: {exc.strerror or exc}") from None
+        if (st.st_dev, st.st_ino) != self._file:
+            raise HistoryGone(f"history {str(self.path)!r} was replaced by another file while in use")
 
     def rollback(self) -> None:
         """Drop the batches not yet committed (the Recorder's roll-back after a failed write)."""
@@ -199,3 +218,4 @@ class HistoryStore(BatchStore):
                     )
             except sqlite3.OperationalError as exc:
                 raise self._busy(exc) from None
+            self._check_file()

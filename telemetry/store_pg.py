@@ -14,11 +14,15 @@ processes starting at once take turns and the second finds nothing left to do; a
 applies none. A database migrated by a newer version is refused (the message says which).
 
 **Writes.** :meth:`PgHistoryStore.insert_batch` keeps the batch in memory;
-:meth:`~PgHistoryStore.commit` sends every kept batch in one transaction: one ``COPY``
-into ``batches``, and the experiment's largest span when it grew. A batch sent twice (after
-a commit whose answer was lost) breaks the COPY's primary key: the transaction is then done
-again through a temporary table and ``INSERT ... ON CONFLICT DO NOTHING``, so it is stored
-once. If the server cannot be reached the commit raises
+:meth:`~PgHistoryStore.commit` sends every kept batch in one transaction: it takes an
+advisory lock per run, reads which stored batches the new ones' seq ranges meet (two probes
+of the primary key per run: none, for a run's new events), and copies into ``batches``
+the events the history lacks (:func:`~telemetry.batchstore.merge_rows`: a batch that meets
+stored ones is cut into the parts between them), then the experiment's largest span when it
+grew. A batch sent twice (after a commit whose answer was lost, perhaps re-read from the
+files with other boundaries) is so stored once, and nothing it adds is lost. The schema's
+writers take no ``CREATE`` privilege once it is migrated (:func:`migrate` checks first).
+If the server cannot be reached the commit raises
 :class:`~telemetry.batchstore.HistoryUnavailable` and keeps the batches for the next
 commit; :meth:`~PgHistoryStore.rollback` drops them.
 
@@ -46,14 +50,17 @@ import orjson
 
 from actors.log import get_logger
 from telemetry.batchstore import (
+    OVERLAP_SQL,
     BatchStore,
     HistoryConfigError,
     HistoryConnectError,
     HistoryError,
     HistoryUnavailable,
     Reader,
+    merge_rows,
     span_of,
 )
+from telemetry.schema import map_strings
 
 log = get_logger("telemetry.store_pg")
 _Ctx = contextlib.AbstractContextManager[Any]
@@ -109,10 +116,13 @@ CREATE TABLE IF NOT EXISTS schema_version (
     version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
 )
 """
-_STAGING = "CREATE TEMPORARY TABLE IF NOT EXISTS batches_in (LIKE batches INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-_COPY = "COPY {table} (run_id, seq_lo, seq_hi, experiment_id, ts_lo, ts_hi, n, data) FROM STDIN (FORMAT BINARY)"
+_COPY = "COPY batches (run_id, seq_lo, seq_hi, experiment_id, ts_lo, ts_hi, n, data) FROM STDIN (FORMAT BINARY)"
 _COPY_TYPES = ("text", "int8", "int8", "text", "int8", "int8", "int4", "bytea")  # binary COPY: no escaping
-_MERGE = "INSERT INTO batches SELECT * FROM batches_in ON CONFLICT (run_id, seq_lo) DO NOTHING RETURNING n"
+_RUN_LOCK = zlib.crc32(b"crucible-lab history run") & 0x7FFFFFFF
+"""The first key of the advisory lock a commit takes per run (the second: the run id's hash), so
+that two writers of one run merge one after the other (:func:`_send`)."""
+_LOCK_RUN = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+_OVERLAP = OVERLAP_SQL.replace("?", "%s")
 _SPAN = (
     "INSERT INTO spans VALUES (%s, %s) ON CONFLICT (experiment_id) DO UPDATE SET "
     "max_span = GREATEST(spans.max_span, excluded.max_span)"
@@ -184,30 +194,38 @@ def _psycopg() -> Any:
 
 
 def _send(conn: Any, rows: list[tuple[Any, ...]], spans: dict[str, int]) -> int:
-    """One commit's batches: COPY straight into ``batches``; if one is there already (sent again
-    after a commit whose answer was lost, or by a concurrent ``crucible sync``), again through the
-    staging table, merged without duplicates (see the module docs). Returns the events stored."""
+    """One commit's batches, in the connection's transaction: each run's advisory lock (runs
+    in order), then the events the history lacks (:func:`~telemetry.batchstore.merge_rows`,
+    whatever boundaries the batches they came in had), in one ``COPY``. A batch sent again
+    after a commit whose answer was lost, or by a concurrent ``crucible sync``, is stored once.
+    Returns the events stored."""
     import psycopg
 
-    rows = sorted(rows, key=lambda r: (r[0], r[1]))  # key order: two writers of one run wait, never deadlock
-    with conn.cursor() as cur:
+    for _ in range(2):
         try:
-            with cur.copy(_COPY.format(table="batches")) as copy:
+            return _merge(conn, rows, spans)
+        except psycopg.errors.UniqueViolation:  # a writer that takes no lock (an older version) got there first
+            conn.rollback()  # and again: the merge now sees its rows
+    return _merge(conn, rows, spans)
+
+
+def _merge(conn: Any, rows: list[tuple[Any, ...]], spans: dict[str, int]) -> int:
+    with conn.cursor() as cur:
+        for run_id in sorted({r[0] for r in rows}):  # one order: two writers wait, never deadlock
+            cur.execute(_LOCK_RUN, (_RUN_LOCK, run_id))
+
+        def have(run_id: str, lo: int, hi: int) -> list[tuple[int, int]]:
+            return cur.execute(_OVERLAP, (run_id, lo, run_id, lo, hi)).fetchall()
+
+        new = merge_rows(rows, have)  # in key order
+        if new:
+            with cur.copy(_COPY) as copy:
                 copy.set_types(_COPY_TYPES)
-                for r in rows:
+                for r in new:
                     copy.write_row(r)
-            stored = sum(r[6] for r in rows)
-        except psycopg.errors.UniqueViolation:
-            conn.rollback()
-            cur.execute(_STAGING)
-            with cur.copy(_COPY.format(table="batches_in")) as copy:
-                copy.set_types(_COPY_TYPES)
-                for r in rows:
-                    copy.write_row(r)
-            stored = sum(n for (n,) in cur.execute(_MERGE).fetchall())
         if spans:
             cur.executemany(_SPAN, sorted(spans.items()))  # a fixed order: no deadlock between writers
-    return stored
+    return sum(r[6] for r in new)
 
 
 def _alive(conn: Any) -> bool:
@@ -302,7 +320,7 @@ class PgHistoryStore(BatchStore):
             self._kwargs["connect_timeout"] = max(1, round(self.connect_timeout))
         self._pending: list[tuple[Any, ...]] = []  # batches kept until commit
         self._spans: dict[str, int] = {}  # the largest span committed per experiment, as far as we know
-        self._wlock = threading.Lock()
+        self._pending_lock = threading.Lock()
         self._direct = False  # commits bypass the pool until it has a working connection again
         self._prepare()
         self.pool = _Pool.take(url, self._kwargs, pool_max, self.connect_timeout)
@@ -408,26 +426,6 @@ class PgHistoryStore(BatchStore):
 
     # --- writing ----------------------------------------------------------------------------
 
-    def insert_batch(
-        self,
-        experiment_id: str,
-        run_id: str,
-        seqs: Sequence[int],
-        ts_lo: int,
-        ts_hi: int,
-        data: bytes,
-        n: int | None = None,
-    ) -> None:
-        """Keep one encoded columnar batch for the next :meth:`commit` (see the module docs)."""
-        row = (run_id, int(seqs[0]), int(seqs[-1]), experiment_id, int(ts_lo), int(ts_hi), n or len(seqs), data)
-        with self._wlock:
-            self._pending.append(row)
-
-    @property
-    def pending(self) -> int:
-        """Batches kept for the next commit."""
-        return len(self._pending)
-
     def commit(self) -> int:
         """Send the kept batches in one transaction; they are stored once this returns. Returns
         the events this commit stored (a batch the history holds already is not counted).
@@ -436,7 +434,7 @@ class PgHistoryStore(BatchStore):
             HistoryUnavailable: the server could not be reached; the batches are kept.
             HistoryError: the server refused them (they are kept too: roll back to drop them).
         """
-        with self._wlock:
+        with self._pending_lock:
             rows = list(self._pending)
             if not rows:
                 return 0
@@ -473,7 +471,7 @@ class PgHistoryStore(BatchStore):
 
     def rollback(self) -> None:
         """Drop the batches not yet committed."""
-        with self._wlock:
+        with self._pending_lock:
             self._pending.clear()
 
     def record_run(
@@ -485,13 +483,18 @@ class PgHistoryStore(BatchStore):
         ended_ts: int | None,
         summary: dict[str, Any],
     ) -> None:
+        text = orjson.dumps(self.as_stored(summary))
         self._write(
             lambda conn: conn.execute(
                 "INSERT INTO runs VALUES (%s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (run_id) DO UPDATE SET "
                 "ended_ts = excluded.ended_ts, summary = excluded.summary, started_ts = excluded.started_ts",
-                (run_id, experiment_id, run_dir, started_ts, ended_ts, orjson.dumps(summary).decode()),
+                (run_id, experiment_id, run_dir, started_ts, ended_ts, text.decode()),
             )
         )
+
+    def as_stored(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The summary as :meth:`record_run` stores it (NUL written out: :func:`jsonb_text`)."""
+        return jsonb_text(summary) if b"\\u0000" in orjson.dumps(summary) else summary
 
     def close(self) -> None:
         """Commit what is kept (if the server is there) and give the pool back."""
@@ -505,6 +508,18 @@ class PgHistoryStore(BatchStore):
             _Pool.give_back(self.url)
 
 
+NUL_TEXT = "\\u0000"
+"""What a NUL in a summary's text becomes in PostgreSQL (see :func:`jsonb_text`)."""
+
+
+def jsonb_text(value: Any) -> Any:
+    """``value`` with each NUL character in its keys and strings written as the six characters
+    ``\\u0000`` (:data:`NUL_TEXT`): PostgreSQL's text and JSONB cannot hold NUL, and refuse
+    the whole summary for one value or phase name that has it. The JSON escape stays legible
+    and keeps names apart that differ only there (a stripped NUL could merge two keys)."""
+    return map_strings(value, lambda s: s.replace("\x00", NUL_TEXT))
+
+
 def _refuse_newer(have: int, masked: str) -> None:
     if have > SCHEMA_VERSION:
         raise HistoryError(
@@ -515,8 +530,21 @@ def _refuse_newer(have: int, masked: str) -> None:
 
 def migrate(conn: Any, masked: str = "this database", steps: tuple[tuple[int, str, str], ...] = MIGRATIONS) -> int:
     """Apply the missing ``steps`` (:data:`MIGRATIONS`) in one transaction, under an advisory
-    lock; return the schema version. Safe when several processes start at once: they take turns."""
+    lock; return the schema version. Safe when several processes start at once: they take turns.
+
+    A database whose tables are there and whose ``schema_version`` says every step is applied
+    is left as it is, before any ``CREATE`` (which PostgreSQL refuses to a role without the
+    privilege, ``IF NOT EXISTS`` or not): a role that may only read and write the tables writes
+    to a history that a role with ``CREATE`` migrated."""
     with conn.transaction():
+        found = conn.execute(
+            "SELECT to_regclass('schema_version'), to_regclass('batches'), to_regclass('spans'), to_regclass('runs')"
+        ).fetchone()
+        if all(t is not None for t in found):
+            have = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+            _refuse_newer(have, masked)
+            if have >= steps[-1][0]:
+                return have
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(_VERSION_TABLE)
         have = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]

@@ -5,17 +5,25 @@ connection) until past its stop wait leaves the run's last events in its JSONL f
 (the reference) and counts them in the summary's ``history.events_unsent``; its run may be
 missing from the ``runs`` table too. A Recorder that reopens the run back-fills them, but a
 run that ended is never reopened: :func:`sync_run` (``crucible sync``) does it. It sends the
-events past the last ``seq`` the history holds, a chunk per transaction (a sync cut short
-is simply run again: nothing is stored twice), then records the run's summary, with
+events the history lacks, a chunk per transaction (a sync cut short is simply run again:
+nothing is stored twice), then records the run's summary, with
 ``events_unsent`` set to what is still missing (0), in the ``runs`` table and in
 ``summary.json``, unless the summary lags the events on disk (a run killed before its last
 summary: its events are sent, its record waits for a Recorder to end it). A live run is left
 alone: its own Recorder sends its events.
 
-What the history must never get: a batch its readers skip. The JSONL readers take events in
-any ``seq`` order, but a stored batch's ``seq`` must increase strictly, so an event whose
-``seq`` is not past every one read before it (a repeated line, a segment appended twice) is
-dropped, counted (:attr:`SyncResult.out_of_order`) and logged, as a bad line is. And the
+What the history lacks is told by seq range: an event is held when a stored batch of the run
+spans its ``seq`` (:meth:`~telemetry.batchstore.BatchStore.seq_ranges`, read alongside the
+files, a page at a time). So a hole in the middle of a run's stored events (batches missing
+there, whatever removed them) is filled as well as a tail past the last stored ``seq``; the
+events sent into a hole are counted apart (:attr:`SyncResult.filled`) and logged. A batch
+that is there but damaged (its bytes no batch) is not seen: only the readers, which skip and
+count it, can tell.
+
+What the history must never get: a batch its readers skip. A stored batch's ``seq`` must
+increase strictly; the run's reader (:func:`telemetry.jsonl.iter_run`) passes over an event
+whose ``seq`` is not past the one before (a repeated line, a segment appended twice) and
+warns of it; sync counts them (:attr:`SyncResult.out_of_order`). And the
 history keys runs by id alone: a folder whose run id the history holds for another
 experiment (a run copied under another experiment) is left alone, naming the other folder,
 rather than mixed into that run's events and record.
@@ -23,6 +31,7 @@ rather than mixed into that run's events and record.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +59,7 @@ class SyncResult:
     sent: int = 0  # events this sync stored (not those another writer stored first)
     recorded: bool = False  # the run's summary was (re)written into the runs table
     left_alone: str | None = None  # why the run was not synced (it is live; its id is another run's)
+    filled: int = 0  # of ``sent``, events below the last seq the history held: a hole in its middle
     out_of_order: int = 0  # events whose seq was not past every seq read before it: not sent
     unreadable: int = 0  # lines of its files the JSONL readers skipped
 
@@ -74,34 +84,53 @@ def sync_run(store: BatchStore, run_dir: Path, chunk: int = CHUNK) -> SyncResult
         return result
     _warn_same_id(run_dir, run_id)
     db_max = store.max_seq(run_id)
-    last, first_bad = -1, None  # the highest seq read so far; the first event dropped
+    held = _Held(store.seq_ranges(run_id))
+    holes: list[int] = []  # the first seq of each hole found
     counts = ReadCounts()
     rows: list[dict[str, Any]] = []
-    for ev in iter_run(run_dir, counts):
+    missing, was_in_hole = 0, False  # events found in a hole; whether the last one read was
+    for ev in iter_run(run_dir, counts):  # each seq above the one before: iter_run passes repeats over
         seq = ev["seq"]
-        if seq <= last:  # repeated or out of order: a stored batch's seqs must increase strictly
-            result.out_of_order += 1
-            first_bad = first_bad or (seq, last)
-            continue
-        last = seq
-        if seq > db_max:
+        in_hole = False
+        if not held.holds(seq):
+            in_hole = seq < db_max
+            if in_hole and not was_in_hole:
+                holes.append(seq)
+            missing += in_hole
             rows.append(ev)
+        was_in_hole = in_hole
         if len(rows) >= chunk:
             result.sent += _send(store, rows, experiment_id, run_id)
             rows = []
     if rows:
         result.sent += _send(store, rows, experiment_id, run_id)
+    result.filled = min(missing, result.sent)
     result.unreadable = counts.skipped
-    if first_bad is not None:
+    if holes:
         log.warning(
-            "skipping events whose seq does not follow the seqs before them",
+            "the history lacked events in the middle of the run; sent them from its files",
             run_dir=str(run_dir),
-            events=result.out_of_order,
-            first_seq=first_bad[0],
-            after_seq=first_bad[1],
+            events=missing,
+            holes=len(holes),
+            first_seq=holes[0],
         )
-    result.recorded = _record(store, run_dir, experiment_id, run_id, counts.events - result.out_of_order)
+    result.out_of_order = counts.repeated  # iter_run warned of them
+    result.recorded = _record(store, run_dir, experiment_id, run_id, counts.events)
     return result
+
+
+class _Held:
+    """Whether a stored batch holds a seq, asked for seqs in increasing order: a walk along
+    the run's stored ranges (in ``seq_lo`` order, disjoint), read as the walk needs them."""
+
+    def __init__(self, ranges: Iterator[tuple[int, int]]) -> None:
+        self._ranges = ranges
+        self._at = next(ranges, None)
+
+    def holds(self, seq: int) -> bool:
+        while self._at is not None and self._at[1] < seq:
+            self._at = next(self._ranges, None)
+        return self._at is not None and self._at[0] <= seq
 
 
 def _held_for_another(store: BatchStore, run_dir: Path, experiment_id: str, run_id: str) -> str | None:
@@ -168,7 +197,7 @@ def _record(store: BatchStore, run_dir: Path, experiment_id: str, run_id: str, e
         summary = {**summary, "history": {**hist, "events_unsent": 0}}
         atomic_write(run_dir / SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     stored = next((r["summary"] for r in store.runs(experiment_id) if r["run_id"] == run_id), None)
-    if stored == summary:
+    if stored == store.as_stored(summary):
         return False
     started, ended = summary.get("started_ts"), summary.get("ended_ts")
     store.record_run(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from actors import Actor
+from actors import Actor, Topics
+from actors.recorder import Recorder
+from telemetry.emitter import Emitter
 
 
 class BatchProbe(Actor):
@@ -30,3 +32,12 @@ class BatchProbe(Actor):
 
     def handle_count(self, msg: dict[str, Any]) -> list[int]:
         return [self.events, self.batches]
+
+
+def recorded(root: Any, batch_size: int, **recorder: Any) -> tuple[Any, Emitter]:
+    """A Recorder of run ``exp/run`` under ``root`` (``recorder``: its options) and an Emitter
+    whose batches of ``batch_size`` go to it: the pipeline most Recorder tests drive."""
+    topics = Topics()
+    rec = Recorder.start(root, "exp", "run", **recorder)
+    topics.subscribe("events", rec)
+    return rec, Emitter(topics, "exp", "run", batch_size=batch_size)

@@ -3,6 +3,7 @@ import threading
 import warnings
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hst
@@ -572,6 +573,46 @@ def test_compare_warns_when_a_runs_values_follow_each_other():
     paired = stats.compare(list(a), list(a + _ar1(0.95, 2000, 4)), paired=True)
     assert set(paired["serial_correlation"]) == {"differences"} and paired["warning"]
     assert stats.lag1(np.array([1.0, 1.0, 1.0])) is None and stats.lag1(np.array([1.0, 2.0])) is None
+
+
+def test_values_on_either_side_of_a_missing_one_are_no_neighbours():
+    """A value recorded as not finite is a gap in the series: a run whose every other value is
+    NaN has no neighbours at all, not the strong correlation of the values two steps apart.
+    Events without the field are no observations of it (passed over), while an event whose
+    value was not finite (its ``nonfinite`` mark) is a gap."""
+    x = np.arange(400.0)
+    x[1::2] = np.nan  # a ramp, every other value missing
+    assert stats.lag1(x) is None  # no two finite values side by side
+    assert stats.lag1(x[np.isfinite(x)]) > 0.9  # read without the gaps: neighbours that were not
+    ar = _ar1(0.9, 3000, 5)
+    holes = ar.copy()
+    holes[::7] = np.nan
+    assert stats.lag1(holes) == pytest.approx(stats.lag1(ar), abs=0.03)
+    assert stats.effective_size(holes, 0.0) == int(np.isfinite(holes).sum())
+    steps = [{"name": "step", "values": {"loss": v}} for v in (1.0, 9.0, 2.0)]
+    events = [steps[0], {"name": "phase_start", "values": {}}, steps[1], {"name": "step", "nonfinite": {"loss": "nan"}}]
+    got = stats._metric_values([*events, steps[2]], "loss")
+    assert np.array_equal(got, [1.0, 9.0, np.nan, 2.0], equal_nan=True)
+    assert stats._metric_values(events, "loss", rows=True).size == 4
+
+
+def test_compare_reads_gaps_in_a_run_from_its_nonfinite_marks(tmp_path):
+    """The CLI's values keep a NaN where an event's value was not finite: compare's serial
+    correlation pairs no values across it, and its count of values counts the finite ones."""
+    from cli.runs import metric_values
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = []
+    for i in range(40):
+        ev = {"seq": i, "ts": i, "name": "step", "run_id": "r", "experiment": "e", "values": {"loss": float(i % 2)}}
+        if i % 2:
+            ev["values"] = {}
+            ev["nonfinite"] = {"loss": "nan"}
+        rows.append(orjson.dumps(ev).decode())
+    (run / "events.jsonl").write_text("\n".join(rows) + "\n")
+    got = metric_values(run, "loss")
+    assert len(got) == 40 and sum(math.isnan(v) for v in got) == 20
 
 
 @pytest.mark.parametrize(

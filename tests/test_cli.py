@@ -314,8 +314,12 @@ def test_the_printed_dashboard_line_says_the_token_guards_reading(tmp_path, caps
     assert main(["run", str(spec), "--artifacts", str(art), "--no-live", "--dashboard", "--dash-port", "0"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("dashboard: "))
     token = (art / "dashboard.token").read_text().strip()
-    says = f"?token={token}  (the token guards reading and control alike; it is kept in {art / 'dashboard.token'})"
-    assert says in line
+    says = (
+        "(a sign-in link that works once; the token, which guards reading and control alike, "
+        f"is kept in {art / 'dashboard.token'})"
+    )
+    assert says in line and "/#code=" in line
+    assert token not in line  # the token is never put in a URL: it would stay in the browser's history
 
 
 @pytest.mark.timeout(400)

@@ -152,7 +152,7 @@ def test_run_with_the_dashboard_prints_its_address(tmp_path, capsys, monkeypatch
     spec.write_text(LATENCY.format(budget=0.2, seed=1, calls=0))
     monkeypatch.setenv("CRUCIBLE_DASH_PORT", "0")  # any free port
     out = run_cli(capsys, "run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live", "--dashboard")
-    assert "dashboard: http://127.0.0.1:" in out and "?token=" in out
+    assert "dashboard: http://127.0.0.1:" in out and "/#code=" in out and "?token=" not in out
     monkeypatch.setenv("CRUCIBLE_DASH_PORT", "seventy")
     err = usage_error(capsys, "run", str(spec), "--artifacts", str(tmp_path / "art"), "--no-live", "--dashboard")
     assert "CRUCIBLE_DASH_PORT" in err
@@ -202,7 +202,7 @@ def test_compare_prints_a_table_and_refuses_a_metric_without_values(runs, capsys
     out = run_cli(capsys, "compare", dirs[0].name, dirs[1].name, "--metric", "latency_ms", "--artifacts", str(art))
     assert "latency_ms" in out and "p_value" in out and "CI of the difference" in out
     err = usage_error(capsys, "compare", dirs[0].name, dirs[1].name, "--metric", "nope", "--artifacts", str(art))
-    assert "metric 'nope' has 0 values" in err
+    assert "metric 'nope' has 0 finite values" in err
 
 
 # --- monitor ------------------------------------------------------------------------------------------

@@ -150,9 +150,10 @@ def test_the_commands_that_print_their_product_are_those_the_docs_name():
         "demo": [],
         "stop": ["x", "--to", "http://127.0.0.1:1/"],
         "lab": ["serve"],
+        "open": ["--to", "http://127.0.0.1:1/"],
     }
     prints = {c for c, rest in argv.items() if getattr(parser.parse_args([c, *rest]), "prints_result", False)}
-    assert prints == {"list", "ls", "compare", "monitor", "get", "show", "instances", "tune", "ab"}
+    assert prints == {"list", "ls", "compare", "monitor", "get", "show", "instances", "tune", "ab", "open"}
 
 
 def test_a_run_started_without_stdout_or_stderr_writes_into_no_file_of_its_own(tmp_path):

@@ -492,6 +492,7 @@ def test_client_mistakes_are_one_line_errors(daemon, tmp_path, capsys, monkeypat
         (["submit", str(binary), "--to", daemon.url], "not UTF-8 text"),
         (["ls", "--to", "http://[::1"], "is not a URL"),
         (["ls", "--to", f"{daemon.url}?token={daemon.token}"], f"give its base URL, {daemon.url}"),
+        (["ls", "--to", f"{daemon.url}#code=abc"], f"give its base URL, {daemon.url}"),  # the printed sign-in link
         (["ls", "--to", "127.0.0.1:7878"], "must be http://HOST:PORT"),
         (["ls", "--to", daemon.url.replace("http://", "http://me:hunter2@")], "has a user name or password"),
         (["submit", str(tmp_path), "--to", daemon.url], "a folder, not a file"),
@@ -592,3 +593,21 @@ def test_steering_a_running_experiment_through_the_cli_and_the_api(daemon, capsy
     finally:
         c.stop("waiting")
         c.stop("steered")
+
+
+def test_crucible_open_prints_a_new_sign_in_link_each_time(daemon, capsys, monkeypatch):
+    """The link the daemon printed works once; ``crucible open`` prints another, for the holder
+    of the token, and each one is traded for the token once."""
+    monkeypatch.setenv("CRUCIBLE_TOKEN", daemon.token)
+    links = []
+    for _ in range(2):
+        assert main(["open", "--to", daemon.url]) == 0
+        links.append(capsys.readouterr().out.strip())
+    assert links[0] != links[1] and all(link.startswith(daemon.url.rstrip("/") + "/#code=") for link in links)
+    http = httpx.Client(base_url=daemon.url, timeout=30)
+    code = links[0].split("#code=", 1)[1]
+    first = http.post("api/login", json={"code": code}, headers={"origin": daemon.url.rstrip("/")})
+    assert first.status_code == 200 and first.json()["token"] == daemon.token
+    again = http.post("api/login", json={"code": code}, headers={"origin": daemon.url.rstrip("/")})
+    assert again.status_code == 401
+    assert http.post("api/sign-in-link").status_code == 401  # no token, no link

@@ -1,3 +1,4 @@
+import concurrent.futures
 import os
 import stat
 import threading
@@ -209,10 +210,12 @@ def test_websocket_pushes_events_of_a_live_experiment(lab, dash):
     url = dash.url.replace("http://", "ws://") + "ws"
     seen = 0
     with connect(url, additional_headers={"Authorization": f"Bearer {dash.token}"}) as ws:
+        msg = orjson.loads(ws.recv(timeout=30))
+        assert msg["experiments"][0]["id"] == "dash"  # the whole list first; then what changed in it
         while seen < 50:
-            msg = orjson.loads(ws.recv(timeout=30))
-            assert msg["experiments"][0]["id"] == "dash"
             seen += len(msg["events"].get("dash", []))
+            msg = orjson.loads(ws.recv(timeout=30))
+            assert "experiments" not in msg and [e["id"] for e in msg.get("updated", [])] in ([], ["dash"])
         pushes, t0 = 0, time.monotonic()
         while time.monotonic() - t0 < 1.5:
             ws.recv(timeout=30)
@@ -309,9 +312,10 @@ def test_the_lab_knows_nothing_of_the_dashboard():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_a_daemons_queue_reaches_the_page_in_every_push(tmp_path):
-    """With a lab daemon's service behind it, each WebSocket push carries the queue (what waits
-    for a slot, in order), as GET /api/experiments does; a plain Lab's pushes carry none."""
+def test_a_daemons_queue_reaches_the_page_in_its_first_push(tmp_path):
+    """With a lab daemon's service behind it, a socket's first push carries the queue (what waits
+    for a slot, in order), as GET /api/experiments does, and later ones when it changed; a plain
+    Lab's pushes carry none."""
     from websockets.sync.client import connect
 
     from experiments.service import LabService
@@ -338,3 +342,193 @@ def test_the_last_events_of_an_experiment_that_ended_between_pushes_still_go_out
     assert exp.wait(60)  # it ended before any page asked
     pushed = source.push({})["events"].get("brief", [])
     assert pushed and pushed[-1]["seq"] == exp.query_window(("last_n", 1))[-1]["seq"]
+
+
+# --- bounded reads ------------------------------------------------------------------------------------------
+
+
+class FakeRun:
+    """An experiment's reads over a list of events (ts = 1000 * seq µs): what RunDetails asks,
+    with every event each query had to look at counted in ``looked_at``."""
+
+    def __init__(self, n, rare_every):
+        self.events = [
+            {"seq": i, "ts": 1000 * i, "name": "hypertune_action" if i % rare_every == 0 else "step", "notes": str(i)}
+            for i in range(n)
+        ]
+        self.looked_at = 0
+        self.ended = False
+
+    def wait(self, timeout=None):
+        return self.ended
+
+    def add(self, n, rare_every):
+        start = len(self.events)
+        self.events += [
+            {"seq": i, "ts": 1000 * i, "name": "hypertune_action" if i % rare_every == 0 else "step", "notes": str(i)}
+            for i in range(start, start + n)
+        ]
+
+    def query_window(self, spec, filters=None):
+        if spec[0] == "last_n":
+            return self.events[-spec[1] :]
+        lo, hi = round(spec[1] * 1e6), round(spec[2] * 1e6)
+        inside = [e for e in self.events if lo <= e["ts"] < hi]
+        self.looked_at += len(inside)
+        return [e for e in inside if e["name"] == (filters or {}).get("name", e["name"])]
+
+
+def test_run_details_search_a_bounded_range_first_then_only_what_arrived(monkeypatch):
+    """The first read of a big run searches about DETAILS_SCAN of its newest events, not the
+    whole run; each later read only what came since (and a small overlap); events found twice
+    are kept once, and only the newest of each name are kept."""
+    from dashboard import server
+
+    monkeypatch.setattr(server, "DETAILS_SCAN", 1_000)
+    monkeypatch.setattr(server, "RARE_EVENTS", {**server.RARE_EVENTS, "hypertune_action": 5})
+    run = FakeRun(100_000, rare_every=100)
+    summary = {"events_persisted": len(run.events), "started_ts": 0}
+    now = [0.0]
+    asks = concurrent.futures.ThreadPoolExecutor(len(server.RARE_EVENTS))
+    details = server.RunDetails(asks)
+    details.update(run, summary, clock=lambda: now[0])
+    per_name = len(server.RARE_EVENTS)
+    assert run.looked_at <= 2 * 1_000 * per_name  # not 100,000 per name
+    assert details.since_us is not None and details.since_us >= 1000 * (100_000 - 2_000)
+    assert [e["seq"] for e in details.newest("hypertune_action")] == [99_500, 99_600, 99_700, 99_800, 99_900]
+
+    details.update(run, summary, clock=lambda: now[0])  # read again at once: the kept answer
+    run.add(3_000, rare_every=100)
+    now[0] += server.DETAILS_MAX_AGE_S
+    before = run.looked_at
+    details.update(run, summary, clock=lambda: now[0])
+    overlap = server.DETAILS_OVERLAP_US // 1000  # events per overlap (one per ms here)
+    assert run.looked_at - before <= (3_000 + overlap + 1) * per_name
+    assert [e["seq"] for e in details.newest("hypertune_action")] == [102_500, 102_600, 102_700, 102_800, 102_900]
+
+    run.ended = True  # searched once more after its end, then never again
+    now[0] += server.DETAILS_MAX_AGE_S
+    details.update(run, summary, clock=lambda: now[0])
+    now[0] += server.DETAILS_MAX_AGE_S
+    before = run.looked_at
+    details.update(run, summary, clock=lambda: now[0])
+    assert details.final and run.looked_at == before
+    assert [e["seq"] for e in details.found["hypertune_action"]][-1] == 102_900  # what a busy search's waiter gets
+    asks.shutdown()
+
+
+def test_a_big_runs_details_come_back_within_a_lowered_scan_limit(lab, dash, monkeypatch):
+    """An ended run is answered from the history, whose scan limit (lowered here to a third of
+    the run) is far below its size: the details still come back (200), searched over the run's
+    newest events only, in every poll. (A limit that nothing fits: the next test.)"""
+    from dashboard import server
+    from telemetry import query
+    from tests.fault_helpers import persisted
+
+    exp = lab.start_experiment({**LATENCY, "metrics": {"publish_interval_s": 0.05}})
+    poll(lambda: persisted(exp) > 60_000, timeout=120, what="60,000 events persisted")
+    exp.stop()
+    total = exp.summary()["events_persisted"]
+    monkeypatch.setattr(query, "MAX_SCAN", total // 3)  # a third of the run: a whole-run search is refused
+    monkeypatch.setattr(server, "DETAILS_SCAN", 1_000)
+    c = client(dash)
+    for _ in range(2):
+        r = c.get("/api/experiments/calls")
+        assert r.status_code == 200, r.text
+        d = r.json()
+        assert d["hypertune_actions"] == [] and d["events"] == total and d["started_ts"] > 0
+        assert d["details_since"] > d["started_ts"]  # only the newest part was searched
+
+
+def test_a_query_over_the_limits_is_a_503_naming_the_limit(lab, dash, monkeypatch):
+    from dashboard import server
+    from telemetry import query
+
+    exp = lab.start_experiment(LATENCY)
+    poll(lambda: exp.metrics().get("events", 0) > 500, what="some events")
+    exp.stop()
+    monkeypatch.setattr(query, "MAX_SCAN", 0)  # not one stored batch fits
+    monkeypatch.setattr(server, "DETAILS_SCAN", 1)
+    unexpected = []
+    monkeypatch.setattr(server.log, "error", lambda *a, **k: unexpected.append((a, k)))
+    r = client(dash).get("/api/experiments/calls")
+    assert r.status_code == 503, r.text
+    assert "query limits" in r.json()["error"] and "limit of 0" in r.json()["error"]
+    assert unexpected == []  # a refusal, not a defect: no traceback in the log
+
+
+def test_history_reads_are_bounded_and_a_bad_limit_is_a_400(lab, monkeypatch):
+    """A history read holds up to 100,000 events twice (dicts, then JSON): past HISTORY_READS at
+    once, one more is a 503 with Retry-After, not another 100 MB in the Lab's process; a limit
+    below 1 or not an integer is a 400 naming it, never clamped."""
+    import concurrent.futures
+
+    from dashboard import server
+
+    monkeypatch.setattr(server, "HISTORY_READS", 1)
+    exp = lab.start_experiment(LATENCY)
+    poll(lambda: exp.metrics().get("events", 0) > 10, what="some events")
+    exp.stop()
+    started, release = threading.Event(), threading.Event()
+    real = server.iter_run
+
+    def held(run):  # the first read waits, inside its slot, until the test lets it go
+        started.set()
+        assert release.wait(60)
+        yield from real(run)
+
+    monkeypatch.setattr(server, "iter_run", held)
+    dash = Dashboard(lab, port=0)
+    try:
+        c = client(dash)
+        params = {"run_id": exp.run_id, "limit": "5"}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c.get, "/api/metrics/history", params=params)
+            assert started.wait(30)
+            busy = client(dash).get("/api/metrics/history", params=params)
+            assert busy.status_code == 503 and busy.headers["retry-after"].isdigit(), busy.text
+            assert "history reads" in busy.json()["error"]
+            release.set()
+            assert first.result(60).status_code == 200 and len(first.result().json()["events"]) == 5
+        assert c.get("/api/metrics/history", params=params).status_code == 200  # the slot is free again
+        for bad in ("-5", "0", "abc", "1.5", "100001"):
+            r = c.get("/api/metrics/history", params={"run_id": exp.run_id, "limit": bad})
+            assert r.status_code == 400 and "limit" in r.json()["error"], (bad, r.text)
+    finally:
+        release.set()
+        dash.stop()
+
+
+def test_a_push_with_nothing_changed_carries_no_list_and_no_queue(tmp_path):
+    """A push sends the experiment list only when it changed (whole when an experiment came
+    or went, else only the views that changed) and a daemon's queue only when it changed:
+    with everything ended, a second push carries neither. A new socket gets everything."""
+    from dashboard.server import SENT_KEY
+    from experiments.service import LabService
+
+    service = LabService(tmp_path / "art", max_running=1)
+    try:
+        first = service.submit({**LATENCY, "name": "first"})
+        service.submit({**LATENCY, "name": "second"})
+        service.stop("second")  # cancelled while queued: it stays in the queue's list
+        service.stop(first["id"])
+        now = [0.0]
+        source = PushSource(service.lab, service, max_age_s=0.1, clock=lambda: now[0])
+        state: dict[str, int] = {}
+        full = source.push(state)
+        assert [e["id"] for e in full["experiments"]] == ["first"]
+        assert [(q["id"], q["status"]) for q in full["queued"]] == [("second", "cancelled")]
+        for _ in range(3):
+            now[0] += 1  # a new read of the Lab each time: nothing in it changed
+            push = source.push(state)
+            assert "experiments" not in push and "updated" not in push and "queued" not in push, push
+        assert set(state) - {SENT_KEY} <= {"first"}
+        fresh = source.push({})  # another page, opened now
+        assert [e["id"] for e in fresh["experiments"]] == ["first"] and fresh["queued"]
+        third = service.submit({**LATENCY, "name": "third"})
+        now[0] += 1
+        push = source.push(state)
+        assert [e["id"] for e in push["experiments"]] == ["first", third["id"]]  # one more: the list again
+        service.stop(third["id"])
+    finally:
+        service.shutdown()

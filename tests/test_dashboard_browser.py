@@ -4,8 +4,12 @@ The screenshot is kept as a test artifact: under ``$CRUCIBLE_TEST_ARTIFACTS`` wh
 under pytest's tmp dir; the test prints where.
 """
 
+import http.server
 import os
+import re
 import shutil
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +56,7 @@ RANGES = """() => {
     .map(e => e.textContent);
   return out;
 }"""
+TOKEN_KEY = "crucible-dashboard-token"  # where app.js keeps the token (localStorage)
 HAS_PASS_LINE = "() => document.getElementById('chart')._fullLayout.shapes.length >= 1"
 ANNOTATIONS = "() => document.getElementById('chart')._fullLayout.annotations.map(a => a.text).join(' ')"
 
@@ -91,7 +96,14 @@ class Watch:
         page.on("console", lambda m: m.type == "error" and self.errors.append(f"console: {m.text}"))
         page.on("pageerror", lambda e: self.errors.append(f"exception: {e}"))
         page.on("response", lambda r: r.status >= 400 and self.errors.append(f"{r.status} {r.url}"))
-        page.on("requestfailed", lambda r: self.errors.append(f"failed: {r.url} {r.failure}"))
+        page.on("requestfailed", self._failed)
+
+    def _failed(self, request) -> None:
+        # A fetch still in flight when the page reloads or navigates, or that the page cancels
+        # itself, ends ERR_ABORTED: nothing went wrong. A server that fails it answers, resets
+        # or closes instead (ERR_EMPTY_RESPONSE, ERR_CONNECTION_RESET, ...), and is counted.
+        if request.failure != "net::ERR_ABORTED":
+            self.errors.append(f"failed: {request.url} {request.failure}")
 
 
 def covers(rng, values):
@@ -129,11 +141,10 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
             ctx = browser.new_context(viewport={"width": 1400, "height": 900})
             page = ctx.new_page()
             watch = Watch(page)
-            page.goto(f"{dash.url}?token={dash.token}")
-            # the token left the URL for an HttpOnly, SameSite=Strict cookie
-            assert page.url == dash.url
-            (cookie,) = ctx.cookies()
-            assert cookie["value"] == dash.token and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            page.goto(dash.new_sign_in_url())
+            # the one-time code was traded for the token, kept in this origin's storage, never a cookie
+            page.wait_for_function(f"() => localStorage.getItem('{TOKEN_KEY}') === '{dash.token}'", timeout=30_000)
+            assert page.url == dash.url and ctx.cookies() == []
 
             page.wait_for_function("() => window.__points > 20", timeout=30_000)
             assert page.text_content("#current") == "dash"
@@ -161,12 +172,14 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
             page.screenshot(path=str(shot), full_page=True)
             print(f"dashboard screenshot: {shot}")
 
-            # the list is updated in place: a row stays the same element across pushes, so a click lands
+            # the list is updated in place: a row stays the same element across pushes, so a click lands;
+            # the queue table is drawn when the queue changed, not on every push
             pushes = page.evaluate(
-                "() => { window.__row = document.querySelector('.exp[data-id=dash2]'); return window.__pushes; }"
+                "() => { window.__row = document.querySelector('.exp[data-id=dash2]');"
+                " window.__queueRow = document.querySelector('#queue tr:last-child'); return window.__pushes; }"
             )
             page.wait_for_function(f"() => window.__pushes > {pushes + 3}", timeout=10_000)
-            assert page.evaluate("() => window.__row.isConnected")
+            assert page.evaluate("() => window.__row.isConnected && window.__queueRow.isConnected")
             page.click(".exp[data-id='dash2']")
             page.wait_for_function(f"() => {text('current')} === 'dash2'", timeout=10_000)
             page.wait_for_function(
@@ -210,7 +223,7 @@ def test_page_text_is_never_markup(lab, dash):
         try:
             page = browser.new_page()
             watch = Watch(page)
-            page.goto(f"{dash.url}?token={dash.token}")
+            page.goto(dash.new_sign_in_url())
             page.wait_for_function(f"() => {text('params')}.includes('<img')", timeout=30_000)
             assert page.locator("#params img").count() == 0
             assert page.evaluate("window.__xss") is None
@@ -225,3 +238,224 @@ def test_page_text_is_never_markup(lab, dash):
         finally:
             browser.close()
     assert watch.errors == []
+
+
+# calls of the default checksum task: about a thousand events a second, no passes, no hypertune
+LATENCY = {"name": "calls", "time_budget_s": 600, "workload": {"name": "latency", "params": {"calls_per_step": 20}}}
+DETAILS = re.compile(r".*/api/experiments/[^/?]+$")
+CHART_X = "() => document.getElementById('chart').data.flatMap(t => Array.from(t.x))"
+
+
+def test_details_one_at_a_time_never_stale_and_times_from_the_runs_start(lab, dash):
+    """A details request that has not answered is not joined by another (a big run's answer
+    can take longer than the 2 s between polls); selecting another experiment clears the best
+    and the feed at once; a failed details call says so on the page instead of showing the
+    previous experiment's numbers. Times count from the run's start (a pass that began before
+    the events shown is not at a negative time), and the chart says it shows the newest events."""
+    from playwright.sync_api import sync_playwright
+
+    exp = lab.start_experiment(SPEC)
+    calls = lab.start_experiment(LATENCY)
+    c = api(dash)
+    wait_for(lambda: (exp.metrics().get("events") or 0) > 1_000, 60, "a colouring run with history before the page")
+    wait_for(lambda: (calls.metrics().get("events") or 0) > 1_000, 60, "a latency run with history before the page")
+    mode, held, asked = ["pass"], [], []
+
+    def on_details(route):
+        asked.append(route.request.url)
+        if mode[0] == "hold":
+            held.append(route)
+        elif mode[0] == "fail" and route.request.url.endswith("/calls"):
+            route.fulfill(status=503, content_type="application/json", body='{"error": "over the limit of 5"}')
+        else:
+            route.continue_()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.route(DETAILS, on_details)
+            page.goto(dash.new_sign_in_url())
+            page.wait_for_function(f"() => {text('current')} === 'dash' && {text('best')} !== '-'", timeout=30_000)
+            # pass 0 began before the 200 events the page was given: at 0 s or later, never before
+            page.wait_for_function(f"() => {text('passes')}.includes('after init')", timeout=30_000)
+            started = page.evaluate(
+                "() => Array.from(document.querySelectorAll('#passes tr')).slice(1).map(r => r.cells[1].textContent)"
+            )
+            assert started and all(not s.startswith("-") for s in started), started
+            assert page.evaluate("() => document.getElementById('chart')._fullLayout.xaxis.title.text") == (
+                "seconds since the run started"
+            )
+            assert min(page.evaluate(CHART_X)) > 0  # the run had been going: its events are not at 0 s
+
+            mode[0] = "hold"  # the next details request gets no answer until the test lets it go
+            page.wait_for_function("() => window.__detailsInFlight === 1", timeout=30_000)
+            skipped = page.evaluate("() => window.__detailsSkipped")
+            page.wait_for_function(f"() => window.__detailsSkipped >= {skipped + 2}", timeout=30_000)
+            assert len(held) == 1 and page.evaluate("() => window.__detailsInFlight") == 1
+
+            page.click(".exp[data-id='calls']")  # the colouring run's figures leave at once
+            assert page.text_content("#current") == "calls"
+            assert (page.text_content("#best"), page.text_content("#best-unit")) == ("-", "")
+            assert page.locator("#feed .tag").count() == 0
+
+            mode[0] = "fail"
+            for route in held:
+                route.continue_()  # the colouring run's late answer is dropped; the latency run's fails
+            page.wait_for_function(f"() => {text('details-error')}.includes('503')", timeout=30_000)
+            assert "over the limit of 5" in page.text_content("#details-error")
+            assert page.text_content("#best") == "-"
+
+            mode[0] = "pass"
+            page.wait_for_function(f"() => {text('details-error')} === '' && {text('best')} !== '-'", timeout=30_000)
+            assert page.text_content("#best-unit") == objective_of("latency").label
+            page.wait_for_function(f"() => {text('chart-note')}.includes('showing the newest')", timeout=30_000)
+            assert " of " in page.text_content("#chart-note")
+            assert min(page.evaluate(CHART_X)) > 0
+        finally:
+            browser.close()
+    assert all(DETAILS.match(u) for u in asked) and c.get("/api/experiments/calls").status_code == 200
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """Another local web server (a notebook, a dev server): records every request it gets."""
+
+    seen: list[str] = []
+
+    def do_GET(self):
+        Recorder.seen.append(f"{self.requestline}\n{self.headers}")
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html><body>another local service</body></html>")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_token_stays_in_its_origin_out_of_history_and_off_other_ports(lab, dash, tmp_path):
+    """A real profile: after signing in with the printed link, the token is in this origin's
+    storage only. No cookie, so another web server on the same host receives nothing; the
+    history holds the spent sign-in link, never the token; a reload stays signed in."""
+    from playwright.sync_api import sync_playwright
+
+    lab.start_experiment(SPEC)
+    Recorder.seen = []
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    profile = tmp_path / "profile"
+    link = dash.new_sign_in_url()
+    try:
+        with sync_playwright() as p:
+            ctx = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True, args=ARGS)
+            try:
+                page = ctx.new_page()
+                watch = Watch(page)
+                page.goto(link)
+                page.wait_for_function("() => window.__pushes > 2", timeout=30_000)
+                assert page.url == dash.url  # the code left the address bar
+                assert page.evaluate(f"() => localStorage.getItem('{TOKEN_KEY}')") == dash.token
+                assert ctx.cookies() == []
+                page.reload()  # the clean URL: still signed in, from storage
+                page.wait_for_function("() => window.__pushes > 2", timeout=30_000)
+                assert watch.errors == []
+                assert page.text_content("#conn") == "live" and page.is_hidden("#signin")
+                page.goto(f"http://127.0.0.1:{other.server_address[1]}/")  # any other local web page
+                page.goto(f"http://localhost:{other.server_address[1]}/x")
+            finally:
+                ctx.close()
+    finally:
+        other.shutdown()
+    assert len(Recorder.seen) >= 2 and not any(dash.token in r for r in Recorder.seen), Recorder.seen  # its favicon too
+    db = sqlite3.connect(f"file:{profile}/Default/History?mode=ro", uri=True)
+    try:
+        urls = [u for (u,) in db.execute("select url from urls")]
+    finally:
+        db.close()
+    assert link in urls  # what the browser recorded: the spent link...
+    assert not any(dash.token in u for u in urls), urls  # ...never the token
+
+
+def test_a_page_without_a_token_says_how_to_sign_in(lab, dash):
+    """No token, a spent link, an old ?token= link: the page says how to get in, and the token
+    pasted from the token file signs it in."""
+    from playwright.sync_api import sync_playwright
+
+    lab.start_experiment(SPEC)
+    link = dash.new_sign_in_url()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            first = browser.new_context()
+            page = first.new_page()
+            page.goto(link)
+            page.wait_for_function("() => window.__pushes > 0", timeout=30_000)
+            page = browser.new_context().new_page()  # another browser profile: the link is spent
+            page.goto(link)
+            page.wait_for_selector("#signin", state="visible", timeout=30_000)
+            assert "used already" in page.text_content("#signin-why")
+            assert "dashboard.token" in page.text_content("#signin") and page.url == dash.url
+            assert page.text_content("#conn") == "not signed in"
+            page.goto(f"{dash.url}?token={dash.token}")  # an old link: not taken, and taken out of the address bar
+            page.wait_for_selector("#signin", state="visible", timeout=30_000)
+            assert "no longer taken" in page.text_content("#signin-why") and page.url == dash.url
+            page.goto(dash.url)
+            page.wait_for_selector("#signin", state="visible", timeout=30_000)
+            assert "needs the dashboard's token" in page.text_content("#signin-why")
+            page.fill("#signin-token", dash.token)
+            page.click("#signin-save")
+            page.wait_for_function("() => window.__pushes > 0", timeout=30_000)
+            assert page.is_hidden("#signin") and page.text_content("#conn") == "live"
+            # a token this dashboard does not take (another Lab's) is dropped, and the page says so
+            page.evaluate(f"() => localStorage.setItem('{TOKEN_KEY}', 'not-this-one')")
+            page.reload()
+            page.wait_for_selector("#signin", state="visible", timeout=30_000)
+            assert "not this dashboard's" in page.text_content("#signin-why")
+            assert page.evaluate(f"() => localStorage.getItem('{TOKEN_KEY}')") is None
+        finally:
+            browser.close()
+
+
+def test_a_tab_with_an_old_token_does_not_sign_out_a_newer_tab(tmp_path):
+    """One origin keeps one token. A tab still holding the previous Lab's token (a plain Lab
+    makes a new one each run) gets a 401: it takes the token another tab signed in with since,
+    instead of erasing it (which signed the newer tab out, its one-time link spent)."""
+    import socket
+
+    from playwright.sync_api import sync_playwright
+
+    key = "crucible-dashboard-token"
+    live = "() => document.getElementById('conn')?.textContent === 'live'"  # (a reload in between)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lab1 = Lab(tmp_path / "a1")
+    d1 = Dashboard(lab1, port=port)
+    lab2 = d2 = None
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            ctx = browser.new_context()
+            old = ctx.new_page()
+            old.goto(d1.new_sign_in_url())
+            old.wait_for_function(live, timeout=30_000)
+            d1.stop()
+            lab1.shutdown()
+            old.route("**/api/**", lambda r: r.abort())  # the old tab asks nothing while...
+            lab2 = Lab(tmp_path / "a2")
+            d2 = Dashboard(lab2, port=port)  # ...the next Lab starts on the same port
+            new = ctx.new_page()
+            new.goto(d2.new_sign_in_url())
+            new.wait_for_function(live, timeout=30_000)
+            old.unroute("**/api/**")  # its old token meets a 401: it takes the newer one
+            old.wait_for_function(live, timeout=30_000)
+            assert new.evaluate(f"localStorage.getItem('{key}')") == d2.token
+            new.reload()
+            new.wait_for_function(live, timeout=30_000)
+        finally:
+            browser.close()
+            for d, lab in ((d2, lab2), (None, None)):
+                if d is not None:
+                    d.stop()
+                if lab is not None:
+                    lab.shutdown()

@@ -4,6 +4,7 @@ fast`` / ``start``) while the Recorder keeps every event."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -12,7 +13,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from actors import Topics
 from actors.recorder import Recorder
 from telemetry.emitter import Emitter
 from telemetry.history import (
@@ -27,6 +27,7 @@ from telemetry.history import (
 from telemetry.jsonl import iter_run
 from telemetry.store import DB_NAME, HistoryStore
 from telemetry.store_pg import MIGRATIONS, SCHEMA_VERSION, mask_url
+from tests.telemetry_helpers import recorded
 
 pytest_plugins = ["tests.pg_server"]  # pg (the session's server), pg_url (a fresh database on it)
 
@@ -141,6 +142,57 @@ def test_an_older_schema_is_migrated_by_the_next_writer_with_its_rows(pg_url):
         }
     ]
     store.close()
+
+
+def test_a_role_without_create_writes_to_a_migrated_history(pg, pg_url, tmp_path):
+    """A role that may only read and write the tables (no CREATE on the schema, as PostgreSQL
+    15 gives new roles on ``public``) opens a history that another role migrated, and a run
+    writes its events and its record there."""
+    open_history(pg_url).close()  # migrated by the owner
+    db = pg_url.rsplit("/", 1)[1]
+    role = f"rw_{db}"
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
+        assert not admin.execute("SELECT has_schema_privilege(%s, 'public', 'CREATE')", (role,)).fetchone()[0]
+    url = pg_url.replace("postgresql://postgres@", f"postgresql://{role}@")
+    rec, em = recorded(tmp_path, 10, history=url)
+    emit_n(em, 30)
+    em.close()
+    assert rec.ask({"kind": "flush"})["persisted"] == 30
+    rec.stop()
+    assert history_seqs(pg_url, "run") == list(range(30))
+    store = open_history(url, readonly=True)
+    try:
+        assert [r["run_id"] for r in store.runs()] == ["run"]
+    finally:
+        store.close()
+    assert versions(pg_url) == [(v, what) for v, what, _ in MIGRATIONS]
+
+
+def test_a_nul_in_a_summary_is_written_out_and_the_run_recorded(pg_url, tmp_path, capsys):
+    """PostgreSQL's JSONB cannot hold NUL: a value or phase name that has one is stored with the
+    NUL written as the six characters \\u0000 (the run's summary.json keeps it as it is), so the
+    run is recorded, and a sync finds the record there, not different."""
+    from supervisor import main
+
+    rec, em = recorded(tmp_path, 10, history=pg_url)
+    for i in range(20):
+        em.emit("step", {"x": float(i), "bad\x00key": 2.0}, phase="ph\x00ase", step=i)
+    em.close()
+    assert rec.ask({"kind": "flush"})["persisted"] == 20
+    rec.stop()
+    store = open_history(pg_url, readonly=True)
+    try:
+        (row,) = store.runs()
+    finally:
+        store.close()
+    phase = row["summary"]["phases"]["ph\\u0000ase"]
+    assert phase["events"] == 20 and phase["max"]["bad\\u0000key"] == 2.0
+    assert history_seqs(pg_url, "run") == list(range(20))
+    capsys.readouterr()
+    assert main(["sync", "--artifacts", str(tmp_path), "--history", pg_url]) == 0
+    assert "exp/run: up to date" in capsys.readouterr().out
 
 
 def test_a_newer_schema_is_refused_by_name(pg_url):
@@ -488,10 +540,7 @@ def server_back(pg):
 @pytest.mark.parametrize("buffer", [1_000_000, 120], ids=["in-memory", "spilled"])
 def test_a_recorder_waits_out_a_server_restart_and_loses_nothing(server_back, pg_url, tmp_path, buffer):
     srv = server_back
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", history=pg_url, history_buffer=buffer, history_retry_s=(0.05, 0.5))
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=40)
+    rec, em = recorded(tmp_path, 40, history=pg_url, history_buffer=buffer, history_retry_s=(0.05, 0.5))
     emit_n(em, 400)
     em.flush()
     assert rec.ask({"kind": "flush"})["persisted"] == 400
@@ -524,14 +573,116 @@ def test_a_recorder_waits_out_a_server_restart_and_loses_nothing(server_back, pg
     assert a["balanced"] and a["dropped"] == 0
 
 
+class LostAnswerProxy:
+    """A TCP proxy to the server that, once armed (:meth:`arm`), forwards the next ``COMMIT`` (the
+    server commits it) and never relays the answer: it cuts every connection as the answer
+    comes and refuses new ones until :meth:`reopen`. The network cut right after a commit."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        self.answer_lost = threading.Event()
+        self.cut = threading.Event()
+        self._muted: socket.socket | None = None
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, url: str) -> str:
+        return url.replace(f":{self.target}/", f":{self.port}/")
+
+    def arm(self) -> None:
+        self.armed.set()
+
+    def reopen(self) -> None:
+        self.cut.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        self._cut_all()
+
+    def _cut_all(self) -> None:
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if self.cut.is_set():
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self._socks += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if from_client and self.armed.is_set() and b"COMMIT" in data:
+                    self.armed.clear()
+                    self.cut.set()
+                    self._muted = dst  # what the server says next on this connection reaches no one
+                elif not from_client and self._muted is src:
+                    self._muted = None
+                    self.answer_lost.set()
+                    self._cut_all()
+                    return
+                dst.sendall(data)
+
+
+@pytest.fixture
+def lost_answer(pg):
+    proxy = LostAnswerProxy(pg.port)
+    yield proxy
+    proxy.close()
+
+
+def test_events_sent_again_after_a_lost_commit_answer_are_all_stored(lost_answer, pg_url, tmp_path):
+    """The server commits a batch but its answer never comes, and the outage then spills: the
+    Recorder re-reads the waiting events from its files, in chunks that start with the batch
+    the server already holds. Every event must reach the history once (the history keeping the
+    stored batch and dropping the rest of the chunk lost them while counting them persisted)."""
+    proxy = lost_answer
+    rec, em = recorded(tmp_path, 40, history=proxy.url(pg_url), history_buffer=50, history_retry_s=(0.05, 0.2))
+    emit_n(em, 400)
+    em.flush()
+    assert rec.ask({"kind": "flush"})["persisted"] == 400
+    proxy.arm()
+    emit_n(em, 40, start=400)  # one batch: its commit reaches the server, its answer is lost
+    em.flush()
+    rec.ask({"kind": "flush"})
+    assert proxy.answer_lost.is_set()
+    assert history_seqs(pg_url, "run") == list(range(440))  # the server has it
+    emit_n(em, 560, start=440)  # past history_buffer: spilled, to be re-read from the files
+    em.flush()
+    rec.ask({"kind": "flush"})
+    h = rec.ask({"kind": "summary"})["history"]
+    assert not h["available"] and h["events_spilled"] > 0 and h["events_waiting"] == 600, h
+    proxy.reopen()
+    until(lambda: rec.ask({"kind": "summary"})["history"]["available"], what="the Recorder reaching the server")
+    emit_n(em, 200, start=1000)
+    em.close()
+    assert rec.ask({"kind": "flush"})["persisted"] == 1200
+    rec.stop()
+    assert history_seqs(pg_url, "run") == list(range(1200))  # every event, once, in order
+
+
 def test_a_stop_while_the_server_is_away_keeps_the_events_in_the_files(server_back, pg_url, tmp_path):
     """The stop waits a little, then gives up: the waiting events are on disk (the reference),
     counted as persisted and as unsent; a Recorder that reopens the run back-fills them."""
     srv = server_back
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", history=pg_url, history_stop_wait_s=0.5)
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=25)
+    rec, em = recorded(tmp_path, 25, history=pg_url, history_stop_wait_s=0.5)
     emit_n(em, 100)
     em.flush()
     rec.ask({"kind": "flush"})
@@ -546,6 +697,7 @@ def test_a_stop_while_the_server_is_away_keeps_the_events_in_the_files(server_ba
 
     s = orjson.loads((tmp_path / "exp" / "run" / "summary.json").read_bytes())
     assert s["events_persisted"] == 250 and s["history"]["events_unsent"] == 150
+    assert s["history"]["available"] is False and "unavailable" in s["history"]["error"]  # as it stopped
     assert s["accounting"]["balanced"] and counters["emitted"] == 250
     srv.start()
     assert history_seqs(pg_url, "run") == list(range(100))

@@ -262,8 +262,11 @@ def test_no_action_and_no_reward_before_the_objective_has_a_value():
 # --- pauses ---------------------------------------------------------------------------------------------
 
 
-def pause(ht, at_s, paused):
-    ht.tell({"kind": "counters", "run_id": "run", "counters": {}, "paused": paused, "at": int(at_s * S)})
+def pause(ht, at_s, paused, length_s=None):
+    """The phase's ``paused`` / ``unpaused`` mark at ``at_s`` (``unpaused`` with the pause's length)."""
+    values = {"active_s": 0.0} if length_s is None else {"active_s": 0.0, "paused_s": length_s}
+    row = {"seq": 0, "ts": int(at_s * S), "name": "paused" if paused else "unpaused", "phase": "tabu", "values": values}
+    feed(ht, decode(encode(rows_to_batch([row], "exp", "run"))))
 
 
 def test_a_pause_shorter_than_the_window_is_no_stall():
@@ -303,9 +306,26 @@ def test_a_pause_is_left_out_of_an_outcomes_window():
             r.stop()
 
 
+def test_a_hypertune_that_missed_the_pauses_start_takes_its_length_from_the_unpaused_mark():
+    """Restarted during a pause, hypertune never saw ``paused``: the ``unpaused`` mark says how
+    long the pause lasted, and the stall window leaves it out all the same."""
+    phase, ht = tree(window_s=2.0)
+    try:
+        feed(ht, steps(0, 10, 0.1, lambda n: [5] * n))
+        pause(ht, 2.82, False, length_s=1.9)
+        state = feed(ht, steps(2.85, 1, 0.1, lambda n: [5] * n))
+        assert sent(phase) == [] and state["paused_s"] == pytest.approx(1.9)
+        pause(ht, 2.9, False)  # an unpaused mark without a length (an older run's) adds nothing
+        assert feed(ht)["paused_s"] == pytest.approx(1.9)
+    finally:
+        for r in (ht, phase):
+            r.stop()
+
+
 def test_the_phase_tells_hypertune_of_its_pauses(tmp_path):
-    """The real signal: the phase announces its pause and its resume on the events topic (as
-    its counters), before the Lab detaches hypertune and after it attaches it again."""
+    """The real signal: the phase marks its pause and its resume in its events, the first
+    before the Lab detaches hypertune and the second after it attaches it again; the second
+    says how long the pause lasted."""
     lab = Lab(tmp_path / "art")
     spec = {
         "name": "ht-pause",
@@ -328,6 +348,9 @@ def test_the_phase_tells_hypertune_of_its_pauses(tmp_path):
         exp.stop()
     finally:
         lab.shutdown()
+    marks = [e for e in iter_run(exp.run_dir) if e["name"] in ("paused", "unpaused")]
+    assert [e["name"] for e in marks] == ["paused", "unpaused"]
+    assert marks[1]["values"]["paused_s"] == pytest.approx((marks[1]["ts"] - marks[0]["ts"]) / 1e6, abs=0.05)
 
 
 # --- the colouring workload's side, through the phase ----------------------------------------------

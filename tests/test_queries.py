@@ -1,4 +1,5 @@
 import datetime as dt
+import itertools
 import time
 
 import numpy as np
@@ -211,6 +212,35 @@ def test_damaged_batches_in_the_history_are_skipped_and_counted(new_store):
     }
     assert got == want
     assert store.skipped_batches == 3 * 5  # each of the five reads met the three
+
+
+def test_a_batch_sent_again_with_other_boundaries_stores_every_event_once(new_store):
+    """Events sent again in batches cut otherwise than the stored ones (a commit whose answer
+    was lost, re-read from the run's files as one chunk from the first seq not known stored):
+    the history keeps what it holds and takes every event it lacks, once, in batches that never
+    overlap. A chunk that starts where a stored batch starts is not that batch."""
+    rows = make_rows([T0 + k * S for k in range(100)])
+    store = new_store()
+
+    def put(lo: int, hi: int) -> None:
+        part = rows[lo:hi]
+        b = rows_to_batch(part, "exp", "run")
+        store.insert_batch("exp", "run", [lo, hi - 1], part[0]["ts"], part[-1]["ts"], encode(b), n=len(part))
+
+    for lo, hi in ((0, 10), (10, 20), (30, 40)):
+        put(lo, hi)
+        assert store.commit() == hi - lo
+    put(10, 60)  # starts with a stored batch, spans a gap, a stored batch, and new events
+    assert store.commit() == 30
+    put(55, 80)  # starts inside a stored batch
+    assert store.commit() == 20
+    put(0, 80)  # all there
+    put(80, 81)
+    assert store.commit() == 1
+    assert [e["seq"] for e in store.iter_events(run_id="run")] == list(range(81))
+    assert store.query("exp", ("last_n", 1000)) == rows[:81]  # every field of every event, as sent
+    ranges = list(store.seq_ranges("run"))
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges)), ranges
 
 
 def test_a_damaged_run_summary_in_the_history_reads_as_none(tmp_path):
@@ -572,3 +602,19 @@ def test_a_last_n_past_int64_is_a_query_error_not_an_encoding_failure():
     with pytest.raises(QueryError, match=r"N must be an integer in \[0, 2\*\*63\)"):
         Window(("last_n", 1 << 64), 0)
     assert Window(("last_n", (1 << 63) - 1), 0).last_n == (1 << 63) - 1
+
+
+def test_the_live_index_takes_now_as_never_before_its_newest_event():
+    """After the wall clock stepped back, event time runs ahead of it (telemetry.emitter): the
+    last minute of a live run is the minute before its newest event, not an empty window in
+    the wall clock's past."""
+    import time
+
+    ahead = int(time.time() * 1e6) + 3_600_000_000  # an hour ahead of the wall clock
+    rows = [
+        {"seq": i, "ts": ahead + i * 1_000_000, "name": "tick", "values": {"x": float(i)}, "pass": 0} for i in range(5)
+    ]
+    idx = LiveIndex("exp")
+    idx.append_batch(rows_to_batch(rows, "exp", "run"))
+    assert [e["seq"] for e in idx.query(("last", 60, "s"))] == [0, 1, 2, 3, 4]
+    assert [e["seq"] for e in idx.query(("last", 2, "s"))] == [2, 3, 4]

@@ -16,7 +16,7 @@ from telemetry.export import export_experiment, export_run
 from telemetry.jsonl import iter_run, run_segments
 from telemetry.rundir import ArtifactsError, summary_best
 from telemetry.schema import SchemaError
-from tests.telemetry_helpers import BatchProbe
+from tests.telemetry_helpers import BatchProbe, recorded
 
 pytest_plugins = ["tests.pg_server"]  # history_target: the history tests run on SQLite and PostgreSQL
 
@@ -151,10 +151,7 @@ def test_recorder_crash_under_supervisor_loses_no_acknowledged_event(tmp_path, h
 
 
 def test_restart_cuts_torn_line_and_continues_without_duplicates(tmp_path, history_target):
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", history=history_target)
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=10)
+    rec, em = recorded(tmp_path, 10, history=history_target)
     emit_n(em, 100)
     em.close()
     rec.stop()
@@ -177,10 +174,7 @@ def test_restart_cuts_torn_line_and_continues_without_duplicates(tmp_path, histo
 
 
 def test_rotation_keeps_order_across_files(tmp_path):
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", rotate_bytes=4096)
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=20)
+    rec, em = recorded(tmp_path, 20, rotate_bytes=4096)
     emit_n(em, 400)
     em.close()
     rec.stop()
@@ -195,10 +189,7 @@ def test_rotation_keeps_order_across_files(tmp_path):
 def test_sqlite_is_backfilled_from_jsonl_after_a_crash(tmp_path):
     import sqlite3
 
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run")
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=10)
+    rec, em = recorded(tmp_path, 10)
     emit_n(em, 50)
     em.close()
     rec.stop()
@@ -244,10 +235,7 @@ def test_a_locked_sqlite_history_is_waited_for_like_an_absent_server(tmp_path):
     order, when the lock is released."""
     from tests.fault_helpers import until
 
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run")
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=25)
+    rec, em = recorded(tmp_path, 25)
     emit_n(em, 100)
     em.flush()
     assert rec.ask({"kind": "flush"})["persisted"] == 100
@@ -269,10 +257,7 @@ def test_a_locked_sqlite_history_is_waited_for_like_an_absent_server(tmp_path):
 
 
 def test_a_stop_while_the_history_is_locked_keeps_the_events_and_a_reopen_sends_them(tmp_path):
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", history_stop_wait_s=0.3)
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=25)
+    rec, em = recorded(tmp_path, 25, history_stop_wait_s=0.3)
     emit_n(em, 50)
     em.flush()
     rec.ask({"kind": "flush"})
@@ -284,6 +269,7 @@ def test_a_stop_while_the_history_is_locked_keeps_the_events_and_a_reopen_sends_
     s = orjson.loads((tmp_path / "exp" / "run" / "summary.json").read_bytes())
     assert s["events_persisted"] == 125 == counters["emitted"] and s["history"]["events_unsent"] == 75
     assert s["storage_error"] is None and s["accounting"]["balanced"]
+    assert s["history"]["available"] is False and "locked" in s["history"]["error"]  # its last commit did not get in
     again = Recorder.start(tmp_path, "exp", "run")  # still locked: nothing fails, the count stays
     assert again.ask({"kind": "summary"})["history"]["events_unsent"] == 75
     assert again.ask({"kind": "summary"})["storage_error"] is None
@@ -304,10 +290,7 @@ def test_sync_sends_what_a_stop_left_unsent(tmp_path, capsys):
     from telemetry.store import HistoryStore
     from telemetry.sync import sync_run
 
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", history_stop_wait_s=0.2)
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=25)
+    rec, em = recorded(tmp_path, 25, history_stop_wait_s=0.2)
     emit_n(em, 40)
     em.flush()
     rec.ask({"kind": "flush"})
@@ -345,6 +328,93 @@ def test_sync_sends_what_a_stop_left_unsent(tmp_path, capsys):
     store.close()
     assert history_seqs(tmp_path) == list(range(100))  # nothing twice
     assert history_seqs(tmp_path, "lag") == list(range(100))
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_history_file_deleted_or_replaced_mid_run_is_noticed_and_sync_rebuilds_it(tmp_path, how, capsys):
+    """The SQLite history removed under a running Recorder (or replaced by another file): the
+    Recorder's commits would go into a file no one reads. It notices at its next commit, says
+    so naming the file and the repair, and counts what follows as unsent; sync rebuilds it."""
+    from structlog.testing import capture_logs
+
+    from supervisor import main
+    from telemetry.store import HistoryStore
+
+    rec, em = recorded(tmp_path, 25)
+    emit_n(em, 100)
+    em.flush()
+    assert rec.ask({"kind": "flush"})["persisted"] == 100
+    db = tmp_path / "history.sqlite3"
+    for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        p.unlink(missing_ok=True)
+    if how == "replaced":
+        HistoryStore(db).close()  # another history at the same name
+    with capture_logs() as logs:
+        emit_n(em, 150, start=100)
+        counters = em.close()
+        assert rec.ask({"kind": "flush"})["persisted"] == 250
+    (warned,) = [e for e in logs if e["event"].startswith("history deleted or replaced during the run")]
+    assert "crucible sync" in warned["event"] and str(db) in warned["error"] and how in warned["error"], warned
+    s = rec.ask({"kind": "summary"})
+    h = s["history"]
+    assert h["available"] is False and how in h["error"] and h["events_unsent"] == 150, h
+    assert s["accounting"]["balanced"] and s["storage_error"] is None and counters["emitted"] == 250
+    rec.stop()
+    assert seqs_on_disk(tmp_path / "exp" / "run") == list(range(250))
+    capsys.readouterr()
+    assert main(["sync", "--artifacts", str(tmp_path)]) == 0
+    assert "exp/run: sent 250 event(s); summary recorded" in capsys.readouterr().out
+    assert history_seqs(tmp_path) == list(range(250))
+
+
+def test_an_artifacts_folder_whose_name_is_not_utf8_keeps_the_runs_summary_and_record(tmp_path, history_target, capsys):
+    """An artifacts folder named in Latin-1 (not UTF-8, so Python reads it with surrogates that
+    JSON, SQLite and PostgreSQL refuse): the run's summary and its history record are written,
+    the path shown with the byte escaped (``\\xe9``), and ``crucible list --json`` lists it."""
+    from supervisor import main
+    from telemetry.history import open_history
+
+    art = tmp_path / os.fsdecode(b"caf\xe9")
+    rec, em = recorded(art, 25, history=history_target)
+    emit_n(em, 50)
+    em.close()
+    assert rec.ask({"kind": "flush"})["persisted"] == 50
+    rec.stop()
+    shown = str(tmp_path / "caf\\xe9" / "exp" / "run")
+    s = orjson.loads((art / "exp" / "run" / "summary.json").read_bytes())
+    assert s["events_persisted"] == 50 and s["run_dir"] == shown
+    store = open_history(history_target, artifacts=art, readonly=True)
+    try:
+        (row,) = store.runs()
+    finally:
+        store.close()
+    assert row["run_dir"] == shown and row["summary"]["events_persisted"] == 50
+    capsys.readouterr()
+    named = [] if history_target is None else ["--history", history_target]
+    assert main(["list", "--artifacts", str(art), "--json", *named]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    info = orjson.loads(line)
+    assert (info["path"], info["events"], info["source"]) == (shown, 50, "history")
+
+
+@pytest.mark.parametrize("with_bad_event", [False, True])
+def test_a_bool_value_is_one_or_zero_whatever_else_its_batch_holds(tmp_path, with_bad_event):
+    """A bool is a number (1 or 0) in every path: the batch's fast columns, the event by event
+    rebuild after a bad event in the same batch, and the debug check."""
+    rec, em = recorded(tmp_path, 8)
+    em.emit("step", {"converged": True, "loss": 1.0})
+    if with_bad_event:
+        em.emit("step", {"loss": "not a number"})
+    em.emit("step", {"converged": False, "loss": 0.5})
+    counters = em.close()
+    assert counters["emitted"] == 2 and counters["rejected"] == int(with_bad_event)
+    rec.ask({"kind": "flush"})
+    events = list(iter_run(tmp_path / "exp" / "run"))
+    rec.stop()
+    assert [e["values"] for e in events] == [{"converged": 1.0, "loss": 1.0}, {"converged": 0.0, "loss": 0.5}]
+    strict = Emitter(Topics(), "exp", "run2", debug=True)
+    strict.emit("step", {"converged": True})
+    assert strict.close()["rejected"] == 0
 
 
 def test_bad_input_is_rejected_clearly(tmp_path):
@@ -413,10 +483,7 @@ def test_unwritable_artifacts_fail_at_start(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_export_run_and_experiment(tmp_path, fmt, history_target):
-    topics = Topics()
-    rec = Recorder.start(tmp_path / "art", "exp", "run", history=history_target)
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=32)
+    rec, em = recorded(tmp_path / "art", 32, history=history_target)
     emit_n(em, 300)
     em.close()
     rec.stop()
@@ -436,10 +503,7 @@ def test_export_run_and_experiment(tmp_path, fmt, history_target):
 
 
 def test_events_with_and_without_values_mix_in_one_batch(tmp_path):
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run")
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=8)
+    rec, em = recorded(tmp_path, 8)
     for i in range(20):
         em.emit("a", {"x": float(i)}) if i % 3 else em.emit("b")  # values=None in between
     counters = em.close()
@@ -453,10 +517,7 @@ def test_events_with_and_without_values_mix_in_one_batch(tmp_path):
 def test_the_history_keeps_each_runs_summary(tmp_path, history_target):
     from telemetry.history import open_history
 
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", history=history_target)
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=10)
+    rec, em = recorded(tmp_path, 10, history=history_target)
     emit_n(em, 25)
     em.close()
     rec.ask({"kind": "flush"})
@@ -473,10 +534,7 @@ def test_live_answers_need_no_events_the_bounded_index_dropped(tmp_path, history
     ones is answered from the history, so live and history agree."""
     from telemetry.query import query_answer
 
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", index_limit=100, history=history_target)
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=50)
+    rec, em = recorded(tmp_path, 50, index_limit=100, history=history_target)
     emit_n(em, 1000)
     em.close()
     rec.ask({"kind": "flush"})
@@ -497,10 +555,7 @@ def test_live_answers_need_no_events_the_bounded_index_dropped(tmp_path, history
 def test_the_best_of_a_field_follows_its_declared_direction(tmp_path):
     """A field the run maximises is best at its highest across phases, any other at its lowest;
     the summary says which fields are maximised, so a reader needs nothing else."""
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run", maximize=["score"])
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=8)
+    rec, em = recorded(tmp_path, 8, maximize=["score"])
     for phase, xs in (("a", [3.0, 7.0, 5.0]), ("b", [9.0, 1.0]), ("c", [4.0])):
         for x in xs:
             em.emit("step", {"score": x, "loss": 10.0 - x}, phase=phase)
@@ -560,7 +615,8 @@ def test_a_phase_duration_is_its_own_time_when_passes_interleave_the_phases(tmp_
     from experiments.monitor import run_summary
 
     seconds = iter([0, 1, 2, 3, 4, 5, 6, 7, 9])
-    monkeypatch.setattr("telemetry.emitter._time_ns", lambda: next(seconds) * 1_000_000_000)
+    monkeypatch.setattr("telemetry.emitter._clock_ns", lambda: next(seconds) * 1_000_000_000)
+    monkeypatch.setattr("telemetry.emitter._wall_offset_ns", lambda: 0)
     topics = Topics()
     rec = Recorder.start(tmp_path, "exp", "run")
     topics.subscribe("events", rec)
@@ -608,11 +664,9 @@ def test_a_phase_duration_leaves_out_pauses_and_a_crashs_downtime(tmp_path, monk
 
     script = [(int(t), name) for t, name in (item.split() for item in script.split(", "))]
     seconds = iter(t for t, _ in script)
-    monkeypatch.setattr("telemetry.emitter._time_ns", lambda: next(seconds) * 1_000_000_000)
-    topics = Topics()
-    rec = Recorder.start(tmp_path, "exp", "run")
-    topics.subscribe("events", rec)
-    em = Emitter(topics, "exp", "run", batch_size=3)
+    monkeypatch.setattr("telemetry.emitter._clock_ns", lambda: next(seconds) * 1_000_000_000)
+    monkeypatch.setattr("telemetry.emitter._wall_offset_ns", lambda: 0)
+    rec, em = recorded(tmp_path, 3)
     for _, name in script:
         em.emit(name, {"x": 1.0}, phase="calls")
     em.close()
@@ -625,3 +679,47 @@ def test_a_phase_duration_leaves_out_pauses_and_a_crashs_downtime(tmp_path, monk
     finally:
         again.stop()
     assert run_summary(tmp_path / "exp" / "run")["phases"]["calls"]["duration_s"] == expected
+
+
+STEPPED_CLOCK = """
+import sys, time
+real = time.time_ns
+step = [0]
+time.time_ns = lambda: real() - step[0]  # the system's wall clock, as every reader sees it
+from actors import Topics
+from actors.recorder import Recorder
+from telemetry.emitter import Emitter
+from telemetry.jsonl import iter_run
+topics = Topics()
+rec = Recorder.start(sys.argv[1], "exp", "run")
+topics.subscribe("events", rec)
+em = Emitter(topics, "exp", "run", batch_size=1)
+em.emit("step", {"x": 1.0})
+rec.ask({"kind": "flush"})
+step[0] = 3600 * 10**9  # an NTP correction: the wall clock steps an hour back
+em.emit("step", {"x": 2.0})
+rec.ask({"kind": "flush"})
+step[0] = -3600 * 10**9  # and then an hour forward of the true time (a clock set after boot)
+em.emit("step", {"x": 3.0})
+rec.ask({"kind": "flush"})
+em.close()
+rec.stop()
+print(*(e["ts"] for e in iter_run(sys.argv[1] + "/exp/run")))
+"""
+
+
+def test_event_time_goes_on_when_the_wall_clock_steps_back(tmp_path):
+    """Event time follows the wall clock forward and never back: a step back of the wall clock
+    (an hour, here) used to freeze every later event at the last time seen, until the wall
+    clock caught up (a sliding window, a stall detector and durations saw no time pass); it now
+    goes on with the monotonic clock. A step forward is followed."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", STEPPED_CLOCK, str(tmp_path)], capture_output=True, text=True, timeout=120, check=True
+    )
+    first, second, third = map(int, out.stdout.split())
+    assert 0 < second - first < 60_000_000  # µs: time went on, neither frozen nor an hour back
+    assert abs(first - time.time_ns() // 1000) < 600_000_000
+    assert abs(third - first - 3_600_000_000) < 60_000_000  # a step forward is followed: the wall clock's time

@@ -4,8 +4,10 @@ bare 500."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from dashboard.server import Dashboard
 from experiments.service import LabLocked, LabService
-from telemetry.rundir import QUEUE_FILE
+from telemetry.rundir import QUEUE_FILE, run_status
 from tests.fault_helpers import latency_spec, until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +31,9 @@ def test_a_queued_item_that_had_started_before_the_crash_is_not_started_again(tm
     """Killed between a start and the queue's rewrite: the item's folder exists, so it is not
     started a second time under a made-up id."""
     art = tmp_path / "art"
-    (art / "job-2" / "20260101T000000Z-aaaaaa").mkdir(parents=True)  # what the earlier start left
+    run = art / "job-2" / "20260101T000000Z-aaaaaa"  # what the earlier start left: a run that ended since
+    run.mkdir(parents=True)
+    (run / "lifecycle.json").write_bytes(orjson.dumps({"schema": 1, "status": "stopped", "reason": "budget"}))
     (art / QUEUE_FILE).write_bytes(orjson.dumps({"schema": 1, "queue": [_queued("job-2"), _queued("job-3")]}))
     service = LabService(art, max_running=1)
     try:
@@ -237,5 +241,214 @@ def test_a_retry_of_a_submission_whose_record_was_let_go_still_says_how_it_ended
     service = LabService(art, max_running=1, keep_ended=1)  # and after a restart: kept with the keys
     try:
         assert service.submit(latency_spec("q1"), key="k-q1")["status"] == "cancelled"
+    finally:
+        service.shutdown()
+
+
+def _disk_full_at_start(service: LabService, monkeypatch) -> threading.Event:
+    """While the returned event is set, a tree cannot start for want of disk space (the run's
+    folder is made; its start fails as on a full disk)."""
+    from experiments.lab import Experiment
+
+    full = threading.Event()
+    full.set()
+    real = Experiment.child_spec
+
+    def child_spec(exp):
+        if full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(exp)
+
+    monkeypatch.setattr(Experiment, "child_spec", child_spec)
+    return full
+
+
+def _ended(service: LabService, ids: list[str]) -> bool:
+    got = {e["id"]: e["status"] for e in service.list(history=True)}
+    return all(got.get(i) == "stopped" for i in ids)
+
+
+def _runs_after_a_restart(art: Path, exp_id: str) -> None:
+    """The next daemon on ``art`` runs the held submission ``exp_id`` (it is still queued)."""
+    again = LabService(art, max_running=1)
+    try:
+        until(lambda: _ended(again, [exp_id]), 60, "the held submission to run")
+    finally:
+        again.shutdown()
+
+
+def test_a_full_disk_at_start_holds_the_queue_until_space_is_back(tmp_path, monkeypatch):
+    """A start that fails for the machine's sake leaves the submission queued, says why, and
+    the queue goes on once the disk has room again: it used to mark every queued item failed
+    within a second, and a retry with its key only got the failure back."""
+    monkeypatch.setattr("experiments.service.HOLD_RETRY_S", (0.05, 0.2))
+    service = LabService(tmp_path / "art", max_running=1)
+    try:
+        full = _disk_full_at_start(service, monkeypatch)
+        ids = [service.submit(latency_spec("job", budget=0.2))["id"] for _ in range(3)]
+        entries = {e["id"]: e for e in service.list(history=False)}
+        assert [entries[i]["status"] for i in ids] == ["queued"] * 3
+        assert "No space left on device" in entries[ids[0]]["reason"] and "reason" not in entries[ids[1]]
+        full.clear()
+        until(lambda: _ended(service, ids), 60, "the held queue to run")
+    finally:
+        service.shutdown()
+
+
+def test_a_held_queue_tries_again_on_its_timer_alone(tmp_path, monkeypatch):
+    """Submissions while the queue is held try its head again; a failure of theirs keeps the
+    timer and its wait (the wait doubles only when the timer's own try fails), and says nothing
+    more than the first hold said."""
+    from structlog.testing import capture_logs
+
+    monkeypatch.setattr("experiments.service.HOLD_RETRY_S", (3600.0, 7200.0))
+    service = LabService(tmp_path / "art", max_running=1)
+    try:
+        _disk_full_at_start(service, monkeypatch)
+        with capture_logs() as logs:
+            for _ in range(3):
+                service.submit(latency_spec("job", budget=0.2))
+        held = [e for e in logs if e["event"].startswith("queue held")]
+        assert [(e["log_level"], e["retry_s"]) for e in held] == [("error", 3600.0)]
+        assert [e["status"] for e in service.list(history=False)] == ["queued"] * 3
+    finally:
+        service.shutdown()
+
+
+def test_a_held_submission_is_still_queued_after_a_restart(tmp_path, monkeypatch):
+    """The failed tries leave run folders that say so; the next daemon on the folder does not
+    take them for a start that happened (it used to drop the submission as started)."""
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1)
+    try:
+        full = _disk_full_at_start(service, monkeypatch)
+        (exp_id,) = [service.submit(latency_spec("job", budget=0.2))["id"]]
+    finally:
+        service.shutdown()
+    full.clear()  # room again, for the next daemon
+    assert [run_status(r).status for r in (art / exp_id).iterdir()] == ["failed"]  # the failed try, recorded
+    _runs_after_a_restart(art, exp_id)
+
+
+def test_an_end_whose_record_cannot_be_written_is_written_once_it_can(tmp_path, monkeypatch):
+    """A run that ended while its lifecycle record could not be written (a full disk) keeps
+    trying: a record left saying running would have the next daemon resume a run that ended
+    (one answered failed would run after all)."""
+    from experiments import lab as lab_module
+    from supervisor import Lab
+
+    monkeypatch.setattr(lab_module, "FINAL_RECORD_RETRY_S", (0.05, 0.2))
+    lab = Lab(tmp_path / "art")
+    try:
+        exp = lab.start_experiment(latency_spec("job", budget=300))
+        real = lab_module.write_json
+        fails = iter(range(3))
+
+        def write_json(path, data, *args, **kwargs):
+            if path.name == "lifecycle.json" and data.get("status") != "running" and next(fails, None) is not None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, data, *args, **kwargs)
+
+        monkeypatch.setattr(lab_module, "write_json", write_json)
+        exp.stop()
+        assert exp.final_record_written.wait(30)
+        assert run_status(exp.run_dir).status == "stopped"
+    finally:
+        lab.shutdown()
+
+
+def test_the_labs_shutdown_makes_a_last_try_at_an_owed_end_record(tmp_path, monkeypatch):
+    """The background tries wait longer each time; a Lab shutting down (a daemon stopped once
+    the disk has room) writes the owed record before it returns, instead of leaving it to a
+    thread the process exit kills."""
+    from experiments import lab as lab_module
+    from supervisor import Lab
+
+    monkeypatch.setattr(lab_module, "FINAL_RECORD_RETRY_S", (3600.0, 3600.0))  # no background try in time
+    lab = Lab(tmp_path / "art")
+    full = threading.Event()
+    try:
+        exp = lab.start_experiment(latency_spec("job", budget=300))
+        real = lab_module.write_json
+
+        def write_json(path, data, *args, **kwargs):
+            if path.name == "lifecycle.json" and full.is_set():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, data, *args, **kwargs)
+
+        monkeypatch.setattr(lab_module, "write_json", write_json)
+        full.set()
+        exp.stop()
+        assert not exp.final_record_written.is_set() and run_status(exp.run_dir).status != "stopped"
+        full.clear()  # room again
+    finally:
+        lab.shutdown()
+    assert exp.final_record_written.is_set() and run_status(exp.run_dir).status == "stopped"
+
+
+def test_a_second_daemon_is_refused_after_the_lock_file_was_deleted(tmp_path):
+    """``lab.lock`` looks stale and gets tidied away: the folder stays locked all the same (a
+    lock on the file alone let a second daemon in, and both ran the same queued items)."""
+    art = tmp_path / "art"
+    first = LabService(art, max_running=1)
+    try:
+        (art / "lab.lock").unlink()
+        with pytest.raises(LabLocked, match="in use by another lab daemon"):
+            LabService(art, max_running=1)
+    finally:
+        first.shutdown()
+    LabService(art, max_running=1).shutdown()  # free again once the first has stopped
+
+
+def test_a_try_the_full_disk_cut_short_before_its_first_record_is_no_start(tmp_path, monkeypatch):
+    """The first write of a start (its lifecycle record) fails too: the try leaves an empty
+    run folder, which the next daemon must not take for a start (it used to drop the
+    submission, which never ran)."""
+    from experiments import lab as lab_module
+
+    full = threading.Event()
+    full.set()
+    for name in ("write_json", "atomic_write"):
+        real = getattr(lab_module, name)
+
+        def failing(path, *a, _real=real, **k):
+            if full.is_set():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return _real(path, *a, **k)
+
+        monkeypatch.setattr(lab_module, name, failing)
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1)
+    try:
+        exp_id = service.submit(latency_spec("job", budget=0.2))["id"]
+        assert service.list(history=False)[0]["status"] == "queued"
+    finally:
+        service.shutdown()
+    full.clear()
+    assert [run_status(r).status for r in (art / exp_id).iterdir()] == ["unknown"]
+    _runs_after_a_restart(art, exp_id)
+
+
+def test_cancelling_the_held_head_lets_the_next_start_at_once(tmp_path, monkeypatch):
+    """The head of a held queue is cancelled: the next item starts now, not at the next retry."""
+    from experiments.lab import Experiment
+
+    monkeypatch.setattr("experiments.service.HOLD_RETRY_S", (300.0, 300.0))
+    real = Experiment.child_spec
+
+    def child_spec(exp):
+        if exp.id == "bad":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(exp)
+
+    monkeypatch.setattr(Experiment, "child_spec", child_spec)
+    service = LabService(tmp_path / "art", max_running=1)
+    try:
+        service.submit(latency_spec("bad", budget=0.2), experiment_id="bad")
+        service.submit(latency_spec("good", budget=300), experiment_id="good")
+        assert [e["status"] for e in service.list(history=False)] == ["queued", "queued"]
+        assert service.stop("bad")["status"] == "cancelled"
+        assert {e["id"]: e["status"] for e in service.list(history=False)}["good"] == "running"
+        service.stop("good")
     finally:
         service.shutdown()

@@ -7,6 +7,7 @@ server); the run folders are written by hand, as a tester (or a bad copy) would 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -73,7 +74,7 @@ def test_repeated_and_out_of_order_seqs_are_dropped_counted_and_stored_readably(
         assert store.skipped_batches == 0
         assert (r.sent, r.out_of_order, r.left_alone) == (12, 18 + 6, None)
         assert r.recorded  # 12 distinct events: the summary's 12, not lagging
-        (warned,) = [e for e in logs if e["event"].startswith("skipping events whose seq")]
+        (warned,) = [e for e in logs if e["event"].startswith("events whose seq repeats")]
         assert warned["events"] == 24 and warned["log_level"] == "warning"
         again = sync_run(store, run)
         assert (again.sent, again.recorded) == (0, False)
@@ -246,3 +247,100 @@ def test_the_readers_refuse_an_empty_history_and_sync_says_what_it_skipped(tmp_p
     assert main(["sync", "--artifacts", str(tmp_path / "art")]) == 0
     out = capsys.readouterr().out
     assert "sent 3 event(s)" in out and "skipped 2 event(s) whose seq repeats or goes back" in out
+
+
+def delete_batches(target: str, run_id: str, lo: int, hi: int) -> int:
+    """Remove a run's stored batches starting in ``[lo, hi]`` (a hole in the history); how many."""
+    if target.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(target, autocommit=True) as db:
+            sql = "DELETE FROM batches WHERE run_id = %s AND seq_lo BETWEEN %s AND %s"
+            return db.execute(sql, (run_id, lo, hi)).rowcount
+    db = sqlite3.connect(target)
+    try:
+        with db:
+            sql = "DELETE FROM batches WHERE run_id = ? AND seq_lo BETWEEN ? AND ?"
+            return db.execute(sql, (run_id, lo, hi)).rowcount
+    finally:
+        db.close()
+
+
+def test_sync_fills_a_hole_in_the_middle_of_a_run_and_says_so(tmp_path, history_target, capsys):
+    """Batches missing in the middle of a run's stored events (whatever removed them): sync
+    compares the stored seq ranges with the files and sends what is missing there too, not
+    only what follows the last stored seq, and its line says it filled a hole."""
+    art = tmp_path / "art"
+    seqs = [s for s in range(300) if s % 7 != 3]  # gaps, as sampling leaves: no hole
+    run = make_run(art, "exp", seqs)
+    target = target_for(history_target, art)
+    store = open_history(target)
+    try:
+        assert sync_run(store, run, chunk=20).sent == len(seqs)
+    finally:
+        store.close()
+    assert delete_batches(target, RID, 40, 90) == 2 and delete_batches(target, RID, 200, 220) == 1
+    store = open_history(target, readonly=True)
+    try:
+        missing = len(seqs) - len(seqs_in(store))
+    finally:
+        store.close()
+    capsys.readouterr()
+    assert main(["sync", "--artifacts", str(art), "--history", target]) == 0
+    out = capsys.readouterr().out
+    assert f"exp/{RID}: sent {missing} event(s); {missing} of them filled a hole" in out, out
+    assert delete_batches(target, RID, 100, 140) == 2
+    store = open_history(target)
+    try:
+        with capture_logs() as logs:
+            r = sync_run(store, run)
+        (warned,) = [e for e in logs if e["event"].startswith("the history lacked events in the middle")]
+        assert warned["events"] == r.filled == r.sent > 0 and warned["holes"] == 1, warned
+        assert seqs_in(store) == seqs
+        ranges = list(store.seq_ranges(RID))
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges)), ranges
+    finally:
+        store.close()
+    assert main(["sync", "--artifacts", str(art), "--history", target]) == 0
+    assert f"exp/{RID}: up to date" in capsys.readouterr().out
+
+
+def test_a_run_the_history_refuses_is_reported_and_the_others_still_go_in(
+    tmp_path, history_target, capsys, monkeypatch
+):
+    """One run's write refused (a value the server will not take): that run's line says so, the
+    runs after it are synced, and the exit status says something was not; a history that is
+    away stops the sync at once instead (nothing else could go in)."""
+    from telemetry.batchstore import HistoryError
+
+    art = tmp_path / "art"
+    bad, good = "20260101T000000Z-aaaaaa", "20260101T000000Z-bbbbbb"
+    make_run(art, "exp", [0, 1], run_id=bad)
+    make_run(art, "exp", [0, 1, 2], run_id=good)
+    target = target_for(history_target, art)
+    probe = open_history(target)
+    cls = type(probe)
+    probe.close()
+    record = cls.record_run
+
+    def refuse(self, run_id, *args, **kwargs):
+        if run_id == bad:
+            raise HistoryError("history at somewhere: a value of this summary is refused")
+        return record(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "record_run", refuse)
+    capsys.readouterr()
+    assert main(["sync", bad, good, "--artifacts", str(art), "--history", target]) == 1
+    out = capsys.readouterr().out
+    assert f"exp/{bad}: not synced: the history refused it: history at somewhere: a value" in out, out
+    assert f"exp/{good}: sent 3 event(s); summary recorded" in out, out
+
+    def away(self, run_id, *args, **kwargs):
+        raise HistoryUnavailable("history at somewhere unavailable: connection refused")
+
+    monkeypatch.setattr(cls, "record_run", away)
+    make_run(art, "exp2", [0], run_id=bad)
+    assert main(["sync", str(art / "exp" / bad), good, "--artifacts", str(art), "--history", target]) == 1
+    captured = capsys.readouterr()
+    assert f"exp/{bad}: stopped: history at somewhere unavailable" in captured.out
+    assert good not in captured.out and "cannot be written now" in captured.err

@@ -1,3 +1,6 @@
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import tdigest as tdigest_pkg
@@ -231,6 +234,47 @@ def test_moments_keep_their_precision_far_from_zero(offset, seed, parts, batch):
     assert merged.count == x.size and merged.min == x.min() and merged.max == x.max()
     assert merged.variance == pytest.approx(exact, rel=1e-6)
     assert merged.mean == pytest.approx(x[0] + np.mean(x - x[0]), rel=1e-15, abs=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.floats(-1.79e308, 1.79e308), st.sampled_from([1.7e308, -1.7e308, 1e308, -1e308])),
+        min_size=2,
+        max_size=40,
+    ),
+    st.integers(1, 4),
+)
+def test_moments_near_the_float_limit_of_both_signs_are_numbers_or_infinite_never_nan(values, parts):
+    """Values near 1.8e308 of both signs: their differences overflow. The mean is still the
+    mean (computed at a quarter of the values' size), a variance past the float64 range is
+    +inf, and nothing is NaN, in batches, one by one or merged."""
+    x = np.array(values)
+    scale = float(np.max(np.abs(x)))
+    exact = [Fraction(v) for v in values]  # the reference: exact arithmetic, rounded once
+    mean = sum(exact) / len(exact)
+    expected_mean = float(mean)
+    try:
+        expected_var = float(sum((v - mean) ** 2 for v in exact) / (len(exact) - 1))
+    except OverflowError:
+        expected_var = math.inf
+    merged = Moments()
+    for piece in np.array_split(x, parts):
+        m = Moments()
+        m.add_batch(piece)
+        merged.merge(m)
+    one = Moments()
+    for v in values:
+        one.add(v)
+    for m in (merged, one):
+        assert m.count == x.size and m.min == x.min() and m.max == x.max()
+        assert m.mean == pytest.approx(expected_mean, abs=1e-12 * scale)
+        assert not math.isnan(m.variance) and m.variance >= 0
+        if math.isinf(expected_var):
+            assert m.variance > 1e300
+        elif not math.isinf(m.variance):  # rounding at the values' scale is no variance
+            noise = 1e-15 * scale
+            assert m.variance == pytest.approx(expected_var, rel=1e-6, abs=noise * noise if noise < 1e150 else math.inf)
 
 
 def test_ewma_tracks_a_level_shift():

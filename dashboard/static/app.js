@@ -5,13 +5,19 @@
 "use strict";
 
 const MAX_POINTS = 5000;
-let selected = null, experiments = [], view = emptyView(), revision = 0;
+let selected = null, experiments = [], view = emptyView(), revision = 0, queueShown = false;
+let detailsPending = false, detailsAgain = false;
 window.__points = 0;  // points drawn and pushes taken: what a test can wait on
 window.__pushes = 0;
+window.__detailsSkipped = 0;  // details ticks skipped because the previous request had not answered
+window.__detailsInFlight = 0;
 
 function emptyView() {
+  // x values are event times (microseconds); t0 is the run's first event (the server says which),
+  // shown: events drawn, skipped: events the pushes did not carry (a fast run's pushes are a sample)
   return {series: {}, anomalies: {y: {x: [], y: [], text: []}, y2: {x: [], y: [], text: []}}, phases: {},
-          passes: {}, t0: undefined, lastSeq: -1, lastPass: undefined, loading: true};
+          passes: {}, t0: undefined, first: undefined, lastSeq: -1, lastPass: undefined, loading: true,
+          shown: 0, skipped: 0, total: undefined};
 }
 
 // --- DOM helpers: text only ------------------------------------------------------------------
@@ -42,7 +48,8 @@ function objective() {
   const cur = experiments.find(e => e.id === selected);
   return (cur && cur.objective) || null;
 }
-function seconds(ts) { return (ts - view.t0) / 1e6; }
+function origin() { return view.t0 ?? view.first; }  // the run's start; until it is known, the first event shown
+function seconds(ts) { return Math.max(0, (ts - origin()) / 1e6); }
 function trace(name, axis) {
   if (!view.series[name]) view.series[name] = {name: name, axis: axis, x: [], y: []};
   return view.series[name];
@@ -51,12 +58,13 @@ function push(s, x, y) {
   s.x.push(x); s.y.push(y);
   if (s.x.length > MAX_POINTS) { s.x.splice(0, s.x.length - MAX_POINTS); s.y.splice(0, s.y.length - MAX_POINTS); }
 }
-function addEvents(events) {
+function addEvents(events, pushed) {
   for (const e of events) {
     if (e.seq <= view.lastSeq) continue;  // already shown
-    view.lastSeq = e.seq;
-    if (view.t0 === undefined) view.t0 = e.ts;
-    const t = seconds(e.ts), v = e.values || {}, ph = e.phase || "-", obj = objective() || {};
+    if (pushed && view.lastSeq >= 0 && e.seq > view.lastSeq + 1) view.skipped += e.seq - view.lastSeq - 1;
+    view.lastSeq = e.seq; view.shown++;
+    if (view.first === undefined || e.ts < view.first) view.first = e.ts;
+    const t = e.ts, v = e.values || {}, ph = e.phase || "-", obj = objective() || {};
     const main = obj.field ? v[obj.field] : undefined, prog = obj.progress ? v[obj.progress] : undefined;
     if (typeof main === "number") { push(trace(obj.label + " " + ph, "y"), t, main); window.__points++; }
     if (typeof prog === "number") push(trace(obj.progress + " " + ph, "y2"), t, prog);
@@ -96,7 +104,7 @@ function boundaries() {
       out.push({ts: p.end_ts, text: `pass ${p.pass} ends` + (p.best != null ? ` (${fmt(p.best)})` : "")});
     }
   }
-  return view.t0 === undefined ? [] : out.filter(b => b.ts >= view.t0);
+  return view.first === undefined ? [] : out.filter(b => b.ts >= view.first);  // the chart's span only
 }
 
 // --- drawing ---------------------------------------------------------------------------------
@@ -107,12 +115,12 @@ function draw() {
   const whole = series.some(s => s.axis === "y" && s.y.length) &&
                 series.every(s => s.axis !== "y" || s.y.every(Number.isInteger));
   // fresh arrays and a new datarevision on every draw: Plotly.react recomputes the ranges
-  const data = series.map(s => ({x: s.x.slice(), y: s.y.slice(), name: s.name, yaxis: s.axis,
+  const data = series.map(s => ({x: s.x.map(seconds), y: s.y.slice(), name: s.name, yaxis: s.axis,
                                  mode: s.axis === "y" ? "lines+markers" : "lines", marker: {size: 4},
                                  line: s.axis === "y" ? {width: 3, shape: whole ? "hv" : "linear"} : {width: 1}}));
   for (const [axis, a] of Object.entries(view.anomalies)) {
     if (a.x.length && (axis === "y" || hasY2)) {
-      data.push({x: a.x.slice(), y: a.y.slice(), text: a.text.slice(), mode: "markers",
+      data.push({x: a.x.map(seconds), y: a.y.slice(), text: a.text.slice(), mode: "markers",
                  name: axis === "y2" ? `anomaly (${obj.progress})` : "anomaly",
                  yaxis: axis, marker: {color: "red", size: 8, symbol: "x"}});
     }
@@ -120,7 +128,8 @@ function draw() {
   const lines = boundaries();
   const layout = {
     datarevision: ++revision, uirevision: selected, margin: {t: 24, r: 60, l: 60, b: 50},
-    xaxis: {title: {text: "seconds since the first event shown"}, autorange: true},
+    xaxis: {title: {text: view.t0 === undefined ? "seconds since the first event shown" : "seconds since the run started"},
+            autorange: true},
     yaxis: {title: {text: obj.label || ""}, autorange: true,
             ...(whole ? {tick0: 0, dtick: wholeStep(series)} : {})},
     legend: {orientation: "h", y: -0.2},
@@ -133,14 +142,25 @@ function draw() {
                               showgrid: false, rangemode: "tozero", tickmode: "auto"};
   Plotly.react("chart", data, layout, {displaylogo: false, responsive: true});
   fillTable("phases", ["phase", "gpu/cpu", "seconds shown"],
-            Object.entries(view.phases).map(([p, i]) => [p, i.gpu, (i.last - i.first).toFixed(1)]));
-  const when = ts => ts == null || view.t0 === undefined ? "-" : `${seconds(ts).toFixed(1)} s`;
+            Object.entries(view.phases).map(([p, i]) => [p, i.gpu, ((i.last - i.first) / 1e6).toFixed(1)]));
+  const when = ts => ts == null || origin() === undefined ? "-" : `${seconds(ts).toFixed(1)} s`;
   fillTable("passes", ["pass", "started", "ended", "best at end", "why it started"],
             Object.values(view.passes).map(p => {
               const next = (view.passes[p.pass + 1] || {}).start_ts, end = p.end_ts ?? next;
               return [p.pass, when(p.start_ts), end == null ? "running" : when(end),
                       p.best == null ? "-" : `${fmt(p.best)} ${obj.label || ""}`.trim(), p.why || ""];
             }), "no pass yet");
+  document.getElementById("chart-note").textContent = chartNote();
+}
+
+function chartNote() {
+  // what the chart holds: the newest events only, and a sample of them when the run outpaces the pushes
+  if (!view.shown) return "";
+  const n = view.shown.toLocaleString("en-US"), from = `${seconds(view.first).toFixed(1)} s`;
+  const total = view.total != null && view.total > view.shown ? view.total.toLocaleString("en-US") : null;
+  let note = total ? `showing the newest ${n} of ${total} events (from ${from})` : `showing ${n} events (from ${from})`;
+  if (view.skipped) note += `; a sample: ${view.skipped.toLocaleString("en-US")} events between pushes not drawn`;
+  return note;
 }
 
 function wholeStep(series) {
@@ -181,6 +201,9 @@ function renderQueue(queued) {
 }
 
 function renderDetails(d) {
+  document.getElementById("details-error").textContent = "";
+  if (typeof d.started_ts === "number") view.t0 = d.started_ts;
+  if (typeof d.events === "number") view.total = d.events;
   const best = d.best;
   document.getElementById("best").textContent = best ? fmt(best.value) : "-";
   document.getElementById("best-unit").textContent = best ? (best.label || best.field) : "";
@@ -199,28 +222,115 @@ function renderDetails(d) {
   }));
 }
 
+// --- the token -------------------------------------------------------------------------------
+// The dashboard's token is kept in localStorage, which only this page's origin (scheme, host and
+// port) can read, and goes out as "Authorization: Bearer" on every request: never in a cookie
+// (cookies ignore ports, so every other web server on this host would be sent it) and never in
+// a URL (URLs stay in the browser's history). The page gets it with the one-time sign-in code in
+// the fragment of the link the Lab printed (…/#code=…: a fragment is never sent to a server),
+// or from the token file pasted into the sign-in box.
+const TOKEN_KEY = "crucible-dashboard-token";
+const stored = {  // storage the browser refuses (a privacy setting) leaves the token in this page only
+  get() { try { return localStorage.getItem(TOKEN_KEY); } catch (e) { return null; } },
+  set(t) { try { localStorage.setItem(TOKEN_KEY, t); } catch (e) { /* this page only */ } },
+  drop() { try { localStorage.removeItem(TOKEN_KEY); } catch (e) { /* nothing kept */ } },
+};
+let token = stored.get(), signInProblem = null;
+const ready = signIn();
+async function signIn() {
+  const code = new URLSearchParams(location.hash.slice(1)).get("code");
+  const oldLink = new URLSearchParams(location.search).has("token");
+  if (code === null && !oldLink) return;
+  history.replaceState(null, "", location.pathname);  // the code (or an old ?token=) leaves the address bar
+  if (oldLink) signInProblem = "Links with ?token= are no longer taken (the token would stay in the browser's history).";
+  if (code === null) return;
+  try {
+    const r = await fetch("/api/login", {method: "POST", headers: {"Content-Type": "application/json"},
+                                         body: JSON.stringify({code: code})});
+    const body = await r.json().catch(() => ({}));
+    if (r.ok && typeof body.token === "string") { useToken(body.token); signInProblem = null; }
+    else signInProblem = body.error || `the sign-in link was refused (${r.status})`;
+  } catch (e) {
+    signInProblem = "the dashboard could not be reached to sign in";
+  }
+}
+function useToken(t) { token = t; stored.set(t); }
+async function authFetch(url, options) {
+  // every request carries the token; without one the server is not asked
+  await ready;
+  if (!token) return new Response("{}", {status: 401});
+  const headers = new Headers((options && options.headers) || {});
+  headers.set("Authorization", `Bearer ${token}`);
+  return fetch(url, {...(options || {}), headers: headers});
+}
+function needToken() {
+  // no token, or one this dashboard does not take (a new Lab makes a new one): say how to get one
+  if (token) {
+    const kept = stored.get();
+    if (kept && kept !== token) { location.reload(); return; }  // another tab signed in since: use its token
+    stored.drop(); token = null;
+    signInProblem = signInProblem ||
+      "The token this page kept is not this dashboard's (a Lab that starts again makes a new one).";
+  }
+  document.getElementById("conn").textContent = "not signed in";
+  document.getElementById("signin-why").textContent = signInProblem || "This page needs the dashboard's token.";
+  document.getElementById("signin").hidden = false;
+}
+document.getElementById("signin-save").onclick = () => {
+  const t = document.getElementById("signin-token").value.trim();
+  if (t) { useToken(t); location.reload(); }
+};
+window.addEventListener("hashchange", () => { if (location.hash.includes("code=")) location.reload(); });
+
 // --- server ----------------------------------------------------------------------------------
 async function getJson(url, options) {
-  const r = await fetch(url, options);
+  const r = await authFetch(url, options);
   if (r.status === 401) needToken();
   return {ok: r.ok, status: r.status, body: await r.json().catch(() => ({}))};
 }
-function needToken() {
-  document.getElementById("conn").textContent = "token needed: open the URL the Lab printed (…/?token=…)";
+function clearDetails() {
+  // nothing of the previous experiment stays on the page while the new one's details load
+  document.getElementById("best").textContent = "-";
+  document.getElementById("best-unit").textContent = "";
+  document.getElementById("feed").replaceChildren(el("div", "loading", "empty"));
+  document.getElementById("details-error").textContent = "";
 }
 async function select(id) {
   selected = id; view = emptyView();
+  clearDetails(); renderList(); draw();
   const r = await getJson(`/api/metrics/live?experiment=${encodeURIComponent(id)}`);
   if (selected !== id) return;
-  if (r.ok) addEvents(r.body.events);
+  if (r.ok) {
+    if (typeof r.body.started_ts === "number") view.t0 = r.body.started_ts;
+    addEvents(r.body.events);
+  }
   view.loading = false;
-  renderList(); await details(); draw();
+  renderList(); draw(); details();
 }
 async function details() {
+  // one request at a time: on a big run an answer can take longer than the 2 s between ticks
   if (!selected) return;
-  const id = selected, r = await getJson(`/api/experiments/${encodeURIComponent(id)}`);
-  if (!r.ok || selected !== id) return;
-  renderDetails(r.body);
+  if (detailsPending) { window.__detailsSkipped++; detailsAgain = true; return; }
+  detailsPending = true; window.__detailsInFlight++;
+  const id = selected;
+  let r;
+  try {
+    r = await getJson(`/api/experiments/${encodeURIComponent(id)}`);
+  } catch (err) {
+    r = {ok: false, status: 0, body: {error: String(err)}};
+  } finally {
+    detailsPending = false; window.__detailsInFlight--;
+  }
+  if (selected !== id) { if (detailsAgain) { detailsAgain = false; details(); } return; }
+  detailsAgain = false;
+  if (!r.ok) {
+    clearDetails();
+    document.getElementById("feed").replaceChildren(el("div", "not loaded", "empty"));
+    document.getElementById("details-error").textContent =
+      `details not loaded (${r.status || "no answer"}): ${r.body.error || "the server did not say why"}`;
+    return;
+  }
+  renderDetails(r.body); draw();
 }
 for (const b of document.querySelectorAll("button[data-action]")) {
   b.onclick = async () => {
@@ -233,22 +343,36 @@ for (const b of document.querySelectorAll("button[data-action]")) {
     if (r.ok) { const cur = experiments.find(e => e.id === selected); if (cur) { cur.status = r.body.status; renderList(); } }
   };
 }
-function connect() {
-  const ws = new WebSocket(`ws://${location.host}/ws`);
+async function connect() {
+  // a browser cannot send a header with the handshake: a single-use ticket, asked for with the token
+  let ticket;
+  try {
+    ticket = await getJson("/api/ws-ticket", {method: "POST"});
+  } catch (e) {  // the server is not there (restarting): try again
+    document.getElementById("conn").textContent = "reconnecting";
+    setTimeout(connect, 1000);
+    return;
+  }
+  if (!ticket.ok) { if (ticket.status !== 401) setTimeout(connect, 1000); return; }
+  const ws = new WebSocket(`ws://${location.host}/ws?ticket=${encodeURIComponent(ticket.body.ticket)}`);
   ws.binaryType = "arraybuffer";
   ws.onopen = () => { document.getElementById("conn").textContent = "live"; };
   ws.onclose = () => {
     document.getElementById("conn").textContent = "reconnecting";
-    fetch("/api/experiments").then(r => { if (r.status === 401) needToken(); else setTimeout(connect, 1000); },
-                                   () => setTimeout(connect, 1000));
+    setTimeout(connect, 1000);
   };
   ws.onmessage = (m) => {
     const d = JSON.parse(new TextDecoder().decode(m.data));
     window.__pushes++;
-    experiments = d.experiments;
-    renderQueue(d.queued);
+    // the list comes whole when it changed (an experiment added, removed, moved), else only what changed
+    if (d.experiments) experiments = d.experiments;
+    for (const u of d.updated || []) {
+      const i = experiments.findIndex(e => e.id === u.id);
+      if (i >= 0) experiments[i] = u;
+    }
+    if ("queued" in d || !queueShown) { renderQueue(d.queued); queueShown = true; }  // only when it changed
     if (!selected && experiments.length) { select(experiments[0].id); return; }
-    if (selected && !view.loading && d.events[selected]) addEvents(d.events[selected]);
+    if (selected && !view.loading && d.events[selected]) addEvents(d.events[selected], true);
     renderList(); draw();
   };
 }
