@@ -920,7 +920,6 @@ class Dashboard:
             app,
             log_level="warning",
             lifespan="off",
-            ws_ping_interval=None,
             http=GuardedH11Protocol,
             ws=GuardedWebSocketProtocol,
         )

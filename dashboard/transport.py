@@ -18,7 +18,10 @@ A websocket whose client stops reading is aborted, not closed (:class:`GuardedWe
 a close frame would wait behind the pushes the client never takes, and a plain close waits for
 the kernel to hand them over, which for such a client is never. The connection, its slot among
 :data:`MAX_CONNECTIONS` and its buffers would then be held for as long as the client keeps
-the TCP connection open.
+the TCP connection open. Every websocket is pinged: one whose pong has not come
+:data:`WS_PING_TIMEOUT_S` after the ping is aborted too, so a client that stopped reading is
+noticed even when few pushes go out, and so is a peer that vanished without closing (a laptop
+put to sleep, a network gone), which TCP alone would keep for hours.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ MAX_CONNECTIONS = 256  # open at once, websockets included; a dashboard has a ha
 HEADER_TIMEOUT_S = 10.0  # a browser or client sends its headers at once
 LOG_EVERY_S = 10.0
 WS_CLOSE_TIMEOUT_S = 5.0  # a websocket whose client does not answer a close frame is aborted after this
+WS_PING_INTERVAL_S = 10.0  # each websocket is pinged this long after its last pong...
+WS_PING_TIMEOUT_S = 10.0  # ...and aborted when the pong has not come this long after the ping
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -128,10 +133,21 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     the kernel would keep trying to deliver behind the unsent pushes)."""
 
     aborted = 0  # connections aborted, since the process started
+    ping_interval_s = WS_PING_INTERVAL_S
+    ping_timeout_s = WS_PING_TIMEOUT_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.close_timeout = WS_CLOSE_TIMEOUT_S
+        self.ping_interval = self.ping_interval_s  # uvicorn's keepalive, with its own timeout below
+        self.ping_timeout = self.ping_timeout_s
+
+    def keepalive_timeout(self) -> None:
+        """No pong in time: the client stopped reading or is gone. uvicorn's own answer (a close
+        frame, then a close that waits for the buffer to drain) would wait on it forever."""
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        self._abort("no answer to a ping")
 
     async def send(self, message: Any) -> None:
         stalled = not self.writable.is_set() and not self.disconnected and not self.close_sent

@@ -317,6 +317,31 @@ def test_details_one_at_a_time_never_stale_and_times_from_the_runs_start(lab, da
     assert all(DETAILS.match(u) for u in asked) and c.get("/api/experiments/calls").status_code == 200
 
 
+def test_a_long_runs_details_say_from_when_they_were_searched(lab, dash, monkeypatch):
+    """A run past the details search's size (lowered here to 500 events) has its passes and
+    hypertune actions searched in its newest events only: the page says from when."""
+    from playwright.sync_api import sync_playwright
+
+    from dashboard import server
+
+    monkeypatch.setattr(server, "DETAILS_SCAN", 500)
+    calls = lab.start_experiment(LATENCY)
+    wait_for(lambda: (calls.metrics().get("events") or 0) > 3_000, 60, "a latency run past the search's size")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page()
+            watch = Watch(page)
+            page.goto(dash.new_sign_in_url())
+            page.wait_for_function(f"() => {text('details-note')}.includes('searched from')", timeout=30_000)
+            since = float(re.search(r"searched from ([0-9.]+) s on", page.text_content("#details-note")).group(1))
+            assert since > 0  # not the run's start: its newest events only
+            assert "crucible export" in page.text_content("#details-note")
+        finally:
+            browser.close()
+    assert watch.errors == []
+
+
 class Recorder(http.server.BaseHTTPRequestHandler):
     """Another local web server (a notebook, a dev server): records every request it gets."""
 

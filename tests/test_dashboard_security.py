@@ -494,6 +494,38 @@ def test_a_websocket_client_that_stops_reading_is_dropped_and_its_slot_freed(tmp
     assert errors.records == []
 
 
+def test_a_websocket_that_answers_no_ping_is_dropped_even_without_pushes(tmp_path, monkeypatch):
+    """Nothing runs, so no push fills the stalled client's buffers: it is the unanswered ping
+    that gives it away (a vanished peer looks the same). A client that reads answers the same
+    pings and stays."""
+    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_interval_s", 0.3)
+    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_timeout_s", 0.5)
+    lab = Lab(tmp_path / "art")
+    dash = Dashboard(lab, port=0)
+    connections = dash.server.server_state.connections
+    sockets = lambda: [c for c in list(connections) if isinstance(c, WebSocketsSansIOProtocol)]  # noqa: E731
+    aborted = GuardedWebSocketProtocol.aborted
+    try:
+        with connect(ws_url(dash), additional_headers=bearer(dash)) as reading:
+            assert orjson.loads(reading.recv(timeout=30))["experiments"] == []
+            until(lambda: len(sockets()) == 1, 30, "the reading websocket to be open")
+            (live,) = sockets()
+            stalled = websocket_that_never_reads(dash)
+            try:
+                until(lambda: len(sockets()) == 2, 30, "the stalled websocket to be open")
+                until(lambda: sockets() == [live], 30, "the stalled websocket to be dropped")
+                assert GuardedWebSocketProtocol.aborted == aborted + 1
+                assert live.last_ping_rtt > 0  # its pongs came back
+                pinged_at = live.ping_sent_at
+                until(lambda: live.ping_sent_at > pinged_at + 0.5, 30, "two more pings to the reading websocket")
+                assert sockets() == [live] and not live.disconnected
+            finally:
+                stalled.close()
+    finally:
+        dash.stop()
+        lab.shutdown()
+
+
 # --- bodies ---------------------------------------------------------------------------------------------------
 
 

@@ -163,6 +163,13 @@ function chartNote() {
   return note;
 }
 
+function detailsNote(since) {
+  // a long run's passes and hypertune actions come from its newest events only: say from when
+  if (typeof since !== "number" || origin() === undefined) return "";
+  return `passes and hypertune actions searched from ${seconds(since).toFixed(1)} s on ` +
+         "(a long run: its newest events only; crucible export gives the whole run)";
+}
+
 function wholeStep(series) {
   // a count's axis: whole-number ticks, about eight of them
   let lo = Infinity, hi = -Infinity;
@@ -208,6 +215,7 @@ function renderDetails(d) {
   document.getElementById("best").textContent = best ? fmt(best.value) : "-";
   document.getElementById("best-unit").textContent = best ? (best.label || best.field) : "";
   for (const p of d.passes || []) mergePass(p);
+  document.getElementById("details-note").textContent = detailsNote(d.details_since);
   const feed = [...(d.hypertune_actions || []).map(a => ({...a, kind: "action"})),
                 ...(d.hypertune_outcomes || []).map(a => ({...a, kind: "outcome"}))];
   feed.sort((a, b) => b.ts - a.ts);
@@ -294,6 +302,7 @@ function clearDetails() {
   document.getElementById("best-unit").textContent = "";
   document.getElementById("feed").replaceChildren(el("div", "loading", "empty"));
   document.getElementById("details-error").textContent = "";
+  document.getElementById("details-note").textContent = "";
 }
 async function select(id) {
   selected = id; view = emptyView();
