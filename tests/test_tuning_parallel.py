@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +264,7 @@ def test_the_flags_are_checked_with_one_line_errors(tmp_path, capsys, argv, says
     assert not (tmp_path / "art").exists()  # refused before any run
 
 
-def _long_ab(tmp_path: Path, art: Path, **popen: Any) -> subprocess.Popen:
+def _long_ab(tmp_path: Path, art: Path, extra: Sequence[str] = (), **popen: Any) -> subprocess.Popen:
     """``crucible ab`` of two 600 s latency runs, two at a time, as a process of its own."""
     spec = tmp_path / "long.toml"
     spec.write_text(
@@ -271,7 +272,7 @@ def _long_ab(tmp_path: Path, art: Path, **popen: Any) -> subprocess.Popen:
         '[workload.params]\ntarget = "math:sqrt"\nargs = [2.0]\n'
     )
     cmd = [sys.executable, str(ROOT / "supervisor.py"), "ab", str(spec), "--runs", "2", "--parallel", "2"]
-    return subprocess.Popen([*cmd, "--artifacts", str(art)], cwd=ROOT, **popen)
+    return subprocess.Popen([*cmd, *extra, "--artifacts", str(art)], cwd=ROOT, **popen)
 
 
 def _producing(art: Path) -> list[Path]:
@@ -351,23 +352,27 @@ def test_ab_on_ray_reports_what_the_sequential_ab_reports(tmp_path, local_ray):
 
 
 def test_ctrl_c_cancels_the_ray_tasks_and_their_experiments_stop(tmp_path, local_ray):
-    long = {**LATENCY, "time_budget_s": 600.0, "workload": {"name": "latency", "params": {"target": "math:sqrt"}}}
+    """``crucible ab --backend ray`` joined to a cluster, interrupted while two of its four runs
+    go: it cancels its tasks, whose Labs stop their experiments (flushed, not crashed), the
+    next seed's runs never start, and the command ends 130. (A process of its own, as a user's
+    Ctrl-C is: the signal never reaches the test's process.)"""
     art = tmp_path / "art"
-    running = threading.Event()
-
-    def interrupt_when_running() -> None:
-        deadline = time.monotonic() + 60
-        while len(_producing(art)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the tasks run in Ray's processes: their files are what we can see
-        running.set()
-        os.kill(os.getpid(), signal.SIGINT)
-
-    helper = threading.Thread(target=interrupt_when_running, daemon=True)
-    helper.start()
-    with pytest.raises(KeyboardInterrupt):
-        run_jobs([Job(long, (), "a"), Job(long, (), "b"), Job(long, (), "c")], art, 2, backend="ray")
-    helper.join()
-    assert running.is_set()
-    lifes = {p.parent.parent.name: orjson.loads(p.read_bytes()) for p in art.glob("*/*/lifecycle.json")}
-    assert sorted(lifes) == ["a", "b"]  # the third never started
-    assert {(life["status"], life["reason"]) for life in lifes.values()} == {("stopped", "stopped")}
+    address = local_ray.get_runtime_context().gcs_address
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: Ray's and the runs' lines could fill a pipe nobody reads yet
+    with log.open("w") as stderr:
+        proc = _long_ab(tmp_path, art, extra=["--backend", "ray", "--ray-address", address], stderr=stderr)
+        try:
+            deadline = time.monotonic() + 90
+            while len(_producing(art)) < 2:  # the tasks run in Ray's processes: their files are what we can see
+                assert proc.poll() is None, f"crucible ab ended early ({proc.returncode}): {log.read_text()}"
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=150)
+        finally:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 130 and "cancelling the running Ray tasks" in err, err
+    lifes = [orjson.loads(p.read_bytes()) for p in art.glob("ab-*/*/lifecycle.json")]
+    assert len(lifes) == 2 and {(life["status"], life["reason"]) for life in lifes} == {("stopped", "stopped")}
+    assert not list(art.glob("ab-*-1"))  # the next seed's runs never started
