@@ -31,6 +31,7 @@ A refused WebSocket handshake is closed before it is accepted: the client sees H
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import os
 import secrets
@@ -163,6 +164,51 @@ def write_token_file(path: Path, token: str) -> None:
     atomic_write(path, (token + "\n").encode(), mode=0o600)
 
 
+class TokenClaim:
+    """The token of the dashboards that serve one artifacts folder at once, and this dashboard's
+    hold on it: a shared ``flock`` on ``<token file>.lock``, kept until :meth:`release`.
+
+    The first dashboard on a folder (no other holds the lock) takes a new token and writes the
+    token file, or keeps the one it finds when ``keep`` (a lab daemon, whose clients hold it
+    across a restart). A dashboard that starts while another serves the same folder (a second
+    ``crucible run --dashboard``, a plain run beside a daemon) takes the file's token instead of
+    writing its own over it: the file stays good for every dashboard that is up, and the first
+    one's users are not locked out. The first takes the lock exclusively while it decides and
+    writes the file, so a second never reads one half decided.
+
+    Raises:
+        OSError: the folder cannot take the lock file or the token file.
+    """
+
+    def __init__(self, path: Path, keep: bool = False) -> None:
+        self.path = path
+        lock = path.with_name(path.name + ".lock")
+        self._fd: int | None = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:  # another dashboard serves this folder: its file, once written
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # (a shared lock waits out an exclusive one only)
+                alone = False
+            kept = kept_token(path) if keep or not alone else None
+            self.token = kept or new_token()
+            self.shared = kept is not None and not alone
+            if kept is None:  # alone, or the other's file is gone or doubtful
+                write_token_file(path, self.token)
+            if alone:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # held while this dashboard serves
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of the folder's token (the file stays: a daemon's clients read it across restarts)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def _json(status: int, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = orjson.dumps({"error": message})
     return status, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
@@ -289,6 +335,7 @@ __all__ = [
     "MAX_BODY",
     "Guard",
     "OneTimeCodes",
+    "TokenClaim",
     "allowed_hosts",
     "new_token",
     "presented_token",

@@ -62,7 +62,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from actors.log import get_logger
 from actors.runtime import collector
-from dashboard.security import TICKET_TTL_S, Guard, OneTimeCodes, kept_token, new_token, write_token_file
+from dashboard.security import TICKET_TTL_S, Guard, OneTimeCodes, TokenClaim
 from dashboard.transport import GuardedH11Protocol, GuardedWebSocketProtocol
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
 from experiments.service import KeyReused, LabService, ServiceClosed
@@ -893,9 +893,6 @@ class Dashboard:
         if port is None:
             port = int(os.environ.get("CRUCIBLE_DASH_PORT", "7878"))
         self.token_file = lab.artifacts / TOKEN_FILE
-        # a lab daemon keeps its token across restarts (its clients hold it); a plain Lab gets a new one
-        kept = kept_token(self.token_file) if service is not None else None
-        self.token = kept or new_token()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -905,12 +902,15 @@ class Dashboard:
         except OSError as exc:
             sock.close()
             raise OSError(f"dashboard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        # only once the port is ours: a dashboard that cannot listen leaves the running one's token file alone
+        # only once the port is ours: a dashboard that cannot listen leaves the running one's token file alone.
+        # A lab daemon keeps its token across restarts (its clients hold it); a plain Lab gets a new one,
+        # unless another dashboard serves the same folder now: then both take the file's (TokenClaim)
         try:
-            write_token_file(self.token_file, self.token)
+            self._claim = TokenClaim(self.token_file, keep=service is not None)
         except OSError:
             sock.close()
             raise
+        self.token = self._claim.token
         self.host, self.port = sock.getsockname()[:2]
         self.url = f"http://{f'[{self.host}]' if family == socket.AF_INET6 else self.host}:{self.port}/"
         self._sign_in = OneTimeCodes()
@@ -944,3 +944,4 @@ class Dashboard:
         self.server.should_exit = True
         self._thread.join(timeout)
         self._details.close()
+        self._claim.release()

@@ -603,6 +603,63 @@ def test_a_dashboard_that_cannot_listen_leaves_the_running_ones_token_file_alone
         second_lab.shutdown()
 
 
+def test_dashboards_serving_one_folder_at_once_share_its_token(tmp_path):
+    """A second dashboard on a folder another serves (a second ``crucible run --dashboard``, a
+    run beside a daemon) takes the token file's token instead of writing its own over it: the
+    file opens both, and the first one's users stay signed in. Once none is up, the next one
+    takes a new token (a plain Lab's is its own)."""
+    art = tmp_path / "art"
+    labs = [Lab(art), Lab(art)]
+    first = Dashboard(labs[0], port=0)
+    try:
+        second = Dashboard(labs[1], port=0)
+        try:
+            assert second.token == first.token
+            in_file = first.token_file.read_text().strip()
+            for d in (first, second):
+                with bare(d, headers={"Authorization": f"Bearer {in_file}"}) as c:
+                    assert c.get("/api/experiments").status_code == 200
+        finally:
+            second.stop()
+        with bare(first, headers=bearer(first)) as c:  # the second's end takes nothing from the first
+            assert c.get("/api/experiments").status_code == 200
+    finally:
+        first.stop()
+    third = Dashboard(labs[0], port=0)
+    try:
+        assert third.token != first.token and third.token_file.read_text().strip() == third.token
+    finally:
+        third.stop()
+        for lab in labs:
+            lab.shutdown()
+
+
+def test_a_dashboard_beside_a_daemon_takes_the_daemons_token(tmp_path):
+    """A plain run's dashboard on a lab daemon's folder: the daemon's token file is left as it
+    is (its clients, ``crucible ls`` among them, read it), and a restarted daemon keeps it."""
+    from experiments.service import LabService
+
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1)
+    daemon = Dashboard(service, port=0)
+    lab = Lab(art)
+    try:
+        run_dash = Dashboard(lab, port=0)
+        run_dash.stop()
+        assert run_dash.token == daemon.token == daemon.token_file.read_text().strip()
+    finally:
+        daemon.stop()
+        lab.shutdown()
+        service.shutdown()
+    again = LabService(art, max_running=1)
+    restarted = Dashboard(again, port=0)
+    try:
+        assert restarted.token == daemon.token
+    finally:
+        restarted.stop()
+        again.shutdown()
+
+
 # --- fuzzing --------------------------------------------------------------------------------------------------
 
 segment = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
