@@ -445,7 +445,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         for run in runs:
             name = f"{run.parent.name}/{run.name}"
             try:
-                r = sync_run(store, run)
+                r = sync_run(store, run, verify=args.verify)
             except (ValueError, OSError) as exc:  # an unreadable file, a folder name that is no run id
                 render.say(console, f"{name}: not synced: {one_line(exc)}")
                 problems += 1
@@ -474,6 +474,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 said += f"; skipped {r.out_of_order:,} event(s) whose seq repeats or goes back"
             if r.unreadable:
                 said += f"; skipped {r.unreadable:,} unreadable line(s)"
+            if r.replaced:
+                said += f"; replaced {r.replaced:,} damaged stored batch(es) from the run's files"
+            if r.damaged > r.replaced:
+                said += f"; {r.damaged - r.replaced:,} damaged stored batch(es) left: the files no longer hold them"
+                problems += 1
             render.say(console, f"{name}: {said}")
     finally:
         with contextlib.suppress(HistoryError, sqlite3.Error):
@@ -517,5 +522,11 @@ def add_commands(sub: Any) -> None:
         metavar="URL",
         help="the history to write: a postgresql:// URL or a SQLite file "
         f"(default ${ENV}, else <artifacts>/history.sqlite3)",
+    )
+    sy.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every stored batch of each run and replace the damaged ones from the run's files "
+        "(as long as reading the runs)",
     )
     sy.set_defaults(func=cmd_sync)

@@ -233,6 +233,12 @@ class BatchStore:
     ) -> None:
         raise NotImplementedError
 
+    def drop_batches(self, run_id: str, seq_los: Sequence[int]) -> int:
+        """Delete the run's stored batches that start at these seqs, in one transaction (the
+        repair of damaged ones: ``crucible sync --verify`` sends their events again from the
+        run's files); return how many were deleted."""
+        raise NotImplementedError
+
     def as_stored(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The summary as :meth:`record_run` stores it, hence as :meth:`runs` reads it back
         (PostgreSQL writes out the NUL characters its JSONB cannot hold)."""
@@ -263,6 +269,36 @@ class BatchStore:
                 return
             for lo, hi in rows:
                 yield int(lo), int(hi)
+            last = int(rows[-1][0])
+
+    def damaged_batches(self, run_id: str, page: int = 64) -> Iterator[tuple[int, int, int, str]]:
+        """The run's stored batches that no reader can use, by ``seq_lo``: ``(seq_lo, seq_hi, n,
+        why)`` for each that is not a batch (not msgpack, not a batch's shape) or whose events
+        are not what its row says (their seqs, their count). Every batch of the run is read
+        and decoded, a page at a time: as long as reading the run."""
+        last = -1
+        while True:
+            with self._read() as q:
+                rows = q(
+                    "SELECT seq_lo, seq_hi, n, data FROM batches WHERE run_id = ? AND seq_lo > ? "
+                    "ORDER BY seq_lo LIMIT ?",
+                    (run_id, last, page),
+                ).fetchall()
+            if not rows:
+                return
+            for lo, hi, n, data in rows:
+                lo, hi, n = int(lo), int(hi), int(n)
+                try:
+                    b = decode(bytes(data))
+                    check_batch(b)
+                    seqs = b["seq"]
+                    why = None
+                    if len(seqs) != n or int(seqs[0]) != lo or int(seqs[-1]) != hi:
+                        why = f"holds {len(seqs)} event(s), seq {int(seqs[0])}..{int(seqs[-1])}: not its row's"
+                except (DecodeError, SchemaError) as exc:
+                    why = str(exc)
+                if why is not None:
+                    yield lo, hi, n, why
             last = int(rows[-1][0])
 
     def run_owner(self, run_id: str) -> tuple[str, str | None] | None:

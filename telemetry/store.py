@@ -199,6 +199,17 @@ class HistoryStore(BatchStore):
             return HistoryUnavailable(f"history {str(self.path)!r} is locked by another connection: {exc}")
         return exc
 
+    def drop_batches(self, run_id: str, seq_los: Sequence[int]) -> int:
+        with self._lock:
+            try:
+                with self.db:
+                    sql = "DELETE FROM batches WHERE run_id = ? AND seq_lo = ?"
+                    dropped = sum(self.db.execute(sql, (run_id, int(lo))).rowcount for lo in seq_los)
+            except sqlite3.OperationalError as exc:
+                raise self._busy(exc) from None
+            self._check_file()
+        return dropped
+
     def record_run(
         self,
         run_id: str,

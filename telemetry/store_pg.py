@@ -492,6 +492,17 @@ class PgHistoryStore(BatchStore):
             )
         )
 
+    def drop_batches(self, run_id: str, seq_los: Sequence[int]) -> int:
+        dropped: list[int] = []
+        self._write(
+            lambda conn: dropped.append(
+                conn.execute(
+                    "DELETE FROM batches WHERE run_id = %s AND seq_lo = ANY(%s)", (run_id, [int(lo) for lo in seq_los])
+                ).rowcount
+            )
+        )
+        return dropped[-1]
+
     def as_stored(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The summary as :meth:`record_run` stores it (NUL written out: :func:`jsonb_text`)."""
         return jsonb_text(summary) if b"\\u0000" in orjson.dumps(summary) else summary

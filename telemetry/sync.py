@@ -17,8 +17,9 @@ spans its ``seq`` (:meth:`~telemetry.batchstore.BatchStore.seq_ranges`, read alo
 files, a page at a time). So a hole in the middle of a run's stored events (batches missing
 there, whatever removed them) is filled as well as a tail past the last stored ``seq``; the
 events sent into a hole are counted apart (:attr:`SyncResult.filled`) and logged. A batch
-that is there but damaged (its bytes no batch) is not seen: only the readers, which skip and
-count it, can tell.
+that is there but damaged (its bytes no batch) looks covered by its range: ``verify``
+(``crucible sync --verify``) reads every stored batch first and deletes the damaged ones whose
+events the files hold, which the sync then sends again.
 
 What the history must never get: a batch its readers skip. A stored batch's ``seq`` must
 increase strictly; the run's reader (:func:`telemetry.jsonl.iter_run`) passes over an event
@@ -62,10 +63,13 @@ class SyncResult:
     filled: int = 0  # of ``sent``, events below the last seq the history held: a hole in its middle
     out_of_order: int = 0  # events whose seq was not past every seq read before it: not sent
     unreadable: int = 0  # lines of its files the JSONL readers skipped
+    damaged: int = 0  # stored batches no reader can use (``verify`` only)
+    replaced: int = 0  # of ``damaged``, those deleted, their events sent again from the files
 
 
-def sync_run(store: BatchStore, run_dir: Path, chunk: int = CHUNK) -> SyncResult:
-    """Send what the history lacks of the run in ``run_dir`` (see the module docs).
+def sync_run(store: BatchStore, run_dir: Path, chunk: int = CHUNK, verify: bool = False) -> SyncResult:
+    """Send what the history lacks of the run in ``run_dir`` (see the module docs); with
+    ``verify``, first read every stored batch of the run and replace the damaged ones.
 
     Raises:
         ValueError: the folder's names are not valid experiment / run ids.
@@ -83,6 +87,8 @@ def sync_run(store: BatchStore, run_dir: Path, chunk: int = CHUNK) -> SyncResult
         result.left_alone = other
         return result
     _warn_same_id(run_dir, run_id)
+    if verify:
+        result.damaged, result.replaced = _replace_damaged(store, run_dir, run_id)
     db_max = store.max_seq(run_id)
     held = _Held(store.seq_ranges(run_id))
     holes: list[int] = []  # the first seq of each hole found
@@ -131,6 +137,48 @@ class _Held:
         while self._at is not None and self._at[1] < seq:
             self._at = next(self._ranges, None)
         return self._at is not None and self._at[0] <= seq
+
+
+def _replace_damaged(store: BatchStore, run_dir: Path, run_id: str) -> tuple[int, int]:
+    """Delete the run's damaged stored batches whose events its files still hold, so that the
+    sync sends those events again; one the files do not hold whole stays (deleting it would
+    lose its seq range's place, and nothing could replace it) and is logged. Returns (damaged,
+    deleted). The files are read once more only when a batch is damaged."""
+    damaged = list(store.damaged_batches(run_id))
+    if not damaged:
+        return 0, 0
+    found = [0] * len(damaged)  # each damaged batch's events in the files
+    at = 0
+    for ev in iter_run(run_dir, ReadCounts()):
+        seq = ev["seq"]
+        while at < len(damaged) and damaged[at][1] < seq:
+            at += 1
+        if at == len(damaged):
+            break
+        if damaged[at][0] <= seq:
+            found[at] += 1
+    whole = [d for d, k in zip(damaged, found, strict=True) if k >= d[2]]
+    for (lo, hi, n, why), k in zip(damaged, found, strict=True):
+        if k < n:
+            log.error(
+                "a damaged history batch whose events the run's files no longer hold: left as it is",
+                run_dir=str(run_dir),
+                seq_lo=lo,
+                seq_hi=hi,
+                events=n,
+                in_files=k,
+                error=why,
+            )
+    dropped = store.drop_batches(run_id, [d[0] for d in whole]) if whole else 0
+    if dropped:
+        log.warning(
+            "replacing damaged history batches with the run's files",
+            run_dir=str(run_dir),
+            batches=dropped,
+            first_seq=whole[0][0],
+            error=whole[0][3],
+        )
+    return len(damaged), dropped
 
 
 def _held_for_another(store: BatchStore, run_dir: Path, experiment_id: str, run_id: str) -> str | None:

@@ -305,6 +305,76 @@ def test_sync_fills_a_hole_in_the_middle_of_a_run_and_says_so(tmp_path, history_
     assert f"exp/{RID}: up to date" in capsys.readouterr().out
 
 
+def overwrite_batch(target: str, run_id: str, seq_lo: int, data: bytes) -> None:
+    """Put ``data`` in place of a stored batch's bytes (what a damaged disk or a bad copy leaves)."""
+    if target.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(target, autocommit=True) as db:
+            db.execute("UPDATE batches SET data = %s WHERE run_id = %s AND seq_lo = %s", (data, run_id, seq_lo))
+        return
+    db = sqlite3.connect(target)
+    try:
+        with db:
+            db.execute("UPDATE batches SET data = ? WHERE run_id = ? AND seq_lo = ?", (data, run_id, seq_lo))
+    finally:
+        db.close()
+
+
+def test_sync_verify_replaces_damaged_batches_from_the_runs_files(tmp_path, history_target, capsys):
+    """A stored batch that is not msgpack, one that is no batch, and one that holds another
+    batch's events look covered to a plain sync (their seq ranges are there) while the readers
+    skip them. ``crucible sync --verify`` reads every stored batch, deletes the damaged ones
+    and sends their events again from the run's files: the history reads whole again. A
+    damaged batch whose events the files no longer hold is left, said, and the exit is 1."""
+    from actors.messages import encode
+
+    art = tmp_path / "art"
+    seqs = list(range(200))
+    run = make_run(art, "exp", seqs)
+    target = target_for(history_target, art)
+    store = open_history(target)
+    try:
+        assert sync_run(store, run, chunk=20).sent == 200
+        ranges = list(store.seq_ranges(RID))
+        with store._read() as q:  # the bytes of the first batch, to copy over the third
+            first = bytes(q("SELECT data FROM batches WHERE run_id = ? AND seq_lo = 0", (RID,)).fetchone()[0])
+    finally:
+        store.close()
+    assert ranges[:4] == [(0, 19), (20, 39), (40, 59), (60, 79)]
+    overwrite_batch(target, RID, 20, b"\xc1 not msgpack")
+    overwrite_batch(target, RID, 40, first)  # a batch, but of seqs 0..19
+    overwrite_batch(target, RID, 60, encode({"seq": [60]}))  # msgpack, not a batch's shape
+    store = open_history(target, readonly=True)
+    try:
+        assert len(seqs_in(store)) == 200 - 40  # the readers skip two; the copy reads as seqs 0..19 again
+    finally:
+        store.close()
+    capsys.readouterr()
+    assert main(["sync", "--artifacts", str(art), "--history", target]) == 0
+    assert f"exp/{RID}: up to date" in capsys.readouterr().out  # the ranges look covered
+    assert main(["sync", "--verify", "--artifacts", str(art), "--history", target]) == 0
+    out = capsys.readouterr().out
+    assert f"exp/{RID}: sent 60 event(s); 60 of them filled a hole" in out, out
+    assert "replaced 3 damaged stored batch(es)" in out, out
+    store = open_history(target)
+    try:
+        assert seqs_in(store) == seqs
+        assert list(store.damaged_batches(RID)) == []
+        # the files lose the run's first 100 events; a damaged batch among them cannot be replaced
+        overwrite_batch(target, RID, 0, b"junk")
+        (run / "events.jsonl").write_bytes(b"".join(event("exp", RID, s) for s in range(100, 200)))
+        with capture_logs() as logs:
+            r = sync_run(store, run, verify=True)
+        assert (r.damaged, r.replaced, r.sent) == (1, 0, 0)
+        (said,) = [e for e in logs if e["event"].startswith("a damaged history batch whose events")]
+        assert (said["seq_lo"], said["events"], said["in_files"]) == (0, 20, 0)
+    finally:
+        store.close()
+    assert main(["sync", "--verify", "--artifacts", str(art), "--history", target]) == 1
+    assert "1 damaged stored batch(es) left: the files no longer hold them" in capsys.readouterr().out
+
+
 def test_a_run_the_history_refuses_is_reported_and_the_others_still_go_in(
     tmp_path, history_target, capsys, monkeypatch
 ):
