@@ -181,7 +181,6 @@ class TokenClaim:
     """
 
     def __init__(self, path: Path, keep: bool = False) -> None:
-        self.path = path
         lock = path.with_name(path.name + ".lock")
         self._fd: int | None = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -193,7 +192,6 @@ class TokenClaim:
                 alone = False
             kept = kept_token(path) if keep or not alone else None
             self.token = kept or new_token()
-            self.shared = kept is not None and not alone
             if kept is None:  # alone, or the other's file is gone or doubtful
                 write_token_file(path, self.token)
             if alone:

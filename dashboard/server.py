@@ -885,8 +885,6 @@ class Dashboard:
     """
 
     def __init__(self, lab: Lab | LabService, host: str = "127.0.0.1", port: int | None = None) -> None:
-        import uvicorn
-
         service = lab if isinstance(lab, LabService) else None
         lab = lab.lab if isinstance(lab, LabService) else lab
 
@@ -910,6 +908,18 @@ class Dashboard:
         except OSError:
             sock.close()
             raise
+        try:
+            self._start(lab, service, host, sock, family)
+        except BaseException:
+            self._claim.release()  # held, it would make the next dashboard on the folder share a dead one's token
+            sock.close()
+            raise
+        log.info("dashboard listening", url=self.url, token_file=str(self.token_file))
+
+    def _start(self, lab: Lab, service: LabService | None, host: str, sock: socket.socket, family: int) -> None:
+        """Serve the app on the bound ``sock`` from a daemon thread."""
+        import uvicorn
+
         self.token = self._claim.token
         self.host, self.port = sock.getsockname()[:2]
         self.url = f"http://{f'[{self.host}]' if family == socket.AF_INET6 else self.host}:{self.port}/"
@@ -929,7 +939,6 @@ class Dashboard:
             target=self.server.run, kwargs={"sockets": [sock]}, name="dashboard", daemon=True
         )
         self._thread.start()
-        log.info("dashboard listening", url=self.url, token_file=str(self.token_file))
 
     def new_sign_in_url(self) -> str:
         """A link that opens the page signed in, once: ``URL#code=<one-time code>``.

@@ -288,15 +288,9 @@ class BatchStore:
                 return
             for lo, hi, n, data in rows:
                 lo, hi, n = int(lo), int(hi), int(n)
-                try:
-                    b = decode(bytes(data))
-                    check_batch(b)
-                    seqs = b["seq"]
-                    why = None
-                    if len(seqs) != n or int(seqs[0]) != lo or int(seqs[-1]) != hi:
-                        why = f"holds {len(seqs)} event(s), seq {int(seqs[0])}..{int(seqs[-1])}: not its row's"
-                except (DecodeError, SchemaError) as exc:
-                    why = str(exc)
+                b, why = _decoded(data)
+                if b is not None and (len(seqs := b["seq"]) != n or int(seqs[0]) != lo or int(seqs[-1]) != hi):
+                    why = f"holds {len(seqs)} event(s), seq {int(seqs[0])}..{int(seqs[-1])}: not its row's"
                 if why is not None:
                     yield lo, hi, n, why
             last = int(rows[-1][0])
@@ -380,15 +374,10 @@ class BatchStore:
         """One stored batch decoded and checked; None, with a warning, for one that is damaged
         (not msgpack, or not the shape of a batch): readers skip it, as they skip a bad JSONL
         line, and :attr:`skipped_batches` counts it."""
-        try:
-            b = decode(bytes(data))
-            check_batch(b)
-        except (DecodeError, SchemaError) as exc:
+        b, why = _decoded(data)
+        if b is None:
             self.skipped_batches += 1
-            log.warning(
-                "skipping a damaged history batch", store=repr(self), run_id=run_id, seq_lo=seq_lo, error=str(exc)
-            )
-            return None
+            log.warning("skipping a damaged history batch", store=repr(self), run_id=run_id, seq_lo=seq_lo, error=why)
         return b
 
     def _selected(
@@ -555,6 +544,17 @@ class BatchStore:
         keys = tq.present_fields(cols, fields)
         cols = {k: cols.get(k, np.full(ts.size, np.nan)) for k in keys}
         return tq.windowed_metrics_arrays(ts[order], cols, window_s, step_s, max_windows=max_windows)
+
+
+def _decoded(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """A stored batch's bytes decoded and checked as a live batch is: (the batch, None), or
+    (None, why) for bytes that are not msgpack or not a batch's shape."""
+    try:
+        b = decode(bytes(data))
+        check_batch(b)
+    except (DecodeError, SchemaError) as exc:
+        return None, str(exc)
+    return b, None
 
 
 def _order(r: dict[str, Any]) -> tuple[int, str, int]:
