@@ -150,7 +150,7 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
             assert page.text_content("#current") == "dash"
             # hypertune acts and judges its actions within a few seconds of stalling
             wait_for(lambda: c.get("/api/experiments/dash").json()["hypertune_outcomes"], 30, "a hypertune outcome")
-            page.wait_for_selector("#feed .tag-outcome", timeout=10_000)
+            page.wait_for_selector("#feed .tag-outcome", timeout=30_000)
             assert page.locator("#feed .tag-action").count() >= 1
 
             page.click("#btn-restart")  # a new pass from the best solution: a pass boundary on the chart
@@ -164,7 +164,7 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
                 want = c.get("/api/experiments/dash").json()["best"]["value"]
                 return page.text_content("#best") == f"{want:g}" and want
 
-            best = wait_for(best_matches, 10, "the page's best to match the API")
+            best = wait_for(best_matches, 30, "the page's best to match the API")
             assert c.get("/api/experiments/dash").json()["objective"] == obj.to_dict()
             assert page.text_content("#best-unit") == label
             seen = page.evaluate(RANGES)
@@ -178,10 +178,10 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
                 "() => { window.__row = document.querySelector('.exp[data-id=dash2]');"
                 " window.__queueRow = document.querySelector('#queue tr:last-child'); return window.__pushes; }"
             )
-            page.wait_for_function(f"() => window.__pushes > {pushes + 3}", timeout=10_000)
+            page.wait_for_function(f"() => window.__pushes > {pushes + 3}", timeout=30_000)
             assert page.evaluate("() => window.__row.isConnected && window.__queueRow.isConnected")
             page.click(".exp[data-id='dash2']")
-            page.wait_for_function(f"() => {text('current')} === 'dash2'", timeout=10_000)
+            page.wait_for_function(f"() => {text('current')} === 'dash2'", timeout=30_000)
             page.wait_for_function(
                 "() => document.getElementById('chart').data.some(t => t.x.length > 0)", timeout=30_000
             )
