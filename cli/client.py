@@ -121,7 +121,9 @@ def cmd_open(args: argparse.Namespace) -> int:
 def _client_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, metavar="URL", help="the lab daemon's URL (crucible lab serve prints it)")
     p.add_argument(
-        "--token-file", metavar="PATH", help="the daemon's <artifacts>/dashboard.token (default: CRUCIBLE_TOKEN)"
+        "--token-file",
+        metavar="PATH",
+        help="the daemon's <artifacts>/dashboard.token (wins over CRUCIBLE_TOKEN, which is the default)",
     )
 
 

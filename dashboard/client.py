@@ -1,9 +1,9 @@
 """A Python client of a lab daemon's HTTP API (``crucible lab serve``), over httpx.
 
-``LabClient(url)`` finds its token in ``CRUCIBLE_TOKEN``, else in ``<artifacts>/dashboard.token``
-when ``artifacts`` is given (or a ``token_file``). Every call raises :class:`LabClientError`
-with the server's own message on a 4xx/5xx answer, and says so when the daemon cannot be
-reached. See docs/daemon.md.
+``LabClient(url)`` takes its token as given, else from ``token_file`` (or
+``<artifacts>/dashboard.token`` when ``artifacts`` is given), else from ``CRUCIBLE_TOKEN``.
+Every call raises :class:`LabClientError` with the server's own message on a 4xx/5xx answer,
+and says so when the daemon cannot be reached. See docs/daemon.md.
 """
 
 from __future__ import annotations
@@ -41,17 +41,19 @@ class LabClientError(RuntimeError):
 def find_token(
     token: str | None = None, artifacts: str | Path | None = None, token_file: str | Path | None = None
 ) -> str:
-    """The token to present: ``token``, else ``CRUCIBLE_TOKEN``, else the token file.
+    """The token to present: ``token``, else the token file given (``token_file``, or the one in
+    ``artifacts``), else ``CRUCIBLE_TOKEN``. What the caller names wins over the environment: a
+    variable left exported for another daemon must not shadow the file asked for.
 
     Raises:
         LabClientError: none of them gives one.
     """
     if token:
         return token
-    env = os.environ.get(TOKEN_ENV, "").strip()
-    if env:
-        return env
     path = Path(token_file) if token_file is not None else Path(artifacts) / TOKEN_FILE if artifacts else None
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if path is None and env:
+        return env
     if path is None:
         raise LabClientError(f"no token: set {TOKEN_ENV} or give the daemon's token file (<artifacts>/{TOKEN_FILE})")
     try:

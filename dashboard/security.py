@@ -243,6 +243,11 @@ class Guard:
             shown = brief(origin, ECHO_CHARS)
             return 403, f"cross-origin request from {shown!r} refused; the dashboard serves its own page only"
         if scope["path"] not in PUBLIC_PATHS and not self.authorised(scope, headers):
+            if presented_token(headers):  # a token, not this dashboard's: say so, or a stale one reads as none sent
+                return 401, (
+                    "the token sent is not this dashboard's (another dashboard's, or from before a restart of a "
+                    "plain run?): send the contents of this dashboard's <artifacts>/dashboard.token"
+                )
             return 401, (
                 "this needs the dashboard token: send 'Authorization: Bearer <token>' with the contents of "
                 "<artifacts>/dashboard.token, or open the sign-in link that crucible run --dashboard or "

@@ -160,9 +160,21 @@ def test_token_origin_and_host_are_checked(daemon):
     assert foreign.status_code == 403
     rebound = httpx.post(daemon.url + "api/experiments", json=body, headers={**auth, "Host": "evil.example"})
     assert rebound.status_code == 400
-    with pytest.raises(LabClientError, match="401"):
+    with pytest.raises(LabClientError, match="401: the token sent is not this dashboard's"):
         LabClient(daemon.url, "wrong-token").list()
+    assert "this needs the dashboard token" in httpx.get(daemon.url + "api/experiments").json()["error"]  # none sent
     assert "intruder" not in statuses(daemon.client())
+
+
+def test_a_token_file_named_wins_over_a_stale_token_in_the_environment(daemon, capsys, monkeypatch):
+    """A CRUCIBLE_TOKEN left exported for another daemon does not shadow --token-file."""
+    monkeypatch.setenv("CRUCIBLE_TOKEN", "stale-token-of-another-daemon")
+    token_file = str(daemon.artifacts / "dashboard.token")
+    assert main(["ls", "--to", daemon.url, "--token-file", token_file]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # without the file: the stale token, refused as such
+        main(["ls", "--to", daemon.url])
+    assert "the token sent is not this dashboard's" in capsys.readouterr().err
 
 
 def test_a_second_daemon_on_the_same_folder_refuses(daemon):
