@@ -31,7 +31,17 @@ from experiments.workloads import Objective, objective_of
 from experiments.workloads import registry as workload_registry
 from telemetry import stats
 from telemetry.jsonl import RunFileError, iter_run
-from telemetry.rundir import CHECKPOINT, LIFECYCLE, SPEC, SUMMARY, RunStatus, read_json, read_record, summary_best
+from telemetry.rundir import (
+    CHECKPOINT,
+    LIFECYCLE,
+    SPEC,
+    SUMMARY,
+    RunStatus,
+    read_json,
+    read_record,
+    summary_best,
+    summary_fields,
+)
 
 log = get_logger("experiments.tuning")
 
@@ -269,8 +279,12 @@ def prior_trials(
 
 def _trial_row(field: str, direction: str, run_dir: Path) -> dict[str, Any]:
     """A trial's figures from its run directory (run where the trial ran); ``seconds_to_best``
-    is None where the workload does not record it."""
-    return {"value": run_objective(run_dir, field, direction), "seconds_to_best": seconds_to_best(run_dir)}
+    is None where the workload does not record it. Without a value, ``fields`` lists what the
+    run did record (a mistyped objective is told from a run that never reached one)."""
+    row = {"value": run_objective(run_dir, field, direction), "seconds_to_best": seconds_to_best(run_dir)}
+    if row["value"] is None:
+        row["fields"] = sorted(summary_fields(read_record(run_dir, SUMMARY) or {}))
+    return row
 
 
 SEEDS = 2**32
@@ -362,6 +376,8 @@ def tune(
         value = res.row.get("value")
         if res.failed or value is None:
             row["failed"] = res.error or f"no {obj.field} from an event that did not fail, in the run's summary"
+            if not res.failed:
+                row["fields"] = res.row.get("fields")
         else:
             row.update({obj.field: value, "seconds_to_best": res.row["seconds_to_best"]})
         row["run_dir"] = res.run_dir
@@ -382,6 +398,13 @@ def tune(
                 jobs.append(Job(base, tuple(sets), exp_id, read_row))  # read once: a pipe cannot be read again
             rows: list[dict[str, Any]] = [{} for _ in batch]
             runner.run(jobs, functools.partial(finished, first, batch, rows))
+            for row in rows:  # a field no run records: every later trial would fail the same way
+                fields = row.get("fields")
+                if fields and obj.field not in fields:
+                    raise ValueError(
+                        f"objective {obj.field!r}: trial {row['trial']}'s run records no such field "
+                        f"(its run: {row['run_dir']}); its fields: {', '.join(fields)}"
+                    )
             for trial, row in zip(batch, rows, strict=True):  # told in trial order, whatever order they ended in
                 if "failed" in row:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)

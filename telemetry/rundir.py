@@ -711,6 +711,17 @@ def summary_bests(summary: dict[str, Any], fields: Iterable[tuple[str, str]]) ->
     return out
 
 
+def summary_fields(summary: dict[str, Any]) -> set[str]:
+    """The value fields any phase of a RunSummary recorded (empty for another shape)."""
+    phases = summary.get("phases")
+    out: set[str] = set()
+    for ph in phases.values() if isinstance(phases, dict) else ():
+        for side in ("min", "max", "best") if isinstance(ph, dict) else ():
+            if isinstance(table := ph.get(side), dict):
+                out.update(k for k in table if isinstance(k, str))
+    return out
+
+
 def summary_best(summary: dict[str, Any], field: str, direction: str | None = None) -> float | None:
     """The best value of ``field`` over a RunSummary's phases: the highest when ``direction``
     is "max" (by default: when the run declared ``field`` in ``telemetry.maximize``), else the

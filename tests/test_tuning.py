@@ -118,6 +118,16 @@ def test_tune_never_judges_a_trial_by_failed_calls(tmp_path):
     assert res["best_value"] is None and res["proposal"] is None
 
 
+def test_a_mistyped_objective_stops_the_study_after_its_first_trial_naming_the_fields(tmp_path):
+    """A field no run records fails every trial alike: the study stops after the first, and
+    says which fields the run has, rather than spend every trial's budget first."""
+    spec = {"name": "typo", "time_budget_s": 0.2, "workload": {"name": "latency", "params": {"target": "math:sqrt"}}}
+    with pytest.raises(ValueError, match=r"objective 'latncy_ms': trial 0's run records no such field") as err:
+        tune(spec, 5, tmp_path / "art", seed=1, objective="latncy_ms")
+    assert "latency_ms" in str(err.value).split("its fields: ")[1]
+    assert [p.name for p in (tmp_path / "art").iterdir() if p.is_dir() and p.name.startswith("typo")] == ["typo"]
+
+
 def test_an_ab_run_without_a_value_is_a_failed_run(tmp_path):
     from experiments.tuning import ABFailed, ab
 
