@@ -13,6 +13,7 @@ import threading
 import orjson
 import pytest
 
+from experiments.lab import LifecycleError
 from supervisor import AlreadyPaused, Lab, NotFound, NotPaused, NotRunning
 from telemetry.jsonl import iter_run
 from telemetry.schema import RECORD_EVENTS
@@ -161,13 +162,15 @@ def test_set_param_applies_a_control_or_refuses_it_alike(lab, tmp_path):
         exp.set_param("nope", 1)
     with pytest.raises(ValueError, match="refused"):
         exp.set_param("calls_per_step", -3)
+    with pytest.raises(LifecycleError, match="cannot restart a pass: the latency workload has no passes"):
+        exp.restart_pass()
     exp.stop()
     with pytest.raises(NotRunning, match="is stopped; cannot"):
         exp.set_param("calls_per_step", 8)
     events = list(iter_run(exp.run_dir))
     controls = [e for e in events if e["name"] == "control"]
     assert len(controls) == 1 and "calls_per_step" in controls[0]["notes"] and "(test)" in controls[0]["notes"]
-    assert sum(e["name"] == "control_refused" for e in events) == 2
+    assert sum(e["name"] == "control_refused" for e in events) == 3  # the restart too: recorded as refused
 
 
 def test_text_from_outside_in_a_control_is_bounded(lab):

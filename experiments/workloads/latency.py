@@ -255,6 +255,8 @@ class LatencyWorkload:
         }
 
     def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
+        if key in ("restart_pass", "skip_phase"):  # the colouring pipeline's actions: say why, not "unknown"
+            raise ValueError(f"the latency workload has no passes or phases ({key} is the colouring pipeline's)")
         if key not in TUNABLE:
             raise ValueError(f"latency workload has no tunable parameter {key!r} ({', '.join(TUNABLE)})")
         check = self.check_params({**{k: v for k, v in self.p.items() if k in DEFAULTS}, key: value})
