@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,9 @@ def cmd_control(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+NONFINITE_TEXT = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
 def control_value(text: str) -> Any:
     """A control's value from the command line: JSON where it reads as JSON (``0.8``, ``true``,
     ``[1, 2]``, ``"x"``), else the text itself (``spectral``). UsageError for what no request
@@ -85,6 +89,11 @@ def control_value(text: str) -> Any:
     try:
         value = json.loads(text)  # the standard reader: integers exact, NaN and 1e400 read (then refused)
     except (ValueError, RecursionError):
+        if NONFINITE_TEXT.fullmatch(text):  # nan, inf as Python and numpy print them: meant as numbers
+            raise UsageError(
+                f"value {text!r} is not a finite number (a control takes finite numbers; "
+                f"to send the text, give it as JSON: '\"{text}\"')"
+            ) from None
         value = text
     bad = tree_problem({"value": value})
     if bad is not None:

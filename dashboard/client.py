@@ -147,10 +147,16 @@ class LabClient:
                 raise LabClientError(f"cannot reach the lab daemon at {self.url}: {exc}") from None
         if resp.status_code >= 400:
             try:
-                message = orjson.loads(resp.content).get("error") or resp.text
+                message = orjson.loads(resp.content).get("error")
             except (orjson.JSONDecodeError, AttributeError):
-                message = resp.text or resp.reason_phrase
-            raise LabClientError(f"{resp.status_code}: {_cut(str(message))}", resp.status_code)
+                message = None
+            if not isinstance(message, str):  # a daemon's errors are JSON {"error": ...}: not one of those
+                raise LabClientError(
+                    f"{self.url} answered {resp.status_code} {resp.reason_phrase} without a lab daemon's JSON error, "
+                    f"so it is likely not a lab daemon (crucible lab serve prints its URL): {_cut(resp.text)!r}",
+                    resp.status_code,
+                )
+            raise LabClientError(f"{resp.status_code}: {_cut(message)}", resp.status_code)
         try:
             return orjson.loads(resp.content), attempt + 1
         except orjson.JSONDecodeError:
