@@ -644,7 +644,12 @@ class LabService:
                 raise NotRunning(f"experiment {exp_id!r} is queued, not running: it cannot {action} (stop cancels it)")
             if exp_id in self._ended:
                 raise NotRunning(f"experiment {exp_id!r} never ran ({self._ended[exp_id]['status']})")
-            return self.lab.get(exp_id)
+            try:
+                return self.lab.get(exp_id)
+            except NotFound:  # the Lab knows its own; this daemon's queue is known here
+                queued = ", ".join(i["id"] for i in self._queue) or "none"
+                known = ", ".join(sorted(self.lab.experiments.copy())) or "none"
+                raise NotFound(f"no experiment {exp_id!r} on this daemon; known: {known}; queued: {queued}") from None
 
     def pause(self, exp_id: str) -> dict[str, Any]:
         """Pause a running experiment (LifecycleError: queued, unknown, or not running)."""
