@@ -103,16 +103,37 @@ COMPARE_FIGURES = (
 )
 
 
+def event_rate(m: Mapping[str, Any], last: dict[str, Any]) -> tuple[int, float | None]:
+    """The event count of the metrics snapshot ``m`` and the rate between the last two distinct
+    snapshots, by the snapshots' own times (``at``): StreamingMetrics publishes about once a
+    second, so a rate over the time between two repaints would read 0/s whenever no new
+    snapshot came between them. ``last`` holds the previous snapshot's count and time and the
+    rate, kept until a newer snapshot comes; the rate is None until two have been seen."""
+    at, events = m.get("at"), m.get("events")
+    if at is None or events is None:
+        return last.get("events", 0), last.get("rate")
+    prev_at, prev_events = last.get("at"), last.get("events", 0)
+    if prev_at is None or at > prev_at:
+        rated = prev_at is not None and events >= prev_events  # a count that went back (restarted): no rate
+        last["rate"] = (events - prev_events) / (at - prev_at) if rated else None
+        last.update(events=events, at=at)
+    return last["events"], last.get("rate")
+
+
 def progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
     """The live panel of ``crucible run``: status, time against the budget, steps, event rate,
     and the workload's objective and progress value (best in its direction, windowed p50 and
-    p99) once the run has them. ``last`` carries the previous call's count for the rate."""
+    p99) once the run has them. ``last`` carries what earlier frames saw (see
+    :func:`event_rate`): the panel repaints more often than the metrics snapshot changes, and
+    a frame without a new snapshot shows the figures of the last one, never a rate of 0."""
     m = exp.metrics()
-    ph = exp.phase_status()
-    events = m.get("events", 0)
+    if m.get("at") is not None:
+        last["metrics"] = m
+    m = last.get("metrics", m)  # no snapshot to be had this time: the last one, for what it says
+    ph = exp.phase_status() or last.get("phase", {})  # {} once ended: the steps and time it reached
+    last["phase"] = ph
+    events, rate = event_rate(m, last)
     now = time.monotonic()
-    rate = (events - last.get("events", 0)) / max(now - last.get("t", t0), 1e-9)
-    last.update(events=events, t=now)
     budget = exp.spec["time_budget_s"]
     table = Table(title=shown(f"{exp.id}  run {exp.run_id}"), show_header=False, expand=False)
     table.add_column("what", style="bold")
@@ -120,7 +141,7 @@ def progress(exp: Experiment, t0: float, last: dict[str, Any]) -> Table:
     table.add_row("status", shown(f"{exp.status()}  (workload {exp.spec['workload']['name']})"))
     table.add_row("elapsed / budget", f"{ph.get('active_s', 0.0):.1f} s active / {budget:g} s   wall {now - t0:.1f} s")
     table.add_row("steps", str(ph.get("steps", 0)))
-    table.add_row("events", f"{events:,}  ({rate:,.0f}/s)")
+    table.add_row("events", f"{events:,}" + (f"  ({rate:,.0f}/s)" if rate is not None else ""))
     obj = objective_of(exp.spec["workload"]["name"])
     for label, field, direction in objective_series([obj] if obj is not None else []):
         f = (m.get("fields") or {}).get(field)

@@ -202,6 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 with Live(render.progress(exp, t0, last), console=console, refresh_per_second=4) as live:
                     while not exp.wait(0.5) and not stop_now.is_set():
                         live.update(render.progress(exp, t0, last))
+                    live.update(render.progress(exp, t0, last))  # the last frame: the final count once ended
             end_on_signal(exp, stop_now, console)
             s = exp.summary()
             if summary_path is not None:  # before the table: a closed stdout must not cost the file

@@ -130,6 +130,75 @@ def test_the_live_panel_shows_the_workloads_declared_objective(tmp_path, workloa
     assert not any(f in text for f in others)
 
 
+class _Snapshots:
+    """An experiment whose metrics snapshots come from a list, one per frame, as a panel that
+    repaints faster than StreamingMetrics publishes sees them; the phase answers {} once the
+    list's last (the final figures) is read, as a run that ended does."""
+
+    def __init__(self, snaps):
+        self.snaps = list(snaps)
+        self.id, self.run_id = "lat", "r1"
+        self.spec = {"time_budget_s": 5.0, "workload": {"name": "latency", "params": {}}}
+
+    def metrics(self):
+        return self.snaps.pop(0)
+
+    def phase_status(self):
+        return {"steps": 7, "active_s": 1.5} if self.snaps else {}
+
+    def status(self):
+        return "running" if self.snaps else "stopped"
+
+
+def test_the_live_panel_rates_events_between_snapshots_and_ends_on_the_final_count():
+    """The rate is taken between two distinct snapshots by their own times and held while
+    the panel repaints over the same one (it read 0/s there); the last frame shows the final
+    count, with the steps the phase reached."""
+    from rich.console import Console
+
+    from cli.render import progress
+
+    snap = {"stale": False, "age_s": 0.1, "fields": {}}
+    frames = [
+        {**snap, "at": 100.0, "events": 155},
+        {**snap, "at": 100.0, "events": 155},  # the same snapshot, repainted
+        {"stale": True, "age_s": None},  # none to be had this time
+        {**snap, "at": 101.0, "events": 386},
+        {**snap, "at": 101.0, "events": 386},
+        {**snap, "at": 101.5, "events": 841},  # the final figures
+    ]
+    exp, last, shown = _Snapshots(frames), {}, []
+    for _ in frames:
+        console = Console(record=True, width=200)
+        console.print(progress(exp, time.monotonic(), last))
+        shown.append(_rows(console.export_text()))
+    events = [rows["events"].split("│")[2].strip() for rows in shown]
+    assert events == ["155", "155", "155", "386  (231/s)", "386  (231/s)", "841  (910/s)"]
+    assert "7" in shown[-1]["steps"] and "1.5 s active" in shown[-1]["elapsed / budget"]
+
+
+def test_run_draws_its_last_frame_after_the_run_ended(tmp_path, capsys, monkeypatch):
+    """The panel's last frame is drawn from the ended run, so it shows the final event count
+    (it stopped at the last count read while running)."""
+    from cli import render
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    seen = []
+    real = render.progress
+
+    def recording(exp, t0, last):
+        table = real(exp, t0, last)
+        seen.append((exp.wait(0), last.get("events"), exp.metrics().get("events")))
+        return table
+
+    monkeypatch.setattr(render, "progress", recording)
+    spec = tmp_path / "s.toml"
+    spec.write_text(LATENCY.format(budget=0.5, seed=3, calls=0))
+    run_cli(capsys, "run", str(spec), "--artifacts", str(tmp_path / "art"))
+    ended, shown_events, final_events = seen[-1]
+    assert ended and shown_events == final_events > 0
+
+
 def test_run_refuses_an_unwritable_json_summary_before_it_starts(tmp_path, capsys):
     spec = tmp_path / "s.toml"
     spec.write_text(LATENCY.format(budget=0.2, seed=1, calls=0))
