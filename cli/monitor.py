@@ -71,7 +71,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         render.say(  # recorded text: shown as it is, never read as markup
             console,
             f"GPU vs CPU (events): {s['gpu_usage'] or 'not recorded'}; run {s['duration_s']:.1f} s; "
-            f"persisted {s['events_persisted']}, dropped {s['events_dropped']}; "
+            f"persisted {s['events_persisted']}, dropped {s['dropped']}"
+            + (f", sampled out {s['sampled_out']}" if s["sampled_out"] else "")  # on purpose: no loss
+            + "; "
             f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}",
         )
         if s["nonfinite_values"]:  # a diverged value: no number in the files, so said here

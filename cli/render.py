@@ -25,6 +25,7 @@ from rich.text import Text
 from experiments.monitor import SHORT
 from experiments.monitor import sparkline as spark
 from experiments.workloads import Objective, objective_of, objectives
+from telemetry.rundir import summary_losses
 
 LISTING_WIDTH = 240  # a table written to a file or a pipe: wide enough for run ids and paths
 
@@ -87,7 +88,8 @@ SUMMARY_FIGURES = (
     "resume_count",
     "events_emitted",
     "events_persisted",
-    "events_dropped",
+    "accounting.dropped",  # the real losses; events_dropped would add what the Sampler left out on purpose
+    "events_sampled_out",
     "events_rejected",
 )
 COMPARE_FIGURES = (
@@ -161,8 +163,10 @@ def summary_table(s: dict[str, Any]) -> Table:
     t = Table(title=shown(f"run summary: {s.get('experiment_id')} / {s.get('run_id')}"))
     t.add_column("figure")
     t.add_column("value", justify="right", overflow="fold")  # a run dir wraps whole, never cut to "…"
+    dropped, sampled = summary_losses(s)
+    figures = {**s, "accounting.dropped": dropped, "events_sampled_out": sampled}
     for k in SUMMARY_FIGURES:
-        v = s.get(k)
+        v = figures.get(k)
         t.add_row(k, f"{v:.3f}" if isinstance(v, float) else shown(v))
     for phase, p in (s.get("phases") or {}).items():
         best = ", ".join(f"{k}={v:.4g}" for k, v in _phase_bests(p.get("best") or {}))

@@ -33,7 +33,7 @@ import orjson
 
 from experiments.workloads import Objective, objective_of, objectives
 from telemetry.jsonl import ACTIVE, iter_run, open_run_file
-from telemetry.rundir import LIFECYCLE, SPEC, SUMMARY, RunNotFound, read_record, run_status
+from telemetry.rundir import LIFECYCLE, SPEC, SUMMARY, RunNotFound, read_record, run_status, summary_losses
 from telemetry.schema import SchemaError, parse_line
 
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
@@ -200,7 +200,8 @@ def run_stopped(run_dir: Path) -> bool:
 
 def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Best value per phase (of the objective's field and progress value, each in its own
-    direction), GPU vs CPU usage, durations, drops, anomalies, hypertune actions.
+    direction), GPU vs CPU usage, durations, drops (``dropped``: the losses, not summary.json's
+    ``events_dropped``) apart from what the Sampler left out (``sampled_out``), anomalies, hypertune actions.
 
     ``status`` is the derived status (see :mod:`telemetry.rundir`), ``reason`` its reason
     or evidence; ``events_persisted`` counts the events on disk when ``summary.json`` lags
@@ -250,6 +251,7 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
     summ = read_record(run_dir, SUMMARY) or {}  # unreadable (a FIFO, a folder): a warning, the events alone
     said = summ.get("events_persisted")
     lag = n - said if isinstance(said, int) and n > said else (n if said is None and n else 0)
+    dropped, sampled = summary_losses(summ)
     return {
         "run_dir": str(run_dir),
         "phases": phases,
@@ -259,7 +261,9 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
         "hypertune_actions": actions,
         "duration_s": (last - first) / 1e6 if first is not None else 0.0,
         "events_persisted": max(n, said) if isinstance(said, int) else n,
-        "events_dropped": summ.get("events_dropped"),
+        # the real losses and what the Sampler left out on purpose, apart (summary_losses)
+        "dropped": dropped,
+        "sampled_out": sampled,
         "summary_lag_events": lag,
         "status": str(report.status),
         "reason": report.reason,

@@ -745,3 +745,23 @@ def summary_best(summary: dict[str, Any], field: str, direction: str | None = No
     if not found:
         return None
     return max(found) if side == "max" else min(found)
+
+
+def summary_losses(summary: dict[str, Any]) -> tuple[int | None, int]:
+    """A RunSummary's events not persisted, split: ``(dropped, sampled_out)``, where dropped
+    counts the real losses (overflow, transit, storage: ``accounting.dropped``) and
+    sampled_out what the Sampler left out on purpose. ``events_dropped`` adds the two, so a
+    view showing it alone reads a sampled run as a lossy one. dropped is None when the
+    summary says neither (another shape, or none written yet)."""
+
+    def count(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+    acc = summary.get("accounting")
+    acc = acc if isinstance(acc, dict) else {}
+    sampled = count(acc.get("sampled_out"))
+    sampled = sampled if sampled is not None else count(summary.get("events_sampled_out")) or 0
+    dropped = count(acc.get("dropped"))
+    if dropped is None and (total := count(summary.get("events_dropped"))) is not None:
+        dropped = max(0, total - sampled)  # a summary without the accounting block
+    return dropped, sampled

@@ -306,6 +306,24 @@ def test_monitor_summary_of_a_colouring_run_shows_best_per_phase(tmp_path, capsy
     assert "status stopped (budget)" in out
 
 
+def test_events_the_sampler_left_out_are_not_shown_as_dropped(tmp_path, capsys):
+    """A sampled run lost nothing: run's table and monitor --summary show its sampled-out
+    events apart from the dropped ones (0), while summary.json keeps its fields."""
+    spec = tmp_path / "s.toml"
+    sampling = '[sampling]\nstrategy = "stratified"\n[sampling.config]\nby = "success"\nrates = { true = 0.1 }\n'
+    spec.write_text(LATENCY.format(budget=0.5, seed=1, calls=0) + sampling)
+    art, out_json = str(tmp_path / "art"), tmp_path / "s.json"
+    out = run_cli(capsys, "run", str(spec), "--artifacts", art, "--no-live", "--json-summary", str(out_json))
+    s = json.loads(out_json.read_text())
+    sampled = s["accounting"]["sampled_out"]
+    assert sampled > 0 and s["accounting"]["dropped"] == 0 and s["events_dropped"] == sampled
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if line.count("│") >= 3}
+    assert rows["accounting.dropped"] == "0" and rows["events_sampled_out"] == str(sampled)
+    assert "events_dropped" not in rows
+    out = " ".join(run_cli(capsys, "monitor", "--latest", "--summary", "--artifacts", art).split())
+    assert f"dropped 0, sampled out {sampled};" in out
+
+
 def test_monitor_usage_errors(runs, tmp_path, capsys):
     art, dirs = runs
     assert "give a run" in usage_error(capsys, "monitor", "--artifacts", str(art))
