@@ -52,10 +52,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if alerts:
         fields = known_fields(run)
         for a in alerts:
-            if fields and a.field not in fields:
-                raise UsageError(
-                    f"alert {a.expr!r}: this run has no field {a.field!r}; its fields: {', '.join(sorted(fields))}"
-                )
+            try:
+                a.resolve(fields)
+            except AlertError as exc:
+                raise UsageError(str(exc)) from None
     console = Console()
     if args.summary:
         from cli.runs import history_events, history_target, reading_history
@@ -98,7 +98,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                 continue
             n += 1
             line = format_event(ev, t0)
-            fired = [a.expr for a in alerts if a.fires(ev)]
+            fired = [a.shown for a in alerts if a.fires(ev)]
             if args.follow:
                 view.add(ev.get("values") or {}, ("!! " if fired else "   ") + line)
             elif fired:

@@ -35,7 +35,7 @@ from actors.log import get_logger
 from cli import render
 from cli.commands import help_of
 from cli.errors import EXIT_FAILED, UsageError, folder_arg, history_error, not_recorded, one_line
-from experiments.monitor import SHORT
+from experiments.monitor import LABELED
 from experiments.validate import brief
 from experiments.workloads import objectives
 from telemetry import rundir
@@ -390,9 +390,8 @@ def metric_values(
 def metric_hint(metric: str, seen: set[str]) -> str:
     """What ``--metric`` could have been: the field an objective's label stands for (tables
     show labels, events hold fields), else the numeric fields the runs record."""
-    fields = {label: field for field, label in SHORT.items()}
-    if fields.get(metric) in seen:
-        return f"; {metric!r} is how tables label {fields[metric]!r}: give --metric {fields[metric]}"
+    if LABELED.get(metric) in seen:
+        return f"; {metric!r} is how tables label {LABELED[metric]!r}: give --metric {LABELED[metric]}"
     if not seen:
         return ""
     shown = sorted(seen)

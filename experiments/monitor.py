@@ -40,6 +40,8 @@ OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.n
 _ALERT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*$")
 SHORT = {o.field: o.label for o in objectives().values() if o.label != o.field}
 """Field -> the short name a workload's objective declares for it (``colors`` for a colouring run)."""
+LABELED = {label: field for field, label in SHORT.items()}
+"""Short name -> the field it stands for: what the tail lines and tables show, read back."""
 
 
 class AlertError(ValueError):
@@ -77,11 +79,33 @@ class Alert:
                 f"bad alert {expr!r}: expected FIELD OP NUMBER, e.g. 'conflicts>1000' (operators: {', '.join(OPS)})"
             )
         self.expr = expr.strip()
-        self.field, self.op_text = m.group(1), m.group(2)
+        self.field, self.op_text, self.number = m.group(1), m.group(2), m.group(3)
         self.op = OPS[self.op_text]
         self.value = float(m.group(3))
         if not math.isfinite(self.value):  # 1e400 reads as inf: a threshold nothing can cross
             raise AlertError(f"bad alert {expr!r}: {m.group(3)} is not a finite number")
+
+    def resolve(self, fields: set[str]) -> None:
+        """Check the field against the run's ``fields`` (none known yet: nothing to check),
+        taking a short name the tail lines show (``colors``) as the field it stands for
+        (``chromatic_number``) unless the run has a field of that very name.
+
+        Raises:
+            AlertError: the run has fields and not this one; the message lists them.
+        """
+        field = LABELED.get(self.field)
+        if self.field not in fields and field is not None and (not fields or field in fields):
+            self.field = field
+        if fields and self.field not in fields:
+            shown = ", ".join(f"{f} ({SHORT[f]})" if f in SHORT else f for f in sorted(fields))
+            raise AlertError(f"alert {self.expr!r}: this run has no field {self.field!r}; its fields: {shown}")
+
+    @property
+    def shown(self) -> str:
+        """The alert as the tail lines name its field: a field with a short name by that name,
+        the field after it (``colors<30 (chromatic_number)``), whichever of the two was given."""
+        label = SHORT.get(self.field)
+        return f"{label}{self.op_text}{self.number} ({self.field})" if label else self.expr
 
     def fires(self, ev: dict[str, Any]) -> bool:
         v = (ev.get("values") or {}).get(self.field)

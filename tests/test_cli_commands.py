@@ -324,6 +324,22 @@ def test_events_the_sampler_left_out_are_not_shown_as_dropped(tmp_path, capsys):
     assert f"dropped 0, sampled out {sampled};" in out
 
 
+def test_monitor_alert_takes_the_short_name_the_event_lines_show(tmp_path, capsys):
+    """The tail lines print chromatic_number as colors=...: --alert 'colors>0' watches it (it
+    was refused as a field the run lacks) and its alert lines name it both ways."""
+    spec = tmp_path / "c.toml"
+    spec.write_text(COLORING.format(extra=""))
+    art = str(tmp_path / "art")
+    run_cli(capsys, "run", str(spec), "--artifacts", art, "--no-live")
+    out = run_cli(capsys, "monitor", "--latest", "--artifacts", art, "--alert", "colors>0")
+    lines = out.replace("\a", "").splitlines()  # each alert rings the bell first
+    alerts = [line for line in lines if line.startswith("!! ALERT")]
+    assert alerts and len(alerts) == sum(" colors=" in line for line in lines)
+    assert all(line.startswith("!! ALERT colors>0 (chromatic_number): ") for line in alerts)
+    err = usage_error(capsys, "monitor", "--latest", "--artifacts", art, "--alert", "colours>3")
+    assert "has no field 'colours'" in err and "chromatic_number (colors)" in err
+
+
 def test_monitor_usage_errors(runs, tmp_path, capsys):
     art, dirs = runs
     assert "give a run" in usage_error(capsys, "monitor", "--artifacts", str(art))

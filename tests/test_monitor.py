@@ -61,6 +61,17 @@ def test_format_and_alerts():
     assert text.endswith('params={"t_max":10}')
     assert Alert("conflicts>90").fires(ev) and not Alert("conflicts <= 50").fires(ev)
     assert Alert("chromatic_number==118").fires(ev)
+    by_label = Alert("colors == 118")
+    by_label.resolve({"chromatic_number", "conflicts"})  # the short name format_event shows
+    assert by_label.fires(ev) and by_label.shown == "colors==118 (chromatic_number)"
+    by_field = Alert("chromatic_number==118")
+    by_field.resolve(set())  # no fields known yet: nothing to check
+    assert by_field.shown == "colors==118 (chromatic_number)" and Alert("conflicts >90").shown == "conflicts >90"
+    own = Alert("colors>1")
+    own.resolve({"colors", "chromatic_number"})  # a run with a field of that very name: that field
+    assert own.field == "colors"
+    with pytest.raises(AlertError, match=r"no field 'k'; its fields: chromatic_number \(colors\), conflicts"):
+        Alert("k>1").resolve({"chromatic_number", "conflicts"})
     for bad in ("conflicts>>1", "conflicts", "1>conflicts", "conflicts>x"):
         with pytest.raises(AlertError, match="expected FIELD OP NUMBER"):
             Alert(bad)
