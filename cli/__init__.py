@@ -54,7 +54,10 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.
     the whole parser then."""
     p = _Parser(prog="crucible", description="Supervised actor trees for long experiments.")
     p.add_argument(
-        "--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="structlog level (default WARNING)"
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="structlog level (default WARNING; lab serve: INFO)",
     )
     p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,7 +188,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from actors.runtime import freeze_startup_heap
     from cli.errors import EXIT_USAGE, USER_ERRORS, one_line
 
-    configure_logging(args.log_level, json=True if args.log_json else None)
+    configure_logging(args.log_level or "WARNING", json=True if args.log_json else None)
     freeze_startup_heap()
     try:
         code = int(args.func(args) or 0)

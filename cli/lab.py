@@ -74,8 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--allow-target: {exc}") from None
 
-    # the daemon tells what it does at INFO unless --log-level asks for more (or, when set, for less)
-    level = "INFO" if args.log_level == "WARNING" else args.log_level
+    # the daemon tells what it does at INFO unless --log-level says otherwise (WARNING included)
+    level = args.log_level or "INFO"
     configure_logging(
         level, json=True, also_to=artifacts / DAEMON_LOG, rotate_bytes=args.log_max_mib << 20, keep=args.log_keep
     )

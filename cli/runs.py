@@ -486,24 +486,26 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else 0
 
 
-HISTORY_HELP = (
-    "the history to read: a postgresql:// URL or a SQLite file "
-    f"(default ${ENV}, else the run's files; list: <artifacts>/history.sqlite3)"
-)
+def history_help(reads: str, default: str) -> str:
+    """A reading command's ``--history`` help: what it reads there and what it reads without
+    one (each command its own: list falls back to a file, export and compare to the runs' files)."""
+    return f"the history to read {reads} from: a postgresql:// URL or a SQLite file (default ${ENV}, else {default})"
 
 
 def add_commands(sub: Any) -> None:
     ls = sub.add_parser("list", help=help_of("list"))
     ls.add_argument("--artifacts", default="artifacts", type=folder_arg)
-    ls.add_argument("--history", metavar="URL", help=HISTORY_HELP)
+    ls.add_argument(
+        "--history", metavar="URL", help=history_help("the ended runs' figures", "<artifacts>/history.sqlite3")
+    )
     ls.add_argument("--json", action="store_true", help="one JSON object per run")
     ls.set_defaults(func=cmd_list, prints_result=True)
     ex = sub.add_parser("export", help=help_of("export"))
     ex.add_argument("run", help="run directory or run id")
-    ex.add_argument("--format", choices=FORMATS, default="jsonl")
+    ex.add_argument("--format", choices=FORMATS, default="jsonl", help="the output's format (default jsonl)")
     ex.add_argument("--out", help="output file (default RUN.FORMAT)")
     ex.add_argument("--artifacts", default="artifacts", type=folder_arg)
-    ex.add_argument("--history", metavar="URL", help=HISTORY_HELP)
+    ex.add_argument("--history", metavar="URL", help=history_help("the run's events (by its id)", "the run's files"))
     ex.set_defaults(func=cmd_export)
     cp = sub.add_parser("compare", help=help_of("compare"))
     cp.add_argument("run_a")
@@ -511,7 +513,7 @@ def add_commands(sub: Any) -> None:
     cp.add_argument("--metric", required=True)
     cp.add_argument("--json", action="store_true")
     cp.add_argument("--artifacts", default="artifacts", type=folder_arg)
-    cp.add_argument("--history", metavar="URL", help=HISTORY_HELP)
+    cp.add_argument("--history", metavar="URL", help=history_help("the runs' events (by their ids)", "the runs' files"))
     cp.set_defaults(func=cmd_compare, prints_result=True)
     sy = sub.add_parser("sync", help=help_of("sync"))
     sy.add_argument("runs", nargs="*", metavar="RUN", help="run directories or ids (default: every run)")

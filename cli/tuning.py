@@ -240,7 +240,9 @@ def add_commands(sub: Any) -> None:
     tu.set_defaults(func=cmd_tune, prints_result=True)
     abp = sub.add_parser("ab", help=help_of("ab"))
     abp.add_argument("spec")
-    abp.add_argument("--runs", type=Num(2, 1000, integer=True).arg(), default=5, help="runs per arm, 2 to 1000")
+    abp.add_argument(
+        "--runs", type=Num(2, 1000, integer=True).arg(), default=5, help="runs per arm, 2 to 1000 (default 5)"
+    )
     abp.add_argument("--budget", type=SECONDS.arg(), help="seconds per run, up to 365 days (default: the spec's)")
     abp.add_argument("--target", type=Num(0, 1e12).arg(), help="time-to-target threshold (default: best reached)")
     abp.add_argument("--set", action="append", metavar="KEY=VALUE")

@@ -368,3 +368,46 @@ def test_a_ctrl_c_before_the_parser_names_the_command_from_the_command_line(caps
     assert _command_in(["--log-level", "DEBUG", "tune", "spec.toml"]) == "tune"
     assert _command_in(["--log-json", "lab", "serve"]) == "lab"
     assert _command_in(["--help"]) is None and _command_in(["../x"]) is None
+
+
+# --- help and defaults -----------------------------------------------------------------------------
+
+
+def _help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_says_each_default_as_the_command_has_it(capsys):
+    """Each option's help gives the default the command uses: export's format, the A/B's runs,
+    the history each reader falls back to (list a file, export and compare the runs' files),
+    and the log level of lab serve."""
+    export = _help(["export"], capsys)
+    assert "the output's format (default jsonl)" in export
+    assert "(default $CRUCIBLE_HISTORY, else the run's files)" in export and "list:" not in export
+    compare = _help(["compare"], capsys)
+    assert "(default $CRUCIBLE_HISTORY, else the runs' files)" in compare and "list:" not in compare
+    listing = _help(["list"], capsys)
+    assert "(default $CRUCIBLE_HISTORY, else <artifacts>/history.sqlite3)" in listing and "files" not in listing
+    assert "runs per arm, 2 to 1000 (default 5)" in _help(["ab"], capsys)
+    assert "(default WARNING; lab serve: INFO)" in _help([], capsys)
+
+
+@pytest.mark.parametrize(("given", "level"), [([], "INFO"), (["--log-level", "WARNING"], "WARNING")])
+def test_lab_serve_logs_at_info_unless_told_a_level(tmp_path, monkeypatch, given, level):
+    """An explicit --log-level WARNING is a level asked for, not the default (it logged at INFO)."""
+    import cli.lab
+
+    class Configured(Exception):
+        pass
+
+    def configure(lvl, **_kw):
+        raise Configured(lvl)
+
+    monkeypatch.setattr(cli.lab, "limit_malloc_arenas", lambda: None)  # the test process keeps its own
+    monkeypatch.setattr(cli.lab, "configure_logging", configure)
+    with pytest.raises(Configured) as e:
+        main([*given, "lab", "serve", "--artifacts", str(tmp_path / "art"), "--port", "0"])
+    assert e.value.args == (level,)
