@@ -396,6 +396,19 @@ def test_a_spec_nested_too_deep_is_one_line_from_every_command_and_runs_nothing(
     assert spec.read_text().endswith(f"{deep}\n")  # set left the file as it was
 
 
+def test_a_malformed_assignment_is_named_as_typed_by_set_and_as_a_flag_by_run(tmp_path, capsys):
+    """set takes KEY=VALUE arguments, not --set: its errors name what was typed alone; run's
+    keep the flag, which it has."""
+    spec = tmp_path / "s.toml"
+    spec.write_text(LATENCY.format(budget=5, seed=1, calls=0))
+    before = spec.read_bytes()
+    for typed, said in (("seed", "'seed': expected key=value"), ("a..b=1", "'a..b=1': bad key 'a..b'")):
+        err = usage_error(capsys, "set", str(spec), typed)
+        assert f"{spec}: {said}" in err and "--set" not in err
+    assert spec.read_bytes() == before
+    assert "--set 'seed': expected key=value" in usage_error(capsys, "run", str(spec), "--set", "seed")
+
+
 def test_set_refuses_an_edit_larger_than_a_spec_may_be_and_leaves_the_file(tmp_path, capsys):
     spec = tmp_path / "s.toml"
     spec.write_text("# mine\n" + LATENCY.format(budget=5, seed=1, calls=0))
