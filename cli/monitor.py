@@ -42,7 +42,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if args.latest:
         run = rundir.latest_run(art)
     elif args.run:
-        run = rundir.resolve_run(args.run, art)
+        try:
+            run = rundir.resolve_run(args.run, art)
+        except rundir.NotARunFolder as exc:
+            if exc.kind != "artifacts":
+                raise
+            raise UsageError(f"{exc}, or --latest --artifacts {str(exc.folder)!r} for its newest") from None
     else:
         raise UsageError("give a run (directory or id) or --latest")
     try:

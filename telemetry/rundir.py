@@ -219,8 +219,16 @@ def find_runs(artifacts: Path) -> list[Path]:
         except OSError as exc:
             log.warning("experiment folder unreadable; its runs are left out", folder=str(exp), error=str(exc))
             continue
-        runs.extend(r for r in candidates if any(os.path.exists(r / name) for name in (EVENTS, SUMMARY, LIFECYCLE)))
+        runs.extend(r for r in candidates if _has_records(r))
+    return _newest_first(runs)
 
+
+def _has_records(folder: Path) -> bool:
+    """Whether ``folder`` is a run's: it has any of a run's records (see :func:`find_runs`)."""
+    return any(os.path.exists(folder / name) for name in (EVENTS, SUMMARY, LIFECYCLE))
+
+
+def _newest_first(runs: list[Path]) -> list[Path]:
     def mtime(p: Path) -> float:
         try:
             return p.stat().st_mtime
@@ -228,6 +236,30 @@ def find_runs(artifacts: Path) -> list[Path]:
             return 0.0
 
     return sorted(runs, key=mtime, reverse=True)
+
+
+def _folder_of_runs(folder: Path) -> NotARunFolder | None:
+    """The error for a folder given as a run that holds runs instead: an experiment folder
+    (its runs in it) or an artifacts folder (a level down); None for another folder, or one
+    that cannot be read (quietly: this only words an error)."""
+    try:
+        if not folder.is_dir():
+            return None
+        runs = [r for r in _folders(folder) if _has_records(r)]
+        kind = "experiment"
+        if not runs:
+            runs, kind = find_runs(folder), "artifacts"
+    except (OSError, RunNotFound):
+        return None
+    if not runs:
+        return None
+    runs = _newest_first(runs)
+    named = ", ".join(repr(str(r)) for r in runs[:3])
+    more = f" ({len(runs)} runs in all)" if len(runs) > 3 else ""
+    newest = f"its newest run is {named}" if len(runs) == 1 else f"its newest runs are {named}{more}"
+    return NotARunFolder(
+        f"{str(folder)!r} is an {kind} folder, not a run: {newest}; give a run's folder or id", folder, kind, runs
+    )
 
 
 def recorded_file(path: Path) -> str | None:
@@ -573,6 +605,16 @@ class RunNotFound(LookupError):
         return str(self.args[0]) if self.args else "no such run"
 
 
+class NotARunFolder(RunNotFound):
+    """A folder given as a run holds runs instead: an experiment folder (``kind``
+    "experiment") or an artifacts folder ("artifacts"); ``runs`` newest first. A command that
+    can take the newest run otherwise (``monitor --latest``) says so."""
+
+    def __init__(self, message: str, folder: Path, kind: str, runs: list[Path]) -> None:
+        super().__init__(message)
+        self.folder, self.kind, self.runs = folder, kind, runs
+
+
 def resolve_run(arg: str, artifacts: Path) -> Path:
     """A run directory from a path to one, or from a run id looked up under ``artifacts``.
 
@@ -580,6 +622,8 @@ def resolve_run(arg: str, artifacts: Path) -> Path:
     the artifacts folder.
 
     Raises:
+        NotARunFolder: ``arg`` is an experiment or artifacts folder, which no run has as id;
+            the message names its newest runs.
         RunNotFound: ``arg`` is neither a run directory nor a valid run id, or no run has that id
             (or several do: copied folders); ``arg`` or ``artifacts`` cannot be looked into (a
             name too long, no permission).
@@ -596,10 +640,14 @@ def resolve_run(arg: str, artifacts: Path) -> Path:
     except ValueError as exc:
         if looked is not None:
             raise RunNotFound(f"{arg!r}: cannot look into it: {looked.strerror or looked}") from None
+        if (holds := _folder_of_runs(p)) is not None:  # the folder of a run, named for the run
+            raise holds from None
         raise RunNotFound(f"{arg!r} is neither a run directory nor a valid run id: {exc}") from None
     runs = find_runs(artifacts)
     hits = [r for r in runs if r.name == arg]
     if not hits:
+        if looked is None and (holds := _folder_of_runs(p)) is not None:  # "latency", an experiment's folder here
+            raise holds
         recent = ", ".join(r.name for r in runs[:5]) or "none"
         raise RunNotFound(f"no run {arg!r} under {artifacts}; recent runs: {recent}")
     if len(hits) > 1:  # a copied folder: which one is meant is the user's to say

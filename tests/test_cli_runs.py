@@ -109,6 +109,31 @@ def test_an_unreadable_database_is_no_obstacle(finished, tmp_path, capsys):
     assert set(got) == set(runs) and all(i["source"] == "files" for i in got.values())
 
 
+def test_a_folder_of_runs_given_as_a_run_names_its_newest_runs(finished, tmp_path, capsys, monkeypatch):
+    """An experiment folder (or an artifacts folder) given where a run is asked for is said to
+    be one, naming its newest run first (it read as a malformed run id); monitor, which can
+    take the newest run of an artifacts folder, says --latest."""
+    art, runs = copy_of(finished, tmp_path)
+    newest, older = sorted(runs.values(), key=lambda r: r.stat().st_mtime, reverse=True)
+    os.utime(older, (newest.stat().st_mtime + 60,) * 2)  # the newest by its folder's time, not by its name
+    for folder, kind in ((art / "lst", "experiment"), (art, "artifacts")):
+        with pytest.raises(rundir.NotARunFolder) as e:
+            rundir.resolve_run(str(folder), art)
+        assert e.value.kind == kind and e.value.runs == [older, newest]
+        assert f"{str(folder)!r} is an {kind} folder, not a run: its newest runs are {str(older)!r}, " in str(e.value)
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(["export", str(folder), "--artifacts", str(art)])
+        err = capsys.readouterr().err
+        assert f"is an {kind} folder, not a run" in err and str(older) in err and "run id" not in err
+    monkeypatch.chdir(art)  # the experiment's folder by its name, a valid run id that no run has
+    with pytest.raises(rundir.NotARunFolder, match="'lst' is an experiment folder, not a run"):
+        rundir.resolve_run("lst", art)
+    with pytest.raises(SystemExit):
+        main(["monitor", str(art), "--artifacts", str(art)])
+    assert f"or --latest --artifacts {str(art)!r} for its newest" in capsys.readouterr().err
+
+
 def test_run_lookups_raise_run_not_found(finished, tmp_path):
     art, runs = finished
     with pytest.raises(RunNotFound, match="neither a run directory nor a valid run id") as e:
