@@ -121,6 +121,14 @@ class _LabCollector:
             "drops": GaugeMetricFamily(
                 "crucible_events_dropped", "Events dropped (overflow, transit, sampling)", labels=["experiment"]
             ),
+            "lost": GaugeMetricFamily(
+                "crucible_events_lost",
+                "Events lost (overflow, transit, storage): dropped, less what the Sampler left out on purpose",
+                labels=["experiment"],
+            ),
+            "sampled": GaugeMetricFamily(
+                "crucible_events_sampled_out", "Events the Sampler left out on purpose", labels=["experiment"]
+            ),
             "restarts": GaugeMetricFamily(
                 "crucible_restarts", "Child restarts in the experiment tree", labels=["experiment"]
             ),
@@ -144,6 +152,8 @@ class _LabCollector:
             fams["events"].add_metric(lbl, float(s.get("events_persisted") or 0))
             fams["emitted"].add_metric(lbl, float(s.get("events_emitted") or 0))
             fams["drops"].add_metric(lbl, float(s.get("events_dropped") or 0))
+            fams["sampled"].add_metric(lbl, float(s.get("events_sampled_out") or 0))
+            fams["lost"].add_metric(lbl, float((s.get("events_dropped") or 0) - (s.get("events_sampled_out") or 0)))
             fams["restarts"].add_metric(lbl, float(sum((s.get("restarts") or {}).values())))
             obj = objective(exp)
             if obj is not None:

@@ -180,6 +180,32 @@ def test_prometheus_exposes_the_objective_of_every_workload_in_its_direction(lab
     assert not any("chromatic" in n or "conflicts" in n for n in names)  # no workload's field in a metric name
 
 
+def test_prometheus_tells_events_sampled_out_from_events_lost(lab, dash):
+    """A sampled run leaves most events out on purpose: ``crucible_events_lost`` stays 0, and
+    ``crucible_events_sampled_out`` says how many (``_dropped`` counts both, as the summary does)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    spec = {
+        "name": "sampled",
+        "time_budget_s": 600,
+        "workload": {"name": "latency", "params": {"target": "math:sqrt", "args": [2.0], "calls_per_step": 50}},
+        "sampling": {"strategy": "stratified", "config": {"by": "success", "rates": {"true": 0.1}, "min_samples": 10}},
+    }
+    exp = lab.start_experiment(spec)
+    poll(lambda: exp.summary().get("events_sampled_out", 0) > 100, what="events sampled out")
+    exp.stop()
+    summary = exp.summary()
+    fams = {f.name: f for f in text_string_to_metric_families(client(dash).get("/metrics").text)}
+
+    def value(name):
+        (sample,) = [s for s in fams[name].samples if s.labels["experiment"] == "sampled"]
+        return sample.value
+
+    assert value("crucible_events_sampled_out") == summary["events_sampled_out"] > 100
+    assert value("crucible_events_dropped") == summary["events_dropped"] >= summary["events_sampled_out"]
+    assert value("crucible_events_lost") == summary["events_dropped"] - summary["events_sampled_out"] == 0
+
+
 def test_history_finds_a_run_through_the_run_directory_index(lab, dash):
     """A run whose events are all in rotated segments (no active events.jsonl) is still found;
     an id that names no run here is a 404, a malformed one a 400."""
