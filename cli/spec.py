@@ -6,6 +6,7 @@ A spec that is wrong is :class:`~experiments.spec.SpecError`, one of the usage e
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import orjson
@@ -25,9 +26,11 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from experiments.specedit import get_value
+    from experiments.specedit import lookup
 
-    v = get_value(args.spec, args.key)
+    v, note = lookup(args.spec, args.key)
+    if note:  # the value a default amounts to: said on stderr, so that stdout stays the value alone
+        sys.stderr.write(f"{args.spec}: {note}\n")
     print(orjson.dumps(v).decode() if not isinstance(v, str) else v)
     return 0
 

@@ -47,7 +47,7 @@ from experiments.lab import (
     NotRunning,
     register_backend,
 )
-from experiments.spec import SpecError
+from experiments.spec import DEFAULTS, SpecError
 from telemetry.history import open_history
 from telemetry.query import QueryError, QueryLimitError, prepare_query
 from telemetry.rundir import (
@@ -74,7 +74,7 @@ OWNER_GONE_S = 30.0  # how long a restart waits for the dead host's process to b
 CLOSE_WAIT_S = 60.0  # how long close waits for the watcher threads: none may touch Ray once it returns
 RESTART_TYPE = "transient"  # a host is restarted after an abnormal exit (its process died), never after its end
 HOST_CONCURRENCY = 16  # calls a host serves at once (a wait for the end holds one)
-DEFAULT_RESOURCES = {"cpus": 1.0, "gpus": 0.0}
+DEFAULT_RESOURCES = {k: float(v) for k, v in DEFAULTS["resources"].items()}
 _ADDRESS = re.compile(r"^(?P<scheme>ray://)?(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>[0-9]{1,5})$")
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
 

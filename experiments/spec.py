@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +240,21 @@ DEFAULTS: dict[str, Any] = {
     },
     "hypertune": {"enabled": False, "window_s": 5.0, "policy": "ucb", "state_file": ""},
     "supervision": {"max_restarts": 3, "max_seconds": 5.0},
+    "resources": {"cpus": 1, "gpus": 0},  # the ray backend reads them (experiments/remote.py)
 }
+
+UNSET: dict[str, tuple[Any, str]] = {
+    "anomaly.threshold": (dict(anomaly.DEFAULT_THRESHOLDS), "not set in the spec: each method's default"),
+    "anomaly.metrics": (None, "not set in the spec: every numeric field the events carry is watched"),
+}
+"""Keys the schema knows that have no value until a spec gives one, their absence meaning
+something no single value in :data:`DEFAULTS` would: (the value it amounts to, or None; what
+``crucible get`` and ``show`` say of it)."""
+
+
+def known_here(prefix: str, names: Iterable[str]) -> str:
+    """The error for a key not among ``names`` (the keys of the table at ``prefix``), listing them."""
+    return f"unknown key (known here: {', '.join(sorted(prefix + n for n in names))})"
 
 
 def _where(source: str | None, key: str) -> str:
@@ -252,8 +266,7 @@ def _check(data: dict[str, Any], schema: dict[str, Any], source: str | None, pre
         key = f"{prefix}{k}"
         rule = schema.get(k)
         if rule is None:
-            known = ", ".join(sorted(prefix + s for s in schema))
-            raise SpecError(f"{_where(source, key)}: unknown key (known here: {known})")
+            raise SpecError(f"{_where(source, key)}: {known_here(prefix, schema)}")
         if rule == ANY_TABLE:
             if not isinstance(v, dict):
                 raise SpecError(f"{_where(source, key)}: must be a table, got {v!r}")

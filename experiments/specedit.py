@@ -17,6 +17,7 @@ its parser is linear.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import tomllib
@@ -28,7 +29,7 @@ import tomlkit
 from tomlkit.items import InlineTable, Item
 
 from actors.files import NotRegularFileError, atomic_write, locked_file
-from experiments.spec import SpecError, load_spec, parse_override, read_spec_text
+from experiments.spec import SCHEMA, UNSET, SpecError, known_here, load_spec, parse_override, read_spec_text
 from experiments.validate import SPEC_MAX_BYTES, brief
 from experiments.workloads import registry as workload_registry
 
@@ -115,21 +116,59 @@ def _edit(path: Path, target: Path, assignments: list[str]) -> dict[str, Any]:
 
 def get_value(path: str | Path, key: str) -> Any:
     """The effective value of a dotted key (defaults filled in), after validation."""
+    return lookup(path, key)[0]
+
+
+def lookup(path: str | Path, key: str) -> tuple[Any, str | None]:
+    """The effective value of a dotted key, and what to say of it when the spec leaves it to a
+    default that is no single value (:data:`experiments.spec.UNSET`), else None.
+
+    A key no table holds is an error listing the keys there, as ``run`` and ``set`` list them;
+    a key the schema knows that has no value is an error saying what its absence means."""
     spec = load_spec(path, workloads=workload_registry())
+    spec.pop("source", None)
     node: Any = spec
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise SpecError(f"{path}: {key}: no such key in the spec")
-        node = node[part]
-    return node
+    schema: Any = SCHEMA
+    note = None
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i])
+        if not isinstance(node, dict):
+            raise SpecError(f"{path}: {key}: {here!r} is not a table")
+        at = f"{here}.{part}" if here else part
+        if part in node:
+            node = node[part]
+        elif at in UNSET:
+            node, said = UNSET[at]
+            note = f"{at}: {said}"
+            if node is None:
+                raise SpecError(f"{path}: {note}")
+        elif isinstance(schema, dict):  # a table of the schema: its keys are known
+            raise SpecError(f"{path}: {at}: {known_here(here + '.' if here else '', set(node) | set(schema))}")
+        else:  # a free-form table (metadata, workload.params): what it holds
+            held = ", ".join(sorted(f"{here}.{k}" for k in node)) or "nothing"
+            raise SpecError(f"{path}: {at}: not in the spec ({here} holds {held})")
+        schema = schema.get(part) if isinstance(schema, dict) else None
+    return copy.deepcopy(node), note
 
 
 def show(path: str | Path) -> str:
-    """The effective spec (validated, defaults filled in) as TOML."""
+    """The effective spec (validated, defaults filled in) as TOML; a key left to a default that
+    is no single value (:data:`experiments.spec.UNSET`) is said so in a comment."""
     spec = load_spec(path, workloads=workload_registry())
     spec.pop("source", None)
+    notes: dict[str, str] = {}
+    for key, (value, said) in UNSET.items():
+        *tables, last = key.split(".")
+        node = spec
+        for t in tables:
+            node = node[t]
+        if node.get(last) is None:
+            notes[key] = said
+            if value is not None:
+                node[last] = copy.deepcopy(value)
     out: list[str] = []
-    _tables(_plain(spec), [], out)
+    _tables(_plain(spec), [], out, notes)
     return "".join(out)
 
 
@@ -170,16 +209,22 @@ def _toml_item(path: Path, key: str, value: Any, inline: bool) -> Item:
     return tomlkit.parse(text)["v"]
 
 
-def _tables(table: dict[str, Any], path: list[str], out: list[str]) -> None:
+def _tables(table: dict[str, Any], path: list[str], out: list[str], notes: dict[str, str] | None = None) -> None:
     """``table`` as TOML lines on ``out``: its values first, then each sub-table under its
-    ``[header]`` (the layout tomlkit gives a dict)."""
+    ``[header]`` (the layout tomlkit gives a dict). ``notes`` (dotted key: text) are comments
+    after the values of the table that holds the key."""
     if path:
         blank = "\n" if out else ""
         out.append(f"{blank}[{'.'.join(map(_key, path))}]\n")
     out.extend(f"{_key(k)} = {_inline(v)}\n" for k, v in table.items() if not isinstance(v, dict))
+    here = ".".join(path)
+    for key, said in (notes or {}).items():
+        table_of, _, name = key.rpartition(".")
+        if table_of == here:
+            out.append(f"# {name}: {said}\n")
     for k, v in table.items():
         if isinstance(v, dict):
-            _tables(v, [*path, k], out)
+            _tables(v, [*path, k], out, notes)
 
 
 def _inline(v: Any) -> str:

@@ -368,6 +368,34 @@ def test_set_get_show_round_trip(tmp_path, capsys):
     assert "bad.toml" in usage_error(capsys, "show", str(tmp_path / "bad.toml"))
 
 
+def test_get_and_show_give_the_effective_spec_defaults_included(tmp_path, capsys):
+    from actors import anomaly
+    from experiments.remote import check_resources
+    from experiments.spec import load_spec
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "bare"\n')
+    assert run_cli(capsys, "get", str(spec), "resources.cpus").strip() == "1"
+    assert check_resources(load_spec(spec)) == {"cpus": 1.0, "gpus": 0.0}  # what the ray backend reserves
+    capsys.readouterr()
+    assert main(["get", str(spec), "anomaly.threshold"]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out) == anomaly.DEFAULT_THRESHOLDS
+    assert "anomaly.threshold: not set in the spec: each method's default" in got.err
+    assert run_cli(capsys, "get", str(spec), "anomaly.threshold.iqr").strip() == "1.5"
+    err = usage_error(capsys, "get", str(spec), "anomaly.metrics")
+    assert "not set in the spec: every numeric field" in err and "no such key" not in err
+    err = usage_error(capsys, "get", str(spec), "telemetry.batch_sise")  # as run and set list them
+    assert "telemetry.batch_sise: unknown key (known here: " in err and "telemetry.batch_size" in err
+    shown = run_cli(capsys, "show", str(spec))
+    assert "[resources]\ncpus = 1\ngpus = 0\n" in shown and "[anomaly.threshold]\nz_score = 3.0\n" in shown
+    assert "# metrics: not set in the spec: every numeric field" in shown
+    again = tmp_path / "again.toml"
+    again.write_text(shown)  # the effective spec is a spec meaning the same
+    unset = "# threshold: not set in the spec: each method's default\n"
+    assert unset in shown and run_cli(capsys, "show", str(again)) == shown.replace(unset, "")
+
+
 @pytest.mark.parametrize(
     "deep",
     [
