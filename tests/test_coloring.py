@@ -504,6 +504,32 @@ def test_the_lab_saves_the_pass_under_way_when_the_budget_ends(tmp_path):
     assert result["reason"] == "budget" and result["proper"] and result["k"] == saved["k"]
 
 
+def test_a_target_above_the_file_s_vertex_count_fails_the_run_at_its_start(tmp_path):
+    from experiments.spec import SpecError, load_spec
+    from experiments.workloads import registry
+    from supervisor import Lab
+
+    col = tmp_path / "c5.col"
+    col.write_text("p edge 5 5\ne 1 2\ne 2 3\ne 3 4\ne 4 5\ne 5 1\n")
+    spec = {
+        "name": "typo",
+        "time_budget_s": 600.0,
+        "workload": {"name": "coloring", "params": {"graph": {"file": str(col)}, "phases": ["tabu"], "target": 6}},
+    }
+    assert ColoringWorkload.check_params({"graph": {"generator": "gnp", "n": 40}, "target": 40})["target"] == 40
+    with pytest.raises(SpecError, match=r"workload\.params: target must be between 1 and the number of vertices"):
+        load_spec({**spec, "workload": {"name": "coloring", "params": {"target": 500}}}, workloads=registry())
+    load_spec(spec, workloads=registry())  # the file's size is known once it is read: at the run's start
+    with Lab(tmp_path / "art") as lab:
+        with pytest.raises(ValueError, match=r"number of vertices \(5\), got 6") as failed:
+            lab.start_experiment(spec)
+        (run_dir,) = (tmp_path / "art" / "typo").iterdir()
+    record = json.loads((run_dir / "lifecycle.json").read_bytes())
+    assert record["status"] == "failed" and record["start_failed"]  # failed, never "completed"
+    assert record["reason"] == f"failed: could not start: ValueError: {failed.value}"
+    assert not (run_dir / "coloring.json").exists()  # nothing was coloured
+
+
 def test_control_hooks_apply_or_refuse():
     w, _em = run_workload({"graph": {"generator": "gnp", "n": 40, "p": 0.5}, "phases": ["tabu"]}, steps=2)
     assert w.set_param("set_tenure", 1.2) == (0.6, 1.2) and w.p["tabu"]["tenure_alpha"] == 1.2
@@ -523,6 +549,8 @@ def test_control_hooks_apply_or_refuse():
         ({"phases": ["thermo", "nap"]}, "phases"),
         ({"tabu": {"tenure_alpha": -1}}, r"tabu\.tenure_alpha"),
         ({"target": -2}, "target"),
+        ({"graph": {"generator": "gnp", "n": 40}, "target": 41}, r"number of vertices \(40\), got 41"),
+        ({"target": 126}, r"number of vertices \(125\), got 126"),  # the default graph's
         ({"colour": 1}, "unknown colouring parameter"),
         ({"graph": {"file": "/no/such.col"}}, "does not exist"),
     ],

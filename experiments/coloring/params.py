@@ -159,6 +159,8 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
     if p["gpu"] not in ("auto", "gpu", "cpu"):
         raise ValueError(f"gpu must be auto, gpu or cpu, got {p['gpu']!r}")
     Num(0, MAX_VERTICES, integer=True).check("target", p["target"])
+    if "file" not in p["graph"]:  # a generator's size is the spec's; a file's is known once it is read
+        check_target(p["target"], p["graph"].get("n", DEFAULTS["graph"]["n"]))
     for section, key in LIMITS:
         check_number(section, key, p[section][key])
     if p["thermo"]["t_min"] > p["thermo"]["t_max"]:
@@ -166,6 +168,13 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(p["iterative"]["enabled"], bool):
         raise ValueError("iterative.enabled must be true or false")
     return p
+
+
+def check_target(target: int, n: int) -> None:
+    """``ValueError`` for a ``target`` colour count above the graph's ``n`` vertices: a proper
+    colouring always meets it, so a run aiming at it would end at its first colouring."""
+    if target > n:
+        raise ValueError(f"target must be between 1 and the number of vertices ({n}), got {target} (0: no target)")
 
 
 def aim(k: int) -> int:

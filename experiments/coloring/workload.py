@@ -61,7 +61,15 @@ from experiments.coloring.graph import Graph, GraphError, load_graph, resolve_gr
 from experiments.coloring.init import initial_coloring
 from experiments.coloring.memetic import Memetic
 from experiments.coloring.objective import OBJECTIVE
-from experiments.coloring.params import PHASES, SEARCH_SPACE, aim, check_number, check_params, search_space
+from experiments.coloring.params import (
+    PHASES,
+    SEARCH_SPACE,
+    aim,
+    check_number,
+    check_params,
+    check_target,
+    search_space,
+)
 from experiments.coloring.phase import ColoringPhase, PhaseContext
 from experiments.coloring.population import Population
 from experiments.coloring.tabu import Tabu
@@ -177,6 +185,7 @@ class ColoringWorkload:
             self.g: Graph = load_graph(self.p["graph"])
         except GraphError as exc:
             raise ValueError(str(exc)) from None
+        check_target(self.p["target"], self.g.n)  # a file's size is known now: the run fails at its start
         self.ctx = PhaseContext(self.g, self.p, self.rng, seed)
         self._phases: dict[str, ColoringPhase] = {}  # made on first entry, kept (the population's device state)
         self.current: ColoringPhase | None = None
