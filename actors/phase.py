@@ -216,6 +216,7 @@ class PhaseActor(Actor):
             self.emitter.emit(
                 "phase_restart",
                 {"steps": float(self.steps)},
+                phase=self._phase(),
                 parameters=self.workload.params(),
                 notes=f"restored from checkpoint after {self.steps} steps",
             )
@@ -224,6 +225,16 @@ class PhaseActor(Actor):
         self._publish_status(force=True)
         if not self.paused:
             self._next_step()
+
+    def _phase(self) -> str | None:
+        """The phase the workload is in, for the events this actor emits: its ``phase`` (see
+        :class:`~experiments.workloads.base.Workload`), else the ``phase`` of its ``params()``.
+        The ``resumed`` and ``phase_restart`` events go out before the workload's ``start()``
+        sets its own context: without it they would open a phase of no name in the summaries."""
+        phase = getattr(self.workload, "phase", None)
+        if not isinstance(phase, str):
+            phase = self.workload.params().get("phase")
+        return phase if isinstance(phase, str) else None
 
     def _announce_resume(self, resume: dict[str, Any]) -> None:
         """The first start in a new process after the old one died: say from which checkpoint
@@ -244,12 +255,11 @@ class PhaseActor(Actor):
         if isinstance(passes, int) and not isinstance(passes, bool) and passes >= 0:
             self.emitter.set_context(pass_=passes)
         params = self.workload.params()
-        phase = params.get("phase")
         age, lost_s = resume.get("checkpoint_age_s"), resume.get("lost_s")
         self.emitter.emit(
             "resumed",
             figures,
-            phase=phase if isinstance(phase, str) else None,
+            phase=self._phase(),
             parameters=params,
             notes=(
                 f"resumed after a crash (resume {resume.get('resumes', 1)}) from the checkpoint of step"
@@ -353,7 +363,7 @@ class PhaseActor(Actor):
             "phase_end",
             {"steps": float(self.steps), "active_s": self._active_s},
             notes=reason,
-            phase=self.workload.params().get("phase"),
+            phase=self._phase(),
         )
         counters = self.emitter.close()
         self.checkpoints.update(self, counters=counters)
@@ -413,7 +423,7 @@ class PhaseActor(Actor):
         values = {"active_s": self._active_s}
         if paused_s is not None:
             values["paused_s"] = paused_s
-        self.emitter.emit(name, values, phase=self.workload.params().get("phase"))
+        self.emitter.emit(name, values, phase=self._phase())
 
     def handle_stop(self, msg: dict[str, Any]) -> dict[str, Any]:
         self._finish(str(msg.get("reason", "stopped")))
@@ -453,14 +463,14 @@ class PhaseActor(Actor):
                 "control_refused",
                 notes=bounded_notes(f"{key}={shown} refused: {exc}" + (f" ({why})" if msg.get("controller") else "")),
                 parameters=params,
-                phase=params.get("phase"),
+                phase=self._phase(),
             )
             return {"ok": False, "error": str(exc)}
         params = self.workload.params()
         self.emitter.emit(
             str(msg.get("event", "control")),
             parameters=params,
-            phase=params.get("phase"),
+            phase=self._phase(),
             notes=bounded_notes(f"{key}: {before!r} -> {after!r} ({why})"),
         )
         # the change's event goes out before the checkpoint that keeps the change: a crash
@@ -483,7 +493,7 @@ class PhaseActor(Actor):
             str(msg.get("name", "note")),
             values,
             notes=bounded_notes(str(msg.get("notes", ""))),
-            phase=self.workload.params().get("phase"),
+            phase=self._phase(),
         )
 
     def status(self) -> dict[str, Any]:

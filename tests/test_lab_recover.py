@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from experiments.coloring.workload import RESULT_FILE
 from experiments.lab import Lab, resume_point
+from experiments.monitor import run_summary
 from telemetry.jsonl import iter_run
 from telemetry.rundir import (
     CHECKPOINT,
@@ -168,6 +169,10 @@ def test_a_killed_lab_s_runs_resume_in_a_new_lab(tmp_path: Path) -> None:
             assert resumed["values"]["resumes"] == 1.0 and "checkpoint_age_s" in resumed["values"]
             assert resumed["values"]["restored_done"] >= 0
             assert exp.summary()["active_duration"] >= before[exp.run_dir]["active_duration"]
+            # the phase the run goes on in: no phase of no name holding the resume's figures
+            assert resumed["phase"] == "calls"
+            assert set(read_json(exp.run_dir / "summary.json")["phases"]) == {"calls"}
+            assert set(run_summary(exp.run_dir)["phases"]) == {"calls"}  # crucible monitor RUN --summary
         (resumed,) = events_of(run_d, "resumed")
         assert resumed["seq"] > last_seq  # numbered after what the killed process left on disk
     finally:

@@ -168,6 +168,9 @@ class Workload(Protocol):
     # endpoints (``http(s)://`` URLs) these parameters make the workload call. A lab daemon
     # admits a submission only if it allows each (``crucible lab serve --allow-target``); a
     # workload without it calls nothing a submission chooses.
+    # Optional: ``phase`` (a string), the phase the workload is in now; without it, the ``phase``
+    # of ``params()``. The Phase actor's own events (``resumed``, ``phase_restart``, pauses,
+    # controls, ``phase_end``) carry it, so that none opens a phase of no name in a summary.
     # Optional: ``use_clock(clock)``, the Phase actor's clock of active (unpaused) seconds, for a
     # workload that times itself (stalls, passes): a pause never counts as a stall.
     # Optional: ``record_events`` (a tuple of event names), the workload's milestones (a new

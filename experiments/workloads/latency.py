@@ -100,6 +100,8 @@ class LatencyWorkload:
     )
     takeover: ClassVar[tuple[Control, ...]] = ()
     search_space: ClassVar[dict[str, tuple[float, float, str]]] = {"calls_per_step": (1, 200, "logint")}
+    phase: ClassVar[str] = "calls"
+    """Its one phase: every event's, those the Phase actor emits before :meth:`start` included."""
 
     @classmethod
     def family(cls, params: dict[str, Any]) -> str:
@@ -156,7 +158,7 @@ class LatencyWorkload:
 
     def start(self, emitter: Emitter) -> None:
         self._fn = self._caller()
-        emitter.set_context(phase="calls")
+        emitter.set_context(phase=self.phase)
         emitter.emit(
             "start",
             {"calls_done": float(self.done)},
