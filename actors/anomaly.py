@@ -26,6 +26,10 @@ method ``nonfinite``, score :data:`SCORE_MAX`, whatever ``methods`` says. Anomal
 (``period_gap_s``) form anomaly periods (start, end, count, severity); a period ends when
 the events' time passes ``period_gap_s`` beyond its last anomaly. On the ``anomalies`` topic
 it publishes each batch's anomalies and ``anomaly_period`` start/end messages.
+
+A field of ``metrics`` that none of the first :data:`UNSEEN_AFTER_BATCHES` batches carrying
+values held (a misspelt name watches nothing) is said once: a warning, and a note the phase
+records as an :data:`UNSEEN_EVENT` event (``notes_to``), naming the fields they held.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ WINDOW = 1000
 WARMUP = 30
 EWMA_LAMBDA = 0.1
 PERIOD_GAP_S = 5.0
+UNSEEN_AFTER_BATCHES = 20
+"""How many batches carrying values the detector sees before it says which of ``metrics`` none
+of them held (a misspelt field is watched for nothing, silently otherwise)."""
+UNSEEN_EVENT = "anomaly_unseen_metrics"
+"""The run's event that says so (a record event: never sampled out)."""
 
 
 THRESHOLD_MAX = 1_000_000.0
@@ -175,6 +184,8 @@ class AnomalyDetection(EventConsumer):
         max_kept: int = 10_000,
         seed: int = 0,
         enabled: bool = True,
+        notes_to: Any = None,
+        unseen_after: int = UNSEEN_AFTER_BATCHES,
     ) -> None:
         super().__init__()
         self.enabled = enabled  # disabled: batches pass straight through to downstream
@@ -205,6 +216,11 @@ class AnomalyDetection(EventConsumer):
         self._forest: Any = None
         self._rows: deque[np.ndarray] = deque(maxlen=window)
         self._since_fit = 0
+        self.notes_to = notes_to  # where the run's events are recorded (the phase): the unseen-metrics note
+        self.unseen_after = unseen_after
+        self.unseen_metrics: list[str] = []  # configured metrics no event has carried (said once)
+        self._seen: set[str] = set()  # every field the events carried, until the check is made
+        self._value_batches = 0
 
     # --- scoring ------------------------------------------------------------------------------------
 
@@ -295,6 +311,8 @@ class AnomalyDetection(EventConsumer):
                 self.downstream.tell_bytes(encode(msg))
             return
         self.events += n
+        if self.metrics is not None and msg["values"]:
+            self._check_seen(msg["values"])
         fields = self.metrics if self.metrics is not None else list(msg["values"])
         score = np.zeros(n)
         hits: dict[int, tuple[set[str], set[str]]] = {}
@@ -338,6 +356,42 @@ class AnomalyDetection(EventConsumer):
             self._close_period()  # event time has passed the gap with no anomaly: the period is over
         if self.downstream is not None:
             self.downstream.tell_bytes(encode(msg))
+
+    def _check_seen(self, values: dict[str, Any]) -> None:
+        """After :attr:`unseen_after` batches carrying values, say once which of ``metrics``
+        none of them held, with the fields they did hold: a warning in the log and an
+        :data:`UNSEEN_EVENT` event in the run's record. A metric seen later leaves the list."""
+        if self._value_batches >= self.unseen_after:
+            if self.unseen_metrics:
+                self.unseen_metrics = [m for m in self.unseen_metrics if m not in values]
+            return
+        self._seen.update(values)
+        self._value_batches += 1
+        if self._value_batches < self.unseen_after:
+            return
+        assert self.metrics is not None
+        self.unseen_metrics = [m for m in self.metrics if m not in self._seen]
+        seen, self._seen = sorted(self._seen), set()
+        if not self.unseen_metrics:
+            return
+        shown = ", ".join(seen[:30]) + (f" and {len(seen) - 30} more" if len(seen) > 30 else "")
+        log.warning(
+            "anomaly.metrics names fields no event has carried; nothing is watched for them",
+            experiment=self.experiment_id,
+            unseen=self.unseen_metrics,
+            events=self.events,
+            fields_seen=seen[:30],
+        )
+        if self.notes_to is not None:
+            self.notes_to.tell(
+                {
+                    "kind": "note",
+                    "name": UNSEEN_EVENT,
+                    "values": {"unseen_metrics": float(len(self.unseen_metrics))},
+                    "notes": f"anomaly.metrics: {', '.join(self.unseen_metrics)} in none of the first "
+                    f"{self.events:,} events ({self._value_batches} batches), which carried {shown}",
+                }
+            )
 
     def _record(self, b: dict[str, Any], hits: dict[int, tuple[set[str], set[str]]], score: np.ndarray) -> None:
         items = []
@@ -441,6 +495,7 @@ class AnomalyDetection(EventConsumer):
             "by_field": dict(self.by_field),
             "periods": [dict(p) for p in self.periods],
             "bad_batches": self.bad_batches,
+            "unseen_metrics": list(self.unseen_metrics),
         }
 
     def handle_counters(self, msg: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from actors.anomaly import AnomalyDetection
+from actors.anomaly import UNSEEN_EVENT, AnomalyDetection
 from actors.base import ActorDeadError, ActorRef, is_abnormal, on_death
 from actors.files import atomic_write
 from actors.hypertune import Hypertune
@@ -313,7 +313,8 @@ class Experiment:
                     s["sampling"]["strategy"],
                     s["sampling"]["config"],
                     s["seed"],
-                    (*RECORD_EVENTS, *getattr(wl_cls, "record_events", ())),  # the run's record: never sampled out
+                    # the run's record: never sampled out
+                    (*RECORD_EVENTS, UNSEEN_EVENT, *getattr(wl_cls, "record_events", ())),
                 ),
                 name="sampler",
             ),
@@ -333,6 +334,7 @@ class Experiment:
                     "ewma_lambda": a["ewma_lambda"],
                     "period_gap_s": a["period_gap_s"],
                     "seed": s["seed"],
+                    "notes_to": NamedTarget("phase", reg),  # an unseen metric is said in the run's events
                 },
             ),
             ChildSpec(

@@ -391,6 +391,43 @@ def test_bad_anomaly_settings(kw, match):
         AnomalyDetection("exp", **kw)
 
 
+class _Notes:
+    def __init__(self):
+        self.told = []
+
+    def tell(self, msg, urgent=False):
+        self.told.append(msg)
+        return True
+
+
+def test_a_metric_no_event_carries_is_said_once_naming_the_fields_seen():
+    notes = _Notes()
+    det = AnomalyDetection("exp", metrics=["latncy_ms", "score"], notes_to=notes, unseen_after=3)
+    det.on_events(batch({"latency_ms": np.ones(5), "score": np.ones(5)}))
+    det.on_events(batch({"steps": np.ones(2)}, start_seq=5))  # batches of other fields count too
+    assert notes.told == []  # not yet: the fields may still come
+    det.on_events(batch({"latency_ms": np.ones(5)}, start_seq=7))
+    (note,) = notes.told  # the third batch carrying values made the check
+    assert note["kind"] == "note" and note["name"] == "anomaly_unseen_metrics"
+    assert note["values"] == {"unseen_metrics": 1.0}
+    assert "anomaly.metrics: latncy_ms in none of the first 12 events (3 batches)" in note["notes"]
+    assert "latency_ms, score, steps" in note["notes"]
+    for i in range(5):
+        det.on_events(batch({"other": np.ones(5)}, start_seq=200 + 5 * i))
+    assert len(notes.told) == 1 and det.handle_anomaly_metrics({})["unseen_metrics"] == ["latncy_ms"]
+    det.on_events(batch({"latncy_ms": np.ones(3)}, start_seq=300))  # seen at last: off the list
+    assert det.handle_anomaly_metrics({})["unseen_metrics"] == []
+
+
+def test_metrics_every_event_carries_or_none_configured_say_nothing():
+    for metrics in (["latency_ms"], None):
+        notes = _Notes()
+        det = AnomalyDetection("exp", metrics=metrics, notes_to=notes, unseen_after=2)
+        for i in range(4):
+            det.on_events(batch({"latency_ms": np.ones(5)}, start_seq=5 * i))
+        assert notes.told == [] and det.handle_anomaly_metrics({})["unseen_metrics"] == []
+
+
 def test_nan_values_never_crash_the_detector():
     ad = AnomalyDetection.start("exp", methods=list(("z_score", "modified_z", "iqr", "ewma")))
     ad.tell_bytes(encode(batch({"x": np.array([np.nan] * 10 + [1.0] * 40 + [np.inf])})))

@@ -117,6 +117,29 @@ def test_phase_crash_restarts_from_checkpoint_and_completes(lab):
     assert set(read_summary(exp.run_dir)["phases"]) == {"calls"}
 
 
+def test_a_misspelt_anomaly_metric_is_said_in_the_run_s_events_and_never_sampled_out(lab):
+    from actors.anomaly import anomaly_metrics
+
+    exp = lab.start_experiment(
+        spec(
+            telemetry={"batch_size": 20},
+            anomaly={"metrics": ["latncy_ms"]},
+            sampling={"strategy": "uniform", "config": {"rate": 0.001}},  # a record event is kept whatever the rate
+        )
+    )
+
+    def noted():
+        return [e for e in iter_run(exp.run_dir) if e["name"] == "anomaly_unseen_metrics"]
+
+    until(noted, 60, "the note of the unseen metric")
+    assert anomaly_metrics(exp.registry.whereis("anomaly"))["unseen_metrics"] == ["latncy_ms"]
+    exp.stop()
+    (note,) = noted()  # said once
+    assert note["phase"] == "calls" and note["values"] == {"unseen_metrics": 1.0}
+    assert note["notes"].startswith("anomaly.metrics: latncy_ms in none of the first ")
+    assert "which carried " in note["notes"] and "latency_ms" in note["notes"]
+
+
 def test_budget_ends_the_run(lab):
     exp = lab.start_experiment(spec(budget=0.3))
     assert exp.wait(30)
