@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from actors.anomaly import UNSEEN_EVENT, AnomalyDetection
+from actors.anomaly import AnomalyDetection
 from actors.base import ActorDeadError, ActorRef, is_abnormal, on_death
 from actors.files import atomic_write
 from actors.hypertune import Hypertune
@@ -313,8 +313,7 @@ class Experiment:
                     s["sampling"]["strategy"],
                     s["sampling"]["config"],
                     s["seed"],
-                    # the run's record: never sampled out
-                    (*RECORD_EVENTS, UNSEEN_EVENT, *getattr(wl_cls, "record_events", ())),
+                    (*RECORD_EVENTS, *getattr(wl_cls, "record_events", ())),  # the run's record: never sampled out
                 ),
                 name="sampler",
             ),
