@@ -280,30 +280,31 @@ def _check(data: dict[str, Any], schema: dict[str, Any], source: str | None, pre
                 raise SpecError(f"{_where(source, key)}: {problem}")
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is read as TOML, else as a string."""
+def parse_override(item: str, flag: str = "--set ") -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is read as TOML, else as a string.
+    Errors begin with ``flag``, how the user gave ``item`` (``crucible set`` takes it bare: "")."""
     if "=" not in item:
-        raise SpecError(f"--set {item!r}: expected key=value")
+        raise SpecError(f"{flag}{item!r}: expected key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
     if key.count(".") >= MAX_DEPTH:
-        raise SpecError(f"--set {brief(key)}: {TOO_DEEP}")
+        raise SpecError(f"{flag}{brief(key)}: {TOO_DEEP}")
     if not key or any(not part for part in key.split(".")):
-        raise SpecError(f"--set {brief(item)!r}: bad key {brief(key)!r}")
+        raise SpecError(f"{flag}{brief(item)!r}: bad key {brief(key)!r}")
     parts = key.split(".")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     except ValueError as exc:  # an integer of more than 4300 digits (Python's limit on reading one)
-        raise SpecError(f"--set {key}: {_too_long(exc)}") from None
+        raise SpecError(f"{flag}{key}: {_too_long(exc)}") from None
     except RecursionError:  # tomllib reads nested arrays and inline tables by recursion
-        raise SpecError(f"--set {key}: {TOO_DEEP}") from None
+        raise SpecError(f"{flag}{key}: {TOO_DEEP}") from None
     nested: Any = value
     for part in reversed(parts):  # the value where it will sit in the spec: its depth counts from the top
         nested = {part: nested}
     if nesting_problem(nested) is not None:
-        raise SpecError(f"--set {key}: {TOO_DEEP}")
+        raise SpecError(f"{flag}{key}: {TOO_DEEP}")
     return parts, value
 
 

@@ -35,7 +35,6 @@ from experiments.workloads import registry as workload_registry
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')  # what a TOML basic string may not hold as itself
-OVERRIDE_FLAG = "--set "  # how parse_override's errors begin: the flag of run and color, not an argument of set
 EDIT_LOCK_S = 10.0  # how long an edit waits for another one to the same spec before it gives up
 _SHORT_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
 
@@ -79,9 +78,9 @@ def _edit(path: Path, target: Path, assignments: list[str]) -> dict[str, Any]:
     doc = _load_doc(path)
     for item in assignments:
         try:
-            keys, value = parse_override(item)  # refuses a value nested too deep
-        except SpecError as exc:  # its wording is run's and color's (--set KEY=VALUE): set has no --set
-            raise SpecError(f"{path}: {str(exc).removeprefix(OVERRIDE_FLAG)}") from None
+            keys, value = parse_override(item, flag="")  # refuses a value nested too deep; set takes it bare
+        except SpecError as exc:
+            raise SpecError(f"{path}: {exc}") from None
         key = ".".join(keys)
         node: Any = doc
         try:
