@@ -87,8 +87,8 @@ class Alert:
 
     def resolve(self, fields: set[str]) -> None:
         """Check the field against the run's ``fields`` (none known yet: nothing to check),
-        taking a short name the tail lines show (``colors``) as the field it stands for
-        (``chromatic_number``) unless the run has a field of that very name.
+        taking a short name the tail lines show (:data:`SHORT`) as the field it stands for,
+        unless the run has a field of that very name.
 
         Raises:
             AlertError: the run has fields and not this one; the message lists them.
@@ -103,7 +103,7 @@ class Alert:
     @property
     def shown(self) -> str:
         """The alert as the tail lines name its field: a field with a short name by that name,
-        the field after it (``colors<30 (chromatic_number)``), whichever of the two was given."""
+        the field after it in brackets (``LABEL<30 (FIELD)``), whichever of the two was given."""
         label = SHORT.get(self.field)
         return f"{label}{self.op_text}{self.number} ({self.field})" if label else self.expr
 

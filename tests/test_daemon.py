@@ -577,7 +577,7 @@ def test_steering_a_running_experiment_through_the_cli_and_the_api(daemon, capsy
             (["steered", "concurrency"], "expected KEY=VALUE"),
             (["waiting", "concurrency=2"], "queued"),
             (["nobody", "concurrency=2"], "404"),
-            (["nobody", "concurrency=2"], "known: steered; queued: waiting"),  # the queue named too
+            (["nobody", "concurrency=2"], "; queued: waiting"),  # the queue named too
         ]
         for argv, said in refused:
             with pytest.raises(SystemExit) as exit_:
