@@ -24,7 +24,7 @@ import bisect
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import orjson
@@ -271,11 +271,12 @@ class BatchStore:
                 yield int(lo), int(hi)
             last = int(rows[-1][0])
 
-    def damaged_batches(self, run_id: str, page: int = 64) -> Iterator[tuple[int, int, int, str]]:
-        """The run's stored batches that no reader can use, by ``seq_lo``: ``(seq_lo, seq_hi, n,
-        why)`` for each that is not a batch (not msgpack, not a batch's shape) or whose events
-        are not what its row says (their seqs, their count). Every batch of the run is read
-        and decoded, a page at a time: as long as reading the run."""
+    def damaged_batches(self, run_id: str, page: int = 64) -> Iterator[DamagedBatch]:
+        """The run's stored batches that no reader can use as this run's, by ``seq_lo``: each
+        that is not a batch (not bytes, not msgpack, not a batch's shape), holds no events,
+        holds another run's, or whose events are not what its row says (their seqs, their
+        count). Every batch of the run is read and decoded, a page at a time: as long as
+        reading the run."""
         last = -1
         while True:
             with self._read() as q:
@@ -289,10 +290,17 @@ class BatchStore:
             for lo, hi, n, data in rows:
                 lo, hi, n = int(lo), int(hi), int(n)
                 b, why = _decoded(data)
-                if b is not None and (len(seqs := b["seq"]) != n or int(seqs[0]) != lo or int(seqs[-1]) != hi):
-                    why = f"holds {len(seqs)} event(s), seq {int(seqs[0])}..{int(seqs[-1])}: not its row's"
+                seqs: list[int] = []
+                if b is not None:
+                    seqs = [int(x) for x in b["seq"]]
+                    if not seqs:
+                        why = "holds no events"
+                    elif b.get("run_id") != run_id:
+                        why = f"holds run {str(b.get('run_id'))[:80]!r}'s events"
+                    elif len(seqs) != n or seqs[0] != lo or seqs[-1] != hi:
+                        why = f"holds {len(seqs)} event(s), seq {seqs[0]}..{seqs[-1]}: not its row's"
                 if why is not None:
-                    yield lo, hi, n, why
+                    yield DamagedBatch(lo, hi, n, why, seqs if b is not None and b.get("run_id") == run_id else [])
             last = int(rows[-1][0])
 
     def run_owner(self, run_id: str) -> tuple[str, str | None] | None:
@@ -546,9 +554,22 @@ class BatchStore:
         return tq.windowed_metrics_arrays(ts[order], cols, window_s, step_s, max_windows=max_windows)
 
 
-def _decoded(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
+class DamagedBatch(NamedTuple):
+    """A stored batch no reader can use as its run's (:meth:`BatchStore.damaged_batches`)."""
+
+    seq_lo: int  # its row's key and claims...
+    seq_hi: int
+    n: int
+    why: str
+    seqs: list[int]  # ...and the seqs its bytes hold of this run (empty: none readable)
+
+
+def _decoded(data: Any) -> tuple[dict[str, Any] | None, str | None]:
     """A stored batch's bytes decoded and checked as a live batch is: (the batch, None), or
-    (None, why) for bytes that are not msgpack or not a batch's shape."""
+    (None, why) for a value that is not bytes (SQLite lets a BLOB column hold text), not
+    msgpack, or not a batch's shape."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return None, f"stored as {type(data).__name__}, not bytes"
     try:
         b = decode(bytes(data))
         check_batch(b)

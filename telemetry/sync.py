@@ -140,43 +140,52 @@ class _Held:
 
 
 def _replace_damaged(store: BatchStore, run_dir: Path, run_id: str) -> tuple[int, int]:
-    """Delete the run's damaged stored batches whose events its files still hold, so that the
-    sync sends those events again; one the files do not hold whole stays (deleting it would
-    lose its seq range's place, and nothing could replace it) and is logged. Returns (damaged,
-    deleted). The files are read once more only when a batch is damaged."""
+    """Delete the run's damaged stored batches that the run's files can replace, so that the
+    sync sends those events again; returns (damaged, deleted). The bytes are the authority, not
+    the row: a batch whose bytes hold events of this run is deleted only when the files hold
+    every one of them (a mislabelled batch loses nothing), one with nothing readable only when
+    the files hold as many events in its row's range as its row says, and at least one. What
+    the files cannot replace stays as it is, and is logged. The files are read once more only
+    when a batch is damaged."""
     damaged = list(store.damaged_batches(run_id))
     if not damaged:
         return 0, 0
-    found = [0] * len(damaged)  # each damaged batch's events in the files
-    at = 0
+    in_range = [0] * len(damaged)  # events of the files in each row's seq range
+    wanted = [set(d.seqs) for d in damaged]  # the readable events of each that the files have not shown yet
+    lo = min(min([d.seq_lo, *d.seqs]) for d in damaged)
+    hi = max(max([d.seq_hi, *d.seqs]) for d in damaged)
     for ev in iter_run(run_dir, ReadCounts()):
         seq = ev["seq"]
-        while at < len(damaged) and damaged[at][1] < seq:
-            at += 1
-        if at == len(damaged):
+        if seq > hi:
             break
-        if damaged[at][0] <= seq:
-            found[at] += 1
-    whole = [d for d, k in zip(damaged, found, strict=True) if k >= d[2]]
-    for (lo, hi, n, why), k in zip(damaged, found, strict=True):
-        if k < n:
+        if seq < lo:
+            continue
+        for k, d in enumerate(damaged):
+            in_range[k] += d.seq_lo <= seq <= d.seq_hi
+            wanted[k].discard(seq)
+    whole, left = [], []
+    for d, count, missing in zip(damaged, in_range, wanted, strict=True):
+        replaceable = not missing and (bool(d.seqs) or count >= max(d.n, 1))
+        (whole if replaceable else left).append(d)
+        if not replaceable:
             log.error(
-                "a damaged history batch whose events the run's files no longer hold: left as it is",
+                "a damaged history batch the run's files cannot replace: left as it is",
                 run_dir=str(run_dir),
-                seq_lo=lo,
-                seq_hi=hi,
-                events=n,
-                in_files=k,
-                error=why,
+                seq_lo=d.seq_lo,
+                seq_hi=d.seq_hi,
+                events=d.n,
+                in_files=count,
+                readable_not_in_files=len(missing),
+                error=d.why,
             )
-    dropped = store.drop_batches(run_id, [d[0] for d in whole]) if whole else 0
+    dropped = store.drop_batches(run_id, [d.seq_lo for d in whole]) if whole else 0
     if dropped:
         log.warning(
             "replacing damaged history batches with the run's files",
             run_dir=str(run_dir),
             batches=dropped,
-            first_seq=whole[0][0],
-            error=whole[0][3],
+            first_seq=whole[0].seq_lo,
+            error=whole[0].why,
         )
     return len(damaged), dropped
 

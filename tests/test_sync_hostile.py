@@ -367,12 +367,63 @@ def test_sync_verify_replaces_damaged_batches_from_the_runs_files(tmp_path, hist
         with capture_logs() as logs:
             r = sync_run(store, run, verify=True)
         assert (r.damaged, r.replaced, r.sent) == (1, 0, 0)
-        (said,) = [e for e in logs if e["event"].startswith("a damaged history batch whose events")]
+        (said,) = [e for e in logs if e["event"].startswith("a damaged history batch the run's files cannot")]
         assert (said["seq_lo"], said["events"], said["in_files"]) == (0, 20, 0)
     finally:
         store.close()
     assert main(["sync", "--verify", "--artifacts", str(art), "--history", target]) == 1
     assert "1 damaged stored batch(es) left: the files no longer hold them" in capsys.readouterr().out
+
+
+def set_row(target: str, run_id: str, seq_lo: int, n: int) -> None:
+    """Make a stored batch's row claim ``n`` events (its bytes unchanged)."""
+    if target.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(target, autocommit=True) as db:
+            db.execute("UPDATE batches SET n = %s WHERE run_id = %s AND seq_lo = %s", (n, run_id, seq_lo))
+        return
+    db = sqlite3.connect(target)
+    try:
+        with db:
+            db.execute("UPDATE batches SET n = ? WHERE run_id = ? AND seq_lo = ?", (n, run_id, seq_lo))
+    finally:
+        db.close()
+
+
+def test_sync_verify_trusts_a_batchs_bytes_not_its_row(tmp_path, history_target, capsys):
+    """A batch whose row lies (n = 0) but whose bytes read fine is never deleted when the files
+    no longer hold its events; one that holds no events, or another run's events, is replaced
+    from the files; a value stored as text (SQLite) is a damaged batch, not a traceback."""
+    from telemetry.schema import rows_to_batch, stored_batch
+
+    art = tmp_path / "art"
+    run = make_run(art, "exp", list(range(100)))
+    make_run(art, "other", list(range(10)), run_id="20260101T000000Z-bbbbbb")
+    target = target_for(history_target, art)
+    store = open_history(target)
+    try:
+        assert sync_run(store, run, chunk=20).sent == 100
+    finally:
+        store.close()
+    set_row(target, RID, 40, 0)  # a lie: its bytes hold seqs 40..59
+    overwrite_batch(target, RID, 0, stored_batch(rows_to_batch([], "exp", RID)))  # no events
+    foreign = [orjson.loads(event("other", "20260101T000000Z-bbbbbb", s)) for s in range(20, 40)]
+    overwrite_batch(target, RID, 20, stored_batch(rows_to_batch(foreign, "other", "20260101T000000Z-bbbbbb")))
+    if history_target is None:
+        overwrite_batch(target, RID, 60, "text, not bytes")  # SQLite keeps what it is given
+    (run / "events.jsonl").write_bytes(b"".join(event("exp", RID, s) for s in [*range(40), *range(60, 100)]))
+    capsys.readouterr()
+    assert main(["sync", "--verify", "--artifacts", str(art), "--history", target]) == 1
+    out = capsys.readouterr().out
+    replaced = 3 if history_target is None else 2
+    assert f"replaced {replaced} damaged stored batch(es)" in out and "1 damaged stored batch(es) left" in out, out
+    store = open_history(target, readonly=True)
+    try:
+        assert seqs_in(store) == list(range(100))  # 40..59 from the batch its row misnames; the rest from the files
+        assert [d.seq_lo for d in store.damaged_batches(RID)] == [40]
+    finally:
+        store.close()
 
 
 def test_a_run_the_history_refuses_is_reported_and_the_others_still_go_in(
