@@ -4,6 +4,7 @@ The screenshot is kept as a test artifact: under ``$CRUCIBLE_TEST_ARTIFACTS`` wh
 under pytest's tmp dir; the test prints where.
 """
 
+import contextlib
 import http.server
 import os
 import re
@@ -104,6 +105,22 @@ class Watch:
         # or closes instead (ERR_EMPTY_RESPONSE, ERR_CONNECTION_RESET, ...), and is counted.
         if request.failure != "net::ERR_ABORTED":
             self.errors.append(f"failed: {request.url} {request.failure}")
+
+
+@contextlib.contextmanager
+def signed_in_page(dash):
+    """A fresh browser's page signed in with a new link, and its :class:`Watch`."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page()
+            watch = Watch(page)
+            page.goto(dash.new_sign_in_url())
+            yield page, watch
+        finally:
+            browser.close()
 
 
 def covers(rng, values):
@@ -208,8 +225,6 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
 
 def test_page_text_is_never_markup(lab, dash):
     """A parameter that looks like HTML shows as text: nothing parsed, nothing run."""
-    from playwright.sync_api import sync_playwright
-
     hostile = "http://127.0.0.1:9/<img src=x onerror='window.__xss=1'>"
     lab.start_experiment(
         {
@@ -218,25 +233,18 @@ def test_page_text_is_never_markup(lab, dash):
             "workload": {"name": "latency", "params": {"target": hostile, "calls_per_step": 5}},
         }
     )
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        try:
-            page = browser.new_page()
-            watch = Watch(page)
-            page.goto(dash.new_sign_in_url())
-            page.wait_for_function(f"() => {text('params')}.includes('<img')", timeout=30_000)
-            assert page.locator("#params img").count() == 0
-            assert page.evaluate("window.__xss") is None
-            assert hostile in page.text_content("#params")
-            page.wait_for_function("() => window.__points > 5", timeout=30_000)
-            assert page.text_content("#best-unit") in ("", objective_of("latency").label)
-            # points are counted as they arrive; the chart is drawn on the next frame
-            page.wait_for_function(
-                "() => document.getElementById('chart')._fullLayout?.yaxis?.title?.text === 'latency_ms'",
-                timeout=30_000,
-            )
-        finally:
-            browser.close()
+    with signed_in_page(dash) as (page, watch):
+        page.wait_for_function(f"() => {text('params')}.includes('<img')", timeout=30_000)
+        assert page.locator("#params img").count() == 0
+        assert page.evaluate("window.__xss") is None
+        assert hostile in page.text_content("#params")
+        page.wait_for_function("() => window.__points > 5", timeout=30_000)
+        assert page.text_content("#best-unit") in ("", objective_of("latency").label)
+        # points are counted as they arrive; the chart is drawn on the next frame
+        page.wait_for_function(
+            "() => document.getElementById('chart')._fullLayout?.yaxis?.title?.text === 'latency_ms'",
+            timeout=30_000,
+        )
     assert watch.errors == []
 
 
@@ -320,25 +328,16 @@ def test_details_one_at_a_time_never_stale_and_times_from_the_runs_start(lab, da
 def test_a_long_runs_details_say_from_when_they_were_searched(lab, dash, monkeypatch):
     """A run past the details search's size (lowered here to 500 events) has its passes and
     hypertune actions searched in its newest events only: the page says from when."""
-    from playwright.sync_api import sync_playwright
-
     from dashboard import server
 
     monkeypatch.setattr(server, "DETAILS_SCAN", 500)
     calls = lab.start_experiment(LATENCY)
     wait_for(lambda: (calls.metrics().get("events") or 0) > 3_000, 60, "a latency run past the search's size")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        try:
-            page = browser.new_page()
-            watch = Watch(page)
-            page.goto(dash.new_sign_in_url())
-            page.wait_for_function(f"() => {text('details-note')}.includes('searched from')", timeout=30_000)
-            since = float(re.search(r"searched from ([0-9.]+) s on", page.text_content("#details-note")).group(1))
-            assert since > 0  # not the run's start: its newest events only
-            assert "crucible export" in page.text_content("#details-note")
-        finally:
-            browser.close()
+    with signed_in_page(dash) as (page, watch):
+        page.wait_for_function(f"() => {text('details-note')}.includes('searched from')", timeout=30_000)
+        since = float(re.search(r"searched from ([0-9.]+) s on", page.text_content("#details-note")).group(1))
+        assert since > 0  # not the run's start: its newest events only
+        assert "crucible export" in page.text_content("#details-note")
     assert watch.errors == []
 
 

@@ -249,21 +249,25 @@ def test_the_readers_refuse_an_empty_history_and_sync_says_what_it_skipped(tmp_p
     assert "sent 3 event(s)" in out and "skipped 2 event(s) whose seq repeats or goes back" in out
 
 
-def delete_batches(target: str, run_id: str, lo: int, hi: int) -> int:
-    """Remove a run's stored batches starting in ``[lo, hi]`` (a hole in the history); how many."""
+def on_history(target: str, sql: str, args: tuple[Any, ...]) -> int:
+    """Run one statement (``?`` placeholders) on the history at ``target``, as a person with a
+    database shell would (what damaged disks and bad copies leave); its row count."""
     if target.startswith("postgresql://"):
         import psycopg
 
         with psycopg.connect(target, autocommit=True) as db:
-            sql = "DELETE FROM batches WHERE run_id = %s AND seq_lo BETWEEN %s AND %s"
-            return db.execute(sql, (run_id, lo, hi)).rowcount
+            return db.execute(sql.replace("?", "%s"), args).rowcount
     db = sqlite3.connect(target)
     try:
         with db:
-            sql = "DELETE FROM batches WHERE run_id = ? AND seq_lo BETWEEN ? AND ?"
-            return db.execute(sql, (run_id, lo, hi)).rowcount
+            return db.execute(sql, args).rowcount
     finally:
         db.close()
+
+
+def delete_batches(target: str, run_id: str, lo: int, hi: int) -> int:
+    """Remove a run's stored batches starting in ``[lo, hi]`` (a hole in the history); how many."""
+    return on_history(target, "DELETE FROM batches WHERE run_id = ? AND seq_lo BETWEEN ? AND ?", (run_id, lo, hi))
 
 
 def test_sync_fills_a_hole_in_the_middle_of_a_run_and_says_so(tmp_path, history_target, capsys):
@@ -305,20 +309,9 @@ def test_sync_fills_a_hole_in_the_middle_of_a_run_and_says_so(tmp_path, history_
     assert f"exp/{RID}: up to date" in capsys.readouterr().out
 
 
-def overwrite_batch(target: str, run_id: str, seq_lo: int, data: bytes) -> None:
-    """Put ``data`` in place of a stored batch's bytes (what a damaged disk or a bad copy leaves)."""
-    if target.startswith("postgresql://"):
-        import psycopg
-
-        with psycopg.connect(target, autocommit=True) as db:
-            db.execute("UPDATE batches SET data = %s WHERE run_id = %s AND seq_lo = %s", (data, run_id, seq_lo))
-        return
-    db = sqlite3.connect(target)
-    try:
-        with db:
-            db.execute("UPDATE batches SET data = ? WHERE run_id = ? AND seq_lo = ?", (data, run_id, seq_lo))
-    finally:
-        db.close()
+def overwrite_batch(target: str, run_id: str, seq_lo: int, data: Any) -> None:
+    """Put ``data`` in place of a stored batch's bytes."""
+    on_history(target, "UPDATE batches SET data = ? WHERE run_id = ? AND seq_lo = ?", (data, run_id, seq_lo))
 
 
 def test_sync_verify_replaces_damaged_batches_from_the_runs_files(tmp_path, history_target, capsys):
@@ -377,18 +370,7 @@ def test_sync_verify_replaces_damaged_batches_from_the_runs_files(tmp_path, hist
 
 def set_row(target: str, run_id: str, seq_lo: int, n: int) -> None:
     """Make a stored batch's row claim ``n`` events (its bytes unchanged)."""
-    if target.startswith("postgresql://"):
-        import psycopg
-
-        with psycopg.connect(target, autocommit=True) as db:
-            db.execute("UPDATE batches SET n = %s WHERE run_id = %s AND seq_lo = %s", (n, run_id, seq_lo))
-        return
-    db = sqlite3.connect(target)
-    try:
-        with db:
-            db.execute("UPDATE batches SET n = ? WHERE run_id = ? AND seq_lo = ?", (n, run_id, seq_lo))
-    finally:
-        db.close()
+    on_history(target, "UPDATE batches SET n = ? WHERE run_id = ? AND seq_lo = ?", (n, run_id, seq_lo))
 
 
 def test_sync_verify_trusts_a_batchs_bytes_not_its_row(tmp_path, history_target, capsys):
