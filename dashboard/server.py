@@ -20,7 +20,9 @@ experiment cannot do it), ``POST /api/control/set`` (a control's new value: 400 
 workload refuses it), ``POST /api/experiments`` (a submission, when the dashboard serves
 a :class:`~experiments.service.LabService`: 201 with the id; 400 naming the bad key; 501
 on a plain Lab), ``WS /ws`` (batched pushes of what changed, at most 10 per second; a
-client that stops reading is dropped), and ``GET /metrics`` (Prometheus text via prometheus_client).
+client that stops reading is dropped; what a client sends is read and ignored, within
+:data:`WS_MAX_MESSAGE_BYTES` a message and :data:`WS_MESSAGES_PER_S`), and ``GET /metrics``
+(Prometheus text via prometheus_client).
 
 Everything but the page's static files needs the token; Host, Origin and body size are
 checked first (see :mod:`dashboard.security`). Errors are JSON ``{"error": "..."}`` with a
@@ -83,6 +85,10 @@ MAX_WHY_CHARS = 500
 PUSH_INTERVAL_S = 0.1  # at most 10 pushes a second
 ENDED_PUSH_S = 10.0  # an experiment's last events still go out this long after it ended
 SEND_TIMEOUT_S = 2.0  # a client that does not take a push in this time is dropped
+# /ws only pushes: what a client sends is read and dropped, within these bounds, else it is closed
+WS_MAX_MESSAGE_BYTES = 4096  # a larger message is closed with 1009 by the protocol (uvicorn's ws_max_size)
+WS_MESSAGES_PER_S = 10  # on average, with bursts of WS_MESSAGE_BURST; more is closed with 1008
+WS_MESSAGE_BURST = 20
 STATIC_TYPES = {"app.js": "application/javascript", "favicon.svg": "image/svg+xml"}
 # the page runs its own script only, is never framed, and talks to its own origin only
 PAGE_HEADERS = {
@@ -677,6 +683,30 @@ def create_app(
 
     async def ws(websocket: WebSocket) -> None:
         await websocket.accept()
+        reading = asyncio.create_task(take_client_messages(websocket))
+        pushing = asyncio.create_task(push_to(websocket))
+        try:
+            # whichever ends first (the client left or broke the limits, or stopped reading) ends the other
+            await asyncio.wait((reading, pushing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pushing.cancel()
+            reading.cancel()
+            await asyncio.gather(reading, pushing, return_exceptions=True)
+            ended = reading.done() and not reading.cancelled() and reading.exception() is None
+            refused = reading.result() if ended else None
+            # one that stopped reading is aborted at once by the protocol (GuardedWebSocketProtocol), never
+            # waited on; one that left makes close() raise WebSocketDisconnect: nothing left to close
+            try:
+                if refused is not None:
+                    log.info("websocket closed: too many messages from the client", client=websocket.client)
+                    await asyncio.wait_for(websocket.close(1008, refused), SEND_TIMEOUT_S)
+                else:
+                    await asyncio.wait_for(websocket.close(), SEND_TIMEOUT_S)
+            except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+                pass
+
+    async def push_to(websocket: WebSocket) -> None:
+        """Send what changed every PUSH_INTERVAL_S until the client leaves or stops reading."""
         last_seq: dict[str, int] = {}
         try:
             while True:
@@ -685,13 +715,26 @@ def create_app(
                 await asyncio.sleep(PUSH_INTERVAL_S)
         except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
             pass  # a client that left or stopped reading: dropped, the Lab carries on
-        finally:
-            # one that stopped reading is aborted at once by the protocol (GuardedWebSocketProtocol), never
-            # waited on; one that left makes close() raise WebSocketDisconnect: nothing left to close
+
+    async def take_client_messages(websocket: WebSocket) -> str | None:
+        """Read and drop what the client sends: the socket only pushes, but a message left unread
+        pauses the protocol's reading, and then its pongs and close frame go unseen and the
+        keepalive drops a client that reads every push. Returns when the client leaves (None),
+        or the reason to close it when it sends more than WS_MESSAGES_PER_S (a burst of
+        WS_MESSAGE_BURST); the protocol closes one that sends over WS_MAX_MESSAGE_BYTES (1009)."""
+        allowance, last = float(WS_MESSAGE_BURST), time.monotonic()
+        while True:
             try:
-                await asyncio.wait_for(websocket.close(), SEND_TIMEOUT_S)
-            except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
-                pass
+                message = await websocket.receive()
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                return None
+            if message["type"] == "websocket.disconnect":
+                return None
+            now = time.monotonic()
+            allowance = min(float(WS_MESSAGE_BURST), allowance + (now - last) * WS_MESSAGES_PER_S) - 1.0
+            last = now
+            if allowance < 0:
+                return f"the dashboard takes no messages on /ws (over {WS_MESSAGES_PER_S} a second)"
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -942,6 +985,7 @@ class Dashboard:
             lifespan="off",
             http=GuardedH11Protocol,
             ws=GuardedWebSocketProtocol,
+            ws_max_size=WS_MAX_MESSAGE_BYTES,
         )
         self.server = uvicorn.Server(config)
         self._sock = sock

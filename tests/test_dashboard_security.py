@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from dashboard.security import MAX_BODY, TICKET_TTL_S, OneTimeCodes
-from dashboard.server import Dashboard
+from dashboard.server import WS_MAX_MESSAGE_BYTES, WS_MESSAGE_BURST, Dashboard
 from dashboard.transport import GuardedH11Protocol, GuardedWebSocketProtocol
 from supervisor import Lab
 from tests.fault_helpers import until
@@ -524,6 +524,55 @@ def test_a_websocket_that_answers_no_ping_is_dropped_even_without_pushes(tmp_pat
     finally:
         dash.stop()
         lab.shutdown()
+
+
+def test_a_websocket_client_that_sends_messages_and_keeps_reading_stays(tmp_path, monkeypatch):
+    """/ws only pushes, but a script may send a hello: it is read and ignored, so the protocol
+    keeps reading, sees the client's pongs and keeps it through many pings."""
+    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_interval_s", 0.3)
+    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_timeout_s", 0.5)
+    lab = Lab(tmp_path / "art")
+    dash = Dashboard(lab, port=0)
+    connections = dash.server.server_state.connections
+    sockets = lambda: [c for c in list(connections) if isinstance(c, WebSocketsSansIOProtocol)]  # noqa: E731
+    aborted = GuardedWebSocketProtocol.aborted
+    try:
+        with connect(ws_url(dash), additional_headers=bearer(dash)) as client:
+            client.send('{"hello": "dashboard"}')
+            client.send(b"subscribe")
+            assert orjson.loads(client.recv(timeout=30))["experiments"] == []
+            until(lambda: len(sockets()) == 1, 30, "the websocket to be open")
+            (live,) = sockets()
+            until(lambda: live.ping_sent_at > 0, 30, "a first ping")
+            pinged_at = live.ping_sent_at
+            while live.ping_sent_at < pinged_at + 2.0:  # several pings, each answered in time
+                client.recv(timeout=30)  # a ConnectionClosed here is the defect
+            assert sockets() == [live] and not live.disconnected
+            assert GuardedWebSocketProtocol.aborted == aborted
+    finally:
+        dash.stop()
+        lab.shutdown()
+
+
+def test_a_websocket_client_that_sends_too_much_is_closed(lab, dash):
+    """What a client sends costs the server little: a message over WS_MAX_MESSAGE_BYTES is closed
+    with 1009, a flood of small ones with 1008; the Lab carries on."""
+    with connect(ws_url(dash), additional_headers=bearer(dash)) as client:
+        client.send("x" * (WS_MAX_MESSAGE_BYTES + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                client.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    with connect(ws_url(dash), additional_headers=bearer(dash)) as client:
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(10 * WS_MESSAGE_BURST):
+                client.send("hello")
+            while True:
+                client.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert "takes no messages" in closed.value.rcvd.reason
+    with connect(ws_url(dash), additional_headers=bearer(dash)) as client:
+        assert "experiments" in orjson.loads(client.recv(timeout=30))
 
 
 # --- bodies ---------------------------------------------------------------------------------------------------
