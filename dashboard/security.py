@@ -164,6 +164,21 @@ def write_token_file(path: Path, token: str) -> None:
     atomic_write(path, (token + "\n").encode(), mode=0o600)
 
 
+def _open_lock(lock: Path) -> int:
+    """The dashboards' lock file, opened never through a link; something else planted at its
+    place (a link, a folder) is refused with a message that names it, not a bare errno."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if lock.is_symlink() or lock.is_dir():
+            kind = "a symlink" if lock.is_symlink() else "a directory"
+            raise OSError(
+                f"the dashboard's lock file {lock} is {kind}, not a file: it is never used through a link "
+                "or replaced; remove it (no dashboard may be serving this folder), or use another --artifacts folder"
+            ) from None
+        raise OSError(f"cannot open the dashboard's lock file {lock}: {exc.strerror or exc}") from None
+
+
 class TokenClaim:
     """The token of the dashboards that serve one artifacts folder at once, and this dashboard's
     hold on it: a shared ``flock`` on ``<token file>.lock``, kept until :meth:`release`.
@@ -174,15 +189,18 @@ class TokenClaim:
     ``crucible run --dashboard``, a plain run beside a daemon) takes the file's token instead of
     writing its own over it: the file stays good for every dashboard that is up, and the first
     one's users are not locked out. The first takes the lock exclusively while it decides and
-    writes the file, so a second never reads one half decided.
+    writes the file, so a second never reads one half decided. When the others are up but the
+    file is gone or doubtful (deleted, chmod 644, a link), their token is nowhere to be learnt:
+    this one refuses to start and leaves the file alone, rather than lock their users out.
 
     Raises:
-        OSError: the folder cannot take the lock file or the token file.
+        OSError: the folder cannot take the lock file or the token file, something other than a
+            file is at the lock file's place, or others serve the folder with no trusted token file.
     """
 
     def __init__(self, path: Path, keep: bool = False) -> None:
         lock = path.with_name(path.name + ".lock")
-        self._fd: int | None = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._fd: int | None = _open_lock(lock)
         try:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -191,8 +209,16 @@ class TokenClaim:
                 fcntl.flock(self._fd, fcntl.LOCK_SH)  # (a shared lock waits out an exclusive one only)
                 alone = False
             kept = kept_token(path) if keep or not alone else None
+            if kept is None and not alone:  # the others' token is nowhere this one can trust: never mint one
+                raise OSError(
+                    f"another dashboard serves {path.parent} (it holds {lock.name}), but its token file {path} "
+                    "is missing or cannot be trusted (it must be a regular file of this user's with mode 0600, "
+                    "not a link): this dashboard cannot learn that dashboard's token, and a new one would lock "
+                    "its users out. Stop the other dashboards on this folder, or put their token back in the "
+                    "file (chmod 600), or use another --artifacts folder"
+                )
             self.token = kept or new_token()
-            if kept is None:  # alone, or the other's file is gone or doubtful
+            if kept is None:  # alone: this dashboard's token is the folder's now
                 write_token_file(path, self.token)
             if alone:
                 fcntl.flock(self._fd, fcntl.LOCK_SH)  # held while this dashboard serves

@@ -709,6 +709,78 @@ def test_a_dashboard_beside_a_daemon_takes_the_daemons_token(tmp_path):
         again.shutdown()
 
 
+def _delete(token_file):
+    token_file.unlink()
+
+
+def _share_with_group(token_file):
+    os.chmod(token_file, 0o644)
+
+
+def _link_to_a_copy(token_file):
+    copy = token_file.with_name("copy.token")
+    copy.write_text(token_file.read_text())
+    os.chmod(copy, 0o600)
+    token_file.unlink()
+    token_file.symlink_to(copy)
+
+
+@pytest.mark.parametrize("tamper", [_delete, _share_with_group, _link_to_a_copy])
+def test_a_dashboard_beside_others_with_no_trusted_token_file_refuses_to_start(tmp_path, tamper):
+    """Others serve the folder, but the file that would give their token is gone or doubtful: a
+    new token would lock their users out, so the newcomer refuses to start, says what to do, and
+    leaves the file as it is. Alone on the folder, the same file just gets a new token."""
+    art = tmp_path / "art"
+    labs = [Lab(art), Lab(art)]
+    first = Dashboard(labs[0], port=0)
+    try:
+        tamper(first.token_file)
+        before = os.readlink(first.token_file) if first.token_file.is_symlink() else None
+        mode = first.token_file.lstat().st_mode if first.token_file.exists() else None
+        with pytest.raises(OSError, match="another dashboard serves") as refused:
+            Dashboard(labs[1], port=0)
+        message = str(refused.value)
+        assert str(art) in message and "--artifacts" in message and "Stop the other dashboards" in message
+        if before is not None:
+            assert os.readlink(first.token_file) == before
+        elif mode is not None:
+            assert first.token_file.lstat().st_mode == mode
+            assert first.token_file.read_text().strip() == first.token
+        else:
+            assert not first.token_file.exists()
+        with bare(first, headers=bearer(first)) as c:  # the first's users are still in
+            assert c.get("/api/experiments").status_code == 200
+    finally:
+        first.stop()
+    alone = Dashboard(labs[1], port=0)  # none up: the doubtful file is replaced, as before
+    try:
+        assert alone.token != first.token
+        assert alone.token_file.read_text().strip() == alone.token and not alone.token_file.is_symlink()
+        assert stat.S_IMODE(alone.token_file.stat().st_mode) == 0o600
+    finally:
+        alone.stop()
+        for lab in labs:
+            lab.shutdown()
+
+
+@pytest.mark.parametrize("planted", ["symlink", "directory"])
+def test_something_planted_at_the_lock_file_is_named_in_the_error(tmp_path, planted):
+    art = tmp_path / "art"
+    lab = Lab(art)
+    lock = art / "dashboard.token.lock"
+    if planted == "symlink":
+        (tmp_path / "elsewhere").write_text("")
+        lock.symlink_to(tmp_path / "elsewhere")
+    else:
+        lock.mkdir()
+    try:
+        with pytest.raises(OSError, match=f"lock file {lock} is a {planted}"):
+            Dashboard(lab, port=0)
+        assert not (art / "dashboard.token").exists()
+    finally:
+        lab.shutdown()
+
+
 # --- fuzzing --------------------------------------------------------------------------------------------------
 
 segment = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
