@@ -100,6 +100,10 @@ def base_url(url: str) -> str:
     return str(u).rstrip("/") + "/"
 
 
+ROW = {"id": str, "status": str}  # what every row of a listing and every submission's entry carry
+ACTION = {"experiment": str, "status": str}  # a control's answer
+
+
 def _cut(text: str) -> str:
     """An answer's text as one short line: a proxy's error page can be long HTML."""
     return brief(" ".join(text.split()), 300)
@@ -130,6 +134,26 @@ class LabClient:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, 0, **kwargs)[0]
+
+    def _shaped(self, answer: Any, fields: dict[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
+        """``answer`` when it is a JSON object with ``fields`` of those types, as a lab daemon's
+        answers are; another server answering 2xx with other JSON is said to be one, not met
+        later as a KeyError or an empty listing.
+
+        Raises:
+            LabClientError: the answer has another shape.
+        """
+        if isinstance(answer, dict):
+            bad = [k for k, kind in fields.items() if not isinstance(answer.get(k), kind)]
+            if not bad:
+                return answer
+            why = f"no {', '.join(repr(k) for k in bad)} of the right type"
+        else:
+            why = f"a JSON {type(answer).__name__}, not an object"
+        raise LabClientError(
+            f"{self.url} answered {what} with JSON that is not a lab daemon's ({why}), so it is likely not a lab "
+            f"daemon (crucible lab serve prints its URL): {_cut(orjson.dumps(answer).decode())!r}"
+        )
 
     def _request(self, method: str, path: str, retries: int, **kwargs: Any) -> tuple[Any, int]:
         """One request and the tries it took; ``retries`` more after a lost answer (for a request
@@ -197,8 +221,9 @@ class LabClient:
         except ValueError as exc:
             raise LabClientError(str(exc)) from None
         headers = {IDEMPOTENCY_HEADER: key}
-        entry, tries = self._request("POST", "api/experiments", SUBMIT_RETRIES, json=body, headers=headers)
-        if tries > 1 and isinstance(entry, dict) and entry.get("repeated"):
+        answer, tries = self._request("POST", "api/experiments", SUBMIT_RETRIES, json=body, headers=headers)
+        entry = self._shaped(answer, ROW, "a submission")
+        if tries > 1 and entry.get("repeated"):
             entry["retried"] = True  # a repeat this call's own retry met: perhaps the first try's experiment
         return entry
 
@@ -206,12 +231,15 @@ class LabClient:
         """Every experiment: those of the Lab (running, paused, ended), then the never-run and
         queued ones; with ``history``, also the runs of the daemon's earlier lifetimes."""
         data = self._call("GET", "api/experiments?history=1" if history else "api/experiments")
+        parts = {"experiments": list, "queued": (list, type(None)), "earlier": (list, type(None))}
+        data = self._shaped(data, parts, "the list of experiments")
+        rows = [self._shaped(e, ROW, "the list of experiments") for k in parts for e in data.get(k) or []]
         keys = ("id", "run_id", "status", "reason", "workload")
-        out = [{k: e.get(k) for k in keys} | {"position": None} for e in data.get("experiments", [])]
-        return out + list(data.get("queued", [])) + list(data.get("earlier", []))
+        out = [{k: e.get(k) for k in keys} | {"position": None} for e in data["experiments"]]
+        return out + rows[len(out) :]
 
     def _control(self, action: str, exp_id: str) -> dict[str, Any]:
-        return self._call("POST", f"api/control/{action}", json={"experiment": exp_id})
+        return self._shaped(self._call("POST", f"api/control/{action}", json={"experiment": exp_id}), ACTION, action)
 
     def pause(self, exp_id: str) -> dict[str, Any]:
         return self._control("pause", exp_id)
@@ -230,7 +258,8 @@ class LabClient:
         body: dict[str, Any] = {"experiment": exp_id, "key": key, "value": value}
         if why is not None:
             body["why"] = why
-        return self._call("POST", "api/control/set", json=body)
+        answer = self._call("POST", "api/control/set", json=body)
+        return self._shaped(answer, ACTION | {"result": (dict, type(None))}, "set")
 
     def restart_pass(self, exp_id: str) -> dict[str, Any]:
         """Start a new pass of a running experiment from its best solution (a workload with passes)."""
@@ -238,7 +267,7 @@ class LabClient:
 
     def sign_in_link(self) -> str:
         """A new one-time link that opens the dashboard signed in (each printed link works once)."""
-        return str(self._call("POST", "api/sign-in-link")["url"])
+        return str(self._shaped(self._call("POST", "api/sign-in-link"), {"url": str}, "a sign-in link")["url"])
 
     def close(self) -> None:
         self.http.close()

@@ -552,6 +552,48 @@ def test_a_server_that_is_not_a_lab_daemon_is_one_line_and_exit_2(status, capsys
     assert "not a lab daemon" in err and (status == 200 or "answered 502 Bad Gateway without" in err), err
 
 
+@pytest.mark.parametrize("body", [b"{}", b"[]", b'[1, 2, "x"]', b'{"experiments": [{"id": 1}]}', b"null"])
+def test_a_server_that_answers_200_with_other_json_is_one_line_and_exit_2(body, capsys, monkeypatch, tmp_path):
+    """Another program on the port that answers 200 with JSON, though not a lab daemon's: each
+    command says so in one line, and ``ls`` does not print an empty table as a success."""
+
+    class Json(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.answer()
+
+        def do_POST(self):
+            self.answer()
+
+        def log_message(self, *args):
+            pass
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text('name = "x"\n')
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Json)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CRUCIBLE_TOKEN", "some-token")
+    url = f"http://127.0.0.1:{srv.server_address[1]}/"
+    try:
+        for argv in (["ls"], ["steer", "lat1", "calls_per_step=3"], ["pause", "lat1"], ["open"], ["submit", str(spec)]):
+            with pytest.raises(SystemExit) as exit_:
+                main([*argv, "--to", url])
+            captured = capsys.readouterr()
+            err = captured.err
+            assert exit_.value.code == 2 and "Traceback" not in err and not captured.out, (argv, err)
+            assert len(err.strip().splitlines()) == 1 and "JSON that is not a lab daemon's" in err, (argv, err)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_steering_a_running_experiment_through_the_cli_and_the_api(daemon, capsys, monkeypatch):
     """``crucible steer`` and ``POST /api/control/set`` change a control at the phase's next safe
     point (recorded as a control event); a value the workload refuses, a malformed request or
