@@ -50,6 +50,10 @@ def find_token(
     """
     if token:
         return token
+    if token_file is not None and not str(token_file).strip():  # Path("") is the current folder
+        raise LabClientError(
+            f"the token file's path (--token-file) is empty: give the daemon's <artifacts>/{TOKEN_FILE}"
+        )
     path = Path(token_file) if token_file is not None else Path(artifacts) / TOKEN_FILE if artifacts else None
     env = os.environ.get(TOKEN_ENV, "").strip()
     if path is None and env:

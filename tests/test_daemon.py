@@ -508,6 +508,8 @@ def test_client_mistakes_are_one_line_errors(daemon, tmp_path, capsys, monkeypat
         (["ls", "--to", "127.0.0.1:7878"], "must be http://HOST:PORT"),
         (["ls", "--to", daemon.url.replace("http://", "http://me:hunter2@")], "has a user name or password"),
         (["submit", str(tmp_path), "--to", daemon.url], "a folder, not a file"),
+        (["ls", "--to", daemon.url, "--token-file", ""], "path (--token-file) is empty"),  # not the current folder
+        (["ls", "--to", daemon.url, "--token-file", " "], "path (--token-file) is empty"),
     ]
     for argv, needle in cases:
         with pytest.raises(SystemExit) as exit_:
