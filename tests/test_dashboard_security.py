@@ -91,7 +91,8 @@ def routes(lab):
 def assert_still_running(lab, dash):
     exp = lab.get("sec")
     assert exp.status() == "running"
-    before = exp.phase_status()["steps"]
+    before = exp.phase_status(wait=30).get("steps")  # {}: no status published within the wait (a loaded machine)
+    assert before is not None, "the phase published no status in 30 s"
     with bare(dash, headers=bearer(dash)) as c:
         assert c.get("/api/experiments").status_code == 200
         for _ in range(100):  # the phase keeps stepping: read until the count moves (bounded)
