@@ -495,64 +495,62 @@ def test_a_websocket_client_that_stops_reading_is_dropped_and_its_slot_freed(tmp
     assert errors.records == []
 
 
-def test_a_websocket_that_answers_no_ping_is_dropped_even_without_pushes(tmp_path, monkeypatch):
+@pytest.fixture
+def pinged(tmp_path, monkeypatch):
+    """A dashboard of an idle Lab (no pushes) whose websockets are pinged every 0.3 s, and a
+    function listing its open websockets."""
+    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_interval_s", 0.3)
+    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_timeout_s", 0.5)
+    lab = Lab(tmp_path / "art")
+    dash = Dashboard(lab, port=0)
+    connections = dash.server.server_state.connections
+    try:
+        yield dash, lambda: [c for c in list(connections) if isinstance(c, WebSocketsSansIOProtocol)]
+    finally:
+        dash.stop()
+        lab.shutdown()
+
+
+def test_a_websocket_that_answers_no_ping_is_dropped_even_without_pushes(pinged):
     """Nothing runs, so no push fills the stalled client's buffers: it is the unanswered ping
     that gives it away (a vanished peer looks the same). A client that reads answers the same
     pings and stays."""
-    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_interval_s", 0.3)
-    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_timeout_s", 0.5)
-    lab = Lab(tmp_path / "art")
-    dash = Dashboard(lab, port=0)
-    connections = dash.server.server_state.connections
-    sockets = lambda: [c for c in list(connections) if isinstance(c, WebSocketsSansIOProtocol)]  # noqa: E731
+    dash, sockets = pinged
     aborted = GuardedWebSocketProtocol.aborted
-    try:
-        with connect(ws_url(dash), additional_headers=bearer(dash)) as reading:
-            assert orjson.loads(reading.recv(timeout=30))["experiments"] == []
-            until(lambda: len(sockets()) == 1, 30, "the reading websocket to be open")
-            (live,) = sockets()
-            stalled = websocket_that_never_reads(dash)
-            try:
-                until(lambda: len(sockets()) == 2, 30, "the stalled websocket to be open")
-                until(lambda: sockets() == [live], 30, "the stalled websocket to be dropped")
-                assert GuardedWebSocketProtocol.aborted == aborted + 1
-                assert live.last_ping_rtt > 0  # its pongs came back
-                pinged_at = live.ping_sent_at
-                until(lambda: live.ping_sent_at > pinged_at + 0.5, 30, "two more pings to the reading websocket")
-                assert sockets() == [live] and not live.disconnected
-            finally:
-                stalled.close()
-    finally:
-        dash.stop()
-        lab.shutdown()
+    with connect(ws_url(dash), additional_headers=bearer(dash)) as reading:
+        assert orjson.loads(reading.recv(timeout=30))["experiments"] == []
+        until(lambda: len(sockets()) == 1, 30, "the reading websocket to be open")
+        (live,) = sockets()
+        stalled = websocket_that_never_reads(dash)
+        try:
+            until(lambda: len(sockets()) == 2, 30, "the stalled websocket to be open")
+            until(lambda: sockets() == [live], 30, "the stalled websocket to be dropped")
+            assert GuardedWebSocketProtocol.aborted == aborted + 1
+            assert live.last_ping_rtt > 0  # its pongs came back
+            pinged_at = live.ping_sent_at
+            until(lambda: live.ping_sent_at > pinged_at + 0.5, 30, "two more pings to the reading websocket")
+            assert sockets() == [live] and not live.disconnected
+        finally:
+            stalled.close()
 
 
-def test_a_websocket_client_that_sends_messages_and_keeps_reading_stays(tmp_path, monkeypatch):
+def test_a_websocket_client_that_sends_messages_and_keeps_reading_stays(pinged):
     """/ws only pushes, but a script may send a hello: it is read and ignored, so the protocol
     keeps reading, sees the client's pongs and keeps it through many pings."""
-    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_interval_s", 0.3)
-    monkeypatch.setattr(GuardedWebSocketProtocol, "ping_timeout_s", 0.5)
-    lab = Lab(tmp_path / "art")
-    dash = Dashboard(lab, port=0)
-    connections = dash.server.server_state.connections
-    sockets = lambda: [c for c in list(connections) if isinstance(c, WebSocketsSansIOProtocol)]  # noqa: E731
+    dash, sockets = pinged
     aborted = GuardedWebSocketProtocol.aborted
-    try:
-        with connect(ws_url(dash), additional_headers=bearer(dash)) as client:
-            client.send('{"hello": "dashboard"}')
-            client.send(b"subscribe")
-            assert orjson.loads(client.recv(timeout=30))["experiments"] == []
-            until(lambda: len(sockets()) == 1, 30, "the websocket to be open")
-            (live,) = sockets()
-            until(lambda: live.ping_sent_at > 0, 30, "a first ping")
-            pinged_at = live.ping_sent_at
-            while live.ping_sent_at < pinged_at + 2.0:  # several pings, each answered in time
-                client.recv(timeout=30)  # a ConnectionClosed here is the defect
-            assert sockets() == [live] and not live.disconnected
-            assert GuardedWebSocketProtocol.aborted == aborted
-    finally:
-        dash.stop()
-        lab.shutdown()
+    with connect(ws_url(dash), additional_headers=bearer(dash)) as client:
+        client.send('{"hello": "dashboard"}')
+        client.send(b"subscribe")
+        assert orjson.loads(client.recv(timeout=30))["experiments"] == []
+        until(lambda: len(sockets()) == 1, 30, "the websocket to be open")
+        (live,) = sockets()
+        until(lambda: live.ping_sent_at > 0, 30, "a first ping")
+        pinged_at = live.ping_sent_at
+        while live.ping_sent_at < pinged_at + 2.0:  # several pings, each answered in time
+            client.recv(timeout=30)  # a ConnectionClosed here is the defect
+        assert sockets() == [live] and not live.disconnected
+        assert GuardedWebSocketProtocol.aborted == aborted
 
 
 def test_a_websocket_client_that_sends_too_much_is_closed(lab, dash):
