@@ -128,7 +128,11 @@ def test_a_value_repeated_many_times_is_a_step_not_a_slope(repeated, times, othe
         d.add_batch(x[i : i + 512])
     xs = np.sort(x)
     share = float(np.mean(x <= repeated))
-    assert abs(d.cdf(repeated) - share) <= 0.5 / compression + 1e-9  # all its copies, and what lies below
+    # "many times": more of the weight than one centroid may come to hold anywhere (k1: pi / delta for
+    # one merge, up to about twice that across batches), so no neighbour can merge into its copies
+    # (with fewer, 0.25 and two 0.5s may well be one centroid: its CDF at 0.5 is then a slope)
+    if times / x.size > 2 * math.pi / compression:
+        assert abs(d.cdf(repeated) - share) <= 0.5 / compression + 1e-9  # all its copies, and what lies below
     inside = (np.mean(x < repeated) + 1e-6, share - 1e-6)
     if compression == 1000 and x.size <= 2 * compression and inside[0] < inside[1]:  # singletons and the one step
         for qq in (inside[0], (inside[0] + inside[1]) / 2, inside[1]):
