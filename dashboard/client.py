@@ -237,10 +237,12 @@ class LabClient:
         data = self._call("GET", "api/experiments?history=1" if history else "api/experiments")
         parts = {"experiments": list, "queued": (list, type(None)), "earlier": (list, type(None))}
         data = self._shaped(data, parts, "the list of experiments")
-        rows = [self._shaped(e, ROW, "the list of experiments") for k in parts for e in data.get(k) or []]
+        for part in parts:
+            for e in data.get(part) or []:
+                self._shaped(e, ROW, "the list of experiments")
         keys = ("id", "run_id", "status", "reason", "workload")
         out = [{k: e.get(k) for k in keys} | {"position": None} for e in data["experiments"]]
-        return out + rows[len(out) :]
+        return out + list(data.get("queued") or []) + list(data.get("earlier") or [])
 
     def _control(self, action: str, exp_id: str) -> dict[str, Any]:
         return self._shaped(self._call("POST", f"api/control/{action}", json={"experiment": exp_id}), ACTION, action)

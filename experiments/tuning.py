@@ -37,6 +37,7 @@ from telemetry.rundir import (
     SPEC,
     SUMMARY,
     RunStatus,
+    folder_of_runs,
     read_json,
     read_record,
     summary_best,
@@ -166,9 +167,9 @@ def _check_run_dir(path: Path) -> None:
         raise SeedFromError(f"{str(path)!r}: cannot read it ({exc.strerror or exc})") from None
     if SPEC in names or SUMMARY in names:
         return
-    under = sorted({p.parent for pattern in (f"*/{SPEC}", f"*/*/{SPEC}") for p in path.glob(pattern)})
-    hint = f"; it holds {len(under)} run(s), e.g. {str(under[0])!r}: name run directories" if under else ""
-    raise SeedFromError(f"{str(path)!r} is not a run directory (it has no {SPEC} or {SUMMARY}){hint}")
+    if (holds := folder_of_runs(path)) is not None:  # an experiment or artifacts folder: its runs named
+        raise SeedFromError(str(holds))
+    raise SeedFromError(f"{str(path)!r} is not a run directory (it has no {SPEC} or {SUMMARY})")
 
 
 def _record(run_dir: Path, name: str) -> tuple[dict[str, Any] | None, str | None]:

@@ -238,7 +238,7 @@ def _newest_first(runs: list[Path]) -> list[Path]:
     return sorted(runs, key=mtime, reverse=True)
 
 
-def _folder_of_runs(folder: Path) -> NotARunFolder | None:
+def folder_of_runs(folder: Path) -> NotARunFolder | None:
     """The error for a folder given as a run that holds runs instead: an experiment folder
     (its runs in it) or an artifacts folder (a level down); None for another folder, or one
     that cannot be read (quietly: this only words an error)."""
@@ -640,13 +640,13 @@ def resolve_run(arg: str, artifacts: Path) -> Path:
     except ValueError as exc:
         if looked is not None:
             raise RunNotFound(f"{arg!r}: cannot look into it: {looked.strerror or looked}") from None
-        if (holds := _folder_of_runs(p)) is not None:  # the folder of a run, named for the run
+        if (holds := folder_of_runs(p)) is not None:  # the folder of a run, named for the run
             raise holds from None
         raise RunNotFound(f"{arg!r} is neither a run directory nor a valid run id: {exc}") from None
     runs = find_runs(artifacts)
     hits = [r for r in runs if r.name == arg]
     if not hits:
-        if looked is None and (holds := _folder_of_runs(p)) is not None:  # "latency", an experiment's folder here
+        if looked is None and (holds := folder_of_runs(p)) is not None:  # "latency", an experiment's folder here
             raise holds
         recent = ", ".join(r.name for r in runs[:5]) or "none"
         raise RunNotFound(f"no run {arg!r} under {artifacts}; recent runs: {recent}")

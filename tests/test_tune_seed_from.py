@@ -82,8 +82,8 @@ def test_a_path_that_is_no_readable_run_is_a_one_line_error_before_any_trial(tmp
         (tmp_path / "missing", "does not exist"),
         (tmp_path / "a.txt", "is a file, not a run directory"),
         (tmp_path / "empty", r"is not a run directory \(it has no spec.json or summary.json\)$"),
-        (art, rf"is not a run directory .*; it holds 1 run\(s\), e\.g\. '{run}': name run directories$"),
-        (art / "lat", rf"; it holds 1 run\(s\), e\.g\. '{run}'"),
+        (art, rf"is an artifacts folder, not a run: its newest run is '{run}'; give a run's folder or id$"),
+        (art / "lat", rf"is an experiment folder, not a run: its newest run is '{run}'"),
         (tmp_path / "locked", r"locked/spec\.json' cannot be read: Is a directory$"),
     ]
     for path, why in cases:
