@@ -161,6 +161,11 @@ def write_token_file(path: Path, token: str) -> None:
     """
     if path.is_symlink():
         log.warning("replacing a symlink at the token file's place; its target is left alone", path=str(path))
+    elif path.is_dir():
+        raise IsADirectoryError(
+            f"the dashboard's token file {path} is a directory, not a file: remove it (a dashboard writes "
+            "its token there), or use another --artifacts folder",
+        )
     atomic_write(path, (token + "\n").encode(), mode=0o600)
 
 

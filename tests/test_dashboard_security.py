@@ -618,6 +618,19 @@ def test_the_token_file_is_never_written_through_a_symlink(tmp_path):
         lab.shutdown()
 
 
+def test_a_folder_at_the_token_files_place_is_named_and_left_alone(tmp_path):
+    art = tmp_path / "art"
+    (art / "dashboard.token").mkdir(parents=True)
+    (art / "dashboard.token" / "keep").write_text("mine\n")
+    lab = Lab(art)
+    try:
+        with pytest.raises(IsADirectoryError, match=r"token file .*dashboard\.token is a directory, not a file"):
+            Dashboard(lab, port=0)
+        assert (art / "dashboard.token" / "keep").read_text() == "mine\n"
+    finally:
+        lab.shutdown()
+
+
 def test_an_old_readable_token_file_is_replaced_by_a_private_one(tmp_path):
     art = tmp_path / "art"
     art.mkdir()
