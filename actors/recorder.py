@@ -9,8 +9,9 @@ as *persisted* (what ``flush`` and ``summary`` answer: acknowledged). Files are 
 least every ``fsync_interval`` seconds and on stop.
 
 A restarted Recorder reopens the same run: it cuts a torn last line, takes the last ``seq``
-on disk so that nothing is written twice, back-fills SQLite from the JSONL if a crash left
-it behind, and rebuilds its summary figures from the files.
+on disk so that nothing is written twice, back-fills the history from the JSONL with every
+event no stored batch holds (a tail a crash left behind, or a hole in the middle: batches
+lost or deleted), and rebuilds its summary figures from the files.
 
 Storage failure (a full disk, say): the failed batch and any uncommitted ones are rolled
 back from both stores (the JSONL is cut back to the last commit), so the files hold
@@ -69,6 +70,7 @@ from actors.files import atomic_write
 from actors.log import get_logger
 from actors.messages import Receiver
 from actors.timers import Timer, check_delay
+from telemetry.batchstore import BatchStore, HeldSeqs
 from telemetry.history import (
     HistoryError,
     HistoryGone,
@@ -180,6 +182,27 @@ class _PhaseStats:
         self.last: dict[str, float] = {}
 
 
+class _Lacking:
+    """The events of a reopened run that the history lacks, asked chunk by chunk in ``seq``
+    order: those no stored batch spans (:class:`~telemetry.batchstore.HeldSeqs`), so a hole in
+    the middle of the stored events (batches lost to a crash of the disk, deleted by hand) is
+    back-filled as well as the tail past the last stored ``seq``."""
+
+    def __init__(self, store: BatchStore, run_id: str) -> None:
+        self._store, self._run_id = store, run_id
+        self._held: HeldSeqs | None = None
+        self._last = -1  # the last stored seq, read with the first chunk
+        self.filled = 0  # events sent into a hole (below the last stored seq)
+
+    def missing(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self._held is None:
+            self._last = self._store.max_seq(self._run_id)
+            self._held = HeldSeqs(self._store.seq_ranges(self._run_id))
+        out = [r for r in rows if not self._held.holds(r["seq"])]
+        self.filled += sum(1 for r in out if r["seq"] < self._last)
+        return out
+
+
 class Recorder(EventConsumer):
     """Persists one experiment run; answers live queries. See the module docs."""
 
@@ -286,14 +309,20 @@ class Recorder(EventConsumer):
         if self.last_seq >= 0:
             if self.storage_error is None:
                 self.history_unsent = 0  # counted again below: what the history still lacks
-            db_max = self.store.max_seq(self.run_id)
+            held = _Lacking(self.store, self.run_id) if self.storage_error is None else None
             chunk: list[dict[str, Any]] = []
             for ev in iter_run(self.run_dir):
                 chunk.append(ev)
                 if len(chunk) >= 50_000:
-                    self._absorb_recovered(chunk, db_max)
+                    self._absorb_recovered(chunk, held)
                     chunk = []
-            self._absorb_recovered(chunk, db_max)
+            self._absorb_recovered(chunk, held)
+            if held is not None and held.filled:
+                log.warning(
+                    "the history lacked events in the middle of the run; back-filled them from its files",
+                    run_id=self.run_id,
+                    events=held.filled,
+                )
             self.received = self.persisted + self.storage_dropped
             log.info(
                 "recorder resumed run",
@@ -306,14 +335,16 @@ class Recorder(EventConsumer):
         self._save_state()
         return incarnation
 
-    def _absorb_recovered(self, rows: list[dict[str, Any]], db_max: int) -> None:
+    def _absorb_recovered(self, rows: list[dict[str, Any]], held: _Lacking | None) -> None:
         """Count events found in the JSONL (acknowledged: the JSONL is the reference) and back-fill
-        the history with those it lacks; if the back-fill fails, recording stops (storage failure)
+        the history with those it lacks (a hole in the middle as well as a tail: ``held``, None
+        when recording has stopped); if the back-fill fails, recording stops (storage failure)
         and a later start back-fills what is missing."""
         if not rows:
             return
-        missing = [r for r in rows if r["seq"] > db_max] if self.storage_error is None else []
+        missing = rows  # until the history says which it holds: a read that fails counts them all unsent
         try:
+            missing = held.missing(rows) if held is not None and self.storage_error is None else []
             for i in range(0, len(missing), 1024):
                 part = missing[i : i + 1024]
                 self._insert(rows_to_batch(part, self.experiment_id, self.run_id))

@@ -162,6 +162,22 @@ def _uncovered(row: Row, have: list[tuple[int, int]]) -> list[Row]:
     return parts
 
 
+class HeldSeqs:
+    """Whether a stored batch holds a seq, asked for seqs in increasing order: a walk along
+    the run's stored ranges (:meth:`BatchStore.seq_ranges`: in ``seq_lo`` order, disjoint),
+    read as the walk needs them. What the history lacks of a run is told this way (a hole in
+    the middle as well as a tail) by ``crucible sync`` and by a Recorder that reopens the run."""
+
+    def __init__(self, ranges: Iterator[tuple[int, int]]) -> None:
+        self._ranges = ranges
+        self._at = next(ranges, None)
+
+    def holds(self, seq: int) -> bool:
+        while self._at is not None and self._at[1] < seq:
+            self._at = next(self._ranges, None)
+        return self._at is not None and self._at[0] <= seq
+
+
 class Reader(Protocol):
     """Runs one SQL statement (``?`` placeholders); ``stream`` for a large answer read lazily."""
 

@@ -32,7 +32,6 @@ rather than mixed into that run's events and record.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ import orjson
 
 from actors.files import atomic_write
 from actors.log import get_logger
-from telemetry.batchstore import BatchStore
+from telemetry.batchstore import BatchStore, HeldSeqs
 from telemetry.jsonl import ReadCounts, iter_run
 from telemetry.rundir import SUMMARY, read_json, read_summary, run_status
 from telemetry.schema import check_batch, check_id, rows_to_batch, stored_batch
@@ -90,7 +89,7 @@ def sync_run(store: BatchStore, run_dir: Path, chunk: int = CHUNK, verify: bool 
     if verify:
         result.damaged, result.replaced = _replace_damaged(store, run_dir, run_id)
     db_max = store.max_seq(run_id)
-    held = _Held(store.seq_ranges(run_id))
+    held = HeldSeqs(store.seq_ranges(run_id))
     holes: list[int] = []  # the first seq of each hole found
     counts = ReadCounts()
     rows: list[dict[str, Any]] = []
@@ -123,20 +122,6 @@ def sync_run(store: BatchStore, run_dir: Path, chunk: int = CHUNK, verify: bool 
     result.out_of_order = counts.repeated  # iter_run warned of them
     result.recorded = _record(store, run_dir, experiment_id, run_id, counts.events)
     return result
-
-
-class _Held:
-    """Whether a stored batch holds a seq, asked for seqs in increasing order: a walk along
-    the run's stored ranges (in ``seq_lo`` order, disjoint), read as the walk needs them."""
-
-    def __init__(self, ranges: Iterator[tuple[int, int]]) -> None:
-        self._ranges = ranges
-        self._at = next(ranges, None)
-
-    def holds(self, seq: int) -> bool:
-        while self._at is not None and self._at[1] < seq:
-            self._at = next(self._ranges, None)
-        return self._at is not None and self._at[0] <= seq
 
 
 def _replace_damaged(store: BatchStore, run_dir: Path, run_id: str) -> tuple[int, int]:

@@ -204,6 +204,35 @@ def test_sqlite_is_backfilled_from_jsonl_after_a_crash(tmp_path):
     rec2.stop()
 
 
+def test_a_reopened_run_back_fills_a_hole_in_the_middle_of_the_history(tmp_path, history_target):
+    """Batches gone from the middle of a run's stored events (not only past its last stored
+    seq): the Recorder that reopens the run sends them again from the JSONL, once each."""
+    from structlog.testing import capture_logs
+
+    from telemetry.history import open_history
+
+    rec, em = recorded(tmp_path, 10, history=history_target)
+    emit_n(em, 60)
+    em.close()
+    rec.stop()
+    store = open_history(history_target, artifacts=tmp_path)
+    try:
+        assert store.drop_batches("run", [10, 20, 40]) == 3
+        assert store.max_seq("run") == 59
+    finally:
+        store.close()
+    with capture_logs() as logs:
+        rec2 = Recorder.start(tmp_path, "exp", "run", history=history_target)
+    try:
+        hist = rec2.ask({"kind": "query_window", "spec": ["last_n", 1000], "source": "history"})
+        assert [e["seq"] for e in hist] == list(range(60))
+        assert rec2.ask({"kind": "summary"})["events_persisted"] == 60
+    finally:
+        rec2.stop()
+    filled = [e for e in logs if "middle of the run" in e["event"]]
+    assert [e["events"] for e in filled] == [30]
+
+
 class HeldLock:
     """Another connection holding the SQLite history locked (``BEGIN EXCLUSIVE``), as a long
     transaction or a tool would, until released."""
