@@ -18,7 +18,7 @@ from actors.supervision import (
     SupervisorRef,
     TooManyChildren,
 )
-from experiments.lab import AlreadyPaused, Experiment, Lab, NotFound, NotPaused, NotRunning
+from experiments.lab import AlreadyPaused, Experiment, Lab, LifecycleError, NotFound, NotPaused, NotRunning
 from experiments.remote import RayBackendError  # importing it registers Lab(backend="ray")
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "DynamicSupervisor",
     "Experiment",
     "Lab",
+    "LifecycleError",
     "NotFound",
     "NotPaused",
     "NotRunning",

@@ -51,7 +51,11 @@ def is_abnormal(reason: str) -> bool:
 
 
 class UnknownMessage(Exception):
-    """Raised by ``on_message`` for a ``kind`` the actor does not handle: dropped, not a crash."""
+    """Raised by ``on_message`` for a ``kind`` the actor does not handle: dropped, not a crash;
+    an ``ask`` of it raises this in the asker (a reply of None would pass for an answer)."""
+
+    def __str__(self) -> str:
+        return f"no handler for message kind {self.args[0]!r}" if self.args else "no handler for this message kind"
 
 
 class HandlerExit(RuntimeError):
@@ -206,6 +210,8 @@ class ActorRef:
             if token is not None:
                 self._life.urgent.discard(token)
             raise
+        if isinstance(reply, Refusal):
+            raise reply.exc
         return None if reply is None else decode(reply)
 
     def wait(self, timeout: float | None = None) -> str | None:
@@ -448,10 +454,10 @@ class Actor(pykka.ThreadingActor):
         self._take_urgent(msg)
         try:
             reply = self.on_message(msg)
-        except UnknownMessage:
+        except UnknownMessage as exc:
             self.dropped_unknown += 1
             log.warning("unknown message kind dropped", actor=type(self).__name__, kind=msg["kind"])
-            return None
+            return Refusal(exc)  # an asker gets the error (a None reply would pass for an answer); a tell drops it
         except Exception as exc:
             self._crash(exc)
             raise

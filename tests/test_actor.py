@@ -15,7 +15,7 @@ from actors import (
     monitor,
     spawn_monitor,
 )
-from actors.base import Actor
+from actors.base import Actor, UnknownMessage
 from actors.registry import NameTaken
 from tests.actors_fixtures import Collector, Worker
 
@@ -103,7 +103,8 @@ def test_undecodable_and_unknown_messages_are_counted_and_dropped(spawned):
     w.tell_bytes(b"\xc1\xc1")
     w.tell_bytes(encode([1, 2, 3]))
     w.tell({"kind": "no_such_kind"})
-    assert w.ask({"kind": "no_such_kind"}) is None
+    with pytest.raises(UnknownMessage, match="no handler for message kind 'no_such_kind'"):
+        w.ask({"kind": "no_such_kind"})  # an asker learns it, rather than take None for an answer
     assert w.ask({"kind": "ping"})["count"] == 1
     counts = w.ask({"kind": "ping"})  # still alive
     assert counts["count"] == 2
