@@ -56,7 +56,10 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
+        try:
+            return sorted(obj)
+        except TypeError:  # members of several types: grouped by type, each group in order
+            return sorted(obj, key=lambda v: (type(v).__name__, repr(v)))
     raise TypeError(f"cannot encode object of type {type(obj).__name__}")
 
 
@@ -71,6 +74,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
     off += 8 * ndim
     return np.frombuffer(data, dtype=dtype, offset=off).reshape(shape)
 
+
+INT_MIN, UINT_MAX = -(2**63), 2**64 - 1
+"""The integers msgpack carries (int64 and uint64)."""
 
 MAX_DEPTH = 1024
 """Deepest nesting a message may have, counting each dict, list or tuple (the message itself is
@@ -114,17 +120,21 @@ def _find_bad_field(obj: Any) -> str | None:
             children: list[tuple[Any, list[str], frozenset[int]]] = []
             if isinstance(value, dict):
                 for k, v in value.items():
-                    if not isinstance(k, (str, bytes, int, float, bool)) and k is not None:
-                        children.append((_BadKey(k), [*parts, f"[{k!r}]"], inner))
+                    if (not isinstance(k, (str, bytes, int, float, bool)) and k is not None) or _too_big(k):
+                        children.append((_BadKey(k), [*parts, f"[{_brief_repr(k)}]"], inner))
                         break  # nothing after a bad key is looked at
                     children.append((v, [*parts, f".{k}"], inner))
             else:
                 children = [(v, [*parts, f"[{i}]"], inner) for i, v in enumerate(value)]
             stack.extend(reversed(children))  # first child on top: the first bad field is named
             continue
+        if _too_big(value):
+            return f"{_show_path(parts)} (an integer of {value.bit_length()} bits: msgpack carries at most 64)"
         if value is None or isinstance(value, (str, bytes, bytearray, memoryview, int, float, bool)):
             continue
         if isinstance(value, _BadKey):
+            if _too_big(value.key):
+                return f"{_show_path(parts)} (a key that is an integer of {value.key.bit_length()} bits)"
             return f"{_show_path(parts)} (key of type {type(value.key).__name__})"
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
@@ -132,10 +142,24 @@ def _find_bad_field(obj: Any) -> str | None:
             continue
         if isinstance(value, (set, frozenset)) and len(above) >= MAX_DEPTH:  # travels as a list
             return f"{_show_path(parts)} (nested deeper than MAX_DEPTH={MAX_DEPTH})"
-        if isinstance(value, (np.generic, set, frozenset)):
+        if isinstance(value, (set, frozenset)):  # travels as a list: its members are looked at as one's
+            stack.extend((v, [*parts, f"{{{_brief_repr(v)}}}"], above | {id(value)}) for v in value)
+            continue
+        if isinstance(value, np.generic):
             continue
         return f"{_show_path(parts)} (type {type(value).__name__})"
     return None
+
+
+def _too_big(value: Any) -> bool:
+    """An integer msgpack cannot carry (outside int64 and uint64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= UINT_MAX
+
+
+def _brief_repr(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a path names a key or member, not all of it."""
+    text = repr(value) if not _too_big(value) else f"<{value.bit_length()}-bit int>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _local = threading.local()

@@ -61,6 +61,27 @@ def test_unencodable_field_is_named():
         encode({"kind": "x", "arr": np.array([object()], dtype=object)})
 
 
+def test_an_integer_past_64_bits_is_named_with_its_size():
+    with pytest.raises(TypeError, match=r"params\.lr \(an integer of 71 bits: msgpack carries at most 64\)"):
+        encode({"kind": "x", "params": {"lr": 2**70}})
+    with pytest.raises(TypeError, match=r"d\[<66-bit int>\] \(a key that is an integer of 66 bits\)"):
+        encode({"kind": "x", "d": {2**65: 1}})
+    edges = {"kind": "x", "lo": -(2**63), "hi": 2**64 - 1}
+    assert decode(encode(edges)) == edges
+
+
+@given(st.sets(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=5), st.booleans())))
+def test_a_set_of_mixed_types_travels_in_a_fixed_order(members):
+    out = decode(encode({"kind": "x", "s": members}))["s"]
+    assert sorted(map(repr, out)) == sorted(map(repr, members)) and len(out) == len(members)
+    assert out == decode(encode({"kind": "x", "s": set(reversed(list(members)))}))["s"]
+
+
+def test_a_set_member_that_cannot_travel_is_named():
+    with pytest.raises(TypeError, match=r"tags\{<object object at .*>\} \(type object\)"):
+        encode({"kind": "x", "tags": {1, object()}})
+
+
 @pytest.mark.parametrize(
     "data", [b"\xc1", b"", b"\x93\x01\x02", encode([1, 2]), encode({"nokind": 1}), encode({"kind": 3})]
 )
