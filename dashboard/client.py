@@ -18,7 +18,7 @@ import httpx
 import orjson
 
 from actors.log import get_logger
-from experiments.validate import IDEMPOTENCY_HEADER, brief, check_key
+from experiments.validate import IDEMPOTENCY_HEADER, brief, check_key, tree_problem
 from telemetry.rundir import TOKEN_FILE
 
 log = get_logger("dashboard.client")
@@ -216,6 +216,9 @@ class LabClient:
                 raise LabClientError(f"cannot read the spec {str(spec)!r}: {exc.strerror or exc}") from None
             except UnicodeDecodeError as exc:
                 raise LabClientError(f"the spec {str(spec)!r} is not UTF-8 text (byte {exc.start})") from None
+        if isinstance(spec, dict) and (problem := tree_problem(spec)) is not None:
+            where, what = problem  # JSON carries no NaN: said here, naming the field, not by the encoder
+            raise LabClientError(f"the spec's field {where or '(the spec)'} {what}")
         body: dict[str, Any] = {"spec": spec} if isinstance(spec, dict) else {"toml": spec}
         body["set"] = list(overrides or [])
         if experiment_id is not None:
@@ -261,6 +264,8 @@ class LabClient:
         """Set one of a running experiment's controls (a key its workload declares) at its
         phase's next safe point; ``result`` holds ``before`` and
         ``after``. Not retried: the daemon may have applied a change whose answer was lost."""
+        if (problem := tree_problem(value, key)) is not None:
+            raise LabClientError(f"the value of control {problem[0]!r} {problem[1]}")
         body: dict[str, Any] = {"experiment": exp_id, "key": key, "value": value}
         if why is not None:
             body["why"] = why

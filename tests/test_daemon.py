@@ -523,6 +523,22 @@ def test_client_mistakes_are_one_line_errors(daemon, tmp_path, capsys, monkeypat
     assert exit_.value.code == 2 and "URL-safe ASCII" in capsys.readouterr().err
 
 
+def test_the_python_client_names_a_non_finite_number_before_sending(daemon):
+    """JSON has no NaN: the client says which field holds one (a bare ValueError of the
+    encoder named none), and nothing reaches the daemon."""
+    with LabClient(daemon.url, daemon.token) as client:
+        before = client.list(history=False)
+        spec = latency_spec("nanspec", budget=float("nan"))
+        with pytest.raises(LabClientError, match=r"the spec's field time_budget_s must be a finite number, got nan"):
+            client.submit(spec)
+        spec = latency_spec("infspec") | {"workload": {"name": "latency", "params": {"concurrency": [1, float("inf")]}}}
+        with pytest.raises(LabClientError, match=r"workload\.params\.concurrency\[1\] must be a finite number"):
+            client.submit(spec)
+        with pytest.raises(LabClientError, match=r"control 'concurrency' must be a finite number, got nan"):
+            client.set_param("whatever", "concurrency", float("nan"))
+        assert client.list(history=False) == before
+
+
 @pytest.mark.parametrize("status", [200, 502])
 def test_a_server_that_is_not_a_lab_daemon_is_one_line_and_exit_2(status, capsys, monkeypatch):
     """Another program on the port (a web server, a proxy's long error page)."""
