@@ -61,6 +61,9 @@ FLUSH_INTERVAL_S = 0.05
 OVERFLOW = "block"
 MAX_BACKLOG = 64
 BLOCK_TIMEOUT_S = 1.0
+REJECTED_LOG_S = 10.0
+"""At most one ``event rejected`` warning this often (the first at once): a workload that
+emits a malformed field in every event would otherwise write a line per event."""
 
 # The events' clock follows the wall clock forward and never back. Rows hold the monotonic
 # reading (one C call on the hot path); a batch turns them into wall-clock times, and where the
@@ -120,6 +123,7 @@ class Emitter:
         self.rejected = c.get("rejected", 0)  # malformed events
         self._seq = max(seq_start, self.published)
         self._unreported_drops = 0
+        self._rejects_unsaid, self._rejects_said_at = 0, -math.inf
         self._last_ts = 0
         self._last_mono: int | None = None  # the monotonic reading of the event stamped _last_ts
         self.phase: str | None = None
@@ -128,6 +132,7 @@ class Emitter:
         self.gpu_reason: str | None = None
         self._rows: list[tuple[Any, ...]] = []  # only ever appended to, and cut from the front
         self._flush_lock = threading.RLock()
+        self._warn_lock = threading.Lock()
         self._closed = threading.Event()
         self.held = False  # while held, batches wait in _held_batches (events emitted during a pause)
         self._abandoned = False  # see abandon()
@@ -227,7 +232,18 @@ class Emitter:
     def _reject(self, n: int, why: str) -> None:
         with self._flush_lock:
             self.rejected += n
-        log.warning("event rejected", run_id=self.run_id, count=n, reason=why)
+        self._say_rejected(n, why)
+
+    def _say_rejected(self, n: int, why: str) -> None:
+        """Warn of rejected events, at most once every :data:`REJECTED_LOG_S`: the count since
+        the last warning, the run's total and the latest reason (the counter has them all)."""
+        with self._warn_lock:
+            self._rejects_unsaid += n
+            now = time.monotonic()
+            if now - self._rejects_said_at < REJECTED_LOG_S:
+                return
+            count, self._rejects_unsaid, self._rejects_said_at = self._rejects_unsaid, 0, now
+        log.warning("event rejected", run_id=self.run_id, count=count, total=self.rejected, reason=why)
 
     def hold(self, on: bool) -> None:
         """Hold batches back (or let them go): a paused phase's notices wait for its resume,
@@ -353,7 +369,7 @@ class Emitter:
             except SchemaError as exc:
                 self.rejected += 1
                 self.emitted -= 1
-                log.warning("event rejected", run_id=self.run_id, error=str(exc))
+                self._say_rejected(1, str(exc))
         return good
 
     def _columns(self, rows: list[tuple[Any, ...]]) -> EventBatch:

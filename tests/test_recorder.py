@@ -472,6 +472,28 @@ def test_bad_input_is_rejected_clearly(tmp_path):
     rec.stop()
 
 
+def test_rejected_events_are_warned_of_at_most_once_every_few_seconds(monkeypatch):
+    """A workload that sends a malformed field in every event gets one warning line, with the
+    count since the last one and the run's total, not a line per event."""
+    from structlog.testing import capture_logs
+
+    import telemetry.emitter as emitter_module
+
+    topics = Topics()
+    em = Emitter(topics, "exp", "run", batch_size=50)
+    with capture_logs() as logs:
+        for i in range(500):
+            em.emit("bad", {"loss": "high"} if i % 2 else None, colour=3 if not i % 2 else None)
+        em.flush()
+        monkeypatch.setattr(emitter_module, "REJECTED_LOG_S", 0.0)
+        em.emit("bad", {"loss": "low"})
+        counters = em.close()
+    said = [e for e in logs if e["event"] == "event rejected"]
+    assert counters["rejected"] == 501 and counters["emitted"] == 0
+    assert [e["count"] for e in said] == [1, 500] and said[-1]["total"] == 501
+    assert "values.loss" in said[-1]["reason"]
+
+
 @pytest.mark.parametrize(
     "kw, name",
     [
