@@ -24,6 +24,21 @@ incarnation stopped, so the Recorder neither duplicates nor misses events. A che
 ``active_s`` is the active time when it was written, so it includes the step it records: a
 run resumed from it charges its budget with every step it keeps.
 
+A checkpoint file that cannot be written never crashes the phase (a crash would restart it,
+and fail again, until the supervisor gave up). A full disk (``ENOSPC``, ``EDQUOT``) ends the
+run: the phase stops itself with reason ``storage: <error> (checkpoint <file>)``, as the
+Recorder does when its own writes fail. Any other failure (the file replaced by a folder, a
+file that may not be replaced) is logged once, with the file and the error, and said once in
+the run's events (``checkpoint_failed``); the run goes on, its events recorded as before, and
+the phase keeps trying at every checkpoint (``checkpoint written again`` once one gets
+through). Meanwhile a run resumed after its process died goes back to the last checkpoint on
+disk, older than the events recorded since; a restart of the phase in the same process loses
+nothing (the store keeps the state in memory).
+
+A stop asked of the phase is kept in its store (:attr:`CheckpointStore.stop_reason`) before
+anything that may fail: a phase that crashes while it stops is restarted, and the replacement
+finishes the stop at once, with the same reason, instead of running on to its budget.
+
 Active time is counted on the clock the phase is given (an Experiment gives its Lab's), and
 the replies to ``pause`` and ``resume`` carry ``at``, the reading at which that time stopped or
 started again: the run's record takes its pauses from them, so the two figures of active time
@@ -46,6 +61,7 @@ store takes writes only from the incarnation that claimed it last.
 
 from __future__ import annotations
 
+import errno
 import secrets
 import threading
 import time
@@ -76,6 +92,9 @@ class CheckpointStore:
         self._lock = threading.Lock()
         self.state: dict[str, Any] = {}
         self.finish_reason: str | None = None  # why the phase finished (completed, budget, stopped, ...)
+        self.stop_reason: str | None = None  # a stop asked of the phase: a replacement finishes it
+        self.save_error: str | None = None  # why the file could not be written, until a write gets through
+        self.save_failures = 0  # writes of the file that failed in a row
         self._writer: object | None = None  # the phase incarnation whose writes count
         if path is not None and path.exists():
             try:
@@ -99,6 +118,11 @@ class CheckpointStore:
             return dict(self.state)
 
     def save(self) -> None:
+        """Write the state to the file.
+
+        Raises:
+            OSError: the file could not be written (the state in memory is kept).
+        """
         if self.path is None:
             return
         with self._lock:
@@ -106,13 +130,14 @@ class CheckpointStore:
             data = orjson.dumps(self.state, option=orjson.OPT_SERIALIZE_NUMPY)
         atomic_write(self.path, data)
 
-    def finish(self, reason: str, writer: object | None = None) -> None:
-        """Record why the run's phase finished (kept on disk: a restarted phase exits at once)."""
+    def finish(self, reason: str, writer: object | None = None) -> bool:
+        """Record why the run's phase finished (kept on disk by the next :meth:`save`: a
+        restarted phase exits at once); False when ``writer`` is not the last claimant."""
         if writer is not None and writer is not self._writer:
-            return
+            return False
         self.finish_reason = reason
         self.update(finished=reason)
-        self.save()
+        return True
 
 
 class PhaseActor(Actor):
@@ -223,6 +248,9 @@ class PhaseActor(Actor):
         self.workload.start(self.emitter)
         self._mark = self.clock()
         self._publish_status(force=True)
+        if self.checkpoints.stop_reason is not None:  # its predecessor was asked to stop (and crashed)
+            self._finish(self.checkpoints.stop_reason)
+            return
         if not self.paused:
             self._next_step()
 
@@ -270,7 +298,7 @@ class PhaseActor(Actor):
             ),
         )
         self.checkpoints.update(self, resume=None)
-        self.checkpoints.save()
+        self._save()
 
     def _published(self, counters: dict[str, int]) -> None:
         self.checkpoints.update(self, counters=counters)
@@ -289,8 +317,66 @@ class PhaseActor(Actor):
         now = time.monotonic()
         if force or now - self._last_save >= self.save_every_s:
             self._last_save = now
-            self.checkpoints.save()
+            self._save()
         self._publish_status(force)
+
+    def _save(self) -> None:
+        """Write the checkpoint file; a failure never crashes the phase (see the module docs)."""
+        store = self.checkpoints
+        try:
+            store.save()
+        except OSError as exc:
+            self._save_failed(exc)
+            return
+        if store.save_error is not None:
+            log.info(
+                "checkpoint written again",
+                experiment=self.experiment_id,
+                run_id=self.run_id,
+                file=str(store.path),
+                failed_writes=store.save_failures,
+            )
+            store.save_error, store.save_failures = None, 0
+
+    def _save_failed(self, exc: OSError) -> None:
+        """A full disk stops the run (reason ``storage: ...``); any other failure is said once
+        (a log line and a ``checkpoint_failed`` event) and the run goes on."""
+        store = self.checkpoints
+        store.save_failures += 1
+        first = store.save_error is None
+        store.save_error = text = f"{exc}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = f"storage: {text} (checkpoint {store.path})"
+            if first:
+                log.error(
+                    "checkpoint not written: the disk is full; the run stops",
+                    experiment=self.experiment_id,
+                    run_id=self.run_id,
+                    file=str(store.path),
+                    error=text,
+                )
+            if store.stop_reason is None:
+                store.stop_reason = reason
+            if not self.finished:  # urgent: a long step ends at its next chunk
+                self.ref.tell({"kind": "stop", "reason": store.stop_reason}, urgent=True)
+            return
+        if not first:
+            return
+        log.warning(
+            "checkpoint not written; the run goes on, its events recorded, but a resume after a crash"
+            " goes back to the last checkpoint on disk",
+            experiment=self.experiment_id,
+            run_id=self.run_id,
+            file=str(store.path),
+            error=text,
+        )
+        if self.emitter is not None and not self.finished:
+            self.emitter.emit(
+                "checkpoint_failed",
+                {"steps": float(self.steps)},
+                phase=self._phase(),
+                notes=bounded_notes(f"checkpoint {store.path} not written: {text}"),
+            )
 
     def _publish_status(self, force: bool = False) -> None:
         if self.status_snapshot is None:
@@ -368,7 +454,8 @@ class PhaseActor(Actor):
         counters = self.emitter.close()
         self.checkpoints.update(self, counters=counters)
         self._publish_status(force=True)
-        self.checkpoints.finish(reason, self)
+        if self.checkpoints.finish(reason, self):
+            self._save()
         log.info("phase finished", experiment=self.experiment_id, run_id=self.run_id, reason=reason, steps=self.steps)
         self.exit()  # normal: as a significant child, its exit ends the tree (see the module docs)
 
@@ -426,7 +513,10 @@ class PhaseActor(Actor):
         self.emitter.emit(name, values, phase=self._phase())
 
     def handle_stop(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self._finish(str(msg.get("reason", "stopped")))
+        reason = str(msg.get("reason", "stopped"))
+        if not self.finished and self.checkpoints.stop_reason is None:
+            self.checkpoints.stop_reason = reason  # first: a crash in the stop must not lose it
+        self._finish(self.checkpoints.stop_reason or reason)
         return self.status()
 
     def handle_set_param(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -523,4 +613,4 @@ class PhaseActor(Actor):
             self._tick()
             self._checkpoint(force=True)
             self.checkpoints.update(self, counters=self.emitter.close())
-            self.checkpoints.save()
+            self._save()

@@ -58,6 +58,7 @@ RECORD_EVENTS = (
     "hypertune_outcome",
     "telemetry_dropped",
     "anomaly_unseen_metrics",  # actors.anomaly.UNSEEN_EVENT
+    "checkpoint_failed",  # actors.phase: the checkpoint file could not be written
 )
 """The events of the run's record, not samples of a measurement: the Sampler never drops them
 (a workload adds its own milestones with ``record_events``), and the phase durations read the
