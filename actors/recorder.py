@@ -19,6 +19,13 @@ exactly the persisted events; the Recorder stops writing, counts what still arri
 ``events_dropped_storage``, writes its summary (into space it reserved at start) and asks
 ``on_storage_failure`` to stop the run with reason ``storage: <error>``.
 
+A history that is damaged (SQLite's "database disk image is malformed", PostgreSQL's
+corrupted data: :class:`~telemetry.batchstore.HistoryDamaged`) is no storage failure either:
+the disk the run writes to is fine. It is handled as a history file deleted mid-run (see
+:meth:`Recorder._history_lost`): the run goes on, its events into the JSONL (the reference),
+counted as persisted and as ``history.events_unsent``, and the summary's ``history`` block says
+``available: false`` with the error, which names the history.
+
 A history server that goes away (PostgreSQL restarted, the network cut): the commit raises
 :class:`~telemetry.batchstore.HistoryUnavailable`, which is no storage failure. The run goes
 on: batches are still written to the JSONL and kept for the history, at most
@@ -72,6 +79,7 @@ from actors.messages import Receiver
 from actors.timers import Timer, check_delay
 from telemetry.batchstore import BatchStore, HeldSeqs
 from telemetry.history import (
+    HistoryDamaged,
     HistoryError,
     HistoryGone,
     HistoryTarget,
@@ -342,6 +350,10 @@ class Recorder(EventConsumer):
         and a later start back-fills what is missing."""
         if not rows:
             return
+        if self._lost is not None:  # the history takes none of this run's events: these stay unsent
+            self.history_unsent += len(rows)
+            self._apply(rows_to_batch(rows, self.experiment_id, self.run_id))
+            return
         missing = rows  # until the history says which it holds: a read that fails counts them all unsent
         try:
             missing = held.missing(rows) if held is not None and self.storage_error is None else []
@@ -349,6 +361,9 @@ class Recorder(EventConsumer):
                 part = missing[i : i + 1024]
                 self._insert(rows_to_batch(part, self.experiment_id, self.run_id))
             self.store.commit()
+        except HistoryGone as exc:  # damaged, deleted: the files hold them; `crucible sync` sends them
+            self.history_unsent += len(missing)
+            self._history_lost(exc)
         except HistoryUnavailable as exc:  # locked, or its server away: the files hold them; a later start sends them
             self.store.rollback()
             self.history_unsent += len(missing)
@@ -486,17 +501,22 @@ class Recorder(EventConsumer):
 
     def _history_lost(self, exc: BaseException) -> None:
         """The history is no longer the one this run opened (its SQLite file deleted or replaced
-        mid-run): what the store writes goes nowhere anyone reads. From now on the events go to
-        the run's files only, counted as persisted (as at every commit) and as unsent, and the
-        summary's ``history`` block says so; ``crucible sync`` rebuilds the history from the files."""
+        mid-run), or it is damaged: what the store writes goes nowhere anyone reads, or is
+        refused. From now on the events go to the run's files only, counted as persisted (as at
+        every commit) and as unsent, and the summary's ``history`` block says so; ``crucible
+        sync`` rebuilds the history from the files (a damaged one once repaired or moved aside)."""
         self._lost = text_of(str(exc))
-        log.warning(
-            "history deleted or replaced during the run; events from now on stay in the run's events files "
-            "only: run `crucible sync` once the run ended to rebuild the history from them",
-            run_id=self.run_id,
-            history=self.history,
-            error=self._lost,
-        )
+        if isinstance(exc, HistoryDamaged):
+            what = (
+                "history damaged; events from now on stay in the run's events files only: repair the history "
+                "or move it aside, then run `crucible sync` to fill it from them"
+            )
+        else:
+            what = (
+                "history deleted or replaced during the run; events from now on stay in the run's events files "
+                "only: run `crucible sync` once the run ended to rebuild the history from them"
+            )
+        log.warning(what, run_id=self.run_id, history=self.history, error=self._lost)
         self.store.rollback()
         if self._down is not None:
             self.hist["down_s"] += time.monotonic() - self._down_since

@@ -41,7 +41,7 @@ from experiments.workloads import objectives
 from telemetry import rundir
 from telemetry.batchstore import BatchStore
 from telemetry.export import FORMATS, export_events, export_run
-from telemetry.history import ENV, HistoryError, HistoryUnavailable, describe_history, open_history
+from telemetry.history import ENV, HistoryDamaged, HistoryError, HistoryUnavailable, describe_history, open_history
 from telemetry.jsonl import ReadCounts, iter_run
 from telemetry.schema import check_id
 
@@ -449,6 +449,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 render.say(console, f"{name}: not synced: {one_line(exc)}")
                 problems += 1
                 continue
+            except HistoryDamaged as exc:  # for every run, and running it again will not help
+                render.say(console, f"{name}: stopped: {one_line(exc)}")
+                sys.stderr.write(
+                    f"crucible sync: the history at {where} is damaged; what was sent before is kept: repair it "
+                    "(or move it aside, with its -wal and -shm files), then run crucible sync again to fill it "
+                    "from the run folders\n"
+                )
+                return EXIT_FAILED
             except (HistoryUnavailable, sqlite3.OperationalError) as exc:  # away, locked, full: for every run
                 render.say(console, f"{name}: stopped: {one_line(exc)}")
                 sys.stderr.write(

@@ -78,9 +78,19 @@ class HistoryUnavailable(HistoryError):
 
 
 class HistoryGone(HistoryUnavailable):
-    """The history this store opened is no longer there: its SQLite file was deleted or replaced
-    by another file after it was opened. What this store writes from now on reaches no history
-    anyone reads; the run's files hold the events, and ``crucible sync`` rebuilds the history."""
+    """The history this store opened can take no more of a run's events: its SQLite file was
+    deleted or replaced by another file after it was opened (what this store writes from now
+    on reaches no history anyone reads), or it is damaged (:class:`HistoryDamaged`). Waiting
+    will not bring it back: the run's files hold the events, and ``crucible sync`` rebuilds
+    the history from them."""
+
+
+class HistoryDamaged(HistoryGone):
+    """The history's database is damaged: SQLite's "database disk image is malformed" (or a
+    file that is no longer a database), PostgreSQL's corrupted data or index. A problem of the
+    history, not of the disk the run writes to: the run's files still take its events. The
+    message names the history; once it is repaired or moved aside, ``crucible sync`` fills it
+    from the run folders."""
 
 
 Row = tuple[Any, ...]

@@ -14,6 +14,11 @@ record) that finds it deleted or replaced by another file (its device and inode 
 one ``stat``) raises :class:`~telemetry.batchstore.HistoryGone`, as what it wrote went into
 a file no one will read.
 
+A file SQLite finds damaged ("database disk image is malformed", ``SQLITE_CORRUPT``; "file
+is not a database", ``SQLITE_NOTADB``) on a read or a write raises
+:class:`~telemetry.batchstore.HistoryDamaged`, which names the file: the history's problem,
+not the disk's (a full disk, an I/O error stay ``sqlite3`` errors: storage failures).
+
 The queries are :class:`~telemetry.batchstore.BatchStore`'s, shared with the PostgreSQL
 store (:mod:`telemetry.store_pg`); :func:`telemetry.history.open_history` picks the store.
 """
@@ -35,6 +40,7 @@ from telemetry.batchstore import (
     OVERLAP_SQL,
     BatchStore,
     HistoryConnectError,
+    HistoryDamaged,
     HistoryGone,
     HistoryUnavailable,
     Reader,
@@ -53,6 +59,7 @@ unavailable (the Recorder then keeps its batches and retries, as for a server th
 Writers' transactions take milliseconds; a lock held longer is someone else's long transaction."""
 
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 _INSERT = "INSERT OR IGNORE INTO batches VALUES (?,?,?,?,?,?,?,?)"  # rows merge_rows kept: none is there already
 
 _SCHEMA = """
@@ -127,7 +134,12 @@ class HistoryStore(BatchStore):
             return self.db.execute(sql, args)  # a cursor reads lazily: streamed either way
 
         with self._lock:
-            yield q
+            try:
+                yield q
+            except sqlite3.DatabaseError as exc:
+                if _code(exc) not in _DAMAGED_CODES:
+                    raise
+                raise self._damaged(exc) from None
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -143,7 +155,9 @@ class HistoryStore(BatchStore):
                 the batches are kept for the next commit, as for a server that went away.
             HistoryGone: the file was deleted or replaced since this store opened it: the
                 batches went into a file no one reads (they are not kept).
-            sqlite3.Error: anything else (a full disk, a damaged file): a storage failure.
+            HistoryDamaged: SQLite found the file damaged (the batches are kept: roll back
+                to drop them).
+            sqlite3.Error: anything else (a full disk, an I/O error): a storage failure.
         """
         with self._lock:
             rows = list(self._pending)
@@ -166,9 +180,9 @@ class HistoryStore(BatchStore):
                     list(spans.items()),
                 )
                 self.db.commit()
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
                 self.db.rollback()
-                raise self._busy(exc) from None
+                raise self._classify(exc) from None
             except BaseException:
                 self.db.rollback()  # no half-done transaction left open for a later commit to finish
                 raise
@@ -193,11 +207,18 @@ class HistoryStore(BatchStore):
             self._pending.clear()
             self.db.rollback()
 
-    def _busy(self, exc: sqlite3.OperationalError) -> Exception:
-        """A lock another connection held past the busy timeout is an outage; anything else is not."""
-        if getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES:
+    def _classify(self, exc: sqlite3.DatabaseError) -> Exception:
+        """A lock another connection held past the busy timeout is an outage, a damaged file is
+        :class:`HistoryDamaged`; anything else (a full disk, an I/O error) is itself."""
+        code = _code(exc)
+        if code in _BUSY_CODES:
             return HistoryUnavailable(f"history {str(self.path)!r} is locked by another connection: {exc}")
+        if code in _DAMAGED_CODES:
+            return self._damaged(exc)
         return exc
+
+    def _damaged(self, exc: sqlite3.DatabaseError) -> HistoryDamaged:
+        return HistoryDamaged(f"history {str(self.path)!r} is damaged: {exc}")
 
     def drop_batches(self, run_id: str, seq_los: Sequence[int]) -> int:
         with self._lock:
@@ -205,8 +226,8 @@ class HistoryStore(BatchStore):
                 with self.db:
                     sql = "DELETE FROM batches WHERE run_id = ? AND seq_lo = ?"
                     dropped = sum(self.db.execute(sql, (run_id, int(lo))).rowcount for lo in seq_los)
-            except sqlite3.OperationalError as exc:
-                raise self._busy(exc) from None
+            except sqlite3.DatabaseError as exc:
+                raise self._classify(exc) from None
             self._check_file()
         return dropped
 
@@ -227,6 +248,12 @@ class HistoryStore(BatchStore):
                         "ended_ts=excluded.ended_ts, summary=excluded.summary, started_ts=excluded.started_ts",
                         (run_id, experiment_id, run_dir, started_ts, ended_ts, orjson.dumps(summary)),
                     )
-            except sqlite3.OperationalError as exc:
-                raise self._busy(exc) from None
+            except sqlite3.DatabaseError as exc:
+                raise self._classify(exc) from None
             self._check_file()
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of an error (an extended code's low byte), None if it has none."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None

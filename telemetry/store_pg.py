@@ -30,7 +30,9 @@ commit; :meth:`~PgHistoryStore.rollback` drops them.
 ``connect_timeout`` seconds, authentication failure) raises one
 :class:`~telemetry.batchstore.HistoryConnectError` that names the URL with its password
 masked. Any server error later is a :class:`~telemetry.batchstore.HistoryUnavailable`
-when the connection is at fault (retry later) and a
+when the connection is at fault (retry later), a :class:`~telemetry.batchstore.HistoryDamaged`
+when the server reports its data or an index corrupted (SQLSTATE ``XX001``, ``XX002``: the
+history's problem, as SQLite's "database disk image is malformed"), and a
 :class:`~telemetry.batchstore.HistoryError` otherwise.
 """
 
@@ -54,7 +56,9 @@ from telemetry.batchstore import (
     BatchStore,
     HistoryConfigError,
     HistoryConnectError,
+    HistoryDamaged,
     HistoryError,
+    HistoryGone,
     HistoryUnavailable,
     Reader,
     merge_rows,
@@ -70,6 +74,7 @@ CONNECT_TIMEOUT_S = 5.0
 POOL_MAX = 8
 """Connections one process keeps open to one server at most (its stores share them)."""
 logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())  # its reconnect warnings: ours say it once
+_DAMAGED_STATES = ("XX001", "XX002")  # data_corrupted, index_corrupted: the server's "malformed"
 _LOCK_KEY = zlib.crc32(b"crucible-lab history schema")  # the advisory lock migrations take
 
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -329,6 +334,12 @@ class PgHistoryStore(BatchStore):
     def __repr__(self) -> str:
         return f"<PgHistoryStore {self.masked}>"
 
+    def _refused(self, exc: BaseException) -> HistoryError:
+        """A server error that is no outage: the history damaged (see the module docs), or refused."""
+        if getattr(exc, "sqlstate", None) in _DAMAGED_STATES:
+            return HistoryDamaged(f"history at {self.masked} is damaged: {self._why(exc)}")
+        return HistoryError(f"history at {self.masked}: {self._why(exc)}")
+
     def _why(self, exc: BaseException) -> str:
         """A driver error on one line, the URL's password hidden (libpq quotes a URL it cannot parse)."""
         return scrub(_first_line(exc), self.url)
@@ -397,7 +408,7 @@ class PgHistoryStore(BatchStore):
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise HistoryUnavailable(f"history at {self.masked} unavailable: {self._why(exc)}") from None
         except psycopg.Error as exc:
-            raise HistoryError(f"history at {self.masked}: {self._why(exc)}") from None
+            raise self._refused(exc) from None
 
     @contextlib.contextmanager
     def _own_conn(self) -> Iterator[Any]:
@@ -412,7 +423,7 @@ class PgHistoryStore(BatchStore):
         except psycopg.OperationalError as exc:
             raise HistoryUnavailable(f"history at {self.masked} unavailable: {self._why(exc)}") from None
         except psycopg.Error as exc:
-            raise HistoryError(f"history at {self.masked}: {self._why(exc)}") from None
+            raise self._refused(exc) from None
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Reader]:
@@ -461,6 +472,8 @@ class PgHistoryStore(BatchStore):
             try:
                 with self._conn() as conn:
                     work(conn)
+            except HistoryGone:  # damaged: another connection would meet the same data
+                raise
             except HistoryUnavailable:
                 self._direct = True  # a dead pooled connection, or the server is away: see below
             else:

@@ -1,0 +1,162 @@
+"""A history that is damaged (SQLite's "database disk image is malformed", PostgreSQL's
+corrupted data) is the history's problem, not a full disk: the run goes on into its events
+files (the reference), the history counted as lost and its events as unsent, the summary and
+``crucible sync`` naming the history and why."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from actors import Topics
+from actors.recorder import Recorder
+from supervisor import Lab, main
+from telemetry.emitter import Emitter
+from telemetry.history import HistoryDamaged, open_history
+from telemetry.jsonl import iter_run
+from telemetry.rundir import RunStatus
+from telemetry.store import DB_NAME, HistoryStore
+from tests.test_pipeline_faults import FAST
+from tests.test_recorder import emit_n
+
+pytest_plugins = ["tests.pg_server"]
+
+MALFORMED = "database disk image is malformed"
+
+
+def damage(db: Path) -> None:
+    """Overwrite the header of every page but the first (the schema): the file still opens,
+    and any read or write of the tables' pages meets "database disk image is malformed"."""
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    data = bytearray(db.read_bytes())
+    for off in range(size, len(data), size):
+        data[off : off + 16] = b"\xde\xad\xbe\xef" * 4
+    db.write_bytes(bytes(data))
+
+
+def run_events(root: Path, run_id: str, n: int, start: int = 0, **opts) -> tuple[dict, dict]:
+    """Record ``n`` events of ``exp/<run_id>`` (seqs from ``start``); the summary and counters."""
+    topics = Topics()
+    rec = Recorder.start(root, "exp", run_id, **opts)
+    topics.subscribe("events", rec)
+    em = Emitter(topics, "exp", run_id, batch_size=25, seq_start=start)
+    emit_n(em, n, start=start)
+    counters = em.close()
+    rec.ask({"kind": "flush"})
+    s = rec.ask({"kind": "summary"})
+    rec.stop()
+    return s, counters
+
+
+def damaged_history(root: Path) -> Path:
+    """A history holding an earlier run, then damaged; it still opens for writing."""
+    run_events(root, "old", 500)
+    db = root / DB_NAME
+    damage(db)
+    HistoryStore(db).close()  # only its tables' pages are damaged: the schema reads
+    return db
+
+
+def test_a_damaged_sqlite_history_leaves_the_run_recording_into_its_files(tmp_path, capsys):
+    """The Recorder used to take the malformed commit for a storage failure: it cut the JSONL
+    back to nothing and stopped the run, the summary saying the history was available."""
+    db = damaged_history(tmp_path)
+    with capture_logs() as logs:
+        s, counters = run_events(tmp_path, "new", 200)
+    (warned,) = [e for e in logs if e["event"].startswith("history damaged")]
+    assert str(db) in warned["error"] and MALFORMED in warned["error"] and "crucible sync" in warned["event"]
+    h = s["history"]
+    assert s["storage_error"] is None and counters["emitted"] == 200
+    assert h["available"] is False and h["events_unsent"] == 200, h
+    assert h["error"] == f"history {str(db)!r} is damaged: {MALFORMED}"
+    assert s["events_persisted"] == 200 and s["events_dropped_storage"] == 0 and s["accounting"]["balanced"]
+    assert [e["seq"] for e in iter_run(tmp_path / "exp" / "new")] == list(range(200))  # the reference keeps all
+    disk = orjson.loads((tmp_path / "exp" / "new" / "summary.json").read_bytes())
+    assert disk["history"]["error"] == h["error"] and disk["storage_error"] is None
+    capsys.readouterr()
+    assert main(["sync", "--artifacts", str(tmp_path)]) != 0
+    out, err = capsys.readouterr()
+    assert f"stopped: history {str(db)!r} is damaged: {MALFORMED}" in out
+    assert f"the history at {db} is damaged" in err and "run crucible sync again" in err
+    # moved aside, the history is rebuilt from the run folders
+    for p in tmp_path.glob(f"{DB_NAME}*"):
+        p.rename(p.with_name("damaged-" + p.name))
+    assert main(["sync", "--artifacts", str(tmp_path)]) == 0
+    store = HistoryStore(db, readonly=True)
+    try:
+        assert [e["seq"] for e in store.iter_events(run_id="new")] == list(range(200))
+    finally:
+        store.close()
+
+
+def test_a_run_reopened_on_a_damaged_history_goes_on_recording(tmp_path):
+    """The back-fill of a reopened run reads the history: damaged, it used to stop recording
+    (a storage error) for the rest of the run."""
+    run_events(tmp_path, "run", 100)
+    damage(tmp_path / DB_NAME)
+    s, _ = run_events(tmp_path, "run", 50, start=100)
+    h = s["history"]
+    assert s["storage_error"] is None and s["events_dropped_storage"] == 0
+    assert s["events_persisted"] == 150 and h["available"] is False and MALFORMED in h["error"]
+    assert h["events_unsent"] == 150, h  # the 100 the history can no longer be asked about, and the new 50
+    assert [e["seq"] for e in iter_run(tmp_path / "exp" / "run")] == list(range(150))
+
+
+def test_an_experiment_on_a_damaged_history_runs_to_its_budget(tmp_path):
+    """The report's daemon queue: each experiment stopped within a second, ``storage: ...``,
+    keeping nothing. It runs its budget now, its events in its files."""
+    art = tmp_path / "art"
+    db = damaged_history(art)
+    with Lab(art) as lab:
+        exp = lab.start_experiment(
+            {
+                "name": "on-damaged",
+                "time_budget_s": 1.0,
+                "workload": {"name": "latency", "params": FAST},
+                "metrics": {"publish_interval_s": 0},
+                "telemetry": {"batch_size": 32},
+            }
+        )
+        assert exp.wait(30)
+        s = exp.summary()
+    assert exp.status() == RunStatus.STOPPED and exp.reason == "budget", exp.reason
+    assert s["storage_error"] is None and s["events_dropped_storage"] == 0
+    assert s["history"]["available"] is False and str(db) in s["history"]["error"]
+    events = list(iter_run(exp.run_dir))
+    assert len(events) == s["events_persisted"] == s["history"]["events_unsent"] > 0
+    assert events[-1]["name"] == "phase_end"
+
+
+def test_a_postgresql_history_reporting_corrupted_data_is_a_damaged_history(pg, pg_url, tmp_path):
+    """PostgreSQL's equivalent (SQLSTATE XX001, data_corrupted), raised here by the server
+    itself: the same path as SQLite's malformed file, never a storage failure."""
+    run_events(tmp_path, "before", 10, history=pg_url)  # the schema is in place
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION corrupted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'invalid page in block 7 of relation base/1/2' USING ERRCODE = 'data_corrupted'; "
+            "END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER corrupted BEFORE INSERT ON batches FOR EACH STATEMENT EXECUTE FUNCTION corrupted()"
+        )
+    store = open_history(pg_url)
+    store.insert_batch("exp", "r", [0, 1], 1, 2, b"x", n=2)
+    with pytest.raises(HistoryDamaged, match="is damaged: invalid page in block 7"):
+        store.commit()
+    store.rollback()
+    store.close()
+    s, counters = run_events(tmp_path, "during", 100, history=pg_url)
+    h = s["history"]
+    assert s["storage_error"] is None and counters["emitted"] == 100
+    assert h["available"] is False and "is damaged: invalid page" in h["error"] and h["events_unsent"] == 100, h
+    assert [e["seq"] for e in iter_run(tmp_path / "exp" / "during")] == list(range(100))
