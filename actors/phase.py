@@ -71,7 +71,7 @@ from typing import Any
 
 import orjson
 
-from actors.base import KILLED, Actor, on_death
+from actors.base import KILLED, Actor, is_abnormal, on_death
 from actors.files import atomic_write
 from actors.log import get_logger
 from actors.snapshot import Snapshot
@@ -611,6 +611,12 @@ class PhaseActor(Actor):
             return
         if self.emitter is not None and not self.finished:
             self._tick()
-            self._checkpoint(force=True)
+            if is_abnormal(reason):
+                # a crash: the workload may hold half of the step that raised. The store keeps
+                # the state after the last step that completed (taken after every step), which
+                # the restarted phase goes on from, retrying that step; only the time is added
+                self.checkpoints.update(self, active_s=self.active_time())
+            else:
+                self._checkpoint(force=True)
             self.checkpoints.update(self, counters=self.emitter.close())
             self._save()

@@ -189,6 +189,73 @@ def test_a_phase_killed_mid_step_leaves_nothing_behind_it(tmp_path):
     assert s["events_emitted"] == s["events_persisted"] == len(seqs) and s["accounting"]["balanced"]
 
 
+class Flaky:
+    """A workload whose fifth step changes its state, then raises (once): half a step."""
+
+    name = "flaky"
+    raised = threading.Event()
+
+    def __init__(self, params, seed):
+        self.n = 0
+
+    def start(self, emitter):
+        pass
+
+    def step(self, emitter):
+        self.n += 1
+        if self.n == 5 and not Flaky.raised.is_set():
+            Flaky.raised.set()
+            raise RuntimeError("step 5 failed half-way")
+        emitter.emit("tick", {"n": float(self.n)})
+        return self.n >= 8
+
+    def checkpoint(self):
+        return {"n": self.n}
+
+    def restore(self, state):
+        self.n = state["n"]
+
+    def params(self):
+        return {}
+
+    def set_param(self, key, value):
+        raise ValueError(key)
+
+
+def test_a_crashed_step_is_retried_from_the_state_before_it(tmp_path):
+    """The phase that raised in a step is restarted from the state after the last step that
+    completed, not from the crashed one's half-updated workload: the step is done again, and
+    the workload's count and the phase's steps agree."""
+    from actors import Topics
+    from actors.phase import CheckpointStore, PhaseActor
+    from actors.registry import Registry
+    from supervisor import ChildSpec, Supervisor
+    from tests.actors_fixtures import Collector
+
+    Flaky.raised.clear()
+    topics, reg, store = Topics(), Registry(), CheckpointStore()
+    seen = Collector.start()
+    topics.subscribe("events", seen)
+    phase = ChildSpec(
+        "phase",
+        PhaseActor,
+        args=("exp", "run", Flaky, {}, topics, store),
+        name="phase",
+        kwargs={"budget_s": 600, "emitter_opts": {"batch_size": 1}},
+    )
+    sup = Supervisor.start([phase], registry=reg)
+    try:
+        until(lambda: store.get().get("finished") is not None, what="the phase to finish")
+    finally:
+        sup.stop()
+    state = store.get()
+    assert Flaky.raised.is_set()
+    assert state["workload"] == {"n": 8} and state["steps"] == 8
+    ticks = [v for m in seen.ask({"kind": "get"}) if m["kind"] == "events" for v in m["values"].get("n", [])]
+    seen.stop()
+    assert [t for t in ticks if t == t] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+
+
 def test_messages_to_a_sibling_restarted_with_its_group_reach_the_replacement():
     """rest_for_one stops the siblings after a crashed child and starts them again: what is
     sent to a sibling meanwhile (even behind the stop, in its mailbox) goes to its replacement."""
