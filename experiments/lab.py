@@ -51,7 +51,7 @@ from actors.topics import NamedTarget, Topics
 from experiments.spec import load_spec
 from experiments.workloads import declarations
 from experiments.workloads import registry as workload_registry
-from telemetry.history import HistoryTarget, open_history, prepare_history
+from telemetry.history import HistoryTarget, describe_history, open_history, prepare_history
 from telemetry.jsonl import JsonlWriter
 from telemetry.query import prepare_query, query_answer
 from telemetry.rundir import (
@@ -136,12 +136,18 @@ def _marker_owner(path: Path) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
 
 
-def resume_point(run_dir: Path, checkpoint: dict[str, Any], resumes: int) -> dict[str, Any]:
+def resume_point(
+    run_dir: Path, checkpoint: dict[str, Any], resumes: int, history_seq: int | None = -1
+) -> dict[str, Any]:
     """Where a crashed run's events go on, and its emitter counters, from its checkpoint and disk.
 
     The new emitter numbers from ``seq_start`` = max(the checkpoint's ``published``, the last
-    seq on disk + 1, what the Recorder last heard): the Recorder skips rows at or below the
-    last seq on disk as replays, so a lower start would silently lose new events. Every seq
+    seq on disk + 1, what the Recorder last heard, the history's last seq of the run + 1): the
+    Recorder skips rows at or below the last seq on disk as replays, and the history keeps only
+    the seqs no stored batch holds, so a lower start would silently lose new events (the
+    history holds more than the files when their tail was lost: cut by a crash of the disk
+    before its fsync, or restored from a backup). ``history_seq`` is the history's last seq of
+    the run (-1: none), or None when the history could not be asked (said in ``resume``). Every seq
     below the start counts as published, so what was published (or taken into a batch held
     by a pause) and never reached the disk (the in-flight batches lost in the kill) is
     accounted as lost in transit; ``emitted`` is then ``published + dropped``, which keeps
@@ -162,6 +168,7 @@ def resume_point(run_dir: Path, checkpoint: dict[str, Any], resumes: int) -> dic
         last_seq + 1,
         rec_counters.get("published", 0),
         rec_counters.get("emitted", 0) - rec_counters.get("dropped", 0),
+        -1 if history_seq is None else history_seq + 1,
     )
     counters = {
         "emitted": seq_start + dropped,
@@ -177,6 +184,7 @@ def resume_point(run_dir: Path, checkpoint: dict[str, Any], resumes: int) -> dic
         "seq_start": seq_start,
         "resumes": resumes,
         "last_seq_on_disk": last_seq,
+        "last_seq_in_history": history_seq,  # None: the history could not be asked
         "checkpoint_steps": int(checkpoint.get("steps", 0) or 0),
         "checkpoint_published": published,
         "events_after_checkpoint": seq_start - published,
@@ -186,6 +194,46 @@ def resume_point(run_dir: Path, checkpoint: dict[str, Any], resumes: int) -> dic
         if last_ts is not None:
             info["lost_s"] = max(0.0, last_ts / 1e6 - saved)
     return {"counters": counters, "resume": info}
+
+
+class HistorySeqs:
+    """The history's last seq of each run a recovery resumes (:meth:`BatchStore.max_seq`), the
+    history opened once, read-only, on first use. A history that cannot be asked (a server
+    away, a damaged file) is said once in the log and then answers None: the resumes go on,
+    numbered after what the files and the checkpoints say (as they would without it)."""
+
+    def __init__(self, target: HistoryTarget, artifacts: Path) -> None:
+        self.target, self.artifacts = target, artifacts
+        self._store: Any = None
+        self._away: str | None = None
+
+    def last_seq(self, run_id: str) -> int | None:
+        if self._away is not None:
+            return None
+        try:
+            if self._store is None:
+                self._store = open_history(self.target, artifacts=self.artifacts, readonly=True)
+            return self._store.max_seq(run_id)
+        except FileNotFoundError:  # no history file yet: it holds nothing of any run
+            return -1
+        except Exception as exc:  # noqa: BLE001 - away or damaged: no worse than numbering without it
+            self._away = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "the history could not be asked for the runs' last seqs; resumed runs are numbered after "
+                "their files and checkpoints alone, and events the history holds past those will not reach it",
+                history=describe_history(self.target, self.artifacts),
+                error=self._away,
+            )
+            self.close()
+            return None
+
+    def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - a read-only handle: nothing of ours is lost
+                pass
 
 
 def new_run_id() -> str:
@@ -989,18 +1037,22 @@ class Lab:
         if self._remote is not None:
             return self._remote.recover()
         out = []
-        for run_dir in reversed(find_runs(self.artifacts)):  # oldest first
-            report = run_status(run_dir)
-            if report.status != RunStatus.CRASHED:
-                continue
-            try:
-                exp = self._resume_run(run_dir, report.record)
-            except Exception as exc:  # a damaged run must not keep the others from resuming
-                log.exception("could not resume a crashed run", run_dir=str(run_dir))
-                self._note_unresumed(run_dir, report.record, f"{type(exc).__name__}: {exc}")
-                continue
-            if exp is not None:
-                out.append(exp)
+        seqs = HistorySeqs(self.history, self.artifacts)
+        try:
+            for run_dir in reversed(find_runs(self.artifacts)):  # oldest first
+                report = run_status(run_dir)
+                if report.status != RunStatus.CRASHED:
+                    continue
+                try:
+                    exp = self._resume_run(run_dir, report.record, seqs)
+                except Exception as exc:  # a damaged run must not keep the others from resuming
+                    log.exception("could not resume a crashed run", run_dir=str(run_dir))
+                    self._note_unresumed(run_dir, report.record, f"{type(exc).__name__}: {exc}")
+                    continue
+                if exp is not None:
+                    out.append(exp)
+        finally:
+            seqs.close()
         return out
 
     def _claim(self, run_dir: Path, resumes: int) -> Path | None:
@@ -1039,7 +1091,7 @@ class Lab:
         except (OSError, ValueError, TypeError) as exc:
             log.warning("could not record why a run was not resumed", run_dir=str(run_dir), error=str(exc))
 
-    def _resume_run(self, run_dir: Path, rec: dict[str, Any]) -> Experiment | None:
+    def _resume_run(self, run_dir: Path, rec: dict[str, Any], seqs: HistorySeqs | None = None) -> Experiment | None:
         exp_id, run_id = run_dir.parent.name, run_dir.name
         spec = read_json(run_dir / SPEC)
         if spec is None:
@@ -1058,7 +1110,26 @@ class Lab:
             try:
                 new_segment(run_dir)
                 exp = Experiment(self, full, exp_id, run_id, resume=rec)
-                point = resume_point(run_dir, exp.checkpoints.get(), resumes)
+                if seqs is None:
+                    seqs = own_seqs = HistorySeqs(self.history, self.artifacts)
+                else:
+                    own_seqs = None
+                try:
+                    history_seq = seqs.last_seq(run_id)
+                finally:
+                    if own_seqs is not None:
+                        own_seqs.close()
+                point = resume_point(run_dir, exp.checkpoints.get(), resumes, history_seq)
+                on_disk = point["resume"]["last_seq_on_disk"]
+                if history_seq is not None and history_seq > on_disk:
+                    log.warning(
+                        "the history holds events of the run past its files (their tail was lost); "
+                        "the resumed run is numbered after the history's",
+                        experiment=exp_id,
+                        run_id=run_id,
+                        last_seq_on_disk=on_disk,
+                        last_seq_in_history=history_seq,
+                    )
                 exp.checkpoints.update(
                     counters=point["counters"], resume=point["resume"], paused=exp.status() == RunStatus.PAUSED
                 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiments.coloring.workload import RESULT_FILE
-from experiments.lab import Lab, resume_point
+from experiments.lab import HistorySeqs, Lab, resume_point
 from experiments.monitor import run_summary
+from telemetry.history import open_history
 from telemetry.jsonl import iter_run
 from telemetry.rundir import (
     CHECKPOINT,
@@ -32,6 +34,8 @@ from telemetry.rundir import (
     run_status,
 )
 from tests.fault_helpers import check_accounts, latency_spec, until
+
+pytest_plugins = ["tests.pg_server"]  # history_target: the history tests run on SQLite and PostgreSQL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -417,3 +421,65 @@ def test_a_run_that_cannot_be_resumed_says_why_and_resumes_once_repaired(tmp_pat
         assert not (tmp_path / "unused").exists()  # the host recovered a run, so it started none
     finally:
         kill(proc)
+
+
+def _history_seqs(target: Any, art: Path, run_id: str) -> dict[int, tuple[int, str]]:
+    store = open_history(target, artifacts=art, readonly=True)
+    try:
+        return {e["seq"]: (e["ts"], e["name"]) for e in store.iter_events(run_id=run_id)}
+    finally:
+        store.close()
+
+
+def test_a_run_whose_files_hold_less_than_the_history_resumes_past_the_history(
+    tmp_path: Path, history_target: Any, monkeypatch: Any
+) -> None:
+    """A run folder restored from a backup (or whose JSONL lost its tail to a crash of the
+    disk) holds fewer events than the history: the resumed run numbers after the history's
+    last seq, so every new event reaches the history and each seq names one event in both."""
+    if history_target is not None:
+        monkeypatch.setenv("CRUCIBLE_HISTORY", history_target)  # the host's Lab writes there too
+    proc = host(tmp_path, "restored:latency")
+    backup = tmp_path / "backup"
+    try:
+        wait_for_events(tmp_path, "restored", 200, "events before the backup")
+        os.kill(proc.pid, signal.SIGSTOP)  # a consistent copy of the folder, as a backup takes it
+        d = run_dir(tmp_path, "restored")
+        shutil.copytree(d, backup)
+        os.kill(proc.pid, signal.SIGCONT)
+        backed_up = last_event_seq(backup)
+        until(lambda: max(_history_seqs(history_target, tmp_path, d.name), default=-1) > backed_up + 500, 60, "more")
+    finally:
+        kill(proc)
+    shutil.rmtree(d)
+    shutil.copytree(backup, d)  # the folder restored: the history holds events past its files
+    held = _history_seqs(history_target, tmp_path, d.name)
+    assert max(held) > last_event_seq(d) + 500
+    lab = Lab(tmp_path, history=history_target)
+    try:
+        (exp,) = lab.recover()
+        wait_for_events(tmp_path, "restored", count_events(d) + 300, "events after the resume")
+        exp.stop()
+    finally:
+        lab.shutdown()
+    (resumed,) = events_of(d, "resumed")
+    assert resumed["seq"] > max(held)  # numbered past everything the history held
+    jsonl = {e["seq"]: (e["ts"], e["name"]) for e in iter_run(d)}
+    hist = _history_seqs(history_target, tmp_path, d.name)
+    assert {s: hist.get(s) for s in jsonl} == jsonl  # each seq of the files: the same event in the history
+    assert {s: v for s, v in hist.items() if s in held} == held  # what the history held is kept as it was
+
+
+def test_a_history_that_cannot_be_asked_leaves_the_numbering_to_the_files(tmp_path: Path) -> None:
+    """No history file yet: it holds nothing (-1). A damaged one: None (the resume numbers from
+    the files and checkpoints, as without it), and it is not opened again for the next run."""
+    assert HistorySeqs(tmp_path / "none.sqlite3", tmp_path).last_seq("r1") == -1
+    bad = tmp_path / "bad.sqlite3"
+    bad.write_bytes(b"not a database" * 1000)
+    seqs = HistorySeqs(bad, tmp_path)
+    assert seqs.last_seq("r1") is None
+    bad.unlink()  # would open now as "no history": it is not asked again in this recovery
+    assert seqs.last_seq("r2") is None
+    info = resume_point(tmp_path, {"counters": {"published": 7}}, 1, None)["resume"]
+    assert info["seq_start"] == 7 and info["last_seq_in_history"] is None
+    assert resume_point(tmp_path, {"counters": {"published": 7}}, 1, 40)["resume"]["seq_start"] == 41
