@@ -301,7 +301,15 @@ class Experiment:
             atomic_write(self.run_dir / SPEC, spec_json, mode=0o600)  # specs may be private: the owner's only
         else:
             self._take_over(resume)
-            self._write_lifecycle()
+            # not resumed unless its record says so: a run that ran with a record still saying it
+            # crashed would be resumed again at every start of a Lab on the folder, and listed crashed
+            path = self.run_dir / LIFECYCLE
+            try:
+                write_json(path, self._record())
+            except OSError as exc:
+                raise LifecycleError(
+                    f"cannot write the lifecycle record {str(path)!r} ({exc.strerror or exc}); not resumed"
+                ) from exc
 
     def _take_over(self, rec: dict[str, Any]) -> None:
         """Carry a crashed run's lifecycle record over: counts, the original start, and the time
@@ -1041,6 +1049,13 @@ class Lab:
         try:
             for run_dir in reversed(find_runs(self.artifacts)):  # oldest first
                 report = run_status(run_dir)
+                if report.status == RunStatus.UNKNOWN:  # nothing proves its owner gone: said, never resumed
+                    log.warning(
+                        "a run's status is unknown; not resumed",
+                        run_dir=str(run_dir),
+                        file=str(run_dir / LIFECYCLE),
+                        reason=report.reason,
+                    )
                 if report.status != RunStatus.CRASHED:
                     continue
                 try:

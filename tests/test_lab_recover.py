@@ -483,3 +483,62 @@ def test_a_history_that_cannot_be_asked_leaves_the_numbering_to_the_files(tmp_pa
     info = resume_point(tmp_path, {"counters": {"published": 7}}, 1, None)["resume"]
     assert info["seq_start"] == 7 and info["last_seq_in_history"] is None
     assert resume_point(tmp_path, {"counters": {"published": 7}}, 1, 40)["resume"]["seq_start"] == 41
+
+
+def test_a_run_whose_record_cannot_be_written_is_not_resumed(tmp_path: Path, monkeypatch: Any) -> None:
+    """A resume whose first lifecycle record is refused by the disk does not go ahead: the run
+    would run with a record that says it crashed, and be resumed again at every start. It
+    stays crashed, its claim is released, the error names the file; once the disk takes the
+    record again, the next recovery resumes it, once."""
+    from structlog.testing import capture_logs
+
+    import experiments.lab as lab_mod
+
+    d = _crashed_run(tmp_path, "stuck")
+    segments = sorted(d.glob("events*.jsonl"))
+    real = lab_mod.write_json
+
+    def write_json(path: Path, data: Any, *args: Any, **kwargs: Any) -> None:
+        if path == d / LIFECYCLE:
+            raise OSError(1, "Operation not permitted")
+        return real(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(lab_mod, "write_json", write_json)
+    lab = Lab(tmp_path)
+    try:
+        with capture_logs() as logs:
+            assert lab.recover() == []
+        assert lab.experiments == {}  # no tree runs it
+    finally:
+        lab.shutdown()
+    (failed,) = [e for e in logs if e["event"] == "could not resume a crashed run"]
+    assert failed["log_level"] == "error" and failed["run_dir"] == str(d)
+    assert not [e for e in logs if e["event"] == "experiment resumed after a crash"]
+    assert run_status(d).status == RunStatus.CRASHED and read_json(d / LIFECYCLE)["resumes"] == 0
+    assert not list(d.glob(".resume.*"))  # the claim released
+    assert len(sorted(d.glob("events*.jsonl"))) <= len(segments) + 1  # no run went on in a new segment
+    assert not events_of(d, "resumed")
+    monkeypatch.setattr(lab_mod, "write_json", real)  # the disk takes it again
+    lab = Lab(tmp_path)
+    try:
+        (exp,) = lab.recover()
+        assert exp.run_dir == d and read_json(d / LIFECYCLE)["resumes"] == 1
+        exp.stop()
+    finally:
+        lab.shutdown()
+
+
+def test_a_run_with_an_unreadable_record_is_named_in_the_log(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    d = _crashed_run(tmp_path, "torn")
+    (d / LIFECYCLE).write_bytes((d / LIFECYCLE).read_bytes()[:40])  # cut in the middle of the JSON
+    lab = Lab(tmp_path)
+    try:
+        with capture_logs() as logs:
+            assert lab.recover() == []
+    finally:
+        lab.shutdown()
+    (said,) = [e for e in logs if e["event"] == "a run's status is unknown; not resumed"]
+    assert said["log_level"] == "warning" and said["file"] == str(d / LIFECYCLE)
+    assert "lifecycle.json unreadable" in said["reason"]
