@@ -262,7 +262,7 @@ def runs_table(title: str, infos: Iterable[dict[str, Any]]) -> RunsTable:
             str(i["experiment"]),
             str(i["run_id"]),
             status,
-            "unreadable" if i["events"] is None else str(i["events"]),
+            "unreadable" if i["events"] is None else ("~" if i.get("events_approx") else "") + str(i["events"]),
             f"{d:.1f}" if isinstance(d, (int, float)) else "?",
             objective_best(i.get("best")),
             str(i["path"]),

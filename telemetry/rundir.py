@@ -450,7 +450,12 @@ def run_status(run_dir: Path, now: float | None = None) -> StatusReport:
 
 
 def count_events(run_dir: Path) -> int:
-    """Complete event lines on disk across the run's JSONL files (a torn last line is not one)."""
+    """Complete lines on disk across the run's JSONL files (a torn last line is not one): the
+    events the run wrote, as an upper bound. Counted as newline bytes, never parsed, so that
+    a listing stays cheap on a run of millions of events (parsing costs about 7 us a line,
+    counting about 0.2 ns a byte); a line that is not an event (garbage, a line written
+    twice) counts too, where the readers (:func:`telemetry.jsonl.iter_run`, ``crucible
+    monitor --summary``) skip it. Figures made from it say so (``events_approx``)."""
     n = 0
     for _, fh in open_segments(run_dir):  # one snapshot, also while the run rotates its file
         while chunk := fh.read(1 << 22):
@@ -551,14 +556,17 @@ def run_info(
             if isinstance(start, (int, float)) and not isinstance(start, bool):
                 duration = max(duration if isinstance(duration, (int, float)) else 0.0, last / 1e6 - start)
     events = summ.get("events_persisted")
+    approx = bool(summ.get("summary_stale"))  # the summary lagged: its figure is the files' lines (count_events)
     if not isinstance(events, int) or isinstance(events, bool):
         events = count_events(run_dir)  # no summary yet (killed early): the files say how many, perhaps none
+        approx = True
     return {
         "experiment": run_dir.parent.name,
         "run_id": run_dir.name,
         "status": str(report.status),
         "reason": report.reason,
         "events": events,
+        "events_approx": approx,  # counted as lines of the files: a bad line counts too (see count_events)
         "duration_s": duration,
         "summary_stale": bool(summ.get("summary_stale")),
         "best": summary_bests(summ, best_of),
@@ -739,6 +747,7 @@ def unreadable_info(run_dir: Path, exc: BaseException) -> dict[str, Any]:
         "status": str(report.status),
         "reason": report.reason,
         "events": None,
+        "events_approx": False,
         "duration_s": report.record.get("wall_clock_duration"),
         "summary_stale": False,
         "best": {},

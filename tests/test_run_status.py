@@ -318,3 +318,36 @@ def test_a_lagging_summary_is_reconciled_with_the_events_on_disk(tmp_path):
     later = (run / "events.jsonl").stat().st_mtime + 1
     os.utime(run / "summary.json", (later, later))  # written after the last event: taken as it is
     assert read_summary(run) == {"events_persisted": 10}
+
+
+def test_a_count_made_of_the_files_lines_is_shown_as_approximate(tmp_path):
+    """``crucible list`` counts a lagging run's events as the lines of its files (parsing them
+    would cost minutes on a big run): a line that is no event counts too, so the figure is
+    marked approximate (``~`` in the table, ``events_approx`` in the JSON); a count the
+    summary gives as current is not."""
+    from cli.render import runs_table
+
+    art = tmp_path / "art"
+    run = art / "e" / "r"
+    run.mkdir(parents=True)
+    lines = [
+        dumps_line({"v": 1, "seq": i, "ts": 1_000_000 + i, "experiment_id": "e", "run_id": "r", "pass": 0, "name": "s"})
+        for i in range(20)
+    ]
+    garbage = b'GARBAGE\n{"v":1,"seq":5,"bad":1}\nmore garbage\n'
+    (run / "events.jsonl").write_bytes(b"".join(lines) + garbage)
+    (run / "lifecycle.json").write_bytes(orjson.dumps({"status": "stopped", "reason": "budget", "updated_at": 1.0}))
+    old = time.time() - 60
+    (run / "summary.json").write_bytes(orjson.dumps({"events_persisted": 10}))
+    os.utime(run / "summary.json", (old, old))
+    assert sum(1 for _ in iter_run(run, warn=False)) == 20  # what the readers count
+    info = rundir.run_info(run)
+    assert (info["events"], info["events_approx"]) == (23, True)  # the lines, said to be approximate
+    assert "~23" in runs_table("runs", [info]).runs[0]
+    (run / "summary.json").unlink()  # killed before its first summary: the lines again
+    info = rundir.run_info(run)
+    assert (info["events"], info["events_approx"]) == (23, True)
+    (run / "summary.json").write_bytes(orjson.dumps({"events_persisted": 20}))  # current: taken as it is
+    info = rundir.run_info(run)
+    assert (info["events"], info["events_approx"]) == (20, False)
+    assert "20" in runs_table("runs", [info]).runs[0]
