@@ -579,9 +579,13 @@ def create_app(
         if service is not None:
             out["queued"] = queued_view(service, views)
             if request.query_params.get("history") == "1":  # runs of the daemon's earlier lifetimes, from disk
-                known = {e["id"] for e in views + out["queued"]}
+                # by run: an earlier (or crashed, waiting) run of an id the Lab holds is listed too
+                known = {e["run_id"] for e in views}
+                unrun = {e["id"] for e in out["queued"]}  # queued, or never ran: listed there already
                 everything = await asyncio.to_thread(service.list)
-                out["earlier"] = [e for e in everything if e["id"] not in known]
+                out["earlier"] = [
+                    e for e in everything if e.get("run_id") and e["run_id"] not in known and e["id"] not in unrun
+                ]
         return _Json(out)
 
     async def submit(request: Request) -> Response:

@@ -27,7 +27,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ log = get_logger("experiments.lab")
 
 FETCH_TIMEOUT_S = 120.0  # a background refresh gives up after this (its ask stays queued: keep it rare)
 METRIC_SUBSCRIBERS = ("metrics", "anomaly", "hypertune")  # detached from the events topic while paused
+START_FAILED = "failed: could not start: "  # the reason of a run whose tree never started (see _fail_start)
 FINAL_RECORD_RETRY_S = (1.0, 60.0)  # an end's record that could not be written: tried again after, doubling to
 
 
@@ -728,7 +729,7 @@ class Experiment:
         """The tree never started: the run directory must not claim a live run, and its record
         says ``start_failed`` (a daemon's queue tells such a try from a start)."""
         self._start_failed = True
-        self._end(RunStatus.FAILED, f"failed: could not start: {type(exc).__name__}: {exc}")
+        self._end(RunStatus.FAILED, f"{START_FAILED}{type(exc).__name__}: {exc}")
 
     def restart_pass(self) -> dict[str, Any]:
         """Ask the workload to start a new pass from its best solution (if it has passes)."""
@@ -988,6 +989,8 @@ class Lab:
         self.backend = backend
         self.max_experiments = max_experiments  # the ray backend counts its live trees against it
         self._remote: Any = None  # the ray backend's driver side: it hosts the trees (see experiments.remote)
+        # crashed runs whose experiment id another run of this Lab holds: resumed, in order, as it ends
+        self._waiting: dict[str, list[Path]] = {}
         if backend != "embedded":
             plugin = _backend_plugins.get(backend)
             if plugin is None:
@@ -1028,47 +1031,90 @@ class Lab:
         log.info("experiment started", experiment=exp_id, run_id=exp.run_id, workload=full["workload"]["name"])
         return exp
 
-    def recover(self) -> list[Experiment]:
+    def recover(self, first: Collection[str] = ()) -> list[Experiment]:
         """Resume every run under this Lab's artifacts folder whose owner died while it was
         running or paused (status ``crashed``), each in its own run directory, with its id,
         run id and saved spec; return their handles (running, or paused as they were).
 
         The phase restores the workload from ``checkpoint.json`` and emits ``resumed``; events
         go on numbered after those on disk (see :func:`resume_point`). A run whose owner is
-        alive, one that ended, one whose id this Lab already runs, and one another Lab took
-        over first are left alone. A run killed while a stop was under way is resumed and then
-        stopped, so it ends as it was asked to, with its figures reconciled.
-        See docs/experiments.md, *Resuming after a crash*.
+        alive, one that ended, and one another Lab took over first are left alone. A run killed
+        while a stop was under way is resumed and then stopped, so it ends as it was asked to,
+        with its figures reconciled.
+
+        Runs are resumed oldest first, those whose run id is in ``first`` before all others (a
+        daemon's own submissions: see experiments.service). A Lab runs one experiment per id,
+        so of several crashed runs of one experiment id (``crucible run`` called twice with one
+        name in one folder, say) the first is resumed and the others wait, in order, each
+        resumed by :meth:`resume_waiting` once the one before has ended (:meth:`waiting` lists
+        them). See docs/experiments.md, *Resuming after a crash*.
         """
         if self._closed:
             raise NotRunning("this Lab has been shut down")
         if self._remote is not None:
             return self._remote.recover()
         out = []
+        crashed = []
+        for run_dir in reversed(find_runs(self.artifacts)):  # oldest first
+            report = run_status(run_dir)
+            if report.status == RunStatus.UNKNOWN:  # nothing proves its owner gone: said, never resumed
+                log.warning(
+                    "a run's status is unknown; not resumed",
+                    run_dir=str(run_dir),
+                    file=str(run_dir / LIFECYCLE),
+                    reason=report.reason,
+                )
+            if report.status == RunStatus.CRASHED:
+                crashed.append((run_dir, report))
+        crashed.sort(key=lambda c: c[0].name not in first)  # stable: oldest first within each group
         seqs = HistorySeqs(self.history, self.artifacts)
         try:
-            for run_dir in reversed(find_runs(self.artifacts)):  # oldest first
-                report = run_status(run_dir)
-                if report.status == RunStatus.UNKNOWN:  # nothing proves its owner gone: said, never resumed
-                    log.warning(
-                        "a run's status is unknown; not resumed",
-                        run_dir=str(run_dir),
-                        file=str(run_dir / LIFECYCLE),
-                        reason=report.reason,
-                    )
-                if report.status != RunStatus.CRASHED:
-                    continue
-                try:
-                    exp = self._resume_run(run_dir, report.record, seqs)
-                except Exception as exc:  # a damaged run must not keep the others from resuming
-                    log.exception("could not resume a crashed run", run_dir=str(run_dir))
-                    self._note_unresumed(run_dir, report.record, f"{type(exc).__name__}: {exc}")
-                    continue
+            for run_dir, report in crashed:
+                exp = self._try_resume(run_dir, report.record, seqs)
                 if exp is not None:
                     out.append(exp)
         finally:
             seqs.close()
         return out
+
+    def _try_resume(self, run_dir: Path, rec: dict[str, Any], seqs: HistorySeqs | None = None) -> Experiment | None:
+        try:
+            return self._resume_run(run_dir, rec, seqs, wait=True)
+        except Exception as exc:  # a damaged run must not keep the others from resuming
+            log.exception("could not resume a crashed run", run_dir=str(run_dir))
+            self._note_unresumed(run_dir, rec, f"{type(exc).__name__}: {exc}")
+            return None
+
+    def waiting(self) -> dict[str, str]:
+        """The crashed runs waiting for their experiment id (see :meth:`recover`): run id -> id."""
+        with self._lock:
+            return {d.name: exp_id for exp_id, dirs in self._waiting.items() for d in dirs}
+
+    def resume_waiting(self, experiment_id: str) -> Experiment | None:
+        """Resume the next crashed run waiting for ``experiment_id`` (see :meth:`recover`), if the
+        run holding the id has ended (its handle is let go); None when none is waiting, the id
+        is still live, or none of those waiting could be resumed (each logged, and left
+        crashed). A run no longer crashed (another Lab took it, it was repaired by hand) is
+        passed over."""
+        while True:
+            with self._lock:
+                if self._closed or not self._waiting.get(experiment_id):
+                    return None
+                held = self.experiments.get(experiment_id)
+                if held is not None and held.status() in LIVE:
+                    return None
+                run_dir = self._waiting[experiment_id].pop(0)
+                if not self._waiting[experiment_id]:
+                    del self._waiting[experiment_id]
+                if held is not None:
+                    del self.experiments[experiment_id]  # ended: on disk, and listed from there
+            report = run_status(run_dir)
+            if report.status != RunStatus.CRASHED:
+                log.info("a waiting run is no longer crashed; passed over", run_dir=str(run_dir), status=report.status)
+                continue
+            exp = self._try_resume(run_dir, report.record)
+            if exp is not None:
+                return exp
 
     def _claim(self, run_dir: Path, resumes: int) -> Path | None:
         """Take the run over (the marker's path), or learn that another Lab did (None): one
@@ -1106,7 +1152,11 @@ class Lab:
         except (OSError, ValueError, TypeError) as exc:
             log.warning("could not record why a run was not resumed", run_dir=str(run_dir), error=str(exc))
 
-    def _resume_run(self, run_dir: Path, rec: dict[str, Any], seqs: HistorySeqs | None = None) -> Experiment | None:
+    def _resume_run(
+        self, run_dir: Path, rec: dict[str, Any], seqs: HistorySeqs | None = None, wait: bool = False
+    ) -> Experiment | None:
+        """Take one crashed run over (None: another Lab did, it has no spec, or its id is taken:
+        with ``wait``, it then waits for the id, see :meth:`recover`)."""
         exp_id, run_id = run_dir.parent.name, run_dir.name
         spec = read_json(run_dir / SPEC)
         if spec is None:
@@ -1115,8 +1165,23 @@ class Lab:
         full = spec  # the effective spec, as validated when the run began
         resumes = int(rec.get("resumes") or 0) + 1
         with self._lock:
-            if exp_id in self.experiments:
-                log.warning("a crashed run's id is taken in this Lab; not resumed", experiment=exp_id, run_id=run_id)
+            held = self.experiments.get(exp_id)
+            if wait and held is not None and held.status() not in LIVE:
+                del self.experiments[exp_id]  # its run ended: on disk, and listed from there
+            elif held is not None:
+                holder = held.run_id
+                if wait:
+                    self._waiting.setdefault(exp_id, []).append(run_dir)
+                    log.warning(
+                        "a crashed run's id is taken in this Lab; it resumes when that run ends",
+                        experiment=exp_id,
+                        run_id=run_id,
+                        after=holder,
+                    )
+                else:
+                    log.warning(
+                        "a crashed run's id is taken in this Lab; not resumed", experiment=exp_id, run_id=run_id
+                    )
                 return None
             marker = self._claim(run_dir, resumes)
             if marker is None:

@@ -13,6 +13,7 @@ service and start, in order, when the next service starts on the folder. See doc
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -31,7 +32,7 @@ from actors.log import get_logger
 from actors.recorder import check_artifacts_dir
 from actors.runtime import trim_heap
 from experiments.admission import Admission
-from experiments.lab import Experiment, Lab, NotFound, NotRunning
+from experiments.lab import START_FAILED, Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, parse_toml
 from experiments.validate import MAX_KEY_CHARS, check_key
 from telemetry.batchstore import HistoryUnavailable
@@ -188,16 +189,18 @@ class LabService:
         self._ended: dict[str, dict[str, Any]] = {}  # cancelled or failed-to-start submissions
         self._retired: dict[str, int] = {}  # ids of forgotten submissions: base -> highest suffix (see _retire)
         self._keys: dict[str, dict[str, str]] = {}  # idempotency key -> {"id", "digest"}, the newest last
+        self._runs: dict[str, str] = {}  # id -> run id of the submissions this service started, the newest last
+        self._started_unsaved: set[str] = set()  # queued items found started at load (see _own_runs)
         self._held: dict[str, Any] | None = None  # the queue's head waiting out a storage error (see _hold)
         self._hold_timer: threading.Timer | None = None
         try:
             # history: see telemetry.history; backend and address: Lab (docs/ray.md)
             self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
+            self._queue = self._load_queue()  # first: it names the runs of our submissions, resumed first
             recover = getattr(self.lab, "recover", None)  # resumes a crashed previous owner's runs, where supported
-            recovered: list[Experiment] = list(recover() or []) if callable(recover) else []
+            recovered: list[Experiment] = list(recover(self._own_runs()) or []) if callable(recover) else []
             for exp in recovered:
                 self._watch(exp)
-            self._queue = self._load_queue()
             log.info(
                 "lab service started",
                 artifacts=str(self.artifacts),
@@ -320,6 +323,12 @@ class LabService:
             for k, v in (ended if isinstance(ended, dict) else {}).items()
             if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("status"), str)
         }
+        runs = data.get("runs")
+        self._runs = {
+            k: v
+            for k, v in list((runs if isinstance(runs, dict) else {}).items())[-KEYS_KEPT:]
+            if _legible_id(k) and isinstance(v, str) and _legible_id(v)
+        }
         items = data.get("queue")
         out = []
         for i in items if isinstance(items, list) else []:
@@ -327,9 +336,20 @@ class LabService:
                 log.error("malformed queue entry dropped", entry=repr(i)[:200], path=str(self.queue_file))
             elif self._had_started(i["id"]):
                 log.warning("queued experiment had started before the restart; not started again", experiment=i["id"])
+                self._started_unsaved.add(i["id"])
             else:
                 out.append(i)
         return out
+
+    def _own_runs(self) -> set[str]:
+        """The run ids of this service's submissions: those it started (kept in the queue file),
+        and every run in the folder of an item that had started when the file was last written
+        (the daemon died between the start and the rewrite)."""
+        own = set(self._runs.values())
+        for exp_id in self._started_unsaved:
+            with contextlib.suppress(OSError):
+                own.update(p.name for p in (self.artifacts / exp_id).iterdir() if p.is_dir())
+        return own
 
     def _had_started(self, exp_id: str) -> bool:
         """Whether a queued item's folder holds a run that started (the daemon died between its
@@ -360,11 +380,14 @@ class LabService:
                     seen["status"], seen["reason"] = str(end.get("status")), str(end.get("reason") or "")
         for old in list(self._keys)[: max(0, len(self._keys) - KEYS_KEPT)]:
             del self._keys[old]
+        for old in list(self._runs)[: max(0, len(self._runs) - KEYS_KEPT)]:
+            del self._runs[old]
         data = {  # the bounded records first: what a torn file still holds of them survives (_load_queue)
             "schema": QUEUE_SCHEMA,
             "keys": self._keys,
             "retired": self._retired,
             "ended": self._ended,
+            "runs": self._runs,
             "queue": self._queue,
         }
         atomic_write(self.queue_file, orjson.dumps(data), mode=0o600)  # specs may be private: the owner's only
@@ -515,6 +538,9 @@ class LabService:
                 self._held = None
                 self._cancel_hold_timer()
             self._queue.pop(0)
+            if exp is not None:  # its run, resumed first after a crash (see _own_runs)
+                self._runs.pop(exp.id, None)
+                self._runs[exp.id] = exp.run_id
             try:
                 self._save_queue()  # after the start: a crash in between finds its folder (see _load_queue)
             except Exception as exc:  # noqa: BLE001 - a full disk: the queue in memory is right; the next save writes it
@@ -568,6 +594,14 @@ class LabService:
 
         def on_end() -> None:
             exp.wait()
+            waiting = getattr(self.lab, "resume_waiting", None)  # a crashed run that waited for this id
+            try:
+                nxt = waiting(exp.id) if callable(waiting) and not self._closed else None
+            except Exception:  # logged; it stays crashed, and the next start of a daemon resumes it
+                log.exception("could not resume a crashed run waiting for its id", experiment=exp.id)
+                nxt = None
+            if nxt is not None:
+                self._watch(nxt)
             try:
                 with self._lock:
                     self._fill()
@@ -614,18 +648,30 @@ class LabService:
                 for pos, i in enumerate(self._queue, 1)
             ]
         if history:  # runs of earlier lifetimes of the daemon (or of other tools), read outside the lock
-            known = {e["id"] for e in out + queued}
+            # by run: another run of an id the Lab holds (ended before, or crashed and waiting) is listed too;
+            # a queued or never-run submission has no run of its own, and a start that failed (a queue held
+            # by a full disk leaves one per try) is no run of a submission that since started
+            known = {e["run_id"] for e in out if e.get("run_id")}
+            unrun = {e["id"] for e in out + queued if not e.get("run_id")}
+            ours = {e["id"] for e in out}
+            waiting = getattr(self.lab, "waiting", dict)()
             out += [
                 {
                     "id": r["experiment"],
                     "run_id": r["run_id"],
                     "status": r["status"],
-                    "reason": r["reason"],
+                    "reason": (
+                        f"waiting to resume once the running run of this id ends; {r['reason']}"
+                        if r["run_id"] in waiting and r["status"] == RunStatus.CRASHED
+                        else r["reason"]
+                    ),
                     "run_dir": r["path"],
                     "position": None,
                 }
                 for r in list_runs(self.artifacts, self.lab.history)
-                if r["experiment"] not in known
+                if r["run_id"] not in known
+                and r["experiment"] not in unrun
+                and not (r["experiment"] in ours and str(r["reason"] or "").startswith(START_FAILED))
             ]
         return out + queued
 

@@ -86,3 +86,72 @@ def test_a_daemon_killed_at_random_moments_loses_no_acknowledged_experiment(tmp_
         assert all(e["name"] == "resumed" for e in firsts), [e["name"] for e in firsts]
         lifecycle = read_json(run / "lifecycle.json")
         assert lifecycle["status"] == "stopped" and lifecycle["resumes"] == KILLS
+
+
+PLAIN_RUN = """
+import sys, threading
+from experiments.lab import Lab
+from tests.fault_helpers import latency_spec
+Lab(sys.argv[1]).start_experiment(latency_spec("lat", budget=float(sys.argv[2])), experiment_id="lat")
+threading.Event().wait()
+"""
+
+
+def test_a_daemon_resumes_its_own_run_first_and_the_other_crashed_runs_of_its_id_after(tmp_path):
+    """A ``crucible run`` of the same name crashed in the daemon's folder beside the daemon's
+    own run: the restarted daemon resumes its submission's run under the id, lists the other
+    as crashed and waiting, and resumes it once the first has ended."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_daemon import ROOT
+
+    art = tmp_path / "art"
+    d = Daemon(art, max_experiments=2)
+    plain = None
+    try:
+        own = d.client().submit(latency_spec("lat", budget=6))
+        assert own["id"] == "lat" and own["status"] == "running"
+        plain = subprocess.Popen(
+            [sys.executable, "-c", PLAIN_RUN, str(art), "6"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        other = wait_for(lambda: [p for p in (art / "lat").iterdir() if p.is_dir() and p.name != own["run_id"]], "2nd")
+        (other,) = other
+        wait_for(lambda: seqs_count(other) > 50 and seqs_count(art / "lat" / own["run_id"]) > 50, "events of both")
+    finally:
+        d.kill()  # the machine goes down: both processes die at once
+        if plain is not None:
+            plain.kill()
+            plain.wait(30)
+    now = time.time()
+    os.utime(art / "lat" / own["run_id"], (now, now))  # the daemon's run the newer: the others go oldest first
+    os.utime(other, (now - 100, now - 100))
+    d = Daemon(art, max_experiments=2)
+    try:
+        c = d.client()
+        rows = [e for e in c.list() if e["id"] == "lat"]
+        by_run = {e["run_id"]: e for e in rows}
+        assert set(by_run) == {own["run_id"], other.name}, rows  # both listed, by run
+        assert by_run[own["run_id"]]["status"] == "running"  # the submission's own run, under its id
+        assert by_run[other.name]["status"] == "crashed" and "waiting to resume" in by_run[other.name]["reason"]
+
+        def ended() -> dict[str, str]:
+            return {e["run_id"]: e["status"] for e in c.list() if e["id"] == "lat"}
+
+        wait_for(lambda: ended() == {own["run_id"]: "stopped", other.name: "stopped"}, "both runs resumed and ended")
+        for run in (art / "lat" / own["run_id"], other):
+            record = read_json(run / "lifecycle.json")
+            assert record["status"] == "stopped" and record["reason"] == "budget" and record["resumes"] == 1
+        assert d.terminate() == 0
+    finally:
+        d.kill()
+
+
+def seqs_count(run: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in run.glob("events*.jsonl"))
