@@ -18,7 +18,17 @@ from actors.supervision import (
     SupervisorRef,
     TooManyChildren,
 )
-from experiments.lab import AlreadyPaused, Experiment, Lab, LifecycleError, NotFound, NotPaused, NotRunning
+from experiments.lab import (
+    AlreadyPaused,
+    Experiment,
+    Lab,
+    LabFull,
+    LifecycleError,
+    NotFound,
+    NotPaused,
+    NotRunning,
+    PauseTimedOut,
+)
 from experiments.remote import RayBackendError  # importing it registers Lab(backend="ray")
 
 __all__ = [
@@ -29,10 +39,12 @@ __all__ = [
     "DynamicSupervisor",
     "Experiment",
     "Lab",
+    "LabFull",
     "LifecycleError",
     "NotFound",
     "NotPaused",
     "NotRunning",
+    "PauseTimedOut",
     "RayBackendError",
     "Supervisor",
     "SupervisorRef",

@@ -83,6 +83,9 @@ log = get_logger("experiments.lab")
 FETCH_TIMEOUT_S = 120.0  # a background refresh gives up after this (its ask stays queued: keep it rare)
 METRIC_SUBSCRIBERS = ("metrics", "anomaly", "hypertune")  # detached from the events topic while paused
 START_FAILED = "failed: could not start: "  # the reason of a run whose tree never started (see _fail_start)
+PAUSE_TIMEOUT_S = 30.0
+"""How long pause() waits for the phase to reach a safe point (the end of a step, or its
+``use_interrupt`` check) before withdrawing the pause."""
 FINAL_RECORD_RETRY_S = (1.0, 60.0)  # an end's record that could not be written: tried again after, doubling to
 
 
@@ -100,6 +103,15 @@ class NotRunning(LifecycleError):
 
 class NotPaused(LifecycleError):
     """resume() on an experiment that is not paused."""
+
+
+class PauseTimedOut(LifecycleError, TimeoutError):
+    """pause() whose phase did not reach a safe point in time (a step that does not yield):
+    the pause is withdrawn, the run goes on as it was."""
+
+
+class LabFull(LifecycleError):
+    """start_experiment() on a Lab that runs ``max_experiments`` experiments already."""
 
 
 class NotFound(LifecycleError, KeyError):
@@ -273,6 +285,7 @@ class Experiment:
         self._reason: str | None = None
         self._ended = False
         self._start_failed = False  # the tree never started (see _fail_start)
+        self._stop_not_taken: tuple[str, float | None] | None = None  # see _killed_reason
         self._stopped = threading.Event()  # set once the end is recorded (on disk, or owed: see _end)
         self._beat_stop = threading.Event()  # ends the heartbeat, before the final record is written
         self.final_record_written = threading.Event()  # the end's lifecycle record is on disk (see _end)
@@ -517,8 +530,19 @@ class Experiment:
                 reason = f"{reason} ({self._gave_up_on})"
             log.error("experiment tree gave up", experiment=self.id, reason=reason)
             self._end(RunStatus.FAILED, f"failed: {reason}")
-        elif self._end(RunStatus.STOPPED, self.checkpoints.finish_reason or "stopped"):
+        elif self._end(RunStatus.STOPPED, self.checkpoints.finish_reason or self._killed_reason() or "stopped"):
             log.info("experiment ended", experiment=self.id, run_id=self.run_id, reason=self._reason)
+
+    def _killed_reason(self) -> str | None:
+        """The end's reason when a stop's phase never took it (a step that does not yield) and
+        never finished: the tree was stopped from above, the phase killed mid-step (its thread
+        abandoned). A run cut short so must not read as a clean stop. (A phase that took the
+        stop late has finished: its own reason stands.)"""
+        if self._stop_not_taken is None:
+            return None
+        reason, timeout = self._stop_not_taken
+        within = "" if timeout is None else f" within {timeout:g} s"
+        return f"{reason} (the phase was killed mid-step: it did not take the stop{within})"
 
     def _last_summary(self) -> dict[str, Any]:
         """The Recorder's final summary: summary.json (written as it stopped) or, if that says
@@ -576,7 +600,15 @@ class Experiment:
                 raise AlreadyPaused(f"experiment {self.id!r} is already paused")
             self._check_live("pause")
             asked = self.clock()
-            reply = self._ask_phase({"kind": "pause"}, "pause")
+            try:
+                reply = self._ask_phase({"kind": "pause"}, "pause", timeout=PAUSE_TIMEOUT_S)
+            except TimeoutError:
+                self._withdraw_pause()
+                raise PauseTimedOut(
+                    f"experiment {self.id!r}: the phase did not reach a safe point to pause within "
+                    f"{PAUSE_TIMEOUT_S:g} s (a step that does not yield: see the workload protocol's "
+                    "use_interrupt); the pause is withdrawn and the run goes on"
+                ) from None
             if reply.get("finished"):
                 raise NotRunning(f"experiment {self.id!r} has finished; cannot pause")
             self._attach_event_subscribers(False)
@@ -601,6 +633,19 @@ class Experiment:
                 self.resume_count += 1
                 self._status = RunStatus.RUNNING
             self._write_lifecycle()
+
+    def _withdraw_pause(self) -> None:
+        """Undo a pause the phase did not take in time: it is still in the phase's mailbox and
+        would park the run at the end of the step while this record says running (a run that
+        stalls, whose resume() is refused). A resume queued behind it lets the run go on;
+        the phase records the short pause between them as one (``paused``/``unpaused``)."""
+        ref = self.registry.whereis("phase")
+        if ref is not None:
+            try:
+                ref.tell({"kind": "resume"})
+            except ActorDeadError:
+                pass  # gone: its pause went with it
+        log.warning("pause not taken in time; withdrawn", experiment=self.id, timeout_s=PAUSE_TIMEOUT_S)
 
     def _attach_event_subscribers(self, on: bool) -> None:
         """Subscribe (or detach, for a pause) the actors that consume the events topic."""
@@ -667,11 +712,14 @@ class Experiment:
                     phase.ask({"kind": "stop", "reason": reason}, timeout=timeout, urgent=True)
             except (ActorDeadError, TimeoutError) as exc:
                 log.warning("phase did not take the stop", experiment=self.id, error=str(exc))
+                if isinstance(exc, TimeoutError):
+                    self._stop_not_taken = (reason, timeout)
             if not self._stopped.wait(timeout):  # the phase could not end the tree: stop it from above
                 log.error("experiment tree did not shut down; stopping it", experiment=self.id)
                 if self.sup is not None and self.sup.is_alive():
                     self.sup.stop(timeout=timeout, reason="shutdown")
-            if self._end(RunStatus.STOPPED, self.checkpoints.finish_reason or reason):  # the tree never said
+            end = self.checkpoints.finish_reason or self._killed_reason() or reason
+            if self._end(RunStatus.STOPPED, end):  # the tree never said
                 log.error("experiment ended without its tree", experiment=self.id, run_id=self.run_id)
 
     def _end(self, status: RunStatus, reason: str) -> bool:
@@ -1025,6 +1073,12 @@ class Lab:
             while exp_id in self.experiments:
                 k += 1
                 exp_id = f"{base}-{k}"
+            live = [e.id for e in self.experiments.values() if e.status() in LIVE and not e.ended]
+            if self.max_experiments is not None and len(live) >= self.max_experiments:
+                raise LabFull(
+                    f"this Lab runs at most {self.max_experiments} experiments at once (max_experiments), and "
+                    f"{len(live)} are running: {', '.join(live)}; stop one, or wait for one to end"
+                )
             exp = Experiment(self, full, exp_id, new_run_id())
             self.experiments[exp_id] = exp
         self._launch(exp)

@@ -1,0 +1,100 @@
+"""A step that does not yield (a target call that blocks, a kernel without checks) and the
+controls that wait on it: a pause not taken in time is withdrawn, a stop that had to kill the
+phase says so, and a full Lab refuses a start plainly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import experiments.lab as lab_module
+from experiments.lab import LabFull, PauseTimedOut
+from supervisor import Lab
+from telemetry.jsonl import iter_run
+from telemetry.rundir import read_json
+from tests.fault_helpers import latency_spec, until
+
+GATE = threading.Event()  # a blocked call goes on once the test sets it
+INSIDE = threading.Event()  # a call is blocked on the gate
+CALLS = {"n": 0}
+
+
+def blocking_call() -> float:
+    """The latency target: its third call blocks on the gate (one call per step: a step that
+    does not yield), every other call returns at once."""
+    CALLS["n"] += 1
+    if CALLS["n"] == 3:
+        INSIDE.set()
+        GATE.wait(120)
+    return 1.0
+
+
+def stuck_spec(name: str, budget: float = 600.0) -> dict:
+    spec = latency_spec(name, budget=budget)
+    spec["workload"]["params"] = {"target": "tests.test_stuck_steps:blocking_call", "args": [], "calls_per_step": 1}
+    return spec
+
+
+@pytest.fixture
+def lab(tmp_path):
+    GATE.clear()
+    INSIDE.clear()
+    CALLS["n"] = 0
+    lab = Lab(tmp_path / "art")
+    yield lab
+    GATE.set()
+    lab.shutdown()
+
+
+def test_a_pause_the_phase_does_not_take_in_time_is_withdrawn(lab, monkeypatch):
+    monkeypatch.setattr(lab_module, "PAUSE_TIMEOUT_S", 0.5)
+    exp = lab.start_experiment(stuck_spec("stuckpause"))
+    assert INSIDE.wait(60)
+    with pytest.raises(PauseTimedOut, match=r"did not reach a safe point to pause within 0\.5 s.*withdrawn"):
+        exp.pause()
+    assert isinstance(PauseTimedOut("x"), TimeoutError)
+    assert exp.status() == "running"
+    GATE.set()  # the step ends: the withdrawn pause and its resume are taken, the run goes on
+    until(lambda: exp.phase_status(max_age=0)["steps"] >= 6, what="steps after the withdrawn pause")
+    assert exp.phase_status(max_age=0)["paused"] is False
+    exp.pause()  # a pause taken in time works as ever
+    assert exp.status() == "paused"
+    exp.resume()
+    exp.stop()
+    assert exp.reason == "stopped"
+
+
+def test_a_stop_that_had_to_kill_the_phase_says_so(lab):
+    exp = lab.start_experiment(stuck_spec("stuckstop"))
+    assert INSIDE.wait(60)
+    exp.stop(timeout=1.0)
+    assert exp.status() == "stopped"
+    assert exp.reason.startswith("stopped (the phase was killed mid-step: it did not take the stop within 1 s")
+    assert read_json(exp.run_dir / "lifecycle.json")["reason"] == exp.reason
+    assert [e["seq"] for e in iter_run(exp.run_dir)] == list(range(len(list(iter_run(exp.run_dir)))))
+
+
+def test_a_stop_the_phase_takes_is_a_plain_stop(lab):
+    GATE.set()
+    exp = lab.start_experiment(stuck_spec("cleanstop"))
+    until(lambda: exp.phase_status(max_age=0)["steps"] >= 3, what="steps")
+    exp.stop(timeout=30)
+    assert exp.reason == "stopped"
+
+
+def test_a_full_lab_refuses_a_start_and_leaves_nothing_behind(tmp_path):
+    GATE.set()
+    lab = Lab(tmp_path / "art", max_experiments=1)
+    try:
+        first = lab.start_experiment(stuck_spec("one"))
+        with pytest.raises(LabFull, match=r"at most 1 experiments at once \(max_experiments\).*running: one"):
+            lab.start_experiment(stuck_spec("two"))
+        assert not (tmp_path / "art" / "two").exists()
+        assert [e["id"] for e in lab.list()] == ["one"]
+        first.stop()
+        second = lab.start_experiment(stuck_spec("two"))  # a slot again once the first has ended
+        assert second.status() == "running"
+        second.stop()
+    finally:
+        lab.shutdown()
