@@ -62,6 +62,7 @@ store takes writes only from the incarnation that claimed it last.
 from __future__ import annotations
 
 import errno
+import math
 import secrets
 import threading
 import time
@@ -69,6 +70,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from actors.base import KILLED, Actor, is_abnormal, on_death
@@ -82,6 +84,50 @@ from telemetry.rundir import read_json
 log = get_logger("actors.phase")
 
 STATUS_INTERVAL_S = 0.2  # the status snapshot is refreshed at most this often between steps
+
+
+NONFINITE = "$nonfinite"
+"""The key of the object a checkpoint file holds a NaN or an infinity as (JSON has none):
+``{"$nonfinite": "inf"}``, read back as the float."""
+
+
+def _for_file(value: Any, path: str = "") -> Any:
+    """``value`` as the checkpoint file holds it: NaN and the infinities as :data:`NONFINITE`
+    objects (JSON would write them as null, and a resumed run would get None back).
+
+    Raises:
+        TypeError: something no JSON file can hold (an object, a dict key that is no string,
+            an integer past 64 bits), naming its place in the checkpoint.
+    """
+    if isinstance(value, (float, np.floating)):
+        return value if math.isfinite(value) else {NONFINITE: repr(float(value))}
+    if value is None or isinstance(value, (str, bool, np.ndarray, np.generic)):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise TypeError(f"checkpoint field {path or '(root)'}: an integer of {value.bit_length()} bits")
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"checkpoint field {path or '(root)'}: a key of type {type(k).__name__} ({k!r:.60})")
+            out[k] = _for_file(v, f"{path}.{k}" if path else k)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_for_file(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"checkpoint field {path or '(root)'}: a value of type {type(value).__name__}, which no file holds")
+
+
+def _from_file(value: Any) -> Any:
+    """The checkpoint as it was saved: :data:`NONFINITE` objects back to floats."""
+    if isinstance(value, dict):
+        if len(value) == 1 and value.get(NONFINITE) in ("nan", "inf", "-inf"):
+            return float(value[NONFINITE])
+        return {k: _from_file(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_file(v) for v in value]
+    return value
 
 
 class CheckpointStore:
@@ -98,7 +144,7 @@ class CheckpointStore:
         self._writer: object | None = None  # the phase incarnation whose writes count
         if path is not None and path.exists():
             try:
-                self.state = read_json(path) or {}
+                self.state = _from_file(read_json(path) or {})
             except (OSError, ValueError) as exc:  # not JSON, not an object, a folder in its place
                 log.warning("checkpoint unreadable; starting fresh", file=str(path), error=str(exc))
 
@@ -127,7 +173,7 @@ class CheckpointStore:
             return
         with self._lock:
             self.state["saved_at"] = time.time()  # its age tells how much work a crash lost
-            data = orjson.dumps(self.state, option=orjson.OPT_SERIALIZE_NUMPY)
+            data = orjson.dumps(_for_file(self.state), option=orjson.OPT_SERIALIZE_NUMPY)
         atomic_write(self.path, data)
 
     def finish(self, reason: str, writer: object | None = None) -> bool:

@@ -9,6 +9,9 @@ import threading
 from typing import Any, ClassVar
 
 import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import actors.phase
@@ -207,3 +210,38 @@ def test_a_stop_the_phase_crashed_in_is_finished_by_its_replacement(tmp_path):
     assert Finicky.finished == ["storage: disk full"]
     assert store.finish_reason == "storage: disk full"
     assert orjson.loads((tmp_path / "checkpoint.json").read_bytes())["finished"] == "storage: disk full"
+
+
+# --- what a checkpoint file holds ------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    state=st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=8)),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_a_checkpoint_file_gives_back_what_was_saved_nan_and_infinities_too(tmp_path_factory, state):
+    """JSON has no NaN or infinity (orjson writes null): a run resumed from the file must get
+    the workload's floats back as they were, not None."""
+    path = tmp_path_factory.mktemp("ckpt") / CHECKPOINT
+    store = CheckpointStore(path)
+    store.update(workload={"state": state}, steps=3)
+    store.save()
+    back = CheckpointStore(path).get()["workload"]["state"]
+    assert repr(back) == repr(state)  # repr: NaN equals nothing, its repr does
+
+
+def test_a_checkpoint_no_file_can_hold_names_its_field(tmp_path):
+    store = CheckpointStore(tmp_path / CHECKPOINT)
+    for bad, needle in (
+        ({"best": object()}, r"checkpoint field workload\.best: a value of type object"),
+        ({"seen": {(1, 2): 3}}, r"checkpoint field workload\.seen: a key of type tuple"),
+        ({"n": [1, 2**70]}, r"checkpoint field workload\.n\[1\]: an integer of 71 bits"),
+    ):
+        store.update(workload=bad)
+        with pytest.raises(TypeError, match=needle):
+            store.save()
+    assert not (tmp_path / CHECKPOINT).exists()
