@@ -25,22 +25,54 @@ import math
 import operator
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from experiments.workloads import Objective, objective_of, objectives
+from experiments.workloads import Objective, generation, objective_of, objectives
 from telemetry.jsonl import ACTIVE, iter_run, open_run_file
 from telemetry.rundir import LIFECYCLE, SPEC, SUMMARY, RunNotFound, read_record, run_status, summary_losses
 from telemetry.schema import SchemaError, parse_line
 
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
 _ALERT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*$")
-SHORT = {o.field: o.label for o in objectives().values() if o.label != o.field}
+
+
+class _Labels(Mapping[str, str]):
+    """A table read from every workload's objective on each use, so that a workload registered
+    after this module was imported has its label too."""
+
+    def __init__(self, reverse: bool) -> None:
+        self._reverse = reverse
+        self._cached: tuple[int, dict[str, str]] = (-1, {})
+
+    def _table(self) -> dict[str, str]:
+        gen, table = self._cached
+        if gen != generation():  # built again only when the workloads changed (a tail line reads it per value)
+            gen = generation()
+            pairs = [(o.field, o.label) for o in objectives().values() if o.label != o.field]
+            table = {b: a for a, b in pairs} if self._reverse else dict(pairs)
+            self._cached = (gen, table)
+        return table
+
+    def __getitem__(self, key: str) -> str:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __repr__(self) -> str:
+        return repr(self._table())
+
+
+SHORT: Mapping[str, str] = _Labels(reverse=False)
 """Field -> the short name a workload's objective declares for it (``colors`` for a colouring run)."""
-LABELED = {label: field for field, label in SHORT.items()}
+LABELED: Mapping[str, str] = _Labels(reverse=True)
 """Short name -> the field it stands for: what the tail lines and tables show, read back."""
 
 

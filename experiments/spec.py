@@ -411,6 +411,9 @@ def load_spec(
         raise SpecError(f"{where}: {exc}" if where else str(exc)) from None
     if workloads is not None:
         name = full["workload"]["name"]
+        broken = getattr(workloads, "broken", {})  # a plug-in that failed to load: say why, not "unknown"
+        if name not in workloads and name in broken:
+            raise SpecError(f"{_where(where, 'workload.name')}: {broken[name]}")
         if name not in workloads:
             raise SpecError(
                 f"{_where(where, 'workload.name')}: unknown workload {name!r}; "

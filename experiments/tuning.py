@@ -46,12 +46,18 @@ from telemetry.rundir import (
 
 log = get_logger("experiments.tuning")
 
+
 # workload -> dotted parameter (under workload.params) -> (low, high, kind) ; kind: float | int | logint
-SEARCH_SPACES: dict[str, dict[str, tuple[float, float, str]]] = {
-    name: dict(cls.search_space) for name, cls in workload_registry().items() if cls.search_space
-}
-"""Each workload's declared search space (``Workload.search_space``): every dimension it may
-search; :func:`search_space` gives those a given spec uses."""
+def search_spaces() -> dict[str, dict[str, tuple[float, float, str]]]:
+    """Each workload's declared search space (``Workload.search_space``): every dimension it may
+    search, plug-ins and registered workloads included; :func:`search_space` gives those a given
+    spec uses."""
+    return {name: dict(cls.search_space) for name, cls in workload_registry().items() if cls.search_space}
+
+
+SEARCH_SPACES: dict[str, dict[str, tuple[float, float, str]]] = search_spaces()
+""":func:`search_spaces` as this module was imported (a workload registered later is in the
+function's answer, not here)."""
 
 
 def search_space(wl: str, params: dict[str, Any] | None) -> dict[str, tuple[float, float, str]]:
@@ -119,7 +125,7 @@ def _params_problem(spec: dict[str, Any] | None, wl: str, space: dict[str, tuple
         return f"a run of workload {workload.get('name')!r}, not {wl!r}"
     if not isinstance(workload.get("params"), dict):
         return "its spec has no workload.params table"
-    if wl in SEARCH_SPACES:  # its parameters must be the ones the trials search (colouring: the same phases)
+    if wl in search_spaces():  # its parameters must be the ones the trials search (colouring: the same phases)
         try:
             theirs = search_space(wl, workload["params"])
         except (TypeError, ValueError, AttributeError):
@@ -351,8 +357,9 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_spec(spec, overrides, workload_registry())
     wl = base["workload"]["name"]
-    if wl not in SEARCH_SPACES:
-        raise ValueError(f"no search space declared for workload {wl!r}; known: {', '.join(SEARCH_SPACES)}")
+    spaces = search_spaces()
+    if wl not in spaces:
+        raise ValueError(f"no search space declared for workload {wl!r}; known: {', '.join(spaces)}")
     space = search_space(wl, base["workload"].get("params"))
     obj = _objective(wl, objective)
     trial_budget = budget if budget is not None else base.get("time_budget_s")
