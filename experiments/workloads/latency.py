@@ -3,9 +3,12 @@
 ``target`` is either a Python callable given by import path (``"package.module:function"``)
 or an ``http://`` / ``https://`` URL fetched with GET. Each call is timed with
 ``time.perf_counter``; the event carries ``latency_ms`` and ``success`` (an exception, an
-HTTP status >= 400 or a timeout is a failure, with the error in ``notes``), and
-``cost_usd`` / ``tokens_prompt`` / ``tokens_completion`` when the callable returns a dict
-with them. Nothing is simulated: the numbers are the calls' own.
+HTTP status >= 400 or a timeout is a failure, with the error in ``notes``), and, when the
+callable returns a dict, each of its numeric fields (``cost_usd``, ``tokens_prompt``, a
+``loss``...) as a value of its own, up to :data:`MAX_FIELDS` fields. A field that cannot be
+a value (text, a bool, ``latency_ms`` itself, a name that is not a field name, one past the
+bound) is left out and said once: a log warning and the ``notes`` of the call that first
+returned it. Nothing is simulated: the numbers are the calls' own.
 
 ``concurrency`` is the load the target is measured under: with 1 (the default) the calls of
 a step run one after another on the phase's thread; with N they run on N threads at once,
@@ -27,11 +30,24 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
+from actors.log import get_logger
 from experiments.validate import Num
 from experiments.workloads.base import Arm, Control, Objective
 from telemetry.emitter import Emitter
 
+log = get_logger("experiments.workloads.latency")
+
 PASSED_THROUGH = ("cost_usd", "tokens_prompt", "tokens_completion")
+"""The fields the metrics total (``actors.streaming_metrics.TOTAL_FIELDS``); they pass as any
+other numeric field a callable returns does (this list no longer bounds what passes)."""
+MAX_FIELDS = 32
+"""The most distinct fields a callable's results add to a run: each is a column of every batch
+and a metric of every window, so a target returning a new key per call must not grow them
+without end. Past it a new field is left out (and said once)."""
+RESERVED = ("latency_ms",)
+"""The workload's own measurement: a field of that name in a result never replaces it."""
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+"""What a passed-through field's name must look like: an alert or a ``--metric`` can name it."""
 MAX_CONCURRENCY = 256
 TUNABLE = ("calls_per_step", "concurrency", "timeout_s")
 DEFAULTS: dict[str, Any] = {
@@ -140,6 +156,13 @@ class LatencyWorkload:
         self.best_ms: float | None = None
         self._fn: Callable[[], Any] | None = None
         self._should_yield: Callable[[], bool] = lambda: False
+        self._fields: set[str] = set()  # the fields passed through so far (at most MAX_FIELDS)
+        self._dropped: set[str] = set()  # the fields left out and said so, once each
+
+    @property
+    def _fn_is_callable(self) -> bool:
+        """Whether the target is a callable (its dict is its own), not a URL (the dict is ours)."""
+        return not str(self.p["target"]).startswith(("http://", "https://"))
 
     def _caller(self) -> Callable[[], Any]:
         target = self.p["target"]
@@ -224,11 +247,10 @@ class LatencyWorkload:
             timed = self._sequential(n)
         for ms, result, ok, notes in timed:
             values = {"latency_ms": ms}
-            if isinstance(result, dict):
-                for k in PASSED_THROUGH:
-                    v = result.get(k)
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        values[k] = v  # the emitter makes it a float (one past float64: an infinity, marked)
+            if isinstance(result, dict) and self._fn_is_callable:
+                dropped = self._pass_through(result, values)
+                if dropped:
+                    notes = f"{notes}; {dropped}" if notes else dropped
             self.done += 1
             if not ok:
                 self.failures += 1
@@ -236,6 +258,34 @@ class LatencyWorkload:
                 self.best_ms = ms
             emitter.emit("call", values, step=self.done, success=ok, notes=notes)
         return bool(limit and self.done >= limit)
+
+    def _pass_through(self, result: dict[Any, Any], values: dict[str, Any]) -> str | None:
+        """Add the callable's numeric fields to ``values``; what was first left out now, said
+        once per field (a warning and the call's notes), or None."""
+        new: list[str] = []
+        for k, v in result.items():
+            numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if numeric and isinstance(k, str) and k in self._fields:
+                values[k] = v  # the emitter makes it a float (one past float64: an infinity, marked)
+                continue
+            if not isinstance(k, str) or not FIELD_NAME.match(k):
+                why = "its name is not a field name (a letter or _, then letters, digits, _ . -; 64 at most)"
+            elif k in RESERVED:
+                why = "it is the workload's own measurement"
+            elif not numeric:
+                why = f"it is not a number ({type(v).__name__})"
+            elif len(self._fields) >= MAX_FIELDS:
+                why = f"the target already gave {MAX_FIELDS} fields, the most a run records (MAX_FIELDS)"
+            else:
+                self._fields.add(k)
+                values[k] = v
+                continue
+            shown = f"{k!r:.80}"
+            if shown not in self._dropped:
+                self._dropped.add(shown)
+                log.warning("target field not recorded", target=self.p["target"], field=shown, why=why)
+                new.append(f"{shown} ({why})")
+        return f"target field(s) not recorded: {', '.join(new)}" if new else None
 
     def checkpoint(self) -> dict[str, Any]:
         return {"done": self.done, "failures": self.failures, "best_ms": self.best_ms, "params": self.params()}
