@@ -39,7 +39,9 @@ KINDS = ("float", "int", "logint")
 METHODS = ("start", "step", "checkpoint", "restore", "params", "set_param")
 CLASS_METHODS = ("check_params", "family")
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # the registered classes and the generation
+_discovering = threading.RLock()  # one look for plug-ins at a time (held while their modules import)
+_local = threading.local()
 _registered: dict[str, type[Any]] = {}
 _plugins: tuple[dict[str, type[Any]], dict[str, str], dict[str, str]] | None = None
 """Entry points as found once per process: (name -> class, name -> where, name -> why it is broken)."""
@@ -147,9 +149,18 @@ def _discover() -> tuple[dict[str, type[Any]], dict[str, str], dict[str, str]]:
 
 def _plugin_state() -> tuple[dict[str, type[Any]], dict[str, str], dict[str, str]]:
     global _plugins
-    with _lock:
+    found = _plugins
+    if found is not None:
+        return found
+    if getattr(_local, "discovering", False):  # a plug-in's module calls register() as it is loaded
+        return {}, {}, {}
+    with _discovering:
         if _plugins is None:
-            _plugins = _discover()
+            _local.discovering = True
+            try:
+                _plugins = _discover()
+            finally:
+                _local.discovering = False
         return _plugins
 
 
@@ -159,7 +170,7 @@ def discover(refresh: bool = False) -> dict[str, str]:
     global _plugins, _generation
     if refresh:
         importlib.invalidate_caches()
-        with _lock:
+        with _discovering, _lock:
             _plugins = None
             _generation += 1
     _, where, broken = _plugin_state()
@@ -186,7 +197,9 @@ def register(name: str, cls: type[Any] | None = None) -> type[Any] | Callable[[t
     check_workload(name, cls)
     if name in BUILTIN:
         raise WorkloadError(f"cannot register {_where(cls)} as {name!r}: that is the built-in {BUILTIN[name]}")
-    _, where, broken = _plugin_state()
+    loaded, where, broken = _plugin_state()
+    if loaded.get(name) is cls:  # the plug-in's own class, registered by its module too
+        return cls
     if name in where or name in broken:
         raise WorkloadError(f"cannot register {_where(cls)} as {name!r}: {where.get(name) or broken[name]} has it")
     with _lock:
