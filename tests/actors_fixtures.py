@@ -84,3 +84,33 @@ class SlowStop(Actor):
 
     def handle_ping(self, msg: dict[str, Any]) -> str:
         return "pong"
+
+
+class Counting:
+    """The smallest workload of the protocol: each step counts (``n``) and emits a ``tick``;
+    no controls. Tests subclass it and change ``step`` (a step that blocks, raises, ...)."""
+
+    name = "counting"
+
+    def __init__(self, params: dict[str, Any], seed: int = 0) -> None:
+        self.n = 0
+
+    def start(self, emitter: Any) -> None:
+        pass
+
+    def step(self, emitter: Any) -> bool:
+        self.n += 1
+        emitter.emit("tick", {"n": float(self.n)})
+        return False
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.n = int(state.get("n", 0))
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
+        raise ValueError(key)

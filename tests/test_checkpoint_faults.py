@@ -24,17 +24,8 @@ from supervisor import ChildSpec, Lab, Supervisor
 from telemetry.jsonl import iter_run
 from telemetry.rundir import CHECKPOINT, RunStatus
 from telemetry.store import HistoryStore
-from tests.test_pipeline_faults import ENOSPC, FAST, assert_accounts, no_tmp_files, on_disk
-
-
-def spec(name: str, budget: float = 60.0) -> dict[str, Any]:
-    return {
-        "name": name,
-        "time_budget_s": budget,
-        "workload": {"name": "latency", "params": FAST},
-        "metrics": {"publish_interval_s": 0},
-        "telemetry": {"batch_size": 32},
-    }
+from tests.actors_fixtures import Counting
+from tests.test_pipeline_faults import ENOSPC, assert_accounts, fast_spec, no_tmp_files, on_disk
 
 
 def failing_checkpoints(
@@ -63,7 +54,7 @@ def test_a_full_disk_at_the_checkpoint_stops_the_run_with_reason_storage(tmp_pat
     ``failed`` (the restart intensity) instead of ``stopped``."""
     failed = failing_checkpoints(monkeypatch, ENOSPC, after=2)
     with Lab(tmp_path / "art") as lab:
-        exp = lab.start_experiment(spec("full"))
+        exp = lab.start_experiment(fast_spec("full"))
         assert exp.wait(30)
         s = exp.summary()
     assert failed[0] >= 1
@@ -85,7 +76,7 @@ def test_a_checkpoint_that_cannot_be_written_is_said_once_and_the_run_goes_on(tm
     reached = threading.Event()
     failed = failing_checkpoints(monkeypatch, refused, after=1, until=2, reached=reached)
     with capture_logs() as logs, Lab(tmp_path / "art") as lab:
-        exp = lab.start_experiment(spec("ro", 3.0))
+        exp = lab.start_experiment(fast_spec("ro", 3.0))
         assert reached.wait(30)  # two writes in a row failed; the next ones get through
         assert exp.wait(30)
         s = exp.summary()
@@ -133,7 +124,7 @@ def test_the_recorders_stop_on_a_full_disk_ends_the_run_when_the_checkpoint_fail
 
     monkeypatch.setattr(actors.phase, "atomic_write", write)
     with Lab(tmp_path / "art") as lab:
-        exp = lab.start_experiment(spec("full2"))
+        exp = lab.start_experiment(fast_spec("full2"))
         assert exp.wait(30)
         s = exp.summary()
     assert exp.status() == RunStatus.STOPPED, exp.reason
@@ -143,41 +134,18 @@ def test_the_recorders_stop_on_a_full_disk_ends_the_run_when_the_checkpoint_fail
     assert_accounts(disk, *on_disk(tmp_path / "art", exp.id, exp.run_id))
 
 
-class Finicky:
+class Finicky(Counting):
     """A workload whose ``finish`` fails the first time (the phase crashes in its stop)."""
 
     name: ClassVar[str] = "finicky"
     finished: ClassVar[list[str]] = []
     crashed = threading.Event()
 
-    def __init__(self, params: dict[str, Any], seed: int = 0) -> None:
-        self.n = 0
-
-    def start(self, emitter: Any) -> None:
-        pass
-
-    def step(self, emitter: Any) -> bool:
-        self.n += 1
-        emitter.emit("tick", {"n": float(self.n)})
-        return False
-
     def finish(self, emitter: Any, reason: str) -> None:
         if not Finicky.crashed.is_set():
             Finicky.crashed.set()
             raise RuntimeError("finish failed")
         Finicky.finished.append(reason)
-
-    def checkpoint(self) -> dict[str, Any]:
-        return {"n": self.n}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.n = int(state.get("n", 0))
-
-    def params(self) -> dict[str, Any]:
-        return {}
-
-    def set_param(self, key: str, value: Any) -> tuple[Any, Any]:
-        raise ValueError(key)
 
 
 def test_a_stop_the_phase_crashed_in_is_finished_by_its_replacement(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from actors.base import call_local
 from supervisor import Lab
 from telemetry.jsonl import iter_run
+from tests.actors_fixtures import Counting
 from tests.fault_helpers import check_accounts, coloring_spec, latency_spec, reached_recorder, until
 
 ORDER = ("recorder", "sampler", "anomaly", "metrics", "phase", "hypertune")  # the start order: sink to source
@@ -95,19 +96,13 @@ def test_a_phase_crash_in_the_colouring_workload_resumes_from_its_checkpoint(lab
 # --- a phase killed in the middle of a step ------------------------------------------------------------
 
 
-class Stuck:
+class Stuck(Counting):
     """A workload whose first incarnation gets stuck in its third step (a long kernel, a
     blocked emit): its supervisor's shutdown timeout then kills the phase mid-step."""
 
     name = "stuck"
     gate = threading.Event()  # set by the test: the stuck step goes on
     inside: list[threading.Thread] = []  # the thread of the stuck step
-
-    def __init__(self, params, seed):
-        self.n = 0
-
-    def start(self, emitter):
-        pass
 
     def step(self, emitter):
         self.n += 1
@@ -118,18 +113,6 @@ class Stuck:
             emitter.emit("late", {"n": float(self.n)})  # after the kill: must never reach the run
             emitter.flush()
         return False
-
-    def checkpoint(self):
-        return {"n": self.n}
-
-    def restore(self, state):
-        self.n = state["n"]
-
-    def params(self):
-        return {}
-
-    def set_param(self, key, value):
-        raise ValueError(key)
 
 
 def test_a_phase_killed_mid_step_leaves_nothing_behind_it(tmp_path):
@@ -189,17 +172,11 @@ def test_a_phase_killed_mid_step_leaves_nothing_behind_it(tmp_path):
     assert s["events_emitted"] == s["events_persisted"] == len(seqs) and s["accounting"]["balanced"]
 
 
-class Flaky:
+class Flaky(Counting):
     """A workload whose fifth step changes its state, then raises (once): half a step."""
 
     name = "flaky"
     raised = threading.Event()
-
-    def __init__(self, params, seed):
-        self.n = 0
-
-    def start(self, emitter):
-        pass
 
     def step(self, emitter):
         self.n += 1
@@ -208,18 +185,6 @@ class Flaky:
             raise RuntimeError("step 5 failed half-way")
         emitter.emit("tick", {"n": float(self.n)})
         return self.n >= 8
-
-    def checkpoint(self):
-        return {"n": self.n}
-
-    def restore(self, state):
-        self.n = state["n"]
-
-    def params(self):
-        return {}
-
-    def set_param(self, key, value):
-        raise ValueError(key)
 
 
 def test_a_crashed_step_is_retried_from_the_state_before_it(tmp_path):

@@ -20,7 +20,7 @@ from telemetry.history import HistoryDamaged, open_history
 from telemetry.jsonl import iter_run
 from telemetry.rundir import RunStatus
 from telemetry.store import DB_NAME, HistoryStore
-from tests.test_pipeline_faults import FAST
+from tests.test_pipeline_faults import fast_spec
 from tests.test_recorder import emit_n
 
 pytest_plugins = ["tests.pg_server"]
@@ -115,15 +115,7 @@ def test_an_experiment_on_a_damaged_history_runs_to_its_budget(tmp_path):
     art = tmp_path / "art"
     db = damaged_history(art)
     with Lab(art) as lab:
-        exp = lab.start_experiment(
-            {
-                "name": "on-damaged",
-                "time_budget_s": 1.0,
-                "workload": {"name": "latency", "params": FAST},
-                "metrics": {"publish_interval_s": 0},
-                "telemetry": {"batch_size": 32},
-            }
-        )
+        exp = lab.start_experiment(fast_spec("on-damaged", budget=1.0))
         assert exp.wait(30)
         s = exp.summary()
     assert exp.status() == RunStatus.STOPPED and exp.reason == "budget", exp.reason

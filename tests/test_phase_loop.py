@@ -12,21 +12,16 @@ from actors.base import call_local
 from actors.messages import decode
 from actors.phase import CheckpointStore, PhaseActor
 from actors.topics import Topics
+from tests.actors_fixtures import Counting
 
 GATE = threading.Event()  # the first step waits on it, so control messages queue behind it
 ENTERED = threading.Event()
 
 
-class Stepper:
+class Stepper(Counting):
     """A workload whose steps only count; the first blocks until the test opens the gate."""
 
     name: ClassVar[str] = "stepper"
-
-    def __init__(self, params: dict[str, Any], seed: int = 0) -> None:
-        self.n = 0
-
-    def start(self, emitter: Any) -> None:
-        pass
 
     def step(self, emitter: Any) -> bool:
         self.n += 1
@@ -34,12 +29,6 @@ class Stepper:
             ENTERED.set()
             assert GATE.wait(30)
         return False
-
-    def checkpoint(self) -> dict[str, Any]:
-        return {"n": self.n}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.n = int(state.get("n", 0))
 
     def params(self) -> dict[str, Any]:
         return {"phase": "stepper"}

@@ -118,6 +118,17 @@ def test_every_sampling_strategy_feeds_a_real_recorder(tmp_path, strategy, confi
 FAST = {"target": "math:sqrt", "args": [2.0], "calls_per_step": 50}
 
 
+def fast_spec(name: str, budget: float = 60.0, batch_size: int = 32) -> dict[str, Any]:
+    """A latency experiment of cheap calls, metrics published at every batch."""
+    return {
+        "name": name,
+        "time_budget_s": budget,
+        "workload": {"name": "latency", "params": FAST},
+        "metrics": {"publish_interval_s": 0},
+        "telemetry": {"batch_size": batch_size},
+    }
+
+
 @pytest.mark.parametrize(("strategy", "config"), [STRATEGIES[2], STRATEGIES[4]], ids=lambda x: str(x))
 def test_a_sampled_experiment_runs_to_its_end(tmp_path, strategy, config):
     """The experiment of the report: a low sampling rate used to end it failed."""
@@ -389,15 +400,7 @@ def test_a_torn_jsonl_write_is_cut_back(tmp_path, monkeypatch):
 def test_storage_failure_ends_the_experiment_with_reason_storage(tmp_path, monkeypatch):
     failing_insert(monkeypatch, 20, ENOSPC)
     with Lab(tmp_path / "art") as lab:
-        exp = lab.start_experiment(
-            {
-                "name": "full",
-                "time_budget_s": 60.0,
-                "workload": {"name": "latency", "params": FAST},
-                "metrics": {"publish_interval_s": 0},
-                "telemetry": {"batch_size": 32},
-            }
-        )
+        exp = lab.start_experiment(fast_spec("full"))
         assert exp.wait(30)
         s = exp.summary()
     assert exp.reason == "storage: [Errno 28] No space left on device"
@@ -425,15 +428,7 @@ def small_tmpfs(tmp_path):
 
 def test_a_really_full_disk(small_tmpfs):
     with Lab(small_tmpfs / "art") as lab:
-        exp = lab.start_experiment(
-            {
-                "name": "full",
-                "time_budget_s": 60.0,
-                "workload": {"name": "latency", "params": FAST},
-                "metrics": {"publish_interval_s": 0},
-                "telemetry": {"batch_size": 64},
-            }
-        )
+        exp = lab.start_experiment(fast_spec("full", batch_size=64))
         assert exp.wait(60)
     assert exp.reason.startswith("storage: "), exp.reason
     assert "No space left on device" in exp.reason or "full" in exp.reason
