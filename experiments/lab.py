@@ -49,6 +49,7 @@ from actors.streaming_metrics import StreamingMetrics
 from actors.supervision import MAX_INTENSITY, ChildSpec, DynamicSupervisor, Supervisor, SupervisorRef
 from actors.topics import NamedTarget, Topics
 from experiments.spec import load_spec
+from experiments.validate import tree_problem
 from experiments.workloads import declarations
 from experiments.workloads import registry as workload_registry
 from telemetry.history import HistoryTarget, describe_history, open_history, prepare_history
@@ -809,6 +810,9 @@ class Experiment:
             encode({"value": value})
         except TypeError as exc:  # what no message can carry (2**64, an object): refused, and recorded so
             msg.update(value=None, refused=f"no message can carry it ({exc})", shown=f"{value!r:.200}")
+        else:
+            if (problem := tree_problem(value, key)) is not None:  # NaN, an infinity: no control's value
+                msg.update(value=None, refused=f"{problem[0]} {problem[1]}", shown=f"{value!r:.200}")
         reply = self._ask_phase(msg, "set a parameter")
         if not reply.get("ok"):
             raise ValueError(f"experiment {self.id!r}: {key:.200}={value!r:.200} refused: {reply.get('error')!s:.500}")

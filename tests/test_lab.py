@@ -1,4 +1,5 @@
 import http.server
+import math
 import os
 import signal
 import subprocess
@@ -406,6 +407,9 @@ def test_coloring_experiment_takes_control_at_safe_points(lab):
     for unsendable in (2**64, object()):  # refused as ValueError, like any value the workload refuses
         with pytest.raises(ValueError, match=r"set_tenure=.* refused: no message can carry it .*cannot be encoded"):
             exp.set_param("set_tenure", unsendable)
+    for nonfinite in (math.nan, [1.0, -math.inf]):  # no control takes one, whatever the workload checks
+        with pytest.raises(ValueError, match=r"set_tenure=.* refused: set_tenure.* must be a finite number"):
+            exp.set_param("set_tenure", nonfinite)
     exp.resume()
     assert exp.wait(60) and exp.reason == "budget"  # a second of active steps after the control
     events = list(iter_run(exp.run_dir))
@@ -414,7 +418,9 @@ def test_coloring_experiment_takes_control_at_safe_points(lab):
     refused = [e["notes"] for e in events if e["name"] == "control_refused"]
     assert refused[0].startswith("set_tenure=99 refused:")
     assert refused[1].startswith(f"set_tenure={2**64} refused: no message can carry it")
-    assert refused[2].startswith("set_tenure=<object object at") and len(refused) == 3
+    assert refused[2].startswith("set_tenure=<object object at")
+    assert refused[3] == "set_tenure=nan refused: set_tenure must be a finite number, got nan"
+    assert refused[4].startswith("set_tenure=[1.0, -inf] refused: set_tenure[1] must be") and len(refused) == 5
     later = [e for e in events if e["name"] == "step" and e["ts"] > control[0]["ts"]]
     assert later and all(e["parameters"]["tenure_alpha"] == 1.5 for e in later)
     assert {e["gpu_mode"] for e in events if e["name"] == "step"} == {"cpu"}  # the tabu phase runs on the CPU
