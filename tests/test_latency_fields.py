@@ -85,6 +85,17 @@ def test_a_target_inventing_fields_is_bounded_and_says_so_once():
     assert len([e for e in logs if e["event"] == "target field not recorded"]) == 5
 
 
+def test_the_fields_left_out_are_said_at_most_max_fields_times():
+    """A target inventing a key per call, past the bound: the log and the notes stop after
+    MAX_FIELDS of them (and say so), memory with them."""
+    with capture_logs() as logs:
+        calls = calls_of("tests.test_latency_fields:new_key_each_call", 3 * MAX_FIELDS)
+    warned = [e for e in logs if e["event"] == "target field not recorded"]
+    assert len(warned) == MAX_FIELDS and [e["last"] for e in warned].count(True) == 1 and warned[-1]["last"]
+    said = [n for _, n in calls[MAX_FIELDS:] if n is not None]
+    assert len(said) == MAX_FIELDS and said[-1].endswith("fields left out after this one are not said")
+
+
 def test_a_url_targets_own_status_and_bytes_are_not_values(monkeypatch):
     w = LatencyWorkload(LatencyWorkload.check_params({"target": "http://127.0.0.1:9/", "calls": 1}))
     ev = Events()
