@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from hypothesis import settings
 
 settings.register_profile("crucible", deadline=None)
@@ -73,6 +74,22 @@ def pytest_configure(config: pytest.Config) -> None:
     if not any(str(a).startswith("--cov-report") for a in config.invocation_params.args):
         opts.cov_report = {}
     opts.cov_fail_under = 0
+
+
+@pytest.fixture(autouse=True)
+def logging_as_the_session_had() -> Iterator[None]:
+    """A test that runs the CLI in-process configures structlog for the whole process (WARNING
+    and up, the CLI's default): a later test's ``capture_logs`` would then miss every info line,
+    and pass or fail by which tests its worker ran before it. Each test ends with the logging
+    configuration it started with."""
+    was = structlog.is_configured()
+    saved = structlog.get_config()
+    saved["processors"] = list(saved["processors"])
+    yield
+    if was:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")

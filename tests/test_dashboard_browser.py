@@ -191,12 +191,16 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
 
             # the list is updated in place: a row stays the same element across pushes, so a click lands;
             # the queue table is drawn when the queue changed, not on every push
-            pushes = page.evaluate(
+            pushes, draws, t0 = page.evaluate(
                 "() => { window.__row = document.querySelector('.exp[data-id=dash2]');"
-                " window.__queueRow = document.querySelector('#queue tr:last-child'); return window.__pushes; }"
+                " window.__queueRow = document.querySelector('#queue tr:last-child');"
+                " return [window.__pushes, window.__draws, performance.now()]; }"
             )
-            page.wait_for_function(f"() => window.__pushes > {pushes + 3}", timeout=30_000)
+            page.wait_for_function(f"() => window.__pushes > {pushes + 10}", timeout=30_000)
             assert page.evaluate("() => window.__row.isConnected && window.__queueRow.isConnected")
+            # the chart is redrawn at a pace, not on every push: a page busy drawing would keep a click waiting
+            drew, took_ms = page.evaluate(f"() => [window.__draws - {draws}, performance.now() - {t0}]")
+            assert 1 <= drew <= took_ms / 150 + 1, (drew, took_ms)
             page.click(".exp[data-id='dash2']")
             page.wait_for_function(f"() => {text('current')} === 'dash2'", timeout=30_000)
             page.wait_for_function(

@@ -108,6 +108,23 @@ function boundaries() {
 }
 
 // --- drawing ---------------------------------------------------------------------------------
+// A push or an answer only marks the chart stale: Plotly redraws every point of every trace, and
+// ten draws a second on a loaded machine would keep the page's one thread busy, a click waiting
+// behind them. The chart is drawn on an animation frame (none in a hidden tab), at most once per
+// DRAW_GAP_MS, and never more than a third of the time: a draw that took d ms waits 2d for the next.
+const DRAW_GAP_MS = 150;
+let drawTimer = null, lastDrawEnd = 0, lastDrawMs = 0;
+window.__draws = 0;  // draws done: what a test can wait on
+function scheduleDraw() {
+  if (drawTimer !== null) return;  // one is coming: it draws the view as it is then
+  const wait = Math.max(0, lastDrawEnd + Math.max(DRAW_GAP_MS, 2 * lastDrawMs) - performance.now());
+  drawTimer = setTimeout(() => requestAnimationFrame(() => {
+    drawTimer = null;
+    const start = performance.now();
+    draw();
+    lastDrawEnd = performance.now(); lastDrawMs = lastDrawEnd - start; window.__draws++;
+  }), wait);
+}
 function draw() {
   const series = Object.values(view.series), obj = objective() || {};
   const hasY2 = series.some(s => s.axis === "y2");
@@ -306,7 +323,7 @@ function clearDetails() {
 }
 async function select(id) {
   selected = id; view = emptyView();
-  clearDetails(); renderList(); draw();
+  clearDetails(); renderList(); scheduleDraw();
   const r = await getJson(`/api/metrics/live?experiment=${encodeURIComponent(id)}`);
   if (selected !== id) return;
   if (r.ok) {
@@ -314,7 +331,7 @@ async function select(id) {
     addEvents(r.body.events);
   }
   view.loading = false;
-  renderList(); draw(); details();
+  renderList(); scheduleDraw(); details();
 }
 async function details() {
   // one request at a time: on a big run an answer can take longer than the 2 s between ticks
@@ -339,7 +356,7 @@ async function details() {
       `details not loaded (${r.status || "no answer"}): ${r.body.error || "the server did not say why"}`;
     return;
   }
-  renderDetails(r.body); draw();
+  renderDetails(r.body); scheduleDraw();
 }
 for (const b of document.querySelectorAll("button[data-action]")) {
   b.onclick = async () => {
@@ -382,7 +399,7 @@ async function connect() {
     if ("queued" in d || !queueShown) { renderQueue(d.queued); queueShown = true; }  // only when it changed
     if (!selected && experiments.length) { select(experiments[0].id); return; }
     if (selected && !view.loading && d.events[selected]) addEvents(d.events[selected], true);
-    renderList(); draw();
+    renderList(); scheduleDraw();
   };
 }
 setInterval(details, 2000);
