@@ -84,6 +84,11 @@ log = get_logger("experiments.lab")
 FETCH_TIMEOUT_S = 120.0  # a background refresh gives up after this (its ask stays queued: keep it rare)
 METRIC_SUBSCRIBERS = ("metrics", "anomaly", "hypertune")  # detached from the events topic while paused
 START_FAILED = "failed: could not start: "  # the reason of a run whose tree never started (see _fail_start)
+EVENT_PATH_SHUTDOWN_S = 30.0
+"""How long the tree's stop lets the sampler, the anomaly detector and the metrics actor finish
+what is in their mailboxes before killing them. A kill loses what they had not read: events
+on their way to the Recorder, the final metrics. A loaded machine can take seconds to drain
+a backlog, so this is a limit for a hung actor only (the default 5 s was reached under load)."""
 PAUSE_TIMEOUT_S = 30.0
 """How long pause() waits for the phase to reach a safe point (the end of a step, or its
 ``use_interrupt`` check) before withdrawing the pause."""
@@ -387,12 +392,14 @@ class Experiment:
                     (*RECORD_EVENTS, *getattr(wl_cls, "record_events", ())),  # the run's record: never sampled out
                 ),
                 name="sampler",
+                shutdown=EVENT_PATH_SHUTDOWN_S,
             ),
             ChildSpec(
                 "anomaly",
                 AnomalyDetection,
                 args=(self.id, NamedTarget("sampler", reg), topics),
                 name="anomaly",
+                shutdown=EVENT_PATH_SHUTDOWN_S,
                 kwargs={
                     "enabled": a["enabled"],
                     "methods": a["methods"],
@@ -412,6 +419,7 @@ class Experiment:
                 ExperimentMetrics,
                 args=(self.id, topics),
                 name="metrics",
+                shutdown=EVENT_PATH_SHUTDOWN_S,
                 kwargs={
                     "final": self._metrics_snap,
                     "windows": s["metrics"]["windows_s"],

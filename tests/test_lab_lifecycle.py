@@ -105,6 +105,35 @@ def test_undelivered_sends_are_reported_in_the_summary_and_the_lifecycle_record(
     assert not {"recorder", "sampler", "anomaly", "metrics"} & set(record["sent_after_exit"])
 
 
+def test_a_metrics_actor_slow_to_drain_is_let_finish_at_the_stop(tmp_path, monkeypatch):
+    """On a loaded machine the metrics actor took longer than the default 5 s to read its
+    backlog at the stop: it was killed, what it had not read was counted as lost, and the
+    run's final metrics fell short of its events."""
+    import time
+
+    from experiments.lab import ExperimentMetrics
+
+    real = ExperimentMetrics.on_events
+
+    def slow(self, batch):
+        time.sleep(0.12)  # a fold on a starved core
+        return real(self, batch)
+
+    monkeypatch.setattr(ExperimentMetrics, "on_events", slow)
+    with Lab(tmp_path / "art") as lab:
+        exp = lab.start_experiment(latency_spec("slow-metrics", budget=600))
+        # the backlog is bounded (the emitter waits for its slowest subscriber): about 64 batches, 7 s here
+        until(lambda: exp.registry.queue_size("metrics") >= 60, what="a backlog at the metrics actor")
+        started = time.monotonic()
+        exp.stop()
+        took = time.monotonic() - started
+    record = orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())
+    assert took > 5.0  # the backlog needed longer than the old limit
+    assert record["undelivered"] == {} and exp.reason == "stopped"
+    s = check_accounts(exp, tmp_path / "art")
+    assert exp.metrics()["events"] == s["events_persisted"]  # the final metrics hold every event
+
+
 def test_a_tree_that_gives_up_fails_the_run(lab):
     exp = lab.start_experiment(latency_spec("gives-up", budget=600, supervision={"max_restarts": 0, "max_seconds": 60}))
     exp.pause()
