@@ -264,22 +264,26 @@ def runs_table(title: str, infos: Iterable[dict[str, Any]]) -> RunsTable:
             status,
             "unreadable" if i["events"] is None else ("~" if i.get("events_approx") else "") + str(i["events"]),
             f"{d:.1f}" if isinstance(d, (int, float)) else "?",
-            objective_best(i.get("best")),
+            objective_best(i.get("best"), i.get("objective")),
             str(i["path"]),
         )
     return t
 
 
-def objective_best(bests: Any) -> str:
+def objective_best(bests: Any, own: Any = None) -> str:
     """A run's best on its workload's objective, labelled (``latency_ms 0.0123``), from the bests a
     listing carries; ``-`` when it has none (a run killed before its first result). The
-    objective is the one whose field the run recorded: the workloads' fields differ."""
+    objective is the run's own (``own``, from its lifecycle record) when it has one, else the
+    one whose field the run recorded: the workloads' fields differ."""
     if not isinstance(bests, dict):
         return "-"
-    for o in objectives().values():
-        v = bests.get(o.field)
+    known = [(o.field, o.label) for o in objectives().values()]
+    if isinstance(own, dict):
+        known.insert(0, (own.get("field"), own.get("label")))
+    for name, label in known:
+        v = bests.get(name)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return f"{o.label} {v:.6g}"
+            return f"{label} {v:.6g}"
     return "-"
 
 

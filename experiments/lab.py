@@ -50,7 +50,7 @@ from actors.supervision import MAX_INTENSITY, ChildSpec, DynamicSupervisor, Supe
 from actors.topics import NamedTarget, Topics
 from experiments.spec import load_spec
 from experiments.validate import tree_problem
-from experiments.workloads import declarations
+from experiments.workloads import Objective, declarations
 from experiments.workloads import registry as workload_registry
 from telemetry.history import HistoryTarget, describe_history, open_history, prepare_history
 from telemetry.jsonl import JsonlWriter
@@ -291,6 +291,7 @@ class Experiment:
         self._reason: str | None = None
         self._ended = False
         self._start_failed = False  # the tree never started (see _fail_start)
+        self._objective = self._own_objective()  # in every lifecycle record: see telemetry.rundir.recorded_objective
         self._stop_not_taken: tuple[str, float | None] | None = None  # see _killed_reason
         self._stopped = threading.Event()  # set once the end is recorded (on disk, or owed: see _end)
         self._beat_stop = threading.Event()  # ends the heartbeat, before the final record is written
@@ -841,22 +842,36 @@ class Experiment:
 
     # --- the lifecycle record ------------------------------------------------------------------------------
 
+    def _own_objective(self) -> dict[str, Any] | None:
+        """The workload's objective as plain data, or None for a workload no class answers to
+        (a spec refused at start): the record lets readers in other processes, which may not
+        know the workload (one registered in a script), judge the run."""
+        wl = self.spec.get("workload")
+        name = wl.get("name") if isinstance(wl, dict) else None
+        cls = workload_registry().get(name) if isinstance(name, str) else None
+        obj = getattr(cls, "objective", None)
+        return obj.to_dict() if isinstance(obj, Objective) else None
+
     def _record(self) -> dict[str, Any]:
         with self._state:
-            return {
-                "schema": LIFECYCLE_SCHEMA,
-                "experiment_id": self.id,
-                "run_id": self.run_id,
-                "status": str(self._status),
-                "reason": self._reason,
-                "owner": self._owner,
-                **self._wall,
-                "updated_at": time.time(),
-                "heartbeat_s": HEARTBEAT_S,
-                "undelivered": self.registry.undelivered(),
-                "sent_after_exit": self.registry.sent_after_exit(),
-                **self._durations(),
-            } | ({"start_failed": True} if self._start_failed else {})
+            return (
+                {
+                    "schema": LIFECYCLE_SCHEMA,
+                    "experiment_id": self.id,
+                    "run_id": self.run_id,
+                    "status": str(self._status),
+                    "reason": self._reason,
+                    "owner": self._owner,
+                    **self._wall,
+                    "updated_at": time.time(),
+                    "heartbeat_s": HEARTBEAT_S,
+                    "undelivered": self.registry.undelivered(),
+                    "sent_after_exit": self.registry.sent_after_exit(),
+                    **self._durations(),
+                }
+                | ({"start_failed": True} if self._start_failed else {})
+                | ({"objective": self._objective} if self._objective else {})
+            )
 
     def _write_lifecycle(self) -> bool:
         """Rewrite lifecycle.json from the current state (atomic, fsynced; see telemetry.rundir);

@@ -33,7 +33,16 @@ import orjson
 
 from experiments.workloads import Objective, generation, objective_of, objectives
 from telemetry.jsonl import ACTIVE, iter_run, open_run_file
-from telemetry.rundir import LIFECYCLE, SPEC, SUMMARY, RunNotFound, read_record, run_status, summary_losses
+from telemetry.rundir import (
+    LIFECYCLE,
+    SPEC,
+    SUMMARY,
+    RunNotFound,
+    read_record,
+    recorded_objective,
+    run_status,
+    summary_losses,
+)
 from telemetry.schema import SchemaError, parse_line
 
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
@@ -231,11 +240,14 @@ class Tailer:
 
 
 def run_objectives(run_dir: Path) -> list[Objective]:
-    """The objective of the run's workload (from its ``spec.json``); every workload's when the
-    run has no readable spec or names an unknown workload."""
+    """The objective of the run's workload (from its ``spec.json``), else the one its lifecycle
+    record carries (a workload this process does not know); every workload's when neither says."""
     spec = read_record(run_dir, SPEC)  # unreadable: a warning, and every workload's fields
     wl = spec.get("workload") if isinstance(spec, dict) else None
     own = objective_of(wl.get("name")) if isinstance(wl, dict) else None
+    if own is None:
+        recorded = recorded_objective(read_record(run_dir, LIFECYCLE) or {})
+        own = Objective.from_dict(recorded) if recorded is not None else None
     return [own] if own is not None else list(objectives().values())
 
 

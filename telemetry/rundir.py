@@ -535,6 +535,26 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return summ
 
 
+def recorded_objective(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The objective a run's lifecycle record carries (``field``, ``direction``, ``label``,
+    ``progress``), written from its workload's class: a reader that does not know the workload
+    (one registered in another process's script) still knows which field judges the run.
+    None when the record has none (an older run) or a malformed one."""
+    obj = record.get("objective")
+    if not isinstance(obj, dict):
+        return None
+    name, direction, progress = obj.get("field"), obj.get("direction"), obj.get("progress")
+    label = obj.get("label") or name
+    if not (isinstance(name, str) and name and direction in ("min", "max") and isinstance(label, str)):
+        return None
+    return {
+        "field": name,
+        "direction": direction,
+        "label": label,
+        "progress": progress if isinstance(progress, str) else None,
+    }
+
+
 def run_info(
     run_dir: Path, summary: dict[str, Any] | None = None, best_of: Iterable[tuple[str, str]] = ()
 ) -> dict[str, Any]:
@@ -557,6 +577,9 @@ def run_info(
                 duration = max(duration if isinstance(duration, (int, float)) else 0.0, last / 1e6 - start)
     events = summ.get("events_persisted")
     approx = bool(summ.get("summary_stale"))  # the summary lagged: its figure is the files' lines (count_events)
+    own = recorded_objective(rec)
+    if own is not None:
+        best_of = [(own["field"], own["direction"]), *best_of]
     if not isinstance(events, int) or isinstance(events, bool):
         events = count_events(run_dir)  # no summary yet (killed early): the files say how many, perhaps none
         approx = True
@@ -570,6 +593,7 @@ def run_info(
         "duration_s": duration,
         "summary_stale": bool(summ.get("summary_stale")),
         "best": summary_bests(summ, best_of),
+        "objective": own,
         "evidence": evidence,
         "path": path_text(run_dir),
     }
@@ -751,6 +775,7 @@ def unreadable_info(run_dir: Path, exc: BaseException) -> dict[str, Any]:
         "duration_s": report.record.get("wall_clock_duration"),
         "summary_stale": False,
         "best": {},
+        "objective": recorded_objective(report.record),
         "evidence": [*report.evidence, str(exc)],
         "path": path_text(run_dir),
     }

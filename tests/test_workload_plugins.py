@@ -17,6 +17,7 @@ import pytest
 
 from cli import main
 from experiments import workloads
+from experiments.monitor import run_objectives
 from experiments.spec import SpecError, load_spec
 from experiments.workloads import (
     ENTRY_POINT_GROUP,
@@ -121,6 +122,17 @@ def test_a_registered_workload_runs_in_a_real_lab_and_its_objective_is_listed(to
     assert row["best"]["loss"] == last  # was {}: objectives() knew latency and coloring only
     assert main(["list", "--artifacts", str(art)]) == 0
     assert f"L {last:.6g}" in capsys.readouterr().out  # the objective's label, not "-"
+
+    # a reader that does not know the workload (another process: the CLI, a script that did not
+    # register it) takes the objective the run's lifecycle record carries; it showed "best -"
+    unregister("toyloss")
+    assert objective_of("toyloss") is None
+    assert main(["list", "--json", "--artifacts", str(art)]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["best"] == {"loss": last} and row["objective"] == ToyLoss.objective.to_dict()
+    assert main(["list", "--artifacts", str(art)]) == 0
+    assert f"L {last:.6g}" in capsys.readouterr().out
+    assert run_objectives(exp.run_dir) == [ToyLoss.objective]  # the monitor's too
 
 
 def test_the_readers_take_a_registered_workloads_declarations(toyloss):
