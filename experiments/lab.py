@@ -1133,7 +1133,7 @@ class Lab:
         if self._closed:
             raise NotRunning("this Lab has been shut down")
         if self._remote is not None:
-            return self._remote.recover()
+            return self._remote.recover(first)
         out = []
         crashed = []
         for run_dir in reversed(find_runs(self.artifacts)):  # oldest first
@@ -1193,7 +1193,10 @@ class Lab:
             if report.status != RunStatus.CRASHED:
                 log.info("a waiting run is no longer crashed; passed over", run_dir=str(run_dir), status=report.status)
                 continue
-            exp = self._try_resume(run_dir, report.record)
+            if self._remote is not None:
+                exp: Experiment | None = self._remote.resume_run(run_dir)  # type: ignore[assignment]
+            else:
+                exp = self._try_resume(run_dir, report.record)
             if exp is not None:
                 return exp
 

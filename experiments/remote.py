@@ -27,7 +27,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from telemetry.history import open_history
 from telemetry.query import QueryError, QueryLimitError, prepare_query
 from telemetry.rundir import (
     LIFECYCLE,
+    LIVE,
     SPEC,
     RunStatus,
     check_experiment_id,
@@ -956,35 +957,58 @@ class RayBackend:
         log.info("remote experiment started", experiment=exp_id, run_id=exp.run_id, node=info.get("node_id"))
         return exp
 
-    def recover(self) -> list[RemoteExperiment]:
-        """Lab.recover on Ray: every crashed run of the artifacts folder goes on in a host of its own."""
+    def recover(self, first: Collection[str] = ()) -> list[RemoteExperiment]:
+        """Lab.recover on Ray: every crashed run of the artifacts folder goes on in a host of its
+        own, oldest first, those whose run id is in ``first`` before all others; a run whose id
+        is taken waits for it (``Lab.waiting``, ``Lab.resume_waiting``), as on the embedded backend."""
+        crashed = [d for d in reversed(find_runs(self.lab.artifacts)) if run_status(d).status == RunStatus.CRASHED]
+        crashed.sort(key=lambda d: d.name not in first)  # stable: oldest first within each group
         out = []
-        for run_dir in reversed(find_runs(self.lab.artifacts)):  # oldest first
-            report = run_status(run_dir)
-            if report.status != RunStatus.CRASHED:
-                continue
-            exp_id, run_id = run_dir.parent.name, run_dir.name
-            spec = read_json(run_dir / SPEC)
-            if spec is None:
-                self.lab.note_no_spec(run_dir, report.record)
-                continue
-            with self.lab._lock:
-                if exp_id in self.lab.experiments:
-                    log.warning("a crashed run's id is taken in this Lab; not resumed", experiment=exp_id)
-                    continue
-                exp = RemoteExperiment(self, spec, exp_id, run_id)
-                self.lab.experiments[exp_id] = exp  # type: ignore[assignment]
-            try:
-                host, info, end = self._spawn(exp, "resume", {"kind": "resume", "run_dir": str(run_dir.resolve())})
-            except Exception:
-                log.exception("could not resume a crashed run on Ray", run_dir=str(run_dir))
-                with self.lab._lock:
-                    self.lab.experiments.pop(exp_id, None)
-                continue
-            exp._rehost(host, info)
-            self._watch(exp, host, end)
-            out.append(exp)
+        for run_dir in crashed:
+            exp = self.resume_run(run_dir, wait=True)
+            if exp is not None:
+                out.append(exp)
         return out
+
+    def resume_run(self, run_dir: Path, wait: bool = False) -> RemoteExperiment | None:
+        """Resume one crashed run in a new host; None when it has no spec, could not be started
+        (logged), or its id is taken (with ``wait``: it then waits for the id)."""
+        report = run_status(run_dir)
+        exp_id, run_id = run_dir.parent.name, run_dir.name
+        spec = read_json(run_dir / SPEC)
+        if spec is None:
+            self.lab.note_no_spec(run_dir, report.record)
+            return None
+        with self.lab._lock:
+            held = self.lab.experiments.get(exp_id)
+            if wait and held is not None and held.status() not in LIVE:
+                del self.lab.experiments[exp_id]  # its run ended: on disk, and listed from there
+            elif held is not None:
+                if wait:
+                    self.lab._waiting.setdefault(exp_id, []).append(run_dir)
+                    log.warning(
+                        "a crashed run's id is taken in this Lab; it resumes when that run ends",
+                        experiment=exp_id,
+                        run_id=run_id,
+                        after=held.run_id,
+                    )
+                else:
+                    log.warning(
+                        "a crashed run's id is taken in this Lab; not resumed", experiment=exp_id, run_id=run_id
+                    )
+                return None
+            exp = RemoteExperiment(self, spec, exp_id, run_id)
+            self.lab.experiments[exp_id] = exp  # type: ignore[assignment]
+        try:
+            host, info, end = self._spawn(exp, "resume", {"kind": "resume", "run_dir": str(run_dir.resolve())})
+        except Exception:
+            log.exception("could not resume a crashed run on Ray", run_dir=str(run_dir))
+            with self.lab._lock:
+                self.lab.experiments.pop(exp_id, None)
+            return None
+        exp._rehost(host, info)
+        self._watch(exp, host, end)
+        return exp
 
     # --- supervision ------------------------------------------------------------------------------------------
 

@@ -339,6 +339,68 @@ def test_recover_resumes_crashed_runs_on_ray_as_they_were(ray_cluster, tmp_path)
         lab.shutdown()
 
 
+TWO_OF_ONE_ID = """
+import sys, threading
+from experiments.lab import Lab
+from telemetry.rundir import count_events
+from tests.fault_helpers import latency_spec, until
+runs = [Lab(sys.argv[1]).start_experiment(latency_spec("lat", budget=4), experiment_id="lat") for _ in range(2)]
+until(lambda: all(count_events(r.run_dir) > 100 for r in runs), 60, "events")
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def killed_after_ready(script: str, art: Path) -> None:
+    """Run ``script`` on ``art`` in a process of its own and kill -9 it once it says ready."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(art)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for line in proc.stdout:
+            if line.strip() == b"ready":
+                break
+        else:
+            raise AssertionError("the process ended before it was ready")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_recover_on_ray_takes_the_named_runs_first_and_the_others_of_their_id_wait(ray_cluster, tmp_path):  # noqa: F811
+    """As on the embedded backend (a daemon's own submissions first): of two crashed runs of one
+    id, the named one is resumed and the other waits for the id, then is resumed by
+    ``resume_waiting`` once the first has ended. Before, the Ray backend took the oldest and
+    skipped the other for good."""
+    art = tmp_path / "art"
+    killed_after_ready(TWO_OF_ONE_ID, art)
+    older, newer = sorted((art / "lat").iterdir(), key=lambda p: p.name)
+    now = time.time()
+    os.utime(older, (now - 100, now - 100))  # oldest first, unless named
+    os.utime(newer, (now, now))
+    lab = Lab(art, backend="ray", address=ray_cluster.address)
+    try:
+        resumed = lab.recover(first=[newer.name])
+        assert [e.run_id for e in resumed] == [newer.name]
+        assert lab.waiting() == {older.name: "lat"}
+        assert lab.resume_waiting("lat") is None  # the id is still live
+        assert resumed[0].wait(60) and resumed[0].reason == "budget"
+        later = lab.resume_waiting("lat")
+        assert later is not None and later.run_id == older.name and lab.waiting() == {}
+        assert later.assigned == {"CPU": 1.0}  # in a host of its own, on Ray
+        assert later.wait(60) and later.reason == "budget"
+        assert lab.resume_waiting("lat") is None
+    finally:
+        lab.shutdown()
+    for run in (older, newer):
+        record = orjson.loads((run / "lifecycle.json").read_bytes())
+        assert (record["status"], record["reason"], record["resumes"]) == ("stopped", "budget", 1)
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # its watchers read the handles
 def test_the_lab_service_runs_its_queue_on_ray(ray_cluster, tmp_path):  # noqa: F811
     """What ``crucible lab serve --backend ray`` hosts: the queue's experiments start as Ray actors."""
