@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from actors.log import configure_logging
 from actors.supervision import (
     ChildNotFound,
     ChildRunning,
@@ -49,6 +50,7 @@ __all__ = [
     "Supervisor",
     "SupervisorRef",
     "TooManyChildren",
+    "configure_logging",
     "main",
 ]
 

@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from hypothesis import settings
+
+from actors.log import configure_logging
 
 settings.register_profile("crucible", deadline=None)
 # CI draws the same examples every run (a gate must not fail on a draw no change made); a
@@ -78,18 +79,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def logging_as_the_session_had() -> Iterator[None]:
-    """A test that runs the CLI in-process configures structlog for the whole process (WARNING
-    and up, the CLI's default): a later test's ``capture_logs`` would then miss every info line,
-    and pass or fail by which tests its worker ran before it. Each test ends with the logging
-    configuration it started with."""
-    was = structlog.is_configured()
-    saved = structlog.get_config()
-    saved["processors"] = list(saved["processors"])
+    """Each test starts with the session's logging: structlog at every level to stderr, as a script
+    that calls ``configure_logging()`` has it. Unconfigured, structlog prints on stdout, where
+    a Lab's log lines would land amid the JSON a test reads from the CLI. A test that runs the
+    CLI in-process leaves it configured for the whole process (WARNING and up, the CLI's
+    default): a later test's ``capture_logs`` would then miss every info line, and pass or fail
+    by which tests its worker ran before it."""
+    configure_logging("DEBUG", json=False)
     yield
-    if was:
-        structlog.configure(**saved)
-    else:
-        structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")
