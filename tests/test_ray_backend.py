@@ -301,31 +301,37 @@ threading.Event().wait()
 """
 
 
-def test_recover_resumes_crashed_runs_on_ray_as_they_were(ray_cluster, tmp_path):  # noqa: F811
-    art = tmp_path / "art"
+def killed_after_ready(script: str, art: Path) -> int:
+    """Run ``script`` on ``art`` in a process of its own and kill -9 it once it says ready; its pid."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOST, str(art)],
+        [sys.executable, "-c", script, str(art)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
     try:
-        for line in proc.stdout:  # its log lines, then ready
+        for line in proc.stdout:
             if line.strip() == b"ready":
                 break
         else:
-            raise AssertionError("the host process ended before its runs had events")
+            raise AssertionError("the process ended before it was ready")
     finally:
         proc.kill()
         proc.wait()
+    return proc.pid
+
+
+def test_recover_resumes_crashed_runs_on_ray_as_they_were(ray_cluster, tmp_path):  # noqa: F811
+    art = tmp_path / "art"
+    pid = killed_after_ready(HOST, art)
     lab = Lab(art, backend="ray", address=ray_cluster.address)
     try:
         resumed = {e.id: e for e in lab.recover()}
         assert set(resumed) == {"crashed-run", "crashed-paused"}
         run, paused = resumed["crashed-run"], resumed["crashed-paused"]
         assert run.status() == "running" and paused.status() == "paused"  # as they were at the kill
-        assert run.pid != proc.pid and run.assigned == {"CPU": 1.0}
+        assert run.pid != pid and run.assigned == {"CPU": 1.0}
         until(lambda: events(run, "resumed"), what="the resumed event")
         paused.resume()
         for e in (run, paused):
@@ -349,26 +355,6 @@ until(lambda: all(count_events(r.run_dir) > 100 for r in runs), 60, "events")
 print("ready", flush=True)
 threading.Event().wait()
 """
-
-
-def killed_after_ready(script: str, art: Path) -> None:
-    """Run ``script`` on ``art`` in a process of its own and kill -9 it once it says ready."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(art)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for line in proc.stdout:
-            if line.strip() == b"ready":
-                break
-        else:
-            raise AssertionError("the process ended before it was ready")
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_recover_on_ray_takes_the_named_runs_first_and_the_others_of_their_id_wait(ray_cluster, tmp_path):  # noqa: F811
