@@ -28,11 +28,20 @@ def lab(tmp_path):
     lab.shutdown()
 
 
+def budget(mode: str) -> float:
+    """A stopped run's budget cannot run out before the stop; a paused one ends by its budget
+    (1 s of active time) after the resume."""
+    return 600.0 if mode == "stop" else 1.0
+
+
 def drive(exp, mode: str) -> None:
-    """Pause and resume mid-run, then let the budget end it; or stop it mid-run."""
-    phase = exp.registry.whereis("phase")
-    until(lambda: phase.ask({"kind": "status"}, timeout=30)["steps"] > 0, what="the first steps")
+    """Pause and resume, then let the budget end it; or stop it mid-run.
+
+    The pause is asked at once: it is urgent, so the phase takes it at its first safe point,
+    before its next budget check. Waiting for steps first raced the 1 s budget on a loaded
+    machine (a colouring run's first step loads its kernels)."""
     if mode == "stop":
+        until(lambda: reached_recorder(exp) > 0, what="the first events")
         exp.stop()
         return
     exp.pause()
@@ -76,7 +85,7 @@ def check_anomaly_marks(exp, anomaly: bool) -> None:
 
 @pytest.mark.parametrize(("strategy", "anomaly", "mode"), list(itertools.product(SAMPLING, (True, False), MODES)))
 def test_latency_matrix(lab, tmp_path, strategy, anomaly, mode):
-    exp = lab.start_experiment(latency_spec(f"lat-{strategy}", strategy=strategy, anomaly=anomaly))
+    exp = lab.start_experiment(latency_spec(f"lat-{strategy}", budget(mode), strategy=strategy, anomaly=anomaly))
     drive(exp, mode)
     s = expect_end(exp, mode)
     check_accounts(exp, tmp_path / "art")
@@ -97,7 +106,7 @@ COLORING_CASES = [
 
 @pytest.mark.parametrize(("strategy", "anomaly", "mode"), COLORING_CASES)
 def test_coloring_subset(lab, tmp_path, strategy, anomaly, mode):
-    exp = lab.start_experiment(coloring_spec(f"col-{strategy}", strategy=strategy, anomaly=anomaly))
+    exp = lab.start_experiment(coloring_spec(f"col-{strategy}", budget(mode), strategy=strategy, anomaly=anomaly))
     drive(exp, mode)
     expect_end(exp, mode)
     s = check_accounts(exp, tmp_path / "art")
