@@ -48,6 +48,7 @@ def lab(tmp_path):
 
 
 def test_a_pause_the_phase_does_not_take_in_time_is_withdrawn(lab, monkeypatch):
+    real_timeout = lab_module.PAUSE_TIMEOUT_S
     monkeypatch.setattr(lab_module, "PAUSE_TIMEOUT_S", 0.5)
     exp = lab.start_experiment(stuck_spec("stuckpause"))
     assert INSIDE.wait(60)
@@ -55,6 +56,7 @@ def test_a_pause_the_phase_does_not_take_in_time_is_withdrawn(lab, monkeypatch):
         exp.pause()
     assert isinstance(PauseTimedOut("x"), TimeoutError)
     assert exp.status() == "running"
+    monkeypatch.setattr(lab_module, "PAUSE_TIMEOUT_S", real_timeout)  # the pause below must not race 0.5 s
     GATE.set()  # the step ends: the withdrawn pause and its resume are taken, the run goes on
     until(lambda: exp.phase_status(max_age=0)["steps"] >= 6, what="steps after the withdrawn pause")
     assert exp.phase_status(max_age=0)["paused"] is False
@@ -72,7 +74,9 @@ def test_a_stop_that_had_to_kill_the_phase_says_so(lab):
     assert exp.status() == "stopped"
     assert exp.reason.startswith("stopped (the phase was killed mid-step: it did not take the stop within 1 s")
     assert read_json(exp.run_dir / "lifecycle.json")["reason"] == exp.reason
-    assert [e["seq"] for e in iter_run(exp.run_dir)] == list(range(len(list(iter_run(exp.run_dir)))))
+    until(lambda: not exp.sup.is_alive(), 60, "the tree to go down")  # the event path may still be draining
+    seqs = [e["seq"] for e in iter_run(exp.run_dir)]
+    assert seqs == list(range(len(seqs)))
 
 
 def test_a_stop_the_phase_takes_is_a_plain_stop(lab):
