@@ -1,4 +1,5 @@
 import concurrent.futures
+import contextlib
 import os
 import stat
 import threading
@@ -242,11 +243,15 @@ def test_websocket_pushes_events_of_a_live_experiment(lab, dash):
             seen += len(msg["events"].get("dash", []))
             msg = orjson.loads(ws.recv(timeout=30))
             assert "experiments" not in msg and [e["id"] for e in msg.get("updated", [])] in ([], ["dash"])
+        with contextlib.suppress(TimeoutError):  # what came while this thread was slow is not in the count
+            while True:
+                ws.recv(timeout=0)
         pushes, t0 = 0, time.monotonic()
-        while time.monotonic() - t0 < 1.5:
+        while pushes < 3 or time.monotonic() - t0 < 1.5:
             ws.recv(timeout=30)
             pushes += 1
-    assert 2 <= pushes <= 17  # batched pushes, at most 10 a second
+        took = time.monotonic() - t0
+    assert pushes <= 10 * took + 3, (pushes, took)  # batched pushes, at most 10 a second (and one under way)
 
 
 def test_every_socket_pushes_from_one_read_of_the_lab_per_interval(lab, monkeypatch):

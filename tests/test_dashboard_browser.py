@@ -166,7 +166,7 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
             page.wait_for_function("() => window.__points > 20", timeout=30_000)
             assert page.text_content("#current") == "dash"
             # hypertune acts and judges its actions within a few seconds of stalling
-            wait_for(lambda: c.get("/api/experiments/dash").json()["hypertune_outcomes"], 30, "a hypertune outcome")
+            wait_for(lambda: c.get("/api/experiments/dash").json()["hypertune_outcomes"], 90, "a hypertune outcome")
             page.wait_for_selector("#feed .tag-outcome", timeout=30_000)
             assert page.locator("#feed .tag-action").count() >= 1
 
@@ -196,7 +196,7 @@ def test_what_a_person_sees_with_two_experiments(lab, dash, artifacts):
                 " window.__queueRow = document.querySelector('#queue tr:last-child');"
                 " return [window.__pushes, window.__draws, performance.now()]; }"
             )
-            page.wait_for_function(f"() => window.__pushes > {pushes + 10}", timeout=30_000)
+            page.wait_for_function(f"() => window.__pushes > {pushes + 10} && window.__draws > {draws}", timeout=30_000)
             assert page.evaluate("() => window.__row.isConnected && window.__queueRow.isConnected")
             # the chart is redrawn at a pace, not on every push: a page busy drawing would keep a click waiting
             drew, took_ms = page.evaluate(f"() => [window.__draws - {draws}, performance.now() - {t0}]")
