@@ -15,6 +15,7 @@ from experiments.workloads import declarations
 from supervisor import Lab
 from telemetry.jsonl import iter_run
 from telemetry.schema import rows_to_batch
+from tests.fault_helpers import until
 
 S = 1_000_000
 COLORING = declarations(ColoringWorkload)  # the objective, arms and takeover hypertune steers by
@@ -198,8 +199,12 @@ SPEC = {
 def test_actions_apply_at_safe_points_and_show_in_telemetry(tmp_path):
     state_file = tmp_path / "policy.json"
     lab = Lab(tmp_path / "art")
-    exp = lab.start_experiment({**SPEC, "hypertune": {**SPEC["hypertune"], "state_file": str(state_file)}})
-    assert exp.wait(60)
+    # the run ends once hypertune has acted and judged an action, not by a budget a slow machine
+    # could spend before the colouring stalls
+    spec = {**SPEC, "time_budget_s": 600, "hypertune": {**SPEC["hypertune"], "state_file": str(state_file)}}
+    exp = lab.start_experiment(spec)
+    until(lambda: any(e["name"] == "hypertune_outcome" for e in iter_run(exp.run_dir)), 120, "a hypertune outcome")
+    exp.stop()
     lab.shutdown()
     events = list(iter_run(exp.run_dir))
     actions = [e for e in events if e["name"] == "hypertune_action"]
