@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -322,6 +323,9 @@ def test_a_hypertune_that_missed_the_pauses_start_takes_its_length_from_the_unpa
             r.stop()
 
 
+PAUSE_S = 1.0
+
+
 def test_the_phase_tells_hypertune_of_its_pauses(tmp_path):
     """The real signal: the phase marks its pause and its resume in its events, the first
     before the Lab detaches hypertune and the second after it attaches it again; the second
@@ -341,6 +345,7 @@ def test_the_phase_tells_hypertune_of_its_pauses(tmp_path):
         ht = exp.registry.whereis("hypertune")
         assert ht.ask({"kind": "get"})["paused_s"] == 0  # the pause under way is not over
         exp.registry.whereis("phase").ask({"kind": "status"})  # a round trip: time passes, paused
+        time.sleep(PAUSE_S)  # a pause long enough that a thread preempted beside its marks cannot blur it
         exp.resume()
         state = ht.ask({"kind": "get"})
         assert state["paused_s"] > 0
@@ -350,7 +355,9 @@ def test_the_phase_tells_hypertune_of_its_pauses(tmp_path):
         lab.shutdown()
     marks = [e for e in iter_run(exp.run_dir) if e["name"] in ("paused", "unpaused")]
     assert [e["name"] for e in marks] == ["paused", "unpaused"]
-    assert marks[1]["values"]["paused_s"] == pytest.approx((marks[1]["ts"] - marks[0]["ts"]) / 1e6, abs=0.05)
+    # paused_s is measured on the phase's clock at its safe points, the marks' ts as they are emitted
+    paused_s = marks[1]["values"]["paused_s"]
+    assert paused_s >= PAUSE_S and paused_s == pytest.approx((marks[1]["ts"] - marks[0]["ts"]) / 1e6, abs=0.25)
 
 
 # --- the colouring workload's side, through the phase ----------------------------------------------
