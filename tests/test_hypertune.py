@@ -227,7 +227,7 @@ def test_a_hypertune_crash_restarts_it_without_stopping_the_phase(tmp_path):
     phase = exp.registry.whereis("phase")
     ht = exp.registry.whereis("hypertune")
     exp.registry.send("hypertune", {"kind": "crash"})
-    assert exp.registry.await_name("hypertune", timeout=10, not_urn=ht.urn) is not None
+    assert exp.registry.await_name("hypertune", timeout=30, not_urn=ht.urn) is not None
     assert exp.registry.whereis("phase") == phase and phase.is_alive()
     exp.resume()
     exp.stop()
