@@ -186,9 +186,11 @@ class Sink:
 _rendezvous: dict[str, threading.Barrier] = {}
 
 
-def meet(group: str) -> dict[str, float]:
-    """A call that succeeds only when every call of its group is in flight at the same time."""
-    _rendezvous[group].wait(timeout=2.0)  # BrokenBarrierError: not concurrent
+def meet(group: str, timeout: float) -> dict[str, float]:
+    """A call that succeeds only when every call of its group is in flight at the same time
+    (within ``timeout``: long where they must meet, a loaded machine starts threads slowly;
+    short where they must not, as the first call waits alone)."""
+    _rendezvous[group].wait(timeout=timeout)  # BrokenBarrierError: not concurrent
     return {"cost_usd": 0.0}
 
 
@@ -197,7 +199,12 @@ def test_concurrency_puts_that_many_calls_in_flight_at_once(concurrency):
     group = f"g{concurrency}"
     _rendezvous[group] = threading.Barrier(4)
     p = LatencyWorkload.check_params(
-        {"target": f"{__name__}:meet", "args": [group], "calls_per_step": 4, "concurrency": concurrency}
+        {
+            "target": f"{__name__}:meet",
+            "args": [group, 60.0 if concurrency == 4 else 0.5],
+            "calls_per_step": 4,
+            "concurrency": concurrency,
+        }
     )
     w = LatencyWorkload(p)
     sink = Sink()
