@@ -40,9 +40,9 @@ class Gate:
             self.entered.set()
             self.open_.wait(30)
 
-        self.thread = threading.Thread(target=call_local, args=(ref, hold), kwargs={"timeout": 60}, daemon=True)
+        self.thread = threading.Thread(target=call_local, args=(ref, hold), kwargs={"timeout": 180}, daemon=True)
         self.thread.start()
-        assert self.entered.wait(10)
+        assert self.entered.wait(120)  # queued behind what the actor holds: a loaded Recorder takes its time
 
     def open(self) -> None:
         self.open_.set()
@@ -57,7 +57,7 @@ def finish_phase_and_hold_the_tree(exp, reason: str = "budget") -> Gate:
     phase.ask({"kind": "pause"}, timeout=30)
     gate = Gate(exp.registry.whereis("recorder"))
     phase.ask({"kind": "stop", "reason": reason}, timeout=30)
-    assert phase.wait(10) == "normal"
+    assert phase.wait(60) == "normal"
     assert exp.sup.is_alive() and not exp.wait(0)
     return gate
 
@@ -82,10 +82,10 @@ def test_a_stop_that_crosses_the_phase_ending_on_its_budget_returns_with_the_tre
     threading.Thread(target=stop, daemon=True).start()
     until(lambda: exp.stop_started_at is not None, what="the stop under way")
     gate.open()
-    assert exp.wait(10)
+    assert exp.wait(60)  # the event path drains first
     t0 = time.monotonic()
     assert done.wait(30)
-    assert time.monotonic() - t0 < 3.0, "stop() kept waiting after the tree was down"
+    assert time.monotonic() - t0 < 8.0, "stop() kept waiting after the tree was down"  # that wait was 10 s
     assert not errors, errors
     assert exp.status() == "stopped" and exp.reason == "budget"
     rec = record(exp)
@@ -105,12 +105,12 @@ def test_a_pause_that_crosses_the_phase_ending_is_refused_at_once(lab):
         t0 = time.monotonic()
         with pytest.raises(NotRunning):
             exp.pause()
-        assert time.monotonic() - t0 < 3.0, "pause() waited for a phase that had finished"
+        assert time.monotonic() - t0 < 8.0, "pause() waited for a phase that had finished"  # that wait was 10 s
         with pytest.raises(NotRunning):
             exp.restart_pass()
     finally:
         gate.open()
-    assert exp.wait(10)
+    assert exp.wait(60)
     assert exp.status() == "stopped" and exp.reason == "budget"
     assert record(exp)["pause_count"] == 0
 
@@ -134,7 +134,7 @@ def test_a_phase_restarted_on_a_finished_checkpoint_leaves_no_thread_behind():
     def flushers() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name == "emitter-r-finished" and t.is_alive()]
 
-    until(lambda: not flushers(), timeout=5, what="the emitter's flusher to end")
+    until(lambda: not flushers(), timeout=30, what="the emitter's flusher to end")
     assert names.undelivered() == {}  # the original incarnation published the run's events and counters
 
 
@@ -142,17 +142,17 @@ def test_a_phase_that_keeps_crashing_fails_the_run_and_leaves_the_lab_usable_and
     before = threading.active_count()
     exp = lab.start_experiment(latency_spec("crashes", budget=600, supervision={"max_restarts": 2, "max_seconds": 60}))
     for _ in range(3):
-        phase = exp.registry.await_name("phase", timeout=10)
+        phase = exp.registry.await_name("phase", timeout=30)
         assert phase is not None
         phase.tell({"kind": "crash", "why": "again"})
-        assert phase.wait(10) is not None
+        assert phase.wait(30) is not None
     assert exp.wait(30)
     assert exp.status() == "failed" and exp.reason.startswith("failed: reached_max_restart_intensity (phase: ")
     assert exp.reason.endswith("RuntimeError: again)")  # the exit over the intensity: why it gave up
     rec = record(exp)
     assert rec["status"] == "failed" and rec["reason"] == exp.reason and rec["ended_at"] is not None
     assert exp.summary()["status"] == "failed"
-    until(lambda: threading.active_count() <= before, timeout=10, what="the failed tree's threads to end")
+    until(lambda: threading.active_count() <= before, timeout=30, what="the failed tree's threads to end")
     # the Lab runs the next experiment as if nothing happened
     nxt = lab.start_experiment(latency_spec("after-crashes", budget=0.3))
     assert nxt.wait(30)
