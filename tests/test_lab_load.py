@@ -60,7 +60,7 @@ def test_reads_stay_prompt_and_shutdown_is_concurrent_under_load(tmp_path):
         wait_for_events([quiet])
         quiet.pause()
         baseline = statistics.median(timed(quiet.summary, max_age=0, wait=30)[1] for _ in range(5))
-        bound = WAIT_S + max(2.0, 50 * baseline)  # a read may wait WAIT_S for a refresh, and no longer
+        bound = WAIT_S + max(4.0, 50 * baseline)  # a read may wait WAIT_S for a refresh, and no longer
         exps = [lab.start_experiment(spec(f"busy{i}")) for i in range(N)]
         wait_for_events(exps)
         worst: dict[str, float] = {}
@@ -90,8 +90,11 @@ def test_reads_stay_prompt_and_shutdown_is_concurrent_under_load(tmp_path):
         assert fresh["stale"] is False and fresh["events_persisted"] >= (prompt["events_persisted"] or 0)
         lab.shutdown()
         assert all(e.status() == "stopped" for e in [quiet, *exps])
-        # concurrent: every stop began before any ended (a sequential shutdown fails this at once)
-        assert max(e.stop_started_at for e in exps) < min(e.ended_at for e in exps)
+        # concurrent: the stops all began early in the shutdown (one after another, the last would
+        # begin (N-1)/N of the way through it); a loaded machine may start a thread late, so not
+        # "every stop began before any ended"
+        starts, ends = [e.stop_started_at for e in exps], [e.ended_at for e in exps]
+        assert max(starts) - min(starts) < 0.5 * (max(ends) - min(starts)), (starts, ends)
         for e in exps:
             s = e.summary()
             assert s["events_persisted"] == count_events(e.run_dir) > 0 and s["stale"] is False
@@ -121,7 +124,7 @@ def test_a_stuck_recorder_gives_stale_figures_at_once_and_fresh_ones_after(lab):
 
     rec = exp.registry.whereis("recorder")
     threading.Thread(target=call_local, args=(rec, hold), kwargs={"timeout": 90}, daemon=True).start()
-    assert entered.wait(10)
+    assert entered.wait(120)  # queued behind whatever the Recorder holds
     try:
         s, took = timed(exp.summary, max_age=0, wait=0.2)
         assert took < 0.2 + 2.0
