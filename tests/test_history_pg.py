@@ -233,7 +233,7 @@ def test_unreachable_refused_or_rejected_servers_give_one_clear_error(pg):
         msg = str(e.value)
         assert msg.startswith(f"cannot connect to the history at {mask_url(url)}: ") and why in msg, msg
         assert "hunter2" not in msg and PASSWORD not in msg
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 9  # a refusal is said at once: never retried up to a reconnect timeout
     good = f"postgresql://{PASSWORD_USER}:{PASSWORD}@127.0.0.1:{srv.port}/postgres"
     srv.execute(f"GRANT CREATE ON SCHEMA public TO {PASSWORD_USER}")
     open_history(good, readonly=False).close()  # the right password gets in
@@ -249,7 +249,7 @@ def test_a_server_that_never_answers_times_out():
         t0 = time.monotonic()
         with pytest.raises(HistoryConnectError, match=r"cannot connect to the history at postgresql://me@127\.0\.0\.1"):
             open_history(url, connect_timeout=1)
-        assert time.monotonic() - t0 < 4
+        assert time.monotonic() - t0 < 4.5  # libpq's least is 2 s; the default would be CONNECT_TIMEOUT_S (5 s)
         with pytest.raises(HistoryConnectError):
             open_history(url + "?connect_timeout=1")  # the URL's own setting, as libpq reads it
 
@@ -508,7 +508,7 @@ def test_two_writers_of_one_run_never_deadlock(pg_url):
         other.commit()
         t.join(30)
         assert not errors, errors
-        assert time.monotonic() - t0 < 10  # no deadlock to wait out
+        assert time.monotonic() - t0 < 15  # no deadlock to wait out (deadlock_timeout is 20 s here)
         assert [r[0] for r in other.execute("SELECT seq_lo FROM batches ORDER BY seq_lo")] == list(range(10))
     finally:
         other.close()

@@ -85,12 +85,13 @@ def test_one_refresh_at_a_time_and_reads_never_wait_longer_than_asked():
 
 def test_reads_do_not_wait_on_an_actor_whose_last_answer_was_late():
     snap = Snapshot()
-    snap.read(lambda: threading.Event().wait(0.6) or {"n": 1}, max_age=0.0, wait=0.0)  # an actor 0.6 s late
-    assert snap.wait_published(0, timeout=10)
+    # an actor 3 s late, a read that would wait 2.5 s: the gap leaves room for a loaded machine
+    snap.read(lambda: threading.Event().wait(3.0) or {"n": 1}, max_age=0.0, wait=0.0)
+    assert snap.wait_published(0, timeout=30)
     gate = threading.Event()
     t0 = time.monotonic()
-    r = snap.read(lambda: gate.wait(30) and {"n": 2}, max_age=0.0, wait=0.5)
-    assert time.monotonic() - t0 < 0.5 and r.value == {"n": 1} and r.stale  # not worth waiting for
+    r = snap.read(lambda: gate.wait(30) and {"n": 2}, max_age=0.0, wait=2.5)
+    assert time.monotonic() - t0 < 2.5 and r.value == {"n": 1} and r.stale  # not worth waiting for
     gate.set()
     assert snap.wait_published(1, timeout=10)
     quick = snap.read(lambda: {"n": 3}, max_age=0.0, wait=30)  # it answered fast again: reads wait again
