@@ -480,7 +480,7 @@ def test_rejected_events_are_warned_of_at_most_once_every_few_seconds(monkeypatc
     import telemetry.emitter as emitter_module
 
     topics = Topics()
-    em = Emitter(topics, "exp", "run", batch_size=50)
+    em = Emitter(topics, "exp", "run-rejected", batch_size=50)  # its own run id: other tests' threads log too
     with capture_logs() as logs:
         for i in range(500):
             em.emit("bad", {"loss": "high"} if i % 2 else None, colour=3 if not i % 2 else None)
@@ -488,7 +488,7 @@ def test_rejected_events_are_warned_of_at_most_once_every_few_seconds(monkeypatc
         monkeypatch.setattr(emitter_module, "REJECTED_LOG_S", 0.0)
         em.emit("bad", {"loss": "low"})
         counters = em.close()
-    said = [e for e in logs if e["event"] == "event rejected"]
+    said = [e for e in logs if e["event"] == "event rejected" and e.get("run_id") == "run-rejected"]
     assert counters["rejected"] == 501 and counters["emitted"] == 0
     assert [e["count"] for e in said] == [1, 500] and said[-1]["total"] == 501
     assert "values.loss" in said[-1]["reason"]

@@ -118,16 +118,19 @@ def test_a_queue_that_cannot_be_written_does_not_stall_the_queue(tmp_path, monke
     still watched, so the one after it starts in turn."""
     service = LabService(tmp_path / "art", max_running=1)
     try:
-        a, b, c = (service.submit(latency_spec(n, budget=0.3))["id"] for n in "abc")
+        a = "a"  # the ids are the names: the failure is in place before the first start, whatever the timing
         real, failed = service._save_queue, []
 
         def full_disk_once():
-            if not failed and service.lab.experiments[a].wait(0):
+            first = service.lab.experiments.get(a)
+            if not failed and first is not None and first.wait(0):
                 failed.append(True)
                 raise OSError(28, "No space left on device")  # the rewrite after b's start
             real()
 
         monkeypatch.setattr(service, "_save_queue", full_disk_once)
+        assert [service.submit(latency_spec(n, budget=0.3))["id"] for n in "abc"] == ["a", "b", "c"]
+        b, c = "b", "c"
         until(lambda: c in service.lab.experiments, 60, "the third experiment to start after the second")
         assert failed and b in service.lab.experiments
         service.lab.experiments[c].wait(60)
