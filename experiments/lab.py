@@ -1236,6 +1236,30 @@ class Lab:
         except (OSError, ValueError, TypeError) as exc:
             log.warning("could not record why a run was not resumed", run_dir=str(run_dir), error=str(exc))
 
+    def id_free_for(self, run_dir: Path, wait: bool) -> bool:
+        """Whether the crashed run ``run_dir`` may take its experiment id now (the caller holds
+        the Lab's lock; both backends ask). A run that ended holding the id lets it go (with
+        ``wait``); a live one keeps it, and the crashed run then waits for it (``wait``: see
+        :meth:`recover`) or is not resumed, logged either way."""
+        exp_id, run_id = run_dir.parent.name, run_dir.name
+        held = self.experiments.get(exp_id)
+        if held is None:
+            return True
+        if wait and held.status() not in LIVE:
+            del self.experiments[exp_id]  # its run ended: on disk, and listed from there
+            return True
+        if wait:
+            self._waiting.setdefault(exp_id, []).append(run_dir)
+            log.warning(
+                "a crashed run's id is taken in this Lab; it resumes when that run ends",
+                experiment=exp_id,
+                run_id=run_id,
+                after=held.run_id,
+            )
+        else:
+            log.warning("a crashed run's id is taken in this Lab; not resumed", experiment=exp_id, run_id=run_id)
+        return False
+
     def _resume_run(
         self, run_dir: Path, rec: dict[str, Any], seqs: HistorySeqs | None = None, wait: bool = False
     ) -> Experiment | None:
@@ -1249,23 +1273,7 @@ class Lab:
         full = spec  # the effective spec, as validated when the run began
         resumes = int(rec.get("resumes") or 0) + 1
         with self._lock:
-            held = self.experiments.get(exp_id)
-            if wait and held is not None and held.status() not in LIVE:
-                del self.experiments[exp_id]  # its run ended: on disk, and listed from there
-            elif held is not None:
-                holder = held.run_id
-                if wait:
-                    self._waiting.setdefault(exp_id, []).append(run_dir)
-                    log.warning(
-                        "a crashed run's id is taken in this Lab; it resumes when that run ends",
-                        experiment=exp_id,
-                        run_id=run_id,
-                        after=holder,
-                    )
-                else:
-                    log.warning(
-                        "a crashed run's id is taken in this Lab; not resumed", experiment=exp_id, run_id=run_id
-                    )
+            if not self.id_free_for(run_dir, wait):
                 return None
             marker = self._claim(run_dir, resumes)
             if marker is None:

@@ -52,7 +52,6 @@ from telemetry.history import open_history
 from telemetry.query import QueryError, QueryLimitError, prepare_query
 from telemetry.rundir import (
     LIFECYCLE,
-    LIVE,
     SPEC,
     RunStatus,
     check_experiment_id,
@@ -980,22 +979,7 @@ class RayBackend:
             self.lab.note_no_spec(run_dir, report.record)
             return None
         with self.lab._lock:
-            held = self.lab.experiments.get(exp_id)
-            if wait and held is not None and held.status() not in LIVE:
-                del self.lab.experiments[exp_id]  # its run ended: on disk, and listed from there
-            elif held is not None:
-                if wait:
-                    self.lab._waiting.setdefault(exp_id, []).append(run_dir)
-                    log.warning(
-                        "a crashed run's id is taken in this Lab; it resumes when that run ends",
-                        experiment=exp_id,
-                        run_id=run_id,
-                        after=held.run_id,
-                    )
-                else:
-                    log.warning(
-                        "a crashed run's id is taken in this Lab; not resumed", experiment=exp_id, run_id=run_id
-                    )
+            if not self.lab.id_free_for(run_dir, wait):
                 return None
             exp = RemoteExperiment(self, spec, exp_id, run_id)
             self.lab.experiments[exp_id] = exp  # type: ignore[assignment]
