@@ -355,9 +355,11 @@ def test_the_phase_tells_hypertune_of_its_pauses(tmp_path):
         lab.shutdown()
     marks = [e for e in iter_run(exp.run_dir) if e["name"] in ("paused", "unpaused")]
     assert [e["name"] for e in marks] == ["paused", "unpaused"]
-    # paused_s is measured on the phase's clock at its safe points, the marks' ts as they are emitted
+    # paused_s is measured on the phase's clock at its safe points, the marks' ts as they are emitted: a
+    # thread preempted between the two on a loaded machine shifts one side. Half the pause still tells
+    # a length of nothing or of twice the pause from the real one.
     paused_s = marks[1]["values"]["paused_s"]
-    assert paused_s >= PAUSE_S and paused_s == pytest.approx((marks[1]["ts"] - marks[0]["ts"]) / 1e6, abs=0.25)
+    assert paused_s >= PAUSE_S and paused_s == pytest.approx((marks[1]["ts"] - marks[0]["ts"]) / 1e6, abs=PAUSE_S / 2)
 
 
 # --- the colouring workload's side, through the phase ----------------------------------------------
