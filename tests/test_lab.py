@@ -96,11 +96,21 @@ def test_two_experiments_do_not_see_each_other(lab):
     assert a.metrics()["events"] == len(ea) and b.metrics()["events"] == len(eb)
 
 
+PARKED = threading.Event()  # the test has parked the run: its calls may go fast
+
+
+def paced_call() -> None:
+    """A latency target slow (50 s for 1000 calls) until the test has parked the run, so that the
+    run cannot complete before the test's pause however late that comes; fast after."""
+    time.sleep(0.001 if PARKED.is_set() else 0.05)
+
+
 def test_phase_crash_restarts_from_checkpoint_and_completes(lab):
-    # about 3 s of calls: the pause below must come before the last one on a loaded machine too
-    slow = {"target": "time:sleep", "args": [0.003], "calls_per_step": 5, "calls": 1000}
+    PARKED.clear()
+    slow = {"target": f"{__name__}:paced_call", "args": [], "calls_per_step": 5, "calls": 1000}
     exp = lab.start_experiment(spec(workload={"name": "latency", "params": slow}))
     exp.pause()  # parked mid-run at a safe point: the crash below surely hits a running workload
+    PARKED.set()
     assert not exp.phase_status()["finished"]
     phase = exp.registry.whereis("phase")
     exp.registry.send("phase", {"kind": "crash", "why": "drill"})
@@ -388,7 +398,7 @@ def test_coloring_experiment_takes_control_at_safe_points(lab):
     exp = lab.start_experiment(
         {
             "name": "col",
-            "time_budget_s": 3.0,  # the first step (its kernels loaded) may spend a second of it on a loaded machine
+            "time_budget_s": 600,  # stopped below once steps have run after the control, however slow the first
             "workload": {
                 "name": "coloring",
                 "params": {
@@ -401,6 +411,7 @@ def test_coloring_experiment_takes_control_at_safe_points(lab):
     )
     exp.pause()
     phase = exp.registry.whereis("phase")
+    parked_at = phase.ask({"kind": "status"}, timeout=30)["steps"]
     ok = phase.ask({"kind": "set_param", "key": "set_tenure", "value": 1.5, "why": "test"})
     assert ok == {"ok": True, "key": "set_tenure", "before": 0.6, "after": 1.5}
     bad = phase.ask({"kind": "set_param", "key": "set_tenure", "value": 99})
@@ -412,7 +423,10 @@ def test_coloring_experiment_takes_control_at_safe_points(lab):
         with pytest.raises(ValueError, match=r"set_tenure=.* refused: set_tenure.* must be a finite number"):
             exp.set_param("set_tenure", nonfinite)
     exp.resume()
-    assert exp.wait(60) and exp.reason == "budget"  # seconds of active steps after the control
+    # two steps after the control: the first may be the init step (it emits no step event), the next is not
+    until(lambda: phase.ask({"kind": "status"}, timeout=30)["steps"] >= parked_at + 2, 120, "steps after the control")
+    exp.stop()
+    assert exp.wait(60) and exp.reason == "stopped"
     events = list(iter_run(exp.run_dir))
     control = [e for e in events if e["name"] == "control"]
     assert control and control[0]["notes"] == "set_tenure: 0.6 -> 1.5 (test)"
