@@ -90,11 +90,12 @@ def test_reads_stay_prompt_and_shutdown_is_concurrent_under_load(tmp_path):
         assert fresh["stale"] is False and fresh["events_persisted"] >= (prompt["events_persisted"] or 0)
         lab.shutdown()
         assert all(e.status() == "stopped" for e in [quiet, *exps])
-        # concurrent: the stops all began early in the shutdown (one after another, the last would
-        # begin (N-1)/N of the way through it); a loaded machine may start a thread late, so not
-        # "every stop began before any ended"
+        # concurrent: the stops overlapped, so the shutdown took well under the sum of their times
+        # (one after another, it takes at least that sum, whatever each stop costs). Not "every stop
+        # began before any ended": a loaded machine may start a stop's thread after another stop ended.
         starts, ends = [e.stop_started_at for e in exps], [e.ended_at for e in exps]
-        assert max(starts) - min(starts) < 0.5 * (max(ends) - min(starts)), (starts, ends)
+        took = max(ends) - min(starts)
+        assert took < 0.6 * sum(end - start for start, end in zip(starts, ends, strict=True)), (starts, ends)
         for e in exps:
             s = e.summary()
             assert s["events_persisted"] == count_events(e.run_dir) > 0 and s["stale"] is False
