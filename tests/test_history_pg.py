@@ -229,11 +229,11 @@ def test_unreachable_refused_or_rejected_servers_give_one_clear_error(pg):
     for url, why in cases:
         t0 = time.monotonic()
         with pytest.raises(HistoryConnectError) as e:
-            open_history(url)
+            open_history(url, connect_timeout=20)  # a refusal waited out would cost 20 s (or the pool's 40)
         msg = str(e.value)
         assert msg.startswith(f"cannot connect to the history at {mask_url(url)}: ") and why in msg, msg
         assert "hunter2" not in msg and PASSWORD not in msg
-        assert time.monotonic() - t0 < 9  # a refusal is said at once: never retried up to a reconnect timeout
+        assert time.monotonic() - t0 < 15  # a refusal is said at once: never retried up to a timeout
     good = f"postgresql://{PASSWORD_USER}:{PASSWORD}@127.0.0.1:{srv.port}/postgres"
     srv.execute(f"GRANT CREATE ON SCHEMA public TO {PASSWORD_USER}")
     open_history(good, readonly=False).close()  # the right password gets in
@@ -371,17 +371,21 @@ def test_the_cli_names_the_setting_once_and_a_server_lost_mid_export_is_one_line
 
     real = BatchStore.iter_events
 
+    gone_at: list[float] = []
+
     def server_dies_mid_read(self, *args, **kwargs):
         for n, ev in enumerate(real(self, *args, **kwargs)):
             if n == 100:
                 srv._run("pg_ctl", "-D", str(srv.data), "-m", "immediate", "-w", "stop")
+                gone_at.append(time.monotonic())
             yield ev
 
     monkeypatch.setattr(BatchStore, "iter_events", server_dies_mid_read)
-    t0 = time.monotonic()
     err = fails("run1", "--out", str(out), "--history", url)
     assert err.startswith(f"crucible export: error: --history: history at {mask_url(url)} unavailable: "), err
-    assert time.monotonic() - t0 < 10
+    # said soon after the server went (the 1 s connect timeout), not after the pool's 10 s of reconnecting;
+    # timed from the server's end, so a slow pg_ctl on a loaded machine does not count
+    assert gone_at and time.monotonic() - gone_at[0] < 8
     assert not out.exists() and list(out.parent.iterdir()) == []  # no partial file
 
 
@@ -692,7 +696,7 @@ def test_a_stop_while_the_server_is_away_keeps_the_events_in_the_files(server_ba
     rec.ask({"kind": "flush"})
     t0 = time.monotonic()
     rec.stop()
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 10  # it waited its 0.5 s, not the default HISTORY_STOP_WAIT_S (10 s)
     import orjson
 
     s = orjson.loads((tmp_path / "exp" / "run" / "summary.json").read_bytes())
