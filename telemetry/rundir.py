@@ -551,7 +551,7 @@ def recorded_objective(record: dict[str, Any]) -> dict[str, Any] | None:
         "field": name,
         "direction": direction,
         "label": label,
-        "progress": progress if isinstance(progress, str) else None,
+        "progress": progress if isinstance(progress, str) and progress else None,
     }
 
 
@@ -578,8 +578,8 @@ def run_info(
     events = summ.get("events_persisted")
     approx = bool(summ.get("summary_stale"))  # the summary lagged: its figure is the files' lines (count_events)
     own = recorded_objective(rec)
-    if own is not None:
-        best_of = [(own["field"], own["direction"]), *best_of]
+    if own is not None:  # its own direction for its field, whatever another workload's field of that name says
+        best_of = [*(b for b in best_of if b[0] != own["field"]), (own["field"], own["direction"])]
     if not isinstance(events, int) or isinstance(events, bool):
         events = count_events(run_dir)  # no summary yet (killed early): the files say how many, perhaps none
         approx = True

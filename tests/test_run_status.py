@@ -351,3 +351,24 @@ def test_a_count_made_of_the_files_lines_is_shown_as_approximate(tmp_path):
     info = rundir.run_info(run)
     assert (info["events"], info["events_approx"]) == (20, False)
     assert "20" in runs_table("runs", [info]).runs[0]
+
+
+def test_a_runs_own_objective_direction_wins_over_another_workloads_same_named_field(tmp_path):
+    """``crucible list`` asks every run for the best of each known workload's objective; two
+    workloads may name the same field with opposite directions. A run's own record (the
+    objective its workload declared) decides how its field is read; a malformed objective in
+    the record is ignored, not trusted."""
+    run = tmp_path / "e" / "r"
+    run.mkdir(parents=True)
+    summary = {"events_persisted": 1, "phases": {"p": {"min": {"score": 1.0}, "max": {"score": 9.0}}}}
+    (run / "summary.json").write_bytes(orjson.dumps(summary))
+    record = {"status": "stopped", "reason": "budget", "updated_at": 1.0}
+    (run / "lifecycle.json").write_bytes(orjson.dumps({**record, "objective": {"field": "score", "direction": "max"}}))
+    info = rundir.run_info(run, None, [("score", "min")])
+    assert info["best"] == {"score": 9.0}
+    assert info["objective"]["direction"] == "max"
+    for bad in ({"field": "score", "direction": "sideways"}, {"field": 3, "direction": "max"}, "score", [1]):
+        (run / "lifecycle.json").write_bytes(orjson.dumps({**record, "objective": bad}))
+        info = rundir.run_info(run, None, [("score", "min")])
+        assert info["objective"] is None
+        assert info["best"] == {"score": 1.0}  # the catalogue's direction, as before
