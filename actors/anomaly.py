@@ -29,7 +29,8 @@ it publishes each batch's anomalies and ``anomaly_period`` start/end messages.
 
 A field of ``metrics`` that none of the first :data:`UNSEEN_AFTER_BATCHES` batches carrying
 values held (a misspelt name watches nothing) is said once: a warning, and a note the phase
-records as an :data:`UNSEEN_EVENT` event (``notes_to``), naming the fields they held.
+records as an :data:`UNSEEN_EVENT` event (``notes_to``), naming the fields they held. A run
+that ends sooner is judged on all its events, as they end (:meth:`handle_last_notes`).
 """
 
 from __future__ import annotations
@@ -369,11 +370,19 @@ class AnomalyDetection(EventConsumer):
         self._value_batches += 1
         if self._value_batches < self.unseen_after:
             return
+        note = self._unseen_note("the first")
+        if note is not None and self.notes_to is not None:
+            self.notes_to.tell(note)
+
+    def _unseen_note(self, which: str) -> dict[str, Any] | None:
+        """Make the check now (once): log the warning and return the note for the run's record,
+        or None when every metric was seen. ``which``: of what events the note speaks."""
         assert self.metrics is not None
+        batches, self._value_batches = self._value_batches, max(self._value_batches, self.unseen_after)
         self.unseen_metrics = [m for m in self.metrics if m not in self._seen]
         seen, self._seen = sorted(self._seen), set()
         if not self.unseen_metrics:
-            return
+            return None
         shown = ", ".join(seen[:30]) + (f" and {len(seen) - 30} more" if len(seen) > 30 else "")
         log.warning(
             "anomaly.metrics names fields no event has carried; nothing is watched for them",
@@ -382,16 +391,22 @@ class AnomalyDetection(EventConsumer):
             events=self.events,
             fields_seen=seen[:30],
         )
-        if self.notes_to is not None:
-            self.notes_to.tell(
-                {
-                    "kind": "note",
-                    "name": UNSEEN_EVENT,
-                    "values": {"unseen_metrics": float(len(self.unseen_metrics))},
-                    "notes": f"anomaly.metrics: {', '.join(self.unseen_metrics)} in none of the first "
-                    f"{self.events:,} events ({self._value_batches} batches), which carried {shown}",
-                }
-            )
+        return {
+            "kind": "note",
+            "name": UNSEEN_EVENT,
+            "values": {"unseen_metrics": float(len(self.unseen_metrics))},
+            "notes": f"anomaly.metrics: {', '.join(self.unseen_metrics)} in none of {which} "
+            f"{self.events:,} events ({batches} batches), which carried {shown}",
+        }
+
+    def handle_last_notes(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        """The phase asks this as the run's events end (see ``PhaseActor(last_notes_from=)``):
+        a run too short for :attr:`unseen_after` batches still hears of a misspelt metric,
+        judged on every event it sent (they were all delivered before this ask)."""
+        if not self.enabled or self.metrics is None or not 0 < self._value_batches < self.unseen_after:
+            return []  # nothing to watch, already said, or no values came (nothing to judge by)
+        note = self._unseen_note("the run's")
+        return [] if note is None else [note]
 
     def _record(self, b: dict[str, Any], hits: dict[int, tuple[set[str], set[str]]], score: np.ndarray) -> None:
         items = []

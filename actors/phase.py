@@ -84,6 +84,7 @@ from telemetry.rundir import read_json
 log = get_logger("actors.phase")
 
 STATUS_INTERVAL_S = 0.2  # the status snapshot is refreshed at most this often between steps
+LAST_NOTES_TIMEOUT_S = 2.0  # how long the end of a run waits for each observer's last notes
 
 
 NONFINITE = "$nonfinite"
@@ -206,9 +207,13 @@ class PhaseActor(Actor):
         save_every_s: float = 1.0,
         run_dir: Path | None = None,
         status_snapshot: Snapshot | None = None,
+        last_notes_from: Any = (),
     ) -> None:
         super().__init__()
         self.experiment_id, self.run_id = experiment_id, run_id
+        # observers (NamedTargets) asked, as the run's events end, for notes to record before they
+        # close: what they judge only at a count of batches a short run never reaches
+        self.last_notes_from = tuple(last_notes_from)
         self.topics = topics
         self.checkpoints = checkpoints
         self.budget_s = budget_s
@@ -490,6 +495,7 @@ class PhaseActor(Actor):
         finish = getattr(self.workload, "finish", None)  # optional: a workload that keeps partial results
         if finish is not None:
             finish(self.emitter, reason)
+        self._last_notes()
         self._checkpoint(force=True)
         self.emitter.emit(
             "phase_end",
@@ -619,6 +625,30 @@ class PhaseActor(Actor):
         """Record an observer's note (e.g. hypertune's outcome of an action) in the run's events."""
         if self.finished:
             return  # the emitter is closed: the run's events are complete
+        self._record_note(msg)
+
+    def _last_notes(self) -> None:
+        """Ask each of :attr:`last_notes_from` for its last notes and record them. The events
+        sent so far go out first, so an observer answers having seen all of them (its mailbox
+        takes them before the ask). One that is gone or slow is skipped: the run ends anyway."""
+        if not self.last_notes_from:
+            return
+        assert self.emitter is not None
+        self.emitter.flush()
+        for target in self.last_notes_from:
+            ref = target.registry.whereis(target.name)
+            if ref is None:
+                continue
+            try:
+                notes = ref.ask({"kind": "last_notes"}, timeout=LAST_NOTES_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - an observer's trouble never holds up the end of a run
+                log.info("no last notes", experiment=self.experiment_id, observer=target.name, error=repr(exc))
+                continue
+            for note in notes if isinstance(notes, list) else ():
+                if isinstance(note, dict):
+                    self._record_note(note)
+
+    def _record_note(self, msg: dict[str, Any]) -> None:
         assert self.emitter is not None
         values = {
             k: float(v)
@@ -663,6 +693,7 @@ class PhaseActor(Actor):
                 # the restarted phase goes on from, retrying that step; only the time is added
                 self.checkpoints.update(self, active_s=self.active_time())
             else:
+                self._last_notes()
                 self._checkpoint(force=True)
             self.checkpoints.update(self, counters=self.emitter.close())
             self._save()

@@ -443,6 +443,8 @@ class Experiment:
                     "run_dir": self.run_dir,
                     "status_snapshot": self._phase_snap,
                     "watch": (NamedTarget("sampler", reg), NamedTarget("recorder", reg)),
+                    # a short run still hears of a misspelt anomaly.metrics (asked only when there are some)
+                    "last_notes_from": (NamedTarget("anomaly", reg),) if a["enabled"] and a.get("metrics") else (),
                     "emitter_opts": {
                         "batch_size": t["batch_size"],
                         "flush_interval": t["flush_interval_s"],

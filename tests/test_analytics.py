@@ -419,6 +419,36 @@ def test_a_metric_no_event_carries_is_said_once_naming_the_fields_seen():
     assert det.handle_anomaly_metrics({})["unseen_metrics"] == []
 
 
+def test_a_run_too_short_for_the_check_is_judged_on_all_its_events_at_its_end():
+    """The check waits for ``unseen_after`` batches; a run that ends before that is judged as
+    its events end (the phase asks ``last_notes``), once, and only when some values came."""
+    notes = _Notes()
+    det = AnomalyDetection("exp", metrics=["latncy_ms", "score"], notes_to=notes, unseen_after=20)
+    assert det.handle_last_notes({}) == []  # no values yet: nothing to judge by
+    det.on_events(batch({"latency_ms": np.ones(5), "score": np.ones(5)}))
+    det.on_events(batch({"steps": np.ones(2)}, start_seq=5))
+    (note,) = det.handle_last_notes({})
+    assert notes.told == []  # answered, not told: the phase records it before its events close
+    assert note["name"] == "anomaly_unseen_metrics" and note["values"] == {"unseen_metrics": 1.0}
+    assert "anomaly.metrics: latncy_ms in none of the run's 7 events (2 batches)" in note["notes"]
+    assert "latency_ms, score, steps" in note["notes"]
+    assert det.handle_last_notes({}) == []  # said once
+    det.on_events(batch({"other": np.ones(5)}, start_seq=7))
+    assert notes.told == [] and det.handle_anomaly_metrics({})["unseen_metrics"] == ["latncy_ms"]
+
+
+def test_the_end_of_a_run_says_nothing_when_the_check_was_made_or_all_were_seen():
+    notes = _Notes()
+    det = AnomalyDetection("exp", metrics=["latncy_ms"], notes_to=notes, unseen_after=2)
+    for i in range(2):
+        det.on_events(batch({"latency_ms": np.ones(5)}, start_seq=5 * i))
+    assert len(notes.told) == 1 and det.handle_last_notes({}) == []  # made at the second batch
+    for metrics, enabled in ((["latency_ms"], True), (None, True), (["latncy_ms"], False)):
+        det = AnomalyDetection("exp", metrics=metrics, enabled=enabled, unseen_after=20)
+        det.on_events(batch({"latency_ms": np.ones(5)}))
+        assert det.handle_last_notes({}) == []
+
+
 def test_metrics_every_event_carries_or_none_configured_say_nothing():
     for metrics in (["latency_ms"], None):
         notes = _Notes()

@@ -152,6 +152,27 @@ def test_a_misspelt_anomaly_metric_is_said_in_the_run_s_events_and_never_sampled
     assert "which carried " in note["notes"] and "latency_ms" in note["notes"]
 
 
+def test_a_run_that_ends_before_the_check_still_records_its_misspelt_metric(lab):
+    """A short run (fewer batches than the detector's check waits for) hears of it as its
+    events end, judged on all of them: the note is in its events, before its phase_end."""
+    exp = lab.start_experiment(spec(calls=40, telemetry={"batch_size": 10}, anomaly={"metrics": ["latncy_ms"]}))
+    assert exp.wait(60) and exp.reason == "completed"
+    events = list(iter_run(exp.run_dir))
+    names = [e["name"] for e in events]
+    assert names.count("anomaly_unseen_metrics") == 1
+    assert names.index("anomaly_unseen_metrics") < names.index("phase_end")
+    (note,) = [e for e in events if e["name"] == "anomaly_unseen_metrics"]
+    assert note["notes"].startswith("anomaly.metrics: latncy_ms in none of the run's ")
+    assert "latency_ms" in note["notes"]
+    files_account(exp)
+
+
+def test_a_short_run_with_its_anomaly_metrics_all_seen_records_no_note(lab):
+    exp = lab.start_experiment(spec(calls=40, telemetry={"batch_size": 10}, anomaly={"metrics": ["latency_ms"]}))
+    assert exp.wait(60) and exp.reason == "completed"
+    assert "anomaly_unseen_metrics" not in {e["name"] for e in iter_run(exp.run_dir)}
+
+
 def test_budget_ends_the_run(lab):
     exp = lab.start_experiment(spec(budget=0.3))
     assert exp.wait(30)
