@@ -90,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             address=args.ray_address,
             data_dirs=data_dirs,
             allow_targets=allow_targets,
+            start=False,  # resumes and starts nothing before the port is ours (see LabService)
         )
     except LabLocked as exc:
         raise UsageError(str(exc)) from None
@@ -98,12 +99,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, RayBackendError) as exc:  # a malformed --ray-address, no cluster there, no Ray installed
         raise UsageError(f"--backend {args.backend}: {exc}") from None
     dash = None
-    try:
-        with stop_on_signals() as stop_now:
+    # the signal handlers stay for the whole stop: a repeat of the first signal is ignored, and a
+    # second one later ends the process at once, as stop_on_signals says (not the default action)
+    with stop_on_signals() as stop_now:
+        try:
             try:
                 dash = Dashboard(service, args.host, args.port)
             except OSError as exc:
                 raise UsageError(str(exc)) from None
+            service.start()
             sys.stdout.write(f"lab daemon: {dash.url} (artifacts {artifacts}, token in {dash.token_file})\n")
             sys.stdout.write(f"dashboard: {dash.new_sign_in_url()}  (a sign-in link that works once)\n")
             sys.stdout.flush()
@@ -111,13 +115,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             while not stop_now.wait(1.0):
                 pass
             log.info("lab daemon stopping on a signal")
-    finally:
-        try:
-            if dash is not None:
-                dash.stop()
         finally:
-            service.shutdown()
-            log.info("lab daemon stopped")
+            try:
+                if dash is not None:
+                    dash.stop()
+            finally:
+                service.shutdown()
+                log.info("lab daemon stopped")
     return EXIT_OK
 
 

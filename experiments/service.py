@@ -171,7 +171,12 @@ class LabService:
         address: str | None = None,
         data_dirs: Sequence[str | Path] = (),
         allow_targets: Sequence[str] = (),
+        start: bool = True,
     ) -> None:
+        """``start=False`` takes the folder (lock, history, queue) but resumes and starts
+        nothing until :meth:`start`: a daemon binds its port first, so a start that fails
+        there (the port taken) leaves crashed runs crashed and the queue as it was, instead of
+        starting them only to stop them for good."""
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
         # what a submission may read and call (experiments.admission): checked at submission and at start
@@ -193,27 +198,42 @@ class LabService:
         self._started_unsaved: set[str] = set()  # queued items found started at load (see _own_runs)
         self._held: dict[str, Any] | None = None  # the queue's head waiting out a storage error (see _hold)
         self._hold_timer: threading.Timer | None = None
+        self._started = False  # recover() done and the queue going (see start)
         try:
             # history: see telemetry.history; backend and address: Lab (docs/ray.md)
             self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
             self._queue = self._load_queue()  # first: it names the runs of our submissions, resumed first
-            recover = getattr(self.lab, "recover", None)  # resumes a crashed previous owner's runs, where supported
-            recovered: list[Experiment] = list(recover(self._own_runs()) or []) if callable(recover) else []
-            for exp in recovered:
-                self._watch(exp)
-            log.info(
-                "lab service started",
-                artifacts=str(self.artifacts),
-                pid=os.getpid(),
-                max_running=max_running,
-                queued=len(self._queue),
-                recovered=[e.id for e in recovered],
-            )
-            with self._lock:
-                self._fill()
         except BaseException:
             self._release_lock()
             raise
+        if start:
+            try:
+                self.start()
+            except BaseException:
+                self.shutdown()
+                raise
+
+    def start(self) -> None:
+        """Resume the runs a crashed previous owner left, then start queued items while slots
+        are free. Submissions taken before it wait in the queue. Once only."""
+        with self._lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+        recover = getattr(self.lab, "recover", None)  # resumes a crashed previous owner's runs, where supported
+        recovered: list[Experiment] = list(recover(self._own_runs()) or []) if callable(recover) else []
+        for exp in recovered:
+            self._watch(exp)
+        log.info(
+            "lab service started",
+            artifacts=str(self.artifacts),
+            pid=os.getpid(),
+            max_running=self.max_running,
+            queued=len(self._queue),
+            recovered=[e.id for e in recovered],
+        )
+        with self._lock:
+            self._fill()
 
     # --- the lock ------------------------------------------------------------------------------------
 
@@ -520,7 +540,7 @@ class LabService:
 
     def _fill(self) -> None:
         """Start queued items, oldest first, while a slot is free (the caller holds the lock)."""
-        while self._queue and not self._closed and self._running() < self.max_running:
+        while self._queue and self._started and not self._closed and self._running() < self.max_running:
             item = self._queue[0]
             try:
                 # checked again: a link in a data folder may point elsewhere now, the rules may have changed
