@@ -5,10 +5,11 @@ its request's headers. Any local process, token or not, could then open connecti
 trickle header bytes until the process runs out of file descriptors, and the experiments in
 the same process (their event files, checkpoints, history) fail with it. Here a connection
 past :data:`MAX_CONNECTIONS` makes room by closing the oldest connection still waiting for
-its request's headers (no request has been authenticated on it); only when every open one
-is busy (a request under way, a websocket) is the new one closed as it is accepted. A flood
-of half-sent requests then churns among its own connections, and a client that sends its
-request at once (the page, a script with the token) still gets in. A connection whose
+its request's headers or the rest of its body (headers and a body come at once from any
+client; a login or a request answered 401 needs no token to leave its body unfinished);
+only when every open one is busy (a request under way, a websocket) is the new one closed
+as it is accepted. A flood of half-sent requests then churns among its own connections, and
+a client that sends its request at once (the page, a script with the token) still gets in. A connection whose
 request has not all arrived :data:`HEADER_TIMEOUT_S` after it opened (or after its previous
 response) is closed: its headers, and its body too (the guard caps bodies at 64 KiB, which a
 client sends at once; a body trickled a byte a minute would hold the connection forever).
@@ -80,10 +81,15 @@ class GuardedH11Protocol(H11Protocol):
             log.warning(what, limit=self.max_connections, refused=self.refused, evicted=self.evicted)
 
     def _waiting(self) -> bool:
-        """Open, still HTTP (not a websocket), and waiting for a request's headers: none sent yet,
-        or some but not all, on a new connection or a kept-alive one."""
+        """Open, still HTTP (not a websocket), and waiting for its client: for a request's
+        headers (none sent yet, or some but not all, on a new connection or a kept-alive one),
+        or for the rest of a request's body. A body is at most 64 KiB, which any client sends
+        at once; one still arriving is a client holding the slot (a login, or a request its
+        401 answered before the body came, needs no token to do that)."""
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             return False
+        if self.conn.their_state is h11.SEND_BODY:
+            return True
         return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
 
     def _oldest_waiting(self) -> GuardedH11Protocol | None:
