@@ -479,6 +479,39 @@ def test_the_default_targets_cannot_hold_a_phase_for_long():
     assert checksum_work(64)["bytes"] == 64
 
 
+def test_the_default_task_holds_a_bounded_amount_of_memory_however_many_calls_run_at_once(monkeypatch):
+    """``concurrency`` (up to 256, steerable) times the per-call cap would be tens of GB in
+    one daemon; the calls of a process share one budget, a call past it waiting for room.
+    Measured with tracemalloc: sixteen 4 MiB calls started together under a 16 MiB budget."""
+    import tracemalloc
+
+    from experiments.workloads import latency
+
+    size = 4 * 2**20
+    monkeypatch.setattr(latency, "CHECKSUM_BUDGET_BYTES", 4 * size)  # room for two calls (each holds 2 x size)
+    start = threading.Barrier(16)
+    results: list[dict] = []
+
+    def call() -> None:
+        start.wait(60)
+        results.append(latency.checksum_work(size))
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        threads = [threading.Thread(target=call) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(results) == 16 and all(r["bytes"] == size for r in results)
+    assert peak < 6 * size, f"peak {peak / 2**20:.0f} MiB"  # two calls' worth and change, not sixteen
+    assert latency._checksum_in_use == 0  # every call gave its room back
+
+
 def test_a_queued_submission_is_checked_again_when_it_starts(tmp_path):
     """A link in a data folder that points elsewhere by the time the queued experiment starts:
     it fails to start, naming the rule, and no word of the file's contents is shown."""

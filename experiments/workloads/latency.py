@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -69,10 +70,19 @@ RANGES = {
 
 
 CHECKSUM_MAX_BYTES = 64 * 2**20  # a lab daemon allows this target to anyone with its token
+CHECKSUM_BUDGET_BYTES = 256 * 2**20
+"""The bytes all :func:`checksum_work` calls of a process hold at once: a call past it waits
+for room. Without it, ``concurrency`` (up to 256, and steerable) times the per-call cap, times
+the experiments of a daemon, is tens of GB: the kernel's OOM killer would end the daemon and
+every run in it, and its recovery would resume the same run into the same end."""
+_checksum_room = threading.Condition()
+_checksum_in_use = 0
 
 
 def checksum_work(size: int = 262_144) -> dict[str, Any]:
     """A real, deterministic CPU task for the default experiment: hash and compress a buffer.
+    Calls share :data:`CHECKSUM_BUDGET_BYTES`: one that would go past it waits for room (its
+    latency counts the wait, as a call to a saturated service does).
 
     Raises:
         ValueError: ``size`` is not a whole number of bytes from 0 to :data:`CHECKSUM_MAX_BYTES`.
@@ -80,14 +90,23 @@ def checksum_work(size: int = 262_144) -> dict[str, Any]:
     import hashlib
     import zlib
 
+    global _checksum_in_use
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= CHECKSUM_MAX_BYTES:
         raise ValueError(
             f"checksum_work: size must be a whole number of bytes from 0 to {CHECKSUM_MAX_BYTES}, got {size!r}"
         )
-
-    data = hashlib.sha256(str(size).encode()).digest() * (size // 32)
-    packed = zlib.compress(data, 6)
-    return {"bytes": size, "compressed": len(packed)}
+    held = size * 2  # the buffer, and its compressed copy at worst as large
+    with _checksum_room:
+        _checksum_room.wait_for(lambda: _checksum_in_use == 0 or _checksum_in_use + held <= CHECKSUM_BUDGET_BYTES)
+        _checksum_in_use += held
+    try:
+        data = hashlib.sha256(str(size).encode()).digest() * (size // 32)
+        packed = zlib.compress(data, 6)
+        return {"bytes": size, "compressed": len(packed)}
+    finally:
+        with _checksum_room:
+            _checksum_in_use -= held
+            _checksum_room.notify_all()
 
 
 def resolve(target: str) -> Callable[..., Any]:
