@@ -53,6 +53,10 @@ __all__ = ["BUSY_TIMEOUT_S", "DB_NAME", "HistoryStore", "batch_mask"]
 
 DB_NAME = "history.sqlite3"
 
+APPLICATION_ID = 0x43524C42  # "CRLB" in the file's header (PRAGMA application_id): this is a crucible history
+OUR_TABLES = frozenset({"batches", "spans", "runs"})
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
 BUSY_TIMEOUT_S = 1.0
 """How long a write waits for a lock another connection holds before the history counts as
 unavailable (the Recorder then keeps its batches and retries, as for a server that went away).
@@ -78,6 +82,53 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
+def _refuse_foreign(path: Path) -> None:
+    """``HistoryConnectError`` for a file that is no crucible history (a SQLite database of
+    another program, or no database at all), found before anything is written: no ``.lock``
+    beside it, no switch to WAL, no tables of ours added to it. A missing or empty file is a
+    new history; one marked with :data:`APPLICATION_ID`, or unmarked (an older history) that
+    holds any of our tables, is ours."""
+    if path.name.endswith(".lock"):  # a lock file (ours: <history>.lock), picked by a slip of tab completion
+        raise HistoryConnectError(f"history {str(path)!r} cannot be opened: a .lock file is no history")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        raise HistoryConnectError(f"history {str(path)!r} cannot be opened: it is a folder, not a file") from None
+    except OSError as exc:
+        raise HistoryConnectError(f"history {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    if not head:
+        return
+    if not head.startswith(SQLITE_MAGIC):
+        raise HistoryConnectError(
+            f"history {str(path)!r} cannot be opened: it is not a SQLite database (nothing was written to it)"
+        )
+    app_id = int.from_bytes(head[68:72], "big") if len(head) >= 72 else 0
+    if app_id == APPLICATION_ID:
+        return
+    if app_id != 0:
+        raise HistoryConnectError(
+            f"history {str(path)!r} cannot be opened: it is another program's SQLite database "
+            f"(application id {app_id:#x}; nothing was written to it)"
+        )
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:
+        return  # damaged, or a journal to roll back first: the open proper says what is wrong
+    if tables and not tables & OUR_TABLES:  # an older history may lack a table a later version added
+        other = ", ".join(sorted(tables - OUR_TABLES)[:5])
+        raise HistoryConnectError(
+            f"history {str(path)!r} cannot be opened: it is another program's SQLite database "
+            f"(tables {other}; nothing was written to it)"
+        )
+
+
 class HistoryStore(BatchStore):
     """A connection to the history database (thread-safe through a lock)."""
 
@@ -100,14 +151,19 @@ class HistoryStore(BatchStore):
             # in WAL mode, where SQLite's rollback-journal locking can refuse one of them at
             # once with "database is locked" rather than let its busy timeout wait.
             try:
+                _refuse_foreign(self.path)  # before anything is written beside it (its .lock) or in it
                 with locked(self.path):
                     if not self.path.exists():  # a new history is the owner's only (SQLite gives its WAL the same mode)
                         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+                    elif self.path.stat().st_size == 0:  # an empty file made a new history: the owner's only too
+                        with contextlib.suppress(OSError):  # not ours to change: it stays as its owner set it
+                            os.chmod(self.path, 0o600)
                     self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
                     self.db.execute("PRAGMA journal_mode=WAL")
                     self.db.execute("PRAGMA synchronous=NORMAL")
                     self.db.executescript(_SCHEMA)
                     self.db.execute("SELECT experiment_id, run_id, summary FROM runs LIMIT 0")  # another schema: here
+                    self._mark()
                     self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")  # writes: see BUSY_TIMEOUT_S
                     st = os.stat(self.path)
                     self._file = (st.st_dev, st.st_ino)  # the file this store writes to (see _check_file)
@@ -120,6 +176,17 @@ class HistoryStore(BatchStore):
 
     def __repr__(self) -> str:
         return f"<HistoryStore sqlite {self.path}>"
+
+    def _mark(self) -> None:
+        """Write :data:`APPLICATION_ID` into a history not marked yet (new, or an earlier
+        version's). A write: one that another connection's lock holds up is left for a later open."""
+        if self.db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
+            return
+        try:
+            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        except sqlite3.OperationalError as exc:
+            if _code(exc) not in _BUSY_CODES:
+                raise
 
     def close(self) -> None:
         """Commit what is kept, then close (closed even when the commit fails)."""

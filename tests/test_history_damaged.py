@@ -19,7 +19,7 @@ from telemetry.emitter import Emitter
 from telemetry.history import HistoryDamaged, open_history
 from telemetry.jsonl import iter_run
 from telemetry.rundir import RunStatus
-from telemetry.store import DB_NAME, HistoryStore
+from telemetry.store import _SCHEMA, DB_NAME, HistoryStore
 from tests.test_pipeline_faults import fast_spec
 from tests.test_recorder import emit_n
 
@@ -152,3 +152,62 @@ def test_a_postgresql_history_reporting_corrupted_data_is_a_damaged_history(pg, 
     assert s["storage_error"] is None and counters["emitted"] == 100
     assert h["available"] is False and "is damaged: invalid page" in h["error"] and h["events_unsent"] == 100, h
     assert [e["seq"] for e in iter_run(tmp_path / "exp" / "during")] == list(range(100))
+
+
+def test_a_file_that_is_no_crucible_history_is_refused_before_anything_is_written(tmp_path):
+    """``--history PATH`` names a file: one that is not a database, or another program's
+    SQLite database, is refused with nothing written in it or beside it (no ``.lock``, no
+    switch to WAL, no tables of ours); an empty file and our own history (marked, or an older
+    unmarked one) open."""
+    from telemetry.history import HistoryConnectError
+
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    foreign = tmp_path / "foreign.db"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE foo (x)")
+    con.commit()
+    con.close()
+    marked = tmp_path / "marked.db"
+    con = sqlite3.connect(marked)
+    con.execute("PRAGMA application_id = 1234")
+    con.execute("CREATE TABLE batches (x)")
+    con.commit()
+    con.close()
+    for path, why in ((text, "not a SQLite database"), (foreign, "tables foo"), (marked, "application id 0x4d2")):
+        before = path.read_bytes()
+        with pytest.raises(HistoryConnectError, match=why):
+            HistoryStore(path)
+        assert path.read_bytes() == before
+        assert not path.with_name(path.name + ".lock").exists()
+    con = sqlite3.connect(foreign)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(HistoryConnectError, match="is a folder"):
+        HistoryStore(tmp_path / "dir.db")
+
+    zeros = tmp_path / "recorder.reserve"  # a file of zeros (a crashed run's reserve) is no database either
+    zeros.write_bytes(bytes(4096))
+    lockfile = tmp_path / "history.sqlite3.lock"  # a slip of tab completion
+    lockfile.touch()
+    for path, why in ((zeros, "not a SQLite database"), (lockfile, "a .lock file is no history")):
+        with pytest.raises(HistoryConnectError, match=why):
+            HistoryStore(path)
+        assert not path.with_name(path.name + ".lock").exists()
+    empty = tmp_path / "empty.db"
+    empty.touch(mode=0o644)
+    HistoryStore(empty).close()
+    assert empty.stat().st_mode & 0o777 == 0o600  # a new history is the owner's only, made in an empty file too
+    older = tmp_path / "older.db"  # a history written before the mark: our tables, no application id
+    con = sqlite3.connect(older)
+    con.executescript(_SCHEMA)
+    con.commit()
+    con.close()
+    HistoryStore(older).close()
+    ours = tmp_path / DB_NAME
+    HistoryStore(ours).close()
+    HistoryStore(ours).close()  # marked now: opens again
+    con = sqlite3.connect(ours)
+    assert con.execute("PRAGMA application_id").fetchone()[0] == 0x43524C42
+    con.close()
