@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from cli import render
 from cli.commands import help_of
 from experiments.validate import Num
 
@@ -15,7 +15,7 @@ from experiments.validate import Num
 def cmd_demo(args: argparse.Namespace) -> int:
     from actors.demo import run_demo
 
-    console = Console()
+    console = render.console()
     console.print(
         f"[bold]crucible demo[/]: a one_for_one supervisor over a counter and a worker "
         f"that crashes every 7th tick, for {args.seconds:g}s"

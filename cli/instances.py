@@ -6,7 +6,6 @@ import argparse
 from typing import Any
 
 import orjson
-from rich.console import Console
 
 from cli import render
 from cli.commands import help_of
@@ -41,7 +40,7 @@ def cmd_instances(args: argparse.Namespace) -> int:
         for r in rows:
             print(orjson.dumps(r).decode())
         return 0
-    console = Console()
+    console = render.console()
     console.print(render.instances_table(rows))
     console.print("* proved optimal")
     return 0

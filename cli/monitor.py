@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.live import Live
 
 from cli import render
@@ -61,7 +60,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                 a.resolve(fields)
             except AlertError as exc:
                 raise UsageError(str(exc)) from None
-    console = Console()
+    console = render.console()
     if args.summary:
         from cli.runs import history_events, history_target, reading_history
         from telemetry.history import describe_history
@@ -76,7 +75,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         render.say(  # recorded text: shown as it is, never read as markup
             console,
             f"GPU vs CPU (events): {s['gpu_usage'] or 'not recorded'}; run {s['duration_s']:.1f} s; "
-            f"persisted {s['events_persisted']}, dropped {s['dropped']}"
+            f"persisted {s['events_persisted']}, dropped "
+            + (str(s["dropped"]) if s["dropped"] is not None else "not known (no summary.json says)")
             + (f", sampled out {s['sampled_out']}" if s["sampled_out"] else "")  # on purpose: no loss
             + "; "
             f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}",

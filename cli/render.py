@@ -397,11 +397,18 @@ class MonitorView:
         return t
 
 
+def console(**options: Any) -> Console:
+    """A rich console for the CLI's output. Emoji codes are not rendered: the text it shows is
+    the user's (paths, ids, reasons, specs), and ``:x:`` in a folder name or ``root:x:0:0`` in
+    a quoted line must print as written, not as a picture."""
+    return Console(emoji=False, **options)
+
+
 def listing_console() -> Console:
     """The console for a listing: on a terminal, its width; written to a file or a pipe (``>
     runs.txt``, ``| grep``) without ``COLUMNS``, :data:`LISTING_WIDTH` columns, so that run
     ids and paths come out whole rather than cut to 80 columns. It soft-wraps: a line wider
     than the console (:class:`RunsTable`'s one line per run) is printed whole, not cropped."""
     if sys.stdout is not None and not sys.stdout.isatty() and "COLUMNS" not in os.environ:
-        return Console(width=LISTING_WIDTH, soft_wrap=True)
-    return Console(soft_wrap=True)
+        return console(width=LISTING_WIDTH, soft_wrap=True)
+    return console(soft_wrap=True)

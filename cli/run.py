@@ -180,7 +180,7 @@ def serve_dashboard(lab: Lab, port: int, console: Console) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = render.console()
     summary_path = writable_file(args.json_summary, "--json-summary") if args.json_summary else None
     port = dash_port(args) if args.dashboard else None
     backend_options(args)  # the flags first, as argparse would
@@ -305,7 +305,7 @@ def cmd_color(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(result).decode())
     else:
-        Console().print(render.figures_table(f"colouring of {g.name} ({g.n} vertices, {g.m} edges)", result))
+        render.console().print(render.figures_table(f"colouring of {g.name} ({g.n} vertices, {g.m} edges)", result))
     return EXIT_OK if verdict["proper"] and not reason_failed(reason) else EXIT_FAILED
 
 

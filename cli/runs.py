@@ -281,7 +281,7 @@ def _refuse_recorded(path: Path, target: Path, said: str) -> None:
 
 def _said_to(out: Output) -> Console:
     """Where the closing line goes: stderr when the export streams (it may be stdout itself)."""
-    return Console(stderr=out.stream)
+    return render.console(stderr=out.stream)
 
 
 def _write_whole(out: Output, write: Callable[[Any], int]) -> int:
@@ -422,7 +422,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(r).decode())
         return 0
-    Console().print(render.compare_table(f"{args.metric}: {a.name} (control) vs {b.name} (treatment)", r))
+    render.console().print(render.compare_table(f"{args.metric}: {a.name} (control) vs {b.name} (treatment)", r))
     return 0
 
 
@@ -438,7 +438,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     except HistoryError as exc:
         raise history_error(args.history, exc) from None
     where = describe_history(args.history, art)
-    console = Console(highlight=False)
+    console = render.console(highlight=False)
     sent = problems = 0
     try:
         for run in runs:

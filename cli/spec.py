@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 import orjson
-from rich.console import Console
 
 from cli.commands import help_of
 
@@ -21,7 +20,7 @@ def cmd_set(args: argparse.Namespace) -> int:
 
     set_values(args.spec, args.assignments)
     done = ", ".join(brief(a, 80) for a in args.assignments)  # a value of a megabyte is not echoed whole
-    render.say(Console(), f"{args.spec}: set {done}")  # the user's text, as typed
+    render.say(render.console(), f"{args.spec}: set {done}")  # the user's text, as typed
     return 0
 
 

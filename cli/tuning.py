@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rich.console import Console
 
 from cli import render
 from cli.commands import help_of
@@ -54,7 +53,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return _interrupted("tune", term)
 
-        console = Console()
+        console = render.console()
         done: list[dict[str, Any]] = []  # the trials finished so far: printed too when interrupted
 
         def on_trial(row: dict[str, Any]) -> None:
@@ -164,7 +163,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return _interrupted("ab", term)
 
-        console = Console()
+        console = render.console()
         try:
             rep = ab(
                 args.spec,

@@ -367,3 +367,43 @@ def test_a_run_on_a_damaged_history_is_one_line_and_exit_2(finished, tmp_path, c
         main(["run", str(spec), "--artifacts", str(art), "--no-live"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "cannot be opened" in err, err
+
+
+def test_the_users_text_prints_as_written_never_as_emoji(tmp_path, capsys, monkeypatch):
+    """Rich renders ``:x:`` as an emoji by default: a folder named ``E:x:`` listed as ``E❌``
+    cannot be pasted back, and a reason quoting ``root:x:0:0`` reads wrong. The CLI's
+    consoles print the text as it is."""
+    import io
+
+    from cli import render
+
+    out = io.StringIO()
+    render.console(file=out, width=200).print("root:x:0:0 :thumbs_up: E:x:")
+    assert out.getvalue().strip() == "root:x:0:0 :thumbs_up: E:x:"
+    art = tmp_path / "E:x:"
+    run = art / "exp" / "20261124T000000Z-abcdef"
+    run.mkdir(parents=True)
+    (run / "lifecycle.json").write_text(
+        json.dumps({"status": "failed", "reason": "failed: bad line root:x:0:0", "updated_at": 1.0})
+    )
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["list", "--artifacts", str(art)]) == 0
+    shown = capsys.readouterr().out
+    assert "E:x:" in shown and "root:x:0:0" in shown and "❌" not in shown
+
+
+def test_monitor_summary_of_a_run_killed_before_its_first_summary_says_the_drops_are_not_known(tmp_path, capsys):
+    from telemetry.schema import dumps_line
+
+    run = tmp_path / "art" / "exp" / "20261124T000000Z-abcdef"
+    run.mkdir(parents=True)
+    (run / "events.jsonl").write_bytes(
+        b"".join(
+            dumps_line({"v": 1, "seq": i, "ts": 1_000_000 + i, "experiment_id": "exp", "run_id": run.name, "name": "s"})
+            for i in range(5)
+        )
+    )
+    assert main(["monitor", str(run), "--summary"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "persisted 5, dropped not known (no summary.json says)" in out
+    assert "None" not in out
