@@ -47,7 +47,7 @@ from experiments.lab import (
     NotRunning,
     register_backend,
 )
-from experiments.spec import DEFAULTS, SpecError
+from experiments.spec import DEFAULTS, SpecError, check_gpu_share
 from telemetry.history import open_history
 from telemetry.query import QueryError, QueryLimitError, prepare_query
 from telemetry.rundir import (
@@ -145,8 +145,10 @@ def check_resources(spec: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:
             raise SpecError(f"resources.{key}: must be a number from 0 to {hi}, got {value!r}")
         out[key] = float(value)
-    if out["gpus"] > 1 and out["gpus"] != int(out["gpus"]):
-        raise SpecError(f"resources.gpus: a share of a GPU must be below 1, or whole GPUs; got {out['gpus']!r}")
+    try:
+        check_gpu_share(out["gpus"])
+    except ValueError as exc:
+        raise SpecError(f"resources.gpus: {exc}") from None
     return out
 
 

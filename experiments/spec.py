@@ -364,6 +364,13 @@ def read_spec_text(path: str | Path) -> tuple[str, dict[str, Any]]:
     return text, parse_toml(text, path)
 
 
+def check_gpu_share(gpus: float) -> None:
+    """``ValueError`` for a GPU count above 1 that is not whole: Ray shares one GPU in fractions,
+    never several (checked with the spec, not only when the ray backend places the tree)."""
+    if gpus > 1 and gpus != int(gpus):
+        raise ValueError(f"a share of a GPU must be below 1, or whole GPUs; got {gpus!r}")
+
+
 def load_spec(
     spec: str | Path | dict[str, Any],
     overrides: list[str] | dict[str, Any] | None = None,
@@ -409,6 +416,10 @@ def load_spec(
         )
     except (ValueError, TypeError) as exc:
         raise SpecError(f"{where}: {exc}" if where else str(exc)) from None
+    try:
+        check_gpu_share(full["resources"]["gpus"])
+    except ValueError as exc:
+        raise SpecError(f"{_where(where, 'resources.gpus')}: {exc}") from None
     if workloads is not None:
         name = full["workload"]["name"]
         broken = getattr(workloads, "broken", {})  # a plug-in that failed to load: say why, not "unknown"

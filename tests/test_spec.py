@@ -374,3 +374,15 @@ def test_a_byte_order_mark_is_not_part_of_the_spec(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbfname = 'bom'\n")
     assert load_spec(path, workloads=registry())["name"] == "bom"
+
+
+def test_a_gpu_count_above_one_must_be_whole_whichever_backend_reads_it():
+    """Ray shares one GPU in fractions, never several: 1.5 GPUs is refused with the spec (a
+    spec checked, or run on the embedded backend, used to pass it until the ray backend)."""
+    base = {"name": "g", "workload": {"name": "latency"}}
+    for ok in (0, 0.25, 1, 2, 64):
+        assert load_spec({**base, "resources": {"gpus": ok}})["resources"]["gpus"] == ok
+    with pytest.raises(SpecError, match=r"resources\.gpus: a share of a GPU must be below 1, or whole GPUs; got 1\.5"):
+        load_spec({**base, "resources": {"gpus": 1.5}})
+    with pytest.raises(SpecError, match=r"resources\.gpus: a share of a GPU .* got 2\.5"):
+        load_spec(base, ["resources.gpus=2.5"])
