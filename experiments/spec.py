@@ -12,6 +12,7 @@ Tables and arrays nest at most :data:`MAX_DEPTH` levels, checked where a spec is
 from __future__ import annotations
 
 import copy
+import datetime
 import re
 import tomllib
 from collections.abc import Callable, Iterable
@@ -101,9 +102,13 @@ def _num(
 
 def _type(*types: type) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
-        if isinstance(v, bool) and bool not in types:
-            return f"must be {' or '.join(t.__name__ for t in types)}, got {v!r}"
-        return None if isinstance(v, types) else f"must be {' or '.join(t.__name__ for t in types)}, got {v!r}"
+        if isinstance(v, types) and not (isinstance(v, bool) and bool not in types):
+            return None
+        shown = v.isoformat() if isinstance(v, (datetime.date, datetime.time)) else repr(v)  # as the TOML had it
+        problem = f"must be {' or '.join(t.__name__ for t in types)}, got {shown}"
+        if str in types and not isinstance(v, dict):  # true, nan, 2024-01-01, [a] read as TOML values, not text
+            problem += f' (text that reads as another TOML value needs quotes: "{shown}"; in --set, KEY=\'"{shown}"\')'
+        return problem
 
     return check
 

@@ -386,3 +386,12 @@ def test_a_gpu_count_above_one_must_be_whole_whichever_backend_reads_it():
         load_spec({**base, "resources": {"gpus": 1.5}})
     with pytest.raises(SpecError, match=r"resources\.gpus: a share of a GPU .* got 2\.5"):
         load_spec(base, ["resources.gpus=2.5"])
+
+
+@pytest.mark.parametrize("raw, shown", [("true", "True"), ("nan", "nan"), ("2024-01-01", "2024-01-01"), ("[1]", "[1]")])
+def test_free_text_that_reads_as_another_toml_value_is_refused_with_the_quotes_it_needs(raw, shown):
+    base = {"name": "t", "workload": {"name": "latency"}}
+    with pytest.raises(SpecError) as e:
+        load_spec(base, [f"hypothesis={raw}"])
+    assert f"hypothesis: must be str, got {shown} (text that reads as another TOML value needs quotes" in str(e.value)
+    assert load_spec(base, [f'hypothesis="{raw}"'])["hypothesis"] == raw  # quoted: the text as written
