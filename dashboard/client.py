@@ -26,12 +26,21 @@ log = get_logger("dashboard.client")
 TOKEN_ENV = "CRUCIBLE_TOKEN"
 SUBMIT_RETRIES = 2  # after a lost answer: three tries in all, 0.5 s then 1 s apart
 RETRY_DELAY_S = 0.5
+SUBMIT_PATIENCE_S = 30.0
+"""How long a submission goes on trying once a try may have reached the daemon (sent, its answer
+lost): a daemon that died there is likely restarting (recovery and binding take seconds), and
+only an answer says whether it took the submission. A daemon refusing connections from the
+first try is simply not there: that fails after :data:`SUBMIT_RETRIES`."""
 # a lost answer is retried; errors that a second try cannot mend (a malformed URL or request) are not
 RETRIED = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 
 
 class LabClientError(RuntimeError):
     """The daemon refused a request (``status`` is its HTTP status) or could not be reached (``status`` None)."""
+
+    maybe_delivered = False
+    """Unreachable after a try that may have reached the daemon (its answer lost): a submission
+    may have been taken. Its key says: submitting again with it is safe."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -159,18 +168,28 @@ class LabClient:
             f"daemon (crucible lab serve prints its URL): {_cut(orjson.dumps(answer).decode())!r}"
         )
 
-    def _request(self, method: str, path: str, retries: int, **kwargs: Any) -> tuple[Any, int]:
+    def _request(self, method: str, path: str, retries: int, patience_s: float = 0.0, **kwargs: Any) -> tuple[Any, int]:
         """One request and the tries it took; ``retries`` more after a lost answer (for a request
-        the daemon answers the same however often it comes: a submission with its key)."""
-        for attempt in range(retries + 1):
+        the daemon answers the same however often it comes: a submission with its key), and
+        more for up to ``patience_s`` in all once a try may have reached the daemon (anything
+        but a refused connection). The error then says so (:attr:`LabClientError.maybe_delivered`)."""
+        t0 = time.monotonic()
+        sent = False  # a try may have reached the daemon: its answer was lost
+        attempt = 0
+        while True:
             try:
                 resp = self.http.request(method, path, **kwargs)
                 break
             except RETRIED as exc:  # refused, reset, timed out: the answer, if any, was lost
-                if attempt == retries:
-                    raise LabClientError(f"cannot reach the lab daemon at {self.url}: {exc}") from None
-                log.info("lab daemon call failed; retrying", url=self.url, error=str(exc), attempt=attempt + 1)
-                time.sleep(RETRY_DELAY_S * 2**attempt)
+                sent = sent or not isinstance(exc, httpx.ConnectError)
+                delay = RETRY_DELAY_S * 2 ** min(attempt, 3)  # 0.5, 1, 2, 4, 4, ... s
+                attempt += 1
+                if attempt > retries and not (sent and time.monotonic() - t0 + delay <= patience_s):
+                    err = LabClientError(f"cannot reach the lab daemon at {self.url}: {exc}")
+                    err.maybe_delivered = sent
+                    raise err from None
+                log.info("lab daemon call failed; retrying", url=self.url, error=str(exc), attempt=attempt)
+                time.sleep(delay)
             except httpx.HTTPError as exc:
                 raise LabClientError(f"cannot reach the lab daemon at {self.url}: {exc}") from None
         if resp.status_code >= 400:
@@ -228,7 +247,19 @@ class LabClient:
         except ValueError as exc:
             raise LabClientError(str(exc)) from None
         headers = {IDEMPOTENCY_HEADER: key}
-        answer, tries = self._request("POST", "api/experiments", SUBMIT_RETRIES, json=body, headers=headers)
+        try:
+            answer, tries = self._request(
+                "POST", "api/experiments", SUBMIT_RETRIES, SUBMIT_PATIENCE_S, json=body, headers=headers
+            )
+        except LabClientError as exc:
+            if not exc.maybe_delivered:
+                raise
+            err = LabClientError(
+                f"{exc}; the daemon may have taken the submission before its answer was lost: submitting it "
+                f"again with the same key is safe, it answers with the first if so (crucible submit ... --key {key})"
+            )
+            err.maybe_delivered = True
+            raise err from None
         entry = self._shaped(answer, ROW, "a submission")
         if tries > 1 and entry.get("repeated"):
             entry["retried"] = True  # a repeat this call's own retry met: perhaps the first try's experiment

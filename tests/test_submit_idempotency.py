@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dashboard.client as client_mod
 import experiments.service as service_mod
 from cli import main
 from dashboard.client import IDEMPOTENCY_HEADER, LabClient, LabClientError
@@ -190,14 +191,18 @@ class LoseAnswers(httpx.BaseTransport):
         return resp
 
 
-def test_the_client_retries_a_lost_answer_and_the_daemon_starts_one_experiment(daemon):
+def test_the_client_retries_a_lost_answer_and_the_daemon_starts_one_experiment(daemon, monkeypatch):
     lossy = LoseAnswers(1)
     entry = LabClient(daemon.url, daemon.token, transport=lossy).submit(latency_spec("lost", budget=600))
     assert lossy.lost == 1 and entry["id"] == "lost" and entry["repeated"] is True
-    hopeless = LoseAnswers(10)  # every answer lost: an error after the last try, and still one experiment
-    with pytest.raises(LabClientError, match="cannot reach the lab daemon"):
-        LabClient(daemon.url, daemon.token, transport=hopeless).submit(latency_spec("gone", budget=600))
-    assert hopeless.lost == 3
+    # every answer lost for longer than the client's patience (3 s here): an error after the last
+    # try that says the daemon may have it, with the key that makes submitting again safe
+    monkeypatch.setattr(client_mod, "SUBMIT_PATIENCE_S", 3.0)
+    hopeless = LoseAnswers(10_000)
+    with pytest.raises(LabClientError, match="cannot reach the lab daemon") as e:
+        LabClient(daemon.url, daemon.token, transport=hopeless).submit(latency_spec("gone", budget=600), key="k-gone")
+    assert hopeless.lost == 3 and e.value.maybe_delivered
+    assert "may have taken the submission" in str(e.value) and "--key k-gone" in str(e.value)
     assert sorted(i for i in statuses(daemon.client()) if i.startswith(("lost", "gone"))) == ["gone", "lost"]
     daemon.client().stop("lost")
     daemon.client().stop("gone")
@@ -238,3 +243,22 @@ def test_submit_with_a_key_twice_through_the_cli(daemon, tmp_path, capsys, monke
     with pytest.raises(LabClientError, match=r"422: .*came before"):
         daemon.client().submit(spec, ["seed=3"], key="nightly-7")
     daemon.client().stop("kc")
+
+
+def test_a_submission_whose_answers_are_lost_goes_on_trying_while_the_daemon_may_restart(daemon, monkeypatch):
+    """Past the usual three tries, a submission that may have reached the daemon keeps trying
+    for up to SUBMIT_PATIENCE_S (a daemon killed there takes seconds to come back); one to an
+    address where nothing listens fails after the usual tries, saying nothing was sent."""
+    import socket
+
+    monkeypatch.setattr(client_mod, "RETRY_DELAY_S", 0.02)
+    lossy = LoseAnswers(6)
+    entry = LabClient(daemon.url, daemon.token, transport=lossy).submit(latency_spec("patient", budget=600))
+    assert lossy.lost == 6 and entry["id"] == "patient" and entry["repeated"] is True
+    daemon.client().stop("patient")
+    with socket.socket() as s:  # a port that was free a moment ago: refused, never sent
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LabClientError, match="cannot reach the lab daemon") as e:
+        LabClient(f"http://127.0.0.1:{port}/", daemon.token).submit(latency_spec("nowhere", budget=600))
+    assert not e.value.maybe_delivered and "may have taken" not in str(e.value)
