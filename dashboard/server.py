@@ -67,7 +67,7 @@ from actors.runtime import collector
 from dashboard.security import TICKET_TTL_S, Guard, OneTimeCodes, TokenClaim
 from dashboard.transport import GuardedH11Protocol, GuardedWebSocketProtocol
 from experiments.lab import Experiment, Lab, LifecycleError, NotFound
-from experiments.service import KeyReused, LabService, ServiceClosed
+from experiments.service import KeyReused, LabService, QueueFull, ServiceClosed
 from experiments.spec import SpecError
 from experiments.validate import IDEMPOTENCY_HEADER, brief, tree_problem
 from experiments.workloads import Objective, objective_of
@@ -605,6 +605,8 @@ def create_app(
             entry = await asyncio.to_thread(service.submit, spec, sets, exp_id, key)
         except ServiceClosed as exc:
             raise HTTPException(503, str(exc)) from None
+        except QueueFull as exc:  # a client's retry will not help at once: 429 Too Many Requests, with the why
+            raise HTTPException(429, str(exc)) from None
         except KeyReused as exc:  # as the IETF's Idempotency-Key draft answers a key reused with another body
             raise HTTPException(422, str(exc)) from None
         except (SpecError, ValueError) as exc:  # a spec, override, id or key the CLI would refuse too

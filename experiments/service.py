@@ -44,6 +44,11 @@ log = get_logger("experiments.service")
 QUEUE_SCHEMA = 1
 RETIRED_BASES = 10_000  # names whose given-out ids are remembered after their records are dropped
 KEYS_KEPT = 1000
+MAX_QUEUED = 1000  # submissions waiting at once; past it (or MAX_QUEUE_BYTES) a submission is refused
+MAX_QUEUE_BYTES = 8 << 20
+"""The most ``queue.json`` may hold. Every change to the queue rewrites (and fsyncs) the whole
+file, and the queue lives in memory too: without a bound, a token holder's loop of 64 KiB
+specs made every submission slower and the file as large as the disk allowed."""
 HOLD_RETRY_S = (5.0, 300.0)  # a queue held by a storage error tries again after this, doubling up to that
 TRANSIENT_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN}
@@ -142,6 +147,10 @@ class LabLocked(RuntimeError):
     """Another service holds the artifacts folder."""
 
 
+class QueueFull(RuntimeError):
+    """The queue holds :data:`MAX_QUEUED` submissions, or :data:`MAX_QUEUE_BYTES`: submit when some have started."""
+
+
 class ServiceClosed(NotRunning):
     """The service is shutting down and takes no more submissions or starts."""
 
@@ -199,10 +208,13 @@ class LabService:
         self._held: dict[str, Any] | None = None  # the queue's head waiting out a storage error (see _hold)
         self._hold_timer: threading.Timer | None = None
         self._started = False  # recover() done and the queue going (see start)
+        self._queue_bytes = 0  # queue.json's size at its last write (see MAX_QUEUE_BYTES)
         try:
             # history: see telemetry.history; backend and address: Lab (docs/ray.md)
             self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
             self._queue = self._load_queue()  # first: it names the runs of our submissions, resumed first
+            with contextlib.suppress(OSError):
+                self._queue_bytes = self.queue_file.stat().st_size
         except BaseException:
             self._release_lock()
             raise
@@ -410,7 +422,9 @@ class LabService:
             "runs": self._runs,
             "queue": self._queue,
         }
-        atomic_write(self.queue_file, orjson.dumps(data), mode=0o600)  # specs may be private: the owner's only
+        raw = orjson.dumps(data)
+        atomic_write(self.queue_file, raw, mode=0o600)  # specs may be private: the owner's only
+        self._queue_bytes = len(raw)
 
     # --- submissions ---------------------------------------------------------------------------------------
 
@@ -492,6 +506,13 @@ class LabService:
                 return self._repeated(key, self._keys[key], digest)
             if self._closed:
                 raise ServiceClosed("the lab service is shutting down; submit again after it restarts")
+            size = len(orjson.dumps({"spec": raw, "set": overrides}))
+            if len(self._queue) >= MAX_QUEUED or self._queue_bytes + size > MAX_QUEUE_BYTES:
+                raise QueueFull(
+                    f"the queue is full ({len(self._queue)} submissions waiting, {self._queue_bytes:,} bytes of "
+                    f"{MAX_QUEUE_BYTES:,} in queue.json; at most {MAX_QUEUED}): submit again once some have "
+                    "started, or stop (cancel) queued ones"
+                )
             item = {"id": self._new_id(base), "spec": raw, "set": overrides, "submitted_at": time.time()}
             self._queue.append(item)
             if key is not None:
@@ -777,4 +798,4 @@ class LabService:
         self.shutdown()
 
 
-__all__ = ["LOCK_FILE", "QUEUE_FILE", "LabLocked", "LabService", "NotFound", "ServiceClosed"]
+__all__ = ["LOCK_FILE", "QUEUE_FILE", "LabLocked", "LabService", "NotFound", "QueueFull", "ServiceClosed"]

@@ -271,6 +271,43 @@ def test_a_daemon_whose_port_is_taken_resumes_and_starts_nothing(tmp_path):
         d2.kill()
 
 
+def test_the_queue_is_bounded_in_submissions_and_bytes_and_a_full_one_answers_429(tmp_path, monkeypatch):
+    """Every change rewrites the whole queue file, and the queue lives in memory: it takes at
+    most MAX_QUEUED submissions and MAX_QUEUE_BYTES of file; past that a submission is refused
+    (429, saying why and what to do), nothing of it queued, and room comes back as items go."""
+    import experiments.service as service_mod
+    from dashboard.server import Dashboard
+    from experiments.service import LabService, QueueFull
+
+    monkeypatch.setattr(service_mod, "MAX_QUEUED", 3)
+    monkeypatch.setattr(service_mod, "MAX_QUEUE_BYTES", 20_000)
+    service = LabService(tmp_path / "art", max_running=1)
+    dash = Dashboard(service, port=0)
+    try:
+        assert service.submit(latency_spec("run", budget=600))["status"] == "running"
+        for i in range(3):
+            assert service.submit(latency_spec(f"q{i}", budget=600))["position"] == i + 1
+        with pytest.raises(QueueFull, match=r"the queue is full \(3 submissions waiting"):
+            service.submit(latency_spec("q3", budget=600))
+        r = httpx.post(
+            dash.url + "api/experiments",
+            json={"spec": latency_spec("q3", budget=600)},
+            headers={"Authorization": f"Bearer {dash.token}"},
+            timeout=30,
+        )
+        assert r.status_code == 429 and "the queue is full" in r.json()["error"]
+        assert service.stop("q0")["status"] == "cancelled"  # room for one again
+        big = latency_spec("big", budget=600) | {"hypothesis": "x" * 19_000}
+        with pytest.raises(QueueFull, match=r"bytes of 20,000 in queue\.json"):
+            service.submit(big)
+        assert service.submit(latency_spec("q3", budget=600))["position"] == 3
+        queued = [i["id"] for i in orjson.loads((tmp_path / "art" / "queue.json").read_bytes())["queue"]]
+        assert queued == ["q1", "q2", "q3"]  # nothing of a refused one
+    finally:
+        dash.stop()
+        service.shutdown()
+
+
 def test_a_sigterm_delivered_twice_at_once_still_stops_cleanly(tmp_path):
     """``timeout``, systemd and a shell's process-group kill may deliver one stop twice: the
     handlers stay installed through the whole stop, so the repeat is ignored (not the
