@@ -209,6 +209,8 @@ class LabService:
         self._hold_timer: threading.Timer | None = None
         self._started = False  # recover() done and the queue going (see start)
         self._queue_bytes = 0  # queue.json's size at its last write (see MAX_QUEUE_BYTES)
+        self._starting: dict[str, Any] | None = None  # the queue's head while it starts, outside the lock (_fill)
+        self._start_done = threading.Condition(self._lock)
         try:
             # history: see telemetry.history; backend and address: Lab (docs/ray.md)
             self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
@@ -244,8 +246,7 @@ class LabService:
             queued=len(self._queue),
             recovered=[e.id for e in recovered],
         )
-        with self._lock:
-            self._fill()
+        self._fill()
 
     # --- the lock ------------------------------------------------------------------------------------
 
@@ -524,7 +525,8 @@ class LabService:
                 self._keys.pop(key or "", None)
                 raise
             log.info("submission queued", experiment=item["id"], position=len(self._queue))
-            self._fill()
+        self._fill()  # outside the lock: a slow start (a big graph to build) holds up no other request
+        with self._lock:
             return self._entry(item["id"])
 
     def _repeated(self, key: str, seen: dict[str, str], digest: str) -> dict[str, Any]:
@@ -541,7 +543,10 @@ class LabService:
         return {**entry, "repeated": True}
 
     def _entry(self, exp_id: str) -> dict[str, Any]:
-        for pos, item in enumerate(self._queue, 1):
+        starting = self._starting
+        if starting is not None and starting["id"] == exp_id:
+            return {"id": exp_id, "status": "starting"}
+        for pos, item in enumerate((i for i in self._queue if i is not starting), 1):
             if item["id"] == exp_id:
                 held = self._held if self._held is not None and self._held["id"] == exp_id else None
                 entry = {"id": exp_id, "status": "queued", "position": pos}
@@ -560,35 +565,62 @@ class LabService:
         return sum(1 for e in list(self.lab.experiments.values()) if e.status() in LIVE)
 
     def _fill(self) -> None:
-        """Start queued items, oldest first, while a slot is free (the caller holds the lock)."""
-        while self._queue and self._started and not self._closed and self._running() < self.max_running:
-            item = self._queue[0]
+        """Start queued items, oldest first, while a slot is free. Called without the lock: each
+        start (which may take long: a tree building a big graph) runs outside it, so reads and
+        the control of other experiments never wait for one. One start at a time, the item
+        staying first in the queue (and on disk) until it has started; a call that finds a
+        start under way leaves the rest to the thread doing it, which goes on afterwards."""
+        while True:
+            with self._lock:
+                if self._starting is not None or not (
+                    self._queue and self._started and not self._closed and self._running() < self.max_running
+                ):
+                    return
+                item = self._starting = self._queue[0]
+            exp: Experiment | None = None
+            error: Exception | None = None
             try:
                 # checked again: a link in a data folder may point elsewhere now, the rules may have changed
                 self.admission.load(item["spec"], item["set"] or None, "submitted spec")
                 exp = self.lab.start_experiment(item["spec"], item["set"] or None, experiment_id=item["id"])
             except Exception as exc:  # noqa: BLE001 - a spec that no longer validates, a workload refusing: not fatal
-                if transient_start_error(exc):
-                    self._hold(item, exc)
+                error = exc
+            except BaseException:
+                with self._lock:
+                    self._starting = None
+                    self._start_done.notify_all()
+                raise
+            with self._lock:
+                self._starting = None
+                self._start_done.notify_all()
+                if not self._started_one(item, exp, error):
                     return
-                log.error("queued experiment could not start", experiment=item["id"], error=str(exc))
-                self._ended[item["id"]] = {"status": "failed", "reason": f"could not start: {exc}"}
-                exp = None
-            if self._held is not None:
-                log.info("queue going on: the storage error has passed", experiment=item["id"])
-                self._held = None
-                self._cancel_hold_timer()
-            self._queue.pop(0)
-            if exp is not None:  # its run, resumed first after a crash (see _own_runs)
-                self._runs.pop(exp.id, None)
-                self._runs[exp.id] = exp.run_id
-            try:
-                self._save_queue()  # after the start: a crash in between finds its folder (see _load_queue)
-            except Exception as exc:  # noqa: BLE001 - a full disk: the queue in memory is right; the next save writes it
-                log.error("queue file not rewritten", path=str(self.queue_file), error=str(exc))
-            if exp is not None:
-                log.info("queued experiment started", experiment=exp.id, run_id=exp.run_id)
-                self._watch(exp)
+
+    def _started_one(self, item: dict[str, Any], exp: Experiment | None, error: Exception | None) -> bool:
+        """Record how the start of the queue's head ``item`` went (the caller holds the lock);
+        False when the queue is held (a transient error: it stays first, tried again later)."""
+        if error is not None:
+            if transient_start_error(error):
+                self._hold(item, error)
+                return False
+            log.error("queued experiment could not start", experiment=item["id"], error=str(error))
+            self._ended[item["id"]] = {"status": "failed", "reason": f"could not start: {error}"}
+        if self._held is not None:
+            log.info("queue going on: the storage error has passed", experiment=item["id"])
+            self._held = None
+            self._cancel_hold_timer()
+        self._queue = [i for i in self._queue if i is not item]
+        if exp is not None:  # its run, resumed first after a crash (see _own_runs)
+            self._runs.pop(exp.id, None)
+            self._runs[exp.id] = exp.run_id
+        try:
+            self._save_queue()  # after the start: a crash in between finds its folder (see _load_queue)
+        except Exception as exc:  # noqa: BLE001 - a full disk: the queue in memory is right; the next save writes it
+            log.error("queue file not rewritten", path=str(self.queue_file), error=str(exc))
+        if exp is not None:
+            log.info("queued experiment started", experiment=exp.id, run_id=exp.run_id)
+            self._watch(exp)
+        return True
 
     def _hold(self, item: dict[str, Any], exc: BaseException) -> None:
         """The queue's head could not start for the machine's sake (see
@@ -625,10 +657,10 @@ class LabService:
             self._hold_timer = None
             if self._closed:
                 return
-            try:
-                self._fill()
-            except Exception:  # the next end or submission tries again
-                log.exception("could not start the next queued experiment")
+        try:
+            self._fill()
+        except Exception:  # the next end or submission tries again
+            log.exception("could not start the next queued experiment")
 
     def _watch(self, exp: Experiment) -> None:
         """Start the next queued item when ``exp`` ends (a thread waiting on its end event)."""
@@ -644,8 +676,8 @@ class LabService:
             if nxt is not None:
                 self._watch(nxt)
             try:
+                self._fill()
                 with self._lock:
-                    self._fill()
                     self._forget_ended()
             except Exception:  # the next experiment's end, or the next submission, tries again
                 log.exception("could not start the next queued experiment", after=exp.id)
@@ -676,6 +708,10 @@ class LabService:
         disk: not for a loop)."""
         with self._lock:
             out = [{**e, "position": None} for e in self.lab.list()]
+            starting = self._starting  # the queue's head while it starts: listed once, as the Lab has it or starting
+            if starting is not None and all(e["id"] != starting["id"] for e in out):
+                workload = (starting["spec"].get("workload") or {}).get("name")
+                out.append({"id": starting["id"], "status": "starting", "position": None, "workload": workload})
             out += [{"id": k, "position": None, **v} for k, v in self._ended.items()]
             queued = [
                 {
@@ -686,7 +722,7 @@ class LabService:
                     "submitted_at": i["submitted_at"],
                 }
                 | ({"reason": self._held["reason"]} if self._held is not None and self._held["id"] == i["id"] else {})
-                for pos, i in enumerate(self._queue, 1)
+                for pos, i in enumerate((i for i in self._queue if i is not starting), 1)
             ]
         if history:  # runs of earlier lifetimes of the daemon (or of other tools), read outside the lock
             # by run: another run of an id the Lab holds (ended before, or crashed and waiting) is listed too;
@@ -727,6 +763,8 @@ class LabService:
         """The Lab's experiment ``exp_id``, to ``action`` it: NotRunning when it is queued or
         never ran (saying so), NotFound when unknown."""
         with self._lock:
+            if self._starting is not None and self._starting["id"] == exp_id:
+                raise NotRunning(f"experiment {exp_id!r} is starting: it cannot {action} yet (try again in a moment)")
             if self._queued_index(exp_id) is not None:
                 raise NotRunning(f"experiment {exp_id!r} is queued, not running: it cannot {action} (stop cancels it)")
             if exp_id in self._ended:
@@ -751,8 +789,12 @@ class LabService:
         return {"id": exp_id, "status": exp.status()}
 
     def stop(self, exp_id: str) -> dict[str, Any]:
-        """Stop a running experiment (its data flushed), or cancel a queued one."""
+        """Stop a running experiment (its data flushed), or cancel a queued one. One that is
+        starting is stopped once it has started (or said to have failed to)."""
+        refill = False
         with self._lock:
+            while self._starting is not None and self._starting["id"] == exp_id:
+                self._start_done.wait()
             k = self._queued_index(exp_id)
             if k is not None:
                 item = self._queue.pop(k)
@@ -767,8 +809,11 @@ class LabService:
                 if self._held is not None and self._held["id"] == exp_id:  # the held head went: the next may start
                     self._held = None
                     self._cancel_hold_timer()
-                    self._fill()
-                return {"id": exp_id, "status": "cancelled"}
+                    refill = True
+        if refill:
+            self._fill()
+        if k is not None:
+            return {"id": exp_id, "status": "cancelled"}
         exp = self.live(exp_id, "stop")
         exp.stop()  # the watcher starts the next queued item
         return {"id": exp_id, "status": exp.status()}
@@ -784,6 +829,8 @@ class LabService:
                 return
             self._closed = True
             self._cancel_hold_timer()
+            # a start under way finishes first: the Lab then stops a tree it holds whole
+            self._start_done.wait_for(lambda: self._starting is None, timeout)
         log.info("lab service shutting down", artifacts=str(self.artifacts), queued=len(self._queue))
         try:
             self.lab.shutdown(timeout)

@@ -308,6 +308,62 @@ def test_the_queue_is_bounded_in_submissions_and_bytes_and_a_full_one_answers_42
         service.shutdown()
 
 
+def test_a_slow_start_holds_up_no_other_request(tmp_path):
+    """A start runs outside the service's lock: while one experiment's tree takes its time to
+    build (a big graph), listing, the control of another experiment and a submission are
+    answered at once; the starting one is listed once, as starting, and a stop of it waits
+    for its start and then stops it."""
+    from experiments.service import LabService
+    from experiments.workloads import register, unregister
+    from experiments.workloads.latency import LatencyWorkload
+
+    built = threading.Event()
+    release = threading.Event()
+
+    class SlowStart(LatencyWorkload):
+        name = "slowstart"
+
+        def __init__(self, params, seed=0):  # type: ignore[no-untyped-def]
+            built.set()
+            release.wait(120)
+            super().__init__(params, seed)
+
+    register("slowstart", SlowStart)
+    service = LabService(tmp_path / "art", max_running=3)
+    submitted: list[dict] = []
+    try:
+        assert service.submit(latency_spec("other", budget=600))["status"] == "running"
+        slow = latency_spec("slow", budget=600)
+        slow["workload"] = {**slow["workload"], "name": "slowstart"}
+        t = threading.Thread(target=lambda: submitted.append(service.submit(slow)))
+        t.start()
+        assert built.wait(60)  # the slow tree is being built now, its submission waiting on it
+        rows = {e["id"]: e["status"] for e in service.list(history=False)}
+        assert rows == {"other": "running", "slow": "starting"} or rows == {"other": "running", "slow": "running"}
+        assert [e["id"] for e in service.list(history=False)].count("slow") == 1
+        assert service.pause("other")["status"] == "paused"
+        assert service.resume("other")["status"] == "running"
+        assert service.submit(latency_spec("third", budget=600))["position"] == 1  # waits its turn, answered now
+        stopper = threading.Thread(target=lambda: submitted.append(service.stop("slow")))
+        stopper.start()
+        assert t.is_alive() and stopper.is_alive()  # both wait for the start, nothing else did
+        release.set()
+        t.join(60)
+        stopper.join(60)
+        assert submitted[0]["id"] == "slow" and submitted[1] == {"id": "slow", "status": "stopped"}
+        wait_for(
+            lambda: (
+                service.list(history=False)
+                and dict((e["id"], e["status"]) for e in service.list(history=False)).get("third") == "running"
+            ),
+            "the third to start once the slow one stopped",
+        )
+    finally:
+        release.set()
+        service.shutdown()
+        unregister("slowstart")
+
+
 def test_a_sigterm_delivered_twice_at_once_still_stops_cleanly(tmp_path):
     """``timeout``, systemd and a shell's process-group kill may deliver one stop twice: the
     handlers stay installed through the whole stop, so the repeat is ignored (not the
