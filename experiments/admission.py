@@ -141,9 +141,9 @@ class Admission:
         for path in files:
             if not any(path.is_relative_to(d) for d in self.data_dirs):
                 allowed = ", ".join(map(str, self.data_dirs)) or "none (start the daemon with --data-dir)"
-                raise SpecError(
-                    f"submitted spec: workload.params reads {str(path)!r}, outside the daemon's data folders "
-                    f"({allowed}); shipped instances are always allowed"
+                raise SpecError(  # the path as resolved is not quoted: a link's target is not the submitter's to learn
+                    f"submitted spec: workload.params names a file outside the daemon's data folders ({allowed}); "
+                    "shipped instances are always allowed"
                 )
         for target in targets:
             if not target_allowed(target, self.targets):

@@ -485,10 +485,17 @@ def test_a_submission_reads_files_only_from_the_data_folders(tmp_path):
     art = tmp_path / "art"
     service = LabService(art, max_running=1, data_dirs=[data])
     try:
-        for bad in (str(secret), str(data / "link.col"), str(data / ".." / "secret.col"), "/etc/passwd"):
+        said = set()
+        missing = str(tmp_path / "no_such_file.col")
+        for bad in (str(secret), str(data / "link.col"), str(data / ".." / "secret.col"), "/etc/passwd", missing):
             with pytest.raises(ValueError, match="outside the daemon's data folders") as err:
                 service.submit(_colour_spec("leak", bad))
             assert "secret_password" not in str(err.value) and "root:" not in str(err.value)
+            said.add(str(err.value))
+        # one answer for all: neither whether a file outside exists nor where a link points is told
+        assert len(said) == 1 and str(secret) not in said.pop()
+        with pytest.raises(ValueError, match="outside the daemon's data folders"):
+            service.submit(_colour_spec("proc", "/proc/1/cwd/."))  # no permission to look: refused as named
         assert service.list(history=False) == [] and not (art / "queue.json").exists()
         assert service.submit(_colour_spec("mine", str(data / "tiny.col")))["id"] == "mine"
         assert service.submit(_colour_spec("shipped", "myciel5"))["id"] == "shipped"

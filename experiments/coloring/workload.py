@@ -48,6 +48,7 @@ a resumed run alike.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -163,7 +164,12 @@ class ColoringWorkload:
         graph = (params or {}).get("graph") or {}
         if not graph.get("file"):
             return []
-        path = resolve_graph_file(graph["file"]).resolve()
+        try:
+            path = resolve_graph_file(graph["file"]).resolve()
+        except (GraphError, OSError):  # missing, or not to be looked into (/proc/1/cwd): judged as named
+            # a lab daemon refuses it when it is outside its data folders, as it refuses a file that
+            # is there: whether a path outside exists is not the submitter's to learn
+            return [Path(os.path.abspath(str(graph["file"])))]
         return [] if path.parent == INSTANCES_DIR.resolve() else [path]
 
     @classmethod
