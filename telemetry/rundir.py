@@ -58,7 +58,15 @@ import orjson
 from actors.files import atomic_write
 from actors.log import get_logger
 from telemetry.history import HistoryError, HistoryTarget, describe_history, open_history
-from telemetry.jsonl import ACTIVE, RunFileError, open_for_reading, open_run_file, open_segments, run_segments
+from telemetry.jsonl import (
+    ACTIVE,
+    RunFileError,
+    iter_run,
+    open_for_reading,
+    open_run_file,
+    open_segments,
+    run_segments,
+)
 from telemetry.schema import check_id, map_strings
 from telemetry.store import DB_NAME
 
@@ -578,11 +586,14 @@ def run_info(
     events = summ.get("events_persisted")
     approx = bool(summ.get("summary_stale"))  # the summary lagged: its figure is the files' lines (count_events)
     own = recorded_objective(rec)
+    best_of = list(best_of)  # read twice for a run with no summary (events_bests, then summary_bests)
     if own is not None:  # its own direction for its field, whatever another workload's field of that name says
         best_of = [*(b for b in best_of if b[0] != own["field"]), (own["field"], own["direction"])]
     if not isinstance(events, int) or isinstance(events, bool):
         events = count_events(run_dir)  # no summary yet (killed early): the files say how many, perhaps none
         approx = True
+    if not isinstance(summ.get("phases"), dict):  # no summary's bests (killed early): a small run's events say
+        summ = {**summ, **events_bests(run_dir, best_of)}
     return {
         "experiment": run_dir.parent.name,
         "run_id": run_dir.name,
@@ -779,6 +790,39 @@ def unreadable_info(run_dir: Path, exc: BaseException) -> dict[str, Any]:
         "evidence": [*report.evidence, str(exc)],
         "path": path_text(run_dir),
     }
+
+
+BEST_SCAN_BYTES = 16 << 20
+"""The largest run (its event files together) whose bests a listing reads from the events when
+no summary gives them: a run killed before its first summary (written every few seconds) is
+far smaller; a bigger one without a summary keeps ``-`` rather than cost a listing seconds."""
+
+
+def events_bests(run_dir: Path, fields: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """A RunSummary's ``phases`` bests made from the run's events, for a run killed before its
+    first summary (:func:`summary_bests` reads them): the lowest and highest finite value of
+    each field in ``fields`` over the events not marked failed, as the Recorder counts them.
+    ``{}`` for a run over :data:`BEST_SCAN_BYTES` or whose files cannot be read."""
+    names = {name for name, _ in fields}
+    if not names:
+        return {}
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    try:
+        if sum(os.path.getsize(seg) for seg in run_segments(run_dir)) > BEST_SCAN_BYTES:
+            return {}
+        for ev in iter_run(run_dir, warn=False):
+            values = ev.get("values")
+            if ev.get("success") is False or not isinstance(values, dict):
+                continue  # a failed attempt's values are never a best
+            for k in names.intersection(values):
+                v = values[k]
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    lo[k] = min(lo.get(k, v), v)
+                    hi[k] = max(hi.get(k, v), v)
+    except (OSError, RunFileError):
+        return {}
+    return {"phases": {"-": {"min_ok": lo, "max_ok": hi}}} if lo else {}
 
 
 def summary_bests(summary: dict[str, Any], fields: Iterable[tuple[str, str]]) -> dict[str, float]:

@@ -372,3 +372,37 @@ def test_a_runs_own_objective_direction_wins_over_another_workloads_same_named_f
         info = rundir.run_info(run, None, [("score", "min")])
         assert info["objective"] is None
         assert info["best"] == {"score": 1.0}  # the catalogue's direction, as before
+
+
+def test_a_run_killed_before_its_first_summary_lists_the_best_its_events_hold(tmp_path, monkeypatch):
+    """No summary.json yet (killed within its first seconds): the listing's best comes from
+    the events, a failed attempt's value never counting, instead of ``-`` (which says "no
+    result yet"); a run too big to read that way keeps ``-`` rather than cost the listing."""
+    from cli.render import objective_best
+
+    run = tmp_path / "e" / "20261124T000000Z-abcdef"
+    run.mkdir(parents=True)
+    rows = [(5.0, True), (0.5, False), (2.0, True), (float("nan"), True), (3.0, True)]
+    lines = [
+        dumps_line(
+            {
+                "v": 1,
+                "seq": i,
+                "ts": 1_000_000 + i,
+                "experiment_id": "e",
+                "run_id": run.name,
+                "name": "call",
+                "values": {"latency_ms": ms},
+                "success": ok,
+            }
+        )
+        for i, (ms, ok) in enumerate(rows)
+    ]
+    (run / "events.jsonl").write_bytes(b"".join(lines))
+    record = {"status": "running", "updated_at": 1.0, "owner": {"host": "elsewhere", "pid": 1}}
+    (run / "lifecycle.json").write_bytes(orjson.dumps(record))
+    info = rundir.run_info(run, None, [("latency_ms", "min")])
+    assert info["best"] == {"latency_ms": 2.0} and info["events"] == 5
+    assert objective_best(info["best"]) == "latency_ms 2"
+    monkeypatch.setattr(rundir, "BEST_SCAN_BYTES", 100)
+    assert rundir.run_info(run, None, [("latency_ms", "min")])["best"] == {}
