@@ -81,6 +81,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             + "; "
             f"anomalies {s['anomalies']}; hypertune actions {len(s['hypertune_actions'])}",
         )
+        if history_target(args) is None and (missing := rundir.events_missing(run, s["events_read"])):
+            from cli.runs import gone_from_files
+
+            render.say(console, gone_from_files(run, missing))
         if s["nonfinite_values"]:  # a diverged value: no number in the files, so said here
             shown = ", ".join(f"{f} {n}" for f, n in sorted(s["nonfinite_values"].items()))
             render.say(console, f"!! values that were NaN or infinite (events): {shown}")

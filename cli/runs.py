@@ -159,7 +159,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if counts.repeated:
         skipped += f"; passed over {counts.repeated:,} event(s) whose seq repeats an earlier one"
     render.say(_said_to(out), f"exported {n:,} events of {run} to {out.shown}{skipped}")
+    if missing := rundir.events_missing(run, n):
+        render.say(_said_to(out), gone_from_files(run, missing))
     return 0
+
+
+def gone_from_files(run: Path, missing: int) -> str:
+    """The warning for a run whose files hold fewer events than its summary says it recorded."""
+    return (
+        f"!! {missing:,} event(s) the run's summary says were recorded are not in its files (cut off or deleted "
+        f"since); the history may hold them: add --history (the SQLite file in the artifacts folder, or your "
+        f"PostgreSQL URL) to read {run.name} from it"
+    )
 
 
 def export_from_history(args: argparse.Namespace) -> int:

@@ -329,6 +329,7 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
         "hypertune_actions": actions,
         "duration_s": (last - first) / 1e6 if first is not None else 0.0,
         "events_persisted": max(n, said) if isinstance(said, int) else n,
+        "events_read": n,  # what the files (or ``events``) gave: fewer than the summary says when some are gone
         # the real losses and what the Sampler left out on purpose, apart (summary_losses)
         "dropped": dropped,
         "sampled_out": sampled,

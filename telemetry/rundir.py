@@ -792,6 +792,18 @@ def unreadable_info(run_dir: Path, exc: BaseException) -> dict[str, Any]:
     }
 
 
+def events_missing(run_dir: Path, read: int) -> int:
+    """How many events the run's ``summary.json`` says it recorded beyond the ``read`` a reader
+    of its files got: lines cut off or deleted since (the history may still hold them). 0 when
+    the files hold at least as many, or no summary says."""
+    try:
+        summ = read_json(run_dir / SUMMARY) or {}
+    except (ValueError, OSError):
+        return 0
+    said = summ.get("events_persisted") if isinstance(summ, dict) else None
+    return said - read if isinstance(said, int) and not isinstance(said, bool) and said > read else 0
+
+
 BEST_SCAN_BYTES = 16 << 20
 """The largest run (its event files together) whose bests a listing reads from the events when
 no summary gives them: a run killed before its first summary (written every few seconds) is

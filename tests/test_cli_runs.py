@@ -407,3 +407,33 @@ def test_monitor_summary_of_a_run_killed_before_its_first_summary_says_the_drops
     out = " ".join(capsys.readouterr().out.split())
     assert "persisted 5, dropped not known (no summary.json says)" in out
     assert "None" not in out
+
+
+def test_export_and_monitor_say_when_the_files_hold_fewer_events_than_the_summary_recorded(tmp_path, capsys):
+    """Lines cut off an events file (a disk restored from an old copy, a careless ``head``):
+    the export is of what is there, and says how many the summary says are gone and where
+    to look (the history), as monitor --summary does; a whole run says nothing."""
+    import orjson
+
+    from telemetry.schema import dumps_line
+
+    art = tmp_path / "art"
+    run = art / "exp" / "20261124T000000Z-abcdef"
+    run.mkdir(parents=True)
+    lines = [
+        dumps_line({"v": 1, "seq": i, "ts": 1_000_000 + i, "experiment_id": "exp", "run_id": run.name, "name": "s"})
+        for i in range(10)
+    ]
+    (run / "events.jsonl").write_bytes(b"".join(lines))
+    (run / "summary.json").write_bytes(orjson.dumps({"events_persisted": 10}))
+    out = tmp_path / "whole.jsonl"
+    assert main(["export", str(run), "--format", "jsonl", "--out", str(out)]) == 0
+    assert "not in its files" not in "".join(capsys.readouterr())
+    (run / "events.jsonl").write_bytes(b"".join(lines[:4]))
+    os.utime(run / "summary.json")  # written after the events: the summary is current
+    assert main(["export", str(run), "--format", "jsonl", "--out", str(tmp_path / "part.jsonl")]) == 0
+    err = " ".join("".join(capsys.readouterr()).split())
+    assert "exported 4 events" in err and "6 event(s) the run's summary says were recorded are not in its files" in err
+    assert "--history" in err
+    assert main(["monitor", str(run), "--summary"]) == 0
+    assert "6 event(s) the run's summary says were recorded" in " ".join(capsys.readouterr().out.split())
