@@ -285,6 +285,9 @@ def _check(data: dict[str, Any], schema: dict[str, Any], source: str | None, pre
                 raise SpecError(f"{_where(source, key)}: {problem}")
 
 
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # TOML's bare keys: what --set and crucible set take
+
+
 def parse_override(item: str, flag: str = "--set ") -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value); the value is read as TOML, else as a string.
     Errors begin with ``flag``, how the user gave ``item`` (``crucible set`` takes it bare: "")."""
@@ -297,6 +300,12 @@ def parse_override(item: str, flag: str = "--set ") -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise SpecError(f"{flag}{brief(item)!r}: bad key {brief(key)!r}")
     parts = key.split(".")
+    for part in parts:  # a quoted key ("a.b", 'x y') would be split on its dots, its quotes kept in the name
+        if not BARE_KEY.fullmatch(part):
+            raise SpecError(
+                f"{flag}{brief(key)}: {brief(part)!r} is not a bare key (letters, digits, _ and -); "
+                "keys here are bare: a key that needs quotes is set by editing the file"
+            )
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:

@@ -395,3 +395,12 @@ def test_free_text_that_reads_as_another_toml_value_is_refused_with_the_quotes_i
         load_spec(base, [f"hypothesis={raw}"])
     assert f"hypothesis: must be str, got {shown} (text that reads as another TOML value needs quotes" in str(e.value)
     assert load_spec(base, [f'hypothesis="{raw}"'])["hypothesis"] == raw  # quoted: the text as written
+
+
+@pytest.mark.parametrize("key", ['metadata."a.b"', "metadata.'x y'", '"seed"', "metadata.café", "metadata.a b"])
+def test_a_key_that_is_not_bare_is_refused_not_split_on_its_dots(key):
+    """``--set`` and ``crucible set`` take bare keys: a quoted one was split on its dots, its
+    quotes kept in the names written to the spec (``[metadata."\\"a"]``)."""
+    with pytest.raises(SpecError, match=r"is not a bare key \(letters, digits, _ and -\)"):
+        parse_override(f"{key}=1")
+    assert parse_override("metadata.run-tag_2=1") == (["metadata", "run-tag_2"], 1)
