@@ -110,6 +110,13 @@ def base_url(url: str) -> str:
             f"the lab daemon's URL {url!r} has a query or fragment: give its base URL, "
             f"{u.scheme}://{u.netloc.decode()}/; the token goes in {TOKEN_ENV} or --token-file"
         )
+    segments = [seg for seg in u.path.split("/") if seg]
+    if "api" in segments:  # the API's own path: every request would go to .../api/api/... and get a bare 404
+        base = "/".join(segments[: segments.index("api")])
+        raise LabClientError(
+            f"the lab daemon's URL {url!r} names its API path: give its base URL, "
+            f"{u.scheme}://{u.netloc.decode()}/{base + '/' if base else ''} (crucible lab serve prints it)"
+        )
     return str(u).rstrip("/") + "/"
 
 

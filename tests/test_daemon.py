@@ -719,6 +719,8 @@ def test_client_mistakes_are_one_line_errors(daemon, tmp_path, capsys, monkeypat
         (["ls", "--to", f"{daemon.url}?token={daemon.token}"], f"give its base URL, {daemon.url}"),
         (["ls", "--to", f"{daemon.url}#code=abc"], f"give its base URL, {daemon.url}"),  # the printed sign-in link
         (["ls", "--to", "127.0.0.1:7878"], "must be http://HOST:PORT"),
+        (["ls", "--to", f"{daemon.url}api"], f"names its API path: give its base URL, {daemon.url} "),
+        (["ls", "--to", f"{daemon.url}lab/api/experiments"], f"give its base URL, {daemon.url}lab/ "),
         (["ls", "--to", daemon.url.replace("http://", "http://me:hunter2@")], "has a user name or password"),
         (["submit", str(tmp_path), "--to", daemon.url], "a folder, not a file"),
         (["ls", "--to", daemon.url, "--token-file", ""], "path (--token-file) is empty"),  # not the current folder
