@@ -344,6 +344,7 @@ def test_a_slow_start_holds_up_no_other_request(tmp_path):
         assert service.pause("other")["status"] == "paused"
         assert service.resume("other")["status"] == "running"
         assert service.submit(latency_spec("third", budget=600))["position"] == 1  # waits its turn, answered now
+        assert service.stop("other")["status"] == "stopped"  # its tree goes down while the other is built
         stopper = threading.Thread(target=lambda: submitted.append(service.stop("slow")))
         stopper.start()
         assert t.is_alive() and stopper.is_alive()  # both wait for the start, nothing else did
