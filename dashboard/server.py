@@ -393,6 +393,11 @@ def submission(content_type: str, body: bytes, query: Any) -> tuple[str | dict[s
     ``text/*``, overrides and id from the query: ``?set=k=v&id=x``), or JSON
     ``{"spec": {...} | "toml": "...", "set": ["k=v"], "id": "..."}``. HTTPException 400 if malformed."""
     ctype = content_type.split(";")[0].strip().lower()
+    allowed = ("set", "id") if ctype.startswith(TOML_TYPES) else ()
+    unknown_q = sorted({k for k in query if k not in allowed})
+    if unknown_q:  # a typo (?sets=) silently ignored would run the spec without its overrides
+        where = "with a TOML body the query takes set and id" if allowed else 'with a JSON body "set" and "id" go in it'
+        raise HTTPException(400, f"unknown query parameter(s) {', '.join(brief(k, 40) for k in unknown_q)}: {where}")
     if ctype.startswith(TOML_TYPES):
         try:
             text = body.decode()
@@ -476,7 +481,20 @@ def _no_constant(name: str) -> Any:
 def strict_json(body: bytes) -> Any:
     """A submitted JSON body, its integers kept exact: one past 64 bits is refused (a fast
     JSON reader would make it a float silently), as are NaN and Infinity (not JSON)."""
-    return json.loads(body, parse_int=_int64, parse_constant=_no_constant)
+    return json.loads(body, parse_int=_int64, parse_constant=_no_constant, object_pairs_hook=_no_repeats)
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all different: a key given twice is refused, not the last one
+    taken (``{"spec": A, "spec": B}`` would run B, the sender perhaps meaning A)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"key {brief(k, 80)!r} is given twice in one object")
+            seen.add(k)
+    return out
 
 
 HISTORY_DEFAULT = 10_000

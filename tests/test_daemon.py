@@ -139,6 +139,21 @@ def test_bad_submissions_are_refused_with_the_reason_and_change_nothing(daemon):
         (dict(json={"spec": latency_spec("ok"), "id": "Lab.lock"}), 400, "reserved"),
         (dict(json={"spec": latency_spec("ok"), "extra": 1}), 400, "extra"),
         (dict(content=b"x" * (MAX_BODY + 1), headers={"content-type": "application/toml"}), 413, "over"),
+        # a key given twice: refused, not the last one taken (it would run the second spec)
+        (
+            dict(
+                content=b'{"spec": {"name": "a"}, "spec": {"name": "b"}}', headers={"content-type": "application/json"}
+            ),
+            400,
+            "key 'spec' is given twice",
+        ),
+        # a query the route does not take: a typo would run the spec without its overrides
+        (
+            dict(content='name = "q"', headers={"content-type": "application/toml"}, params={"sets": "seed=3"}),
+            400,
+            "sets",
+        ),
+        (dict(json={"spec": latency_spec("q")}, params={"set": "seed=3"}), 400, '"set" and "id" go in it'),
     ]
     for kwargs, status, needle in cases:
         r = http.post("api/experiments", **kwargs)
