@@ -123,6 +123,8 @@ def _choice(*options: str) -> Callable[[Any], str | None]:
 def _str_list(v: Any) -> str | None:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         return f"must be a list of strings, got {v!r}"
+    if any(not x.strip() for x in v):  # a field, method or tag of no name names nothing
+        return f"must be a list of non-empty strings, got {v!r}"
     return None
 
 

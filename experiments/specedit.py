@@ -124,6 +124,8 @@ def lookup(path: str | Path, key: str) -> tuple[Any, str | None]:
 
     A key no table holds is an error listing the keys there, as ``run`` and ``set`` list them;
     a key the schema knows that has no value is an error saying what its absence means."""
+    if not key.strip() or any(not part for part in key.split(".")):
+        raise SpecError(f"{path}: bad key {key!r}: give a dotted key, e.g. workload.params.calls")
     spec = load_spec(path, workloads=workload_registry())
     spec.pop("source", None)
     node: Any = spec

@@ -404,3 +404,21 @@ def test_a_key_that_is_not_bare_is_refused_not_split_on_its_dots(key):
     with pytest.raises(SpecError, match=r"is not a bare key \(letters, digits, _ and -\)"):
         parse_override(f"{key}=1")
     assert parse_override("metadata.run-tag_2=1") == (["metadata", "run-tag_2"], 1)
+
+
+def test_a_list_of_names_holds_no_empty_name(tmp_path):
+    base = {"name": "t", "workload": {"name": "latency"}}
+    for key in ("tags", "telemetry.maximize", "anomaly.metrics"):
+        with pytest.raises(SpecError, match=rf"{re.escape(key)}: must be a list of non-empty strings"):
+            load_spec(base, [f"{key}=['ok', ' ']"])
+
+
+def test_get_of_an_empty_key_says_what_to_give(tmp_path):
+    from experiments.specedit import get_value
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "t"\n[workload]\nname = "latency"\n')
+    for key in ("", "a..b", "."):
+        with pytest.raises(SpecError, match=r"bad key .*: give a dotted key"):
+            get_value(spec, key)
+    assert get_value(spec, "name") == "t"
