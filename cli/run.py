@@ -101,7 +101,10 @@ def stop_on_signals() -> Iterator[SignalStop]:
             first_at.append(time.monotonic())
         stop_now.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process was started ignoring stays ignored (a shell's background job ignores
+    # SIGINT: the terminal's Ctrl-C is not for it), as Python leaves KeyboardInterrupt off then
+    taken = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, on_signal) for s in taken}
     try:
         yield stop_now
     finally:

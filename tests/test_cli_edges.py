@@ -411,3 +411,22 @@ def test_lab_serve_logs_at_info_unless_told_a_level(tmp_path, monkeypatch, given
     with pytest.raises(Configured) as e:
         main([*given, "lab", "serve", "--artifacts", str(tmp_path / "art"), "--port", "0"])
     assert e.value.args == (level,)
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+    """A shell's background job ignores SIGINT (the terminal's Ctrl-C is for the foreground):
+    a run started so must not stop on it; SIGTERM, not ignored, still stops it."""
+    from cli.run import stop_on_signals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_on_signals() as stop_now:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not stop_now.is_set()
+            os.kill(os.getpid(), signal.SIGTERM)  # handled in this thread before kill returns to us
+            assert stop_now.wait(5) and stop_now.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
