@@ -415,6 +415,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     art = Path(args.artifacts)
     seen: set[str] = set()
+    if history_target(args) is None:
+        same = rundir.resolve_run(args.run_a, art).resolve() == rundir.resolve_run(args.run_b, art).resolve()
+    else:
+        same = Path(args.run_a).name == Path(args.run_b).name
+    if same:  # the test would compare a sample with itself: a difference of 0, said as a finding
+        raise UsageError(f"RUN_A and RUN_B are the same run ({Path(args.run_a).name}): compare two runs")
     if history_target(args) is not None:
         with reading_history(args) as store:
             where = describe_history(history_target(args), args.artifacts)

@@ -43,6 +43,11 @@ def test_run_list_export_compare(tmp_path, capsys):
     assert main(["compare", runs[0], runs[1], "--metric", "latency_ms", "--json", "--artifacts", art]) == 0
     r = json.loads(capsys.readouterr().out)
     assert 0.0 <= r["p_value"] <= 1.0 and r["metric"] == "latency_ms"
+    run_dir = str(tmp_path / "art" / "cli" / runs[0])
+    for twice in ([runs[0], runs[0]], [runs[0], run_dir]):  # a run against itself: no finding to report
+        with pytest.raises(SystemExit) as e:
+            main(["compare", *twice, "--metric", "latency_ms", "--artifacts", art])
+        assert e.value.code == 2 and "are the same run" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2_with_a_clear_message(tmp_path, capsys):
