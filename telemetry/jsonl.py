@@ -185,10 +185,34 @@ def iter_jsonl(path: str | Path, counts: ReadCounts | None = None, warn: bool = 
         yield from _iter_lines(fh, Path(path), counts if counts is not None else ReadCounts(), warn)
 
 
+MAX_LINE_BYTES = 8 << 20
+"""The longest line a reader takes as a possible event. An event is a few hundred bytes (its
+notes and fields are bounded); a longer line is damage (a file of NUL bytes after a crash, a
+binary written in its place), skipped as a bad line without holding it in memory whole."""
+
+
+def _bounded_lines(fh: IO[bytes]) -> Iterator[bytes | None]:
+    """The file's lines, each read at most :data:`MAX_LINE_BYTES` at a time; None for a line
+    longer than that, whose rest is read past in pieces and dropped."""
+    while line := fh.readline(MAX_LINE_BYTES):
+        if len(line) < MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := fh.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
 def _iter_lines(fh: IO[bytes], path: Path, counts: ReadCounts, warn: bool) -> Iterator[dict[str, Any]]:
     bad = 0
     try:
-        for lineno, line in enumerate(fh, 1):
+        for lineno, line in enumerate(_bounded_lines(fh), 1):
+            if line is None:  # damage, not an event: said as any bad line is
+                counts.skipped += 1
+                bad += 1
+                if warn and bad <= WARN_LINES:
+                    log.warning("skipping bad JSONL line", file=str(path), line=lineno, error="longer than 8 MiB")
+                continue
             if not line.strip():
                 continue
             try:

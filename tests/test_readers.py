@@ -141,3 +141,28 @@ def test_export_to_a_place_that_cannot_be_written_is_a_usage_error(tmp_path, cap
         )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_line_longer_than_any_event_is_skipped_without_being_held_whole(tmp_path, monkeypatch):
+    """A file with megabytes of NUL bytes and no newline (damage after a crash) is one "line":
+    read in pieces and skipped as a bad line, never held in memory whole; the events around
+    it are read."""
+    from telemetry import jsonl
+    from telemetry.schema import dumps_line
+
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 4096)
+    lines = [
+        dumps_line({"v": 1, "seq": i, "ts": 1_000 + i, "experiment_id": "e", "run_id": "r", "name": "s"})
+        for i in range(4)
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "events.jsonl").write_bytes(
+        lines[0] + lines[1] + b"\0" * 50_000 + b"\n" + lines[2] + b"x" * 4095 + b"\n" + lines[3]
+    )
+    counts = ReadCounts()
+    assert [e["seq"] for e in iter_run(run, counts, warn=False)] == [0, 1, 2, 3]
+    assert counts.skipped == 2  # the NUL bytes, and a line just under the limit that is no event
+    (run / "events.jsonl").write_bytes(lines[0] + b"\0" * 50_000)  # a last line cut short, past the limit
+    counts = ReadCounts()
+    assert [e["seq"] for e in iter_run(run, counts, warn=False)] == [0] and counts.skipped == 1
