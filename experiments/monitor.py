@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from experiments.workloads import Objective, generation, objective_of, objectives
+from telemetry import jsonl
 from telemetry.jsonl import ACTIVE, iter_run, open_run_file
 from telemetry.rundir import (
     LIFECYCLE,
@@ -192,6 +193,7 @@ class Tailer:
         self._fh: Any = None
         self._ino: int | None = None
         self._buf = b""
+        self._past_long = False
         self.from_start = from_start
         self.skipped = 0
 
@@ -201,6 +203,7 @@ class Tailer:
         except FileNotFoundError:
             return False
         self._fh, self._ino, self._buf = fh, os.fstat(fh.fileno()).st_ino, b""
+        self._past_long = False  # reading past a line longer than MAX_LINE_BYTES
         if not self.from_start:
             fh.seek(0, os.SEEK_END)
             self.from_start = True  # only the first file starts at its end
@@ -215,6 +218,11 @@ class Tailer:
             if chunk:
                 self._buf += chunk
                 *lines, self._buf = self._buf.split(b"\n")
+                if self._past_long and lines:  # the end of a line too long to be an event: dropped
+                    lines, self._past_long = lines[1:], False
+                if len(self._buf) > jsonl.MAX_LINE_BYTES:  # damage (NUL bytes, no newline): never held whole
+                    self._buf, self._past_long = b"", True
+                    self.skipped += 1
                 for line in lines:
                     if not line.strip():
                         continue

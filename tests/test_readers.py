@@ -166,3 +166,26 @@ def test_a_line_longer_than_any_event_is_skipped_without_being_held_whole(tmp_pa
     (run / "events.jsonl").write_bytes(lines[0] + b"\0" * 50_000)  # a last line cut short, past the limit
     counts = ReadCounts()
     assert [e["seq"] for e in iter_run(run, counts, warn=False)] == [0] and counts.skipped == 1
+
+
+def test_the_tailer_drops_a_line_too_long_to_be_an_event_without_holding_it(tmp_path, monkeypatch):
+    from telemetry import jsonl
+    from telemetry.schema import dumps_line
+
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 4096)
+    run = tmp_path / "run"
+    run.mkdir()
+    line = [
+        dumps_line({"v": 1, "seq": i, "ts": 1_000 + i, "experiment_id": "e", "run_id": "r", "name": "s"})
+        for i in range(3)
+    ]
+    path = run / "events.jsonl"
+    path.write_bytes(line[0] + b"\0" * 3000)
+    tail = Tailer(run)
+    assert [e["seq"] for e in tail.poll()] == [0]
+    with path.open("ab") as fh:
+        fh.write(b"\0" * 3000)  # past the limit, still no newline: let go of
+    assert list(tail.poll()) == [] and tail._buf == b"" and tail.skipped == 1
+    with path.open("ab") as fh:
+        fh.write(b"\0" * 3000 + b"\n" + line[1] + line[2])  # its end, then events again
+    assert [e["seq"] for e in tail.poll()] == [1, 2] and tail.skipped == 1
