@@ -707,11 +707,15 @@ class LabService:
         with ``history``, also the runs of earlier lifetimes found in the folder (read from
         disk: not for a loop)."""
         with self._lock:
-            out = [{**e, "position": None} for e in self.lab.list()]
-            starting = self._starting  # the queue's head while it starts: listed once, as the Lab has it or starting
-            if starting is not None and all(e["id"] != starting["id"] for e in out):
+            starting = self._starting  # the queue's head while it starts: listed once, as starting
+            sid = starting["id"] if starting is not None else None
+            # the Lab may hold its handle already (running, its tree not up yet: on Ray, no node yet)
+            out = [
+                {**e, "position": None} | ({"status": "starting"} if e["id"] == sid else {}) for e in self.lab.list()
+            ]
+            if starting is not None and all(e["id"] != sid for e in out):
                 workload = (starting["spec"].get("workload") or {}).get("name")
-                out.append({"id": starting["id"], "status": "starting", "position": None, "workload": workload})
+                out.append({"id": sid, "status": "starting", "position": None, "workload": workload})
             out += [{"id": k, "position": None, **v} for k, v in self._ended.items()]
             queued = [
                 {
