@@ -207,18 +207,26 @@ def test_a_second_daemon_on_the_same_folder_refuses(daemon):
     assert daemon.proc.poll() is None
 
 
-def test_queue_survives_sigkill_and_sigterm_stops_every_run(tmp_path):
-    art = tmp_path / "art"
+def killed_with_a_queue(art: Path, names: list[str], recorded: bool = False) -> None:
+    """A daemon (one experiment at a time) given ``names``, the first running and the others
+    queued, then killed -9; ``recorded``: once the first has events on disk."""
     d = Daemon(art, max_experiments=1)
     try:
         c = d.client()
-        assert c.submit(latency_spec("k1", budget=300))["status"] == "running"
-        assert c.submit(latency_spec("k2", budget=300))["position"] == 1
-        assert c.submit(latency_spec("k3", budget=300))["position"] == 2
+        assert c.submit(latency_spec(names[0], budget=300))["status"] == "running"
+        for pos, name in enumerate(names[1:], 1):
+            assert c.submit(latency_spec(name, budget=300))["position"] == pos
+        if recorded:
+            wait_for(lambda: next(iter_run(the_run(art, names[0])), None), f"{names[0]}'s first events")
         os.kill(d.proc.pid, signal.SIGKILL)
         d.proc.wait(DEADLINE_S)
     finally:
         d.kill()
+
+
+def test_queue_survives_sigkill_and_sigterm_stops_every_run(tmp_path):
+    art = tmp_path / "art"
+    killed_with_a_queue(art, ["k1", "k2", "k3"])
     queued = [i["id"] for i in orjson.loads((art / "queue.json").read_bytes())["queue"]]
     assert queued == ["k2", "k3"]
     d2 = Daemon(art, max_experiments=3)  # room for k1 too, where the Lab recovers it
@@ -246,16 +254,7 @@ def test_a_daemon_whose_port_is_taken_resumes_and_starts_nothing(tmp_path):
     import socket
 
     art = tmp_path / "art"
-    d = Daemon(art, max_experiments=1)
-    try:
-        c = d.client()
-        assert c.submit(latency_spec("p1", budget=300))["status"] == "running"
-        assert c.submit(latency_spec("p2", budget=300))["position"] == 1
-        wait_for(lambda: next(iter_run(the_run(art, "p1")), None), "p1's first events")
-        os.kill(d.proc.pid, signal.SIGKILL)
-        d.proc.wait(DEADLINE_S)
-    finally:
-        d.kill()
+    killed_with_a_queue(art, ["p1", "p2"], recorded=True)
     queue_before = (art / "queue.json").read_bytes()
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
