@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,7 +55,7 @@ __all__ = ["BUSY_TIMEOUT_S", "DB_NAME", "HistoryStore", "batch_mask"]
 DB_NAME = "history.sqlite3"
 
 APPLICATION_ID = 0x43524C42  # "CRLB" in the file's header (PRAGMA application_id): this is a crucible history
-OUR_TABLES = frozenset({"batches", "spans", "runs"})
+BATCH_COLUMNS = frozenset({"run_id", "seq_lo", "seq_hi", "experiment_id", "ts_lo", "ts_hi", "n", "data"})
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 BUSY_TIMEOUT_S = 1.0
@@ -83,20 +84,31 @@ CREATE TABLE IF NOT EXISTS runs (
 
 
 def _refuse_foreign(path: Path) -> None:
-    """``HistoryConnectError`` for a file that is no crucible history (a SQLite database of
-    another program, or no database at all), found before anything is written: no ``.lock``
-    beside it, no switch to WAL, no tables of ours added to it. A missing or empty file is a
-    new history; one marked with :data:`APPLICATION_ID`, or unmarked (an older history) that
-    holds any of our tables, is ours."""
-    if path.name.endswith(".lock"):  # a lock file (ours: <history>.lock), picked by a slip of tab completion
+    """``HistoryConnectError`` for a file that is no crucible history, found before anything
+    is written in it or beside it (no ``.lock``, no switch to WAL, no tables of ours, no
+    change of mode): anything but a regular file (a FIFO is never opened, so never waited
+    on; a device is never made a history), a ``.lock`` file (also through a link), a file
+    that is not a SQLite database, and another program's database. A missing or empty file
+    is a new history; one marked with :data:`APPLICATION_ID`, or unmarked (an older history)
+    whose ``batches`` table is ours, is ours. One whose tables cannot be read now (another
+    program holds it locked) is refused: it cannot be told apart."""
+    if path.name.endswith(".lock") or os.path.realpath(path).endswith(".lock"):  # <history>.lock: a slip
         raise HistoryConnectError(f"history {str(path)!r} cannot be opened: a .lock file is no history")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise HistoryConnectError(f"history {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise HistoryConnectError(f"history {str(path)!r} cannot be opened: it is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise HistoryConnectError(
+            f"history {str(path)!r} cannot be opened: it is not a regular file (a device, a FIFO or a socket)"
+        )
     try:
         with open(path, "rb") as f:
             head = f.read(100)
-    except FileNotFoundError:
-        return
-    except IsADirectoryError:
-        raise HistoryConnectError(f"history {str(path)!r} cannot be opened: it is a folder, not a file") from None
     except OSError as exc:
         raise HistoryConnectError(f"history {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     if not head:
@@ -114,15 +126,21 @@ def _refuse_foreign(path: Path) -> None:
             f"(application id {app_id:#x}; nothing was written to it)"
         )
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
         try:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {r[1] for r in db.execute("PRAGMA table_info(batches)")} if "batches" in tables else set()
         finally:
             db.close()
-    except sqlite3.DatabaseError:
-        return  # damaged, or a journal to roll back first: the open proper says what is wrong
-    if tables and not tables & OUR_TABLES:  # an older history may lack a table a later version added
-        other = ", ".join(sorted(tables - OUR_TABLES)[:5])
+    except sqlite3.DatabaseError as exc:
+        if _code(exc) in _BUSY_CODES:
+            raise HistoryConnectError(
+                f"history {str(path)!r} cannot be opened: another program holds it locked, so whether it is a "
+                "crucible history cannot be told (nothing was written to it); try again once it is free"
+            ) from None
+        return  # damaged: the open proper says what is wrong
+    if tables and not BATCH_COLUMNS <= columns:  # an older history has our batches table, whatever else it lacks
+        other = ", ".join(sorted(tables)[:5])
         raise HistoryConnectError(
             f"history {str(path)!r} cannot be opened: it is another program's SQLite database "
             f"(tables {other}; nothing was written to it)"

@@ -5,6 +5,7 @@ files (the reference), the history counted as lost and its events as unsent, the
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -195,6 +196,39 @@ def test_a_file_that_is_no_crucible_history_is_refused_before_anything_is_writte
         with pytest.raises(HistoryConnectError, match=why):
             HistoryStore(path)
         assert not path.with_name(path.name + ".lock").exists()
+    fifo = tmp_path / "fifo.db"  # never opened: a FIFO would hold the open until a writer came
+    os.mkfifo(fifo)
+    link = tmp_path / "x.sqlite3"  # a link to a lock file is a lock file
+    link.symlink_to(lockfile)
+    runs_only = tmp_path / "runs_only.db"  # a table named like one of ours is not our history
+    con = sqlite3.connect(runs_only)
+    con.execute("CREATE TABLE runs (id INTEGER)")
+    con.commit()
+    con.close()
+    locked = tmp_path / "locked.db"  # another program's, held locked: cannot be told apart, so refused
+    con = sqlite3.connect(locked)
+    con.execute("CREATE TABLE invoices (x)")
+    con.commit()
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        for path, why in (
+            (fifo, "not a regular file"),
+            (link, "a .lock file is no history"),
+            (runs_only, "tables runs"),
+            (locked, "another program holds it locked"),
+        ):
+            before = os.lstat(path)
+            with pytest.raises(HistoryConnectError, match=why):
+                HistoryStore(path)
+            assert os.lstat(path).st_mode == before.st_mode
+            assert not path.with_name(path.name + ".lock").exists()
+    finally:
+        con.rollback()
+        con.close()
+    con = sqlite3.connect(runs_only)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert {r[0] for r in con.execute("SELECT name FROM sqlite_master")} == {"runs"}
+    con.close()
     empty = tmp_path / "empty.db"
     empty.touch(mode=0o644)
     HistoryStore(empty).close()
