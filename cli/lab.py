@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 dash = Dashboard(service, args.host, args.port)
             except OSError as exc:
                 raise UsageError(str(exc)) from None
-            service.start()
+            service.start(should_stop=stop_now.is_set)  # a SIGTERM at boot starts no more of the queue
             sys.stdout.write(f"lab daemon: {dash.url} (artifacts {artifacts}, token in {dash.token_file})\n")
             sys.stdout.write(f"dashboard: {dash.new_sign_in_url()}  (a sign-in link that works once)\n")
             sys.stdout.flush()

@@ -111,13 +111,24 @@ def base_url(url: str) -> str:
             f"{u.scheme}://{u.netloc.decode()}/; the token goes in {TOKEN_ENV} or --token-file"
         )
     segments = [seg for seg in u.path.split("/") if seg]
-    if "api" in segments:  # the API's own path: every request would go to .../api/api/... and get a bare 404
-        base = "/".join(segments[: segments.index("api")])
+    api = next((k for k, seg in enumerate(segments) if seg == "api" and _api_path(segments[k + 1 :])), None)
+    if api is not None:  # the API's own path: every request would go to .../api/api/... and get a bare 404
+        base = "/".join(segments[:api])
         raise LabClientError(
             f"the lab daemon's URL {url!r} names its API path: give its base URL, "
             f"{u.scheme}://{u.netloc.decode()}/{base + '/' if base else ''} (crucible lab serve prints it)"
         )
     return str(u).rstrip("/") + "/"
+
+
+API_ROOTS = frozenset({"experiments", "control", "sign-in-link", "ws-ticket", "login", "metrics"})
+"""The daemon's API paths after ``/api``. A ``--to`` URL ending in ``/api``, or going on with
+one of them, names the API, not the daemon; a proxy's own prefix may hold an ``api`` segment
+(``https://host/api/crucible/`` is a base URL)."""
+
+
+def _api_path(after: list[str]) -> bool:
+    return not after or after[0] in API_ROOTS
 
 
 ROW = {"id": str, "status": str}  # what every row of a listing and every submission's entry carry

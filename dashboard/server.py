@@ -403,6 +403,9 @@ def submission(content_type: str, body: bytes, query: Any) -> tuple[str | dict[s
             text = body.decode()
         except UnicodeDecodeError:
             raise HTTPException(400, "the TOML body must be UTF-8") from None
+        ids = query.getlist("id")
+        if len(ids) > 1:  # which one was meant is anyone's guess: refused, not the last taken
+            raise HTTPException(400, f"give one id in the query, not {len(ids)}")
         return text, query.getlist("set"), query.get("id")
     if ctype != "application/json":
         raise HTTPException(415, "send the spec as application/toml (or text/plain) or as application/json")

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,7 @@ class LabService:
         self._queue_bytes = 0  # queue.json's size at its last write (see MAX_QUEUE_BYTES)
         self._starting: dict[str, Any] | None = None  # the queue's head while it starts, outside the lock (_fill)
         self._start_done = threading.Condition(self._lock)
+        self._should_stop: Callable[[], bool] = lambda: False  # a daemon's signal (see start)
         try:
             # history: see telemetry.history; backend and address: Lab (docs/ray.md)
             self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
@@ -227,13 +228,19 @@ class LabService:
                 self.shutdown()
                 raise
 
-    def start(self) -> None:
+    def start(self, should_stop: Callable[[], bool] | None = None) -> None:
         """Resume the runs a crashed previous owner left, then start queued items while slots
-        are free. Submissions taken before it wait in the queue. Once only."""
+        are free. Submissions taken before it wait in the queue. Once only.
+
+        ``should_stop``: a daemon's signal, asked before each queued start: a stop asked while
+        the queue is being started (a SIGTERM at boot) starts no more of it (each start of a
+        slow tree takes its time; the rest stay queued for the next start)."""
         with self._lock:
             if self._started or self._closed:
                 return
             self._started = True
+            if should_stop is not None:
+                self._should_stop = should_stop
         recover = getattr(self.lab, "recover", None)  # resumes a crashed previous owner's runs, where supported
         recovered: list[Experiment] = list(recover(self._own_runs()) or []) if callable(recover) else []
         for exp in recovered:
@@ -575,6 +582,8 @@ class LabService:
                 if self._starting is not None or not (
                     self._queue and self._started and not self._closed and self._running() < self.max_running
                 ):
+                    return
+                if self._should_stop():
                     return
                 item = self._starting = self._queue[0]
             exp: Experiment | None = None

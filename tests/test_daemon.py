@@ -154,6 +154,11 @@ def test_bad_submissions_are_refused_with_the_reason_and_change_nothing(daemon):
             "sets",
         ),
         (dict(json={"spec": latency_spec("q")}, params={"set": "seed=3"}), 400, '"set" and "id" go in it'),
+        (
+            dict(content='name = "q"', headers={"content-type": "application/toml"}, params=[("id", "a"), ("id", "b")]),
+            400,
+            "give one id",
+        ),
     ]
     for kwargs, status, needle in cases:
         r = http.post("api/experiments", **kwargs)
@@ -377,6 +382,30 @@ def test_a_slow_start_holds_up_no_other_request(tmp_path):
         release.set()
         service.shutdown()
         unregister("slowstart")
+
+
+def test_a_stop_asked_while_the_queue_is_being_started_starts_no_more_of_it(tmp_path):
+    """A SIGTERM at a daemon's boot (``start(should_stop=...)``): the start under way
+    finishes, no other is begun, and the rest stay queued for the next start."""
+    from experiments.service import LabService
+
+    service = LabService(tmp_path / "art", max_running=3, start=False)
+    try:
+        for name in ("b1", "b2", "b3"):
+            assert service.submit(latency_spec(name, budget=600))["status"] == "queued"  # before start: waits
+        asked = []
+
+        def stop_after_the_first() -> bool:
+            asked.append(1)
+            return len(asked) > 1
+
+        service.start(should_stop=stop_after_the_first)
+        rows = {e["id"]: e["status"] for e in service.list(history=False)}
+        assert rows == {"b1": "running", "b2": "queued", "b3": "queued"}
+    finally:
+        service.shutdown()
+    queued = [i["id"] for i in orjson.loads((tmp_path / "art" / "queue.json").read_bytes())["queue"]]
+    assert queued == ["b2", "b3"]
 
 
 def test_a_sigterm_delivered_twice_at_once_still_stops_cleanly(tmp_path):
@@ -625,6 +654,16 @@ def test_the_default_task_holds_a_bounded_amount_of_memory_however_many_calls_ru
     assert len(results) == 16 and all(r["bytes"] == size for r in results)
     assert peak < 6 * size, f"peak {peak / 2**20:.0f} MiB"  # two calls' worth and change, not sixteen
     assert latency._checksum_in_use == 0  # every call gave its room back
+    # a call that finds no room within CHECKSUM_WAIT_S fails, so that queued calls cannot hold a stop
+    monkeypatch.setattr(latency, "CHECKSUM_WAIT_S", 0.05)
+    with latency._checksum_room:
+        latency._checksum_in_use = latency.CHECKSUM_BUDGET_BYTES  # as if others held it all
+    try:
+        with pytest.raises(TimeoutError, match=r"checksum_work: no room for 4,194,304 bytes within 0\.05 s"):
+            latency.checksum_work(size)
+    finally:
+        with latency._checksum_room:
+            latency._checksum_in_use = 0
 
 
 def test_a_queued_submission_is_checked_again_when_it_starts(tmp_path):
@@ -736,6 +775,7 @@ def test_client_mistakes_are_one_line_errors(daemon, tmp_path, capsys, monkeypat
         (["ls", "--to", "127.0.0.1:7878"], "must be http://HOST:PORT"),
         (["ls", "--to", f"{daemon.url}api"], f"names its API path: give its base URL, {daemon.url} "),
         (["ls", "--to", f"{daemon.url}lab/api/experiments"], f"give its base URL, {daemon.url}lab/ "),
+        (["ls", "--to", f"{daemon.url}api/crucible/"], "404"),  # a proxy prefix: taken as a base URL (here: a 404)
         (["ls", "--to", daemon.url.replace("http://", "http://me:hunter2@")], "has a user name or password"),
         (["submit", str(tmp_path), "--to", daemon.url], "a folder, not a file"),
         (["ls", "--to", daemon.url, "--token-file", ""], "path (--token-file) is empty"),  # not the current folder

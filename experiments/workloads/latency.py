@@ -75,6 +75,10 @@ CHECKSUM_BUDGET_BYTES = 256 * 2**20
 for room. Without it, ``concurrency`` (up to 256, and steerable) times the per-call cap, times
 the experiments of a daemon, is tens of GB: the kernel's OOM killer would end the daemon and
 every run in it, and its recovery would resume the same run into the same end."""
+CHECKSUM_WAIT_S = 5.0
+"""How long a call waits for room before it fails (``TimeoutError``, recorded as a failed call):
+calls queued behind the budget would otherwise hold a stop (a step ends when its calls have)
+for as long as all of them take."""
 _checksum_room = threading.Condition()
 _checksum_in_use = 0
 
@@ -82,7 +86,8 @@ _checksum_in_use = 0
 def checksum_work(size: int = 262_144) -> dict[str, Any]:
     """A real, deterministic CPU task for the default experiment: hash and compress a buffer.
     Calls share :data:`CHECKSUM_BUDGET_BYTES`: one that would go past it waits for room (its
-    latency counts the wait, as a call to a saturated service does).
+    latency counts the wait, as a call to a saturated service does), at most
+    :data:`CHECKSUM_WAIT_S`, and then fails.
 
     Raises:
         ValueError: ``size`` is not a whole number of bytes from 0 to :data:`CHECKSUM_MAX_BYTES`.
@@ -97,7 +102,13 @@ def checksum_work(size: int = 262_144) -> dict[str, Any]:
         )
     held = size * 2  # the buffer, and its compressed copy at worst as large
     with _checksum_room:
-        _checksum_room.wait_for(lambda: _checksum_in_use == 0 or _checksum_in_use + held <= CHECKSUM_BUDGET_BYTES)
+        if not _checksum_room.wait_for(
+            lambda: _checksum_in_use == 0 or _checksum_in_use + held <= CHECKSUM_BUDGET_BYTES, CHECKSUM_WAIT_S
+        ):
+            raise TimeoutError(
+                f"checksum_work: no room for {size:,} bytes within {CHECKSUM_WAIT_S:g} s "
+                f"(the calls of this process hold at most {CHECKSUM_BUDGET_BYTES:,} at once)"
+            )
         _checksum_in_use += held
     try:
         data = hashlib.sha256(str(size).encode()).digest() * (size // 32)
