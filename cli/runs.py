@@ -415,12 +415,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     art = Path(args.artifacts)
     seen: set[str] = set()
-    if history_target(args) is None:
-        same = rundir.resolve_run(args.run_a, art).resolve() == rundir.resolve_run(args.run_b, art).resolve()
-    else:
-        same = Path(args.run_a).name == Path(args.run_b).name
-    if same:  # the test would compare a sample with itself: a difference of 0, said as a finding
-        raise UsageError(f"RUN_A and RUN_B are the same run ({Path(args.run_a).name}): compare two runs")
     if history_target(args) is not None:
         with reading_history(args) as store:
             where = describe_history(history_target(args), args.artifacts)
@@ -435,6 +429,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"metric {args.metric!r} has {na} finite values in {a.name} and {nb} in {b.name}; "
             f"need at least 2 in each{metric_hint(args.metric, seen)}"
         )
+    same = a.name == b.name if history_target(args) is not None else a.resolve() == b.resolve()
+    if same:  # the test would compare a sample with itself: a difference of 0, said as a finding
+        raise UsageError(f"RUN_A and RUN_B are the same run ({a.name}): compare two runs")
     r = compare(va, vb, metric=args.metric)
     if args.json:
         print(orjson.dumps(r).decode())

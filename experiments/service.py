@@ -532,7 +532,9 @@ class LabService:
                 self._keys.pop(key or "", None)
                 raise
             log.info("submission queued", experiment=item["id"], position=len(self._queue))
-        self._fill()  # outside the lock: a slow start (a big graph to build) holds up no other request
+        # outside the lock: a slow start (a big graph to build) holds up no other request; and this
+        # answer waits for no start after its own (the rest of the queue goes on in the background)
+        self._fill(only=item)
         with self._lock:
             return self._entry(item["id"])
 
@@ -571,12 +573,17 @@ class LabService:
     def _running(self) -> int:
         return sum(1 for e in list(self.lab.experiments.values()) if e.status() in LIVE)
 
-    def _fill(self) -> None:
+    def _fill(self, only: dict[str, Any] | None = None) -> None:
         """Start queued items, oldest first, while a slot is free. Called without the lock: each
         start (which may take long: a tree building a big graph) runs outside it, so reads and
         the control of other experiments never wait for one. One start at a time, the item
         staying first in the queue (and on disk) until it has started; a call that finds a
-        start under way leaves the rest to the thread doing it, which goes on afterwards."""
+        start under way leaves the rest to the thread doing it, which goes on afterwards.
+
+        ``only``: a submission's item. Its caller (the submission's answer) waits for no start
+        after that item's: once it has started, the rest of the queue is started by a thread of
+        its own. (Those ahead of it start first, as the queue's order says.)"""
+        waited_for_own = False
         while True:
             with self._lock:
                 if self._starting is not None or not (
@@ -585,7 +592,11 @@ class LabService:
                     return
                 if self._should_stop():
                     return
+                if waited_for_own:  # its caller's start is done: the rest are not its answer's to wait for
+                    threading.Thread(target=self._fill, name="service-fill", daemon=True).start()
+                    return
                 item = self._starting = self._queue[0]
+                waited_for_own = only is not None and item is only
             exp: Experiment | None = None
             error: Exception | None = None
             try:

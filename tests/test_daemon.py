@@ -384,6 +384,51 @@ def test_a_slow_start_holds_up_no_other_request(tmp_path):
         unregister("slowstart")
 
 
+def test_a_submissions_answer_waits_for_its_own_start_alone(tmp_path):
+    """The submission whose thread starts the queue answers once its own experiment has
+    started; the next queued one starts in the background, not before that answer."""
+    from experiments.service import LabService
+    from experiments.workloads import register, unregister
+    from experiments.workloads.latency import LatencyWorkload
+
+    gates = {1: threading.Event(), 2: threading.Event()}
+    building = {1: threading.Event(), 2: threading.Event()}
+
+    class Gated(LatencyWorkload):
+        name = "gated"
+
+        def __init__(self, params, seed=0):  # type: ignore[no-untyped-def]
+            building[seed].set()
+            gates[seed].wait(120)
+            super().__init__(params, seed)
+
+    def gated(name: str, seed: int) -> dict:
+        spec = latency_spec(name, budget=600) | {"seed": seed}
+        spec["workload"] = {**spec["workload"], "name": "gated"}
+        return spec
+
+    register("gated", Gated)
+    service = LabService(tmp_path / "art", max_running=3)
+    answers: list[dict] = []
+    try:
+        a = threading.Thread(target=lambda: answers.append(service.submit(gated("ga", 1))))
+        a.start()
+        assert building[1].wait(60)
+        assert service.submit(gated("gb", 2))["status"] == "queued"  # behind ga's start: answered at once
+        gates[1].set()
+        a.join(60)
+        assert not a.is_alive() and answers[0]["id"] == "ga"  # answered with gb's start still under way
+        assert building[2].wait(60)
+        assert {e["id"]: e["status"] for e in service.list(history=False)}["gb"] == "starting"
+        gates[2].set()
+        wait_for(lambda: {e["id"]: e["status"] for e in service.list(history=False)}["gb"] == "running", "gb")
+    finally:
+        for g in gates.values():
+            g.set()
+        service.shutdown()
+        unregister("gated")
+
+
 def test_a_stop_asked_while_the_queue_is_being_started_starts_no_more_of_it(tmp_path):
     """A SIGTERM at a daemon's boot (``start(should_stop=...)``): the start under way
     finishes, no other is begun, and the rest stay queued for the next start."""

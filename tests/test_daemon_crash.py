@@ -153,7 +153,10 @@ def test_a_daemon_resumes_its_own_run_first_and_the_other_crashed_runs_of_its_id
 
         # one after the other: up to twice a budget, and more on a loaded machine
         wait_for(lambda: ended() == {own["run_id"]: "stopped", other.name: "stopped"}, "both runs ended", 150.0)
-        for run in (art / "lat" / own["run_id"], other):
+        runs = (art / "lat" / own["run_id"], other)
+        # the Lab says ended as it writes the final record: the files say so a moment later
+        wait_for(lambda: all(read_json(r / "lifecycle.json")["status"] == "stopped" for r in runs), "the records", 60.0)
+        for run in runs:
             record = read_json(run / "lifecycle.json")
             assert record["status"] == "stopped" and record["reason"] == "budget" and record["resumes"] == 1
         assert d.terminate() == 0

@@ -325,7 +325,9 @@ def test_compare_on_a_metric_no_event_has_names_what_the_runs_record(tmp_path, c
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and needle in err and "\x1b" not in err, err
     argv = ["compare", RUN_ID, RUN_ID, "--metric", "chromatic_number", "--json", "--artifacts", str(tmp_path)]
-    assert main(argv) == 0
+    with pytest.raises(SystemExit) as exit_:  # the field found: what is left is that it is one run twice
+        main(argv)
+    assert exit_.value.code == 2 and "are the same run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -289,7 +289,15 @@ def test_a_full_disk_at_start_holds_the_queue_until_space_is_back(tmp_path, monk
     try:
         full = _disk_full_at_start(service, monkeypatch)
         ids = [service.submit(latency_spec("job", budget=0.2))["id"] for _ in range(3)]
-        entries = {e["id"]: e for e in service.list(history=False)}
+
+        seen: list[dict] = []
+
+        def held() -> bool:  # between the timer's tries (the head lists as starting during one)
+            seen.append({e["id"]: e for e in service.list(history=False)})
+            return seen[-1][ids[0]]["status"] == "queued"
+
+        until(held, 60, "the head held between two tries")
+        entries = seen[-1]
         assert [entries[i]["status"] for i in ids] == ["queued"] * 3
         assert "No space left on device" in entries[ids[0]]["reason"] and "reason" not in entries[ids[1]]
         full.clear()
