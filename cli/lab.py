@@ -20,6 +20,7 @@ from actors.log import LOG_KEEP, LOG_ROTATE_BYTES, configure_logging
 from cli.commands import help_of
 from cli.errors import EXIT_OK, UsageError, folder_arg, history_error
 from cli.run import add_backend_options, stop_on_signals
+from experiments.lab import MIN_FREE_BYTES
 from experiments.validate import PORT, Num
 from telemetry.rundir import DAEMON_LOG
 
@@ -90,6 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             address=args.ray_address,
             data_dirs=data_dirs,
             allow_targets=allow_targets,
+            min_free_bytes=args.min_free_mib << 20,
             start=False,  # resumes and starts nothing before the port is ours (see LabService)
         )
     except LabLocked as exc:
@@ -148,6 +150,13 @@ def add_commands(sub: Any) -> None:
         type=Num(1, 1000, integer=True).arg(),
         default=1,
         help="experiments run at once, 1 to 1000 (default 1); the rest wait in the queue",
+    )
+    s.add_argument(
+        "--min-free-mib",
+        type=Num(0, 1 << 30, integer=True).arg(),
+        default=MIN_FREE_BYTES >> 20,
+        help=f"start a queued experiment only with this much free disk, else hold the queue "
+        f"(default {MIN_FREE_BYTES >> 20})",
     )
     s.add_argument(
         "--log-max-mib",

@@ -22,8 +22,10 @@ the host program; two Labs in one process share nothing.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -93,6 +95,11 @@ PAUSE_TIMEOUT_S = 30.0
 """How long pause() waits for the phase to reach a safe point (the end of a step, or its
 ``use_interrupt`` check) before withdrawing the pause."""
 FINAL_RECORD_RETRY_S = (1.0, 60.0)  # an end's record that could not be written: tried again after, doubling to
+MIN_FREE_BYTES = 16 << 20
+"""Free space a new run needs on the artifacts disk (and the SQLite history's) to start. Below
+it the start fails with ENOSPC before the run's folder is made: a run started on a nearly full
+disk ends ``storage: ...`` within a second, where a failed start is held by a daemon's queue
+until space is back (experiments.service)."""
 
 
 class LifecycleError(RuntimeError):
@@ -1045,13 +1052,19 @@ class Lab:
         history: HistoryTarget = None,
         backend: str = "embedded",
         address: str | None = None,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         """``history`` names where every run's history goes (see :mod:`telemetry.history`): by
         default ``$CRUCIBLE_HISTORY`` or ``<artifacts>/history.sqlite3``; a PostgreSQL URL is
         connected to (and its schema migrated) here, so a bad one fails now, named.
 
         ``backend``: ``embedded`` (each tree on threads of this process) or ``ray`` (each tree
-        in its own Ray actor, on the cluster at ``address``; see docs/ray.md)."""
+        in its own Ray actor, on the cluster at ``address``; see docs/ray.md).
+
+        ``min_free_bytes``: the free disk space a new run needs to start (see
+        :data:`MIN_FREE_BYTES`; 0 starts on any disk)."""
+        if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, int) or min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must be a whole number of bytes, 0 or more, got {min_free_bytes!r}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         if backend == "embedded" and address is not None:
@@ -1059,6 +1072,7 @@ class Lab:
         self.artifacts = check_artifacts_dir(artifacts_dir)
         self.history = prepare_history(history, self.artifacts)
         self.clock = clock
+        self.min_free_bytes = min_free_bytes
         self._lock = threading.RLock()
         self.experiments: dict[str, Experiment] = {}
         self.sup = DynamicSupervisor.start(max_children=max_experiments, registry=Registry())
@@ -1096,6 +1110,7 @@ class Lab:
         full = load_spec(spec, overrides, workload_registry())
         if self._remote is not None:
             return self._remote.start_experiment(full, experiment_id)
+        self._check_free_space()
         with self._lock:
             base = check_experiment_id(experiment_id or full["name"])
             exp_id, k = base, 1
@@ -1113,6 +1128,21 @@ class Lab:
         self._launch(exp)
         log.info("experiment started", experiment=exp_id, run_id=exp.run_id, workload=full["workload"]["name"])
         return exp
+
+    def _check_free_space(self) -> None:
+        """Refuse a start, as a full disk would (ENOSPC), when the artifacts folder or the SQLite
+        history has less than ``min_free_bytes`` free (see :data:`MIN_FREE_BYTES`)."""
+        if self.min_free_bytes == 0:
+            return
+        places = [self.artifacts] + ([Path(self.history).parent] if isinstance(self.history, Path) else [])
+        for place in places:
+            free = shutil.disk_usage(place).free  # an OSError here is the disk's answer: it stands
+            if free < self.min_free_bytes:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"No space left on device: {free / 2**20:.1f} MiB free on the disk of {place}, and a new run "
+                    f"needs {self.min_free_bytes / 2**20:.1f} MiB (min_free_bytes)",
+                )
 
     def recover(self, first: Collection[str] = ()) -> list[Experiment]:
         """Resume every run under this Lab's artifacts folder whose owner died while it was

@@ -32,7 +32,7 @@ from actors.log import get_logger
 from actors.recorder import check_artifacts_dir
 from actors.runtime import trim_heap
 from experiments.admission import Admission
-from experiments.lab import START_FAILED, Experiment, Lab, NotFound, NotRunning
+from experiments.lab import MIN_FREE_BYTES, START_FAILED, Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, parse_toml
 from experiments.validate import MAX_KEY_CHARS, check_key
 from telemetry.batchstore import HistoryUnavailable
@@ -181,11 +181,15 @@ class LabService:
         data_dirs: Sequence[str | Path] = (),
         allow_targets: Sequence[str] = (),
         start: bool = True,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         """``start=False`` takes the folder (lock, history, queue) but resumes and starts
         nothing until :meth:`start`: a daemon binds its port first, so a start that fails
         there (the port taken) leaves crashed runs crashed and the queue as it was, instead of
-        starting them only to stop them for good."""
+        starting them only to stop them for good.
+
+        ``min_free_bytes``: a queued item starts only with this much free disk (see
+        :data:`experiments.lab.MIN_FREE_BYTES`); with less, the queue is held as on a full disk."""
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
         # what a submission may read and call (experiments.admission): checked at submission and at start
@@ -214,7 +218,9 @@ class LabService:
         self._should_stop: Callable[[], bool] = lambda: False  # a daemon's signal (see start)
         try:
             # history: see telemetry.history; backend and address: Lab (docs/ray.md)
-            self.lab = Lab(self.artifacts, history=history, backend=backend, address=address)
+            self.lab = Lab(
+                self.artifacts, history=history, backend=backend, address=address, min_free_bytes=min_free_bytes
+            )
             self._queue = self._load_queue()  # first: it names the runs of our submissions, resumed first
             with contextlib.suppress(OSError):
                 self._queue_bytes = self.queue_file.stat().st_size

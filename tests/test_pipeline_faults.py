@@ -427,7 +427,7 @@ def small_tmpfs(tmp_path):
 
 
 def test_a_really_full_disk(small_tmpfs):
-    with Lab(small_tmpfs / "art") as lab:
+    with Lab(small_tmpfs / "art", min_free_bytes=0) as lab:  # past the guard at start: a disk that fills up
         exp = lab.start_experiment(fast_spec("full", batch_size=64))
         assert exp.wait(60)
     assert exp.reason.startswith("storage: "), exp.reason
@@ -440,6 +440,24 @@ def test_a_really_full_disk(small_tmpfs):
     assert no_tmp_files(small_tmpfs) == []
     # the space the Recorder reserved let the files written after it stopped land too
     assert orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())["reason"] == exp.reason
+
+
+def test_a_start_on_a_nearly_full_disk_is_refused_before_its_run_begins(small_tmpfs):
+    """3 MiB free is less than a run needs (MIN_FREE_BYTES): the start fails as on a full
+    disk, naming the folder and the figures, and leaves no run behind."""
+    with Lab(small_tmpfs / "art") as lab:
+        with pytest.raises(OSError) as err:
+            lab.start_experiment(fast_spec("full", batch_size=64))
+        assert err.value.errno == errno.ENOSPC
+        assert str(small_tmpfs / "art") in str(err.value) and "min_free_bytes" in str(err.value)
+        assert lab.experiments == {}
+    assert not (small_tmpfs / "art" / "full").exists()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "16"])
+def test_min_free_bytes_is_a_whole_number(tmp_path, bad):
+    with pytest.raises(ValueError, match="min_free_bytes"):
+        Lab(tmp_path / "art", min_free_bytes=bad)
 
 
 def test_a_backfill_that_fails_at_start_stops_recording(tmp_path, monkeypatch):

@@ -306,6 +306,34 @@ def test_a_full_disk_at_start_holds_the_queue_until_space_is_back(tmp_path, monk
         service.shutdown()
 
 
+def test_a_nearly_full_disk_holds_the_queue_before_any_run_begins(tmp_path, monkeypatch):
+    """With less free disk than a run needs, the head is held (no run folder made, nothing
+    ended as ``storage: ...``), and it starts once the disk has room: a start on a nearly full
+    disk used to burn the item out in a fraction of a second."""
+    import shutil
+
+    monkeypatch.setattr("experiments.service.HOLD_RETRY_S", (0.05, 0.2))
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1, min_free_bytes=shutil.disk_usage(tmp_path).free + (1 << 40))
+    try:
+        exp_id = service.submit(latency_spec("job", budget=0.2))["id"]
+        seen: list[dict] = []
+
+        def held() -> bool:
+            seen.append({e["id"]: e for e in service.list(history=False)})
+            return seen[-1][exp_id]["status"] == "queued" and "reason" in seen[-1][exp_id]
+
+        until(held, 60, "the head held for want of space")
+        assert "No space left on device" in seen[-1][exp_id]["reason"]
+        assert "min_free_bytes" in seen[-1][exp_id]["reason"]
+        assert not (art / exp_id).exists()  # no run was begun
+        service.lab.min_free_bytes = 0  # room again
+        until(lambda: _ended(service, [exp_id]), 60, "the held submission to run")
+        assert [run_status(r).status for r in (art / exp_id).iterdir()] == ["stopped"]
+    finally:
+        service.shutdown()
+
+
 def test_a_held_queue_tries_again_on_its_timer_alone(tmp_path, monkeypatch):
     """Submissions while the queue is held try its head again; a failure of theirs keeps the
     timer and its wait (the wait doubles only when the timer's own try fails), and says nothing
