@@ -19,8 +19,7 @@ import structlog
 from actors.log import LOG_KEEP, LOG_ROTATE_BYTES, configure_logging
 from cli.commands import help_of
 from cli.errors import EXIT_OK, UsageError, folder_arg, history_error
-from cli.run import add_backend_options, stop_on_signals
-from experiments.lab import MIN_FREE_BYTES
+from cli.run import add_backend_options, add_min_free_option, stop_on_signals
 from experiments.validate import PORT, Num
 from telemetry.rundir import DAEMON_LOG
 
@@ -152,13 +151,6 @@ def add_commands(sub: Any) -> None:
         help="experiments run at once, 1 to 1000 (default 1); the rest wait in the queue",
     )
     s.add_argument(
-        "--min-free-mib",
-        type=Num(0, 1 << 30, integer=True).arg(),
-        default=MIN_FREE_BYTES >> 20,
-        help=f"start a queued experiment only with this much free disk, else hold the queue "
-        f"(default {MIN_FREE_BYTES >> 20})",
-    )
-    s.add_argument(
         "--log-max-mib",
         type=Num(0, 1 << 20, integer=True).arg(),
         default=LOG_ROTATE_BYTES >> 20,
@@ -189,4 +181,5 @@ def add_commands(sub: Any) -> None:
         "with their arguments (sqrt, exp, log, sin, ...; see docs/daemon.md)",
     )
     add_backend_options(s)
+    add_min_free_option(s)
     s.set_defaults(func=cmd_serve)

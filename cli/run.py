@@ -7,6 +7,7 @@ reported). ``run --dashboard`` serves the web dashboard beside the Lab for as lo
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import threading
@@ -34,7 +35,7 @@ from cli.errors import (
     writable_file,
 )
 from experiments.coloring.graph import MAX_VERTICES
-from experiments.lab import BACKENDS, Experiment, Lab
+from experiments.lab import BACKENDS, MIN_FREE_BYTES, Experiment, Lab
 from experiments.remote import RayBackendError  # importing it registers the ray backend
 from experiments.spec import load_spec
 from experiments.validate import PORT, SECONDS, SEED, YEAR_S, Num
@@ -148,11 +149,26 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
 
 
 def start(lab: Lab, spec: Any, overrides: Any = None) -> Experiment:
-    """Start an experiment; a spec or parameters the workload refuses are usage errors."""
+    """Start an experiment; a spec or parameters the workload refuses, and a disk too full for
+    a run (see :data:`experiments.lab.MIN_FREE_BYTES`), are usage errors."""
     try:
         return lab.start_experiment(spec, overrides=overrides)
     except ValueError as exc:  # SpecError, or a workload refusing its parameters as it starts
         raise UsageError(str(exc)) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UsageError(f"cannot start a run: {exc}; free some space (--min-free-mib 0 skips the check)") from None
+
+
+def add_min_free_option(p: argparse.ArgumentParser) -> None:
+    """``--min-free-mib``: the free disk a run needs to start (see :data:`experiments.lab.MIN_FREE_BYTES`)."""
+    p.add_argument(
+        "--min-free-mib",
+        type=Num(0, 1 << 30, integer=True).arg(),
+        default=MIN_FREE_BYTES >> 20,
+        help=f"start a run only with this much free disk, 0 = any (default {MIN_FREE_BYTES >> 20})",
+    )
 
 
 def end_on_signal(exp: Experiment, stop_now: threading.Event, console: Console | None = None) -> None:
@@ -189,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     backend_options(args)  # the flags first, as argparse would
     # read once (a pipe or /dev/stdin cannot be read again) and checked before any folder or history exists
     full = load_spec(args.spec, args.set or None, workload_registry())
-    lab = open_lab(args)
+    lab = open_lab(args, min_free_bytes=args.min_free_mib << 20)
     dash = None
     try:
         with stop_on_signals() as stop_now:
@@ -269,7 +285,7 @@ def cmd_color(args: argparse.Namespace) -> int:
     # The handlers cover the Lab's whole life, so that a signal never cuts its start or its
     # shutdown short (an embedded Lab: a Ray one would put its own SIGTERM handler in as it starts).
     with stop_on_signals() as stop_now:
-        lab = Lab(args.artifacts)
+        lab = Lab(args.artifacts, min_free_bytes=args.min_free_mib << 20)
         try:
             if stop_now.is_set():  # before the run started: nothing to report
                 return interrupted("color", signum=stop_now.signum or signal.SIGINT)
@@ -324,6 +340,7 @@ def add_commands(sub: Any) -> None:
         "(default $CRUCIBLE_HISTORY, else <artifacts>/history.sqlite3)",
     )
     add_backend_options(r)
+    add_min_free_option(r)
     r.add_argument("--no-live", action="store_true", help="no live progress display")
     r.add_argument("--json-summary", metavar="PATH", help="also write the final summary as JSON")
     r.add_argument("--dashboard", action="store_true", help="serve the live web dashboard (127.0.0.1)")
@@ -359,4 +376,5 @@ def add_commands(sub: Any) -> None:
     co.add_argument("--gpu", choices=("auto", "cpu"), default="auto")
     co.add_argument("--json", action="store_true", help="one JSON object on stdout")
     co.add_argument("--artifacts", default="artifacts", type=folder_arg)
+    add_min_free_option(co)
     co.set_defaults(func=cmd_color)

@@ -294,6 +294,20 @@ def test_a_run_stopped_by_a_storage_failure_exits_1(tmp_path, capsys, monkeypatc
     assert rc == 1
 
 
+@pytest.mark.parametrize("command", ["run", "color"])
+def test_a_disk_with_less_free_space_than_a_run_needs_is_a_usage_error(tmp_path, capsys, command):
+    """No run begins (it would end ``storage: ...`` at once): one line, exit 2, naming the
+    figures and the way past the check."""
+    art = tmp_path / "art"
+    target = ["experiments/latency.toml", "--no-live"] if command == "run" else ["myciel5", "--time-limit", "1"]
+    with pytest.raises(SystemExit) as e:
+        main([command, *target, "--artifacts", str(art), "--min-free-mib", str(1 << 30)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "No space left on device" in err and "needs 1073741824.0 MiB" in err and "--min-free-mib 0" in err
+    assert [p.name for p in art.iterdir() if p.is_dir()] == []  # no run folder
+
+
 @pytest.mark.parametrize(
     ("summary", "failed"),
     [
