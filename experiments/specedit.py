@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import tomlkit
-from tomlkit.items import InlineTable, Item
+from tomlkit.items import InlineTable, Item, Whitespace
 
 from actors.files import NotRegularFileError, atomic_write, locked_file
 from experiments.spec import SCHEMA, UNSET, SpecError, known_here, load_spec, parse_override, read_spec_text
@@ -90,7 +90,10 @@ def _edit(path: Path, target: Path, assignments: list[str]) -> dict[str, Any]:
                 node = node[k]
                 if not isinstance(node, dict):
                     raise SpecError(f"{path}: {key}: {k!r} is not a table")
-            node[keys[-1]] = _toml_item(path, key, value, inline=isinstance(node, InlineTable))
+            if isinstance(node, InlineTable):
+                _set_inline(node, keys[-1], _toml_item(path, key, value, inline=True))
+            else:
+                node[keys[-1]] = _toml_item(path, key, value, inline=False)
         except (tomlkit.exceptions.TOMLKitError, ValueError, TypeError) as exc:
             if isinstance(exc, SpecError):
                 raise
@@ -194,6 +197,16 @@ def _fits(path: Path, text: str, what: str) -> bytes:
             "nothing changed"
         )
     return data
+
+
+def _set_inline(table: InlineTable, key: str, item: Item) -> None:
+    """Set ``key`` in an inline table; a new key keeps the blank that closed the table
+    (``{ a = 1, b = 2 }``), where tomlkit leaves the new key against the brace (``b = 2}``)."""
+    body = table.value.body
+    spaced = key not in table and body and body[-1][0] is None and isinstance(body[-1][1], Whitespace)
+    table[key] = item
+    if spaced:
+        body.append((None, Whitespace(" ")))
 
 
 def _toml_item(path: Path, key: str, value: Any, inline: bool) -> Item:

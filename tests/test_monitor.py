@@ -151,6 +151,22 @@ def test_set_get_show_keep_comments_and_validate(tmp_path):
     assert main(["get", str(p), "workload.params.calls_per_step"]) == 0
 
 
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ('init = { strategy = "dsatur" }', 'init = { strategy = "dsatur", tries = 5 }'),
+        ('init = {strategy = "dsatur"}', 'init = {strategy = "dsatur",tries = 5}'),  # the file's own style
+        ("init = { tries = 2 }", "init = { tries = 5 }"),
+    ],
+)
+def test_a_key_set_in_an_inline_table_keeps_its_spacing(tmp_path, before, after):
+    p = tmp_path / "s.toml"
+    p.write_text(f'name = "x"\n[workload]\nname = "coloring"\n[workload.params]\n{before}\n')
+    set_values(p, ["workload.params.init.tries=5"])
+    assert p.read_text().splitlines()[-1] == after
+    assert get_value(p, "workload.params.init.tries") == 5
+
+
 def test_a_follower_stops_for_every_ended_status_and_only_then(tmp_path):
     import subprocess
     import sys
