@@ -1192,6 +1192,12 @@ class Lab:
 
     def _try_resume(self, run_dir: Path, rec: dict[str, Any], seqs: HistorySeqs | None = None) -> Experiment | None:
         try:
+            self._check_free_space()  # resumed on a nearly full disk, it would end storage: ... for good
+        except OSError as exc:
+            log.error("crashed run not resumed for want of disk space", run_dir=str(run_dir), error=str(exc))
+            self._note_unresumed(run_dir, rec, f"{type(exc).__name__}: {exc}")
+            return None
+        try:
             return self._resume_run(run_dir, rec, seqs, wait=True)
         except Exception as exc:  # a damaged run must not keep the others from resuming
             log.exception("could not resume a crashed run", run_dir=str(run_dir))

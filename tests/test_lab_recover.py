@@ -423,6 +423,29 @@ def test_a_run_that_cannot_be_resumed_says_why_and_resumes_once_repaired(tmp_pat
         kill(proc)
 
 
+def test_a_run_is_not_resumed_onto_a_nearly_full_disk(tmp_path: Path) -> None:
+    """Resumed with less free disk than a run needs, it would end ``storage: ...`` for good;
+    it stays crashed, says why, and the next recovery with room resumes it."""
+    import shutil
+
+    d = _crashed_run(tmp_path, "room")
+    lab = Lab(tmp_path, min_free_bytes=shutil.disk_usage(tmp_path).free + (1 << 40))
+    try:
+        assert lab.recover() == []
+    finally:
+        lab.shutdown()
+    report = run_status(d)
+    assert report.status == RunStatus.CRASHED
+    assert "No space left on device" in report.reason and "min_free_bytes" in report.reason
+    lab = Lab(tmp_path, min_free_bytes=0)
+    try:
+        (exp,) = lab.recover()
+        assert exp.run_dir == d and exp.status() == "running"
+        exp.stop()
+    finally:
+        lab.shutdown()
+
+
 def _history_seqs(target: Any, art: Path, run_id: str) -> dict[int, tuple[int, str]]:
     store = open_history(target, artifacts=art, readonly=True)
     try:
