@@ -81,6 +81,16 @@ def _scaled(deviation: np.ndarray, spread: float) -> np.ndarray:
     return np.where(d > 0, np.inf, 0.0)
 
 
+def _std(r: np.ndarray) -> float:
+    """The population standard deviation, computed at the values' scale (a power of two): the
+    squares of values past 1e154 (or below 1e-154) would overflow (or vanish) unscaled."""
+    top = float(np.max(np.abs(r))) if r.size else 0.0
+    if not (top > 0.0 and math.isfinite(top)):
+        return 0.0
+    k = math.ldexp(1.0, math.frexp(top)[1])
+    return float(np.std(r / k)) * k
+
+
 def threshold_problem(threshold: Any) -> str | None:
     """What is wrong with an ``anomaly.threshold`` setting, or None.
 
@@ -270,7 +280,7 @@ class AnomalyDetection(EventConsumer):
                 q1, q3 = np.percentile(r, [25, 75])
                 iqr = q3 - q1
                 if iqr <= 0:  # the middle half is one value: fences a normal's IQR (1.349 sd) wide instead
-                    iqr = 1.349 * float(np.std(r))
+                    iqr = 1.349 * _std(r)
                 lo, hi = q1 - thr * iqr, q3 + thr * iqr
                 out_by = np.where(x < lo, lo - x, np.where(x > hi, x - hi, 0.0))
                 s = np.where(out_by > 0, 1.0 + _scaled(out_by, iqr), 0.0)

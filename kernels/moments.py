@@ -16,47 +16,68 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
+def _pow2(x):  # pragma: no cover - compiled
+    """The power of two at or below ``x`` (> 0, finite): dividing by it is exact."""
+    return math.ldexp(1.0, math.frexp(x)[1] - 1)
+
+
+@njit(cache=True, nogil=True)
 def batch_moments(v, shift):  # pragma: no cover - compiled
-    """One pass over a batch: (n, mean - shift, M2, min, max, sum, non-finite count, overflow),
-    Welford's update on ``x - shift``. Near the running mean those differences are small, so
-    a stream far from zero (timestamps, 1e13 + noise) keeps its variance to full precision.
-    ``overflow``: a finite value whose difference from ``shift`` or from the mean so far is
-    not (near 1.8e308); the figures are then of the values before it only."""
+    """Two passes over a batch: (n, mean - shift, M2 / scale**2, scale, min, max, sum,
+    non-finite count, overflow), Welford's update on ``(x - shift) / scale``.
+
+    Near the running mean the differences ``x - shift`` are small, so a stream far from zero
+    (timestamps, 1e13 + noise) keeps its variance to full precision. ``scale`` is the power of
+    two at the differences' largest magnitude (1.0 when they are all 0): dividing by it is
+    exact, and the squares of differences past 1e154 no longer overflow, nor those below
+    1e-154 underflow (a spread of 1e200, or of 1e-170, is a number like any other).
+    ``overflow``: a finite value whose difference from ``shift`` is not (near 1.8e308); the
+    figures are then of nothing, and the caller folds the batch unshifted."""
     n = 0
-    mean = 0.0
-    m2 = 0.0
     lo = np.inf
     hi = -np.inf
     total = 0.0
     bad = 0
-    overflow = False
+    big = 0.0
     for x in v:
         if not np.isfinite(x):
             bad += 1
             continue
-        y = x - shift
+        y = abs(x - shift)
         if not np.isfinite(y):
-            overflow = True
-            break
-        d = y - mean
-        if not np.isfinite(d):  # a value and the mean so far of opposite signs, both near the limit
-            overflow = True
-            break
+            return 0, 0.0, 0.0, 1.0, np.inf, -np.inf, 0.0, 0, True
+        if y > big:
+            big = y
         n += 1
-        mean += d / n
-        m2 += d * (y - mean)
         total += x
         if x < lo:
             lo = x
         if x > hi:
             hi = x
-    return n, mean, m2, lo, hi, total, bad, overflow
+    scale = _pow2(big) if big > 0.0 else 1.0
+    k = 0
+    mean = 0.0
+    m2 = 0.0
+    for x in v:
+        if not np.isfinite(x):
+            continue
+        y = (x - shift) / scale
+        k += 1
+        d = y - mean
+        mean += d / k
+        m2 += d * (y - mean)
+    return n, mean * scale, m2, scale, lo, hi, total, bad, False
+
+
+def _pow2_of(x: float) -> float:
+    """The power of two at or below ``abs(x)``; 0.0 for 0 (no scale to speak of)."""
+    x = abs(x)
+    return math.ldexp(1.0, math.frexp(x)[1] - 1) if x > 0.0 else 0.0
 
 
 _QUARTER = 0.25
-"""Values near float64's limit of both signs (1e308 and -1e308) are folded at a quarter of
-their size, where any difference between two of them is a number (exact: a power of two):
-the mean is then finite, and a variance beyond the float64 range is +inf, never NaN."""
+"""Means near float64's limit of both signs (1e308 and -1e308) are averaged at a quarter of
+their size, where their sum is a number: the mean is then finite, never NaN."""
 
 
 class Moments:
@@ -65,15 +86,19 @@ class Moments:
     The running mean is kept relative to ``shift`` (the first value folded): what Welford's
     and Chan's updates subtract is then small, so a series with a large offset (1e13 + unit
     noise) keeps its variance to about the precision of its noise, where a plain running
-    mean loses it to the offset's rounding."""
+    mean loses it to the offset's rounding. The sum of squared deviations is kept divided by
+    ``scale**2`` (a power of two: exact), so the standard deviation of values near 1e300 or
+    1e-300 is as precise as that of values near 1; only a *variance* past float64's range is
+    +inf (or 0)."""
 
-    __slots__ = ("count", "m2", "max", "min", "rejected", "rel_mean", "shift", "total")
+    __slots__ = ("count", "m2", "max", "min", "rejected", "rel_mean", "scale", "shift", "total")
 
     def __init__(self) -> None:
         self.count = 0
         self.shift = 0.0
         self.rel_mean = 0.0  # the mean minus ``shift``
-        self.m2 = 0.0
+        self.m2 = 0.0  # the sum of squared deviations, divided by scale**2
+        self.scale = 1.0
         self.min = math.inf
         self.max = -math.inf
         self.total = 0.0
@@ -91,35 +116,43 @@ class Moments:
             finite = v[np.isfinite(v)][:1]
             self.shift = float(finite[0]) if finite.size else 0.0  # a difference that overflows unshifts (below)
             self.rel_mean = 0.0
-        n, mean, m2, lo, hi, total, bad, overflow = batch_moments(v, self.shift)
-        if overflow:  # values near the float limit: fold unshifted from here on
+        n, mean, m2, scale, lo, hi, total, bad, overflow = batch_moments(v, self.shift)
+        if overflow:  # values near the float limit: fold unshifted from here on (then no difference overflows)
             self.rel_mean, self.shift = self.mean, 0.0
-            n, mean, m2, lo, hi, total, bad, overflow = batch_moments(v, 0.0)
-        if overflow:  # and of both signs: at a quarter of their size
-            n, mean, m2, lo, hi, total, bad, _ = batch_moments(v * _QUARTER, 0.0)
-            mean, m2, total = mean / _QUARTER, m2 / (_QUARTER * _QUARTER), total / _QUARTER
-            lo, hi = float(np.min(v[np.isfinite(v)])), float(np.max(v[np.isfinite(v)]))
+            n, mean, m2, scale, lo, hi, total, bad, _ = batch_moments(v, 0.0)
         self.rejected += bad
-        self._merge(n, mean, m2, lo, hi, total)
+        self._merge(n, mean, m2, scale, lo, hi, total)
 
     def add(self, x: float) -> None:
         self.add_batch(np.array([x]))
 
-    def _merge(self, n: int, rel_mean: float, m2: float, lo: float, hi: float, total: float) -> None:
-        """Fold ``n`` values whose mean is ``shift + rel_mean`` (this digest's shift)."""
+    def _merge(self, n: int, rel_mean: float, m2: float, scale: float, lo: float, hi: float, total: float) -> None:
+        """Fold ``n`` values whose mean is ``shift + rel_mean`` (this digest's shift) and whose
+        sum of squared deviations is ``m2 * scale**2`` (Chan et al.)."""
         if n == 0:
             return
         if self.count == 0:
-            self.count, self.rel_mean, self.m2, self.min, self.max, self.total = n, rel_mean, m2, lo, hi, total
+            self.count, self.rel_mean, self.m2, self.scale = n, rel_mean, m2, scale
+            self.min, self.max, self.total = lo, hi, total
             return
         tot = self.count + n
         delta = rel_mean - self.rel_mean
         if math.isfinite(delta):
+            d_scale = _pow2_of(delta)
+        else:  # means near the float limit of both signs: their difference, at the limit's scale
+            d_scale = _pow2_of(max(abs(rel_mean), abs(self.rel_mean)))
+        # the common scale: the largest of the spreads that are there (a zero one has none)
+        big = max(self.scale if self.m2 > 0.0 else 0.0, scale if m2 > 0.0 else 0.0, d_scale) or 1.0
+        ds = rel_mean / big - self.rel_mean / big if not math.isfinite(delta) else delta / big
+        mine = self.m2 * (self.scale / big) ** 2 if self.m2 > 0.0 else 0.0
+        theirs = m2 * (scale / big) ** 2 if m2 > 0.0 else 0.0
+        self.m2 = mine + theirs + ds * ds * (self.count * (n / tot))
+        self.scale = big
+        if math.isfinite(delta):
             self.rel_mean += delta * (n / tot)  # the weight first: delta * n may overflow where the step does not
-        else:  # means near the float limit of both signs: their weighted average, at a quarter
+        else:  # their weighted average, at a quarter
             q = _QUARTER
             self.rel_mean = (self.rel_mean * q * (self.count / tot) + rel_mean * q * (n / tot)) / q
-        self.m2 += m2 + delta * delta * self.count * n / tot  # +inf past the range, as the spread is
         self.count = tot
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.total += total
@@ -131,18 +164,21 @@ class Moments:
         if not math.isfinite(rel):  # shifts of opposite signs near the float limit
             self.rel_mean, self.shift = self.mean, 0.0
             rel = other.mean
-        self._merge(other.count, rel, other.m2, other.min, other.max, other.total)
+        self._merge(other.count, rel, other.m2, other.scale, other.min, other.max, other.total)
         self.rejected += other.rejected
         return self
 
     @property
     def variance(self) -> float:
-        """Sample variance (n - 1); NaN below two values."""
-        return self.m2 / (self.count - 1) if self.count > 1 else math.nan
+        """Sample variance (n - 1); NaN below two values; +inf past float64's range."""
+        if self.count < 2:
+            return math.nan
+        return self.m2 / (self.count - 1) * self.scale * self.scale
 
     @property
     def std(self) -> float:
-        return math.sqrt(self.variance) if self.count > 1 else math.nan
+        """Sample standard deviation, computed at the digest's scale: finite whenever it is."""
+        return math.sqrt(self.m2 / (self.count - 1)) * self.scale if self.count > 1 else math.nan
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -155,9 +191,16 @@ class Moments:
         }
 
 
+_EWMA_RANGE = 2.0**256
+"""An EWMA's state is kept in units of a power of two (``scale``), moved when the values, the
+mean or the spread leave ``[scale / 2**256, scale * 2**256]``: squares of differences never
+overflow nor underflow, whatever the field's magnitude (1e300 or 1e-300)."""
+
+
 @njit(cache=True, nogil=True)
-def ewma_update(values, alpha, mean, var, seen):  # pragma: no cover - compiled
-    """Fold values into an exponentially weighted mean/variance; also return per-value
+def ewma_update(values, alpha, mean, var, seen, scale):  # pragma: no cover - compiled
+    """Fold values into an exponentially weighted mean/variance, kept in units of ``scale``
+    (``mean * scale``, ``var * scale**2``: see :data:`_EWMA_RANGE`); also return per-value
     z-scores against the state *before* each value (NaN values are skipped).
 
     The z-score divides by the spread of a *prediction error* (``x - mean``): for a steady
@@ -165,44 +208,66 @@ def ewma_update(values, alpha, mean, var, seen):  # pragma: no cover - compiled
     mean moves towards each value before the variance sees it). With no spread at all (every
     value so far equal), any other value is infinitely far: ``+-inf``."""
     z = np.full(values.shape[0], np.nan)
-    scale = 1.0 / (1.0 - alpha) if alpha < 1.0 else 1.0
+    widen = 1.0 / (1.0 - alpha) if alpha < 1.0 else 1.0
     for i in range(values.shape[0]):
         x = values[i]
         if not np.isfinite(x):
             continue
         if seen == 0:
-            mean = x
+            scale = _pow2(abs(x)) if x != 0.0 else 1.0
+            mean = x / scale
             var = 0.0
+            seen += 1
+            continue
+        xs = x / scale
+        top = max(abs(xs), abs(mean), math.sqrt(var))
+        if not np.isfinite(xs) or top > _EWMA_RANGE or 0.0 < top < 1.0 / _EWMA_RANGE:
+            ref = max(abs(x), abs(mean) * scale, math.sqrt(var) * scale)  # the true magnitudes
+            if np.isfinite(ref) and ref > 0.0:
+                r = scale / _pow2(ref)
+                mean, var, scale = mean * r, var * r * r, scale / r
+                xs = x / scale
+        sd = math.sqrt(var * widen)
+        d = xs - mean
+        if sd > 0.0:
+            z[i] = d / sd
+        elif d != 0.0:
+            z[i] = math.copysign(math.inf, d)
         else:
-            sd = math.sqrt(var * scale)
-            if sd > 0.0:
-                z[i] = (x - mean) / sd
-            elif x != mean:
-                z[i] = math.copysign(math.inf, x - mean)
-            else:
-                z[i] = 0.0
-            d = x - mean
-            mean += alpha * d
-            var = (1.0 - alpha) * (var + alpha * d * d)
+            z[i] = 0.0
+        mean += alpha * d
+        var = (1.0 - alpha) * (var + alpha * d * d)
         seen += 1
-    return mean, var, seen, z
+    return mean, var, seen, scale, z
 
 
 class Ewma:
     """Exponentially weighted mean and variance (``alpha`` = lambda, the weight of a new value)."""
 
-    __slots__ = ("alpha", "mean", "seen", "var")
+    __slots__ = ("alpha", "scale", "scaled_mean", "scaled_var", "seen")
 
     def __init__(self, alpha: float = 0.1) -> None:
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"EWMA lambda must be in (0, 1], got {alpha!r}")
         self.alpha = alpha
-        self.mean = 0.0
-        self.var = 0.0
+        self.scaled_mean = 0.0  # the mean / scale
+        self.scaled_var = 0.0  # the variance / scale**2
+        self.scale = 1.0
         self.seen = 0
+
+    @property
+    def mean(self) -> float:
+        return self.scaled_mean * self.scale
+
+    @property
+    def var(self) -> float:
+        """The variance; +inf (or 0) past float64's range, where the z-scores still hold."""
+        return self.scaled_var * self.scale * self.scale
 
     def update(self, values: Any) -> np.ndarray:
         """Fold a batch in; return each value's z-score against the state before it."""
         v = np.ascontiguousarray(values, dtype=np.float64)
-        self.mean, self.var, self.seen, z = ewma_update(v, self.alpha, self.mean, self.var, self.seen)
+        self.scaled_mean, self.scaled_var, self.seen, self.scale, z = ewma_update(
+            v, self.alpha, self.scaled_mean, self.scaled_var, self.seen, self.scale
+        )
         return z

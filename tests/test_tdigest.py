@@ -281,6 +281,44 @@ def test_moments_near_the_float_limit_of_both_signs_are_numbers_or_infinite_neve
             assert m.variance == pytest.approx(expected_var, rel=1e-6, abs=noise * noise if noise < 1e150 else math.inf)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=2, max_size=60),
+    st.sampled_from([2.0**-600, 2.0**-520, 2.0**-300, 2.0**300, 2.0**520, 2.0**600]),
+    st.integers(1, 4),
+)
+def test_moments_and_ewma_do_not_depend_on_the_fields_scale(values, k, parts):
+    """The same series times a power of two (exact) has its std times that power, and the
+    same z-scores: squares of spreads past 1e154 used to overflow (std inf), below 1e-154 to
+    vanish (std 0, every value then infinitely far)."""
+    x = np.array(values)
+    ref, scaled = Moments(), Moments()
+    for piece in np.array_split(x, parts):
+        ref.add_batch(piece)
+        m = Moments()
+        m.add_batch(piece * k)
+        scaled.merge(m)
+    assert scaled.std == pytest.approx(ref.std * k, rel=1e-9, abs=1e-12 * k)
+    assert scaled.mean == pytest.approx(ref.mean * k, rel=1e-9, abs=1e-12 * k)
+    e1, e2 = Ewma(0.1), Ewma(0.1)
+    z1 = np.concatenate([e1.update(p) for p in np.array_split(x, parts)])
+    z2 = np.concatenate([e2.update(p * k) for p in np.array_split(x, parts)])
+    finite = np.isfinite(z1)
+    assert np.array_equal(finite, np.isfinite(z2)) and np.array_equal(np.isnan(z1), np.isnan(z2))
+    assert z2[finite] == pytest.approx(z1[finite], rel=1e-9, abs=1e-9)
+    assert e2.mean == pytest.approx(e1.mean * k, rel=1e-9, abs=1e-12 * k)
+
+
+def test_the_std_of_a_field_near_1e300_or_1e_300_is_its_own():
+    for values, std in (([1e200, 2e200, 3e200], 1e200), ([1e-170, 3e-170], math.sqrt(2) * 1e-170)):
+        m = Moments()
+        m.add_batch(values)
+        assert m.std == pytest.approx(std, rel=1e-12)
+    m = Moments()
+    m.add_batch([1e200, 2e200, 3e200])
+    assert m.variance == math.inf  # 1e400: past float64's range, said so
+
+
 def test_ewma_tracks_a_level_shift():
     e = Ewma(alpha=0.2)
     z = e.update(np.r_[np.full(200, 10.0) + RNG.normal(0, 0.1, 200), [20.0]])
