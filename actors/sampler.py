@@ -135,7 +135,11 @@ class Sampler(EventConsumer):
         config: dict[str, Any] | None = None,
         seed: int | None = None,
         record_names: tuple[str, ...] | list[str] = RECORD_EVENTS,
+        objective: tuple[str, str] | None = None,
     ) -> None:
+        """``objective``: the workload's (field, ``min`` | ``max``); an event that betters its
+        best so far (not marked failed) is kept like the run's record, so the run's best, in
+        its summary, ``crucible list`` and ``tune --seed-from``, is the run's and not its sample's."""
         super().__init__()
         self.experiment_id = experiment_id
         self.record_names = frozenset(record_names)  # the run's record: never sampled out
@@ -157,6 +161,10 @@ class Sampler(EventConsumer):
         self._stratum_seen: dict[str, int] = {}  # reservoir: events seen per stratum (for min_samples)
         self.digest = TDigest(200.0) if strategy == "importance" else None
         self._reservoir_flushed = False
+        if objective is not None and objective[1] not in ("min", "max"):
+            raise ValueError(f"objective direction must be 'min' or 'max', got {objective[1]!r}")
+        self.objective = objective
+        self._best = np.inf  # the objective's best so far, as a minimum (a maximum's negated)
 
     # --- deciding ------------------------------------------------------------------------------
 
@@ -248,7 +256,7 @@ class Sampler(EventConsumer):
             return
         keep = self._decide(msg)
         keep |= self._flagged(msg, sample_more_only=True)
-        keep |= self._records(msg)
+        keep |= self._records(msg) | self._bests(msg)
         self._min_samples(msg, keep)
         self._count(msg, keep)
         self.seen += n
@@ -267,6 +275,21 @@ class Sampler(EventConsumer):
         if not codes:
             return np.zeros(int(b["n"]), dtype=bool)
         return np.isin(b["name"], codes)
+
+    def _bests(self, b: dict[str, Any]) -> np.ndarray:
+        """The rows that better the objective's best so far (over rows not marked failed):
+        kept, as the run's record is. A strategy that dropped one would leave the run's
+        summary with its sample's best. Few rows: O(log n) of n in a random order."""
+        n = int(b["n"])
+        col = b["values"].get(self.objective[0]) if self.objective is not None else None
+        if col is None:
+            return np.zeros(n, dtype=bool)
+        x = -col if self.objective[1] == "max" else col
+        x = np.where((b["success"] != 0) & ~np.isnan(x), x, np.inf)
+        before = np.minimum.accumulate(np.concatenate(([self._best], x)))[:-1]
+        better = x < before
+        self._best = min(self._best, float(x.min()))
+        return better
 
     def _figures(self, held: int) -> dict[str, Any]:
         """The cumulative figures, named by this incarnation (see the module docs)."""
@@ -308,7 +331,7 @@ class Sampler(EventConsumer):
             self.sampled_out += n
             self._send_figures(b)
             return
-        sure = self._guaranteed(b) | self._records(b)  # kept beside the k: held, sent with the sample
+        sure = self._guaranteed(b) | self._records(b) | self._bests(b)  # kept beside the k: held, sent with the sample
         if sure.any():
             rows = batch_rows(b)
             self.records += [rows[i] for i in np.flatnonzero(sure).tolist()]

@@ -384,7 +384,7 @@ class Experiment:
                     "fsync_interval": t["fsync_interval_s"],
                     "ring_size": t["ring_size"],
                     "index_limit": t["index_limit"],
-                    "maximize": t["maximize"],
+                    "maximize": self._maximize(),
                     "on_storage_failure": NamedTarget("phase", reg),
                 },
             ),
@@ -398,6 +398,7 @@ class Experiment:
                     s["sampling"]["config"],
                     s["seed"],
                     (*RECORD_EVENTS, *getattr(wl_cls, "record_events", ())),  # the run's record: never sampled out
+                    (obj["field"], obj["direction"]) if (obj := self._objective) else None,  # its bests: kept too
                 ),
                 name="sampler",
                 shutdown=EVENT_PATH_SHUTDOWN_S,
@@ -860,6 +861,18 @@ class Experiment:
         cls = workload_registry().get(name) if isinstance(name, str) else None
         obj = getattr(cls, "objective", None)
         return obj.to_dict() if isinstance(obj, Objective) else None
+
+    def _maximize(self) -> list[str]:
+        """The fields whose best is their maximum: ``telemetry.maximize``, and the objective's
+        field when its direction is ``max`` (the summary's ``best`` then agrees with ``crucible
+        list``, which judges by the objective)."""
+        fields = list(self.spec["telemetry"]["maximize"])
+        obj = self._objective
+        if obj and obj["direction"] == "max" and obj["field"] not in fields:
+            fields.append(obj["field"])
+        elif obj and obj["direction"] == "min" and obj["field"] in fields:
+            fields.remove(obj["field"])  # the workload's own direction wins, as in crucible list
+        return fields
 
     def _record(self) -> dict[str, Any]:
         with self._state:

@@ -142,9 +142,9 @@ def test_streaming_metrics_rejects_bad_settings():
 # --- Sampler ------------------------------------------------------------------------------------
 
 
-def run_sampler(strategy, config, batches, seed=7):
+def run_sampler(strategy, config, batches, seed=7, objective=None):
     sink = Sink.start()
-    s = Sampler.start("exp", sink, strategy, config, seed=seed)
+    s = Sampler.start("exp", sink, strategy, config, seed=seed, objective=objective)
     for b in batches:
         s.tell_bytes(encode(b))
     counts = s.ask({"kind": "flush"})
@@ -693,6 +693,38 @@ def test_the_runs_record_is_never_sampled_out(strategy, cfg):
     b = batch({"x": np.arange(54.0)}, names=names)
     _counts, rows = run_sampler(strategy, cfg, [b])
     assert rows == [50, 51, 52, 53]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hst.lists(hst.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=300),
+    hst.sampled_from(["min", "max"]),
+    hst.sampled_from(
+        [("uniform", {"rate": 0.0}), ("reservoir", {"k": 3}), ("importance", {"field": "y"}), ("all", {})]
+    ),
+    hst.integers(1, 5),
+    hst.integers(0, 2**16),
+)
+def test_every_event_that_betters_the_objective_is_kept(values, direction, strategy, parts, seed):
+    """Whatever the strategy drops, the events that better the run's best so far (not marked
+    failed) reach the Recorder: the run's best on disk is the run's, not its sample's."""
+    x = np.array(values)
+    success = np.random.default_rng(seed).random(x.size) < 0.8
+    bs, start = [], 0
+    for piece, ok in zip(np.array_split(x, parts), np.array_split(success, parts), strict=True):
+        if piece.size:
+            bs.append(batch({"x": piece, "y": piece}, start_seq=start, success=ok))
+            start += piece.size
+    _counts, rows = run_sampler(*strategy, bs, seed=seed, objective=("x", direction))
+    sign = -1 if direction == "max" else 1
+    best, expected = np.inf, []
+    for i, (v, ok) in enumerate(zip(x, success, strict=True)):
+        if ok and sign * v < best:
+            best = sign * v
+            expected.append(i)
+    assert set(expected) <= set(rows)
+    if strategy[0] == "uniform":  # keeps nothing else
+        assert rows == expected
 
 
 def test_an_interval_past_the_float_range_says_whether_the_difference_or_the_spread_is():

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 
 from cli import main
@@ -133,6 +134,57 @@ def test_a_registered_workload_runs_in_a_real_lab_and_its_objective_is_listed(to
     assert main(["list", "--artifacts", str(art)]) == 0
     assert f"L {last:.6g}" in capsys.readouterr().out
     assert run_objectives(exp.run_dir) == [ToyLoss.objective]  # the monitor's too
+
+
+class NoisyAcc(ToyLoss):
+    """50 noisy accuracies a step (a tenth of them failed), its objective their maximum."""
+
+    name: ClassVar[str] = "noisyacc"
+    objective: ClassVar[Objective] = Objective("acc", "max", "accuracy")
+
+    def step(self, emitter: Any) -> bool:
+        rng = np.random.default_rng(self.i)
+        for v, ok in zip(rng.normal(size=50), rng.random(50) > 0.1, strict=True):
+            emitter.emit("step", {"acc": float(v)}, step=self.i, success=bool(ok))
+        self.i += 1
+        return self.i >= self.p["steps"]
+
+
+def test_a_sampled_runs_best_is_the_runs_own_in_the_objectives_direction(tmp_path, capsys):
+    """A sampling strategy keeps every event that betters the objective, and the summary's
+    best follows the objective's direction: the best in summary.json and in `crucible list`
+    is the maximum over the whole run, where it was the best of a 2 % sample (or the minimum)."""
+    register("noisyacc", NoisyAcc)
+    art = tmp_path / "art"
+    lab = Lab(art)
+    try:
+        exp = lab.start_experiment(
+            {
+                "name": "noisy",
+                "time_budget_s": 60.0,
+                "workload": {"name": "noisyacc", "params": {"steps": 40}},
+                "sampling": {"strategy": "uniform", "config": {"rate": 0.02}},
+            }
+        )
+        assert exp.wait(60)
+        summary = exp.summary()
+    finally:
+        lab.shutdown()
+        unregister("noisyacc")
+    acc, ok = [], []
+    for i in range(40):
+        rng = np.random.default_rng(i)
+        acc += rng.normal(size=50).tolist()
+        ok += (rng.random(50) > 0.1).tolist()
+    best = max(a for a, good in zip(acc, ok, strict=True) if good)
+    assert summary["events_sampled_out"] > 1000  # sampled indeed
+    assert summary["phases"]["train"]["best"]["acc"] == best == summary["phases"]["train"]["max_ok"]["acc"]
+    on_disk = [e["values"]["acc"] for e in iter_run(exp.run_dir) if e["name"] == "step"]
+    assert best in on_disk
+    capsys.readouterr()
+    assert main(["list", "--json", "--artifacts", str(art)]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["best"] == {"acc": best}
 
 
 def test_the_readers_take_a_registered_workloads_declarations(toyloss):
