@@ -173,6 +173,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
                 target=args.target,
                 overrides=args.set or None,
                 on_run=None if args.json else lambda r: render.say(console, run_line(r)),
+                warm_up=args.warm_up,
                 **_runner(args),
             )
         except ValueError as exc:  # SpecError, or parameters a run refuses
@@ -247,5 +248,11 @@ def add_commands(sub: Any) -> None:
     abp.add_argument("--set", action="append", metavar="KEY=VALUE")
     abp.add_argument("--json", action="store_true")
     abp.add_argument("--artifacts", default="artifacts", type=folder_arg)
+    abp.add_argument(
+        "--no-warmup",
+        dest="warm_up",
+        action="store_false",
+        help="skip the warm-up run (ab-warmup) each process makes before the measured ones",
+    )
     _add_runner_flags(abp, "runs")
     abp.set_defaults(func=cmd_ab, prints_result=True)

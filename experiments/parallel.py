@@ -173,9 +173,21 @@ def _watch_stop(stop: Any, parent: int | None = None) -> None:
 EXIT_ORPHANED = 3
 
 
-def _worker_main(conn: Any, stop: Any, log_level: int, log_json: bool, parent: int) -> None:
+def _warm_up(task: tuple[Any, ...] | None) -> None:
+    """Run the warm-up job (see :class:`JobRunner`), its result dropped: what a process pays once
+    (imports, compiled kernels loaded, caches) is then paid outside the jobs that are measured."""
+    if task is None:
+        return
+    res = run_job(*task)
+    log.info("warm-up run done", experiment=res.experiment_id, reason=res.reason, error=res.error)
+
+
+def _worker_main(
+    conn: Any, stop: Any, log_level: int, log_json: bool, parent: int, warmup: tuple[Any, ...] | None = None
+) -> None:
     """A worker process's loop: a job from the pipe, its result back, until ``None`` or the pipe closes."""
     _init_worker(stop, log_level, log_json, parent)
+    _warm_up(warmup)
     while True:
         try:
             task = conn.recv()
@@ -209,11 +221,13 @@ def _death(proc: Any) -> str:
 class _Worker:
     """One worker process and the pipe that gives it jobs and takes back their results."""
 
-    def __init__(self, ctx: Any, stop: Any, log_settings: tuple[int, bool], n: int) -> None:
+    def __init__(
+        self, ctx: Any, stop: Any, log_settings: tuple[int, bool], n: int, warmup: tuple[Any, ...] | None = None
+    ) -> None:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=_worker_main,
-            args=(child, stop, *log_settings, os.getpid()),
+            args=(child, stop, *log_settings, os.getpid(), warmup),
             name=f"crucible-parallel-{n}",
         )
         try:
@@ -264,6 +278,11 @@ class JobRunner:
     ``history`` is the Labs' history target (default: ``$CRUCIBLE_HISTORY`` or the artifacts
     folder's SQLite file).
 
+    ``warmup``: a job each process runs once before its first job, its result dropped (the
+    sequential path's Lab, each worker process): a process's first run pays for its imports,
+    compiled kernels and caches, which would handicap whichever job came first (an A/B's
+    first arm). Ray tasks run in Ray's own worker processes and are not warmed up.
+
     Raises:
         ValueError: ``parallel`` outside 1..1024, an unknown backend, a malformed address, or
             an address for the embedded backend.
@@ -277,6 +296,7 @@ class JobRunner:
         backend: str = "embedded",
         address: str | None = None,
         history: str | None = None,
+        warmup: Job | None = None,
     ) -> None:
         self.parallel = check_parallel(parallel, backend)
         if backend == "embedded" and address is not None:
@@ -289,6 +309,7 @@ class JobRunner:
         self.backend = backend
         self.address = address
         self.history = history
+        self.warmup = warmup
         self._lab: Lab | None = None  # parallel=1, embedded
         self._workers: list[_Worker] = []  # parallel > 1, embedded: started as jobs need them
         self._ctx: Any = None  # the spawn context
@@ -334,18 +355,25 @@ class JobRunner:
         elif self.parallel == 1:
             if self._lab is None:
                 self._lab = Lab(self.artifacts, history=self.history)
+                _warm_up(self._warmup_task(self._lab))
             for i, job in enumerate(jobs):
                 done(run_job(job, self.artifacts, i, self.history, lab=self._lab))
         else:
             self._run_processes(jobs, done)
         return [r for r in results if r is not None]
 
+    def _warmup_task(self, lab: Lab | None = None) -> tuple[Any, ...] | None:
+        """:func:`run_job`'s arguments for the warm-up job (index -1), or None without one."""
+        if self.warmup is None:
+            return None
+        return (self.warmup, self.artifacts, -1, self.history, *((lab,) if lab is not None else ()))
+
     def _new_worker(self) -> _Worker:
         if self._ctx is None:
             self._ctx = mp.get_context("spawn")
             self._stop = self._ctx.Event()
         self._spawned += 1
-        worker = _Worker(self._ctx, self._stop, _log_settings(), self._spawned)
+        worker = _Worker(self._ctx, self._stop, _log_settings(), self._spawned, self._warmup_task())
         self._workers.append(worker)
         return worker
 
@@ -503,7 +531,8 @@ def run_jobs(
     address: str | None = None,
     history: str | None = None,
     on_result: Callable[[JobResult], None] | None = None,
+    warmup: Job | None = None,
 ) -> list[JobResult]:
     """Run every job, at most ``parallel`` at once (see :class:`JobRunner`); their results in the jobs' order."""
-    with JobRunner(artifacts, parallel, backend=backend, address=address, history=history) as runner:
+    with JobRunner(artifacts, parallel, backend=backend, address=address, history=history, warmup=warmup) as runner:
         return runner.run(jobs, on_result)

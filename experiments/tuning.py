@@ -456,6 +456,11 @@ class ABFailed(RuntimeError):
     """Too few runs of an arm finished to compare the arms (the failed runs and their reasons named)."""
 
 
+AB_WARMUP_S = 2.0
+"""The warm-up run's budget (or the A/B's, if shorter): the phase's first steps, where a
+process loads its compiled kernels, run whatever the budget."""
+
+
 def _ab_row(objective: Objective, run_dir: Path) -> dict[str, Any]:
     """An A/B run's final value and trace, from its run directory (read where the run ran)."""
     final, trace = run_trace(run_dir, objective)
@@ -474,8 +479,14 @@ def ab(
     parallel: int = 1,
     backend: str = "embedded",
     address: str | None = None,
+    warm_up: bool = True,
 ) -> dict[str, Any]:
-    """N seeds with hypertune on, N with it off (interleaved), same budget; compare the arms.
+    """N seeds with hypertune on, N with it off (interleaved, each seed's pair in turn the
+    other way round), same budget; compare the arms.
+
+    ``warm_up``: each process first runs ``ab-warmup`` (hypertune off, at most
+    :data:`AB_WARMUP_S`), left out of the statistics: a process's first run pays for its
+    imports and compiled kernels, which handicapped the arm that ran first.
 
     ``parallel=N`` runs N at a time (see :mod:`experiments.parallel`; ``backend`` ``local`` or
     ``ray`` at ``address``): the same runs (seeds, arms, experiment ids), reported in the same
@@ -494,7 +505,13 @@ def ab(
     base = load_spec(spec, overrides, workload_registry())
     obj = _objective(base["workload"]["name"], None)
     budget = float(budget if budget is not None else base["time_budget_s"])
-    arms = [(seed, arm, enabled) for seed in range(runs) for arm, enabled in (("on", True), ("off", False))]
+    # counterbalanced: each seed's pair in the other order than the last's (on/off, off/on, ...),
+    # so that neither arm always runs first, after a warm-up run that no arm pays for
+    arms = [
+        (seed, arm, enabled)
+        for seed in range(runs)
+        for arm, enabled in ((("on", True), ("off", False)) if seed % 2 == 0 else (("off", False), ("on", True)))
+    ]
     jobs = [
         Job(
             base,  # read once: a pipe cannot be read again, and a file edited meanwhile is not this A/B's
@@ -524,7 +541,12 @@ def ab(
         if on_run:
             on_run(row)
 
-    run_jobs(jobs, artifacts, parallel, backend=backend, address=address, on_result=finished)
+    warmup = (
+        Job(base, ("hypertune.enabled=false", f"time_budget_s={min(budget, AB_WARMUP_S)}"), "ab-warmup")
+        if warm_up
+        else None
+    )
+    run_jobs(jobs, artifacts, parallel, backend=backend, address=address, on_result=finished, warmup=warmup)
     failed = [r for r in rows if "failed" in r]
     for arm in ("on", "off"):
         if sum(1 for r in rows if r["arm"] == arm and "failed" not in r) < 2:
@@ -534,6 +556,7 @@ def ab(
     rep["runs"] = rows
     rep["failed"] = failed
     rep["parallel"] = parallel
+    rep["warm_up"] = warm_up
     return rep
 
 

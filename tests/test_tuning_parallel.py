@@ -85,6 +85,11 @@ def _assert_history_matches_run_dirs(artifacts: Path, run_dirs: list[str]) -> No
         assert stored == sum(1 for _ in iter_run(rd)) > 0  # every event of the run, once
 
 
+def owners_of(rep: dict) -> set[int]:
+    """The pids of the processes that ran the report's runs."""
+    return {orjson.loads((Path(r["run_dir"]) / "lifecycle.json").read_bytes())["owner"]["pid"] for r in rep["runs"]}
+
+
 def test_ab_in_parallel_reports_what_the_sequential_ab_reports(tmp_path):
     seen = []
     seq = ab(FIXED_WORK, 3, tmp_path / "seq")
@@ -96,9 +101,14 @@ def test_ab_in_parallel_reports_what_the_sequential_ab_reports(tmp_path):
     assert sorted((r["arm"], r["seed"]) for r in seen) == sorted((r["arm"], r["seed"]) for r in par["runs"])
     assert _without_times(par) == _without_times(seq)  # finals, targets, reached counts, final_best statistics
     assert len({r["final"] for r in seq["runs"]}) > 1  # the seeds differ: the comparison is not trivial
-    assert [Path(r["run_dir"]).parent.name for r in par["runs"]] == [
-        f"ab-{arm}-{seed}" for seed in range(3) for arm in ("on", "off")
-    ]
+    assert [Path(r["run_dir"]).parent.name for r in par["runs"]] == [  # each pair the other way round
+        "ab-on-0", "ab-off-0", "ab-off-1", "ab-on-1", "ab-on-2", "ab-off-2"
+    ]  # fmt: skip
+    # a warm-up run in this process (sequential) and in each worker process, outside the report
+    warm = [orjson.loads(p.read_bytes()) for p in (tmp_path / "par").glob("ab-warmup/*/lifecycle.json")]
+    assert 1 <= len(warm) <= 2 and {w["owner"]["pid"] for w in warm} <= owners_of(par)
+    assert len(list((tmp_path / "seq").glob("ab-warmup/*/lifecycle.json"))) == 1
+    assert seq["warm_up"] is True and all(r["seed"] < 3 for r in seq["runs"])
     owners = set()
     for r in par["runs"]:
         life = orjson.loads((Path(r["run_dir"]) / "lifecycle.json").read_bytes())
@@ -276,8 +286,9 @@ def _long_ab(tmp_path: Path, art: Path, extra: Sequence[str] = (), **popen: Any)
 
 
 def _producing(art: Path) -> list[Path]:
-    """The run directories whose phase has written events: their experiments are running."""
-    return [p.parent for p in art.glob("*/*/events.jsonl") if p.stat().st_size > 0]
+    """The run directories whose phase has written events: their experiments are running (an
+    A/B's warm-up runs left out: they end on their own)."""
+    return [p.parent for p in art.glob("*/*/events.jsonl") if p.stat().st_size > 0 and p.parts[-3] != "ab-warmup"]
 
 
 def test_ctrl_c_stops_the_workers_and_their_experiments(tmp_path):
@@ -296,7 +307,7 @@ def test_ctrl_c_stops_the_workers_and_their_experiments(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130 and "interrupted" in err
-    lifes = [orjson.loads(p.read_bytes()) for p in art.glob("ab-*/*/lifecycle.json")]
+    lifes = [orjson.loads(p.read_bytes()) for p in art.glob("ab-o*/*/lifecycle.json")]
     assert len(lifes) == 2 and {life["status"] for life in lifes} == {"stopped"}  # ended and flushed, not crashed
     assert not list(art.glob("ab-*-1"))  # the next seed's runs never started
     for pid in {life["owner"]["pid"] for life in lifes}:  # the worker processes are gone
@@ -327,7 +338,7 @@ def test_sigterm_stops_the_running_experiments_as_ctrl_c_does(tmp_path, command)
     finally:
         proc.kill()
     assert proc.returncode == 143 and f"crucible {command}: terminated (SIGTERM)" in err, err
-    lifes = [orjson.loads(p.read_bytes()) for p in art.glob("*/*/lifecycle.json")]
+    lifes = [orjson.loads(p.read_bytes()) for p in art.glob("*/*/lifecycle.json") if p.parts[-3] != "ab-warmup"]
     assert len(lifes) == 1 and lifes[0]["status"] == "stopped"  # ended and flushed, not crashed
 
 
