@@ -39,7 +39,11 @@ class Daemon:
             stderr=subprocess.PIPE,
             text=True,
         )
-        line = self.proc.stdout.readline()  # blocks until the daemon serves, or it exits (empty line)
+        try:
+            line = self.proc.stdout.readline()  # blocks until the daemon serves, or it exits (empty line)
+        except BaseException:  # the test's timeout cut the wait short: no daemon outlives its test
+            self.kill()
+            raise
         if not line.startswith("lab daemon: "):
             self.proc.kill()
             raise AssertionError(f"daemon did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
