@@ -21,40 +21,54 @@ def _pow2(x):  # pragma: no cover - compiled
     return math.ldexp(1.0, math.frexp(x)[1] - 1)
 
 
+_SAFE = 2.0**400
+"""Differences up to this size (and down to its inverse) square and sum without overflow or
+underflow: a batch within it is folded in one pass, unscaled (``scale`` 1)."""
+
+
 @njit(cache=True, nogil=True)
 def batch_moments(v, shift):  # pragma: no cover - compiled
-    """Two passes over a batch: (n, mean - shift, M2 / scale**2, scale, min, max, sum,
-    non-finite count, overflow), Welford's update on ``(x - shift) / scale``.
+    """A pass over a batch (two for extreme magnitudes): (n, mean - shift, M2 / scale**2,
+    scale, min, max, sum, non-finite count, overflow), Welford's update on
+    ``(x - shift) / scale``.
 
     Near the running mean the differences ``x - shift`` are small, so a stream far from zero
-    (timestamps, 1e13 + noise) keeps its variance to full precision. ``scale`` is the power of
-    two at the differences' largest magnitude (1.0 when they are all 0): dividing by it is
-    exact, and the squares of differences past 1e154 no longer overflow, nor those below
-    1e-154 underflow (a spread of 1e200, or of 1e-170, is a number like any other).
-    ``overflow``: a finite value whose difference from ``shift`` is not (near 1.8e308); the
-    figures are then of nothing, and the caller folds the batch unshifted."""
+    (timestamps, 1e13 + noise) keeps its variance to full precision. ``scale`` is 1 when the
+    differences lie within :data:`_SAFE`, else the power of two at their largest magnitude:
+    dividing by it is exact, and the squares of differences past 1e154 no longer overflow,
+    nor those below 1e-154 underflow (a spread of 1e200, or of 1e-170, is a number like any
+    other). ``overflow``: a finite value whose difference from ``shift`` is not (near
+    1.8e308); the figures are then of nothing, and the caller folds the batch unshifted."""
     n = 0
     lo = np.inf
     hi = -np.inf
     total = 0.0
     bad = 0
     big = 0.0
+    mean = 0.0
+    m2 = 0.0
     for x in v:
         if not np.isfinite(x):
             bad += 1
             continue
-        y = abs(x - shift)
-        if not np.isfinite(y):
+        y = x - shift
+        a = abs(y)
+        if not np.isfinite(a):
             return 0, 0.0, 0.0, 1.0, np.inf, -np.inf, 0.0, 0, True
-        if y > big:
-            big = y
+        if a > big:
+            big = a
         n += 1
+        d = y - mean
+        mean += d / n
+        m2 += d * (y - mean)
         total += x
         if x < lo:
             lo = x
         if x > hi:
             hi = x
-    scale = _pow2(big) if big > 0.0 else 1.0
+    if big == 0.0 or 1.0 / _SAFE <= big <= _SAFE:
+        return n, mean, m2, 1.0, lo, hi, total, bad, False
+    scale = _pow2(big)  # the same pass again at the differences' scale
     k = 0
     mean = 0.0
     m2 = 0.0
