@@ -259,7 +259,26 @@ class LabService:
             queued=len(self._queue),
             recovered=[e.id for e in recovered],
         )
+        with self._lock:
+            blocked = self._paused_block()
+        if blocked is not None:
+            log.warning("the queue waits: every slot is held by a paused run", reason=blocked, queued=len(self._queue))
         self._fill()
+
+    def _paused_block(self) -> str | None:
+        """Why the queue's head waits when every slot is held by a paused experiment (a run
+        that came back paused after a crash holds its slot until resumed), or None (the caller
+        holds the lock)."""
+        if not self._queue:
+            return None
+        live = [(e.id, e.status()) for e in list(self.lab.experiments.values())]
+        live = [(i, st) for i, st in live if st in LIVE]
+        if len(live) < self.max_running or any(st != RunStatus.PAUSED for _, st in live):
+            return None
+        return (
+            f"waiting: every slot ({self.max_running}) is held by a paused experiment "
+            f"({', '.join(i for i, _ in live)}): resume or stop one"
+        )
 
     # --- the lock ------------------------------------------------------------------------------------
 
@@ -743,6 +762,7 @@ class LabService:
                 workload = (starting["spec"].get("workload") or {}).get("name")
                 out.append({"id": sid, "status": "starting", "position": None, "workload": workload})
             out += [{"id": k, "position": None, **v} for k, v in self._ended.items()]
+            blocked = self._paused_block()
             queued = [
                 {
                     "id": i["id"],
@@ -752,6 +772,7 @@ class LabService:
                     "submitted_at": i["submitted_at"],
                 }
                 | ({"reason": self._held["reason"]} if self._held is not None and self._held["id"] == i["id"] else {})
+                | ({"reason": blocked} if blocked is not None and pos == 1 else {})
                 for pos, i in enumerate((i for i in self._queue if i is not starting), 1)
             ]
         if history:  # runs of earlier lifetimes of the daemon (or of other tools), read outside the lock

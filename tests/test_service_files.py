@@ -334,6 +334,26 @@ def test_a_nearly_full_disk_holds_the_queue_before_any_run_begins(tmp_path, monk
         service.shutdown()
 
 
+def test_a_queue_waiting_on_paused_runs_says_so(tmp_path):
+    """Every slot held by a paused experiment (as after a crash that brought them back
+    paused): the queue's head says why it waits, and starts once one is resumed and ends."""
+    service = LabService(tmp_path / "art", max_running=1)
+    try:
+        first = service.submit(latency_spec("first", budget=600))["id"]
+        assert service.pause(first)["status"] == "paused"
+        nxt = service.submit(latency_spec("next", budget=0.2))["id"]
+        (head,) = [e for e in service.list(history=False) if e["id"] == nxt]
+        assert head["status"] == "queued" and head["position"] == 1
+        assert head["reason"] == f"waiting: every slot (1) is held by a paused experiment ({first}): resume or stop one"
+        service.resume(first)
+        (head,) = [e for e in service.list(history=False) if e["id"] == nxt]
+        assert "reason" not in head  # a running experiment holds the slot: the usual wait
+        service.stop(first)
+        until(lambda: {e["id"]: e["status"] for e in service.list(history=False)}[nxt] == "stopped", 60, "next ran")
+    finally:
+        service.shutdown()
+
+
 def test_a_held_queue_tries_again_on_its_timer_alone(tmp_path, monkeypatch):
     """Submissions while the queue is held try its head again; a failure of theirs keeps the
     timer and its wait (the wait doubles only when the timer's own try fails), and says nothing
