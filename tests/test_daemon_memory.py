@@ -151,7 +151,10 @@ def test_a_pages_push_state_drops_the_experiments_the_lab_forgot(tmp_path):
     try:
         ids = []
         for i in range(4):
-            exp = service.get(service.submit(latency_spec(f"p{i}", budget=0.3))["id"])
+            exp_id = service.submit(latency_spec(f"p{i}", budget=0.3))["id"]
+            # queued, when the last one's end has not freed its slot yet: started as it does
+            wait_for(lambda x=exp_id: x in service.lab.experiments, "the submission started")
+            exp = service.get(exp_id)
             ids.append(exp.id)
             wait_for(lambda e=exp: source.push(last_seq)["events"].get(e.id), "events pushed")
             exp.wait(DEADLINE_S)
