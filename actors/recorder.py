@@ -734,6 +734,15 @@ class Recorder(EventConsumer):
         self._sampled[source] = max(self._sampled.get(source, 0), int(figures.get("sampled_out", 0)))
         self.sampled_out = sum(self._sampled.values())
         self.held = int(figures.get("held", 0))
+        for name, field, lo, hi, lo_ok, hi_ok in figures.get("extremes", ()):  # what the Sampler dropped
+            st = self.phases.get(name)
+            if st is None:
+                st = self.phases[name] = _PhaseStats()
+            st.min[field] = min(st.min.get(field, lo), lo)
+            st.max[field] = max(st.max.get(field, hi), hi)
+            if lo_ok is not None:
+                st.min_ok[field] = min(st.min_ok.get(field, lo_ok), lo_ok)
+                st.max_ok[field] = max(st.max_ok.get(field, hi_ok), hi_ok)
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
         if self.counters_ok(msg):

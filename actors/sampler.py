@@ -44,7 +44,15 @@ from actors.consumer import EventConsumer
 from actors.log import get_logger
 from actors.messages import BytesReceiver, encode
 from kernels.tdigest import TDigest
-from telemetry.schema import RECORD_EVENTS, SAMPLING, EventBatch, batch_rows, rows_to_batch, select_rows
+from telemetry.schema import (
+    RECORD_EVENTS,
+    SAMPLING,
+    EventBatch,
+    batch_extremes,
+    batch_rows,
+    rows_to_batch,
+    select_rows,
+)
 
 log = get_logger("actors.sampler")
 
@@ -135,11 +143,7 @@ class Sampler(EventConsumer):
         config: dict[str, Any] | None = None,
         seed: int | None = None,
         record_names: tuple[str, ...] | list[str] = RECORD_EVENTS,
-        objective: tuple[str, str] | None = None,
     ) -> None:
-        """``objective``: the workload's (field, ``min`` | ``max``); an event that betters its
-        best so far (not marked failed) is kept like the run's record, so the run's best, in
-        its summary, ``crucible list`` and ``tune --seed-from``, is the run's and not its sample's."""
         super().__init__()
         self.experiment_id = experiment_id
         self.record_names = frozenset(record_names)  # the run's record: never sampled out
@@ -161,10 +165,6 @@ class Sampler(EventConsumer):
         self._stratum_seen: dict[str, int] = {}  # reservoir: events seen per stratum (for min_samples)
         self.digest = TDigest(200.0) if strategy == "importance" else None
         self._reservoir_flushed = False
-        if objective is not None and objective[1] not in ("min", "max"):
-            raise ValueError(f"objective direction must be 'min' or 'max', got {objective[1]!r}")
-        self.objective = objective
-        self._best = np.inf  # the objective's best so far, as a minimum (a maximum's negated)
 
     # --- deciding ------------------------------------------------------------------------------
 
@@ -256,16 +256,17 @@ class Sampler(EventConsumer):
             return
         keep = self._decide(msg)
         keep |= self._flagged(msg, sample_more_only=True)
-        keep |= self._records(msg) | self._bests(msg)
+        keep |= self._records(msg)
         self._min_samples(msg, keep)
         self._count(msg, keep)
         self.seen += n
         self.sampled_out += int(n - keep.sum())
+        extremes = batch_extremes(msg, ~keep)  # what is dropped still counts in the run's figures
         if not keep.any():
-            self._send_figures(msg)
+            self._send_figures(msg, extremes)
             return
         out = msg if keep.all() else select_rows(msg, keep)
-        out["sampling"] = self._figures(held=0)
+        out["sampling"] = self._figures(held=0, extremes=extremes)
         if self.downstream is not None:
             self.downstream.tell_bytes(encode(out))
 
@@ -276,30 +277,21 @@ class Sampler(EventConsumer):
             return np.zeros(int(b["n"]), dtype=bool)
         return np.isin(b["name"], codes)
 
-    def _bests(self, b: dict[str, Any]) -> np.ndarray:
-        """The rows that better the objective's best so far (over rows not marked failed):
-        kept, as the run's record is. A strategy that dropped one would leave the run's
-        summary with its sample's best. Few rows: O(log n) of n in a random order."""
-        n = int(b["n"])
-        col = b["values"].get(self.objective[0]) if self.objective is not None else None
-        if col is None:
-            return np.zeros(n, dtype=bool)
-        x = -col if self.objective[1] == "max" else col
-        x = np.where((b["success"] != 0) & ~np.isnan(x), x, np.inf)
-        before = np.minimum.accumulate(np.concatenate(([self._best], x)))[:-1]
-        better = x < before
-        self._best = min(self._best, float(x.min()))
-        return better
+    def _figures(self, held: int, extremes: list[list[Any]] | None = None) -> dict[str, Any]:
+        """The cumulative figures, named by this incarnation (see the module docs), and the
+        ``extremes`` of the rows this batch drops or holds (per phase and field: the run's
+        min, max and best stay the run's, not its sample's)."""
+        return {"sampled_out": self.sampled_out, "held": held, "source": self.actor_urn} | (
+            {"extremes": extremes} if extremes else {}
+        )
 
-    def _figures(self, held: int) -> dict[str, Any]:
-        """The cumulative figures, named by this incarnation (see the module docs)."""
-        return {"sampled_out": self.sampled_out, "held": held, "source": self.actor_urn}
-
-    def _send_figures(self, msg: dict[str, Any]) -> None:
+    def _send_figures(self, msg: dict[str, Any], extremes: list[list[Any]] | None = None) -> None:
         """Nothing of this batch goes on: send the figures (and the batch's emitter counters) alone."""
         if self.downstream is not None:
             self.downstream.tell_bytes(
-                encode({"kind": SAMPLING, **self._figures(self._held()), "counters": msg.get("counters") or {}})
+                encode(
+                    {"kind": SAMPLING, **self._figures(self._held(), extremes), "counters": msg.get("counters") or {}}
+                )
             )
 
     def _held(self) -> int:
@@ -331,7 +323,7 @@ class Sampler(EventConsumer):
             self.sampled_out += n
             self._send_figures(b)
             return
-        sure = self._guaranteed(b) | self._records(b) | self._bests(b)  # kept beside the k: held, sent with the sample
+        sure = self._guaranteed(b) | self._records(b)  # kept beside the k: held, sent with the sample
         if sure.any():
             rows = batch_rows(b)
             self.records += [rows[i] for i in np.flatnonzero(sure).tolist()]
@@ -358,7 +350,7 @@ class Sampler(EventConsumer):
         self.seen += n
         # the sample is forwarded when the run ends: keep the Recorder's accounting current
         self.sampled_out = self.seen - len(self.reservoir) - len(self.records)
-        self._send_figures(b)
+        self._send_figures(b, batch_extremes(b, ~sure))  # the pool's rows: most never reach the disk
 
     def handle_flush(self, msg: dict[str, Any]) -> dict[str, Any]:
         """End of run: send the reservoir (if any) downstream; answer the counts."""

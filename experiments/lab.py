@@ -398,7 +398,6 @@ class Experiment:
                     s["sampling"]["config"],
                     s["seed"],
                     (*RECORD_EVENTS, *getattr(wl_cls, "record_events", ())),  # the run's record: never sampled out
-                    (obj["field"], obj["direction"]) if (obj := self._objective) else None,  # its bests: kept too
                 ),
                 name="sampler",
                 shutdown=EVENT_PATH_SHUTDOWN_S,

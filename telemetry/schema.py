@@ -312,6 +312,54 @@ MAX_BATCH_ROWS = 1 << 24
 """The most rows one batch may claim (a bound on what a malformed ``n`` can make a consumer allocate)."""
 
 
+MAX_EXTREMES = 4096
+"""Rows of ``sampling.extremes`` a message may carry (phases x fields of one batch)."""
+
+
+def batch_extremes(b: EventBatch, rows: np.ndarray) -> list[list[Any]]:
+    """Per phase and numeric field, over the ``rows`` (a mask) of a batch: ``[phase, field,
+    min, max, min_ok, max_ok]`` (``_ok``: over the rows not marked failed; None where there
+    are none). What a Sampler drops still counts in the run's figures this way (see
+    :func:`check_sampling_figures`), a few numbers a batch where the rows would be thousands."""
+    out: list[list[Any]] = []
+    if not rows.any():
+        return out
+    phase_c = b["phase"]
+    ok_rows = rows & (b["success"] != 0)
+    for code in np.unique(phase_c[rows]).tolist():
+        name = b["phases"][code] if code >= 0 else None
+        m = rows & (phase_c == code)
+        ok = ok_rows & (phase_c == code)
+        for field, col in b["values"].items():
+            x = col[m]
+            x = x[~np.isnan(x)]
+            if x.size == 0:
+                continue
+            y = col[ok]
+            y = y[~np.isnan(y)]
+            lo_ok, hi_ok = (float(y.min()), float(y.max())) if y.size else (None, None)
+            out.append([name, field, float(x.min()), float(x.max()), lo_ok, hi_ok])
+    return out
+
+
+def _check_extremes(rows: Any) -> None:
+    where = "batch field 'sampling.extremes'"
+    if not isinstance(rows, list) or len(rows) > MAX_EXTREMES:
+        raise SchemaError(f"{where} must be a list of at most {MAX_EXTREMES} rows")
+    for r in rows:
+        if (
+            not isinstance(r, list)
+            or len(r) != 6
+            or not (r[0] is None or isinstance(r[0], str))
+            or not isinstance(r[1], str)
+            or any(not (v is None or (isinstance(v, float) and np.isfinite(v))) for v in r[4:])
+            or any(not (isinstance(v, float) and np.isfinite(v)) for v in r[2:4])
+        ):
+            raise SchemaError(
+                f"{where}: a row must be [phase, field, min, max, min_ok, max_ok] of finite numbers, got {r!r}"
+            )
+
+
 def _int_count(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
         raise SchemaError(f"{name} must be an int >= 0, got {v!r}")
@@ -329,12 +377,15 @@ def check_counters(counters: Any, where: str = "counters") -> None:
 
 
 def check_sampling_figures(sampling: Any) -> None:
-    """The Sampler's cumulative figures: ``sampled_out`` and ``held``, ints >= 0."""
+    """The Sampler's cumulative figures: ``sampled_out`` and ``held``, ints >= 0; and the
+    ``extremes`` of what it dropped (see :func:`batch_extremes`)."""
     if not isinstance(sampling, dict):
         raise SchemaError(f"batch field 'sampling' must be a table, got {type(sampling).__name__}")
     for k in ("sampled_out", "held"):
         if k in sampling:
             _int_count(f"batch field 'sampling.{k}'", sampling[k])
+    if "extremes" in sampling:
+        _check_extremes(sampling["extremes"])
 
 
 def check_batch(b: Any) -> None:

@@ -90,24 +90,6 @@ def coloring_spec(
     }
 
 
-def kept_bests(run_dir: Path, field: str = "latency_ms", direction: str = "min") -> int:
-    """The events on disk, not of the run's record, that bettered the objective's best so far
-    (not marked failed): the Sampler keeps each of them beside its sample. Each one is on
-    disk, so the running best over the disk's events, in order, finds them all."""
-    from telemetry.schema import RECORD_EVENTS
-
-    best, n = float("inf"), 0
-    for e in iter_run(run_dir):
-        v = e.get("values", {}).get(field)
-        if v is None or e.get("success") is False:
-            continue
-        x = -v if direction == "max" else v
-        if x < best:
-            best = x
-            n += e["name"] not in RECORD_EVENTS
-    return n
-
-
 def until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll ``cond`` (a read of files or of the tree's figures) until it holds."""
     deadline = time.monotonic() + timeout

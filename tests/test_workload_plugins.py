@@ -151,7 +151,7 @@ class NoisyAcc(ToyLoss):
 
 
 def test_a_sampled_runs_best_is_the_runs_own_in_the_objectives_direction(tmp_path, capsys):
-    """A sampling strategy keeps every event that betters the objective, and the summary's
+    """What a sampling strategy drops still counts in the run's figures, and the summary's
     best follows the objective's direction: the best in summary.json and in `crucible list`
     is the maximum over the whole run, where it was the best of a 2 % sample (or the minimum)."""
     register("noisyacc", NoisyAcc)
@@ -180,7 +180,7 @@ def test_a_sampled_runs_best_is_the_runs_own_in_the_objectives_direction(tmp_pat
     assert summary["events_sampled_out"] > 1000  # sampled indeed
     assert summary["phases"]["train"]["best"]["acc"] == best == summary["phases"]["train"]["max_ok"]["acc"]
     on_disk = [e["values"]["acc"] for e in iter_run(exp.run_dir) if e["name"] == "step"]
-    assert best in on_disk
+    assert len(on_disk) < 100 and summary["phases"]["train"]["min"]["acc"] == min(acc)  # over every event
     capsys.readouterr()
     assert main(["list", "--json", "--artifacts", str(art)]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
