@@ -81,13 +81,21 @@ def _scaled(deviation: np.ndarray, spread: float) -> np.ndarray:
     return np.where(d > 0, np.inf, 0.0)
 
 
+def _pow2_at(top: float) -> float:
+    """The power of two at or below ``top`` (a magnitude), or 1 for 0 or a non-number: dividing
+    by it is exact, and brings ``top`` into [1, 2)."""
+    if not (top > 0.0 and math.isfinite(top)):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(top)[1] - 1)
+
+
 def _std(r: np.ndarray) -> float:
     """The population standard deviation, computed at the values' scale (a power of two): the
     squares of values past 1e154 (or below 1e-154) would overflow (or vanish) unscaled."""
     top = float(np.max(np.abs(r))) if r.size else 0.0
     if not (top > 0.0 and math.isfinite(top)):
         return 0.0
-    k = math.ldexp(1.0, math.frexp(top)[1])
+    k = math.ldexp(1.0, math.frexp(top)[1] - 1)  # at or below the largest: 2**1023 at most, no overflow
     return float(np.std(r / k)) * k
 
 
@@ -261,7 +269,11 @@ class AnomalyDetection(EventConsumer):
         the recent values equal: a field that is mostly 0) falls back to a wider measure."""
         out: dict[str, np.ndarray] = {}
         z_ewma = st.ewma.update(x)  # learns as it scores, value by value
+        # the window's methods work at the values' scale (a power of two: exact), where a median
+        # of two values near the float limit, or their spread, does not overflow; scores are ratios
         r = st.recent()
+        k = _pow2_at(max(float(np.max(np.abs(r))), float(np.max(np.abs(x)))))
+        r, xk = r / k, x / k
         for m in self.methods:
             if m == "isolation_forest":
                 continue
@@ -269,20 +281,20 @@ class AnomalyDetection(EventConsumer):
             if m == "ewma":
                 s = np.abs(np.nan_to_num(z_ewma, nan=0.0, posinf=np.inf, neginf=-np.inf)) / thr
             elif m == "z_score":
-                s = _scaled(x - st.moments.mean, st.moments.std) / thr
+                s = _scaled(xk - st.moments.mean / k, st.moments.std / k) / thr
             elif m == "modified_z":
                 med = np.median(r)
                 mad = np.median(np.abs(r - med))
                 # MAD of zero: the mean absolute deviation instead (its scale to a normal's sd is 1.2533)
                 scale = mad / 0.6745 if mad > 0 else 1.2533 * np.mean(np.abs(r - med))
-                s = _scaled(x - med, scale) / thr
+                s = _scaled(xk - med, scale) / thr
             else:  # iqr
                 q1, q3 = np.percentile(r, [25, 75])
                 iqr = q3 - q1
                 if iqr <= 0:  # the middle half is one value: fences a normal's IQR (1.349 sd) wide instead
                     iqr = 1.349 * _std(r)
                 lo, hi = q1 - thr * iqr, q3 + thr * iqr
-                out_by = np.where(x < lo, lo - x, np.where(x > hi, x - hi, 0.0))
+                out_by = np.where(xk < lo, lo - xk, np.where(xk > hi, xk - hi, 0.0))
                 s = np.where(out_by > 0, 1.0 + _scaled(out_by, iqr), 0.0)
             out[m] = s
         st.moments.add_batch(x)

@@ -236,10 +236,14 @@ def ewma_update(values, alpha, mean, var, seen, scale):  # pragma: no cover - co
         xs = x / scale
         top = max(abs(xs), abs(mean), math.sqrt(var))
         if not np.isfinite(xs) or top > _EWMA_RANGE or 0.0 < top < 1.0 / _EWMA_RANGE:
-            ref = max(abs(x), abs(mean) * scale, math.sqrt(var) * scale)  # the true magnitudes
-            if np.isfinite(ref) and ref > 0.0:
-                r = scale / _pow2(ref)
-                mean, var, scale = mean * r, var * r * r, scale / r
+            # the true magnitudes (each finite: a mean or spread of finite values), at most 2**1023
+            ref = max(abs(x), abs(mean) * scale, math.sqrt(var) * scale)
+            new = _pow2(min(ref, 2.0**1023)) if ref > 0.0 else scale
+            if new > 0.0:  # a subnormal power of two is one too
+                mean = (mean * scale) / new  # through the true value: the ratio of scales may overflow
+                sd = (math.sqrt(var) * scale) / new
+                var = sd * sd
+                scale = new
                 xs = x / scale
         sd = math.sqrt(var * widen)
         d = xs - mean

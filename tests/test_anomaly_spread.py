@@ -129,3 +129,21 @@ def test_an_anomaly_period_ends_once_event_time_passes_its_gap_and_adaptive_samp
             ref.stop()
     assert [p[0] for p in periods[:2]] == ["start", "end"] and periods[0][1] == 1000 * 10_000
     assert 1000 in kept and max(kept) < 1000 + 700  # the period's batches, never the calm 20 s after it
+
+
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
+@pytest.mark.parametrize(
+    "x",
+    [np.full(200, 1e308), np.r_[np.zeros(100), np.full(100, 1e-310)], np.r_[np.full(100, 5e-324), np.full(100, 1e300)]],
+    ids=["constant-at-the-limit", "zero-then-subnormal", "subnormal-then-huge"],
+)
+def test_extreme_magnitudes_never_crash_a_method(method, x):
+    """A constant field near the float limit (the iqr fallback's spread overflowed), a jump
+    between subnormal and huge values (the EWMA's change of scale divided by zero): the
+    detector judges them, it does not crash and restart for ever."""
+    flags = flagged(x, [method], batch=64, warmup=30)
+    assert all(f["score"] <= SCORE_MAX for f in flags.values())
+    if x[0] != x[-1]:  # the step, from a field that never varied: infinitely far
+        assert 100 in flags
+    else:
+        assert flags == {}

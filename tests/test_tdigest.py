@@ -319,6 +319,19 @@ def test_the_std_of_a_field_near_1e300_or_1e_300_is_its_own():
     assert m.variance == math.inf  # 1e400: past float64's range, said so
 
 
+@pytest.mark.parametrize(
+    "values",
+    [[0.0, 1e-310], [0.0, 1e-308], [5e-324, 1e300], [1e-200, 1e200], [1e-310] * 5 + [1e300], [1.7e308, -1.7e308, 0.0]],
+)
+def test_an_ewma_takes_any_finite_values(values):
+    """Magnitudes from subnormal to the float limit in one series: numbers or infinities,
+    never a crash (a change of scale used to divide by an underflowed ratio)."""
+    e = Ewma(0.1)
+    z = e.update(np.array(values))
+    assert np.isnan(z[0]) and not np.isnan(z[1:]).any()
+    assert math.isfinite(e.mean) and e.seen == len(values)
+
+
 def test_ewma_tracks_a_level_shift():
     e = Ewma(alpha=0.2)
     z = e.update(np.r_[np.full(200, 10.0) + RNG.normal(0, 0.1, 200), [20.0]])
