@@ -11,7 +11,7 @@ artifacts folder and returns one :class:`JobResult` per job, in the jobs' order:
   Each worker has its own pipe: a worker that dies (killed, out of memory, ``os._exit``)
   fails the one job it held, its neighbours go on, and a new worker takes the next job. A
   worker whose caller is gone (killed, ended without stopping it) stops its experiment and
-  exits: no worker outlives its caller by more than :data:`ORPHAN_CHECK_S` and a Lab shutdown.
+  exits: no worker outlives its caller by more than :data:`STOP_POLL_S` and a Lab shutdown.
   Run directories are per run (experiment id, then a fresh run id) and the SQLite history
   takes several writer processes (WAL, a busy timeout of 30 s; see :mod:`telemetry.store`);
 * ``backend="ray"``: the same job function as Ray tasks, N at a time, on the cluster at
@@ -54,7 +54,11 @@ INTERRUPTED = "interrupted"
 WORKER_DIED = "its worker process died while it ran"
 """The start of a failed job's error when its worker process died (the exit code or signal follows)."""
 INTERRUPT_CHECK_S = 0.5  # how often a job in a worker looks up from its wait (for Ray's cancel)
-ORPHAN_CHECK_S = 1.0  # how often a worker looks whether its caller is still there
+STOP_POLL_S = 0.2
+"""How often a worker looks at the stop signal and whether its caller is still there. The
+signal is a byte of shared memory with no lock: an
+``Event`` has one, and a worker killed while it held it (a SIGTERM to the whole process
+group) left the caller's ``set()`` waiting for ever."""
 STOP_WAIT_S = 120.0  # after Ctrl-C: how long the workers get to stop their experiments before they are killed
 
 
@@ -148,16 +152,21 @@ def run_job(job: Job, artifacts: str, index: int, history: str | None = None, la
 
 
 def _init_worker(stop: Any, log_level: int, log_json: bool, parent: int | None = None) -> None:
-    """A worker process: logs as the caller does (to stderr), leaves Ctrl-C to the caller, and
-    stops its experiment when the caller sets ``stop`` or is gone (``parent`` no longer its parent)."""
+    """A worker process: logs as the caller does (to stderr), leaves Ctrl-C and SIGTERM to the
+    caller (a terminal's Ctrl-C, ``timeout`` and systemd signal the whole process group: the
+    caller then stops every worker's experiment, flushed, where a worker killed by the signal
+    left its run crashed), and stops its experiment when the caller sets ``stop`` or is gone
+    (``parent`` no longer its parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(log_level, json=log_json)
     threading.Thread(target=_watch_stop, args=(stop, parent), name="parallel-stop", daemon=True).start()
 
 
 def _watch_stop(stop: Any, parent: int | None = None) -> None:
     global _worker_stopping
-    while not stop.wait(ORPHAN_CHECK_S):
+    while not stop.value:
+        time.sleep(STOP_POLL_S)
         if parent is not None and os.getppid() != parent:  # the caller died (SIGKILL, SIGTERM): we were left
             log.warning("the caller of this worker is gone: stopping its experiment", caller=parent)
             break
@@ -313,7 +322,7 @@ class JobRunner:
         self._lab: Lab | None = None  # parallel=1, embedded
         self._workers: list[_Worker] = []  # parallel > 1, embedded: started as jobs need them
         self._ctx: Any = None  # the spawn context
-        self._stop: Any = None  # the workers' stop signal (an Event of the spawn context)
+        self._stop: Any = None  # the workers' stop signal: a shared byte (see STOP_POLL_S)
         self._spawned = 0
         self._ray: Any = None  # the ray module, once joined
         self._ray_started = False
@@ -371,7 +380,7 @@ class JobRunner:
     def _new_worker(self) -> _Worker:
         if self._ctx is None:
             self._ctx = mp.get_context("spawn")
-            self._stop = self._ctx.Event()
+            self._stop = self._ctx.RawValue("b", 0)
         self._spawned += 1
         worker = _Worker(self._ctx, self._stop, _log_settings(), self._spawned, self._warmup_task())
         self._workers.append(worker)
@@ -439,7 +448,7 @@ class JobRunner:
             return
         log.warning("interrupted: stopping the running experiments", running=len(busy))
         try:
-            self._stop.set()
+            self._stop.value = 1
             deadline = time.monotonic() + STOP_WAIT_S
             waiting = {w.proc.sentinel: w for w in busy.values()} | {w.conn: w for w in busy.values()}
             while waiting and time.monotonic() < deadline:

@@ -9,6 +9,7 @@ only on its seed and the parallel report must equal the sequential one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -340,6 +341,28 @@ def test_sigterm_stops_the_running_experiments_as_ctrl_c_does(tmp_path, command)
     assert proc.returncode == 143 and f"crucible {command}: terminated (SIGTERM)" in err, err
     lifes = [orjson.loads(p.read_bytes()) for p in art.glob("*/*/lifecycle.json") if p.parts[-3] != "ab-warmup"]
     assert len(lifes) == 1 and lifes[0]["status"] == "stopped"  # ended and flushed, not crashed
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_every_run_and_ends(tmp_path):
+    """``timeout``, systemd and a terminal signal the whole group: the workers leave the signal
+    to their caller, which stops their experiments (flushed, not crashed) and exits 143. The
+    workers used to die of it, and the caller's stop signal then waited for ever on a lock a
+    dead worker held."""
+    art = tmp_path / "art"
+    proc = _long_ab(tmp_path, art, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_producing(art)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    lifes = [orjson.loads(p.read_bytes()) for p in art.glob("ab-o*/*/lifecycle.json")]
+    assert len(lifes) == 2 and {life["status"] for life in lifes} == {"stopped"}  # ended and flushed, not crashed
 
 
 @pytest.fixture(scope="module")
