@@ -1122,7 +1122,7 @@ class Lab:
         full = load_spec(spec, overrides, workload_registry())
         if self._remote is not None:
             return self._remote.start_experiment(full, experiment_id)
-        self._check_free_space()
+        self._check_free_space(experiment_id or full["name"])
         with self._lock:
             base = check_experiment_id(experiment_id or full["name"])
             exp_id, k = base, 1
@@ -1141,12 +1141,17 @@ class Lab:
         log.info("experiment started", experiment=exp_id, run_id=exp.run_id, workload=full["workload"]["name"])
         return exp
 
-    def _check_free_space(self) -> None:
-        """Refuse a start, as a full disk would (ENOSPC), when the artifacts folder or the SQLite
-        history has less than ``min_free_bytes`` free (see :data:`MIN_FREE_BYTES`)."""
+    def _check_free_space(self, experiment_id: str | None = None) -> None:
+        """Refuse a start, as a full disk would (ENOSPC), when the artifacts folder, the
+        experiment's folder (a link to another disk) or the SQLite history (its real file) has
+        less than ``min_free_bytes`` free (see :data:`MIN_FREE_BYTES`)."""
         if self.min_free_bytes == 0:
             return
-        places = [self.artifacts] + ([Path(self.history).parent] if isinstance(self.history, Path) else [])
+        places = [self.artifacts]
+        if experiment_id and "/" not in experiment_id and (self.artifacts / experiment_id).is_dir():
+            places.append(self.artifacts / experiment_id)  # disk_usage follows a link to its disk
+        if isinstance(self.history, Path):
+            places.append(self.history.resolve().parent)
         for place in places:
             free = shutil.disk_usage(place).free  # an OSError here is the disk's answer: it stands
             if free < self.min_free_bytes:
@@ -1204,7 +1209,7 @@ class Lab:
 
     def _try_resume(self, run_dir: Path, rec: dict[str, Any], seqs: HistorySeqs | None = None) -> Experiment | None:
         try:
-            self._check_free_space()  # resumed on a nearly full disk, it would end storage: ... for good
+            self._check_free_space(run_dir.parent.name)  # resumed on a nearly full disk: storage: ... for good
         except OSError as exc:
             log.error("crashed run not resumed for want of disk space", run_dir=str(run_dir), error=str(exc))
             self._note_unresumed(run_dir, rec, f"{type(exc).__name__}: {exc}")

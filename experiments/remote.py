@@ -38,6 +38,7 @@ from actors.snapshot import MAX_AGE_S, WAIT_S
 from actors.supervision import GIVE_UP, MAX_INTENSITY, RESTART, TooManyChildren, decide, within_intensity
 from actors.topics import NamedTarget
 from experiments.lab import (
+    MIN_FREE_BYTES,
     AlreadyPaused,
     Experiment,
     Lab,
@@ -308,8 +309,8 @@ class TreeHost:
         }
     )
 
-    def __init__(self, artifacts: str, history: str | None) -> None:
-        self.lab = Lab(artifacts, history=history)
+    def __init__(self, artifacts: str, history: str | None, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+        self.lab = Lab(artifacts, history=history, min_free_bytes=min_free_bytes)
         self.exp: Experiment | None = None
 
     def _reply(self, fn: Callable[[], Any]) -> bytes:
@@ -318,7 +319,8 @@ class TreeHost:
         except Exception as exc:  # noqa: BLE001 - every error travels back to the driver, typed
             names = [c.__name__ for c in type(exc).__mro__]
             message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            return encode({"ok": False, "error": names, "message": message, "state": self._state()})
+            code = exc.errno if isinstance(exc, OSError) and isinstance(exc.errno, int) else None
+            return encode({"ok": False, "error": names, "message": message, "errno": code, "state": self._state()})
 
     def _state(self) -> dict[str, Any] | None:
         exp = self.exp
@@ -360,6 +362,7 @@ class TreeHost:
         def go() -> dict[str, Any]:
             run_dir = Path(m["run_dir"])
             rec = read_json(run_dir / LIFECYCLE) or {}
+            self.lab._check_free_space()  # resumed onto a nearly full disk, it would end storage: ... for good
             exp = self.lab._resume_run(run_dir, rec)  # the recovery path: claim, new segment, resume point
             if exp is None:
                 raise NotRunning(f"run {run_dir} could not be taken over (another Lab took it, or it has no spec)")
@@ -464,6 +467,10 @@ class TreeHost:
 def _remote_error(reply: dict[str, Any]) -> BaseException:
     names = reply.get("error") or []
     message = str(reply.get("message"))
+    code = reply.get("errno")
+    if "OSError" in names and isinstance(code, int) and not isinstance(code, bool):
+        # the machine's answer (a full disk in the host: a daemon holds its queue), as the embedded Lab gives it
+        return OSError(code, message.split("] ", 1)[-1] if message.startswith("[Errno") else message)
     for name in names:
         cls = _ERRORS.get(name)
         if cls is not None:
@@ -898,7 +905,7 @@ class RayBackend:
             max_restarts=0,  # the Lab restarts it, from its run directory: Ray must not
             max_concurrency=HOST_CONCURRENCY,
             scheduling_strategy="SPREAD",
-        ).remote(self._artifacts, self._history)
+        ).remote(self._artifacts, self._history, self.lab.min_free_bytes)
         with self._hosts_lock:
             closing = self._closed
             self._hosts.add(host)

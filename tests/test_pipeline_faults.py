@@ -454,6 +454,23 @@ def test_a_start_on_a_nearly_full_disk_is_refused_before_its_run_begins(small_tm
     assert not (small_tmpfs / "art" / "full").exists()
 
 
+def test_an_experiment_folder_linked_onto_a_nearly_full_disk_is_checked_there(tmp_path, small_tmpfs):
+    """The artifacts folder has room, the experiment's folder is a link onto a 3 MiB disk: the
+    start is refused for that disk's sake (and a history file linked there likewise)."""
+    art = tmp_path / "art"
+    art.mkdir()
+    (small_tmpfs / "full").mkdir()
+    (art / "full").symlink_to(small_tmpfs / "full")
+    with Lab(art) as lab:
+        with pytest.raises(OSError, match="min_free_bytes") as err:
+            lab.start_experiment(fast_spec("full", batch_size=64))
+        assert err.value.errno == errno.ENOSPC and str(art / "full") in str(err.value)
+    with Lab(tmp_path / "art2", history=small_tmpfs / "h.sqlite3", min_free_bytes=0) as lab:
+        lab.min_free_bytes = 16 << 20
+        with pytest.raises(OSError, match=str(small_tmpfs)):
+            lab.start_experiment(fast_spec("other", batch_size=64))
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "16"])
 def test_min_free_bytes_is_a_whole_number(tmp_path, bad):
     with pytest.raises(ValueError, match="min_free_bytes"):

@@ -421,6 +421,24 @@ def test_max_experiments_counts_the_live_remote_trees(ray_cluster, tmp_path):  #
         lab.shutdown()
 
 
+def test_the_free_disk_a_run_needs_is_checked_in_its_host_and_said_as_on_one_machine(ray_cluster, tmp_path):  # noqa: F811
+    """The Lab's min_free_bytes reaches the hosts (0 there too: any disk), and a host's full
+    disk comes back as the OSError (ENOSPC) an embedded Lab raises, not a RemoteError."""
+    import errno
+    import shutil
+
+    huge = shutil.disk_usage(tmp_path).free + (1 << 40)
+    lab = Lab(tmp_path / "art", backend="ray", address=ray_cluster.address, min_free_bytes=huge)
+    try:
+        with pytest.raises(OSError) as err:
+            lab.start_experiment(latency_spec("full", budget=600))
+        assert err.value.errno == errno.ENOSPC and "min_free_bytes" in str(err.value)
+        lab.min_free_bytes = 0
+        lab.start_experiment(latency_spec("any", budget=600)).stop()  # the host takes the Lab's figure
+    finally:
+        lab.shutdown()
+
+
 def test_shutdown_returns_only_once_no_thread_of_the_lab_uses_ray(ray_cluster, tmp_path):  # noqa: F811
     """A Ray call after ray.shutdown() ends the whole process, and the caller may shut Ray down
     (or join it again) as soon as the Lab's shutdown returns: the watchers must be done by then."""
