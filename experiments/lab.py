@@ -23,6 +23,7 @@ the host program; two Labs in one process share nothing.
 from __future__ import annotations
 
 import errno
+import numbers
 import os
 import secrets
 import shutil
@@ -1075,8 +1076,9 @@ class Lab:
 
         ``min_free_bytes``: the free disk space a new run needs to start (see
         :data:`MIN_FREE_BYTES`; 0 starts on any disk)."""
-        if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, int) or min_free_bytes < 0:
+        if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, numbers.Integral) or min_free_bytes < 0:
             raise ValueError(f"min_free_bytes must be a whole number of bytes, 0 or more, got {min_free_bytes!r}")
+        min_free_bytes = int(min_free_bytes)  # a numpy integer too
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         if backend == "embedded" and address is not None:

@@ -188,7 +188,10 @@ def _warm_up(task: tuple[Any, ...] | None) -> None:
     if task is None:
         return
     res = run_job(*task)
-    log.info("warm-up run done", experiment=res.experiment_id, reason=res.reason, error=res.error)
+    if res.failed:  # the measured runs go on: they say for themselves whether they can run
+        log.warning("the warm-up run failed", experiment=res.experiment_id, error=res.error)
+    else:
+        log.info("warm-up run done", experiment=res.experiment_id, reason=res.reason)
 
 
 def _worker_main(

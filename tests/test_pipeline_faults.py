@@ -471,10 +471,12 @@ def test_an_experiment_folder_linked_onto_a_nearly_full_disk_is_checked_there(tm
             lab.start_experiment(fast_spec("other", batch_size=64))
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "16"])
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "16", np.int64(-1)])
 def test_min_free_bytes_is_a_whole_number(tmp_path, bad):
     with pytest.raises(ValueError, match="min_free_bytes"):
         Lab(tmp_path / "art", min_free_bytes=bad)
+    with Lab(tmp_path / "art", min_free_bytes=np.int64(1 << 20)) as lab:
+        assert lab.min_free_bytes == 1 << 20 and type(lab.min_free_bytes) is int
 
 
 def test_a_backfill_that_fails_at_start_stops_recording(tmp_path, monkeypatch):
