@@ -211,6 +211,11 @@ class LabService:
         self._started_unsaved: set[str] = set()  # queued items found started at load (see _own_runs)
         self._held: dict[str, Any] | None = None  # the queue's head waiting out a storage error (see _hold)
         self._hold_timer: threading.Timer | None = None
+        # crashed runs left crashed at start for want of disk space: resumed first once there is room
+        self._recover_pending = False
+        self._recovering = False
+        self._no_room: str | None = None  # why the queue waits with them
+        self._recover_timer: threading.Timer | None = None
         self._started = False  # recover() done and the queue going (see start)
         self._queue_bytes = 0  # queue.json's size at its last write (see MAX_QUEUE_BYTES)
         self._starting: dict[str, Any] | None = None  # the queue's head while it starts, outside the lock (_fill)
@@ -251,6 +256,10 @@ class LabService:
         recovered: list[Experiment] = list(recover(self._own_runs()) or []) if callable(recover) else []
         for exp in recovered:
             self._watch(exp)
+        if callable(recover) and not self._room():  # crashed runs were left crashed: resumed once there is room
+            with self._lock:
+                self._recover_pending = True
+            self._schedule_recover(HOLD_RETRY_S[0])
         log.info(
             "lab service started",
             artifacts=str(self.artifacts),
@@ -598,6 +607,57 @@ class LabService:
     def _running(self) -> int:
         return sum(1 for e in list(self.lab.experiments.values()) if e.status() in LIVE)
 
+    def _room(self) -> bool:
+        """Whether the disk has the room a run needs (see :data:`experiments.lab.MIN_FREE_BYTES`);
+        while it has not, the queue's head says why it waits (``_no_room``)."""
+        check = getattr(self.lab, "_check_free_space", None)
+        try:
+            if callable(check):
+                check()
+        except OSError as exc:
+            self._no_room = f"waiting: could not start: {exc}"
+            return False
+        self._no_room = None
+        return True
+
+    def _schedule_recover(self, wait: float) -> None:
+        with self._lock:
+            if self._closed or not self._recover_pending:
+                return
+            self._recover_timer = threading.Timer(wait, self._recover_later, args=(wait,))
+            self._recover_timer.daemon = True
+            self._recover_timer.start()
+
+    def _recover_later(self, waited: float) -> None:
+        self._fill()
+        self._schedule_recover(min(waited * 2, HOLD_RETRY_S[1]))  # only while still pending
+
+    def _recover_if_pending(self) -> bool:
+        """Resume the crashed runs a start on a nearly full disk left crashed, once there is
+        room, before any queued item (the daemon's earlier work goes first, as at start-up);
+        False while they wait for room (the queue waits with them)."""
+        with self._lock:
+            if not self._recover_pending:
+                return True
+            if self._recovering or self._closed:
+                return False
+            self._recovering = True
+        try:
+            if not self._room():
+                return False
+            log.info("disk room again: resuming the crashed runs left at start")
+            for exp in list(self.lab.recover(self._own_runs()) or []):
+                self._watch(exp)
+            with self._lock:
+                self._recover_pending = False
+            return True
+        except Exception:  # logged; tried again later
+            log.exception("could not resume the crashed runs left at start")
+            return False
+        finally:
+            with self._lock:
+                self._recovering = False
+
     def _fill(self, only: dict[str, Any] | None = None) -> None:
         """Start queued items, oldest first, while a slot is free. Called without the lock: each
         start (which may take long: a tree building a big graph) runs outside it, so reads and
@@ -608,6 +668,8 @@ class LabService:
         ``only``: a submission's item. Its caller (the submission's answer) waits for no start
         after that item's: once it has started, the rest of the queue is started by a thread of
         its own. (Those ahead of it start first, as the queue's order says.)"""
+        if not self._recover_if_pending():
+            return
         waited_for_own = False
         while True:
             with self._lock:
@@ -773,6 +835,7 @@ class LabService:
                 }
                 | ({"reason": self._held["reason"]} if self._held is not None and self._held["id"] == i["id"] else {})
                 | ({"reason": blocked} if blocked is not None and pos == 1 else {})
+                | ({"reason": self._no_room} if self._recover_pending and self._no_room and pos == 1 else {})
                 for pos, i in enumerate((i for i in self._queue if i is not starting), 1)
             ]
         if history:  # runs of earlier lifetimes of the daemon (or of other tools), read outside the lock
@@ -880,6 +943,8 @@ class LabService:
                 return
             self._closed = True
             self._cancel_hold_timer()
+            if self._recover_timer is not None:
+                self._recover_timer.cancel()
             # a start under way finishes first: the Lab then stops a tree it holds whole
             self._start_done.wait_for(lambda: self._starting is None, timeout)
         log.info("lab service shutting down", artifacts=str(self.artifacts), queued=len(self._queue))

@@ -446,6 +446,30 @@ def test_a_run_is_not_resumed_onto_a_nearly_full_disk(tmp_path: Path) -> None:
         lab.shutdown()
 
 
+def test_a_daemon_resumes_the_runs_a_full_disk_left_crashed_once_there_is_room_and_before_its_queue(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    import shutil
+
+    from experiments.service import LabService
+
+    monkeypatch.setattr("experiments.service.HOLD_RETRY_S", (0.05, 0.2))
+    d = _crashed_run(tmp_path, "early")
+    service = LabService(tmp_path, max_running=1, min_free_bytes=shutil.disk_usage(tmp_path).free + (1 << 40))
+    try:
+        assert run_status(d).status == RunStatus.CRASHED  # no room: left crashed
+        later = service.submit(latency_spec("later", budget=0.2))["id"]
+        assert {e["id"]: e["status"] for e in service.list(history=False)}[later] == "queued"
+        service.lab.min_free_bytes = 0  # room again: the timer finds it
+        until(lambda: run_status(d).status == RunStatus.RUNNING, 60, "the crashed run resumed")
+        # the resumed run holds the one slot: the later submission waits for it
+        assert {e["id"]: e["status"] for e in service.list(history=False)}[later] == "queued"
+        service.stop("early")
+        until(lambda: {e["id"]: e["status"] for e in service.list(history=False)}[later] == "stopped", 60, "later ran")
+    finally:
+        service.shutdown()
+
+
 def _history_seqs(target: Any, art: Path, run_id: str) -> dict[int, tuple[int, str]]:
     store = open_history(target, artifacts=art, readonly=True)
     try:
