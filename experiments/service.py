@@ -593,7 +593,10 @@ class LabService:
             if item["id"] == exp_id:
                 held = self._held if self._held is not None and self._held["id"] == exp_id else None
                 entry = {"id": exp_id, "status": "queued", "position": pos}
-                return entry | ({"reason": held["reason"]} if held else {})
+                why = held["reason"] if held else self._paused_block() if pos == 1 else None
+                if pos == 1 and self._recover_pending and self._no_room:
+                    why = self._no_room
+                return entry | ({"reason": why} if why else {})
         if exp_id in self._ended:
             return {"id": exp_id, **self._ended[exp_id]}
         try:

@@ -341,7 +341,9 @@ def test_a_queue_waiting_on_paused_runs_says_so(tmp_path):
     try:
         first = service.submit(latency_spec("first", budget=600))["id"]
         assert service.pause(first)["status"] == "paused"
-        nxt = service.submit(latency_spec("next", budget=0.2))["id"]
+        answer = service.submit(latency_spec("next", budget=0.2))
+        nxt = answer["id"]
+        assert "held by a paused experiment" in answer["reason"]  # the submission's answer says it too
         (head,) = [e for e in service.list(history=False) if e["id"] == nxt]
         assert head["status"] == "queued" and head["position"] == 1
         assert head["reason"] == f"waiting: every slot (1) is held by a paused experiment ({first}): resume or stop one"
