@@ -401,18 +401,24 @@ def test_a_lab_killed_while_it_resumed_a_run_does_not_keep_it_from_resuming(tmp_
         lab.shutdown()
 
 
-def test_a_run_that_cannot_be_resumed_says_why_and_resumes_once_repaired(tmp_path: Path) -> None:
-    d = _crashed_run(tmp_path, "damaged")
-    (d / CHECKPOINT).unlink()
-    (d / CHECKPOINT).mkdir()  # nothing can be written there
-    lab = Lab(tmp_path)
+def _left_crashed(art: Path, run: Path, **lab_options: Any) -> str:
+    """A Lab on ``art`` recovers nothing and ``run`` stays crashed: the reason it is listed with."""
+    lab = Lab(art, **lab_options)
     try:
         assert lab.recover() == []
     finally:
         lab.shutdown()
-    report = run_status(d)
+    report = run_status(run)
     assert report.status == RunStatus.CRASHED
-    assert "could not resume it" in report.reason and "checkpoint.json" in report.reason
+    return report.reason
+
+
+def test_a_run_that_cannot_be_resumed_says_why_and_resumes_once_repaired(tmp_path: Path) -> None:
+    d = _crashed_run(tmp_path, "damaged")
+    (d / CHECKPOINT).unlink()
+    (d / CHECKPOINT).mkdir()  # nothing can be written there
+    reason = _left_crashed(tmp_path, d)
+    assert "could not resume it" in reason and "checkpoint.json" in reason
     (d / CHECKPOINT).rmdir()
     proc = host(tmp_path, "unused:latency")  # another process: recovers what it finds
     try:
@@ -429,14 +435,8 @@ def test_a_run_is_not_resumed_onto_a_nearly_full_disk(tmp_path: Path) -> None:
     import shutil
 
     d = _crashed_run(tmp_path, "room")
-    lab = Lab(tmp_path, min_free_bytes=shutil.disk_usage(tmp_path).free + (1 << 40))
-    try:
-        assert lab.recover() == []
-    finally:
-        lab.shutdown()
-    report = run_status(d)
-    assert report.status == RunStatus.CRASHED
-    assert "No space left on device" in report.reason and "min_free_bytes" in report.reason
+    reason = _left_crashed(tmp_path, d, min_free_bytes=shutil.disk_usage(tmp_path).free + (1 << 40))
+    assert "No space left on device" in reason and "min_free_bytes" in reason
     lab = Lab(tmp_path, min_free_bytes=0)
     try:
         (exp,) = lab.recover()
