@@ -274,6 +274,15 @@ def run_stopped(run_dir: Path) -> bool:
     return not run_status(run_dir).live
 
 
+def _better(best: dict[str, Any], values: dict[str, Any], tracked: dict[str, bool]) -> None:
+    """Fold ``values`` into ``best``: each tracked field in its direction (True: higher is better)."""
+    for k, v in values.items():
+        if k not in tracked or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if k not in best or (v > best[k] if tracked[k] else v < best[k]):
+            best[k] = v
+
+
 def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Best value per phase (of the objective's field and progress value, each in its own
     direction), GPU vs CPU usage, durations, drops (``dropped``: the losses, not summary.json's
@@ -310,12 +319,8 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
         first = ev["ts"] if first is None else first
         last = ev["ts"]
         p["events"] += 1
-        best = p["best"]
-        for k, v in (ev.get("values") or {}).items():
-            if k not in tracked or not isinstance(v, (int, float)):
-                continue
-            if k not in best or (v > best[k] if tracked[k] else v < best[k]):
-                best[k] = v
+        if ev.get("success") is not False:  # a failed attempt's values are never a best (as the Recorder's)
+            _better(p["best"], ev.get("values") or {}, tracked)
         if ev.get("gpu_mode"):
             gpu[ev["gpu_mode"]] = gpu.get(ev["gpu_mode"], 0) + 1
         if (ev.get("anomaly") or {}).get("flag"):
@@ -325,6 +330,13 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
         if ev["name"] == "hypertune_action":
             actions.append(ev.get("notes") or "")
     summ = read_record(run_dir, SUMMARY) or {}  # unreadable (a FIFO, a folder): a warning, the events alone
+    for ph, figures in (summ.get("phases") or {}).items() if isinstance(summ.get("phases"), dict) else ():
+        # the summary's bests also cover what a sampling strategy left off the disk
+        if isinstance(figures, dict) and isinstance(figures.get("min_ok"), dict) and ph in phases:
+            for k in tracked:
+                v = (figures.get("max_ok") if tracked[k] else figures.get("min_ok") or {}) or {}
+                if isinstance(v, dict) and isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool):
+                    _better(phases[ph]["best"], {k: v[k]}, tracked)
     said = summ.get("events_persisted")
     lag = n - said if isinstance(said, int) and n > said else (n if said is None and n else 0)
     dropped, sampled = summary_losses(summ)

@@ -181,6 +181,9 @@ def test_a_sampled_runs_best_is_the_runs_own_in_the_objectives_direction(tmp_pat
     assert summary["phases"]["train"]["best"]["acc"] == best == summary["phases"]["train"]["max_ok"]["acc"]
     on_disk = [e["values"]["acc"] for e in iter_run(exp.run_dir) if e["name"] == "step"]
     assert len(on_disk) < 100 and summary["phases"]["train"]["min"]["acc"] == min(acc)  # over every event
+    from experiments.monitor import run_summary
+
+    assert run_summary(exp.run_dir)["phases"]["train"]["best"]["acc"] == best  # monitor --summary's too
     capsys.readouterr()
     assert main(["list", "--json", "--artifacts", str(art)]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
