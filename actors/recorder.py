@@ -95,6 +95,7 @@ from telemetry.rundir import RECORDER_STATE, RESERVE_NAME, SUMMARY, ArtifactsErr
 from telemetry.schema import (
     SCHEMA_VERSION,
     EventBatch,
+    SchemaError,
     batch_rows,
     check_id,
     check_sampling_figures,
@@ -272,6 +273,7 @@ class Recorder(EventConsumer):
         self._ring_n = 0
         self.index = LiveIndex(experiment_id, limit=index_limit)
         self.phases: dict[str | None, _PhaseStats] = {}
+        self._dropped: dict[tuple[str | None, str], list[Any]] = {}  # extremes of sampled-out events
         self.nonfinite: dict[str, int] = {}  # values given as NaN or an infinity, per field (events' nonfinite)
         self._last_phase: tuple[str | None, int] | None = None  # the last event's phase and ts (busy_us)
         self._in_pause = False  # between a paused mark and its unpaused one, as of the last event
@@ -339,6 +341,11 @@ class Recorder(EventConsumer):
                 last_seq=self.last_seq,
                 incarnation=incarnation,
             )
+        try:  # the extremes of the events the Sampler dropped: they are in no file
+            check_sampling_figures({"extremes": state.get("dropped_extremes") or []})
+            self._fold_extremes(state.get("dropped_extremes") or [], keep=True)
+        except SchemaError as exc:  # damaged: the figures of the files alone
+            log.warning("recorder state's extremes unreadable", file=str(state_path), error=str(exc))
         self._incarnation = incarnation
         self._save_state()
         return incarnation
@@ -734,7 +741,14 @@ class Recorder(EventConsumer):
         self._sampled[source] = max(self._sampled.get(source, 0), int(figures.get("sampled_out", 0)))
         self.sampled_out = sum(self._sampled.values())
         self.held = int(figures.get("held", 0))
-        for name, field, lo, hi, lo_ok, hi_ok in figures.get("extremes", ()):  # what the Sampler dropped
+        self._fold_extremes(figures.get("extremes", ()), keep=True)
+
+    def _fold_extremes(self, rows: Any, keep: bool) -> None:
+        """Fold the extremes of events the Sampler dropped (see
+        :func:`telemetry.schema.batch_extremes`) into the phases' figures; ``keep``: remember
+        them too, in recorder.json, for a restarted Recorder (which rebuilds the rest from the
+        run's files, where these events are not)."""
+        for name, field, lo, hi, lo_ok, hi_ok in rows:
             st = self.phases.get(name)
             if st is None:
                 st = self.phases[name] = _PhaseStats()
@@ -743,6 +757,18 @@ class Recorder(EventConsumer):
             if lo_ok is not None:
                 st.min_ok[field] = min(st.min_ok.get(field, lo_ok), lo_ok)
                 st.max_ok[field] = max(st.max_ok.get(field, hi_ok), hi_ok)
+            if keep:
+                was = self._dropped.get((name, field))
+                self._dropped[(name, field)] = (
+                    [lo, hi, lo_ok, hi_ok]
+                    if was is None
+                    else [
+                        min(was[0], lo),
+                        max(was[1], hi),
+                        lo_ok if was[2] is None else was[2] if lo_ok is None else min(was[2], lo_ok),
+                        hi_ok if was[3] is None else was[3] if hi_ok is None else max(was[3], hi_ok),
+                    ]
+                )
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
         if self.counters_ok(msg):
@@ -948,6 +974,7 @@ class Recorder(EventConsumer):
             "storage_dropped": self.storage_dropped,
             "storage_error": self.storage_error,
             "history_unsent": self.history_unsent,
+            "dropped_extremes": [[ph, f, *v] for (ph, f), v in self._dropped.items()],
         }
         atomic_write(self.run_dir / RECORDER_STATE, orjson.dumps(state))
 

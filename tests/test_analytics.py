@@ -740,6 +740,27 @@ def test_a_sampled_runs_extremes_are_the_runs_own(tmp_path_factory, values, stra
     assert summary["events_persisted"] + summary["events_sampled_out"] == x.size
 
 
+def test_a_restarted_recorder_keeps_the_extremes_of_what_was_sampled_out(tmp_path):
+    """The dropped events are in no file a restarted Recorder (a resumed run) rebuilds from:
+    their extremes live in recorder.json."""
+    from actors.recorder import Recorder
+
+    rec = Recorder.start(tmp_path, "exp", "run")
+    s = Sampler.start("exp", rec, "uniform", {"rate": 0.0, "min_samples": 1})
+    s.tell_bytes(encode(batch({"x": np.array([5.0, -3.0, 9.0])}, success=np.array([True, True, False]))))
+    s.ask({"kind": "flush"})
+    rec.ask({"kind": "flush"})
+    s.stop()
+    rec.stop()
+    again = Recorder.start(tmp_path, "exp", "run")
+    try:
+        (ph,) = again.ask({"kind": "summary"})["phases"].values()
+    finally:
+        again.stop()
+    assert (ph["min"]["x"], ph["max"]["x"], ph["best"]["x"], ph["max_ok"]["x"]) == (-3.0, 9.0, -3.0, 5.0)
+    assert ph["events"] == 1  # the one min_samples kept, on disk
+
+
 def test_an_interval_past_the_float_range_says_whether_the_difference_or_the_spread_is():
     wide = stats.compare([1.7e308, -1.7e308, 1.7e308], [1.7e308, -1.7e308, 1.6e308])
     assert math.isinf(wide["ci"][1]) and "the values spread so wide" in wide["note"]
