@@ -314,7 +314,8 @@ MAX_BATCH_ROWS = 1 << 24
 
 
 MAX_EXTREMES = 4096
-"""Rows of ``sampling.extremes`` a message may carry (phases x fields of one batch)."""
+"""Rows of ``sampling.extremes`` a message may carry (phases x fields of one batch); a batch
+with more keeps the first ones only."""
 
 
 def batch_extremes(b: EventBatch, rows: np.ndarray) -> list[list[Any]]:
@@ -341,6 +342,8 @@ def batch_extremes(b: EventBatch, rows: np.ndarray) -> list[list[Any]]:
             lo_ok = float(np.fmin.reduce(y)) if y.size else math.nan
             ok_pair = (None, None) if math.isnan(lo_ok) else (lo_ok, float(np.fmax.reduce(y)))
             out.append([name, field, lo, float(np.fmax.reduce(x)), *ok_pair])
+            if len(out) == MAX_EXTREMES:  # a message past it is refused whole: the batch's events with it
+                return out
     return out
 
 
