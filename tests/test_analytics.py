@@ -788,3 +788,18 @@ def test_a_reservoir_with_guarantees_and_the_runs_record_reaches_the_disk_whole(
     calls = [q for q, n in on_disk if n == "call"]
     assert len(calls) == 3 + 5 and calls[:3] == [1, 2, 3]  # min_samples' three, and the k
     assert summary["events_persisted"] == len(on_disk) == 11 and summary["events_lost_in_transit"] == 0
+
+
+def test_the_extremes_of_a_batch_of_very_many_phases_and_fields_stay_within_what_a_message_may_carry():
+    """50 phases x 100 fields: past MAX_EXTREMES rows the message carrying them would be
+    refused whole, and the batch's kept events with it; the first ones are sent."""
+    from telemetry.schema import MAX_EXTREMES, batch_extremes, check_sampling_figures
+
+    rows = [
+        {"seq": i, "ts": i, "name": "s", "phase": f"p{i % 50}", "values": {f"f{j}": float(j) for j in range(100)}}
+        for i in range(200)
+    ]
+    b = decode(encode(rows_to_batch(rows, "exp", "run")))
+    ext = batch_extremes(b, np.ones(200, dtype=bool))
+    assert len(ext) == MAX_EXTREMES
+    check_sampling_figures({"extremes": ext})
