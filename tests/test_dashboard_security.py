@@ -584,8 +584,10 @@ def test_a_websocket_client_that_sends_too_much_is_closed(lab, dash):
                 client.send("hello")
             while True:
                 client.recv(timeout=30)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
-        assert "takes no messages" in closed.value.rcvd.reason
+        # the server closed it (a recv would time out otherwise); its close frame may be lost to the
+        # reset that the client's sends after the close draw, so a frame, when it came, says why
+        frame = closed.value.rcvd
+        assert frame is None or (frame.code == 1008 and "takes no messages" in frame.reason), frame
     with connect(ws_url(dash), additional_headers=bearer(dash)) as client:
         assert "experiments" in orjson.loads(client.recv(timeout=30))
 
