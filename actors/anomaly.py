@@ -45,7 +45,7 @@ from actors.consumer import EventConsumer
 from actors.log import get_logger
 from actors.messages import BytesReceiver, encode
 from actors.topics import Topics
-from kernels.moments import Ewma, Moments
+from kernels.moments import Ewma, Moments, pow2_scale
 from telemetry.schema import EventBatch
 
 log = get_logger("actors.anomaly")
@@ -81,21 +81,10 @@ def _scaled(deviation: np.ndarray, spread: float) -> np.ndarray:
     return np.where(d > 0, np.inf, 0.0)
 
 
-def _pow2_at(top: float) -> float:
-    """The power of two at or below ``top`` (a magnitude), or 1 for 0 or a non-number: dividing
-    by it is exact, and brings ``top`` into [1, 2)."""
-    if not (top > 0.0 and math.isfinite(top)):
-        return 1.0
-    return math.ldexp(1.0, math.frexp(top)[1] - 1)
-
-
 def _std(r: np.ndarray) -> float:
     """The population standard deviation, computed at the values' scale (a power of two): the
     squares of values past 1e154 (or below 1e-154) would overflow (or vanish) unscaled."""
-    top = float(np.max(np.abs(r))) if r.size else 0.0
-    if not (top > 0.0 and math.isfinite(top)):
-        return 0.0
-    k = math.ldexp(1.0, math.frexp(top)[1] - 1)  # at or below the largest: 2**1023 at most, no overflow
+    k = pow2_scale(float(np.max(np.abs(r)))) if r.size else 1.0
     return float(np.std(r / k)) * k
 
 
@@ -272,7 +261,7 @@ class AnomalyDetection(EventConsumer):
         # the window's methods work at the values' scale (a power of two: exact), where a median
         # of two values near the float limit, or their spread, does not overflow; scores are ratios
         r = st.recent()
-        k = _pow2_at(max(float(np.max(np.abs(r))), float(np.max(np.abs(x)))))
+        k = pow2_scale(max(float(np.max(np.abs(r))), float(np.max(np.abs(x)))))
         r, xk = r / k, x / k
         for m in self.methods:
             if m == "isolation_forest":

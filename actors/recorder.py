@@ -190,6 +190,15 @@ class _PhaseStats:
         self.max_ok: dict[str, float] = {}
         self.last: dict[str, float] = {}
 
+    def widen(self, field: str, lo: float, hi: float, lo_ok: float | None, hi_ok: float | None) -> None:
+        """Take in values of ``field`` from ``lo`` to ``hi`` (``lo_ok``..``hi_ok`` of them not
+        marked failed; None: none was)."""
+        self.min[field] = min(self.min.get(field, lo), lo)
+        self.max[field] = max(self.max.get(field, hi), hi)
+        if lo_ok is not None and hi_ok is not None:
+            self.min_ok[field] = min(self.min_ok.get(field, lo_ok), lo_ok)
+            self.max_ok[field] = max(self.max_ok.get(field, hi_ok), hi_ok)
+
 
 class _Lacking:
     """The events of a reopened run that the history lacks, asked chunk by chunk in ``seq``
@@ -273,7 +282,7 @@ class Recorder(EventConsumer):
         self._ring_n = 0
         self.index = LiveIndex(experiment_id, limit=index_limit)
         self.phases: dict[str | None, _PhaseStats] = {}
-        self._dropped: dict[tuple[str | None, str], list[Any]] = {}  # extremes of sampled-out events
+        self._dropped: dict[str | None, _PhaseStats] = {}  # the extremes of sampled-out events (their min, max)
         self.nonfinite: dict[str, int] = {}  # values given as NaN or an infinity, per field (events' nonfinite)
         self._last_phase: tuple[str | None, int] | None = None  # the last event's phase and ts (busy_us)
         self._in_pause = False  # between a paused mark and its unpaused one, as of the last event
@@ -343,7 +352,7 @@ class Recorder(EventConsumer):
             )
         try:  # the extremes of the events the Sampler dropped: they are in no file
             check_sampling_figures({"extremes": state.get("dropped_extremes") or []})
-            self._fold_extremes(state.get("dropped_extremes") or [], keep=True)
+            self._fold_extremes(state.get("dropped_extremes") or [])
         except SchemaError as exc:  # damaged: the figures of the files alone
             log.warning("recorder state's extremes unreadable", file=str(state_path), error=str(exc))
         self._incarnation = incarnation
@@ -741,34 +750,16 @@ class Recorder(EventConsumer):
         self._sampled[source] = max(self._sampled.get(source, 0), int(figures.get("sampled_out", 0)))
         self.sampled_out = sum(self._sampled.values())
         self.held = int(figures.get("held", 0))
-        self._fold_extremes(figures.get("extremes", ()), keep=True)
+        self._fold_extremes(figures.get("extremes", ()))
 
-    def _fold_extremes(self, rows: Any, keep: bool) -> None:
+    def _fold_extremes(self, rows: Any) -> None:
         """Fold the extremes of events the Sampler dropped (see
-        :func:`telemetry.schema.batch_extremes`) into the phases' figures; ``keep``: remember
-        them too, in recorder.json, for a restarted Recorder (which rebuilds the rest from the
-        run's files, where these events are not)."""
+        :func:`telemetry.schema.batch_extremes`) into the phases' figures, and into
+        ``_dropped``, which recorder.json keeps for a restarted Recorder (it rebuilds the rest
+        from the run's files, where these events are not)."""
         for name, field, lo, hi, lo_ok, hi_ok in rows:
-            st = self.phases.get(name)
-            if st is None:
-                st = self.phases[name] = _PhaseStats()
-            st.min[field] = min(st.min.get(field, lo), lo)
-            st.max[field] = max(st.max.get(field, hi), hi)
-            if lo_ok is not None:
-                st.min_ok[field] = min(st.min_ok.get(field, lo_ok), lo_ok)
-                st.max_ok[field] = max(st.max_ok.get(field, hi_ok), hi_ok)
-            if keep:
-                was = self._dropped.get((name, field))
-                self._dropped[(name, field)] = (
-                    [lo, hi, lo_ok, hi_ok]
-                    if was is None
-                    else [
-                        min(was[0], lo),
-                        max(was[1], hi),
-                        lo_ok if was[2] is None else was[2] if lo_ok is None else min(was[2], lo_ok),
-                        hi_ok if was[3] is None else was[3] if hi_ok is None else max(was[3], hi_ok),
-                    ]
-                )
+            for stats in (self.phases, self._dropped):
+                stats.setdefault(name, _PhaseStats()).widen(field, lo, hi, lo_ok, hi_ok)
 
     def handle_counters(self, msg: dict[str, Any]) -> None:
         if self.counters_ok(msg):
@@ -806,16 +797,11 @@ class Recorder(EventConsumer):
                 x = x[~np.isnan(x)]
                 if x.size == 0:
                     continue
-                lo, hi = float(x.min()), float(x.max())
-                st.min[k] = min(st.min.get(k, lo), lo)
-                st.max[k] = max(st.max.get(k, hi), hi)
                 st.last[k] = float(x[-1])
                 y = col[ok]
                 y = y[~np.isnan(y)]
-                if y.size:
-                    lo, hi = float(y.min()), float(y.max())
-                    st.min_ok[k] = min(st.min_ok.get(k, lo), lo)
-                    st.max_ok[k] = max(st.max_ok.get(k, hi), hi)
+                ok_pair = (float(y.min()), float(y.max())) if y.size else (None, None)
+                st.widen(k, float(x.min()), float(x.max()), *ok_pair)
         self._add_busy(b, phase_c, ts)
         for _, marks in b.get("sparse", {}).get("nonfinite", ()):
             for field in marks:
@@ -974,7 +960,11 @@ class Recorder(EventConsumer):
             "storage_dropped": self.storage_dropped,
             "storage_error": self.storage_error,
             "history_unsent": self.history_unsent,
-            "dropped_extremes": [[ph, f, *v] for (ph, f), v in self._dropped.items()],
+            "dropped_extremes": [
+                [ph, f, st.min[f], st.max[f], st.min_ok.get(f), st.max_ok.get(f)]
+                for ph, st in self._dropped.items()
+                for f in st.min
+            ],
         }
         atomic_write(self.run_dir / RECORDER_STATE, orjson.dumps(state))
 

@@ -330,13 +330,15 @@ def run_summary(run_dir: Path, events: Iterable[dict[str, Any]] | None = None) -
         if ev["name"] == "hypertune_action":
             actions.append(ev.get("notes") or "")
     summ = read_record(run_dir, SUMMARY) or {}  # unreadable (a FIFO, a folder): a warning, the events alone
-    for ph, figures in (summ.get("phases") or {}).items() if isinstance(summ.get("phases"), dict) else ():
+    said_phases = summ.get("phases")
+    for ph, figures in said_phases.items() if isinstance(said_phases, dict) else ():
         # the summary's bests also cover what a sampling strategy left off the disk
-        if isinstance(figures, dict) and isinstance(figures.get("min_ok"), dict) and ph in phases:
-            for k in tracked:
-                v = (figures.get("max_ok") if tracked[k] else figures.get("min_ok") or {}) or {}
-                if isinstance(v, dict) and isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool):
-                    _better(phases[ph]["best"], {k: v[k]}, tracked)
+        if ph in phases and isinstance(figures, dict):
+            for key, higher in (("min_ok", False), ("max_ok", True)):
+                by_field = figures.get(key)
+                if isinstance(by_field, dict):  # _better checks each value
+                    pick = {k: v for k, v in by_field.items() if tracked.get(k) is higher}
+                    _better(phases[ph]["best"], pick, tracked)
     said = summ.get("events_persisted")
     lag = n - said if isinstance(said, int) and n > said else (n if said is None and n else 0)
     dropped, sampled = summary_losses(summ)

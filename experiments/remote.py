@@ -319,8 +319,8 @@ class TreeHost:
         except Exception as exc:  # noqa: BLE001 - every error travels back to the driver, typed
             names = [c.__name__ for c in type(exc).__mro__]
             message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            code = exc.errno if isinstance(exc, OSError) and isinstance(exc.errno, int) else None
-            return encode({"ok": False, "error": names, "message": message, "errno": code, "state": self._state()})
+            os_error = {"errno": exc.errno, "strerror": str(exc.strerror)} if isinstance(exc, OSError) else {}
+            return encode({"ok": False, "error": names, "message": message, **os_error, "state": self._state()})
 
     def _state(self) -> dict[str, Any] | None:
         exp = self.exp
@@ -362,7 +362,7 @@ class TreeHost:
         def go() -> dict[str, Any]:
             run_dir = Path(m["run_dir"])
             rec = read_json(run_dir / LIFECYCLE) or {}
-            self.lab._check_free_space()  # resumed onto a nearly full disk, it would end storage: ... for good
+            self.lab._check_free_space(run_dir.parent.name)  # resumed onto a nearly full disk: storage: ... for good
             exp = self.lab._resume_run(run_dir, rec)  # the recovery path: claim, new segment, resume point
             if exp is None:
                 raise NotRunning(f"run {run_dir} could not be taken over (another Lab took it, or it has no spec)")
@@ -470,7 +470,7 @@ def _remote_error(reply: dict[str, Any]) -> BaseException:
     code = reply.get("errno")
     if "OSError" in names and isinstance(code, int) and not isinstance(code, bool):
         # the machine's answer (a full disk in the host: a daemon holds its queue), as the embedded Lab gives it
-        return OSError(code, message.split("] ", 1)[-1] if message.startswith("[Errno") else message)
+        return OSError(code, str(reply.get("strerror") or message))
     for name in names:
         cls = _ERRORS.get(name)
         if cls is not None:

@@ -274,6 +274,18 @@ class LabService:
             log.warning("the queue waits: every slot is held by a paused run", reason=blocked, queued=len(self._queue))
         self._fill()
 
+    def _queue_reason(self, exp_id: str, pos: int) -> str | None:
+        """Why a queued item waits beyond its place in the queue, or None (the caller holds the
+        lock): a start held by a storage error, or, for the head, crashed runs waiting for disk
+        room to be resumed first, or every slot held by a paused run."""
+        if self._held is not None and self._held["id"] == exp_id:
+            return self._held["reason"]
+        if pos != 1:
+            return None
+        if self._recover_pending and self._no_room:
+            return self._no_room
+        return self._paused_block()
+
     def _paused_block(self) -> str | None:
         """Why the queue's head waits when every slot is held by a paused experiment (a run
         that came back paused after a crash holds its slot until resumed), or None (the caller
@@ -591,12 +603,8 @@ class LabService:
             return {"id": exp_id, "status": "starting"}
         for pos, item in enumerate((i for i in self._queue if i is not starting), 1):
             if item["id"] == exp_id:
-                held = self._held if self._held is not None and self._held["id"] == exp_id else None
-                entry = {"id": exp_id, "status": "queued", "position": pos}
-                why = held["reason"] if held else self._paused_block() if pos == 1 else None
-                if pos == 1 and self._recover_pending and self._no_room:
-                    why = self._no_room
-                return entry | ({"reason": why} if why else {})
+                why = self._queue_reason(exp_id, pos)
+                return {"id": exp_id, "status": "queued", "position": pos} | ({"reason": why} if why else {})
         if exp_id in self._ended:
             return {"id": exp_id, **self._ended[exp_id]}
         try:
@@ -827,7 +835,6 @@ class LabService:
                 workload = (starting["spec"].get("workload") or {}).get("name")
                 out.append({"id": sid, "status": "starting", "position": None, "workload": workload})
             out += [{"id": k, "position": None, **v} for k, v in self._ended.items()]
-            blocked = self._paused_block()
             queued = [
                 {
                     "id": i["id"],
@@ -836,9 +843,7 @@ class LabService:
                     "workload": (i["spec"].get("workload") or {}).get("name"),
                     "submitted_at": i["submitted_at"],
                 }
-                | ({"reason": self._held["reason"]} if self._held is not None and self._held["id"] == i["id"] else {})
-                | ({"reason": blocked} if blocked is not None and pos == 1 else {})
-                | ({"reason": self._no_room} if self._recover_pending and self._no_room and pos == 1 else {})
+                | ({"reason": why} if (why := self._queue_reason(i["id"], pos)) else {})
                 for pos, i in enumerate((i for i in self._queue if i is not starting), 1)
             ]
         if history:  # runs of earlier lifetimes of the daemon (or of other tools), read outside the lock

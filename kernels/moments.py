@@ -83,10 +83,12 @@ def batch_moments(v, shift):  # pragma: no cover - compiled
     return n, mean * scale, m2, scale, lo, hi, total, bad, False
 
 
-def _pow2_of(x: float) -> float:
-    """The power of two at or below ``abs(x)``; 0.0 for 0 (no scale to speak of)."""
+def pow2_scale(x: float) -> float:
+    """The power of two at or below ``abs(x)`` (1 for 0 or a non-number): dividing by it is exact
+    and brings ``x`` into [1, 2), where squares, sums and medians of values near float64's
+    limits neither overflow nor vanish."""
     x = abs(x)
-    return math.ldexp(1.0, math.frexp(x)[1] - 1) if x > 0.0 else 0.0
+    return math.ldexp(1.0, math.frexp(x)[1] - 1) if x > 0.0 and math.isfinite(x) else 1.0
 
 
 _QUARTER = 0.25
@@ -152,9 +154,9 @@ class Moments:
         tot = self.count + n
         delta = rel_mean - self.rel_mean
         if math.isfinite(delta):
-            d_scale = _pow2_of(delta)
+            d_scale = pow2_scale(delta) if delta else 0.0  # no difference: no scale to speak of
         else:  # means near the float limit of both signs: their difference, at the limit's scale
-            d_scale = _pow2_of(max(abs(rel_mean), abs(self.rel_mean)))
+            d_scale = pow2_scale(max(abs(rel_mean), abs(self.rel_mean)))
         # the common scale: the largest of the spreads that are there (a zero one has none)
         big = max(self.scale if self.m2 > 0.0 else 0.0, scale if m2 > 0.0 else 0.0, d_scale) or 1.0
         ds = rel_mean / big - self.rel_mean / big if not math.isfinite(delta) else delta / big

@@ -137,7 +137,7 @@ def test_a_value_repeated_many_times_is_a_step_not_a_slope(repeated, times, othe
     if compression == 1000 and x.size <= 2 * compression and inside[0] < inside[1]:  # singletons and the one step
         for qq in (inside[0], (inside[0] + inside[1]) / 2, inside[1]):
             assert d.quantile(qq) == repeated
-    assert rank_error(xs, d.quantile(q), q) <= 0.05
+    assert rank_error(xs, d.quantile(q), q) <= max(0.05, 1.0 / x.size)  # one value's rank, for a handful
 
 
 def test_a_zero_inflated_stream_has_its_true_median():
@@ -272,7 +272,7 @@ def test_moments_near_the_float_limit_of_both_signs_are_numbers_or_infinite_neve
         one.add(v)
     for m in (merged, one):
         assert m.count == x.size and m.min == x.min() and m.max == x.max()
-        assert m.mean == pytest.approx(expected_mean, abs=1e-12 * scale)
+        assert m.mean == pytest.approx(expected_mean, abs=max(1e-12 * scale, math.ulp(0.0)))  # a subnormal's tie
         assert not math.isnan(m.variance) and m.variance >= 0
         if math.isinf(expected_var):
             assert m.variance > 1e300
