@@ -148,11 +148,17 @@ def _sigterm_interrupts() -> Iterator[list[int]]:
 
 
 def _runner(args: argparse.Namespace) -> dict[str, Any]:
-    """``--parallel``, ``--backend`` and ``--ray-address`` as the keyword arguments of ``tune`` and ``ab``."""
+    """``--parallel``, ``--backend``, ``--ray-address`` and ``--min-free-mib`` as the keyword
+    arguments of ``tune`` and ``ab``."""
     from cli.run import backend_options
 
     backend, address = backend_options(args)
-    return {"parallel": args.parallel, "backend": backend, "address": address}
+    return {
+        "parallel": args.parallel,
+        "backend": backend,
+        "address": address,
+        "min_free_bytes": args.min_free_mib << 20,
+    }
 
 
 def cmd_ab(args: argparse.Namespace) -> int:
@@ -202,6 +208,8 @@ def cmd_ab(args: argparse.Namespace) -> int:
 
 
 def _add_runner_flags(p: argparse.ArgumentParser, what: str) -> None:
+    from cli.run import add_min_free_option
+
     p.add_argument(
         "--parallel",
         type=PARALLEL.arg(),
@@ -216,6 +224,7 @@ def _add_runner_flags(p: argparse.ArgumentParser, what: str) -> None:
         help="embedded: this machine, worker processes when --parallel > 1 (default); ray: Ray tasks",
     )
     p.add_argument("--ray-address", metavar="A", help="the Ray cluster (HOST:PORT, ray://HOST:PORT or auto)")
+    add_min_free_option(p)
 
 
 def add_commands(sub: Any) -> None:

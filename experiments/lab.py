@@ -103,6 +103,14 @@ disk ends ``storage: ...`` within a second, where a failed start is held by a da
 until space is back (experiments.service)."""
 
 
+def check_min_free(min_free_bytes: Any) -> int:
+    """``min_free_bytes`` as an int if it is a whole number of bytes, 0 or more (a numpy
+    integer too); ValueError naming it otherwise."""
+    if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, numbers.Integral) or min_free_bytes < 0:
+        raise ValueError(f"min_free_bytes must be a whole number of bytes, 0 or more, got {min_free_bytes!r}")
+    return int(min_free_bytes)
+
+
 class LifecycleError(RuntimeError):
     """Base of the lifecycle errors."""
 
@@ -1076,9 +1084,7 @@ class Lab:
 
         ``min_free_bytes``: the free disk space a new run needs to start (see
         :data:`MIN_FREE_BYTES`; 0 starts on any disk)."""
-        if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, numbers.Integral) or min_free_bytes < 0:
-            raise ValueError(f"min_free_bytes must be a whole number of bytes, 0 or more, got {min_free_bytes!r}")
-        min_free_bytes = int(min_free_bytes)  # a numpy integer too
+        min_free_bytes = check_min_free(min_free_bytes)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         if backend == "embedded" and address is not None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from actors.log import configure_logging, get_logger
 from actors.recorder import check_artifacts_dir
-from experiments.lab import Lab
+from experiments.lab import MIN_FREE_BYTES, Lab, check_min_free
 from experiments.validate import Num
 from telemetry.rundir import RunStatus
 
@@ -109,12 +109,19 @@ _worker_lab: Lab | None = None  # the Lab of the job this worker process runs no
 _worker_stopping = False  # the caller was interrupted: no new experiment starts here
 
 
-def run_job(job: Job, artifacts: str, index: int, history: str | None = None, lab: Lab | None = None) -> JobResult:
+def run_job(
+    job: Job,
+    artifacts: str,
+    index: int,
+    history: str | None = None,
+    lab: Lab | None = None,
+    min_free_bytes: int = MIN_FREE_BYTES,
+) -> JobResult:
     """Run ``job`` to its end and read its row; a failure is a result with ``error`` set.
 
     With ``lab`` the experiment runs there (the sequential path); without, in a Lab of its own
-    that shuts down with the job, so an interrupt (``KeyboardInterrupt``, or the worker's stop
-    signal) stops the experiment before it propagates.
+    (``history``, ``min_free_bytes``) that shuts down with the job, so an interrupt
+    (``KeyboardInterrupt``, or the worker's stop signal) stops the experiment before it propagates.
     """
     global _worker_lab
     res = JobResult(index, experiment_id=job.experiment_id)
@@ -125,7 +132,7 @@ def run_job(job: Job, artifacts: str, index: int, history: str | None = None, la
                 if _worker_stopping:
                     res.error = INTERRUPTED
                     return res
-                lab = _worker_lab = Lab(artifacts, history=history)
+                lab = _worker_lab = Lab(artifacts, history=history, min_free_bytes=min_free_bytes)
         exp = lab.start_experiment(job.spec, overrides=list(job.overrides), experiment_id=job.experiment_id)
         res.experiment_id, res.run_dir = exp.id, str(exp.run_dir)
         if own:  # short waits: Ray's cancel raises KeyboardInterrupt only between them, never inside one
@@ -192,6 +199,20 @@ def _warm_up(task: tuple[Any, ...] | None) -> None:
         log.warning("the warm-up run failed", experiment=res.experiment_id, error=res.error)
     else:
         log.info("warm-up run done", experiment=res.experiment_id, reason=res.reason)
+
+
+_warmed: set[str] = set()  # the warm-up jobs this process ran (a Ray worker serves many studies)
+
+
+def run_job_warm(warmup: tuple[Any, ...] | None, *task: Any) -> JobResult:
+    """:func:`run_job` in a Ray task, after the warm-up job (see :class:`JobRunner`) if this
+    worker process has not run that one yet: Ray reuses its worker processes, so each pays once."""
+    if warmup is not None:
+        key = repr((warmup[0].spec, warmup[0].overrides))
+        if key not in _warmed:
+            _warm_up(warmup)
+            _warmed.add(key)
+    return run_job(*task)
 
 
 def _worker_main(
@@ -291,9 +312,12 @@ class JobRunner:
     folder's SQLite file).
 
     ``warmup``: a job each process runs once before its first job, its result dropped (the
-    sequential path's Lab, each worker process): a process's first run pays for its imports,
-    compiled kernels and caches, which would handicap whichever job came first (an A/B's
-    first arm). Ray tasks run in Ray's own worker processes and are not warmed up.
+    sequential path's Lab, each worker process, each Ray worker process the first time it
+    runs one of these jobs): a process's first run pays for its imports, compiled kernels and
+    caches, which would handicap whichever job came first (an A/B's first arm).
+
+    ``min_free_bytes``: the free disk each Lab needs to start a run (see
+    :data:`experiments.lab.MIN_FREE_BYTES`); below it a job fails with that reason.
 
     Raises:
         ValueError: ``parallel`` outside 1..1024, an unknown backend, a malformed address, or
@@ -309,8 +333,10 @@ class JobRunner:
         address: str | None = None,
         history: str | None = None,
         warmup: Job | None = None,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         self.parallel = check_parallel(parallel, backend)
+        check_min_free(min_free_bytes)
         if backend == "embedded" and address is not None:
             raise ValueError(f"address {address!r} is for the ray backend; the embedded backend takes none")
         if address is not None and address != "auto":
@@ -322,6 +348,7 @@ class JobRunner:
         self.address = address
         self.history = history
         self.warmup = warmup
+        self.min_free_bytes = int(min_free_bytes)
         self._lab: Lab | None = None  # parallel=1, embedded
         self._workers: list[_Worker] = []  # parallel > 1, embedded: started as jobs need them
         self._ctx: Any = None  # the spawn context
@@ -366,19 +393,21 @@ class JobRunner:
             self._run_ray(jobs, done)
         elif self.parallel == 1:
             if self._lab is None:
-                self._lab = Lab(self.artifacts, history=self.history)
+                self._lab = Lab(self.artifacts, history=self.history, min_free_bytes=self.min_free_bytes)
                 _warm_up(self._warmup_task(self._lab))
             for i, job in enumerate(jobs):
-                done(run_job(job, self.artifacts, i, self.history, lab=self._lab))
+                done(run_job(*self._task_args(job, i, self._lab)))
         else:
             self._run_processes(jobs, done)
         return [r for r in results if r is not None]
 
+    def _task_args(self, job: Job, index: int, lab: Lab | None = None) -> tuple[Any, ...]:
+        """:func:`run_job`'s arguments for ``job``, in ``lab`` or (None) a Lab of its own."""
+        return (job, self.artifacts, index, self.history, lab, self.min_free_bytes)
+
     def _warmup_task(self, lab: Lab | None = None) -> tuple[Any, ...] | None:
         """:func:`run_job`'s arguments for the warm-up job (index -1), or None without one."""
-        if self.warmup is None:
-            return None
-        return (self.warmup, self.artifacts, -1, self.history, *((lab,) if lab is not None else ()))
+        return None if self.warmup is None else self._task_args(self.warmup, -1, lab)
 
     def _new_worker(self) -> _Worker:
         if self._ctx is None:
@@ -409,7 +438,7 @@ class JobRunner:
                     idle = [w for w in self._workers if w.index is None]
                     w = idle[0] if idle else self._new_worker()
                     try:
-                        w.conn.send((job, self.artifacts, i, self.history))
+                        w.conn.send(self._task_args(job, i))
                     except Exception as exc:  # noqa: BLE001 - e.g. a job that cannot be pickled
                         done(JobResult(i, job.experiment_id, error=_one_line(exc)))
                         continue
@@ -478,7 +507,7 @@ class JobRunner:
         """Ray tasks running :func:`run_job`; Ctrl-C cancels them (each task's Lab stops its experiment)."""
         if self._ray is None:
             self._ray, self._ray_started = _join_ray(self.address)
-            self._task = self._ray.remote(num_cpus=1, max_retries=0)(run_job)
+            self._task = self._ray.remote(num_cpus=1, max_retries=0)(run_job_warm)
         ray = self._ray
         queue = deque(enumerate(jobs))
         inflight: dict[Any, int] = {}
@@ -486,7 +515,7 @@ class JobRunner:
             while queue or inflight:
                 while queue and len(inflight) < self.parallel:
                     i, job = queue.popleft()
-                    inflight[self._task.remote(job, self.artifacts, i, self.history)] = i
+                    inflight[self._task.remote(self._warmup_task(), *self._task_args(job, i))] = i
                 finished, _ = ray.wait(list(inflight), num_returns=1)
                 for ref in finished:
                     i = inflight.pop(ref)
@@ -544,7 +573,16 @@ def run_jobs(
     history: str | None = None,
     on_result: Callable[[JobResult], None] | None = None,
     warmup: Job | None = None,
+    min_free_bytes: int = MIN_FREE_BYTES,
 ) -> list[JobResult]:
     """Run every job, at most ``parallel`` at once (see :class:`JobRunner`); their results in the jobs' order."""
-    with JobRunner(artifacts, parallel, backend=backend, address=address, history=history, warmup=warmup) as runner:
+    with JobRunner(
+        artifacts,
+        parallel,
+        backend=backend,
+        address=address,
+        history=history,
+        warmup=warmup,
+        min_free_bytes=min_free_bytes,
+    ) as runner:
         return runner.run(jobs, on_result)

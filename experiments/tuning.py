@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from actors.log import get_logger
+from experiments.lab import MIN_FREE_BYTES
 from experiments.parallel import Job, JobResult, JobRunner, check_parallel, run_jobs
 from experiments.spec import load_spec
 from experiments.validate import SECONDS, SEED, Num
@@ -326,6 +327,7 @@ def tune(
     parallel: int = 1,
     backend: str = "embedded",
     address: str | None = None,
+    min_free_bytes: int = MIN_FREE_BYTES,
 ) -> dict[str, Any]:
     """Run ``trials`` experiments proposed by TPE (after learning from ``seed_from``); return the study.
 
@@ -336,7 +338,7 @@ def tune(
 
     ``objective`` is the field a run is judged by: by default the workload's declared objective
     (in its direction); another field is minimised. ``parallel=N`` runs the trials N at a time
-    (see :mod:`experiments.parallel`; ``backend`` ``local`` or ``ray`` at ``address``): TPE asks
+    (see :mod:`experiments.parallel`; ``backend`` ``embedded`` or ``ray`` at ``address``): TPE asks
     N proposals, the N run together, then all N are told, in trial order. With N = 1 this is
     the sequential study; with N > 1 each proposal is made from fewer finished trials, and
     TPE's ``constant_liar`` keeps a batch's proposals apart. For a given seed and N the
@@ -346,6 +348,9 @@ def tune(
     Trial ``i`` runs with seed ``(seed + i) mod 2**32``: every trial's seed stays in the spec's
     range, whatever ``seed`` is. A prior run enters the study only if it ran with the trials'
     time budget (``budget``, else the spec's) and to its own end (see :func:`prior_trials`).
+
+    ``min_free_bytes``: the free disk a trial needs to start (see
+    :data:`experiments.lab.MIN_FREE_BYTES`); a trial started below it fails, saying so.
     """
     import optuna
 
@@ -393,7 +398,7 @@ def tune(
         if on_trial:
             on_trial(row)
 
-    with JobRunner(artifacts, parallel, backend=backend, address=address) as runner:
+    with JobRunner(artifacts, parallel, backend=backend, address=address, min_free_bytes=min_free_bytes) as runner:
         for first in range(0, trials, parallel):
             batch = [study.ask(dists) for _ in range(min(parallel, trials - first))]
             jobs = []
@@ -480,6 +485,7 @@ def ab(
     backend: str = "embedded",
     address: str | None = None,
     warm_up: bool = True,
+    min_free_bytes: int = MIN_FREE_BYTES,
 ) -> dict[str, Any]:
     """N seeds with hypertune on, N with it off (interleaved, each seed's pair in turn the
     other way round), same budget; compare the arms.
@@ -488,10 +494,12 @@ def ab(
     :data:`AB_WARMUP_S`), left out of the statistics: a process's first run pays for its
     imports and compiled kernels, which handicapped the arm that ran first.
 
-    ``parallel=N`` runs N at a time (see :mod:`experiments.parallel`; ``backend`` ``local`` or
+    ``parallel=N`` runs N at a time (see :mod:`experiments.parallel`; ``backend`` ``embedded`` or
     ``ray`` at ``address``): the same runs (seeds, arms, experiment ids), reported in the same
     order; ``on_run`` sees each as it ends. A run that fails is a row with ``failed`` (its
     reason), listed in the report's ``failed`` and left out of the statistics.
+    ``min_free_bytes``: the free disk a run needs to start (see
+    :data:`experiments.lab.MIN_FREE_BYTES`); a run started below it fails, saying so.
 
     Raises:
         ABFailed: an arm has fewer than two finished runs.
@@ -546,7 +554,16 @@ def ab(
         if warm_up
         else None
     )
-    run_jobs(jobs, artifacts, parallel, backend=backend, address=address, on_result=finished, warmup=warmup)
+    run_jobs(
+        jobs,
+        artifacts,
+        parallel,
+        backend=backend,
+        address=address,
+        on_result=finished,
+        warmup=warmup,
+        min_free_bytes=min_free_bytes,
+    )
     failed = [r for r in rows if "failed" in r]
     for arm in ("on", "off"):
         if sum(1 for r in rows if r["arm"] == arm and "failed" not in r) < 2:

@@ -335,7 +335,7 @@ def test_the_lab_knows_nothing_of_the_dashboard():
     code = (
         "import sys, tempfile\n"
         "from experiments.lab import Lab\n"
-        "with Lab(tempfile.mkdtemp()) as lab:\n"
+        "with tempfile.TemporaryDirectory() as d, Lab(d) as lab:\n"
         "    pass\n"
         "print(sorted(m for m in sys.modules if m == 'dashboard' or m.startswith(('dashboard.', 'cli'))))\n"
     )

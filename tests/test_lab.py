@@ -1,6 +1,7 @@
 import http.server
 import math
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -239,7 +240,8 @@ class Lifecycle(RuleBasedStateMachine):
         super().__init__()
         import tempfile
 
-        self.lab = Lab(tempfile.mkdtemp(prefix="crucible-sm-"))
+        self.root = tempfile.mkdtemp(prefix="crucible-sm-")  # removed in teardown: twelve examples a run
+        self.lab = Lab(self.root)
         self.exp = self.lab.start_experiment(spec())
         self.model = "running"
 
@@ -280,9 +282,12 @@ class Lifecycle(RuleBasedStateMachine):
         assert report.status == self.model and report.record["owner"]["pid"] == os.getpid()
 
     def teardown(self):
-        self.lab.shutdown()
-        if self.model in ("stopped", "archived"):
-            files_account(self.exp)
+        try:
+            self.lab.shutdown()
+            if self.model in ("stopped", "archived"):
+                files_account(self.exp)
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 TestLifecycle = Lifecycle.TestCase

@@ -165,6 +165,38 @@ def test_a_failing_job_is_a_failed_result_and_the_others_go_on(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_disk_below_min_free_fails_every_run_saying_why(tmp_path, parallel):
+    """``min_free_bytes`` reaches the Lab of every run: the sequential one and the workers'."""
+    rows = []
+    with pytest.raises(ABFailed, match="needs two finished runs per arm") as err:
+        ab(LATENCY, 2, tmp_path / "ab", parallel=parallel, on_run=rows.append, min_free_bytes=1 << 62)
+    assert len(rows) == 4 and all("min_free_bytes" in r["failed"] for r in rows), rows
+    assert "min_free_bytes" in str(err.value)
+    assert not list((tmp_path / "ab").glob("ab-o*/*"))  # no run folder was made
+    res = tune(LATENCY, 2, tmp_path / "tune", parallel=parallel, min_free_bytes=1 << 62)
+    assert [r["trial"] for r in res["trials"]] == [0, 1]
+    assert all("min_free_bytes" in r["failed"] for r in res["trials"])
+    with pytest.raises(ValueError, match="min_free_bytes must be a whole number"):
+        ab(LATENCY, 2, tmp_path / "ab", min_free_bytes=-1)
+
+
+@pytest.mark.parametrize("command", ["ab", "tune"])
+def test_min_free_mib_is_a_flag_of_ab_and_tune(tmp_path, capsys, command):
+    from cli import main
+
+    spec = tmp_path / "lat.toml"
+    spec.write_text('name = "lat"\ntime_budget_s = 1.0\n[workload]\nname = "latency"\n')
+    runs = ["--runs", "2"] if command == "ab" else ["--trials", "1"]
+    argv = [command, str(spec), *runs, "--artifacts", str(tmp_path / "art"), "--min-free-mib", str(1 << 30)]
+    assert main(argv) == 1
+    assert "min_free_bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        main([command, str(spec), "--min-free-mib", "-1"])
+    assert bad.value.code == 2
+    assert "--min-free-mib" in capsys.readouterr().err
+
+
 def test_tune_whose_every_trial_fails_says_so_and_exits_1(tmp_path, capsys):
     """It printed 'best = None' and an empty proposal, and exited 0."""
     from cli import main
@@ -380,6 +412,10 @@ def test_ab_on_ray_reports_what_the_sequential_ab_reports(tmp_path, local_ray):
     par = ab(FIXED_WORK, 2, tmp_path / "ray", parallel=2, backend="ray")
     assert _without_times(par) == _without_times(seq)
     assert local_ray.is_initialized()  # the test's Ray: the runner joined it and left it running
+    # each Ray worker process that ran a measured run ran the warm-up first, once
+    warm = [orjson.loads(p.read_bytes()) for p in (tmp_path / "ray").glob("ab-warmup/*/lifecycle.json")]
+    assert 1 <= len(warm) <= 2 and {w["owner"]["pid"] for w in warm} == owners_of(par)
+    assert len({w["owner"]["pid"] for w in warm}) == len(warm)
     _assert_history_matches_run_dirs(tmp_path / "ray", [r["run_dir"] for r in par["runs"]])
     res = run_jobs([Job(KILLER, experiment_id="killer")], tmp_path / "ray", 1, backend="ray")
     assert res[0].failed and res[0].error  # the task's process died: Ray's reason, not a hang
