@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import structlog
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -226,3 +227,19 @@ def test_edge_lines_read_in_c_give_what_a_line_by_line_read_gives(tmp_path, piec
         else:
             g = graph_mod._DimacsReader(p).read()
             assert (g.n, g.fingerprint(), g.meta) == (expected.n, expected.fingerprint(), expected.meta)
+
+
+def test_a_file_with_fewer_edges_than_its_p_line_declares_is_read_with_a_warning(tmp_path):
+    """A file cut short (a download that stopped) still reads, as it is, but says so once."""
+    cut = tmp_path / "cut.col"
+    cut.write_text("p edge 4 5\ne 1 2\ne 2 3\n")
+    twice = tmp_path / "twice.col"  # every edge listed in both directions, counted once: fine
+    twice.write_text("p edge 3 2\ne 1 2\ne 2 1\ne 2 3\ne 3 2\n")
+    with structlog.testing.capture_logs() as logs:
+        g = read_dimacs(cut)
+        read_dimacs(cut)
+        assert read_dimacs(twice).m == 2
+    assert (g.n, g.m) == (4, 2)
+    said = [e for e in logs if e["log_level"] == "warning"]
+    assert len(said) == 1 and (said[0]["declared"], said[0]["edge_lines"]) == (5, 2), logs
+    assert said[0]["file"] == str(cut)

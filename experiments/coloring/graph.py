@@ -30,8 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from actors.log import get_logger
 from experiments.coloring.catalog import instance_names, instance_path, strip_suffix
 from experiments.validate import SEED, Num
+
+log = get_logger("experiments.coloring.graph")
+_told: set[tuple[str, int, int]] = set()  # the files whose edge count was warned about
 
 MAX_VERTICES = 100_000
 MAX_EDGES = 5_000_000
@@ -312,17 +316,30 @@ class _DimacsReader:
         """The graph read so far (the whole file's, once :meth:`read` has read it)."""
         if self.n is None:
             raise GraphError(f"{self.path}: no 'p edge N M' line")
+        lines = len(self.edges) // 2
         try:
-            return from_edges(
+            g = from_edges(
                 self.n,
                 np.frombuffer(self.edges, dtype=np.int32).reshape(-1, 2),
                 name=strip_suffix(self.path.name),
                 source=str(self.path),
                 declared_edges=self.declared,
-                edge_lines=len(self.edges) // 2,
+                edge_lines=lines,
             )
         except GraphError as exc:  # a bound on the whole graph: the file is what the user must look at
             raise GraphError(f"{self.path}: {exc}") from None
+        said = (str(self.path), self.declared, lines)
+        if self.declared not in (lines, g.m, 2 * g.m) and said not in _told:  # files count edge lines,
+            _told.add(said)  # edges, or both directions; said once a process (the CLI and its run read it)
+            log.warning(
+                "the graph file's 'p' line declares another number of edges than it holds: a file "
+                "cut short or edited? The graph is coloured as read",
+                file=str(self.path),
+                declared=self.declared,
+                edge_lines=lines,
+                edges=g.m,
+            )
+        return g
 
     def _block(self, data: bytes, stop: int, lineno: int) -> None:
         """Runs of edge lines in C (:func:`_edge_pairs`), every other line one by one."""
