@@ -42,9 +42,11 @@ newer than the summary), counts the events on disk and reports the larger figure
 
 from __future__ import annotations
 
+import calendar
 import enum
 import math
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -236,14 +238,28 @@ def _has_records(folder: Path) -> bool:
     return any(os.path.exists(folder / name) for name in (EVENTS, SUMMARY, LIFECYCLE))
 
 
-def _newest_first(runs: list[Path]) -> list[Path]:
-    def mtime(p: Path) -> float:
-        try:
-            return p.stat().st_mtime
-        except OSError:
-            return 0.0
+_RUN_ID_START = re.compile(r"(\d{8}T\d{6})Z-")  # a run id begins with its start time (experiments.lab)
 
-    return sorted(runs, key=mtime, reverse=True)
+
+def _newest_first(runs: list[Path]) -> list[Path]:
+    """Latest started first: by the start time in the run id, then the folder's mtime (runs of
+    one second; folders with ids of another form, by mtime alone). Not by mtime first: a
+    folder's changes whenever a record in it is replaced, so an old run resumed, archived or
+    still checkpointing would pass for the newest."""
+
+    def started(p: Path) -> tuple[float, float]:
+        try:
+            mtime = p.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        if (m := _RUN_ID_START.match(p.name)) is not None:
+            try:
+                return float(calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%S"))), mtime
+            except ValueError:  # digits that are no date
+                pass
+        return mtime, mtime
+
+    return sorted(runs, key=started, reverse=True)
 
 
 def folder_of_runs(folder: Path) -> NotARunFolder | None:

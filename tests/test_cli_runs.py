@@ -114,18 +114,20 @@ def test_a_folder_of_runs_given_as_a_run_names_its_newest_runs(finished, tmp_pat
     be one, naming its newest run first (it read as a malformed run id); monitor, which can
     take the newest run of an artifacts folder, says --latest."""
     art, runs = copy_of(finished, tmp_path)
-    newest, older = sorted(runs.values(), key=lambda r: r.stat().st_mtime, reverse=True)
-    os.utime(older, (newest.stat().st_mtime + 60,) * 2)  # the newest by its folder's time, not by its name
+    first, second = runs.values()
+    early = first.rename(art / "lst" / "20200101T000000Z-aaaaaa")
+    late = second.rename(art / "lst" / "20200101T000001Z-000000")
+    os.utime(early, (late.stat().st_mtime + 60,) * 2)  # touched later (resumed, archived): still started earlier
     for folder, kind in ((art / "lst", "experiment"), (art, "artifacts")):
         with pytest.raises(rundir.NotARunFolder) as e:
             rundir.resolve_run(str(folder), art)
-        assert e.value.kind == kind and e.value.runs == [older, newest]
-        assert f"{str(folder)!r} is an {kind} folder, not a run: its newest runs are {str(older)!r}, " in str(e.value)
+        assert e.value.kind == kind and e.value.runs == [late, early]  # the latest started first
+        assert f"{str(folder)!r} is an {kind} folder, not a run: its newest runs are {str(late)!r}, " in str(e.value)
         capsys.readouterr()
         with pytest.raises(SystemExit):
             main(["export", str(folder), "--artifacts", str(art)])
         err = capsys.readouterr().err
-        assert f"is an {kind} folder, not a run" in err and str(older) in err and "run id" not in err
+        assert f"is an {kind} folder, not a run" in err and str(late) in err and "run id" not in err
     monkeypatch.chdir(art)  # the experiment's folder by its name, a valid run id that no run has
     with pytest.raises(rundir.NotARunFolder, match="'lst' is an experiment folder, not a run"):
         rundir.resolve_run("lst", art)
@@ -144,6 +146,24 @@ def test_run_lookups_raise_run_not_found(finished, tmp_path):
     some = next(iter(runs))
     assert rundir.resolve_run(some, art) == runs[some]
     assert rundir.latest_run(art) in runs.values()
+
+
+def test_runs_are_newest_started_first_whatever_touched_their_folders_since(tmp_path):
+    """By the start time in the run id; within one second, and for ids of another form, by
+    the folder's time. A folder's mtime alone put an old run that had just checkpointed first."""
+    exp = tmp_path / "art" / "e"
+    names = ["20250101T000000Z-ffffff", "20250101T000002Z-000000", "20250101T000002Z-aaaaaa", "copied-run"]
+    for name in names:
+        (exp / name).mkdir(parents=True)
+        (exp / name / "lifecycle.json").write_text("{}")
+    t = 1_800_000_000  # 2027: later than every start above
+    for name, at in zip(names, (t + 50, t + 1, t + 2, t + 10), strict=True):
+        os.utime(exp / name, (at, at))
+    order = [p.name for p in rundir.find_runs(tmp_path / "art")]
+    assert order == ["copied-run", "20250101T000002Z-aaaaaa", "20250101T000002Z-000000", "20250101T000000Z-ffffff"]
+    assert rundir.latest_run(tmp_path / "art").name == "copied-run"
+    os.utime(exp / "copied-run", (0, 0))  # an id of another form: its folder's time alone places it
+    assert rundir.latest_run(tmp_path / "art").name == "20250101T000002Z-aaaaaa"
     with pytest.raises(RunNotFound, match="no runs under"):
         rundir.latest_run(tmp_path / "empty")
 
