@@ -261,7 +261,12 @@ class PhaseActor(Actor):
         )
         if cp.get("finished"):  # restarted after its end: nothing left to do
             self.finished = True
-            self.emitter.abandon()  # the run's events and counters went out already; stops its flusher
+            if resume is not None:  # a run resumed in a new process: its counters once more (the
+                # Recorder takes them max-wise). A kill after phase_end reached the disk but before
+                # the Recorder took the final counters left the Recorder's behind: unbalanced for good
+                self.emitter.close()
+            else:  # a restart in the same tree: the run's events and counters went out already
+                self.emitter.abandon()  # stops its flusher
             self.checkpoints.finish_reason = self.checkpoints.finish_reason or str(cp["finished"])
             self._publish_status(force=True)
             self.exit()

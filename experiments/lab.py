@@ -92,6 +92,10 @@ EVENT_PATH_SHUTDOWN_S = 30.0
 what is in their mailboxes before killing them. A kill loses what they had not read: events
 on their way to the Recorder, the final metrics. A loaded machine can take seconds to drain
 a backlog, so this is a limit for a hung actor only (the default 5 s was reached under load)."""
+TREE_GONE_S = 60.0
+"""After a stop from above (a phase that did not take the stop), how long ``stop()`` waits
+for the tree to be down before it records the end anyway: the stuck phase is let go after
+its shutdown time, then the event path drains (at most :data:`EVENT_PATH_SHUTDOWN_S`)."""
 PAUSE_TIMEOUT_S = 30.0
 """How long pause() waits for the phase to reach a safe point (the end of a step, or its
 ``use_interrupt`` check) before withdrawing the pause."""
@@ -637,9 +641,17 @@ class Experiment:
                     f"{PAUSE_TIMEOUT_S:g} s (a step that does not yield: see the workload protocol's "
                     "use_interrupt); the pause is withdrawn and the run goes on"
                 ) from None
+            except BaseException:  # Ctrl-C in the wait: as a timeout, or the phase parks a run said running
+                self._withdraw_pause()
+                raise
             if reply.get("finished"):
                 raise NotRunning(f"experiment {self.id!r} has finished; cannot pause")
-            self._attach_event_subscribers(False)
+            try:
+                self._attach_event_subscribers(False)
+            except BaseException:  # the same, one step later: the run goes on as the record says
+                self._attach_event_subscribers(True)
+                self._withdraw_pause()
+                raise
             with self._state:
                 self._paused_at = self._phase_time(reply, asked)
                 self.pause_count += 1
@@ -746,6 +758,11 @@ class Experiment:
                 log.error("experiment tree did not shut down; stopping it", experiment=self.id)
                 if self.sup is not None and self.sup.is_alive():
                     self.sup.stop(timeout=timeout, reason="shutdown")
+                    # the tree goes on stopping past that timeout (a stuck phase is let go after
+                    # its own shutdown time, then the Recorder flushes): the end is recorded
+                    # once it is down, so that what stop() leaves is all on disk
+                    if self.sup.wait(None if timeout is None else TREE_GONE_S) is None:
+                        log.error("experiment tree still not down; recording its end", experiment=self.id)
             end = self.checkpoints.finish_reason or self._killed_reason() or reason
             if self._end(RunStatus.STOPPED, end):  # the tree never said
                 log.error("experiment ended without its tree", experiment=self.id, run_id=self.run_id)
@@ -1404,9 +1421,25 @@ class Lab:
         except BaseException as exc:
             with self._lock:
                 self.experiments.pop(exp.id, None)
+            if not isinstance(exc, Exception):  # Ctrl-C cut the wait short, not the start: take the tree down
+                self._unstart(exp)
             exp._fail_start(exc)
             raise
         exp._attach(sup)  # type: ignore[arg-type]
+
+    def _unstart(self, exp: Experiment) -> None:
+        """Stop the tree of a start the caller gave up on (an interrupt in its wait): the
+        supervisor may start it all the same, and a tree left running would write into a run
+        recorded as failed, with no handle to stop it. The terminate queues behind the start
+        in the supervisor's mailbox, so it finds the tree if there is one."""
+        while True:
+            try:
+                self.sup.terminate_child(exp.id)
+            except KeyboardInterrupt:  # again: the first terminate is still under way; this one finds nothing
+                continue
+            except Exception:  # noqa: BLE001 - the tree never started (or the supervisor is gone): nothing runs
+                pass
+            return
 
     def forget(self, experiment_id: str) -> None:
         """Drop the handle of an ended experiment (its run stays on disk, listed by

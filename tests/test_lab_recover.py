@@ -357,6 +357,37 @@ def test_a_run_killed_while_stopping_is_stopped_on_recovery(tmp_path):
         lab.shutdown()
 
 
+def test_a_run_killed_after_its_phase_end_reached_the_disk_balances_on_recovery(tmp_path: Path) -> None:
+    """Killed after ``phase_end`` was on disk but before the Recorder took the emitter's final
+    counters: the Recorder's record is one behind the checkpoint's. The resume closed the run
+    with ``emitted`` one below ``persisted`` (unbalanced for good); the finished phase sends
+    its counters again."""
+    art = tmp_path / "art"
+    lab = Lab(art)
+    try:
+        exp = lab.start_experiment(latency_spec("ended", budget=0.5), experiment_id="ended")
+        assert exp.wait(60) and exp.summary()["accounting"]["balanced"]
+    finally:
+        lab.shutdown()
+    d = exp.run_dir
+    life = read_json(d / LIFECYCLE)  # what the kill left: running, a stop asked, the owner gone
+    life.update(status="running", reason=None, ended_at=None, stop_requested_at=life["ended_at"])
+    life["owner"] = {**owner_info(), "pid": _dead_pid()}
+    (d / LIFECYCLE).write_bytes(orjson.dumps(life))
+    rec = read_json(d / "recorder.json")
+    rec["counters"] = {k: v - 1 if k in ("emitted", "published") else v for k, v in rec["counters"].items()}
+    (d / "recorder.json").write_bytes(orjson.dumps(rec))
+    os.utime(d / "summary.json", (0, 0))  # older than the events, as after a kill
+    lab = Lab(art)
+    try:
+        (again,) = lab.recover()
+        assert again.wait(60)
+        acc = again.summary()["accounting"]
+        assert acc["balanced"] and acc["emitted"] == acc["persisted"] == count_events(d), acc
+    finally:
+        lab.shutdown()
+
+
 def _crashed_run(tmp_path: Path, name: str) -> Path:
     """A latency run whose Lab was SIGKILLed after it recorded some events."""
     proc = host(tmp_path, f"{name}:latency")

@@ -329,6 +329,7 @@ def test_a_nearly_full_disk_holds_the_queue_before_any_run_begins(tmp_path, monk
         assert not (art / exp_id).exists()  # no run was begun
         service.lab.min_free_bytes = 0  # room again
         until(lambda: _ended(service, [exp_id]), 60, "the held submission to run")
+        assert service.lab.get(exp_id).wait(30)  # its end's record on disk too
         assert [run_status(r).status for r in (art / exp_id).iterdir()] == ["stopped"]
     finally:
         service.shutdown()

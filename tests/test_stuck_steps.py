@@ -4,6 +4,7 @@ phase says so, and a full Lab refuses a start plainly."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -74,8 +75,11 @@ def test_a_stop_that_had_to_kill_the_phase_says_so(lab):
     assert exp.status() == "stopped"
     assert exp.reason.startswith("stopped (the phase was killed mid-step: it did not take the stop within 1 s")
     assert read_json(exp.run_dir / "lifecycle.json")["reason"] == exp.reason
-    until(lambda: not exp.sup.is_alive(), 60, "the tree to go down")  # the event path may still be draining
+    # the tree is down when stop() returns (it recorded the end while the Recorder still ran)
+    assert not exp.sup.is_alive()
+    summary = read_json(exp.run_dir / "summary.json")
     seqs = [e["seq"] for e in iter_run(exp.run_dir)]
+    assert summary["events_persisted"] == len(seqs)
     assert seqs == list(range(len(seqs)))
 
 
@@ -102,3 +106,58 @@ def test_a_full_lab_refuses_a_start_and_leaves_nothing_behind(tmp_path):
         second.stop()
     finally:
         lab.shutdown()
+
+
+def test_a_pause_cut_short_by_ctrl_c_is_withdrawn(lab):
+    """A KeyboardInterrupt in pause()'s wait (a notebook's interrupt while a long step runs)
+    left the phase parked by the pause that reached it while the record said running: resume()
+    was refused and the run never reached its budget. The pause is withdrawn, as on a timeout."""
+    exp = lab.start_experiment(stuck_spec("ctrlcpause", budget=600.0))
+    assert INSIDE.wait(60)
+    real = exp._ask_phase
+
+    def cut(msg, action, timeout=30):
+        if msg["kind"] == "pause":
+            with contextlib.suppress(TimeoutError):  # the pause is asked, as pause() asks it...
+                real(msg, action, timeout=0.2)
+            raise KeyboardInterrupt  # ...and Ctrl-C ends the wait for its answer
+        return real(msg, action, timeout)
+
+    exp._ask_phase = cut
+    with pytest.raises(KeyboardInterrupt):
+        exp.pause()
+    del exp._ask_phase
+    assert exp.status() == "running" and read_json(exp.run_dir / "lifecycle.json")["status"] == "running"
+    GATE.set()  # the step ends: the pause and the resume behind it are taken, the run goes on
+    until(lambda: exp.phase_status(max_age=0)["steps"] >= 6, what="steps after the withdrawn pause")
+    assert exp.phase_status(max_age=0)["paused"] is False
+    exp.pause()
+    exp.resume()
+    exp.stop()
+    assert exp.reason == "stopped" and exp.pause_count == 1
+
+
+def test_a_start_cut_short_by_ctrl_c_leaves_no_tree_running(lab, monkeypatch):
+    """A KeyboardInterrupt in start_experiment()'s wait: the Lab's supervisor started the tree
+    all the same, and it ran to its budget, writing into a run recorded as failed, with no
+    handle to stop it. The tree is taken down before the interrupt goes on."""
+    cls = type(lab.sup)
+    real = cls.start_child
+
+    def cut(self, spec):
+        ref = real(self, spec)  # the supervisor started the tree...
+        if self is lab.sup:
+            raise KeyboardInterrupt  # ...and Ctrl-C ended the wait for its answer
+        return ref
+
+    monkeypatch.setattr(cls, "start_child", cut)
+    with pytest.raises(KeyboardInterrupt):
+        lab.start_experiment(latency_spec("ctrlcstart", budget=600.0))
+    monkeypatch.undo()
+    assert lab.sup.which_children() == []  # no tree left
+    assert [e["id"] for e in lab.list()] == []
+    (run,) = (lab.artifacts / "ctrlcstart").iterdir()
+    record = read_json(run / "lifecycle.json")
+    assert (record["status"], record["reason"]) == ("failed", "failed: could not start: KeyboardInterrupt: ")
+    again = lab.start_experiment(latency_spec("ctrlcstart", budget=0.5))  # the id is free again
+    assert again.wait(60) and again.reason == "budget"
