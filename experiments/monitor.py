@@ -169,7 +169,8 @@ def known_fields(run_dir: Path, sample: int = 5000) -> set[str]:
 
 
 def format_event(ev: dict[str, Any], t0_us: int) -> str:
-    gpu = {"gpu": "gpu", "cpu_fallback": "cpu", "cpu_disabled": "cpu"}.get(ev.get("gpu_mode") or "", "-")
+    mode = ev.get("gpu_mode")  # one of telemetry.schema.GPU_MODES: gpu, or cpu for any of the CPU ones
+    gpu = "-" if not isinstance(mode, str) or not mode else "gpu" if mode == "gpu" else "cpu"
     head = f"[{ev.get('phase') or '-'}][{gpu}] t={(ev['ts'] - t0_us) / 1e6:.1f}s {ev['name']}"
     vals = " ".join(f"{SHORT.get(k, k)}={v:.6g}" for k, v in (ev.get("values") or {}).items())
     out = f"{head} {vals}".rstrip()

@@ -8,7 +8,7 @@ from experiments.monitor import Alert, AlertError, Tailer, format_event, sparkli
 from experiments.spec import SpecError
 from experiments.specedit import get_value, set_values, show
 from supervisor import Lab, main
-from telemetry.schema import dumps_line
+from telemetry.schema import GPU_MODES, dumps_line
 
 
 def line(seq, **kw):
@@ -59,6 +59,8 @@ def test_format_and_alerts():
     text = format_event(ev, 1_000_000)
     assert text.startswith("[thermo][cpu] t=0.0s step conflicts=97 colors=118")
     assert text.endswith('params={"t_max":10}')
+    for mode, shown in (*((m, "gpu" if m == "gpu" else "cpu") for m in GPU_MODES), (None, "-")):
+        assert format_event({**ev, "gpu_mode": mode}, 1_000_000).startswith(f"[thermo][{shown}] "), mode
     assert Alert("conflicts>90").fires(ev) and not Alert("conflicts <= 50").fires(ev)
     assert Alert("chromatic_number==118").fires(ev)
     by_label = Alert("colors == 118")
