@@ -9,7 +9,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from actors.log import configure_logging
+if __name__ == "__main__":  # the command line at once, as the crucible script does: the commands
+    from cli import main as _cli_main  # import what they need, and a Ctrl-C during that is one line
+
+    sys.exit(_cli_main())
+
+from actors.log import configure_logging  # below the fast path of the command line
 from actors.supervision import (
     ChildNotFound,
     ChildRunning,
@@ -60,7 +65,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cli import main as cli_main
 
     return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -76,6 +76,24 @@ def test_help_and_the_readers_import_neither_the_lab_nor_numba(tmp_path):
     assert "experiments.lab" not in _imported_by(["instances", "--json"])  # the table is read from text
 
 
+def test_python_supervisor_py_is_as_light_as_the_crucible_script(tmp_path):
+    """``python supervisor.py ...`` imported the whole framework before the command line (0.7 s,
+    and a Ctrl-C in that time was a traceback, not one line)."""
+    (tmp_path / "art").mkdir()
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['supervisor.py', 'list', '--json', '--artifacts', {str(tmp_path / 'art')!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(ROOT / 'supervisor.py')!r}, run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+    )
+    assert imported_after(code, cwd=ROOT) == []
+    import supervisor  # as a library it is the framework's front: everything is there
+
+    assert {"Lab", "Supervisor", "RayBackendError", "main"} <= set(dir(supervisor))
+
+
 def test_a_command_line_whose_first_word_is_not_the_command_still_runs_it(tmp_path, capsys):
     """``--log-l`` is argparse's abbreviation of ``--log-level``: the first free word is its
     value, so the command is only listed at first, and the whole parser is built for it."""
