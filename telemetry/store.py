@@ -155,6 +155,7 @@ class HistoryStore(BatchStore):
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"no history database at {self.path}")
+            _refuse_foreign(self.path)  # a file that is no history is said to be so, as to a writer
             # A reader that may write opens read-write with writes refused: a writer killed
             # mid-transaction leaves a hot journal (or a WAL to recover) that SQLite must roll
             # back before anyone reads, and a mode=ro connection fails there with "attempt to

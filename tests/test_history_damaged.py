@@ -196,6 +196,12 @@ def test_a_file_that_is_no_crucible_history_is_refused_before_anything_is_writte
         with pytest.raises(HistoryConnectError, match=why):
             HistoryStore(path)
         assert not path.with_name(path.name + ".lock").exists()
+    # a reader says the same as a writer (it said "damaged: file is not a database")
+    for path, why in ((text, "not a SQLite database"), (zeros, "not a SQLite database"), (lockfile, ".lock file")):
+        with pytest.raises(HistoryConnectError, match=why):
+            HistoryStore(path, readonly=True)
+    with pytest.raises(HistoryConnectError, match="application id 0x4d2"):
+        HistoryStore(marked, readonly=True)
     fifo = tmp_path / "fifo.db"  # never opened: a FIFO would hold the open until a writer came
     os.mkfifo(fifo)
     link = tmp_path / "x.sqlite3"  # a link to a lock file is a lock file
