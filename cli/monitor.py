@@ -36,6 +36,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     )
 
     art = Path(args.artifacts)
+    if args.summary:  # they shape an event stream: taken and ignored, they would mislead
+        given = {"--phase": args.phase, "--name": args.name, "--alert": args.alert}
+        given |= {"--from-end": args.from_end, "--no-wait": args.no_wait}
+        stream_only = [flag for flag, value in given.items() if value]
+        if stream_only:
+            raise UsageError(f"{', '.join(stream_only)}: for --tail and --follow; --summary covers the whole run")
     if args.latest and args.run:
         raise UsageError(f"give a run ({args.run!r}) or --latest, not both")
     if args.latest:

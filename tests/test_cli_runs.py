@@ -247,6 +247,10 @@ def test_a_summary_that_cannot_be_read_falls_back_to_the_events(finished, tmp_pa
     capsys.readouterr()
     assert main(["monitor", run, "--summary", "--artifacts", str(art)]) == 0
     assert f"persisted {before[run]['events']}," in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as refused:  # the stream's filters are not quietly dropped
+        main(["monitor", run, "--summary", "--phase", "tabu", "--alert", "latency_ms>1", "--artifacts", str(art)])
+    assert refused.value.code == 2
+    assert "--phase, --alert: for --tail and --follow" in capsys.readouterr().err
 
 
 def test_output_options_never_replace_recorded_files(finished, tmp_path, capsys):
