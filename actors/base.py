@@ -59,11 +59,15 @@ class UnknownMessage(Exception):
 
 
 class HandlerExit(RuntimeError):
-    """A handler raised SystemExit (user code calling ``sys.exit()``). pykka stops every actor
-    of the process on a BaseException; here it is this actor's crash, like any exception."""
+    """A handler raised a BaseException that is no Exception: ``SystemExit`` (user code calling
+    ``sys.exit()``), ``asyncio.CancelledError`` (an async client's cancelled task),
+    ``KeyboardInterrupt`` (re-raised by a library: a real Ctrl-C reaches the main thread
+    only), ``GeneratorExit``. pykka stops every actor of the process on one; here it is this
+    actor's crash, like any exception."""
 
-    def __init__(self, exc: SystemExit) -> None:
-        super().__init__(f"SystemExit({exc.code!r}) raised in a handler")
+    def __init__(self, exc: BaseException) -> None:
+        what = f"SystemExit({exc.code!r})" if isinstance(exc, SystemExit) else repr(exc)
+        super().__init__(f"{what} raised in a handler")
 
 
 class _Life:
@@ -336,7 +340,7 @@ def _guard_start(start: Callable[[Any], None]) -> Callable[[Any], None]:
             if not self._life.dead:  # a guarded parent's on_start recorded it already
                 self._crash(exc)
             raise
-        except SystemExit as exc:
+        except BaseException as exc:  # SystemExit, CancelledError, ...: this actor's crash alone
             if self._life.dead:
                 raise
             raise self._crash_exit(exc) from exc
@@ -354,7 +358,7 @@ def _guard_stop(stop: Callable[[Any], None]) -> Callable[[Any], None]:
     def on_stop(self: Actor) -> None:
         try:
             stop(self)
-        except (Exception, SystemExit):  # logged; the actor stops all the same
+        except BaseException:  # logged; the actor stops all the same (see HandlerExit)
             log.exception(
                 "on_stop failed; the actor stops all the same",
                 actor=type(self).__name__,
@@ -461,7 +465,7 @@ class Actor(pykka.ThreadingActor):
         except Exception as exc:
             self._crash(exc)
             raise
-        except SystemExit as exc:
+        except BaseException as exc:  # SystemExit, CancelledError, ...: this actor's crash alone (see HandlerExit)
             raise self._crash_exit(exc) from exc
         return None if reply is None else encode(reply)
 
@@ -483,12 +487,13 @@ class Actor(pykka.ThreadingActor):
         except Exception as exc:
             self._crash(exc)
             raise
-        except SystemExit as exc:
+        except BaseException as exc:  # SystemExit, CancelledError, ...: this actor's crash alone (see HandlerExit)
             raise self._crash_exit(exc) from exc
 
-    def _crash_exit(self, exc: SystemExit) -> HandlerExit:
-        """This actor's crash for a SystemExit; the error raised in its place is an ordinary
-        exception, so pykka fails this actor (and an asker's future) and no other."""
+    def _crash_exit(self, exc: BaseException) -> HandlerExit:
+        """This actor's crash for a BaseException that is no Exception (see :class:`HandlerExit`);
+        the error raised in its place is an ordinary exception, so pykka fails this actor (and
+        an asker's future) and no other."""
         err = HandlerExit(exc)
         self._crash(err)
         return err
@@ -522,7 +527,7 @@ class Actor(pykka.ThreadingActor):
         reason = self._life.pending_reason or NORMAL
         try:
             self.terminate(reason)
-        except (Exception, SystemExit):  # logged; the exit is recorded all the same
+        except BaseException:  # logged; the exit is recorded all the same (see HandlerExit)
             log.exception("terminate failed", actor=type(self).__name__, urn=self.actor_urn, reason=reason)
         finally:
             _finalize(self._life, reason, self.ref)

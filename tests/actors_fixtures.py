@@ -50,6 +50,13 @@ class Worker(Actor):
     def handle_sys_exit(self, msg: dict[str, Any]) -> None:
         raise SystemExit(msg.get("code", 3))  # user code calling sys.exit() inside a handler
 
+    def handle_base_exc(self, msg: dict[str, Any]) -> None:
+        """A BaseException that is no Exception, by name (CancelledError, KeyboardInterrupt, ...)."""
+        import asyncio
+
+        kinds = {"CancelledError": asyncio.CancelledError, "KeyboardInterrupt": KeyboardInterrupt}
+        raise {**kinds, "GeneratorExit": GeneratorExit, "SystemExit": SystemExit}[msg["what"]]()
+
     def handle_exit(self, msg: dict[str, Any]) -> None:
         self.exit(msg.get("reason", "normal"))
 

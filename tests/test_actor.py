@@ -85,6 +85,24 @@ def test_sys_exit_in_a_handler_crashes_that_actor_alone(spawned, how):
     assert bystander.is_alive()
 
 
+@pytest.mark.parametrize("what", ["CancelledError", "KeyboardInterrupt", "GeneratorExit", "SystemExit"])
+@pytest.mark.parametrize("how", ["tell", "ask"])
+def test_any_base_exception_in_a_handler_crashes_that_actor_alone(spawned, how, what):
+    """An async client's cancelled task raises CancelledError, a BaseException: pykka stopped
+    every actor of the process on it (every experiment of every Lab, each recorded stopped)."""
+    bystander = spawned(Worker, tag="b")
+    w = spawned(Worker, tag="a")
+    if how == "ask":
+        with pytest.raises(RuntimeError, match=f"{what}.* raised in a handler"):
+            w.ask({"kind": "base_exc", "what": what})
+    else:
+        w.tell({"kind": "base_exc", "what": what})
+    assert what in w.wait(timeout=5)
+    assert not w.is_alive()
+    assert bystander.ask({"kind": "ping"})["tag"] == "b"  # the rest of the process goes on
+    assert bystander.is_alive()
+
+
 def test_tell_later_arrives_unless_cancelled_or_stopping(spawned):
     w = spawned(Worker)
     kept = w.tell_later(0.01, {"kind": "note", "v": "kept"})

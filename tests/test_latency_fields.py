@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 from experiments.workloads.latency import MAX_FIELDS, LatencyWorkload
 from supervisor import Lab
 from telemetry.jsonl import iter_run
+from tests.fault_helpers import latency_spec
 
 _calls = itertools.count()
 
@@ -126,3 +127,52 @@ def test_a_real_run_records_and_totals_the_targets_fields(tmp_path):
     assert len(calls) == 20 and all({"loss", "acc"} <= set(e["values"]) for e in calls)
     assert m["totals"]["cost_usd"] == pytest.approx(20 * 0.001)
     assert {"loss", "acc"} <= set(m["fields"])  # the metrics the readers show (monitor, analyze, compare)
+
+
+def sometimes_cancelled() -> float:
+    """An async client's call, as an embedder wraps one: every third call's task is cancelled."""
+    import asyncio
+
+    n = next(_calls)
+
+    async def call() -> float:
+        task = asyncio.ensure_future(asyncio.sleep(0.001, result=1.0))
+        if n % 3 == 0:
+            task.cancel()
+        return await task
+
+    return asyncio.run(call())
+
+
+def interrupted() -> float:
+    """A library that re-raises a signal it caught, in the phase's thread."""
+    raise KeyboardInterrupt
+
+
+def test_a_base_exception_from_a_target_touches_no_other_run(tmp_path):
+    """An async target's CancelledError (a BaseException) ended every experiment of every Lab
+    in the process, each recorded stopped. A cancelled call is a failed call; a
+    KeyboardInterrupt out of a step is that run's crash alone."""
+    lab, other = Lab(tmp_path / "art"), Lab(tmp_path / "other")
+    try:
+        bystander = other.start_experiment(latency_spec("bystander", budget=600.0))
+
+        def spec(name: str, target: str) -> dict[str, Any]:
+            params = {"target": f"tests.test_latency_fields:{target}", "calls": 30, "calls_per_step": 3}
+            return {"name": name, "time_budget_s": 60.0, "workload": {"name": "latency", "params": params}}
+
+        cancelled = lab.start_experiment(spec("cancelled", "sometimes_cancelled"))
+        broken = lab.start_experiment(spec("broken", "interrupted"))
+        assert cancelled.wait(60) and broken.wait(60)
+        assert cancelled.reason == "completed"
+        calls = [e for e in iter_run(cancelled.run_dir) if e["name"] == "call"]
+        failed = [e for e in calls if e["success"] is False]
+        assert len(calls) == 30 and len(failed) == 10 and all("CancelledError" in e["notes"] for e in failed)
+        assert broken.status() == "failed" and "KeyboardInterrupt() raised in a handler" in broken.reason
+        assert bystander.status() == "running"  # the other Lab's run goes on
+        again = lab.start_experiment(spec("again", "sometimes_cancelled"))  # and this Lab still starts runs
+        assert again.wait(60) and again.reason == "completed"
+    finally:
+        lab.shutdown()
+        other.shutdown()
+    assert bystander.reason == "stopped"

@@ -20,6 +20,7 @@ It is a control hook too (``set_param("concurrency", N)``), and hypertune's arms
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import re
 import threading
@@ -227,7 +228,8 @@ class LatencyWorkload:
             ok = True
         except urllib.error.HTTPError as exc:
             result, ok, notes = {"status": exc.code}, False, f"HTTP {exc.code}"
-        except Exception as exc:  # noqa: BLE001 - a failed call is a measurement, not a crash
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - a failed call is a measurement,
+            # not a crash; an async client's cancelled task too (a BaseException since Python 3.8)
             result, ok, notes = None, False, f"{type(exc).__name__}: {exc}"
         return (time.perf_counter() - t0) * 1000.0, result, ok, notes
 
