@@ -50,6 +50,7 @@ from actors.sampler import Sampler
 from actors.snapshot import MAX_AGE_S, WAIT_S, Reading, Snapshot
 from actors.streaming_metrics import StreamingMetrics
 from actors.supervision import MAX_INTENSITY, ChildSpec, DynamicSupervisor, Supervisor, SupervisorRef
+from actors.timers import check_timeout
 from actors.topics import NamedTarget, Topics
 from experiments.spec import load_spec
 from experiments.validate import tree_problem
@@ -724,7 +725,10 @@ class Experiment:
 
         Refused (NotRunning) only for a run that had ended when asked: a stop that waited
         behind another stop, or behind the budget, returns once the tree is down, as asked.
+        ``timeout``: seconds, or None or ``math.inf`` for no limit; another value is a
+        ValueError before anything changes (a stop half begun would be on the record).
         """
+        timeout = check_timeout(timeout)
         self._check_live("stop")
         with self._lock:
             if self._ended:  # ended while this stop waited its turn: done, as asked
@@ -872,8 +876,9 @@ class Experiment:
             self._write_lifecycle()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the experiment has ended (completed, budget, stopped or failed)."""
-        return self._stopped.wait(timeout)
+        """Block until the experiment has ended (completed, budget, stopped or failed); whether
+        it has. ``timeout``: seconds, or None or ``math.inf`` to wait for ever."""
+        return self._stopped.wait(check_timeout(timeout))
 
     # --- the lifecycle record ------------------------------------------------------------------------------
 
@@ -1479,7 +1484,12 @@ class Lab:
         about the same moment, so no experiment keeps producing while another one drains,
         and the whole shutdown takes about as long as the slowest stop, not their sum.
         ``timeout`` bounds each step of each stop (see :meth:`Experiment.stop`).
+
+        A first Ctrl-C (``KeyboardInterrupt``) while the stops run waits for them to end and
+        is raised afterwards: cut short, the stop threads died with the process and left every
+        run crashed. A second one leaves at once.
         """
+        timeout = check_timeout(timeout)
         self._closed = True
         with self._lock:
             exps = [e for e in self.experiments.values() if e.status() in LIVE]
@@ -1489,8 +1499,24 @@ class Lab:
         ]
         for t in threads:
             t.start()
+        interrupted: KeyboardInterrupt | None = None
         for t in threads:
-            t.join()
+            while t.is_alive():
+                try:
+                    t.join()
+                except KeyboardInterrupt as exc:
+                    if interrupted is not None:
+                        raise
+                    interrupted = exc
+                    log.warning("interrupted: finishing the stops first (a second Ctrl-C leaves them crashed)")
+        try:
+            self._shutdown_rest(timeout)
+        finally:
+            if interrupted is not None:
+                raise interrupted
+
+    def _shutdown_rest(self, timeout: float | None) -> None:
+        """What :meth:`shutdown` does once every experiment has stopped."""
         self.sup.stop(timeout=timeout)
         for exp in list(self.experiments.values()):  # an end the disk refused: one last try, else said
             if isinstance(exp, Experiment) and exp.ended and not exp.write_final_record():
@@ -1504,7 +1530,7 @@ class Lab:
             self._remote.close()
 
     @staticmethod
-    def _stop_one(exp: Experiment, timeout: float) -> None:
+    def _stop_one(exp: Experiment, timeout: float | None) -> None:
         try:
             exp.stop(timeout=timeout)
         except NotRunning:

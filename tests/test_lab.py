@@ -4,8 +4,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -231,6 +233,77 @@ def test_unwritable_artifacts_fail_at_start(tmp_path):
     f.write_text("x")
     with pytest.raises(Exception, match="not writable"):
         Lab(f)
+
+
+def test_timeouts_are_checked_before_anything_changes(tmp_path):
+    """``stop(timeout=-1)`` (or NaN, or past the bound) was refused only after the record said
+    a stop was under way, and the run went on: a later recovery would finish a stop nobody
+    made. ``math.inf`` means no limit, as for the actors (it overflowed threading's wait)."""
+    lab = Lab(tmp_path)
+    try:
+        exp = lab.start_experiment(spec())
+        for bad in (math.nan, -1.0, 1e12, "5"):
+            with pytest.raises(ValueError, match="timeout must be None or inf"):
+                exp.stop(timeout=bad)
+            with pytest.raises(ValueError, match="timeout must be None or inf"):
+                exp.wait(bad)
+        record = orjson.loads((exp.run_dir / "lifecycle.json").read_bytes())
+        assert exp.status() == "running" and record["stop_requested_at"] is None
+        assert exp.wait(0.01) is False
+        exp.stop(timeout=math.inf)
+        assert exp.status() == "stopped" and exp.wait(math.inf) is True
+        with pytest.raises(ValueError, match="timeout must be None or inf"):
+            lab.shutdown(timeout=-5)
+        assert not lab.closed
+    finally:
+        lab.shutdown(timeout=math.inf)
+    assert lab.closed
+
+
+SHUTDOWN_CUT = """
+import os, signal, sys, threading
+from experiments.lab import Lab
+from tests.fault_helpers import latency_spec
+
+lab = Lab(sys.argv[1])
+spec = latency_spec("slowstop", budget=600.0)
+spec["workload"]["params"] = {"target": "time:sleep", "args": [1.0], "calls_per_step": 1}  # a stop waits for it
+exp = lab.start_experiment(spec)
+stopping = threading.Event()
+real_stop = exp.stop
+
+
+def stop(timeout=60.0):
+    stopping.set()
+    real_stop(timeout)
+
+
+exp.stop = stop
+threading.Thread(target=lambda: stopping.wait(60) and os.kill(os.getpid(), signal.SIGINT), daemon=True).start()
+try:
+    lab.shutdown()
+except KeyboardInterrupt:
+    print("interrupted", exp.status(), flush=True)
+"""
+
+
+def test_a_ctrl_c_during_shutdown_lets_the_stops_end_first(tmp_path):
+    """Ctrl-C while Lab.shutdown() waited for its stop threads left the process with the stops
+    cut short: every run crashed (to be resumed and stopped by the next Lab). The stops end,
+    then the interrupt goes on."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", SHUTDOWN_CUT, str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stdout.splitlines()[-1] == "interrupted stopped", out.stdout + out.stderr[-2000:]
+    (run,) = (tmp_path / "slowstop").iterdir()
+    record = orjson.loads((run / "lifecycle.json").read_bytes())
+    assert (record["status"], record["reason"]) == ("stopped", "stopped")
 
 
 class Lifecycle(RuleBasedStateMachine):
