@@ -312,12 +312,18 @@ class PhaseActor(Actor):
 
     def _phase(self) -> str | None:
         """The phase the workload is in, for the events this actor emits: its ``phase`` (see
-        :class:`~experiments.workloads.base.Workload`), else the ``phase`` of its ``params()``.
-        The ``resumed`` and ``phase_restart`` events go out before the workload's ``start()``
-        sets its own context: without it they would open a phase of no name in the summaries."""
+        :class:`~experiments.workloads.base.Workload`), else the ``phase`` of its ``params()``,
+        else the phase its ``start()`` set in the emitter's context (now, or as of the last
+        checkpoint). The ``resumed`` and ``phase_restart`` events go out before the workload's
+        ``start()`` sets its own context: without it they would open a phase of no name in the
+        summaries."""
         phase = getattr(self.workload, "phase", None)
         if not isinstance(phase, str):
             phase = self.workload.params().get("phase")
+        if not isinstance(phase, str) and self.emitter is not None:
+            phase = self.emitter.phase
+        if not isinstance(phase, str):
+            phase = self.checkpoints.get().get("phase")
         return phase if isinstance(phase, str) else None
 
     def _announce_resume(self, resume: dict[str, Any]) -> None:
@@ -369,6 +375,7 @@ class PhaseActor(Actor):
             paused=self.paused,
             paused_since_us=self._paused_since_us,
             active_s=self.active_time(),
+            phase=self.emitter.phase if self.emitter is not None else None,  # for a restart's first events
         )
         now = time.monotonic()
         if force or now - self._last_save >= self.save_every_s:

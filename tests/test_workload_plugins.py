@@ -190,6 +190,39 @@ def test_a_sampled_runs_best_is_the_runs_own_in_the_objectives_direction(tmp_pat
     assert row["best"] == {"acc": best}
 
 
+class CrashOnce(ToyLoss):
+    """ToyLoss that crashes at its third step, once: as docs/experiments.md's example, no
+    ``phase`` attribute; its ``start()`` sets the phase."""
+
+    name: ClassVar[str] = "crashonce"
+    crashed: ClassVar[list[bool]] = []
+
+    def step(self, emitter: Any) -> bool:
+        if self.i == 2 and not CrashOnce.crashed:
+            CrashOnce.crashed.append(True)
+            raise RuntimeError("crash at step 3")
+        return super().step(emitter)
+
+
+def test_a_restarts_first_events_are_in_the_phase_the_workload_set(tmp_path):
+    """The ``phase_restart`` of a workload with no ``phase`` attribute (the docs' example) went
+    out before its ``start()`` set the phase: a phase of no name (``-``) in every summary."""
+    register("crashonce", CrashOnce)
+    lab = Lab(tmp_path / "art")
+    try:
+        spec = {"name": "c", "time_budget_s": 60.0, "workload": {"name": "crashonce", "params": {"lr": 0.5}}}
+        exp = lab.start_experiment(spec)
+        assert exp.wait(60) and exp.reason == "completed"
+        summary = exp.summary()
+    finally:
+        lab.shutdown()
+        unregister("crashonce")
+    events = list(iter_run(exp.run_dir))
+    assert CrashOnce.crashed and "phase_restart" in [e["name"] for e in events]
+    assert {e.get("phase") for e in events} == {"train"}, [(e["name"], e.get("phase")) for e in events]
+    assert list(summary["phases"]) == ["train"]
+
+
 def test_the_readers_take_a_registered_workloads_declarations(toyloss):
     from experiments.monitor import LABELED, SHORT
     from experiments.tuning import search_space, search_spaces

@@ -169,8 +169,12 @@ class Workload(Protocol):
     # admits a submission only if it allows each (``crucible lab serve --allow-target``); a
     # workload without it calls nothing a submission chooses.
     # Optional: ``phase`` (a string), the phase the workload is in now; without it, the ``phase``
-    # of ``params()``. The Phase actor's own events (``resumed``, ``phase_restart``, pauses,
+    # of ``params()``, else the one its ``start()`` set in the emitter's context (as of the last
+    # checkpoint, for a restart's first events). The Phase actor's own events (``resumed``, ``phase_restart``, pauses,
     # controls, ``phase_end``) carry it, so that none opens a phase of no name in a summary.
+    # Optional: ``finish(emitter, reason)``, called once as the phase ends (completed, budget,
+    # stopped), before its last checkpoint and ``phase_end``: a workload that keeps partial
+    # results (the colouring's best) writes or emits them.
     # Optional: ``use_clock(clock)``, the Phase actor's clock of active (unpaused) seconds, for a
     # workload that times itself (stalls, passes): a pause never counts as a stall.
     # Optional: ``record_events`` (a tuple of event names), the workload's milestones (a new
