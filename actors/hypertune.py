@@ -188,13 +188,16 @@ def arm_value(arm: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
     """The value an arm (plain data, see ``experiments.workloads.base.Arm``) sends when
     ``params`` are in force: ``value`` when the arm names no ``param``, else
     ``params[param] * scale + shift`` (``default`` when the parameter is missing or not a
-    number), clamped to ``[lo, hi]`` and made an int when ``integer``."""
+    number), to 12 significant digits (1.796, not 1.7960000000000003, in the records),
+    clamped to ``[lo, hi]`` and made an int when ``integer``."""
     if arm.get("param") is None:
         return arm.get("value")
     x = params.get(arm["param"], arm.get("default", 0.0))
     if not isinstance(x, (int, float)) or isinstance(x, bool):
         x = arm.get("default", 0.0)
     v = x * arm.get("scale", 1.0) + arm.get("shift", 0.0)
+    if isinstance(v, float) and math.isfinite(v):
+        v = float(f"{v:.12g}")
     if arm.get("hi") is not None:
         v = min(arm["hi"], v)
     if arm.get("lo") is not None:

@@ -54,6 +54,30 @@ def test_the_memetic_phase_reports_the_tenure_a_control_changes():
     assert w.params()["tenure_alpha"] == value == w.p["tabu"]["tenure_alpha"]
 
 
+def test_the_population_phase_has_arms_and_they_steer_its_search():
+    """Hypertune had no arm in the population phase, the default one: enabled, it did nothing."""
+    w = coloring(["population"], population={"population": 4, "crossover_rate": 0.2, "tenure_alpha": 0.6})
+    w.start(Em())
+    w.step(Em())  # init, then the population phase
+    params = w.params()
+    assert params["phase"] == "population"
+    arms = {a.name: a for a in ColoringWorkload.arms if a.applies_in("population")}
+    assert set(arms) == {"tenure_up", "tenure_down", "crossover_up", "crossover_down"}
+    assert arms["crossover_up"].value_for(params) == pytest.approx(0.41)
+    assert arms["crossover_down"].value_for(params) == pytest.approx(0.1)
+    assert arms["crossover_up"].value_for({**params, "crossover_rate": 0.4}) == 0.5  # bounded
+    assert arms["crossover_down"].value_for({**params, "crossover_rate": 0.006}) == 0.005
+    assert 1.06 * 1.6 + 0.1 != 1.796 and arms["tenure_up"].value_for({"tenure_alpha": 1.06}) == 1.796  # as recorded
+    for name in arms:
+        value = arms[name].value_for(w.params())
+        before, after = w.set_param(arms[name].key, value)
+        assert after == value and before != value
+    # each from the value in force: 0.2 x 2 + 0.01, then / 2; 0.6 x 1.6 + 0.1, then / 1.6
+    assert w.params()["crossover_rate"] == pytest.approx(0.205) and w.params()["tenure_alpha"] == pytest.approx(0.6625)
+    assert w._phases["population"].search.p["crossover_rate"] == pytest.approx(0.205)
+    assert w.step(Em()) is False  # the search goes on with them
+
+
 @pytest.mark.parametrize("key", ["skip_phase", "restart_pass"])
 @pytest.mark.parametrize("value", [False, 0, 1, "true", None, [True]])
 def test_an_action_control_takes_true_only(key, value):

@@ -92,6 +92,7 @@ PHASE_CLASSES: dict[str, type[ColoringPhase]] = {
 RESULT_FILE = "coloring.json"  # the run's checked result, in its run directory
 
 _TENURE = {"param": "tenure_alpha", "default": 0.6}
+_CROSSOVER = {"param": "crossover_rate", "default": 0.1}
 
 
 def save_result(
@@ -123,8 +124,12 @@ class ColoringWorkload:
     """Fewer colours is better; between two better colourings, fewer conflicts at the k attempted."""
     arms: ClassVar[tuple[Arm, ...]] = (
         Arm("mutation_up", "boost_mutation", ("memetic",), param="mutation_rate", shift=0.05, hi=1.0),
-        Arm("tenure_up", "set_tenure", ("tabu", "memetic"), **_TENURE, scale=1.6, shift=0.1, hi=10.0),
-        Arm("tenure_down", "set_tenure", ("tabu", "memetic"), **_TENURE, scale=1 / 1.6, lo=0.05),
+        Arm("tenure_up", "set_tenure", ("tabu", "memetic", "population"), **_TENURE, scale=1.6, shift=0.1, hi=10.0),
+        Arm("tenure_down", "set_tenure", ("tabu", "memetic", "population"), **_TENURE, scale=1 / 1.6, lo=0.05),
+        # the population's spread against its convergence: instances differ (docs/benchmarks.md:
+        # le450_25c reached 25 only with a low rate, flat300_28_0 28 only with a high one)
+        Arm("crossover_up", "set_crossover_rate", ("population",), **_CROSSOVER, scale=2.0, shift=0.01, hi=0.5),
+        Arm("crossover_down", "set_crossover_rate", ("population",), **_CROSSOVER, scale=0.5, lo=0.005),
         Arm(
             "batch_up",
             "set_batch",
