@@ -705,9 +705,10 @@ class Hypertune(EventConsumer):
 
         While another writer holds the lock, the first save waits ``LOCK_WAIT_S`` and later ones
         only try (the final one waits again): the actor keeps steering, learns in memory, and the
-        next save that gets the lock merges every pull made meanwhile.
+        next save that gets the lock merges every pull made meanwhile. A disabled actor takes
+        no action, so it learns nothing and writes nothing (no state file, no lock file).
         """
-        if self.state_path is None:
+        if self.state_path is None or not self.enabled:
             return
         try:
             self.policy.save(self.state_path, wait_s=0.0 if self._lock_busy and not final else LOCK_WAIT_S)

@@ -107,13 +107,13 @@ def test_a_stall_produces_an_action_within_the_window():
         r.stop()
 
 
-def test_progress_means_no_action_and_disabled_only_observes():
+def test_progress_means_no_action_and_disabled_only_observes(tmp_path):
     reg = Registry()
     phase = FakePhase.start()
     reg.register("phase", phase)
     busy = Hypertune.start("exp", True, reg, window_s=0.5, **COLORING)
     busy.tell_bytes(encode(steps(0, 30, 0.1, lambda n: list(range(100, 100 - n, -1)))))  # steady progress
-    idle = Hypertune.start("exp", False, reg, window_s=0.5, **COLORING)
+    idle = Hypertune.start("exp", False, reg, window_s=0.5, state_file=tmp_path / "ht.json", **COLORING)
     idle.tell_bytes(encode(steps(0, 30, 0.1, lambda n: [7] * n)))  # stalled, but disabled
     assert busy.ask({"kind": "get"})["actions"] == [] and idle.ask({"kind": "get"})["actions"] == []
     assert phase.ask({"kind": "got"}) == []
@@ -121,6 +121,7 @@ def test_progress_means_no_action_and_disabled_only_observes():
     assert [m["key"] for m in sent] == ["external_tenure"]
     for r in (busy, idle, phase):
         r.stop()
+    assert list(tmp_path.iterdir()) == []  # disabled, it learned nothing and wrote nothing (no state, no lock)
 
 
 def test_malformed_batches_are_counted_and_never_reach_the_policy():
