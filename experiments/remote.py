@@ -36,6 +36,7 @@ from actors.log import get_logger
 from actors.messages import decode, decode_message, encode
 from actors.snapshot import MAX_AGE_S, WAIT_S
 from actors.supervision import GIVE_UP, MAX_INTENSITY, RESTART, TooManyChildren, decide, within_intensity
+from actors.timers import check_timeout
 from actors.topics import NamedTarget
 from experiments.lab import (
     MIN_FREE_BYTES,
@@ -763,7 +764,9 @@ class RemoteExperiment:
 
     def stop(self, timeout: float | None = 60.0) -> None:
         """Stop the tree as a local stop does (drained, on disk) and wait for its end here too;
-        a stop that waited behind another one returns once the tree is down, as a local one does."""
+        a stop that waited behind another one returns once the tree is down, as a local one does.
+        ``timeout`` as a local stop's: checked before anything is asked."""
+        timeout = check_timeout(timeout)
         if self._final is not None:
             raise NotRunning(f"experiment {self.id!r} is {self._status}; cannot stop")
         with self._lock:
@@ -788,8 +791,9 @@ class RemoteExperiment:
             write_json(self.run_dir / LIFECYCLE, rec)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the experiment has ended (completed, budget, stopped or failed)."""
-        return self._stopped.wait(timeout)
+        """Block until the experiment has ended (completed, budget, stopped or failed); whether
+        it has. ``timeout``: seconds, or None or ``math.inf`` to wait for ever."""
+        return self._stopped.wait(check_timeout(timeout))
 
     def restart_pass(self) -> dict[str, Any]:
         """Ask the workload to start a new pass from its best solution (if it has passes)."""
