@@ -511,7 +511,7 @@ class Actor(pykka.ThreadingActor):
         self.actor_stopped.set()  # ends pykka's loop after this message, tell or ask alike
         try:
             self.terminate(reason)
-        except Exception:
+        except BaseException:  # any: one escaping to pykka would stop every actor (see HandlerExit)
             log.exception("terminate failed after crash", actor=type(self).__name__)
         _finalize(self._life, reason, self.ref)
 

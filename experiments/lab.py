@@ -642,6 +642,8 @@ class Experiment:
                     f"{PAUSE_TIMEOUT_S:g} s (a step that does not yield: see the workload protocol's "
                     "use_interrupt); the pause is withdrawn and the run goes on"
                 ) from None
+            except Exception:  # NotRunning (no live phase): nothing was left in a phase's mailbox
+                raise
             except BaseException:  # Ctrl-C in the wait: as a timeout, or the phase parks a run said running
                 self._withdraw_pause()
                 raise
@@ -1426,9 +1428,11 @@ class Lab:
         except BaseException as exc:
             with self._lock:
                 self.experiments.pop(exp.id, None)
-            if not isinstance(exc, Exception):  # Ctrl-C cut the wait short, not the start: take the tree down
-                self._unstart(exp)
-            exp._fail_start(exc)
+            try:
+                if not isinstance(exc, Exception):  # Ctrl-C cut the wait short, not the start: take the tree down
+                    self._unstart(exp)
+            finally:
+                exp._fail_start(exc)
             raise
         exp._attach(sup)  # type: ignore[arg-type]
 
@@ -1437,14 +1441,10 @@ class Lab:
         supervisor may start it all the same, and a tree left running would write into a run
         recorded as failed, with no handle to stop it. The terminate queues behind the start
         in the supervisor's mailbox, so it finds the tree if there is one."""
-        while True:
-            try:
-                self.sup.terminate_child(exp.id)
-            except KeyboardInterrupt:  # again: the first terminate is still under way; this one finds nothing
-                continue
-            except Exception:  # noqa: BLE001 - the tree never started (or the supervisor is gone): nothing runs
-                pass
-            return
+        try:
+            self.sup.terminate_child(exp.id)  # a second Ctrl-C here leaves at once: the caller insists
+        except Exception:  # noqa: BLE001 - the tree never started (or the supervisor is gone): nothing runs
+            pass
 
     def forget(self, experiment_id: str) -> None:
         """Drop the handle of an ended experiment (its run stays on disk, listed by
@@ -1493,17 +1493,18 @@ class Lab:
         self._closed = True
         with self._lock:
             exps = [e for e in self.experiments.values() if e.status() in LIVE]
-        threads = [
-            threading.Thread(target=self._stop_one, args=(e, timeout), name=f"lab-stop-{e.id}", daemon=True)
-            for e in exps
-        ]
-        for t in threads:
-            t.start()
+        # an Event per stop, not join(): an interrupted join marks the thread stopped (CPython
+        # 3.11), and the wait below would end with the stops still under way
+        done = [threading.Event() for _ in exps]
+        for e, ended in zip(exps, done, strict=True):
+            threading.Thread(
+                target=self._stop_one, args=(e, timeout, ended), name=f"lab-stop-{e.id}", daemon=True
+            ).start()
         interrupted: KeyboardInterrupt | None = None
-        for t in threads:
-            while t.is_alive():
+        for ended in done:
+            while not ended.is_set():
                 try:
-                    t.join()
+                    ended.wait()
                 except KeyboardInterrupt as exc:
                     if interrupted is not None:
                         raise
@@ -1530,13 +1531,15 @@ class Lab:
             self._remote.close()
 
     @staticmethod
-    def _stop_one(exp: Experiment, timeout: float | None) -> None:
+    def _stop_one(exp: Experiment, timeout: float | None, ended: threading.Event) -> None:
         try:
             exp.stop(timeout=timeout)
         except NotRunning:
             pass  # it ended on its own meanwhile
         except Exception:
             log.exception("error stopping experiment at shutdown", experiment=exp.id)
+        finally:
+            ended.set()
 
     def __enter__(self) -> Lab:
         return self

@@ -31,6 +31,7 @@ from actors.files import atomic_write
 from actors.log import get_logger
 from actors.recorder import check_artifacts_dir
 from actors.runtime import trim_heap
+from actors.timers import check_timeout
 from experiments.admission import Admission
 from experiments.lab import MIN_FREE_BYTES, START_FAILED, Experiment, Lab, NotFound, NotRunning
 from experiments.spec import SpecError, parse_toml
@@ -945,7 +946,9 @@ class LabService:
         return self.lab.get(exp_id)
 
     def shutdown(self, timeout: float = 60.0) -> None:
-        """Stop every running experiment (flushed, on disk), keep the queue for the next start, release the lock."""
+        """Stop every running experiment (flushed, on disk), keep the queue for the next start, release the lock.
+        ``timeout`` as :meth:`Lab.shutdown`'s: checked before anything is closed."""
+        timeout = check_timeout(timeout)
         with self._lock:
             if self._closed:
                 return

@@ -103,6 +103,23 @@ def test_any_base_exception_in_a_handler_crashes_that_actor_alone(spawned, how, 
     assert bystander.is_alive()
 
 
+class CancelledTerminate(Worker):
+    def terminate(self, reason):
+        import asyncio
+
+        raise asyncio.CancelledError  # a cleanup that awaits a cancelled task
+
+
+def test_a_base_exception_from_terminate_after_a_crash_stays_in_that_actor(spawned):
+    """The crash path's terminate() caught Exception only: a CancelledError there reached pykka,
+    which stopped every actor of the process, and the crash was recorded as normal."""
+    bystander = spawned(Worker, tag="b")
+    w = spawned(CancelledTerminate, tag="a")
+    w.tell({"kind": "crash"})
+    assert w.wait(timeout=5).startswith("exception: RuntimeError: boom a")
+    assert bystander.ask({"kind": "ping"})["tag"] == "b" and bystander.is_alive()
+
+
 def test_tell_later_arrives_unless_cancelled_or_stopping(spawned):
     w = spawned(Worker)
     kept = w.tell_later(0.01, {"kind": "note", "v": "kept"})

@@ -279,6 +279,15 @@ def stop(timeout=60.0):
 
 
 exp.stop = stop
+real_rest = lab._shutdown_rest
+
+
+def rest(timeout):
+    print("ended before the rest:", exp.ended, flush=True)  # the Lab's supervisor stops after the stops
+    real_rest(timeout)
+
+
+lab._shutdown_rest = rest
 threading.Thread(target=lambda: stopping.wait(60) and os.kill(os.getpid(), signal.SIGINT), daemon=True).start()
 try:
     lab.shutdown()
@@ -301,6 +310,7 @@ def test_a_ctrl_c_during_shutdown_lets_the_stops_end_first(tmp_path):
         timeout=120,
     )
     assert out.stdout.splitlines()[-1] == "interrupted stopped", out.stdout + out.stderr[-2000:]
+    assert "ended before the rest: True" in out.stdout.splitlines(), out.stdout
     (run,) = (tmp_path / "slowstop").iterdir()
     record = orjson.loads((run / "lifecycle.json").read_bytes())
     assert (record["status"], record["reason"]) == ("stopped", "stopped")

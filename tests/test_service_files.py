@@ -462,6 +462,28 @@ def test_a_second_daemon_is_refused_after_the_lock_file_was_deleted(tmp_path):
     LabService(art, max_running=1).shutdown()  # free again once the first has stopped
 
 
+def test_a_bad_shutdown_timeout_closes_nothing(tmp_path):
+    """It marked the service closed and released the folder's lock before the Lab refused the
+    timeout: the runs went on unlocked, a second daemon could take the folder, and a retry did
+    nothing. ``math.inf`` means no limit."""
+    import math
+
+    art = tmp_path / "art"
+    service = LabService(art, max_running=1)
+    try:
+        exp_id = service.submit(latency_spec("job", budget=600.0))["id"]
+        for bad in (-1.0, math.nan, "5"):
+            with pytest.raises(ValueError, match="timeout must be None or inf"):
+                service.shutdown(bad)
+        with pytest.raises(LabLocked, match="in use by another lab daemon"):
+            LabService(art, max_running=1)
+        assert service.lab.get(exp_id).status() == "running"
+    finally:
+        service.shutdown(math.inf)
+    assert service.lab.get(exp_id).status() == "stopped"
+    LabService(art, max_running=1).shutdown()  # the folder is free once it has stopped
+
+
 def test_a_try_the_full_disk_cut_short_before_its_first_record_is_no_start(tmp_path, monkeypatch):
     """The first write of a start (its lifecycle record) fails too: the try leaves an empty
     run folder, which the next daemon must not take for a start (it used to drop the

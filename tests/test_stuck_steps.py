@@ -8,6 +8,7 @@ import contextlib
 import threading
 
 import pytest
+import structlog
 
 import experiments.lab as lab_module
 from experiments.lab import LabFull, PauseTimedOut
@@ -161,3 +162,47 @@ def test_a_start_cut_short_by_ctrl_c_leaves_no_tree_running(lab, monkeypatch):
     assert (record["status"], record["reason"]) == ("failed", "failed: could not start: KeyboardInterrupt: ")
     again = lab.start_experiment(latency_spec("ctrlcstart", budget=0.5))  # the id is free again
     assert again.wait(60) and again.reason == "budget"
+
+
+def test_a_pause_refused_as_not_running_withdraws_nothing(lab):
+    """Only an interrupt withdraws a pause: a NotRunning (the phase gone while asked) sent a
+    stray resume to whatever phase came next and logged a timeout that never happened."""
+    exp = lab.start_experiment(latency_spec("gonepause", budget=600.0))
+
+    def gone(msg, action, timeout=30):
+        raise lab_module.NotRunning(f"experiment {exp.id!r} is ending; cannot {action}")
+
+    exp._ask_phase = gone
+    with structlog.testing.capture_logs() as logs, pytest.raises(lab_module.NotRunning):
+        exp.pause()
+    del exp._ask_phase
+    assert not [e for e in logs if e["log_level"] == "warning"], logs
+    assert exp.status() == "running"
+
+
+def test_a_second_ctrl_c_while_a_cut_start_is_undone_leaves_at_once(lab, monkeypatch):
+    """Each further Ctrl-C was swallowed while the tree of a cut start was taken down (a start
+    that hangs, the usual reason to press it, kept the process deaf). The second one goes
+    on, and the run is still recorded as a start that failed."""
+    cls = type(lab.sup)
+    real_start, real_terminate = cls.start_child, cls.terminate_child
+
+    def cut(self, spec):
+        ref = real_start(self, spec)
+        if self is lab.sup:
+            raise KeyboardInterrupt
+        return ref
+
+    def again(self, child_id):
+        if self is lab.sup:
+            raise KeyboardInterrupt  # the second Ctrl-C, in the terminate's wait
+        return real_terminate(self, child_id)
+
+    monkeypatch.setattr(cls, "start_child", cut)
+    monkeypatch.setattr(cls, "terminate_child", again)
+    with pytest.raises(KeyboardInterrupt):
+        lab.start_experiment(latency_spec("twice", budget=600.0))
+    monkeypatch.undo()
+    (run,) = (lab.artifacts / "twice").iterdir()
+    assert read_json(run / "lifecycle.json")["reason"] == "failed: could not start: KeyboardInterrupt: "
+    lab.sup.terminate_child("twice")  # what the caller left: the tree is still there to stop
