@@ -414,7 +414,7 @@ def test_ab_on_ray_reports_what_the_sequential_ab_reports(tmp_path, local_ray):
     assert local_ray.is_initialized()  # the test's Ray: the runner joined it and left it running
     # each Ray worker process that ran a measured run ran the warm-up first, once
     warm = [orjson.loads(p.read_bytes()) for p in (tmp_path / "ray").glob("ab-warmup/*/lifecycle.json")]
-    assert 1 <= len(warm) <= 2 and {w["owner"]["pid"] for w in warm} == owners_of(par)
+    assert warm and {w["owner"]["pid"] for w in warm} == owners_of(par)  # however many workers Ray used
     assert len({w["owner"]["pid"] for w in warm}) == len(warm)
     _assert_history_matches_run_dirs(tmp_path / "ray", [r["run_dir"] for r in par["runs"]])
     res = run_jobs([Job(KILLER, experiment_id="killer")], tmp_path / "ray", 1, backend="ray")
