@@ -396,7 +396,7 @@ def test_a_file_that_is_no_history_is_refused_not_passed_over(tmp_path, capsys):
     garbage, empty = tmp_path / "garbage.sqlite3", tmp_path / "empty.sqlite3"
     garbage.write_bytes(bytes(range(256)) * 20)
     empty.write_bytes(b"")
-    for history, why in ((garbage, "file is not a database"), (empty, "no crucible history at")):
+    for history, why in ((garbage, "it is not a SQLite database"), (empty, "no crucible history at")):
         for argv in (["list"], ["export", "run1"]):
             capsys.readouterr()
             with pytest.raises(SystemExit) as e:
