@@ -1496,25 +1496,33 @@ class Lab:
         # an Event per stop, not join(): an interrupted join marks the thread stopped (CPython
         # 3.11), and the wait below would end with the stops still under way
         done = [threading.Event() for _ in exps]
+        interrupted: list[KeyboardInterrupt] = []
+
+        def first_only(exc: KeyboardInterrupt) -> None:
+            if interrupted:
+                raise exc
+            interrupted.append(exc)
+            log.warning("interrupted: finishing the stops first (a second Ctrl-C leaves them crashed)")
+
         for e, ended in zip(exps, done, strict=True):
-            threading.Thread(
+            stopper = threading.Thread(
                 target=self._stop_one, args=(e, timeout, ended), name=f"lab-stop-{e.id}", daemon=True
-            ).start()
-        interrupted: KeyboardInterrupt | None = None
+            )
+            try:
+                stopper.start()
+            except KeyboardInterrupt as exc:  # in start()'s wait for the thread, which runs by then
+                first_only(exc)
         for ended in done:
             while not ended.is_set():
                 try:
                     ended.wait()
                 except KeyboardInterrupt as exc:
-                    if interrupted is not None:
-                        raise
-                    interrupted = exc
-                    log.warning("interrupted: finishing the stops first (a second Ctrl-C leaves them crashed)")
+                    first_only(exc)
         try:
             self._shutdown_rest(timeout)
         finally:
-            if interrupted is not None:
-                raise interrupted
+            if interrupted:
+                raise interrupted[0]
 
     def _shutdown_rest(self, timeout: float | None) -> None:
         """What :meth:`shutdown` does once every experiment has stopped."""

@@ -71,7 +71,7 @@ class Arm:
     when ``param`` is None (an action such as ``skip_phase``), else it is computed from the
     parameters in force (the workload's ``params()``, as the events carry them)::
 
-        x = params.get(param, default) * scale + shift, clamped to [lo, hi], int() if integer
+        x = params.get(param, default) * scale + shift, to 12 significant digits, clamped to [lo, hi], int() if integer
 
     ``phases`` are the phases (the events' ``phase``) where the arm applies; empty: in every
     phase. The order of a workload's arms is the order a policy tries them in.
