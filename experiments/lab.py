@@ -1154,7 +1154,7 @@ class Lab:
         full = load_spec(spec, overrides, workload_registry())
         if self._remote is not None:
             return self._remote.start_experiment(full, experiment_id)
-        self._check_free_space(experiment_id or full["name"])
+        self.check_free_space(experiment_id or full["name"])
         with self._lock:
             base = check_experiment_id(experiment_id or full["name"])
             exp_id, k = base, 1
@@ -1173,7 +1173,7 @@ class Lab:
         log.info("experiment started", experiment=exp_id, run_id=exp.run_id, workload=full["workload"]["name"])
         return exp
 
-    def _check_free_space(self, experiment_id: str | None = None) -> None:
+    def check_free_space(self, experiment_id: str | None = None) -> None:
         """Refuse a start, as a full disk would (ENOSPC), when the artifacts folder, the
         experiment's folder (a link to another disk) or the SQLite history (its real file) has
         less than ``min_free_bytes`` free (see :data:`MIN_FREE_BYTES`)."""
@@ -1241,15 +1241,12 @@ class Lab:
 
     def _try_resume(self, run_dir: Path, rec: dict[str, Any], seqs: HistorySeqs | None = None) -> Experiment | None:
         try:
-            self._check_free_space(run_dir.parent.name)  # resumed on a nearly full disk: storage: ... for good
-        except OSError as exc:
-            log.error("crashed run not resumed for want of disk space", run_dir=str(run_dir), error=str(exc))
-            self._note_unresumed(run_dir, rec, f"{type(exc).__name__}: {exc}")
-            return None
-        try:
             return self._resume_run(run_dir, rec, seqs, wait=True)
-        except Exception as exc:  # a damaged run must not keep the others from resuming
-            log.exception("could not resume a crashed run", run_dir=str(run_dir))
+        except Exception as exc:  # a damaged run (or a full disk) must not keep the others from resuming
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("crashed run not resumed for want of disk space", run_dir=str(run_dir), error=str(exc))
+            else:
+                log.exception("could not resume a crashed run", run_dir=str(run_dir))
             self._note_unresumed(run_dir, rec, f"{type(exc).__name__}: {exc}")
             return None
 
@@ -1351,8 +1348,10 @@ class Lab:
         self, run_dir: Path, rec: dict[str, Any], seqs: HistorySeqs | None = None, wait: bool = False
     ) -> Experiment | None:
         """Take one crashed run over (None: another Lab did, it has no spec, or its id is taken:
-        with ``wait``, it then waits for the id, see :meth:`recover`)."""
+        with ``wait``, it then waits for the id, see :meth:`recover`). Refused (ENOSPC) on a
+        nearly full disk, as a start is: resumed there, it would end ``storage: ...`` for good."""
         exp_id, run_id = run_dir.parent.name, run_dir.name
+        self.check_free_space(exp_id)
         spec = read_json(run_dir / SPEC)
         if spec is None:
             self.note_no_spec(run_dir, rec)

@@ -363,7 +363,6 @@ class TreeHost:
         def go() -> dict[str, Any]:
             run_dir = Path(m["run_dir"])
             rec = read_json(run_dir / LIFECYCLE) or {}
-            self.lab._check_free_space(run_dir.parent.name)  # resumed onto a nearly full disk: storage: ... for good
             exp = self.lab._resume_run(run_dir, rec)  # the recovery path: claim, new segment, resume point
             if exp is None:
                 raise NotRunning(f"run {run_dir} could not be taken over (another Lab took it, or it has no spec)")

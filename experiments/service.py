@@ -622,10 +622,8 @@ class LabService:
     def _room(self) -> bool:
         """Whether the disk has the room a run needs (see :data:`experiments.lab.MIN_FREE_BYTES`);
         while it has not, the queue's head says why it waits (``_no_room``)."""
-        check = getattr(self.lab, "_check_free_space", None)
         try:
-            if callable(check):
-                check()
+            self.lab.check_free_space()
         except OSError as exc:
             self._no_room = f"waiting: could not start: {exc}"
             return False
