@@ -336,7 +336,7 @@ class JobRunner:
         min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         self.parallel = check_parallel(parallel, backend)
-        check_min_free(min_free_bytes)
+        self.min_free_bytes = check_min_free(min_free_bytes)  # a bad figure fails here, before any folder
         if backend == "embedded" and address is not None:
             raise ValueError(f"address {address!r} is for the ray backend; the embedded backend takes none")
         if address is not None and address != "auto":
@@ -348,7 +348,6 @@ class JobRunner:
         self.address = address
         self.history = history
         self.warmup = warmup
-        self.min_free_bytes = int(min_free_bytes)
         self._lab: Lab | None = None  # parallel=1, embedded
         self._workers: list[_Worker] = []  # parallel > 1, embedded: started as jobs need them
         self._ctx: Any = None  # the spawn context
