@@ -67,6 +67,7 @@ from telemetry.rundir import (
     LIFECYCLE_SCHEMA,
     LIVE,
     RECORDER_STATE,
+    RUN_ID_TIME,
     SPEC,
     SUMMARY,
     RunStatus,
@@ -277,7 +278,7 @@ class HistorySeqs:
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+    return time.strftime(RUN_ID_TIME, time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 class Experiment:

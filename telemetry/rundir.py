@@ -46,7 +46,6 @@ import calendar
 import enum
 import math
 import os
-import re
 import socket
 import sqlite3
 import time
@@ -238,7 +237,8 @@ def _has_records(folder: Path) -> bool:
     return any(os.path.exists(folder / name) for name in (EVENTS, SUMMARY, LIFECYCLE))
 
 
-_RUN_ID_START = re.compile(r"(\d{8}T\d{6})Z-")  # a run id begins with its start time (experiments.lab)
+RUN_ID_TIME = "%Y%m%dT%H%M%SZ"
+"""How a run id begins: its start time (UTC, ``time.strftime``), then ``-`` and random hex."""
 
 
 def _newest_first(runs: list[Path]) -> list[Path]:
@@ -252,12 +252,11 @@ def _newest_first(runs: list[Path]) -> list[Path]:
             mtime = p.stat().st_mtime
         except OSError:
             mtime = 0.0
-        if (m := _RUN_ID_START.match(p.name)) is not None:
-            try:
-                return float(calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%S"))), mtime
-            except ValueError:  # digits that are no date
-                pass
-        return mtime, mtime
+        start, dash, _ = p.name.partition("-")
+        try:
+            return (float(calendar.timegm(time.strptime(start, RUN_ID_TIME))) if dash else mtime), mtime
+        except ValueError:  # an id of another form
+            return mtime, mtime
 
     return sorted(runs, key=started, reverse=True)
 
