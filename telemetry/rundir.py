@@ -609,6 +609,10 @@ def run_info(
         approx = True
     if not isinstance(summ.get("phases"), dict):  # no summary's bests (killed early): a small run's events say
         summ = {**summ, **events_bests(run_dir, best_of)}
+    elif summ.get("summary_stale"):  # killed between two summaries: the events after the last may be better
+        later = (events_bests(run_dir, best_of).get("phases") or {}).get("-")
+        if later:  # beside the summary's phases (which also hold what sampling left off the disk)
+            summ = {**summ, "phases": {**summ["phases"], STALE_SUMMARY_EVENTS: later}}
     return {
         "experiment": run_dir.parent.name,
         "run_id": run_dir.name,
@@ -823,6 +827,9 @@ BEST_SCAN_BYTES = 16 << 20
 """The largest run (its event files together) whose bests a listing reads from the events when
 no summary gives them: a run killed before its first summary (written every few seconds) is
 far smaller; a bigger one without a summary keeps ``-`` rather than cost a listing seconds."""
+
+
+STALE_SUMMARY_EVENTS = "\x00events"  # a phase no event has: the events' bests beside a lagging summary's
 
 
 def events_bests(run_dir: Path, fields: Iterable[tuple[str, str]]) -> dict[str, Any]:

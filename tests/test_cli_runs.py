@@ -183,6 +183,27 @@ def test_the_cli_prints_a_missing_run_as_one_line_and_exits_2(finished, tmp_path
         assert err.startswith(f"crucible {argv[0]}: error: no run"), err
 
 
+def test_a_run_killed_between_two_summaries_lists_the_best_of_its_later_events(finished, tmp_path, capsys):
+    """A run killed after a better value reached its events but before its next summary:
+    ``list`` took the best from the lagging summary (colours 29 where its events held 28)."""
+    art, runs = copy_of(finished, tmp_path)
+    for suffix in ("", "-wal", "-shm"):  # the figures then come from the folders
+        (art / (DB_NAME + suffix)).unlink(missing_ok=True)
+    run = runs[sorted(runs)[0]]
+    before = listed(capsys, art)[run.name]
+    lines = (run / "events.jsonl").read_bytes().splitlines()
+    last = json.loads(lines[-1])
+    better = before["best"]["latency_ms"] / 2
+    later = {**last, "seq": last["seq"] + 1, "name": "call", "success": True, "values": {"latency_ms": better}}
+    with (run / "events.jsonl").open("ab") as f:
+        f.write(json.dumps(later).encode() + b"\n")
+    old = (run / "events.jsonl").stat().st_mtime - 10
+    os.utime(run / "summary.json", (old, old))  # written before that event
+    after = listed(capsys, art)[run.name]
+    assert after["summary_stale"] and after["events"] == before["events"] + 1
+    assert after["best"] == {"latency_ms": better}
+
+
 def test_a_run_whose_events_file_cannot_be_read_is_named_and_spares_the_others(finished, tmp_path, capsys):
     """A folder where a run's events file should be: ``list`` shows that run as unreadable,
     with the reason, and every other run as before; the readers of that run are one line,
