@@ -609,7 +609,9 @@ def run_info(
         approx = True
     if not isinstance(summ.get("phases"), dict):  # no summary's bests (killed early): a small run's events say
         summ = {**summ, **events_bests(run_dir, best_of)}
-    elif summ.get("summary_stale"):  # killed between two summaries: the events after the last may be better
+    elif summ.get("summary_stale") and report.status in (RunStatus.CRASHED, RunStatus.UNKNOWN):
+        # killed between two summaries: the events after the last may be better (a live run's
+        # next summary comes within seconds: its growing files are not read at every listing)
         later = (events_bests(run_dir, best_of).get("phases") or {}).get("-")
         if later:  # beside the summary's phases (which also hold what sampling left off the disk)
             summ = {**summ, "phases": {**summ["phases"], STALE_SUMMARY_EVENTS: later}}

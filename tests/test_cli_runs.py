@@ -199,8 +199,12 @@ def test_a_run_killed_between_two_summaries_lists_the_best_of_its_later_events(f
         f.write(json.dumps(later).encode() + b"\n")
     old = (run / "events.jsonl").stat().st_mtime - 10
     os.utime(run / "summary.json", (old, old))  # written before that event
+    life = json.loads((run / "lifecycle.json").read_bytes())  # and then the process died
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    life.update(status="running", reason=None, ended_at=None, owner={**life["owner"], "pid": int(gone.stdout)})
+    (run / "lifecycle.json").write_text(json.dumps(life))
     after = listed(capsys, art)[run.name]
-    assert after["summary_stale"] and after["events"] == before["events"] + 1
+    assert after["status"] == "crashed" and after["summary_stale"] and after["events"] == before["events"] + 1
     assert after["best"] == {"latency_ms": better}
 
 
